@@ -1,0 +1,1 @@
+"""Example workloads for Koinon AIJobs (run as Ray job drivers on volunteer nodes)."""

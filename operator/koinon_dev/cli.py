@@ -1,0 +1,93 @@
+"""``koinon``: the local control plane (``dev up``/``dev down``/``dev status``), the demo, and job logs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from koinon_dev.cluster import DevCluster, DevClusterConfig, DevClusterInfo, kubectl
+
+
+def _cluster(args: argparse.Namespace) -> DevCluster:
+    return DevCluster(DevClusterConfig(state_dir=Path(args.state_dir), volunteers=args.volunteers))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    info = _cluster(args).up()
+    print(f"\nLocal control plane is up. Use it with:\n  export KUBECONFIG={info.kubeconfig}")
+    print("  kubectl apply -f examples/numeric-job.yaml && kubectl get aij -w")
+    print("Stop it with: koinon dev down")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    stopped = _cluster(args).down()
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    if not cluster.state_path.exists():
+        print("no local control plane is running")
+        return 1
+    print(cluster.info().to_json())
+    return 0
+
+
+def fetch_job_logs(info: DevClusterInfo, name: str, namespace: str) -> str:
+    submission_id = kubectl(
+        info.kubeconfig, "get", "aijob", name, "-n", namespace, "-o", "jsonpath={.status.submissionId}"
+    ).strip()
+    if not submission_id:
+        raise RuntimeError(f"AIJob {namespace}/{name} has no Ray submission yet")
+    url = f"{info.ray_dashboard_url}/api/jobs/{submission_id}/logs"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return str(json.load(reply).get("logs", ""))
+    except urllib.error.URLError as error:
+        raise RuntimeError(f"cannot read logs of {submission_id} from Ray: {error}") from error
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    print(fetch_job_logs(_cluster(args).info(), args.name, args.namespace), end="")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from koinon_dev.demo import run_demo
+
+    return run_demo(_cluster(args), Path(args.example), timeout=args.timeout)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="koinon", description=__doc__)
+    parser.add_argument(
+        "--state-dir", default=".koinon/dev", help="where the local control plane keeps state"
+    )
+    parser.add_argument("--volunteers", type=int, default=2, help="local volunteer nodes to start")
+    commands = parser.add_subparsers(dest="command", required=True)
+    dev = commands.add_parser("dev", help="the local control plane").add_subparsers(
+        dest="action", required=True
+    )
+    dev.add_parser("up", help="start emulator, operator, Ray head and volunteers").set_defaults(func=cmd_up)
+    dev.add_parser("down", help="stop everything `up` started").set_defaults(func=cmd_down)
+    dev.add_parser("status", help="show the running control plane").set_defaults(func=cmd_status)
+    demo = commands.add_parser("demo", help="up, run an example AIJob end to end, down")
+    demo.add_argument("--example", default="examples/numeric-job.yaml")
+    demo.add_argument("--timeout", type=float, default=150.0)
+    demo.set_defaults(func=cmd_demo)
+    logs = commands.add_parser("logs", help="print the Ray logs of an AIJob")
+    logs.add_argument("name")
+    logs.add_argument("-n", "--namespace", default="default")
+    logs.set_defaults(func=cmd_logs)
+    args = parser.parse_args(argv)
+    try:
+        sys.exit(args.func(args))
+    except (RuntimeError, TimeoutError) as error:
+        print(f"koinon: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,73 @@
+"""``make demo``: bring the local control plane up, run one AIJob end to end, show it, tear down."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import yaml
+
+from koinon_dev.binaries import ensure_binaries
+from koinon_dev.cluster import DevCluster, kubectl
+
+TERMINAL_PHASES = ("Succeeded", "Failed")
+
+
+def _banner(text: str) -> None:
+    print(f"\n=== {text}")
+
+
+def run_demo(cluster: DevCluster, example: Path, timeout: float = 150.0) -> int:
+    document = yaml.safe_load(example.read_text())
+    name = document["metadata"]["name"]
+    namespace = document["metadata"].get("namespace", "default")
+    started = time.monotonic()
+    _banner("starting the local control plane")
+    info = cluster.up()
+    watcher: subprocess.Popen[str] | None = None
+    try:
+        _banner(f"kubectl apply -f {example}")
+        print(kubectl(info.kubeconfig, "apply", "-f", str(example)), end="")
+        _banner(f"kubectl get aij {name} -w")
+        watcher = subprocess.Popen(
+            [str(ensure_binaries().kubectl), f"--kubeconfig={info.kubeconfig}", "get", "aij", name,
+             "-n", namespace, "-w"],
+            text=True,
+        )  # fmt: skip
+        phase = _wait_for_finish(info.kubeconfig, name, namespace, timeout)
+        time.sleep(0.5)  # let the watch print the final row
+        watcher.terminate()
+        watcher.wait(timeout=5)
+        watcher = None
+        from koinon_dev.cli import fetch_job_logs
+
+        _banner(f"koinon logs {name}")
+        print(fetch_job_logs(info, name, namespace).rstrip())
+        _banner("kubectl get aij")
+        print(kubectl(info.kubeconfig, "get", "aij", "-n", namespace), end="")
+        _banner("kubectl get vn")
+        print(kubectl(info.kubeconfig, "get", "vn"), end="")
+        _banner(f"kubectl describe aij {name} (events)")
+        described = kubectl(info.kubeconfig, "describe", "aij", name, "-n", namespace)
+        print(described[described.find("Events:") :] if "Events:" in described else described, end="")
+        print(f"\njob {phase} in {time.monotonic() - started:.0f}s since start")
+        return 0 if phase == "Succeeded" else 1
+    finally:
+        if watcher is not None:
+            watcher.kill()
+        _banner("stopping the local control plane")
+        stopped = cluster.down()
+        print("stopped: " + ", ".join(stopped))
+
+
+def _wait_for_finish(kubeconfig: Path, name: str, namespace: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        phase = kubectl(
+            kubeconfig, "get", "aij", name, "-n", namespace, "-o", "jsonpath={.status.phase}"
+        ).strip()
+        if phase in TERMINAL_PHASES:
+            return phase
+        time.sleep(0.5)
+    raise TimeoutError(f"AIJob {namespace}/{name} did not finish within {timeout:.0f}s")

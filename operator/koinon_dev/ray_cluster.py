@@ -1,0 +1,159 @@
+"""A local Ray cluster for the dev control plane: a head that runs no user work and volunteer
+worker nodes with simulated GPUs, each on its own loopback address with every port fixed.
+
+Every port is chosen explicitly: Ray's defaults (GCS 6379, dashboard agent 52365, client server
+10001...) would collide with any other Ray on the machine, because several bind the wildcard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from koinon_dev.processes import ManagedProcess, free_port_range, free_ports, wait_until
+
+_WORKER_PORTS = 40
+
+
+def ray_executable() -> str:
+    beside_python = Path(sys.executable).parent / "ray"
+    found = str(beside_python) if beside_python.exists() else shutil.which("ray")
+    if found is None:
+        raise RuntimeError("the `ray` command is not installed in this environment")
+    return found
+
+
+def ray_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Keep Ray from importing its own (heavy) metrics exporters' defaults for a dev cluster.
+    env.setdefault("RAY_DEDUP_LOGS", "0")
+    return env
+
+
+@dataclass(frozen=True)
+class NodePorts:
+    """The fixed ports one Ray node uses (all needed to route it through a tunnel later)."""
+
+    node_manager: int
+    object_manager: int
+    dashboard_agent_grpc: int
+    dashboard_agent_listen: int
+    metrics_export: int
+    runtime_env_agent: int
+    min_worker: int
+    max_worker: int
+
+    @classmethod
+    def allocate(cls) -> NodePorts:
+        manager, objects, agent_grpc, agent_http, metrics, runtime_env = free_ports(6)
+        low, high = free_port_range(_WORKER_PORTS)
+        return cls(manager, objects, agent_grpc, agent_http, metrics, runtime_env, low, high)
+
+    def as_flags(self) -> list[str]:
+        return [
+            f"--node-manager-port={self.node_manager}",
+            f"--object-manager-port={self.object_manager}",
+            f"--dashboard-agent-grpc-port={self.dashboard_agent_grpc}",
+            f"--dashboard-agent-listen-port={self.dashboard_agent_listen}",
+            f"--metrics-export-port={self.metrics_export}",
+            f"--runtime-env-agent-port={self.runtime_env_agent}",
+            f"--min-worker-port={self.min_worker}",
+            f"--max-worker-port={self.max_worker}",
+        ]
+
+
+@dataclass
+class LocalRayHead:
+    """Ray head with ``--num-cpus=0``: GCS and dashboard (Job Submission API) only, no user work."""
+
+    address: str
+    temp_dir: Path
+    log_dir: Path
+    gcs_port: int = 0
+    dashboard_port: int = 0
+    client_server_port: int = 0
+    ports: NodePorts = field(default_factory=NodePorts.allocate)
+    process: ManagedProcess | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.gcs_port and self.dashboard_port and self.client_server_port):
+            self.gcs_port, self.dashboard_port, self.client_server_port = free_ports(3)
+
+    @property
+    def gcs_address(self) -> str:
+        return f"{self.address}:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{self.address}:{self.dashboard_port}"
+
+    def start(self) -> None:
+        argv = [
+            ray_executable(), "start", "--head", "--block", "--disable-usage-stats",
+            f"--node-ip-address={self.address}", f"--port={self.gcs_port}",
+            "--num-cpus=0", "--num-gpus=0", "--object-store-memory=100000000",
+            "--include-dashboard=true", f"--dashboard-host={self.address}",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={self.client_server_port}",
+            f"--temp-dir={self.temp_dir}", *self.ports.as_flags(),
+        ]  # fmt: skip
+        self.process = ManagedProcess("ray-head", argv, self.log_dir / "ray-head.log", ray_environment())
+        self.process.start()
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        def dashboard_answers() -> bool:
+            if self.process is not None and not self.process.alive():
+                raise RuntimeError(f"Ray head exited:\n{self.process.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as reply:
+                    return bool(reply.status == 200)
+            except (urllib.error.URLError, OSError):
+                return False
+
+        wait_until(dashboard_answers, timeout, interval=0.3, what="the Ray dashboard")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop(grace_seconds=8)
+
+
+@dataclass
+class LocalRayVolunteer:
+    """A Ray worker node that joins the head directly on loopback (the tunnel replaces this path)."""
+
+    name: str
+    address: str
+    head: LocalRayHead
+    log_dir: Path
+    gpus: int = 2
+    cpus: int = 2
+    gpu_memory_mib: int = 16384
+    ports: NodePorts = field(default_factory=NodePorts.allocate)
+    process: ManagedProcess | None = None
+
+    def start(self) -> None:
+        resources = {f"koinon-node-{self.name}": 1000}
+        argv = [
+            ray_executable(), "start", "--block", "--disable-usage-stats",
+            f"--address={self.head.gcs_address}", f"--node-ip-address={self.address}",
+            f"--num-cpus={self.cpus}", f"--num-gpus={self.gpus}",
+            f"--resources={json.dumps(resources)}",
+            f"--labels=koinon.dev/node={self.name}",
+            "--object-store-memory=300000000",
+            f"--temp-dir={self.head.temp_dir}", *self.ports.as_flags(),
+        ]  # fmt: skip
+        self.process = ManagedProcess(
+            f"volunteer-{self.name}", argv, self.log_dir / f"volunteer-{self.name}.log", ray_environment()
+        )
+        self.process.start()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop(grace_seconds=5)

@@ -1,0 +1,172 @@
+"""Typed views of an AIJob's spec and status.
+
+The API server (or the emulator) already enforces the OpenAPI schema; ``parse_spec`` re-checks the
+fields the operator depends on so that a spec that slipped past a lax server (or an old object)
+fails with the field named instead of a KeyError deep in a handler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from koinon_operator.api.constants import Phase
+
+
+class SpecError(ValueError):
+    """An AIJob spec the operator cannot act on; ``field`` is the path, like the API server's."""
+
+    def __init__(self, field_path: str, message: str) -> None:
+        super().__init__(f"{field_path}: {message}")
+        self.field_path = field_path
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus: int = 1
+    gpu_memory_mib: int = 0
+    cpus: float = 1.0
+
+
+@dataclass(frozen=True)
+class Constraints:
+    min_reputation: float = 0.0
+    max_latency_ms: int | None = None
+    regions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Verification:
+    mode: str = "none"
+    quorum: int = 3
+
+
+@dataclass(frozen=True)
+class AIJobSpec:
+    entrypoint: str
+    runtime_env: Mapping[str, Any] = field(default_factory=dict)
+    replicas: int = 1
+    resources: Resources = Resources()
+    constraints: Constraints = Constraints()
+    verification: Verification = Verification()
+    backoff_limit: int = 2
+    active_deadline_seconds: int | None = None
+    suspend: bool = False
+    ttl_seconds_after_finished: int | None = None
+
+
+def _int(raw: Mapping[str, Any], key: str, path: str, default: int | None, minimum: int) -> int | None:
+    value = raw.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{path}.{key}", f"must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise SpecError(f"{path}.{key}", f"must be >= {minimum}, got {value}")
+    return value
+
+
+def _required_int(raw: Mapping[str, Any], key: str, path: str, default: int, minimum: int) -> int:
+    value = _int(raw, key, path, default, minimum)
+    assert value is not None  # a default is given
+    return value
+
+
+def _number(raw: Mapping[str, Any], key: str, path: str, default: float, low: float, high: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpecError(f"{path}.{key}", f"must be a number, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise SpecError(f"{path}.{key}", f"must be between {low} and {high}, got {value}")
+    return float(value)
+
+
+def _mapping(raw: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
+    value = raw.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{path}.{key}", f"must be an object, got {type(value).__name__}")
+    return value
+
+
+def parse_spec(raw: Mapping[str, Any]) -> AIJobSpec:
+    entrypoint = raw.get("entrypoint")
+    if not isinstance(entrypoint, str) or not entrypoint.strip():
+        raise SpecError("spec.entrypoint", "required: the command Ray runs as the job driver")
+    resources = _mapping(raw, "resources", "spec")
+    constraints = _mapping(raw, "constraints", "spec")
+    verification = _mapping(raw, "verification", "spec")
+    regions = constraints.get("regions") or []
+    if not isinstance(regions, list) or not all(isinstance(r, str) and r for r in regions):
+        raise SpecError("spec.constraints.regions", "must be a list of non-empty strings")
+    mode = verification.get("mode", "none")
+    if mode not in ("none", "replicated"):
+        raise SpecError("spec.verification.mode", f'must be "none" or "replicated", got {mode!r}')
+    runtime_env = _mapping(raw, "runtimeEnv", "spec")
+    suspend = raw.get("suspend", False)
+    if not isinstance(suspend, bool):
+        raise SpecError("spec.suspend", "must be a boolean")
+    return AIJobSpec(
+        entrypoint=entrypoint,
+        runtime_env=dict(runtime_env),
+        replicas=_required_int(raw, "replicas", "spec", 1, 1),
+        resources=Resources(
+            gpus=_required_int(resources, "gpus", "spec.resources", 1, 0),
+            gpu_memory_mib=_required_int(resources, "gpuMemoryMiB", "spec.resources", 0, 0),
+            cpus=_number(resources, "cpus", "spec.resources", 1.0, 0.0, 1024.0),
+        ),
+        constraints=Constraints(
+            min_reputation=_number(constraints, "minReputation", "spec.constraints", 0.0, 0.0, 1.0),
+            max_latency_ms=_int(constraints, "maxLatencyMs", "spec.constraints", None, 1),
+            regions=tuple(regions),
+        ),
+        verification=Verification(
+            mode=str(mode), quorum=_required_int(verification, "quorum", "spec.verification", 3, 2)
+        ),
+        backoff_limit=_required_int(raw, "backoffLimit", "spec", 2, 0),
+        active_deadline_seconds=_int(raw, "activeDeadlineSeconds", "spec", None, 1),
+        suspend=suspend,
+        ttl_seconds_after_finished=_int(raw, "ttlSecondsAfterFinished", "spec", None, 0),
+    )
+
+
+def parse_time(value: object) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def format_time(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class AIJobStatus:
+    """The part of ``status`` the lifecycle decides from."""
+
+    phase: Phase | None = None
+    attempts: int = 0
+    failures: int = 0
+    submission_id: str | None = None
+    assigned_nodes: tuple[str, ...] = ()
+    node_addresses: tuple[str, ...] = ()
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+
+    @classmethod
+    def from_status(cls, raw: Mapping[str, Any] | None) -> AIJobStatus:
+        raw = raw or {}
+        phase_value = raw.get("phase")
+        scheduling = raw.get("scheduling") or {}
+        return cls(
+            phase=Phase(str(phase_value)) if phase_value in Phase._value2member_map_ else None,
+            attempts=int(raw.get("attempts") or 0),
+            failures=int(raw.get("failures") or 0),
+            submission_id=raw.get("submissionId") or None,
+            assigned_nodes=tuple(raw.get("assignedNodes") or ()),
+            node_addresses=tuple(scheduling.get("addresses") or ()),
+            start_time=parse_time(raw.get("startTime")),
+            completion_time=parse_time(raw.get("completionTime")),
+        )

@@ -1,0 +1,21 @@
+"""Operator settings, from command-line flags or environment variables (for the Deployment)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    ray_dashboard_url: str = "http://127.0.0.1:8265"
+    poll_interval_seconds: float = 2.0
+    namespace: str | None = None  # None: all namespaces
+
+    @classmethod
+    def from_env(cls) -> OperatorConfig:
+        return cls(
+            ray_dashboard_url=os.environ.get("KOINON_RAY_DASHBOARD", cls.ray_dashboard_url),
+            poll_interval_seconds=float(os.environ.get("KOINON_POLL_INTERVAL", cls.poll_interval_seconds)),
+            namespace=os.environ.get("KOINON_NAMESPACE") or None,
+        )

@@ -1,0 +1,89 @@
+"""kopf handlers: thin adapters from kopf's callbacks to the reconciler."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from koinon_operator.api.constants import AIJOB_PLURAL, FINALIZER, GROUP, VERSION, VOLUNTEER_PLURAL
+from koinon_operator.config import OperatorConfig
+from koinon_operator.inventory import Allocation, RayNodeCache
+from koinon_operator.kube import delete_aijob
+from koinon_operator.placement import FirstFitPlacer
+from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
+from koinon_operator.reconciler import AIJobReconciler, allocation_of
+
+CONFIG = OperatorConfig.from_env()
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="koinon.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="koinon.dev", key="last-handled-configuration"
+    )
+    # Only warnings from kopf itself become Kubernetes Events; our own transitions are posted
+    # explicitly, so `kubectl describe` shows a clean history.
+    settings.posting.level = logging.WARNING
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    memo.ray = RayJobsClient(CONFIG.ray_dashboard_url)
+    memo.reconciler = AIJobReconciler(ray=memo.ray, placer=FirstFitPlacer(), nodes=RayNodeCache(memo.ray))
+
+
+@kopf.on.cleanup()
+async def close(memo: kopf.Memo, **_: Any) -> None:
+    await memo.ray.close()
+
+
+@kopf.index(GROUP, VERSION, AIJOB_PLURAL)
+def aijob_allocations(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[str, Allocation] | None:
+    allocation = allocation_of(body)
+    return {f"{namespace}/{name}": allocation} if allocation is not None else None
+
+
+@kopf.index(GROUP, VERSION, VOLUNTEER_PLURAL)
+def volunteer_nodes(body: kopf.Body, name: str, **_: Any) -> dict[str, dict[str, Any]]:
+    return {name: {"spec": dict(body.spec), "status": dict(body.status)}}
+
+
+def _first_values(index: kopf.Index[str, Any]) -> dict[str, Any]:
+    return {key: next(iter(values)) for key, values in index.items() if values}
+
+
+@kopf.timer(GROUP, VERSION, AIJOB_PLURAL, interval=CONFIG.poll_interval_seconds)
+async def reconcile_aijob(
+    body: kopf.Body,
+    patch: kopf.Patch,
+    memo: kopf.Memo,
+    namespace: str | None,
+    name: str,
+    **kwargs: Any,
+) -> None:
+    # kopf passes each index by its function's name.
+    aijob_allocations: kopf.Index[str, Allocation] = kwargs["aijob_allocations"]
+    volunteer_nodes: kopf.Index[str, dict[str, Any]] = kwargs["volunteer_nodes"]
+    if body.metadata.get("deletionTimestamp"):
+        return
+    outcome = await memo.reconciler.reconcile(
+        body, _first_values(aijob_allocations), _first_values(volunteer_nodes)
+    )
+    for field_name, value in outcome.status.items():
+        patch.status[field_name] = value
+    for event in outcome.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    if outcome.delete:
+        await delete_aijob(namespace or "default", name)
+
+
+@kopf.on.delete(GROUP, VERSION, AIJOB_PLURAL)
+async def stop_ray_job(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    try:
+        if await memo.reconciler.stop(body):
+            kopf.event(body, type="Normal", reason="Stopped", message="Ray job stopped before deletion")
+    except RayUnavailableError as error:
+        # Keep the finalizer until Ray confirms: a deleted AIJob must not leave its job running.
+        raise kopf.TemporaryError(f"cannot stop the Ray job yet: {error}", delay=5) from error

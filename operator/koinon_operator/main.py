@@ -1,0 +1,49 @@
+"""``koinon-operator``: run the kopf operator for AIJob and VolunteerNode."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="koinon-operator", description=__doc__)
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster or $KUBECONFIG)")
+    parser.add_argument("--ray-dashboard", help="Ray dashboard URL (Job Submission API)")
+    parser.add_argument("--poll-interval", type=float, help="seconds between reconciles of one AIJob")
+    parser.add_argument("--namespace", help="watch one namespace (default: all)")
+    parser.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    # Handlers read their configuration from the environment at import time (kopf decorators are
+    # module-level), so flags are turned into environment variables before the import.
+    if args.kubeconfig:
+        os.environ["KUBECONFIG"] = args.kubeconfig
+    if args.ray_dashboard:
+        os.environ["KOINON_RAY_DASHBOARD"] = args.ray_dashboard
+    if args.poll_interval:
+        os.environ["KOINON_POLL_INTERVAL"] = str(args.poll_interval)
+    if args.namespace:
+        os.environ["KOINON_NAMESPACE"] = args.namespace
+
+    import kopf
+
+    from koinon_operator import handlers
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # kopf logs every successful timer run at INFO: too much with hundreds of jobs.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    kopf.run(
+        standalone=True,
+        clusterwide=handlers.CONFIG.namespace is None,
+        namespaces=[handlers.CONFIG.namespace] if handlers.CONFIG.namespace else [],
+        liveness_endpoint=args.liveness,
+    )
+
+
+if __name__ == "__main__":
+    main()

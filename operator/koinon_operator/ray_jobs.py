@@ -1,0 +1,166 @@
+"""The Ray Job Submission REST API (served by the head's dashboard), as the operator needs it.
+
+Errors are split in two: ``RayUnavailableError`` (connection refused, timeouts, 5xx: retry later,
+change nothing) and ``RayRequestError`` (the request itself was refused).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import aiohttp
+
+
+class RayUnavailableError(RuntimeError):
+    """Ray's dashboard could not be reached or failed transiently."""
+
+
+class RayRequestError(RuntimeError):
+    """Ray refused a request (bad input); retrying the same request will not help."""
+
+
+class RayJobState(StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (RayJobState.STOPPED, RayJobState.SUCCEEDED, RayJobState.FAILED)
+
+
+@dataclass(frozen=True)
+class RayJobInfo:
+    submission_id: str
+    state: RayJobState
+    message: str
+    driver_node_id: str | None
+    start_time_ms: int | None
+    end_time_ms: int | None
+    driver_exit_code: int | None
+
+
+@dataclass(frozen=True)
+class RayNodeInfo:
+    node_id: str
+    address: str
+    alive: bool
+    is_head: bool
+    resources_total: Mapping[str, float]
+    labels: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Submission:
+    submission_id: str
+    entrypoint: str
+    runtime_env: Mapping[str, Any]
+    entrypoint_resources: Mapping[str, float]
+    metadata: Mapping[str, str]
+
+
+class RayJobsClient:
+    def __init__(self, dashboard_url: str, timeout_seconds: float = 10.0) -> None:
+        self._base = dashboard_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def _request(
+        self, method: str, path: str, payload: Mapping[str, Any] | None = None
+    ) -> tuple[int, Any]:
+        session = await self._client()
+        try:
+            async with session.request(method, f"{self._base}{path}", json=payload) as reply:
+                text = await reply.text()
+                body: Any
+                try:
+                    body = await reply.json(content_type=None) if text else None
+                except ValueError:
+                    body = text
+                return reply.status, body
+        except (TimeoutError, aiohttp.ClientError, OSError) as error:
+            raise RayUnavailableError(f"Ray dashboard at {self._base} unreachable: {error!r}") from error
+
+    async def submit(self, submission: Submission) -> bool:
+        """Submit; True if this call created the job, False if that id already existed."""
+        status, body = await self._request(
+            "POST",
+            "/api/jobs/",
+            {
+                "entrypoint": submission.entrypoint,
+                "submission_id": submission.submission_id,
+                "runtime_env": dict(submission.runtime_env),
+                "entrypoint_resources": dict(submission.entrypoint_resources),
+                "metadata": dict(submission.metadata),
+            },
+        )
+        if status == 200:
+            return True
+        text = str(body)
+        if "already exists" in text:
+            # The deterministic id makes a second submit (after a restart) a no-op adoption.
+            return False
+        if status >= 500:
+            raise RayUnavailableError(f"Ray refused submission ({status}): {text[-500:]}")
+        raise RayRequestError(f"Ray rejected submission ({status}): {text[-500:]}")
+
+    async def get(self, submission_id: str) -> RayJobInfo | None:
+        status, body = await self._request("GET", f"/api/jobs/{submission_id}")
+        if status == 404:
+            return None
+        if status != 200 or not isinstance(body, dict):
+            raise RayUnavailableError(f"unexpected reply to job status ({status}): {str(body)[-300:]}")
+        return RayJobInfo(
+            submission_id=submission_id,
+            state=RayJobState(body["status"]),
+            message=str(body.get("message") or ""),
+            driver_node_id=body.get("driver_node_id"),
+            start_time_ms=body.get("start_time"),
+            end_time_ms=body.get("end_time"),
+            driver_exit_code=body.get("driver_exit_code"),
+        )
+
+    async def logs(self, submission_id: str) -> str:
+        status, body = await self._request("GET", f"/api/jobs/{submission_id}/logs")
+        if status == 404:
+            return ""
+        if status != 200 or not isinstance(body, dict):
+            raise RayUnavailableError(f"unexpected reply to job logs ({status})")
+        return str(body.get("logs") or "")
+
+    async def stop(self, submission_id: str) -> None:
+        status, body = await self._request("POST", f"/api/jobs/{submission_id}/stop")
+        if status in (200, 404):
+            return
+        raise RayUnavailableError(f"stopping {submission_id} failed ({status}): {str(body)[-300:]}")
+
+    async def nodes(self) -> list[RayNodeInfo]:
+        status, body = await self._request("GET", "/api/v0/nodes?limit=10000&detail=false")
+        if status != 200 or not isinstance(body, dict):
+            raise RayUnavailableError(f"unexpected reply to node list ({status})")
+        rows = body.get("data", {}).get("result", {}).get("result", [])
+        return [
+            RayNodeInfo(
+                node_id=row["node_id"],
+                address=row["node_ip"],
+                alive=row.get("state") == "ALIVE",
+                is_head=bool(row.get("is_head_node")),
+                resources_total=row.get("resources_total") or {},
+                labels=row.get("labels") or {},
+            )
+            for row in rows
+        ]

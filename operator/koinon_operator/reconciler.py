@@ -1,0 +1,538 @@
+"""One reconcile pass of an AIJob: read its object, talk to Ray, return the status to write.
+
+Kept free of kopf so it can be driven directly in tests. Writes are returned, not performed:
+the caller (a kopf handler) patches status and posts the events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from koinon_operator.api.aijob import AIJobSpec, AIJobStatus, SpecError, format_time, parse_spec
+from koinon_operator.api.conditions import set_condition
+from koinon_operator.api.constants import SUBMISSION_PREFIX, ConditionType, Phase
+from koinon_operator.inventory import Allocation, RayNodeCache, build_capacity
+from koinon_operator.placement import PlacementDecision, PlacementRequest, Placer
+from koinon_operator.ray_jobs import (
+    RayJobInfo,
+    RayJobsClient,
+    RayJobState,
+    RayRequestError,
+    RayUnavailableError,
+    Submission,
+)
+
+logger = logging.getLogger(__name__)
+
+RESULT_MARKER = "KOINON_RESULT "
+LOG_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    type: str  # "Normal" or "Warning", as in Kubernetes Events
+    reason: str
+    message: str
+
+
+@dataclass
+class Outcome:
+    """What a reconcile pass wants written: a status merge patch, events, maybe a deletion."""
+
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[JobEvent] = field(default_factory=list)
+    delete: bool = False
+
+    def event(self, reason: str, message: str, warning: bool = False) -> None:
+        self.events.append(JobEvent("Warning" if warning else "Normal", reason, message))
+
+
+def submission_id_for(uid: str, attempt: int) -> str:
+    """Deterministic: the same object and attempt always map to the same Ray submission, so an
+    operator that restarts between submitting and recording the submission adopts, never repeats."""
+    return f"{SUBMISSION_PREFIX}-{uid}-{attempt}"
+
+
+def trace_id_for(uid: str) -> str:
+    """The job's OpenTelemetry trace id (32 hex digits), derived from its uid so it survives restarts."""
+    try:
+        return uuid.UUID(uid).hex
+    except ValueError:
+        return hashlib.sha256(uid.encode()).hexdigest()[:32]
+
+
+def log_tail(logs: str, lines: int = LOG_TAIL_LINES) -> str:
+    return "\n".join(logs.rstrip().splitlines()[-lines:])
+
+
+def extract_result(logs: str) -> dict[str, Any]:
+    """The job's declared result (last line starting with ``KOINON_RESULT ``) and its digest.
+
+    Without a declared result the digest covers the whole log, which is weaker (timestamps differ
+    between replicas), so examples declare one.
+    """
+    declared = [line[len(RESULT_MARKER) :] for line in logs.splitlines() if line.startswith(RESULT_MARKER)]
+    value = declared[-1].strip() if declared else None
+    digest_input = value if value is not None else logs
+    result: dict[str, Any] = {
+        "digest": "sha256:" + hashlib.sha256(digest_input.encode()).hexdigest(),
+        "logTail": log_tail(logs)[-4000:],
+    }
+    if value is not None:
+        result["value"] = value[:2048]
+    return result
+
+
+class Ledger:
+    """Capacity held by AIJobs.
+
+    The authoritative record is each AIJob's status (seen through a kopf index, which is complete
+    before handlers start, so a restarted operator knows every allocation). Decisions taken in this
+    process are also kept here until the watch reflects them, so two jobs admitted in the same
+    instant never take the same GPUs.
+    """
+
+    def __init__(self) -> None:
+        self._local: dict[str, Allocation | None] = {}
+
+    def reserve(self, key: str, allocation: Allocation) -> None:
+        self._local[key] = allocation
+
+    def release(self, key: str) -> None:
+        self._local[key] = None
+
+    def forget(self, key: str) -> None:
+        self._local.pop(key, None)
+
+    def current(self, recorded: Mapping[str, Allocation]) -> list[Allocation]:
+        merged: dict[str, Allocation | None] = dict(recorded)
+        merged.update(self._local)
+        return [allocation for allocation in merged.values() if allocation is not None]
+
+
+@dataclass
+class RayBackoff:
+    """Per-job exponential backoff while Ray is unreachable (no phase changes meanwhile)."""
+
+    base_seconds: float = 1.0
+    max_seconds: float = 30.0
+    _failures: dict[str, int] = field(default_factory=dict)
+    _next_try: dict[str, float] = field(default_factory=dict)
+
+    def ready(self, key: str, now: float) -> bool:
+        return now >= self._next_try.get(key, float("-inf"))
+
+    def failed(self, key: str, now: float) -> float:
+        count = self._failures.get(key, 0) + 1
+        self._failures[key] = count
+        delay: float = min(self.max_seconds, self.base_seconds * 2.0 ** (count - 1))
+        self._next_try[key] = now + delay
+        return delay
+
+    def succeeded(self, key: str) -> None:
+        self._failures.pop(key, None)
+        self._next_try.pop(key, None)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class AIJobReconciler:
+    ray: RayJobsClient
+    placer: Placer
+    nodes: RayNodeCache
+    ledger: Ledger = field(default_factory=Ledger)
+    backoff: RayBackoff = field(default_factory=RayBackoff)
+    clock: Callable[[], datetime] = _utcnow
+    monotonic: Callable[[], float] = time.monotonic
+    placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def reconcile(
+        self,
+        body: Mapping[str, Any],
+        recorded_allocations: Mapping[str, Allocation],
+        volunteers: Mapping[str, Mapping[str, Any]],
+    ) -> Outcome:
+        meta = body.get("metadata") or {}
+        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        uid = str(meta.get("uid") or "")
+        generation = meta.get("generation")
+        raw_status: Mapping[str, Any] = body.get("status") or {}
+        state = AIJobStatus.from_status(raw_status)
+        now = self.clock()
+        outcome = Outcome()
+        writer = _StatusWriter(outcome, raw_status, generation, format_time(now))
+
+        try:
+            spec = parse_spec(body.get("spec") or {})
+        except SpecError as error:
+            if state.phase is not Phase.FAILED:
+                writer.phase(Phase.FAILED, "InvalidSpec", str(error))
+                writer.condition(ConditionType.FAILED, True, "InvalidSpec", str(error))
+                outcome.event("InvalidSpec", str(error), warning=True)
+            return outcome
+
+        if state.phase is None:
+            writer.set(attempts=0, failures=0, traceId=trace_id_for(uid))
+            writer.phase(Phase.PENDING, "Accepted", "waiting for placement")
+            outcome.event("Accepted", f"accepted: {spec.replicas} replica(s) x {spec.resources.gpus} GPU(s)")
+            state = AIJobStatus(phase=Phase.PENDING)
+
+        if state.phase is not None and state.phase.finished:
+            self.ledger.forget(key)
+            if self._ttl_expired(spec, state, now):
+                outcome.delete = True
+                outcome.event("Deleted", f"ttlSecondsAfterFinished={spec.ttl_seconds_after_finished} passed")
+            return outcome
+
+        if not self.backoff.ready(key, self.monotonic()):
+            return outcome
+        try:
+            await self._advance(key, uid, spec, state, writer, outcome, recorded_allocations, volunteers)
+        except RayUnavailableError as error:
+            delay = self.backoff.failed(key, self.monotonic())
+            writer.condition(
+                ConditionType.RAY_REACHABLE, False, "RayUnavailable", f"{error}; retrying in {delay:.0f}s"
+            )
+            logger.warning("Ray unavailable while reconciling %s; retry in %.0fs: %s", key, delay, error)
+            return outcome
+        self.backoff.succeeded(key)
+        if writer.has_condition_false(ConditionType.RAY_REACHABLE):
+            writer.condition(ConditionType.RAY_REACHABLE, True, "RayAvailable", "Ray dashboard reachable")
+        return outcome
+
+    async def stop(self, body: Mapping[str, Any]) -> bool:
+        """Stop the job's Ray job (on delete); True when there was one to stop."""
+        state = AIJobStatus.from_status(body.get("status"))
+        meta = body.get("metadata") or {}
+        self.ledger.forget(f"{meta.get('namespace')}/{meta.get('name')}")
+        if state.submission_id and state.phase is not None and state.phase.holds_nodes:
+            await self.ray.stop(state.submission_id)
+            return True
+        return False
+
+    # ----------------------------------------------------------------- internals
+
+    async def _advance(
+        self,
+        key: str,
+        uid: str,
+        spec: AIJobSpec,
+        state: AIJobStatus,
+        writer: _StatusWriter,
+        outcome: Outcome,
+        recorded_allocations: Mapping[str, Allocation],
+        volunteers: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        now = self.clock()
+        phase = state.phase
+        if spec.suspend:
+            if phase is not None and phase.holds_nodes and state.submission_id:
+                await self.ray.stop(state.submission_id)
+            if phase is not Phase.SUSPENDED:
+                self.ledger.release(key)
+                writer.set(assignedNodes=[], submissionId=None)
+                writer.phase(Phase.SUSPENDED, "Suspended", "spec.suspend is true")
+                writer.condition(ConditionType.SUSPENDED, True, "Suspended", "spec.suspend is true")
+                outcome.event("Suspended", "job suspended; its Ray job (if any) was stopped")
+            return
+        if phase is Phase.SUSPENDED:
+            writer.condition(ConditionType.SUSPENDED, False, "Resumed", "spec.suspend is false")
+            writer.phase(Phase.PENDING, "Resumed", "waiting for placement")
+            outcome.event("Resumed", "job resumed")
+            phase = Phase.PENDING
+
+        if (
+            spec.active_deadline_seconds is not None
+            and state.start_time is not None
+            and (now - state.start_time).total_seconds() > spec.active_deadline_seconds
+        ):
+            if state.submission_id:
+                await self.ray.stop(state.submission_id)
+            self._finish(
+                key,
+                writer,
+                outcome,
+                Phase.FAILED,
+                "DeadlineExceeded",
+                f"activeDeadlineSeconds={spec.active_deadline_seconds} exceeded",
+            )
+            return
+
+        if phase is Phase.PENDING:
+            await self._place(key, uid, spec, state, writer, outcome, recorded_allocations, volunteers)
+            return
+        if phase in (Phase.SCHEDULED, Phase.RUNNING) and state.submission_id:
+            await self._follow(key, spec, state, writer, outcome)
+
+    async def _place(
+        self,
+        key: str,
+        uid: str,
+        spec: AIJobSpec,
+        state: AIJobStatus,
+        writer: _StatusWriter,
+        outcome: Outcome,
+        recorded_allocations: Mapping[str, Allocation],
+        volunteers: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        request = PlacementRequest(
+            job_key=key,
+            replicas=spec.replicas,
+            gpus_per_replica=spec.resources.gpus,
+            cpus_per_replica=spec.resources.cpus,
+            gpu_memory_mib=spec.resources.gpu_memory_mib,
+            min_reputation=spec.constraints.min_reputation,
+            max_latency_ms=spec.constraints.max_latency_ms,
+            regions=spec.constraints.regions,
+            distinct_owners=spec.verification.mode == "replicated",
+        )
+        async with self.placement_lock:
+            ray_nodes = await self.nodes.get()
+            capacity = build_capacity(ray_nodes, volunteers, self.ledger.current(recorded_allocations))
+            decision: PlacementDecision = self.placer.place(request, capacity)
+            if decision.placed:
+                chosen = tuple(node.name for node in decision.nodes)
+                self.ledger.reserve(key, Allocation(chosen, spec.resources.gpus, spec.resources.cpus))
+        if not decision.placed:
+            message = decision.message
+            previous = writer.previous_message()
+            writer.set(scheduling={"decision": "Unschedulable", "reasons": decision.reasons})
+            writer.phase(Phase.PENDING, "Unschedulable", message)
+            writer.condition(ConditionType.SCHEDULED, False, "Unschedulable", message)
+            if previous != message:
+                outcome.event("Unschedulable", message, warning=True)
+            return
+        attempt = state.attempts + 1
+        submission_id = submission_id_for(uid, attempt)
+        names = [node.name for node in decision.nodes]
+        writer.set(
+            attempts=attempt,
+            submissionId=submission_id,
+            assignedNodes=names,
+            rayNodeIds=[node.ray_node_id for node in decision.nodes],
+            scheduling={
+                "decision": "Placed",
+                "addresses": [node.address for node in decision.nodes],
+                "reasons": {},
+            },
+        )
+        writer.phase(Phase.SCHEDULED, "Scheduled", f"attempt {attempt} placed on {', '.join(names)}")
+        writer.condition(ConditionType.SCHEDULED, True, "Placed", decision.message)
+        outcome.event("Scheduled", f"attempt {attempt}: {decision.message}")
+
+    async def _follow(
+        self, key: str, spec: AIJobSpec, state: AIJobStatus, writer: _StatusWriter, outcome: Outcome
+    ) -> None:
+        assert state.submission_id is not None
+        info = await self.ray.get(state.submission_id)
+        if info is None:
+            if state.phase is Phase.SCHEDULED:
+                await self._submit(key, spec, state, outcome)
+                return
+            await self._attempt_failed(
+                key,
+                spec,
+                state,
+                writer,
+                outcome,
+                "RayJobLost",
+                "Ray no longer knows the job (head restarted?)",
+                "",
+            )
+            return
+        await self._apply_ray_state(key, spec, state, info, writer, outcome)
+
+    async def _submit(self, key: str, spec: AIJobSpec, state: AIJobStatus, outcome: Outcome) -> None:
+        assert state.submission_id is not None
+        namespace, name = key.split("/", 1)
+        env_vars = dict(spec.runtime_env.get("env_vars") or {})
+        env_vars.update(
+            KOINON_JOB=key,
+            KOINON_ATTEMPT=str(state.attempts),
+            KOINON_REPLICAS=str(spec.replicas),
+            KOINON_GPUS_PER_REPLICA=str(spec.resources.gpus),
+            KOINON_NODE_NAMES=",".join(state.assigned_nodes),
+            KOINON_NODE_ADDRESSES=",".join(state.node_addresses),
+        )
+        runtime_env = dict(spec.runtime_env)
+        runtime_env["env_vars"] = env_vars
+        submission = Submission(
+            submission_id=state.submission_id,
+            entrypoint=spec.entrypoint,
+            runtime_env=runtime_env,
+            # The driver runs on the first assigned volunteer, never on the head (which has no CPUs
+            # for user work); the tiny amount of the node's own resource only pins it there.
+            entrypoint_resources={f"node:{state.node_addresses[0]}": 0.001} if state.node_addresses else {},
+            metadata={"koinon.dev/aijob": f"{namespace}/{name}", "koinon.dev/attempt": str(state.attempts)},
+        )
+        try:
+            created = await self.ray.submit(submission)
+        except RayRequestError as error:
+            outcome.event("SubmitFailed", str(error), warning=True)
+            raise RayUnavailableError(str(error)) from error
+        outcome.event(
+            "Submitted" if created else "Adopted",
+            f"Ray submission {state.submission_id}" + ("" if created else " already existed"),
+        )
+
+    async def _apply_ray_state(
+        self,
+        key: str,
+        spec: AIJobSpec,
+        state: AIJobStatus,
+        info: RayJobInfo,
+        writer: _StatusWriter,
+        outcome: Outcome,
+    ) -> None:
+        if info.state is RayJobState.RUNNING and state.phase is not Phase.RUNNING:
+            if state.start_time is None:
+                writer.set(startTime=format_time(self.clock()))
+            writer.phase(Phase.RUNNING, "Running", f"attempt {state.attempts} running on Ray")
+            writer.condition(ConditionType.RUNNING, True, "Running", info.message or "running")
+            outcome.event("Running", f"attempt {state.attempts} started on {', '.join(state.assigned_nodes)}")
+            return
+        if info.state is RayJobState.SUCCEEDED:
+            logs = await self.ray.logs(info.submission_id)
+            result = extract_result(logs)
+            writer.set(result=result)
+            if state.start_time is None:
+                writer.set(startTime=format_time(self.clock()))
+            self._finish(
+                key,
+                writer,
+                outcome,
+                Phase.SUCCEEDED,
+                "Completed",
+                f"attempt {state.attempts} succeeded"
+                + (f": {result['value'][:200]}" if "value" in result else ""),
+            )
+            return
+        if info.state in (RayJobState.FAILED, RayJobState.STOPPED):
+            logs = await self.ray.logs(info.submission_id)
+            await self._attempt_failed(
+                key,
+                spec,
+                state,
+                writer,
+                outcome,
+                "RayJobFailed",
+                info.message or info.state.value,
+                log_tail(logs, 10),
+            )
+
+    async def _attempt_failed(
+        self,
+        key: str,
+        spec: AIJobSpec,
+        state: AIJobStatus,
+        writer: _StatusWriter,
+        outcome: Outcome,
+        reason: str,
+        message: str,
+        tail: str,
+    ) -> None:
+        failures = state.failures + 1
+        detail = f"attempt {state.attempts} failed: {message}" + (
+            f"\n--- log tail ---\n{tail}" if tail else ""
+        )
+        writer.set(failures=failures, result={"logTail": tail[-4000:]} if tail else None)
+        if failures > spec.backoff_limit:
+            self._finish(
+                key,
+                writer,
+                outcome,
+                Phase.FAILED,
+                "BackoffLimitExceeded",
+                f"{detail}\n(backoffLimit={spec.backoff_limit} reached)",
+            )
+            return
+        self.ledger.release(key)
+        writer.set(assignedNodes=[], submissionId=None, rayNodeIds=[])
+        writer.phase(Phase.PENDING, "BackOff", f"{detail}\nretrying ({failures}/{spec.backoff_limit})")
+        outcome.event(reason, f"{detail}; retry {failures}/{spec.backoff_limit}", warning=True)
+
+    def _finish(
+        self, key: str, writer: _StatusWriter, outcome: Outcome, phase: Phase, reason: str, message: str
+    ) -> None:
+        self.ledger.release(key)
+        writer.set(completionTime=format_time(self.clock()))
+        writer.phase(phase, reason, message)
+        succeeded = phase is Phase.SUCCEEDED
+        writer.condition(ConditionType.RUNNING, False, reason, message)
+        writer.condition(ConditionType.COMPLETE if succeeded else ConditionType.FAILED, True, reason, message)
+        outcome.event(reason, message, warning=not succeeded)
+
+    @staticmethod
+    def _ttl_expired(spec: AIJobSpec, state: AIJobStatus, now: datetime) -> bool:
+        return (
+            spec.ttl_seconds_after_finished is not None
+            and state.completion_time is not None
+            and (now - state.completion_time).total_seconds() >= spec.ttl_seconds_after_finished
+        )
+
+
+class _StatusWriter:
+    """Accumulates a status merge patch; keeps conditions as a whole list (merge patch replaces lists)."""
+
+    def __init__(
+        self, outcome: Outcome, current: Mapping[str, Any], generation: int | None, now: str
+    ) -> None:
+        self._outcome = outcome
+        self._current = current
+        self._generation = generation
+        self._now = now
+        self._conditions: list[dict[str, Any]] = [dict(c) for c in current.get("conditions") or []]
+
+    def set(self, **fields: Any) -> None:
+        self._outcome.status.update(fields)
+        self._outcome.status["observedGeneration"] = self._generation
+
+    def phase(self, phase: Phase, reason: str, message: str) -> None:
+        self.set(phase=phase.value, reason=reason, message=message[:4000])
+
+    def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
+        self._conditions = set_condition(
+            self._conditions,
+            type_=type_,
+            status=status,
+            reason=reason,
+            message=message[:2000],
+            now=self._now,
+            generation=self._generation,
+        )
+        self.set(conditions=self._conditions)
+
+    def has_condition_false(self, type_: str) -> bool:
+        return any(c.get("type") == type_ and c.get("status") == "False" for c in self._conditions)
+
+    def previous_message(self) -> str | None:
+        value = self._current.get("message")
+        return str(value) if value is not None else None
+
+
+def allocation_of(body: Mapping[str, Any]) -> Allocation | None:
+    """What the AIJob ``body`` holds according to its status (the kopf index uses this)."""
+    state = AIJobStatus.from_status(body.get("status"))
+    if state.phase is None or not state.phase.holds_nodes or not state.assigned_nodes:
+        return None
+    resources = (body.get("spec") or {}).get("resources") or {}
+    return Allocation(
+        nodes=state.assigned_nodes,
+        gpus_per_replica=int(resources.get("gpus", 1)),
+        cpus_per_replica=float(resources.get("cpus", 1.0)),
+    )
+
+
+def recorded(allocations: Iterable[tuple[str, Allocation]]) -> dict[str, Allocation]:
+    return dict(allocations)
