@@ -1,0 +1,57 @@
+# Koinon developer entry points. Everything runs from the project's own virtual environment.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.koinon-installed
+
+.PHONY: venv demo up down test lint typecheck unit bench bench-admission bench-scheduler bench-tunnel gen-proto check-proto clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel setuptools
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python -m koinon_dev.binaries
+	touch $(STAMP)
+
+## The main job: local control plane up, one AIJob end to end, everything down again.
+demo: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/koinon demo --example examples/numeric-job.yaml
+
+up: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/koinon dev up
+
+down: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/koinon dev down
+
+## The whole suite: lint, types, generated code up to date, then every test.
+test: venv lint typecheck check-proto
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy operator workers proto examples
+
+gen-proto: venv
+	$(BIN)/python proto/gen_proto.py
+
+check-proto: venv
+	$(BIN)/python proto/gen_proto.py --check
+
+bench: bench-admission bench-scheduler bench-tunnel
+
+bench-admission: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m bench.admission
+
+bench-scheduler: venv
+	$(BIN)/python -m bench.scheduler
+
+bench-tunnel: venv
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m bench.tunnel
+
+clean:
+	rm -rf .koinon build *.egg-info .mypy_cache .ruff_cache .pytest_cache
