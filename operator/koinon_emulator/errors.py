@@ -1,0 +1,138 @@
+"""Kubernetes ``Status`` errors as the API server returns them.
+
+kubectl and kopf parse these bodies (``kind: Status``, ``reason``, ``details.causes``) to print
+messages and to decide on retries, so the shapes and wording follow kube-apiserver.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+JsonObj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FieldCause:
+    """One field-level problem; rendered as ``field: message`` like Kubernetes field errors."""
+
+    field: str
+    message: str
+    reason: str = "FieldValueInvalid"
+
+    def render(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+    def as_json(self) -> JsonObj:
+        return {"reason": self.reason, "message": self.message, "field": self.field}
+
+
+class ApiError(Exception):
+    """An error that becomes a ``Status`` response with ``code`` as the HTTP status."""
+
+    def __init__(
+        self,
+        code: int,
+        reason: str,
+        message: str,
+        details: JsonObj | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.details = details
+
+    def status(self) -> JsonObj:
+        body: JsonObj = {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        }
+        if self.details is not None:
+            body["details"] = self.details
+        return body
+
+
+def _qualified(group: str, name: str) -> str:
+    return f"{name}.{group}" if group else name
+
+
+def _details(group: str, kind: str, name: str) -> JsonObj:
+    details: JsonObj = {"name": name, "kind": kind}
+    if group:
+        details["group"] = group
+    return details
+
+
+def not_found(group: str, plural: str, name: str) -> ApiError:
+    return ApiError(
+        404, "NotFound", f'{_qualified(group, plural)} "{name}" not found', _details(group, plural, name)
+    )
+
+
+def already_exists(group: str, plural: str, name: str) -> ApiError:
+    return ApiError(
+        409,
+        "AlreadyExists",
+        f'{_qualified(group, plural)} "{name}" already exists',
+        _details(group, plural, name),
+    )
+
+
+def conflict(group: str, plural: str, name: str) -> ApiError:
+    return ApiError(
+        409,
+        "Conflict",
+        f'Operation cannot be fulfilled on {_qualified(group, plural)} "{name}": the object has been '
+        "modified; please apply your changes to the latest version and try again",
+        _details(group, plural, name),
+    )
+
+
+def invalid(group: str, kind: str, name: str, causes: list[FieldCause]) -> ApiError:
+    rendered = [cause.render() for cause in causes]
+    summary = rendered[0] if len(rendered) == 1 else "[" + ", ".join(rendered) + "]"
+    details = _details(group, kind, name)
+    details["causes"] = [cause.as_json() for cause in causes]
+    return ApiError(422, "Invalid", f'{_qualified(group, kind)} "{name}" is invalid: {summary}', details)
+
+
+def bad_request(message: str) -> ApiError:
+    return ApiError(400, "BadRequest", message)
+
+
+def gone(message: str) -> ApiError:
+    return ApiError(410, "Expired", message)
+
+
+def method_not_allowed(message: str) -> ApiError:
+    return ApiError(405, "MethodNotAllowed", message)
+
+
+def unsupported_media_type(content_type: str) -> ApiError:
+    return ApiError(
+        415,
+        "UnsupportedMediaType",
+        f"the body of the request was in an unknown format - accepted media types include: "
+        f"application/json, application/merge-patch+json, application/json-patch+json, "
+        f"application/strategic-merge-patch+json (got {content_type!r}; the Koinon Kubernetes API "
+        f"emulator does not implement protobuf bodies or server-side apply)",
+    )
+
+
+def not_acceptable(accept: str) -> ApiError:
+    return ApiError(406, "NotAcceptable", f"only application/json responses are available, not {accept!r}")
+
+
+def forbidden(message: str, details: JsonObj | None = None) -> ApiError:
+    return ApiError(403, "Forbidden", message, details)
+
+
+def unprocessable_patch(message: str) -> ApiError:
+    # kube-apiserver answers failed JSON-patch `test` ops with 422; kopf relies on it to retry.
+    return ApiError(422, "Invalid", message)

@@ -1,0 +1,131 @@
+"""Parsing of API request URLs, query parameters and headers into typed values."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from . import errors
+from .resources import ResourceRegistry, ResourceType
+from .selectors import ObjectFilter, build_filter
+from .service import WriteOptions
+
+JsonObj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ResourcePath:
+    """``/api/v1/namespaces/ns/pods/name/status`` split into its parts."""
+
+    group: str
+    version: str
+    plural: str
+    namespace: str | None
+    name: str | None
+    subresource: str | None
+    legacy_watch: bool
+
+
+def parse_resource_path(parts: list[str], registry: ResourceRegistry) -> ResourcePath | None:
+    """``parts`` starts after ``/api/{v}`` or ``/apis/{g}/{v}``; ``None`` when it names no resource."""
+    if len(parts) < 2:
+        return None
+    if parts[0] == "api":
+        group, version, rest = "", parts[1], parts[2:]
+    elif parts[0] == "apis" and len(parts) >= 3:
+        group, version, rest = parts[1], parts[2], parts[3:]
+    else:
+        return None
+    legacy_watch = bool(rest) and rest[0] == "watch"
+    if legacy_watch:
+        rest = rest[1:]
+    namespace = None
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        scoped = registry.lookup(group, version, rest[2])
+        if scoped is not None and scoped.namespaced:
+            namespace, rest = rest[1], rest[2:]
+    if not rest or len(rest) > 3:
+        return None
+    return ResourcePath(group, version, rest[0], namespace, rest[1] if len(rest) > 1 else None,
+                        rest[2] if len(rest) > 2 else None, legacy_watch)
+
+
+def table_request(accept: str) -> str | None:
+    """The Table apiVersion asked for by ``Accept: application/json;as=Table;v=v1;g=meta.k8s.io``."""
+    for entry in accept.split(","):
+        params = dict(
+            part.strip().split("=", 1) for part in entry.split(";")[1:] if "=" in part
+        )
+        if params.get("as") == "Table" and params.get("g") == "meta.k8s.io":
+            return f"meta.k8s.io/{params.get('v', 'v1')}"
+    return None
+
+
+def partial_metadata_request(accept: str) -> bool:
+    return "as=PartialObjectMetadata" in accept
+
+
+def write_options(request: web.Request) -> WriteOptions:
+    dry_run = request.query.getall("dryRun", [])
+    validation = request.query.get("fieldValidation", "Warn")
+    if validation not in ("Strict", "Warn", "Ignore"):
+        raise errors.bad_request(f'fieldValidation must be one of "Ignore", "Warn" or "Strict", got '
+                                 f'"{validation}"')
+    if any(value != "All" for value in dry_run):
+        raise errors.bad_request(f"dryRun values must be All, got {dry_run}")
+    return WriteOptions(dry_run=bool(dry_run), field_validation=validation)
+
+
+_ALWAYS_SELECTABLE = ("metadata.name", "metadata.namespace")
+_BUILTIN_SELECTABLE: dict[tuple[str, str], tuple[str, ...]] = {
+    ("", "events"): ("involvedObject.", "reason", "reportingComponent", "source", "type"),
+    ("", "secrets"): ("type",),
+    ("", "pods"): ("spec.nodeName", "status.phase", "spec.restartPolicy"),
+    ("", "namespaces"): ("status.phase",),
+}
+
+
+def selectable(resource: ResourceType, path: str) -> bool:
+    if path in _ALWAYS_SELECTABLE or path in resource.selectable_fields:
+        return True
+    allowed = _BUILTIN_SELECTABLE.get((resource.group, resource.plural), ())
+    return any(path == item or (item.endswith(".") and path.startswith(item)) for item in allowed)
+
+
+def object_filter(request: web.Request, resource: ResourceType, namespace: str | None) -> ObjectFilter:
+    return build_filter(
+        namespace,
+        request.query.get("labelSelector"),
+        request.query.get("fieldSelector"),
+        lambda path: selectable(resource, path),
+    )
+
+
+async def json_body(request: web.Request) -> Any:
+    content_type = request.content_type
+    raw = await request.read()
+    if "protobuf" in content_type or "cbor" in content_type:
+        raise errors.unsupported_media_type(content_type)
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise errors.bad_request(f"the request body is not valid JSON: {error}") from error
+
+
+def encode_continue(start: tuple[str, str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(start)).encode()).decode()
+
+
+def decode_continue(token: str) -> tuple[str, str]:
+    try:
+        namespace, name = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return (str(namespace), str(name))
+    except (ValueError, TypeError, binascii.Error) as error:
+        raise errors.bad_request(f"continue key is not valid: {error}") from error

@@ -1,0 +1,296 @@
+"""Structural-schema processing of custom resources: pruning, defaulting and validation.
+
+Follows the order of kube-apiserver: drop unknown fields (or report them under
+``fieldValidation=Strict``) and nulls of non-nullable fields, apply ``default`` values, then validate.
+Messages use the Kubernetes wording (``spec.replicas in body should be greater than or equal to 1``)
+so clients print what they would print against a real cluster. CEL rules
+(``x-kubernetes-validations``) are not evaluated.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from .errors import FieldCause
+
+JsonObj = dict[str, Any]
+ROOT_RESERVED = ("apiVersion", "kind", "metadata")
+
+
+@dataclass
+class SchemaResult:
+    obj: JsonObj
+    unknown_fields: list[str] = field(default_factory=list)
+    causes: list[FieldCause] = field(default_factory=list)
+
+
+def admit(obj: JsonObj, schema: JsonObj | None, *, only: str | None = None) -> SchemaResult:
+    """Prune, default and validate ``obj`` (a deep copy is processed; the input is left alone).
+
+    ``only`` restricts processing to one top-level field (``"status"`` for status writes, where the
+    rest of the object was already admitted).
+    """
+    result = SchemaResult(copy.deepcopy(obj))
+    if not schema:
+        return result
+    properties = schema.get("properties", {})
+    for key in list(result.obj):
+        if key in ROOT_RESERVED or (only is not None and key != only):
+            continue
+        if key not in properties and not _preserves(schema):
+            result.unknown_fields.append(key)
+            del result.obj[key]
+            continue
+        value = result.obj[key]
+        sub = properties.get(key)
+        if value is None and sub is not None and not sub.get("nullable"):
+            del result.obj[key]
+            continue
+        if sub is not None:
+            result.obj[key] = _prune(value, sub, key, result.unknown_fields)
+    for key, sub in properties.items():
+        if key in ROOT_RESERVED or (only is not None and key != only):
+            continue
+        if key not in result.obj and "default" in sub:
+            result.obj[key] = copy.deepcopy(sub["default"])
+        if key in result.obj:
+            result.obj[key] = _default(result.obj[key], sub)
+    for key in schema.get("required", []):
+        if key not in result.obj and key not in ROOT_RESERVED and (only is None or key == only):
+            result.causes.append(FieldCause(key, "Required value", "FieldValueRequired"))
+    for key, sub in properties.items():
+        if key in ROOT_RESERVED or key not in result.obj or (only is not None and key != only):
+            continue
+        _validate(result.obj[key], sub, key, result.causes)
+    return result
+
+
+def _preserves(schema: JsonObj) -> bool:
+    return bool(schema.get("x-kubernetes-preserve-unknown-fields"))
+
+
+def _child(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _prune(value: Any, schema: JsonObj, path: str, unknown: list[str]) -> Any:
+    if isinstance(value, dict) and not schema.get("x-kubernetes-int-or-string"):
+        properties = schema.get("properties", {})
+        additional = schema.get("additionalProperties")
+        embedded = schema.get("x-kubernetes-embedded-resource")
+        for key in list(value):
+            sub = properties.get(key)
+            if sub is None and isinstance(additional, dict):
+                sub = additional
+            if value[key] is None and sub is not None and not sub.get("nullable"):
+                del value[key]
+                continue
+            if sub is not None:
+                value[key] = _prune(value[key], sub, _child(path, key), unknown)
+            elif not (_preserves(schema) or additional is True or (embedded and key in ROOT_RESERVED)):
+                unknown.append(_child(path, key))
+                del value[key]
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        items = schema["items"]
+        for index, item in enumerate(value):
+            value[index] = _prune(item, items, f"{path}[{index}]", unknown)
+    return value
+
+
+def _default(value: Any, schema: JsonObj) -> Any:
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+            if key in value:
+                value[key] = _default(value[key], sub)
+        additional = schema.get("additionalProperties")
+        if isinstance(additional, dict):
+            for key in value:
+                if key not in schema.get("properties", {}):
+                    value[key] = _default(value[key], additional)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(value):
+            value[index] = _default(item, schema["items"])
+    return value
+
+
+def show(value: Any) -> str:
+    """A value as Kubernetes prints it in field errors (strings quoted, numbers bare)."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"))
+
+
+_TYPE_CHECKS = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
+    or (isinstance(v, float) and v.is_integer()),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+}
+
+
+@lru_cache(maxsize=512)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern)
+
+
+def _format_ok(fmt: str, value: str) -> bool:
+    try:
+        if fmt == "date-time":
+            datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        elif fmt == "date":
+            datetime.date.fromisoformat(value)
+        elif fmt == "uuid":
+            uuid.UUID(value)
+        elif fmt == "int32":
+            return -(2**31) <= int(value) < 2**31
+        elif fmt == "int64":
+            return -(2**63) <= int(value) < 2**63
+        elif fmt == "byte":
+            import base64
+
+            base64.b64decode(value, validate=True)
+        elif fmt == "email":
+            return bool(re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", value))
+        elif fmt == "hostname":
+            return bool(re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", value))
+        elif fmt in ("ipv4", "ipv6", "ip"):
+            import ipaddress
+
+            ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _validate(value: Any, schema: JsonObj, path: str, causes: list[FieldCause]) -> None:
+    def fail(message: str, reason: str = "FieldValueInvalid") -> None:
+        causes.append(FieldCause(path, message, reason))
+
+    def invalid(detail: str) -> None:
+        fail(f"Invalid value: {show(value)}: {path} in body {detail}")
+
+    if value is None:
+        if not schema.get("nullable"):
+            fail(f'Invalid value: "null": {path} in body must be of type {schema.get("type", "object")}: '
+                 '"null"', "FieldValueTypeInvalid")
+        return
+    if schema.get("x-kubernetes-int-or-string"):
+        if not (isinstance(value, (int, str)) and not isinstance(value, bool)):
+            fail(f"Invalid value: {show(value)}: {path} in body must be of type int-or-string: "
+                 f"{json.dumps(type(value).__name__)}", "FieldValueTypeInvalid")
+            return
+    elif (kind := schema.get("type")) in _TYPE_CHECKS and not _TYPE_CHECKS[kind](value):
+        actual = {dict: "object", list: "array", str: "string", bool: "boolean"}.get(type(value), "number")
+        fail(f'Invalid value: {show(value)}: {path} in body must be of type {kind}: "{actual}"',
+             "FieldValueTypeInvalid")
+        return
+
+    if "enum" in schema and value not in schema["enum"]:
+        supported = ", ".join(show(v) for v in schema["enum"])
+        fail(f"Unsupported value: {show(value)}: supported values: {supported}", "FieldValueNotSupported")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        _validate_number(value, schema, invalid)
+    if isinstance(value, str):
+        _validate_string(value, schema, path, invalid)
+    if isinstance(value, list):
+        _validate_array(value, schema, path, causes, invalid)
+    if isinstance(value, dict):
+        _validate_object(value, schema, path, causes, invalid)
+    _validate_combinators(value, schema, path, causes, invalid)
+
+
+def _validate_number(value: float, schema: JsonObj, invalid: Any) -> None:
+    if (low := schema.get("minimum")) is not None:
+        if schema.get("exclusiveMinimum") is True and value <= low:
+            invalid(f"should be greater than {show(low)}")
+        elif value < low:
+            invalid(f"should be greater than or equal to {show(low)}")
+    if (high := schema.get("maximum")) is not None:
+        if schema.get("exclusiveMaximum") is True and value >= high:
+            invalid(f"should be less than {show(high)}")
+        elif value > high:
+            invalid(f"should be less than or equal to {show(high)}")
+    if (step := schema.get("multipleOf")) and (value / step) != int(value / step):
+        invalid(f"should be a multiple of {show(step)}")
+
+
+def _validate_string(value: str, schema: JsonObj, path: str, invalid: Any) -> None:
+    if (low := schema.get("minLength")) is not None and len(value) < low:
+        invalid(f"should be at least {low} chars long")
+    if (high := schema.get("maxLength")) is not None and len(value) > high:
+        invalid(f"should be at most {high} chars long")
+    if (pattern := schema.get("pattern")) and not _compiled(pattern).search(value):
+        invalid(f"should match '{pattern}'")
+    if (fmt := schema.get("format")) and not _format_ok(fmt, value):
+        invalid(f"must be of type {fmt}: {json.dumps(value)}")
+
+
+def _validate_array(value: list[Any], schema: JsonObj, path: str, causes: list[FieldCause],
+                    invalid: Any) -> None:
+    if (low := schema.get("minItems")) is not None and len(value) < low:
+        invalid(f"should have at least {low} items")
+    if (high := schema.get("maxItems")) is not None and len(value) > high:
+        causes.append(FieldCause(path, f"Too many: {len(value)}: must have at most {high} items",
+                                 "FieldValueTooMany"))
+    if schema.get("uniqueItems") or schema.get("x-kubernetes-list-type") == "set":
+        seen: list[Any] = []
+        for index, item in enumerate(value):
+            if item in seen:
+                causes.append(FieldCause(f"{path}[{index}]", f"Duplicate value: {show(item)}",
+                                         "FieldValueDuplicate"))
+            seen.append(item)
+    if isinstance(items := schema.get("items"), dict):
+        for index, item in enumerate(value):
+            _validate(item, items, f"{path}[{index}]", causes)
+
+
+def _validate_object(value: JsonObj, schema: JsonObj, path: str, causes: list[FieldCause],
+                     invalid: Any) -> None:
+    for key in schema.get("required", []):
+        if key not in value:
+            causes.append(FieldCause(_child(path, key), "Required value", "FieldValueRequired"))
+    if (low := schema.get("minProperties")) is not None and len(value) < low:
+        invalid(f"should have at least {low} properties")
+    if (high := schema.get("maxProperties")) is not None and len(value) > high:
+        invalid(f"should have at most {high} properties")
+    properties = schema.get("properties", {})
+    additional = schema.get("additionalProperties")
+    for key, item in value.items():
+        if key in properties:
+            _validate(item, properties[key], _child(path, key), causes)
+        elif isinstance(additional, dict):
+            _validate(item, additional, f"{path}[{key}]", causes)
+
+
+def _validate_combinators(value: Any, schema: JsonObj, path: str, causes: list[FieldCause],
+                          invalid: Any) -> None:
+    for sub in schema.get("allOf", []):
+        _validate(value, sub, path, causes)
+    if (any_of := schema.get("anyOf")) and not any(_passes(value, sub, path) for sub in any_of):
+        invalid("must validate at least one schema (anyOf)")
+    if (one_of := schema.get("oneOf")) and sum(_passes(value, sub, path) for sub in one_of) != 1:
+        invalid("must validate one and only one schema (oneOf)")
+    if (negated := schema.get("not")) is not None and _passes(value, negated, path):
+        invalid("must not validate the schema (not)")
+
+
+def _passes(value: Any, schema: JsonObj, path: str) -> bool:
+    trial: list[FieldCause] = []
+    _validate(value, schema, path, trial)
+    return not trial

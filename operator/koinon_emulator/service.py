@@ -1,0 +1,406 @@
+"""The API semantics (create/get/list/update/patch/delete) shared by the HTTP layer and in-process use.
+
+Everything here works on plain dicts and raises ``ApiError``; HTTP parsing and rendering live in
+``http_api``. Writes follow kube-apiserver: server-owned metadata is kept, ``generation`` moves
+only on content changes, the status subresource isolates ``.status``, finalizers delay removal,
+and no-op writes store nothing and notify no one.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import re
+import secrets
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import errors
+from .builtins import normalize_builtin
+from .crds import check_crd, crd_resource_types, crd_status
+from .errors import ApiError, FieldCause
+from .patching import apply_patch
+from .resources import CRD_RESOURCE, NAMESPACE_RESOURCE, ResourceRegistry, ResourceType
+from .schema import admit
+from .selectors import ObjectFilter
+from .store import ObjectStore
+
+JsonObj = dict[str, Any]
+
+INITIAL_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_SUBDOMAIN_HELP = (
+    "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and "
+    "must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is "
+    "'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+)
+_LABEL_HELP = (
+    "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start "
+    "and end with an alphanumeric character (e.g. 'my-name',  or '123-abc', regex used for validation is "
+    "'[a-z0-9]([-a-z0-9]*[a-z0-9])?')"
+)
+_NAME_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+_SERVER_CONTENT_KEYS = ("apiVersion", "kind", "metadata", "status")
+
+
+def now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    dry_run: bool = False
+    field_validation: str = "Warn"  # Strict | Warn | Ignore, as kube-apiserver's ?fieldValidation=
+
+
+@dataclass
+class WriteResult:
+    obj: JsonObj
+    created: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+
+def _content(obj: JsonObj) -> JsonObj:
+    """What ``generation`` tracks: everything but metadata and status."""
+    return {k: v for k, v in obj.items() if k not in _SERVER_CONTENT_KEYS}
+
+
+class ApiService:
+    def __init__(self, registry: ResourceRegistry | None = None, store: ObjectStore | None = None) -> None:
+        self.registry = registry or ResourceRegistry()
+        self.store = store or ObjectStore()
+        for name in INITIAL_NAMESPACES:
+            self.create(NAMESPACE_RESOURCE, None, {"metadata": {"name": name}})
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def resolve(self, group: str, version: str, plural: str) -> ResourceType:
+        resource = self.registry.lookup(group, version, plural)
+        if resource is None:
+            raise ApiError(404, "NotFound", "the server could not find the requested resource",
+                           {"group": group, "kind": plural})
+        return resource
+
+    @staticmethod
+    def as_version(resource: ResourceType, obj: JsonObj) -> JsonObj:
+        """Objects of a multi-version CRD share storage; present them in the requested version."""
+        if obj.get("apiVersion") == resource.api_version:
+            return obj
+        return {**obj, "apiVersion": resource.api_version}
+
+    def get(self, resource: ResourceType, namespace: str | None, name: str) -> JsonObj:
+        obj = self.store.get(resource.storage_key, namespace or "", name)
+        if obj is None:
+            raise errors.not_found(resource.group, resource.plural, name)
+        return self.as_version(resource, obj)
+
+    def list_objects(self, resource: ResourceType, selection: ObjectFilter) -> tuple[list[JsonObj], int]:
+        items = self.store.select(resource.storage_key, selection)
+        return [self.as_version(resource, obj) for obj in items], self.store.resource_version
+
+    # -- shared checks -------------------------------------------------------------------------
+
+    def _check_type(self, resource: ResourceType, body: Any) -> JsonObj:
+        if not isinstance(body, dict):
+            raise errors.bad_request("the request body must be a JSON object")
+        api_version, kind = body.get("apiVersion"), body.get("kind")
+        if api_version and api_version != resource.api_version:
+            # Another served version of the same CRD is fine: versions share one schema-less conversion.
+            other = self._same_resource_version(resource, api_version)
+            if other is None:
+                raise errors.bad_request(f"the API version in the data ({api_version}) does not match the "
+                                         f"expected API version ({resource.api_version})")
+        if kind and kind != resource.kind:
+            raise errors.bad_request(f"the kind in the data ({kind}) does not match the expected kind "
+                                     f"({resource.kind})")
+        metadata = body.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise errors.bad_request("metadata must be an object")
+        for field_name in ("labels", "annotations"):
+            values = metadata.get(field_name)
+            if values is not None and not (
+                isinstance(values, dict) and all(isinstance(v, str) for v in values.values())
+            ):
+                raise errors.invalid(resource.group, resource.kind, metadata.get("name", ""), [FieldCause(
+                    f"metadata.{field_name}", "Invalid value: must be a map of string keys to string values")])
+        return body
+
+    def _same_resource_version(self, resource: ResourceType, api_version: str) -> ResourceType | None:
+        group, _, version = api_version.rpartition("/")
+        other = self.registry.lookup(group, version, resource.plural)
+        return other if other is not None and other.storage_key == resource.storage_key else None
+
+    def _check_name(self, resource: ResourceType, name: str) -> None:
+        if resource.group == "rbac.authorization.k8s.io":
+            if "/" in name or name in (".", ".."):
+                raise errors.invalid(resource.group, resource.kind, name, [FieldCause(
+                    "metadata.name", f'Invalid value: "{name}": may not contain \'/\'')])
+            return
+        pattern, helptext, limit = (
+            (_LABEL, _LABEL_HELP, 63) if resource == NAMESPACE_RESOURCE else (_SUBDOMAIN, _SUBDOMAIN_HELP, 253)
+        )
+        if len(name) > limit or not pattern.match(name):
+            raise errors.invalid(resource.group, resource.kind, name, [FieldCause(
+                "metadata.name", f'Invalid value: "{name}": {helptext}')])
+
+    def _check_namespace(self, resource: ResourceType, namespace: str | None, name: str) -> None:
+        if not resource.namespaced:
+            return
+        if not namespace:
+            raise errors.bad_request("the namespace of the object must be set for a namespaced resource")
+        ns = self.store.get(NAMESPACE_RESOURCE.storage_key, "", namespace)
+        if ns is None:
+            raise errors.not_found("", "namespaces", namespace)
+        if ns["metadata"].get("deletionTimestamp"):
+            raise errors.forbidden(
+                f'{resource.plural}{"." + resource.group if resource.group else ""} "{name}" is forbidden: '
+                f"unable to create new content in namespace {namespace} because it is being terminated",
+                {"name": name, "group": resource.group, "kind": resource.plural},
+            )
+
+    def _admit(self, resource: ResourceType, obj: JsonObj, options: WriteOptions,
+               only: str | None = None) -> tuple[JsonObj, list[str]]:
+        """Schema pruning/defaulting/validation; returns the admitted object and warnings."""
+        name = obj.get("metadata", {}).get("name", "")
+        if resource == CRD_RESOURCE and only is None and (causes := check_crd(obj)):
+            raise errors.invalid(resource.group, resource.kind, name, causes)
+        result = admit(obj, resource.schema, only=only)
+        warnings: list[str] = []
+        if result.unknown_fields:
+            if options.field_validation == "Strict":
+                raise errors.invalid(resource.group, resource.kind, name, [
+                    FieldCause(f".{path}", "field not declared in schema", "FieldValueInvalid")
+                    for path in result.unknown_fields
+                ])
+            if options.field_validation != "Ignore":
+                warnings = [f'unknown field "{path}"' for path in result.unknown_fields]
+        if result.causes:
+            raise errors.invalid(resource.group, resource.kind, name, result.causes)
+        return result.obj, warnings
+
+    # -- create --------------------------------------------------------------------------------
+
+    def create(self, resource: ResourceType, namespace: str | None, body: Any,
+               options: WriteOptions = WriteOptions()) -> WriteResult:
+        obj = copy.deepcopy(self._check_type(resource, body))
+        obj["apiVersion"], obj["kind"] = resource.api_version, resource.kind
+        metadata = obj.setdefault("metadata", {})
+        if resource.namespaced:
+            if metadata.get("namespace") and namespace and metadata["namespace"] != namespace:
+                raise errors.bad_request("the namespace of the provided object does not match the namespace "
+                                         "sent on the request")
+            metadata["namespace"] = namespace = namespace or metadata.get("namespace")
+        else:
+            metadata.pop("namespace", None)
+            namespace = None
+        if metadata.get("resourceVersion"):
+            raise errors.bad_request("resourceVersion should not be set on objects to be created")
+        name = metadata.get("name")
+        if not name:
+            prefix = metadata.get("generateName")
+            if not prefix:
+                raise errors.invalid(resource.group, resource.kind, "", [FieldCause(
+                    "metadata.name", "Required value: name or generateName is required", "FieldValueRequired")])
+            name = self._generate_name(resource, namespace, str(prefix))
+            metadata["name"] = name
+        self._check_name(resource, name)
+        self._check_namespace(resource, namespace, name)
+        for server_field in ("deletionTimestamp", "deletionGracePeriodSeconds", "managedFields"):
+            metadata.pop(server_field, None)
+        metadata.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
+        if resource.status_subresource:
+            obj.pop("status", None)
+        normalize_builtin(resource.group, resource.plural, obj)
+        obj, warnings = self._admit(resource, obj, options)
+        if resource == CRD_RESOURCE:
+            obj["status"] = crd_status(obj, None, metadata["creationTimestamp"])
+        if self.store.get(resource.storage_key, namespace or "", name) is not None:
+            raise errors.already_exists(resource.group, resource.plural, name)
+        if options.dry_run:
+            return WriteResult(obj, created=True, warnings=warnings)
+        stored = self.store.put(resource.storage_key, obj, None)
+        if resource == CRD_RESOURCE:
+            self.register_crd(stored)
+        return WriteResult(self.as_version(resource, stored), created=True, warnings=warnings)
+
+    def _generate_name(self, resource: ResourceType, namespace: str | None, prefix: str) -> str:
+        for _ in range(100):
+            suffix = "".join(secrets.choice(_NAME_SUFFIX_ALPHABET) for _ in range(5))
+            candidate = f"{prefix[:58]}{suffix}"
+            if self.store.get(resource.storage_key, namespace or "", candidate) is None:
+                return candidate
+        raise errors.already_exists(resource.group, resource.plural, prefix)
+
+    # -- update / patch ------------------------------------------------------------------------
+
+    def update(self, resource: ResourceType, namespace: str | None, name: str, body: Any,
+               options: WriteOptions = WriteOptions(), subresource: str | None = None,
+               require_version: bool = True) -> WriteResult:
+        old = self.store.get(resource.storage_key, namespace or "", name)
+        if old is None:
+            raise errors.not_found(resource.group, resource.plural, name)
+        candidate = copy.deepcopy(self._check_type(resource, body))
+        metadata = candidate.setdefault("metadata", {})
+        if metadata.get("name", name) != name:
+            raise errors.bad_request(f"the name of the object ({metadata['name']}) does not match the name on "
+                                     f"the URL ({name})")
+        if resource.namespaced and metadata.get("namespace", namespace) != namespace:
+            raise errors.bad_request("the namespace of the provided object does not match the namespace sent "
+                                     "on the request")
+        given_version = metadata.get("resourceVersion")
+        if not given_version and require_version and resource.crd_name is not None:
+            raise errors.invalid(resource.group, resource.kind, name, [FieldCause(
+                "metadata.resourceVersion", "Invalid value: 0x0: must be specified for an update")])
+        if given_version and given_version != old["metadata"]["resourceVersion"]:
+            raise errors.conflict(resource.group, resource.plural, name)
+        new, warnings = self._merge_write(resource, old, candidate, options, subresource)
+        return self._commit(resource, old, new, options, warnings)
+
+    def patch(self, resource: ResourceType, namespace: str | None, name: str, patch: Any, content_type: str,
+              options: WriteOptions = WriteOptions(), subresource: str | None = None) -> WriteResult:
+        old = self.store.get(resource.storage_key, namespace or "", name)
+        if old is None:
+            raise errors.not_found(resource.group, resource.plural, name)
+        candidate = apply_patch(self.as_version(resource, old), patch, content_type)
+        return self.update(resource, namespace, name, candidate, options, subresource, require_version=False)
+
+    def _merge_write(self, resource: ResourceType, old: JsonObj, candidate: JsonObj, options: WriteOptions,
+                     subresource: str | None) -> tuple[JsonObj, list[str]]:
+        if subresource == "status":
+            if not resource.status_subresource:
+                raise errors.not_found(resource.group, f"{resource.plural}/status", old["metadata"]["name"])
+            new = copy.deepcopy(old)
+            if "status" in candidate:
+                new["status"] = candidate["status"]
+            else:
+                new.pop("status", None)
+            new, warnings = self._admit(resource, new, options, only="status")
+            return new, warnings
+        new = candidate
+        new["apiVersion"], new["kind"] = resource.api_version, resource.kind
+        metadata = new["metadata"]
+        old_metadata = old["metadata"]
+        for server_field in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds",
+                             "generation", "resourceVersion", "name", "namespace"):
+            if server_field in old_metadata:
+                metadata[server_field] = old_metadata[server_field]
+            else:
+                metadata.pop(server_field, None)
+        if old_metadata.get("deletionTimestamp"):
+            added = set(metadata.get("finalizers") or ()) - set(old_metadata.get("finalizers") or ())
+            if added:
+                raise errors.invalid(resource.group, resource.kind, old_metadata["name"], [FieldCause(
+                    "metadata.finalizers", f"Forbidden: no new finalizers can be added if the object is being "
+                    f"deleted, found new finalizers {sorted(added)}", "FieldValueForbidden")])
+        if resource.status_subresource:
+            if "status" in old:
+                new["status"] = copy.deepcopy(old["status"])
+            else:
+                new.pop("status", None)
+        normalize_builtin(resource.group, resource.plural, new)
+        new, warnings = self._admit(resource, new, options)
+        if resource == CRD_RESOURCE:
+            new["status"] = crd_status(new, old.get("status"), now_rfc3339())
+        if _content(new) != _content(old):
+            new["metadata"]["generation"] = int(old_metadata.get("generation", 1)) + 1
+        return new, warnings
+
+    def _commit(self, resource: ResourceType, old: JsonObj, new: JsonObj, options: WriteOptions,
+                warnings: list[str]) -> WriteResult:
+        if new == old or options.dry_run:
+            return WriteResult(self.as_version(resource, new), warnings=warnings)
+        metadata = new["metadata"]
+        if metadata.get("deletionTimestamp") and not metadata.get("finalizers"):
+            # The last finalizer is gone: like kube-apiserver, delete instead of storing the update.
+            final = self._remove(resource, metadata.get("namespace"), metadata["name"], new)
+            return WriteResult(self.as_version(resource, final), warnings=warnings)
+        stored = self.store.put(resource.storage_key, new, old)
+        if resource == CRD_RESOURCE:
+            self.register_crd(stored)
+        return WriteResult(self.as_version(resource, stored), warnings=warnings)
+
+    # -- delete --------------------------------------------------------------------------------
+
+    def delete(self, resource: ResourceType, namespace: str | None, name: str,
+               options: WriteOptions = WriteOptions(), preconditions: JsonObj | None = None) -> JsonObj:
+        old = self.store.get(resource.storage_key, namespace or "", name)
+        if old is None:
+            raise errors.not_found(resource.group, resource.plural, name)
+        preconditions = preconditions or {}
+        for key in ("uid", "resourceVersion"):
+            wanted = preconditions.get(key)
+            if wanted and wanted != old["metadata"].get(key):
+                raise ApiError(409, "Conflict", f"Precondition failed: {key} in precondition: {wanted}, {key} in "
+                               f"object meta: {old['metadata'].get(key)}", {"name": name, "kind": resource.plural})
+        if options.dry_run:
+            return self.as_version(resource, old)
+        if resource == NAMESPACE_RESOURCE:
+            return self._delete_namespace(old)
+        if old["metadata"].get("finalizers"):
+            if old["metadata"].get("deletionTimestamp"):
+                return self.as_version(resource, old)
+            return self.as_version(resource, self.store.put(resource.storage_key, self._marked_deleted(old), old))
+        return self.as_version(resource, self._remove(resource, namespace, name))
+
+    @staticmethod
+    def _marked_deleted(old: JsonObj) -> JsonObj:
+        metadata = dict(old["metadata"])
+        metadata.update(deletionTimestamp=now_rfc3339(), deletionGracePeriodSeconds=0,
+                        generation=int(metadata.get("generation", 1)) + 1)
+        return {**old, "metadata": metadata}
+
+    def _remove(self, resource: ResourceType, namespace: str | None, name: str,
+                last_state: JsonObj | None = None) -> JsonObj:
+        final = self.store.remove(resource.storage_key, namespace or "", name, last_state)
+        assert final is not None, "caller checked existence"
+        if resource == CRD_RESOURCE:
+            self._unregister_crd(final)
+        if namespace:
+            self._finish_namespace_if_empty(namespace)
+        return final
+
+    def _delete_namespace(self, old: JsonObj) -> JsonObj:
+        name = old["metadata"]["name"]
+        marked = self._marked_deleted(old)
+        marked["status"] = {**(old.get("status") or {}), "phase": "Terminating"}
+        current = old if old["metadata"].get("deletionTimestamp") else self.store.put(
+            NAMESPACE_RESOURCE.storage_key, marked, old)
+        # The namespace controller's job, done at once: delete the content; finalizers still hold items.
+        for resource in self.registry.all():
+            if not resource.namespaced:
+                continue
+            for obj in list(self.store.select(resource.storage_key, ObjectFilter(namespace=name))):
+                if self.store.get(resource.storage_key, name, obj["metadata"]["name"]) is not None:
+                    self.delete(resource, name, obj["metadata"]["name"])
+        self._finish_namespace_if_empty(name)
+        remaining = self.store.get(NAMESPACE_RESOURCE.storage_key, "", name)
+        return remaining if remaining is not None else current
+
+    def _finish_namespace_if_empty(self, namespace: str) -> None:
+        ns = self.store.get(NAMESPACE_RESOURCE.storage_key, "", namespace)
+        if ns is not None and ns["metadata"].get("deletionTimestamp") and \
+                self.store.count_in_namespace(namespace) == 0:
+            self.store.remove(NAMESPACE_RESOURCE.storage_key, "", namespace)
+
+    # -- CRDs ----------------------------------------------------------------------------------
+
+    def register_crd(self, crd: JsonObj) -> None:
+        name = crd["metadata"]["name"]
+        old_types = self.registry.unregister_crd(name)
+        for resource in crd_resource_types(crd):
+            self.registry.register(resource)
+        # Watches of a dropped version end; clients re-discover and re-watch.
+        for resource in old_types:
+            if self.registry.lookup(resource.group, resource.version, resource.plural) is None:
+                self.store.close_watchers(resource.storage_key)
+
+    def _unregister_crd(self, crd: JsonObj) -> None:
+        removed = self.registry.unregister_crd(crd["metadata"]["name"])
+        keys = {resource.storage_key for resource in removed}
+        for key in keys:
+            for obj in self.store.drop(key):
+                if obj["metadata"].get("namespace"):
+                    self._finish_namespace_if_empty(obj["metadata"]["namespace"])
+            self.store.close_watchers(key)
