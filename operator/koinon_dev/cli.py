@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
+import asyncio
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
+
+from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
 
 from koinon_dev.cluster import DevCluster, DevClusterConfig, DevClusterInfo, kubectl
 
@@ -45,11 +45,18 @@ def fetch_job_logs(info: DevClusterInfo, name: str, namespace: str) -> str:
     ).strip()
     if not submission_id:
         raise RuntimeError(f"AIJob {namespace}/{name} has no Ray submission yet")
-    url = f"{info.ray_dashboard_url}/api/jobs/{submission_id}/logs"
+
+    async def read() -> str:
+        ray = RayJobsClient(info.ray_dashboard_url)
+        try:
+            job = await ray.get(submission_id)
+            return await ray.logs(submission_id, job.driver_node_id if job else None)
+        finally:
+            await ray.close()
+
     try:
-        with urllib.request.urlopen(url, timeout=10) as reply:
-            return str(json.load(reply).get("logs", ""))
-    except urllib.error.URLError as error:
+        return asyncio.run(read())
+    except RayUnavailableError as error:
         raise RuntimeError(f"cannot read logs of {submission_id} from Ray: {error}") from error
 
 
@@ -66,14 +73,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="koinon", description=__doc__)
-    parser.add_argument(
-        "--state-dir", default=".koinon/dev", help="where the local control plane keeps state"
-    )
+    parser.add_argument("--state-dir", default=".koinon/dev", help="where the local control plane keeps state")
     parser.add_argument("--volunteers", type=int, default=2, help="local volunteer nodes to start")
     commands = parser.add_subparsers(dest="command", required=True)
-    dev = commands.add_parser("dev", help="the local control plane").add_subparsers(
-        dest="action", required=True
-    )
+    dev = commands.add_parser("dev", help="the local control plane").add_subparsers(dest="action", required=True)
     dev.add_parser("up", help="start emulator, operator, Ray head and volunteers").set_defaults(func=cmd_up)
     dev.add_parser("down", help="stop everything `up` started").set_defaults(func=cmd_down)
     dev.add_parser("status", help="show the running control plane").set_defaults(func=cmd_status)

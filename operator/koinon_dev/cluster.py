@@ -37,6 +37,7 @@ class DevClusterConfig:
     gpu_memory_mib: int = 16384
     cpus_per_volunteer: int = 2
     poll_interval_seconds: float = 1.0
+    start_operator: bool = True
 
 
 @dataclass
@@ -93,6 +94,25 @@ def kubectl(kubeconfig: Path, *args: str, input_text: str | None = None, timeout
     return completed.stdout
 
 
+def operator_process(
+    kubeconfig: Path,
+    dashboard_url: str,
+    log_dir: Path,
+    poll_interval_seconds: float = 1.0,
+    namespace: str | None = None,
+    name: str = "operator",
+) -> ManagedProcess:
+    argv = [
+        _bin("koinon-operator"),
+        f"--kubeconfig={kubeconfig}",
+        f"--ray-dashboard={dashboard_url}",
+        f"--poll-interval={poll_interval_seconds}",
+    ]
+    if namespace:
+        argv.append(f"--namespace={namespace}")
+    return ManagedProcess(name, argv, log_dir / f"{name}.log", env={**os.environ, "KUBECONFIG": str(kubeconfig)})
+
+
 def volunteer_manifest(volunteer: LocalRayVolunteer, owner: str) -> dict[str, object]:
     return {
         "apiVersion": "koinon.dev/v1alpha1",
@@ -112,7 +132,8 @@ class DevCluster:
         self.state_dir = self.config.state_dir.resolve()
         self.log_dir = self.state_dir / "logs"
         self._started: list[ManagedProcess] = []
-        self._stopping_extra: list[LocalRayHead | LocalRayVolunteer] = []
+        self.head: LocalRayHead | None = None
+        self.volunteers: list[LocalRayVolunteer] = []
 
     @property
     def state_path(self) -> Path:
@@ -183,28 +204,16 @@ class DevCluster:
             self._started.append(volunteer.process)
         manifests = [volunteer_manifest(v, owner=f"owner-{i + 1}") for i, v in enumerate(volunteers)]
         kubectl(kubeconfig, "apply", "-f", "-", input_text=yaml.safe_dump_all(manifests))
-        wait_until(
-            lambda: _alive_workers(head.dashboard_url) >= len(volunteers), 60, what="volunteers to join Ray"
-        )
-        say(
-            f"- {len(volunteers)} local volunteers joined, "
-            f"{self.config.gpus_per_volunteer} simulated GPUs each"
-        )
+        wait_until(lambda: _alive_workers(head.dashboard_url) >= len(volunteers), 60, what="volunteers to join Ray")
+        say(f"- {len(volunteers)} local volunteers joined, {self.config.gpus_per_volunteer} simulated GPUs each")
 
-        operator = ManagedProcess(
-            "operator",
-            [
-                _bin("koinon-operator"),
-                f"--kubeconfig={kubeconfig}",
-                f"--ray-dashboard={head.dashboard_url}",
-                f"--poll-interval={self.config.poll_interval_seconds}",
-            ],
-            self.log_dir / "operator.log",
-            env={**os.environ, "KUBECONFIG": str(kubeconfig)},
-        )
-        operator.start()
-        self._started.append(operator)
-        say("- koinon operator started")
+        if self.config.start_operator:
+            operator = operator_process(kubeconfig, head.dashboard_url, self.log_dir, self.config.poll_interval_seconds)
+            operator.start()
+            self._started.append(operator)
+            say("- koinon operator started")
+        self.head = head
+        self.volunteers = volunteers
         return DevClusterInfo(
             kubeconfig=kubeconfig,
             api_url=api_url,
@@ -213,6 +222,25 @@ class DevCluster:
             process_groups={p.name: p.pid for p in self._started},
             log_dir=self.log_dir,
         )
+
+    def add_volunteer(self, name: str, address: str, gpus: int, owner: str = "owner-extra") -> LocalRayVolunteer:
+        """Start one more local volunteer (and its VolunteerNode) on a running control plane."""
+        if self.head is None:
+            raise RuntimeError("the control plane was not started by this process")
+        volunteer = LocalRayVolunteer(name=name, address=address, head=self.head, log_dir=self.log_dir, gpus=gpus)
+        volunteer.start()
+        assert volunteer.process is not None
+        self._started.append(volunteer.process)
+        self.volunteers.append(volunteer)
+        info = self.info()
+        # Record it first, so `down` stops it even if joining fails below.
+        info.process_groups[volunteer.process.name] = volunteer.process.pid
+        self.state_path.write_text(info.to_json())
+        manifest = yaml.safe_dump(volunteer_manifest(volunteer, owner))
+        kubectl(info.kubeconfig, "apply", "-f", "-", input_text=manifest)
+        head, expected = self.head, len(self.volunteers)
+        wait_until(lambda: _alive_workers(head.dashboard_url) >= expected, 60, what=f"{name} to join Ray")
+        return volunteer
 
     def _stop_started(self) -> None:
         for process in reversed(self._started):

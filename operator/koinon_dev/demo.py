@@ -64,9 +64,7 @@ def run_demo(cluster: DevCluster, example: Path, timeout: float = 150.0) -> int:
 def _wait_for_finish(kubeconfig: Path, name: str, namespace: str, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        phase = kubectl(
-            kubeconfig, "get", "aij", name, "-n", namespace, "-o", "jsonpath={.status.phase}"
-        ).strip()
+        phase = kubectl(kubeconfig, "get", "aij", name, "-n", namespace, "-o", "jsonpath={.status.phase}").strip()
         if phase in TERMINAL_PHASES:
             return phase
         time.sleep(0.5)

@@ -153,9 +153,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def wait_until(
-    predicate: Callable[[], bool], timeout: float, interval: float = 0.2, what: str = "condition"
-) -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.2, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

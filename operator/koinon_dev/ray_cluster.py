@@ -32,6 +32,9 @@ def ray_executable() -> str:
 def ray_environment() -> dict[str, str]:
     env = dict(os.environ)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Job drivers run `python ...` from PATH: make that this environment's interpreter, which has
+    # the example workloads and Ray installed.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     # Keep Ray from importing its own (heavy) metrics exporters' defaults for a dev cluster.
     env.setdefault("RAY_DEDUP_LOGS", "0")
     return env
@@ -138,6 +141,12 @@ class LocalRayVolunteer:
     ports: NodePorts = field(default_factory=NodePorts.allocate)
     process: ManagedProcess | None = None
 
+    @property
+    def temp_dir(self) -> Path:
+        # Its own directory, as on a separate machine: nodes sharing one session directory race
+        # for the same socket names when they start together.
+        return Path(f"{self.head.temp_dir}-{self.name.rsplit('-', 1)[-1]}")
+
     def start(self) -> None:
         resources = {f"koinon-node-{self.name}": 1000}
         argv = [
@@ -147,7 +156,7 @@ class LocalRayVolunteer:
             f"--resources={json.dumps(resources)}",
             f"--labels=koinon.dev/node={self.name}",
             "--object-store-memory=300000000",
-            f"--temp-dir={self.head.temp_dir}", *self.ports.as_flags(),
+            f"--temp-dir={self.temp_dir}", *self.ports.as_flags(),
         ]  # fmt: skip
         self.process = ManagedProcess(
             f"volunteer-{self.name}", argv, self.log_dir / f"volunteer-{self.name}.log", ray_environment()

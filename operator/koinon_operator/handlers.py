@@ -68,9 +68,7 @@ async def reconcile_aijob(
     volunteer_nodes: kopf.Index[str, dict[str, Any]] = kwargs["volunteer_nodes"]
     if body.metadata.get("deletionTimestamp"):
         return
-    outcome = await memo.reconciler.reconcile(
-        body, _first_values(aijob_allocations), _first_values(volunteer_nodes)
-    )
+    outcome = await memo.reconciler.reconcile(body, _first_values(aijob_allocations), _first_values(volunteer_nodes))
     for field_name, value in outcome.status.items():
         patch.status[field_name] = value
     for event in outcome.events:

@@ -83,9 +83,7 @@ def rejection_reason(request: PlacementRequest, node: NodeCapacity) -> str | Non
         return "too few free CPUs"
     if node.reputation < request.min_reputation:
         return f"reputation below {request.min_reputation:g}"
-    if request.max_latency_ms is not None and (
-        node.latency_ms is None or node.latency_ms > request.max_latency_ms
-    ):
+    if request.max_latency_ms is not None and (node.latency_ms is None or node.latency_ms > request.max_latency_ms):
         return f"latency above {request.max_latency_ms} ms"
     if request.regions and node.region not in request.regions:
         return "region not allowed"

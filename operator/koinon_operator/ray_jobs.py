@@ -79,9 +79,7 @@ class RayJobsClient:
         if self._session is not None:
             await self._session.close()
 
-    async def _request(
-        self, method: str, path: str, payload: Mapping[str, Any] | None = None
-    ) -> tuple[int, Any]:
+    async def _request(self, method: str, path: str, payload: Mapping[str, Any] | None = None) -> tuple[int, Any]:
         session = await self._client()
         try:
             async with session.request(method, f"{self._base}{path}", json=payload) as reply:
@@ -134,7 +132,22 @@ class RayJobsClient:
             driver_exit_code=body.get("driver_exit_code"),
         )
 
-    async def logs(self, submission_id: str) -> str:
+    async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
+        """The job driver's output.
+
+        The driver runs on a volunteer, and its log file lives there; the job API on the head only
+        has the head's part, so with a known driver node the file is read through Ray's state API,
+        which fetches it from that node.
+        """
+        if driver_node_id:
+            path = f"/api/v0/logs/file?node_id={driver_node_id}&filename=job-driver-{submission_id}.log&lines={lines}"
+            session = await self._client()
+            try:
+                async with session.get(f"{self._base}{path}") as reply:
+                    if reply.status == 200:
+                        return await reply.text()
+            except (TimeoutError, aiohttp.ClientError, OSError) as error:
+                raise RayUnavailableError(f"cannot read driver log of {submission_id}: {error!r}") from error
         status, body = await self._request("GET", f"/api/jobs/{submission_id}/logs")
         if status == 404:
             return ""

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 RESULT_MARKER = "KOINON_RESULT "
 LOG_TAIL_LINES = 20
+LOG_SETTLE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -201,9 +202,7 @@ class AIJobReconciler:
             await self._advance(key, uid, spec, state, writer, outcome, recorded_allocations, volunteers)
         except RayUnavailableError as error:
             delay = self.backoff.failed(key, self.monotonic())
-            writer.condition(
-                ConditionType.RAY_REACHABLE, False, "RayUnavailable", f"{error}; retrying in {delay:.0f}s"
-            )
+            writer.condition(ConditionType.RAY_REACHABLE, False, "RayUnavailable", f"{error}; retrying in {delay:.0f}s")
             logger.warning("Ray unavailable while reconciling %s; retry in %.0fs: %s", key, delay, error)
             return outcome
         self.backoff.succeeded(key)
@@ -403,7 +402,11 @@ class AIJobReconciler:
             outcome.event("Running", f"attempt {state.attempts} started on {', '.join(state.assigned_nodes)}")
             return
         if info.state is RayJobState.SUCCEEDED:
-            logs = await self.ray.logs(info.submission_id)
+            logs = await self.ray.logs(info.submission_id, info.driver_node_id)
+            if RESULT_MARKER not in logs and not self._logs_settled(info):
+                # Ray flips to SUCCEEDED before the driver's log is fully flushed; look again on the
+                # next pass rather than record a truncated result.
+                return
             result = extract_result(logs)
             writer.set(result=result)
             if state.start_time is None:
@@ -414,12 +417,11 @@ class AIJobReconciler:
                 outcome,
                 Phase.SUCCEEDED,
                 "Completed",
-                f"attempt {state.attempts} succeeded"
-                + (f": {result['value'][:200]}" if "value" in result else ""),
+                f"attempt {state.attempts} succeeded" + (f": {result['value'][:200]}" if "value" in result else ""),
             )
             return
         if info.state in (RayJobState.FAILED, RayJobState.STOPPED):
-            logs = await self.ray.logs(info.submission_id)
+            logs = await self.ray.logs(info.submission_id, info.driver_node_id)
             await self._attempt_failed(
                 key,
                 spec,
@@ -443,9 +445,7 @@ class AIJobReconciler:
         tail: str,
     ) -> None:
         failures = state.failures + 1
-        detail = f"attempt {state.attempts} failed: {message}" + (
-            f"\n--- log tail ---\n{tail}" if tail else ""
-        )
+        detail = f"attempt {state.attempts} failed: {message}" + (f"\n--- log tail ---\n{tail}" if tail else "")
         writer.set(failures=failures, result={"logTail": tail[-4000:]} if tail else None)
         if failures > spec.backoff_limit:
             self._finish(
@@ -473,6 +473,11 @@ class AIJobReconciler:
         writer.condition(ConditionType.COMPLETE if succeeded else ConditionType.FAILED, True, reason, message)
         outcome.event(reason, message, warning=not succeeded)
 
+    def _logs_settled(self, info: RayJobInfo) -> bool:
+        if info.end_time_ms is None:
+            return True
+        return self.clock().timestamp() * 1000 - info.end_time_ms >= LOG_SETTLE_SECONDS * 1000
+
     @staticmethod
     def _ttl_expired(spec: AIJobSpec, state: AIJobStatus, now: datetime) -> bool:
         return (
@@ -485,9 +490,7 @@ class AIJobReconciler:
 class _StatusWriter:
     """Accumulates a status merge patch; keeps conditions as a whole list (merge patch replaces lists)."""
 
-    def __init__(
-        self, outcome: Outcome, current: Mapping[str, Any], generation: int | None, now: str
-    ) -> None:
+    def __init__(self, outcome: Outcome, current: Mapping[str, Any], generation: int | None, now: str) -> None:
         self._outcome = outcome
         self._current = current
         self._generation = generation

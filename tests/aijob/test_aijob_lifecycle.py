@@ -1,0 +1,106 @@
+"""AIJob end to end through the real pieces: kubectl → API emulator → kopf operator → Ray jobs."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.aijob.conftest import ControlPlane, aijob, python_entrypoint
+
+pytestmark = pytest.mark.slow
+
+PI_JOB = "python -m koinon_examples.monte_carlo_pi --tasks 4 --samples 50000"
+
+
+def _reasons(events: list[dict[str, object]]) -> list[str]:
+    return [str(e["reason"]) for e in events]
+
+
+def test_job_runs_to_success_with_status_conditions_and_events(
+    control_plane: ControlPlane, namespace: str, operator: object
+) -> None:
+    control_plane.apply(aijob("pi", namespace, PI_JOB, resources={"gpus": 1}))
+    done = control_plane.wait_phase("pi", namespace, "Succeeded")
+    status = done["status"]
+    assert status["attempts"] == 1
+    assert status["submissionId"] == f"koinon-{done['metadata']['uid']}-1"
+    assert status["assignedNodes"][0] in ("volunteer-1", "volunteer-2")
+    assert '"pi": 3.1' in status["result"].get("value", ""), status["result"]
+    assert status["result"]["digest"].startswith("sha256:")
+    assert re.fullmatch(r"[0-9a-f]{32}", status["traceId"])
+    assert status["observedGeneration"] == done["metadata"]["generation"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert conditions["Complete"]["status"] == "True"
+    assert conditions["Scheduled"]["status"] == "True"
+    assert status["startTime"] <= status["completionTime"]
+    reasons = _reasons(control_plane.events("pi", namespace))
+    for expected in ("Accepted", "Scheduled", "Submitted", "Completed"):
+        assert expected in reasons
+    # The driver ran on the assigned volunteer, not on the head (which has no CPUs).
+    ray_job = control_plane.ray_job(status["submissionId"])
+    assert ray_job["status"] == "SUCCEEDED"
+    assert ray_job["driver_node_id"] == status["rayNodeIds"][0]
+    table = control_plane.kubectl("get", "aij", "-n", namespace)
+    assert re.search(r"pi\s+Succeeded\s+1\s+1\s+1", table), table
+
+
+@pytest.mark.parametrize(
+    ("spec_change", "field_in_error"),
+    [
+        ({"replicas": "two"}, "spec.replicas"),
+        ({"entrypoint": None}, "spec.entrypoint"),
+        ({"resources": {"gpus": -1}}, "spec.resources.gpus"),
+        ({"colour": "blue"}, "colour"),
+        ({"verification": {"mode": "trust-me"}}, "spec.verification.mode"),
+    ],
+)
+def test_invalid_spec_is_rejected_by_the_api_naming_the_field(
+    control_plane: ControlPlane, namespace: str, spec_change: dict[str, object], field_in_error: str
+) -> None:
+    document = aijob("bad", namespace, "python -c pass")
+    document["spec"].update(spec_change)
+    document["spec"] = {k: v for k, v in document["spec"].items() if v is not None}
+    import yaml
+
+    result = control_plane.kubectl_result("apply", "-f", "-", input_text=yaml.safe_dump(document))
+    assert result.returncode != 0
+    assert field_in_error in result.stderr, result.stderr
+    missing = control_plane.kubectl_result("get", "aijob", "bad", "-n", namespace)
+    assert missing.returncode != 0 and "NotFound" in missing.stderr
+
+
+def test_unsatisfiable_job_waits_with_reason_and_runs_when_capacity_appears(
+    control_plane: ControlPlane, namespace: str, operator: object
+) -> None:
+    control_plane.apply(aijob("big", namespace, PI_JOB, resources={"gpus": 4}))
+    pending = control_plane.wait_for(
+        "big", namespace, lambda o: o.get("status", {}).get("reason") == "Unschedulable", timeout=60
+    )
+    assert pending["status"]["phase"] == "Pending"
+    assert "0/2 nodes are available: 2 too few free GPUs" in pending["status"]["message"]
+    scheduled = {c["type"]: c for c in pending["status"]["conditions"]}["Scheduled"]
+    assert scheduled["status"] == "False" and scheduled["reason"] == "Unschedulable"
+    assert "Unschedulable" in _reasons(control_plane.events("big", namespace))
+
+    control_plane.cluster.add_volunteer("volunteer-big", "127.0.20.9", gpus=4)
+    done = control_plane.wait_phase("big", namespace, "Succeeded", timeout=120)
+    assert done["status"]["assignedNodes"] == ["volunteer-big"]
+
+
+def test_failing_job_is_retried_up_to_backoff_limit_then_failed_with_log_tail(
+    control_plane: ControlPlane, namespace: str, operator: object
+) -> None:
+    failing = python_entrypoint("import sys; print('model exploded: marker-7731'); sys.exit(3)")
+    control_plane.apply(aijob("boom", namespace, failing, resources={"gpus": 1}, backoffLimit=1))
+    failed = control_plane.wait_phase("boom", namespace, "Failed", timeout=120)
+    status = failed["status"]
+    assert status["attempts"] == 2
+    assert status["failures"] == 2
+    assert status["reason"] == "BackoffLimitExceeded"
+    assert "marker-7731" in status["message"]
+    uid = failed["metadata"]["uid"]
+    submissions = sorted(j["submission_id"] for j in control_plane.ray_jobs() if uid in (j["submission_id"] or ""))
+    assert submissions == [f"koinon-{uid}-1", f"koinon-{uid}-2"]
+    reasons = _reasons(control_plane.events("boom", namespace))
+    assert reasons.count("RayJobFailed") == 1 and "BackoffLimitExceeded" in reasons
