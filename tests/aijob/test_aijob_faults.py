@@ -1,0 +1,179 @@
+"""Faults around an AIJob: operator crash, Ray outage, deletion, suspend, deadline and TTL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from urllib.parse import urlparse
+
+import pytest
+from koinon_operator.ray_jobs import RayJobsClient, Submission
+
+from tests.aijob.conftest import ControlPlane, aijob, python_entrypoint
+from tests.aijob.tcp_forwarder import TcpForwarder
+
+pytestmark = pytest.mark.slow
+
+
+def sleeper(seconds: float, later_attempts: float | None = None) -> str:
+    later = seconds if later_attempts is None else later_attempts
+    return python_entrypoint(
+        "import os, time; attempt = os.environ['KOINON_ATTEMPT']; print('attempt', attempt, flush=True); "
+        f"time.sleep({seconds} if attempt == '1' else {later}); print('KOINON_RESULT slept')"
+    )
+
+
+def _submissions_of(control_plane: ControlPlane, uid: str) -> list[str]:
+    return sorted(j["submission_id"] for j in control_plane.ray_jobs() if uid in (j.get("submission_id") or ""))
+
+
+def _reasons(control_plane: ControlPlane, name: str, namespace: str) -> list[str]:
+    return [str(e["reason"]) for e in control_plane.events(name, namespace)]
+
+
+def test_operator_killed_while_job_runs_adopts_it_on_restart(control_plane: ControlPlane, namespace: str) -> None:
+    first = control_plane.start_operator(namespace, name="first")
+    try:
+        control_plane.apply(aijob("long", namespace, sleeper(8), resources={"gpus": 1}))
+        control_plane.wait_phase("long", namespace, "Running", timeout=60)
+    finally:
+        first.stop(grace_seconds=0)  # SIGTERM then immediately SIGKILL of the whole group
+    second = control_plane.start_operator(namespace, name="second")
+    try:
+        done = control_plane.wait_phase("long", namespace, "Succeeded", timeout=90)
+    finally:
+        second.stop(grace_seconds=5)
+    uid = done["metadata"]["uid"]
+    assert done["status"]["attempts"] == 1
+    assert _submissions_of(control_plane, uid) == [f"koinon-{uid}-1"]
+    assert _reasons(control_plane, "long", namespace).count("Submitted") == 1
+
+
+def test_crash_between_submit_and_status_write_is_adopted_not_resubmitted(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    # The operator's state after placing the job; then Ray received the submission but the
+    # operator died before recording it.
+    control_plane.apply(aijob("adopt", namespace, sleeper(1), resources={"gpus": 1}))
+    uid = control_plane.get("adopt", namespace)["metadata"]["uid"]
+    submission_id = f"koinon-{uid}-1"
+    status = {
+        "phase": "Scheduled", "attempts": 1, "failures": 0, "submissionId": submission_id,
+        "assignedNodes": ["volunteer-1"], "scheduling": {"addresses": ["127.0.20.1"], "decision": "Placed"},
+    }  # fmt: skip
+    control_plane.kubectl(
+        "patch", "aijob", "adopt", "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": status}),
+    )  # fmt: skip
+
+    async def submit_directly() -> None:
+        ray = RayJobsClient(control_plane.info.ray_dashboard_url)
+        try:
+            assert await ray.submit(
+                Submission(submission_id, sleeper(1), {"env_vars": {"KOINON_ATTEMPT": "1"}},
+                           {"node:127.0.20.1": 0.001}, {})
+            )  # fmt: skip
+        finally:
+            await ray.close()
+
+    asyncio.run(submit_directly())
+    operator = control_plane.start_operator(namespace)
+    try:
+        done = control_plane.wait_phase("adopt", namespace, "Succeeded", timeout=90)
+    finally:
+        operator.stop(grace_seconds=5)
+    assert done["status"]["attempts"] == 1
+    assert _submissions_of(control_plane, uid) == [submission_id]
+    assert "Submitted" not in _reasons(control_plane, "adopt", namespace)  # it found the job, never resubmitted
+
+
+def test_ray_dashboard_outage_backs_off_without_phase_flapping(control_plane: ControlPlane, namespace: str) -> None:
+    dashboard = urlparse(control_plane.info.ray_dashboard_url)
+    assert dashboard.hostname is not None and dashboard.port is not None
+    forwarder = TcpForwarder(dashboard.hostname, dashboard.port)
+    forwarder.start()
+    operator = control_plane.start_operator(namespace, dashboard_url=forwarder.url)
+    try:
+        control_plane.apply(aijob("steady", namespace, sleeper(10), resources={"gpus": 1}))
+        control_plane.wait_phase("steady", namespace, "Running", timeout=60)
+        forwarder.cut()
+        phases: set[str] = set()
+        saw_unreachable = False
+        deadline = time.monotonic() + 7
+        while time.monotonic() < deadline:
+            status = control_plane.get("steady", namespace)["status"]
+            phases.add(status["phase"])
+            conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
+            saw_unreachable |= conditions.get("RayReachable") == "False"
+            time.sleep(0.3)
+        assert phases == {"Running"}
+        assert saw_unreachable
+        forwarder.restore()
+        done = control_plane.wait_phase("steady", namespace, "Succeeded", timeout=90)
+    finally:
+        operator.stop(grace_seconds=5)
+        forwarder.cut()
+    assert done["status"]["attempts"] == 1
+    assert {c["type"]: c["status"] for c in done["status"]["conditions"]}["RayReachable"] == "True"
+
+
+def test_deleting_a_running_job_stops_its_ray_job_first(
+    control_plane: ControlPlane, namespace: str, operator: object
+) -> None:
+    control_plane.apply(aijob("doomed", namespace, sleeper(120), resources={"gpus": 1}))
+    running = control_plane.wait_phase("doomed", namespace, "Running", timeout=60)
+    submission_id = running["status"]["submissionId"]
+    control_plane.kubectl("delete", "aijob", "doomed", "-n", namespace, "--timeout=60s")
+    assert control_plane.kubectl_result("get", "aijob", "doomed", "-n", namespace).returncode != 0
+    deadline = time.monotonic() + 30
+    while control_plane.ray_job(submission_id)["status"] != "STOPPED" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert control_plane.ray_job(submission_id)["status"] == "STOPPED"
+
+
+def test_suspend_stops_the_attempt_and_resume_starts_a_new_one(
+    control_plane: ControlPlane, namespace: str, operator: object
+) -> None:
+    control_plane.apply(aijob("pausable", namespace, sleeper(120, later_attempts=1), resources={"gpus": 1}))
+    running = control_plane.wait_phase("pausable", namespace, "Running", timeout=60)
+    first_submission = running["status"]["submissionId"]
+    patch = ["patch", "aijob", "pausable", "-n", namespace, "--type=merge", "-p"]
+    control_plane.kubectl(*patch, json.dumps({"spec": {"suspend": True}}))
+    suspended = control_plane.wait_phase("pausable", namespace, "Suspended", timeout=30)
+    assert suspended["status"]["assignedNodes"] == []
+    deadline = time.monotonic() + 30
+    while control_plane.ray_job(first_submission)["status"] != "STOPPED" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert control_plane.ray_job(first_submission)["status"] == "STOPPED"
+    control_plane.kubectl(*patch, json.dumps({"spec": {"suspend": False}}))
+    done = control_plane.wait_phase("pausable", namespace, "Succeeded", timeout=90)
+    assert done["status"]["attempts"] == 2
+    assert done["status"]["failures"] == 0  # suspension is not a failure
+    reasons = _reasons(control_plane, "pausable", namespace)
+    assert "Suspended" in reasons and "Resumed" in reasons
+
+
+def test_active_deadline_fails_and_stops_the_job(control_plane: ControlPlane, namespace: str, operator: object) -> None:
+    control_plane.apply(
+        aijob("slow", namespace, sleeper(120), resources={"gpus": 1}, activeDeadlineSeconds=3, backoffLimit=3)
+    )
+    failed = control_plane.wait_phase("slow", namespace, "Failed", timeout=60)
+    assert failed["status"]["reason"] == "DeadlineExceeded"
+    assert failed["status"]["attempts"] == 1
+    deadline = time.monotonic() + 30
+    submission_id = failed["status"]["submissionId"]
+    while control_plane.ray_job(submission_id)["status"] != "STOPPED" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert control_plane.ray_job(submission_id)["status"] == "STOPPED"
+
+
+def test_finished_job_is_deleted_after_its_ttl(control_plane: ControlPlane, namespace: str, operator: object) -> None:
+    control_plane.apply(aijob("brief", namespace, sleeper(0), resources={"gpus": 0}, ttlSecondsAfterFinished=2))
+    control_plane.wait_phase("brief", namespace, "Succeeded", timeout=60)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if control_plane.kubectl_result("get", "aijob", "brief", "-n", namespace).returncode != 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError("AIJob still exists 30s after ttlSecondsAfterFinished=2")
