@@ -85,7 +85,9 @@ def _number(raw: Mapping[str, Any], key: str, path: str, default: float, low: fl
 
 
 def _mapping(raw: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
-    value = raw.get(key) or {}
+    value = raw.get(key)
+    if value is None:
+        return {}
     if not isinstance(value, Mapping):
         raise SpecError(f"{path}.{key}", f"must be an object, got {type(value).__name__}")
     return value

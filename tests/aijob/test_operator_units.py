@@ -1,0 +1,145 @@
+"""Pure parts of the operator: spec parsing, conditions, placement, capacity, results, backoff."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from koinon_operator.api.aijob import AIJobStatus, SpecError, parse_spec
+from koinon_operator.api.conditions import set_condition
+from koinon_operator.api.constants import Phase
+from koinon_operator.inventory import Allocation, build_capacity
+from koinon_operator.placement import FirstFitPlacer, NodeCapacity, PlacementRequest
+from koinon_operator.ray_jobs import RayNodeInfo
+from koinon_operator.reconciler import (
+    Ledger,
+    RayBackoff,
+    allocation_of,
+    extract_result,
+    submission_id_for,
+    trace_id_for,
+)
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({}, "spec.entrypoint"),
+        ({"entrypoint": "  "}, "spec.entrypoint"),
+        ({"entrypoint": "x", "replicas": 0}, "spec.replicas"),
+        ({"entrypoint": "x", "replicas": True}, "spec.replicas"),
+        ({"entrypoint": "x", "resources": {"gpus": -2}}, "spec.resources.gpus"),
+        ({"entrypoint": "x", "resources": {"cpus": "many"}}, "spec.resources.cpus"),
+        ({"entrypoint": "x", "constraints": {"minReputation": 1.5}}, "spec.constraints.minReputation"),
+        ({"entrypoint": "x", "constraints": {"regions": [""]}}, "spec.constraints.regions"),
+        ({"entrypoint": "x", "verification": {"mode": "vibes"}}, "spec.verification.mode"),
+        ({"entrypoint": "x", "suspend": "yes"}, "spec.suspend"),
+        ({"entrypoint": "x", "runtimeEnv": []}, "spec.runtimeEnv"),
+    ],
+)
+def test_parse_spec_names_the_bad_field(spec: dict[str, object], field: str) -> None:
+    with pytest.raises(SpecError) as raised:
+        parse_spec(spec)
+    assert raised.value.field_path == field
+
+
+def test_parse_spec_defaults_match_the_crd() -> None:
+    spec = parse_spec({"entrypoint": "python x.py"})
+    assert (spec.replicas, spec.resources.gpus, spec.resources.cpus, spec.backoff_limit) == (1, 1, 1.0, 2)
+    assert spec.verification.mode == "none" and not spec.suspend
+
+
+def test_condition_transition_time_moves_only_when_status_changes() -> None:
+    first = set_condition([], type_="Ready", status=True, reason="A", message="m", now="t1")
+    same = set_condition(first, type_="Ready", status=True, reason="B", message="m2", now="t2")
+    flipped = set_condition(same, type_="Ready", status=False, reason="C", message="m3", now="t3")
+    assert same[0]["lastTransitionTime"] == "t1" and same[0]["reason"] == "B"
+    assert flipped[0]["lastTransitionTime"] == "t3" and flipped[0]["status"] == "False"
+    assert len(flipped) == 1
+
+
+def _node(name: str, gpus: int, owner: str = "", **extra: object) -> NodeCapacity:
+    return NodeCapacity(name=name, address=f"127.0.0.{len(name)}", ray_node_id=name, gpus_total=gpus,
+                        gpus_free=gpus, cpus_free=4, owner=owner or name, **extra)  # type: ignore[arg-type]  # fmt: skip
+
+
+def test_first_fit_counts_reasons_per_node() -> None:
+    nodes = [_node("a", 1), _node("b", 2, cordoned=True), _node("c", 0), _node("d", 4, ready=False)]
+    decision = FirstFitPlacer().place(PlacementRequest("ns/j", 1, 2, 1.0), nodes)
+    assert not decision.placed
+    assert decision.reasons == {"too few free GPUs": 2, "cordoned": 1, "not Ready": 1}
+    assert decision.message == "0/4 nodes are available: 1 cordoned, 1 not Ready, 2 too few free GPUs"
+
+
+def test_first_fit_replicas_need_distinct_owners_when_verified() -> None:
+    nodes = [_node("a", 2, owner="alice"), _node("b", 2, owner="alice"), _node("c", 2, owner="carol")]
+    verified = FirstFitPlacer().place(PlacementRequest("ns/j", 2, 1, 1.0, distinct_owners=True), nodes)
+    assert [n.name for n in verified.nodes] == ["a", "c"]
+    too_many = FirstFitPlacer().place(PlacementRequest("ns/j", 3, 1, 1.0, distinct_owners=True), nodes)
+    assert not too_many.placed
+
+
+@given(
+    gpus=st.lists(st.integers(0, 8), min_size=1, max_size=6),
+    held=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 3)), max_size=6),
+)
+def test_capacity_subtracts_exactly_what_jobs_hold(gpus: list[int], held: list[tuple[int, int]]) -> None:
+    ray_nodes = [
+        RayNodeInfo(f"id{i}", f"127.0.20.{i}", True, False, {"GPU": g, "CPU": 4}, {"koinon.dev/node": f"n{i}"})
+        for i, g in enumerate(gpus)
+    ]
+    head = RayNodeInfo("head", "127.0.10.1", True, True, {"CPU": 0}, {})
+    allocations = [Allocation((f"n{i % len(gpus)}",), g, 0.5) for i, g in held]
+    capacity = {c.name: c for c in build_capacity([head, *ray_nodes], {}, allocations)}
+    assert set(capacity) == {f"n{i}" for i in range(len(gpus))}  # the head is never a target
+    for i, total in enumerate(gpus):
+        used = sum(a.gpus_per_replica for a in allocations if a.nodes == (f"n{i}",))
+        assert capacity[f"n{i}"].gpus_free == total - used
+
+
+def test_ledger_local_decisions_override_recorded_ones() -> None:
+    ledger = Ledger()
+    recorded = {"ns/a": Allocation(("n1",), 1, 1.0), "ns/b": Allocation(("n2",), 1, 1.0)}
+    ledger.reserve("ns/c", Allocation(("n1",), 2, 1.0))
+    ledger.release("ns/b")
+    held = ledger.current(recorded)
+    assert Allocation(("n1",), 2, 1.0) in held and Allocation(("n1",), 1, 1.0) in held
+    assert all(a.nodes != ("n2",) for a in held)
+
+
+def test_allocation_comes_only_from_phases_that_hold_nodes() -> None:
+    body = {"spec": {"resources": {"gpus": 2, "cpus": 1}}, "status": {"phase": "Running", "assignedNodes": ["x"]}}
+    assert allocation_of(body) == Allocation(("x",), 2, 1.0)
+    for phase in ("Pending", "Succeeded", "Failed", "Suspended"):
+        assert allocation_of({**body, "status": {"phase": phase, "assignedNodes": ["x"]}}) is None
+
+
+def test_ids_are_deterministic_per_object_and_attempt() -> None:
+    uid = "8f6e8530-892f-46a5-a4e3-ba60e32a06d0"
+    assert submission_id_for(uid, 2) == submission_id_for(uid, 2) != submission_id_for(uid, 3)
+    assert trace_id_for(uid) == "8f6e8530892f46a5a4e3ba60e32a06d0"
+
+
+def test_declared_result_digest_ignores_log_noise() -> None:
+    one = extract_result('12:00 INFO start\nKOINON_RESULT {"pi": 3.14}\n')
+    two = extract_result('13:07 INFO other noise\nKOINON_RESULT {"pi": 3.14}\n')
+    assert one["digest"] == two["digest"] and one["value"] == '{"pi": 3.14}'
+    assert extract_result("no marker")["digest"] != one["digest"]
+
+
+def test_ray_backoff_grows_and_resets() -> None:
+    backoff = RayBackoff(base_seconds=1, max_seconds=8)
+    delays = [backoff.failed("k", 0.0) for _ in range(5)]
+    assert delays == [1, 2, 4, 8, 8]
+    assert not backoff.ready("k", 7.9) and backoff.ready("k", 8.0)
+    backoff.succeeded("k")
+    assert backoff.ready("k", 0.0)
+
+
+def test_status_view_tolerates_unknown_phase() -> None:
+    view = AIJobStatus.from_status({"phase": "Exploded", "attempts": 2, "completionTime": "2026-01-01T00:00:00Z"})
+    assert view.phase is None and view.attempts == 2
+    assert view.completion_time == datetime(2026, 1, 1, tzinfo=UTC)
+    assert Phase.RUNNING.holds_nodes and not Phase.SUCCEEDED.holds_nodes
