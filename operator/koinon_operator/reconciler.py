@@ -164,6 +164,20 @@ class AIJobReconciler:
         recorded_allocations: Mapping[str, Allocation],
         volunteers: Mapping[str, Mapping[str, Any]],
     ) -> Outcome:
+        outcome = await self._reconcile(body, recorded_allocations, volunteers)
+        current = body.get("status") or {}
+        if current.get("phase"):
+            # Every pass has looked at the latest spec, even one that changes nothing else.
+            outcome.status.setdefault("observedGeneration", (body.get("metadata") or {}).get("generation"))
+        outcome.status = changed_fields(current, outcome.status)
+        return outcome
+
+    async def _reconcile(
+        self,
+        body: Mapping[str, Any],
+        recorded_allocations: Mapping[str, Allocation],
+        volunteers: Mapping[str, Mapping[str, Any]],
+    ) -> Outcome:
         meta = body.get("metadata") or {}
         key = f"{meta.get('namespace')}/{meta.get('name')}"
         uid = str(meta.get("uid") or "")
@@ -522,6 +536,12 @@ class _StatusWriter:
     def previous_message(self) -> str | None:
         value = self._current.get("message")
         return str(value) if value is not None else None
+
+
+def changed_fields(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of ``wanted`` that differs from ``current``: a pass that changes nothing writes
+    nothing (with hundreds of waiting jobs, rewriting identical status would flood the API)."""
+    return {key: value for key, value in wanted.items() if current.get(key) != value}
 
 
 def allocation_of(body: Mapping[str, Any]) -> Allocation | None:

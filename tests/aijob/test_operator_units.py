@@ -143,3 +143,12 @@ def test_status_view_tolerates_unknown_phase() -> None:
     assert view.phase is None and view.attempts == 2
     assert view.completion_time == datetime(2026, 1, 1, tzinfo=UTC)
     assert Phase.RUNNING.holds_nodes and not Phase.SUCCEEDED.holds_nodes
+
+
+def test_unchanged_status_is_not_rewritten() -> None:
+    from koinon_operator.reconciler import changed_fields
+
+    current = {"phase": "Pending", "message": "0/2 nodes", "observedGeneration": 1}
+    assert changed_fields(current, {"phase": "Pending", "message": "0/2 nodes", "observedGeneration": 1}) == {}
+    assert changed_fields(current, {"phase": "Pending", "observedGeneration": 2}) == {"observedGeneration": 2}
+    assert changed_fields(current, {"phase": "Scheduled", "observedGeneration": 1}) == {"phase": "Scheduled"}

@@ -1,0 +1,148 @@
+"""Apply N AIJobs at once to the local control plane and measure how fast the operator decides.
+
+Measured (real emulator, real kopf operator process, real Ray head and volunteers):
+- seconds_to_all_decided: from the start of ``kubectl apply`` until every AIJob is Scheduled (or
+  further) or Pending with a reason;
+- first_status_p50_ms / p99: per job, from the watch event that shows its creation to the first
+  watch event that carries a status phase written by the operator;
+- operator_peak_rss_mb: peak resident memory of the operator process, sampled every 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import yaml
+from koinon_dev.cluster import DevCluster, DevClusterConfig, kubectl
+
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "admission.json"
+
+
+def job_documents(count: int, namespace: str) -> str:
+    docs = [
+        {
+            "apiVersion": "koinon.dev/v1alpha1",
+            "kind": "AIJob",
+            "metadata": {"name": f"bench-{i:04d}", "namespace": namespace},
+            "spec": {"entrypoint": "python -c pass", "resources": {"gpus": 1, "cpus": 0.1}},
+        }
+        for i in range(count)
+    ]
+    return yaml.safe_dump_all(docs)
+
+
+def decided(status: dict[str, Any]) -> bool:
+    phase = status.get("phase")
+    return phase not in (None, "Pending") or (phase == "Pending" and bool(status.get("reason")))
+
+
+async def watch_jobs(api_url: str, namespace: str, count: int, created: dict[str, float],
+                     first_status: dict[str, float], all_decided: asyncio.Event) -> None:  # fmt: skip
+    url = f"{api_url}/apis/koinon.dev/v1alpha1/namespaces/{namespace}/aijobs?watch=true"
+    decided_names: set[str] = set()
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as reply:
+        async for line in reply.content:
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            obj = event.get("object", {})
+            name = obj.get("metadata", {}).get("name")
+            if not name:
+                continue
+            now = time.perf_counter()
+            created.setdefault(name, now)
+            status = obj.get("status") or {}
+            if status.get("phase") and name not in first_status:
+                first_status[name] = now
+            if decided(status):
+                decided_names.add(name)
+            if len(decided_names) >= count:
+                all_decided.set()
+                return
+
+
+def sample_rss(pid: int, stop: threading.Event, peak: list[float]) -> None:
+    process = psutil.Process(pid)
+    while not stop.is_set():
+        try:
+            peak[0] = max(peak[0], process.memory_info().rss / 2**20)
+        except psutil.Error:
+            return
+        time.sleep(0.05)
+
+
+async def run(count: int, timeout: float) -> dict[str, Any]:
+    state_dir = Path(tempfile.mkdtemp(prefix="koinon-bench-admission-"))
+    cluster = DevCluster(DevClusterConfig(state_dir=state_dir, poll_interval_seconds=2.0))
+    info = cluster.up(progress=False)
+    try:
+        namespace = "bench"
+        namespace_doc = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}}
+        kubectl(info.kubeconfig, "apply", "-f", "-", input_text=yaml.safe_dump(namespace_doc))
+        operator_pid = info.process_groups["operator"]
+        await asyncio.sleep(3)  # the operator has started watching
+        peak = [psutil.Process(operator_pid).memory_info().rss / 2**20]
+        idle_rss = peak[0]
+        stop = threading.Event()
+        threading.Thread(target=sample_rss, args=(operator_pid, stop, peak), daemon=True).start()
+        created: dict[str, float] = {}
+        first_status: dict[str, float] = {}
+        all_decided = asyncio.Event()
+        watcher = asyncio.create_task(watch_jobs(info.api_url, namespace, count, created, first_status, all_decided))
+        await asyncio.sleep(0.2)
+        started = time.perf_counter()
+        documents = job_documents(count, namespace)
+        await asyncio.to_thread(kubectl, info.kubeconfig, "apply", "-f", "-", input_text=documents, timeout=600)
+        applied = time.perf_counter() - started
+        await asyncio.wait_for(all_decided.wait(), timeout)
+        elapsed = time.perf_counter() - started
+        stop.set()
+        watcher.cancel()
+        latencies = sorted((first_status[n] - created[n]) * 1000 for n in first_status if n in created)
+        listed = json.loads(kubectl(info.kubeconfig, "get", "aij", "-n", namespace, "-o", "json", timeout=120))
+        phases: dict[str, int] = {}
+        for item in listed["items"]:
+            phase = item.get("status", {}).get("phase", "none")
+            phases[phase] = phases.get(phase, 0) + 1
+        return {
+            "jobs": count,
+            "seconds_to_all_decided": round(elapsed, 2),
+            "operator_peak_rss_mb": round(peak[0], 1),
+            "operator_idle_rss_mb": round(idle_rss, 1),
+            "first_status_p50_ms": round(statistics.median(latencies), 1),
+            "first_status_p99_ms": round(latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))], 1),
+            "kubectl_apply_seconds": round(applied, 2),
+            "phases_at_end": phases,
+            "volunteer_gpus": 4,
+            "note": "first-status latency runs from the watch event of the create to the first event with "
+            "a phase; kubectl apply creates the jobs one by one, so early jobs are decided while later "
+            "ones are still being created",
+        }
+    finally:
+        cluster.down()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, default=500)
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args()
+    result = asyncio.run(run(args.jobs, args.timeout))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Tunable weights and thresholds of the scheduler core, with documented defaults.
+
+Every number here is a policy choice; the defaults cite where they come from (BOINC, Petals, Jøsang)
+or why they were picked. All dataclasses are frozen so a config can be shared and hashed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class ReputationConfig:
+    """Beta-reputation evidence weights (Jøsang: score = (r + a) / (r + s + a + b))."""
+
+    prior_alpha: float = 1.0
+    """Pseudo-successes of a node that has no evidence yet (uniform prior, Jøsang's +1)."""
+    prior_beta: float = 1.0
+    """Pseudo-failures of a node that has no evidence yet."""
+    success_weight: float = 1.0
+    """Positive evidence of one finished, unverified result."""
+    agreement_weight: float = 1.0
+    """Extra positive evidence when a result matched the accepted quorum digest."""
+    failure_weight: float = 1.0
+    """Negative evidence of an execution that crashed on the node."""
+    timeout_weight: float = 1.0
+    """Negative evidence of an execution lost because the node vanished (heartbeats stopped)."""
+    disagreement_weight: float = 10.0
+    """Negative evidence of a result that contradicted the accepted digest: a lie or a silent
+    corruption is far worse than a crash, because a crash is visible and a wrong answer is not."""
+    half_life_s: float = 7 * 24 * 3600.0
+    """Evidence halves every week, so old behaviour fades and the score drifts back to the prior."""
+    confidence_z: float = 1.645
+    """z of the one-sided 95 % Wilson lower bound used for placement and for `minReputation`."""
+    owner_disagreement_pooling: float = 1.0
+    """Share of a sibling node's disagreements (same owner) charged to every node of that owner:
+    lying is an owner's decision, so one caught node taints the whole fleet (Sybil resistance)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyConfig:
+    """Smoothed RTT as in Petals: exponential smoothing, expiry when no fresh sample arrives."""
+
+    alpha: float = 0.2
+    """Weight of a new RTT sample (Petals uses 0.2)."""
+    stale_after_s: float = 300.0
+    """An RTT older than this is unknown again (Petals expires after 300 s)."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationConfig:
+    """Adaptive replication (BOINC-style) for jobs with `verification.mode: replicated`."""
+
+    trust_after_valid: int = 10
+    """Consecutive validated results after which a node may skip replication (BOINC: 10)."""
+    max_skip_probability: float = 0.9
+    """Cap on the skip probability 1 - 1/n: at least one result in ten of a trusted node is still
+    spot-checked, so a node that turns bad after a long clean record is caught within ~10 results."""
+    owner_disagreement_tolerance: float = 0.5
+    """A node is never trusted while its owner's (decayed) disagreement count exceeds this."""
+    max_copies: int = 7
+    """Copies of one job after which the scheduler gives up finding a majority."""
+
+
+@dataclass(frozen=True, slots=True)
+class ScoringConfig:
+    """Weights of the Koinon placement score (higher is better)."""
+
+    reputation_weight: float = 1.0
+    """Weight of the Wilson lower bound of the node's (owner-adjusted) reputation, in [0, 1]."""
+    latency_weight: float = 0.5
+    """Penalty per `latency_scale_ms` of smoothed RTT (Petals routes by RTT too)."""
+    latency_scale_ms: float = 300.0
+    """RTT that costs `latency_weight` points; 300 ms is the slowest volunteer we expect."""
+    unknown_latency_ms: float = 300.0
+    """RTT assumed for a node whose RTT is unknown or stale: as bad as the worst expected."""
+    load_weight: float = 0.2
+    """Penalty for the share of a node's GPUs already busy, to spread load."""
+    packing_weight: float = 0.2
+    """Penalty per 8 GPUs a placement would leave free on the node: a 1-GPU job goes to a 1-GPU
+    node before it splits an idle 8-GPU node that an 8-GPU job could use (best fit)."""
+    uptime_weight: float = 0.3
+    """Weight of the node's heartbeat uptime estimate in [0, 1]."""
+    quarantine_below: float = 0.25
+    """Koinon places nothing on a node whose (owner-adjusted) beta mean is below this. A fresh node
+    scores 0.5; one disagreement before ~3 good results (or two before ~8) drops a node below it, so a
+    caught liar stops receiving work until its evidence decays (half-life) back toward the prior."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Everything the pure scheduling function needs besides its inputs."""
+
+    reputation: ReputationConfig = field(default_factory=ReputationConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    verification: VerificationConfig = field(default_factory=VerificationConfig)
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+
+
+DEFAULT_CONFIG = SchedulerConfig()

@@ -1,0 +1,298 @@
+"""Columnar view of the node snapshots for one scheduling call.
+
+Built once per call (O(nodes)); every job then filters and scores the whole fleet with a few numpy
+operations instead of a Python loop over 10,000 nodes. Nodes are ordered by name, so the result
+does not depend on the order the snapshots came in. Capacity columns are copies that the call
+consumes as it places jobs; the snapshots themselves are never changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from .config import SchedulerConfig
+from .types import JobRequest, NodeSnapshot
+
+BoolArray = npt.NDArray[np.bool_]
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(slots=True)
+class NodeIndex:
+    names: list[str]
+    position: dict[str, int]
+    owners: list[str]
+    owner_code: IntArray
+    owner_position: dict[str, int]
+    region_position: dict[str, int]
+    region_code: IntArray
+    usable: BoolArray
+    ready: BoolArray
+    cordoned: BoolArray
+    total_gpus: IntArray
+    free_gpus: IntArray
+    cpus_free: FloatArray
+    min_gpu_mem: IntArray
+    max_gpu_mem: IntArray
+    mixed: list[int]
+    """Positions of nodes whose GPUs differ in memory (need a per-GPU count)."""
+    gpu_mems: list[tuple[int, ...]]
+    rtt_ms: FloatArray
+    """Smoothed RTT, NaN when unknown or stale."""
+    lower_bound: FloatArray
+    """Owner-adjusted Wilson lower bound of the reputation."""
+    mean_score: FloatArray
+    uptime: FloatArray
+    consecutive_valid: IntArray
+    owner_disagreements: FloatArray
+    running: IntArray
+    static_score: FloatArray
+    score: FloatArray
+    """Koinon score including the load term; updated as the call places jobs."""
+    load_weight: float
+    packing_weight: float
+    _fit_cache: dict[int, IntArray]
+
+    @property
+    def size(self) -> int:
+        return len(self.names)
+
+    def fit_count(self, memory_mib: int) -> IntArray:
+        """Per node: how many of its GPUs have at least `memory_mib` MiB."""
+        cached = self._fit_cache.get(memory_mib)
+        if cached is not None:
+            return cached
+        fit = np.where(self.min_gpu_mem >= memory_mib, self.total_gpus, 0)
+        for i in self.mixed:
+            fit[i] = sum(1 for m in self.gpu_mems[i] if m >= memory_mib)
+        fit = np.where(self.max_gpu_mem < memory_mib, 0, fit)
+        self._fit_cache[memory_mib] = fit
+        return fit
+
+    def available_fitting(self, memory_mib: int) -> IntArray:
+        """GPUs with enough memory that are surely free: assumes the busy GPUs are fitting ones, so
+        a heterogeneous node is never over-committed."""
+        return self.fit_count(memory_mib) - (self.total_gpus - self.free_gpus)
+
+    def consume(self, i: int, gpus: int, cpus: float) -> None:
+        self.free_gpus[i] -= gpus
+        self.cpus_free[i] -= cpus
+        self.running[i] += 1
+        busy = (self.total_gpus[i] - self.free_gpus[i]) / max(int(self.total_gpus[i]), 1)
+        self.score[i] = self.static_score[i] - self.load_weight * busy
+
+    def excluded_mask(self, job: JobRequest) -> BoolArray | None:
+        if not job.excluded_nodes and not job.excluded_owners:
+            return None
+        mask = np.zeros(self.size, dtype=bool)
+        for name in job.excluded_nodes:
+            pos = self.position.get(name)
+            if pos is not None:
+                mask[pos] = True
+        for owner in job.excluded_owners:
+            code = self.owner_position.get(owner)
+            if code is not None:
+                mask |= self.owner_code == code
+        return mask
+
+
+def _wilson(r: FloatArray, s: FloatArray, a: float, b: float, z: float) -> FloatArray:
+    n = r + s + a + b
+    p = (r + a) / n
+    z2 = z * z
+    centre = p + z2 / (2 * n)
+    spread = z * np.sqrt(np.maximum(p * (1 - p) / n + z2 / (4 * n * n), 0.0))
+    out: FloatArray = np.clip((centre - spread) / (1 + z2 / n), 0.0, 1.0)
+    return out
+
+
+def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig) -> NodeIndex:
+    ordered = sorted(nodes, key=lambda n: n.name)
+    names = [n.name for n in ordered]
+    position = {name: i for i, name in enumerate(names)}
+    if len(position) != len(names):
+        seen: set[str] = set()
+        dup = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
+        raise ValueError(f"node snapshots must have unique names; {dup!r} appears twice")
+    count = len(ordered)
+    owners = [n.owner for n in ordered]
+    owner_position: dict[str, int] = {}
+    owner_code = np.fromiter((owner_position.setdefault(o, len(owner_position)) for o in owners), np.int64, count)
+    region_position: dict[str, int] = {}
+    region_code = np.fromiter(
+        (region_position.setdefault(n.region, len(region_position)) for n in ordered), np.int64, count
+    )
+    ready = np.fromiter((n.ready for n in ordered), bool, count)
+    cordoned = np.fromiter((n.cordoned for n in ordered), bool, count)
+    gpu_mems = [tuple(g.memory_mib for g in n.gpus) for n in ordered]
+    total = np.fromiter((len(m) for m in gpu_mems), np.int64, count)
+    min_mem = np.fromiter((min(m) if m else 0 for m in gpu_mems), np.int64, count)
+    max_mem = np.fromiter((max(m) if m else 0 for m in gpu_mems), np.int64, count)
+    mixed = [i for i in np.flatnonzero(min_mem != max_mem).tolist()]
+    free = np.fromiter((n.free_gpus for n in ordered), np.int64, count)
+    cpus = np.fromiter((n.cpus_free for n in ordered), np.float64, count)
+    running = np.fromiter((n.running_jobs for n in ordered), np.int64, count)
+
+    stale = cfg.latency.stale_after_s
+    rtt = np.fromiter(
+        (
+            n.rtt_ms
+            if n.rtt_ms is not None and n.rtt_updated_at is not None and now - n.rtt_updated_at <= stale
+            else np.nan
+            for n in ordered
+        ),
+        np.float64,
+        count,
+    )
+
+    rc = cfg.reputation
+    ev = np.array(
+        [
+            (
+                e.successes,
+                e.failures,
+                e.timeouts,
+                e.agreements,
+                e.disagreements,
+                e.heartbeats_seen,
+                e.heartbeats_missed,
+                e.last_updated,
+                e.consecutive_valid,
+            )
+            for e in (n.reputation for n in ordered)
+        ],
+        dtype=np.float64,
+    ).reshape(count, 9)
+    decay = np.power(0.5, np.maximum(now - ev[:, 7], 0.0) / rc.half_life_s)
+    succ, fail, tout, agree, dis, hb_seen, hb_missed = (ev[:, k] * decay for k in range(7))
+    owner_dis: FloatArray = np.bincount(owner_code, weights=dis, minlength=len(owner_position))[owner_code].astype(
+        np.float64
+    )
+    extra = np.maximum(owner_dis - dis, 0.0) * rc.owner_disagreement_pooling
+    r = rc.success_weight * succ + rc.agreement_weight * agree
+    s = rc.failure_weight * fail + rc.timeout_weight * tout + rc.disagreement_weight * (dis + extra)
+    lower = _wilson(r, s, rc.prior_alpha, rc.prior_beta, rc.confidence_z)
+    mean = (r + rc.prior_alpha) / (r + s + rc.prior_alpha + rc.prior_beta)
+    up = (hb_seen + 1.0) / (hb_seen + hb_missed + 2.0)
+
+    sc = cfg.scoring
+    rtt_for_score = np.where(np.isnan(rtt), sc.unknown_latency_ms, rtt)
+    static = sc.reputation_weight * lower - sc.latency_weight * rtt_for_score / sc.latency_scale_ms
+    static = static + sc.uptime_weight * up
+    busy = (total - free) / np.maximum(total, 1)
+    score = static - sc.load_weight * busy
+
+    return NodeIndex(
+        names=names,
+        position=position,
+        owners=owners,
+        owner_code=owner_code,
+        owner_position=owner_position,
+        region_position=region_position,
+        region_code=region_code,
+        usable=ready & ~cordoned,
+        ready=ready,
+        cordoned=cordoned,
+        total_gpus=total,
+        free_gpus=free.copy(),
+        cpus_free=cpus.copy(),
+        min_gpu_mem=min_mem,
+        max_gpu_mem=max_mem,
+        mixed=mixed,
+        gpu_mems=gpu_mems,
+        rtt_ms=rtt,
+        lower_bound=lower,
+        mean_score=mean,
+        uptime=up,
+        consecutive_valid=ev[:, 8].astype(np.int64),
+        owner_disagreements=owner_dis,
+        running=running,
+        static_score=static,
+        score=score,
+        load_weight=sc.load_weight,
+        packing_weight=sc.packing_weight,
+        _fit_cache={},
+    )
+
+
+def static_mask(index: NodeIndex, job: JobRequest, quarantine_below: float | None) -> BoolArray:
+    """Filters that do not change while the call places jobs."""
+    mask = index.usable & (index.fit_count(job.gpu_memory_mib) >= job.gpus_per_replica)
+    if quarantine_below is not None:
+        mask &= index.mean_score >= quarantine_below
+    if job.min_reputation > 0:
+        mask &= index.lower_bound >= job.min_reputation
+    if job.max_latency_ms is not None:
+        mask &= index.rtt_ms <= job.max_latency_ms  # NaN (unknown) compares False
+    if job.regions:
+        mask &= region_mask(index, job)
+    return mask
+
+
+def region_mask(index: NodeIndex, job: JobRequest) -> BoolArray:
+    codes = [index.region_position[r] for r in job.regions if r in index.region_position]
+    return np.isin(index.region_code, codes)
+
+
+def dynamic_mask(index: NodeIndex, job: JobRequest, static: BoolArray) -> BoolArray:
+    """Static filters plus capacity left in this call and the job's exclusions."""
+    mask = static & (index.available_fitting(job.gpu_memory_mib) >= job.gpus_per_replica)
+    if job.cpus_per_replica > 0:
+        mask &= index.cpus_free >= job.cpus_per_replica
+    excluded = index.excluded_mask(job)
+    if excluded is not None:
+        mask &= ~excluded
+    return mask
+
+
+def explain(index: NodeIndex, job: JobRequest, needed_owners: int, quarantine_below: float | None) -> dict[str, int]:
+    """Each node counted once, under the first filter it fails (Kubernetes style); nodes that pass
+    every filter are counted under a reason saying distinct owners ran short."""
+    remaining = np.ones(index.size, dtype=bool)
+    reasons: dict[str, int] = {}
+
+    def take(label: str, fails: BoolArray) -> None:
+        nonlocal remaining
+        hit = remaining & fails
+        n = int(hit.sum())
+        if n:
+            reasons[label] = reasons.get(label, 0) + n
+        remaining = remaining & ~fails
+
+    take("not ready", ~index.ready)
+    take("cordoned", index.cordoned)
+    excluded = index.excluded_mask(job)
+    if excluded is not None:
+        take("excluded (lost or failed earlier, or owner already holds a copy)", excluded)
+    if quarantine_below is not None:
+        take(f"quarantined (reputation score below {quarantine_below:g})", index.mean_score < quarantine_below)
+    take(f"too few GPUs (need {job.gpus_per_replica})", index.total_gpus < job.gpus_per_replica)
+    take(
+        f"too few GPUs with {job.gpu_memory_mib} MiB",
+        index.fit_count(job.gpu_memory_mib) < job.gpus_per_replica,
+    )
+    if job.min_reputation > 0:
+        take(f"reputation below {job.min_reputation:g}", index.lower_bound < job.min_reputation)
+    if job.max_latency_ms is not None:
+        take("latency unknown", np.isnan(index.rtt_ms))
+        take(f"latency above {job.max_latency_ms:g} ms", index.rtt_ms > job.max_latency_ms)
+    if job.regions:
+        take(f"region not in {sorted(job.regions)}", ~region_mask(index, job))
+    take("GPUs in use", index.available_fitting(job.gpu_memory_mib) < job.gpus_per_replica)
+    if job.cpus_per_replica > 0:
+        take(f"too few free CPUs (need {job.cpus_per_replica:g})", index.cpus_free < job.cpus_per_replica)
+    left = int(remaining.sum())
+    if left:
+        owners = len(set(index.owner_code[remaining].tolist()))
+        reasons[f"fit, but only {owners} distinct owners for {needed_owners} replicas"] = left
+    return reasons
+
+
+def reasons_message(reasons: dict[str, int], total: int) -> str:
+    parts = ", ".join(f"{n} {label}" for label, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+    return f"0/{total} nodes are available: {parts}" if parts else f"0/{total} nodes are available"

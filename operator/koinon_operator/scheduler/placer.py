@@ -1,0 +1,158 @@
+"""The scheduling function: filter, score, place; one engine shared by Koinon and the baselines.
+
+`schedule(jobs, nodes, now, config)` is the Koinon policy as a pure function. Every policy goes
+through the same hard filters and capacity accounting (`_run`); they differ only in how they pick
+among the nodes that fit (`Chooser`) and in whether they plan verification copies.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import numpy as np
+
+from .config import DEFAULT_CONFIG, SchedulerConfig
+from .index import BoolArray, NodeIndex, build_index, dynamic_mask, explain, reasons_message, static_mask
+from .types import JobRequest, NodeSnapshot, Placement, SchedulingResult, Unschedulable
+from .verification import TrustRecord, plan_replication, stable_seed
+
+Chooser = Callable[[NodeIndex, BoolArray, JobRequest], int]
+"""Position of the chosen node among those `mask` allows, or -1 when none is allowed."""
+
+
+class Placer(Protocol):
+    name: str
+
+    def place(self, jobs: Sequence[JobRequest], nodes: Sequence[NodeSnapshot], now: float) -> SchedulingResult: ...
+
+
+def _masked_argmax(values: np.ndarray, mask: BoolArray) -> int:  # type: ignore[type-arg]
+    i = int(np.where(mask, values, -np.inf).argmax())
+    return i if mask[i] else -1
+
+
+def choose_best_score(index: NodeIndex, mask: BoolArray, job: JobRequest) -> int:
+    """Koinon: highest reputation lower bound, least latency and load, best GPU fit (ties: first
+    node by name)."""
+    leftover = index.available_fitting(job.gpu_memory_mib) - job.gpus_per_replica
+    return _masked_argmax(index.score - index.packing_weight * leftover / 8.0, mask)
+
+
+def _pick_group(index: NodeIndex, mask: BoolArray, count: int, choose: Chooser, job: JobRequest) -> list[int] | None:
+    """`count` nodes with pairwise distinct owners (so also distinct nodes); consumes `mask`."""
+    picked: list[int] = []
+    for _ in range(count):
+        i = choose(index, mask, job)
+        if i < 0:
+            return None
+        picked.append(i)
+        mask &= index.owner_code != index.owner_code[i]
+    return picked
+
+
+def _ordered(jobs: Sequence[JobRequest]) -> list[JobRequest]:
+    ordered = sorted(jobs, key=lambda j: (-j.priority, j.creation_index, j.key))
+    for a, b in itertools.pairwise(ordered):
+        if a.key == b.key:
+            raise ValueError(f"pending jobs must have unique keys; {a.key!r} appears twice")
+    return ordered
+
+
+def _run(
+    jobs: Sequence[JobRequest],
+    nodes: Sequence[NodeSnapshot],
+    now: float,
+    cfg: SchedulerConfig,
+    choose: Chooser,
+    verify: bool,
+) -> SchedulingResult:
+    """Shared engine. `verify` = Koinon behaviour: plan verification copies and keep quarantined
+    nodes out; the baselines run with it off (one copy, no reputation floor of their own)."""
+    quarantine = cfg.scoring.quarantine_below if verify else None
+    index = build_index(nodes, now, cfg)
+    placements: list[Placement] = []
+    unschedulable: list[Unschedulable] = []
+    static_cache: dict[tuple[object, ...], BoolArray] = {}
+    # Capacity only shrinks during a call, so a shape that found no primary nodes stays unplaceable
+    # for the rest of the call. Its reasons are computed once, at its first failure (an O(nodes)
+    # pass), and shared by the later jobs of that shape in this call.
+    failed_shapes: dict[tuple[object, ...], dict[str, int]] = {}
+
+    def refuse(job: JobRequest, reasons: dict[str, int]) -> None:
+        unschedulable.append(Unschedulable(job.key, reasons, reasons_message(reasons, index.size)))
+
+    for job in _ordered(jobs):
+        signature = (
+            job.gpus_per_replica,
+            job.gpu_memory_mib,
+            job.min_reputation,
+            job.max_latency_ms,
+            job.regions,
+        )
+        shape = None
+        if not job.excluded_nodes and not job.excluded_owners:
+            shape = (*signature, job.cpus_per_replica, job.replicas)
+            failed = failed_shapes.get(shape)
+            if failed is not None:
+                refuse(job, failed)
+                continue
+        static = static_cache.get(signature)
+        if static is None:
+            static = static_cache[signature] = static_mask(index, job, quarantine)
+        mask = dynamic_mask(index, job, static)
+        primary = _pick_group(index, mask, job.replicas, choose, job)
+        if primary is None:
+            reasons = explain(index, job, job.replicas, quarantine)
+            if shape is not None:
+                failed_shapes[shape] = reasons
+            refuse(job, reasons)
+            continue
+        copies = 1
+        chosen = primary
+        if verify and job.verification_quorum > 1:
+            record = TrustRecord(
+                consecutive_valid=int(index.consecutive_valid[primary].min()),
+                owner_disagreements=float(index.owner_disagreements[primary].max()),
+            )
+            copies = plan_replication(
+                job.verification_quorum, record, stable_seed(job.key, job.attempt), cfg.verification
+            )
+            if copies > 1:
+                extra = _pick_group(index, mask, (copies - 1) * job.replicas, choose, job)
+                if extra is None:
+                    refuse(job, explain(index, job, copies * job.replicas, quarantine))
+                    continue
+                chosen = primary + extra
+        for i in chosen:
+            index.consume(i, job.gpus_per_replica, job.cpus_per_replica)
+        placements.append(Placement(job.key, tuple(index.names[i] for i in chosen), copies))
+    return SchedulingResult(tuple(placements), tuple(unschedulable))
+
+
+def schedule(
+    jobs: Sequence[JobRequest],
+    nodes: Sequence[NodeSnapshot],
+    now: float,
+    config: SchedulerConfig = DEFAULT_CONFIG,
+) -> SchedulingResult:
+    """Koinon placement: pure and deterministic; independent of the order of `jobs` and `nodes`.
+
+    Jobs are placed by (priority desc, creation order, key). Each replica (and each verification
+    copy) goes to a node of a distinct owner that passes every filter with the capacity left after
+    earlier placements of this call; the node with the best score wins.
+    """
+    return _run(jobs, nodes, now, config, choose_best_score, verify=True)
+
+
+class KoinonPlacer:
+    """The Koinon policy behind the `Placer` protocol."""
+
+    name = "koinon"
+
+    def __init__(self, config: SchedulerConfig = DEFAULT_CONFIG) -> None:
+        self.config = config
+
+    def place(self, jobs: Sequence[JobRequest], nodes: Sequence[NodeSnapshot], now: float) -> SchedulingResult:
+        return schedule(jobs, nodes, now, self.config)

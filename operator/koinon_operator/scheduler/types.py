@@ -1,0 +1,129 @@
+"""Plain frozen input and output types of the scheduler (the operator maps CRD objects to these).
+
+Field names follow the CRDs: `AIJob.spec.resources.{gpus,gpuMemoryMiB,cpus}`,
+`spec.constraints.{minReputation,maxLatencyMs,regions}`, `spec.verification.quorum`;
+`VolunteerNode.spec.{owner,region,gpus,cordoned}`, `status.{connected,phase,latency.smoothedMs}`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .reputation import FRESH, ReputationEvidence
+
+
+@dataclass(frozen=True, slots=True)
+class Gpu:
+    """One GPU of a volunteer (`VolunteerNode.spec.gpus[]`)."""
+
+    model: str
+    memory_mib: int
+
+    def __post_init__(self) -> None:
+        if self.memory_mib < 0:
+            raise ValueError(f"Gpu.memory_mib must be >= 0, got {self.memory_mib}")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSnapshot:
+    """What the scheduler knows about one volunteer at decision time."""
+
+    name: str
+    owner: str
+    region: str
+    ready: bool
+    """`status.connected` and `status.phase == "Ready"`."""
+    cordoned: bool
+    gpus: tuple[Gpu, ...]
+    free_gpus: int
+    cpus_free: float
+    rtt_ms: float | None = None
+    """`status.latency.smoothedMs`; None when never measured."""
+    rtt_updated_at: float | None = None
+    reputation: ReputationEvidence = FRESH
+    running_jobs: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("NodeSnapshot.name must not be empty")
+        if not 0 <= self.free_gpus <= len(self.gpus):
+            raise ValueError(
+                f"NodeSnapshot {self.name}: free_gpus must be within 0..{len(self.gpus)}, got {self.free_gpus}"
+            )
+        if self.cpus_free < 0 or not math.isfinite(self.cpus_free):
+            raise ValueError(f"NodeSnapshot {self.name}: cpus_free must be >= 0, got {self.cpus_free}")
+        if self.rtt_ms is not None and (self.rtt_ms < 0 or not math.isfinite(self.rtt_ms)):
+            raise ValueError(f"NodeSnapshot {self.name}: rtt_ms must be >= 0, got {self.rtt_ms}")
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """One pending AIJob attempt, as the scheduler sees it."""
+
+    key: str
+    """`namespace/name` of the AIJob (unique among the pending jobs)."""
+    replicas: int = 1
+    gpus_per_replica: int = 1
+    gpu_memory_mib: int = 0
+    """Minimum memory of each GPU a replica gets."""
+    cpus_per_replica: float = 0.0
+    min_reputation: float = 0.0
+    """Compared with the node's reputation lower bound, not its mean."""
+    max_latency_ms: float | None = None
+    regions: frozenset[str] = frozenset()
+    """Empty means any region."""
+    verification_quorum: int = 1
+    """1 = no verification; N >= 2 = `verification.mode: replicated` with quorum N."""
+    excluded_nodes: frozenset[str] = frozenset()
+    """Nodes lost or failed on earlier attempts."""
+    excluded_owners: frozenset[str] = frozenset()
+    """Owners that already hold a copy of this job (a fresh copy must come from someone else)."""
+    priority: int = 0
+    creation_index: int = 0
+    """Submission order (e.g. creationTimestamp as a number): earlier is placed first."""
+    attempt: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            raise ValueError("JobRequest.key must not be empty")
+        if self.replicas < 1:
+            raise ValueError(f"{self.key}: spec.replicas must be >= 1, got {self.replicas}")
+        if self.gpus_per_replica < 0:
+            raise ValueError(f"{self.key}: spec.resources.gpus must be >= 0, got {self.gpus_per_replica}")
+        if self.gpu_memory_mib < 0:
+            raise ValueError(f"{self.key}: spec.resources.gpuMemoryMiB must be >= 0, got {self.gpu_memory_mib}")
+        if self.cpus_per_replica < 0:
+            raise ValueError(f"{self.key}: spec.resources.cpus must be >= 0, got {self.cpus_per_replica}")
+        if not 0.0 <= self.min_reputation <= 1.0:
+            raise ValueError(
+                f"{self.key}: spec.constraints.minReputation must be within 0..1, got {self.min_reputation}"
+            )
+        if self.max_latency_ms is not None and self.max_latency_ms < 0:
+            raise ValueError(f"{self.key}: spec.constraints.maxLatencyMs must be >= 0, got {self.max_latency_ms}")
+        if self.verification_quorum < 1:
+            raise ValueError(f"{self.key}: spec.verification.quorum must be >= 1, got {self.verification_quorum}")
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Nodes chosen for a job: `copies` groups of `replicas` nodes, copy-major order."""
+
+    job_key: str
+    nodes: tuple[str, ...]
+    copies: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Unschedulable:
+    """Why a job was not placed: each node counted once, under the first filter it failed."""
+
+    job_key: str
+    reasons: dict[str, int]
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulingResult:
+    placements: tuple[Placement, ...] = ()
+    unschedulable: tuple[Unschedulable, ...] = field(default_factory=tuple)
