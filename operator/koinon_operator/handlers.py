@@ -14,6 +14,7 @@ from koinon_operator.kube import delete_aijob
 from koinon_operator.placement import FirstFitPlacer
 from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
 from koinon_operator.reconciler import AIJobReconciler, allocation_of
+from koinon_operator.telemetry import JobTracer, setup_tracing
 
 CONFIG = OperatorConfig.from_env()
 
@@ -30,6 +31,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    memo.tracing = setup_tracing()
+    memo.tracer = JobTracer(memo.tracing)
     memo.ray = RayJobsClient(CONFIG.ray_dashboard_url)
     memo.reconciler = AIJobReconciler(ray=memo.ray, placer=FirstFitPlacer(), nodes=RayNodeCache(memo.ray))
 
@@ -37,6 +40,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
     await memo.ray.close()
+    if memo.tracing is not None:
+        memo.tracing.shutdown()  # flush spans still in the batch processor
 
 
 @kopf.index(GROUP, VERSION, AIJOB_PLURAL)
@@ -73,6 +78,7 @@ async def reconcile_aijob(
         patch.status[field_name] = value
     for event in outcome.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    memo.tracer.record(body, outcome.status, [(e.type, e.reason, e.message) for e in outcome.events])
     if outcome.delete:
         await delete_aijob(namespace or "default", name)
 

@@ -29,6 +29,7 @@ from koinon_operator.ray_jobs import (
     RayUnavailableError,
     Submission,
 )
+from koinon_operator.telemetry import traceparent
 
 logger = logging.getLogger(__name__)
 
@@ -378,6 +379,9 @@ class AIJobReconciler:
             KOINON_NODE_NAMES=",".join(state.assigned_nodes),
             KOINON_NODE_ADDRESSES=",".join(state.node_addresses),
         )
+        if state.trace_id:
+            # W3C trace context: an instrumented job's own spans join the job's trace.
+            env_vars["TRACEPARENT"] = traceparent(state.trace_id)
         runtime_env = dict(spec.runtime_env)
         runtime_env["env_vars"] = env_vars
         submission = Submission(

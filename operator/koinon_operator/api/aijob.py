@@ -156,6 +156,7 @@ class AIJobStatus:
     node_addresses: tuple[str, ...] = ()
     start_time: datetime | None = None
     completion_time: datetime | None = None
+    trace_id: str | None = None
 
     @classmethod
     def from_status(cls, raw: Mapping[str, Any] | None) -> AIJobStatus:
@@ -171,4 +172,5 @@ class AIJobStatus:
             node_addresses=tuple(scheduling.get("addresses") or ()),
             start_time=parse_time(raw.get("startTime")),
             completion_time=parse_time(raw.get("completionTime")),
+            trace_id=raw.get("traceId") or None,
         )

@@ -1,0 +1,167 @@
+"""OpenTelemetry traces of every AIJob, exported over OTLP to the SREs' own backend.
+
+One trace per job, with ids derived from the object's uid (trace id = uid, root span id = a hash of
+it), so spans emitted by different operator processes over the job's life (restarts included) land
+in the same trace. Each transition the operator posts as an Event is also a span; when the job
+finishes, the root span covering creation to completion and a span for the Ray run are emitted.
+
+Configuration is the standard ``OTEL_*`` environment: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) turns export on; ``OTEL_SERVICE_NAME`` (default
+``koinon-operator``), ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_BSP_*`` work as usual;
+``OTEL_TRACES_EXPORTER=none`` turns it off, ``console`` prints spans.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+
+from koinon_operator.api.aijob import parse_time
+
+_forced_ids: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("koinon_ids", default=None)
+
+
+class JobIdGenerator(IdGenerator):
+    """Random ids, except while a job's root span is being created (then the job's own ids)."""
+
+    def __init__(self) -> None:
+        self._random = RandomIdGenerator()
+
+    def generate_span_id(self) -> int:
+        forced = _forced_ids.get()
+        return forced[1] if forced else self._random.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        forced = _forced_ids.get()
+        return forced[0] if forced else self._random.generate_trace_id()
+
+
+def job_trace_ids(trace_id_hex: str) -> tuple[int, int]:
+    root_span = int(hashlib.sha256(f"root:{trace_id_hex}".encode()).hexdigest()[:16], 16) or 1
+    return int(trace_id_hex, 16), root_span
+
+
+def traceparent(trace_id_hex: str) -> str:
+    """W3C trace context for the job's root span, handed to the Ray job so its own spans join."""
+    _, root_span = job_trace_ids(trace_id_hex)
+    return f"00-{trace_id_hex}-{root_span:016x}-01"
+
+
+def _exporter_from_env() -> SpanExporter | None:
+    choice = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
+    if choice == "none":
+        return None
+    if choice == "console":
+        return ConsoleSpanExporter()
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    if not endpoint:
+        return None
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter()  # reads endpoint, headers, TLS settings from OTEL_* itself
+
+
+def setup_tracing(service_name: str = "koinon-operator") -> TracerProvider | None:
+    exporter = _exporter_from_env()
+    if exporter is None:
+        return None
+    os.environ.setdefault("OTEL_SERVICE_NAME", service_name)
+    provider = TracerProvider(resource=Resource.create(), id_generator=JobIdGenerator())
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def _ns(moment: datetime | None) -> int | None:
+    return int(moment.timestamp() * 1e9) if moment else None
+
+
+class JobTracer:
+    """Turns a reconcile pass's transitions into spans of the job's trace."""
+
+    def __init__(self, provider: TracerProvider | None) -> None:
+        self._tracer = provider.get_tracer("koinon.operator") if provider else None
+
+    @property
+    def enabled(self) -> bool:
+        return self._tracer is not None
+
+    def record(
+        self, body: Mapping[str, Any], status_written: Mapping[str, Any], events: Sequence[tuple[str, str, str]]
+    ) -> None:
+        """``events`` are (type, reason, message) of the transitions this pass made."""
+        if self._tracer is None or not events:
+            return
+        status = {**(body.get("status") or {}), **status_written}
+        trace_id_hex = status.get("traceId")
+        if not trace_id_hex:
+            return
+        meta = body.get("metadata") or {}
+        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        trace_id, root_span = job_trace_ids(trace_id_hex)
+        parent = trace.set_span_in_context(
+            NonRecordingSpan(SpanContext(trace_id, root_span, is_remote=True, trace_flags=TraceFlags(1)))
+        )
+        attributes: dict[str, str | int] = {
+            "koinon.aijob": key,
+            "koinon.aijob.uid": str(meta.get("uid")),
+            "koinon.attempt": int(status.get("attempts") or 0),
+            "koinon.nodes": ",".join(status.get("assignedNodes") or []),
+            "koinon.ray.submission_id": str(status.get("submissionId") or ""),
+        }
+        for event_type, reason, message in events:
+            span = self._tracer.start_span(f"aijob.{reason}", context=parent, attributes=attributes)
+            span.set_attribute("koinon.phase", str(status.get("phase")))
+            span.set_attribute("koinon.message", message[:1000])
+            if event_type == "Warning":
+                span.set_status(Status(StatusCode.ERROR, message[:200]))
+            span.end()
+        phase = status.get("phase")
+        if phase in ("Succeeded", "Failed"):
+            self._finish(key, meta, status, attributes, parent, trace_id, root_span)
+
+    def _finish(
+        self,
+        key: str,
+        meta: Mapping[str, Any],
+        status: Mapping[str, Any],
+        attributes: Mapping[str, str | int],
+        parent: Any,
+        trace_id: int,
+        root_span: int,
+    ) -> None:
+        assert self._tracer is not None
+        failed = status.get("phase") == "Failed"
+        start, end = parse_time(status.get("startTime")), parse_time(status.get("completionTime"))
+        if start and end:
+            run = self._tracer.start_span(
+                "ray.job", context=parent, kind=SpanKind.CLIENT, attributes=attributes, start_time=_ns(start)
+            )
+            if failed:
+                run.set_status(Status(StatusCode.ERROR, str(status.get("reason"))))
+            run.end(end_time=_ns(end))
+        token = _forced_ids.set((trace_id, root_span))
+        try:
+            root = self._tracer.start_span(
+                f"aijob {key}",
+                context=trace.set_span_in_context(trace.INVALID_SPAN),
+                kind=SpanKind.SERVER,
+                attributes={**attributes, "koinon.phase": str(status.get("phase")),
+                            "koinon.reason": str(status.get("reason"))},
+                start_time=_ns(parse_time(meta.get("creationTimestamp"))),
+            )  # fmt: skip
+        finally:
+            _forced_ids.reset(token)
+        root.set_status(Status(StatusCode.ERROR if failed else StatusCode.OK))
+        root.end(end_time=_ns(end))
