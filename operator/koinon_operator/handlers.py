@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
+from koinon_operator.api.aijob import format_time
 from koinon_operator.api.constants import AIJOB_PLURAL, FINALIZER, GROUP, VERSION, VOLUNTEER_PLURAL
 from koinon_operator.config import OperatorConfig
 from koinon_operator.inventory import Allocation, RayNodeCache
@@ -15,6 +17,7 @@ from koinon_operator.placement import FirstFitPlacer
 from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
 from koinon_operator.reconciler import AIJobReconciler, allocation_of
 from koinon_operator.telemetry import JobTracer, setup_tracing
+from koinon_operator.volunteers import managed_by_gateway, status_from_ray
 
 CONFIG = OperatorConfig.from_env()
 
@@ -81,6 +84,18 @@ async def reconcile_aijob(
     memo.tracer.record(body, outcome.status, [(e.type, e.reason, e.message) for e in outcome.events])
     if outcome.delete:
         await delete_aijob(namespace or "default", name)
+
+
+@kopf.timer(GROUP, VERSION, VOLUNTEER_PLURAL, interval=5.0)
+async def sync_volunteer_from_ray(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    if managed_by_gateway(body):
+        return
+    try:
+        ray_nodes = await memo.reconciler.nodes.get()
+    except RayUnavailableError:
+        return  # keep the last known state; the AIJob reconciler reports Ray outages
+    for field_name, value in status_from_ray(body, ray_nodes, format_time(datetime.now(UTC))).items():
+        patch.status[field_name] = value
 
 
 @kopf.on.delete(GROUP, VERSION, AIJOB_PLURAL)

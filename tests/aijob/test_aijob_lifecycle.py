@@ -104,3 +104,24 @@ def test_failing_job_is_retried_up_to_backoff_limit_then_failed_with_log_tail(
     assert submissions == [f"koinon-{uid}-1", f"koinon-{uid}-2"]
     reasons = _reasons(control_plane.events("boom", namespace))
     assert reasons.count("RayJobFailed") == 1 and "BackoffLimitExceeded" in reasons
+
+
+def test_directly_joined_volunteers_show_ready_with_their_ray_node(
+    control_plane: ControlPlane, namespace: str, operator: object
+) -> None:
+    import json
+    import time
+
+    deadline = time.monotonic() + 30
+    nodes: dict[str, dict[str, object]] = {}
+    while time.monotonic() < deadline:
+        listed = json.loads(control_plane.kubectl("get", "vn", "-o", "json"))
+        nodes = {item["metadata"]["name"]: item.get("status", {}) for item in listed["items"]}
+        if all(nodes.get(n, {}).get("phase") == "Ready" for n in ("volunteer-1", "volunteer-2")):
+            break
+        time.sleep(0.5)
+    assert nodes["volunteer-1"]["phase"] == "Ready", nodes
+    assert nodes["volunteer-1"]["address"] == "127.0.20.1"
+    assert len(str(nodes["volunteer-1"]["rayNodeId"])) == 56
+    table = control_plane.kubectl("get", "vn")
+    assert re.search(r"volunteer-1\s+owner-1\s+local\s+Ready", table), table

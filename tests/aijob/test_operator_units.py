@@ -152,3 +152,16 @@ def test_unchanged_status_is_not_rewritten() -> None:
     assert changed_fields(current, {"phase": "Pending", "message": "0/2 nodes", "observedGeneration": 1}) == {}
     assert changed_fields(current, {"phase": "Pending", "observedGeneration": 2}) == {"observedGeneration": 2}
     assert changed_fields(current, {"phase": "Scheduled", "observedGeneration": 1}) == {"phase": "Scheduled"}
+
+
+def test_volunteer_status_follows_its_ray_node() -> None:
+    from koinon_operator.volunteers import managed_by_gateway, status_from_ray
+
+    body = {"metadata": {"name": "v1"}, "spec": {"gpus": [{"model": "m", "memoryMiB": 8}] * 4}, "status": {}}
+    alive = RayNodeInfo("abc", "127.0.20.1", True, False, {"GPU": 2}, {"koinon.dev/node": "v1"})
+    status = status_from_ray(body, [alive], "t1")
+    assert status["phase"] == "Ready" and status["address"] == "127.0.20.1" and len(status["gpus"]) == 2
+    dead = RayNodeInfo("abc", "127.0.20.1", False, False, {"GPU": 2}, {"koinon.dev/node": "v1"})
+    assert status_from_ray({**body, "status": status}, [dead], "t2")["phase"] == "NotReady"
+    assert status_from_ray(body, [], "t3")["conditions"][0]["reason"] == "RayNodeMissing"
+    assert managed_by_gateway({"metadata": {"annotations": {"koinon.dev/connection-owner": "gateway"}}})
