@@ -47,7 +47,7 @@ def fetch_job_logs(info: DevClusterInfo, name: str, namespace: str) -> str:
         raise RuntimeError(f"AIJob {namespace}/{name} has no Ray submission yet")
 
     async def read() -> str:
-        ray = RayJobsClient(info.ray_dashboard_url)
+        ray = RayJobsClient(info.ray_dashboard_url, auth_token=info.ray_auth_token())
         try:
             job = await ray.get(submission_id)
             return await ray.logs(submission_id, job.driver_node_id if job else None)

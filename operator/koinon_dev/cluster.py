@@ -50,6 +50,16 @@ class DevClusterInfo:
     ray_address: str
     process_groups: dict[str, int]
     log_dir: Path
+    ray_auth_token_file: Path | None = None
+
+    def ray_auth_token(self) -> str | None:
+        if self.ray_auth_token_file is None or not self.ray_auth_token_file.exists():
+            return None
+        return self.ray_auth_token_file.read_text().strip()
+
+    def ray_headers(self) -> dict[str, str]:
+        token = self.ray_auth_token()
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def to_json(self) -> str:
         data = {
@@ -59,6 +69,7 @@ class DevClusterInfo:
             "ray_address": self.ray_address,
             "process_groups": self.process_groups,
             "log_dir": str(self.log_dir),
+            "ray_auth_token_file": str(self.ray_auth_token_file) if self.ray_auth_token_file else None,
         }
         return json.dumps(data, indent=2)
 
@@ -72,6 +83,7 @@ class DevClusterInfo:
             ray_address=data["ray_address"],
             process_groups={k: int(v) for k, v in data["process_groups"].items()},
             log_dir=Path(data["log_dir"]),
+            ray_auth_token_file=Path(data["ray_auth_token_file"]) if data.get("ray_auth_token_file") else None,
         )
 
 
@@ -101,6 +113,7 @@ def operator_process(
     poll_interval_seconds: float = 1.0,
     namespace: str | None = None,
     name: str = "operator",
+    ray_auth_token_file: Path | None = None,
 ) -> ManagedProcess:
     argv = [
         _bin("koinon-operator"),
@@ -110,7 +123,10 @@ def operator_process(
     ]
     if namespace:
         argv.append(f"--namespace={namespace}")
-    return ManagedProcess(name, argv, log_dir / f"{name}.log", env={**os.environ, "KUBECONFIG": str(kubeconfig)})
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    if ray_auth_token_file is not None:
+        env["RAY_AUTH_TOKEN_PATH"] = str(ray_auth_token_file)
+    return ManagedProcess(name, argv, log_dir / f"{name}.log", env=env)
 
 
 def volunteer_manifest(volunteer: LocalRayVolunteer, owner: str) -> dict[str, object]:
@@ -179,7 +195,13 @@ class DevCluster:
 
         # A short, unique temp dir: Ray's unix socket paths must stay under ~107 characters.
         temp_dir = Path("/tmp") / f"koinon-{secrets.token_hex(4)}"
-        head = LocalRayHead(address=HEAD_ADDRESS, temp_dir=temp_dir, log_dir=self.log_dir)
+        # Ray token authentication is on: anyone who reaches Ray's ports could otherwise run code.
+        token_file = self.state_dir / "ray-auth-token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(secrets.token_urlsafe(32))
+        head = LocalRayHead(
+            address=HEAD_ADDRESS, temp_dir=temp_dir, log_dir=self.log_dir, auth_token=token_file.read_text()
+        )
         head.start()
         assert head.process is not None
         self._started.append(head.process)
@@ -204,7 +226,7 @@ class DevCluster:
             self._started.append(volunteer.process)
         manifests = [volunteer_manifest(v, owner=f"owner-{i + 1}") for i, v in enumerate(volunteers)]
         kubectl(kubeconfig, "apply", "-f", "-", input_text=yaml.safe_dump_all(manifests))
-        wait_until(lambda: _alive_workers(head.dashboard_url) >= len(volunteers), 60, what="volunteers to join Ray")
+        wait_until(lambda: _alive_workers(head) >= len(volunteers), 60, what="volunteers to join Ray")
         say(f"- {len(volunteers)} local volunteers joined, {self.config.gpus_per_volunteer} simulated GPUs each")
 
         if self.config.start_operator:
@@ -221,6 +243,7 @@ class DevCluster:
             ray_address=head.gcs_address,
             process_groups={p.name: p.pid for p in self._started},
             log_dir=self.log_dir,
+            ray_auth_token_file=token_file,
         )
 
     def add_volunteer(self, name: str, address: str, gpus: int, owner: str = "owner-extra") -> LocalRayVolunteer:
@@ -239,7 +262,7 @@ class DevCluster:
         manifest = yaml.safe_dump(volunteer_manifest(volunteer, owner))
         kubectl(info.kubeconfig, "apply", "-f", "-", input_text=manifest)
         head, expected = self.head, len(self.volunteers)
-        wait_until(lambda: _alive_workers(head.dashboard_url) >= expected, 60, what=f"{name} to join Ray")
+        wait_until(lambda: _alive_workers(head) >= expected, 60, what=f"{name} to join Ray")
         return volunteer
 
     def _stop_started(self) -> None:
@@ -275,9 +298,10 @@ def _http_ok(url: str, process: ManagedProcess) -> bool:
         return False
 
 
-def _alive_workers(dashboard_url: str) -> int:
+def _alive_workers(head: LocalRayHead) -> int:
+    request = urllib.request.Request(f"{head.dashboard_url}/api/v0/nodes?limit=1000", headers=head.auth_headers())
     try:
-        with urllib.request.urlopen(f"{dashboard_url}/api/v0/nodes?limit=1000", timeout=5) as reply:
+        with urllib.request.urlopen(request, timeout=5) as reply:
             rows: Sequence[dict[str, object]] = json.load(reply)["data"]["result"]["result"]
     except (urllib.error.URLError, OSError, KeyError, ValueError):
         return 0

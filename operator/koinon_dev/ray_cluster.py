@@ -29,8 +29,11 @@ def ray_executable() -> str:
     return found
 
 
-def ray_environment() -> dict[str, str]:
+def ray_environment(auth_token: str | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if auth_token:
+        # Ray token authentication: every node, driver and client must present this token.
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=auth_token)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     # Job drivers run `python ...` from PATH: make that this environment's interpreter, which has
     # the example workloads and Ray installed.
@@ -82,6 +85,7 @@ class LocalRayHead:
     gcs_port: int = 0
     dashboard_port: int = 0
     client_server_port: int = 0
+    auth_token: str | None = field(default=None, repr=False)
     ports: NodePorts = field(default_factory=NodePorts.allocate)
     process: ManagedProcess | None = None
 
@@ -107,7 +111,7 @@ class LocalRayHead:
             f"--ray-client-server-port={self.client_server_port}",
             f"--temp-dir={self.temp_dir}", *self.ports.as_flags(),
         ]  # fmt: skip
-        self.process = ManagedProcess("ray-head", argv, self.log_dir / "ray-head.log", ray_environment())
+        self.process = ManagedProcess("ray-head", argv, self.log_dir / "ray-head.log", ray_environment(self.auth_token))
         self.process.start()
 
     def wait_ready(self, timeout: float = 90.0) -> None:
@@ -115,12 +119,16 @@ class LocalRayHead:
             if self.process is not None and not self.process.alive():
                 raise RuntimeError(f"Ray head exited:\n{self.process.log_tail()}")
             try:
-                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2) as reply:
+                request = urllib.request.Request(f"{self.dashboard_url}/api/version", headers=self.auth_headers())
+                with urllib.request.urlopen(request, timeout=2) as reply:
                     return bool(reply.status == 200)
             except (urllib.error.URLError, OSError):
                 return False
 
         wait_until(dashboard_answers, timeout, interval=0.3, what="the Ray dashboard")
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
 
     def stop(self) -> None:
         if self.process is not None:
@@ -159,7 +167,10 @@ class LocalRayVolunteer:
             f"--temp-dir={self.temp_dir}", *self.ports.as_flags(),
         ]  # fmt: skip
         self.process = ManagedProcess(
-            f"volunteer-{self.name}", argv, self.log_dir / f"volunteer-{self.name}.log", ray_environment()
+            f"volunteer-{self.name}",
+            argv,
+            self.log_dir / f"volunteer-{self.name}.log",
+            ray_environment(self.head.auth_token),
         )
         self.process.start()
 

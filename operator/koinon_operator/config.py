@@ -11,6 +11,7 @@ class OperatorConfig:
     ray_dashboard_url: str = "http://127.0.0.1:8265"
     poll_interval_seconds: float = 2.0
     namespace: str | None = None  # None: all namespaces
+    ray_auth_token: str | None = None  # Ray token authentication (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)
 
     @classmethod
     def from_env(cls) -> OperatorConfig:
@@ -18,4 +19,17 @@ class OperatorConfig:
             ray_dashboard_url=os.environ.get("KOINON_RAY_DASHBOARD", cls.ray_dashboard_url),
             poll_interval_seconds=float(os.environ.get("KOINON_POLL_INTERVAL", cls.poll_interval_seconds)),
             namespace=os.environ.get("KOINON_NAMESPACE") or None,
+            ray_auth_token=ray_auth_token_from_env(),
         )
+
+
+def ray_auth_token_from_env() -> str | None:
+    """Ray's own variables: the token itself, or a file that holds it."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if token:
+        return token.strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and os.path.exists(path):
+        with open(path) as handle:
+            return handle.read().strip() or None
+    return None

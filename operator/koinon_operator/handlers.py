@@ -36,7 +36,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.watching.client_timeout = 330
     memo.tracing = setup_tracing()
     memo.tracer = JobTracer(memo.tracing)
-    memo.ray = RayJobsClient(CONFIG.ray_dashboard_url)
+    memo.ray = RayJobsClient(CONFIG.ray_dashboard_url, auth_token=CONFIG.ray_auth_token)
     memo.reconciler = AIJobReconciler(ray=memo.ray, placer=FirstFitPlacer(), nodes=RayNodeCache(memo.ray))
 
 

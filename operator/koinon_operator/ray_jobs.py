@@ -65,14 +65,16 @@ class Submission:
 
 
 class RayJobsClient:
-    def __init__(self, dashboard_url: str, timeout_seconds: float = 10.0) -> None:
+    def __init__(self, dashboard_url: str, timeout_seconds: float = 10.0, auth_token: str | None = None) -> None:
         self._base = dashboard_url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
+        # Ray token authentication: the dashboard wants "Authorization: Bearer <token>".
+        self._headers = {"Authorization": f"Bearer {auth_token}"} if auth_token else {}
 
     async def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self._timeout)
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         return self._session
 
     async def close(self) -> None:
@@ -109,6 +111,8 @@ class RayJobsClient:
         if status == 200:
             return True
         text = str(body)
+        if status in (401, 403):
+            raise RayRequestError(f"Ray refused the operator's credentials ({status}); check RAY_AUTH_TOKEN")
         if "already exists" in text:
             # The deterministic id makes a second submit (after a restart) a no-op adoption.
             return False

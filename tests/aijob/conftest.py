@@ -63,12 +63,15 @@ class ControlPlane:
         return self.wait_for(name, namespace, lambda o: o.get("status", {}).get("phase") == phase, timeout)
 
     def ray_jobs(self) -> list[dict[str, Any]]:
-        with urllib.request.urlopen(f"{self.info.ray_dashboard_url}/api/jobs/", timeout=10) as reply:
+        request = urllib.request.Request(f"{self.info.ray_dashboard_url}/api/jobs/", headers=self.info.ray_headers())
+        with urllib.request.urlopen(request, timeout=10) as reply:
             jobs: list[dict[str, Any]] = json.load(reply)
         return jobs
 
     def ray_job(self, submission_id: str) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.info.ray_dashboard_url}/api/jobs/{submission_id}", timeout=10) as r:
+        url = f"{self.info.ray_dashboard_url}/api/jobs/{submission_id}"
+        request = urllib.request.Request(url, headers=self.info.ray_headers())
+        with urllib.request.urlopen(request, timeout=10) as r:
             job: dict[str, Any] = json.load(r)
         return job
 
@@ -78,6 +81,7 @@ class ControlPlane:
         process = operator_process(
             self.info.kubeconfig, dashboard_url or self.info.ray_dashboard_url, self.info.log_dir,
             poll_interval_seconds=0.5, namespace=namespace, name=f"{name}-{namespace}",
+            ray_auth_token_file=self.info.ray_auth_token_file,
         )  # fmt: skip
         process.start()
         return process

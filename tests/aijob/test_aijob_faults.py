@@ -68,7 +68,7 @@ def test_crash_between_submit_and_status_write_is_adopted_not_resubmitted(
     )  # fmt: skip
 
     async def submit_directly() -> None:
-        ray = RayJobsClient(control_plane.info.ray_dashboard_url)
+        ray = RayJobsClient(control_plane.info.ray_dashboard_url, auth_token=control_plane.info.ray_auth_token())
         try:
             assert await ray.submit(
                 Submission(submission_id, sleeper(1), {"env_vars": {"KOINON_ATTEMPT": "1"}},

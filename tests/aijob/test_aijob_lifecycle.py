@@ -125,3 +125,13 @@ def test_directly_joined_volunteers_show_ready_with_their_ray_node(
     assert len(str(nodes["volunteer-1"]["rayNodeId"])) == 56
     table = control_plane.kubectl("get", "vn")
     assert re.search(r"volunteer-1\s+owner-1\s+local\s+Ready", table), table
+
+
+def test_ray_refuses_requests_without_the_cluster_token(control_plane: ControlPlane) -> None:
+    import urllib.error
+    import urllib.request
+
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{control_plane.info.ray_dashboard_url}/api/jobs/", timeout=10)
+    assert refused.value.code in (401, 403)
+    assert isinstance(control_plane.ray_jobs(), list)  # with the token it answers
