@@ -230,7 +230,13 @@ class DevCluster:
         say(f"- {len(volunteers)} local volunteers joined, {self.config.gpus_per_volunteer} simulated GPUs each")
 
         if self.config.start_operator:
-            operator = operator_process(kubeconfig, head.dashboard_url, self.log_dir, self.config.poll_interval_seconds)
+            operator = operator_process(
+                kubeconfig,
+                head.dashboard_url,
+                self.log_dir,
+                self.config.poll_interval_seconds,
+                ray_auth_token_file=token_file,
+            )
             operator.start()
             self._started.append(operator)
             say("- koinon operator started")

@@ -18,6 +18,11 @@ class RayUnavailableError(RuntimeError):
     """Ray's dashboard could not be reached or failed transiently."""
 
 
+class RayAuthError(RayUnavailableError):
+    """Ray refused our token: nothing works until the operator gets the right one (an operator fault,
+    not the job's), so it is handled like an outage: no phase changes, a condition says why."""
+
+
 class RayRequestError(RuntimeError):
     """Ray refused a request (bad input); retrying the same request will not help."""
 
@@ -87,6 +92,11 @@ class RayJobsClient:
             async with session.request(method, f"{self._base}{path}", json=payload) as reply:
                 text = await reply.text()
                 body: Any
+                if reply.status in (401, 403):
+                    raise RayAuthError(
+                        f"Ray at {self._base} refused the operator's credentials ({reply.status}); "
+                        "set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token"
+                    )
                 try:
                     body = await reply.json(content_type=None) if text else None
                 except ValueError:
@@ -111,8 +121,6 @@ class RayJobsClient:
         if status == 200:
             return True
         text = str(body)
-        if status in (401, 403):
-            raise RayRequestError(f"Ray refused the operator's credentials ({status}); check RAY_AUTH_TOKEN")
         if "already exists" in text:
             # The deterministic id makes a second submit (after a restart) a no-op adoption.
             return False
