@@ -1,0 +1,1 @@
+"""Discrete-event simulator benchmark of the Koinon scheduler against naive placement."""

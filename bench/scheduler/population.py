@@ -1,0 +1,136 @@
+"""The volunteers and the job stream, drawn once from the seed and shared by every policy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from koinon_operator.scheduler import Gpu
+
+from .params import SimParams
+
+REGIONS = ("eu-west", "eu-east", "us-east", "us-west", "ap-south")
+GPU_TYPES = (("T4", 16384), ("RTX3060", 12288), ("RTX3080", 10240), ("RTX4090", 24576), ("A100", 81920))
+GPU_TYPE_P = (0.2, 0.25, 0.2, 0.3, 0.05)
+GPU_COUNTS = (1, 2, 4, 8)
+GPU_COUNT_P = (0.6, 0.25, 0.12, 0.03)
+
+
+@dataclass(slots=True)
+class Volunteer:
+    name: str
+    owner: str
+    region: str
+    gpus: tuple[Gpu, ...]
+    cpus: float
+    base_rtt_ms: float
+    reliability: float
+    kind: str
+    """honest | liar | sleeper"""
+    sleeper_after: int
+    lie_probability: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    index: int
+    submit_s: float
+    gpus: int
+    memory_mib: int
+    compute_s: float
+    sync_every_s: float
+    max_latency_ms: float | None
+    regions: frozenset[str]
+    min_reputation: float
+
+
+class VolunteerFactory:
+    """Draws volunteers; replacements keep the class (and often the owner) of whom they replace."""
+
+    def __init__(self, params: SimParams, rng: np.random.Generator) -> None:
+        self.p = params
+        self.rng = rng
+        self.count = 0
+        self.owners = 0
+
+    def new_owner(self, prefix: str) -> str:
+        self.owners += 1
+        return f"{prefix}{self.owners:06d}"
+
+    def make(self, owner: str, kind: str) -> Volunteer:
+        r = self.rng
+        self.count += 1
+        n = int(r.choice(GPU_COUNTS, p=GPU_COUNT_P))
+        model, mem = GPU_TYPES[int(r.choice(len(GPU_TYPES), p=GPU_TYPE_P))]
+        lie = 0.0
+        after = 0
+        if kind == "liar":
+            lie = self.p.liar_lie_probability
+        elif kind == "sleeper":
+            lie = self.p.sleeper_lie_probability
+            after = int(r.integers(10, 41))
+        return Volunteer(
+            name=f"vn-{self.count:06d}",
+            owner=owner,
+            region=REGIONS[int(r.integers(len(REGIONS)))],
+            gpus=tuple(Gpu(model, mem) for _ in range(n)),
+            cpus=4.0 * n,
+            base_rtt_ms=float(r.uniform(*self.p.rtt_ms)),
+            reliability=float(r.uniform(*self.p.reliability)),
+            kind=kind,
+            sleeper_after=after,
+            lie_probability=lie,
+        )
+
+    def initial(self) -> list[Volunteer]:
+        p, r = self.p, self.rng
+        out: list[Volunteer] = []
+        adversaries = round(p.nodes * p.adversary_share)
+        in_fleets = round(adversaries * p.adversary_fleet_share)
+        while len(out) < in_fleets:
+            owner = self.new_owner("adv-")
+            kind = "sleeper" if r.random() < p.sleeper_share else "liar"
+            out.extend(self.make(owner, kind) for _ in range(min(p.fleet_size, in_fleets - len(out))))
+        while len(out) < adversaries:
+            kind = "sleeper" if r.random() < p.sleeper_share else "liar"
+            out.append(self.make(self.new_owner("adv-"), kind))
+        while len(out) < p.nodes:
+            owner = self.new_owner("own-")
+            size = int(r.choice((1, 2, 3), p=(0.7, 0.2, 0.1)))
+            out.extend(self.make(owner, "honest") for _ in range(min(size, p.nodes - len(out))))
+        return out
+
+    def replacement(self, gone: Volunteer) -> Volunteer:
+        owner = gone.owner
+        if gone.kind != "honest" and self.rng.random() < self.p.whitewash_share:
+            owner = self.new_owner("adv-")
+        return self.make(owner, gone.kind)
+
+
+def job_stream(params: SimParams, rng: np.random.Generator) -> list[JobSpec]:
+    n = params.jobs
+    window = params.arrival_window_h * 3600.0
+    submit = np.sort(rng.uniform(0.0, window, n))
+    gpus = rng.choice((1, 2, 4, 8), size=n, p=(0.7, 0.2, 0.08, 0.02))
+    memory = rng.choice((0, 8192, 12288, 16384, 24576), size=n, p=(0.4, 0.25, 0.15, 0.15, 0.05))
+    compute = np.clip(rng.lognormal(math.log(15 * 60), 1.0, n), 120.0, 4 * 3600.0)
+    sync_every = rng.uniform(1.0, 5.0, n)
+    kind = rng.random(n)
+    region_pick = rng.integers(len(REGIONS), size=n)
+    out = []
+    for i in range(n):
+        out.append(
+            JobSpec(
+                index=i,
+                submit_s=float(submit[i]),
+                gpus=int(gpus[i]),
+                memory_mib=int(memory[i]),
+                compute_s=float(compute[i]),
+                sync_every_s=float(sync_every[i]),
+                max_latency_ms=150.0 if kind[i] < 0.10 else None,
+                regions=frozenset({REGIONS[int(region_pick[i])]}) if 0.10 <= kind[i] < 0.15 else frozenset(),
+                min_reputation=0.5 if 0.15 <= kind[i] < 0.20 else 0.0,
+            )
+        )
+    return out

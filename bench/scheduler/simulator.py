@@ -1,0 +1,460 @@
+"""Discrete-event simulation of a volunteer fleet driving the real scheduler code.
+
+Every policy sees the same volunteers and the same job stream (drawn from the seed); the node
+behaviour that depends on chance (RTT jitter, crashes, churn, lies) comes from one generator per
+policy seeded identically. The simulator calls the policy's `place(jobs, snapshots, now)` once per
+tick with every pending job (up to `max_batch`), and uses the scheduler's own pure functions for
+RTT smoothing, reputation updates, quorum decisions and failover.
+
+Metrics (per policy):
+- correct_rate: accepted results whose digest is the true one / accepted results.
+- completion: submit -> accepted result, including queueing, failovers and verification copies.
+- wasted_gpu_hours: GPU-hours executed minus GPU-hours of one execution per accepted job (work lost
+  to crashes and churn, rejected by a quorum, or redundant beyond one copy).
+- replication_overhead: GPU-hours executed / GPU-hours of one accepted execution per accepted job.
+Baselines run one copy per job and accept the first result that comes back, as a naive system does.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from koinon_operator.scheduler import (
+    DEFAULT_CONFIG,
+    Accepted,
+    JobAttemptState,
+    JobRequest,
+    NodeResult,
+    NodeSnapshot,
+    Placer,
+    ReputationEvidence,
+    Reschedule,
+    RttEstimate,
+    apply_quorum_outcome,
+    decide_quorum,
+    observe_rtt,
+    on_node_lost,
+    record_failure,
+    record_heartbeats,
+    record_success,
+    record_timeout,
+)
+
+from .params import SimParams
+from .population import JobSpec, Volunteer, VolunteerFactory, job_stream
+
+ARRIVE, TICK, DONE, CRASH, DOWN, UP, REQUEUE = range(7)
+TRUE_DIGEST = "ok"
+
+
+@dataclass(slots=True)
+class SimNode:
+    v: Volunteer
+    online: bool = True
+    free_gpus: int = 0
+    cpus_free: float = 0.0
+    evidence: ReputationEvidence = field(default_factory=ReputationEvidence)
+    rtt: RttEstimate | None = None
+    running: set[int] = field(default_factory=set)
+    results_returned: int = 0
+    generation: int = 0
+    since: float = 0.0
+    snapshot: NodeSnapshot | None = None
+
+
+@dataclass(slots=True)
+class Execution:
+    job: int
+    node: str
+    owner: str
+    start: float
+    end: float
+    gpus: int
+    live: bool = True
+
+
+@dataclass(slots=True)
+class SimJob:
+    spec: JobSpec
+    quorum: int
+    planned: int = 0
+    placements: int = 0
+    running: set[int] = field(default_factory=set)
+    results: dict[str, NodeResult] = field(default_factory=dict)
+    result_exec: dict[str, int] = field(default_factory=dict)
+    excluded: frozenset[str] = frozenset()
+    missing: int = 0
+    """Copies to (re)place: lost ones after their loss is detected, or extra ones for a tie."""
+    awaiting_detection: int = 0
+    """Copies lost whose loss the control plane has not noticed yet."""
+    done: bool = False
+    gave_up: bool = False
+
+
+class Simulation:
+    def __init__(self, params: SimParams, placer: Placer, verify: bool) -> None:
+        self.p = params
+        self.placer = placer
+        self.verify = verify
+        self.cfg = getattr(placer, "config", DEFAULT_CONFIG)  # the policy's own weights and limits
+        pop_rng = np.random.default_rng(params.seed)
+        self.factory = VolunteerFactory(params, pop_rng)
+        volunteers = self.factory.initial()
+        self.specs = job_stream(params, pop_rng)
+        # Separate streams so churn and RTT jitter are identical for every policy; only crashes and
+        # lies (which depend on what runs where) come from the per-policy execution stream.
+        self.rng = np.random.default_rng(params.seed + 1)
+        self.churn_rng = np.random.default_rng(params.seed + 2)
+        self.rtt_rng = np.random.default_rng(params.seed + 3)
+        self.factory.rng = np.random.default_rng(params.seed + 4)
+        self.departed: dict[str, Volunteer] = {}
+        self.now = 0.0
+        self.nodes: dict[str, SimNode] = {}
+        self.events: list[tuple[float, int, int, int, str]] = []
+        self.seq = 0
+        self.execs: list[Execution] = []
+        self.jobs: dict[int, SimJob] = {}
+        self.pending: dict[int, JobRequest] = {}
+        self.gpu_s_executed = 0.0
+        self.accepted: list[tuple[float, bool, float]] = []  # (completion_s, correct, gpu_s one copy)
+        self.scheduler_s = 0.0
+        self.scheduler_calls = 0
+        self.tick_no = 0
+        self.gave_up = 0
+        self.accepted_verified = 0
+        self.wrong_verified = 0
+        for v in volunteers:
+            self._join(v, 0.0)
+        for spec in self.specs:
+            self._push(spec.submit_s, ARRIVE, spec.index)
+        self._push(0.0, TICK)
+
+    # --- event plumbing -------------------------------------------------------------------------
+
+    def _push(self, t: float, kind: int, a: int = 0, b: str = "") -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, a, b))
+
+    def _exp(self, rate_per_s: float, rng: np.random.Generator | None = None) -> float:
+        if rate_per_s <= 0:
+            return math.inf
+        return float((rng or self.rng).exponential(1.0 / rate_per_s))
+
+    def _join(self, v: Volunteer, now: float) -> None:
+        node = SimNode(v=v, free_gpus=len(v.gpus), cpus_free=v.cpus, since=now)
+        self.nodes[v.name] = node
+        self._go_online(node, now)
+
+    def _go_online(self, node: SimNode, now: float) -> None:
+        node.online = True
+        node.generation += 1
+        node.since = now
+        node.free_gpus = len(node.v.gpus)
+        node.cpus_free = node.v.cpus
+        node.snapshot = None
+        self._push(now + self._exp(self.p.churn_per_h / 3600.0, self.churn_rng), DOWN, node.generation, node.v.name)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        horizon = self.p.horizon_h * 3600.0
+        handlers = {
+            ARRIVE: self._on_arrive,
+            TICK: self._on_tick,
+            DONE: self._on_done,
+            CRASH: self._on_crash,
+            DOWN: self._on_down,
+            UP: self._on_up,
+            REQUEUE: self._on_requeue,
+        }
+        while self.events:
+            t, _, kind, a, b = heapq.heappop(self.events)
+            if t > horizon:
+                break
+            self.now = t
+            handlers[kind](t, a, b)
+            if kind == TICK and len(self.accepted) + self.gave_up == len(self.specs):
+                break
+        return self._metrics()
+
+    def _on_arrive(self, now: float, index: int, _: str) -> None:
+        spec = self.specs[index]
+        self.jobs[index] = job = SimJob(spec, self.p.verification_quorum if self.verify else 1)
+        self.pending[index] = self._request(job, replicas=1, quorum=job.quorum, owners=frozenset())
+
+    def _request(self, job: SimJob, replicas: int, quorum: int, owners: frozenset[str]) -> JobRequest:
+        s = job.spec
+        return JobRequest(
+            key=f"default/job-{s.index:06d}",
+            replicas=replicas,
+            gpus_per_replica=s.gpus,
+            gpu_memory_mib=s.memory_mib,
+            cpus_per_replica=2.0 * s.gpus,
+            min_reputation=s.min_reputation,
+            max_latency_ms=s.max_latency_ms,
+            regions=s.regions,
+            verification_quorum=quorum,
+            excluded_nodes=job.excluded,
+            excluded_owners=owners,
+            creation_index=s.index,
+            attempt=job.placements,
+        )
+
+    def _on_requeue(self, now: float, index: int, _: str) -> None:
+        job = self.jobs[index]
+        job.awaiting_detection -= 1
+        if job.done or job.gave_up:
+            return
+        if job.planned <= 1:
+            # The only copy was lost: plan afresh (a new replication coin for a new placement).
+            job.results.clear()
+            job.result_exec.clear()
+            job.missing = 0
+            self.pending[index] = self._request(job, 1, job.quorum, frozenset())
+        else:
+            job.missing += 1
+            self._request_missing(job)
+
+    def _request_missing(self, job: SimJob) -> None:
+        self.pending[job.spec.index] = self._request(job, job.missing, 1, self._owners_holding(job))
+
+    def _owners_holding(self, job: SimJob) -> frozenset[str]:
+        owners = {r.owner for r in job.results.values()}
+        owners.update(self.execs[e].owner for e in job.running)
+        return frozenset(owners)
+
+    def _snapshot(self, node: SimNode) -> NodeSnapshot:
+        if node.snapshot is None:
+            node.snapshot = NodeSnapshot(
+                name=node.v.name,
+                owner=node.v.owner,
+                region=node.v.region,
+                ready=node.online,
+                cordoned=False,
+                gpus=node.v.gpus,
+                free_gpus=node.free_gpus if node.online else 0,
+                cpus_free=node.cpus_free if node.online else 0.0,
+                rtt_ms=node.rtt.smoothed_ms if node.rtt else None,
+                rtt_updated_at=node.rtt.updated_at if node.rtt else None,
+                reputation=node.evidence,
+                running_jobs=len(node.running),
+            )
+        return node.snapshot
+
+    def _probe_rtts(self, now: float) -> None:
+        """Staggered heartbeat RTT samples: each online node is probed every `rtt_probe_every_s`."""
+        groups = max(1, round(self.p.rtt_probe_every_s / self.p.tick_s))
+        lat = self.cfg.latency
+        for i, node in enumerate(self.nodes.values()):
+            if node.online and (i + self.tick_no) % groups == 0:
+                sample = node.v.base_rtt_ms * float(self.rtt_rng.lognormal(0.0, 0.15))
+                node.rtt = observe_rtt(node.rtt, sample, now, lat)
+                node.snapshot = None
+
+    def _on_tick(self, now: float, _: int, __: str) -> None:
+        self._probe_rtts(now)
+        self.tick_no += 1
+        self._push(now + self.p.tick_s, TICK)
+        if not self.pending:
+            return
+        batch = list(self.pending.values())[: self.p.max_batch]
+        snapshots = [self._snapshot(n) for n in self.nodes.values()]
+        started = time.perf_counter()
+        result = self.placer.place(batch, snapshots, now)
+        self.scheduler_s += time.perf_counter() - started
+        self.scheduler_calls += 1
+        for placement in result.placements:
+            index = int(placement.job_key.rsplit("-", 1)[1])
+            job = self.jobs[index]
+            request = self.pending.pop(index)
+            if request.verification_quorum > 1:
+                job.planned = placement.copies
+            elif job.planned == 0:
+                job.planned = 1
+            job.missing = 0
+            job.placements += 1
+            for name in placement.nodes:
+                self._start(job, self.nodes[name], now)
+
+    def _start(self, job: SimJob, node: SimNode, now: float) -> None:
+        s = job.spec
+        rtt_s = node.v.base_rtt_ms / 1000.0
+        duration = s.compute_s + (s.compute_s / s.sync_every_s) * rtt_s
+        hazard = -math.log(node.v.reliability) / 3600.0
+        crash_after = self._exp(hazard)
+        exec_id = len(self.execs)
+        self.execs.append(Execution(s.index, node.v.name, node.v.owner, now, now + duration, s.gpus))
+        job.running.add(exec_id)
+        node.running.add(exec_id)
+        node.free_gpus -= s.gpus
+        node.cpus_free -= 2.0 * s.gpus
+        node.snapshot = None
+        if node.free_gpus < 0 or node.cpus_free < -1e-9:
+            raise AssertionError(f"{self.placer.name} over-committed {node.v.name}")
+        if crash_after < duration:
+            self._push(now + crash_after, CRASH, exec_id)
+        else:
+            self._push(now + duration, DONE, exec_id)
+
+    def _stop(self, exec_id: int, now: float) -> tuple[Execution, SimNode, SimJob]:
+        ex = self.execs[exec_id]
+        ex.live = False
+        self.gpu_s_executed += ex.gpus * (now - ex.start)
+        node = self.nodes[ex.node]
+        node.running.discard(exec_id)
+        if node.online:
+            node.free_gpus += ex.gpus
+            node.cpus_free += 2.0 * ex.gpus
+        node.snapshot = None
+        job = self.jobs[ex.job]
+        job.running.discard(exec_id)
+        return ex, node, job
+
+    def _digest(self, node: SimNode, job: SimJob) -> str:
+        v = node.v
+        node.results_returned += 1
+        lying = v.kind == "liar" or (v.kind == "sleeper" and node.results_returned > v.sleeper_after)
+        if lying and self.rng.random() < v.lie_probability:
+            return "bad" if self.p.colluding else f"bad-{v.name}"
+        return TRUE_DIGEST
+
+    def _on_done(self, now: float, exec_id: int, _: str) -> None:
+        ex = self.execs[exec_id]
+        if not ex.live:
+            return
+        ex, node, job = self._stop(exec_id, now)
+        if job.done or job.gave_up:
+            return
+        digest = self._digest(node, job)
+        job.results[ex.node] = NodeResult(ex.owner, digest)
+        job.result_exec[ex.node] = exec_id
+        rc = self.cfg.reputation
+        if job.planned <= 1:
+            node.evidence = record_success(node.evidence, now, rc)
+            self._accept(job, now, digest, exec_id)
+            return
+        if job.running or job.missing or job.awaiting_detection:
+            return
+        decision = decide_quorum(job.results, job.quorum)
+        if isinstance(decision, Accepted):
+            evidence = {n: self.nodes[n].evidence for n in job.results if n in self.nodes}
+            decision = Accepted(
+                decision.digest,
+                tuple(n for n in decision.agreeing if n in evidence),
+                tuple(n for n in decision.disagreeing if n in evidence),
+            )
+            for name, ev in apply_quorum_outcome(evidence, decision, now, rc).items():
+                self.nodes[name].evidence = ev
+                self.nodes[name].snapshot = None
+            first = job.result_exec[decision.agreeing[0]] if decision.agreeing else exec_id
+            self._accept(job, now, decision.digest, first)
+            return
+        if len(job.results) + decision.more_copies > self.cfg.verification.max_copies:
+            job.gave_up = True
+            self.gave_up += 1
+            return
+        job.missing = decision.more_copies
+        self._request_missing(job)
+
+    def _accept(self, job: SimJob, now: float, digest: str, exec_id: int) -> None:
+        job.done = True
+        ex = self.execs[exec_id]
+        correct = digest == TRUE_DIGEST
+        self.accepted.append((now - job.spec.submit_s, correct, ex.gpus * (ex.end - ex.start)))
+        verified = job.planned >= 2
+        self.accepted_verified += verified
+        self.wrong_verified += verified and not correct
+        for other in list(job.running):  # copies still running are cancelled
+            self._stop(other, now)
+        self.pending.pop(job.spec.index, None)
+
+    def _fail_over(self, job: SimJob, node_name: str, now: float) -> None:
+        if job.done or job.gave_up:
+            return
+        state = JobAttemptState(
+            key=str(job.spec.index),
+            attempt=0,
+            backoff_limit=0,
+            assigned_nodes=(node_name,),
+            excluded_nodes=job.excluded,
+        )
+        action = on_node_lost(state, node_name)
+        if isinstance(action, Reschedule):
+            job.excluded = action.excluded_nodes
+            job.awaiting_detection += 1
+            self._push(now + self.p.lost_detection_s, REQUEUE, job.spec.index)
+
+    def _on_crash(self, now: float, exec_id: int, _: str) -> None:
+        if not self.execs[exec_id].live:
+            return
+        ex, node, job = self._stop(exec_id, now)
+        node.evidence = record_failure(node.evidence, now, self.cfg.reputation)
+        self._fail_over(job, ex.node, now)
+
+    def _on_down(self, now: float, generation: int, name: str) -> None:
+        node = self.nodes.get(name)
+        if node is None or not node.online or node.generation != generation:
+            return
+        rc = self.cfg.reputation
+        node.evidence = record_heartbeats(node.evidence, now, rc, (now - node.since) / self.p.heartbeat_s, 0.0)
+        lost = list(node.running)
+        node.online = False
+        for exec_id in lost:
+            _, _, job = self._stop(exec_id, now)
+            node.evidence = record_timeout(node.evidence, now, rc)
+            self._fail_over(job, name, now)
+        node.since = now
+        node.snapshot = None
+        back_after = self._exp(1.0 / (self.p.offline_mean_h * 3600.0), self.churn_rng)
+        if self.churn_rng.random() < self.p.churn_returns:
+            self._push(now + back_after, UP, 0, name)
+        else:
+            # Gone for good (its VolunteerNode is deleted); a brand-new volunteer joins later.
+            self.departed[name] = self.nodes.pop(name).v
+            self._push(now + back_after, UP, 1, name)
+
+    def _on_up(self, now: float, replace_it: int, name: str) -> None:
+        if replace_it:
+            self._join(self.factory.replacement(self.departed.pop(name)), now)
+            return
+        node = self.nodes[name]
+        node.evidence = record_heartbeats(
+            node.evidence, now, self.cfg.reputation, 0.0, (now - node.since) / self.p.heartbeat_s
+        )
+        self._go_online(node, now)
+
+    # --- metrics --------------------------------------------------------------------------------
+
+    def _metrics(self) -> dict[str, Any]:
+        # Work still running when the simulation stops is counted up to that moment.
+        still_running = sum(e.gpus * (self.now - e.start) for e in self.execs if e.live)
+        completions = np.array([c for c, _, _ in self.accepted]) if self.accepted else np.zeros(1)
+        correct = sum(1 for _, ok, _ in self.accepted if ok)
+        useful = sum(g for _, _, g in self.accepted)
+        executed = self.gpu_s_executed + still_running
+        return {
+            "jobs": len(self.specs),
+            "accepted": len(self.accepted),
+            "unfinished": len(self.specs) - len(self.accepted),
+            "gave_up_no_majority": sum(1 for j in self.jobs.values() if j.gave_up),
+            "correct_rate": correct / max(len(self.accepted), 1),
+            "wrong_accepted": len(self.accepted) - correct,
+            "accepted_by_quorum": self.accepted_verified,
+            "wrong_accepted_by_quorum": self.wrong_verified,
+            "wrong_accepted_single_copy": len(self.accepted) - correct - self.wrong_verified,
+            "completion_mean_s": float(completions.mean()),
+            "completion_p50_s": float(np.percentile(completions, 50)),
+            "completion_p95_s": float(np.percentile(completions, 95)),
+            "wasted_gpu_hours": (executed - useful) / 3600.0,
+            "executed_gpu_hours": executed / 3600.0,
+            "useful_gpu_hours": useful / 3600.0,
+            "replication_overhead": executed / useful if useful else math.inf,
+            "executions": len(self.execs),
+            "scheduler_calls": self.scheduler_calls,
+            "scheduler_seconds": self.scheduler_s,
+        }

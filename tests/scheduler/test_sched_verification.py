@@ -1,0 +1,123 @@
+"""Replicated verification: adaptive replication, quorum decisions, liars losing work over rounds."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from koinon_operator.scheduler import (
+    DEFAULT_CONFIG,
+    Accepted,
+    Gpu,
+    JobRequest,
+    NodeResult,
+    NodeSnapshot,
+    NoMajority,
+    ReputationEvidence,
+    TrustRecord,
+    apply_quorum_outcome,
+    decide_quorum,
+    lower_bound,
+    plan_replication,
+    record_success,
+    schedule,
+    skip_probability,
+    stable_seed,
+)
+
+VC = DEFAULT_CONFIG.verification
+RC = DEFAULT_CONFIG.reputation
+
+
+def test_untrusted_nodes_always_replicate_and_no_verification_means_one_copy() -> None:
+    for seed in range(200):
+        assert plan_replication(2, TrustRecord(consecutive_valid=9), seed, VC) == 2
+        assert plan_replication(1, TrustRecord(consecutive_valid=0), seed, VC) == 1
+
+
+def test_trusted_nodes_skip_with_probability_one_minus_one_over_n_capped() -> None:
+    assert skip_probability(TrustRecord(10), VC) == 0.9
+    assert skip_probability(TrustRecord(1000), VC) == VC.max_skip_probability
+    assert skip_probability(TrustRecord(50, owner_disagreements=1.0), VC) == 0.0
+    seeds = [stable_seed("ns/job", i) for i in range(4000)]
+    skipped = sum(plan_replication(2, TrustRecord(10), s, VC) == 1 for s in seeds) / len(seeds)
+    assert 0.88 < skipped < 0.92
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.text(min_size=1, max_size=20), st.integers(0, 5), st.integers(0, 60))
+def test_plan_is_deterministic_for_a_seed(key: str, attempt: int, valid: int) -> None:
+    seed = stable_seed(key, attempt)
+    assert plan_replication(3, TrustRecord(valid), seed, VC) == plan_replication(3, TrustRecord(valid), seed, VC)
+
+
+def test_quorum_accepts_majority_and_names_dissenters() -> None:
+    results = {"a": NodeResult("o1", "X"), "b": NodeResult("o2", "Y"), "c": NodeResult("o3", "X")}
+    decision = decide_quorum(results, 2)
+    assert decision == Accepted("X", ("a", "c"), ("b",))
+
+
+def test_quorum_without_majority_asks_for_more_copies() -> None:
+    decision = decide_quorum({"a": NodeResult("o1", "X"), "b": NodeResult("o2", "Y")}, 2)
+    assert isinstance(decision, NoMajority) and decision.more_copies == 1
+    assert decision.owner_votes == {"X": 1, "Y": 1}
+    assert decide_quorum({"a": NodeResult("o1", "X")}, 3) == NoMajority({"X": 1}, 2)
+
+
+def test_quorum_counts_owners_not_nodes() -> None:
+    results = {f"s{i}": NodeResult("mallory", "BAD") for i in range(5)}
+    results["h"] = NodeResult("alice", "GOOD")
+    decision = decide_quorum(results, 2)
+    assert isinstance(decision, NoMajority)
+    results["h2"] = NodeResult("bob", "GOOD")
+    assert decide_quorum(results, 2) == Accepted("GOOD", ("h", "h2"), tuple(f"s{i}" for i in range(5)))
+
+
+def test_quorum_outcome_updates_reputation() -> None:
+    ev = {n: ReputationEvidence(consecutive_valid=4) for n in "abc"}
+    out = apply_quorum_outcome(ev, Accepted("X", ("a", "c"), ("b",)), 100.0, RC)
+    assert out["a"].consecutive_valid == 5 and out["a"].agreements == 1
+    assert out["b"].consecutive_valid == 0 and out["b"].disagreements == 1
+
+
+def _node(name: str, owner: str, rtt: float, ev: ReputationEvidence, now: float) -> NodeSnapshot:
+    return NodeSnapshot(name, owner, "eu", True, False, (Gpu("A", 24576),), 1, 8.0, rtt, now, ev)
+
+
+def test_a_liar_loses_reputation_and_stops_receiving_replicated_work() -> None:
+    """Rounds of replicated jobs through the pure functions; the liar is the fastest node."""
+    evidence = {f"h{i}": ReputationEvidence() for i in range(8)}
+    evidence["liar"] = ReputationEvidence()
+    owners = {n: f"owner-{n}" for n in evidence}
+    rtt = {n: 200.0 for n in evidence} | {"liar": 5.0}
+    liar_jobs = []
+    wrong_accepted = 0
+    for rnd in range(60):
+        now = 1000.0 + 600.0 * rnd
+        nodes = [_node(n, owners[n], rtt[n], evidence[n], now) for n in evidence]
+        job = JobRequest(f"ns/job-{rnd}", verification_quorum=2)
+        (placement,) = schedule([job], nodes, now).placements
+        liar_jobs.append("liar" in placement.nodes)
+        results = {n: NodeResult(owners[n], "BAD" if n == "liar" else "OK") for n in placement.nodes}
+        if placement.copies == 1:
+            (n,) = placement.nodes
+            evidence[n] = record_success(evidence[n], now, RC)
+            wrong_accepted += results[n].digest != "OK"
+            continue
+        decision = decide_quorum(results, 2)
+        while isinstance(decision, NoMajority):
+            extra = JobRequest(
+                job.key,
+                verification_quorum=1,
+                replicas=decision.more_copies,
+                excluded_owners=frozenset(r.owner for r in results.values()),
+            )
+            (more,) = schedule([extra], nodes, now).placements
+            results |= {n: NodeResult(owners[n], "BAD" if n == "liar" else "OK") for n in more.nodes}
+            decision = decide_quorum(results, 2)
+        assert decision.digest == "OK"
+        evidence |= apply_quorum_outcome(evidence, decision, now, RC)
+    assert liar_jobs[0], "the liar starts out preferred (fast, fresh)"
+    assert not any(liar_jobs[10:]), "the liar kept receiving work"
+    assert wrong_accepted == 0
+    assert lower_bound(evidence["liar"], now, RC) < 0.05
+    assert min(lower_bound(evidence[f"h{i}"], now, RC) for i in range(8)) > lower_bound(evidence["liar"], now, RC)
