@@ -13,13 +13,15 @@ from koinon_operator.api.constants import AIJOB_PLURAL, FINALIZER, GROUP, VERSIO
 from koinon_operator.config import OperatorConfig
 from koinon_operator.inventory import Allocation, RayNodeCache
 from koinon_operator.kube import delete_aijob
-from koinon_operator.placement import FirstFitPlacer
 from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
 from koinon_operator.reconciler import AIJobReconciler, allocation_of
+from koinon_operator.reputation_book import ReputationBook
+from koinon_operator.scheduling import ReputationPlacer
 from koinon_operator.telemetry import JobTracer, setup_tracing
 from koinon_operator.volunteers import managed_by_gateway, status_from_ray
 
 CONFIG = OperatorConfig.from_env()
+logger = logging.getLogger(__name__)
 
 
 @kopf.on.startup()
@@ -37,7 +39,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.tracing = setup_tracing()
     memo.tracer = JobTracer(memo.tracing)
     memo.ray = RayJobsClient(CONFIG.ray_dashboard_url, auth_token=CONFIG.ray_auth_token)
-    memo.reconciler = AIJobReconciler(ray=memo.ray, placer=FirstFitPlacer(), nodes=RayNodeCache(memo.ray))
+    memo.reconciler = AIJobReconciler(ray=memo.ray, placer=ReputationPlacer(), nodes=RayNodeCache(memo.ray))
+    memo.reputation = ReputationBook()
 
 
 @kopf.on.cleanup()
@@ -82,6 +85,12 @@ async def reconcile_aijob(
     for event in outcome.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
     memo.tracer.record(body, outcome.status, [(e.type, e.reason, e.message) for e in outcome.events])
+    if outcome.reputation:
+        try:
+            await memo.reputation.record(outcome.reputation)
+        except Exception as error:  # bookkeeping must not stall the job itself
+            # An exception here would make kopf back off this job's timer for a minute.
+            logger.warning("could not record reputation evidence %s: %r", outcome.reputation, error)
     if outcome.delete:
         await delete_aijob(namespace or "default", name)
 

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from koinon_operator.api.aijob import parse_time
 from koinon_operator.placement import NodeCapacity
 from koinon_operator.ray_jobs import RayJobsClient, RayNodeInfo
 
@@ -39,10 +40,12 @@ def build_capacity(
     """
     used_gpus: dict[str, int] = {}
     used_cpus: dict[str, float] = {}
+    running: dict[str, int] = {}
     for allocation in allocations:
         for name in allocation.nodes:
             used_gpus[name] = used_gpus.get(name, 0) + allocation.gpus_per_replica
             used_cpus[name] = used_cpus.get(name, 0.0) + allocation.cpus_per_replica
+            running[name] = running.get(name, 0) + 1
     capacity: list[NodeCapacity] = []
     for node in ray_nodes:
         if node.is_head or not node.alive:
@@ -70,10 +73,18 @@ def build_capacity(
                 ready=status.get("phase", "Ready") != "NotReady",
                 cordoned=bool(spec.get("cordoned", False)),
                 latency_ms=latency.get("smoothedMs"),
+                latency_updated_at=_epoch(latency.get("updatedAt")),
                 reputation=float(reputation.get("lowerBound", 0.5)),
+                reputation_status=reputation or None,
+                running_jobs=running.get(name, 0),
             )
         )
     return capacity
+
+
+def _epoch(value: object) -> float | None:
+    moment = parse_time(value)
+    return moment.timestamp() if moment else None
 
 
 class RayNodeCache:

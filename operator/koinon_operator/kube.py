@@ -10,7 +10,7 @@ from kubernetes.client.exceptions import ApiException
 from koinon_operator.api.constants import AIJOB_PLURAL, GROUP, VERSION
 
 
-def _load_config() -> None:
+def load_config() -> None:
     try:
         config.load_incluster_config()  # type: ignore[no-untyped-call]
     except config.ConfigException:
@@ -19,7 +19,7 @@ def _load_config() -> None:
 
 async def delete_aijob(namespace: str, name: str) -> None:
     def call() -> None:
-        _load_config()
+        load_config()
         api = client.CustomObjectsApi()
         try:
             api.delete_namespaced_custom_object(GROUP, VERSION, namespace, AIJOB_PLURAL, name)

@@ -7,9 +7,9 @@ behind the same interface. Inputs are plain snapshots, so a policy is a pure fun
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,10 @@ class NodeCapacity:
     ready: bool = True
     cordoned: bool = False
     latency_ms: float | None = None
+    latency_updated_at: float | None = None
     reputation: float = 0.5
+    reputation_status: Mapping[str, Any] | None = None
+    running_jobs: int = 0
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,9 @@ class PlacementRequest:
     regions: tuple[str, ...] = ()
     distinct_owners: bool = False
     excluded_nodes: frozenset[str] = frozenset()
+    verification_quorum: int = 1
+    attempt: int = 0
+    creation_index: int = 0
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,7 @@ class PlacementDecision:
     nodes: tuple[NodeCapacity, ...] = ()
     reasons: dict[str, int] = field(default_factory=dict)
     total_nodes: int = 0
+    copies: int = 1  # verification copies: ``nodes`` holds copies x replicas nodes, copy-major
 
     @property
     def placed(self) -> bool:

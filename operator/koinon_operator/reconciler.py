@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from koinon_operator.api.aijob import AIJobSpec, AIJobStatus, SpecError, format_time, parse_spec
+from koinon_operator.api.aijob import AIJobSpec, AIJobStatus, SpecError, format_time, parse_spec, parse_time
 from koinon_operator.api.conditions import set_condition
 from koinon_operator.api.constants import SUBMISSION_PREFIX, ConditionType, Phase
-from koinon_operator.inventory import Allocation, RayNodeCache, build_capacity
+from koinon_operator.inventory import Allocation, RayNodeCache, build_capacity, node_name
 from koinon_operator.placement import PlacementDecision, PlacementRequest, Placer
 from koinon_operator.ray_jobs import (
     RayJobInfo,
@@ -30,6 +30,7 @@ from koinon_operator.ray_jobs import (
     Submission,
 )
 from koinon_operator.telemetry import traceparent
+from koinon_operator.verification import CopyResult, judge
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class Outcome:
     status: dict[str, Any] = field(default_factory=dict)
     events: list[JobEvent] = field(default_factory=list)
     delete: bool = False
+    # (node, kind) evidence for the volunteers' reputation: success, failure, timeout,
+    # agreement or disagreement.
+    reputation: list[tuple[str, str]] = field(default_factory=list)
 
     def event(self, reason: str, message: str, warning: bool = False) -> None:
         self.events.append(JobEvent("Warning" if warning else "Normal", reason, message))
@@ -61,6 +65,23 @@ def submission_id_for(uid: str, attempt: int) -> str:
     """Deterministic: the same object and attempt always map to the same Ray submission, so an
     operator that restarts between submitting and recording the submission adopts, never repeats."""
     return f"{SUBMISSION_PREFIX}-{uid}-{attempt}"
+
+
+def copy_submission_id(uid: str, attempt: int, copy: int) -> str:
+    """Verification copy ``copy`` of an attempt; copy 0 is the attempt's own submission."""
+    base = submission_id_for(uid, attempt)
+    return base if copy == 0 else f"{base}-copy{copy}"
+
+
+def copy_submission_id_from(submission_id: str | None, copy: int) -> str | None:
+    if not submission_id:
+        return None
+    return submission_id if copy == 0 else f"{submission_id}-copy{copy}"
+
+
+def _user_error(info: RayJobInfo) -> bool:
+    """The driver exited with its own non-zero code: the job's fault, not the volunteer's."""
+    return info.driver_exit_code not in (None, 0)
 
 
 def trace_id_for(uid: str) -> str:
@@ -214,7 +235,11 @@ class AIJobReconciler:
         if not self.backoff.ready(key, self.monotonic()):
             return outcome
         try:
-            await self._advance(key, uid, spec, state, writer, outcome, recorded_allocations, volunteers)
+            creation = parse_time(meta.get("creationTimestamp"))
+            creation_index = int(creation.timestamp()) if creation else 0
+            await self._advance(
+                key, uid, spec, state, writer, outcome, recorded_allocations, volunteers, creation_index
+            )
         except RayUnavailableError as error:
             delay = self.backoff.failed(key, self.monotonic())
             writer.condition(ConditionType.RAY_REACHABLE, False, "RayUnavailable", f"{error}; retrying in {delay:.0f}s")
@@ -231,9 +256,15 @@ class AIJobReconciler:
         meta = body.get("metadata") or {}
         self.ledger.forget(f"{meta.get('namespace')}/{meta.get('name')}")
         if state.submission_id and state.phase is not None and state.phase.holds_nodes:
-            await self.ray.stop(state.submission_id)
+            await self._stop_copies(state)
             return True
         return False
+
+    async def _stop_copies(self, state: AIJobStatus) -> None:
+        for copy in range(state.copies):
+            submission_id = copy_submission_id_from(state.submission_id, copy)
+            if submission_id:
+                await self.ray.stop(submission_id)
 
     # ----------------------------------------------------------------- internals
 
@@ -247,12 +278,13 @@ class AIJobReconciler:
         outcome: Outcome,
         recorded_allocations: Mapping[str, Allocation],
         volunteers: Mapping[str, Mapping[str, Any]],
+        creation_index: int,
     ) -> None:
         now = self.clock()
         phase = state.phase
         if spec.suspend:
             if phase is not None and phase.holds_nodes and state.submission_id:
-                await self.ray.stop(state.submission_id)
+                await self._stop_copies(state)
             if phase is not Phase.SUSPENDED:
                 self.ledger.release(key)
                 writer.set(assignedNodes=[], submissionId=None)
@@ -272,7 +304,7 @@ class AIJobReconciler:
             and (now - state.start_time).total_seconds() > spec.active_deadline_seconds
         ):
             if state.submission_id:
-                await self.ray.stop(state.submission_id)
+                await self._stop_copies(state)
             self._finish(
                 key,
                 writer,
@@ -284,10 +316,10 @@ class AIJobReconciler:
             return
 
         if phase is Phase.PENDING:
-            await self._place(key, uid, spec, state, writer, outcome, recorded_allocations, volunteers)
+            await self._place(key, uid, spec, state, writer, outcome, recorded_allocations, volunteers, creation_index)
             return
         if phase in (Phase.SCHEDULED, Phase.RUNNING) and state.submission_id:
-            await self._follow(key, spec, state, writer, outcome)
+            await self._follow(key, uid, spec, state, writer, outcome)
 
     async def _place(
         self,
@@ -299,7 +331,9 @@ class AIJobReconciler:
         outcome: Outcome,
         recorded_allocations: Mapping[str, Allocation],
         volunteers: Mapping[str, Mapping[str, Any]],
+        creation_index: int,
     ) -> None:
+        verified = spec.verification.mode == "replicated"
         request = PlacementRequest(
             job_key=key,
             replicas=spec.replicas,
@@ -309,7 +343,11 @@ class AIJobReconciler:
             min_reputation=spec.constraints.min_reputation,
             max_latency_ms=spec.constraints.max_latency_ms,
             regions=spec.constraints.regions,
-            distinct_owners=spec.verification.mode == "replicated",
+            distinct_owners=verified,
+            excluded_nodes=frozenset(state.excluded_nodes),
+            verification_quorum=spec.verification.quorum if verified else 1,
+            attempt=state.attempts + 1,
+            creation_index=creation_index,
         )
         async with self.placement_lock:
             ray_nodes = await self.nodes.get()
@@ -321,38 +359,47 @@ class AIJobReconciler:
         if not decision.placed:
             message = decision.message
             previous = writer.previous_message()
-            writer.set(scheduling={"decision": "Unschedulable", "reasons": decision.reasons})
+            writer.set(scheduling={**state.scheduling, "decision": "Unschedulable", "reasons": decision.reasons})
             writer.phase(Phase.PENDING, "Unschedulable", message)
             writer.condition(ConditionType.SCHEDULED, False, "Unschedulable", message)
             if previous != message:
                 outcome.event("Unschedulable", message, warning=True)
             return
         attempt = state.attempts + 1
-        submission_id = submission_id_for(uid, attempt)
         names = [node.name for node in decision.nodes]
+        copies = decision.copies
         writer.set(
             attempts=attempt,
-            submissionId=submission_id,
+            submissionId=submission_id_for(uid, attempt),
             assignedNodes=names,
             rayNodeIds=[node.ray_node_id for node in decision.nodes],
             scheduling={
                 "decision": "Placed",
                 "addresses": [node.address for node in decision.nodes],
+                "owners": [node.owner for node in decision.nodes],
+                "copies": copies,
+                "replicas": spec.replicas,
+                "excludedNodes": list(state.excluded_nodes),
                 "reasons": {},
             },
         )
-        writer.phase(Phase.SCHEDULED, "Scheduled", f"attempt {attempt} placed on {', '.join(names)}")
+        verification = f", {copies} verification copies" if copies > 1 else ""
+        if verified and copies == 1:
+            verification = ", verification skipped (trusted nodes, spot-check not drawn)"
+        writer.phase(Phase.SCHEDULED, "Scheduled", f"attempt {attempt} placed on {', '.join(names)}{verification}")
         writer.condition(ConditionType.SCHEDULED, True, "Placed", decision.message)
-        outcome.event("Scheduled", f"attempt {attempt}: {decision.message}")
+        outcome.event("Scheduled", f"attempt {attempt}: {decision.message}{verification}")
 
     async def _follow(
-        self, key: str, spec: AIJobSpec, state: AIJobStatus, writer: _StatusWriter, outcome: Outcome
+        self, key: str, uid: str, spec: AIJobSpec, state: AIJobStatus, writer: _StatusWriter, outcome: Outcome
     ) -> None:
-        assert state.submission_id is not None
-        info = await self.ray.get(state.submission_id)
-        if info is None:
+        submissions = [copy_submission_id(uid, state.attempts, k) for k in range(state.copies)]
+        infos = [await self.ray.get(submission_id) for submission_id in submissions]
+        missing = [k for k, info in enumerate(infos) if info is None]
+        if missing:
             if state.phase is Phase.SCHEDULED:
-                await self._submit(key, spec, state, outcome)
+                for k in missing:
+                    await self._submit(key, uid, spec, state, k, outcome)
                 return
             await self._attempt_failed(
                 key,
@@ -363,21 +410,175 @@ class AIJobReconciler:
                 "RayJobLost",
                 "Ray no longer knows the job (head restarted?)",
                 "",
+                user_error=False,
             )
             return
-        await self._apply_ray_state(key, spec, state, info, writer, outcome)
+        known = [info for info in infos if info is not None]
+        if state.phase is not Phase.RUNNING and any(i.state is RayJobState.RUNNING for i in known):
+            if state.start_time is None:
+                writer.set(startTime=format_time(self.clock()))
+            writer.phase(Phase.RUNNING, "Running", f"attempt {state.attempts} running on Ray")
+            writer.condition(ConditionType.RUNNING, True, "Running", "running")
+            outcome.event("Running", f"attempt {state.attempts} started on {', '.join(state.assigned_nodes)}")
+            return
+        if not all(info.state.terminal for info in known):
+            return
+        lost = await self._lost_nodes(state)
+        if lost and any(info.state is not RayJobState.SUCCEEDED for info in known):
+            await self._node_lost(key, spec, state, writer, outcome, lost)
+            return
+        logs = [await self.ray.logs(info.submission_id, info.driver_node_id) for info in known]
+        if any(
+            info.state is RayJobState.SUCCEEDED and RESULT_MARKER not in text and not self._logs_settled(info)
+            for info, text in zip(known, logs, strict=True)
+        ):
+            return  # Ray reports SUCCEEDED before the driver's log is flushed; look again next pass
+        if state.copies == 1:
+            await self._conclude_single(key, spec, state, known[0], logs[0], writer, outcome)
+        else:
+            await self._conclude_verified(key, spec, state, known, logs, writer, outcome)
 
-    async def _submit(self, key: str, spec: AIJobSpec, state: AIJobStatus, outcome: Outcome) -> None:
-        assert state.submission_id is not None
+    async def _conclude_single(
+        self,
+        key: str,
+        spec: AIJobSpec,
+        state: AIJobStatus,
+        info: RayJobInfo,
+        logs: str,
+        writer: _StatusWriter,
+        outcome: Outcome,
+    ) -> None:
+        if info.state is RayJobState.SUCCEEDED:
+            result = extract_result(logs)
+            writer.set(result=result)
+            if state.start_time is None:
+                writer.set(startTime=format_time(self.clock()))
+            outcome.reputation.extend((node, "success") for node in state.assigned_nodes)
+            summary = f": {result['value'][:200]}" if "value" in result else ""
+            self._finish(
+                key, writer, outcome, Phase.SUCCEEDED, "Completed", f"attempt {state.attempts} succeeded{summary}"
+            )
+            return
+        await self._attempt_failed(
+            key,
+            spec,
+            state,
+            writer,
+            outcome,
+            "RayJobFailed",
+            info.message or info.state.value,
+            log_tail(logs, 10),
+            user_error=_user_error(info),
+        )
+
+    async def _conclude_verified(
+        self,
+        key: str,
+        spec: AIJobSpec,
+        state: AIJobStatus,
+        infos: list[RayJobInfo],
+        logs: list[str],
+        writer: _StatusWriter,
+        outcome: Outcome,
+    ) -> None:
+        copies: list[CopyResult] = []
+        results: dict[str, dict[str, Any]] = {}
+        for k, (info, text) in enumerate(zip(infos, logs, strict=True)):
+            node = state.copy_nodes(k)[0]
+            result = extract_result(text) if info.state is RayJobState.SUCCEEDED else None
+            if result is not None:
+                results[node] = result
+            copies.append(CopyResult(k, node, state.owner_of(node), result["digest"] if result else None))
+        verdict = judge(copies)
+        writer.set(
+            verification={
+                "copies": state.copies,
+                "digests": {c.node: c.digest for c in copies},
+                "agreeing": list(verdict.agreeing),
+                "disagreeing": list(verdict.disagreeing),
+                "failed": list(verdict.failed),
+            }
+        )
+        outcome.reputation.extend((node, "failure") for node in verdict.failed)
+        if verdict.accepted:
+            outcome.reputation.extend((node, "agreement") for node in verdict.agreeing)
+            outcome.reputation.extend((node, "disagreement") for node in verdict.disagreeing)
+            if verdict.disagreeing:
+                outcome.event(
+                    "ResultDisagreement",
+                    f"{', '.join(verdict.disagreeing)} returned a result the majority did not",
+                    warning=True,
+                )
+            accepted = results[verdict.agreeing[0]]
+            writer.set(result=accepted)
+            summary = f": {accepted['value'][:200]}" if "value" in accepted else ""
+            self._finish(
+                key,
+                writer,
+                outcome,
+                Phase.SUCCEEDED,
+                "Verified",
+                f"attempt {state.attempts}: {len(verdict.agreeing)}/{state.copies} copies agree{summary}",
+            )
+            return
+        outcome.reputation.extend((node, "disagreement") for node in verdict.disagreeing)
+        reruns = state.verification_reruns + 1
+        message = f"attempt {state.attempts}: no majority among {state.copies} copies (votes {dict(verdict.votes)})"
+        if reruns > spec.backoff_limit:
+            self._finish(key, writer, outcome, Phase.FAILED, "NoMajority", message)
+            return
+        self.ledger.release(key)
+        excluded = sorted({*state.excluded_nodes, *state.assigned_nodes})
+        writer.set(
+            assignedNodes=[],
+            rayNodeIds=[],
+            verificationReruns=reruns,
+            scheduling={**state.scheduling, "excludedNodes": excluded},
+        )
+        writer.phase(Phase.PENDING, "NoMajority", f"{message}; rerunning on fresh nodes")
+        outcome.event("NoMajority", f"{message}; rerunning on fresh nodes", warning=True)
+
+    async def _lost_nodes(self, state: AIJobStatus) -> list[str]:
+        """Assigned nodes that Ray no longer has alive (checked against a fresh node list)."""
+        self.nodes.invalidate()
+        alive = {node_name(n) for n in await self.nodes.get() if n.alive and not n.is_head}
+        return [node for node in state.assigned_nodes if node not in alive]
+
+    async def _node_lost(
+        self,
+        key: str,
+        spec: AIJobSpec,
+        state: AIJobStatus,
+        writer: _StatusWriter,
+        outcome: Outcome,
+        lost: list[str],
+    ) -> None:
+        """A volunteer vanished mid-attempt: not the job's fault, so it fails over to other nodes
+        without counting against backoffLimit, and the lost node is excluded from this job."""
+        await self._stop_copies(state)
+        self.ledger.release(key)
+        outcome.reputation.extend((node, "timeout") for node in lost)
+        excluded = sorted({*state.excluded_nodes, *lost})
+        writer.set(assignedNodes=[], rayNodeIds=[], scheduling={**state.scheduling, "excludedNodes": excluded})
+        message = f"attempt {state.attempts}: node(s) {', '.join(lost)} lost; failing over to other nodes"
+        writer.phase(Phase.PENDING, "NodeLost", message)
+        outcome.event("NodeLost", message, warning=True)
+
+    async def _submit(
+        self, key: str, uid: str, spec: AIJobSpec, state: AIJobStatus, copy: int, outcome: Outcome
+    ) -> None:
         namespace, name = key.split("/", 1)
+        submission_id = copy_submission_id(uid, state.attempts, copy)
+        nodes, addresses = state.copy_nodes(copy), state.copy_addresses(copy)
         env_vars = dict(spec.runtime_env.get("env_vars") or {})
         env_vars.update(
             KOINON_JOB=key,
             KOINON_ATTEMPT=str(state.attempts),
+            KOINON_COPY=str(copy),
             KOINON_REPLICAS=str(spec.replicas),
             KOINON_GPUS_PER_REPLICA=str(spec.resources.gpus),
-            KOINON_NODE_NAMES=",".join(state.assigned_nodes),
-            KOINON_NODE_ADDRESSES=",".join(state.node_addresses),
+            KOINON_NODE_NAMES=",".join(nodes),
+            KOINON_NODE_ADDRESSES=",".join(addresses),
         )
         if state.trace_id:
             # W3C trace context: an instrumented job's own spans join the job's trace.
@@ -385,13 +586,17 @@ class AIJobReconciler:
         runtime_env = dict(spec.runtime_env)
         runtime_env["env_vars"] = env_vars
         submission = Submission(
-            submission_id=state.submission_id,
+            submission_id=submission_id,
             entrypoint=spec.entrypoint,
             runtime_env=runtime_env,
-            # The driver runs on the first assigned volunteer, never on the head (which has no CPUs
+            # The driver runs on the copy's first volunteer, never on the head (which has no CPUs
             # for user work); the tiny amount of the node's own resource only pins it there.
-            entrypoint_resources={f"node:{state.node_addresses[0]}": 0.001} if state.node_addresses else {},
-            metadata={"koinon.dev/aijob": f"{namespace}/{name}", "koinon.dev/attempt": str(state.attempts)},
+            entrypoint_resources={f"node:{addresses[0]}": 0.001} if addresses else {},
+            metadata={
+                "koinon.dev/aijob": f"{namespace}/{name}",
+                "koinon.dev/attempt": str(state.attempts),
+                "koinon.dev/copy": str(copy),
+            },
         )
         try:
             created = await self.ray.submit(submission)
@@ -400,56 +605,8 @@ class AIJobReconciler:
             raise RayUnavailableError(str(error)) from error
         outcome.event(
             "Submitted" if created else "Adopted",
-            f"Ray submission {state.submission_id}" + ("" if created else " already existed"),
+            f"Ray submission {submission_id}" + ("" if created else " already existed"),
         )
-
-    async def _apply_ray_state(
-        self,
-        key: str,
-        spec: AIJobSpec,
-        state: AIJobStatus,
-        info: RayJobInfo,
-        writer: _StatusWriter,
-        outcome: Outcome,
-    ) -> None:
-        if info.state is RayJobState.RUNNING and state.phase is not Phase.RUNNING:
-            if state.start_time is None:
-                writer.set(startTime=format_time(self.clock()))
-            writer.phase(Phase.RUNNING, "Running", f"attempt {state.attempts} running on Ray")
-            writer.condition(ConditionType.RUNNING, True, "Running", info.message or "running")
-            outcome.event("Running", f"attempt {state.attempts} started on {', '.join(state.assigned_nodes)}")
-            return
-        if info.state is RayJobState.SUCCEEDED:
-            logs = await self.ray.logs(info.submission_id, info.driver_node_id)
-            if RESULT_MARKER not in logs and not self._logs_settled(info):
-                # Ray flips to SUCCEEDED before the driver's log is fully flushed; look again on the
-                # next pass rather than record a truncated result.
-                return
-            result = extract_result(logs)
-            writer.set(result=result)
-            if state.start_time is None:
-                writer.set(startTime=format_time(self.clock()))
-            self._finish(
-                key,
-                writer,
-                outcome,
-                Phase.SUCCEEDED,
-                "Completed",
-                f"attempt {state.attempts} succeeded" + (f": {result['value'][:200]}" if "value" in result else ""),
-            )
-            return
-        if info.state in (RayJobState.FAILED, RayJobState.STOPPED):
-            logs = await self.ray.logs(info.submission_id, info.driver_node_id)
-            await self._attempt_failed(
-                key,
-                spec,
-                state,
-                writer,
-                outcome,
-                "RayJobFailed",
-                info.message or info.state.value,
-                log_tail(logs, 10),
-            )
 
     async def _attempt_failed(
         self,
@@ -461,7 +618,11 @@ class AIJobReconciler:
         reason: str,
         message: str,
         tail: str,
+        user_error: bool,
     ) -> None:
+        if not user_error:
+            # Only failures that are not the job's own (exit code) count against the volunteers.
+            outcome.reputation.extend((node, "failure") for node in state.assigned_nodes)
         failures = state.failures + 1
         detail = f"attempt {state.attempts} failed: {message}" + (f"\n--- log tail ---\n{tail}" if tail else "")
         writer.set(failures=failures, result={"logTail": tail[-4000:]} if tail else None)
@@ -476,7 +637,7 @@ class AIJobReconciler:
             )
             return
         self.ledger.release(key)
-        writer.set(assignedNodes=[], submissionId=None, rayNodeIds=[])
+        writer.set(assignedNodes=[], rayNodeIds=[])
         writer.phase(Phase.PENDING, "BackOff", f"{detail}\nretrying ({failures}/{spec.backoff_limit})")
         outcome.event(reason, f"{detail}; retry {failures}/{spec.backoff_limit}", warning=True)
 

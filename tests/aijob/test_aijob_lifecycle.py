@@ -78,7 +78,7 @@ def test_unsatisfiable_job_waits_with_reason_and_runs_when_capacity_appears(
         "big", namespace, lambda o: o.get("status", {}).get("reason") == "Unschedulable", timeout=60
     )
     assert pending["status"]["phase"] == "Pending"
-    assert "0/2 nodes are available: 2 too few free GPUs" in pending["status"]["message"]
+    assert "0/2 nodes are available: 2 too few GPUs (need 4)" in pending["status"]["message"]
     scheduled = {c["type"]: c for c in pending["status"]["conditions"]}["Scheduled"]
     assert scheduled["status"] == "False" and scheduled["reason"] == "Unschedulable"
     assert "Unschedulable" in _reasons(control_plane.events("big", namespace))

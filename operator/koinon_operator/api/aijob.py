@@ -157,6 +157,25 @@ class AIJobStatus:
     start_time: datetime | None = None
     completion_time: datetime | None = None
     trace_id: str | None = None
+    copies: int = 1
+    replicas_per_copy: int = 1
+    excluded_nodes: tuple[str, ...] = ()
+    owners: tuple[str, ...] = ()
+    verification_reruns: int = 0
+    scheduling: Mapping[str, Any] = field(default_factory=dict)
+
+    def copy_nodes(self, copy: int) -> tuple[str, ...]:
+        """Nodes of verification copy ``copy`` (assignedNodes holds the copies one after another)."""
+        return self.assigned_nodes[copy * self.replicas_per_copy : (copy + 1) * self.replicas_per_copy]
+
+    def copy_addresses(self, copy: int) -> tuple[str, ...]:
+        return self.node_addresses[copy * self.replicas_per_copy : (copy + 1) * self.replicas_per_copy]
+
+    def owner_of(self, node: str) -> str:
+        for name, owner in zip(self.assigned_nodes, self.owners, strict=False):
+            if name == node:
+                return owner
+        return node
 
     @classmethod
     def from_status(cls, raw: Mapping[str, Any] | None) -> AIJobStatus:
@@ -173,4 +192,10 @@ class AIJobStatus:
             start_time=parse_time(raw.get("startTime")),
             completion_time=parse_time(raw.get("completionTime")),
             trace_id=raw.get("traceId") or None,
+            copies=int(scheduling.get("copies") or 1),
+            replicas_per_copy=int(scheduling.get("replicas") or max(1, len(raw.get("assignedNodes") or [1]))),
+            excluded_nodes=tuple(scheduling.get("excludedNodes") or ()),
+            owners=tuple(scheduling.get("owners") or ()),
+            verification_reruns=int(raw.get("verificationReruns") or 0),
+            scheduling=dict(scheduling),
         )

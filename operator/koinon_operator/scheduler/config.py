@@ -58,6 +58,9 @@ class VerificationConfig:
     spot-checked, so a node that turns bad after a long clean record is caught within ~10 results."""
     owner_disagreement_tolerance: float = 0.5
     """A node is never trusted while its owner's (decayed) disagreement count exceeds this."""
+    trusted_partner: bool = True
+    """A verification copy of a job whose primary node is not trusted goes to a trusted node when one
+    fits, so two fresh colluders cannot form a quorum by themselves (falls back to any node)."""
     max_copies: int = 7
     """Copies of one job after which the scheduler gives up finding a majority."""
 
@@ -81,6 +84,20 @@ class ScoringConfig:
     node before it splits an idle 8-GPU node that an 8-GPU job could use (best fit)."""
     uptime_weight: float = 0.3
     """Weight of the node's heartbeat uptime estimate in [0, 1]."""
+    reliability_weight: float = 1.0
+    """Weight of the node's finish share (beta mean of results finished vs crashed or lost), scaled
+    by the job's size: a crash costs the GPU-hours already spent and a rerun from scratch, so the
+    bigger the job, the more it pays to run it where work gets finished."""
+    trusted_weight: float = 1.0
+    """Bonus (scaled by job size) for a node that may skip replication (BOINC-trusted, owner clean):
+    a big job run there is usually run once, on a fresh node it is run twice."""
+    trusted_reserve_weight: float = 0.0
+    """Penalty (scaled by 1 - job size) for putting a small job on a trusted node, keeping trusted
+    capacity for big jobs; small jobs then build trust on fresh nodes, where verifying them is cheap."""
+    large_job_gpu_hours: float = 2.0
+    """GPU-hours (GPUs x expected duration) at which a job counts as fully large (size 1)."""
+    default_duration_s: float = 1800.0
+    """Duration assumed for a job that gives no `expected_duration_s`."""
     quarantine_below: float = 0.25
     """Koinon places nothing on a node whose (owner-adjusted) beta mean is below this. A fresh node
     scores 0.5; one disagreement before ~3 good results (or two before ~8) drops a node below it, so a

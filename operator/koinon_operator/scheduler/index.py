@@ -50,10 +50,17 @@ class NodeIndex:
     uptime: FloatArray
     consecutive_valid: IntArray
     owner_disagreements: FloatArray
+    finish_share: FloatArray
+    """Beta mean of results finished vs executions crashed or lost (the node's reliability)."""
+    trusted: BoolArray
+    """May skip replication: BOINC trust counter reached and the owner has no disagreements."""
     running: IntArray
     static_score: FloatArray
     score: FloatArray
     """Koinon score including the load term; updated as the call places jobs."""
+    reserved: BoolArray
+    """Nodes held (for the rest of the call) for an earlier job that did not fit yet: later jobs
+    may not start on them, so a big job's nodes drain instead of being refilled by small ones."""
     load_weight: float
     packing_weight: float
     _fit_cache: dict[int, IntArray]
@@ -179,6 +186,10 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
     lower = _wilson(r, s, rc.prior_alpha, rc.prior_beta, rc.confidence_z)
     mean = (r + rc.prior_alpha) / (r + s + rc.prior_alpha + rc.prior_beta)
     up = (hb_seen + 1.0) / (hb_seen + hb_missed + 2.0)
+    finish = (succ + 1.0) / (succ + fail + tout + 2.0)
+    vc = cfg.verification
+    consecutive = ev[:, 8].astype(np.int64)
+    trusted = (consecutive >= vc.trust_after_valid) & (owner_dis <= vc.owner_disagreement_tolerance)
 
     sc = cfg.scoring
     rtt_for_score = np.where(np.isnan(rtt), sc.unknown_latency_ms, rtt)
@@ -209,11 +220,14 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
         lower_bound=lower,
         mean_score=mean,
         uptime=up,
-        consecutive_valid=ev[:, 8].astype(np.int64),
+        consecutive_valid=consecutive,
         owner_disagreements=owner_dis,
+        finish_share=finish,
+        trusted=trusted,
         running=running,
         static_score=static,
         score=score,
+        reserved=np.zeros(count, dtype=bool),
         load_weight=sc.load_weight,
         packing_weight=sc.packing_weight,
         _fit_cache={},
@@ -247,7 +261,22 @@ def dynamic_mask(index: NodeIndex, job: JobRequest, static: BoolArray) -> BoolAr
     excluded = index.excluded_mask(job)
     if excluded is not None:
         mask &= ~excluded
-    return mask
+    return mask & ~index.reserved
+
+
+def reserve_for(index: NodeIndex, job: JobRequest, static: BoolArray, nodes_needed: int) -> None:
+    """Hold the `nodes_needed` nodes that are closest to fitting `job` (most fitting GPUs free) and
+    could hold it once drained, so later (smaller or younger) jobs do not keep them partly busy."""
+    candidates = static & ~index.reserved & (index.fit_count(job.gpu_memory_mib) >= job.gpus_per_replica)
+    excluded = index.excluded_mask(job)
+    if excluded is not None:
+        candidates &= ~excluded
+    positions = np.flatnonzero(candidates)
+    if not len(positions):
+        return
+    free = index.available_fitting(job.gpu_memory_mib)[positions]
+    order = np.argsort(-free, kind="stable")[:nodes_needed]
+    index.reserved[positions[order]] = True
 
 
 def explain(index: NodeIndex, job: JobRequest, needed_owners: int, quarantine_below: float | None) -> dict[str, int]:
@@ -284,6 +313,7 @@ def explain(index: NodeIndex, job: JobRequest, needed_owners: int, quarantine_be
     if job.regions:
         take(f"region not in {sorted(job.regions)}", ~region_mask(index, job))
     take("GPUs in use", index.available_fitting(job.gpu_memory_mib) < job.gpus_per_replica)
+    take("held for an earlier job that is waiting for room", index.reserved)
     if job.cpus_per_replica > 0:
         take(f"too few free CPUs (need {job.cpus_per_replica:g})", index.cpus_free < job.cpus_per_replica)
     left = int(remaining.sum())

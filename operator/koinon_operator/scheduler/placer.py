@@ -13,8 +13,17 @@ from typing import Protocol
 
 import numpy as np
 
-from .config import DEFAULT_CONFIG, SchedulerConfig
-from .index import BoolArray, NodeIndex, build_index, dynamic_mask, explain, reasons_message, static_mask
+from .config import DEFAULT_CONFIG, SchedulerConfig, ScoringConfig
+from .index import (
+    BoolArray,
+    NodeIndex,
+    build_index,
+    dynamic_mask,
+    explain,
+    reasons_message,
+    reserve_for,
+    static_mask,
+)
 from .types import JobRequest, NodeSnapshot, Placement, SchedulingResult, Unschedulable
 from .verification import TrustRecord, plan_replication, stable_seed
 
@@ -33,11 +42,37 @@ def _masked_argmax(values: np.ndarray, mask: BoolArray) -> int:  # type: ignore[
     return i if mask[i] else -1
 
 
-def choose_best_score(index: NodeIndex, mask: BoolArray, job: JobRequest) -> int:
-    """Koinon: highest reputation lower bound, least latency and load, best GPU fit (ties: first
+def job_size(job: JobRequest, cfg: ScoringConfig) -> float:
+    """How much is at stake in one copy of `job`, in [0, 1]: its GPU-hours over `large_job_gpu_hours`."""
+    duration = job.expected_duration_s if job.expected_duration_s is not None else cfg.default_duration_s
+    gpu_hours = max(job.gpus_per_replica, 1) * duration / 3600.0
+    return min(gpu_hours / cfg.large_job_gpu_hours, 1.0)
+
+
+def make_best_score_chooser(cfg: ScoringConfig) -> Chooser:
+    """Koinon: highest reputation lower bound, least latency and load, best GPU fit; the bigger the
+    job, the more a record of finishing and BOINC trust (no second copy needed) count (ties: first
     node by name)."""
-    leftover = index.available_fitting(job.gpu_memory_mib) - job.gpus_per_replica
-    return _masked_argmax(index.score - index.packing_weight * leftover / 8.0, mask)
+
+    def choose(index: NodeIndex, mask: BoolArray, job: JobRequest) -> int:
+        leftover = index.available_fitting(job.gpu_memory_mib) - job.gpus_per_replica
+        values = index.score - index.packing_weight * leftover / 8.0
+        size = job_size(job, cfg)
+        values = values + size * cfg.reliability_weight * index.finish_share
+        trust = size * cfg.trusted_weight - (1.0 - size) * cfg.trusted_reserve_weight
+        if trust:
+            values = values + trust * index.trusted
+        return _masked_argmax(values, mask)
+
+    return choose
+
+
+def choose_best_score(index: NodeIndex, mask: BoolArray, job: JobRequest) -> int:
+    """The Koinon chooser with the default weights."""
+    return _DEFAULT_CHOOSER(index, mask, job)
+
+
+_DEFAULT_CHOOSER = make_best_score_chooser(DEFAULT_CONFIG.scoring)
 
 
 def _pick_group(index: NodeIndex, mask: BoolArray, count: int, choose: Chooser, job: JobRequest) -> list[int] | None:
@@ -108,6 +143,10 @@ def _run(
             if shape is not None:
                 failed_shapes[shape] = reasons
             refuse(job, reasons)
+            if verify and job.gpus_per_replica > 1:
+                # Koinon holds nodes for the oldest waiting multi-GPU job (no starvation of 8-GPU jobs
+                # by a stream of 1-GPU ones); naive baselines do not.
+                reserve_for(index, job, static, job.replicas * job.verification_quorum)
             continue
         copies = 1
         chosen = primary
@@ -120,9 +159,16 @@ def _run(
                 job.verification_quorum, record, stable_seed(job.key, job.attempt), cfg.verification
             )
             if copies > 1:
-                extra = _pick_group(index, mask, (copies - 1) * job.replicas, choose, job)
+                extra = None
+                if cfg.verification.trusted_partner and not bool(index.trusted[primary].all()):
+                    # Pairing rule: an untrusted primary is checked by trusted nodes when they fit.
+                    extra = _pick_group(index, mask & index.trusted, (copies - 1) * job.replicas, choose, job)
+                if extra is None:
+                    extra = _pick_group(index, mask, (copies - 1) * job.replicas, choose, job)
                 if extra is None:
                     refuse(job, explain(index, job, copies * job.replicas, quarantine))
+                    if job.gpus_per_replica > 1:
+                        reserve_for(index, job, static, copies * job.replicas)
                     continue
                 chosen = primary + extra
         for i in chosen:
@@ -143,7 +189,8 @@ def schedule(
     copy) goes to a node of a distinct owner that passes every filter with the capacity left after
     earlier placements of this call; the node with the best score wins.
     """
-    return _run(jobs, nodes, now, config, choose_best_score, verify=True)
+    chooser = _DEFAULT_CHOOSER if config.scoring == DEFAULT_CONFIG.scoring else make_best_score_chooser(config.scoring)
+    return _run(jobs, nodes, now, config, chooser, verify=True)
 
 
 class KoinonPlacer:

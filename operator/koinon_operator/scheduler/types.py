@@ -83,10 +83,19 @@ class JobRequest:
     creation_index: int = 0
     """Submission order (e.g. creationTimestamp as a number): earlier is placed first."""
     attempt: int = 0
+    expected_duration_s: float | None = None
+    """The submitter's runtime estimate; None = unknown. Only weighs how much reliability and trust
+    matter for this job (a crash late in a long job wastes more), never a limit."""
 
     def __post_init__(self) -> None:
         if not self.key:
             raise ValueError("JobRequest.key must not be empty")
+        if self.expected_duration_s is not None and not (
+            math.isfinite(self.expected_duration_s) and self.expected_duration_s > 0
+        ):
+            raise ValueError(
+                f"{self.key}: expected duration must be a finite number of seconds > 0, got {self.expected_duration_s}"
+            )
         if self.replicas < 1:
             raise ValueError(f"{self.key}: spec.replicas must be >= 1, got {self.replicas}")
         if self.gpus_per_replica < 0:

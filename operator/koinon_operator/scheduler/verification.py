@@ -109,3 +109,42 @@ def apply_quorum_outcome(
     for name in decision.disagreeing:
         out[name] = record_disagreement(evidence[name], now, cfg)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """An accepted result loses its standing: rerun the job with `more_copies` new copies (on owners
+    other than `keep`'s and the caught ones), keeping the votes in `keep`."""
+
+    keep: tuple[str, ...]
+    """Nodes whose agreeing results still count (their owners were not caught)."""
+    more_copies: int
+
+
+def recheck_accepted(
+    agreeing: Mapping[str, NodeResult],
+    caught_owners: frozenset[str] | set[str],
+    quorum: int,
+    standing_support: int = 1,
+) -> Revoke | None:
+    """Retroactive invalidation (BOINC): once an owner is caught returning a wrong result, the
+    results it vouched for lose that vote. An accepted result stands while at least
+    `standing_support` distinct owners that were not caught still vouch for it; otherwise it is
+    revoked and rerun until `quorum` clean owners agree.
+
+    With the default `standing_support=1` this revokes exactly the results a caught owner produced
+    that were accepted without replication (or whose every voucher was caught): a result another,
+    uncaught owner confirmed stands. `agreeing`: node -> result of every node that returned the
+    accepted digest. Results no caught owner vouched for are never revoked (None)."""
+    if quorum < 1:
+        raise ValueError(f"quorum must be >= 1, got {quorum}")
+    if not 1 <= standing_support <= quorum:
+        raise ValueError(f"standing_support must be within 1..quorum ({quorum}), got {standing_support}")
+    owners = {r.owner for r in agreeing.values()}
+    if not owners & caught_owners:
+        return None
+    clean_owners = owners - caught_owners
+    if len(clean_owners) >= standing_support:
+        return None
+    keep = tuple(sorted(n for n, r in agreeing.items() if r.owner not in caught_owners))
+    return Revoke(keep, quorum - len(clean_owners))

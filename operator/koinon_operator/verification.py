@@ -1,0 +1,46 @@
+"""Deciding a replicated AIJob attempt from its copies' results (pure).
+
+Copies of a verified job run as separate Ray jobs on nodes of distinct owners; each declares a
+result whose digest is compared. The majority digest of distinct owners is accepted; copies that
+disagree are penalised; with no majority the job reruns on fresh nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from koinon_operator.scheduler import Accepted, NodeResult, NoMajority, decide_quorum
+
+
+@dataclass(frozen=True)
+class CopyResult:
+    copy: int
+    node: str
+    owner: str
+    digest: str | None  # None: the copy failed and returned nothing
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted_digest: str | None
+    agreeing: tuple[str, ...]
+    disagreeing: tuple[str, ...]
+    failed: tuple[str, ...]
+    votes: Mapping[str, int]
+
+    @property
+    def accepted(self) -> bool:
+        return self.accepted_digest is not None
+
+
+def judge(copies: Sequence[CopyResult]) -> Verdict:
+    """Accept the digest returned by a strict majority of the distinct owners that ran a copy."""
+    answered = {c.node: NodeResult(owner=c.owner, digest=c.digest) for c in copies if c.digest is not None}
+    failed = tuple(sorted(c.node for c in copies if c.digest is None))
+    owners = {c.owner for c in copies}
+    majority = len(owners) // 2 + 1
+    decision: Accepted | NoMajority = decide_quorum(answered, majority) if answered else NoMajority({}, majority)
+    if isinstance(decision, Accepted):
+        return Verdict(decision.digest, decision.agreeing, decision.disagreeing, failed, {})
+    return Verdict(None, (), tuple(sorted(answered)), failed, decision.owner_votes)
