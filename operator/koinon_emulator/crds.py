@@ -21,40 +21,60 @@ def check_crd(crd: JsonObj) -> list[FieldCause]:
         return [FieldCause("spec", "Required value", "FieldValueRequired")]
     group, names = spec.get("group"), spec.get("names")
     if not isinstance(group, str) or "." not in group:
-        causes.append(FieldCause("spec.group", f"Invalid value: {group!r}: should be a domain with at least "
-                                 "one dot"))
+        causes.append(FieldCause("spec.group", f"Invalid value: {group!r}: should be a domain with at least one dot"))
     if not isinstance(names, dict):
         causes.append(FieldCause("spec.names", "Required value", "FieldValueRequired"))
         return causes
     plural, kind = names.get("plural"), names.get("kind")
     if not isinstance(plural, str) or not _LOWER_NAME.match(plural):
-        causes.append(FieldCause("spec.names.plural", f"Invalid value: {plural!r}: a lowercase RFC 1123 label "
-                                 "is required", "FieldValueInvalid"))
+        causes.append(
+            FieldCause(
+                "spec.names.plural",
+                f"Invalid value: {plural!r}: a lowercase RFC 1123 label is required",
+                "FieldValueInvalid",
+            )
+        )
     if not isinstance(kind, str) or not kind:
         causes.append(FieldCause("spec.names.kind", "Required value", "FieldValueRequired"))
     expected = f"{plural}.{group}"
     if crd.get("metadata", {}).get("name") != expected:
-        causes.append(FieldCause("metadata.name", f'Invalid value: "{crd.get("metadata", {}).get("name")}": '
-                                 'must be spec.names.plural+"."+spec.group'))
+        causes.append(
+            FieldCause(
+                "metadata.name",
+                f'Invalid value: "{crd.get("metadata", {}).get("name")}": must be spec.names.plural+"."+spec.group',
+            )
+        )
     if spec.get("scope") not in ("Namespaced", "Cluster"):
-        causes.append(FieldCause("spec.scope", f'Unsupported value: "{spec.get("scope")}": supported values: '
-                                 '"Cluster", "Namespaced"', "FieldValueNotSupported"))
+        causes.append(
+            FieldCause(
+                "spec.scope",
+                f'Unsupported value: "{spec.get("scope")}": supported values: "Cluster", "Namespaced"',
+                "FieldValueNotSupported",
+            )
+        )
     versions = spec.get("versions")
     if not isinstance(versions, list) or not versions:
-        causes.append(FieldCause("spec.versions", "Invalid value: null: must have exactly one version marked "
-                                 "as storage version"))
+        causes.append(
+            FieldCause("spec.versions", "Invalid value: null: must have exactly one version marked as storage version")
+        )
         return causes
     if sum(1 for v in versions if isinstance(v, dict) and v.get("storage")) != 1:
-        causes.append(FieldCause("spec.versions", "Invalid value: must have exactly one version marked as "
-                                 "storage version"))
+        causes.append(
+            FieldCause("spec.versions", "Invalid value: must have exactly one version marked as storage version")
+        )
     for index, version in enumerate(versions):
         if not isinstance(version, dict) or not isinstance(version.get("name"), str):
             causes.append(FieldCause(f"spec.versions[{index}].name", "Required value", "FieldValueRequired"))
             continue
         schema = (version.get("schema") or {}).get("openAPIV3Schema")
         if not isinstance(schema, dict):
-            causes.append(FieldCause(f"spec.versions[{index}].schema.openAPIV3Schema",
-                                     "Required value: schemas are required", "FieldValueRequired"))
+            causes.append(
+                FieldCause(
+                    f"spec.versions[{index}].schema.openAPIV3Schema",
+                    "Required value: schemas are required",
+                    "FieldValueRequired",
+                )
+            )
     return causes
 
 
@@ -65,21 +85,23 @@ def crd_resource_types(crd: JsonObj) -> list[ResourceType]:
     for version in spec["versions"]:
         if not version.get("served", True):
             continue
-        types.append(ResourceType(
-            group=spec["group"],
-            version=version["name"],
-            plural=names["plural"],
-            kind=names["kind"],
-            namespaced=spec["scope"] == "Namespaced",
-            singular=names.get("singular") or names["kind"].lower(),
-            short_names=tuple(names.get("shortNames") or ()),
-            categories=tuple(names.get("categories") or ()),
-            status_subresource="status" in (version.get("subresources") or {}),
-            schema=(version.get("schema") or {}).get("openAPIV3Schema"),
-            printer_columns=tuple(version.get("additionalPrinterColumns") or ()),
-            selectable_fields=tuple(f["jsonPath"].lstrip(".") for f in version.get("selectableFields") or ()),
-            crd_name=name,
-        ))
+        types.append(
+            ResourceType(
+                group=spec["group"],
+                version=version["name"],
+                plural=names["plural"],
+                kind=names["kind"],
+                namespaced=spec["scope"] == "Namespaced",
+                singular=names.get("singular") or names["kind"].lower(),
+                short_names=tuple(names.get("shortNames") or ()),
+                categories=tuple(names.get("categories") or ()),
+                status_subresource="status" in (version.get("subresources") or {}),
+                schema=(version.get("schema") or {}).get("openAPIV3Schema"),
+                printer_columns=tuple(version.get("additionalPrinterColumns") or ()),
+                selectable_fields=tuple(f["jsonPath"].lstrip(".") for f in version.get("selectableFields") or ()),
+                crd_name=name,
+            )
+        )
     return types
 
 
@@ -90,8 +112,7 @@ def crd_status(crd: JsonObj, old_status: JsonObj | None, now: str) -> JsonObj:
 
     def condition(kind: str, reason: str, message: str) -> JsonObj:
         since = previous.get(kind, {}).get("lastTransitionTime", now)
-        return {"type": kind, "status": "True", "reason": reason, "message": message,
-                "lastTransitionTime": since}
+        return {"type": kind, "status": "True", "reason": reason, "message": message, "lastTransitionTime": since}
 
     accepted: JsonObj = {
         "plural": names["plural"],

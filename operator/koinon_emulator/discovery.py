@@ -82,8 +82,14 @@ def api_resource_list(registry: ResourceRegistry, group: str, version: str) -> J
     for resource in resources:
         entries.append(_api_resource(resource))
         if resource.status_subresource:
-            entries.append({"name": f"{resource.plural}/status", "singularName": "",
-                            "namespaced": resource.namespaced, "kind": resource.kind,
-                            "verbs": ["get", "patch", "update"]})
+            entries.append(
+                {
+                    "name": f"{resource.plural}/status",
+                    "singularName": "",
+                    "namespaced": resource.namespaced,
+                    "kind": resource.kind,
+                    "verbs": ["get", "patch", "update"],
+                }
+            )
     group_version = f"{group}/{version}" if group else version
     return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": entries}

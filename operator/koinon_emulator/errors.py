@@ -70,9 +70,7 @@ def _details(group: str, kind: str, name: str) -> JsonObj:
 
 
 def not_found(group: str, plural: str, name: str) -> ApiError:
-    return ApiError(
-        404, "NotFound", f'{_qualified(group, plural)} "{name}" not found', _details(group, plural, name)
-    )
+    return ApiError(404, "NotFound", f'{_qualified(group, plural)} "{name}" not found', _details(group, plural, name))
 
 
 def already_exists(group: str, plural: str, name: str) -> ApiError:

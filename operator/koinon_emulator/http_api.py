@@ -37,8 +37,9 @@ BOOKMARK_KEY: web.AppKey[float] = web.AppKey("bookmark_interval", float)
 
 
 def _json(body: JsonObj, status: int = 200, warnings: list[str] | None = None) -> web.Response:
-    response = web.Response(body=json.dumps(body, separators=(",", ":")).encode(), status=status,
-                            content_type="application/json")
+    response = web.Response(
+        body=json.dumps(body, separators=(",", ":")).encode(), status=status, content_type="application/json"
+    )
     for warning in warnings or ():
         # RFC 7234 warn-text is a quoted-string: escape quotes, as kube-apiserver does.
         text = warning.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
@@ -113,8 +114,11 @@ class ApiHandlers:
         resource = service.resolve(path.group, path.version, path.plural)
         namespace = path.namespace if resource.namespaced else None
         if path.subresource not in (None, "status"):
-            raise ApiError(404, "NotFound", f"the server could not find the requested resource "
-                                            f"(subresource {path.subresource!r} is not emulated)")
+            raise ApiError(
+                404,
+                "NotFound",
+                f"the server could not find the requested resource (subresource {path.subresource!r} is not emulated)",
+            )
         method = request.method
         watching = path.legacy_watch or request.query.get("watch") in ("true", "1")
         if path.name is None:
@@ -138,15 +142,21 @@ class ApiHandlers:
             obj = service.get(resource, namespace, path.name)
             return self._render_objects(request, resource, [obj], single=True)
         if method == "PUT":
-            result = service.update(resource, namespace, path.name, await json_body(request),
-                                    write_options(request), path.subresource)
+            result = service.update(
+                resource, namespace, path.name, await json_body(request), write_options(request), path.subresource
+            )
             return self._write_response(result)
         if method == "PATCH":
             return await self._patch(request, resource, namespace, path)
         if method == "DELETE":
             body = await json_body(request) or {}
-            obj = service.delete(resource, namespace, path.name, write_options(request),
-                                 body.get("preconditions") if isinstance(body, dict) else None)
+            obj = service.delete(
+                resource,
+                namespace,
+                path.name,
+                write_options(request),
+                body.get("preconditions") if isinstance(body, dict) else None,
+            )
             return _json(obj)
         raise errors.method_not_allowed(f"{method} is not supported")
 
@@ -154,14 +164,22 @@ class ApiHandlers:
     def _write_response(result: WriteResult) -> web.Response:
         return _json(result.obj, 201 if result.created else 200, result.warnings)
 
-    async def _patch(self, request: web.Request, resource: Any, namespace: str | None,
-                     path: ResourcePath) -> web.Response:
+    async def _patch(
+        self, request: web.Request, resource: Any, namespace: str | None, path: ResourcePath
+    ) -> web.Response:
         content_type = request.content_type
         if content_type == APPLY_PATCH or content_type not in (MERGE_PATCH, JSON_PATCH, STRATEGIC_MERGE_PATCH):
             raise errors.unsupported_media_type(content_type)
         assert path.name is not None
-        result = self.service.patch(resource, namespace, path.name, await json_body(request), content_type,
-                                    write_options(request), path.subresource)
+        result = self.service.patch(
+            resource,
+            namespace,
+            path.name,
+            await json_body(request),
+            content_type,
+            write_options(request),
+            path.subresource,
+        )
         return self._write_response(result)
 
     def _list(self, request: web.Request, resource: Any, namespace: str | None) -> web.Response:
@@ -172,33 +190,54 @@ class ApiHandlers:
         if token := request.query.get("continue"):
             start = decode_continue(token)
             keys = [object_key(obj) for obj in items]
-            items = items[bisect_right(keys, start):]
+            items = items[bisect_right(keys, start) :]
         if limit > 0 and len(items) > limit:
             items = items[:limit]
             list_meta["continue"] = encode_continue(object_key(items[-1]))
             list_meta["remainingItemCount"] = 0
         return self._render_objects(request, resource, items, single=False, list_meta=list_meta)
 
-    def _render_objects(self, request: web.Request, resource: Any, items: list[JsonObj], *, single: bool,
-                        list_meta: JsonObj | None = None) -> web.Response:
+    def _render_objects(
+        self,
+        request: web.Request,
+        resource: Any,
+        items: list[JsonObj],
+        *,
+        single: bool,
+        list_meta: JsonObj | None = None,
+    ) -> web.Response:
         accept = request.headers.get("Accept", "")
         table_version = table_request(accept)
         if table_version is not None:
             include = request.query.get("includeObject", "Metadata")
-            return _json(table(resource, items, api_version=table_version, include_object=include,
-                               list_metadata=list_meta))
+            return _json(
+                table(resource, items, api_version=table_version, include_object=include, list_metadata=list_meta)
+            )
         if partial_metadata_request(accept):
             if single:
                 return _json(_partial(items[0]))
-            return _json({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
-                          "metadata": list_meta or {}, "items": [_partial(obj) for obj in items]})
+            return _json(
+                {
+                    "kind": "PartialObjectMetadataList",
+                    "apiVersion": "meta.k8s.io/v1",
+                    "metadata": list_meta or {},
+                    "items": [_partial(obj) for obj in items],
+                }
+            )
         if single:
             return _json(items[0])
-        return _json({"kind": resource.list_kind, "apiVersion": resource.api_version,
-                      "metadata": list_meta or {}, "items": items})
+        return _json(
+            {
+                "kind": resource.list_kind,
+                "apiVersion": resource.api_version,
+                "metadata": list_meta or {},
+                "items": items,
+            }
+        )
 
-    async def _watch(self, request: web.Request, resource: Any, namespace: str | None,
-                     name: str | None = None) -> web.StreamResponse:
+    async def _watch(
+        self, request: web.Request, resource: Any, namespace: str | None, name: str | None = None
+    ) -> web.StreamResponse:
         selection = object_filter(request, resource, namespace)
         if name is not None:
             selection = selection.with_field("metadata.name", name)
@@ -225,8 +264,7 @@ class ApiHandlers:
         )
         return await serve_watch(request, self.service, watch, self.bookmark_interval_s)
 
-    async def _delete_collection(self, request: web.Request, resource: Any,
-                                 namespace: str | None) -> web.Response:
+    async def _delete_collection(self, request: web.Request, resource: Any, namespace: str | None) -> web.Response:
         options = write_options(request)
         items, _ = self.service.list_objects(resource, object_filter(request, resource, namespace))
         deleted = []
@@ -237,9 +275,14 @@ class ApiHandlers:
             except ApiError as error:
                 if error.code != 404:
                     raise
-        return _json({"kind": resource.list_kind, "apiVersion": resource.api_version,
-                      "metadata": {"resourceVersion": str(self.service.store.resource_version)},
-                      "items": deleted})
+        return _json(
+            {
+                "kind": resource.list_kind,
+                "apiVersion": resource.api_version,
+                "metadata": {"resourceVersion": str(self.service.store.resource_version)},
+                "items": deleted,
+            }
+        )
 
 
 def build_app(service: ApiService, bookmark_interval_s: float = 10.0) -> web.Application:

@@ -69,8 +69,9 @@ def find(obj: Any, path: str) -> list[Any]:
             if field_hit or index_hit:
                 following.append(value[arg])
             elif kind == "all":
-                following.extend(value if isinstance(value, list) else
-                                 value.values() if isinstance(value, dict) else [])
+                following.extend(
+                    value if isinstance(value, list) else value.values() if isinstance(value, dict) else []
+                )
             elif kind == "filter" and isinstance(value, list):
                 fields, op, expected = arg
                 for item in value:

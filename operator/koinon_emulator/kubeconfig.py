@@ -17,8 +17,9 @@ def kubeconfig_document(server_url: str, namespace: str = "default") -> dict[str
         "kind": "Config",
         "clusters": [{"name": CONTEXT_NAME, "cluster": {"server": server_url}}],
         "users": [{"name": CONTEXT_NAME, "user": {}}],
-        "contexts": [{"name": CONTEXT_NAME,
-                      "context": {"cluster": CONTEXT_NAME, "user": CONTEXT_NAME, "namespace": namespace}}],
+        "contexts": [
+            {"name": CONTEXT_NAME, "context": {"cluster": CONTEXT_NAME, "user": CONTEXT_NAME, "namespace": namespace}}
+        ],
         "current-context": CONTEXT_NAME,
         "preferences": {},
     }

@@ -23,34 +23,55 @@ META = "io.k8s.apimachinery.pkg.apis.meta.v1"
 _STRING = {"type": "string"}
 _OBJECT_META: JsonObj = {
     "description": "ObjectMeta is metadata that all persisted resources must have, which includes all "
-                   "objects users must create.",
+    "objects users must create.",
     "type": "object",
     "properties": {
         "name": {**_STRING, "description": "Name must be unique within a namespace."},
-        "generateName": {**_STRING, "description": "Optional prefix used by the server to generate a "
-                                                   "unique name if name is not provided."},
-        "namespace": {**_STRING, "description": "Namespace defines the space within which each name must "
-                                                "be unique."},
+        "generateName": {
+            **_STRING,
+            "description": "Optional prefix used by the server to generate a unique name if name is not provided.",
+        },
+        "namespace": {**_STRING, "description": "Namespace defines the space within which each name must be unique."},
         "uid": {**_STRING, "description": "UID is the unique in time and space value for this object."},
-        "resourceVersion": {**_STRING, "description": "An opaque value that represents the internal version "
-                                                      "of this object."},
-        "generation": {"type": "integer", "format": "int64",
-                       "description": "A sequence number representing a specific generation of the desired "
-                                      "state."},
-        "creationTimestamp": {**_STRING, "format": "date-time",
-                              "description": "When this object was created, in UTC (RFC3339)."},
-        "deletionTimestamp": {**_STRING, "format": "date-time",
-                              "description": "When this resource will be deleted (set by the server on a "
-                                             "graceful delete request)."},
-        "labels": {"type": "object", "additionalProperties": {**_STRING, "default": ""},
-                   "description": "Map of string keys and values used to organize and categorize objects."},
-        "annotations": {"type": "object", "additionalProperties": {**_STRING, "default": ""},
-                        "description": "Unstructured key value map stored with a resource."},
-        "finalizers": {"type": "array", "items": {**_STRING, "default": ""},
-                       "description": "Must be empty before the object is deleted from the registry."},
-        "ownerReferences": {"type": "array", "items": {"type": "object",
-                                                       "x-kubernetes-preserve-unknown-fields": True},
-                            "description": "List of objects depended by this object."},
+        "resourceVersion": {
+            **_STRING,
+            "description": "An opaque value that represents the internal version of this object.",
+        },
+        "generation": {
+            "type": "integer",
+            "format": "int64",
+            "description": "A sequence number representing a specific generation of the desired state.",
+        },
+        "creationTimestamp": {
+            **_STRING,
+            "format": "date-time",
+            "description": "When this object was created, in UTC (RFC3339).",
+        },
+        "deletionTimestamp": {
+            **_STRING,
+            "format": "date-time",
+            "description": "When this resource will be deleted (set by the server on a graceful delete request).",
+        },
+        "labels": {
+            "type": "object",
+            "additionalProperties": {**_STRING, "default": ""},
+            "description": "Map of string keys and values used to organize and categorize objects.",
+        },
+        "annotations": {
+            "type": "object",
+            "additionalProperties": {**_STRING, "default": ""},
+            "description": "Unstructured key value map stored with a resource.",
+        },
+        "finalizers": {
+            "type": "array",
+            "items": {**_STRING, "default": ""},
+            "description": "Must be empty before the object is deleted from the registry.",
+        },
+        "ownerReferences": {
+            "type": "array",
+            "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+            "description": "List of objects depended by this object.",
+        },
     },
 }
 _LIST_META: JsonObj = {
@@ -71,17 +92,28 @@ def _gvk(resource: ResourceType, kind: str) -> JsonObj:
 
 
 def _object_schema(resource: ResourceType) -> JsonObj:
-    base: JsonObj = copy.deepcopy(resource.schema) if resource.schema else {
-        "type": "object", "x-kubernetes-preserve-unknown-fields": True,
-        "description": f"{resource.kind} (served by the Koinon Kubernetes API emulator without a schema).",
-    }
+    base: JsonObj = (
+        copy.deepcopy(resource.schema)
+        if resource.schema
+        else {
+            "type": "object",
+            "x-kubernetes-preserve-unknown-fields": True,
+            "description": f"{resource.kind} (served by the Koinon Kubernetes API emulator without a schema).",
+        }
+    )
     properties: JsonObj = base.setdefault("properties", {})
-    properties["apiVersion"] = {**_STRING, "description": "APIVersion defines the versioned schema of this "
-                                                          "representation of an object."}
-    properties["kind"] = {**_STRING, "description": "Kind is a string value representing the REST resource "
-                                                    "this object represents."}
-    properties["metadata"] = {"allOf": [{"$ref": f"#/components/schemas/{META}.ObjectMeta"}],
-                              "description": "Standard object's metadata."}
+    properties["apiVersion"] = {
+        **_STRING,
+        "description": "APIVersion defines the versioned schema of this representation of an object.",
+    }
+    properties["kind"] = {
+        **_STRING,
+        "description": "Kind is a string value representing the REST resource this object represents.",
+    }
+    properties["metadata"] = {
+        "allOf": [{"$ref": f"#/components/schemas/{META}.ObjectMeta"}],
+        "description": "Standard object's metadata.",
+    }
     base["x-kubernetes-group-version-kind"] = [_gvk(resource, resource.kind)]
     return base
 
@@ -102,31 +134,32 @@ def _list_schema(resource: ResourceType, item_ref: str) -> JsonObj:
 
 
 def _query(name: str, description: str) -> JsonObj:
-    return {"name": name, "in": "query", "description": description, "schema": {"type": "string",
-                                                                                 "uniqueItems": True}}
+    return {"name": name, "in": "query", "description": description, "schema": {"type": "string", "uniqueItems": True}}
 
 
 _WRITE_PARAMS = [
     _query("dryRun", "When present, indicates that modifications should not be persisted."),
     _query("fieldManager", "A name associated with the actor or entity that is making these changes."),
-    _query("fieldValidation", "Instructs the server on how to handle objects in the request containing "
-                              "unknown or duplicate fields: Ignore, Warn or Strict."),
+    _query(
+        "fieldValidation",
+        "Instructs the server on how to handle objects in the request containing "
+        "unknown or duplicate fields: Ignore, Warn or Strict.",
+    ),
 ]
 
 
-def _operation(resource: ResourceType, action: str, ref: str, params: list[JsonObj],
-               body_types: tuple[str, ...] = ()) -> JsonObj:
+def _operation(
+    resource: ResourceType, action: str, ref: str, params: list[JsonObj], body_types: tuple[str, ...] = ()
+) -> JsonObj:
     operation: JsonObj = {
         "operationId": f"{action}{resource.kind}",
         "parameters": params,
-        "responses": {"200": {"description": "OK",
-                              "content": {"application/json": {"schema": {"$ref": ref}}}}},
+        "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": ref}}}}},
         "x-kubernetes-action": action,
         "x-kubernetes-group-version-kind": _gvk(resource, resource.kind),
     }
     if body_types:
-        operation["requestBody"] = {"content": {t: {"schema": {"$ref": ref}} for t in body_types},
-                                    "required": True}
+        operation["requestBody"] = {"content": {t: {"schema": {"$ref": ref}} for t in body_types}, "required": True}
     return operation
 
 
@@ -140,8 +173,7 @@ def _paths(resource: ResourceType, ref: str, list_ref: str) -> dict[str, JsonObj
     item_ops = {
         "get": _operation(resource, "get", ref, []),
         "put": _operation(resource, "put", ref, _WRITE_PARAMS, ("application/json",)),
-        "patch": _operation(resource, "patch", ref, [*_WRITE_PARAMS, _query("force", "Force apply.")],
-                            patch_types),
+        "patch": _operation(resource, "patch", ref, [*_WRITE_PARAMS, _query("force", "Force apply.")], patch_types),
         "delete": _operation(resource, "delete", ref, [_query("dryRun", "Do not persist.")]),
     }
     paths = {

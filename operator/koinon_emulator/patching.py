@@ -156,8 +156,10 @@ def json_patch(target: Any, operations: Any) -> Any:
             except ApiError:
                 actual = None
             if actual != operation["value"]:
-                raise unprocessable_patch(f"the server rejected our request due to an error in our "
-                                          f"request: testing value {path} failed: test failed")
+                raise unprocessable_patch(
+                    f"the server rejected our request due to an error in our "
+                    f"request: testing value {path} failed: test failed"
+                )
         elif op in ("move", "copy"):
             source = operation.get("from")
             if not isinstance(source, str):

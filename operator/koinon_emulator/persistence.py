@@ -36,8 +36,12 @@ def load_state(service: ApiService, path: Path) -> int:
         group, _, version = str(obj.get("apiVersion", "")).rpartition("/")
         resource = service.registry.find_kind(group, version, str(obj.get("kind")))
         if resource is None:
-            logger.warning("state file %s: skipping %s %s: its resource is not served", path,
-                           obj.get("kind"), obj.get("metadata", {}).get("name"))
+            logger.warning(
+                "state file %s: skipping %s %s: its resource is not served",
+                path,
+                obj.get("kind"),
+                obj.get("metadata", {}).get("name"),
+            )
             continue
         service.store.load(resource.storage_key, obj)
         if resource == CRD_RESOURCE:

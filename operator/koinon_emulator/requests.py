@@ -51,16 +51,21 @@ def parse_resource_path(parts: list[str], registry: ResourceRegistry) -> Resourc
             namespace, rest = rest[1], rest[2:]
     if not rest or len(rest) > 3:
         return None
-    return ResourcePath(group, version, rest[0], namespace, rest[1] if len(rest) > 1 else None,
-                        rest[2] if len(rest) > 2 else None, legacy_watch)
+    return ResourcePath(
+        group,
+        version,
+        rest[0],
+        namespace,
+        rest[1] if len(rest) > 1 else None,
+        rest[2] if len(rest) > 2 else None,
+        legacy_watch,
+    )
 
 
 def table_request(accept: str) -> str | None:
     """The Table apiVersion asked for by ``Accept: application/json;as=Table;v=v1;g=meta.k8s.io``."""
     for entry in accept.split(","):
-        params = dict(
-            part.strip().split("=", 1) for part in entry.split(";")[1:] if "=" in part
-        )
+        params = dict(part.strip().split("=", 1) for part in entry.split(";")[1:] if "=" in part)
         if params.get("as") == "Table" and params.get("g") == "meta.k8s.io":
             return f"meta.k8s.io/{params.get('v', 'v1')}"
     return None
@@ -74,8 +79,7 @@ def write_options(request: web.Request) -> WriteOptions:
     dry_run = request.query.getall("dryRun", [])
     validation = request.query.get("fieldValidation", "Warn")
     if validation not in ("Strict", "Warn", "Ignore"):
-        raise errors.bad_request(f'fieldValidation must be one of "Ignore", "Warn" or "Strict", got '
-                                 f'"{validation}"')
+        raise errors.bad_request(f'fieldValidation must be one of "Ignore", "Warn" or "Strict", got "{validation}"')
     if any(value != "All" for value in dry_run):
         raise errors.bad_request(f"dryRun values must be All, got {dry_run}")
     return WriteOptions(dry_run=bool(dry_run), field_validation=validation)

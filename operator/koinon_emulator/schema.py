@@ -138,8 +138,7 @@ _TYPE_CHECKS = {
     "array": lambda v: isinstance(v, list),
     "string": lambda v: isinstance(v, str),
     "boolean": lambda v: isinstance(v, bool),
-    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
-    or (isinstance(v, float) and v.is_integer()),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer()),
     "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
 }
 
@@ -187,18 +186,24 @@ def _validate(value: Any, schema: JsonObj, path: str, causes: list[FieldCause]) 
 
     if value is None:
         if not schema.get("nullable"):
-            fail(f'Invalid value: "null": {path} in body must be of type {schema.get("type", "object")}: '
-                 '"null"', "FieldValueTypeInvalid")
+            fail(
+                f'Invalid value: "null": {path} in body must be of type {schema.get("type", "object")}: "null"',
+                "FieldValueTypeInvalid",
+            )
         return
     if schema.get("x-kubernetes-int-or-string"):
         if not (isinstance(value, (int, str)) and not isinstance(value, bool)):
-            fail(f"Invalid value: {show(value)}: {path} in body must be of type int-or-string: "
-                 f"{json.dumps(type(value).__name__)}", "FieldValueTypeInvalid")
+            fail(
+                f"Invalid value: {show(value)}: {path} in body must be of type int-or-string: "
+                f"{json.dumps(type(value).__name__)}",
+                "FieldValueTypeInvalid",
+            )
             return
     elif (kind := schema.get("type")) in _TYPE_CHECKS and not _TYPE_CHECKS[kind](value):
         actual = {dict: "object", list: "array", str: "string", bool: "boolean"}.get(type(value), "number")
-        fail(f'Invalid value: {show(value)}: {path} in body must be of type {kind}: "{actual}"',
-             "FieldValueTypeInvalid")
+        fail(
+            f'Invalid value: {show(value)}: {path} in body must be of type {kind}: "{actual}"', "FieldValueTypeInvalid"
+        )
         return
 
     if "enum" in schema and value not in schema["enum"]:
@@ -241,27 +246,23 @@ def _validate_string(value: str, schema: JsonObj, path: str, invalid: Any) -> No
         invalid(f"must be of type {fmt}: {json.dumps(value)}")
 
 
-def _validate_array(value: list[Any], schema: JsonObj, path: str, causes: list[FieldCause],
-                    invalid: Any) -> None:
+def _validate_array(value: list[Any], schema: JsonObj, path: str, causes: list[FieldCause], invalid: Any) -> None:
     if (low := schema.get("minItems")) is not None and len(value) < low:
         invalid(f"should have at least {low} items")
     if (high := schema.get("maxItems")) is not None and len(value) > high:
-        causes.append(FieldCause(path, f"Too many: {len(value)}: must have at most {high} items",
-                                 "FieldValueTooMany"))
+        causes.append(FieldCause(path, f"Too many: {len(value)}: must have at most {high} items", "FieldValueTooMany"))
     if schema.get("uniqueItems") or schema.get("x-kubernetes-list-type") == "set":
         seen: list[Any] = []
         for index, item in enumerate(value):
             if item in seen:
-                causes.append(FieldCause(f"{path}[{index}]", f"Duplicate value: {show(item)}",
-                                         "FieldValueDuplicate"))
+                causes.append(FieldCause(f"{path}[{index}]", f"Duplicate value: {show(item)}", "FieldValueDuplicate"))
             seen.append(item)
     if isinstance(items := schema.get("items"), dict):
         for index, item in enumerate(value):
             _validate(item, items, f"{path}[{index}]", causes)
 
 
-def _validate_object(value: JsonObj, schema: JsonObj, path: str, causes: list[FieldCause],
-                     invalid: Any) -> None:
+def _validate_object(value: JsonObj, schema: JsonObj, path: str, causes: list[FieldCause], invalid: Any) -> None:
     for key in schema.get("required", []):
         if key not in value:
             causes.append(FieldCause(_child(path, key), "Required value", "FieldValueRequired"))
@@ -278,8 +279,7 @@ def _validate_object(value: JsonObj, schema: JsonObj, path: str, causes: list[Fi
             _validate(item, additional, f"{path}[{key}]", causes)
 
 
-def _validate_combinators(value: Any, schema: JsonObj, path: str, causes: list[FieldCause],
-                          invalid: Any) -> None:
+def _validate_combinators(value: Any, schema: JsonObj, path: str, causes: list[FieldCause], invalid: Any) -> None:
     for sub in schema.get("allOf", []):
         _validate(value, sub, path, causes)
     if (any_of := schema.get("anyOf")) and not any(_passes(value, sub, path) for sub in any_of):

@@ -104,8 +104,10 @@ def parse_field_selector(text: str, allowed: Callable[[str], bool]) -> list[Fiel
         else:
             raise bad_request(f"invalid selector: {text!r}; can't understand {part!r}")
         if not allowed(path):
-            raise bad_request(f'"{path}" is not a known field selector: only "metadata.name", '
-                              '"metadata.namespace" and resource-specific fields are supported')
+            raise bad_request(
+                f'"{path}" is not a known field selector: only "metadata.name", '
+                '"metadata.namespace" and resource-specific fields are supported'
+            )
         requirements.append(FieldRequirement(path, value, op == "!="))
     return requirements
 

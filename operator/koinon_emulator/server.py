@@ -25,8 +25,9 @@ class KubeEmulator:
     ``patch``, ``delete``) share the semantics of the HTTP API and emit the same watch events.
     """
 
-    def __init__(self, *, history_limit: int = 20_000, bookmark_interval_s: float = 10.0,
-                 state_file: str | Path | None = None) -> None:
+    def __init__(
+        self, *, history_limit: int = 20_000, bookmark_interval_s: float = 10.0, state_file: str | Path | None = None
+    ) -> None:
         from .store import ObjectStore
 
         self.service = ApiService(store=ObjectStore(history_limit=history_limit))
@@ -93,17 +94,26 @@ class KubeEmulator:
         resource = self.resource_for(api_version, kind)
         return self.service.get(resource, namespace if resource.namespaced else None, name)
 
-    def list_objects(self, api_version: str, kind: str, namespace: str | None = None,
-             label_selector: str | None = None) -> list[JsonObj]:
+    def list_objects(
+        self, api_version: str, kind: str, namespace: str | None = None, label_selector: str | None = None
+    ) -> list[JsonObj]:
         resource = self.resource_for(api_version, kind)
         selection = build_filter(namespace, label_selector, None, lambda _: True)
         return self.service.list_objects(resource, selection)[0]
 
-    def patch(self, api_version: str, kind: str, name: str, patch: JsonObj, namespace: str | None = None,
-              subresource: str | None = None) -> JsonObj:
+    def patch(
+        self,
+        api_version: str,
+        kind: str,
+        name: str,
+        patch: JsonObj,
+        namespace: str | None = None,
+        subresource: str | None = None,
+    ) -> JsonObj:
         resource = self.resource_for(api_version, kind)
-        return self.service.patch(resource, namespace if resource.namespaced else None, name, patch,
-                                  MERGE_PATCH, subresource=subresource).obj
+        return self.service.patch(
+            resource, namespace if resource.namespaced else None, name, patch, MERGE_PATCH, subresource=subresource
+        ).obj
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> JsonObj:
         resource = self.resource_for(api_version, kind)

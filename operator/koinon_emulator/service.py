@@ -79,8 +79,9 @@ class ApiService:
     def resolve(self, group: str, version: str, plural: str) -> ResourceType:
         resource = self.registry.lookup(group, version, plural)
         if resource is None:
-            raise ApiError(404, "NotFound", "the server could not find the requested resource",
-                           {"group": group, "kind": plural})
+            raise ApiError(
+                404, "NotFound", "the server could not find the requested resource", {"group": group, "kind": plural}
+            )
         return resource
 
     @staticmethod
@@ -110,11 +111,14 @@ class ApiService:
             # Another served version of the same CRD is fine: versions share one schema-less conversion.
             other = self._same_resource_version(resource, api_version)
             if other is None:
-                raise errors.bad_request(f"the API version in the data ({api_version}) does not match the "
-                                         f"expected API version ({resource.api_version})")
+                raise errors.bad_request(
+                    f"the API version in the data ({api_version}) does not match the "
+                    f"expected API version ({resource.api_version})"
+                )
         if kind and kind != resource.kind:
-            raise errors.bad_request(f"the kind in the data ({kind}) does not match the expected kind "
-                                     f"({resource.kind})")
+            raise errors.bad_request(
+                f"the kind in the data ({kind}) does not match the expected kind ({resource.kind})"
+            )
         metadata = body.get("metadata", {})
         if not isinstance(metadata, dict):
             raise errors.bad_request("metadata must be an object")
@@ -123,8 +127,16 @@ class ApiService:
             if values is not None and not (
                 isinstance(values, dict) and all(isinstance(v, str) for v in values.values())
             ):
-                raise errors.invalid(resource.group, resource.kind, metadata.get("name", ""), [FieldCause(
-                    f"metadata.{field_name}", "Invalid value: must be a map of string keys to string values")])
+                raise errors.invalid(
+                    resource.group,
+                    resource.kind,
+                    metadata.get("name", ""),
+                    [
+                        FieldCause(
+                            f"metadata.{field_name}", "Invalid value: must be a map of string keys to string values"
+                        )
+                    ],
+                )
         return body
 
     def _same_resource_version(self, resource: ResourceType, api_version: str) -> ResourceType | None:
@@ -135,15 +147,23 @@ class ApiService:
     def _check_name(self, resource: ResourceType, name: str) -> None:
         if resource.group == "rbac.authorization.k8s.io":
             if "/" in name or name in (".", ".."):
-                raise errors.invalid(resource.group, resource.kind, name, [FieldCause(
-                    "metadata.name", f'Invalid value: "{name}": may not contain \'/\'')])
+                raise errors.invalid(
+                    resource.group,
+                    resource.kind,
+                    name,
+                    [FieldCause("metadata.name", f"Invalid value: \"{name}\": may not contain '/'")],
+                )
             return
         pattern, helptext, limit = (
             (_LABEL, _LABEL_HELP, 63) if resource == NAMESPACE_RESOURCE else (_SUBDOMAIN, _SUBDOMAIN_HELP, 253)
         )
         if len(name) > limit or not pattern.match(name):
-            raise errors.invalid(resource.group, resource.kind, name, [FieldCause(
-                "metadata.name", f'Invalid value: "{name}": {helptext}')])
+            raise errors.invalid(
+                resource.group,
+                resource.kind,
+                name,
+                [FieldCause("metadata.name", f'Invalid value: "{name}": {helptext}')],
+            )
 
     def _check_namespace(self, resource: ResourceType, namespace: str | None, name: str) -> None:
         if not resource.namespaced:
@@ -160,8 +180,9 @@ class ApiService:
                 {"name": name, "group": resource.group, "kind": resource.plural},
             )
 
-    def _admit(self, resource: ResourceType, obj: JsonObj, options: WriteOptions,
-               only: str | None = None) -> tuple[JsonObj, list[str]]:
+    def _admit(
+        self, resource: ResourceType, obj: JsonObj, options: WriteOptions, only: str | None = None
+    ) -> tuple[JsonObj, list[str]]:
         """Schema pruning/defaulting/validation; returns the admitted object and warnings."""
         name = obj.get("metadata", {}).get("name", "")
         if resource == CRD_RESOURCE and only is None and (causes := check_crd(obj)):
@@ -170,10 +191,15 @@ class ApiService:
         warnings: list[str] = []
         if result.unknown_fields:
             if options.field_validation == "Strict":
-                raise errors.invalid(resource.group, resource.kind, name, [
-                    FieldCause(f".{path}", "field not declared in schema", "FieldValueInvalid")
-                    for path in result.unknown_fields
-                ])
+                raise errors.invalid(
+                    resource.group,
+                    resource.kind,
+                    name,
+                    [
+                        FieldCause(f".{path}", "field not declared in schema", "FieldValueInvalid")
+                        for path in result.unknown_fields
+                    ],
+                )
             if options.field_validation != "Ignore":
                 warnings = [f'unknown field "{path}"' for path in result.unknown_fields]
         if result.causes:
@@ -182,15 +208,17 @@ class ApiService:
 
     # -- create --------------------------------------------------------------------------------
 
-    def create(self, resource: ResourceType, namespace: str | None, body: Any,
-               options: WriteOptions = WriteOptions()) -> WriteResult:
+    def create(
+        self, resource: ResourceType, namespace: str | None, body: Any, options: WriteOptions = WriteOptions()
+    ) -> WriteResult:
         obj = copy.deepcopy(self._check_type(resource, body))
         obj["apiVersion"], obj["kind"] = resource.api_version, resource.kind
         metadata = obj.setdefault("metadata", {})
         if resource.namespaced:
             if metadata.get("namespace") and namespace and metadata["namespace"] != namespace:
-                raise errors.bad_request("the namespace of the provided object does not match the namespace "
-                                         "sent on the request")
+                raise errors.bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request"
+                )
             metadata["namespace"] = namespace = namespace or metadata.get("namespace")
         else:
             metadata.pop("namespace", None)
@@ -201,8 +229,16 @@ class ApiService:
         if not name:
             prefix = metadata.get("generateName")
             if not prefix:
-                raise errors.invalid(resource.group, resource.kind, "", [FieldCause(
-                    "metadata.name", "Required value: name or generateName is required", "FieldValueRequired")])
+                raise errors.invalid(
+                    resource.group,
+                    resource.kind,
+                    "",
+                    [
+                        FieldCause(
+                            "metadata.name", "Required value: name or generateName is required", "FieldValueRequired"
+                        )
+                    ],
+                )
             name = self._generate_name(resource, namespace, str(prefix))
             metadata["name"] = name
         self._check_name(resource, name)
@@ -235,39 +271,61 @@ class ApiService:
 
     # -- update / patch ------------------------------------------------------------------------
 
-    def update(self, resource: ResourceType, namespace: str | None, name: str, body: Any,
-               options: WriteOptions = WriteOptions(), subresource: str | None = None,
-               require_version: bool = True) -> WriteResult:
+    def update(
+        self,
+        resource: ResourceType,
+        namespace: str | None,
+        name: str,
+        body: Any,
+        options: WriteOptions = WriteOptions(),
+        subresource: str | None = None,
+        require_version: bool = True,
+    ) -> WriteResult:
         old = self.store.get(resource.storage_key, namespace or "", name)
         if old is None:
             raise errors.not_found(resource.group, resource.plural, name)
         candidate = copy.deepcopy(self._check_type(resource, body))
         metadata = candidate.setdefault("metadata", {})
         if metadata.get("name", name) != name:
-            raise errors.bad_request(f"the name of the object ({metadata['name']}) does not match the name on "
-                                     f"the URL ({name})")
+            raise errors.bad_request(
+                f"the name of the object ({metadata['name']}) does not match the name on the URL ({name})"
+            )
         if resource.namespaced and metadata.get("namespace", namespace) != namespace:
-            raise errors.bad_request("the namespace of the provided object does not match the namespace sent "
-                                     "on the request")
+            raise errors.bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request"
+            )
         given_version = metadata.get("resourceVersion")
         if not given_version and require_version and resource.crd_name is not None:
-            raise errors.invalid(resource.group, resource.kind, name, [FieldCause(
-                "metadata.resourceVersion", "Invalid value: 0x0: must be specified for an update")])
+            raise errors.invalid(
+                resource.group,
+                resource.kind,
+                name,
+                [FieldCause("metadata.resourceVersion", "Invalid value: 0x0: must be specified for an update")],
+            )
         if given_version and given_version != old["metadata"]["resourceVersion"]:
             raise errors.conflict(resource.group, resource.plural, name)
         new, warnings = self._merge_write(resource, old, candidate, options, subresource)
         return self._commit(resource, old, new, options, warnings)
 
-    def patch(self, resource: ResourceType, namespace: str | None, name: str, patch: Any, content_type: str,
-              options: WriteOptions = WriteOptions(), subresource: str | None = None) -> WriteResult:
+    def patch(
+        self,
+        resource: ResourceType,
+        namespace: str | None,
+        name: str,
+        patch: Any,
+        content_type: str,
+        options: WriteOptions = WriteOptions(),
+        subresource: str | None = None,
+    ) -> WriteResult:
         old = self.store.get(resource.storage_key, namespace or "", name)
         if old is None:
             raise errors.not_found(resource.group, resource.plural, name)
         candidate = apply_patch(self.as_version(resource, old), patch, content_type)
         return self.update(resource, namespace, name, candidate, options, subresource, require_version=False)
 
-    def _merge_write(self, resource: ResourceType, old: JsonObj, candidate: JsonObj, options: WriteOptions,
-                     subresource: str | None) -> tuple[JsonObj, list[str]]:
+    def _merge_write(
+        self, resource: ResourceType, old: JsonObj, candidate: JsonObj, options: WriteOptions, subresource: str | None
+    ) -> tuple[JsonObj, list[str]]:
         if subresource == "status":
             if not resource.status_subresource:
                 raise errors.not_found(resource.group, f"{resource.plural}/status", old["metadata"]["name"])
@@ -282,8 +340,16 @@ class ApiService:
         new["apiVersion"], new["kind"] = resource.api_version, resource.kind
         metadata = new["metadata"]
         old_metadata = old["metadata"]
-        for server_field in ("uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds",
-                             "generation", "resourceVersion", "name", "namespace"):
+        for server_field in (
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+            "resourceVersion",
+            "name",
+            "namespace",
+        ):
             if server_field in old_metadata:
                 metadata[server_field] = old_metadata[server_field]
             else:
@@ -291,9 +357,19 @@ class ApiService:
         if old_metadata.get("deletionTimestamp"):
             added = set(metadata.get("finalizers") or ()) - set(old_metadata.get("finalizers") or ())
             if added:
-                raise errors.invalid(resource.group, resource.kind, old_metadata["name"], [FieldCause(
-                    "metadata.finalizers", f"Forbidden: no new finalizers can be added if the object is being "
-                    f"deleted, found new finalizers {sorted(added)}", "FieldValueForbidden")])
+                raise errors.invalid(
+                    resource.group,
+                    resource.kind,
+                    old_metadata["name"],
+                    [
+                        FieldCause(
+                            "metadata.finalizers",
+                            f"Forbidden: no new finalizers can be added if the object is being "
+                            f"deleted, found new finalizers {sorted(added)}",
+                            "FieldValueForbidden",
+                        )
+                    ],
+                )
         if resource.status_subresource:
             if "status" in old:
                 new["status"] = copy.deepcopy(old["status"])
@@ -307,8 +383,9 @@ class ApiService:
             new["metadata"]["generation"] = int(old_metadata.get("generation", 1)) + 1
         return new, warnings
 
-    def _commit(self, resource: ResourceType, old: JsonObj, new: JsonObj, options: WriteOptions,
-                warnings: list[str]) -> WriteResult:
+    def _commit(
+        self, resource: ResourceType, old: JsonObj, new: JsonObj, options: WriteOptions, warnings: list[str]
+    ) -> WriteResult:
         if new == old or options.dry_run:
             return WriteResult(self.as_version(resource, new), warnings=warnings)
         metadata = new["metadata"]
@@ -323,8 +400,14 @@ class ApiService:
 
     # -- delete --------------------------------------------------------------------------------
 
-    def delete(self, resource: ResourceType, namespace: str | None, name: str,
-               options: WriteOptions = WriteOptions(), preconditions: JsonObj | None = None) -> JsonObj:
+    def delete(
+        self,
+        resource: ResourceType,
+        namespace: str | None,
+        name: str,
+        options: WriteOptions = WriteOptions(),
+        preconditions: JsonObj | None = None,
+    ) -> JsonObj:
         old = self.store.get(resource.storage_key, namespace or "", name)
         if old is None:
             raise errors.not_found(resource.group, resource.plural, name)
@@ -332,8 +415,13 @@ class ApiService:
         for key in ("uid", "resourceVersion"):
             wanted = preconditions.get(key)
             if wanted and wanted != old["metadata"].get(key):
-                raise ApiError(409, "Conflict", f"Precondition failed: {key} in precondition: {wanted}, {key} in "
-                               f"object meta: {old['metadata'].get(key)}", {"name": name, "kind": resource.plural})
+                raise ApiError(
+                    409,
+                    "Conflict",
+                    f"Precondition failed: {key} in precondition: {wanted}, {key} in "
+                    f"object meta: {old['metadata'].get(key)}",
+                    {"name": name, "kind": resource.plural},
+                )
         if options.dry_run:
             return self.as_version(resource, old)
         if resource == NAMESPACE_RESOURCE:
@@ -347,12 +435,16 @@ class ApiService:
     @staticmethod
     def _marked_deleted(old: JsonObj) -> JsonObj:
         metadata = dict(old["metadata"])
-        metadata.update(deletionTimestamp=now_rfc3339(), deletionGracePeriodSeconds=0,
-                        generation=int(metadata.get("generation", 1)) + 1)
+        metadata.update(
+            deletionTimestamp=now_rfc3339(),
+            deletionGracePeriodSeconds=0,
+            generation=int(metadata.get("generation", 1)) + 1,
+        )
         return {**old, "metadata": metadata}
 
-    def _remove(self, resource: ResourceType, namespace: str | None, name: str,
-                last_state: JsonObj | None = None) -> JsonObj:
+    def _remove(
+        self, resource: ResourceType, namespace: str | None, name: str, last_state: JsonObj | None = None
+    ) -> JsonObj:
         final = self.store.remove(resource.storage_key, namespace or "", name, last_state)
         assert final is not None, "caller checked existence"
         if resource == CRD_RESOURCE:
@@ -365,8 +457,11 @@ class ApiService:
         name = old["metadata"]["name"]
         marked = self._marked_deleted(old)
         marked["status"] = {**(old.get("status") or {}), "phase": "Terminating"}
-        current = old if old["metadata"].get("deletionTimestamp") else self.store.put(
-            NAMESPACE_RESOURCE.storage_key, marked, old)
+        current = (
+            old
+            if old["metadata"].get("deletionTimestamp")
+            else self.store.put(NAMESPACE_RESOURCE.storage_key, marked, old)
+        )
         # The namespace controller's job, done at once: delete the content; finalizers still hold items.
         for resource in self.registry.all():
             if not resource.namespaced:
@@ -380,8 +475,7 @@ class ApiService:
 
     def _finish_namespace_if_empty(self, namespace: str) -> None:
         ns = self.store.get(NAMESPACE_RESOURCE.storage_key, "", namespace)
-        if ns is not None and ns["metadata"].get("deletionTimestamp") and \
-                self.store.count_in_namespace(namespace) == 0:
+        if ns is not None and ns["metadata"].get("deletionTimestamp") and self.store.count_in_namespace(namespace) == 0:
             self.store.remove(NAMESPACE_RESOURCE.storage_key, "", namespace)
 
     # -- CRDs ----------------------------------------------------------------------------------

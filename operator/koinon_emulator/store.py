@@ -110,8 +110,7 @@ class ObjectStore:
         self._emit(key, StoredEvent(version, MODIFIED if old is not None else ADDED, obj, old))
         return obj
 
-    def remove(self, key: StorageKey, namespace: str, name: str,
-               last_state: JsonObj | None = None) -> JsonObj | None:
+    def remove(self, key: StorageKey, namespace: str, name: str, last_state: JsonObj | None = None) -> JsonObj | None:
         """Delete an object; the DELETED event carries ``last_state`` when given (an update that
         removed the last finalizer), else the stored state."""
         bucket = self._objects.get(key, {})

@@ -11,11 +11,19 @@ from .resources import ResourceType
 
 JsonObj = dict[str, Any]
 
-_NAME_COLUMN: JsonObj = {"name": "Name", "type": "string", "format": "name", "priority": 0,
-                         "description": "Name must be unique within a namespace."}
-_AGE_COLUMN: JsonObj = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp",
-                        "description": "CreationTimestamp is a timestamp representing the server time when "
-                                       "this object was created."}
+_NAME_COLUMN: JsonObj = {
+    "name": "Name",
+    "type": "string",
+    "format": "name",
+    "priority": 0,
+    "description": "Name must be unique within a namespace.",
+}
+_AGE_COLUMN: JsonObj = {
+    "name": "Age",
+    "type": "date",
+    "jsonPath": ".metadata.creationTimestamp",
+    "description": "CreationTimestamp is a timestamp representing the server time when this object was created.",
+}
 
 # Columns kubectl users expect for a few built-ins; everything else gets Name + Age.
 _BUILTIN_COLUMNS: dict[tuple[str, str], tuple[JsonObj, ...]] = {
@@ -79,13 +87,15 @@ def printer_columns(resource: ResourceType) -> tuple[JsonObj, ...]:
 def column_definitions(resource: ResourceType) -> list[JsonObj]:
     definitions = [dict(_NAME_COLUMN)]
     for column in printer_columns(resource):
-        definitions.append({
-            "name": column["name"],
-            "type": column.get("type", "string"),
-            "format": column.get("format", ""),
-            "description": column.get("description", ""),
-            "priority": int(column.get("priority", 0)),
-        })
+        definitions.append(
+            {
+                "name": column["name"],
+                "type": column.get("type", "string"),
+                "format": column.get("format", ""),
+                "description": column.get("description", ""),
+                "priority": int(column.get("priority", 0)),
+            }
+        )
     return definitions
 
 
@@ -121,9 +131,15 @@ def _row_object(obj: JsonObj, include_object: str) -> JsonObj | None:
     return {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]}
 
 
-def table(resource: ResourceType, objects: list[JsonObj], *, api_version: str = "meta.k8s.io/v1",
-          include_object: str = "Metadata", list_metadata: JsonObj | None = None,
-          with_columns: bool = True) -> JsonObj:
+def table(
+    resource: ResourceType,
+    objects: list[JsonObj],
+    *,
+    api_version: str = "meta.k8s.io/v1",
+    include_object: str = "Metadata",
+    list_metadata: JsonObj | None = None,
+    with_columns: bool = True,
+) -> JsonObj:
     columns = printer_columns(resource)
     rows = []
     for obj in objects:

@@ -39,10 +39,12 @@ def _line(event_type: str, obj: JsonObj) -> bytes:
     return json.dumps({"type": event_type, "object": obj}, separators=(",", ":")).encode() + b"\n"
 
 
-async def serve_watch(request: web.Request, service: ApiService, watch: WatchRequest,
-                      bookmark_interval_s: float) -> web.StreamResponse:
-    response = web.StreamResponse(status=200, headers={"Content-Type": "application/json",
-                                                       "Cache-Control": "no-cache, private"})
+async def serve_watch(
+    request: web.Request, service: ApiService, watch: WatchRequest, bookmark_interval_s: float
+) -> web.StreamResponse:
+    response = web.StreamResponse(
+        status=200, headers={"Content-Type": "application/json", "Cache-Control": "no-cache, private"}
+    )
     response.enable_chunked_encoding()
     resource = watch.resource
     try:
@@ -61,8 +63,13 @@ async def serve_watch(request: web.Request, service: ApiService, watch: WatchReq
         nonlocal first_table
         obj = service.as_version(resource, obj)
         if watch.table_version is not None:
-            obj = table(resource, [obj], api_version=watch.table_version, include_object=watch.include_object,
-                        with_columns=first_table)
+            obj = table(
+                resource,
+                [obj],
+                api_version=watch.table_version,
+                include_object=watch.include_object,
+                with_columns=first_table,
+            )
             first_table = False
         return _line(event_type, obj)
 
@@ -70,8 +77,7 @@ async def serve_watch(request: web.Request, service: ApiService, watch: WatchReq
         metadata: JsonObj = {"resourceVersion": str(version)}
         if initial_end:
             metadata["annotations"] = {"k8s.io/initial-events-end": "true"}
-        return _line("BOOKMARK", {"kind": resource.kind, "apiVersion": resource.api_version,
-                                  "metadata": metadata})
+        return _line("BOOKMARK", {"kind": resource.kind, "apiVersion": resource.api_version, "metadata": metadata})
 
     deadline = time.monotonic() + watch.timeout_s
     try:

@@ -49,6 +49,7 @@ def threaded_emulator() -> Iterator[EmulatorThread]:
 
 
 @pytest.fixture(scope="module")
-def kubectl(kubectl_binary: Path, threaded_emulator: EmulatorThread,
-            tmp_path_factory: pytest.TempPathFactory) -> Kubectl:
+def kubectl(
+    kubectl_binary: Path, threaded_emulator: EmulatorThread, tmp_path_factory: pytest.TempPathFactory
+) -> Kubectl:
     return Kubectl(kubectl_binary, threaded_emulator.url, tmp_path_factory.mktemp("kubectl-home"))

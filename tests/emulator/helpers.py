@@ -31,62 +31,95 @@ def widget_crd(*, scope: str = "Namespaced") -> JsonObj:
         "spec": {
             "group": GROUP,
             "scope": scope,
-            "names": {"plural": "widgets", "singular": "widget", "kind": "Widget", "shortNames": ["wdg"],
-                      "categories": ["koinon"]},
-            "versions": [{
-                "name": "v1",
-                "served": True,
-                "storage": True,
-                "subresources": {"status": {}},
-                "additionalPrinterColumns": [
-                    {"name": "Color", "type": "string", "jsonPath": ".spec.color"},
-                    {"name": "Size", "type": "integer", "jsonPath": ".spec.size"},
-                    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                    {"name": "Ready", "type": "string",
-                     "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
-                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                ],
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": "A Widget is the test resource of the Koinon Kubernetes API emulator.",
-                    "properties": {
-                        "spec": {
-                            "type": "object",
-                            "description": "The desired widget.",
-                            "required": ["color"],
-                            "properties": {
-                                "color": {"type": "string", "enum": ["red", "green", "blue"],
-                                          "description": "The colour of the widget."},
-                                "size": {"type": "integer", "minimum": 1, "maximum": 10, "default": 3,
-                                         "description": "Size in units."},
-                                "code": {"type": "string", "pattern": "^[A-Z]{3}$"},
-                                "port": {"x-kubernetes-int-or-string": True},
-                                "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
-                                "tags": {"type": "array", "maxItems": 3, "items": {"type": "string"}},
-                                "limits": {"type": "object", "default": {},
-                                           "properties": {"cpu": {"type": "number", "default": 0.5}}},
-                            },
+            "names": {
+                "plural": "widgets",
+                "singular": "widget",
+                "kind": "Widget",
+                "shortNames": ["wdg"],
+                "categories": ["koinon"],
+            },
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": "Color", "type": "string", "jsonPath": ".spec.color"},
+                        {"name": "Size", "type": "integer", "jsonPath": ".spec.size"},
+                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                        {
+                            "name": "Ready",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
                         },
-                        "status": {
+                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
                             "type": "object",
+                            "description": "A Widget is the test resource of the Koinon Kubernetes API emulator.",
                             "properties": {
-                                "phase": {"type": "string", "default": "Pending"},
-                                "conditions": {"type": "array", "items": {
+                                "spec": {
                                     "type": "object",
-                                    "properties": {"type": {"type": "string"}, "status": {"type": "string"}},
-                                }},
+                                    "description": "The desired widget.",
+                                    "required": ["color"],
+                                    "properties": {
+                                        "color": {
+                                            "type": "string",
+                                            "enum": ["red", "green", "blue"],
+                                            "description": "The colour of the widget.",
+                                        },
+                                        "size": {
+                                            "type": "integer",
+                                            "minimum": 1,
+                                            "maximum": 10,
+                                            "default": 3,
+                                            "description": "Size in units.",
+                                        },
+                                        "code": {"type": "string", "pattern": "^[A-Z]{3}$"},
+                                        "port": {"x-kubernetes-int-or-string": True},
+                                        "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                                        "tags": {"type": "array", "maxItems": 3, "items": {"type": "string"}},
+                                        "limits": {
+                                            "type": "object",
+                                            "default": {},
+                                            "properties": {"cpu": {"type": "number", "default": 0.5}},
+                                        },
+                                    },
+                                },
+                                "status": {
+                                    "type": "object",
+                                    "properties": {
+                                        "phase": {"type": "string", "default": "Pending"},
+                                        "conditions": {
+                                            "type": "array",
+                                            "items": {
+                                                "type": "object",
+                                                "properties": {
+                                                    "type": {"type": "string"},
+                                                    "status": {"type": "string"},
+                                                },
+                                            },
+                                        },
+                                    },
+                                },
                             },
-                        },
+                        }
                     },
-                }},
-            }],
+                }
+            ],
         },
     }
 
 
 def widget(name: str, namespace: str = "default", **spec: Any) -> JsonObj:
-    return {"apiVersion": f"{GROUP}/v1", "kind": "Widget",
-            "metadata": {"name": name, "namespace": namespace}, "spec": {"color": "red", **spec}}
+    return {
+        "apiVersion": f"{GROUP}/v1",
+        "kind": "Widget",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"color": "red", **spec},
+    }
 
 
 class EmulatorThread:
@@ -163,13 +196,20 @@ class Kubectl:
             "KUBECACHEDIR": str(home / "cache"),
         }
 
-    def run(self, *args: str, stdin: str | None = None, timeout: float = 30,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, stdin: str | None = None, timeout: float = 30, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
-            [str(self.binary), *args], input=stdin, capture_output=True, text=True, timeout=timeout,
-            env=self.env, check=False,
+            [str(self.binary), *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            check=False,
         )
         if check and result.returncode != 0:
-            raise AssertionError(f"kubectl {' '.join(args)} failed ({result.returncode}):\n"
-                                 f"{result.stdout}\n{result.stderr}")
+            raise AssertionError(
+                f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+            )
         return result

@@ -30,8 +30,9 @@ async def test_builtin_namespaces_exist_and_core_discovery_reports_v1(http: aioh
     assert version["major"] == "1"
 
 
-async def test_create_sets_server_metadata_and_defaults(http: aiohttp.ClientSession,
-                                                       with_widgets: KubeEmulator) -> None:
+async def test_create_sets_server_metadata_and_defaults(
+    http: aiohttp.ClientSession, with_widgets: KubeEmulator
+) -> None:
     response = await http.post(NS_WIDGETS, json=widget("w1"))
     assert response.status == 201
     body = await _json(response)
@@ -49,8 +50,12 @@ async def test_create_sets_server_metadata_and_defaults(http: aiohttp.ClientSess
 
 
 async def test_generate_name_and_unknown_namespace(http: aiohttp.ClientSession) -> None:
-    event = {"metadata": {"generateName": "kopf-event-"}, "reason": "R", "message": "m",
-             "involvedObject": {"kind": "Widget", "name": "w", "namespace": "default"}}
+    event = {
+        "metadata": {"generateName": "kopf-event-"},
+        "reason": "R",
+        "message": "m",
+        "involvedObject": {"kind": "Widget", "name": "w", "namespace": "default"},
+    }
     first = await _json(await http.post("/api/v1/namespaces/default/events", json=event))
     second = await _json(await http.post("/api/v1/namespaces/default/events", json=event))
     assert first["metadata"]["name"].startswith("kopf-event-")
@@ -60,8 +65,9 @@ async def test_generate_name_and_unknown_namespace(http: aiohttp.ClientSession) 
     assert (await _json(orphan))["message"] == 'namespaces "ghost" not found'
 
 
-async def test_resource_versions_increase_and_stale_writes_conflict(http: aiohttp.ClientSession,
-                                                                    with_widgets: KubeEmulator) -> None:
+async def test_resource_versions_increase_and_stale_writes_conflict(
+    http: aiohttp.ClientSession, with_widgets: KubeEmulator
+) -> None:
     created = await _json(await http.post(NS_WIDGETS, json=widget("w2")))
     stale = created["metadata"]["resourceVersion"]
     updated = dict(created, spec={**created["spec"], "color": "blue"})
@@ -73,18 +79,27 @@ async def test_resource_versions_increase_and_stale_writes_conflict(http: aiohtt
     conflict = await http.put(f"{NS_WIDGETS}/w2", json=updated)
     assert conflict.status == 409
     assert (await _json(conflict))["reason"] == "Conflict"
-    merge_conflict = await http.patch(f"{NS_WIDGETS}/w2", headers=MERGE,
-                                      json={"metadata": {"resourceVersion": stale}, "spec": {"size": 4}})
+    merge_conflict = await http.patch(
+        f"{NS_WIDGETS}/w2", headers=MERGE, json={"metadata": {"resourceVersion": stale}, "spec": {"size": 4}}
+    )
     assert merge_conflict.status == 409
-    failing_test = await http.patch(f"{NS_WIDGETS}/w2", headers=JSON_PATCH, json=[
-        {"op": "test", "path": "/metadata/resourceVersion", "value": stale},
-        {"op": "add", "path": "/metadata/finalizers", "value": ["x/y"]},
-    ])
+    failing_test = await http.patch(
+        f"{NS_WIDGETS}/w2",
+        headers=JSON_PATCH,
+        json=[
+            {"op": "test", "path": "/metadata/resourceVersion", "value": stale},
+            {"op": "add", "path": "/metadata/finalizers", "value": ["x/y"]},
+        ],
+    )
     assert failing_test.status == 422
-    passing = await http.patch(f"{NS_WIDGETS}/w2", headers=JSON_PATCH, json=[
-        {"op": "test", "path": "/metadata/resourceVersion", "value": fresh["metadata"]["resourceVersion"]},
-        {"op": "add", "path": "/metadata/finalizers", "value": ["x/y"]},
-    ])
+    passing = await http.patch(
+        f"{NS_WIDGETS}/w2",
+        headers=JSON_PATCH,
+        json=[
+            {"op": "test", "path": "/metadata/resourceVersion", "value": fresh["metadata"]["resourceVersion"]},
+            {"op": "add", "path": "/metadata/finalizers", "value": ["x/y"]},
+        ],
+    )
     assert passing.status == 200
     patched = await _json(passing)
     assert patched["metadata"]["finalizers"] == ["x/y"]
@@ -101,19 +116,25 @@ async def test_status_subresource_is_isolated(http: aiohttp.ClientSession, with_
     await http.post(NS_WIDGETS, json={**widget("w4"), "status": {"phase": "Ignored"}})
     created = await _json(await http.get(f"{NS_WIDGETS}/w4"))
     assert "status" not in created
-    status = await _json(await http.patch(f"{NS_WIDGETS}/w4/status", headers=MERGE,
-                                          json={"status": {"conditions": [{"type": "Ready", "status": "True"}]},
-                                                "spec": {"color": "blue"}}))
+    status = await _json(
+        await http.patch(
+            f"{NS_WIDGETS}/w4/status",
+            headers=MERGE,
+            json={"status": {"conditions": [{"type": "Ready", "status": "True"}]}, "spec": {"color": "blue"}},
+        )
+    )
     assert status["status"] == {"phase": "Pending", "conditions": [{"type": "Ready", "status": "True"}]}
     assert status["spec"]["color"] == "red" and status["metadata"]["generation"] == 1
-    main = await _json(await http.patch(f"{NS_WIDGETS}/w4", headers=MERGE,
-                                        json={"status": {"phase": "Hacked"}, "spec": {"size": 5}}))
+    main = await _json(
+        await http.patch(f"{NS_WIDGETS}/w4", headers=MERGE, json={"status": {"phase": "Hacked"}, "spec": {"size": 5}})
+    )
     assert main["status"]["phase"] == "Pending" and main["spec"]["size"] == 5
     assert main["metadata"]["generation"] == 2
 
 
-async def test_schema_violations_are_422_with_field_causes(http: aiohttp.ClientSession,
-                                                           with_widgets: KubeEmulator) -> None:
+async def test_schema_violations_are_422_with_field_causes(
+    http: aiohttp.ClientSession, with_widgets: KubeEmulator
+) -> None:
     response = await http.post(NS_WIDGETS, json=widget("bad", size=0, color="pink"))
     assert response.status == 422
     status = await _json(response)
@@ -125,8 +146,9 @@ async def test_schema_violations_are_422_with_field_causes(http: aiohttp.ClientS
     assert (await http.get(f"{NS_WIDGETS}/bad")).status == 404  # nothing stored
 
 
-async def test_unknown_fields_pruned_or_rejected_when_strict(http: aiohttp.ClientSession,
-                                                             with_widgets: KubeEmulator) -> None:
+async def test_unknown_fields_pruned_or_rejected_when_strict(
+    http: aiohttp.ClientSession, with_widgets: KubeEmulator
+) -> None:
     body = widget("w5", bogus=1)
     strict = await http.post(NS_WIDGETS, params={"fieldValidation": "Strict"}, json=body)
     assert strict.status == 422
@@ -201,19 +223,31 @@ async def test_list_pagination_with_continue(http: aiohttp.ClientSession, with_w
 
 async def test_event_field_selectors(http: aiohttp.ClientSession) -> None:
     for name in ("x", "y"):
-        await http.post("/api/v1/namespaces/default/events", json={
-            "metadata": {"generateName": "e-"}, "reason": "R", "message": name,
-            "involvedObject": {"kind": "Widget", "name": name, "namespace": "default"}})
-    found = await _json(await http.get("/api/v1/namespaces/default/events",
-                                       params={"fieldSelector": "involvedObject.name=y,involvedObject.kind=Widget"}))
+        await http.post(
+            "/api/v1/namespaces/default/events",
+            json={
+                "metadata": {"generateName": "e-"},
+                "reason": "R",
+                "message": name,
+                "involvedObject": {"kind": "Widget", "name": name, "namespace": "default"},
+            },
+        )
+    found = await _json(
+        await http.get(
+            "/api/v1/namespaces/default/events",
+            params={"fieldSelector": "involvedObject.name=y,involvedObject.kind=Widget"},
+        )
+    )
     assert [event["message"] for event in found["items"]] == ["y"]
 
 
 async def test_table_output_uses_printer_columns(http: aiohttp.ClientSession, with_widgets: KubeEmulator) -> None:
     await http.post(NS_WIDGETS, json=widget("t1", size=7))
-    await http.patch(f"{NS_WIDGETS}/t1/status", headers=MERGE,
-                     json={"status": {"conditions": [{"type": "Other", "status": "False"},
-                                                     {"type": "Ready", "status": "True"}]}})
+    await http.patch(
+        f"{NS_WIDGETS}/t1/status",
+        headers=MERGE,
+        json={"status": {"conditions": [{"type": "Other", "status": "False"}, {"type": "Ready", "status": "True"}]}},
+    )
     accept = {"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"}
     table = await _json(await http.get(NS_WIDGETS, headers=accept))
     assert table["kind"] == "Table" and table["apiVersion"] == "meta.k8s.io/v1"
@@ -251,11 +285,17 @@ async def test_deleting_crd_unregisters_it(http: aiohttp.ClientSession, with_wid
 
 
 async def test_invalid_crd_is_rejected(http: aiohttp.ClientSession) -> None:
-    crd = {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
-           "metadata": {"name": "wrong.test.koinon.dev"},
-           "spec": {"group": "test.koinon.dev", "scope": "Namespaced",
-                    "names": {"plural": "things", "kind": "Thing"},
-                    "versions": [{"name": "v1", "served": True, "storage": True}]}}
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "wrong.test.koinon.dev"},
+        "spec": {
+            "group": "test.koinon.dev",
+            "scope": "Namespaced",
+            "names": {"plural": "things", "kind": "Thing"},
+            "versions": [{"name": "v1", "served": True, "storage": True}],
+        },
+    }
     response = await http.post("/apis/apiextensions.k8s.io/v1/customresourcedefinitions", json=crd)
     assert response.status == 422
     fields = {c["field"] for c in (await _json(response))["details"]["causes"]}
@@ -275,8 +315,11 @@ async def test_openapi_v3_documents_crd_schema(http: aiohttp.ClientSession, with
 
 async def test_secret_string_data_and_namespace_deletion(http: aiohttp.ClientSession) -> None:
     await http.post("/api/v1/namespaces", json={"metadata": {"name": "tmp"}})
-    secret = await _json(await http.post("/api/v1/namespaces/tmp/secrets", json={
-        "metadata": {"name": "token"}, "stringData": {"key": "abc"}}))
+    secret = await _json(
+        await http.post(
+            "/api/v1/namespaces/tmp/secrets", json={"metadata": {"name": "token"}, "stringData": {"key": "abc"}}
+        )
+    )
     assert secret["data"] == {"key": "YWJj"} and secret["type"] == "Opaque" and "stringData" not in secret
     await http.delete("/api/v1/namespaces/tmp")
     assert (await http.get("/api/v1/namespaces/tmp/secrets/token")).status == 404
@@ -287,9 +330,11 @@ async def test_invalid_names_and_protobuf_bodies(http: aiohttp.ClientSession) ->
     response = await http.post("/api/v1/namespaces/default/configmaps", json={"metadata": {"name": "Bad_Name"}})
     assert response.status == 422
     assert (await _json(response))["details"]["causes"][0]["field"] == "metadata.name"
-    protobuf = await http.post("/api/v1/namespaces", data=b"k8s\x00",
-                               headers={"Content-Type": "application/vnd.kubernetes.protobuf"})
+    protobuf = await http.post(
+        "/api/v1/namespaces", data=b"k8s\x00", headers={"Content-Type": "application/vnd.kubernetes.protobuf"}
+    )
     assert protobuf.status == 415
-    apply = await http.patch("/api/v1/namespaces/default", data=b"{}",
-                             headers={"Content-Type": "application/apply-patch+yaml"})
+    apply = await http.patch(
+        "/api/v1/namespaces/default", data=b"{}", headers={"Content-Type": "application/apply-patch+yaml"}
+    )
     assert apply.status == 415

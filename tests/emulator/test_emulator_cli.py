@@ -18,7 +18,10 @@ pytestmark = pytest.mark.timeout(60)
 def _start(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "koinon_emulator.main", "--kubeconfig", str(tmp_path / "kubeconfig"), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout is not None
     url = process.stdout.readline().strip()
     assert url.startswith("http://127.0.0.1:"), process.stderr.read() if process.stderr else ""
@@ -38,9 +41,12 @@ def test_cli_serves_writes_kubeconfig_and_keeps_state(tmp_path: Path) -> None:
         assert config["current-context"] == "koinon-local"
         assert config["clusters"][0]["cluster"]["server"] == url
         assert config["contexts"][0]["context"]["namespace"] == "default"
-        request = urllib.request.Request(f"{url}/api/v1/namespaces/default/configmaps", method="POST",
-                                         data=json.dumps({"metadata": {"name": "kept"}}).encode(),
-                                         headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"{url}/api/v1/namespaces/default/configmaps",
+            method="POST",
+            data=json.dumps({"metadata": {"name": "kept"}}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=5) as response:
             assert response.status == 201
     finally:

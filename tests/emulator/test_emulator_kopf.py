@@ -17,7 +17,7 @@ from .helpers import GROUP, EmulatorThread, Kubectl, widget, widget_crd
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
-OPERATOR = textwrap.dedent('''
+OPERATOR = textwrap.dedent("""
     import pathlib
     import kopf
 
@@ -42,7 +42,7 @@ OPERATOR = textwrap.dedent('''
     @kopf.on.delete("test.koinon.dev", "v1", "widgets")
     def deleted(name, **_):
         (MARKS / f"deleted-{name}").write_text("ok")
-''')
+""")
 
 
 def _eventually(probe: Callable[[], Any], timeout: float = 30) -> Any:
@@ -63,7 +63,11 @@ def test_kopf_lifecycle(kubectl: Kubectl, threaded_emulator: EmulatorThread, tmp
     log = (tmp_path / "kopf.log").open("w")
     operator = subprocess.Popen(
         [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces", "--verbose", str(script)],
-        env={**kubectl.env, "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        env={**kubectl.env, "PYTHONUNBUFFERED": "1"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
     try:
         kubectl.run("apply", "-f", "-", stdin=yaml.safe_dump(widget("kopf-w", color="green")))
 

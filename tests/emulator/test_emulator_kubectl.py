@@ -39,10 +39,16 @@ def test_apply_creates_then_updates(kubectl: Kubectl) -> None:
 
 def test_get_short_name_shows_printer_columns(kubectl: Kubectl, threaded_emulator: EmulatorThread) -> None:
     kubectl.run("apply", "-f", "-", stdin=_manifest("k2", size=4))
-    threaded_emulator.call(lambda e: e.patch("test.koinon.dev/v1", "Widget", "k2",
-                                             {"status": {"phase": "Running",
-                                                         "conditions": [{"type": "Ready", "status": "True"}]}},
-                                             namespace="default", subresource="status"))
+    threaded_emulator.call(
+        lambda e: e.patch(
+            "test.koinon.dev/v1",
+            "Widget",
+            "k2",
+            {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}},
+            namespace="default",
+            subresource="status",
+        )
+    )
     lines = kubectl.run("get", "wdg", "k2").stdout.splitlines()
     assert lines[0].split() == ["NAME", "COLOR", "SIZE", "PHASE", "READY", "AGE"]
     assert lines[1].split()[:5] == ["k2", "red", "4", "Running", "True"]
@@ -61,12 +67,22 @@ def test_schema_violation_names_the_field(kubectl: Kubectl) -> None:
 
 def test_describe_shows_events(kubectl: Kubectl, threaded_emulator: EmulatorThread) -> None:
     obj = yaml.safe_load(kubectl.run("apply", "-f", "-", "-o", "yaml", stdin=_manifest("k4")).stdout)
-    event = {"apiVersion": "v1", "kind": "Event",
-             "metadata": {"generateName": "k4-", "namespace": "default"},
-             "type": "Normal", "reason": "Scheduled", "message": "placed on volunteer-7",
-             "source": {"component": "koinon-test"},
-             "involvedObject": {"apiVersion": "test.koinon.dev/v1", "kind": "Widget", "name": "k4",
-                                "namespace": "default", "uid": obj["metadata"]["uid"]}}
+    event = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": "k4-", "namespace": "default"},
+        "type": "Normal",
+        "reason": "Scheduled",
+        "message": "placed on volunteer-7",
+        "source": {"component": "koinon-test"},
+        "involvedObject": {
+            "apiVersion": "test.koinon.dev/v1",
+            "kind": "Widget",
+            "name": "k4",
+            "namespace": "default",
+            "uid": obj["metadata"]["uid"],
+        },
+    }
     threaded_emulator.call(lambda e: e.create(event))
     described = kubectl.run("describe", "widget", "k4").stdout
     assert "Scheduled" in described and "placed on volunteer-7" in described
@@ -76,13 +92,23 @@ def test_wait_for_condition_and_jsonpath(kubectl: Kubectl, threaded_emulator: Em
     kubectl.run("apply", "-f", "-", stdin=_manifest("k5"))
     waiter = subprocess.Popen(
         [str(kubectl.binary), "wait", "--for=condition=Ready", "widget/k5", "--timeout=20s"],
-        env=kubectl.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=kubectl.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(0.5)
     assert waiter.poll() is None  # still waiting: not Ready yet
-    threaded_emulator.call(lambda e: e.patch("test.koinon.dev/v1", "Widget", "k5",
-                                             {"status": {"phase": "Done",
-                                                         "conditions": [{"type": "Ready", "status": "True"}]}},
-                                             namespace="default", subresource="status"))
+    threaded_emulator.call(
+        lambda e: e.patch(
+            "test.koinon.dev/v1",
+            "Widget",
+            "k5",
+            {"status": {"phase": "Done", "conditions": [{"type": "Ready", "status": "True"}]}},
+            namespace="default",
+            subresource="status",
+        )
+    )
     out, err = waiter.communicate(timeout=25)
     assert waiter.returncode == 0, err
     assert "condition met" in out
@@ -93,8 +119,13 @@ def test_delete_waits_for_finalizer(kubectl: Kubectl, threaded_emulator: Emulato
     manifest = widget("k6")
     manifest["metadata"]["finalizers"] = ["test.koinon.dev/hold"]
     kubectl.run("apply", "-f", "-", stdin=yaml.safe_dump(manifest))
-    deleter = subprocess.Popen([str(kubectl.binary), "delete", "widget", "k6", "--timeout=20s"],
-                               env=kubectl.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deleter = subprocess.Popen(
+        [str(kubectl.binary), "delete", "widget", "k6", "--timeout=20s"],
+        env=kubectl.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         current = threaded_emulator.call(lambda e: e.get("test.koinon.dev/v1", "Widget", "k6", "default"))
@@ -102,8 +133,9 @@ def test_delete_waits_for_finalizer(kubectl: Kubectl, threaded_emulator: Emulato
             break
         time.sleep(0.1)
     assert deleter.poll() is None  # kubectl waits while the finalizer holds the object
-    threaded_emulator.call(lambda e: e.patch("test.koinon.dev/v1", "Widget", "k6",
-                                             {"metadata": {"finalizers": None}}, namespace="default"))
+    threaded_emulator.call(
+        lambda e: e.patch("test.koinon.dev/v1", "Widget", "k6", {"metadata": {"finalizers": None}}, namespace="default")
+    )
     _, err = deleter.communicate(timeout=25)
     assert deleter.returncode == 0, err
     assert kubectl.run("get", "widget", "k6", check=False).returncode != 0
@@ -116,11 +148,21 @@ def test_explain_uses_crd_schema(kubectl: Kubectl) -> None:
 
 def test_builtin_resources_via_apply(kubectl: Kubectl) -> None:
     def manifest(value: str) -> str:
-        return yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a"}},
-            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "cfg", "namespace": "team-a"},
-             "data": {"k": value}},
-        ]})
+        return yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "List",
+                "items": [
+                    {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-a"}},
+                    {
+                        "apiVersion": "v1",
+                        "kind": "ConfigMap",
+                        "metadata": {"name": "cfg", "namespace": "team-a"},
+                        "data": {"k": value},
+                    },
+                ],
+            }
+        )
 
     kubectl.run("apply", "-f", "-", stdin=manifest("v"))
     kubectl.run("apply", "-f", "-", stdin=manifest("w"))
@@ -130,14 +172,26 @@ def test_builtin_resources_via_apply(kubectl: Kubectl) -> None:
 
 
 def test_get_watch_prints_table_rows(kubectl: Kubectl, threaded_emulator: EmulatorThread) -> None:
-    watcher = subprocess.Popen([str(kubectl.binary), "get", "wdg", "-w", "--request-timeout=20s"],
-                               env=kubectl.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watcher = subprocess.Popen(
+        [str(kubectl.binary), "get", "wdg", "-w", "--request-timeout=20s"],
+        env=kubectl.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(0.5)
         kubectl.run("apply", "-f", "-", stdin=_manifest("k7", color="green"))
-        threaded_emulator.call(lambda e: e.patch("test.koinon.dev/v1", "Widget", "k7",
-                                                 {"status": {"phase": "Watched"}}, namespace="default",
-                                                 subresource="status"))
+        threaded_emulator.call(
+            lambda e: e.patch(
+                "test.koinon.dev/v1",
+                "Widget",
+                "k7",
+                {"status": {"phase": "Watched"}},
+                namespace="default",
+                subresource="status",
+            )
+        )
         time.sleep(1.0)
     finally:
         watcher.terminate()

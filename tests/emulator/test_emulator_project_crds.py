@@ -39,8 +39,12 @@ def _sample(schema: dict[str, Any]) -> Any:
 def test_project_crd_registers_and_validates(path: Path) -> None:
     service = ApiService()
     crd = yaml.safe_load(path.read_text())
-    stored = service.create(service.resolve("apiextensions.k8s.io", "v1", "customresourcedefinitions"), None,
-                            crd, WriteOptions(field_validation="Strict")).obj
+    stored = service.create(
+        service.resolve("apiextensions.k8s.io", "v1", "customresourcedefinitions"),
+        None,
+        crd,
+        WriteOptions(field_validation="Strict"),
+    ).obj
     assert {c["type"] for c in stored["status"]["conditions"]} == {"Established", "NamesAccepted"}
     spec = crd["spec"]
     for version in (v for v in spec["versions"] if v.get("served", True)):
@@ -48,14 +52,21 @@ def test_project_crd_registers_and_validates(path: Path) -> None:
         schema = version["schema"]["openAPIV3Schema"]
         namespace = "default" if resource.namespaced else None
         name = f"sample-{version['name']}"
-        sample = {"apiVersion": resource.api_version, "kind": resource.kind,
-                  "metadata": {"name": name}, "spec": _sample(schema["properties"]["spec"])}
+        sample = {
+            "apiVersion": resource.api_version,
+            "kind": resource.kind,
+            "metadata": {"name": name},
+            "spec": _sample(schema["properties"]["spec"]),
+        }
         if any(value is None for value in sample["spec"].values()):
             pytest.skip("sample generation does not handle patterns of required fields")
         created = service.create(resource, namespace, sample, WriteOptions(field_validation="Strict")).obj
         assert created["metadata"]["generation"] == 1
         with pytest.raises(ApiError) as rejected:
-            service.create(resource, namespace, {**sample, "metadata": {"name": f"{name}-x"},
-                                                 "spec": {**sample["spec"], "notAField": 1}},
-                           WriteOptions(field_validation="Strict"))
+            service.create(
+                resource,
+                namespace,
+                {**sample, "metadata": {"name": f"{name}-x"}, "spec": {**sample["spec"], "notAField": 1}},
+                WriteOptions(field_validation="Strict"),
+            )
         assert rejected.value.code == 422 and "spec.notAField" in rejected.value.message

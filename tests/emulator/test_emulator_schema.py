@@ -27,11 +27,23 @@ SCHEMA: dict[str, Any] = {
                 "gone": {"type": "string"},
                 "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
                 "env": {"type": "object", "additionalProperties": {"type": "integer"}},
-                "items": {"type": "array", "minItems": 1, "maxItems": 2,
-                          "items": {"type": "object", "properties": {"n": {"type": "integer", "default": 7}}}},
-                "nested": {"type": "object", "default": {},
-                           "properties": {"deep": {"type": "object", "default": {},
-                                                   "properties": {"x": {"type": "string", "default": "d"}}}}},
+                "items": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 2,
+                    "items": {"type": "object", "properties": {"n": {"type": "integer", "default": 7}}},
+                },
+                "nested": {
+                    "type": "object",
+                    "default": {},
+                    "properties": {
+                        "deep": {
+                            "type": "object",
+                            "default": {},
+                            "properties": {"x": {"type": "string", "default": "d"}},
+                        }
+                    },
+                },
             },
         },
     },
@@ -50,8 +62,7 @@ def test_defaults_apply_recursively_and_inside_arrays() -> None:
 
 
 def test_pruning_keeps_preserved_and_additional_properties() -> None:
-    spec = {"name": "ab", "junk": 1, "free": {"any": {"thing": 1}}, "env": {"A": 1},
-            "items": [{"n": 1, "x": 2}]}
+    spec = {"name": "ab", "junk": 1, "free": {"any": {"thing": 1}}, "env": {"A": 1}, "items": [{"n": 1, "x": 2}]}
     result = admit({"spec": spec, "top": 1}, SCHEMA)
     assert sorted(result.unknown_fields) == ["spec.items[0].x", "spec.junk", "top"]
     assert result.obj["spec"]["free"] == {"any": {"thing": 1}} and result.obj["spec"]["env"] == {"A": 1}
@@ -65,13 +76,15 @@ def test_nulls_dropped_unless_nullable() -> None:
 
 
 def test_validation_messages_follow_kubernetes_wording() -> None:
-    messages = _messages({"name": "A", "ratio": 2, "port": 1.5, "when": "yesterday", "env": {"A": "x"},
-                          "items": [{}, {}, {}]})
+    messages = _messages(
+        {"name": "A", "ratio": 2, "port": 1.5, "when": "yesterday", "env": {"A": "x"}, "items": [{}, {}, {}]}
+    )
     assert messages["spec.name"].startswith('Invalid value: "A": spec.name in body should')
     assert messages["spec.ratio"] == "Invalid value: 2: spec.ratio in body should be less than or equal to 1"
     assert "int-or-string" in messages["spec.port"]
-    assert messages["spec.when"] == ('Invalid value: "yesterday": spec.when in body must be of type '
-                                     'date-time: "yesterday"')
+    assert messages["spec.when"] == (
+        'Invalid value: "yesterday": spec.when in body must be of type date-time: "yesterday"'
+    )
     assert messages["spec.env[A]"].endswith('must be of type integer: "string"')
     assert messages["spec.items"] == "Too many: 3: must have at most 2 items"
     assert _messages({}) == {"spec.name": "Required value"}
@@ -93,14 +106,19 @@ def test_label_selector_parsing() -> None:
 
 def test_patches() -> None:
     assert merge_patch({"a": {"b": 1, "c": 2}}, {"a": {"b": None, "d": 3}}) == {"a": {"c": 2, "d": 3}}
-    assert strategic_merge_patch({"a": {"b": 1}, "l": [1]},
-                                 {"a": {"$patch": "replace", "c": 1}, "$setElementOrder/l": [1]}) == \
-        {"a": {"c": 1}, "l": [1]}
+    assert strategic_merge_patch(
+        {"a": {"b": 1}, "l": [1]}, {"a": {"$patch": "replace", "c": 1}, "$setElementOrder/l": [1]}
+    ) == {"a": {"c": 1}, "l": [1]}
     doc = {"m": {"f": ["x"]}}
-    patched = json_patch(doc, [{"op": "add", "path": "/m/f/-", "value": "y"},
-                               {"op": "move", "from": "/m/f", "path": "/m/g"},
-                               {"op": "copy", "from": "/m/g/0", "path": "/m/h"},
-                               {"op": "replace", "path": "/m/h", "value": "z"}])
+    patched = json_patch(
+        doc,
+        [
+            {"op": "add", "path": "/m/f/-", "value": "y"},
+            {"op": "move", "from": "/m/f", "path": "/m/g"},
+            {"op": "copy", "from": "/m/g/0", "path": "/m/h"},
+            {"op": "replace", "path": "/m/h", "value": "z"},
+        ],
+    )
     assert patched == {"m": {"g": ["x", "y"], "h": "z"}} and doc == {"m": {"f": ["x"]}}
     with pytest.raises(ApiError) as failed:
         json_patch(doc, [{"op": "test", "path": "/m/f/0", "value": "nope"}])
@@ -108,12 +126,19 @@ def test_patches() -> None:
 
 
 def test_jsonpath_and_durations() -> None:
-    obj = {"status": {"conditions": [{"type": "A", "status": "False"}, {"type": "Ready", "status": "True"}]},
-           "metadata": {"labels": {"app.kubernetes.io/name": "k"}}}
+    obj = {
+        "status": {"conditions": [{"type": "A", "status": "False"}, {"type": "Ready", "status": "True"}]},
+        "metadata": {"labels": {"app.kubernetes.io/name": "k"}},
+    }
     assert find(obj, '.status.conditions[?(@.type=="Ready")].status') == ["True"]
     assert find(obj, ".status.conditions[*].type") == ["A", "Ready"]
     assert find(obj, "{.metadata.labels['app.kubernetes.io/name']}") == ["k"]
     assert find(obj, ".status.conditions[1].type") == ["Ready"]
     assert find(obj, ".missing.path") == []
-    assert [human_duration(s) for s in (5, 150, 3600 * 5 + 60, 3600 * 30, 86400 * 3)] == \
-        ["5s", "2m30s", "5h1m", "30h", "3d"]
+    assert [human_duration(s) for s in (5, 150, 3600 * 5 + 60, 3600 * 30, 86400 * 3)] == [
+        "5s",
+        "2m30s",
+        "5h1m",
+        "30h",
+        "3d",
+    ]

@@ -41,7 +41,8 @@ async def test_watch_streams_added_modified_deleted(http: aiohttp.ClientSession)
 
 
 async def test_watch_resumes_from_history_and_reports_410_when_too_old(
-        http: aiohttp.ClientSession, emulator: KubeEmulator) -> None:
+    http: aiohttp.ClientSession, emulator: KubeEmulator
+) -> None:
     first = await (await http.post(CONFIGMAPS, json={"metadata": {"name": "r0"}})).json()
     start = first["metadata"]["resourceVersion"]
     for index in range(1, 4):
@@ -65,8 +66,12 @@ async def test_watch_without_version_replays_current_objects(http: aiohttp.Clien
 
 async def test_initial_events_end_with_annotated_bookmark(http: aiohttp.ClientSession) -> None:
     await http.post(CONFIGMAPS, json={"metadata": {"name": "one"}})
-    params = {"watch": "true", "sendInitialEvents": "true", "allowWatchBookmarks": "true",
-              "resourceVersionMatch": "NotOlderThan"}
+    params = {
+        "watch": "true",
+        "sendInitialEvents": "true",
+        "allowWatchBookmarks": "true",
+        "resourceVersionMatch": "NotOlderThan",
+    }
     async with http.get(CONFIGMAPS, params=params) as stream:
         added, bookmark = await _events(stream, 2)
     assert added["type"] == "ADDED"
@@ -95,8 +100,9 @@ async def test_label_selector_transitions_become_added_and_deleted(http: aiohttp
     assert [e["type"] for e in events] == ["ADDED", "MODIFIED", "DELETED"]
 
 
-async def test_watch_of_finalized_deletion_and_table_format(http: aiohttp.ClientSession,
-                                                            with_widgets: KubeEmulator) -> None:
+async def test_watch_of_finalized_deletion_and_table_format(
+    http: aiohttp.ClientSession, with_widgets: KubeEmulator
+) -> None:
     url = "/apis/test.koinon.dev/v1/namespaces/default/widgets"
     body = widget("fin")
     body["metadata"]["finalizers"] = ["test/hold"]
@@ -113,8 +119,7 @@ async def test_watch_of_finalized_deletion_and_table_format(http: aiohttp.Client
     assert events[1]["object"]["rows"][0]["cells"][0] == "fin"
 
 
-async def test_legacy_watch_path_and_stop_closes_streams(http: aiohttp.ClientSession,
-                                                         emulator: KubeEmulator) -> None:
+async def test_legacy_watch_path_and_stop_closes_streams(http: aiohttp.ClientSession, emulator: KubeEmulator) -> None:
     async with http.get("/api/v1/watch/namespaces/default/configmaps") as stream:
         await http.post(CONFIGMAPS, json={"metadata": {"name": "legacy"}})
         (event,) = await _events(stream, 1)

@@ -1,0 +1,81 @@
+"""Load generator: N agents' control streams (each on its own TLS connection) against one gateway.
+
+    python -m bench.tunnel.many_agents TARGET CA_PATH TOKEN N
+
+Prints "connected N" once every stream is registered, then answers pings until killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import grpc
+from koinon_gateway.rpc import EOF, tunnel_stub
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+
+async def one_agent(target: str, ca: bytes, token: str, index: int, registered: asyncio.Event) -> None:
+    channel = grpc.aio.secure_channel(
+        target, grpc.ssl_channel_credentials(ca), options=[("grpc.ssl_target_name_override", "koinon-gateway")]
+    )
+    stub = tunnel_stub(channel)
+    joined = await stub.Join(pb.JoinRequest(token=token, name_hint=f"load-{index}"), timeout=120)
+    call = stub.Control(metadata=(("authorization", f"Bearer {joined.credential}"),))
+    await call.write(
+        pb.AgentMessage(
+            register=pb.Register(
+                node_name=joined.assignment.node_name,
+                address=joined.assignment.address,
+                gpus=[pb.Gpu(model="Simulated GPU", memory_mib=24576)],
+            )
+        )
+    )
+    first = await call.read()
+    assert first.HasField("registered")
+    registered.set()
+    while True:
+        message = await call.read()
+        if message is EOF:
+            return
+        if message.HasField("ping"):
+            await call.write(
+                pb.AgentMessage(
+                    heartbeat=pb.Heartbeat(
+                        seq=message.ping.seq,
+                        echo_gateway_time_ns=message.ping.gateway_time_ns,
+                        ray_state="running",
+                    )
+                )
+            )
+
+
+async def main(target: str, ca_path: str, token: str, count: int) -> None:
+    ca = Path(ca_path).read_bytes()
+    burst = asyncio.Semaphore(50)  # bounded join burst, like agents coming online over time
+    connected = 0
+    all_connected = asyncio.Event()
+
+    async def start(index: int) -> None:
+        nonlocal connected
+        registered = asyncio.Event()
+        async with burst:
+            task = asyncio.ensure_future(one_agent(target, ca, token, index, registered))
+            waiter = asyncio.ensure_future(registered.wait())
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+        if registered.is_set():
+            connected += 1
+            if connected == count:
+                all_connected.set()
+        await task
+
+    tasks = [asyncio.ensure_future(start(i)) for i in range(count)]
+    await all_connected.wait()
+    print(f"connected {connected}", flush=True)
+    await asyncio.gather(*tasks)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))

@@ -1,0 +1,94 @@
+"""Virtual addresses and Ray port blocks for volunteer nodes.
+
+Each node gets one address from a 127.x.y.z pool (connectable on the node itself, DESIGN §2) and a
+block of ports derived from the address's index, so that blocks never overlap even when several
+nodes share one host (benchmarks, local demos).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+# Offsets inside a block; workers take the rest of the block.
+NODE_MANAGER, OBJECT_MANAGER, AGENT_GRPC, AGENT_HTTP, METRICS, RUNTIME_ENV = range(6)
+FIRST_WORKER = 8
+
+
+@dataclass(frozen=True)
+class PortBlock:
+    node_manager_port: int
+    object_manager_port: int
+    dashboard_agent_grpc_port: int
+    dashboard_agent_listen_port: int
+    metrics_export_port: int
+    runtime_env_agent_port: int
+    min_worker_port: int
+    max_worker_port: int
+
+    def allows(self, port: int) -> bool:
+        fixed = (
+            self.node_manager_port,
+            self.object_manager_port,
+            self.dashboard_agent_grpc_port,
+            self.metrics_export_port,
+        )
+        return port in fixed or self.min_worker_port <= port <= self.max_worker_port
+
+
+class AddressPoolExhausted(Exception):
+    pass
+
+
+class AddressAllocator:
+    def __init__(self, cidr: str, port_base: int, block_size: int) -> None:
+        self.network = ipaddress.IPv4Network(cidr)
+        if block_size < FIRST_WORKER + 2:
+            raise ValueError(f"port_block_size: must be at least {FIRST_WORKER + 2}")
+        capacity = self.network.num_addresses - 2
+        if port_base < 1024 or port_base + capacity * block_size > 65535:
+            raise ValueError(
+                f"port_base/port_block_size: {capacity} blocks of {block_size} from {port_base} exceed 65535"
+            )
+        self.port_base = port_base
+        self.block_size = block_size
+        self._used: set[str] = set()
+
+    def reserve(self, address: str) -> None:
+        self._index(address)
+        self._used.add(address)
+
+    def allocate(self) -> str:
+        for host in self.network.hosts():
+            if str(host) not in self._used:
+                self._used.add(str(host))
+                return str(host)
+        raise AddressPoolExhausted(f"vip_cidr {self.network}: no free address")
+
+    def release(self, address: str) -> None:
+        self._used.discard(address)
+
+    def contains(self, address: str) -> bool:
+        try:
+            return ipaddress.IPv4Address(address) in self.network
+        except ValueError:
+            return False
+
+    def _index(self, address: str) -> int:
+        ip = ipaddress.IPv4Address(address)
+        if ip not in self.network or ip in (self.network.network_address, self.network.broadcast_address):
+            raise ValueError(f"address {address}: not a host of {self.network}")
+        return int(ip) - int(self.network.network_address) - 1
+
+    def ports_for(self, address: str) -> PortBlock:
+        base = self.port_base + self._index(address) * self.block_size
+        return PortBlock(
+            node_manager_port=base + NODE_MANAGER,
+            object_manager_port=base + OBJECT_MANAGER,
+            dashboard_agent_grpc_port=base + AGENT_GRPC,
+            dashboard_agent_listen_port=base + AGENT_HTTP,
+            metrics_export_port=base + METRICS,
+            runtime_env_agent_port=base + RUNTIME_ENV,
+            min_worker_port=base + FIRST_WORKER,
+            max_worker_port=base + self.block_size - 1,
+        )

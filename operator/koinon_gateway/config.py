@@ -1,0 +1,55 @@
+"""Gateway configuration (CLI flags and KOINON_GATEWAY_* environment variables map onto this)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GatewayConfig:
+    # Where agents connect: "host:port" or "unix:/path". Port 0 picks a free port.
+    listen: str = "0.0.0.0:7443"
+    # Head-side HTTP CONNECT proxy for the head's Ray processes (grpc_proxy=http://<this>).
+    head_proxy_listen: str = "127.0.0.1:0"
+    # Admin HTTP (/healthz, /metrics); volunteers can never dial it (not a Ray port of a cluster address).
+    admin_listen: str = "127.0.0.1:0"
+    tls: bool = True
+    # Extra names/IPs in the server certificate ("koinon-gateway" is always there).
+    tls_hostnames: list[str] = field(default_factory=lambda: ["localhost", "127.0.0.1"])
+    # Ray head: GCS address and the ports of the head that volunteers may reach.
+    head_address: str = "127.0.0.1"
+    head_gcs_port: int = 6379
+    head_ports: list[int] = field(default_factory=list)
+    head_port_ranges: list[tuple[int, int]] = field(default_factory=list)
+    ray_auth_token: str = ""
+    # Virtual addresses and port blocks of volunteers.
+    vip_cidr: str = "127.0.20.0/22"
+    port_base: int = 20000
+    port_block_size: int = 40
+    heartbeat_interval_s: float = 2.0
+    heartbeat_timeout_s: float = 8.0
+    # Heartbeat-only status writes (lastHeartbeat, latency) are batched to at most one per interval.
+    status_write_interval_s: float = 5.0
+    # A Connect stream must send its first frame within this time.
+    first_frame_timeout_s: float = 10.0
+    # A peer must answer OpenConnection within this time.
+    accept_timeout_s: float = 10.0
+    rtt_smoothing_alpha: float = 0.2
+    # Ready requires the reported Ray node to be ALIVE in GCS at the node's address (off only in
+    # tunnel-level tests that run no Ray head).
+    verify_ray_nodes: bool = True
+    namespace: str = "koinon-system"
+
+    def validate(self) -> None:
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError("heartbeat_timeout_s: must be greater than heartbeat_interval_s")
+        if not 0 < self.rtt_smoothing_alpha <= 1:
+            raise ValueError("rtt_smoothing_alpha: must be in (0, 1]")
+        for low, high in self.head_port_ranges:
+            if not 0 < low <= high < 65536:
+                raise ValueError(f"head_port_ranges: bad range {low}-{high}")
+
+    def head_port_allowed(self, port: int) -> bool:
+        if port == self.head_gcs_port or port in self.head_ports:
+            return True
+        return any(low <= port <= high for low, high in self.head_port_ranges)

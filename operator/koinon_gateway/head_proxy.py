@@ -1,0 +1,56 @@
+"""HTTP CONNECT proxy for the head's Ray processes (grpc_proxy=http://<this>).
+
+The head reaches a volunteer's virtual address only through here: each CONNECT becomes an
+OpenConnection to that volunteer's agent and is spliced to the Accept stream it opens back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from . import http_connect
+from .routing import DialRefused, Router
+from .tunnel_io import splice_tcp
+
+log = logging.getLogger(__name__)
+
+
+class HeadProxy:
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            host, port = await http_connect.read_connect_request(reader)
+        except http_connect.BadConnectRequest as exc:
+            writer.write(http_connect.response(400, "Bad Request"))
+            log.warning("head proxy: %s", exc)
+            await _close(writer)
+            return
+        try:
+            route = self.router.route(None, host, port)
+            assert route.node is not None
+            connection_id, channel = await self.router.open_to_node(route.node, port, "head")
+        except DialRefused as exc:
+            status = 403 if exc.reason.startswith("forbidden") else 502
+            writer.write(http_connect.response(status, exc.reason))
+            await _close(writer)
+            return
+        try:
+            self.router.metrics.connections_opened += 1
+            writer.write(http_connect.ESTABLISHED)
+            await writer.drain()
+            await splice_tcp(reader, writer, channel)
+        except ConnectionError:
+            pass
+        finally:
+            self.router.finish(connection_id)
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(Exception):
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()

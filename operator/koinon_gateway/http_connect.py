@@ -1,0 +1,36 @@
+"""Minimal HTTP/1.1 CONNECT handling, as spoken by gRPC's http proxy support (grpc_proxy=http://...)."""
+
+from __future__ import annotations
+
+import asyncio
+
+MAX_HEADER_BYTES = 8192
+
+
+class BadConnectRequest(Exception):
+    pass
+
+
+async def read_connect_request(reader: asyncio.StreamReader, timeout: float = 10.0) -> tuple[str, int]:
+    """Reads ``CONNECT host:port HTTP/1.1`` and its headers; returns (host, port)."""
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as exc:
+        raise BadConnectRequest("request: incomplete, too long or too slow") from exc
+    if len(head) > MAX_HEADER_BYTES:
+        raise BadConnectRequest("request: headers too long")
+    request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    parts = request_line.split()
+    if len(parts) != 3 or parts[0] != "CONNECT":
+        raise BadConnectRequest(f"request line: expected 'CONNECT host:port HTTP/1.1', got {request_line!r}")
+    host, sep, port_text = parts[1].rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise BadConnectRequest(f"target: expected host:port, got {parts[1]!r}")
+    return host.strip("[]"), int(port_text)
+
+
+def response(status: int, reason: str) -> bytes:
+    return f"HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\n\r\n".encode()
+
+
+ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"

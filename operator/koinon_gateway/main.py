@@ -1,0 +1,128 @@
+"""``koinon-gateway``: run the tunnel gateway next to the Ray head.
+
+Stores (a Kubernetes-API-backed implementation of the same interfaces is not written yet):
+``--store file`` keeps nodes and the CA under ``--state-dir`` (local
+dev, tests); ``--store memory`` keeps nothing (benchmarks). With file/memory stores, join tokens
+come from ``--bootstrap-token``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from .config import GatewayConfig
+from .pki import CAStore, FileCAStore, InMemoryCAStore
+from .registry import FileNodeRegistry, InMemoryNodeRegistry, NodeRegistry
+from .server import Gateway
+from .tokens import InMemoryTokenStore, TokenStore
+
+
+def _port_ranges(text: str) -> list[tuple[int, int]]:
+    ranges = []
+    for part in filter(None, text.split(",")):
+        low, _, high = part.partition("-")
+        ranges.append((int(low), int(high or low)))
+    return ranges
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="koinon-gateway")
+    p.add_argument("--listen", default="0.0.0.0:7443", help="host:port or unix:/path for agents")
+    p.add_argument("--head-proxy-listen", default="127.0.0.1:7480")
+    p.add_argument("--admin-listen", default="127.0.0.1:7481")
+    p.add_argument("--insecure", action="store_true", help="no TLS (tests only)")
+    p.add_argument("--tls-hostname", action="append", default=["localhost", "127.0.0.1"])
+    p.add_argument("--head-address", required=True)
+    p.add_argument("--head-gcs-port", type=int, default=6379)
+    p.add_argument("--head-ports", default="", help="other Ray ports of the head, e.g. 6380,6381,10002-10100")
+    p.add_argument("--ray-auth-token-file", type=Path)
+    p.add_argument("--vip-cidr", default="127.0.20.0/22")
+    p.add_argument("--port-base", type=int, default=20000)
+    p.add_argument("--port-block-size", type=int, default=40)
+    p.add_argument("--heartbeat-interval", type=float, default=2.0)
+    p.add_argument("--heartbeat-timeout", type=float, default=8.0)
+    p.add_argument("--store", choices=["file", "memory"], default="file")
+    p.add_argument("--state-dir", type=Path, default=Path("/var/lib/koinon-gateway"))
+    p.add_argument("--namespace", default="koinon-system")
+    p.add_argument(
+        "--bootstrap-token",
+        action="append",
+        default=[],
+        help="(file store) accept this join token, '<id>.<secret>[:usage-limit]'",
+    )
+    p.add_argument("--ready-file", type=Path, help="write agent target, head proxy URL and CA path here once serving")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> GatewayConfig:
+    ranges = _port_ranges(args.head_ports)
+    return GatewayConfig(
+        listen=args.listen,
+        head_proxy_listen=args.head_proxy_listen,
+        admin_listen=args.admin_listen,
+        tls=not args.insecure,
+        tls_hostnames=args.tls_hostname,
+        head_address=args.head_address,
+        head_gcs_port=args.head_gcs_port,
+        head_port_ranges=ranges,
+        ray_auth_token=args.ray_auth_token_file.read_text().strip() if args.ray_auth_token_file else "",
+        vip_cidr=args.vip_cidr,
+        port_base=args.port_base,
+        port_block_size=args.port_block_size,
+        heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_timeout_s=args.heartbeat_timeout,
+        namespace=args.namespace,
+    )
+
+
+def stores_from_args(args: argparse.Namespace) -> tuple[TokenStore, NodeRegistry, CAStore]:
+    tokens = InMemoryTokenStore()
+    for entry in args.bootstrap_token:
+        token, _, limit = entry.partition(":")
+        tokens.add_plain(token, usage_limit=int(limit) if limit else None)
+    if args.store == "memory":
+        return tokens, InMemoryNodeRegistry(), InMemoryCAStore()
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    return tokens, FileNodeRegistry(args.state_dir / "volunteernodes.json"), FileCAStore(args.state_dir / "ca")
+
+
+async def serve(args: argparse.Namespace) -> None:
+    tokens, registry, ca_store = stores_from_args(args)
+    gateway = Gateway(config_from_args(args), tokens=tokens, registry=registry, ca_store=ca_store)
+    await gateway.start()
+    if args.ready_file:
+        ca_path = args.ready_file.with_suffix(".ca.pem")
+        ca_path.write_bytes(gateway.ca_pem)
+        args.ready_file.write_text(
+            f"{gateway.agent_target}\n{gateway.head_proxy_url}\n{ca_path}\n{gateway.admin_url}\n"
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await gateway.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(serve(args))
+    except ValueError as exc:
+        print(f"koinon-gateway: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

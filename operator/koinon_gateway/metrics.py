@@ -1,0 +1,30 @@
+"""Counters the gateway exposes on /metrics and to tests."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GatewayMetrics:
+    joins: Counter[str] = field(default_factory=Counter)  # by outcome: ok or refusal reason
+    refused_dials: Counter[str] = field(default_factory=Counter)  # by reason
+    refused_streams: Counter[str] = field(default_factory=Counter)  # auth/protocol failures
+    connections_opened: int = 0
+    connections_active: int = 0
+    bytes_from_agents: int = 0
+
+    def render(self) -> str:
+        lines = [
+            f"koinon_gateway_connections_opened_total {self.connections_opened}",
+            f"koinon_gateway_connections_active {self.connections_active}",
+        ]
+        for name, counter in (
+            ("joins", self.joins),
+            ("refused_dials", self.refused_dials),
+            ("refused_streams", self.refused_streams),
+        ):
+            for reason, count in sorted(counter.items()):
+                lines.append(f'koinon_gateway_{name}_total{{reason="{reason}"}} {count}')
+        return "\n".join(lines) + "\n"

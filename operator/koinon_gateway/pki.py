@@ -1,0 +1,139 @@
+"""The gateway's certificate authority and the secret that signs node credentials.
+
+Created once and kept in a ``CAStore`` (a Kubernetes Secret in production, a directory or memory in
+tests) so that a restarted gateway keeps serving the CA agents already trust and accepts the
+credentials it issued before.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+DEFAULT_SERVER_NAME = "koinon-gateway"
+
+
+@dataclass(frozen=True)
+class CABundle:
+    cert_pem: bytes
+    key_pem: bytes
+    # HMAC key for node credentials (credentials.py).
+    credential_key: bytes
+
+
+class CAStore(Protocol):
+    async def load(self) -> CABundle | None: ...
+
+    async def save(self, bundle: CABundle) -> None: ...
+
+
+class InMemoryCAStore:
+    def __init__(self) -> None:
+        self.bundle: CABundle | None = None
+
+    async def load(self) -> CABundle | None:
+        return self.bundle
+
+    async def save(self, bundle: CABundle) -> None:
+        self.bundle = bundle
+
+
+class FileCAStore:
+    """ca.crt, ca.key and credential.key in one directory (key files mode 0600)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    async def load(self) -> CABundle | None:
+        paths = [self.directory / n for n in ("ca.crt", "ca.key", "credential.key")]
+        if not all(p.exists() for p in paths):
+            return None
+        return CABundle(paths[0].read_bytes(), paths[1].read_bytes(), paths[2].read_bytes())
+
+    async def save(self, bundle: CABundle) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for name, data in (
+            ("ca.crt", bundle.cert_pem),
+            ("ca.key", bundle.key_pem),
+            ("credential.key", bundle.credential_key),
+        ):
+            path = self.directory / name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def create_ca(common_name: str = "koinon-gateway-ca", days: int = 3650) -> CABundle:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return CABundle(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key), secrets.token_bytes(32))
+
+
+async def load_or_create_ca(store: CAStore) -> CABundle:
+    bundle = await store.load()
+    if bundle is None:
+        bundle = create_ca()
+        await store.save(bundle)
+    return bundle
+
+
+def issue_server_cert(bundle: CABundle, hostnames: list[str], days: int = 365) -> tuple[bytes, bytes]:
+    """Returns (cert chain PEM, key PEM) for the gateway's gRPC port, valid for ``hostnames``."""
+    ca_cert = x509.load_pem_x509_certificate(bundle.cert_pem)
+    ca_key = serialization.load_pem_private_key(bundle.key_pem, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = []
+    for host in dict.fromkeys([DEFAULT_SERVER_NAME, *hostnames]):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, DEFAULT_SERVER_NAME)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM) + bundle.cert_pem, _key_pem(key)
+
+
+def bundle_to_json(bundle: CABundle) -> str:
+    return json.dumps({"cert": bundle.cert_pem.decode(), "key": bundle.key_pem.decode()})

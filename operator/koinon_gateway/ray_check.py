@@ -1,0 +1,52 @@
+"""Confirms in the Ray head's GCS that a node an agent reports is alive at that agent's address.
+
+A node is Ready only once GCS lists its Ray node id as ALIVE with the node's own virtual address,
+so an agent can neither claim readiness early nor claim another node's Ray identity.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any, Protocol
+
+ALIVE = 0  # rpc::GcsNodeInfo::ALIVE
+
+
+class RayNodeChecker(Protocol):
+    async def address_of(self, node_id: str) -> str | None:
+        """The node manager address of an ALIVE node, or None."""
+        ...
+
+
+class GcsRayNodeChecker:
+    """Reads the GCS node table (cached briefly: a thousand agents share one read)."""
+
+    def __init__(self, gcs_address: str, auth_token: str = "", cache_s: float = 0.5) -> None:
+        self.gcs_address = gcs_address
+        self.cache_s = cache_s
+        if auth_token:
+            # Ray's client reads token authentication from the environment.
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            os.environ.setdefault("RAY_AUTH_TOKEN", auth_token)
+        self._client: Any = None
+        self._table: dict[str, str] = {}
+        self._read_at = 0.0
+        self._lock = asyncio.Lock()
+
+    def _read(self) -> dict[str, str]:
+        if self._client is None:
+            import importlib
+
+            gcs_client = importlib.import_module("ray._raylet").GcsClient
+            self._client = gcs_client(address=self.gcs_address)
+        infos = self._client.get_all_node_info(timeout=5)
+        return {key.hex(): info.node_manager_address for key, info in infos.items() if info.state == ALIVE}
+
+    async def address_of(self, node_id: str) -> str | None:
+        async with self._lock:
+            if time.monotonic() - self._read_at > self.cache_s:
+                self._table = await asyncio.to_thread(self._read)
+                self._read_at = time.monotonic()
+            return self._table.get(node_id)

@@ -1,0 +1,105 @@
+"""Where VolunteerNode objects live: a small interface with an in-memory implementation.
+
+The Kubernetes-backed implementation is in ``kube.py``. Status is written as JSON merge patches to
+the status subresource, so writers never clobber fields they do not own (e.g. reputation).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+GROUP = "koinon.dev"
+VERSION = "v1alpha1"
+PLURAL = "volunteernodes"
+KIND = "VolunteerNode"
+
+JSON = dict[str, Any]
+
+
+class NodeExists(Exception):
+    pass
+
+
+class NodeRegistry(Protocol):
+    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> None:
+        """Creates the VolunteerNode; raises NodeExists when the name is taken."""
+        ...
+
+    async def get(self, name: str) -> JSON | None: ...
+
+    async def list(self) -> list[JSON]: ...
+
+    async def patch_status(self, name: str, status: JSON) -> None:
+        """Merge-patches ``status`` (JSON merge patch semantics: None deletes)."""
+        ...
+
+
+def merge_patch(target: JSON, patch: JSON) -> JSON:
+    result = copy.deepcopy(target)
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge_patch(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+@dataclass
+class InMemoryNodeRegistry:
+    objects: dict[str, JSON] = field(default_factory=dict)
+    status_writes: int = 0
+
+    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> None:
+        if name in self.objects:
+            raise NodeExists(name)
+        self.objects[name] = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "metadata": {"name": name, "labels": dict(labels)},
+            "spec": copy.deepcopy(spec),
+            "status": {},
+        }
+
+    async def get(self, name: str) -> JSON | None:
+        obj = self.objects.get(name)
+        return copy.deepcopy(obj) if obj is not None else None
+
+    async def list(self) -> list[JSON]:
+        return [copy.deepcopy(o) for o in self.objects.values()]
+
+    async def patch_status(self, name: str, status: JSON) -> None:
+        obj = self.objects.get(name)
+        if obj is None:
+            raise KeyError(f"VolunteerNode {name} not found")
+        obj["status"] = merge_patch(obj.get("status") or {}, status)
+        self.status_writes += 1
+
+
+class FileNodeRegistry(InMemoryNodeRegistry):
+    """In-memory registry persisted to one JSON file after each write (local dev and process tests)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        if path.exists():
+            self.objects = json.loads(path.read_text())
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.objects, indent=1))
+        os.replace(tmp, self.path)
+
+    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> None:
+        await super().create(name, spec, labels)
+        self._save()
+
+    async def patch_status(self, name: str, status: JSON) -> None:
+        await super().patch_status(name, status)
+        self._save()

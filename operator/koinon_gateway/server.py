@@ -1,0 +1,173 @@
+"""The gateway process: gRPC server for agents, head-side CONNECT proxy, admin HTTP, liveness.
+
+Programmatic use (the local control plane calls this)::
+
+    gateway = Gateway(GatewayConfig(...), tokens=..., registry=..., ca_store=...)
+    await gateway.start()
+    gateway.agent_target, gateway.head_proxy_url, gateway.ca_pem
+    await gateway.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+
+from .addresses import AddressAllocator
+from .config import GatewayConfig
+from .head_proxy import HeadProxy
+from .metrics import GatewayMetrics
+from .pki import CAStore, InMemoryCAStore, issue_server_cert, load_or_create_ca
+from .ray_check import GcsRayNodeChecker
+from .registry import InMemoryNodeRegistry, NodeRegistry
+from .routing import Router
+from .rpc import add_tunnel_service
+from .service import TunnelService
+from .sessions import SessionTable
+from .tokens import InMemoryTokenStore, TokenStore
+from .tunnel_io import GRPC_OPTIONS, STREAM_READER_LIMIT
+
+log = logging.getLogger(__name__)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address {address!r}: expected host:port")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass
+class _Listeners:
+    grpc_port: int = 0
+    head_proxy_port: int = 0
+    admin_port: int = 0
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        tokens: TokenStore | None = None,
+        registry: NodeRegistry | None = None,
+        ca_store: CAStore | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.tokens: TokenStore = tokens if tokens is not None else InMemoryTokenStore()
+        self.registry: NodeRegistry = registry if registry is not None else InMemoryNodeRegistry()
+        self.ca_store: CAStore = ca_store if ca_store is not None else InMemoryCAStore()
+        self.metrics = GatewayMetrics()
+        self.allocator = AddressAllocator(config.vip_cidr, config.port_base, config.port_block_size)
+        self.sessions = SessionTable(config, self.registry)
+        self.router = Router(config, self.sessions, self.metrics)
+        self.ca_pem = b""
+        self._ports = _Listeners()
+        self._server: grpc.aio.Server | None = None
+        self._head_proxy: asyncio.Server | None = None
+        self._admin: web.AppRunner | None = None
+        self._liveness: asyncio.Task[None] | None = None
+
+    @property
+    def agent_target(self) -> str:
+        if self.config.listen.startswith("unix:"):
+            return self.config.listen
+        host, _ = split_host_port(self.config.listen)
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self._ports.grpc_port}"
+
+    @property
+    def head_proxy_url(self) -> str:
+        host, _ = split_host_port(self.config.head_proxy_listen)
+        return f"http://{host}:{self._ports.head_proxy_port}"
+
+    @property
+    def admin_url(self) -> str:
+        host, _ = split_host_port(self.config.admin_listen)
+        return f"http://{host}:{self._ports.admin_port}"
+
+    async def start(self) -> Gateway:
+        bundle = await load_or_create_ca(self.ca_store)
+        self.ca_pem = bundle.cert_pem
+        for node in await self.registry.list():
+            address = (node.get("status") or {}).get("address")
+            if address and self.allocator.contains(address):
+                self.allocator.reserve(address)
+        service = TunnelService(
+            self.config,
+            self.tokens,
+            self.registry,
+            bundle.credential_key,
+            self.allocator,
+            self.sessions,
+            self.router,
+            self.metrics,
+            GcsRayNodeChecker(f"{self.config.head_address}:{self.config.head_gcs_port}", self.config.ray_auth_token)
+            if self.config.verify_ray_nodes
+            else None,
+        )
+        self._server = grpc.aio.server(options=GRPC_OPTIONS)
+        add_tunnel_service(service, self._server)
+        if self.config.tls:
+            chain, key = issue_server_cert(bundle, self.config.tls_hostnames)
+            credentials = grpc.ssl_server_credentials([(key, chain)])
+            port = self._server.add_secure_port(self.config.listen, credentials)
+        else:
+            port = self._server.add_insecure_port(self.config.listen)
+        self._ports.grpc_port = port
+        await self._server.start()
+        host, head_port = split_host_port(self.config.head_proxy_listen)
+        self._head_proxy = await asyncio.start_server(
+            HeadProxy(self.router).handle, host, head_port, limit=STREAM_READER_LIMIT
+        )
+        self._ports.head_proxy_port = self._head_proxy.sockets[0].getsockname()[1]
+        await self._start_admin()
+        self._liveness = asyncio.ensure_future(self._liveness_loop())
+        log.info("gateway serving agents on %s, head proxy %s", self.agent_target, self.head_proxy_url)
+        return self
+
+    async def _start_admin(self) -> None:
+        app = web.Application()
+
+        async def healthz(_: web.Request) -> web.Response:
+            return web.Response(text="ok\n")
+
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(text=self.metrics.render())
+
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/metrics", metrics)
+        self._admin = web.AppRunner(app, access_log=None)
+        await self._admin.setup()
+        host, port = split_host_port(self.config.admin_listen)
+        site = web.TCPSite(self._admin, host, port)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.Server)
+        self._ports.admin_port = server.sockets[0].getsockname()[1]
+
+    async def _liveness_loop(self) -> None:
+        period = min(1.0, self.config.heartbeat_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.sessions.expire_stale()
+            except Exception:
+                log.exception("liveness check failed")
+
+    async def stop(self, grace: float = 1.0) -> None:
+        if self._liveness is not None:
+            self._liveness.cancel()
+            with contextlib.suppress(BaseException):
+                await self._liveness
+        if self._head_proxy is not None:
+            self._head_proxy.close()
+        await self.sessions.close_all()
+        if self._server is not None:
+            await self._server.stop(grace)
+        if self._admin is not None:
+            await self._admin.cleanup()

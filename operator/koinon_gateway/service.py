@@ -1,0 +1,327 @@
+"""The gRPC service agents talk to: Join, Control and Connect."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+from . import credentials
+from .addresses import AddressAllocator, PortBlock
+from .config import GatewayConfig
+from .metrics import GatewayMetrics
+from .ray_check import RayNodeChecker
+from .registry import NodeExists, NodeRegistry
+from .routing import DialRefused, Router
+from .rpc import EOF, Context
+from .sessions import NodeSession, SessionTable
+from .tokens import TokenError, TokenStore
+from .tunnel_io import STREAM_READER_LIMIT, GrpcFrameChannel, splice_channels, splice_tcp
+
+log = logging.getLogger(__name__)
+
+MAX_GPUS = 64
+MAX_TEXT = 128
+_NAME_RE = re.compile(r"[^a-z0-9-]+")
+
+
+def node_name_from_hint(hint: str) -> str:
+    base = _NAME_RE.sub("-", hint.lower()).strip("-")[:40] or "volunteer"
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+def port_block_message(ports: PortBlock) -> pb.PortBlock:
+    return pb.PortBlock(**ports.__dict__)
+
+
+def validate_join(request: pb.JoinRequest) -> None:
+    if len(request.gpus) > MAX_GPUS:
+        raise ValueError(f"gpus: at most {MAX_GPUS} entries")
+    for index, gpu in enumerate(request.gpus):
+        if not gpu.model or len(gpu.model) > MAX_TEXT:
+            raise ValueError(f"gpus[{index}].model: required, at most {MAX_TEXT} characters")
+        if not 0 < gpu.memory_mib <= 1 << 24:
+            raise ValueError(f"gpus[{index}].memory_mib: must be in 1..{1 << 24}")
+    for name in ("name_hint", "region", "agent_version"):
+        if len(getattr(request, name)) > MAX_TEXT:
+            raise ValueError(f"{name}: at most {MAX_TEXT} characters")
+
+
+class TunnelService:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        tokens: TokenStore,
+        registry: NodeRegistry,
+        credential_key: bytes,
+        allocator: AddressAllocator,
+        sessions: SessionTable,
+        router: Router,
+        metrics: GatewayMetrics,
+        ray_checker: RayNodeChecker | None,
+    ) -> None:
+        self.ray_checker = ray_checker
+        self.config = config
+        self.tokens = tokens
+        self.registry = registry
+        self.credential_key = credential_key
+        self.allocator = allocator
+        self.sessions = sessions
+        self.router = router
+        self.metrics = metrics
+
+    def assignment(self, node_name: str, address: str) -> pb.Assignment:
+        return pb.Assignment(
+            node_name=node_name,
+            address=address,
+            ports=port_block_message(self.allocator.ports_for(address)),
+            ray_address=f"{self.config.head_address}:{self.config.head_gcs_port}",
+            ray_auth_token=self.config.ray_auth_token,
+            heartbeat_interval_ms=int(self.config.heartbeat_interval_s * 1000),
+            heartbeat_timeout_ms=int(self.config.heartbeat_timeout_s * 1000),
+        )
+
+    # ---- Join ----
+
+    async def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:  # type: ignore[override]
+        try:
+            validate_join(request)
+        except ValueError as exc:
+            self.metrics.joins["invalid-request"] += 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"join refused: {exc}")
+        try:
+            grant = await self.tokens.consume(request.token)
+        except TokenError as exc:
+            self.metrics.joins[exc.reason] += 1
+            log.warning("join refused (%s): %s", exc.reason, exc)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"join refused: {exc.reason}: {exc}")
+        address = self.allocator.allocate()
+        node_name = node_name_from_hint(request.name_hint)
+        spec: dict[str, Any] = {
+            "owner": grant.owner,
+            "region": grant.region or request.region,
+            "gpus": [{"model": g.model, "memoryMiB": int(g.memory_mib)} for g in request.gpus],
+        }
+        try:
+            await self.registry.create(node_name, spec, {"koinon.dev/join-token": grant.token_id})
+            await self.registry.patch_status(node_name, {"phase": "NotReady", "connected": False, "address": address})
+        except NodeExists:
+            self.allocator.release(address)
+            await context.abort(grpc.StatusCode.ABORTED, "join: node name collision, retry")
+        self.metrics.joins["ok"] += 1
+        log.info("node %s joined with token %s at %s", node_name, grant.token_id, address)
+        return pb.JoinResponse(
+            credential=credentials.issue(self.credential_key, node_name, address),
+            assignment=self.assignment(node_name, address),
+        )
+
+    async def _identify(self, context: Context) -> credentials.NodeIdentity:
+        try:
+            return credentials.verify(self.credential_key, credentials.from_metadata(context.invocation_metadata()))
+        except credentials.CredentialError as exc:
+            self.metrics.refused_streams["bad-credential"] += 1
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            raise  # unreachable: abort raises
+
+    # ---- Control ----
+
+    async def Control(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[pb.AgentMessage], context: Context
+    ) -> None:
+        identity = await self._identify(context)
+        if await self.registry.get(identity.node_name) is None:
+            self.metrics.refused_streams["node-deleted"] += 1
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {identity.node_name} no longer exists")
+        try:
+            first = await asyncio.wait_for(context.read(), self.config.first_frame_timeout_s)
+        except TimeoutError:
+            self.metrics.refused_streams["no-register"] += 1
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "control: no Register message in time")
+        if not isinstance(first, pb.AgentMessage) or first.WhichOneof("msg") != "register":
+            self.metrics.refused_streams["no-register"] += 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "control: first message must be Register")
+        register = first.register
+        if register.node_name != identity.node_name or register.address != identity.address:
+            self.metrics.refused_streams["identity-mismatch"] += 1
+            log.warning(
+                "node %s (%s) claimed to be %s (%s)",
+                identity.node_name,
+                identity.address,
+                register.node_name,
+                register.address,
+            )
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "register: node_name/address do not match the credential",
+            )
+        self.allocator.reserve(identity.address)
+        session = NodeSession(
+            node_name=identity.node_name,
+            address=identity.address,
+            ports=self.allocator.ports_for(identity.address),
+            stream=context,
+            handler_task=asyncio.current_task(),
+            agent_version=register.agent_version[:MAX_TEXT],
+            gpus=[(g.model[:MAX_TEXT], int(g.memory_mib)) for g in register.gpus[:MAX_GPUS]],
+        )
+        await session.send(
+            pb.GatewayMessage(registered=pb.Registered(assignment=self.assignment(session.node_name, session.address)))
+        )
+        await self.sessions.attach(session)
+        pinger = asyncio.ensure_future(self._ping_loop(session))
+        reason, message = "Disconnected", "control stream ended"
+        try:
+            await self._control_loop(session, context)
+        except asyncio.CancelledError:
+            reason, message = "Replaced", "session ended by the gateway"
+            raise
+        except grpc.aio.AioRpcError as exc:
+            message = f"control stream failed: {exc.code().name}"
+        finally:
+            pinger.cancel()
+            if session.verifier is not None:
+                session.verifier.cancel()
+            with contextlib.suppress(BaseException):
+                await pinger
+            if not session.closed:
+                await asyncio.shield(self.sessions.detach(session, reason, message))
+
+    async def _control_loop(self, session: NodeSession, context: Context) -> None:
+        while True:
+            message = await context.read()
+            if message is EOF:
+                return
+            assert isinstance(message, pb.AgentMessage)
+            kind = message.WhichOneof("msg")
+            if kind == "heartbeat":
+                session.record_heartbeat(message.heartbeat, time.time_ns(), self.config.rtt_smoothing_alpha)
+                self._verify_ray_node(session)
+                await self.sessions.write_status(session)
+            elif kind == "drain":
+                session.last_seen = time.monotonic()
+                session.draining = True
+                log.info("node %s draining: %s", session.node_name, message.drain.reason)
+                await self.sessions.write_status(session, force=True)
+            else:
+                session.last_seen = time.monotonic()
+
+    def _verify_ray_node(self, session: NodeSession) -> None:
+        if session.ray_node_id == session.ray_verified_id or session.ray_state != "running":
+            return
+        if self.ray_checker is None:
+            session.ray_verified_id = session.ray_node_id
+            return
+        if session.verifier is None or session.verifier.done():
+            session.verifier = asyncio.ensure_future(self._verify_loop(session, self.ray_checker))
+
+    async def _verify_loop(self, session: NodeSession, checker: RayNodeChecker) -> None:
+        while not session.closed and session.ray_node_id and session.ray_node_id != session.ray_verified_id:
+            node_id = session.ray_node_id
+            try:
+                address = await checker.address_of(node_id)
+            except Exception as exc:  # GCS unreachable: keep the node NotReady and retry
+                log.warning("GCS lookup for %s failed: %r", session.node_name, exc)
+                address = None
+            if address == session.address:
+                session.ray_verified_id = node_id
+                await self.sessions.write_status(session, force=True)
+                return
+            if address is not None:
+                log.warning("node %s reports Ray node %s which GCS has at %s", session.node_name, node_id, address)
+            await asyncio.sleep(0.25)
+
+    async def _ping_loop(self, session: NodeSession) -> None:
+        while True:
+            session.ping_seq += 1
+            await session.send(pb.GatewayMessage(ping=pb.Ping(seq=session.ping_seq, gateway_time_ns=time.time_ns())))
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+
+    # ---- Connect ----
+
+    async def Connect(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[pb.Frame], context: Context
+    ) -> None:
+        identity = await self._identify(context)
+        source = self.sessions.by_name.get(identity.node_name)
+        if source is None or source.address != identity.address:
+            self.metrics.refused_streams["no-session"] += 1
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "connect: node has no live Control stream")
+        assert source is not None
+        try:
+            first = await asyncio.wait_for(context.read(), self.config.first_frame_timeout_s)
+        except TimeoutError:
+            self.metrics.refused_streams["no-first-frame"] += 1
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "connect: no Dial or Accept frame in time")
+        kind = first.WhichOneof("msg") if isinstance(first, pb.Frame) else None
+        channel = GrpcFrameChannel(context)
+        self.metrics.connections_active += 1
+        try:
+            if kind == "dial":
+                await self._dial(source, first.dial, channel)
+            elif kind == "accept":
+                await self._accept(source, first.accept, channel)
+            else:
+                self.metrics.refused_streams["bad-first-frame"] += 1
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "connect: first frame must be Dial or Accept")
+        finally:
+            self.metrics.connections_active -= 1
+
+    async def _dial(self, source: NodeSession, dial: pb.Dial, channel: GrpcFrameChannel) -> None:
+        try:
+            route = self.router.route(source, dial.host, dial.port)
+        except DialRefused as exc:
+            await channel.write_frame(
+                pb.Frame(dial_result=pb.DialResult(ok=False, reason=exc.reason, message=str(exc)))
+            )
+            return
+        self.metrics.connections_opened += 1
+        if route.kind == "head":
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(route.host, route.port, limit=STREAM_READER_LIMIT), 5.0
+                )
+            except (OSError, TimeoutError) as exc:
+                await channel.write_frame(
+                    pb.Frame(dial_result=pb.DialResult(ok=False, reason="unreachable", message=repr(exc)))
+                )
+                return
+            await channel.write_frame(pb.Frame(dial_result=pb.DialResult(ok=True)))
+            await splice_tcp(reader, writer, channel)
+            return
+        assert route.node is not None
+        try:
+            connection_id, peer = await self.router.open_to_node(route.node, route.port, source.address)
+        except DialRefused as exc:
+            await channel.write_frame(
+                pb.Frame(dial_result=pb.DialResult(ok=False, reason=exc.reason, message=str(exc)))
+            )
+            return
+        try:
+            await channel.write_frame(pb.Frame(dial_result=pb.DialResult(ok=True)))
+            await splice_channels(channel, peer)
+        finally:
+            self.router.finish(connection_id)
+
+    async def _accept(self, source: NodeSession, accept: pb.Accept, channel: GrpcFrameChannel) -> None:
+        try:
+            pending = self.router.claim(source.node_name, accept.connection_id)
+        except DialRefused as exc:
+            self.metrics.refused_streams[exc.reason] += 1
+            await channel.write_frame(pb.Frame(close=pb.Close(reason=exc.reason)))
+            return
+        result = await asyncio.wait_for(channel.read_frame(), self.config.accept_timeout_s)
+        if result is None or result.WhichOneof("msg") != "dial_result" or not result.dial_result.ok:
+            why = result.dial_result.reason if result is not None and result.HasField("dial_result") else "bad-accept"
+            pending.accepted.set_exception(DialRefused("unreachable", f"peer could not connect locally: {why}"))
+            return
+        pending.accepted.set_result(channel)
+        # The originator splices; keep this call open until it is done.
+        await pending.finished

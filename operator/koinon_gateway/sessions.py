@@ -1,0 +1,163 @@
+"""Connected nodes: one NodeSession per live Control stream, and the status they publish."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+from .addresses import PortBlock
+from .config import GatewayConfig
+from .registry import NodeRegistry
+from .status import ReadyCondition, gpus_to_status, next_condition, rfc3339
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeSession:
+    node_name: str
+    address: str
+    ports: PortBlock
+    stream: Any  # grpc.aio server context of the Control call
+    handler_task: asyncio.Task[Any] | None
+    agent_version: str = ""
+    gpus: list[tuple[str, int]] = field(default_factory=list)
+    last_seen: float = field(default_factory=time.monotonic)
+    rtt_last_ms: float | None = None
+    rtt_smoothed_ms: float | None = None
+    ray_node_id: str = ""
+    ray_state: str = "starting"
+    # The Ray node id GCS confirmed alive at this node's address.
+    ray_verified_id: str = ""
+    verifier: asyncio.Task[Any] | None = None
+    draining: bool = False
+    ping_seq: int = 0
+    last_status_write: float = 0.0
+    closed: bool = False
+    _write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def send(self, message: pb.GatewayMessage) -> None:
+        # grpc.aio allows one outstanding write per call; pings and OpenConnection share the stream.
+        async with self._write_lock:
+            await self.stream.write(message)
+
+    def record_heartbeat(self, heartbeat: pb.Heartbeat, now_ns: int, alpha: float) -> None:
+        self.last_seen = time.monotonic()
+        if heartbeat.echo_gateway_time_ns > 0:
+            rtt_ms = max(0.0, (now_ns - heartbeat.echo_gateway_time_ns) / 1e6)
+            self.rtt_last_ms = rtt_ms
+            self.rtt_smoothed_ms = (
+                rtt_ms if self.rtt_smoothed_ms is None else alpha * rtt_ms + (1 - alpha) * self.rtt_smoothed_ms
+            )
+        self.ray_node_id = heartbeat.ray_node_id
+        self.ray_state = heartbeat.ray_state or self.ray_state
+        if heartbeat.gpus:
+            self.gpus = [(g.model, int(g.memory_mib)) for g in heartbeat.gpus]
+
+    @property
+    def ready(self) -> bool:
+        return (
+            not self.draining
+            and self.ray_state == "running"
+            and bool(self.ray_node_id)
+            and self.ray_node_id == self.ray_verified_id
+        )
+
+
+class SessionTable:
+    """Routes by virtual address and keeps VolunteerNode status in step with the sessions."""
+
+    def __init__(self, config: GatewayConfig, registry: NodeRegistry) -> None:
+        self.config = config
+        self.registry = registry
+        self.by_name: dict[str, NodeSession] = {}
+        self.by_address: dict[str, NodeSession] = {}
+        self._conditions: dict[str, ReadyCondition] = {}
+
+    def get_by_address(self, address: str) -> NodeSession | None:
+        return self.by_address.get(address)
+
+    async def attach(self, session: NodeSession) -> None:
+        """Registers a session; an older session of the same node (a reconnect) is ended."""
+        old = self.by_name.get(session.node_name)
+        self.by_name[session.node_name] = session
+        self.by_address[session.address] = session
+        if old is not None and old.handler_task is not None and not old.closed:
+            log.info("node %s reconnected; closing its previous session", session.node_name)
+            old.closed = True
+            old.handler_task.cancel()
+        await self.write_status(session, force=True)
+
+    async def detach(self, session: NodeSession, reason: str, message: str) -> None:
+        session.closed = True
+        if self.by_name.get(session.node_name) is not session:
+            return  # replaced by a newer session; that one owns the status now
+        del self.by_name[session.node_name]
+        self.by_address.pop(session.address, None)
+        await self._write(session, connected=False, reason=reason, message=message)
+
+    async def write_status(self, session: NodeSession, force: bool = False) -> None:
+        now = time.monotonic()
+        previous = self._conditions.get(session.node_name)
+        flipped = previous is None or (previous.status == "True") != session.ready
+        if not (force or flipped) and now - session.last_status_write < self.config.status_write_interval_s:
+            return
+        session.last_status_write = now
+        if session.ready:
+            reason, message = "Connected", "control stream up, Ray node running"
+        elif session.draining:
+            reason, message = "Draining", "agent is draining"
+        elif session.ray_state == "running":
+            reason, message = "RayNodeUnconfirmed", "Ray node not (yet) alive in GCS at this address"
+        else:
+            reason, message = "RayNotRunning", f"Ray node {session.ray_state}"
+        await self._write(session, connected=True, reason=reason, message=message)
+
+    async def _write(self, session: NodeSession, connected: bool, reason: str, message: str) -> None:
+        ready = connected and session.ready
+        condition = next_condition(self._conditions.get(session.node_name), ready, reason, message)
+        self._conditions[session.node_name] = condition
+        phase = "Ready" if ready else ("Draining" if session.draining and connected else "NotReady")
+        status: dict[str, Any] = {
+            "phase": phase,
+            "connected": connected,
+            "lastHeartbeat": rfc3339(),
+            "address": session.address,
+            "rayNodeId": session.ray_verified_id or None,
+            "gpus": gpus_to_status(session.gpus),
+            "agentVersion": session.agent_version,
+            "conditions": [condition.as_dict()],
+        }
+        if session.rtt_smoothed_ms is not None and session.rtt_last_ms is not None:
+            status["latency"] = {
+                "smoothedMs": round(session.rtt_smoothed_ms, 3),
+                "lastMs": round(session.rtt_last_ms, 3),
+            }
+        try:
+            await self.registry.patch_status(session.node_name, status)
+        except Exception:  # a status write must never take the tunnel down
+            log.exception("status write for %s failed", session.node_name)
+
+    async def expire_stale(self) -> list[str]:
+        """Ends sessions whose heartbeats stopped; returns their names."""
+        deadline = time.monotonic() - self.config.heartbeat_timeout_s
+        stale = [s for s in self.by_name.values() if s.last_seen < deadline]
+        for session in stale:
+            log.warning("node %s: no heartbeat for %.1fs", session.node_name, self.config.heartbeat_timeout_s)
+            if session.handler_task is not None:
+                session.handler_task.cancel()
+            await self.detach(session, "HeartbeatTimeout", "no heartbeat within the timeout")
+        return [s.node_name for s in stale]
+
+    async def close_all(self) -> None:
+        for session in list(self.by_name.values()):
+            if session.handler_task is not None:
+                session.handler_task.cancel()
+            with contextlib.suppress(Exception):
+                await self.detach(session, "GatewayStopped", "gateway shut down")

@@ -1,0 +1,132 @@
+"""Join tokens, modelled on kubeadm bootstrap tokens.
+
+A token is ``<token-id>.<token-secret>`` (6 and 16 characters of ``[a-z0-9]``). It is stored as a
+Kubernetes Secret of type ``koinon.dev/join-token`` named ``koinon-join-token-<token-id>`` with data
+``token-id``, ``token-secret-sha256`` (only a hash of the secret is kept), ``expiration`` (RFC3339,
+optional), ``usage-limit`` (optional), ``usages-count``, ``revoked`` ("true" to revoke; deleting the
+Secret revokes too), ``owner`` and ``region`` (copied to the VolunteerNode spec).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+TOKEN_RE = re.compile(r"^(?P<id>[a-z0-9]{6})\.(?P<secret>[a-z0-9]{16})$")
+SECRET_TYPE = "koinon.dev/join-token"
+SECRET_PREFIX = "koinon-join-token-"
+_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+class TokenError(Exception):
+    """A join token was refused; ``reason`` is machine readable, the message is for humans."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class JoinToken:
+    token_id: str
+    secret_sha256: str
+    expiration: dt.datetime | None = None
+    usage_limit: int | None = None
+    usages_count: int = 0
+    revoked: bool = False
+    owner: str = ""
+    region: str = ""
+
+
+@dataclass(frozen=True)
+class JoinGrant:
+    """What a consumed token entitles the joining node to."""
+
+    token_id: str
+    owner: str
+    region: str
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_token() -> tuple[str, str]:
+    """Returns (token_id, token_secret) drawn from a CSPRNG."""
+    return (
+        "".join(secrets.choice(_ALPHABET) for _ in range(6)),
+        "".join(secrets.choice(_ALPHABET) for _ in range(16)),
+    )
+
+
+def parse_token(token: str) -> tuple[str, str]:
+    match = TOKEN_RE.match(token.strip())
+    if match is None:
+        raise TokenError("malformed", "token: expected '<6 chars [a-z0-9]>.<16 chars [a-z0-9]>'")
+    return match["id"], match["secret"]
+
+
+def check_token(stored: JoinToken, secret: str, now: dt.datetime) -> None:
+    """Raises TokenError unless ``secret`` matches and the token may still be used."""
+    if not hmac.compare_digest(stored.secret_sha256, hash_secret(secret)):
+        raise TokenError("invalid-secret", f"token {stored.token_id}: secret does not match")
+    if stored.revoked:
+        raise TokenError("revoked", f"token {stored.token_id}: revoked")
+    if stored.expiration is not None and now >= stored.expiration:
+        raise TokenError("expired", f"token {stored.token_id}: expired at {stored.expiration.isoformat()}")
+    if stored.usage_limit is not None and stored.usages_count >= stored.usage_limit:
+        raise TokenError("usage-limit", f"token {stored.token_id}: usage limit {stored.usage_limit} reached")
+
+
+class TokenStore(Protocol):
+    async def consume(self, token: str) -> JoinGrant:
+        """Validates the token and counts one use atomically; raises TokenError when refused."""
+        ...
+
+
+@dataclass
+class InMemoryTokenStore:
+    """Token store for unit tests and benchmarks."""
+
+    tokens: dict[str, JoinToken] = field(default_factory=dict)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def add(
+        self,
+        *,
+        expiration: dt.datetime | None = None,
+        usage_limit: int | None = None,
+        owner: str = "",
+        region: str = "",
+    ) -> str:
+        """Creates a token and returns its plain text (the only time it exists unhashed)."""
+        token_id, secret = new_token()
+        self.tokens[token_id] = JoinToken(
+            token_id, hash_secret(secret), expiration, usage_limit, 0, False, owner, region
+        )
+        return f"{token_id}.{secret}"
+
+    def add_plain(self, token: str, usage_limit: int | None = None, owner: str = "", region: str = "") -> None:
+        """Registers a token whose text the caller chose (``--bootstrap-token`` for local dev)."""
+        token_id, secret = parse_token(token)
+        self.tokens[token_id] = JoinToken(token_id, hash_secret(secret), None, usage_limit, 0, False, owner, region)
+
+    def revoke(self, token: str) -> None:
+        token_id, _ = parse_token(token)
+        self.tokens[token_id] = replace(self.tokens[token_id], revoked=True)
+
+    async def consume(self, token: str) -> JoinGrant:
+        token_id, secret = parse_token(token)
+        async with self._lock:
+            stored = self.tokens.get(token_id)
+            if stored is None:
+                raise TokenError("unknown", f"token {token_id}: not found (never issued or deleted)")
+            check_token(stored, secret, dt.datetime.now(dt.UTC))
+            self.tokens[token_id] = replace(stored, usages_count=stored.usages_count + 1)
+        return JoinGrant(token_id, stored.owner, stored.region)

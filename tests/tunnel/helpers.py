@@ -1,0 +1,139 @@
+"""Test helpers for the tunnel: echo servers, CONNECT clients, gateway/agent factories."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from koinon_agent.agent import Agent
+from koinon_agent.config import AgentConfig
+from koinon_gateway.config import GatewayConfig
+from koinon_gateway.registry import InMemoryNodeRegistry
+from koinon_gateway.server import Gateway
+from koinon_gateway.tokens import InMemoryTokenStore
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(1 << 20):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def echo_server(host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[int]:
+    server = await asyncio.start_server(echo_handler, host, port)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def connect_via_proxy(
+    proxy_port: int, host: str, port: int
+) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter]:
+    """Opens a CONNECT tunnel; returns (HTTP status, reader, writer)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port, limit=4 << 20)
+    writer.write(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
+    status = int(head.split()[1])
+    return status, reader, writer
+
+
+async def echo_roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes) -> bytes:
+    writer.write(payload)
+    await writer.drain()
+    return await asyncio.wait_for(reader.readexactly(len(payload)), 15)
+
+
+def random_port_base() -> int:
+    # Blocks of 16 ports for a /28: 14 nodes; spread to avoid other test runs on this machine.
+    return random.randrange(30000, 60000 - 14 * 16)
+
+
+@dataclass
+class Cluster:
+    gateway: Gateway
+    tokens: InMemoryTokenStore
+    registry: InMemoryNodeRegistry
+    head_port: int
+    tmp: Path
+    agents: list[tuple[Agent, asyncio.Task[None]]] = field(default_factory=list)
+
+    def agent_config(self, name: str, token: str | None = None, **overrides: object) -> AgentConfig:
+        config = AgentConfig(
+            gateway=self.gateway.agent_target,
+            token=token if token is not None else self.tokens.add(owner="alice", region="eu"),
+            state_dir=self.tmp / f"agent-{name}",
+            ca_pem=self.gateway.ca_pem if self.gateway.config.tls else b"",
+            insecure=not self.gateway.config.tls,
+            name_hint=name,
+            start_ray=False,
+            simulate_gpus=1,
+            simulate_gpu_memory_mib=8192,
+            backoff_initial_s=0.05,
+            backoff_max_s=0.5,
+        )
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
+
+    async def start_agent(self, name: str, **overrides: object) -> Agent:
+        agent = Agent(self.agent_config(name, **overrides))  # type: ignore[arg-type]
+        task = asyncio.ensure_future(agent.run())
+        self.agents.append((agent, task))
+        waiter = asyncio.ensure_future(agent.connected.wait())
+        done, _ = await asyncio.wait({waiter, task}, timeout=15, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            waiter.cancel()
+            task.result()
+        assert waiter in done, f"agent {name} did not connect"
+        return agent
+
+    async def stop(self) -> None:
+        for agent, _ in self.agents:
+            agent.request_drain()
+        for _, task in self.agents:
+            try:
+                await asyncio.wait_for(task, 10)
+            except BaseException:
+                task.cancel()
+        await self.gateway.stop(0)
+
+
+@contextlib.asynccontextmanager
+async def cluster(tmp: Path, tls: bool = True, **config_overrides: object) -> AsyncIterator[Cluster]:
+    async with echo_server() as head_port:
+        config = GatewayConfig(
+            listen="127.0.0.1:0",
+            tls=tls,
+            head_address="127.0.0.1",
+            head_gcs_port=head_port,
+            vip_cidr="127.0.20.0/28",
+            port_base=random_port_base(),
+            port_block_size=16,
+            heartbeat_interval_s=0.2,
+            heartbeat_timeout_s=1.0,
+            status_write_interval_s=0.2,
+            verify_ray_nodes=False,  # no Ray head in tunnel-level tests
+        )
+        for key, value in config_overrides.items():
+            setattr(config, key, value)
+        tokens, registry = InMemoryTokenStore(), InMemoryNodeRegistry()
+        gateway = Gateway(config, tokens=tokens, registry=registry)
+        await gateway.start()
+        result = Cluster(gateway, tokens, registry, head_port, tmp)
+        try:
+            yield result
+        finally:
+            await result.stop()

@@ -1,0 +1,218 @@
+"""Refusals and faults at the protocol level, against a real gateway over TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from koinon_gateway import credentials
+from koinon_gateway.rpc import EOF, tunnel_stub
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+from .helpers import Cluster, cluster, connect_via_proxy, echo_roundtrip
+
+
+def channel_for(c: Cluster) -> grpc.aio.Channel:
+    return grpc.aio.secure_channel(
+        c.gateway.agent_target,
+        grpc.ssl_channel_credentials(c.gateway.ca_pem),
+        options=[("grpc.ssl_target_name_override", "koinon-gateway")],
+    )
+
+
+@pytest.fixture
+async def c(tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with cluster(tmp_path, first_frame_timeout_s=0.5) as result:
+        yield result
+
+
+async def join(c: Cluster, token: str) -> grpc.aio.AioRpcError | pb.JoinResponse:
+    async with channel_for(c) as channel:
+        try:
+            response: pb.JoinResponse = await tunnel_stub(channel).Join(
+                pb.JoinRequest(token=token, name_hint="x"), timeout=5
+            )
+            return response
+        except grpc.aio.AioRpcError as exc:
+            return exc
+
+
+@pytest.mark.parametrize("case", ["wrong-secret", "unknown", "malformed", "expired", "revoked", "usage-limit"])
+async def test_bad_tokens_are_refused_with_reason_and_create_nothing(c: Cluster, case: str) -> None:
+    good = c.tokens.add(usage_limit=1)
+    token = {
+        "wrong-secret": good[:7] + "0" * 16,
+        "unknown": "zzzzzz.0123456789abcdef",
+        "malformed": "not-a-token",
+        "expired": c.tokens.add(expiration=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)),
+        "revoked": good,
+        "usage-limit": good,
+    }[case]
+    if case == "revoked":
+        c.tokens.revoke(good)
+    if case == "usage-limit":
+        assert isinstance(await join(c, good), pb.JoinResponse)
+        created = dict(c.registry.objects)
+    else:
+        created = {}
+    result = await join(c, token)
+    assert isinstance(result, grpc.aio.AioRpcError)
+    assert result.code() == grpc.StatusCode.PERMISSION_DENIED
+    reason = {"wrong-secret": "invalid-secret"}.get(case, case)
+    assert f"join refused: {reason}" in (result.details() or "")
+    assert c.registry.objects == created
+    assert c.gateway.metrics.joins[reason] == 1
+
+
+async def test_invalid_join_request_names_the_field(c: Cluster) -> None:
+    async with channel_for(c) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await tunnel_stub(channel).Join(
+                pb.JoinRequest(token=c.tokens.add(), gpus=[pb.Gpu(model="", memory_mib=1)]), timeout=5
+            )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "gpus[0].model" in (info.value.details() or "")
+    assert c.registry.objects == {}
+
+
+async def control_call(c: Cluster, credential: str, register: pb.Register) -> grpc.aio.AioRpcError | pb.GatewayMessage:
+    async with channel_for(c) as channel:
+        call = tunnel_stub(channel).Control(metadata=(("authorization", f"Bearer {credential}"),))
+        try:
+            await call.write(pb.AgentMessage(register=register))
+            message = await asyncio.wait_for(call.read(), 5)
+            if message is EOF:
+                await call.code()  # raises the refusal
+            assert isinstance(message, pb.GatewayMessage)
+            return message
+        except grpc.aio.AioRpcError as exc:
+            return exc
+        finally:
+            call.cancel()
+
+
+async def test_node_cannot_claim_another_nodes_identity_or_address(c: Cluster) -> None:
+    a = await c.start_agent("alpha")
+    b = await c.start_agent("beta")
+    assert a.identity is not None and b.identity is not None
+    cases = [
+        (a.identity.credential, pb.Register(node_name=b.identity.node_name, address=a.identity.address)),
+        (a.identity.credential, pb.Register(node_name=a.identity.node_name, address=b.identity.address)),
+    ]
+    for credential, register in cases:
+        result = await control_call(c, credential, register)
+        assert isinstance(result, grpc.aio.AioRpcError)
+        assert result.code() == grpc.StatusCode.PERMISSION_DENIED
+    # A credential forged with another key is not accepted at all.
+    forged = credentials.issue(b"\0" * 32, b.identity.node_name, b.identity.address)
+    result = await control_call(c, forged, pb.Register(node_name=b.identity.node_name, address=b.identity.address))
+    assert isinstance(result, grpc.aio.AioRpcError) and result.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert c.gateway.metrics.refused_streams["identity-mismatch"] == 2
+    # B's session is untouched.
+    assert c.gateway.sessions.by_name[b.identity.node_name].address == b.identity.address
+
+
+async def test_node_cannot_accept_a_connection_meant_for_another(c: Cluster) -> None:
+    a = await c.start_agent("alpha")
+    b = await c.start_agent("beta")
+    assert a.identity is not None and b.identity is not None
+    target = c.gateway.sessions.by_name[b.identity.node_name]
+    loop = asyncio.get_running_loop()
+    from koinon_gateway.routing import PendingConnection
+
+    c.gateway.router.pending[999] = PendingConnection(b.identity.node_name, loop.create_future())
+    async with channel_for(c) as channel:
+        call = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.identity.credential}"),))
+        await call.write(pb.Frame(accept=pb.Accept(connection_id=999)))
+        reply = await asyncio.wait_for(call.read(), 5)
+    assert reply.close.reason == "unknown-connection"
+    assert not c.gateway.router.pending[999].accepted.done()
+    assert target is c.gateway.sessions.by_name[b.identity.node_name]
+
+
+async def healthy(c: Cluster, proxy_port: int) -> bool:
+    status, reader, writer = await connect_via_proxy(proxy_port, "127.0.0.1", c.head_port)
+    try:
+        return status == 200 and await echo_roundtrip(reader, writer, b"still serving") == b"still serving"
+    finally:
+        writer.close()
+
+
+async def test_oversized_and_malformed_frames_close_only_that_stream(c: Cluster) -> None:
+    a = await c.start_agent("alpha")
+    assert a.identity is not None and a._proxy is not None
+    metadata = (("authorization", f"Bearer {a.identity.credential}"),)
+    async with channel_for(c) as channel:
+        # Oversized: a 4 MiB Data frame exceeds the gateway's message limit.
+        call = tunnel_stub(channel).Connect(metadata=metadata)
+        await call.write(pb.Frame(dial=pb.Dial(host="127.0.0.1", port=c.head_port)))
+        assert (await call.read()).dial_result.ok
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call.write(pb.Frame(data=pb.Data(payload=b"\0" * (4 << 20))))
+            await call.read()
+            await call.read()
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        # Malformed: bytes that are not a Frame.
+        raw = channel.stream_stream("/koinon.tunnel.v1.Tunnel/Connect", None, None)
+        bad = raw(metadata=metadata)  # type: ignore[call-arg]
+        await bad.write(b"\xff\xff\xff\xff\x0f")
+        with pytest.raises(grpc.aio.AioRpcError):
+            await asyncio.wait_for(bad.read(), 5)
+    assert await healthy(c, a._proxy.port)
+
+
+async def test_silent_stream_is_closed_and_others_keep_working(c: Cluster) -> None:
+    a = await c.start_agent("alpha")
+    assert a.identity is not None and a._proxy is not None
+    async with channel_for(c) as channel:
+        call = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.identity.credential}"),))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(call.read(), 5)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert c.gateway.metrics.refused_streams["no-first-frame"] == 1
+    assert await healthy(c, a._proxy.port)
+
+
+async def test_heartbeat_loss_marks_node_not_ready(c: Cluster) -> None:
+    """A node that stays connected but stops answering pings goes NotReady after the timeout."""
+    token = c.tokens.add()
+    joined = await join(c, token)
+    assert isinstance(joined, pb.JoinResponse)
+    name = joined.assignment.node_name
+    async with channel_for(c) as channel:
+        call = tunnel_stub(channel).Control(metadata=(("authorization", f"Bearer {joined.credential}"),))
+        await call.write(pb.AgentMessage(register=pb.Register(node_name=name, address=joined.assignment.address)))
+        assert (await call.read()).HasField("registered")
+        assert c.registry.objects[name]["status"]["connected"] is True
+        # Never answer pings; the liveness check must notice within the timeout (+ one check period).
+        start = asyncio.get_running_loop().time()
+        while c.registry.objects[name]["status"]["connected"]:
+            assert asyncio.get_running_loop().time() - start < c.gateway.config.heartbeat_timeout_s + 1.5
+            await asyncio.sleep(0.05)
+        status = c.registry.objects[name]["status"]
+        assert status["phase"] == "NotReady"
+        assert status["conditions"][0]["reason"] == "HeartbeatTimeout"
+        call.cancel()
+
+
+async def test_reconnect_is_idempotent(c: Cluster) -> None:
+    a = await c.start_agent("alpha")
+    assert a.identity is not None
+    name = a.identity.node_name
+    first = c.gateway.sessions.by_name[name]
+    # Same credential registers again (e.g. after a network blip): the newer session wins, one node.
+    result = await control_call(c, a.identity.credential, pb.Register(node_name=name, address=a.identity.address))
+    assert isinstance(result, pb.GatewayMessage) and result.registered.assignment.address == a.identity.address
+    assert first.closed
+    # The agent notices, reconnects by itself, and keeps its identity.
+    await asyncio.sleep(0.5)
+    deadline = asyncio.get_running_loop().time() + 10
+    while name not in c.gateway.sessions.by_name:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
+    assert list(c.registry.objects) == [name]
+    assert a.registrations >= 2

@@ -1,0 +1,96 @@
+"""Fuzzing the gateway's frame handling: whatever one stream sends, only that stream suffers."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from koinon_gateway.rpc import EOF
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+from .helpers import cluster, connect_via_proxy, echo_roundtrip
+
+frames = st.one_of(
+    st.builds(lambda h, p: pb.Frame(dial=pb.Dial(host=h, port=p)), st.text(max_size=30), st.integers(0, 70000)),
+    st.builds(lambda i: pb.Frame(accept=pb.Accept(connection_id=i)), st.integers(0, 2**64 - 1)),
+    st.builds(lambda ok, r: pb.Frame(dial_result=pb.DialResult(ok=ok, reason=r)), st.booleans(), st.text(max_size=10)),
+    st.builds(lambda b: pb.Frame(data=pb.Data(payload=b)), st.binary(max_size=4096)),
+    st.just(pb.Frame(close_write=pb.CloseWrite())),
+    st.builds(lambda r: pb.Frame(close=pb.Close(reason=r)), st.text(max_size=10)),
+)
+control_messages = st.one_of(
+    st.builds(
+        lambda n, a: pb.AgentMessage(register=pb.Register(node_name=n, address=a)),
+        st.text(max_size=20),
+        st.text(max_size=20),
+    ),
+    st.builds(
+        lambda s, t, i: pb.AgentMessage(heartbeat=pb.Heartbeat(seq=s, echo_gateway_time_ns=t, ray_node_id=i)),
+        st.integers(0, 2**63),
+        st.integers(-(2**63), 2**63 - 1),
+        st.text(max_size=60),
+    ),
+    st.builds(lambda r: pb.AgentMessage(drain=pb.DrainRequest(reason=r)), st.text(max_size=20)),
+)
+# Each stream: either well-typed messages in any order, or raw bytes that may not parse at all.
+stream_inputs = st.tuples(
+    st.sampled_from(["connect", "control"]),
+    st.one_of(
+        st.lists(st.binary(max_size=64), min_size=1, max_size=4).map(lambda raw: ("raw", raw)),
+        st.lists(frames, max_size=6).map(lambda f: ("frames", f)),
+        st.lists(control_messages, max_size=4).map(lambda m: ("control", m)),
+    ),
+)
+
+
+async def _send(channel: grpc.aio.Channel, credential: str, method: str, kind: str, items: list[object]) -> None:
+    path = f"/koinon.tunnel.v1.Tunnel/{'Connect' if method == 'connect' else 'Control'}"
+    serializer = None if kind == "raw" else lambda m: m.SerializeToString()
+    method_call = channel.stream_stream(path, serializer, None)
+    call = method_call(metadata=(("authorization", f"Bearer {credential}"),))  # type: ignore[call-arg]
+    try:
+        for item in items:
+            await call.write(item)
+        await call.done_writing()
+        async with asyncio.timeout(1.0):
+            while await call.read() is not EOF:
+                pass
+    except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError):
+        pass
+    finally:
+        call.cancel()
+
+
+async def test_fuzzed_streams_never_disturb_other_nodes(tmp_path: Path) -> None:
+    async with cluster(tmp_path, first_frame_timeout_s=0.3, accept_timeout_s=0.3) as c:
+        good = await c.start_agent("good")
+        fuzzer = await c.start_agent("fuzzer")
+        assert good._proxy is not None and fuzzer.identity is not None
+        credential = fuzzer.identity.credential
+        channel = grpc.aio.secure_channel(
+            c.gateway.agent_target,
+            grpc.ssl_channel_credentials(c.gateway.ca_pem),
+            options=[("grpc.ssl_target_name_override", "koinon-gateway")],
+        )
+        inputs: list[tuple[str, tuple[str, list[object]]]] = []
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(stream_inputs)
+        def collect(example: tuple[str, tuple[str, list[object]]]) -> None:
+            inputs.append(example)
+
+        collect()
+        for method, (kind, items) in inputs:
+            await _send(channel, credential, method, kind, items)
+        await channel.close(None)
+        # The good node kept its session throughout and still moves data.
+        assert good.identity is not None
+        assert good.identity.node_name in c.gateway.sessions.by_name
+        status, reader, writer = await connect_via_proxy(good._proxy.port, "127.0.0.1", c.head_port)
+        assert status == 200
+        assert await echo_roundtrip(reader, writer, b"ok" * 1000) == b"ok" * 1000
+        writer.close()
+        assert c.gateway.metrics.connections_active >= 0

@@ -1,0 +1,21 @@
+"""Regenerating the protocol code from proto/ must reproduce the checked-in files exactly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, str(REPO / "proto" / "gen_proto.py"), "--out", str(tmp_path)], check=True)
+    generated = sorted(p.relative_to(tmp_path) for p in (tmp_path / "koinon_proto").rglob("*_pb2*.py*"))
+    assert generated, "nothing generated"
+    for relative in generated:
+        checked_in = REPO / "proto" / relative
+        assert checked_in.exists(), f"{relative} is generated but not checked in"
+        assert checked_in.read_bytes() == (tmp_path / relative).read_bytes(), f"{relative} is stale: run gen-proto"
+    checked = sorted(p.relative_to(REPO / "proto") for p in (REPO / "proto" / "koinon_proto").rglob("*_pb2*.py*"))
+    assert checked == generated, "checked-in generated files without a source"

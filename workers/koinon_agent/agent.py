@@ -1,0 +1,345 @@
+"""The volunteer agent: join, keep the Control stream up, proxy Ray's traffic, run the Ray node.
+
+Programmatic use::
+
+    agent = Agent(AgentConfig(gateway="gw:7443", token="abcdef.0123456789abcdef", ca_file=...))
+    await agent.run()          # until agent.request_drain() (SIGTERM in the CLI) or a fatal error
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+
+import grpc
+from koinon_gateway.rpc import EOF, tunnel_stub
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+from . import gpus as gpu_inventory
+from . import state
+from .channel import open_channel
+from .config import VERSION, AgentConfig
+from .local_proxy import LocalProxy, Metadata, accept_connection
+from .ray_node import RayNode, RaySettings
+
+log = logging.getLogger(__name__)
+
+FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+class JoinRefused(Exception):
+    """The gateway refused the token or the stored credential; retrying cannot help."""
+
+
+def backoff_delays(initial: float, maximum: float) -> BackoffIterator:
+    return BackoffIterator(initial, maximum)
+
+
+class BackoffIterator:
+    """Exponential backoff with full jitter (AWS architecture blog), reset after a good session."""
+
+    def __init__(self, initial: float, maximum: float) -> None:
+        self.initial, self.maximum, self.attempt = initial, maximum, 0
+
+    def next(self) -> float:
+        ceiling = min(self.maximum, self.initial * (2**self.attempt))
+        self.attempt += 1
+        return random.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        config.validate()
+        self.config = config
+        if config.simulate_gpus is not None:
+            self.gpus = gpu_inventory.simulated(config.simulate_gpus, config.simulate_gpu_memory_mib)
+        else:
+            self.gpus = gpu_inventory.detect()
+        self.identity: state.StoredIdentity | None = None
+        self.assignment: pb.Assignment | None = None
+        self.connected = asyncio.Event()
+        self.registrations = 0
+        self._drain = asyncio.Event()
+        self._control_channel: grpc.aio.Channel | None = None
+        self._data_channel: grpc.aio.Channel | None = None
+        self._proxy: LocalProxy | None = None
+        self.ray: RayNode | None = None
+        self._ray_supervisor: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._disconnected_at: float | None = None
+
+    # ---- public ----
+
+    def request_drain(self) -> None:
+        self._drain.set()
+
+    def _channel(self, which: str) -> grpc.aio.Channel:
+        channel = self._control_channel if which == "control" else self._data_channel
+        assert channel is not None, "channels are opened by run()"
+        return channel
+
+    def _metadata(self) -> Metadata:
+        assert self.identity is not None
+        return (("authorization", f"Bearer {self.identity.credential}"),)
+
+    def _pb_gpus(self) -> list[pb.Gpu]:
+        return [pb.Gpu(model=g.model, memory_mib=g.memory_mib) for g in self.gpus]
+
+    async def run(self) -> None:
+        self._control_channel = open_channel(self.config)
+        self._data_channel = open_channel(self.config)
+        try:
+            self.identity = await self._ensure_identity()
+            self._proxy = LocalProxy(lambda: tunnel_stub(self._channel("data")), self._metadata)
+            await self._proxy.start(port=self.config.proxy_port)
+            await self._session_loop()
+        finally:
+            await self._shutdown()
+
+    # ---- join ----
+
+    async def _ensure_identity(self) -> state.StoredIdentity:
+        stored = state.load(self.config.state_dir, self.config.gateway)
+        if stored is not None:
+            log.info("reusing stored identity %s (%s)", stored.node_name, stored.address)
+            return stored
+        if not self.config.token:
+            raise JoinRefused("token: required for the first join (--token or KOINON_TOKEN)")
+        stub = tunnel_stub(self._channel("control"))
+        delays = backoff_delays(self.config.backoff_initial_s, self.config.backoff_max_s)
+        request = pb.JoinRequest(
+            token=self.config.token,
+            name_hint=self.config.name_hint,
+            region=self.config.region,
+            gpus=self._pb_gpus(),
+            agent_version=VERSION,
+        )
+        while True:
+            try:
+                response = await stub.Join(request, timeout=15)
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in FATAL_CODES:
+                    raise JoinRefused(exc.details() or exc.code().name) from exc
+                delay = delays.next()
+                log.warning("join failed (%s); retrying in %.1fs", exc.code().name, delay)
+                await self._sleep_or_drain(delay)
+                if self._drain.is_set():
+                    raise JoinRefused("drained before joining") from exc
+        identity = state.StoredIdentity(
+            self.config.gateway, response.assignment.node_name, response.assignment.address, response.credential
+        )
+        state.save(self.config.state_dir, identity)
+        log.info("joined as %s with address %s", identity.node_name, identity.address)
+        return identity
+
+    # ---- sessions ----
+
+    async def _session_loop(self) -> None:
+        delays = backoff_delays(self.config.backoff_initial_s, self.config.backoff_max_s)
+        while True:
+            started = time.monotonic()
+            try:
+                finished = await self._session()
+                if finished:
+                    return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in FATAL_CODES:
+                    raise JoinRefused(f"gateway refused this node: {exc.details()}") from exc
+                log.warning("control stream lost: %s %s", exc.code().name, exc.details())
+            except TimeoutError:
+                log.warning("gateway silent for longer than the heartbeat timeout")
+            self.connected.clear()
+            if self._disconnected_at is None:
+                self._disconnected_at = time.monotonic()
+            if self._drain.is_set():
+                await self._stop_ray()
+                return
+            if time.monotonic() - started > 30:
+                delays.reset()
+            delay = delays.next()
+            log.info("reconnecting in %.2fs", delay)
+            await self._sleep_or_drain(delay)
+
+    async def _sleep_or_drain(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drain.wait(), delay)
+
+    async def _session(self) -> bool:
+        """One Control stream; True when the agent drained and should exit."""
+        assert self.identity is not None
+        stub = tunnel_stub(self._channel("control"))
+        call = stub.Control(metadata=self._metadata())
+        write_lock = asyncio.Lock()
+
+        async def send(message: pb.AgentMessage) -> None:
+            async with write_lock:
+                await call.write(message)
+
+        try:
+            await send(
+                pb.AgentMessage(
+                    register=pb.Register(
+                        node_name=self.identity.node_name,
+                        address=self.identity.address,
+                        gpus=self._pb_gpus(),
+                        agent_version=VERSION,
+                        session_epoch=self.registrations,
+                    )
+                )
+            )
+            first = await asyncio.wait_for(call.read(), 15)
+            if first is EOF or first.WhichOneof("msg") != "registered":
+                raise ConnectionError("gateway did not acknowledge the registration")
+            self.assignment = first.registered.assignment
+            self.registrations += 1
+            timeout = max(1.0, self.assignment.heartbeat_timeout_ms / 1000)
+            await self._after_registration()
+            self.connected.set()
+            self._disconnected_at = None
+            heartbeats = asyncio.ensure_future(self._state_reporter(send))
+            drainer = asyncio.ensure_future(self._drain_watch(send))
+            try:
+                while True:
+                    reader = asyncio.ensure_future(asyncio.wait_for(call.read(), timeout))
+                    done, _ = await asyncio.wait({reader, drainer}, return_when=asyncio.FIRST_COMPLETED)
+                    if drainer in done:
+                        reader.cancel()
+                        drainer.result()
+                        await call.done_writing()
+                        return True
+                    message = reader.result()
+                    if message is EOF:
+                        return False
+                    await self._on_gateway_message(message, send)
+            finally:
+                heartbeats.cancel()
+                drainer.cancel()
+        finally:
+            call.cancel()
+
+    async def _on_gateway_message(self, message: pb.GatewayMessage, send: object) -> None:
+        kind = message.WhichOneof("msg")
+        if kind == "ping":
+            assert callable(send)
+            await send(pb.AgentMessage(heartbeat=self._heartbeat(message.ping)))
+        elif kind == "open_connection":
+            assert self.identity is not None and self._data_channel is not None
+            task = asyncio.ensure_future(
+                accept_connection(
+                    tunnel_stub(self._channel("data")),
+                    self._metadata(),
+                    message.open_connection,
+                    self.identity.address,
+                )
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        elif kind == "drain":
+            log.info("gateway asked to drain: %s", message.drain.reason)
+            self._drain.set()
+        elif kind == "error":
+            log.error("gateway error %s: %s", message.error.code, message.error.message)
+
+    def _ray_state(self) -> tuple[str, str]:
+        if self.ray is None or not self.ray.running:
+            return "", "stopped" if self.ray is not None else "starting"
+        node_id = self.ray.node_id()
+        return node_id, "running" if node_id else "starting"
+
+    def _heartbeat(self, ping: pb.Ping | None) -> pb.Heartbeat:
+        node_id, ray_state = self._ray_state()
+        return pb.Heartbeat(
+            seq=ping.seq if ping else 0,
+            echo_gateway_time_ns=ping.gateway_time_ns if ping else 0,
+            echo_seq=ping.seq if ping else 0,
+            ray_node_id=node_id,
+            ray_state=ray_state,
+            gpus=self._pb_gpus(),
+        )
+
+    async def _state_reporter(self, send: object) -> None:
+        """Reports Ray state changes at once, so the node turns Ready without waiting for a ping."""
+        assert callable(send)
+        last = self._ray_state()
+        while True:
+            await asyncio.sleep(0.2)
+            current = self._ray_state()
+            if current != last:
+                last = current
+                await send(pb.AgentMessage(heartbeat=self._heartbeat(None)))
+
+    # ---- Ray ----
+
+    async def _after_registration(self) -> None:
+        if not self.config.start_ray:
+            return
+        outage = time.monotonic() - self._disconnected_at if self._disconnected_at else 0.0
+        if self.ray is not None and outage > self.config.ray_restart_after_s:
+            log.info("outage of %.0fs: restarting the Ray node", outage)
+            await self._stop_ray()
+        if self._ray_supervisor is None or self._ray_supervisor.done():
+            self._ray_supervisor = asyncio.ensure_future(self._supervise_ray())
+
+    async def _supervise_ray(self) -> None:
+        assert self._proxy is not None and self.assignment is not None
+        settings = RaySettings(
+            ray_bin=self.config.ray_bin,
+            temp_dir=self.config.ray_temp_dir,
+            proxy_url=self._proxy.url,
+            num_cpus=self.config.num_cpus,
+            num_gpus=len(self.gpus),
+            gpu_memory_mib=min((g.memory_mib for g in self.gpus), default=0),
+            object_store_memory=self.config.object_store_memory,
+        )
+        delays = backoff_delays(1.0, 30.0)
+        while not self._drain.is_set():
+            self.ray = RayNode(settings)
+            started = time.monotonic()
+            await self.ray.start(self.assignment)
+            assert self.ray.process is not None
+            code = await self.ray.process.wait()
+            if self._drain.is_set():
+                return
+            log.warning("Ray node exited with %s; restarting", code)
+            await self.ray.stop()
+            if time.monotonic() - started > 60:
+                delays.reset()
+            await self._sleep_or_drain(delays.next())
+
+    async def _stop_ray(self) -> None:
+        if self._ray_supervisor is not None:
+            self._ray_supervisor.cancel()
+            with contextlib.suppress(BaseException):
+                await self._ray_supervisor
+            self._ray_supervisor = None
+        if self.ray is not None:
+            await self.ray.stop()
+
+    async def _drain_watch(self, send: object) -> None:
+        """On drain: tell the gateway, let running tasks finish (up to the grace period), stop Ray."""
+        assert callable(send)
+        await self._drain.wait()
+        grace = self.config.drain_grace_s
+        await send(pb.AgentMessage(drain=pb.DrainRequest(reason="agent stopping", grace_seconds=int(grace))))
+        deadline = time.monotonic() + grace
+        while self.ray is not None and self.ray.busy_workers() > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+            await send(pb.AgentMessage(heartbeat=self._heartbeat(None)))
+        await self._stop_ray()
+
+    async def _shutdown(self) -> None:
+        await self._stop_ray()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._proxy is not None:
+            await self._proxy.stop()
+        for channel in (self._control_channel, self._data_channel):
+            if channel is not None:
+                await channel.close(None)

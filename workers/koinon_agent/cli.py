@@ -1,0 +1,128 @@
+"""``koinon-agent join --gateway HOST:PORT --token TOKEN`` (every flag also reads a KOINON_* variable)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .agent import Agent, JoinRefused
+from .config import ENV_VARS, AgentConfig
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="koinon-agent")
+    sub = parser.add_subparsers(dest="command", required=True)
+    join = sub.add_parser("join", help="join the platform and run a Ray worker node through the tunnel")
+    join.add_argument("--gateway", default=_env("KOINON_GATEWAY"), help="host:port or unix:/path [KOINON_GATEWAY]")
+    join.add_argument("--token", default=_env("KOINON_TOKEN", ""), help="join token [KOINON_TOKEN]")
+    join.add_argument("--state-dir", type=Path, default=_env("KOINON_STATE_DIR"), help="[KOINON_STATE_DIR]")
+    join.add_argument("--ca-file", type=Path, default=_env("KOINON_CA_FILE"), help="gateway CA [KOINON_CA_FILE]")
+    join.add_argument(
+        "--insecure",
+        action="store_true",
+        default=_env("KOINON_INSECURE", "") == "1",
+        help="plaintext gRPC (tests only) [KOINON_INSECURE=1]",
+    )
+    join.add_argument("--tls-server-name", default=_env("KOINON_TLS_SERVER_NAME", ""))
+    join.add_argument("--node-name", default=_env("KOINON_NODE_NAME", os.uname().nodename))
+    join.add_argument("--region", default=_env("KOINON_REGION", ""))
+    join.add_argument("--simulate-gpus", type=int, default=_int(_env("KOINON_SIMULATE_GPUS")))
+    join.add_argument(
+        "--simulate-gpu-memory",
+        type=int,
+        default=_int(_env("KOINON_SIMULATE_GPU_MEMORY")) or 16384,
+        help="MiB per simulated GPU [KOINON_SIMULATE_GPU_MEMORY]",
+    )
+    join.add_argument("--num-cpus", type=int, default=_int(_env("KOINON_NUM_CPUS")))
+    join.add_argument("--object-store-memory", type=int, default=_int(_env("KOINON_OBJECT_STORE_MEMORY")))
+    join.add_argument("--ray-bin", default=_env("KOINON_RAY_BIN", _default_ray_bin()))
+    join.add_argument("--temp-dir", type=Path, default=_env("KOINON_TEMP_DIR"))
+    join.add_argument("--drain-grace", type=float, default=float(_env("KOINON_DRAIN_GRACE", "30") or 30))
+    join.add_argument(
+        "--proxy-port",
+        type=int,
+        default=_int(_env("KOINON_PROXY_PORT")) or 0,
+        help="port of the local CONNECT proxy on 127.0.0.1 [KOINON_PROXY_PORT]",
+    )
+    join.add_argument("--no-ray", action="store_true", help="tunnel only, do not start Ray (benchmarks)")
+    join.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _int(text: str | None) -> int | None:
+    return int(text) if text else None
+
+
+def _default_ray_bin() -> str:
+    beside = Path(sys.executable).parent / "ray"
+    return str(beside) if beside.exists() else "ray"
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    if not args.gateway:
+        raise ValueError("gateway: required (--gateway or KOINON_GATEWAY)")
+    ca_pem = (_env("KOINON_CA_CERT") or "").encode()
+    config = AgentConfig(
+        gateway=args.gateway,
+        token=args.token or "",
+        ca_file=args.ca_file,
+        ca_pem=ca_pem,
+        insecure=args.insecure,
+        tls_server_name=args.tls_server_name,
+        name_hint=args.node_name,
+        region=args.region,
+        simulate_gpus=args.simulate_gpus,
+        simulate_gpu_memory_mib=args.simulate_gpu_memory,
+        num_cpus=args.num_cpus,
+        object_store_memory=args.object_store_memory,
+        ray_bin=args.ray_bin,
+        temp_dir=args.temp_dir,
+        start_ray=not args.no_ray,
+        proxy_port=args.proxy_port,
+        drain_grace_s=args.drain_grace,
+    )
+    if args.state_dir is not None:
+        config.state_dir = args.state_dir
+    config.validate()
+    return config
+
+
+async def _run(config: AgentConfig) -> None:
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, agent.request_drain)
+    await agent.run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = config_from_args(args)
+        asyncio.run(_run(config))
+    except ValueError as exc:
+        print(f"koinon-agent: {exc}", file=sys.stderr)
+        return 2
+    except JoinRefused as exc:
+        print(f"koinon-agent: refused: {exc}", file=sys.stderr)
+        return 3
+    return 0
+
+
+__all__ = ["ENV_VARS", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())

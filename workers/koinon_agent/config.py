@@ -1,0 +1,73 @@
+"""Agent configuration: CLI flags, each with a KOINON_* environment variable (for the Helm chart)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class AgentConfig:
+    gateway: str  # "host:port" or "unix:/path"
+    token: str = ""  # needed only for the first join; later runs reuse the stored credential
+    state_dir: Path = field(default_factory=lambda: Path.home() / ".koinon" / "agent")
+    ca_file: Path | None = None  # CA that signed the gateway's certificate
+    ca_pem: bytes = b""  # same, inline (KOINON_CA_CERT)
+    insecure: bool = False  # plaintext gRPC; tests and trusted links only
+    tls_server_name: str = ""  # defaults to the gateway host ("koinon-gateway" for unix sockets)
+    name_hint: str = field(default_factory=lambda: os.uname().nodename)
+    region: str = ""
+    simulate_gpus: int | None = None
+    simulate_gpu_memory_mib: int = 16384
+    num_cpus: int | None = None
+    object_store_memory: int | None = None
+    ray_bin: str = "ray"
+    temp_dir: Path | None = None  # Ray's --temp-dir; defaults to <state_dir>/ray
+    start_ray: bool = True
+    proxy_port: int = 0  # local CONNECT proxy for Ray's gRPC (0: any free port)
+    drain_grace_s: float = 30.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    ray_restart_after_s: float = 60.0  # restart the Ray node after an outage this long
+    ray_start_timeout_s: float = 60.0
+
+    def validate(self) -> None:
+        if not self.gateway:
+            raise ValueError("gateway: required (--gateway or KOINON_GATEWAY)")
+        if self.simulate_gpus is not None and self.simulate_gpus < 0:
+            raise ValueError("simulate_gpus: must be >= 0")
+        if self.simulate_gpu_memory_mib <= 0:
+            raise ValueError("simulate_gpu_memory_mib: must be > 0")
+        if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_initial_s/backoff_max_s: need 0 < initial <= max")
+        if self.insecure and (self.ca_file or self.ca_pem):
+            raise ValueError("insecure: cannot be combined with a CA")
+
+    @property
+    def ray_temp_dir(self) -> Path:
+        return self.temp_dir or self.state_dir / "ray"
+
+
+# Environment variables a Helm chart sets, with the AgentConfig field each fills.
+ENV_VARS: dict[str, str] = {
+    "KOINON_GATEWAY": "gateway",
+    "KOINON_TOKEN": "token",
+    "KOINON_STATE_DIR": "state_dir",
+    "KOINON_CA_FILE": "ca_file",
+    "KOINON_CA_CERT": "ca_pem",
+    "KOINON_INSECURE": "insecure",
+    "KOINON_TLS_SERVER_NAME": "tls_server_name",
+    "KOINON_NODE_NAME": "name_hint",
+    "KOINON_REGION": "region",
+    "KOINON_SIMULATE_GPUS": "simulate_gpus",
+    "KOINON_SIMULATE_GPU_MEMORY": "simulate_gpu_memory_mib",
+    "KOINON_NUM_CPUS": "num_cpus",
+    "KOINON_OBJECT_STORE_MEMORY": "object_store_memory",
+    "KOINON_RAY_BIN": "ray_bin",
+    "KOINON_TEMP_DIR": "temp_dir",
+    "KOINON_DRAIN_GRACE": "drain_grace_s",
+    "KOINON_PROXY_PORT": "proxy_port",
+}

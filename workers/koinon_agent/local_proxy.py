@@ -1,0 +1,102 @@
+"""The agent's side of proxied connections.
+
+* ``LocalProxy``: an HTTP CONNECT proxy on the volunteer (Ray's gRPC uses it through grpc_proxy);
+  each CONNECT becomes a Connect stream that starts with a Dial.
+* ``accept_connection``: answers the gateway's OpenConnection by connecting to the node's own Ray
+  port and opening a Connect stream that starts with an Accept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from koinon_gateway import http_connect
+from koinon_gateway.tunnel_io import STREAM_READER_LIMIT, GrpcFrameChannel, splice_tcp
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+class LocalProxy:
+    def __init__(self, stub_factory: Callable[[], Any], metadata: Callable[[], Metadata]) -> None:
+        self._stub_factory = stub_factory
+        self._metadata = metadata
+        self._server: asyncio.Server | None = None
+        self.port = 0
+        self.refused = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._server = await asyncio.start_server(self._handle, host, port, limit=STREAM_READER_LIMIT)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            host, port = await http_connect.read_connect_request(reader)
+        except http_connect.BadConnectRequest as exc:
+            log.warning("local proxy: %s", exc)
+            writer.write(http_connect.response(400, "Bad Request"))
+            with contextlib.suppress(Exception):
+                writer.close()
+            return
+        call = self._stub_factory().Connect(metadata=self._metadata())
+        try:
+            channel = GrpcFrameChannel(call)
+            await channel.write_frame(pb.Frame(dial=pb.Dial(host=host, port=port)))
+            result = await channel.read_frame()
+            if result is None or result.WhichOneof("msg") != "dial_result" or not result.dial_result.ok:
+                reason = result.dial_result.reason if result is not None else "tunnel-closed"
+                self.refused += 1
+                log.info("dial %s:%d refused by gateway: %s", host, port, reason)
+                status = 403 if reason.startswith("forbidden") else 502
+                writer.write(http_connect.response(status, reason or "refused"))
+                await writer.drain()
+                writer.close()
+                return
+            writer.write(http_connect.ESTABLISHED)
+            await writer.drain()
+            await splice_tcp(reader, writer, channel)
+        except (grpc.aio.AioRpcError, ConnectionError) as exc:
+            log.debug("proxied connection to %s:%d ended: %r", host, port, exc)
+            with contextlib.suppress(Exception):
+                writer.close()
+        finally:
+            call.cancel()
+
+
+async def accept_connection(stub: Any, metadata: Metadata, request: pb.OpenConnection, local_host: str) -> None:
+    """Connects to this node's own Ray port and splices it to a new Accept stream."""
+    call = stub.Connect(metadata=metadata)
+    channel = GrpcFrameChannel(call)
+    try:
+        await channel.write_frame(pb.Frame(accept=pb.Accept(connection_id=request.connection_id)))
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(local_host, request.port, limit=STREAM_READER_LIMIT), 5.0
+            )
+        except (OSError, TimeoutError) as exc:
+            await channel.write_frame(
+                pb.Frame(dial_result=pb.DialResult(ok=False, reason="unreachable", message=repr(exc)))
+            )
+            await call.done_writing()
+            return
+        await channel.write_frame(pb.Frame(dial_result=pb.DialResult(ok=True)))
+        await splice_tcp(reader, writer, channel)
+    except grpc.aio.AioRpcError as exc:
+        log.debug("accepted connection %d ended: %r", request.connection_id, exc)
+    finally:
+        call.cancel()

@@ -1,0 +1,162 @@
+"""Starts and supervises the volunteer's Ray worker node (``ray start --block``).
+
+All of Ray's inter-node gRPC goes through the agent's local CONNECT proxy (DESIGN §2:
+RAY_grpc_enable_http_proxy=1 with grpc_proxy/no_grpc_proxy); the node advertises its virtual
+address and binds only the ports of its block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+_NODE_ID_RE = re.compile(rb"Setting node ID node_id=([0-9a-f]{56})")
+_REGISTERED = b"NodeManager server started"
+
+
+@dataclass
+class RaySettings:
+    ray_bin: str
+    temp_dir: Path
+    proxy_url: str
+    num_cpus: int | None
+    num_gpus: int
+    gpu_memory_mib: int
+    object_store_memory: int | None
+
+
+def ray_start_command(settings: RaySettings, assignment: pb.Assignment) -> list[str]:
+    ports = assignment.ports
+    command = [
+        settings.ray_bin,
+        "start",
+        "--block",
+        f"--address={assignment.ray_address}",
+        f"--node-ip-address={assignment.address}",
+        f"--node-manager-port={ports.node_manager_port}",
+        f"--object-manager-port={ports.object_manager_port}",
+        f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc_port}",
+        f"--dashboard-agent-listen-port={ports.dashboard_agent_listen_port}",
+        f"--metrics-export-port={ports.metrics_export_port}",
+        f"--runtime-env-agent-port={ports.runtime_env_agent_port}",
+        f"--min-worker-port={ports.min_worker_port}",
+        f"--max-worker-port={ports.max_worker_port}",
+        f"--temp-dir={settings.temp_dir}",
+        f"--num-gpus={settings.num_gpus}",
+        "--disable-usage-stats",
+    ]
+    if settings.num_cpus is not None:
+        command.append(f"--num-cpus={settings.num_cpus}")
+    if settings.object_store_memory is not None:
+        command.append(f"--object-store-memory={settings.object_store_memory}")
+    if settings.num_gpus:
+        # Lets jobs ask for GPU memory as a custom resource (MiB per node).
+        command.append(f'--resources={{"gpu_memory_mib": {settings.num_gpus * settings.gpu_memory_mib}}}')
+    return command
+
+
+def ray_environment(settings: RaySettings, assignment: pb.Assignment) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        RAY_grpc_enable_http_proxy="1",
+        grpc_proxy=settings.proxy_url,
+        # Only the node's own address (and loopback services) bypass the tunnel.
+        no_grpc_proxy=f"{assignment.address},127.0.0.1,localhost",
+    )
+    for variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        env.pop(variable, None)
+    if assignment.ray_auth_token:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=assignment.ray_auth_token)
+    return env
+
+
+class RayNode:
+    def __init__(self, settings: RaySettings) -> None:
+        self.settings = settings
+        self.process: asyncio.subprocess.Process | None = None
+        self._log_offset = 0
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def start(self, assignment: pb.Assignment) -> None:
+        self.settings.temp_dir.mkdir(parents=True, exist_ok=True)
+        raylet_log = self._raylet_log()
+        self._log_offset = raylet_log.stat().st_size if raylet_log.exists() else 0
+        log_file = open(self.settings.temp_dir / "ray-start.log", "ab")  # noqa: SIM115 - owned by the child
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *ray_start_command(self.settings, assignment),
+                env=ray_environment(self.settings, assignment),
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # our own process group, so stop() reaches all of it
+            )
+        finally:
+            log_file.close()
+        log.info("ray start (pid %d) joining %s as %s", self.process.pid, assignment.ray_address, assignment.address)
+
+    def _raylet_log(self) -> Path:
+        return self.settings.temp_dir / "session_latest" / "logs" / "raylet.out"
+
+    def node_id(self) -> str:
+        """The raylet's node id once it is serving (read from this run's part of raylet.out)."""
+        path = self._raylet_log()
+        if not self.running or not path.exists():
+            return ""
+        with path.open("rb") as handle:
+            size = path.stat().st_size
+            handle.seek(self._log_offset if size >= self._log_offset else 0)
+            text = handle.read()
+        matches = _NODE_ID_RE.findall(text)
+        if not matches or _REGISTERED not in text:
+            return ""
+        return str(matches[-1].decode())
+
+    def busy_workers(self) -> int:
+        """Ray worker processes running a task (their process title is not ray::IDLE)."""
+        if not self.running or self.process is None:
+            return 0
+        busy = 0
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    title = " ".join(child.cmdline())
+                    if title.startswith("ray::") and not title.startswith(
+                        ("ray::IDLE", "ray::RuntimeEnv", "ray::Dashboard")
+                    ):
+                        busy += 1
+        return busy
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        process = self.process
+        if process is None:
+            return
+        try:
+            tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        except psutil.Error:
+            tree = []
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.wait(), timeout)
+        # Whatever of this node is left (raylet, workers) goes too; only processes we started.
+        for proc in tree:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        with contextlib.suppress(ProcessLookupError, TimeoutError):
+            await asyncio.wait_for(process.wait(), 5)
+        self.process = None
