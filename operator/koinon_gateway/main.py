@@ -1,9 +1,10 @@
 """``koinon-gateway``: run the tunnel gateway next to the Ray head.
 
-Stores (a Kubernetes-API-backed implementation of the same interfaces is not written yet):
-``--store file`` keeps nodes and the CA under ``--state-dir`` (local
-dev, tests); ``--store memory`` keeps nothing (benchmarks). With file/memory stores, join tokens
-come from ``--bootstrap-token``.
+Stores: ``--store kube`` keeps join tokens (Secrets), the CA (Secret ``koinon-gateway-ca``) and
+VolunteerNodes in the cluster (``--kubeconfig``, else in-cluster, else ``$KUBECONFIG``; Secrets in
+``--namespace``); ``--store file`` keeps nodes and the CA under ``--state-dir`` (local dev, tests);
+``--store memory`` keeps nothing (benchmarks). With file/memory stores, join tokens come from
+``--bootstrap-token``; with the kube store from ``koinon-gateway token create`` (see token_cli.py).
 """
 
 from __future__ import annotations
@@ -13,9 +14,16 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
+from . import token_cli
 from .config import GatewayConfig
+from .kube_ca import KubeCAStore
+from .kube_client import KubeApiError, KubeConfigError, kube_client, load_config
+from .kube_registry import KubeNodeRegistry
+from .kube_tokens import KubeTokenStore
 from .pki import CAStore, FileCAStore, InMemoryCAStore
 from .registry import FileNodeRegistry, InMemoryNodeRegistry, NodeRegistry
 from .server import Gateway
@@ -46,9 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-block-size", type=int, default=40)
     p.add_argument("--heartbeat-interval", type=float, default=2.0)
     p.add_argument("--heartbeat-timeout", type=float, default=8.0)
-    p.add_argument("--store", choices=["file", "memory"], default="file")
+    p.add_argument("--store", choices=["file", "memory", "kube"], default="file")
+    p.add_argument("--kubeconfig", type=Path, help="(kube store) default: in-cluster, else $KUBECONFIG")
+    p.add_argument(
+        "--status-heartbeat-interval",
+        type=float,
+        default=10.0,
+        help="(kube store) seconds between heartbeat-only status writes per node",
+    )
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/koinon-gateway"))
-    p.add_argument("--namespace", default="koinon-system")
+    p.add_argument("--namespace", default="koinon-system", help="(kube store) namespace of the Secrets")
     p.add_argument(
         "--bootstrap-token",
         action="append",
@@ -92,8 +107,26 @@ def stores_from_args(args: argparse.Namespace) -> tuple[TokenStore, NodeRegistry
     return tokens, FileNodeRegistry(args.state_dir / "volunteernodes.json"), FileCAStore(args.state_dir / "ca")
 
 
+@asynccontextmanager
+async def open_stores(args: argparse.Namespace) -> AsyncIterator[tuple[TokenStore, NodeRegistry, CAStore]]:
+    if args.store != "kube":
+        yield stores_from_args(args)
+        return
+    async with kube_client(load_config(args.kubeconfig)) as client:
+        tokens = KubeTokenStore(client, args.namespace)
+        for entry in args.bootstrap_token:
+            token, _, limit = entry.partition(":")
+            await tokens.add_plain(token, usage_limit=int(limit) if limit else None)
+        registry = KubeNodeRegistry(client, heartbeat_write_interval_s=args.status_heartbeat_interval)
+        yield tokens, registry, KubeCAStore(client, args.namespace)
+
+
 async def serve(args: argparse.Namespace) -> None:
-    tokens, registry, ca_store = stores_from_args(args)
+    async with open_stores(args) as (tokens, registry, ca_store):
+        await serve_with(args, tokens, registry, ca_store)
+
+
+async def serve_with(args: argparse.Namespace, tokens: TokenStore, registry: NodeRegistry, ca_store: CAStore) -> None:
     gateway = Gateway(config_from_args(args), tokens=tokens, registry=registry, ca_store=ca_store)
     await gateway.start()
     if args.ready_file:
@@ -111,6 +144,9 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["token"]:
+        return token_cli.main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -118,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         asyncio.run(serve(args))
-    except ValueError as exc:
+    except (ValueError, KubeConfigError) as exc:
         print(f"koinon-gateway: {exc}", file=sys.stderr)
         return 2
+    except KubeApiError as exc:
+        print(f"koinon-gateway: Kubernetes API: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -35,7 +35,9 @@ class CABundle:
 class CAStore(Protocol):
     async def load(self) -> CABundle | None: ...
 
-    async def save(self, bundle: CABundle) -> None: ...
+    async def save(self, bundle: CABundle) -> None:
+        """Stores a new CA; a shared store may keep a concurrent creator's instead (load reads it)."""
+        ...
 
 
 class InMemoryCAStore:
@@ -102,8 +104,11 @@ def create_ca(common_name: str = "koinon-gateway-ca", days: int = 3650) -> CABun
 async def load_or_create_ca(store: CAStore) -> CABundle:
     bundle = await store.load()
     if bundle is None:
-        bundle = create_ca()
-        await store.save(bundle)
+        await store.save(create_ca())
+        # Read back: a store shared by several gateways keeps the first CA saved, not necessarily ours.
+        bundle = await store.load()
+        if bundle is None:
+            raise RuntimeError("CA store: saved a CA but cannot load it back")
     return bundle
 
 

@@ -1,6 +1,6 @@
 """Where VolunteerNode objects live: a small interface with an in-memory implementation.
 
-The Kubernetes-backed implementation is in ``kube.py``. Status is written as JSON merge patches to
+The Kubernetes-backed implementation is in ``kube_registry.py``. Status is written as JSON merge patches to
 the status subresource, so writers never clobber fields they do not own (e.g. reputation).
 """
 
@@ -9,9 +9,10 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 GROUP = "koinon.dev"
 VERSION = "v1alpha1"
@@ -37,6 +38,13 @@ class NodeRegistry(Protocol):
     async def patch_status(self, name: str, status: JSON) -> None:
         """Merge-patches ``status`` (JSON merge patch semantics: None deletes)."""
         ...
+
+
+@runtime_checkable
+class NodeDeletionSource(Protocol):
+    """A registry that can report deletions as they happen (the gateway then ends live sessions)."""
+
+    def deleted_nodes(self) -> AsyncIterator[str]: ...
 
 
 def merge_patch(target: JSON, patch: JSON) -> JSON:

@@ -24,7 +24,7 @@ from .head_proxy import HeadProxy
 from .metrics import GatewayMetrics
 from .pki import CAStore, InMemoryCAStore, issue_server_cert, load_or_create_ca
 from .ray_check import GcsRayNodeChecker
-from .registry import InMemoryNodeRegistry, NodeRegistry
+from .registry import InMemoryNodeRegistry, NodeDeletionSource, NodeRegistry
 from .routing import Router
 from .rpc import add_tunnel_service
 from .service import TunnelService
@@ -72,6 +72,7 @@ class Gateway:
         self._head_proxy: asyncio.Server | None = None
         self._admin: web.AppRunner | None = None
         self._liveness: asyncio.Task[None] | None = None
+        self._revoker: asyncio.Task[None] | None = None
 
     @property
     def agent_target(self) -> str:
@@ -127,6 +128,8 @@ class Gateway:
         self._ports.head_proxy_port = self._head_proxy.sockets[0].getsockname()[1]
         await self._start_admin()
         self._liveness = asyncio.ensure_future(self._liveness_loop())
+        if isinstance(self.registry, NodeDeletionSource):
+            self._revoker = asyncio.ensure_future(self._revoke_deleted(self.registry))
         log.info("gateway serving agents on %s, head proxy %s", self.agent_target, self.head_proxy_url)
         return self
 
@@ -159,11 +162,24 @@ class Gateway:
             except Exception:
                 log.exception("liveness check failed")
 
+    async def _revoke_deleted(self, source: NodeDeletionSource) -> None:
+        # Deleting the VolunteerNode revokes the node: its live session ends now, and its next
+        # stream is refused because Control checks that the object exists.
+        while True:
+            try:
+                async for name in source.deleted_nodes():
+                    if self.sessions.revoke(name):
+                        self.metrics.refused_streams["node-deleted-while-connected"] += 1
+            except Exception:
+                log.exception("watching VolunteerNode deletions failed; restarting the watch")
+                await asyncio.sleep(1.0)
+
     async def stop(self, grace: float = 1.0) -> None:
-        if self._liveness is not None:
-            self._liveness.cancel()
-            with contextlib.suppress(BaseException):
-                await self._liveness
+        for task in (self._liveness, self._revoker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         if self._head_proxy is not None:
             self._head_proxy.close()
         await self.sessions.close_all()

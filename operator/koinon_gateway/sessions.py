@@ -31,6 +31,7 @@ class NodeSession:
     last_seen: float = field(default_factory=time.monotonic)
     rtt_last_ms: float | None = None
     rtt_smoothed_ms: float | None = None
+    rtt_updated_at: str = ""
     ray_node_id: str = ""
     ray_state: str = "starting"
     # The Ray node id GCS confirmed alive at this node's address.
@@ -52,6 +53,7 @@ class NodeSession:
         if heartbeat.echo_gateway_time_ns > 0:
             rtt_ms = max(0.0, (now_ns - heartbeat.echo_gateway_time_ns) / 1e6)
             self.rtt_last_ms = rtt_ms
+            self.rtt_updated_at = rfc3339()
             self.rtt_smoothed_ms = (
                 rtt_ms if self.rtt_smoothed_ms is None else alpha * rtt_ms + (1 - alpha) * self.rtt_smoothed_ms
             )
@@ -138,11 +140,25 @@ class SessionTable:
             status["latency"] = {
                 "smoothedMs": round(session.rtt_smoothed_ms, 3),
                 "lastMs": round(session.rtt_last_ms, 3),
+                "updatedAt": session.rtt_updated_at,
             }
         try:
             await self.registry.patch_status(session.node_name, status)
         except Exception:  # a status write must never take the tunnel down
             log.exception("status write for %s failed", session.node_name)
+
+    def revoke(self, node_name: str) -> bool:
+        """Ends the session of a node whose VolunteerNode was deleted; there is no status left to write."""
+        session = self.by_name.pop(node_name, None)
+        self._conditions.pop(node_name, None)
+        if session is None:
+            return False
+        session.closed = True
+        self.by_address.pop(session.address, None)
+        if session.handler_task is not None:
+            session.handler_task.cancel()
+        log.warning("node %s: VolunteerNode deleted; session ended, credential revoked", node_name)
+        return True
 
     async def expire_stale(self) -> list[str]:
         """Ends sessions whose heartbeats stopped; returns their names."""

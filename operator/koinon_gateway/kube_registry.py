@@ -1,0 +1,131 @@
+"""VolunteerNode objects in the Kubernetes API (cluster scoped, ``koinon.dev/v1alpha1``).
+
+The gateway creates each node with ``koinon.dev/connection-owner: gateway`` so the operator leaves
+the connection fields to it, and writes status only through the ``/status`` subresource as JSON
+merge patches (fields it does not own, such as reputation, stay untouched).
+
+Heartbeat-only writes (``lastHeartbeat``, ``latency``) are coalesced per node to at most one per
+``heartbeat_write_interval_s``: with 1,000 agents at a 5 s interval that is at most 1000/interval
+writes a second instead of one per heartbeat; any other change (phase, connected, address, ...) is
+written at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from .kube_client import JSON, KubeApiError, KubeClient, custom_path
+from .registry import GROUP, KIND, PLURAL, VERSION, NodeExists
+
+log = logging.getLogger(__name__)
+
+CONNECTION_OWNER_ANNOTATION = "koinon.dev/connection-owner"
+HEARTBEAT_ONLY_FIELDS = frozenset({"lastHeartbeat", "latency"})
+
+
+def _significant(status: JSON) -> str:
+    return json.dumps({k: v for k, v in status.items() if k not in HEARTBEAT_ONLY_FIELDS}, sort_keys=True)
+
+
+@dataclass
+class _LastWrite:
+    at: float
+    significant: str
+
+
+@dataclass
+class KubeNodeRegistry:
+    client: KubeClient
+    heartbeat_write_interval_s: float = 10.0
+    status_writes: int = 0
+    status_writes_skipped: int = 0
+    _last: dict[str, _LastWrite] = field(default_factory=dict)
+
+    def _path(self, name: str | None = None, subresource: str | None = None) -> str:
+        return custom_path(GROUP, VERSION, PLURAL, name, subresource=subresource)
+
+    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> None:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "metadata": {
+                "name": name,
+                "labels": dict(labels),
+                "annotations": {CONNECTION_OWNER_ANNOTATION: "gateway"},
+            },
+            "spec": spec,
+        }
+        try:
+            await self.client.create(self._path(), body)
+        except KubeApiError as exc:
+            if exc.conflict:
+                raise NodeExists(name) from exc
+            raise
+
+    async def get(self, name: str) -> JSON | None:
+        return await self.client.get_or_none(self._path(name))
+
+    async def list(self) -> list[JSON]:
+        items, _ = await self.client.list_all(self._path())
+        return items
+
+    async def patch_status(self, name: str, status: JSON) -> None:
+        significant = _significant(status)
+        last = self._last.get(name)
+        now = time.monotonic()
+        if last is not None and last.significant == significant and now - last.at < self.heartbeat_write_interval_s:
+            self.status_writes_skipped += 1
+            return
+        try:
+            await self.client.merge_patch(self._path(name, "status"), {"status": status})
+        except KubeApiError as exc:
+            if exc.not_found:
+                self._last.pop(name, None)
+                raise KeyError(f"VolunteerNode {name} not found") from exc
+            raise
+        self._last[name] = _LastWrite(now, significant)
+        self.status_writes += 1
+
+    async def deleted_nodes(self) -> AsyncIterator[str]:
+        """Names of VolunteerNodes as they are deleted, for as long as the caller iterates.
+
+        Lists, then watches from the list's resourceVersion; when the watch history is gone (410) or
+        the connection drops, lists again and reports the nodes that vanished in between.
+        """
+        known: set[str] = set()
+        resource_version = ""
+        while True:
+            try:
+                if not resource_version:
+                    items, resource_version = await self.client.list_all(self._path())
+                    current = {str(item["metadata"]["name"]) for item in items}
+                    for name in sorted(known - current):
+                        yield name
+                    known = current
+                async for event in self.client.watch(self._path(), resource_version):
+                    metadata: dict[str, Any] = event.object.get("metadata") or {}
+                    resource_version = str(metadata.get("resourceVersion") or resource_version)
+                    name = str(metadata.get("name", ""))
+                    if event.type == "ADDED":
+                        known.add(name)
+                    elif event.type == "DELETED":
+                        known.discard(name)
+                        self._last.pop(name, None)
+                        yield name
+            except KubeApiError as exc:
+                if not exc.gone:
+                    log.warning("VolunteerNode watch failed: %s; listing again", exc)
+                    await asyncio.sleep(1.0)
+                resource_version = ""
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                log.warning("VolunteerNode watch interrupted: %r; listing again", exc)
+                resource_version = ""
+                await asyncio.sleep(1.0)

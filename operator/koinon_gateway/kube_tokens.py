@@ -1,0 +1,188 @@
+"""Join tokens kept as Kubernetes Secrets (the layout is described in ``tokens.py``).
+
+Counting a use is a read-modify-write guarded by the Secret's ``resourceVersion``: the PUT of a
+stale copy answers 409, and the consumer reads again and re-checks (the limit may have been reached
+meanwhile). So two gateways, or two joins in one gateway, never both take the last use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from .kube_client import JSON, KubeApiError, KubeClient, b64, secret_path, unb64
+from .tokens import (
+    SECRET_PREFIX,
+    SECRET_TYPE,
+    JoinGrant,
+    JoinToken,
+    TokenError,
+    check_token,
+    hash_secret,
+    new_token,
+    parse_token,
+)
+
+log = logging.getLogger(__name__)
+
+TOKEN_LABEL = "koinon.dev/join-token"
+MAX_CONFLICT_RETRIES = 50
+
+
+def secret_name(token_id: str) -> str:
+    return f"{SECRET_PREFIX}{token_id}"
+
+
+def parse_rfc3339(text: str) -> dt.datetime:
+    parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        raise ValueError("no time zone")
+    return parsed
+
+
+def token_from_secret(secret: JSON) -> JoinToken:
+    """Decodes the Secret; malformed data is refused with a reason naming the field."""
+    data: dict[str, Any] = secret.get("data") or {}
+    name = (secret.get("metadata") or {}).get("name", "?")
+
+    def field(key: str) -> str:
+        try:
+            return unb64(str(data[key])) if key in data else ""
+        except ValueError as exc:
+            raise TokenError("invalid-token-data", f"Secret {name}: data.{key}: not base64 UTF-8") from exc
+
+    def integer(key: str) -> int | None:
+        text = field(key)
+        if not text:
+            return None
+        if not text.isdigit():
+            raise TokenError("invalid-token-data", f"Secret {name}: data.{key}: {text!r} is not a non-negative integer")
+        return int(text)
+
+    expiration_text = field("expiration")
+    try:
+        expiration = parse_rfc3339(expiration_text) if expiration_text else None
+    except ValueError as exc:
+        raise TokenError("invalid-token-data", f"Secret {name}: data.expiration: not RFC3339") from exc
+    token_id, digest = field("token-id"), field("token-secret-sha256")
+    if not token_id or len(digest) != 64:
+        raise TokenError("invalid-token-data", f"Secret {name}: data.token-id/token-secret-sha256: missing")
+    return JoinToken(
+        token_id=token_id,
+        secret_sha256=digest,
+        expiration=expiration,
+        usage_limit=integer("usage-limit"),
+        usages_count=integer("usages-count") or 0,
+        revoked=field("revoked").strip().lower() == "true",
+        owner=field("owner"),
+        region=field("region"),
+    )
+
+
+def token_secret(namespace: str, token: JoinToken) -> JSON:
+    data = {
+        "token-id": token.token_id,
+        "token-secret-sha256": token.secret_sha256,
+        "usages-count": str(token.usages_count),
+        "revoked": "true" if token.revoked else "false",
+        "owner": token.owner,
+        "region": token.region,
+    }
+    if token.expiration is not None:
+        data["expiration"] = token.expiration.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    if token.usage_limit is not None:
+        data["usage-limit"] = str(token.usage_limit)
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": SECRET_TYPE,
+        "metadata": {
+            "name": secret_name(token.token_id),
+            "namespace": namespace,
+            "labels": {TOKEN_LABEL: "true"},
+        },
+        "data": {key: b64(value) for key, value in data.items()},
+    }
+
+
+@dataclass
+class KubeTokenStore:
+    client: KubeClient
+    namespace: str
+    # 409s absorbed while counting uses (observability and tests).
+    conflicts: int = 0
+
+    async def create(
+        self,
+        *,
+        owner: str,
+        ttl: dt.timedelta | None = dt.timedelta(hours=24),
+        usage_limit: int | None = None,
+        region: str = "",
+    ) -> str:
+        """Creates a token Secret and returns ``id.secret``: the only time the secret exists in clear."""
+        if not owner:
+            raise ValueError("owner: required (VolunteerNode.spec.owner)")
+        if usage_limit is not None and usage_limit < 1:
+            raise ValueError("usage_limit: must be at least 1")
+        if ttl is not None and ttl <= dt.timedelta(0):
+            raise ValueError("ttl: must be positive")
+        expiration = dt.datetime.now(dt.UTC).replace(microsecond=0) + ttl if ttl is not None else None
+        for _ in range(5):
+            token_id, secret = new_token()
+            token = JoinToken(token_id, hash_secret(secret), expiration, usage_limit, 0, False, owner, region)
+            try:
+                await self.client.create(secret_path(self.namespace), token_secret(self.namespace, token))
+            except KubeApiError as exc:
+                if exc.conflict:  # token id taken (1 in 2e9): draw another
+                    continue
+                raise
+            log.info("created join token %s for owner %s", token_id, owner)
+            return f"{token_id}.{secret}"
+        raise RuntimeError("could not draw an unused token id")
+
+    async def add_plain(self, token: str, usage_limit: int | None = None, owner: str = "", region: str = "") -> None:
+        """Registers a caller-chosen token (``--bootstrap-token``) unless its id already exists."""
+        token_id, secret = parse_token(token)
+        stored = JoinToken(token_id, hash_secret(secret), None, usage_limit, 0, False, owner, region)
+        try:
+            await self.client.create(secret_path(self.namespace), token_secret(self.namespace, stored))
+        except KubeApiError as exc:
+            if not exc.conflict:
+                raise
+
+    async def revoke(self, token_id: str) -> None:
+        await self.client.merge_patch(
+            secret_path(self.namespace, secret_name(token_id)), {"data": {"revoked": b64("true")}}
+        )
+
+    async def list(self) -> list[JoinToken]:
+        items, _ = await self.client.list_all(secret_path(self.namespace), f"{TOKEN_LABEL}=true")
+        return [token_from_secret(item) for item in items if item.get("type") == SECRET_TYPE]
+
+    async def consume(self, token: str) -> JoinGrant:
+        token_id, secret = parse_token(token)
+        path = secret_path(self.namespace, secret_name(token_id))
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            stored_secret = await self.client.get_or_none(path)
+            if stored_secret is None or stored_secret.get("type") != SECRET_TYPE:
+                raise TokenError("unknown", f"token {token_id}: not found (never issued or deleted)")
+            stored = token_from_secret(stored_secret)
+            check_token(stored, secret, dt.datetime.now(dt.UTC))
+            # resourceVersion stays in the body: a concurrent writer makes this PUT fail with 409.
+            stored_secret.setdefault("data", {})["usages-count"] = b64(str(stored.usages_count + 1))
+            try:
+                await self.client.replace(path, stored_secret)
+            except KubeApiError as exc:
+                if not exc.conflict:
+                    raise
+                self.conflicts += 1
+                await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+                continue
+            return JoinGrant(token_id, stored.owner, stored.region)
+        # Not a TokenError: the agent should retry later rather than give up.
+        raise KubeApiError(409, "Conflict", f"token {token_id}: too many concurrent uses, try again")

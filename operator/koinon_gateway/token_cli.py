@@ -1,0 +1,85 @@
+"""``koinon-gateway token create|list|revoke``: manage join tokens kept as Secrets in the cluster.
+
+``create`` prints ``<id>.<secret>`` once on stdout; only its SHA-256 is stored, and nothing logs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import re
+import sys
+from pathlib import Path
+
+from .kube_client import KubeApiError, KubeConfigError, kube_client, load_config
+from .kube_tokens import KubeTokenStore
+
+_DURATION_RE = re.compile(r"(\d+)([smhd])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_ttl(text: str) -> dt.timedelta | None:
+    """``24h``, ``1h30m``, ``90s``, ``7d``; ``0`` means the token never expires."""
+    text = text.strip()
+    if text == "0":
+        return None
+    if not text or _DURATION_RE.sub("", text):
+        raise ValueError(f"--ttl: {text!r} is not a duration like 24h, 1h30m, 90s or 0 (never expires)")
+    seconds = sum(int(n) * _UNIT_S[unit] for n, unit in _DURATION_RE.findall(text))
+    if seconds <= 0:
+        raise ValueError("--ttl: must be positive (or 0 for no expiry)")
+    return dt.timedelta(seconds=seconds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="koinon-gateway token")
+    parser.add_argument("--kubeconfig", type=Path, help="default: in-cluster, else $KUBECONFIG or ~/.kube/config")
+    parser.add_argument("--namespace", help="the gateway's namespace (default: the kubeconfig context's)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    create = commands.add_parser("create", help="create a join token and print it once")
+    create.add_argument("--owner", required=True, help="owner of the machines that join with it")
+    create.add_argument("--ttl", default="24h", help="lifetime, e.g. 24h, 1h30m, 0 for none (default 24h)")
+    create.add_argument("--usage-limit", type=int, help="how many joins it allows (default: unlimited)")
+    create.add_argument("--region", default="", help="region written to the nodes' spec (default: agent's)")
+    commands.add_parser("list", help="list tokens (never their secrets)")
+    revoke = commands.add_parser("revoke", help="revoke a token by its id")
+    revoke.add_argument("token_id")
+    return parser
+
+
+async def run(args: argparse.Namespace) -> int:
+    config = load_config(args.kubeconfig)
+    namespace = args.namespace or config.namespace
+    async with kube_client(config) as client:
+        store = KubeTokenStore(client, namespace)
+        if args.command == "create":
+            if args.usage_limit is not None and args.usage_limit < 1:
+                raise ValueError("--usage-limit: must be at least 1")
+            print(
+                await store.create(
+                    owner=args.owner, ttl=parse_ttl(args.ttl), usage_limit=args.usage_limit, region=args.region
+                )
+            )
+        elif args.command == "list":
+            print(f"{'ID':8}{'OWNER':16}{'USES':10}{'EXPIRES':22}REVOKED")
+            for token in await store.list():
+                uses = f"{token.usages_count}/{token.usage_limit if token.usage_limit is not None else '-'}"
+                expires = token.expiration.isoformat() if token.expiration else "never"
+                print(f"{token.token_id:8}{token.owner:16}{uses:10}{expires:22}{str(token.revoked).lower()}")
+        else:
+            await store.revoke(args.token_id)
+            print(f"token {args.token_id} revoked")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except (ValueError, KubeConfigError) as exc:
+        print(f"koinon-gateway token: {exc}", file=sys.stderr)
+        return 2
+    except KubeApiError as exc:
+        print(f"koinon-gateway token: Kubernetes API: {exc}", file=sys.stderr)
+        return 1

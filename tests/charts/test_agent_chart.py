@@ -1,0 +1,257 @@
+"""The koinon-agent chart through the real helm v4 binary: lint, rendering, schema refusals."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+
+import pytest
+from koinon_agent.config import ENV_VARS
+from koinon_gateway.pki import create_ca
+
+from .helpers import (
+    CHART,
+    GATEWAY,
+    TOKEN,
+    Manifest,
+    Tools,
+    agent_container,
+    by_kind,
+    env_map,
+    helm_template,
+    one,
+    parse_documents,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def render(tools: Tools, values: dict[str, str | None] | None = None, *, extra: Sequence[str] = ()) -> list[Manifest]:
+    result = helm_template(tools, values, extra=extra)
+    assert result.returncode == 0, result.stderr
+    return parse_documents(result.stdout)
+
+
+def test_lint_passes(tools: Tools) -> None:
+    result = tools.run(
+        tools.helm,
+        "lint",
+        "--strict",
+        str(CHART),
+        "--set",
+        f"gateway.address={GATEWAY}",
+        "--set",
+        f"joinToken.value={TOKEN}",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+
+
+def test_lint_without_required_values_names_gateway_address(tools: Tools) -> None:
+    result = tools.run(tools.helm, "lint", str(CHART))
+    assert result.returncode != 0
+    assert "/gateway/address" in result.stdout + result.stderr
+
+
+def test_default_render_is_one_recreate_deployment_without_service(tools: Tools) -> None:
+    docs = render(tools)
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "Secret", "ServiceAccount"]
+    deployment = one(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    labels = deployment["metadata"]["labels"]
+    assert labels["app.kubernetes.io/name"] == "koinon-agent"
+    assert labels["app.kubernetes.io/instance"] == "vol"
+    assert labels["app.kubernetes.io/part-of"] == "koinon"
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+    container = agent_container(deployment)
+    assert "ports" not in container  # dials out only
+    assert container["image"] == "koinon:0.1.0"
+    assert container["command"] == ["koinon-agent", "join"]
+    for doc in docs:
+        assert doc["metadata"]["namespace"] == "koinon-volunteer"
+
+
+def test_env_vars_are_wired_and_known_to_the_agent(tools: Tools) -> None:
+    ca_pem = create_ca().cert_pem.decode()
+    docs = render(
+        tools,
+        {
+            "node.name": "alice-desktop",
+            "node.region": "eu-west",
+            "gateway.tlsServerName": "koinon-gateway",
+            "gpus.simulate": "2",
+            "gpus.simulatedMemoryMiB": "8192",
+            "agent.numCpus": "4",
+            "agent.objectStoreMemory": "1073741824",
+            "agent.proxyPort": "7999",
+            "agent.drainGraceSeconds": "45",
+            "terminationGracePeriodSeconds": "90",
+        },
+        extra=["--set-string", f"gateway.caCert={ca_pem}"],
+    )
+    deployment = one(docs, "Deployment")
+    env = env_map(agent_container(deployment))
+    assert set(env) - {"HOME"} <= set(ENV_VARS), "every KOINON_* variable the chart sets must be one the agent reads"
+    values = {name: entry.get("value") for name, entry in env.items()}
+    assert values["KOINON_GATEWAY"] == GATEWAY
+    assert values["KOINON_NODE_NAME"] == "alice-desktop"
+    assert values["KOINON_REGION"] == "eu-west"
+    assert values["KOINON_TLS_SERVER_NAME"] == "koinon-gateway"
+    assert values["KOINON_SIMULATE_GPUS"] == "2"
+    assert values["KOINON_SIMULATE_GPU_MEMORY"] == "8192"
+    assert values["KOINON_NUM_CPUS"] == "4"
+    assert values["KOINON_OBJECT_STORE_MEMORY"] == "1073741824"
+    assert values["KOINON_PROXY_PORT"] == "7999"
+    assert values["KOINON_DRAIN_GRACE"] == "45"
+    assert values["KOINON_STATE_DIR"] == "/var/lib/koinon-agent"
+    assert "KOINON_INSECURE" not in env
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90
+    # The CA: a ConfigMap mounted as the file KOINON_CA_FILE points at.
+    configmap = one(docs, "ConfigMap")
+    assert configmap["data"]["ca.crt"].strip() == ca_pem.strip()
+    mounts = {m["name"]: m["mountPath"] for m in agent_container(deployment)["volumeMounts"]}
+    assert values["KOINON_CA_FILE"] == mounts["gateway-ca"] + "/ca.crt"
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["gateway-ca"]["configMap"]["name"] == configmap["metadata"]["name"]
+
+
+def test_node_name_defaults_to_the_kubernetes_node(tools: Tools) -> None:
+    env = env_map(agent_container(one(render(tools), "Deployment")))
+    assert env["KOINON_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+
+
+def test_token_only_through_secret_key_ref(tools: Tools) -> None:
+    result = helm_template(tools)
+    docs = parse_documents(result.stdout)
+    secret = one(docs, "Secret")
+    assert base64.b64decode(secret["data"]["token"]).decode() == TOKEN
+    env = env_map(agent_container(one(docs, "Deployment")))
+    assert env["KOINON_TOKEN"] == {
+        "name": "KOINON_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": secret["metadata"]["name"], "key": "token"}},
+    }
+    # The token's plain text appears nowhere but (base64) in the Secret.
+    assert TOKEN not in result.stdout
+    assert not by_kind(docs, "ConfigMap")
+
+
+def test_existing_token_secret_is_referenced_not_created(tools: Tools) -> None:
+    docs = render(
+        tools, {"joinToken.value": None, "joinToken.existingSecret": "my-join", "joinToken.existingSecretKey": "jt"}
+    )
+    assert not by_kind(docs, "Secret")
+    env = env_map(agent_container(one(docs, "Deployment")))
+    assert env["KOINON_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "my-join", "key": "jt"}
+
+
+def test_security_context_non_root_unprivileged(tools: Tools) -> None:
+    deployment = one(render(tools), "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["automountServiceAccountToken"] is False
+    context = agent_container(deployment)["securityContext"]
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["privileged"] is False
+    assert context["capabilities"]["drop"] == ["ALL"]
+    assert "add" not in context["capabilities"]
+    assert "hostNetwork" not in pod and "hostPID" not in pod
+
+
+def test_gpu_count_sets_limit_and_runtime_class(tools: Tools) -> None:
+    docs = render(
+        tools,
+        {"gpus.count": "2", "runtimeClassName": "nvidia"},
+        extra=["--set-string", "nodeSelector.nvidia\\.com/gpu\\.present=true"],
+    )
+    deployment = one(docs, "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    resources = agent_container(deployment)["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 2
+    assert resources["limits"]["memory"] == "8Gi"  # user limits kept
+    assert pod["runtimeClassName"] == "nvidia"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert "KOINON_SIMULATE_GPUS" not in env_map(agent_container(deployment))
+
+
+def test_no_gpu_limit_or_runtime_class_by_default(tools: Tools) -> None:
+    pod = one(render(tools), "Deployment")["spec"]["template"]["spec"]
+    assert "runtimeClassName" not in pod
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"].get("limits", {})
+
+
+def test_daemonset_kind_with_host_path(tools: Tools) -> None:
+    docs = render(tools, {"kind": "DaemonSet", "persistence.type": "hostPath", "tolerations[0].operator": "Exists"})
+    assert not by_kind(docs, "Deployment")
+    daemonset = one(docs, "DaemonSet")
+    assert "replicas" not in daemonset["spec"] and "strategy" not in daemonset["spec"]
+    assert daemonset["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    pod = daemonset["spec"]["template"]["spec"]
+    state = next(v for v in pod["volumes"] if v["name"] == "state")
+    assert state["hostPath"] == {"path": "/var/lib/koinon-agent", "type": "DirectoryOrCreate"}
+    assert pod["tolerations"] == [{"operator": "Exists"}]
+
+
+def test_pvc_persistence_creates_a_kept_claim(tools: Tools) -> None:
+    docs = render(
+        tools, {"persistence.type": "pvc", "persistence.size": "1Gi", "persistence.storageClass": "local-path"}
+    )
+    claim = one(docs, "PersistentVolumeClaim")
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    assert claim["spec"]["storageClassName"] == "local-path"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    state = next(v for v in pod["volumes"] if v["name"] == "state")
+    assert state["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+
+def test_notes_tell_how_to_check_the_node(tools: Tools) -> None:
+    result = tools.run(
+        tools.helm,
+        "install",
+        "vol",
+        str(CHART),
+        "--dry-run=client",
+        "--namespace",
+        "ns1",
+        "--set",
+        f"gateway.address={GATEWAY}",
+        "--set",
+        f"joinToken.value={TOKEN}",
+    )
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "kubectl --namespace ns1 logs -f deployment/vol-koinon-agent" in notes
+    assert "kubectl get vn" in notes
+    assert "emptyDir" in notes  # warns that the credential is not kept
+    assert TOKEN not in notes
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({"gateway.address": None}, "/gateway/address"),
+        ({"gateway.address": "no-port"}, "/gateway/address"),
+        ({"gpus.count": "-1"}, "/gpus/count"),
+        ({"gpus.simulate": "-2"}, "/gpus/simulate"),
+        ({"joinToken.value": "not-a-token"}, "/joinToken/value"),
+        ({"kind": "StatefulSet"}, "/kind"),
+        ({"securityContext.privileged": "true"}, "/securityContext/privileged"),
+        ({"podSecurityContext.runAsNonRoot": "false"}, "/podSecurityContext/runAsNonRoot"),
+        ({"persistence.type": "nfs"}, "/persistence/type"),
+        ({"gpus.cuont": "1"}, "cuont"),
+        ({"joinToken.existingSecret": "my-join"}, "joinToken.value or joinToken.existingSecret, not both"),
+        ({"joinToken.value": None}, "joinToken.value"),
+        ({"terminationGracePeriodSeconds": "20"}, "terminationGracePeriodSeconds: 20 is too short"),
+        ({"kind": "DaemonSet", "persistence.type": "pvc"}, "persistence.type: pvc needs kind: Deployment"),
+        ({"gpus.count": "1", "gpus.simulate": "1"}, "gpus.count"),
+        ({"gateway.insecure": "true", "gateway.caSecretName": "ca"}, "gateway.insecure"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_value(tools: Tools, values: dict[str, str | None], expected: str) -> None:
+    result = helm_template(tools, values)
+    assert result.returncode != 0, f"accepted bad values {values}"
+    assert expected in result.stderr, result.stderr
+    assert result.stdout == ""

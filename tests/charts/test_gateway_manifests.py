@@ -1,0 +1,115 @@
+"""manifests/gateway: what `kubectl kustomize manifests` renders for the gateway, checked against its CLI."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from koinon_gateway.main import build_parser
+
+from .helpers import MANIFESTS, Manifest, Tools, parse_documents
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def rendered(tools: Tools) -> list[Manifest]:
+    result = tools.run(tools.kubectl, "kustomize", str(MANIFESTS))
+    assert result.returncode == 0, result.stderr
+    return parse_documents(result.stdout)
+
+
+def _find(docs: list[Manifest], kind: str, name: str) -> Manifest:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def _gateway_args(docs: list[Manifest]) -> list[str]:
+    container = _find(docs, "Deployment", "koinon-gateway")["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["koinon-gateway"]
+    args: list[str] = container["args"]
+    return args
+
+
+def test_gateway_objects_in_koinon_system(rendered: list[Manifest]) -> None:
+    gateway = [d for d in rendered if d["metadata"]["labels"].get("app.kubernetes.io/name") == "koinon-gateway"]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in gateway) == [
+        ("ClusterRole", "koinon-gateway"),
+        ("ClusterRoleBinding", "koinon-gateway"),
+        ("Deployment", "koinon-gateway"),
+        ("Role", "koinon-gateway"),
+        ("RoleBinding", "koinon-gateway"),
+        ("Service", "koinon-gateway"),
+        ("Service", "koinon-gateway-internal"),
+        ("ServiceAccount", "koinon-gateway"),
+    ]
+    for doc in gateway:
+        if not doc["kind"].startswith("Cluster"):
+            assert doc["metadata"]["namespace"] == "koinon-system"
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "koinon"
+
+
+def test_every_flag_is_one_the_gateway_knows(rendered: list[Manifest]) -> None:
+    known = {option for action in build_parser()._actions for option in action.option_strings}
+    for arg in _gateway_args(rendered):
+        assert arg.split("=", 1)[0] in known, f"koinon-gateway has no flag {arg}"
+
+
+def test_gateway_args_parse(rendered: list[Manifest]) -> None:
+    # $(VAR) is expanded by the kubelet from the container's env.
+    args = [re.sub(r"\$\((\w+)\)", "value", arg) for arg in _gateway_args(rendered)]
+    parsed = build_parser().parse_args(args)
+    assert parsed.store == "kube"
+    assert parsed.listen == "0.0.0.0:7443"
+
+
+def test_services_split_public_and_cluster_only_ports(rendered: list[Manifest]) -> None:
+    deployment = _find(rendered, "Deployment", "koinon-gateway")
+    container_ports = {
+        p["name"]: p["containerPort"] for p in deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+    }
+    args = _gateway_args(rendered)
+    assert f"--listen=0.0.0.0:{container_ports['agents']}" in args
+    assert f"--admin-listen=0.0.0.0:{container_ports['admin']}" in args
+    assert f"--head-proxy-listen=0.0.0.0:{container_ports['head-proxy']}" in args
+    public = _find(rendered, "Service", "koinon-gateway")["spec"]
+    assert public["type"] in ("LoadBalancer", "NodePort")
+    assert [p["targetPort"] for p in public["ports"]] == ["agents"]
+    internal = _find(rendered, "Service", "koinon-gateway-internal")["spec"]
+    assert internal["type"] == "ClusterIP"
+    assert sorted(p["targetPort"] for p in internal["ports"]) == ["admin", "head-proxy"]
+    for service in (public, internal):
+        assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_probes_and_security(rendered: list[Manifest]) -> None:
+    deployment = _find(rendered, "Deployment", "koinon-gateway")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "admin"}
+    assert pod["serviceAccountName"] == "koinon-gateway"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_rbac_is_least_privilege(rendered: list[Manifest]) -> None:
+    role = _find(rendered, "Role", "koinon-gateway")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "create", "update", "patch"]}
+    ]
+    cluster_role = _find(rendered, "ClusterRole", "koinon-gateway")
+    assert cluster_role["rules"] == [
+        {
+            "apiGroups": ["koinon.dev"],
+            "resources": ["volunteernodes", "volunteernodes/status"],
+            "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"],
+        }
+    ]
+    for kind in ("RoleBinding", "ClusterRoleBinding"):
+        binding = _find(rendered, kind, "koinon-gateway")
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "koinon-gateway", "namespace": "koinon-system"}
+        ]
+        assert binding["roleRef"]["name"] == "koinon-gateway"

@@ -1,0 +1,533 @@
+"""The gateway's Kubernetes-API stores (join-token Secrets, CA Secret, VolunteerNodes) against the
+project's API emulator over HTTP, and a real TLS gRPC gateway using them, checked with kubectl."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from koinon_agent.agent import Agent, JoinRefused
+from koinon_dev.binaries import ensure_binaries
+from koinon_emulator.kubeconfig import write_kubeconfig
+from koinon_emulator.server import KubeEmulator
+from koinon_gateway.config import GatewayConfig
+from koinon_gateway.kube_ca import CA_SECRET_NAME, KubeCAStore
+from koinon_gateway.kube_client import JSON, KubeApiError, KubeClient, load_incluster_config, load_kubeconfig
+from koinon_gateway.kube_registry import KubeNodeRegistry
+from koinon_gateway.kube_tokens import KubeTokenStore, secret_name
+from koinon_gateway.pki import load_or_create_ca
+from koinon_gateway.rpc import tunnel_stub
+from koinon_gateway.server import Gateway
+from koinon_gateway.token_cli import parse_ttl
+from koinon_gateway.tokens import TokenError, hash_secret
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+from .helpers import echo_server, random_port_base
+
+REPO = Path(__file__).resolve().parents[2]
+NAMESPACE = "koinon-system"
+
+
+@dataclass
+class Kube:
+    emulator: KubeEmulator
+    kubeconfig: Path
+    client: KubeClient
+
+    def kubectl(self, *args: str) -> str:
+        completed = subprocess.run(
+            [str(ensure_binaries().kubectl), f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr
+        return completed.stdout
+
+    async def akubectl(self, *args: str) -> str:
+        # kubectl blocks; the emulator serves from this event loop, so run it in a thread.
+        return await asyncio.to_thread(self.kubectl, *args)
+
+    def secret(self, name: str) -> JSON:
+        return self.emulator.get("v1", "Secret", name, NAMESPACE)
+
+
+@pytest.fixture
+async def kube(tmp_path: Path) -> AsyncIterator[Kube]:
+    emulator = KubeEmulator()
+    url = await emulator.start()
+    for path in sorted((REPO / "manifests" / "crds").glob("*.yaml")):
+        emulator.apply_crd(yaml.safe_load(path.read_text()))
+    emulator.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", url, namespace=NAMESPACE)
+    client = KubeClient(load_kubeconfig(kubeconfig))
+    assert client.namespace == NAMESPACE
+    try:
+        yield Kube(emulator, kubeconfig, client)
+    finally:
+        await client.close()
+        await emulator.stop()
+
+
+def decoded(secret: JSON) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode(errors="replace") for k, v in secret["data"].items()}
+
+
+# ---- join tokens ----
+
+
+async def test_created_token_secret_has_the_bootstrap_layout_and_no_secret(kube: Kube) -> None:
+    store = KubeTokenStore(kube.client, NAMESPACE)
+    token = await store.create(owner="alice", ttl=dt.timedelta(hours=2), usage_limit=2, region="eu")
+    token_id, secret = token.split(".")
+    stored = kube.secret(secret_name(token_id))
+    assert stored["type"] == "koinon.dev/join-token"
+    assert stored["metadata"]["labels"] == {"koinon.dev/join-token": "true"}
+    data = decoded(stored)
+    assert data["token-id"] == token_id
+    assert data["token-secret-sha256"] == hash_secret(secret)
+    assert secret not in json.dumps(stored) and all(secret not in v for v in data.values())
+    assert (data["usage-limit"], data["usages-count"], data["revoked"]) == ("2", "0", "false")
+    assert (data["owner"], data["region"]) == ("alice", "eu")
+    expires = dt.datetime.fromisoformat(data["expiration"])
+    assert dt.timedelta(hours=1, minutes=59) < expires - dt.datetime.now(dt.UTC) <= dt.timedelta(hours=2)
+
+
+async def test_consume_counts_uses_until_the_limit(kube: Kube) -> None:
+    store = KubeTokenStore(kube.client, NAMESPACE)
+    token = await store.create(owner="alice", usage_limit=2, region="eu")
+    for expected in (1, 2):
+        grant = await store.consume(token)
+        assert (grant.owner, grant.region) == ("alice", "eu")
+        assert decoded(kube.secret(secret_name(grant.token_id)))["usages-count"] == str(expected)
+    with pytest.raises(TokenError) as refused:
+        await store.consume(token)
+    assert refused.value.reason == "usage-limit"
+    assert decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "2"
+
+
+@pytest.mark.parametrize("case", ["wrong-secret", "unknown", "malformed", "expired", "revoked", "revoked-by-kubectl"])
+async def test_refused_tokens_name_the_reason_and_count_nothing(kube: Kube, case: str) -> None:
+    store = KubeTokenStore(kube.client, NAMESPACE)
+    good = await store.create(owner="alice", usage_limit=3)
+    token = {"wrong-secret": good[:7] + "0" * 16, "unknown": "zzzzzz.0123456789abcdef", "malformed": "nope"}.get(
+        case, good
+    )
+    if case == "expired":
+        # Issued long ago: an expiration in the past, as the Secret would hold after its TTL.
+        path = f"/api/v1/namespaces/{NAMESPACE}/secrets/{secret_name(good[:6])}"
+        past = base64.b64encode(b"2020-01-01T00:00:00Z").decode()
+        await kube.client.merge_patch(path, {"data": {"expiration": past}})
+    if case == "revoked":
+        await store.revoke(good[:6])
+    if case == "revoked-by-kubectl":
+        patch = json.dumps({"data": {"revoked": base64.b64encode(b"true").decode()}})
+        await kube.akubectl("-n", NAMESPACE, "patch", "secret", secret_name(good[:6]), "--type=merge", "-p", patch)
+    with pytest.raises(TokenError) as refused:
+        await store.consume(token)
+    assert refused.value.reason == {"wrong-secret": "invalid-secret", "revoked-by-kubectl": "revoked"}.get(case, case)
+    assert decoded(kube.secret(secret_name(good[:6])))["usages-count"] == "0"
+
+
+async def test_corrupt_token_data_is_refused_naming_the_field(kube: Kube) -> None:
+    store = KubeTokenStore(kube.client, NAMESPACE)
+    token = await store.create(owner="alice")
+    path = f"/api/v1/namespaces/{NAMESPACE}/secrets/{secret_name(token[:6])}"
+    await kube.client.merge_patch(path, {"data": {"usage-limit": base64.b64encode(b"many").decode()}})
+    with pytest.raises(TokenError) as refused:
+        await store.consume(token)
+    assert refused.value.reason == "invalid-token-data"
+    assert "data.usage-limit" in str(refused.value)
+
+
+class RacingClient(KubeClient):
+    """Holds the first ``parties`` PUTs until all of them are in flight: every racer has read the same
+    resourceVersion, so all but one must get 409 and retry."""
+
+    def __init__(self, base: KubeClient, parties: int) -> None:
+        super().__init__(base.config)
+        self._barrier = asyncio.Barrier(parties)
+        self._held = parties
+
+    async def replace(self, path: str, body: JSON) -> JSON:
+        if self._held > 0:
+            self._held -= 1
+            await asyncio.wait_for(self._barrier.wait(), 10)
+        return await super().replace(path, body)
+
+
+@pytest.mark.parametrize(("racers", "limit"), [(2, 1), (6, 3)])
+async def test_concurrent_consumers_never_exceed_the_limit(kube: Kube, racers: int, limit: int) -> None:
+    token = await KubeTokenStore(kube.client, NAMESPACE).create(owner="alice", usage_limit=limit)
+    client = RacingClient(kube.client, racers)
+    store = KubeTokenStore(client, NAMESPACE)
+    try:
+        results = await asyncio.gather(*(store.consume(token) for _ in range(racers)), return_exceptions=True)
+    finally:
+        await client.close()
+    granted = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, TokenError)]
+    assert len(granted) == limit
+    assert len(refused) == racers - limit and all(r.reason == "usage-limit" for r in refused)
+    assert store.conflicts >= racers - 1  # the race really happened and was resolved by 409 + retry
+    assert decoded(kube.secret(secret_name(token[:6])))["usages-count"] == str(limit)
+
+
+async def test_token_cli_prints_the_token_once_and_stores_only_its_hash(kube: Kube) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "koinon_gateway.main", "token", f"--kubeconfig={kube.kubeconfig}",
+        f"--namespace={NAMESPACE}", "create", "--owner=bob", "--ttl=1h30m", "--usage-limit=2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    token = out.decode().strip()
+    token_id, secret = token.split(".")
+    assert secret not in err.decode()
+    data = decoded(kube.secret(secret_name(token_id)))
+    assert (data["owner"], data["usage-limit"]) == ("bob", "2")
+    assert data["token-secret-sha256"] == hash_secret(secret)
+    grant = await KubeTokenStore(kube.client, NAMESPACE).consume(token)
+    assert grant.owner == "bob"
+    listed = await kube.akubectl("-n", NAMESPACE, "get", "secrets", "-l", "koinon.dev/join-token=true", "-o", "name")
+    assert listed.split() == [f"secret/{secret_name(token_id)}"]
+
+
+async def test_token_cli_names_the_bad_flag(kube: Kube) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "koinon_gateway.main", "token", f"--kubeconfig={kube.kubeconfig}",
+        "create", "--owner=bob", "--ttl=soon", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 2 and out == b""
+    assert "--ttl" in err.decode()
+    assert not kube.emulator.list_objects("v1", "Secret", NAMESPACE)
+
+
+def test_parse_ttl() -> None:
+    assert parse_ttl("1h30m") == dt.timedelta(minutes=90)
+    assert parse_ttl("7d") == dt.timedelta(days=7)
+    assert parse_ttl("0") is None
+    for bad in ("", "1x", "h", "0s", "-1h"):
+        with pytest.raises(ValueError, match="--ttl"):
+            parse_ttl(bad)
+
+
+# ---- CA ----
+
+
+async def test_concurrent_gateways_end_up_with_one_ca(kube: Kube) -> None:
+    stores = [KubeCAStore(kube.client, NAMESPACE) for _ in range(4)]
+    bundles = await asyncio.gather(*(load_or_create_ca(s) for s in stores))
+    assert len({b.cert_pem for b in bundles}) == 1 and len({b.credential_key for b in bundles}) == 1
+    secret = kube.secret(CA_SECRET_NAME)
+    assert secret["type"] == "kubernetes.io/tls"
+    assert base64.b64decode(secret["data"]["tls.crt"]) == bundles[0].cert_pem
+
+
+async def test_broken_ca_secret_is_refused_not_replaced(kube: Kube) -> None:
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": CA_SECRET_NAME, "namespace": NAMESPACE}}
+    kube.emulator.create({**secret, "type": "Opaque", "data": {"tls.crt": base64.b64encode(b"x").decode()}})
+    with pytest.raises(ValueError, match=r"data\.tls\.key"):
+        await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+
+
+# ---- VolunteerNodes ----
+
+
+async def test_heartbeat_only_status_writes_are_coalesced(kube: Kube) -> None:
+    registry = KubeNodeRegistry(kube.client, heartbeat_write_interval_s=60)
+    await registry.create("vn-a", {"owner": "alice", "gpus": []}, {})
+    await registry.patch_status(
+        "vn-a", {"phase": "NotReady", "connected": True, "lastHeartbeat": "2026-01-01T00:00:00Z"}
+    )
+    version = kube.emulator.get("koinon.dev/v1alpha1", "VolunteerNode", "vn-a")["metadata"]["resourceVersion"]
+    for second in range(1, 10):
+        await registry.patch_status(
+            "vn-a", {"phase": "NotReady", "connected": True, "lastHeartbeat": f"2026-01-01T00:00:0{second}Z"}
+        )
+    stored = kube.emulator.get("koinon.dev/v1alpha1", "VolunteerNode", "vn-a")
+    assert stored["metadata"]["resourceVersion"] == version and registry.status_writes_skipped == 9
+    await registry.patch_status(
+        "vn-a", {"phase": "NotReady", "connected": False, "lastHeartbeat": "2026-01-01T00:01:00Z"}
+    )
+    stored = kube.emulator.get("koinon.dev/v1alpha1", "VolunteerNode", "vn-a")
+    assert stored["status"]["connected"] is False and stored["status"]["lastHeartbeat"] == "2026-01-01T00:01:00Z"
+    with pytest.raises(KeyError):
+        await registry.patch_status("missing", {"phase": "NotReady"})
+
+
+@dataclass
+class KubeGateway:
+    gateway: Gateway
+    tokens: KubeTokenStore
+    registry: KubeNodeRegistry
+
+    def channel(self) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(
+            self.gateway.agent_target,
+            grpc.ssl_channel_credentials(self.gateway.ca_pem),
+            options=[("grpc.ssl_target_name_override", "koinon-gateway")],
+        )
+
+
+def gateway_config(head_port: int) -> GatewayConfig:
+    return GatewayConfig(
+        listen="127.0.0.1:0",
+        head_address="127.0.0.1",
+        head_gcs_port=head_port,
+        vip_cidr="127.0.20.0/28",
+        port_base=random_port_base(),
+        port_block_size=16,
+        heartbeat_interval_s=0.2,
+        heartbeat_timeout_s=1.0,
+        status_write_interval_s=0.2,
+        verify_ray_nodes=False,  # no Ray head here; the Ray node id the agent reports is trusted
+        namespace=NAMESPACE,
+    )
+
+
+@pytest.fixture
+async def kgw(kube: Kube) -> AsyncIterator[KubeGateway]:
+    async with echo_server() as head_port:
+        tokens, registry = KubeTokenStore(kube.client, NAMESPACE), KubeNodeRegistry(kube.client, 0.5)
+        gateway = Gateway(gateway_config(head_port), tokens, registry, KubeCAStore(kube.client, NAMESPACE))
+        await gateway.start()
+        try:
+            yield KubeGateway(gateway, tokens, registry)
+        finally:
+            await gateway.stop(0)
+
+
+async def wait_until(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+
+
+async def kubectl_vn(kube: Kube, name: str) -> JSON:
+    document: JSON = json.loads(await kube.akubectl("get", "vn", name, "-o", "json"))
+    return document
+
+
+async def test_join_over_grpc_writes_the_volunteernode_through_the_api(kube: Kube, kgw: KubeGateway) -> None:
+    token = await kgw.tokens.create(owner="alice", usage_limit=1, region="eu")
+    async with kgw.channel() as channel:
+        stub = tunnel_stub(channel)
+        gpu = pb.Gpu(model="Simulated GPU", memory_mib=8192)
+        joined = await stub.Join(pb.JoinRequest(token=token, name_hint="alpha", gpus=[gpu]), timeout=10)
+        name, address = joined.assignment.node_name, joined.assignment.address
+        node = await kubectl_vn(kube, name)
+        assert node["spec"] == {
+            "owner": "alice",
+            "region": "eu",
+            "gpus": [{"model": "Simulated GPU", "memoryMiB": 8192}],
+            "cordoned": False,  # the CRD's default, applied by the API server
+        }
+        assert node["metadata"]["annotations"]["koinon.dev/connection-owner"] == "gateway"
+        assert node["metadata"]["labels"]["koinon.dev/join-token"] == token[:6]
+        # The token's only use is spent: a second join is refused and creates nothing.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Join(pb.JoinRequest(token=token, name_hint="beta"), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "usage-limit" in (refused.value.details() or "")
+        assert [n["metadata"]["name"] for n in kube.emulator.list_objects("koinon.dev/v1alpha1", "VolunteerNode")] == [
+            name
+        ]
+
+        call = stub.Control(metadata=(("authorization", f"Bearer {joined.credential}"),))
+        await call.write(
+            pb.AgentMessage(register=pb.Register(node_name=name, address=address, gpus=[gpu], agent_version="t-1"))
+        )
+        assert (await call.read()).HasField("registered")
+
+        answer = asyncio.Event()
+        answer.set()
+
+        async def answer_pings() -> None:
+            # Keeps reading (cancelling a read would end the call) but answers only while ``answer`` is set.
+            while True:
+                message = await call.read()
+                if isinstance(message, pb.GatewayMessage) and message.HasField("ping") and answer.is_set():
+                    heartbeat = pb.Heartbeat(
+                        seq=message.ping.seq,
+                        echo_gateway_time_ns=message.ping.gateway_time_ns,
+                        ray_node_id="ab" * 28,
+                        ray_state="running",
+                    )
+                    await call.write(pb.AgentMessage(heartbeat=heartbeat))
+
+        answering = asyncio.ensure_future(answer_pings())
+        try:
+            ready = await wait_until(lambda: _phase_is(kube, name, "Ready"))
+        except BaseException:
+            answering.cancel()
+            raise
+        status = ready["status"]
+        assert status["connected"] is True and status["address"] == address
+        assert status["rayNodeId"] == "ab" * 28 and status["agentVersion"] == "t-1"
+        assert status["gpus"] == [{"model": "Simulated GPU", "memoryMiB": 8192}]
+        assert status["latency"]["smoothedMs"] >= 0 and status["latency"]["updatedAt"].endswith("Z")
+        assert status["conditions"][0]["type"] == "Ready" and status["conditions"][0]["status"] == "True"
+        table = await kube.akubectl("get", "vn", name)
+        assert "Ready" in table and "alice" in table and address in table
+
+        # Heartbeats stop while the stream stays open: the gateway writes NotReady to the API.
+        answer.clear()
+        not_ready = await wait_until(lambda: _phase_is(kube, name, "NotReady"), timeout=5)
+        assert not_ready["status"]["connected"] is False
+        assert not_ready["status"]["conditions"][0]["reason"] == "HeartbeatTimeout"
+        answering.cancel()
+        call.cancel()
+
+
+async def _phase_is(kube: Kube, name: str, phase: str) -> JSON | None:
+    node = await kubectl_vn(kube, name)
+    return node if (node.get("status") or {}).get("phase") == phase else None
+
+
+async def test_deleting_the_volunteernode_revokes_the_agent(kube: Kube, kgw: KubeGateway, tmp_path: Path) -> None:
+    from koinon_agent.config import AgentConfig
+
+    config = AgentConfig(
+        gateway=kgw.gateway.agent_target,
+        token=await kgw.tokens.create(owner="alice"),
+        state_dir=tmp_path / "agent",
+        ca_pem=kgw.gateway.ca_pem,
+        name_hint="alpha",
+        start_ray=False,
+        simulate_gpus=1,
+        simulate_gpu_memory_mib=8192,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.5,
+    )
+    agent = Agent(config)
+    task = asyncio.ensure_future(agent.run())
+    try:
+        await asyncio.wait_for(agent.connected.wait(), 15)
+        assert agent.identity is not None
+        name = agent.identity.node_name
+        assert (await kubectl_vn(kube, name))["status"]["connected"] is True
+        await kube.akubectl("delete", "vn", name, "--wait=false")
+        # The live session ends; the agent reconnects and its Control stream is refused for good.
+        with pytest.raises(JoinRefused, match="no longer exists"):
+            await asyncio.wait_for(task, 15)
+        assert name not in kgw.gateway.sessions.by_name
+        assert kgw.gateway.metrics.refused_streams["node-deleted"] >= 1
+        assert kube.emulator.list_objects("koinon.dev/v1alpha1", "VolunteerNode") == []
+    finally:
+        task.cancel()
+
+
+async def test_restarted_gateway_keeps_its_ca_and_nodes(kube: Kube) -> None:
+    async with echo_server() as head_port:
+        first = Gateway(
+            gateway_config(head_port),
+            KubeTokenStore(kube.client, NAMESPACE),
+            KubeNodeRegistry(kube.client),
+            KubeCAStore(kube.client, NAMESPACE),
+        )
+        await first.start()
+        token = await KubeTokenStore(kube.client, NAMESPACE).create(owner="alice")
+        async with grpc.aio.secure_channel(
+            first.agent_target,
+            grpc.ssl_channel_credentials(first.ca_pem),
+            options=[("grpc.ssl_target_name_override", "koinon-gateway")],
+        ) as channel:
+            joined = await tunnel_stub(channel).Join(pb.JoinRequest(token=token, name_hint="alpha"), timeout=10)
+        await first.stop(0)
+        # A new process: new store objects, state only in the API.
+        second = Gateway(
+            gateway_config(head_port),
+            KubeTokenStore(kube.client, NAMESPACE),
+            KubeNodeRegistry(kube.client),
+            KubeCAStore(kube.client, NAMESPACE),
+        )
+        await second.start()
+        try:
+            assert second.ca_pem == first.ca_pem
+            # The address stays reserved for the node, and its old credential is still accepted.
+            assert second.allocator.allocate() != joined.assignment.address
+            async with grpc.aio.secure_channel(
+                second.agent_target,
+                grpc.ssl_channel_credentials(second.ca_pem),
+                options=[("grpc.ssl_target_name_override", "koinon-gateway")],
+            ) as channel:
+                call = tunnel_stub(channel).Control(metadata=(("authorization", f"Bearer {joined.credential}"),))
+                register = pb.Register(node_name=joined.assignment.node_name, address=joined.assignment.address)
+                await call.write(pb.AgentMessage(register=register))
+                assert (await call.read()).HasField("registered")
+                call.cancel()
+        finally:
+            await second.stop(0)
+    assert len(kube.emulator.list_objects("v1", "Secret", NAMESPACE)) == 2  # the CA and one token
+
+
+# ---- configuration ----
+
+
+def test_incluster_config_reads_the_service_account(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("sa-token\n")
+    (tmp_path / "namespace").write_text("koinon-system")
+    config = load_incluster_config({"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443"}, tmp_path)
+    assert (config.server, config.namespace, config.token_file) == (
+        "https://10.0.0.1:443",
+        NAMESPACE,
+        tmp_path / "token",
+    )
+    with pytest.raises(ValueError, match="KUBERNETES_SERVICE_HOST"):
+        load_incluster_config({}, tmp_path)
+
+
+def test_kubeconfig_errors_name_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({"current-context": "x", "contexts": [], "clusters": []}))
+    with pytest.raises(ValueError, match="contexts: no entry named 'x'"):
+        load_kubeconfig(path)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_kubeconfig(tmp_path / "absent")
+
+
+async def test_api_errors_carry_the_status(kube: Kube) -> None:
+    with pytest.raises(KubeApiError) as missing:
+        await kube.client.get(f"/api/v1/namespaces/{NAMESPACE}/secrets/absent")
+    assert missing.value.not_found and missing.value.reason == "NotFound"
+
+
+async def test_gateway_process_with_kube_store(kube: Kube, tmp_path: Path) -> None:
+    """``koinon-gateway --store kube`` as a process: CA Secret created, bootstrap token stored hashed."""
+    ready = tmp_path / "ready"
+    bootstrap = "abcdef.0123456789abcdef"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "koinon_gateway.main", "--store=kube", f"--kubeconfig={kube.kubeconfig}",
+        f"--namespace={NAMESPACE}", "--listen=127.0.0.1:0", "--head-proxy-listen=127.0.0.1:0",
+        "--admin-listen=127.0.0.1:0", "--head-address=127.0.0.1", f"--bootstrap-token={bootstrap}:1",
+        f"--ready-file={ready}", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        await wait_until(lambda: ready.exists() and len(ready.read_text().splitlines()) == 4, timeout=30)
+        ca_path = Path(ready.read_text().splitlines()[2])
+        assert base64.b64decode(kube.secret(CA_SECRET_NAME)["data"]["tls.crt"]) == ca_path.read_bytes()
+        data = decoded(kube.secret(secret_name("abcdef")))
+        assert data["token-secret-sha256"] == hash_secret("0123456789abcdef") and data["usage-limit"] == "1"
+    finally:
+        process.terminate()
+        out, _ = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 0, out.decode()
+    assert b"0123456789abcdef" not in out
