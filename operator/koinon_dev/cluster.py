@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -17,14 +18,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from koinon_dev.binaries import ensure_binaries
-from koinon_dev.processes import ManagedProcess, free_ports, stop_process_group, wait_until
-from koinon_dev.ray_cluster import LocalRayHead, LocalRayVolunteer
+from koinon_dev.processes import (
+    ManagedProcess,
+    free_ports,
+    kill_processes_mentioning,
+    stop_process_group,
+    wait_until,
+)
+from koinon_dev.ray_cluster import LocalRayHead
+from koinon_dev.tunnel_plane import LocalAgent, LocalGateway, delete_netns, netns_available
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO_ROOT / "manifests" / "crds"
+NAMESPACE_MANIFEST = REPO_ROOT / "manifests" / "operator" / "namespace.yaml"
 HEAD_ADDRESS = "127.0.10.1"
 STATE_FILE = "cluster.json"
 
@@ -51,6 +58,8 @@ class DevClusterInfo:
     process_groups: dict[str, int]
     log_dir: Path
     ray_auth_token_file: Path | None = None
+    work_dir: Path | None = None
+    network_namespaces: list[str] = field(default_factory=list)
 
     def ray_auth_token(self) -> str | None:
         if self.ray_auth_token_file is None or not self.ray_auth_token_file.exists():
@@ -70,6 +79,8 @@ class DevClusterInfo:
             "process_groups": self.process_groups,
             "log_dir": str(self.log_dir),
             "ray_auth_token_file": str(self.ray_auth_token_file) if self.ray_auth_token_file else None,
+            "work_dir": str(self.work_dir) if self.work_dir else None,
+            "network_namespaces": self.network_namespaces,
         }
         return json.dumps(data, indent=2)
 
@@ -84,6 +95,8 @@ class DevClusterInfo:
             process_groups={k: int(v) for k, v in data["process_groups"].items()},
             log_dir=Path(data["log_dir"]),
             ray_auth_token_file=Path(data["ray_auth_token_file"]) if data.get("ray_auth_token_file") else None,
+            work_dir=Path(data["work_dir"]) if data.get("work_dir") else None,
+            network_namespaces=list(data.get("network_namespaces") or []),
         )
 
 
@@ -129,19 +142,6 @@ def operator_process(
     return ManagedProcess(name, argv, log_dir / f"{name}.log", env=env)
 
 
-def volunteer_manifest(volunteer: LocalRayVolunteer, owner: str) -> dict[str, object]:
-    return {
-        "apiVersion": "koinon.dev/v1alpha1",
-        "kind": "VolunteerNode",
-        "metadata": {"name": volunteer.name, "labels": {"koinon.dev/local": "true"}},
-        "spec": {
-            "owner": owner,
-            "region": "local",
-            "gpus": [{"model": "simulated", "memoryMiB": volunteer.gpu_memory_mib}] * volunteer.gpus,
-        },
-    }
-
-
 class DevCluster:
     def __init__(self, config: DevClusterConfig | None = None) -> None:
         self.config = config or DevClusterConfig()
@@ -149,7 +149,11 @@ class DevCluster:
         self.log_dir = self.state_dir / "logs"
         self._started: list[ManagedProcess] = []
         self.head: LocalRayHead | None = None
-        self.volunteers: list[LocalRayVolunteer] = []
+        self.gateway: LocalGateway | None = None
+        self.agents: list[LocalAgent] = []
+        self._use_netns = False
+        self._work_dir = Path("/tmp")
+        self._kubeconfig = Path()
 
     @property
     def state_path(self) -> Path:
@@ -193,41 +197,40 @@ class DevCluster:
         kubectl(kubeconfig, "apply", "-f", str(CRD_DIR))
         say("- CRDs applied: aijobs.koinon.dev, volunteernodes.koinon.dev")
 
-        # A short, unique temp dir: Ray's unix socket paths must stay under ~107 characters.
-        temp_dir = Path("/tmp") / f"koinon-{secrets.token_hex(4)}"
+        # A short, unique work dir: Ray's unix socket paths must stay under ~107 characters.
+        work_dir = Path("/tmp") / f"koinon-{secrets.token_hex(4)}"
+        work_dir.mkdir(mode=0o700)
+        self._work_dir = work_dir
         # Ray token authentication is on: anyone who reaches Ray's ports could otherwise run code.
         token_file = self.state_dir / "ray-auth-token"
         token_file.touch(mode=0o600)
         token_file.write_text(secrets.token_urlsafe(32))
         head = LocalRayHead(
-            address=HEAD_ADDRESS, temp_dir=temp_dir, log_dir=self.log_dir, auth_token=token_file.read_text()
+            address=HEAD_ADDRESS, temp_dir=work_dir / "head", log_dir=self.log_dir, auth_token=token_file.read_text()
         )
+        kubectl(kubeconfig, "apply", "-f", str(NAMESPACE_MANIFEST))
+        gateway = LocalGateway(head=head, work_dir=work_dir, log_dir=self.log_dir, kubeconfig=kubeconfig)
+        gateway.start()
+        assert gateway.process is not None
+        self._started.append(gateway.process)
+        say(f"- gateway for volunteers at {gateway.agent_target} (TLS, join tokens)")
+        head.extra_env = gateway.head_environment()
         head.start()
         assert head.process is not None
         self._started.append(head.process)
         head.wait_ready()
         say(f"- Ray head (no CPUs for user work) at {head.gcs_address}, dashboard {head.dashboard_url}")
-
-        volunteers = [
-            LocalRayVolunteer(
-                name=f"volunteer-{index + 1}",
-                address=f"127.0.20.{index + 1}",
-                head=head,
-                log_dir=self.log_dir,
-                gpus=self.config.gpus_per_volunteer,
-                cpus=self.config.cpus_per_volunteer,
-                gpu_memory_mib=self.config.gpu_memory_mib,
-            )
-            for index in range(self.config.volunteers)
-        ]
-        for volunteer in volunteers:
-            volunteer.start()
-            assert volunteer.process is not None
-            self._started.append(volunteer.process)
-        manifests = [volunteer_manifest(v, owner=f"owner-{i + 1}") for i, v in enumerate(volunteers)]
-        kubectl(kubeconfig, "apply", "-f", "-", input_text=yaml.safe_dump_all(manifests))
-        wait_until(lambda: _alive_workers(head) >= len(volunteers), 60, what="volunteers to join Ray")
-        say(f"- {len(volunteers)} local volunteers joined, {self.config.gpus_per_volunteer} simulated GPUs each")
+        self.head, self.gateway = head, gateway
+        self._use_netns = netns_available()
+        self._kubeconfig = kubeconfig
+        for index in range(self.config.volunteers):
+            self._start_agent(f"volunteer-{index + 1}", self.config.gpus_per_volunteer, f"owner-{index + 1}")
+        wait_until(lambda: _alive_workers(head) >= len(self.agents), 90, what="volunteers to join Ray")
+        isolation = "each in its own network namespace" if self._use_netns else "as local processes"
+        say(
+            f"- {len(self.agents)} volunteers joined through the tunnel ({isolation}), "
+            f"{self.config.gpus_per_volunteer} simulated GPUs each"
+        )
 
         if self.config.start_operator:
             operator = operator_process(
@@ -240,8 +243,6 @@ class DevCluster:
             operator.start()
             self._started.append(operator)
             say("- koinon operator started")
-        self.head = head
-        self.volunteers = volunteers
         return DevClusterInfo(
             kubeconfig=kubeconfig,
             api_url=api_url,
@@ -250,26 +251,48 @@ class DevCluster:
             process_groups={p.name: p.pid for p in self._started},
             log_dir=self.log_dir,
             ray_auth_token_file=token_file,
+            work_dir=work_dir,
+            network_namespaces=[a.netns for a in self.agents if a.netns],
         )
 
-    def add_volunteer(self, name: str, address: str, gpus: int, owner: str = "owner-extra") -> LocalRayVolunteer:
-        """Start one more local volunteer (and its VolunteerNode) on a running control plane."""
+    def _start_agent(self, name: str, gpus: int, owner: str, extra_env: dict[str, str] | None = None) -> LocalAgent:
+        assert self.gateway is not None
+        netns = f"kn-{self._work_dir.name[-8:]}-{len(self.agents) + 1}" if self._use_netns else None
+        agent = LocalAgent(
+            name=name, gateway=self.gateway, join_token=self.gateway.create_join_token(owner),
+            log_dir=self.log_dir, gpus=gpus,
+            gpu_memory_mib=self.config.gpu_memory_mib, cpus=self.config.cpus_per_volunteer,
+            netns=netns, extra_env=dict(extra_env or {}),
+        )  # fmt: skip
+        agent.start()
+        assert agent.process is not None
+        self._started.append(agent.process)
+        self.agents.append(agent)
+        return agent
+
+    def add_volunteer(
+        self, name: str, gpus: int, owner: str = "owner-extra", extra_env: dict[str, str] | None = None
+    ) -> LocalAgent:
+        """Start one more volunteer agent (and its VolunteerNode) on a control plane this process started."""
         if self.head is None:
             raise RuntimeError("the control plane was not started by this process")
-        volunteer = LocalRayVolunteer(name=name, address=address, head=self.head, log_dir=self.log_dir, gpus=gpus)
-        volunteer.start()
-        assert volunteer.process is not None
-        self._started.append(volunteer.process)
-        self.volunteers.append(volunteer)
+        agent = self._start_agent(name, gpus, owner, extra_env)
+        assert agent.process is not None
         info = self.info()
-        # Record it first, so `down` stops it even if joining fails below.
-        info.process_groups[volunteer.process.name] = volunteer.process.pid
+        # Recorded at once, so `down` stops it even if joining fails below.
+        info.process_groups[agent.process.name] = agent.process.pid
+        info.network_namespaces += [agent.netns] if agent.netns else []
         self.state_path.write_text(info.to_json())
-        manifest = yaml.safe_dump(volunteer_manifest(volunteer, owner))
-        kubectl(info.kubeconfig, "apply", "-f", "-", input_text=manifest)
-        head, expected = self.head, len(self.volunteers)
-        wait_until(lambda: _alive_workers(head) >= expected, 60, what=f"{name} to join Ray")
-        return volunteer
+        head, expected = self.head, len(self.agents)
+        wait_until(lambda: _alive_workers(head) >= expected, 90, what=f"{name} to join Ray")
+        return agent
+
+    def kill_volunteer(self, name: str) -> None:
+        """SIGKILL a volunteer's agent and its Ray node, as when the machine loses power."""
+        agent = next(a for a in self.agents if a.name == name)
+        assert agent.process is not None
+        stop_process_group(agent.process.pid, grace_seconds=0)
+        kill_processes_mentioning(f"{self._work_dir}/ray-{name}")
 
     def _stop_started(self) -> None:
         for process in reversed(self._started):
@@ -286,6 +309,13 @@ class DevCluster:
         for name, pgid in reversed(list(info.process_groups.items())):
             stop_process_group(pgid, grace_seconds=8)
             stopped.append(name)
+        if info.work_dir is not None:
+            # Ray nodes run in their agents' own process groups; anything still naming our work dir
+            # (an agent killed before it could stop its node) goes too.
+            kill_processes_mentioning(str(info.work_dir))
+            shutil.rmtree(info.work_dir, ignore_errors=True)
+        for namespace in info.network_namespaces:
+            delete_netns(namespace)
         self._started.clear()
         self.state_path.unlink()
         return stopped

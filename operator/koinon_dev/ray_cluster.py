@@ -7,7 +7,6 @@ Every port is chosen explicitly: Ray's defaults (GCS 6379, dashboard agent 52365
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -86,6 +85,7 @@ class LocalRayHead:
     dashboard_port: int = 0
     client_server_port: int = 0
     auth_token: str | None = field(default=None, repr=False)
+    extra_env: dict[str, str] = field(default_factory=dict)
     ports: NodePorts = field(default_factory=NodePorts.allocate)
     process: ManagedProcess | None = None
 
@@ -111,7 +111,9 @@ class LocalRayHead:
             f"--ray-client-server-port={self.client_server_port}",
             f"--temp-dir={self.temp_dir}", *self.ports.as_flags(),
         ]  # fmt: skip
-        self.process = ManagedProcess("ray-head", argv, self.log_dir / "ray-head.log", ray_environment(self.auth_token))
+        self.process = ManagedProcess(
+            "ray-head", argv, self.log_dir / "ray-head.log", {**ray_environment(self.auth_token), **self.extra_env}
+        )
         self.process.start()
 
     def wait_ready(self, timeout: float = 90.0) -> None:
@@ -133,47 +135,3 @@ class LocalRayHead:
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop(grace_seconds=8)
-
-
-@dataclass
-class LocalRayVolunteer:
-    """A Ray worker node that joins the head directly on loopback (the tunnel replaces this path)."""
-
-    name: str
-    address: str
-    head: LocalRayHead
-    log_dir: Path
-    gpus: int = 2
-    cpus: int = 2
-    gpu_memory_mib: int = 16384
-    ports: NodePorts = field(default_factory=NodePorts.allocate)
-    process: ManagedProcess | None = None
-
-    @property
-    def temp_dir(self) -> Path:
-        # Its own directory, as on a separate machine: nodes sharing one session directory race
-        # for the same socket names when they start together.
-        return Path(f"{self.head.temp_dir}-{self.name.rsplit('-', 1)[-1]}")
-
-    def start(self) -> None:
-        resources = {f"koinon-node-{self.name}": 1000}
-        argv = [
-            ray_executable(), "start", "--block", "--disable-usage-stats",
-            f"--address={self.head.gcs_address}", f"--node-ip-address={self.address}",
-            f"--num-cpus={self.cpus}", f"--num-gpus={self.gpus}",
-            f"--resources={json.dumps(resources)}",
-            f"--labels=koinon.dev/node={self.name}",
-            "--object-store-memory=300000000",
-            f"--temp-dir={self.temp_dir}", *self.ports.as_flags(),
-        ]  # fmt: skip
-        self.process = ManagedProcess(
-            f"volunteer-{self.name}",
-            argv,
-            self.log_dir / f"volunteer-{self.name}.log",
-            ray_environment(self.head.auth_token),
-        )
-        self.process.start()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop(grace_seconds=5)

@@ -64,6 +64,8 @@ class ReputationPlacer:
         self._clock = clock
 
     def place(self, request: PlacementRequest, nodes: Sequence[NodeCapacity]) -> PlacementDecision:
+        if not nodes:
+            return PlacementDecision(total_nodes=0)
         by_name = {node.name: node for node in nodes}
         result = self._placer.place([to_job(request)], [to_snapshot(n) for n in nodes], self._clock())
         if result.placements:

@@ -58,9 +58,11 @@ def test_crash_between_submit_and_status_write_is_adopted_not_resubmitted(
     control_plane.apply(aijob("adopt", namespace, sleeper(1), resources={"gpus": 1}))
     uid = control_plane.get("adopt", namespace)["metadata"]["uid"]
     submission_id = f"koinon-{uid}-1"
+    volunteer = json.loads(control_plane.kubectl("get", "vn", "-o", "json"))["items"][0]
+    node, address = volunteer["metadata"]["name"], volunteer["status"]["address"]
     status = {
         "phase": "Scheduled", "attempts": 1, "failures": 0, "submissionId": submission_id,
-        "assignedNodes": ["volunteer-1"], "scheduling": {"addresses": ["127.0.20.1"], "decision": "Placed"},
+        "assignedNodes": [node], "scheduling": {"addresses": [address], "decision": "Placed"},
     }  # fmt: skip
     control_plane.kubectl(
         "patch", "aijob", "adopt", "-n", namespace, "--subresource=status", "--type=merge",
@@ -72,7 +74,7 @@ def test_crash_between_submit_and_status_write_is_adopted_not_resubmitted(
         try:
             assert await ray.submit(
                 Submission(submission_id, sleeper(1), {"env_vars": {"KOINON_ATTEMPT": "1"}},
-                           {"node:127.0.20.1": 0.001}, {})
+                           {f"node:{address}": 0.001}, {})
             )  # fmt: skip
         finally:
             await ray.close()

@@ -25,7 +25,7 @@ def test_job_runs_to_success_with_status_conditions_and_events(
     status = done["status"]
     assert status["attempts"] == 1
     assert status["submissionId"] == f"koinon-{done['metadata']['uid']}-1"
-    assert status["assignedNodes"][0] in ("volunteer-1", "volunteer-2")
+    assert status["assignedNodes"][0].startswith(("volunteer-1-", "volunteer-2-"))
     assert '"pi": 3.1' in status["result"].get("value", ""), status["result"]
     assert status["result"]["digest"].startswith("sha256:")
     assert re.fullmatch(r"[0-9a-f]{32}", status["traceId"])
@@ -83,9 +83,9 @@ def test_unsatisfiable_job_waits_with_reason_and_runs_when_capacity_appears(
     assert scheduled["status"] == "False" and scheduled["reason"] == "Unschedulable"
     assert "Unschedulable" in _reasons(control_plane.events("big", namespace))
 
-    control_plane.cluster.add_volunteer("volunteer-big", "127.0.20.9", gpus=4)
+    control_plane.cluster.add_volunteer("volunteer-big", gpus=4)
     done = control_plane.wait_phase("big", namespace, "Succeeded", timeout=120)
-    assert done["status"]["assignedNodes"] == ["volunteer-big"]
+    assert [n.rsplit("-", 1)[0] for n in done["status"]["assignedNodes"]] == ["volunteer-big"]
 
 
 def test_failing_job_is_retried_up_to_backoff_limit_then_failed_with_log_tail(
@@ -106,7 +106,7 @@ def test_failing_job_is_retried_up_to_backoff_limit_then_failed_with_log_tail(
     assert reasons.count("RayJobFailed") == 1 and "BackoffLimitExceeded" in reasons
 
 
-def test_directly_joined_volunteers_show_ready_with_their_ray_node(
+def test_volunteers_joined_through_the_gateway_show_ready_with_latency_and_address(
     control_plane: ControlPlane, namespace: str, operator: object
 ) -> None:
     import json
@@ -116,15 +116,20 @@ def test_directly_joined_volunteers_show_ready_with_their_ray_node(
     nodes: dict[str, dict[str, object]] = {}
     while time.monotonic() < deadline:
         listed = json.loads(control_plane.kubectl("get", "vn", "-o", "json"))
-        nodes = {item["metadata"]["name"]: item.get("status", {}) for item in listed["items"]}
-        if all(nodes.get(n, {}).get("phase") == "Ready" for n in ("volunteer-1", "volunteer-2")):
+        nodes = {item["metadata"]["name"].rsplit("-", 1)[0]: item for item in listed["items"]}
+        if all(nodes.get(n, {}).get("status", {}).get("phase") == "Ready" for n in ("volunteer-1", "volunteer-2")):
             break
         time.sleep(0.5)
-    assert nodes["volunteer-1"]["phase"] == "Ready", nodes
-    assert nodes["volunteer-1"]["address"] == "127.0.20.1"
-    assert len(str(nodes["volunteer-1"]["rayNodeId"])) == 56
+    first = nodes["volunteer-1"]
+    status = first["status"]
+    assert status["phase"] == "Ready" and status["connected"] is True, status
+    assert first["metadata"]["annotations"]["koinon.dev/connection-owner"] == "gateway"
+    assert first["spec"]["owner"] == "owner-1" and len(first["spec"]["gpus"]) == 2
+    assert status["latency"]["smoothedMs"] > 0
+    assert re.fullmatch(r"127\.\d+\.\d+\.\d+", status["address"])
+    assert len(str(status["rayNodeId"])) == 56
     table = control_plane.kubectl("get", "vn")
-    assert re.search(r"volunteer-1\s+owner-1\s+local\s+Ready", table), table
+    assert re.search(r"volunteer-1-\w+\s+owner-1\s+local\s+Ready", table), table
 
 
 def test_ray_refuses_requests_without_the_cluster_token(control_plane: ControlPlane) -> None:

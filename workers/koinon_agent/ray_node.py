@@ -44,6 +44,8 @@ def ray_start_command(settings: RaySettings, assignment: pb.Assignment) -> list[
         "--block",
         f"--address={assignment.ray_address}",
         f"--node-ip-address={assignment.address}",
+        # The operator maps Ray nodes to VolunteerNodes by this label.
+        f"--labels=koinon.dev/node={assignment.node_name}",
         f"--node-manager-port={ports.node_manager_port}",
         f"--object-manager-port={ports.object_manager_port}",
         f"--dashboard-agent-grpc-port={ports.dashboard_agent_grpc_port}",
@@ -78,6 +80,8 @@ def ray_environment(settings: RaySettings, assignment: pb.Assignment) -> dict[st
         env.pop(variable, None)
     if assignment.ray_auth_token:
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=assignment.ray_auth_token)
+    # Job drivers run `python ...` from PATH: make it the interpreter that has Ray (beside `ray`).
+    env["PATH"] = f"{os.path.dirname(os.path.abspath(settings.ray_bin))}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 

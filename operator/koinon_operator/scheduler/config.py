@@ -84,10 +84,15 @@ class ScoringConfig:
     node before it splits an idle 8-GPU node that an 8-GPU job could use (best fit)."""
     uptime_weight: float = 0.3
     """Weight of the node's heartbeat uptime estimate in [0, 1]."""
-    reliability_weight: float = 1.0
-    """Weight of the node's finish share (beta mean of results finished vs crashed or lost), scaled
-    by the job's size: a crash costs the GPU-hours already spent and a rerun from scratch, so the
-    bigger the job, the more it pays to run it where work gets finished."""
+    reliability_weight: float = 2.0
+    """Penalty per `large_job_gpu_hours` of GPU-hours a crash is expected to waste: GPUs x crash
+    rate x duration^2 / 2 (a crash loses the time already spent and the rerun starts from scratch,
+    so the loss grows with the square of the duration). Long jobs go where work gets finished."""
+    crash_prior_count: float = 1.0
+    """Pseudo-crashes of the crash-rate estimate (Gamma prior), with `crash_prior_hours`: a node
+    without history is assumed to crash once per 3 hours of work, about a volunteer's average."""
+    crash_prior_hours: float = 3.0
+    """Pseudo-hours of work of the crash-rate estimate."""
     trusted_weight: float = 1.0
     """Bonus (scaled by job size) for a node that may skip replication (BOINC-trusted, owner clean):
     a big job run there is usually run once, on a fresh node it is run twice."""

@@ -51,7 +51,9 @@ class NodeIndex:
     consecutive_valid: IntArray
     owner_disagreements: FloatArray
     finish_share: FloatArray
-    """Beta mean of results finished vs executions crashed or lost (the node's reliability)."""
+    """Beta mean of results finished vs executions crashed or lost."""
+    crash_rate_per_h: FloatArray
+    """Gamma-Poisson estimate of crashes and losses per hour of work (the node's reliability)."""
     trusted: BoolArray
     """May skip replication: BOINC trust counter reached and the owner has no disagreements."""
     running: IntArray
@@ -170,11 +172,12 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
                 e.heartbeats_missed,
                 e.last_updated,
                 e.consecutive_valid,
+                e.exposure_hours,
             )
             for e in (n.reputation for n in ordered)
         ],
         dtype=np.float64,
-    ).reshape(count, 9)
+    ).reshape(count, 10)
     decay = np.power(0.5, np.maximum(now - ev[:, 7], 0.0) / rc.half_life_s)
     succ, fail, tout, agree, dis, hb_seen, hb_missed = (ev[:, k] * decay for k in range(7))
     owner_dis: FloatArray = np.bincount(owner_code, weights=dis, minlength=len(owner_position))[owner_code].astype(
@@ -187,11 +190,13 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
     mean = (r + rc.prior_alpha) / (r + s + rc.prior_alpha + rc.prior_beta)
     up = (hb_seen + 1.0) / (hb_seen + hb_missed + 2.0)
     finish = (succ + 1.0) / (succ + fail + tout + 2.0)
+    sc = cfg.scoring
+    exposure = ev[:, 9] * decay
+    crash_rate = (fail + tout + sc.crash_prior_count) / (exposure + sc.crash_prior_hours)
     vc = cfg.verification
     consecutive = ev[:, 8].astype(np.int64)
     trusted = (consecutive >= vc.trust_after_valid) & (owner_dis <= vc.owner_disagreement_tolerance)
 
-    sc = cfg.scoring
     rtt_for_score = np.where(np.isnan(rtt), sc.unknown_latency_ms, rtt)
     static = sc.reputation_weight * lower - sc.latency_weight * rtt_for_score / sc.latency_scale_ms
     static = static + sc.uptime_weight * up
@@ -223,6 +228,7 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
         consecutive_valid=consecutive,
         owner_disagreements=owner_dis,
         finish_share=finish,
+        crash_rate_per_h=crash_rate,
         trusted=trusted,
         running=running,
         static_score=static,

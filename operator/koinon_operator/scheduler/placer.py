@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .config import DEFAULT_CONFIG, SchedulerConfig, ScoringConfig
+from .config import DEFAULT_CONFIG, SchedulerConfig
 from .index import (
     BoolArray,
     NodeIndex,
@@ -42,24 +42,24 @@ def _masked_argmax(values: np.ndarray, mask: BoolArray) -> int:  # type: ignore[
     return i if mask[i] else -1
 
 
-def job_size(job: JobRequest, cfg: ScoringConfig) -> float:
-    """How much is at stake in one copy of `job`, in [0, 1]: its GPU-hours over `large_job_gpu_hours`."""
-    duration = job.expected_duration_s if job.expected_duration_s is not None else cfg.default_duration_s
-    gpu_hours = max(job.gpus_per_replica, 1) * duration / 3600.0
-    return min(gpu_hours / cfg.large_job_gpu_hours, 1.0)
-
-
-def make_best_score_chooser(cfg: ScoringConfig) -> Chooser:
-    """Koinon: highest reputation lower bound, least latency and load, best GPU fit; the bigger the
-    job, the more a record of finishing and BOINC trust (no second copy needed) count (ties: first
-    node by name)."""
+def make_best_score_chooser(cfg: SchedulerConfig) -> Chooser:
+    """Koinon: highest reputation lower bound, least latency and load, best GPU fit, plus two terms
+    in GPU-hours that grow with the job: the work a crash is expected to waste on this node, and the
+    second copy a BOINC-trusted node saves (ties: first node by name)."""
+    sc = cfg.scoring
+    skip = cfg.verification.max_skip_probability
 
     def choose(index: NodeIndex, mask: BoolArray, job: JobRequest) -> int:
         leftover = index.available_fitting(job.gpu_memory_mib) - job.gpus_per_replica
         values = index.score - index.packing_weight * leftover / 8.0
-        size = job_size(job, cfg)
-        values = values + size * cfg.reliability_weight * index.finish_share
-        trust = size * cfg.trusted_weight - (1.0 - size) * cfg.trusted_reserve_weight
+        duration = job.expected_duration_s if job.expected_duration_s is not None else sc.default_duration_s
+        hours = duration / 3600.0
+        gpus = max(job.gpus_per_replica, 1)
+        unit = sc.large_job_gpu_hours
+        # A crash at a uniform point loses half the run on average and the rerun starts from scratch.
+        values = values - sc.reliability_weight * gpus * index.crash_rate_per_h * (hours * hours / 2.0) / unit
+        size = min(gpus * hours / unit, 1.0)
+        trust = sc.trusted_weight * skip * gpus * hours / unit - (1.0 - size) * sc.trusted_reserve_weight
         if trust:
             values = values + trust * index.trusted
         return _masked_argmax(values, mask)
@@ -72,7 +72,7 @@ def choose_best_score(index: NodeIndex, mask: BoolArray, job: JobRequest) -> int
     return _DEFAULT_CHOOSER(index, mask, job)
 
 
-_DEFAULT_CHOOSER = make_best_score_chooser(DEFAULT_CONFIG.scoring)
+_DEFAULT_CHOOSER = make_best_score_chooser(DEFAULT_CONFIG)
 
 
 def _pick_group(index: NodeIndex, mask: BoolArray, count: int, choose: Chooser, job: JobRequest) -> list[int] | None:
@@ -189,7 +189,7 @@ def schedule(
     copy) goes to a node of a distinct owner that passes every filter with the capacity left after
     earlier placements of this call; the node with the best score wins.
     """
-    chooser = _DEFAULT_CHOOSER if config.scoring == DEFAULT_CONFIG.scoring else make_best_score_chooser(config.scoring)
+    chooser = _DEFAULT_CHOOSER if config == DEFAULT_CONFIG else make_best_score_chooser(config)
     return _run(jobs, nodes, now, config, chooser, verify=True)
 
 

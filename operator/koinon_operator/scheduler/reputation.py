@@ -24,6 +24,7 @@ _COUNT_FIELDS = (
     "disagreements",
     "heartbeats_seen",
     "heartbeats_missed",
+    "exposure_hours",
 )
 
 
@@ -38,6 +39,9 @@ class ReputationEvidence:
     disagreements: float = 0.0
     heartbeats_seen: float = 0.0
     heartbeats_missed: float = 0.0
+    exposure_hours: float = 0.0
+    """Hours of execution observed on the node, finished or not (the exposure behind the crash
+    rate: failures per hour of work, not per job, so short and long jobs weigh correctly)."""
     consecutive_valid: int = 0
     """Validated results in a row since the last disagreement (BOINC's trust counter)."""
     last_updated: float = 0.0
@@ -79,6 +83,7 @@ def decayed(ev: ReputationEvidence, now: float, cfg: ReputationConfig) -> Reputa
         disagreements=ev.disagreements * f,
         heartbeats_seen=ev.heartbeats_seen * f,
         heartbeats_missed=ev.heartbeats_missed * f,
+        exposure_hours=ev.exposure_hours * f,
         last_updated=now,
     )
 
@@ -159,6 +164,13 @@ def record_disagreement(ev: ReputationEvidence, now: float, cfg: ReputationConfi
     return replace(out, consecutive_valid=0)
 
 
+def record_work(ev: ReputationEvidence, now: float, cfg: ReputationConfig, hours: float) -> ReputationEvidence:
+    """An execution on the node ended (finished, crashed, lost or cancelled) after `hours` of work."""
+    if not math.isfinite(hours) or hours < 0:
+        raise ValueError(f"hours of work must be a finite number >= 0, got {hours}")
+    return _add(ev, now, cfg, exposure_hours=hours)
+
+
 def record_heartbeats(
     ev: ReputationEvidence, now: float, cfg: ReputationConfig, seen: float, missed: float
 ) -> ReputationEvidence:
@@ -197,6 +209,7 @@ def to_status(
         "ownerDisagreements": extra_disagreements,
         "heartbeatsSeen": aged.heartbeats_seen,
         "heartbeatsMissed": aged.heartbeats_missed,
+        "exposureHours": aged.exposure_hours,
         "consecutiveValid": aged.consecutive_valid,
         "lastUpdated": _iso(aged.last_updated),
     }
@@ -210,6 +223,7 @@ _STATUS_KEYS = {
     "disagreements": "disagreements",
     "heartbeatsSeen": "heartbeats_seen",
     "heartbeatsMissed": "heartbeats_missed",
+    "exposureHours": "exposure_hours",
 }
 
 

@@ -1,0 +1,188 @@
+"""The local control plane's tunnel: a koinon gateway next to the Ray head, and volunteer agents that
+reach the platform only through it.
+
+When running as root, each agent runs in its own network namespace holding nothing but a loopback
+interface: it has no route anywhere, and the gateway's unix socket (a path, visible across network
+namespaces) is its only way out, as behind a home NAT that allows only outbound connections.
+Without root, agents run as plain processes; their Ray traffic is still forced through the tunnel
+(Ray's gRPC goes to the agent's local proxy, which only knows the gateway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from koinon_dev.processes import ManagedProcess, free_port_range, wait_until
+from koinon_dev.ray_cluster import LocalRayHead
+
+PORT_BLOCK_SIZE = 40
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def netns_available() -> bool:
+    """Root with a working `ip netns` (checked by creating and deleting a probe namespace)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        return False
+    probe = f"kprobe-{secrets.token_hex(3)}"
+    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode != 0:
+        return False
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return True
+
+
+def create_netns(name: str) -> None:
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True, capture_output=True)
+
+
+def delete_netns(name: str) -> None:
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+@dataclass
+class LocalGateway:
+    head: LocalRayHead
+    work_dir: Path
+    log_dir: Path
+    kubeconfig: Path
+    namespace: str = "koinon-system"
+    heartbeat_timeout: float = 6.0
+    process: ManagedProcess | None = None
+    agent_target: str = ""
+    head_proxy_url: str = ""
+    ca_path: str = ""
+    admin_url: str = ""
+
+    def head_ports_spec(self) -> str:
+        """Ports of the head that volunteers may reach (besides its GCS): nothing else."""
+        ports = self.head.ports
+        return (
+            f"{ports.node_manager},{ports.object_manager},{ports.dashboard_agent_grpc},"
+            f"{ports.min_worker}-{ports.max_worker}"
+        )
+
+    def start(self) -> None:
+        ready = self.work_dir / "gateway.ready"
+        low, _ = free_port_range(PORT_BLOCK_SIZE * 16, low=30000, high=32700)
+        octet = int.from_bytes(secrets.token_bytes(1), "big") % 200 + 20
+        argv = [
+            _bin("koinon-gateway"),
+            f"--listen=unix:{self.work_dir}/gw.sock",
+            "--head-proxy-listen=127.0.0.1:0",
+            "--admin-listen=127.0.0.1:0",
+            f"--head-address={self.head.address}",
+            f"--head-gcs-port={self.head.gcs_port}",
+            f"--head-ports={self.head_ports_spec()}",
+            f"--vip-cidr=127.{octet}.0.0/24",
+            f"--port-base={low}",
+            f"--port-block-size={PORT_BLOCK_SIZE}",
+            "--heartbeat-interval=1",
+            f"--heartbeat-timeout={self.heartbeat_timeout}",
+            # Join tokens, the CA and VolunteerNodes live in the Kubernetes API, as in a cluster.
+            "--store=kube",
+            f"--kubeconfig={self.kubeconfig}",
+            f"--namespace={self.namespace}",
+            f"--state-dir={self.work_dir}/gateway-state",
+            f"--ready-file={ready}",
+        ]
+        if self.head.auth_token:
+            token_file = self.work_dir / "ray-auth-token"
+            token_file.touch(mode=0o600)
+            token_file.write_text(self.head.auth_token)
+            argv.append(f"--ray-auth-token-file={token_file}")
+        self.process = ManagedProcess("gateway", argv, self.log_dir / "gateway.log")
+        self.process.start()
+
+        def serving() -> bool:
+            if self.process is not None and not self.process.alive():
+                raise RuntimeError(f"gateway exited:\n{self.process.log_tail()}")
+            return ready.exists() and len(ready.read_text().splitlines()) == 4
+
+        wait_until(serving, 30, what="the gateway")
+        self.agent_target, self.head_proxy_url, self.ca_path, self.admin_url = ready.read_text().splitlines()
+
+    def create_join_token(self, owner: str, ttl: str = "1h") -> str:
+        """A single-use join token for one volunteer of ``owner`` (printed once by the token CLI)."""
+        completed = subprocess.run(
+            [_bin("koinon-gateway"), "token", f"--kubeconfig={self.kubeconfig}", f"--namespace={self.namespace}",
+             "create", f"--owner={owner}", f"--ttl={ttl}", "--usage-limit=1"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if completed.returncode != 0:
+            raise RuntimeError(f"creating a join token failed: {completed.stderr.strip()}")
+        return completed.stdout.strip().splitlines()[-1]
+
+    def head_environment(self) -> dict[str, str]:
+        """Ray's gRPC from the head to volunteers goes through the gateway's CONNECT proxy."""
+        return {
+            "RAY_grpc_enable_http_proxy": "1",
+            "grpc_proxy": self.head_proxy_url,
+            "no_grpc_proxy": f"{self.head.address},127.0.0.1,localhost",
+        }
+
+
+@dataclass
+class LocalAgent:
+    """A volunteer: `koinon-agent join` with simulated GPUs, in its own network namespace if possible."""
+
+    name: str
+    gateway: LocalGateway
+    join_token: str = field(repr=False)
+    log_dir: Path
+    gpus: int = 2
+    gpu_memory_mib: int = 16384
+    cpus: int = 2
+    netns: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+    process: ManagedProcess | None = None
+
+    def start(self) -> None:
+        work_dir = self.gateway.work_dir
+        argv = [
+            _bin("koinon-agent"), "join",
+            f"--gateway={self.gateway.agent_target}",
+            f"--ca-file={self.gateway.ca_path}",
+            f"--state-dir={work_dir}/agent-{self.name}",
+            f"--temp-dir={work_dir}/ray-{self.name}",
+            f"--node-name={self.name}",
+            "--region=local",
+            f"--num-cpus={self.cpus}",
+            f"--simulate-gpus={self.gpus}",
+            f"--simulate-gpu-memory={self.gpu_memory_mib}",
+            f"--ray-bin={_bin('ray')}",
+            "--object-store-memory=300000000",
+            "--drain-grace=5",
+        ]  # fmt: skip
+        if self.netns:
+            create_netns(self.netns)
+            argv = ["ip", "netns", "exec", self.netns, *argv]
+        # The join token goes through the environment, not argv (argv is visible to every user).
+        env = {**os.environ, "KOINON_TOKEN": self.join_token, **self.extra_env}
+        self.process = ManagedProcess(f"agent-{self.name}", argv, self.log_dir / f"agent-{self.name}.log", env)
+        self.process.start()
+
+    def node_name(self) -> str | None:
+        """The name the gateway gave this volunteer (its VolunteerNode), once it has joined."""
+        identity = self.gateway.work_dir / f"agent-{self.name}" / "identity.json"
+        if not identity.exists():
+            return None
+        name = json.loads(identity.read_text()).get("node_name")
+        return str(name) if name else None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop(grace_seconds=10)
+        if self.netns:
+            with contextlib.suppress(OSError):
+                delete_netns(self.netns)
