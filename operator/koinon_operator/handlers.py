@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -91,8 +92,27 @@ async def reconcile_aijob(
         except Exception as error:  # bookkeeping must not stall the job itself
             # An exception here would make kopf back off this job's timer for a minute.
             logger.warning("could not record reputation evidence %s: %r", outcome.reputation, error)
-    if outcome.delete:
-        await delete_aijob(namespace or "default", name)
+    if outcome.delete and f"{namespace}/{name}" not in _deleting:
+        # Not awaited here: deleting the object makes kopf stop this very timer before it runs the
+        # deletion handlers, so the timer must not be the one waiting on the deletion.
+        _deleting.add(f"{namespace}/{name}")
+        task = asyncio.create_task(_delete_after_ttl(namespace or "default", name))
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+_deleting: set[str] = set()
+_background: set[asyncio.Task[None]] = set()
+
+
+async def _delete_after_ttl(namespace: str, name: str) -> None:
+    try:
+        await asyncio.wait_for(delete_aijob(namespace, name), timeout=30)
+        logger.info("deleted AIJob %s/%s: ttlSecondsAfterFinished passed", namespace, name)
+    except Exception as error:  # retried by the next timer pass
+        logger.warning("could not delete AIJob %s/%s after its TTL: %r", namespace, name, error)
+    finally:
+        _deleting.discard(f"{namespace}/{name}")
 
 
 @kopf.timer(GROUP, VERSION, VOLUNTEER_PLURAL, interval=5.0)

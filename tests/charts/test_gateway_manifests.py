@@ -70,15 +70,32 @@ def test_services_split_public_and_cluster_only_ports(rendered: list[Manifest]) 
     args = _gateway_args(rendered)
     assert f"--listen=0.0.0.0:{container_ports['agents']}" in args
     assert f"--admin-listen=0.0.0.0:{container_ports['admin']}" in args
-    assert f"--head-proxy-listen=0.0.0.0:{container_ports['head-proxy']}" in args
+    # The head-side CONNECT proxy serves only the Ray head container of the same pod.
+    assert "--head-proxy-listen=127.0.0.1:7480" in args
+    assert "--head-address=127.0.10.1" in args
     public = _find(rendered, "Service", "koinon-gateway")["spec"]
     assert public["type"] in ("LoadBalancer", "NodePort")
     assert [p["targetPort"] for p in public["ports"]] == ["agents"]
     internal = _find(rendered, "Service", "koinon-gateway-internal")["spec"]
     assert internal["type"] == "ClusterIP"
-    assert sorted(p["targetPort"] for p in internal["ports"]) == ["admin", "head-proxy"]
+    assert sorted(p["targetPort"] for p in internal["ports"]) == ["admin"]
     for service in (public, internal):
         assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]
+
+
+def test_ray_head_runs_beside_the_gateway_behind_its_proxy(rendered: list[Manifest]) -> None:
+    pod = _find(rendered, "Deployment", "koinon-gateway")["spec"]["template"]["spec"]
+    head = next(c for c in pod["containers"] if c["name"] == "ray-head")
+    env = {e["name"]: e.get("value") for e in head["env"]}
+    assert env["grpc_proxy"] == "http://127.0.0.1:7480" and env["RAY_grpc_enable_http_proxy"] == "1"
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert "--node-ip-address=127.0.10.1" in head["command"] and "--num-cpus=0" in head["command"]
+    gateway_ports = next(a for a in _gateway_args(rendered) if a.startswith("--head-ports=")).split("=", 1)[1]
+    for flag in ("--node-manager-port=6380", "--object-manager-port=6381", "--dashboard-agent-grpc-port=6382"):
+        assert flag.split("=")[1] in gateway_ports.split(",")
+    assert "--min-worker-port=10002" in head["command"] and "10002-10100" in gateway_ports
+    dashboard = _find(rendered, "Service", "koinon-ray-head")["spec"]
+    assert dashboard["selector"] == {"app.kubernetes.io/name": "koinon-gateway"}
 
 
 def test_probes_and_security(rendered: list[Manifest]) -> None:
