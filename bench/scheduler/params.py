@@ -37,6 +37,8 @@ class SimParams:
     """Adversaries return the same wrong digest for a job, so two of them can outvote honesty."""
     verification_quorum: int = 2
     """What every simulated AIJob asks for (`verification.mode: replicated`); baselines ignore it."""
+    duration_estimate_sigma: float = 0.5
+    """Lognormal error of the runtime estimate each job carries (`JobRequest.expected_duration_s`)."""
     tick_s: float = 60.0
     rtt_probe_every_s: float = 240.0
     lost_detection_s: float = 30.0

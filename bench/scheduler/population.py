@@ -43,6 +43,9 @@ class JobSpec:
     max_latency_ms: float | None
     regions: frozenset[str]
     min_reputation: float
+    duration_estimate_s: float
+    """What the submitter expects (`expected_duration_s`): the true compute time times a lognormal
+    error (sigma 0.5: half the estimates are off by more than ~40 %)."""
 
 
 class VolunteerFactory:
@@ -118,6 +121,7 @@ def job_stream(params: SimParams, rng: np.random.Generator) -> list[JobSpec]:
     sync_every = rng.uniform(1.0, 5.0, n)
     kind = rng.random(n)
     region_pick = rng.integers(len(REGIONS), size=n)
+    estimate = compute * rng.lognormal(0.0, params.duration_estimate_sigma, n)
     out = []
     for i in range(n):
         out.append(
@@ -131,6 +135,7 @@ def job_stream(params: SimParams, rng: np.random.Generator) -> list[JobSpec]:
                 max_latency_ms=150.0 if kind[i] < 0.10 else None,
                 regions=frozenset({REGIONS[int(region_pick[i])]}) if 0.10 <= kind[i] < 0.15 else frozenset(),
                 min_reputation=0.5 if 0.15 <= kind[i] < 0.20 else 0.0,
+                duration_estimate_s=float(estimate[i]),
             )
         )
     return out

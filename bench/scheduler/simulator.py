@@ -34,15 +34,18 @@ from koinon_operator.scheduler import (
     Placer,
     ReputationEvidence,
     Reschedule,
+    Revoke,
     RttEstimate,
     apply_quorum_outcome,
     decide_quorum,
     observe_rtt,
     on_node_lost,
+    recheck_accepted,
     record_failure,
     record_heartbeats,
     record_success,
     record_timeout,
+    record_work,
 )
 
 from .params import SimParams
@@ -94,6 +97,12 @@ class SimJob:
     """Copies lost whose loss the control plane has not noticed yet."""
     done: bool = False
     gave_up: bool = False
+    vouchers: dict[str, NodeResult] = field(default_factory=dict)
+    """Nodes whose results the accepted digest stands on (for retroactive invalidation)."""
+    credited: set[str] = field(default_factory=set)
+    """Nodes whose agreement on this job has already been recorded (a kept vote is not paid twice)."""
+    banned_owners: set[str] = field(default_factory=set)
+    """Owners caught lying since the job was first accepted: no copy goes to them again."""
 
 
 class Simulation:
@@ -121,13 +130,22 @@ class Simulation:
         self.jobs: dict[int, SimJob] = {}
         self.pending: dict[int, JobRequest] = {}
         self.gpu_s_executed = 0.0
-        self.accepted: list[tuple[float, bool, float]] = []  # (completion_s, correct, gpu_s one copy)
+        self.job_gpu_s: dict[int, float] = {}
+        """GPU-seconds executed per job (every copy, crashed or not), for the steady-state figures."""
+        # job -> (completion_s, correct, gpu_s of one copy, verified by a quorum); the final acceptance
+        # counts, so a revoked job counts when (and if) its rerun is accepted.
+        self.accepted: dict[int, tuple[float, bool, float, bool]] = {}
+        self.revocation = verify
+        """Koinon invalidates results vouched for by an owner caught lying; a naive system cannot."""
+        self.vouched: dict[str, set[int]] = {}
+        """owner -> accepted jobs whose result stands on that owner's vote."""
+        self.caught_owners: set[str] = set()
+        self.revoked = 0
+        self.revoked_wrong = 0
         self.scheduler_s = 0.0
         self.scheduler_calls = 0
         self.tick_no = 0
         self.gave_up = 0
-        self.accepted_verified = 0
-        self.wrong_verified = 0
         for v in volunteers:
             self._join(v, 0.0)
         for spec in self.specs:
@@ -178,7 +196,7 @@ class Simulation:
                 break
             self.now = t
             handlers[kind](t, a, b)
-            if kind == TICK and len(self.accepted) + self.gave_up == len(self.specs):
+            if kind == TICK and len(self.accepted) + self.gave_up == len(self.specs) and not self.pending:
                 break
         return self._metrics()
 
@@ -203,6 +221,7 @@ class Simulation:
             excluded_owners=owners,
             creation_index=s.index,
             attempt=job.placements,
+            expected_duration_s=s.duration_estimate_s,
         )
 
     def _on_requeue(self, now: float, index: int, _: str) -> None:
@@ -226,6 +245,7 @@ class Simulation:
     def _owners_holding(self, job: SimJob) -> frozenset[str]:
         owners = {r.owner for r in job.results.values()}
         owners.update(self.execs[e].owner for e in job.running)
+        owners.update(job.banned_owners)
         return frozenset(owners)
 
     def _snapshot(self, node: SimNode) -> NodeSnapshot:
@@ -305,7 +325,9 @@ class Simulation:
         ex = self.execs[exec_id]
         ex.live = False
         self.gpu_s_executed += ex.gpus * (now - ex.start)
+        self.job_gpu_s[ex.job] = self.job_gpu_s.get(ex.job, 0.0) + ex.gpus * (now - ex.start)
         node = self.nodes[ex.node]
+        node.evidence = record_work(node.evidence, now, self.cfg.reputation, (now - ex.start) / 3600.0)
         node.running.discard(exec_id)
         if node.online:
             node.free_gpus += ex.gpus
@@ -336,13 +358,14 @@ class Simulation:
         rc = self.cfg.reputation
         if job.planned <= 1:
             node.evidence = record_success(node.evidence, now, rc)
-            self._accept(job, now, digest, exec_id)
+            self._accept(job, now, digest, exec_id, {ex.node: job.results[ex.node]})
             return
         if job.running or job.missing or job.awaiting_detection:
             return
         decision = decide_quorum(job.results, job.quorum)
         if isinstance(decision, Accepted):
-            evidence = {n: self.nodes[n].evidence for n in job.results if n in self.nodes}
+            evidence = {n: self.nodes[n].evidence for n in job.results if n in self.nodes and n not in job.credited}
+            job.credited.update(evidence)
             decision = Accepted(
                 decision.digest,
                 tuple(n for n in decision.agreeing if n in evidence),
@@ -352,7 +375,11 @@ class Simulation:
                 self.nodes[name].evidence = ev
                 self.nodes[name].snapshot = None
             first = job.result_exec[decision.agreeing[0]] if decision.agreeing else exec_id
-            self._accept(job, now, decision.digest, first)
+            agreeing = {n: r for n, r in job.results.items() if r.digest == decision.digest}
+            self._accept(job, now, decision.digest, first, agreeing)
+            caught = {job.results[n].owner for n in decision.disagreeing}
+            if caught and self.revocation:
+                self._revoke_vouched_by(caught, now)
             return
         if len(job.results) + decision.more_copies > self.cfg.verification.max_copies:
             job.gave_up = True
@@ -361,17 +388,45 @@ class Simulation:
         job.missing = decision.more_copies
         self._request_missing(job)
 
-    def _accept(self, job: SimJob, now: float, digest: str, exec_id: int) -> None:
+    def _accept(self, job: SimJob, now: float, digest: str, exec_id: int, vouchers: dict[str, NodeResult]) -> None:
         job.done = True
         ex = self.execs[exec_id]
         correct = digest == TRUE_DIGEST
-        self.accepted.append((now - job.spec.submit_s, correct, ex.gpus * (ex.end - ex.start)))
-        verified = job.planned >= 2
-        self.accepted_verified += verified
-        self.wrong_verified += verified and not correct
+        index = job.spec.index
+        self.accepted[index] = (now - job.spec.submit_s, correct, ex.gpus * (ex.end - ex.start), job.planned >= 2)
+        job.vouchers = vouchers
+        for result in vouchers.values():
+            self.vouched.setdefault(result.owner, set()).add(index)
         for other in list(job.running):  # copies still running are cancelled
             self._stop(other, now)
-        self.pending.pop(job.spec.index, None)
+        self.pending.pop(index, None)
+
+    def _revoke_vouched_by(self, caught: set[str], now: float) -> None:
+        """Retroactive invalidation: rerun every accepted job whose result no longer stands once the
+        votes of the caught owners are struck out (the scheduler's `recheck_accepted` decides)."""
+        self.caught_owners |= caught
+        for owner in sorted(caught):
+            for index in sorted(self.vouched.pop(owner, set())):
+                job = self.jobs[index]
+                if not job.done:
+                    continue
+                action = recheck_accepted(job.vouchers, self.caught_owners, max(job.quorum, 2))
+                if isinstance(action, Revoke):
+                    self._revoke(job, action, now)
+
+    def _revoke(self, job: SimJob, action: Revoke, now: float) -> None:
+        index = job.spec.index
+        _, correct, _, _ = self.accepted.pop(index)
+        self.revoked += 1
+        self.revoked_wrong += not correct
+        job.done = False
+        job.banned_owners |= {r.owner for r in job.vouchers.values()} & self.caught_owners
+        job.results = {n: job.results[n] for n in action.keep}
+        job.result_exec = {n: job.result_exec[n] for n in action.keep}
+        job.vouchers = {}
+        job.planned = max(job.planned, 2)  # the rerun is decided by a quorum
+        job.missing = action.more_copies
+        self._request_missing(job)
 
     def _fail_over(self, job: SimJob, node_name: str, now: float) -> None:
         if job.done or job.gave_up:
@@ -430,23 +485,56 @@ class Simulation:
 
     # --- metrics --------------------------------------------------------------------------------
 
+    def _steady_state_metrics(self) -> dict[str, Any]:
+        """The same figures for the jobs submitted in the second half of the arrival window, when
+        the fleet has a history (every node starts fresh, so the first hours are a cold start)."""
+        half = self.p.arrival_window_h * 3600.0 / 2.0
+        late = {s.index for s in self.specs if s.submit_s >= half}
+        final = [(i, v) for i, v in self.accepted.items() if i in late]
+        if not final:
+            return {"steady_state": None}
+        completions = np.array([c for _, (c, _, _, _) in final])
+        useful = sum(g for _, (_, _, g, _) in final)
+        executed = sum(g for i, g in self.job_gpu_s.items() if i in late)
+        executed += sum(e.gpus * (self.now - e.start) for e in self.execs if e.live and e.job in late)
+        return {
+            "steady_state": {
+                "jobs": len(late),
+                "accepted": len(final),
+                "correct_rate": sum(1 for _, (_, ok, _, _) in final if ok) / len(final),
+                "completion_mean_s": float(completions.mean()),
+                "completion_p95_s": float(np.percentile(completions, 95)),
+                "replication_overhead": executed / useful if useful else math.inf,
+            }
+        }
+
     def _metrics(self) -> dict[str, Any]:
         # Work still running when the simulation stops is counted up to that moment.
         still_running = sum(e.gpus * (self.now - e.start) for e in self.execs if e.live)
-        completions = np.array([c for c, _, _ in self.accepted]) if self.accepted else np.zeros(1)
-        correct = sum(1 for _, ok, _ in self.accepted if ok)
-        useful = sum(g for _, _, g in self.accepted)
+        final = list(self.accepted.values())
+        completions = np.array([c for c, _, _, _ in final]) if final else np.zeros(1)
+        correct = sum(1 for _, ok, _, _ in final if ok)
+        useful = sum(g for _, _, g, _ in final)
+        verified = sum(1 for _, _, _, v in final if v)
+        wrong_verified = sum(1 for _, ok, _, v in final if v and not ok)
+        # What no placement can beat: every job alone on an idle node, no latency, no crash.
+        floor = np.percentile([s.compute_s for s in self.specs], 95)
         executed = self.gpu_s_executed + still_running
         return {
+            **self._steady_state_metrics(),
             "jobs": len(self.specs),
             "accepted": len(self.accepted),
             "unfinished": len(self.specs) - len(self.accepted),
             "gave_up_no_majority": sum(1 for j in self.jobs.values() if j.gave_up),
             "correct_rate": correct / max(len(self.accepted), 1),
             "wrong_accepted": len(self.accepted) - correct,
-            "accepted_by_quorum": self.accepted_verified,
-            "wrong_accepted_by_quorum": self.wrong_verified,
-            "wrong_accepted_single_copy": len(self.accepted) - correct - self.wrong_verified,
+            "accepted_by_quorum": verified,
+            "wrong_accepted_by_quorum": wrong_verified,
+            "wrong_accepted_single_copy": len(self.accepted) - correct - wrong_verified,
+            "revoked": self.revoked,
+            "revoked_wrong": self.revoked_wrong,
+            "owners_caught": len(self.caught_owners),
+            "completion_floor_p95_s": float(floor),
             "completion_mean_s": float(completions.mean()),
             "completion_p50_s": float(np.percentile(completions, 50)),
             "completion_p95_s": float(np.percentile(completions, 95)),

@@ -1,0 +1,168 @@
+"""Koinon's newer rules: retroactive invalidation, trusted partner, reservation for waiting big jobs,
+crash-rate-aware placement of long jobs."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from koinon_operator.scheduler import (
+    DEFAULT_CONFIG,
+    Gpu,
+    JobRequest,
+    KoinonPlacer,
+    NodeResult,
+    NodeSnapshot,
+    RandomPlacer,
+    ReputationEvidence,
+    Revoke,
+    from_status,
+    recheck_accepted,
+    record_work,
+    schedule,
+    to_status,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.scheduler.params import QUICK
+from bench.scheduler.simulator import Simulation
+
+NOW = 50_000.0
+RC = DEFAULT_CONFIG.reputation
+
+
+def snap(
+    name: str, gpus: int = 1, free: int | None = None, rtt: float = 20.0, ev: ReputationEvidence | None = None
+) -> NodeSnapshot:
+    return NodeSnapshot(
+        name=name,
+        owner=f"owner-{name}",
+        region="eu",
+        ready=True,
+        cordoned=False,
+        gpus=tuple(Gpu("g", 16384) for _ in range(gpus)),
+        free_gpus=gpus if free is None else free,
+        cpus_free=64.0,
+        rtt_ms=rtt,
+        rtt_updated_at=NOW,
+        reputation=ev or ReputationEvidence(last_updated=NOW),
+    )
+
+
+# --- retroactive invalidation -----------------------------------------------------------------
+
+
+def test_result_accepted_on_one_copy_of_a_caught_owner_is_revoked_and_rerun_with_a_full_quorum() -> None:
+    single = {"n1": NodeResult("liar", "bad")}
+    assert recheck_accepted(single, {"liar"}, quorum=2) == Revoke(keep=(), more_copies=2)
+
+
+def test_result_confirmed_by_an_uncaught_owner_stands() -> None:
+    pair = {"n1": NodeResult("sleeper", "ok"), "n2": NodeResult("honest", "ok")}
+    assert recheck_accepted(pair, {"sleeper"}, quorum=2) is None
+
+
+def test_result_whose_every_voucher_was_caught_is_revoked() -> None:
+    colluders = {"n1": NodeResult("adv-1", "bad"), "n2": NodeResult("adv-2", "bad")}
+    assert recheck_accepted(colluders, {"adv-1"}, quorum=2) is None  # adv-2 not caught yet
+    assert recheck_accepted(colluders, {"adv-1", "adv-2"}, quorum=2) == Revoke(keep=(), more_copies=2)
+
+
+def test_stricter_standing_support_keeps_the_clean_votes_and_asks_only_for_what_is_missing() -> None:
+    pair = {"n1": NodeResult("sleeper", "ok"), "n2": NodeResult("honest", "ok")}
+    assert recheck_accepted(pair, {"sleeper"}, quorum=2, standing_support=2) == Revoke(keep=("n2",), more_copies=1)
+
+
+def test_results_of_owners_never_caught_are_never_revoked() -> None:
+    assert recheck_accepted({"n1": NodeResult("trusted", "ok")}, {"someone-else"}, quorum=2) is None
+
+
+@pytest.mark.parametrize(("quorum", "support"), [(0, 1), (2, 0), (2, 3)])
+def test_recheck_rejects_bad_arguments(quorum: int, support: int) -> None:
+    with pytest.raises(ValueError, match=r"quorum|standing_support"):
+        recheck_accepted({}, set(), quorum=quorum, standing_support=support)
+
+
+def test_simulated_revocation_replaces_sleepers_lies_by_reruns() -> None:
+    # Many sleepers that earn trust quickly and then lie: without revocation their lies on skipped
+    # (trusted, unreplicated) jobs stand; with it they are revoked once a spot check catches them.
+    params = replace(
+        QUICK, nodes=100, jobs=1200, adversary_share=0.3, sleeper_share=1.0, arrival_window_h=5.0, horizon_h=12.0
+    )
+    with_revocation = Simulation(params, KoinonPlacer(), verify=True)
+    without = Simulation(params, KoinonPlacer(), verify=True)
+    without.revocation = False
+    a, b = with_revocation.run(), without.run()
+    assert a["revoked"] > 0 and a["revoked_wrong"] > 0
+    assert b["revoked"] == 0
+    assert a["wrong_accepted_single_copy"] < b["wrong_accepted_single_copy"]
+    assert a["accepted"] + a["unfinished"] == params.jobs
+    assert a["correct_rate"] > b["correct_rate"]
+
+
+# --- pairing: an untrusted primary is checked by a trusted node ----------------------------------
+
+
+def test_verification_copy_of_an_untrusted_primary_goes_to_a_trusted_node() -> None:
+    # Same (empty) counts, so the same lower bound; only T has BOINC trust, and it is far away.
+    nodes = [
+        snap("a", rtt=5.0),
+        snap("b", rtt=6.0),
+        snap("t", rtt=290.0, ev=ReputationEvidence(consecutive_valid=12, last_updated=NOW)),
+    ]
+    job = JobRequest("ns/j", gpus_per_replica=1, verification_quorum=2)
+    placed = schedule([job], nodes, NOW).placements[0]
+    assert placed.nodes == ("a", "t")
+    no_rule = replace(DEFAULT_CONFIG, verification=replace(DEFAULT_CONFIG.verification, trusted_partner=False))
+    assert schedule([job], nodes, NOW, no_rule).placements[0].nodes == ("a", "b")
+
+
+# --- reservation for the oldest waiting multi-GPU job --------------------------------------------
+
+
+def test_waiting_big_job_holds_the_node_closest_to_fitting_it() -> None:
+    nodes = [snap("big", gpus=8, free=4)]
+    big = JobRequest("ns/big", gpus_per_replica=8, creation_index=0)
+    small = JobRequest("ns/small", gpus_per_replica=1, creation_index=1)
+    koinon = schedule([big, small], nodes, NOW)
+    assert not koinon.placements
+    held = next(u for u in koinon.unschedulable if u.job_key == "ns/small")
+    assert held.reasons == {"held for an earlier job that is waiting for room": 1}
+    # A naive baseline lets the small job in, so the 8-GPU node never drains.
+    naive = RandomPlacer().place([big, small], nodes, NOW)
+    assert [p.job_key for p in naive.placements] == ["ns/small"]
+
+
+# --- crash rate per hour of work ----------------------------------------------------------------
+
+
+def test_long_jobs_go_where_work_gets_finished_and_short_ones_where_latency_is_low() -> None:
+    steady = ReputationEvidence(successes=20, exposure_hours=30.0, last_updated=NOW)
+    crashy = ReputationEvidence(successes=20, failures=6, exposure_hours=8.0, last_updated=NOW)
+    nodes = [snap("crashy-near", rtt=10.0, ev=crashy), snap("steady-far", rtt=200.0, ev=steady)]
+    short = JobRequest("ns/short", expected_duration_s=120.0)
+    long = JobRequest("ns/long", expected_duration_s=4 * 3600.0)
+    assert schedule([short], nodes, NOW).placements[0].nodes == ("crashy-near",)
+    assert schedule([long], nodes, NOW).placements[0].nodes == ("steady-far",)
+
+
+def test_work_hours_are_recorded_decay_and_survive_the_status_round_trip() -> None:
+    ev = record_work(ReputationEvidence(last_updated=NOW), NOW, RC, 2.5)
+    assert ev.exposure_hours == 2.5
+    status = to_status(ev, NOW, RC)
+    assert status["exposureHours"] == 2.5
+    assert from_status(status) == ev
+    later = record_work(ev, NOW + RC.half_life_s, RC, 0.0)
+    assert math.isclose(later.exposure_hours, 1.25)
+    with pytest.raises(ValueError, match="hours of work"):
+        record_work(ev, NOW, RC, -1.0)
+
+
+@pytest.mark.parametrize("duration", [0.0, -5.0, math.nan, math.inf])
+def test_bad_expected_duration_is_refused_naming_the_field(duration: float) -> None:
+    with pytest.raises(ValueError, match="ns/j: expected duration"):
+        JobRequest("ns/j", expected_duration_s=duration)
