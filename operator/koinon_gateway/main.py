@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from . import token_cli
+from . import event_loop, token_cli
 from .config import GatewayConfig
 from .kube_ca import KubeCAStore
 from .kube_client import KubeApiError, KubeConfigError, kube_client, load_config
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        asyncio.run(serve(args))
+        event_loop.run(serve(args))
     except (ValueError, KubeConfigError) as exc:
         print(f"koinon-gateway: {exc}", file=sys.stderr)
         return 2

@@ -149,9 +149,10 @@ class Gateway:
         host, port = split_host_port(self.config.admin_listen)
         site = web.TCPSite(self._admin, host, port)
         await site.start()
+        # asyncio.Server or uvloop's Server (not a subclass); both have ``sockets``.
         server = site._server
-        assert isinstance(server, asyncio.Server)
-        self._ports.admin_port = server.sockets[0].getsockname()[1]
+        assert server is not None
+        self._ports.admin_port = getattr(server, "sockets")[0].getsockname()[1]  # noqa: B009
 
     async def _liveness_loop(self) -> None:
         period = min(1.0, self.config.heartbeat_timeout_s / 4)

@@ -10,6 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
+from koinon_gateway import event_loop
+
 from .agent import Agent, JoinRefused
 from .config import ENV_VARS, AgentConfig
 
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         config = config_from_args(args)
-        asyncio.run(_run(config))
+        event_loop.run(_run(config))
     except ValueError as exc:
         print(f"koinon-agent: {exc}", file=sys.stderr)
         return 2
