@@ -152,6 +152,7 @@ class DevCluster:
         self.gateway: LocalGateway | None = None
         self.agents: list[LocalAgent] = []
         self._use_netns = False
+        self._agents_started = 0
         self._work_dir = Path("/tmp")
         self._kubeconfig = Path()
 
@@ -257,7 +258,8 @@ class DevCluster:
 
     def _start_agent(self, name: str, gpus: int, owner: str, extra_env: dict[str, str] | None = None) -> LocalAgent:
         assert self.gateway is not None
-        netns = f"kn-{self._work_dir.name[-8:]}-{len(self.agents) + 1}" if self._use_netns else None
+        self._agents_started += 1
+        netns = f"kn-{self._work_dir.name[-8:]}-{self._agents_started}" if self._use_netns else None
         agent = LocalAgent(
             name=name, gateway=self.gateway, join_token=self.gateway.create_join_token(owner),
             log_dir=self.log_dir, gpus=gpus,
@@ -291,6 +293,7 @@ class DevCluster:
         """SIGKILL a volunteer's agent and its Ray node, as when the machine loses power."""
         agent = next(a for a in self.agents if a.name == name)
         assert agent.process is not None
+        self.agents.remove(agent)
         stop_process_group(agent.process.pid, grace_seconds=0)
         kill_processes_mentioning(f"{self._work_dir}/ray-{name}")
 

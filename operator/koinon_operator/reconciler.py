@@ -489,6 +489,21 @@ class AIJobReconciler:
             if result is not None:
                 results[node] = result
             copies.append(CopyResult(k, node, state.owner_of(node), result["digest"] if result else None))
+        if not results:
+            # No copy produced a result: the attempt failed as a whole (counted against backoffLimit,
+            # and the nodes are blamed only when the drivers did not fail on their own).
+            await self._attempt_failed(
+                key,
+                spec,
+                state,
+                writer,
+                outcome,
+                "RayJobFailed",
+                infos[0].message or infos[0].state.value,
+                log_tail(logs[0], 10),
+                user_error=all(_user_error(info) for info in infos),
+            )
+            return
         verdict = judge(copies)
         writer.set(
             verification={

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.slow
 # (in the environment its Ray node passes to job drivers) returns a wrong one, as a cheating
 # volunteer would.
 DIGEST_JOB = python_entrypoint(
-    "import os, hashlib; value = hashlib.sha256(b'koinon').hexdigest()[:12]\n"
-    "if os.environ.get('KOINON_TEST_CORRUPT_RESULT'): value = 'forged-' + value\n"
+    "import os, hashlib; value = hashlib.sha256(b'koinon').hexdigest()[:12]; "
+    "value = ('forged-' + value) if os.environ.get('KOINON_TEST_CORRUPT_RESULT') else value; "
     "print('KOINON_RESULT', value)"
 )
 
