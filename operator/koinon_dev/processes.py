@@ -132,14 +132,18 @@ def free_ports(count: int, host: str = "0.0.0.0") -> list[int]:
             probe.close()
 
 
-def free_port_range(length: int, low: int = 20000, high: int = 30000) -> tuple[int, int]:
-    """A contiguous block of ``length`` ports that are free right now (Ray's worker port range)."""
+def free_port_range(length: int, low: int = 20000, high: int = 30000, reserve: bool = True) -> tuple[int, int]:
+    """A contiguous block of ``length`` ports that are free right now (Ray's worker port range).
+
+    With ``reserve`` the block is never handed out again by this process; without it the block is
+    only checked to be free now (for blocks that live as long as one control plane does)."""
     rng = random.Random(os.getpid() ^ time.monotonic_ns())
     for _ in range(200):
         start = rng.randrange(low, high - length)
         block = range(start, start + length)
         if not _handed_out.intersection(block) and all(_port_free(port) for port in block):
-            _handed_out.update(block)
+            if reserve:
+                _handed_out.update(block)
             return start, start + length - 1
     raise RuntimeError(f"no free block of {length} ports between {low} and {high}")
 

@@ -74,7 +74,9 @@ class LocalGateway:
 
     def start(self) -> None:
         ready = self.work_dir / "gateway.ready"
-        low, _ = free_port_range(PORT_BLOCK_SIZE * 16, low=30000, high=32700)
+        # The volunteers' port blocks: in network namespaces they never meet the host's ports;
+        # as plain processes they must be free on the host when the control plane starts.
+        low, _ = free_port_range(PORT_BLOCK_SIZE * 16, low=30000, high=32700, reserve=False)
         octet = int.from_bytes(secrets.token_bytes(1), "big") % 200 + 20
         argv = [
             _bin("koinon-gateway"),
