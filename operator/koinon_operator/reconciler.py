@@ -459,6 +459,20 @@ class AIJobReconciler:
                 key, writer, outcome, Phase.SUCCEEDED, "Completed", f"attempt {state.attempts} succeeded{summary}"
             )
             return
+        await self._ray_jobs_failed(key, spec, state, writer, outcome, [info], [logs])
+
+    async def _ray_jobs_failed(
+        self,
+        key: str,
+        spec: AIJobSpec,
+        state: AIJobStatus,
+        writer: _StatusWriter,
+        outcome: Outcome,
+        infos: list[RayJobInfo],
+        logs: list[str],
+    ) -> None:
+        """The attempt's Ray job(s) failed; the volunteers are blamed only when the drivers did not
+        fail on their own (a non-zero exit code is the job's own failure)."""
         await self._attempt_failed(
             key,
             spec,
@@ -466,9 +480,9 @@ class AIJobReconciler:
             writer,
             outcome,
             "RayJobFailed",
-            info.message or info.state.value,
-            log_tail(logs, 10),
-            user_error=_user_error(info),
+            infos[0].message or infos[0].state.value,
+            log_tail(logs[0], 10),
+            user_error=all(_user_error(info) for info in infos),
         )
 
     async def _conclude_verified(
@@ -490,19 +504,8 @@ class AIJobReconciler:
                 results[node] = result
             copies.append(CopyResult(k, node, state.owner_of(node), result["digest"] if result else None))
         if not results:
-            # No copy produced a result: the attempt failed as a whole (counted against backoffLimit,
-            # and the nodes are blamed only when the drivers did not fail on their own).
-            await self._attempt_failed(
-                key,
-                spec,
-                state,
-                writer,
-                outcome,
-                "RayJobFailed",
-                infos[0].message or infos[0].state.value,
-                log_tail(logs[0], 10),
-                user_error=all(_user_error(info) for info in infos),
-            )
+            # No copy produced a result: the attempt failed as a whole (counted against backoffLimit).
+            await self._ray_jobs_failed(key, spec, state, writer, outcome, infos, logs)
             return
         verdict = judge(copies)
         writer.set(
