@@ -154,7 +154,6 @@ class DevCluster:
         self._use_netns = False
         self._agents_started = 0
         self._work_dir = Path("/tmp")
-        self._kubeconfig = Path()
 
     @property
     def state_path(self) -> Path:
@@ -223,7 +222,6 @@ class DevCluster:
         say(f"- Ray head (no CPUs for user work) at {head.gcs_address}, dashboard {head.dashboard_url}")
         self.head, self.gateway = head, gateway
         self._use_netns = netns_available()
-        self._kubeconfig = kubeconfig
         for index in range(self.config.volunteers):
             self._start_agent(f"volunteer-{index + 1}", self.config.gpus_per_volunteer, f"owner-{index + 1}")
         wait_until(lambda: _alive_workers(head) >= len(self.agents), 90, what="volunteers to join Ray")

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -738,7 +738,3 @@ def allocation_of(body: Mapping[str, Any]) -> Allocation | None:
         gpus_per_replica=int(resources.get("gpus", 1)),
         cpus_per_replica=float(resources.get("cpus", 1.0)),
     )
-
-
-def recorded(allocations: Iterable[tuple[str, Allocation]]) -> dict[str, Allocation]:
-    return dict(allocations)
