@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from koinon_operator.scheduler import (
+    DEFAULT_CONFIG,
     KoinonPlacer,
     LeastLatencyPlacer,
     Placer,
     RandomPlacer,
     ReputationOnlyPlacer,
     RoundRobinPlacer,
+    SchedulerConfig,
 )
 
 from .params import FULL, QUICK, SimParams
@@ -48,12 +50,31 @@ Without verification separates placement from the cost of verification; without 
 what retroactive invalidation buys and costs."""
 
 
+def tuned_config(spec: str) -> SchedulerConfig:
+    """`section.field=value;...` applied to the default config (tuning runs only)."""
+    cfg = DEFAULT_CONFIG
+    for item in filter(None, spec.split(";")):
+        path, value = item.split("=", 1)
+        section_name, field_name = path.split(".")
+        section = getattr(cfg, section_name)
+        current = getattr(section, field_name)
+        typed = type(current)(value) if not isinstance(current, bool) else value.lower() in ("1", "true")
+        cfg = replace(cfg, **{section_name: replace(section, **{field_name: typed})})
+    return cfg
+
+
 def run_policy(args: tuple[str, SimParams]) -> tuple[str, dict[str, Any]]:
-    name, params = args
+    label, params = args
+    name, _, tag = label.partition("@")
+    if tag == "cold":
+        params = replace(params, warmup_h=0.0)
     started = time.perf_counter()
-    if name in VARIANTS:
+    if ":" in name:
+        verify, revoke = True, True
+        placer: Placer = KoinonPlacer(tuned_config(name.split(":", 1)[1]))
+    elif name in VARIANTS:
         verify, revoke = VARIANTS[name]
-        placer: Placer = KoinonPlacer()
+        placer = KoinonPlacer()
     else:
         verify, placer = name == "koinon", make_placer(name, params.seed)
         revoke = verify
@@ -61,14 +82,35 @@ def run_policy(args: tuple[str, SimParams]) -> tuple[str, dict[str, Any]]:
     sim.revocation = revoke
     metrics = sim.run()
     metrics["wall_s"] = time.perf_counter() - started
-    return name, metrics
+    return label, metrics
+
+
+COLD_START = ("koinon", "random")
+"""Also simulated from a cold start (no warm-up: every volunteer new when the first job arrives)."""
+ALL_RUNS = (
+    "koinon",
+    *VARIANTS,
+    "round_robin",
+    "least_latency",
+    "random",
+    "reputation_only",
+    *(f"{name}@cold" for name in COLD_START),
+)
+"""Slowest first, so two processes finish at about the same time."""
+
+
+def explore(params: SimParams, parallel: int, names: list[str]) -> dict[str, Any]:
+    """Only some policies (for tuning; never written as the published result)."""
+    work = [(name, params) for name in names]
+    with multiprocessing.get_context("fork").Pool(max(1, min(parallel, len(work)))) as pool:
+        results = dict(pool.map(run_policy, work))
+    if "random" in results:
+        add_ratios(results)
+    return results
 
 
 def run(params: SimParams, parallel: int, throughput: bool) -> dict[str, Any]:
-    # Slowest first, so two processes finish at about the same time.
-    work = [
-        (name, params) for name in ("koinon", *VARIANTS, "round_robin", "least_latency", "random", "reputation_only")
-    ]
+    work = [(name, params) for name in ALL_RUNS]
     if parallel > 1:
         with multiprocessing.get_context("fork").Pool(parallel) as pool:
             results = dict(pool.map(run_policy, work))
@@ -78,7 +120,9 @@ def run(params: SimParams, parallel: int, throughput: bool) -> dict[str, Any]:
     add_ratios(policies)
     for v in VARIANTS:
         add_ratios({**policies, v: results[v]})
-    out: dict[str, Any] = {"policies": policies, "variants": {v: results[v] for v in VARIANTS}}
+    cold = {name: results[f"{name}@cold"] for name in COLD_START}
+    add_ratios(cold)
+    out: dict[str, Any] = {"policies": policies, "variants": {v: results[v] for v in VARIANTS}, "cold_start": cold}
     if throughput:
         tp = measure()
         out["placements_per_s"] = tp["batches"]["500"]["placements_per_s"]
@@ -89,16 +133,22 @@ def run(params: SimParams, parallel: int, throughput: bool) -> dict[str, Any]:
     out["definitions"] = {
         "correct_rate": "accepted results whose digest is the true one / accepted results",
         "completion": "submit -> accepted result, including queueing, failovers and verification copies",
-        "wasted_gpu_hours": "GPU-hours executed - GPU-hours of one accepted execution per accepted job "
+        "work_units": "reference GPU-hours: an hour on a GPU of relative speed s (RTX 4090 = 1.0) counts s",
+        "wasted_gpu_hours": "work executed - work of one accepted execution per accepted job "
         "(lost to crashes/churn, rejected by a quorum, or redundant beyond one copy)",
-        "replication_overhead": "GPU-hours executed / GPU-hours of one accepted execution per accepted job",
+        "replication_overhead": "work of executions that ran to the end (verification copies, rejected results, "
+        "reruns of revoked results) / work of one accepted execution per accepted job; one copy per job = 1.0",
+        "crash_loss_overhead": "work lost to crashes and to nodes leaving mid-job / the same useful work",
+        "executed_vs_useful": "all work executed / useful work (replication and crash loss together)",
+        "warmup": "figures cover the measured jobs only; a warm-up stream of the same rate and mix runs "
+        "for simulation.warmup_h hours before them (a platform with a history); cold_start: the same without it",
         "baselines": "one copy per job, first result accepted, no verification; same hard filters",
         "koinon": "jobs ask for verification.mode=replicated quorum 2; adaptive replication (BOINC rule), "
         "trusted partner for untrusted primaries, retroactive invalidation of results vouched for only by "
         "an owner later caught lying (the job reruns; its final accepted result counts)",
         "revoked": "accepted results revoked after their owner was caught; revoked_wrong: of them, wrong ones",
-        "completion_floor_p95_s": "p95 of compute time alone (no queue, latency or crash): no placement beats it",
-        "steady_state": "the same figures for jobs submitted in the second half of the arrival window",
+        "completion_floor_p95_s": "p95 of compute time alone on the fastest GPU model (no queue, latency or crash)",
+        "steady_state": "the same figures for jobs submitted in the second half of the measured window",
         "placements_per_s": "schedule() on a batch of 500 pending jobs against 10,000 snapshots, "
         "including building the per-call index; best of 3",
     }
@@ -116,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-throughput", action="store_true")
     parser.add_argument("--nodes", type=int, default=None, help="override the fleet size")
     parser.add_argument("--jobs", type=int, default=None, help="override the number of jobs")
+    parser.add_argument(
+        "--only", default=None, help="comma-separated policies to simulate (tuning run; prints, writes nothing)"
+    )
     args = parser.parse_args(argv)
     params = QUICK if args.quick else FULL
     if args.seed is not None:
@@ -124,6 +177,15 @@ def main(argv: list[str] | None = None) -> int:
         params = replace(params, nodes=args.nodes)
     if args.jobs is not None:
         params = replace(params, jobs=args.jobs)
+    if args.only:
+        for name, m in explore(params, args.parallel, args.only.split(",")).items():
+            print(f"== {name}")
+            for key in ("correct_rate", "completion_p95_s", "completion_mean_s", "replication_overhead", "revoked"):
+                print(f"   {key}: {m[key]}")
+            print("   steady:", m["steady_state"])
+            print("   by outcome:", m["work_gpu_hours_by_outcome"], "useful", m["useful_gpu_hours"])
+            print("   vs random:", m.get("vs_random"))
+        return 0
     # A quick run is a smoke test: it never overwrites the published results.
     default_out = (
         Path(tempfile.gettempdir()) / "koinon-bench-scheduler-quick.json"

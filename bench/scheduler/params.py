@@ -12,7 +12,12 @@ class SimParams:
     nodes: int = 10_000
     jobs: int = 100_000
     arrival_window_h: float = 10.0
-    """Jobs arrive as a Poisson stream over this window (about 40 % of online GPU capacity)."""
+    """The measured jobs arrive as a Poisson stream over this window (about 40 % of online GPU
+    capacity)."""
+    warmup_h: float = 5.0
+    """Hours of the same job stream before the measured window, so the platform has a history (as
+    one that runs continuously does) and the figures are not those of its first hours; warm-up
+    jobs are not counted. 0 = cold start: every node new when the first measured job arrives."""
     horizon_h: float = 40.0
     """Simulation stops here; jobs without an accepted result by then count as unfinished."""
     rtt_ms: tuple[float, float] = (5.0, 300.0)
@@ -23,6 +28,9 @@ class SimParams:
     churn_returns: float = 0.5
     """Share of leavers that come back with the same identity; the rest are replaced by a new node."""
     offline_mean_h: float = 1.0
+    speed_noise_sigma: float = 0.2
+    """Lognormal spread of a node's true speed around its GPU model's table speed (clipped to
+    0.5-1.5x): the scheduler knows the model, not the node."""
     adversary_share: float = 0.10
     sleeper_share: float = 0.5
     """Share of adversary owners that behave well for a while (10-40 results) before lying."""

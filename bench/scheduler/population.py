@@ -6,13 +6,19 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from koinon_operator.scheduler import Gpu
+from koinon_operator.scheduler import DEFAULT_CONFIG, Gpu
+from koinon_operator.scheduler.speed import gpu_speed
 
 from .params import SimParams
 
 REGIONS = ("eu-west", "eu-east", "us-east", "us-west", "ap-south")
 GPU_TYPES = (("T4", 16384), ("RTX3060", 12288), ("RTX3080", 10240), ("RTX4090", 24576), ("A100", 81920))
 GPU_TYPE_P = (0.2, 0.25, 0.2, 0.3, 0.05)
+_SC = DEFAULT_CONFIG.scoring
+GPU_SPEED = tuple(gpu_speed(model, _SC.gpu_speeds, _SC.unknown_gpu_speed) for model, _ in GPU_TYPES)
+"""What the scheduler believes (its default table); each node's true speed varies around it."""
+MEAN_GPU_SPEED = float(np.dot(GPU_TYPE_P, GPU_SPEED))
+FASTEST_GPU_SPEED = max(GPU_SPEED)
 GPU_COUNTS = (1, 2, 4, 8)
 GPU_COUNT_P = (0.6, 0.25, 0.12, 0.03)
 
@@ -26,6 +32,9 @@ class Volunteer:
     cpus: float
     base_rtt_ms: float
     reliability: float
+    speed: float
+    """True relative speed (RTX 4090 = 1.0): the model's table speed times a per-node factor the
+    scheduler does not see (thermal limits, an owner gaming on the same GPU, PCIe lanes)."""
     kind: str
     """honest | liar | sleeper"""
     sleeper_after: int
@@ -39,10 +48,14 @@ class JobSpec:
     gpus: int
     memory_mib: int
     compute_s: float
-    sync_every_s: float
+    """Run time on the reference GPU (speed 1.0); a node of speed s needs compute_s / s."""
+    syncs: float
+    """Round trips to the head the job makes (one per training/inference step it reports)."""
     max_latency_ms: float | None
     regions: frozenset[str]
     min_reputation: float
+    measured: bool
+    """False for the warm-up stream that runs before the measured jobs (`SimParams.warmup_h`)."""
     duration_estimate_s: float
     """What the submitter expects (`expected_duration_s`): the true compute time times a lognormal
     error (sigma 0.5: half the estimates are off by more than ~40 %)."""
@@ -65,7 +78,9 @@ class VolunteerFactory:
         r = self.rng
         self.count += 1
         n = int(r.choice(GPU_COUNTS, p=GPU_COUNT_P))
-        model, mem = GPU_TYPES[int(r.choice(len(GPU_TYPES), p=GPU_TYPE_P))]
+        kind_of_gpu = int(r.choice(len(GPU_TYPES), p=GPU_TYPE_P))
+        model, mem = GPU_TYPES[kind_of_gpu]
+        speed = GPU_SPEED[kind_of_gpu] * float(np.clip(r.lognormal(0.0, self.p.speed_noise_sigma), 0.5, 1.5))
         lie = 0.0
         after = 0
         if kind == "liar":
@@ -81,6 +96,7 @@ class VolunteerFactory:
             cpus=4.0 * n,
             base_rtt_ms=float(r.uniform(*self.p.rtt_ms)),
             reliability=float(r.uniform(*self.p.reliability)),
+            speed=speed,
             kind=kind,
             sleeper_after=after,
             lie_probability=lie,
@@ -112,12 +128,20 @@ class VolunteerFactory:
 
 
 def job_stream(params: SimParams, rng: np.random.Generator) -> list[JobSpec]:
-    n = params.jobs
+    warmup = params.warmup_h * 3600.0
     window = params.arrival_window_h * 3600.0
-    submit = np.sort(rng.uniform(0.0, window, n))
+    warmup_jobs = round(params.jobs * params.warmup_h / params.arrival_window_h)
+    n = warmup_jobs + params.jobs
+    # The warm-up stream has the same rate and mix; exactly `jobs` are submitted in the window after it.
+    submit = np.concatenate(
+        (np.sort(rng.uniform(0.0, warmup, warmup_jobs)), np.sort(rng.uniform(warmup, warmup + window, params.jobs)))
+    )
     gpus = rng.choice((1, 2, 4, 8), size=n, p=(0.7, 0.2, 0.08, 0.02))
     memory = rng.choice((0, 8192, 12288, 16384, 24576), size=n, p=(0.4, 0.25, 0.15, 0.15, 0.05))
-    compute = np.clip(rng.lognormal(math.log(15 * 60), 1.0, n), 120.0, 4 * 3600.0)
+    # Drawn as the run time on a GPU of the fleet's mean speed, so the offered load stays at the
+    # same share of the fleet's capacity whatever the GPU mix; stored as reference-GPU time.
+    on_average_gpu = np.clip(rng.lognormal(math.log(15 * 60), 1.0, n), 120.0, 4 * 3600.0)
+    compute = on_average_gpu * MEAN_GPU_SPEED
     sync_every = rng.uniform(1.0, 5.0, n)
     kind = rng.random(n)
     region_pick = rng.integers(len(REGIONS), size=n)
@@ -131,10 +155,11 @@ def job_stream(params: SimParams, rng: np.random.Generator) -> list[JobSpec]:
                 gpus=int(gpus[i]),
                 memory_mib=int(memory[i]),
                 compute_s=float(compute[i]),
-                sync_every_s=float(sync_every[i]),
+                syncs=float(on_average_gpu[i] / sync_every[i]),
                 max_latency_ms=150.0 if kind[i] < 0.10 else None,
                 regions=frozenset({REGIONS[int(region_pick[i])]}) if 0.10 <= kind[i] < 0.15 else frozenset(),
                 min_reputation=0.5 if 0.15 <= kind[i] < 0.20 else 0.0,
+                measured=i >= warmup_jobs,
                 duration_estimate_s=float(estimate[i]),
             )
         )

@@ -6,12 +6,17 @@ policy seeded identically. The simulator calls the policy's `place(jobs, snapsho
 tick with every pending job (up to `max_batch`), and uses the scheduler's own pure functions for
 RTT smoothing, reputation updates, quorum decisions and failover.
 
-Metrics (per policy):
+Work is counted in reference GPU-hours (GPU-hours on an RTX 4090-class GPU, speed 1.0): an hour on
+a GPU of speed s is s reference hours, so a fast and a slow node doing the same job cost the same.
+
+Metrics (per policy, over the measured jobs; the warm-up stream before them is not counted):
 - correct_rate: accepted results whose digest is the true one / accepted results.
 - completion: submit -> accepted result, including queueing, failovers and verification copies.
-- wasted_gpu_hours: GPU-hours executed minus GPU-hours of one execution per accepted job (work lost
-  to crashes and churn, rejected by a quorum, or redundant beyond one copy).
-- replication_overhead: GPU-hours executed / GPU-hours of one accepted execution per accepted job.
+- replication_overhead: work of executions that ran to the end (every verification copy, results
+  rejected by a quorum, reruns of revoked results) / work of one execution per accepted job. A
+  policy that runs each job once has 1.0.
+- crash_loss_overhead: work lost to crashes and to nodes that left mid-job / the same useful work.
+- wasted_gpu_hours: all work executed minus one execution per accepted job (both kinds of loss).
 Baselines run one copy per job and accept the first result that comes back, as a naive system does.
 """
 
@@ -49,7 +54,7 @@ from koinon_operator.scheduler import (
 )
 
 from .params import SimParams
-from .population import JobSpec, Volunteer, VolunteerFactory, job_stream
+from .population import FASTEST_GPU_SPEED, JobSpec, Volunteer, VolunteerFactory, job_stream
 
 ARRIVE, TICK, DONE, CRASH, DOWN, UP, REQUEUE = range(7)
 TRUE_DIGEST = "ok"
@@ -78,6 +83,8 @@ class Execution:
     start: float
     end: float
     gpus: int
+    speed: float
+    """The node's true speed: GPU-seconds here are worth `speed` reference GPU-seconds of work."""
     live: bool = True
 
 
@@ -129,9 +136,9 @@ class Simulation:
         self.execs: list[Execution] = []
         self.jobs: dict[int, SimJob] = {}
         self.pending: dict[int, JobRequest] = {}
-        self.gpu_s_executed = 0.0
-        self.job_gpu_s: dict[int, float] = {}
-        """GPU-seconds executed per job (every copy, crashed or not), for the steady-state figures."""
+        self.job_work: dict[tuple[int, str], float] = {}
+        """Reference GPU-seconds executed per (job, how the execution ended: finished, crashed,
+        lost, cancelled)."""
         # job -> (completion_s, correct, gpu_s of one copy, verified by a quorum); the final acceptance
         # counts, so a revoked job counts when (and if) its rerun is accepted.
         self.accepted: dict[int, tuple[float, bool, float, bool]] = {}
@@ -304,11 +311,11 @@ class Simulation:
     def _start(self, job: SimJob, node: SimNode, now: float) -> None:
         s = job.spec
         rtt_s = node.v.base_rtt_ms / 1000.0
-        duration = s.compute_s + (s.compute_s / s.sync_every_s) * rtt_s
+        duration = s.compute_s / node.v.speed + s.syncs * rtt_s
         hazard = -math.log(node.v.reliability) / 3600.0
         crash_after = self._exp(hazard)
         exec_id = len(self.execs)
-        self.execs.append(Execution(s.index, node.v.name, node.v.owner, now, now + duration, s.gpus))
+        self.execs.append(Execution(s.index, node.v.name, node.v.owner, now, now + duration, s.gpus, node.v.speed))
         job.running.add(exec_id)
         node.running.add(exec_id)
         node.free_gpus -= s.gpus
@@ -321,11 +328,12 @@ class Simulation:
         else:
             self._push(now + duration, DONE, exec_id)
 
-    def _stop(self, exec_id: int, now: float) -> tuple[Execution, SimNode, SimJob]:
+    def _stop(self, exec_id: int, now: float, outcome: str) -> tuple[Execution, SimNode, SimJob]:
         ex = self.execs[exec_id]
         ex.live = False
-        self.gpu_s_executed += ex.gpus * (now - ex.start)
-        self.job_gpu_s[ex.job] = self.job_gpu_s.get(ex.job, 0.0) + ex.gpus * (now - ex.start)
+        work = ex.gpus * (now - ex.start) * ex.speed
+        key = (ex.job, outcome)
+        self.job_work[key] = self.job_work.get(key, 0.0) + work
         node = self.nodes[ex.node]
         node.evidence = record_work(node.evidence, now, self.cfg.reputation, (now - ex.start) / 3600.0)
         node.running.discard(exec_id)
@@ -349,7 +357,7 @@ class Simulation:
         ex = self.execs[exec_id]
         if not ex.live:
             return
-        ex, node, job = self._stop(exec_id, now)
+        ex, node, job = self._stop(exec_id, now, "finished")
         if job.done or job.gave_up:
             return
         digest = self._digest(node, job)
@@ -393,12 +401,13 @@ class Simulation:
         ex = self.execs[exec_id]
         correct = digest == TRUE_DIGEST
         index = job.spec.index
-        self.accepted[index] = (now - job.spec.submit_s, correct, ex.gpus * (ex.end - ex.start), job.planned >= 2)
+        one_execution = ex.gpus * (ex.end - ex.start) * ex.speed
+        self.accepted[index] = (now - job.spec.submit_s, correct, one_execution, job.planned >= 2)
         job.vouchers = vouchers
         for result in vouchers.values():
             self.vouched.setdefault(result.owner, set()).add(index)
         for other in list(job.running):  # copies still running are cancelled
-            self._stop(other, now)
+            self._stop(other, now, "cancelled")
         self.pending.pop(index, None)
 
     def _revoke_vouched_by(self, caught: set[str], now: float) -> None:
@@ -447,7 +456,7 @@ class Simulation:
     def _on_crash(self, now: float, exec_id: int, _: str) -> None:
         if not self.execs[exec_id].live:
             return
-        ex, node, job = self._stop(exec_id, now)
+        ex, node, job = self._stop(exec_id, now, "crashed")
         node.evidence = record_failure(node.evidence, now, self.cfg.reputation)
         self._fail_over(job, ex.node, now)
 
@@ -460,7 +469,7 @@ class Simulation:
         lost = list(node.running)
         node.online = False
         for exec_id in lost:
-            _, _, job = self._stop(exec_id, now)
+            _, _, job = self._stop(exec_id, now, "lost")
             node.evidence = record_timeout(node.evidence, now, rc)
             self._fail_over(job, name, now)
         node.since = now
@@ -485,64 +494,70 @@ class Simulation:
 
     # --- metrics --------------------------------------------------------------------------------
 
-    def _steady_state_metrics(self) -> dict[str, Any]:
-        """The same figures for the jobs submitted in the second half of the arrival window, when
-        the fleet has a history (every node starts fresh, so the first hours are a cold start)."""
-        half = self.p.arrival_window_h * 3600.0 / 2.0
-        late = {s.index for s in self.specs if s.submit_s >= half}
-        final = [(i, v) for i, v in self.accepted.items() if i in late]
-        if not final:
-            return {"steady_state": None}
-        completions = np.array([c for _, (c, _, _, _) in final])
-        useful = sum(g for _, (_, _, g, _) in final)
-        executed = sum(g for i, g in self.job_gpu_s.items() if i in late)
-        executed += sum(e.gpus * (self.now - e.start) for e in self.execs if e.live and e.job in late)
-        return {
-            "steady_state": {
-                "jobs": len(late),
-                "accepted": len(final),
-                "correct_rate": sum(1 for _, (_, ok, _, _) in final if ok) / len(final),
-                "completion_mean_s": float(completions.mean()),
-                "completion_p95_s": float(np.percentile(completions, 95)),
-                "replication_overhead": executed / useful if useful else math.inf,
-            }
-        }
+    def _work_by_outcome(self, jobs: set[int]) -> dict[str, float]:
+        """Reference GPU-seconds of these jobs' executions by how they ended; work still running
+        when the simulation stops counts as "running"."""
+        out: dict[str, float] = {}
+        for (job, outcome), work in self.job_work.items():
+            if job in jobs:
+                out[outcome] = out.get(outcome, 0.0) + work
+        running = sum(e.gpus * (self.now - e.start) * e.speed for e in self.execs if e.live and e.job in jobs)
+        if running:
+            out["running"] = running
+        return out
 
-    def _metrics(self) -> dict[str, Any]:
-        # Work still running when the simulation stops is counted up to that moment.
-        still_running = sum(e.gpus * (self.now - e.start) for e in self.execs if e.live)
-        final = list(self.accepted.values())
+    def _figures(self, jobs: set[int]) -> dict[str, Any]:
+        final = [v for i, v in self.accepted.items() if i in jobs]
         completions = np.array([c for c, _, _, _ in final]) if final else np.zeros(1)
         correct = sum(1 for _, ok, _, _ in final if ok)
         useful = sum(g for _, _, g, _ in final)
         verified = sum(1 for _, _, _, v in final if v)
         wrong_verified = sum(1 for _, ok, _, v in final if v and not ok)
-        # What no placement can beat: every job alone on an idle node, no latency, no crash.
-        floor = np.percentile([s.compute_s for s in self.specs], 95)
-        executed = self.gpu_s_executed + still_running
+        work = self._work_by_outcome(jobs)
+        executed = sum(work.values())
+        ran_to_end = work.get("finished", 0.0) + work.get("cancelled", 0.0)
+        lost = work.get("crashed", 0.0) + work.get("lost", 0.0)
         return {
-            **self._steady_state_metrics(),
-            "jobs": len(self.specs),
-            "accepted": len(self.accepted),
-            "unfinished": len(self.specs) - len(self.accepted),
-            "gave_up_no_majority": sum(1 for j in self.jobs.values() if j.gave_up),
-            "correct_rate": correct / max(len(self.accepted), 1),
-            "wrong_accepted": len(self.accepted) - correct,
+            "jobs": len(jobs),
+            "accepted": len(final),
+            "unfinished": len(jobs) - len(final),
+            "correct_rate": correct / max(len(final), 1),
+            "wrong_accepted": len(final) - correct,
             "accepted_by_quorum": verified,
             "wrong_accepted_by_quorum": wrong_verified,
-            "wrong_accepted_single_copy": len(self.accepted) - correct - wrong_verified,
-            "revoked": self.revoked,
-            "revoked_wrong": self.revoked_wrong,
-            "owners_caught": len(self.caught_owners),
-            "completion_floor_p95_s": float(floor),
+            "wrong_accepted_single_copy": len(final) - correct - wrong_verified,
             "completion_mean_s": float(completions.mean()),
             "completion_p50_s": float(np.percentile(completions, 50)),
             "completion_p95_s": float(np.percentile(completions, 95)),
             "wasted_gpu_hours": (executed - useful) / 3600.0,
             "executed_gpu_hours": executed / 3600.0,
             "useful_gpu_hours": useful / 3600.0,
-            "replication_overhead": executed / useful if useful else math.inf,
+            "replication_overhead": ran_to_end / useful if useful else math.inf,
+            "crash_loss_overhead": lost / useful if useful else math.inf,
+            "executed_vs_useful": executed / useful if useful else math.inf,
+            "work_gpu_hours_by_outcome": {k: v / 3600.0 for k, v in sorted(work.items())},
+        }
+
+    def _metrics(self) -> dict[str, Any]:
+        measured = {s.index for s in self.specs if s.measured}
+        start = self.p.warmup_h * 3600.0
+        late = {s.index for s in self.specs if s.measured and s.submit_s >= start + self.p.arrival_window_h * 1800.0}
+        # What no placement can beat: every job alone on the fastest GPU model, no latency, no crash.
+        floor = np.percentile([s.compute_s for s in self.specs if s.measured], 95) / FASTEST_GPU_SPEED
+        steady = self._figures(late)
+        return {
+            "steady_state": {k: steady[k] for k in STEADY_KEYS},
+            **self._figures(measured),
+            "warmup_jobs": len(self.specs) - len(measured),
+            "gave_up_no_majority": sum(1 for i, j in self.jobs.items() if j.gave_up and i in measured),
+            "revoked": self.revoked,
+            "revoked_wrong": self.revoked_wrong,
+            "owners_caught": len(self.caught_owners),
+            "completion_floor_p95_s": float(floor),
             "executions": len(self.execs),
             "scheduler_calls": self.scheduler_calls,
             "scheduler_seconds": self.scheduler_s,
         }
+
+
+STEADY_KEYS = ("jobs", "accepted", "correct_rate", "completion_mean_s", "completion_p95_s", "replication_overhead")

@@ -68,6 +68,7 @@ def build_capacity(
                 gpus_free=gpus_total - used_gpus.get(name, 0),
                 cpus_free=cpus_total - used_cpus.get(name, 0.0),
                 gpu_memory_mib=gpu_memory,
+                gpu_models=tuple(str(g.get("model", "")) for g in spec.get("gpus") or []),
                 owner=str(spec.get("owner") or name),
                 region=str(spec.get("region") or "unknown"),
                 ready=status.get("phase", "Ready") != "NotReady",

@@ -23,6 +23,8 @@ class NodeCapacity:
     gpus_free: int
     cpus_free: float
     gpu_memory_mib: int = 0
+    gpu_models: tuple[str, ...] = ()
+    """`spec.gpus[].model` as the agent reported them (NVML names); speed ranks nodes by them."""
     owner: str = ""
     region: str = "unknown"
     ready: bool = True

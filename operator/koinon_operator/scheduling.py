@@ -22,7 +22,9 @@ from koinon_operator.scheduler import (
 
 
 def to_snapshot(node: NodeCapacity) -> NodeSnapshot:
-    gpus = tuple(Gpu("gpu", node.gpu_memory_mib) for _ in range(node.gpus_total))
+    # Ray's GPU count is what can be placed; models come from the VolunteerNode (unknown: neutral speed).
+    models = node.gpu_models if len(node.gpu_models) == node.gpus_total else ("unknown",) * node.gpus_total
+    gpus = tuple(Gpu(model, node.gpu_memory_mib) for model in models)
     return NodeSnapshot(
         name=node.name,
         owner=node.owner or node.name,

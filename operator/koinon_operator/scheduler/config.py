@@ -65,6 +65,26 @@ class VerificationConfig:
     """Copies of one job after which the scheduler gives up finding a majority."""
 
 
+DEFAULT_GPU_SPEEDS: tuple[tuple[str, float], ...] = (
+    ("T4", 0.2),
+    ("RTX 2080", 0.35),
+    ("RTX 3060", 0.3),
+    ("RTX 3070", 0.42),
+    ("RTX 3080", 0.55),
+    ("RTX 3090", 0.65),
+    ("RTX 4070", 0.5),
+    ("RTX 4080", 0.75),
+    ("RTX 4090", 1.0),
+    ("V100", 0.45),
+    ("A10", 0.45),
+    ("L4", 0.35),
+    ("A100", 1.2),
+    ("H100", 2.0),
+)
+"""Relative deep-learning training throughput (mixed precision), RTX 4090 = 1.0, rounded from public
+GPU benchmark tables (e.g. Lambda's); a ranking more than a measurement, good to within ~30 %."""
+
+
 @dataclass(frozen=True, slots=True)
 class ScoringConfig:
     """Weights of the Koinon placement score (higher is better)."""
@@ -96,13 +116,22 @@ class ScoringConfig:
     trusted_weight: float = 1.0
     """Bonus (scaled by job size) for a node that may skip replication (BOINC-trusted, owner clean):
     a big job run there is usually run once, on a fresh node it is run twice."""
-    trusted_reserve_weight: float = 0.0
+    trusted_reserve_weight: float = 0.5
     """Penalty (scaled by 1 - job size) for putting a small job on a trusted node, keeping trusted
     capacity for big jobs; small jobs then build trust on fresh nodes, where verifying them is cheap."""
     large_job_gpu_hours: float = 2.0
     """GPU-hours (GPUs x expected duration) at which a job counts as fully large (size 1)."""
     default_duration_s: float = 1800.0
     """Duration assumed for a job that gives no `expected_duration_s`."""
+    runtime_weight: float = 0.5
+    """Penalty per hour the job is expected to run on the node (its expected duration on the
+    reference GPU divided by the node's relative speed): long jobs go to fast GPUs, where they finish
+    sooner and are exposed to crashes and churn for less time."""
+    gpu_speeds: tuple[tuple[str, float], ...] = DEFAULT_GPU_SPEEDS
+    """Relative throughput per GPU model (RTX 4090 = 1.0); see `speed.py`."""
+    unknown_gpu_speed: float = 1.0
+    """Speed assumed for a GPU model not in `gpu_speeds`: neutral, so unknown models are neither
+    preferred nor avoided (all nodes equal when the operator knows no models)."""
     quarantine_below: float = 0.25
     """Koinon places nothing on a node whose (owner-adjusted) beta mean is below this. A fresh node
     scores 0.5; one disagreement before ~3 good results (or two before ~8) drops a node below it, so a

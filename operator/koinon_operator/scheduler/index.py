@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import SchedulerConfig
+from .speed import node_speeds
 from .types import JobRequest, NodeSnapshot
 
 BoolArray = npt.NDArray[np.bool_]
@@ -54,6 +55,12 @@ class NodeIndex:
     """Beta mean of results finished vs executions crashed or lost."""
     crash_rate_per_h: FloatArray
     """Gamma-Poisson estimate of crashes and losses per hour of work (the node's reliability)."""
+    speed: FloatArray
+    """Relative speed of the node's slowest GPU (RTX 4090 = 1.0; `speed.py`)."""
+    inverse_speed: FloatArray
+    """Hours on the node per hour on the reference GPU."""
+    crash_rate_per_speed2: FloatArray
+    """crash_rate_per_h / speed^2: the node's factor of the expected crash loss of a job."""
     trusted: BoolArray
     """May skip replication: BOINC trust counter reached and the owner has no disagreements."""
     running: IntArray
@@ -197,6 +204,14 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
     consecutive = ev[:, 8].astype(np.int64)
     trusted = (consecutive >= vc.trust_after_valid) & (owner_dis <= vc.owner_disagreement_tolerance)
 
+    # Floored so a zero in a hand-written speed table cannot divide by zero.
+    speed = np.maximum(
+        np.array(
+            node_speeds((n.gpus for n in ordered), sc.gpu_speeds, sc.unknown_gpu_speed),
+            dtype=np.float64,
+        ),
+        1e-3,
+    )
     rtt_for_score = np.where(np.isnan(rtt), sc.unknown_latency_ms, rtt)
     static = sc.reputation_weight * lower - sc.latency_weight * rtt_for_score / sc.latency_scale_ms
     static = static + sc.uptime_weight * up
@@ -229,6 +244,9 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
         owner_disagreements=owner_dis,
         finish_share=finish,
         crash_rate_per_h=crash_rate,
+        speed=speed,
+        inverse_speed=1.0 / speed,
+        crash_rate_per_speed2=crash_rate / (speed * speed),
         trusted=trusted,
         running=running,
         static_score=static,

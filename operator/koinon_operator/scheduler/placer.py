@@ -56,8 +56,11 @@ def make_best_score_chooser(cfg: SchedulerConfig) -> Chooser:
         hours = duration / 3600.0
         gpus = max(job.gpus_per_replica, 1)
         unit = sc.large_job_gpu_hours
-        # A crash at a uniform point loses half the run on average and the rerun starts from scratch.
-        values = values - sc.reliability_weight * gpus * index.crash_rate_per_h * (hours * hours / 2.0) / unit
+        # Hours on each node are hours / speed (the estimate is for the reference GPU). A crash at a
+        # uniform point loses half the run on average and the rerun starts from scratch, so the
+        # expected loss is crashRate * nodeHours^2 / 2 (per-node factors precomputed in the index).
+        values = values - (sc.runtime_weight * hours) * index.inverse_speed
+        values = values - (sc.reliability_weight * gpus * hours * hours / 2.0 / unit) * index.crash_rate_per_speed2
         size = min(gpus * hours / unit, 1.0)
         trust = sc.trusted_weight * skip * gpus * hours / unit - (1.0 - size) * sc.trusted_reserve_weight
         if trust:
