@@ -318,8 +318,12 @@ class TunnelService:
             await channel.write_frame(pb.Frame(close=pb.Close(reason=exc.reason)))
             return
         result = await asyncio.wait_for(channel.read_frame(), self.config.accept_timeout_s)
-        if result is None or result.WhichOneof("msg") != "dial_result" or not result.dial_result.ok:
-            why = result.dial_result.reason if result is not None and result.HasField("dial_result") else "bad-accept"
+        if not isinstance(result, pb.Frame) or result.WhichOneof("msg") != "dial_result" or not result.dial_result.ok:
+            why = (
+                result.dial_result.reason
+                if isinstance(result, pb.Frame) and result.HasField("dial_result")
+                else "bad-accept"
+            )
             pending.accepted.set_exception(DialRefused("unreachable", f"peer could not connect locally: {why}"))
             return
         pending.accepted.set_result(channel)

@@ -3,6 +3,10 @@
 A ``FrameChannel`` is one end of a Connect stream (server context or client call). The pumps map
 TCP half-close to ``CloseWrite`` frames so that protocols relying on shutdown(SHUT_WR) still work,
 and stop on ``Close`` frames or stream end.
+
+Data path per message: the socket is read straight into a reusable buffer (tcp_pipe), the payload
+view is framed by hand (frame_codec: one copy into the bytes gRPC wants), and on the other side the
+received message's payload is written to the socket as a view of it, without parsing into protobuf.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from typing import Any, Protocol
 
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
+from .frame_codec import OutgoingFrame, TunnelFrame
 from .rpc import EOF
+from .tcp_pipe import TcpPipe
 
 # Message size is the first lever of throughput through grpc (DESIGN §4): read up to 1 MiB at once.
 CHUNK_BYTES = 1 << 20
@@ -36,60 +42,71 @@ GRPC_OPTIONS: list[tuple[str, Any]] = [
 
 
 class FrameChannel(Protocol):
-    async def read_frame(self) -> pb.Frame | None: ...
+    """One end of a Connect stream. Data frames are read as ``memoryview`` payloads and written as
+    bytes-like payloads; every other frame is a ``tunnel_pb2.Frame`` (see frame_codec).
 
-    async def write_frame(self, frame: pb.Frame) -> None: ...
+    ``write_frame`` must be done with a payload when it returns (it is serialized, i.e. copied, by
+    then): ``tcp_to_channel`` hands it views of receive buffers that are reused afterwards.
+    """
+
+    async def read_frame(self) -> TunnelFrame | None: ...
+
+    async def write_frame(self, frame: OutgoingFrame) -> None: ...
 
 
 class GrpcFrameChannel:
-    """Adapts a grpc.aio server context or client call (both have read/write) to FrameChannel."""
+    """Adapts a grpc.aio server context or client call (both have read/write) to FrameChannel.
+
+    The stream must use the Connect codec of ``frame_codec`` (``rpc.tunnel_stub`` and
+    ``rpc.add_tunnel_service`` register it).
+    """
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
 
-    async def read_frame(self) -> pb.Frame | None:
+    async def read_frame(self) -> TunnelFrame | None:
         message = await self._stream.read()
         if message is EOF:
             return None
-        assert isinstance(message, pb.Frame)
-        return message
+        if message is None:
+            # grpc.aio's client logs a failing deserializer and hands out None.
+            raise ProtocolViolation("peer sent a malformed frame")
+        return message  # type: ignore[no-any-return]
 
-    async def write_frame(self, frame: pb.Frame) -> None:
+    async def write_frame(self, frame: OutgoingFrame) -> None:
         await self._stream.write(frame)
 
 
-async def tcp_to_channel(reader: asyncio.StreamReader, channel: FrameChannel) -> None:
+async def tcp_to_channel(pipe: TcpPipe, channel: FrameChannel) -> None:
     while True:
-        chunk = await reader.read(CHUNK_BYTES)
-        if not chunk:
+        chunk = await pipe.read()
+        if chunk is None:
             await channel.write_frame(pb.Frame(close_write=pb.CloseWrite()))
             return
-        await channel.write_frame(pb.Frame(data=pb.Data(payload=chunk)))
+        await channel.write_frame(chunk)
 
 
-async def channel_to_tcp(channel: FrameChannel, writer: asyncio.StreamWriter) -> str:
+async def channel_to_tcp(channel: FrameChannel, pipe: TcpPipe) -> str:
     """Copy Data frames to the socket; returns why it stopped ("close-write", "close:<reason>", "eof")."""
     while True:
         frame = await channel.read_frame()
         if frame is None:
             return "eof"
-        kind = frame.WhichOneof("msg")
-        if kind == "data":
-            writer.write(frame.data.payload)
+        if isinstance(frame, memoryview):
+            pipe.write(frame)
             # drain() only waits while the transport is above its high-water mark (and raises once
             # the socket is gone); skipping it when all was sent saves a coroutine round per
             # message and keeps the same backpressure and error reporting.
-            transport = writer.transport
-            if transport.get_write_buffer_size() > 0 or transport.is_closing():
-                await writer.drain()
-        elif kind == "close_write":
-            if writer.can_write_eof():
-                writer.write_eof()
+            if pipe.write_buffer_size > 0 or pipe.lost:
+                await pipe.drain()
+            continue
+        kind = frame.WhichOneof("msg")
+        if kind == "close_write":
+            pipe.write_eof()
             return "close-write"
-        elif kind == "close":
+        if kind == "close":
             return f"close:{frame.close.reason}"
-        else:
-            raise ProtocolViolation(f"unexpected frame {kind!r} during data transfer")
+        raise ProtocolViolation(f"unexpected frame {kind!r} during data transfer")
 
 
 class ProtocolViolation(Exception):
@@ -97,9 +114,13 @@ class ProtocolViolation(Exception):
 
 
 async def splice_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, channel: FrameChannel) -> None:
-    """Run both directions until each has finished (half-closes) or one side aborts."""
-    upstream = asyncio.ensure_future(tcp_to_channel(reader, channel))
-    downstream = asyncio.ensure_future(channel_to_tcp(channel, writer))
+    """Run both directions until each has finished (half-closes) or one side aborts.
+
+    The connection's transport is taken over (see tcp_pipe); the streams must not be used again.
+    """
+    pipe = TcpPipe.take_over(reader, writer, CHUNK_BYTES)
+    upstream = asyncio.ensure_future(tcp_to_channel(pipe, channel))
+    downstream = asyncio.ensure_future(channel_to_tcp(channel, pipe))
     pending: set[asyncio.Future[Any]] = {upstream, downstream}
     try:
         while pending:
@@ -111,7 +132,7 @@ async def splice_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             task.cancel()
         await asyncio.gather(upstream, downstream, return_exceptions=True)
         with contextlib.suppress(Exception):
-            writer.close()
+            pipe.close()
 
 
 def _aborted(task: asyncio.Future[Any], downstream: asyncio.Future[Any]) -> bool:
@@ -130,12 +151,14 @@ async def splice_channels(a: FrameChannel, b: FrameChannel) -> None:
             if frame is None:
                 await dst.write_frame(pb.Frame(close=pb.Close(reason="peer-ended")))
                 return "eof"
+            if isinstance(frame, memoryview):
+                await dst.write_frame(frame)
+                continue
             kind = frame.WhichOneof("msg")
-            if kind not in ("data", "close_write", "close"):
+            if kind not in ("close_write", "close"):
                 raise ProtocolViolation(f"unexpected frame {kind!r} during data transfer")
             await dst.write_frame(frame)
-            if kind != "data":
-                return str(kind)
+            return str(kind)
 
     ab = asyncio.ensure_future(forward(a, b))
     ba = asyncio.ensure_future(forward(b, a))

@@ -58,8 +58,12 @@ class LocalProxy:
             channel = GrpcFrameChannel(call)
             await channel.write_frame(pb.Frame(dial=pb.Dial(host=host, port=port)))
             result = await channel.read_frame()
-            if result is None or result.WhichOneof("msg") != "dial_result" or not result.dial_result.ok:
-                reason = result.dial_result.reason if result is not None else "tunnel-closed"
+            if (
+                not isinstance(result, pb.Frame)
+                or result.WhichOneof("msg") != "dial_result"
+                or not result.dial_result.ok
+            ):
+                reason = result.dial_result.reason if isinstance(result, pb.Frame) else "tunnel-closed"
                 self.refused += 1
                 log.info("dial %s:%d refused by gateway: %s", host, port, reason)
                 status = 403 if reason.startswith("forbidden") else 502

@@ -1,0 +1,203 @@
+"""TcpPipe: zero-copy reads from a taken-over stream transport, with reused buffers and backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+from koinon_gateway.tcp_pipe import PAUSE_READING_BYTES, TcpPipe
+
+Handler = Callable[[TcpPipe], Awaitable[None]]
+
+
+@asynccontextmanager
+async def pipe_server(handler: Handler, prefix_bytes: int = 0) -> AsyncIterator[int]:
+    """A server that reads ``prefix_bytes`` with the StreamReader, then hands the connection to a pipe."""
+    done: list[asyncio.Task[None]] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if prefix_bytes:
+            await reader.readexactly(prefix_bytes)
+        task = asyncio.current_task()
+        assert task is not None
+        done.append(task)
+        await handler(TcpPipe.take_over(reader, writer, 1 << 20))
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0, limit=1 << 20)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for task in done:
+            await asyncio.wait_for(task, 10)
+
+
+async def test_views_stay_intact_until_the_next_read_while_data_keeps_arriving() -> None:
+    data = os.urandom(24 << 20)
+    received = bytearray()
+
+    async def consume(pipe: TcpPipe) -> None:
+        rng = random.Random(1)
+        while (view := await pipe.read()) is not None:
+            expected = data[len(received) : len(received) + len(view)]
+            if rng.random() < 0.2:
+                await asyncio.sleep(0.002)  # let more data arrive, buffers fill up and get retired
+            assert view == expected, "a handed-out view changed before the next read()"
+            received.extend(view)
+        pipe.close()
+
+    async with pipe_server(consume, prefix_bytes=5) as port:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        # The first bytes arrive with the "handshake" and sit in the StreamReader when it is taken over.
+        writer.write(b"HELLO" + data[:1000])
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        rng = random.Random(2)
+        offset = 1000
+        while offset < len(data):
+            size = rng.choice([1, 100, 70_000, 1 << 20, 3 << 20])
+            writer.write(data[offset : offset + size])
+            offset += size
+            await writer.drain()
+        writer.write_eof()
+        await writer.drain()
+    assert bytes(received) == data
+
+
+async def test_slow_consumer_pauses_reading_and_resumes() -> None:
+    paused: list[bool] = []
+
+    async def consume(pipe: TcpPipe) -> None:
+        await asyncio.sleep(0.3)  # let the sender run ahead
+        paused.append(pipe._reading_paused)
+        total = 0
+        while (view := await pipe.read()) is not None:
+            total += len(view)
+        paused.append(pipe._reading_paused)
+        pipe.write(total.to_bytes(8, "big"))
+        pipe.write_eof()
+        await pipe.drain()
+
+    total = 32 << 20
+    async with pipe_server(consume) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        chunk = b"\0" * (1 << 20)
+        for _ in range(total // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+        writer.write_eof()
+        assert int.from_bytes(await asyncio.wait_for(reader.readexactly(8), 10), "big") == total
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+        writer.close()
+    assert paused == [True, False]
+    assert total > 2 * PAUSE_READING_BYTES
+
+
+async def test_eof_already_seen_by_the_stream_reader_is_kept() -> None:
+    got: list[bytes | None] = []
+
+    async def consume(pipe: TcpPipe) -> None:
+        view = await pipe.read()
+        got.append(None if view is None else bytes(view))
+        got.append(None if (view := await pipe.read()) is None else bytes(view))
+        pipe.close()
+
+    async def slow_start(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.2)  # bytes and FIN are both in the StreamReader by now
+        await consume(TcpPipe.take_over(reader, writer, 1 << 20))
+
+    server = await asyncio.start_server(slow_start, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"last words")
+    writer.write_eof()
+    await writer.drain()
+    for _ in range(100):
+        if len(got) == 2:
+            break
+        await asyncio.sleep(0.05)
+    server.close()
+    writer.close()
+    assert got == [b"last words", None]
+
+
+async def test_reset_connection_fails_reads_and_drains() -> None:
+    outcome: list[str] = []
+
+    async def consume(pipe: TcpPipe) -> None:
+        try:
+            while await pipe.read() is not None:
+                pass
+            outcome.append("eof")
+            for _ in range(50):
+                pipe.write(b"x" * 65536)
+                await pipe.drain()
+                await asyncio.sleep(0.01)
+            outcome.append("no error")
+        except ConnectionError as exc:
+            outcome.append(type(exc).__name__)
+
+    async with pipe_server(consume) as port:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"x")
+        await writer.drain()
+        writer.transport.abort()  # RST
+    assert outcome and outcome[-1] != "no error"
+
+
+@pytest.mark.parametrize("buffer_bytes", [1 << 16, 1 << 20])
+async def test_views_never_exceed_the_buffer_size(buffer_bytes: int) -> None:
+    sizes: list[int] = []
+
+    async def consume(pipe: TcpPipe) -> None:
+        await asyncio.sleep(0.1)
+        while (view := await pipe.read()) is not None:
+            sizes.append(len(view))
+        pipe.close()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await consume(TcpPipe.take_over(reader, writer, buffer_bytes))
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    writer.write(b"\1" * (3 << 20))
+    writer.write_eof()
+    await writer.drain()
+    for _ in range(100):
+        if sum(sizes) == 3 << 20:
+            break
+        await asyncio.sleep(0.05)
+    server.close()
+    writer.close()
+    assert sum(sizes) == 3 << 20
+    assert max(sizes) <= buffer_bytes
+
+
+async def test_large_stream_reader_leftover_is_split_into_buffer_sized_views() -> None:
+    sizes: list[int] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(1)
+        await asyncio.sleep(0.3)  # several MiB pile up in the StreamReader (limit 4 MiB)
+        pipe = TcpPipe.take_over(reader, writer, 1 << 20)
+        while (view := await pipe.read()) is not None:
+            sizes.append(len(view))
+        pipe.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0, limit=4 << 20)
+    _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    writer.write(b"\1" * (5 << 20))
+    writer.write_eof()
+    await writer.drain()
+    for _ in range(100):
+        if sum(sizes) == (5 << 20) - 1:
+            break
+        await asyncio.sleep(0.05)
+    server.close()
+    writer.close()
+    assert sum(sizes) == (5 << 20) - 1
+    assert max(sizes) <= 1 << 20
