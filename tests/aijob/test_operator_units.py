@@ -165,3 +165,26 @@ def test_volunteer_status_follows_its_ray_node() -> None:
     assert status_from_ray({**body, "status": status}, [dead], "t2")["phase"] == "NotReady"
     assert status_from_ray(body, [], "t3")["conditions"][0]["reason"] == "RayNodeMissing"
     assert managed_by_gateway({"metadata": {"annotations": {"koinon.dev/connection-owner": "gateway"}}})
+
+
+def test_gpu_models_from_the_volunteer_spec_reach_the_scheduler_and_pick_the_faster_node() -> None:
+    from koinon_operator.scheduling import ReputationPlacer, to_snapshot
+
+    ray_nodes = [
+        RayNodeInfo(f"id{i}", f"127.0.20.{i}", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": name})
+        for i, name in enumerate(("a-t4", "b-4090"))
+    ]
+    volunteers = {
+        "a-t4": {"spec": {"owner": "o1", "gpus": [{"model": "Tesla T4", "memoryMiB": 16384}]}},
+        "b-4090": {"spec": {"owner": "o2", "gpus": [{"model": "NVIDIA GeForce RTX 4090", "memoryMiB": 24576}]}},
+    }
+    capacity = {c.name: c for c in build_capacity(ray_nodes, volunteers, [])}
+    assert capacity["a-t4"].gpu_models == ("Tesla T4",)
+    assert [g.model for g in to_snapshot(capacity["b-4090"]).gpus] == ["NVIDIA GeForce RTX 4090"]
+    decision = ReputationPlacer(clock=lambda: 1_000.0).place(
+        PlacementRequest("ns/j", 1, 1, 1.0), list(capacity.values())
+    )
+    assert [n.name for n in decision.nodes] == ["b-4090"]
+    # Ray reports more GPUs than the spec lists: the models cannot be matched, so none is assumed.
+    mismatched = NodeCapacity("c", "127.0.20.9", "id9", 2, 2, 4.0, gpu_models=("Tesla T4",))
+    assert [g.model for g in to_snapshot(mismatched).gpus] == ["unknown", "unknown"]
