@@ -7,6 +7,7 @@ import multiprocessing
 import platform
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -99,23 +100,24 @@ ALL_RUNS = (
 """Slowest first, so two processes finish at about the same time."""
 
 
+def simulate(params: SimParams, parallel: int, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    work = [(name, params) for name in names]
+    if parallel > 1 and len(work) > 1:
+        with multiprocessing.get_context("fork").Pool(min(parallel, len(work))) as pool:
+            return dict(pool.map(run_policy, work))
+    return dict(map(run_policy, work))
+
+
 def explore(params: SimParams, parallel: int, names: list[str]) -> dict[str, Any]:
     """Only some policies (for tuning; never written as the published result)."""
-    work = [(name, params) for name in names]
-    with multiprocessing.get_context("fork").Pool(max(1, min(parallel, len(work)))) as pool:
-        results = dict(pool.map(run_policy, work))
+    results = simulate(params, parallel, names)
     if "random" in results:
         add_ratios(results)
     return results
 
 
 def run(params: SimParams, parallel: int, throughput: bool) -> dict[str, Any]:
-    work = [(name, params) for name in ALL_RUNS]
-    if parallel > 1:
-        with multiprocessing.get_context("fork").Pool(parallel) as pool:
-            results = dict(pool.map(run_policy, work))
-    else:
-        results = dict(map(run_policy, work))
+    results = simulate(params, parallel, ALL_RUNS)
     policies = {name: results[name] for name in POLICIES}
     add_ratios(policies)
     for v in VARIANTS:

@@ -53,14 +53,12 @@ class NodeIndex:
     owner_disagreements: FloatArray
     finish_share: FloatArray
     """Beta mean of results finished vs executions crashed or lost."""
-    crash_rate_per_h: FloatArray
-    """Gamma-Poisson estimate of crashes and losses per hour of work (the node's reliability)."""
-    speed: FloatArray
-    """Relative speed of the node's slowest GPU (RTX 4090 = 1.0; `speed.py`)."""
     inverse_speed: FloatArray
-    """Hours on the node per hour on the reference GPU."""
+    """Hours on the node per hour on the reference GPU (1 / the relative speed of its slowest GPU,
+    RTX 4090 = 1.0; `speed.py`)."""
     crash_rate_per_speed2: FloatArray
-    """crash_rate_per_h / speed^2: the node's factor of the expected crash loss of a job."""
+    """Gamma-Poisson estimate of crashes and losses per hour of work (the node's reliability) /
+    speed^2: the node's factor of the expected crash loss of a job."""
     trusted: BoolArray
     """May skip replication: BOINC trust counter reached and the owner has no disagreements."""
     running: IntArray
@@ -243,8 +241,6 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
         consecutive_valid=consecutive,
         owner_disagreements=owner_dis,
         finish_share=finish,
-        crash_rate_per_h=crash_rate,
-        speed=speed,
         inverse_speed=1.0 / speed,
         crash_rate_per_speed2=crash_rate / (speed * speed),
         trusted=trusted,

@@ -26,18 +26,14 @@ def _normalise(name: str) -> str:
 
 
 @lru_cache(maxsize=256)
-def _lookup(model: str, table: tuple[tuple[str, float], ...], unknown: float) -> float:
+def gpu_speed(model: str, table: tuple[tuple[str, float], ...], unknown: float) -> float:
+    """Relative speed of one GPU model (1.0 = RTX 4090)."""
     name = _normalise(model)
     # Longest key first, so "a100" wins over "a10" and "4090" over "40".
     for key, speed in sorted(table, key=lambda kv: -len(kv[0])):
         if _normalise(key) in name:
             return speed
     return unknown
-
-
-def gpu_speed(model: str, table: tuple[tuple[str, float], ...], unknown: float) -> float:
-    """Relative speed of one GPU model (1.0 = RTX 4090)."""
-    return _lookup(model, table, unknown)
 
 
 def node_speed(models: Iterable[str], table: tuple[tuple[str, float], ...], unknown: float) -> float:
