@@ -109,6 +109,8 @@ class SimJob:
     credited: set[str] = field(default_factory=set)
     """Nodes whose agreement on this job has already been recorded (a kept vote is not paid twice)."""
     banned_owners: set[str] = field(default_factory=set)
+    pending_since: float = 0.0
+    """When the current attempt started waiting for placement."""
     """Owners caught lying since the job was first accepted: no copy goes to them again."""
 
 
@@ -209,7 +211,7 @@ class Simulation:
 
     def _on_arrive(self, now: float, index: int, _: str) -> None:
         spec = self.specs[index]
-        self.jobs[index] = job = SimJob(spec, self.p.verification_quorum if self.verify else 1)
+        self.jobs[index] = job = SimJob(spec, self.p.verification_quorum if self.verify else 1, pending_since=now)
         self.pending[index] = self._request(job, replicas=1, quorum=job.quorum, owners=frozenset())
 
     def _request(self, job: SimJob, replicas: int, quorum: int, owners: frozenset[str]) -> JobRequest:
@@ -229,6 +231,7 @@ class Simulation:
             creation_index=s.index,
             attempt=job.placements,
             expected_duration_s=s.duration_estimate_s,
+            pending_since=job.pending_since,
         )
 
     def _on_requeue(self, now: float, index: int, _: str) -> None:
@@ -241,6 +244,7 @@ class Simulation:
             job.results.clear()
             job.result_exec.clear()
             job.missing = 0
+            job.pending_since = now
             self.pending[index] = self._request(job, 1, job.quorum, frozenset())
         else:
             job.missing += 1
@@ -433,7 +437,15 @@ class Simulation:
         job.results = {n: job.results[n] for n in action.keep}
         job.result_exec = {n: job.result_exec[n] for n in action.keep}
         job.vouchers = {}
-        job.planned = max(job.planned, 2)  # the rerun is decided by a quorum
+        if not action.keep:
+            # No vote stands: the job is placed afresh like any pending job (adaptive replication
+            # decides its copies; the caught owners stay excluded).
+            job.planned = 0
+            job.missing = 0
+            job.pending_since = now
+            self.pending[index] = self._request(job, 1, job.quorum, frozenset(job.banned_owners))
+            return
+        job.planned = max(job.planned, 2)  # the kept votes are completed to a quorum
         job.missing = action.more_copies
         self._request_missing(job)
 

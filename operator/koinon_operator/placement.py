@@ -51,6 +51,8 @@ class PlacementRequest:
     verification_quorum: int = 1
     attempt: int = 0
     creation_index: int = 0
+    pending_since: float | None = None
+    """When this attempt started waiting (Unix seconds); None = unknown."""
 
 
 @dataclass(frozen=True)

@@ -348,6 +348,9 @@ class AIJobReconciler:
             verification_quorum=spec.verification.quorum if verified else 1,
             attempt=state.attempts + 1,
             creation_index=creation_index,
+            # creation_index is creationTimestamp in seconds: the first attempt has waited since then
+            # (a large replicated job may wait a bounded time for a trusted node); failovers do not wait.
+            pending_since=float(creation_index) if state.attempts == 0 and creation_index else None,
         )
         async with self.placement_lock:
             ray_nodes = await self.nodes.get()

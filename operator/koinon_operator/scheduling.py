@@ -55,6 +55,7 @@ def to_job(request: PlacementRequest) -> JobRequest:
         excluded_nodes=request.excluded_nodes,
         attempt=request.attempt,
         creation_index=request.creation_index,
+        pending_since=request.pending_since,
     )
 
 

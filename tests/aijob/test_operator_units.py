@@ -188,3 +188,19 @@ def test_gpu_models_from_the_volunteer_spec_reach_the_scheduler_and_pick_the_fas
     # Ray reports more GPUs than the spec lists: the models cannot be matched, so none is assumed.
     mismatched = NodeCapacity("c", "127.0.20.9", "id9", 2, 2, 4.0, gpu_models=("Tesla T4",))
     assert [g.model for g in to_snapshot(mismatched).gpus] == ["unknown", "unknown"]
+
+
+def test_a_large_replicated_aijob_waits_for_a_trusted_volunteer_then_runs_anywhere() -> None:
+    from koinon_operator.scheduler.placer import WAITING_FOR_TRUSTED
+    from koinon_operator.scheduling import ReputationPlacer, to_job
+
+    # Two fresh 4-GPU volunteers; a 4-GPU AIJob of unknown length counts as 4 x 30 min = 2 GPU-hours.
+    capacity = [NodeCapacity(f"v{i}", f"127.0.21.{i}", f"id{i}", 4, 4, 16.0, owner=f"o{i}") for i in range(2)]
+    created = 1_000.0
+    request = PlacementRequest("ns/big", 1, 4, 1.0, verification_quorum=2, pending_since=created)
+    assert to_job(request).pending_since == created
+    waiting = ReputationPlacer(clock=lambda: created + 60.0).place(request, capacity)
+    assert not waiting.placed and waiting.reasons == {WAITING_FOR_TRUSTED: 2}
+    assert "2 not trusted yet" in waiting.message
+    later = ReputationPlacer(clock=lambda: created + 1_800.0).place(request, capacity)
+    assert later.placed and later.copies == 2

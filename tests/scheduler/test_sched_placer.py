@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -210,8 +211,10 @@ def test_sybil_fresh_fleet_does_not_outrank_a_proven_node() -> None:
     proven = mk("proven", "alice", rtt=120.0, ev=PROVEN)
     (p,) = schedule([JobRequest("ns/j")], [*fleet_nodes, proven], NOW).placements
     assert p.nodes == ("proven",)
-    # A quorum of two needs two owners: the fleet supplies at most one copy.
-    (p2,) = schedule([JobRequest("ns/v", verification_quorum=2)], [*fleet_nodes, proven], NOW).placements
+    # A quorum of two needs two owners: the fleet supplies at most one copy. (The proven node's trust
+    # counter is zeroed here so that adaptive replication cannot skip the second copy.)
+    checked = mk("proven", "alice", rtt=120.0, ev=replace(PROVEN, consecutive_valid=0))
+    (p2,) = schedule([JobRequest("ns/v", verification_quorum=2)], [*fleet_nodes, checked], NOW).placements
     assert len({n.startswith("sybil") for n in p2.nodes}) == 2
 
 

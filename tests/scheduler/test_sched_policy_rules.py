@@ -28,6 +28,8 @@ from koinon_operator.scheduler import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from koinon_operator.scheduler.placer import WAITING_FOR_TRUSTED
+
 from bench.scheduler.params import QUICK
 from bench.scheduler.simulator import Simulation
 
@@ -166,3 +168,64 @@ def test_work_hours_are_recorded_decay_and_survive_the_status_round_trip() -> No
 def test_bad_expected_duration_is_refused_naming_the_field(duration: float) -> None:
     with pytest.raises(ValueError, match="ns/j: expected duration"):
         JobRequest("ns/j", expected_duration_s=duration)
+
+
+# --- large replicated jobs wait a while for a trusted node --------------------------------------
+
+TRUSTED = ReputationEvidence(successes=20, agreements=20, consecutive_valid=8, last_updated=NOW)
+
+
+def big(key: str, pending_since: float | None = None, creation_index: int = 0) -> JobRequest:
+    """4 GPU-hours, replicated: a verification copy would double it."""
+    return JobRequest(
+        key,
+        gpus_per_replica=2,
+        expected_duration_s=2 * 3600.0,
+        verification_quorum=2,
+        pending_since=pending_since,
+        creation_index=creation_index,
+    )
+
+
+def test_big_replicated_job_waits_for_a_trusted_node_with_a_reason() -> None:
+    fresh = [snap(f"fresh{i}", gpus=2) for i in range(3)]
+    result = schedule([big("ns/big", NOW - 60.0)], fresh, NOW)
+    (u,) = result.unschedulable
+    assert not result.placements
+    assert u.reasons == {WAITING_FOR_TRUSTED: 3}
+    assert u.message.startswith("0/3 nodes are available: 3 not trusted yet")
+
+
+def test_big_job_goes_to_a_trusted_node_when_one_fits() -> None:
+    nodes = [snap("fresh", gpus=2, rtt=5.0), snap("proven", gpus=2, rtt=250.0, ev=TRUSTED)]
+    (p,) = schedule([big("ns/big", NOW - 60.0)], nodes, NOW).placements
+    assert p.nodes[0] == "proven"
+
+
+def test_the_wait_is_bounded_and_small_or_unknown_age_jobs_never_wait() -> None:
+    fresh = [snap(f"fresh{i}", gpus=2) for i in range(3)]
+    waited = big("ns/big", NOW - DEFAULT_CONFIG.verification.trusted_wait_s)
+    small = JobRequest("ns/small", expected_duration_s=600.0, verification_quorum=2, pending_since=NOW)
+    unknown_age = big("ns/old")
+    for job in (waited, small, unknown_age):
+        (p,) = schedule([job], fresh, NOW).placements
+        assert p.copies == 2 and len(set(p.nodes)) == 2 * job.replicas
+    never = replace(DEFAULT_CONFIG, verification=replace(DEFAULT_CONFIG.verification, trusted_wait_s=0.0))
+    assert schedule([big("ns/big", NOW)], fresh, NOW, never).placements
+
+
+def test_a_waiting_job_does_not_block_later_jobs_of_its_shape_from_untrusted_nodes() -> None:
+    fresh = [snap(f"fresh{i}", gpus=2) for i in range(4)]
+    jobs = [
+        big("ns/new", NOW, creation_index=0),
+        big("ns/old", creation_index=1),
+    ]
+    result = schedule(jobs, fresh, NOW)
+    assert [p.job_key for p in result.placements] == ["ns/old"]
+    assert [u.job_key for u in result.unschedulable] == ["ns/new"]
+
+
+@pytest.mark.parametrize("since", [math.inf, math.nan])
+def test_bad_pending_since_is_refused(since: float) -> None:
+    with pytest.raises(ValueError, match="pending_since"):
+        JobRequest("ns/j", pending_since=since)

@@ -29,18 +29,25 @@ RC = DEFAULT_CONFIG.reputation
 
 
 def test_untrusted_nodes_always_replicate_and_no_verification_means_one_copy() -> None:
+    below_trust = TrustRecord(consecutive_valid=VC.trust_after_valid - 1)
     for seed in range(200):
-        assert plan_replication(2, TrustRecord(consecutive_valid=9), seed, VC) == 2
+        assert plan_replication(2, below_trust, seed, VC) == 2
         assert plan_replication(1, TrustRecord(consecutive_valid=0), seed, VC) == 1
 
 
-def test_trusted_nodes_skip_with_probability_one_minus_one_over_n_capped() -> None:
-    assert skip_probability(TrustRecord(10), VC) == 0.9
+def test_trusted_nodes_skip_with_probability_one_minus_one_over_ramp_n_capped() -> None:
+    assert VC.trust_after_valid == 3 and VC.skip_ramp == 2.0  # the documented defaults
+    assert skip_probability(TrustRecord(2), VC) == 0.0
+    assert skip_probability(TrustRecord(3), VC) == 1.0 - 1.0 / 6.0
+    assert skip_probability(TrustRecord(4), VC) == 1.0 - 1.0 / 8.0
+    assert skip_probability(TrustRecord(5), VC) == 0.9
     assert skip_probability(TrustRecord(1000), VC) == VC.max_skip_probability
     assert skip_probability(TrustRecord(50, owner_disagreements=1.0), VC) == 0.0
     seeds = [stable_seed("ns/job", i) for i in range(4000)]
     skipped = sum(plan_replication(2, TrustRecord(10), s, VC) == 1 for s in seeds) / len(seeds)
     assert 0.88 < skipped < 0.92
+    checked_new = sum(plan_replication(2, TrustRecord(3), s, VC) == 2 for s in seeds) / len(seeds)
+    assert 0.14 < checked_new < 0.19  # one in six
 
 
 @settings(max_examples=30, deadline=None)

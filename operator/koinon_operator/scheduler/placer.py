@@ -78,6 +78,19 @@ def choose_best_score(index: NodeIndex, mask: BoolArray, job: JobRequest) -> int
 _DEFAULT_CHOOSER = make_best_score_chooser(DEFAULT_CONFIG)
 
 
+WAITING_FOR_TRUSTED = "not trusted yet (a large replicated job waits a while for a trusted node)"
+
+
+def waits_for_trusted(job: JobRequest, now: float, cfg: SchedulerConfig) -> bool:
+    """A replicated job of at least `trusted_wait_gpu_hours` that has waited less than
+    `trusted_wait_s` is placed only on trusted nodes (where it usually runs once)."""
+    vc = cfg.verification
+    if job.verification_quorum <= 1 or job.pending_since is None or now - job.pending_since >= vc.trusted_wait_s:
+        return False
+    duration = job.expected_duration_s if job.expected_duration_s is not None else cfg.scoring.default_duration_s
+    return job.replicas * max(job.gpus_per_replica, 1) * duration / 3600.0 >= vc.trusted_wait_gpu_hours
+
+
 def _pick_group(index: NodeIndex, mask: BoolArray, count: int, choose: Chooser, job: JobRequest) -> list[int] | None:
     """`count` nodes with pairwise distinct owners (so also distinct nodes); consumes `mask`."""
     picked: list[int] = []
@@ -140,7 +153,16 @@ def _run(
         if static is None:
             static = static_cache[signature] = static_mask(index, job, quarantine)
         mask = dynamic_mask(index, job, static)
-        primary = _pick_group(index, mask, job.replicas, choose, job)
+        if verify and waits_for_trusted(job, now, cfg):
+            primary = _pick_group(index, mask & index.trusted, job.replicas, choose, job)
+            if primary is None and bool(mask.any()):
+                # Untrusted nodes fit, but the job would run twice there: it waits (bounded).
+                refuse(job, {WAITING_FOR_TRUSTED: int(mask.sum())})
+                continue
+            for i in primary or ():
+                mask &= index.owner_code != index.owner_code[i]
+        else:
+            primary = _pick_group(index, mask, job.replicas, choose, job)
         if primary is None:
             reasons = explain(index, job, job.replicas, quarantine)
             if shape is not None:

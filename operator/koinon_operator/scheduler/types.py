@@ -86,6 +86,9 @@ class JobRequest:
     expected_duration_s: float | None = None
     """The submitter's runtime estimate; None = unknown. Only weighs how much reliability and trust
     matter for this job (a crash late in a long job wastes more), never a limit."""
+    pending_since: float | None = None
+    """When this attempt started waiting for placement (same clock as `now`); None = unknown. Lets a
+    large job that would need a verification copy wait a bounded time for a trusted node."""
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -110,6 +113,8 @@ class JobRequest:
             )
         if self.max_latency_ms is not None and self.max_latency_ms < 0:
             raise ValueError(f"{self.key}: spec.constraints.maxLatencyMs must be >= 0, got {self.max_latency_ms}")
+        if self.pending_since is not None and not math.isfinite(self.pending_since):
+            raise ValueError(f"{self.key}: pending_since must be a finite time, got {self.pending_since}")
         if self.verification_quorum < 1:
             raise ValueError(f"{self.key}: spec.verification.quorum must be >= 1, got {self.verification_quorum}")
 

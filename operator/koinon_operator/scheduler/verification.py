@@ -1,8 +1,8 @@
 """Replicated verification: how many copies to run, which digest to accept, who pays for lying.
 
 Adaptive replication follows BOINC: a node becomes trusted after `trust_after_valid` validated
-results in a row (reset to 0 by a disagreement), then skips replication with probability 1 - 1/n,
-capped so trusted nodes are still spot-checked. The coin is derived from the job key and attempt,
+results in a row (reset to 0 by a disagreement), then skips replication with probability
+1 - 1/(skip_ramp * n), capped so trusted nodes are still spot-checked. The coin is derived from the job key and attempt,
 so the decision is reproducible. A quorum counts distinct owners, never nodes.
 """
 
@@ -43,7 +43,7 @@ def skip_probability(record: TrustRecord, cfg: VerificationConfig) -> float:
     n = record.consecutive_valid
     if n < cfg.trust_after_valid:
         return 0.0
-    return min(1.0 - 1.0 / n, cfg.max_skip_probability)
+    return min(1.0 - 1.0 / (cfg.skip_ramp * n), cfg.max_skip_probability)
 
 
 def plan_replication(quorum: int, record: TrustRecord, seed: int, cfg: VerificationConfig) -> int:
@@ -113,8 +113,10 @@ def apply_quorum_outcome(
 
 @dataclass(frozen=True, slots=True)
 class Revoke:
-    """An accepted result loses its standing: rerun the job with `more_copies` new copies (on owners
-    other than `keep`'s and the caught ones), keeping the votes in `keep`."""
+    """An accepted result loses its standing. With votes in `keep`, `more_copies` new copies (on
+    owners other than `keep`'s and the caught ones) complete the quorum; with none kept the job is
+    pending again and placed afresh like any job (adaptive replication decides its copies; the
+    caught owners stay excluded), `more_copies` being the full quorum it needs if replicated."""
 
     keep: tuple[str, ...]
     """Nodes whose agreeing results still count (their owners were not caught)."""
