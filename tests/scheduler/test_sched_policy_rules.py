@@ -9,6 +9,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from koinon_operator.scheduler import (
     DEFAULT_CONFIG,
     Gpu,
@@ -229,3 +231,24 @@ def test_a_waiting_job_does_not_block_later_jobs_of_its_shape_from_untrusted_nod
 def test_bad_pending_since_is_refused(since: float) -> None:
     with pytest.raises(ValueError, match="pending_since"):
         JobRequest("ns/j", pending_since=since)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 4), st.booleans(), st.integers(0, 4)), min_size=1, max_size=12))
+def test_a_waiting_job_runs_only_on_a_trusted_primary_and_says_why_it_waits(fleet: list[tuple[int, bool, int]]) -> None:
+    nodes = [
+        snap(f"n{i}", gpus=gpus, free=min(free, gpus), ev=TRUSTED if trusted else None)
+        for i, (gpus, trusted, free) in enumerate(fleet)
+    ]
+    trusted_room = sum(1 for n in nodes if n.free_gpus >= 2 and n.reputation is TRUSTED)
+    untrusted_room = sum(1 for n in nodes if n.free_gpus >= 2 and n.reputation is not TRUSTED)
+    result = schedule([big("ns/big", NOW)], nodes, NOW)
+    if trusted_room:
+        (placement,) = result.placements
+        assert {n.name: n for n in nodes}[placement.nodes[0]].reputation is TRUSTED
+    elif untrusted_room:
+        (refused,) = result.unschedulable
+        assert refused.reasons == {WAITING_FOR_TRUSTED: untrusted_room}
+    else:
+        (refused,) = result.unschedulable
+        assert WAITING_FOR_TRUSTED not in refused.reasons
