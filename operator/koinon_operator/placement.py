@@ -53,6 +53,8 @@ class PlacementRequest:
     creation_index: int = 0
     pending_since: float | None = None
     """When this attempt started waiting (Unix seconds); None = unknown."""
+    expected_duration_s: float | None = None
+    """`spec.expectedDurationSeconds`; None = unknown."""
 
 
 @dataclass(frozen=True)

@@ -351,6 +351,7 @@ class AIJobReconciler:
             # creation_index is creationTimestamp in seconds: the first attempt has waited since then
             # (a large replicated job may wait a bounded time for a trusted node); failovers do not wait.
             pending_since=float(creation_index) if state.attempts == 0 and creation_index else None,
+            expected_duration_s=spec.expected_duration_seconds,
         )
         async with self.placement_lock:
             ray_nodes = await self.nodes.get()

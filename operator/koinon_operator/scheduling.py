@@ -56,6 +56,7 @@ def to_job(request: PlacementRequest) -> JobRequest:
         attempt=request.attempt,
         creation_index=request.creation_index,
         pending_since=request.pending_since,
+        expected_duration_s=request.expected_duration_s,
     )
 
 

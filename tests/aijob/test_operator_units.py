@@ -37,6 +37,8 @@ from koinon_operator.reconciler import (
         ({"entrypoint": "x", "verification": {"mode": "vibes"}}, "spec.verification.mode"),
         ({"entrypoint": "x", "suspend": "yes"}, "spec.suspend"),
         ({"entrypoint": "x", "runtimeEnv": []}, "spec.runtimeEnv"),
+        ({"entrypoint": "x", "expectedDurationSeconds": 0}, "spec.expectedDurationSeconds"),
+        ({"entrypoint": "x", "expectedDurationSeconds": "1h"}, "spec.expectedDurationSeconds"),
     ],
 )
 def test_parse_spec_names_the_bad_field(spec: dict[str, object], field: str) -> None:
@@ -204,3 +206,11 @@ def test_a_large_replicated_aijob_waits_for_a_trusted_volunteer_then_runs_anywhe
     assert "2 not trusted yet" in waiting.message
     later = ReputationPlacer(clock=lambda: created + 1_800.0).place(request, capacity)
     assert later.placed and later.copies == 2
+    # A short job (spec.expectedDurationSeconds: 600 -> 4 x 10 min < 1 GPU-hour) never waits.
+    spec = parse_spec({"entrypoint": "x", "expectedDurationSeconds": 600})
+    short = PlacementRequest(
+        "ns/short", 1, 4, 1.0, verification_quorum=2, pending_since=created,
+        expected_duration_s=spec.expected_duration_seconds,
+    )  # fmt: skip
+    assert to_job(short).expected_duration_s == 600
+    assert ReputationPlacer(clock=lambda: created + 60.0).place(short, capacity).placed

@@ -56,6 +56,8 @@ class AIJobSpec:
     active_deadline_seconds: int | None = None
     suspend: bool = False
     ttl_seconds_after_finished: int | None = None
+    expected_duration_seconds: int | None = None
+    """The submitter's run-time estimate on an RTX 4090-class GPU: weighs placement, never a limit."""
 
 
 def _int(raw: Mapping[str, Any], key: str, path: str, default: int | None, minimum: int) -> int | None:
@@ -131,6 +133,7 @@ def parse_spec(raw: Mapping[str, Any]) -> AIJobSpec:
         active_deadline_seconds=_int(raw, "activeDeadlineSeconds", "spec", None, 1),
         suspend=suspend,
         ttl_seconds_after_finished=_int(raw, "ttlSecondsAfterFinished", "spec", None, 0),
+        expected_duration_seconds=_int(raw, "expectedDurationSeconds", "spec", None, 1),
     )
 
 
