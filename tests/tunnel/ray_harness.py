@@ -50,8 +50,11 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
 
 
 def free_port_block(host: str, size: int) -> int:
+    # Below the kernel's ephemeral range (32768-60999 here): Ray's own outgoing connections from the
+    # head's address take ephemeral source ports, and one landing in the block before Ray binds that
+    # port made the head fail to start now and then. Volunteers' blocks use 20000-28000 on other IPs.
     for _ in range(200):
-        base = random.randrange(41000, 59000 - size)
+        base = random.randrange(10000, 19000 - size)
         try:
             for port in range(base, base + size):
                 with socket.socket() as s:
@@ -83,6 +86,13 @@ class Volunteer:
     def identity(self) -> dict[str, str]:
         path = self.state_dir / "identity.json"
         return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as error:
+        return f"({error})"
 
 
 @dataclass
@@ -204,8 +214,15 @@ class RayTunnelHarness:
             command, env=self.ray_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         log.close()
-        raylet = self.workdir / "head" / "session_latest" / "logs" / "raylet.out"
-        wait_until(lambda: raylet.exists() and b"NodeManager server started" in raylet.read_bytes(), 60, "head")
+        logs = self.workdir / "head" / "session_latest" / "logs"
+        raylet = logs / "raylet.out"
+        try:
+            wait_until(lambda: raylet.exists() and b"NodeManager server started" in raylet.read_bytes(), 60, "head")
+        except TimeoutError as error:
+            raise TimeoutError(
+                f"{error}\n--- head log ---\n{_tail(self.workdir / 'head.log')}\n"
+                f"--- GCS log ---\n{_tail(logs / 'gcs_server.out')}\n--- raylet log ---\n{_tail(raylet)}"
+            ) from None
 
     # ---- volunteers ----
 
@@ -263,7 +280,19 @@ class RayTunnelHarness:
             status = node.get("status", {})
             return node if status.get("phase") == "Ready" and status.get("rayNodeId") else None
 
-        result: dict[str, Any] = wait_until(ready, timeout, f"{volunteer.name} Ready")
+        try:
+            result: dict[str, Any] = wait_until(ready, timeout, f"{volunteer.name} Ready")
+        except TimeoutError as error:
+            # Say why: what the gateway wrote to the VolunteerNode and the last lines of both logs.
+            name = volunteer.identity().get("node_name") or "(agent has no identity yet)"
+            status = self.nodes().get(name, {}).get("status")
+            raise TimeoutError(
+                f"{error}\nnode {name} status: {status}\n"
+                f"--- agent log ---\n{_tail(volunteer.log_path)}\n"
+                f"--- gateway log ---\n{_tail(self.workdir / 'gateway.log')}\n"
+                f"--- head log ---\n{_tail(self.workdir / 'head.log')}\n"
+                f"--- head GCS log ---\n{_tail(self.workdir / 'head' / 'session_latest' / 'logs' / 'gcs_server.out')}"
+            ) from None
         return result
 
     def run_driver(self, code: str, timeout: float = 180) -> str:
