@@ -243,12 +243,16 @@ class Simulation:
             # The only copy was lost: plan afresh (a new replication coin for a new placement).
             job.results.clear()
             job.result_exec.clear()
-            job.missing = 0
-            job.pending_since = now
-            self.pending[index] = self._request(job, 1, job.quorum, frozenset())
+            self._place_afresh(job, now, frozenset())
         else:
             job.missing += 1
             self._request_missing(job)
+
+    def _place_afresh(self, job: SimJob, now: float, owners: frozenset[str]) -> None:
+        """Pending again as a new attempt (not on `owners`): the scheduler plans its copies."""
+        job.missing = 0
+        job.pending_since = now
+        self.pending[job.spec.index] = self._request(job, 1, job.quorum, owners)
 
     def _request_missing(self, job: SimJob) -> None:
         self.pending[job.spec.index] = self._request(job, job.missing, 1, self._owners_holding(job))
@@ -441,9 +445,7 @@ class Simulation:
             # No vote stands: the job is placed afresh like any pending job (adaptive replication
             # decides its copies; the caught owners stay excluded).
             job.planned = 0
-            job.missing = 0
-            job.pending_since = now
-            self.pending[index] = self._request(job, 1, job.quorum, frozenset(job.banned_owners))
+            self._place_afresh(job, now, frozenset(job.banned_owners))
             return
         job.planned = max(job.planned, 2)  # the kept votes are completed to a quorum
         job.missing = action.more_copies

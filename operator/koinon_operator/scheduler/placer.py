@@ -42,6 +42,12 @@ def _masked_argmax(values: np.ndarray, mask: BoolArray) -> int:  # type: ignore[
     return i if mask[i] else -1
 
 
+def expected_hours(job: JobRequest, cfg: SchedulerConfig) -> float:
+    """The job's expected run time on the reference GPU, in hours (the configured default if unknown)."""
+    duration = job.expected_duration_s if job.expected_duration_s is not None else cfg.scoring.default_duration_s
+    return duration / 3600.0
+
+
 def make_best_score_chooser(cfg: SchedulerConfig) -> Chooser:
     """Koinon: highest reputation lower bound, least latency and load, best GPU fit, plus two terms
     in GPU-hours that grow with the job: the work a crash is expected to waste on this node, and the
@@ -52,8 +58,7 @@ def make_best_score_chooser(cfg: SchedulerConfig) -> Chooser:
     def choose(index: NodeIndex, mask: BoolArray, job: JobRequest) -> int:
         leftover = index.available_fitting(job.gpu_memory_mib) - job.gpus_per_replica
         values = index.score - index.packing_weight * leftover / 8.0
-        duration = job.expected_duration_s if job.expected_duration_s is not None else sc.default_duration_s
-        hours = duration / 3600.0
+        hours = expected_hours(job, cfg)
         gpus = max(job.gpus_per_replica, 1)
         unit = sc.large_job_gpu_hours
         # Hours on each node are hours / speed (the estimate is for the reference GPU). A crash at a
@@ -87,8 +92,7 @@ def waits_for_trusted(job: JobRequest, now: float, cfg: SchedulerConfig) -> bool
     vc = cfg.verification
     if job.verification_quorum <= 1 or job.pending_since is None or now - job.pending_since >= vc.trusted_wait_s:
         return False
-    duration = job.expected_duration_s if job.expected_duration_s is not None else cfg.scoring.default_duration_s
-    return job.replicas * max(job.gpus_per_replica, 1) * duration / 3600.0 >= vc.trusted_wait_gpu_hours
+    return job.replicas * max(job.gpus_per_replica, 1) * expected_hours(job, cfg) >= vc.trusted_wait_gpu_hours
 
 
 def _pick_group(index: NodeIndex, mask: BoolArray, count: int, choose: Chooser, job: JobRequest) -> list[int] | None:
