@@ -94,10 +94,12 @@ class Gateway:
     async def start(self) -> Gateway:
         bundle = await load_or_create_ca(self.ca_store)
         self.ca_pem = bundle.cert_pem
-        for node in await self.registry.list():
+        nodes = await self.registry.list()
+        for node in nodes:
             address = (node.get("status") or {}).get("address")
             if address and self.allocator.contains(address):
                 self.allocator.reserve(address)
+        await self.sessions.disown_stale_connections(nodes)
         service = TunnelService(
             self.config,
             self.tokens,

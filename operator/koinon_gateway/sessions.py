@@ -147,6 +147,35 @@ class SessionTable:
         except Exception:  # a status write must never take the tunnel down
             log.exception("status write for %s failed", session.node_name)
 
+    async def disown_stale_connections(self, nodes: list[dict[str, Any]]) -> list[str]:
+        """Marks nodes NotReady that a previous gateway left as connected; returns their names.
+
+        A gateway that crashed (SIGKILL, OOM, node loss) wrote no "disconnected" status, so its
+        nodes would stay Ready until they reconnect, and a node that never comes back would stay
+        Ready for good. One gateway replica owns all sessions (Recreate), so at start-up no node
+        is connected to this one yet: each becomes Ready again when its agent re-registers.
+        """
+        disowned: list[str] = []
+        for node in nodes:
+            name = str((node.get("metadata") or {}).get("name", ""))
+            status = node.get("status") or {}
+            if not name or name in self.by_name or not (status.get("connected") or status.get("phase") == "Ready"):
+                continue
+            condition = next_condition(
+                None, False, "GatewayRestarted", "gateway restarted; waiting for the agent to reconnect"
+            )
+            self._conditions[name] = condition
+            patch = {"phase": "NotReady", "connected": False, "conditions": [condition.as_dict()]}
+            try:
+                await self.registry.patch_status(name, patch)
+            except Exception:  # one bad object must not keep the gateway from serving the others
+                log.exception("status write for %s failed", name)
+                continue
+            disowned.append(name)
+        if disowned:
+            log.info("marked %d node(s) NotReady until they reconnect: %s", len(disowned), ", ".join(disowned))
+        return disowned
+
     def revoke(self, node_name: str) -> bool:
         """Ends the session of a node whose VolunteerNode was deleted; there is no status left to write."""
         session = self.by_name.pop(node_name, None)

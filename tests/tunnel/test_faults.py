@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 from koinon_gateway import credentials
 from koinon_gateway.rpc import EOF, tunnel_stub
+from koinon_gateway.server import Gateway
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .helpers import Cluster, cluster, connect_via_proxy, echo_roundtrip
@@ -216,3 +219,34 @@ async def test_reconnect_is_idempotent(c: Cluster) -> None:
         await asyncio.sleep(0.05)
     assert list(c.registry.objects) == [name]
     assert a.registrations >= 2
+
+
+async def test_gateway_crash_leaves_no_node_connected_until_it_reconnects(c: Cluster) -> None:
+    """A SIGKILLed gateway writes no 'disconnected' status; its successor must not trust what it left."""
+    agent = await c.start_agent("alpha")
+    assert agent.identity is not None
+    name = agent.identity.node_name
+    assert c.registry.objects[name]["status"]["connected"] is True
+    left_behind = copy.deepcopy(c.registry.objects)  # what the registry holds after a crash
+    listen = c.gateway.agent_target
+    await c.gateway.stop(0)
+    c.registry.objects = left_behind
+    c.registry.objects["ghost"] = {"metadata": {"name": "ghost"}, "status": {"phase": "NotReady", "connected": False}}
+    writes_before = c.registry.status_writes
+
+    # The successor listens where agents dial and signs with the same CA, as in the Deployment.
+    c.gateway = Gateway(replace(c.gateway.config, listen=listen), c.tokens, c.registry, c.gateway.ca_store)
+    await c.gateway.start()
+    status = c.registry.objects[name]["status"]
+    assert (status["phase"], status["connected"]) == ("NotReady", False)
+    assert status["conditions"][0]["reason"] == "GatewayRestarted"
+    assert status["address"] == agent.identity.address  # its address stays reserved for it
+    assert c.registry.objects["ghost"]["status"] == {"phase": "NotReady", "connected": False}
+    assert c.registry.status_writes == writes_before + 1
+
+    # The agent dials again by itself and its node is connected once more, under the same name.
+    deadline = asyncio.get_running_loop().time() + 15
+    while not c.registry.objects[name]["status"]["connected"]:
+        assert asyncio.get_running_loop().time() < deadline, "agent did not reconnect"
+        await asyncio.sleep(0.05)
+    assert c.registry.objects[name]["status"]["conditions"][0]["reason"] != "GatewayRestarted"

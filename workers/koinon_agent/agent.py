@@ -155,6 +155,8 @@ class Agent:
                 log.warning("control stream lost: %s %s", exc.code().name, exc.details())
             except TimeoutError:
                 log.warning("gateway silent for longer than the heartbeat timeout")
+            except ConnectionError as exc:
+                log.warning("control stream lost: %s", exc)
             self.connected.clear()
             if self._disconnected_at is None:
                 self._disconnected_at = time.monotonic()
@@ -180,7 +182,12 @@ class Agent:
 
         async def send(message: pb.AgentMessage) -> None:
             async with write_lock:
-                await call.write(message)
+                try:
+                    await call.write(message)
+                except asyncio.InvalidStateError as exc:
+                    # The gateway ended the call between our read and this write (a restart, a
+                    # replaced session): that is a lost stream like any other, so reconnect.
+                    raise ConnectionError(f"control stream already finished: {exc}") from exc
 
         try:
             await send(
