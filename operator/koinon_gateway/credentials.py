@@ -2,7 +2,8 @@
 
 Format: ``kn1.<base64url(json)>.<base64url(hmac-sha256)>``. It travels only inside TLS, in the
 ``authorization`` metadata of every Control and Connect call. Deleting the VolunteerNode revokes it
-(the gateway checks the object exists on every registration).
+(the gateway checks the object exists on every registration). It expires (claim ``exp``): the
+gateway renews it for connected agents, so a stolen copy is useful for one lifetime at most.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class NodeIdentity:
     node_name: str
     address: str
     issued_at: int
+    expires_at: int
 
 
 def _b64(data: bytes) -> str:
@@ -37,13 +39,21 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def issue(key: bytes, node_name: str, address: str) -> str:
-    body = _b64(json.dumps({"n": node_name, "a": address, "iat": int(time.time())}).encode())
+@dataclass(frozen=True)
+class IssuedCredential:
+    token: str
+    expires_at: int  # Unix seconds
+
+
+def issue(key: bytes, node_name: str, address: str, lifetime_s: float, now: float | None = None) -> IssuedCredential:
+    issued_at = int(time.time() if now is None else now)
+    expires_at = issued_at + max(1, int(lifetime_s))
+    body = _b64(json.dumps({"n": node_name, "a": address, "iat": issued_at, "exp": expires_at}).encode())
     signature = _b64(hmac.new(key, f"{PREFIX}.{body}".encode(), hashlib.sha256).digest())
-    return f"{PREFIX}.{body}.{signature}"
+    return IssuedCredential(f"{PREFIX}.{body}.{signature}", expires_at)
 
 
-def verify(key: bytes, credential: str) -> NodeIdentity:
+def verify(key: bytes, credential: str, now: float | None = None) -> NodeIdentity:
     parts = credential.split(".")
     if len(parts) != 3 or parts[0] != PREFIX:
         raise CredentialError("credential: not a kn1 node credential")
@@ -55,9 +65,13 @@ def verify(key: bytes, credential: str) -> NodeIdentity:
         raise CredentialError("credential: undecodable") from exc
     if not hmac.compare_digest(expected, signature):
         raise CredentialError("credential: bad signature")
-    if not isinstance(claims, dict) or not all(k in claims for k in ("n", "a", "iat")):
+    if not isinstance(claims, dict) or not all(k in claims for k in ("n", "a", "iat", "exp")):
         raise CredentialError("credential: missing claims")
-    return NodeIdentity(str(claims["n"]), str(claims["a"]), int(claims["iat"]))
+    identity = NodeIdentity(str(claims["n"]), str(claims["a"]), int(claims["iat"]), int(claims["exp"]))
+    if (time.time() if now is None else now) >= identity.expires_at:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(identity.expires_at))
+        raise CredentialError(f"credential: expired at {when}; join again with a new token")
+    return identity
 
 
 def from_metadata(metadata: Any) -> str:

@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-block-size", type=int, default=40)
     p.add_argument("--heartbeat-interval", type=float, default=2.0)
     p.add_argument("--heartbeat-timeout", type=float, default=8.0)
+    p.add_argument(
+        "--credential-lifetime",
+        type=float,
+        default=7 * 24 * 3600.0,
+        help="seconds a node credential is valid; connected agents get renewals, offline ones rejoin",
+    )
     p.add_argument("--store", choices=["file", "memory", "kube"], default="file")
     p.add_argument("--kubeconfig", type=Path, help="(kube store) default: in-cluster, else $KUBECONFIG")
     p.add_argument(
@@ -92,6 +98,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         port_block_size=args.port_block_size,
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=args.heartbeat_timeout,
+        credential_lifetime_s=args.credential_lifetime,
         namespace=args.namespace,
     )
 

@@ -118,10 +118,22 @@ class TunnelService:
             await context.abort(grpc.StatusCode.ABORTED, "join: node name collision, retry")
         self.metrics.joins["ok"] += 1
         log.info("node %s joined with token %s at %s", node_name, grant.token_id, address)
+        issued = self._issue_credential(node_name, address)
         return pb.JoinResponse(
-            credential=credentials.issue(self.credential_key, node_name, address),
+            credential=issued.token,
             assignment=self.assignment(node_name, address),
+            credential_expires_at=issued.expires_at,
         )
+
+    def _issue_credential(self, node_name: str, address: str) -> credentials.IssuedCredential:
+        return credentials.issue(self.credential_key, node_name, address, self.config.credential_lifetime_s)
+
+    async def _renew_credential(self, session: NodeSession) -> None:
+        issued = self._issue_credential(session.node_name, session.address)
+        await session.send(
+            pb.GatewayMessage(credential=pb.CredentialRenewal(credential=issued.token, expires_at=issued.expires_at))
+        )
+        session.credential_expires_at = issued.expires_at
 
     async def _identify(self, context: Context) -> credentials.NodeIdentity:
         try:
@@ -175,6 +187,7 @@ class TunnelService:
         await session.send(
             pb.GatewayMessage(registered=pb.Registered(assignment=self.assignment(session.node_name, session.address)))
         )
+        await self._renew_credential(session)
         await self.sessions.attach(session)
         pinger = asyncio.ensure_future(self._ping_loop(session))
         reason, message = "Disconnected", "control stream ended"
@@ -240,6 +253,8 @@ class TunnelService:
 
     async def _ping_loop(self, session: NodeSession) -> None:
         while True:
+            if session.credential_expires_at - time.time() < self.config.credential_lifetime_s / 2:
+                await self._renew_credential(session)
             session.ping_seq += 1
             await session.send(pb.GatewayMessage(ping=pb.Ping(seq=session.ping_seq, gateway_time_ns=time.time_ns())))
             await asyncio.sleep(self.config.heartbeat_interval_s)

@@ -39,6 +39,7 @@ class NodeSession:
     verifier: asyncio.Task[Any] | None = None
     draining: bool = False
     ping_seq: int = 0
+    credential_expires_at: int = 0  # of the newest credential sent to this node (Unix seconds)
     last_status_write: float = 0.0
     closed: bool = False
     _write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)

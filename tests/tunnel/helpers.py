@@ -9,12 +9,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 from koinon_agent.agent import Agent
 from koinon_agent.config import AgentConfig
 from koinon_gateway.config import GatewayConfig
 from koinon_gateway.registry import InMemoryNodeRegistry
+from koinon_gateway.rpc import EOF, tunnel_stub
 from koinon_gateway.server import Gateway
 from koinon_gateway.tokens import InMemoryTokenStore
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 
 async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -137,3 +140,27 @@ async def cluster(tmp: Path, tls: bool = True, **config_overrides: object) -> As
             yield result
         finally:
             await result.stop()
+
+
+def channel_for(c: Cluster) -> grpc.aio.Channel:
+    return grpc.aio.secure_channel(
+        c.gateway.agent_target,
+        grpc.ssl_channel_credentials(c.gateway.ca_pem),
+        options=[("grpc.ssl_target_name_override", "koinon-gateway")],
+    )
+
+
+async def control_call(c: Cluster, credential: str, register: pb.Register) -> grpc.aio.AioRpcError | pb.GatewayMessage:
+    async with channel_for(c) as channel:
+        call = tunnel_stub(channel).Control(metadata=(("authorization", f"Bearer {credential}"),))
+        try:
+            await call.write(pb.AgentMessage(register=register))
+            message = await asyncio.wait_for(call.read(), 5)
+            if message is EOF:
+                await call.code()  # raises the refusal
+            assert isinstance(message, pb.GatewayMessage)
+            return message
+        except grpc.aio.AioRpcError as exc:
+            return exc
+        finally:
+            call.cancel()

@@ -12,19 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 from koinon_gateway import credentials
-from koinon_gateway.rpc import EOF, tunnel_stub
+from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import Cluster, cluster, connect_via_proxy, echo_roundtrip
-
-
-def channel_for(c: Cluster) -> grpc.aio.Channel:
-    return grpc.aio.secure_channel(
-        c.gateway.agent_target,
-        grpc.ssl_channel_credentials(c.gateway.ca_pem),
-        options=[("grpc.ssl_target_name_override", "koinon-gateway")],
-    )
+from .helpers import Cluster, channel_for, cluster, connect_via_proxy, control_call, echo_roundtrip
 
 
 @pytest.fixture
@@ -82,22 +74,6 @@ async def test_invalid_join_request_names_the_field(c: Cluster) -> None:
     assert c.registry.objects == {}
 
 
-async def control_call(c: Cluster, credential: str, register: pb.Register) -> grpc.aio.AioRpcError | pb.GatewayMessage:
-    async with channel_for(c) as channel:
-        call = tunnel_stub(channel).Control(metadata=(("authorization", f"Bearer {credential}"),))
-        try:
-            await call.write(pb.AgentMessage(register=register))
-            message = await asyncio.wait_for(call.read(), 5)
-            if message is EOF:
-                await call.code()  # raises the refusal
-            assert isinstance(message, pb.GatewayMessage)
-            return message
-        except grpc.aio.AioRpcError as exc:
-            return exc
-        finally:
-            call.cancel()
-
-
 async def test_node_cannot_claim_another_nodes_identity_or_address(c: Cluster) -> None:
     a = await c.start_agent("alpha")
     b = await c.start_agent("beta")
@@ -111,7 +87,7 @@ async def test_node_cannot_claim_another_nodes_identity_or_address(c: Cluster) -
         assert isinstance(result, grpc.aio.AioRpcError)
         assert result.code() == grpc.StatusCode.PERMISSION_DENIED
     # A credential forged with another key is not accepted at all.
-    forged = credentials.issue(b"\0" * 32, b.identity.node_name, b.identity.address)
+    forged = credentials.issue(b"\0" * 32, b.identity.node_name, b.identity.address, 3600).token
     result = await control_call(c, forged, pb.Register(node_name=b.identity.node_name, address=b.identity.address))
     assert isinstance(result, grpc.aio.AioRpcError) and result.code() == grpc.StatusCode.UNAUTHENTICATED
     assert c.gateway.metrics.refused_streams["identity-mismatch"] == 2

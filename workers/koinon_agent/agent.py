@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -106,9 +107,17 @@ class Agent:
 
     async def _ensure_identity(self) -> state.StoredIdentity:
         stored = state.load(self.config.state_dir, self.config.gateway)
-        if stored is not None:
+        if stored is not None and not stored.expired(time.time()):
             log.info("reusing stored identity %s (%s)", stored.node_name, stored.address)
             return stored
+        if stored is not None:
+            # Offline for longer than a credential lives: only a new join token gets back in.
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stored.expires_at))
+            if not self.config.token:
+                raise JoinRefused(f"credential of {stored.node_name} expired at {when}; join again with a new token")
+            log.warning(
+                "credential of %s expired at %s; joining again with the configured token", stored.node_name, when
+            )
         if not self.config.token:
             raise JoinRefused("token: required for the first join (--token or KOINON_TOKEN)")
         stub = tunnel_stub(self._channel("control"))
@@ -133,7 +142,11 @@ class Agent:
                 if self._drain.is_set():
                     raise JoinRefused("drained before joining") from exc
         identity = state.StoredIdentity(
-            self.config.gateway, response.assignment.node_name, response.assignment.address, response.credential
+            self.config.gateway,
+            response.assignment.node_name,
+            response.assignment.address,
+            response.credential,
+            response.credential_expires_at,
         )
         state.save(self.config.state_dir, identity)
         log.info("joined as %s with address %s", identity.node_name, identity.address)
@@ -251,8 +264,22 @@ class Agent:
         elif kind == "drain":
             log.info("gateway asked to drain: %s", message.drain.reason)
             self._drain.set()
+        elif kind == "credential":
+            self._store_credential(message.credential)
         elif kind == "error":
             log.error("gateway error %s: %s", message.error.code, message.error.message)
+
+    def _store_credential(self, renewal: pb.CredentialRenewal) -> None:
+        # New calls (Connect streams, the next Control) carry it from now on; it is kept on disk so
+        # that a restarted agent does not fall back to the older, sooner-expiring one.
+        assert self.identity is not None
+        if not renewal.credential or renewal.expires_at <= self.identity.expires_at:
+            return
+        self.identity = dataclasses.replace(
+            self.identity, credential=renewal.credential, expires_at=int(renewal.expires_at)
+        )
+        state.save(self.config.state_dir, self.identity)
+        log.debug("credential renewed; valid until %d", renewal.expires_at)
 
     def _ray_state(self) -> tuple[str, str]:
         if self.ray is None or not self.ray.running:

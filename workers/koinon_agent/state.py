@@ -14,6 +14,10 @@ class StoredIdentity:
     node_name: str
     address: str
     credential: str
+    expires_at: int = 0  # Unix seconds the gateway stops accepting the credential (0: not known)
+
+    def expired(self, now: float) -> bool:
+        return 0 < self.expires_at <= now
 
 
 def _path(state_dir: Path) -> Path:

@@ -67,12 +67,14 @@ class Assignment(_message.Message):
     def __init__(self, node_name: _Optional[str] = ..., address: _Optional[str] = ..., ports: _Optional[_Union[PortBlock, _Mapping]] = ..., ray_address: _Optional[str] = ..., ray_auth_token: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., heartbeat_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("credential", "assignment")
+    __slots__ = ("credential", "assignment", "credential_expires_at")
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     credential: str
     assignment: Assignment
-    def __init__(self, credential: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ...) -> None: ...
+    credential_expires_at: int
+    def __init__(self, credential: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., credential_expires_at: _Optional[int] = ...) -> None: ...
 
 class Register(_message.Message):
     __slots__ = ("node_name", "address", "gpus", "agent_version", "session_epoch")
@@ -154,19 +156,29 @@ class Error(_message.Message):
     message: str
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
+class CredentialRenewal(_message.Message):
+    __slots__ = ("credential", "expires_at")
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    credential: str
+    expires_at: int
+    def __init__(self, credential: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
+
 class GatewayMessage(_message.Message):
-    __slots__ = ("registered", "ping", "open_connection", "drain", "error")
+    __slots__ = ("registered", "ping", "open_connection", "drain", "error", "credential")
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
     OPEN_CONNECTION_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
     registered: Registered
     ping: Ping
     open_connection: OpenConnection
     drain: DrainRequest
     error: Error
-    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., open_connection: _Optional[_Union[OpenConnection, _Mapping]] = ..., drain: _Optional[_Union[DrainRequest, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    credential: CredentialRenewal
+    def __init__(self, registered: _Optional[_Union[Registered, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., open_connection: _Optional[_Union[OpenConnection, _Mapping]] = ..., drain: _Optional[_Union[DrainRequest, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., credential: _Optional[_Union[CredentialRenewal, _Mapping]] = ...) -> None: ...
 
 class Dial(_message.Message):
     __slots__ = ("host", "port")
