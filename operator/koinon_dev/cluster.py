@@ -224,7 +224,11 @@ class DevCluster:
         self._use_netns = netns_available()
         for index in range(self.config.volunteers):
             self._start_agent(f"volunteer-{index + 1}", self.config.gpus_per_volunteer, f"owner-{index + 1}")
-        wait_until(lambda: _alive_workers(head) >= len(self.agents), 90, what="volunteers to join Ray")
+        try:
+            wait_until(lambda: _alive_workers(head) >= len(self.agents), 90, what="volunteers to join Ray")
+        except TimeoutError as exc:
+            alive = _alive_workers(head)
+            raise TimeoutError(f"{exc}: {alive} of {len(self.agents)} alive\n{self._log_tails()}") from exc
         isolation = "each in its own network namespace" if self._use_netns else "as local processes"
         say(
             f"- {len(self.agents)} volunteers joined through the tunnel ({isolation}), "
@@ -269,6 +273,14 @@ class DevCluster:
         self._started.append(agent.process)
         self.agents.append(agent)
         return agent
+
+    def _log_tails(self, max_bytes: int = 1500) -> str:
+        """The ends of the gateway's and agents' logs, for errors a user (or CI) sees without the files."""
+        processes = [self.gateway.process] if self.gateway is not None else []
+        processes += [agent.process for agent in self.agents]
+        return "\n".join(
+            f"--- {process.log_path} ---\n{process.log_tail(max_bytes)}" for process in processes if process is not None
+        )
 
     def add_volunteer(
         self, name: str, gpus: int, owner: str = "owner-extra", extra_env: dict[str, str] | None = None
