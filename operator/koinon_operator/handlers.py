@@ -16,7 +16,7 @@ from koinon_operator.inventory import Allocation, RayNodeCache
 from koinon_operator.kube import delete_aijob
 from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
 from koinon_operator.reconciler import AIJobReconciler, allocation_of
-from koinon_operator.reputation_book import ReputationBook
+from koinon_operator.reputation_book import ReputationBook, outcome_key
 from koinon_operator.scheduling import ReputationPlacer
 from koinon_operator.telemetry import JobTracer, setup_tracing
 from koinon_operator.volunteers import managed_by_gateway, status_from_ray
@@ -80,6 +80,8 @@ async def reconcile_aijob(
     volunteer_nodes: kopf.Index[str, dict[str, Any]] = kwargs["volunteer_nodes"]
     if body.metadata.get("deletionTimestamp"):
         return
+    # Keyed by the status this pass acted on, before the pass's own patch is applied.
+    evidence_key = outcome_key(str(body.metadata.get("uid", "")), body.status)
     outcome = await memo.reconciler.reconcile(body, _first_values(aijob_allocations), _first_values(volunteer_nodes))
     for field_name, value in outcome.status.items():
         patch.status[field_name] = value
@@ -88,7 +90,7 @@ async def reconcile_aijob(
     memo.tracer.record(body, outcome.status, [(e.type, e.reason, e.message) for e in outcome.events])
     if outcome.reputation:
         try:
-            await memo.reputation.record(outcome.reputation)
+            await memo.reputation.record(outcome.reputation, evidence_key)
         except Exception as error:  # bookkeeping must not stall the job itself
             # An exception here would make kopf back off this job's timer for a minute.
             logger.warning("could not record reputation evidence %s: %r", outcome.reputation, error)

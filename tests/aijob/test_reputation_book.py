@@ -1,0 +1,121 @@
+"""Reputation evidence is counted once per outcome, also when an operator restart replays a pass,
+and survives a concurrent status writer (the gateway's heartbeats) through conditional writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from koinon_emulator.kubeconfig import write_kubeconfig
+from koinon_operator.reputation_book import (
+    RECORDED_OUTCOMES_KEPT,
+    ReputationBook,
+    outcome_key,
+    updated_status,
+)
+from koinon_operator.scheduler import DEFAULT_CONFIG
+from kubernetes.config import kube_config
+
+from tests.emulator.helpers import EmulatorThread
+
+CRD = Path(__file__).resolve().parents[2] / "manifests" / "crds" / "volunteernodes.koinon.dev.yaml"
+API = "koinon.dev/v1alpha1"
+NOW = 1_800_000_000.0
+CONFIG = DEFAULT_CONFIG.reputation
+
+
+def test_outcome_key_follows_attempt_and_verification_round() -> None:
+    assert outcome_key("u1", {}) == "u1/0/0"
+    assert outcome_key("u1", {"attempts": 2, "verificationReruns": 1}) == "u1/2/1"
+    assert outcome_key("u1", {"attempts": 2}) != outcome_key("u1", {"attempts": 3})
+
+
+def test_same_key_is_counted_once_and_other_keys_still_count() -> None:
+    first = updated_status({}, "success", NOW, CONFIG, "u1/1/0")
+    assert first is not None
+    assert first["jobs"] == {"succeeded": 1}
+    assert first["reputation"]["recordedOutcomes"] == ["u1/1/0:success"]
+    assert updated_status(first, "success", NOW + 1, CONFIG, "u1/1/0") is None
+    # Another kind under the same key (a verdict naming the node twice is impossible, but the key
+    # names the kind) and another attempt are new evidence.
+    second = updated_status(first, "success", NOW + 1, CONFIG, "u1/2/0")
+    assert second is not None
+    assert second["jobs"] == {"succeeded": 2}
+    assert second["reputation"]["successes"] > first["reputation"]["successes"]
+
+
+def test_recorded_keys_are_bounded_and_keep_the_newest() -> None:
+    status: dict[str, Any] = {}
+    for attempt in range(RECORDED_OUTCOMES_KEPT + 10):
+        fields = updated_status(status, "failure", NOW + attempt, CONFIG, f"u/{attempt}/0")
+        assert fields is not None
+        status = fields
+    kept = status["reputation"]["recordedOutcomes"]
+    assert len(kept) == RECORDED_OUTCOMES_KEPT
+    assert kept[-1] == f"u/{RECORDED_OUTCOMES_KEPT + 9}/0:failure"
+    assert status["jobs"] == {"failed": RECORDED_OUTCOMES_KEPT + 10}
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EmulatorThread]:
+    server = EmulatorThread()
+    url = server.start()
+    try:
+        server.call(lambda e: e.apply_crd(yaml.safe_load(CRD.read_text())))
+        node = {"apiVersion": API, "kind": "VolunteerNode", "metadata": {"name": "vn-a"}, "spec": {"owner": "alice"}}
+        server.call(lambda e: e.create(node))
+        kubeconfig = str(write_kubeconfig(tmp_path / "kubeconfig", url))
+        # The client reads KUBECONFIG once, at import; the operator gets it in its environment.
+        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kubeconfig)
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        yield server
+    finally:
+        server.stop()
+
+
+def _status(cluster: EmulatorThread) -> dict[str, Any]:
+    return dict(cluster.call(lambda e: e.get(API, "VolunteerNode", "vn-a")).get("status") or {})
+
+
+async def test_replayed_pass_does_not_count_evidence_twice(cluster: EmulatorThread) -> None:
+    book = ReputationBook(clock=lambda: NOW)
+    await book.record([("vn-a", "success")], "uid-1/1/0")
+    after_first = _status(cluster)
+    # The operator died before the job's status write; the restarted one replays the same pass.
+    await book.record([("vn-a", "success")], "uid-1/1/0")
+    assert _status(cluster) == after_first
+    assert after_first["jobs"] == {"succeeded": 1}
+    await book.record([("vn-a", "success")], "uid-2/1/0")
+    assert _status(cluster)["jobs"] == {"succeeded": 2}
+
+
+async def test_concurrent_writer_costs_a_retry_not_a_lost_count(cluster: EmulatorThread) -> None:
+    raced: list[bool] = []
+
+    def clock_with_racing_writers() -> float:
+        # Called between the book's read and its write: two other writers change the object first,
+        # the gateway (latency) and a second operator recording another job's outcome.
+        if not raced:
+            raced.append(True)
+            latency = {"status": {"latency": {"smoothedMs": 42.0}}}
+            cluster.call(lambda e: e.patch(API, "VolunteerNode", "vn-a", latency, subresource="status"))
+            ReputationBook(clock=lambda: NOW)._apply("vn-a", "success", "uid-2/1/0")
+        return NOW
+
+    await ReputationBook(clock=clock_with_racing_writers).record([("vn-a", "failure")], "uid-1/1/0")
+    status = _status(cluster)
+    assert raced == [True]
+    assert status["latency"] == {"smoothedMs": 42.0}
+    # A write based on the stale read would have reset the other outcome's counts.
+    assert status["jobs"] == {"failed": 1, "succeeded": 1}
+    assert status["reputation"]["failures"] == pytest.approx(1.0)
+    assert status["reputation"]["successes"] == pytest.approx(1.0)
+    assert status["reputation"]["recordedOutcomes"] == ["uid-2/1/0:success", "uid-1/1/0:failure"]
+
+
+async def test_evidence_for_a_node_without_volunteernode_is_dropped(cluster: EmulatorThread) -> None:
+    await ReputationBook(clock=lambda: NOW).record([("bare-ray-worker", "success")], "uid-1/1/0")
+    assert "jobs" not in _status(cluster)
