@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.koinon-installed
 
-.PHONY: venv demo up down test lint typecheck unit bench bench-admission bench-scheduler bench-tunnel gen-proto clean
+.PHONY: venv demo up down test lint typecheck unit bench bench-deps bench-admission bench-scheduler bench-tunnel gen-proto clean
 
 venv: $(STAMP)
 
@@ -48,7 +48,15 @@ bench-admission: venv
 bench-scheduler: venv
 	$(BIN)/python -m bench.scheduler
 
-bench-tunnel: venv
+## The tunnel's baseline is OpenSSH's `ssh -L`: install it where we can (root with apt), as .ci/run does
+## for the test dependencies; without it the benchmark reports ssh_error and no ratio.
+bench-deps:
+	@if ! command -v sshd >/dev/null 2>&1 && ! test -x /usr/sbin/sshd && command -v apt-get >/dev/null 2>&1 \
+	   && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server openssh-client >/dev/null; \
+	fi
+
+bench-tunnel: venv bench-deps
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m bench.tunnel.run
 
 clean:
