@@ -1,26 +1,33 @@
 """Columnar view of the node snapshots for one scheduling call.
 
 Built once per call (O(nodes)); every job then filters and scores the whole fleet with a few numpy
-operations instead of a Python loop over 10,000 nodes. Nodes are ordered by name, so the result
+operations instead of a Python loop over 10,000 nodes. Arrays that many jobs of one shape share
+(their capacity mask, their scores) are derived once per call and then kept current by recomputing
+only the positions that placements changed since (`NodeIndex.derived`). Nodes are ordered by name, so the result
 does not depend on the order the snapshots came in. Capacity columns are copies that the call
 consumes as it places jobs; the snapshots themselves are never changed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+import operator
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
 
 from .config import SchedulerConfig
-from .speed import node_speeds
+from .speed import gpu_speed
 from .types import JobRequest, NodeSnapshot
 
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+Positions: TypeAlias = slice | IntArray
+"""Which nodes a derived column is computed for: all (`slice(None)`) or the given positions."""
 
 
 @dataclass(slots=True)
@@ -71,6 +78,11 @@ class NodeIndex:
     load_weight: float
     packing_weight: float
     _fit_cache: dict[int, IntArray]
+    _changes: IntArray
+    """Positions whose capacity, load score or reservation changed during this call, in order
+    (the first `_changed` entries; grown by doubling)."""
+    _changed: int
+    _derived: dict[Hashable, _Derived]
 
     @property
     def size(self) -> int:
@@ -93,7 +105,36 @@ class NodeIndex:
         a heterogeneous node is never over-committed."""
         return self.fit_count(memory_mib) - (self.total_gpus - self.free_gpus)
 
+    def derived(self, key: Hashable, compute: Callable[[Positions], npt.NDArray[Any]]) -> npt.NDArray[Any]:
+        """``compute(positions)`` over the whole fleet, cached under ``key`` for this call.
+
+        ``compute`` gets ``slice(None)`` the first time, later an array of the positions changed
+        since (by `consume` or `reserve_for`), and must return a new array computed elementwise
+        from the index's columns. Recomputing those positions with the same elementwise operations
+        gives bit-identical values, so a cached array equals a fresh one; the caller must not
+        change the returned array.
+        """
+        entry = self._derived.get(key)
+        if entry is None:
+            entry = self._derived[key] = _Derived(compute(slice(None)), self._changed)
+        elif entry.synced < self._changed:
+            changed = self._changes[entry.synced : self._changed]
+            entry.values[changed] = compute(changed)
+            entry.synced = self._changed
+        return entry.values
+
+    def log_changes(self, positions: IntArray | list[int]) -> None:
+        """Records positions whose capacity, load score or reservation just changed."""
+        end = self._changed + len(positions)
+        if end > len(self._changes):
+            grown = np.empty(max(2 * len(self._changes), end), dtype=np.int64)
+            grown[: self._changed] = self._changes[: self._changed]
+            self._changes = grown
+        self._changes[self._changed : end] = positions
+        self._changed = end
+
     def consume(self, i: int, gpus: int, cpus: float) -> None:
+        self.log_changes([i])
         self.free_gpus[i] -= gpus
         self.cpus_free[i] -= cpus
         self.running[i] += 1
@@ -113,6 +154,28 @@ class NodeIndex:
             if code is not None:
                 mask |= self.owner_code == code
         return mask
+
+
+# Columns of `ReputationEvidence` in the order build_index reads them.
+_EVIDENCE_COLUMNS = (
+    "successes",
+    "failures",
+    "timeouts",
+    "agreements",
+    "disagreements",
+    "heartbeats_seen",
+    "heartbeats_missed",
+    "last_updated",
+    "consecutive_valid",
+    "exposure_hours",
+)
+
+
+@dataclass(slots=True)
+class _Derived:
+    values: npt.NDArray[Any]
+    synced: int
+    """How many entries of `NodeIndex.changes` `values` already reflects."""
 
 
 def _wilson(r: FloatArray, s: FloatArray, a: float, b: float, z: float) -> FloatArray:
@@ -141,48 +204,50 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
     region_code = np.fromiter(
         (region_position.setdefault(n.region, len(region_position)) for n in ordered), np.int64, count
     )
-    ready = np.fromiter((n.ready for n in ordered), bool, count)
-    cordoned = np.fromiter((n.cordoned for n in ordered), bool, count)
-    gpu_mems = [tuple(g.memory_mib for g in n.gpus) for n in ordered]
-    total = np.fromiter((len(m) for m in gpu_mems), np.int64, count)
-    min_mem = np.fromiter((min(m) if m else 0 for m in gpu_mems), np.int64, count)
-    max_mem = np.fromiter((max(m) if m else 0 for m in gpu_mems), np.int64, count)
-    mixed = [i for i in np.flatnonzero(min_mem != max_mem).tolist()]
-    free = np.fromiter((n.free_gpus for n in ordered), np.int64, count)
-    cpus = np.fromiter((n.cpus_free for n in ordered), np.float64, count)
-    running = np.fromiter((n.running_jobs for n in ordered), np.int64, count)
-
+    sc = cfg.scoring
     stale = cfg.latency.stale_after_s
-    rtt = np.fromiter(
-        (
-            n.rtt_ms
-            if n.rtt_ms is not None and n.rtt_updated_at is not None and now - n.rtt_updated_at <= stale
-            else np.nan
-            for n in ordered
-        ),
-        np.float64,
-        count,
-    )
+    # One pass over the snapshots reads every per-node number into a row (a pass per column cost
+    # several times more at 10,000 nodes); the columns are then sliced out of one float64 table.
+    # Integers here are far below 2**53, so they survive the float64 round trip exactly.
+    node_numbers = operator.attrgetter("ready", "cordoned", "free_gpus", "cpus_free", "running_jobs")
+    evidence_numbers = operator.attrgetter(*_EVIDENCE_COLUMNS)
+    model_speed: dict[str, float] = {}
+    gpu_mems: list[tuple[int, ...]] = []
+    rows: list[tuple[float, ...]] = []
+    for n in ordered:
+        mems = tuple([g.memory_mib for g in n.gpus])
+        gpu_mems.append(mems)
+        slowest = sc.unknown_gpu_speed
+        if mems:  # a node is as fast as its slowest GPU (speed.node_speed)
+            speeds = []
+            for g in n.gpus:
+                known = model_speed.get(g.model)
+                if known is None:
+                    known = model_speed[g.model] = gpu_speed(g.model, sc.gpu_speeds, sc.unknown_gpu_speed)
+                speeds.append(known)
+            slowest = min(speeds)
+        rtt_ms, rtt_at = n.rtt_ms, n.rtt_updated_at
+        rtt_ms = np.nan if rtt_ms is None else rtt_ms
+        rtt_at = np.nan if rtt_at is None else rtt_at
+        low, high = (min(mems), max(mems)) if mems else (0, 0)
+        rows.append((*node_numbers(n), len(mems), low, high, rtt_ms, rtt_at, slowest, *evidence_numbers(n.reputation)))
+    width = 11 + len(_EVIDENCE_COLUMNS)
+    table = np.fromiter(itertools.chain.from_iterable(rows), np.float64, count * width).reshape(count, width)
+    ready = table[:, 0] != 0
+    cordoned = table[:, 1] != 0
+    free = table[:, 2].astype(np.int64)
+    cpus = table[:, 3].copy()
+    running = table[:, 4].astype(np.int64)
+    total = table[:, 5].astype(np.int64)
+    min_mem = table[:, 6].astype(np.int64)
+    max_mem = table[:, 7].astype(np.int64)
+    mixed = [i for i in np.flatnonzero(min_mem != max_mem).tolist()]
+    # Unknown (NaN) or older than `stale`: NaN (comparisons with NaN are False).
+    rtt = np.where(now - table[:, 9] <= stale, table[:, 8], np.nan)
+    node_speed = table[:, 10]
+    ev = table[:, 11:]
 
     rc = cfg.reputation
-    ev = np.array(
-        [
-            (
-                e.successes,
-                e.failures,
-                e.timeouts,
-                e.agreements,
-                e.disagreements,
-                e.heartbeats_seen,
-                e.heartbeats_missed,
-                e.last_updated,
-                e.consecutive_valid,
-                e.exposure_hours,
-            )
-            for e in (n.reputation for n in ordered)
-        ],
-        dtype=np.float64,
-    ).reshape(count, 10)
     decay = np.power(0.5, np.maximum(now - ev[:, 7], 0.0) / rc.half_life_s)
     succ, fail, tout, agree, dis, hb_seen, hb_missed = (ev[:, k] * decay for k in range(7))
     owner_dis: FloatArray = np.bincount(owner_code, weights=dis, minlength=len(owner_position))[owner_code].astype(
@@ -195,7 +260,6 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
     mean = (r + rc.prior_alpha) / (r + s + rc.prior_alpha + rc.prior_beta)
     up = (hb_seen + 1.0) / (hb_seen + hb_missed + 2.0)
     finish = (succ + 1.0) / (succ + fail + tout + 2.0)
-    sc = cfg.scoring
     exposure = ev[:, 9] * decay
     crash_rate = (fail + tout + sc.crash_prior_count) / (exposure + sc.crash_prior_hours)
     vc = cfg.verification
@@ -203,13 +267,7 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
     trusted = (consecutive >= vc.trust_after_valid) & (owner_dis <= vc.owner_disagreement_tolerance)
 
     # Floored so a zero in a hand-written speed table cannot divide by zero.
-    speed = np.maximum(
-        np.array(
-            node_speeds((n.gpus for n in ordered), sc.gpu_speeds, sc.unknown_gpu_speed),
-            dtype=np.float64,
-        ),
-        1e-3,
-    )
+    speed = np.maximum(node_speed, 1e-3)
     rtt_for_score = np.where(np.isnan(rtt), sc.unknown_latency_ms, rtt)
     static = sc.reputation_weight * lower - sc.latency_weight * rtt_for_score / sc.latency_scale_ms
     static = static + sc.uptime_weight * up
@@ -251,6 +309,9 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
         load_weight=sc.load_weight,
         packing_weight=sc.packing_weight,
         _fit_cache={},
+        _changes=np.empty(64, dtype=np.int64),
+        _changed=0,
+        _derived={},
     )
 
 
@@ -274,14 +335,23 @@ def region_mask(index: NodeIndex, job: JobRequest) -> BoolArray:
 
 
 def dynamic_mask(index: NodeIndex, job: JobRequest, static: BoolArray) -> BoolArray:
-    """Static filters plus capacity left in this call and the job's exclusions."""
-    mask = static & (index.available_fitting(job.gpu_memory_mib) >= job.gpus_per_replica)
-    if job.cpus_per_replica > 0:
-        mask &= index.cpus_free >= job.cpus_per_replica
+    """Static filters plus capacity left in this call and the job's exclusions (a new array the
+    caller may change)."""
+    memory, gpus, cpus = job.gpu_memory_mib, job.gpus_per_replica, job.cpus_per_replica
+
+    def compute(at: Positions) -> BoolArray:
+        available = index.fit_count(memory)[at] - (index.total_gpus[at] - index.free_gpus[at])
+        fits: BoolArray = static[at] & (available >= gpus)
+        if cpus > 0:
+            fits &= index.cpus_free[at] >= cpus
+        return fits & ~index.reserved[at]
+
+    # `static` is cached per job shape by the caller, so its identity names the static filters.
+    mask: BoolArray = np.array(index.derived(("capacity-mask", id(static), memory, gpus, cpus), compute), dtype=bool)
     excluded = index.excluded_mask(job)
     if excluded is not None:
         mask &= ~excluded
-    return mask & ~index.reserved
+    return mask
 
 
 def reserve_for(index: NodeIndex, job: JobRequest, static: BoolArray, nodes_needed: int) -> None:
@@ -295,8 +365,9 @@ def reserve_for(index: NodeIndex, job: JobRequest, static: BoolArray, nodes_need
     if not len(positions):
         return
     free = index.available_fitting(job.gpu_memory_mib)[positions]
-    order = np.argsort(-free, kind="stable")[:nodes_needed]
-    index.reserved[positions[order]] = True
+    held = positions[np.argsort(-free, kind="stable")[:nodes_needed]]
+    index.reserved[held] = True
+    index.log_changes(held)
 
 
 def explain(index: NodeIndex, job: JobRequest, needed_owners: int, quarantine_below: float | None) -> dict[str, int]:

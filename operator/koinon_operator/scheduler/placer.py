@@ -16,7 +16,9 @@ import numpy as np
 from .config import DEFAULT_CONFIG, SchedulerConfig
 from .index import (
     BoolArray,
+    FloatArray,
     NodeIndex,
+    Positions,
     build_index,
     dynamic_mask,
     explain,
@@ -37,8 +39,14 @@ class Placer(Protocol):
     def place(self, jobs: Sequence[JobRequest], nodes: Sequence[NodeSnapshot], now: float) -> SchedulingResult: ...
 
 
+# Added to the values a mask leaves out. Scores are finite and far above it, so an allowed value
+# stays exactly what it was (v + -0.0 == v) and the first maximum is the same as over allowed values
+# alone; about three times cheaper than np.where(mask, values, -inf) on 10,000 nodes.
+_LEFT_OUT = -1e300
+
+
 def _masked_argmax(values: np.ndarray, mask: BoolArray) -> int:  # type: ignore[type-arg]
-    i = int(np.where(mask, values, -np.inf).argmax())
+    i = int(np.multiply(~mask, _LEFT_OUT).__iadd__(values).argmax())
     return i if mask[i] else -1
 
 
@@ -55,22 +63,31 @@ def make_best_score_chooser(cfg: SchedulerConfig) -> Chooser:
     sc = cfg.scoring
     skip = cfg.verification.max_skip_probability
 
+    chooser_id = object()  # names this chooser's cached scores in an index
+
     def choose(index: NodeIndex, mask: BoolArray, job: JobRequest) -> int:
-        leftover = index.available_fitting(job.gpu_memory_mib) - job.gpus_per_replica
-        values = index.score - index.packing_weight * leftover / 8.0
+        memory, needed = job.gpu_memory_mib, job.gpus_per_replica
         hours = expected_hours(job, cfg)
-        gpus = max(job.gpus_per_replica, 1)
+        gpus = max(needed, 1)
         unit = sc.large_job_gpu_hours
-        # Hours on each node are hours / speed (the estimate is for the reference GPU). A crash at a
-        # uniform point loses half the run on average and the rerun starts from scratch, so the
-        # expected loss is crashRate * nodeHours^2 / 2 (per-node factors precomputed in the index).
-        values = values - (sc.runtime_weight * hours) * index.inverse_speed
-        values = values - (sc.reliability_weight * gpus * hours * hours / 2.0 / unit) * index.crash_rate_per_speed2
         size = min(gpus * hours / unit, 1.0)
         trust = sc.trusted_weight * skip * gpus * hours / unit - (1.0 - size) * sc.trusted_reserve_weight
-        if trust:
-            values = values + trust * index.trusted
-        return _masked_argmax(values, mask)
+
+        def scores(at: Positions) -> FloatArray:
+            leftover = index.fit_count(memory)[at] - (index.total_gpus[at] - index.free_gpus[at]) - needed
+            values = index.score[at] - index.packing_weight * leftover / 8.0
+            # Hours on each node are hours / speed (the estimate is for the reference GPU). A crash at
+            # a uniform point loses half the run on average and the rerun starts from scratch, so the
+            # expected loss is crashRate * nodeHours^2 / 2 (per-node factors precomputed in the index).
+            values = values - (sc.runtime_weight * hours) * index.inverse_speed[at]
+            crash_loss = sc.reliability_weight * gpus * hours * hours / 2.0 / unit
+            values = values - crash_loss * index.crash_rate_per_speed2[at]
+            if trust:
+                values = values + trust * index.trusted[at]
+            return values
+
+        # Jobs of one shape share their scores; placements change only the nodes they use.
+        return _masked_argmax(index.derived((chooser_id, memory, needed, hours), scores), mask)
 
     return choose
 
