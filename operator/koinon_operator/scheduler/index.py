@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import SchedulerConfig
+from .reputation import COUNT_FIELDS
 from .speed import gpu_speed
 from .types import JobRequest, NodeSnapshot
 
@@ -156,19 +157,10 @@ class NodeIndex:
         return mask
 
 
-# Columns of `ReputationEvidence` in the order build_index reads them.
-_EVIDENCE_COLUMNS = (
-    "successes",
-    "failures",
-    "timeouts",
-    "agreements",
-    "disagreements",
-    "heartbeats_seen",
-    "heartbeats_missed",
-    "last_updated",
-    "consecutive_valid",
-    "exposure_hours",
-)
+# Columns of `ReputationEvidence` in the order build_index reads them: the counts, then the rest.
+_EVIDENCE_COLUMNS = (*COUNT_FIELDS, "last_updated", "consecutive_valid")
+_LAST_UPDATED, _CONSECUTIVE_VALID = len(COUNT_FIELDS), len(COUNT_FIELDS) + 1
+_EXPOSURE_HOURS = COUNT_FIELDS.index("exposure_hours")
 
 
 @dataclass(slots=True)
@@ -248,7 +240,7 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
     ev = table[:, 11:]
 
     rc = cfg.reputation
-    decay = np.power(0.5, np.maximum(now - ev[:, 7], 0.0) / rc.half_life_s)
+    decay = np.power(0.5, np.maximum(now - ev[:, _LAST_UPDATED], 0.0) / rc.half_life_s)
     succ, fail, tout, agree, dis, hb_seen, hb_missed = (ev[:, k] * decay for k in range(7))
     owner_dis: FloatArray = np.bincount(owner_code, weights=dis, minlength=len(owner_position))[owner_code].astype(
         np.float64
@@ -260,10 +252,10 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
     mean = (r + rc.prior_alpha) / (r + s + rc.prior_alpha + rc.prior_beta)
     up = (hb_seen + 1.0) / (hb_seen + hb_missed + 2.0)
     finish = (succ + 1.0) / (succ + fail + tout + 2.0)
-    exposure = ev[:, 9] * decay
+    exposure = ev[:, _EXPOSURE_HOURS] * decay
     crash_rate = (fail + tout + sc.crash_prior_count) / (exposure + sc.crash_prior_hours)
     vc = cfg.verification
-    consecutive = ev[:, 8].astype(np.int64)
+    consecutive = ev[:, _CONSECUTIVE_VALID].astype(np.int64)
     trusted = (consecutive >= vc.trust_after_valid) & (owner_dis <= vc.owner_disagreement_tolerance)
 
     # Floored so a zero in a hand-written speed table cannot divide by zero.

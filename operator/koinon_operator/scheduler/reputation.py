@@ -16,7 +16,8 @@ from typing import Any
 
 from .config import ReputationConfig
 
-_COUNT_FIELDS = (
+# The evidence counts of `ReputationEvidence` (they decay together), in a fixed order.
+COUNT_FIELDS = (
     "successes",
     "failures",
     "timeouts",
@@ -48,7 +49,7 @@ class ReputationEvidence:
     """Seconds since the epoch at which the counts were last decayed."""
 
     def __post_init__(self) -> None:
-        for name in _COUNT_FIELDS:
+        for name in COUNT_FIELDS:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"reputation evidence field {name!r} must be a finite count >= 0, got {value!r}")
