@@ -110,26 +110,30 @@ def stop_process_group(pgid: int, grace_seconds: float = 10.0) -> None:
 _handed_out: set[int] = set()
 
 
+# Where single ports come from: below the kernel's ephemeral range (32768-60999 by default) and
+# below the worker-port blocks (20000-32700). A port the kernel offers for bind(0) is an ephemeral
+# one, and an outgoing connection (Ray's own, among others) may take it as its source port between
+# the probe and Ray's bind: the Ray head then failed to start now and then ("address already in use").
+SINGLE_PORTS = (10000, 20000)
+
+
 def free_ports(count: int, host: str = "0.0.0.0") -> list[int]:
-    """Ask the kernel for ``count`` distinct free TCP ports, never repeating one already handed out.
+    """``count`` distinct TCP ports that are free now and were never handed out by this process.
 
     Ray binds several of its ports on the wildcard address, so the probe binds the wildcard too.
     """
-    sockets: list[socket.socket] = []
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
     chosen: list[int] = []
-    try:
-        while len(chosen) < count:
-            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            probe.bind((host, 0))
-            sockets.append(probe)
-            port = probe.getsockname()[1]
-            if port not in _handed_out:
-                chosen.append(port)
-        _handed_out.update(chosen)
-        return chosen
-    finally:
-        for probe in sockets:
-            probe.close()
+    attempts = 0
+    while len(chosen) < count:
+        attempts += 1
+        if attempts > 2000:
+            raise RuntimeError(f"no {count} free ports between {SINGLE_PORTS[0]} and {SINGLE_PORTS[1]}")
+        port = rng.randrange(*SINGLE_PORTS)
+        if port not in _handed_out and port not in chosen and _port_free(port, host):
+            chosen.append(port)
+    _handed_out.update(chosen)
+    return chosen
 
 
 def free_port_range(length: int, low: int = 20000, high: int = 30000, reserve: bool = True) -> tuple[int, int]:
@@ -148,10 +152,10 @@ def free_port_range(length: int, low: int = 20000, high: int = 30000, reserve: b
     raise RuntimeError(f"no free block of {length} ports between {low} and {high}")
 
 
-def _port_free(port: int) -> bool:
+def _port_free(port: int, host: str = "0.0.0.0") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
-            probe.bind(("0.0.0.0", port))
+            probe.bind((host, port))
         except OSError:
             return False
     return True
