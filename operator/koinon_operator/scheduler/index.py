@@ -3,8 +3,8 @@
 Built once per call (O(nodes)); every job then filters and scores the whole fleet with a few numpy
 operations instead of a Python loop over 10,000 nodes. Arrays that many jobs of one shape share
 (their capacity mask, their scores) are derived once per call and then kept current by recomputing
-only the positions that placements changed since (`NodeIndex.derived`). Nodes are ordered by name, so the result
-does not depend on the order the snapshots came in. Capacity columns are copies that the call
+only the positions that placements changed since (`NodeIndex.derived`). Nodes are ordered by name,
+so the result does not depend on the order the snapshots came in. Capacity columns are copies that the call
 consumes as it places jobs; the snapshots themselves are never changed.
 """
 
@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from .config import SchedulerConfig
 from .reputation import COUNT_FIELDS
-from .speed import gpu_speed
+from .speed import node_speeds
 from .types import JobRequest, NodeSnapshot
 
 BoolArray = npt.NDArray[np.bool_]
@@ -167,7 +167,7 @@ _EXPOSURE_HOURS = COUNT_FIELDS.index("exposure_hours")
 class _Derived:
     values: npt.NDArray[Any]
     synced: int
-    """How many entries of `NodeIndex.changes` `values` already reflects."""
+    """How many entries of `NodeIndex._changes` `values` already reflects."""
 
 
 def _wilson(r: FloatArray, s: FloatArray, a: float, b: float, z: float) -> FloatArray:
@@ -203,21 +203,12 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
     # Integers here are far below 2**53, so they survive the float64 round trip exactly.
     node_numbers = operator.attrgetter("ready", "cordoned", "free_gpus", "cpus_free", "running_jobs")
     evidence_numbers = operator.attrgetter(*_EVIDENCE_COLUMNS)
-    model_speed: dict[str, float] = {}
+    speeds = node_speeds((n.gpus for n in ordered), sc.gpu_speeds, sc.unknown_gpu_speed)
     gpu_mems: list[tuple[int, ...]] = []
     rows: list[tuple[float, ...]] = []
-    for n in ordered:
+    for n, slowest in zip(ordered, speeds, strict=True):
         mems = tuple([g.memory_mib for g in n.gpus])
         gpu_mems.append(mems)
-        slowest = sc.unknown_gpu_speed
-        if mems:  # a node is as fast as its slowest GPU (speed.node_speed)
-            speeds = []
-            for g in n.gpus:
-                known = model_speed.get(g.model)
-                if known is None:
-                    known = model_speed[g.model] = gpu_speed(g.model, sc.gpu_speeds, sc.unknown_gpu_speed)
-                speeds.append(known)
-            slowest = min(speeds)
         rtt_ms, rtt_at = n.rtt_ms, n.rtt_updated_at
         rtt_ms = np.nan if rtt_ms is None else rtt_ms
         rtt_at = np.nan if rtt_at is None else rtt_at

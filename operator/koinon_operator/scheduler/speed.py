@@ -45,13 +45,16 @@ def node_speed(models: Iterable[str], table: tuple[tuple[str, float], ...], unkn
 def node_speeds(
     fleet: Iterable[tuple[HasModel, ...]], table: tuple[tuple[str, float], ...], unknown: float
 ) -> list[float]:
-    """`node_speed` of many nodes given their GPUs; nodes with the same GPUs (most of a fleet) are
-    looked up once."""
-    seen: dict[tuple[HasModel, ...], float] = {}
+    """`node_speed` of many nodes given their GPUs; each model name (a fleet has few) is looked up
+    once, keyed by the string, which is much cheaper to hash than a tuple of GPUs."""
+    by_model: dict[str, float] = {}
     out = []
     for gpus in fleet:
-        speed = seen.get(gpus)
-        if speed is None:
-            speed = seen[gpus] = node_speed((g.model for g in gpus), table, unknown)
-        out.append(speed)
+        speeds = []
+        for gpu in gpus:
+            known = by_model.get(gpu.model)
+            if known is None:
+                known = by_model[gpu.model] = gpu_speed(gpu.model, table, unknown)
+            speeds.append(known)
+        out.append(min(speeds) if speeds else unknown)  # as node_speed: the slowest GPU
     return out
