@@ -152,7 +152,7 @@ def run(params: SimParams, parallel: int, throughput: bool) -> dict[str, Any]:
         "completion_floor_p95_s": "p95 of compute time alone on the fastest GPU model (no queue, latency or crash)",
         "steady_state": "the same figures for jobs submitted in the second half of the measured window",
         "placements_per_s": "schedule() on a batch of 500 pending jobs against 10,000 snapshots, "
-        "including building the per-call index; best of 3",
+        "including building the per-call index; best of 5 (the shared machine's speed varies by up to 2x)",
     }
     out["machine"] = {"python": platform.python_version(), "cpus_used": parallel}
     return out

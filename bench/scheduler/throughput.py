@@ -69,7 +69,7 @@ def batch(size: int, rng: np.random.Generator, offset: int) -> list[JobRequest]:
 
 
 def measure(
-    nodes: int = 10_000, batch_sizes: tuple[int, ...] = (100, 500, 2000), seed: int = 7, repeats: int = 3
+    nodes: int = 10_000, batch_sizes: tuple[int, ...] = (100, 500, 2000), seed: int = 7, repeats: int = 5
 ) -> dict[str, Any]:
     """Best-of-`repeats` wall time of `schedule` per batch size (fleet rebuilt per call: the
     function indexes its inputs every call, so that cost is included)."""

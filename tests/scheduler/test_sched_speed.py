@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from koinon_operator.scheduler import DEFAULT_CONFIG, Gpu, JobRequest, NodeSnapshot, ReputationEvidence, schedule
-from koinon_operator.scheduler.speed import gpu_speed, node_speed
+from koinon_operator.scheduler.speed import gpu_speed, node_speed, slowest_per_node
 
 NOW = 50_000.0
 SC = DEFAULT_CONFIG.scoring
@@ -32,6 +35,18 @@ def test_an_unknown_model_gets_the_neutral_speed_and_a_node_is_as_fast_as_its_sl
     assert gpu_speed("Voodoo 5 5500", SC.gpu_speeds, 0.7) == 0.7
     assert node_speed(["RTX 4090", "Tesla T4"], SC.gpu_speeds, 1.0) == 0.2
     assert node_speed([], SC.gpu_speeds, 0.9) == 0.9
+
+
+MODELS = ("RTX 4090", "Tesla T4", "A100", "Voodoo 5 5500", "RTX 3060")
+
+
+@given(st.lists(st.lists(st.sampled_from(MODELS), max_size=4), max_size=12))
+def test_the_fleet_wide_speeds_equal_each_nodes_own(fleet: list[list[str]]) -> None:
+    """`build_index` reads speeds for the whole fleet at once, nodes without GPUs included."""
+    flat = [model for models in fleet for model in models]
+    counts = np.array([len(models) for models in fleet], dtype=np.int64)
+    expected = [node_speed(models, SC.gpu_speeds, 0.7) for models in fleet]
+    assert slowest_per_node(flat, counts, SC.gpu_speeds, 0.7).tolist() == expected
 
 
 def node(name: str, model: str) -> NodeSnapshot:

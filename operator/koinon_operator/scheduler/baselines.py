@@ -12,9 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .candidates import HighestValue, NodeValues
 from .config import DEFAULT_CONFIG, SchedulerConfig
-from .index import BoolArray, NodeIndex
-from .placer import _masked_argmax, _run
+from .index import BoolArray, FloatArray, NodeIndex, Positions
+from .placer import _run
 from .types import JobRequest, NodeSnapshot, SchedulingResult
 from .verification import stable_seed
 
@@ -71,11 +72,7 @@ class LeastLatencyPlacer:
         self.config = config
 
     def place(self, jobs: Sequence[JobRequest], nodes: Sequence[NodeSnapshot], now: float) -> SchedulingResult:
-        def choose(index: NodeIndex, mask: BoolArray, job: JobRequest) -> int:
-            # Unknown RTT ranks below every measured one but stays finite, so such nodes remain choosable.
-            return _masked_argmax(-np.nan_to_num(index.rtt_ms, nan=1e12), mask)
-
-        return _run(jobs, nodes, now, self.config, choose, verify=False)
+        return _run(jobs, nodes, now, self.config, _LEAST_LATENCY, verify=False)
 
 
 class ReputationOnlyPlacer:
@@ -87,7 +84,25 @@ class ReputationOnlyPlacer:
         self.config = config
 
     def place(self, jobs: Sequence[JobRequest], nodes: Sequence[NodeSnapshot], now: float) -> SchedulingResult:
-        def choose(index: NodeIndex, mask: BoolArray, job: JobRequest) -> int:
-            return _masked_argmax(index.mean_score, mask)
+        return _run(jobs, nodes, now, self.config, _REPUTATION_MEAN, verify=False)
 
-        return _run(jobs, nodes, now, self.config, choose, verify=False)
+
+def _least_latency(index: NodeIndex, job: JobRequest) -> tuple[str, NodeValues]:
+    def values(at: Positions) -> FloatArray:
+        # Unknown RTT ranks below every measured one but stays finite, so such nodes remain choosable.
+        out: FloatArray = -np.nan_to_num(index.rtt_ms[at], nan=1e12)
+        return out
+
+    return "least-latency", values
+
+
+def _reputation_mean(index: NodeIndex, job: JobRequest) -> tuple[str, NodeValues]:
+    def values(at: Positions) -> FloatArray:
+        out: FloatArray = index.mean_score[at]
+        return out
+
+    return "reputation-mean", values
+
+
+_LEAST_LATENCY = HighestValue(_least_latency)
+_REPUTATION_MEAN = HighestValue(_reputation_mean)

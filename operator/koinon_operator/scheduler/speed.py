@@ -9,16 +9,11 @@ multi-GPU job wait for each other); an unknown model gets `unknown_gpu_speed`.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Protocol
 
-
-class HasModel(Hashable, Protocol):
-    """A GPU as the scheduler's types describe it (`types.Gpu`)."""
-
-    @property
-    def model(self) -> str: ...
+import numpy as np
+import numpy.typing as npt
 
 
 def _normalise(name: str) -> str:
@@ -42,19 +37,19 @@ def node_speed(models: Iterable[str], table: tuple[tuple[str, float], ...], unkn
     return min(speeds) if speeds else unknown
 
 
-def node_speeds(
-    fleet: Iterable[tuple[HasModel, ...]], table: tuple[tuple[str, float], ...], unknown: float
-) -> list[float]:
-    """`node_speed` of many nodes given their GPUs; each model name (a fleet has few) is looked up
-    once, keyed by the string, which is much cheaper to hash than a tuple of GPUs."""
-    by_model: dict[str, float] = {}
-    out = []
-    for gpus in fleet:
-        speeds = []
-        for gpu in gpus:
-            known = by_model.get(gpu.model)
-            if known is None:
-                known = by_model[gpu.model] = gpu_speed(gpu.model, table, unknown)
-            speeds.append(known)
-        out.append(min(speeds) if speeds else unknown)  # as node_speed: the slowest GPU
+def slowest_per_node(
+    models: Sequence[str], gpus_per_node: npt.NDArray[np.int64], table: tuple[tuple[str, float], ...], unknown: float
+) -> npt.NDArray[np.float64]:
+    """`node_speed` of many nodes at once, given the model of every GPU in node order (the first
+    ``gpus_per_node[0]`` belong to node 0, and so on). Each model name (a fleet has few) is looked up
+    once."""
+    speed_of = {model: gpu_speed(model, table, unknown) for model in set(models)}
+    per_gpu = np.fromiter(map(speed_of.__getitem__, models), np.float64, len(models))
+    out = np.full(len(gpus_per_node), unknown)
+    has_gpus = gpus_per_node > 0
+    if len(per_gpu):
+        # The GPUs of the nodes that have any are contiguous runs, so reduceat over the runs' starts
+        # takes each node's own GPUs (nodes without GPUs add nothing in between).
+        starts = (np.cumsum(gpus_per_node) - gpus_per_node)[has_gpus]
+        out[has_gpus] = np.minimum.reduceat(per_gpu, starts)
     return out

@@ -50,7 +50,8 @@ def plan_replication(quorum: int, record: TrustRecord, seed: int, cfg: Verificat
     """Copies to run: 1 when the job needs no verification or the trusted node drew a skip."""
     if quorum <= 1:
         return 1
-    return 1 if unit_interval(seed) < skip_probability(record, cfg) else quorum
+    skip = skip_probability(record, cfg)
+    return 1 if skip > 0.0 and unit_interval(seed) < skip else quorum
 
 
 @dataclass(frozen=True, slots=True)
