@@ -69,7 +69,7 @@ def test_derived_columns_equal_a_fresh_computation(
     for position, gpus in uses:
         i = position % index.size
         if index.total_gpus[i] - index.busy_gpus[i] >= gpus:
-            index.consume(i, gpus, 1.0)
+            index.consume([i], gpus, 1.0)
         if held:
             reserve_for(index, JobRequest(key="ns/big", gpus_per_replica=4), static, held)
         cached = index.derived("scores", compute)  # type: ignore[arg-type]
@@ -114,7 +114,7 @@ def test_ranked_picks_equal_a_chooser_over_fresh_values(
         static = statics.setdefault(gpus, static_mask(index, job, None))
 
         def argmax_of_fresh(ix: NodeIndex, mask: BoolArray, job: JobRequest) -> int:
-            i = int(np.where(mask, policy.values(ix, job)[1](slice(None)), -np.inf).argmax())
+            i = int(np.where(mask, policy.values(ix, job)(slice(None)), -np.inf).argmax())
             return i if mask[i] else -1
 
         ranked = RankedCandidates(index, job, static, policy)
@@ -125,7 +125,6 @@ def test_ranked_picks_equal_a_chooser_over_fresh_values(
         if primary is None:
             continue
         assert ranked.pick(1, after=primary) == reference.pick(1, after=primary)
-        for i in primary:
-            index.consume(i, gpus, 1.0)
+        index.consume(primary, gpus, 1.0)
         if position % 3 == 0:
             reserve_for(index, JobRequest(key="ns/big", gpus_per_replica=3), static, 1)

@@ -87,22 +87,22 @@ class ReputationOnlyPlacer:
         return _run(jobs, nodes, now, self.config, _REPUTATION_MEAN, verify=False)
 
 
-def _least_latency(index: NodeIndex, job: JobRequest) -> tuple[str, NodeValues]:
+def _least_latency(index: NodeIndex, job: JobRequest) -> NodeValues:
     def values(at: Positions) -> FloatArray:
         # Unknown RTT ranks below every measured one but stays finite, so such nodes remain choosable.
         out: FloatArray = -np.nan_to_num(index.rtt_ms[at], nan=1e12)
         return out
 
-    return "least-latency", values
+    return values
 
 
-def _reputation_mean(index: NodeIndex, job: JobRequest) -> tuple[str, NodeValues]:
+def _reputation_mean(index: NodeIndex, job: JobRequest) -> NodeValues:
     def values(at: Positions) -> FloatArray:
         out: FloatArray = index.mean_score[at]
         return out
 
-    return "reputation-mean", values
+    return values
 
 
-_LEAST_LATENCY = HighestValue(_least_latency)
-_REPUTATION_MEAN = HighestValue(_reputation_mean)
+_LEAST_LATENCY = HighestValue(lambda job: "least-latency", _least_latency)
+_REPUTATION_MEAN = HighestValue(lambda job: "reputation-mean", _reputation_mean)

@@ -32,11 +32,12 @@ NodeValues = Callable[[Positions], FloatArray]
 class HighestValue:
     """A policy that picks the node with the highest value (ties: the first by name).
 
-    `values(index, job)` returns a key naming the job's values within one call (jobs with equal
-    keys must have equal values) and the function computing them.
+    `key(job)` names the job's values within one call: jobs with equal keys must have equal
+    values. `values(index, job)` builds the function computing them (once per key and call).
     """
 
-    values: Callable[[NodeIndex, JobRequest], tuple[Hashable, NodeValues]]
+    key: Callable[[JobRequest], Hashable]
+    values: Callable[[NodeIndex, JobRequest], NodeValues]
 
 
 Policy = Chooser | HighestValue
@@ -101,7 +102,9 @@ class RankedCandidates:
 
     def __init__(self, index: NodeIndex, job: JobRequest, static: BoolArray, policy: HighestValue) -> None:
         self.index = index
-        values_key, node_values = policy.values(index, job)
+        values_key = policy.key(job)
+        # Jobs of one shape share their values, so they share the function as well.
+        node_values = index.memo(("values-function", values_key), lambda: policy.values(index, job))
 
         def combine(at: Positions) -> FloatArray:
             # Cached and kept current by `derived`, per job shape: the policy's values with the nodes

@@ -14,7 +14,7 @@ import itertools
 import operator
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +27,7 @@ from .types import JobRequest, NodeSnapshot
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
+T = TypeVar("T")
 Positions: TypeAlias = slice | IntArray
 """Which nodes a derived column is computed for: all (`slice(None)`) or the given positions."""
 
@@ -79,7 +80,7 @@ class NodeIndex:
     (the first `_changed` entries; grown by doubling)."""
     _changed: int
     _derived: dict[Hashable, _Derived]
-    _fixed: dict[Hashable, npt.NDArray[Any]]
+    _memo: dict[Hashable, Any]
     _owner_order: IntArray | None = None
     """Positions sorted by owner code (built on first use of `owner_nodes`), with `_owner_start`."""
     _owner_start: IntArray | None = None
@@ -121,13 +122,14 @@ class NodeIndex:
             entry.synced = self._changed
         return entry.values
 
-    def fixed(self, key: Hashable, compute: Callable[[], npt.NDArray[Any]]) -> npt.NDArray[Any]:
-        """``compute()``, cached under ``key`` for this call: for arrays that placements do not
-        change (the caller must not change the returned array)."""
-        values = self._fixed.get(key)
-        if values is None:
-            values = self._fixed[key] = compute()
-        return values
+    def memo(self, key: Hashable, make: Callable[[], T]) -> T:
+        """``make()``, cached under ``key`` for this call: for what placements do not change (arrays
+        of fixed terms, functions built per job shape); the caller must not change it."""
+        try:
+            value: T = self._memo[key]
+        except KeyError:
+            value = self._memo[key] = make()
+        return value
 
     def log_changes(self, positions: IntArray | list[int]) -> None:
         """Records positions whose capacity, load score or reservation just changed."""
@@ -139,12 +141,14 @@ class NodeIndex:
         self._changes[self._changed : end] = positions
         self._changed = end
 
-    def consume(self, i: int, gpus: int, cpus: float) -> None:
-        self.log_changes([i])
-        self.busy_gpus[i] += gpus
-        self.cpus_free[i] -= cpus
-        busy = self.busy_gpus[i] / max(int(self.total_gpus[i]), 1)
-        self.score[i] = self.static_score[i] - self.load_weight * busy
+    def consume(self, positions: list[int], gpus: int, cpus: float) -> None:
+        """Each of `positions` starts a replica that takes `gpus` GPUs and `cpus` CPUs."""
+        self.log_changes(positions)
+        for i in positions:
+            self.busy_gpus[i] += gpus
+            self.cpus_free[i] -= cpus
+            busy = self.busy_gpus[i] / max(int(self.total_gpus[i]), 1)
+            self.score[i] = self.static_score[i] - self.load_weight * busy
 
     def owner_nodes(self, code: int) -> IntArray:
         """Positions of the nodes of the owner with code `code`, in order."""
@@ -207,8 +211,8 @@ def _codes(values: list[str]) -> tuple[IntArray, dict[str, int]]:
 
 def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig) -> NodeIndex:
     ordered = sorted(nodes, key=operator.attrgetter("name"))
-    names = [n.name for n in ordered]
-    position = {name: i for i, name in enumerate(names)}
+    names = _values(ordered, "name")
+    position = dict(zip(names, range(len(names)), strict=True))
     if len(position) != len(names):
         seen: set[str] = set()
         dup = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
@@ -296,7 +300,7 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
         _changes=np.empty(64, dtype=np.int64),
         _changed=0,
         _derived={},
-        _fixed={},
+        _memo={},
     )
 
 

@@ -2,7 +2,7 @@
 
 `schedule(jobs, nodes, now, config)` is the Koinon policy as a pure function. Every policy goes
 through the same hard filters and capacity accounting (`_run`); they differ only in how they pick
-among the nodes that fit (`Chooser`) and in whether they plan verification copies.
+among the nodes that fit (`candidates.Policy`) and in whether they plan verification copies.
 """
 
 from __future__ import annotations
@@ -47,7 +47,11 @@ def best_score(cfg: SchedulerConfig) -> HighestValue:
     sc = cfg.scoring
     skip = cfg.verification.max_skip_probability
 
-    def values(index: NodeIndex, job: JobRequest) -> tuple[Hashable, NodeValues]:
+    def key(job: JobRequest) -> Hashable:
+        # Everything `values` reads from the job.
+        return ("koinon", job.gpu_memory_mib, job.gpus_per_replica, expected_hours(job, cfg))
+
+    def values(index: NodeIndex, job: JobRequest) -> NodeValues:
         memory, needed = job.gpu_memory_mib, job.gpus_per_replica
         hours = expected_hours(job, cfg)
         gpus = max(needed, 1)
@@ -61,9 +65,9 @@ def best_score(cfg: SchedulerConfig) -> HighestValue:
         crash_loss = sc.reliability_weight * gpus * hours * hours / 2.0 / unit
         # Terms that placements do not change, once per call; only the load and fit terms are
         # recomputed for the nodes a placement changed.
-        runtime = index.fixed(("runtime", hours), lambda: (sc.runtime_weight * hours) * index.inverse_speed)
-        crash = index.fixed(("crash", crash_loss), lambda: crash_loss * index.crash_rate_per_speed2)
-        trusted = index.fixed(("trusted", trust), lambda: trust * index.trusted) if trust else None
+        runtime = index.memo(("runtime", hours), lambda: (sc.runtime_weight * hours) * index.inverse_speed)
+        crash = index.memo(("crash", crash_loss), lambda: crash_loss * index.crash_rate_per_speed2)
+        trusted = index.memo(("trusted", trust), lambda: trust * index.trusted) if trust else None
         # x * pw / 8 == x * (pw / 8) exactly: dividing by 8 only changes the exponent.
         packing = index.packing_weight / 8.0
 
@@ -76,10 +80,9 @@ def best_score(cfg: SchedulerConfig) -> HighestValue:
                 values = values + trusted[at]
             return values
 
-        # Jobs of one shape share their scores; placements change only the nodes they use.
-        return ("koinon", memory, needed, hours), scores
+        return scores
 
-    return HighestValue(values)
+    return HighestValue(key, values)
 
 
 _DEFAULT_POLICY = best_score(DEFAULT_CONFIG)
@@ -186,8 +189,7 @@ def _run(
                         reserve_for(index, job, static, copies * job.replicas)
                     continue
                 chosen = primary + extra
-        for i in chosen:
-            index.consume(i, job.gpus_per_replica, job.cpus_per_replica)
+        index.consume(chosen, job.gpus_per_replica, job.cpus_per_replica)
         placements.append(Placement(job.key, tuple(index.names[i] for i in chosen), copies))
     return SchedulingResult(tuple(placements), tuple(unschedulable))
 
