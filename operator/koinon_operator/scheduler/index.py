@@ -1,12 +1,12 @@
 """Columnar view of the node snapshots for one scheduling call.
 
 Built once per call (O(nodes)); every job then filters and scores the whole fleet with a few numpy
-operations instead of a Python loop over 10,000 nodes. Arrays that many jobs of one shape share
-(their capacity mask, their scores) are derived once per call and then kept current by recomputing
-only the positions that placements changed since (`NodeIndex.derived`). Nodes are ordered by name,
-so the result does not depend on the order the snapshots came in. Capacity columns are copies that the call
-consumes as it places jobs; the snapshots themselves are never changed.
-"""
+operations instead of a Python loop over 10,000 nodes. Arrays that many jobs share (the room left
+for a job size, a policy's values, a shape's ranking) are derived once per call and then kept
+current by recomputing only the positions that placements changed since (`NodeIndex.derived`).
+Nodes are ordered by name, so the result does not depend on the order the snapshots came in.
+Capacity columns are copies that the call consumes as it places jobs; the snapshots themselves are
+never changed."""
 
 from __future__ import annotations
 
@@ -55,7 +55,6 @@ class NodeIndex:
     lower_bound: FloatArray
     """Owner-adjusted Wilson lower bound of the reputation."""
     mean_score: FloatArray
-    uptime: FloatArray
     consecutive_valid: IntArray
     owner_disagreements: FloatArray
     inverse_speed: FloatArray
@@ -285,7 +284,6 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
         rtt_ms=rtt,
         lower_bound=lower,
         mean_score=mean,
-        uptime=up,
         consecutive_valid=consecutive,
         owner_disagreements=owner_dis,
         inverse_speed=1.0 / speed,

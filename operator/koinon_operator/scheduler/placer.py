@@ -152,9 +152,10 @@ def _run(
         nodes_left = candidates(index, job, static, policy)
         waiting = verify and waits_for_trusted(job, now, cfg)
         primary = nodes_left.pick(job.replicas, trusted_only=waiting)
-        if primary is None and waiting and nodes_left.count():
+        untrusted_fit = nodes_left.count() if primary is None and waiting else 0
+        if untrusted_fit:
             # Untrusted nodes fit, but the job would run twice there: it waits (bounded).
-            refuse(job, {WAITING_FOR_TRUSTED: nodes_left.count()})
+            refuse(job, {WAITING_FOR_TRUSTED: untrusted_fit})
             continue
         if primary is None:
             reasons = explain(index, job, job.replicas, quarantine)
