@@ -184,14 +184,19 @@ class TunnelService:
             agent_version=register.agent_version[:MAX_TEXT],
             gpus=[(g.model[:MAX_TEXT], int(g.memory_mib)) for g in register.gpus[:MAX_GPUS]],
         )
-        await session.send(
-            pb.GatewayMessage(registered=pb.Registered(assignment=self.assignment(session.node_name, session.address)))
-        )
-        await self._renew_credential(session)
+        # The registry says "connected" before the agent hears "registered": whoever sees the agent
+        # connected (its operator, a test) then finds the node connected too, never an older status.
         await self.sessions.attach(session)
-        pinger = asyncio.ensure_future(self._ping_loop(session))
+        pinger: asyncio.Future[None] | None = None
         reason, message = "Disconnected", "control stream ended"
         try:
+            await session.send(
+                pb.GatewayMessage(
+                    registered=pb.Registered(assignment=self.assignment(session.node_name, session.address))
+                )
+            )
+            await self._renew_credential(session)
+            pinger = asyncio.ensure_future(self._ping_loop(session))
             await self._control_loop(session, context)
         except asyncio.CancelledError:
             reason, message = "Replaced", "session ended by the gateway"
@@ -199,11 +204,12 @@ class TunnelService:
         except grpc.aio.AioRpcError as exc:
             message = f"control stream failed: {exc.code().name}"
         finally:
-            pinger.cancel()
+            if pinger is not None:
+                pinger.cancel()
+                with contextlib.suppress(BaseException):
+                    await pinger
             if session.verifier is not None:
                 session.verifier.cancel()
-            with contextlib.suppress(BaseException):
-                await pinger
             if not session.closed:
                 await asyncio.shield(self.sessions.detach(session, reason, message))
 
