@@ -3,6 +3,8 @@ must equal a fresh computation over the whole fleet, bit for bit (placement ties
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -128,3 +130,13 @@ def test_ranked_picks_equal_a_chooser_over_fresh_values(
         index.consume(primary, gpus, 1.0)
         if position % 3 == 0:
             reserve_for(index, JobRequest(key="ns/big", gpus_per_replica=3), static, 1)
+
+
+def test_unknown_or_stale_rtts_are_nan_whether_or_not_any_is_unknown() -> None:
+    """The RTT column is read in C when every node has one, and by the slower path once one has none."""
+    known = fleet([(1, 1)] * 4)
+    known[2] = replace(known[2], rtt_updated_at=NOW - DEFAULT_CONFIG.latency.stale_after_s - 1)
+    assert np.array_equal(build_index(known, NOW, DEFAULT_CONFIG).rtt_ms, [10.0, 11.0, np.nan, 13.0], equal_nan=True)
+    some_unknown = [*known[:3], replace(known[3], rtt_ms=None, rtt_updated_at=None)]
+    index = build_index(some_unknown, NOW, DEFAULT_CONFIG)
+    assert np.array_equal(index.rtt_ms, [10.0, 11.0, np.nan, np.nan], equal_nan=True)

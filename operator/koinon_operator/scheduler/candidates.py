@@ -67,8 +67,11 @@ _LEFT_OUT = -1e300
 _NONE_LEFT = _LEFT_OUT / 2
 
 
-def _left_out_unless(allowed: BoolArray, values: FloatArray) -> FloatArray:
-    out: FloatArray = np.multiply(~allowed, _LEFT_OUT).__iadd__(values)
+def _left_out_unless(allowed: BoolArray, values: FloatArray, reuse: bool = False) -> FloatArray:
+    """`values` where `allowed`, else about _LEFT_OUT; with `reuse`, both arguments may be changed."""
+    left_out = np.invert(allowed, out=allowed) if reuse else ~allowed
+    out: FloatArray = np.multiply(left_out, _LEFT_OUT)
+    out += values
     return out
 
 
@@ -114,9 +117,10 @@ class RankedCandidates:
             if isinstance(at, slice):
                 room = current_room(index, job)
                 values = index.derived(("values", values_key), node_values)
-            else:
-                room, values = room_for(index, job, at), node_values(at)
-            return _left_out_unless(static[at] & room, values)
+                return _left_out_unless(static & room, values)
+            room, values = room_for(index, job, at), node_values(at)
+            room &= static[at]  # both are new arrays here: change them in place
+            return _left_out_unless(room, values, reuse=True)
 
         # `static` is cached per shape by the caller, so its identity names the static filters.
         self.key = ("ranked", id(static), room_key(job), values_key)

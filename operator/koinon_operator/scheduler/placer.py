@@ -11,6 +11,8 @@ import itertools
 from collections.abc import Hashable, Sequence
 from typing import Protocol
 
+import numpy as np
+
 from .candidates import HighestValue, NodeValues, Policy, candidates
 from .config import DEFAULT_CONFIG, SchedulerConfig
 from .index import (
@@ -72,12 +74,16 @@ def best_score(cfg: SchedulerConfig) -> HighestValue:
         packing = index.packing_weight / 8.0
 
         def scores(at: Positions) -> FloatArray:
-            leftover = index.fit_count(memory)[at] - index.busy_gpus[at] - needed
-            values: FloatArray = index.score[at] - leftover * packing
-            values = values - runtime[at]
-            values = values - crash[at]
+            # score - leftover * packing - runtime - crash (+ trusted), in this order, in place: each
+            # new array of the fleet's size costs more than the arithmetic on it.
+            leftover = np.subtract(index.fit_count(memory)[at], index.busy_gpus[at])
+            leftover -= needed
+            values: FloatArray = np.multiply(leftover, packing)
+            np.subtract(index.score[at], values, out=values)
+            np.subtract(values, runtime[at], out=values)
+            np.subtract(values, crash[at], out=values)
             if trusted is not None:
-                values = values + trusted[at]
+                np.add(values, trusted[at], out=values)
             return values
 
         return scores
