@@ -60,18 +60,14 @@ def candidates(index: NodeIndex, job: JobRequest, static: BoolArray, policy: Pol
     return MaskCandidates(index, job, static, policy)
 
 
-# The value of a node a job may not get. Values are finite and far above it, so v + -0.0 keeps an
-# allowed value exactly and the first maximum is the one over allowed values alone; about twice as
-# cheap as np.where(allowed, values, -inf) on 10,000 nodes.
+# The value of a node a job may not get. Values are finite and far above it, so the first maximum
+# is the one over allowed values alone.
 _LEFT_OUT = -1e300
 _NONE_LEFT = _LEFT_OUT / 2
 
 
-def _left_out_unless(allowed: BoolArray, values: FloatArray, reuse: bool = False) -> FloatArray:
-    """`values` where `allowed`, else about _LEFT_OUT; with `reuse`, both arguments may be changed."""
-    left_out = np.invert(allowed, out=allowed) if reuse else ~allowed
-    out: FloatArray = np.multiply(left_out, _LEFT_OUT)
-    out += values
+def _left_out_unless(allowed: BoolArray, values: FloatArray) -> FloatArray:
+    out: FloatArray = np.where(allowed, values, _LEFT_OUT)
     return out
 
 
@@ -118,9 +114,9 @@ class RankedCandidates:
                 room = current_room(index, job)
                 values = index.derived(("values", values_key), node_values)
                 return _left_out_unless(static & room, values)
-            room, values = room_for(index, job, at), node_values(at)
-            room &= static[at]  # both are new arrays here: change them in place
-            return _left_out_unless(room, values, reuse=True)
+            room = room_for(index, job, at)
+            room &= static[at]  # a new array here: change it in place
+            return _left_out_unless(room, node_values(at))
 
         # `static` is cached per shape by the caller, so its identity names the static filters.
         self.key = ("ranked", id(static), room_key(job), values_key)
