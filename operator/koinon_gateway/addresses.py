@@ -52,21 +52,30 @@ class AddressAllocator:
             )
         self.port_base = port_base
         self.block_size = block_size
-        self._used: set[str] = set()
+        # address -> the node holding it: a release names the holder, so a late release (a deletion
+        # reported after the address went to another node) cannot free someone else's address.
+        self._holders: dict[str, str] = {}
 
-    def reserve(self, address: str) -> None:
+    def reserve(self, address: str, holder: str) -> None:
         self._index(address)
-        self._used.add(address)
+        self._holders[address] = holder
 
-    def allocate(self) -> str:
+    def allocate(self, holder: str) -> str:
         for host in self.network.hosts():
-            if str(host) not in self._used:
-                self._used.add(str(host))
+            if str(host) not in self._holders:
+                self._holders[str(host)] = holder
                 return str(host)
         raise AddressPoolExhausted(f"vip_cidr {self.network}: no free address")
 
-    def release(self, address: str) -> None:
-        self._used.discard(address)
+    def release(self, address: str, holder: str) -> bool:
+        """Frees ``address`` if ``holder`` holds it; returns whether it did."""
+        if self._holders.get(address) != holder:
+            return False
+        del self._holders[address]
+        return True
+
+    def holder(self, address: str) -> str | None:
+        return self._holders.get(address)
 
     def contains(self, address: str) -> bool:
         try:

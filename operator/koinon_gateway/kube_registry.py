@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from .kube_client import JSON, KubeApiError, KubeClient, custom_path
-from .registry import GROUP, KIND, PLURAL, VERSION, NodeExists
+from .registry import GROUP, KIND, PLURAL, VERSION, DeletedNode, NodeExists, status_address
 
 log = logging.getLogger(__name__)
 
@@ -94,32 +94,43 @@ class KubeNodeRegistry:
         self._last[name] = _LastWrite(now, significant)
         self.status_writes += 1
 
-    async def deleted_nodes(self) -> AsyncIterator[str]:
-        """Names of VolunteerNodes as they are deleted, for as long as the caller iterates.
+    async def delete(self, name: str) -> bool:
+        try:
+            await self.client.delete(self._path(name))
+        except KubeApiError as exc:
+            if exc.not_found:
+                return False
+            raise
+        self._last.pop(name, None)
+        return True
+
+    async def deleted_nodes(self) -> AsyncIterator[DeletedNode]:
+        """VolunteerNodes as they are deleted, for as long as the caller iterates.
 
         Lists, then watches from the list's resourceVersion; when the watch history is gone (410) or
-        the connection drops, lists again and reports the nodes that vanished in between.
+        the connection drops, lists again and reports the nodes that vanished in between (with the
+        address they had when last seen).
         """
-        known: set[str] = set()
+        known: dict[str, str] = {}  # name -> address
         resource_version = ""
         while True:
             try:
                 if not resource_version:
                     items, resource_version = await self.client.list_all(self._path())
-                    current = {str(item["metadata"]["name"]) for item in items}
-                    for name in sorted(known - current):
-                        yield name
+                    current = {str(item["metadata"]["name"]): status_address(item) for item in items}
+                    for name in sorted(known.keys() - current.keys()):
+                        yield DeletedNode(name, known[name])
                     known = current
                 async for event in self.client.watch(self._path(), resource_version):
                     metadata: dict[str, Any] = event.object.get("metadata") or {}
                     resource_version = str(metadata.get("resourceVersion") or resource_version)
                     name = str(metadata.get("name", ""))
-                    if event.type == "ADDED":
-                        known.add(name)
+                    if event.type in ("ADDED", "MODIFIED"):
+                        known[name] = status_address(event.object)
                     elif event.type == "DELETED":
-                        known.discard(name)
+                        known.pop(name, None)
                         self._last.pop(name, None)
-                        yield name
+                        yield DeletedNode(name, status_address(event.object))
             except KubeApiError as exc:
                 if not exc.gone:
                     log.warning("VolunteerNode watch failed: %s; listing again", exc)

@@ -11,6 +11,8 @@ class GatewayMetrics:
     joins: Counter[str] = field(default_factory=Counter)  # by outcome: ok or refusal reason
     refused_dials: Counter[str] = field(default_factory=Counter)  # by reason
     refused_streams: Counter[str] = field(default_factory=Counter)  # auth/protocol failures
+    # What a rejoin did with the node an expired credential named: "retired" or "kept".
+    previous_nodes: Counter[str] = field(default_factory=Counter)
     connections_opened: int = 0
     connections_active: int = 0
     bytes_from_agents: int = 0
@@ -24,6 +26,7 @@ class GatewayMetrics:
             ("joins", self.joins),
             ("refused_dials", self.refused_dials),
             ("refused_streams", self.refused_streams),
+            ("previous_nodes", self.previous_nodes),
         ):
             for reason, count in sorted(counter.items()):
                 lines.append(f'koinon_gateway_{name}_total{{reason="{reason}"}} {count}')

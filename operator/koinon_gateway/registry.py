@@ -39,12 +39,28 @@ class NodeRegistry(Protocol):
         """Merge-patches ``status`` (JSON merge patch semantics: None deletes)."""
         ...
 
+    async def delete(self, name: str) -> bool:
+        """Deletes the VolunteerNode; False when it did not exist."""
+        ...
+
+
+@dataclass(frozen=True)
+class DeletedNode:
+    name: str
+    # The virtual address in the node's last known status ("" when it never had one).
+    address: str = ""
+
 
 @runtime_checkable
 class NodeDeletionSource(Protocol):
-    """A registry that can report deletions as they happen (the gateway then ends live sessions)."""
+    """A registry that can report deletions as they happen (the gateway then ends live sessions and
+    frees their virtual addresses)."""
 
-    def deleted_nodes(self) -> AsyncIterator[str]: ...
+    def deleted_nodes(self) -> AsyncIterator[DeletedNode]: ...
+
+
+def status_address(node: JSON) -> str:
+    return str((node.get("status") or {}).get("address") or "")
 
 
 def merge_patch(target: JSON, patch: JSON) -> JSON:
@@ -89,6 +105,9 @@ class InMemoryNodeRegistry:
         obj["status"] = merge_patch(obj.get("status") or {}, status)
         self.status_writes += 1
 
+    async def delete(self, name: str) -> bool:
+        return self.objects.pop(name, None) is not None
+
 
 class FileNodeRegistry(InMemoryNodeRegistry):
     """In-memory registry persisted to one JSON file after each write (local dev and process tests)."""
@@ -111,3 +130,8 @@ class FileNodeRegistry(InMemoryNodeRegistry):
     async def patch_status(self, name: str, status: JSON) -> None:
         await super().patch_status(name, status)
         self._save()
+
+    async def delete(self, name: str) -> bool:
+        deleted = await super().delete(name)
+        self._save()
+        return deleted

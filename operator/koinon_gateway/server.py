@@ -24,7 +24,7 @@ from .head_proxy import HeadProxy
 from .metrics import GatewayMetrics
 from .pki import CAStore, InMemoryCAStore, issue_server_cert, load_or_create_ca
 from .ray_check import GcsRayNodeChecker
-from .registry import InMemoryNodeRegistry, NodeDeletionSource, NodeRegistry
+from .registry import InMemoryNodeRegistry, NodeDeletionSource, NodeRegistry, status_address
 from .routing import Router
 from .rpc import add_tunnel_service
 from .service import TunnelService
@@ -96,9 +96,9 @@ class Gateway:
         self.ca_pem = bundle.cert_pem
         nodes = await self.registry.list()
         for node in nodes:
-            address = (node.get("status") or {}).get("address")
+            address = status_address(node)
             if address and self.allocator.contains(address):
-                self.allocator.reserve(address)
+                self.allocator.reserve(address, node["metadata"]["name"])
         await self.sessions.disown_stale_connections(nodes)
         service = TunnelService(
             self.config,
@@ -167,12 +167,16 @@ class Gateway:
 
     async def _revoke_deleted(self, source: NodeDeletionSource) -> None:
         # Deleting the VolunteerNode revokes the node: its live session ends now, and its next
-        # stream is refused because Control checks that the object exists.
+        # stream is refused because Control checks that the object exists. Its virtual address (and
+        # port block) goes back to the pool: the old credential names it, but no stream can use a
+        # credential whose VolunteerNode is gone.
         while True:
             try:
-                async for name in source.deleted_nodes():
-                    if self.sessions.revoke(name):
+                async for node in source.deleted_nodes():
+                    if self.sessions.revoke(node.name):
                         self.metrics.refused_streams["node-deleted-while-connected"] += 1
+                    if self.allocator.release(node.address, node.name):
+                        log.info("node %s deleted; address %s released", node.name, node.address)
             except Exception:
                 log.exception("watching VolunteerNode deletions failed; restarting the watch")
                 await asyncio.sleep(1.0)

@@ -19,7 +19,7 @@ from .addresses import AddressAllocator, PortBlock
 from .config import GatewayConfig
 from .metrics import GatewayMetrics
 from .ray_check import RayNodeChecker
-from .registry import NodeExists, NodeRegistry
+from .registry import NodeExists, NodeRegistry, status_address
 from .routing import DialRefused, Router
 from .rpc import EOF, Context
 from .sessions import NodeSession, SessionTable
@@ -103,8 +103,9 @@ class TunnelService:
             self.metrics.joins[exc.reason] += 1
             log.warning("join refused (%s): %s", exc.reason, exc)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"join refused: {exc.reason}: {exc}")
-        address = self.allocator.allocate()
+        await self._retire_previous(request.previous_credential, grant.owner)
         node_name = node_name_from_hint(request.name_hint)
+        address = self.allocator.allocate(node_name)
         spec: dict[str, Any] = {
             "owner": grant.owner,
             "region": grant.region or request.region,
@@ -114,7 +115,7 @@ class TunnelService:
             await self.registry.create(node_name, spec, {"koinon.dev/join-token": grant.token_id})
             await self.registry.patch_status(node_name, {"phase": "NotReady", "connected": False, "address": address})
         except NodeExists:
-            self.allocator.release(address)
+            self.allocator.release(address, node_name)
             await context.abort(grpc.StatusCode.ABORTED, "join: node name collision, retry")
         self.metrics.joins["ok"] += 1
         log.info("node %s joined with token %s at %s", node_name, grant.token_id, address)
@@ -124,6 +125,33 @@ class TunnelService:
             assignment=self.assignment(node_name, address),
             credential_expires_at=issued.expires_at,
         )
+
+    async def _retire_previous(self, previous_credential: str, owner: str) -> None:
+        """Deletes the node an expired credential names, so a volunteer that was offline for longer
+        than a credential lives comes back as one node, not as a new one beside a NotReady ghost.
+
+        Only with a genuine credential (signed by this gateway; its expiry is what brought the agent
+        here), a join token of the same owner, and no live session: nobody can retire a node that
+        is connected or that belongs to someone else.
+        """
+        if not previous_credential:
+            return
+        try:
+            old = credentials.verify(self.credential_key, previous_credential, check_expiry=False)
+        except credentials.CredentialError as exc:
+            log.warning("join: previous credential ignored: %s", exc)
+            return
+        node = await self.registry.get(old.node_name)
+        if node is None or status_address(node) != old.address:
+            return
+        if (node.get("spec") or {}).get("owner") != owner or old.node_name in self.sessions.by_name:
+            self.metrics.previous_nodes["kept"] += 1
+            log.warning("join: previous node %s kept (other owner or still connected)", old.node_name)
+            return
+        if await self.registry.delete(old.node_name):
+            self.allocator.release(old.address, old.node_name)
+            self.metrics.previous_nodes["retired"] += 1
+            log.info("join: retired previous node %s (%s)", old.node_name, old.address)
 
     def _issue_credential(self, node_name: str, address: str) -> credentials.IssuedCredential:
         return credentials.issue(self.credential_key, node_name, address, self.config.credential_lifetime_s)
@@ -174,7 +202,7 @@ class TunnelService:
                 grpc.StatusCode.PERMISSION_DENIED,
                 "register: node_name/address do not match the credential",
             )
-        self.allocator.reserve(identity.address)
+        self.allocator.reserve(identity.address, identity.node_name)
         session = NodeSession(
             node_name=identity.node_name,
             address=identity.address,

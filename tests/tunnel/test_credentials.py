@@ -93,3 +93,48 @@ async def test_agent_with_expired_stored_credential_rejoins_with_token_or_says_w
         agent = await c.start_agent("alpha")  # same state dir, now with a join token
         assert agent.identity is not None and agent.identity.node_name != "alpha-old"
         assert agent.identity.node_name in c.registry.objects
+
+
+async def test_rejoin_after_expiry_retires_the_old_node_and_reuses_its_address(tmp_path: Path) -> None:
+    async with cluster(tmp_path, credential_lifetime_s=2.0) as c:
+        first = await c.start_agent("alpha")
+        assert first.identity is not None
+        old = first.identity
+        first.request_drain()
+        await asyncio.wait_for(c.agents.pop()[1], 10)
+        stored = state.load(c.agent_config("alpha").state_dir, c.gateway.agent_target)
+        assert stored is not None
+        await asyncio.sleep(max(0.0, stored.expires_at - time.time()) + 0.5)
+
+        again = await c.start_agent("alpha")  # same state dir, a fresh token of the same owner
+        assert again.identity is not None and again.identity.node_name != old.node_name
+        # One node for this volunteer, not a new one beside a NotReady ghost; its address is free
+        # again, so the pool's lowest free address (the old one) is the new node's.
+        assert old.node_name not in c.registry.objects
+        assert again.identity.node_name in c.registry.objects
+        assert again.identity.address == old.address
+        assert c.gateway.metrics.previous_nodes == {"retired": 1}
+
+
+async def test_rejoin_keeps_a_previous_node_that_is_connected_or_someone_elses(tmp_path: Path) -> None:
+    async with cluster(tmp_path, credential_lifetime_s=2.0) as c:
+        running = await c.start_agent("alpha")
+        assert running.identity is not None
+        copied = running.identity  # a copy of its state taken now; the agent renews its own
+        await asyncio.sleep(copied.expires_at - time.time() + 0.5)
+
+        # A copy of a connected node's old state cannot retire it.
+        clone = c.agent_config("clone")
+        state.save(clone.state_dir, copied)
+        await c.start_agent("clone")
+        assert c.registry.objects[copied.node_name]["status"]["connected"] is True
+        assert running.connected.is_set() and c.gateway.metrics.previous_nodes == {"kept": 1}
+
+        # Nor can a join token of another owner retire a node that is gone offline.
+        running.request_drain()
+        await asyncio.wait_for(c.agents[0][1], 10)
+        other = c.agent_config("other", token=c.tokens.add(owner="mallory"))
+        state.save(other.state_dir, copied)
+        await c.start_agent("other", token=other.token)
+        assert copied.node_name in c.registry.objects
+        assert c.gateway.metrics.previous_nodes == {"kept": 2}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime as dt
 import json
 import subprocess
@@ -431,6 +432,26 @@ async def test_deleting_the_volunteernode_revokes_the_agent(kube: Kube, kgw: Kub
         assert name not in kgw.gateway.sessions.by_name
         assert kgw.gateway.metrics.refused_streams["node-deleted"] >= 1
         assert kube.emulator.list_objects("koinon.dev/v1alpha1", "VolunteerNode") == []
+
+        # The deleted node's address went back to the pool: the next volunteer gets it (the pool
+        # hands out its lowest free address) and works with it, while the old credential stays refused.
+        old_address = agent.identity.address
+        newcomer = Agent(
+            dataclasses.replace(
+                config, token=await kgw.tokens.create(owner="bob"), state_dir=tmp_path / "b", name_hint="beta"
+            )
+        )
+        second = asyncio.ensure_future(newcomer.run())
+        try:
+            await asyncio.wait_for(newcomer.connected.wait(), 15)
+            assert newcomer.identity is not None and newcomer.identity.address == old_address
+            assert newcomer.identity.node_name != name
+            status = (await kubectl_vn(kube, newcomer.identity.node_name))["status"]
+            assert status["connected"] is True and status["address"] == old_address
+            with pytest.raises(JoinRefused, match="no longer exists"):
+                await asyncio.wait_for(Agent(config).run(), 15)
+        finally:
+            second.cancel()
     finally:
         task.cancel()
 
@@ -463,7 +484,8 @@ async def test_restarted_gateway_keeps_its_ca_and_nodes(kube: Kube) -> None:
         try:
             assert second.ca_pem == first.ca_pem
             # The address stays reserved for the node, and its old credential is still accepted.
-            assert second.allocator.allocate() != joined.assignment.address
+            assert second.allocator.holder(joined.assignment.address) == joined.assignment.node_name
+            assert second.allocator.allocate("another") != joined.assignment.address
             async with grpc.aio.secure_channel(
                 second.agent_target,
                 grpc.ssl_channel_credentials(second.ca_pem),

@@ -128,6 +128,8 @@ class Agent:
             region=self.config.region,
             gpus=self._pb_gpus(),
             agent_version=VERSION,
+            # Lets the gateway retire the node this volunteer was before, instead of a NotReady ghost.
+            previous_credential=stored.credential if stored is not None else "",
         )
         while True:
             try:
