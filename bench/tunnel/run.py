@@ -32,7 +32,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.tunnel import netbench  # noqa: E402
+from bench.tunnel import ceiling, netbench  # noqa: E402
 from bench.tunnel.sshd import ssh_forward  # noqa: E402
 from tests.tunnel.ray_harness import RayTunnelHarness, kill_tree, netns_available, wait_until  # noqa: E402
 
@@ -131,6 +131,12 @@ def bench_network(workdir: Path, quick: bool) -> dict[str, Any]:
         lambda: netbench.throughput_mbps(netbench.open_via("127.0.0.1", sink_port, None), volume)
     )
     progress(f"direct {results['direct_mbps']:.0f} Mbit/s")
+    # The least CPU any tunnel needs per byte, from the same machine at the same time (ceiling.py).
+    hop_ns = min(ceiling.hop_cpu_ns_per_byte(sink_port, volume) for _ in range(rounds))
+    aes_ns = min(ceiling.aes_gcm_ns_per_byte(volume // 4) for _ in range(rounds))
+    results.update(ceiling.tunnel_ceiling(results["direct_mbps"], hop_ns, aes_ns, os.cpu_count() or 1))
+    share = results["tunnel_ceiling_vs_direct"]
+    progress(f"ceiling {results['tunnel_ceiling_mbps']:.0f} Mbit/s, {share:.2f} of direct")
     try:
         with ssh_forward(workdir / "ssh", sink_port) as ssh_port:
             results["ssh_mbps"] = best(
@@ -156,6 +162,7 @@ def bench_network(workdir: Path, quick: bool) -> dict[str, Any]:
             results[key] = round(results[key], 1)
     results["tunnel_vs_ssh"] = round(results["tunnel_mbps"] / results["ssh_mbps"], 3) if results["ssh_mbps"] else None
     results["tunnel_vs_direct"] = round(results["tunnel_mbps"] / results["direct_mbps"], 3)
+    results["tunnel_vs_ceiling"] = round(results["tunnel_mbps"] / results["tunnel_ceiling_mbps"], 3)
     results["direct_rtt_p50_us"] = round(netbench.percentile(direct, 0.5), 1)
     results["tunnel_rtt_p50_us"] = round(netbench.percentile(through, 0.5), 1)
     results["added_rtt_p50_us"] = round(netbench.percentile(through, 0.5) - netbench.percentile(direct, 0.5), 1)

@@ -42,6 +42,10 @@ class GatewayConfig:
     # tunnel-level tests that run no Ray head).
     verify_ray_nodes: bool = True
     namespace: str = "koinon-system"
+    # Token Secrets (kube store) that expired more than token_cleanup_grace_s ago are deleted every
+    # token_cleanup_interval_s.
+    token_cleanup_interval_s: float = 600.0
+    token_cleanup_grace_s: float = 3600.0
 
     def validate(self) -> None:
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:

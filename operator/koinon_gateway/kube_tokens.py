@@ -160,6 +160,33 @@ class KubeTokenStore:
             secret_path(self.namespace, secret_name(token_id)), {"data": {"revoked": b64("true")}}
         )
 
+    async def delete_expired(self, grace: dt.timedelta, now: dt.datetime | None = None) -> list[str]:
+        """Deletes token Secrets that expired more than ``grace`` ago (as kubeadm's token cleaner
+        does); returns their ids. Within the grace period a late join still hears "expired" rather
+        than "not found". Secrets with unreadable data are left for a person to look at."""
+        now = now or dt.datetime.now(dt.UTC)
+        items, _ = await self.client.list_all(secret_path(self.namespace), f"{TOKEN_LABEL}=true")
+        deleted: list[str] = []
+        for item in items:
+            if item.get("type") != SECRET_TYPE:
+                continue
+            try:
+                token = token_from_secret(item)
+            except TokenError as exc:
+                log.warning("token cleanup skipped a Secret: %s", exc)
+                continue
+            if token.expiration is None or token.expiration + grace > now:
+                continue
+            try:
+                await self.client.delete(secret_path(self.namespace, secret_name(token.token_id)))
+            except KubeApiError as exc:
+                if not exc.not_found:
+                    raise
+                continue
+            deleted.append(token.token_id)
+            log.info("deleted join token %s (expired at %s)", token.token_id, token.expiration.isoformat())
+        return deleted
+
     async def list(self) -> list[JoinToken]:
         items, _ = await self.client.list_all(secret_path(self.namespace), f"{TOKEN_LABEL}=true")
         return [token_from_secret(item) for item in items if item.get("type") == SECRET_TYPE]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ from .routing import Router
 from .rpc import add_tunnel_service
 from .service import TunnelService
 from .sessions import SessionTable
-from .tokens import InMemoryTokenStore, TokenStore
+from .tokens import ExpiredTokenCleaner, InMemoryTokenStore, TokenStore
 from .tunnel_io import GRPC_OPTIONS, STREAM_READER_LIMIT
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class Gateway:
         self._admin: web.AppRunner | None = None
         self._liveness: asyncio.Task[None] | None = None
         self._revoker: asyncio.Task[None] | None = None
+        self._token_cleaner: asyncio.Task[None] | None = None
 
     @property
     def agent_target(self) -> str:
@@ -132,6 +134,8 @@ class Gateway:
         self._liveness = asyncio.ensure_future(self._liveness_loop())
         if isinstance(self.registry, NodeDeletionSource):
             self._revoker = asyncio.ensure_future(self._revoke_deleted(self.registry))
+        if isinstance(self.tokens, ExpiredTokenCleaner):
+            self._token_cleaner = asyncio.ensure_future(self._clean_tokens(self.tokens))
         log.info("gateway serving agents on %s, head proxy %s", self.agent_target, self.head_proxy_url)
         return self
 
@@ -181,8 +185,17 @@ class Gateway:
                 log.exception("watching VolunteerNode deletions failed; restarting the watch")
                 await asyncio.sleep(1.0)
 
+    async def _clean_tokens(self, tokens: ExpiredTokenCleaner) -> None:
+        grace = dt.timedelta(seconds=self.config.token_cleanup_grace_s)
+        while True:
+            try:
+                await tokens.delete_expired(grace)
+            except Exception:
+                log.exception("deleting expired join tokens failed; trying again later")
+            await asyncio.sleep(self.config.token_cleanup_interval_s)
+
     async def stop(self, grace: float = 1.0) -> None:
-        for task in (self._liveness, self._revoker):
+        for task in (self._liveness, self._revoker, self._token_cleaner):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):

@@ -16,7 +16,7 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 TOKEN_RE = re.compile(r"^(?P<id>[a-z0-9]{6})\.(?P<secret>[a-z0-9]{16})$")
 SECRET_TYPE = "koinon.dev/join-token"
@@ -88,6 +88,13 @@ class TokenStore(Protocol):
     async def consume(self, token: str) -> JoinGrant:
         """Validates the token and counts one use atomically; raises TokenError when refused."""
         ...
+
+
+@runtime_checkable
+class ExpiredTokenCleaner(Protocol):
+    """A token store whose expired tokens the gateway deletes from time to time."""
+
+    async def delete_expired(self, grace: dt.timedelta, now: dt.datetime | None = None) -> list[str]: ...
 
 
 @dataclass

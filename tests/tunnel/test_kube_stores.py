@@ -184,6 +184,53 @@ async def test_concurrent_consumers_never_exceed_the_limit(kube: Kube, racers: i
     assert decoded(kube.secret(secret_name(token[:6])))["usages-count"] == str(limit)
 
 
+async def test_expired_tokens_are_deleted_after_a_grace_period_and_no_others(kube: Kube) -> None:
+    store = KubeTokenStore(kube.client, NAMESPACE)
+    long_expired, just_expired, valid, unreadable = [
+        await store.create(owner="alice", ttl=dt.timedelta(hours=1)) for _ in range(4)
+    ]
+    forever = await store.create(owner="alice", ttl=None)
+    five_minutes_ago = (dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for token, expiration in (
+        (long_expired, "2020-01-01T00:00:00Z"),
+        (just_expired, five_minutes_ago),
+        (unreadable, "soon"),
+    ):
+        path = f"/api/v1/namespaces/{NAMESPACE}/secrets/{secret_name(token[:6])}"
+        await kube.client.merge_patch(path, {"data": {"expiration": base64.b64encode(expiration.encode()).decode()}})
+
+    assert await store.delete_expired(dt.timedelta(hours=1)) == [long_expired[:6]]
+    assert await _secret_gone(kube, long_expired[:6])
+    for kept in (just_expired, valid, forever, unreadable):
+        assert not await _secret_gone(kube, kept[:6])
+    # Within the grace period a late join still hears why it is refused.
+    with pytest.raises(TokenError) as refused:
+        await store.consume(just_expired)
+    assert refused.value.reason == "expired"
+    assert await store.delete_expired(dt.timedelta(0)) == [just_expired[:6]]
+
+
+async def test_gateway_deletes_expired_token_secrets_by_itself(kube: Kube) -> None:
+    store = KubeTokenStore(kube.client, NAMESPACE)
+    token = await store.create(owner="alice", ttl=dt.timedelta(hours=1))
+    path = f"/api/v1/namespaces/{NAMESPACE}/secrets/{secret_name(token[:6])}"
+    await kube.client.merge_patch(path, {"data": {"expiration": base64.b64encode(b"2020-01-01T00:00:00Z").decode()}})
+    async with echo_server() as head_port:
+        config = gateway_config(head_port)
+        config.token_cleanup_interval_s, config.token_cleanup_grace_s = 0.2, 60.0
+        gateway = Gateway(config, store, KubeNodeRegistry(kube.client), KubeCAStore(kube.client, NAMESPACE))
+        await gateway.start()
+        try:
+            assert await wait_until(lambda: _secret_gone(kube, token[:6]), timeout=5)
+        finally:
+            await gateway.stop(0)
+
+
+async def _secret_gone(kube: Kube, token_id: str) -> bool:
+    names = {s["metadata"]["name"] for s in kube.emulator.list_objects("v1", "Secret", NAMESPACE)}
+    return secret_name(token_id) not in names
+
+
 async def test_token_cli_prints_the_token_once_and_stores_only_its_hash(kube: Kube) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "koinon_gateway.main", "token", f"--kubeconfig={kube.kubeconfig}",
