@@ -29,26 +29,43 @@ async def one_agent(target: str, ca: bytes, token: str, index: int, registered: 
                 node_name=joined.assignment.node_name,
                 address=joined.assignment.address,
                 gpus=[pb.Gpu(model="Simulated GPU", memory_mib=24576)],
+                self_heartbeats=True,
             )
         )
     )
     first = await call.read()
     assert first.HasField("registered")
     registered.set()
-    while True:
-        message = await call.read()
-        if message is EOF:
-            return
-        if message.HasField("ping"):
-            await call.write(
-                pb.AgentMessage(
-                    heartbeat=pb.Heartbeat(
-                        seq=message.ping.seq,
-                        echo_gateway_time_ns=message.ping.gateway_time_ns,
-                        ray_state="running",
-                    )
-                )
-            )
+    # As koinon_agent does: a heartbeat every interval, where an answer to a ping counts as one.
+    interval = first.registered.assignment.heartbeat_interval_ms / 1000
+    last_sent = asyncio.get_running_loop().time()
+    lock = asyncio.Lock()
+
+    async def heartbeat(ping: pb.Ping | None) -> None:
+        nonlocal last_sent
+        beat = pb.Heartbeat(ray_state="running")
+        if ping is not None:
+            beat.seq, beat.echo_seq, beat.echo_gateway_time_ns = ping.seq, ping.seq, ping.gateway_time_ns
+        async with lock:
+            await call.write(pb.AgentMessage(heartbeat=beat))
+        last_sent = asyncio.get_running_loop().time()
+
+    async def own_heartbeats() -> None:
+        while True:
+            await asyncio.sleep(max(0.0, last_sent + interval - asyncio.get_running_loop().time()))
+            if asyncio.get_running_loop().time() - last_sent >= interval:
+                await heartbeat(None)
+
+    beats = asyncio.ensure_future(own_heartbeats())
+    try:
+        while True:
+            message = await call.read()
+            if message is EOF:
+                return
+            if message.HasField("ping"):
+                await heartbeat(message.ping)
+    finally:
+        beats.cancel()
 
 
 async def main(target: str, ca_path: str, token: str, count: int) -> None:

@@ -35,6 +35,9 @@ class GatewayConfig:
     # A peer must answer OpenConnection within this time.
     accept_timeout_s: float = 10.0
     rtt_smoothing_alpha: float = 0.2
+    # Agents that heartbeat by themselves (Register.self_heartbeats) get a Ping, the RTT probe, every
+    # this many heartbeat intervals; others get one every interval.
+    rtt_probe_every: int = 3
     # Node credentials expire after this long; connected agents get a renewed one once half of it
     # has passed, so only a node offline for longer than this must join again.
     credential_lifetime_s: float = 7 * 24 * 3600.0
@@ -52,6 +55,8 @@ class GatewayConfig:
             raise ValueError("heartbeat_timeout_s: must be greater than heartbeat_interval_s")
         if self.credential_lifetime_s < 4 * self.heartbeat_interval_s:
             raise ValueError("credential_lifetime_s: must be at least 4 heartbeat intervals (renewals ride on pings)")
+        if self.rtt_probe_every < 1:
+            raise ValueError("rtt_probe_every: must be at least 1")
         if not 0 < self.rtt_smoothing_alpha <= 1:
             raise ValueError("rtt_smoothing_alpha: must be in (0, 1]")
         for low, high in self.head_port_ranges:

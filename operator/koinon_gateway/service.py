@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
 import secrets
@@ -87,6 +88,7 @@ class TunnelService:
             ray_auth_token=self.config.ray_auth_token,
             heartbeat_interval_ms=int(self.config.heartbeat_interval_s * 1000),
             heartbeat_timeout_ms=int(self.config.heartbeat_timeout_s * 1000),
+            rtt_probe_interval_ms=int(self.config.heartbeat_interval_s * self.config.rtt_probe_every * 1000),
         )
 
     # ---- Join ----
@@ -211,6 +213,7 @@ class TunnelService:
             handler_task=asyncio.current_task(),
             agent_version=register.agent_version[:MAX_TEXT],
             gpus=[(g.model[:MAX_TEXT], int(g.memory_mib)) for g in register.gpus[:MAX_GPUS]],
+            self_heartbeats=register.self_heartbeats,
         )
         # The registry says "connected" before the agent hears "registered": whoever sees the agent
         # connected (its operator, a test) then finds the node connected too, never an older status.
@@ -286,11 +289,16 @@ class TunnelService:
             await asyncio.sleep(0.25)
 
     async def _ping_loop(self, session: NodeSession) -> None:
-        while True:
+        # Liveness rests on the agent's heartbeats either way; pings are what it answers (agents that
+        # do not heartbeat by themselves) or the RTT probe (agents that do).
+        probe_every = self.config.rtt_probe_every if session.self_heartbeats else 1
+        for tick in itertools.count():
             if session.credential_expires_at - time.time() < self.config.credential_lifetime_s / 2:
                 await self._renew_credential(session)
-            session.ping_seq += 1
-            await session.send(pb.GatewayMessage(ping=pb.Ping(seq=session.ping_seq, gateway_time_ns=time.time_ns())))
+            if tick % probe_every == 0:
+                session.ping_seq += 1
+                ping = pb.Ping(seq=session.ping_seq, gateway_time_ns=time.time_ns())
+                await session.send(pb.GatewayMessage(ping=ping))
             await asyncio.sleep(self.config.heartbeat_interval_s)
 
     # ---- Connect ----

@@ -39,6 +39,8 @@ class NodeSession:
     verifier: asyncio.Task[Any] | None = None
     draining: bool = False
     ping_seq: int = 0
+    # The agent heartbeats every interval by itself; pings are only RTT probes (Register.self_heartbeats).
+    self_heartbeats: bool = False
     credential_expires_at: int = 0  # of the newest credential sent to this node (Unix seconds)
     last_status_write: float = 0.0
     closed: bool = False

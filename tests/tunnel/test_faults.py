@@ -178,6 +178,49 @@ async def test_heartbeat_loss_marks_node_not_ready(c: Cluster) -> None:
         call.cancel()
 
 
+@pytest.mark.parametrize("self_heartbeats", [True, False])
+async def test_pings_are_rtt_probes_for_agents_that_heartbeat_by_themselves(c: Cluster, self_heartbeats: bool) -> None:
+    """An agent that heartbeats every interval by itself is pinged only every rtt_probe_every
+    intervals; one that only answers pings (an older agent) is pinged every interval. Both stay
+    connected over several heartbeat timeouts, and both get RTT measured."""
+    joined = await join(c, c.tokens.add())
+    assert isinstance(joined, pb.JoinResponse)
+    name, interval = joined.assignment.node_name, c.gateway.config.heartbeat_interval_s
+    every = c.gateway.config.rtt_probe_every
+    assert joined.assignment.rtt_probe_interval_ms == round(interval * every * 1000)
+    register = pb.Register(node_name=name, address=joined.assignment.address, self_heartbeats=self_heartbeats)
+    pings = 0
+    async with channel_for(c) as channel:
+        call = tunnel_stub(channel).Control(metadata=(("authorization", f"Bearer {joined.credential}"),))
+        await call.write(pb.AgentMessage(register=register))
+        assert (await call.read()).HasField("registered")
+
+        async def answer_pings() -> None:
+            nonlocal pings
+            while True:
+                message = await call.read()
+                if message.HasField("ping"):
+                    pings += 1
+                    echo = pb.Heartbeat(echo_gateway_time_ns=message.ping.gateway_time_ns, ray_state="running")
+                    await call.write(pb.AgentMessage(heartbeat=echo))
+
+        async def heartbeat() -> None:
+            while self_heartbeats:
+                await asyncio.sleep(interval)
+                await call.write(pb.AgentMessage(heartbeat=pb.Heartbeat(ray_state="running")))
+
+        tasks = [asyncio.ensure_future(answer_pings()), asyncio.ensure_future(heartbeat())]
+        watched = 3 * c.gateway.config.heartbeat_timeout_s
+        await asyncio.sleep(watched)
+        for task in tasks:
+            task.cancel()
+        status = c.registry.objects[name]["status"]
+        assert status["connected"] is True and status["latency"]["smoothedMs"] >= 0
+        expected = watched / interval / (every if self_heartbeats else 1)
+        assert 0.6 * expected <= pings <= expected + 2
+        call.cancel()
+
+
 async def test_reconnect_is_idempotent(c: Cluster) -> None:
     a = await c.start_agent("alpha")
     assert a.identity is not None

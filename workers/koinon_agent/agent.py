@@ -74,6 +74,7 @@ class Agent:
         self._ray_supervisor: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._disconnected_at: float | None = None
+        self._last_heartbeat_at = 0.0  # monotonic time of the last Heartbeat sent
 
     # ---- public ----
 
@@ -203,6 +204,8 @@ class Agent:
                     # The gateway ended the call between our read and this write (a restart, a
                     # replaced session): that is a lost stream like any other, so reconnect.
                     raise ConnectionError(f"control stream already finished: {exc}") from exc
+            if message.HasField("heartbeat"):
+                self._last_heartbeat_at = time.monotonic()
 
         try:
             await send(
@@ -213,6 +216,7 @@ class Agent:
                         gpus=self._pb_gpus(),
                         agent_version=VERSION,
                         session_epoch=self.registrations,
+                        self_heartbeats=True,
                     )
                 )
             )
@@ -221,11 +225,16 @@ class Agent:
                 raise ConnectionError("gateway did not acknowledge the registration")
             self.assignment = first.registered.assignment
             self.registrations += 1
-            timeout = max(1.0, self.assignment.heartbeat_timeout_ms / 1000)
+            # The gateway writes at least every probe interval (every heartbeat interval if it
+            # does not say): a stream silent for that plus the heartbeat timeout is lost.
+            timeout = max(1.0, self.assignment.heartbeat_timeout_ms / 1000) + (
+                self.assignment.rtt_probe_interval_ms / 1000
+            )
+            interval = (self.assignment.heartbeat_interval_ms or 2000) / 1000
             await self._after_registration()
             self.connected.set()
             self._disconnected_at = None
-            heartbeats = asyncio.ensure_future(self._state_reporter(send))
+            heartbeats = asyncio.ensure_future(self._heartbeat_sender(send, interval))
             drainer = asyncio.ensure_future(self._drain_watch(send))
             try:
                 while True:
@@ -300,14 +309,15 @@ class Agent:
             gpus=self._pb_gpus(),
         )
 
-    async def _state_reporter(self, send: object) -> None:
-        """Reports Ray state changes at once, so the node turns Ready without waiting for a ping."""
+    async def _heartbeat_sender(self, send: object, interval: float) -> None:
+        """Heartbeats every interval (an answer to a ping counts as one), and at once when the Ray
+        state changes, so the node turns Ready without waiting."""
         assert callable(send)
         last = self._ray_state()
         while True:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(min(0.2, interval))
             current = self._ray_state()
-            if current != last:
+            if current != last or time.monotonic() - self._last_heartbeat_at >= interval:
                 last = current
                 await send(pb.AgentMessage(heartbeat=self._heartbeat(None)))
 

@@ -51,7 +51,7 @@ class PortBlock(_message.Message):
     def __init__(self, node_manager_port: _Optional[int] = ..., object_manager_port: _Optional[int] = ..., dashboard_agent_grpc_port: _Optional[int] = ..., dashboard_agent_listen_port: _Optional[int] = ..., metrics_export_port: _Optional[int] = ..., runtime_env_agent_port: _Optional[int] = ..., min_worker_port: _Optional[int] = ..., max_worker_port: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("node_name", "address", "ports", "ray_address", "ray_auth_token", "heartbeat_interval_ms", "heartbeat_timeout_ms")
+    __slots__ = ("node_name", "address", "ports", "ray_address", "ray_auth_token", "heartbeat_interval_ms", "heartbeat_timeout_ms", "rtt_probe_interval_ms")
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     PORTS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,7 @@ class Assignment(_message.Message):
     RAY_AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    RTT_PROBE_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     address: str
     ports: PortBlock
@@ -66,7 +67,8 @@ class Assignment(_message.Message):
     ray_auth_token: str
     heartbeat_interval_ms: int
     heartbeat_timeout_ms: int
-    def __init__(self, node_name: _Optional[str] = ..., address: _Optional[str] = ..., ports: _Optional[_Union[PortBlock, _Mapping]] = ..., ray_address: _Optional[str] = ..., ray_auth_token: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., heartbeat_timeout_ms: _Optional[int] = ...) -> None: ...
+    rtt_probe_interval_ms: int
+    def __init__(self, node_name: _Optional[str] = ..., address: _Optional[str] = ..., ports: _Optional[_Union[PortBlock, _Mapping]] = ..., ray_address: _Optional[str] = ..., ray_auth_token: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., heartbeat_timeout_ms: _Optional[int] = ..., rtt_probe_interval_ms: _Optional[int] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
     __slots__ = ("credential", "assignment", "credential_expires_at")
@@ -79,18 +81,20 @@ class JoinResponse(_message.Message):
     def __init__(self, credential: _Optional[str] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., credential_expires_at: _Optional[int] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("node_name", "address", "gpus", "agent_version", "session_epoch")
+    __slots__ = ("node_name", "address", "gpus", "agent_version", "session_epoch", "self_heartbeats")
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SELF_HEARTBEATS_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     address: str
     gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
     agent_version: str
     session_epoch: int
-    def __init__(self, node_name: _Optional[str] = ..., address: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., agent_version: _Optional[str] = ..., session_epoch: _Optional[int] = ...) -> None: ...
+    self_heartbeats: bool
+    def __init__(self, node_name: _Optional[str] = ..., address: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., agent_version: _Optional[str] = ..., session_epoch: _Optional[int] = ..., self_heartbeats: _Optional[bool] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("seq", "echo_gateway_time_ns", "echo_seq", "ray_node_id", "ray_state", "gpus")
