@@ -1,7 +1,8 @@
 """Confirms in the Ray head's GCS that a node an agent reports is alive at that agent's address.
 
 A node is Ready only once GCS lists its Ray node id as ALIVE with the node's own virtual address,
-so an agent can neither claim readiness early nor claim another node's Ray identity.
+so an agent can neither claim readiness early nor claim another node's Ray identity. A node that
+drains is drained in GCS too, so Ray stops placing work on it while its running tasks finish.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ ALIVE = 0  # rpc::GcsNodeInfo::ALIVE
 class RayNodeChecker(Protocol):
     async def address_of(self, node_id: str) -> str | None:
         """The node manager address of an ALIVE node, or None."""
+        ...
+
+    async def drain(self, node_id: str, message: str, deadline_s: float) -> tuple[bool, str]:
+        """Asks GCS to schedule nothing new on the node, which goes away after ``deadline_s``
+        (Unix seconds); returns (accepted, why not)."""
         ...
 
 
@@ -39,10 +45,25 @@ class GcsRayNodeChecker:
         if self._client is None:
             import importlib
 
-            gcs_client = importlib.import_module("ray._raylet").GcsClient
-            self._client = gcs_client(address=self.gcs_address)
+            self._client = importlib.import_module("ray._raylet").GcsClient(address=self.gcs_address)
         infos = self._client.get_all_node_info(timeout=5)
         return {key.hex(): info.node_manager_address for key, info in infos.items() if info.state == ALIVE}
+
+    def _drain(self, node_id: str, message: str, deadline_s: float) -> tuple[bool, str]:
+        import importlib
+
+        if self._client is None:
+            self._client = importlib.import_module("ray._raylet").GcsClient(address=self.gcs_address)
+        reasons = importlib.import_module("ray.core.generated.autoscaler_pb2").DrainNodeReason
+        # PREEMPTION, not IDLE_TERMINATION: GCS accepts it while tasks still run, stops placing new
+        # ones there, and lets the running ones go on until the deadline (the volunteer's grace).
+        accepted, why = self._client.drain_node(
+            node_id, reasons.Value("DRAIN_NODE_REASON_PREEMPTION"), message, int(deadline_s * 1000)
+        )
+        return bool(accepted), str(why or "")
+
+    async def drain(self, node_id: str, message: str, deadline_s: float) -> tuple[bool, str]:
+        return await asyncio.to_thread(self._drain, node_id, message, deadline_s)
 
     async def address_of(self, node_id: str) -> str | None:
         async with self._lock:

@@ -257,9 +257,15 @@ class TunnelService:
                 await self.sessions.write_status(session)
             elif kind == "drain":
                 session.last_seen = time.monotonic()
+                first_request = not session.draining
                 session.draining = True
                 log.info("node %s draining: %s", session.node_name, message.drain.reason)
                 await self.sessions.write_status(session, force=True)
+                if first_request and session.ray_node_id and self.ray_checker is not None:
+                    deadline = time.time() + message.drain.grace_seconds
+                    session.ray_drainer = asyncio.ensure_future(
+                        self._drain_ray_node(self.ray_checker, session, message.drain.reason, deadline)
+                    )
             else:
                 session.last_seen = time.monotonic()
 
@@ -287,6 +293,21 @@ class TunnelService:
             if address is not None:
                 log.warning("node %s reports Ray node %s which GCS has at %s", session.node_name, node_id, address)
             await asyncio.sleep(0.25)
+
+    async def _drain_ray_node(
+        self, checker: RayNodeChecker, session: NodeSession, reason: str, deadline: float
+    ) -> None:
+        try:
+            accepted, why = await checker.drain(session.ray_node_id, f"volunteer draining: {reason}", deadline)
+        except Exception as exc:  # GCS unreachable: the agent still waits for its tasks
+            log.warning(
+                "node %s: asking GCS to drain Ray node %s failed: %r", session.node_name, session.ray_node_id, exc
+            )
+            return
+        if accepted:
+            log.info("node %s: GCS drains Ray node %s", session.node_name, session.ray_node_id)
+        else:
+            log.warning("node %s: GCS refused to drain Ray node %s: %s", session.node_name, session.ray_node_id, why)
 
     async def _ping_loop(self, session: NodeSession) -> None:
         # Liveness rests on the agent's heartbeats either way; pings are what it answers (agents that

@@ -295,15 +295,31 @@ class RayTunnelHarness:
             ) from None
         return result
 
-    def run_driver(self, code: str, timeout: float = 180) -> str:
-        """Runs a Ray driver on the head's address; returns its stdout (raises with logs on failure)."""
-        prelude = (
+    def draining_nodes(self) -> dict[str, int]:
+        """The nodes GCS is draining (Ray node id -> deadline, Unix ms), as GCS itself records them."""
+        code = (
+            "import json, ray._raylet\n"
+            f"gcs = ray._raylet.GcsClient(address='{self.head_ip}:{self.gcs_port}')\n"
+            "print(json.dumps({str(k): int(v) for k, v in gcs.get_draining_nodes(timeout=10).items()}))\n"
+        )
+        result = subprocess.run(
+            [str(VENV_BIN / "python"), "-c", code], env=self.ray_env(), capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        draining: dict[str, int] = json.loads(result.stdout.strip().splitlines()[-1])
+        return draining
+
+    def driver_prelude(self) -> str:
+        return (
             "import ray, json, time\n"
             f"ray.init(address='{self.head_ip}:{self.gcs_port}', _node_ip_address='{self.head_ip}',"
             " log_to_driver=False)\n"
         )
+
+    def run_driver(self, code: str, timeout: float = 180) -> str:
+        """Runs a Ray driver on the head's address; returns its stdout (raises with logs on failure)."""
         result = subprocess.run(
-            [str(VENV_BIN / "python"), "-c", prelude + code],
+            [str(VENV_BIN / "python"), "-c", self.driver_prelude() + code],
             env=self.ray_env(),
             capture_output=True,
             text=True,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from .ray_harness import RayTunnelHarness, netns_available
+from .ray_harness import VENV_BIN, RayTunnelHarness, netns_available
 
 pytestmark = [
     pytest.mark.slow,
@@ -126,3 +127,65 @@ print(ray.get(where.options(resources={{'node:{node_a["status"]["address"]}': 0.
     assert status["connected"] is False
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] in ("Disconnected", "HeartbeatTimeout")
+
+
+def test_sigterm_drains_the_node_in_gcs_and_lets_the_running_task_finish(harness: RayTunnelHarness) -> None:
+    a = harness.start_volunteer("a")  # --drain-grace=10
+    node = harness.wait_ready(a)
+    ip, ray_node_id, name = node["status"]["address"], node["status"]["rayNodeId"], node["metadata"]["name"]
+    started, drained = harness.workdir / "task-started", harness.workdir / "node-drained"
+    driver = subprocess.Popen(
+        [
+            str(VENV_BIN / "python"),
+            "-c",
+            harness.driver_prelude()
+            + f"""
+import os
+@ray.remote(num_cpus=1)
+def long_task():
+    open({str(started)!r}, "w").close()
+    time.sleep(8)
+    return "finished on " + ray.util.get_node_ip_address()
+@ray.remote(num_cpus=1)
+def probe(): return "ran"
+running = long_task.options(resources={{'node:{ip}': 0.01}}).remote()
+while not os.path.exists({str(drained)!r}):
+    time.sleep(0.1)
+# The node has a CPU free, but GCS drains it: nothing new starts there.
+late = probe.options(resources={{'node:{ip}': 0.01}}).remote()
+print("probe ran" if ray.wait([late], timeout=3)[0] else "probe held", flush=True)
+print(ray.get(running, timeout=60), flush=True)
+""",
+        ],
+        env=harness.ray_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not started.exists():
+            assert time.monotonic() < deadline and driver.poll() is None, driver.communicate()
+            time.sleep(0.1)
+        a.process.send_signal(signal.SIGTERM)  # the agent only, as a container runtime would
+        signalled = time.time()
+
+        # The gateway hears the drain, and asks GCS to place nothing new on the node.
+        deadline = time.monotonic() + 10
+        while harness.nodes()[name]["status"]["phase"] != "Draining":
+            assert time.monotonic() < deadline, harness.nodes()[name]["status"]
+            time.sleep(0.1)
+        while ray_node_id not in (draining := harness.draining_nodes()):
+            assert time.monotonic() < deadline, (draining, (harness.workdir / "gateway.log").read_text()[-3000:])
+            time.sleep(0.2)
+        # Until the volunteer's grace period (--drain-grace=10) is over.
+        assert abs(draining[ray_node_id] / 1000 - (signalled + 10)) < 3
+        assert driver.poll() is None  # ...while the task it runs goes on
+        drained.touch()
+        # The task that was running finishes on the node; then the agent stops by itself.
+        out, err = driver.communicate(timeout=60)
+        assert out.strip().splitlines()[-2:] == ["probe held", f"finished on {ip}"], (out, err[-3000:])
+        assert a.process.wait(timeout=20) == 0
+        assert harness.nodes()[name]["status"]["phase"] == "NotReady"
+    finally:
+        driver.kill()
