@@ -8,6 +8,7 @@ credentials it issued before.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 import json
 import os
@@ -142,3 +143,12 @@ def issue_server_cert(bundle: CABundle, hostnames: list[str], days: int = 365) -
 
 def bundle_to_json(bundle: CABundle) -> str:
     return json.dumps({"cert": bundle.cert_pem.decode(), "key": bundle.key_pem.decode()})
+
+
+def ca_cert_hash(cert_pem: bytes) -> str:
+    """``sha256:<hex>`` of the certificate's SubjectPublicKeyInfo, the form kubeadm's
+    ``--discovery-token-ca-cert-hash`` uses: a volunteer can pin the gateway's CA with this short
+    string instead of carrying the PEM (koinon-agent --ca-cert-hash)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "sha256:" + hashlib.sha256(spki).hexdigest()

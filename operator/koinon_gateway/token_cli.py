@@ -1,4 +1,5 @@
-"""``koinon-gateway token create|list|revoke``: manage join tokens kept as Secrets in the cluster.
+"""``koinon-gateway token create|list|revoke|ca-hash``: join tokens kept as Secrets, and the CA hash
+agents can pin (``koinon-agent --ca-cert-hash``) instead of carrying the CA.
 
 ``create`` prints ``<id>.<secret>`` once on stdout; only its SHA-256 is stored, and nothing logs it.
 """
@@ -12,8 +13,10 @@ import re
 import sys
 from pathlib import Path
 
+from .kube_ca import KubeCAStore
 from .kube_client import KubeApiError, KubeConfigError, kube_client, load_config
 from .kube_tokens import KubeTokenStore
+from .pki import ca_cert_hash
 
 _DURATION_RE = re.compile(r"(\d+)([smhd])")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -45,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="list tokens (never their secrets)")
     revoke = commands.add_parser("revoke", help="revoke a token by its id")
     revoke.add_argument("token_id")
+    commands.add_parser(
+        "ca-hash", help="print the gateway CA's hash for koinon-agent --ca-cert-hash (instead of its PEM)"
+    )
     return parser
 
 
@@ -61,6 +67,14 @@ async def run(args: argparse.Namespace) -> int:
                     owner=args.owner, ttl=parse_ttl(args.ttl), usage_limit=args.usage_limit, region=args.region
                 )
             )
+            bundle = await KubeCAStore(client, namespace).load()
+            if bundle is not None:
+                print(f"agents trust the gateway with: --ca-cert-hash {ca_cert_hash(bundle.cert_pem)}", file=sys.stderr)
+        elif args.command == "ca-hash":
+            bundle = await KubeCAStore(client, namespace).load()
+            if bundle is None:
+                raise ValueError(f"ca-hash: no gateway CA in namespace {namespace} yet (the gateway creates it)")
+            print(ca_cert_hash(bundle.cert_pem))
         elif args.command == "list":
             print(f"{'ID':8}{'OWNER':16}{'USES':10}{'EXPIRES':22}REVOKED")
             for token in await store.list():

@@ -88,6 +88,7 @@ def test_env_vars_are_wired_and_known_to_the_agent(tools: Tools) -> None:
             "agent.proxyPort": "7999",
             "agent.drainGraceSeconds": "45",
             "terminationGracePeriodSeconds": "90",
+            "gateway.caCertHash": "sha256:" + "ab" * 32,
         },
         extra=["--set-string", f"gateway.caCert={ca_pem}"],
     )
@@ -105,6 +106,7 @@ def test_env_vars_are_wired_and_known_to_the_agent(tools: Tools) -> None:
     assert values["KOINON_OBJECT_STORE_MEMORY"] == "1073741824"
     assert values["KOINON_PROXY_PORT"] == "7999"
     assert values["KOINON_DRAIN_GRACE"] == "45"
+    assert values["KOINON_CA_CERT_HASH"] == "sha256:" + "ab" * 32
     assert values["KOINON_STATE_DIR"] == "/var/lib/koinon-agent"
     assert "KOINON_INSECURE" not in env
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90
@@ -248,6 +250,8 @@ def test_notes_tell_how_to_check_the_node(tools: Tools) -> None:
         ({"kind": "DaemonSet", "persistence.type": "pvc"}, "persistence.type: pvc needs kind: Deployment"),
         ({"gpus.count": "1", "gpus.simulate": "1"}, "gpus.count"),
         ({"gateway.insecure": "true", "gateway.caSecretName": "ca"}, "gateway.insecure"),
+        ({"gateway.insecure": "true", "gateway.caCertHash": "sha256:" + "0" * 64}, "gateway.insecure"),
+        ({"gateway.caCertHash": "sha256:ABC"}, "/gateway/caCertHash"),
     ],
 )
 def test_bad_values_are_refused_naming_the_value(tools: Tools, values: dict[str, str | None], expected: str) -> None:

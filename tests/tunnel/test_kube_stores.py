@@ -28,7 +28,7 @@ from koinon_gateway.kube_ca import CA_SECRET_NAME, KubeCAStore
 from koinon_gateway.kube_client import JSON, KubeApiError, KubeClient, load_incluster_config, load_kubeconfig
 from koinon_gateway.kube_registry import KubeNodeRegistry
 from koinon_gateway.kube_tokens import KubeTokenStore, secret_name
-from koinon_gateway.pki import load_or_create_ca
+from koinon_gateway.pki import ca_cert_hash, load_or_create_ca
 from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
 from koinon_gateway.token_cli import parse_ttl
@@ -249,6 +249,26 @@ async def test_token_cli_prints_the_token_once_and_stores_only_its_hash(kube: Ku
     assert grant.owner == "bob"
     listed = await kube.akubectl("-n", NAMESPACE, "get", "secrets", "-l", "koinon.dev/join-token=true", "-o", "name")
     assert listed.split() == [f"secret/{secret_name(token_id)}"]
+
+
+async def test_token_cli_prints_the_ca_hash_agents_pin(kube: Kube) -> None:
+    async def cli(*args: str) -> tuple[int, str, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "koinon_gateway.main", "token", f"--kubeconfig={kube.kubeconfig}",
+            f"--namespace={NAMESPACE}", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode is not None
+        return process.returncode, out.decode(), err.decode()
+
+    rc, _, err = await cli("ca-hash")
+    assert rc == 2 and "no gateway CA in namespace koinon-system yet" in err
+    bundle = await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+    rc, out, _ = await cli("ca-hash")
+    assert rc == 0 and out.strip() == ca_cert_hash(bundle.cert_pem)
+    rc, out, err = await cli("create", "--owner=bob")
+    assert rc == 0 and f"--ca-cert-hash {ca_cert_hash(bundle.cert_pem)}" in err
+    assert out.strip().split(".")[1] not in err  # the secret is still printed once, on stdout only
 
 
 async def test_token_cli_names_the_bad_flag(kube: Kube) -> None:

@@ -19,9 +19,9 @@ import grpc
 from koinon_gateway.rpc import EOF, tunnel_stub
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
+from . import ca_discovery, state
 from . import gpus as gpu_inventory
-from . import state
-from .channel import open_channel
+from .channel import open_channel, server_name
 from .config import VERSION, AgentConfig
 from .local_proxy import LocalProxy, Metadata, accept_connection
 from .ray_node import RayNode, RaySettings
@@ -94,6 +94,7 @@ class Agent:
         return [pb.Gpu(model=g.model, memory_mib=g.memory_mib) for g in self.gpus]
 
     async def run(self) -> None:
+        await self._trust_pinned_ca()
         self._control_channel = open_channel(self.config)
         self._data_channel = open_channel(self.config)
         try:
@@ -103,6 +104,24 @@ class Agent:
             await self._session_loop()
         finally:
             await self._shutdown()
+
+    async def _trust_pinned_ca(self) -> None:
+        """With --ca-cert-hash: check a configured CA against it, or take the CA from the gateway."""
+        pin = self.config.ca_cert_hash
+        if not pin:
+            return
+        try:
+            configured = self.config.ca_pem or (self.config.ca_file.read_bytes() if self.config.ca_file else b"")
+            if configured:
+                ca_discovery.check_pin(configured, pin)
+                return
+            ca_pem = await asyncio.to_thread(
+                ca_discovery.discover_ca, self.config.gateway, pin, server_name(self.config)
+            )
+        except ca_discovery.CADiscoveryError as exc:
+            raise JoinRefused(str(exc)) from exc
+        log.info("trusting the gateway's CA %s", pin)
+        self.config = dataclasses.replace(self.config, ca_pem=ca_pem)
 
     # ---- join ----
 

@@ -11,7 +11,7 @@ from koinon_gateway.tunnel_io import GRPC_OPTIONS
 from .config import AgentConfig
 
 
-def _server_name(config: AgentConfig) -> str:
+def server_name(config: AgentConfig) -> str:
     if config.tls_server_name:
         return config.tls_server_name
     if config.gateway.startswith("unix:"):
@@ -24,7 +24,7 @@ def open_channel(config: AgentConfig) -> grpc.aio.Channel:
     if config.insecure:
         return grpc.aio.insecure_channel(config.gateway, options=options)
     root = config.ca_pem or (config.ca_file.read_bytes() if config.ca_file else None)
-    options.append(("grpc.ssl_target_name_override", _server_name(config)))
+    options.append(("grpc.ssl_target_name_override", server_name(config)))
     return grpc.aio.secure_channel(
         config.gateway, grpc.ssl_channel_credentials(root_certificates=root), options=options
     )

@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--state-dir", type=Path, default=_env("KOINON_STATE_DIR"), help="[KOINON_STATE_DIR]")
     join.add_argument("--ca-file", type=Path, default=_env("KOINON_CA_FILE"), help="gateway CA [KOINON_CA_FILE]")
     join.add_argument(
+        "--ca-cert-hash",
+        default=_env("KOINON_CA_CERT_HASH", ""),
+        help="trust the gateway CA with this public-key hash, sha256:<hex>, instead of a CA file [KOINON_CA_CERT_HASH]",
+    )
+    join.add_argument(
         "--insecure",
         action="store_true",
         default=_env("KOINON_INSECURE", "") == "1",
@@ -78,6 +83,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         token=args.token or "",
         ca_file=args.ca_file,
         ca_pem=ca_pem,
+        ca_cert_hash=args.ca_cert_hash,
         insecure=args.insecure,
         tls_server_name=args.tls_server_name,
         name_hint=args.node_name,

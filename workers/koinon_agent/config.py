@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,9 @@ class AgentConfig:
     state_dir: Path = field(default_factory=lambda: Path.home() / ".koinon" / "agent")
     ca_file: Path | None = None  # CA that signed the gateway's certificate
     ca_pem: bytes = b""  # same, inline (KOINON_CA_CERT)
+    # Pin instead of (or as well as) a CA: "sha256:<hex>" of the CA's public key, as kubeadm prints it;
+    # the agent takes the CA from the gateway's own TLS chain when it matches (ca_discovery).
+    ca_cert_hash: str = ""
     insecure: bool = False  # plaintext gRPC; tests and trusted links only
     tls_server_name: str = ""  # defaults to the gateway host ("koinon-gateway" for unix sockets)
     name_hint: str = field(default_factory=lambda: os.uname().nodename)
@@ -43,8 +47,10 @@ class AgentConfig:
             raise ValueError("simulate_gpu_memory_mib: must be > 0")
         if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_initial_s/backoff_max_s: need 0 < initial <= max")
-        if self.insecure and (self.ca_file or self.ca_pem):
-            raise ValueError("insecure: cannot be combined with a CA")
+        if self.insecure and (self.ca_file or self.ca_pem or self.ca_cert_hash):
+            raise ValueError("insecure: cannot be combined with a CA or a CA hash")
+        if self.ca_cert_hash and not re.fullmatch(r"sha256:[0-9a-f]{64}", self.ca_cert_hash):
+            raise ValueError("ca_cert_hash: expected sha256:<64 lowercase hex digits>")
 
     @property
     def ray_temp_dir(self) -> Path:
@@ -58,6 +64,7 @@ ENV_VARS: dict[str, str] = {
     "KOINON_STATE_DIR": "state_dir",
     "KOINON_CA_FILE": "ca_file",
     "KOINON_CA_CERT": "ca_pem",
+    "KOINON_CA_CERT_HASH": "ca_cert_hash",
     "KOINON_INSECURE": "insecure",
     "KOINON_TLS_SERVER_NAME": "tls_server_name",
     "KOINON_NODE_NAME": "name_hint",

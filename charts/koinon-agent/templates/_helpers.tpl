@@ -79,8 +79,8 @@ names the values involved and what to do.
 {{- if and $v.gateway.caCert $v.gateway.caSecretName }}
 {{- fail "gateway: set gateway.caCert or gateway.caSecretName, not both" }}
 {{- end }}
-{{- if and $v.gateway.insecure (or $v.gateway.caCert $v.gateway.caSecretName) }}
-{{- fail "gateway.insecure: plaintext cannot be combined with gateway.caCert/gateway.caSecretName" }}
+{{- if and $v.gateway.insecure (or $v.gateway.caCert $v.gateway.caSecretName $v.gateway.caCertHash) }}
+{{- fail "gateway.insecure: plaintext cannot be combined with gateway.caCert/gateway.caSecretName/gateway.caCertHash" }}
 {{- end }}
 {{- if and (gt (int $v.gpus.count) 0) (gt (int $v.gpus.simulate) 0) }}
 {{- fail "gpus: set gpus.count (real GPUs) or gpus.simulate (simulated GPUs), not both" }}

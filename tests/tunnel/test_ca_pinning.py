@@ -1,0 +1,54 @@
+"""Trusting the gateway from a pinned CA hash (kubeadm-style discovery) instead of a CA file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from koinon_agent.agent import Agent, JoinRefused
+from koinon_agent.ca_discovery import presented_chain
+from koinon_gateway.pki import ca_cert_hash, create_ca
+
+from .helpers import cluster
+
+
+@pytest.mark.parametrize("listen", ["tcp", "unix"])
+async def test_agent_with_only_the_hash_takes_the_ca_from_the_gateway_and_joins(tmp_path: Path, listen: str) -> None:
+    address = "127.0.0.1:0" if listen == "tcp" else f"unix:{tmp_path}/gw.sock"
+    async with cluster(tmp_path, listen=address) as c:
+        pin = ca_cert_hash(c.gateway.ca_pem)
+        agent = await c.start_agent("alpha", ca_pem=b"", ca_cert_hash=pin)
+        assert agent.identity is not None and agent.identity.node_name in c.registry.objects
+        assert agent.config.ca_pem == c.gateway.ca_pem
+
+
+async def test_a_gateway_without_the_pinned_ca_is_refused_before_any_token_is_sent(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        other = ca_cert_hash(create_ca().cert_pem)
+        config = c.agent_config("alpha", ca_pem=b"", ca_cert_hash=other)
+        with pytest.raises(JoinRefused, match=f"no CA certificate with hash {other}"):
+            await Agent(config).run()
+        assert c.gateway.metrics.joins == {} and c.registry.objects == {}
+        # What the gateway does present: its server certificate, then its CA.
+        chain = presented_chain(c.gateway.agent_target, "koinon-gateway")
+        assert len(chain) == 2 and chain[1].subject == chain[0].issuer
+
+
+async def test_a_configured_ca_must_match_the_pin(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        pin = ca_cert_hash(c.gateway.ca_pem)
+        agent = await c.start_agent("alpha", ca_cert_hash=pin)  # the CA PEM and its own hash
+        assert agent.identity is not None
+        other = ca_cert_hash(create_ca().cert_pem)
+        with pytest.raises(JoinRefused, match="the configured CA has hash"):
+            await Agent(c.agent_config("beta", ca_cert_hash=other)).run()
+
+
+def test_malformed_pin_is_refused_naming_the_field(tmp_path: Path) -> None:
+    from koinon_agent.config import AgentConfig
+
+    for bad in ("sha256:abc", "md5:" + "0" * 32, "SHA256:" + "A" * 64):
+        with pytest.raises(ValueError, match="ca_cert_hash"):
+            AgentConfig(gateway="h:1", ca_cert_hash=bad).validate()
+    with pytest.raises(ValueError, match="insecure"):
+        AgentConfig(gateway="h:1", insecure=True, ca_cert_hash="sha256:" + "0" * 64).validate()

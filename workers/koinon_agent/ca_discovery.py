@@ -1,0 +1,85 @@
+"""Trusting the gateway from a pinned CA hash instead of a CA file (kubeadm's discovery by hash).
+
+The agent opens one TLS connection without verifying it, only to read the certificate chain the
+gateway presents, and keeps the CA certificate in it whose public-key hash equals the pin. Every
+call after that verifies the gateway against that CA as usual; a gateway that does not present
+the pinned CA is refused before a token or credential is sent anywhere.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import ssl
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from koinon_gateway.pki import ca_cert_hash
+
+HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class CADiscoveryError(Exception):
+    pass
+
+
+def _connect(gateway: str, timeout: float) -> socket.socket:
+    if gateway.startswith("unix:"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(gateway[len("unix:") :])
+        return sock
+    host, _, port = gateway.rpartition(":")
+    return socket.create_connection((host.strip("[]"), int(port)), timeout)
+
+
+def _unverified_chain(tls: ssl.SSLSocket) -> list[Any]:
+    # Public from Python 3.13; the same method on the underlying object before that.
+    method = getattr(tls, "get_unverified_chain", None) or getattr(getattr(tls, "_sslobj"), "get_unverified_chain")  # noqa: B009
+    return list(method() or [])
+
+
+def presented_chain(gateway: str, server_name: str, timeout: float = 10.0) -> list[x509.Certificate]:
+    """The certificates the gateway sends in its TLS handshake, unverified."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # only reading the chain; nothing is sent over this connection
+    context.set_alpn_protocols(["h2"])
+    try:
+        with _connect(gateway, timeout) as raw, context.wrap_socket(raw, server_hostname=server_name) as tls:
+            # Certificate.public_bytes() gives PEM text by default.
+            return [x509.load_pem_x509_certificate(cert.public_bytes().encode()) for cert in _unverified_chain(tls)]
+    except (OSError, ValueError) as exc:
+        raise CADiscoveryError(f"ca_cert_hash: could not read the gateway's certificates: {exc}") from exc
+
+
+def discover_ca(gateway: str, pin: str, server_name: str, timeout: float = 10.0) -> bytes:
+    """PEM of the CA certificate in the gateway's chain whose hash is ``pin``."""
+    seen = []
+    for cert in presented_chain(gateway, server_name, timeout):
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        digest = ca_cert_hash(pem)
+        seen.append(digest)
+        if digest == pin and _is_ca(cert):
+            return pem
+    raise CADiscoveryError(
+        f"ca_cert_hash: the gateway presented no CA certificate with hash {pin} (it presented {', '.join(seen)})"
+    )
+
+
+def check_pin(ca_pem: bytes, pin: str) -> None:
+    """A CA given as a file or PEM must be the pinned one too, when both are configured."""
+    try:
+        digest = ca_cert_hash(ca_pem)
+    except ValueError as exc:
+        raise CADiscoveryError(f"ca: not a PEM certificate: {exc}") from exc
+    if digest != pin:
+        raise CADiscoveryError(f"ca_cert_hash: the configured CA has hash {digest}, not {pin}")
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
