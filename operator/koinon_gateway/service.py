@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 MAX_GPUS = 64
 MAX_TEXT = 128
+MAX_DRAIN_GRACE_S = 24 * 3600
 _NAME_RE = re.compile(r"[^a-z0-9-]+")
 
 
@@ -143,14 +144,19 @@ class TunnelService:
         except credentials.CredentialError as exc:
             log.warning("join: previous credential ignored: %s", exc)
             return
-        node = await self.registry.get(old.node_name)
-        if node is None or status_address(node) != old.address:
+        try:
+            node = await self.registry.get(old.node_name)
+            if node is None or status_address(node) != old.address:
+                return
+            if (node.get("spec") or {}).get("owner") != owner or old.node_name in self.sessions.by_name:
+                self.metrics.previous_nodes["kept"] += 1
+                log.warning("join: previous node %s kept (other owner or still connected)", old.node_name)
+                return
+            deleted = await self.registry.delete(old.node_name)
+        except Exception as exc:  # best effort: the join itself must not fail because of the old node
+            log.warning("join: could not retire previous node %s: %r", old.node_name, exc)
             return
-        if (node.get("spec") or {}).get("owner") != owner or old.node_name in self.sessions.by_name:
-            self.metrics.previous_nodes["kept"] += 1
-            log.warning("join: previous node %s kept (other owner or still connected)", old.node_name)
-            return
-        if await self.registry.delete(old.node_name):
+        if deleted:
             self.allocator.release(old.address, old.node_name)
             self.metrics.previous_nodes["retired"] += 1
             log.info("join: retired previous node %s (%s)", old.node_name, old.address)
@@ -262,7 +268,8 @@ class TunnelService:
                 log.info("node %s draining: %s", session.node_name, message.drain.reason)
                 await self.sessions.write_status(session, force=True)
                 if first_request and session.ray_node_id and self.ray_checker is not None:
-                    deadline = time.time() + message.drain.grace_seconds
+                    # The grace comes from the volunteer: keep the deadline GCS is told within a day.
+                    deadline = time.time() + min(message.drain.grace_seconds, MAX_DRAIN_GRACE_S)
                     session.ray_drainer = asyncio.ensure_future(
                         self._drain_ray_node(self.ray_checker, session, message.drain.reason, deadline)
                     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from pathlib import Path
 
 import pytest
@@ -52,3 +54,28 @@ def test_malformed_pin_is_refused_naming_the_field(tmp_path: Path) -> None:
             AgentConfig(gateway="h:1", ca_cert_hash=bad).validate()
     with pytest.raises(ValueError, match="insecure"):
         AgentConfig(gateway="h:1", insecure=True, ca_cert_hash="sha256:" + "0" * 64).validate()
+
+
+async def test_an_unreachable_gateway_is_retried_not_taken_as_a_wrong_ca(tmp_path: Path) -> None:
+    from koinon_agent.config import AgentConfig
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))  # a port that is bound but never accepts: nothing answers there
+    port = listener.getsockname()[1]
+    listener.close()
+    config = AgentConfig(
+        gateway=f"127.0.0.1:{port}",
+        token="abcdef.0123456789abcdef",
+        state_dir=tmp_path / "agent",
+        ca_cert_hash="sha256:" + "0" * 64,
+        start_ray=False,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.2,
+    )
+    agent = Agent(config)
+    task = asyncio.ensure_future(agent.run())
+    await asyncio.sleep(1.0)
+    assert not task.done()  # still trying, with backoff
+    agent.request_drain()
+    with pytest.raises(JoinRefused, match="drained before joining"):
+        await asyncio.wait_for(task, 5)

@@ -110,16 +110,25 @@ class Agent:
         pin = self.config.ca_cert_hash
         if not pin:
             return
-        try:
-            configured = self.config.ca_pem or (self.config.ca_file.read_bytes() if self.config.ca_file else b"")
-            if configured:
-                ca_discovery.check_pin(configured, pin)
-                return
-            ca_pem = await asyncio.to_thread(
-                ca_discovery.discover_ca, self.config.gateway, pin, server_name(self.config)
-            )
-        except ca_discovery.CADiscoveryError as exc:
-            raise JoinRefused(str(exc)) from exc
+        delays = backoff_delays(self.config.backoff_initial_s, self.config.backoff_max_s)
+        while True:
+            try:
+                configured = self.config.ca_pem or (self.config.ca_file.read_bytes() if self.config.ca_file else b"")
+                if configured:
+                    ca_discovery.check_pin(configured, pin)
+                    return
+                ca_pem = await asyncio.to_thread(
+                    ca_discovery.discover_ca, self.config.gateway, pin, server_name(self.config)
+                )
+                break
+            except ca_discovery.GatewayUnreachable as exc:
+                delay = delays.next()
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                await self._sleep_or_drain(delay)
+                if self._drain.is_set():
+                    raise JoinRefused("drained before joining") from exc
+            except ca_discovery.CADiscoveryError as exc:
+                raise JoinRefused(str(exc)) from exc
         log.info("trusting the gateway's CA %s", pin)
         self.config = dataclasses.replace(self.config, ca_pem=ca_pem)
 

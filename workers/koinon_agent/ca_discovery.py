@@ -21,7 +21,11 @@ HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 class CADiscoveryError(Exception):
-    pass
+    """The gateway's certificates do not include the pinned CA (or the configured CA is another)."""
+
+
+class GatewayUnreachable(CADiscoveryError):
+    """No TLS handshake with the gateway (yet): worth trying again later."""
 
 
 def _connect(gateway: str, timeout: float) -> socket.socket:
@@ -51,7 +55,7 @@ def presented_chain(gateway: str, server_name: str, timeout: float = 10.0) -> li
             # Certificate.public_bytes() gives PEM text by default.
             return [x509.load_pem_x509_certificate(cert.public_bytes().encode()) for cert in _unverified_chain(tls)]
     except (OSError, ValueError) as exc:
-        raise CADiscoveryError(f"ca_cert_hash: could not read the gateway's certificates: {exc}") from exc
+        raise GatewayUnreachable(f"ca_cert_hash: could not read the gateway's certificates: {exc}") from exc
 
 
 def discover_ca(gateway: str, pin: str, server_name: str, timeout: float = 10.0) -> bytes:
