@@ -195,6 +195,8 @@ async def test_pings_are_rtt_probes_for_agents_that_heartbeat_by_themselves(c: C
         await call.write(pb.AgentMessage(register=register))
         assert (await call.read()).HasField("registered")
 
+        one_write_at_a_time = asyncio.Lock()  # grpc.aio allows one outstanding write per call
+
         async def answer_pings() -> None:
             nonlocal pings
             while True:
@@ -202,16 +204,20 @@ async def test_pings_are_rtt_probes_for_agents_that_heartbeat_by_themselves(c: C
                 if message.HasField("ping"):
                     pings += 1
                     echo = pb.Heartbeat(echo_gateway_time_ns=message.ping.gateway_time_ns, ray_state="running")
-                    await call.write(pb.AgentMessage(heartbeat=echo))
+                    async with one_write_at_a_time:
+                        await call.write(pb.AgentMessage(heartbeat=echo))
 
         async def heartbeat() -> None:
             while self_heartbeats:
                 await asyncio.sleep(interval)
-                await call.write(pb.AgentMessage(heartbeat=pb.Heartbeat(ray_state="running")))
+                async with one_write_at_a_time:
+                    await call.write(pb.AgentMessage(heartbeat=pb.Heartbeat(ray_state="running")))
 
         tasks = [asyncio.ensure_future(answer_pings()), asyncio.ensure_future(heartbeat())]
         watched = 3 * c.gateway.config.heartbeat_timeout_s
         await asyncio.sleep(watched)
+        failed = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
+        assert not failed, failed
         for task in tasks:
             task.cancel()
         status = c.registry.objects[name]["status"]
