@@ -8,6 +8,7 @@ drains is drained in GCS too, so Ray stops placing work on it while its running 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import time
 from typing import Any, Protocol
@@ -41,23 +42,20 @@ class GcsRayNodeChecker:
         self._read_at = 0.0
         self._lock = asyncio.Lock()
 
-    def _read(self) -> dict[str, str]:
+    def _gcs(self) -> Any:
         if self._client is None:
-            import importlib
-
             self._client = importlib.import_module("ray._raylet").GcsClient(address=self.gcs_address)
-        infos = self._client.get_all_node_info(timeout=5)
+        return self._client
+
+    def _read(self) -> dict[str, str]:
+        infos = self._gcs().get_all_node_info(timeout=5)
         return {key.hex(): info.node_manager_address for key, info in infos.items() if info.state == ALIVE}
 
     def _drain(self, node_id: str, message: str, deadline_s: float) -> tuple[bool, str]:
-        import importlib
-
-        if self._client is None:
-            self._client = importlib.import_module("ray._raylet").GcsClient(address=self.gcs_address)
         reasons = importlib.import_module("ray.core.generated.autoscaler_pb2").DrainNodeReason
         # PREEMPTION, not IDLE_TERMINATION: GCS accepts it while tasks still run, stops placing new
         # ones there, and lets the running ones go on until the deadline (the volunteer's grace).
-        accepted, why = self._client.drain_node(
+        accepted, why = self._gcs().drain_node(
             node_id, reasons.Value("DRAIN_NODE_REASON_PREEMPTION"), message, int(deadline_s * 1000)
         )
         return bool(accepted), str(why or "")

@@ -37,7 +37,7 @@ class NodeSession:
     # The Ray node id GCS confirmed alive at this node's address.
     ray_verified_id: str = ""
     verifier: asyncio.Task[Any] | None = None
-    ray_drainer: asyncio.Task[Any] | None = None
+    ray_drainer: asyncio.Task[Any] | None = None  # held so the GCS drain request runs to its end
     draining: bool = False
     ping_seq: int = 0
     # The agent heartbeats every interval by itself; pings are only RTT probes (Register.self_heartbeats).

@@ -8,7 +8,6 @@ the pinned CA is refused before a token or credential is sent anywhere.
 
 from __future__ import annotations
 
-import re
 import socket
 import ssl
 from typing import Any
@@ -16,8 +15,6 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from koinon_gateway.pki import ca_cert_hash
-
-HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
 class CADiscoveryError(Exception):
