@@ -88,17 +88,35 @@ def throughput_mbps(sock: socket.socket, total_bytes: int) -> float:
     return sent * 8 / elapsed / 1e6
 
 
-def rtts_us(sock: socket.socket, count: int, size: int = 1024) -> list[float]:
+def _round_trip_us(sock: socket.socket, payload: bytes) -> float:
+    start = time.perf_counter()
+    sock.sendall(payload)
+    got = 0
+    while got < len(payload):
+        chunk = sock.recv(len(payload) - got)
+        if not chunk:
+            raise RuntimeError("echo closed early")
+        got += len(chunk)
+    return (time.perf_counter() - start) * 1e6
+
+
+def interleaved_rtts_us(
+    paths: dict[str, socket.socket], count: int, size: int = 1024, block: int = 50
+) -> dict[str, list[float]]:
+    """count round trips on each path (all to echo servers), taken in turns of block each.
+
+    This machine's speed swings by up to 2x within minutes; measuring the paths one after another
+    would put those swings into their difference, while turns of a few milliseconds each see the
+    same moments.
+    """
     payload = b"r" * size
-    samples = []
-    for _ in range(count):
-        start = time.perf_counter()
-        sock.sendall(payload)
-        got = 0
-        while got < size:
-            got += len(sock.recv(size - got))
-        samples.append((time.perf_counter() - start) * 1e6)
-    sock.close()
+    samples: dict[str, list[float]] = {name: [] for name in paths}
+    while any(len(taken) < count for taken in samples.values()):
+        for name, sock in paths.items():
+            for _ in range(min(block, count - len(samples[name]))):
+                samples[name].append(_round_trip_us(sock, payload))
+    for sock in paths.values():
+        sock.close()
     return samples
 
 

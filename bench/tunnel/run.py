@@ -19,11 +19,11 @@ import json
 import os
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from bench.tunnel import ceiling, netbench  # noqa: E402
+from bench.tunnel import ceiling, netbench, plain_relay  # noqa: E402
 from bench.tunnel.sshd import ssh_forward  # noqa: E402
 from tests.tunnel.ray_harness import RayTunnelHarness, kill_tree, netns_available, wait_until  # noqa: E402
 
@@ -48,8 +48,11 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def tunnel(workdir: Path, head_port: int) -> Any:
-    """Gateway (TLS, TCP) and one agent without Ray, as separate processes; yields the agent proxy port."""
+def tunnel(workdir: Path, head_port: int, other_ports: tuple[int, ...] = ()) -> Any:
+    """Gateway (TLS, TCP) and one agent without Ray, as separate processes; yields the agent proxy port.
+
+    The tunnel lets the volunteer reach head_port (as the GCS port) and other_ports on 127.0.0.1.
+    """
     token = f"{secrets.token_hex(3)}.{secrets.token_hex(8)}"
     workdir = Path(tempfile.mkdtemp(prefix="tunnel-", dir=workdir))
     ready = workdir / "gw.ready"
@@ -63,6 +66,7 @@ def tunnel(workdir: Path, head_port: int) -> Any:
             "--admin-listen=127.0.0.1:0",
             "--head-address=127.0.0.1",
             f"--head-gcs-port={head_port}",
+            f"--head-ports={','.join(map(str, other_ports))}",
             f"--state-dir={workdir}/gw",
             f"--bootstrap-token={token}",
             f"--ready-file={ready}",
@@ -123,85 +127,175 @@ def bench_network(workdir: Path, quick: bool) -> dict[str, Any]:
     volume = (256 if quick else 1024) << 20
     rounds = 3
     results: dict[str, Any] = {}
-
-    def best(measure: Callable[[], float]) -> float:
-        return max(measure() for _ in range(rounds))  # best of n against noisy neighbours
-
-    results["direct_mbps"] = best(
-        lambda: netbench.throughput_mbps(netbench.open_via("127.0.0.1", sink_port, None), volume)
-    )
-    progress(f"direct {results['direct_mbps']:.0f} Mbit/s")
-    # The least CPU any tunnel needs per byte, from the same machine at the same time (ceiling.py).
-    hop_ns = min(ceiling.hop_cpu_ns_per_byte(sink_port, volume) for _ in range(rounds))
-    aes_ns = min(ceiling.aes_gcm_ns_per_byte(volume // 4) for _ in range(rounds))
-    results.update(ceiling.tunnel_ceiling(results["direct_mbps"], hop_ns, aes_ns, os.cpu_count() or 1))
-    share = results["tunnel_ceiling_vs_direct"]
-    progress(f"ceiling {results['tunnel_ceiling_mbps']:.0f} Mbit/s, {share:.2f} of direct")
-    try:
-        with ssh_forward(workdir / "ssh", sink_port) as ssh_port:
-            results["ssh_mbps"] = best(
-                lambda: netbench.throughput_mbps(netbench.open_via("127.0.0.1", ssh_port, None), volume)
-            )
-    except (FileNotFoundError, RuntimeError) as exc:
-        results["ssh_mbps"] = None
-        results["ssh_error"] = str(exc)
-    progress(f"ssh -L {results['ssh_mbps']} Mbit/s")
-    count = 500 if quick else 3000
-    direct = netbench.rtts_us(netbench.open_via("127.0.0.1", echo_port, None), count)
-    with tunnel(workdir, sink_port) as (proxy_port, _, _):
-        results["tunnel_mbps"] = best(
-            lambda: netbench.throughput_mbps(netbench.open_via("127.0.0.1", sink_port, proxy_port), volume)
+    with contextlib.ExitStack() as stack:
+        proxy_port, _, _ = stack.enter_context(tunnel(workdir, sink_port, (echo_port,)))
+        try:
+            ssh_port: int | None = stack.enter_context(ssh_forward(workdir / "ssh", sink_port))
+        except (FileNotFoundError, RuntimeError) as exc:
+            ssh_port = None
+            results["ssh_error"] = str(exc)
+        relay_port = stack.enter_context(plain_relay.relay_pair(echo_port))
+        # Rounds take turns (direct, tunnel, ssh, direct, ...) so that every path sees the machine's
+        # fast and slow moments alike; the best of each is kept, against noisy neighbours.
+        paths = {"direct_mbps": (sink_port, None), "tunnel_mbps": (sink_port, proxy_port)}
+        if ssh_port is not None:
+            paths["ssh_mbps"] = (ssh_port, None)
+        runs: dict[str, list[float]] = {key: [] for key in paths}
+        for _ in range(rounds):
+            for key, (port, via) in paths.items():
+                runs[key].append(netbench.throughput_mbps(netbench.open_via("127.0.0.1", port, via), volume))
+        results.update({key: round(max(measured), 1) for key, measured in runs.items()})
+        results.setdefault("ssh_mbps", None)
+        progress(f"direct {results['direct_mbps']} tunnel {results['tunnel_mbps']} ssh -L {results['ssh_mbps']} Mbit/s")
+        # The least CPU any tunnel needs per byte, from the same machine at the same time (ceiling.py).
+        hop_ns = min(ceiling.hop_cpu_ns_per_byte(sink_port, volume) for _ in range(rounds))
+        aes_ns = min(ceiling.aes_gcm_ns_per_byte(volume // 4) for _ in range(rounds))
+        results.update(ceiling.tunnel_ceiling(results["direct_mbps"], hop_ns, aes_ns, os.cpu_count() or 1))
+        share = results["tunnel_ceiling_vs_direct"]
+        progress(f"ceiling {results['tunnel_ceiling_mbps']:.0f} Mbit/s, {share:.2f} of direct")
+        samples = netbench.interleaved_rtts_us(
+            {
+                "direct": netbench.open_via("127.0.0.1", echo_port, None),
+                "tunnel": netbench.open_via("127.0.0.1", echo_port, proxy_port),
+                "relays": netbench.open_via("127.0.0.1", relay_port, None),
+            },
+            500 if quick else 3000,
         )
-    progress(f"tunnel {results['tunnel_mbps']:.0f} Mbit/s")
-    with tunnel(workdir, echo_port) as (proxy_port, _, _):
-        through = netbench.rtts_us(netbench.open_via("127.0.0.1", echo_port, proxy_port), count)
     sink.close()
     echo.close()
-    for key in ("direct_mbps", "ssh_mbps", "tunnel_mbps"):
-        if results[key] is not None:
-            results[key] = round(results[key], 1)
     results["tunnel_vs_ssh"] = round(results["tunnel_mbps"] / results["ssh_mbps"], 3) if results["ssh_mbps"] else None
     results["tunnel_vs_direct"] = round(results["tunnel_mbps"] / results["direct_mbps"], 3)
     results["tunnel_vs_ceiling"] = round(results["tunnel_mbps"] / results["tunnel_ceiling_mbps"], 3)
-    results["direct_rtt_p50_us"] = round(netbench.percentile(direct, 0.5), 1)
-    results["tunnel_rtt_p50_us"] = round(netbench.percentile(through, 0.5), 1)
-    results["added_rtt_p50_us"] = round(netbench.percentile(through, 0.5) - netbench.percentile(direct, 0.5), 1)
-    results["added_rtt_p99_us"] = round(netbench.percentile(through, 0.99) - netbench.percentile(direct, 0.99), 1)
+
+    def added(path: str, q: float) -> float:
+        return round(netbench.percentile(samples[path], q) - netbench.percentile(samples["direct"], q), 1)
+
+    results["direct_rtt_p50_us"] = round(netbench.percentile(samples["direct"], 0.5), 1)
+    results["tunnel_rtt_p50_us"] = round(netbench.percentile(samples["tunnel"], 0.5), 1)
+    results["added_rtt_p50_us"] = added("tunnel", 0.5)
+    results["added_rtt_p99_us"] = added("tunnel", 0.99)
+    # Two do-nothing relays (plain_relay.py) at the same moments: the part of the added round trip
+    # that the machine charges any two-relay tunnel before framing, TLS or gRPC.
+    results["plain_relays_added_rtt_p50_us"] = added("relays", 0.5)
+    results["plain_relays_added_rtt_p99_us"] = added("relays", 0.99)
+    relays = results["plain_relays_added_rtt_p50_us"]
+    progress(f"added RTT p50 {results['added_rtt_p50_us']} us (plain relays {relays} us)")
     return results
 
 
+# The driver runs on the head; `paths` (name -> node IP) and `rounds` are set in front of this code.
 RAY_WORKLOAD = """
+import statistics
 import numpy as np
-target = {{'resources': {{'node:{ip}': 0.01}}}}
-@ray.remote(num_cpus=0.01)
-def small(i): return i
-ray.get([small.options(**target).remote(i) for i in range(50)])  # warm the worker pool
-t = time.perf_counter(); assert sum(ray.get([small.options(**target).remote(i) for i in range(1000)])) == 499500
-tasks_s = time.perf_counter() - t
+@ray.remote  # one CPU each, Ray's default: a fractional CPU would let Ray start a dozen new worker
+def small(i): return i  # processes per 1,000 tasks, and time their start-up instead of the path
 @ray.remote
 def bounce(arr): return arr + 1
+def on(ip): return {'resources': {f'node:{ip}': 0.01}}
+def tasks_s(ip):
+    t = time.perf_counter(); assert sum(ray.get([small.options(**on(ip)).remote(i) for i in range(1000)])) == 499500
+    return time.perf_counter() - t
+def object_s(ip, big):
+    t = time.perf_counter(); ref = ray.put(big); out = ray.get(bounce.options(**on(ip)).remote(ref))
+    elapsed = time.perf_counter() - t
+    assert out.nbytes == big.nbytes and int(out[0]) == 1
+    return elapsed
 big = np.zeros(256 * 1024 * 1024, dtype='u1')
-ray.get(bounce.options(**target).remote(np.zeros(8, dtype='u1')))
-t = time.perf_counter(); ref = ray.put(big); out = ray.get(bounce.options(**target).remote(ref))
-object_s = time.perf_counter() - t
-assert out.nbytes == big.nbytes and int(out[0]) == 1
-print("RESULT " + json.dumps(dict(tasks_s=tasks_s, object_s=object_s)))
+for ip in paths.values():  # warm each node's worker pool and object path
+    ray.get([small.options(**on(ip)).remote(i) for i in range(50)])
+    ray.get(bounce.options(**on(ip)).remote(np.zeros(8, dtype='u1')))
+times = {f'{kind}_{path}': [] for kind in ('tasks', 'object') for path in paths}
+for round_ in range(rounds):
+    # Paths take turns, first one then the other, so each sees the machine's slow moments alike.
+    for path, ip in (list(paths.items()) if round_ % 2 == 0 else list(paths.items())[::-1]):
+        times[f'tasks_{path}'].append(tasks_s(ip))
+        times[f'object_{path}'].append(object_s(ip, big))
+print("RESULT " + json.dumps(times))
 """
 
 
-def _result(stdout: str) -> dict[str, float]:
+def _result(stdout: str) -> dict[str, list[float]]:
     lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
     if not lines:
         raise RuntimeError(f"driver printed no result: {stdout[-2000:]}")
-    parsed: dict[str, float] = json.loads(lines[-1][len("RESULT ") :])
+    parsed: dict[str, list[float]] = json.loads(lines[-1][len("RESULT ") :])
     return parsed
 
 
-def bench_ray(quick: bool) -> dict[str, Any]:
+def ray_figures(times: dict[str, list[float]]) -> dict[str, Any]:
+    """Medians of each path's times, and the median over rounds of tunnel/direct in the same round."""
+    figures: dict[str, Any] = {}
+    for kind in ("tasks", "object"):
+        tunnel_s, direct_s = times[f"{kind}_tunnel"], times[f"{kind}_direct"]
+        figures[f"ray_{kind}_tunnel_s"] = round(statistics.median(tunnel_s), 3)
+        figures[f"ray_{kind}_direct_s"] = round(statistics.median(direct_s), 3)
+        ratios = [t / d for t, d in zip(tunnel_s, direct_s, strict=True)]
+        figures[f"ray_{kind}_ratio"] = round(statistics.median(ratios), 3)
+        figures[f"ray_{kind}_ratios_by_round"] = [round(r, 3) for r in ratios]
+    return figures
+
+
+def start_direct_worker(h: RayTunnelHarness, ip: str, store: int) -> subprocess.Popen[bytes]:
+    """A Ray worker node joined straight to the head on another loopback address: no netns, no tunnel."""
+    base = h.base + 60
+    worker = subprocess.Popen(
+        [
+            str(Path(PY).parent / "ray"),
+            "start",
+            "--block",
+            f"--address={h.head_ip}:{h.gcs_port}",
+            f"--node-ip-address={ip}",
+            f"--node-manager-port={base}",
+            f"--object-manager-port={base + 1}",
+            f"--dashboard-agent-grpc-port={base + 2}",
+            f"--dashboard-agent-listen-port={base + 3}",
+            f"--metrics-export-port={base + 4}",
+            f"--runtime-env-agent-port={base + 5}",
+            f"--min-worker-port={base + 10}",
+            f"--max-worker-port={base + 40}",
+            "--num-cpus=2",
+            f"--object-store-memory={store}",
+            f"--temp-dir={h.workdir}/direct",
+            "--disable-usage-stats",
+        ],
+        env=h.ray_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    wait_until(
+        lambda: ip in h.run_driver("print([n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']])"),
+        120,
+        "direct worker",
+    )
+    return worker
+
+
+def wait_for_quiet_cpu(below_pct: float = 30.0, within_s: float = 60.0) -> None:
+    """Waits (at most within_s) for the nodes' start-up work (dashboard and runtime-env agents) to end."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline and psutil.cpu_percent(interval=1.0) >= below_pct:
+        pass
+
+
+def bench_ray(rounds: int) -> dict[str, Any]:
+    """One cluster holding both nodes: a volunteer joined through the tunnel (own network namespace)
+    and a worker joined directly. The same driver times both in turns, so their ratio is taken at
+    the same moments of this machine's swings rather than minutes apart."""
     results: dict[str, Any] = {}
     store = 1400 * 1024 * 1024
-    # Through the tunnel: volunteer in its own network namespace.
     h = RayTunnelHarness(heartbeat_interval=2.0, heartbeat_timeout=8.0)
+    direct_ip = f"127.0.{h.head_ip.split('.')[2]}.{(int(h.head_ip.split('.')[3]) % 250) + 2}"
+    tunnel_env = h.ray_env
+
+    def env_reaching_direct_worker() -> dict[str, str]:
+        # The head (and the direct worker itself) reach the direct worker without the head proxy.
+        env = tunnel_env()
+        env["no_grpc_proxy"] += f",{direct_ip}"
+        return env
+
+    h.ray_env = env_reaching_direct_worker  # type: ignore[method-assign]
+    worker = None
     try:
         h.start_gateway()
         h.start_head(object_store_memory=store)
@@ -209,68 +303,15 @@ def bench_ray(quick: bool) -> dict[str, Any]:
         volunteer = h.start_volunteer("bench", num_cpus=2, object_store_memory=store)
         node = h.wait_ready(volunteer, 120)
         results["join_to_ready_s"] = round(time.monotonic() - started, 2)
-        tunnel_run = _result(h.run_driver(RAY_WORKLOAD.format(ip=node["status"]["address"]), 600))
+        worker = start_direct_worker(h, direct_ip, store)
+        wait_for_quiet_cpu()
+        paths = {"tunnel": node["status"]["address"], "direct": direct_ip}
+        code = f"paths = {json.dumps(paths)}\nrounds = {rounds}\n" + RAY_WORKLOAD
+        results.update(ray_figures(_result(h.run_driver(code, 300 + 300 * rounds))))
     finally:
-        h.stop()
-    # Direct: same head flags without a proxy; the worker node joins on another loopback address.
-    h = RayTunnelHarness(ray_auth=True)
-    try:
-        h.head_proxy_url = "http://127.0.0.1:9"  # unused: nothing is outside no_grpc_proxy below
-        env_ip = f"127.0.{h.head_ip.split('.')[2]}.{(int(h.head_ip.split('.')[3]) % 250) + 2}"
-        original = h.ray_env
-
-        def direct_env() -> dict[str, str]:
-            env = original()
-            env["no_grpc_proxy"] = f"{h.head_ip},{env_ip},127.0.0.1,localhost"
-            return env
-
-        h.ray_env = direct_env  # type: ignore[method-assign]
-        h.start_head(object_store_memory=store)
-        base = h.base + 60
-        worker = subprocess.Popen(
-            [
-                str(Path(PY).parent / "ray"),
-                "start",
-                "--block",
-                f"--address={h.head_ip}:{h.gcs_port}",
-                f"--node-ip-address={env_ip}",
-                f"--node-manager-port={base}",
-                f"--object-manager-port={base + 1}",
-                f"--dashboard-agent-grpc-port={base + 2}",
-                f"--dashboard-agent-listen-port={base + 3}",
-                f"--metrics-export-port={base + 4}",
-                f"--runtime-env-agent-port={base + 5}",
-                f"--min-worker-port={base + 10}",
-                f"--max-worker-port={base + 40}",
-                "--num-cpus=2",
-                f"--object-store-memory={store}",
-                f"--temp-dir={h.workdir}/direct",
-                "--disable-usage-stats",
-            ],
-            env=direct_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            wait_until(
-                lambda: env_ip in h.run_driver("print([n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']])"),
-                120,
-                "direct worker",
-            )
-            direct_run = _result(h.run_driver(RAY_WORKLOAD.format(ip=env_ip), 600))
-        finally:
+        if worker is not None:
             kill_tree(worker.pid)
-    finally:
         h.stop()
-    results.update(
-        ray_tasks_tunnel_s=round(tunnel_run["tasks_s"], 3),
-        ray_tasks_direct_s=round(direct_run["tasks_s"], 3),
-        ray_object_tunnel_s=round(tunnel_run["object_s"], 3),
-        ray_object_direct_s=round(direct_run["object_s"], 3),
-        ray_tasks_ratio=round(tunnel_run["tasks_s"] / direct_run["tasks_s"], 3),
-        ray_object_ratio=round(tunnel_run["object_s"] / direct_run["object_s"], 3),
-    )
     return results
 
 
@@ -349,7 +390,7 @@ def main() -> int:
         results.update(bench_network(workdir, args.quick))
         print(json.dumps(results), flush=True)
         if not args.skip_ray and netns_available():
-            results.update(bench_ray(args.quick))
+            results.update(bench_ray(rounds=1 if args.quick else 3))
             print(json.dumps(results), flush=True)
         if not args.skip_agents:
             results.update(bench_agents(workdir, args.agents, 20 if args.quick else 30))
