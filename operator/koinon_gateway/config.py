@@ -28,8 +28,12 @@ class GatewayConfig:
     port_block_size: int = 40
     heartbeat_interval_s: float = 2.0
     heartbeat_timeout_s: float = 8.0
-    # Heartbeat-only status writes (lastHeartbeat, latency) are batched to at most one per interval.
-    status_write_interval_s: float = 5.0
+    # Status news from heartbeats alone (lastHeartbeat, small RTT drift) is written at most once per
+    # interval; anything else at once (SessionTable.write_status).
+    status_write_interval_s: float = 30.0
+    # A smoothed RTT that moved by this much since the last write is written at once.
+    latency_write_min_ms: float = 1.0
+    latency_write_fraction: float = 0.2
     # A Connect stream must send its first frame within this time.
     first_frame_timeout_s: float = 10.0
     # A peer must answer OpenConnection within this time.

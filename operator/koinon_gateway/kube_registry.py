@@ -4,10 +4,10 @@ The gateway creates each node with ``koinon.dev/connection-owner: gateway`` so t
 the connection fields to it, and writes status only through the ``/status`` subresource as JSON
 merge patches (fields it does not own, such as reputation, stay untouched).
 
-Heartbeat-only writes (``lastHeartbeat``, ``latency``) are coalesced per node to at most one per
-``heartbeat_write_interval_s``: with 1,000 agents at a 5 s interval that is at most 1000/interval
-writes a second instead of one per heartbeat; any other change (phase, connected, address, ...) is
-written at once.
+The gateway's sessions already write heartbeat news rarely (``SessionTable.write_status``); as a
+backstop, writes that differ from the last one in ``lastHeartbeat`` alone are coalesced per node to
+at most one per ``heartbeat_write_interval_s``. Any other change (phase, connected, address,
+latency, ...) is written at once.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .registry import GROUP, KIND, PLURAL, VERSION, DeletedNode, NodeExists, sta
 log = logging.getLogger(__name__)
 
 CONNECTION_OWNER_ANNOTATION = "koinon.dev/connection-owner"
-HEARTBEAT_ONLY_FIELDS = frozenset({"lastHeartbeat", "latency"})
+HEARTBEAT_ONLY_FIELDS = frozenset({"lastHeartbeat"})
 
 
 def _significant(status: JSON) -> str:

@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--status-heartbeat-interval",
         type=float,
         default=10.0,
-        help="(kube store) seconds between heartbeat-only status writes per node",
+        help="(kube store) at most one status write per node per this many seconds that changes only lastHeartbeat",
     )
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/koinon-gateway"))
     p.add_argument("--namespace", default="koinon-system", help="(kube store) namespace of the Secrets")

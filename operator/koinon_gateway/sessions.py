@@ -44,6 +44,9 @@ class NodeSession:
     self_heartbeats: bool = False
     credential_expires_at: int = 0  # of the newest credential sent to this node (Unix seconds)
     last_status_write: float = 0.0
+    # What the last status write said, apart from heartbeat news (see SessionTable.write_status).
+    written_key: tuple[Any, ...] | None = None
+    written_rtt_ms: float | None = None
     closed: bool = False
     _write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -109,21 +112,42 @@ class SessionTable:
         await self._write(session, connected=False, reason=reason, message=message)
 
     async def write_status(self, session: NodeSession, force: bool = False) -> None:
-        now = time.monotonic()
-        previous = self._conditions.get(session.node_name)
-        flipped = previous is None or (previous.status == "True") != session.ready
-        if not (force or flipped) and now - session.last_status_write < self.config.status_write_interval_s:
-            return
-        session.last_status_write = now
+        """Writes the node's status at once when what it says changed (phase, condition, Ray node,
+        GPUs, agent version) or its smoothed RTT moved noticeably (the scheduler places by it);
+        heartbeat news alone (lastHeartbeat, RTT drift) at most once per status_write_interval_s.
+
+        As kubelet refreshes an unchanged Node status only every few minutes: the API server's write
+        load then grows with the number of volunteers, not with their heartbeat rate.
+        """
+        reason, message = self._connected_reason(session)
+        due = time.monotonic() - session.last_status_write >= self.config.status_write_interval_s
+        changed = self._key(session, True, reason, message) != session.written_key
+        if force or changed or due or self._latency_moved(session):
+            await self._write(session, connected=True, reason=reason, message=message)
+
+    @staticmethod
+    def _connected_reason(session: NodeSession) -> tuple[str, str]:
         if session.ready:
-            reason, message = "Connected", "control stream up, Ray node running"
-        elif session.draining:
-            reason, message = "Draining", "agent is draining"
-        elif session.ray_state == "running":
-            reason, message = "RayNodeUnconfirmed", "Ray node not (yet) alive in GCS at this address"
-        else:
-            reason, message = "RayNotRunning", f"Ray node {session.ray_state}"
-        await self._write(session, connected=True, reason=reason, message=message)
+            return "Connected", "control stream up, Ray node running"
+        if session.draining:
+            return "Draining", "agent is draining"
+        if session.ray_state == "running":
+            return "RayNodeUnconfirmed", "Ray node not (yet) alive in GCS at this address"
+        return "RayNotRunning", f"Ray node {session.ray_state}"
+
+    @staticmethod
+    def _key(session: NodeSession, connected: bool, reason: str, message: str) -> tuple[Any, ...]:
+        """Everything a status write says except lastHeartbeat and latency."""
+        return (connected, reason, message, session.ray_verified_id, tuple(session.gpus), session.agent_version)
+
+    def _latency_moved(self, session: NodeSession) -> bool:
+        current, written = session.rtt_smoothed_ms, session.written_rtt_ms
+        if current is None:
+            return False
+        if written is None:
+            return True  # the first measurement
+        threshold = max(self.config.latency_write_min_ms, self.config.latency_write_fraction * written)
+        return abs(current - written) >= threshold
 
     async def _write(self, session: NodeSession, connected: bool, reason: str, message: str) -> None:
         ready = connected and session.ready
@@ -150,6 +174,10 @@ class SessionTable:
             await self.registry.patch_status(session.node_name, status)
         except Exception:  # a status write must never take the tunnel down
             log.exception("status write for %s failed", session.node_name)
+            return  # the next heartbeat tries again
+        session.last_status_write = time.monotonic()
+        session.written_key = self._key(session, connected, reason, message)
+        session.written_rtt_ms = session.rtt_smoothed_ms
 
     async def disown_stale_connections(self, nodes: list[dict[str, Any]]) -> list[str]:
         """Marks nodes NotReady that a previous gateway left as connected; returns their names.
