@@ -34,6 +34,8 @@ class GatewayConfig:
     # A smoothed RTT that moved by this much since the last write is written at once.
     latency_write_min_ms: float = 1.0
     latency_write_fraction: float = 0.2
+    # After a failed status write, the node's next write waits this long (unless forced).
+    status_retry_s: float = 5.0
     # A Connect stream must send its first frame within this time.
     first_frame_timeout_s: float = 10.0
     # A peer must answer OpenConnection within this time.

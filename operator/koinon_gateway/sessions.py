@@ -47,6 +47,7 @@ class NodeSession:
     # What the last status write said, apart from heartbeat news (see SessionTable.write_status).
     written_key: tuple[Any, ...] | None = None
     written_rtt_ms: float | None = None
+    status_retry_at: float = 0.0  # after a failed status write, none before this (monotonic)
     closed: bool = False
     _write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -119,8 +120,11 @@ class SessionTable:
         As kubelet refreshes an unchanged Node status only every few minutes: the API server's write
         load then grows with the number of volunteers, not with their heartbeat rate.
         """
+        now = time.monotonic()
+        if now < session.status_retry_at and not force:
+            return  # the API failed us a moment ago: 1,000 nodes must not retry on every heartbeat
         reason, message = self._connected_reason(session)
-        due = time.monotonic() - session.last_status_write >= self.config.status_write_interval_s
+        due = now - session.last_status_write >= self.config.status_write_interval_s
         changed = self._key(session, True, reason, message) != session.written_key
         if force or changed or due or self._latency_moved(session):
             await self._write(session, connected=True, reason=reason, message=message)
@@ -174,7 +178,8 @@ class SessionTable:
             await self.registry.patch_status(session.node_name, status)
         except Exception:  # a status write must never take the tunnel down
             log.exception("status write for %s failed", session.node_name)
-            return  # the next heartbeat tries again
+            session.status_retry_at = time.monotonic() + self.config.status_retry_s
+            return  # the first heartbeat after that tries again
         session.last_status_write = time.monotonic()
         session.written_key = self._key(session, connected, reason, message)
         session.written_rtt_ms = session.rtt_smoothed_ms

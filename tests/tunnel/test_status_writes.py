@@ -70,10 +70,13 @@ async def test_rtt_is_written_when_first_measured_and_when_it_moves_noticeably()
     assert registry.status_writes == 3
 
 
-async def test_a_failed_write_is_tried_again_on_the_next_heartbeat() -> None:
+async def test_a_failed_write_is_tried_again_after_the_retry_delay() -> None:
     table, registry, session = make_table()
     await table.write_status(session, force=True)  # no such VolunteerNode yet: the write fails
     assert registry.status_writes == 0
     await registry.create("vn-a", {}, {})
+    await beat(table, session)  # within the retry delay: not yet
+    assert registry.status_writes == 0
+    session.status_retry_at -= table.config.status_retry_s
     await beat(table, session)
     assert registry.status_writes == 1 and registry.objects["vn-a"]["status"]["phase"] == "Ready"
