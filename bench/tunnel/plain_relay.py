@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,8 +73,7 @@ def relay_pair(target_port: int) -> Iterator[int]:
             )
             processes.append(process)
             assert process.stdout is not None
-            port = int(process.stdout.readline())
-        time.sleep(0.1)
+            port = int(process.stdout.readline())  # printed once it listens
         yield port
     finally:
         for process in processes:

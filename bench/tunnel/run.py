@@ -185,7 +185,6 @@ def bench_network(workdir: Path, quick: bool) -> dict[str, Any]:
 
 # The driver runs on the head; `paths` (name -> node IP) and `rounds` are set in front of this code.
 RAY_WORKLOAD = """
-import statistics
 import numpy as np
 @ray.remote  # one CPU each, Ray's default: a fractional CPU would let Ray start a dozen new worker
 def small(i): return i  # processes per 1,000 tasks, and time their start-up instead of the path
