@@ -216,8 +216,11 @@ class RayTunnelHarness:
         log.close()
         logs = self.workdir / "head" / "session_latest" / "logs"
         raylet = logs / "raylet.out"
+        # The head counts as up once its raylet is registered in GCS (raylet.out says "Raylet of id ...
+        # started" right after), not when its gRPC server listens: a worker's `ray start` that finds no
+        # head node in GCS sleeps 2 s before asking again, which would land in every join measured.
         try:
-            wait_until(lambda: raylet.exists() and b"NodeManager server started" in raylet.read_bytes(), 60, "head")
+            wait_until(lambda: raylet.exists() and b"Raylet of id" in raylet.read_bytes(), 60, "head")
         except TimeoutError as error:
             raise TimeoutError(
                 f"{error}\n--- head log ---\n{_tail(self.workdir / 'head.log')}\n"
