@@ -14,6 +14,8 @@ import time
 from typing import Any, Protocol
 
 ALIVE = 0  # rpc::GcsNodeInfo::ALIVE
+# Ray's client waits forever by default; a drain that hangs is abandoned and asked again.
+DRAIN_RPC_TIMEOUT_S = 5.0
 
 
 class RayNodeChecker(Protocol):
@@ -23,7 +25,8 @@ class RayNodeChecker(Protocol):
 
     async def drain(self, node_id: str, message: str, deadline_s: float) -> tuple[bool, str]:
         """Asks GCS to schedule nothing new on the node, which goes away after ``deadline_s``
-        (Unix seconds); returns (accepted, why not)."""
+        (Unix seconds); returns (accepted, why not) and raises when GCS cannot be asked or does not
+        answer in time."""
         ...
 
 
@@ -56,7 +59,11 @@ class GcsRayNodeChecker:
         # PREEMPTION, not IDLE_TERMINATION: GCS accepts it while tasks still run, stops placing new
         # ones there, and lets the running ones go on until the deadline (the volunteer's grace).
         accepted, why = self._gcs().drain_node(
-            node_id, reasons.Value("DRAIN_NODE_REASON_PREEMPTION"), message, int(deadline_s * 1000)
+            node_id,
+            reasons.Value("DRAIN_NODE_REASON_PREEMPTION"),
+            message,
+            int(deadline_s * 1000),
+            timeout=DRAIN_RPC_TIMEOUT_S,
         )
         return bool(accepted), str(why or "")
 

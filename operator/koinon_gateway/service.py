@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 MAX_GPUS = 64
 MAX_TEXT = 128
 MAX_DRAIN_GRACE_S = 24 * 3600
+# A drain request to GCS that fails or does not answer in time is asked again after a pause that
+# doubles up to the cap, while the node's drain lasts: one stuck call must not leave Ray placing
+# new work on a node that is leaving.
+GCS_DRAIN_RETRY_FIRST_S = 0.5
+GCS_DRAIN_RETRY_MAX_S = 5.0
 _NAME_RE = re.compile(r"[^a-z0-9-]+")
 
 
@@ -304,16 +309,35 @@ class TunnelService:
     async def _drain_ray_node(
         self, checker: RayNodeChecker, session: NodeSession, reason: str, deadline: float
     ) -> None:
-        try:
-            accepted, why = await checker.drain(session.ray_node_id, f"volunteer draining: {reason}", deadline)
-        except Exception as exc:  # GCS unreachable: the agent still waits for its tasks
-            log.warning(
-                "node %s: asking GCS to drain Ray node %s failed: %r", session.node_name, session.ray_node_id, exc
-            )
-            return
+        pause = GCS_DRAIN_RETRY_FIRST_S
+        while True:
+            try:
+                accepted, why = await checker.drain(session.ray_node_id, f"volunteer draining: {reason}", deadline)
+                break
+            except Exception as exc:  # GCS unreachable or slow: the agent still waits for its tasks
+                if session.closed or time.time() + pause >= deadline:
+                    log.warning(
+                        "node %s: asking GCS to drain Ray node %s failed, giving up: %r",
+                        session.node_name,
+                        session.ray_node_id,
+                        exc,
+                    )
+                    return
+                log.warning(
+                    "node %s: asking GCS to drain Ray node %s failed (asking again in %.1f s): %r",
+                    session.node_name,
+                    session.ray_node_id,
+                    pause,
+                    exc,
+                )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, GCS_DRAIN_RETRY_MAX_S)
+                if session.closed:  # its stream ended meanwhile: the node is NotReady, GCS will see it go
+                    log.info("node %s is gone: no longer asking GCS to drain it", session.node_name)
+                    return
         if accepted:
             log.info("node %s: GCS drains Ray node %s", session.node_name, session.ray_node_id)
-        else:
+        else:  # PREEMPTION is not refused for a live node: asking again would not change the answer
             log.warning("node %s: GCS refused to drain Ray node %s: %s", session.node_name, session.ray_node_id, why)
 
     async def _ping_loop(self, session: NodeSession) -> None:

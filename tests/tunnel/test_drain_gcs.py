@@ -18,11 +18,12 @@ RAY_NODE_ID = "ab" * 28
 
 
 class RecordingGcs:
-    """Confirms every Ray node at the address its session claims, and records drain requests."""
+    """Confirms every Ray node at the address its session claims, and records drain requests,
+    answering them with ``answers`` in turn (the last one from then on)."""
 
     addresses: dict[str, str] = {}
     drains: list[tuple[str, str, float]] = []
-    answer: tuple[bool, str] | Exception = (True, "")
+    answers: list[tuple[bool, str] | Exception] = [(True, "")]
 
     def __init__(self, gcs_address: str, auth_token: str = "") -> None:
         pass
@@ -32,12 +33,16 @@ class RecordingGcs:
 
     async def drain(self, node_id: str, message: str, deadline_s: float) -> tuple[bool, str]:
         RecordingGcs.drains.append((node_id, message, deadline_s))
-        if isinstance(RecordingGcs.answer, Exception):
-            raise RecordingGcs.answer
-        return RecordingGcs.answer
+        answer = RecordingGcs.answers[min(len(RecordingGcs.drains), len(RecordingGcs.answers)) - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
 
-async def _drain_twice(c: Cluster, grace_seconds: int) -> str:
+async def _drain_twice(c: Cluster, grace_seconds: int, asks: int = 1, hold_s: float = 0.2) -> str:
+    """Joins a node, makes it Ready and sends two drain requests; then, heartbeating as a draining
+    agent does, waits until GCS has been asked ``asks`` times and ``hold_s`` more, and closes the
+    stream (the node stays Draining until then). Returns the node's name."""
     token = c.tokens.add()
     async with channel_for(c) as channel:
         joined = await tunnel_stub(channel).Join(pb.JoinRequest(token=token, name_hint="x"), timeout=5)
@@ -55,10 +60,16 @@ async def _drain_twice(c: Cluster, grace_seconds: int) -> str:
         for _ in range(2):  # a second request (an agent repeating itself) asks GCS nothing more
             drain = pb.DrainRequest(reason="agent stopping", grace_seconds=grace_seconds)
             await call.write(pb.AgentMessage(drain=drain))
-        while c.registry.objects[name]["status"].get("phase") != "Draining" or not RecordingGcs.drains:
-            assert time.monotonic() < deadline + 5
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)
+        heartbeat = pb.AgentMessage(heartbeat=pb.Heartbeat(ray_node_id=RAY_NODE_ID, ray_state="running"))
+        while len(RecordingGcs.drains) < asks:
+            assert time.monotonic() < deadline + 5, RecordingGcs.drains
+            await call.write(heartbeat)
+            await asyncio.sleep(0.1)
+        hold_until = time.monotonic() + hold_s
+        while time.monotonic() < hold_until:
+            await call.write(heartbeat)
+            await asyncio.sleep(0.1)
+        assert c.registry.objects[name]["status"].get("phase") == "Draining"
         call.cancel()
         return name
 
@@ -66,7 +77,7 @@ async def _drain_twice(c: Cluster, grace_seconds: int) -> str:
 @pytest.fixture(autouse=True)
 def recording_gcs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gateway_server, "GcsRayNodeChecker", RecordingGcs)
-    RecordingGcs.addresses, RecordingGcs.drains, RecordingGcs.answer = {}, [], (True, "")
+    RecordingGcs.addresses, RecordingGcs.drains, RecordingGcs.answers = {}, [], [(True, "")]
 
 
 async def test_drain_asks_gcs_once_with_the_grace_as_deadline(tmp_path: Path) -> None:
@@ -85,12 +96,25 @@ async def test_a_volunteers_grace_is_capped_before_gcs_hears_it(tmp_path: Path) 
         assert RecordingGcs.drains[0][2] <= time.time() + 24 * 3600
 
 
-@pytest.mark.parametrize("answer", [(False, "not idle"), ConnectionError("GCS unreachable")])
-async def test_gcs_refusing_or_failing_leaves_the_node_draining(
-    tmp_path: Path, answer: tuple[bool, str] | Exception
-) -> None:
-    RecordingGcs.answer = answer
+async def test_gcs_refusing_is_not_asked_again_and_the_node_stays_draining(tmp_path: Path) -> None:
+    RecordingGcs.answers = [(False, "not idle")]
     async with cluster(tmp_path, verify_ray_nodes=True) as c:
-        name = await _drain_twice(c, grace_seconds=30)
+        await _drain_twice(c, grace_seconds=30, hold_s=1.2)  # longer than the first pause (0.5 s)
         assert len(RecordingGcs.drains) == 1
-        assert c.registry.objects[name]["status"]["phase"] == "Draining"
+
+
+async def test_gcs_failing_or_timing_out_is_asked_again_until_it_answers(tmp_path: Path) -> None:
+    RecordingGcs.answers = [ConnectionError("GCS unreachable"), TimeoutError("no answer in 5 s"), (True, "")]
+    async with cluster(tmp_path, verify_ray_nodes=True) as c:
+        await _drain_twice(c, grace_seconds=30, asks=3, hold_s=1.5)  # pauses of 0.5 s, then 1 s
+        assert len(RecordingGcs.drains) == 3  # and not again once GCS said yes
+        assert {d[2] for d in RecordingGcs.drains} == {RecordingGcs.drains[0][2]}  # the same deadline
+
+
+async def test_a_gcs_that_keeps_failing_is_not_asked_after_the_node_is_gone(tmp_path: Path) -> None:
+    RecordingGcs.answers = [ConnectionError("GCS unreachable")]
+    async with cluster(tmp_path, verify_ray_nodes=True) as c:
+        name = await _drain_twice(c, grace_seconds=30, asks=2)  # the stream closes after the 2nd ask
+        await asyncio.sleep(3.5)  # past the next pauses (1 s, 2 s)
+        assert len(RecordingGcs.drains) == 2  # none once the stream has closed
+        assert c.registry.objects[name]["status"]["phase"] == "NotReady"

@@ -176,7 +176,12 @@ print(ray.get(running, timeout=60), flush=True)
             assert time.monotonic() < deadline, harness.nodes()[name]["status"]
             time.sleep(0.1)
         while ray_node_id not in (draining := harness.draining_nodes()):
-            assert time.monotonic() < deadline, (draining, (harness.workdir / "gateway.log").read_text()[-3000:])
+            gcs_log = harness.workdir / "head" / "session_latest" / "logs" / "gcs_server.out"
+            assert time.monotonic() < deadline, (
+                draining,
+                (harness.workdir / "gateway.log").read_text()[-3000:],
+                [line for line in gcs_log.read_text(errors="replace").splitlines() if "rain" in line][-10:],
+            )
             time.sleep(0.2)
         # Until the volunteer's grace period (--drain-grace=10) is over.
         assert abs(draining[ray_node_id] / 1000 - (signalled + 10)) < 3
