@@ -315,26 +315,21 @@ class TunnelService:
                 accepted, why = await checker.drain(session.ray_node_id, f"volunteer draining: {reason}", deadline)
                 break
             except Exception as exc:  # GCS unreachable or slow: the agent still waits for its tasks
-                if session.closed or time.time() + pause >= deadline:
-                    log.warning(
-                        "node %s: asking GCS to drain Ray node %s failed, giving up: %r",
-                        session.node_name,
-                        session.ray_node_id,
-                        exc,
-                    )
-                    return
+                give_up = session.closed or time.time() + pause >= deadline
                 log.warning(
-                    "node %s: asking GCS to drain Ray node %s failed (asking again in %.1f s): %r",
+                    "node %s: asking GCS to drain Ray node %s failed (%s): %r",
                     session.node_name,
                     session.ray_node_id,
-                    pause,
+                    "giving up" if give_up else f"asking again in {pause:.1f} s",
                     exc,
                 )
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, GCS_DRAIN_RETRY_MAX_S)
-                if session.closed:  # its stream ended meanwhile: the node is NotReady, GCS will see it go
-                    log.info("node %s is gone: no longer asking GCS to drain it", session.node_name)
+                if give_up:
                     return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, GCS_DRAIN_RETRY_MAX_S)
+            if session.closed:  # its stream ended meanwhile: the node is NotReady, GCS will see it go
+                log.info("node %s is gone: no longer asking GCS to drain it", session.node_name)
+                return
         if accepted:
             log.info("node %s: GCS drains Ray node %s", session.node_name, session.ray_node_id)
         else:  # PREEMPTION is not refused for a live node: asking again would not change the answer

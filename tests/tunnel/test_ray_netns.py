@@ -175,8 +175,8 @@ print(ray.get(running, timeout=60), flush=True)
         while harness.nodes()[name]["status"]["phase"] != "Draining":
             assert time.monotonic() < deadline, harness.nodes()[name]["status"]
             time.sleep(0.1)
+        gcs_log = harness.workdir / "head" / "session_latest" / "logs" / "gcs_server.out"
         while ray_node_id not in (draining := harness.draining_nodes()):
-            gcs_log = harness.workdir / "head" / "session_latest" / "logs" / "gcs_server.out"
             assert time.monotonic() < deadline, (
                 draining,
                 (harness.workdir / "gateway.log").read_text()[-3000:],
