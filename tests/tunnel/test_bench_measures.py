@@ -57,6 +57,25 @@ def test_ray_ratio_is_the_median_of_same_round_ratios() -> None:
     assert figures["ray_tasks_ratios_by_round"] == [1.5, 1.2, 2.0]
     assert figures["ray_tasks_tunnel_s"] == 5.0 and figures["ray_tasks_direct_s"] == 2.5
     assert figures["ray_object_ratio"] == 2.0
+    assert figures["ray_object_warmup_s"] == {"tunnel": [], "direct": []}
+
+
+def test_ray_warmup_times_are_reported_and_counted_in_no_figure() -> None:
+    times = {
+        "tasks_tunnel": [2.0],
+        "tasks_direct": [1.0],
+        "object_tunnel": [3.0],
+        "object_direct": [2.0],
+        "warmup_tasks_tunnel": [9.0],
+        "warmup_tasks_direct": [4.0],
+        "warmup_object_tunnel": [5.1, 2.1],
+        "warmup_object_direct": [2.4, 1.5],
+    }
+    figures = ray_figures(times)
+    assert figures["ray_tasks_ratio"] == 2.0 and figures["ray_object_ratio"] == 1.5
+    assert figures["ray_object_tunnel_s"] == 3.0
+    assert figures["ray_object_warmup_s"] == {"tunnel": [5.1, 2.1], "direct": [2.4, 1.5]}
+    assert figures["ray_tasks_warmup_s"] == {"tunnel": [9.0], "direct": [4.0]}
 
 
 def test_plain_relays_carry_bytes_both_ways_and_the_half_close() -> None:
