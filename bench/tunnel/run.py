@@ -282,6 +282,10 @@ def start_direct_worker(h: RayTunnelHarness, ip: str, store: int) -> subprocess.
     return worker
 
 
+def _rss_mb(processes: dict[str, subprocess.Popen[bytes] | None]) -> dict[str, float]:
+    return {name: round(psutil.Process(p.pid).memory_info().rss / 1e6, 1) for name, p in processes.items() if p}
+
+
 def wait_for_quiet_cpu(below_pct: float = 30.0, within_s: float = 60.0) -> None:
     """Waits (at most within_s) for the nodes' start-up work (dashboard and runtime-env agents) to end."""
     deadline = time.monotonic() + within_s
@@ -290,8 +294,9 @@ def wait_for_quiet_cpu(below_pct: float = 30.0, within_s: float = 60.0) -> None:
 
 
 JOIN_ROUNDS = 3
-# Full-size object bounces per path before timing (see RAY_WORKLOAD).
-WARMUP_BOUNCES = 2
+# Full-size object bounces per path before timing (see RAY_WORKLOAD): both paths' bounce times
+# settled after about four when measured over 150 bounces.
+WARMUP_BOUNCES = 4
 RAY_ROUNDS = 5
 
 
@@ -341,7 +346,11 @@ def bench_ray(rounds: int) -> dict[str, Any]:
         wait_for_quiet_cpu()
         paths = {"tunnel": node["status"]["address"], "direct": direct_ip}
         code = f"paths = {json.dumps(paths)}\nrounds = {rounds}\nwarmup_bounces = {WARMUP_BOUNCES}\n" + RAY_WORKLOAD
+        tunnel_processes = {"gateway": h.gateway_process, "agent": h.volunteers[-1].process}
+        results["tunnel_rss_mb_before_ray"] = _rss_mb(tunnel_processes)
         results.update(ray_figures(_result(h.run_driver(code, 600 + 300 * rounds))))
+        # Memory the data path keeps after carrying every bounce's objects (SREs size pods by it).
+        results["tunnel_rss_mb_after_ray"] = _rss_mb(tunnel_processes)
     finally:
         if worker is not None:
             kill_tree(worker.pid)
