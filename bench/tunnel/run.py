@@ -203,9 +203,9 @@ def object_s(ip, big):
     return elapsed
 big = np.zeros(256 * 1024 * 1024, dtype='u1')
 # Warm each path with the measured workload itself: a small object is inlined into the task and
-# never touches the object manager, so only full-size bounces open Ray's object connections and
-# grow the object stores' and the tunnel processes' heaps (first bounces ran 2-5x slower). Warm-up
-# times are reported, not counted.
+# never touches the object manager, so only full-size bounces fault in the object stores' pages
+# and grow the tunnel processes' heaps (first bounces ran 2-5x slower). Warm-up times are
+# reported, not counted.
 times = {f'{kind}_{path}': [] for kind in ('tasks', 'object', 'warmup_tasks', 'warmup_object') for path in paths}
 for path, ip in paths.items():
     times[f'warmup_tasks_{path}'].append(tasks_s(ip))
@@ -294,8 +294,8 @@ def wait_for_quiet_cpu(below_pct: float = 30.0, within_s: float = 60.0) -> None:
 
 
 JOIN_ROUNDS = 3
-# Full-size object bounces per path before timing (see RAY_WORKLOAD): both paths' bounce times
-# settled after about four when measured over 150 bounces.
+# Full-size object bounces per path before timing (see RAY_WORKLOAD): bounce times settled after
+# about four on both paths (and stayed so over 150 bounces through the tunnel).
 WARMUP_BOUNCES = 4
 RAY_ROUNDS = 5
 
