@@ -6,6 +6,7 @@ import base64
 from collections.abc import Sequence
 
 import pytest
+from koinon_agent import cli
 from koinon_agent.config import ENV_VARS
 from koinon_gateway.pki import create_ca
 
@@ -87,6 +88,7 @@ def test_env_vars_are_wired_and_known_to_the_agent(tools: Tools) -> None:
             "agent.objectStoreMemory": "1073741824",
             "agent.proxyPort": "7999",
             "agent.drainGraceSeconds": "45",
+            "agent.rayRestartAfterSeconds": "120",
             "terminationGracePeriodSeconds": "90",
             "gateway.caCertHash": "sha256:" + "ab" * 32,
         },
@@ -106,6 +108,7 @@ def test_env_vars_are_wired_and_known_to_the_agent(tools: Tools) -> None:
     assert values["KOINON_OBJECT_STORE_MEMORY"] == "1073741824"
     assert values["KOINON_PROXY_PORT"] == "7999"
     assert values["KOINON_DRAIN_GRACE"] == "45"
+    assert values["KOINON_RAY_RESTART_AFTER"] == "120"
     assert values["KOINON_CA_CERT_HASH"] == "sha256:" + "ab" * 32
     assert values["KOINON_STATE_DIR"] == "/var/lib/koinon-agent"
     assert "KOINON_INSECURE" not in env
@@ -117,6 +120,37 @@ def test_env_vars_are_wired_and_known_to_the_agent(tools: Tools) -> None:
     assert values["KOINON_CA_FILE"] == mounts["gateway-ca"] + "/ca.crt"
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes["gateway-ca"]["configMap"]["name"] == configmap["metadata"]["name"]
+
+
+def test_agent_reads_the_rendered_environment_into_its_configuration(
+    tools: Tools, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the chart renders is what the agent's own CLI turns into its configuration."""
+    docs = render(
+        tools,
+        {
+            "gpus.simulate": "2",
+            "gpus.simulatedMemoryMiB": "8192",
+            "agent.numCpus": "4",
+            "agent.objectStoreMemory": "1073741824",
+            "agent.drainGraceSeconds": "45",
+            "agent.rayRestartAfterSeconds": "120",
+            "terminationGracePeriodSeconds": "90",
+        },
+    )
+    env = env_map(agent_container(one(docs, "Deployment")))
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, entry in env.items():
+        if "value" in entry:  # the token and node name come from the Secret / the downward API
+            monkeypatch.setenv(name, entry["value"])
+    monkeypatch.setenv("KOINON_TOKEN", TOKEN)
+    config = cli.config_from_args(cli.build_parser().parse_args(["join"]))
+    assert (config.gateway, config.token) == (GATEWAY, TOKEN)
+    assert (config.simulate_gpus, config.simulate_gpu_memory_mib) == (2, 8192)
+    assert (config.num_cpus, config.object_store_memory) == (4, 1073741824)
+    assert (config.drain_grace_s, config.ray_restart_after_s) == (45.0, 120.0)
+    assert str(config.state_dir) == env["KOINON_STATE_DIR"]["value"]
 
 
 def test_node_name_defaults_to_the_kubernetes_node(tools: Tools) -> None:
@@ -252,6 +286,7 @@ def test_notes_tell_how_to_check_the_node(tools: Tools) -> None:
         ({"gateway.insecure": "true", "gateway.caSecretName": "ca"}, "gateway.insecure"),
         ({"gateway.insecure": "true", "gateway.caCertHash": "sha256:" + "0" * 64}, "gateway.insecure"),
         ({"gateway.caCertHash": "sha256:ABC"}, "/gateway/caCertHash"),
+        ({"agent.rayRestartAfterSeconds": "0"}, "/agent/rayRestartAfterSeconds"),
     ],
 )
 def test_bad_values_are_refused_naming_the_value(tools: Tools, values: dict[str, str | None], expected: str) -> None:

@@ -40,14 +40,20 @@ def backoff_delays(initial: float, maximum: float) -> BackoffIterator:
 
 
 class BackoffIterator:
-    """Exponential backoff with full jitter (AWS architecture blog), reset after a good session."""
+    """Exponential backoff with "equal jitter" (AWS architecture blog): each delay is drawn from the
+    upper half of a ceiling that doubles up to ``maximum``, so agents that lost the gateway together
+    spread their reconnects out, yet none retries sooner than half the ceiling. Reset after a good
+    session."""
 
     def __init__(self, initial: float, maximum: float) -> None:
         self.initial, self.maximum, self.attempt = initial, maximum, 0
 
     def next(self) -> float:
-        ceiling = min(self.maximum, self.initial * (2**self.attempt))
-        self.attempt += 1
+        # The exponent stops growing once the ceiling reached the maximum: an agent that retries
+        # for days would otherwise overflow a float at attempt ~1,024.
+        ceiling = min(self.maximum, self.initial * 2.0**self.attempt)
+        if ceiling < self.maximum:
+            self.attempt += 1
         return random.uniform(ceiling / 2, ceiling)
 
     def reset(self) -> None:

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from koinon_gateway import event_loop
@@ -17,7 +18,10 @@ from .config import ENV_VARS, AgentConfig
 
 
 def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(name, default)
+    # An empty variable counts as unset (templating often renders one). Numbers stay strings here:
+    # argparse converts a string default with the flag's type, so a bad value is refused naming the
+    # flag instead of failing with a traceback before the arguments are parsed.
+    return os.environ.get(name) or default
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,22 +46,39 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--tls-server-name", default=_env("KOINON_TLS_SERVER_NAME", ""))
     join.add_argument("--node-name", default=_env("KOINON_NODE_NAME", os.uname().nodename))
     join.add_argument("--region", default=_env("KOINON_REGION", ""))
-    join.add_argument("--simulate-gpus", type=int, default=_int(_env("KOINON_SIMULATE_GPUS")))
+    join.add_argument(
+        "--simulate-gpus", type=_number(int, "KOINON_SIMULATE_GPUS"), default=_env("KOINON_SIMULATE_GPUS")
+    )
     join.add_argument(
         "--simulate-gpu-memory",
-        type=int,
-        default=_int(_env("KOINON_SIMULATE_GPU_MEMORY")) or 16384,
+        type=_number(int, "KOINON_SIMULATE_GPU_MEMORY"),
+        default=_env("KOINON_SIMULATE_GPU_MEMORY", "16384"),
         help="MiB per simulated GPU [KOINON_SIMULATE_GPU_MEMORY]",
     )
-    join.add_argument("--num-cpus", type=int, default=_int(_env("KOINON_NUM_CPUS")))
-    join.add_argument("--object-store-memory", type=int, default=_int(_env("KOINON_OBJECT_STORE_MEMORY")))
+    join.add_argument("--num-cpus", type=_number(int, "KOINON_NUM_CPUS"), default=_env("KOINON_NUM_CPUS"))
+    join.add_argument(
+        "--object-store-memory",
+        type=_number(int, "KOINON_OBJECT_STORE_MEMORY"),
+        default=_env("KOINON_OBJECT_STORE_MEMORY"),
+    )
     join.add_argument("--ray-bin", default=_env("KOINON_RAY_BIN", _default_ray_bin()))
     join.add_argument("--temp-dir", type=Path, default=_env("KOINON_TEMP_DIR"))
-    join.add_argument("--drain-grace", type=float, default=float(_env("KOINON_DRAIN_GRACE", "30") or 30))
+    join.add_argument(
+        "--drain-grace",
+        type=_number(float, "KOINON_DRAIN_GRACE"),
+        default=_env("KOINON_DRAIN_GRACE", "30"),
+        help="seconds running tasks get to finish on SIGTERM [KOINON_DRAIN_GRACE]",
+    )
+    join.add_argument(
+        "--ray-restart-after",
+        type=_number(float, "KOINON_RAY_RESTART_AFTER"),
+        default=_env("KOINON_RAY_RESTART_AFTER", "60"),
+        help="restart the Ray node when the gateway was unreachable this many seconds [KOINON_RAY_RESTART_AFTER]",
+    )
     join.add_argument(
         "--proxy-port",
-        type=int,
-        default=_int(_env("KOINON_PROXY_PORT")) or 0,
+        type=_number(int, "KOINON_PROXY_PORT"),
+        default=_env("KOINON_PROXY_PORT", "0"),
         help="port of the local CONNECT proxy on 127.0.0.1 [KOINON_PROXY_PORT]",
     )
     join.add_argument("--no-ray", action="store_true", help="tunnel only, do not start Ray (benchmarks)")
@@ -65,8 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _int(text: str | None) -> int | None:
-    return int(text) if text else None
+def _number(kind: type[int] | type[float], env_var: str) -> Callable[[str], int | float]:
+    """An argparse type that names the environment variable too when a value is not a number."""
+
+    def parse(text: str) -> int | float:
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid {kind.__name__} value {text!r} (from the flag or {env_var})"
+            ) from None
+
+    return parse
 
 
 def _default_ray_bin() -> str:
@@ -97,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         start_ray=not args.no_ray,
         proxy_port=args.proxy_port,
         drain_grace_s=args.drain_grace,
+        ray_restart_after_s=args.ray_restart_after,
     )
     if args.state_dir is not None:
         config.state_dir = args.state_dir

@@ -47,6 +47,10 @@ class AgentConfig:
             raise ValueError("simulate_gpu_memory_mib: must be > 0")
         if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_initial_s/backoff_max_s: need 0 < initial <= max")
+        if self.drain_grace_s < 0:
+            raise ValueError("drain_grace_s: must be >= 0")
+        if self.ray_restart_after_s <= 0:
+            raise ValueError("ray_restart_after_s: must be > 0 seconds")
         if self.insecure and (self.ca_file or self.ca_pem or self.ca_cert_hash):
             raise ValueError("insecure: cannot be combined with a CA or a CA hash")
         if self.ca_cert_hash and not re.fullmatch(r"sha256:[0-9a-f]{64}", self.ca_cert_hash):
@@ -76,5 +80,6 @@ ENV_VARS: dict[str, str] = {
     "KOINON_RAY_BIN": "ray_bin",
     "KOINON_TEMP_DIR": "temp_dir",
     "KOINON_DRAIN_GRACE": "drain_grace_s",
+    "KOINON_RAY_RESTART_AFTER": "ray_restart_after_s",
     "KOINON_PROXY_PORT": "proxy_port",
 }

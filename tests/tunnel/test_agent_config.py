@@ -1,0 +1,153 @@
+"""The agent's configuration from flags and KOINON_* variables, and its reconnect backoff."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from koinon_agent import cli
+from koinon_agent.agent import BackoffIterator
+from koinon_agent.config import ENV_VARS, AgentConfig
+
+# One distinct, non-default value per variable the agent reads (KOINON_INSECURE is tested alone:
+# it cannot be combined with a CA).
+ENV_VALUES = {
+    "KOINON_GATEWAY": "gateway.example:443",
+    "KOINON_TOKEN": "abcdef.0123456789abcdef",
+    "KOINON_STATE_DIR": "/var/lib/koinon-agent",
+    "KOINON_CA_FILE": "/etc/koinon/ca.crt",
+    "KOINON_CA_CERT": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    "KOINON_CA_CERT_HASH": "sha256:" + "ab" * 32,
+    "KOINON_TLS_SERVER_NAME": "koinon-gateway",
+    "KOINON_NODE_NAME": "alice-desktop",
+    "KOINON_REGION": "eu-west",
+    "KOINON_SIMULATE_GPUS": "3",
+    "KOINON_SIMULATE_GPU_MEMORY": "8192",
+    "KOINON_NUM_CPUS": "4",
+    "KOINON_OBJECT_STORE_MEMORY": "100000000",
+    "KOINON_RAY_BIN": "/opt/ray/bin/ray",
+    "KOINON_TEMP_DIR": "/tmp/koinon-ray",
+    "KOINON_DRAIN_GRACE": "0",  # zero is a real choice (stop at once), not "unset"
+    "KOINON_PROXY_PORT": "7999",
+    "KOINON_RAY_RESTART_AFTER": "12.5",
+}
+EXPECTED: dict[str, object] = {
+    "gateway": "gateway.example:443",
+    "token": "abcdef.0123456789abcdef",
+    "state_dir": Path("/var/lib/koinon-agent"),
+    "ca_file": Path("/etc/koinon/ca.crt"),
+    "ca_pem": ENV_VALUES["KOINON_CA_CERT"].encode(),
+    "ca_cert_hash": "sha256:" + "ab" * 32,
+    "tls_server_name": "koinon-gateway",
+    "name_hint": "alice-desktop",
+    "region": "eu-west",
+    "simulate_gpus": 3,
+    "simulate_gpu_memory_mib": 8192,
+    "num_cpus": 4,
+    "object_store_memory": 100_000_000,
+    "ray_bin": "/opt/ray/bin/ray",
+    "temp_dir": Path("/tmp/koinon-ray"),
+    "drain_grace_s": 0.0,
+    "proxy_port": 7999,
+    "ray_restart_after_s": 12.5,
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def config_from(argv: list[str]) -> AgentConfig:
+    return cli.config_from_args(cli.build_parser().parse_args(["join", *argv]))
+
+
+def test_every_variable_sets_its_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert set(ENV_VALUES) | {"KOINON_INSECURE"} == set(ENV_VARS), "give each new variable a value above"
+    for name, value in ENV_VALUES.items():
+        monkeypatch.setenv(name, value)
+    config = config_from([])
+    for name, field in ENV_VARS.items():
+        if name != "KOINON_INSECURE":
+            assert getattr(config, field) == EXPECTED[field], name
+    assert config.insecure is False
+
+
+def test_insecure_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KOINON_GATEWAY", "gw:1")
+    monkeypatch.setenv("KOINON_INSECURE", "1")
+    assert config_from([]).insecure is True
+
+
+def test_flags_win_over_variables_and_defaults_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KOINON_GATEWAY", "gw:1")
+    defaults = config_from([])
+    assert (defaults.drain_grace_s, defaults.ray_restart_after_s, defaults.proxy_port) == (30.0, 60.0, 0)
+    assert defaults.num_cpus is None and defaults.simulate_gpus is None
+    monkeypatch.setenv("KOINON_RAY_RESTART_AFTER", "5")
+    monkeypatch.setenv("KOINON_NUM_CPUS", "")  # empty (as templates render) counts as unset
+    config = config_from(["--gateway", "other:2", "--ray-restart-after", "7"])
+    assert (config.gateway, config.ray_restart_after_s, config.num_cpus) == ("other:2", 7.0, None)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "flag"),
+    [
+        ("KOINON_NUM_CPUS", "four", "--num-cpus"),
+        ("KOINON_DRAIN_GRACE", "30s", "--drain-grace"),
+        ("KOINON_RAY_RESTART_AFTER", "1m", "--ray-restart-after"),
+    ],
+)
+def test_non_number_variable_is_refused_naming_flag_and_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str, value: str, flag: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["join", "--gateway", "gw:1"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert flag in error and variable in error and repr(value) in error
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [(["--ray-restart-after", "0"], "ray_restart_after_s"), (["--drain-grace", "-1"], "drain_grace_s")],
+)
+def test_out_of_range_values_are_refused_naming_the_field(
+    capsys: pytest.CaptureFixture[str], argv: list[str], field: str
+) -> None:
+    assert cli.main(["join", "--gateway", "gw:1", *argv]) == 2
+    assert field in capsys.readouterr().err
+
+
+def test_backoff_doubles_to_the_cap_with_jitter_in_the_upper_half() -> None:
+    random.seed(7)
+    backoff = BackoffIterator(0.5, 30.0)
+    ceilings = [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
+    for ceiling in ceilings:
+        delay = backoff.next()
+        assert ceiling / 2 <= delay <= ceiling
+    backoff.reset()
+    assert 0.25 <= backoff.next() <= 0.5
+
+
+def test_backoff_spreads_agents_that_lost_the_gateway_together() -> None:
+    random.seed(11)
+    first_retries = []
+    for _ in range(200):  # 200 agents, each at its 6th attempt (ceiling 16 s)
+        backoff = BackoffIterator(0.5, 30.0)
+        for _ in range(5):
+            backoff.next()
+        first_retries.append(backoff.next())
+    assert min(first_retries) >= 8 and max(first_retries) <= 16
+    assert max(first_retries) - min(first_retries) > 6  # spread over most of the window
+
+
+def test_backoff_keeps_working_after_days_of_retries() -> None:
+    # At 30 s per try, 10,000 tries is about 3.5 days offline; the ceiling once overflowed a float
+    # after ~1,024 tries and crashed the agent.
+    backoff = BackoffIterator(0.5, 30.0)
+    delays = [backoff.next() for _ in range(10_000)]
+    assert all(15.0 <= d <= 30.0 for d in delays[10:])
