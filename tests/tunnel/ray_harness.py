@@ -276,12 +276,17 @@ class RayTunnelHarness:
         self.volunteers.append(volunteer)
         return volunteer
 
-    def wait_ready(self, volunteer: Volunteer, timeout: float = 60) -> dict[str, Any]:
+    def wait_ready(self, volunteer: Volunteer, timeout: float = 60, ray_node_other_than: str = "") -> dict[str, Any]:
+        """The volunteer's VolunteerNode once Ready with a Ray node id (one other than
+        ray_node_other_than, when given: a restarted Ray node)."""
+
         def ready() -> dict[str, Any] | None:
             name = volunteer.identity().get("node_name")
             node = self.nodes().get(name or "", {})
             status = node.get("status", {})
-            return node if status.get("phase") == "Ready" and status.get("rayNodeId") else None
+            ray_node_id = status.get("rayNodeId")
+            fresh = ray_node_id and ray_node_id != ray_node_other_than
+            return node if status.get("phase") == "Ready" and fresh else None
 
         try:
             result: dict[str, Any] = wait_until(ready, timeout, f"{volunteer.name} Ready")

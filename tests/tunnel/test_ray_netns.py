@@ -8,6 +8,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 
+import psutil
 import pytest
 
 from .ray_harness import VENV_BIN, RayTunnelHarness, netns_available
@@ -98,15 +99,17 @@ print(json.dumps(dict(alive=alive, where=where, n=n, back=int(back.sum()), consu
 def test_agent_sigkill_marks_node_not_ready_and_gateway_restart_recovers(harness: RayTunnelHarness) -> None:
     a = harness.start_volunteer("a")
     b = harness.start_volunteer("b")
-    harness.wait_ready(a)
+    ray_node_before = harness.wait_ready(a)["status"]["rayNodeId"]
     name_b = harness.wait_ready(b)["metadata"]["name"]
 
-    # Gateway killed and restarted: agents reconnect by themselves, their Ray nodes serve again.
+    # Gateway killed and restarted: agents reconnect by themselves, their Ray nodes serve again;
+    # an outage this short (under --ray-restart-after, 60 s) keeps the same Ray node.
     harness.kill_gateway()
     time.sleep(2)
     harness.start_gateway()
     node_a = harness.wait_ready(a, timeout=90)
     assert node_a["status"]["connected"] is True
+    assert node_a["status"]["rayNodeId"] == ray_node_before
     out = harness.run_driver(f"""
 @ray.remote
 def where(): return ray.util.get_node_ip_address()
@@ -127,6 +130,53 @@ print(ray.get(where.options(resources={{'node:{node_a["status"]["address"]}': 0.
     assert status["connected"] is False
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] in ("Disconnected", "HeartbeatTimeout")
+
+
+def raylet_of(harness: RayTunnelHarness, volunteer: str) -> psutil.Process:
+    temp_dir = f"{harness.workdir}/ray-{volunteer}"
+    for process in psutil.process_iter(["name", "cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if process.info["name"] == "raylet" and any(temp_dir in arg for arg in cmdline):
+            return process
+    raise AssertionError(f"no raylet of volunteer {volunteer}")
+
+
+def runs_on(harness: RayTunnelHarness, ip: str) -> tuple[str, list[str]]:
+    """Where a task placed on ip ran, and the Ray node ids GCS holds alive."""
+    out = harness.run_driver(f"""
+@ray.remote
+def where(): return ray.util.get_node_ip_address()
+print(json.dumps([ray.get(where.options(resources={{'node:{ip}': 0.01}}).remote()),
+                  [n['NodeID'] for n in ray.nodes() if n['Alive']]]))
+""")
+    where, alive = json.loads(out.strip().splitlines()[-1])
+    return where, alive
+
+
+def test_agent_restarts_its_ray_node_when_it_dies_and_after_a_long_outage(harness: RayTunnelHarness) -> None:
+    a = harness.start_volunteer("a", extra=["--ray-restart-after=3"])
+    first = harness.wait_ready(a)
+    ip = first["status"]["address"]
+
+    # The Ray node dies under the agent: the agent starts a new one, which joins through the tunnel.
+    raylet_of(harness, "a").kill()
+    second = harness.wait_ready(a, timeout=90, ray_node_other_than=first["status"]["rayNodeId"])
+    assert second["status"]["address"] == ip
+    where, alive = runs_on(harness, ip)
+    assert where == ip and second["status"]["rayNodeId"] in alive  # (GCS's health check retires the old one)
+
+    # The gateway is away for longer than --ray-restart-after: on reconnecting the agent replaces
+    # its Ray node rather than hoping the head still holds the old one.
+    harness.kill_gateway()
+    time.sleep(5)
+    harness.start_gateway()
+    third = harness.wait_ready(a, timeout=90, ray_node_other_than=second["status"]["rayNodeId"])
+    where, alive = runs_on(harness, ip)
+    assert where == ip and third["status"]["rayNodeId"] in alive
+    # Restarted once, for the outage (not because Ray died), while the session went on heartbeating.
+    agent_log = a.log_path.read_text()
+    assert agent_log.count("restarting the Ray node") == 1, agent_log[-3000:]
+    assert "gateway silent" not in agent_log.split("restarting the Ray node")[1]
 
 
 def test_sigterm_drains_the_node_in_gcs_and_lets_the_running_task_finish(harness: RayTunnelHarness) -> None:

@@ -78,6 +78,7 @@ class Agent:
         self._proxy: LocalProxy | None = None
         self.ray: RayNode | None = None
         self._ray_supervisor: asyncio.Task[None] | None = None
+        self._ray_restart: asyncio.Task[None] | None = None  # replacing the Ray node after an outage
         self._tasks: set[asyncio.Task[None]] = set()
         self._disconnected_at: float | None = None
         self._last_heartbeat_at = 0.0  # monotonic time of the last Heartbeat sent
@@ -327,6 +328,8 @@ class Agent:
         log.debug("credential renewed; valid until %d", renewal.expires_at)
 
     def _ray_state(self) -> tuple[str, str]:
+        if self._ray_restart is not None and not self._ray_restart.done():
+            return "", "restarting"
         if self.ray is None or not self.ray.running:
             return "", "stopped" if self.ray is not None else "starting"
         node_id = self.ray.node_id()
@@ -360,11 +363,20 @@ class Agent:
     async def _after_registration(self) -> None:
         if not self.config.start_ray:
             return
+        if self._ray_restart is not None and not self._ray_restart.done():
+            return  # a replacement is under way (a reconnect during it changes nothing)
         outage = time.monotonic() - self._disconnected_at if self._disconnected_at else 0.0
         if self.ray is not None and outage > self.config.ray_restart_after_s:
             log.info("outage of %.0fs: restarting the Ray node", outage)
-            await self._stop_ray()
-        if self._ray_supervisor is None or self._ray_supervisor.done():
+            # In the background: stopping Ray takes seconds, and the session must heartbeat
+            # meanwhile, or the gateway takes the node for lost and the outage starts over.
+            self._ray_restart = asyncio.ensure_future(self._restart_ray())
+        elif self._ray_supervisor is None or self._ray_supervisor.done():
+            self._ray_supervisor = asyncio.ensure_future(self._supervise_ray())
+
+    async def _restart_ray(self) -> None:
+        await self._stop_ray_node()
+        if not self._drain.is_set():
             self._ray_supervisor = asyncio.ensure_future(self._supervise_ray())
 
     async def _supervise_ray(self) -> None:
@@ -394,6 +406,14 @@ class Agent:
             await self._sleep_or_drain(delays.next())
 
     async def _stop_ray(self) -> None:
+        if self._ray_restart is not None:
+            self._ray_restart.cancel()
+            with contextlib.suppress(BaseException):
+                await self._ray_restart
+            self._ray_restart = None
+        await self._stop_ray_node()
+
+    async def _stop_ray_node(self) -> None:
         if self._ray_supervisor is not None:
             self._ray_supervisor.cancel()
             with contextlib.suppress(BaseException):

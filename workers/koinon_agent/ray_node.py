@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,6 @@ from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-_NODE_ID_RE = re.compile(rb"Setting node ID node_id=([0-9a-f]{56})")
 _REGISTERED = b"NodeManager server started"
 
 
@@ -89,7 +87,7 @@ class RayNode:
     def __init__(self, settings: RaySettings) -> None:
         self.settings = settings
         self.process: asyncio.subprocess.Process | None = None
-        self._log_offset = 0
+        self._serving_node_id = ""
 
     @property
     def running(self) -> bool:
@@ -97,8 +95,7 @@ class RayNode:
 
     async def start(self, assignment: pb.Assignment) -> None:
         self.settings.temp_dir.mkdir(parents=True, exist_ok=True)
-        raylet_log = self._raylet_log()
-        self._log_offset = raylet_log.stat().st_size if raylet_log.exists() else 0
+        self._serving_node_id = ""
         log_file = open(self.settings.temp_dir / "ray-start.log", "ab")  # noqa: SIM115 - owned by the child
         try:
             self.process = await asyncio.create_subprocess_exec(
@@ -112,22 +109,42 @@ class RayNode:
             log_file.close()
         log.info("ray start (pid %d) joining %s as %s", self.process.pid, assignment.ray_address, assignment.address)
 
-    def _raylet_log(self) -> Path:
-        return self.settings.temp_dir / "session_latest" / "logs" / "raylet.out"
-
     def node_id(self) -> str:
-        """The raylet's node id once it is serving (read from this run's part of raylet.out)."""
-        path = self._raylet_log()
-        if not self.running or not path.exists():
+        """The node id of this run's raylet once it is serving, else ""."""
+        if not self.running:
             return ""
-        with path.open("rb") as handle:
-            size = path.stat().st_size
-            handle.seek(self._log_offset if size >= self._log_offset else 0)
-            text = handle.read()
-        matches = _NODE_ID_RE.findall(text)
-        if not matches or _REGISTERED not in text:
-            return ""
-        return str(matches[-1].decode())
+        if not self._serving_node_id:
+            node_id = self._raylet_node_id()
+            if node_id and self._raylet_serving(node_id):
+                self._serving_node_id = node_id  # read the logs no more for this run
+        return self._serving_node_id
+
+    def _raylet_node_id(self) -> str:
+        """The --node_id flag of the raylet this run's ``ray start`` spawned (Ray's own tools find
+        raylets the same way)."""
+        assert self.process is not None
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if child.name() != "raylet":
+                        continue
+                    for arg in child.cmdline():
+                        if arg.startswith("--node_id="):
+                            return arg.removeprefix("--node_id=")
+        return ""
+
+    def _raylet_serving(self, node_id: str) -> bool:
+        # A raylet that joins a session whose logs already hold a raylet.out (a restart while the
+        # head lives on) writes raylet.1.out, raylet.2.out, ...: look for this node id in each.
+        logs = self.settings.temp_dir / "session_latest" / "logs"
+        marker = f"node_id={node_id}".encode()
+        for path in logs.glob("raylet*.out"):
+            with contextlib.suppress(OSError):
+                text = path.read_bytes()
+                at = text.find(marker)
+                if at >= 0 and text.find(_REGISTERED, at) >= 0:
+                    return True
+        return False
 
     def busy_workers(self) -> int:
         """Ray worker processes running a task (their process title is not ray::IDLE)."""
@@ -157,10 +174,13 @@ class RayNode:
                 process.send_signal(signal.SIGTERM)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(process.wait(), timeout)
-        # Whatever of this node is left (raylet, workers) goes too; only processes we started.
+        # Whatever of this node is left (raylet, workers) goes too; only processes we started. When
+        # ``ray start`` had already exited, its process group still names what it left behind.
         for proc in tree:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
         with contextlib.suppress(ProcessLookupError, TimeoutError):
             await asyncio.wait_for(process.wait(), 5)
         self.process = None
