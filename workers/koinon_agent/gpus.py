@@ -30,14 +30,24 @@ def detect() -> list[GpuInfo]:
         log.info("no NVIDIA GPU found (%s)", exc)
         return []
     try:
+        count = pynvml.nvmlDeviceGetCount()
+    except pynvml.NVMLError as exc:
+        log.warning("NVML cannot count GPUs (%s); reporting none", exc)
+        pynvml.nvmlShutdown()
+        return []
+    try:
         found = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            name = pynvml.nvmlDeviceGetName(handle)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            found.append(
-                GpuInfo(name.decode() if isinstance(name, bytes) else str(name), int(memory.total) // (1 << 20))
-            )
+        for index in range(count):
+            try:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                name = pynvml.nvmlDeviceGetName(handle)
+                memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            except pynvml.NVMLError as exc:
+                # A GPU that fell off the bus or is being reset: offer the others rather than none.
+                log.warning("skipping GPU %d: %s", index, exc)
+                continue
+            model = name.decode() if isinstance(name, bytes) else str(name)
+            found.append(GpuInfo(model, int(memory.total) // (1 << 20)))
         return found
     finally:
         pynvml.nvmlShutdown()
