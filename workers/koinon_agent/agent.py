@@ -396,7 +396,10 @@ class Agent:
             started = time.monotonic()
             await self.ray.start(self.assignment)
             assert self.ray.process is not None
-            code = await self.ray.process.wait()
+            if await self._serving_within(self.ray, self.config.ray_start_timeout_s):
+                code: int | str = await self.ray.process.wait()
+            else:
+                code = f"no serving raylet after {self.config.ray_start_timeout_s:.0f}s"
             if self._drain.is_set():
                 return
             log.warning("Ray node exited with %s; restarting", code)
@@ -404,6 +407,18 @@ class Agent:
             if time.monotonic() - started > 60:
                 delays.reset()
             await self._sleep_or_drain(delays.next())
+
+    @staticmethod
+    async def _serving_within(ray: RayNode, timeout: float) -> bool:
+        """True once the node serves, or when ``ray start`` exits first (the caller sees its exit
+        code); False when it neither serves nor exits in time (hung on a half-open connection to
+        the head, say), so that it is replaced rather than left starting for ever."""
+        deadline = time.monotonic() + timeout
+        while ray.running and not ray.node_id():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.2)
+        return True
 
     async def _stop_ray(self) -> None:
         if self._ray_restart is not None:

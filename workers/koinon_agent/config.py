@@ -36,7 +36,7 @@ class AgentConfig:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     ray_restart_after_s: float = 60.0  # restart the Ray node after an outage this long
-    ray_start_timeout_s: float = 60.0
+    ray_start_timeout_s: float = 120.0  # a Ray node not serving this long after `ray start` is replaced
 
     def validate(self) -> None:
         if not self.gateway:
@@ -51,6 +51,8 @@ class AgentConfig:
             raise ValueError("drain_grace_s: must be >= 0")
         if self.ray_restart_after_s <= 0:
             raise ValueError("ray_restart_after_s: must be > 0 seconds")
+        if self.ray_start_timeout_s <= 0:
+            raise ValueError("ray_start_timeout_s: must be > 0 seconds")
         if self.insecure and (self.ca_file or self.ca_pem or self.ca_cert_hash):
             raise ValueError("insecure: cannot be combined with a CA or a CA hash")
         if self.ca_cert_hash and not re.fullmatch(r"sha256:[0-9a-f]{64}", self.ca_cert_hash):
