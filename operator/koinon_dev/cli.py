@@ -13,7 +13,13 @@ from koinon_dev.cluster import DevCluster, DevClusterConfig, DevClusterInfo, kub
 
 
 def _cluster(args: argparse.Namespace) -> DevCluster:
-    return DevCluster(DevClusterConfig(state_dir=Path(args.state_dir), volunteers=args.volunteers))
+    return DevCluster(
+        DevClusterConfig(
+            state_dir=Path(args.state_dir),
+            volunteers=args.volunteers,
+            network_namespaces=False if args.no_netns else None,
+        )
+    )
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -75,6 +81,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="koinon", description=__doc__)
     parser.add_argument("--state-dir", default=".koinon/dev", help="where the local control plane keeps state")
     parser.add_argument("--volunteers", type=int, default=2, help="local volunteer nodes to start")
+    parser.add_argument(
+        "--no-netns",
+        action="store_true",
+        help="run volunteers as plain local processes even as root (their Ray traffic still uses the tunnel)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     dev = commands.add_parser("dev", help="the local control plane").add_subparsers(dest="action", required=True)
     dev.add_parser("up", help="start emulator, operator, Ray head and volunteers").set_defaults(func=cmd_up)

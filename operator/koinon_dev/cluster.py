@@ -45,6 +45,9 @@ class DevClusterConfig:
     cpus_per_volunteer: int = 2
     poll_interval_seconds: float = 1.0
     start_operator: bool = True
+    # Each volunteer in its own network namespace: None = where possible (root with `ip netns`),
+    # False = plain local processes (Ray's traffic still goes through the tunnel, by proxy settings).
+    network_namespaces: bool | None = None
 
 
 @dataclass
@@ -221,7 +224,7 @@ class DevCluster:
         head.wait_ready()
         say(f"- Ray head (no CPUs for user work) at {head.gcs_address}, dashboard {head.dashboard_url}")
         self.head, self.gateway = head, gateway
-        self._use_netns = netns_available()
+        self._use_netns = self._network_namespaces()
         for index in range(self.config.volunteers):
             self._start_agent(f"volunteer-{index + 1}", self.config.gpus_per_volunteer, f"owner-{index + 1}")
         try:
@@ -257,6 +260,15 @@ class DevCluster:
             work_dir=work_dir,
             network_namespaces=[a.netns for a in self.agents if a.netns],
         )
+
+    def _network_namespaces(self) -> bool:
+        wanted = self.config.network_namespaces
+        if wanted is False:
+            return False
+        available = netns_available()
+        if wanted and not available:
+            raise RuntimeError("network namespaces asked for, but `ip netns add` does not work here (needs root)")
+        return available
 
     def _start_agent(self, name: str, gpus: int, owner: str, extra_env: dict[str, str] | None = None) -> LocalAgent:
         assert self.gateway is not None

@@ -1,0 +1,82 @@
+"""`koinon dev up --no-netns`: volunteers as plain local processes, still reaching the head only
+through the tunnel. (As root the control plane puts each volunteer in a network namespace; this is
+the path every non-root user of `make demo` / `koinon dev up` takes.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from koinon_dev.cluster import DevCluster, DevClusterConfig, DevClusterInfo, kubectl
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+@pytest.fixture(scope="module")
+def plain_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevCluster, DevClusterInfo]]:
+    cluster = DevCluster(
+        DevClusterConfig(
+            state_dir=tmp_path_factory.mktemp("dev"), volunteers=1, start_operator=False, network_namespaces=False
+        )
+    )
+    try:
+        info = cluster.up(progress=False)
+        yield cluster, info
+    finally:
+        cluster.down()
+
+
+def volunteer_connections(temp_dir: str) -> list[tuple[str, int]]:
+    """Remote (address, port) of every TCP connection held by the volunteer's Ray processes."""
+    remotes = []
+    for process in psutil.process_iter(["cmdline"]):
+        if not any(temp_dir in arg for arg in process.info["cmdline"] or []):
+            continue
+        try:
+            for conn in process.net_connections(kind="tcp"):
+                if conn.raddr and conn.status == psutil.CONN_ESTABLISHED:
+                    remotes.append((conn.raddr.ip.removeprefix("::ffff:"), conn.raddr.port))  # IPv4-mapped
+        except psutil.Error:
+            continue
+    return remotes
+
+
+def test_volunteer_processes_reach_the_head_only_through_the_tunnel(
+    plain_cluster: tuple[DevCluster, DevClusterInfo],
+) -> None:
+    cluster, info = plain_cluster
+    assert info.network_namespaces == []
+    agent, head, gateway = cluster.agents[0], cluster.head, cluster.gateway
+    assert agent.netns is None and head is not None and gateway is not None
+    node = json.loads(kubectl(info.kubeconfig, "get", "volunteernode", str(agent.node_name()), "-o", "json"))
+    assert node["status"]["phase"] == "Ready"
+    address = node["status"]["address"]
+
+    # A task placed on the volunteer runs there (the head reaches it through the gateway's proxy).
+    env = {**os.environ, **gateway.head_environment()}
+    token = info.ray_auth_token()
+    if token:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    driver = f"""
+import ray
+ray.init(address={info.ray_address!r}, logging_level="ERROR")
+@ray.remote
+def where(): return ray.util.get_node_ip_address()
+print(ray.get(where.options(resources={{"node:{address}": 0.01}}).remote()))
+"""
+    ran = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.strip().splitlines()[-1] == address
+
+    # Every connection the volunteer's Ray processes hold goes to loopback services on 127.0.0.1 (the
+    # agent's CONNECT proxy among them) or to the volunteer's own address: none to the head.
+    remotes = volunteer_connections(str(Path(gateway.work_dir) / f"ray-{agent.name}"))
+    assert remotes, "the volunteer's Ray processes hold no connections"
+    assert {ip for ip, _ in remotes} <= {"127.0.0.1", address}, remotes
+    assert head.address not in {ip for ip, _ in remotes}
