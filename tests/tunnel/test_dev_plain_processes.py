@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,8 +55,14 @@ def test_volunteer_processes_reach_the_head_only_through_the_tunnel(
     assert info.network_namespaces == []
     agent, head, gateway = cluster.agents[0], cluster.head, cluster.gateway
     assert agent.netns is None and head is not None and gateway is not None
-    node = json.loads(kubectl(info.kubeconfig, "get", "volunteernode", str(agent.node_name()), "-o", "json"))
-    assert node["status"]["phase"] == "Ready"
+    # `up` returns once Ray counts the node alive; the gateway marks it Ready after checking GCS.
+    deadline = time.monotonic() + 60
+    while True:
+        node = json.loads(kubectl(info.kubeconfig, "get", "volunteernode", str(agent.node_name()), "-o", "json"))
+        if node.get("status", {}).get("phase") == "Ready":
+            break
+        assert time.monotonic() < deadline, node.get("status")
+        time.sleep(0.5)
     address = node["status"]["address"]
 
     # A task placed on the volunteer runs there (the head reaches it through the gateway's proxy).
