@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class RayNode:
         self.settings = settings
         self.process: asyncio.subprocess.Process | None = None
         self._serving_node_id = ""
+        self._started_at = 0.0
 
     @property
     def running(self) -> bool:
@@ -96,6 +98,7 @@ class RayNode:
     async def start(self, assignment: pb.Assignment) -> None:
         self.settings.temp_dir.mkdir(parents=True, exist_ok=True)
         self._serving_node_id = ""
+        self._started_at = time.time() - 1.0  # file times are coarser than this clock on some filesystems
         log_file = open(self.settings.temp_dir / "ray-start.log", "ab")  # noqa: SIM115 - owned by the child
         try:
             self.process = await asyncio.create_subprocess_exec(
@@ -136,10 +139,13 @@ class RayNode:
     def _raylet_serving(self, node_id: str) -> bool:
         # A raylet that joins a session whose logs already hold a raylet.out (a restart while the
         # head lives on) writes raylet.1.out, raylet.2.out, ...: look for this node id in each.
+        # Only files written since this run started: an earlier raylet's log can be hundreds of MB.
         logs = self.settings.temp_dir / "session_latest" / "logs"
         marker = f"node_id={node_id}".encode()
         for path in logs.glob("raylet*.out"):
             with contextlib.suppress(OSError):
+                if path.stat().st_mtime < self._started_at:
+                    continue
                 text = path.read_bytes()
                 at = text.find(marker)
                 if at >= 0 and text.find(_REGISTERED, at) >= 0:
