@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import base64
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
-from koinon_agent import cli
+from koinon_agent import cli, health
 from koinon_agent.config import ENV_VARS
 from koinon_gateway.pki import create_ca
 
@@ -153,6 +158,32 @@ def test_agent_reads_the_rendered_environment_into_its_configuration(
     assert str(config.state_dir) == env["KOINON_STATE_DIR"]["value"]
 
 
+def test_probes_run_the_agents_own_health_check(tools: Tools, tmp_path: Path) -> None:
+    container = agent_container(one(render(tools), "Deployment"))
+    assert "ports" not in container  # exec probes: still nothing listens
+    liveness = container["livenessProbe"]["exec"]["command"]
+    readiness = container["readinessProbe"]["exec"]["command"]
+    assert liveness == ["koinon-agent", "health", "--max-age", "30"]
+    assert readiness == ["koinon-agent", "health", "--ready", "--max-age", "30"]
+    # Exec probes run with the container's environment: the state dir comes from KOINON_STATE_DIR.
+    env = {**os.environ, "KOINON_STATE_DIR": str(tmp_path)}
+    agent_bin = str(Path(sys.executable).parent / "koinon-agent")
+
+    def probe(command: list[str]) -> int:
+        return subprocess.run([agent_bin, *command[1:]], env=env, capture_output=True, timeout=30).returncode
+
+    assert (probe(liveness), probe(readiness)) == (1, 1)  # no report yet
+    health.write(tmp_path, health.HealthReport(time.time(), connected=True, ray_state="starting"))
+    assert (probe(liveness), probe(readiness)) == (0, 1)  # alive, Ray not serving yet
+    health.write(tmp_path, health.HealthReport(time.time(), connected=True, ray_state="running"))
+    assert (probe(liveness), probe(readiness)) == (0, 0)
+    health.write(tmp_path, health.HealthReport(time.time() - 60, connected=True, ray_state="running"))
+    assert probe(liveness) == 1  # a stuck agent gets restarted
+
+    off = agent_container(one(render(tools, {"probes.enabled": "false"}), "Deployment"))
+    assert "livenessProbe" not in off and "readinessProbe" not in off
+
+
 def test_node_name_defaults_to_the_kubernetes_node(tools: Tools) -> None:
     env = env_map(agent_container(one(render(tools), "Deployment")))
     assert env["KOINON_NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
@@ -287,6 +318,7 @@ def test_notes_tell_how_to_check_the_node(tools: Tools) -> None:
         ({"gateway.insecure": "true", "gateway.caCertHash": "sha256:" + "0" * 64}, "gateway.insecure"),
         ({"gateway.caCertHash": "sha256:ABC"}, "/gateway/caCertHash"),
         ({"agent.rayRestartAfterSeconds": "0"}, "/agent/rayRestartAfterSeconds"),
+        ({"probes.maxAgeSeconds": "5"}, "/probes/maxAgeSeconds"),
     ],
 )
 def test_bad_values_are_refused_naming_the_value(tools: Tools, values: dict[str, str | None], expected: str) -> None:

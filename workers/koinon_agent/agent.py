@@ -19,7 +19,7 @@ import grpc
 from koinon_gateway.rpc import EOF, tunnel_stub
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from . import ca_discovery, state
+from . import ca_discovery, health, state
 from . import gpus as gpu_inventory
 from .channel import open_channel, server_name
 from .config import VERSION, AgentConfig
@@ -101,6 +101,13 @@ class Agent:
         return [pb.Gpu(model=g.model, memory_mib=g.memory_mib) for g in self.gpus]
 
     async def run(self) -> None:
+        health_writer = asyncio.ensure_future(self._write_health())
+        try:
+            await self._run()
+        finally:
+            health_writer.cancel()
+
+    async def _run(self) -> None:
         await self._trust_pinned_ca()
         self._control_channel = open_channel(self.config)
         self._data_channel = open_channel(self.config)
@@ -357,6 +364,23 @@ class Agent:
             if current != last or time.monotonic() - self._last_heartbeat_at >= interval:
                 last = current
                 await send(pb.AgentMessage(heartbeat=self._heartbeat(None)))
+
+    def health_report(self) -> health.HealthReport:
+        return health.HealthReport(
+            written_at=time.time(),
+            connected=self.connected.is_set(),
+            ray_state=self._ray_state()[1] if self.config.start_ray else "disabled",
+            node_name=self.identity.node_name if self.identity else "",
+        )
+
+    async def _write_health(self) -> None:
+        """Rewrites the health file from the event loop, so that a stale one means a stuck loop."""
+        while True:
+            try:
+                health.write(self.config.state_dir, self.health_report())
+            except OSError as exc:
+                log.warning("cannot write the health report: %s", exc)
+            await asyncio.sleep(health.WRITE_INTERVAL_S)
 
     # ---- Ray ----
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from koinon_gateway import event_loop
 
+from . import health
 from .agent import Agent, JoinRefused
 from .config import ENV_VARS, AgentConfig
 
@@ -83,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     join.add_argument("--no-ray", action="store_true", help="tunnel only, do not start Ray (benchmarks)")
     join.add_argument("-v", "--verbose", action="store_true")
+    check = sub.add_parser(
+        "health", help="exit 0 if the agent of this state dir is alive (and with --ready, in the pool)"
+    )
+    check.add_argument("--state-dir", type=Path, default=_env("KOINON_STATE_DIR"), help="[KOINON_STATE_DIR]")
+    check.add_argument(
+        "--max-age",
+        type=float,
+        default=30.0,
+        help=f"seconds a health report stays valid (the agent writes one every {health.WRITE_INTERVAL_S:.0f}s)",
+    )
+    check.add_argument("--ready", action="store_true", help="also require the gateway connected and Ray serving")
     return parser
 
 
@@ -144,8 +156,17 @@ async def _run(config: AgentConfig) -> None:
     await agent.run()
 
 
+def health_command(args: argparse.Namespace) -> int:
+    state_dir = args.state_dir if args.state_dir is not None else AgentConfig(gateway="-").state_dir
+    healthy, why = health.check(state_dir, args.max_age, args.ready)
+    print(why, file=sys.stdout if healthy else sys.stderr)
+    return 0 if healthy else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "health":
+        return health_command(args)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

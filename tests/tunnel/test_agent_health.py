@@ -1,0 +1,84 @@
+"""The agent's health report and ``koinon-agent health`` (what the Helm chart's exec probes run)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from koinon_agent import cli, health
+
+from .helpers import cluster
+
+
+def report(tmp_path: Path, written_at: float, connected: bool = True, ray_state: str = "running") -> None:
+    health.write(tmp_path, health.HealthReport(written_at, connected, ray_state, "alice-1"))
+
+
+@pytest.mark.parametrize(
+    ("connected", "ray_state", "ready"),
+    [
+        (True, "running", True),
+        (True, "disabled", True),
+        (True, "starting", False),
+        (True, "restarting", False),
+        (False, "running", False),
+    ],
+)
+def test_ready_needs_the_gateway_and_a_serving_ray_node(
+    tmp_path: Path, connected: bool, ray_state: str, ready: bool
+) -> None:
+    report(tmp_path, 1000.0, connected, ray_state)
+    assert health.check(tmp_path, 30, need_ready=False, now=1010.0)[0] is True  # alive either way
+    healthy, why = health.check(tmp_path, 30, need_ready=True, now=1010.0)
+    assert healthy is ready
+    assert f"connected={connected} ray={ray_state} node=alice-1" in why
+
+
+def test_a_stale_report_means_a_stuck_agent(tmp_path: Path) -> None:
+    report(tmp_path, 1000.0)
+    healthy, why = health.check(tmp_path, 30, need_ready=False, now=1031.0)
+    assert not healthy and "31s ago" in why
+
+
+def test_missing_or_garbled_report_fails_saying_why(tmp_path: Path) -> None:
+    assert health.check(tmp_path, 30, need_ready=False) == (
+        False,
+        f"{tmp_path / 'health.json'}: no health report yet (agent not started, or another --state-dir)",
+    )
+    (tmp_path / "health.json").write_text('{"written_at": 1')
+    healthy, why = health.check(tmp_path, 30, need_ready=False)
+    assert not healthy and "unreadable health report" in why
+
+
+def test_health_command_reads_the_state_dir_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import time
+
+    report(tmp_path, time.time(), connected=False)
+    monkeypatch.setenv("KOINON_STATE_DIR", str(tmp_path))
+    assert cli.main(["health"]) == 0
+    assert cli.main(["health", "--ready"]) == 1
+    assert "not ready: connected=False" in capsys.readouterr().err
+
+
+async def test_running_agent_reports_connection_and_losing_the_gateway(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        agent = await c.start_agent("alpha")
+        state_dir = agent.config.state_dir
+        # The first report predates the join; the next one (every 5 s) says connected.
+        deadline = asyncio.get_running_loop().time() + 12
+        while not health.check(state_dir, 30, need_ready=True)[0]:
+            assert asyncio.get_running_loop().time() < deadline, health.check(state_dir, 30, need_ready=True)
+            await asyncio.sleep(0.2)
+        written = json.loads((state_dir / "health.json").read_text())
+        assert agent.identity is not None
+        assert (written["ray_state"], written["node_name"]) == ("disabled", agent.identity.node_name)
+        await c.gateway.stop(0)
+        deadline = asyncio.get_running_loop().time() + 12
+        while health.check(state_dir, 30, need_ready=True)[0]:
+            assert asyncio.get_running_loop().time() < deadline, "still ready without a gateway"
+            await asyncio.sleep(0.2)
+        assert health.check(state_dir, 30, need_ready=False)[0]  # not ready, but alive

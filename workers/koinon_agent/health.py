@@ -1,0 +1,57 @@
+"""The agent's health, written to its state dir and checked by ``koinon-agent health``.
+
+A volunteer takes no inbound connections, so Kubernetes probes the agent with an exec probe that
+reads this file instead of an HTTP endpoint: the agent rewrites it every few seconds from its event
+loop, so a stale file means a stuck agent (liveness), and ``ready`` means connected to the gateway
+with its Ray node serving (readiness: the pod shows READY 1/1 once the volunteer is in the pool).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+FILE_NAME = "health.json"
+WRITE_INTERVAL_S = 5.0
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    written_at: float  # Unix seconds
+    connected: bool  # the control stream to the gateway is up
+    ray_state: str  # "running", "starting", "stopped", "restarting" or "disabled" (--no-ray)
+    node_name: str = ""
+
+    @property
+    def ready(self) -> bool:
+        return self.connected and self.ray_state in ("running", "disabled")
+
+
+def write(state_dir: Path, report: HealthReport) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / FILE_NAME
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(report)))
+    os.replace(tmp, path)  # a probe never reads half a file
+
+
+def check(state_dir: Path, max_age_s: float, need_ready: bool, now: float | None = None) -> tuple[bool, str]:
+    """(healthy, a line saying why) for the agent whose state dir this is."""
+    path = state_dir / FILE_NAME
+    try:
+        data = json.loads(path.read_text())
+        report = HealthReport(**data)
+    except FileNotFoundError:
+        return False, f"{path}: no health report yet (agent not started, or another --state-dir)"
+    except (ValueError, TypeError) as exc:
+        return False, f"{path}: unreadable health report ({exc})"
+    age = (time.time() if now is None else now) - report.written_at
+    if age > max_age_s:
+        return False, f"agent stuck: last health report {age:.0f}s ago (more than {max_age_s:.0f}s)"
+    summary = f"connected={report.connected} ray={report.ray_state} node={report.node_name or '-'}"
+    if need_ready and not report.ready:
+        return False, f"not ready: {summary}"
+    return True, f"ok: {summary}"
