@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from koinon_agent import cli
 from koinon_agent.agent import BackoffIterator
-from koinon_agent.config import ENV_VARS, AgentConfig
+from koinon_agent.config import ENV_VARS, VERSION, AgentConfig
 
 # One distinct, non-default value per variable the agent reads (KOINON_INSECURE is tested alone:
 # it cannot be combined with a CA).
@@ -151,3 +151,10 @@ def test_backoff_keeps_working_after_days_of_retries() -> None:
     backoff = BackoffIterator(0.5, 30.0)
     delays = [backoff.next() for _ in range(10_000)]
     assert all(15.0 <= d <= 30.0 for d in delays[10:])
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"koinon-agent {VERSION}"

@@ -15,7 +15,7 @@ from koinon_gateway import event_loop
 
 from . import health
 from .agent import Agent, JoinRefused
-from .config import ENV_VARS, AgentConfig
+from .config import ENV_VARS, VERSION, AgentConfig
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -27,6 +27,7 @@ def _env(name: str, default: str | None = None) -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="koinon-agent")
+    parser.add_argument("--version", action="version", version=f"koinon-agent {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True)
     join = sub.add_parser("join", help="join the platform and run a Ray worker node through the tunnel")
     join.add_argument("--gateway", default=_env("KOINON_GATEWAY"), help="host:port or unix:/path [KOINON_GATEWAY]")
