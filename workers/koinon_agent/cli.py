@@ -15,7 +15,7 @@ from koinon_gateway import event_loop
 
 from . import health
 from .agent import Agent, JoinRefused
-from .config import ENV_VARS, VERSION, AgentConfig
+from .config import ENV_VARS, VERSION, AgentConfig, default_state_dir
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -158,7 +158,7 @@ async def _run(config: AgentConfig) -> None:
 
 
 def health_command(args: argparse.Namespace) -> int:
-    state_dir = args.state_dir if args.state_dir is not None else AgentConfig(gateway="-").state_dir
+    state_dir = args.state_dir if args.state_dir is not None else default_state_dir()
     healthy, why = health.check(state_dir, args.max_age, args.ready)
     print(why, file=sys.stdout if healthy else sys.stderr)
     return 0 if healthy else 1

@@ -10,11 +10,15 @@ from pathlib import Path
 VERSION = "0.1.0"
 
 
+def default_state_dir() -> Path:
+    return Path.home() / ".koinon" / "agent"
+
+
 @dataclass
 class AgentConfig:
     gateway: str  # "host:port" or "unix:/path"
     token: str = ""  # needed only for the first join; later runs reuse the stored credential
-    state_dir: Path = field(default_factory=lambda: Path.home() / ".koinon" / "agent")
+    state_dir: Path = field(default_factory=default_state_dir)
     ca_file: Path | None = None  # CA that signed the gateway's certificate
     ca_pem: bytes = b""  # same, inline (KOINON_CA_CERT)
     # Pin instead of (or as well as) a CA: "sha256:<hex>" of the CA's public key, as kubeadm prints it;
