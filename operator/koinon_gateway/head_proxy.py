@@ -26,7 +26,8 @@ class HeadProxy:
             host, port = await http_connect.read_connect_request(reader)
         except http_connect.BadConnectRequest as exc:
             writer.write(http_connect.response(400, "Bad Request"))
-            log.warning("head proxy: %s", exc)
+            self.router.metrics.refused_dials["bad-connect-request"] += 1
+            log.warning("head proxy: %.300r", str(exc))
             await _close(writer)
             return
         try:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 MAX_HEADER_BYTES = 8192
+# ASCII digits only: str.isdigit() also accepts '²' and friends, which int() then rejects.
+_PORT_RE = re.compile(r"[0-9]{1,5}")
 
 
 class BadConnectRequest(Exception):
@@ -24,7 +27,7 @@ async def read_connect_request(reader: asyncio.StreamReader, timeout: float = 10
     if len(parts) != 3 or parts[0] != "CONNECT":
         raise BadConnectRequest(f"request line: expected 'CONNECT host:port HTTP/1.1', got {request_line!r}")
     host, sep, port_text = parts[1].rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not sep or _PORT_RE.fullmatch(port_text) is None or not 0 < int(port_text) < 65536:
         raise BadConnectRequest(f"target: expected host:port, got {parts[1]!r}")
     return host.strip("[]"), int(port_text)
 

@@ -213,3 +213,24 @@ class KubeTokenStore:
             return JoinGrant(token_id, stored.owner, stored.region)
         # Not a TokenError: the agent should retry later rather than give up.
         raise KubeApiError(409, "Conflict", f"token {token_id}: too many concurrent uses, try again")
+
+    async def give_back(self, grant: JoinGrant) -> None:
+        path = secret_path(self.namespace, secret_name(grant.token_id))
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            stored_secret = await self.client.get_or_none(path)
+            if stored_secret is None or stored_secret.get("type") != SECRET_TYPE:
+                return  # deleted meanwhile: nothing left to give back to
+            stored = token_from_secret(stored_secret)
+            if stored.usages_count <= 0:
+                return
+            stored_secret.setdefault("data", {})["usages-count"] = b64(str(stored.usages_count - 1))
+            try:
+                await self.client.replace(path, stored_secret)
+            except KubeApiError as exc:
+                if not exc.conflict:
+                    raise
+                self.conflicts += 1
+                await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
+                continue
+            return
+        raise KubeApiError(409, "Conflict", f"token {grant.token_id}: could not give the use back")

@@ -23,6 +23,8 @@ from .tunnel_io import FrameChannel
 
 log = logging.getLogger(__name__)
 
+MAX_LOGGED_HOST = 256
+
 
 class DialRefused(Exception):
     def __init__(self, reason: str, message: str) -> None:
@@ -55,7 +57,8 @@ class Router:
 
     def refuse(self, source: str, host: str, port: int, reason: str, message: str) -> DialRefused:
         self.metrics.refused_dials[reason] += 1
-        log.warning("refused dial %s -> %s:%d: %s (%s)", source, host, port, reason, message)
+        # %r and a cut: the host is whatever a volunteer sent, and must not forge log lines.
+        log.warning("refused dial %s -> %r:%d: %s (%.300r)", source, host[:MAX_LOGGED_HOST], port, reason, message)
         return DialRefused(reason, message)
 
     def route(self, source: NodeSession | None, host: str, port: int) -> Route:
@@ -99,7 +102,8 @@ class Router:
                 pending.finished.set_result(None)
             if isinstance(exc, DialRefused):
                 raise
-            raise DialRefused("unreachable", f"{target.address}:{port}: {exc!r}") from exc
+            why = f"its agent did not accept: {exc!r}"
+            raise self.refuse(source, target.address, port, "unreachable", why) from exc
         return connection_id, channel
 
     def finish(self, connection_id: int) -> None:

@@ -16,7 +16,7 @@ import grpc
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from . import credentials
-from .addresses import AddressAllocator, PortBlock
+from .addresses import AddressAllocator, AddressPoolExhausted, PortBlock
 from .config import GatewayConfig
 from .metrics import GatewayMetrics
 from .ray_check import RayNodeChecker
@@ -24,7 +24,7 @@ from .registry import NodeExists, NodeRegistry, status_address
 from .routing import DialRefused, Router
 from .rpc import EOF, Context
 from .sessions import NodeSession, SessionTable
-from .tokens import TokenError, TokenStore
+from .tokens import JoinGrant, TokenError, TokenStore
 from .tunnel_io import STREAM_READER_LIMIT, GrpcFrameChannel, splice_channels, splice_tcp
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,20 @@ def node_name_from_hint(hint: str) -> str:
 
 def port_block_message(ports: PortBlock) -> pb.PortBlock:
     return pb.PortBlock(**ports.__dict__)
+
+
+def join_failure(exc: Exception, allocator: AddressAllocator) -> tuple[grpc.StatusCode, str, str]:
+    """Status code, metric reason and message for a join that failed after its token was accepted.
+    All of them are worth retrying: the agent backs off and asks again."""
+    if isinstance(exc, AddressPoolExhausted):
+        return (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "address-pool-exhausted",
+            f"join: no free virtual address in vip_cidr {allocator.network}; retry later",
+        )
+    if isinstance(exc, NodeExists):
+        return grpc.StatusCode.ABORTED, "name-collision", "join: node name collision, retry"
+    return grpc.StatusCode.UNAVAILABLE, "registry-error", "join: the VolunteerNode could not be recorded now; retry"
 
 
 def validate_join(request: pb.JoinRequest) -> None:
@@ -111,20 +125,21 @@ class TunnelService:
             self.metrics.joins[exc.reason] += 1
             log.warning("join refused (%s): %s", exc.reason, exc)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"join refused: {exc.reason}: {exc}")
+        except Exception as exc:  # the token store (the Kubernetes API) failed; no use was counted
+            self.metrics.joins["token-store-error"] += 1
+            log.warning("join: token store failed: %r", exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "join: the token could not be checked now; retry")
         await self._retire_previous(request.previous_credential, grant.owner)
-        node_name = node_name_from_hint(request.name_hint)
-        address = self.allocator.allocate(node_name)
-        spec: dict[str, Any] = {
-            "owner": grant.owner,
-            "region": grant.region or request.region,
-            "gpus": [{"model": g.model, "memoryMiB": int(g.memory_mib)} for g in request.gpus],
-        }
         try:
-            await self.registry.create(node_name, spec, {"koinon.dev/join-token": grant.token_id})
-            await self.registry.patch_status(node_name, {"phase": "NotReady", "connected": False, "address": address})
-        except NodeExists:
-            self.allocator.release(address, node_name)
-            await context.abort(grpc.StatusCode.ABORTED, "join: node name collision, retry")
+            node_name, address = await self._record_node(request, grant)
+        except Exception as exc:
+            # Nothing of the failed join stays behind: no node, no address, and the token's use is
+            # given back, so the retry the agent makes is not refused as "usage-limit".
+            code, reason, message = join_failure(exc, self.allocator)
+            self.metrics.joins[reason] += 1
+            log.warning("join failed after token %s was accepted (%s): %r", grant.token_id, reason, exc)
+            await self._give_back(grant)
+            await context.abort(code, message)
         self.metrics.joins["ok"] += 1
         log.info("node %s joined with token %s at %s", node_name, grant.token_id, address)
         issued = self._issue_credential(node_name, address)
@@ -133,6 +148,36 @@ class TunnelService:
             assignment=self.assignment(node_name, address),
             credential_expires_at=issued.expires_at,
         )
+
+    async def _record_node(self, request: pb.JoinRequest, grant: JoinGrant) -> tuple[str, str]:
+        """Takes a free address and creates the VolunteerNode; undoes both if any step fails."""
+        node_name = node_name_from_hint(request.name_hint)
+        address = self.allocator.allocate(node_name)
+        spec: dict[str, Any] = {
+            "owner": grant.owner,
+            "region": grant.region or request.region,
+            "gpus": [{"model": g.model, "memoryMiB": int(g.memory_mib)} for g in request.gpus],
+        }
+        created = False
+        try:
+            await self.registry.create(node_name, spec, {"koinon.dev/join-token": grant.token_id})
+            created = True
+            await self.registry.patch_status(node_name, {"phase": "NotReady", "connected": False, "address": address})
+        except BaseException:  # a cancelled join (the agent hung up) must not leave a node either
+            if created:
+                try:
+                    await self.registry.delete(node_name)
+                except Exception as exc:
+                    log.warning("join: could not delete half-made node %s: %r", node_name, exc)
+            self.allocator.release(address, node_name)
+            raise
+        return node_name, address
+
+    async def _give_back(self, grant: JoinGrant) -> None:
+        try:
+            await self.tokens.give_back(grant)
+        except Exception as exc:
+            log.warning("join: could not give token %s its use back: %r", grant.token_id, exc)
 
     async def _retire_previous(self, previous_credential: str, owner: str) -> None:
         """Deletes the node an expired credential names, so a volunteer that was offline for longer
@@ -215,6 +260,14 @@ class TunnelService:
                 grpc.StatusCode.PERMISSION_DENIED,
                 "register: node_name/address do not match the credential",
             )
+        # Again, now that Register is here: the node may have been deleted while the stream waited
+        # for it, and its address given to a new node. From this check to attach() nothing awaits,
+        # so no deletion can slip in between.
+        refusal = await self._still_entitled(identity)
+        if refusal is not None:
+            self.metrics.refused_streams[refusal] += 1
+            log.warning("node %s (%s): register refused: %s", identity.node_name, identity.address, refusal)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"register refused: {refusal}")
         self.allocator.reserve(identity.address, identity.node_name)
         session = NodeSession(
             node_name=identity.node_name,
@@ -254,6 +307,17 @@ class TunnelService:
                 session.verifier.cancel()
             if not session.closed:
                 await asyncio.shield(self.sessions.detach(session, reason, message))
+
+    async def _still_entitled(self, identity: credentials.NodeIdentity) -> str | None:
+        """None if the credential's node still exists and still holds its address, else why not."""
+        node = await self.registry.get(identity.node_name)
+        if node is None or self.sessions.was_revoked(identity.node_name):
+            return "node-deleted"
+        recorded = status_address(node)
+        holder = self.allocator.holder(identity.address)
+        if (recorded and recorded != identity.address) or holder not in (None, identity.node_name):
+            return "address-taken"
+        return None
 
     async def _control_loop(self, session: NodeSession, context: Context) -> None:
         while True:
@@ -371,7 +435,7 @@ class TunnelService:
             if kind == "dial":
                 await self._dial(source, first.dial, channel)
             elif kind == "accept":
-                await self._accept(source, first.accept, channel)
+                await self._accept(source, first.accept, channel, context)
             else:
                 self.metrics.refused_streams["bad-first-frame"] += 1
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "connect: first frame must be Dial or Accept")
@@ -393,6 +457,7 @@ class TunnelService:
                     asyncio.open_connection(route.host, route.port, limit=STREAM_READER_LIMIT), 5.0
                 )
             except (OSError, TimeoutError) as exc:
+                self.router.refuse(source.node_name, route.host, route.port, "unreachable", f"head: {exc!r}")
                 await channel.write_frame(
                     pb.Frame(dial_result=pb.DialResult(ok=False, reason="unreachable", message=repr(exc)))
                 )
@@ -414,21 +479,33 @@ class TunnelService:
         finally:
             self.router.finish(connection_id)
 
-    async def _accept(self, source: NodeSession, accept: pb.Accept, channel: GrpcFrameChannel) -> None:
+    async def _accept(
+        self, source: NodeSession, accept: pb.Accept, channel: GrpcFrameChannel, context: Context
+    ) -> None:
         try:
             pending = self.router.claim(source.node_name, accept.connection_id)
         except DialRefused as exc:
             self.metrics.refused_streams[exc.reason] += 1
             await channel.write_frame(pb.Frame(close=pb.Close(reason=exc.reason)))
             return
-        result = await asyncio.wait_for(channel.read_frame(), self.config.accept_timeout_s)
+        try:
+            result = await asyncio.wait_for(channel.read_frame(), self.config.accept_timeout_s)
+        except TimeoutError:
+            result = None
         if not isinstance(result, pb.Frame) or result.WhichOneof("msg") != "dial_result" or not result.dial_result.ok:
-            why = (
-                result.dial_result.reason
-                if isinstance(result, pb.Frame) and result.HasField("dial_result")
-                else "bad-accept"
-            )
-            pending.accepted.set_exception(DialRefused("unreachable", f"peer could not connect locally: {why}"))
+            if result is None:
+                why = "no DialResult in time"
+            elif isinstance(result, pb.Frame) and result.HasField("dial_result"):
+                why = result.dial_result.reason
+            else:
+                why = "bad-accept"
+            if self.router.pending.get(accept.connection_id) is pending and not pending.accepted.done():
+                pending.accepted.set_exception(DialRefused("unreachable", f"peer could not connect locally: {why}"))
+            if result is None:  # a read still waits inside grpc: only an abort ends this call now
+                self.metrics.refused_streams["no-dial-result"] += 1
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "accept: no DialResult in time")
+            return
+        if self.router.pending.get(accept.connection_id) is not pending:  # the originator gave up waiting
             return
         pending.accepted.set_result(channel)
         # The originator splices; keep this call open until it is done.

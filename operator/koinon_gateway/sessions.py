@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,8 @@ from .registry import NodeRegistry
 from .status import ReadyCondition, gpus_to_status, next_condition, rfc3339
 
 log = logging.getLogger(__name__)
+
+MAX_REMEMBERED_REVOCATIONS = 10_000
 
 
 @dataclass
@@ -89,6 +92,10 @@ class SessionTable:
         self.by_name: dict[str, NodeSession] = {}
         self.by_address: dict[str, NodeSession] = {}
         self._conditions: dict[str, ReadyCondition] = {}
+        # Names of nodes whose VolunteerNode was deleted, newest last: a Register that was already
+        # on its way when the deletion was seen must not bring the node back. Names are never reused
+        # (random suffix), so remembering the recent ones is enough.
+        self._revoked: OrderedDict[str, None] = OrderedDict()
 
     def get_by_address(self, address: str) -> NodeSession | None:
         return self.by_address.get(address)
@@ -213,8 +220,14 @@ class SessionTable:
             log.info("marked %d node(s) NotReady until they reconnect: %s", len(disowned), ", ".join(disowned))
         return disowned
 
+    def was_revoked(self, node_name: str) -> bool:
+        return node_name in self._revoked
+
     def revoke(self, node_name: str) -> bool:
         """Ends the session of a node whose VolunteerNode was deleted; there is no status left to write."""
+        self._revoked[node_name] = None
+        while len(self._revoked) > MAX_REMEMBERED_REVOCATIONS:
+            self._revoked.popitem(last=False)
         session = self.by_name.pop(node_name, None)
         self._conditions.pop(node_name, None)
         if session is None:

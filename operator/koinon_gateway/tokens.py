@@ -89,6 +89,11 @@ class TokenStore(Protocol):
         """Validates the token and counts one use atomically; raises TokenError when refused."""
         ...
 
+    async def give_back(self, grant: JoinGrant) -> None:
+        """Uncounts the use ``grant`` took: the join failed after the token was accepted (no free
+        address, the node could not be recorded), and a retry must not find a limit-1 token spent."""
+        ...
+
 
 @runtime_checkable
 class ExpiredTokenCleaner(Protocol):
@@ -137,3 +142,9 @@ class InMemoryTokenStore:
             check_token(stored, secret, dt.datetime.now(dt.UTC))
             self.tokens[token_id] = replace(stored, usages_count=stored.usages_count + 1)
         return JoinGrant(token_id, stored.owner, stored.region)
+
+    async def give_back(self, grant: JoinGrant) -> None:
+        async with self._lock:
+            stored = self.tokens.get(grant.token_id)
+            if stored is not None and stored.usages_count > 0:
+                self.tokens[grant.token_id] = replace(stored, usages_count=stored.usages_count - 1)

@@ -115,7 +115,9 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def cluster(tmp: Path, tls: bool = True, **config_overrides: object) -> AsyncIterator[Cluster]:
+async def cluster(
+    tmp: Path, tls: bool = True, registry: InMemoryNodeRegistry | None = None, **config_overrides: object
+) -> AsyncIterator[Cluster]:
     async with echo_server() as head_port:
         config = GatewayConfig(
             listen="127.0.0.1:0",
@@ -132,7 +134,7 @@ async def cluster(tmp: Path, tls: bool = True, **config_overrides: object) -> As
         )
         for key, value in config_overrides.items():
             setattr(config, key, value)
-        tokens, registry = InMemoryTokenStore(), InMemoryNodeRegistry()
+        tokens, registry = InMemoryTokenStore(), registry if registry is not None else InMemoryNodeRegistry()
         gateway = Gateway(config, tokens=tokens, registry=registry)
         await gateway.start()
         result = Cluster(gateway, tokens, registry, head_port, tmp)

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 from koinon_gateway import credentials
+from koinon_gateway.registry import JSON, InMemoryNodeRegistry
 from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
@@ -61,6 +62,50 @@ async def test_bad_tokens_are_refused_with_reason_and_create_nothing(c: Cluster,
     assert f"join refused: {reason}" in (result.details() or "")
     assert c.registry.objects == created
     assert c.gateway.metrics.joins[reason] == 1
+
+
+async def test_a_full_address_pool_refuses_the_join_and_keeps_the_tokens_use(tmp_path: Path) -> None:
+    async with cluster(tmp_path, vip_cidr="127.0.20.0/30") as c:  # two addresses
+        token = c.tokens.add(usage_limit=3)
+        assert isinstance(await join(c, token), pb.JoinResponse)
+        assert isinstance(await join(c, token), pb.JoinResponse)
+        nodes = dict(c.registry.objects)
+        full = await join(c, token)
+        assert isinstance(full, grpc.aio.AioRpcError)
+        assert full.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # the agent backs off and asks again
+        assert "no free virtual address in vip_cidr 127.0.20.0/30" in (full.details() or "")
+        assert c.registry.objects == nodes
+        assert c.gateway.metrics.joins["address-pool-exhausted"] == 1
+        assert next(iter(c.tokens.tokens.values())).usages_count == 2
+
+
+class FailingRegistry(InMemoryNodeRegistry):
+    """The in-memory registry with an API failure injected into the status write after a create."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures_left = 1
+
+    async def patch_status(self, name: str, status: JSON) -> None:
+        if self.failures_left:
+            self.failures_left -= 1
+            raise RuntimeError("API server answered 500")
+        await super().patch_status(name, status)
+
+
+async def test_a_join_that_cannot_be_recorded_leaves_nothing_and_can_be_retried(tmp_path: Path) -> None:
+    registry = FailingRegistry()
+    async with cluster(tmp_path, registry=registry) as c:
+        token = c.tokens.add(usage_limit=1)
+        failed = await join(c, token)
+        assert isinstance(failed, grpc.aio.AioRpcError)
+        assert failed.code() == grpc.StatusCode.UNAVAILABLE
+        assert registry.objects == {}  # the half-made node was deleted
+        assert c.gateway.allocator.holder("127.0.20.1") is None
+        assert c.gateway.metrics.joins["registry-error"] == 1
+        retried = await join(c, token)  # the use was given back: a limit-1 token still joins
+        assert isinstance(retried, pb.JoinResponse) and retried.assignment.address == "127.0.20.1"
+        assert list(registry.objects) == [retried.assignment.node_name]
 
 
 async def test_invalid_join_request_names_the_field(c: Cluster) -> None:

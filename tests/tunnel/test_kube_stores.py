@@ -117,6 +117,19 @@ async def test_consume_counts_uses_until_the_limit(kube: Kube) -> None:
     assert decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "2"
 
 
+async def test_a_given_back_use_can_be_taken_again(kube: Kube) -> None:
+    store = KubeTokenStore(kube.client, NAMESPACE)
+    token = await store.create(owner="alice", usage_limit=1)
+    grant = await store.consume(token)
+    await store.give_back(grant)
+    assert decoded(kube.secret(secret_name(grant.token_id)))["usages-count"] == "0"
+    await store.give_back(grant)  # never below zero
+    assert decoded(kube.secret(secret_name(grant.token_id)))["usages-count"] == "0"
+    await store.consume(token)
+    with pytest.raises(TokenError, match="usage limit"):
+        await store.consume(token)
+
+
 @pytest.mark.parametrize("case", ["wrong-secret", "unknown", "malformed", "expired", "revoked", "revoked-by-kubectl"])
 async def test_refused_tokens_name_the_reason_and_count_nothing(kube: Kube, case: str) -> None:
     store = KubeTokenStore(kube.client, NAMESPACE)
@@ -521,6 +534,43 @@ async def test_deleting_the_volunteernode_revokes_the_agent(kube: Kube, kgw: Kub
             second.cancel()
     finally:
         task.cancel()
+
+
+async def test_a_register_held_back_across_the_nodes_deletion_is_refused(kube: Kube, kgw: KubeGateway) -> None:
+    # A deleted node's agent opens Control with its still-valid credential and sends Register only
+    # after the node is gone and its address belongs to a newcomer: it must not win that address.
+    async def join(owner: str, hint: str) -> pb.JoinResponse:
+        async with kgw.channel() as channel:
+            response: pb.JoinResponse = await tunnel_stub(channel).Join(
+                pb.JoinRequest(token=await kgw.tokens.create(owner=owner), name_hint=hint), timeout=10
+            )
+            return response
+
+    old = await join("mallory", "old")
+    address = old.assignment.address
+    async with kgw.channel() as channel, kgw.channel() as newcomer_channel:
+        metadata = (("authorization", f"Bearer {old.credential}"),)
+        held = tunnel_stub(channel).Control(metadata=metadata)
+        await asyncio.sleep(0.5)  # past the gateway's first check that the node exists
+        await kube.akubectl("delete", "vn", old.assignment.node_name, "--wait=false")
+        await wait_until(lambda: kgw.gateway.allocator.holder(address) is None)
+        newcomer = await join("bob", "new")
+        assert newcomer.assignment.address == address
+        live = tunnel_stub(newcomer_channel).Control(metadata=(("authorization", f"Bearer {newcomer.credential}"),))
+        await live.write(
+            pb.AgentMessage(register=pb.Register(node_name=newcomer.assignment.node_name, address=address))
+        )
+        assert (await asyncio.wait_for(live.read(), 10)).WhichOneof("msg") == "registered"
+
+        await held.write(pb.AgentMessage(register=pb.Register(node_name=old.assignment.node_name, address=address)))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await asyncio.wait_for(held.read(), 10)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "node-deleted" in (refused.value.details() or "")
+        assert kgw.gateway.sessions.get_by_address(address).node_name == newcomer.assignment.node_name  # type: ignore[union-attr]
+        assert kgw.gateway.allocator.holder(address) == newcomer.assignment.node_name
+        assert old.assignment.node_name not in kgw.gateway.sessions.by_name
+        live.cancel()
 
 
 async def test_restarted_gateway_keeps_its_ca_and_nodes(kube: Kube) -> None:

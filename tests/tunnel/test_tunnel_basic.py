@@ -6,10 +6,13 @@ import asyncio
 import os
 from pathlib import Path
 
+import grpc
 import pytest
+from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.tunnel_io import CHUNK_BYTES
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import cluster, connect_via_proxy, echo_roundtrip, echo_server
+from .helpers import channel_for, cluster, connect_via_proxy, echo_roundtrip, echo_server
 
 
 async def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -110,6 +113,71 @@ async def test_head_proxy_refuses_non_volunteer_targets(tmp_path: Path) -> None:
         status, _, writer = await connect_via_proxy(head_proxy_port, "10.0.0.1", 6443)
         writer.close()
         assert status == 403
+
+
+@pytest.mark.parametrize("target", [b"127.0.20.1:\xb2", b"127.0.20.1:" + b"1" * 5000, b"127.0.20.1:0", b"nohost"])
+async def test_head_proxy_answers_a_malformed_connect_with_400_and_counts_it(tmp_path: Path, target: bytes) -> None:
+    async with cluster(tmp_path) as c:
+        head_proxy_port = int(c.gateway.head_proxy_url.rsplit(":", 1)[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", head_proxy_port, limit=1 << 16)
+        writer.write(b"CONNECT " + target + b" HTTP/1.1\r\n\r\n")
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 400")
+        writer.close()
+        assert c.gateway.metrics.refused_dials["bad-connect-request"] == 1
+
+
+async def test_refusals_log_a_hostile_host_on_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    async with cluster(tmp_path) as c:
+        a = await c.start_agent("alpha")
+        assert a.identity is not None
+        async with channel_for(c) as channel:
+            call = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.identity.credential}"),))
+            await call.write(pb.Frame(dial=pb.Dial(host="x\nnode admin joined " + "y" * 5000, port=1)))
+            assert (await asyncio.wait_for(call.read(), 5)).dial_result.reason == "forbidden-address"
+        refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused dial")]
+        assert len(refusals) == 1
+        assert "\n" not in refusals[0] and len(refusals[0]) < 1000
+
+
+async def test_a_peer_that_never_accepts_is_refused_as_unreachable_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with cluster(tmp_path, accept_timeout_s=0.5, heartbeat_timeout_s=30.0) as c:
+        a = await c.start_agent("alpha")
+        assert a._proxy is not None
+        async with channel_for(c) as channel:
+            response = await tunnel_stub(channel).Join(pb.JoinRequest(token=c.tokens.add(), name_hint="mute"))
+        mute = response.assignment
+        metadata = (("authorization", f"Bearer {response.credential}"),)
+        async with channel_for(c) as channel:  # a registered node that does not serve connections
+            control = tunnel_stub(channel).Control(metadata=metadata)
+            await control.write(pb.AgentMessage(register=pb.Register(node_name=mute.node_name, address=mute.address)))
+            assert (await asyncio.wait_for(control.read(), 5)).WhichOneof("msg") == "registered"
+
+            async def next_open_connection() -> pb.OpenConnection:
+                while True:
+                    message = await asyncio.wait_for(control.read(), 5)
+                    if message.WhichOneof("msg") == "open_connection":
+                        return message.open_connection  # type: ignore[no-any-return]
+
+            # It ignores the OpenConnection...
+            status, _, writer = await connect_via_proxy(a._proxy.port, mute.address, mute.ports.node_manager_port)
+            writer.close()
+            assert status == 502
+            assert c.gateway.metrics.refused_dials["unreachable"] == 1
+            await next_open_connection()
+            # ...or opens the Accept stream and then never says whether it reached its port.
+            dial = asyncio.ensure_future(connect_via_proxy(a._proxy.port, mute.address, mute.ports.node_manager_port))
+            opened = await next_open_connection()
+            accept = tunnel_stub(channel).Connect(metadata=metadata)
+            await accept.write(pb.Frame(accept=pb.Accept(connection_id=opened.connection_id)))
+            status, _, writer = await asyncio.wait_for(dial, 5)
+            writer.close()
+            assert status == 502
+            assert await asyncio.wait_for(accept.code(), 5) == grpc.StatusCode.DEADLINE_EXCEEDED  # ended, not crashed
+            assert c.gateway.metrics.refused_dials["unreachable"] == 2
+            control.cancel()
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
 
 
 async def test_agent_without_ca_cannot_talk_to_tls_gateway(tmp_path: Path) -> None:

@@ -65,7 +65,7 @@ class LocalProxy:
             ):
                 reason = result.dial_result.reason if isinstance(result, pb.Frame) else "tunnel-closed"
                 self.refused += 1
-                log.info("dial %s:%d refused by gateway: %s", host, port, reason)
+                log.info("dial %r:%d refused by gateway: %s", host, port, reason)
                 status = 403 if reason.startswith("forbidden") else 502
                 writer.write(http_connect.response(status, reason or "refused"))
                 await writer.drain()
