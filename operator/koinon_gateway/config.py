@@ -40,6 +40,10 @@ class GatewayConfig:
     first_frame_timeout_s: float = 10.0
     # A peer must answer OpenConnection within this time.
     accept_timeout_s: float = 10.0
+    # Connect streams (proxied connections) one node may hold open at once, counting both the ones
+    # it dialled and the ones it accepted. Each can buffer several MiB when its reader stalls, so
+    # this bounds what one volunteer can make the gateway hold.
+    max_streams_per_node: int = 256
     rtt_smoothing_alpha: float = 0.2
     # Agents that heartbeat by themselves (Register.self_heartbeats) get a Ping, the RTT probe, every
     # this many heartbeat intervals; others get one every interval.
@@ -63,6 +67,8 @@ class GatewayConfig:
             raise ValueError("credential_lifetime_s: must be at least 4 heartbeat intervals (renewals ride on pings)")
         if self.rtt_probe_every < 1:
             raise ValueError("rtt_probe_every: must be at least 1")
+        if self.max_streams_per_node < 1:
+            raise ValueError("max_streams_per_node: must be at least 1")
         if not 0 < self.rtt_smoothing_alpha <= 1:
             raise ValueError("rtt_smoothing_alpha: must be in (0, 1]")
         for low, high in self.head_port_ranges:

@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=7 * 24 * 3600.0,
         help="seconds a node credential is valid; connected agents get renewals, offline ones rejoin",
     )
+    p.add_argument(
+        "--max-streams-per-node",
+        type=int,
+        default=256,
+        help="proxied connections one volunteer may hold open at once; more are refused",
+    )
     p.add_argument("--store", choices=["file", "memory", "kube"], default="file")
     p.add_argument("--kubeconfig", type=Path, help="(kube store) default: in-cluster, else $KUBECONFIG")
     p.add_argument(
@@ -99,6 +105,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         heartbeat_interval_s=args.heartbeat_interval,
         heartbeat_timeout_s=args.heartbeat_timeout,
         credential_lifetime_s=args.credential_lifetime,
+        max_streams_per_node=args.max_streams_per_node,
         namespace=args.namespace,
     )
 

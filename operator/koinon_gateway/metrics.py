@@ -15,12 +15,16 @@ class GatewayMetrics:
     previous_nodes: Counter[str] = field(default_factory=Counter)
     connections_opened: int = 0
     connections_active: int = 0
+    # The most proxied connections one node has held at once since the start (to size
+    # max_streams_per_node against what real nodes use).
+    node_streams_peak: int = 0
     bytes_from_agents: int = 0
 
     def render(self) -> str:
         lines = [
             f"koinon_gateway_connections_opened_total {self.connections_opened}",
             f"koinon_gateway_connections_active {self.connections_active}",
+            f"koinon_gateway_node_streams_peak {self.node_streams_peak}",
         ]
         for name, counter in (
             ("joins", self.joins),

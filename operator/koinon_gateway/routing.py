@@ -90,19 +90,22 @@ class Router:
         pending = PendingConnection(target.node_name, asyncio.get_running_loop().create_future())
         self.pending[connection_id] = pending
         try:
-            await target.send(
+            target.send(
                 pb.GatewayMessage(
                     open_connection=pb.OpenConnection(connection_id=connection_id, port=port, source=source)
                 )
             )
             channel = await asyncio.wait_for(asyncio.shield(pending.accepted), self.config.accept_timeout_s)
-        except (TimeoutError, DialRefused, Exception) as exc:
+        except BaseException as exc:  # the dialer hanging up (CancelledError) included
+            # Forget the connection: an Accept arriving later is refused instead of waiting forever.
             self.pending.pop(connection_id, None)
             if not pending.finished.done():
                 pending.finished.set_result(None)
-            if isinstance(exc, DialRefused):
+            if not pending.accepted.done():
+                pending.accepted.cancel()
+            if not isinstance(exc, Exception):
                 raise
-            why = f"its agent did not accept: {exc!r}"
+            why = str(exc) if isinstance(exc, DialRefused) else f"its agent did not accept: {exc!r}"
             raise self.refuse(source, target.address, port, "unreachable", why) from exc
         return connection_id, channel
 

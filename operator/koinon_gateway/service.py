@@ -23,14 +23,12 @@ from .ray_check import RayNodeChecker
 from .registry import NodeExists, NodeRegistry, status_address
 from .routing import DialRefused, Router
 from .rpc import EOF, Context
-from .sessions import NodeSession, SessionTable
+from .sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT, NodeSession, SessionTable, TooManyStreams, gpus_reported
 from .tokens import JoinGrant, TokenError, TokenStore
 from .tunnel_io import STREAM_READER_LIMIT, GrpcFrameChannel, splice_channels, splice_tcp
 
 log = logging.getLogger(__name__)
 
-MAX_GPUS = 64
-MAX_TEXT = 128
 MAX_DRAIN_GRACE_S = 24 * 3600
 # A drain request to GCS that fails or does not answer in time is asked again after a pause that
 # doubles up to the cap, while the node's drain lasts: one stuck call must not leave Ray placing
@@ -69,8 +67,8 @@ def validate_join(request: pb.JoinRequest) -> None:
     for index, gpu in enumerate(request.gpus):
         if not gpu.model or len(gpu.model) > MAX_TEXT:
             raise ValueError(f"gpus[{index}].model: required, at most {MAX_TEXT} characters")
-        if not 0 < gpu.memory_mib <= 1 << 24:
-            raise ValueError(f"gpus[{index}].memory_mib: must be in 1..{1 << 24}")
+        if not 0 < gpu.memory_mib <= MAX_GPU_MEMORY_MIB:
+            raise ValueError(f"gpus[{index}].memory_mib: must be in 1..{MAX_GPU_MEMORY_MIB}")
     for name in ("name_hint", "region", "agent_version"):
         if len(getattr(request, name)) > MAX_TEXT:
             raise ValueError(f"{name}: at most {MAX_TEXT} characters")
@@ -214,9 +212,9 @@ class TunnelService:
     def _issue_credential(self, node_name: str, address: str) -> credentials.IssuedCredential:
         return credentials.issue(self.credential_key, node_name, address, self.config.credential_lifetime_s)
 
-    async def _renew_credential(self, session: NodeSession) -> None:
+    def _renew_credential(self, session: NodeSession) -> None:
         issued = self._issue_credential(session.node_name, session.address)
-        await session.send(
+        session.send(
             pb.GatewayMessage(credential=pb.CredentialRenewal(credential=issued.token, expires_at=issued.expires_at))
         )
         session.credential_expires_at = issued.expires_at
@@ -276,37 +274,57 @@ class TunnelService:
             stream=context,
             handler_task=asyncio.current_task(),
             agent_version=register.agent_version[:MAX_TEXT],
-            gpus=[(g.model[:MAX_TEXT], int(g.memory_mib)) for g in register.gpus[:MAX_GPUS]],
+            gpus=gpus_reported(register.gpus),
             self_heartbeats=register.self_heartbeats,
         )
         # The registry says "connected" before the agent hears "registered": whoever sees the agent
         # connected (its operator, a test) then finds the node connected too, never an older status.
         await self.sessions.attach(session)
-        pinger: asyncio.Future[None] | None = None
+        tasks: list[asyncio.Future[None]] = []
         reason, message = "Disconnected", "control stream ended"
         try:
-            await session.send(
+            session.send(
                 pb.GatewayMessage(
                     registered=pb.Registered(assignment=self.assignment(session.node_name, session.address))
                 )
             )
-            await self._renew_credential(session)
-            pinger = asyncio.ensure_future(self._ping_loop(session))
-            await self._control_loop(session, context)
+            self._renew_credential(session)
+            tasks = [
+                asyncio.ensure_future(session.write_outbox()),
+                asyncio.ensure_future(self._ping_loop(session)),
+                asyncio.ensure_future(self._control_loop(session, context)),
+            ]
+            # Whichever ends first ends the session: the agent hung up, or writing to it failed.
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()
         except asyncio.CancelledError:
-            reason, message = "Replaced", "session ended by the gateway"
+            # The agent's connection went away (grpc cancels the handler), or the gateway ended
+            # the session; in the latter case whoever ended it has said why.
+            reason, message = session.end_reason or (reason, message)
+            await self._abort_if_revoked(session.node_name, context)
             raise
         except grpc.aio.AioRpcError as exc:
             message = f"control stream failed: {exc.code().name}"
+        except Exception as exc:  # a write the call refused, a session that ended itself
+            message = f"control stream failed: {exc!r}"
+            log.warning("node %s: %s", session.node_name, message)
         finally:
-            if pinger is not None:
-                pinger.cancel()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
                 with contextlib.suppress(BaseException):
-                    await pinger
+                    await task
             if session.verifier is not None:
                 session.verifier.cancel()
             if not session.closed:
                 await asyncio.shield(self.sessions.detach(session, reason, message))
+
+    async def _abort_if_revoked(self, node_name: str, context: Context) -> None:
+        # A handler task that is cancelled sends the agent no status at all: the call would just go
+        # quiet. A node that was deleted is told so, and its call ends now.
+        if self.sessions.was_revoked(node_name):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {node_name} no longer exists")
 
     async def _still_entitled(self, identity: credentials.NodeIdentity) -> str | None:
         """None if the credential's node still exists and still holds its address, else why not."""
@@ -405,11 +423,12 @@ class TunnelService:
         probe_every = self.config.rtt_probe_every if session.self_heartbeats else 1
         for tick in itertools.count():
             if session.credential_expires_at - time.time() < self.config.credential_lifetime_s / 2:
-                await self._renew_credential(session)
+                self._renew_credential(session)
             if tick % probe_every == 0:
                 session.ping_seq += 1
                 ping = pb.Ping(seq=session.ping_seq, gateway_time_ns=time.time_ns())
-                await session.send(pb.GatewayMessage(ping=ping))
+                session.ping_sent(ping.seq, ping.gateway_time_ns)
+                session.send(pb.GatewayMessage(ping=ping))
             await asyncio.sleep(self.config.heartbeat_interval_s)
 
     # ---- Connect ----
@@ -430,17 +449,31 @@ class TunnelService:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "connect: no Dial or Accept frame in time")
         kind = first.WhichOneof("msg") if isinstance(first, pb.Frame) else None
         channel = GrpcFrameChannel(context)
-        self.metrics.connections_active += 1
         try:
-            if kind == "dial":
-                await self._dial(source, first.dial, channel)
-            elif kind == "accept":
-                await self._accept(source, first.accept, channel, context)
-            else:
-                self.metrics.refused_streams["bad-first-frame"] += 1
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "connect: first frame must be Dial or Accept")
-        finally:
-            self.metrics.connections_active -= 1
+            with self.sessions.stream_of(source.node_name):
+                self.metrics.connections_active += 1
+                self.metrics.node_streams_peak = max(
+                    self.metrics.node_streams_peak, self.sessions.streams_open(source.node_name)
+                )
+                try:
+                    if kind == "dial":
+                        await self._dial(source, first.dial, channel)
+                    elif kind == "accept":
+                        await self._accept(source, first.accept, channel, context)
+                    else:
+                        self.metrics.refused_streams["bad-first-frame"] += 1
+                        await context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT, "connect: first frame must be Dial or Accept"
+                        )
+                finally:
+                    self.metrics.connections_active -= 1
+        except TooManyStreams as exc:
+            self.metrics.refused_streams["too-many-streams"] += 1
+            log.warning("connect refused: %s", exc)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"connect: {exc}")
+        except asyncio.CancelledError:
+            await self._abort_if_revoked(source.node_name, context)
+            raise
 
     async def _dial(self, source: NodeSession, dial: pb.Dial, channel: GrpcFrameChannel) -> None:
         try:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +22,32 @@ from .status import ReadyCondition, gpus_to_status, next_condition, rfc3339
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED_REVOCATIONS = 10_000
+# What a node may report about itself (at Join, Register and in every heartbeat).
+MAX_GPUS = 64
+MAX_TEXT = 128
+MAX_GPU_MEMORY_MIB = 1 << 24
+RAY_STATES = frozenset({"starting", "running", "stopped", "restarting", "disabled"})
+# Pings whose answers are still awaited; an answer to an older one no longer measures anything.
+PINGS_REMEMBERED = 8
+# Status writes that a node's own reports trigger: at most this many per window (a hostile agent
+# flipping its state on every message must not turn into API writes at its message rate).
+STATUS_WRITE_BURST = 10
+STATUS_WRITE_WINDOW_S = 10.0
+# Gateway messages (pings, OpenConnection, credentials) waiting for an agent to read them.
+CONTROL_OUTBOX_LIMIT = 1024
+
+
+class TooManyStreams(Exception):
+    """A node asked for more concurrent Connect streams than max_streams_per_node."""
+
+
+class SessionEnded(Exception):
+    """The node's Control session is over (or was just ended): nothing more can be sent to it."""
+
+
+def gpus_reported(gpus: Iterable[pb.Gpu]) -> list[tuple[str, int]]:
+    """(model, memory MiB) of each reported GPU, cut to what a VolunteerNode status may carry."""
+    return [(g.model[:MAX_TEXT], min(max(int(g.memory_mib), 0), MAX_GPU_MEMORY_MIB)) for g in list(gpus)[:MAX_GPUS]]
 
 
 @dataclass
@@ -52,26 +80,62 @@ class NodeSession:
     written_rtt_ms: float | None = None
     status_retry_at: float = 0.0  # after a failed status write, none before this (monotonic)
     closed: bool = False
-    _write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    end_reason: tuple[str, str] | None = None  # (reason, message) when the gateway ends the session
+    pings_awaited: dict[int, int] = field(default_factory=dict)  # ping seq -> sent at (time_ns)
+    status_writes: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=STATUS_WRITE_BURST)
+    )  # when the latest status writes happened (monotonic)
+    outbox: asyncio.Queue[pb.GatewayMessage] = field(default_factory=lambda: asyncio.Queue(CONTROL_OUTBOX_LIMIT))
 
-    async def send(self, message: pb.GatewayMessage) -> None:
-        # grpc.aio allows one outstanding write per call; pings and OpenConnection share the stream.
-        async with self._write_lock:
-            await self.stream.write(message)
+    def send(self, message: pb.GatewayMessage) -> None:
+        """Queues ``message`` for the Control stream; never waits.
+
+        grpc.aio allows one write at a time per call, and a write cancelled half-way (a dial that
+        gave up while the agent's window was full) leaves the call unable to write again. So only
+        write_outbox() writes, and only the session's end cancels it. An agent that stops reading
+        fills the outbox; its session then ends (a live agent reconnects).
+        """
+        if self.closed:
+            raise SessionEnded(f"node {self.node_name}: session ended")
+        try:
+            self.outbox.put_nowait(message)
+        except asyncio.QueueFull:
+            log.warning(
+                "node %s: %d messages unread on its Control stream; ending the session",
+                self.node_name,
+                self.outbox.qsize(),
+            )
+            self.end_reason = ("Unresponsive", "agent stopped reading its control stream")
+            if self.handler_task is not None:
+                self.handler_task.cancel()  # its cleanup marks the node NotReady
+            raise SessionEnded(f"node {self.node_name}: not reading its Control stream") from None
+
+    async def write_outbox(self) -> None:
+        while True:
+            await self.stream.write(await self.outbox.get())
+
+    def ping_sent(self, seq: int, time_ns: int) -> None:
+        self.pings_awaited[seq] = time_ns
+        while len(self.pings_awaited) > PINGS_REMEMBERED:
+            del self.pings_awaited[next(iter(self.pings_awaited))]
 
     def record_heartbeat(self, heartbeat: pb.Heartbeat, now_ns: int, alpha: float) -> None:
         self.last_seen = time.monotonic()
-        if heartbeat.echo_gateway_time_ns > 0:
-            rtt_ms = max(0.0, (now_ns - heartbeat.echo_gateway_time_ns) / 1e6)
+        # RTT from the gateway's own record of when it sent the ping the heartbeat answers: an
+        # agent can delay its answer but cannot claim a latency lower than its real one.
+        sent_ns = self.pings_awaited.pop(heartbeat.echo_seq, None) if heartbeat.echo_seq else None
+        if sent_ns is not None:
+            rtt_ms = max(0.0, (now_ns - sent_ns) / 1e6)
             self.rtt_last_ms = rtt_ms
             self.rtt_updated_at = rfc3339()
             self.rtt_smoothed_ms = (
                 rtt_ms if self.rtt_smoothed_ms is None else alpha * rtt_ms + (1 - alpha) * self.rtt_smoothed_ms
             )
-        self.ray_node_id = heartbeat.ray_node_id
-        self.ray_state = heartbeat.ray_state or self.ray_state
+        self.ray_node_id = heartbeat.ray_node_id[:MAX_TEXT]
+        if heartbeat.ray_state in RAY_STATES:
+            self.ray_state = heartbeat.ray_state
         if heartbeat.gpus:
-            self.gpus = [(g.model, int(g.memory_mib)) for g in heartbeat.gpus]
+            self.gpus = gpus_reported(heartbeat.gpus)
 
     @property
     def ready(self) -> bool:
@@ -96,6 +160,28 @@ class SessionTable:
         # on its way when the deletion was seen must not bring the node back. Names are never reused
         # (random suffix), so remembering the recent ones is enough.
         self._revoked: OrderedDict[str, None] = OrderedDict()
+        # Connect streams open per node (their handler tasks): capped per node, ended with it.
+        self._streams: dict[str, set[asyncio.Task[Any]]] = {}
+
+    @contextlib.contextmanager
+    def stream_of(self, node_name: str) -> Iterator[None]:
+        """Counts the current task as one of ``node_name``'s Connect streams while the block runs;
+        raises TooManyStreams when the node already holds max_streams_per_node."""
+        task = asyncio.current_task()
+        assert task is not None
+        streams = self._streams.setdefault(node_name, set())
+        if len(streams) >= self.config.max_streams_per_node:
+            raise TooManyStreams(f"node {node_name}: {len(streams)} connections open already")
+        streams.add(task)
+        try:
+            yield
+        finally:
+            streams.discard(task)
+            if not streams:
+                self._streams.pop(node_name, None)
+
+    def streams_open(self, node_name: str) -> int:
+        return len(self._streams.get(node_name, ()))
 
     def get_by_address(self, address: str) -> NodeSession | None:
         return self.by_address.get(address)
@@ -133,8 +219,12 @@ class SessionTable:
         reason, message = self._connected_reason(session)
         due = now - session.last_status_write >= self.config.status_write_interval_s
         changed = self._key(session, True, reason, message) != session.written_key
-        if force or changed or due or self._latency_moved(session):
-            await self._write(session, connected=True, reason=reason, message=message)
+        if not (force or changed or due or self._latency_moved(session)):
+            return
+        recent = session.status_writes
+        if not force and len(recent) == recent.maxlen and now - recent[0] < STATUS_WRITE_WINDOW_S:
+            return  # over its write budget: a later heartbeat writes what changed
+        await self._write(session, connected=True, reason=reason, message=message)
 
     @staticmethod
     def _connected_reason(session: NodeSession) -> tuple[str, str]:
@@ -188,6 +278,7 @@ class SessionTable:
             session.status_retry_at = time.monotonic() + self.config.status_retry_s
             return  # the first heartbeat after that tries again
         session.last_status_write = time.monotonic()
+        session.status_writes.append(session.last_status_write)
         session.written_key = self._key(session, connected, reason, message)
         session.written_rtt_ms = session.rtt_smoothed_ms
 
@@ -228,6 +319,8 @@ class SessionTable:
         self._revoked[node_name] = None
         while len(self._revoked) > MAX_REMEMBERED_REVOCATIONS:
             self._revoked.popitem(last=False)
+        for stream in list(self._streams.get(node_name, ())):
+            stream.cancel()  # its proxied connections end with it
         session = self.by_name.pop(node_name, None)
         self._conditions.pop(node_name, None)
         if session is None:

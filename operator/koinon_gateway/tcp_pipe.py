@@ -25,6 +25,8 @@ MIN_READ_BYTES = 64 << 10
 # Stop reading the socket while this much received data waits for the consumer.
 PAUSE_READING_BYTES = 4 << 20
 SPARE_BUFFERS = 2
+# After a clean close, how long a peer may take to read what is still buffered for it.
+CLOSE_FLUSH_TIMEOUT_S = 30.0
 
 
 class TcpPipe(asyncio.BufferedProtocol):
@@ -182,5 +184,13 @@ class TcpPipe(asyncio.BufferedProtocol):
         if self._transport.can_write_eof() and not self._transport.is_closing():
             self._transport.write_eof()
 
-    def close(self) -> None:
+    def close(self, flush_timeout_s: float = CLOSE_FLUSH_TIMEOUT_S) -> None:
+        """Closes after what is buffered has been sent; a peer that does not read it within
+        ``flush_timeout_s`` gets a reset, so its socket and buffer are not held for ever."""
         self._transport.close()
+        if self._transport.get_write_buffer_size() > 0:
+            asyncio.get_running_loop().call_later(flush_timeout_s, self._transport.abort)
+
+    def abort(self) -> None:
+        """Closes at once, dropping unsent data (the connection failed on the other side)."""
+        self._transport.abort()

@@ -122,17 +122,22 @@ async def splice_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     upstream = asyncio.ensure_future(tcp_to_channel(pipe, channel))
     downstream = asyncio.ensure_future(channel_to_tcp(channel, pipe))
     pending: set[asyncio.Future[Any]] = {upstream, downstream}
+    clean = False
     try:
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if any(_aborted(task, downstream) for task in done):
                 break
+        else:
+            clean = True
     finally:
         for task in (upstream, downstream):
             task.cancel()
         await asyncio.gather(upstream, downstream, return_exceptions=True)
         with contextlib.suppress(Exception):
-            pipe.close()
+            # After an abort nobody will read what is still buffered: reset at once, or a peer
+            # that stopped reading would keep the socket and its buffer for ever.
+            pipe.close() if clean else pipe.abort()
 
 
 def _aborted(task: asyncio.Future[Any], downstream: asyncio.Future[Any]) -> bool:

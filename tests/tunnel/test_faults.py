@@ -248,7 +248,11 @@ async def test_pings_are_rtt_probes_for_agents_that_heartbeat_by_themselves(c: C
                 message = await call.read()
                 if message.HasField("ping"):
                     pings += 1
-                    echo = pb.Heartbeat(echo_gateway_time_ns=message.ping.gateway_time_ns, ray_state="running")
+                    echo = pb.Heartbeat(
+                        echo_seq=message.ping.seq,
+                        echo_gateway_time_ns=message.ping.gateway_time_ns,
+                        ray_state="running",
+                    )
                     async with one_write_at_a_time:
                         await call.write(pb.AgentMessage(heartbeat=echo))
 
@@ -320,3 +324,102 @@ async def test_gateway_crash_leaves_no_node_connected_until_it_reconnects(c: Clu
         assert asyncio.get_running_loop().time() < deadline, "agent did not reconnect"
         await asyncio.sleep(0.05)
     assert c.registry.objects[name]["status"]["conditions"][0]["reason"] != "GatewayRestarted"
+
+
+async def registered_mute_node(
+    c: Cluster, channel: grpc.aio.Channel
+) -> tuple[pb.JoinResponse, grpc.aio.StreamStreamCall]:  # type: ignore[type-arg]
+    """A node with a live Control stream whose agent never serves connections."""
+    response: pb.JoinResponse = await tunnel_stub(channel).Join(pb.JoinRequest(token=c.tokens.add(), name_hint="mute"))
+    control = tunnel_stub(channel).Control(metadata=(("authorization", f"Bearer {response.credential}"),))
+    register = pb.Register(node_name=response.assignment.node_name, address=response.assignment.address)
+    await control.write(pb.AgentMessage(register=register))
+    assert (await asyncio.wait_for(control.read(), 5)).WhichOneof("msg") == "registered"
+    return response, control
+
+
+async def test_a_dialer_that_hangs_up_leaves_nothing_pending(tmp_path: Path) -> None:
+    async with cluster(tmp_path, heartbeat_timeout_s=30.0) as c:
+        a = await c.start_agent("alpha")
+        assert a.identity is not None
+        async with channel_for(c) as channel:
+            mute, control = await registered_mute_node(c, channel)
+            metadata = (("authorization", f"Bearer {a.identity.credential}"),)
+            for _ in range(5):
+                dial = tunnel_stub(channel).Connect(metadata=metadata)
+                await dial.write(
+                    pb.Frame(dial=pb.Dial(host=mute.assignment.address, port=mute.assignment.ports.node_manager_port))
+                )
+                await asyncio.sleep(0.1)  # the gateway waits for the mute node's Accept...
+                dial.cancel()  # ...and the dialer gives up first
+            await asyncio.sleep(0.3)
+            assert c.gateway.router.pending == {}
+            # An Accept that comes late is refused at once, not left waiting for ever.
+            opened = [
+                m.open_connection
+                for m in [await asyncio.wait_for(control.read(), 5) for _ in range(5)]
+                if m.HasField("open_connection")
+            ]
+            assert opened
+            accept = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {mute.credential}"),))
+            await accept.write(pb.Frame(accept=pb.Accept(connection_id=opened[0].connection_id)))
+            assert (await asyncio.wait_for(accept.read(), 5)).close.reason == "unknown-connection"
+            control.cancel()
+
+
+async def test_a_node_may_hold_only_so_many_connections(tmp_path: Path) -> None:
+    async with cluster(tmp_path, max_streams_per_node=3) as c:
+        a = await c.start_agent("alpha")
+        assert a.identity is not None
+        metadata = (("authorization", f"Bearer {a.identity.credential}"),)
+        async with channel_for(c) as channel:
+            calls = []
+            for _ in range(3):
+                call = tunnel_stub(channel).Connect(metadata=metadata)
+                await call.write(pb.Frame(dial=pb.Dial(host="127.0.0.1", port=c.head_port)))
+                assert (await asyncio.wait_for(call.read(), 5)).dial_result.ok
+                calls.append(call)
+            extra = tunnel_stub(channel).Connect(metadata=metadata)
+            await extra.write(pb.Frame(dial=pb.Dial(host="127.0.0.1", port=c.head_port)))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await asyncio.wait_for(extra.read(), 5)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert c.gateway.metrics.refused_streams["too-many-streams"] == 1
+            status, _, writer = await connect_via_proxy(a._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+            writer.close()
+            assert status == 502  # its own proxy's connections count too, and get a clear answer
+            calls.pop().cancel()
+            await asyncio.sleep(0.2)
+            assert await healthy(c, a._proxy.port)  # type: ignore[union-attr]
+            for call in calls:
+                call.cancel()
+
+
+class StalledStream:
+    """A Control call whose agent has stopped reading: every write waits for ever."""
+
+    async def write(self, message: object) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_an_agent_that_stops_reading_its_control_stream_loses_its_session() -> None:
+    from koinon_gateway.addresses import PortBlock
+    from koinon_gateway.sessions import CONTROL_OUTBOX_LIMIT, NodeSession, SessionEnded
+
+    handler = asyncio.ensure_future(asyncio.Event().wait())  # stands for the Control handler
+    session = NodeSession("vn-a", "127.0.20.1", PortBlock(*range(20000, 20008)), StalledStream(), handler)
+    writer = asyncio.ensure_future(session.write_outbox())
+    try:
+        session.send(pb.GatewayMessage(ping=pb.Ping(seq=0)))
+        await asyncio.sleep(0.01)  # the writer took it and is stuck writing it
+        # Sending never waits (a dial that gives up can never cancel a write half-done)...
+        for seq in range(CONTROL_OUTBOX_LIMIT):
+            session.send(pb.GatewayMessage(ping=pb.Ping(seq=seq + 1)))
+        # ...and once the outbox is full the session ends.
+        with pytest.raises(SessionEnded):
+            session.send(pb.GatewayMessage(ping=pb.Ping(seq=0)))
+        await asyncio.sleep(0)
+        assert handler.cancelled()
+    finally:
+        writer.cancel()
+        handler.cancel()

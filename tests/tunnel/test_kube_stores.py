@@ -448,6 +448,7 @@ async def test_join_over_grpc_writes_the_volunteernode_through_the_api(kube: Kub
                 if isinstance(message, pb.GatewayMessage) and message.HasField("ping") and answer.is_set():
                     heartbeat = pb.Heartbeat(
                         seq=message.ping.seq,
+                        echo_seq=message.ping.seq,
                         echo_gateway_time_ns=message.ping.gateway_time_ns,
                         ray_node_id="ab" * 28,
                         ray_state="running",
@@ -505,12 +506,20 @@ async def test_deleting_the_volunteernode_revokes_the_agent(kube: Kube, kgw: Kub
         assert agent.identity is not None
         name = agent.identity.node_name
         assert (await kubectl_vn(kube, name))["status"]["connected"] is True
-        await kube.akubectl("delete", "vn", name, "--wait=false")
-        # The live session ends; the agent reconnects and its Control stream is refused for good.
+        # A connection the node holds open by itself (a hostile agent would keep it) ends too.
+        async with kgw.channel() as channel:
+            held = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {agent.identity.credential}"),))
+            await held.write(pb.Frame(dial=pb.Dial(host="127.0.0.1", port=kgw.gateway.config.head_gcs_port)))
+            assert (await asyncio.wait_for(held.read(), 5)).dial_result.ok
+            await kube.akubectl("delete", "vn", name, "--wait=false")
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(held.read(), 10)
+            assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # The live Control stream is told that the node is gone, and the agent stops for good.
         with pytest.raises(JoinRefused, match="no longer exists"):
             await asyncio.wait_for(task, 15)
         assert name not in kgw.gateway.sessions.by_name
-        assert kgw.gateway.metrics.refused_streams["node-deleted"] >= 1
+        assert kgw.gateway.metrics.refused_streams["node-deleted-while-connected"] == 1
         assert kube.emulator.list_objects("koinon.dev/v1alpha1", "VolunteerNode") == []
 
         # The deleted node's address went back to the pool: the next volunteer gets it (the pool

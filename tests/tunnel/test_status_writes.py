@@ -21,7 +21,8 @@ async def beat(table: SessionTable, session: NodeSession, rtt_ms: float | None =
     """One heartbeat as the control loop handles it: recorded, then a status write if one is due."""
     heartbeat = pb.Heartbeat(ray_state="running", ray_node_id="n1", **fields)  # type: ignore[arg-type]
     if rtt_ms is not None:
-        heartbeat.echo_gateway_time_ns = 1_000_000_000
+        session.ping_sent(7, 1_000_000_000)
+        heartbeat.echo_seq = 7
         now_ns = 1_000_000_000 + int(rtt_ms * 1e6)
     else:
         now_ns = 0
@@ -80,3 +81,49 @@ async def test_a_failed_write_is_tried_again_after_the_retry_delay() -> None:
     session.status_retry_at -= table.config.status_retry_s
     await beat(table, session)
     assert registry.status_writes == 1 and registry.objects["vn-a"]["status"]["phase"] == "Ready"
+
+
+async def test_rtt_comes_only_from_answers_to_pings_the_gateway_sent() -> None:
+    _, registry, session = make_table()
+    await registry.create("vn-a", {}, {})
+    # An answer naming no ping, or a ping never sent, measures nothing, whatever time it echoes.
+    session.record_heartbeat(pb.Heartbeat(echo_gateway_time_ns=10**19 // 10), now_ns=5_000_000, alpha=1.0)
+    session.record_heartbeat(pb.Heartbeat(echo_seq=99, echo_gateway_time_ns=4_999_999), now_ns=5_000_000, alpha=1.0)
+    assert session.rtt_last_ms is None
+    # The time is the gateway's own record: an echo claiming a later send time changes nothing.
+    session.ping_sent(1, 1_000_000)
+    session.record_heartbeat(pb.Heartbeat(echo_seq=1, echo_gateway_time_ns=4_999_999), now_ns=5_000_000, alpha=1.0)
+    assert session.rtt_last_ms == 4.0
+    # Each ping is answered once.
+    session.record_heartbeat(pb.Heartbeat(echo_seq=1), now_ns=9_000_000, alpha=1.0)
+    assert session.rtt_last_ms == 4.0
+
+
+async def test_heartbeat_reports_are_cut_to_what_a_status_may_carry() -> None:
+    _, _, session = make_table()
+    gpus = [pb.Gpu(model="G" * 10_000, memory_mib=1 << 40)] * 20_000
+    session.record_heartbeat(
+        pb.Heartbeat(ray_state="x" * 100_000, ray_node_id="n" * 100_000, gpus=gpus), now_ns=0, alpha=1.0
+    )
+    assert len(session.gpus) == 64 and session.gpus[0] == ("G" * 128, 1 << 24)
+    assert session.ray_state == "running"  # an unknown state is ignored
+    assert len(session.ray_node_id) == 128
+    session.record_heartbeat(pb.Heartbeat(ray_state="stopped"), now_ns=0, alpha=1.0)
+    assert session.ray_state == "stopped"
+
+
+async def test_a_node_flipping_its_state_on_every_message_gets_a_bounded_number_of_writes() -> None:
+    table, registry, session = make_table()
+    await registry.create("vn-a", {}, {})
+    for index in range(200):
+        session.record_heartbeat(
+            pb.Heartbeat(ray_state="running" if index % 2 else "stopped", ray_node_id="n1"), now_ns=0, alpha=1.0
+        )
+        await table.write_status(session)
+    assert registry.status_writes == 10
+    assert registry.objects["vn-a"]["status"]["phase"] == "Ready"  # the 10th write: index 9, running
+    # A change is written again once the window has passed.
+    session.status_writes[0] -= 11
+    session.record_heartbeat(pb.Heartbeat(ray_state="stopped", ray_node_id="n1"), now_ns=0, alpha=1.0)
+    await table.write_status(session)
+    assert registry.status_writes == 11 and registry.objects["vn-a"]["status"]["phase"] == "NotReady"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -201,3 +202,76 @@ async def test_large_stream_reader_leftover_is_split_into_buffer_sized_views() -
     writer.close()
     assert sum(sizes) == (5 << 20) - 1
     assert max(sizes) <= 1 << 20
+
+
+class ScriptedChannel:
+    """A Connect stream end that delivers the given frames, then waits (the tunnel's other side)."""
+
+    def __init__(self, frames: list[object]) -> None:
+        self.frames = list(frames)
+
+    async def read_frame(self) -> object:
+        if self.frames:
+            return self.frames.pop(0)
+        await asyncio.Event().wait()
+        return None
+
+    async def write_frame(self, frame: object) -> None:
+        pass
+
+
+async def test_a_splice_that_ends_abnormally_drops_what_its_peer_never_read() -> None:
+    # The local peer reads nothing while data arrives from the tunnel; then the tunnel stream is
+    # cancelled (its agent went away). What is still buffered will never be wanted: the socket is
+    # closed at once, not kept open with its buffer until the peer reads (or for ever).
+    from koinon_gateway.tunnel_io import splice_tcp
+
+    sent = 8 << 20
+    channel = ScriptedChannel([memoryview(os.urandom(1 << 20))] * (sent >> 20))
+    splices: list[asyncio.Task[None]] = []
+    transports: list[asyncio.BaseTransport] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        transports.append(writer.transport)
+        task = asyncio.ensure_future(splice_tcp(reader, writer, channel))  # type: ignore[arg-type]
+        splices.append(task)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 16)
+    try:
+        await asyncio.sleep(0.5)  # the kernel's buffers fill up; the rest waits in the transport
+        splices[0].cancel()
+        await asyncio.gather(*splices, return_exceptions=True)
+        await asyncio.sleep(0.1)
+        # Closed now, although the peer has read nothing (a flushing close would still hold it).
+        assert transports[0].get_extra_info("socket").fileno() == -1
+        received = 0
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+            received += len(chunk)
+        assert 0 < received < sent  # what the kernel had buffered, then EOF
+    finally:
+        writer.close()
+        server.close()
+
+
+async def test_a_clean_close_gives_up_on_a_peer_that_never_reads_after_the_flush_timeout() -> None:
+    sent = 16 << 20
+    closed = asyncio.get_running_loop().create_future()
+
+    async def fill_then_close(pipe: TcpPipe) -> None:
+        pipe.write(os.urandom(sent))
+        pipe.close(flush_timeout_s=0.3)
+        closed.set_result(None)
+
+    async with pipe_server(fill_then_close) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 16)
+        await asyncio.wait_for(closed, 10)
+        await asyncio.sleep(0.6)  # past the flush timeout, with most of the data unread
+        received = 0
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
+            received += len(chunk)
+        assert 0 < received < sent
+        writer.close()

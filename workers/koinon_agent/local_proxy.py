@@ -54,6 +54,7 @@ class LocalProxy:
                 writer.close()
             return
         call = self._stub_factory().Connect(metadata=self._metadata())
+        established = False
         try:
             channel = GrpcFrameChannel(call)
             await channel.write_frame(pb.Frame(dial=pb.Dial(host=host, port=port)))
@@ -72,11 +73,16 @@ class LocalProxy:
                 writer.close()
                 return
             writer.write(http_connect.ESTABLISHED)
+            established = True
             await writer.drain()
             await splice_tcp(reader, writer, channel)
         except (grpc.aio.AioRpcError, ConnectionError) as exc:
-            log.debug("proxied connection to %s:%d ended: %r", host, port, exc)
+            log.debug("proxied connection to %r:%d ended: %r", host, port, exc)
             with contextlib.suppress(Exception):
+                if not established and isinstance(exc, grpc.aio.AioRpcError):
+                    # The gateway refused the stream itself (too many connections, no session).
+                    self.refused += 1
+                    writer.write(http_connect.response(502, exc.code().name.lower().replace("_", "-")))
                 writer.close()
         finally:
             call.cancel()
