@@ -197,7 +197,7 @@ def test_token_only_through_secret_key_ref(tools: Tools) -> None:
     env = env_map(agent_container(one(docs, "Deployment")))
     assert env["KOINON_TOKEN"] == {
         "name": "KOINON_TOKEN",
-        "valueFrom": {"secretKeyRef": {"name": secret["metadata"]["name"], "key": "token"}},
+        "valueFrom": {"secretKeyRef": {"name": secret["metadata"]["name"], "key": "token", "optional": True}},
     }
     # The token's plain text appears nowhere but (base64) in the Secret.
     assert TOKEN not in result.stdout
@@ -210,7 +210,7 @@ def test_existing_token_secret_is_referenced_not_created(tools: Tools) -> None:
     )
     assert not by_kind(docs, "Secret")
     env = env_map(agent_container(one(docs, "Deployment")))
-    assert env["KOINON_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "my-join", "key": "jt"}
+    assert env["KOINON_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "my-join", "key": "jt", "optional": True}
 
 
 def test_security_context_non_root_unprivileged(tools: Tools) -> None:
@@ -257,7 +257,7 @@ def test_daemonset_kind_with_host_path(tools: Tools) -> None:
     assert daemonset["spec"]["updateStrategy"]["type"] == "RollingUpdate"
     pod = daemonset["spec"]["template"]["spec"]
     state = next(v for v in pod["volumes"] if v["name"] == "state")
-    assert state["hostPath"] == {"path": "/var/lib/koinon-agent", "type": "DirectoryOrCreate"}
+    assert state["hostPath"] == {"path": "/var/lib/koinon-agent", "type": "Directory"}
     assert pod["tolerations"] == [{"operator": "Exists"}]
 
 

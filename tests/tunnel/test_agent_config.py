@@ -16,7 +16,7 @@ ENV_VALUES = {
     "KOINON_GATEWAY": "gateway.example:443",
     "KOINON_TOKEN": "abcdef.0123456789abcdef",
     "KOINON_STATE_DIR": "/var/lib/koinon-agent",
-    "KOINON_CA_FILE": "/etc/koinon/ca.crt",
+    "KOINON_CA_FILE": __file__,  # must be readable; its content is not read here
     "KOINON_CA_CERT": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
     "KOINON_CA_CERT_HASH": "sha256:" + "ab" * 32,
     "KOINON_TLS_SERVER_NAME": "koinon-gateway",
@@ -36,7 +36,7 @@ EXPECTED: dict[str, object] = {
     "gateway": "gateway.example:443",
     "token": "abcdef.0123456789abcdef",
     "state_dir": Path("/var/lib/koinon-agent"),
-    "ca_file": Path("/etc/koinon/ca.crt"),
+    "ca_file": Path(__file__),
     "ca_pem": ENV_VALUES["KOINON_CA_CERT"].encode(),
     "ca_cert_hash": "sha256:" + "ab" * 32,
     "tls_server_name": "koinon-gateway",

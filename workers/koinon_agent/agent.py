@@ -14,6 +14,8 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import Awaitable
+from typing import TypeVar
 
 import grpc
 from koinon_gateway.rpc import EOF, tunnel_stub
@@ -28,11 +30,17 @@ from .ray_node import RayNode, RaySettings
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 class JoinRefused(Exception):
     """The gateway refused the token or the stored credential; retrying cannot help."""
+
+
+class DrainedBeforeJoining(JoinRefused):
+    """Asked to stop (SIGTERM) before the node had joined: nothing to drain, a clean exit."""
 
 
 def backoff_delays(initial: float, maximum: float) -> BackoffIterator:
@@ -131,8 +139,8 @@ class Agent:
                 if configured:
                     ca_discovery.check_pin(configured, pin)
                     return
-                ca_pem = await asyncio.to_thread(
-                    ca_discovery.discover_ca, self.config.gateway, pin, server_name(self.config)
+                ca_pem = await self._unless_drained(
+                    asyncio.to_thread(ca_discovery.discover_ca, self.config.gateway, pin, server_name(self.config))
                 )
                 break
             except ca_discovery.GatewayUnreachable as exc:
@@ -140,7 +148,7 @@ class Agent:
                 log.warning("%s; retrying in %.1fs", exc, delay)
                 await self._sleep_or_drain(delay)
                 if self._drain.is_set():
-                    raise JoinRefused("drained before joining") from exc
+                    raise DrainedBeforeJoining("drained before joining") from exc
             except ca_discovery.CADiscoveryError as exc:
                 raise JoinRefused(str(exc)) from exc
         log.info("trusting the gateway's CA %s", pin)
@@ -149,7 +157,7 @@ class Agent:
     # ---- join ----
 
     async def _ensure_identity(self) -> state.StoredIdentity:
-        stored = state.load(self.config.state_dir, self.config.gateway)
+        stored = state.load(self.config.state_dir, self.config.gateway, can_rejoin=bool(self.config.token))
         if stored is not None and not stored.expired(time.time()):
             log.info("reusing stored identity %s (%s)", stored.node_name, stored.address)
             return stored
@@ -162,7 +170,8 @@ class Agent:
                 "credential of %s expired at %s; joining again with the configured token", stored.node_name, when
             )
         if not self.config.token:
-            raise JoinRefused("token: required for the first join (--token or KOINON_TOKEN)")
+            raise ValueError("token: required for the first join (--token or KOINON_TOKEN)")
+        state.ensure_writable(self.config.state_dir)
         stub = tunnel_stub(self._channel("control"))
         delays = backoff_delays(self.config.backoff_initial_s, self.config.backoff_max_s)
         request = pb.JoinRequest(
@@ -176,7 +185,7 @@ class Agent:
         )
         while True:
             try:
-                response = await stub.Join(request, timeout=15)
+                response = await self._unless_drained(stub.Join(request, timeout=15))
                 break
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL_CODES:
@@ -185,7 +194,7 @@ class Agent:
                 log.warning("join failed (%s); retrying in %.1fs", exc.code().name, delay)
                 await self._sleep_or_drain(delay)
                 if self._drain.is_set():
-                    raise JoinRefused("drained before joining") from exc
+                    raise DrainedBeforeJoining("drained before joining") from exc
         identity = state.StoredIdentity(
             self.config.gateway,
             response.assignment.node_name,
@@ -226,6 +235,20 @@ class Agent:
             delay = delays.next()
             log.info("reconnecting in %.2fs", delay)
             await self._sleep_or_drain(delay)
+
+    async def _unless_drained(self, work: Awaitable[T]) -> T:
+        """``work``'s result; DrainedBeforeJoining as soon as a drain is asked for instead (a Join
+        waiting on a silent gateway must not hold SIGTERM up for its whole timeout)."""
+        task = asyncio.ensure_future(work)
+        drained = asyncio.ensure_future(self._drain.wait())
+        try:
+            await asyncio.wait({task, drained}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drained.cancel()
+        if not task.done():
+            task.cancel()
+            raise DrainedBeforeJoining("drained before joining")
+        return task.result()
 
     async def _sleep_or_drain(self, delay: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -14,7 +14,7 @@ from pathlib import Path
 from koinon_gateway import event_loop
 
 from . import health
-from .agent import Agent, JoinRefused
+from .agent import Agent, DrainedBeforeJoining, JoinRefused
 from .config import ENV_VARS, VERSION, AgentConfig, default_state_dir
 
 
@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"koinon-agent: {exc}", file=sys.stderr)
         return 2
+    except DrainedBeforeJoining as exc:
+        print(f"koinon-agent: {exc}", file=sys.stderr)
+        return 0
     except JoinRefused as exc:
         print(f"koinon-agent: refused: {exc}", file=sys.stderr)
         return 3

@@ -45,6 +45,14 @@ class AgentConfig:
     def validate(self) -> None:
         if not self.gateway:
             raise ValueError("gateway: required (--gateway or KOINON_GATEWAY)")
+        if not self.gateway.startswith("unix:"):
+            host, sep, port = self.gateway.rpartition(":")
+            if not sep or not host.strip("[]") or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
+                raise ValueError(f"gateway: expected host:port or unix:/path, got {self.gateway!r}")
+        if self.ca_file is not None and not os.access(self.ca_file, os.R_OK):
+            raise ValueError(f"ca_file: {self.ca_file}: missing or not readable")
+        if self.ca_pem and b"-----BEGIN CERTIFICATE-----" not in self.ca_pem:
+            raise ValueError("ca_pem (KOINON_CA_CERT): not a PEM certificate")
         if self.simulate_gpus is not None and self.simulate_gpus < 0:
             raise ValueError("simulate_gpus: must be >= 0")
         if self.simulate_gpu_memory_mib <= 0:

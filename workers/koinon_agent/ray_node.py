@@ -68,7 +68,8 @@ def ray_start_command(settings: RaySettings, assignment: pb.Assignment) -> list[
 
 
 def ray_environment(settings: RaySettings, assignment: pb.Assignment) -> dict[str, str]:
-    env = dict(os.environ)
+    # Not the agent's own settings: the join token and the CA must not reach job code on this node.
+    env = {name: value for name, value in os.environ.items() if not name.startswith("KOINON_")}
     env.update(
         RAY_grpc_enable_http_proxy="1",
         grpc_proxy=settings.proxy_url,

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+class StateError(ValueError):
+    """The state dir or the identity in it cannot be used; the message names the path and what to do.
+    A ValueError: the CLI reports it as bad configuration (exit 2)."""
 
 
 @dataclass(frozen=True)
@@ -24,24 +33,68 @@ def _path(state_dir: Path) -> Path:
     return state_dir / "identity.json"
 
 
-def load(state_dir: Path, gateway: str) -> StoredIdentity | None:
+def load(state_dir: Path, gateway: str, can_rejoin: bool = False) -> StoredIdentity | None:
+    """The stored identity for ``gateway``, or None. An unreadable one (a disk that lost the last
+    write) is set aside when the agent can join again (``can_rejoin``: it has a token), else refused
+    with the path and what to do."""
     path = _path(state_dir)
     if not path.exists():
         return None
-    data = json.loads(path.read_text())
-    identity = StoredIdentity(**data)
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        identity = StoredIdentity(**data)
+    except (OSError, ValueError, TypeError) as exc:
+        if not can_rejoin:
+            raise StateError(
+                f"{path}: unreadable stored identity ({exc}); restore it, or remove it and set a join token"
+            ) from exc
+        aside = path.with_name("identity.json.corrupt")
+        os.replace(path, aside)
+        log.warning("%s: unreadable stored identity (%s); moved to %s, joining again", path, exc, aside.name)
+        return None
     # An identity belongs to the gateway that issued it.
     return identity if identity.gateway == gateway else None
 
 
+def ensure_writable(state_dir: Path) -> None:
+    """Checks before a join that the credential it brings can be kept: a join whose credential is
+    lost costs a token use and leaves a VolunteerNode nobody can use."""
+    try:
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=state_dir, prefix=".write-check-")
+        try:
+            os.write(fd, b"ok")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise StateError(
+            f"state_dir {state_dir}: not writable ({exc.strerror}); the agent keeps its credential there"
+        ) from exc
+
+
 def save(state_dir: Path, identity: StoredIdentity) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = _path(state_dir)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds a credential
-    with os.fdopen(fd, "w") as handle:
-        json.dump(asdict(identity), handle)
-    tmp.replace(path)
+    """Writes the identity atomically and durably, readable by this user only (it holds a credential).
+    A fresh temporary file each time: an existing one's mode or a symlink in its place cannot leak it."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".identity-", suffix=".tmp")  # mode 0600, O_EXCL
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(asdict(identity), handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, _path(state_dir))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(state_dir, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power loss
+    finally:
+        os.close(directory)
 
 
 def forget(state_dir: Path) -> None:

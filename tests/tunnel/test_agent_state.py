@@ -1,0 +1,152 @@
+"""The agent's state dir, its stored identity, what a stop before joining means, and what job code
+inherits: each checked against a real gateway where one is involved."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from koinon_agent import cli, state
+from koinon_agent.agent import Agent, DrainedBeforeJoining
+from koinon_agent.ray_node import RaySettings, ray_environment
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+from .helpers import Cluster, cluster
+
+
+@pytest.fixture
+async def c(tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with cluster(tmp_path) as result:
+        yield result
+
+
+async def test_a_state_dir_that_cannot_be_written_stops_the_agent_before_it_joins(c: Cluster) -> None:
+    (c.tmp / "a-file").write_text("")
+    config = c.agent_config("alpha", state_dir=c.tmp / "a-file" / "state")  # cannot be created
+    token_id = config.token.split(".")[0]
+    with pytest.raises(state.StateError, match="a-file/state: not writable"):
+        await asyncio.wait_for(Agent(config).run(), 10)
+    assert c.registry.objects == {}  # no node nobody could use...
+    assert c.tokens.tokens[token_id].usages_count == 0  # ...and the token's use is still there
+
+
+@pytest.mark.parametrize("garbage", ["", '{"gateway": "x", "node_na', "[]", '{"gateway": "x"}'])
+async def test_an_unreadable_identity_is_set_aside_when_a_token_can_join_again(c: Cluster, garbage: str) -> None:
+    config = c.agent_config("alpha")
+    config.state_dir.mkdir(parents=True)
+    (config.state_dir / "identity.json").write_text(garbage)
+    agent = await c.start_agent("alpha")
+    assert agent.identity is not None and agent.identity.node_name in c.registry.objects
+    assert (config.state_dir / "identity.json.corrupt").read_text() == garbage
+    assert state.load(config.state_dir, c.gateway.agent_target) == agent.identity
+
+
+async def test_an_unreadable_identity_without_a_token_names_the_file(c: Cluster, tmp_path: Path) -> None:
+    config = c.agent_config("alpha", token="")
+    config.state_dir.mkdir(parents=True)
+    (config.state_dir / "identity.json").write_text("{")
+    with pytest.raises(state.StateError, match=r"identity\.json: unreadable stored identity"):
+        await asyncio.wait_for(Agent(config).run(), 10)
+    assert (config.state_dir / "identity.json").read_text() == "{"  # kept for the volunteer to restore
+
+
+def test_the_identity_is_written_for_this_user_only_and_never_through_a_planted_file(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o755)
+    leak = tmp_path / "leak.txt"
+    (state_dir / "identity.tmp").symlink_to(leak)  # what an older agent used as its temporary file
+    identity = state.StoredIdentity("gw:1", "alpha-1", "127.0.20.1", "secret-credential", 123)
+    state.save(state_dir, identity)
+    path = state_dir / "identity.json"
+    assert not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert not leak.exists()
+    assert state.load(state_dir, "gw:1") == identity
+    assert sorted(p.name for p in state_dir.iterdir()) == ["identity.json", "identity.tmp"]  # no leftovers
+    fresh = tmp_path / "fresh" / "state"
+    state.save(fresh, identity)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
+
+
+async def test_a_stop_while_the_gateway_does_not_answer_the_join_is_prompt(tmp_path: Path) -> None:
+    # A gateway that accepts the connection and then says nothing: the Join would wait 15 s.
+    silent: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    from koinon_agent.config import AgentConfig
+
+    config = AgentConfig(
+        gateway=f"127.0.0.1:{port}", token="abcdef.0123456789abcdef", state_dir=tmp_path, insecure=True, start_ray=False
+    )
+    agent = Agent(config)
+    task = asyncio.ensure_future(agent.run())
+    await asyncio.sleep(1.0)
+    stopped = time.monotonic()
+    agent.request_drain()
+    with pytest.raises(DrainedBeforeJoining):
+        await asyncio.wait_for(task, 10)
+    assert time.monotonic() - stopped < 2
+    server.close()
+    for writer in silent:
+        writer.close()
+
+
+def test_sigterm_before_joining_exits_zero(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "koinon_agent.cli", "join", "--gateway", "127.0.0.1:1", "--insecure", "--no-ray"],
+        env={**os.environ, "KOINON_TOKEN": "abcdef.0123456789abcdef", "KOINON_STATE_DIR": str(tmp_path)},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(3)  # importing, then retrying an unreachable gateway
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+    assert process.returncode == 0, err
+    assert "drained before joining" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--gateway", "localhost"], "gateway: expected host:port"),
+        (["--gateway", "gw:99999"], "gateway: expected host:port"),
+        (["--gateway", "gw:1", "--ca-file", "/nonexistent/ca.pem"], "ca_file: /nonexistent/ca.pem"),
+        (["--gateway", "gw:1", "--insecure"], "token: required for the first join"),
+    ],
+)
+def test_configuration_mistakes_exit_2_naming_the_field(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: list[str], field: str
+) -> None:
+    assert cli.main(["join", "--state-dir", str(tmp_path), "--no-ray", *argv]) == 2
+    assert field in capsys.readouterr().err
+
+
+def test_a_pem_that_is_not_one_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("KOINON_CA_CERT", "not a pem")
+    assert cli.main(["join", "--gateway", "gw:1"]) == 2
+    assert "ca_pem (KOINON_CA_CERT): not a PEM certificate" in capsys.readouterr().err
+
+
+def test_job_code_does_not_inherit_the_agents_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KOINON_TOKEN", "abcdef.0123456789abcdef")
+    monkeypatch.setenv("KOINON_CA_CERT", "-----BEGIN CERTIFICATE-----")
+    settings = RaySettings("/opt/ray/bin/ray", Path("/tmp/ray"), "http://127.0.0.1:1", None, 0, 0, None)
+    env = ray_environment(settings, pb.Assignment(address="127.0.20.1", ray_auth_token="ray-secret"))
+    assert not [name for name in env if name.startswith("KOINON_")]
+    assert env["RAY_AUTH_TOKEN"] == "ray-secret" and env["grpc_proxy"] == "http://127.0.0.1:1"
