@@ -19,6 +19,8 @@ from pathlib import Path
 import psutil
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
+from .config import ENV_VARS
+
 log = logging.getLogger(__name__)
 
 _REGISTERED = b"NodeManager server started"
@@ -69,7 +71,7 @@ def ray_start_command(settings: RaySettings, assignment: pb.Assignment) -> list[
 
 def ray_environment(settings: RaySettings, assignment: pb.Assignment) -> dict[str, str]:
     # Not the agent's own settings: the join token and the CA must not reach job code on this node.
-    env = {name: value for name, value in os.environ.items() if not name.startswith("KOINON_")}
+    env = {name: value for name, value in os.environ.items() if name not in ENV_VARS}
     env.update(
         RAY_grpc_enable_http_proxy="1",
         grpc_proxy=settings.proxy_url,
