@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,15 +194,39 @@ class KubeTokenStore:
 
     async def consume(self, token: str) -> JoinGrant:
         token_id, secret = parse_token(token)
+
+        def one_more(stored: JoinToken) -> int:
+            check_token(stored, secret, dt.datetime.now(dt.UTC))
+            return stored.usages_count + 1
+
+        # A KubeApiError (not a TokenError) when the retries run out: the agent should retry later.
+        stored = await self._change_count(token_id, one_more, "too many concurrent uses, try again")
+        if stored is None:
+            raise TokenError("unknown", f"token {token_id}: not found (never issued or deleted)")
+        return JoinGrant(token_id, stored.owner, stored.region)
+
+    async def give_back(self, grant: JoinGrant) -> None:
+        def one_less(stored: JoinToken) -> int | None:
+            return stored.usages_count - 1 if stored.usages_count > 0 else None
+
+        await self._change_count(grant.token_id, one_less, "could not give the use back")
+
+    async def _change_count(
+        self, token_id: str, new_count: Callable[[JoinToken], int | None], when_stuck: str
+    ) -> JoinToken | None:
+        """Sets the token's usage count to ``new_count(token)`` (None: leave it) with optimistic
+        concurrency; returns the token as read, or None when there is no such token."""
         path = secret_path(self.namespace, secret_name(token_id))
         for attempt in range(MAX_CONFLICT_RETRIES):
             stored_secret = await self.client.get_or_none(path)
             if stored_secret is None or stored_secret.get("type") != SECRET_TYPE:
-                raise TokenError("unknown", f"token {token_id}: not found (never issued or deleted)")
+                return None
             stored = token_from_secret(stored_secret)
-            check_token(stored, secret, dt.datetime.now(dt.UTC))
+            count = new_count(stored)
+            if count is None:
+                return stored
             # resourceVersion stays in the body: a concurrent writer makes this PUT fail with 409.
-            stored_secret.setdefault("data", {})["usages-count"] = b64(str(stored.usages_count + 1))
+            stored_secret.setdefault("data", {})["usages-count"] = b64(str(count))
             try:
                 await self.client.replace(path, stored_secret)
             except KubeApiError as exc:
@@ -210,27 +235,5 @@ class KubeTokenStore:
                 self.conflicts += 1
                 await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
                 continue
-            return JoinGrant(token_id, stored.owner, stored.region)
-        # Not a TokenError: the agent should retry later rather than give up.
-        raise KubeApiError(409, "Conflict", f"token {token_id}: too many concurrent uses, try again")
-
-    async def give_back(self, grant: JoinGrant) -> None:
-        path = secret_path(self.namespace, secret_name(grant.token_id))
-        for attempt in range(MAX_CONFLICT_RETRIES):
-            stored_secret = await self.client.get_or_none(path)
-            if stored_secret is None or stored_secret.get("type") != SECRET_TYPE:
-                return  # deleted meanwhile: nothing left to give back to
-            stored = token_from_secret(stored_secret)
-            if stored.usages_count <= 0:
-                return
-            stored_secret.setdefault("data", {})["usages-count"] = b64(str(stored.usages_count - 1))
-            try:
-                await self.client.replace(path, stored_secret)
-            except KubeApiError as exc:
-                if not exc.conflict:
-                    raise
-                self.conflicts += 1
-                await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
-                continue
-            return
-        raise KubeApiError(409, "Conflict", f"token {grant.token_id}: could not give the use back")
+            return stored
+        raise KubeApiError(409, "Conflict", f"token {token_id}: {when_stuck}")
