@@ -447,26 +447,10 @@ class TunnelService:
         except TimeoutError:
             self.metrics.refused_streams["no-first-frame"] += 1
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "connect: no Dial or Accept frame in time")
-        kind = first.WhichOneof("msg") if isinstance(first, pb.Frame) else None
         channel = GrpcFrameChannel(context)
         try:
             with self.sessions.stream_of(source.node_name):
-                self.metrics.connections_active += 1
-                self.metrics.node_streams_peak = max(
-                    self.metrics.node_streams_peak, self.sessions.streams_open(source.node_name)
-                )
-                try:
-                    if kind == "dial":
-                        await self._dial(source, first.dial, channel)
-                    elif kind == "accept":
-                        await self._accept(source, first.accept, channel, context)
-                    else:
-                        self.metrics.refused_streams["bad-first-frame"] += 1
-                        await context.abort(
-                            grpc.StatusCode.INVALID_ARGUMENT, "connect: first frame must be Dial or Accept"
-                        )
-                finally:
-                    self.metrics.connections_active -= 1
+                await self._serve_stream(source, first, channel, context)
         except TooManyStreams as exc:
             self.metrics.refused_streams["too-many-streams"] += 1
             log.warning("connect refused: %s", exc)
@@ -474,6 +458,23 @@ class TunnelService:
         except asyncio.CancelledError:
             await self._abort_if_revoked(source.node_name, context)
             raise
+
+    async def _serve_stream(self, source: NodeSession, first: Any, channel: GrpcFrameChannel, context: Context) -> None:
+        kind = first.WhichOneof("msg") if isinstance(first, pb.Frame) else None
+        self.metrics.connections_active += 1
+        self.metrics.node_streams_peak = max(
+            self.metrics.node_streams_peak, self.sessions.streams_open(source.node_name)
+        )
+        try:
+            if kind == "dial":
+                await self._dial(source, first.dial, channel)
+            elif kind == "accept":
+                await self._accept(source, first.accept, channel, context)
+            else:
+                self.metrics.refused_streams["bad-first-frame"] += 1
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "connect: first frame must be Dial or Accept")
+        finally:
+            self.metrics.connections_active -= 1
 
     async def _dial(self, source: NodeSession, dial: pb.Dial, channel: GrpcFrameChannel) -> None:
         try:
@@ -532,13 +533,13 @@ class TunnelService:
                 why = result.dial_result.reason
             else:
                 why = "bad-accept"
-            if self.router.pending.get(accept.connection_id) is pending and not pending.accepted.done():
+            if not pending.accepted.done():  # done: the originator gave up (open_to_node cancelled it)
                 pending.accepted.set_exception(DialRefused("unreachable", f"peer could not connect locally: {why}"))
             if result is None:  # a read still waits inside grpc: only an abort ends this call now
                 self.metrics.refused_streams["no-dial-result"] += 1
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "accept: no DialResult in time")
             return
-        if self.router.pending.get(accept.connection_id) is not pending:  # the originator gave up waiting
+        if pending.accepted.done():  # the originator gave up waiting
             return
         pending.accepted.set_result(channel)
         # The originator splices; keep this call open until it is done.

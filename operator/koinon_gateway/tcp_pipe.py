@@ -185,8 +185,8 @@ class TcpPipe(asyncio.BufferedProtocol):
             self._transport.write_eof()
 
     def close(self, flush_timeout_s: float = CLOSE_FLUSH_TIMEOUT_S) -> None:
-        """Closes after what is buffered has been sent; a peer that does not read it within
-        ``flush_timeout_s`` gets a reset, so its socket and buffer are not held for ever."""
+        """Closes after what is buffered has been sent; for a peer that does not read it within
+        ``flush_timeout_s`` the rest is dropped, so its socket and buffer are not held for ever."""
         self._transport.close()
         if self._transport.get_write_buffer_size() > 0:
             asyncio.get_running_loop().call_later(flush_timeout_s, self._transport.abort)

@@ -135,7 +135,7 @@ async def splice_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             task.cancel()
         await asyncio.gather(upstream, downstream, return_exceptions=True)
         with contextlib.suppress(Exception):
-            # After an abort nobody will read what is still buffered: reset at once, or a peer
+            # After an abort nobody will read what is still buffered: close at once, or a peer
             # that stopped reading would keep the socket and its buffer for ever.
             pipe.close() if clean else pipe.abort()
 
