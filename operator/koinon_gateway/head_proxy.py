@@ -12,7 +12,7 @@ import logging
 
 from . import http_connect
 from .routing import DialRefused, Router
-from .tunnel_io import splice_tcp
+from .tunnel_io import ProtocolViolation, splice_tcp
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class HeadProxy:
             await splice_tcp(reader, writer, channel)
         except ConnectionError:
             pass
+        except ProtocolViolation as exc:  # the volunteer got a Close saying so; its session carries on
+            self.router.metrics.refused_streams["protocol-violation"] += 1
+            log.warning("head proxy: connection to %s:%d closed: %.300s", host, port, exc)
         finally:
             self.router.finish(connection_id)
 

@@ -18,6 +18,7 @@ from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 from . import credentials
 from .addresses import AddressAllocator, AddressPoolExhausted, PortBlock
 from .config import GatewayConfig
+from .frame_codec import FrameDecodeError
 from .metrics import GatewayMetrics
 from .ray_check import RayNodeChecker
 from .registry import NodeExists, NodeRegistry, status_address
@@ -25,7 +26,7 @@ from .routing import DialRefused, Router
 from .rpc import EOF, Context
 from .sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT, NodeSession, SessionTable, TooManyStreams, gpus_reported
 from .tokens import JoinGrant, TokenError, TokenStore
-from .tunnel_io import STREAM_READER_LIMIT, GrpcFrameChannel, splice_channels, splice_tcp
+from .tunnel_io import STREAM_READER_LIMIT, GrpcFrameChannel, ProtocolViolation, splice_channels, splice_tcp
 
 log = logging.getLogger(__name__)
 
@@ -442,19 +443,24 @@ class TunnelService:
             self.metrics.refused_streams["no-session"] += 1
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "connect: node has no live Control stream")
         assert source is not None
-        try:
-            first = await asyncio.wait_for(context.read(), self.config.first_frame_timeout_s)
-        except TimeoutError:
-            self.metrics.refused_streams["no-first-frame"] += 1
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "connect: no Dial or Accept frame in time")
         channel = GrpcFrameChannel(context)
         try:
+            try:
+                first = await asyncio.wait_for(channel.read_frame(), self.config.first_frame_timeout_s)
+            except TimeoutError:
+                self.metrics.refused_streams["no-first-frame"] += 1
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "connect: no Dial or Accept frame in time")
             with self.sessions.stream_of(source.node_name):
                 await self._serve_stream(source, first, channel, context)
         except TooManyStreams as exc:
             self.metrics.refused_streams["too-many-streams"] += 1
             log.warning("connect refused: %s", exc)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"connect: {exc}")
+        except (ProtocolViolation, FrameDecodeError) as exc:
+            # Only this stream ends; the node's other streams and its session carry on.
+            self.metrics.refused_streams["protocol-violation"] += 1
+            log.warning("node %s: connect stream closed: %.300s", source.node_name, exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"connect: {exc}"[:300])
         except asyncio.CancelledError:
             await self._abort_if_revoked(source.node_name, context)
             raise

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import socket
+import struct
 from typing import cast
 
 # A read lands in the free tail of the current receive buffer; once less than MIN_READ_BYTES is
@@ -189,8 +192,14 @@ class TcpPipe(asyncio.BufferedProtocol):
         ``flush_timeout_s`` the rest is dropped, so its socket and buffer are not held for ever."""
         self._transport.close()
         if self._transport.get_write_buffer_size() > 0:
-            asyncio.get_running_loop().call_later(flush_timeout_s, self._transport.abort)
+            asyncio.get_running_loop().call_later(flush_timeout_s, self.abort)
 
     def abort(self) -> None:
-        """Closes at once, dropping unsent data (the connection failed on the other side)."""
+        """Closes at once with a reset, dropping unsent data (the connection failed on the other
+        side). A plain close would send FIN, and the peer would take a cut-off stream for a whole one.
+        """
+        sock = self._transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self._transport.abort()

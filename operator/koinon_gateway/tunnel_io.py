@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .frame_codec import OutgoingFrame, TunnelFrame
+from .frame_codec import FrameDecodeError, OutgoingFrame, TunnelFrame
 from .rpc import EOF
 from .tcp_pipe import TcpPipe
 
@@ -113,8 +113,18 @@ class ProtocolViolation(Exception):
     """A peer sent a frame that is not allowed at this point of the stream."""
 
 
-async def splice_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, channel: FrameChannel) -> None:
-    """Run both directions until each has finished (half-closes) or one side aborts.
+# How long a side that aborts waits to tell the other side why (a Close frame) before giving up.
+CLOSE_NOTICE_TIMEOUT_S = 1.0
+
+
+async def splice_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, channel: FrameChannel) -> bool:
+    """Run both directions until each has finished (half-closes) or one side aborts; True when the
+    connection ended cleanly (both directions half-closed), False when it was aborted.
+
+    An abort resets the TCP connection, so its peer sees a failure and not a clean end of a cut-off
+    stream; a failure on the TCP side is sent to the other end of the tunnel as a ``Close`` frame
+    with its reason. A malformed or out-of-place frame from the peer raises ``ProtocolViolation``
+    (after the connection is reset) so that the caller can end the stream with an error.
 
     The connection's transport is taken over (see tcp_pipe); the streams must not be used again.
     """
@@ -123,10 +133,14 @@ async def splice_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     downstream = asyncio.ensure_future(channel_to_tcp(channel, pipe))
     pending: set[asyncio.Future[Any]] = {upstream, downstream}
     clean = False
+    violation: BaseException | None = None
+    notice = ""
     try:
         while pending:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             if any(_aborted(task, downstream) for task in done):
+                violation = _protocol_violation(downstream)
+                notice = "protocol-violation" if violation is not None else _tcp_failure(done, upstream, downstream)
                 break
         else:
             clean = True
@@ -135,9 +149,14 @@ async def splice_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             task.cancel()
         await asyncio.gather(upstream, downstream, return_exceptions=True)
         with contextlib.suppress(Exception):
-            # After an abort nobody will read what is still buffered: close at once, or a peer
+            # After an abort nobody will read what is still buffered: reset at once, or a peer
             # that stopped reading would keep the socket and its buffer for ever.
             pipe.close() if clean else pipe.abort()
+    if notice:  # only now: a grpc stream takes one write at a time
+        await _send_close(channel, notice)
+    if violation is not None:
+        raise ProtocolViolation(str(violation)) from violation
+    return clean
 
 
 def _aborted(task: asyncio.Future[Any], downstream: asyncio.Future[Any]) -> bool:
@@ -145,6 +164,32 @@ def _aborted(task: asyncio.Future[Any], downstream: asyncio.Future[Any]) -> bool
     if task.cancelled() or task.exception() is not None:
         return True
     return task is downstream and task.result() != "close-write"
+
+
+def _protocol_violation(downstream: asyncio.Future[Any]) -> BaseException | None:
+    if not downstream.done() or downstream.cancelled():
+        return None
+    exc = downstream.exception()
+    return exc if isinstance(exc, ProtocolViolation | FrameDecodeError) else None
+
+
+def _tcp_failure(done: set[asyncio.Future[Any]], upstream: asyncio.Future[Any], downstream: asyncio.Future[Any]) -> str:
+    """The Close reason to send when the TCP side failed; "" when the tunnel side ended things
+    (it already knows, or can no longer be written to)."""
+    for task in done:
+        if task.cancelled():
+            continue
+        exc = task.exception()
+        if isinstance(exc, OSError) and (task is upstream or isinstance(exc, ConnectionError)):
+            # upstream: reading the socket failed; downstream: writing to it did (drain raises
+            # ConnectionError once the socket is gone). A failed channel write is a grpc error.
+            return "tcp-reset" if isinstance(exc, ConnectionError) else "tcp-error"
+    return ""
+
+
+async def _send_close(channel: FrameChannel, reason: str) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(channel.write_frame(pb.Frame(close=pb.Close(reason=reason))), CLOSE_NOTICE_TIMEOUT_S)
 
 
 async def splice_channels(a: FrameChannel, b: FrameChannel) -> None:
@@ -177,3 +222,8 @@ async def splice_channels(a: FrameChannel, b: FrameChannel) -> None:
         for task in (ab, ba):
             task.cancel()
         await asyncio.gather(ab, ba, return_exceptions=True)
+    # Tell both ends which of them broke the protocol (only now: one write at a time per stream).
+    for task, src, dst in ((ab, a, b), (ba, b, a)):
+        if _protocol_violation(task) is not None:
+            await _send_close(src, "protocol-violation")
+            await _send_close(dst, "peer-protocol-violation")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,8 @@ from koinon_gateway.rpc import EOF, tunnel_stub
 from koinon_gateway.server import Gateway
 from koinon_gateway.tokens import InMemoryTokenStore
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+ConnectionHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -33,8 +35,10 @@ async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
 
 
 @contextlib.asynccontextmanager
-async def echo_server(host: str = "127.0.0.1", port: int = 0) -> AsyncIterator[int]:
-    server = await asyncio.start_server(echo_handler, host, port)
+async def echo_server(
+    host: str = "127.0.0.1", port: int = 0, handler: ConnectionHandler = echo_handler
+) -> AsyncIterator[int]:
+    server = await asyncio.start_server(handler, host, port)
     try:
         yield server.sockets[0].getsockname()[1]
     finally:
@@ -116,9 +120,14 @@ class Cluster:
 
 @contextlib.asynccontextmanager
 async def cluster(
-    tmp: Path, tls: bool = True, registry: InMemoryNodeRegistry | None = None, **config_overrides: object
+    tmp: Path,
+    tls: bool = True,
+    registry: InMemoryNodeRegistry | None = None,
+    head_handler: ConnectionHandler = echo_handler,
+    **config_overrides: object,
 ) -> AsyncIterator[Cluster]:
-    async with echo_server() as head_port:
+    """A gateway whose "head" is a TCP server running ``head_handler`` (an echo server by default)."""
+    async with echo_server(handler=head_handler) as head_port:
         config = GatewayConfig(
             listen="127.0.0.1:0",
             tls=tls,

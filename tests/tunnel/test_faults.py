@@ -184,8 +184,10 @@ async def test_oversized_and_malformed_frames_close_only_that_stream(c: Cluster)
         raw = channel.stream_stream("/koinon.tunnel.v1.Tunnel/Connect", None, None)
         bad = raw(metadata=metadata)  # type: ignore[call-arg]
         await bad.write(b"\xff\xff\xff\xff\x0f")
-        with pytest.raises(grpc.aio.AioRpcError):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
             await asyncio.wait_for(bad.read(), 5)
+        # Refused for what it is, not timed out (the first-frame timeout would also raise).
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert await healthy(c, a._proxy.port)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -36,8 +37,11 @@ control_messages = st.one_of(
     st.builds(lambda r: pb.AgentMessage(drain=pb.DrainRequest(reason=r)), st.text(max_size=20)),
 )
 # Each stream: either well-typed messages in any order, or raw bytes that may not parse at all.
+# "dialled" streams first open a real connection to the head, so what follows reaches the data
+# path; "registered" Control streams first register as the fuzzing node itself, so what follows
+# reaches the control loop (random Dials, Accepts and Registers are refused at the door).
 stream_inputs = st.tuples(
-    st.sampled_from(["connect", "control"]),
+    st.sampled_from(["connect", "control", "dialled", "registered"]),
     st.one_of(
         st.lists(st.binary(max_size=64), min_size=1, max_size=4).map(lambda raw: ("raw", raw)),
         st.lists(frames, max_size=6).map(lambda f: ("frames", f)),
@@ -46,14 +50,17 @@ stream_inputs = st.tuples(
 )
 
 
-async def _send(channel: grpc.aio.Channel, credential: str, method: str, kind: str, items: list[object]) -> None:
-    path = f"/koinon.tunnel.v1.Tunnel/{'Connect' if method == 'connect' else 'Control'}"
-    serializer = None if kind == "raw" else lambda m: m.SerializeToString()
-    method_call = channel.stream_stream(path, serializer, None)
+async def _send(
+    channel: grpc.aio.Channel, credential: str, method: str, kind: str, items: list[object], opening: bytes | None
+) -> None:
+    path = f"/koinon.tunnel.v1.Tunnel/{'Connect' if method in ('connect', 'dialled') else 'Control'}"
+    method_call = channel.stream_stream(path, None, None)  # bytes in, bytes out
     call = method_call(metadata=(("authorization", f"Bearer {credential}"),))  # type: ignore[call-arg]
     try:
+        if opening is not None:
+            await call.write(opening)
         for item in items:
-            await call.write(item)
+            await call.write(item if kind == "raw" else item.SerializeToString())  # type: ignore[attr-defined]
         await call.done_writing()
         async with asyncio.timeout(1.0):
             while await call.read() is not EOF:
@@ -83,9 +90,22 @@ async def test_fuzzed_streams_never_disturb_other_nodes(tmp_path: Path) -> None:
             inputs.append(example)
 
         collect()
+        identity = fuzzer.identity
+        openings = {
+            "dialled": pb.Frame(dial=pb.Dial(host="127.0.0.1", port=c.head_port)).SerializeToString(),
+            "registered": pb.AgentMessage(
+                register=pb.Register(node_name=identity.node_name, address=identity.address)
+            ).SerializeToString(),
+        }
+        # Registering as the fuzzing node ends its agent's session for a while: those go last, so
+        # that the dialled streams find the session they need.
+        inputs.sort(key=lambda example: example[0] == "registered")
+        opened_before = c.gateway.metrics.connections_opened
         for method, (kind, items) in inputs:
-            await _send(channel, credential, method, kind, items)
+            await _send(channel, credential, method, kind, items, openings.get(method))
         await channel.close(None)
+        dialled = sum(1 for method, _ in inputs if method == "dialled")
+        assert c.gateway.metrics.connections_opened - opened_before == dialled  # the data path was reached
         # The good node kept its session throughout and still moves data.
         assert good.identity is not None
         assert good.identity.node_name in c.gateway.sessions.by_name
@@ -93,4 +113,21 @@ async def test_fuzzed_streams_never_disturb_other_nodes(tmp_path: Path) -> None:
         assert status == 200
         assert await echo_roundtrip(reader, writer, b"ok" * 1000) == b"ok" * 1000
         writer.close()
-        assert c.gateway.metrics.connections_active >= 0
+        # No stream outlived its caller (the good one above has ended too), and the fuzzing node
+        # itself is back: its agent re-registered after the forged sessions ended.
+        await wait_until(lambda: c.gateway.metrics.connections_active == 0)
+        async with asyncio.timeout(15):
+            while True:  # 502 until the agent's new Control stream is up
+                status, reader, writer = await connect_via_proxy(fuzzer._proxy.port, "127.0.0.1", c.head_port)
+                if status == 200:
+                    break
+                writer.close()
+                await asyncio.sleep(0.1)
+        assert await echo_roundtrip(reader, writer, b"me too") == b"me too"
+        writer.close()
+
+
+async def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not predicate():
+            await asyncio.sleep(0.05)

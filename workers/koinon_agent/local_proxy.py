@@ -16,7 +16,10 @@ from typing import Any
 
 import grpc
 from koinon_gateway import http_connect
-from koinon_gateway.tunnel_io import STREAM_READER_LIMIT, GrpcFrameChannel, splice_tcp
+from koinon_gateway.frame_codec import FrameDecodeError
+from koinon_gateway.rpc import EOF
+from koinon_gateway.tcp_pipe import CLOSE_FLUSH_TIMEOUT_S
+from koinon_gateway.tunnel_io import STREAM_READER_LIMIT, GrpcFrameChannel, ProtocolViolation, splice_tcp
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,7 @@ class LocalProxy:
                 writer.close()
             return
         call = self._stub_factory().Connect(metadata=self._metadata())
-        established = False
+        established = clean = False
         try:
             channel = GrpcFrameChannel(call)
             await channel.write_frame(pb.Frame(dial=pb.Dial(host=host, port=port)))
@@ -75,8 +78,8 @@ class LocalProxy:
             writer.write(http_connect.ESTABLISHED)
             established = True
             await writer.drain()
-            await splice_tcp(reader, writer, channel)
-        except (grpc.aio.AioRpcError, ConnectionError) as exc:
+            clean = await splice_tcp(reader, writer, channel)
+        except (grpc.aio.AioRpcError, ConnectionError, ProtocolViolation, FrameDecodeError) as exc:
             log.debug("proxied connection to %r:%d ended: %r", host, port, exc)
             with contextlib.suppress(Exception):
                 if not established and isinstance(exc, grpc.aio.AioRpcError):
@@ -85,13 +88,14 @@ class LocalProxy:
                     writer.write(http_connect.response(502, exc.code().name.lower().replace("_", "-")))
                 writer.close()
         finally:
-            call.cancel()
+            await end_call(call, clean)
 
 
 async def accept_connection(stub: Any, metadata: Metadata, request: pb.OpenConnection, local_host: str) -> None:
     """Connects to this node's own Ray port and splices it to a new Accept stream."""
     call = stub.Connect(metadata=metadata)
     channel = GrpcFrameChannel(call)
+    clean = False
     try:
         await channel.write_frame(pb.Frame(accept=pb.Accept(connection_id=request.connection_id)))
         try:
@@ -105,8 +109,28 @@ async def accept_connection(stub: Any, metadata: Metadata, request: pb.OpenConne
             await call.done_writing()
             return
         await channel.write_frame(pb.Frame(dial_result=pb.DialResult(ok=True)))
-        await splice_tcp(reader, writer, channel)
-    except grpc.aio.AioRpcError as exc:
+        clean = await splice_tcp(reader, writer, channel)
+    except (grpc.aio.AioRpcError, ProtocolViolation, FrameDecodeError) as exc:
         log.debug("accepted connection %d ended: %r", request.connection_id, exc)
     finally:
-        call.cancel()
+        await end_call(call, clean)
+
+
+async def end_call(call: Any, clean: bool) -> None:
+    """Ends a Connect call. After a clean splice the gateway may still be delivering what this
+    side sent last: cancelling now would reset the stream and cut that off, so half-close and wait
+    for the gateway to finish (up to the time a socket gets to flush on close)."""
+    try:
+        if clean:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(_half_close_and_wait(call), CLOSE_FLUSH_TIMEOUT_S)
+    finally:
+        if not call.done():
+            call.cancel()
+
+
+async def _half_close_and_wait(call: Any) -> None:
+    await call.done_writing()
+    while await call.read() is not EOF:
+        pass  # a late Close: grpc.aio gives out the status only once earlier messages were read
+    await call.code()

@@ -1,0 +1,130 @@
+"""How proxied connections end: every byte sent before a clean end arrives, a failure arrives as a
+failure (a reset, not a clean end of a cut-off stream), and a malformed frame ends only its stream."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import struct
+from pathlib import Path
+
+import grpc
+from koinon_gateway.rpc import EOF
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+from .helpers import channel_for, cluster, connect_via_proxy, echo_roundtrip
+
+PAYLOAD_BYTES = 16 << 20
+SLOW_READER_PAUSE_S = 0.5  # long enough for the sender to finish while the tunnel still holds data
+
+
+async def read_all(reader: asyncio.StreamReader) -> bytes:
+    chunks = []
+    while chunk := await asyncio.wait_for(reader.read(1 << 20), 15):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_what_a_volunteer_sends_last_reaches_a_slow_reader_at_the_head(tmp_path: Path) -> None:
+    # head -> head proxy -> gateway -> agent (Accept) -> a server on the volunteer that answers
+    # and closes. The agent's side finishes first; it must not cut off what is still in flight.
+    payload = os.urandom(PAYLOAD_BYTES)
+
+    async def answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.write(payload)
+        await writer.drain()
+        writer.close()
+
+    async with cluster(tmp_path, tls=False) as c:
+        agent = await c.start_agent("beta")
+        address = agent.identity.address  # type: ignore[union-attr]
+        port = agent.assignment.ports.node_manager_port  # type: ignore[union-attr]
+        server = await asyncio.start_server(answer_then_close, address, port)
+        head_proxy_port = int(c.gateway.head_proxy_url.rsplit(":", 1)[1])
+        try:
+            for _ in range(3):
+                status, reader, writer = await connect_via_proxy(head_proxy_port, address, port)
+                assert status == 200
+                writer.write(b"request")
+                writer.write_eof()
+                await asyncio.sleep(SLOW_READER_PAUSE_S)
+                assert await read_all(reader) == payload
+                writer.close()
+        finally:
+            server.close()
+
+
+async def test_what_is_sent_after_the_other_side_half_closed_all_arrives(tmp_path: Path) -> None:
+    # The head half-closes first; the volunteer then sends a lot and half-closes too.
+    payload = os.urandom(PAYLOAD_BYTES)
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def greet_then_read_slowly(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"greeting")
+        writer.write_eof()
+        await asyncio.sleep(SLOW_READER_PAUSE_S)
+        try:
+            await received.put(await read_all(reader))
+        finally:
+            writer.close()
+
+    async with cluster(tmp_path, tls=False, head_handler=greet_then_read_slowly) as c:
+        agent = await c.start_agent("alpha")
+        for _ in range(3):
+            status, reader, writer = await connect_via_proxy(agent._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+            assert status == 200
+            assert await asyncio.wait_for(reader.read(), 10) == b"greeting"
+            writer.write(payload)
+            await writer.drain()
+            writer.write_eof()
+            assert await asyncio.wait_for(received.get(), 30) == payload
+            writer.close()
+
+
+async def test_a_reset_at_the_head_reaches_the_volunteer_as_a_reset(tmp_path: Path) -> None:
+    async def answer_part_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"partial-response")
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    async with cluster(tmp_path, tls=False, head_handler=answer_part_then_reset) as c:
+        agent = await c.start_agent("alpha")
+        status, reader, writer = await connect_via_proxy(agent._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+        assert status == 200
+        assert await asyncio.wait_for(reader.readexactly(16), 10) == b"partial-response"
+        try:
+            rest = await asyncio.wait_for(reader.read(), 10)
+        except ConnectionResetError:
+            pass
+        else:
+            raise AssertionError(f"a clean end ({rest!r}) although the head reset the connection")
+        writer.close()
+
+
+async def test_a_malformed_frame_mid_stream_ends_only_that_stream(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        agent = await c.start_agent("alpha")
+        metadata = (("authorization", f"Bearer {agent.identity.credential}"),)  # type: ignore[union-attr]
+        async with channel_for(c) as channel:
+            raw = channel.stream_stream("/koinon.tunnel.v1.Tunnel/Connect", None, None)
+            call = raw(metadata=metadata)
+            await call.write(pb.Frame(dial=pb.Dial(host="127.0.0.1", port=c.head_port)).SerializeToString())
+            assert pb.Frame.FromString(await asyncio.wait_for(call.read(), 5)).dial_result.ok
+            await call.write(b"\xff\xff\xff\xff\x0f")  # not a protobuf message
+            # The peer is told why, then the stream ends with an error, not with OK.
+            notice = await asyncio.wait_for(call.read(), 5)
+            assert notice is not EOF
+            assert pb.Frame.FromString(notice).close.reason == "protocol-violation"
+            assert await asyncio.wait_for(call.code(), 5) == grpc.StatusCode.INVALID_ARGUMENT
+            assert "malformed" in (await call.details())
+        assert c.gateway.metrics.refused_streams["protocol-violation"] == 1
+        # The node's session and its other connections carry on.
+        status, reader, writer = await connect_via_proxy(agent._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+        assert status == 200
+        assert await echo_roundtrip(reader, writer, b"still here") == b"still here"
+        writer.close()
