@@ -31,6 +31,10 @@ CONNECTION_OWNER_ANNOTATION = "koinon.dev/connection-owner"
 HEARTBEAT_ONLY_FIELDS = frozenset({"lastHeartbeat"})
 
 
+def _terminating(node: JSON) -> bool:
+    return bool((node.get("metadata") or {}).get("deletionTimestamp"))
+
+
 def _significant(status: JSON) -> str:
     return json.dumps({k: v for k, v in status.items() if k not in HEARTBEAT_ONLY_FIELDS}, sort_keys=True)
 
@@ -110,27 +114,43 @@ class KubeNodeRegistry:
         Lists, then watches from the list's resourceVersion; when the watch history is gone (410) or
         the connection drops, lists again and reports the nodes that vanished in between (with the
         address they had when last seen).
+
+        A node counts as deleted as soon as it carries a ``deletionTimestamp``: a finalizer (another
+        controller's, or a person's) may hold the object for a long time, and the volunteer must not
+        stay connected meanwhile. Each node is reported once per deletion.
         """
-        known: dict[str, str] = {}  # name -> address
+        known: dict[str, str] = {}  # name -> address, of nodes not being deleted
+        reported: set[str] = set()  # nodes reported while their object still exists (terminating)
         resource_version = ""
         while True:
             try:
                 if not resource_version:
                     items, resource_version = await self.client.list_all(self._path())
-                    current = {str(item["metadata"]["name"]): status_address(item) for item in items}
+                    current = {str(item["metadata"]["name"]): item for item in items}
+                    terminating = {name for name, item in current.items() if _terminating(item)}
                     for name in sorted(known.keys() - current.keys()):
                         yield DeletedNode(name, known[name])
-                    known = current
+                    for name in sorted(terminating - reported):
+                        self._last.pop(name, None)
+                        yield DeletedNode(name, status_address(current[name]))
+                    known = {name: status_address(item) for name, item in current.items() if name not in terminating}
+                    reported = terminating
                 async for event in self.client.watch(self._path(), resource_version):
                     metadata: dict[str, Any] = event.object.get("metadata") or {}
                     resource_version = str(metadata.get("resourceVersion") or resource_version)
                     name = str(metadata.get("name", ""))
-                    if event.type in ("ADDED", "MODIFIED"):
+                    if event.type in ("ADDED", "MODIFIED") and not _terminating(event.object):
                         known[name] = status_address(event.object)
-                    elif event.type == "DELETED":
+                    elif event.type in ("ADDED", "MODIFIED", "DELETED"):
                         known.pop(name, None)
                         self._last.pop(name, None)
-                        yield DeletedNode(name, status_address(event.object))
+                        first = name not in reported
+                        if event.type == "DELETED":
+                            reported.discard(name)
+                        else:
+                            reported.add(name)
+                        if first:
+                            yield DeletedNode(name, status_address(event.object))
             except KubeApiError as exc:
                 if not exc.gone:
                     log.warning("VolunteerNode watch failed: %s; listing again", exc)

@@ -117,10 +117,17 @@ async def _delete_after_ttl(namespace: str, name: str) -> None:
         _deleting.discard(f"{namespace}/{name}")
 
 
-@kopf.timer(GROUP, VERSION, VOLUNTEER_PLURAL, interval=5.0)
+def _connected_through_ray(body: kopf.Body, **_: Any) -> bool:
+    return not managed_by_gateway(body)
+
+
+# kopf puts its finalizer on every object a timer matches. The filter keeps it off the nodes the
+# gateway owns (and takes an old one off): deleting those revokes the volunteer, and that must not
+# wait for the operator to be up.
+@kopf.timer(GROUP, VERSION, VOLUNTEER_PLURAL, interval=5.0, when=_connected_through_ray)
 async def sync_volunteer_from_ray(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
     if managed_by_gateway(body):
-        return
+        return  # annotated since the timer's last filter check; the gateway writes its status
     try:
         ray_nodes = await memo.reconciler.nodes.get()
     except RayUnavailableError:

@@ -71,7 +71,9 @@ def build_capacity(
                 gpu_models=tuple(str(g.get("model", "")) for g in spec.get("gpus") or []),
                 owner=str(spec.get("owner") or name),
                 region=str(spec.get("region") or "unknown"),
-                ready=status.get("phase", "Ready") != "NotReady",
+                # Only Ready takes new work: a Draining volunteer is leaving and a Pending one is not
+                # up yet. No phase (no VolunteerNode, or none written yet) keeps the neutral default.
+                ready=status.get("phase", "Ready") == "Ready",
                 cordoned=bool(spec.get("cordoned", False)),
                 latency_ms=latency.get("smoothedMs"),
                 latency_updated_at=_epoch(latency.get("updatedAt")),

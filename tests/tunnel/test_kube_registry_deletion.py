@@ -1,0 +1,133 @@
+"""A VolunteerNode counts as deleted once it has a deletionTimestamp: a finalizer that holds the object
+(an operator that is down, a person's) must not keep a revoked volunteer connected."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import yaml
+from koinon_agent.agent import Agent, JoinRefused
+from koinon_agent.config import AgentConfig
+from koinon_emulator.kubeconfig import write_kubeconfig
+from koinon_emulator.server import KubeEmulator
+from koinon_gateway.kube_ca import KubeCAStore
+from koinon_gateway.kube_client import KubeClient, load_kubeconfig
+from koinon_gateway.kube_registry import KubeNodeRegistry
+from koinon_gateway.kube_tokens import KubeTokenStore
+from koinon_gateway.registry import DeletedNode
+from koinon_gateway.server import Gateway
+
+from .helpers import echo_server
+from .test_kube_stores import NAMESPACE, REPO, Kube, KubeGateway, gateway_config, kubectl_vn
+
+VN = "koinon.dev/v1alpha1", "VolunteerNode"
+HOLD = {"metadata": {"finalizers": ["test.koinon.dev/hold"]}}
+RELEASE = {"metadata": {"finalizers": None}}
+
+
+@pytest.fixture
+async def kube(tmp_path: Path) -> AsyncIterator[Kube]:
+    emulator = KubeEmulator()
+    url = await emulator.start()
+    for path in sorted((REPO / "manifests" / "crds").glob("*.yaml")):
+        emulator.apply_crd(yaml.safe_load(path.read_text()))
+    emulator.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", url, namespace=NAMESPACE)
+    client = KubeClient(load_kubeconfig(kubeconfig))
+    try:
+        yield Kube(emulator, kubeconfig, client)
+    finally:
+        await client.close()
+        await emulator.stop()
+
+
+async def _collect(registry: KubeNodeRegistry, into: asyncio.Queue[DeletedNode]) -> None:
+    async for node in registry.deleted_nodes():
+        await into.put(node)
+
+
+async def _held_node(kube: Kube, registry: KubeNodeRegistry, name: str, address: str) -> None:
+    await registry.create(name, {"owner": "alice"}, {})
+    await registry.patch_status(name, {"phase": "Ready", "connected": True, "address": address})
+    kube.emulator.patch(*VN, name, HOLD)
+
+
+async def test_a_node_held_by_a_finalizer_is_reported_deleted_once(kube: Kube) -> None:
+    registry = KubeNodeRegistry(kube.client)
+    await _held_node(kube, registry, "vn-early", "127.0.20.9")
+    assert await registry.delete("vn-early")  # already terminating when the watch starts
+    deleted: asyncio.Queue[DeletedNode] = asyncio.Queue()
+    watcher = asyncio.ensure_future(_collect(registry, deleted))
+    try:
+        assert await asyncio.wait_for(deleted.get(), 10) == DeletedNode("vn-early", "127.0.20.9")
+
+        await _held_node(kube, registry, "vn-a", "127.0.20.1")
+        assert await registry.delete("vn-a")
+        assert await asyncio.wait_for(deleted.get(), 10) == DeletedNode("vn-a", "127.0.20.1")
+        stored = kube.emulator.get(*VN, "vn-a")
+        assert stored["metadata"]["deletionTimestamp"]  # the object is still there
+
+        # Further writes to the terminating object and its final removal report nothing new ...
+        await registry.patch_status("vn-a", {"phase": "NotReady", "connected": False})
+        kube.emulator.patch(*VN, "vn-a", RELEASE)
+        kube.emulator.patch(*VN, "vn-early", RELEASE)
+        # ... while a plain deletion still is reported, and after them (the watch keeps its order).
+        await registry.create("vn-b", {"owner": "bob"}, {})
+        assert await registry.delete("vn-b")
+        assert await asyncio.wait_for(deleted.get(), 10) == DeletedNode("vn-b", "")
+        assert deleted.empty()
+        assert kube.emulator.list_objects(*VN) == []
+    finally:
+        watcher.cancel()
+
+
+@pytest.fixture
+async def kgw(kube: Kube) -> AsyncIterator[KubeGateway]:
+    async with echo_server() as head_port:
+        tokens, registry = KubeTokenStore(kube.client, NAMESPACE), KubeNodeRegistry(kube.client, 0.5)
+        gateway = Gateway(gateway_config(head_port), tokens, registry, KubeCAStore(kube.client, NAMESPACE))
+        await gateway.start()
+        try:
+            yield KubeGateway(gateway, tokens, registry)
+        finally:
+            await gateway.stop(0)
+
+
+async def test_deleting_a_volunteernode_held_by_a_finalizer_revokes_the_agent(
+    kube: Kube, kgw: KubeGateway, tmp_path: Path
+) -> None:
+    config = AgentConfig(
+        gateway=kgw.gateway.agent_target,
+        token=await kgw.tokens.create(owner="alice"),
+        state_dir=tmp_path / "agent",
+        ca_pem=kgw.gateway.ca_pem,
+        name_hint="alpha",
+        start_ray=False,
+        simulate_gpus=1,
+        simulate_gpu_memory_mib=8192,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.5,
+    )
+    agent = Agent(config)
+    task = asyncio.ensure_future(agent.run())
+    try:
+        await asyncio.wait_for(agent.connected.wait(), 15)
+        assert agent.identity is not None
+        name = agent.identity.node_name
+        # The finalizer an operator that is down would leave on the object.
+        kube.emulator.patch(*VN, name, HOLD)
+        await kube.akubectl("delete", "vn", name, "--wait=false")
+        with pytest.raises(JoinRefused, match="no longer exists"):
+            await asyncio.wait_for(task, 15)
+        assert name not in kgw.gateway.sessions.by_name
+        assert kgw.gateway.metrics.refused_streams["node-deleted-while-connected"] == 1
+        node = await kubectl_vn(kube, name)
+        assert node["metadata"]["deletionTimestamp"]  # still held, yet the volunteer is gone
+        # Its credential stays refused while the object lingers.
+        with pytest.raises(JoinRefused, match="node-deleted"):
+            await asyncio.wait_for(Agent(config).run(), 15)
+    finally:
+        task.cancel()
