@@ -101,7 +101,7 @@ class Gateway:
             address = status_address(node)
             if address and self.allocator.contains(address):
                 self.allocator.reserve(address, node["metadata"]["name"])
-        await self.sessions.disown_stale_connections(nodes)
+        self.sessions.disown_stale_connections(nodes)
         service = TunnelService(
             self.config,
             self.tokens,
@@ -165,7 +165,7 @@ class Gateway:
         while True:
             await asyncio.sleep(period)
             try:
-                await self.sessions.expire_stale()
+                self.sessions.expire_stale()
             except Exception:
                 log.exception("liveness check failed")
 

@@ -280,7 +280,7 @@ class TunnelService:
         )
         # The registry says "connected" before the agent hears "registered": whoever sees the agent
         # connected (its operator, a test) then finds the node connected too, never an older status.
-        await self.sessions.attach(session)
+        self.sessions.attach(session)
         tasks: list[asyncio.Future[None]] = []
         reason, message = "Disconnected", "control stream ended"
         try:
@@ -319,7 +319,7 @@ class TunnelService:
             if session.verifier is not None:
                 session.verifier.cancel()
             if not session.closed:
-                await asyncio.shield(self.sessions.detach(session, reason, message))
+                self.sessions.detach(session, reason, message)
 
     async def _abort_if_revoked(self, node_name: str, context: Context) -> None:
         # A handler task that is cancelled sends the agent no status at all: the call would just go
@@ -348,13 +348,13 @@ class TunnelService:
             if kind == "heartbeat":
                 session.record_heartbeat(message.heartbeat, time.time_ns(), self.config.rtt_smoothing_alpha)
                 self._verify_ray_node(session)
-                await self.sessions.write_status(session)
+                self.sessions.write_status(session)
             elif kind == "drain":
                 session.last_seen = time.monotonic()
                 first_request = not session.draining
                 session.draining = True
                 log.info("node %s draining: %s", session.node_name, message.drain.reason)
-                await self.sessions.write_status(session, force=True)
+                self.sessions.write_status(session, force=True)
                 if first_request and session.ray_node_id and self.ray_checker is not None:
                     # The grace comes from the volunteer: keep the deadline GCS is told within a day.
                     deadline = time.time() + min(message.drain.grace_seconds, MAX_DRAIN_GRACE_S)
@@ -383,7 +383,7 @@ class TunnelService:
                 address = None
             if address == session.address:
                 session.ray_verified_id = node_id
-                await self.sessions.write_status(session, force=True)
+                self.sessions.write_status(session, force=True)
                 return
             if address is not None:
                 log.warning("node %s reports Ray node %s which GCS has at %s", session.node_name, node_id, address)

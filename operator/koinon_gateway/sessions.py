@@ -18,6 +18,7 @@ from .addresses import PortBlock
 from .config import GatewayConfig
 from .registry import NodeRegistry
 from .status import ReadyCondition, gpus_to_status, next_condition, rfc3339
+from .status_writer import StatusWriter
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class NodeSession:
     agent_version: str = ""
     gpus: list[tuple[str, int]] = field(default_factory=list)
     last_seen: float = field(default_factory=time.monotonic)
+    # When the agent last gave a sign of life (its Register, then each heartbeat), as status says it.
+    last_heartbeat_at: str = field(default_factory=rfc3339)
     rtt_last_ms: float | None = None
     rtt_smoothed_ms: float | None = None
     rtt_updated_at: str = ""
@@ -78,7 +81,6 @@ class NodeSession:
     # What the last status write said, apart from heartbeat news (see SessionTable.write_status).
     written_key: tuple[Any, ...] | None = None
     written_rtt_ms: float | None = None
-    status_retry_at: float = 0.0  # after a failed status write, none before this (monotonic)
     closed: bool = False
     end_reason: tuple[str, str] | None = None  # (reason, message) when the gateway ends the session
     pings_awaited: dict[int, int] = field(default_factory=dict)  # ping seq -> sent at (time_ns)
@@ -121,6 +123,7 @@ class NodeSession:
 
     def record_heartbeat(self, heartbeat: pb.Heartbeat, now_ns: int, alpha: float) -> None:
         self.last_seen = time.monotonic()
+        self.last_heartbeat_at = rfc3339()
         # RTT from the gateway's own record of when it sent the ping the heartbeat answers: an
         # agent can delay its answer but cannot claim a latency lower than its real one.
         sent_ns = self.pings_awaited.pop(heartbeat.echo_seq, None) if heartbeat.echo_seq else None
@@ -156,6 +159,8 @@ class SessionTable:
         self.by_name: dict[str, NodeSession] = {}
         self.by_address: dict[str, NodeSession] = {}
         self._conditions: dict[str, ReadyCondition] = {}
+        # Status writes go out in the background, in order per node, retried until they land.
+        self.writer = StatusWriter(registry, config.status_retry_s)
         # Names of nodes whose VolunteerNode was deleted, newest last: a Register that was already
         # on its way when the deletion was seen must not bring the node back. Names are never reused
         # (random suffix), so remembering the recent ones is enough.
@@ -186,7 +191,7 @@ class SessionTable:
     def get_by_address(self, address: str) -> NodeSession | None:
         return self.by_address.get(address)
 
-    async def attach(self, session: NodeSession) -> None:
+    def attach(self, session: NodeSession) -> None:
         """Registers a session; an older session of the same node (a reconnect) is ended."""
         old = self.by_name.get(session.node_name)
         self.by_name[session.node_name] = session
@@ -195,17 +200,18 @@ class SessionTable:
             log.info("node %s reconnected; closing its previous session", session.node_name)
             old.closed = True
             old.handler_task.cancel()
-        await self.write_status(session, force=True)
+        self.write_status(session, force=True)
 
-    async def detach(self, session: NodeSession, reason: str, message: str) -> None:
+    def detach(self, session: NodeSession, reason: str, message: str) -> None:
         session.closed = True
         if self.by_name.get(session.node_name) is not session:
             return  # replaced by a newer session; that one owns the status now
         del self.by_name[session.node_name]
         self.by_address.pop(session.address, None)
-        await self._write(session, connected=False, reason=reason, message=message)
+        self._write(session, connected=False, reason=reason, message=message)
+        self._conditions.pop(session.node_name, None)  # a new session starts from its own condition
 
-    async def write_status(self, session: NodeSession, force: bool = False) -> None:
+    def write_status(self, session: NodeSession, force: bool = False) -> None:
         """Writes the node's status at once when what it says changed (phase, condition, Ray node,
         GPUs, agent version) or its smoothed RTT moved noticeably (the scheduler places by it);
         heartbeat news alone (lastHeartbeat, RTT drift) at most once per status_write_interval_s.
@@ -214,8 +220,6 @@ class SessionTable:
         load then grows with the number of volunteers, not with their heartbeat rate.
         """
         now = time.monotonic()
-        if now < session.status_retry_at and not force:
-            return  # the API failed us a moment ago: 1,000 nodes must not retry on every heartbeat
         reason, message = self._connected_reason(session)
         due = now - session.last_status_write >= self.config.status_write_interval_s
         changed = self._key(session, True, reason, message) != session.written_key
@@ -224,7 +228,11 @@ class SessionTable:
         recent = session.status_writes
         if not force and len(recent) == recent.maxlen and now - recent[0] < STATUS_WRITE_WINDOW_S:
             return  # over its write budget: a later heartbeat writes what changed
-        await self._write(session, connected=True, reason=reason, message=message)
+        self._write(session, connected=True, reason=reason, message=message)
+
+    async def flush(self, timeout_s: float = 10.0) -> bool:
+        """Waits until the status writes handed out so far have landed; False on timeout."""
+        return await self.writer.flush(timeout_s)
 
     @staticmethod
     def _connected_reason(session: NodeSession) -> tuple[str, str]:
@@ -250,7 +258,7 @@ class SessionTable:
         threshold = max(self.config.latency_write_min_ms, self.config.latency_write_fraction * written)
         return abs(current - written) >= threshold
 
-    async def _write(self, session: NodeSession, connected: bool, reason: str, message: str) -> None:
+    def _write(self, session: NodeSession, connected: bool, reason: str, message: str) -> None:
         ready = connected and session.ready
         condition = next_condition(self._conditions.get(session.node_name), ready, reason, message)
         self._conditions[session.node_name] = condition
@@ -258,7 +266,7 @@ class SessionTable:
         status: dict[str, Any] = {
             "phase": phase,
             "connected": connected,
-            "lastHeartbeat": rfc3339(),
+            "lastHeartbeat": session.last_heartbeat_at,
             "address": session.address,
             "rayNodeId": session.ray_verified_id or None,
             "gpus": gpus_to_status(session.gpus),
@@ -271,18 +279,15 @@ class SessionTable:
                 "lastMs": round(session.rtt_last_ms, 3),
                 "updatedAt": session.rtt_updated_at,
             }
-        try:
-            await self.registry.patch_status(session.node_name, status)
-        except Exception:  # a status write must never take the tunnel down
-            log.exception("status write for %s failed", session.node_name)
-            session.status_retry_at = time.monotonic() + self.config.status_retry_s
-            return  # the first heartbeat after that tries again
+        # Counted as written when handed over: the writer retries it (merged under anything newer)
+        # until it lands, so heartbeats need not hand it over again.
+        self.writer.submit(session.node_name, status)
         session.last_status_write = time.monotonic()
         session.status_writes.append(session.last_status_write)
         session.written_key = self._key(session, connected, reason, message)
         session.written_rtt_ms = session.rtt_smoothed_ms
 
-    async def disown_stale_connections(self, nodes: list[dict[str, Any]]) -> list[str]:
+    def disown_stale_connections(self, nodes: list[dict[str, Any]]) -> list[str]:
         """Marks nodes NotReady that a previous gateway left as connected; returns their names.
 
         A gateway that crashed (SIGKILL, OOM, node loss) wrote no "disconnected" status, so its
@@ -299,16 +304,11 @@ class SessionTable:
             condition = next_condition(
                 None, False, "GatewayRestarted", "gateway restarted; waiting for the agent to reconnect"
             )
-            self._conditions[name] = condition
             patch = {"phase": "NotReady", "connected": False, "conditions": [condition.as_dict()]}
-            try:
-                await self.registry.patch_status(name, patch)
-            except Exception:  # one bad object must not keep the gateway from serving the others
-                log.exception("status write for %s failed", name)
-                continue
+            self.writer.submit(name, patch)  # a reconnect's Ready, handed over later, lands after it
             disowned.append(name)
         if disowned:
-            log.info("marked %d node(s) NotReady until they reconnect: %s", len(disowned), ", ".join(disowned))
+            log.info("marking %d node(s) NotReady until they reconnect: %s", len(disowned), ", ".join(disowned))
         return disowned
 
     def was_revoked(self, node_name: str) -> bool:
@@ -323,6 +323,7 @@ class SessionTable:
             stream.cancel()  # its proxied connections end with it
         session = self.by_name.pop(node_name, None)
         self._conditions.pop(node_name, None)
+        self.writer.forget(node_name)  # nothing left to write to
         if session is None:
             return False
         session.closed = True
@@ -332,20 +333,21 @@ class SessionTable:
         log.warning("node %s: VolunteerNode deleted; session ended, credential revoked", node_name)
         return True
 
-    async def expire_stale(self) -> list[str]:
-        """Ends sessions whose heartbeats stopped; returns their names."""
+    def expire_stale(self) -> list[str]:
+        """Ends sessions whose heartbeats stopped; returns their names. Their NotReady writes go
+        out together, so one slow write does not hold up the others' timeouts."""
         deadline = time.monotonic() - self.config.heartbeat_timeout_s
         stale = [s for s in self.by_name.values() if s.last_seen < deadline]
         for session in stale:
             log.warning("node %s: no heartbeat for %.1fs", session.node_name, self.config.heartbeat_timeout_s)
             if session.handler_task is not None:
                 session.handler_task.cancel()
-            await self.detach(session, "HeartbeatTimeout", "no heartbeat within the timeout")
+            self.detach(session, "HeartbeatTimeout", "no heartbeat within the timeout")
         return [s.node_name for s in stale]
 
-    async def close_all(self) -> None:
+    async def close_all(self, flush_timeout_s: float = 10.0) -> None:
         for session in list(self.by_name.values()):
             if session.handler_task is not None:
                 session.handler_task.cancel()
-            with contextlib.suppress(Exception):
-                await self.detach(session, "GatewayStopped", "gateway shut down")
+            self.detach(session, "GatewayStopped", "gateway shut down")
+        await self.writer.close(flush_timeout_s)

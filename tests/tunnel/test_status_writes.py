@@ -2,19 +2,60 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from koinon_gateway.addresses import PortBlock
 from koinon_gateway.config import GatewayConfig
-from koinon_gateway.registry import InMemoryNodeRegistry
+from koinon_gateway.registry import JSON, InMemoryNodeRegistry
 from koinon_gateway.sessions import NodeSession, SessionTable
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 
-def make_table() -> tuple[SessionTable, InMemoryNodeRegistry, NodeSession]:
-    config = GatewayConfig(status_write_interval_s=30.0, latency_write_min_ms=1.0, latency_write_fraction=0.2)
-    registry = InMemoryNodeRegistry()
-    session = NodeSession("vn-a", "127.0.20.1", PortBlock(*range(20000, 20008)), stream=None, handler_task=None)
+class FlakyRegistry(InMemoryNodeRegistry):
+    """Fails the next ``failures`` status writes as an API server answering 500 would."""
+
+    def __init__(self, failures: int = 0) -> None:
+        super().__init__()
+        self.failures = failures
+        self.failed = 0
+
+    async def patch_status(self, name: str, status: JSON) -> None:
+        if self.failures:
+            self.failures -= 1
+            self.failed += 1
+            raise RuntimeError("API server answered 500")
+        await super().patch_status(name, status)
+
+
+class SlowRegistry(InMemoryNodeRegistry):
+    """Status writes wait until ``release`` is set (an API server that takes its time)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.in_flight = 0
+
+    async def patch_status(self, name: str, status: JSON) -> None:
+        self.in_flight += 1
+        try:
+            await self.release.wait()
+        finally:
+            self.in_flight -= 1
+        await super().patch_status(name, status)
+
+
+def make_session(name: str = "vn-a", address: str = "127.0.20.1") -> NodeSession:
+    session = NodeSession(name, address, PortBlock(*range(20000, 20008)), stream=None, handler_task=None)
     session.ray_state, session.ray_node_id, session.ray_verified_id = "running", "n1", "n1"
-    return SessionTable(config, registry), registry, session
+    return session
+
+
+def make_table(registry: InMemoryNodeRegistry | None = None) -> tuple[SessionTable, InMemoryNodeRegistry, NodeSession]:
+    config = GatewayConfig(
+        status_write_interval_s=30.0, latency_write_min_ms=1.0, latency_write_fraction=0.2, status_retry_s=0.01
+    )
+    registry = registry if registry is not None else InMemoryNodeRegistry()
+    return SessionTable(config, registry), registry, make_session()
 
 
 async def beat(table: SessionTable, session: NodeSession, rtt_ms: float | None = None, **fields: object) -> None:
@@ -27,13 +68,15 @@ async def beat(table: SessionTable, session: NodeSession, rtt_ms: float | None =
     else:
         now_ns = 0
     session.record_heartbeat(heartbeat, now_ns, alpha=1.0)  # alpha 1: the smoothed RTT is the last one
-    await table.write_status(session)
+    table.write_status(session)
+    await table.flush()
 
 
 async def test_heartbeats_that_change_nothing_are_not_written_until_the_refresh_is_due() -> None:
     table, registry, session = make_table()
     await registry.create("vn-a", {}, {})
-    await table.write_status(session, force=True)
+    table.write_status(session, force=True)
+    await table.flush()
     assert registry.status_writes == 1 and registry.objects["vn-a"]["status"]["phase"] == "Ready"
     for _ in range(20):
         await beat(table, session)
@@ -46,21 +89,24 @@ async def test_heartbeats_that_change_nothing_are_not_written_until_the_refresh_
 async def test_changes_are_written_at_once() -> None:
     table, registry, session = make_table()
     await registry.create("vn-a", {}, {})
-    await table.write_status(session, force=True)
+    table.write_status(session, force=True)
+    await table.flush()
     await beat(table, session, gpus=[pb.Gpu(model="L4", memory_mib=24576)])
     assert registry.status_writes == 2
     assert registry.objects["vn-a"]["status"]["gpus"] == [{"model": "L4", "memoryMiB": 24576}]
     await beat(table, session, gpus=[pb.Gpu(model="L4", memory_mib=24576)])  # the same again: nothing new
     assert registry.status_writes == 2
     session.draining = True
-    await table.write_status(session)
+    table.write_status(session)
+    await table.flush()
     assert registry.status_writes == 3 and registry.objects["vn-a"]["status"]["phase"] == "Draining"
 
 
 async def test_rtt_is_written_when_first_measured_and_when_it_moves_noticeably() -> None:
     table, registry, session = make_table()
     await registry.create("vn-a", {}, {})
-    await table.write_status(session, force=True)
+    table.write_status(session, force=True)
+    await table.flush()
     await beat(table, session, rtt_ms=20.0)  # the first measurement
     assert registry.status_writes == 2 and registry.objects["vn-a"]["status"]["latency"]["smoothedMs"] == 20.0
     await beat(table, session, rtt_ms=23.0)  # 15 %: drift, left for the refresh
@@ -71,16 +117,80 @@ async def test_rtt_is_written_when_first_measured_and_when_it_moves_noticeably()
     assert registry.status_writes == 3
 
 
-async def test_a_failed_write_is_tried_again_after_the_retry_delay() -> None:
-    table, registry, session = make_table()
-    await table.write_status(session, force=True)  # no such VolunteerNode yet: the write fails
-    assert registry.status_writes == 0
+async def test_a_failed_write_is_tried_again_until_it_lands() -> None:
+    table, registry, session = make_table(FlakyRegistry(failures=3))
     await registry.create("vn-a", {}, {})
-    await beat(table, session)  # within the retry delay: not yet
+    table.write_status(session, force=True)
+    assert await table.flush()
+    assert registry.failed == 3 and registry.status_writes == 1
+    assert registry.objects["vn-a"]["status"]["phase"] == "Ready"
+
+
+async def test_a_disconnect_whose_write_fails_is_still_written_once_the_api_is_back() -> None:
+    # The session is gone from the table right away; only the writer still knows the node.
+    table, registry, session = make_table(FlakyRegistry())
+    await registry.create("vn-a", {}, {})
+    table.attach(session)
+    await table.flush()
+    registry.failures = 2
+    table.detach(session, "HeartbeatTimeout", "no heartbeat within the timeout")
+    assert await table.flush()
+    status = registry.objects["vn-a"]["status"]
+    assert registry.failed == 2 and (status["phase"], status["connected"]) == ("NotReady", False)
+
+
+async def test_a_slow_write_holds_up_nobody_and_writes_of_one_node_land_in_order() -> None:
+    table, registry, old = make_table(SlowRegistry())
+    await registry.create("vn-a", {}, {})
+    table.attach(old)  # returns at once although the API takes its time
+    table.detach(old, "Disconnected", "control stream ended")
+    await asyncio.sleep(0)
+    assert registry.in_flight == 1  # the writes so far, merged into one: the latest says NotReady
+    new = make_session()
+    table.attach(new)  # the reconnect, handed over while the disconnect is still on its way
+    await asyncio.sleep(0)
+    assert registry.in_flight == 1  # one write per node at a time: the reconnect's waits its turn
+    registry.release.set()
+    assert await table.flush()
+    status = registry.objects["vn-a"]["status"]
+    assert (status["phase"], status["connected"]) == ("Ready", True)
+
+
+async def test_expired_nodes_are_written_together_not_one_after_another() -> None:
+    table, registry, _ = make_table(SlowRegistry())
+    for index in range(20):
+        name = f"vn-{index}"
+        await registry.create(name, {}, {})
+        session = make_session(name, f"127.0.20.{index + 1}")
+        session.last_seen -= 3600
+        table.by_name[name] = table.by_address[session.address] = session
+    assert len(table.expire_stale()) == 20
+    await asyncio.sleep(0)  # the writers start
+    assert registry.in_flight == 20  # not one at a time behind the slowest
+    registry.release.set()
+    assert await table.flush()
+    assert all(registry.objects[f"vn-{i}"]["status"]["phase"] == "NotReady" for i in range(20))
+
+
+async def test_last_heartbeat_says_when_the_agent_was_last_heard_not_when_status_was_written() -> None:
+    table, registry, session = make_table()
+    await registry.create("vn-a", {}, {})
+    session.record_heartbeat(pb.Heartbeat(ray_state="running", ray_node_id="n1"), now_ns=0, alpha=1.0)
+    session.last_heartbeat_at = "2026-01-01T00:00:00Z"  # long ago
+    table.attach(session)
+    table.detach(session, "HeartbeatTimeout", "no heartbeat within the timeout")
+    await table.flush()
+    assert registry.objects["vn-a"]["status"]["lastHeartbeat"] == "2026-01-01T00:00:00Z"
+
+
+async def test_a_deleted_node_is_not_written_again() -> None:
+    table, registry, session = make_table(SlowRegistry())
+    await registry.create("vn-a", {}, {})
+    table.attach(session)
+    table.revoke("vn-a")  # its VolunteerNode was deleted: queued writes are dropped
+    registry.release.set()
+    assert await table.flush()
     assert registry.status_writes == 0
-    session.status_retry_at -= table.config.status_retry_s
-    await beat(table, session)
-    assert registry.status_writes == 1 and registry.objects["vn-a"]["status"]["phase"] == "Ready"
 
 
 async def test_rtt_comes_only_from_answers_to_pings_the_gateway_sent() -> None:
@@ -119,11 +229,13 @@ async def test_a_node_flipping_its_state_on_every_message_gets_a_bounded_number_
         session.record_heartbeat(
             pb.Heartbeat(ray_state="running" if index % 2 else "stopped", ray_node_id="n1"), now_ns=0, alpha=1.0
         )
-        await table.write_status(session)
+        table.write_status(session)
+        await table.flush()
     assert registry.status_writes == 10
     assert registry.objects["vn-a"]["status"]["phase"] == "Ready"  # the 10th write: index 9, running
     # A change is written again once the window has passed.
     session.status_writes[0] -= 11
     session.record_heartbeat(pb.Heartbeat(ray_state="stopped", ray_node_id="n1"), now_ns=0, alpha=1.0)
-    await table.write_status(session)
+    table.write_status(session)
+    await table.flush()
     assert registry.status_writes == 11 and registry.objects["vn-a"]["status"]["phase"] == "NotReady"

@@ -1,0 +1,94 @@
+"""Writes VolunteerNode statuses in the background, one writer task per node.
+
+Status writes go to the Kubernetes API, which can be slow or fail for a while. Done inline, a slow
+write held up the Control loop that reads heartbeats (so a healthy node timed out), the liveness
+sweep wrote expired nodes one after another (so the last one went NotReady late), two writes of
+one node could land out of order (a reconnect overwritten by the old session's NotReady), and a
+failed "disconnected" write was never tried again (the node stayed Ready for good).
+
+Here a write is handed over and the caller goes on. Per node, writes land in the order they were
+handed over; one not yet sent is merged into by a later one (top-level keys, as the merge patch
+itself would), a failed one is tried again with backoff until it lands or the node is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .registry import NodeRegistry
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+MAX_RETRY_DELAY_S = 60.0
+
+
+class StatusWriter:
+    def __init__(self, registry: NodeRegistry, retry_s: float) -> None:
+        self.registry = registry
+        self.retry_s = retry_s
+        self._pending: dict[str, tuple[JSON, list[Callable[[], None]]]] = {}
+        self._writers: dict[str, asyncio.Task[None]] = {}
+        self.failed_writes = 0
+
+    def submit(self, name: str, status: JSON, on_written: Callable[[], None] | None = None) -> None:
+        """Queues a merge patch of the node's status; ``on_written`` runs once it has landed."""
+        queued, callbacks = self._pending.get(name, ({}, []))
+        self._pending[name] = ({**queued, **status}, callbacks + ([on_written] if on_written else []))
+        if name not in self._writers:
+            self._writers[name] = asyncio.get_running_loop().create_task(self._write_until_done(name))
+
+    def forget(self, name: str) -> None:
+        """The node is gone: drop what is queued for it and stop its writer."""
+        self._pending.pop(name, None)
+        writer = self._writers.pop(name, None)
+        if writer is not None:
+            writer.cancel()
+
+    def busy(self, name: str) -> bool:
+        return name in self._writers
+
+    async def flush(self, timeout_s: float) -> bool:
+        """Waits until everything queued has landed (or was given up); False on timeout."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._writers:
+                    await asyncio.wait(list(self._writers.values()))
+        except TimeoutError:
+            return False
+        return True
+
+    async def close(self, timeout_s: float) -> None:
+        """Flushes, then stops the writers still retrying."""
+        await self.flush(timeout_s)
+        for name in list(self._writers):
+            self.forget(name)
+
+    async def _write_until_done(self, name: str) -> None:
+        delay = self.retry_s
+        try:
+            while name in self._pending:
+                status, callbacks = self._pending.pop(name)
+                try:
+                    await self.registry.patch_status(name, status)
+                except KeyError:
+                    log.info("status of %s not written: the VolunteerNode is gone", name)
+                    self._pending.pop(name, None)
+                    return
+                except Exception:  # the API failed us: keep it for another try, merged under newer news
+                    self.failed_writes += 1
+                    log.exception("status write for %s failed; trying again in %.1fs", name, delay)
+                    newer, later_callbacks = self._pending.get(name, ({}, []))
+                    self._pending[name] = ({**status, **newer}, callbacks + later_callbacks)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, MAX_RETRY_DELAY_S)
+                    continue
+                delay = self.retry_s
+                for callback in callbacks:
+                    callback()
+        finally:
+            if self._writers.get(name) is asyncio.current_task():
+                del self._writers[name]
