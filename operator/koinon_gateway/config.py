@@ -2,7 +2,37 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
+
+# Bind hosts that accept connections to any local address, the head's included.
+WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
+
+
+def _bind_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a "host:port" listen address; None for "unix:..." or what does not parse
+    (the server reports a malformed address when it binds)."""
+    if address.startswith("unix:"):
+        return None
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _same_address(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a == b
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -74,6 +104,55 @@ class GatewayConfig:
         for low, high in self.head_port_ranges:
             if not 0 < low <= high < 65536:
                 raise ValueError(f"head_port_ranges: bad range {low}-{high}")
+        self._validate_own_ports_not_head_ports()
+        self._validate_vip_cidr()
+
+    def _head_field_allowing(self, port: int) -> str:
+        """The start of an error message naming the head setting that opens ``port`` at head_address."""
+        if port == self.head_gcs_port:
+            return f"head_gcs_port: {port} is"
+        if port in self.head_ports:
+            return f"head_ports: {port} is"
+        low, high = next((low, high) for low, high in self.head_port_ranges if low <= port <= high)
+        return f"head_port_ranges: {low}-{high} includes {port},"
+
+    def _validate_own_ports_not_head_ports(self) -> None:
+        """Volunteers may dial head_address at the head's Ray ports; the gateway's own listeners
+        must not answer there. A listener answers at head_address when it binds to a wildcard
+        address, to head_address itself, or to a host name (which may resolve to it; a head_address
+        given as a name is compared as text). Port 0 (a free port) cannot be checked here."""
+        for name, address in (
+            ("listen", self.listen),
+            ("admin_listen", self.admin_listen),
+            ("head_proxy_listen", self.head_proxy_listen),
+        ):
+            bound = _bind_host_port(address)
+            if bound is None:
+                continue
+            host, port = bound
+            if port == 0 or not self.head_port_allowed(port):
+                continue
+            if host in WILDCARD_HOSTS or _same_address(host, self.head_address) or not _is_ip(host):
+                raise ValueError(
+                    f"{self._head_field_allowing(port)} the port of {name} ({address}), which also "
+                    f"answers at head_address {self.head_address}: volunteers could reach the gateway's "
+                    f"own port through the tunnel; keep the head's Ray ports clear of the gateway's ports"
+                )
+
+    def _validate_vip_cidr(self) -> None:
+        try:
+            network = ipaddress.IPv4Network(self.vip_cidr)
+        except ValueError as exc:
+            raise ValueError(f"vip_cidr: {exc}") from exc
+        try:
+            head = ipaddress.ip_address(self.head_address)
+        except ValueError:
+            return  # a host name: not an address the allocator could hand out
+        if head in network:
+            raise ValueError(
+                f"vip_cidr: {self.vip_cidr} contains head_address {self.head_address}; volunteers' "
+                f"virtual addresses are drawn from it, so a node could be given the head's address"
+            )
 
     def head_port_allowed(self, port: int) -> bool:
         if port == self.head_gcs_port or port in self.head_ports:

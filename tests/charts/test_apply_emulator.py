@@ -1,8 +1,9 @@
 """Rendered chart and manifests/ applied with the real kubectl to the Kubernetes API emulator.
 
 The emulator takes no protobuf bodies, so `helm install` cannot talk to it: `helm template |
-kubectl apply -f -` is used instead. It serves Deployments but not DaemonSets or PVCs, so the
-DaemonSet kind and persistence.type=pvc are covered by the rendering tests only.
+kubectl apply -f -` is used instead. It serves Deployments but not DaemonSets, PVCs or
+NetworkPolicies, so the DaemonSet kind, persistence.type=pvc and the gateway's NetworkPolicy are
+covered by the rendering tests only.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-from .helpers import MANIFESTS, Tools, helm_template
+from .helpers import MANIFESTS, Tools, helm_template, parse_documents
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -24,7 +26,9 @@ def kubectl(tools: Tools, kubeconfig: Path, *args: str, stdin: str | None = None
 
 
 def test_manifests_apply_and_read_back(tools: Tools, emulator_kubeconfig: Path) -> None:
-    rendered = kubectl(tools, emulator_kubeconfig, "kustomize", str(MANIFESTS))
+    documents = parse_documents(kubectl(tools, emulator_kubeconfig, "kustomize", str(MANIFESTS)))
+    assert [d["metadata"]["name"] for d in documents if d["kind"] == "NetworkPolicy"] == ["koinon-gateway"]
+    rendered = yaml.safe_dump_all([d for d in documents if d["kind"] != "NetworkPolicy"])
     out = kubectl(tools, emulator_kubeconfig, "apply", "-f", "-", stdin=rendered)
     assert "deployment.apps/koinon-gateway created" in out
     assert "service/koinon-gateway created" in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from koinon_gateway.kube_client import SERVICE_ACCOUNT_DIR
 from koinon_gateway.main import build_parser
 
 from .helpers import MANIFESTS, Manifest, Tools, parse_documents
@@ -36,6 +37,7 @@ def test_gateway_objects_in_koinon_system(rendered: list[Manifest]) -> None:
         ("ClusterRole", "koinon-gateway"),
         ("ClusterRoleBinding", "koinon-gateway"),
         ("Deployment", "koinon-gateway"),
+        ("NetworkPolicy", "koinon-gateway"),
         ("Role", "koinon-gateway"),
         ("RoleBinding", "koinon-gateway"),
         ("Service", "koinon-gateway"),
@@ -112,17 +114,21 @@ def test_probes_and_security(rendered: list[Manifest]) -> None:
 
 
 def test_rbac_is_least_privilege(rendered: list[Manifest]) -> None:
+    # Each verb is one the gateway server calls (kube_tokens.py, kube_ca.py, kube_registry.py):
+    # delete on Secrets is the expired-token cleaner; revoke (patch) is `koinon-gateway token`,
+    # run with the platform team's own credentials.
     role = _find(rendered, "Role", "koinon-gateway")
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch", "create", "update", "patch"]}
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "update", "delete"]}
     ]
     cluster_role = _find(rendered, "ClusterRole", "koinon-gateway")
     assert cluster_role["rules"] == [
         {
             "apiGroups": ["koinon.dev"],
-            "resources": ["volunteernodes", "volunteernodes/status"],
-            "verbs": ["get", "list", "watch", "create", "patch", "update", "delete"],
-        }
+            "resources": ["volunteernodes"],
+            "verbs": ["get", "list", "watch", "create", "delete"],
+        },
+        {"apiGroups": ["koinon.dev"], "resources": ["volunteernodes/status"], "verbs": ["patch"]},
     ]
     for kind in ("RoleBinding", "ClusterRoleBinding"):
         binding = _find(rendered, kind, "koinon-gateway")
@@ -130,3 +136,80 @@ def test_rbac_is_least_privilege(rendered: list[Manifest]) -> None:
             {"kind": "ServiceAccount", "name": "koinon-gateway", "namespace": "koinon-system"}
         ]
         assert binding["roleRef"]["name"] == "koinon-gateway"
+
+
+def test_only_the_gateway_container_gets_the_service_account_token(rendered: list[Manifest]) -> None:
+    # The Ray head runs code volunteers can place on it (a num_cpus=0 task pinned to the head): it
+    # must not hold the gateway's Kubernetes credentials.
+    pod = _find(rendered, "Deployment", "koinon-gateway")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    projected = {v["name"]: v["projected"] for v in pod["volumes"] if "projected" in v}
+    token_volumes = [
+        name for name, p in projected.items() if any("serviceAccountToken" in source for source in p["sources"])
+    ]
+    assert token_volumes == ["kube-api-access"]
+    sources = projected["kube-api-access"]["sources"]
+    assert {"serviceAccountToken": {"path": "token", "expirationSeconds": 3607}} in sources
+    assert {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}} in sources
+    namespace_items = [item for s in sources if "downwardAPI" in s for item in s["downwardAPI"]["items"]]
+    assert namespace_items == [
+        {"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}
+    ]
+    mounts = {
+        c["name"]: [m for m in c.get("volumeMounts", []) if m["name"] in token_volumes] for c in pod["containers"]
+    }
+    assert mounts.pop("gateway") == [
+        {"name": "kube-api-access", "mountPath": str(SERVICE_ACCOUNT_DIR), "readOnly": True}
+    ]
+    assert mounts == {"ray-head": []}
+    assert not pod.get("initContainers")
+
+
+def _ports_of(rule: Manifest) -> list[tuple[str, int]]:
+    return [(p["protocol"], p["port"]) for p in rule["ports"]]
+
+
+def test_network_policy_opens_the_services_ports_only(rendered: list[Manifest]) -> None:
+    deployment = _find(rendered, "Deployment", "koinon-gateway")
+    pod = deployment["spec"]["template"]["spec"]
+    container_ports = {p["name"]: p["containerPort"] for c in pod["containers"] for p in c["ports"]}
+    assert container_ports == {"agents": 7443, "admin": 7481, "dashboard": 8265}
+    policy = _find(rendered, "NetworkPolicy", "koinon-gateway")
+    assert policy["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    spec = policy["spec"]
+    assert spec["podSelector"] == {"matchLabels": deployment["spec"]["selector"]["matchLabels"]}
+    # Ingress only: egress (API server, DNS, Ray's own) stays open.
+    assert spec["policyTypes"] == ["Ingress"]
+    rules = {port: rule for rule in spec["ingress"] for _, port in _ports_of(rule)}
+    assert all(len(rule["ports"]) == 1 and rule["ports"][0]["protocol"] == "TCP" for rule in spec["ingress"])
+    assert sorted(rules) == sorted(container_ports.values())
+    # Each Service's target port is open, and to whom it should be.
+    for service_name in ("koinon-gateway", "koinon-gateway-internal", "koinon-ray-head"):
+        for port in _find(rendered, "Service", service_name)["spec"]["ports"]:
+            assert container_ports[port["targetPort"]] in rules, f"{service_name} port {port['name']} is closed"
+    assert "from" not in rules[container_ports["agents"]]  # volunteers, from anywhere
+    operator_labels = _find(rendered, "Deployment", "koinon-operator")["spec"]["template"]["metadata"]["labels"]
+    [operator_peer] = rules[container_ports["dashboard"]]["from"]
+    assert set(operator_peer) == {"podSelector"}  # the policy's own namespace, koinon-system
+    assert operator_peer["podSelector"]["matchLabels"].items() <= operator_labels.items()
+    monitoring = {"koinon.dev/gateway-metrics": "true"}
+    assert rules[container_ports["admin"]]["from"] == [
+        {"namespaceSelector": {"matchLabels": monitoring}},
+        {"podSelector": {"matchLabels": monitoring}},
+    ]
+
+
+def test_ray_head_ports_are_not_opened_to_other_pods(rendered: list[Manifest]) -> None:
+    pod = _find(rendered, "Deployment", "koinon-gateway")["spec"]["template"]["spec"]
+    head = next(c for c in pod["containers"] if c["name"] == "ray-head")
+    flags = dict(arg.removeprefix("--").split("=", 1) for arg in head["command"] if "=" in arg)
+    ray_ports = {
+        int(value) for name, value in flags.items() if name.endswith("port") and name != "dashboard-port"
+    }  # --port (GCS), --node-manager-port, ...
+    ray_ports |= set(range(int(flags["min-worker-port"]), int(flags["max-worker-port"]) + 1))
+    assert {6379, 6380, 6381, 6382, 6383, 6384, 6385, 10001, 10002, 10100} <= ray_ports
+    assert 7480 not in ray_ports  # the head proxy: loopback only, never in the policy either
+    policy = _find(rendered, "NetworkPolicy", "koinon-gateway")["spec"]
+    opened = {port for rule in policy["ingress"] for _, port in _ports_of(rule)}
+    assert opened == {7443, 7481, int(flags["dashboard-port"])}
+    assert not opened & (ray_ports | {7480})

@@ -1,0 +1,71 @@
+"""manifests/operator (and what both pods share): what `kubectl kustomize manifests` renders,
+checked against what the operator's code and kopf call."""
+
+from __future__ import annotations
+
+import pytest
+
+from .helpers import MANIFESTS, Manifest, Tools, parse_documents
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def rendered(tools: Tools) -> list[Manifest]:
+    result = tools.run(tools.kubectl, "kustomize", str(MANIFESTS))
+    assert result.returncode == 0, result.stderr
+    return parse_documents(result.stdout)
+
+
+def _find(docs: list[Manifest], kind: str, name: str) -> Manifest:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def test_operator_rbac_is_least_privilege(rendered: list[Manifest]) -> None:
+    # kopf: list/watch, PATCH only (finalizers, annotations, /status), core v1 Events (POST),
+    # CRD discovery; no peering (standalone), no namespace listing (cluster-wide). The operator:
+    # AIJob delete (TTL), VolunteerNode get and /status patch (reputation). No update anywhere.
+    cluster_role = _find(rendered, "ClusterRole", "koinon-operator")
+    assert cluster_role["rules"] == [
+        {"apiGroups": ["koinon.dev"], "resources": ["aijobs"], "verbs": ["get", "list", "watch", "patch", "delete"]},
+        {"apiGroups": ["koinon.dev"], "resources": ["volunteernodes"], "verbs": ["get", "list", "watch", "patch"]},
+        {
+            "apiGroups": ["koinon.dev"],
+            "resources": ["aijobs/status", "volunteernodes/status"],
+            "verbs": ["get", "patch"],
+        },
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+        {
+            "apiGroups": ["apiextensions.k8s.io"],
+            "resources": ["customresourcedefinitions"],
+            "verbs": ["get", "list", "watch"],
+        },
+    ]
+    binding = _find(rendered, "ClusterRoleBinding", "koinon-operator")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "koinon-operator", "namespace": "koinon-system"}]
+    assert binding["roleRef"]["name"] == "koinon-operator"
+
+
+def test_operator_runs_cluster_wide(rendered: list[Manifest]) -> None:
+    # The RBAC above has no namespaces rule: kopf lists namespaces only with --namespace.
+    container = _find(rendered, "Deployment", "koinon-operator")["spec"]["template"]["spec"]["containers"][0]
+    assert not any(arg.startswith("--namespace") for arg in container["command"] + container.get("args", []))
+    assert "KOINON_NAMESPACE" not in {e["name"] for e in container["env"]}
+
+
+def test_pods_meet_pod_security_restricted(rendered: list[Manifest]) -> None:
+    for name in ("koinon-gateway", "koinon-operator"):
+        pod = _find(rendered, "Deployment", name)["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["runAsUser"] != 0, name
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), name
+        for volume in pod["volumes"]:
+            assert set(volume) - {"name"} <= {"secret", "emptyDir", "projected", "configMap", "downwardAPI"}, volume
+        for container in pod["containers"]:
+            where = f"{name}/{container['name']}"
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False, where
+            assert context["capabilities"] == {"drop": ["ALL"]}, where
+            assert not context.get("privileged"), where
+            assert "memory" in container["resources"]["limits"], where

@@ -1,0 +1,114 @@
+"""GatewayConfig.validate: the head's Ray ports must not open the gateway's own ports to volunteers,
+and volunteers' virtual addresses must not include the head's address."""
+
+from __future__ import annotations
+
+import pytest
+from koinon_gateway.config import GatewayConfig
+from koinon_gateway.main import build_parser, config_from_args
+
+HEAD = "127.0.10.1"
+
+
+def test_defaults_validate() -> None:
+    GatewayConfig().validate()
+
+
+def test_head_port_range_covering_the_admin_port_is_refused() -> None:
+    config = GatewayConfig(
+        head_address=HEAD, listen="unix:/tmp/gw.sock", admin_listen="0.0.0.0:7481", head_port_ranges=[(7000, 8000)]
+    )
+    with pytest.raises(ValueError, match=r"^head_port_ranges: 7000-8000 includes 7481, the port of admin_listen"):
+        config.validate()
+
+
+def test_head_port_range_covering_the_agent_port_is_refused() -> None:
+    config = GatewayConfig(head_address=HEAD, listen="0.0.0.0:7443", head_port_ranges=[(7000, 8000)])
+    with pytest.raises(ValueError, match=r"^head_port_ranges: 7000-8000 includes 7443, the port of listen"):
+        config.validate()
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("head_gcs_port", 7443, r"^head_gcs_port: 7443 is the port of listen \(\[::\]:7443\)"),
+        ("head_ports", [7443], r"^head_ports: 7443 is the port of listen"),
+        ("head_port_ranges", [(7443, 7443)], r"^head_port_ranges: 7443-7443 includes 7443, the port of listen"),
+    ],
+)
+def test_each_head_port_setting_is_named(field: str, value: object, message: str) -> None:
+    config = GatewayConfig(head_address=HEAD, listen="[::]:7443")
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=message):
+        config.validate()
+
+
+@pytest.mark.parametrize("host", [HEAD, "0.0.0.0", "", "gateway.example.org"])
+def test_listeners_that_answer_at_the_head_address_are_checked(host: str) -> None:
+    config = GatewayConfig(head_address=HEAD, head_proxy_listen=f"{host}:7480", head_ports=[7480])
+    with pytest.raises(ValueError, match=r"head_ports: 7480 is the port of head_proxy_listen"):
+        config.validate()
+
+
+@pytest.mark.parametrize(
+    ("listen", "admin_listen"),
+    [
+        # Bound to another loopback address: head_address:7481 reaches nothing of the gateway.
+        ("127.0.0.1:7443", "127.0.0.1:7481"),
+        # A Unix socket, or a free port: nothing to check before binding.
+        ("unix:/tmp/gw.sock", "0.0.0.0:0"),
+    ],
+)
+def test_listeners_out_of_the_heads_reach_pass(listen: str, admin_listen: str) -> None:
+    GatewayConfig(
+        head_address=HEAD, listen=listen, admin_listen=admin_listen, head_port_ranges=[(7000, 8000)]
+    ).validate()
+
+
+def test_vip_cidr_containing_the_head_address_is_refused() -> None:
+    config = GatewayConfig(head_address=HEAD, vip_cidr="127.0.8.0/22")
+    with pytest.raises(ValueError, match=r"^vip_cidr: 127.0.8.0/22 contains head_address 127.0.10.1"):
+        config.validate()
+
+
+def test_vip_cidr_that_does_not_parse_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"^vip_cidr: "):
+        GatewayConfig(vip_cidr="127.0.20.1/22").validate()  # host bits set
+
+
+def test_vip_cidr_beside_the_head_address_passes() -> None:
+    GatewayConfig(head_address=HEAD, vip_cidr="127.0.20.0/22").validate()
+    GatewayConfig(head_address="ray-head.local", vip_cidr="127.0.20.0/22").validate()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        # manifests/gateway/deployment.yaml
+        [
+            "--listen=0.0.0.0:7443",
+            "--head-proxy-listen=127.0.0.1:7480",
+            "--admin-listen=0.0.0.0:7481",
+            f"--head-address={HEAD}",
+            "--head-gcs-port=6379",
+            "--head-ports=6380,6381,6382,10002-10100",
+            "--vip-cidr=127.0.20.0/22",
+        ],
+        # koinon dev up (koinon_dev/tunnel_plane.py; its head ports are drawn at start, its listeners
+        # are a Unix socket and free ports): the lowest and highest vip octet it draws
+        *(
+            [
+                "--listen=unix:/tmp/gw.sock",
+                "--head-proxy-listen=127.0.0.1:0",
+                "--admin-listen=127.0.0.1:0",
+                f"--head-address={HEAD}",
+                "--head-gcs-port=6379",
+                "--head-ports=6380,6381,6382,10002-10100",
+                f"--vip-cidr=127.{octet}.0.0/24",
+            ]
+            for octet in (20, 219)
+        ),
+    ],
+)
+def test_configurations_in_use_validate(argv: list[str]) -> None:
+    config_from_args(build_parser().parse_args(argv)).validate()
