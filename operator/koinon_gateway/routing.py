@@ -74,7 +74,7 @@ class Router:
             raise self.refuse(origin, host, port, reason, f"{host} is not a connected cluster address")
         if source is not None and target is source:
             raise self.refuse(origin, host, port, "forbidden-address", "a node cannot dial itself through the tunnel")
-        if not target.ports.allows(port):
+        if not target.ports.allows(port, from_head=source is None):
             raise self.refuse(origin, host, port, "forbidden-port", f"port {port} is not a Ray port of {host}")
         return Route("node", host, port, target)
 

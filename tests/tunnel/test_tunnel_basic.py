@@ -75,6 +75,13 @@ async def test_volunteer_to_volunteer_and_head_to_volunteer(tmp_path: Path) -> N
             assert status == 200
             assert await echo_roundtrip(reader, writer, b"hello from the head") == b"hello from the head"
             writer.close()
+        # The head may reach the volunteer's dashboard agent (logs, profiling); other volunteers may not.
+        agent_port = b.assignment.ports.dashboard_agent_grpc_port  # type: ignore[union-attr]
+        async with echo_server(b_address, agent_port):
+            status, reader, writer = await connect_via_proxy(head_proxy_port, b_address, agent_port)
+            assert status == 200
+            assert await echo_roundtrip(reader, writer, b"logs please") == b"logs please"
+            writer.close()
 
 
 @pytest.mark.parametrize(
@@ -85,6 +92,8 @@ async def test_volunteer_to_volunteer_and_head_to_volunteer(tmp_path: Path) -> N
         ("admin", "forbidden-port"),
         ("self", "forbidden-address"),
         ("peer-bad-port", "forbidden-port"),
+        ("peer-dashboard-agent", "forbidden-port"),  # the head's alone
+        ("peer-metrics", "forbidden-port"),
     ],
 )
 async def test_access_control_refuses_and_counts(tmp_path: Path, target: str, reason: str) -> None:
@@ -98,6 +107,8 @@ async def test_access_control_refuses_and_counts(tmp_path: Path, target: str, re
             "admin": ("127.0.0.1", admin_port),
             "self": (a.identity.address, a.assignment.ports.node_manager_port),  # type: ignore[union-attr]
             "peer-bad-port": (b.identity.address, 22),  # type: ignore[union-attr]
+            "peer-dashboard-agent": (b.identity.address, b.assignment.ports.dashboard_agent_grpc_port),  # type: ignore[union-attr]
+            "peer-metrics": (b.identity.address, b.assignment.ports.metrics_export_port),  # type: ignore[union-attr]
         }[target]
         status, _, writer = await connect_via_proxy(a._proxy.port, host, port)  # type: ignore[union-attr]
         writer.close()
