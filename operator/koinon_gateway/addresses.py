@@ -30,7 +30,7 @@ class PortBlock:
         """Whether a dial to ``port`` of this node may pass. Other volunteers need only what Ray's
         data plane uses between nodes (raylet, object manager, workers); the dashboard agent (task
         logs, profiling) and the metrics exporter serve the head alone."""
-        fixed = (self.node_manager_port, self.object_manager_port)
+        fixed: tuple[int, ...] = (self.node_manager_port, self.object_manager_port)
         if from_head:
             fixed += (self.dashboard_agent_grpc_port, self.metrics_export_port)
         return port in fixed or self.min_worker_port <= port <= self.max_worker_port
