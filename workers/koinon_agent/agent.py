@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable
@@ -32,7 +33,15 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-FATAL_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
+# UNIMPLEMENTED: the server does not serve this agent's protocol (another tunnel version, or not a
+# Koinon gateway at all); retrying cannot change that, so the agent stops and says so.
+FATAL_CODES = (
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNIMPLEMENTED,
+)
+TUNNEL_SERVICE = pb.DESCRIPTOR.services_by_name["Tunnel"].full_name  # koinon.tunnel.v1.Tunnel
 
 
 class JoinRefused(Exception):
@@ -41,6 +50,19 @@ class JoinRefused(Exception):
 
 class DrainedBeforeJoining(JoinRefused):
     """Asked to stop (SIGTERM) before the node had joined: nothing to drain, a clean exit."""
+
+
+class _DrainDone(Exception):
+    """The drain finished (Ray stopped) while a session was still waiting for the gateway."""
+
+
+def _refusal(exc: grpc.aio.AioRpcError, prefix: str) -> JoinRefused:
+    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+        return JoinRefused(
+            f"gateway does not serve {TUNNEL_SERVICE}, the tunnel protocol this agent "
+            f"(koinon-agent {VERSION}) speaks: {exc.details()}; run an agent that matches the gateway's version"
+        )
+    return JoinRefused(f"{prefix}{exc.details() or exc.code().name}")
 
 
 def backoff_delays(initial: float, maximum: float) -> BackoffIterator:
@@ -81,6 +103,9 @@ class Agent:
         self.connected = asyncio.Event()
         self.registrations = 0
         self._drain = asyncio.Event()
+        self._drain_deadline = 0.0  # monotonic; the grace counts from the first drain request
+        self._drain_now = asyncio.Event()  # skip what is left of the grace (a second SIGTERM)
+        self._drain_done = asyncio.Event()  # the drain has stopped Ray
         self._control_channel: grpc.aio.Channel | None = None
         self._data_channel: grpc.aio.Channel | None = None
         self._proxy: LocalProxy | None = None
@@ -93,8 +118,14 @@ class Agent:
 
     # ---- public ----
 
-    def request_drain(self) -> None:
-        self._drain.set()
+    def request_drain(self, *, now: bool = False) -> None:
+        """Drain: tell the gateway, give running Ray tasks the grace period (counted from the first
+        request), stop Ray, return from run(). ``now``: skip what is left of the grace."""
+        if not self._drain.is_set():
+            self._drain_deadline = time.monotonic() + self.config.drain_grace_s
+            self._drain.set()
+        if now:
+            self._drain_now.set()
 
     def _channel(self, which: str) -> grpc.aio.Channel:
         channel = self._control_channel if which == "control" else self._data_channel
@@ -123,7 +154,13 @@ class Agent:
             self.identity = await self._ensure_identity()
             self._proxy = LocalProxy(lambda: tunnel_stub(self._channel("data")), self._metadata)
             await self._proxy.start(port=self.config.proxy_port)
-            await self._session_loop()
+            # The drain runs beside the sessions, not in one: a Control stream lost mid-drain (or
+            # none at all, SIGTERM during an outage) must not cut the running tasks' grace short.
+            drainer = asyncio.ensure_future(self._drain_ray())
+            try:
+                await self._session_loop()
+            finally:
+                drainer.cancel()
         finally:
             await self._shutdown()
 
@@ -189,7 +226,7 @@ class Agent:
                 break
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL_CODES:
-                    raise JoinRefused(exc.details() or exc.code().name) from exc
+                    raise _refusal(exc, "") from exc
                 delay = delays.next()
                 log.warning("join failed (%s); retrying in %.1fs", exc.code().name, delay)
                 await self._sleep_or_drain(delay)
@@ -218,7 +255,7 @@ class Agent:
                     return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL_CODES:
-                    raise JoinRefused(f"gateway refused this node: {exc.details()}") from exc
+                    raise _refusal(exc, "gateway refused this node: ") from exc
                 log.warning("control stream lost: %s %s", exc.code().name, exc.details())
             except TimeoutError:
                 log.warning("gateway silent for longer than the heartbeat timeout")
@@ -228,7 +265,9 @@ class Agent:
             if self._disconnected_at is None:
                 self._disconnected_at = time.monotonic()
             if self._drain.is_set():
-                await self._stop_ray()
+                # The session only carried the news to the gateway; running tasks keep what is
+                # left of their grace without it.
+                await self._drain_done.wait()
                 return
             if time.monotonic() - started > 30:
                 delays.reset()
@@ -239,15 +278,20 @@ class Agent:
     async def _unless_drained(self, work: Awaitable[T]) -> T:
         """``work``'s result; DrainedBeforeJoining as soon as a drain is asked for instead (a Join
         waiting on a silent gateway must not hold SIGTERM up for its whole timeout)."""
+        return await self._unless(self._drain, work, DrainedBeforeJoining("drained before joining"))
+
+    @staticmethod
+    async def _unless(event: asyncio.Event, work: Awaitable[T], interrupted: Exception) -> T:
+        """``work``'s result; ``interrupted`` raised (and ``work`` cancelled) once ``event`` is set."""
         task = asyncio.ensure_future(work)
-        drained = asyncio.ensure_future(self._drain.wait())
+        waiter = asyncio.ensure_future(event.wait())
         try:
-            await asyncio.wait({task, drained}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            drained.cancel()
-        if not task.done():
-            task.cancel()
-            raise DrainedBeforeJoining("drained before joining")
+            waiter.cancel()
+            task.cancel()  # a no-op once done; else (interrupted, or we were cancelled) it must not linger
+        if task not in done:
+            raise interrupted
         return task.result()
 
     async def _sleep_or_drain(self, delay: float) -> None:
@@ -272,7 +316,8 @@ class Agent:
             if message.HasField("heartbeat"):
                 self._last_heartbeat_at = time.monotonic()
 
-        try:
+        async def register() -> object:
+            assert self.identity is not None
             await send(
                 pb.AgentMessage(
                     register=pb.Register(
@@ -285,8 +330,16 @@ class Agent:
                     )
                 )
             )
-            first = await asyncio.wait_for(call.read(), 15)
-            if first is EOF or first.WhichOneof("msg") != "registered":
+            return await asyncio.wait_for(call.read(), 15)
+
+        try:
+            try:
+                # A drain that ends (Ray stopped) while the gateway keeps us waiting here (up to
+                # 15 s) ends the agent now, not when the registration times out.
+                first = await self._unless(self._drain_done, register(), _DrainDone())
+            except _DrainDone:
+                return True
+            if not isinstance(first, pb.GatewayMessage) or first.WhichOneof("msg") != "registered":
                 raise ConnectionError("gateway did not acknowledge the registration")
             self.assignment = first.registered.assignment
             self.registrations += 1
@@ -339,7 +392,7 @@ class Agent:
             task.add_done_callback(self._tasks.discard)
         elif kind == "drain":
             log.info("gateway asked to drain: %s", message.drain.reason)
-            self._drain.set()
+            self.request_drain()
         elif kind == "credential":
             self._store_credential(message.credential)
         elif kind == "error":
@@ -408,8 +461,8 @@ class Agent:
     # ---- Ray ----
 
     async def _after_registration(self) -> None:
-        if not self.config.start_ray:
-            return
+        if not self.config.start_ray or self._drain.is_set():
+            return  # a drain stops Ray; a session registered meanwhile must not restart it
         if self._ray_restart is not None and not self._ray_restart.done():
             return  # a replacement is under way (a reconnect during it changes nothing)
         outage = time.monotonic() - self._disconnected_at if self._disconnected_at else 0.0
@@ -484,17 +537,29 @@ class Agent:
         if self.ray is not None:
             await self.ray.stop()
 
+    def _grace_left(self) -> float:
+        return 0.0 if self._drain_now.is_set() else max(0.0, self._drain_deadline - time.monotonic())
+
+    async def _drain_ray(self) -> None:
+        """On drain: let running tasks finish (up to the grace period, or until a second request
+        says now), then stop Ray. Independent of the Control stream, which may come and go."""
+        await self._drain.wait()
+        try:
+            while self.ray is not None and self.ray.busy_workers() > 0 and (left := self._grace_left()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._drain_now.wait(), min(0.5, left))
+            await self._stop_ray()
+        finally:
+            self._drain_done.set()
+
     async def _drain_watch(self, send: object) -> None:
-        """On drain: tell the gateway, let running tasks finish (up to the grace period), stop Ray."""
+        """On drain: tell the gateway (best effort: _drain_ray does the draining with or without a
+        session), keep the session up (heartbeating) until Ray has stopped."""
         assert callable(send)
         await self._drain.wait()
-        grace = self.config.drain_grace_s
-        await send(pb.AgentMessage(drain=pb.DrainRequest(reason="agent stopping", grace_seconds=int(grace))))
-        deadline = time.monotonic() + grace
-        while self.ray is not None and self.ray.busy_workers() > 0 and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
-            await send(pb.AgentMessage(heartbeat=self._heartbeat(None)))
-        await self._stop_ray()
+        grace = pb.DrainRequest(reason="agent stopping", grace_seconds=math.ceil(self._grace_left()))
+        await send(pb.AgentMessage(drain=grace))
+        await self._drain_done.wait()
 
     async def _shutdown(self) -> None:
         await self._stop_ray()

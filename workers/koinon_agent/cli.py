@@ -149,11 +149,25 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     return config
 
 
+def drain_on_signals(agent: Agent, loop: asyncio.AbstractEventLoop) -> None:
+    """SIGTERM/SIGINT drains the agent; a second one skips what is left of the grace period and
+    stops Ray at once (SIGKILL would leave Ray running: it has a process group of its own)."""
+    received = 0
+
+    def on_signal() -> None:
+        nonlocal received
+        received += 1
+        if received > 1:
+            logging.getLogger(__name__).warning("second signal: stopping Ray without waiting for running tasks")
+        agent.request_drain(now=received > 1)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+
+
 async def _run(config: AgentConfig) -> None:
     agent = Agent(config)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, agent.request_drain)
+    drain_on_signals(agent, asyncio.get_running_loop())
     await agent.run()
 
 
