@@ -4,6 +4,9 @@ reach the platform only through it.
 When running as root, each agent runs in its own network namespace holding nothing but a loopback
 interface: it has no route anywhere, and the gateway's unix socket (a path, visible across network
 namespaces) is its only way out, as behind a home NAT that allows only outbound connections.
+Because every unix socket path crosses network namespaces, the agent also gets its own view of
+/tmp holding only that socket, the CA and its own directories (volunteer_sandbox): the head's Ray
+sockets and the other volunteers' credentials are not there.
 Without root, agents run as plain processes; their Ray traffic is still forced through the tunnel
 (Ray's gRPC goes to the agent's local proxy, which only knows the gateway).
 """
@@ -15,6 +18,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -47,6 +51,13 @@ def create_netns(name: str) -> None:
 
 
 def delete_netns(name: str) -> None:
+    """Kills whatever still runs in the namespace, then deletes it. Ray's helpers (dashboard agent,
+    runtime env agent, workers) do not always exit with their raylet, and a process left inside
+    would keep the (then nameless) namespace alive."""
+    listed = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+    for pid in listed.stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
     subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
@@ -146,6 +157,8 @@ class LocalAgent:
     gpu_memory_mib: int = 16384
     cpus: int = 2
     netns: str | None = None
+    # Directories outside /tmp a volunteer in a namespace must not see (the control plane's state).
+    hide: tuple[Path, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
     process: ManagedProcess | None = None
 
@@ -168,11 +181,27 @@ class LocalAgent:
         ]  # fmt: skip
         if self.netns:
             create_netns(self.netns)
-            argv = ["ip", "netns", "exec", self.netns, *argv]
+            argv = ["ip", "netns", "exec", self.netns, *self._sandbox(), *argv]
         # The join token goes through the environment, not argv (argv is visible to every user).
         env = {**os.environ, "KOINON_TOKEN": self.join_token, **self.extra_env}
         self.process = ManagedProcess(f"agent-{self.name}", argv, self.log_dir / f"agent-{self.name}.log", env)
         self.process.start()
+
+    def _sandbox(self) -> list[str]:
+        """The volunteer_sandbox prefix: of /tmp the volunteer sees only the gateway's socket, the
+        CA and its own directories (unix socket paths cross network namespaces; see that module)."""
+        work_dir = self.gateway.work_dir
+        own = [work_dir / f"agent-{self.name}", work_dir / f"ray-{self.name}"]
+        for directory in own:
+            directory.mkdir(mode=0o700, exist_ok=True)
+        socket_path = self.gateway.agent_target.removeprefix("unix:")
+        exposed = [socket_path, self.gateway.ca_path, *map(str, own)]
+        return [
+            sys.executable, "-m", "koinon_dev.volunteer_sandbox",
+            *(f"--expose={path}" for path in exposed),
+            *(f"--hide={path}" for path in self.hide),
+            "--",
+        ]  # fmt: skip
 
     def node_name(self) -> str | None:
         """The name the gateway gave this volunteer (its VolunteerNode), once it has joined."""
