@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
 import sys
 from pathlib import Path
 
 from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
 
 from koinon_dev.cluster import DevCluster, DevClusterConfig, DevClusterInfo, kubectl
+from koinon_dev.processes import TerminatedBySignal, signals_as_exceptions
 
 
 def _cluster(args: argparse.Namespace) -> DevCluster:
@@ -74,7 +76,16 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from koinon_dev.demo import run_demo
 
-    return run_demo(_cluster(args), Path(args.example), timeout=args.timeout)
+    # A SIGTERM/SIGHUP (CI cancelling, terminal closed) stops the demo as Ctrl-C would: all goes down.
+    with signals_as_exceptions():
+        return run_demo(_cluster(args), Path(args.example), timeout=args.timeout)
+
+
+def _failed_command(error: subprocess.CalledProcessError) -> str:
+    """The command and what it said on stderr (kept by capture_output, else lost to the user)."""
+    command = " ".join(str(arg) for arg in error.cmd) if isinstance(error.cmd, list | tuple) else str(error.cmd)
+    stderr = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else error.stderr or ""
+    return f"`{command}` failed (exit status {error.returncode})" + (f": {stderr.strip()}" if stderr.strip() else "")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -102,6 +113,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         sys.exit(args.func(args))
-    except (RuntimeError, TimeoutError) as error:
+    except (RuntimeError, TimeoutError, subprocess.TimeoutExpired) as error:
         print(f"koinon: {error}", file=sys.stderr)
         sys.exit(1)
+    except subprocess.CalledProcessError as error:
+        print(f"koinon: {_failed_command(error)}", file=sys.stderr)
+        sys.exit(1)
+    except TerminatedBySignal as error:  # what was started is stopped by now
+        print(f"koinon: {error}", file=sys.stderr)
+        sys.exit(128 + error.signum)
+    except KeyboardInterrupt:
+        print("koinon: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,29 +1,41 @@
 """The local control plane: Kubernetes API emulator + koinon operator + Ray head + local volunteers.
 
-``up`` starts every part as its own process group and records them in a state file, so ``down``
-(possibly from another process) stops exactly what was started, and nothing else.
+``up`` starts every part as its own process group and records each in a state file as soon as it
+exists (work dir first, then every process group and network namespace), so ``down`` (possibly from
+another process, after ``up`` was killed half-way) stops exactly what was started, and nothing else.
+A failed or interrupted ``up`` runs the same cleanup as ``down``. A lock on the state dir keeps two
+``up``/``down`` from running on it at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from koinon_dev.binaries import ensure_binaries
 from koinon_dev.processes import (
+    TERMINATING_SIGNALS,
     ManagedProcess,
+    boot_id,
+    deferred_signals,
     free_ports,
-    kill_processes_mentioning,
+    kill_processes_using,
+    process_start_time,
+    signals_as_exceptions,
     stop_process_group,
+    stop_process_groups,
     wait_until,
 )
 from koinon_dev.ray_cluster import LocalRayHead
@@ -34,6 +46,16 @@ CRD_DIR = REPO_ROOT / "manifests" / "crds"
 NAMESPACE_MANIFEST = REPO_ROOT / "manifests" / "operator" / "namespace.yaml"
 HEAD_ADDRESS = "127.0.10.1"
 STATE_FILE = "cluster.json"
+LOCK_FILE = "lock"
+# Set in the environment of every process `up` starts (inherited by Ray's processes, workers and
+# job code): how `down` finds what escaped the recorded process groups.
+RUN_ENV = "KOINON_DEV_WORK_DIR"
+WORK_DIR_NAME = re.compile(r"koinon-[0-9a-f]{8}")
+STOP_GRACE_SECONDS = 8.0
+# A volunteer agent drains on SIGTERM: its --drain-grace (5 s, tunnel_plane.py), then up to 10 s for
+# Ray to stop; killed sooner, its Ray node is left to the sweep.
+AGENT_STOP_GRACE_SECONDS = 5.0 + 15.0
+AGENT_PREFIX = "agent-"  # LocalAgent's process names
 
 
 @dataclass(frozen=True)
@@ -63,6 +85,11 @@ class DevClusterInfo:
     ray_auth_token_file: Path | None = None
     work_dir: Path | None = None
     network_namespaces: list[str] = field(default_factory=list)
+    # Each process group's leader's start time and the boot they belong to: a pid recorded here may
+    # since have been given to an unrelated process, which `down` must not signal.
+    start_times: dict[str, int] = field(default_factory=dict)
+    boot_id: str | None = None
+    complete: bool = True  # False while `up` is still starting things
 
     def ray_auth_token(self) -> str | None:
         if self.ray_auth_token_file is None or not self.ray_auth_token_file.exists():
@@ -84,6 +111,9 @@ class DevClusterInfo:
             "ray_auth_token_file": str(self.ray_auth_token_file) if self.ray_auth_token_file else None,
             "work_dir": str(self.work_dir) if self.work_dir else None,
             "network_namespaces": self.network_namespaces,
+            "start_times": self.start_times,
+            "boot_id": self.boot_id,
+            "complete": self.complete,
         }
         return json.dumps(data, indent=2)
 
@@ -100,6 +130,9 @@ class DevClusterInfo:
             ray_auth_token_file=Path(data["ray_auth_token_file"]) if data.get("ray_auth_token_file") else None,
             work_dir=Path(data["work_dir"]) if data.get("work_dir") else None,
             network_namespaces=list(data.get("network_namespaces") or []),
+            start_times={k: int(v) for k, v in (data.get("start_times") or {}).items()},
+            boot_id=data.get("boot_id"),
+            complete=bool(data.get("complete", True)),
         )
 
 
@@ -130,6 +163,7 @@ def operator_process(
     namespace: str | None = None,
     name: str = "operator",
     ray_auth_token_file: Path | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> ManagedProcess:
     argv = [
         _bin("koinon-operator"),
@@ -139,7 +173,7 @@ def operator_process(
     ]
     if namespace:
         argv.append(f"--namespace={namespace}")
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), **(extra_env or {})}
     if ray_auth_token_file is not None:
         env["RAY_AUTH_TOKEN_PATH"] = str(ray_auth_token_file)
     return ManagedProcess(name, argv, log_dir / f"{name}.log", env=env)
@@ -157,31 +191,93 @@ class DevCluster:
         self._use_netns = False
         self._agents_started = 0
         self._work_dir = Path("/tmp")
+        self._state: DevClusterInfo | None = None  # what this process started, as recorded
 
     @property
     def state_path(self) -> Path:
         return self.state_dir / STATE_FILE
 
-    def up(self, progress: bool = True) -> DevClusterInfo:
-        if self.state_path.exists():
-            raise RuntimeError(
-                f"a local control plane is already recorded in {self.state_path}; run `koinon dev down` first"
-            )
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        ensure_binaries()
-        say: Callable[[str], None] = print if progress else (lambda _line: None)
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the state dir's lock: two `up` at once would both start, and one be orphaned."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        # os.open's descriptors are not inherited: the children must not keep the lock held.
+        fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            info = self._start_all(say)
-        except BaseException:
-            self._stop_started()
-            raise
-        self.state_path.write_text(info.to_json())
-        return info
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                raise RuntimeError(
+                    f"another `koinon dev up` or `koinon dev down` (pid {holder}) is using {self.state_dir}; "
+                    "wait for it to finish, or interrupt it (it stops what it started)"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            yield
+        finally:
+            os.close(fd)
 
-    def _start_all(self, say: Callable[[str], None]) -> DevClusterInfo:
+    def up(self, progress: bool = True) -> DevClusterInfo:
+        with self._exclusive(), signals_as_exceptions():
+            if self.state_path.exists():
+                raise RuntimeError(
+                    f"a local control plane is already recorded in {self.state_path}; run `koinon dev down` first"
+                )
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            ensure_binaries()
+            say: Callable[[str], None] = print if progress else (lambda _line: None)
+            try:
+                self._start_all(say)
+            except BaseException:
+                self._teardown()
+                raise
+            return self.info()
+
+    def _save(self) -> None:
+        """Write the state file whole (a crash mid-write must not leave half a record)."""
+        assert self._state is not None
+        partial = self.state_path.with_suffix(".tmp")
+        partial.write_text(self._state.to_json())
+        partial.replace(self.state_path)
+
+    def _launch(self, process: ManagedProcess) -> None:
+        """Start ``process`` and record it, with no signal let in between the two."""
+        with deferred_signals():
+            process.start()
+            self._track(process)
+
+    def _track(self, process: ManagedProcess) -> None:
+        assert self._state is not None
+        self._started.append(process)
+        self._state.process_groups[process.name] = process.pid
+        start_time = process_start_time(process.pid)
+        if start_time is not None:
+            self._state.start_times[process.name] = start_time
+        self._save()
+
+    def _env(self, **extra: str) -> dict[str, str]:
+        return {RUN_ENV: str(self._work_dir), **extra}
+
+    def _start_all(self, say: Callable[[str], None]) -> None:
         kubeconfig = self.state_dir / "kubeconfig"
+        token_file = self.state_dir / "ray-auth-token"
+        with deferred_signals():
+            # A short, unique work dir: Ray's unix socket paths must stay under ~107 characters.
+            work_dir = Path("/tmp") / f"koinon-{secrets.token_hex(4)}"
+            work_dir.mkdir(mode=0o700)
+            self._work_dir = work_dir
+            self._state = DevClusterInfo(
+                kubeconfig=kubeconfig, api_url="", ray_dashboard_url="", ray_address="", process_groups={},
+                log_dir=self.log_dir, ray_auth_token_file=token_file, work_dir=work_dir,
+                boot_id=boot_id(), complete=False,
+            )  # fmt: skip
+            self._save()
+        # One left by an earlier run would make the wait for the emulator's kubeconfig below pass at once.
+        kubeconfig.unlink(missing_ok=True)
         (api_port,) = free_ports(1)
         api_url = f"http://127.0.0.1:{api_port}"
+        self._state.api_url = api_url
         emulator = ManagedProcess(
             "kube-emulator",
             [
@@ -191,21 +287,16 @@ class DevCluster:
                 f"--kubeconfig={kubeconfig}",
             ],
             self.log_dir / "kube-emulator.log",
+            env={**os.environ, **self._env()},
         )
-        emulator.start()
-        self._started.append(emulator)
+        self._launch(emulator)
         say(f"- Kubernetes API emulator on {api_url}")
         wait_until(lambda: _http_ok(f"{api_url}/version", emulator), 30, what="the Kubernetes API emulator")
         wait_until(kubeconfig.exists, 10, what="the kubeconfig")
         kubectl(kubeconfig, "apply", "-f", str(CRD_DIR))
         say("- CRDs applied: aijobs.koinon.dev, volunteernodes.koinon.dev")
 
-        # A short, unique work dir: Ray's unix socket paths must stay under ~107 characters.
-        work_dir = Path("/tmp") / f"koinon-{secrets.token_hex(4)}"
-        work_dir.mkdir(mode=0o700)
-        self._work_dir = work_dir
         # Ray token authentication is on: anyone who reaches Ray's ports could otherwise run code.
-        token_file = self.state_dir / "ray-auth-token"
         token_file.touch(mode=0o600)
         token_file.write_text(secrets.token_urlsafe(32))
         head = LocalRayHead(
@@ -213,17 +304,21 @@ class DevCluster:
         )
         kubectl(kubeconfig, "apply", "-f", str(NAMESPACE_MANIFEST))
         gateway = LocalGateway(head=head, work_dir=work_dir, log_dir=self.log_dir, kubeconfig=kubeconfig)
+        # Set before it starts: a failure while it starts must still find its process to stop.
+        self.head, self.gateway = head, gateway
         gateway.start()
         assert gateway.process is not None
-        self._started.append(gateway.process)
+        self._track(gateway.process)
         say(f"- gateway for volunteers at {gateway.agent_target} (TLS, join tokens)")
-        head.extra_env = gateway.head_environment()
-        head.start()
-        assert head.process is not None
-        self._started.append(head.process)
+        head.extra_env = {**gateway.head_environment(), **self._env()}
+        with deferred_signals():
+            head.start()
+            assert head.process is not None
+            self._track(head.process)
         head.wait_ready()
+        self._state.ray_dashboard_url, self._state.ray_address = head.dashboard_url, head.gcs_address
+        self._save()
         say(f"- Ray head (no CPUs for user work) at {head.gcs_address}, dashboard {head.dashboard_url}")
-        self.head, self.gateway = head, gateway
         self._use_netns = self._network_namespaces()
         for index in range(self.config.volunteers):
             self._start_agent(f"volunteer-{index + 1}", self.config.gpus_per_volunteer, f"owner-{index + 1}")
@@ -245,21 +340,12 @@ class DevCluster:
                 self.log_dir,
                 self.config.poll_interval_seconds,
                 ray_auth_token_file=token_file,
+                extra_env=self._env(),
             )
-            operator.start()
-            self._started.append(operator)
+            self._launch(operator)
             say("- koinon operator started")
-        return DevClusterInfo(
-            kubeconfig=kubeconfig,
-            api_url=api_url,
-            ray_dashboard_url=head.dashboard_url,
-            ray_address=head.gcs_address,
-            process_groups={p.name: p.pid for p in self._started},
-            log_dir=self.log_dir,
-            ray_auth_token_file=token_file,
-            work_dir=work_dir,
-            network_namespaces=[a.netns for a in self.agents if a.netns],
-        )
+        self._state.complete = True
+        self._save()
 
     def _network_namespaces(self) -> bool:
         wanted = self.config.network_namespaces
@@ -271,19 +357,24 @@ class DevCluster:
         return available
 
     def _start_agent(self, name: str, gpus: int, owner: str, extra_env: dict[str, str] | None = None) -> LocalAgent:
-        assert self.gateway is not None
+        assert self.gateway is not None and self._state is not None
         self._agents_started += 1
         netns = f"kn-{self._work_dir.name[-8:]}-{self._agents_started}" if self._use_netns else None
         agent = LocalAgent(
             name=name, gateway=self.gateway, join_token=self.gateway.create_join_token(owner),
             log_dir=self.log_dir, gpus=gpus,
             gpu_memory_mib=self.config.gpu_memory_mib, cpus=self.config.cpus_per_volunteer,
-            netns=netns, extra_env=dict(extra_env or {}),
+            netns=netns, extra_env={**self._env(), **(extra_env or {})},
         )  # fmt: skip
-        agent.start()
-        assert agent.process is not None
-        self._started.append(agent.process)
-        self.agents.append(agent)
+        with deferred_signals():
+            if netns:
+                # Recorded before it exists, so that `down` deletes it whatever happens next.
+                self._state.network_namespaces.append(netns)
+                self._save()
+            self.agents.append(agent)
+            agent.start()
+            assert agent.process is not None
+            self._track(agent.process)
         return agent
 
     def _log_tails(self, max_bytes: int = 1500) -> str:
@@ -298,15 +389,9 @@ class DevCluster:
         self, name: str, gpus: int, owner: str = "owner-extra", extra_env: dict[str, str] | None = None
     ) -> LocalAgent:
         """Start one more volunteer agent (and its VolunteerNode) on a control plane this process started."""
-        if self.head is None:
+        if self.head is None or self._state is None:
             raise RuntimeError("the control plane was not started by this process")
-        agent = self._start_agent(name, gpus, owner, extra_env)
-        assert agent.process is not None
-        info = self.info()
-        # Recorded at once, so `down` stops it even if joining fails below.
-        info.process_groups[agent.process.name] = agent.process.pid
-        info.network_namespaces += [agent.netns] if agent.netns else []
-        self.state_path.write_text(info.to_json())
+        agent = self._start_agent(name, gpus, owner, extra_env)  # recorded at once, for `down`
         head, expected = self.head, len(self.agents)
         wait_until(lambda: _alive_workers(head) >= expected, 90, what=f"{name} to join Ray")
         return agent
@@ -317,35 +402,97 @@ class DevCluster:
         assert agent.process is not None
         self.agents.remove(agent)
         stop_process_group(agent.process.pid, grace_seconds=0)
-        kill_processes_mentioning(f"{self._work_dir}/ray-{name}")
-
-    def _stop_started(self) -> None:
-        for process in reversed(self._started):
-            process.stop(grace_seconds=8)
-        self._started.clear()
+        kill_processes_using(self._work_dir / f"ray-{name}")
 
     def down(self) -> list[str]:
-        """Stop everything recorded in the state file, operator first, Ray head last."""
-        if not self.state_path.exists():
-            self._stop_started()
-            return []
-        info = DevClusterInfo.load(self.state_path)
-        stopped = []
-        for name, pgid in reversed(list(info.process_groups.items())):
-            stop_process_group(pgid, grace_seconds=8)
-            stopped.append(name)
-        if info.work_dir is not None:
-            # Ray nodes run in their agents' own process groups; anything still naming our work dir
-            # (an agent killed before it could stop its node) goes too.
-            kill_processes_mentioning(str(info.work_dir))
-            shutil.rmtree(info.work_dir, ignore_errors=True)
-        for namespace in info.network_namespaces:
-            delete_netns(namespace)
-        self._started.clear()
-        self.state_path.unlink()
+        """Stop everything recorded in the state file, operator first, Ray head last; then remove
+        what `up` left on disk. Returns the names of the process groups stopped."""
+        with self._exclusive():
+            return self._teardown()
+
+    def _teardown(self) -> list[str]:
+        """The one cleanup, for `down` and for a failed or interrupted `up`: stop the recorded process
+        groups, kill what escaped them, delete the network namespaces, remove the work dir and the
+        files `up` wrote. A SIGTERM/SIGHUP meanwhile takes effect once it is done."""
+        with deferred_signals(TERMINATING_SIGNALS):
+            state = self._state
+            if state is None and self.state_path.exists():
+                state = DevClusterInfo.load(self.state_path)
+            stopped = self._stop_recorded(state) if state is not None else []
+            # Started by this process but not recorded yet (the gateway while it starts): our children.
+            recorded = set(state.process_groups.values()) if state is not None else set()
+            for process in self._in_memory_processes():
+                if process.popen is not None and process.pid not in recorded:
+                    process.stop(grace_seconds=STOP_GRACE_SECONDS)
+                    stopped.append(process.name)
+            work_dir = state.work_dir if state is not None else None
+            ours = work_dir is not None and WORK_DIR_NAME.fullmatch(work_dir.name) is not None
+            if work_dir is not None and ours:
+                kill_processes_using(work_dir, env_marker=f"{RUN_ENV}={work_dir}")
+            deleted: set[str] = set()
+            for agent in self.agents:
+                agent.stop()  # its process is gone by now; this deletes its network namespace
+                deleted.update([agent.netns] if agent.netns else [])
+            for namespace in state.network_namespaces if state is not None else []:
+                if namespace not in deleted:
+                    delete_netns(namespace)
+            if work_dir is not None and ours:
+                shutil.rmtree(work_dir, ignore_errors=True)
+            for process in self._in_memory_processes():
+                if process.popen is not None:
+                    process.popen.poll()  # reap
+            for path in (self.state_dir / "ray-auth-token", self.state_dir / "kubeconfig", self.state_path):
+                path.unlink(missing_ok=True)
+            self._started.clear()
+            self.agents.clear()
+            self.head = self.gateway = None
+            self._state = None
         return stopped
 
+    def _in_memory_processes(self) -> list[ManagedProcess]:
+        candidates = [*self._started, *(a.process for a in self.agents)]
+        candidates += [self.gateway.process if self.gateway else None, self.head.process if self.head else None]
+        unique: dict[int, ManagedProcess] = {}
+        for process in candidates:
+            if process is not None:
+                unique.setdefault(id(process), process)
+        return list(unique.values())
+
+    def _stop_recorded(self, state: DevClusterInfo) -> list[str]:
+        """Stop the recorded process groups that are still the ones `up` started: operator first, the
+        agents together (each drains its Ray node), Ray head, gateway, emulator last."""
+        verified = [(name, pgid) for name, pgid in state.process_groups.items() if self._still_ours(state, name, pgid)]
+        agents = [pgid for name, pgid in verified if name.startswith(AGENT_PREFIX)]
+        stopped: list[str] = []
+        for name, pgid in reversed(verified):
+            if not name.startswith(AGENT_PREFIX):
+                stop_process_groups([pgid], STOP_GRACE_SECONDS)
+            elif agents:
+                stop_process_groups(agents, AGENT_STOP_GRACE_SECONDS)
+                agents = []
+            stopped.append(name)
+        return stopped
+
+    def _still_ours(self, state: DevClusterInfo, name: str, pgid: int) -> bool:
+        """Whether ``pgid`` still leads the process group `up` recorded (not a later process that was
+        given the same pid); says why not when it runs but is not."""
+        started = process_start_time(pgid)
+        if started is None:
+            return False  # exited; what its group left behind is found by the work dir
+        if state.boot_id != boot_id():
+            why = "it was recorded before the machine restarted" if state.boot_id else "no boot id was recorded"
+        elif name not in state.start_times:
+            why = "its start time was not recorded"
+        elif state.start_times[name] != started:
+            why = "that pid now belongs to another process"
+        else:
+            return True
+        print(f"koinon: not stopping {name} (pid {pgid}): {why}", file=sys.stderr)
+        return False
+
     def info(self) -> DevClusterInfo:
+        if not self.state_path.exists():
+            raise RuntimeError(f"no local control plane is running (no {self.state_path}); start one: koinon dev up")
         return DevClusterInfo.load(self.state_path)
 
 

@@ -12,10 +12,13 @@ import random
 import signal
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 
 @dataclass
@@ -92,17 +95,43 @@ def _has_live_member(pgid: int) -> bool:
 
 def stop_process_group(pgid: int, grace_seconds: float = 10.0) -> None:
     """TERM the whole group, wait up to ``grace_seconds``, then KILL whatever is left."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
+    stop_process_groups([pgid], grace_seconds)
+
+
+def stop_process_groups(pgids: Sequence[int], grace_seconds: float) -> None:
+    """``stop_process_group`` for several groups at once: all get TERM together and share one grace
+    (volunteer agents drain for seconds each; one after the other would add up)."""
+    for pgid in pgids:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
+    left = list(pgids)
     deadline = time.monotonic() + grace_seconds
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(-pgid, os.WNOHANG)
-        if not _group_alive(pgid):
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
+    while left and time.monotonic() < deadline:
+        for pgid in left:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(-pgid, os.WNOHANG)
+        left = [pgid for pgid in left if _group_alive(pgid)]
+        if left:
+            time.sleep(0.1)
+    for pgid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def boot_id() -> str:
+    """This boot of the machine: pids and start times recorded under another one mean nothing now."""
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def process_start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, field 22 of /proc/PID/stat); None if it is gone.
+
+    With the boot id, it tells a recorded process from a later one that was given the same pid."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19]) if fields[0] != "Z" else None  # fields[0] is field 3 (state)
 
 
 # Ports this process already handed out: the kernel may offer a just-released port again, and two
@@ -170,15 +199,133 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def kill_processes_mentioning(marker: str) -> None:
-    """SIGKILL every process whose command line contains ``marker`` (a path unique to one run)."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
+def _ancestors() -> set[int]:
+    """This process and its parents: never killed, whatever they have open (a shell cd'd into a run)."""
+    found, pid = set(), os.getpid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
         try:
-            command_line = (entry / "cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if marker in command_line:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    return found
+
+
+def _uses(pid: int, path: str, env_marker: bytes | None) -> bool:
+    """Whether ``pid`` names ``path`` in its command line, has a file under it open, or (with
+    ``env_marker``, b"NAME=value") carries the marker in its environment."""
+    proc = Path(f"/proc/{pid}")
+    with contextlib.suppress(OSError):
+        if path.encode() in (proc / "cmdline").read_bytes():
+            return True
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(proc / "fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(proc / "fd" / fd).removesuffix(" (deleted)")
+                if target == path or target.startswith(path + "/"):
+                    return True
+    if env_marker is not None:
+        with contextlib.suppress(OSError):
+            if b"\0" + env_marker + b"\0" in b"\0" + (proc / "environ").read_bytes() + b"\0":
+                return True
+    return False
+
+
+def kill_processes_using(path: Path, env_marker: str | None = None, rounds: int = 10) -> list[int]:
+    """SIGKILL every process that uses ``path`` (a directory unique to one run; see ``_uses``), and
+    the process group of each whose group leader is gone or uses it too. Returns the pids killed.
+
+    This reaches what stopping the recorded process groups cannot: the Ray node a volunteer agent
+    runs in a session of its own, once the agent is gone. Command lines alone miss most of it
+    (``ray::DashboardAgent``, ``ray::RuntimeEnvAgent`` and workers rewrite theirs), but every Ray
+    process keeps its log files open under its node's temp dir, and inherits the environment marker.
+    """
+    target, marker = str(path), env_marker.encode() if env_marker else None
+    spared, own_group = _ancestors(), os.getpgrp()
+    killed: list[int] = []
+    for _ in range(rounds):  # again: a process may fork while we look
+        pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+        found = [
+            pid
+            for pid in pids
+            if pid not in spared and process_start_time(pid) is not None and _uses(pid, target, marker)
+        ]
+        if not found:
+            break
+        for pid in found:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(int(entry.name), signal.SIGKILL)
+                group = os.getpgid(pid)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                # Its group too (members that closed their files), unless that is someone else's group.
+                if group != own_group and group not in spared and (group in found or not _exists(group)):
+                    os.killpg(group, signal.SIGKILL)
+        time.sleep(0.1)
+    return killed
+
+
+def _exists(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+class TerminatedBySignal(BaseException):
+    """SIGTERM or SIGHUP turned into an exception (like KeyboardInterrupt for Ctrl-C), so that the
+    cleanup of whatever was interrupted runs; a BaseException so that no ``except Exception`` eats it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+_Handler = Callable[[int, FrameType | None], Any] | int
+
+
+def _install(signums: Iterable[int], handler: _Handler) -> dict[int, _Handler]:
+    previous: dict[int, _Handler] = {}
+    for signum in signums:
+        old = signal.signal(signum, handler)
+        previous[signum] = old if old is not None else signal.SIG_DFL  # None: not set from Python
+    return previous
+
+
+def _restore(previous: Mapping[int, _Handler]) -> None:
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def signals_as_exceptions() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP raise TerminatedBySignal in it (main thread only:
+    Python delivers signals there), instead of killing the process before it could clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, _frame: FrameType | None) -> None:
+        raise TerminatedBySignal(signum)
+
+    previous = _install(TERMINATING_SIGNALS, terminate)
+    try:
+        yield
+    finally:
+        _restore(previous)
+
+
+@contextlib.contextmanager
+def deferred_signals(signums: Sequence[int] = (signal.SIGINT, *TERMINATING_SIGNALS)) -> Iterator[None]:
+    """Hold ``signums`` back while the block runs, then deliver them as they would have been: for
+    steps that must not be cut in half (a process started but not yet recorded, a cleanup)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = _install(signums, lambda signum, _frame: received.append(signum))
+    try:
+        yield
+    finally:
+        _restore(previous)
+        for signum in dict.fromkeys(received):
+            signal.raise_signal(signum)
