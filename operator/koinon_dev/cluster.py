@@ -365,6 +365,7 @@ class DevCluster:
             log_dir=self.log_dir, gpus=gpus,
             gpu_memory_mib=self.config.gpu_memory_mib, cpus=self.config.cpus_per_volunteer,
             netns=netns, extra_env={**self._env(), **(extra_env or {})},
+            hide=(self.state_dir,),  # the Ray token, kubeconfig and the other components' logs
         )  # fmt: skip
         with deferred_signals():
             if netns:

@@ -75,6 +75,13 @@ class LocalGateway:
     ca_path: str = ""
     admin_url: str = ""
 
+    def socket_dir(self) -> Path:
+        """The gateway's socket lives in a directory of its own: volunteers' sandboxes expose the
+        directory (a restarted gateway makes a new socket file, which a bind of the file would miss)."""
+        directory = self.work_dir / "gateway-socket"
+        directory.mkdir(mode=0o755, exist_ok=True)
+        return directory
+
     def head_ports_spec(self) -> str:
         """Ports of the head that volunteers may reach (besides its GCS): nothing else."""
         ports = self.head.ports
@@ -91,7 +98,7 @@ class LocalGateway:
         octet = int.from_bytes(secrets.token_bytes(1), "big") % 200 + 20
         argv = [
             _bin("koinon-gateway"),
-            f"--listen=unix:{self.work_dir}/gw.sock",
+            f"--listen=unix:{self.socket_dir()}/gw.sock",
             "--head-proxy-listen=127.0.0.1:0",
             "--admin-listen=127.0.0.1:0",
             f"--head-address={self.head.address}",
@@ -194,8 +201,7 @@ class LocalAgent:
         own = [work_dir / f"agent-{self.name}", work_dir / f"ray-{self.name}"]
         for directory in own:
             directory.mkdir(mode=0o700, exist_ok=True)
-        socket_path = self.gateway.agent_target.removeprefix("unix:")
-        exposed = [socket_path, self.gateway.ca_path, *map(str, own)]
+        exposed = [str(self.gateway.socket_dir()), self.gateway.ca_path, *map(str, own)]
         return [
             sys.executable, "-m", "koinon_dev.volunteer_sandbox",
             *(f"--expose={path}" for path in exposed),

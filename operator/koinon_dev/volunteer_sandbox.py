@@ -1,29 +1,49 @@
-"""Gives a volunteer a filesystem view holding only what it needs, then runs it.
+"""Gives a volunteer a machine of its own, as far as it can tell: its own /tmp and its own processes.
 
-A network namespace cuts a volunteer off from the head's TCP ports, but not from unix sockets: a
-socket path is reachable from every network namespace. The head's raylet, plasma store and
-dashboard modules listen on sockets under its temp dir, and the dashboard's module sockets take
-requests without Ray's token, so a volunteer that can see those paths can submit a job to the
-head without the tunnel. It could also read other volunteers' credentials.
+A network namespace cuts a volunteer off from the head's TCP ports, but two things still cross it
+when everything runs on one host:
+
+* Unix sockets: a socket path is reachable from every network namespace. The head's raylet,
+  plasma store and dashboard modules listen on sockets under its temp dir, and the dashboard's
+  module sockets take requests without Ray's token, so a volunteer that can see those paths can
+  submit a job to the head without the tunnel. It could also read other volunteers' credentials.
+* Processes: a Ray driver finds "its" raylet by scanning the host's processes and prefers the
+  head's, so a job's driver on a volunteer attached itself to the head's raylet socket.
 
 Run inside ``ip netns exec`` (which already gives the process its own mount namespace, with the
 host's mounts propagating in but none going back out), this replaces ``/tmp`` with an empty
 tmpfs holding only the paths passed with ``--expose`` (bind-mounted at the same place: the
-gateway's socket, the CA, the volunteer's own state and Ray directories), puts empty tmpfs over
-``/dev/shm`` (where Ray keeps object store files) and over each ``--hide`` directory (the control
-plane's state dir), and then executes the command.
+gateway's socket directory, the CA, the volunteer's own state and Ray directories), puts empty
+tmpfs over ``/dev/shm`` (where Ray keeps object store files) and over each ``--hide`` directory
+(the control plane's state dir), and runs the command in a new PID namespace with its own /proc.
 
     python -m koinon_dev.volunteer_sandbox --expose PATH... --hide DIR... -- COMMAND...
+
+Expose a socket's directory rather than the socket: a bind mount holds on to the file it was
+made from, and a restarted server makes a new one.
+
+Processes: this process stays outside and passes signals on; the first process inside (the PID
+namespace's init) reaps orphans, passes signals on to the command and exits with it, and the
+kernel then kills whatever is left inside (Ray's helpers with it). The init dies with this
+process, so SIGKILL here still kills the volunteer, as it would kill a plain agent.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import os
+import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import FrameType
 
+CLONE_NEWPID = 0x20000000
+PR_SET_PDEATHSIG = 1
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 COVERED = Path("/tmp")
 STAGE = Path("/dev/shm")
 
@@ -59,6 +79,53 @@ def isolate(expose: list[Path], hide: list[Path]) -> None:
         _mount("-t", "tmpfs", "-o", "mode=1777", "koinon-hidden", str(directory))
 
 
+def _libc_call(name: str, *args: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if getattr(libc, name)(*args) != 0:
+        errno = ctypes.get_errno()
+        raise SystemExit(f"volunteer sandbox: {name} failed: {os.strerror(errno)}")
+
+
+def _exit_code(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
+
+
+def _forward_signals_to(pid: int) -> None:
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, forward)
+
+
+def _run_init(command: list[str], outside_alive: int) -> None:
+    """PID 1 of the new namespace: starts the command, reaps every orphan, exits with the command.
+
+    ``outside_alive`` is the read end of a pipe whose write end only the outside process holds:
+    it reads as EOF once that process is gone (its pid means nothing in here; getppid() is 0).
+    """
+    _libc_call("prctl", PR_SET_PDEATHSIG, signal.SIGKILL)
+    if select.select([outside_alive], [], [], 0)[0]:
+        os._exit(1)  # the outside process died before the line above took effect
+    os.close(outside_alive)
+    try:
+        _mount("-t", "proc", "proc", "/proc")  # the new namespace's processes only
+        sys.stdout.flush()
+        child = os.fork()
+        if child == 0:
+            os.execvp(command[0], command)
+        _forward_signals_to(child)
+        while True:
+            pid, status = os.wait()
+            if pid == child:
+                os._exit(_exit_code(status))
+    except BaseException as exc:  # never return into the caller's code as a second copy of it
+        print(f"volunteer sandbox: init failed: {exc!r}", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m koinon_dev.volunteer_sandbox")
     parser.add_argument("--expose", action="append", type=Path, default=[], help="a path under /tmp to keep")
@@ -69,8 +136,19 @@ def main(argv: list[str] | None = None) -> None:
     if not command:
         parser.error("no command given after --")
     isolate([p.resolve() for p in args.expose], [p.resolve() for p in args.hide])
+    _libc_call("unshare", CLONE_NEWPID)  # for the children: the next one forked is PID 1 there
+    outside_alive, held_outside = os.pipe()
     sys.stdout.flush()
-    os.execvp(command[0], command)
+    init = os.fork()
+    if init == 0:
+        os.close(held_outside)
+        _run_init(command, outside_alive)
+    os.close(outside_alive)
+    _forward_signals_to(init)
+    while True:
+        pid, status = os.wait()
+        if pid == init:
+            sys.exit(_exit_code(status))
 
 
 if __name__ == "__main__":

@@ -123,6 +123,13 @@ class RayTunnelHarness:
 
     # ---- gateway ----
 
+    @property
+    def gateway_socket(self) -> str:
+        """In a directory of its own, which volunteers' sandboxes expose (see start_volunteer)."""
+        directory = self.workdir / "gateway-socket"
+        directory.mkdir(exist_ok=True)
+        return str(directory / "gw.sock")
+
     def head_ports_spec(self) -> str:
         b = self.base
         return f"{b + 1},{b + 2},{b + 3},{b + 10}-{b + 49}"
@@ -134,7 +141,7 @@ class RayTunnelHarness:
             str(VENV_BIN / "python"),
             "-m",
             "koinon_gateway.main",
-            f"--listen=unix:{self.workdir}/gw.sock",
+            f"--listen=unix:{self.gateway_socket}",
             "--head-proxy-listen=127.0.0.1:0",
             "--admin-listen=127.0.0.1:0",
             f"--head-address={self.head_ip}",
@@ -163,7 +170,7 @@ class RayTunnelHarness:
         assert self.gateway_process is not None
         kill_tree(self.gateway_process.pid)
         self.gateway_process.wait()
-        (self.workdir / "gw.sock").unlink(missing_ok=True)
+        Path(self.gateway_socket).unlink(missing_ok=True)
 
     def nodes(self) -> dict[str, Any]:
         path = self.workdir / "gateway-state" / "volunteernodes.json"
@@ -267,7 +274,17 @@ class RayTunnelHarness:
             *(extra or []),
         ]
         if ns is not None:
-            command = ["ip", "netns", "exec", ns, *command]
+            # Unix socket paths cross network namespaces: the volunteer sees of /tmp only the
+            # gateway's socket, the CA and its own directories, not the head's Ray sockets.
+            own = [state_dir, self.workdir / f"ray-{name}"]
+            for directory in own:
+                directory.mkdir(mode=0o700, exist_ok=True)
+            # The socket's directory, not the socket: a restarted gateway makes a new socket file.
+            exposed = [str(Path(self.gateway_socket).parent), *map(str, own)]
+            if self.tls:
+                exposed.append(str(self.ca_path))
+            sandbox = ["-m", "koinon_dev.volunteer_sandbox", *(f"--expose={path}" for path in exposed), "--"]
+            command = ["ip", "netns", "exec", ns, str(VENV_BIN / "python"), *sandbox, *command]
         log_path = self.workdir / f"agent-{name}.log"
         log = open(log_path, "ab")  # noqa: SIM115
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -183,7 +183,8 @@ def test_sigterm_drains_the_node_in_gcs_and_lets_the_running_task_finish(harness
     a = harness.start_volunteer("a")  # --drain-grace=10
     node = harness.wait_ready(a)
     ip, ray_node_id, name = node["status"]["address"], node["status"]["rayNodeId"], node["metadata"]["name"]
-    started, drained = harness.workdir / "task-started", harness.workdir / "node-drained"
+    # The task runs in the volunteer's sandbox, which sees only its own directories of /tmp.
+    started, drained = harness.workdir / "ray-a" / "task-started", harness.workdir / "node-drained"
     driver = subprocess.Popen(
         [
             str(VENV_BIN / "python"),

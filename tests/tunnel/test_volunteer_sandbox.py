@@ -4,9 +4,11 @@ network namespaces: the sandbox leaves it only the paths it needs."""
 from __future__ import annotations
 
 import secrets
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,7 @@ print("ca", open(f"{work}/ca.pem").read())
 print("other-volunteer", os.path.exists(f"{work}/agent-other/identity.json"))
 print("state", sorted(os.listdir(state)))
 print("shm", sorted(os.listdir("/dev/shm")))
+print("processes", [p for p in os.listdir("/proc") if p.isdigit()])
 open(f"{work}/agent-me/identity.json", "w").write("mine")
 open("/tmp/scratch", "w").write("stays inside")
 """
@@ -65,6 +68,7 @@ def test_a_sandboxed_volunteer_sees_only_the_gateway_the_ca_and_its_own_director
             shm_marker.unlink()
         assert completed.returncode == 0, completed.stderr
         seen = dict(line.split(" ", 1) for line in completed.stdout.splitlines())
+        processes = sorted(map(int, seen.pop("processes").strip("[]").replace("'", "").split(", ")))
         assert seen == {
             "head-socket": "FileNotFoundError",
             "gateway-socket": "connected",
@@ -73,6 +77,8 @@ def test_a_sandboxed_volunteer_sees_only_the_gateway_the_ca_and_its_own_director
             "state": "[]",
             "shm": "[]",
         }
+        # Its init and itself (the PID between them was a mount): not the head's raylet, nor anything else.
+        assert processes == [1, 3]
         # Its own directory is the real one; what it wrote elsewhere in /tmp stayed in the sandbox.
         assert (work / "agent-me" / "identity.json").read_text() == "mine"
         assert not Path("/tmp/scratch").exists()
@@ -82,3 +88,49 @@ def test_a_sandboxed_volunteer_sees_only_the_gateway_the_ca_and_its_own_director
         for listener in listeners:
             listener.close()
         subprocess.run(["rm", "-rf", str(work), str(state)], check=False)
+
+
+def test_signals_reach_the_sandboxed_command_and_sigkill_takes_everything_inside_with_it() -> None:
+    netns = f"ksbx-{secrets.token_hex(3)}"
+    create_netns(netns)
+    try:
+        # SIGTERM goes on to the command; the exit status is the command's.
+        sandboxed = ["ip", "netns", "exec", netns, sys.executable, "-m", "koinon_dev.volunteer_sandbox", "--"]
+        trapping = subprocess.Popen([*sandboxed, "sh", "-c", "trap 'exit 7' TERM; sleep 60 & wait"])
+        inside = wait_for_pids(netns, 3)  # init, sh, sleep
+        trapping.send_signal(signal.SIGTERM)
+        assert trapping.wait(timeout=20) == 7
+        # The command's children went with the namespace's init.
+        wait_gone(inside)
+        # SIGKILL cannot be passed on: the init dies with the outside process, and the kernel
+        # kills everything inside (a Ray node left behind would hold the namespace).
+        killed = subprocess.Popen([*sandboxed, "sh", "-c", "sleep 60 & wait"])
+        inside = wait_for_pids(netns, 3)
+        killed.kill()
+        killed.wait(timeout=20)
+        for _ in range(100):
+            if not subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split():
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError("processes still run in the namespace after SIGKILL")
+        wait_gone(inside)
+    finally:
+        delete_netns(netns)
+
+
+def wait_for_pids(netns: str, count: int) -> list[str]:
+    for _ in range(200):
+        pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
+        if len(pids) >= count + 1:  # the outside process runs in the namespace too
+            return pids
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} processes in {netns}")
+
+
+def wait_gone(pids: list[str]) -> None:
+    for _ in range(100):
+        if not any(Path(f"/proc/{pid}").exists() for pid in pids):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"still running: {[pid for pid in pids if Path(f'/proc/{pid}').exists()]}")
