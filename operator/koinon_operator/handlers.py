@@ -16,7 +16,7 @@ from koinon_operator.inventory import Allocation, RayNodeCache
 from koinon_operator.kube import delete_aijob
 from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
 from koinon_operator.reconciler import AIJobReconciler, allocation_of
-from koinon_operator.reputation_book import ReputationBook, outcome_key
+from koinon_operator.reputation_book import ReputationBook, outcome_key, sample_uptime_forever
 from koinon_operator.scheduling import ReputationPlacer
 from koinon_operator.telemetry import JobTracer, setup_tracing
 from koinon_operator.volunteers import managed_by_gateway, status_from_ray
@@ -42,10 +42,14 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.ray = RayJobsClient(CONFIG.ray_dashboard_url, auth_token=CONFIG.ray_auth_token)
     memo.reconciler = AIJobReconciler(ray=memo.ray, placer=ReputationPlacer(), nodes=RayNodeCache(memo.ray))
     memo.reputation = ReputationBook()
+    # A plain task, not a kopf timer: a timer puts kopf's finalizer on every VolunteerNode it
+    # matches, and deleting a gateway-owned node must not wait for the operator.
+    memo.uptime_sampler = asyncio.create_task(sample_uptime_forever(memo.reputation, CONFIG.uptime_sample_seconds))
 
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
+    memo.uptime_sampler.cancel()
     await memo.ray.close()
     if memo.tracing is not None:
         memo.tracing.shutdown()  # flush spans still in the batch processor

@@ -30,6 +30,7 @@ from koinon_operator.scheduler import (
     record_agreement,
     record_disagreement,
     record_failure,
+    record_heartbeats,
     record_success,
     record_timeout,
     to_status,
@@ -52,6 +53,9 @@ JOB_COUNTERS = {"success": "succeeded", "agreement": "succeeded", "failure": "fa
 RECORDED_OUTCOMES_KEPT = 64
 # Conditional writes that lose a race are retried this many times before the evidence is reported lost.
 CONFLICT_RETRIES = 5
+# Uptime evidence is counted in heartbeats of this length (the agent's interval), so that a node
+# seen up for a minute weighs the same whoever sampled it and how often.
+HEARTBEAT_UNIT_S = 5.0
 
 
 def outcome_key(uid: str, status: Mapping[str, Any]) -> str:
@@ -82,6 +86,34 @@ def updated_status(
     if recorded:
         reputation["recordedOutcomes"] = recorded[-RECORDED_OUTCOMES_KEPT:]
     return {"reputation": reputation, "jobs": jobs}
+
+
+def uptime_sample(
+    status: Mapping[str, Any], now: float, config: ReputationConfig, max_gap_s: float
+) -> dict[str, Any] | None:
+    """Pure: the status fields to write after looking at a node at ``now``, None when there is
+    nothing to write.
+
+    The time since the previous look (``reputation.uptimeSampledAt``) counts as heartbeats seen
+    when the node is Ready (or Draining) now, as heartbeats missed when it is not. At most
+    ``max_gap_s`` of it counts: nobody looked in between (the operator was down), so a longer gap
+    says nothing either way. The first look only starts the clock. The timestamp lives in the
+    object, so an operator restart neither counts a stretch twice nor loses one.
+    """
+    previous = dict(status.get("reputation") or {})
+    evidence = from_status(previous)
+    sampled_at = previous.get("uptimeSampledAt")
+    if isinstance(sampled_at, int | float) and now <= sampled_at:
+        return None
+    if isinstance(sampled_at, int | float):
+        heartbeats = min(now - sampled_at, max_gap_s) / HEARTBEAT_UNIT_S
+        up = status.get("phase") in ("Ready", "Draining")  # connected with Ray serving (or leaving by choice)
+        evidence = record_heartbeats(evidence, now, config, heartbeats if up else 0.0, 0.0 if up else heartbeats)
+    reputation = to_status(evidence, now, config)
+    if previous.get("recordedOutcomes"):
+        reputation["recordedOutcomes"] = previous["recordedOutcomes"]
+    reputation["uptimeSampledAt"] = now
+    return {"reputation": reputation}
 
 
 class ReputationBook:
@@ -121,3 +153,55 @@ class ReputationBook:
             logger.info("reputation of %s after %s: lowerBound=%s", node, kind, fields["reputation"]["lowerBound"])
             return
         raise RuntimeError(f"evidence {kind} for {node} lost {CONFLICT_RETRIES} write races in a row")
+
+    async def sample_uptime(self, interval_s: float) -> int:
+        """Looks at every VolunteerNode once and records its uptime evidence; returns how many
+        were written. A gap of up to two intervals counts (one missed look is no news)."""
+        names = await asyncio.to_thread(self._volunteer_names)
+        written = 0
+        for node in names:
+            async with self._locks.setdefault(node, asyncio.Lock()):
+                written += await asyncio.to_thread(self._apply_uptime, node, 2 * interval_s)
+        return written
+
+    @staticmethod
+    def _volunteer_names() -> list[str]:
+        load_config()
+        listed = cast(
+            dict[str, Any], client.CustomObjectsApi().list_cluster_custom_object(GROUP, VERSION, VOLUNTEER_PLURAL)
+        )
+        return [str(item["metadata"]["name"]) for item in listed.get("items") or ()]
+
+    def _apply_uptime(self, node: str, max_gap_s: float) -> int:
+        api = client.CustomObjectsApi()
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                current = cast(dict[str, Any], api.get_cluster_custom_object(GROUP, VERSION, VOLUNTEER_PLURAL, node))
+            except ApiException as error:
+                if error.status == 404:
+                    return 0  # deleted since the list
+                raise
+            fields = uptime_sample(current.get("status") or {}, self._clock(), self._config, max_gap_s)
+            if fields is None:
+                return 0
+            body = {"metadata": {"resourceVersion": current["metadata"]["resourceVersion"]}, "status": fields}
+            try:
+                api.patch_cluster_custom_object_status(GROUP, VERSION, VOLUNTEER_PLURAL, node, body)
+            except ApiException as error:
+                if error.status == 409:
+                    continue  # the gateway or a job's evidence went first: read again
+                raise
+            return 1
+        logger.warning("uptime of %s not recorded: lost %d write races in a row", node, CONFLICT_RETRIES)
+        return 0
+
+
+async def sample_uptime_forever(book: ReputationBook, interval_s: float) -> None:
+    """The operator's uptime sampler: heartbeats reach the gateway, not the operator, so the
+    operator looks at what the gateway wrote (connected, phase) once per interval."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await book.sample_uptime(interval_s)
+        except Exception:  # the API may be away for a while; the next look counts the gap (capped)
+            logger.exception("uptime sampling failed")

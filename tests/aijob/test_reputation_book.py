@@ -15,6 +15,7 @@ from koinon_operator.reputation_book import (
     ReputationBook,
     outcome_key,
     updated_status,
+    uptime_sample,
 )
 from koinon_operator.scheduler import DEFAULT_CONFIG
 from kubernetes.config import kube_config
@@ -119,3 +120,61 @@ async def test_concurrent_writer_costs_a_retry_not_a_lost_count(cluster: Emulato
 async def test_evidence_for_a_node_without_volunteernode_is_dropped(cluster: EmulatorThread) -> None:
     await ReputationBook(clock=lambda: NOW).record([("bare-ray-worker", "success")], "uid-1/1/0")
     assert "jobs" not in _status(cluster)
+
+
+def test_the_first_look_starts_the_uptime_clock_and_counts_nothing() -> None:
+    fields = uptime_sample({"phase": "Ready"}, NOW, CONFIG, max_gap_s=120)
+    assert fields is not None
+    reputation = fields["reputation"]
+    assert reputation["uptimeSampledAt"] == NOW
+    assert (reputation["heartbeatsSeen"], reputation["heartbeatsMissed"]) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("phase", "seen", "missed"),
+    [("Ready", 12.0, 0.0), ("Draining", 12.0, 0.0), ("NotReady", 0.0, 12.0), ("Pending", 0.0, 12.0)],
+)
+def test_time_between_looks_counts_as_heartbeats_seen_or_missed(phase: str, seen: float, missed: float) -> None:
+    status = uptime_sample({"phase": phase}, NOW, CONFIG, max_gap_s=120)
+    assert status is not None
+    status["phase"] = phase
+    after = uptime_sample(status, NOW + 60, CONFIG, max_gap_s=120)  # 60 s = 12 heartbeats of 5 s
+    assert after is not None
+    reputation = after["reputation"]
+    assert reputation["heartbeatsSeen"] == pytest.approx(seen, rel=1e-3)
+    assert reputation["heartbeatsMissed"] == pytest.approx(missed, rel=1e-3)
+    assert reputation["uptime"] > 0.9 if seen else reputation["uptime"] < 0.1
+
+
+def test_a_gap_nobody_watched_counts_only_up_to_the_cap_and_a_repeated_look_not_at_all() -> None:
+    status = uptime_sample({"phase": "NotReady"}, NOW, CONFIG, max_gap_s=120)
+    assert status is not None
+    status["phase"] = "NotReady"
+    after = uptime_sample(status, NOW + 3600, CONFIG, max_gap_s=120)  # the operator was down for an hour
+    assert after is not None
+    assert after["reputation"]["heartbeatsMissed"] == pytest.approx(24.0, rel=1e-2)
+    assert uptime_sample({**status, **after}, NOW + 3600, CONFIG, max_gap_s=120) is None
+
+
+def test_an_uptime_sample_keeps_the_outcome_keys_and_the_evidence() -> None:
+    status = updated_status({}, "success", NOW, CONFIG, "u1/1/0")
+    assert status is not None
+    status["phase"] = "Ready"
+    after = uptime_sample(status, NOW + 1, CONFIG, max_gap_s=120)
+    assert after is not None
+    assert after["reputation"]["recordedOutcomes"] == ["u1/1/0:success"]
+    assert after["reputation"]["successes"] == pytest.approx(1.0, rel=1e-3)
+
+
+async def test_the_sampler_records_uptime_on_each_volunteernode_once_per_look(cluster: EmulatorThread) -> None:
+    clock = [NOW]
+    book = ReputationBook(clock=lambda: clock[0])
+    ready = {"status": {"phase": "Ready", "connected": True}}
+    cluster.call(lambda e: e.patch(API, "VolunteerNode", "vn-a", ready, subresource="status"))
+    assert await book.sample_uptime(60) == 1  # starts the clock
+    clock[0] += 60
+    assert await book.sample_uptime(60) == 1
+    assert await book.sample_uptime(60) == 0  # the same moment again: nothing new
+    reputation = _status(cluster)["reputation"]
+    assert reputation["heartbeatsSeen"] == pytest.approx(12.0, rel=1e-3)
+    assert reputation["uptimeSampledAt"] == NOW + 60
