@@ -26,6 +26,12 @@ Processes: this process stays outside and passes signals on; the first process i
 namespace's init) reaps orphans, passes signals on to the command and exits with it, and the
 kernel then kills whatever is left inside (Ray's helpers with it). The init dies with this
 process, so SIGKILL here still kills the volunteer, as it would kill a plain agent.
+
+Each signal reaches the command once: the init starts a session of its own, so a signal sent to
+this process's group (a supervisor's killpg, Ctrl-C at a terminal) reaches only this process, which
+passes it on (the agent reads a second SIGTERM as "stop now"). Signals stay blocked from the start
+until each process has its handler in place, so one sent during start-up is delivered late, not
+lost (PID 1 of a namespace drops signals it has no handler for).
 """
 
 from __future__ import annotations
@@ -98,6 +104,16 @@ def _forward_signals_to(pid: int) -> None:
 
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)  # held back until now
+
+
+def _exec_command(command: list[str]) -> None:
+    """Becomes the command with the signal state a shell would give it: Python ignores SIGPIPE and
+    SIGXFSZ, an ignored signal stays ignored across exec, and so does a blocked one."""
+    for signum in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS):
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+    os.execvp(command[0], command)
 
 
 def _run_init(command: list[str], outside_alive: int) -> None:
@@ -112,10 +128,11 @@ def _run_init(command: list[str], outside_alive: int) -> None:
     os.close(outside_alive)
     try:
         _mount("-t", "proc", "proc", "/proc")  # the new namespace's processes only
+        os.setsid()  # out of the outside process's group: group signals reach the command via it only
         sys.stdout.flush()
         child = os.fork()
         if child == 0:
-            os.execvp(command[0], command)
+            _exec_command(command)
         _forward_signals_to(child)
         while True:
             pid, status = os.wait()
@@ -132,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hide", action="append", type=Path, default=[], help="a directory to cover")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)  # until the handlers are in place
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given after --")

@@ -3,6 +3,7 @@ network namespaces: the sandbox leaves it only the paths it needs."""
 
 from __future__ import annotations
 
+import os
 import secrets
 import signal
 import socket
@@ -134,3 +135,85 @@ def wait_gone(pids: list[str]) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"still running: {[pid for pid in pids if Path(f'/proc/{pid}').exists()]}")
+
+
+COUNT_SIGTERMS = r"""
+import signal, sys, time
+seen = []
+signal.signal(signal.SIGTERM, lambda *_: seen.append(1))
+open(sys.argv[1], "w").write("ready")
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline and not seen:
+    time.sleep(0.01)
+time.sleep(1.0)  # room for copies of the signal to arrive
+sys.exit(10 + len(seen))
+"""
+
+
+def test_a_signal_to_the_whole_process_group_reaches_the_command_once(tmp_path: Path) -> None:
+    # The agent reads a second SIGTERM as "stop Ray now, skip the drain": a supervisor's killpg
+    # (or Ctrl-C at a terminal) must not deliver it once per process between it and the command.
+    netns = f"ksbx-{secrets.token_hex(3)}"
+    create_netns(netns)
+    ready = tmp_path / "ready"
+    try:
+        volunteer = subprocess.Popen(
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "koinon_dev.volunteer_sandbox",
+             f"--expose={tmp_path}", "--", sys.executable, "-c", COUNT_SIGTERMS, str(ready)],
+            start_new_session=True,
+        )  # fmt: skip
+        for _ in range(400):
+            if ready.exists():
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the sandboxed command did not start")
+        os.killpg(volunteer.pid, signal.SIGTERM)
+        assert volunteer.wait(timeout=30) == 11, "SIGTERM seen a different number of times than once"
+    finally:
+        delete_netns(netns)
+
+
+def test_a_signal_sent_while_the_sandbox_starts_is_not_lost() -> None:
+    # Until the namespace's init has a handler, the kernel drops a SIGTERM it gets from outside
+    # (PID 1 has no default action): one sent during start-up left the volunteer running for good.
+    netns = f"ksbx-{secrets.token_hex(3)}"
+    create_netns(netns)
+    try:
+        for delay_ms in range(24):  # the gap lasted some 5-12 ms here: try each moment across it
+            volunteer = subprocess.Popen(
+                ["ip", "netns", "exec", netns, sys.executable, "-m", "koinon_dev.volunteer_sandbox",
+                 "--", "sleep", "60"],
+            )  # fmt: skip
+            # From the moment the init exists, while it sets up (mounts /proc, starts the command).
+            children = Path(f"/proc/{volunteer.pid}/task/{volunteer.pid}/children")
+            while volunteer.poll() is None and not children.read_text().split():
+                pass
+            time.sleep(delay_ms / 1000)
+            volunteer.send_signal(signal.SIGTERM)
+            try:
+                volunteer.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                volunteer.kill()
+                volunteer.wait()
+                raise AssertionError(f"a SIGTERM sent {delay_ms} ms into the init's start was lost") from None
+    finally:
+        delete_netns(netns)
+
+
+def test_the_command_starts_with_no_signal_ignored_or_blocked() -> None:
+    # Python ignores SIGPIPE and SIGXFSZ and the sandbox blocks signals while it starts; both would
+    # pass through exec into the agent and Ray (a dead pipe would then fail writes instead of killing).
+    netns = f"ksbx-{secrets.token_hex(3)}"
+    create_netns(netns)
+    try:
+        completed = subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "koinon_dev.volunteer_sandbox",
+             "--", "grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr
+        masks = dict(line.split(":\t") for line in completed.stdout.splitlines())
+        assert masks == {"SigIgn": "0000000000000000", "SigBlk": "0000000000000000"}
+    finally:
+        delete_netns(netns)
