@@ -202,7 +202,7 @@ class Gateway:
                     await task
         if self._head_proxy is not None:
             self._head_proxy.close()
-        await self.sessions.close_all()
+        await self.sessions.close_all()  # refuses new sessions from here on
         if self._server is not None:
             await self._server.stop(grace)
         if self._admin is not None:

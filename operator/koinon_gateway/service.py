@@ -36,6 +36,8 @@ MAX_DRAIN_GRACE_S = 24 * 3600
 # new work on a node that is leaving.
 GCS_DRAIN_RETRY_FIRST_S = 0.5
 GCS_DRAIN_RETRY_MAX_S = 5.0
+# How long a new session waits for its "connected" status to land before telling the agent.
+REGISTER_STATUS_WAIT_S = 2.0
 _NAME_RE = re.compile(r"[^a-z0-9-]+")
 
 
@@ -113,6 +115,8 @@ class TunnelService:
     # ---- Join ----
 
     async def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:  # type: ignore[override]
+        if self.sessions.closing:  # before the token is used: the agent joins the next gateway with it
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway shutting down; retry later")
         try:
             validate_join(request)
         except ValueError as exc:
@@ -267,6 +271,9 @@ class TunnelService:
             self.metrics.refused_streams[refusal] += 1
             log.warning("node %s (%s): register refused: %s", identity.node_name, identity.address, refusal)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"register refused: {refusal}")
+        if self.sessions.closing:  # checked with no await before attach(), as above
+            self.metrics.refused_streams["gateway-stopping"] += 1
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway shutting down; reconnect later")
         self.allocator.reserve(identity.address, identity.node_name)
         session = NodeSession(
             node_name=identity.node_name,
@@ -278,12 +285,14 @@ class TunnelService:
             gpus=gpus_reported(register.gpus),
             self_heartbeats=register.self_heartbeats,
         )
-        # The registry says "connected" before the agent hears "registered": whoever sees the agent
-        # connected (its operator, a test) then finds the node connected too, never an older status.
         self.sessions.attach(session)
         tasks: list[asyncio.Future[None]] = []
         reason, message = "Disconnected", "control stream ended"
         try:
+            # The registry says "connected" before the agent hears "registered": whoever sees the
+            # agent connected (its operator, a test) then finds the node connected too, never an
+            # older status. Bounded: with the API down the write lands later, the session goes on.
+            await self.sessions.writer.wait_written(session.node_name, REGISTER_STATUS_WAIT_S)
             session.send(
                 pb.GatewayMessage(
                     registered=pb.Registered(assignment=self.assignment(session.node_name, session.address))
@@ -381,6 +390,8 @@ class TunnelService:
             except Exception as exc:  # GCS unreachable: keep the node NotReady and retry
                 log.warning("GCS lookup for %s failed: %r", session.node_name, exc)
                 address = None
+            if session.closed:  # ended during the lookup: its NotReady must stay the last word
+                return
             if address == session.address:
                 session.ray_verified_id = node_id
                 self.sessions.write_status(session, force=True)

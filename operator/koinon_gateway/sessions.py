@@ -167,6 +167,7 @@ class SessionTable:
         self._revoked: OrderedDict[str, None] = OrderedDict()
         # Connect streams open per node (their handler tasks): capped per node, ended with it.
         self._streams: dict[str, set[asyncio.Task[Any]]] = {}
+        self.closing = False  # the gateway is shutting down: no new sessions
 
     @contextlib.contextmanager
     def stream_of(self, node_name: str) -> Iterator[None]:
@@ -315,15 +316,24 @@ class SessionTable:
         return node_name in self._revoked
 
     def revoke(self, node_name: str) -> bool:
-        """Ends the session of a node whose VolunteerNode was deleted; there is no status left to write."""
+        """Ends the session of a node whose VolunteerNode is being deleted; True if it had one.
+
+        The object may outlive this for a while (a finalizer holds it): its status then says
+        NotReady, not the Ready of the session just ended. A write queued earlier is merged into
+        that last one; once the object is gone the writer stops by itself.
+        """
         self._revoked[node_name] = None
         while len(self._revoked) > MAX_REMEMBERED_REVOCATIONS:
             self._revoked.popitem(last=False)
         for stream in list(self._streams.get(node_name, ())):
             stream.cancel()  # its proxied connections end with it
         session = self.by_name.pop(node_name, None)
-        self._conditions.pop(node_name, None)
-        self.writer.forget(node_name)  # nothing left to write to
+        previous = self._conditions.pop(node_name, None)
+        if session is not None or self.writer.busy(node_name):
+            condition = next_condition(previous, False, "Deleted", "VolunteerNode deleted; credential revoked")
+            self.writer.submit(
+                node_name, {"phase": "NotReady", "connected": False, "conditions": [condition.as_dict()]}
+            )
         if session is None:
             return False
         session.closed = True
@@ -346,6 +356,10 @@ class SessionTable:
         return [s.node_name for s in stale]
 
     async def close_all(self, flush_timeout_s: float = 10.0) -> None:
+        """Ends every session and waits (bounded) for their NotReady writes. From here on no new
+        session is taken (Control answers UNAVAILABLE): an agent reconnecting during the flush
+        would otherwise be marked connected to a gateway that is about to go."""
+        self.closing = True
         for session in list(self.by_name.values()):
             if session.handler_task is not None:
                 session.handler_task.cancel()

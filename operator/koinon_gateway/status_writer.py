@@ -51,6 +51,16 @@ class StatusWriter:
     def busy(self, name: str) -> bool:
         return name in self._writers
 
+    async def wait_written(self, name: str, timeout_s: float) -> bool:
+        """Waits until nothing is queued or being written for ``name``; False on timeout."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while (writer := self._writers.get(name)) is not None:
+                    await asyncio.wait([writer])
+        except TimeoutError:
+            return False
+        return True
+
     async def flush(self, timeout_s: float) -> bool:
         """Waits until everything queued has landed (or was given up); False on timeout."""
         try:

@@ -425,3 +425,43 @@ async def test_an_agent_that_stops_reading_its_control_stream_loses_its_session(
     finally:
         writer.cancel()
         handler.cancel()
+
+
+class OutageRegistry(InMemoryNodeRegistry):
+    """Status writes hang while ``outage`` is set, as writes to an API server that went away."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outage = False
+        self.back = asyncio.Event()
+
+    async def patch_status(self, name: str, status: JSON) -> None:
+        if self.outage:
+            await self.back.wait()
+        await super().patch_status(name, status)
+
+
+async def test_a_gateway_stopping_during_an_api_outage_takes_no_new_sessions(tmp_path: Path) -> None:
+    # Stopping waits (bounded) for the NotReady writes; agents that reconnect meanwhile must not be
+    # registered and marked connected to a gateway that is about to go.
+    registry = OutageRegistry()
+    async with cluster(tmp_path, registry=registry) as c:
+        agent = await c.start_agent("alpha")
+        assert agent.identity is not None
+        name = agent.identity.node_name
+        registrations = agent.registrations
+        registry.outage = True
+        stopping = asyncio.ensure_future(c.gateway.stop(0))
+        deadline = asyncio.get_running_loop().time() + 10
+        while c.gateway.metrics.refused_streams["gateway-stopping"] < 2:  # the agent retried, twice
+            assert asyncio.get_running_loop().time() < deadline, "no reconnect was refused"
+            await asyncio.sleep(0.05)
+        assert not stopping.done()
+        assert name not in c.gateway.sessions.by_name
+        registry.outage = False
+        registry.back.set()
+        await asyncio.wait_for(stopping, 15)
+        assert agent.registrations == registrations
+        status = registry.objects[name]["status"]
+        assert (status["phase"], status["connected"]) == ("NotReady", False)
+        assert status["conditions"][0]["reason"] == "GatewayStopped"

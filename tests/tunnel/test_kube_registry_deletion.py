@@ -126,6 +126,10 @@ async def test_deleting_a_volunteernode_held_by_a_finalizer_revokes_the_agent(
         assert kgw.gateway.metrics.refused_streams["node-deleted-while-connected"] == 1
         node = await kubectl_vn(kube, name)
         assert node["metadata"]["deletionTimestamp"]  # still held, yet the volunteer is gone
+        assert await kgw.gateway.sessions.flush()
+        node = await kubectl_vn(kube, name)
+        assert (node["status"]["phase"], node["status"]["connected"]) == ("NotReady", False)
+        assert node["status"]["conditions"][0]["reason"] == "Deleted"
         # Its credential stays refused while the object lingers.
         with pytest.raises(JoinRefused, match="node-deleted"):
             await asyncio.wait_for(Agent(config).run(), 15)

@@ -183,14 +183,30 @@ async def test_last_heartbeat_says_when_the_agent_was_last_heard_not_when_status
     assert registry.objects["vn-a"]["status"]["lastHeartbeat"] == "2026-01-01T00:00:00Z"
 
 
-async def test_a_deleted_node_is_not_written_again() -> None:
+async def test_a_node_being_deleted_is_left_notready_not_with_its_last_session_status() -> None:
+    # A finalizer can hold a deleted VolunteerNode for a while; its status must not say Ready.
+    table, registry, session = make_table(SlowRegistry())
+    await registry.create("vn-a", {}, {})
+    table.attach(session)  # its Ready write is still on its way
+    assert table.revoke("vn-a")
+    registry.release.set()
+    assert await table.flush()
+    status = registry.objects["vn-a"]["status"]
+    assert (status["phase"], status["connected"]) == ("NotReady", False)
+    assert status["conditions"][0]["reason"] == "Deleted"
+    assert status["conditions"][0]["status"] == "False"
+
+
+async def test_a_node_already_gone_is_not_written_again() -> None:
     table, registry, session = make_table(SlowRegistry())
     await registry.create("vn-a", {}, {})
     table.attach(session)
-    table.revoke("vn-a")  # its VolunteerNode was deleted: queued writes are dropped
+    await registry.delete("vn-a")
+    table.revoke("vn-a")
     registry.release.set()
-    assert await table.flush()
+    assert await table.flush()  # the writer stops at "not found" instead of retrying for good
     assert registry.status_writes == 0
+    assert not table.writer.busy("vn-a")
 
 
 async def test_rtt_comes_only_from_answers_to_pings_the_gateway_sent() -> None:
