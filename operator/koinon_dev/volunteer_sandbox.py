@@ -67,7 +67,9 @@ def isolate(expose: list[Path], hide: list[Path]) -> None:
     for path in expose:
         if not path.is_relative_to(COVERED) or not path.exists():
             raise SystemExit(f"volunteer sandbox: --expose {path}: must exist under {COVERED}")
-    _mount("-t", "tmpfs", "-o", "mode=1777,size=64m", "koinon-sandbox", str(STAGE))
+    # No size of its own: /tmp on a volunteer's machine holds what a job writes there (Python's
+    # tempfile, downloads), and tmpfs takes memory only for what is written (at most half of it).
+    _mount("-t", "tmpfs", "-o", "mode=1777", "koinon-sandbox", str(STAGE))
     for path in expose:
         inside = STAGE / path.relative_to(COVERED)
         inside.parent.mkdir(parents=True, exist_ok=True)

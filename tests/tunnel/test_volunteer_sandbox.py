@@ -217,3 +217,19 @@ def test_the_command_starts_with_no_signal_ignored_or_blocked() -> None:
         assert masks == {"SigIgn": "0000000000000000", "SigBlk": "0000000000000000"}
     finally:
         delete_netns(netns)
+
+
+def test_a_job_may_write_more_than_a_token_amount_to_tmp() -> None:
+    # A job's Python tempfiles land in the sandbox's /tmp: 64 MiB (its former size) failed real work.
+    netns = f"ksbx-{secrets.token_hex(3)}"
+    create_netns(netns)
+    try:
+        completed = subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "koinon_dev.volunteer_sandbox",
+             "--", "sh", "-c", "head -c 200M /dev/zero > /tmp/big && stat -c %s /tmp/big"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr
+        assert completed.stdout.strip() == str(200 << 20)
+    finally:
+        delete_netns(netns)
