@@ -135,6 +135,11 @@ class TunnelService:
         await self._retire_previous(request.previous_credential, grant.owner)
         try:
             node_name, address = await self._record_node(request, grant)
+        except asyncio.CancelledError:
+            # The agent gave up waiting (its deadline) and will try again: that try must not be
+            # refused for a use this one never delivered. Shielded: the task is being cancelled.
+            await asyncio.shield(self._give_back(grant))
+            raise
         except Exception as exc:
             # Nothing of the failed join stays behind: no node, no address, and the token's use is
             # given back, so the retry the agent makes is not refused as "usage-limit".

@@ -113,7 +113,11 @@ def test_non_number_variable_is_refused_naming_flag_and_variable(
 
 @pytest.mark.parametrize(
     ("argv", "field"),
-    [(["--ray-restart-after", "0"], "ray_restart_after_s"), (["--drain-grace", "-1"], "drain_grace_s")],
+    [
+        (["--ray-restart-after", "0"], "ray_restart_after_s"),
+        (["--drain-grace", "-1"], "drain_grace_s"),
+        (["--proxy-port", "70000"], "proxy_port"),
+    ],
 )
 def test_out_of_range_values_are_refused_naming_the_field(
     capsys: pytest.CaptureFixture[str], argv: list[str], field: str

@@ -39,10 +39,18 @@ async def test_a_state_dir_that_cannot_be_written_stops_the_agent_before_it_join
     assert c.tokens.tokens[token_id].usages_count == 0  # ...and the token's use is still there
 
 
-@pytest.mark.parametrize("garbage", ["", '{"gateway": "x", "node_na', "[]", '{"gateway": "x"}'])
+TYPED_WRONG = '{"gateway": "%s", "node_name": "n", "address": "127.0.20.1", "credential": "c", "expires_at": %s}'
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    ["", '{"gateway": "x", "node_na', "[]", '{"gateway": "x"}', TYPED_WRONG % ("{gw}", "null"),
+     TYPED_WRONG % ("{gw}", '"1700000000"'), TYPED_WRONG % ("{gw}", "true")],
+)  # fmt: skip
 async def test_an_unreadable_identity_is_set_aside_when_a_token_can_join_again(c: Cluster, garbage: str) -> None:
     config = c.agent_config("alpha")
     config.state_dir.mkdir(parents=True)
+    garbage = garbage.replace("{gw}", c.gateway.agent_target)  # JSON that parses, with a wrong type
     (config.state_dir / "identity.json").write_text(garbage)
     agent = await c.start_agent("alpha")
     assert agent.identity is not None and agent.identity.node_name in c.registry.objects

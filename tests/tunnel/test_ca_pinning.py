@@ -32,7 +32,7 @@ async def test_a_gateway_without_the_pinned_ca_is_refused_before_any_token_is_se
             await Agent(config).run()
         assert c.gateway.metrics.joins == {} and c.registry.objects == {}
         # What the gateway does present: its server certificate, then its CA.
-        chain = presented_chain(c.gateway.agent_target, "koinon-gateway")
+        chain = await presented_chain(c.gateway.agent_target, "koinon-gateway")
         assert len(chain) == 2 and chain[1].subject == chain[0].issuer
 
 

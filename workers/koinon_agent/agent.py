@@ -114,6 +114,8 @@ class Agent:
         self._ray_restart: asyncio.Task[None] | None = None  # replacing the Ray node after an outage
         self._tasks: set[asyncio.Task[None]] = set()
         self._disconnected_at: float | None = None
+        self._identity_changed = False  # joined again at a new address: the Ray node must follow
+        self._rejoined = False  # joined again and not registered since: a second refusal is final
         self._last_heartbeat_at = 0.0  # monotonic time of the last Heartbeat sent
 
     # ---- public ----
@@ -136,6 +138,9 @@ class Agent:
         assert self.identity is not None
         return (("authorization", f"Bearer {self.identity.credential}"),)
 
+    def _proxy_metadata(self) -> Metadata | None:
+        return self._metadata() if self.identity is not None else None  # None: not joined yet
+
     def _pb_gpus(self) -> list[pb.Gpu]:
         return [pb.Gpu(model=g.model, memory_mib=g.memory_mib) for g in self.gpus]
 
@@ -151,9 +156,15 @@ class Agent:
         self._control_channel = open_channel(self.config)
         self._data_channel = open_channel(self.config)
         try:
+            # Before the join: a port that cannot be had must not cost a token use first.
+            self._proxy = LocalProxy(lambda: tunnel_stub(self._channel("data")), self._proxy_metadata)
+            try:
+                await self._proxy.start(port=self.config.proxy_port)
+            except OSError as exc:
+                raise ValueError(
+                    f"proxy_port: cannot listen on 127.0.0.1:{self.config.proxy_port}: {exc.strerror}"
+                ) from exc
             self.identity = await self._ensure_identity()
-            self._proxy = LocalProxy(lambda: tunnel_stub(self._channel("data")), self._metadata)
-            await self._proxy.start(port=self.config.proxy_port)
             # The drain runs beside the sessions, not in one: a Control stream lost mid-drain (or
             # none at all, SIGTERM during an outage) must not cut the running tasks' grace short.
             drainer = asyncio.ensure_future(self._drain_ray())
@@ -177,7 +188,7 @@ class Agent:
                     ca_discovery.check_pin(configured, pin)
                     return
                 ca_pem = await self._unless_drained(
-                    asyncio.to_thread(ca_discovery.discover_ca, self.config.gateway, pin, server_name(self.config))
+                    ca_discovery.discover_ca(self.config.gateway, pin, server_name(self.config))
                 )
                 break
             except ca_discovery.GatewayUnreachable as exc:
@@ -193,19 +204,21 @@ class Agent:
 
     # ---- join ----
 
-    async def _ensure_identity(self) -> state.StoredIdentity:
+    async def _ensure_identity(self, refused: str = "") -> state.StoredIdentity:
+        """The stored identity while it is good, else a new one from a join with the token.
+        ``refused``: why the gateway no longer takes the stored credential (it expired during an
+        outage, or the gateway's signing key changed), though its expiry may not say so."""
         stored = state.load(self.config.state_dir, self.config.gateway, can_rejoin=bool(self.config.token))
-        if stored is not None and not stored.expired(time.time()):
+        if stored is not None and not refused and not stored.expired(time.time()):
             log.info("reusing stored identity %s (%s)", stored.node_name, stored.address)
             return stored
         if stored is not None:
-            # Offline for longer than a credential lives: only a new join token gets back in.
+            # Offline for longer than a credential lives: only a join token gets back in.
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stored.expires_at))
+            why = refused or f"expired at {when}"
             if not self.config.token:
-                raise JoinRefused(f"credential of {stored.node_name} expired at {when}; join again with a new token")
-            log.warning(
-                "credential of %s expired at %s; joining again with the configured token", stored.node_name, when
-            )
+                raise JoinRefused(f"credential of {stored.node_name}: {why}; join again with a new token")
+            log.warning("credential of %s: %s; joining again with the configured token", stored.node_name, why)
         if not self.config.token:
             raise ValueError("token: required for the first join (--token or KOINON_TOKEN)")
         state.ensure_writable(self.config.state_dir)
@@ -254,6 +267,12 @@ class Agent:
                 if finished:
                     return
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.config.token and not self._rejoined:
+                    await self._rejoin(exc.details() or "credential refused")
+                    if self._drain.is_set():  # asked to stop while joining again: nothing runs here
+                        await self._drain_done.wait()
+                        return
+                    continue
                 if exc.code() in FATAL_CODES:
                     raise _refusal(exc, "gateway refused this node: ") from exc
                 log.warning("control stream lost: %s %s", exc.code().name, exc.details())
@@ -274,6 +293,21 @@ class Agent:
             delay = delays.next()
             log.info("reconnecting in %.2fs", delay)
             await self._sleep_or_drain(delay)
+
+    async def _rejoin(self, refused: str) -> None:
+        """The gateway no longer takes this node's credential: join again with the token (the
+        gateway retires the old node) and move the Ray node to the new identity."""
+        self.connected.clear()
+        if self._disconnected_at is None:
+            self._disconnected_at = time.monotonic()
+        before = self.identity
+        self._rejoined = True
+        try:
+            self.identity = await self._ensure_identity(refused)
+        except DrainedBeforeJoining:
+            return
+        if before is not None and self.identity.address != before.address:
+            self._identity_changed = True  # a Ray node started at the old address must be replaced
 
     async def _unless_drained(self, work: Awaitable[T]) -> T:
         """``work``'s result; DrainedBeforeJoining as soon as a drain is asked for instead (a Join
@@ -352,6 +386,7 @@ class Agent:
             await self._after_registration()
             self.connected.set()
             self._disconnected_at = None
+            self._rejoined = False
             heartbeats = asyncio.ensure_future(self._heartbeat_sender(send, interval))
             drainer = asyncio.ensure_future(self._drain_watch(send))
             try:
@@ -407,7 +442,11 @@ class Agent:
         self.identity = dataclasses.replace(
             self.identity, credential=renewal.credential, expires_at=int(renewal.expires_at)
         )
-        state.save(self.config.state_dir, self.identity)
+        try:
+            state.save(self.config.state_dir, self.identity)
+        except OSError as exc:  # a full disk: keep the new credential in memory; the next renewal tries again
+            log.error("cannot store the renewed credential in %s: %s", self.config.state_dir, exc)
+            return
         log.debug("credential renewed; valid until %d", renewal.expires_at)
 
     def _ray_state(self) -> tuple[str, str]:
@@ -466,8 +505,12 @@ class Agent:
         if self._ray_restart is not None and not self._ray_restart.done():
             return  # a replacement is under way (a reconnect during it changes nothing)
         outage = time.monotonic() - self._disconnected_at if self._disconnected_at else 0.0
-        if self.ray is not None and outage > self.config.ray_restart_after_s:
-            log.info("outage of %.0fs: restarting the Ray node", outage)
+        moved, self._identity_changed = self._identity_changed, False
+        if self.ray is not None and (moved or outage > self.config.ray_restart_after_s):
+            log.info(
+                "%s: restarting the Ray node",
+                "new address after joining again" if moved else f"outage of {outage:.0f}s",
+            )
             # In the background: stopping Ray takes seconds, and the session must heartbeat
             # meanwhile, or the gateway takes the node for lost and the outage starts over.
             self._ray_restart = asyncio.ensure_future(self._restart_ray())
@@ -494,7 +537,14 @@ class Agent:
         while not self._drain.is_set():
             self.ray = RayNode(settings)
             started = time.monotonic()
-            await self.ray.start(self.assignment)
+            try:
+                await self.ray.start(self.assignment)
+            except OSError as exc:  # no ray binary, no file descriptors, a full disk: try again later
+                delay = delays.next()
+                log.error("cannot start the Ray node (%s); trying again in %.0fs", exc, delay)
+                await self.ray.stop()
+                await self._sleep_or_drain(delay)
+                continue
             assert self.ray.process is not None
             if await self._serving_within(self.ray, self.config.ray_start_timeout_s):
                 code: int | str = await self.ray.process.wait()

@@ -8,7 +8,7 @@ the pinned CA is refused before a token or credential is sent anywhere.
 
 from __future__ import annotations
 
-import socket
+import asyncio
 import ssl
 from typing import Any
 
@@ -25,40 +25,49 @@ class GatewayUnreachable(CADiscoveryError):
     """No TLS handshake with the gateway (yet): worth trying again later."""
 
 
-def _connect(gateway: str, timeout: float) -> socket.socket:
+async def _open(gateway: str, context: ssl.SSLContext, server_name: str) -> asyncio.StreamWriter:
     if gateway.startswith("unix:"):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(timeout)
-        sock.connect(gateway[len("unix:") :])
-        return sock
-    host, _, port = gateway.rpartition(":")
-    return socket.create_connection((host.strip("[]"), int(port)), timeout)
+        _, writer = await asyncio.open_unix_connection(
+            gateway[len("unix:") :], ssl=context, server_hostname=server_name
+        )
+    else:
+        host, _, port = gateway.rpartition(":")
+        _, writer = await asyncio.open_connection(host.strip("[]"), int(port), ssl=context, server_hostname=server_name)
+    return writer
 
 
-def _unverified_chain(tls: ssl.SSLSocket) -> list[Any]:
+def _unverified_chain(tls: Any) -> list[Any]:
     # Public from Python 3.13; the same method on the underlying object before that.
     method = getattr(tls, "get_unverified_chain", None) or getattr(getattr(tls, "_sslobj"), "get_unverified_chain")  # noqa: B009
     return list(method() or [])
 
 
-def presented_chain(gateway: str, server_name: str, timeout: float = 10.0) -> list[x509.Certificate]:
-    """The certificates the gateway sends in its TLS handshake, unverified."""
+async def presented_chain(gateway: str, server_name: str, timeout: float = 10.0) -> list[x509.Certificate]:
+    """The certificates the gateway sends in its TLS handshake, unverified.
+
+    On the event loop, not in a thread: a SIGTERM while a silent gateway holds the handshake
+    cancels it and closes the socket at once (a thread could not be stopped before its timeout)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE  # only reading the chain; nothing is sent over this connection
     context.set_alpn_protocols(["h2"])
     try:
-        with _connect(gateway, timeout) as raw, context.wrap_socket(raw, server_hostname=server_name) as tls:
+        async with asyncio.timeout(timeout):
+            writer = await _open(gateway, context, server_name)
+        try:
+            chain = _unverified_chain(writer.get_extra_info("ssl_object"))
             # Certificate.public_bytes() gives PEM text by default.
-            return [x509.load_pem_x509_certificate(cert.public_bytes().encode()) for cert in _unverified_chain(tls)]
-    except (OSError, ValueError) as exc:
-        raise GatewayUnreachable(f"ca_cert_hash: could not read the gateway's certificates: {exc}") from exc
+            return [x509.load_pem_x509_certificate(cert.public_bytes().encode()) for cert in chain]
+        finally:
+            writer.transport.abort()  # nothing to say to it; no TLS close to wait for
+    except (OSError, ValueError, TimeoutError) as exc:
+        raise GatewayUnreachable(f"ca_cert_hash: could not read the gateway's certificates: {exc!r}") from exc
 
 
-def discover_ca(gateway: str, pin: str, server_name: str, timeout: float = 10.0) -> bytes:
+async def discover_ca(gateway: str, pin: str, server_name: str, timeout: float = 10.0) -> bytes:
     """PEM of the CA certificate in the gateway's chain whose hash is ``pin``."""
     seen = []
-    for cert in presented_chain(gateway, server_name, timeout):
+    for cert in await presented_chain(gateway, server_name, timeout):
         pem = cert.public_bytes(serialization.Encoding.PEM)
         digest = ca_cert_hash(pem)
         seen.append(digest)

@@ -61,6 +61,8 @@ class AgentConfig:
             raise ValueError("backoff_initial_s/backoff_max_s: need 0 < initial <= max")
         if self.drain_grace_s < 0:
             raise ValueError("drain_grace_s: must be >= 0")
+        if not 0 <= self.proxy_port < 65536:
+            raise ValueError(f"proxy_port: must be a TCP port (0 for any free one), got {self.proxy_port}")
         if self.ray_restart_after_s <= 0:
             raise ValueError("ray_restart_after_s: must be > 0 seconds")
         if self.ray_start_timeout_s <= 0:

@@ -28,7 +28,9 @@ Metadata = tuple[tuple[str, str], ...]
 
 
 class LocalProxy:
-    def __init__(self, stub_factory: Callable[[], Any], metadata: Callable[[], Metadata]) -> None:
+    def __init__(self, stub_factory: Callable[[], Any], metadata: Callable[[], Metadata | None]) -> None:
+        """``metadata`` gives the node's credential for each new connection; None before the node
+        has one (such connections are answered 503)."""
         self._stub_factory = stub_factory
         self._metadata = metadata
         self._server: asyncio.Server | None = None
@@ -56,7 +58,13 @@ class LocalProxy:
             with contextlib.suppress(Exception):
                 writer.close()
             return
-        call = self._stub_factory().Connect(metadata=self._metadata())
+        metadata = self._metadata()
+        if metadata is None:
+            writer.write(http_connect.response(503, "not-joined-yet"))
+            with contextlib.suppress(Exception):
+                writer.close()
+            return
+        call = self._stub_factory().Connect(metadata=metadata)
         established = clean = False
         try:
             channel = GrpcFrameChannel(call)

@@ -45,6 +45,7 @@ def load(state_dir: Path, gateway: str, can_rejoin: bool = False) -> StoredIdent
         if not isinstance(data, dict):
             raise TypeError("not a JSON object")
         identity = StoredIdentity(**data)
+        _check_types(identity)
     except (OSError, ValueError, TypeError) as exc:
         if not can_rejoin:
             raise StateError(
@@ -56,6 +57,15 @@ def load(state_dir: Path, gateway: str, can_rejoin: bool = False) -> StoredIdent
         return None
     # An identity belongs to the gateway that issued it.
     return identity if identity.gateway == gateway else None
+
+
+def _check_types(identity: StoredIdentity) -> None:
+    """JSON that parses may still hold the wrong kinds of values (a hand edit, another version)."""
+    for name in ("gateway", "node_name", "address", "credential"):
+        if not isinstance(getattr(identity, name), str):
+            raise TypeError(f"{name}: expected a string")
+    if not isinstance(identity.expires_at, int) or isinstance(identity.expires_at, bool):
+        raise TypeError("expires_at: expected whole Unix seconds")
 
 
 def ensure_writable(state_dir: Path) -> None:

@@ -1,0 +1,156 @@
+"""Faults a running agent must get over by itself, against a real gateway: a credential that
+expired during an outage, a renewal it cannot store, a Ray binary it cannot start, a proxy port it
+cannot have, a join that outlived its deadline, and a stop during CA discovery."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+from koinon_agent import state
+from koinon_agent.agent import Agent
+from koinon_gateway.registry import JSON, InMemoryNodeRegistry
+from koinon_gateway.rpc import tunnel_stub
+from koinon_gateway.server import Gateway
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+from .helpers import channel_for, cluster
+
+
+async def wait_until(condition: object, within_s: float, what: str) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def test_a_credential_that_expired_during_an_outage_is_replaced_by_joining_again(tmp_path: Path) -> None:
+    async with cluster(tmp_path, credential_lifetime_s=2.0) as c:
+        agent = await c.start_agent("alpha")
+        task = c.agents[-1][1]
+        assert agent.identity is not None
+        before = agent.identity
+        listen = c.gateway.agent_target
+        await c.gateway.stop(0)
+        await asyncio.sleep(max(0.0, before.expires_at - time.time()) + 0.5)  # the outage outlives it
+        c.gateway = Gateway(replace(c.gateway.config, listen=listen), c.tokens, c.registry, c.gateway.ca_store)
+        await c.gateway.start()
+        await wait_until(lambda: agent.connected.is_set() or task.done(), 15, "agent did not come back")
+        assert not task.done(), f"agent exited: {task.exception()!r}"
+        assert agent.identity is not None and agent.identity.node_name != before.node_name
+        # One node, not a new one beside a NotReady ghost: the join retired the old one.
+        assert list(c.registry.objects) == [agent.identity.node_name]
+        assert c.registry.objects[agent.identity.node_name]["status"]["connected"] is True
+        assert state.load(agent.config.state_dir, listen) == agent.identity
+
+
+async def test_a_renewed_credential_that_cannot_be_stored_is_kept_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with cluster(tmp_path, credential_lifetime_s=1.0) as c:  # renewed every ~0.5 s
+        agent = await c.start_agent("alpha")
+        task = c.agents[-1][1]
+        assert agent.identity is not None
+        first = agent.identity.credential
+
+        def disk_full(*_args: object, **_kwargs: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(state, "save", disk_full)
+        await wait_until(lambda: agent.identity is not None and agent.identity.credential != first, 10, "no renewal")
+        await asyncio.sleep(1.5)  # past the first credential's expiry: the renewed one carries on
+        assert not task.done(), f"agent exited: {task.exception()!r}"
+        assert agent.connected.is_set()
+        assert "cannot store the renewed credential" in caplog.text
+
+
+async def test_a_ray_node_that_cannot_be_started_is_reported_and_tried_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="koinon_agent")
+    async with cluster(tmp_path) as c:
+        agent = await c.start_agent("alpha", start_ray=True, ray_bin=str(tmp_path / "no-such-ray"))
+        await wait_until(lambda: caplog.text.count("cannot start the Ray node") >= 2, 10, "not tried again")
+        supervisor = agent._ray_supervisor
+        assert supervisor is not None and not supervisor.done()
+        assert agent.connected.is_set()
+        assert agent._ray_state() == ("", "stopped")
+
+
+async def test_a_proxy_port_that_is_taken_fails_before_the_join_uses_the_token(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        async with cluster(tmp_path) as c:
+            token = c.tokens.add(owner="alice", usage_limit=1)
+            agent = Agent(c.agent_config("alpha", token=token, proxy_port=taken.getsockname()[1]))
+            with pytest.raises(ValueError, match="proxy_port: cannot listen"):
+                await asyncio.wait_for(agent.run(), 10)
+            assert c.registry.objects == {}
+            assert c.tokens.tokens[token.split(".")[0]].usages_count == 0
+
+
+class SlowFirstCreate(InMemoryNodeRegistry):
+    """The first VolunteerNode create takes longer than the joining agent waits."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> None:
+        if self.delay_s:
+            delay, self.delay_s = self.delay_s, 0.0
+            await asyncio.sleep(delay)
+        await super().create(name, spec, labels)
+
+
+async def test_a_join_the_agent_gave_up_on_gives_the_tokens_use_back(tmp_path: Path) -> None:
+    async with cluster(tmp_path, registry=SlowFirstCreate(2.0)) as c:
+        token = c.tokens.add(owner="alice", usage_limit=1)
+        async with channel_for(c) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as expired:
+                await tunnel_stub(channel).Join(pb.JoinRequest(token=token, name_hint="slow"), timeout=0.5)
+            assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            token_id = token.split(".")[0]
+            await wait_until(lambda: c.tokens.tokens[token_id].usages_count == 0, 5, "the use was not given back")
+            assert c.registry.objects == {}
+            response = await tunnel_stub(channel).Join(pb.JoinRequest(token=token, name_hint="slow"), timeout=5)
+            assert list(c.registry.objects) == [response.assignment.node_name]
+
+
+def test_sigterm_while_discovering_the_ca_of_a_silent_gateway_is_prompt(tmp_path: Path) -> None:
+    with socket.socket() as silent:  # takes the TCP connection, never answers the TLS handshake
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "koinon_agent.cli", "join", "--gateway", f"127.0.0.1:{silent.getsockname()[1]}",
+             "--no-ray", "--ca-cert-hash", "sha256:" + "0" * 64],
+            env={**os.environ, "KOINON_TOKEN": "abcdef.0123456789abcdef", "KOINON_STATE_DIR": str(tmp_path)},
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            silent.settimeout(30)
+            connection, _ = silent.accept()  # the agent is inside the handshake from here on
+            with connection:
+                time.sleep(0.3)
+                sent = time.monotonic()
+                agent.send_signal(signal.SIGTERM)
+                _, err = agent.communicate(timeout=20)
+                took = time.monotonic() - sent
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+        assert agent.returncode == 0, err
+        assert took < 3, f"SIGTERM took {took:.1f} s (the handshake's timeout is 10 s)"
