@@ -6,6 +6,10 @@ import asyncio
 import re
 
 MAX_HEADER_BYTES = 8192
+# The StreamReader limit for a CONNECT proxy's connections: readuntil() stops at it, and the reader
+# stops reading from the socket at twice it, so a request head that never ends holds this much,
+# not the megabytes a data path's reader may buffer (the connection is handed to a TcpPipe after).
+REQUEST_READER_LIMIT = 2 * MAX_HEADER_BYTES
 # ASCII digits only: str.isdigit() also accepts '²' and friends, which int() then rejects.
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import grpc
 from aiohttp import web
 
+from . import http_connect
 from .addresses import AddressAllocator
 from .config import GatewayConfig
 from .head_proxy import HeadProxy
@@ -31,7 +32,7 @@ from .rpc import add_tunnel_service
 from .service import TunnelService
 from .sessions import SessionTable
 from .tokens import ExpiredTokenCleaner, InMemoryTokenStore, TokenStore
-from .tunnel_io import GRPC_OPTIONS, STREAM_READER_LIMIT
+from .tunnel_io import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class Gateway:
         await self._server.start()
         host, head_port = split_host_port(self.config.head_proxy_listen)
         self._head_proxy = await asyncio.start_server(
-            HeadProxy(self.router).handle, host, head_port, limit=STREAM_READER_LIMIT
+            HeadProxy(self.router).handle, host, head_port, limit=http_connect.REQUEST_READER_LIMIT
         )
         self._ports.head_proxy_port = self._head_proxy.sockets[0].getsockname()[1]
         await self._start_admin()

@@ -24,7 +24,8 @@ from .ray_check import RayNodeChecker
 from .registry import NodeExists, NodeRegistry, status_address
 from .routing import DialRefused, Router
 from .rpc import EOF, Context
-from .sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT, NodeSession, SessionTable, TooManyStreams, gpus_reported
+from .sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT, NodeSession, SessionTable, gpus_reported
+from .stream_slots import StreamSlot, TooManyStreams
 from .tokens import JoinGrant, TokenError, TokenStore
 from .tunnel_io import STREAM_READER_LIMIT, GrpcFrameChannel, ProtocolViolation, splice_channels, splice_tcp
 
@@ -461,13 +462,20 @@ class TunnelService:
         assert source is not None
         channel = GrpcFrameChannel(context)
         try:
-            try:
-                first = await asyncio.wait_for(channel.read_frame(), self.config.first_frame_timeout_s)
-            except TimeoutError:
-                self.metrics.refused_streams["no-first-frame"] += 1
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "connect: no Dial or Accept frame in time")
-            with self.sessions.stream_of(source.node_name):
-                await self._serve_stream(source, first, channel, context)
+            # Held from now, not from the first frame: a revocation ends this stream too, and
+            # streams that stay silent count against the node's cap.
+            with self.sessions.streams.slot(source.node_name) as slot:
+                try:
+                    first = await asyncio.wait_for(channel.read_frame(), self.config.first_frame_timeout_s)
+                except TimeoutError:
+                    self.metrics.refused_streams["no-first-frame"] += 1
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "connect: no Dial or Accept frame in time")
+                if source.closed or self.sessions.by_name.get(source.node_name) is not source:
+                    # The session this stream was opened under ended while it waited: its address
+                    # may belong to another node by now.
+                    self.metrics.refused_streams["no-session"] += 1
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "connect: the node's session ended")
+                await self._serve_stream(source, first, channel, context, slot)
         except TooManyStreams as exc:
             self.metrics.refused_streams["too-many-streams"] += 1
             log.warning("connect refused: %s", exc)
@@ -481,16 +489,19 @@ class TunnelService:
             await self._abort_if_revoked(source.node_name, context)
             raise
 
-    async def _serve_stream(self, source: NodeSession, first: Any, channel: GrpcFrameChannel, context: Context) -> None:
+    async def _serve_stream(
+        self, source: NodeSession, first: Any, channel: GrpcFrameChannel, context: Context, slot: StreamSlot
+    ) -> None:
         kind = first.WhichOneof("msg") if isinstance(first, pb.Frame) else None
         self.metrics.connections_active += 1
-        self.metrics.node_streams_peak = max(
-            self.metrics.node_streams_peak, self.sessions.streams_open(source.node_name)
-        )
+        open_now = self.sessions.streams.open(source.node_name)
+        self.metrics.node_streams_peak = max(self.metrics.node_streams_peak, open_now)
         try:
             if kind == "dial":
+                slot.dialing()
                 await self._dial(source, first.dial, channel)
             elif kind == "accept":
+                slot.accepting()
                 await self._accept(source, first.accept, channel, context)
             else:
                 self.metrics.refused_streams["bad-first-frame"] += 1

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +18,7 @@ from .config import GatewayConfig
 from .registry import NodeRegistry
 from .status import ReadyCondition, gpus_to_status, next_condition, rfc3339
 from .status_writer import StatusWriter
+from .stream_slots import StreamSlots
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +36,6 @@ STATUS_WRITE_BURST = 10
 STATUS_WRITE_WINDOW_S = 10.0
 # Gateway messages (pings, OpenConnection, credentials) waiting for an agent to read them.
 CONTROL_OUTBOX_LIMIT = 1024
-
-
-class TooManyStreams(Exception):
-    """A node asked for more concurrent Connect streams than max_streams_per_node."""
 
 
 class SessionEnded(Exception):
@@ -166,28 +162,8 @@ class SessionTable:
         # (random suffix), so remembering the recent ones is enough.
         self._revoked: OrderedDict[str, None] = OrderedDict()
         # Connect streams open per node (their handler tasks): capped per node, ended with it.
-        self._streams: dict[str, set[asyncio.Task[Any]]] = {}
+        self.streams = StreamSlots(config.max_streams_per_node)
         self.closing = False  # the gateway is shutting down: no new sessions
-
-    @contextlib.contextmanager
-    def stream_of(self, node_name: str) -> Iterator[None]:
-        """Counts the current task as one of ``node_name``'s Connect streams while the block runs;
-        raises TooManyStreams when the node already holds max_streams_per_node."""
-        task = asyncio.current_task()
-        assert task is not None
-        streams = self._streams.setdefault(node_name, set())
-        if len(streams) >= self.config.max_streams_per_node:
-            raise TooManyStreams(f"node {node_name}: {len(streams)} connections open already")
-        streams.add(task)
-        try:
-            yield
-        finally:
-            streams.discard(task)
-            if not streams:
-                self._streams.pop(node_name, None)
-
-    def streams_open(self, node_name: str) -> int:
-        return len(self._streams.get(node_name, ()))
 
     def get_by_address(self, address: str) -> NodeSession | None:
         return self.by_address.get(address)
@@ -325,7 +301,7 @@ class SessionTable:
         self._revoked[node_name] = None
         while len(self._revoked) > MAX_REMEMBERED_REVOCATIONS:
             self._revoked.popitem(last=False)
-        for stream in list(self._streams.get(node_name, ())):
+        for stream in self.streams.tasks(node_name):
             stream.cancel()  # its proxied connections end with it
         session = self.by_name.pop(node_name, None)
         previous = self._conditions.pop(node_name, None)

@@ -128,3 +128,21 @@ async def test_a_malformed_frame_mid_stream_ends_only_that_stream(tmp_path: Path
         assert status == 200
         assert await echo_roundtrip(reader, writer, b"still here") == b"still here"
         writer.close()
+
+
+async def test_a_connect_request_head_that_never_ends_is_refused_at_its_size_limit(tmp_path: Path) -> None:
+    # Both CONNECT proxies (the head's, the agent's) read a request head of at most a few KiB; one
+    # without its blank line used to be buffered up to the data path's 4 MiB for 10 s.
+    async with cluster(tmp_path, tls=False) as c:
+        agent = await c.start_agent("alpha")
+        assert agent._proxy is not None
+        head_proxy_port = int(c.gateway.head_proxy_url.rsplit(":", 1)[1])
+        for port in (head_proxy_port, agent._proxy.port):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"CONNECT 127.0.20.1:1 HTTP/1.1\r\nX-Filler: " + b"a" * (256 << 10))
+            try:
+                answer = await asyncio.wait_for(reader.read(), 3)  # not the 10 s request timeout
+            except ConnectionResetError:
+                answer = b"reset"  # closed with our unread bytes still queued: the kernel resets
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 400") or answer == b"reset", answer

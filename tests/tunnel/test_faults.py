@@ -17,7 +17,7 @@ from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import Cluster, channel_for, cluster, connect_via_proxy, control_call, echo_roundtrip
+from .helpers import Cluster, channel_for, cluster, connect_via_proxy, control_call, echo_handler, echo_roundtrip
 
 
 @pytest.fixture
@@ -465,3 +465,71 @@ async def test_a_gateway_stopping_during_an_api_outage_takes_no_new_sessions(tmp
         status = registry.objects[name]["status"]
         assert (status["phase"], status["connected"]) == ("NotReady", False)
         assert status["conditions"][0]["reason"] == "GatewayStopped"
+
+
+async def test_a_stream_opened_before_its_node_was_revoked_cannot_dial_afterwards(tmp_path: Path) -> None:
+    async with cluster(tmp_path, first_frame_timeout_s=10.0) as c:
+        a = await c.start_agent("alpha")
+        assert a.identity is not None
+        metadata = (("authorization", f"Bearer {a.identity.credential}"),)
+        async with channel_for(c) as channel:
+            early = tunnel_stub(channel).Connect(metadata=metadata)
+            await early.wait_for_connection()
+            await asyncio.sleep(0.3)  # open at the gateway, no first frame yet
+            await c.registry.delete(a.identity.node_name)
+            assert c.gateway.sessions.revoke(a.identity.node_name)  # what the deletion watch does
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await early.write(pb.Frame(dial=pb.Dial(host="127.0.0.1", port=c.head_port)))
+                await asyncio.wait_for(early.read(), 5)
+            assert ended.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert c.gateway.metrics.connections_opened == 0
+
+
+async def test_streams_that_never_send_count_against_the_nodes_cap(tmp_path: Path) -> None:
+    async with cluster(tmp_path, max_streams_per_node=3, first_frame_timeout_s=10.0) as c:
+        a = await c.start_agent("alpha")
+        assert a.identity is not None
+        metadata = (("authorization", f"Bearer {a.identity.credential}"),)
+        async with channel_for(c) as channel:
+            silent = [tunnel_stub(channel).Connect(metadata=metadata) for _ in range(3)]
+            for call in silent:
+                await call.wait_for_connection()
+            deadline = asyncio.get_running_loop().time() + 5
+            while c.gateway.sessions.streams.counted(a.identity.node_name, "opening") < 3:
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.02)
+            extra = tunnel_stub(channel).Connect(metadata=metadata)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await asyncio.wait_for(extra.read(), 5)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for call in silent:
+                call.cancel()
+
+
+async def test_dials_to_a_node_do_not_use_up_that_nodes_own_connections(tmp_path: Path) -> None:
+    # Each of A's dials to B makes B's agent accept on a stream of its own: charged to B, they
+    # left B unable to reach the head (GCS included) once A had dialled it max_streams_per_node times.
+    async with cluster(tmp_path, max_streams_per_node=3, heartbeat_timeout_s=30.0) as c:
+        a = await c.start_agent("alpha")
+        b = await c.start_agent("beta")
+        assert a.identity is not None and b.identity is not None and b.assignment is not None
+        port = b.assignment.ports.node_manager_port
+        server = await asyncio.start_server(echo_handler, b.identity.address, port)
+        metadata = (("authorization", f"Bearer {a.identity.credential}"),)
+        try:
+            async with channel_for(c) as channel:
+                calls = []
+                for _ in range(3):  # A's whole allowance, spent on B
+                    call = tunnel_stub(channel).Connect(metadata=metadata)
+                    await call.write(pb.Frame(dial=pb.Dial(host=b.identity.address, port=port)))
+                    assert (await asyncio.wait_for(call.read(), 5)).dial_result.ok
+                    calls.append(call)
+                assert c.gateway.sessions.streams.open(b.identity.node_name) == 3
+                status, reader, writer = await connect_via_proxy(b._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+                assert status == 200
+                assert await echo_roundtrip(reader, writer, b"B still reaches the head") == b"B still reaches the head"
+                writer.close()
+                for call in calls:
+                    call.cancel()
+        finally:
+            server.close()

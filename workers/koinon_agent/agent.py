@@ -215,10 +215,10 @@ class Agent:
         if stored is not None:
             # Offline for longer than a credential lives: only a join token gets back in.
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stored.expires_at))
-            why = refused or f"expired at {when}"
+            why = f"refused by the gateway ({refused})" if refused else f"expired at {when}"
             if not self.config.token:
-                raise JoinRefused(f"credential of {stored.node_name}: {why}; join again with a new token")
-            log.warning("credential of %s: %s; joining again with the configured token", stored.node_name, why)
+                raise JoinRefused(f"credential of {stored.node_name} {why}; join again with a new token")
+            log.warning("credential of %s %s; joining again with the configured token", stored.node_name, why)
         if not self.config.token:
             raise ValueError("token: required for the first join (--token or KOINON_TOKEN)")
         state.ensure_writable(self.config.state_dir)

@@ -42,7 +42,7 @@ class LocalProxy:
         return f"http://127.0.0.1:{self.port}"
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._server = await asyncio.start_server(self._handle, host, port, limit=STREAM_READER_LIMIT)
+        self._server = await asyncio.start_server(self._handle, host, port, limit=http_connect.REQUEST_READER_LIMIT)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
