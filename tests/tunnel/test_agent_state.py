@@ -84,6 +84,14 @@ def test_the_identity_is_written_for_this_user_only_and_never_through_a_planted_
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o700
 
 
+def test_a_save_cut_short_leaves_no_copy_of_the_credential_behind(tmp_path: Path) -> None:
+    identity = state.StoredIdentity("gw:1", "alpha-1", "127.0.20.1", "secret-credential", 123)
+    state.save(tmp_path, identity)
+    (tmp_path / ".identity-k2j3.tmp").write_text('{"credential": "secret-credential"}')  # killed mid-save
+    assert state.load(tmp_path, "gw:1") == identity
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["identity.json"]
+
+
 async def test_a_stop_while_the_gateway_does_not_answer_the_join_is_prompt(tmp_path: Path) -> None:
     # A gateway that accepts the connection and then says nothing: the Join would wait 15 s.
     silent: list[asyncio.StreamWriter] = []

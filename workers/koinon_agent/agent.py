@@ -114,6 +114,7 @@ class Agent:
         self._ray_restart: asyncio.Task[None] | None = None  # replacing the Ray node after an outage
         self._tasks: set[asyncio.Task[None]] = set()
         self._disconnected_at: float | None = None
+        self._connected_at = 0.0  # when the current (or last) session registered
         self._identity_changed = False  # joined again at a new address: the Ray node must follow
         self._rejoined = False  # joined again and not registered since: a second refusal is final
         self._last_heartbeat_at = 0.0  # monotonic time of the last Heartbeat sent
@@ -261,7 +262,7 @@ class Agent:
     async def _session_loop(self) -> None:
         delays = backoff_delays(self.config.backoff_initial_s, self.config.backoff_max_s)
         while True:
-            started = time.monotonic()
+            registered_before = self.registrations
             try:
                 finished = await self._session()
                 if finished:
@@ -288,11 +289,16 @@ class Agent:
                 # left of their grace without it.
                 await self._drain_done.wait()
                 return
-            if time.monotonic() - started > 30:
-                delays.reset()
+            if self.registrations > registered_before and self._connected_for() > 30:
+                delays.reset()  # only a session that was up a while counts as the gateway being back
             delay = delays.next()
             log.info("reconnecting in %.2fs", delay)
             await self._sleep_or_drain(delay)
+
+    def _connected_for(self) -> float:
+        """How long the last session was up (until now, or until the loss was noticed)."""
+        end = self._disconnected_at if self._disconnected_at is not None else time.monotonic()
+        return max(0.0, end - self._connected_at)
 
     async def _rejoin(self, refused: str) -> None:
         """The gateway no longer takes this node's credential: join again with the token (the
@@ -385,6 +391,7 @@ class Agent:
             interval = (self.assignment.heartbeat_interval_ms or 2000) / 1000
             await self._after_registration()
             self.connected.set()
+            self._connected_at = time.monotonic()
             self._disconnected_at = None
             self._rejoined = False
             heartbeats = asyncio.ensure_future(self._heartbeat_sender(send, interval))
@@ -392,7 +399,11 @@ class Agent:
             try:
                 while True:
                     reader = asyncio.ensure_future(asyncio.wait_for(call.read(), timeout))
-                    done, _ = await asyncio.wait({reader, drainer}, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait({reader, drainer, heartbeats}, return_when=asyncio.FIRST_COMPLETED)
+                    if heartbeats in done:  # it only ends by failing to write: the stream is gone
+                        reader.cancel()
+                        heartbeats.result()
+                        raise ConnectionError("heartbeat sender stopped")
                     if drainer in done:
                         reader.cancel()
                         drainer.result()

@@ -38,6 +38,8 @@ def load(state_dir: Path, gateway: str, can_rejoin: bool = False) -> StoredIdent
     write) is set aside when the agent can join again (``can_rejoin``: it has a token), else refused
     with the path and what to do."""
     path = _path(state_dir)
+    for leftover in state_dir.glob(".identity-*.tmp"):  # a save cut short: it holds a credential
+        leftover.unlink(missing_ok=True)
     if not path.exists():
         return None
     try:
