@@ -533,3 +533,27 @@ async def test_dials_to_a_node_do_not_use_up_that_nodes_own_connections(tmp_path
                     call.cancel()
         finally:
             server.close()
+
+
+async def test_a_volunteer_whose_peer_hangs_up_hears_a_close_not_a_clean_end(tmp_path: Path) -> None:
+    # Node to node through the gateway: the accepting side's stream is cancelled mid-connection.
+    # The dialer must hear a Close saying so, not a call that ends OK like a clean end would.
+    async with cluster(tmp_path, heartbeat_timeout_s=30.0) as c:
+        a = await c.start_agent("alpha")
+        assert a.identity is not None
+        async with channel_for(c) as channel:
+            mute, control = await registered_mute_node(c, channel)
+            dial = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.identity.credential}"),))
+            target = pb.Dial(host=mute.assignment.address, port=mute.assignment.ports.node_manager_port)
+            await dial.write(pb.Frame(dial=target))
+            while not (message := await asyncio.wait_for(control.read(), 5)).HasField("open_connection"):
+                pass
+            accept = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {mute.credential}"),))
+            await accept.write(pb.Frame(accept=pb.Accept(connection_id=message.open_connection.connection_id)))
+            await accept.write(pb.Frame(dial_result=pb.DialResult(ok=True)))
+            assert (await asyncio.wait_for(dial.read(), 5)).dial_result.ok
+            accept.cancel()
+            frame = await asyncio.wait_for(dial.read(), 5)
+            assert isinstance(frame, pb.Frame) and frame.close.reason == "peer-ended", frame
+            control.cancel()
+            dial.cancel()
