@@ -55,21 +55,26 @@ def issue(key: bytes, node_name: str, address: str, lifetime_s: float, now: floa
 
 def verify(key: bytes, credential: str, now: float | None = None, check_expiry: bool = True) -> NodeIdentity:
     """The identity a credential signed with ``key`` states; ``check_expiry=False`` only to name the
-    node of an expired credential, never to let it in."""
+    node of an expired credential, never to let it in.
+
+    The signature is checked before anything of the body is parsed: whatever an unauthenticated
+    caller sends is compared as bytes, never fed to a parser (a deeply nested body made the JSON
+    parser raise RecursionError, which ended the call with UNKNOWN and a logged traceback).
+    """
     parts = credential.split(".")
-    if len(parts) != 3 or parts[0] != PREFIX:
+    if len(parts) != 3 or parts[0] != PREFIX or not credential.isascii():
         raise CredentialError("credential: not a kn1 node credential")
     expected = hmac.new(key, f"{PREFIX}.{parts[1]}".encode(), hashlib.sha256).digest()
-    try:
-        signature = _unb64(parts[2])
-        claims = json.loads(_unb64(parts[1]))
-    except (ValueError, json.JSONDecodeError) as exc:
-        raise CredentialError("credential: undecodable") from exc
-    if not hmac.compare_digest(expected, signature):
+    # One spelling only: the signature must be exactly the encoding of the expected digest.
+    if not hmac.compare_digest(_b64(expected).encode(), parts[2].encode()):
         raise CredentialError("credential: bad signature")
-    if not isinstance(claims, dict) or not all(k in claims for k in ("n", "a", "iat", "exp")):
-        raise CredentialError("credential: missing claims")
-    identity = NodeIdentity(str(claims["n"]), str(claims["a"]), int(claims["iat"]), int(claims["exp"]))
+    try:  # signed by this gateway, so well formed unless the signing key leaked
+        claims = json.loads(_unb64(parts[1]))
+        if not isinstance(claims, dict) or not all(k in claims for k in ("n", "a", "iat", "exp")):
+            raise CredentialError("credential: missing claims")
+        identity = NodeIdentity(str(claims["n"]), str(claims["a"]), int(claims["iat"]), int(claims["exp"]))
+    except (ValueError, TypeError, RecursionError, OverflowError) as exc:
+        raise CredentialError("credential: undecodable") from exc
     if check_expiry and (time.time() if now is None else now) >= identity.expires_at:
         when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(identity.expires_at))
         raise CredentialError(f"credential: expired at {when}; join again with a new token")

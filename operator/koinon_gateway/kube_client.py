@@ -315,8 +315,13 @@ class KubeClient:
     async def merge_patch(self, path: str, patch: JSON) -> JSON:
         return await self.request("PATCH", path, patch, content_type=MERGE_PATCH)
 
-    async def delete(self, path: str) -> JSON:
-        return await self.request("DELETE", path)
+    async def delete(self, path: str, preconditions: Mapping[str, str] | None = None) -> JSON:
+        """Deletes; with ``preconditions`` (uid, resourceVersion) only the very object that was read
+        (409 Conflict if it changed meanwhile)."""
+        if not preconditions:
+            return await self.request("DELETE", path)
+        options = {"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": dict(preconditions)}
+        return await self.request("DELETE", path, options)
 
     async def watch(self, path: str, resource_version: str, timeout_s: int = 300) -> AsyncIterator[WatchEvent]:
         """Events after ``resource_version`` until the server ends the watch; an ERROR event raises.

@@ -60,8 +60,9 @@ def token_from_secret(secret: JSON) -> JoinToken:
         text = field(key)
         if not text:
             return None
-        if not text.isdigit():
-            raise TokenError("invalid-token-data", f"Secret {name}: data.{key}: {text!r} is not a non-negative integer")
+        if not (text.isascii() and text.isdigit()):  # str.isdigit() alone takes "²", which int() refuses
+            # The value stays out of the message: a join is refused with it before its secret is checked.
+            raise TokenError("invalid-token-data", f"Secret {name}: data.{key}: not a non-negative integer")
         return int(text)
 
     expiration_text = field("expiration")
@@ -72,6 +73,8 @@ def token_from_secret(secret: JSON) -> JoinToken:
     token_id, digest = field("token-id"), field("token-secret-sha256")
     if not token_id or len(digest) != 64:
         raise TokenError("invalid-token-data", f"Secret {name}: data.token-id/token-secret-sha256: missing")
+    if name != secret_name(token_id):  # a copied Secret: its cleanup would delete the token it names
+        raise TokenError("invalid-token-data", f"Secret {name}: data.token-id does not match the Secret's name")
     return JoinToken(
         token_id=token_id,
         secret_sha256=digest,
@@ -178,10 +181,13 @@ class KubeTokenStore:
                 continue
             if token.expiration is None or token.expiration + grace > now:
                 continue
+            metadata = item.get("metadata") or {}
+            # Only the Secret as read: one a person extended meanwhile stays (409 Conflict).
+            preconditions = {k: str(metadata[k]) for k in ("uid", "resourceVersion") if metadata.get(k)}
             try:
-                await self.client.delete(secret_path(self.namespace, secret_name(token.token_id)))
+                await self.client.delete(secret_path(self.namespace, str(metadata["name"])), preconditions)
             except KubeApiError as exc:
-                if not exc.not_found:
+                if not (exc.not_found or exc.conflict):
                     raise
                 continue
             deleted.append(token.token_id)
@@ -189,8 +195,17 @@ class KubeTokenStore:
         return deleted
 
     async def list(self) -> list[JoinToken]:
+        """The readable tokens; an unreadable Secret is logged and left out, not fatal to the rest."""
         items, _ = await self.client.list_all(secret_path(self.namespace), f"{TOKEN_LABEL}=true")
-        return [token_from_secret(item) for item in items if item.get("type") == SECRET_TYPE]
+        tokens: list[JoinToken] = []
+        for item in items:
+            if item.get("type") != SECRET_TYPE:
+                continue
+            try:
+                tokens.append(token_from_secret(item))
+            except TokenError as exc:
+                log.warning("token list skipped a Secret: %s", exc)
+        return tokens
 
     async def consume(self, token: str) -> JoinGrant:
         token_id, secret = parse_token(token)

@@ -133,8 +133,8 @@ class TunnelService:
             self.metrics.joins["token-store-error"] += 1
             log.warning("join: token store failed: %r", exc)
             await context.abort(grpc.StatusCode.UNAVAILABLE, "join: the token could not be checked now; retry")
-        await self._retire_previous(request.previous_credential, grant.owner)
         try:
+            await self._retire_previous(request.previous_credential, grant.owner)
             node_name, address = await self._record_node(request, grant)
         except asyncio.CancelledError:
             # The agent gave up waiting (its deadline) and will try again: that try must not be

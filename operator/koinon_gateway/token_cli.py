@@ -17,8 +17,11 @@ from .kube_ca import KubeCAStore
 from .kube_client import KubeApiError, KubeConfigError, kube_client, load_config
 from .kube_tokens import KubeTokenStore
 from .pki import ca_cert_hash
+from .tokens import TOKEN_RE, TokenError
 
 _DURATION_RE = re.compile(r"(\d+)([smhd])")
+_TOKEN_ID_RE = re.compile(r"[a-z0-9]{6}")
+MAX_TTL_S = 100 * 365 * 86400  # beyond this a date overflows soon enough; 0 says "never" anyway
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -32,7 +35,20 @@ def parse_ttl(text: str) -> dt.timedelta | None:
     seconds = sum(int(n) * _UNIT_S[unit] for n, unit in _DURATION_RE.findall(text))
     if seconds <= 0:
         raise ValueError("--ttl: must be positive (or 0 for no expiry)")
+    if seconds > MAX_TTL_S:
+        raise ValueError(f"--ttl: at most {MAX_TTL_S // 86400}d (or 0 for no expiry)")
     return dt.timedelta(seconds=seconds)
+
+
+def token_id_argument(text: str) -> str:
+    """The id of ``revoke``'s argument: the id itself, or a whole token (only its id part is used,
+    so the secret part never reaches a request URL, the API server's audit log or an error)."""
+    if _TOKEN_ID_RE.fullmatch(text):
+        return text
+    match = TOKEN_RE.match(text.strip())
+    if match is None:
+        raise ValueError("revoke: expected a token id (6 characters [a-z0-9]) or a whole token")
+    return match["id"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,8 +98,9 @@ async def run(args: argparse.Namespace) -> int:
                 expires = token.expiration.isoformat() if token.expiration else "never"
                 print(f"{token.token_id:8}{token.owner:16}{uses:10}{expires:22}{str(token.revoked).lower()}")
         else:
-            await store.revoke(args.token_id)
-            print(f"token {args.token_id} revoked")
+            token_id = token_id_argument(args.token_id)
+            await store.revoke(token_id)
+            print(f"token {token_id} revoked")
     return 0
 
 
@@ -91,7 +108,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         return asyncio.run(run(args))
-    except (ValueError, KubeConfigError) as exc:
+    except (ValueError, KubeConfigError, TokenError) as exc:
         print(f"koinon-gateway token: {exc}", file=sys.stderr)
         return 2
     except KubeApiError as exc:

@@ -154,3 +154,38 @@ def test_sigterm_while_discovering_the_ca_of_a_silent_gateway_is_prompt(tmp_path
                 agent.kill()
         assert agent.returncode == 0, err
         assert took < 3, f"SIGTERM took {took:.1f} s (the handshake's timeout is 10 s)"
+
+
+class SlowGets(InMemoryNodeRegistry):
+    """Reads of a VolunteerNode take ``delay_s`` once ``slow`` is set (an API server under load)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow = False
+
+    async def get(self, name: str) -> JSON | None:
+        if self.slow:
+            await asyncio.sleep(2.0)
+        return await super().get(name)
+
+
+async def test_a_join_given_up_while_the_previous_node_is_retired_gives_the_use_back(tmp_path: Path) -> None:
+    registry = SlowGets()
+    async with cluster(tmp_path, registry=registry) as c:
+        first = await c.start_agent("alpha")
+        assert first.identity is not None
+        previous = first.identity.credential
+        first.request_drain()
+        await asyncio.wait_for(c.agents.pop()[1], 10)
+        token = c.tokens.add(owner="alice", usage_limit=1)
+        registry.slow = True  # the join's look at the previous node outlasts the caller's deadline
+        request = pb.JoinRequest(token=token, name_hint="again", previous_credential=previous)
+        async with channel_for(c) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as expired:
+                await tunnel_stub(channel).Join(request, timeout=0.5)
+            assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            token_id = token.split(".")[0]
+            await wait_until(lambda: c.tokens.tokens[token_id].usages_count == 0, 5, "the use was not given back")
+            registry.slow = False
+            response = await tunnel_stub(channel).Join(request, timeout=10)
+            assert response.assignment.node_name in c.registry.objects

@@ -57,6 +57,35 @@ def test_credential_without_expiry_is_refused() -> None:
         credentials.verify(KEY, token)
 
 
+def test_an_unsigned_body_is_never_parsed() -> None:
+    # 3,000 nested lists: json.loads raised RecursionError, which ended the call with UNKNOWN and a
+    # logged traceback for anyone without a credential.
+    nested = base64.urlsafe_b64encode(b"[" * 3000).rstrip(b"=").decode()
+    with pytest.raises(credentials.CredentialError, match="bad signature"):
+        credentials.verify(KEY, f"kn1.{nested}.AAAA")
+
+
+@pytest.mark.parametrize("suffix", ["!!", "==", "A"])
+def test_a_signature_has_one_spelling(suffix: str) -> None:
+    issued = credentials.issue(KEY, "alpha-1", "127.0.20.1", 600, now=1_000_000).token
+    with pytest.raises(credentials.CredentialError, match="bad signature"):
+        credentials.verify(KEY, issued + suffix, now=1_000_001)
+
+
+async def test_a_hostile_credential_is_refused_as_unauthenticated_and_costs_a_join_nothing(tmp_path: Path) -> None:
+    nested = base64.urlsafe_b64encode(b"[" * 3000).rstrip(b"=").decode()
+    hostile = f"kn1.{nested}.AAAA"
+    async with cluster(tmp_path) as c:
+        refused = await control_call(c, hostile, pb.Register(node_name="x", address="127.0.20.1"))
+        assert isinstance(refused, grpc.aio.AioRpcError) and refused.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert c.gateway.metrics.refused_streams["bad-credential"] == 1
+        # As previous_credential it is ignored: the join goes through on a one-use token.
+        config = c.agent_config("alpha", token=c.tokens.add(owner="alice", usage_limit=1))
+        state.save(config.state_dir, state.StoredIdentity(c.gateway.agent_target, "old", "127.0.20.9", hostile, 1))
+        agent = await c.start_agent("alpha", token=config.token)
+        assert agent.identity is not None and agent.identity.node_name in c.registry.objects
+
+
 async def test_connected_agent_keeps_working_past_its_first_credentials_lifetime(tmp_path: Path) -> None:
     async with cluster(tmp_path, credential_lifetime_s=2.0) as c:
         agent = await c.start_agent("alpha")

@@ -164,6 +164,56 @@ async def test_corrupt_token_data_is_refused_naming_the_field(kube: Kube) -> Non
     assert "data.usage-limit" in str(refused.value)
 
 
+async def test_a_count_in_other_digits_is_refused_and_cleanup_carries_on(kube: Kube) -> None:
+    store = KubeTokenStore(kube.client, NAMESPACE)
+    odd, expired = await store.create(owner="alice"), await store.create(owner="alice", ttl=dt.timedelta(hours=1))
+    for token, field, value in ((odd, "usages-count", "²"), (expired, "expiration", "2020-01-01T00:00:00Z")):
+        path = f"/api/v1/namespaces/{NAMESPACE}/secrets/{secret_name(token[:6])}"
+        await kube.client.merge_patch(path, {"data": {field: base64.b64encode(value.encode()).decode()}})
+    with pytest.raises(TokenError) as refused:
+        await store.consume(odd)  # str.isdigit() took "²"; int() then raised a plain ValueError
+    assert refused.value.reason == "invalid-token-data" and "²" not in str(refused.value)
+    assert await store.delete_expired(dt.timedelta(0)) == [expired[:6]]  # one bad Secret stops nothing
+    assert [t.token_id for t in await store.list()] == []  # the unreadable one is left out, not fatal
+
+
+async def test_a_copied_token_secret_is_refused_and_its_cleanup_deletes_only_itself(kube: Kube) -> None:
+    store = KubeTokenStore(kube.client, NAMESPACE)
+    victim = await store.create(owner="alice", ttl=None)
+    copy = dict(kube.secret(secret_name(victim[:6])))
+    copy["metadata"] = {
+        "name": "koinon-join-token-copy00",
+        "namespace": NAMESPACE,
+        "labels": copy["metadata"]["labels"],
+    }
+    copy["data"] = {**copy["data"], "expiration": base64.b64encode(b"2020-01-01T00:00:00Z").decode()}
+    await kube.client.create(f"/api/v1/namespaces/{NAMESPACE}/secrets", copy)
+    assert await store.delete_expired(dt.timedelta(0)) == []  # its data names the victim's id
+    assert not await _secret_gone(kube, victim[:6])
+    assert (await store.consume(victim)).owner == "alice"
+
+
+async def test_cleanup_keeps_a_token_extended_after_it_was_listed(kube: Kube) -> None:
+    store = KubeTokenStore(kube.client, NAMESPACE)
+    token = await store.create(owner="alice", ttl=dt.timedelta(hours=1))
+    path = f"/api/v1/namespaces/{NAMESPACE}/secrets/{secret_name(token[:6])}"
+    await kube.client.merge_patch(path, {"data": {"expiration": base64.b64encode(b"2020-01-01T00:00:00Z").decode()}})
+    listed = kube.client.list_all
+
+    async def list_then_extend(*args: Any, **kwargs: Any) -> Any:
+        result = await listed(*args, **kwargs)
+        later = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        await kube.client.merge_patch(path, {"data": {"expiration": base64.b64encode(later.encode()).decode()}})
+        return result
+
+    kube.client.list_all = list_then_extend  # type: ignore[method-assign]
+    try:
+        assert await store.delete_expired(dt.timedelta(0)) == []
+    finally:
+        kube.client.list_all = listed  # type: ignore[method-assign]
+    assert (await store.consume(token)).owner == "alice"
+
+
 class RacingClient(KubeClient):
     """Holds the first ``parties`` PUTs until all of them are in flight: every racer has read the same
     resourceVersion, so all but one must get 409 and retry."""
@@ -293,6 +343,26 @@ async def test_token_cli_names_the_bad_flag(kube: Kube) -> None:
     assert process.returncode == 2 and out == b""
     assert "--ttl" in err.decode()
     assert not kube.emulator.list_objects("v1", "Secret", NAMESPACE)
+
+
+async def test_token_cli_revokes_by_a_whole_token_without_echoing_its_secret(kube: Kube) -> None:
+    store = KubeTokenStore(kube.client, NAMESPACE)
+    token = await store.create(owner="alice")
+    for args, code in (
+        (["revoke", token], 0),
+        (["revoke", "Not/An-Id"], 2),
+        (["create", "--owner=a", "--ttl=9999999d"], 2),
+    ):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "koinon_gateway.main", "token", f"--kubeconfig={kube.kubeconfig}", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == code, err.decode()
+        assert token.split(".")[1] not in (out + err).decode() and b"Traceback" not in err
+    with pytest.raises(TokenError) as refused:
+        await store.consume(token)
+    assert refused.value.reason == "revoked"
 
 
 def test_parse_ttl() -> None:
