@@ -301,6 +301,8 @@ def test_notes_tell_how_to_check_the_node(tools: Tools) -> None:
     [
         ({"gateway.address": None}, "/gateway/address"),
         ({"gateway.address": "no-port"}, "/gateway/address"),
+        ({"gateway.address": "gw.example.org:99999"}, "/gateway/address"),
+        ({"gateway.address": "gw.example.org:0"}, "/gateway/address"),
         ({"gpus.count": "-1"}, "/gpus/count"),
         ({"gpus.simulate": "-2"}, "/gpus/simulate"),
         ({"joinToken.value": "not-a-token"}, "/joinToken/value"),
@@ -312,6 +314,7 @@ def test_notes_tell_how_to_check_the_node(tools: Tools) -> None:
         ({"joinToken.existingSecret": "my-join"}, "joinToken.value or joinToken.existingSecret, not both"),
         ({"joinToken.value": None}, "joinToken.value"),
         ({"terminationGracePeriodSeconds": "20"}, "terminationGracePeriodSeconds: 20 is too short"),
+        ({"terminationGracePeriodSeconds": "45"}, "at least agent.drainGraceSeconds + 20 = 50"),
         ({"kind": "DaemonSet", "persistence.type": "pvc"}, "persistence.type: pvc needs kind: Deployment"),
         ({"gpus.count": "1", "gpus.simulate": "1"}, "gpus.count"),
         ({"gateway.insecure": "true", "gateway.caSecretName": "ca"}, "gateway.insecure"),
@@ -326,3 +329,22 @@ def test_bad_values_are_refused_naming_the_value(tools: Tools, values: dict[str,
     assert result.returncode != 0, f"accepted bad values {values}"
     assert expected in result.stderr, result.stderr
     assert result.stdout == ""
+
+
+def test_large_numbers_from_a_values_file_render_as_integers(tools: Tools, tmp_path: Path) -> None:
+    # Helm reads numbers in -f files as floats and prints 1e6 and up as "1e+06", which neither the
+    # API server (terminationGracePeriodSeconds) nor the agent (its variables) would take.
+    values = tmp_path / "big.yaml"
+    values.write_text(
+        "gpus: {simulate: 1, simulatedMemoryMiB: 81920000}\n"
+        "agent: {drainGraceSeconds: 2000000, rayRestartAfterSeconds: 3000000}\n"
+        "terminationGracePeriodSeconds: 4000000\nprobes: {maxAgeSeconds: 5000000}\n"
+    )
+    result = helm_template(tools, extra=["-f", str(values)])
+    assert result.returncode == 0, result.stderr
+    assert "e+0" not in result.stdout
+    pod = one(parse_documents(result.stdout), "Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 4000000
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["KOINON_SIMULATE_GPU_MEMORY"] == "81920000" and env["KOINON_DRAIN_GRACE"] == "2000000"
+    assert "5000000" in pod["containers"][0]["livenessProbe"]["exec"]["command"]

@@ -88,8 +88,8 @@ names the values involved and what to do.
 {{- if and (eq $v.persistence.type "pvc") (eq $v.kind "DaemonSet") }}
 {{- fail "persistence.type: pvc needs kind: Deployment (one claim cannot serve every node); use hostPath with a DaemonSet" }}
 {{- end }}
-{{- $needed := add (int $v.agent.drainGraceSeconds) 10 }}
+{{- $needed := add (int $v.agent.drainGraceSeconds) 20 }}
 {{- if lt (int $v.terminationGracePeriodSeconds) (int $needed) }}
-{{- fail (printf "terminationGracePeriodSeconds: %d is too short; it must be at least agent.drainGraceSeconds + 10 = %d so that a stopping agent drains its Ray node" (int $v.terminationGracePeriodSeconds) (int $needed)) }}
+{{- fail (printf "terminationGracePeriodSeconds: %d is too short; it must be at least agent.drainGraceSeconds + 20 = %d so that a stopping agent drains its Ray node and then stops it" (int $v.terminationGracePeriodSeconds) (int $needed)) }}
 {{- end }}
 {{- end }}
