@@ -9,13 +9,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+def generated_files(root: Path) -> list[Path]:
+    """The protoc outputs under ``root`` (not the bytecode Python caches beside them)."""
+    return sorted(p.relative_to(root) for p in (root / "koinon_proto").rglob("*_pb2*") if p.suffix in (".py", ".pyi"))
+
+
 def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     subprocess.run([sys.executable, str(REPO / "proto" / "gen_proto.py"), "--out", str(tmp_path)], check=True)
-    generated = sorted(p.relative_to(tmp_path) for p in (tmp_path / "koinon_proto").rglob("*_pb2*.py*"))
+    generated = generated_files(tmp_path)
     assert generated, "nothing generated"
     for relative in generated:
         checked_in = REPO / "proto" / relative
         assert checked_in.exists(), f"{relative} is generated but not checked in"
         assert checked_in.read_bytes() == (tmp_path / relative).read_bytes(), f"{relative} is stale: run gen-proto"
-    checked = sorted(p.relative_to(REPO / "proto") for p in (REPO / "proto" / "koinon_proto").rglob("*_pb2*.py*"))
+    checked = generated_files(REPO / "proto")
     assert checked == generated, "checked-in generated files without a source"
