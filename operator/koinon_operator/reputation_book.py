@@ -131,28 +131,47 @@ class ReputationBook:
 
     def _apply(self, node: str, kind: str, key: str | None) -> None:
         load_config()
+        written: list[dict[str, Any]] = []
+
+        def count(status: dict[str, Any]) -> dict[str, Any] | None:
+            fields = updated_status(status, kind, self._clock(), self._config, key)
+            written[:] = [fields] if fields is not None else []
+            return fields
+
+        outcome = self._read_modify_write(node, count)
+        if outcome == "unchanged":
+            logger.info("evidence %s:%s for %s already recorded; not counted again", key, kind, node)
+        elif outcome == "written":
+            logger.info("reputation of %s after %s: lowerBound=%s", node, kind, written[0]["reputation"]["lowerBound"])
+        elif outcome == "lost":
+            raise RuntimeError(f"evidence {kind} for {node} lost {CONFLICT_RETRIES} write races in a row")
+        # "gone": a bare Ray worker without a VolunteerNode: nothing to record on
+
+    @staticmethod
+    def _read_modify_write(node: str, change: Callable[[dict[str, Any]], dict[str, Any] | None]) -> str:
+        """Patches the node's status with what ``change`` makes of it, reading again after a write
+        race (another writer, e.g. the gateway's heartbeat status, went first). Returns "written",
+        "unchanged" (``change`` gave None), "gone" (no such node) or "lost" (every try raced)."""
         api = client.CustomObjectsApi()
         for _ in range(CONFLICT_RETRIES):
             try:
                 current = cast(dict[str, Any], api.get_cluster_custom_object(GROUP, VERSION, VOLUNTEER_PLURAL, node))
             except ApiException as error:
                 if error.status == 404:
-                    return  # a bare Ray worker without a VolunteerNode: nothing to record on
+                    return "gone"
                 raise
-            fields = updated_status(current.get("status") or {}, kind, self._clock(), self._config, key)
+            fields = change(current.get("status") or {})
             if fields is None:
-                logger.info("evidence %s:%s for %s already recorded; not counted again", key, kind, node)
-                return
+                return "unchanged"
             body = {"metadata": {"resourceVersion": current["metadata"]["resourceVersion"]}, "status": fields}
             try:
                 api.patch_cluster_custom_object_status(GROUP, VERSION, VOLUNTEER_PLURAL, node, body)
             except ApiException as error:
                 if error.status == 409:
-                    continue  # another writer (the gateway's heartbeat status) went first: read again
+                    continue
                 raise
-            logger.info("reputation of %s after %s: lowerBound=%s", node, kind, fields["reputation"]["lowerBound"])
-            return
-        raise RuntimeError(f"evidence {kind} for {node} lost {CONFLICT_RETRIES} write races in a row")
+            return "written"
+        return "lost"
 
     async def sample_uptime(self, interval_s: float) -> int:
         """Looks at every VolunteerNode once and records its uptime evidence; returns how many
@@ -173,27 +192,12 @@ class ReputationBook:
         return [str(item["metadata"]["name"]) for item in listed.get("items") or ()]
 
     def _apply_uptime(self, node: str, max_gap_s: float) -> int:
-        api = client.CustomObjectsApi()
-        for _ in range(CONFLICT_RETRIES):
-            try:
-                current = cast(dict[str, Any], api.get_cluster_custom_object(GROUP, VERSION, VOLUNTEER_PLURAL, node))
-            except ApiException as error:
-                if error.status == 404:
-                    return 0  # deleted since the list
-                raise
-            fields = uptime_sample(current.get("status") or {}, self._clock(), self._config, max_gap_s)
-            if fields is None:
-                return 0
-            body = {"metadata": {"resourceVersion": current["metadata"]["resourceVersion"]}, "status": fields}
-            try:
-                api.patch_cluster_custom_object_status(GROUP, VERSION, VOLUNTEER_PLURAL, node, body)
-            except ApiException as error:
-                if error.status == 409:
-                    continue  # the gateway or a job's evidence went first: read again
-                raise
-            return 1
-        logger.warning("uptime of %s not recorded: lost %d write races in a row", node, CONFLICT_RETRIES)
-        return 0
+        outcome = self._read_modify_write(
+            node, lambda status: uptime_sample(status, self._clock(), self._config, max_gap_s)
+        )
+        if outcome == "lost":
+            logger.warning("uptime of %s not recorded: lost %d write races in a row", node, CONFLICT_RETRIES)
+        return 1 if outcome == "written" else 0
 
 
 async def sample_uptime_forever(book: ReputationBook, interval_s: float) -> None:
