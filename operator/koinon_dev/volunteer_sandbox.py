@@ -19,6 +19,9 @@ tmpfs over ``/dev/shm`` (where Ray keeps object store files) and over each ``--h
 
     python -m koinon_dev.volunteer_sandbox --expose PATH... --hide DIR... -- COMMAND...
 
+What running the project takes stays visible, read-only, when it lies under /tmp (a checkout
+or CI clone there): the Python environment, the project's package directories and PYTHONPATH.
+
 Expose a socket's directory rather than the socket: a bind mount holds on to the file it was
 made from, and a restarted server makes a new one.
 
@@ -39,11 +42,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib.metadata
+import importlib.util
 import os
 import select
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
@@ -60,29 +66,55 @@ def _mount(*args: str) -> None:
         raise SystemExit(f"volunteer sandbox: mount {' '.join(args)} failed: {completed.stderr.strip()}")
 
 
-def isolate(expose: list[Path], hide: list[Path]) -> None:
+def software_paths() -> list[Path]:
+    """What running anything of the project takes, where it lies under /tmp (a checkout or a CI
+    clone there): the Python environment, this project's package directories (an editable install
+    imports them from the checkout) and the directories on PYTHONPATH. Parents come first."""
+    paths = {Path(sys.prefix), Path(sys.base_prefix)}
+    paths.update(Path(entry) for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry)
+    ours = importlib.metadata.packages_distributions().get(__name__.split(".")[0], [])
+    for name, distributions in importlib.metadata.packages_distributions().items():
+        if set(distributions) & set(ours):
+            spec = importlib.util.find_spec(name)
+            locations = (spec.submodule_search_locations or []) if spec is not None else []
+            paths.update(Path(location) for location in locations)
+    found = {path.resolve() for path in paths if path.is_dir()}
+    return sorted((path for path in found if path.is_relative_to(COVERED)), key=lambda path: len(path.parts))
+
+
+def isolate(expose: list[Path], hide: list[Path], read_only: Sequence[Path] = ()) -> None:
     """Builds the view on a staging tmpfs, then moves it over /tmp in one step (a path exposed is
     bind-mounted while the original is still visible). The staging mount point is /dev/shm, which
-    always exists and is covered afterwards anyway, so nothing is left on the host."""
-    for path in expose:
+    always exists and is covered afterwards anyway, so nothing is left on the host. ``read_only``
+    paths are exposed too, but cannot be written (the volunteer runs the project's code, it must
+    not change what the head runs)."""
+    for path in [*expose, *read_only]:
         if not path.is_relative_to(COVERED) or not path.exists():
             raise SystemExit(f"volunteer sandbox: --expose {path}: must exist under {COVERED}")
     # No size of its own: /tmp on a volunteer's machine holds what a job writes there (Python's
     # tempfile, downloads), and tmpfs takes memory only for what is written (at most half of it).
     _mount("-t", "tmpfs", "-o", "mode=1777", "koinon-sandbox", str(STAGE))
-    for path in expose:
+    for path, writable in [*((p, False) for p in read_only), *((p, True) for p in expose)]:
         inside = STAGE / path.relative_to(COVERED)
-        inside.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_dir():
-            inside.mkdir(exist_ok=True)
-        else:
-            inside.touch()
+        if not inside.exists():  # else inside one exposed already (a venv inside the checkout)
+            inside.parent.mkdir(parents=True, exist_ok=True)
+            if path.is_dir():
+                inside.mkdir()
+            else:
+                inside.touch()
         _mount("--bind", str(path), str(inside))
+        if not writable:
+            _mount("-o", "remount,bind,ro", str(inside))
     _mount("--rbind", str(STAGE), str(COVERED))
     if subprocess.run(["umount", "--lazy", str(STAGE)], capture_output=True).returncode != 0:
         raise SystemExit(f"volunteer sandbox: could not unmount the staging tmpfs at {STAGE}")
+    visible = [*expose, *read_only]
     for directory in [STAGE, *hide]:
-        if directory != STAGE and directory.is_relative_to(COVERED):
+        if (
+            directory != STAGE
+            and directory.is_relative_to(COVERED)
+            and not any(directory.is_relative_to(path) for path in visible)
+        ):
             continue  # gone with the rest of /tmp
         _mount("-t", "tmpfs", "-o", "mode=1777", "koinon-hidden", str(directory))
 
@@ -155,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given after --")
-    isolate([p.resolve() for p in args.expose], [p.resolve() for p in args.hide])
+    isolate([p.resolve() for p in args.expose], [p.resolve() for p in args.hide], software_paths())
     _libc_call("unshare", CLONE_NEWPID)  # for the children: the next one forked is PID 1 there
     outside_alive, held_outside = os.pipe()
     sys.stdout.flush()

@@ -240,3 +240,31 @@ def test_a_job_may_write_more_than_a_token_amount_to_tmp() -> None:
         assert completed.stdout.strip() == str(200 << 20)
     finally:
         delete_netns(netns)
+
+
+def test_code_under_tmp_on_the_python_path_stays_visible_and_read_only() -> None:
+    # A checkout (and its venv) under /tmp, as a CI clone may be: covering /tmp hid the agent's own
+    # code, and every sandboxed volunteer failed to start.
+    work = Path("/tmp") / f"koinon-sbx-{secrets.token_hex(3)}"
+    netns = f"ksbx-{secrets.token_hex(3)}"
+    try:
+        (work / "lib").mkdir(parents=True)
+        (work / "lib" / "probe_module.py").write_text("ANSWER = 42\n")
+        (work / "elsewhere.txt").write_text("not for the volunteer")
+        create_netns(netns)
+        probe = (
+            "import os, probe_module\n"
+            "print(probe_module.ANSWER, os.path.exists({!r}))\n"
+            "try:\n    open({!r}, 'w')\nexcept OSError as exc:\n    print(type(exc).__name__)\n"
+        ).format(str(work / "elsewhere.txt"), str(work / "lib" / "planted.py"))
+        completed = subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "koinon_dev.volunteer_sandbox",
+             "--", sys.executable, "-c", probe],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(work / "lib")},
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr
+        assert completed.stdout.split() == ["42", "False", "OSError"]
+        assert not (work / "lib" / "planted.py").exists()
+    finally:
+        delete_netns(netns)
+        subprocess.run(["rm", "-rf", str(work)], check=False)
