@@ -66,20 +66,21 @@ def _mount(*args: str) -> None:
         raise SystemExit(f"volunteer sandbox: mount {' '.join(args)} failed: {completed.stderr.strip()}")
 
 
-def software_paths() -> list[Path]:
+def software_paths(under: Path = COVERED) -> list[Path]:
     """What running anything of the project takes, where it lies under /tmp (a checkout or a CI
     clone there): the Python environment, this project's package directories (an editable install
     imports them from the checkout) and the directories on PYTHONPATH. Parents come first."""
     paths = {Path(sys.prefix), Path(sys.base_prefix)}
     paths.update(Path(entry) for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry)
-    ours = importlib.metadata.packages_distributions().get(__name__.split(".")[0], [])
+    # This package's own name: __name__ is "__main__" when run with -m.
+    ours = importlib.metadata.packages_distributions().get(Path(__file__).parent.name, [])
     for name, distributions in importlib.metadata.packages_distributions().items():
         if set(distributions) & set(ours):
             spec = importlib.util.find_spec(name)
             locations = (spec.submodule_search_locations or []) if spec is not None else []
             paths.update(Path(location) for location in locations)
     found = {path.resolve() for path in paths if path.is_dir()}
-    return sorted((path for path in found if path.is_relative_to(COVERED)), key=lambda path: len(path.parts))
+    return sorted((path for path in found if path.is_relative_to(under)), key=lambda path: len(path.parts))
 
 
 def isolate(expose: list[Path], hide: list[Path], read_only: Sequence[Path] = ()) -> None:

@@ -268,3 +268,15 @@ def test_code_under_tmp_on_the_python_path_stays_visible_and_read_only() -> None
     finally:
         delete_netns(netns)
         subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def test_the_software_kept_visible_is_the_environment_and_the_projects_packages() -> None:
+    import koinon_agent
+    import koinon_gateway
+    from koinon_dev.volunteer_sandbox import software_paths
+
+    kept = software_paths(under=Path("/"))
+    assert Path(sys.prefix).resolve() in kept
+    for package in (koinon_agent, koinon_gateway):
+        assert Path(package.__file__).resolve().parent in kept  # type: ignore[arg-type]
+    assert [len(p.parts) for p in kept] == sorted(len(p.parts) for p in kept)  # parents first
