@@ -189,3 +189,22 @@ async def test_a_join_given_up_while_the_previous_node_is_retired_gives_the_use_
             registry.slow = False
             response = await tunnel_stub(channel).Join(request, timeout=10)
             assert response.assignment.node_name in c.registry.objects
+
+
+async def test_a_heartbeat_sender_that_fails_ends_the_session_and_the_agent_reconnects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failures = []
+
+    async def failing_sender(self: Agent, send: object, interval: float) -> None:
+        if not failures:  # the first session's sender fails; later ones work
+            failures.append(True)
+            raise ConnectionError("control stream already finished")
+        await original(self, send, interval)
+
+    original = Agent._heartbeat_sender
+    monkeypatch.setattr(Agent, "_heartbeat_sender", failing_sender)
+    async with cluster(tmp_path, heartbeat_timeout_s=30.0) as c:  # the gateway alone would not notice
+        agent = await c.start_agent("alpha")
+        await wait_until(lambda: agent.registrations >= 2, 10, "the session went on without heartbeats")
+        assert failures == [True]
