@@ -73,9 +73,10 @@ def software_paths(under: Path = COVERED) -> list[Path]:
     paths = {Path(sys.prefix), Path(sys.base_prefix)}
     paths.update(Path(entry) for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry)
     # This package's own name: __name__ is "__main__" when run with -m.
-    ours = importlib.metadata.packages_distributions().get(Path(__file__).parent.name, [])
-    for name, distributions in importlib.metadata.packages_distributions().items():
-        if set(distributions) & set(ours):
+    distributions_of = importlib.metadata.packages_distributions()  # scans every installed one
+    ours = set(distributions_of.get(Path(__file__).parent.name, []))
+    for name, distributions in distributions_of.items():
+        if ours & set(distributions):
             spec = importlib.util.find_spec(name)
             locations = (spec.submodule_search_locations or []) if spec is not None else []
             paths.update(Path(location) for location in locations)

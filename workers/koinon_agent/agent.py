@@ -263,20 +263,18 @@ class Agent:
         delays = backoff_delays(self.config.backoff_initial_s, self.config.backoff_max_s)
         while True:
             registered_before = self.registrations
+            refused = ""  # why the gateway no longer takes the credential, when a token can replace it
             try:
                 finished = await self._session()
                 if finished:
                     return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.config.token and not self._rejoined:
-                    await self._rejoin(exc.details() or "credential refused")
-                    if self._drain.is_set():  # asked to stop while joining again: nothing runs here
-                        await self._drain_done.wait()
-                        return
-                    continue
-                if exc.code() in FATAL_CODES:
+                    refused = exc.details() or "credential refused"
+                elif exc.code() in FATAL_CODES:
                     raise _refusal(exc, "gateway refused this node: ") from exc
-                log.warning("control stream lost: %s %s", exc.code().name, exc.details())
+                else:
+                    log.warning("control stream lost: %s %s", exc.code().name, exc.details())
             except TimeoutError:
                 log.warning("gateway silent for longer than the heartbeat timeout")
             except ConnectionError as exc:
@@ -284,6 +282,8 @@ class Agent:
             self.connected.clear()
             if self._disconnected_at is None:
                 self._disconnected_at = time.monotonic()
+            if refused:
+                await self._rejoin(refused)
             if self._drain.is_set():
                 # The session only carried the news to the gateway; running tasks keep what is
                 # left of their grace without it.
@@ -303,9 +303,6 @@ class Agent:
     async def _rejoin(self, refused: str) -> None:
         """The gateway no longer takes this node's credential: join again with the token (the
         gateway retires the old node) and move the Ray node to the new identity."""
-        self.connected.clear()
-        if self._disconnected_at is None:
-            self._disconnected_at = time.monotonic()
         before = self.identity
         self._rejoined = True
         try:
