@@ -77,8 +77,9 @@ class KubeNodeRegistry:
     async def get(self, name: str) -> JSON | None:
         return await self.client.get_or_none(self._path(name))
 
-    async def list(self) -> list[JSON]:
-        items, _ = await self.client.list_all(self._path())
+    async def list(self, labels: dict[str, str] | None = None) -> list[JSON]:
+        selector = ",".join(f"{key}={value}" for key, value in sorted((labels or {}).items()))
+        items, _ = await self.client.list_all(self._path(), selector or None)
         return items
 
     async def patch_status(self, name: str, status: JSON) -> None:

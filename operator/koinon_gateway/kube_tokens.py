@@ -22,6 +22,7 @@ from .tokens import (
     JoinGrant,
     JoinToken,
     TokenError,
+    check_genuine,
     check_token,
     hash_secret,
     new_token,
@@ -218,6 +219,15 @@ class KubeTokenStore:
         stored = await self._change_count(token_id, one_more, "too many concurrent uses, try again")
         if stored is None:
             raise TokenError("unknown", f"token {token_id}: not found (never issued or deleted)")
+        return JoinGrant(token_id, stored.owner, stored.region)
+
+    async def authenticate(self, token: str) -> JoinGrant:
+        token_id, secret = parse_token(token)
+        stored_secret = await self.client.get_or_none(secret_path(self.namespace, secret_name(token_id)))
+        if stored_secret is None or stored_secret.get("type") != SECRET_TYPE:
+            raise TokenError("unknown", f"token {token_id}: not found (never issued or deleted)")
+        stored = token_from_secret(stored_secret)
+        check_genuine(stored, secret)
         return JoinGrant(token_id, stored.owner, stored.region)
 
     async def give_back(self, grant: JoinGrant) -> None:

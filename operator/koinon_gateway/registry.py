@@ -33,7 +33,9 @@ class NodeRegistry(Protocol):
 
     async def get(self, name: str) -> JSON | None: ...
 
-    async def list(self) -> list[JSON]: ...
+    async def list(self, labels: dict[str, str] | None = None) -> list[JSON]:
+        """Every VolunteerNode, or those whose labels include all of ``labels``."""
+        ...
 
     async def patch_status(self, name: str, status: JSON) -> None:
         """Merge-patches ``status`` (JSON merge patch semantics: None deletes)."""
@@ -95,8 +97,11 @@ class InMemoryNodeRegistry:
         obj = self.objects.get(name)
         return copy.deepcopy(obj) if obj is not None else None
 
-    async def list(self) -> list[JSON]:
-        return [copy.deepcopy(o) for o in self.objects.values()]
+    async def list(self, labels: dict[str, str] | None = None) -> list[JSON]:
+        wanted = (labels or {}).items()
+        return [
+            copy.deepcopy(o) for o in self.objects.values() if wanted <= (o["metadata"].get("labels") or {}).items()
+        ]
 
     async def patch_status(self, name: str, status: JSON) -> None:
         obj = self.objects.get(name)

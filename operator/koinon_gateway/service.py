@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import grpc
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
@@ -26,10 +27,11 @@ from .routing import DialRefused, Router
 from .rpc import EOF, Context
 from .sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT, NodeSession, SessionTable, gpus_reported
 from .stream_slots import StreamSlot, TooManyStreams
-from .tokens import JoinGrant, TokenError, TokenStore
+from .tokens import JoinGrant, TokenError, TokenStore, parse_token
 from .tunnel_io import STREAM_READER_LIMIT, GrpcFrameChannel, ProtocolViolation, splice_channels, splice_tcp
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_DRAIN_GRACE_S = 24 * 3600
 # A drain request to GCS that fails or does not answer in time is asked again after a pause that
@@ -40,11 +42,21 @@ GCS_DRAIN_RETRY_MAX_S = 5.0
 # How long a new session waits for its "connected" status to land before telling the agent.
 REGISTER_STATUS_WAIT_S = 2.0
 _NAME_RE = re.compile(r"[^a-z0-9-]+")
+_JOIN_ID_RE = re.compile(r"[0-9a-f]{32}")
+JOIN_TOKEN_LABEL = "koinon.dev/join-token"
+# A digest of the join id, not the id: whoever can list VolunteerNodes must not learn what, with a
+# leaked single-use token, would get them a credential for a node that never connected.
+JOIN_KEY_LABEL = "koinon.dev/join-key"
 
 
 def node_name_from_hint(hint: str) -> str:
     base = _NAME_RE.sub("-", hint.lower()).strip("-")[:40] or "volunteer"
     return f"{base}-{secrets.token_hex(3)}"
+
+
+def join_key(join_id: str) -> str:
+    """The label value that finds the node a join id created (40 hex digits fit a label's 63)."""
+    return hashlib.sha256(join_id.encode()).hexdigest()[:40]
 
 
 def port_block_message(ports: PortBlock) -> pb.PortBlock:
@@ -76,6 +88,8 @@ def validate_join(request: pb.JoinRequest) -> None:
     for name in ("name_hint", "region", "agent_version"):
         if len(getattr(request, name)) > MAX_TEXT:
             raise ValueError(f"{name}: at most {MAX_TEXT} characters")
+    if request.join_id and not _JOIN_ID_RE.fullmatch(request.join_id):
+        raise ValueError("join_id: 32 lowercase hex digits, or empty")
 
 
 class TunnelService:
@@ -100,6 +114,9 @@ class TunnelService:
         self.sessions = sessions
         self.router = router
         self.metrics = metrics
+        # Join ids being handled now: a retry that overtakes its own first try (the agent's deadline
+        # passed while the gateway was still recording the node) waits its turn instead of racing it.
+        self._joins_in_flight: set[str] = set()
 
     def assignment(self, node_name: str, address: str) -> pb.Assignment:
         return pb.Assignment(
@@ -123,16 +140,25 @@ class TunnelService:
         except ValueError as exc:
             self.metrics.joins["invalid-request"] += 1
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"join refused: {exc}")
+        join_id = request.join_id
+        if join_id in self._joins_in_flight:
+            self.metrics.joins["join-in-progress"] += 1
+            await context.abort(grpc.StatusCode.ABORTED, "join: an earlier try of this join is still running; retry")
+        if join_id:
+            self._joins_in_flight.add(join_id)
         try:
-            grant = await self.tokens.consume(request.token)
-        except TokenError as exc:
-            self.metrics.joins[exc.reason] += 1
-            log.warning("join refused (%s): %s", exc.reason, exc)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"join refused: {exc.reason}: {exc}")
-        except Exception as exc:  # the token store (the Kubernetes API) failed; no use was counted
-            self.metrics.joins["token-store-error"] += 1
-            log.warning("join: token store failed: %r", exc)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "join: the token could not be checked now; retry")
+            return await self._join(request, context)
+        finally:
+            self._joins_in_flight.discard(join_id)
+
+    async def _join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:
+        earlier = await self._token_checked(self._earlier_join(request), context)
+        if earlier is not None:
+            node_name, address = earlier
+            self.metrics.joins["replayed"] += 1
+            log.info("node %s joined again with the same join id (the first reply was lost)", node_name)
+            return self._join_response(node_name, address)
+        grant = await self._token_checked(self.tokens.consume(request.token), context)
         try:
             await self._retire_previous(request.previous_credential, grant.owner)
             node_name, address = await self._record_node(request, grant)
@@ -151,12 +177,53 @@ class TunnelService:
             await context.abort(code, message)
         self.metrics.joins["ok"] += 1
         log.info("node %s joined with token %s at %s", node_name, grant.token_id, address)
+        return self._join_response(node_name, address)
+
+    def _join_response(self, node_name: str, address: str) -> pb.JoinResponse:
         issued = self._issue_credential(node_name, address)
         return pb.JoinResponse(
             credential=issued.token,
             assignment=self.assignment(node_name, address),
             credential_expires_at=issued.expires_at,
         )
+
+    async def _token_checked(self, work: Awaitable[T], context: Context) -> T:
+        """``work``'s result; a refused token or a failing token store ends the call instead."""
+        try:
+            return await work
+        except TokenError as exc:
+            self.metrics.joins[exc.reason] += 1
+            log.warning("join refused (%s): %s", exc.reason, exc)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"join refused: {exc.reason}: {exc}")
+        except Exception as exc:  # the token store or registry (the Kubernetes API) failed; no use was counted
+            self.metrics.joins["token-store-error"] += 1
+            log.warning("join: token store failed: %r", exc)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "join: the token could not be checked now; retry")
+        raise AssertionError("unreachable: abort raises")
+
+    async def _earlier_join(self, request: pb.JoinRequest) -> tuple[str, str] | None:
+        """The node and address an earlier try of this join recorded, when its reply never reached
+        the agent: made with the same token and join id, never connected, and still holding its
+        address. Its token must still be genuine and not revoked; expiry and usage limit were
+        checked when that try counted its use."""
+        if not request.join_id:
+            return None
+        token_id, _ = parse_token(request.token)
+        nodes = await self.registry.list({JOIN_TOKEN_LABEL: token_id, JOIN_KEY_LABEL: join_key(request.join_id)})
+        for node in nodes:
+            metadata = node.get("metadata") or {}
+            name, address, status = metadata.get("name", ""), status_address(node), node.get("status") or {}
+            if (
+                metadata.get("deletionTimestamp")
+                or "lastHeartbeat" in status  # it had a session: that agent got its reply
+                or name in self.sessions.by_name
+                or not address
+                or self.allocator.holder(address) != name
+            ):
+                continue
+            await self.tokens.authenticate(request.token)
+            return name, address
+        return None
 
     async def _record_node(self, request: pb.JoinRequest, grant: JoinGrant) -> tuple[str, str]:
         """Takes a free address and creates the VolunteerNode; undoes both if any step fails."""
@@ -169,7 +236,10 @@ class TunnelService:
         }
         created = False
         try:
-            await self.registry.create(node_name, spec, {"koinon.dev/join-token": grant.token_id})
+            labels = {JOIN_TOKEN_LABEL: grant.token_id}
+            if request.join_id:
+                labels[JOIN_KEY_LABEL] = join_key(request.join_id)
+            await self.registry.create(node_name, spec, labels)
             created = True
             await self.registry.patch_status(node_name, {"phase": "NotReady", "connected": False, "address": address})
         except BaseException:  # a cancelled join (the agent hung up) must not leave a node either

@@ -72,12 +72,17 @@ def parse_token(token: str) -> tuple[str, str]:
     return match["id"], match["secret"]
 
 
-def check_token(stored: JoinToken, secret: str, now: dt.datetime) -> None:
-    """Raises TokenError unless ``secret`` matches and the token may still be used."""
+def check_genuine(stored: JoinToken, secret: str) -> None:
+    """Raises TokenError unless ``secret`` matches and the token is not revoked."""
     if not hmac.compare_digest(stored.secret_sha256, hash_secret(secret)):
         raise TokenError("invalid-secret", f"token {stored.token_id}: secret does not match")
     if stored.revoked:
         raise TokenError("revoked", f"token {stored.token_id}: revoked")
+
+
+def check_token(stored: JoinToken, secret: str, now: dt.datetime) -> None:
+    """Raises TokenError unless ``secret`` matches and the token may still be used."""
+    check_genuine(stored, secret)
     if stored.expiration is not None and now >= stored.expiration:
         raise TokenError("expired", f"token {stored.token_id}: expired at {stored.expiration.isoformat()}")
     if stored.usage_limit is not None and stored.usages_count >= stored.usage_limit:
@@ -92,6 +97,11 @@ class TokenStore(Protocol):
     async def give_back(self, grant: JoinGrant) -> None:
         """Uncounts the use ``grant`` took: the join failed after the token was accepted (no free
         address, the node could not be recorded), and a retry must not find a limit-1 token spent."""
+        ...
+
+    async def authenticate(self, token: str) -> JoinGrant:
+        """Checks that ``token`` is genuine and not revoked, counting no use and ignoring expiry and
+        usage limit: for the retry of a join that already counted its use (its reply was lost)."""
         ...
 
 
@@ -141,6 +151,14 @@ class InMemoryTokenStore:
                 raise TokenError("unknown", f"token {token_id}: not found (never issued or deleted)")
             check_token(stored, secret, dt.datetime.now(dt.UTC))
             self.tokens[token_id] = replace(stored, usages_count=stored.usages_count + 1)
+        return JoinGrant(token_id, stored.owner, stored.region)
+
+    async def authenticate(self, token: str) -> JoinGrant:
+        token_id, secret = parse_token(token)
+        stored = self.tokens.get(token_id)
+        if stored is None:
+            raise TokenError("unknown", f"token {token_id}: not found (never issued or deleted)")
+        check_genuine(stored, secret)
         return JoinGrant(token_id, stored.owner, stored.region)
 
     async def give_back(self, grant: JoinGrant) -> None:

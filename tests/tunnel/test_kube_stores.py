@@ -697,6 +697,63 @@ async def test_restarted_gateway_keeps_its_ca_and_nodes(kube: Kube) -> None:
     assert len(kube.emulator.list_objects("v1", "Secret", NAMESPACE)) == 2  # the CA and one token
 
 
+async def test_volunteernodes_are_listed_by_label(kube: Kube) -> None:
+    registry = KubeNodeRegistry(kube.client)
+    await registry.create("vn-a", {"owner": "alice"}, {"koinon.dev/join-token": "aaaaaa", "koinon.dev/join-key": "1"})
+    await registry.create("vn-b", {"owner": "alice"}, {"koinon.dev/join-token": "aaaaaa", "koinon.dev/join-key": "2"})
+    await registry.create("vn-c", {"owner": "bob"}, {})
+    names = [n["metadata"]["name"] for n in await registry.list({"koinon.dev/join-token": "aaaaaa"})]
+    assert sorted(names) == ["vn-a", "vn-b"]
+    selected = await registry.list({"koinon.dev/join-token": "aaaaaa", "koinon.dev/join-key": "2"})
+    assert [n["metadata"]["name"] for n in selected] == ["vn-b"]
+    assert len(await registry.list()) == 3
+
+
+async def test_a_join_whose_reply_was_lost_is_found_again_through_the_api(kube: Kube) -> None:
+    """The retry with the same join id, to a restarted gateway, finds the node by its labels in the
+    API and checks the token Secret without counting a second use."""
+    join_id = "0123456789abcdef" * 2
+
+    async def join_once(gateway: Gateway, token: str) -> pb.JoinResponse:
+        async with grpc.aio.secure_channel(
+            gateway.agent_target,
+            grpc.ssl_channel_credentials(gateway.ca_pem),
+            options=[("grpc.ssl_target_name_override", "koinon-gateway")],
+        ) as channel:
+            request = pb.JoinRequest(token=token, name_hint="alpha", join_id=join_id)
+            response: pb.JoinResponse = await tunnel_stub(channel).Join(request, timeout=10)
+            return response
+
+    def new_gateway(head_port: int) -> Gateway:
+        return Gateway(
+            gateway_config(head_port),
+            KubeTokenStore(kube.client, NAMESPACE),
+            KubeNodeRegistry(kube.client),
+            KubeCAStore(kube.client, NAMESPACE),
+        )
+
+    async with echo_server() as head_port:
+        token = await KubeTokenStore(kube.client, NAMESPACE).create(owner="alice", usage_limit=1)
+        first = new_gateway(head_port)
+        await first.start()
+        lost = await join_once(first, token)
+        await first.stop(0)
+        second = new_gateway(head_port)
+        await second.start()
+        try:
+            again = await join_once(second, token)
+        finally:
+            await second.stop(0)
+    assert (again.assignment.node_name, again.assignment.address) == (
+        lost.assignment.node_name,
+        lost.assignment.address,
+    )
+    nodes = kube.emulator.list_objects("koinon.dev/v1alpha1", "VolunteerNode")
+    assert [n["metadata"]["name"] for n in nodes] == [lost.assignment.node_name]
+    assert join_id not in json.dumps(nodes)  # only its digest is in the labels
+    assert decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "1"
+
+
 # ---- configuration ----
 
 

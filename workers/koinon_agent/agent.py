@@ -233,6 +233,7 @@ class Agent:
             agent_version=VERSION,
             # Lets the gateway retire the node this volunteer was before, instead of a NotReady ghost.
             previous_credential=stored.credential if stored is not None else "",
+            join_id=state.pending_join_id(self.config.state_dir, self.config.gateway),
         )
         while True:
             try:
@@ -254,6 +255,7 @@ class Agent:
             response.credential_expires_at,
         )
         state.save(self.config.state_dir, identity)
+        state.finish_join(self.config.state_dir)
         log.info("joined as %s with address %s", identity.node_name, identity.address)
         return identity
 

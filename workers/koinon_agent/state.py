@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +32,10 @@ class StoredIdentity:
 
 def _path(state_dir: Path) -> Path:
     return state_dir / "identity.json"
+
+
+def _pending_join_path(state_dir: Path) -> Path:
+    return state_dir / "pending-join.json"
 
 
 def load(state_dir: Path, gateway: str, can_rejoin: bool = False) -> StoredIdentity | None:
@@ -89,16 +94,56 @@ def ensure_writable(state_dir: Path) -> None:
 
 
 def save(state_dir: Path, identity: StoredIdentity) -> None:
-    """Writes the identity atomically and durably, readable by this user only (it holds a credential).
-    A fresh temporary file each time: an existing one's mode or a symlink in its place cannot leak it."""
+    """Writes the identity atomically and durably, readable by this user only (it holds a credential)."""
+    _write_private_json(_path(state_dir), asdict(identity))
+
+
+def pending_join_id(state_dir: Path, gateway: str) -> str:
+    """The id of this agent's join to ``gateway`` that has not stored its credential yet, or a new
+    one, on disk before the first try is sent. Every retry, also after a restart, sends the same id,
+    so a join whose reply was lost gets its node back instead of a second node and token use."""
+    path = _pending_join_path(state_dir)
+    try:
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and data.get("gateway") == gateway and _is_join_id(data.get("join_id")):
+            return str(data["join_id"])
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError) as exc:
+        log.warning("%s: unreadable (%s); starting a new join", path, exc)
+    join_id = secrets.token_hex(16)
+    try:
+        _write_private_json(path, {"gateway": gateway, "join_id": join_id})
+    except OSError as exc:  # still good for this process's retries
+        log.warning("%s: could not keep the join id (%s); a restart now starts a new join", path, exc.strerror)
+    return join_id
+
+
+def finish_join(state_dir: Path) -> None:
+    """The join's credential is stored: the next join is a new one. Should the id stay behind, the
+    gateway sees that its node has had a session and makes that next join a new one anyway."""
+    try:
+        _pending_join_path(state_dir).unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("%s: could not remove (%s)", _pending_join_path(state_dir), exc.strerror)
+
+
+def _is_join_id(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+def _write_private_json(path: Path, data: dict[str, object]) -> None:
+    """Atomically and durably, readable by this user only. A fresh temporary file each time: an
+    existing one's mode or a symlink in its place cannot leak what it holds."""
+    state_dir = path.parent
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".identity-", suffix=".tmp")  # mode 0600, O_EXCL
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(asdict(identity), handle)
+            json.dump(data, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, _path(state_dir))
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

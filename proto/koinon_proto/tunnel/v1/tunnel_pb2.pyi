@@ -15,20 +15,22 @@ class Gpu(_message.Message):
     def __init__(self, model: _Optional[str] = ..., memory_mib: _Optional[int] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("token", "name_hint", "region", "gpus", "agent_version", "previous_credential")
+    __slots__ = ("token", "name_hint", "region", "gpus", "agent_version", "previous_credential", "join_id")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     NAME_HINT_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    JOIN_ID_FIELD_NUMBER: _ClassVar[int]
     token: str
     name_hint: str
     region: str
     gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
     agent_version: str
     previous_credential: str
-    def __init__(self, token: _Optional[str] = ..., name_hint: _Optional[str] = ..., region: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., agent_version: _Optional[str] = ..., previous_credential: _Optional[str] = ...) -> None: ...
+    join_id: str
+    def __init__(self, token: _Optional[str] = ..., name_hint: _Optional[str] = ..., region: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., agent_version: _Optional[str] = ..., previous_credential: _Optional[str] = ..., join_id: _Optional[str] = ...) -> None: ...
 
 class PortBlock(_message.Message):
     __slots__ = ("node_manager_port", "object_manager_port", "dashboard_agent_grpc_port", "dashboard_agent_listen_port", "metrics_export_port", "runtime_env_agent_port", "min_worker_port", "max_worker_port")

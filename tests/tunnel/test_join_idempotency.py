@@ -1,0 +1,210 @@
+"""A join whose reply is lost (the gateway crashed right after recording the node, or the agent's
+deadline passed just after) is retried with the same join id and gets that node back: one node,
+one use of the token, a credential that works. Against a real gateway over TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import stat
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import pytest
+from koinon_agent import state
+from koinon_agent.agent import Agent
+from koinon_gateway.registry import JSON, InMemoryNodeRegistry
+from koinon_gateway.rpc import tunnel_stub
+from koinon_gateway.server import Gateway
+from koinon_gateway.service import JOIN_KEY_LABEL, TunnelService
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+from .helpers import Cluster, channel_for, cluster, control_call
+
+
+async def join(c: Cluster, token: str, join_id: str, timeout: float = 5) -> pb.JoinResponse | grpc.aio.AioRpcError:
+    async with channel_for(c) as channel:
+        try:
+            response: pb.JoinResponse = await tunnel_stub(channel).Join(
+                pb.JoinRequest(token=token, name_hint="vol", join_id=join_id), timeout=timeout
+            )
+            return response
+        except grpc.aio.AioRpcError as exc:
+            return exc
+
+
+def uses(c: Cluster, token: str) -> int:
+    return c.tokens.tokens[token.split(".")[0]].usages_count
+
+
+async def registers(c: Cluster, response: pb.JoinResponse) -> bool:
+    register = pb.Register(node_name=response.assignment.node_name, address=response.assignment.address)
+    result = await control_call(c, response.credential, register)
+    return isinstance(result, pb.GatewayMessage) and result.WhichOneof("msg") == "registered"
+
+
+async def test_a_join_retried_after_its_reply_was_lost_gets_the_same_node_and_no_second_use(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, pb.JoinResponse)
+        # The reply never reached the agent; it asks again with the same join id.
+        again = await join(c, token, join_id)
+        assert isinstance(again, pb.JoinResponse), again
+        assert again.assignment.node_name == first.assignment.node_name
+        assert again.assignment.address == first.assignment.address
+        assert again.assignment.ports == first.assignment.ports
+        assert list(c.registry.objects) == [first.assignment.node_name]
+        assert uses(c, token) == 1
+        assert c.gateway.metrics.joins["replayed"] == 1
+        assert await registers(c, again)  # the new credential is good for that node and address
+
+
+async def test_a_replayed_join_survives_a_gateway_restart(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, pb.JoinResponse)
+        # The gateway dies before the reply leaves; its successor has only what the registry holds.
+        listen = c.gateway.agent_target
+        await c.gateway.stop(0)
+        c.gateway = Gateway(replace(c.gateway.config, listen=listen), c.tokens, c.registry, c.gateway.ca_store)
+        await c.gateway.start()
+        again = await join(c, token, join_id)
+        assert isinstance(again, pb.JoinResponse), again
+        assert (again.assignment.node_name, again.assignment.address) == (
+            first.assignment.node_name,
+            first.assignment.address,
+        )
+        assert list(c.registry.objects) == [first.assignment.node_name] and uses(c, token) == 1
+        assert await registers(c, again)
+
+
+async def test_a_join_id_whose_node_has_had_a_session_is_a_new_join(tmp_path: Path) -> None:
+    """The agent of a node that connected got its reply: the id no longer stands for that node."""
+    async with cluster(tmp_path) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, pb.JoinResponse) and await registers(c, first)
+        again = await join(c, token, join_id)
+        assert isinstance(again, grpc.aio.AioRpcError)
+        assert again.code() == grpc.StatusCode.PERMISSION_DENIED and "usage-limit" in (again.details() or "")
+        two_uses = c.tokens.add(owner="alice", usage_limit=2)
+        first = await join(c, two_uses, join_id)
+        assert isinstance(first, pb.JoinResponse) and await registers(c, first)
+        second = await join(c, two_uses, join_id)
+        assert isinstance(second, pb.JoinResponse)
+        assert second.assignment.node_name != first.assignment.node_name and uses(c, two_uses) == 2
+
+
+@pytest.mark.parametrize("case", ["other-token", "wrong-secret", "revoked", "no-join-id"])
+async def test_only_the_same_genuine_token_and_join_id_get_the_node_back(tmp_path: Path, case: str) -> None:
+    async with cluster(tmp_path) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, pb.JoinResponse)
+        token_id = token.split(".")[0]
+        if case == "other-token":
+            other = c.tokens.add(owner="alice", usage_limit=1)
+            result = await join(c, other, join_id)
+            assert isinstance(result, pb.JoinResponse)  # a join of its own
+            assert result.assignment.node_name != first.assignment.node_name and uses(c, other) == 1
+            return
+        if case == "wrong-secret":
+            result = await join(c, f"{token_id}.{'x' * 16}", join_id)
+            reason = "invalid-secret"
+        elif case == "revoked":
+            c.tokens.revoke(token)
+            result = await join(c, token, join_id)
+            reason = "revoked"
+        else:
+            result = await join(c, token, "")
+            reason = "usage-limit"
+        assert isinstance(result, grpc.aio.AioRpcError), result
+        assert result.code() == grpc.StatusCode.PERMISSION_DENIED and reason in (result.details() or "")
+        assert list(c.registry.objects) == [first.assignment.node_name] and uses(c, token) == 1
+
+
+async def test_a_malformed_join_id_is_refused_naming_the_field(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        result = await join(c, c.tokens.add(), "not-hex")
+        assert isinstance(result, grpc.aio.AioRpcError)
+        assert result.code() == grpc.StatusCode.INVALID_ARGUMENT and "join_id" in (result.details() or "")
+        assert c.registry.objects == {}
+
+
+class SlowCreate(InMemoryNodeRegistry):
+    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> None:
+        await asyncio.sleep(1.0)
+        await super().create(name, spec, labels)
+
+
+async def test_a_retry_that_overtakes_its_first_try_is_asked_to_wait(tmp_path: Path) -> None:
+    async with cluster(tmp_path, registry=SlowCreate()) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = asyncio.ensure_future(join(c, token, join_id))
+        await asyncio.sleep(0.3)
+        overtaking = await join(c, token, join_id)
+        assert isinstance(overtaking, grpc.aio.AioRpcError) and overtaking.code() == grpc.StatusCode.ABORTED
+        assert isinstance(await first, pb.JoinResponse)
+        assert len(c.registry.objects) == 1 and uses(c, token) == 1
+
+
+async def test_the_agent_gets_its_node_back_when_the_join_reply_is_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway records the node and then fails before replying (as if it crashed): the agent
+    retries and joins as that node, with a one-use token. Before join ids the retry was refused
+    for the token's usage limit and the agent exited."""
+    real = TunnelService._join_response
+    calls = 0
+
+    def lost_first_reply(self: TunnelService, node_name: str, address: str) -> pb.JoinResponse:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("gateway lost before the reply left")
+        return real(self, node_name, address)
+
+    monkeypatch.setattr(TunnelService, "_join_response", lost_first_reply)
+    async with cluster(tmp_path) as c:
+        token = c.tokens.add(owner="alice", usage_limit=1)
+        agent = await c.start_agent("alpha", token=token)
+        assert calls == 2 and agent.identity is not None
+        assert list(c.registry.objects) == [agent.identity.node_name] and uses(c, token) == 1
+        assert JOIN_KEY_LABEL in c.registry.objects[agent.identity.node_name]["metadata"]["labels"]
+        assert not (tmp_path / "agent-alpha" / "pending-join.json").exists()  # the next join is a new one
+
+
+async def test_a_restarted_agent_sends_the_join_id_its_predecessor_sent(tmp_path: Path) -> None:
+    """The agent was killed after its join reached the gateway and before it stored the reply."""
+    async with cluster(tmp_path) as c:
+        token = c.tokens.add(owner="alice", usage_limit=1)
+        config = c.agent_config("alpha", token=token)
+        join_id = state.pending_join_id(config.state_dir, config.gateway)  # what the first process kept
+        lost = await join(c, token, join_id)
+        assert isinstance(lost, pb.JoinResponse)
+        agent = Agent(config)
+        task = asyncio.ensure_future(agent.run())
+        try:
+            await asyncio.wait_for(agent.connected.wait(), 15)
+            assert agent.identity is not None and agent.identity.node_name == lost.assignment.node_name
+            assert list(c.registry.objects) == [lost.assignment.node_name] and uses(c, token) == 1
+        finally:
+            agent.request_drain()
+            await asyncio.wait_for(task, 10)
+
+
+def test_the_pending_join_id_is_kept_privately_per_gateway_until_the_join_is_stored(tmp_path: Path) -> None:
+    first = state.pending_join_id(tmp_path, "gw:443")
+    assert len(first) == 32 and int(first, 16) >= 0
+    assert state.pending_join_id(tmp_path, "gw:443") == first
+    assert stat.S_IMODE((tmp_path / "pending-join.json").stat().st_mode) == 0o600
+    other = state.pending_join_id(tmp_path, "other:443")  # another gateway: another join
+    assert other != first
+    state.finish_join(tmp_path)
+    assert state.pending_join_id(tmp_path, "other:443") != other
+    (tmp_path / "pending-join.json").write_text('{"gateway": "other:443", "join_id": "../../etc"}')
+    fresh = state.pending_join_id(tmp_path, "other:443")
+    assert len(fresh) == 32 and fresh != "../../etc"
