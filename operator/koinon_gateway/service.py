@@ -389,6 +389,11 @@ class TunnelService:
             # the session; in the latter case whoever ended it has said why.
             reason, message = session.end_reason or (reason, message)
             await self._abort_if_revoked(session.node_name, context)
+            if session.end_reason is not None:
+                # The gateway ended it (a newer session took over, the agent stopped reading): a
+                # cancelled handler alone would leave the agent's call open and quiet until its
+                # heartbeat timeout.
+                await context.abort(grpc.StatusCode.ABORTED, f"session ended by the gateway: {message}")
             raise
         except grpc.aio.AioRpcError as exc:
             message = f"control stream failed: {exc.code().name}"

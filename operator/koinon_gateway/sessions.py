@@ -176,6 +176,7 @@ class SessionTable:
         if old is not None and old.handler_task is not None and not old.closed:
             log.info("node %s reconnected; closing its previous session", session.node_name)
             old.closed = True
+            old.end_reason = ("Replaced", "a newer session of this node took over")
             old.handler_task.cancel()
         self.write_status(session, force=True)
 

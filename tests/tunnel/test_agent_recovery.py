@@ -19,13 +19,13 @@ from pathlib import Path
 import grpc
 import pytest
 from koinon_agent import state
-from koinon_agent.agent import Agent
+from koinon_agent.agent import Agent, BackoffIterator
 from koinon_gateway.registry import JSON, InMemoryNodeRegistry
 from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import channel_for, cluster
+from .helpers import channel_for, cluster, control_call
 
 
 async def wait_until(condition: object, within_s: float, what: str) -> None:
@@ -208,3 +208,39 @@ async def test_a_heartbeat_sender_that_fails_ends_the_session_and_the_agent_reco
         agent = await c.start_agent("alpha")
         await wait_until(lambda: agent.registrations >= 2, 10, "the session went on without heartbeats")
         assert failures == [True]
+
+
+async def test_backoff_restarts_only_after_a_session_that_stayed_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway that takes each session and drops it at once gets ever longer pauses; one session
+    that stays up past backoff_reset_after_s brings the pause back to the first one's."""
+    delays: list[float] = []
+    original_next = BackoffIterator.next
+
+    def recording_next(self: BackoffIterator) -> float:
+        delay = original_next(self)
+        delays.append(delay)
+        return delay
+
+    monkeypatch.setattr(BackoffIterator, "next", recording_next)
+    async with cluster(tmp_path, heartbeat_timeout_s=30.0) as c:
+        agent = await c.start_agent("alpha", backoff_initial_s=0.2, backoff_max_s=3.2, backoff_reset_after_s=0.6)
+        assert agent.identity is not None
+        name = agent.identity.node_name
+
+        async def drop_session(after_s: float) -> None:
+            registered = agent.registrations
+            await asyncio.sleep(after_s)
+            # A second Register with the node's credential ends the agent's session (the newer wins).
+            assert agent.identity is not None
+            register = pb.Register(node_name=name, address=agent.identity.address)
+            assert isinstance(await control_call(c, agent.identity.credential, register), pb.GatewayMessage)
+            await wait_until(lambda: agent.registrations > registered, 10, "the agent did not come back")
+
+        for _ in range(4):
+            await drop_session(0.0)
+        assert len(delays) == 4
+        assert 0.8 <= delays[3] <= 1.6  # doubled each time: 0.2, 0.4, 0.8, 1.6 ceilings
+        await drop_session(1.0)
+        assert len(delays) == 5 and 0.1 <= delays[4] <= 0.2

@@ -297,6 +297,30 @@ async def test_reconnect_is_idempotent(c: Cluster) -> None:
     assert a.registrations >= 2
 
 
+async def test_a_session_replaced_by_a_newer_one_is_told_at_once(tmp_path: Path) -> None:
+    """Not left open and quiet until the agent's heartbeat timeout (30 s here)."""
+    async with cluster(tmp_path, heartbeat_timeout_s=30.0) as c, channel_for(c) as channel:
+        joined: pb.JoinResponse = await tunnel_stub(channel).Join(pb.JoinRequest(token=c.tokens.add(), name_hint="x"))
+        register = pb.Register(node_name=joined.assignment.node_name, address=joined.assignment.address)
+        metadata = (("authorization", f"Bearer {joined.credential}"),)
+        older = tunnel_stub(channel).Control(metadata=metadata)
+        await older.write(pb.AgentMessage(register=register))
+        assert (await asyncio.wait_for(older.read(), 5)).WhichOneof("msg") == "registered"
+        newer = await control_call(c, joined.credential, register)
+        assert isinstance(newer, pb.GatewayMessage) and newer.WhichOneof("msg") == "registered"
+
+        async def older_ends() -> grpc.StatusCode:
+            while await older.read() is not grpc.aio.EOF:
+                pass
+            code: grpc.StatusCode = await older.code()
+            return code
+
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(older_ends(), 3)
+        assert ended.value.code() == grpc.StatusCode.ABORTED
+        assert "newer session" in (ended.value.details() or "")
+
+
 async def test_gateway_crash_leaves_no_node_connected_until_it_reconnects(c: Cluster) -> None:
     """A SIGKILLed gateway writes no 'disconnected' status; its successor must not trust what it left."""
     agent = await c.start_agent("alpha")

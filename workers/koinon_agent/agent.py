@@ -291,8 +291,8 @@ class Agent:
                 # left of their grace without it.
                 await self._drain_done.wait()
                 return
-            if self.registrations > registered_before and self._connected_for() > 30:
-                delays.reset()  # only a session that was up a while counts as the gateway being back
+            if self.registrations > registered_before and self._connected_for() > self.config.backoff_reset_after_s:
+                delays.reset()
             delay = delays.next()
             log.info("reconnecting in %.2fs", delay)
             await self._sleep_or_drain(delay)

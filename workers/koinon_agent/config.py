@@ -39,6 +39,9 @@ class AgentConfig:
     drain_grace_s: float = 30.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+    # Only a session that stayed up this long counts as the gateway being back and restarts the
+    # backoff from backoff_initial_s: a gateway that accepts and drops at once gets no faster retries.
+    backoff_reset_after_s: float = 30.0
     ray_restart_after_s: float = 60.0  # restart the Ray node after an outage this long
     ray_start_timeout_s: float = 120.0  # a Ray node not serving this long after `ray start` is replaced
 
@@ -59,6 +62,8 @@ class AgentConfig:
             raise ValueError("simulate_gpu_memory_mib: must be > 0")
         if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_initial_s/backoff_max_s: need 0 < initial <= max")
+        if self.backoff_reset_after_s < 0:
+            raise ValueError("backoff_reset_after_s: must be >= 0 seconds")
         if self.drain_grace_s < 0:
             raise ValueError("drain_grace_s: must be >= 0")
         if not 0 <= self.proxy_port < 65536:
