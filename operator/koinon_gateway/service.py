@@ -329,7 +329,7 @@ class TunnelService:
         if register.node_name != identity.node_name or register.address != identity.address:
             self.metrics.refused_streams["identity-mismatch"] += 1
             log.warning(
-                "node %s (%s) claimed to be %s (%s)",
+                "node %s (%s) claimed to be %.128r (%.64r)",
                 identity.node_name,
                 identity.address,
                 register.node_name,
@@ -441,18 +441,29 @@ class TunnelService:
                 self.sessions.write_status(session)
             elif kind == "drain":
                 session.last_seen = time.monotonic()
-                first_request = not session.draining
+                if session.draining:  # said once is enough: a repeat must not buy status writes
+                    continue
                 session.draining = True
-                log.info("node %s draining: %s", session.node_name, message.drain.reason)
+                log.info("node %s draining: %.128r", session.node_name, message.drain.reason)
                 self.sessions.write_status(session, force=True)
-                if first_request and session.ray_node_id and self.ray_checker is not None:
-                    # The grace comes from the volunteer: keep the deadline GCS is told within a day.
-                    deadline = time.time() + min(message.drain.grace_seconds, MAX_DRAIN_GRACE_S)
-                    session.ray_drainer = asyncio.ensure_future(
-                        self._drain_ray_node(self.ray_checker, session, message.drain.reason, deadline)
-                    )
+                # The grace comes from the volunteer: keep the deadline GCS is told within a day.
+                deadline = time.time() + min(message.drain.grace_seconds, MAX_DRAIN_GRACE_S)
+                session.drain_request = (message.drain.reason[:MAX_TEXT], deadline)
+                self._start_ray_drain(session)
             else:
                 session.last_seen = time.monotonic()
+
+    def _start_ray_drain(self, session: NodeSession) -> None:
+        """Asks GCS to drain the node's Ray node once that node is known to be the node's own: the
+        id GCS confirmed at the node's address, never one the agent only claims (any volunteer can
+        list the others' Ray node ids). A drain asked before that starts once it is confirmed."""
+        if session.drain_request is None or not session.ray_verified_id or self.ray_checker is None:
+            return
+        reason, deadline = session.drain_request
+        session.drain_request = None
+        session.ray_drainer = asyncio.ensure_future(
+            self._drain_ray_node(self.ray_checker, session, session.ray_verified_id, reason, deadline)
+        )
 
     def _verify_ray_node(self, session: NodeSession) -> None:
         if session.ray_node_id == session.ray_verified_id or session.ray_state != "running":
@@ -476,25 +487,26 @@ class TunnelService:
             if address == session.address:
                 session.ray_verified_id = node_id
                 self.sessions.write_status(session, force=True)
+                self._start_ray_drain(session)
                 return
             if address is not None:
-                log.warning("node %s reports Ray node %s which GCS has at %s", session.node_name, node_id, address)
+                log.warning("node %s reports Ray node %.64r which GCS has at %s", session.node_name, node_id, address)
             await asyncio.sleep(0.25)
 
     async def _drain_ray_node(
-        self, checker: RayNodeChecker, session: NodeSession, reason: str, deadline: float
+        self, checker: RayNodeChecker, session: NodeSession, ray_node_id: str, reason: str, deadline: float
     ) -> None:
         pause = GCS_DRAIN_RETRY_FIRST_S
         while True:
             try:
-                accepted, why = await checker.drain(session.ray_node_id, f"volunteer draining: {reason}", deadline)
+                accepted, why = await checker.drain(ray_node_id, f"volunteer draining: {reason}", deadline)
                 break
             except Exception as exc:  # GCS unreachable or slow: the agent still waits for its tasks
                 give_up = session.closed or time.time() + pause >= deadline
                 log.warning(
                     "node %s: asking GCS to drain Ray node %s failed (%s): %r",
                     session.node_name,
-                    session.ray_node_id,
+                    ray_node_id,
                     "giving up" if give_up else f"asking again in {pause:.1f} s",
                     exc,
                 )
@@ -506,9 +518,9 @@ class TunnelService:
                 log.info("node %s is gone: no longer asking GCS to drain it", session.node_name)
                 return
         if accepted:
-            log.info("node %s: GCS drains Ray node %s", session.node_name, session.ray_node_id)
+            log.info("node %s: GCS drains Ray node %s", session.node_name, ray_node_id)
         else:  # PREEMPTION is not refused for a live node: asking again would not change the answer
-            log.warning("node %s: GCS refused to drain Ray node %s: %s", session.node_name, session.ray_node_id, why)
+            log.warning("node %s: GCS refused to drain Ray node %s: %s", session.node_name, ray_node_id, why)
 
     async def _ping_loop(self, session: NodeSession) -> None:
         # Liveness rests on the agent's heartbeats either way; pings are what it answers (agents that

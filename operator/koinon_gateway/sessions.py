@@ -69,6 +69,8 @@ class NodeSession:
     verifier: asyncio.Task[Any] | None = None
     ray_drainer: asyncio.Task[Any] | None = None  # held so the GCS drain request runs to its end
     draining: bool = False
+    # The first drain request's reason and GCS deadline (Unix seconds), until GCS has been asked.
+    drain_request: tuple[str, float] | None = None
     ping_seq: int = 0
     # The agent heartbeats every interval by itself; pings are only RTT probes (Register.self_heartbeats).
     self_heartbeats: bool = False

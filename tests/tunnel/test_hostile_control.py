@@ -1,0 +1,118 @@
+"""What a hostile node can send on its own Control stream must not reach other nodes, the API's
+write budget or the log's integrity. Against a real gateway over TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from koinon_gateway import server
+from koinon_gateway.rpc import tunnel_stub
+from koinon_gateway.sessions import STATUS_WRITE_BURST
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+from .helpers import Cluster, channel_for, cluster, control_call
+
+VICTIM_RAY_ID = "ab" * 28
+VICTIM_ADDRESS = "127.0.20.9"
+OWN_RAY_ID = "cd" * 28
+
+
+class FakeGcs:
+    """GCS as the gateway's RayNodeChecker sees it: the victim's Ray node lives at another address."""
+
+    drained: list[str] = []
+    own_address = ""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    async def address_of(self, node_id: str) -> str | None:
+        return {VICTIM_RAY_ID: VICTIM_ADDRESS, OWN_RAY_ID: FakeGcs.own_address}.get(node_id)
+
+    async def drain(self, node_id: str, message: str, deadline_s: float) -> tuple[bool, str]:
+        FakeGcs.drained.append(node_id)
+        return True, ""
+
+
+@asynccontextmanager
+async def registered(
+    c: Cluster, channel: grpc.aio.Channel
+) -> AsyncIterator[tuple[pb.JoinResponse, grpc.aio.StreamStreamCall]]:  # type: ignore[type-arg]
+    joined: pb.JoinResponse = await tunnel_stub(channel).Join(pb.JoinRequest(token=c.tokens.add(), name_hint="evil"))
+    control = tunnel_stub(channel).Control(metadata=(("authorization", f"Bearer {joined.credential}"),))
+    register = pb.Register(node_name=joined.assignment.node_name, address=joined.assignment.address)
+    await control.write(pb.AgentMessage(register=register))
+    assert (await asyncio.wait_for(control.read(), 5)).HasField("registered")
+    try:
+        yield joined, control
+    finally:
+        control.cancel()
+
+
+async def test_a_node_cannot_have_gcs_drain_a_ray_node_that_is_not_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray node ids are no secret inside the cluster; the drain goes to the id GCS confirmed at
+    the node's own address, and a drain asked before that confirmation waits for it."""
+    monkeypatch.setattr(server, "GcsRayNodeChecker", FakeGcs)
+    FakeGcs.drained = []
+    async with (
+        cluster(tmp_path, verify_ray_nodes=True, heartbeat_timeout_s=30.0) as c,
+        channel_for(c) as channel,
+        registered(c, channel) as (joined, control),
+    ):
+        assert joined.assignment.address != VICTIM_ADDRESS
+        FakeGcs.own_address = joined.assignment.address
+        claim = pb.Heartbeat(seq=1, ray_node_id=VICTIM_RAY_ID, ray_state="running")
+        await control.write(pb.AgentMessage(heartbeat=claim))
+        await asyncio.sleep(0.3)
+        await control.write(pb.AgentMessage(drain=pb.DrainRequest(reason="bye", grace_seconds=5)))
+        await asyncio.sleep(0.3)
+        assert FakeGcs.drained == []
+        # Its own Ray node, once GCS has it at its address, is drained as asked.
+        own = pb.Heartbeat(seq=2, ray_node_id=OWN_RAY_ID, ray_state="running")
+        await control.write(pb.AgentMessage(heartbeat=own))
+        for _ in range(50):
+            if FakeGcs.drained:
+                break
+            await asyncio.sleep(0.05)
+        assert FakeGcs.drained == [OWN_RAY_ID]
+
+
+async def test_repeated_drain_requests_buy_no_status_writes(tmp_path: Path) -> None:
+    async with (
+        cluster(tmp_path, heartbeat_timeout_s=30.0, status_write_interval_s=30.0) as c,
+        channel_for(c) as channel,
+        registered(c, channel) as (_, control),
+    ):
+        await asyncio.sleep(0.2)
+        before = c.registry.status_writes
+        for i in range(100):
+            gpus = [pb.Gpu(model=f"gpu-{i}", memory_mib=1024)]  # each heartbeat changes what status says
+            await control.write(pb.AgentMessage(heartbeat=pb.Heartbeat(seq=i, ray_state="starting", gpus=gpus)))
+            await control.write(pb.AgentMessage(drain=pb.DrainRequest(reason="x", grace_seconds=60)))
+        await asyncio.sleep(0.5)
+        assert c.registry.status_writes - before <= STATUS_WRITE_BURST + 2
+
+
+FORGED = "bye\nINFO koinon_gateway.service: node admin joined with token abcdef at 127.0.20.1 " + "y" * 5000
+
+
+async def test_text_a_node_chooses_is_logged_on_one_short_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="koinon_gateway")
+    async with cluster(tmp_path) as c, channel_for(c) as channel, registered(c, channel) as (joined, control):
+        refused = await control_call(c, joined.credential, pb.Register(node_name=FORGED, address=FORGED))
+        assert isinstance(refused, grpc.aio.AioRpcError) and refused.code() == grpc.StatusCode.PERMISSION_DENIED
+        await control.write(pb.AgentMessage(drain=pb.DrainRequest(reason=FORGED, grace_seconds=1)))
+        await asyncio.sleep(0.3)
+    logged = [r.getMessage() for r in caplog.records if "node admin joined" in r.getMessage()]
+    assert len(logged) == 2  # the claim and the drain reason, both there to read
+    assert all("\n" not in m and len(m) < 400 for m in logged), logged
