@@ -45,6 +45,7 @@ class PendingConnection:
     node_name: str
     accepted: asyncio.Future[FrameChannel]
     finished: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    claimed: bool = False  # one Accept stream answers it; accept streams are not counted, so not more
 
 
 class Router:
@@ -116,6 +117,7 @@ class Router:
 
     def claim(self, node_name: str, connection_id: int) -> PendingConnection:
         pending = self.pending.get(connection_id)
-        if pending is None or pending.node_name != node_name or pending.accepted.done():
+        if pending is None or pending.node_name != node_name or pending.accepted.done() or pending.claimed:
             raise DialRefused("unknown-connection", f"connection {connection_id} is not pending for {node_name}")
+        pending.claimed = True
         return pending

@@ -71,6 +71,7 @@ class Gateway:
         self.ca_pem = b""
         self._ports = _Listeners()
         self._server: grpc.aio.Server | None = None
+        self.service: TunnelService | None = None  # set by start()
         self._head_proxy: asyncio.Server | None = None
         self._admin: web.AppRunner | None = None
         self._liveness: asyncio.Task[None] | None = None
@@ -116,6 +117,7 @@ class Gateway:
             if self.config.verify_ray_nodes
             else None,
         )
+        self.service = service
         self._server = grpc.aio.server(options=GRPC_OPTIONS)
         add_tunnel_service(service, self._server)
         if self.config.tls:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import itertools
@@ -39,6 +40,8 @@ MAX_DRAIN_GRACE_S = 24 * 3600
 # new work on a node that is leaving.
 GCS_DRAIN_RETRY_FIRST_S = 0.5
 GCS_DRAIN_RETRY_MAX_S = 5.0
+# A live agent has one Control stream waiting to register, two while a reconnect overtakes a lost one.
+CONTROL_STREAMS_OPENING_MAX = 4
 # How long a new session waits for its "connected" status to land before telling the agent.
 REGISTER_STATUS_WAIT_S = 2.0
 _NAME_RE = re.compile(r"[^a-z0-9-]+")
@@ -117,6 +120,9 @@ class TunnelService:
         # Join ids being handled now: a retry that overtakes its own first try (the agent's deadline
         # passed while the gateway was still recording the node) waits its turn instead of racing it.
         self._joins_in_flight: set[str] = set()
+        # Control streams per node that have not registered yet: each holds a handler for up to the
+        # first-frame timeout and costs an API read, so one credential must not open them freely.
+        self._controls_opening: collections.Counter[str] = collections.Counter()
 
     def assignment(self, node_name: str, address: str) -> pb.Assignment:
         return pb.Assignment(
@@ -314,18 +320,18 @@ class TunnelService:
         self, request_iterator: AsyncIterator[pb.AgentMessage], context: Context
     ) -> None:
         identity = await self._identify(context)
-        if await self.registry.get(identity.node_name) is None:
-            self.metrics.refused_streams["node-deleted"] += 1
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {identity.node_name} no longer exists")
+        if self._controls_opening[identity.node_name] >= CONTROL_STREAMS_OPENING_MAX:
+            self.metrics.refused_streams["too-many-streams"] += 1
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "control: too many Control streams of this node wait to register"
+            )
+        self._controls_opening[identity.node_name] += 1
         try:
-            first = await asyncio.wait_for(context.read(), self.config.first_frame_timeout_s)
-        except TimeoutError:
-            self.metrics.refused_streams["no-register"] += 1
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "control: no Register message in time")
-        if not isinstance(first, pb.AgentMessage) or first.WhichOneof("msg") != "register":
-            self.metrics.refused_streams["no-register"] += 1
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "control: first message must be Register")
-        register = first.register
+            register = await self._read_register(identity, context)
+        finally:
+            self._controls_opening[identity.node_name] -= 1
+            if not self._controls_opening[identity.node_name]:
+                del self._controls_opening[identity.node_name]
         if register.node_name != identity.node_name or register.address != identity.address:
             self.metrics.refused_streams["identity-mismatch"] += 1
             log.warning(
@@ -410,6 +416,21 @@ class TunnelService:
                 session.verifier.cancel()
             if not session.closed:
                 self.sessions.detach(session, reason, message)
+
+    async def _read_register(self, identity: credentials.NodeIdentity, context: Context) -> pb.Register:
+        if await self.registry.get(identity.node_name) is None:
+            self.metrics.refused_streams["node-deleted"] += 1
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {identity.node_name} no longer exists")
+        try:
+            first = await asyncio.wait_for(context.read(), self.config.first_frame_timeout_s)
+        except TimeoutError:
+            self.metrics.refused_streams["no-register"] += 1
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "control: no Register message in time")
+        if not isinstance(first, pb.AgentMessage) or first.WhichOneof("msg") != "register":
+            self.metrics.refused_streams["no-register"] += 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "control: first message must be Register")
+        register: pb.Register = first.register
+        return register
 
     async def _abort_if_revoked(self, node_name: str, context: Context) -> None:
         # A handler task that is cancelled sends the agent no status at all: the call would just go

@@ -15,6 +15,7 @@ from koinon_gateway import credentials
 from koinon_gateway.registry import JSON, InMemoryNodeRegistry
 from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
+from koinon_gateway.service import CONTROL_STREAMS_OPENING_MAX
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .helpers import Cluster, channel_for, cluster, connect_via_proxy, control_call, echo_handler, echo_roundtrip
@@ -528,6 +529,60 @@ async def test_streams_that_never_send_count_against_the_nodes_cap(tmp_path: Pat
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             for call in silent:
                 call.cancel()
+
+
+async def test_control_streams_that_never_register_are_capped(tmp_path: Path) -> None:
+    async with cluster(tmp_path, first_frame_timeout_s=10.0) as c, channel_for(c) as channel:
+        joined: pb.JoinResponse = await tunnel_stub(channel).Join(pb.JoinRequest(token=c.tokens.add(), name_hint="x"))
+        metadata = (("authorization", f"Bearer {joined.credential}"),)
+        silent = [tunnel_stub(channel).Control(metadata=metadata) for _ in range(CONTROL_STREAMS_OPENING_MAX)]
+        for call in silent:
+            await call.wait_for_connection()
+        service = c.gateway.service
+        assert service is not None
+        deadline = asyncio.get_running_loop().time() + 5
+        while service._controls_opening[joined.assignment.node_name] < CONTROL_STREAMS_OPENING_MAX:
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        extra = tunnel_stub(channel).Control(metadata=metadata)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await asyncio.wait_for(extra.read(), 5)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for call in silent:
+            call.cancel()
+        # Once they are gone, the node registers as usual.
+        while joined.assignment.node_name in service._controls_opening:
+            assert asyncio.get_running_loop().time() < deadline + 5
+            await asyncio.sleep(0.02)
+        register = pb.Register(node_name=joined.assignment.node_name, address=joined.assignment.address)
+        assert isinstance(await control_call(c, joined.credential, register), pb.GatewayMessage)
+
+
+async def test_a_pending_connection_is_answered_by_one_accept_stream(tmp_path: Path) -> None:
+    """Accept streams are not counted against the acceptor, so one claim each: else a node could
+    hold any number of them for one connection, each for the accept timeout."""
+    async with cluster(tmp_path, heartbeat_timeout_s=30.0) as c, channel_for(c) as channel:
+        a = await c.start_agent("alpha")
+        assert a.identity is not None
+        b, control = await registered_mute_node(c, channel)
+        b_metadata = (("authorization", f"Bearer {b.credential}"),)
+        dial = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.identity.credential}"),))
+        await dial.write(pb.Frame(dial=pb.Dial(host=b.assignment.address, port=b.assignment.ports.node_manager_port)))
+        while not (message := await asyncio.wait_for(control.read(), 5)).HasField("open_connection"):
+            pass
+        accept = pb.Frame(accept=pb.Accept(connection_id=message.open_connection.connection_id))
+        first = tunnel_stub(channel).Connect(metadata=b_metadata)
+        await first.write(accept)
+        await asyncio.sleep(0.2)
+        second = tunnel_stub(channel).Connect(metadata=b_metadata)
+        await second.write(accept)
+        answer = await asyncio.wait_for(second.read(), 5)
+        assert answer.WhichOneof("msg") == "close" and answer.close.reason == "unknown-connection"
+        # The first claim still completes the connection.
+        await first.write(pb.Frame(dial_result=pb.DialResult(ok=True)))
+        assert (await asyncio.wait_for(dial.read(), 5)).dial_result.ok
+        for call in (first, second, dial, control):
+            call.cancel()
 
 
 async def test_dials_to_a_node_do_not_use_up_that_nodes_own_connections(tmp_path: Path) -> None:
