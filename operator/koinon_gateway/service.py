@@ -120,6 +120,8 @@ class TunnelService:
         # Join ids being handled now: a retry that overtakes its own first try (the agent's deadline
         # passed while the gateway was still recording the node) waits its turn instead of racing it.
         self._joins_in_flight: set[str] = set()
+        self._uses_being_given_back: set[str] = set()  # join ids whose cancelled try still holds a use
+        self._background: set[asyncio.Future[None]] = set()  # held so they run to their end
         # Control streams per node that have not registered yet: each holds a handler for up to the
         # first-frame timeout and costs an API read, so one credential must not open them freely.
         self._controls_opening: collections.Counter[str] = collections.Counter()
@@ -155,7 +157,8 @@ class TunnelService:
         try:
             return await self._join(request, context)
         finally:
-            self._joins_in_flight.discard(join_id)
+            if join_id not in self._uses_being_given_back:
+                self._joins_in_flight.discard(join_id)
 
     async def _join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:
         earlier = await self._token_checked(self._earlier_join(request), context)
@@ -164,7 +167,14 @@ class TunnelService:
             self.metrics.joins["replayed"] += 1
             log.info("node %s joined again with the same join id (the first reply was lost)", node_name)
             return self._join_response(node_name, address)
-        grant = await self._token_checked(self.tokens.consume(request.token), context)
+        consuming = asyncio.ensure_future(self.tokens.consume(request.token))
+        try:
+            grant = await self._token_checked(asyncio.shield(consuming), context)
+        except asyncio.CancelledError:
+            # The agent gave up while the store was counting the use (an API write applied whose
+            # answer is late): give it back once counted, or the retry finds a one-use token spent.
+            self._give_back_when_counted(consuming, request.join_id)
+            raise
         try:
             await self._retire_previous(request.previous_credential, grant.owner)
             node_name, address = await self._record_node(request, grant)
@@ -257,6 +267,24 @@ class TunnelService:
             self.allocator.release(address, node_name)
             raise
         return node_name, address
+
+    def _give_back_when_counted(self, consuming: asyncio.Future[JoinGrant], join_id: str) -> None:
+        """Gives back the use ``consuming`` counts, once it has; a retry of the same join waits
+        (ABORTED, "still running") until then."""
+
+        async def give_back() -> None:
+            try:
+                with contextlib.suppress(Exception):
+                    await self._give_back(await consuming)
+            finally:
+                self._uses_being_given_back.discard(join_id)
+                self._joins_in_flight.discard(join_id)
+                self._background.discard(task)
+
+        if join_id:
+            self._uses_being_given_back.add(join_id)
+        task = asyncio.ensure_future(give_back())
+        self._background.add(task)
 
     async def _give_back(self, grant: JoinGrant) -> None:
         try:

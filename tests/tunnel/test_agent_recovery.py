@@ -23,6 +23,7 @@ from koinon_agent.agent import Agent, BackoffIterator
 from koinon_gateway.registry import JSON, InMemoryNodeRegistry
 from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
+from koinon_gateway.tokens import InMemoryTokenStore, JoinGrant
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .helpers import channel_for, cluster, control_call
@@ -128,6 +129,39 @@ async def test_a_join_the_agent_gave_up_on_gives_the_tokens_use_back(tmp_path: P
             assert c.registry.objects == {}
             response = await tunnel_stub(channel).Join(pb.JoinRequest(token=token, name_hint="slow"), timeout=5)
             assert list(c.registry.objects) == [response.assignment.node_name]
+
+
+@pytest.mark.parametrize("join_id", ["", "0123456789abcdef" * 2])
+async def test_a_join_given_up_while_the_token_store_counts_the_use_gives_it_back(tmp_path: Path, join_id: str) -> None:
+    """The store has counted the use (an API write applied) but answers late; the agent's deadline
+    passes meanwhile. A retry of the same join id waits (ABORTED) until the use is back."""
+    async with cluster(tmp_path) as c:
+        answer_late = asyncio.Event()
+        answer_late.set()
+
+        async def consume(token: str) -> JoinGrant:
+            grant = await InMemoryTokenStore.consume(c.tokens, token)
+            if answer_late.is_set():
+                await asyncio.sleep(1.5)
+            return grant
+
+        c.tokens.consume = consume  # type: ignore[method-assign]
+        token = c.tokens.add(owner="alice", usage_limit=1)
+        request = pb.JoinRequest(token=token, name_hint="slow", join_id=join_id)
+        async with channel_for(c) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as expired:
+                await tunnel_stub(channel).Join(request, timeout=0.5)
+            assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            answer_late.clear()
+            if join_id:
+                with pytest.raises(grpc.aio.AioRpcError) as waiting:
+                    await tunnel_stub(channel).Join(request, timeout=5)
+                assert waiting.value.code() == grpc.StatusCode.ABORTED
+            token_id = token.split(".")[0]
+            await wait_until(lambda: c.tokens.tokens[token_id].usages_count == 0, 5, "the use was not given back")
+            response = await tunnel_stub(channel).Join(request, timeout=5)
+            assert list(c.registry.objects) == [response.assignment.node_name]
+            assert c.tokens.tokens[token_id].usages_count == 1
 
 
 def test_sigterm_while_discovering_the_ca_of_a_silent_gateway_is_prompt(tmp_path: Path) -> None:
