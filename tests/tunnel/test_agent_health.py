@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -82,3 +88,35 @@ async def test_running_agent_reports_connection_and_losing_the_gateway(tmp_path:
             assert asyncio.get_running_loop().time() < deadline, "still ready without a gateway"
             await asyncio.sleep(0.2)
         assert health.check(state_dir, 30, need_ready=False)[0]  # not ready, but alive
+
+
+def run_health(
+    state_dir: Path, *, new_pid_namespace: bool, write_first: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """``koinon-agent health`` as an exec probe runs it, optionally in a PID namespace of its own
+    (a container started after the report was written); ``write_first``: an agent in that
+    namespace writes its report first."""
+    probe = f"{shlex.quote(sys.executable)} -m koinon_agent.cli health --state-dir {shlex.quote(str(state_dir))}"
+    if write_first:
+        writer = (
+            "import time; from pathlib import Path; from koinon_agent import health; "
+            f"health.write(Path({str(state_dir)!r}), health.HealthReport(time.time(), True, 'running', 'alice-1'))"
+        )
+        probe = f"{shlex.quote(sys.executable)} -c {shlex.quote(writer)} && {probe}"
+    command = ["sh", "-c", probe]
+    if new_pid_namespace:
+        command = ["unshare", "--pid", "--fork", "--mount-proc", *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
+def test_a_report_left_by_a_previous_container_is_not_taken_for_the_running_agent(tmp_path: Path) -> None:
+    """A PVC, hostPath or an emptyDir kept across a container restart hands the new container the
+    old one's health.json; until the new agent writes its own, it must not pass the probes."""
+    report(tmp_path, time.time() - 3)  # fresh by age, written before the "container" below started
+    time.sleep(1.5)
+    assert run_health(tmp_path, new_pid_namespace=False).returncode == 0  # the writer's own namespace
+    stale = run_health(tmp_path, new_pid_namespace=True)
+    assert stale.returncode == 1 and "previous container" in stale.stdout + stale.stderr
+    own = run_health(tmp_path, new_pid_namespace=True, write_first=True)
+    assert own.returncode == 0, own.stdout + own.stderr

@@ -173,7 +173,7 @@ async def _run(config: AgentConfig) -> None:
 
 def health_command(args: argparse.Namespace) -> int:
     state_dir = args.state_dir if args.state_dir is not None else default_state_dir()
-    healthy, why = health.check(state_dir, args.max_age, args.ready)
+    healthy, why = health.check(state_dir, args.max_age, args.ready, started_at=health.processes_started_at())
     print(why, file=sys.stdout if healthy else sys.stderr)
     return 0 if healthy else 1
 

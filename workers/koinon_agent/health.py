@@ -38,8 +38,32 @@ def write(state_dir: Path, report: HealthReport) -> None:
     os.replace(tmp, path)  # a probe never reads half a file
 
 
-def check(state_dir: Path, max_age_s: float, need_ready: bool, now: float | None = None) -> tuple[bool, str]:
-    """(healthy, a line saying why) for the agent whose state dir this is."""
+def processes_started_at() -> float | None:
+    """When PID 1 of the caller's PID namespace started (Unix seconds), None when /proc cannot
+    say. In a container that is the container's start: a report written before it comes from a
+    previous container whose state dir (a PVC, a hostPath, an emptyDir kept across a container
+    restart) the new one inherited, and says nothing about the agent running now."""
+    try:
+        stat = Path("/proc/1/stat").read_text()
+        # Field 22, counted after the command name, which may hold spaces and parentheses.
+        start_ticks = int(stat[stat.rindex(")") + 2 :].split()[19])
+        boot = next(
+            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime ")
+        )
+        return boot + start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def check(
+    state_dir: Path,
+    max_age_s: float,
+    need_ready: bool,
+    now: float | None = None,
+    started_at: float | None = None,
+) -> tuple[bool, str]:
+    """(healthy, a line saying why) for the agent whose state dir this is. ``started_at``: when the
+    caller's container started (processes_started_at()); an older report is not this agent's."""
     path = state_dir / FILE_NAME
     try:
         data = json.loads(path.read_text())
@@ -48,6 +72,9 @@ def check(state_dir: Path, max_age_s: float, need_ready: bool, now: float | None
         return False, f"{path}: no health report yet (agent not started, or another --state-dir)"
     except (ValueError, TypeError) as exc:
         return False, f"{path}: unreadable health report ({exc})"
+    # btime is whole seconds: allow one, so that the running agent's own report is never refused.
+    if started_at is not None and report.written_at < started_at - 1.0:
+        return False, f"{path}: health report of a previous container (written before this one started)"
     age = (time.time() if now is None else now) - report.written_at
     if age > max_age_s:
         return False, f"agent stuck: last health report {age:.0f}s ago (more than {max_age_s:.0f}s)"
