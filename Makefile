@@ -35,7 +35,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 
 typecheck: venv
-	$(BIN)/mypy operator workers proto examples bench
+	$(BIN)/mypy operator workers proto examples bench tests
 
 gen-proto: venv
 	$(BIN)/python proto/gen_proto.py

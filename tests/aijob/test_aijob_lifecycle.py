@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import pytest
 
@@ -113,7 +114,7 @@ def test_volunteers_joined_through_the_gateway_show_ready_with_latency_and_addre
     import time
 
     deadline = time.monotonic() + 30
-    nodes: dict[str, dict[str, object]] = {}
+    nodes: dict[str, Any] = {}
     while time.monotonic() < deadline:
         listed = json.loads(control_plane.kubectl("get", "vn", "-o", "json"))
         nodes = {item["metadata"]["name"].rsplit("-", 1)[0]: item for item in listed["items"]}

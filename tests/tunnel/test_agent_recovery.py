@@ -228,7 +228,7 @@ async def test_a_join_given_up_while_the_previous_node_is_retired_gives_the_use_
 async def test_a_heartbeat_sender_that_fails_ends_the_session_and_the_agent_reconnects(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    failures = []
+    failures: list[bool] = []
 
     async def failing_sender(self: Agent, send: object, interval: float) -> None:
         if not failures:  # the first session's sender fails; later ones work

@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import grpc
 from koinon_gateway.rpc import EOF
@@ -112,7 +113,7 @@ async def test_a_malformed_frame_mid_stream_ends_only_that_stream(tmp_path: Path
         metadata = (("authorization", f"Bearer {agent.identity.credential}"),)  # type: ignore[union-attr]
         async with channel_for(c) as channel:
             raw = channel.stream_stream("/koinon.tunnel.v1.Tunnel/Connect", None, None)
-            call = raw(metadata=metadata)
+            call: Any = raw(metadata=metadata)  # type: ignore[call-arg]  # no request iterator: written below
             await call.write(pb.Frame(dial=pb.Dial(host="127.0.0.1", port=c.head_port)).SerializeToString())
             assert pb.Frame.FromString(await asyncio.wait_for(call.read(), 5)).dial_result.ok
             await call.write(b"\xff\xff\xff\xff\x0f")  # not a protobuf message

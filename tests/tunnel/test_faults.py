@@ -13,7 +13,7 @@ import grpc
 import pytest
 from koinon_gateway import credentials
 from koinon_gateway.registry import JSON, InMemoryNodeRegistry
-from koinon_gateway.rpc import tunnel_stub
+from koinon_gateway.rpc import EOF, tunnel_stub
 from koinon_gateway.server import Gateway
 from koinon_gateway.service import CONTROL_STREAMS_OPENING_MAX
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
@@ -311,7 +311,7 @@ async def test_a_session_replaced_by_a_newer_one_is_told_at_once(tmp_path: Path)
         assert isinstance(newer, pb.GatewayMessage) and newer.WhichOneof("msg") == "registered"
 
         async def older_ends() -> grpc.StatusCode:
-            while await older.read() is not grpc.aio.EOF:
+            while await older.read() is not EOF:
                 pass
             code: grpc.StatusCode = await older.code()
             return code
@@ -353,6 +353,12 @@ async def test_gateway_crash_leaves_no_node_connected_until_it_reconnects(c: Clu
     assert c.registry.objects[name]["status"]["conditions"][0]["reason"] != "GatewayRestarted"
 
 
+async def next_message(control: grpc.aio.StreamStreamCall) -> pb.GatewayMessage:  # type: ignore[type-arg]
+    message = await asyncio.wait_for(control.read(), 5)
+    assert isinstance(message, pb.GatewayMessage), message
+    return message
+
+
 async def registered_mute_node(
     c: Cluster, channel: grpc.aio.Channel
 ) -> tuple[pb.JoinResponse, grpc.aio.StreamStreamCall]:  # type: ignore[type-arg]
@@ -384,7 +390,7 @@ async def test_a_dialer_that_hangs_up_leaves_nothing_pending(tmp_path: Path) -> 
             # An Accept that comes late is refused at once, not left waiting for ever.
             opened = [
                 m.open_connection
-                for m in [await asyncio.wait_for(control.read(), 5) for _ in range(5)]
+                for m in [await next_message(control) for _ in range(5)]
                 if m.HasField("open_connection")
             ]
             assert opened
@@ -568,7 +574,7 @@ async def test_a_pending_connection_is_answered_by_one_accept_stream(tmp_path: P
         b_metadata = (("authorization", f"Bearer {b.credential}"),)
         dial = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.identity.credential}"),))
         await dial.write(pb.Frame(dial=pb.Dial(host=b.assignment.address, port=b.assignment.ports.node_manager_port)))
-        while not (message := await asyncio.wait_for(control.read(), 5)).HasField("open_connection"):
+        while not (message := await next_message(control)).HasField("open_connection"):
             pass
         accept = pb.Frame(accept=pb.Accept(connection_id=message.open_connection.connection_id))
         first = tunnel_stub(channel).Connect(metadata=b_metadata)
@@ -625,7 +631,7 @@ async def test_a_volunteer_whose_peer_hangs_up_hears_a_close_not_a_clean_end(tmp
             dial = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.identity.credential}"),))
             target = pb.Dial(host=mute.assignment.address, port=mute.assignment.ports.node_manager_port)
             await dial.write(pb.Frame(dial=target))
-            while not (message := await asyncio.wait_for(control.read(), 5)).HasField("open_connection"):
+            while not (message := await next_message(control)).HasField("open_connection"):
                 pass
             accept = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {mute.credential}"),))
             await accept.write(pb.Frame(accept=pb.Accept(connection_id=message.open_connection.connection_id)))

@@ -116,6 +116,7 @@ async def test_fuzzed_streams_never_disturb_other_nodes(tmp_path: Path) -> None:
         # No stream outlived its caller (the good one above has ended too), and the fuzzing node
         # itself is back: its agent re-registered after the forged sessions ended.
         await wait_until(lambda: c.gateway.metrics.connections_active == 0)
+        assert fuzzer._proxy is not None
         async with asyncio.timeout(15):
             while True:  # 502 until the agent's new Control stream is up
                 status, reader, writer = await connect_via_proxy(fuzzer._proxy.port, "127.0.0.1", c.head_port)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TypeVar, overload
 
 from koinon_gateway.addresses import PortBlock
 from koinon_gateway.config import GatewayConfig
 from koinon_gateway.registry import JSON, InMemoryNodeRegistry
 from koinon_gateway.sessions import NodeSession, SessionTable
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+R = TypeVar("R", bound=InMemoryNodeRegistry)
 
 
 class FlakyRegistry(InMemoryNodeRegistry):
@@ -50,6 +53,10 @@ def make_session(name: str = "vn-a", address: str = "127.0.20.1") -> NodeSession
     return session
 
 
+@overload
+def make_table() -> tuple[SessionTable, InMemoryNodeRegistry, NodeSession]: ...
+@overload
+def make_table(registry: R) -> tuple[SessionTable, R, NodeSession]: ...
 def make_table(registry: InMemoryNodeRegistry | None = None) -> tuple[SessionTable, InMemoryNodeRegistry, NodeSession]:
     config = GatewayConfig(
         status_write_interval_s=30.0, latency_write_min_ms=1.0, latency_write_fraction=0.2, status_retry_s=0.01

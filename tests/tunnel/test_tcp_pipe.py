@@ -228,7 +228,7 @@ async def test_a_splice_that_ends_abnormally_drops_what_its_peer_never_read() ->
 
     sent = 8 << 20
     channel = ScriptedChannel([memoryview(os.urandom(1 << 20))] * (sent >> 20))
-    splices: list[asyncio.Task[None]] = []
+    splices: list[asyncio.Task[bool]] = []
     transports: list[asyncio.BaseTransport] = []
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
