@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from koinon_gateway.kube_client import SERVICE_ACCOUNT_DIR
@@ -213,3 +218,40 @@ def test_ray_head_ports_are_not_opened_to_other_pods(rendered: list[Manifest]) -
     opened = {port for rule in policy["ingress"] for _, port in _ports_of(rule)}
     assert opened == {7443, 7481, int(flags["dashboard-port"])}
     assert not opened & (ray_ports | {7480})
+
+
+READ_ONLY_ROOT_SCRIPT = r"""
+set -eu
+mount --make-rprivate /
+mount --bind / / && mount -o remount,bind,ro /
+mount -t tmpfs -o size=1g tmpfs /tmp  # the ray-tmp emptyDir
+ip link set lo up
+if touch /.koinon-write-probe 2>/dev/null; then echo "root is writable"; exit 3; fi
+mkdir -p /tmp/auth && python -c "import secrets; print(secrets.token_hex(32))" > /tmp/auth/token
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/tmp/auth/token
+"$@" > /tmp/head.log 2>&1 &
+for _ in $(seq 120); do ray job list --address http://127.0.0.1:8265 >/dev/null 2>&1 && break; sleep 0.5; done
+ray job submit --address http://127.0.0.1:8265 -- python -c "print('job ran on a read-only root')"
+! grep -rli "read-only file system" /tmp/ray/session_latest/logs /tmp/head.log
+ray stop --force > /dev/null 2>&1
+"""
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
+def test_the_ray_head_command_runs_on_a_read_only_root(rendered: list[Manifest]) -> None:
+    """The manifest sets readOnlyRootFilesystem for the Ray head: its own command, run on a
+    read-only root with /tmp writable (in a mount and network namespace of its own), serves a job."""
+    pod = _find(rendered, "Deployment", "koinon-gateway")["spec"]["template"]["spec"]
+    head = next(c for c in pod["containers"] if c["name"] == "ray-head")
+    assert head["securityContext"]["readOnlyRootFilesystem"] is True
+    assert [m["mountPath"] for m in head["volumeMounts"] if m["name"] == "ray-tmp"] == ["/tmp"]
+    command = [arg.replace("--dashboard-host=0.0.0.0", "--dashboard-host=127.0.0.1") for arg in head["command"]]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        ["unshare", "--mount", "--net", "bash", "-c", READ_ONLY_ROOT_SCRIPT, "head", *command],
+        capture_output=True, text=True, timeout=200, env=env, cwd="/",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    assert "job ran on a read-only root" in output and re.search(r"Job '\S+' succeeded", output), output[-2000:]
