@@ -259,6 +259,13 @@ def test_daemonset_kind_with_host_path(tools: Tools) -> None:
     state = next(v for v in pod["volumes"] if v["name"] == "state")
     assert state["hostPath"] == {"path": "/var/lib/koinon-agent", "type": "Directory"}
     assert pod["tolerations"] == [{"operator": "Exists"}]
+    # A surge of 0 (or 0 %) keeps one agent per node during an update; it is the only one taken.
+    for surge in ("0", "0%"):
+        values = {"kind": "DaemonSet", "persistence.type": "hostPath", "updateStrategy.rollingUpdate.maxSurge": surge}
+        assert one(render(tools, values), "DaemonSet")["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"] in (
+            0,
+            "0%",
+        )
 
 
 def test_pvc_persistence_creates_a_kept_claim(tools: Tools) -> None:
@@ -321,6 +328,14 @@ def test_notes_tell_how_to_check_the_node(tools: Tools) -> None:
         ({"gateway.insecure": "true", "gateway.caCertHash": "sha256:" + "0" * 64}, "gateway.insecure"),
         ({"gateway.caCertHash": "sha256:ABC"}, "/gateway/caCertHash"),
         ({"agent.rayRestartAfterSeconds": "0"}, "/agent/rayRestartAfterSeconds"),
+        ({"agent.rayRestartAfterSeconds": "0.5"}, "/agent/rayRestartAfterSeconds"),  # int64 made it 0
+        ({"securityContext.runAsNonRoot": "false"}, "/securityContext/runAsNonRoot"),
+        ({"securityContext.runAsUser": "0"}, "/securityContext/runAsUser"),
+        ({"securityContext.capabilities.add[0]": "NET_ADMIN"}, "/securityContext/capabilities/add"),
+        (
+            {"kind": "DaemonSet", "persistence.type": "hostPath", "updateStrategy.rollingUpdate.maxSurge": "1"},
+            "updateStrategy.rollingUpdate.maxSurge: 1",
+        ),
         ({"probes.maxAgeSeconds": "5"}, "/probes/maxAgeSeconds"),
     ],
 )

@@ -85,6 +85,12 @@ names the values involved and what to do.
 {{- if and (gt (int $v.gpus.count) 0) (gt (int $v.gpus.simulate) 0) }}
 {{- fail "gpus: set gpus.count (real GPUs) or gpus.simulate (simulated GPUs), not both" }}
 {{- end }}
+{{- if eq $v.kind "DaemonSet" }}
+{{- $surge := dig "rollingUpdate" "maxSurge" 0 ($v.updateStrategy | default dict) }}
+{{- if not (has (toString $surge) (list "0" "0%")) }}
+{{- fail (printf "updateStrategy.rollingUpdate.maxSurge: %v would start a node's new agent beside its old one, on the same state dir (one credential, two Ray nodes); use 0 (the default) and maxUnavailable" $surge) }}
+{{- end }}
+{{- end }}
 {{- if and (eq $v.persistence.type "pvc") (eq $v.kind "DaemonSet") }}
 {{- fail "persistence.type: pvc needs kind: Deployment (one claim cannot serve every node); use hostPath with a DaemonSet" }}
 {{- end }}
