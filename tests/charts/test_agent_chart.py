@@ -165,19 +165,25 @@ def test_probes_run_the_agents_own_health_check(tools: Tools, tmp_path: Path) ->
     readiness = container["readinessProbe"]["exec"]["command"]
     assert liveness == ["koinon-agent", "health", "--max-age", "30"]
     assert readiness == ["koinon-agent", "health", "--ready", "--max-age", "30"]
-    # Exec probes run with the container's environment: the state dir comes from KOINON_STATE_DIR.
-    env = {**os.environ, "KOINON_STATE_DIR": str(tmp_path)}
+    # Exec probes run with the container's environment: the report's path comes from
+    # KOINON_HEALTH_FILE, which is not on the state volume (that may turn read-only or full).
+    rendered_env = {e["name"]: e.get("value") for e in container["env"]}
+    health_file, state_dir = Path(rendered_env["KOINON_HEALTH_FILE"]), Path(rendered_env["KOINON_STATE_DIR"])
+    assert not health_file.is_relative_to(state_dir)
+    assert any(health_file.is_relative_to(m["mountPath"]) for m in container["volumeMounts"] if m["name"] == "tmp")
+    report_file = tmp_path / "health.json"
+    env = {**os.environ, "KOINON_STATE_DIR": str(tmp_path / "state"), "KOINON_HEALTH_FILE": str(report_file)}
     agent_bin = str(Path(sys.executable).parent / "koinon-agent")
 
     def probe(command: list[str]) -> int:
         return subprocess.run([agent_bin, *command[1:]], env=env, capture_output=True, timeout=30).returncode
 
     assert (probe(liveness), probe(readiness)) == (1, 1)  # no report yet
-    health.write(tmp_path, health.HealthReport(time.time(), connected=True, ray_state="starting"))
+    health.write(report_file, health.HealthReport(time.time(), connected=True, ray_state="starting"))
     assert (probe(liveness), probe(readiness)) == (0, 1)  # alive, Ray not serving yet
-    health.write(tmp_path, health.HealthReport(time.time(), connected=True, ray_state="running"))
+    health.write(report_file, health.HealthReport(time.time(), connected=True, ray_state="running"))
     assert (probe(liveness), probe(readiness)) == (0, 0)
-    health.write(tmp_path, health.HealthReport(time.time() - 60, connected=True, ray_state="running"))
+    health.write(report_file, health.HealthReport(time.time() - 60, connected=True, ray_state="running"))
     assert probe(liveness) == 1  # a stuck agent gets restarted
 
     off = agent_container(one(render(tools, {"probes.enabled": "false"}), "Deployment"))

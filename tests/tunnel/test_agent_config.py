@@ -28,6 +28,7 @@ ENV_VALUES = {
     "KOINON_OBJECT_STORE_MEMORY": "100000000",
     "KOINON_RAY_BIN": "/opt/ray/bin/ray",
     "KOINON_TEMP_DIR": "/tmp/koinon-ray",
+    "KOINON_HEALTH_FILE": "/tmp/koinon-agent/health.json",
     "KOINON_DRAIN_GRACE": "0",  # zero is a real choice (stop at once), not "unset"
     "KOINON_PROXY_PORT": "7999",
     "KOINON_RAY_RESTART_AFTER": "12.5",
@@ -48,6 +49,7 @@ EXPECTED: dict[str, object] = {
     "object_store_memory": 100_000_000,
     "ray_bin": "/opt/ray/bin/ray",
     "temp_dir": Path("/tmp/koinon-ray"),
+    "health_file": Path("/tmp/koinon-agent/health.json"),
     "drain_grace_s": 0.0,
     "proxy_port": 7999,
     "ray_restart_after_s": 12.5,

@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from .helpers import cluster
 
 
 def report(tmp_path: Path, written_at: float, connected: bool = True, ray_state: str = "running") -> None:
-    health.write(tmp_path, health.HealthReport(written_at, connected, ray_state, "alice-1"))
+    health.write(tmp_path / health.FILE_NAME, health.HealthReport(written_at, connected, ray_state, "alice-1"))
 
 
 @pytest.mark.parametrize(
@@ -36,25 +37,25 @@ def test_ready_needs_the_gateway_and_a_serving_ray_node(
     tmp_path: Path, connected: bool, ray_state: str, ready: bool
 ) -> None:
     report(tmp_path, 1000.0, connected, ray_state)
-    assert health.check(tmp_path, 30, need_ready=False, now=1010.0)[0] is True  # alive either way
-    healthy, why = health.check(tmp_path, 30, need_ready=True, now=1010.0)
+    assert health.check(tmp_path / health.FILE_NAME, 30, need_ready=False, now=1010.0)[0] is True  # alive either way
+    healthy, why = health.check(tmp_path / health.FILE_NAME, 30, need_ready=True, now=1010.0)
     assert healthy is ready
     assert f"connected={connected} ray={ray_state} node=alice-1" in why
 
 
 def test_a_stale_report_means_a_stuck_agent(tmp_path: Path) -> None:
     report(tmp_path, 1000.0)
-    healthy, why = health.check(tmp_path, 30, need_ready=False, now=1031.0)
+    healthy, why = health.check(tmp_path / health.FILE_NAME, 30, need_ready=False, now=1031.0)
     assert not healthy and "31s ago" in why
 
 
 def test_missing_or_garbled_report_fails_saying_why(tmp_path: Path) -> None:
-    assert health.check(tmp_path, 30, need_ready=False) == (
+    assert health.check(tmp_path / health.FILE_NAME, 30, need_ready=False) == (
         False,
-        f"{tmp_path / 'health.json'}: no health report yet (agent not started, or another --state-dir)",
+        f"{tmp_path / 'health.json'}: no health report yet (agent not started, or another --state-dir/--health-file)",
     )
     (tmp_path / "health.json").write_text('{"written_at": 1')
-    healthy, why = health.check(tmp_path, 30, need_ready=False)
+    healthy, why = health.check(tmp_path / health.FILE_NAME, 30, need_ready=False)
     assert not healthy and "unreadable health report" in why
 
 
@@ -76,18 +77,21 @@ async def test_running_agent_reports_connection_and_losing_the_gateway(tmp_path:
         state_dir = agent.config.state_dir
         # The first report predates the join; the next one (every 5 s) says connected.
         deadline = asyncio.get_running_loop().time() + 12
-        while not health.check(state_dir, 30, need_ready=True)[0]:
-            assert asyncio.get_running_loop().time() < deadline, health.check(state_dir, 30, need_ready=True)
+        report_file = state_dir / health.FILE_NAME
+        while not health.check(report_file, 30, need_ready=True)[0]:
+            assert asyncio.get_running_loop().time() < deadline, health.check(
+                state_dir / health.FILE_NAME, 30, need_ready=True
+            )
             await asyncio.sleep(0.2)
         written = json.loads((state_dir / "health.json").read_text())
         assert agent.identity is not None
         assert (written["ray_state"], written["node_name"]) == ("disabled", agent.identity.node_name)
         await c.gateway.stop(0)
         deadline = asyncio.get_running_loop().time() + 12
-        while health.check(state_dir, 30, need_ready=True)[0]:
+        while health.check(state_dir / health.FILE_NAME, 30, need_ready=True)[0]:
             assert asyncio.get_running_loop().time() < deadline, "still ready without a gateway"
             await asyncio.sleep(0.2)
-        assert health.check(state_dir, 30, need_ready=False)[0]  # not ready, but alive
+        assert health.check(state_dir / health.FILE_NAME, 30, need_ready=False)[0]  # not ready, but alive
 
 
 def run_health(
@@ -100,7 +104,8 @@ def run_health(
     if write_first:
         writer = (
             "import time; from pathlib import Path; from koinon_agent import health; "
-            f"health.write(Path({str(state_dir)!r}), health.HealthReport(time.time(), True, 'running', 'alice-1'))"
+            f"health.write(Path({str(state_dir / 'health.json')!r}), "
+            "health.HealthReport(time.time(), True, 'running', 'alice-1'))"
         )
         probe = f"{shlex.quote(sys.executable)} -c {shlex.quote(writer)} && {probe}"
     command = ["sh", "-c", probe]
@@ -120,3 +125,69 @@ def test_a_report_left_by_a_previous_container_is_not_taken_for_the_running_agen
     assert stale.returncode == 1 and "previous container" in stale.stdout + stale.stderr
     own = run_health(tmp_path, new_pid_namespace=True, write_first=True)
     assert own.returncode == 0, own.stdout + own.stderr
+
+
+async def test_the_state_dir_is_private_even_though_the_health_writer_starts_first(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        agent = await c.start_agent("alpha")
+        assert stat.S_IMODE(agent.config.state_dir.stat().st_mode) == 0o700
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("chattr") is None, reason="needs root and chattr(1)")
+async def test_a_state_dir_that_cannot_be_written_does_not_fail_liveness(tmp_path: Path) -> None:
+    """The health report lives apart from the state volume (the chart puts it on /tmp): a state
+    dir that turned read-only or full leaves a working agent alive to the liveness probe."""
+    health_file = tmp_path / "scratch" / "health.json"
+    async with cluster(tmp_path) as c:
+        agent = await c.start_agent("alpha", health_file=health_file)
+        state_dir = agent.config.state_dir
+        assert not (state_dir / health.FILE_NAME).exists()
+        first = json.loads(health_file.read_text())["written_at"]
+        # Immutable: nobody, root included, can create or replace a file in it (a read-only volume).
+        subprocess.run(["chattr", "+i", str(state_dir)], check=True)
+        try:
+            with pytest.raises(OSError):
+                (state_dir / "probe").write_text("x")
+            deadline = time.monotonic() + health.WRITE_INTERVAL_S + 5
+            while json.loads(health_file.read_text())["written_at"] == first:
+                assert time.monotonic() < deadline, "the health report was not rewritten"
+                await asyncio.sleep(0.2)
+            assert health.check(health_file, 30, need_ready=False)[0]
+            assert agent.connected.is_set()
+        finally:
+            subprocess.run(["chattr", "-i", str(state_dir)], check=True)
+
+
+NO_CAPABILITIES = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv(1)")
+async def test_processes_of_the_agents_user_cannot_read_its_token_from_proc(tmp_path: Path) -> None:
+    """Ray's processes and the jobs they run share the agent's user. Without capabilities, root is
+    such a user here (tests run as root): it reads a dumpable process's environ, not the agent's."""
+    token_env = {k: v for k, v in os.environ.items() if not k.startswith("KOINON_")}
+    async with cluster(tmp_path, tls=False) as c:
+        token = c.tokens.add(owner="alice")
+        env = {**token_env, "KOINON_TOKEN": token}  # as the chart passes it
+        agent = await asyncio.create_subprocess_exec(
+            *NO_CAPABILITIES, sys.executable, "-m", "koinon_agent.cli", "join", "--gateway", c.gateway.agent_target,
+            "--insecure", "--no-ray", "--state-dir", str(tmp_path / "agent"), "--simulate-gpus", "0",
+            env=env, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        dumpable = await asyncio.create_subprocess_exec(*NO_CAPABILITIES, "sleep", "60", env=env)
+        try:
+            deadline = time.monotonic() + 60
+            while not c.gateway.sessions.by_name:  # joined with the token from its environment
+                assert agent.returncode is None and time.monotonic() < deadline, "the agent did not join"
+                await asyncio.sleep(0.2)
+
+            def read_environ(pid: int) -> subprocess.CompletedProcess[bytes]:
+                return subprocess.run([*NO_CAPABILITIES, "cat", f"/proc/{pid}/environ"], capture_output=True)
+
+            assert token.encode() in read_environ(dumpable.pid).stdout  # the reader can read a plain one
+            hidden = read_environ(agent.pid)
+            assert hidden.returncode != 0 and token.encode() not in hidden.stdout
+        finally:
+            for process in (agent, dumpable):
+                process.terminate()
+                await process.wait()

@@ -146,6 +146,10 @@ class Agent:
         return [pb.Gpu(model=g.model, memory_mib=g.memory_mib) for g in self.gpus]
 
     async def run(self) -> None:
+        # Before anything writes there (the health report, Ray's session dir by default): the
+        # state dir holds the credential and must not be listable by others.
+        with contextlib.suppress(OSError):  # ensure_writable says why before a join needs it
+            self.config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         health_writer = asyncio.ensure_future(self._write_health())
         try:
             await self._run()
@@ -502,7 +506,7 @@ class Agent:
         """Rewrites the health file from the event loop, so that a stale one means a stuck loop."""
         while True:
             try:
-                health.write(self.config.state_dir, self.health_report())
+                health.write(self.config.health_path, self.health_report())
             except OSError as exc:
                 log.warning("cannot write the health report: %s", exc)
             await asyncio.sleep(health.WRITE_INTERVAL_S)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -15,7 +16,9 @@ from koinon_gateway import event_loop
 
 from . import health
 from .agent import Agent, DrainedBeforeJoining, JoinRefused
-from .config import ENV_VARS, VERSION, AgentConfig, default_state_dir
+from .config import ENV_VARS, VERSION, AgentConfig, default_health_file, default_state_dir
+
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -66,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--ray-bin", default=_env("KOINON_RAY_BIN", _default_ray_bin()))
     join.add_argument("--temp-dir", type=Path, default=_env("KOINON_TEMP_DIR"))
     join.add_argument(
+        "--health-file",
+        type=Path,
+        default=_env("KOINON_HEALTH_FILE"),
+        help="where to write the health report; default <state-dir>/health.json [KOINON_HEALTH_FILE]",
+    )
+    join.add_argument(
         "--drain-grace",
         type=_number(float, "KOINON_DRAIN_GRACE"),
         default=_env("KOINON_DRAIN_GRACE", "30"),
@@ -89,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         "health", help="exit 0 if the agent of this state dir is alive (and with --ready, in the pool)"
     )
     check.add_argument("--state-dir", type=Path, default=_env("KOINON_STATE_DIR"), help="[KOINON_STATE_DIR]")
+    check.add_argument(
+        "--health-file",
+        type=Path,
+        default=_env("KOINON_HEALTH_FILE"),
+        help="the agent's health report; default <state-dir>/health.json [KOINON_HEALTH_FILE]",
+    )
     check.add_argument(
         "--max-age",
         type=float,
@@ -138,6 +153,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         object_store_memory=args.object_store_memory,
         ray_bin=args.ray_bin,
         temp_dir=args.temp_dir,
+        health_file=args.health_file,
         start_ray=not args.no_ray,
         proxy_port=args.proxy_port,
         drain_grace_s=args.drain_grace,
@@ -171,9 +187,22 @@ async def _run(config: AgentConfig) -> None:
     await agent.run()
 
 
+def keep_process_private() -> bool:
+    """Makes this process non-dumpable: Ray's processes and the jobs they run share the agent's
+    user, and could otherwise read the join token from /proc/<agent>/environ (the chart passes it
+    as KOINON_TOKEN) or the agent's memory (ptrace). Its children are dumpable again after exec.
+    False where prctl(2) is not available."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return False
+    return bool(prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0)
+
+
 def health_command(args: argparse.Namespace) -> int:
     state_dir = args.state_dir if args.state_dir is not None else default_state_dir()
-    healthy, why = health.check(state_dir, args.max_age, args.ready, started_at=health.processes_started_at())
+    path = args.health_file if args.health_file is not None else default_health_file(state_dir)
+    healthy, why = health.check(path, args.max_age, args.ready, started_at=health.processes_started_at())
     print(why, file=sys.stdout if healthy else sys.stderr)
     return 0 if healthy else 1
 
@@ -186,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    keep_process_private()
     try:
         config = config_from_args(args)
         event_loop.run(_run(config))

@@ -34,6 +34,10 @@ class AgentConfig:
     object_store_memory: int | None = None
     ray_bin: str = "ray"
     temp_dir: Path | None = None  # Ray's --temp-dir; defaults to <state_dir>/ray
+    # Where the agent writes its health report (koinon-agent health reads it); defaults to
+    # <state_dir>/health.json. Apart from the state volume, a state dir that turned read-only or
+    # full does not make liveness probes kill an agent that still works (the chart uses /tmp).
+    health_file: Path | None = None
     start_ray: bool = True
     proxy_port: int = 0  # local CONNECT proxy for Ray's gRPC (0: any free port)
     drain_grace_s: float = 30.0
@@ -81,6 +85,14 @@ class AgentConfig:
     def ray_temp_dir(self) -> Path:
         return self.temp_dir or self.state_dir / "ray"
 
+    @property
+    def health_path(self) -> Path:
+        return self.health_file or default_health_file(self.state_dir)
+
+
+def default_health_file(state_dir: Path) -> Path:
+    return state_dir / "health.json"
+
 
 # Environment variables a Helm chart sets, with the AgentConfig field each fills.
 ENV_VARS: dict[str, str] = {
@@ -100,6 +112,7 @@ ENV_VARS: dict[str, str] = {
     "KOINON_OBJECT_STORE_MEMORY": "object_store_memory",
     "KOINON_RAY_BIN": "ray_bin",
     "KOINON_TEMP_DIR": "temp_dir",
+    "KOINON_HEALTH_FILE": "health_file",
     "KOINON_DRAIN_GRACE": "drain_grace_s",
     "KOINON_RAY_RESTART_AFTER": "ray_restart_after_s",
     "KOINON_PROXY_PORT": "proxy_port",

@@ -30,9 +30,8 @@ class HealthReport:
         return self.connected and self.ray_state in ("running", "disabled")
 
 
-def write(state_dir: Path, report: HealthReport) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / FILE_NAME
+def write(path: Path, report: HealthReport) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(asdict(report)))
     os.replace(tmp, path)  # a probe never reads half a file
@@ -56,20 +55,19 @@ def processes_started_at() -> float | None:
 
 
 def check(
-    state_dir: Path,
+    path: Path,
     max_age_s: float,
     need_ready: bool,
     now: float | None = None,
     started_at: float | None = None,
 ) -> tuple[bool, str]:
-    """(healthy, a line saying why) for the agent whose state dir this is. ``started_at``: when the
-    caller's container started (processes_started_at()); an older report is not this agent's."""
-    path = state_dir / FILE_NAME
+    """(healthy, a line saying why) for the agent that writes the report at ``path``. ``started_at``:
+    when the caller's container started (processes_started_at()); an older report is not this agent's."""
     try:
         data = json.loads(path.read_text())
         report = HealthReport(**data)
     except FileNotFoundError:
-        return False, f"{path}: no health report yet (agent not started, or another --state-dir)"
+        return False, f"{path}: no health report yet (agent not started, or another --state-dir/--health-file)"
     except (ValueError, TypeError) as exc:
         return False, f"{path}: unreadable health report ({exc})"
     # btime is whole seconds: allow one, so that the running agent's own report is never refused.
