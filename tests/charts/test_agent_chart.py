@@ -267,11 +267,13 @@ def test_daemonset_kind_with_host_path(tools: Tools) -> None:
     assert pod["tolerations"] == [{"operator": "Exists"}]
     # A surge of 0 (or 0 %) keeps one agent per node during an update; it is the only one taken.
     for surge in ("0", "0%"):
-        values = {"kind": "DaemonSet", "persistence.type": "hostPath", "updateStrategy.rollingUpdate.maxSurge": surge}
-        assert one(render(tools, values), "DaemonSet")["spec"]["updateStrategy"]["rollingUpdate"]["maxSurge"] in (
-            0,
-            "0%",
-        )
+        values: dict[str, str | None] = {
+            "kind": "DaemonSet",
+            "persistence.type": "hostPath",
+            "updateStrategy.rollingUpdate.maxSurge": surge,
+        }
+        strategy = one(render(tools, values), "DaemonSet")["spec"]["updateStrategy"]
+        assert strategy["rollingUpdate"]["maxSurge"] in (0, "0%")
 
 
 def test_pvc_persistence_creates_a_kept_claim(tools: Tools) -> None:
