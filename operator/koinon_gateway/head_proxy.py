@@ -25,7 +25,8 @@ class HeadProxy:
         try:
             host, port = await http_connect.read_connect_request(reader)
         except http_connect.BadConnectRequest as exc:
-            writer.write(http_connect.response(400, "Bad Request"))
+            with contextlib.suppress(ConnectionError):
+                http_connect.send(writer, http_connect.response(400, "Bad Request"))
             self.router.metrics.refused_dials["bad-connect-request"] += 1
             log.warning("head proxy: %.300r", str(exc))
             await _close(writer)
@@ -36,21 +37,23 @@ class HeadProxy:
             connection_id, channel = await self.router.open_to_node(route.node, port, "head")
         except DialRefused as exc:
             status = 403 if exc.reason.startswith("forbidden") else 502
-            writer.write(http_connect.response(status, exc.reason))
+            with contextlib.suppress(ConnectionError):
+                http_connect.send(writer, http_connect.response(status, exc.reason))
             await _close(writer)
             return
+        violation = ""
         try:
             self.router.metrics.connections_opened += 1
-            writer.write(http_connect.ESTABLISHED)
+            http_connect.send(writer, http_connect.ESTABLISHED)
             await writer.drain()
             await splice_tcp(reader, writer, channel)
         except ConnectionError:
             pass
         except ProtocolViolation as exc:  # the volunteer got a Close saying so; its session carries on
-            self.router.metrics.refused_streams["protocol-violation"] += 1
-            log.warning("head proxy: connection to %s:%d closed: %.300s", host, port, exc)
+            violation = str(exc) or "protocol violation"
         finally:
-            self.router.finish(connection_id)
+            # The accepting stream's handler counts the violation and ends that stream with an error.
+            self.router.finish(connection_id, violation)
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

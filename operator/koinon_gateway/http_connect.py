@@ -41,3 +41,11 @@ def response(status: int, reason: str) -> bytes:
 
 
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
+def send(writer: asyncio.StreamWriter, data: bytes) -> None:
+    """``writer.write``, failing alike on every event loop once the client is gone: uvloop raises
+    RuntimeError writing to a transport whose peer reset, the stdlib loop drops the bytes."""
+    if writer.transport.is_closing():
+        raise ConnectionResetError("the client's connection is gone")
+    writer.write(data)

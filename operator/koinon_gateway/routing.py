@@ -44,7 +44,9 @@ class Route:
 class PendingConnection:
     node_name: str
     accepted: asyncio.Future[FrameChannel]
-    finished: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # Set when the originator's splice is over: "" or, when the accepting stream broke the
+    # protocol, what it did (its own handler then ends it with an error).
+    finished: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     claimed: bool = False  # one Accept stream answers it; accept streams are not counted, so not more
 
 
@@ -101,7 +103,7 @@ class Router:
             # Forget the connection: an Accept arriving later is refused instead of waiting forever.
             self.pending.pop(connection_id, None)
             if not pending.finished.done():
-                pending.finished.set_result(None)
+                pending.finished.set_result("")
             if not pending.accepted.done():
                 pending.accepted.cancel()
             if not isinstance(exc, Exception):
@@ -110,10 +112,10 @@ class Router:
             raise self.refuse(source, target.address, port, "unreachable", why) from exc
         return connection_id, channel
 
-    def finish(self, connection_id: int) -> None:
+    def finish(self, connection_id: int, acceptor_violation: str = "") -> None:
         pending = self.pending.pop(connection_id, None)
         if pending is not None and not pending.finished.done():
-            pending.finished.set_result(None)
+            pending.finished.set_result(acceptor_violation)
 
     def claim(self, node_name: str, connection_id: int) -> PendingConnection:
         pending = self.pending.get(connection_id)

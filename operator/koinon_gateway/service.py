@@ -29,7 +29,14 @@ from .rpc import EOF, Context
 from .sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT, NodeSession, SessionTable, gpus_reported
 from .stream_slots import StreamSlot, TooManyStreams
 from .tokens import JoinGrant, TokenError, TokenStore, parse_token
-from .tunnel_io import STREAM_READER_LIMIT, GrpcFrameChannel, ProtocolViolation, splice_channels, splice_tcp
+from .tunnel_io import (
+    STREAM_READER_LIMIT,
+    GrpcFrameChannel,
+    PeerProtocolViolation,
+    ProtocolViolation,
+    splice_channels,
+    splice_tcp,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -676,11 +683,14 @@ class TunnelService:
                 pb.Frame(dial_result=pb.DialResult(ok=False, reason=exc.reason, message=str(exc)))
             )
             return
+        peer_violation = ""
         try:
             await channel.write_frame(pb.Frame(dial_result=pb.DialResult(ok=True)))
             await splice_channels(channel, peer)
+        except PeerProtocolViolation as exc:  # the accepting stream's handler ends it with an error
+            peer_violation = str(exc) or "protocol violation"
         finally:
-            self.router.finish(connection_id)
+            self.router.finish(connection_id, peer_violation)
 
     async def _accept(
         self, source: NodeSession, accept: pb.Accept, channel: GrpcFrameChannel, context: Context
@@ -712,4 +722,6 @@ class TunnelService:
             return
         pending.accepted.set_result(channel)
         # The originator splices; keep this call open until it is done.
-        await pending.finished
+        violation = await pending.finished
+        if violation:
+            raise ProtocolViolation(violation)  # Connect's handler counts it and ends this stream

@@ -161,6 +161,10 @@ class TcpPipe(asyncio.BufferedProtocol):
         return view
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        # uvloop raises RuntimeError writing to a transport that is gone, the stdlib loop drops the
+        # bytes: both become the ConnectionResetError a reset is everywhere else.
+        if self._lost or self._transport.is_closing():
+            raise ConnectionResetError("connection lost")
         self._transport.write(data)
 
     async def drain(self) -> None:

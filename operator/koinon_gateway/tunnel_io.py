@@ -113,6 +113,10 @@ class ProtocolViolation(Exception):
     """A peer sent a frame that is not allowed at this point of the stream."""
 
 
+class PeerProtocolViolation(Exception):
+    """The other stream of a spliced pair (splice_channels' ``b``) broke the protocol."""
+
+
 # How long a side that aborts waits to tell the other side why (a Close frame) before giving up.
 CLOSE_NOTICE_TIMEOUT_S = 1.0
 
@@ -193,7 +197,12 @@ async def _send_close(channel: FrameChannel, reason: str) -> None:
 
 
 async def splice_channels(a: FrameChannel, b: FrameChannel) -> None:
-    """Forward frames between two Connect streams (volunteer to volunteer through the gateway)."""
+    """Forward frames between two Connect streams (volunteer to volunteer through the gateway).
+
+    A frame out of place ends both, each told who broke the protocol; then ProtocolViolation when
+    ``a`` (the stream whose handler this runs in) did, PeerProtocolViolation when ``b`` did, so
+    that each stream's own handler can end it with an error instead of OK.
+    """
 
     async def forward(src: FrameChannel, dst: FrameChannel) -> str:
         while True:
@@ -223,7 +232,13 @@ async def splice_channels(a: FrameChannel, b: FrameChannel) -> None:
             task.cancel()
         await asyncio.gather(ab, ba, return_exceptions=True)
     # Tell both ends which of them broke the protocol (only now: one write at a time per stream).
-    for task, src, dst in ((ab, a, b), (ba, b, a)):
-        if _protocol_violation(task) is not None:
+    violations = [(_protocol_violation(task), src, dst) for task, src, dst in ((ab, a, b), (ba, b, a))]
+    for violation, src, dst in violations:
+        if violation is not None:
             await _send_close(src, "protocol-violation")
             await _send_close(dst, "peer-protocol-violation")
+    by_a, by_b = violations[0][0], violations[1][0]
+    if by_a is not None:
+        raise ProtocolViolation(str(by_a)) from by_a
+    if by_b is not None:
+        raise PeerProtocolViolation(str(by_b)) from by_b

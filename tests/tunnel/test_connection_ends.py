@@ -4,6 +4,7 @@ failure (a reset, not a clean end of a cut-off stream), and a malformed frame en
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 import struct
@@ -11,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from koinon_gateway.rpc import EOF
+import pytest
+from koinon_gateway.rpc import EOF, tunnel_stub
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import channel_for, cluster, connect_via_proxy, echo_roundtrip
+from .helpers import channel_for, cluster, connect_via_proxy, echo_handler, echo_roundtrip, echo_server
 
 PAYLOAD_BYTES = 16 << 20
 SLOW_READER_PAUSE_S = 0.5  # long enough for the sender to finish while the tunnel still holds data
@@ -147,3 +149,83 @@ async def test_a_connect_request_head_that_never_ends_is_refused_at_its_size_lim
                 answer = b"reset"  # closed with our unread bytes still queued: the kernel resets
             writer.close()
             assert answer.startswith(b"HTTP/1.1 400") or answer == b"reset", answer
+
+
+async def test_a_head_client_that_resets_while_the_volunteer_accepts_is_no_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with cluster(tmp_path, tls=False) as c:
+        agent = await c.start_agent("beta")
+        assert agent.identity is not None and agent.assignment is not None
+        address, port = agent.identity.address, agent.assignment.ports.node_manager_port
+        server = await asyncio.start_server(echo_handler, address, port)
+        head_proxy_port = int(c.gateway.head_proxy_url.rsplit(":", 1)[1])
+        try:
+            with caplog.at_level(logging.ERROR):
+                for _ in range(5):
+                    _, writer = await asyncio.open_connection("127.0.0.1", head_proxy_port)
+                    writer.write(f"CONNECT {address}:{port} HTTP/1.1\r\n\r\n".encode())
+                    await writer.drain()
+                    linger = struct.pack("ii", 1, 0)
+                    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                    writer.transport.abort()  # a reset while the gateway waits for the volunteer's Accept
+                await asyncio.sleep(1.0)
+            assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+            # And the path still works.
+            status, reader, writer = await connect_via_proxy(agent._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+            assert status == 200 and await echo_roundtrip(reader, writer, b"still") == b"still"
+            writer.close()
+        finally:
+            server.close()
+
+
+async def test_a_malformed_frame_towards_a_volunteer_ends_the_dialers_stream_with_an_error(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        a = await c.start_agent("alpha")
+        b = await c.start_agent("beta")
+        assert a.identity is not None and b.identity is not None and b.assignment is not None
+        address, port = b.identity.address, b.assignment.ports.node_manager_port
+        async with echo_server(address, port):
+            metadata = (("authorization", f"Bearer {a.identity.credential}"),)
+            async with channel_for(c) as channel:
+                raw = channel.stream_stream("/koinon.tunnel.v1.Tunnel/Connect", None, None)
+                call: Any = raw(metadata=metadata)  # type: ignore[call-arg]  # written below
+                await call.write(pb.Frame(dial=pb.Dial(host=address, port=port)).SerializeToString())
+                assert pb.Frame.FromString(await asyncio.wait_for(call.read(), 5)).dial_result.ok
+                await call.write(b"\xff\xff\xff\xff\x0f")  # not a protobuf message
+                notice = await asyncio.wait_for(call.read(), 5)
+                assert notice is not EOF and pb.Frame.FromString(notice).close.reason == "protocol-violation"
+                assert await asyncio.wait_for(call.code(), 5) == grpc.StatusCode.INVALID_ARGUMENT
+        assert c.gateway.metrics.refused_streams["protocol-violation"] == 1
+
+
+async def test_a_malformed_frame_from_the_accepting_volunteer_ends_its_stream_with_an_error(tmp_path: Path) -> None:
+    async with cluster(tmp_path, heartbeat_timeout_s=30.0) as c, channel_for(c) as channel:
+        a = await c.start_agent("alpha")
+        assert a.identity is not None
+        joined: pb.JoinResponse = await tunnel_stub(channel).Join(pb.JoinRequest(token=c.tokens.add(), name_hint="b"))
+        b_metadata = (("authorization", f"Bearer {joined.credential}"),)
+        control = tunnel_stub(channel).Control(metadata=b_metadata)
+        register = pb.Register(node_name=joined.assignment.node_name, address=joined.assignment.address)
+        await control.write(pb.AgentMessage(register=register))
+        assert (await asyncio.wait_for(control.read(), 5)).HasField("registered")  # type: ignore[attr-defined]
+        dial = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.identity.credential}"),))
+        target = pb.Dial(host=joined.assignment.address, port=joined.assignment.ports.node_manager_port)
+        await dial.write(pb.Frame(dial=target))
+        while not (message := await asyncio.wait_for(control.read(), 5)).HasField("open_connection"):  # type: ignore[attr-defined]
+            pass
+        raw = channel.stream_stream("/koinon.tunnel.v1.Tunnel/Connect", None, None)
+        accept: Any = raw(metadata=b_metadata)  # type: ignore[call-arg]  # written below
+        await accept.write(
+            pb.Frame(accept=pb.Accept(connection_id=message.open_connection.connection_id)).SerializeToString()
+        )
+        await accept.write(pb.Frame(dial_result=pb.DialResult(ok=True)).SerializeToString())
+        assert (await asyncio.wait_for(dial.read(), 5)).dial_result.ok  # type: ignore[attr-defined]
+        await accept.write(b"\xff\xff\xff\xff\x0f")  # the accepting side breaks the protocol
+        assert pb.Frame.FromString(await asyncio.wait_for(accept.read(), 5)).close.reason == "protocol-violation"
+        assert await asyncio.wait_for(accept.code(), 5) == grpc.StatusCode.INVALID_ARGUMENT
+        told = await asyncio.wait_for(dial.read(), 5)
+        assert told.close.reason == "peer-protocol-violation"  # type: ignore[attr-defined]
+        assert c.gateway.metrics.refused_streams["protocol-violation"] == 1
+        for call in (dial, control):
+            call.cancel()

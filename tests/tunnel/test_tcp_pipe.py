@@ -6,11 +6,15 @@ import asyncio
 import contextlib
 import os
 import random
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
 from koinon_gateway.tcp_pipe import PAUSE_READING_BYTES, TcpPipe
+from koinon_gateway.tunnel_io import splice_tcp
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 Handler = Callable[[TcpPipe], Awaitable[None]]
 
@@ -224,7 +228,6 @@ async def test_a_splice_that_ends_abnormally_drops_what_its_peer_never_read() ->
     # The local peer reads nothing while data arrives from the tunnel; then the tunnel stream is
     # cancelled (its agent went away). What is still buffered will never be wanted: the socket is
     # closed at once, not kept open with its buffer until the peer reads (or for ever).
-    from koinon_gateway.tunnel_io import splice_tcp
 
     sent = 8 << 20
     channel = ScriptedChannel([memoryview(os.urandom(1 << 20))] * (sent >> 20))
@@ -279,3 +282,50 @@ async def read_until_reset(reader: asyncio.StreamReader) -> int:
         while chunk := await asyncio.wait_for(reader.read(1 << 20), 10):
             received += len(chunk)
     return received
+
+
+class StuckTunnel:
+    """A Connect stream whose outgoing data never drains (the peer's window is full); Close frames
+    still go through and are recorded."""
+
+    def __init__(self) -> None:
+        self.incoming: asyncio.Queue[object] = asyncio.Queue()
+        self.closes: list[str] = []
+
+    async def read_frame(self) -> object:
+        return await self.incoming.get()
+
+    async def write_frame(self, frame: object) -> None:
+        if isinstance(frame, pb.Frame):
+            if frame.HasField("close"):
+                self.closes.append(frame.close.reason)
+            return
+        await asyncio.Event().wait()
+
+
+async def test_a_socket_reset_while_data_waits_to_be_written_reaches_the_tunnel_peer_as_a_reset() -> None:
+    """On either event loop: uvloop raises where the stdlib loop drops a write to a lost transport."""
+    tunnel = StuckTunnel()
+    ended: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await splice_tcp(reader, writer, tunnel)  # type: ignore[arg-type]
+            ended.set_result(None)
+        except BaseException as exc:
+            ended.set_result(exc)
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        writer.write(b"request")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # the local peer resets
+        await asyncio.sleep(0.2)
+        tunnel.incoming.put_nowait(memoryview(b"an answer from the other end"))
+        assert await asyncio.wait_for(ended, 5) is None
+        assert tunnel.closes == ["tcp-reset"]
+    finally:
+        server.close()

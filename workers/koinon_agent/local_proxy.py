@@ -54,14 +54,14 @@ class LocalProxy:
             host, port = await http_connect.read_connect_request(reader)
         except http_connect.BadConnectRequest as exc:
             log.warning("local proxy: %s", exc)
-            writer.write(http_connect.response(400, "Bad Request"))
             with contextlib.suppress(Exception):
+                http_connect.send(writer, http_connect.response(400, "Bad Request"))
                 writer.close()
             return
         metadata = self._metadata()
         if metadata is None:
-            writer.write(http_connect.response(503, "not-joined-yet"))
             with contextlib.suppress(Exception):
+                http_connect.send(writer, http_connect.response(503, "not-joined-yet"))
                 writer.close()
             return
         call = self._stub_factory().Connect(metadata=metadata)
@@ -79,11 +79,11 @@ class LocalProxy:
                 self.refused += 1
                 log.info("dial %r:%d refused by gateway: %s", host, port, reason)
                 status = 403 if reason.startswith("forbidden") else 502
-                writer.write(http_connect.response(status, reason or "refused"))
+                http_connect.send(writer, http_connect.response(status, reason or "refused"))
                 await writer.drain()
                 writer.close()
                 return
-            writer.write(http_connect.ESTABLISHED)
+            http_connect.send(writer, http_connect.ESTABLISHED)
             established = True
             await writer.drain()
             clean = await splice_tcp(reader, writer, channel)
@@ -93,7 +93,7 @@ class LocalProxy:
                 if not established and isinstance(exc, grpc.aio.AioRpcError):
                     # The gateway refused the stream itself (too many connections, no session).
                     self.refused += 1
-                    writer.write(http_connect.response(502, exc.code().name.lower().replace("_", "-")))
+                    http_connect.send(writer, http_connect.response(502, exc.code().name.lower().replace("_", "-")))
                 writer.close()
         finally:
             await end_call(call, clean)
