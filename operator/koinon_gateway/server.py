@@ -35,6 +35,9 @@ from .tokens import ExpiredTokenCleaner, InMemoryTokenStore, TokenStore
 from .tunnel_io import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
+# How long a stopping gateway waits for work it owes the API (a token use to give back) after its
+# server stopped: the process ends next, and asyncio would cancel that work half-done.
+BACKGROUND_FINISH_TIMEOUT_S = 10.0
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -208,5 +211,7 @@ class Gateway:
         await self.sessions.close_all()  # refuses new sessions from here on
         if self._server is not None:
             await self._server.stop(grace)
+        if self.service is not None:
+            await self.service.finish_background(BACKGROUND_FINISH_TIMEOUT_S)
         if self._admin is not None:
             await self._admin.cleanup()

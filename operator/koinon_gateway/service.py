@@ -129,6 +129,7 @@ class TunnelService:
         self._joins_in_flight: set[str] = set()
         self._uses_being_given_back: set[str] = set()  # join ids whose cancelled try still holds a use
         self._background: set[asyncio.Future[None]] = set()  # held so they run to their end
+        self._join_handlers: set[asyncio.Task[Any]] = set()  # Join calls being handled
         # Control streams per node that have not registered yet: each holds a handler for up to the
         # first-frame timeout and costs an API read, so one credential must not open them freely.
         self._controls_opening: collections.Counter[str] = collections.Counter()
@@ -161,9 +162,13 @@ class TunnelService:
             await context.abort(grpc.StatusCode.ABORTED, "join: an earlier try of this join is still running; retry")
         if join_id:
             self._joins_in_flight.add(join_id)
+        task = asyncio.current_task()
+        assert task is not None
+        self._join_handlers.add(task)
         try:
             return await self._join(request, context)
         finally:
+            self._join_handlers.discard(task)
             if join_id not in self._uses_being_given_back:
                 self._joins_in_flight.discard(join_id)
 
@@ -262,7 +267,13 @@ class TunnelService:
             labels = {JOIN_TOKEN_LABEL: grant.token_id}
             if request.join_id:
                 labels[JOIN_KEY_LABEL] = join_key(request.join_id)
-            await self.registry.create(node_name, spec, labels)
+            try:
+                await self.registry.create(node_name, spec, labels)
+            except NodeExists:
+                raise  # another node's name: not ours to delete
+            except BaseException:
+                created = True  # the API may have applied it before failing or answering late
+                raise
             created = True
             await self.registry.patch_status(node_name, {"phase": "NotReady", "connected": False, "address": address})
         except BaseException:  # a cancelled join (the agent hung up) must not leave a node either
@@ -274,6 +285,18 @@ class TunnelService:
             self.allocator.release(address, node_name)
             raise
         return node_name, address
+
+    async def finish_background(self, timeout_s: float) -> None:
+        """Waits (at most ``timeout_s`` in all) for the Join handlers the stopped server cancelled
+        to unwind, then for the token uses they still give back."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        for tasks in (self._join_handlers, self._background):
+            pending = [task for task in tasks if not task.done()]
+            if pending:
+                _, late = await asyncio.wait(pending, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+                if late:
+                    log.warning("stopping with %d join(s) whose token use may not be given back", len(late))
+                    return
 
     def _give_back_when_counted(self, consuming: asyncio.Future[JoinGrant], join_id: str) -> None:
         """Gives back the use ``consuming`` counts, once it has; a retry of the same join waits
@@ -513,7 +536,12 @@ class TunnelService:
         """Asks GCS to drain the node's Ray node once that node is known to be the node's own: the
         id GCS confirmed at the node's address, never one the agent only claims (any volunteer can
         list the others' Ray node ids). A drain asked before that starts once it is confirmed."""
-        if session.drain_request is None or not session.ray_verified_id or self.ray_checker is None:
+        if (
+            session.drain_request is None
+            or not session.ray_verified_id
+            or session.ray_verified_id != session.ray_node_id  # a restarted Ray node not confirmed yet
+            or self.ray_checker is None
+        ):
             return
         reason, deadline = session.drain_request
         session.drain_request = None

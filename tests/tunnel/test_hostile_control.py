@@ -27,13 +27,13 @@ class FakeGcs:
     """GCS as the gateway's RayNodeChecker sees it: the victim's Ray node lives at another address."""
 
     drained: list[str] = []
-    own_address = ""
+    known: dict[str, str] = {}  # Ray node id -> address
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         pass
 
     async def address_of(self, node_id: str) -> str | None:
-        return {VICTIM_RAY_ID: VICTIM_ADDRESS, OWN_RAY_ID: FakeGcs.own_address}.get(node_id)
+        return FakeGcs.known.get(node_id)
 
     async def drain(self, node_id: str, message: str, deadline_s: float) -> tuple[bool, str]:
         FakeGcs.drained.append(node_id)
@@ -68,7 +68,7 @@ async def test_a_node_cannot_have_gcs_drain_a_ray_node_that_is_not_its_own(
         registered(c, channel) as (joined, control),
     ):
         assert joined.assignment.address != VICTIM_ADDRESS
-        FakeGcs.own_address = joined.assignment.address
+        FakeGcs.known = {VICTIM_RAY_ID: VICTIM_ADDRESS, OWN_RAY_ID: joined.assignment.address}
         claim = pb.Heartbeat(seq=1, ray_node_id=VICTIM_RAY_ID, ray_state="running")
         await control.write(pb.AgentMessage(heartbeat=claim))
         await asyncio.sleep(0.3)
@@ -116,3 +116,38 @@ async def test_text_a_node_chooses_is_logged_on_one_short_line(
     logged = [r.getMessage() for r in caplog.records if "node admin joined" in r.getMessage()]
     assert len(logged) == 2  # the claim and the drain reason, both there to read
     assert all("\n" not in m and len(m) < 400 for m in logged), logged
+
+
+async def test_a_drain_after_a_ray_restart_drains_the_new_ray_node_once_confirmed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent restarted its Ray node in the same session (a new id) and drains before GCS has
+    confirmed the new one: nothing goes to the old, dead id; the new one is drained once confirmed."""
+    old_id, new_id = "11" * 28, "22" * 28
+    monkeypatch.setattr(server, "GcsRayNodeChecker", FakeGcs)
+    FakeGcs.drained = []
+    async with (
+        cluster(tmp_path, verify_ray_nodes=True, heartbeat_timeout_s=30.0) as c,
+        channel_for(c) as channel,
+        registered(c, channel) as (joined, control),
+    ):
+        FakeGcs.known = {old_id: joined.assignment.address}
+        await control.write(pb.AgentMessage(heartbeat=pb.Heartbeat(seq=1, ray_node_id=old_id, ray_state="running")))
+        session = c.gateway.sessions.by_name[joined.assignment.node_name]
+        for _ in range(40):
+            if session.ray_verified_id == old_id:
+                break
+            await asyncio.sleep(0.05)
+        assert session.ray_verified_id == old_id
+        FakeGcs.known = {}  # the old node is gone, GCS does not know the new one yet
+        await control.write(pb.AgentMessage(heartbeat=pb.Heartbeat(seq=2, ray_node_id=new_id, ray_state="running")))
+        await asyncio.sleep(0.1)
+        await control.write(pb.AgentMessage(drain=pb.DrainRequest(reason="bye", grace_seconds=30)))
+        await asyncio.sleep(0.3)
+        assert FakeGcs.drained == []
+        FakeGcs.known = {new_id: joined.assignment.address}
+        for _ in range(40):
+            if FakeGcs.drained:
+                break
+            await asyncio.sleep(0.05)
+        assert FakeGcs.drained == [new_id]

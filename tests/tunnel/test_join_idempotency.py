@@ -18,6 +18,7 @@ from koinon_gateway.registry import JSON, InMemoryNodeRegistry
 from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
 from koinon_gateway.service import JOIN_KEY_LABEL, TunnelService
+from koinon_gateway.tokens import InMemoryTokenStore, JoinGrant
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .helpers import Cluster, channel_for, cluster, control_call
@@ -208,3 +209,59 @@ def test_the_pending_join_id_is_kept_privately_per_gateway_until_the_join_is_sto
     (tmp_path / "pending-join.json").write_text('{"gateway": "other:443", "join_id": "../../etc"}')
     fresh = state.pending_join_id(tmp_path, "other:443")
     assert len(fresh) == 32 and fresh != "../../etc"
+
+
+async def test_a_gateway_that_stops_gives_back_the_use_of_a_join_cancelled_mid_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store counted the use and answers late; the gateway stops meanwhile. Its process ends
+    right after stop(), so the use must be back by then: the agent's retry goes to the next gateway."""
+    real_consume = InMemoryTokenStore.consume
+
+    async def late_answer(self: InMemoryTokenStore, token: str) -> JoinGrant:
+        grant = await real_consume(self, token)
+        await asyncio.sleep(1.5)
+        return grant
+
+    monkeypatch.setattr(InMemoryTokenStore, "consume", late_answer)
+    async with cluster(tmp_path) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = asyncio.ensure_future(join(c, token, join_id, timeout=10))
+        await asyncio.sleep(0.5)
+        assert uses(c, token) == 1
+        listen = c.gateway.agent_target
+        await c.gateway.stop(0.1)
+        assert uses(c, token) == 0
+        assert isinstance(await first, grpc.aio.AioRpcError)
+        monkeypatch.setattr(InMemoryTokenStore, "consume", real_consume)
+        c.gateway = Gateway(replace(c.gateway.config, listen=listen), c.tokens, c.registry, c.gateway.ca_store)
+        await c.gateway.start()
+        assert isinstance(await join(c, token, join_id), pb.JoinResponse)
+
+
+class LateCreate(InMemoryNodeRegistry):
+    """The API applies the first create and answers it late."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.late = True
+
+    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> None:
+        await super().create(name, spec, labels)
+        if self.late:
+            self.late = False
+            await asyncio.sleep(2.0)
+
+
+async def test_a_join_given_up_while_its_node_is_being_created_leaves_no_node(tmp_path: Path) -> None:
+    async with cluster(tmp_path, registry=LateCreate()) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        gave_up = await join(c, token, join_id, timeout=0.5)
+        assert isinstance(gave_up, grpc.aio.AioRpcError) and gave_up.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for _ in range(100):
+            if not c.registry.objects and uses(c, token) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert c.registry.objects == {} and uses(c, token) == 0
+        again = await join(c, token, join_id)
+        assert isinstance(again, pb.JoinResponse) and list(c.registry.objects) == [again.assignment.node_name]
