@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as dt
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -516,49 +516,55 @@ async def test_a_stream_opened_before_its_node_was_revoked_cannot_dial_afterward
         assert c.gateway.metrics.connections_opened == 0
 
 
+async def hold_silent_streams_up_to_the_cap(
+    open_call: Callable[[], grpc.aio.StreamStreamCall],  # type: ignore[type-arg]
+    counted: Callable[[], int],
+    cap: int,
+) -> None:
+    """Opens ``cap`` streams that never send, waits until the gateway counts them all, checks that
+    one more is refused (RESOURCE_EXHAUSTED), then hangs the silent ones up."""
+    silent = [open_call() for _ in range(cap)]
+    for call in silent:
+        await call.wait_for_connection()
+    deadline = asyncio.get_running_loop().time() + 5
+    while counted() < cap:
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.02)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await asyncio.wait_for(open_call().read(), 5)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    for call in silent:
+        call.cancel()
+
+
 async def test_streams_that_never_send_count_against_the_nodes_cap(tmp_path: Path) -> None:
     async with cluster(tmp_path, max_streams_per_node=3, first_frame_timeout_s=10.0) as c:
         a = await c.start_agent("alpha")
         assert a.identity is not None
-        metadata = (("authorization", f"Bearer {a.identity.credential}"),)
+        name, metadata = a.identity.node_name, (("authorization", f"Bearer {a.identity.credential}"),)
         async with channel_for(c) as channel:
-            silent = [tunnel_stub(channel).Connect(metadata=metadata) for _ in range(3)]
-            for call in silent:
-                await call.wait_for_connection()
-            deadline = asyncio.get_running_loop().time() + 5
-            while c.gateway.sessions.streams.counted(a.identity.node_name, "opening") < 3:
-                assert asyncio.get_running_loop().time() < deadline
-                await asyncio.sleep(0.02)
-            extra = tunnel_stub(channel).Connect(metadata=metadata)
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await asyncio.wait_for(extra.read(), 5)
-            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            for call in silent:
-                call.cancel()
+            await hold_silent_streams_up_to_the_cap(
+                lambda: tunnel_stub(channel).Connect(metadata=metadata),
+                lambda: c.gateway.sessions.streams.counted(name, "opening"),
+                3,
+            )
 
 
 async def test_control_streams_that_never_register_are_capped(tmp_path: Path) -> None:
     async with cluster(tmp_path, first_frame_timeout_s=10.0) as c, channel_for(c) as channel:
         joined: pb.JoinResponse = await tunnel_stub(channel).Join(pb.JoinRequest(token=c.tokens.add(), name_hint="x"))
         metadata = (("authorization", f"Bearer {joined.credential}"),)
-        silent = [tunnel_stub(channel).Control(metadata=metadata) for _ in range(CONTROL_STREAMS_OPENING_MAX)]
-        for call in silent:
-            await call.wait_for_connection()
         service = c.gateway.service
         assert service is not None
-        deadline = asyncio.get_running_loop().time() + 5
-        while service._controls_opening[joined.assignment.node_name] < CONTROL_STREAMS_OPENING_MAX:
-            assert asyncio.get_running_loop().time() < deadline
-            await asyncio.sleep(0.02)
-        extra = tunnel_stub(channel).Control(metadata=metadata)
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await asyncio.wait_for(extra.read(), 5)
-        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        for call in silent:
-            call.cancel()
+        await hold_silent_streams_up_to_the_cap(
+            lambda: tunnel_stub(channel).Control(metadata=metadata),
+            lambda: service._controls_opening[joined.assignment.node_name],
+            CONTROL_STREAMS_OPENING_MAX,
+        )
         # Once they are gone, the node registers as usual.
+        deadline = asyncio.get_running_loop().time() + 5
         while joined.assignment.node_name in service._controls_opening:
-            assert asyncio.get_running_loop().time() < deadline + 5
+            assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.02)
         register = pb.Register(node_name=joined.assignment.node_name, address=joined.assignment.address)
         assert isinstance(await control_call(c, joined.credential, register), pb.GatewayMessage)

@@ -41,6 +41,21 @@ class FakeGcs:
 
 
 @asynccontextmanager
+async def node_with_fake_gcs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Cluster, pb.JoinResponse, grpc.aio.StreamStreamCall]]:  # type: ignore[type-arg]
+    """A registered node of a gateway that checks Ray node ids against FakeGcs."""
+    monkeypatch.setattr(server, "GcsRayNodeChecker", FakeGcs)
+    FakeGcs.drained, FakeGcs.known = [], {}
+    async with (
+        cluster(tmp_path, verify_ray_nodes=True, heartbeat_timeout_s=30.0) as c,
+        channel_for(c) as channel,
+        registered(c, channel) as (joined, control),
+    ):
+        yield c, joined, control
+
+
+@asynccontextmanager
 async def registered(
     c: Cluster, channel: grpc.aio.Channel
 ) -> AsyncIterator[tuple[pb.JoinResponse, grpc.aio.StreamStreamCall]]:  # type: ignore[type-arg]
@@ -60,13 +75,7 @@ async def test_a_node_cannot_have_gcs_drain_a_ray_node_that_is_not_its_own(
 ) -> None:
     """Ray node ids are no secret inside the cluster; the drain goes to the id GCS confirmed at
     the node's own address, and a drain asked before that confirmation waits for it."""
-    monkeypatch.setattr(server, "GcsRayNodeChecker", FakeGcs)
-    FakeGcs.drained = []
-    async with (
-        cluster(tmp_path, verify_ray_nodes=True, heartbeat_timeout_s=30.0) as c,
-        channel_for(c) as channel,
-        registered(c, channel) as (joined, control),
-    ):
+    async with node_with_fake_gcs(tmp_path, monkeypatch) as (_, joined, control):
         assert joined.assignment.address != VICTIM_ADDRESS
         FakeGcs.known = {VICTIM_RAY_ID: VICTIM_ADDRESS, OWN_RAY_ID: joined.assignment.address}
         claim = pb.Heartbeat(seq=1, ray_node_id=VICTIM_RAY_ID, ray_state="running")
@@ -124,13 +133,7 @@ async def test_a_drain_after_a_ray_restart_drains_the_new_ray_node_once_confirme
     """The agent restarted its Ray node in the same session (a new id) and drains before GCS has
     confirmed the new one: nothing goes to the old, dead id; the new one is drained once confirmed."""
     old_id, new_id = "11" * 28, "22" * 28
-    monkeypatch.setattr(server, "GcsRayNodeChecker", FakeGcs)
-    FakeGcs.drained = []
-    async with (
-        cluster(tmp_path, verify_ray_nodes=True, heartbeat_timeout_s=30.0) as c,
-        channel_for(c) as channel,
-        registered(c, channel) as (joined, control),
-    ):
+    async with node_with_fake_gcs(tmp_path, monkeypatch) as (c, joined, control):
         FakeGcs.known = {old_id: joined.assignment.address}
         await control.write(pb.AgentMessage(heartbeat=pb.Heartbeat(seq=1, ray_node_id=old_id, ray_state="running")))
         session = c.gateway.sessions.by_name[joined.assignment.node_name]
