@@ -52,6 +52,9 @@ class KubeNodeRegistry:
     status_writes: int = 0
     status_writes_skipped: int = 0
     _last: dict[str, _LastWrite] = field(default_factory=dict)
+    # Nodes this registry saw exist (listed, created or given an address here), name -> address: a
+    # relist after a watch gap reports those that vanished, though the watch never saw them.
+    _seen: dict[str, str] = field(default_factory=dict)
 
     def _path(self, name: str | None = None, subresource: str | None = None) -> str:
         return custom_path(GROUP, VERSION, PLURAL, name, subresource=subresource)
@@ -73,6 +76,7 @@ class KubeNodeRegistry:
             if exc.conflict:
                 raise NodeExists(name) from exc
             raise
+        self._seen.setdefault(name, "")
 
     async def get(self, name: str) -> JSON | None:
         return await self.client.get_or_none(self._path(name))
@@ -80,6 +84,9 @@ class KubeNodeRegistry:
     async def list(self, labels: dict[str, str] | None = None) -> list[JSON]:
         selector = ",".join(f"{key}={value}" for key, value in sorted((labels or {}).items()))
         items, _ = await self.client.list_all(self._path(), selector or None)
+        for item in items:
+            if not _terminating(item):
+                self._seen[str(item["metadata"]["name"])] = status_address(item)
         return items
 
     async def patch_status(self, name: str, status: JSON) -> None:
@@ -97,6 +104,8 @@ class KubeNodeRegistry:
                 raise KeyError(f"VolunteerNode {name} not found") from exc
             raise
         self._last[name] = _LastWrite(now, significant)
+        if status.get("address"):
+            self._seen[name] = str(status["address"])
         self.status_writes += 1
 
     async def delete(self, name: str) -> bool:
@@ -107,6 +116,7 @@ class KubeNodeRegistry:
                 return False
             raise
         self._last.pop(name, None)
+        self._seen.pop(name, None)  # deleted by this gateway, which deals with its session itself
         return True
 
     async def deleted_nodes(self) -> AsyncIterator[DeletedNode]:
@@ -129,10 +139,13 @@ class KubeNodeRegistry:
                     items, resource_version = await self.client.list_all(self._path())
                     current = {str(item["metadata"]["name"]): item for item in items}
                     terminating = {name for name, item in current.items() if _terminating(item)}
-                    for name in sorted(known.keys() - current.keys()):
-                        yield DeletedNode(name, known[name])
+                    vanished = {**self._seen, **known}
+                    for name in sorted(vanished.keys() - current.keys()):
+                        self._seen.pop(name, None)
+                        yield DeletedNode(name, vanished[name])
                     for name in sorted(terminating - reported):
                         self._last.pop(name, None)
+                        self._seen.pop(name, None)
                         yield DeletedNode(name, status_address(current[name]))
                     known = {name: status_address(item) for name, item in current.items() if name not in terminating}
                     reported = terminating
@@ -145,6 +158,7 @@ class KubeNodeRegistry:
                     elif event.type in ("ADDED", "MODIFIED", "DELETED"):
                         known.pop(name, None)
                         self._last.pop(name, None)
+                        self._seen.pop(name, None)
                         first = name not in reported
                         if event.type == "DELETED":
                             reported.discard(name)

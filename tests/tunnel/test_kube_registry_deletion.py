@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -14,7 +15,7 @@ from koinon_agent.config import AgentConfig
 from koinon_emulator.kubeconfig import write_kubeconfig
 from koinon_emulator.server import KubeEmulator
 from koinon_gateway.kube_ca import KubeCAStore
-from koinon_gateway.kube_client import KubeClient, load_kubeconfig
+from koinon_gateway.kube_client import KubeApiError, KubeClient, WatchEvent, load_kubeconfig
 from koinon_gateway.kube_registry import KubeNodeRegistry
 from koinon_gateway.kube_tokens import KubeTokenStore
 from koinon_gateway.registry import DeletedNode
@@ -135,3 +136,49 @@ async def test_deleting_a_volunteernode_held_by_a_finalizer_revokes_the_agent(
             await asyncio.wait_for(Agent(config).run(), 15)
     finally:
         task.cancel()
+
+
+class GappyWatchClient(KubeClient):
+    """A watch that goes quiet while ``stalled`` is set and, once ``released``, ends with 410 Gone:
+    a watch resumed from a resourceVersion a restarted API server no longer has."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.watching, self.stalled, self.released = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def watch(self, path: str, resource_version: str, timeout_s: int = 300) -> AsyncIterator[WatchEvent]:
+        self.watching.set()
+        async for event in super().watch(path, resource_version, timeout_s):
+            if self.stalled.is_set():
+                await self.released.wait()
+                self.stalled.clear()
+                raise KubeApiError(410, "Expired", "too old resource version")
+            yield event
+
+
+async def test_nodes_deleted_while_the_watch_was_down_are_reported_after_the_relist(kube: Kube) -> None:
+    """Created here and deleted during a watch gap (the watch never saw them), or listed by the
+    gateway at start and deleted before its watch began: both are reported, with their address."""
+    client = GappyWatchClient(load_kubeconfig(kube.kubeconfig))
+    registry = KubeNodeRegistry(client)
+    deleted: asyncio.Queue[DeletedNode] = asyncio.Queue()
+    try:
+        await registry.create("vn-listed", {"owner": "alice"}, {})
+        await registry.patch_status("vn-listed", {"phase": "NotReady", "address": "127.0.20.3"})
+        await registry.list()  # what Gateway.start() does before it watches
+        kube.emulator.delete(*VN, "vn-listed")
+        watcher = asyncio.ensure_future(_collect(registry, deleted))
+        try:
+            assert await asyncio.wait_for(deleted.get(), 10) == DeletedNode("vn-listed", "127.0.20.3")
+            await asyncio.wait_for(client.watching.wait(), 10)
+            client.stalled.set()
+            await registry.create("vn-gap", {"owner": "alice"}, {})
+            await registry.patch_status("vn-gap", {"phase": "Ready", "address": "127.0.20.4"})
+            kube.emulator.delete(*VN, "vn-gap")  # someone revokes it meanwhile
+            client.released.set()
+            assert await asyncio.wait_for(deleted.get(), 10) == DeletedNode("vn-gap", "127.0.20.4")
+            assert deleted.empty()
+        finally:
+            watcher.cancel()
+    finally:
+        await client.close()
