@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 
 # Bind hosts that accept connections to any local address, the head's included.
@@ -33,6 +34,20 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+_POSITIVE_SECONDS = (
+    "heartbeat_interval_s",
+    "heartbeat_timeout_s",
+    "status_write_interval_s",
+    "status_retry_s",
+    "first_frame_timeout_s",
+    "accept_timeout_s",
+    "credential_lifetime_s",
+    "token_cleanup_interval_s",
+    "token_cleanup_grace_s",
+)
+MAX_CREDENTIAL_LIFETIME_S = 366 * 24 * 3600.0
 
 
 @dataclass
@@ -91,6 +106,14 @@ class GatewayConfig:
     token_cleanup_grace_s: float = 3600.0
 
     def validate(self) -> None:
+        # NaN passes every comparison below unnoticed, and a negative interval only fails later, at
+        # each join (after its token use was counted): refuse both here, by name.
+        for name in _POSITIVE_SECONDS:
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name}: must be a finite number of seconds > 0, got {value}")
+        if self.credential_lifetime_s > MAX_CREDENTIAL_LIFETIME_S:
+            raise ValueError(f"credential_lifetime_s: at most {MAX_CREDENTIAL_LIFETIME_S:.0f} (a year)")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_timeout_s: must be greater than heartbeat_interval_s")
         if self.credential_lifetime_s < 4 * self.heartbeat_interval_s:

@@ -174,8 +174,13 @@ def _ssl_context(config: KubeConfig) -> ssl.SSLContext | bool:
     if not config.server.startswith("https://"):
         return True
     if config.insecure_skip_tls_verify:
-        return False
-    context = ssl.create_default_context(cadata=config.ca_pem.decode() if config.ca_pem else None)
+        # As kubectl: the server is not verified, but a client certificate is still presented
+        # (aiohttp's ssl=False would drop it, and the API server would see system:anonymous).
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context = ssl.create_default_context(cadata=config.ca_pem.decode() if config.ca_pem else None)
     if config.client_cert_pem and config.client_key_pem:
         # ssl loads client certificates only from files: write them to a private temporary directory.
         with tempfile.TemporaryDirectory(prefix="koinon-kube-") as directory:

@@ -16,6 +16,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import event_loop, token_cli
@@ -27,7 +28,7 @@ from .kube_tokens import KubeTokenStore
 from .pki import CAStore, FileCAStore, InMemoryCAStore
 from .registry import FileNodeRegistry, InMemoryNodeRegistry, NodeRegistry
 from .server import Gateway
-from .tokens import InMemoryTokenStore, TokenStore
+from .tokens import InMemoryTokenStore, TokenError, TokenStore, parse_token
 
 
 def _port_ranges(text: str) -> list[tuple[int, int]]:
@@ -36,6 +37,9 @@ def _port_ranges(text: str) -> list[tuple[int, int]]:
         low, _, high = part.partition("-")
         ranges.append((int(low), int(high or low)))
     return ranges
+
+
+BOOTSTRAP_OWNER = "bootstrap"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap-token",
         action="append",
         default=[],
-        help="(file store) accept this join token, '<id>.<secret>[:usage-limit]'",
+        help="accept this join token, '<id>.<secret>[:<usage-limit>[:<owner>]]' (owner: "
+        f"{BOOTSTRAP_OWNER!r} unless given); repeatable",
     )
     p.add_argument("--ready-file", type=Path, help="write agent target, head proxy URL and CA path here once serving")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -110,11 +115,32 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     )
 
 
+@dataclass(frozen=True)
+class BootstrapToken:
+    token: str
+    usage_limit: int | None
+    owner: str
+
+
+def parse_bootstrap_token(entry: str) -> BootstrapToken:
+    """``<id>.<secret>[:<usage-limit>[:<owner>]]``; a ValueError names what is wrong, never the secret."""
+    token, _, rest = entry.partition(":")
+    limit_text, _, owner = rest.partition(":")
+    try:
+        parse_token(token)
+    except TokenError as exc:
+        raise ValueError(f"--bootstrap-token: {exc}") from exc
+    if limit_text and not (limit_text.isascii() and limit_text.isdigit() and int(limit_text) >= 1):
+        raise ValueError(f"--bootstrap-token: usage limit must be a whole number >= 1, got {limit_text!r}")
+    # Every VolunteerNode has an owner (the CRD requires one; replicas of a verified job never
+    # share one): nodes that join with a bootstrap token get this one unless the flag names another.
+    return BootstrapToken(token, int(limit_text) if limit_text else None, owner or BOOTSTRAP_OWNER)
+
+
 def stores_from_args(args: argparse.Namespace) -> tuple[TokenStore, NodeRegistry, CAStore]:
     tokens = InMemoryTokenStore()
-    for entry in args.bootstrap_token:
-        token, _, limit = entry.partition(":")
-        tokens.add_plain(token, usage_limit=int(limit) if limit else None)
+    for bootstrap in map(parse_bootstrap_token, args.bootstrap_token):
+        tokens.add_plain(bootstrap.token, usage_limit=bootstrap.usage_limit, owner=bootstrap.owner)
     if args.store == "memory":
         return tokens, InMemoryNodeRegistry(), InMemoryCAStore()
     args.state_dir.mkdir(parents=True, exist_ok=True)
@@ -126,11 +152,11 @@ async def open_stores(args: argparse.Namespace) -> AsyncIterator[tuple[TokenStor
     if args.store != "kube":
         yield stores_from_args(args)
         return
+    bootstraps = [parse_bootstrap_token(entry) for entry in args.bootstrap_token]  # before any API call
     async with kube_client(load_config(args.kubeconfig)) as client:
         tokens = KubeTokenStore(client, args.namespace)
-        for entry in args.bootstrap_token:
-            token, _, limit = entry.partition(":")
-            await tokens.add_plain(token, usage_limit=int(limit) if limit else None)
+        for bootstrap in bootstraps:
+            await tokens.add_plain(bootstrap.token, usage_limit=bootstrap.usage_limit, owner=bootstrap.owner)
         registry = KubeNodeRegistry(client, heartbeat_write_interval_s=args.status_heartbeat_interval)
         yield tokens, registry, KubeCAStore(client, args.namespace)
 

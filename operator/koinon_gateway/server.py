@@ -37,7 +37,7 @@ from .tunnel_io import GRPC_OPTIONS
 log = logging.getLogger(__name__)
 # How long a stopping gateway waits for work it owes the API (a token use to give back) after its
 # server stopped: the process ends next, and asyncio would cancel that work half-done.
-BACKGROUND_FINISH_TIMEOUT_S = 10.0
+BACKGROUND_FINISH_TIMEOUT_S = 3.0
 
 
 def split_host_port(address: str) -> tuple[str, int]:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .kube_ca import KubeCAStore
-from .kube_client import KubeApiError, KubeConfigError, kube_client, load_config
+from .kube_client import KubeApiError, KubeClient, KubeConfigError, kube_client, load_config
 from .kube_tokens import KubeTokenStore
 from .pki import ca_cert_hash
 from .tokens import TOKEN_RE, TokenError
@@ -78,14 +78,14 @@ async def run(args: argparse.Namespace) -> int:
         if args.command == "create":
             if args.usage_limit is not None and args.usage_limit < 1:
                 raise ValueError("--usage-limit: must be at least 1")
+            if not args.owner.strip():
+                raise ValueError("--owner: required, not empty (every VolunteerNode has an owner)")
             print(
                 await store.create(
                     owner=args.owner, ttl=parse_ttl(args.ttl), usage_limit=args.usage_limit, region=args.region
                 )
             )
-            bundle = await KubeCAStore(client, namespace).load()
-            if bundle is not None:
-                print(f"agents trust the gateway with: --ca-cert-hash {ca_cert_hash(bundle.cert_pem)}", file=sys.stderr)
+            await print_ca_hint(client, namespace)
         elif args.command == "ca-hash":
             bundle = await KubeCAStore(client, namespace).load()
             if bundle is None:
@@ -102,6 +102,18 @@ async def run(args: argparse.Namespace) -> int:
             await store.revoke(token_id)
             print(f"token {token_id} revoked")
     return 0
+
+
+async def print_ca_hint(client: KubeClient, namespace: str) -> None:
+    """Best effort, after the token exists: a caller allowed to create token Secrets but not to
+    read the CA's (403), or a broken CA Secret, must not turn a created token into a failure."""
+    try:
+        bundle = await KubeCAStore(client, namespace).load()
+    except (ValueError, KubeApiError) as exc:
+        print(f"(the gateway CA's hash could not be read: {exc}; see `koinon-gateway token ca-hash`)", file=sys.stderr)
+        return
+    if bundle is not None:
+        print(f"agents trust the gateway with: --ca-cert-hash {ca_cert_hash(bundle.cert_pem)}", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:

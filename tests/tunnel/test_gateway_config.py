@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from koinon_gateway.config import GatewayConfig
-from koinon_gateway.main import build_parser, config_from_args
+from koinon_gateway.main import BootstrapToken, build_parser, config_from_args, main, parse_bootstrap_token
 
 HEAD = "127.0.10.1"
 
@@ -112,3 +112,54 @@ def test_vip_cidr_beside_the_head_address_passes() -> None:
 )
 def test_configurations_in_use_validate(argv: list[str]) -> None:
     config_from_args(build_parser().parse_args(argv)).validate()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("heartbeat_interval_s", -1.0),
+        ("heartbeat_interval_s", float("nan")),
+        ("heartbeat_timeout_s", float("nan")),
+        ("credential_lifetime_s", float("nan")),
+        ("credential_lifetime_s", float("inf")),
+        ("first_frame_timeout_s", 0.0),
+        ("accept_timeout_s", -5.0),
+    ],
+)
+def test_timings_must_be_finite_and_positive(field: str, value: float) -> None:
+    """NaN passed every comparison, and a negative interval failed only at each join, after its
+    token use had been counted (UNKNOWN to the agent, a VolunteerNode left behind)."""
+    with pytest.raises(ValueError, match=rf"^{field}: must be a finite number of seconds > 0"):
+        GatewayConfig(**{field: value}).validate()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ("abcdef.0123456789abcdef", BootstrapToken("abcdef.0123456789abcdef", None, "bootstrap")),
+        ("abcdef.0123456789abcdef:3", BootstrapToken("abcdef.0123456789abcdef", 3, "bootstrap")),
+        ("abcdef.0123456789abcdef:2:alice", BootstrapToken("abcdef.0123456789abcdef", 2, "alice")),
+        ("abcdef.0123456789abcdef::alice", BootstrapToken("abcdef.0123456789abcdef", None, "alice")),
+    ],
+)
+def test_bootstrap_tokens_parse_with_an_owner(entry: str, expected: BootstrapToken) -> None:
+    assert parse_bootstrap_token(entry) == expected
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("not-a-token", "expected '<6 chars"),
+        ("abcdef.0123456789abcdef:0", "usage limit must be a whole number >= 1, got '0'"),
+        ("abcdef.0123456789abcdef:-3", "usage limit must be a whole number >= 1, got '-3'"),
+        ("abcdef.0123456789abcdef:many", "usage limit must be a whole number >= 1"),
+    ],
+)
+def test_a_bad_bootstrap_token_stops_the_gateway_with_a_message(
+    entry: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--store=memory", "--listen=127.0.0.1:0", "--head-proxy-listen=127.0.0.1:0", "--admin-listen=127.0.0.1:0"]
+    assert main([*argv, "--head-address=127.0.0.1", f"--bootstrap-token={entry}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("koinon-gateway: --bootstrap-token: ") and message in err and "Traceback" not in err
+    assert "0123456789abcdef" not in err

@@ -334,6 +334,32 @@ async def test_token_cli_prints_the_ca_hash_agents_pin(kube: Kube) -> None:
     assert out.strip().split(".")[1] not in err  # the secret is still printed once, on stdout only
 
 
+async def test_token_cli_create_succeeds_when_only_the_ca_hint_cannot_be_read(kube: Kube) -> None:
+    """A created token is a success (exit 0, printed once) even if the CA hash printed after it
+    cannot be read; an empty owner is refused before anything is created."""
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": CA_SECRET_NAME, "namespace": NAMESPACE}}
+    kube.emulator.create({**secret, "type": "Opaque", "data": {"tls.crt": base64.b64encode(b"x").decode()}})
+
+    async def create(*args: str) -> tuple[int, str, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "koinon_gateway.main", "token", f"--kubeconfig={kube.kubeconfig}",
+            f"--namespace={NAMESPACE}", "create", *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode is not None
+        return process.returncode, out.decode(), err.decode()
+
+    rc, out, err = await create("--owner=bob")
+    assert rc == 0, err
+    token_id = out.strip().split(".")[0]
+    assert decoded(kube.secret(secret_name(token_id)))["owner"] == "bob"
+    assert "could not be read" in err
+    rc, out, err = await create("--owner=")
+    assert rc == 2 and "--owner" in err and out == ""
+    assert len(await KubeTokenStore(kube.client, NAMESPACE).list()) == 1
+
+
 async def test_token_cli_names_the_bad_flag(kube: Kube) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "koinon_gateway.main", "token", f"--kubeconfig={kube.kubeconfig}",
@@ -801,6 +827,16 @@ async def test_gateway_process_with_kube_store(kube: Kube, tmp_path: Path) -> No
         assert base64.b64decode(kube.secret(CA_SECRET_NAME)["data"]["tls.crt"]) == ca_path.read_bytes()
         data = decoded(kube.secret(secret_name("abcdef")))
         assert data["token-secret-sha256"] == hash_secret("0123456789abcdef") and data["usage-limit"] == "1"
+        # The bootstrap token joins: its VolunteerNode gets an owner (the CRD requires one).
+        target = ready.read_text().splitlines()[0]
+        async with grpc.aio.secure_channel(
+            target,
+            grpc.ssl_channel_credentials(ca_path.read_bytes()),
+            options=[("grpc.ssl_target_name_override", "koinon-gateway")],
+        ) as channel:
+            joined = await tunnel_stub(channel).Join(pb.JoinRequest(token=bootstrap, name_hint="boot"), timeout=10)
+        node = await kubectl_vn(kube, joined.assignment.node_name)
+        assert node["spec"]["owner"] == "bootstrap"
     finally:
         process.terminate()
         out, _ = await asyncio.wait_for(process.communicate(), 30)
