@@ -310,7 +310,11 @@ class DevCluster:
         assert gateway.process is not None
         self._track(gateway.process)
         say(f"- gateway for volunteers at {gateway.agent_target} (TLS, join tokens)")
-        head.extra_env = {**gateway.head_environment(), **self._env()}
+        # TMPDIR inside the work dir: the dashboard's multiprocessing helpers put their listener
+        # sockets there, and `down` removes it with the rest (in the host's /tmp they stayed).
+        head_tmp = work_dir / "tmp"
+        head_tmp.mkdir(mode=0o700, exist_ok=True)
+        head.extra_env = {**gateway.head_environment(), **self._env(), "TMPDIR": str(head_tmp)}
         with deferred_signals():
             head.start()
             assert head.process is not None

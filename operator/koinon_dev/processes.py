@@ -211,12 +211,19 @@ def _ancestors() -> set[int]:
     return found
 
 
+def _names(arg: str, path: str) -> bool:
+    """Whether a command-line argument names ``path`` or something under it, alone or as a flag's
+    value (``--temp-dir=PATH/x``): a bare substring test took ``ray-volunteer-10`` for ``ray-volunteer-1``."""
+    value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
+    return value == path or value.startswith(path + "/")
+
+
 def _uses(pid: int, path: str, env_marker: bytes | None) -> bool:
     """Whether ``pid`` names ``path`` in its command line, has a file under it open, or (with
     ``env_marker``, b"NAME=value") carries the marker in its environment."""
     proc = Path(f"/proc/{pid}")
     with contextlib.suppress(OSError):
-        if path.encode() in (proc / "cmdline").read_bytes():
+        if any(_names(arg.decode(errors="replace"), path) for arg in (proc / "cmdline").read_bytes().split(b"\0")):
             return True
     with contextlib.suppress(OSError):
         for fd in os.listdir(proc / "fd"):

@@ -24,7 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from koinon_dev.processes import ManagedProcess, free_port_range, wait_until
+from koinon_dev.processes import ManagedProcess, deferred_signals, free_port_range, wait_until
 from koinon_dev.ray_cluster import LocalRayHead
 
 PORT_BLOCK_SIZE = 40
@@ -39,9 +39,10 @@ def netns_available() -> bool:
     if os.geteuid() != 0 or shutil.which("ip") is None:
         return False
     probe = f"kprobe-{secrets.token_hex(3)}"
-    if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode != 0:
-        return False
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    with deferred_signals():  # a SIGTERM between add and del must not leave the probe behind
+        if subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode != 0:
+            return False
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return True
 
 
@@ -201,10 +202,11 @@ class LocalAgent:
         own = [work_dir / f"agent-{self.name}", work_dir / f"ray-{self.name}"]
         for directory in own:
             directory.mkdir(mode=0o700, exist_ok=True)
-        exposed = [str(self.gateway.socket_dir()), self.gateway.ca_path, *map(str, own)]
+        shared = [str(self.gateway.socket_dir()), self.gateway.ca_path]  # every volunteer's: read-only
         return [
             sys.executable, "-m", "koinon_dev.volunteer_sandbox",
-            *(f"--expose={path}" for path in exposed),
+            *(f"--expose-ro={path}" for path in shared),
+            *(f"--expose={path}" for path in own),
             *(f"--hide={path}" for path in self.hide),
             "--",
         ]  # fmt: skip

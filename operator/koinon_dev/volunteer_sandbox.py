@@ -13,11 +13,13 @@ when everything runs on one host:
 Run inside ``ip netns exec`` (which already gives the process its own mount namespace, with the
 host's mounts propagating in but none going back out), this replaces ``/tmp`` with an empty
 tmpfs holding only the paths passed with ``--expose`` (bind-mounted at the same place: the
-gateway's socket directory, the CA, the volunteer's own state and Ray directories), puts empty
-tmpfs over ``/dev/shm`` (where Ray keeps object store files) and over each ``--hide`` directory
-(the control plane's state dir), and runs the command in a new PID namespace with its own /proc.
+volunteer's own state and Ray directories) and ``--expose-ro`` (the same, read-only: the gateway's
+socket directory and the CA, which every volunteer uses and none may replace), puts empty tmpfs
+over ``/dev/shm`` (where Ray keeps object store files), ``/run`` (the host's services' sockets) and
+each ``--hide`` directory (the control plane's state dir), and runs the command in a new PID
+namespace with its own /proc, without any capability (see drop_privileges).
 
-    python -m koinon_dev.volunteer_sandbox --expose PATH... --hide DIR... -- COMMAND...
+    python -m koinon_dev.volunteer_sandbox --expose PATH... --expose-ro PATH... --hide DIR... -- COMMAND...
 
 What running the project takes stays visible, read-only, when it lies under /tmp (a checkout
 or CI clone there): the Python environment, the project's package directories and PYTHONPATH.
@@ -55,9 +57,17 @@ from types import FrameType
 
 CLONE_NEWPID = 0x20000000
 PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+LINUX_CAPABILITY_VERSION_3 = 0x20080522
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 COVERED = Path("/tmp")
 STAGE = Path("/dev/shm")
+# Where the host's services keep their unix sockets (a database's, a container engine's, D-Bus):
+# covered too, as socket paths cross network namespaces. /var/run is a link to /run.
+HOST_SOCKET_DIRS = (Path("/run"),)
 
 
 def _mount(*args: str) -> None:
@@ -111,13 +121,15 @@ def isolate(expose: list[Path], hide: list[Path], read_only: Sequence[Path] = ()
     if subprocess.run(["umount", "--lazy", str(STAGE)], capture_output=True).returncode != 0:
         raise SystemExit(f"volunteer sandbox: could not unmount the staging tmpfs at {STAGE}")
     visible = [*expose, *read_only]
-    for directory in [STAGE, *hide]:
+    for directory in [STAGE, *HOST_SOCKET_DIRS, *hide]:
         if (
             directory != STAGE
             and directory.is_relative_to(COVERED)
             and not any(directory.is_relative_to(path) for path in visible)
         ):
             continue  # gone with the rest of /tmp
+        if not directory.is_dir():
+            continue
         _mount("-t", "tmpfs", "-o", "mode=1777", "koinon-hidden", str(directory))
 
 
@@ -143,9 +155,34 @@ def _forward_signals_to(pid: int) -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)  # held back until now
 
 
+def drop_privileges() -> None:
+    """Leaves this process, and all it will run, without any capability and unable to gain one.
+
+    The sandbox needs root to build its mounts and namespaces; the volunteer must not keep it: with
+    CAP_SYS_ADMIN a job could unmount the covering /tmp or /proc and see the host's (the head's
+    sockets, other volunteers' credentials) or setns() into the host's network; with
+    CAP_SYS_PTRACE read the agent's token from its memory. The uid stays 0 (files here are root's),
+    but root without capabilities is an ordinary user: after exec it gets only what its bounding
+    and inheritable sets allow, and both are empty.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    last_cap = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for cap in range(last_cap + 1):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise SystemExit(f"volunteer sandbox: dropping capability {cap} failed: {os.strerror(ctypes.get_errno())}")
+    libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)  # EINVAL on kernels without ambient sets
+    header = (ctypes.c_uint32 * 2)(LINUX_CAPABILITY_VERSION_3, 0)
+    no_capabilities = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable; two 32-bit words
+    if libc.capset(header, no_capabilities) != 0:
+        raise SystemExit(f"volunteer sandbox: capset failed: {os.strerror(ctypes.get_errno())}")
+    _libc_call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid or file capabilities either
+
+
 def _exec_command(command: list[str]) -> None:
-    """Becomes the command with the signal state a shell would give it: Python ignores SIGPIPE and
-    SIGXFSZ, an ignored signal stays ignored across exec, and so does a blocked one."""
+    """Becomes the command, without privileges (drop_privileges), with the signal state a shell
+    would give it: Python ignores SIGPIPE and SIGXFSZ, an ignored signal stays ignored across exec,
+    and so does a blocked one."""
+    drop_privileges()
     for signum in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS):
         signal.signal(signum, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
@@ -182,6 +219,9 @@ def _run_init(command: list[str], outside_alive: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m koinon_dev.volunteer_sandbox")
     parser.add_argument("--expose", action="append", type=Path, default=[], help="a path under /tmp to keep")
+    parser.add_argument(
+        "--expose-ro", action="append", type=Path, default=[], help="a path under /tmp to keep, read-only"
+    )
     parser.add_argument("--hide", action="append", type=Path, default=[], help="a directory to cover")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -189,7 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given after --")
-    isolate([p.resolve() for p in args.expose], [p.resolve() for p in args.hide], software_paths())
+    read_only = [*software_paths(), *(p.resolve() for p in args.expose_ro)]
+    isolate([p.resolve() for p in args.expose], [p.resolve() for p in args.hide], read_only)
     _libc_call("unshare", CLONE_NEWPID)  # for the children: the next one forked is PID 1 there
     outside_alive, held_outside = os.pipe()
     sys.stdout.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -141,3 +142,14 @@ def test_ray_refuses_requests_without_the_cluster_token(control_plane: ControlPl
         urllib.request.urlopen(f"{control_plane.info.ray_dashboard_url}/api/jobs/", timeout=10)
     assert refused.value.code in (401, 403)
     assert isinstance(control_plane.ray_jobs(), list)  # with the token it answers
+
+
+def test_the_heads_temporary_sockets_live_in_the_work_dir(control_plane: ControlPlane) -> None:
+    """Ray's dashboard starts multiprocessing helpers whose listener sockets go to $TMPDIR: under
+    the work dir, `down` removes them; in the host's /tmp they were left behind by every run."""
+    work_dir = control_plane.info.work_dir
+    assert work_dir is not None
+    listeners = [
+        line.split()[-1] for line in Path("/proc/net/unix").read_text().splitlines()[1:] if "/pymp-" in line.split()[-1]
+    ]
+    assert [path for path in listeners if path.startswith(f"{work_dir}/")], listeners  # the dashboard's

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from koinon_dev import cli
 from koinon_dev.cluster import AGENT_STOP_GRACE_SECONDS, RUN_ENV, DevCluster, DevClusterConfig, DevClusterInfo
-from koinon_dev.processes import boot_id, process_start_time
+from koinon_dev.processes import boot_id, kill_processes_using, process_start_time
+from koinon_dev.tunnel_plane import netns_available
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -383,3 +384,63 @@ def test_sigterm_during_demo_takes_the_control_plane_down(tmp_path: Path) -> Non
         if demo.poll() is None:
             demo.kill()
             demo.wait()
+
+
+def test_killing_a_volunteers_processes_spares_one_whose_name_shares_the_prefix(tmp_path: Path) -> None:
+    """`volunteer-1`'s directory is a prefix of `volunteer-10`'s: whole arguments are compared."""
+    sleepers = [
+        subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)", f"--temp-dir={tmp_path}/ray-volunteer-{n}"]
+        )
+        for n in ("1", "10")
+    ]
+    try:
+        killed = kill_processes_using(tmp_path / "ray-volunteer-1")
+        assert killed == [sleepers[0].pid]
+        assert sleepers[0].wait(5) == -signal.SIGKILL and sleepers[1].poll() is None
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()
+
+
+SLOW_IP = '#!/bin/sh\n{real} "$@"; rc=$?\n[ "$2" = add ] && touch {marker} && sleep 2\nexit $rc\n'
+PROBE_DRIVER = """
+from koinon_dev.processes import TerminatedBySignal, signals_as_exceptions
+from koinon_dev.tunnel_plane import netns_available
+with signals_as_exceptions():  # as `dev up` runs it
+    try:
+        netns_available()
+    except TerminatedBySignal:
+        print("stopped")
+"""
+
+
+@pytest.mark.skipif(not netns_available(), reason="needs root and ip netns")
+def test_a_signal_during_the_netns_probe_leaves_no_namespace(tmp_path: Path) -> None:
+    real_ip = shutil.which("ip")
+    assert real_ip is not None
+    (tmp_path / "ip").write_text(SLOW_IP.format(real=real_ip, marker=tmp_path / "added"))
+    (tmp_path / "ip").chmod(0o755)
+
+    def namespaces() -> set[str]:
+        listed = subprocess.run([real_ip, "netns", "list"], capture_output=True, text=True).stdout
+        return {line.split()[0] for line in listed.splitlines() if line.startswith("kprobe-")}
+
+    before = namespaces()
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    up = subprocess.Popen([sys.executable, "-c", PROBE_DRIVER], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "added").exists():
+            assert time.monotonic() < deadline, "the probe never added its namespace"
+            time.sleep(0.02)
+        up.send_signal(signal.SIGTERM)  # a supervisor stopping `koinon dev up` mid-probe
+        out, _ = up.communicate(timeout=30)
+        assert "stopped" in out
+        assert namespaces() - before == set()
+    finally:
+        if up.poll() is None:
+            up.kill()
+        for leaked in namespaces() - before:
+            subprocess.run([real_ip, "netns", "del", leaked], check=False)

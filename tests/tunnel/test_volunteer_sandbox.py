@@ -26,10 +26,19 @@ def connect(path):
         return "connected"
     except OSError as exc:
         return type(exc).__name__
-work, state = sys.argv[1], sys.argv[2]
+def writable(path):
+    try:
+        open(path, "a").close()
+        return True
+    except OSError:
+        return False
+work, state, run_socket = sys.argv[1], sys.argv[2], sys.argv[3]
 print("head-socket", connect(f"{work}/head/raylet.sock"))
 print("gateway-socket", connect(f"{work}/gw.sock"))
+print("host-run-socket", connect(run_socket))
 print("ca", open(f"{work}/ca.pem").read())
+print("ca-writable", writable(f"{work}/ca.pem"))
+print("capabilities", [l.split()[1] for l in open("/proc/self/status") if l.startswith(("CapEff", "CapPrm", "CapBnd"))])
 print("other-volunteer", os.path.exists(f"{work}/agent-other/identity.json"))
 print("state", sorted(os.listdir(state)))
 print("shm", sorted(os.listdir("/dev/shm")))
@@ -50,7 +59,9 @@ def test_a_sandboxed_volunteer_sees_only_the_gateway_the_ca_and_its_own_director
         (work / "agent-other" / "identity.json").write_text("credential")
         (work / "ca.pem").write_text("CA")
         (state / "ray-auth-token").write_text("token")
-        for path in (work / "head" / "raylet.sock", work / "gw.sock"):
+        run_dir = Path("/run") / f"koinon-sbx-{secrets.token_hex(3)}"  # a host service's socket
+        run_dir.mkdir()
+        for path in (work / "head" / "raylet.sock", work / "gw.sock", run_dir / "service.sock"):
             listener = socket.socket(socket.AF_UNIX)
             listener.bind(str(path))
             listener.listen()
@@ -61,8 +72,9 @@ def test_a_sandboxed_volunteer_sees_only_the_gateway_the_ca_and_its_own_director
         try:
             completed = subprocess.run(
                 ["ip", "netns", "exec", netns, sys.executable, "-m", "koinon_dev.volunteer_sandbox",
-                 f"--expose={work}/gw.sock", f"--expose={work}/ca.pem", f"--expose={work}/agent-me",
-                 f"--hide={state}", "--", sys.executable, "-c", PROBE, str(work), str(state)],
+                 f"--expose-ro={work}/gw.sock", f"--expose-ro={work}/ca.pem", f"--expose={work}/agent-me",
+                 f"--hide={state}", "--", sys.executable, "-c", PROBE, str(work), str(state),
+                 str(run_dir / "service.sock")],
                 capture_output=True, text=True, timeout=60,
             )  # fmt: skip
         finally:
@@ -73,7 +85,10 @@ def test_a_sandboxed_volunteer_sees_only_the_gateway_the_ca_and_its_own_director
         assert seen == {
             "head-socket": "FileNotFoundError",
             "gateway-socket": "connected",
+            "host-run-socket": "FileNotFoundError",
             "ca": "CA",
+            "ca-writable": "False",  # shared by every volunteer: none may replace it
+            "capabilities": str(["0000000000000000"] * 3),
             "other-volunteer": "False",
             "state": "[]",
             "shm": "[]",
@@ -88,7 +103,54 @@ def test_a_sandboxed_volunteer_sees_only_the_gateway_the_ca_and_its_own_director
         delete_netns(netns)
         for listener in listeners:
             listener.close()
-        subprocess.run(["rm", "-rf", str(work), str(state)], check=False)
+        subprocess.run(["rm", "-rf", str(work), str(state), str(run_dir)], check=False)
+
+
+ESCAPE = r"""
+import ctypes, os, subprocess, sys
+host_pid = sys.argv[1]
+def attempt(what, action):
+    try:
+        action()
+        print(what, "done")
+    except BaseException as exc:
+        print(what, type(exc).__name__)
+def setns():
+    fd = os.open(f"/proc/{host_pid}/ns/net", os.O_RDONLY)  # only with the host's /proc
+    if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
+        raise PermissionError(os.strerror(ctypes.get_errno()))
+attempt("umount-tmp", lambda: subprocess.run(["umount", "-l", "/tmp"], check=True, capture_output=True))
+attempt("umount-proc", lambda: subprocess.run(["umount", "-l", "/proc"], check=True, capture_output=True))
+attempt("setns-host", setns)
+attempt("host-tmp-visible", lambda: os.listdir(sys.argv[2]))
+"""
+
+
+def test_job_code_in_the_sandbox_cannot_undo_it() -> None:
+    """Root without capabilities: a job cannot unmount what covers the host's /tmp and /proc, nor
+    enter the host's network namespace (before, all three worked and the host's loopback
+    services and /tmp secrets were reachable)."""
+    secret_dir = Path("/tmp") / f"koinon-esc-{secrets.token_hex(3)}"  # stands for the head's work dir
+    secret_dir.mkdir()
+    netns = f"kesc-{secrets.token_hex(3)}"
+    create_netns(netns)
+    try:
+        completed = subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "koinon_dev.volunteer_sandbox",
+             "--", sys.executable, "-c", ESCAPE, str(os.getpid()), str(secret_dir)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr
+        seen = dict(line.split(" ", 1) for line in completed.stdout.splitlines())
+        assert seen == {
+            "umount-tmp": "CalledProcessError",
+            "umount-proc": "CalledProcessError",
+            "setns-host": "FileNotFoundError",  # the host's processes are not in its /proc
+            "host-tmp-visible": "FileNotFoundError",
+        }
+    finally:
+        delete_netns(netns)
+        secret_dir.rmdir()
 
 
 def test_signals_reach_the_sandboxed_command_and_sigkill_takes_everything_inside_with_it() -> None:
