@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
 import secrets
@@ -40,6 +41,9 @@ from koinon_dev.processes import (
 )
 from koinon_dev.ray_cluster import LocalRayHead
 from koinon_dev.tunnel_plane import LocalAgent, LocalGateway, delete_netns, netns_available
+from koinon_dev.volunteer_sandbox import runs_without_privileges
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO_ROOT / "manifests" / "crds"
@@ -358,6 +362,19 @@ class DevCluster:
         available = netns_available()
         if wanted and not available:
             raise RuntimeError("network namespaces asked for, but `ip netns add` does not work here (needs root)")
+        why_not = runs_without_privileges() if available else ""
+        if why_not:
+            # The sandbox takes every capability from the volunteer; a checkout it then cannot
+            # read (in a 0750 home of another user) would leave every volunteer failing to start.
+            message = (
+                f"the volunteer sandbox cannot run {sys.executable} without privileges ({why_not}); "
+                "put the checkout where root without capabilities can read it "
+                "(e.g. /opt, /srv, or chmod o+x its parents)"
+            )
+            if wanted:
+                raise RuntimeError(message)
+            log.warning("%s; volunteers run as plain processes instead", message)
+            return False
         return available
 
     def _start_agent(self, name: str, gpus: int, owner: str, extra_env: dict[str, str] | None = None) -> LocalAgent:

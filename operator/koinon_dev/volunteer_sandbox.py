@@ -131,6 +131,22 @@ def isolate(expose: list[Path], hide: list[Path], read_only: Sequence[Path] = ()
         if not directory.is_dir():
             continue
         _mount("-t", "tmpfs", "-o", "mode=1777", "koinon-hidden", str(directory))
+    read_only_elsewhere()
+
+
+def read_only_elsewhere() -> None:
+    """Makes every mount outside the sandbox's own trees read-only, in this mount namespace only.
+
+    The volunteer keeps uid 0 (the files it runs are root's), and owner permissions still apply
+    without capabilities: it could otherwise rewrite root-owned files of the host (/etc, the
+    project's environment the head runs from). What it may write is under /tmp (its own
+    directories), /dev/shm and, with no host files in them, /dev, /proc, /sys and /run.
+    """
+    writable_trees = (COVERED, Path("/dev"), Path("/proc"), Path("/sys"), *HOST_SOCKET_DIRS)
+    mount_points = [Path(line.split()[4]) for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for mount_point in dict.fromkeys(mount_points):  # in mount order, each once
+        if not any(mount_point.is_relative_to(tree) for tree in writable_trees):
+            _mount("-o", "remount,bind,ro", str(mount_point))
 
 
 def _libc_call(name: str, *args: int) -> None:
@@ -153,6 +169,15 @@ def _forward_signals_to(pid: int) -> None:
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)  # held back until now
+
+
+def runs_without_privileges(module: str = "koinon_agent.cli") -> str:
+    """ "" when this Python and ``module`` load without capabilities (as the volunteer will run),
+    else why not: a checkout in a home directory that is 0750 and not root's cannot be read."""
+    completed = subprocess.run(
+        [sys.executable, "-c", f"import {module}"], preexec_fn=drop_privileges, capture_output=True, text=True
+    )
+    return "" if completed.returncode == 0 else (completed.stderr.strip().splitlines() or ["failed"])[-1]
 
 
 def drop_privileges() -> None:

@@ -136,10 +136,13 @@ class KubeNodeRegistry:
         while True:
             try:
                 if not resource_version:
+                    # Only what was seen before the list was asked for: a node created while the
+                    # list is under way may be missing from it without being gone.
+                    seen_before = dict(self._seen)
                     items, resource_version = await self.client.list_all(self._path())
                     current = {str(item["metadata"]["name"]): item for item in items}
                     terminating = {name for name, item in current.items() if _terminating(item)}
-                    vanished = {**self._seen, **known}
+                    vanished = {**seen_before, **known}
                     for name in sorted(vanished.keys() - current.keys()):
                         self._seen.pop(name, None)
                         yield DeletedNode(name, vanished[name])

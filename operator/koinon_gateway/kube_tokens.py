@@ -151,14 +151,28 @@ class KubeTokenStore:
         raise RuntimeError("could not draw an unused token id")
 
     async def add_plain(self, token: str, usage_limit: int | None = None, owner: str = "", region: str = "") -> None:
-        """Registers a caller-chosen token (``--bootstrap-token``) unless its id already exists."""
+        """Registers a caller-chosen token (``--bootstrap-token``). When its Secret exists already
+        (a restart), its owner and usage limit are brought to what the flag says now; its usage
+        count, revocation and secret stay (another token with the same id is refused as before)."""
         token_id, secret = parse_token(token)
         stored = JoinToken(token_id, hash_secret(secret), None, usage_limit, 0, False, owner, region)
         try:
             await self.client.create(secret_path(self.namespace), token_secret(self.namespace, stored))
+            return
         except KubeApiError as exc:
             if not exc.conflict:
                 raise
+        existing = await self.client.get_or_none(secret_path(self.namespace, secret_name(token_id)))
+        if existing is None or existing.get("type") != SECRET_TYPE:
+            return
+        current = token_from_secret(existing)
+        if current.secret_sha256 != stored.secret_sha256 or (current.owner, current.usage_limit) == (
+            owner,
+            usage_limit,
+        ):
+            return  # another token with this id (its joins refuse this secret), or nothing to change
+        data = {"owner": b64(owner), "usage-limit": b64(str(usage_limit)) if usage_limit is not None else None}
+        await self.client.merge_patch(secret_path(self.namespace, secret_name(token_id)), {"data": data})
 
     async def revoke(self, token_id: str) -> None:
         await self.client.merge_patch(

@@ -109,11 +109,12 @@ async def print_ca_hint(client: KubeClient, namespace: str) -> None:
     read the CA's (403), or a broken CA Secret, must not turn a created token into a failure."""
     try:
         bundle = await KubeCAStore(client, namespace).load()
+        pin = ca_cert_hash(bundle.cert_pem) if bundle is not None else ""
     except (ValueError, KubeApiError) as exc:
         print(f"(the gateway CA's hash could not be read: {exc}; see `koinon-gateway token ca-hash`)", file=sys.stderr)
         return
-    if bundle is not None:
-        print(f"agents trust the gateway with: --ca-cert-hash {ca_cert_hash(bundle.cert_pem)}", file=sys.stderr)
+    if pin:
+        print(f"agents trust the gateway with: --ca-cert-hash {pin}", file=sys.stderr)
 
 
 def main(argv: list[str]) -> int:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import koinon_dev.cluster as cluster_module
 import pytest
 from koinon_dev import cli
 from koinon_dev.cluster import AGENT_STOP_GRACE_SECONDS, RUN_ENV, DevCluster, DevClusterConfig, DevClusterInfo
@@ -444,3 +445,18 @@ def test_a_signal_during_the_netns_probe_leaves_no_namespace(tmp_path: Path) -> 
             up.kill()
         for leaked in namespaces() - before:
             subprocess.run([real_ip, "netns", "del", leaked], check=False)
+
+
+@pytest.mark.skipif(not netns_available(), reason="needs root and ip netns")
+def test_volunteers_that_could_not_run_sandboxed_run_as_plain_processes_or_fail_when_namespaces_were_asked_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(cluster_module, "runs_without_privileges", lambda: "PermissionError: [Errno 13]")
+    auto = DevCluster(DevClusterConfig(state_dir=tmp_path / "auto"))
+    assert auto._network_namespaces() is False
+    assert "volunteers run as plain processes instead" in caplog.text
+    asked = DevCluster(DevClusterConfig(state_dir=tmp_path / "asked", network_namespaces=True))
+    with pytest.raises(RuntimeError, match=r"cannot run .* without privileges"):
+        asked._network_namespaces()
+    monkeypatch.setattr(cluster_module, "runs_without_privileges", lambda: "")
+    assert auto._network_namespaces() is True

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from koinon_agent.config import AgentConfig
 from koinon_emulator.kubeconfig import write_kubeconfig
 from koinon_emulator.server import KubeEmulator
 from koinon_gateway.kube_ca import KubeCAStore
-from koinon_gateway.kube_client import KubeApiError, KubeClient, WatchEvent, load_kubeconfig
+from koinon_gateway.kube_client import JSON, KubeApiError, KubeClient, WatchEvent, load_kubeconfig
 from koinon_gateway.kube_registry import KubeNodeRegistry
 from koinon_gateway.kube_tokens import KubeTokenStore
 from koinon_gateway.registry import DeletedNode
@@ -181,4 +181,41 @@ async def test_nodes_deleted_while_the_watch_was_down_are_reported_after_the_rel
         finally:
             watcher.cancel()
     finally:
+        await client.close()
+
+
+class ListThenCreateClient(KubeClient):
+    """A node is created (by a join) after the list was taken and before its answer arrives."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.during_first_list: Callable[[], Awaitable[None]] | None = None
+
+    async def list_all(self, path: str, label_selector: str | None = None, page: int = 500) -> tuple[list[JSON], str]:
+        listed = await super().list_all(path, label_selector, page)
+        if self.during_first_list is not None:
+            action, self.during_first_list = self.during_first_list, None
+            await action()
+        return listed
+
+
+async def test_a_node_created_while_the_watch_lists_is_not_reported_deleted(kube: Kube) -> None:
+    client = ListThenCreateClient(load_kubeconfig(kube.kubeconfig))
+    registry = KubeNodeRegistry(client)
+
+    async def join() -> None:
+        await registry.create("vn-live", {"owner": "alice"}, {})
+        await registry.patch_status("vn-live", {"phase": "NotReady", "address": "127.0.20.5"})
+
+    client.during_first_list = join
+    deleted: asyncio.Queue[DeletedNode] = asyncio.Queue()
+    watcher = asyncio.ensure_future(_collect(registry, deleted))
+    try:
+        await registry.create("vn-gone", {"owner": "alice"}, {})  # and one that really goes
+        kube.emulator.delete(*VN, "vn-gone")
+        assert await asyncio.wait_for(deleted.get(), 10) == DeletedNode("vn-gone", "")
+        await asyncio.sleep(0.5)
+        assert deleted.empty() and kube.emulator.get(*VN, "vn-live") is not None
+    finally:
+        watcher.cancel()
         await client.close()

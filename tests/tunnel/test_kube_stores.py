@@ -334,11 +334,24 @@ async def test_token_cli_prints_the_ca_hash_agents_pin(kube: Kube) -> None:
     assert out.strip().split(".")[1] not in err  # the secret is still printed once, on stdout only
 
 
-async def test_token_cli_create_succeeds_when_only_the_ca_hint_cannot_be_read(kube: Kube) -> None:
+@pytest.mark.parametrize("broken", ["keys-missing", "certificate-not-pem"])
+async def test_token_cli_create_succeeds_when_only_the_ca_hint_cannot_be_read(kube: Kube, broken: str) -> None:
     """A created token is a success (exit 0, printed once) even if the CA hash printed after it
     cannot be read; an empty owner is refused before anything is created."""
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": CA_SECRET_NAME, "namespace": NAMESPACE}}
-    kube.emulator.create({**secret, "type": "Opaque", "data": {"tls.crt": base64.b64encode(b"x").decode()}})
+    if broken == "keys-missing":
+        data = {"tls.crt": base64.b64encode(b"x").decode()}
+    else:
+        bundle = await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+        kube.emulator.delete("v1", "Secret", CA_SECRET_NAME, NAMESPACE)
+        data = {
+            "tls.crt": base64.b64encode(
+                b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"
+            ).decode(),
+            "tls.key": base64.b64encode(bundle.key_pem).decode(),
+            "credential.key": base64.b64encode(bundle.credential_key).decode(),
+        }
+    kube.emulator.create({**secret, "type": "Opaque", "data": data})
 
     async def create(*args: str) -> tuple[int, str, str]:
         process = await asyncio.create_subprocess_exec(
@@ -358,6 +371,22 @@ async def test_token_cli_create_succeeds_when_only_the_ca_hint_cannot_be_read(ku
     rc, out, err = await create("--owner=")
     assert rc == 2 and "--owner" in err and out == ""
     assert len(await KubeTokenStore(kube.client, NAMESPACE).list()) == 1
+
+
+async def test_a_bootstrap_token_stored_before_owners_is_given_the_flags_owner_and_limit(kube: Kube) -> None:
+    """A gateway restarted with the same --bootstrap-token brings the Secret's owner and limit to
+    the flag's (a Secret an older gateway wrote had no owner, and every join with it failed);
+    its count stays, and another token that happens to have the id is not touched."""
+    store = KubeTokenStore(kube.client, NAMESPACE)
+    token = "abcdef.0123456789abcdef"
+    await store.add_plain(token)  # as an older gateway stored it: no owner, no limit
+    await store.consume(token)
+    await store.add_plain(token, usage_limit=3, owner="bootstrap")
+    data = decoded(kube.secret(secret_name("abcdef")))
+    assert (data["owner"], data["usage-limit"], data["usages-count"]) == ("bootstrap", "3", "1")
+    await store.add_plain("abcdef.ffffffffffffffff", usage_limit=9, owner="mallory")  # same id, other secret
+    data = decoded(kube.secret(secret_name("abcdef")))
+    assert (data["owner"], data["usage-limit"]) == ("bootstrap", "3")
 
 
 async def test_token_cli_names_the_bad_flag(kube: Kube) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from koinon_dev.tunnel_plane import create_netns, delete_netns, netns_available
+from koinon_dev.volunteer_sandbox import runs_without_privileges
 
 pytestmark = pytest.mark.skipif(not netns_available(), reason="needs root and ip netns")
 
@@ -123,6 +124,7 @@ attempt("umount-tmp", lambda: subprocess.run(["umount", "-l", "/tmp"], check=Tru
 attempt("umount-proc", lambda: subprocess.run(["umount", "-l", "/proc"], check=True, capture_output=True))
 attempt("setns-host", setns)
 attempt("host-tmp-visible", lambda: os.listdir(sys.argv[2]))
+attempt("write-root-owned-file", lambda: open(sys.argv[3], "w").write("rewritten by job code"))
 """
 
 
@@ -132,12 +134,14 @@ def test_job_code_in_the_sandbox_cannot_undo_it() -> None:
     services and /tmp secrets were reachable)."""
     secret_dir = Path("/tmp") / f"koinon-esc-{secrets.token_hex(3)}"  # stands for the head's work dir
     secret_dir.mkdir()
+    host_file = Path("/var/tmp") / f"koinon-esc-{secrets.token_hex(3)}"  # root's, outside /tmp (as /etc is)
+    host_file.write_text("the host's")
     netns = f"kesc-{secrets.token_hex(3)}"
     create_netns(netns)
     try:
         completed = subprocess.run(
             ["ip", "netns", "exec", netns, sys.executable, "-m", "koinon_dev.volunteer_sandbox",
-             "--", sys.executable, "-c", ESCAPE, str(os.getpid()), str(secret_dir)],
+             "--", sys.executable, "-c", ESCAPE, str(os.getpid()), str(secret_dir), str(host_file)],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert completed.returncode == 0, completed.stderr
@@ -147,10 +151,30 @@ def test_job_code_in_the_sandbox_cannot_undo_it() -> None:
             "umount-proc": "CalledProcessError",
             "setns-host": "FileNotFoundError",  # the host's processes are not in its /proc
             "host-tmp-visible": "FileNotFoundError",
+            "write-root-owned-file": "OSError",  # root's files stay root's: the rest is mounted read-only
         }
+        assert host_file.read_text() == "the host's"
     finally:
         delete_netns(netns)
         secret_dir.rmdir()
+        host_file.unlink()
+
+
+def test_software_the_sandbox_cannot_read_without_privileges_is_found_before_volunteers_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout in another user's 0750 home: root without capabilities cannot read it. The dev
+    plane finds out first and runs volunteers as plain processes, saying why."""
+    assert runs_without_privileges("koinon_agent.cli") == ""
+    home = Path("/var/tmp") / f"koinon-home-{secrets.token_hex(3)}"
+    home.mkdir(mode=0o750)
+    try:
+        (home / "koinon_probe_module.py").write_text("")
+        os.chown(home, 65534, 65534)  # nobody's
+        monkeypatch.setenv("PYTHONPATH", f"{home}:{os.environ.get('PYTHONPATH', '')}")
+        assert "koinon_probe_module" in runs_without_privileges("koinon_probe_module")
+    finally:
+        subprocess.run(["rm", "-rf", str(home)], check=False)
 
 
 def test_signals_reach_the_sandboxed_command_and_sigkill_takes_everything_inside_with_it() -> None:
