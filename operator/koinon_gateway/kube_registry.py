@@ -143,6 +143,11 @@ class KubeNodeRegistry:
                     current = {str(item["metadata"]["name"]): item for item in items}
                     terminating = {name for name, item in current.items() if _terminating(item)}
                     vanished = {**seen_before, **known}
+                    # Seen only while the list was taken: gone already (deleted before the list's
+                    # version, so no watch event will come) or made after it (the watch brings it).
+                    for name in self._seen.keys() - seen_before.keys() - current.keys() - known.keys():
+                        if await self.client.get_or_none(self._path(name)) is None:
+                            vanished[name] = self._seen.get(name, "")
                     for name in sorted(vanished.keys() - current.keys()):
                         self._seen.pop(name, None)
                         yield DeletedNode(name, vanished[name])

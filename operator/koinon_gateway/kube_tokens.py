@@ -165,7 +165,11 @@ class KubeTokenStore:
         existing = await self.client.get_or_none(secret_path(self.namespace, secret_name(token_id)))
         if existing is None or existing.get("type") != SECRET_TYPE:
             return
-        current = token_from_secret(existing)
+        try:
+            current = token_from_secret(existing)
+        except TokenError as exc:  # a hand-edited Secret: leave it to its owner, start anyway
+            log.warning("bootstrap token %s left as it is: %s", token_id, exc)
+            return
         if current.secret_sha256 != stored.secret_sha256 or (current.owner, current.usage_limit) == (
             owner,
             usage_limit,

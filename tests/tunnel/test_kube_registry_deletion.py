@@ -185,13 +185,19 @@ async def test_nodes_deleted_while_the_watch_was_down_are_reported_after_the_rel
 
 
 class ListThenCreateClient(KubeClient):
-    """A node is created (by a join) after the list was taken and before its answer arrives."""
+    """Joins that land while the first list is under way: ``before_first_list`` runs once the
+    registry has asked for the list but before the API takes it, ``during_first_list`` after the
+    list was taken and before its answer arrives."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.before_first_list: Callable[[], Awaitable[None]] | None = None
         self.during_first_list: Callable[[], Awaitable[None]] | None = None
 
     async def list_all(self, path: str, label_selector: str | None = None, page: int = 500) -> tuple[list[JSON], str]:
+        if self.before_first_list is not None:
+            action, self.before_first_list = self.before_first_list, None
+            await action()
         listed = await super().list_all(path, label_selector, page)
         if self.during_first_list is not None:
             action, self.during_first_list = self.during_first_list, None
@@ -216,6 +222,26 @@ async def test_a_node_created_while_the_watch_lists_is_not_reported_deleted(kube
         assert await asyncio.wait_for(deleted.get(), 10) == DeletedNode("vn-gone", "")
         await asyncio.sleep(0.5)
         assert deleted.empty() and kube.emulator.get(*VN, "vn-live") is not None
+    finally:
+        watcher.cancel()
+        await client.close()
+
+
+async def test_a_node_created_and_deleted_while_the_watch_lists_is_reported(kube: Kube) -> None:
+    """Deleted before the list's version: neither in the list nor ever in the watch."""
+    client = ListThenCreateClient(load_kubeconfig(kube.kubeconfig))
+    registry = KubeNodeRegistry(client)
+
+    async def join_then_delete() -> None:
+        await registry.create("vn-brief", {"owner": "alice"}, {})
+        await registry.patch_status("vn-brief", {"phase": "NotReady", "address": "127.0.20.6"})
+        kube.emulator.delete(*VN, "vn-brief")
+
+    client.before_first_list = join_then_delete
+    deleted: asyncio.Queue[DeletedNode] = asyncio.Queue()
+    watcher = asyncio.ensure_future(_collect(registry, deleted))
+    try:
+        assert await asyncio.wait_for(deleted.get(), 10) == DeletedNode("vn-brief", "127.0.20.6")
     finally:
         watcher.cancel()
         await client.close()

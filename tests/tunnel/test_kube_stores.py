@@ -25,7 +25,7 @@ from koinon_emulator.kubeconfig import write_kubeconfig
 from koinon_emulator.server import KubeEmulator
 from koinon_gateway.config import GatewayConfig
 from koinon_gateway.kube_ca import CA_SECRET_NAME, KubeCAStore
-from koinon_gateway.kube_client import JSON, KubeApiError, KubeClient, load_incluster_config, load_kubeconfig
+from koinon_gateway.kube_client import JSON, KubeApiError, KubeClient, b64, load_incluster_config, load_kubeconfig
 from koinon_gateway.kube_registry import KubeNodeRegistry
 from koinon_gateway.kube_tokens import KubeTokenStore, secret_name
 from koinon_gateway.pki import ca_cert_hash, load_or_create_ca
@@ -387,6 +387,10 @@ async def test_a_bootstrap_token_stored_before_owners_is_given_the_flags_owner_a
     await store.add_plain("abcdef.ffffffffffffffff", usage_limit=9, owner="mallory")  # same id, other secret
     data = decoded(kube.secret(secret_name("abcdef")))
     assert (data["owner"], data["usage-limit"]) == ("bootstrap", "3")
+    # A hand-edited Secret the gateway cannot read is left alone; the gateway still starts.
+    kube.emulator.patch("v1", "Secret", secret_name("abcdef"), {"data": {"usage-limit": b64("unlimited")}}, NAMESPACE)
+    await store.add_plain(token, usage_limit=3, owner="bootstrap")
+    assert decoded(kube.secret(secret_name("abcdef")))["usage-limit"] == "unlimited"
 
 
 async def test_token_cli_names_the_bad_flag(kube: Kube) -> None:

@@ -366,3 +366,32 @@ def test_the_software_kept_visible_is_the_environment_and_the_projects_packages(
     for package in (koinon_agent, koinon_gateway):
         assert Path(package.__file__).resolve().parent in kept  # type: ignore[arg-type]
     assert [len(p.parts) for p in kept] == sorted(len(p.parts) for p in kept)  # parents first
+
+
+def test_mount_points_with_escaped_names_or_covered_by_others_do_not_stop_the_sandbox() -> None:
+    """mountinfo escapes a space as \\040 (a USB drive's label), and a mount covered by a later
+    one cannot be reached: neither may stop every volunteer from starting."""
+    base = Path("/var/tmp") / f"koinon-mnt-{secrets.token_hex(3)}"
+    spaced, covered = base / "USB DRIVE", base / "cover" / "inner"
+    for directory in (spaced, covered):
+        directory.mkdir(parents=True)
+    mounted: list[Path] = []
+    netns = f"kmnt-{secrets.token_hex(3)}"
+    try:
+        for target in (spaced, covered, covered.parent):  # the last one covers "inner"
+            subprocess.run(["mount", "-t", "tmpfs", "koinon-test", str(target)], check=True)
+            mounted.append(target)
+        create_netns(netns)
+        probe = "import sys; open(sys.argv[1] + '/x', 'w')"
+        completed = subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "koinon_dev.volunteer_sandbox",
+             "--", sys.executable, "-c", probe, str(spaced)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert "Read-only file system" in completed.stderr, completed.stderr  # it started, and that mount is ro
+        assert "volunteer sandbox:" not in completed.stderr
+    finally:
+        delete_netns(netns)
+        for target in reversed(mounted):
+            subprocess.run(["umount", str(target)], check=False)
+        subprocess.run(["rm", "-rf", str(base)], check=False)
