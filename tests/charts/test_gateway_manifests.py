@@ -13,7 +13,7 @@ import pytest
 from koinon_gateway.kube_client import SERVICE_ACCOUNT_DIR
 from koinon_gateway.main import build_parser
 
-from .helpers import MANIFESTS, Manifest, Tools, parse_documents
+from .helpers import MANIFESTS, REPO, Manifest, Tools, parse_documents
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -222,9 +222,17 @@ def test_ray_head_ports_are_not_opened_to_other_pods(rendered: list[Manifest]) -
 
 READ_ONLY_ROOT_SCRIPT = r"""
 set -eu
+project="$1"; shift
 mount --make-rprivate /
 mount --bind / / && mount -o remount,bind,ro /
-mount -t tmpfs -o size=1g tmpfs /tmp  # the ray-tmp emptyDir
+# The ray-tmp emptyDir on /tmp. A checkout under /tmp (a CI clone) stays visible in it, read-only
+# like the rest of the image.
+original=/mnt  # any directory outside /tmp: the bind stays in this mount namespace
+mount --bind /tmp "$original"
+mount -t tmpfs -o size=1g tmpfs /tmp
+case "$project" in
+  /tmp/*) mkdir -p "$project" && mount --bind "$original/${project#/tmp/}" "$project" ;;
+esac
 ip link set lo up
 if touch /.koinon-write-probe 2>/dev/null; then echo "root is writable"; exit 3; fi
 mkdir -p /tmp/auth && python -c "import secrets; print(secrets.token_hex(32))" > /tmp/auth/token
@@ -249,7 +257,7 @@ def test_the_ray_head_command_runs_on_a_read_only_root(rendered: list[Manifest])
     command = [arg.replace("--dashboard-host=0.0.0.0", "--dashboard-host=127.0.0.1") for arg in head["command"]]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     result = subprocess.run(
-        ["unshare", "--mount", "--net", "bash", "-c", READ_ONLY_ROOT_SCRIPT, "head", *command],
+        ["unshare", "--mount", "--net", "bash", "-c", READ_ONLY_ROOT_SCRIPT, "head", str(REPO), *command],
         capture_output=True, text=True, timeout=200, env=env, cwd="/",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
