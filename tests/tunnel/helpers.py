@@ -175,3 +175,23 @@ async def control_call(c: Cluster, credential: str, register: pb.Register) -> gr
             return exc
         finally:
             call.cancel()
+
+
+async def next_message(control: grpc.aio.StreamStreamCall) -> pb.GatewayMessage:  # type: ignore[type-arg]
+    message = await asyncio.wait_for(control.read(), 5)
+    assert isinstance(message, pb.GatewayMessage), message
+    return message
+
+
+async def registered_mute_node(
+    c: Cluster, channel: grpc.aio.Channel, name_hint: str = "mute"
+) -> tuple[pb.JoinResponse, grpc.aio.StreamStreamCall]:  # type: ignore[type-arg]
+    """A node with a live Control stream whose agent never serves connections (the caller reads
+    that stream, and cancels it when done)."""
+    request = pb.JoinRequest(token=c.tokens.add(), name_hint=name_hint)
+    response: pb.JoinResponse = await tunnel_stub(channel).Join(request)
+    control = tunnel_stub(channel).Control(metadata=(("authorization", f"Bearer {response.credential}"),))
+    register = pb.Register(node_name=response.assignment.node_name, address=response.assignment.address)
+    await control.write(pb.AgentMessage(register=register))
+    assert (await next_message(control)).WhichOneof("msg") == "registered"
+    return response, control

@@ -16,7 +16,16 @@ import pytest
 from koinon_gateway.rpc import EOF, tunnel_stub
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import channel_for, cluster, connect_via_proxy, echo_handler, echo_roundtrip, echo_server
+from .helpers import (
+    channel_for,
+    cluster,
+    connect_via_proxy,
+    echo_handler,
+    echo_roundtrip,
+    echo_server,
+    next_message,
+    registered_mute_node,
+)
 
 PAYLOAD_BYTES = 16 << 20
 SLOW_READER_PAUSE_S = 0.5  # long enough for the sender to finish while the tunnel still holds data
@@ -203,16 +212,12 @@ async def test_a_malformed_frame_from_the_accepting_volunteer_ends_its_stream_wi
     async with cluster(tmp_path, heartbeat_timeout_s=30.0) as c, channel_for(c) as channel:
         a = await c.start_agent("alpha")
         assert a.identity is not None
-        joined: pb.JoinResponse = await tunnel_stub(channel).Join(pb.JoinRequest(token=c.tokens.add(), name_hint="b"))
+        joined, control = await registered_mute_node(c, channel, "b")
         b_metadata = (("authorization", f"Bearer {joined.credential}"),)
-        control = tunnel_stub(channel).Control(metadata=b_metadata)
-        register = pb.Register(node_name=joined.assignment.node_name, address=joined.assignment.address)
-        await control.write(pb.AgentMessage(register=register))
-        assert (await asyncio.wait_for(control.read(), 5)).HasField("registered")  # type: ignore[attr-defined]
         dial = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.identity.credential}"),))
         target = pb.Dial(host=joined.assignment.address, port=joined.assignment.ports.node_manager_port)
         await dial.write(pb.Frame(dial=target))
-        while not (message := await asyncio.wait_for(control.read(), 5)).HasField("open_connection"):  # type: ignore[attr-defined]
+        while not (message := await next_message(control)).HasField("open_connection"):
             pass
         raw = channel.stream_stream("/koinon.tunnel.v1.Tunnel/Connect", None, None)
         accept: Any = raw(metadata=b_metadata)  # type: ignore[call-arg]  # written below

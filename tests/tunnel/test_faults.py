@@ -18,7 +18,17 @@ from koinon_gateway.server import Gateway
 from koinon_gateway.service import CONTROL_STREAMS_OPENING_MAX
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import Cluster, channel_for, cluster, connect_via_proxy, control_call, echo_handler, echo_roundtrip
+from .helpers import (
+    Cluster,
+    channel_for,
+    cluster,
+    connect_via_proxy,
+    control_call,
+    echo_handler,
+    echo_roundtrip,
+    next_message,
+    registered_mute_node,
+)
 
 
 @pytest.fixture
@@ -301,12 +311,8 @@ async def test_reconnect_is_idempotent(c: Cluster) -> None:
 async def test_a_session_replaced_by_a_newer_one_is_told_at_once(tmp_path: Path) -> None:
     """Not left open and quiet until the agent's heartbeat timeout (30 s here)."""
     async with cluster(tmp_path, heartbeat_timeout_s=30.0) as c, channel_for(c) as channel:
-        joined: pb.JoinResponse = await tunnel_stub(channel).Join(pb.JoinRequest(token=c.tokens.add(), name_hint="x"))
+        joined, older = await registered_mute_node(c, channel)
         register = pb.Register(node_name=joined.assignment.node_name, address=joined.assignment.address)
-        metadata = (("authorization", f"Bearer {joined.credential}"),)
-        older = tunnel_stub(channel).Control(metadata=metadata)
-        await older.write(pb.AgentMessage(register=register))
-        assert (await asyncio.wait_for(older.read(), 5)).WhichOneof("msg") == "registered"
         newer = await control_call(c, joined.credential, register)
         assert isinstance(newer, pb.GatewayMessage) and newer.WhichOneof("msg") == "registered"
 
@@ -351,24 +357,6 @@ async def test_gateway_crash_leaves_no_node_connected_until_it_reconnects(c: Clu
         assert asyncio.get_running_loop().time() < deadline, "agent did not reconnect"
         await asyncio.sleep(0.05)
     assert c.registry.objects[name]["status"]["conditions"][0]["reason"] != "GatewayRestarted"
-
-
-async def next_message(control: grpc.aio.StreamStreamCall) -> pb.GatewayMessage:  # type: ignore[type-arg]
-    message = await asyncio.wait_for(control.read(), 5)
-    assert isinstance(message, pb.GatewayMessage), message
-    return message
-
-
-async def registered_mute_node(
-    c: Cluster, channel: grpc.aio.Channel
-) -> tuple[pb.JoinResponse, grpc.aio.StreamStreamCall]:  # type: ignore[type-arg]
-    """A node with a live Control stream whose agent never serves connections."""
-    response: pb.JoinResponse = await tunnel_stub(channel).Join(pb.JoinRequest(token=c.tokens.add(), name_hint="mute"))
-    control = tunnel_stub(channel).Control(metadata=(("authorization", f"Bearer {response.credential}"),))
-    register = pb.Register(node_name=response.assignment.node_name, address=response.assignment.address)
-    await control.write(pb.AgentMessage(register=register))
-    assert (await asyncio.wait_for(control.read(), 5)).WhichOneof("msg") == "registered"
-    return response, control
 
 
 async def test_a_dialer_that_hangs_up_leaves_nothing_pending(tmp_path: Path) -> None:

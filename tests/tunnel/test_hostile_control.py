@@ -12,11 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 from koinon_gateway import server
-from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.sessions import STATUS_WRITE_BURST
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import Cluster, channel_for, cluster, control_call
+from .helpers import Cluster, channel_for, cluster, control_call, registered_mute_node
 
 VICTIM_RAY_ID = "ab" * 28
 VICTIM_ADDRESS = "127.0.20.9"
@@ -59,11 +58,7 @@ async def node_with_fake_gcs(
 async def registered(
     c: Cluster, channel: grpc.aio.Channel
 ) -> AsyncIterator[tuple[pb.JoinResponse, grpc.aio.StreamStreamCall]]:  # type: ignore[type-arg]
-    joined: pb.JoinResponse = await tunnel_stub(channel).Join(pb.JoinRequest(token=c.tokens.add(), name_hint="evil"))
-    control = tunnel_stub(channel).Control(metadata=(("authorization", f"Bearer {joined.credential}"),))
-    register = pb.Register(node_name=joined.assignment.node_name, address=joined.assignment.address)
-    await control.write(pb.AgentMessage(register=register))
-    assert (await asyncio.wait_for(control.read(), 5)).HasField("registered")
+    joined, control = await registered_mute_node(c, channel, "evil")
     try:
         yield joined, control
     finally:
