@@ -2,7 +2,8 @@
 
 Stores: ``--store kube`` keeps join tokens (Secrets), the CA (Secret ``koinon-gateway-ca``) and
 VolunteerNodes in the cluster (``--kubeconfig``, else in-cluster, else ``$KUBECONFIG``; Secrets in
-``--namespace``); ``--store file`` keeps nodes and the CA under ``--state-dir`` (local dev, tests);
+``--namespace``); ``--store file`` keeps nodes, the CA and join tokens' usage counts under ``--state-dir`` (local
+dev, tests);
 ``--store memory`` keeps nothing (benchmarks). With file/memory stores, join tokens come from
 ``--bootstrap-token``; with the kube store from ``koinon-gateway token create`` (see token_cli.py).
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from . import event_loop, token_cli
 from .config import GatewayConfig
+from .file_tokens import FileTokenStore
 from .kube_ca import KubeCAStore
 from .kube_client import KubeApiError, KubeConfigError, kube_client, load_config
 from .kube_registry import KubeNodeRegistry
@@ -138,12 +140,16 @@ def parse_bootstrap_token(entry: str) -> BootstrapToken:
 
 
 def stores_from_args(args: argparse.Namespace) -> tuple[TokenStore, NodeRegistry, CAStore]:
-    tokens = InMemoryTokenStore()
-    for bootstrap in map(parse_bootstrap_token, args.bootstrap_token):
+    bootstraps = [parse_bootstrap_token(entry) for entry in args.bootstrap_token]
+    if args.store == "memory":
+        tokens = InMemoryTokenStore()
+    else:
+        args.state_dir.mkdir(parents=True, exist_ok=True)
+        tokens = FileTokenStore(path=args.state_dir / "join-token-usage.json")
+    for bootstrap in bootstraps:
         tokens.add_plain(bootstrap.token, usage_limit=bootstrap.usage_limit, owner=bootstrap.owner)
     if args.store == "memory":
         return tokens, InMemoryNodeRegistry(), InMemoryCAStore()
-    args.state_dir.mkdir(parents=True, exist_ok=True)
     return tokens, FileNodeRegistry(args.state_dir / "volunteernodes.json"), FileCAStore(args.state_dir / "ca")
 
 

@@ -1,0 +1,73 @@
+"""Join tokens of the file store (``--store file``): usage counts survive a gateway restart.
+
+With the file store, tokens come from ``--bootstrap-token`` and live in memory; without this, a
+token limited to N joins would allow N more after every restart. Each consume and give-back
+rewrites ``<state-dir>/join-token-usage.json`` (atomically) with each token's count, keyed by
+token id and the hash of its secret, so a token id reused with a new secret starts from zero.
+Only hashes are written, never a secret.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .tokens import InMemoryTokenStore, JoinGrant, hash_secret, parse_token
+
+log = logging.getLogger(__name__)
+
+
+def _read_usage(path: Path) -> dict[str, dict[str, Any]]:
+    """The saved counts; an unreadable or malformed file counts as none (and is reported)."""
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("join token usage file %s unreadable (%s): counts start from zero", path, exc)
+        return {}
+    if not isinstance(saved, dict):
+        log.warning("join token usage file %s is not a JSON object: counts start from zero", path)
+        return {}
+    return {key: value for key, value in saved.items() if isinstance(value, dict)}
+
+
+@dataclass
+class FileTokenStore(InMemoryTokenStore):
+    """``InMemoryTokenStore`` whose usage counts are kept in ``path``."""
+
+    path: Path = field(default=Path("join-token-usage.json"))
+
+    def add_plain(self, token: str, usage_limit: int | None = None, owner: str = "", region: str = "") -> None:
+        super().add_plain(token, usage_limit=usage_limit, owner=owner, region=region)
+        token_id, secret = parse_token(token)
+        saved = _read_usage(self.path).get(token_id, {})
+        count = saved.get("usages")
+        if saved.get("secret_sha256") == hash_secret(secret) and isinstance(count, int) and count > 0:
+            self.tokens[token_id] = replace(self.tokens[token_id], usages_count=count)
+
+    async def consume(self, token: str) -> JoinGrant:
+        grant = await super().consume(token)
+        try:
+            self._save()
+        except OSError:
+            await super().give_back(grant)  # a use that cannot be recorded is not granted
+            raise
+        return grant
+
+    async def give_back(self, grant: JoinGrant) -> None:
+        await super().give_back(grant)
+        self._save()
+
+    def _save(self) -> None:
+        usage = {
+            token_id: {"secret_sha256": stored.secret_sha256, "usages": stored.usages_count}
+            for token_id, stored in self.tokens.items()
+        }
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(usage, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)

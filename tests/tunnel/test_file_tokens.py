@@ -1,0 +1,88 @@
+"""``--store file``: join tokens' usage counts survive a gateway restart (a new store on the same file)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from koinon_gateway.file_tokens import FileTokenStore
+from koinon_gateway.main import build_parser, stores_from_args
+from koinon_gateway.tokens import TokenError
+
+TOKEN = "abcdef.0123456789abcdef"
+OTHER_SECRET = "abcdef.fedcba9876543210"
+
+
+def restarted(path: Path, token: str = TOKEN, limit: int | None = 2) -> FileTokenStore:
+    store = FileTokenStore(path=path)
+    store.add_plain(token, usage_limit=limit, owner="alice")
+    return store
+
+
+def test_usage_limit_holds_across_restart(tmp_path: Path) -> None:
+    path = tmp_path / "usage.json"
+    asyncio.run(restarted(path).consume(TOKEN))
+    asyncio.run(restarted(path).consume(TOKEN))
+    with pytest.raises(TokenError) as refused:
+        asyncio.run(restarted(path).consume(TOKEN))
+    assert refused.value.reason == "usage-limit"
+
+
+def test_given_back_use_is_saved(tmp_path: Path) -> None:
+    path = tmp_path / "usage.json"
+
+    async def join_and_give_back() -> None:
+        store = restarted(path, limit=1)
+        await store.give_back(await store.consume(TOKEN))
+
+    asyncio.run(join_and_give_back())
+    grant = asyncio.run(restarted(path, limit=1).consume(TOKEN))
+    assert grant.owner == "alice"
+
+
+def test_file_holds_no_secret(tmp_path: Path) -> None:
+    path = tmp_path / "usage.json"
+    asyncio.run(restarted(path).consume(TOKEN))
+    text = path.read_text()
+    assert TOKEN.split(".")[1] not in text
+    assert json.loads(text)["abcdef"]["usages"] == 1
+
+
+def test_new_secret_for_the_same_id_starts_from_zero(tmp_path: Path) -> None:
+    path = tmp_path / "usage.json"
+    asyncio.run(restarted(path, limit=1).consume(TOKEN))
+    asyncio.run(restarted(path, OTHER_SECRET, limit=1).consume(OTHER_SECRET))
+
+
+def test_unreadable_file_starts_from_zero_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "usage.json"
+    path.write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="koinon_gateway.file_tokens"):
+        store = restarted(path, limit=1)
+    assert "unreadable" in caplog.text
+    asyncio.run(store.consume(TOKEN))
+    assert json.loads(path.read_text())["abcdef"]["usages"] == 1
+
+
+def test_a_use_that_cannot_be_saved_is_not_granted(tmp_path: Path) -> None:
+    path = tmp_path / "usage.json"
+    store = restarted(path, limit=1)
+    path.mkdir()  # os.replace onto a directory fails
+    with pytest.raises(OSError):
+        asyncio.run(store.consume(TOKEN))
+    assert store.tokens["abcdef"].usages_count == 0
+
+
+def test_file_store_flags_use_the_state_dir(tmp_path: Path) -> None:
+    args = build_parser().parse_args(
+        ["--head-address=127.0.0.1", "--store=file", f"--state-dir={tmp_path}", f"--bootstrap-token={TOKEN}:1"]
+    )
+    tokens, _, _ = stores_from_args(args)
+    asyncio.run(tokens.consume(TOKEN))
+    tokens_again, _, _ = stores_from_args(args)
+    with pytest.raises(TokenError):
+        asyncio.run(tokens_again.consume(TOKEN))
+    assert (tmp_path / "join-token-usage.json").exists()
