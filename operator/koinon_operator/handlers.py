@@ -63,7 +63,8 @@ def aijob_allocations(body: kopf.Body, namespace: str | None, name: str, **_: An
 
 @kopf.index(GROUP, VERSION, VOLUNTEER_PLURAL)
 def volunteer_nodes(body: kopf.Body, name: str, **_: Any) -> dict[str, dict[str, Any]]:
-    return {name: {"spec": dict(body.spec), "status": dict(body.status)}}
+    deleting = bool(body.metadata.get("deletionTimestamp"))
+    return {name: {"spec": dict(body.spec), "status": dict(body.status), "deleting": deleting}}
 
 
 def _first_values(index: kopf.Index[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,8 @@ capacity that AIJobs already hold."""
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -11,8 +13,11 @@ from typing import Any
 from koinon_operator.api.aijob import parse_time
 from koinon_operator.placement import NodeCapacity
 from koinon_operator.ray_jobs import RayJobsClient, RayNodeInfo
+from koinon_operator.scheduler import from_status
 
 NODE_NAME_LABEL = "koinon.dev/node"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -33,10 +38,14 @@ def build_capacity(
     volunteers: Mapping[str, Mapping[str, Any]],
     allocations: Iterable[Allocation],
 ) -> list[NodeCapacity]:
-    """Pure: free capacity per live, non-head Ray node.
+    """Pure: free capacity per live, non-head Ray node, one per node name.
 
-    ``volunteers`` maps a node name to its VolunteerNode object (spec/status); a Ray node with no
-    VolunteerNode is still usable, with neutral defaults, so a bare Ray worker works in development.
+    ``volunteers`` maps a node name to its VolunteerNode object (spec/status, and ``deleting``
+    when it has a deletionTimestamp). An unlabelled Ray node (a bare Ray worker, in development)
+    is usable with neutral defaults. A labelled one is a volunteer's: without its VolunteerNode
+    (deleted, or not seen yet) or while that is being deleted it takes no new work, since its
+    cordon and reputation went with the object. A VolunteerNode whose status placement cannot
+    read (e.g. a negative latency) takes none either, and the reason is logged.
     """
     used_gpus: dict[str, int] = {}
     used_cpus: dict[str, float] = {}
@@ -47,18 +56,18 @@ def build_capacity(
             used_cpus[name] = used_cpus.get(name, 0.0) + allocation.cpus_per_replica
             running[name] = running.get(name, 0) + 1
     capacity: list[NodeCapacity] = []
-    for node in ray_nodes:
-        if node.is_head or not node.alive:
-            continue
-        name = node_name(node)
-        volunteer = volunteers.get(name, {})
-        spec = volunteer.get("spec") or {}
-        status = volunteer.get("status") or {}
+    for name, node in _one_node_per_name(ray_nodes, volunteers).items():
+        labelled = NODE_NAME_LABEL in node.labels
+        volunteer = volunteers.get(name)
+        spec = (volunteer or {}).get("spec") or {}
+        status = (volunteer or {}).get("status") or {}
         gpus_total = int(node.resources_total.get("GPU", 0))
         cpus_total = float(node.resources_total.get("CPU", 0.0))
         gpu_memory = min((int(g.get("memoryMiB", 0)) for g in spec.get("gpus") or []), default=0)
         reputation = status.get("reputation") or {}
         latency = status.get("latency") or {}
+        unreadable = unreadable_status(status)
+        _report_unreadable(name, unreadable)
         capacity.append(
             NodeCapacity(
                 name=name,
@@ -72,17 +81,82 @@ def build_capacity(
                 owner=str(spec.get("owner") or name),
                 region=str(spec.get("region") or "unknown"),
                 # Only Ready takes new work: a Draining volunteer is leaving and a Pending one is not
-                # up yet. No phase (no VolunteerNode, or none written yet) keeps the neutral default.
-                ready=status.get("phase", "Ready") == "Ready",
+                # up yet. No phase (no status written yet) keeps the neutral default.
+                ready=status.get("phase", "Ready") == "Ready"
+                and not unreadable
+                and not (labelled and (volunteer is None or volunteer.get("deleting"))),
                 cordoned=bool(spec.get("cordoned", False)),
-                latency_ms=latency.get("smoothedMs"),
-                latency_updated_at=_epoch(latency.get("updatedAt")),
-                reputation=float(reputation.get("lowerBound", 0.5)),
-                reputation_status=reputation or None,
+                latency_ms=None if unreadable else latency.get("smoothedMs"),
+                latency_updated_at=None if unreadable else _epoch(latency.get("updatedAt")),
+                reputation=0.0 if unreadable else float(reputation.get("lowerBound", 0.5)),
+                reputation_status=None if unreadable else reputation or None,
                 running_jobs=running.get(name, 0),
             )
         )
     return capacity
+
+
+def _one_node_per_name(
+    ray_nodes: Iterable[RayNodeInfo], volunteers: Mapping[str, Mapping[str, Any]]
+) -> dict[str, RayNodeInfo]:
+    """Live non-head nodes by name. Two alive under one name happen when a raylet restarted before
+    GCS marked its predecessor dead, or two bare workers share a host: the one the VolunteerNode
+    names (``status.rayNodeId``) wins, else the first listed."""
+    chosen: dict[str, RayNodeInfo] = {}
+    for node in ray_nodes:
+        if node.is_head or not node.alive:
+            continue
+        name = node_name(node)
+        earlier = chosen.get(name)
+        if earlier is None:
+            chosen[name] = node
+            continue
+        recorded = ((volunteers.get(name) or {}).get("status") or {}).get("rayNodeId")
+        if node.node_id == recorded:
+            chosen[name] = node
+        logger.info("two live Ray nodes named %s (%s, %s): using %s", name, earlier.node_id, node.node_id,
+                    chosen[name].node_id)  # fmt: skip
+    return chosen
+
+
+# What was last logged per node name, so that every pending job's pass does not log it again.
+_reported_unreadable: dict[str, str] = {}
+
+
+def _report_unreadable(name: str, reason: str) -> None:
+    if _reported_unreadable.get(name, "") == reason:
+        return
+    if reason:
+        logger.warning("VolunteerNode %s takes no new work: %s", name, reason)
+        _reported_unreadable[name] = reason
+    else:
+        logger.info("VolunteerNode %s: status readable again", name)
+        del _reported_unreadable[name]
+
+
+def unreadable_status(status: Mapping[str, Any]) -> str:
+    """Why placement cannot use this VolunteerNode status ("" when it can). The CRD's schema
+    rejects these values; a status written before it did, or by hand, could still hold them."""
+    latency = status.get("latency") or {}
+    if not isinstance(latency, Mapping):
+        return f"status.latency must be an object, got {latency!r}"
+    smoothed = latency.get("smoothedMs")
+    if smoothed is not None and (
+        isinstance(smoothed, bool) or not isinstance(smoothed, int | float) or not 0 <= smoothed < math.inf
+    ):
+        return f"status.latency.smoothedMs must be a number >= 0, got {smoothed!r}"
+    try:
+        _epoch(latency.get("updatedAt"))
+        reputation = status.get("reputation") or {}
+        if not isinstance(reputation, Mapping):
+            return f"status.reputation must be an object, got {reputation!r}"
+        from_status(reputation)
+        lower_bound = reputation.get("lowerBound", 0.5)
+        if isinstance(lower_bound, bool) or not isinstance(lower_bound, int | float) or not 0 <= lower_bound <= 1:
+            return f"status.reputation.lowerBound must be a number within 0..1, got {lower_bound!r}"
+    except ValueError as exc:
+        return str(exc)
+    return ""
 
 
 def _epoch(value: object) -> float | None:

@@ -123,11 +123,22 @@ class ReputationBook:
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def record(self, evidence: Iterable[tuple[str, str]], key: str | None = None) -> None:
-        """Counts each (node, kind); with a ``key``, evidence already counted under it is skipped."""
+        """Counts each (node, kind); with a ``key``, evidence already counted under it is skipped.
+
+        A node whose evidence cannot be counted (its status is unreadable, the write failed) does
+        not cost the others theirs: each is tried, then the first failure is raised.
+        """
+        failures: list[Exception] = []
         for node, kind in evidence:
             # One writer per node at a time in this process: read-modify-write of the evidence counts.
             async with self._locks.setdefault(node, asyncio.Lock()):
-                await asyncio.to_thread(self._apply, node, kind, key)
+                try:
+                    await asyncio.to_thread(self._apply, node, kind, key)
+                except Exception as exc:
+                    logger.warning("evidence %s for %s not recorded: %r", kind, node, exc)
+                    failures.append(exc)
+        if failures:
+            raise failures[0]
 
     def _apply(self, node: str, kind: str, key: str | None) -> None:
         load_config()
@@ -180,7 +191,10 @@ class ReputationBook:
         written = 0
         for node in names:
             async with self._locks.setdefault(node, asyncio.Lock()):
-                written += await asyncio.to_thread(self._apply_uptime, node, 2 * interval_s)
+                try:
+                    written += await asyncio.to_thread(self._apply_uptime, node, 2 * interval_s)
+                except ValueError as exc:  # this node's status is unreadable; the others still count
+                    logger.warning("uptime of %s not recorded: %s", node, exc)
         return written
 
     @staticmethod

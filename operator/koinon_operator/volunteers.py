@@ -25,7 +25,9 @@ def status_from_ray(body: Mapping[str, Any], ray_nodes: Iterable[RayNodeInfo], n
     """Pure: the connection part of a VolunteerNode's status, from Ray's view of its node."""
     name = (body.get("metadata") or {}).get("name")
     current: Mapping[str, Any] = body.get("status") or {}
-    node = next((n for n in ray_nodes if not n.is_head and node_name(n) == name), None)
+    # Ray keeps dead nodes in its list: a raylet restarted by the agent leaves its predecessor there.
+    named = [n for n in ray_nodes if not n.is_head and node_name(n) == name]
+    node = next((n for n in named if n.alive), named[0] if named else None)
     ready = node is not None and node.alive
     status: dict[str, Any] = {
         "phase": "Ready" if ready else "NotReady",

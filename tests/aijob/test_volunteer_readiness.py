@@ -44,9 +44,8 @@ def test_placement_with_the_only_node_draining_does_not_place() -> None:
     [
         _volunteers({"phase": "Ready", "connected": True}),
         _volunteers(None),  # created, status not written yet: its Ray node is alive
-        {},  # a bare Ray worker without a VolunteerNode (development)
     ],
-    ids=["ready", "no-status-yet", "no-volunteernode"],
+    ids=["ready", "no-status-yet"],
 )
 def test_ready_or_unreported_volunteers_stay_placeable(volunteers: dict[str, dict[str, Any]]) -> None:
     assert build_capacity(RAY_NODES, volunteers, [])[0].ready
