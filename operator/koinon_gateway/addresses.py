@@ -43,6 +43,8 @@ class AddressPoolExhausted(Exception):
 class AddressAllocator:
     def __init__(self, cidr: str, port_base: int, block_size: int) -> None:
         self.network = ipaddress.IPv4Network(cidr)
+        if self.network.num_addresses < 4:  # hosts() of a /31 or /32 are not hosts _index accepts
+            raise ValueError(f"vip_cidr: {cidr} holds no address to hand out; use a /30 or larger")
         if block_size < FIRST_WORKER + 2:
             raise ValueError(f"port_block_size: must be at least {FIRST_WORKER + 2}")
         capacity = self.network.num_addresses - 2

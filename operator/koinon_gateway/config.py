@@ -7,7 +7,9 @@ import math
 from dataclasses import dataclass, field
 
 # Bind hosts that accept connections to any local address, the head's included.
-WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})
+WILDCARD_HOSTS = frozenset({"", "*"})
+# The allocator hands out host addresses only (not a network's first and last): a /30 has two.
+MAX_VIP_PREFIX = 30
 
 
 def _bind_host_port(address: str) -> tuple[str, int] | None:
@@ -21,9 +23,29 @@ def _bind_host_port(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address a listener or dialer ends up using: an IPv4-mapped IPv6 address (which gRPC
+    binds as the IPv4 one) counts as that IPv4 address. Raises ValueError for a host name."""
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def _answers_everywhere(host: str) -> bool:
+    """Whether a listener bound to ``host`` accepts connections to every local address: "", "*",
+    and every spelling of an unspecified address ("0.0.0.0", "::", "::0", "::ffff:0.0.0.0"...)."""
+    if host in WILDCARD_HOSTS:
+        return True
+    try:
+        return _ip(host).is_unspecified
+    except ValueError:
+        return False
+
+
 def _same_address(a: str, b: str) -> bool:
     try:
-        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+        return _ip(a) == _ip(b)
     except ValueError:
         return a == b
 
@@ -124,6 +146,11 @@ class GatewayConfig:
             raise ValueError("max_streams_per_node: must be at least 1")
         if not 0 < self.rtt_smoothing_alpha <= 1:
             raise ValueError("rtt_smoothing_alpha: must be in (0, 1]")
+        if not 0 < self.head_gcs_port < 65536:
+            raise ValueError(f"head_gcs_port: must be a port within 1-65535, got {self.head_gcs_port}")
+        for port in self.head_ports:
+            if not 0 < port < 65536:
+                raise ValueError(f"head_ports: {port} is not a port within 1-65535")
         for low, high in self.head_port_ranges:
             if not 0 < low <= high < 65536:
                 raise ValueError(f"head_port_ranges: bad range {low}-{high}")
@@ -155,7 +182,7 @@ class GatewayConfig:
             host, port = bound
             if port == 0 or not self.head_port_allowed(port):
                 continue
-            if host in WILDCARD_HOSTS or _same_address(host, self.head_address) or not _is_ip(host):
+            if _answers_everywhere(host) or _same_address(host, self.head_address) or not _is_ip(host):
                 raise ValueError(
                     f"{self._head_field_allowing(port)} the port of {name} ({address}), which also "
                     f"answers at head_address {self.head_address}: volunteers could reach the gateway's "
@@ -167,6 +194,11 @@ class GatewayConfig:
             network = ipaddress.IPv4Network(self.vip_cidr)
         except ValueError as exc:
             raise ValueError(f"vip_cidr: {exc}") from exc
+        if network.prefixlen > MAX_VIP_PREFIX:
+            raise ValueError(
+                f"vip_cidr: {self.vip_cidr} holds no address to hand out (its first and last are the "
+                f"network's own); use a /{MAX_VIP_PREFIX} or larger"
+            )
         try:
             head = ipaddress.ip_address(self.head_address)
         except ValueError:

@@ -22,7 +22,8 @@ async def read_connect_request(reader: asyncio.StreamReader, timeout: float = 10
     """Reads ``CONNECT host:port HTTP/1.1`` and its headers; returns (host, port)."""
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as exc:
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError) as exc:
+        # ConnectionError: the client reset the connection before its request was complete.
         raise BadConnectRequest("request: incomplete, too long or too slow") from exc
     if len(head) > MAX_HEADER_BYTES:
         raise BadConnectRequest("request: headers too long")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -42,6 +43,14 @@ def _port_ranges(text: str) -> list[tuple[int, int]]:
 
 
 BOOTSTRAP_OWNER = "bootstrap"
+
+
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0 (NaN would pass every later comparison)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", type=Path, help="(kube store) default: in-cluster, else $KUBECONFIG")
     p.add_argument(
         "--status-heartbeat-interval",
-        type=float,
+        type=_positive_seconds,
         default=10.0,
         help="(kube store) at most one status write per node per this many seconds that changes only lastHeartbeat",
     )

@@ -47,6 +47,13 @@ def split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def reachable_host_port(host: str, port: int) -> str:
+    """``host:port`` to connect to a listener bound to ``host``: a wildcard is reached on loopback,
+    an IPv6 address in brackets (as URLs and gRPC targets want it)."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass
 class _Listeners:
     grpc_port: int = 0
@@ -86,17 +93,17 @@ class Gateway:
         if self.config.listen.startswith("unix:"):
             return self.config.listen
         host, _ = split_host_port(self.config.listen)
-        return f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{self._ports.grpc_port}"
+        return reachable_host_port(host, self._ports.grpc_port)
 
     @property
     def head_proxy_url(self) -> str:
         host, _ = split_host_port(self.config.head_proxy_listen)
-        return f"http://{host}:{self._ports.head_proxy_port}"
+        return f"http://{reachable_host_port(host, self._ports.head_proxy_port)}"
 
     @property
     def admin_url(self) -> str:
         host, _ = split_host_port(self.config.admin_listen)
-        return f"http://{host}:{self._ports.admin_port}"
+        return f"http://{reachable_host_port(host, self._ports.admin_port)}"
 
     async def start(self) -> Gateway:
         bundle = await load_or_create_ca(self.ca_store)

@@ -688,7 +688,6 @@ class TunnelService:
                 pb.Frame(dial_result=pb.DialResult(ok=False, reason=exc.reason, message=str(exc)))
             )
             return
-        self.metrics.connections_opened += 1
         if route.kind == "head":
             try:
                 reader, writer = await asyncio.wait_for(
@@ -700,6 +699,7 @@ class TunnelService:
                     pb.Frame(dial_result=pb.DialResult(ok=False, reason="unreachable", message=repr(exc)))
                 )
                 return
+            self.metrics.connections_opened += 1  # counted once open, as the head proxy counts
             await channel.write_frame(pb.Frame(dial_result=pb.DialResult(ok=True)))
             await splice_tcp(reader, writer, channel)
             return
@@ -712,6 +712,7 @@ class TunnelService:
             )
             return
         peer_violation = ""
+        self.metrics.connections_opened += 1
         try:
             await channel.write_frame(pb.Frame(dial_result=pb.DialResult(ok=True)))
             await splice_channels(channel, peer)

@@ -1,0 +1,100 @@
+"""Gateway settings that used to pass validation and fail later: listen addresses that answer at the
+head's address under another spelling, a virtual-address pool with no host in it, out-of-range
+ports and intervals, and IPv6 listen addresses in the URLs the gateway reports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import urllib.parse
+from pathlib import Path
+
+import grpc
+import pytest
+from koinon_gateway.config import GatewayConfig
+from koinon_gateway.main import build_parser, config_from_args
+from koinon_gateway.rpc import tunnel_stub
+from koinon_gateway.server import Gateway
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+from .helpers import channel_for, cluster
+
+HEAD = "127.0.10.1"
+BASE_FLAGS = ["--head-address", HEAD]
+
+
+async def _grpc_listener_answers_at_head(host: str) -> bool:
+    server = grpc.aio.server()
+    port = server.add_insecure_port(f"[{host}]:0")
+    await server.start()
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(HEAD, port), 2)
+        writer.close()
+        return True
+    except OSError:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await server.stop(0)
+
+
+@pytest.mark.parametrize("host", ["::0", "0::0", "::ffff:0.0.0.0", "::ffff:127.0.10.1"])
+async def test_a_listen_address_answering_at_the_head_under_another_spelling_is_refused(host: str) -> None:
+    # What gRPC does with it: it accepts IPv4 connections to the head's address (a dual-stack
+    # wildcard, or a v4-mapped address bound as the IPv4 one).
+    assert await _grpc_listener_answers_at_head(host)
+    config = GatewayConfig(head_address=HEAD, listen=f"[{host}]:10050", head_port_ranges=[(10002, 10100)])
+    with pytest.raises(ValueError, match=r"includes 10050, the port of listen"):
+        config.validate()
+    # Elsewhere than the head's Ray ports, the same address is fine.
+    GatewayConfig(head_address=HEAD, listen=f"[{host}]:7443", head_port_ranges=[(10002, 10100)]).validate()
+
+
+@pytest.mark.parametrize("cidr", ["127.0.20.0/31", "127.0.20.1/32"])
+def test_a_vip_pool_without_host_addresses_is_refused(cidr: str) -> None:
+    with pytest.raises(ValueError, match=r"^vip_cidr: .* holds no address to hand out"):
+        GatewayConfig(head_address=HEAD, vip_cidr=cidr).validate()
+
+
+async def test_the_smallest_vip_pool_serves_its_two_hosts(tmp_path: Path) -> None:
+    async with cluster(tmp_path, vip_cidr="127.0.20.0/30") as c:
+        token = c.tokens.add(usage_limit=3)
+        async with channel_for(c) as channel:
+            stub = tunnel_stub(channel)
+            joined = [await stub.Join(pb.JoinRequest(token=token, name_hint=f"n{i}"), timeout=5) for i in range(2)]
+            assert sorted(r.assignment.address for r in joined) == ["127.0.20.1", "127.0.20.2"]
+            with pytest.raises(grpc.aio.AioRpcError) as full:
+                await stub.Join(pb.JoinRequest(token=token, name_hint="n2"), timeout=5)
+        assert full.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        token_id = token.split(".")[0]
+        assert c.tokens.tokens[token_id].usages_count == 2  # the refused join gave its use back
+
+
+@pytest.mark.parametrize("port", ["0", "-1", "70000"])
+def test_head_gcs_port_out_of_range_is_refused(port: str) -> None:
+    with pytest.raises(ValueError, match="head_gcs_port: must be a port within 1-65535"):
+        config_from_args(build_parser().parse_args([*BASE_FLAGS, "--head-gcs-port", port])).validate()
+
+
+def test_head_ports_out_of_range_are_refused() -> None:
+    with pytest.raises(ValueError, match="head_ports: 70000 is not a port"):
+        GatewayConfig(head_address=HEAD, head_ports=[6380, 70000]).validate()
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf"])
+def test_status_heartbeat_interval_must_be_finite_and_positive(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*BASE_FLAGS, "--status-heartbeat-interval", value])
+    assert "--status-heartbeat-interval: must be a finite number of seconds > 0" in capsys.readouterr().err
+
+
+def test_reported_addresses_of_ipv6_listeners_keep_their_brackets() -> None:
+    gateway = Gateway(GatewayConfig(listen="[::1]:0", head_proxy_listen="[::]:0", admin_listen="[::1]:0"))
+    gateway._ports.grpc_port, gateway._ports.head_proxy_port, gateway._ports.admin_port = 7443, 7480, 7481
+    assert gateway.agent_target == "[::1]:7443"
+    for url, port in ((gateway.head_proxy_url, 7480), (gateway.admin_url, 7481)):
+        parts = urllib.parse.urlsplit(url)
+        assert (parts.hostname, parts.port) == ("::1", port), url
+    wildcard = Gateway(GatewayConfig(listen="0.0.0.0:0"))
+    wildcard._ports.grpc_port = 7443
+    assert wildcard.agent_target == "127.0.0.1:7443"
