@@ -16,7 +16,7 @@ ENV_VALUES = {
     "KOINON_GATEWAY": "gateway.example:443",
     "KOINON_TOKEN": "abcdef.0123456789abcdef",
     "KOINON_STATE_DIR": "/var/lib/koinon-agent",
-    "KOINON_CA_FILE": __file__,  # must be readable; its content is not read here
+    "KOINON_CA_FILE": "",  # a file holding a certificate, written by the test
     "KOINON_CA_CERT": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
     "KOINON_CA_CERT_HASH": "sha256:" + "ab" * 32,
     "KOINON_TLS_SERVER_NAME": "koinon-gateway",
@@ -37,7 +37,7 @@ EXPECTED: dict[str, object] = {
     "gateway": "gateway.example:443",
     "token": "abcdef.0123456789abcdef",
     "state_dir": Path("/var/lib/koinon-agent"),
-    "ca_file": Path(__file__),
+    "ca_file": None,  # the file the test wrote
     "ca_pem": ENV_VALUES["KOINON_CA_CERT"].encode(),
     "ca_cert_hash": "sha256:" + "ab" * 32,
     "tls_server_name": "koinon-gateway",
@@ -66,21 +66,37 @@ def config_from(argv: list[str]) -> AgentConfig:
     return cli.config_from_args(cli.build_parser().parse_args(["join", *argv]))
 
 
-def test_every_variable_sets_its_field(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_variable_sets_its_field(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert set(ENV_VALUES) | {"KOINON_INSECURE"} == set(ENV_VARS), "give each new variable a value above"
-    for name, value in ENV_VALUES.items():
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text(ENV_VALUES["KOINON_CA_CERT"])
+    for name, value in {**ENV_VALUES, "KOINON_CA_FILE": str(ca_file)}.items():
         monkeypatch.setenv(name, value)
     config = config_from([])
     for name, field in ENV_VARS.items():
-        if name != "KOINON_INSECURE":
+        if name not in ("KOINON_INSECURE", "KOINON_CA_FILE"):
             assert getattr(config, field) == EXPECTED[field], name
+    assert config.ca_file == ca_file
     assert config.insecure is False
 
 
-def test_insecure_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("value", "insecure"), [("1", True), ("true", True), ("Yes", True), ("0", False), ("false", False), ("", False)]
+)
+def test_insecure_variable(monkeypatch: pytest.MonkeyPatch, value: str, insecure: bool) -> None:
     monkeypatch.setenv("KOINON_GATEWAY", "gw:1")
-    monkeypatch.setenv("KOINON_INSECURE", "1")
-    assert config_from([]).insecure is True
+    monkeypatch.setenv("KOINON_INSECURE", value)
+    assert config_from([]).insecure is insecure
+    assert config_from(["--insecure"]).insecure is True
+
+
+def test_an_insecure_variable_that_is_neither_yes_nor_no_is_refused(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Taken as "off" before: the agent then dialled TLS without a CA and retried for ever.
+    monkeypatch.setenv("KOINON_INSECURE", "ture")
+    assert cli.main(["join", "--gateway", "gw:1"]) == 2
+    assert "KOINON_INSECURE: expected one of" in capsys.readouterr().err
 
 
 def test_flags_win_over_variables_and_defaults_apply(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -118,7 +134,17 @@ def test_non_number_variable_is_refused_naming_flag_and_variable(
     [
         (["--ray-restart-after", "0"], "ray_restart_after_s"),
         (["--drain-grace", "-1"], "drain_grace_s"),
+        # Beyond what DrainRequest.grace_seconds (uint32) carries, or not finite: the first
+        # SIGTERM used to crash the agent building the DrainRequest, and Ray stopped at once.
+        (["--drain-grace", "inf"], "drain_grace_s"),
+        (["--drain-grace", "1e10"], "drain_grace_s"),
+        (["--drain-grace", "nan"], "drain_grace_s"),
+        # NaN: `outage > nan` is never true, so Ray was never restarted after an outage.
+        (["--ray-restart-after", "nan"], "ray_restart_after_s"),
         (["--proxy-port", "70000"], "proxy_port"),
+        # Ray refuses these after the join has spent the token, and its supervisor retried for ever.
+        (["--num-cpus", "-1"], "num_cpus"),
+        (["--object-store-memory", "-100000000"], "object_store_memory"),
     ],
 )
 def test_out_of_range_values_are_refused_naming_the_field(
@@ -164,3 +190,28 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         cli.main(["--version"])
     assert exited.value.code == 0
     assert capsys.readouterr().out.strip() == f"koinon-agent {VERSION}"
+
+
+def test_a_ca_file_that_is_a_directory_is_bad_configuration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # os.access passed a directory, and reading it later escaped main() as a traceback.
+    assert cli.main(["join", "--gateway", "gw:1", "--ca-file", str(tmp_path)]) == 2
+    assert f"ca_file: {tmp_path}: missing or not readable" in capsys.readouterr().err
+
+
+def test_a_ca_file_without_a_certificate_is_refused(tmp_path: Path) -> None:
+    # Accepted before: every TLS handshake then failed and the join was retried for ever.
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("this is not a certificate\n")
+    with pytest.raises(ValueError, match=r"ca_file: .* holds no PEM certificate"):
+        AgentConfig(gateway="gw:1", ca_file=garbage).validate()
+
+
+@pytest.mark.parametrize("max_age", ["nan", "0", "-5", "inf"])
+def test_health_max_age_must_be_finite_and_positive(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], max_age: str
+) -> None:
+    # With NaN, `age > nan` is false: an hour-old report passed the liveness check.
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["health", "--health-file", str(tmp_path / "health.json"), "--max-age", max_age])
+    assert exited.value.code == 2
+    assert "--max-age: must be a finite number of seconds > 0" in capsys.readouterr().err

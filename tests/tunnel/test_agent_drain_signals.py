@@ -257,3 +257,21 @@ def test_signal_handler_counts_signals() -> None:
     loop.handlers[signal.SIGINT]()  # Ctrl-C after SIGTERM counts as the second
     loop.handlers[signal.SIGTERM]()
     assert recorder.calls == [False, True, True]
+
+
+async def test_a_grace_beyond_what_the_drain_request_carries_still_drains(tmp_path: Path) -> None:
+    # The CLI refuses such a grace; an AgentConfig built in code could still hold one. Building the
+    # DrainRequest (grace_seconds is a uint32) used to crash the agent, and Ray stopped at once.
+    async with cluster(tmp_path, tls=False) as c:
+        agent = await c.start_agent("a")
+        agent.config.drain_grace_s = 1e10  # past validation, as code could set it
+        task = c.agents[-1][1]
+        ray = BusyRay()
+        agent.ray = ray  # type: ignore[assignment]
+        agent.request_drain()
+        await asyncio.sleep(1.0)
+        assert not task.done(), f"agent.run() ended on drain: {task.exception() if task.done() else None!r}"
+        assert ray.stopped_at is None, "Ray stopped without giving running tasks their grace"
+        agent.request_drain(now=True)
+        await asyncio.wait_for(task, 10)
+        assert ray.stopped_at is not None

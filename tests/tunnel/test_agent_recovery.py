@@ -278,3 +278,124 @@ async def test_backoff_restarts_only_after_a_session_that_stayed_up(
         assert 0.8 <= delays[3] <= 1.6  # doubled each time: 0.2, 0.4, 0.8, 1.6 ceilings
         await drop_session(1.0)
         assert len(delays) == 5 and 0.1 <= delays[4] <= 0.2
+
+
+async def test_a_rejoin_at_the_same_address_restarts_ray_under_the_new_node_name(tmp_path: Path) -> None:
+    """The gateway retires the old node and usually hands its address out again: Ray must still be
+    restarted, since its koinon.dev/node label names the retired node (the operator would map it
+    to a VolunteerNode that no longer exists)."""
+    starts = tmp_path / "starts"
+    fake_ray = tmp_path / "ray"  # records each `ray start`'s arguments
+    fake_ray.write_text(f'#!/bin/sh\necho "$@" >> {starts}\nexec sleep 600\n')
+    fake_ray.chmod(0o755)
+    async with cluster(tmp_path, credential_lifetime_s=2.0) as c:
+        agent = await c.start_agent("alpha", start_ray=True, ray_bin=str(fake_ray), ray_restart_after_s=60.0)
+        task = c.agents[-1][1]
+        await wait_until(starts.exists, 10, "ray never started")
+        assert agent.identity is not None
+        before = agent.identity
+        listen = c.gateway.agent_target
+        await c.gateway.stop(0)
+        await asyncio.sleep(max(0.0, before.expires_at - time.time()) + 0.5)  # shorter than ray_restart_after
+        c.gateway = Gateway(replace(c.gateway.config, listen=listen), c.tokens, c.registry, c.gateway.ca_store)
+        await c.gateway.start()
+
+        def restarted_as_new_node() -> bool:
+            if task.done():
+                return True
+            identity = agent.identity
+            return (
+                identity is not None
+                and identity.node_name != before.node_name
+                and f"--labels=koinon.dev/node={identity.node_name}" in starts.read_text()
+            )
+
+        await wait_until(restarted_as_new_node, 20, "Ray was not restarted under the new node name")
+        assert not task.done(), f"agent exited: {task.exception()!r}"
+        assert agent.identity is not None and agent.identity.address == before.address
+        assert starts.read_text().splitlines()[-1].count(f"koinon.dev/node={agent.identity.node_name}") == 1
+
+
+class _FinishedAfterAccept:
+    """A Connect call the gateway ends right after reading the Accept frame (it restarted, revoked
+    the node, or no longer knew the connection): later writes fail as grpc.aio's do on a finished
+    call. A stand-in: with a real gateway the window is microseconds wide."""
+
+    def __init__(self) -> None:
+        self._done = False
+
+    async def write(self, message: object) -> None:
+        if self._done:
+            raise asyncio.InvalidStateError("RPC is already finished.")
+        self._done = True
+
+    def done(self) -> bool:
+        return self._done
+
+    def cancel(self) -> bool:
+        return False
+
+    async def done_writing(self) -> None:
+        pass
+
+    async def read(self) -> object:
+        from koinon_gateway.rpc import EOF
+
+        return EOF
+
+    async def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.OK
+
+
+async def test_an_accept_whose_call_the_gateway_finished_ends_quietly_and_closes_the_local_connection() -> None:
+    from koinon_agent.local_proxy import accept_connection
+
+    closed = asyncio.Event()
+
+    async def ray_port(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # EOF once the agent closes its side
+        closed.set()
+        writer.close()
+
+    class Stub:
+        def Connect(self, metadata: object) -> _FinishedAfterAccept:
+            return _FinishedAfterAccept()
+
+    server = await asyncio.start_server(ray_port, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        request = pb.OpenConnection(connection_id=7, port=port)
+        await asyncio.wait_for(accept_connection(Stub(), (), request, "127.0.0.1"), 5)
+        await asyncio.wait_for(closed.wait(), 2)
+    finally:
+        server.close()
+
+
+async def test_stopping_a_ray_node_whose_ray_start_exited_leaves_a_process_with_its_pid_alone(
+    tmp_path: Path,
+) -> None:
+    from koinon_agent.ray_node import RayNode, RaySettings
+
+    class ExitedRayStart:
+        """`ray start` exited and was reaped; its PID now names an unrelated process (simulated)."""
+
+        def __init__(self, pid: int) -> None:
+            self.pid = pid
+            self.returncode = 1
+
+        async def wait(self) -> int:
+            return self.returncode
+
+        def send_signal(self, signum: int) -> None:
+            raise AssertionError("an exited process is not signalled")
+
+    unrelated = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        node = RayNode(RaySettings("ray", tmp_path, "http://127.0.0.1:1", None, 0, 0, None))
+        node.process = ExitedRayStart(unrelated.pid)  # type: ignore[assignment]
+        await node.stop(timeout=0.1)
+        await asyncio.sleep(0.2)
+        assert unrelated.poll() is None, "stop() killed a process that merely has the exited ray start's PID"
+    finally:
+        unrelated.kill()
+        unrelated.wait()

@@ -25,7 +25,7 @@ from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 from . import ca_discovery, health, state
 from . import gpus as gpu_inventory
 from .channel import open_channel, server_name
-from .config import VERSION, AgentConfig
+from .config import MAX_GRACE_SECONDS, VERSION, AgentConfig
 from .local_proxy import LocalProxy, Metadata, accept_connection
 from .ray_node import RayNode, RaySettings
 
@@ -315,8 +315,13 @@ class Agent:
             self.identity = await self._ensure_identity(refused)
         except DrainedBeforeJoining:
             return
-        if before is not None and self.identity.address != before.address:
-            self._identity_changed = True  # a Ray node started at the old address must be replaced
+        if before is not None and (self.identity.address, self.identity.node_name) != (
+            before.address,
+            before.node_name,
+        ):
+            # A Ray node started for the old identity must be replaced: its address, or its
+            # koinon.dev/node label, which names the node the gateway just retired.
+            self._identity_changed = True
 
     async def _unless_drained(self, work: Awaitable[T]) -> T:
         """``work``'s result; DrainedBeforeJoining as soon as a drain is asked for instead (a Join
@@ -523,7 +528,7 @@ class Agent:
         if self.ray is not None and (moved or outage > self.config.ray_restart_after_s):
             log.info(
                 "%s: restarting the Ray node",
-                "new address after joining again" if moved else f"outage of {outage:.0f}s",
+                "new identity after joining again" if moved else f"outage of {outage:.0f}s",
             )
             # In the background: stopping Ray takes seconds, and the session must heartbeat
             # meanwhile, or the gateway takes the node for lost and the outage starts over.
@@ -621,7 +626,8 @@ class Agent:
         session), keep the session up (heartbeating) until Ray has stopped."""
         assert callable(send)
         await self._drain.wait()
-        grace = pb.DrainRequest(reason="agent stopping", grace_seconds=math.ceil(self._grace_left()))
+        seconds = math.ceil(min(self._grace_left(), MAX_GRACE_SECONDS))  # a uint32 on the wire
+        grace = pb.DrainRequest(reason="agent stopping", grace_seconds=seconds)
         await send(pb.AgentMessage(drain=grace))
         await self._drain_done.wait()
 

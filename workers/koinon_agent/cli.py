@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import ctypes
 import logging
+import math
 import os
 import signal
 import sys
@@ -45,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument(
         "--insecure",
         action="store_true",
-        default=_env("KOINON_INSECURE", "") == "1",
+        default=None,
         help="plaintext gRPC (tests only) [KOINON_INSECURE=1]",
     )
     join.add_argument("--tls-server-name", default=_env("KOINON_TLS_SERVER_NAME", ""))
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument(
         "--max-age",
-        type=float,
+        type=_positive_seconds,
         default=30.0,
         help=f"seconds a health report stays valid (the agent writes one every {health.WRITE_INTERVAL_S:.0f}s)",
     )
@@ -128,6 +129,30 @@ def _number(kind: type[int] | type[float], env_var: str) -> Callable[[str], int 
     return parse
 
 
+def _positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0 (with NaN, every report would pass)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _env_flag(name: str) -> bool:
+    """A boolean environment variable; a value that is neither yes nor no is refused by name (a
+    misspelt KOINON_INSECURE must not quietly mean TLS with no CA, retried for ever)."""
+    text = (_env(name) or "0").strip().lower()
+    if text not in _TRUE + _FALSE:
+        raise ValueError(f"{name}: expected one of {', '.join(_TRUE + _FALSE)}, got {text!r}")
+    return text in _TRUE
+
+
 def _default_ray_bin() -> str:
     beside = Path(sys.executable).parent / "ray"
     return str(beside) if beside.exists() else "ray"
@@ -143,7 +168,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         ca_file=args.ca_file,
         ca_pem=ca_pem,
         ca_cert_hash=args.ca_cert_hash,
-        insecure=args.insecure,
+        insecure=args.insecure if args.insecure is not None else _env_flag("KOINON_INSECURE"),
         tls_server_name=args.tls_server_name,
         name_hint=args.node_name,
         region=args.region,

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 VERSION = "0.1.0"
+# DrainRequest.grace_seconds is a uint32.
+MAX_GRACE_SECONDS = 2**32 - 1
+_FINITE_SECONDS = (
+    "drain_grace_s",
+    "backoff_initial_s",
+    "backoff_max_s",
+    "backoff_reset_after_s",
+    "ray_restart_after_s",
+    "ray_start_timeout_s",
+)
+PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
 
 
 def default_state_dir() -> Path:
@@ -56,10 +68,23 @@ class AgentConfig:
             host, sep, port = self.gateway.rpartition(":")
             if not sep or not host.strip("[]") or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
                 raise ValueError(f"gateway: expected host:port or unix:/path, got {self.gateway!r}")
-        if self.ca_file is not None and not os.access(self.ca_file, os.R_OK):
-            raise ValueError(f"ca_file: {self.ca_file}: missing or not readable")
-        if self.ca_pem and b"-----BEGIN CERTIFICATE-----" not in self.ca_pem:
+        if self.ca_file is not None:
+            try:
+                ca_file_pem = self.ca_file.read_bytes()
+            except OSError as exc:
+                raise ValueError(f"ca_file: {self.ca_file}: missing or not readable ({exc.strerror})") from exc
+            if PEM_CERTIFICATE not in ca_file_pem:
+                raise ValueError(f"ca_file: {self.ca_file}: holds no PEM certificate")
+        if self.ca_pem and PEM_CERTIFICATE not in self.ca_pem:
             raise ValueError("ca_pem (KOINON_CA_CERT): not a PEM certificate")
+        # NaN passes every comparison below (and later ones, e.g. outage > nan) unnoticed.
+        for name in _FINITE_SECONDS:
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name}: must be a finite number of seconds, got {getattr(self, name)}")
+        if self.num_cpus is not None and self.num_cpus < 0:
+            raise ValueError(f"num_cpus: must be >= 0, got {self.num_cpus}")
+        if self.object_store_memory is not None and self.object_store_memory <= 0:
+            raise ValueError(f"object_store_memory: must be a number of bytes > 0, got {self.object_store_memory}")
         if self.simulate_gpus is not None and self.simulate_gpus < 0:
             raise ValueError("simulate_gpus: must be >= 0")
         if self.simulate_gpu_memory_mib <= 0:
@@ -68,8 +93,8 @@ class AgentConfig:
             raise ValueError("backoff_initial_s/backoff_max_s: need 0 < initial <= max")
         if self.backoff_reset_after_s < 0:
             raise ValueError("backoff_reset_after_s: must be >= 0 seconds")
-        if self.drain_grace_s < 0:
-            raise ValueError("drain_grace_s: must be >= 0")
+        if not 0 <= self.drain_grace_s <= MAX_GRACE_SECONDS:
+            raise ValueError(f"drain_grace_s: must be within 0..{MAX_GRACE_SECONDS} seconds")
         if not 0 <= self.proxy_port < 65536:
             raise ValueError(f"proxy_port: must be a TCP port (0 for any free one), got {self.proxy_port}")
         if self.ray_restart_after_s <= 0:

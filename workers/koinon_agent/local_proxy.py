@@ -116,9 +116,15 @@ async def accept_connection(stub: Any, metadata: Metadata, request: pb.OpenConne
             )
             await call.done_writing()
             return
-        await channel.write_frame(pb.Frame(dial_result=pb.DialResult(ok=True)))
+        try:
+            await channel.write_frame(pb.Frame(dial_result=pb.DialResult(ok=True)))
+        except BaseException:
+            writer.close()  # splice_tcp never took it over
+            raise
         clean = await splice_tcp(reader, writer, channel)
-    except (grpc.aio.AioRpcError, ProtocolViolation, FrameDecodeError) as exc:
+    except (grpc.aio.AioRpcError, ProtocolViolation, FrameDecodeError, asyncio.InvalidStateError) as exc:
+        # InvalidStateError: grpc.aio refuses writes to a call the gateway has already finished
+        # (it restarted, revoked the node, or no longer knew the connection).
         log.debug("accepted connection %d ended: %r", request.connection_id, exc)
     finally:
         await end_call(call, clean)

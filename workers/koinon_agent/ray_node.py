@@ -174,10 +174,13 @@ class RayNode:
         process = self.process
         if process is None:
             return
-        try:
-            tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-        except psutil.Error:
-            tree = []
+        tree: list[psutil.Process] = []
+        # Once ``ray start`` has exited and been reaped, its PID may name someone else's process:
+        # look it up only while it runs. Its process group (below) cannot be reused while any
+        # member lives, so the group still reaches what it left behind.
+        if process.returncode is None:
+            with contextlib.suppress(psutil.Error):
+                tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
         if process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
