@@ -336,6 +336,7 @@ def test_notes_tell_how_to_check_the_node(tools: Tools) -> None:
         ({"gateway.insecure": "true", "gateway.caCertHash": "sha256:" + "0" * 64}, "gateway.insecure"),
         ({"gateway.caCertHash": "sha256:ABC"}, "/gateway/caCertHash"),
         ({"agent.rayRestartAfterSeconds": "0"}, "/agent/rayRestartAfterSeconds"),
+        ({"agent.drainGraceSeconds": "4294967296"}, "/agent/drainGraceSeconds"),  # DrainRequest's uint32
         ({"agent.rayRestartAfterSeconds": "0.5"}, "/agent/rayRestartAfterSeconds"),  # int64 made it 0
         ({"securityContext.runAsNonRoot": "false"}, "/securityContext/runAsNonRoot"),
         ({"securityContext.runAsUser": "0"}, "/securityContext/runAsUser"),
