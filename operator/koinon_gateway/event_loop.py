@@ -26,8 +26,11 @@ T = TypeVar("T")
 # and some gateway CPU per byte. grpc reads GRPC_EXPERIMENTS once, when it is imported, so this must
 # happen first; an explicit setting in the environment wins.
 GRPC_EXPERIMENTS = "-event_engine_client,-event_engine_listener"
-if "grpc" not in sys.modules:
-    os.environ.setdefault("GRPC_EXPERIMENTS", GRPC_EXPERIMENTS)
+# Whether this module put GRPC_EXPERIMENTS into the environment: then it is the agent's tuning,
+# not the user's, and the processes the agent starts (Ray's) must not inherit it.
+GRPC_EXPERIMENTS_SET_HERE = "grpc" not in sys.modules and "GRPC_EXPERIMENTS" not in os.environ
+if GRPC_EXPERIMENTS_SET_HERE:
+    os.environ["GRPC_EXPERIMENTS"] = GRPC_EXPERIMENTS
 
 
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

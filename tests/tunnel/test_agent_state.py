@@ -166,3 +166,26 @@ def test_job_code_does_not_inherit_the_agents_token(monkeypatch: pytest.MonkeyPa
     env = ray_environment(settings, pb.Assignment(address="127.0.20.1", ray_auth_token="ray-secret"))
     assert "KOINON_TOKEN" not in env and "KOINON_CA_CERT" not in env
     assert env["RAY_AUTH_TOKEN"] == "ray-secret" and env["grpc_proxy"] == "http://127.0.0.1:1"
+
+
+@pytest.mark.parametrize("set_by_the_agent", [True, False])
+def test_ray_inherits_grpc_experiments_only_from_the_user(
+    monkeypatch: pytest.MonkeyPatch, set_by_the_agent: bool
+) -> None:
+    from koinon_gateway import event_loop
+
+    monkeypatch.setattr(event_loop, "GRPC_EXPERIMENTS_SET_HERE", set_by_the_agent)
+    monkeypatch.setenv("GRPC_EXPERIMENTS", event_loop.GRPC_EXPERIMENTS)
+    settings = RaySettings("/opt/ray/bin/ray", Path("/tmp/ray"), "http://127.0.0.1:1", None, 0, 0, None)
+    env = ray_environment(settings, pb.Assignment(address="127.0.20.1"))
+    assert ("GRPC_EXPERIMENTS" in env) is not set_by_the_agent
+
+
+def test_the_agent_process_sets_grpc_experiments_for_itself_only_when_unset() -> None:
+    code = "import koinon_agent.cli; from koinon_gateway import event_loop as e; print(e.GRPC_EXPERIMENTS_SET_HERE)"
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    ran = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert ran.stdout.strip() == "True"
+    env["GRPC_EXPERIMENTS"] = "-some_experiment"
+    ran = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert ran.stdout.strip() == "False"

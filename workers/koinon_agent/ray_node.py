@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+from koinon_gateway import event_loop
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .config import ENV_VARS
@@ -80,6 +81,8 @@ def ray_environment(settings: RaySettings, assignment: pb.Assignment) -> dict[st
     )
     for variable in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         env.pop(variable, None)
+    if event_loop.GRPC_EXPERIMENTS_SET_HERE:
+        env.pop("GRPC_EXPERIMENTS", None)  # the agent's own gRPC tuning, not Ray's
     if assignment.ray_auth_token:
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=assignment.ray_auth_token)
     # Job drivers run `python ...` from PATH: make it the interpreter that has Ray (beside `ray`).
