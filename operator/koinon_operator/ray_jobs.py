@@ -6,7 +6,8 @@ change nothing) and ``RayRequestError`` (the request itself was refused).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -134,15 +135,17 @@ class RayJobsClient:
             return None
         if status != 200 or not isinstance(body, dict):
             raise RayUnavailableError(f"unexpected reply to job status ({status}): {str(body)[-300:]}")
-        return RayJobInfo(
-            submission_id=submission_id,
-            state=RayJobState(body["status"]),
-            message=str(body.get("message") or ""),
-            driver_node_id=body.get("driver_node_id"),
-            start_time_ms=body.get("start_time"),
-            end_time_ms=body.get("end_time"),
-            driver_exit_code=body.get("driver_exit_code"),
-        )
+        # A reply of another shape (a proxy's, another Ray version's) is Ray failing, not a crash.
+        with _malformed_reply("job status", body):
+            return RayJobInfo(
+                submission_id=submission_id,
+                state=RayJobState(body["status"]),
+                message=str(body.get("message") or ""),
+                driver_node_id=_optional_str(body.get("driver_node_id")),
+                start_time_ms=_optional_int(body.get("start_time")),
+                end_time_ms=_optional_int(body.get("end_time")),
+                driver_exit_code=_optional_int(body.get("driver_exit_code")),
+            )
 
     async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
         """The job driver's output.
@@ -177,15 +180,42 @@ class RayJobsClient:
         status, body = await self._request("GET", "/api/v0/nodes?limit=10000&detail=false")
         if status != 200 or not isinstance(body, dict):
             raise RayUnavailableError(f"unexpected reply to node list ({status})")
-        rows = body.get("data", {}).get("result", {}).get("result", [])
-        return [
-            RayNodeInfo(
-                node_id=row["node_id"],
-                address=row["node_ip"],
-                alive=row.get("state") == "ALIVE",
-                is_head=bool(row.get("is_head_node")),
-                resources_total=row.get("resources_total") or {},
-                labels=row.get("labels") or {},
-            )
-            for row in rows
-        ]
+        with _malformed_reply("node list", body):
+            rows = body.get("data", {}).get("result", {}).get("result", [])
+            return [
+                RayNodeInfo(
+                    node_id=str(row["node_id"]),
+                    address=str(row["node_ip"]),
+                    alive=row.get("state") == "ALIVE",
+                    is_head=bool(row.get("is_head_node")),
+                    resources_total=dict(row.get("resources_total") or {}),
+                    labels=dict(row.get("labels") or {}),
+                )
+                for row in rows
+            ]
+
+
+@contextlib.contextmanager
+def _malformed_reply(what: str, body: object) -> Iterator[None]:
+    """Parsing errors of a reply become RayUnavailableError: retried with backoff, and reported
+    on the AIJob (RayReachable), instead of escaping the handler."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise RayUnavailableError(f"malformed reply to {what}: {error!r}: {str(body)[-300:]}") from error
+
+
+def _optional_int(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {value!r}")
+    return int(value)
+
+
+def _optional_str(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r}")
+    return value

@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 RESULT_MARKER = "KOINON_RESULT "
 LOG_TAIL_LINES = 20
 LOG_SETTLE_SECONDS = 5.0
+# How long a body that predates this process's last status write is left alone (the watch is
+# behind); after that the write is taken for lost and the body acted on again.
+STALE_BODY_GRACE_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -135,9 +138,12 @@ class Ledger:
     def forget(self, key: str) -> None:
         self._local.pop(key, None)
 
-    def current(self, recorded: Mapping[str, Allocation]) -> list[Allocation]:
+    def current(self, recorded: Mapping[str, Allocation], excluding: str | None = None) -> list[Allocation]:
+        """What every job holds; ``excluding`` a job being placed, whose new placement replaces
+        whatever it held (its own reservation must not make it look full to itself)."""
         merged: dict[str, Allocation | None] = dict(recorded)
         merged.update(self._local)
+        merged.pop(excluding, None)  # type: ignore[arg-type]
         return [allocation for allocation in merged.values() if allocation is not None]
 
 
@@ -179,6 +185,8 @@ class AIJobReconciler:
     clock: Callable[[], datetime] = _utcnow
     monotonic: Callable[[], float] = time.monotonic
     placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Per job: the resourceVersion of the body the last status write was computed from, and when.
+    _written_from: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     async def reconcile(
         self,
@@ -186,13 +194,34 @@ class AIJobReconciler:
         recorded_allocations: Mapping[str, Allocation],
         volunteers: Mapping[str, Mapping[str, Any]],
     ) -> Outcome:
+        meta = body.get("metadata") or {}
+        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        version = meta.get("resourceVersion")
+        if self._behind_own_write(key, version):
+            return Outcome()
         outcome = await self._reconcile(body, recorded_allocations, volunteers)
         current = body.get("status") or {}
         if current.get("phase"):
             # Every pass has looked at the latest spec, even one that changes nothing else.
-            outcome.status.setdefault("observedGeneration", (body.get("metadata") or {}).get("generation"))
+            outcome.status.setdefault("observedGeneration", meta.get("generation"))
         outcome.status = changed_fields(current, outcome.status)
+        if outcome.status and version:
+            self._written_from[key] = (str(version), self.monotonic())
         return outcome
+
+    def _behind_own_write(self, key: str, version: object) -> bool:
+        """Whether ``version`` is the very body this process last wrote status from: the watch has
+        not delivered that write yet (a kopf timer acts on the last body it saw), and acting on the
+        old status again would repeat the last pass (place again, count again). A write that never
+        landed is acted on again after STALE_BODY_GRACE_SECONDS."""
+        written = self._written_from.get(key)
+        if written is None or not version:
+            return False
+        if str(version) != written[0] or self.monotonic() - written[1] >= STALE_BODY_GRACE_SECONDS:
+            del self._written_from[key]  # the watch caught up (or the write never landed)
+            return False
+        logger.debug("%s: body %s predates this operator's last status write; pass skipped", key, version)
+        return True
 
     async def _reconcile(
         self,
@@ -210,13 +239,21 @@ class AIJobReconciler:
         outcome = Outcome()
         writer = _StatusWriter(outcome, raw_status, generation, format_time(now))
 
+        if state.phase is None and uid:
+            writer.set(traceId=trace_id_for(uid))  # a job refused at once is traced too
         try:
             spec = parse_spec(body.get("spec") or {})
         except SpecError as error:
-            if state.phase is not Phase.FAILED:
-                writer.phase(Phase.FAILED, "InvalidSpec", str(error))
-                writer.condition(ConditionType.FAILED, True, "InvalidSpec", str(error))
-                outcome.event("InvalidSpec", str(error), warning=True)
+            if state.phase is not None and state.phase.finished:
+                return outcome
+            if state.phase is not None and state.phase.holds_nodes and state.submission_id:
+                # Edited into a spec this operator cannot act on while it runs: stop what it
+                # started, or its Ray job would run on and its capacity stay held.
+                try:
+                    await self._stop_copies(state)
+                except RayUnavailableError as stop_error:
+                    return self._ray_unavailable(key, writer, stop_error, outcome)
+            self._finish(key, writer, outcome, Phase.FAILED, "InvalidSpec", str(error))
             return outcome
 
         if state.phase is None:
@@ -241,13 +278,16 @@ class AIJobReconciler:
                 key, uid, spec, state, writer, outcome, recorded_allocations, volunteers, creation_index
             )
         except RayUnavailableError as error:
-            delay = self.backoff.failed(key, self.monotonic())
-            writer.condition(ConditionType.RAY_REACHABLE, False, "RayUnavailable", f"{error}; retrying in {delay:.0f}s")
-            logger.warning("Ray unavailable while reconciling %s; retry in %.0fs: %s", key, delay, error)
-            return outcome
+            return self._ray_unavailable(key, writer, error, outcome)
         self.backoff.succeeded(key)
         if writer.has_condition_false(ConditionType.RAY_REACHABLE):
             writer.condition(ConditionType.RAY_REACHABLE, True, "RayAvailable", "Ray dashboard reachable")
+        return outcome
+
+    def _ray_unavailable(self, key: str, writer: _StatusWriter, error: Exception, outcome: Outcome) -> Outcome:
+        delay = self.backoff.failed(key, self.monotonic())
+        writer.condition(ConditionType.RAY_REACHABLE, False, "RayUnavailable", f"{error}; retrying in {delay:.0f}s")
+        logger.warning("Ray unavailable while reconciling %s; retry in %.0fs: %s", key, delay, error)
         return outcome
 
     async def stop(self, body: Mapping[str, Any]) -> bool:
@@ -255,6 +295,7 @@ class AIJobReconciler:
         state = AIJobStatus.from_status(body.get("status"))
         meta = body.get("metadata") or {}
         self.ledger.forget(f"{meta.get('namespace')}/{meta.get('name')}")
+        self._written_from.pop(f"{meta.get('namespace')}/{meta.get('name')}", None)
         if state.submission_id and state.phase is not None and state.phase.holds_nodes:
             await self._stop_copies(state)
             return True
@@ -355,7 +396,7 @@ class AIJobReconciler:
         )
         async with self.placement_lock:
             ray_nodes = await self.nodes.get()
-            capacity = build_capacity(ray_nodes, volunteers, self.ledger.current(recorded_allocations))
+            capacity = build_capacity(ray_nodes, volunteers, self.ledger.current(recorded_allocations, excluding=key))
             decision: PlacementDecision = self.placer.place(request, capacity)
             if decision.placed:
                 chosen = tuple(node.name for node in decision.nodes)
@@ -403,7 +444,14 @@ class AIJobReconciler:
         if missing:
             if state.phase is Phase.SCHEDULED:
                 for k in missing:
-                    await self._submit(key, uid, spec, state, k, outcome)
+                    try:
+                        await self._submit(key, uid, spec, state, k, outcome)
+                    except RayRequestError as error:
+                        # Ray answered and refused this very request (e.g. a runtime_env it cannot
+                        # use): sending it again cannot help, and Ray is not down.
+                        await self._stop_copies(state)
+                        self._finish(key, writer, outcome, Phase.FAILED, "SubmitRejected", str(error))
+                        return
                 return
             await self._attempt_failed(
                 key,
@@ -620,11 +668,7 @@ class AIJobReconciler:
                 "koinon.dev/copy": str(copy),
             },
         )
-        try:
-            created = await self.ray.submit(submission)
-        except RayRequestError as error:
-            outcome.event("SubmitFailed", str(error), warning=True)
-            raise RayUnavailableError(str(error)) from error
+        created = await self.ray.submit(submission)
         outcome.event(
             "Submitted" if created else "Adopted",
             f"Ray submission {submission_id}" + ("" if created else " already existed"),
@@ -726,9 +770,33 @@ class _StatusWriter:
 
 
 def changed_fields(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of ``wanted`` that differs from ``current``: a pass that changes nothing writes
-    nothing (with hundreds of waiting jobs, rewriting identical status would flood the API)."""
-    return {key: value for key, value in wanted.items() if current.get(key) != value}
+    """The JSON merge patch that turns each field of ``current`` named in ``wanted`` into its
+    wanted value: unchanged fields are left out (a pass that changes nothing writes nothing; with
+    hundreds of waiting jobs, rewriting identical status would flood the API), and keys of an
+    object that the wanted value no longer has are sent as null (a merge patch merges objects key
+    by key, so a stale scheduling reason would otherwise stay for ever)."""
+    patch: dict[str, Any] = {}
+    for key, value in wanted.items():
+        diff = _merge_diff(current.get(key), value)
+        if diff is not _UNCHANGED:
+            patch[key] = diff
+    return patch
+
+
+_UNCHANGED = object()
+
+
+def _merge_diff(old: Any, new: Any) -> Any:
+    if old == new:
+        return _UNCHANGED
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        diff: dict[str, Any] = {key: None for key in old if key not in new}
+        for key, value in new.items():
+            inner = _merge_diff(old.get(key), value)
+            if inner is not _UNCHANGED:
+                diff[key] = inner
+        return diff
+    return new
 
 
 def allocation_of(body: Mapping[str, Any]) -> Allocation | None:

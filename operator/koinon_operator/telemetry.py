@@ -6,8 +6,10 @@ in the same trace. Each transition the operator posts as an Event is also a span
 finishes, the root span covering creation to completion and a span for the Ray run are emitted.
 
 Configuration is the standard ``OTEL_*`` environment: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or
-``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) turns export on; ``OTEL_SERVICE_NAME`` (default
-``koinon-operator``), ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_BSP_*`` work as usual;
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) turns export on, over gRPC or, with
+``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL=http/protobuf``, over HTTP; ``OTEL_SERVICE_NAME`` or
+``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES`` (default ``koinon-operator``), ``OTEL_BSP_*`` and
+``OTEL_TRACES_SAMPLER`` work as usual (a job's spans follow its root span's sampling decision);
 ``OTEL_TRACES_EXPORTER=none`` turns it off, ``console`` prints spans.
 """
 
@@ -25,6 +27,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
 from koinon_operator.api.aijob import parse_time
@@ -52,10 +55,26 @@ def job_trace_ids(trace_id_hex: str) -> tuple[int, int]:
     return int(trace_id_hex, 16), root_span
 
 
-def traceparent(trace_id_hex: str) -> str:
-    """W3C trace context for the job's root span, handed to the Ray job so its own spans join."""
+def root_sampled(trace_id_hex: str, provider: object | None = None) -> bool:
+    """Whether the configured sampler keeps the job's root span. Samplers decide from the trace
+    id (ratio) or always, so every pass and every operator process reaches the same answer."""
+    provider = provider if provider is not None else trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        return True  # no SDK configured: nothing here drops spans
+    trace_id, _ = job_trace_ids(trace_id_hex)
+    decision = provider.sampler.should_sample(None, trace_id, "aijob", SpanKind.SERVER).decision
+    return decision is Decision.RECORD_AND_SAMPLE
+
+
+def traceparent(trace_id_hex: str, sampled: bool | None = None) -> str:
+    """W3C trace context for the job's root span, handed to the Ray job so its own spans join
+    (and are dropped with it when the root is not sampled)."""
     _, root_span = job_trace_ids(trace_id_hex)
-    return f"00-{trace_id_hex}-{root_span:016x}-01"
+    keep = root_sampled(trace_id_hex) if sampled is None else sampled
+    return f"00-{trace_id_hex}-{root_span:016x}-{'01' if keep else '00'}"
+
+
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 
 
 def _exporter_from_env() -> SpanExporter | None:
@@ -67,17 +86,30 @@ def _exporter_from_env() -> SpanExporter | None:
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if not endpoint:
         return None
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    protocol = (
+        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
+    ).strip()
+    # Each exporter reads endpoint, headers and TLS settings from OTEL_* itself.
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-    return OTLPSpanExporter()  # reads endpoint, headers, TLS settings from OTEL_* itself
+        return OTLPSpanExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
+
+        return HttpSpanExporter()
+    # Failing loudly: an exporter of the wrong protocol would fail every export in the background.
+    raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported; use one of {OTLP_PROTOCOLS}")
 
 
 def setup_tracing(service_name: str = "koinon-operator") -> TracerProvider | None:
     exporter = _exporter_from_env()
     if exporter is None:
         return None
-    os.environ.setdefault("OTEL_SERVICE_NAME", service_name)
-    provider = TracerProvider(resource=Resource.create(), id_generator=JobIdGenerator())
+    resource = Resource.create()  # OTEL_SERVICE_NAME, then service.name in OTEL_RESOURCE_ATTRIBUTES
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": service_name}))
+    provider = TracerProvider(resource=resource, id_generator=JobIdGenerator())
     provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider
@@ -91,6 +123,7 @@ class JobTracer:
     """Turns a reconcile pass's transitions into spans of the job's trace."""
 
     def __init__(self, provider: TracerProvider | None) -> None:
+        self._provider = provider
         self._tracer = provider.get_tracer("koinon.operator") if provider else None
 
     @property
@@ -110,8 +143,11 @@ class JobTracer:
         meta = body.get("metadata") or {}
         key = f"{meta.get('namespace')}/{meta.get('name')}"
         trace_id, root_span = job_trace_ids(trace_id_hex)
+        # The parent's flags carry the root span's sampling decision: a parent-based sampler then
+        # keeps or drops the transitions with their root, never exporting orphans.
+        sampled = root_sampled(trace_id_hex, self._provider)
         parent = trace.set_span_in_context(
-            NonRecordingSpan(SpanContext(trace_id, root_span, is_remote=True, trace_flags=TraceFlags(1)))
+            NonRecordingSpan(SpanContext(trace_id, root_span, is_remote=True, trace_flags=TraceFlags(int(sampled))))
         )
         attributes: dict[str, str | int] = {
             "koinon.aijob": key,
@@ -127,8 +163,9 @@ class JobTracer:
             if event_type == "Warning":
                 span.set_status(Status(StatusCode.ERROR, message[:200]))
             span.end()
-        phase = status.get("phase")
-        if phase in ("Succeeded", "Failed"):
+        # The root span once, in the pass that finished the job (not again in the TTL deletion's).
+        finished_now = status_written.get("phase")
+        if finished_now in ("Succeeded", "Failed") and (body.get("status") or {}).get("phase") != finished_now:
             self._finish(key, meta, status, attributes, parent, trace_id, root_span)
 
     def _finish(

@@ -95,6 +95,20 @@ def _mapping(raw: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
     return value
 
 
+def _check_env_vars(runtime_env: Mapping[str, Any]) -> None:
+    """Ray takes ``env_vars`` only as strings to strings, and refuses anything else when the job
+    starts, where it looks like a node failure. Values are never quoted back: they may be secrets."""
+    env_vars = _mapping(runtime_env, "env_vars", "spec.runtimeEnv")
+    for name, value in env_vars.items():
+        if not isinstance(name, str) or not name or "=" in name:
+            raise SpecError("spec.runtimeEnv.env_vars", f"a name must be non-empty and free of '=', got {name!r}")
+        if not isinstance(value, str):
+            raise SpecError(
+                f"spec.runtimeEnv.env_vars.{name}",
+                f'must be a string, got {type(value).__name__} (quote it in YAML: "3", not 3)',
+            )
+
+
 def parse_spec(raw: Mapping[str, Any]) -> AIJobSpec:
     entrypoint = raw.get("entrypoint")
     if not isinstance(entrypoint, str) or not entrypoint.strip():
@@ -109,6 +123,7 @@ def parse_spec(raw: Mapping[str, Any]) -> AIJobSpec:
     if mode not in ("none", "replicated"):
         raise SpecError("spec.verification.mode", f'must be "none" or "replicated", got {mode!r}')
     runtime_env = _mapping(raw, "runtimeEnv", "spec")
+    _check_env_vars(runtime_env)
     suspend = raw.get("suspend", False)
     if not isinstance(suspend, bool):
         raise SpecError("spec.suspend", "must be a boolean")

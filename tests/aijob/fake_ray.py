@@ -1,0 +1,104 @@
+"""A fake Ray Job API, a settable clock and a driver that applies a reconcile pass's status the way
+the API server applies kopf's patch (a JSON merge patch), for reconciler tests without Ray."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from koinon_emulator.patching import merge_patch
+from koinon_operator.inventory import RayNodeCache
+from koinon_operator.placement import FirstFitPlacer
+from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayNodeInfo, RayRequestError, Submission
+from koinon_operator.reconciler import AIJobReconciler, Outcome
+
+UID = "8f6e8530-892f-46a5-a4e3-ba60e32a06d0"
+NODES = [RayNodeInfo("r1", "127.0.20.1", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-1"})]
+VOLUNTEERS: dict[str, dict[str, Any]] = {"vn-1": {"spec": {"owner": "alice"}, "status": {"phase": "Ready"}}}
+
+
+@dataclass
+class FakeRay:
+    jobs: dict[str, RayJobInfo] = field(default_factory=dict)
+    submissions: list[Submission] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    logs_text: str = "KOINON_RESULT 42\n"
+    reject_submit: str | None = None  # a RayRequestError message
+
+    async def nodes(self) -> list[RayNodeInfo]:
+        return NODES
+
+    async def submit(self, submission: Submission) -> bool:
+        if self.reject_submit:
+            raise RayRequestError(self.reject_submit)
+        self.submissions.append(submission)
+        if submission.submission_id in self.jobs:
+            return False
+        self.jobs[submission.submission_id] = RayJobInfo(
+            submission.submission_id, RayJobState.PENDING, "", None, None, None, None
+        )
+        return True
+
+    async def get(self, submission_id: str) -> RayJobInfo | None:
+        return self.jobs.get(submission_id)
+
+    async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
+        return self.logs_text
+
+    async def stop(self, submission_id: str) -> None:
+        self.stopped.append(submission_id)
+        info = self.jobs.get(submission_id)
+        if info is not None and not info.state.terminal:
+            self.set_state(submission_id, RayJobState.STOPPED)
+
+    def set_state(
+        self, submission_id: str, state: RayJobState, exit_code: int | None = None, message: str = ""
+    ) -> None:
+        self.jobs[submission_id] = RayJobInfo(submission_id, state, message, None, 1, 1, exit_code)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, 0, 0, 10, tzinfo=UTC)
+        self.mono = 1000.0
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+        self.mono += seconds
+
+
+def make_reconciler(ray: FakeRay, clock: Clock) -> AIJobReconciler:
+    fake: Any = ray
+    return AIJobReconciler(
+        ray=fake,
+        placer=FirstFitPlacer(),
+        nodes=RayNodeCache(fake, max_age_seconds=0.0),
+        clock=lambda: clock.now,
+        monotonic=lambda: clock.mono,
+    )
+
+
+def make_body(spec: dict[str, Any], name: str = "j", namespace: str = "ns", uid: str = UID) -> dict[str, Any]:
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": uid,
+            "generation": 1,
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+        },
+        "spec": spec,
+        "status": {},
+    }
+
+
+async def step(
+    reconciler: AIJobReconciler, body: dict[str, Any], volunteers: dict[str, dict[str, Any]] | None = None
+) -> Outcome:
+    """One pass on ``body``; its status patch is merged into ``body`` as the API server would."""
+    outcome = await reconciler.reconcile(copy.deepcopy(body), {}, VOLUNTEERS if volunteers is None else volunteers)
+    if outcome.status:
+        body["status"] = merge_patch(body.get("status") or {}, outcome.status)
+    return outcome

@@ -1,0 +1,99 @@
+"""Specs Ray would refuse are refused first, naming the field; a submission Ray refuses fails the
+job instead of looping as an outage; a running job edited into an invalid spec is stopped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from koinon_operator.api.aijob import SpecError, parse_spec
+from koinon_operator.ray_jobs import RayJobState
+from koinon_operator.reconciler import submission_id_for
+
+from tests.aijob.fake_ray import UID, Clock, FakeRay, make_body, make_reconciler, step
+
+CRD = Path(__file__).resolve().parents[2] / "manifests" / "crds" / "aijobs.koinon.dev.yaml"
+
+
+@pytest.mark.parametrize(
+    ("env_vars", "field"),
+    [
+        (["EPOCHS=3"], "spec.runtimeEnv.env_vars"),
+        ({"EPOCHS": 3}, "spec.runtimeEnv.env_vars.EPOCHS"),  # YAML's unquoted number
+        ({"A=B": "1"}, "spec.runtimeEnv.env_vars"),
+    ],
+)
+def test_env_vars_ray_would_refuse_are_refused_naming_the_field(env_vars: object, field: str) -> None:
+    with pytest.raises(SpecError) as raised:
+        parse_spec({"entrypoint": "python x.py", "runtimeEnv": {"env_vars": env_vars}})
+    assert raised.value.field_path == field
+
+
+def test_what_ray_does_with_a_number_in_env_vars() -> None:
+    # Why the check exists: Ray refuses it only when the job's supervisor starts, and the job then
+    # fails like a node failure (blamed on the volunteer).
+    from ray.runtime_env import RuntimeEnv
+
+    with pytest.raises(TypeError, match="must be of type Dict"):
+        RuntimeEnv(env_vars={"EPOCHS": 3})  # type: ignore[dict-item]
+
+
+def test_an_env_var_value_is_never_quoted_back() -> None:
+    with pytest.raises(SpecError) as raised:
+        parse_spec({"entrypoint": "x", "runtimeEnv": {"env_vars": {"TOKEN": 123456789}}})
+    assert "123456789" not in str(raised.value)
+
+
+async def test_env_vars_that_are_not_a_mapping_fail_the_job_with_the_field() -> None:
+    ray, clock = FakeRay(), Clock()
+    body = make_body({"entrypoint": "python x.py", "runtimeEnv": {"env_vars": ["EPOCHS=3"]}})
+    await step(make_reconciler(ray, clock), body)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "InvalidSpec")
+    assert body["status"]["message"].startswith("spec.runtimeEnv.env_vars:")
+    assert body["status"]["traceId"]  # traced like every AIJob
+    assert not ray.submissions
+
+
+def test_the_crd_takes_env_vars_as_strings_only_and_cpus_up_to_what_the_operator_takes() -> None:
+    crd = yaml.safe_load(CRD.read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert spec["runtimeEnv"]["properties"]["env_vars"]["additionalProperties"] == {"type": "string"}
+    assert spec["resources"]["properties"]["cpus"]["maximum"] == 1024
+    with pytest.raises(SpecError):
+        parse_spec({"entrypoint": "x", "resources": {"cpus": 1024.5}})
+
+
+async def test_a_submission_ray_refuses_fails_the_job_and_ray_counts_as_reachable() -> None:
+    ray, clock = FakeRay(), Clock()
+    ray.reject_submit = "Ray rejected submission (400): runtime_env invalid"
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 1})
+    for _ in range(5):
+        outcome = await step(reconciler, body)
+        assert ("vn-1", "failure") not in outcome.reputation  # not the volunteer's fault
+        clock.advance(60)
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "SubmitRejected")
+    assert "runtime_env invalid" in status["message"]
+    assert not any(c["type"] == "RayReachable" and c["status"] == "False" for c in status["conditions"])
+    assert status["completionTime"]
+
+
+async def test_a_running_job_edited_into_an_invalid_spec_is_stopped_and_releases_its_nodes() -> None:
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py"})
+    await step(reconciler, body)  # Scheduled
+    await step(reconciler, body)  # submitted
+    sid = submission_id_for(UID, 1)
+    ray.set_state(sid, RayJobState.RUNNING)
+    await step(reconciler, body)
+    assert body["status"]["phase"] == "Running"
+    body["spec"]["resources"] = {"cpus": 2000}
+    body["metadata"]["generation"] = 2
+    await step(reconciler, body)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "InvalidSpec")
+    assert sid in ray.stopped and ray.jobs[sid].state is RayJobState.STOPPED
+    assert reconciler.ledger.current({}) == []
+    assert await step(reconciler, body) is not None and body["status"]["reason"] == "InvalidSpec"

@@ -1,0 +1,95 @@
+"""Replies of the Ray Job API that are JSON but not of the shape the client knows (a proxy's, another
+Ray version's) count as Ray failing: retried with backoff and reported on the AIJob, not raised out
+of the handler. Against a local HTTP server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from koinon_operator.inventory import RayNodeCache
+from koinon_operator.placement import FirstFitPlacer
+from koinon_operator.ray_jobs import RayJobsClient, RayJobState, RayUnavailableError
+from koinon_operator.reconciler import AIJobReconciler
+
+from tests.aijob.fake_ray import UID, make_body
+
+
+@pytest.fixture
+async def ray_api() -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """(base URL, replies by path): every request gets 200 with the JSON stored for its path."""
+    replies: dict[str, Any] = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(replies.get(request.path, {}))
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}", replies
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [{}, {"status": "QUEUED"}, {"job": {"status": "RUNNING"}}, {"status": "RUNNING", "driver_exit_code": "0"}],
+    ids=["empty-object", "unknown-status", "wrapped", "exit-code-as-text"],
+)
+async def test_job_status_of_another_shape_is_ray_failing(ray_api: tuple[str, dict[str, Any]], reply: Any) -> None:
+    url, replies = ray_api
+    replies["/api/jobs/x"] = reply
+    client = RayJobsClient(url)
+    try:
+        with pytest.raises(RayUnavailableError, match="malformed reply to job status"):
+            await client.get("x")
+        replies["/api/jobs/x"] = {"status": "RUNNING", "start_time": 1.0e12, "driver_exit_code": None}
+        info = await client.get("x")  # the shape Ray 2.60 answers is read as before
+        assert info is not None and (info.state, info.start_time_ms) == (RayJobState.RUNNING, 10**12)
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [{"data": []}, {"data": {"result": {"result": [{"node_ip": "127.0.20.1", "state": "ALIVE"}]}}}],
+    ids=["data-is-a-list", "row-without-node_id"],
+)
+async def test_node_list_of_another_shape_is_ray_failing(ray_api: tuple[str, dict[str, Any]], reply: Any) -> None:
+    url, replies = ray_api
+    replies["/api/v0/nodes"] = reply
+    client = RayJobsClient(url)
+    try:
+        with pytest.raises(RayUnavailableError, match="malformed reply to node list"):
+            await client.nodes()
+    finally:
+        await client.close()
+
+
+async def test_a_malformed_status_reply_is_reported_on_the_aijob(ray_api: tuple[str, dict[str, Any]]) -> None:
+    url, replies = ray_api
+    replies[f"/api/jobs/koinon-{UID}-1"] = {"status": "QUEUED"}
+    client = RayJobsClient(url)
+    reconciler = AIJobReconciler(ray=client, placer=FirstFitPlacer(), nodes=RayNodeCache(client))
+    body = make_body({"entrypoint": "python x.py"})
+    body["status"] = {
+        "phase": "Scheduled",
+        "attempts": 1,
+        "submissionId": f"koinon-{UID}-1",
+        "assignedNodes": ["vn-1"],
+        "traceId": UID.replace("-", ""),
+    }
+    try:
+        outcome = await reconciler.reconcile(body, {}, {})
+    finally:
+        await client.close()
+    conditions = {c["type"]: c for c in outcome.status["conditions"]}
+    assert conditions["RayReachable"]["status"] == "False"
+    assert "malformed reply to job status" in conditions["RayReachable"]["message"]
