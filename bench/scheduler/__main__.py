@@ -24,7 +24,7 @@ from koinon_operator.scheduler import (
 )
 
 from .params import FULL, QUICK, SimParams
-from .report import POLICIES, add_ratios, plot, write_json
+from .report import POLICIES, add_ratios, minutes, plot, write_json
 from .simulator import Simulation
 from .throughput import measure
 
@@ -209,8 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     for name, m in {**payload["policies"], **payload["variants"]}.items():
         print(
-            f"{name:16s} correct {100 * m['correct_rate']:7.3f}%  p95 {m['completion_p95_s'] / 60:7.1f} min  "
-            f"mean {m['completion_mean_s'] / 60:6.1f} min  wasted {m['wasted_gpu_hours']:9.0f} GPU-h  "
+            f"{name:16s} correct {100 * m['correct_rate']:7.3f}%  p95 {minutes(m['completion_p95_s']):7.1f} min  "
+            f"mean {minutes(m['completion_mean_s']):6.1f} min  wasted {m['wasted_gpu_hours']:9.0f} GPU-h  "
             f"overhead {m['replication_overhead']:5.2f}  unfinished {m['unfinished']}  revoked {m['revoked']}  "
             f"({m['wall_s']:.0f} s)"
         )

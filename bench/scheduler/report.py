@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +14,19 @@ RATIO_KEYS = ("completion_mean_s", "completion_p95_s", "wasted_gpu_hours", "repl
 def add_ratios(policies: dict[str, dict[str, Any]]) -> None:
     base = policies["random"]
     for metrics in policies.values():
-        metrics["vs_random"] = {k: (metrics[k] / base[k] if base[k] else None) for k in RATIO_KEYS}
+        metrics["vs_random"] = {
+            k: (metrics[k] / base[k] if base[k] and metrics[k] is not None else None) for k in RATIO_KEYS
+        }
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def minutes(seconds: float | None) -> float:
+    """For plots and printouts: NaN (no bar) where a policy accepted no result at all."""
+    return math.nan if seconds is None else seconds / 60
 
 
 def plot(
@@ -34,10 +42,11 @@ def plot(
     colors = ["#2a7" if n == "koinon" else "#8cd" if n.startswith("koinon") else "#999" for n in names]
     panels = [
         ("Accepted results correct (%)", [100 * policies[n]["correct_rate"] for n in names]),
-        ("Completion p95 (min)", [policies[n]["completion_p95_s"] / 60 for n in names]),
-        ("Completion mean (min)", [policies[n]["completion_mean_s"] / 60 for n in names]),
+        ("Completion p95 (min)", [minutes(policies[n]["completion_p95_s"]) for n in names]),
+        ("Completion mean (min)", [minutes(policies[n]["completion_mean_s"]) for n in names]),
         ("Wasted GPU-hours", [policies[n]["wasted_gpu_hours"] for n in names]),
-        ("GPU-hours executed / useful", [policies[n]["replication_overhead"] for n in names]),
+        # replication_overhead: work of executions run to the end / one execution per accepted job.
+        ("Replication overhead (runs to end / useful)", [policies[n]["replication_overhead"] for n in names]),
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4))
     for ax, (label, values) in zip(axes, panels, strict=True):

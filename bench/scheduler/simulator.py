@@ -522,7 +522,8 @@ class Simulation:
 
     def _figures(self, jobs: set[int]) -> dict[str, Any]:
         final = [v for i, v in self.accepted.items() if i in jobs]
-        completions = np.array([c for c, _, _, _ in final]) if final else np.zeros(1)
+        # No accepted result, no completion time: a policy that finishes nothing must not score 0 s.
+        completions = np.array([c for c, _, _, _ in final]) if final else None
         correct = sum(1 for _, ok, _, _ in final if ok)
         useful = sum(g for _, _, g, _ in final)
         verified = sum(1 for _, _, _, v in final if v)
@@ -540,9 +541,9 @@ class Simulation:
             "accepted_by_quorum": verified,
             "wrong_accepted_by_quorum": wrong_verified,
             "wrong_accepted_single_copy": len(final) - correct - wrong_verified,
-            "completion_mean_s": float(completions.mean()),
-            "completion_p50_s": float(np.percentile(completions, 50)),
-            "completion_p95_s": float(np.percentile(completions, 95)),
+            "completion_mean_s": float(completions.mean()) if completions is not None else None,
+            "completion_p50_s": float(np.percentile(completions, 50)) if completions is not None else None,
+            "completion_p95_s": float(np.percentile(completions, 95)) if completions is not None else None,
             "wasted_gpu_hours": (executed - useful) / 3600.0,
             "executed_gpu_hours": executed / 3600.0,
             "useful_gpu_hours": useful / 3600.0,

@@ -20,8 +20,10 @@ class GatewayMetrics:
     node_streams_peak: int = 0
     bytes_from_agents: int = 0
 
-    def render(self) -> str:
+    def render(self, sessions_connected: int = 0) -> str:
         lines = [
+            # Agents whose Control stream is registered now (what a fleet dashboard plots).
+            f"koinon_gateway_sessions_connected {sessions_connected}",
             f"koinon_gateway_connections_opened_total {self.connections_opened}",
             f"koinon_gateway_connections_active {self.connections_active}",
             f"koinon_gateway_node_streams_peak {self.node_streams_peak}",

@@ -159,7 +159,7 @@ class Gateway:
             return web.Response(text="ok\n")
 
         async def metrics(_: web.Request) -> web.Response:
-            return web.Response(text=self.metrics.render())
+            return web.Response(text=self.metrics.render(sessions_connected=len(self.sessions.by_name)))
 
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/metrics", metrics)

@@ -85,3 +85,30 @@ async def test_a_dial_counts_as_opened_only_once_it_is(tmp_path: Path) -> None:
         assert status == 200 and await echo_roundtrip(reader, writer, b"ok") == b"ok"
         writer.close()
         assert c.gateway.metrics.connections_opened == 1
+
+
+async def test_the_admin_endpoint_counts_connected_agents(tmp_path: Path) -> None:
+    import aiohttp
+
+    async with cluster(tmp_path) as c, aiohttp.ClientSession() as http:
+
+        async def connected() -> int:
+            async with http.get(f"{c.gateway.admin_url}/metrics") as reply:
+                text = await reply.text()
+            return int(
+                next(
+                    line for line in text.splitlines() if line.startswith("koinon_gateway_sessions_connected ")
+                ).split()[1]
+            )
+
+        assert await connected() == 0
+        await c.start_agent("alpha")
+        await c.start_agent("beta")
+        assert await connected() == 2
+        _, task = c.agents[0]
+        task.cancel()
+        for _ in range(50):
+            if await connected() == 1:
+                break
+            await asyncio.sleep(0.1)
+        assert await connected() == 1
