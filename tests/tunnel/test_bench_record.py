@@ -8,6 +8,7 @@ import json
 import secrets
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -63,7 +64,7 @@ def test_gateway_figures_need_every_agent_connected_through_the_window(
             argv = [sys.executable, "-c", "print('connected 3', flush=True)"]
         return real_popen(argv, **kwargs)
 
-    monkeypatch.setattr(run.subprocess, "Popen", popen)
+    monkeypatch.setattr(subprocess, "Popen", popen)
     with pytest.raises(RuntimeError, match="agents connected at the gateway: 0 before the window"):
         run.bench_agents(tmp_path, 3, 0.5)
 
@@ -75,7 +76,7 @@ def test_three_real_agents_are_counted_through_the_window(tmp_path: Path) -> Non
 
 def _main(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *argv: str) -> tuple[int, Path, dict[str, Any]]:
     monkeypatch.setattr(run, "REPO", tmp_path)  # the record is REPO/bench/results/tunnel.json
-    monkeypatch.setattr(run.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     monkeypatch.setattr(run, "bench_network", lambda workdir, quick: {k: 1.0 for k in run.REQUIRED_KEYS[:7]})
     monkeypatch.setattr(run, "bench_ray", lambda rounds: {"ray_tasks_ratio": 1.0, "ray_object_ratio": 1.0})
     monkeypatch.setattr(run, "bench_agents", lambda workdir, count, window: {k: 1.0 for k in run.REQUIRED_KEYS[9:]})
