@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench.tunnel import ceiling, netbench, plain_relay  # noqa: E402
-from bench.tunnel.sshd import ssh_forward  # noqa: E402
+from bench.tunnel.sshd import SAME_CIPHER_AS_TUNNEL, default_cipher, ssh_forward  # noqa: E402
 from tests.tunnel.ray_harness import RayTunnelHarness, kill_tree, netns_available, wait_until  # noqa: E402
 
 PY = sys.executable
@@ -132,24 +132,34 @@ def bench_network(workdir: Path, quick: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
         proxy_port, _, _ = stack.enter_context(tunnel(workdir, sink_port, (echo_port,)))
+        # `ssh -L` as it comes (the baseline), and with the tunnel's own cipher.
+        ssh_ports: dict[str, int] = {}
         try:
-            ssh_port: int | None = stack.enter_context(ssh_forward(workdir / "ssh", sink_port))
-        except (FileNotFoundError, RuntimeError) as exc:
-            ssh_port = None
+            results["ssh_cipher"] = default_cipher()
+            ssh_ports["ssh_mbps"] = stack.enter_context(ssh_forward(workdir / "ssh", sink_port))
+            ssh_ports["ssh_same_cipher_mbps"] = stack.enter_context(
+                ssh_forward(workdir / "ssh-aes", sink_port, SAME_CIPHER_AS_TUNNEL)
+            )
+            results["ssh_same_cipher"] = SAME_CIPHER_AS_TUNNEL
+        except (FileNotFoundError, RuntimeError, subprocess.CalledProcessError, StopIteration) as exc:
+            ssh_ports.clear()
             results["ssh_error"] = str(exc)
         relay_port = stack.enter_context(plain_relay.relay_pair(echo_port))
         # Rounds take turns (direct, tunnel, ssh, direct, ...) so that every path sees the machine's
         # fast and slow moments alike; the best of each is kept, against noisy neighbours.
         paths = {"direct_mbps": (sink_port, None), "tunnel_mbps": (sink_port, proxy_port)}
-        if ssh_port is not None:
-            paths["ssh_mbps"] = (ssh_port, None)
+        paths.update({key: (port, None) for key, port in ssh_ports.items()})
         runs: dict[str, list[float]] = {key: [] for key in paths}
         for _ in range(rounds):
             for key, (port, via) in paths.items():
                 runs[key].append(netbench.throughput_mbps(netbench.open_via("127.0.0.1", port, via), volume))
         results.update({key: round(max(measured), 1) for key, measured in runs.items()})
         results.setdefault("ssh_mbps", None)
-        progress(f"direct {results['direct_mbps']} tunnel {results['tunnel_mbps']} ssh -L {results['ssh_mbps']} Mbit/s")
+        results.setdefault("ssh_same_cipher_mbps", None)
+        progress(
+            f"direct {results['direct_mbps']} tunnel {results['tunnel_mbps']} ssh -L {results['ssh_mbps']} "
+            f"(same cipher: {results['ssh_same_cipher_mbps']}) Mbit/s"
+        )
         # The least CPU any tunnel needs per byte, from the same machine at the same time (ceiling.py).
         hop_ns = min(ceiling.hop_cpu_ns_per_byte(sink_port, volume) for _ in range(rounds))
         aes_ns = min(ceiling.aes_gcm_ns_per_byte(volume // 4) for _ in range(rounds))
@@ -166,7 +176,8 @@ def bench_network(workdir: Path, quick: bool) -> dict[str, Any]:
         )
     sink.close()
     echo.close()
-    results["tunnel_vs_ssh"] = round(results["tunnel_mbps"] / results["ssh_mbps"], 3) if results["ssh_mbps"] else None
+    for ssh, ratio in (("ssh_mbps", "tunnel_vs_ssh"), ("ssh_same_cipher_mbps", "tunnel_vs_ssh_same_cipher")):
+        results[ratio] = round(results["tunnel_mbps"] / results[ssh], 3) if results[ssh] else None
     results["tunnel_vs_direct"] = round(results["tunnel_mbps"] / results["direct_mbps"], 3)
     results["tunnel_vs_ceiling"] = round(results["tunnel_mbps"] / results["tunnel_ceiling_mbps"], 3)
 

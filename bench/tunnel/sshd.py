@@ -17,12 +17,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-SSH_CIPHER = "aes128-gcm@openssh.com"
+# The tunnel's cipher (TLS 1.3 AES-128-GCM), for a like-for-like comparison beside `ssh -L` as it
+# comes (OpenSSH then picks chacha20-poly1305, slower per byte on CPUs with AES instructions).
+SAME_CIPHER_AS_TUNNEL = "aes128-gcm@openssh.com"
+
+
+def default_cipher() -> str:
+    """The cipher a plain `ssh` negotiates with a default sshd: the first of its client list."""
+    shown = subprocess.run(["ssh", "-G", "127.0.0.1"], capture_output=True, text=True, check=True).stdout
+    listed = next(line.split()[1] for line in shown.splitlines() if line.startswith("ciphers "))
+    return listed.split(",")[0]
 
 
 @contextlib.contextmanager
-def ssh_forward(workdir: Path, target_port: int) -> Iterator[int]:
-    """Yields a local port forwarded by `ssh -L` to 127.0.0.1:target_port."""
+def ssh_forward(workdir: Path, target_port: int, cipher: str | None = None) -> Iterator[int]:
+    """Yields a local port forwarded by `ssh -L` to 127.0.0.1:target_port (with ``cipher``, else
+    OpenSSH's default choice)."""
     sshd = shutil.which("sshd") or "/usr/sbin/sshd"
     if not Path(sshd).exists() or shutil.which("ssh") is None:
         raise FileNotFoundError("OpenSSH not installed (apt-get install -y openssh-server openssh-client)")
@@ -58,10 +68,7 @@ def ssh_forward(workdir: Path, target_port: int) -> Iterator[int]:
                 f"UserKnownHostsFile={workdir / 'known_hosts'}",
                 "-o",
                 "ExitOnForwardFailure=yes",
-                # The tunnel's cipher (TLS 1.3 AES-128-GCM), so the two compare like for like:
-                # OpenSSH would pick chacha20-poly1305, slower per byte on this CPU.
-                "-c",
-                SSH_CIPHER,
+                *(["-c", cipher] if cipher else []),
                 "-L",
                 f"{local_port}:127.0.0.1:{target_port}",
                 "root@127.0.0.1",
