@@ -1,26 +1,107 @@
-"""Server-side behaviour of built-in kinds that clients rely on (Secret.stringData, Namespace phase)."""
+"""Server-side behaviour of built-in kinds that clients rely on: what kube-apiserver does to them on
+every write (Secret.stringData, Namespace phase) and the checks of theirs that this project's
+manifests, charts and clients could fail (Secret data and types, a Deployment's selector)."""
 
 from __future__ import annotations
 
 import base64
+import binascii
+import re
 from typing import Any
+
+from . import errors
+from .errors import FieldCause
 
 JsonObj = dict[str, Any]
 
+# Secret data keys: kube-apiserver's IsConfigMapKey.
+_DATA_KEY = re.compile(r"[-._a-zA-Z0-9]+")
+# Keys a Secret of each type must hold (kube-apiserver's ValidateSecret).
+_REQUIRED_SECRET_KEYS = {
+    "kubernetes.io/tls": ("tls.crt", "tls.key"),
+    "kubernetes.io/basic-auth": (),
+    "kubernetes.io/dockerconfigjson": (".dockerconfigjson",),
+}
 
-def normalize_builtin(group: str, plural: str, obj: JsonObj) -> None:
-    """Apply in place what the real API server does to these kinds on every write."""
-    if group != "":
-        return
-    if plural == "secrets":
-        string_data = obj.pop("stringData", None)
-        if isinstance(string_data, dict):
-            data = dict(obj.get("data") or {})
-            for key, value in string_data.items():
-                data[key] = base64.b64encode(str(value).encode()).decode()
-            obj["data"] = data
-        obj.setdefault("type", "Opaque")
-    elif plural == "namespaces":
+
+def normalize_builtin(group: str, plural: str, obj: JsonObj, old: JsonObj | None = None) -> None:
+    """Apply in place what the real API server does to these kinds on every write; raise its
+    error where it would refuse the object."""
+    name = str((obj.get("metadata") or {}).get("name", ""))
+    if group == "" and plural == "secrets":
+        _normalize_secret(obj, old, name)
+    elif group == "" and plural == "namespaces":
         status = obj.setdefault("status", {})
         if isinstance(status, dict):
             status.setdefault("phase", "Active")
+    elif group == "apps" and plural in ("deployments", "statefulsets", "daemonsets", "replicasets"):
+        _check_selector(obj, name, kind={"deployments": "Deployment", "statefulsets": "StatefulSet",
+                                         "daemonsets": "DaemonSet", "replicasets": "ReplicaSet"}[plural])  # fmt: skip
+
+
+def _normalize_secret(obj: JsonObj, old: JsonObj | None, name: str) -> None:
+    data = obj.get("data") or {}
+    if not isinstance(data, dict):
+        raise errors.bad_request("Secret.data must be a map of keys to base64 strings")
+    for key, value in data.items():
+        # map[string][]byte: decoded from base64 while the request is read (a 400 when it is not).
+        try:
+            if not isinstance(value, str):
+                raise ValueError(f"expected a string, got {type(value).__name__}")
+            base64.b64decode(value, validate=True)
+        except (ValueError, binascii.Error) as error:
+            raise errors.bad_request(
+                f'Secret in version "v1" cannot be handled as a Secret: data[{key}]: {error}'
+            ) from error
+    string_data = obj.pop("stringData", None)
+    if string_data is not None:
+        if not isinstance(string_data, dict) or not all(isinstance(v, str) for v in string_data.values()):
+            raise errors.bad_request(
+                'Secret in version "v1" cannot be handled as a Secret: stringData values must be strings'
+            )
+        data = dict(data)
+        for key, value in string_data.items():
+            data[key] = base64.b64encode(value.encode()).decode()
+        obj["data"] = data
+    obj.setdefault("type", "Opaque")
+    key_help = "a valid config key must consist of alphanumeric characters, '-', '_' or '.'"
+    causes = [
+        FieldCause(f"data[{key}]", f"Invalid value: {key!r}: {key_help}")
+        for key in data
+        if not _DATA_KEY.fullmatch(str(key))
+    ]
+    causes += [
+        FieldCause(f"data[{key}]", "Required value")
+        for key in _REQUIRED_SECRET_KEYS.get(str(obj["type"]), ())
+        if key not in data
+    ]
+    if old is not None and old.get("type", "Opaque") != obj["type"]:
+        causes.append(FieldCause("type", f"Invalid value: {obj['type']!r}: field is immutable"))
+    if causes:
+        raise errors.invalid("", "Secret", name, causes)
+
+
+def _check_selector(obj: JsonObj, name: str, kind: str) -> None:
+    spec = obj.get("spec") or {}
+    selector = (spec.get("selector") or {}).get("matchLabels") or {}
+    labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+    causes: list[FieldCause] = []
+    if not selector and not (spec.get("selector") or {}).get("matchExpressions"):
+        causes.append(FieldCause("spec.selector", "Required value"))
+    elif any(labels.get(key) != value for key, value in selector.items()):
+        causes.append(
+            FieldCause(
+                "spec.template.metadata.labels",
+                f"Invalid value: {labels!r}: `selector` does not match template `labels`",
+            )
+        )
+    containers = ((spec.get("template") or {}).get("spec") or {}).get("containers")
+    if not containers:
+        causes.append(FieldCause("spec.template.spec.containers", "Required value"))
+    else:
+        for index, container in enumerate(containers):
+            for required in ("name", "image"):
+                if not (isinstance(container, dict) and container.get(required)):
+                    causes.append(FieldCause(f"spec.template.spec.containers[{index}].{required}", "Required value"))
+    if causes:
+        raise errors.invalid("apps", kind, name, causes)

@@ -112,7 +112,15 @@ def method_not_allowed(message: str) -> ApiError:
     return ApiError(405, "MethodNotAllowed", message)
 
 
-def unsupported_media_type(content_type: str) -> ApiError:
+def unsupported_media_type(content_type: str, custom_resource: bool = False) -> ApiError:
+    if custom_resource:
+        return ApiError(
+            415,
+            "UnsupportedMediaType",
+            f"the body of the request was in an unknown format - accepted media types include: "
+            f"application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml "
+            f"(got {content_type!r}: custom resources take no strategic merge patch)",
+        )
     return ApiError(
         415,
         "UnsupportedMediaType",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from bisect import bisect_right
+from collections import OrderedDict
 from typing import Any
 
 from aiohttp import web
@@ -13,6 +15,7 @@ from . import discovery, errors, openapi
 from .errors import ApiError
 from .patching import APPLY_PATCH, JSON_PATCH, MERGE_PATCH, STRATEGIC_MERGE_PATCH
 from .requests import (
+    MAX_REQUEST_BODY_BYTES,
     ResourcePath,
     decode_continue,
     encode_continue,
@@ -20,6 +23,7 @@ from .requests import (
     object_filter,
     parse_resource_path,
     partial_metadata_request,
+    query_int,
     table_request,
     write_options,
 )
@@ -29,6 +33,8 @@ from .tables import table
 from .watch import DEFAULT_TIMEOUT_S, WatchRequest, serve_watch
 
 JsonObj = dict[str, Any]
+# Paginated lists whose later pages can still be read (kube-apiserver: until etcd compacts).
+LIST_SNAPSHOTS_KEPT = 64
 OPENAPI_V2_PROTOBUF = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
 logger = logging.getLogger(__name__)
 
@@ -38,7 +44,9 @@ BOOKMARK_KEY: web.AppKey[float] = web.AppKey("bookmark_interval", float)
 
 def _json(body: JsonObj, status: int = 200, warnings: list[str] | None = None) -> web.Response:
     response = web.Response(
-        body=json.dumps(body, separators=(",", ":")).encode(), status=status, content_type="application/json"
+        body=json.dumps(body, separators=(",", ":"), allow_nan=False).encode(),
+        status=status,
+        content_type="application/json",
     )
     for warning in warnings or ():
         # RFC 7234 warn-text is a quoted-string: escape quotes, as kube-apiserver does.
@@ -59,12 +67,17 @@ class ApiHandlers:
     def __init__(self, service: ApiService, bookmark_interval_s: float) -> None:
         self.service = service
         self.bookmark_interval_s = bookmark_interval_s
+        # Paginated lists still being read: snapshot id -> (resourceVersion, items).
+        self._snapshots: OrderedDict[str, tuple[int, list[JsonObj]]] = OrderedDict()
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         try:
             return await self._dispatch(request)
         except ApiError as error:
             return _render_error(error)
+        except web.HTTPRequestEntityTooLarge:
+            # What kube-apiserver answers past its request body limit (3 MiB).
+            return _render_error(ApiError(413, "RequestEntityTooLarge", f"limit is {MAX_REQUEST_BODY_BYTES}", None))
         except Exception:
             logger.exception("emulator failure on %s %s", request.method, request.path_qs)
             return _render_error(ApiError(500, "InternalError", "an internal error occurred in the emulator"))
@@ -170,6 +183,10 @@ class ApiHandlers:
         content_type = request.content_type
         if content_type == APPLY_PATCH or content_type not in (MERGE_PATCH, JSON_PATCH, STRATEGIC_MERGE_PATCH):
             raise errors.unsupported_media_type(content_type)
+        if content_type == STRATEGIC_MERGE_PATCH and resource.crd_name is not None:
+            # Custom resources carry no merge-key metadata: kube-apiserver refuses this patch type
+            # for them (kubectl patch needs --type=merge or --type=json).
+            raise errors.unsupported_media_type(content_type, custom_resource=True)
         assert path.name is not None
         result = self.service.patch(
             resource,
@@ -183,19 +200,41 @@ class ApiHandlers:
         return self._write_response(result)
 
     def _list(self, request: web.Request, resource: Any, namespace: str | None) -> web.Response:
-        selection = object_filter(request, resource, namespace)
-        items, version = self.service.list_objects(resource, selection)
-        list_meta: JsonObj = {"resourceVersion": str(version)}
-        limit = int(request.query.get("limit", "0") or 0)
+        limit = query_int(request, "limit", 0)
         if token := request.query.get("continue"):
-            start = decode_continue(token)
+            # Every page is served from the first page's snapshot, at its resourceVersion.
+            snapshot_id, start = decode_continue(token)
+            snapshot = self._snapshots.get(snapshot_id)
+            if snapshot is None:
+                raise errors.gone(
+                    "The provided continue parameter is too old to display a consistent list result. "
+                    "You can start a new list without the continue parameter."
+                )
+            version, items = snapshot
             keys = [object_key(obj) for obj in items]
             items = items[bisect_right(keys, start) :]
+        else:
+            selection = object_filter(request, resource, namespace)
+            items, version = self.service.list_objects(resource, selection)
+            snapshot_id = ""
+        list_meta: JsonObj = {"resourceVersion": str(version)}
         if limit > 0 and len(items) > limit:
-            items = items[:limit]
-            list_meta["continue"] = encode_continue(object_key(items[-1]))
-            list_meta["remainingItemCount"] = 0
+            if not snapshot_id:
+                snapshot_id = self._keep_snapshot(version, items)
+            page = items[:limit]
+            list_meta["continue"] = encode_continue(snapshot_id, object_key(page[-1]))
+            list_meta["remainingItemCount"] = len(items) - limit
+            items = page
         return self._render_objects(request, resource, items, single=False, list_meta=list_meta)
+
+    def _keep_snapshot(self, version: int, items: list[JsonObj]) -> str:
+        """Keeps a paginated list's items for its later pages (stored objects are replaced on
+        write, never changed in place, so these references stay as they were)."""
+        snapshot_id = secrets.token_hex(8)
+        self._snapshots[snapshot_id] = (version, list(items))
+        while len(self._snapshots) > LIST_SNAPSHOTS_KEPT:
+            self._snapshots.popitem(last=False)  # the oldest: its continue token gets 410, as compacted
+        return snapshot_id
 
     def _render_objects(
         self,
@@ -250,7 +289,7 @@ class ApiHandlers:
                 since = int(version)
             except ValueError as error:
                 raise errors.bad_request(f"invalid resourceVersion {version!r}") from error
-        timeout = float(request.query.get("timeoutSeconds", DEFAULT_TIMEOUT_S) or DEFAULT_TIMEOUT_S)
+        timeout = float(query_int(request, "timeoutSeconds", 0) or DEFAULT_TIMEOUT_S)
         accept = request.headers.get("Accept", "")
         watch = WatchRequest(
             resource=resource,
@@ -286,7 +325,7 @@ class ApiHandlers:
 
 
 def build_app(service: ApiService, bookmark_interval_s: float = 10.0) -> web.Application:
-    app = web.Application(client_max_size=16 * 1024 * 1024)
+    app = web.Application(client_max_size=MAX_REQUEST_BODY_BYTES)
     handlers = ApiHandlers(service, bookmark_interval_s)
     app[SERVICE_KEY] = service
     app.router.add_route("*", "/{tail:.*}", handlers.dispatch)

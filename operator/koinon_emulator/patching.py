@@ -1,7 +1,10 @@
 """Patch formats: JSON merge patch (RFC 7386), JSON patch (RFC 6902) and strategic merge patch.
 
-Strategic merge patch is applied as a merge patch with its ``$``-directives honoured where simple;
-list merging by key is not emulated (the project's resources use maps and whole-list replaces).
+Strategic merge patch (built-in kinds only: kube-apiserver refuses it for custom resources) merges
+maps like a merge patch and merges the lists that kube-apiserver merges by a key (containers and
+env by name, volume mounts by mountPath, ...) item by item, with ``$patch: delete`` items,
+``$setElementOrder/<list>`` and ``$deleteFromPrimitiveList/<list>``; other lists are replaced, as
+there. kubectl apply and helm upgrade send such patches for Deployments and DaemonSets.
 """
 
 from __future__ import annotations
@@ -26,6 +29,22 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
+# The patchMergeKey of the lists of built-in kinds that kube-apiserver merges by key ("ports" is
+# decided per list: containerPort in containers, port in Services).
+MERGE_KEYS = {
+    "containers": "name",
+    "initContainers": "name",
+    "ephemeralContainers": "name",
+    "env": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "volumeDevices": "devicePath",
+    "imagePullSecrets": "name",
+    "hostAliases": "ip",
+    "topologySpreadConstraints": "topologyKey",
+}
+
+
 def strategic_merge_patch(target: Any, patch: Any) -> Any:
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
@@ -36,16 +55,62 @@ def strategic_merge_patch(target: Any, patch: Any) -> Any:
         return {k: copy.deepcopy(v) for k, v in patch.items() if not k.startswith("$")}
     result: JsonObj = dict(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
-        if key.startswith("$"):  # $setElementOrder/..., $retainKeys, $deleteFromPrimitiveList/...
+        if key.startswith("$deleteFromPrimitiveList/"):
+            name = key.split("/", 1)[1]
+            if isinstance(result.get(name), list) and isinstance(value, list):
+                result[name] = [item for item in result[name] if item not in value]
+            continue
+        if key.startswith("$"):  # $setElementOrder/... (used with its list below), $retainKeys
             continue
         if value is None:
             result.pop(key, None)
+            continue
+        merge_key = _merge_key(key, value, result.get(key))
+        if merge_key is not None:
+            order = patch.get(f"$setElementOrder/{key}")
+            result[key] = _merge_list(result.get(key), value, merge_key, order)
+            continue
+        merged = strategic_merge_patch(result.get(key), value)
+        if merged is None:
+            result.pop(key, None)
         else:
-            merged = strategic_merge_patch(result.get(key), value)
-            if merged is None:
-                result.pop(key, None)
-            else:
-                result[key] = merged
+            result[key] = merged
+    return result
+
+
+def _merge_key(field: str, patch_items: Any, current: Any) -> str | None:
+    if not isinstance(patch_items, list) or not all(isinstance(item, dict) for item in patch_items):
+        return None
+    if field == "ports":
+        items = [*patch_items, *(current if isinstance(current, list) else [])]
+        if any(isinstance(item, dict) and "containerPort" in item for item in items):
+            return "containerPort"
+        return "port" if any(isinstance(item, dict) and "port" in item for item in items) else None
+    return MERGE_KEYS.get(field)
+
+
+def _merge_list(current: Any, patch_items: list[JsonObj], merge_key: str, order: Any) -> list[Any]:
+    if any(item.get("$patch") == "replace" for item in patch_items):
+        return [strategic_merge_patch(None, item) for item in patch_items if item.get("$patch") != "replace"]
+    result: list[Any] = list(current) if isinstance(current, list) else []
+    for item in patch_items:
+        at = next(
+            (i for i, old in enumerate(result) if isinstance(old, dict) and old.get(merge_key) == item.get(merge_key)),
+            None,
+        )
+        if item.get("$patch") == "delete":
+            if at is not None:
+                del result[at]
+            continue
+        merged = strategic_merge_patch(result[at] if at is not None else None, item)
+        if at is None:
+            result.append(merged)
+        else:
+            result[at] = merged
+    if isinstance(order, list):
+        wanted = [entry.get(merge_key) for entry in order if isinstance(entry, dict)]
+        position = {key: index for index, key in enumerate(wanted)}
+        result.sort(key=lambda item: position.get(item.get(merge_key) if isinstance(item, dict) else None, len(wanted)))
     return result
 
 

@@ -48,4 +48,5 @@ def load_state(service: ApiService, path: Path) -> int:
             service.register_crd(obj)
         loaded += 1
     service.store.resource_version = max(service.store.resource_version, int(state.get("resourceVersion", 0)))
+    service.store.mark_restored(service.store.resource_version)
     return loaded

@@ -118,18 +118,40 @@ async def json_body(request: web.Request) -> Any:
     if not raw:
         return None
     try:
-        return json.loads(raw)
+        # NaN and Infinity are not JSON: Python would accept them, kube-apiserver refuses them.
+        return json.loads(raw, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as error:
         raise errors.bad_request(f"the request body is not valid JSON: {error}") from error
+    except RecursionError as error:
+        raise errors.bad_request("the request body is not valid JSON: nested too deeply") from error
 
 
-def encode_continue(start: tuple[str, str]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(list(start)).encode()).decode()
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value")
 
 
-def decode_continue(token: str) -> tuple[str, str]:
+def query_int(request: web.Request, name: str, default: int) -> int:
+    """A non-negative integer query parameter; anything else is a 400, as kube-apiserver answers."""
+    text = request.query.get(name, "")
+    if not text:
+        return default
+    if not (text.isascii() and text.isdigit()):
+        raise errors.bad_request(f"{name}: expected a non-negative integer, got {text!r}")
+    return int(text)
+
+
+# kube-apiserver's limit on a request body (its MaxRequestBodyBytes): larger writes get a 413.
+MAX_REQUEST_BODY_BYTES = 3 * 1024 * 1024
+
+
+def encode_continue(snapshot_id: str, start: tuple[str, str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps([snapshot_id, *start]).encode()).decode()
+
+
+def decode_continue(token: str) -> tuple[str, tuple[str, str]]:
+    """(snapshot id, key of the last item served)."""
     try:
-        namespace, name = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return (str(namespace), str(name))
+        snapshot_id, namespace, name = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return str(snapshot_id), (str(namespace), str(name))
     except (ValueError, TypeError, binascii.Error) as error:
         raise errors.bad_request(f"continue key is not valid: {error}") from error

@@ -143,6 +143,9 @@ _TYPE_CHECKS = {
 }
 
 
+_DATE_TIME = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:?\d\d)?")
+
+
 @lru_cache(maxsize=512)
 def _compiled(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern)
@@ -151,7 +154,11 @@ def _compiled(pattern: str) -> re.Pattern[str]:
 def _format_ok(fmt: str, value: str) -> bool:
     try:
         if fmt == "date-time":
-            datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+            # RFC 3339 as kube-openapi's strfmt takes it: a full date and time (offset optional);
+            # fromisoformat alone would also take "2024-05-01" or "2024-05-01T10".
+            if _DATE_TIME.fullmatch(value) is None:
+                return False
+            datetime.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
         elif fmt == "date":
             datetime.date.fromisoformat(value)
         elif fmt == "uuid":

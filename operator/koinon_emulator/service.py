@@ -20,6 +20,7 @@ from . import errors
 from .builtins import normalize_builtin
 from .crds import check_crd, crd_resource_types, crd_status
 from .errors import ApiError, FieldCause
+from .labels import label_problems, qualified_name_problem
 from .patching import apply_patch
 from .resources import CRD_RESOURCE, NAMESPACE_RESOURCE, ResourceRegistry, ResourceType
 from .schema import admit
@@ -43,6 +44,14 @@ _LABEL_HELP = (
 )
 _NAME_SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 _SERVER_CONTENT_KEYS = ("apiVersion", "kind", "metadata", "status")
+# The fields of ObjectMeta (meta/v1): anything else in metadata is an unknown field.
+OBJECT_META_FIELDS = frozenset(
+    {
+        "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "generation",
+        "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "labels", "annotations",
+        "ownerReferences", "finalizers", "managedFields",
+    }
+)  # fmt: skip
 
 
 def now_rfc3339() -> str:
@@ -62,9 +71,11 @@ class WriteResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _content(obj: JsonObj) -> JsonObj:
-    """What ``generation`` tracks: everything but metadata and status."""
-    return {k: v for k, v in obj.items() if k not in _SERVER_CONTENT_KEYS}
+def _content(obj: JsonObj, status_subresource: bool) -> JsonObj:
+    """What ``generation`` tracks: everything but metadata, and but status where status has its
+    own subresource (without one, a status change is a change of the object like any other)."""
+    ignored = _SERVER_CONTENT_KEYS if status_subresource else ("apiVersion", "kind", "metadata")
+    return {k: v for k, v in obj.items() if k not in ignored}
 
 
 class ApiService:
@@ -137,6 +148,14 @@ class ApiService:
                         )
                     ],
                 )
+        label_causes = label_problems(metadata.get("labels") or {})
+        label_causes += [
+            FieldCause("metadata.annotations", f"Invalid value: {key!r}: {problem}")
+            for key in metadata.get("annotations") or {}
+            if (problem := qualified_name_problem(str(key)))
+        ]
+        if label_causes:
+            raise errors.invalid(resource.group, resource.kind, metadata.get("name", ""), label_causes)
         return body
 
     def _same_resource_version(self, resource: ResourceType, api_version: str) -> ResourceType | None:
@@ -188,17 +207,20 @@ class ApiService:
         if resource == CRD_RESOURCE and only is None and (causes := check_crd(obj)):
             raise errors.invalid(resource.group, resource.kind, name, causes)
         result = admit(obj, resource.schema, only=only)
+        # metadata is decoded as ObjectMeta whatever the schema says: unknown fields go like others.
+        metadata = result.obj.get("metadata")
+        if isinstance(metadata, dict):
+            for unknown in sorted(set(metadata) - OBJECT_META_FIELDS):
+                del metadata[unknown]
+                result.unknown_fields.append(f"metadata.{unknown}")
         warnings: list[str] = []
         if result.unknown_fields:
             if options.field_validation == "Strict":
-                raise errors.invalid(
-                    resource.group,
-                    resource.kind,
-                    name,
-                    [
-                        FieldCause(f".{path}", "field not declared in schema", "FieldValueInvalid")
-                        for path in result.unknown_fields
-                    ],
+                # kube-apiserver's strict decoding error: a 400, naming every unknown field.
+                unknown = ", ".join(f'unknown field "{path}"' for path in result.unknown_fields)
+                raise errors.bad_request(
+                    f'{resource.kind} in version "{resource.version}" cannot be handled as a {resource.kind}: '
+                    f"strict decoding error: {unknown}"
                 )
             if options.field_validation != "Ignore":
                 warnings = [f'unknown field "{path}"' for path in result.unknown_fields]
@@ -340,6 +362,14 @@ class ApiService:
         new["apiVersion"], new["kind"] = resource.api_version, resource.kind
         metadata = new["metadata"]
         old_metadata = old["metadata"]
+        if metadata.get("uid") and metadata["uid"] != old_metadata.get("uid"):
+            raise ApiError(
+                409,
+                "Conflict",
+                f"Precondition failed: UID in precondition: {metadata['uid']}, "
+                f"UID in object meta: {old_metadata.get('uid')}",
+                {"name": old_metadata["name"], "kind": resource.plural},
+            )
         for server_field in (
             "uid",
             "creationTimestamp",
@@ -375,11 +405,11 @@ class ApiService:
                 new["status"] = copy.deepcopy(old["status"])
             else:
                 new.pop("status", None)
-        normalize_builtin(resource.group, resource.plural, new)
+        normalize_builtin(resource.group, resource.plural, new, old)
         new, warnings = self._admit(resource, new, options)
         if resource == CRD_RESOURCE:
             new["status"] = crd_status(new, old.get("status"), now_rfc3339())
-        if _content(new) != _content(old):
+        if _content(new, resource.status_subresource) != _content(old, resource.status_subresource):
             new["metadata"]["generation"] = int(old_metadata.get("generation", 1)) + 1
         return new, warnings
 

@@ -71,6 +71,7 @@ class ObjectStore:
         self._objects: dict[StorageKey, dict[ObjectKey, JsonObj]] = {}
         self._history: dict[StorageKey, deque[StoredEvent]] = {}
         self._compacted: dict[StorageKey, int] = {}
+        self._restored_at = 0  # resourceVersion a state file was restored at (0: none)
         self._watchers: dict[StorageKey, set[Watcher]] = {}
 
     # -- reads ---------------------------------------------------------------------------------
@@ -92,6 +93,12 @@ class ObjectStore:
         yield from list(self._objects.get(key, {}).values())
 
     # -- writes --------------------------------------------------------------------------------
+
+    def mark_restored(self, version: int) -> None:
+        """After a restore from a state file: no event before ``version`` can be replayed, so a
+        watch from an earlier version gets 410 Gone (and its client lists again), as from a
+        compacted etcd, instead of silently missing what changed."""
+        self._restored_at = max(self._restored_at, version)
 
     def load(self, key: StorageKey, obj: JsonObj) -> None:
         """Put a saved object back as it was (state restore): no new version, no event."""
@@ -144,8 +151,9 @@ class ObjectStore:
             for obj in self.select(key, selection):
                 watcher.queue.put_nowait((ADDED, obj))
         else:
-            if since < self._compacted.get(key, 0):
-                raise gone(f"too old resource version: {since} ({self._compacted[key] + 1})")
+            compacted = max(self._compacted.get(key, 0), self._restored_at)
+            if since < compacted:
+                raise gone(f"too old resource version: {since} ({compacted + 1})")
             missed: list[StoredEvent] = []
             for event in reversed(self._history.get(key, ())):
                 if event.resource_version <= since:

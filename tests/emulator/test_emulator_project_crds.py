@@ -69,4 +69,4 @@ def test_project_crd_registers_and_validates(path: Path) -> None:
                 {**sample, "metadata": {"name": f"{name}-x"}, "spec": {**sample["spec"], "notAField": 1}},
                 WriteOptions(field_validation="Strict"),
             )
-        assert rejected.value.code == 422 and "spec.notAField" in rejected.value.message
+        assert rejected.value.code == 400 and 'unknown field "spec.notAField"' in rejected.value.message

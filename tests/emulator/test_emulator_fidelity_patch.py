@@ -1,0 +1,112 @@
+"""Patch semantics as kube-apiserver (v1.30) has them: no strategic merge patch for custom resources,
+and strategic merge patches that merge built-in lists by key.
+
+Each test states what the real API server does (the emulator differed before 2026-12-06).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+from koinon_emulator import KubeEmulator
+
+from .helpers import widget
+
+NS_WIDGETS = "/apis/test.koinon.dev/v1/namespaces/default/widgets"
+SMP = {"Content-Type": "application/strategic-merge-patch+json"}
+DEPLOYMENTS = "/apis/apps/v1/namespaces/default/deployments"
+
+
+async def _json(response: aiohttp.ClientResponse) -> Any:
+    return await response.json(content_type=None)
+
+
+async def test_strategic_merge_patch_on_custom_resource_is_415(
+    http: aiohttp.ClientSession, with_widgets: KubeEmulator
+) -> None:
+    """kube-apiserver refuses strategic merge patch for custom resources (they have no patchMergeKey
+    metadata): 415 UnsupportedMediaType, "accepted media types include: application/json-patch+json,
+    application/merge-patch+json, application/apply-patch+yaml" (kubernetes/kubernetes#53558; the
+    same 415 that kubernetes-client/python#866 hit with kopf). So `kubectl patch aij x -p ...`
+    without --type=merge fails on a real cluster; the emulator accepted it before 2026-12-06."""
+    assert (await http.post(NS_WIDGETS, json=widget("smp"))).status == 201
+    response = await http.patch(f"{NS_WIDGETS}/smp", headers=SMP, json={"spec": {"size": 5}})
+    assert response.status == 415, await response.text()
+    assert (await _json(response))["reason"] == "UnsupportedMediaType"
+
+
+async def test_strategic_merge_patch_merges_containers_by_name(http: aiohttp.ClientSession) -> None:
+    """For built-in kinds kubectl apply (client-side) sends a strategic merge patch in which
+    `containers` is merged by its patchMergeKey `name` (and `env` by `name`): only the changed
+    fields of the container are sent. kube-apiserver keeps the container's other fields (image,
+    ports...). Before 2026-12-06 the emulator replaced the whole list with the partial container, silently dropping
+    `image`; a re-apply of the charts' Deployments (tests/charts/test_apply_emulator.py) would
+    then store a Deployment a real server would reject (containers[0].image: Required value)."""
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "agent"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "agent"}},
+            "template": {
+                "metadata": {"labels": {"app": "agent"}},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "agent",
+                            "image": "ghcr.io/koinon/agent:1",
+                            "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}],
+                        }
+                    ]
+                },
+            },
+        },
+    }
+    assert (await http.post(DEPLOYMENTS, json=deployment)).status == 201
+    # What `kubectl apply` sends after B's value changed in the manifest.
+    patch = {
+        "spec": {
+            "template": {
+                "spec": {
+                    "$setElementOrder/containers": [{"name": "agent"}],
+                    "containers": [
+                        {
+                            "$setElementOrder/env": [{"name": "A"}, {"name": "B"}],
+                            "env": [{"name": "B", "value": "3"}],
+                            "name": "agent",
+                        }
+                    ],
+                }
+            }
+        }
+    }
+    response = await http.patch(f"{DEPLOYMENTS}/agent", headers=SMP, json=patch)
+    assert response.status == 200, await response.text()
+    (container,) = (await _json(response))["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "ghcr.io/koinon/agent:1"
+    assert container["env"] == [{"name": "A", "value": "1"}, {"name": "B", "value": "3"}]
+
+
+def test_strategic_merge_patch_list_directives() -> None:
+    from koinon_emulator.patching import strategic_merge_patch
+
+    spec = {
+        "containers": [{"name": "a", "image": "x", "ports": [{"containerPort": 80, "name": "http"}]}],
+        "volumes": [{"name": "v1", "emptyDir": {}}, {"name": "v2", "emptyDir": {}}],
+        "args": ["--one", "--two"],
+    }
+    patch = {
+        "$setElementOrder/containers": [{"name": "b"}, {"name": "a"}],
+        "containers": [{"name": "b", "image": "y"}, {"name": "a", "ports": [{"containerPort": 81}]}],
+        "volumes": [{"name": "v1", "$patch": "delete"}],
+        "$deleteFromPrimitiveList/args": ["--two"],
+    }
+    merged = strategic_merge_patch(spec, patch)
+    assert [c["name"] for c in merged["containers"]] == ["b", "a"]
+    assert merged["containers"][1]["image"] == "x"  # kept: merged by name
+    assert merged["containers"][1]["ports"] == [{"containerPort": 80, "name": "http"}, {"containerPort": 81}]
+    assert merged["volumes"] == [{"name": "v2", "emptyDir": {}}]
+    assert merged["args"] == ["--one"]
+    replaced = strategic_merge_patch(spec, {"volumes": [{"$patch": "replace"}, {"name": "v3"}]})
+    assert replaced["volumes"] == [{"name": "v3"}]

@@ -1,0 +1,85 @@
+"""Secret and ObjectMeta validation and update preconditions that kube-apiserver (v1.30) enforces
+(the emulator did not before 2026-12-06)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+from koinon_emulator import KubeEmulator
+
+from .helpers import widget
+
+SECRETS = "/api/v1/namespaces/default/secrets"
+NS_WIDGETS = "/apis/test.koinon.dev/v1/namespaces/default/widgets"
+MERGE = {"Content-Type": "application/merge-patch+json"}
+
+
+async def _json(response: aiohttp.ClientResponse) -> Any:
+    return await response.json(content_type=None)
+
+
+async def test_tls_secret_needs_tls_crt_and_tls_key(http: aiohttp.ClientSession) -> None:
+    """ValidateSecret: a `kubernetes.io/tls` Secret must have data `tls.crt` and `tls.key`
+    (422, `data[tls.crt]: Required value`). kube_ca.py stores the gateway CA as such a Secret;
+    the emulator accepted one without them before 2026-12-06."""
+    body = {"metadata": {"name": "tls"}, "type": "kubernetes.io/tls", "data": {"credential.key": "eA=="}}
+    response = await http.post(SECRETS, json=body)
+    assert response.status == 422, await response.text()
+
+
+async def test_secret_type_is_immutable(http: aiohttp.ClientSession) -> None:
+    """ValidateSecretUpdate: `type` cannot change (422, `type: Invalid value: ...: field is
+    immutable`). Before 2026-12-06 the emulator let a merge patch change it."""
+    assert (await http.post(SECRETS, json={"metadata": {"name": "t"}, "data": {"a": "eA=="}})).status == 201
+    response = await http.patch(f"{SECRETS}/t", headers=MERGE, json={"type": "koinon.dev/join-token"})
+    assert response.status == 422, await response.text()
+
+
+async def test_secret_string_data_values_must_be_strings(http: aiohttp.ClientSession) -> None:
+    """stringData is map[string]string: a number fails decoding with 400 BadRequest. Before 2026-12-06 the emulator
+    str()-converts it (5 -> "NQ=="), hiding a writer that forgot to stringify a count."""
+    response = await http.post(SECRETS, json={"metadata": {"name": "n"}, "stringData": {"usages-count": 5}})
+    assert response.status == 400, await response.text()
+
+
+async def test_put_with_another_uid_is_a_conflict(http: aiohttp.ClientSession, with_widgets: KubeEmulator) -> None:
+    """An update whose metadata.uid differs from the stored object's fails the UID precondition:
+    409 Conflict (`Precondition failed: UID in precondition: ..., UID in object meta: ...`). The
+    emulator overwrites the body's uid with the stored one and applies the update, so a writer
+    holding a copy of a deleted-and-recreated object is not stopped by uid alone."""
+    created = await _json(await http.post(NS_WIDGETS, json=widget("u")))
+    created["metadata"]["uid"] = "00000000-0000-0000-0000-000000000000"
+    created["spec"]["size"] = 4
+    response = await http.put(f"{NS_WIDGETS}/u", json=created)
+    assert response.status == 409, await response.text()
+
+
+async def test_unknown_metadata_fields_are_not_stored(http: aiohttp.ClientSession, with_widgets: KubeEmulator) -> None:
+    """metadata of a custom resource is decoded as ObjectMeta: an unknown field is dropped (with a
+    warning) or, under fieldValidation=Strict, refused with 400 (`unknown field
+    "metadata.bogus"`). Before 2026-12-06 the emulator stored metadata verbatim, even under Strict."""
+    body = widget("m")
+    body["metadata"]["bogus"] = 1
+    strict = await http.post(NS_WIDGETS, params={"fieldValidation": "Strict"}, json=body)
+    assert strict.status == 400, await strict.text()
+    lenient = await _json(await http.post(NS_WIDGETS, json=body))
+    assert "bogus" not in lenient["metadata"]
+
+
+async def test_generation_counts_status_changes_without_status_subresource(
+    http: aiohttp.ClientSession, emulator: KubeEmulator
+) -> None:
+    """customResourceStrategy.PrepareForUpdate: without a status subresource, any change outside
+    metadata (status included) increments metadata.generation; only with the subresource is status
+    excluded. Before 2026-12-06 the emulator always excluded status. (The project's CRDs have the subresource, so
+    this matters only for other CRDs.)"""
+    from .helpers import widget_crd
+
+    crd = widget_crd()
+    del crd["spec"]["versions"][0]["subresources"]
+    emulator.apply_crd(crd)
+    created = await _json(await http.post(NS_WIDGETS, json=widget("g")))
+    patched = await _json(await http.patch(f"{NS_WIDGETS}/g", headers=MERGE, json={"status": {"phase": "X"}}))
+    assert patched["status"]["phase"] == "X"
+    assert patched["metadata"]["generation"] == created["metadata"]["generation"] + 1
