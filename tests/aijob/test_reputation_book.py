@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import yaml
-from koinon_emulator.kubeconfig import write_kubeconfig
 from koinon_operator.reputation_book import (
     RECORDED_OUTCOMES_KEPT,
     ReputationBook,
@@ -18,9 +17,8 @@ from koinon_operator.reputation_book import (
     uptime_sample,
 )
 from koinon_operator.scheduler import DEFAULT_CONFIG
-from kubernetes.config import kube_config
 
-from tests.emulator.helpers import EmulatorThread
+from tests.emulator.helpers import EmulatorThread, emulator_for_kube_client
 
 CRD = Path(__file__).resolve().parents[2] / "manifests" / "crds" / "volunteernodes.koinon.dev.yaml"
 API = "koinon.dev/v1alpha1"
@@ -62,19 +60,10 @@ def test_recorded_keys_are_bounded_and_keep_the_newest() -> None:
 
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EmulatorThread]:
-    server = EmulatorThread()
-    url = server.start()
-    try:
-        server.call(lambda e: e.apply_crd(yaml.safe_load(CRD.read_text())))
+    with emulator_for_kube_client(tmp_path, monkeypatch, yaml.safe_load(CRD.read_text())) as server:
         node = {"apiVersion": API, "kind": "VolunteerNode", "metadata": {"name": "vn-a"}, "spec": {"owner": "alice"}}
         server.call(lambda e: e.create(node))
-        kubeconfig = str(write_kubeconfig(tmp_path / "kubeconfig", url))
-        # The client reads KUBECONFIG once, at import; the operator gets it in its environment.
-        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kubeconfig)
-        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         yield server
-    finally:
-        server.stop()
 
 
 def _status(cluster: EmulatorThread) -> dict[str, Any]:

@@ -4,7 +4,6 @@ logged, while every other node keeps being placed, sampled and credited."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from collections.abc import Iterator
@@ -13,16 +12,14 @@ from typing import Any
 
 import pytest
 import yaml
-from koinon_emulator.kubeconfig import write_kubeconfig
 from koinon_operator.inventory import RayNodeCache, build_capacity
 from koinon_operator.placement import PlacementRequest
 from koinon_operator.ray_jobs import RayNodeInfo
 from koinon_operator.reconciler import AIJobReconciler
 from koinon_operator.reputation_book import ReputationBook
 from koinon_operator.scheduling import ReputationPlacer
-from kubernetes.config import kube_config
 
-from tests.emulator.helpers import EmulatorThread
+from tests.emulator.helpers import EmulatorThread, emulator_for_kube_client
 
 RAY_NODES = [
     RayNodeInfo("r1", "127.0.20.1", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-good"}),
@@ -89,20 +86,6 @@ def _crd(*, reputation_schema: bool) -> dict[str, Any]:
     return crd
 
 
-@contextlib.contextmanager
-def _emulator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crd: dict[str, Any]) -> Iterator[EmulatorThread]:
-    server = EmulatorThread()
-    url = server.start()
-    try:
-        server.call(lambda e: e.apply_crd(crd))
-        kubeconfig = str(write_kubeconfig(tmp_path / "kubeconfig", url))
-        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kubeconfig)
-        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-        yield server
-    finally:
-        server.stop()
-
-
 def _create(cluster: EmulatorThread, name: str, status: dict[str, Any]) -> None:
     node = {"apiVersion": API, "kind": "VolunteerNode", "metadata": {"name": name}, "spec": {"owner": name}}
     cluster.call(lambda e: e.create(node))
@@ -111,7 +94,7 @@ def _create(cluster: EmulatorThread, name: str, status: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("name", MALFORMED.keys())
 def test_the_crd_rejects_what_placement_cannot_read(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with _emulator(tmp_path, monkeypatch, _crd(reputation_schema=True)) as cluster:
+    with emulator_for_kube_client(tmp_path, monkeypatch, _crd(reputation_schema=True)) as cluster:
         with pytest.raises(Exception, match=r"status\.(latency|reputation)\.\w+"):
             _create(cluster, "vn-bad", MALFORMED[name])
         # What the operator itself writes is accepted.
@@ -121,7 +104,7 @@ def test_the_crd_rejects_what_placement_cannot_read(name: str, tmp_path: Path, m
 @pytest.fixture
 def stored_before_the_schema(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[EmulatorThread]:
     """vn-a-bad (listed first) holds a reputation the current CRD would reject; vn-b is healthy."""
-    with _emulator(tmp_path, monkeypatch, _crd(reputation_schema=False)) as cluster:
+    with emulator_for_kube_client(tmp_path, monkeypatch, _crd(reputation_schema=False)) as cluster:
         _create(cluster, "vn-a-bad", {"phase": "Ready", "reputation": {"successes": "3"}})
         _create(cluster, "vn-b", {"phase": "Ready", "connected": True})
         yield cluster

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import tarfile
 import threading
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -213,3 +214,22 @@ class Kubectl:
                 f"kubectl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
             )
         return result
+
+
+@contextlib.contextmanager
+def emulator_for_kube_client(tmp_path: Path, monkeypatch: Any, *crds: JsonObj) -> Iterator[EmulatorThread]:
+    """An emulator serving ``crds`` that the kubernetes client library (what the operator's
+    reputation book and kopf use) talks to, through a kubeconfig it reads as its default."""
+    from kubernetes.config import kube_config
+
+    server = EmulatorThread()
+    url = server.start()
+    try:
+        server.call(lambda e: [e.apply_crd(crd) for crd in crds])
+        kubeconfig = str(write_kubeconfig(tmp_path / "kubeconfig", url))
+        # The client reads KUBECONFIG once, at import; this is the default it falls back to.
+        monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", kubeconfig)
+        monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+        yield server
+    finally:
+        server.stop()
