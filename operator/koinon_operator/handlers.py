@@ -100,8 +100,9 @@ async def reconcile_aijob(
             # An exception here would make kopf back off this job's timer for a minute.
             logger.warning("could not record reputation evidence %s: %r", outcome.reputation, error)
     if outcome.delete and f"{namespace}/{name}" not in _deleting:
-        # Not awaited here: deleting the object makes kopf stop this very timer before it runs the
-        # deletion handlers, so the timer must not be the one waiting on the deletion.
+        # Not awaited here: kopf removes the finalizer only once this timer has stopped, so a timer
+        # waiting for its own object's deletion would wait for ever. (The deletion handler may run
+        # while a pass of this timer is still in flight: the reconciler serializes the two.)
         _deleting.add(f"{namespace}/{name}")
         task = asyncio.create_task(_delete_after_ttl(namespace or "default", name))
         _background.add(task)

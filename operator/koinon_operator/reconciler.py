@@ -187,6 +187,9 @@ class AIJobReconciler:
     placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Per job: the resourceVersion of the body the last status write was computed from, and when.
     _written_from: dict[str, tuple[str, float]] = field(default_factory=dict)
+    _job_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # Jobs whose deletion handler ran: a pass still queued behind it must not start anything.
+    _stopped: set[str] = field(default_factory=set)
 
     async def reconcile(
         self,
@@ -199,7 +202,12 @@ class AIJobReconciler:
         version = meta.get("resourceVersion")
         if self._behind_own_write(key, version):
             return Outcome()
-        outcome = await self._reconcile(body, recorded_allocations, volunteers)
+        # One pass or stop at a time per job: kopf runs the deletion handler while a timer pass that
+        # began before the deletion may still be submitting; stop() waits for it, then stops that.
+        async with self._job_lock(key):
+            if key in self._stopped:
+                return Outcome()  # deleted meanwhile: nothing more to start
+            outcome = await self._reconcile(body, recorded_allocations, volunteers)
         current = body.get("status") or {}
         if current.get("phase"):
             # Every pass has looked at the latest spec, even one that changes nothing else.
@@ -291,15 +299,23 @@ class AIJobReconciler:
         return outcome
 
     async def stop(self, body: Mapping[str, Any]) -> bool:
-        """Stop the job's Ray job (on delete); True when there was one to stop."""
-        state = AIJobStatus.from_status(body.get("status"))
+        """Stop the job's Ray job (on delete); True when there was one to stop. Waits for a pass
+        of this job in flight, and stops what that pass may have submitted too (the body kopf
+        hands the deletion handler predates it)."""
         meta = body.get("metadata") or {}
-        self.ledger.forget(f"{meta.get('namespace')}/{meta.get('name')}")
-        self._written_from.pop(f"{meta.get('namespace')}/{meta.get('name')}", None)
-        if state.submission_id and state.phase is not None and state.phase.holds_nodes:
-            await self._stop_copies(state)
-            return True
-        return False
+        key = f"{meta.get('namespace')}/{meta.get('name')}"
+        async with self._job_lock(key):
+            self._stopped.add(key)
+            state = AIJobStatus.from_status(body.get("status"))
+            self.ledger.forget(key)
+            self._written_from.pop(key, None)
+            if state.submission_id and state.phase is not None and state.phase.holds_nodes:
+                await self._stop_copies(state)
+                return True
+            return False
+
+    def _job_lock(self, key: str) -> asyncio.Lock:
+        return self._job_locks.setdefault(key, asyncio.Lock())
 
     async def _stop_copies(self, state: AIJobStatus) -> None:
         for copy in range(state.copies):
@@ -453,16 +469,9 @@ class AIJobReconciler:
                         self._finish(key, writer, outcome, Phase.FAILED, "SubmitRejected", str(error))
                         return
                 return
-            await self._attempt_failed(
-                key,
-                spec,
-                state,
-                writer,
-                outcome,
-                "RayJobLost",
-                "Ray no longer knows the job (head restarted?)",
-                "",
-                user_error=False,
+            # The head restarted and forgot it: neither the job's fault nor the volunteers'.
+            await self._interrupted(
+                key, state, writer, outcome, "RayJobLost", "Ray no longer knows the job (head restarted?)"
             )
             return
         known = [info for info in infos if info is not None]
@@ -478,6 +487,13 @@ class AIJobReconciler:
         lost = await self._lost_nodes(state)
         if lost and any(info.state is not RayJobState.SUCCEEDED for info in known):
             await self._node_lost(key, spec, state, writer, outcome, lost)
+            return
+        if any(info.state is RayJobState.STOPPED for info in known) and not any(
+            info.state is RayJobState.FAILED for info in known
+        ):
+            # Stopped, not failed: by this operator for a suspend or an edit whose status write was
+            # lost (a crash, or a resume that arrived first), or by hand. Run it again, uncounted.
+            await self._interrupted(key, state, writer, outcome, "RayJobStopped", "its Ray job was stopped")
             return
         logs = [await self.ray.logs(info.submission_id, info.driver_node_id) for info in known]
         if any(
@@ -633,6 +649,18 @@ class AIJobReconciler:
         message = f"attempt {state.attempts}: node(s) {', '.join(lost)} lost; failing over to other nodes"
         writer.phase(Phase.PENDING, "NodeLost", message)
         outcome.event("NodeLost", message, warning=True)
+
+    async def _interrupted(
+        self, key: str, state: AIJobStatus, writer: _StatusWriter, outcome: Outcome, reason: str, why: str
+    ) -> None:
+        """The attempt ended without an outcome of its own: place it again, without counting it
+        against backoffLimit or the volunteers (as a lost node is, but blaming nobody)."""
+        await self._stop_copies(state)
+        self.ledger.release(key)
+        message = f"attempt {state.attempts}: {why}; placing it again"
+        writer.set(assignedNodes=[], rayNodeIds=[])
+        writer.phase(Phase.PENDING, reason, message)
+        outcome.event(reason, message, warning=True)
 
     async def _submit(
         self, key: str, uid: str, spec: AIJobSpec, state: AIJobStatus, copy: int, outcome: Outcome

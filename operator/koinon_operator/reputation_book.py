@@ -73,8 +73,11 @@ def updated_status(
     evidence named ``key`` is already counted in ``status``."""
     previous = status.get("reputation") or {}
     recorded = [str(k) for k in previous.get("recordedOutcomes") or ()]
-    entry = f"{key}:{kind}" if key is not None else None
-    if entry is not None and entry in recorded:
+    # One piece of evidence per node per outcome key, whatever its kind: a pass replayed after a
+    # restart may see the attempt end otherwise (failed, then its node lost) and must not count
+    # it twice. Entries written before 2026-12-06 carry the kind after the key.
+    entry = key
+    if entry is not None and any(r == entry or r.startswith(f"{entry}:") for r in recorded):
         return None
     evidence = RECORDERS[kind](from_status(previous), now, config)
     jobs = dict(status.get("jobs") or {})

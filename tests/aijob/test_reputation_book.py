@@ -36,10 +36,15 @@ def test_same_key_is_counted_once_and_other_keys_still_count() -> None:
     first = updated_status({}, "success", NOW, CONFIG, "u1/1/0")
     assert first is not None
     assert first["jobs"] == {"succeeded": 1}
-    assert first["reputation"]["recordedOutcomes"] == ["u1/1/0:success"]
+    assert first["reputation"]["recordedOutcomes"] == ["u1/1/0"]
     assert updated_status(first, "success", NOW + 1, CONFIG, "u1/1/0") is None
-    # Another kind under the same key (a verdict naming the node twice is impossible, but the key
-    # names the kind) and another attempt are new evidence.
+    # Another kind under the same key is not new evidence: a pass replayed after a restart may see
+    # the attempt end otherwise (its Ray job failed, then its node was lost) and must not count twice.
+    assert updated_status(first, "timeout", NOW + 1, CONFIG, "u1/1/0") is None
+    # Entries written before the kind left the key still count as recorded.
+    legacy = {"reputation": {**first["reputation"], "recordedOutcomes": ["u1/1/0:failure"]}}
+    assert updated_status(legacy, "timeout", NOW + 1, CONFIG, "u1/1/0") is None
+    # Another attempt is new evidence.
     second = updated_status(first, "success", NOW + 1, CONFIG, "u1/2/0")
     assert second is not None
     assert second["jobs"] == {"succeeded": 2}
@@ -54,7 +59,7 @@ def test_recorded_keys_are_bounded_and_keep_the_newest() -> None:
         status = fields
     kept = status["reputation"]["recordedOutcomes"]
     assert len(kept) == RECORDED_OUTCOMES_KEPT
-    assert kept[-1] == f"u/{RECORDED_OUTCOMES_KEPT + 9}/0:failure"
+    assert kept[-1] == f"u/{RECORDED_OUTCOMES_KEPT + 9}/0"
     assert status["jobs"] == {"failed": RECORDED_OUTCOMES_KEPT + 10}
 
 
@@ -103,7 +108,7 @@ async def test_concurrent_writer_costs_a_retry_not_a_lost_count(cluster: Emulato
     assert status["jobs"] == {"failed": 1, "succeeded": 1}
     assert status["reputation"]["failures"] == pytest.approx(1.0)
     assert status["reputation"]["successes"] == pytest.approx(1.0)
-    assert status["reputation"]["recordedOutcomes"] == ["uid-2/1/0:success", "uid-1/1/0:failure"]
+    assert status["reputation"]["recordedOutcomes"] == ["uid-2/1/0", "uid-1/1/0"]
 
 
 async def test_evidence_for_a_node_without_volunteernode_is_dropped(cluster: EmulatorThread) -> None:
@@ -151,7 +156,7 @@ def test_an_uptime_sample_keeps_the_outcome_keys_and_the_evidence() -> None:
     status["phase"] = "Ready"
     after = uptime_sample(status, NOW + 1, CONFIG, max_gap_s=120)
     assert after is not None
-    assert after["reputation"]["recordedOutcomes"] == ["u1/1/0:success"]
+    assert after["reputation"]["recordedOutcomes"] == ["u1/1/0"]
     assert after["reputation"]["successes"] == pytest.approx(1.0, rel=1e-3)
 
 

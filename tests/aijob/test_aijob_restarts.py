@@ -1,0 +1,149 @@
+"""A crash or restart never double-counts or fails a job that did nothing wrong: an attempt the
+operator stopped itself (its status write lost), a Ray head that forgot a running job, a pass
+replayed after a crash that concludes otherwise, and a deletion racing a submission."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from koinon_emulator.patching import merge_patch
+from koinon_operator.ray_jobs import RayJobState, RayNodeInfo, Submission
+from koinon_operator.reconciler import submission_id_for
+from koinon_operator.reputation_book import outcome_key, updated_status
+from koinon_operator.scheduler import DEFAULT_CONFIG
+
+from tests.aijob.fake_ray import NODES, UID, VOLUNTEERS, Clock, FakeRay, make_body, make_reconciler, step
+
+
+async def _running(ray: FakeRay, clock: Clock, spec: dict[str, Any]) -> dict[str, Any]:
+    reconciler = make_reconciler(ray, clock)
+    body = make_body(spec)
+    await step(reconciler, body)  # Pending -> Scheduled (attempt 1)
+    await step(reconciler, body)  # submitted
+    ray.set_state(submission_id_for(UID, 1), RayJobState.RUNNING)
+    await step(reconciler, body)
+    assert body["status"]["phase"] == "Running"
+    return body
+
+
+async def test_a_suspend_whose_write_was_lost_then_a_resume_is_not_a_failure() -> None:
+    ray, clock = FakeRay(), Clock()
+    body = await _running(ray, clock, {"entrypoint": "python x.py", "backoffLimit": 0})
+    body["spec"]["suspend"] = True
+    body["metadata"]["generation"] = 2
+    crashed = await make_reconciler(ray, clock).reconcile(copy.deepcopy(body), {}, VOLUNTEERS)
+    assert crashed.status["phase"] == "Suspended"  # computed; the operator dies before it is written
+    assert ray.jobs[submission_id_for(UID, 1)].state is RayJobState.STOPPED
+    body["spec"]["suspend"] = False  # resumed while the operator was down
+    body["metadata"]["generation"] = 3
+    clock.advance(10)
+    restarted = make_reconciler(ray, clock)
+    outcome = await step(restarted, body)
+    assert ("vn-1", "failure") not in outcome.reputation
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Pending", "RayJobStopped")
+    assert body["status"].get("failures", 0) == 0
+    await step(restarted, body)  # placed again: a new attempt, a new Ray job
+    await step(restarted, body)
+    assert body["status"]["attempts"] == 2 and submission_id_for(UID, 2) in ray.jobs
+
+
+async def test_a_resume_seen_before_the_suspend_write_is_not_a_failure() -> None:
+    ray, clock = FakeRay(), Clock()
+    body = await _running(ray, clock, {"entrypoint": "python x.py", "backoffLimit": 0})
+    reconciler = make_reconciler(ray, clock)
+    body["spec"]["suspend"] = True
+    body["metadata"].update(generation=2, resourceVersion="10")
+    suspend_pass = await reconciler.reconcile(copy.deepcopy(body), {}, VOLUNTEERS)
+    resumed = copy.deepcopy(body)
+    resumed["spec"]["suspend"] = False
+    resumed["metadata"].update(generation=3, resourceVersion="11")
+    clock.advance(5)
+    lagging_pass = await reconciler.reconcile(copy.deepcopy(resumed), {}, VOLUNTEERS)
+    server = merge_patch(merge_patch(resumed["status"], suspend_pass.status), lagging_pass.status)
+    assert server.get("failures", 0) == 0 and server["phase"] == "Pending"
+
+
+async def test_a_ray_head_restart_neither_fails_a_running_job_nor_blames_its_volunteer() -> None:
+    ray, clock = FakeRay(), Clock()
+    body = await _running(ray, clock, {"entrypoint": "python x.py", "backoffLimit": 0})
+    ray.jobs.clear()  # the head restarted; vn-1's Ray node is still alive
+    clock.advance(10)
+    outcome = await step(make_reconciler(ray, clock), body)
+    assert ("vn-1", "failure") not in outcome.reputation
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Pending", "RayJobLost")
+    assert body["status"].get("failures", 0) == 0
+
+
+async def test_a_ray_job_that_failed_still_counts() -> None:
+    ray, clock = FakeRay(), Clock()
+    body = await _running(ray, clock, {"entrypoint": "python x.py", "backoffLimit": 0})
+    ray.set_state(submission_id_for(UID, 1), RayJobState.FAILED, message="worker died")
+    clock.advance(10)
+    outcome = await step(make_reconciler(ray, clock), body)
+    assert ("vn-1", "failure") in outcome.reputation
+    assert body["status"]["phase"] == "Failed"
+
+
+@dataclass
+class NodesRay(FakeRay):
+    node_list: list[RayNodeInfo] = field(default_factory=lambda: list(NODES))
+
+    async def nodes(self) -> list[RayNodeInfo]:
+        return self.node_list
+
+
+async def test_a_replayed_pass_that_concludes_otherwise_does_not_charge_the_volunteer_twice() -> None:
+    ray, clock = NodesRay(), Clock()
+    body = await _running(ray, clock, {"entrypoint": "python x.py", "backoffLimit": 3})
+    ray.set_state(submission_id_for(UID, 1), RayJobState.FAILED, message="worker died")
+    key = outcome_key(UID, body["status"])  # as handlers.reconcile_aijob keys the evidence
+    first = await make_reconciler(ray, clock).reconcile(copy.deepcopy(body), {}, VOLUNTEERS)
+    assert first.reputation == [("vn-1", "failure")]  # recorded; the operator dies before the status write
+    ray.node_list = [replace(NODES[0], alive=False)]  # vn-1 disconnects meanwhile
+    clock.advance(10)
+    second = await make_reconciler(ray, clock).reconcile(copy.deepcopy(body), {}, VOLUNTEERS)
+    assert second.reputation == [("vn-1", "timeout")]  # the replay sees a lost node instead
+    volunteer: dict[str, Any] = {}
+    for _node, kind in [*first.reputation, *second.reputation]:
+        fields = updated_status(volunteer, kind, 1000.0, DEFAULT_CONFIG.reputation, key)
+        if fields is not None:
+            volunteer = {**volunteer, **fields}
+    assert volunteer["jobs"] == {"failed": 1}
+
+
+@dataclass
+class SlowSubmitRay(FakeRay):
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    submitting: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def submit(self, submission: Submission) -> bool:
+        self.submitting.set()
+        await self.gate.wait()  # the POST is on the wire
+        return await super().submit(submission)
+
+
+async def test_a_deletion_while_the_attempt_is_being_submitted_leaves_no_ray_job_running() -> None:
+    # kopf runs the deletion handler while a timer pass that began before the deletion is still in
+    # flight (only removing the finalizer waits for the timer).
+    ray, clock = SlowSubmitRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py"})
+    ray.gate.set()
+    await step(reconciler, body)  # Scheduled, attempt 1
+    ray.gate.clear()
+    timer_pass = asyncio.create_task(reconciler.reconcile(copy.deepcopy(body), {}, VOLUNTEERS))
+    await asyncio.wait_for(ray.submitting.wait(), 5)
+    deleting = copy.deepcopy(body)
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:01:00Z"
+    stopping = asyncio.create_task(reconciler.stop(deleting))
+    await asyncio.sleep(0.05)
+    assert not stopping.done()  # it waits for the pass in flight
+    ray.gate.set()
+    await timer_pass
+    assert await stopping
+    assert not [job for job in ray.jobs.values() if not job.state.terminal]
+    # A pass that was queued behind the deletion starts nothing.
+    assert (await reconciler.reconcile(copy.deepcopy(body), {}, VOLUNTEERS)).events == []
