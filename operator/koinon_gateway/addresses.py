@@ -40,6 +40,10 @@ class AddressPoolExhausted(Exception):
     pass
 
 
+class AddressTaken(ValueError):
+    """Another node holds the address."""
+
+
 class AddressAllocator:
     def __init__(self, cidr: str, port_base: int, block_size: int) -> None:
         self.network = ipaddress.IPv4Network(cidr)
@@ -59,7 +63,12 @@ class AddressAllocator:
         self._holders: dict[str, str] = {}
 
     def reserve(self, address: str, holder: str) -> None:
+        """Records ``holder`` as the holder of ``address``; an address another node holds is never
+        taken over (AddressTaken), whatever order nodes are reserved in."""
         self._index(address)
+        current = self._holders.get(address)
+        if current not in (None, holder):
+            raise AddressTaken(f"address {address} is held by {current}, not {holder}")
         self._holders[address] = holder
 
     def allocate(self, holder: str) -> str:

@@ -65,6 +65,11 @@ def status_address(node: JSON) -> str:
     return str((node.get("status") or {}).get("address") or "")
 
 
+def being_deleted(node: JSON) -> bool:
+    """A deletion was asked for (a finalizer may still hold the object): the node is revoked."""
+    return bool((node.get("metadata") or {}).get("deletionTimestamp"))
+
+
 def merge_patch(target: JSON, patch: JSON) -> JSON:
     result = copy.deepcopy(target)
     for key, value in patch.items():

@@ -20,13 +20,13 @@ import grpc
 from aiohttp import web
 
 from . import http_connect
-from .addresses import AddressAllocator
+from .addresses import AddressAllocator, AddressTaken
 from .config import GatewayConfig
 from .head_proxy import HeadProxy
 from .metrics import GatewayMetrics
 from .pki import CAStore, InMemoryCAStore, issue_server_cert, load_or_create_ca
 from .ray_check import GcsRayNodeChecker
-from .registry import InMemoryNodeRegistry, NodeDeletionSource, NodeRegistry, status_address
+from .registry import InMemoryNodeRegistry, NodeDeletionSource, NodeRegistry, being_deleted, status_address
 from .routing import Router
 from .rpc import add_tunnel_service
 from .service import TunnelService
@@ -111,8 +111,15 @@ class Gateway:
         nodes = await self.registry.list()
         for node in nodes:
             address = status_address(node)
-            if address and self.allocator.contains(address):
-                self.allocator.reserve(address, node["metadata"]["name"])
+            name = node["metadata"]["name"]
+            # A node being deleted (a finalizer holds the object) has given its address back: the
+            # deletion freed it before the restart, and another node may hold it now.
+            if not address or not self.allocator.contains(address) or being_deleted(node):
+                continue
+            try:
+                self.allocator.reserve(address, name)
+            except AddressTaken as exc:
+                log.error("VolunteerNode %s records address %s, already held: %s", name, address, exc)
         self.sessions.disown_stale_connections(nodes)
         service = TunnelService(
             self.config,

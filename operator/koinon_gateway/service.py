@@ -23,7 +23,7 @@ from .config import GatewayConfig
 from .frame_codec import FrameDecodeError
 from .metrics import GatewayMetrics
 from .ray_check import RayNodeChecker
-from .registry import NodeExists, NodeRegistry, status_address
+from .registry import NodeExists, NodeRegistry, being_deleted, status_address
 from .routing import DialRefused, Router
 from .rpc import EOF, Context
 from .sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT, NodeSession, SessionTable, gpus_reported
@@ -100,6 +100,18 @@ def validate_join(request: pb.JoinRequest) -> None:
             raise ValueError(f"{name}: at most {MAX_TEXT} characters")
     if request.join_id and not _JOIN_ID_RE.fullmatch(request.join_id):
         raise ValueError("join_id: 32 lowercase hex digits, or empty")
+
+
+# A caller without the secret learns only that the token was not accepted: told "unknown" apart
+# from "wrong secret", anyone reaching the port could list the token ids that exist. The
+# gateway's log and metrics keep the precise reason. Past the secret the reason is the holder's.
+UNRECOGNIZED_TOKEN = ("unknown", "invalid-secret")
+
+
+def client_refusal(exc: TokenError) -> str:
+    if exc.reason in UNRECOGNIZED_TOKEN:
+        return "invalid-token: no token with this id and secret (check it, or ask for a new one)"
+    return f"{exc.reason}: {exc}"
 
 
 class TunnelService:
@@ -222,7 +234,7 @@ class TunnelService:
         except TokenError as exc:
             self.metrics.joins[exc.reason] += 1
             log.warning("join refused (%s): %s", exc.reason, exc)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"join refused: {exc.reason}: {exc}")
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"join refused: {client_refusal(exc)}")
         except Exception as exc:  # the token store or registry (the Kubernetes API) failed; no use was counted
             self.metrics.joins["token-store-error"] += 1
             log.warning("join: token store failed: %r", exc)
@@ -476,7 +488,8 @@ class TunnelService:
                 self.sessions.detach(session, reason, message)
 
     async def _read_register(self, identity: credentials.NodeIdentity, context: Context) -> pb.Register:
-        if await self.registry.get(identity.node_name) is None:
+        node = await self.registry.get(identity.node_name)
+        if node is None or being_deleted(node):
             self.metrics.refused_streams["node-deleted"] += 1
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {identity.node_name} no longer exists")
         try:
@@ -499,7 +512,9 @@ class TunnelService:
     async def _still_entitled(self, identity: credentials.NodeIdentity) -> str | None:
         """None if the credential's node still exists and still holds its address, else why not."""
         node = await self.registry.get(identity.node_name)
-        if node is None or self.sessions.was_revoked(identity.node_name):
+        # Being deleted counts as deleted: after a gateway restart the deletion watch may not have
+        # reported it yet, and its address may already be another node's.
+        if node is None or being_deleted(node) or self.sessions.was_revoked(identity.node_name):
             return "node-deleted"
         recorded = status_address(node)
         holder = self.allocator.holder(identity.address)

@@ -79,3 +79,18 @@ async def test_an_unreachable_gateway_is_retried_not_taken_as_a_wrong_ca(tmp_pat
     agent.request_drain()
     with pytest.raises(JoinRefused, match="drained before joining"):
         await asyncio.wait_for(task, 5)
+
+
+async def test_a_ca_bundle_holding_the_pinned_ca_and_another_is_refused(tmp_path: Path) -> None:
+    # The channel would trust every certificate of the bundle: an attacker's CA beside the pinned
+    # one would let an impostor gateway (DNS or route hijack) receive the join token.
+    async with cluster(tmp_path) as c:
+        pin = ca_cert_hash(c.gateway.ca_pem)
+        other = create_ca(common_name="attacker-ca").cert_pem
+        agent = Agent(c.agent_config("alpha", ca_pem=c.gateway.ca_pem + other, ca_cert_hash=pin))
+        with pytest.raises(JoinRefused, match="holds 2 certificates; with a pin it must hold the pinned CA alone"):
+            await asyncio.wait_for(agent.run(), 10)
+        assert dict(c.gateway.metrics.joins) == {}
+        # The pinned CA alone is accepted.
+        alone = await c.start_agent("beta", ca_pem=c.gateway.ca_pem, ca_cert_hash=pin)
+        assert alone.identity is not None

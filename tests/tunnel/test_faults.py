@@ -70,7 +70,9 @@ async def test_bad_tokens_are_refused_with_reason_and_create_nothing(c: Cluster,
     assert isinstance(result, grpc.aio.AioRpcError)
     assert result.code() == grpc.StatusCode.PERMISSION_DENIED
     reason = {"wrong-secret": "invalid-secret"}.get(case, case)
-    assert f"join refused: {reason}" in (result.details() or "")
+    # Without the secret the caller is not told whether the id exists (the metrics are).
+    told = "invalid-token" if case in ("wrong-secret", "unknown") else reason
+    assert f"join refused: {told}" in (result.details() or "")
     assert c.registry.objects == created
     assert c.gateway.metrics.joins[reason] == 1
 
@@ -636,3 +638,13 @@ async def test_a_volunteer_whose_peer_hangs_up_hears_a_close_not_a_clean_end(tmp
             assert isinstance(frame, pb.Frame) and frame.close.reason == "peer-ended", frame
             control.cancel()
             dial.cancel()
+
+
+async def test_a_caller_without_the_secret_cannot_tell_which_token_ids_exist(c: Cluster) -> None:
+    token_id = c.tokens.add(owner="alice").split(".")[0]
+    unknown_id = "zzzzzz" if token_id != "zzzzzz" else "yyyyyy"
+    existing = await join(c, f"{token_id}.{'0' * 16}")
+    missing = await join(c, f"{unknown_id}.{'0' * 16}")
+    assert isinstance(existing, grpc.aio.AioRpcError) and isinstance(missing, grpc.aio.AioRpcError)
+    assert (existing.code(), existing.details()) == (missing.code(), missing.details())
+    assert (c.gateway.metrics.joins["invalid-secret"], c.gateway.metrics.joins["unknown"]) == (1, 1)

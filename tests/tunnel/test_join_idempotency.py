@@ -114,7 +114,7 @@ async def test_only_the_same_genuine_token_and_join_id_get_the_node_back(tmp_pat
             return
         if case == "wrong-secret":
             result = await join(c, f"{token_id}.{'x' * 16}", join_id)
-            reason = "invalid-secret"
+            reason = "invalid-token"
         elif case == "revoked":
             c.tokens.revoke(token)
             result = await join(c, token, join_id)

@@ -79,11 +79,19 @@ async def discover_ca(gateway: str, pin: str, server_name: str, timeout: float =
 
 
 def check_pin(ca_pem: bytes, pin: str) -> None:
-    """A CA given as a file or PEM must be the pinned one too, when both are configured."""
+    """A CA given as a file or PEM must be the pinned one too, when both are configured, and
+    nothing else: the channel trusts every certificate the PEM holds, so a bundle of the pinned CA
+    and another would let the other one in."""
     try:
+        certificates = x509.load_pem_x509_certificates(ca_pem)
         digest = ca_cert_hash(ca_pem)
     except ValueError as exc:
         raise CADiscoveryError(f"ca: not a PEM certificate: {exc}") from exc
+    if len(certificates) != 1:
+        raise CADiscoveryError(
+            f"ca_cert_hash: the configured CA holds {len(certificates)} certificates; with a pin it must "
+            "hold the pinned CA alone"
+        )
     if digest != pin:
         raise CADiscoveryError(f"ca_cert_hash: the configured CA has hash {digest}, not {pin}")
 
