@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
-import json
 import os
 import secrets
 from dataclasses import dataclass
@@ -139,10 +138,6 @@ def issue_server_cert(bundle: CABundle, hostnames: list[str], days: int = 365) -
         .sign(ca_key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM) + bundle.cert_pem, _key_pem(key)
-
-
-def bundle_to_json(bundle: CABundle) -> str:
-    return json.dumps({"cert": bundle.cert_pem.decode(), "key": bundle.key_pem.decode()})
 
 
 def ca_cert_hash(cert_pem: bytes) -> str:
