@@ -120,11 +120,11 @@ def test_probes_and_security(rendered: list[Manifest]) -> None:
 
 def test_rbac_is_least_privilege(rendered: list[Manifest]) -> None:
     # Each verb is one the gateway server calls (kube_tokens.py, kube_ca.py, kube_registry.py):
-    # delete on Secrets is the expired-token cleaner; revoke (patch) is `koinon-gateway token`,
-    # run with the platform team's own credentials.
+    # delete on Secrets is the expired-token cleaner, patch brings a changed --bootstrap-token's
+    # Secret to the flag's values (test_deploy_gateway_rbac.py records the calls).
     role = _find(rendered, "Role", "koinon-gateway")
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "update", "delete"]}
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "update", "patch", "delete"]}
     ]
     cluster_role = _find(rendered, "ClusterRole", "koinon-gateway")
     assert cluster_role["rules"] == [

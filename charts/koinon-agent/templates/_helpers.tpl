@@ -91,6 +91,11 @@ names the values involved and what to do.
 {{- fail (printf "updateStrategy.rollingUpdate.maxSurge: %v would start a node's new agent beside its old one, on the same state dir (one credential, two Ray nodes); use 0 (the default) and maxUnavailable" $surge) }}
 {{- end }}
 {{- end }}
+{{- range $key, $_ := $v.podLabels }}
+{{- if has $key (list "app.kubernetes.io/name" "app.kubernetes.io/instance") }}
+{{- fail (printf "podLabels: %s is one of the chart's selector labels; overriding it would leave the pods unmatched by their %s" $key $v.kind) }}
+{{- end }}
+{{- end }}
 {{- if and (eq $v.persistence.type "pvc") (eq $v.kind "DaemonSet") }}
 {{- fail "persistence.type: pvc needs kind: Deployment (one claim cannot serve every node); use hostPath with a DaemonSet" }}
 {{- end }}
