@@ -530,7 +530,7 @@ class TunnelService:
             assert isinstance(message, pb.AgentMessage)
             kind = message.WhichOneof("msg")
             if kind == "heartbeat":
-                session.record_heartbeat(message.heartbeat, time.time_ns(), self.config.rtt_smoothing_alpha)
+                session.record_heartbeat(message.heartbeat, time.monotonic_ns(), self.config.rtt_smoothing_alpha)
                 self._verify_ray_node(session)
                 self.sessions.write_status(session)
             elif kind == "drain":
@@ -629,9 +629,12 @@ class TunnelService:
             if session.credential_expires_at - time.time() < self.config.credential_lifetime_s / 2:
                 self._renew_credential(session)
             if tick % probe_every == 0:
-                session.ping_seq += 1
-                ping = pb.Ping(seq=session.ping_seq, gateway_time_ns=time.time_ns())
-                session.ping_sent(ping.seq, ping.gateway_time_ns)
+                # An unguessable seq: an agent can answer only pings it has received, so it cannot
+                # answer ahead and claim a round trip shorter than its real one. RTT is timed on the
+                # monotonic clock (a wall-clock step would read as latency); gateway_time_ns is
+                # wall time, for the agent's information.
+                ping = pb.Ping(seq=secrets.randbits(63) or 1, gateway_time_ns=time.time_ns())
+                session.ping_sent(ping.seq, time.monotonic_ns())
                 session.send(pb.GatewayMessage(ping=ping))
             await asyncio.sleep(self.config.heartbeat_interval_s)
 

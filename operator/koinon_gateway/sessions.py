@@ -71,7 +71,6 @@ class NodeSession:
     draining: bool = False
     # The first drain request's reason and GCS deadline (Unix seconds), until GCS has been asked.
     drain_request: tuple[str, float] | None = None
-    ping_seq: int = 0
     # The agent heartbeats every interval by itself; pings are only RTT probes (Register.self_heartbeats).
     self_heartbeats: bool = False
     credential_expires_at: int = 0  # of the newest credential sent to this node (Unix seconds)
@@ -199,6 +198,8 @@ class SessionTable:
         As kubelet refreshes an unchanged Node status only every few minutes: the API server's write
         load then grows with the number of volunteers, not with their heartbeat rate.
         """
+        if session.closed:
+            return  # ended (expired, revoked, replaced): its last word has been written
         now = time.monotonic()
         reason, message = self._connected_reason(session)
         due = now - session.last_status_write >= self.config.status_write_interval_s
@@ -329,6 +330,7 @@ class SessionTable:
         stale = [s for s in self.by_name.values() if s.last_seen < deadline]
         for session in stale:
             log.warning("node %s: no heartbeat for %.1fs", session.node_name, self.config.heartbeat_timeout_s)
+            session.end_reason = ("HeartbeatTimeout", "no heartbeat within the timeout")
             if session.handler_task is not None:
                 session.handler_task.cancel()
             self.detach(session, "HeartbeatTimeout", "no heartbeat within the timeout")
