@@ -1,27 +1,31 @@
 """A heartbeat the control loop already read when the session was ended (expired, revoked or
-replaced) is still handled before the handler's cleanup cancels that loop: write_status() does not
-check session.closed, so it writes "connected: true" after the NotReady the end just wrote."""
+replaced) is still handled before the handler's cleanup cancels that loop. Before 2026-12-06
+write_status() did not check session.closed and wrote "connected: true" after the NotReady the end
+had just written."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .test_status_writes import make_table
 
 
-async def test_a_heartbeat_handled_after_expiry_does_not_bring_the_node_back_to_ready() -> None:
+async def attached_session() -> tuple[Any, Any, Any]:
+    """A session of node vn-a attached to a table, its handler parked, its first status written."""
     table, registry, session = make_table()
     await registry.create("vn-a", {}, {})
-
-    async def handler() -> None:
-        await asyncio.sleep(3600)
-
-    session.handler_task = asyncio.ensure_future(handler())
+    session.handler_task = asyncio.ensure_future(asyncio.sleep(3600))
     table.attach(session)
     await table.flush()
+    return table, registry, session
+
+
+async def test_a_heartbeat_handled_after_expiry_does_not_bring_the_node_back_to_ready() -> None:
+    table, registry, session = await attached_session()
     assert registry.objects["vn-a"]["status"]["phase"] == "Ready"
 
     session.last_seen = time.monotonic() - 3600  # silent past the timeout
@@ -37,15 +41,7 @@ async def test_a_heartbeat_handled_after_expiry_does_not_bring_the_node_back_to_
 
 
 async def test_a_heartbeat_handled_after_revocation_does_not_write_ready() -> None:
-    table, registry, session = make_table()
-    await registry.create("vn-a", {}, {})
-
-    async def handler() -> None:
-        await asyncio.sleep(3600)
-
-    session.handler_task = asyncio.ensure_future(handler())
-    table.attach(session)
-    await table.flush()
+    table, registry, session = await attached_session()
     assert table.revoke("vn-a")
     # The control loop's drain branch for a DrainRequest read just before the revocation.
     session.draining = True

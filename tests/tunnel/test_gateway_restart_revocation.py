@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
+from koinon_gateway.config import GatewayConfig
 from koinon_gateway.kube_ca import KubeCAStore
 from koinon_gateway.kube_client import custom_path
 from koinon_gateway.kube_registry import KubeNodeRegistry
@@ -41,6 +42,12 @@ class SlowFirstListRegistry(KubeNodeRegistry):
         await asyncio.sleep(2.0)
         async for node in super().deleted_nodes():
             yield node
+
+
+def gateway_parts(cluster: Kube, head_port: int) -> tuple[GatewayConfig, KubeTokenStore, KubeCAStore]:
+    """What a gateway keeps across its restarts: its settings and the kube stores of its tokens and CA."""
+    client = cluster.client
+    return gateway_config(head_port), KubeTokenStore(client, NAMESPACE), KubeCAStore(client, NAMESPACE)
 
 
 def _channel(gw: Gateway) -> grpc.aio.Channel:
@@ -94,9 +101,7 @@ async def test_a_restart_does_not_give_a_finalizer_held_nodes_address_back_to_it
     tmp_path: Path,
 ) -> None:
     async with echo_server() as head_port:
-        config = gateway_config(head_port)
-        tokens = KubeTokenStore(kube.client, NAMESPACE)
-        ca_store = KubeCAStore(kube.client, NAMESPACE)
+        config, tokens, ca_store = gateway_parts(kube, head_port)
         gw = Gateway(config, tokens, KubeNodeRegistry(kube.client, 0.5), ca_store)
         await gw.start()
         try:
@@ -140,9 +145,7 @@ async def test_a_node_held_by_a_finalizer_stays_refused_after_a_gateway_restart(
     back (slow with thousands of nodes), only the object's deletionTimestamp says the node is gone.
     Before 2026-12-06 Control checked only that the object existed, and the node registered again."""
     async with echo_server() as head_port:
-        config = gateway_config(head_port)
-        tokens = KubeTokenStore(kube.client, NAMESPACE)
-        ca_store = KubeCAStore(kube.client, NAMESPACE)
+        config, tokens, ca_store = gateway_parts(kube, head_port)
         gw = Gateway(config, tokens, KubeNodeRegistry(kube.client, 0.5), ca_store)
         await gw.start()
         try:
