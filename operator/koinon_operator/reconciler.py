@@ -188,7 +188,7 @@ class AIJobReconciler:
     # Per job: the resourceVersion of the body the last status write was computed from, and when.
     _written_from: dict[str, tuple[str, float]] = field(default_factory=dict)
     _job_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-    # Jobs whose deletion handler ran: a pass still queued behind it must not start anything.
+    # Uids of jobs whose deletion handler ran: a pass still queued behind it must not start anything.
     _stopped: set[str] = field(default_factory=set)
 
     async def reconcile(
@@ -205,7 +205,7 @@ class AIJobReconciler:
         # One pass or stop at a time per job: kopf runs the deletion handler while a timer pass that
         # began before the deletion may still be submitting; stop() waits for it, then stops that.
         async with self._job_lock(key):
-            if key in self._stopped:
+            if str(meta.get("uid") or "") in self._stopped:
                 return Outcome()  # deleted meanwhile: nothing more to start
             outcome = await self._reconcile(body, recorded_allocations, volunteers)
         current = body.get("status") or {}
@@ -304,15 +304,19 @@ class AIJobReconciler:
         hands the deletion handler predates it)."""
         meta = body.get("metadata") or {}
         key = f"{meta.get('namespace')}/{meta.get('name')}"
-        async with self._job_lock(key):
-            self._stopped.add(key)
+        lock = self._job_lock(key)
+        async with lock:
+            # By uid: an AIJob created again under the same name is another job.
+            self._stopped.add(str(meta.get("uid") or ""))
             state = AIJobStatus.from_status(body.get("status"))
             self.ledger.forget(key)
             self._written_from.pop(key, None)
-            if state.submission_id and state.phase is not None and state.phase.holds_nodes:
+            stopped = bool(state.submission_id and state.phase is not None and state.phase.holds_nodes)
+            if stopped:
                 await self._stop_copies(state)
-                return True
-            return False
+        if self._job_locks.get(key) is lock and not lock.locked():
+            del self._job_locks[key]
+        return stopped
 
     def _job_lock(self, key: str) -> asyncio.Lock:
         return self._job_locks.setdefault(key, asyncio.Lock())

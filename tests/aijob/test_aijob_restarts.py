@@ -147,3 +147,14 @@ async def test_a_deletion_while_the_attempt_is_being_submitted_leaves_no_ray_job
     assert not [job for job in ray.jobs.values() if not job.state.terminal]
     # A pass that was queued behind the deletion starts nothing.
     assert (await reconciler.reconcile(copy.deepcopy(body), {}, VOLUNTEERS)).events == []
+
+
+async def test_an_aijob_created_again_under_a_deleted_ones_name_runs() -> None:
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    old = make_body({"entrypoint": "python x.py"})
+    await step(reconciler, old)
+    await reconciler.stop(old)
+    again = make_body({"entrypoint": "python x.py"}, uid="11111111-2222-3333-4444-555555555555")
+    await step(reconciler, again)
+    assert again["status"]["phase"] == "Scheduled"
