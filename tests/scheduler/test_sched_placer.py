@@ -252,3 +252,21 @@ def test_duplicate_names_and_keys_are_refused() -> None:
 def test_bad_job_names_the_field(kwargs: dict[str, float], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         JobRequest("ns/bad", **kwargs)  # type: ignore[arg-type]
+
+
+def test_no_nodes_at_all_leaves_every_job_unschedulable() -> None:
+    """argmax over an empty fleet raised ValueError."""
+    result = schedule([JobRequest("ns/j"), JobRequest("ns/k", verification_quorum=2)], [], 10_000.0)
+    assert result.placements == () and [u.job_key for u in result.unschedulable] == ["ns/j", "ns/k"]
+
+
+def test_a_job_asking_no_gpus_is_not_refused_for_busy_gpus_that_do_not_fit_its_memory() -> None:
+    """Busy GPUs outnumbering the ones with enough memory left fewer than none free, and 0 GPUs
+    asked did not fit into that."""
+    # Both GPUs busy, one of them big enough for 16 GiB.
+    node = NodeSnapshot("n1", "o1", "eu", True, False, (Gpu("x", 81920), Gpu("x", 8192)), 0, 8.0, 10.0, 10_000.0)
+    cpu_only = JobRequest("ns/cpu", gpus_per_replica=0, gpu_memory_mib=16384, cpus_per_replica=1.0)
+    assert [p.nodes for p in schedule([cpu_only], [node], 10_000.0).placements] == [("n1",)]
+    # A job that needs a GPU still waits.
+    needs_big = JobRequest("ns/big", gpus_per_replica=1, gpu_memory_mib=16384, cpus_per_replica=1.0)
+    assert schedule([needs_big], [node], 10_000.0).placements == ()

@@ -25,6 +25,13 @@ SC = DEFAULT_CONFIG.scoring
         ("NVIDIA H100 80GB HBM3", 2.0),
         ("NVIDIA GeForce RTX 3060", 0.3),
         ("RTX3080", 0.55),
+        ("NVIDIA GeForce RTX 3080 Ti", 0.55),
+        # Other model numbers that hold a key: each used to get that key's speed.
+        ("NVIDIA RTX A1000", SC.unknown_gpu_speed),  # not an A100 (1.2)
+        ("NVIDIA L40S", SC.unknown_gpu_speed),  # not an L4 (0.35)
+        ("NVIDIA L40", SC.unknown_gpu_speed),
+        ("NVIDIA A40", SC.unknown_gpu_speed),
+        ("NVIDIA GeForce GTX 1080 Ti", SC.unknown_gpu_speed),
     ],
 )
 def test_nvml_names_map_to_the_table_by_their_model_number(nvml_name: str, speed: float) -> None:

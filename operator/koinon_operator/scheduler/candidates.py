@@ -147,6 +147,8 @@ class RankedCandidates:
         taken = {int(index.owner_code[i]) for i in after}
         blocked: set[int] = set()  # owners whose nodes are already left out of `work`
         picked: list[int] = []
+        if work.size == 0:  # no nodes at all
+            return None if count > 0 else picked
         while len(picked) < count:
             i = int(work.argmax())
             if work[i] <= _NONE_LEFT:

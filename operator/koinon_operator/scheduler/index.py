@@ -101,7 +101,10 @@ class NodeIndex:
     def available_fitting(self, memory_mib: int) -> IntArray:
         """GPUs with enough memory that are surely free: assumes the busy GPUs are fitting ones, so
         a heterogeneous node is never over-committed."""
-        return self.fit_count(memory_mib) - self.busy_gpus
+        # At least 0: busy GPUs that do not fit leave none, not fewer than none (a CPU-only job
+        # asking 0 GPUs was refused as "GPUs in use" when they outnumbered the fitting ones).
+        free: IntArray = np.maximum(self.fit_count(memory_mib) - self.busy_gpus, 0)
+        return free
 
     def derived(self, key: Hashable, compute: Callable[[Positions], npt.NDArray[Any]]) -> npt.NDArray[Any]:
         """``compute(positions)`` over the whole fleet, cached under ``key`` for this call.
@@ -336,7 +339,7 @@ def region_mask(index: NodeIndex, job: JobRequest) -> BoolArray:
 def room_for(index: NodeIndex, job: JobRequest, at: Positions) -> BoolArray:
     """At the positions `at`: has the GPUs and CPUs the job needs left in this call and is not held
     for another job (static filters and exclusions not applied)."""
-    available = np.subtract(index.fit_count(job.gpu_memory_mib)[at], index.busy_gpus[at])
+    available = np.maximum(np.subtract(index.fit_count(job.gpu_memory_mib)[at], index.busy_gpus[at]), 0)
     fits: BoolArray = np.greater_equal(available, job.gpus_per_replica)
     if job.cpus_per_replica > 0:
         fits &= index.cpus_free[at] >= job.cpus_per_replica

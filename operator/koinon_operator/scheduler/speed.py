@@ -3,12 +3,15 @@
 Volunteers lend anything from a T4 to an A100, and the same job runs several times longer on the
 slowest than on the fastest. The scheduler reads a GPU's speed from a table of relative training
 throughput keyed by model name (`ScoringConfig.gpu_speeds`, RTX 4090 = 1.0); NVML names such as
-"NVIDIA GeForce RTX 4090" match the key "4090". A node is as fast as its slowest GPU (replicas of a
-multi-GPU job wait for each other); an unknown model gets `unknown_gpu_speed`.
+"NVIDIA GeForce RTX 4090" match the key "RTX 4090". A key matches whole model numbers only: "A100"
+is not the "RTX A1000" and "L4" is not the "L40S" (a letter may follow, as in "A10G"). A node is as
+fast as its slowest GPU (replicas of a multi-GPU job wait for each other); an unknown model gets
+`unknown_gpu_speed`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
@@ -16,17 +19,21 @@ import numpy as np
 import numpy.typing as npt
 
 
-def _normalise(name: str) -> str:
-    return "".join(ch for ch in name.lower() if ch.isalnum())
+@lru_cache(maxsize=256)
+def _key_pattern(key: str) -> re.Pattern[str]:
+    """The key's words in order, with or without separators between them ("RTX3080"), not preceded
+    by a letter or digit and not followed by a digit (another model number: "A1000", "L40")."""
+    words = re.findall(r"[0-9a-z]+", key.lower())
+    return re.compile(r"(?<![0-9a-z])" + r"[^0-9a-z]*".join(map(re.escape, words)) + r"(?![0-9])")
 
 
 @lru_cache(maxsize=256)
 def gpu_speed(model: str, table: tuple[tuple[str, float], ...], unknown: float) -> float:
     """Relative speed of one GPU model (1.0 = RTX 4090)."""
-    name = _normalise(model)
-    # Longest key first, so "a100" wins over "a10" and "4090" over "40".
+    name = model.lower()
+    # Longest key first, so "a100" wins over "a10".
     for key, speed in sorted(table, key=lambda kv: -len(kv[0])):
-        if _normalise(key) in name:
+        if key.strip() and _key_pattern(key).search(name):
             return speed
     return unknown
 
