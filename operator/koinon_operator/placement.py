@@ -48,6 +48,7 @@ class PlacementRequest:
     regions: tuple[str, ...] = ()
     distinct_owners: bool = False
     excluded_nodes: frozenset[str] = frozenset()
+    excluded_owners: frozenset[str] = frozenset()
     verification_quorum: int = 1
     attempt: int = 0
     creation_index: int = 0
@@ -88,6 +89,8 @@ def rejection_reason(request: PlacementRequest, node: NodeCapacity) -> str | Non
         return "cordoned"
     if node.name in request.excluded_nodes:
         return "excluded after a failed attempt"
+    if node.owner in request.excluded_owners:
+        return "owner excluded after an attempt without a majority"
     if node.gpus_free < request.gpus_per_replica:
         return "too few free GPUs"
     if request.gpu_memory_mib and node.gpu_memory_mib < request.gpu_memory_mib:

@@ -406,6 +406,7 @@ class AIJobReconciler:
             regions=spec.constraints.regions,
             distinct_owners=verified,
             excluded_nodes=frozenset(state.excluded_nodes),
+            excluded_owners=frozenset(state.excluded_owners),
             verification_quorum=spec.verification.quorum if verified else 1,
             attempt=state.attempts + 1,
             creation_index=creation_index,
@@ -445,6 +446,7 @@ class AIJobReconciler:
                 "copies": copies,
                 "replicas": spec.replicas,
                 "excludedNodes": list(state.excluded_nodes),
+                "excludedOwners": list(state.excluded_owners),
                 "reasons": {},
             },
         )
@@ -579,18 +581,27 @@ class AIJobReconciler:
             # No copy produced a result: the attempt failed as a whole (counted against backoffLimit).
             await self._ray_jobs_failed(key, spec, state, writer, outcome, infos, logs)
             return
-        verdict = judge(copies)
-        writer.set(
-            verification={
-                "copies": state.copies,
-                "digests": {c.node: c.digest for c in copies},
-                "agreeing": list(verdict.agreeing),
-                "disagreeing": list(verdict.disagreeing),
-                "failed": list(verdict.failed),
-            }
-        )
+        earlier = [CopyResult(-1, node, owner, digest) for node, owner, digest in state.earlier_results]
+        verdict = judge(copies, earlier)
+        # A result to report: this attempt's copy that agrees (with a majority there always is one:
+        # the earlier attempts' answers alone had none, and cannot have gained one without it).
+        accepted = next((results[node] for node in verdict.agreeing if node in results), None)
+        answered_so_far = [*earlier, *(c for c in copies if c.digest is not None)]
+        verification: dict[str, Any] = {
+            "copies": state.copies,
+            "digests": {c.node: c.digest for c in copies},
+            "agreeing": list(verdict.agreeing),
+            "disagreeing": list(verdict.disagreeing),
+            "failed": list(verdict.failed),
+            "earlierResults": [{"node": c.node, "owner": c.owner, "digest": c.digest} for c in earlier],
+        }
+        if accepted is None:
+            verification["earlierResults"] = [
+                {"node": c.node, "owner": c.owner, "digest": c.digest} for c in answered_so_far
+            ]
+        writer.set(verification=verification)
         outcome.reputation.extend((node, "failure") for node in verdict.failed)
-        if verdict.accepted:
+        if verdict.accepted and accepted is not None:
             outcome.reputation.extend((node, "agreement") for node in verdict.agreeing)
             outcome.reputation.extend((node, "disagreement") for node in verdict.disagreeing)
             if verdict.disagreeing:
@@ -599,7 +610,6 @@ class AIJobReconciler:
                     f"{', '.join(verdict.disagreeing)} returned a result the majority did not",
                     warning=True,
                 )
-            accepted = results[verdict.agreeing[0]]
             writer.set(result=accepted)
             summary = f": {accepted['value'][:200]}" if "value" in accepted else ""
             self._finish(
@@ -611,7 +621,7 @@ class AIJobReconciler:
                 f"attempt {state.attempts}: {len(verdict.agreeing)}/{state.copies} copies agree{summary}",
             )
             return
-        outcome.reputation.extend((node, "disagreement") for node in verdict.disagreeing)
+        # No majority: nobody is charged for a disagreement yet (verification.py says why).
         reruns = state.verification_reruns + 1
         message = f"attempt {state.attempts}: no majority among {state.copies} copies (votes {dict(verdict.votes)})"
         if reruns > spec.backoff_limit:
@@ -619,14 +629,17 @@ class AIJobReconciler:
             return
         self.ledger.release(key)
         excluded = sorted({*state.excluded_nodes, *state.assigned_nodes})
+        # Fresh owners too: an owner with several nodes would otherwise take a copy of every rerun
+        # (and could keep the job from a majority until backoffLimit ran out).
+        excluded_owners = sorted({*state.excluded_owners, *(state.owner_of(node) for node in state.assigned_nodes)})
         writer.set(
             assignedNodes=[],
             rayNodeIds=[],
             verificationReruns=reruns,
-            scheduling={**state.scheduling, "excludedNodes": excluded},
+            scheduling={**state.scheduling, "excludedNodes": excluded, "excludedOwners": excluded_owners},
         )
-        writer.phase(Phase.PENDING, "NoMajority", f"{message}; rerunning on fresh nodes")
-        outcome.event("NoMajority", f"{message}; rerunning on fresh nodes", warning=True)
+        writer.phase(Phase.PENDING, "NoMajority", f"{message}; rerunning on fresh nodes of fresh owners")
+        outcome.event("NoMajority", f"{message}; rerunning on fresh nodes of fresh owners", warning=True)
 
     async def _lost_nodes(self, state: AIJobStatus) -> list[str]:
         """Assigned nodes that Ray no longer has alive (checked against a fresh node list)."""

@@ -53,6 +53,7 @@ def to_job(request: PlacementRequest) -> JobRequest:
         regions=frozenset(request.regions),
         verification_quorum=request.verification_quorum,
         excluded_nodes=request.excluded_nodes,
+        excluded_owners=request.excluded_owners,
         attempt=request.attempt,
         creation_index=request.creation_index,
         pending_since=request.pending_since,

@@ -2,7 +2,13 @@
 
 Copies of a verified job run as separate Ray jobs on nodes of distinct owners; each declares a
 result whose digest is compared. The majority digest of distinct owners is accepted; copies that
-disagree are penalised; with no majority the job reruns on fresh nodes.
+disagree are penalised; with no majority the job reruns on fresh nodes of fresh owners, and the
+next attempt is judged together with the results of the earlier ones.
+
+With no majority nobody is penalised yet: nothing tells the honest copy from the dishonest one, and
+charging both let any adversary (by lying or crashing on its own copy) cost every volunteer it was
+paired with a disagreement. The dissenters are known, and penalised, once a later attempt gives a
+majority; until then only copies that failed are charged (as failures).
 """
 
 from __future__ import annotations
@@ -34,13 +40,18 @@ class Verdict:
         return self.accepted_digest is not None
 
 
-def judge(copies: Sequence[CopyResult]) -> Verdict:
-    """Accept the digest returned by a strict majority of the distinct owners that ran a copy."""
-    answered = {c.node: NodeResult(owner=c.owner, digest=c.digest) for c in copies if c.digest is not None}
+def judge(copies: Sequence[CopyResult], earlier: Sequence[CopyResult] = ()) -> Verdict:
+    """Accept the digest returned by a strict majority of the distinct owners that ran a copy of
+    this attempt or answered in an earlier one (``earlier``: their results, none of them failed).
+
+    ``agreeing`` and ``disagreeing`` name nodes of every attempt judged; ``failed`` this attempt's
+    (earlier failures were charged in their own attempt).
+    """
+    answered = {c.node: NodeResult(owner=c.owner, digest=c.digest) for c in (*earlier, *copies) if c.digest is not None}
     failed = tuple(sorted(c.node for c in copies if c.digest is None))
-    owners = {c.owner for c in copies}
+    owners = {c.owner for c in copies} | {c.owner for c in earlier if c.digest is not None}
     majority = len(owners) // 2 + 1
     decision: Accepted | NoMajority = decide_quorum(answered, majority) if answered else NoMajority({}, majority)
     if isinstance(decision, Accepted):
         return Verdict(decision.digest, decision.agreeing, decision.disagreeing, failed, {})
-    return Verdict(None, (), tuple(sorted(answered)), failed, decision.owner_votes)
+    return Verdict(None, (), (), failed, decision.owner_votes)

@@ -162,6 +162,20 @@ def format_time(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def _earlier_results(verification: object) -> tuple[tuple[str, str, str], ...]:
+    """verification.earlierResults as (node, owner, digest); entries not of that shape are skipped
+    (a hand-edited status must not stop the job)."""
+    entries = verification.get("earlierResults") if isinstance(verification, Mapping) else None
+    if not isinstance(entries, list):
+        return ()
+    fields = ("node", "owner", "digest")
+    return tuple(
+        (entry["node"], entry["owner"], entry["digest"])
+        for entry in entries
+        if isinstance(entry, Mapping) and all(isinstance(entry.get(f), str) and entry.get(f) for f in fields)
+    )
+
+
 @dataclass(frozen=True)
 class AIJobStatus:
     """The part of ``status`` the lifecycle decides from."""
@@ -178,8 +192,13 @@ class AIJobStatus:
     copies: int = 1
     replicas_per_copy: int = 1
     excluded_nodes: tuple[str, ...] = ()
+    # Owners left out of later attempts: those whose copies gave no majority.
+    excluded_owners: tuple[str, ...] = ()
     owners: tuple[str, ...] = ()
     verification_reruns: int = 0
+    # (node, owner, digest) of the copies that answered in earlier attempts without a majority:
+    # judged again with each later attempt (verification.earlierResults).
+    earlier_results: tuple[tuple[str, str, str], ...] = ()
     scheduling: Mapping[str, Any] = field(default_factory=dict)
 
     def copy_nodes(self, copy: int) -> tuple[str, ...]:
@@ -213,7 +232,9 @@ class AIJobStatus:
             copies=int(scheduling.get("copies") or 1),
             replicas_per_copy=int(scheduling.get("replicas") or max(1, len(raw.get("assignedNodes") or [1]))),
             excluded_nodes=tuple(scheduling.get("excludedNodes") or ()),
+            excluded_owners=tuple(scheduling.get("excludedOwners") or ()),
             owners=tuple(scheduling.get("owners") or ()),
             verification_reruns=int(raw.get("verificationReruns") or 0),
+            earlier_results=_earlier_results(raw.get("verification")),
             scheduling=dict(scheduling),
         )

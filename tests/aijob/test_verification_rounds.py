@@ -1,0 +1,156 @@
+"""Replicated jobs whose copies give no majority: nobody is charged a disagreement until a later
+attempt decides, the rerun goes to fresh owners, and the attempts are judged together.
+
+Reconciler passes against a fake Ray Job API (tests/aijob/fake_ray.py) and the real scheduler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from koinon_operator.inventory import RayNodeCache
+from koinon_operator.ray_jobs import RayJobState, RayNodeInfo
+from koinon_operator.reconciler import AIJobReconciler, Outcome, copy_submission_id_from
+from koinon_operator.scheduling import ReputationPlacer
+from koinon_operator.verification import CopyResult, judge
+
+from .fake_ray import Clock, FakeRay, make_body, step
+
+OWNERS = {"vn-a": "alice", "vn-b": "bob", "vn-b2": "bob", "vn-c": "carol", "vn-d": "dave"}
+GOOD, FORGED = "KOINON_RESULT 42\n", "KOINON_RESULT forged\n"
+
+
+def ray_node(index: int, name: str) -> RayNodeInfo:
+    return RayNodeInfo(
+        f"r{index}", f"127.0.20.{index + 1}", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": name}
+    )
+
+
+class CopiesRay(FakeRay):
+    """Ray with the volunteers in ``present``; each submission's log is the one set for it."""
+
+    def __init__(self, present: list[str]) -> None:
+        super().__init__()
+        self.present = present
+        self.logs_by_id: dict[str, str] = {}
+
+    async def nodes(self) -> list[RayNodeInfo]:
+        return [ray_node(i, name) for i, name in enumerate(self.present)]
+
+    async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
+        return self.logs_by_id.get(submission_id, GOOD)
+
+
+def volunteers(names: list[str]) -> dict[str, dict[str, Any]]:
+    return {n: {"spec": {"owner": OWNERS[n]}, "status": {"phase": "Ready", "connected": True}} for n in names}
+
+
+def reconciler(ray: CopiesRay, clock: Clock) -> AIJobReconciler:
+    fake: Any = ray
+    return AIJobReconciler(
+        ray=fake,
+        placer=ReputationPlacer(clock=lambda: clock.now.timestamp()),
+        nodes=RayNodeCache(fake, max_age_seconds=0.0),
+        clock=lambda: clock.now,
+        monotonic=lambda: clock.mono,
+    )
+
+
+async def run_copies(
+    rec: AIJobReconciler, ray: CopiesRay, clock: Clock, body: dict[str, Any], answers: dict[str, str | None]
+) -> Outcome:
+    """Passes until the attempt's copies are submitted, then each copy ends as ``answers`` says for
+    its node (a log line, or None: the copy failed); returns the pass that judges them."""
+    vols = volunteers(ray.present)
+    for _ in range(10):
+        await step(rec, body, vols)
+        clock.advance(40)
+        status = body["status"]
+        nodes = status.get("assignedNodes") or []
+        ids = [copy_submission_id_from(status.get("submissionId"), k) for k in range(len(nodes))]
+        if nodes and all(i in ray.jobs for i in ids):
+            break
+    else:
+        raise AssertionError(f"copies never submitted: {body['status']}")
+    for node, submission in zip(nodes, ids, strict=True):
+        assert submission is not None
+        answer = answers[node]
+        if answer is None:
+            ray.set_state(submission, RayJobState.FAILED)
+        else:
+            ray.logs_by_id[submission] = answer
+            ray.set_state(submission, RayJobState.SUCCEEDED)
+    return await step(rec, body, vols)
+
+
+def replicated_job(quorum: int = 2) -> dict[str, Any]:
+    return make_body({"entrypoint": "python x.py", "verification": {"mode": "replicated", "quorum": quorum}})
+
+
+def test_a_copy_is_no_dissenter_when_there_is_no_majority() -> None:
+    crashed = judge([CopyResult(0, "vn-a", "alice", "sha256:good"), CopyResult(1, "vn-b", "bob", None)])
+    assert not crashed.accepted and crashed.disagreeing == () and crashed.failed == ("vn-b",)
+    split = judge([CopyResult(0, "vn-a", "alice", "sha256:good"), CopyResult(1, "vn-b", "bob", "sha256:bad")])
+    assert not split.accepted and split.disagreeing == ()
+
+
+def test_earlier_answers_count_with_a_later_attempt() -> None:
+    earlier = [CopyResult(-1, "vn-a", "alice", "sha256:good"), CopyResult(-1, "vn-b", "bob", "sha256:bad")]
+    now = [CopyResult(0, "vn-c", "carol", "sha256:good"), CopyResult(1, "vn-d", "dave", "sha256:good")]
+    verdict = judge(now, earlier)
+    assert verdict.accepted_digest == "sha256:good"
+    assert verdict.agreeing == ("vn-a", "vn-c", "vn-d") and verdict.disagreeing == ("vn-b",)
+    # One good answer more is no majority of the four owners that answered.
+    assert not judge([*now[:1], CopyResult(1, "vn-d", "dave", None)], earlier).accepted
+
+
+async def test_a_partner_that_crashes_costs_the_honest_copy_nothing() -> None:
+    ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
+    body = replicated_job()
+    outcome = await run_copies(reconciler(ray, clock), ray, clock, body, {"vn-a": GOOD, "vn-c": None})
+    assert body["status"]["reason"] == "NoMajority"
+    assert outcome.reputation == [("vn-c", "failure")]  # vn-a used to get a disagreement
+
+
+async def test_a_liar_without_majority_is_caught_by_the_next_attempt_on_fresh_owners() -> None:
+    ray, clock = CopiesRay(["vn-a", "vn-b"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job()
+    first = await run_copies(rec, ray, clock, body, {"vn-a": GOOD, "vn-b": FORGED})
+    status = body["status"]
+    assert status["reason"] == "NoMajority" and first.reputation == []  # both used to be charged
+    assert status["scheduling"]["excludedOwners"] == ["alice", "bob"]
+    assert {r["node"] for r in status["verification"]["earlierResults"]} == {"vn-a", "vn-b"}
+    # bob's other node is left out of the rerun; carol and dave take it and agree with alice.
+    ray.present = ["vn-a", "vn-b", "vn-b2", "vn-c", "vn-d"]
+    second = await run_copies(rec, ray, clock, body, {"vn-c": GOOD, "vn-d": GOOD, "vn-b2": FORGED})
+    status = body["status"]
+    assert sorted(status["assignedNodes"]) == ["vn-c", "vn-d"]
+    assert status["phase"] == "Succeeded" and status["reason"] == "Verified"
+    assert status["result"]["value"] == "42"
+    assert sorted(second.reputation) == [
+        ("vn-a", "agreement"),
+        ("vn-b", "disagreement"),
+        ("vn-c", "agreement"),
+        ("vn-d", "agreement"),
+    ]
+    assert status["verification"]["disagreeing"] == ["vn-b"]
+
+
+async def test_a_rerun_never_goes_to_another_node_of_an_owner_that_took_part() -> None:
+    ray, clock = CopiesRay(["vn-a", "vn-b"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job()
+    await run_copies(rec, ray, clock, body, {"vn-a": GOOD, "vn-b": FORGED})
+    ray.present = ["vn-a", "vn-b", "vn-b2", "vn-c"]  # only one fresh owner: no rerun can be placed
+    vols = volunteers(ray.present)
+    for _ in range(3):
+        await step(rec, body, vols)
+        clock.advance(40)
+    assert body["status"]["reason"] == "Unschedulable", body["status"]
+    assert not body["status"].get("assignedNodes")
+
+
+def test_a_hand_edited_earlier_result_is_skipped() -> None:
+    from koinon_operator.api.aijob import AIJobStatus
+
+    raw = {"verification": {"earlierResults": [{"node": "vn-a", "owner": "alice", "digest": "d"}, {"node": 3}, "x"]}}
+    assert AIJobStatus.from_status(raw).earlier_results == (("vn-a", "alice", "d"),)
+    assert AIJobStatus.from_status({"verification": {"earlierResults": "junk"}}).earlier_results == ()
