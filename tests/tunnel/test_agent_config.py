@@ -145,6 +145,7 @@ def test_non_number_variable_is_refused_naming_flag_and_variable(
         # Ray refuses these after the join has spent the token, and its supervisor retried for ever.
         (["--num-cpus", "-1"], "num_cpus"),
         (["--object-store-memory", "-100000000"], "object_store_memory"),
+        (["--object-store-memory", "78643199"], "object_store_memory"),  # under Ray's 75 MiB
     ],
 )
 def test_out_of_range_values_are_refused_naming_the_field(

@@ -168,6 +168,22 @@ def test_job_code_does_not_inherit_the_agents_token(monkeypatch: pytest.MonkeyPa
     assert env["RAY_AUTH_TOKEN"] == "ray-secret" and env["grpc_proxy"] == "http://127.0.0.1:1"
 
 
+def test_a_bare_ray_bin_puts_its_own_directory_first_on_rays_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--ray-bin ray` is looked up on PATH; abspath("ray") put the working directory first, where
+    job drivers then found `python`."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "ray").write_text("#!/bin/sh\n")
+    (bin_dir / "ray").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin")
+    monkeypatch.chdir(tmp_path)
+    settings = RaySettings("ray", Path("/tmp/ray"), "http://127.0.0.1:1", None, 0, 0, None)
+    path = ray_environment(settings, pb.Assignment(address="127.0.20.1"))["PATH"].split(os.pathsep)
+    assert path[0] == str(bin_dir) and str(tmp_path) not in path
+
+
 @pytest.mark.parametrize("set_by_the_agent", [True, False])
 def test_ray_inherits_grpc_experiments_only_from_the_user(
     monkeypatch: pytest.MonkeyPatch, set_by_the_agent: bool

@@ -12,9 +12,12 @@ import logging
 import sys
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from koinon_agent import gpus
+from koinon_agent.ray_node import RaySettings, ray_environment, ray_start_command
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 
 def test_no_driver_means_no_gpus_and_no_error() -> None:
@@ -36,7 +39,21 @@ class Memory:
     total: int
 
 
-def fake_nvml(devices: list[tuple[object, int] | Exception], init_error: bool = False) -> types.ModuleType:
+@dataclass
+class FakeGpu:
+    """One card as NVML answers for it; ``mig`` lists its MIG instances when MIG mode is on."""
+
+    name: object
+    memory: int
+    uuid: str
+    mig: list[FakeGpu | None] | None = None  # None: no MIG; a None slot is an empty one
+    memory_error: str = ""  # NVML refuses the memory query (a GPU in MIG mode, unprivileged)
+
+
+NVML_DEVICE_MIG_ENABLE = 1
+
+
+def fake_nvml(devices: list[FakeGpu | Exception], init_error: bool = False) -> types.ModuleType:
     module = types.ModuleType("pynvml")
     calls: list[str] = []
 
@@ -45,39 +62,60 @@ def fake_nvml(devices: list[tuple[object, int] | Exception], init_error: bool = 
         if init_error:
             raise FakeNVMLError("Driver Not Loaded")
 
-    def handle(index: int) -> int:
+    def handle(index: int) -> FakeGpu:
         entry = devices[index]
         if isinstance(entry, Exception):
             raise entry
-        return index
+        return entry
 
-    def name(index: int) -> object:
-        entry = devices[index]
-        assert not isinstance(entry, Exception)
-        return entry[0]
+    def memory(gpu: FakeGpu) -> Memory:
+        if gpu.memory_error:
+            raise FakeNVMLError(gpu.memory_error)
+        return Memory(gpu.memory)
 
-    def memory(index: int) -> Memory:
-        entry = devices[index]
-        assert not isinstance(entry, Exception)
-        return Memory(entry[1])
+    def mig_mode(gpu: FakeGpu) -> list[int]:
+        if gpu.mig is None:
+            raise FakeNVMLError("Not Supported")
+        return [NVML_DEVICE_MIG_ENABLE, NVML_DEVICE_MIG_ENABLE]
+
+    def mig_handle(gpu: FakeGpu, slot: int) -> FakeGpu:
+        instance = (gpu.mig or [])[slot]
+        if instance is None:
+            raise FakeNVMLError("Not Found")
+        return instance
 
     module.NVMLError = FakeNVMLError  # type: ignore[attr-defined]
+    module.NVML_DEVICE_MIG_ENABLE = NVML_DEVICE_MIG_ENABLE  # type: ignore[attr-defined]
     module.nvmlInit = init  # type: ignore[attr-defined]
     module.nvmlShutdown = lambda: calls.append("shutdown")  # type: ignore[attr-defined]
     module.nvmlDeviceGetCount = lambda: len(devices)  # type: ignore[attr-defined]
     module.nvmlDeviceGetHandleByIndex = handle  # type: ignore[attr-defined]
-    module.nvmlDeviceGetName = name  # type: ignore[attr-defined]
+    module.nvmlDeviceGetName = lambda gpu: gpu.name  # type: ignore[attr-defined]
+    module.nvmlDeviceGetUUID = lambda gpu: gpu.uuid  # type: ignore[attr-defined]
     module.nvmlDeviceGetMemoryInfo = memory  # type: ignore[attr-defined]
+    module.nvmlDeviceGetMigMode = mig_mode  # type: ignore[attr-defined]
+    module.nvmlDeviceGetMaxMigDeviceCount = lambda gpu: len(gpu.mig or [])  # type: ignore[attr-defined]
+    module.nvmlDeviceGetMigDeviceHandleByIndex = mig_handle  # type: ignore[attr-defined]
     module.calls = calls  # type: ignore[attr-defined]
     return module
 
 
-def test_each_gpu_with_its_model_and_memory_in_mib(monkeypatch: pytest.MonkeyPatch) -> None:
-    nvml = fake_nvml([(b"NVIDIA GeForce RTX 4090", 25_757_220_864), ("NVIDIA A100-SXM4-80GB", 85_899_345_920)])
+RTX = FakeGpu(b"NVIDIA GeForce RTX 4090", 25_757_220_864, "GPU-8932f937-d72c-4106-c12f-20bd9faed9f6")
+A100 = FakeGpu("NVIDIA A100-SXM4-80GB", 85_899_345_920, "GPU-5d2a0c1e-0000-4a6b-9f00-000000000002")
+L4 = FakeGpu("NVIDIA L4", 24_152_899_584, "GPU-11111111-2222-3333-4444-555555555555")
+
+
+@pytest.fixture(autouse=True)
+def no_visible_devices_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def test_each_gpu_with_its_model_memory_in_mib_and_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
+    nvml = fake_nvml([RTX, A100])
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     assert gpus.detect() == [
-        gpus.GpuInfo("NVIDIA GeForce RTX 4090", 24564),
-        gpus.GpuInfo("NVIDIA A100-SXM4-80GB", 81920),
+        gpus.GpuInfo("NVIDIA GeForce RTX 4090", 24564, RTX.uuid),
+        gpus.GpuInfo("NVIDIA A100-SXM4-80GB", 81920, A100.uuid),
     ]
     assert nvml.calls == ["init", "shutdown"]  # type: ignore[attr-defined]
 
@@ -85,14 +123,74 @@ def test_each_gpu_with_its_model_and_memory_in_mib(monkeypatch: pytest.MonkeyPat
 def test_a_lost_gpu_is_skipped_and_the_others_offered(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    nvml = fake_nvml([FakeNVMLError("GPU is lost"), ("NVIDIA L4", 24_152_899_584)])
+    nvml = fake_nvml([FakeNVMLError("GPU is lost"), L4])
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     with caplog.at_level(logging.WARNING):
-        assert gpus.detect() == [gpus.GpuInfo("NVIDIA L4", 23034)]
+        assert gpus.detect() == [gpus.GpuInfo("NVIDIA L4", 23034, L4.uuid)]
     assert "skipping GPU 0: GPU is lost" in caplog.text
     assert nvml.calls == ["init", "shutdown"]  # type: ignore[attr-defined]
 
 
 def test_driver_not_loaded_means_no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([("x", 1)], init_error=True))
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([L4], init_error=True))
     assert gpus.detect() == []
+
+
+@pytest.mark.parametrize(
+    ("visible", "offered"),
+    [
+        ("1", [A100]),
+        ("1,0", [A100, RTX]),
+        (A100.uuid, [A100]),
+        ("GPU-8932f937", [RTX]),  # a unique prefix, as CUDA takes it
+        ("8932f937", [RTX]),
+        ("", []),
+        ("0,7,1", [RTX]),  # CUDA ignores what follows an entry that names no device
+        ("GPU-", []),  # a prefix of both: names no single device
+    ],
+)
+def test_only_the_gpus_cuda_visible_devices_names_are_offered(
+    monkeypatch: pytest.MonkeyPatch, visible: str, offered: list[FakeGpu]
+) -> None:
+    """NVML lists every GPU of the host; a volunteer who shares only some of them says so in
+    CUDA_VISIBLE_DEVICES, and offering the others made `ray start` refuse to run at all."""
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([RTX, A100]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert [gpu.device for gpu in gpus.detect()] == [gpu.uuid for gpu in offered]
+
+
+def test_a_gpu_in_mig_mode_offers_its_instances(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVML answers an unprivileged caller nothing about a MIG-mode card's memory: the card used
+    to be skipped (0 GPUs offered), or, privileged, offered whole instead of its instances."""
+    instances: list[FakeGpu | None] = [
+        FakeGpu("NVIDIA A100-SXM4-80GB MIG 1g.10gb", 10_200_547_328, "MIG-aaaaaaaa-1111-2222-3333-444444444444"),
+        None,
+        FakeGpu("NVIDIA A100-SXM4-80GB MIG 3g.40gb", 42_314_694_656, "MIG-bbbbbbbb-1111-2222-3333-444444444444"),
+    ]
+    card = FakeGpu("NVIDIA A100-SXM4-80GB", 0, "GPU-mig-card", mig=instances, memory_error="Insufficient Permissions")
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([card, L4]))
+    assert gpus.detect() == [
+        gpus.GpuInfo("NVIDIA A100-SXM4-80GB MIG 1g.10gb", 9728, "MIG-aaaaaaaa-1111-2222-3333-444444444444"),
+        gpus.GpuInfo("NVIDIA A100-SXM4-80GB MIG 3g.40gb", 40354, "MIG-bbbbbbbb-1111-2222-3333-444444444444"),
+        gpus.GpuInfo("NVIDIA L4", 23034, L4.uuid),
+    ]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-bbbbbbbb")
+    assert [gpu.device for gpu in gpus.detect()] == ["MIG-bbbbbbbb-1111-2222-3333-444444444444"]
+
+
+def test_ray_is_given_exactly_the_detected_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With GPU 0 lost, Ray numbered the one GPU it was given 0 and handed tasks the lost card."""
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([FakeNVMLError("GPU is lost"), L4]))
+    found = gpus.detect()
+    settings = RaySettings(
+        "/opt/ray/bin/ray", Path("/tmp/ray"), "http://127.0.0.1:1", None, len(found), 23034, None,
+        gpu_devices=tuple(g.device for g in found),
+    )  # fmt: skip
+    assert "--num-gpus=1" in ray_start_command(settings, pb.Assignment(address="127.0.20.1"))
+    assert ray_environment(settings, pb.Assignment(address="127.0.20.1"))["CUDA_VISIBLE_DEVICES"] == L4.uuid
+
+
+def test_simulated_gpus_start_ray_whatever_cuda_visible_devices_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU-only host hiding every device
+    settings = RaySettings("/opt/ray/bin/ray", Path("/tmp/ray"), "http://127.0.0.1:1", None, 2, 16384, None)
+    assert "CUDA_VISIBLE_DEVICES" not in ray_environment(settings, pb.Assignment(address="127.0.20.1"))

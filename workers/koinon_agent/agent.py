@@ -551,6 +551,7 @@ class Agent:
             num_gpus=len(self.gpus),
             gpu_memory_mib=min((g.memory_mib for g in self.gpus), default=0),
             object_store_memory=self.config.object_store_memory,
+            gpu_devices=None if self.config.simulate_gpus is not None else tuple(g.device for g in self.gpus),
         )
         delays = backoff_delays(1.0, 30.0)
         while not self._drain.is_set():

@@ -11,6 +11,8 @@ from pathlib import Path
 VERSION = "0.1.0"
 # DrainRequest.grace_seconds is a uint32.
 MAX_GRACE_SECONDS = 2**32 - 1
+# Ray refuses a smaller object store (ray start exits, and the node would be restarted for ever).
+MIN_OBJECT_STORE_MEMORY = 75 * 1024 * 1024
 _FINITE_SECONDS = (
     "drain_grace_s",
     "backoff_initial_s",
@@ -83,8 +85,11 @@ class AgentConfig:
                 raise ValueError(f"{name}: must be a finite number of seconds, got {getattr(self, name)}")
         if self.num_cpus is not None and self.num_cpus < 0:
             raise ValueError(f"num_cpus: must be >= 0, got {self.num_cpus}")
-        if self.object_store_memory is not None and self.object_store_memory <= 0:
-            raise ValueError(f"object_store_memory: must be a number of bytes > 0, got {self.object_store_memory}")
+        if self.object_store_memory is not None and self.object_store_memory < MIN_OBJECT_STORE_MEMORY:
+            raise ValueError(
+                f"object_store_memory: must be at least {MIN_OBJECT_STORE_MEMORY} bytes (75 MiB, Ray's minimum), "
+                f"got {self.object_store_memory}"
+            )
         if self.simulate_gpus is not None and self.simulate_gpus < 0:
             raise ValueError("simulate_gpus: must be >= 0")
         if self.simulate_gpu_memory_mib <= 0:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -36,6 +37,10 @@ class RaySettings:
     num_gpus: int
     gpu_memory_mib: int
     object_store_memory: int | None
+    # CUDA_VISIBLE_DEVICES for Ray: the detected GPUs' ids, so that Ray hands out the devices the
+    # gateway was told about (with a GPU skipped, Ray's own numbering 0..n-1 named the wrong ones).
+    # None for simulated GPUs, which no CUDA device backs: Ray then numbers them itself.
+    gpu_devices: tuple[str, ...] | None = None
 
 
 def ray_start_command(settings: RaySettings, assignment: pb.Assignment) -> list[str]:
@@ -85,8 +90,15 @@ def ray_environment(settings: RaySettings, assignment: pb.Assignment) -> dict[st
         env.pop("GRPC_EXPERIMENTS", None)  # the agent's own gRPC tuning, not Ray's
     if assignment.ray_auth_token:
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=assignment.ray_auth_token)
+    if settings.gpu_devices is None:
+        env.pop("CUDA_VISIBLE_DEVICES", None)  # Ray refuses more GPUs than that list names
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(settings.gpu_devices)
     # Job drivers run `python ...` from PATH: make it the interpreter that has Ray (beside `ray`).
-    env["PATH"] = f"{os.path.dirname(os.path.abspath(settings.ray_bin))}{os.pathsep}{env.get('PATH', '')}"
+    # A bare name is looked up on PATH (abspath would have put the working directory first).
+    ray_path = shutil.which(settings.ray_bin, path=env.get("PATH"))
+    if ray_path is not None:
+        env["PATH"] = f"{os.path.dirname(os.path.abspath(ray_path))}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
