@@ -39,6 +39,12 @@ def embed_shard(texts: list[str]) -> list[list[float]]:
     return [[round(float(x), 4) for x in row] for row in vectors]
 
 
+def shard_texts(texts: list[str], replicas: int) -> list[list[str]]:
+    """Consecutive runs of texts, one per replica, so that joining the shards' vectors in replica
+    order gives the texts' own order (and the digest does not depend on the replica count)."""
+    return [texts[i * len(texts) // replicas : (i + 1) * len(texts) // replicas] for i in range(replicas)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--texts-file", help="one text per line (default: a few built-in sentences)")
@@ -47,23 +53,27 @@ def main() -> None:
     if args.texts_file:
         with open(args.texts_file) as handle:
             texts = [line.strip() for line in handle if line.strip()]
+    if not texts:
+        raise SystemExit(f"no texts to embed in {args.texts_file}")
     ray.init()
     placement = current_placement()
     replicas = max(1, len(placement.node_addresses))
-    shards = [texts[i::replicas] for i in range(replicas)]
     futures = []
-    for replica, shard in enumerate(shards):
+    for replica, shard in enumerate(shard_texts(texts, replicas)):
+        if not shard:
+            continue  # more volunteers than texts
         options: dict[str, Any] = {"num_gpus": placement.gpus_per_replica, "num_cpus": 1}
         if placement.node_addresses:
             options["resources"] = placement.pin(replica)
         futures.append(embed_shard.options(**options).remote(shard))
     embedded = ray.get(futures)
     vectors = [vector for shard in embedded for vector in shard]
-    similarity = sum(a * b for a, b in zip(vectors[0], vectors[1], strict=True))
+    similarity = sum(a * b for a, b in zip(vectors[0], vectors[1], strict=True)) if len(vectors) > 1 else None
     digest = hashlib.sha256(json.dumps(vectors).encode()).hexdigest()[:16]
     print(f"embedded {len(vectors)} texts into {len(vectors[0])} dimensions on {replicas} volunteer(s)")
     print("KOINON_RESULT " + json.dumps({"texts": len(vectors), "dimensions": len(vectors[0]),
-                                         "similarity_0_1": round(similarity, 3), "digest": digest}))  # fmt: skip
+                                         "similarity_0_1": None if similarity is None else round(similarity, 3),
+                                         "digest": digest}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -18,10 +18,25 @@ def _banner(text: str) -> None:
     print(f"\n=== {text}")
 
 
+def read_example(example: Path) -> tuple[str, str]:
+    """(name, namespace) of the AIJob in ``example``; RuntimeError naming the file and the problem
+    (checked before anything is started)."""
+    try:
+        document = yaml.safe_load(example.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise RuntimeError(f"cannot read the AIJob example {example}: {error}") from None
+    metadata = document.get("metadata") if isinstance(document, dict) else None
+    name = metadata.get("name") if isinstance(metadata, dict) else None
+    if not isinstance(name, str) or not name:
+        raise RuntimeError(f"{example}: metadata.name is missing; the example must be one AIJob object")
+    namespace = metadata.get("namespace", "default") if isinstance(metadata, dict) else "default"
+    if not isinstance(namespace, str) or not namespace:
+        raise RuntimeError(f"{example}: metadata.namespace must be a name, got {namespace!r}")
+    return name, namespace
+
+
 def run_demo(cluster: DevCluster, example: Path, timeout: float = 150.0) -> int:
-    document = yaml.safe_load(example.read_text())
-    name = document["metadata"]["name"]
-    namespace = document["metadata"].get("namespace", "default")
+    name, namespace = read_example(example)
     started = time.monotonic()
     _banner("starting the local control plane")
     info = cluster.up()
