@@ -63,6 +63,7 @@ _POSITIVE_SECONDS = (
     "heartbeat_timeout_s",
     "status_write_interval_s",
     "status_retry_s",
+    "status_write_window_s",
     "first_frame_timeout_s",
     "accept_timeout_s",
     "credential_lifetime_s",
@@ -103,6 +104,11 @@ class GatewayConfig:
     latency_write_fraction: float = 0.2
     # After a failed status write, the node's next write waits this long (unless forced).
     status_retry_s: float = 5.0
+    # API writes of one node's status, whatever asks for them (heartbeat news, new and ended
+    # sessions, drains): at most status_write_burst per status_write_window_s; news beyond that
+    # waits, merged into the next write (StatusWriter).
+    status_write_burst: int = 10
+    status_write_window_s: float = 10.0
     # A Connect stream must send its first frame within this time.
     first_frame_timeout_s: float = 10.0
     # A peer must answer OpenConnection within this time.
@@ -140,6 +146,8 @@ class GatewayConfig:
             raise ValueError("heartbeat_timeout_s: must be greater than heartbeat_interval_s")
         if self.credential_lifetime_s < 4 * self.heartbeat_interval_s:
             raise ValueError("credential_lifetime_s: must be at least 4 heartbeat intervals (renewals ride on pings)")
+        if self.status_write_burst < 1:
+            raise ValueError(f"status_write_burst: must be at least 1, got {self.status_write_burst}")
         if self.rtt_probe_every < 1:
             raise ValueError("rtt_probe_every: must be at least 1")
         if self.max_streams_per_node < 1:

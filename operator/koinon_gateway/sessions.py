@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections import OrderedDict
@@ -30,10 +29,6 @@ MAX_GPU_MEMORY_MIB = 1 << 24
 RAY_STATES = frozenset({"starting", "running", "stopped", "restarting", "disabled"})
 # Pings whose answers are still awaited; an answer to an older one no longer measures anything.
 PINGS_REMEMBERED = 8
-# Status writes that a node's own reports trigger: at most this many per window (a hostile agent
-# flipping its state on every message must not turn into API writes at its message rate).
-STATUS_WRITE_BURST = 10
-STATUS_WRITE_WINDOW_S = 10.0
 # Gateway messages (pings, OpenConnection, credentials) waiting for an agent to read them.
 CONTROL_OUTBOX_LIMIT = 1024
 
@@ -81,9 +76,6 @@ class NodeSession:
     closed: bool = False
     end_reason: tuple[str, str] | None = None  # (reason, message) when the gateway ends the session
     pings_awaited: dict[int, int] = field(default_factory=dict)  # ping seq -> sent at (time_ns)
-    status_writes: collections.deque[float] = field(
-        default_factory=lambda: collections.deque(maxlen=STATUS_WRITE_BURST)
-    )  # when the latest status writes happened (monotonic)
     outbox: asyncio.Queue[pb.GatewayMessage] = field(default_factory=lambda: asyncio.Queue(CONTROL_OUTBOX_LIMIT))
 
     def send(self, message: pb.GatewayMessage) -> None:
@@ -157,7 +149,9 @@ class SessionTable:
         self.by_address: dict[str, NodeSession] = {}
         self._conditions: dict[str, ReadyCondition] = {}
         # Status writes go out in the background, in order per node, retried until they land.
-        self.writer = StatusWriter(registry, config.status_retry_s)
+        self.writer = StatusWriter(
+            registry, config.status_retry_s, config.status_write_burst, config.status_write_window_s
+        )
         # Names of nodes whose VolunteerNode was deleted, newest last: a Register that was already
         # on its way when the deletion was seen must not bring the node back. Names are never reused
         # (random suffix), so remembering the recent ones is enough.
@@ -206,9 +200,7 @@ class SessionTable:
         changed = self._key(session, True, reason, message) != session.written_key
         if not (force or changed or due or self._latency_moved(session)):
             return
-        recent = session.status_writes
-        if not force and len(recent) == recent.maxlen and now - recent[0] < STATUS_WRITE_WINDOW_S:
-            return  # over its write budget: a later heartbeat writes what changed
+        # The writer paces each node's writes (StatusWriter): news beyond its budget is merged, not sent.
         self._write(session, connected=True, reason=reason, message=message)
 
     async def flush(self, timeout_s: float = 10.0) -> bool:
@@ -264,7 +256,6 @@ class SessionTable:
         # until it lands, so heartbeats need not hand it over again.
         self.writer.submit(session.node_name, status)
         session.last_status_write = time.monotonic()
-        session.status_writes.append(session.last_status_write)
         session.written_key = self._key(session, connected, reason, message)
         session.written_rtt_ms = session.rtt_smoothed_ms
 

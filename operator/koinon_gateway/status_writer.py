@@ -9,12 +9,21 @@ failed "disconnected" write was never tried again (the node stayed Ready for goo
 Here a write is handed over and the caller goes on. Per node, writes land in the order they were
 handed over; one not yet sent is merged into by a later one (top-level keys, as the merge patch
 itself would), a failed one is tried again with backoff until it lands or the node is gone.
+
+Writes are paced per node, whichever session or event asked for them: at most ``burst`` per
+``window_s`` (GatewayConfig.status_write_burst / status_write_window_s). What comes in over that
+waits, merged, for the next slot. A node's own messages cause writes (a new session writes Ready at
+once, its end NotReady), and a hostile or broken agent that flips its state or reconnects in a loop
+must not turn that into API writes at its message or reconnect rate; pacing per session let a
+reconnect loop buy two writes per reconnect.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,9 +36,14 @@ MAX_RETRY_DELAY_S = 60.0
 
 
 class StatusWriter:
-    def __init__(self, registry: NodeRegistry, retry_s: float) -> None:
+    def __init__(self, registry: NodeRegistry, retry_s: float, burst: int, window_s: float) -> None:
         self.registry = registry
         self.retry_s = retry_s
+        self.burst = burst
+        self.window_s = window_s
+        # When each node's latest writes were sent (monotonic), for the pacing.
+        self._sent: dict[str, collections.deque[float]] = {}
+        self._prune_at = 1024
         self._pending: dict[str, tuple[JSON, list[Callable[[], None]]]] = {}
         self._writers: dict[str, asyncio.Task[None]] = {}
         self.failed_writes = 0
@@ -40,10 +54,13 @@ class StatusWriter:
         self._pending[name] = ({**queued, **status}, callbacks + ([on_written] if on_written else []))
         if name not in self._writers:
             self._writers[name] = asyncio.get_running_loop().create_task(self._write_until_done(name))
+        if len(self._sent) > self._prune_at:
+            self._forget_paces_older_than(time.monotonic() - self.window_s)
 
     def forget(self, name: str) -> None:
         """The node is gone: drop what is queued for it and stop its writer."""
         self._pending.pop(name, None)
+        self._sent.pop(name, None)
         writer = self._writers.pop(name, None)
         if writer is not None:
             writer.cancel()
@@ -77,10 +94,23 @@ class StatusWriter:
         for name in list(self._writers):
             self.forget(name)
 
+    def _forget_paces_older_than(self, horizon: float) -> None:
+        """Drops the pacing record of nodes that wrote nothing since ``horizon`` (it no longer limits them)."""
+        for name in [n for n, sent in self._sent.items() if sent[-1] < horizon and n not in self._writers]:
+            del self._sent[name]
+        self._prune_at = 2 * len(self._sent) + 1024
+
+    async def _wait_for_slot(self, name: str) -> None:
+        sent = self._sent.setdefault(name, collections.deque(maxlen=self.burst))
+        if len(sent) == sent.maxlen:
+            await asyncio.sleep(max(0.0, sent[0] + self.window_s - time.monotonic()))
+        sent.append(time.monotonic())
+
     async def _write_until_done(self, name: str) -> None:
         delay = self.retry_s
         try:
             while name in self._pending:
+                await self._wait_for_slot(name)  # what comes in meanwhile merges into this write
                 status, callbacks = self._pending.pop(name)
                 try:
                     await self.registry.patch_status(name, status)

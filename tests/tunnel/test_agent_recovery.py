@@ -258,7 +258,9 @@ async def test_backoff_restarts_only_after_a_session_that_stayed_up(
         return delay
 
     monkeypatch.setattr(BackoffIterator, "next", recording_next)
-    async with cluster(tmp_path, heartbeat_timeout_s=30.0) as c:
+    # Each dropped session costs three status writes; within the default budget the later
+    # Registers would wait for their writes, and the agent's reconnect would overtake them.
+    async with cluster(tmp_path, heartbeat_timeout_s=30.0, status_write_burst=100) as c:
         agent = await c.start_agent("alpha", backoff_initial_s=0.2, backoff_max_s=3.2, backoff_reset_after_s=0.6)
         assert agent.identity is not None
         name = agent.identity.node_name

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,10 +14,10 @@ from pathlib import Path
 import grpc
 import pytest
 from koinon_gateway import server
-from koinon_gateway.sessions import STATUS_WRITE_BURST
+from koinon_gateway.rpc import tunnel_stub
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import Cluster, channel_for, cluster, control_call, registered_mute_node
+from .helpers import Cluster, channel_for, cluster, control_call, next_message, registered_mute_node
 
 VICTIM_RAY_ID = "ab" * 28
 VICTIM_ADDRESS = "127.0.20.9"
@@ -102,7 +104,7 @@ async def test_repeated_drain_requests_buy_no_status_writes(tmp_path: Path) -> N
             await control.write(pb.AgentMessage(heartbeat=pb.Heartbeat(seq=i, ray_state="starting", gpus=gpus)))
             await control.write(pb.AgentMessage(drain=pb.DrainRequest(reason="x", grace_seconds=60)))
         await asyncio.sleep(0.5)
-        assert c.registry.status_writes - before <= STATUS_WRITE_BURST + 2
+        assert c.registry.status_writes - before <= c.gateway.config.status_write_burst + 2
 
 
 FORGED = "bye\nINFO koinon_gateway.service: node admin joined with token abcdef at 127.0.20.1 " + "y" * 5000
@@ -149,3 +151,30 @@ async def test_a_drain_after_a_ray_restart_drains_the_new_ray_node_once_confirme
                 break
             await asyncio.sleep(0.05)
         assert FakeGcs.drained == [new_id]
+
+
+async def test_reconnecting_in_a_loop_buys_no_status_writes_beyond_the_nodes_budget(tmp_path: Path) -> None:
+    """Each new session writes Ready at once and each ended one NotReady; a node that registers
+    again and again (one credential, a fresh Control stream each time) stays within one budget."""
+    async with (
+        cluster(tmp_path, heartbeat_timeout_s=30.0, status_write_interval_s=30.0, status_write_window_s=3.0) as c,
+        channel_for(c) as channel,
+        registered(c, channel) as (joined, _first),
+    ):
+        await c.gateway.sessions.flush()
+        before, started = c.registry.status_writes, time.monotonic()
+        register = pb.Register(node_name=joined.assignment.node_name, address=joined.assignment.address)
+        for _ in range(15):
+            control = tunnel_stub(channel).Control(metadata=(("authorization", f"Bearer {joined.credential}"),))
+            await control.write(pb.AgentMessage(register=register))
+            assert (await next_message(control)).WhichOneof("msg") == "registered"
+            control.cancel()
+        await asyncio.sleep(0.2)
+        config = c.gateway.config
+        windows = math.ceil((time.monotonic() - started) / config.status_write_window_s)
+        # Two writes per reconnect (30) used to go out within a second.
+        assert c.registry.status_writes - before <= config.status_write_burst * (1 + windows) + 2
+        # What was held back is written once the budget allows: the node's last word is its own.
+        await asyncio.sleep(config.status_write_window_s)
+        await c.gateway.sessions.flush()
+        assert c.registry.objects[joined.assignment.node_name]["status"]["connected"] is False
