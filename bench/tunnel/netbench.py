@@ -118,8 +118,3 @@ def interleaved_rtts_us(
     for sock in paths.values():
         sock.close()
     return samples
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

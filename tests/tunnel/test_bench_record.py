@@ -74,10 +74,13 @@ def test_three_real_agents_are_counted_through_the_window(tmp_path: Path) -> Non
     assert figures["agents_connected"] == 3 and figures["gateway_rss_mb_1000_agents"] > 0
 
 
-def _main(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *argv: str) -> tuple[int, Path, dict[str, Any]]:
+def _main(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *argv: str, network: dict[str, Any] | None = None
+) -> tuple[int, Path, dict[str, Any]]:
     monkeypatch.setattr(run, "REPO", tmp_path)  # the record is REPO/bench/results/tunnel.json
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    monkeypatch.setattr(run, "bench_network", lambda workdir, quick: {k: 1.0 for k in run.REQUIRED_KEYS[:7]})
+    figures = network if network is not None else {k: 1.0 for k in run.REQUIRED_KEYS[:7]}
+    monkeypatch.setattr(run, "bench_network", lambda workdir, quick: figures)
     monkeypatch.setattr(run, "bench_ray", lambda rounds: {"ray_tasks_ratio": 1.0, "ray_object_ratio": 1.0})
     monkeypatch.setattr(run, "bench_agents", lambda workdir, count, window: {k: 1.0 for k in run.REQUIRED_KEYS[9:]})
     monkeypatch.setattr(sys, "argv", ["run", *argv])
@@ -107,3 +110,29 @@ def test_a_run_without_netns_says_why_ray_is_missing_and_fails(monkeypatch: pyte
     partial = json.loads((tmp_path / "tmp" / "koinon-bench-tunnel-partial.json").read_text())
     assert "network namespaces unavailable" in partial["ray_error"]
     assert partial["partial"]["missing"] == ["ray_tasks_ratio", "ray_object_ratio"]
+
+
+def test_a_run_that_could_not_measure_ssh_is_no_record(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """ssh -L not set up: its figures are there as None, and the run used to be saved as the record."""
+    monkeypatch.setattr(run, "netns_available", lambda: True)
+    no_ssh = {k: 1.0 for k in run.REQUIRED_KEYS[:7]} | {"ssh_mbps": None, "tunnel_vs_ssh": None}
+    code, record, _ = _main(monkeypatch, tmp_path, network=no_ssh | {"ssh_error": "OpenSSH not installed"})
+    assert code == 1 and not record.exists()
+    partial = json.loads((tmp_path / "tmp" / "koinon-bench-tunnel-partial.json").read_text())
+    assert partial["partial"]["missing"] == ["ssh_mbps", "tunnel_vs_ssh"]
+
+
+def test_a_run_with_another_agent_count_is_no_record(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(run, "netns_available", lambda: True)
+    code, record, _ = _main(monkeypatch, tmp_path, "--agents", "5")
+    assert code == 0 and not record.exists()
+    partial = json.loads((tmp_path / "tmp" / "koinon-bench-tunnel-partial.json").read_text())
+    assert partial["partial"]["skipped"] == ["agents=5"]
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    from bench.percentiles import percentile
+
+    assert percentile([float(i) for i in range(1, 101)], 0.99) == 99.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.0
+    assert percentile([5.0], 0.5) == 5.0 and percentile([3.0, 1.0, 2.0], 1.0) == 3.0
