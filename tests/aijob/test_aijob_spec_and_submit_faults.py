@@ -64,6 +64,33 @@ def test_the_crd_takes_env_vars_as_strings_only_and_cpus_up_to_what_the_operator
         parse_spec({"entrypoint": "x", "resources": {"cpus": 1024.5}})
 
 
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"entrypoint": "   "}, "spec.entrypoint"),  # the operator refuses it: the schema must too
+        ({"entrypoint": "python x.py", "resources": {"gpus": -1}}, "spec.resources.gpus"),
+    ],
+)
+def test_the_crd_refuses_what_the_operator_would_refuse(spec: dict[str, object], field: str) -> None:
+    from koinon_emulator.schema import admit
+
+    with pytest.raises(SpecError) as raised:
+        parse_spec(spec)
+    assert raised.value.field_path == field
+    schema = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    causes = admit({"spec": spec}, schema).causes
+    assert [cause.field for cause in causes] == [field], causes
+
+
+def test_the_crd_declares_the_env_var_name_rule_for_real_api_servers() -> None:
+    """Names with '=' or empty ones are refused by the operator; a real API server refuses them at
+    admission by this CEL rule (the emulator does not evaluate CEL)."""
+    crd = yaml.safe_load(CRD.read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    (rule,) = spec["runtimeEnv"]["properties"]["env_vars"]["x-kubernetes-validations"]
+    assert rule["rule"] == "self.all(name, name != '' && !name.contains('='))"
+
+
 async def test_a_submission_ray_refuses_fails_the_job_and_ray_counts_as_reachable() -> None:
     ray, clock = FakeRay(), Clock()
     ray.reject_submit = "Ray rejected submission (400): runtime_env invalid"

@@ -24,3 +24,26 @@ def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
         assert checked_in.read_bytes() == (tmp_path / relative).read_bytes(), f"{relative} is stale: run gen-proto"
     checked = generated_files(REPO / "proto")
     assert checked == generated, "checked-in generated files without a source"
+
+
+def test_the_declared_grpcio_and_protobuf_can_load_the_generated_code() -> None:
+    """The generated code refuses a runtime older than the one that generated it: a dependency
+    range reaching below it let `pip install .` pick a protobuf or grpcio the gateway and the agent
+    then failed to import with."""
+    import re
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    generated = REPO / "proto" / "koinon_proto" / "tunnel" / "v1"
+    protobuf = re.search(r"# Protobuf Python Version: (\S+)", (generated / "tunnel_pb2.py").read_text())
+    grpc = re.search(r"GRPC_GENERATED_VERSION = '([^']+)'", (generated / "tunnel_pb2_grpc.py").read_text())
+    assert protobuf and grpc
+    needed = {"protobuf": Version(protobuf.group(1)), "grpcio": Version(grpc.group(1))}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {r.name: r.specifier for r in map(Requirement, project["dependencies"]) if r.name in needed}
+    assert set(declared) == set(needed)
+    for name, specifier in declared.items():
+        lowest = [Version(s.version) for s in specifier if s.operator in (">=", "==", "~=")]
+        assert lowest and min(lowest) >= needed[name], f"{name}{specifier} allows versions below {needed[name]}"
