@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ def _sample(schema: dict[str, Any]) -> Any:
     if kind == "array":
         return [_sample(schema.get("items", {})) for _ in range(schema.get("minItems", 0))]
     if kind == "string":
-        return "a" * max(1, schema.get("minLength", 1)) if "pattern" not in schema else None
+        value = "a" * max(1, schema.get("minLength", 1))
+        return value if "pattern" not in schema or re.search(schema["pattern"], value) else None
     if kind in ("integer", "number"):
         return schema.get("minimum", 1)
     if kind == "boolean":
