@@ -11,7 +11,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -33,6 +33,7 @@ from koinon_operator.telemetry import traceparent
 from koinon_operator.verification import CopyResult, judge
 
 logger = logging.getLogger(__name__)
+LOG_GONE = "its driver's log (and the result line in it) could not be read: the driver's node left the cluster"
 
 RESULT_MARKER = "KOINON_RESULT "
 LOG_TAIL_LINES = 20
@@ -363,6 +364,7 @@ class AIJobReconciler:
             spec.active_deadline_seconds is not None
             and state.start_time is not None
             and (now - state.start_time).total_seconds() > spec.active_deadline_seconds
+            and not await self._ended_within_deadline(uid, spec, state)
         ):
             if state.submission_id:
                 await self._stop_copies(state)
@@ -491,7 +493,9 @@ class AIJobReconciler:
         if not all(info.state.terminal for info in known):
             return
         lost = await self._lost_nodes(state)
-        if lost and any(info.state is not RayJobState.SUCCEEDED for info in known):
+        # A node lost after its job failed on its own (a non-zero exit) changes nothing: the job's
+        # failure stays the job's, not a reason to run it again uncounted.
+        if lost and any(info.state is not RayJobState.SUCCEEDED and not _user_error(info) for info in known):
             await self._node_lost(key, spec, state, writer, outcome, lost)
             return
         if any(info.state is RayJobState.STOPPED for info in known) and not any(
@@ -501,16 +505,56 @@ class AIJobReconciler:
             # lost (a crash, or a resume that arrived first), or by hand. Run it again, uncounted.
             await self._interrupted(key, state, writer, outcome, "RayJobStopped", "its Ray job was stopped")
             return
-        logs = [await self.ray.logs(info.submission_id, info.driver_node_id) for info in known]
+        logs = [await self._driver_log(state, k, info, lost) for k, info in enumerate(known)]
         if any(
-            info.state is RayJobState.SUCCEEDED and RESULT_MARKER not in text and not self._logs_settled(info)
+            info.state is RayJobState.SUCCEEDED
+            and text is not None
+            and RESULT_MARKER not in text
+            and not self._logs_settled(info)
             for info, text in zip(known, logs, strict=True)
         ):
             return  # Ray reports SUCCEEDED before the driver's log is flushed; look again next pass
         if state.copies == 1:
             await self._conclude_single(key, spec, state, known[0], logs[0], writer, outcome)
         else:
-            await self._conclude_verified(key, spec, state, known, logs, writer, outcome)
+            await self._conclude_verified(key, spec, state, known, logs, writer, outcome, lost)
+
+    async def _driver_log(self, state: AIJobStatus, copy: int, info: RayJobInfo, lost: list[str]) -> str | None:
+        """The copy's driver log; None when it left with its node.
+
+        The log lives on the driver's node, and Ray answers 500 for it once that node is gone: every
+        pass used to back off and ask again, and the job stayed Running for good. A read that fails
+        while the driver's node lives is Ray being unavailable (raised: the pass is tried again).
+        """
+        try:
+            return await self.ray.logs(info.submission_id, info.driver_node_id)
+        except RayUnavailableError:
+            if info.driver_node_id:
+                alive = {n.node_id for n in await self.nodes.get() if n.alive}
+                gone = info.driver_node_id not in alive
+            else:
+                gone = any(node in lost for node in state.copy_nodes(copy))
+            if not gone:
+                raise
+            logger.warning("driver log of %s is gone with its node; concluding without it", info.submission_id)
+            return None
+
+    async def _ended_within_deadline(self, uid: str, spec: AIJobSpec, state: AIJobStatus) -> bool:
+        """Every copy of the attempt ended, by Ray's record, before activeDeadlineSeconds ran out.
+
+        The deadline is judged by when the job ended, not by when the operator looks: a job that
+        ended in time while the operator was down (or between two passes) is concluded as it ended.
+        """
+        if state.start_time is None or spec.active_deadline_seconds is None or not state.submission_id:
+            return False
+        if state.phase not in (Phase.SCHEDULED, Phase.RUNNING):
+            return False
+        deadline_ms = (state.start_time.timestamp() + spec.active_deadline_seconds) * 1000
+        for k in range(state.copies):
+            info = await self.ray.get(copy_submission_id(uid, state.attempts, k))
+            if info is None or not info.state.terminal or info.end_time_ms is None or info.end_time_ms > deadline_ms:
+                return False
+        return True
 
     async def _conclude_single(
         self,
@@ -518,12 +562,17 @@ class AIJobReconciler:
         spec: AIJobSpec,
         state: AIJobStatus,
         info: RayJobInfo,
-        logs: str,
+        logs: str | None,
         writer: _StatusWriter,
         outcome: Outcome,
     ) -> None:
         if info.state is RayJobState.SUCCEEDED:
-            result = extract_result(logs)
+            if logs is None:
+                # Ray says it succeeded; only its log (and the result line in it) left with the node.
+                result: dict[str, Any] = {"unavailable": LOG_GONE}
+                outcome.event("ResultUnavailable", f"attempt {state.attempts} succeeded; {LOG_GONE}", warning=True)
+            else:
+                result = extract_result(logs)
             writer.set(result=result)
             if state.start_time is None:
                 writer.set(startTime=format_time(self.clock()))
@@ -543,7 +592,7 @@ class AIJobReconciler:
         writer: _StatusWriter,
         outcome: Outcome,
         infos: list[RayJobInfo],
-        logs: list[str],
+        logs: Sequence[str | None],
     ) -> None:
         """The attempt's Ray job(s) failed; the volunteers are blamed only when the drivers did not
         fail on their own (a non-zero exit code is the job's own failure)."""
@@ -555,7 +604,7 @@ class AIJobReconciler:
             outcome,
             "RayJobFailed",
             infos[0].message or infos[0].state.value,
-            log_tail(logs[0], 10),
+            log_tail(logs[0] or "", 10),
             user_error=all(_user_error(info) for info in infos),
         )
 
@@ -565,18 +614,26 @@ class AIJobReconciler:
         spec: AIJobSpec,
         state: AIJobStatus,
         infos: list[RayJobInfo],
-        logs: list[str],
+        logs: list[str | None],
         writer: _StatusWriter,
         outcome: Outcome,
+        lost: list[str],
     ) -> None:
         copies: list[CopyResult] = []
         results: dict[str, dict[str, Any]] = {}
+        gone: list[str] = []  # copies whose log left with their node: no answer, and no failure
         for k, (info, text) in enumerate(zip(infos, logs, strict=True)):
             node = state.copy_nodes(k)[0]
-            result = extract_result(text) if info.state is RayJobState.SUCCEEDED else None
+            if text is None:
+                gone.append(node)
+            result = extract_result(text) if info.state is RayJobState.SUCCEEDED and text is not None else None
             if result is not None:
                 results[node] = result
             copies.append(CopyResult(k, node, state.owner_of(node), result["digest"] if result else None))
+        if not results and gone:
+            # Nothing to judge, and not the job's fault: run it again, uncounted, as for a lost node.
+            await self._node_lost(key, spec, state, writer, outcome, sorted({*gone, *lost}))
+            return
         if not results:
             # No copy produced a result: the attempt failed as a whole (counted against backoffLimit).
             await self._ray_jobs_failed(key, spec, state, writer, outcome, infos, logs)
@@ -600,7 +657,8 @@ class AIJobReconciler:
                 {"node": c.node, "owner": c.owner, "digest": c.digest} for c in answered_so_far
             ]
         writer.set(verification=verification)
-        outcome.reputation.extend((node, "failure") for node in verdict.failed)
+        # A copy whose node left with its log did not fail: its node is charged for leaving.
+        outcome.reputation.extend((node, "timeout" if node in gone else "failure") for node in verdict.failed)
         if verdict.accepted and accepted is not None:
             outcome.reputation.extend((node, "agreement") for node in verdict.agreeing)
             outcome.reputation.extend((node, "disagreement") for node in verdict.disagreeing)
@@ -642,10 +700,19 @@ class AIJobReconciler:
         outcome.event("NoMajority", f"{message}; rerunning on fresh nodes of fresh owners", warning=True)
 
     async def _lost_nodes(self, state: AIJobStatus) -> list[str]:
-        """Assigned nodes that Ray no longer has alive (checked against a fresh node list)."""
+        """Assigned nodes that Ray no longer has alive (checked against a fresh node list): by the
+        Ray node id recorded at placement where there is one, since a restarted agent (or raylet)
+        brings up a new Ray node under the same name; by name otherwise."""
         self.nodes.invalidate()
-        alive = {node_name(n) for n in await self.nodes.get() if n.alive and not n.is_head}
-        return [node for node in state.assigned_nodes if node not in alive]
+        nodes = await self.nodes.get()
+        alive_names = {node_name(n) for n in nodes if n.alive and not n.is_head}
+        alive_ids = {n.node_id for n in nodes if n.alive}
+        recorded = dict(zip(state.assigned_nodes, state.ray_node_ids, strict=False))
+        return [
+            node
+            for node in state.assigned_nodes
+            if node not in alive_names or (recorded.get(node) and recorded[node] not in alive_ids)
+        ]
 
     async def _node_lost(
         self,

@@ -185,6 +185,9 @@ class AIJobStatus:
     failures: int = 0
     submission_id: str | None = None
     assigned_nodes: tuple[str, ...] = ()
+    # The Ray node id each assigned node had when placed: a restarted agent's new Ray node carries
+    # the same name, so only the id tells that the node the job ran on is gone.
+    ray_node_ids: tuple[str, ...] = ()
     node_addresses: tuple[str, ...] = ()
     start_time: datetime | None = None
     completion_time: datetime | None = None
@@ -225,6 +228,7 @@ class AIJobStatus:
             failures=int(raw.get("failures") or 0),
             submission_id=raw.get("submissionId") or None,
             assigned_nodes=tuple(raw.get("assignedNodes") or ()),
+            ray_node_ids=tuple(str(i) for i in raw.get("rayNodeIds") or () if isinstance(i, str)),
             node_addresses=tuple(scheduling.get("addresses") or ()),
             start_time=parse_time(raw.get("startTime")),
             completion_time=parse_time(raw.get("completionTime")),

@@ -1,0 +1,175 @@
+"""How an attempt ended, when the operator looks only later (it was down, or a pass came late):
+the deadline is judged by when the job ended, a node is lost when its Ray node is (whatever name the
+replacement carries), a job's own failure stays its own, and a driver log that left with its node
+does not hold the job in Running.
+
+Reconciler passes against a fake Ray Job API (tests/aijob/fake_ray.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from koinon_operator.inventory import RayNodeCache
+from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayNodeInfo, RayUnavailableError
+from koinon_operator.reconciler import AIJobReconciler, copy_submission_id, submission_id_for
+from koinon_operator.scheduling import ReputationPlacer
+
+from .fake_ray import NODES, UID, Clock, FakeRay, make_body, make_reconciler, step
+
+SUBMISSION = submission_id_for(UID, 1)
+
+
+@dataclass
+class ChangingRay(FakeRay):
+    """Ray whose node list the test changes, and whose job logs are gone with a dead driver node."""
+
+    node_list: list[RayNodeInfo] | None = None
+
+    async def nodes(self) -> list[RayNodeInfo]:
+        return NODES if self.node_list is None else self.node_list
+
+    async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
+        info = self.jobs[submission_id]
+        alive = {n.node_id for n in await self.nodes() if n.alive}
+        if info.driver_node_id is not None and info.driver_node_id not in alive:
+            raise RayUnavailableError("unexpected reply to job logs (500)")  # what Ray 2.60 answers
+        return await super().logs(submission_id, driver_node_id, lines)
+
+
+async def running(ray: FakeRay, clock: Clock, spec: dict[str, Any]) -> dict[str, Any]:
+    reconciler = make_reconciler(ray, clock)
+    body = make_body(spec)
+    await step(reconciler, body)  # placed
+    await step(reconciler, body)  # submitted
+    ray.set_state(SUBMISSION, RayJobState.RUNNING)
+    await step(reconciler, body)
+    assert body["status"]["phase"] == "Running"
+    return body
+
+
+def ended(
+    state: RayJobState, start_ms: int, end_ms: int | None, exit_code: int | None, driver: str = "r1"
+) -> RayJobInfo:
+    return RayJobInfo(SUBMISSION, state, "", driver, start_ms, end_ms, exit_code)
+
+
+async def test_a_job_that_ended_within_its_deadline_while_the_operator_was_away_succeeds() -> None:
+    ray, clock = ChangingRay(), Clock()
+    body = await running(ray, clock, {"entrypoint": "python x.py", "activeDeadlineSeconds": 60})
+    start_ms = int(clock.now.timestamp() * 1000)
+    ray.jobs[SUBMISSION] = ended(RayJobState.SUCCEEDED, start_ms, start_ms + 20_000, 0)
+    clock.advance(120)  # the operator was down for two minutes
+    await step(make_reconciler(ray, clock), body)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Succeeded", "Completed"), body["status"]
+    assert ray.stopped == []
+
+
+async def test_a_job_that_ended_after_its_deadline_fails_for_it() -> None:
+    ray, clock = ChangingRay(), Clock()
+    body = await running(ray, clock, {"entrypoint": "python x.py", "activeDeadlineSeconds": 60})
+    start_ms = int(clock.now.timestamp() * 1000)
+    ray.jobs[SUBMISSION] = ended(RayJobState.SUCCEEDED, start_ms, start_ms + 90_000, 0)
+    clock.advance(120)
+    await step(make_reconciler(ray, clock), body)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "DeadlineExceeded")
+
+
+async def test_a_job_still_running_past_its_deadline_is_stopped_and_fails() -> None:
+    ray, clock = ChangingRay(), Clock()
+    body = await running(ray, clock, {"entrypoint": "python x.py", "activeDeadlineSeconds": 60})
+    clock.advance(61)
+    await step(make_reconciler(ray, clock), body)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "DeadlineExceeded")
+    assert ray.stopped == [SUBMISSION]
+
+
+async def test_a_volunteer_that_left_after_its_job_succeeded_does_not_hold_the_job_in_running() -> None:
+    """The driver's log lives on its node: gone with it, Ray answers 500, and every pass used to
+    back off and try again, for ever."""
+    ray, clock = ChangingRay(), Clock()
+    body = await running(ray, clock, {"entrypoint": "python x.py"})
+    start_ms = int(clock.now.timestamp() * 1000)
+    ray.jobs[SUBMISSION] = ended(RayJobState.SUCCEEDED, start_ms, start_ms + 5_000, 0)
+    ray.node_list = [replace(NODES[0], alive=False)]
+    clock.advance(30)
+    outcome = await step(make_reconciler(ray, clock), body)
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Succeeded", "Completed"), status
+    assert "could not be read" in status["result"]["unavailable"]
+    assert outcome.reputation == [("vn-1", "success")]
+    assert "ResultUnavailable" in [event.reason for event in outcome.events]
+
+
+async def test_logs_unreadable_while_the_driver_node_lives_are_tried_again() -> None:
+    @dataclass
+    class FlakyLogs(ChangingRay):
+        async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
+            raise RayUnavailableError("dashboard agent restarting")
+
+    ray, clock = FlakyLogs(), Clock()
+    body = await running(ray, clock, {"entrypoint": "python x.py"})
+    ray.set_state(SUBMISSION, RayJobState.SUCCEEDED, exit_code=0)
+    await step(make_reconciler(ray, clock), body)  # Ray counts as unavailable: the pass is tried again
+    assert body["status"]["phase"] == "Running"
+
+
+async def test_an_agent_restart_under_the_same_name_is_a_lost_node_not_a_failure() -> None:
+    """The restarted agent's Ray node carries the same koinon.dev/node label: compared by name, the
+    node was never lost, and the volunteer was charged a failure (with backoffLimit 0: job Failed)."""
+    ray, clock = ChangingRay(), Clock()
+    body = await running(ray, clock, {"entrypoint": "python x.py", "backoffLimit": 0})
+    assert body["status"]["rayNodeIds"] == ["r1"]
+    ray.node_list = [replace(NODES[0], alive=False), replace(NODES[0], node_id="r2")]
+    ray.set_state(SUBMISSION, RayJobState.FAILED, message="Job supervisor actor died")
+    clock.advance(10)
+    outcome = await step(make_reconciler(ray, clock), body)
+    assert outcome.reputation == [("vn-1", "timeout")]
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Pending", "NodeLost")
+
+
+async def test_a_job_that_failed_on_its_own_is_not_rerun_because_its_volunteer_left_afterwards() -> None:
+    ray, clock = ChangingRay(), Clock()
+    body = await running(ray, clock, {"entrypoint": "python x.py", "backoffLimit": 0})
+    ray.set_state(SUBMISSION, RayJobState.FAILED, exit_code=1, message="exit 1")
+    ray.node_list = [replace(NODES[0], alive=False)]
+    clock.advance(10)
+    outcome = await step(make_reconciler(ray, clock), body)
+    assert outcome.reputation == []
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "BackoffLimitExceeded")
+
+
+async def test_a_verified_copy_whose_node_left_with_its_log_counts_as_no_answer() -> None:
+    """Two copies: one answers, the other's node left after it succeeded (its log went with it).
+    No majority; the departed node gets a timeout (it left), not a failure, and nobody else is charged."""
+    nodes = [
+        RayNodeInfo("r1", "127.0.20.1", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-a"}),
+        RayNodeInfo("r2", "127.0.20.2", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-b"}),
+    ]
+    volunteers = {
+        "vn-a": {"spec": {"owner": "alice"}, "status": {"phase": "Ready"}},
+        "vn-b": {"spec": {"owner": "bob"}, "status": {"phase": "Ready"}},
+    }
+    ray, clock = ChangingRay(node_list=nodes), Clock()
+    fake: Any = ray
+    reconciler = AIJobReconciler(
+        ray=fake,
+        placer=ReputationPlacer(clock=lambda: clock.now.timestamp()),  # places verification copies
+        nodes=RayNodeCache(fake, max_age_seconds=0.0),
+        clock=lambda: clock.now,
+        monotonic=lambda: clock.mono,
+    )
+    body = make_body({"entrypoint": "python x.py", "verification": {"mode": "replicated", "quorum": 2}})
+    for _ in range(4):
+        await step(reconciler, body, volunteers)
+        clock.advance(40)
+    assert len(ray.jobs) == 2, body["status"]
+    driver = dict(zip(body["status"]["assignedNodes"], body["status"]["rayNodeIds"], strict=True))
+    for copy, node in enumerate(body["status"]["assignedNodes"]):
+        submission = copy_submission_id(UID, 1, copy)
+        ray.jobs[submission] = RayJobInfo(submission, RayJobState.SUCCEEDED, "", driver[node], 1, 2, 0)
+    gone = body["status"]["assignedNodes"][1]
+    ray.node_list = [n if n.labels["koinon.dev/node"] != gone else replace(n, alive=False) for n in nodes]
+    outcome = await step(reconciler, body, volunteers)
+    assert body["status"]["reason"] == "NoMajority", body["status"]
+    assert outcome.reputation == [(gone, "timeout")]
