@@ -240,9 +240,20 @@ export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=/tmp/auth/token
 "$@" > /tmp/head.log 2>&1 &
 for _ in $(seq 120); do ray job list --address http://127.0.0.1:8265 >/dev/null 2>&1 && break; sleep 0.5; done
 ray job submit --address http://127.0.0.1:8265 -- python -c "print('job ran on a read-only root')"
+# The container's probes, as the kubelet sends them (port/path; no Ray token).
+for probe in $PROBES; do
+  python -c "$PROBE_CODE" "$probe"
+done
 ! grep -rli "read-only file system" /tmp/ray/session_latest/logs /tmp/head.log
 ray stop --force > /dev/null 2>&1
 """
+
+
+PROBES = ("readinessProbe", "livenessProbe")
+PROBE_CODE = (
+    "import sys, urllib.request as u; r = u.urlopen('http://127.0.0.1:' + sys.argv[1], timeout=5); "
+    "print('probe', sys.argv[1], r.status, r.read().decode())"
+)
 
 
 @pytest.mark.timeout(240)
@@ -255,7 +266,10 @@ def test_the_ray_head_command_runs_on_a_read_only_root(rendered: list[Manifest])
     assert head["securityContext"]["readOnlyRootFilesystem"] is True
     assert [m["mountPath"] for m in head["volumeMounts"] if m["name"] == "ray-tmp"] == ["/tmp"]
     command = [arg.replace("--dashboard-host=0.0.0.0", "--dashboard-host=127.0.0.1") for arg in head["command"]]
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    ports = {port["name"]: port["containerPort"] for port in head["ports"]}
+    probes = sorted({f"{ports[head[p]['httpGet']['port']]}{head[p]['httpGet']['path']}" for p in PROBES})
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PROBES": " ".join(probes)}
+    env["PROBE_CODE"] = PROBE_CODE
     result = subprocess.run(
         ["unshare", "--mount", "--net", "bash", "-c", READ_ONLY_ROOT_SCRIPT, "head", str(REPO), *command],
         capture_output=True, text=True, timeout=200, env=env, cwd="/",
@@ -263,3 +277,5 @@ def test_the_ray_head_command_runs_on_a_read_only_root(rendered: list[Manifest])
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     output = result.stdout + result.stderr
     assert "job ran on a read-only root" in output and re.search(r"Job '\S+' succeeded", output), output[-2000:]
+    assert probes == ["8265/api/gcs_healthz"]
+    assert "probe 8265/api/gcs_healthz 200 success" in output, output[-2000:]
