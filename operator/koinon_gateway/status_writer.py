@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -44,6 +45,9 @@ class StatusWriter:
         # When each node's latest writes were sent (monotonic), for the pacing.
         self._sent: dict[str, collections.deque[float]] = {}
         self._prune_at = 1024
+        # Set when the gateway stops: the last writes (every node's NotReady) go out unpaced, within
+        # close()'s flush, rather than wait for slots beyond it and be dropped.
+        self._unpaced = asyncio.Event()
         self._pending: dict[str, tuple[JSON, list[Callable[[], None]]]] = {}
         self._writers: dict[str, asyncio.Task[None]] = {}
         self.failed_writes = 0
@@ -89,7 +93,8 @@ class StatusWriter:
         return True
 
     async def close(self, timeout_s: float) -> None:
-        """Flushes, then stops the writers still retrying."""
+        """Flushes (no longer paced), then stops the writers still retrying."""
+        self._unpaced.set()
         await self.flush(timeout_s)
         for name in list(self._writers):
             self.forget(name)
@@ -102,8 +107,9 @@ class StatusWriter:
 
     async def _wait_for_slot(self, name: str) -> None:
         sent = self._sent.setdefault(name, collections.deque(maxlen=self.burst))
-        if len(sent) == sent.maxlen:
-            await asyncio.sleep(max(0.0, sent[0] + self.window_s - time.monotonic()))
+        if len(sent) == sent.maxlen and not self._unpaced.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._unpaced.wait(), max(0.0, sent[0] + self.window_s - time.monotonic()))
         sent.append(time.monotonic())
 
     async def _write_until_done(self, name: str) -> None:

@@ -88,6 +88,12 @@ def _user_error(info: RayJobInfo) -> bool:
     return info.driver_exit_code not in (None, 0)
 
 
+def _exited_on_its_own(info: RayJobInfo) -> bool:
+    """The driver exited with a code of its own (> 0), not killed by a signal (< 0): a node that
+    shuts down kills its driver, and that failure is the node's leaving, not the job's."""
+    return info.driver_exit_code is not None and info.driver_exit_code > 0
+
+
 def trace_id_for(uid: str) -> str:
     """The job's OpenTelemetry trace id (32 hex digits), derived from its uid so it survives restarts."""
     try:
@@ -410,6 +416,7 @@ class AIJobReconciler:
             excluded_nodes=frozenset(state.excluded_nodes),
             excluded_owners=frozenset(state.excluded_owners),
             verification_quorum=spec.verification.quorum if verified else 1,
+            always_replicate=verified and bool(state.earlier_results),
             attempt=state.attempts + 1,
             creation_index=creation_index,
             # creation_index is creationTimestamp in seconds: the first attempt has waited since then
@@ -495,7 +502,7 @@ class AIJobReconciler:
         lost = await self._lost_nodes(state)
         # A node lost after its job failed on its own (a non-zero exit) changes nothing: the job's
         # failure stays the job's, not a reason to run it again uncounted.
-        if lost and any(info.state is not RayJobState.SUCCEEDED and not _user_error(info) for info in known):
+        if lost and any(info.state is not RayJobState.SUCCEEDED and not _exited_on_its_own(info) for info in known):
             await self._node_lost(key, spec, state, writer, outcome, lost)
             return
         if any(info.state is RayJobState.STOPPED for info in known) and not any(
@@ -514,7 +521,7 @@ class AIJobReconciler:
             for info, text in zip(known, logs, strict=True)
         ):
             return  # Ray reports SUCCEEDED before the driver's log is flushed; look again next pass
-        if state.copies == 1:
+        if state.copies == 1 and not state.earlier_results:
             await self._conclude_single(key, spec, state, known[0], logs[0], writer, outcome)
         else:
             await self._conclude_verified(key, spec, state, known, logs, writer, outcome, lost)
@@ -624,7 +631,7 @@ class AIJobReconciler:
         gone: list[str] = []  # copies whose log left with their node: no answer, and no failure
         for k, (info, text) in enumerate(zip(infos, logs, strict=True)):
             node = state.copy_nodes(k)[0]
-            if text is None:
+            if text is None and info.state is RayJobState.SUCCEEDED:
                 gone.append(node)
             result = extract_result(text) if info.state is RayJobState.SUCCEEDED and text is not None else None
             if result is not None:

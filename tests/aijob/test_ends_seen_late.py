@@ -139,18 +139,21 @@ async def test_a_job_that_failed_on_its_own_is_not_rerun_because_its_volunteer_l
     assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "BackoffLimitExceeded")
 
 
-async def test_a_verified_copy_whose_node_left_with_its_log_counts_as_no_answer() -> None:
-    """Two copies: one answers, the other's node left after it succeeded (its log went with it).
-    No majority; the departed node gets a timeout (it left), not a failure, and nobody else is charged."""
-    nodes = [
-        RayNodeInfo("r1", "127.0.20.1", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-a"}),
-        RayNodeInfo("r2", "127.0.20.2", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-b"}),
-    ]
+TWO_NODES = [
+    RayNodeInfo("r1", "127.0.20.1", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-a"}),
+    RayNodeInfo("r2", "127.0.20.2", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-b"}),
+]
+
+
+async def two_copies_submitted(
+    backoff_limit: int = 3,
+) -> tuple[ChangingRay, AIJobReconciler, dict[str, Any], dict[str, dict[str, Any]]]:
+    """A replicated job (quorum 2) whose two copies, on vn-a and vn-b, are submitted."""
     volunteers = {
         "vn-a": {"spec": {"owner": "alice"}, "status": {"phase": "Ready"}},
         "vn-b": {"spec": {"owner": "bob"}, "status": {"phase": "Ready"}},
     }
-    ray, clock = ChangingRay(node_list=nodes), Clock()
+    ray, clock = ChangingRay(node_list=list(TWO_NODES)), Clock()
     fake: Any = ray
     reconciler = AIJobReconciler(
         ray=fake,
@@ -159,17 +162,50 @@ async def test_a_verified_copy_whose_node_left_with_its_log_counts_as_no_answer(
         clock=lambda: clock.now,
         monotonic=lambda: clock.mono,
     )
-    body = make_body({"entrypoint": "python x.py", "verification": {"mode": "replicated", "quorum": 2}})
+    spec = {"entrypoint": "python x.py", "backoffLimit": backoff_limit}
+    body = make_body({**spec, "verification": {"mode": "replicated", "quorum": 2}})
     for _ in range(4):
         await step(reconciler, body, volunteers)
         clock.advance(40)
     assert len(ray.jobs) == 2, body["status"]
-    driver = dict(zip(body["status"]["assignedNodes"], body["status"]["rayNodeIds"], strict=True))
-    for copy, node in enumerate(body["status"]["assignedNodes"]):
+    return ray, reconciler, body, volunteers
+
+
+async def test_a_verified_copy_whose_node_left_with_its_log_counts_as_no_answer() -> None:
+    """Two copies: one answers, the other's node left after it succeeded (its log went with it).
+    No majority; the departed node gets a timeout (it left), not a failure, and nobody else is charged."""
+    ray, reconciler, body, volunteers = await two_copies_submitted()
+    for copy in range(2):
         submission = copy_submission_id(UID, 1, copy)
-        ray.jobs[submission] = RayJobInfo(submission, RayJobState.SUCCEEDED, "", driver[node], 1, 2, 0)
+        driver = body["status"]["rayNodeIds"][copy]
+        ray.jobs[submission] = RayJobInfo(submission, RayJobState.SUCCEEDED, "", driver, 1, 2, 0)
     gone = body["status"]["assignedNodes"][1]
-    ray.node_list = [n if n.labels["koinon.dev/node"] != gone else replace(n, alive=False) for n in nodes]
+    ray.node_list = [n if n.labels["koinon.dev/node"] != gone else replace(n, alive=False) for n in TWO_NODES]
     outcome = await step(reconciler, body, volunteers)
     assert body["status"]["reason"] == "NoMajority", body["status"]
     assert outcome.reputation == [(gone, "timeout")]
+
+
+async def test_a_driver_killed_by_a_signal_when_its_node_left_is_a_lost_node() -> None:
+    """A node that shuts down kills its driver: that exit is the node's leaving, not the job's."""
+    ray, clock = ChangingRay(), Clock()
+    body = await running(ray, clock, {"entrypoint": "python x.py", "backoffLimit": 0})
+    ray.set_state(SUBMISSION, RayJobState.FAILED, exit_code=-15, message="exit -15")
+    ray.node_list = [replace(NODES[0], alive=False)]
+    clock.advance(10)
+    outcome = await step(make_reconciler(ray, clock), body)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Pending", "NodeLost")
+    assert outcome.reputation == [("vn-1", "timeout")]
+
+
+async def test_verified_copies_that_failed_on_their_own_stay_failed_when_a_node_leaves_afterwards() -> None:
+    ray, reconciler, body, volunteers = await two_copies_submitted(backoff_limit=0)
+    for copy in range(2):
+        submission = copy_submission_id(UID, 1, copy)
+        driver = body["status"]["rayNodeIds"][copy]
+        ray.jobs[submission] = RayJobInfo(submission, RayJobState.FAILED, "exit 1", driver, 1, 2, 1)
+    gone = body["status"]["assignedNodes"][1]
+    ray.node_list = [n if n.labels["koinon.dev/node"] != gone else replace(n, alive=False) for n in TWO_NODES]
+    outcome = await step(reconciler, body, volunteers)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "BackoffLimitExceeded")
+    assert outcome.reputation == []

@@ -56,11 +56,16 @@ def reconciler(ray: CopiesRay, clock: Clock) -> AIJobReconciler:
 
 
 async def run_copies(
-    rec: AIJobReconciler, ray: CopiesRay, clock: Clock, body: dict[str, Any], answers: dict[str, str | None]
+    rec: AIJobReconciler,
+    ray: CopiesRay,
+    clock: Clock,
+    body: dict[str, Any],
+    answers: dict[str, str | None],
+    vols: dict[str, dict[str, Any]] | None = None,
 ) -> Outcome:
     """Passes until the attempt's copies are submitted, then each copy ends as ``answers`` says for
     its node (a log line, or None: the copy failed); returns the pass that judges them."""
-    vols = volunteers(ray.present)
+    vols = vols if vols is not None else volunteers(ray.present)
     for _ in range(10):
         await step(rec, body, vols)
         clock.advance(40)
@@ -154,3 +159,20 @@ def test_a_hand_edited_earlier_result_is_skipped() -> None:
     raw = {"verification": {"earlierResults": [{"node": "vn-a", "owner": "alice", "digest": "d"}, {"node": 3}, "x"]}}
     assert AIJobStatus.from_status(raw).earlier_results == (("vn-a", "alice", "d"),)
     assert AIJobStatus.from_status({"verification": {"earlierResults": "junk"}}).earlier_results == ()
+
+
+async def test_a_rerun_after_no_majority_is_verified_even_on_trusted_nodes() -> None:
+    """Trusted nodes may skip replication; a rerun that did let one node decide, unchecked against
+    the earlier answers (a third digest was accepted and the forger never charged)."""
+    ray, clock = CopiesRay(["vn-a", "vn-b"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job()
+    await run_copies(rec, ray, clock, body, {"vn-a": GOOD, "vn-b": FORGED})
+    ray.present = ["vn-a", "vn-b", "vn-c", "vn-d"]
+    trusted = volunteers(ray.present)
+    for name in ("vn-c", "vn-d"):
+        trusted[name]["status"]["reputation"] = {"consecutiveValid": 50, "successes": 50}
+    outcome = await run_copies(rec, ray, clock, body, {"vn-c": GOOD, "vn-d": GOOD}, trusted)
+    status = body["status"]
+    assert status["scheduling"]["copies"] == 2 and sorted(status["assignedNodes"]) == ["vn-c", "vn-d"]
+    assert (status["phase"], status["reason"]) == ("Succeeded", "Verified")
+    assert ("vn-b", "disagreement") in outcome.reputation

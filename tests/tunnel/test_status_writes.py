@@ -266,3 +266,23 @@ async def test_a_node_flipping_its_state_on_every_message_gets_a_bounded_number_
     table.write_status(session)
     assert await table.flush(timeout_s=5.0)
     assert registry.status_writes == burst + 2 and registry.objects["vn-a"]["status"]["phase"] == "NotReady"
+
+
+async def test_a_stopping_gateway_writes_what_pacing_held_back_within_its_flush() -> None:
+    """A node over its budget waits up to a window for its next write; at shutdown that wait would
+    outlast close()'s flush and drop the node's last NotReady."""
+    table, registry, session = make_table()
+    table.writer.window_s = 600.0
+    await registry.create("vn-a", {}, {})
+    table.attach(session)  # its first write
+    for index in range(table.config.status_write_burst):
+        session.record_heartbeat(
+            pb.Heartbeat(ray_state="running" if index % 2 else "stopped", ray_node_id="n1"), now_ns=0, alpha=1.0
+        )
+        table.write_status(session)
+        await asyncio.sleep(0)
+    assert registry.status_writes == table.config.status_write_burst  # the last one is held back
+    started = asyncio.get_running_loop().time()
+    await table.close_all(flush_timeout_s=5.0)
+    assert asyncio.get_running_loop().time() - started < 2.0
+    assert registry.objects["vn-a"]["status"]["connected"] is False
