@@ -171,16 +171,25 @@ async def two_copies_submitted(
     return ray, reconciler, body, volunteers
 
 
+def both_end_then_the_second_node_leaves(
+    ray: ChangingRay, body: dict[str, Any], state: RayJobState, exit_code: int
+) -> str:
+    """Both copies end as ``state`` on their own nodes; then the second copy's node leaves (its
+    name is returned)."""
+    for copy in range(2):
+        submission = copy_submission_id(UID, 1, copy)
+        driver = body["status"]["rayNodeIds"][copy]
+        ray.jobs[submission] = RayJobInfo(submission, state, f"exit {exit_code}", driver, 1, 2, exit_code)
+    gone: str = body["status"]["assignedNodes"][1]
+    ray.node_list = [n if n.labels["koinon.dev/node"] != gone else replace(n, alive=False) for n in TWO_NODES]
+    return gone
+
+
 async def test_a_verified_copy_whose_node_left_with_its_log_counts_as_no_answer() -> None:
     """Two copies: one answers, the other's node left after it succeeded (its log went with it).
     No majority; the departed node gets a timeout (it left), not a failure, and nobody else is charged."""
     ray, reconciler, body, volunteers = await two_copies_submitted()
-    for copy in range(2):
-        submission = copy_submission_id(UID, 1, copy)
-        driver = body["status"]["rayNodeIds"][copy]
-        ray.jobs[submission] = RayJobInfo(submission, RayJobState.SUCCEEDED, "", driver, 1, 2, 0)
-    gone = body["status"]["assignedNodes"][1]
-    ray.node_list = [n if n.labels["koinon.dev/node"] != gone else replace(n, alive=False) for n in TWO_NODES]
+    gone = both_end_then_the_second_node_leaves(ray, body, RayJobState.SUCCEEDED, exit_code=0)
     outcome = await step(reconciler, body, volunteers)
     assert body["status"]["reason"] == "NoMajority", body["status"]
     assert outcome.reputation == [(gone, "timeout")]
@@ -200,12 +209,7 @@ async def test_a_driver_killed_by_a_signal_when_its_node_left_is_a_lost_node() -
 
 async def test_verified_copies_that_failed_on_their_own_stay_failed_when_a_node_leaves_afterwards() -> None:
     ray, reconciler, body, volunteers = await two_copies_submitted(backoff_limit=0)
-    for copy in range(2):
-        submission = copy_submission_id(UID, 1, copy)
-        driver = body["status"]["rayNodeIds"][copy]
-        ray.jobs[submission] = RayJobInfo(submission, RayJobState.FAILED, "exit 1", driver, 1, 2, 1)
-    gone = body["status"]["assignedNodes"][1]
-    ray.node_list = [n if n.labels["koinon.dev/node"] != gone else replace(n, alive=False) for n in TWO_NODES]
+    both_end_then_the_second_node_leaves(ray, body, RayJobState.FAILED, exit_code=1)
     outcome = await step(reconciler, body, volunteers)
     assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "BackoffLimitExceeded")
     assert outcome.reputation == []
