@@ -1,5 +1,5 @@
 # Koinon developer entry points. Everything runs from the project's own virtual environment.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+PYTHON ?= $(shell command -v python3.11 || command -v python3.12 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.koinon-installed
