@@ -50,7 +50,6 @@ class PlacementRequest:
     excluded_nodes: frozenset[str] = frozenset()
     excluded_owners: frozenset[str] = frozenset()
     verification_quorum: int = 1
-    always_replicate: bool = False  # a rerun after copies without a majority: no trust skip
     attempt: int = 0
     creation_index: int = 0
     pending_since: float | None = None

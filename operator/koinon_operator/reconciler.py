@@ -88,6 +88,12 @@ def _user_error(info: RayJobInfo) -> bool:
     return info.driver_exit_code not in (None, 0)
 
 
+def agreeing_earlier(agreeing: Sequence[str], this_attempt: Mapping[str, object]) -> str:
+    """ ", with N earlier answers" for the agreeing nodes of earlier attempts (none: "")."""
+    earlier = sum(node not in this_attempt for node in agreeing)
+    return f", with {earlier} earlier answer{'s' if earlier != 1 else ''}" if earlier else ""
+
+
 def _exited_on_its_own(info: RayJobInfo) -> bool:
     """The driver exited with a code of its own (> 0), not killed by a signal (< 0): a node that
     shuts down kills its driver, and that failure is the node's leaving, not the job's."""
@@ -416,7 +422,6 @@ class AIJobReconciler:
             excluded_nodes=frozenset(state.excluded_nodes),
             excluded_owners=frozenset(state.excluded_owners),
             verification_quorum=spec.verification.quorum if verified else 1,
-            always_replicate=verified and bool(state.earlier_results),
             attempt=state.attempts + 1,
             creation_index=creation_index,
             # creation_index is creationTimestamp in seconds: the first attempt has waited since then
@@ -521,6 +526,8 @@ class AIJobReconciler:
             for info, text in zip(known, logs, strict=True)
         ):
             return  # Ray reports SUCCEEDED before the driver's log is flushed; look again next pass
+        # A rerun after copies without a majority is judged with their answers, even when a trusted
+        # node's skip left it one copy (that copy alone does not decide).
         if state.copies == 1 and not state.earlier_results:
             await self._conclude_single(key, spec, state, known[0], logs[0], writer, outcome)
         else:
@@ -639,7 +646,9 @@ class AIJobReconciler:
             copies.append(CopyResult(k, node, state.owner_of(node), result["digest"] if result else None))
         if not results and gone:
             # Nothing to judge, and not the job's fault: run it again, uncounted, as for a lost node.
-            await self._node_lost(key, spec, state, writer, outcome, sorted({*gone, *lost}))
+            # Only the nodes that took their copy's log away: one whose copy exited on its own and
+            # left only afterwards is no lost node (its copy's failure is the job's own).
+            await self._node_lost(key, spec, state, writer, outcome, sorted(gone))
             return
         if not results:
             # No copy produced a result: the attempt failed as a whole (counted against backoffLimit).
@@ -683,7 +692,8 @@ class AIJobReconciler:
                 outcome,
                 Phase.SUCCEEDED,
                 "Verified",
-                f"attempt {state.attempts}: {len(verdict.agreeing)}/{state.copies} copies agree{summary}",
+                f"attempt {state.attempts}: {sum(n in results for n in verdict.agreeing)}/{state.copies} copies "
+                f"agree{agreeing_earlier(verdict.agreeing, results)}{summary}",
             )
             return
         # No majority: nobody is charged for a disagreement yet (verification.py says why).

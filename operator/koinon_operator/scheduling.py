@@ -54,7 +54,6 @@ def to_job(request: PlacementRequest) -> JobRequest:
         verification_quorum=request.verification_quorum,
         excluded_nodes=request.excluded_nodes,
         excluded_owners=request.excluded_owners,
-        always_replicate=request.always_replicate,
         attempt=request.attempt,
         creation_index=request.creation_index,
         pending_since=request.pending_since,

@@ -213,3 +213,17 @@ async def test_verified_copies_that_failed_on_their_own_stay_failed_when_a_node_
     outcome = await step(reconciler, body, volunteers)
     assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "BackoffLimitExceeded")
     assert outcome.reputation == []
+
+
+async def test_a_copy_that_failed_on_its_own_is_not_charged_when_the_other_copys_log_left() -> None:
+    """No copy answered: one's log left with its node, the other exited 1 on its own and its node
+    left only afterwards. Only the first node took something away."""
+    ray, reconciler, body, volunteers = await two_copies_submitted()
+    nodes, ids = body["status"]["assignedNodes"], body["status"]["rayNodeIds"]
+    first, second = copy_submission_id(UID, 1, 0), copy_submission_id(UID, 1, 1)
+    ray.jobs[first] = RayJobInfo(first, RayJobState.SUCCEEDED, "", ids[0], 1, 2, 0)
+    ray.jobs[second] = RayJobInfo(second, RayJobState.FAILED, "exit 1", ids[1], 1, 2, 1)
+    ray.node_list = [replace(n, alive=False) for n in TWO_NODES]
+    outcome = await step(reconciler, body, volunteers)
+    assert outcome.reputation == [(nodes[0], "timeout")]
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Pending", "NodeLost")

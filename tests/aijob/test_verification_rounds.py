@@ -161,18 +161,40 @@ def test_a_hand_edited_earlier_result_is_skipped() -> None:
     assert AIJobStatus.from_status({"verification": {"earlierResults": "junk"}}).earlier_results == ()
 
 
-async def test_a_rerun_after_no_majority_is_verified_even_on_trusted_nodes() -> None:
-    """Trusted nodes may skip replication; a rerun that did let one node decide, unchecked against
-    the earlier answers (a third digest was accepted and the forger never charged)."""
+def with_trusted(names: list[str], trusted: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    vols = volunteers(names)
+    for name in trusted:
+        vols[name]["status"]["reputation"] = {"consecutiveValid": 50, "successes": 50}
+    return vols
+
+
+async def test_a_rerun_on_trusted_nodes_is_judged_with_the_earlier_answers() -> None:
+    """Trusted nodes may skip replication (this job's coin gives the rerun one copy): that copy
+    alone used to decide, unchecked against the earlier answers (a third digest was accepted and
+    the forger never charged)."""
     ray, clock = CopiesRay(["vn-a", "vn-b"]), Clock()
     rec, body = reconciler(ray, clock), replicated_job()
     await run_copies(rec, ray, clock, body, {"vn-a": GOOD, "vn-b": FORGED})
     ray.present = ["vn-a", "vn-b", "vn-c", "vn-d"]
-    trusted = volunteers(ray.present)
-    for name in ("vn-c", "vn-d"):
-        trusted[name]["status"]["reputation"] = {"consecutiveValid": 50, "successes": 50}
-    outcome = await run_copies(rec, ray, clock, body, {"vn-c": GOOD, "vn-d": GOOD}, trusted)
+    vols = with_trusted(ray.present, ("vn-c", "vn-d"))
+    third = "KOINON_RESULT third\n"
+    await run_copies(rec, ray, clock, body, {"vn-c": third, "vn-d": third}, vols)
     status = body["status"]
-    assert status["scheduling"]["copies"] == 2 and sorted(status["assignedNodes"]) == ["vn-c", "vn-d"]
-    assert (status["phase"], status["reason"]) == ("Succeeded", "Verified")
-    assert ("vn-b", "disagreement") in outcome.reputation
+    assert status["scheduling"]["copies"] == 1  # the skip was drawn
+    assert (status["phase"], status["reason"]) == ("Pending", "NoMajority"), status
+    assert len(status["verification"]["earlierResults"]) == 3
+
+
+async def test_one_trusted_copy_agreeing_with_an_earlier_answer_decides_and_catches_the_forger() -> None:
+    """Quorum 2 after alice (good) and bob (forged): one fresh owner agreeing with alice makes 2 of
+    3. Asking for two fresh owners here would leave the job Pending for as long as carol is the
+    only one."""
+    ray, clock = CopiesRay(["vn-a", "vn-b"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job()
+    await run_copies(rec, ray, clock, body, {"vn-a": GOOD, "vn-b": FORGED})
+    ray.present = ["vn-a", "vn-b", "vn-c"]
+    outcome = await run_copies(rec, ray, clock, body, {"vn-c": GOOD}, with_trusted(ray.present, ("vn-c",)))
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Succeeded", "Verified"), status
+    assert status["message"].startswith("attempt 2: 1/1 copies agree, with 1 earlier answer")
+    assert sorted(outcome.reputation) == [("vn-a", "agreement"), ("vn-b", "disagreement"), ("vn-c", "agreement")]

@@ -181,7 +181,7 @@ def _run(
                 owner_disagreements=max(float(index.owner_disagreements[i]) for i in primary),
             )
             copies = job.verification_quorum
-            if not job.always_replicate and skip_probability(record, cfg.verification) > 0.0:
+            if skip_probability(record, cfg.verification) > 0.0:  # else the coin cannot matter
                 copies = plan_replication(copies, record, stable_seed(job.key, job.attempt), cfg.verification)
             if copies > 1:
                 extra = None

@@ -79,9 +79,6 @@ class JobRequest:
     """Nodes lost or failed on earlier attempts."""
     excluded_owners: frozenset[str] = frozenset()
     """Owners that already hold a copy of this job (a fresh copy must come from someone else)."""
-    always_replicate: bool = False
-    """Run all `verification_quorum` copies whatever the nodes' trust: a rerun after copies that
-    disagreed (a skip would let one node decide, unchecked against the earlier answers)."""
     priority: int = 0
     creation_index: int = 0
     """Submission order (e.g. creationTimestamp as a number): earlier is placed first."""
