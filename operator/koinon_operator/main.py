@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,6 +27,15 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["KOINON_POLL_INTERVAL"] = str(args.poll_interval)
     if args.namespace:
         os.environ["KOINON_NAMESPACE"] = args.namespace
+
+    # Checked before kopf starts: raised from its startup handler, kopf would retry every minute
+    # and never reconcile, with the operator looking alive.
+    from koinon_operator.telemetry import exporter_settings_problem
+
+    problem = exporter_settings_problem()
+    if problem is not None:
+        print(f"koinon-operator: {problem}", file=sys.stderr)
+        sys.exit(2)
 
     import kopf
 

@@ -102,6 +102,17 @@ def _exporter_from_env() -> SpanExporter | None:
     raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported; use one of {OTLP_PROTOCOLS}")
 
 
+def exporter_settings_problem() -> str | None:
+    """What is wrong with the OTEL_* exporter settings (None: nothing), without building an exporter."""
+    try:
+        exporter = _exporter_from_env()
+    except ValueError as error:
+        return str(error)
+    if exporter is not None:
+        exporter.shutdown()
+    return None
+
+
 def setup_tracing(service_name: str = "koinon-operator") -> TracerProvider | None:
     exporter = _exporter_from_env()
     if exporter is None:

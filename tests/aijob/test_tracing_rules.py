@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import copy
 import http.server
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -154,3 +157,20 @@ def test_an_otlp_protocol_the_operator_cannot_speak_is_refused_at_start(monkeypa
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
     with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL: 'http/json' is not supported"):
         _exporter_from_env()
+
+
+def test_the_operator_exits_at_once_naming_an_otlp_protocol_it_cannot_speak() -> None:
+    """Raised from kopf's startup handler, the refusal only made kopf retry every minute: the
+    operator ran, looked alive and reconciled nothing."""
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json",
+    }
+    env.pop("OTEL_TRACES_EXPORTER", None)
+    ran = subprocess.run(
+        [sys.executable, "-c", "from koinon_operator.main import main; main()"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ran.returncode == 2, ran.stderr[-2000:]
+    assert "koinon-operator: OTEL_EXPORTER_OTLP_PROTOCOL: 'http/json' is not supported" in ran.stderr
