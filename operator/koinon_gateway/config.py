@@ -71,6 +71,8 @@ _POSITIVE_SECONDS = (
     "token_cleanup_grace_s",
 )
 MAX_CREDENTIAL_LIFETIME_S = 366 * 24 * 3600.0
+LOOPBACK_NETWORK = ipaddress.IPv4Network("127.0.0.0/8")
+LOOPBACK_OWN_SERVICES = ipaddress.IPv4Address("127.0.0.1")
 
 
 @dataclass
@@ -202,6 +204,13 @@ class GatewayConfig:
             network = ipaddress.IPv4Network(self.vip_cidr)
         except ValueError as exc:
             raise ValueError(f"vip_cidr: {exc}") from exc
+        if not network.subnet_of(LOOPBACK_NETWORK) or LOOPBACK_OWN_SERVICES in network:
+            # Agents refuse any other address (koinon_agent.assignment_check): a node binds its Ray
+            # node to it on its own loopback, and 127.0.0.1 is where its own services listen.
+            raise ValueError(
+                f"vip_cidr: {self.vip_cidr} must lie within 127.0.0.0/8 and leave out 127.0.0.1 (volunteers "
+                f"bind their virtual address on their own loopback, where 127.0.0.1 is their own services')"
+            )
         if network.prefixlen > MAX_VIP_PREFIX:
             raise ValueError(
                 f"vip_cidr: {self.vip_cidr} holds no address to hand out (its first and last are the "

@@ -98,3 +98,11 @@ def test_reported_addresses_of_ipv6_listeners_keep_their_brackets() -> None:
     wildcard = Gateway(GatewayConfig(listen="0.0.0.0:0"))
     wildcard._ports.grpc_port = 7443
     assert wildcard.agent_target == "127.0.0.1:7443"
+
+
+@pytest.mark.parametrize("cidr", ["10.20.0.0/22", "192.168.1.0/24", "127.0.0.0/22", "0.0.0.0/0"])
+def test_a_vip_pool_agents_would_refuse_is_refused(cidr: str) -> None:
+    """Agents take only virtual loopback addresses other than 127.0.0.1 (assignment_check): a pool
+    elsewhere, or holding 127.0.0.1, gave nodes addresses their agents then refused."""
+    with pytest.raises(ValueError, match=r"^vip_cidr: .* must lie within 127.0.0.0/8 and leave out 127.0.0.1"):
+        GatewayConfig(head_address=HEAD, vip_cidr=cidr).validate()

@@ -24,6 +24,7 @@ from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from . import ca_discovery, health, state
 from . import gpus as gpu_inventory
+from .assignment_check import assignment_problem, port_allowed
 from .channel import open_channel, server_name
 from .config import MAX_GRACE_SECONDS, VERSION, AgentConfig
 from .local_proxy import LocalProxy, Metadata, accept_connection
@@ -42,6 +43,13 @@ FATAL_CODES = (
     grpc.StatusCode.UNIMPLEMENTED,
 )
 TUNNEL_SERVICE = pb.DESCRIPTOR.services_by_name["Tunnel"].full_name  # koinon.tunnel.v1.Tunnel
+
+
+# Connections the gateway may have open towards this node at once (its own limit per node is 256
+# by default): each holds a gRPC stream and a local socket.
+MAX_ACCEPTED_CONNECTIONS = 256
+# Text the gateway sends (drain reasons, errors) is logged quoted and cut to this many characters.
+MAX_GATEWAY_TEXT = 256
 
 
 class JoinRefused(Exception):
@@ -113,6 +121,9 @@ class Agent:
         self._ray_supervisor: asyncio.Task[None] | None = None
         self._ray_restart: asyncio.Task[None] | None = None  # replacing the Ray node after an outage
         self._tasks: set[asyncio.Task[None]] = set()
+        # Connections the gateway opened towards this node, still being served.
+        self._accepted: set[asyncio.Task[None]] = set()
+        self.refused_open_connections = 0  # asked for a port outside the block, or over the cap
         self._disconnected_at: float | None = None
         self._connected_at = 0.0  # when the current (or last) session registered
         self._identity_changed = False  # joined again at a new address: the Ray node must follow
@@ -251,6 +262,10 @@ class Agent:
                 await self._sleep_or_drain(delay)
                 if self._drain.is_set():
                     raise DrainedBeforeJoining("drained before joining") from exc
+        problem = assignment_problem(response.assignment)
+        if problem is not None:
+            # Nothing is stored: the gateway's answer names a place this agent will not serve.
+            raise JoinRefused(f"refused the gateway's assignment: {problem}")
         identity = state.StoredIdentity(
             self.config.gateway,
             response.assignment.node_name,
@@ -389,6 +404,10 @@ class Agent:
                 return True
             if not isinstance(first, pb.GatewayMessage) or first.WhichOneof("msg") != "registered":
                 raise ConnectionError("gateway did not acknowledge the registration")
+            assert self.identity is not None
+            problem = assignment_problem(first.registered.assignment, self.identity.address)
+            if problem is not None:
+                raise ConnectionError(f"refused the gateway's assignment: {problem}")
             self.assignment = first.registered.assignment
             self.registrations += 1
             # The gateway writes at least every probe interval (every heartbeat interval if it
@@ -434,23 +453,38 @@ class Agent:
             await send(pb.AgentMessage(heartbeat=self._heartbeat(message.ping)))
         elif kind == "open_connection":
             assert self.identity is not None and self._data_channel is not None
+            request = message.open_connection
+            refusal = self._open_connection_refusal(request)
+            if refusal is not None:
+                # Not answered at all: a gateway that means well never asks this, and an answer
+                # per request would let one that does not keep this agent busy.
+                self.refused_open_connections += 1
+                if self.refused_open_connections % 1000 == 1:
+                    log.warning("refused the gateway's connection %d: %s", request.connection_id, refusal)
+                return
             task = asyncio.ensure_future(
-                accept_connection(
-                    tunnel_stub(self._channel("data")),
-                    self._metadata(),
-                    message.open_connection,
-                    self.identity.address,
-                )
+                accept_connection(tunnel_stub(self._channel("data")), self._metadata(), request, self.identity.address)
             )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            for tasks in (self._tasks, self._accepted):
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
         elif kind == "drain":
-            log.info("gateway asked to drain: %s", message.drain.reason)
+            log.info("gateway asked to drain: %r", message.drain.reason[:MAX_GATEWAY_TEXT])
             self.request_drain()
         elif kind == "credential":
             self._store_credential(message.credential)
         elif kind == "error":
-            log.error("gateway error %s: %s", message.error.code, message.error.message)
+            log.error(
+                "gateway error %r: %r", message.error.code[:MAX_GATEWAY_TEXT], message.error.message[:MAX_GATEWAY_TEXT]
+            )
+
+    def _open_connection_refusal(self, request: pb.OpenConnection) -> str | None:
+        """Why a connection the gateway opens towards this node is refused (None: it is served)."""
+        if self.assignment is None or not port_allowed(self.assignment.ports, request.port):
+            return f"port {request.port} is outside this node's Ray port block"
+        if len(self._accepted) >= MAX_ACCEPTED_CONNECTIONS:
+            return f"{MAX_ACCEPTED_CONNECTIONS} connections are open already"
+        return None
 
     def _store_credential(self, renewal: pb.CredentialRenewal) -> None:
         # New calls (Connect streams, the next Control) carry it from now on; it is kept on disk so

@@ -77,7 +77,7 @@ class LocalProxy:
             ):
                 reason = result.dial_result.reason if isinstance(result, pb.Frame) else "tunnel-closed"
                 self.refused += 1
-                log.info("dial %r:%d refused by gateway: %s", host, port, reason)
+                log.info("dial %r:%d refused by gateway: %r", host, port, reason[:256])
                 status = 403 if reason.startswith("forbidden") else 502
                 http_connect.send(writer, http_connect.response(status, reason or "refused"))
                 await writer.drain()
