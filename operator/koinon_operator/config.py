@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import urllib.parse
 from dataclasses import dataclass
 
 
@@ -14,15 +16,41 @@ class OperatorConfig:
     namespace: str | None = None  # None: all namespaces
     ray_auth_token: str | None = None  # Ray token authentication (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)
 
+    def __post_init__(self) -> None:
+        # Refused here, at start: NaN made kopf's timer never fire again (each job reconciled once),
+        # 0 or a negative interval made it spin, a URL without a scheme failed every Ray call.
+        for name, env, value in (
+            ("poll_interval_seconds", "KOINON_POLL_INTERVAL", self.poll_interval_seconds),
+            ("uptime_sample_seconds", "KOINON_UPTIME_SAMPLE_INTERVAL", self.uptime_sample_seconds),
+        ):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{env} ({name}): must be a finite number of seconds > 0, got {value}")
+        url = urllib.parse.urlsplit(self.ray_dashboard_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(
+                f"KOINON_RAY_DASHBOARD (--ray-dashboard): must be an http(s) URL with a host, "
+                f"got {self.ray_dashboard_url!r}"
+            )
+
     @classmethod
     def from_env(cls) -> OperatorConfig:
         return cls(
             ray_dashboard_url=os.environ.get("KOINON_RAY_DASHBOARD", cls.ray_dashboard_url),
-            poll_interval_seconds=float(os.environ.get("KOINON_POLL_INTERVAL", cls.poll_interval_seconds)),
-            uptime_sample_seconds=float(os.environ.get("KOINON_UPTIME_SAMPLE_INTERVAL", cls.uptime_sample_seconds)),
+            poll_interval_seconds=_seconds("KOINON_POLL_INTERVAL", cls.poll_interval_seconds),
+            uptime_sample_seconds=_seconds("KOINON_UPTIME_SAMPLE_INTERVAL", cls.uptime_sample_seconds),
             namespace=os.environ.get("KOINON_NAMESPACE") or None,
             ray_auth_token=ray_auth_token_from_env(),
         )
+
+
+def _seconds(env: str, default: float) -> float:
+    raw = os.environ.get(env)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{env}: must be a number of seconds, got {raw[:64]!r}") from None
 
 
 def ray_auth_token_from_env() -> str | None:

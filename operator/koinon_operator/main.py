@@ -23,15 +23,21 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["KUBECONFIG"] = args.kubeconfig
     if args.ray_dashboard:
         os.environ["KOINON_RAY_DASHBOARD"] = args.ray_dashboard
-    if args.poll_interval:
+    if args.poll_interval is not None:  # 0 too, to be refused below rather than ignored
         os.environ["KOINON_POLL_INTERVAL"] = str(args.poll_interval)
     if args.namespace:
         os.environ["KOINON_NAMESPACE"] = args.namespace
 
     # Checked before kopf starts: raised from its startup handler, kopf would retry every minute
     # and never reconcile, with the operator looking alive.
+    from koinon_operator.config import OperatorConfig
     from koinon_operator.telemetry import exporter_settings_problem
 
+    try:
+        OperatorConfig.from_env()  # what the handlers will read at import
+    except ValueError as error:
+        print(f"koinon-operator: {error}", file=sys.stderr)
+        sys.exit(2)
     problem = exporter_settings_problem()
     if problem is not None:
         print(f"koinon-operator: {problem}", file=sys.stderr)

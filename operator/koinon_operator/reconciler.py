@@ -266,6 +266,14 @@ class AIJobReconciler:
             spec = parse_spec(body.get("spec") or {})
         except SpecError as error:
             if state.phase is not None and state.phase.finished:
+                # Still cleaned up after ttlSecondsAfterFinished (read on its own: the rest of the
+                # spec is what could not be parsed), or a job that failed as invalid stayed for good.
+                ttl = (body.get("spec") or {}).get("ttlSecondsAfterFinished")
+                if isinstance(ttl, int) and not isinstance(ttl, bool) and ttl >= 0:
+                    self.ledger.forget(key)
+                    if state.completion_time is not None and (now - state.completion_time).total_seconds() >= ttl:
+                        outcome.delete = True
+                        outcome.event("Deleted", f"ttlSecondsAfterFinished={ttl} passed")
                 return outcome
             if state.phase is not None and state.phase.holds_nodes and state.submission_id:
                 # Edited into a spec this operator cannot act on while it runs: stop what it

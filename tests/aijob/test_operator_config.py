@@ -1,0 +1,61 @@
+"""The operator's settings are checked when it starts, naming the variable: values that used to
+pass broke it later (NaN: each job reconciled once; 0 or negative: timers spinning; a dashboard URL
+without a scheme: every Ray call failing as if Ray were down)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from koinon_operator.config import OperatorConfig
+
+from .fake_ray import Clock, FakeRay, make_body, make_reconciler, step
+
+
+@pytest.mark.parametrize("variable", ["KOINON_POLL_INTERVAL", "KOINON_UPTIME_SAMPLE_INTERVAL"])
+@pytest.mark.parametrize("value", ["nan", "-1", "0", "inf", "soon"])
+def test_an_interval_that_is_no_positive_finite_number_is_refused(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=f"^{variable}"):
+        OperatorConfig.from_env()
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8265", "http//x", "ftp://ray:8265", "http://"])
+def test_a_dashboard_url_without_http_and_a_host_is_refused(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("KOINON_RAY_DASHBOARD", url)
+    with pytest.raises(ValueError, match=r"^KOINON_RAY_DASHBOARD"):
+        OperatorConfig.from_env()
+
+
+def test_the_defaults_and_usual_values_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KOINON_RAY_DASHBOARD", "https://ray-head.koinon-system:8265")
+    monkeypatch.setenv("KOINON_POLL_INTERVAL", "0.5")
+    assert OperatorConfig.from_env().poll_interval_seconds == 0.5
+    assert OperatorConfig().poll_interval_seconds > 0
+
+
+def test_the_operator_exits_at_start_naming_a_bad_setting() -> None:
+    """`--poll-interval 0` used to be ignored (falsy), and a NaN taken."""
+    ran = subprocess.run(
+        [sys.executable, "-c", "from koinon_operator.main import main; main()", "--poll-interval", "0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ran.returncode == 2, ran.stderr[-2000:]
+    assert "koinon-operator: KOINON_POLL_INTERVAL (poll_interval_seconds): must be a finite number" in ran.stderr
+
+
+async def test_a_job_failed_as_invalid_is_still_deleted_after_its_ttl() -> None:
+    """A spec the operator cannot parse (here a blank entrypoint a real API server's RE2 `\\S` lets
+    through: an ideographic space) ends the job Failed; the pass then returned before the TTL."""
+    clock = Clock()
+    reconciler = make_reconciler(FakeRay(), clock)
+    body = make_body({"entrypoint": "\u3000", "ttlSecondsAfterFinished": 30})
+    await step(reconciler, body)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "InvalidSpec")
+    clock.advance(10)
+    assert not (await step(reconciler, body)).delete
+    clock.advance(30)
+    assert (await step(reconciler, body)).delete
