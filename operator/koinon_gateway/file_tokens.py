@@ -64,10 +64,15 @@ class FileTokenStore(InMemoryTokenStore):
         self._save()
 
     def _save(self) -> None:
-        usage = {
-            token_id: {"secret_sha256": stored.secret_sha256, "usages": stored.usages_count}
-            for token_id, stored in self.tokens.items()
-        }
+        # Tokens not given this time (a restart without their flag) keep their counts: rewriting
+        # only the ones in memory reset a token's uses to zero for when it is given again.
+        usage = _read_usage(self.path) if self.path.exists() else {}
+        usage.update(
+            {
+                token_id: {"secret_sha256": stored.secret_sha256, "usages": stored.usages_count}
+                for token_id, stored in self.tokens.items()
+            }
+        )
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(usage, indent=1, sort_keys=True))
         os.replace(tmp, self.path)

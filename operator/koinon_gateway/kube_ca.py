@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from .kube_client import JSON, KubeApiError, KubeClient, secret_path
-from .pki import CABundle
+from .pki import CABundle, bundle_problem
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,13 @@ def bundle_from_secret(secret: JSON) -> CABundle:
     if missing:
         # Refuse rather than overwrite: replacing the CA would cut off every agent that trusts it.
         raise ValueError(f"Secret {CA_SECRET_NAME}: data.{missing[0]}: missing; fix or delete the Secret")
-    return CABundle(
+    bundle = CABundle(
         base64.b64decode(data["tls.crt"]), base64.b64decode(data["tls.key"]), base64.b64decode(data[CREDENTIAL_KEY])
     )
+    problem = bundle_problem(bundle)
+    if problem is not None:  # a short credential key would let anyone forge credentials
+        raise ValueError(f"Secret {CA_SECRET_NAME}: {problem}; fix or delete the Secret")
+    return bundle
 
 
 @dataclass

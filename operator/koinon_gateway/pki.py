@@ -58,12 +58,24 @@ class FileCAStore:
         self.directory = directory
 
     async def load(self) -> CABundle | None:
+        """The stored CA, or None when none was stored; ValueError for files that hold no usable
+        one. An empty credential.key (a save cut short) was taken, and every credential signed
+        with it could be forged by anyone."""
         paths = [self.directory / n for n in ("ca.crt", "ca.key", "credential.key")]
-        if not all(p.exists() for p in paths):
+        if not any(p.exists() for p in paths):
             return None
-        return CABundle(paths[0].read_bytes(), paths[1].read_bytes(), paths[2].read_bytes())
+        missing = [p.name for p in paths if not p.exists()]
+        if missing:
+            raise ValueError(f"CA directory {self.directory}: {', '.join(missing)} missing beside the others")
+        bundle = CABundle(paths[0].read_bytes(), paths[1].read_bytes(), paths[2].read_bytes())
+        problem = bundle_problem(bundle)
+        if problem is not None:
+            raise ValueError(f"CA directory {self.directory}: {problem}")
+        return bundle
 
     async def save(self, bundle: CABundle) -> None:
+        """Each file is written whole (a temporary file, synced, then renamed) and private (0600),
+        whatever a file it replaces was."""
         self.directory.mkdir(parents=True, exist_ok=True)
         for name, data in (
             ("ca.crt", bundle.cert_pem),
@@ -71,9 +83,29 @@ class FileCAStore:
             ("credential.key", bundle.credential_key),
         ):
             path = self.directory / name
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+
+
+MIN_CREDENTIAL_KEY_BYTES = 32
+
+
+def bundle_problem(bundle: CABundle) -> str | None:
+    """Why ``bundle`` cannot serve as the gateway's CA (None: it can)."""
+    if len(bundle.credential_key) < MIN_CREDENTIAL_KEY_BYTES:
+        return f"credential.key holds {len(bundle.credential_key)} bytes, fewer than {MIN_CREDENTIAL_KEY_BYTES}"
+    try:
+        x509.load_pem_x509_certificate(bundle.cert_pem)
+        serialization.load_pem_private_key(bundle.key_pem, password=None)
+    except ValueError as error:
+        return f"ca.crt or ca.key unreadable: {error}"
+    return None
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -4,7 +4,8 @@ A token is ``<token-id>.<token-secret>`` (6 and 16 characters of ``[a-z0-9]``). 
 Kubernetes Secret of type ``koinon.dev/join-token`` named ``koinon-join-token-<token-id>`` with data
 ``token-id``, ``token-secret-sha256`` (only a hash of the secret is kept), ``expiration`` (RFC3339,
 optional), ``usage-limit`` (optional), ``usages-count``, ``revoked`` ("true" to revoke; deleting the
-Secret revokes too), ``owner`` and ``region`` (copied to the VolunteerNode spec).
+Secret revokes too, except a ``--bootstrap-token``'s, which the next gateway start creates again
+while the flag is given: revoke that one with ``revoked``), ``owner`` and ``region`` (copied to the VolunteerNode spec).
 """
 
 from __future__ import annotations

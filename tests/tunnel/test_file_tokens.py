@@ -86,3 +86,14 @@ def test_file_store_flags_use_the_state_dir(tmp_path: Path) -> None:
     with pytest.raises(TokenError):
         asyncio.run(tokens_again.consume(TOKEN))
     assert (tmp_path / "join-token-usage.json").exists()
+
+
+def test_a_count_survives_a_restart_that_left_its_token_out(tmp_path: Path) -> None:
+    """Each save wrote only the tokens given this time: one left out (its flag dropped for a
+    while) and given again later started from zero uses."""
+    path = tmp_path / "usage.json"
+    asyncio.run(restarted(path, limit=1).consume(TOKEN))
+    asyncio.run(restarted(path, token="bbbbbb.0123456789abcdef").consume("bbbbbb.0123456789abcdef"))
+    with pytest.raises(TokenError) as refused:
+        asyncio.run(restarted(path, limit=1).consume(TOKEN))
+    assert refused.value.reason == "usage-limit"
