@@ -2,8 +2,10 @@
 
 Format: ``kn1.<base64url(json)>.<base64url(hmac-sha256)>``. It travels only inside TLS, in the
 ``authorization`` metadata of every Control and Connect call. Deleting the VolunteerNode revokes it
-(the gateway checks the object exists on every registration). It expires (claim ``exp``): the
-gateway renews it for connected agents, so a stolen copy is useful for one lifetime at most.
+(the gateway checks the object exists on every registration). It expires (claim ``exp``) and the
+gateway renews it for the connected session. So a stolen copy, used before it expires, buys the thief
+the node for as long as it stays connected (and renewed), ending the real agent's session; the real
+agent's reconnect ends the thief's in turn. Deleting the VolunteerNode is what ends both for good.
 """
 
 from __future__ import annotations
