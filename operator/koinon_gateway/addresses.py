@@ -13,6 +13,8 @@ from dataclasses import dataclass
 # Offsets inside a block; workers take the rest of the block.
 NODE_MANAGER, OBJECT_MANAGER, AGENT_GRPC, AGENT_HTTP, METRICS, RUNTIME_ENV = range(6)
 FIRST_WORKER = 8
+# Worker ports per block that agents take (koinon_agent.assignment_check.MAX_WORKER_PORTS).
+MAX_WORKER_PORTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class AddressAllocator:
             raise ValueError(f"vip_cidr: {cidr} holds no address to hand out; use a /30 or larger")
         if block_size < FIRST_WORKER + 2:
             raise ValueError(f"port_block_size: must be at least {FIRST_WORKER + 2}")
+        if block_size - FIRST_WORKER > MAX_WORKER_PORTS:
+            # What agents take as a Ray port block (koinon_agent.assignment_check): more is refused.
+            raise ValueError(f"port_block_size: at most {FIRST_WORKER + MAX_WORKER_PORTS}")
         capacity = self.network.num_addresses - 2
         if port_base < 1024 or port_base + capacity * block_size > 65535:
             raise ValueError(

@@ -6,6 +6,8 @@ import ipaddress
 import math
 from dataclasses import dataclass, field
 
+from .addresses import FIRST_WORKER, MAX_WORKER_PORTS
+
 # Bind hosts that accept connections to any local address, the head's included.
 WILDCARD_HOSTS = frozenset({"", "*"})
 # The allocator hands out host addresses only (not a network's first and last): a /30 has two.
@@ -150,6 +152,10 @@ class GatewayConfig:
             raise ValueError("credential_lifetime_s: must be at least 4 heartbeat intervals (renewals ride on pings)")
         if self.status_write_burst < 1:
             raise ValueError(f"status_write_burst: must be at least 1, got {self.status_write_burst}")
+        if self.port_block_size - FIRST_WORKER > MAX_WORKER_PORTS:
+            # What agents take as a Ray port block (koinon_agent.assignment_check): more is refused.
+            most = FIRST_WORKER + MAX_WORKER_PORTS
+            raise ValueError(f"port_block_size: at most {most}, got {self.port_block_size}")
         if self.rtt_probe_every < 1:
             raise ValueError("rtt_probe_every: must be at least 1")
         if self.max_streams_per_node < 1:

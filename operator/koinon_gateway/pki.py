@@ -8,10 +8,13 @@ credentials it issued before.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import ipaddress
 import os
 import secrets
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -74,23 +77,30 @@ class FileCAStore:
         return bundle
 
     async def save(self, bundle: CABundle) -> None:
-        """Each file is written whole (a temporary file, synced, then renamed) and private (0600),
-        whatever a file it replaces was."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        for name, data in (
-            ("ca.crt", bundle.cert_pem),
-            ("ca.key", bundle.key_pem),
-            ("credential.key", bundle.credential_key),
-        ):
-            path = self.directory / name
-            tmp = path.with_name(f".{name}.tmp")
-            tmp.unlink(missing_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
+        """Stores a new CA all or nothing: the three files are written (0600, synced) into a
+        directory of their own, which is then renamed into place. Only onto no directory or an
+        empty one: where another gateway's CA got there first, that one stays (the caller reads it
+        back), rather than the two writing over each other's files and leaving a mixed CA."""
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{self.directory.name}-", dir=self.directory.parent))
+        try:
+            for name, data in (
+                ("ca.crt", bundle.cert_pem),
+                ("ca.key", bundle.key_pem),
+                ("credential.key", bundle.credential_key),
+            ):
+                fd = os.open(staging / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            try:
+                os.rename(staging, self.directory)
+            except OSError as error:
+                if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 MIN_CREDENTIAL_KEY_BYTES = 32
@@ -101,10 +111,13 @@ def bundle_problem(bundle: CABundle) -> str | None:
     if len(bundle.credential_key) < MIN_CREDENTIAL_KEY_BYTES:
         return f"credential.key holds {len(bundle.credential_key)} bytes, fewer than {MIN_CREDENTIAL_KEY_BYTES}"
     try:
-        x509.load_pem_x509_certificate(bundle.cert_pem)
-        serialization.load_pem_private_key(bundle.key_pem, password=None)
+        cert = x509.load_pem_x509_certificate(bundle.cert_pem)
+        key = serialization.load_pem_private_key(bundle.key_pem, password=None)
     except ValueError as error:
         return f"ca.crt or ca.key unreadable: {error}"
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        return "ca.key is not the key of ca.crt"
     return None
 
 

@@ -13,6 +13,12 @@ from koinon_agent.config import AgentConfig
 from koinon_gateway.rpc import Context, add_tunnel_service
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
+PORTS = pb.PortBlock(
+    node_manager_port=41000, object_manager_port=41001, dashboard_agent_grpc_port=41002,
+    dashboard_agent_listen_port=41003, metrics_export_port=41004, runtime_env_agent_port=41005,
+    min_worker_port=41008, max_worker_port=41015,
+)  # fmt: skip
+
 
 class HangUpAfterPing:
     """Acknowledges the registration, pings, then ends the call before the agent can answer."""
@@ -30,6 +36,7 @@ class HangUpAfterPing:
         assignment = pb.Assignment(
             node_name=first.register.node_name,
             address=first.register.address,
+            ports=PORTS,  # a block the agent takes (an assignment without one is refused)
             heartbeat_interval_ms=200,
             heartbeat_timeout_ms=5000,
         )
@@ -64,7 +71,7 @@ async def test_agent_reconnects_when_the_gateway_ends_the_call_under_a_write(tmp
     try:
         # Each hang-up is a lost stream like any other: the agent keeps dialling, it never dies.
         deadline = asyncio.get_running_loop().time() + 15
-        while servicer.registrations < 5:
+        while servicer.registrations < 5 or agent.registrations < 5:  # the agent took each one
             assert not task.done(), f"agent stopped: {task.exception()!r}"
             assert asyncio.get_running_loop().time() < deadline, "agent stopped reconnecting"
             await asyncio.sleep(0.02)

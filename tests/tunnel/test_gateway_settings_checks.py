@@ -106,3 +106,10 @@ def test_a_vip_pool_agents_would_refuse_is_refused(cidr: str) -> None:
     elsewhere, or holding 127.0.0.1, gave nodes addresses their agents then refused."""
     with pytest.raises(ValueError, match=r"^vip_cidr: .* must lie within 127.0.0.0/8 and leave out 127.0.0.1"):
         GatewayConfig(head_address=HEAD, vip_cidr=cidr).validate()
+
+
+def test_a_port_block_agents_would_refuse_is_refused() -> None:
+    """More than 10,000 worker ports per block: every agent refuses such an assignment."""
+    with pytest.raises(ValueError, match=r"^port_block_size: at most 10008"):
+        GatewayConfig(head_address=HEAD, vip_cidr="127.0.20.0/29", port_base=1024, port_block_size=10009).validate()
+    GatewayConfig(head_address=HEAD, vip_cidr="127.0.20.0/29", port_base=1024, port_block_size=10008).validate()

@@ -18,10 +18,12 @@ from typing import Any
 
 import grpc
 import pytest
-from koinon_agent.agent import MAX_ACCEPTED_CONNECTIONS, Agent, JoinRefused
+from koinon_agent.agent import Agent, JoinRefused, accepted_connections_limit
 from koinon_agent.config import AgentConfig
-from koinon_gateway.rpc import EOF, add_tunnel_service
+from koinon_gateway.rpc import EOF, add_tunnel_service, tunnel_stub
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+from .helpers import channel_for, cluster, echo_handler
 
 VIP = "127.0.20.1"
 
@@ -82,8 +84,21 @@ class HostileGateway:
             await context.write(pb.Frame(close=pb.Close(reason="done")))
 
 
+LIMIT = 300  # accepted connections, for the test (the agent's own comes from its descriptors)
+
+
+def test_the_limit_is_half_the_descriptors_and_never_below_256(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resource
+
+    for soft, limit in ((1024, 512), (100, 256), (1 << 20, 1 << 19), (resource.RLIM_INFINITY, 32768)):
+        monkeypatch.setattr(resource, "getrlimit", lambda _, soft=soft: (soft, resource.RLIM_INFINITY))
+        assert accepted_connections_limit() == limit
+
+
 @contextlib.asynccontextmanager
-async def agent_of(tmp_path: Path, gateway: HostileGateway) -> AsyncIterator[tuple[Agent, asyncio.Future[Any]]]:
+async def agent_of(
+    tmp_path: Path, gateway: HostileGateway, max_accepted: int | None = None
+) -> AsyncIterator[tuple[Agent, asyncio.Future[Any]]]:
     server = grpc.aio.server()
     add_tunnel_service(gateway, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -93,6 +108,8 @@ async def agent_of(tmp_path: Path, gateway: HostileGateway) -> AsyncIterator[tup
         insecure=True, start_ray=False, simulate_gpus=0, backoff_initial_s=0.05, backoff_max_s=0.5,
     )  # fmt: skip
     agent = Agent(config)
+    if max_accepted is not None:
+        agent.max_accepted_connections = max_accepted
     task = asyncio.ensure_future(agent.run())
     try:
         yield agent, task
@@ -186,7 +203,7 @@ async def test_a_registration_naming_another_address_is_refused(tmp_path: Path) 
 
 async def test_connections_the_gateway_opens_are_bounded(tmp_path: Path) -> None:
     """2,000 OpenConnections made the agent hold more than 1,000 local sockets (and tasks) within
-    seconds, enough to use up a process's file descriptors."""
+    seconds, enough to use up a process's file descriptors (the limit is half of them)."""
     held: list[asyncio.StreamWriter] = []
 
     async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -197,11 +214,11 @@ async def test_connections_the_gateway_opens_are_bounded(tmp_path: Path) -> None
     gateway.hold_connect = True
     server = await asyncio.start_server(hold, VIP, gateway.ports.node_manager_port)
     try:
-        async with agent_of(tmp_path, gateway) as (agent, _):
-            await until(lambda: agent.refused_open_connections > 0 and len(held) >= MAX_ACCEPTED_CONNECTIONS, 30)
+        async with agent_of(tmp_path, gateway, max_accepted=LIMIT) as (agent, _):
+            await until(lambda: agent.refused_open_connections > 0 and len(held) >= LIMIT, 30)
             await asyncio.sleep(0.5)
-            assert len(held) == MAX_ACCEPTED_CONNECTIONS
-            assert agent.refused_open_connections == 2000 - MAX_ACCEPTED_CONNECTIONS
+            assert len(held) == LIMIT
+            assert agent.refused_open_connections == 2000 - LIMIT
     finally:
         for writer in held:
             writer.close()
@@ -221,3 +238,31 @@ async def test_gateway_text_is_logged_quoted_on_one_line(tmp_path: Path, caplog:
         await until(lambda: any("gateway asked to drain" in r.getMessage() for r in caplog.records))
     logged = [r.getMessage() for r in caplog.records if "joined as admin" in r.getMessage()]
     assert len(logged) == 2 and all("\n" not in m and len(m) < 700 for m in logged), logged
+
+
+async def test_a_real_gateway_asking_more_than_256_connections_of_one_node_is_served(tmp_path: Path) -> None:
+    """The gateway caps what each node dials, not what one node is asked to accept: two nodes
+    dialling a third 150 times each are within its limits, and an agent capped at 256 dropped 44."""
+    async with cluster(tmp_path, heartbeat_timeout_s=30.0, accept_timeout_s=5.0) as c:
+        alpha = await c.start_agent("alpha")
+        gamma = await c.start_agent("gamma")
+        beta = await c.start_agent("beta")
+        assert beta.identity is not None and beta.assignment is not None
+        port = beta.assignment.ports.node_manager_port
+        server = await asyncio.start_server(echo_handler, beta.identity.address, port)
+        try:
+            async with channel_for(c) as channel:
+
+                async def dial(dialer: Agent) -> tuple[Any, pb.DialResult]:
+                    assert dialer.identity is not None and beta.identity is not None
+                    metadata = (("authorization", f"Bearer {dialer.identity.credential}"),)
+                    call = tunnel_stub(channel).Connect(metadata=metadata)
+                    await call.write(pb.Frame(dial=pb.Dial(host=beta.identity.address, port=port)))
+                    return call, (await asyncio.wait_for(call.read(), 10)).dial_result
+
+                results = await asyncio.gather(*[dial(d) for d in [alpha] * 150 + [gamma] * 150])
+                for call, _ in results:
+                    call.cancel()
+        finally:
+            server.close()
+    assert sum(result.ok for _, result in results) == 300 and beta.refused_open_connections == 0

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import random
+import resource
 import time
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -45,9 +46,16 @@ FATAL_CODES = (
 TUNNEL_SERVICE = pb.DESCRIPTOR.services_by_name["Tunnel"].full_name  # koinon.tunnel.v1.Tunnel
 
 
-# Connections the gateway may have open towards this node at once (its own limit per node is 256
-# by default): each holds a gRPC stream and a local socket.
-MAX_ACCEPTED_CONNECTIONS = 256
+def accepted_connections_limit() -> int:
+    """Connections the gateway may have open towards this node at once: half of this process's
+    file descriptors (each holds a local socket and a gRPC stream). The gateway caps what each
+    node dials, not what one node is asked to accept (every other node and the head may dial it),
+    so no fixed number is right; running out of descriptors is what must not happen."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    budget = 65536 if soft == resource.RLIM_INFINITY else soft
+    return max(256, budget // 2)
+
+
 # Text the gateway sends (drain reasons, errors) is logged quoted and cut to this many characters.
 MAX_GATEWAY_TEXT = 256
 
@@ -124,6 +132,7 @@ class Agent:
         # Connections the gateway opened towards this node, still being served.
         self._accepted: set[asyncio.Task[None]] = set()
         self.refused_open_connections = 0  # asked for a port outside the block, or over the cap
+        self.max_accepted_connections = accepted_connections_limit()
         self._disconnected_at: float | None = None
         self._connected_at = 0.0  # when the current (or last) session registered
         self._identity_changed = False  # joined again at a new address: the Ray node must follow
@@ -482,8 +491,8 @@ class Agent:
         """Why a connection the gateway opens towards this node is refused (None: it is served)."""
         if self.assignment is None or not port_allowed(self.assignment.ports, request.port):
             return f"port {request.port} is outside this node's Ray port block"
-        if len(self._accepted) >= MAX_ACCEPTED_CONNECTIONS:
-            return f"{MAX_ACCEPTED_CONNECTIONS} connections are open already"
+        if len(self._accepted) >= self.max_accepted_connections:
+            return f"{self.max_accepted_connections} connections are open already"
         return None
 
     def _store_credential(self, renewal: pb.CredentialRenewal) -> None:
