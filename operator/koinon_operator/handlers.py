@@ -104,7 +104,8 @@ async def reconcile_aijob(
         # waiting for its own object's deletion would wait for ever. (The deletion handler may run
         # while a pass of this timer is still in flight: the reconciler serializes the two.)
         _deleting.add(f"{namespace}/{name}")
-        task = asyncio.create_task(_delete_after_ttl(namespace or "default", name))
+        uid = str(body.metadata.get("uid", ""))
+        task = asyncio.create_task(_delete_after_ttl(namespace or "default", name, uid))
         _background.add(task)
         task.add_done_callback(_background.discard)
 
@@ -113,9 +114,9 @@ _deleting: set[str] = set()
 _background: set[asyncio.Task[None]] = set()
 
 
-async def _delete_after_ttl(namespace: str, name: str) -> None:
+async def _delete_after_ttl(namespace: str, name: str, uid: str) -> None:
     try:
-        await asyncio.wait_for(delete_aijob(namespace, name), timeout=30)
+        await asyncio.wait_for(delete_aijob(namespace, name, uid), timeout=30)
         logger.info("deleted AIJob %s/%s: ttlSecondsAfterFinished passed", namespace, name)
     except Exception as error:  # retried by the next timer pass
         logger.warning("could not delete AIJob %s/%s after its TTL: %r", namespace, name, error)
