@@ -15,6 +15,10 @@ NODE_MANAGER, OBJECT_MANAGER, AGENT_GRPC, AGENT_HTTP, METRICS, RUNTIME_ENV = ran
 FIRST_WORKER = 8
 # Worker ports per block that agents take (koinon_agent.assignment_check.MAX_WORKER_PORTS).
 MAX_WORKER_PORTS = 10_000
+# Virtual addresses live on the volunteers' loopback network, never at 127.0.0.1 (their own
+# services); agents take no other (koinon_agent.assignment_check).
+LOOPBACK_NETWORK = ipaddress.IPv4Network("127.0.0.0/8")
+LOOPBACK_OWN_SERVICES = ipaddress.IPv4Address("127.0.0.1")
 
 
 @dataclass(frozen=True)
@@ -53,9 +57,6 @@ class AddressAllocator:
             raise ValueError(f"vip_cidr: {cidr} holds no address to hand out; use a /30 or larger")
         if block_size < FIRST_WORKER + 2:
             raise ValueError(f"port_block_size: must be at least {FIRST_WORKER + 2}")
-        if block_size - FIRST_WORKER > MAX_WORKER_PORTS:
-            # What agents take as a Ray port block (koinon_agent.assignment_check): more is refused.
-            raise ValueError(f"port_block_size: at most {FIRST_WORKER + MAX_WORKER_PORTS}")
         capacity = self.network.num_addresses - 2
         if port_base < 1024 or port_base + capacity * block_size > 65535:
             raise ValueError(

@@ -6,7 +6,7 @@ import ipaddress
 import math
 from dataclasses import dataclass, field
 
-from .addresses import FIRST_WORKER, MAX_WORKER_PORTS
+from .addresses import FIRST_WORKER, LOOPBACK_NETWORK, LOOPBACK_OWN_SERVICES, MAX_WORKER_PORTS
 
 # Bind hosts that accept connections to any local address, the head's included.
 WILDCARD_HOSTS = frozenset({"", "*"})
@@ -73,8 +73,6 @@ _POSITIVE_SECONDS = (
     "token_cleanup_grace_s",
 )
 MAX_CREDENTIAL_LIFETIME_S = 366 * 24 * 3600.0
-LOOPBACK_NETWORK = ipaddress.IPv4Network("127.0.0.0/8")
-LOOPBACK_OWN_SERVICES = ipaddress.IPv4Address("127.0.0.1")
 
 
 @dataclass

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import ipaddress
 
+from koinon_gateway.addresses import LOOPBACK_NETWORK as LOOPBACK
+from koinon_gateway.addresses import LOOPBACK_OWN_SERVICES as OWN_SERVICES
+from koinon_gateway.addresses import MAX_WORKER_PORTS
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
-OWN_SERVICES = ipaddress.IPv4Address("127.0.0.1")
-# Ray's workers need a range; a gateway handing out more than this is not describing a port block.
-MAX_WORKER_PORTS = 10_000
+# The single ports of a block; its workers take the range min_worker_port..max_worker_port (at most
+# MAX_WORKER_PORTS: a gateway handing out more is not describing a Ray port block).
 NAMED_PORTS = (
     "node_manager_port",
     "object_manager_port",
