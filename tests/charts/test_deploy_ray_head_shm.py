@@ -12,6 +12,8 @@ requested nor limited).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from ray._private import services, utils
 
@@ -36,14 +38,16 @@ def head(tools: Tools) -> tuple[Manifest, Manifest]:
 
 
 def test_ray_head_object_store_would_not_be_in_shared_memory_without_a_dev_shm_volume(
-    head: tuple[Manifest, Manifest], monkeypatch: pytest.MonkeyPatch
+    head: tuple[Manifest, Manifest], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     _, container = head
     limit_gi = int(container["resources"]["limits"]["memory"].removesuffix("Gi"))
     # What Ray itself decides for this container with the default 64 MiB /dev/shm.
     monkeypatch.setattr(utils, "get_shared_memory_bytes", lambda: CONTAINER_DEFAULT_SHM)
     store = utils.resolve_object_store_memory(limit_gi * 2**30)
-    plasma_dir, _, _ = services.determine_plasma_store_config(store, "/tmp/ray")
+    # Ray's --temp-dir (/tmp/ray in the container); Ray requires it to exist, and on a clean machine
+    # /tmp/ray does not (the test passed only where an earlier Ray run had left one).
+    plasma_dir, _, _ = services.determine_plasma_store_config(store, str(tmp_path))
     assert plasma_dir != "/dev/shm"  # the premise: without a bigger /dev/shm the store lands on disk
 
 
