@@ -18,6 +18,7 @@ from .requests import (
     MAX_REQUEST_BODY_BYTES,
     ResourcePath,
     decode_continue,
+    delete_options,
     encode_continue,
     json_body,
     object_filter,
@@ -163,11 +164,12 @@ class ApiHandlers:
             return await self._patch(request, resource, namespace, path)
         if method == "DELETE":
             body = await json_body(request) or {}
+            options = delete_options(request, body)
             obj = service.delete(
                 resource,
                 namespace,
                 path.name,
-                write_options(request),
+                options,
                 body.get("preconditions") if isinstance(body, dict) else None,
             )
             return _json(obj)
@@ -304,7 +306,7 @@ class ApiHandlers:
         return await serve_watch(request, self.service, watch, self.bookmark_interval_s)
 
     async def _delete_collection(self, request: web.Request, resource: Any, namespace: str | None) -> web.Response:
-        options = write_options(request)
+        options = delete_options(request, await json_body(request) or {})
         items, _ = self.service.list_objects(resource, object_filter(request, resource, namespace))
         deleted = []
         for obj in items:

@@ -34,7 +34,11 @@ def load_state(service: ApiService, path: Path) -> int:
     loaded = 0
     for obj in state.get("objects", []):
         group, _, version = str(obj.get("apiVersion", "")).rpartition("/")
-        resource = service.registry.find_kind(group, version, str(obj.get("kind")))
+        # An object saved under a version no longer served is kept under one that is, as kube-apiserver
+        # keeps it in the storage version (conversion strategy None: only apiVersion changes).
+        resource = service.registry.find_kind(group, version, str(obj.get("kind"))) or service.registry.find_group_kind(
+            group, str(obj.get("kind"))
+        )
         if resource is None:
             logger.warning(
                 "state file %s: skipping %s %s: its resource is not served",

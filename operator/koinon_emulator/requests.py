@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -83,6 +83,18 @@ def write_options(request: web.Request) -> WriteOptions:
     if any(value != "All" for value in dry_run):
         raise errors.bad_request(f"dryRun values must be All, got {dry_run}")
     return WriteOptions(dry_run=bool(dry_run), field_validation=validation)
+
+
+def delete_options(request: web.Request, body: Any) -> WriteOptions:
+    """The query's write options, with DeleteOptions' ``dryRun`` from the body: client-go (``kubectl
+    delete --dry-run=server``) sends it there, not in the query."""
+    options = write_options(request)
+    dry_run = body.get("dryRun") if isinstance(body, dict) else None
+    if dry_run:
+        if dry_run != ["All"]:
+            raise errors.bad_request(f"dryRun values must be All, got {dry_run!r}")
+        options = replace(options, dry_run=True)
+    return options
 
 
 _ALWAYS_SELECTABLE = ("metadata.name", "metadata.namespace")

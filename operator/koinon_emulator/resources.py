@@ -155,3 +155,8 @@ class ResourceRegistry:
             if (resource.group, resource.version, resource.kind) == (group, version, kind):
                 return resource
         return None
+
+    def find_group_kind(self, group: str, kind: str) -> ResourceType | None:
+        """A served version of ``kind`` in ``group``, the preferred one first."""
+        served = [r for r in self._by_gvr.values() if (r.group, r.kind) == (group, kind)]
+        return min(served, key=lambda r: version_priority(r.version), default=None)

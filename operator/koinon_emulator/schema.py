@@ -238,8 +238,14 @@ def _validate_number(value: float, schema: JsonObj, invalid: Any) -> None:
             invalid(f"should be less than {show(high)}")
         elif value > high:
             invalid(f"should be less than or equal to {show(high)}")
-    if (step := schema.get("multipleOf")) and (value / step) != int(value / step):
+    if (step := schema.get("multipleOf")) and not _float_is_integer(value / step):
         invalid(f"should be a multiple of {show(step)}")
+
+
+def _float_is_integer(number: float) -> bool:
+    """go-openapi's swag.IsFloat64AJSONInteger: integral within a relative error of 1e-9."""
+    nearest = round(number)
+    return number == nearest or abs(number - nearest) / max(abs(number) + abs(nearest), 1e-300) < 1e-9
 
 
 def _validate_string(value: str, schema: JsonObj, path: str, invalid: Any) -> None:

@@ -30,6 +30,10 @@ from .store import ObjectStore
 JsonObj = dict[str, Any]
 
 INITIAL_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
+# NamespaceLifecycle admission refuses to delete these.
+IMMORTAL_NAMESPACES = ("default", "kube-system", "kube-public")
+# The apiextensions controller's finalizer: a deleted CRD stays until its objects are gone.
+CRD_CLEANUP_FINALIZER = "customresourcecleanup.apiextensions.k8s.io"
 _SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _SUBDOMAIN_HELP = (
@@ -234,6 +238,8 @@ class ApiService:
         self, resource: ResourceType, namespace: str | None, body: Any, options: WriteOptions = WriteOptions()
     ) -> WriteResult:
         obj = copy.deepcopy(self._check_type(resource, body))
+        if resource.crd_name and self._crd_terminating(resource.crd_name):
+            raise errors.method_not_allowed("create not allowed while custom resource definition is terminating")
         obj["apiVersion"], obj["kind"] = resource.api_version, resource.kind
         metadata = obj.setdefault("metadata", {})
         if resource.namespaced:
@@ -452,10 +458,18 @@ class ApiService:
                     f"object meta: {old['metadata'].get(key)}",
                     {"name": name, "kind": resource.plural},
                 )
+        if resource == NAMESPACE_RESOURCE and name in IMMORTAL_NAMESPACES:
+            # kube-apiserver's NamespaceLifecycle admission refuses these.
+            raise errors.forbidden(
+                f'namespaces "{name}" is forbidden: this namespace may not be deleted',
+                {"name": name, "kind": "namespaces"},
+            )
         if options.dry_run:
             return self.as_version(resource, old)
         if resource == NAMESPACE_RESOURCE:
             return self._delete_namespace(old)
+        if resource == CRD_RESOURCE:
+            return self._delete_crd(old)
         if old["metadata"].get("finalizers"):
             if old["metadata"].get("deletionTimestamp"):
                 return self.as_version(resource, old)
@@ -481,6 +495,8 @@ class ApiService:
             self._unregister_crd(final)
         if namespace:
             self._finish_namespace_if_empty(namespace)
+        if resource.crd_name:
+            self._finish_crd_if_empty(resource.crd_name)
         return final
 
     def _delete_namespace(self, old: JsonObj) -> JsonObj:
@@ -519,6 +535,43 @@ class ApiService:
         for resource in old_types:
             if self.registry.lookup(resource.group, resource.version, resource.plural) is None:
                 self.store.close_watchers(resource.storage_key)
+
+    def _delete_crd(self, old: JsonObj) -> JsonObj:
+        """kube-apiserver's way: the CRD stays Terminating while its objects are deleted one by one, so
+        their finalizers (a kopf operator's delete handlers) still run; it goes once none is left."""
+        name = old["metadata"]["name"]
+        current = old
+        if not old["metadata"].get("deletionTimestamp"):
+            marked = self._marked_deleted(old)
+            marked["metadata"]["finalizers"] = [*old["metadata"].get("finalizers", []), CRD_CLEANUP_FINALIZER]
+            current = self.store.put(CRD_RESOURCE.storage_key, marked, old)
+        for resource in {r.storage_key: r for r in self.registry.all() if r.crd_name == name}.values():
+            for obj in list(self.store.items(resource.storage_key)):
+                metadata = obj["metadata"]
+                if self.store.get(resource.storage_key, metadata.get("namespace", ""), metadata["name"]) is not None:
+                    self.delete(resource, metadata.get("namespace"), metadata["name"])
+        self._finish_crd_if_empty(name)
+        remaining = self.store.get(CRD_RESOURCE.storage_key, "", name)
+        return self.as_version(CRD_RESOURCE, remaining if remaining is not None else current)
+
+    def _crd_terminating(self, crd_name: str) -> bool:
+        crd = self.store.get(CRD_RESOURCE.storage_key, "", crd_name)
+        return crd is not None and bool(crd["metadata"].get("deletionTimestamp"))
+
+    def _finish_crd_if_empty(self, crd_name: str) -> None:
+        crd = self.store.get(CRD_RESOURCE.storage_key, "", crd_name)
+        if crd is None or not crd["metadata"].get("deletionTimestamp"):
+            return
+        keys = {r.storage_key for r in self.registry.all() if r.crd_name == crd_name}
+        if any(next(iter(self.store.items(key)), None) is not None for key in keys):
+            return
+        finalizers = [f for f in crd["metadata"].get("finalizers", []) if f != CRD_CLEANUP_FINALIZER]
+        if finalizers:  # someone else's finalizer still holds the CRD itself
+            held = {**crd, "metadata": {**crd["metadata"], "finalizers": finalizers}}
+            self.store.put(CRD_RESOURCE.storage_key, held, crd)
+            return
+        last_state = {**crd, "metadata": {**crd["metadata"], "finalizers": []}}
+        self._remove(CRD_RESOURCE, None, crd_name, last_state)
 
     def _unregister_crd(self, crd: JsonObj) -> None:
         removed = self.registry.unregister_crd(crd["metadata"]["name"])
