@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from koinon_agent import cli, health
+from koinon_agent.agent import Agent
+from koinon_agent.config import AgentConfig
 
 from .helpers import cluster
 
@@ -191,3 +193,13 @@ async def test_processes_of_the_agents_user_cannot_read_its_token_from_proc(tmp_
             for process in (agent, dumpable):
                 process.terminate()
                 await process.wait()
+
+
+def test_an_agent_without_ray_tells_the_gateway_so(tmp_path: Path) -> None:
+    """--no-ray: the heartbeat says "disabled" as the health report does (it said "starting" for
+    ever, and the VolunteerNode read "RayNotRunning: Ray node starting")."""
+    agent = Agent(
+        AgentConfig(gateway="127.0.0.1:1", insecure=True, state_dir=tmp_path, start_ray=False, simulate_gpus=0)
+    )
+    assert agent.health_report().ray_state == "disabled"
+    assert agent._heartbeat(None).ray_state == "disabled"

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from .helpers import cluster
 
@@ -39,3 +41,62 @@ async def test_a_ray_start_that_never_serves_is_replaced(tmp_path: Path) -> None
         ready = next(cond for cond in status["conditions"] if cond["type"] == "Ready")
         assert ready["reason"] == "RayNotRunning"
         os.kill(second, 0)  # the replacement is the one running now
+
+
+NODE_ID = "ab" * 28
+
+# A stand-in for `ray start --block` that behaves as Ray 2.60's does (ray/scripts/scripts.py): it
+# watches its subprocesses and exits 1 only when one of them exits with an *unexpected* code; a
+# raylet that exits 0 or by SIGTERM ("treated as graceful, thus NOT reported") leaves it blocking.
+FAKE_RAYLET = """#!/bin/bash
+# comm of a script run through its shebang is the script's name: psutil sees a "raylet".
+logs="$1"; shift
+mkdir -p "$logs"
+printf 'node_id=%s\\nNodeManager server started\\n' "{node_id}" >> "$logs/raylet.out"
+sleep {raylet_lifetime}
+exit 0   # a graceful exit (what a SIGTERM'd raylet does: `ray stop` run by a job, a drain, ...)
+"""
+
+FAKE_RAY_START = """#!/bin/bash
+echo $$ >> {starts}
+for arg in "$@"; do case "$arg" in --temp-dir=*) temp="${{arg#--temp-dir=}}";; esac; done
+{raylet} "$temp/session_latest/logs" --node_id={node_id} &
+raylet=$!
+wait $raylet
+code=$?
+case $code in 0|15|143) ;; *) exit 1;; esac   # ray start --block: graceful exits are not reported
+exec sleep 600
+"""
+
+
+async def test_a_raylet_that_exits_gracefully_is_noticed_and_the_node_restarted(tmp_path: Path) -> None:
+    """The agent watches only `ray start --block`. When the raylet exits gracefully (code 0 or
+    SIGTERM) `ray start --block` keeps blocking, so the agent keeps reporting the dead node as
+    "running" with its old node id (the gateway keeps the VolunteerNode Ready) and never restarts
+    it: the volunteer is silently out of the Ray cluster for good."""
+    starts = tmp_path / "starts"
+    starts.touch()
+    raylet = tmp_path / "bin" / "raylet"
+    raylet.parent.mkdir()
+    raylet.write_text(FAKE_RAYLET.format(node_id=NODE_ID, raylet_lifetime=2))
+    raylet.chmod(0o755)
+    fake_ray = tmp_path / "ray"
+    fake_ray.write_text(FAKE_RAY_START.format(starts=starts, raylet=raylet, node_id=NODE_ID))
+    fake_ray.chmod(0o755)
+    async with cluster(tmp_path) as c:
+        agent = await c.start_agent("graceful", start_ray=True, ray_bin=str(fake_ray))
+        deadline = time.monotonic() + 15
+        while agent._ray_state()[1] != "running":
+            assert time.monotonic() < deadline, f"fake Ray never served: {agent._ray_state()}"
+            await asyncio.sleep(0.1)
+        # The raylet exits ~2 s after it started; give the agent ample time to notice.
+        deadline = time.monotonic() + 12
+        while time.monotonic() < deadline:
+            restarted = len(starts.read_text().split()) >= 2
+            if restarted or agent._ray_state()[1] != "running":
+                return
+            await asyncio.sleep(0.2)
+        pytest.fail(
+            f"raylet gone for ~10 s, yet the agent still reports {agent._ray_state()} and never restarted Ray "
+            f"({len(starts.read_text().split())} start(s))"
+        )

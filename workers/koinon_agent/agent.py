@@ -58,6 +58,8 @@ def accepted_connections_limit() -> int:
 
 # Text the gateway sends (drain reasons, errors) is logged quoted and cut to this many characters.
 MAX_GATEWAY_TEXT = 256
+# How often a running Ray node's raylet is checked for (a scan of ``ray start``'s children).
+RAYLET_CHECK_INTERVAL_S = 1.0
 
 
 class JoinRefused(Exception):
@@ -512,6 +514,8 @@ class Agent:
         log.debug("credential renewed; valid until %d", renewal.expires_at)
 
     def _ray_state(self) -> tuple[str, str]:
+        if not self.config.start_ray:
+            return "", "disabled"
         if self._ray_restart is not None and not self._ray_restart.done():
             return "", "restarting"
         if self.ray is None or not self.ray.running:
@@ -546,7 +550,7 @@ class Agent:
         return health.HealthReport(
             written_at=time.time(),
             connected=self.connected.is_set(),
-            ray_state=self._ray_state()[1] if self.config.start_ray else "disabled",
+            ray_state=self._ray_state()[1],
             node_name=self.identity.node_name if self.identity else "",
         )
 
@@ -610,7 +614,7 @@ class Agent:
                 continue
             assert self.ray.process is not None
             if await self._serving_within(self.ray, self.config.ray_start_timeout_s):
-                code: int | str = await self.ray.process.wait()
+                code: int | str = await self._ray_run_ends(self.ray)
             else:
                 code = f"no serving raylet after {self.config.ray_start_timeout_s:.0f}s"
             if self._drain.is_set():
@@ -620,6 +624,19 @@ class Agent:
             if time.monotonic() - started > 60:
                 delays.reset()
             await self._sleep_or_drain(delays.next())
+
+    @staticmethod
+    async def _ray_run_ends(ray: RayNode) -> int | str:
+        """Wait until ``ray start`` exits (its code) or its raylet is gone: ``ray start --block``
+        outlives a raylet that exits 0 or by SIGTERM (a job's ``ray stop``, a drained idle node),
+        which Ray counts as graceful, and the node would be reported running while out of the cluster."""
+        assert ray.process is not None
+        while ray.raylet_alive():
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(ray.process.wait(), timeout=RAYLET_CHECK_INTERVAL_S)
+        if ray.process.returncode is not None:
+            return ray.process.returncode
+        return "its raylet gone"
 
     @staticmethod
     async def _serving_within(ray: RayNode, timeout: float) -> bool:

@@ -140,6 +140,14 @@ class RayNode:
                 self._serving_node_id = node_id  # read the logs no more for this run
         return self._serving_node_id
 
+    def raylet_alive(self) -> bool:
+        """``ray start`` runs and, once the node served, the raylet it served with is still there."""
+        if not self.running:
+            return False
+        if not self._serving_node_id:
+            return True
+        return self._raylet_node_id() == self._serving_node_id
+
     def _raylet_node_id(self) -> str:
         """The --node_id flag of the raylet this run's ``ray start`` spawned (Ray's own tools find
         raylets the same way)."""
