@@ -43,10 +43,10 @@ class HeadProxy:
             return
         violation = ""
         try:
-            self.router.metrics.connections_opened += 1
-            http_connect.send(writer, http_connect.ESTABLISHED)
-            await writer.drain()
-            await splice_tcp(reader, writer, channel)
+            with self.router.metrics.connection():
+                http_connect.send(writer, http_connect.ESTABLISHED)
+                await writer.drain()
+                await splice_tcp(reader, writer, channel)
         except ConnectionError:
             pass
         except ProtocolViolation as exc:  # the volunteer got a Close saying so; its session carries on

@@ -37,8 +37,14 @@ async def read_connect_request(reader: asyncio.StreamReader, timeout: float = 10
     return host.strip("[]"), int(port_text)
 
 
+# What a reason phrase may hold here: the agent passes on the gateway's refusal reasons, which it
+# does not trust (a CR LF in one would add headers or a second response).
+_REASON_UNSAFE = re.compile(r"[^A-Za-z0-9 ._-]")
+
+
 def response(status: int, reason: str) -> bytes:
-    return f"HTTP/1.1 {status} {reason}\r\nContent-Length: 0\r\n\r\n".encode()
+    phrase = _REASON_UNSAFE.sub("", reason)[:64] or "Error"
+    return f"HTTP/1.1 {status} {phrase}\r\nContent-Length: 0\r\n\r\n".encode()
 
 
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 
@@ -19,6 +21,17 @@ class GatewayMetrics:
     # max_streams_per_node against what real nodes use).
     node_streams_peak: int = 0
     bytes_from_agents: int = 0
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[None]:
+        """One proxied connection, once open: counted in opened, and in active while it lasts (a
+        volunteer-to-volunteer connection is one, though it takes two Connect streams)."""
+        self.connections_opened += 1
+        self.connections_active += 1
+        try:
+            yield
+        finally:
+            self.connections_active -= 1
 
     def render(self, sessions_connected: int = 0) -> str:
         lines = [

@@ -682,21 +682,17 @@ class TunnelService:
         self, source: NodeSession, first: Any, channel: GrpcFrameChannel, context: Context, slot: StreamSlot
     ) -> None:
         kind = first.WhichOneof("msg") if isinstance(first, pb.Frame) else None
-        self.metrics.connections_active += 1
         open_now = self.sessions.streams.open(source.node_name)
         self.metrics.node_streams_peak = max(self.metrics.node_streams_peak, open_now)
-        try:
-            if kind == "dial":
-                slot.dialing()
-                await self._dial(source, first.dial, channel)
-            elif kind == "accept":
-                slot.accepting()
-                await self._accept(source, first.accept, channel, context)
-            else:
-                self.metrics.refused_streams["bad-first-frame"] += 1
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "connect: first frame must be Dial or Accept")
-        finally:
-            self.metrics.connections_active -= 1
+        if kind == "dial":
+            slot.dialing()
+            await self._dial(source, first.dial, channel)
+        elif kind == "accept":
+            slot.accepting()
+            await self._accept(source, first.accept, channel, context)
+        else:
+            self.metrics.refused_streams["bad-first-frame"] += 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "connect: first frame must be Dial or Accept")
 
     async def _dial(self, source: NodeSession, dial: pb.Dial, channel: GrpcFrameChannel) -> None:
         try:
@@ -717,9 +713,9 @@ class TunnelService:
                     pb.Frame(dial_result=pb.DialResult(ok=False, reason="unreachable", message=repr(exc)))
                 )
                 return
-            self.metrics.connections_opened += 1  # counted once open, as the head proxy counts
-            await channel.write_frame(pb.Frame(dial_result=pb.DialResult(ok=True)))
-            await splice_tcp(reader, writer, channel)
+            with self.metrics.connection():  # counted once open, as the head proxy counts
+                await channel.write_frame(pb.Frame(dial_result=pb.DialResult(ok=True)))
+                await splice_tcp(reader, writer, channel)
             return
         assert route.node is not None
         try:
@@ -730,10 +726,10 @@ class TunnelService:
             )
             return
         peer_violation = ""
-        self.metrics.connections_opened += 1
         try:
-            await channel.write_frame(pb.Frame(dial_result=pb.DialResult(ok=True)))
-            await splice_channels(channel, peer)
+            with self.metrics.connection():
+                await channel.write_frame(pb.Frame(dial_result=pb.DialResult(ok=True)))
+                await splice_channels(channel, peer)
         except PeerProtocolViolation as exc:  # the accepting stream's handler ends it with an error
             peer_violation = str(exc) or "protocol violation"
         finally:

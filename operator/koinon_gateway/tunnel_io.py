@@ -19,7 +19,7 @@ from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .frame_codec import FrameDecodeError, OutgoingFrame, TunnelFrame
 from .rpc import EOF
-from .tcp_pipe import TcpPipe
+from .tcp_pipe import CLOSE_FLUSH_TIMEOUT_S, TcpPipe
 
 # Message size is the first lever of throughput through grpc (DESIGN §4): read up to 1 MiB at once.
 CHUNK_BYTES = 1 << 20
@@ -53,6 +53,11 @@ class FrameChannel(Protocol):
 
     async def write_frame(self, frame: OutgoingFrame) -> None: ...
 
+    async def end_writing(self) -> None:
+        """No frame follows on this side (a client half-closes its call; a server's stream ends
+        when its handler returns)."""
+        ...
+
 
 class GrpcFrameChannel:
     """Adapts a grpc.aio server context or client call (both have read/write) to FrameChannel.
@@ -76,6 +81,11 @@ class GrpcFrameChannel:
     async def write_frame(self, frame: OutgoingFrame) -> None:
         await self._stream.write(frame)
 
+    async def end_writing(self) -> None:
+        done_writing = getattr(self._stream, "done_writing", None)
+        if done_writing is not None:  # a client call; a server context has none
+            await done_writing()
+
 
 async def tcp_to_channel(pipe: TcpPipe, channel: FrameChannel) -> None:
     while True:
@@ -86,13 +96,20 @@ async def tcp_to_channel(pipe: TcpPipe, channel: FrameChannel) -> None:
         await channel.write_frame(chunk)
 
 
-async def channel_to_tcp(channel: FrameChannel, pipe: TcpPipe) -> str:
-    """Copy Data frames to the socket; returns why it stopped ("close-write", "close:<reason>", "eof")."""
+async def channel_to_tcp(channel: FrameChannel, pipe: TcpPipe, half_closed: asyncio.Event) -> str:
+    """Copy Data frames to the socket; returns why the peer ended ("close:<reason>", "eof").
+
+    A ``CloseWrite`` half-closes the socket and sets ``half_closed``; reading goes on, so that a
+    peer that then aborts or vanishes (Close, end of stream) still ends the connection instead of
+    leaving it held until the socket's side sends something.
+    """
     while True:
         frame = await channel.read_frame()
         if frame is None:
             return "eof"
         if isinstance(frame, memoryview):
+            if half_closed.is_set():
+                raise ProtocolViolation("data after close_write")
             pipe.write(frame)
             # drain() only waits while the transport is above its high-water mark (and raises once
             # the socket is gone); skipping it when all was sent saves a coroutine round per
@@ -101,9 +118,10 @@ async def channel_to_tcp(channel: FrameChannel, pipe: TcpPipe) -> str:
                 await pipe.drain()
             continue
         kind = frame.WhichOneof("msg")
-        if kind == "close_write":
+        if kind == "close_write" and not half_closed.is_set():
             pipe.write_eof()
-            return "close-write"
+            half_closed.set()
+            continue
         if kind == "close":
             return f"close:{frame.close.reason}"
         raise ProtocolViolation(f"unexpected frame {kind!r} during data transfer")
@@ -133,25 +151,36 @@ async def splice_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     The connection's transport is taken over (see tcp_pipe); the streams must not be used again.
     """
     pipe = TcpPipe.take_over(reader, writer, CHUNK_BYTES)
+    half_closed = asyncio.Event()
     upstream = asyncio.ensure_future(tcp_to_channel(pipe, channel))
-    downstream = asyncio.ensure_future(channel_to_tcp(channel, pipe))
-    pending: set[asyncio.Future[Any]] = {upstream, downstream}
+    downstream = asyncio.ensure_future(channel_to_tcp(channel, pipe, half_closed))
+    peer_done = asyncio.ensure_future(half_closed.wait())
+    pending: set[asyncio.Future[Any]] = {upstream, downstream, peer_done}
     clean = False
     violation: BaseException | None = None
     notice = ""
     try:
-        while pending:
+        # Clean once both directions are half-closed: this side's upstream has ended and the peer
+        # sent CloseWrite. The peer's Close, its stream's end or a failure to read it is an abort,
+        # even after its CloseWrite (it vanished), except the end of a stream that half-closed
+        # first: a peer that ends cleanly has our CloseWrite, so ours is written, or about to be.
+        while True:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if any(_aborted(task, downstream) for task in done):
-                violation = _protocol_violation(downstream)
-                notice = "protocol-violation" if violation is not None else _tcp_failure(done, upstream, downstream)
+            if downstream in done and _ended_after_half_close(downstream, half_closed) and not upstream.done():
+                await asyncio.wait({upstream}, timeout=CLOSE_NOTICE_TIMEOUT_S)
+            if upstream.done() and not _aborted(upstream) and half_closed.is_set():
+                clean = True
+                await _end_cleanly(channel, downstream)
                 break
-        else:
-            clean = True
+            if downstream.done() or (upstream.done() and _aborted(upstream)):
+                violation = _protocol_violation(downstream)
+                ended: set[asyncio.Future[Any]] = {task for task in (upstream, downstream) if task.done()}
+                notice = "protocol-violation" if violation is not None else _tcp_failure(ended, upstream, downstream)
+                break
     finally:
-        for task in (upstream, downstream):
+        for task in (upstream, downstream, peer_done):
             task.cancel()
-        await asyncio.gather(upstream, downstream, return_exceptions=True)
+        await asyncio.gather(upstream, downstream, peer_done, return_exceptions=True)
         with contextlib.suppress(Exception):
             # After an abort nobody will read what is still buffered: reset at once, or a peer
             # that stopped reading would keep the socket and its buffer for ever.
@@ -163,11 +192,28 @@ async def splice_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     return clean
 
 
-def _aborted(task: asyncio.Future[Any], downstream: asyncio.Future[Any]) -> bool:
-    """A direction ends the whole connection unless it finished with a clean half-close."""
-    if task.cancelled() or task.exception() is not None:
-        return True
-    return task is downstream and task.result() != "close-write"
+async def _end_cleanly(channel: FrameChannel, reading: asyncio.Future[Any]) -> None:
+    """Both directions are half-closed: end this side's writing and let the peer end the stream,
+    up to ``CLOSE_FLUSH_TIMEOUT_S``. The read in progress is not cancelled: grpc.aio cancels a
+    client call whose read is cancelled, and the reset drops what the peer has not read yet
+    (our CloseWrite, even data)."""
+    with contextlib.suppress(Exception):
+        await channel.end_writing()
+    await asyncio.wait({reading}, timeout=CLOSE_FLUSH_TIMEOUT_S)
+
+
+def _ended_after_half_close(downstream: asyncio.Future[Any], half_closed: asyncio.Event) -> bool:
+    return (
+        half_closed.is_set()
+        and not downstream.cancelled()
+        and downstream.exception() is None
+        and downstream.result() == "eof"
+    )
+
+
+def _aborted(upstream: asyncio.Future[Any]) -> bool:
+    """The socket-to-tunnel direction ends the whole connection unless it ended with a half-close."""
+    return upstream.cancelled() or upstream.exception() is not None
 
 
 def _protocol_violation(downstream: asyncio.Future[Any]) -> BaseException | None:
@@ -204,33 +250,55 @@ async def splice_channels(a: FrameChannel, b: FrameChannel) -> None:
     that each stream's own handler can end it with an error instead of OK.
     """
 
-    async def forward(src: FrameChannel, dst: FrameChannel) -> str:
+    async def forward(src: FrameChannel, dst: FrameChannel, half_closed: asyncio.Event) -> str:
+        """Copy ``src``'s frames to ``dst`` until ``src`` ends ("eof") or aborts ("close"); after its
+        CloseWrite (``half_closed``) ``src`` is still read, to learn when it vanishes."""
         while True:
             frame = await src.read_frame()
             if frame is None:
-                await dst.write_frame(pb.Frame(close=pb.Close(reason="peer-ended")))
                 return "eof"
-            if isinstance(frame, memoryview):
+            if isinstance(frame, memoryview) and not half_closed.is_set():
                 await dst.write_frame(frame)
                 continue
-            kind = frame.WhichOneof("msg")
-            if kind not in ("close_write", "close"):
-                raise ProtocolViolation(f"unexpected frame {kind!r} during data transfer")
-            await dst.write_frame(frame)
-            return str(kind)
+            kind = "data" if isinstance(frame, memoryview) else frame.WhichOneof("msg")
+            if kind == "close_write" and not half_closed.is_set():
+                await dst.write_frame(frame)
+                half_closed.set()
+                continue
+            if kind == "close":
+                await dst.write_frame(frame)
+                return "close"
+            raise ProtocolViolation(f"unexpected frame {kind!r} during data transfer")
 
-    ab = asyncio.ensure_future(forward(a, b))
-    ba = asyncio.ensure_future(forward(b, a))
+    a_half_closed, b_half_closed = asyncio.Event(), asyncio.Event()
+    ab = asyncio.ensure_future(forward(a, b, a_half_closed))
+    ba = asyncio.ensure_future(forward(b, a, b_half_closed))
+    both_half_closed = asyncio.ensure_future(asyncio.gather(a_half_closed.wait(), b_half_closed.wait()))
     try:
-        pending = {ab, ba}
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if any(t.exception() is not None or t.result() != "close_write" for t in done):
+        pending: set[asyncio.Future[Any]] = {ab, ba, both_half_closed}
+        while not both_half_closed.done():
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            ended = [
+                (task, half_closed) for task, half_closed in ((ab, a_half_closed), (ba, b_half_closed)) if task.done()
+            ]
+            if not ended:
+                continue
+            if all(_ended_after_half_close(task, half_closed) for task, half_closed in ended):
+                # A stream that half-closed and then ended cleanly has the other's CloseWrite,
+                # which is forwarded by now or about to be.
+                await asyncio.wait({both_half_closed}, timeout=CLOSE_NOTICE_TIMEOUT_S)
+            if not both_half_closed.done():
+                for task, dst in ((ab, b), (ba, a)):
+                    if task.done() and not task.cancelled() and task.exception() is None and task.result() == "eof":
+                        await _send_close(dst, "peer-ended")
                 break
+        if both_half_closed.done():
+            # Each agent half-closes its call once it has both CloseWrites; the streams end then.
+            await asyncio.wait({ab, ba}, timeout=CLOSE_FLUSH_TIMEOUT_S)
     finally:
-        for task in (ab, ba):
-            task.cancel()
-        await asyncio.gather(ab, ba, return_exceptions=True)
+        for future in (ab, ba, both_half_closed):
+            future.cancel()
+        await asyncio.gather(ab, ba, both_half_closed, return_exceptions=True)
     # Tell both ends which of them broke the protocol (only now: one write at a time per stream).
     violations = [(_protocol_violation(task), src, dst) for task, src, dst in ((ab, a, b), (ba, b, a))]
     for violation, src, dst in violations:

@@ -223,6 +223,9 @@ class ScriptedChannel:
     async def write_frame(self, frame: object) -> None:
         pass
 
+    async def end_writing(self) -> None:
+        pass
+
 
 async def test_a_splice_that_ends_abnormally_drops_what_its_peer_never_read() -> None:
     # The local peer reads nothing while data arrives from the tunnel; then the tunnel stream is
@@ -301,6 +304,9 @@ class StuckTunnel:
                 self.closes.append(frame.close.reason)
             return
         await asyncio.Event().wait()
+
+    async def end_writing(self) -> None:
+        pass
 
 
 async def test_a_socket_reset_while_data_waits_to_be_written_reaches_the_tunnel_peer_as_a_reset() -> None:

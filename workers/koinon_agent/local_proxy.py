@@ -114,7 +114,11 @@ async def accept_connection(stub: Any, metadata: Metadata, request: pb.OpenConne
             await channel.write_frame(
                 pb.Frame(dial_result=pb.DialResult(ok=False, reason="unreachable", message=repr(exc)))
             )
-            await call.done_writing()
+            # Wait for the gateway to read it and end the call: cancelling at once may reset the
+            # stream before the gateway has read the refusal, and the dialer then waits for
+            # accept_timeout_s instead of hearing "unreachable" now.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(_half_close_and_wait(call), CLOSE_FLUSH_TIMEOUT_S)
             return
         try:
             await channel.write_frame(pb.Frame(dial_result=pb.DialResult(ok=True)))
