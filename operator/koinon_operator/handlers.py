@@ -151,3 +151,4 @@ async def stop_ray_job(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     except RayUnavailableError as error:
         # Keep the finalizer until Ray confirms: a deleted AIJob must not leave its job running.
         raise kopf.TemporaryError(f"cannot stop the Ray job yet: {error}", delay=5) from error
+    memo.tracer.deleted(body)

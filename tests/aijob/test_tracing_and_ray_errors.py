@@ -1,0 +1,207 @@
+"""Tracing as SREs rely on it and Ray errors as namespace users see them: the Ray token never in a
+status or a log line, ratio sampling keeps its share of jobs, a deleted job's trace gets its root,
+OTEL_SDK_DISABLED and an explicit OTEL_TRACES_EXPORTER=otlp behave as the spec says, and the Ray
+job is not told its parent was recorded when the operator records nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from types import SimpleNamespace
+from typing import Any
+
+import kopf
+import pytest
+from koinon_operator.inventory import RayNodeCache
+from koinon_operator.placement import FirstFitPlacer
+from koinon_operator.ray_jobs import RayJobsClient, RayJobState, RayUnavailableError
+from koinon_operator.reconciler import AIJobReconciler, submission_id_for
+from koinon_operator.telemetry import JobIdGenerator, JobTracer, exporter_settings_problem, setup_tracing
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import ProxyTracerProvider
+
+from .fake_ray import UID, Clock, FakeRay, make_body, make_reconciler, step
+
+TOKEN = "SECRET-RAY-TOKEN-0123456789"
+
+
+async def _garbage_http_server() -> tuple[asyncio.AbstractServer, str]:
+    """Answers every request with a malformed HTTP reply (as a TLS port, a non-HTTP service or a
+    broken proxy does): aiohttp raises ClientResponseError, whose repr holds the request headers."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(4096)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\nxx")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+
+async def test_ray_auth_token_is_not_quoted_in_ray_errors() -> None:
+    server, url = await _garbage_http_server()
+    client = RayJobsClient(url, auth_token=TOKEN)
+    try:
+        with pytest.raises(RayUnavailableError) as caught:
+            await client.get("koinon-x-1")
+    finally:
+        await client.close()
+        server.close()
+    assert TOKEN not in str(caught.value)
+
+
+async def test_ray_auth_token_does_not_reach_the_aijob_status() -> None:
+    """The RayReachable condition is readable by every user of the namespace (and by the
+    operator's logs): it must never carry the cluster's Ray token."""
+    server, url = await _garbage_http_server()
+    ray = RayJobsClient(url, auth_token=TOKEN)
+    clock = Clock()
+    reconciler = AIJobReconciler(
+        ray=ray, placer=FirstFitPlacer(), nodes=RayNodeCache(ray, max_age_seconds=0.0),
+        clock=lambda: clock.now, monotonic=lambda: clock.mono,
+    )  # fmt: skip
+    body = make_body({"entrypoint": "python x.py"})
+    try:
+        await step(reconciler, body)  # Accepted, then placement asks Ray for its nodes
+    finally:
+        await ray.close()
+        server.close()
+    conditions = body["status"].get("conditions") or []
+    ray_reachable = [c for c in conditions if c["type"] == "RayReachable"]
+    assert ray_reachable, body["status"]
+    assert TOKEN not in str(body["status"])
+
+
+def _tracer() -> tuple[JobTracer, InMemorySpanExporter]:
+    provider = TracerProvider(id_generator=JobIdGenerator())
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return JobTracer(provider), exporter
+
+
+async def _traced_step(reconciler: AIJobReconciler, tracer: JobTracer, body: dict[str, Any]) -> None:
+    before = copy.deepcopy(body)
+    outcome = await step(reconciler, body)
+    tracer.record(before, outcome.status, [(e.type, e.reason, e.message) for e in outcome.events])
+
+
+async def test_deleting_a_running_job_still_emits_its_root_span(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transition spans name the root span as their parent; the root is only emitted when the job
+    finishes. A job deleted while it runs never finishes, so its trace stays without a root span
+    for good (Jaeger: 'invalid parent span id', Tempo: '<root span not yet received>')."""
+    from koinon_operator import handlers
+
+    monkeypatch.setattr(kopf, "event", lambda *args, **kwargs: None)
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    tracer, exporter = _tracer()
+    body = make_body({"entrypoint": "python x.py"})
+    await _traced_step(reconciler, tracer, body)  # Accepted + Scheduled
+    await _traced_step(reconciler, tracer, body)  # Submitted
+    ray.set_state(submission_id_for(UID, 1), RayJobState.RUNNING)
+    await _traced_step(reconciler, tracer, body)  # Running
+    assert body["status"]["phase"] == "Running"
+
+    body["metadata"]["deletionTimestamp"] = "2026-01-01T00:01:00Z"
+    memo = SimpleNamespace(reconciler=reconciler, tracer=tracer, ray=ray)
+    stop_ray_job: Any = handlers.stop_ray_job  # kopf's decorator types it as a handler spec
+    await stop_ray_job(body=body, memo=memo)  # kubectl delete aijob j
+    assert ray.stopped == [submission_id_for(UID, 1)]
+
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert "aijob.Running" in names
+    assert "aijob ns/j" in names, f"the trace of a deleted job never gets its root span: {names}"
+
+
+def test_otel_sdk_disabled_turns_tracing_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OTEL_SDK_DISABLED=true: 'a no-op SDK implementation will be used for all telemetry signals'.
+    The operator still builds an OTLP exporter (and refuses to start over its settings)."""
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")
+    # Tracing is off: nothing to refuse, the operator must start.
+    assert exporter_settings_problem() is None
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    provider = setup_tracing()
+    try:
+        assert provider is None, "an exporter and a batch thread are set up with the SDK disabled"
+    finally:
+        if provider is not None:
+            provider.shutdown()
+
+
+async def test_traceparent_is_not_marked_sampled_when_the_operator_exports_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without tracing configured, the Ray job is told (flags 01) that its parent was recorded: an
+    instrumented job with its own exporter then records every span under a root that never exists."""
+    monkeypatch.setattr("opentelemetry.trace.get_tracer_provider", lambda: ProxyTracerProvider())
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py"})
+    await step(reconciler, body)
+    await step(reconciler, body)
+    env = ray.submissions[0].runtime_env["env_vars"]
+    assert not env.get("TRACEPARENT", "").endswith("-01"), env.get("TRACEPARENT")
+
+
+def test_explicit_otlp_exporter_without_endpoint_uses_the_spec_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OTEL_TRACES_EXPORTER=otlp with no endpoint: the spec's default is localhost:4317 (a node-local
+    agent or a collector sidecar). The operator silently exports nothing."""
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_SDK_DISABLED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
+    provider = setup_tracing()
+    try:
+        assert provider is not None
+    finally:
+        if provider is not None:
+            provider.shutdown()
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.8])
+def test_ratio_sampling_keeps_about_that_share_of_jobs(ratio: float) -> None:
+    """OTEL_TRACES_SAMPLER=(parentbased_)traceidratio decides on the low 64 bits of the trace id.
+    The trace id is the Kubernetes uid (a UUIDv4) as is, whose low 64 bits start with the RFC 4122
+    variant bits '10': they always lie in [2^63, 2^63 + 2^62). Any ratio under 0.5 then keeps no
+    job at all, and any ratio of 0.75 or more keeps every job."""
+    import random
+    import uuid
+
+    from koinon_operator.reconciler import trace_id_for
+    from koinon_operator.telemetry import root_sampled
+    from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+
+    provider = TracerProvider(sampler=ParentBasedTraceIdRatio(ratio))
+    rng = random.Random(7)
+    uids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(2000)]
+    kept = sum(root_sampled(trace_id_for(uid), provider) for uid in uids) / len(uids)
+    assert abs(kept - ratio) < 0.05, f"ratio {ratio}: {kept:.2%} of jobs traced"
+
+
+@pytest.mark.parametrize("setting", ["zipkin", "otlp,jaeger"])
+def test_an_exporter_the_operator_does_not_have_is_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, setting: str
+) -> None:
+    monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", setting)
+    problem = exporter_settings_problem()
+    assert problem is not None and problem.startswith("OTEL_TRACES_EXPORTER:"), problem
+
+
+def test_an_exporter_list_exports_to_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console,otlp")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317")
+    provider = setup_tracing()
+    assert provider is not None
+    try:
+        processors = provider._active_span_processor._span_processors
+        kinds = sorted(type(p.span_exporter).__name__ for p in processors)  # type: ignore[attr-defined]
+        assert kinds == ["ConsoleSpanExporter", "OTLPSpanExporter"]
+    finally:
+        provider.shutdown()
