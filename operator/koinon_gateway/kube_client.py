@@ -236,7 +236,7 @@ class KubeClient:
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s)
         self._session: aiohttp.ClientSession | None = None
         self._token = config.token
-        self._token_read_at = 0.0
+        self._token_read_at: float | None = None  # not read yet (monotonic() may be < 60 s after boot)
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -247,7 +247,9 @@ class KubeClient:
         headers = {"Accept": "application/json"}
         if content_type:
             headers["Content-Type"] = content_type
-        if self.config.token_file is not None and time.monotonic() - self._token_read_at > TOKEN_REREAD_S:
+        if self.config.token_file is not None and (
+            self._token_read_at is None or time.monotonic() - self._token_read_at > TOKEN_REREAD_S
+        ):
             self._token = self.config.token_file.read_text().strip()
             self._token_read_at = time.monotonic()
         if self._token:

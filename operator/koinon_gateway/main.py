@@ -21,6 +21,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
+
 from . import event_loop, token_cli
 from .config import GatewayConfig
 from .file_tokens import FileTokenStore
@@ -214,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KubeApiError as exc:
         print(f"koinon-gateway: Kubernetes API: {exc}", file=sys.stderr)
+        return 1
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        print(f"koinon-gateway: cannot reach the Kubernetes API: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -13,11 +13,13 @@ import re
 import sys
 from pathlib import Path
 
+import aiohttp
+
 from .kube_ca import KubeCAStore
 from .kube_client import KubeApiError, KubeClient, KubeConfigError, kube_client, load_config
 from .kube_tokens import KubeTokenStore
 from .pki import ca_cert_hash
-from .tokens import TOKEN_RE, TokenError
+from .tokens import TOKEN_RE, JoinToken, TokenError
 
 _DURATION_RE = re.compile(r"(\d+)([smhd])")
 _TOKEN_ID_RE = re.compile(r"[a-z0-9]{6}")
@@ -92,16 +94,24 @@ async def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"ca-hash: no gateway CA in namespace {namespace} yet (the gateway creates it)")
             print(ca_cert_hash(bundle.cert_pem))
         elif args.command == "list":
-            print(f"{'ID':8}{'OWNER':16}{'USES':10}{'EXPIRES':22}REVOKED")
-            for token in await store.list():
-                uses = f"{token.usages_count}/{token.usage_limit if token.usage_limit is not None else '-'}"
-                expires = token.expiration.isoformat() if token.expiration else "never"
-                print(f"{token.token_id:8}{token.owner:16}{uses:10}{expires:22}{str(token.revoked).lower()}")
+            print_table(await store.list())
         else:
             token_id = token_id_argument(args.token_id)
             await store.revoke(token_id)
             print(f"token {token_id} revoked")
     return 0
+
+
+def print_table(tokens: list[JoinToken]) -> None:
+    """One row per token, columns as wide as their widest cell and two spaces apart (as kubectl's)."""
+    rows = [("ID", "OWNER", "USES", "EXPIRES", "REVOKED")]
+    for token in tokens:
+        limit = token.usage_limit if token.usage_limit is not None else "-"
+        expires = token.expiration.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if token.expiration else "never"
+        rows.append((token.token_id, token.owner, f"{token.usages_count}/{limit}", expires, str(token.revoked).lower()))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 async def print_ca_hint(client: KubeClient, namespace: str) -> None:
@@ -126,4 +136,7 @@ def main(argv: list[str]) -> int:
         return 2
     except KubeApiError as exc:
         print(f"koinon-gateway token: Kubernetes API: {exc}", file=sys.stderr)
+        return 1
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        print(f"koinon-gateway token: cannot reach the Kubernetes API: {exc}", file=sys.stderr)
         return 1
