@@ -102,7 +102,9 @@ exec sleep 600
 
 
 async def test_cli_second_sigterm_stops_ray_without_waiting(tmp_path: Path) -> None:
-    task_pid = tmp_path / "task.pid"
+    # Made before Ray starts: confined Ray can create no entry in tmp_path, above the state dir.
+    (tmp_path / "records").mkdir()
+    task_pid = tmp_path / "records" / "task.pid"
     fake_ray = tmp_path / "ray"
     fake_ray.write_text(FAKE_RAY.format(task_pid=task_pid))
     fake_ray.chmod(0o755)

@@ -203,3 +203,20 @@ def test_an_agent_without_ray_tells_the_gateway_so(tmp_path: Path) -> None:
     )
     assert agent.health_report().ray_state == "disabled"
     assert agent._heartbeat(None).ray_state == "disabled"
+
+
+def test_the_report_is_not_written_through_a_planted_symlink(tmp_path: Path) -> None:
+    """The chart keeps the report in /tmp, which Ray's job code can write: a symlink planted where
+    the agent writes its next report must not make it overwrite the symlink's target (the node's
+    credential, say)."""
+    victim = tmp_path / "identity.json"
+    victim.write_text("credential")
+    report_dir = tmp_path / "health"
+    report_dir.mkdir()
+    (report_dir / "health.tmp").symlink_to(victim)
+    health.write(
+        report_dir / "health.json", health.HealthReport(written_at=time.time(), connected=True, ray_state="running")
+    )
+    assert victim.read_text() == "credential"
+    assert json.loads((report_dir / "health.json").read_text())["connected"] is True
+    assert sorted(p.name for p in report_dir.iterdir()) == ["health.json", "health.tmp"]

@@ -286,7 +286,9 @@ async def test_a_rejoin_at_the_same_address_restarts_ray_under_the_new_node_name
     """The gateway retires the old node and usually hands its address out again: Ray must still be
     restarted, since its koinon.dev/node label names the retired node (the operator would map it
     to a VolunteerNode that no longer exists)."""
-    starts = tmp_path / "starts"
+    # Made before Ray starts: confined Ray can create no entry in tmp_path, above the state dir.
+    (tmp_path / "records").mkdir()
+    starts = tmp_path / "records" / "starts"
     fake_ray = tmp_path / "ray"  # records each `ray start`'s arguments
     fake_ray.write_text(f'#!/bin/sh\necho "$@" >> {starts}\nexec sleep 600\n')
     fake_ray.chmod(0o755)

@@ -79,16 +79,30 @@ class Counter:
     def __init__(self): self.n = 0
     def add(self, k): self.n += k; return ray.util.get_node_ip_address(), self.n
 
+@ray.remote
+def read_credential(path):
+    try:
+        open(path).read()
+        return 'read'
+    except PermissionError:
+        return 'denied'
+    except OSError as exc:
+        return repr(exc)
+
 on = lambda ip: {{'resources': {{f'node:{{ip}}': 0.01}}}}
+credential = ray.get(read_credential.options(**on(A)).remote('{a.state_dir / "identity.json"}'))
 where, n, back = ray.get(echo_size.options(**on(A)).remote(b'x' * 80_000_000))
 made = produce.options(**on(A)).remote()
 consumer_ip, total = ray.get(consume.options(**on(B)).remote(made))
 counter = Counter.options(**on(B)).remote()
 ray.get(counter.add.remote(2)); actor_ip, value = ray.get(counter.add.remote(3))
-print(json.dumps(dict(alive=alive, where=where, n=n, back=int(back.sum()), consumer=consumer_ip,
+print(json.dumps(dict(credential=credential, alive=alive, where=where, n=n, back=int(back.sum()), consumer=consumer_ip,
                       total=total, actor_ip=actor_ip, value=value)))
 """)
     result = json.loads(out.strip().splitlines()[-1])
+    # Job code on a volunteer runs as its agent's user, yet cannot read the node's credential.
+    assert (a.state_dir / "identity.json").exists()
+    assert result["credential"] == "denied"
     assert result["alive"][node_a["status"]["rayNodeId"]] == ip_a
     assert result["alive"][node_b["status"]["rayNodeId"]] == ip_b
     assert (result["where"], result["n"], result["back"]) == (ip_a, 80_000_000, 40_000_000)

@@ -19,7 +19,9 @@ from .helpers import cluster
 
 
 async def test_a_ray_start_that_never_serves_is_replaced(tmp_path: Path) -> None:
-    starts = tmp_path / "starts"
+    # Made before Ray starts: confined Ray can create no entry in tmp_path, above the state dir.
+    (tmp_path / "records").mkdir()
+    starts = tmp_path / "records" / "starts"
     hung_ray = tmp_path / "ray"
     hung_ray.write_text(f"#!/bin/sh\necho $$ >> {starts}\nexec sleep 600\n")
     hung_ray.chmod(0o755)

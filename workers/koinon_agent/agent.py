@@ -592,13 +592,15 @@ class Agent:
         assert self._proxy is not None and self.assignment is not None
         settings = RaySettings(
             ray_bin=self.config.ray_bin,
-            temp_dir=self.config.ray_temp_dir,
+            # Absolute: Ray may start in another working directory (ray_node.RayNode.start).
+            temp_dir=self.config.ray_temp_dir.absolute(),
             proxy_url=self._proxy.url,
             num_cpus=self.config.num_cpus,
             num_gpus=len(self.gpus),
             gpu_memory_mib=min((g.memory_mib for g in self.gpus), default=0),
             object_store_memory=self.config.object_store_memory,
             gpu_devices=None if self.config.simulate_gpus is not None else tuple(g.device for g in self.gpus),
+            state_dir=self.config.state_dir.absolute(),
         )
         delays = backoff_delays(1.0, 30.0)
         while not self._drain.is_set():

@@ -8,8 +8,10 @@ with its Ray node serving (readiness: the pod shows READY 1/1 once the volunteer
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,9 +34,17 @@ class HealthReport:
 
 def write(path: Path, report: HealthReport) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(report)))
-    os.replace(tmp, path)  # a probe never reads half a file
+    # A new file of a fresh name (O_EXCL), never a fixed one: in a dir Ray's job code can write (the
+    # chart's /tmp), a symlink planted at a fixed name would have the agent write through it.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(asdict(report)))
+        os.replace(tmp, path)  # a probe never reads half a file
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def processes_started_at() -> float | None:

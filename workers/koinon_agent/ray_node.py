@@ -2,17 +2,21 @@
 
 All of Ray's inter-node gRPC goes through the agent's local CONNECT proxy (DESIGN §2:
 RAY_grpc_enable_http_proxy=1 with grpc_proxy/no_grpc_proxy); the node advertises its virtual
-address and binds only the ports of its block.
+address and binds only the ports of its block. It starts through ray_launch.py, which keeps Ray and
+its jobs out of the agent's state dir and ties Ray's life to the agent's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import logging
 import os
 import shutil
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,7 @@ import psutil
 from koinon_gateway import event_loop
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
+from . import ray_launch
 from .config import ENV_VARS
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,9 @@ class RaySettings:
     # gateway was told about (with a GPU skipped, Ray's own numbering 0..n-1 named the wrong ones).
     # None for simulated GPUs, which no CUDA device backs: Ray then numbers them itself.
     gpu_devices: tuple[str, ...] | None = None
+    # The agent's state dir (the node credential): Ray and its jobs get no file access in it but
+    # beneath temp_dir. None: not confined.
+    state_dir: Path | None = None
 
 
 def ray_start_command(settings: RaySettings, assignment: pb.Assignment) -> list[str]:
@@ -75,6 +83,29 @@ def ray_start_command(settings: RaySettings, assignment: pb.Assignment) -> list[
     return command
 
 
+def _unusable_when_confined(path: str, settings: RaySettings) -> bool:
+    """The state dir, what is in it but Ray's temp dir, and the dirs above it: what is created in
+    those once Ray runs is covered by no confinement rule, so neither Ray nor its jobs could use it."""
+    if settings.state_dir is None:
+        return False
+    place = Path(os.path.realpath(path))
+    state = Path(os.path.realpath(settings.state_dir))
+    if place.is_relative_to(os.path.realpath(settings.temp_dir)):
+        return False
+    return state.is_relative_to(place) or place.is_relative_to(state)
+
+
+def scratch_dirs(settings: RaySettings) -> dict[str, Path]:
+    """TMPDIR and HOME for Ray in its temp dir where the agent's would be unusable to it (a state
+    dir in /tmp or $HOME: the default ~/.koinon/agent)."""
+    places = {"TMPDIR": tempfile.gettempdir(), "HOME": os.environ.get("HOME", "")}
+    return {
+        variable: settings.temp_dir / variable.lower()
+        for variable, place in places.items()
+        if place and _unusable_when_confined(place, settings)
+    }
+
+
 def ray_environment(settings: RaySettings, assignment: pb.Assignment) -> dict[str, str]:
     # Not the agent's own settings: the join token and the CA must not reach job code on this node.
     env = {name: value for name, value in os.environ.items() if name not in ENV_VARS}
@@ -99,7 +130,15 @@ def ray_environment(settings: RaySettings, assignment: pb.Assignment) -> dict[st
     ray_path = shutil.which(settings.ray_bin, path=env.get("PATH"))
     if ray_path is not None:
         env["PATH"] = f"{os.path.dirname(os.path.abspath(ray_path))}{os.pathsep}{env.get('PATH', '')}"
+    env.update((variable, str(place)) for variable, place in scratch_dirs(settings).items())
     return env
+
+
+@functools.cache
+def _check_confinement(state_dir: Path) -> None:
+    # Once per agent, not per start: each start's own warning goes only to its ray-start.log.
+    if ray_launch.landlock_abi() == 0:
+        log.warning("%s", ray_launch.warning(str(state_dir), "this kernel has no Landlock"))
 
 
 class RayNode:
@@ -107,6 +146,7 @@ class RayNode:
         self.settings = settings
         self.process: asyncio.subprocess.Process | None = None
         self._serving_node_id = ""
+        self._raylet: psutil.Process | None = None  # the serving raylet's process, once found
         self._started_at = 0.0
 
     @property
@@ -114,14 +154,31 @@ class RayNode:
         return self.process is not None and self.process.returncode is None
 
     async def start(self, assignment: pb.Assignment) -> None:
-        self.settings.temp_dir.mkdir(parents=True, exist_ok=True)
+        settings = self.settings
+        settings.temp_dir.mkdir(parents=True, exist_ok=True)
+        for place in scratch_dirs(settings).values():
+            place.mkdir(mode=0o700, exist_ok=True)  # before Ray runs: made later, it could not use them
+        env = ray_environment(settings, assignment)
+        command = ray_start_command(settings, assignment)
+        # Looked up here, as the launcher would: a missing binary is still an OSError of start().
+        ray_path = shutil.which(command[0], path=env.get("PATH"))
+        if ray_path is None:
+            raise FileNotFoundError(errno.ENOENT, "no Ray executable", command[0])
+        command[0] = os.path.abspath(ray_path)
+        if settings.state_dir is not None:
+            _check_confinement(settings.state_dir)
+        command = ray_launch.launcher_command(os.getpid(), command, settings.state_dir, settings.temp_dir)
         self._serving_node_id = ""
+        self._raylet = None
         self._started_at = time.time() - 1.0  # file times are coarser than this clock on some filesystems
-        log_file = open(self.settings.temp_dir / "ray-start.log", "ab")  # noqa: SIM115 - owned by the child
+        log_file = open(settings.temp_dir / "ray-start.log", "ab")  # noqa: SIM115 - owned by the child
         try:
+            # The launcher execs `ray start`: this process is Ray's, pid and process group alike.
             self.process = await asyncio.create_subprocess_exec(
-                *ray_start_command(self.settings, assignment),
-                env=ray_environment(self.settings, assignment),
+                *command,
+                env=env,
+                # Not a directory above the state dir: files a job makes there would be unusable.
+                cwd=settings.temp_dir if _unusable_when_confined(os.getcwd(), settings) else None,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # our own process group, so stop() reaches all of it
@@ -135,22 +192,30 @@ class RayNode:
         if not self.running:
             return ""
         if not self._serving_node_id:
-            node_id = self._raylet_node_id()
+            node_id, raylet = self._find_raylet()
             if node_id and self._raylet_serving(node_id):
                 self._serving_node_id = node_id  # read the logs no more for this run
+                self._raylet = raylet
         return self._serving_node_id
 
     def raylet_alive(self) -> bool:
-        """``ray start`` runs and, once the node served, the raylet it served with is still there."""
+        """``ray start`` runs and, once the node served, the raylet it served with is still there.
+        The raylet's process is checked, not found again: a scan of ``ray start``'s children can
+        miss it while other children come and go."""
         if not self.running:
             return False
-        if not self._serving_node_id:
+        if self._raylet is None:
             return True
-        return self._raylet_node_id() == self._serving_node_id
+        try:
+            return self._raylet.is_running() and self._raylet.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.Error:  # AccessDenied and the like say nothing about its end
+            return True
 
-    def _raylet_node_id(self) -> str:
+    def _find_raylet(self) -> tuple[str, psutil.Process | None]:
         """The --node_id flag of the raylet this run's ``ray start`` spawned (Ray's own tools find
-        raylets the same way)."""
+        raylets the same way), and its process."""
         assert self.process is not None
         with contextlib.suppress(psutil.Error):
             for child in psutil.Process(self.process.pid).children(recursive=True):
@@ -159,8 +224,8 @@ class RayNode:
                         continue
                     for arg in child.cmdline():
                         if arg.startswith("--node_id="):
-                            return arg.removeprefix("--node_id=")
-        return ""
+                            return arg.removeprefix("--node_id="), child
+        return "", None
 
     def _raylet_serving(self, node_id: str) -> bool:
         # A raylet that joins a session whose logs already hold a raylet.out (a restart while the
