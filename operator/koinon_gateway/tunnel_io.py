@@ -178,15 +178,20 @@ async def splice_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                 notice = "protocol-violation" if violation is not None else _tcp_failure(ended, upstream, downstream)
                 break
     finally:
-        for task in (upstream, downstream, peer_done):
-            task.cancel()
-        await asyncio.gather(upstream, downstream, peer_done, return_exceptions=True)
+        upstream.cancel()
+        peer_done.cancel()
+        await asyncio.gather(upstream, peer_done, return_exceptions=True)
         with contextlib.suppress(Exception):
             # After an abort nobody will read what is still buffered: reset at once, or a peer
             # that stopped reading would keep the socket and its buffer for ever.
             pipe.close() if clean else pipe.abort()
-    if notice:  # only now: a grpc stream takes one write at a time
-        await _send_close(channel, notice)
+        if notice:
+            # Only once upstream is gone (a grpc stream takes one write at a time), and before the
+            # read is cancelled: grpc.aio cancels a client call whose read is cancelled, and the
+            # Close would never leave.
+            await _send_close(channel, notice)
+        downstream.cancel()
+        await asyncio.gather(downstream, return_exceptions=True)
     if violation is not None:
         raise ProtocolViolation(str(violation)) from violation
     return clean

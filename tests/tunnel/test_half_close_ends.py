@@ -7,12 +7,16 @@ lines to the local proxy's HTTP answer."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from pathlib import Path
 
+import pytest
+from koinon_gateway import tunnel_io
 from koinon_gateway.rpc import EOF, tunnel_stub
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import channel_for, cluster, next_message, registered_mute_node
+from .helpers import channel_for, cluster, connect_via_proxy, next_message, registered_mute_node
 
 
 async def test_head_connection_ends_when_a_half_closed_volunteer_vanishes(tmp_path: Path) -> None:
@@ -114,9 +118,9 @@ async def test_volunteer_to_volunteer_request_then_half_close_gets_the_whole_ans
 
 
 async def test_one_volunteer_to_volunteer_connection_counts_as_one_active_connection(tmp_path: Path) -> None:
-    """connections_opened_total counts one per proxied connection; connections_active counts its
-    two Connect streams (the dialer's and the acceptor's), so a V2V connection shows as 2 active
-    while a head one shows as 1."""
+    """connections_opened_total counts one per proxied connection, and so does connections_active:
+    a volunteer-to-volunteer connection takes two Connect streams (the dialer's and the acceptor's)
+    but is one connection, as a head one is."""
     from .helpers import connect_via_proxy, echo_handler, echo_roundtrip
 
     async with cluster(tmp_path, tls=False) as c:
@@ -224,3 +228,51 @@ def test_gateway_refusal_text_cannot_add_lines_to_the_http_answer() -> None:
     assert answer.count(b"\r\n") == 3, answer  # status line, Content-Length, blank line
     assert answer.startswith(b"HTTP/1.1 502 unreachableSet-Cookie x1HTTP1.1 200 OK")
     assert http_connect.response(403, "\r\n").startswith(b"HTTP/1.1 403 Error\r\n")
+
+
+async def idle_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while await reader.read(1 << 16):
+            pass
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+async def test_a_reset_at_the_dialers_socket_reaches_the_gateway_as_a_tcp_reset_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure on the TCP side reaches the other end as a Close with its reason. On the agent (a
+    grpc.aio client) the read used to be cancelled first, which cancels the call: the Close was
+    refused and the gateway saw only a stream that ended."""
+    ends: list[str] = []
+    original = tunnel_io.channel_to_tcp
+
+    async def recording(channel, pipe, half_closed):  # type: ignore[no-untyped-def]
+        try:
+            result = await original(channel, pipe, half_closed)
+        except BaseException as exc:
+            ends.append(f"raised {type(exc).__name__}")
+            raise
+        ends.append(result)
+        return result
+
+    monkeypatch.setattr(tunnel_io, "channel_to_tcp", recording)
+    async with cluster(tmp_path, tls=False, head_handler=idle_head) as c:
+        a = await c.start_agent("alpha")
+        assert a._proxy is not None
+        status, _, writer = await connect_via_proxy(a._proxy.port, "127.0.0.1", c.head_port)
+        assert status == 200
+        writer.write(b"hello")
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # the dialer's local client resets
+        for _ in range(50):
+            if c.gateway.metrics.connections_active == 0 and len(ends) >= 2:
+                break
+            await asyncio.sleep(0.1)
+        # ends: the agent's downstream (cancelled) and the gateway's downstream.
+        assert "close:tcp-reset" in ends, ends
