@@ -7,16 +7,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
 import pytest
 from koinon_agent import ray_launch
-from koinon_agent.ray_node import RaySettings, ray_environment
+from koinon_agent.ray_node import RayNode, RaySettings, ray_environment
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .helpers import cluster
@@ -214,3 +216,204 @@ async def test_a_killed_agent_does_not_leave_its_ray_node_running(tmp_path: Path
             if ray_pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(ray_pid, signal.SIGKILL)
+
+
+# Job code prepares something for the next Ray start (it can kill the raylet: same uid) or the agent.
+SECRET = '{"credential": "secret"}'
+READ = "import sys\ntry:\n print(open(sys.argv[1]).read())\nexcept OSError as exc:\n print('denied', exc)\n"
+
+
+def run_confined(state: Path, temp: Path, *command: str, user: list[str] | None = None) -> str:
+    argv = ray_launch.launcher_command(os.getpid(), command, state, temp)
+    if user:
+        argv[0] = "/usr/bin/python3"  # the venv's interpreter lies in /root, which nobody cannot enter
+    result = subprocess.run([*(user or []), *argv], capture_output=True, text=True, timeout=60, check=False)
+    return result.stdout + result.stderr
+
+
+@needs_landlock
+def test_a_ray_temp_dir_repointed_at_the_state_dir_grants_nothing(tmp_path: Path) -> None:
+    """The chart's layout: state /var/lib/koinon-agent, KOINON_TEMP_DIR=/tmp/ray. Job code has full
+    access in /tmp: it may move /tmp/ray away and put a symlink to the state dir there, then kill
+    the raylet. The next launch must not grant what that symlink reaches (it granted all of it)."""
+    state = tmp_path / "var" / "lib" / "koinon-agent"
+    state.mkdir(parents=True)
+    (state / "identity.json").write_text(SECRET)
+    temp = tmp_path / "tmp" / "ray"
+    temp.mkdir(parents=True)
+    plant = f"import os\nos.rename({str(temp)!r}, {str(temp) + '.old'!r})\nos.symlink({str(state)!r}, {str(temp)!r})\n"
+    out = run_confined(state, temp, sys.executable, "-c", plant)
+    assert temp.is_symlink(), f"the confined job could not plant the symlink: {out}"
+    # The raylet dies (the job kills it); the agent starts Ray again with the same settings.
+    out = run_confined(state, temp, sys.executable, "-c", READ, str(state / "identity.json"))
+    assert SECRET not in out, "job code on the restarted Ray node read the credential"
+
+
+@needs_landlock
+def test_a_ray_temp_dir_above_the_state_dir_is_refused(tmp_path: Path) -> None:
+    """KOINON_TEMP_DIR=/tmp with the state dir in /tmp (or the temp dir the state dir itself): Ray is
+    not started (the allowed dir would cover the credential, silently)."""
+    state = tmp_path / "koinon"
+    state.mkdir()
+    (state / "identity.json").write_text(SECRET)
+    out = run_confined(state, tmp_path, sys.executable, "-c", READ, str(state / "identity.json"))
+    assert SECRET not in out
+    assert "not starting Ray" in out, out
+
+
+@needs_landlock
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to drop to nobody")
+def test_an_ancestor_made_unlistable_by_job_code_does_not_unconfine_the_next_ray() -> None:
+    """Default layout ~/.koinon/agent, agent not root. Landlock does not cover chmod: job code may
+    chmod ~/.koinon to 0100 (still traversable, so the agent keeps working). The next launch cannot
+    list it: it must grant nothing there, not run Ray unconfined (it did)."""
+    base = Path("/tmp") / f"review-confine-{uuid.uuid4().hex[:8]}"
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    try:
+        home = base / "home"
+        state = home / ".koinon" / "agent"
+        (state / "ray").mkdir(parents=True)
+        (state / "identity.json").write_text(SECRET)
+        base.chmod(0o755)
+        for dirpath, _, files in os.walk(base):
+            os.chown(dirpath, 65534, 65534)
+            for name in files:
+                os.chown(os.path.join(dirpath, name), 65534, 65534)
+        (state / "identity.json").chmod(0o600)
+        check = run_confined(state, state / "ray", "cat", str(state / "identity.json"), user=nobody)
+        assert SECRET not in check, check  # confined as intended to begin with
+        chmod = f"import os\nos.chmod({str(home / '.koinon')!r}, 0o100)\n"
+        run_confined(state, state / "ray", "/usr/bin/python3", "-c", chmod, user=nobody)
+        assert (home / ".koinon").stat().st_mode & 0o777 == 0o100
+        out = run_confined(state, state / "ray", "cat", str(state / "identity.json"), user=nobody)
+        assert SECRET not in out, f"the next Ray start ran unconfined: {out!r}"
+    finally:
+        if base.exists():
+            (base / "home" / ".koinon").chmod(0o700)
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@needs_landlock
+async def test_the_agent_does_not_write_ray_output_through_a_planted_symlink(tmp_path: Path) -> None:
+    """Ray's temp dir <state>/ray is job code's to write: a symlink ray-start.log -> ../identity.json
+    must not make the agent append Ray's output to the credential on the next start (it did)."""
+    state = tmp_path / "agent"
+    temp = state / "ray"
+    temp.mkdir(parents=True)
+    (state / "identity.json").write_text(SECRET)
+    plant = f"import os\nos.symlink('../identity.json', {str(temp / 'ray-start.log')!r})\n"
+    run_confined(state, temp, sys.executable, "-c", plant)
+    assert (temp / "ray-start.log").is_symlink()
+    fake_ray = tmp_path / "ray"
+    fake_ray.write_text("#!/bin/sh\necho 'Ray runtime started.'\n")
+    fake_ray.chmod(0o755)
+    settings = RaySettings(str(fake_ray), temp, "http://127.0.0.1:1", None, 0, 0, None, state_dir=state)
+    node = RayNode(settings)
+    await node.start(pb.Assignment(address="127.0.20.1"))
+    assert node.process is not None
+    await node.process.wait()
+    assert (state / "identity.json").read_text() == SECRET, "Ray's output was appended to identity.json"
+
+
+@needs_landlock
+def test_a_landlock_abi_1_kernel_runs_ray_unconfined_rather_than_break_renames(tmp_path: Path) -> None:
+    """On ABI 1 (5.13-5.18) a ruleset refuses every rename or link across directories (EXDEV), in
+    /tmp and $HOME too (pip, model caches): such a kernel gets no confinement, with a warning."""
+    state = tmp_path / "state"
+    (state / "ray").mkdir(parents=True)
+    work = tmp_path / "work"
+    (work / "a").mkdir(parents=True)
+    (work / "b").mkdir()
+    (work / "a" / "f").write_text("x")
+    script = (
+        "import sys\nsys.path.insert(0, sys.argv[1])\nimport ray_launch\n"
+        "ray_launch.landlock_abi = lambda: 1\n"
+        "try:\n ray_launch.confine(sys.argv[2], [sys.argv[3]])\n"
+        "except ray_launch.KernelCannotConfine:\n print('unconfined')\n"
+        "import os\ntry:\n os.rename(sys.argv[4], sys.argv[5]); print('renamed')\n"
+        "except OSError as e: print('refused', e)\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            script,
+            str(Path(ray_launch.__file__).parent),
+            str(state),
+            str(state / "ray"),
+            str(work / "a" / "f"),
+            str(work / "b" / "f"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "renamed" in result.stdout, result.stdout + result.stderr
+    assert "unconfined" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.skipif(ray_launch.landlock_abi() < 6, reason="Landlock scopes signals from ABI 6 (Linux 6.12)")
+async def test_confined_job_code_cannot_stop_the_agent(tmp_path: Path) -> None:
+    """A real `koinon-agent join`. Job code confined as its Ray node is cannot SIGSTOP or SIGKILL the
+    agent, its uid's though it is (Landlock ABI 6+ scopes signals); and Ray inherits no socket."""
+    rec = tmp_path / "records"
+    rec.mkdir()
+    fake_ray = tmp_path / "ray"
+    fake_ray.write_text(f"#!/bin/bash\nls -l /proc/$$/fd > {rec}/fds\necho $$ > {rec}/ray.pid\nexec sleep 600\n")
+    fake_ray.chmod(0o755)
+    async with cluster(tmp_path, tls=False) as c:
+        token = c.tokens.add(owner="alice", region="eu")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KOINON_")}
+        process = await asyncio.create_subprocess_exec(
+            *[sys.executable, "-m", "koinon_agent.cli", "join", "--gateway", c.gateway.agent_target],
+            *["--insecure", "--token", token, "--state-dir", str(tmp_path / "agent"), "--simulate-gpus", "0"],
+            *["--ray-bin", str(fake_ray)],
+            env=env,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not (rec / "ray.pid").exists() or not (rec / "ray.pid").read_text().strip():
+                assert process.returncode is None and time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+            assert "socket:" not in (rec / "fds").read_text()
+            state = tmp_path / "agent"
+            stop = f"import os, signal\nos.kill({process.pid}, signal.SIGSTOP)\n"
+            run_confined(state, state / "ray", sys.executable, "-c", stop)
+            await asyncio.sleep(0.3)
+            status = psutil.Process(process.pid).status()
+            os.kill(process.pid, signal.SIGCONT)
+            assert status != psutil.STATUS_STOPPED, "confined job code SIGSTOPped the agent"
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+            with contextlib.suppress(Exception):
+                os.killpg(int((rec / "ray.pid").read_text()), signal.SIGKILL)
+
+
+def test_a_fifo_planted_as_a_raylet_log_does_not_block_the_agent(tmp_path: Path) -> None:
+    """The agent reads raylet*.out in Ray's temp dir, which job code can write: a FIFO there must
+    not block the agent's event loop (a plain open waits for a writer for ever)."""
+    temp = tmp_path / "ray"
+    logs = temp / "session_latest" / "logs"
+    logs.mkdir(parents=True)
+    os.mkfifo(logs / "raylet.out")
+    (logs / "raylet.1.out").symlink_to("/etc/hostname")
+    settings = RaySettings("ray", temp, "http://127.0.0.1:1", None, 0, 0, None, state_dir=tmp_path)
+    started = time.monotonic()
+    assert RayNode(settings)._raylet_serving("ab" * 28) is False
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("temp", ["state", ".", "state/."])
+def test_a_ray_temp_dir_holding_the_state_dir_is_refused_at_start(tmp_path: Path, temp: str) -> None:
+    from koinon_agent.config import AgentConfig
+
+    config = AgentConfig(gateway="127.0.0.1:1", state_dir=tmp_path / "state", temp_dir=tmp_path / temp)
+    with pytest.raises(ValueError, match=r"^temp_dir \(KOINON_TEMP_DIR\): .* Ray's jobs would reach"):
+        config.validate()
+    AgentConfig(gateway="127.0.0.1:1", state_dir=tmp_path / "state", temp_dir=tmp_path / "state" / "ray").validate()
+    AgentConfig(gateway="127.0.0.1:1", state_dir=tmp_path / "state", temp_dir=tmp_path / "ray").validate()

@@ -23,7 +23,7 @@ import grpc
 from koinon_gateway.rpc import EOF, tunnel_stub
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from . import ca_discovery, health, state
+from . import ca_discovery, health, ray_launch, state
 from . import gpus as gpu_inventory
 from .assignment_check import assignment_problem, port_allowed
 from .channel import open_channel, server_name
@@ -621,7 +621,14 @@ class Agent:
                 code = f"no serving raylet after {self.config.ray_start_timeout_s:.0f}s"
             if self._drain.is_set():
                 return
-            log.warning("Ray node exited with %s; restarting", code)
+            if code == ray_launch.EXIT_CANNOT_CONFINE:
+                log.error(
+                    "Ray not started: it could not be confined away from %s (see %s); trying again",
+                    self.config.state_dir,
+                    settings.temp_dir / "ray-start.log",
+                )
+            else:
+                log.warning("Ray node exited with %s; restarting", code)
             await self.ray.stop()
             if time.monotonic() - started > 60:
                 delays.reset()

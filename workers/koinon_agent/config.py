@@ -92,6 +92,14 @@ class AgentConfig:
             )
         if self.simulate_gpus is not None and self.simulate_gpus < 0:
             raise ValueError("simulate_gpus: must be >= 0")
+        if self.temp_dir is not None:
+            temp, state = os.path.realpath(self.temp_dir), os.path.realpath(self.state_dir)
+            if temp == state or state.startswith(temp.rstrip("/") + "/"):
+                # Ray and its jobs get full access to their temp dir: it would hold the credential.
+                raise ValueError(
+                    f"temp_dir (KOINON_TEMP_DIR): {self.temp_dir} is the state dir or a dir above it; "
+                    "Ray's jobs would reach the node credential"
+                )
         if self.simulate_gpu_memory_mib <= 0:
             raise ValueError("simulate_gpu_memory_mib: must be > 0")
         if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:

@@ -53,6 +53,7 @@ FS_MAKE_BLOCK = 1 << 11
 FS_MAKE_SYM = 1 << 12
 FS_REFER = 1 << 13  # ABI 2
 FS_TRUNCATE = 1 << 14  # ABI 3
+LANDLOCK_SCOPE_SIGNAL = 1 << 1  # ABI 6
 # The rights a rule on a non-directory may grant (others give EINVAL).
 FILE_RIGHTS = FS_READ_FILE | FS_WRITE_FILE | FS_TRUNCATE
 
@@ -77,6 +78,15 @@ ABI1_RIGHTS = (
 
 class Unconfined(Exception):
     """Confinement cannot be applied; nothing was restricted."""
+
+
+class KernelCannotConfine(Unconfined):
+    """This kernel offers no Landlock that can confine Ray (none, or ABI 1): Ray runs unconfined,
+    with a warning. Any other failure, with Landlock there, is someone's doing: Ray is not started."""
+
+
+# The launcher's exit status when it refuses to start Ray unconfined on a kernel that could confine it.
+EXIT_CANNOT_CONFINE = 78  # EX_CONFIG
 
 
 class _PathBeneathAttr(ctypes.Structure):
@@ -142,28 +152,31 @@ def _siblings(protected: str) -> Iterator[str]:
         directory = os.path.join(*parts[:depth])
         try:
             names = os.listdir(directory)
-        except OSError as exc:
-            raise Unconfined(f"cannot list {directory}: {exc.strerror}") from exc
+        except OSError:
+            continue  # nothing granted in it: fails closed (job code may chmod an ancestor it owns)
         for name in names:
             if name != parts[depth]:
                 yield os.path.join(directory, name)
 
 
-def _add_rule(ruleset: int, path: str, rights: int, protected: str | None) -> None:
+def _add_rule(ruleset: int, path: str, rights: int, protected: str, beneath_ok: bool = False) -> None:
     """Grants ``rights`` beneath ``path``, unless, followed through symlinks, it reaches the
-    protected dir or one of its parents (``protected``; None: no such check)."""
+    protected dir or one of its parents (or, unless ``beneath_ok``, something in it)."""
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)  # one at a time: there may be thousands
     except OSError:
         return  # gone since it was listed, or a dangling symlink: nothing there to grant
     try:
-        if protected is not None:
-            try:
-                target = os.readlink(f"/proc/self/fd/{fd}")  # what was opened, not what the name says now
-            except OSError:
-                target = os.path.realpath(path)
-            if _within(protected, target) or _within(target, protected):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")  # what was opened, not what the name says now
+        except OSError:
+            target = os.path.realpath(path)
+        if _within(protected, target):
+            if not beneath_ok:
                 return
+            raise Unconfined(f"{path} ({target}) contains the protected dir {protected}")
+        if _within(target, protected) and not beneath_ok:
+            return
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             rights &= FILE_RIGHTS
         attr = _PathBeneathAttr(rights, fd)
@@ -182,12 +195,20 @@ def confine(protected: str, allowed: Sequence[str]) -> None:
     cannot be done."""
     abi = landlock_abi()
     if abi == 0:
-        raise Unconfined("this kernel has no Landlock (Linux 5.13 or later with Landlock among its LSMs)")
+        raise KernelCannotConfine("this kernel has no Landlock (Linux 5.13 or later with Landlock among its LSMs)")
+    if abi == 1:
+        # Without the REFER right (ABI 2, Linux 5.19) every rename or link across directories
+        # fails with EXDEV, everywhere: pip, caches and checkpoints that move files would break.
+        raise KernelCannotConfine("this kernel's Landlock (ABI 1, Linux before 5.19) would break renames")
     rights = handled_rights(abi)
     protected = os.path.realpath(protected)
     try:
-        handled = ctypes.c_uint64(rights)  # struct landlock_ruleset_attr up to handled_access_fs
-        ruleset = _syscall(SYS_LANDLOCK_CREATE_RULESET, _pointer(handled), ctypes.sizeof(handled), 0)
+        # struct landlock_ruleset_attr: handled_access_fs, handled_access_net (ABI 4), scoped (ABI 6).
+        # LANDLOCK_SCOPE_SIGNAL: job code cannot SIGSTOP or SIGKILL the agent (its uid is the same).
+        handled = (ctypes.c_uint64 * 3)(rights, 0, LANDLOCK_SCOPE_SIGNAL) if abi >= 6 else (ctypes.c_uint64 * 1)(rights)
+        ruleset = _syscall(
+            SYS_LANDLOCK_CREATE_RULESET, ctypes.c_void_p(ctypes.addressof(handled)), ctypes.sizeof(handled), 0
+        )
     except OSError as exc:
         raise Unconfined(f"landlock_create_ruleset: {exc.strerror}") from exc
     try:
@@ -195,7 +216,7 @@ def confine(protected: str, allowed: Sequence[str]) -> None:
             _add_rule(ruleset, path, rights, protected)
         for path in allowed:
             os.makedirs(path, exist_ok=True)
-            _add_rule(ruleset, path, rights, None)
+            _add_rule(ruleset, path, rights, protected, beneath_ok=True)
         _prctl(PR_SET_NO_NEW_PRIVS, 1)  # landlock_restrict_self requires it of a process without CAP_SYS_ADMIN
         _syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0)
     except OSError as exc:
@@ -241,8 +262,13 @@ def main(argv: Sequence[str]) -> int:
     if args.protect:
         try:
             confine(args.protect, args.allow)
-        except Unconfined as why:
+        except KernelCannotConfine as why:
             print(warning(args.protect, why), file=sys.stderr, flush=True)
+        except Unconfined as why:
+            # Landlock is there: a failure is someone's doing (job code can chmod a dir above the
+            # state dir, or repoint Ray's temp dir), so Ray is not started unconfined.
+            print(f"ray_launch.py: not starting Ray: cannot confine it ({why})", file=sys.stderr)
+            return EXIT_CANNOT_CONFINE
     try:
         os.execvp(command[0], command)
     except OSError as exc:

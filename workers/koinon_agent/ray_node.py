@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -137,8 +138,31 @@ def ray_environment(settings: RaySettings, assignment: pb.Assignment) -> dict[st
 @functools.cache
 def _check_confinement(state_dir: Path) -> None:
     # Once per agent, not per start: each start's own warning goes only to its ray-start.log.
-    if ray_launch.landlock_abi() == 0:
+    abi = ray_launch.landlock_abi()
+    if abi == 0:
         log.warning("%s", ray_launch.warning(str(state_dir), "this kernel has no Landlock"))
+    elif abi == 1:
+        log.warning("%s", ray_launch.warning(str(state_dir), "Landlock ABI 1 (Linux before 5.19) would break renames"))
+    elif abi == 2:
+        log.warning("Landlock ABI 2 (Linux before 6.2): job code can truncate (not read) the node credential")
+
+
+# Ray logs the node id and its registration within the first lines of raylet.out.
+_LOG_HEAD_BYTES = 4 << 20
+
+
+def _read_log_head(path: Path, since: float) -> bytes:
+    """The start of a log file written since ``since``; b"" for anything else. Job code can create
+    names in Ray's temp dir: a symlink is not followed, a FIFO not waited on (O_NONBLOCK), and a
+    huge file costs at most the head read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_mtime < since:
+            return b""
+        return os.read(fd, _LOG_HEAD_BYTES)
+    finally:
+        os.close(fd)
 
 
 class RayNode:
@@ -171,7 +195,17 @@ class RayNode:
         self._serving_node_id = ""
         self._raylet = None
         self._started_at = time.time() - 1.0  # file times are coarser than this clock on some filesystems
-        log_file = open(settings.temp_dir / "ray-start.log", "ab")  # noqa: SIM115 - owned by the child
+        # O_NOFOLLOW: job code can create names in Ray's temp dir (a symlink to ../identity.json).
+        log_path = settings.temp_dir / "ray-start.log"
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            log_fd = os.open(log_path, flags, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            log_path.unlink()  # a symlink someone put there: not followed, replaced
+            log_fd = os.open(log_path, flags | os.O_EXCL, 0o600)
+        log_file = os.fdopen(log_fd, "ab")
         try:
             # The launcher execs `ray start`: this process is Ray's, pid and process group alike.
             self.process = await asyncio.create_subprocess_exec(
@@ -235,9 +269,7 @@ class RayNode:
         marker = f"node_id={node_id}".encode()
         for path in logs.glob("raylet*.out"):
             with contextlib.suppress(OSError):
-                if path.stat().st_mtime < self._started_at:
-                    continue
-                text = path.read_bytes()
+                text = _read_log_head(path, self._started_at)
                 at = text.find(marker)
                 if at >= 0 and text.find(_REGISTERED, at) >= 0:
                     return True
