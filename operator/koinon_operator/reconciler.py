@@ -28,7 +28,7 @@ from koinon_operator.ray_jobs import (
     RayUnavailableError,
     Submission,
 )
-from koinon_operator.telemetry import traceparent
+from koinon_operator.telemetry import LOG_TAIL_SEPARATOR, traceparent
 from koinon_operator.verification import CopyResult, judge
 
 logger = logging.getLogger(__name__)
@@ -825,7 +825,7 @@ class AIJobReconciler:
             # Only failures that are not the job's own (exit code) count against the volunteers.
             outcome.reputation.extend((node, "failure") for node in state.assigned_nodes)
         failures = state.failures + 1
-        detail = f"attempt {state.attempts} failed: {message}" + (f"\n--- log tail ---\n{tail}" if tail else "")
+        detail = f"attempt {state.attempts} failed: {message}" + (f"{LOG_TAIL_SEPARATOR}{tail}" if tail else "")
         writer.set(failures=failures, result={"logTail": tail[-4000:]} if tail else None)
         if failures > spec.backoff_limit:
             self._finish(

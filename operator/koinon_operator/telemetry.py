@@ -79,6 +79,11 @@ def traceparent(trace_id_hex: str, sampled: bool | None = None) -> str:
     return f"00-{trace_id_hex}-{root_span:016x}-{'01' if keep else '00'}"
 
 
+# Between a failure's reason and the tail of the job's log in Events and status messages. Spans
+# stop there: the job's output (whatever the user printed) is for its namespace, not for the SREs'
+# trace backend.
+LOG_TAIL_SEPARATOR = "\n--- log tail ---\n"
+
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 TRACES_EXPORTERS = ("otlp", "console", "none")
 
@@ -232,6 +237,7 @@ class JobTracer:
         assert self._tracer is not None
         span = self._tracer.start_span(f"aijob.{reason}", context=job.parent, attributes=job.attributes)
         span.set_attribute("koinon.phase", str(status.get("phase")))
+        message = message.split(LOG_TAIL_SEPARATOR, 1)[0]
         span.set_attribute("koinon.message", message[:1000])
         if event_type == "Warning":
             span.set_status(Status(StatusCode.ERROR, message[:200]))

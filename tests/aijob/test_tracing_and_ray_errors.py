@@ -205,3 +205,24 @@ def test_an_exporter_list_exports_to_each(monkeypatch: pytest.MonkeyPatch) -> No
         assert kinds == ["ConsoleSpanExporter", "OTLPSpanExporter"]
     finally:
         provider.shutdown()
+
+
+async def test_a_failed_jobs_output_stays_out_of_its_spans() -> None:
+    """The Event and the status carry the tail of the job's log (its namespace's to read); the span
+    goes to the SREs' backend, and whatever the job printed (a secret, say) must not."""
+    ray, clock = FakeRay(), Clock()
+    ray.logs_text = "Traceback (most recent call last):\nValueError: API_KEY=sk-live-123 rejected\n"
+    reconciler = make_reconciler(ray, clock)
+    tracer, exporter = _tracer()
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 0})
+    await _traced_step(reconciler, tracer, body)
+    await _traced_step(reconciler, tracer, body)
+    ray.set_state(submission_id_for(UID, 1), RayJobState.FAILED, message="exit code 1")
+    await _traced_step(reconciler, tracer, body)
+    assert body["status"]["phase"] == "Failed", body["status"]
+    assert "sk-live-123" in str(body["status"])  # still there for the job's owners
+    spans = exporter.get_finished_spans()
+    assert any(s.name == "aijob.BackoffLimitExceeded" for s in spans), [s.name for s in spans]
+    for span in spans:
+        assert "sk-live-123" not in str(dict(span.attributes or {})), span.name
+        assert "sk-live-123" not in str(span.status.description), span.name
