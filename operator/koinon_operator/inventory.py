@@ -38,7 +38,8 @@ def build_capacity(
     volunteers: Mapping[str, Mapping[str, Any]],
     allocations: Iterable[Allocation],
 ) -> list[NodeCapacity]:
-    """Pure: free capacity per live, non-head Ray node, one per node name.
+    """Pure: free capacity per live, non-head Ray node, one per node name, and (not ready, with no
+    capacity) each VolunteerNode without a live Ray node.
 
     ``volunteers`` maps a node name to its VolunteerNode object (spec/status, and ``deleting``
     when it has a deletionTimestamp). An unlabelled Ray node (a bare Ray worker, in development)
@@ -91,6 +92,34 @@ def build_capacity(
                 reputation=0.0 if unreadable else float(reputation.get("lowerBound", 0.5)),
                 reputation_status=None if unreadable else reputation or None,
                 running_jobs=running.get(name, 0),
+            )
+        )
+    # VolunteerNodes with no live Ray node take no work, but their evidence still counts: an owner
+    # caught lying on one node must not clear its other nodes' taint by taking that one offline.
+    live = {node.name for node in capacity}
+    for name, volunteer in sorted(volunteers.items()):
+        if name in live:
+            continue
+        spec = volunteer.get("spec") or {}
+        status = volunteer.get("status") or {}
+        unreadable = unreadable_status(status)
+        _report_unreadable(name, unreadable)
+        reputation = status.get("reputation") or {}
+        capacity.append(
+            NodeCapacity(
+                name=name,
+                address="",
+                ray_node_id="",
+                gpus_total=0,
+                gpus_free=0,
+                cpus_free=0.0,
+                gpu_memory_mib=0,
+                owner=str(spec.get("owner") or name),
+                region=str(spec.get("region") or "unknown"),
+                ready=False,
+                cordoned=bool(spec.get("cordoned", False)),
+                reputation=0.0 if unreadable else float(reputation.get("lowerBound", 0.5)),
+                reputation_status=None if unreadable else reputation or None,
             )
         )
     return capacity

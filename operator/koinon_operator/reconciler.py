@@ -28,7 +28,7 @@ from koinon_operator.ray_jobs import (
     RayUnavailableError,
     Submission,
 )
-from koinon_operator.telemetry import LOG_TAIL_SEPARATOR, traceparent
+from koinon_operator.telemetry import LOG_TAIL_SEPARATOR, RESULT_SEPARATOR, traceparent
 from koinon_operator.verification import CopyResult, judge
 
 logger = logging.getLogger(__name__)
@@ -597,7 +597,7 @@ class AIJobReconciler:
             if state.start_time is None:
                 writer.set(startTime=format_time(self.clock()))
             outcome.reputation.extend((node, "success") for node in state.assigned_nodes)
-            summary = f": {result['value'][:200]}" if "value" in result else ""
+            summary = f"{RESULT_SEPARATOR}{result['value'][:200]}" if "value" in result else ""
             self._finish(
                 key, writer, outcome, Phase.SUCCEEDED, "Completed", f"attempt {state.attempts} succeeded{summary}"
             )
@@ -679,8 +679,13 @@ class AIJobReconciler:
                 {"node": c.node, "owner": c.owner, "digest": c.digest} for c in answered_so_far
             ]
         writer.set(verification=verification)
-        # A copy whose node left with its log did not fail: its node is charged for leaving.
-        outcome.reputation.extend((node, "timeout" if node in gone else "failure") for node in verdict.failed)
+        # A copy whose node left with its log did not fail: its node is charged for leaving. A copy
+        # whose driver exited with its own non-zero code failed in the job's code, as an unreplicated
+        # job's does (_attempt_failed): its volunteer is not charged.
+        own_errors = {state.copy_nodes(k)[0] for k, info in enumerate(infos) if _user_error(info)}
+        outcome.reputation.extend(
+            (node, "timeout" if node in gone else "failure") for node in verdict.failed if node not in own_errors
+        )
         if verdict.accepted and accepted is not None:
             outcome.reputation.extend((node, "agreement") for node in verdict.agreeing)
             outcome.reputation.extend((node, "disagreement") for node in verdict.disagreeing)
@@ -691,7 +696,7 @@ class AIJobReconciler:
                     warning=True,
                 )
             writer.set(result=accepted)
-            summary = f": {accepted['value'][:200]}" if "value" in accepted else ""
+            summary = f"{RESULT_SEPARATOR}{accepted['value'][:200]}" if "value" in accepted else ""
             self._finish(
                 key,
                 writer,

@@ -79,10 +79,21 @@ def traceparent(trace_id_hex: str, sampled: bool | None = None) -> str:
     return f"00-{trace_id_hex}-{root_span:016x}-{'01' if keep else '00'}"
 
 
-# Between a failure's reason and the tail of the job's log in Events and status messages. Spans
-# stop there: the job's output (whatever the user printed) is for its namespace, not for the SREs'
-# trace backend.
+# Where the job's own output starts in Events and status messages: the tail of its log after a
+# failure, its declared result after a success, and the log Ray quotes in a failed job's message.
+# Spans stop there: what the user's job printed is for its namespace, not for the SREs' backend.
 LOG_TAIL_SEPARATOR = "\n--- log tail ---\n"
+RESULT_SEPARATOR = "; result: "
+RAY_QUOTED_LOGS = ", last available logs"  # Ray: "... failed with exit code 1, last available logs (...):\n..."
+_JOB_OUTPUT_STARTS = (LOG_TAIL_SEPARATOR, RESULT_SEPARATOR, RAY_QUOTED_LOGS, "\n")
+
+
+def operator_part(message: str) -> str:
+    """``message`` up to where the job's own output (or any second line) starts."""
+    for start in _JOB_OUTPUT_STARTS:
+        message = message.split(start, 1)[0]
+    return message
+
 
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 TRACES_EXPORTERS = ("otlp", "console", "none")
@@ -99,7 +110,7 @@ def _exporters_from_env() -> list[SpanExporter]:
     default endpoint (localhost:4317, or :4318 over HTTP: a node-local agent or a sidecar)."""
     if _sdk_disabled():
         return []
-    setting = os.environ.get("OTEL_TRACES_EXPORTER")
+    setting = os.environ.get("OTEL_TRACES_EXPORTER", "").strip() or None  # empty is unset, as the spec says
     names = [name.strip().lower() for name in (setting or "otlp").split(",") if name.strip()]
     unknown = [name for name in names if name not in TRACES_EXPORTERS]
     if unknown:
@@ -237,7 +248,7 @@ class JobTracer:
         assert self._tracer is not None
         span = self._tracer.start_span(f"aijob.{reason}", context=job.parent, attributes=job.attributes)
         span.set_attribute("koinon.phase", str(status.get("phase")))
-        message = message.split(LOG_TAIL_SEPARATOR, 1)[0]
+        message = operator_part(message)
         span.set_attribute("koinon.message", message[:1000])
         if event_type == "Warning":
             span.set_status(Status(StatusCode.ERROR, message[:200]))

@@ -16,7 +16,13 @@ from koinon_operator.inventory import RayNodeCache
 from koinon_operator.placement import FirstFitPlacer
 from koinon_operator.ray_jobs import RayJobsClient, RayJobState, RayUnavailableError
 from koinon_operator.reconciler import AIJobReconciler, submission_id_for
-from koinon_operator.telemetry import JobIdGenerator, JobTracer, exporter_settings_problem, setup_tracing
+from koinon_operator.telemetry import (
+    JobIdGenerator,
+    JobTracer,
+    _exporters_from_env,
+    exporter_settings_problem,
+    setup_tracing,
+)
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -226,3 +232,55 @@ async def test_a_failed_jobs_output_stays_out_of_its_spans() -> None:
     for span in spans:
         assert "sk-live-123" not in str(dict(span.attributes or {})), span.name
         assert "sk-live-123" not in str(span.status.description), span.name
+
+
+JOB_SECRET = "sk-live-456"
+JOB_LOG = f"Traceback (most recent call last):\nValueError: API_KEY={JOB_SECRET} rejected\n"
+
+
+async def test_ray_failure_message_with_real_rays_log_tail_stays_out_of_spans() -> None:
+    ray, clock = FakeRay(), Clock()
+    ray.logs_text = JOB_LOG
+    reconciler = make_reconciler(ray, clock)
+    tracer, exporter = _tracer()
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 0})
+    await _traced_step(reconciler, tracer, body)
+    await _traced_step(reconciler, tracer, body)
+    # What Ray 2.60's job supervisor really writes as the message of a driver that exited 1.
+    real_message = (
+        "Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):\n" + JOB_LOG
+    )
+    ray.set_state(submission_id_for(UID, 1), RayJobState.FAILED, exit_code=1, message=real_message)
+    await _traced_step(reconciler, tracer, body)
+    assert body["status"]["phase"] == "Failed", body["status"]
+    for span in exporter.get_finished_spans():
+        assert JOB_SECRET not in str(dict(span.attributes or {})), (span.name, dict(span.attributes or {}))
+        assert JOB_SECRET not in str(span.status.description), span.name
+
+
+async def test_successful_jobs_printed_result_stays_out_of_spans() -> None:
+    """The Completed event quotes the KOINON_RESULT value the job printed (up to 200 chars)."""
+    ray, clock = FakeRay(), Clock()
+    ray.logs_text = f'KOINON_RESULT {{"token": "{JOB_SECRET}"}}\n'
+    reconciler = make_reconciler(ray, clock)
+    tracer, exporter = _tracer()
+    body = make_body({"entrypoint": "python x.py"})
+    await _traced_step(reconciler, tracer, body)
+    await _traced_step(reconciler, tracer, body)
+    ray.set_state(submission_id_for(UID, 1), RayJobState.SUCCEEDED, exit_code=0)
+    await _traced_step(reconciler, tracer, body)
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    for span in exporter.get_finished_spans():
+        assert JOB_SECRET not in str(dict(span.attributes or {})), (span.name, dict(span.attributes or {}))
+
+
+def test_empty_traces_exporter_is_treated_as_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OTEL_SDK_DISABLED", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "")
+    exporters = _exporters_from_env()
+    try:
+        assert exporters == [], [type(e).__name__ for e in exporters]
+    finally:
+        for exporter in exporters:
+            exporter.shutdown()

@@ -58,7 +58,7 @@ def accepted_connections_limit() -> int:
 
 # Text the gateway sends (drain reasons, errors) is logged quoted and cut to this many characters.
 MAX_GATEWAY_TEXT = 256
-# How often a running Ray node's raylet is checked for (a scan of ``ray start``'s children).
+# How often a running Ray node's raylet process is checked (RayNode.raylet_alive).
 RAYLET_CHECK_INTERVAL_S = 1.0
 
 
