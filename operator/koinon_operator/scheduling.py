@@ -1,7 +1,8 @@
 """The reputation- and latency-aware scheduler behind the operator's ``Placer`` interface.
 
 Maps the operator's capacity snapshots to the scheduler core's types and back; the core stays a
-pure function of its inputs (time included), so what runs here is what the simulator measured.
+pure function of its inputs (time included), so what runs here is what the simulator measured, one
+job per call: holds for waiting multi-GPU jobs last only within a call (scheduler README).
 """
 
 from __future__ import annotations
