@@ -1,8 +1,11 @@
 """The reputation- and latency-aware scheduler behind the operator's ``Placer`` interface.
 
 Maps the operator's capacity snapshots to the scheduler core's types and back; the core stays a
-pure function of its inputs (time included), so what runs here is what the simulator measured, one
-job per call: holds for waiting multi-GPU jobs last only within a call (scheduler README).
+pure function of its inputs (time included), so what runs here is what the simulator measured. The
+operator places one AIJob per call (each job's own reconcile pass) where the simulator places every
+pending job in one; so that a waiting multi-GPU job's hold on the nodes closest to fitting it lasts
+as there, the waiting multi-GPU jobs placed before the one asked about are placed again in the same
+call (only the job asked about is taken).
 """
 
 from __future__ import annotations
@@ -62,21 +65,43 @@ def to_job(request: PlacementRequest) -> JobRequest:
     )
 
 
+# A job that found no room is placed with the others for this long after it last asked: every
+# pending AIJob asks again each poll, so one deleted, suspended or placed elsewhere stops holding
+# nodes for others soon after.
+WAITING_FOR_S = 120.0
+
+
+def _order(job: JobRequest) -> tuple[int, int, str]:
+    """The scheduler's placing order (scheduler.placer: priority first, then the oldest)."""
+    return (-job.priority, job.creation_index, job.key)
+
+
 class ReputationPlacer:
     """Operator ``Placer`` backed by the Koinon scheduling policy."""
 
     def __init__(self, config: SchedulerConfig = DEFAULT_CONFIG, clock: Callable[[], float] = time.time) -> None:
         self._placer = KoinonPlacer(config)
         self._clock = clock
+        self._waiting: dict[str, tuple[JobRequest, float]] = {}  # job key -> (request, last asked)
 
     def place(self, request: PlacementRequest, nodes: Sequence[NodeCapacity]) -> PlacementDecision:
+        now = self._clock()
+        job = to_job(request)
+        self._waiting = {key: entry for key, entry in self._waiting.items() if now - entry[1] <= WAITING_FOR_S}
+        self._waiting.pop(job.key, None)
         if not nodes:
+            self._waiting[job.key] = (job, now)
             return PlacementDecision(total_nodes=0)
         by_name = {node.name: node for node in nodes}
-        result = self._placer.place([to_job(request)], [to_snapshot(n) for n in nodes], self._clock())
-        if result.placements:
-            placement = result.placements[0]
+        # Only waiting multi-GPU jobs placed before this one (the scheduler's order) can hold nodes
+        # for themselves or take room from it: the batch stays small however many jobs wait.
+        ahead = [w for w, _ in self._waiting.values() if w.gpus_per_replica > 1 and _order(w) < _order(job)]
+        batch = [job, *ahead]
+        result = self._placer.place(batch, [to_snapshot(n) for n in nodes], now)
+        placement = next((p for p in result.placements if p.job_key == job.key), None)
+        if placement is not None:
             chosen = tuple(by_name[name] for name in placement.nodes)
             return PlacementDecision(nodes=chosen, total_nodes=len(nodes), copies=placement.copies)
-        reasons = result.unschedulable[0].reasons if result.unschedulable else {}
-        return PlacementDecision(reasons=dict(reasons), total_nodes=len(nodes))
+        self._waiting[job.key] = (job, now)
+        mine = next((u for u in result.unschedulable if u.job_key == job.key), None)
+        return PlacementDecision(reasons=dict(mine.reasons) if mine else {}, total_nodes=len(nodes))
