@@ -95,10 +95,13 @@ class AddressAllocator:
         return self._holders.get(address)
 
     def contains(self, address: str) -> bool:
+        """Whether ``address`` is a host address of the pool (not its network or broadcast address):
+        one a node can hold."""
         try:
-            return ipaddress.IPv4Address(address) in self.network
+            self._index(address)
         except ValueError:
             return False
+        return True
 
     def _index(self, address: str) -> int:
         ip = ipaddress.IPv4Address(address)

@@ -349,6 +349,12 @@ class TunnelService:
         except credentials.CredentialError as exc:
             log.warning("join: previous credential ignored: %s", exc)
             return
+        if time.time() < old.expires_at:
+            # Still valid: it could register meanwhile (a second copy, a skewed clock), and its
+            # node must not lose its address to this join while it does.
+            self.metrics.previous_nodes["kept"] += 1
+            log.warning("join: previous node %s kept (its credential has not expired)", old.node_name)
+            return
         try:
             node = await self.registry.get(old.node_name)
             if node is None or status_address(node) != old.address:
@@ -357,6 +363,9 @@ class TunnelService:
                 self.metrics.previous_nodes["kept"] += 1
                 log.warning("join: previous node %s kept (other owner or still connected)", old.node_name)
                 return
+            # Refused from now on, whatever the delete's fate: a Register that arrives while the
+            # delete is under way must not attach a node whose address is about to be freed.
+            self.sessions.revoke(old.node_name)
             deleted = await self.registry.delete(old.node_name)
         except Exception as exc:  # best effort: the join itself must not fail because of the old node
             log.warning("join: could not retire previous node %s: %r", old.node_name, exc)
@@ -516,6 +525,8 @@ class TunnelService:
         # reported it yet, and its address may already be another node's.
         if node is None or being_deleted(node) or self.sessions.was_revoked(identity.node_name):
             return "node-deleted"
+        if not self.allocator.contains(identity.address):
+            return "address-outside-pool"  # --vip-cidr changed since it joined: it must join again
         recorded = status_address(node)
         holder = self.allocator.holder(identity.address)
         if (recorded and recorded != identity.address) or holder not in (None, identity.node_name):

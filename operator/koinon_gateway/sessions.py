@@ -180,7 +180,7 @@ class SessionTable:
         if self.by_name.get(session.node_name) is not session:
             return  # replaced by a newer session; that one owns the status now
         del self.by_name[session.node_name]
-        self.by_address.pop(session.address, None)
+        self._forget_address(session)
         self._write(session, connected=False, reason=reason, message=message)
         self._conditions.pop(session.node_name, None)  # a new session starts from its own condition
 
@@ -308,11 +308,16 @@ class SessionTable:
         if session is None:
             return False
         session.closed = True
-        self.by_address.pop(session.address, None)
+        self._forget_address(session)
         if session.handler_task is not None:
             session.handler_task.cancel()
         log.warning("node %s: VolunteerNode deleted; session ended, credential revoked", node_name)
         return True
+
+    def _forget_address(self, session: NodeSession) -> None:
+        # Only this session's own entry: the address may route to another node's session by now.
+        if self.by_address.get(session.address) is session:
+            del self.by_address[session.address]
 
     def expire_stale(self) -> list[str]:
         """Ends sessions whose heartbeats stopped; returns their names. Their NotReady writes go

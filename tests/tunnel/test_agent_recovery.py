@@ -205,12 +205,14 @@ class SlowGets(InMemoryNodeRegistry):
 
 async def test_a_join_given_up_while_the_previous_node_is_retired_gives_the_use_back(tmp_path: Path) -> None:
     registry = SlowGets()
-    async with cluster(tmp_path, registry=registry) as c:
+    async with cluster(tmp_path, registry=registry, credential_lifetime_s=2.0) as c:
         first = await c.start_agent("alpha")
         assert first.identity is not None
         previous = first.identity.credential
         first.request_drain()
         await asyncio.wait_for(c.agents.pop()[1], 10)
+        # Only an expired previous credential has its node retired (a valid one could register).
+        await asyncio.sleep(max(0.0, first.identity.expires_at - time.time()) + 0.5)
         token = c.tokens.add(owner="alice", usage_limit=1)
         registry.slow = True  # the join's look at the previous node outlasts the caller's deadline
         request = pb.JoinRequest(token=token, name_hint="again", previous_credential=previous)
