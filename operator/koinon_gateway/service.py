@@ -114,6 +114,10 @@ def client_refusal(exc: TokenError) -> str:
     return f"{exc.reason}: {exc}"
 
 
+# Register refusal of a node whose address lies outside the pool (--vip-cidr changed since it joined).
+OUTSIDE_POOL = "address-outside-pool"
+
+
 class TunnelService:
     def __init__(
         self,
@@ -349,9 +353,10 @@ class TunnelService:
         except credentials.CredentialError as exc:
             log.warning("join: previous credential ignored: %s", exc)
             return
-        if time.time() < old.expires_at:
+        if time.time() < old.expires_at and self.allocator.contains(old.address):
             # Still valid: it could register meanwhile (a second copy, a skewed clock), and its
-            # node must not lose its address to this join while it does.
+            # node must not lose its address to this join while it does. (One whose address left
+            # the pool can never register again: it is retired.)
             self.metrics.previous_nodes["kept"] += 1
             log.warning("join: previous node %s kept (its credential has not expired)", old.node_name)
             return
@@ -431,7 +436,10 @@ class TunnelService:
         if refusal is not None:
             self.metrics.refused_streams[refusal] += 1
             log.warning("node %s (%s): register refused: %s", identity.node_name, identity.address, refusal)
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"register refused: {refusal}")
+            # A node outside the pool is still the volunteer's, but its credential names an address
+            # no longer served: UNAUTHENTICATED makes its agent join again with its token.
+            code = grpc.StatusCode.UNAUTHENTICATED if refusal == OUTSIDE_POOL else grpc.StatusCode.PERMISSION_DENIED
+            await context.abort(code, f"register refused: {refusal}")
         if self.sessions.closing:  # checked with no await before attach(), as above
             self.metrics.refused_streams["gateway-stopping"] += 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway shutting down; reconnect later")
@@ -526,7 +534,7 @@ class TunnelService:
         if node is None or being_deleted(node) or self.sessions.was_revoked(identity.node_name):
             return "node-deleted"
         if not self.allocator.contains(identity.address):
-            return "address-outside-pool"  # --vip-cidr changed since it joined: it must join again
+            return OUTSIDE_POOL  # --vip-cidr changed since it joined: it must join again
         recorded = status_address(node)
         holder = self.allocator.holder(identity.address)
         if (recorded and recorded != identity.address) or holder not in (None, identity.node_name):

@@ -17,7 +17,7 @@ from koinon_operator.kube import delete_aijob
 from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
 from koinon_operator.reconciler import AIJobReconciler, allocation_of
 from koinon_operator.reputation_book import ReputationBook, outcome_key, sample_uptime_forever
-from koinon_operator.scheduling import ReputationPlacer
+from koinon_operator.scheduling import WAITING_FOR_S, ReputationPlacer
 from koinon_operator.telemetry import JobTracer, setup_tracing
 from koinon_operator.volunteers import managed_by_gateway, status_from_ray
 
@@ -40,7 +40,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.tracing = setup_tracing()
     memo.tracer = JobTracer(memo.tracing)
     memo.ray = RayJobsClient(CONFIG.ray_dashboard_url, auth_token=CONFIG.ray_auth_token)
-    memo.reconciler = AIJobReconciler(ray=memo.ray, placer=ReputationPlacer(), nodes=RayNodeCache(memo.ray))
+    placer = ReputationPlacer(waiting_for_s=max(WAITING_FOR_S, 3 * CONFIG.poll_interval_seconds))
+    memo.reconciler = AIJobReconciler(ray=memo.ray, placer=placer, nodes=RayNodeCache(memo.ray))
     memo.reputation = ReputationBook()
     # A plain task, not a kopf timer: a timer puts kopf's finalizer on every VolunteerNode it
     # matches, and deleting a gateway-owned node must not wait for the operator.

@@ -99,25 +99,6 @@ def _exited_on_its_own(info: RayJobInfo) -> bool:
     return info.driver_exit_code is not None and info.driver_exit_code > 0
 
 
-# status.scheduling key: how many copies a verification rerun places (see copies_to_decide).
-RERUN_COPIES = "rerunCopies"
-
-
-def copies_to_decide(answered: Sequence[CopyResult], votes: Mapping[str, int]) -> int:
-    """Fresh copies (of fresh owners) that could give the leading answer a strict majority of the
-    distinct owners that answered so far: with n owners and the leader at b, n - 2b + 1, at least 1."""
-    owners = len({c.owner for c in answered})
-    best = max(votes.values(), default=0)
-    return max(owners - 2 * best + 1, 1)
-
-
-def verification_copies(spec: AIJobSpec, state: AIJobStatus) -> int:
-    """Copies to place: the quorum, or after a split vote the copies that could decide it."""
-    if state.verification_reruns and state.earlier_results:
-        return max(int(state.scheduling.get(RERUN_COPIES) or spec.verification.quorum), 1)
-    return spec.verification.quorum
-
-
 def trace_id_for(uid: str) -> str:
     """The job's OpenTelemetry trace id (32 hex digits), derived from its uid so it survives restarts."""
     # Hashed, never the uid as it is: a UUID's variant bits pin the low 64 bits that trace-id ratio
@@ -446,7 +427,7 @@ class AIJobReconciler:
             distinct_owners=verified,
             excluded_nodes=frozenset(state.excluded_nodes),
             excluded_owners=frozenset(state.excluded_owners),
-            verification_quorum=verification_copies(spec, state) if verified else 1,
+            verification_quorum=spec.verification.quorum if verified else 1,
             attempt=state.attempts + 1,
             creation_index=creation_index,
             # creation_index is creationTimestamp in seconds: the first attempt has waited since then
@@ -486,8 +467,6 @@ class AIJobReconciler:
                 "replicas": spec.replicas,
                 "excludedNodes": list(state.excluded_nodes),
                 "excludedOwners": list(state.excluded_owners),
-                # Kept for a failover of the rerun's copies, which places as many again.
-                **({RERUN_COPIES: state.scheduling[RERUN_COPIES]} if RERUN_COPIES in state.scheduling else {}),
                 "reasons": {},
             },
         )
@@ -730,7 +709,10 @@ class AIJobReconciler:
             return
         # No majority: nobody is charged for a disagreement yet (verification.py says why).
         reruns = state.verification_reruns + 1
-        message = f"attempt {state.attempts}: no majority among {state.copies} copies (votes {dict(verdict.votes)})"
+        # Vote counts only: a result's digest is an unsalted hash of what the job printed (a short
+        # result can be looked up), and messages reach Events and the SREs' traces.
+        counts = " vs ".join(str(n) for n in sorted(verdict.votes.values(), reverse=True)) or "none"
+        message = f"attempt {state.attempts}: no majority among {state.copies} copies (owners per answer: {counts})"
         if reruns > spec.backoff_limit:
             self._finish(key, writer, outcome, Phase.FAILED, "NoMajority", message)
             return
@@ -739,24 +721,14 @@ class AIJobReconciler:
         # Fresh owners too: an owner with several nodes would otherwise take a copy of every rerun
         # (and could keep the job from a majority until backoffLimit ran out).
         excluded_owners = sorted({*state.excluded_owners, *(state.owner_of(node) for node in state.assigned_nodes)})
-        # The rerun is judged with every answer so far: as many fresh copies as could give the
-        # leading answer a strict majority, not a whole quorum again (which a small fleet may not
-        # have, though one more owner would decide it).
-        rerun_copies = copies_to_decide(answered_so_far, verdict.votes)
         writer.set(
             assignedNodes=[],
             rayNodeIds=[],
             verificationReruns=reruns,
-            scheduling={
-                **state.scheduling,
-                "excludedNodes": excluded,
-                "excludedOwners": excluded_owners,
-                RERUN_COPIES: rerun_copies,
-            },
+            scheduling={**state.scheduling, "excludedNodes": excluded, "excludedOwners": excluded_owners},
         )
-        rerun = f"rerunning {rerun_copies} cop{'y' if rerun_copies == 1 else 'ies'} on fresh nodes of fresh owners"
-        writer.phase(Phase.PENDING, "NoMajority", f"{message}; {rerun}")
-        outcome.event("NoMajority", f"{message}; {rerun}", warning=True)
+        writer.phase(Phase.PENDING, "NoMajority", f"{message}; rerunning on fresh nodes of fresh owners")
+        outcome.event("NoMajority", f"{message}; rerunning on fresh nodes of fresh owners", warning=True)
 
     async def _lost_nodes(self, state: AIJobStatus) -> list[str]:
         """Assigned nodes that Ray no longer has alive (checked against a fresh node list): by the
@@ -861,7 +833,9 @@ class AIJobReconciler:
             # Only failures that are not the job's own (exit code) count against the volunteers.
             outcome.reputation.extend((node, "failure") for node in state.assigned_nodes)
         failures = state.failures + 1
-        detail = f"attempt {state.attempts} failed: {message}" + (f"{LOG_TAIL_SEPARATOR}{tail}" if tail else "")
+        # The operator's words first, the job's log after them: spans keep only what comes before.
+        failed = f"attempt {state.attempts} failed: {message}"
+        tail_part = f"{LOG_TAIL_SEPARATOR}{tail}" if tail else ""
         writer.set(failures=failures, result={"logTail": tail[-4000:]} if tail else None)
         if failures > spec.backoff_limit:
             self._finish(
@@ -870,13 +844,13 @@ class AIJobReconciler:
                 outcome,
                 Phase.FAILED,
                 "BackoffLimitExceeded",
-                f"{detail}\n(backoffLimit={spec.backoff_limit} reached)",
+                f"{failed} (backoffLimit={spec.backoff_limit} reached){tail_part}",
             )
             return
         self.ledger.release(key)
         writer.set(assignedNodes=[], rayNodeIds=[])
-        writer.phase(Phase.PENDING, "BackOff", f"{detail}\nretrying ({failures}/{spec.backoff_limit})")
-        outcome.event(reason, f"{detail}; retry {failures}/{spec.backoff_limit}", warning=True)
+        writer.phase(Phase.PENDING, "BackOff", f"{failed}; retrying ({failures}/{spec.backoff_limit}){tail_part}")
+        outcome.event(reason, f"{failed}; retry {failures}/{spec.backoff_limit}{tail_part}", warning=True)
 
     def _finish(
         self, key: str, writer: _StatusWriter, outcome: Outcome, phase: Phase, reason: str, message: str

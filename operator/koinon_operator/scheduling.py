@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from koinon_operator.placement import NodeCapacity, PlacementDecision, PlacementRequest
 from koinon_operator.scheduler import (
@@ -67,8 +68,10 @@ def to_job(request: PlacementRequest) -> JobRequest:
 
 # A job that found no room is placed with the others for this long after it last asked: every
 # pending AIJob asks again each poll, so one deleted, suspended or placed elsewhere stops holding
-# nodes for others soon after.
+# nodes for others soon after (the operator passes at least three poll intervals).
 WAITING_FOR_S = 120.0
+# CPUs an idle node is taken to have (NodeCapacity knows only what is free).
+IDLE_CPUS = 1e9
 
 
 def _order(job: JobRequest) -> tuple[int, int, str]:
@@ -79,29 +82,43 @@ def _order(job: JobRequest) -> tuple[int, int, str]:
 class ReputationPlacer:
     """Operator ``Placer`` backed by the Koinon scheduling policy."""
 
-    def __init__(self, config: SchedulerConfig = DEFAULT_CONFIG, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig = DEFAULT_CONFIG,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+        waiting_for_s: float = WAITING_FOR_S,
+    ) -> None:
         self._placer = KoinonPlacer(config)
-        self._clock = clock
+        self._clock = clock  # the scheduler's notion of now (wall time, as in VolunteerNode status)
+        self._monotonic = monotonic  # how long ago a waiting job last asked: immune to clock steps
+        self._waiting_for_s = waiting_for_s
         self._waiting: dict[str, tuple[JobRequest, float]] = {}  # job key -> (request, last asked)
 
     def place(self, request: PlacementRequest, nodes: Sequence[NodeCapacity]) -> PlacementDecision:
-        now = self._clock()
+        now, asked = self._clock(), self._monotonic()
         job = to_job(request)
-        self._waiting = {key: entry for key, entry in self._waiting.items() if now - entry[1] <= WAITING_FOR_S}
+        self._waiting = {k: e for k, e in self._waiting.items() if asked - e[1] <= self._waiting_for_s}
         self._waiting.pop(job.key, None)
         if not nodes:
-            self._waiting[job.key] = (job, now)
             return PlacementDecision(total_nodes=0)
         by_name = {node.name: node for node in nodes}
+        snapshots = [to_snapshot(n) for n in nodes]
         # Only waiting multi-GPU jobs placed before this one (the scheduler's order) can hold nodes
         # for themselves or take room from it: the batch stays small however many jobs wait.
         ahead = [w for w, _ in self._waiting.values() if w.gpus_per_replica > 1 and _order(w) < _order(job)]
-        batch = [job, *ahead]
-        result = self._placer.place(batch, [to_snapshot(n) for n in nodes], now)
+        result = self._placer.place([job, *ahead], snapshots, now)
         placement = next((p for p in result.placements if p.job_key == job.key), None)
         if placement is not None:
             chosen = tuple(by_name[name] for name in placement.nodes)
             return PlacementDecision(nodes=chosen, total_nodes=len(nodes), copies=placement.copies)
-        self._waiting[job.key] = (job, now)
+        if job.gpus_per_replica > 1 and self._fits_an_idle_fleet(job, snapshots, now):
+            # Waiting for room that will come: it holds nodes for itself in later jobs' calls. One
+            # that could not run even on an idle fleet (too few owners, say) would hold them for good.
+            self._waiting[job.key] = (job, asked)
         mine = next((u for u in result.unschedulable if u.job_key == job.key), None)
         return PlacementDecision(reasons=dict(mine.reasons) if mine else {}, total_nodes=len(nodes))
+
+    def _fits_an_idle_fleet(self, job: JobRequest, snapshots: Sequence[NodeSnapshot], now: float) -> bool:
+        idle = [replace(n, free_gpus=len(n.gpus), cpus_free=IDLE_CPUS, running_jobs=0) for n in snapshots]
+        return any(p.job_key == job.key for p in self._placer.place([job], idle, now).placements)

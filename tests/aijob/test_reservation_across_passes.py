@@ -22,14 +22,14 @@ def test_the_batch_call_holds_the_node_for_the_older_big_job() -> None:
 
 
 def test_the_operator_holds_the_node_for_the_older_big_job() -> None:
-    now = [NOW]
-    placer = ReputationPlacer(clock=lambda: now[0])
+    mono = [0.0]
+    placer = ReputationPlacer(clock=lambda: NOW, monotonic=lambda: mono[0])
     assert not placer.place(BIG, NODES).placed
     small = placer.place(SMALL, NODES)
     assert not small.placed, "a younger 1-GPU job took the node the 8-GPU job waits for"
     assert "held for an earlier job that is waiting for room" in small.message, small.message
     # The big job stops asking (deleted, say): after a while the small one is no longer held off.
-    now[0] += WAITING_FOR_S + 1
+    mono[0] += WAITING_FOR_S + 1
     assert placer.place(SMALL, NODES).placed
 
 
@@ -38,3 +38,37 @@ def test_an_older_small_job_is_not_held_off_by_a_younger_big_one() -> None:
     big = PlacementRequest("ns/big", replicas=1, gpus_per_replica=8, cpus_per_replica=0, creation_index=5)
     assert not placer.place(big, NODES).placed
     assert placer.place(SMALL, NODES).placed  # created before the big job: placed first, as in a batch
+
+
+def _node(name: str, owner: str) -> NodeCapacity:
+    return NodeCapacity(name, f"10.0.0.{len(name)}", f"r-{name}", gpus_total=8, gpus_free=8, cpus_free=32, owner=owner)
+
+
+def test_a_job_that_could_not_run_even_on_an_idle_fleet_holds_nothing() -> None:
+    """Two owners with one 8-GPU node each; an 8-GPU job verified by 3 owners can never be placed
+    and asks every poll: younger jobs must still get the idle nodes (they were held off for good)."""
+    nodes = [_node("n1", "alice"), _node("n2", "bob")]
+    now, mono = [NOW], [0.0]
+    placer = ReputationPlacer(clock=lambda: now[0], monotonic=lambda: mono[0])
+    impossible = PlacementRequest(
+        "ns/impossible", replicas=1, gpus_per_replica=8, cpus_per_replica=0,
+        distinct_owners=True, verification_quorum=3, creation_index=1,
+    )  # fmt: skip
+    for _ in range(10):
+        assert not placer.place(impossible, nodes).placed
+        now[0] += 2
+        mono[0] += 2
+    small = PlacementRequest("ns/small", replicas=1, gpus_per_replica=1, cpus_per_replica=0, creation_index=2)
+    big = PlacementRequest("ns/big", replicas=1, gpus_per_replica=8, cpus_per_replica=0, creation_index=3)
+    assert placer.place(small, nodes).placed
+    assert placer.place(big, nodes).placed
+
+
+def test_a_hold_ends_on_the_monotonic_clock_whatever_the_wall_clock_does() -> None:
+    now, mono = [NOW], [0.0]
+    placer = ReputationPlacer(clock=lambda: now[0], monotonic=lambda: mono[0])
+    assert not placer.place(BIG, NODES).placed  # its last ask: then it is deleted
+    now[0] -= 3600  # the wall clock is stepped back an hour
+    now[0] += WAITING_FOR_S + 1
+    mono[0] += WAITING_FOR_S + 1
+    assert placer.place(SMALL, NODES).placed

@@ -284,3 +284,40 @@ def test_empty_traces_exporter_is_treated_as_unset(monkeypatch: pytest.MonkeyPat
     finally:
         for exporter in exporters:
             exporter.shutdown()
+
+
+async def test_spans_do_not_carry_the_digest_of_a_jobs_declared_result() -> None:
+    """A result's digest is an unsalted sha256 of what the job printed: "42" is one lookup away. The
+    NoMajority event listed the votes by digest; it gives counts only."""
+    import hashlib
+
+    from koinon_operator.telemetry import operator_part
+
+    from .test_verification_rounds import FORGED, GOOD, CopiesRay, replicated_job, run_copies
+    from .test_verification_rounds import reconciler as copies_reconciler
+
+    ray, clock = CopiesRay(["vn-a", "vn-b"]), Clock()
+    rec, body = copies_reconciler(ray, clock), replicated_job(quorum=2)
+    out = await run_copies(rec, ray, clock, body, {"vn-a": GOOD, "vn-b": FORGED})
+    digest = hashlib.sha256(b"42").hexdigest()
+    assert body["status"]["reason"] == "NoMajority"
+    assert "owners per answer: 1 vs 1" in body["status"]["message"], body["status"]["message"]
+    assert not any(digest in e.message for e in out.events), [e.message for e in out.events]
+    assert all(digest not in operator_part(e.message) for e in out.events)
+
+
+async def test_the_retry_count_stays_in_the_span_and_the_log_tail_out() -> None:
+    from koinon_operator.telemetry import operator_part
+
+    ray, clock = FakeRay(), Clock()
+    ray.logs_text = JOB_LOG
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 2})
+    await step(reconciler, body)
+    await step(reconciler, body)
+    ray.set_state(submission_id_for(UID, 1), RayJobState.FAILED, exit_code=1, message="exit code 1")
+    outcome = await step(reconciler, body)
+    [event] = [e for e in outcome.events if e.reason == "RayJobFailed"]
+    assert JOB_SECRET in event.message  # the Event keeps the tail for the job's owners
+    span_text = operator_part(event.message)
+    assert "retry 1/2" in span_text and JOB_SECRET not in span_text, span_text

@@ -25,6 +25,7 @@ async def test_a_copy_that_exits_on_its_own_is_not_charged_to_its_volunteer() ->
             break
     crashed = nodes[-1]
     for node, submission in zip(nodes, ids, strict=True):
+        assert submission is not None
         if node == crashed:
             ray.set_state(submission, RayJobState.FAILED, exit_code=1, message="Traceback: user bug")
         else:

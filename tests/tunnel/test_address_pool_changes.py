@@ -7,6 +7,7 @@ retried for ever). Also: a file-store restart keeps addresses, token counts and 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,8 +49,8 @@ async def test_a_gateway_restarted_with_a_narrower_vip_cidr_still_starts(tmp_pat
 
 async def test_a_node_left_outside_a_changed_vip_cidr_is_refused_not_crashed(tmp_path: Path) -> None:
     """A node whose address lies outside a new vip_cidr still holds a valid credential: its Register
-    must be refused with a reason the agent acts on (PERMISSION_DENIED -> rejoin), not end in
-    UNKNOWN from an uncaught ValueError in allocator.reserve(), which the agent retries forever."""
+    is refused with UNAUTHENTICATED, on which the agent joins again with its token (it ended in
+    UNKNOWN from an uncaught ValueError, which the agent retried for ever)."""
     async with cluster(tmp_path, vip_cidr="127.0.20.0/28") as c:
         joined = await _join_n(c, 5)
         last = joined[-1]
@@ -58,7 +59,8 @@ async def test_a_node_left_outside_a_changed_vip_cidr_is_refused_not_crashed(tmp
         register = pb.Register(node_name=last.assignment.node_name, address=last.assignment.address)
         result = await control_call(c, last.credential, register)
         assert isinstance(result, grpc.aio.AioRpcError), result
-        assert result.code() == grpc.StatusCode.PERMISSION_DENIED, (result.code(), result.details())
+        assert result.code() == grpc.StatusCode.UNAUTHENTICATED, (result.code(), result.details())
+        assert "address-outside-pool" in (result.details() or "")
 
 
 async def test_file_store_restart_keeps_addresses_tokens_and_credentials(tmp_path: Path) -> None:
@@ -138,3 +140,22 @@ async def test_retiring_a_previous_node_never_gives_a_live_nodes_address_to_anot
             )
         finally:
             control.cancel()
+
+
+async def test_an_agent_outside_a_narrowed_pool_joins_again_and_its_old_node_goes(tmp_path: Path) -> None:
+    async with cluster(tmp_path, vip_cidr="127.0.20.0/28") as c:
+        agent = await c.start_agent("alpha")
+        task = c.agents[-1][1]
+        assert agent.identity is not None
+        before = agent.identity
+        assert before.address == "127.0.20.1"
+        await _restart_with_cidr(c, "127.0.20.8/29")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not task.done():
+            if agent.identity is not None and agent.identity.address != before.address and agent.connected.is_set():
+                break
+            await asyncio.sleep(0.05)
+        assert not task.done(), f"agent exited instead of joining again: {task.exception()!r}"
+        assert agent.identity is not None and agent.identity.address != before.address
+        # Its previous node, which can never register again, was retired by the join.
+        assert list(c.registry.objects) == [agent.identity.node_name]
