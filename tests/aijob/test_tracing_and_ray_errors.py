@@ -6,7 +6,6 @@ job is not told its parent was recorded when the operator records nothing."""
 from __future__ import annotations
 
 import asyncio
-import copy
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,11 +23,12 @@ from koinon_operator.telemetry import (
     setup_tracing,
 )
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import ProxyTracerProvider
 
 from .fake_ray import UID, Clock, FakeRay, make_body, make_reconciler, step
+from .test_tracing_rules import _traced_step
+from .test_tracing_rules import _tracer as tracer_with
 
 TOKEN = "SECRET-RAY-TOKEN-0123456789"
 
@@ -82,16 +82,7 @@ async def test_ray_auth_token_does_not_reach_the_aijob_status() -> None:
 
 
 def _tracer() -> tuple[JobTracer, InMemorySpanExporter]:
-    provider = TracerProvider(id_generator=JobIdGenerator())
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    return JobTracer(provider), exporter
-
-
-async def _traced_step(reconciler: AIJobReconciler, tracer: JobTracer, body: dict[str, Any]) -> None:
-    before = copy.deepcopy(body)
-    outcome = await step(reconciler, body)
-    tracer.record(before, outcome.status, [(e.type, e.reason, e.message) for e in outcome.events])
+    return tracer_with(TracerProvider(id_generator=JobIdGenerator()))
 
 
 async def test_deleting_a_running_job_still_emits_its_root_span(monkeypatch: pytest.MonkeyPatch) -> None:

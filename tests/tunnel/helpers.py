@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,3 +197,19 @@ async def registered_mute_node(
     await control.write(pb.AgentMessage(register=register))
     assert (await next_message(control)).WhichOneof("msg") == "registered"
     return response, control
+
+
+async def start_agent_process(
+    c: Cluster, state_dir: Path, ray_bin: Path, *extra: str, stderr: int | None = asyncio.subprocess.DEVNULL
+) -> asyncio.subprocess.Process:
+    """A real `koinon-agent join` process (as a volunteer runs it), with a fresh token, no KOINON_*
+    settings of the caller's, no GPUs and ``ray_bin`` for Ray."""
+    token = c.tokens.add(owner="alice", region="eu")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KOINON_")}
+    return await asyncio.create_subprocess_exec(
+        *[sys.executable, "-m", "koinon_agent.cli", "join", "--gateway", c.gateway.agent_target],
+        *["--insecure", "--token", token, "--state-dir", str(state_dir), "--simulate-gpus", "0"],
+        *["--ray-bin", str(ray_bin), *extra],
+        env=env,
+        stderr=stderr,
+    )

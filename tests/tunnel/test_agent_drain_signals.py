@@ -20,7 +20,7 @@ from koinon_agent.config import AgentConfig
 from koinon_gateway.rpc import Context, add_tunnel_service
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import cluster
+from .helpers import cluster, start_agent_process
 
 GRACE_S = 2.0
 
@@ -109,14 +109,8 @@ async def test_cli_second_sigterm_stops_ray_without_waiting(tmp_path: Path) -> N
     fake_ray.write_text(FAKE_RAY.format(task_pid=task_pid))
     fake_ray.chmod(0o755)
     async with cluster(tmp_path, tls=False) as c:
-        token = c.tokens.add(owner="alice", region="eu")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KOINON_")}
-        process = await asyncio.create_subprocess_exec(
-            *[sys.executable, "-m", "koinon_agent.cli", "join", "--gateway", c.gateway.agent_target],
-            *["--insecure", "--token", token, "--state-dir", str(tmp_path / "agent"), "--simulate-gpus", "0"],
-            *["--ray-bin", str(fake_ray), "--drain-grace", "120"],
-            env=env,
-            stderr=asyncio.subprocess.PIPE,
+        process = await start_agent_process(
+            c, tmp_path / "agent", fake_ray, "--drain-grace", "120", stderr=asyncio.subprocess.PIPE
         )
         try:
             deadline = time.monotonic() + 60  # importing on a busy machine, joining, `ray start`

@@ -17,6 +17,7 @@ from koinon_gateway.rpc import EOF, tunnel_stub
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .helpers import channel_for, cluster, connect_via_proxy, next_message, registered_mute_node
+from .test_tcp_pipe import ScriptedChannel
 
 
 async def test_head_connection_ends_when_a_half_closed_volunteer_vanishes(tmp_path: Path) -> None:
@@ -139,37 +140,15 @@ async def test_one_volunteer_to_volunteer_connection_counts_as_one_active_connec
             server.close()
 
 
-class _HalfCloseThenClose:
-    """A tunnel peer that half-closes, then aborts (Close), e.g. its socket was reset."""
-
-    def __init__(self) -> None:
-        self.frames: list[object] = [
-            pb.Frame(close_write=pb.CloseWrite()),
-            pb.Frame(close=pb.Close(reason="tcp-reset")),
-        ]
-        self.written: list[object] = []
-
-    async def read_frame(self) -> object:
-        if self.frames:
-            return self.frames.pop(0)
-        await asyncio.Event().wait()
-        return None
-
-    async def write_frame(self, frame: object) -> None:
-        self.written.append(frame)
-
-    async def end_writing(self) -> None:
-        pass
-
-
 async def test_splice_tcp_notices_a_close_that_follows_a_close_write() -> None:
-    """Root cause of the two leaks above, in splice_tcp itself (used by the gateway's head route,
-    the head proxy, the agent's local proxy and accept_connection): once the tunnel side sent
-    CloseWrite, nobody reads the channel any more, so a later Close (or the stream's end) goes
-    unseen while the local TCP peer stays idle: the socket and the stream are held for ever."""
+    """The cause of the two leaks above, in splice_tcp itself (the gateway's head route, the head
+    proxy, the agent's local proxy and accept_connection): once the tunnel side sent CloseWrite,
+    nobody read the channel any more, so a later Close (or the stream's end) went unseen while the
+    local TCP peer stayed idle, and the socket and the stream were held for ever."""
     from koinon_gateway.tunnel_io import splice_tcp
 
-    channel = _HalfCloseThenClose()
+    # A tunnel peer that half-closes, then aborts (Close: its socket was reset).
+    channel = ScriptedChannel([pb.Frame(close_write=pb.CloseWrite()), pb.Frame(close=pb.Close(reason="tcp-reset"))])
     splices: list[asyncio.Task[bool]] = []
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

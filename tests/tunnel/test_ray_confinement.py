@@ -21,7 +21,7 @@ from koinon_agent import ray_launch
 from koinon_agent.ray_node import RayNode, RaySettings, ray_environment
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import cluster
+from .helpers import cluster, start_agent_process
 
 needs_landlock = pytest.mark.skipif(ray_launch.landlock_abi() == 0, reason="this kernel has no Landlock")
 
@@ -186,15 +186,7 @@ async def test_a_killed_agent_does_not_leave_its_ray_node_running(tmp_path: Path
     fake_ray.write_text(f"#!/bin/bash\necho $$ > {pid_file}\nexec sleep 600\n")
     fake_ray.chmod(0o755)
     async with cluster(tmp_path, tls=False) as c:
-        token = c.tokens.add(owner="alice", region="eu")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KOINON_")}
-        process = await asyncio.create_subprocess_exec(
-            *[sys.executable, "-m", "koinon_agent.cli", "join", "--gateway", c.gateway.agent_target],
-            *["--insecure", "--token", token, "--state-dir", str(tmp_path / "agent"), "--simulate-gpus", "0"],
-            *["--ray-bin", str(fake_ray)],
-            env=env,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        process = await start_agent_process(c, tmp_path / "agent", fake_ray)
         ray_pid = 0
         try:
             deadline = time.monotonic() + 60
@@ -364,15 +356,7 @@ async def test_confined_job_code_cannot_stop_the_agent(tmp_path: Path) -> None:
     fake_ray.write_text(f"#!/bin/bash\nls -l /proc/$$/fd > {rec}/fds\necho $$ > {rec}/ray.pid\nexec sleep 600\n")
     fake_ray.chmod(0o755)
     async with cluster(tmp_path, tls=False) as c:
-        token = c.tokens.add(owner="alice", region="eu")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KOINON_")}
-        process = await asyncio.create_subprocess_exec(
-            *[sys.executable, "-m", "koinon_agent.cli", "join", "--gateway", c.gateway.agent_target],
-            *["--insecure", "--token", token, "--state-dir", str(tmp_path / "agent"), "--simulate-gpus", "0"],
-            *["--ray-bin", str(fake_ray)],
-            env=env,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
+        process = await start_agent_process(c, tmp_path / "agent", fake_ray)
         try:
             deadline = time.monotonic() + 60
             while not (rec / "ray.pid").exists() or not (rec / "ray.pid").read_text().strip():
