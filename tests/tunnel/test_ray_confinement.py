@@ -215,10 +215,18 @@ SECRET = '{"credential": "secret"}'
 READ = "import sys\ntry:\n print(open(sys.argv[1]).read())\nexcept OSError as exc:\n print('denied', exc)\n"
 
 
-def run_confined(state: Path, temp: Path, *command: str, user: list[str] | None = None) -> str:
+def run_confined(
+    state: Path, temp: Path, *command: str, user: list[str] | None = None, launcher_copy: Path | None = None
+) -> str:
     argv = ray_launch.launcher_command(os.getpid(), command, state, temp)
     if user:
         argv[0] = "/usr/bin/python3"  # the venv's interpreter lies in /root, which nobody cannot enter
+    if launcher_copy is not None:
+        # A checkout in a private dir (a CI clone in a 0700 mkdtemp) is not readable to nobody.
+        if not launcher_copy.exists():
+            shutil.copyfile(ray_launch.__file__, launcher_copy)
+            launcher_copy.chmod(0o644)
+        argv[2] = str(launcher_copy)
     result = subprocess.run([*(user or []), *argv], capture_output=True, text=True, timeout=60, check=False)
     return result.stdout + result.stderr
 
@@ -272,13 +280,17 @@ def test_an_ancestor_made_unlistable_by_job_code_does_not_unconfine_the_next_ray
             for name in files:
                 os.chown(os.path.join(dirpath, name), 65534, 65534)
         (state / "identity.json").chmod(0o600)
-        check = run_confined(state, state / "ray", "cat", str(state / "identity.json"), user=nobody)
-        assert SECRET not in check, check  # confined as intended to begin with
+
+        def as_nobody(*command: str) -> str:
+            return run_confined(state, state / "ray", *command, user=nobody, launcher_copy=base / "ray_launch.py")
+
+        check = as_nobody("cat", str(state / "identity.json"))
+        assert SECRET not in check and "Permission denied" in check, check  # confined to begin with
         chmod = f"import os\nos.chmod({str(home / '.koinon')!r}, 0o100)\n"
-        run_confined(state, state / "ray", "/usr/bin/python3", "-c", chmod, user=nobody)
+        as_nobody("/usr/bin/python3", "-c", chmod)
         assert (home / ".koinon").stat().st_mode & 0o777 == 0o100
-        out = run_confined(state, state / "ray", "cat", str(state / "identity.json"), user=nobody)
-        assert SECRET not in out, f"the next Ray start ran unconfined: {out!r}"
+        out = as_nobody("cat", str(state / "identity.json"))
+        assert SECRET not in out and "Permission denied" in out, f"the next Ray start ran unconfined: {out!r}"
     finally:
         if base.exists():
             (base / "home" / ".koinon").chmod(0o700)
