@@ -136,9 +136,11 @@ class RayJobsClient:
         if "already exists" in text:
             # The deterministic id makes a second submit (after a restart) a no-op adoption.
             return False
+        # Ray's reply on a line of its own: it may quote the runtime_env (the job's env vars), which
+        # Events and status may show the job's owners but spans (the first line) must not carry.
         if status >= 500:
-            raise RayUnavailableError(f"Ray refused submission ({status}): {text[-500:]}")
-        raise RayRequestError(f"Ray rejected submission ({status}): {text[-500:]}")
+            raise RayUnavailableError(f"Ray refused submission ({status}):\n{text[-500:]}")
+        raise RayRequestError(f"Ray rejected submission ({status}):\n{text[-500:]}")
 
     async def get(self, submission_id: str) -> RayJobInfo | None:
         status, body = await self._request("GET", f"/api/jobs/{submission_id}")

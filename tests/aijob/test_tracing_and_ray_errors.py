@@ -312,3 +312,31 @@ async def test_the_retry_count_stays_in_the_span_and_the_log_tail_out() -> None:
     assert JOB_SECRET in event.message  # the Event keeps the tail for the job's owners
     span_text = operator_part(event.message)
     assert "retry 1/2" in span_text and JOB_SECRET not in span_text, span_text
+
+
+async def test_rays_reply_to_a_rejected_submission_stays_out_of_spans() -> None:
+    """Ray's 400 may quote the runtime_env, the job's env var values among them: the Event and
+    status keep it for the job's owners, the span's message (its first line) does not."""
+    from aiohttp import web
+    from koinon_operator.ray_jobs import RayRequestError, Submission
+    from koinon_operator.telemetry import operator_part
+
+    async def reject(request: web.Request) -> web.Response:
+        return web.json_response({"error": "runtime_env invalid: {'env_vars': {'API_KEY': 'sk-live-789'}}"}, status=400)
+
+    app = web.Application()
+    app.router.add_post("/api/jobs/", reject)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    client = RayJobsClient(f"http://127.0.0.1:{port}")
+    try:
+        with pytest.raises(RayRequestError) as caught:
+            await client.submit(Submission("koinon-x-1", "python x.py", {}, {}, {}))
+    finally:
+        await client.close()
+        await runner.cleanup()
+    assert "sk-live-789" in str(caught.value)
+    assert operator_part(str(caught.value)) == "Ray rejected submission (400):"
