@@ -185,6 +185,13 @@ async def next_message(control: grpc.aio.StreamStreamCall) -> pb.GatewayMessage:
     return message
 
 
+async def next_open_connection(control: grpc.aio.StreamStreamCall) -> pb.OpenConnection:  # type: ignore[type-arg]
+    """The next OpenConnection the gateway sends a mute node's Control stream (others skipped)."""
+    while not (message := await next_message(control)).HasField("open_connection"):
+        pass
+    return message.open_connection
+
+
 async def registered_mute_node(
     c: Cluster, channel: grpc.aio.Channel, name_hint: str = "mute"
 ) -> tuple[pb.JoinResponse, grpc.aio.StreamStreamCall]:  # type: ignore[type-arg]

@@ -23,7 +23,7 @@ from .helpers import (
     echo_handler,
     echo_roundtrip,
     echo_server,
-    next_message,
+    next_open_connection,
     registered_mute_node,
 )
 
@@ -217,13 +217,10 @@ async def test_a_malformed_frame_from_the_accepting_volunteer_ends_its_stream_wi
         dial = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.identity.credential}"),))
         target = pb.Dial(host=joined.assignment.address, port=joined.assignment.ports.node_manager_port)
         await dial.write(pb.Frame(dial=target))
-        while not (message := await next_message(control)).HasField("open_connection"):
-            pass
+        opened = await next_open_connection(control)
         raw = channel.stream_stream("/koinon.tunnel.v1.Tunnel/Connect", None, None)
         accept: Any = raw(metadata=b_metadata)  # type: ignore[call-arg]  # written below
-        await accept.write(
-            pb.Frame(accept=pb.Accept(connection_id=message.open_connection.connection_id)).SerializeToString()
-        )
+        await accept.write(pb.Frame(accept=pb.Accept(connection_id=opened.connection_id)).SerializeToString())
         await accept.write(pb.Frame(dial_result=pb.DialResult(ok=True)).SerializeToString())
         assert (await asyncio.wait_for(dial.read(), 5)).dial_result.ok  # type: ignore[attr-defined]
         await accept.write(b"\xff\xff\xff\xff\x0f")  # the accepting side breaks the protocol

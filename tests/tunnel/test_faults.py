@@ -27,6 +27,7 @@ from .helpers import (
     echo_handler,
     echo_roundtrip,
     next_message,
+    next_open_connection,
     registered_mute_node,
 )
 
@@ -570,9 +571,8 @@ async def test_a_pending_connection_is_answered_by_one_accept_stream(tmp_path: P
         b_metadata = (("authorization", f"Bearer {b.credential}"),)
         dial = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.identity.credential}"),))
         await dial.write(pb.Frame(dial=pb.Dial(host=b.assignment.address, port=b.assignment.ports.node_manager_port)))
-        while not (message := await next_message(control)).HasField("open_connection"):
-            pass
-        accept = pb.Frame(accept=pb.Accept(connection_id=message.open_connection.connection_id))
+        opened = await next_open_connection(control)
+        accept = pb.Frame(accept=pb.Accept(connection_id=opened.connection_id))
         first = tunnel_stub(channel).Connect(metadata=b_metadata)
         await first.write(accept)
         await asyncio.sleep(0.2)
@@ -627,10 +627,9 @@ async def test_a_volunteer_whose_peer_hangs_up_hears_a_close_not_a_clean_end(tmp
             dial = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.identity.credential}"),))
             target = pb.Dial(host=mute.assignment.address, port=mute.assignment.ports.node_manager_port)
             await dial.write(pb.Frame(dial=target))
-            while not (message := await next_message(control)).HasField("open_connection"):
-                pass
+            opened = await next_open_connection(control)
             accept = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {mute.credential}"),))
-            await accept.write(pb.Frame(accept=pb.Accept(connection_id=message.open_connection.connection_id)))
+            await accept.write(pb.Frame(accept=pb.Accept(connection_id=opened.connection_id)))
             await accept.write(pb.Frame(dial_result=pb.DialResult(ok=True)))
             assert (await asyncio.wait_for(dial.read(), 5)).dial_result.ok
             accept.cancel()

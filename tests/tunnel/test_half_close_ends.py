@@ -16,7 +16,7 @@ from koinon_gateway import tunnel_io
 from koinon_gateway.rpc import EOF, tunnel_stub
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import channel_for, cluster, connect_via_proxy, next_message, registered_mute_node
+from .helpers import channel_for, cluster, connect_via_proxy, next_open_connection, registered_mute_node
 from .test_tcp_pipe import ScriptedChannel
 
 
@@ -31,10 +31,9 @@ async def test_head_connection_ends_when_a_half_closed_volunteer_vanishes(tmp_pa
         reader, writer = await asyncio.open_connection("127.0.0.1", head_proxy_port)
         writer.write(f"CONNECT {address}:{port} HTTP/1.1\r\n\r\n".encode())
         await writer.drain()
-        while not (message := await next_message(control)).HasField("open_connection"):
-            pass
+        opened = await next_open_connection(control)
         accept = tunnel_stub(channel).Connect(metadata=b_metadata)
-        await accept.write(pb.Frame(accept=pb.Accept(connection_id=message.open_connection.connection_id)))
+        await accept.write(pb.Frame(accept=pb.Accept(connection_id=opened.connection_id)))
         await accept.write(pb.Frame(dial_result=pb.DialResult(ok=True)))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 200")
@@ -60,10 +59,9 @@ async def test_dialer_stream_ends_when_a_half_closed_peer_vanishes(tmp_path: Pat
         dial = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.identity.credential}"),))
         target = pb.Dial(host=joined.assignment.address, port=joined.assignment.ports.node_manager_port)
         await dial.write(pb.Frame(dial=target))
-        while not (message := await next_message(control)).HasField("open_connection"):
-            pass
+        opened = await next_open_connection(control)
         accept = tunnel_stub(channel).Connect(metadata=b_metadata)
-        await accept.write(pb.Frame(accept=pb.Accept(connection_id=message.open_connection.connection_id)))
+        await accept.write(pb.Frame(accept=pb.Accept(connection_id=opened.connection_id)))
         await accept.write(pb.Frame(dial_result=pb.DialResult(ok=True)))
         assert (await asyncio.wait_for(dial.read(), 5)).dial_result.ok
         await accept.write(pb.Frame(close_write=pb.CloseWrite()))
