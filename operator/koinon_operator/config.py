@@ -15,6 +15,11 @@ class OperatorConfig:
     uptime_sample_seconds: float = 60.0  # how often each VolunteerNode's uptime evidence is recorded
     namespace: str | None = None  # None: all namespaces
     ray_auth_token: str | None = None  # Ray token authentication (RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH)
+    # How long a deleted AIJob keeps its finalizer while Ray cannot be asked to stop its job. Past
+    # it the AIJob goes and a Warning names the Ray jobs that may still run: `kubectl delete` and
+    # namespace deletion must not hang for as long as the Ray head is gone (KubeRay's RayJob gives
+    # up at once; a restarting head gets this long to come back).
+    stop_grace_seconds: float = 120.0
 
     def __post_init__(self) -> None:
         # Refused here, at start: NaN made kopf's timer never fire again (each job reconciled once),
@@ -25,6 +30,11 @@ class OperatorConfig:
         ):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{env} ({name}): must be a finite number of seconds > 0, got {value}")
+        if not (math.isfinite(self.stop_grace_seconds) and self.stop_grace_seconds >= 0):
+            raise ValueError(
+                f"KOINON_STOP_GRACE (stop_grace_seconds): must be a finite number of seconds >= 0, "
+                f"got {self.stop_grace_seconds}"
+            )
         url = urllib.parse.urlsplit(self.ray_dashboard_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(
@@ -39,6 +49,7 @@ class OperatorConfig:
             poll_interval_seconds=_seconds("KOINON_POLL_INTERVAL", cls.poll_interval_seconds),
             uptime_sample_seconds=_seconds("KOINON_UPTIME_SAMPLE_INTERVAL", cls.uptime_sample_seconds),
             namespace=os.environ.get("KOINON_NAMESPACE") or None,
+            stop_grace_seconds=_seconds("KOINON_STOP_GRACE", cls.stop_grace_seconds),
             ray_auth_token=ray_auth_token_from_env(),
         )
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
 
-from koinon_operator.api.aijob import format_time
+from koinon_operator.api.aijob import AIJobStatus, format_time
 from koinon_operator.api.constants import AIJOB_PLURAL, FINALIZER, GROUP, VERSION, VOLUNTEER_PLURAL
 from koinon_operator.config import OperatorConfig
 from koinon_operator.inventory import Allocation, RayNodeCache
 from koinon_operator.kube import delete_aijob
 from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
-from koinon_operator.reconciler import AIJobReconciler, allocation_of
+from koinon_operator.reconciler import AIJobReconciler, allocation_of, ray_submissions_of
 from koinon_operator.reputation_book import ReputationBook, outcome_key, sample_uptime_forever
 from koinon_operator.scheduling import WAITING_FOR_S, ReputationPlacer
 from koinon_operator.telemetry import JobTracer, setup_tracing
@@ -145,11 +145,27 @@ async def sync_volunteer_from_ray(body: kopf.Body, patch: kopf.Patch, memo: kopf
 
 
 @kopf.on.delete(GROUP, VERSION, AIJOB_PLURAL)
-async def stop_ray_job(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def stop_ray_job(body: kopf.Body, memo: kopf.Memo, runtime: timedelta = timedelta(0), **_: Any) -> None:
+    # ``runtime``: kopf's time since this handler first ran for this deletion, kept in the
+    # object's annotations, so an operator restart does not start the grace period again.
     try:
         if await memo.reconciler.stop(body):
             kopf.event(body, type="Normal", reason="Stopped", message="Ray job stopped before deletion")
     except RayUnavailableError as error:
-        # Keep the finalizer until Ray confirms: a deleted AIJob must not leave its job running.
-        raise kopf.TemporaryError(f"cannot stop the Ray job yet: {error}", delay=5) from error
+        if runtime.total_seconds() < CONFIG.stop_grace_seconds:
+            # Keep the finalizer until Ray confirms: a deleted AIJob must not leave its job running.
+            raise kopf.TemporaryError(f"cannot stop the Ray job yet: {error}", delay=5) from error
+        message = abandoned_stop_message(body, CONFIG.stop_grace_seconds, error)
+        kopf.event(body, type="Warning", reason="StopUnconfirmed", message=message)
+        meta = body.get("metadata") or {}
+        logger.warning("AIJob %s/%s: %s", meta.get("namespace"), meta.get("name"), message)
     memo.tracer.deleted(body)
+
+
+def abandoned_stop_message(body: kopf.Body, grace_seconds: float, error: Exception) -> str:
+    """Names what may still run, so a cluster admin can stop it by hand (`ray job stop ID`)."""
+    submissions = ray_submissions_of(AIJobStatus.from_status(body.get("status")))
+    return (
+        f"deleted without stopping its Ray job: Ray unreachable for {grace_seconds:g} s "
+        f"(KOINON_STOP_GRACE; last error: {error}); may still run: {', '.join(submissions) or 'none recorded'}"
+    )

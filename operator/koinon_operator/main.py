@@ -14,6 +14,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ray-dashboard", help="Ray dashboard URL (Job Submission API)")
     parser.add_argument("--poll-interval", type=float, help="seconds between reconciles of one AIJob")
     parser.add_argument("--namespace", help="watch one namespace (default: all)")
+    parser.add_argument(
+        "--stop-grace",
+        type=float,
+        help="seconds a deleted AIJob waits for an unreachable Ray to stop its job (default 120)",
+    )
     parser.add_argument("--liveness", default=None, help="e.g. http://0.0.0.0:8080/healthz")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -27,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["KOINON_POLL_INTERVAL"] = str(args.poll_interval)
     if args.namespace:
         os.environ["KOINON_NAMESPACE"] = args.namespace
+    if args.stop_grace is not None:
+        os.environ["KOINON_STOP_GRACE"] = str(args.stop_grace)
 
     # Checked before kopf starts: raised from its startup handler, kopf would retry every minute
     # and never reconcile, with the operator looking alive.

@@ -82,6 +82,12 @@ def copy_submission_id_from(submission_id: str | None, copy: int) -> str | None:
     return submission_id if copy == 0 else f"{submission_id}-copy{copy}"
 
 
+def ray_submissions_of(state: AIJobStatus) -> list[str]:
+    """The Ray submissions of the job's current attempt: its own and its verification copies'."""
+    found = (copy_submission_id_from(state.submission_id, copy) for copy in range(state.copies))
+    return [submission_id for submission_id in found if submission_id]
+
+
 def _user_error(info: RayJobInfo) -> bool:
     """The driver exited with its own non-zero code: the job's fault, not the volunteer's."""
     return info.driver_exit_code not in (None, 0)
@@ -341,10 +347,8 @@ class AIJobReconciler:
         return self._job_locks.setdefault(key, asyncio.Lock())
 
     async def _stop_copies(self, state: AIJobStatus) -> None:
-        for copy in range(state.copies):
-            submission_id = copy_submission_id_from(state.submission_id, copy)
-            if submission_id:
-                await self.ray.stop(submission_id)
+        for submission_id in ray_submissions_of(state):
+            await self.ray.stop(submission_id)
 
     # ----------------------------------------------------------------- internals
 

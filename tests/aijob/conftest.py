@@ -76,12 +76,16 @@ class ControlPlane:
         return job
 
     def start_operator(
-        self, namespace: str, dashboard_url: str | None = None, name: str = "operator"
+        self,
+        namespace: str,
+        dashboard_url: str | None = None,
+        name: str = "operator",
+        extra_env: dict[str, str] | None = None,
     ) -> ManagedProcess:
         process = operator_process(
             self.info.kubeconfig, dashboard_url or self.info.ray_dashboard_url, self.info.log_dir,
             poll_interval_seconds=0.5, namespace=namespace, name=f"{name}-{namespace}",
-            ray_auth_token_file=self.info.ray_auth_token_file,
+            ray_auth_token_file=self.info.ray_auth_token_file, extra_env=extra_env,
         )  # fmt: skip
         process.start()
         return process

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 from urllib.parse import urlparse
 
 import pytest
@@ -132,6 +133,50 @@ def test_deleting_a_running_job_stops_its_ray_job_first(
     while control_plane.ray_job(submission_id)["status"] != "STOPPED" and time.monotonic() < deadline:
         time.sleep(0.5)
     assert control_plane.ray_job(submission_id)["status"] == "STOPPED"
+
+
+def test_deleting_a_running_job_while_ray_is_unreachable_ends_after_the_grace(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    """`kubectl delete` (and a namespace's deletion) must not hang for as long as the Ray head is
+    gone: the finalizer holds for KOINON_STOP_GRACE, then goes with a Warning that names the Ray
+    job that may still run."""
+    dashboard = urlparse(control_plane.info.ray_dashboard_url)
+    assert dashboard.hostname is not None and dashboard.port is not None
+    forwarder = TcpForwarder(dashboard.hostname, dashboard.port)
+    forwarder.start()
+    operator = control_plane.start_operator(
+        namespace, dashboard_url=forwarder.url, extra_env={"KOINON_STOP_GRACE": "4"}
+    )
+    submission_id = ""
+    try:
+        control_plane.apply(aijob("orphan", namespace, sleeper(120), resources={"gpus": 1}))
+        submission_id = control_plane.wait_phase("orphan", namespace, "Running", timeout=60)["status"]["submissionId"]
+        forwarder.cut()
+        control_plane.kubectl("delete", "aijob", "orphan", "-n", namespace, "--wait=false")
+        time.sleep(2)
+        held = control_plane.get("orphan", namespace)  # the grace: Ray may come back
+        assert held["metadata"].get("deletionTimestamp")
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline:
+            if control_plane.kubectl_result("get", "aijob", "orphan", "-n", namespace).returncode != 0:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("the AIJob kept its finalizer past the grace while Ray was unreachable")
+        warnings = [e for e in control_plane.events("orphan", namespace) if e["reason"] == "StopUnconfirmed"]
+        assert warnings and submission_id in warnings[0]["message"], warnings
+        assert warnings[0]["type"] == "Warning"
+    finally:
+        operator.stop(grace_seconds=5)
+        forwarder.restore()
+        if submission_id:  # the test's own leftover: it would hold the simulated GPU
+            request = urllib.request.Request(
+                f"{control_plane.info.ray_dashboard_url}/api/jobs/{submission_id}/stop",
+                data=b"", method="POST", headers=control_plane.info.ray_headers(),
+            )  # fmt: skip
+            urllib.request.urlopen(request, timeout=10).close()
+        forwarder.cut()
 
 
 def test_suspend_stops_the_attempt_and_resume_starts_a_new_one(
