@@ -26,6 +26,7 @@ from koinon_operator.scheduler import (
     DEFAULT_CONFIG,
     ReputationConfig,
     ReputationEvidence,
+    decayed,
     from_status,
     record_agreement,
     record_disagreement,
@@ -35,6 +36,7 @@ from koinon_operator.scheduler import (
     record_timeout,
     to_status,
 )
+from koinon_operator.scheduler.reputation import owner_extra_disagreements
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def updated_status(
     jobs = dict(status.get("jobs") or {})
     counter = JOB_COUNTERS[kind]
     jobs[counter] = int(jobs.get(counter) or 0) + 1
-    reputation = to_status(evidence, now, config)
+    reputation = to_status(evidence, now, config, _previous_owner_extra(previous))
     if entry is not None:
         recorded.append(entry)
     if recorded:
@@ -91,12 +93,47 @@ def updated_status(
     return {"reputation": reputation, "jobs": jobs}
 
 
+def _previous_owner_extra(reputation: Mapping[str, Any]) -> float:
+    """The siblings' pooled disagreements as last sampled: kept until the next uptime look."""
+    value = reputation.get("ownerDisagreements")
+    return float(value) if isinstance(value, int | float) and value > 0 else 0.0
+
+
+def owner_pooled_disagreements(
+    volunteers: Iterable[Mapping[str, Any]], now: float, config: ReputationConfig
+) -> dict[str, float]:
+    """Pure: per VolunteerNode name, the disagreements of its owner's other nodes (aged to ``now``)
+    charged to it, as the scheduler's index pools them: a liar caught on one node weighs on its
+    siblings' scores. A node without an owner is its own owner."""
+    own: dict[str, tuple[str, float]] = {}
+    for item in volunteers:
+        meta, spec = item.get("metadata") or {}, item.get("spec") or {}
+        name = str(meta.get("name") or "")
+        try:
+            evidence = decayed(from_status((item.get("status") or {}).get("reputation")), now, config)
+        except ValueError:  # an unreadable status counts nothing here; the scheduler says why
+            evidence = ReputationEvidence()
+        own[name] = (str(spec.get("owner") or name), evidence.disagreements)
+    totals: dict[str, float] = {}
+    for owner, disagreements in own.values():
+        totals[owner] = totals.get(owner, 0.0) + disagreements
+    return {
+        name: owner_extra_disagreements(ReputationEvidence(disagreements=dis), totals[owner], config)
+        for name, (owner, dis) in own.items()
+    }
+
+
 def uptime_sample(
-    status: Mapping[str, Any], now: float, config: ReputationConfig, max_gap_s: float
+    status: Mapping[str, Any],
+    now: float,
+    config: ReputationConfig,
+    max_gap_s: float,
+    owner_extra: float | None = None,
 ) -> dict[str, Any] | None:
     """Pure: the status fields to write after looking at a node at ``now``, None when there is
     nothing to write.
 
+    ``owner_extra``: the owner's other nodes' disagreements charged to this one (None: as before).
     The time since the previous look (``reputation.uptimeSampledAt``) counts as heartbeats seen
     when the node is Ready (or Draining) now, as heartbeats missed when it is not. At most
     ``max_gap_s`` of it counts: nobody looked in between (the operator was down), so a longer gap
@@ -112,7 +149,8 @@ def uptime_sample(
         heartbeats = min(now - sampled_at, max_gap_s) / HEARTBEAT_UNIT_S
         up = status.get("phase") in ("Ready", "Draining")  # connected with Ray serving (or leaving by choice)
         evidence = record_heartbeats(evidence, now, config, heartbeats if up else 0.0, 0.0 if up else heartbeats)
-    reputation = to_status(evidence, now, config)
+    extra = _previous_owner_extra(previous) if owner_extra is None else owner_extra
+    reputation = to_status(evidence, now, config, extra)
     if previous.get("recordedOutcomes"):
         reputation["recordedOutcomes"] = previous["recordedOutcomes"]
     reputation["uptimeSampledAt"] = now
@@ -190,27 +228,28 @@ class ReputationBook:
     async def sample_uptime(self, interval_s: float) -> int:
         """Looks at every VolunteerNode once and records its uptime evidence; returns how many
         were written. A gap of up to two intervals counts (one missed look is no news)."""
-        names = await asyncio.to_thread(self._volunteer_names)
+        volunteers = await asyncio.to_thread(self._volunteers)
+        pooled = owner_pooled_disagreements(volunteers, self._clock(), self._config)
         written = 0
-        for node in names:
+        for node, owner_extra in pooled.items():
             async with self._locks.setdefault(node, asyncio.Lock()):
                 try:
-                    written += await asyncio.to_thread(self._apply_uptime, node, 2 * interval_s)
+                    written += await asyncio.to_thread(self._apply_uptime, node, 2 * interval_s, owner_extra)
                 except ValueError as exc:  # this node's status is unreadable; the others still count
                     logger.warning("uptime of %s not recorded: %s", node, exc)
         return written
 
     @staticmethod
-    def _volunteer_names() -> list[str]:
+    def _volunteers() -> list[dict[str, Any]]:
         load_config()
         listed = cast(
             dict[str, Any], client.CustomObjectsApi().list_cluster_custom_object(GROUP, VERSION, VOLUNTEER_PLURAL)
         )
-        return [str(item["metadata"]["name"]) for item in listed.get("items") or ()]
+        return list(listed.get("items") or ())
 
-    def _apply_uptime(self, node: str, max_gap_s: float) -> int:
+    def _apply_uptime(self, node: str, max_gap_s: float, owner_extra: float) -> int:
         outcome = self._read_modify_write(
-            node, lambda status: uptime_sample(status, self._clock(), self._config, max_gap_s)
+            node, lambda status: uptime_sample(status, self._clock(), self._config, max_gap_s, owner_extra)
         )
         if outcome == "lost":
             logger.warning("uptime of %s not recorded: lost %d write races in a row", node, CONFLICT_RETRIES)

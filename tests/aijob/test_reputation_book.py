@@ -13,6 +13,7 @@ from koinon_operator.reputation_book import (
     RECORDED_OUTCOMES_KEPT,
     ReputationBook,
     outcome_key,
+    owner_pooled_disagreements,
     updated_status,
     uptime_sample,
 )
@@ -172,3 +173,47 @@ async def test_the_sampler_records_uptime_on_each_volunteernode_once_per_look(cl
     reputation = _status(cluster)["reputation"]
     assert reputation["heartbeatsSeen"] == pytest.approx(12.0, rel=1e-3)
     assert reputation["uptimeSampledAt"] == NOW + 60
+
+
+def _volunteer(name: str, owner: str | None, disagreements: float = 0.0) -> dict[str, Any]:
+    status = updated_status({}, "disagreement", NOW, CONFIG, f"{name}/1/0") if disagreements else {}
+    spec = {"owner": owner} if owner else {}
+    return {"metadata": {"name": name}, "spec": spec, "status": status or {}}
+
+
+def test_a_liars_disagreements_are_pooled_onto_its_siblings_only() -> None:
+    volunteers = [_volunteer("liar", "mallory", 1.0), _volunteer("sibling", "mallory"), _volunteer("other", "bob"),
+                  _volunteer("ownerless", None)]  # fmt: skip
+    pooled = owner_pooled_disagreements(volunteers, NOW, CONFIG)
+    assert pooled["sibling"] == pytest.approx(CONFIG.owner_disagreement_pooling)
+    assert pooled["liar"] == 0.0  # its own disagreement is already in its own counts
+    assert pooled["other"] == 0.0 and pooled["ownerless"] == 0.0
+    # Aged as the evidence is: a year later the pooled weight has decayed with it.
+    assert owner_pooled_disagreements(volunteers, NOW + 365 * 86400, CONFIG)["sibling"] < pooled["sibling"] / 100
+
+
+async def test_the_sampler_writes_the_siblings_pooled_disagreements_into_their_score(
+    cluster: EmulatorThread,
+) -> None:
+    """``ownerDisagreements`` was written as 0 whatever the owner's other nodes did, and the score
+    in status left it out, so `kubectl get vn` showed a liar's sibling as clean while the scheduler
+    already held its owner's lies against it."""
+    sibling = {"apiVersion": API, "kind": "VolunteerNode", "metadata": {"name": "vn-b"}, "spec": {"owner": "alice"}}
+    cluster.call(lambda e: e.create(sibling))
+    ready = {"status": {"phase": "Ready", "connected": True}}
+    cluster.call(lambda e: e.patch(API, "VolunteerNode", "vn-a", ready, subresource="status"))
+    cluster.call(lambda e: e.patch(API, "VolunteerNode", "vn-b", ready, subresource="status"))
+    book = ReputationBook(clock=lambda: NOW)
+    await book.sample_uptime(60)
+    clean = cluster.call(lambda e: e.get(API, "VolunteerNode", "vn-b"))["status"]["reputation"]
+    assert clean["ownerDisagreements"] == 0
+    await book.record([("vn-a", "disagreement")], "uid-1/1/0")  # vn-a is caught lying
+    book = ReputationBook(clock=lambda: NOW + 60)
+    await book.sample_uptime(60)
+    pooled = cluster.call(lambda e: e.get(API, "VolunteerNode", "vn-b"))["status"]["reputation"]
+    assert pooled["ownerDisagreements"] == pytest.approx(CONFIG.owner_disagreement_pooling, rel=1e-3)
+    assert pooled["lowerBound"] < clean["lowerBound"]
+    # Evidence recorded on the sibling before the next look keeps the pooled share in its score.
+    await book.record([("vn-b", "success")], "uid-2/1/0")
+    after = cluster.call(lambda e: e.get(API, "VolunteerNode", "vn-b"))["status"]["reputation"]
+    assert after["ownerDisagreements"] == pooled["ownerDisagreements"]
