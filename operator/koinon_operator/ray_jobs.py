@@ -102,7 +102,7 @@ class RayJobsClient:
         session = await self._client()
         try:
             async with session.request(method, f"{self._base}{path}", json=payload) as reply:
-                text = await reply.text()
+                text = await reply.text(errors="replace")
                 body: Any
                 if reply.status in (401, 403):
                     raise RayAuthError(
@@ -173,7 +173,7 @@ class RayJobsClient:
             try:
                 async with session.get(f"{self._base}{path}") as reply:
                     if reply.status == 200:
-                        return await reply.text()
+                        return await reply.text(errors="replace")
             except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 reason = describe_error(error)
                 raise RayUnavailableError(f"cannot read driver log of {submission_id}: {reason}") from error

@@ -371,7 +371,9 @@ class AIJobReconciler:
                 await self._stop_copies(state)
             if phase is not Phase.SUSPENDED:
                 self.ledger.release(key)
-                writer.set(assignedNodes=[], submissionId=None)
+                # startTime goes too, as a Kubernetes Job's does: activeDeadlineSeconds counts
+                # from the resumed run, not across the time the job was suspended.
+                writer.set(assignedNodes=[], submissionId=None, startTime=None)
                 writer.phase(Phase.SUSPENDED, "Suspended", "spec.suspend is true")
                 writer.condition(ConditionType.SUSPENDED, True, "Suspended", "spec.suspend is true")
                 outcome.event("Suspended", "job suspended; its Ray job (if any) was stopped")

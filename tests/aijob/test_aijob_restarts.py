@@ -158,3 +158,30 @@ async def test_an_aijob_created_again_under_a_deleted_ones_name_runs() -> None:
     again = make_body({"entrypoint": "python x.py"}, uid="11111111-2222-3333-4444-555555555555")
     await step(reconciler, again)
     assert again["status"]["phase"] == "Scheduled"
+
+
+async def test_a_resumed_job_runs_before_its_deadline_is_judged() -> None:
+    """As a Kubernetes Job's: startTime is reset on suspend, so activeDeadlineSeconds counts from the
+    resumed run. It was kept, and a job suspended longer than its deadline failed DeadlineExceeded
+    the moment it was resumed, without running again."""
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "activeDeadlineSeconds": 600})
+    await step(reconciler, body)
+    await step(reconciler, body)
+    ray.set_state(submission_id_for(UID, 1), RayJobState.RUNNING)
+    await step(reconciler, body)
+    assert body["status"]["phase"] == "Running"
+    body["spec"]["suspend"] = True
+    await step(reconciler, body)
+    assert body["status"]["phase"] == "Suspended" and "startTime" not in body["status"]
+    clock.advance(3600)  # suspended for an hour: the platform team lent the GPUs to a demo
+    body["spec"]["suspend"] = False
+    await step(reconciler, body)  # Resumed, placed again
+    await step(reconciler, body)  # submitted
+    ray.set_state(submission_id_for(UID, 2), RayJobState.RUNNING)
+    await step(reconciler, body)
+    assert body["status"]["phase"] == "Running", body["status"]
+    clock.advance(601)  # the resumed run passes its own deadline: that one still counts
+    await step(reconciler, body)
+    assert body["status"]["reason"] == "DeadlineExceeded", body["status"]

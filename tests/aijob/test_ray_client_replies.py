@@ -12,9 +12,9 @@ from aiohttp import web
 from koinon_operator.inventory import RayNodeCache
 from koinon_operator.placement import FirstFitPlacer
 from koinon_operator.ray_jobs import RayJobsClient, RayJobState, RayUnavailableError
-from koinon_operator.reconciler import AIJobReconciler
+from koinon_operator.reconciler import AIJobReconciler, submission_id_for
 
-from tests.aijob.fake_ray import UID, make_body
+from tests.aijob.fake_ray import UID, VOLUNTEERS, make_body
 
 
 @pytest.fixture
@@ -23,7 +23,10 @@ async def ray_api() -> AsyncIterator[tuple[str, dict[str, Any]]]:
     replies: dict[str, Any] = {}
 
     async def handler(request: web.Request) -> web.Response:
-        return web.json_response(replies.get(request.path, {}))
+        reply = replies.get(request.path, {})
+        if isinstance(reply, bytes):  # as Ray serves a log file: raw bytes, text/plain, no charset
+            return web.Response(body=reply, content_type="text/plain")
+        return web.json_response(reply)
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
@@ -93,3 +96,31 @@ async def test_a_malformed_status_reply_is_reported_on_the_aijob(ray_api: tuple[
     conditions = {c["type"]: c for c in outcome.status["conditions"]}
     assert conditions["RayReachable"]["status"] == "False"
     assert "malformed reply to job status" in conditions["RayReachable"]["message"]
+
+
+async def test_a_driver_log_that_is_not_utf8_still_concludes_the_job(ray_api: tuple[str, dict[str, Any]]) -> None:
+    """One byte of Latin-1 (or a C extension's, or a binary dump's) in the driver's log raised a
+    UnicodeDecodeError out of the reconciler: kopf retried the pass every minute for ever and the
+    job stayed Running on its volunteer, with nothing in its status saying why."""
+    url, replies = ray_api
+    submission_id = submission_id_for(UID, 1)
+    replies[f"/api/jobs/{submission_id}"] = {
+        "status": "SUCCEEDED", "driver_node_id": "r1", "start_time": 1, "end_time": 1, "driver_exit_code": 0,
+    }  # fmt: skip
+    node = {"node_id": "r1", "node_ip": "127.0.20.1", "state": "ALIVE", "is_head_node": False,
+            "resources_total": {"GPU": 1, "CPU": 4}, "labels": {"koinon.dev/node": "vn-1"}}  # fmt: skip
+    replies["/api/v0/nodes"] = {"data": {"result": {"result": [node]}}}
+    replies["/api/v0/logs/file"] = b"loss \xe9t\xe9 0.1\nKOINON_RESULT 42\n"
+    client = RayJobsClient(url)
+    reconciler = AIJobReconciler(ray=client, placer=FirstFitPlacer(), nodes=RayNodeCache(client, max_age_seconds=0))
+    body = make_body({"entrypoint": "python x.py"})
+    body["status"] = {
+        "phase": "Running", "attempts": 1, "submissionId": submission_id, "assignedNodes": ["vn-1"],
+        "rayNodeIds": ["r1"], "startTime": "2026-01-01T00:00:05Z", "traceId": "t",
+        "scheduling": {"addresses": ["127.0.20.1"], "owners": ["alice"], "copies": 1, "replicas": 1},
+    }  # fmt: skip
+    try:
+        outcome = await reconciler.reconcile(body, {}, VOLUNTEERS)
+    finally:
+        await client.close()
+    assert outcome.status.get("phase") == "Succeeded", outcome.status
