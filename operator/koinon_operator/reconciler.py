@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -74,6 +75,18 @@ def copy_submission_id(uid: str, attempt: int, copy: int) -> str:
     """Verification copy ``copy`` of an attempt; copy 0 is the attempt's own submission."""
     base = submission_id_for(uid, attempt)
     return base if copy == 0 else f"{base}-copy{copy}"
+
+
+def submission_digest(spec: AIJobSpec) -> str:
+    """What an attempt's copies are submitted from (recorded at placement): copies submitted
+    later must run what the earlier ones run, or they would be judged against each other."""
+    submitted = {
+        "entrypoint": spec.entrypoint,
+        "runtimeEnv": spec.runtime_env,
+        "replicas": spec.replicas,
+        "resources": [spec.resources.gpus, spec.resources.gpu_memory_mib, spec.resources.cpus],
+    }
+    return hashlib.sha256(json.dumps(submitted, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def copy_submission_id_from(submission_id: str | None, copy: int) -> str | None:
@@ -471,6 +484,12 @@ class AIJobReconciler:
                 "owners": [node.owner for node in decision.nodes],
                 "copies": copies,
                 "replicas": spec.replicas,
+                # What the attempt holds and runs, whatever the spec says later: the operator's
+                # ledger is rebuilt from these after a restart, and copies not yet submitted are
+                # checked against the digest.
+                "gpusPerReplica": spec.resources.gpus,
+                "cpusPerReplica": spec.resources.cpus,
+                "specDigest": submission_digest(spec),
                 "excludedNodes": list(state.excluded_nodes),
                 "excludedOwners": list(state.excluded_owners),
                 "reasons": {},
@@ -490,6 +509,15 @@ class AIJobReconciler:
         infos = [await self.ray.get(submission_id) for submission_id in submissions]
         missing = [k for k, info in enumerate(infos) if info is None]
         if missing:
+            recorded_digest = state.scheduling.get("specDigest")
+            if state.phase is Phase.SCHEDULED and recorded_digest and recorded_digest != submission_digest(spec):
+                # Edited before all of the attempt's submissions went out: what is left would run
+                # another program (or ask for other resources) than what runs. A new attempt runs
+                # the new spec everywhere, uncounted.
+                await self._interrupted(
+                    key, state, writer, outcome, "SpecChanged", "the spec changed before all its copies were submitted"
+                )
+                return
             if state.phase is Phase.SCHEDULED:
                 for k in missing:
                     try:
@@ -955,9 +983,12 @@ def allocation_of(body: Mapping[str, Any]) -> Allocation | None:
     state = AIJobStatus.from_status(body.get("status"))
     if state.phase is None or not state.phase.holds_nodes or not state.assigned_nodes:
         return None
+    # What the attempt was placed with; the spec's (an object placed before 2026-12-06) only when
+    # that is not recorded: an edited spec does not change what a running attempt holds.
     resources = (body.get("spec") or {}).get("resources") or {}
-    return Allocation(
-        nodes=state.assigned_nodes,
-        gpus_per_replica=int(resources.get("gpus", 1)),
-        cpus_per_replica=float(resources.get("cpus", 1.0)),
-    )
+    gpus, cpus = state.scheduling.get("gpusPerReplica"), state.scheduling.get("cpusPerReplica")
+    if not isinstance(gpus, int) or isinstance(gpus, bool):
+        gpus = resources.get("gpus", 1)
+    if not isinstance(cpus, int | float) or isinstance(cpus, bool):
+        cpus = resources.get("cpus", 1.0)
+    return Allocation(nodes=state.assigned_nodes, gpus_per_replica=int(gpus), cpus_per_replica=float(cpus))

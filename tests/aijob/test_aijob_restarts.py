@@ -11,7 +11,7 @@ from typing import Any
 
 from koinon_emulator.patching import merge_patch
 from koinon_operator.ray_jobs import RayJobState, RayNodeInfo, Submission
-from koinon_operator.reconciler import submission_id_for
+from koinon_operator.reconciler import allocation_of, submission_id_for
 from koinon_operator.reputation_book import outcome_key, updated_status
 from koinon_operator.scheduler import DEFAULT_CONFIG
 
@@ -185,3 +185,19 @@ async def test_a_resumed_job_runs_before_its_deadline_is_judged() -> None:
     clock.advance(601)  # the resumed run passes its own deadline: that one still counts
     await step(reconciler, body)
     assert body["status"]["reason"] == "DeadlineExceeded", body["status"]
+
+
+async def test_a_running_jobs_gpus_stay_held_after_a_restart_when_its_resources_were_edited() -> None:
+    """The ledger a restarted operator rebuilds (the kopf index, allocation_of) read GPUs per
+    replica from the current spec: a running job edited to gpus 0 looked as if it held none, and a
+    second job was placed on the GPU it still ran on."""
+    ray, clock = FakeRay(), Clock()
+    running = await _running(ray, clock, {"entrypoint": "python a.py", "resources": {"gpus": 1}})
+    running["spec"]["resources"]["gpus"] = 0  # for its next attempt; the running one is unchanged
+    running["metadata"]["generation"] = 2
+    allocation = allocation_of(running)
+    assert allocation is not None and allocation.gpus_per_replica == 1
+    restarted = make_reconciler(ray, clock)
+    other = make_body({"entrypoint": "python b.py", "resources": {"gpus": 1}}, name="k", uid="u-other")
+    outcome = await restarted.reconcile(copy.deepcopy(other), {"ns/j": allocation}, VOLUNTEERS)
+    assert outcome.status.get("phase") == "Pending", outcome.status  # vn-1's one GPU is taken

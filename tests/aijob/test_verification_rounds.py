@@ -8,12 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 from koinon_operator.inventory import RayNodeCache
-from koinon_operator.ray_jobs import RayJobState, RayNodeInfo
-from koinon_operator.reconciler import AIJobReconciler, Outcome, copy_submission_id_from
+from koinon_operator.ray_jobs import RayJobState, RayNodeInfo, RayUnavailableError, Submission
+from koinon_operator.reconciler import AIJobReconciler, Outcome, copy_submission_id, copy_submission_id_from
 from koinon_operator.scheduling import ReputationPlacer
 from koinon_operator.verification import CopyResult, judge
 
-from .fake_ray import Clock, FakeRay, make_body, step
+from .fake_ray import UID, Clock, FakeRay, make_body, step
 
 OWNERS = {"vn-a": "alice", "vn-b": "bob", "vn-b2": "bob", "vn-c": "carol", "vn-d": "dave"}
 GOOD, FORGED = "KOINON_RESULT 42\n", "KOINON_RESULT forged\n"
@@ -198,3 +198,46 @@ async def test_one_trusted_copy_agreeing_with_an_earlier_answer_decides_and_catc
     assert (status["phase"], status["reason"]) == ("Succeeded", "Verified"), status
     assert status["message"].startswith("attempt 2: 1/1 copies agree, with 1 earlier answer")
     assert sorted(outcome.reputation) == [("vn-a", "agreement"), ("vn-b", "disagreement"), ("vn-c", "agreement")]
+
+
+class FlakyCopiesRay(CopiesRay):
+    """Refuses the first submission of the ids in ``flaky`` as a restarting dashboard does."""
+
+    def __init__(self, present: list[str], flaky: set[str]) -> None:
+        super().__init__(present)
+        self.flaky = flaky
+
+    async def submit(self, submission: Submission) -> bool:
+        if submission.submission_id in self.flaky:
+            self.flaky.discard(submission.submission_id)
+            raise RayUnavailableError("dashboard restarting")
+        return await super().submit(submission)
+
+
+async def test_copies_of_one_attempt_never_run_different_programs() -> None:
+    """Copies go out one by one: one refused for a moment and the entrypoint edited before its
+    retry ran the new program beside the old, and the copies were judged against each other (an
+    honest volunteer outvoted and charged a disagreement). The edit now starts a new attempt,
+    uncounted, whose copies all run the new spec."""
+    ray = FlakyCopiesRay(["vn-a", "vn-b", "vn-c"], {copy_submission_id(UID, 1, 2)})
+    clock = Clock()
+    rec = reconciler(ray, clock)
+    vols = volunteers(ray.present)
+    body = make_body({"entrypoint": "python v1.py", "verification": {"mode": "replicated", "quorum": 3}})
+    await step(rec, body, vols)  # placed: 3 copies
+    clock.advance(40)
+    await step(rec, body, vols)  # copies 0 and 1 submitted; copy 2 refused for now
+    assert body["status"]["scheduling"]["copies"] == 3
+    body["spec"]["entrypoint"] = "python v2.py"
+    body["metadata"]["generation"] = 2
+    for _ in range(4):
+        clock.advance(40)
+        await step(rec, body, vols)
+    by_attempt: dict[str, set[str]] = {}
+    for submission in ray.submissions:
+        attempt = submission.submission_id.split(f"{UID}-")[1].split("-")[0]
+        by_attempt.setdefault(attempt, set()).add(submission.entrypoint)
+    assert all(len(entrypoints) == 1 for entrypoints in by_attempt.values()), by_attempt
+    assert by_attempt["2"] == {"python v2.py"}
+    assert body["status"]["failures"] == 0  # the edit is nobody's failure
+    assert {copy_submission_id(UID, 1, 0), copy_submission_id(UID, 1, 1)} <= set(ray.stopped)
