@@ -60,4 +60,6 @@ bench-tunnel: venv bench-deps
 	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/python -m bench.tunnel.run
 
 clean:
+	@# The state file is the only record of a running `make up`: stop it before deleting that.
+	@if [ -f .koinon/dev/cluster.json ]; then $(BIN)/koinon dev down; fi
 	rm -rf .koinon build *.egg-info .mypy_cache .ruff_cache .pytest_cache

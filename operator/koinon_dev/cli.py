@@ -43,7 +43,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not cluster.state_path.exists():
         print("no local control plane is running")
         return 1
-    print(cluster.info().to_json())
+    info = cluster.info()
+    running = cluster.running_components(info)
+    missing = sorted(set(info.process_groups) - set(running))
+    print(info.to_json())
+    if not info.complete:
+        print(f"koinon: {cluster.state_path} records an `up` that is starting or was interrupted", file=sys.stderr)
+        return 1
+    if missing:
+        # A crash, an OOM kill or a reboot: the record outlives the processes. Scripts must not read "up".
+        print(f"koinon: recorded but not running: {', '.join(missing)}; run `koinon dev down`", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -76,6 +76,10 @@ class DevClusterConfig:
     network_namespaces: bool | None = None
 
 
+class StateFileDamagedError(RuntimeError):
+    """The state file is not what `up` writes (cut short, edited, from another version)."""
+
+
 @dataclass
 class DevClusterInfo:
     """What a user (or a test) needs to talk to a running local control plane."""
@@ -123,7 +127,14 @@ class DevClusterInfo:
 
     @classmethod
     def load(cls, path: Path) -> DevClusterInfo:
-        data = json.loads(path.read_text())
+        try:
+            return cls._from_json(path.read_text())
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise StateFileDamagedError(f"{path} is unreadable ({type(error).__name__}: {error})") from None
+
+    @classmethod
+    def _from_json(cls, text: str) -> DevClusterInfo:
+        data = json.loads(text)
         return cls(
             kubeconfig=Path(data["kubeconfig"]),
             api_url=data["api_url"],
@@ -439,7 +450,18 @@ class DevCluster:
         with deferred_signals(TERMINATING_SIGNALS):
             state = self._state
             if state is None and self.state_path.exists():
-                state = DevClusterInfo.load(self.state_path)
+                try:
+                    state = DevClusterInfo.load(self.state_path)
+                except StateFileDamagedError as error:
+                    # Kept aside, not left in place: `up` refuses while a state file exists, so
+                    # the user could neither stop nor start. What it recorded is not known here.
+                    aside = self.state_path.with_name(f"{STATE_FILE}.damaged")
+                    os.replace(self.state_path, aside)
+                    print(
+                        f"koinon: {error}; moved to {aside}. Processes it recorded, if any, are not "
+                        "stopped: look for them with `ps` and `ip netns list` (kn-*)",
+                        file=sys.stderr,
+                    )
             stopped = self._stop_recorded(state) if state is not None else []
             # Started by this process but not recorded yet (the gateway while it starts): our children.
             recorded = set(state.process_groups.values()) if state is not None else set()
@@ -511,6 +533,10 @@ class DevCluster:
             return True
         print(f"koinon: not stopping {name} (pid {pgid}): {why}", file=sys.stderr)
         return False
+
+    def running_components(self, state: DevClusterInfo) -> list[str]:
+        """The recorded process groups that still run as `up` started them."""
+        return [name for name, pgid in state.process_groups.items() if self._still_ours(state, name, pgid)]
 
     def info(self) -> DevClusterInfo:
         if not self.state_path.exists():

@@ -50,7 +50,12 @@ def run_demo(cluster: DevCluster, example: Path, timeout: float = 150.0) -> int:
              "-n", namespace, "-w"],
             text=True,
         )  # fmt: skip
-        phase = _wait_for_finish(info.kubeconfig, name, namespace, timeout)
+        try:
+            phase = _wait_for_finish(info.kubeconfig, name, namespace, timeout)
+        except TimeoutError:
+            watcher.kill()
+            _show_events(info.kubeconfig, name, namespace)  # why it did not finish (Unschedulable, say)
+            raise
         time.sleep(0.5)  # let the watch print the final row
         watcher.terminate()
         watcher.wait(timeout=5)
@@ -58,14 +63,15 @@ def run_demo(cluster: DevCluster, example: Path, timeout: float = 150.0) -> int:
         from koinon_dev.cli import fetch_job_logs
 
         _banner(f"koinon logs {name}")
-        print(fetch_job_logs(info, name, namespace).rstrip())
+        try:
+            print(fetch_job_logs(info, name, namespace).rstrip())
+        except RuntimeError as error:  # failed before reaching Ray (InvalidSpec): the events say why
+            print(f"(no Ray logs: {error})")
         _banner("kubectl get aij")
         print(kubectl(info.kubeconfig, "get", "aij", "-n", namespace), end="")
         _banner("kubectl get vn")
         print(kubectl(info.kubeconfig, "get", "vn"), end="")
-        _banner(f"kubectl describe aij {name} (events)")
-        described = kubectl(info.kubeconfig, "describe", "aij", name, "-n", namespace)
-        print(described[described.find("Events:") :] if "Events:" in described else described, end="")
+        _show_events(info.kubeconfig, name, namespace)
         print(f"\njob {phase} in {time.monotonic() - started:.0f}s since start")
         return 0 if phase == "Succeeded" else 1
     finally:
@@ -74,6 +80,12 @@ def run_demo(cluster: DevCluster, example: Path, timeout: float = 150.0) -> int:
         _banner("stopping the local control plane")
         stopped = cluster.down()
         print("stopped: " + ", ".join(stopped))
+
+
+def _show_events(kubeconfig: Path, name: str, namespace: str) -> None:
+    _banner(f"kubectl describe aij {name} (events)")
+    described = kubectl(kubeconfig, "describe", "aij", name, "-n", namespace)
+    print(described[described.find("Events:") :] if "Events:" in described else described, end="")
 
 
 def _wait_for_finish(kubeconfig: Path, name: str, namespace: str, timeout: float) -> str:

