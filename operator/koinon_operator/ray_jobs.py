@@ -50,6 +50,9 @@ class RayJobInfo:
     start_time_ms: int | None
     end_time_ms: int | None
     driver_exit_code: int | None
+    # Ray's JobErrorType for a job that failed around its driver (RUNTIME_ENV_SETUP_FAILURE,
+    # JOB_SUPERVISOR_ACTOR_START_FAILURE, ...); None when the driver ran, or Ray did not say.
+    error_type: str | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ class RayJobsClient:
                 start_time_ms=_optional_int(body.get("start_time")),
                 end_time_ms=_optional_int(body.get("end_time")),
                 driver_exit_code=_optional_int(body.get("driver_exit_code")),
+                error_type=_optional_str(body.get("error_type")),
             )
 
     async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:

@@ -101,9 +101,22 @@ def ray_submissions_of(state: AIJobStatus) -> list[str]:
     return [submission_id for submission_id in found if submission_id]
 
 
+# Ray could not start the driver with what was submitted (runtime_env of the wrong shape, a local
+# working_dir, ...): raised while creating the job's supervisor, the same on every node.
+SUPERVISOR_START_FAILURE = "JOB_SUPERVISOR_ACTOR_START_FAILURE"
+# The runtime_env could not be set up on the node (a pip package that does not exist, say): most
+# often the spec's doing, and an honest volunteer must not pay for a typo. Still retried (counted),
+# since a node's broken network gives the same error.
+RUNTIME_ENV_SETUP_FAILURE = "RUNTIME_ENV_SETUP_FAILURE"
+
+
 def _user_error(info: RayJobInfo) -> bool:
-    """The driver exited with its own non-zero code: the job's fault, not the volunteer's."""
-    return info.driver_exit_code not in (None, 0)
+    """The job's fault, not the volunteer's: the driver exited with its own non-zero code, or Ray
+    could not start it with the job's runtime_env."""
+    return info.driver_exit_code not in (None, 0) or info.error_type in (
+        SUPERVISOR_START_FAILURE,
+        RUNTIME_ENV_SETUP_FAILURE,
+    )
 
 
 def agreeing_earlier(agreeing: Sequence[str], this_attempt: Mapping[str, object]) -> str:
@@ -556,6 +569,13 @@ class AIJobReconciler:
             # Stopped, not failed: by this operator for a suspend or an edit whose status write was
             # lost (a crash, or a resume that arrived first), or by hand. Run it again, uncounted.
             await self._interrupted(key, state, writer, outcome, "RayJobStopped", "its Ray job was stopped")
+            return
+        refused = next((info for info in known if info.error_type == SUPERVISOR_START_FAILURE), None)
+        if refused is not None:
+            # As a submission Ray refuses outright: sending the same again cannot help.
+            await self._stop_copies(state)
+            why = refused.message.split(". Full traceback", 1)[0]
+            self._finish(key, writer, outcome, Phase.FAILED, "SubmitRejected", f"Ray could not start the job: {why}")
             return
         logs = [await self._driver_log(state, k, info, lost) for k, info in enumerate(known)]
         if any(

@@ -54,9 +54,14 @@ class FakeRay:
             self.set_state(submission_id, RayJobState.STOPPED)
 
     def set_state(
-        self, submission_id: str, state: RayJobState, exit_code: int | None = None, message: str = ""
+        self,
+        submission_id: str,
+        state: RayJobState,
+        exit_code: int | None = None,
+        message: str = "",
+        error_type: str | None = None,
     ) -> None:
-        self.jobs[submission_id] = RayJobInfo(submission_id, state, message, None, 1, 1, exit_code)
+        self.jobs[submission_id] = RayJobInfo(submission_id, state, message, None, 1, 1, exit_code, error_type)
 
 
 class Clock:

@@ -224,3 +224,19 @@ def test_finished_job_is_deleted_after_its_ttl(control_plane: ControlPlane, name
             return
         time.sleep(0.5)
     raise AssertionError("AIJob still exists 30s after ttlSecondsAfterFinished=2")
+
+
+def test_a_runtime_env_ray_cannot_use_fails_the_job_once_with_rays_reason(
+    control_plane: ControlPlane, namespace: str, operator: object
+) -> None:
+    """Against real Ray: `pip: 3` passes the schema and Ray's submit, then fails creating the job's
+    supervisor. It was charged to the volunteer and run backoffLimit + 1 times."""
+    control_plane.apply(aijob("badenv", namespace, sleeper(1), runtimeEnv={"pip": 3}, backoffLimit=2))
+    done = control_plane.wait_phase("badenv", namespace, "Failed", timeout=60)
+    assert (done["status"]["reason"], done["status"]["attempts"]) == ("SubmitRejected", 1), done["status"]
+    assert "pip" in done["status"]["message"]
+    # Ray took the submission and failed it afterwards (the path this test is about).
+    ray_job = control_plane.ray_job(done["status"]["submissionId"])
+    assert ray_job["error_type"] == "JOB_SUPERVISOR_ACTOR_START_FAILURE", ray_job
+    volunteers = json.loads(control_plane.kubectl("get", "vn", "-o", "json"))["items"]
+    assert not [vn["metadata"]["name"] for vn in volunteers if vn["status"].get("jobs", {}).get("failed")]

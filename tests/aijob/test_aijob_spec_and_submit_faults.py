@@ -124,3 +124,42 @@ async def test_a_running_job_edited_into_an_invalid_spec_is_stopped_and_releases
     assert sid in ray.stopped and ray.jobs[sid].state is RayJobState.STOPPED
     assert reconciler.ledger.current({}) == []
     assert await step(reconciler, body) is not None and body["status"]["reason"] == "InvalidSpec"
+
+
+async def test_a_runtime_env_ray_cannot_start_fails_the_job_at_once_and_blames_no_volunteer() -> None:
+    """`runtimeEnv: {pip: 3}` or a local working_dir pass the schema; Ray accepts the submission
+    (200) and then marks it FAILED without a driver exit code, as it fails to create the job's
+    supervisor. That was charged to the volunteer and run again until backoffLimit."""
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "runtimeEnv": {"pip": 3}})
+    await step(reconciler, body)
+    await step(reconciler, body)  # submitted
+    ray.set_state(
+        submission_id_for(UID, 1), RayJobState.FAILED,
+        message="Failed to start supervisor actor koinon-x-1: 'runtime_env['pip'] must be of type str, list or dict'"
+        ". Full traceback:\nTraceback (most recent call last):\n  ...",
+        error_type="JOB_SUPERVISOR_ACTOR_START_FAILURE",
+    )  # fmt: skip
+    outcome = await step(reconciler, body)
+    assert outcome.reputation == []
+    status = body["status"]
+    assert (status["phase"], status["reason"], status["attempts"]) == ("Failed", "SubmitRejected", 1)
+    assert "must be of type str" in status["message"] and "Traceback" not in status["message"]
+
+
+async def test_a_runtime_env_that_fails_to_set_up_is_retried_without_charging_the_volunteer() -> None:
+    """A pip package that does not exist fails the same everywhere, and an honest volunteer must not
+    pay for the typo; a node's broken network fails the same way, so it is still retried (counted)."""
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "runtimeEnv": {"pip": ["no-such-package-xyz"]}})
+    await step(reconciler, body)
+    await step(reconciler, body)
+    ray.set_state(
+        submission_id_for(UID, 1), RayJobState.FAILED, message="runtime_env setup failed: pip install failed",
+        error_type="RUNTIME_ENV_SETUP_FAILURE",
+    )  # fmt: skip
+    outcome = await step(reconciler, body)
+    assert ("vn-1", "failure") not in outcome.reputation
+    assert body["status"]["failures"] == 1 and body["status"]["phase"] == "Pending"

@@ -106,6 +106,7 @@ async def test_a_driver_log_that_is_not_utf8_still_concludes_the_job(ray_api: tu
     submission_id = submission_id_for(UID, 1)
     replies[f"/api/jobs/{submission_id}"] = {
         "status": "SUCCEEDED", "driver_node_id": "r1", "start_time": 1, "end_time": 1, "driver_exit_code": 0,
+        "error_type": None,
     }  # fmt: skip
     node = {"node_id": "r1", "node_ip": "127.0.20.1", "state": "ALIVE", "is_head_node": False,
             "resources_total": {"GPU": 1, "CPU": 4}, "labels": {"koinon.dev/node": "vn-1"}}  # fmt: skip
@@ -124,3 +125,14 @@ async def test_a_driver_log_that_is_not_utf8_still_concludes_the_job(ray_api: tu
     finally:
         await client.close()
     assert outcome.status.get("phase") == "Succeeded", outcome.status
+
+
+async def test_rays_error_type_is_read(ray_api: tuple[str, dict[str, Any]]) -> None:
+    url, replies = ray_api
+    replies["/api/jobs/koinon-x-1"] = {"status": "FAILED", "error_type": "RUNTIME_ENV_SETUP_FAILURE"}
+    client = RayJobsClient(url)
+    try:
+        info = await client.get("koinon-x-1")
+    finally:
+        await client.close()
+    assert info is not None and info.error_type == "RUNTIME_ENV_SETUP_FAILURE"
