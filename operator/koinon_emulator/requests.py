@@ -131,11 +131,57 @@ async def json_body(request: web.Request) -> Any:
         return None
     try:
         # NaN and Infinity are not JSON: Python would accept them, kube-apiserver refuses them.
-        return json.loads(raw, parse_constant=_not_json)
+        document = json.loads(raw, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as error:
         raise errors.bad_request(f"the request body is not valid JSON: {error}") from error
     except RecursionError as error:
         raise errors.bad_request("the request body is not valid JSON: nested too deeply") from error
+    if _depth(document) > MAX_NESTING:
+        # Everything after this (schema, patches, copies) recurses: past Python's stack that was a
+        # 500 with no word on why.
+        raise errors.bad_request(
+            f"the request body is nested deeper than {MAX_NESTING} levels (this emulator's limit; "
+            "kube-apiserver's is 10000)"
+        )
+    return as_go_decodes(document)
+
+
+# Deep enough for any real object; shallow enough for the emulator's recursive walks.
+MAX_NESTING = 200
+_INT64 = range(-(2**63), 2**63)
+# Floats that are whole and at most 2^53 come back from kube-apiserver as integers (Go prints the
+# float64 2.0 as 2), and are integers to its schema checks.
+_EXACT_FLOAT = 2.0**53
+
+
+def _depth(document: Any) -> int:
+    deepest, stack = 0, [(document, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_NESTING:
+            break
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
+    return deepest
+
+
+def as_go_decodes(value: Any) -> Any:
+    """Numbers as kube-apiserver holds them: an integer beyond int64 is a float64 (and so not an
+    integer to the schema), a whole float64 within 2^53 is served as an integer."""
+    if isinstance(value, dict):
+        return {key: as_go_decodes(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [as_go_decodes(item) for item in value]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value not in _INT64:
+        return float(value)
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _EXACT_FLOAT:
+        return int(value)
+    return value
 
 
 def _not_json(constant: str) -> Any:

@@ -4,10 +4,17 @@ Each test states what kube-apiserver (v1.30) answers (the emulator differed befo
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
+import yaml
 from koinon_emulator import KubeEmulator
+from koinon_operator.api.aijob import parse_spec
+
+REPO = Path(__file__).resolve().parents[2]
 
 CONFIGMAPS = "/api/v1/namespaces/default/configmaps"
 NS_WIDGETS = "/apis/test.koinon.dev/v1/namespaces/default/widgets"
@@ -61,3 +68,59 @@ async def test_malformed_query_parameters_are_400_not_500(http: aiohttp.ClientSe
     assert bad_limit.status == 400, await bad_limit.text()
     bad_timeout = await http.get(CONFIGMAPS, params={"watch": "true", "timeoutSeconds": "abc"})
     assert bad_timeout.status == 400, await bad_timeout.text()
+
+
+AIJOBS = "/apis/koinon.dev/v1alpha1/namespaces/default/aijobs"
+
+
+def _aijob(name: str, spec: str) -> bytes:
+    head = '{"apiVersion":"koinon.dev/v1alpha1","kind":"AIJob","metadata":{"name":"' + name + '"},"spec":'
+    return (head + spec + "}").encode()
+
+
+@pytest.fixture
+def with_aijobs(emulator: KubeEmulator) -> KubeEmulator:
+    emulator.apply_crd(yaml.safe_load((REPO / "manifests" / "crds" / "aijobs.koinon.dev.yaml").read_text()))
+    return emulator
+
+
+async def test_nesting_the_emulator_cannot_walk_is_400_not_500(
+    http: aiohttp.ClientSession, with_aijobs: KubeEmulator
+) -> None:
+    """600 levels under a preserve-unknown-fields field parsed, then the schema walk and the copies
+    hit Python's recursion limit: a 500 "internal error" naming nothing."""
+    nested = '{"n":' * 600 + "1" + "}" * 600
+    body = _aijob("deep", '{"entrypoint":"x","runtimeEnv":{"config":' + nested + "}}")
+    response = await http.post(AIJOBS, data=body, headers={"Content-Type": "application/json"})
+    status = await _json(response)
+    assert response.status == 400, status
+    assert "nested deeper than" in status["message"]
+
+
+@pytest.mark.parametrize("literal", ["1e30", "100000000000000000000", "9007199254740994.0"])
+async def test_an_integer_beyond_what_kube_takes_as_one_is_refused(
+    http: aiohttp.ClientSession, with_aijobs: KubeEmulator, literal: str
+) -> None:
+    """kube-openapi takes a float64 as an integer only when whole and within 2^53, and decodes a JSON
+    integer beyond int64 as a float64: 1e30 and 1e20 get "must be of type integer". The emulator
+    stored them, and the operator failed the job later (or left it Pending for good)."""
+    body = _aijob("big", '{"entrypoint":"x","resources":{"gpuMemoryMiB":' + literal + "}}")
+    response = await http.post(AIJOBS, data=body, headers={"Content-Type": "application/json"})
+    status = await _json(response)
+    assert response.status == 422, status
+    assert "spec.resources.gpuMemoryMiB" in status["message"]
+
+
+async def test_a_whole_float_is_served_back_as_an_integer(
+    http: aiohttp.ClientSession, with_aijobs: KubeEmulator
+) -> None:
+    """kube-apiserver serves the float64 2.0 as 2 (Go's encoding): a Python client's `gpus: 2.0`
+    runs on a cluster, and came back here as 2.0, which the operator refuses as not an integer."""
+    body = _aijob("whole", '{"entrypoint":"x","resources":{"gpus":2.0,"cpus":1.5},"replicas":1.0}')
+    response = await http.post(AIJOBS, data=body, headers={"Content-Type": "application/json"})
+    assert response.status == 201, await _json(response)
+    text = await (await http.get(f"{AIJOBS}/whole")).text()
+    spec = json.loads(text)["spec"]
+    assert spec["resources"]["gpus"] == 2 and isinstance(spec["resources"]["gpus"], int)
+    assert isinstance(spec["replicas"], int) and spec["resources"]["cpus"] == 1.5
+    parse_spec(spec)  # the operator takes it
