@@ -77,6 +77,9 @@ def copy_submission_id(uid: str, attempt: int, copy: int) -> str:
     return base if copy == 0 else f"{base}-copy{copy}"
 
 
+STOPPED_KEPT_S = 3600.0
+
+
 def submission_digest(spec: AIJobSpec) -> str:
     """What an attempt's copies are submitted from (recorded at placement): copies submitted
     later must run what the earlier ones run, or they would be judged against each other."""
@@ -231,8 +234,10 @@ class AIJobReconciler:
     # Per job: the resourceVersion of the body the last status write was computed from, and when.
     _written_from: dict[str, tuple[str, float]] = field(default_factory=dict)
     _job_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
-    # Uids of jobs whose deletion handler ran: a pass still queued behind it must not start anything.
-    _stopped: set[str] = field(default_factory=set)
+    # Uids of jobs whose deletion handler ran (and when, on the monotonic clock): a pass still
+    # queued behind it must not start anything. Forgotten after STOPPED_KEPT_S, as nothing of the
+    # job is left to run a pass by then; kept for ever, a long-lived operator grew by every job.
+    _stopped: dict[str, float] = field(default_factory=dict)
 
     async def reconcile(
         self,
@@ -358,7 +363,10 @@ class AIJobReconciler:
         lock = self._job_lock(key)
         async with lock:
             # By uid: an AIJob created again under the same name is another job.
-            self._stopped.add(str(meta.get("uid") or ""))
+            now = self.monotonic()
+            for old in [uid for uid, when in self._stopped.items() if now - when > STOPPED_KEPT_S]:
+                del self._stopped[old]
+            self._stopped[str(meta.get("uid") or "")] = now
             state = AIJobStatus.from_status(body.get("status"))
             self.ledger.forget(key)
             self._written_from.pop(key, None)
@@ -693,6 +701,8 @@ class AIJobReconciler:
         outcome: Outcome,
         lost: list[str],
     ) -> None:
+        if state.start_time is None:  # copies that started and ended between two passes
+            writer.set(startTime=format_time(self.clock()))
         copies: list[CopyResult] = []
         results: dict[str, dict[str, Any]] = {}
         gone: list[str] = []  # copies whose log left with their node: no answer, and no failure

@@ -16,6 +16,8 @@ from koinon_operator.reputation_book import outcome_key, updated_status
 from koinon_operator.scheduler import DEFAULT_CONFIG
 
 from tests.aijob.fake_ray import NODES, UID, VOLUNTEERS, Clock, FakeRay, make_body, make_reconciler, step
+from tests.aijob.test_verification_rounds import CopiesRay, volunteers
+from tests.aijob.test_verification_rounds import reconciler as verified_reconciler
 
 
 async def _running(ray: FakeRay, clock: Clock, spec: dict[str, Any]) -> dict[str, Any]:
@@ -201,3 +203,36 @@ async def test_a_running_jobs_gpus_stay_held_after_a_restart_when_its_resources_
     other = make_body({"entrypoint": "python b.py", "resources": {"gpus": 1}}, name="k", uid="u-other")
     outcome = await restarted.reconcile(copy.deepcopy(other), {"ns/j": allocation}, VOLUNTEERS)
     assert outcome.status.get("phase") == "Pending", outcome.status  # vn-1's one GPU is taken
+
+
+async def test_the_operator_forgets_deleted_jobs_after_an_hour() -> None:
+    """Each deleted job's uid was kept for good (a pass queued behind the deletion must not start
+    it): a long-lived operator grew by one entry per job ever deleted."""
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    for number in range(3):
+        body = make_body({"entrypoint": "python x.py"}, name=f"j{number}", uid=f"u-{number}")
+        body["metadata"]["deletionTimestamp"] = "2026-01-01T00:01:00Z"
+        await reconciler.stop(body)
+    assert len(reconciler._stopped) == 3
+    clock.advance(3601)
+    body = make_body({"entrypoint": "python x.py"}, name="late", uid="u-late")
+    await reconciler.stop(body)
+    assert list(reconciler._stopped) == ["u-late"]
+
+
+async def test_verified_copies_that_ran_between_two_passes_still_get_a_start_time() -> None:
+    ray = CopiesRay(["vn-a", "vn-b", "vn-c"])
+    clock = Clock()
+    rec = verified_reconciler(ray, clock)
+    vols = volunteers(ray.present)
+    body = make_body({"entrypoint": "python x.py", "verification": {"mode": "replicated", "quorum": 3}})
+    await step(rec, body, vols)  # placed
+    clock.advance(40)
+    await step(rec, body, vols)  # submitted
+    for submission in ray.submissions:
+        ray.set_state(submission.submission_id, RayJobState.SUCCEEDED, exit_code=0)
+    clock.advance(40)
+    await step(rec, body, vols)
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    assert body["status"]["startTime"]
