@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
@@ -53,8 +54,11 @@ JOB_COUNTERS = {"success": "succeeded", "agreement": "succeeded", "failure": "fa
 # A replayed pass repeats evidence within seconds of the original, so a short memory per node is
 # enough; it is bounded so that status stays small on a node that has run thousands of jobs.
 RECORDED_OUTCOMES_KEPT = 64
-# Conditional writes that lose a race are retried this many times before the evidence is reported lost.
-CONFLICT_RETRIES = 5
+# Conditional writes that lose a race are retried this many times, after a growing jittered pause
+# (the other writers, the gateway's status and other passes, write a node at most about once a
+# second), before the evidence is reported lost: five quick tries lost it under a busy node.
+CONFLICT_RETRIES = 20
+CONFLICT_PAUSE_S = 0.01
 # Uptime evidence is counted in heartbeats of this length (the agent's interval), so that a node
 # seen up for a minute weighs the same whoever sampled it and how often.
 HEARTBEAT_UNIT_S = 5.0
@@ -205,7 +209,9 @@ class ReputationBook:
         race (another writer, e.g. the gateway's heartbeat status, went first). Returns "written",
         "unchanged" (``change`` gave None), "gone" (no such node) or "lost" (every try raced)."""
         api = client.CustomObjectsApi()
-        for _ in range(CONFLICT_RETRIES):
+        for attempt in range(CONFLICT_RETRIES):
+            if attempt:
+                time.sleep(random.uniform(0.5, 1.5) * CONFLICT_PAUSE_S * min(attempt, 10))  # a worker thread
             try:
                 current = cast(dict[str, Any], api.get_cluster_custom_object(GROUP, VERSION, VOLUNTEER_PLURAL, node))
             except ApiException as error:

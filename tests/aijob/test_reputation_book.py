@@ -217,3 +217,22 @@ async def test_the_sampler_writes_the_siblings_pooled_disagreements_into_their_s
     await book.record([("vn-b", "success")], "uid-2/1/0")
     after = cluster.call(lambda e: e.get(API, "VolunteerNode", "vn-b"))["status"]["reputation"]
     assert after["ownerDisagreements"] == pooled["ownerDisagreements"]
+
+
+async def test_a_busy_node_still_gets_its_evidence(cluster: EmulatorThread) -> None:
+    """Five quick tries lost the evidence when other writers (the gateway's status, other passes)
+    went first five times in a row; retried with pauses, it is counted."""
+    races: list[int] = []
+
+    def clock_with_eight_racing_writes() -> float:
+        if len(races) < 8:  # called between each read and its write
+            races.append(1)
+            latency = {"status": {"latency": {"smoothedMs": float(len(races))}}}
+            cluster.call(lambda e: e.patch(API, "VolunteerNode", "vn-a", latency, subresource="status"))
+        return NOW
+
+    await ReputationBook(clock=clock_with_eight_racing_writes).record([("vn-a", "success")], "uid-1/1/0")
+    status = _status(cluster)
+    assert len(races) == 8
+    assert status["jobs"] == {"succeeded": 1}
+    assert status["latency"] == {"smoothedMs": 8.0}
