@@ -17,6 +17,7 @@ from koinon_operator.kube import delete_aijob
 from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
 from koinon_operator.reconciler import AIJobReconciler, allocation_of, ray_submissions_of
 from koinon_operator.reputation_book import ReputationBook, outcome_key, sample_uptime_forever
+from koinon_operator.revocation import ResultRechecker, recheck_results_forever
 from koinon_operator.scheduling import WAITING_FOR_S, ReputationPlacer
 from koinon_operator.telemetry import JobTracer, setup_tracing
 from koinon_operator.volunteers import managed_by_gateway, status_from_ray
@@ -46,11 +47,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # A plain task, not a kopf timer: a timer puts kopf's finalizer on every VolunteerNode it
     # matches, and deleting a gateway-owned node must not wait for the operator.
     memo.uptime_sampler = asyncio.create_task(sample_uptime_forever(memo.reputation, CONFIG.uptime_sample_seconds))
+    memo.result_rechecker = asyncio.create_task(
+        recheck_results_forever(ResultRechecker(CONFIG.namespace), CONFIG.uptime_sample_seconds)
+    )
 
 
 @kopf.on.cleanup()
 async def close(memo: kopf.Memo, **_: Any) -> None:
     memo.uptime_sampler.cancel()
+    memo.result_rechecker.cancel()
     await memo.ray.close()
     if memo.tracing is not None:
         memo.tracing.shutdown()  # flush spans still in the batch processor

@@ -38,3 +38,5 @@ class ConditionType(StrEnum):
     FAILED = "Failed"
     SUSPENDED = "Suspended"
     RAY_REACHABLE = "RayReachable"
+    # A verified job's accepted result was vouched for only by owners later caught lying.
+    RESULT_REVOKED = "ResultRevoked"

@@ -1,0 +1,155 @@
+"""Retroactive invalidation (BOINC): once an owner is caught returning wrong results, verified jobs
+whose accepted result only that owner vouched for (a trusted node's skipped verification, or a
+quorum of caught owners) are marked ``ResultRevoked``.
+
+A finished job is not run again by itself: its result may already have been consumed, and phases
+do not go backwards. The condition (and a log line) tell the job's owners to re-create it. Owners
+are caught as the placer sees them: their nodes' decayed disagreements add up past the tolerance
+that also takes away their right to skip verification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from koinon_operator.api.aijob import format_time
+from koinon_operator.api.conditions import set_condition
+from koinon_operator.api.constants import AIJOB_PLURAL, GROUP, VERSION, VOLUNTEER_PLURAL, ConditionType, Phase
+from koinon_operator.kube import load_config
+from koinon_operator.scheduler import DEFAULT_CONFIG, ReputationConfig, decayed, from_status, recheck_accepted
+from koinon_operator.scheduler.config import VerificationConfig
+from koinon_operator.scheduler.verification import NodeResult
+
+logger = logging.getLogger(__name__)
+
+
+def caught_owners(
+    volunteers: Iterable[Mapping[str, Any]],
+    now: float,
+    reputation: ReputationConfig = DEFAULT_CONFIG.reputation,
+    verification: VerificationConfig = DEFAULT_CONFIG.verification,
+) -> set[str]:
+    """Pure: owners whose nodes' disagreements (aged to ``now``) add up past the tolerance."""
+    totals: dict[str, float] = {}
+    for item in volunteers:
+        name = str((item.get("metadata") or {}).get("name") or "")
+        owner = str((item.get("spec") or {}).get("owner") or name)
+        try:
+            evidence = decayed(from_status((item.get("status") or {}).get("reputation")), now, reputation)
+        except ValueError:
+            continue  # an unreadable status says nothing here; the placer reports it
+        totals[owner] = totals.get(owner, 0.0) + evidence.disagreements
+    return {owner for owner, total in totals.items() if total > verification.owner_disagreement_tolerance}
+
+
+def accepted_vouchers(aijob: Mapping[str, Any]) -> dict[str, NodeResult] | None:
+    """Pure: node -> (owner, digest) of every node that returned a verified job's accepted result;
+    None for a job that is not a verified, succeeded one."""
+    spec, status = aijob.get("spec") or {}, aijob.get("status") or {}
+    if status.get("phase") != Phase.SUCCEEDED.value:
+        return None
+    if (spec.get("verification") or {}).get("mode") != "replicated":
+        return None
+    digest = str((status.get("result") or {}).get("digest") or "")
+    owners = dict(
+        zip(status.get("assignedNodes") or (), (status.get("scheduling") or {}).get("owners") or (), strict=False)
+    )
+    verification = status.get("verification") or {}
+    vouchers: dict[str, NodeResult] = {}
+    if verification.get("agreeing"):
+        earlier = {str(r.get("node")): str(r.get("owner")) for r in verification.get("earlierResults") or ()}
+        for node in verification["agreeing"]:
+            vouchers[str(node)] = NodeResult(owners.get(node) or earlier.get(node) or str(node), digest)
+    else:  # one copy: a trusted node's verification was skipped
+        vouchers = {str(node): NodeResult(str(owner), digest) for node, owner in owners.items()}
+    return vouchers or None
+
+
+def revocation_message(aijob: Mapping[str, Any], caught: set[str]) -> str | None:
+    """Pure: why the job's accepted result no longer stands, or None while it does."""
+    vouchers = accepted_vouchers(aijob)
+    if vouchers is None or _already_revoked(aijob):
+        return None
+    quorum = int(((aijob.get("spec") or {}).get("verification") or {}).get("quorum") or 3)
+    if recheck_accepted(vouchers, caught, quorum) is None:
+        return None
+    named = sorted({result.owner for result in vouchers.values()} & caught)
+    return (
+        f"the accepted result was vouched for only by owner(s) since caught returning wrong results "
+        f"({', '.join(named)}); re-create the job to run it again"
+    )
+
+
+def _already_revoked(aijob: Mapping[str, Any]) -> bool:
+    conditions = (aijob.get("status") or {}).get("conditions") or ()
+    return any(c.get("type") == ConditionType.RESULT_REVOKED and c.get("status") == "True" for c in conditions)
+
+
+class ResultRechecker:
+    """Looks at the verified jobs once per call and marks those whose result no longer stands."""
+
+    def __init__(self, namespace: str | None = None) -> None:
+        self._namespace = namespace
+
+    async def recheck(self, now: float) -> int:
+        """Returns how many jobs were marked."""
+        return await asyncio.to_thread(self._recheck, now)
+
+    def _recheck(self, now: float) -> int:
+        load_config()
+        api = client.CustomObjectsApi()
+        volunteers = cast(dict[str, Any], api.list_cluster_custom_object(GROUP, VERSION, VOLUNTEER_PLURAL))
+        caught = caught_owners(volunteers.get("items") or (), now)
+        if not caught:
+            return 0
+        if self._namespace:
+            listed = api.list_namespaced_custom_object(GROUP, VERSION, self._namespace, AIJOB_PLURAL)
+        else:
+            listed = api.list_cluster_custom_object(GROUP, VERSION, AIJOB_PLURAL)
+        marked = 0
+        for aijob in cast(dict[str, Any], listed).get("items") or ():
+            message = revocation_message(aijob, caught)
+            if message is not None and self._mark(api, aijob, message):
+                marked += 1
+        return marked
+
+    @staticmethod
+    def _mark(api: client.CustomObjectsApi, aijob: Mapping[str, Any], message: str) -> bool:
+        meta = aijob["metadata"]
+        conditions = set_condition(
+            (aijob.get("status") or {}).get("conditions") or (),
+            type_=ConditionType.RESULT_REVOKED,
+            status=True,
+            reason="VoucherCaught",
+            message=message,
+            now=format_time(datetime.now(UTC)),
+        )
+        body = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": {"conditions": conditions}}
+        try:
+            api.patch_namespaced_custom_object_status(
+                GROUP, VERSION, meta["namespace"], AIJOB_PLURAL, meta["name"], body
+            )
+        except ApiException as error:
+            if error.status in (404, 409):  # gone, or changed meanwhile: the next look sees it again
+                return False
+            raise
+        logger.warning("AIJob %s/%s: ResultRevoked: %s", meta["namespace"], meta["name"], message)
+        return True
+
+
+async def recheck_results_forever(rechecker: ResultRechecker, interval_s: float) -> None:
+    """The operator's loop: caught owners are found from VolunteerNode status, which any pass or
+    the gateway may change, and the jobs to mark may have finished long before."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await rechecker.recheck(datetime.now(UTC).timestamp())
+        except Exception:  # the API may be away for a while; the next look catches up
+            logger.exception("rechecking accepted results failed")
