@@ -27,6 +27,7 @@ from .registry import NodeExists, NodeRegistry, being_deleted, status_address
 from .routing import DialRefused, Router
 from .rpc import EOF, Context
 from .sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT, NodeSession, SessionTable, gpus_reported
+from .status import never_connected_status
 from .stream_slots import StreamSlot, TooManyStreams
 from .tokens import JoinGrant, TokenError, TokenStore, parse_token
 from .tunnel_io import (
@@ -291,7 +292,7 @@ class TunnelService:
                 created = True  # the API may have applied it before failing or answering late
                 raise
             created = True
-            await self.registry.patch_status(node_name, {"phase": "NotReady", "connected": False, "address": address})
+            await self.registry.patch_status(node_name, never_connected_status(address))
         except BaseException:  # a cancelled join (the agent hung up) must not leave a node either
             if created:
                 try:

@@ -15,7 +15,7 @@ from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 from .addresses import PortBlock
 from .config import GatewayConfig
 from .registry import NodeRegistry
-from .status import ReadyCondition, gpus_to_status, next_condition, rfc3339
+from .status import ReadyCondition, gpus_to_status, next_condition, rfc3339, stored_ready_condition
 from .status_writer import StatusWriter
 from .stream_slots import StreamSlots
 
@@ -182,7 +182,8 @@ class SessionTable:
         del self.by_name[session.node_name]
         self._forget_address(session)
         self._write(session, connected=False, reason=reason, message=message)
-        self._conditions.pop(session.node_name, None)  # a new session starts from its own condition
+        # The False condition just written stays: a reconnect that is still not ready keeps its
+        # lastTransitionTime ("NotReady since"), as Kubernetes conditions do.
 
     def write_status(self, session: NodeSession, force: bool = False) -> None:
         """Writes the node's status at once when what it says changed (phase, condition, Ray node,
@@ -271,11 +272,17 @@ class SessionTable:
         for node in nodes:
             name = str((node.get("metadata") or {}).get("name", ""))
             status = node.get("status") or {}
+            stored = stored_ready_condition(status)
+            if name and name not in self.by_name and stored is not None:
+                # What the previous gateway wrote: a node still not ready when its agent comes
+                # back keeps the time it went NotReady.
+                self._conditions.setdefault(name, stored)
             if not name or name in self.by_name or not (status.get("connected") or status.get("phase") == "Ready"):
                 continue
             condition = next_condition(
-                None, False, "GatewayRestarted", "gateway restarted; waiting for the agent to reconnect"
+                stored, False, "GatewayRestarted", "gateway restarted; waiting for the agent to reconnect"
             )
+            self._conditions[name] = condition
             patch = {"phase": "NotReady", "connected": False, "conditions": [condition.as_dict()]}
             self.writer.submit(name, patch)  # a reconnect's Ready, handed over later, lands after it
             disowned.append(name)

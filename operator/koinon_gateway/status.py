@@ -28,6 +28,24 @@ class ReadyCondition:
         }
 
 
+def stored_ready_condition(status: dict[str, Any]) -> ReadyCondition | None:
+    """The Ready condition an object carries (what an earlier gateway process wrote), if readable."""
+    for item in status.get("conditions") or ():
+        if isinstance(item, dict) and item.get("type") == "Ready" and item.get("status") in ("True", "False"):
+            when = item.get("lastTransitionTime")
+            if isinstance(when, str) and when:
+                return ReadyCondition(
+                    item["status"], str(item.get("reason") or ""), str(item.get("message") or ""), when
+                )
+    return None
+
+
+def never_connected_status(address: str) -> dict[str, Any]:
+    """A joined node's status until its agent first registers (as a Node's before its kubelet reports)."""
+    condition = ReadyCondition("False", "NeverConnected", "joined; the agent has not connected yet", rfc3339())
+    return {"phase": "Pending", "connected": False, "address": address, "conditions": [condition.as_dict()]}
+
+
 def next_condition(previous: ReadyCondition | None, ready: bool, reason: str, message: str) -> ReadyCondition:
     """Keeps lastTransitionTime unless the Ready status actually flips."""
     status = "True" if ready else "False"

@@ -16,6 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime
 from typing import Any, cast
 
 from kubernetes import client
@@ -149,7 +150,7 @@ def uptime_sample(
     sampled_at = previous.get("uptimeSampledAt")
     if isinstance(sampled_at, int | float) and now <= sampled_at:
         return None
-    if isinstance(sampled_at, int | float):
+    if isinstance(sampled_at, int | float) and not _platforms_doing(status, now):
         heartbeats = min(now - sampled_at, max_gap_s) / HEARTBEAT_UNIT_S
         up = status.get("phase") in ("Ready", "Draining")  # connected with Ray serving (or leaving by choice)
         evidence = record_heartbeats(evidence, now, config, heartbeats if up else 0.0, 0.0 if up else heartbeats)
@@ -159,6 +160,35 @@ def uptime_sample(
         reputation["recordedOutcomes"] = previous["recordedOutcomes"]
     reputation["uptimeSampledAt"] = now
     return {"reputation": reputation}
+
+
+# Ready=False reasons the platform causes: the gateway shut down or restarted, and its agents have
+# not reconnected yet. Not the volunteer's downtime for a while (agents back off up to a minute
+# between tries); past that, a node still not back is down like any other.
+PLATFORM_REASONS = frozenset({"GatewayStopped", "GatewayRestarted"})
+PLATFORM_GRACE_S = 600.0
+
+
+def _platforms_doing(status: Mapping[str, Any], now: float) -> bool:
+    """Whether the node is not up because of the platform (or has never been up): no evidence."""
+    if status.get("phase") in (None, "Pending"):
+        return True  # joined, never connected: nothing to say about its uptime yet
+    for condition in status.get("conditions") or ():
+        if not isinstance(condition, Mapping) or condition.get("type") != "Ready":
+            continue
+        if condition.get("status") == "False" and condition.get("reason") in PLATFORM_REASONS:
+            since = _seconds_since_epoch(condition.get("lastTransitionTime"))
+            return since is not None and now - since < PLATFORM_GRACE_S
+    return False
+
+
+def _seconds_since_epoch(text: object) -> float | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 class ReputationBook:

@@ -4,6 +4,7 @@ and survives a concurrent status writer (the gateway's heartbeats) through condi
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +128,7 @@ def test_the_first_look_starts_the_uptime_clock_and_counts_nothing() -> None:
 
 @pytest.mark.parametrize(
     ("phase", "seen", "missed"),
-    [("Ready", 12.0, 0.0), ("Draining", 12.0, 0.0), ("NotReady", 0.0, 12.0), ("Pending", 0.0, 12.0)],
+    [("Ready", 12.0, 0.0), ("Draining", 12.0, 0.0), ("NotReady", 0.0, 12.0), ("Failed", 0.0, 12.0)],
 )
 def test_time_between_looks_counts_as_heartbeats_seen_or_missed(phase: str, seen: float, missed: float) -> None:
     status = uptime_sample({"phase": phase}, NOW, CONFIG, max_gap_s=120)
@@ -236,3 +237,34 @@ async def test_a_busy_node_still_gets_its_evidence(cluster: EmulatorThread) -> N
     assert len(races) == 8
     assert status["jobs"] == {"succeeded": 1}
     assert status["latency"] == {"smoothedMs": 8.0}
+
+
+def _outage(reason: str, since: float) -> dict[str, Any]:
+    when = datetime.fromtimestamp(since, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ready = {"type": "Ready", "status": "False", "reason": reason, "message": "-", "lastTransitionTime": when}
+    return {"phase": "NotReady", "connected": False, "conditions": [ready]}
+
+
+@pytest.mark.parametrize("reason", ["GatewayStopped", "GatewayRestarted"])
+def test_the_gateways_own_outage_is_not_the_volunteers_downtime(reason: str) -> None:
+    """Every node is NotReady while the gateway restarts: that was counted as missed heartbeats
+    against every volunteer (uptime weighs on placement)."""
+    start = uptime_sample({"phase": "Ready"}, NOW, CONFIG, max_gap_s=120)
+    assert start is not None
+    after = uptime_sample({**_outage(reason, NOW), **start}, NOW + 60, CONFIG, max_gap_s=120)
+    assert after is not None
+    assert after["reputation"]["heartbeatsMissed"] == 0.0 and after["reputation"]["uptimeSampledAt"] == NOW + 60
+    # A node still not back ten minutes after the gateway is down as any other.
+    later = uptime_sample({**_outage(reason, NOW), **after}, NOW + 660, CONFIG, max_gap_s=120)
+    assert later is not None and later["reputation"]["heartbeatsMissed"] == pytest.approx(24.0, rel=1e-3)
+    # The volunteer's own reasons count at once.
+    own = uptime_sample({**_outage("HeartbeatTimeout", NOW), **start}, NOW + 60, CONFIG, max_gap_s=120)
+    assert own is not None and own["reputation"]["heartbeatsMissed"] == pytest.approx(12.0, rel=1e-3)
+
+
+def test_a_node_that_never_connected_has_no_uptime_evidence() -> None:
+    start = uptime_sample({"phase": "Pending"}, NOW, CONFIG, max_gap_s=120)
+    assert start is not None
+    after = uptime_sample({"phase": "Pending", **start}, NOW + 60, CONFIG, max_gap_s=120)
+    assert after is not None
+    assert (after["reputation"]["heartbeatsSeen"], after["reputation"]["heartbeatsMissed"]) == (0.0, 0.0)
