@@ -61,5 +61,8 @@ bench-tunnel: venv bench-deps
 
 clean:
 	@# The state file is the only record of a running `make up`: stop it before deleting that.
-	@if [ -f .koinon/dev/cluster.json ]; then $(BIN)/koinon dev down; fi
+	@# Without the venv there is nothing to stop it with: say so rather than delete the record.
+	@if [ -f .koinon/dev/cluster.json ]; then \
+		test -x $(BIN)/koinon || { echo "a control plane is recorded in .koinon/dev: run make venv, then make clean" >&2; exit 1; }; \
+		PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/koinon dev down; fi
 	rm -rf .koinon build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -19,6 +19,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
@@ -455,7 +456,7 @@ class DevCluster:
                 except StateFileDamagedError as error:
                     # Kept aside, not left in place: `up` refuses while a state file exists, so
                     # the user could neither stop nor start. What it recorded is not known here.
-                    aside = self.state_path.with_name(f"{STATE_FILE}.damaged")
+                    aside = self.state_path.with_name(f"{STATE_FILE}.damaged-{int(time.time())}")
                     os.replace(self.state_path, aside)
                     print(
                         f"koinon: {error}; moved to {aside}. Processes it recorded, if any, are not "
@@ -517,7 +518,7 @@ class DevCluster:
             stopped.append(name)
         return stopped
 
-    def _still_ours(self, state: DevClusterInfo, name: str, pgid: int) -> bool:
+    def _still_ours(self, state: DevClusterInfo, name: str, pgid: int, quiet: bool = False) -> bool:
         """Whether ``pgid`` still leads the process group `up` recorded (not a later process that was
         given the same pid); says why not when it runs but is not."""
         started = process_start_time(pgid)
@@ -531,12 +532,13 @@ class DevCluster:
             why = "that pid now belongs to another process"
         else:
             return True
-        print(f"koinon: not stopping {name} (pid {pgid}): {why}", file=sys.stderr)
+        if not quiet:
+            print(f"koinon: not stopping {name} (pid {pgid}): {why}", file=sys.stderr)
         return False
 
     def running_components(self, state: DevClusterInfo) -> list[str]:
         """The recorded process groups that still run as `up` started them."""
-        return [name for name, pgid in state.process_groups.items() if self._still_ours(state, name, pgid)]
+        return [name for name, pgid in state.process_groups.items() if self._still_ours(state, name, pgid, quiet=True)]
 
     def info(self) -> DevClusterInfo:
         if not self.state_path.exists():

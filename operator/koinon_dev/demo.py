@@ -54,7 +54,10 @@ def run_demo(cluster: DevCluster, example: Path, timeout: float = 150.0) -> int:
             phase = _wait_for_finish(info.kubeconfig, name, namespace, timeout)
         except TimeoutError:
             watcher.kill()
-            _show_events(info.kubeconfig, name, namespace)  # why it did not finish (Unschedulable, say)
+            try:
+                _show_events(info.kubeconfig, name, namespace)  # why it did not finish (Unschedulable, say)
+            except (RuntimeError, subprocess.TimeoutExpired) as error:
+                print(f"(no events: {error})")
             raise
         time.sleep(0.5)  # let the watch print the final row
         watcher.terminate()

@@ -171,6 +171,6 @@ def abandoned_stop_message(body: kopf.Body, grace_seconds: float, error: Excepti
     """Names what may still run, so a cluster admin can stop it by hand (`ray job stop ID`)."""
     submissions = ray_submissions_of(AIJobStatus.from_status(body.get("status")))
     return (
-        f"deleted without stopping its Ray job: Ray unreachable for {grace_seconds:g} s "
+        f"deleted without stopping its Ray job: Ray did not confirm the stop for {grace_seconds:g} s "
         f"(KOINON_STOP_GRACE; last error: {error}); may still run: {', '.join(submissions) or 'none recorded'}"
     )

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -111,6 +111,31 @@ SUPERVISOR_START_FAILURE = "JOB_SUPERVISOR_ACTOR_START_FAILURE"
 # often the spec's doing, and an honest volunteer must not pay for a typo. Still retried (counted),
 # since a node's broken network gives the same error.
 RUNTIME_ENV_SETUP_FAILURE = "RUNTIME_ENV_SETUP_FAILURE"
+
+
+def _spec_refused_by_ray(info: RayJobInfo) -> bool:
+    """Ray could not create the job's supervisor because of what was submitted: its check of the
+    runtime_env raised TypeError or ValueError (the traceback's last line). Other failures to
+    start it (a GCS timeout while the head is busy) are not the spec's, and are retried."""
+    if info.error_type != SUPERVISOR_START_FAILURE:
+        return False
+    lines = [line for line in info.message.splitlines() if line.strip()]
+    return bool(lines) and lines[-1].startswith(("TypeError:", "ValueError:"))
+
+
+def _env_set_up(info: RayJobInfo) -> bool:
+    """The runtime_env was set up on the driver's node: the driver ran, whatever it did then."""
+    return info.error_type is None and (info.state is RayJobState.SUCCEEDED or info.driver_exit_code is not None)
+
+
+MAX_ENV_FAILURES_KEPT = 16
+
+
+def _env_failed_nodes(state: AIJobStatus, digest: str) -> frozenset[str]:
+    entries = state.scheduling.get("envSetupFailures") or ()
+    return frozenset(
+        str(e["node"]) for e in entries if isinstance(e, Mapping) and e.get("digest") == digest and e.get("node")
+    )
 
 
 def _user_error(info: RayJobInfo) -> bool:
@@ -455,6 +480,7 @@ class AIJobReconciler:
         creation_index: int,
     ) -> None:
         verified = spec.verification.mode == "replicated"
+        state = self._forget_other_programs(spec, state, writer)
         request = PlacementRequest(
             job_key=key,
             replicas=spec.replicas,
@@ -478,14 +504,22 @@ class AIJobReconciler:
         async with self.placement_lock:
             ray_nodes = await self.nodes.get()
             capacity = build_capacity(ray_nodes, volunteers, self.ledger.current(recorded_allocations, excluding=key))
-            decision: PlacementDecision = self.placer.place(request, capacity)
+            # Nodes that failed to set up this spec's runtime_env are tried last: elsewhere first
+            # (a node that fails it on purpose must not take every retry), but not left out
+            # (on a one-node fleet the job must still end, with Ray's reason).
+            env_failed = _env_failed_nodes(state, submission_digest(spec)) - request.excluded_nodes
+            decision: PlacementDecision = self.placer.place(
+                replace(request, excluded_nodes=request.excluded_nodes | env_failed), capacity
+            )
+            if not decision.placed and env_failed:
+                decision = self.placer.place(request, capacity)
             if decision.placed:
                 chosen = tuple(node.name for node in decision.nodes)
                 self.ledger.reserve(key, Allocation(chosen, spec.resources.gpus, spec.resources.cpus))
         if not decision.placed:
             message = decision.message
             previous = writer.previous_message()
-            writer.set(scheduling={**state.scheduling, "decision": "Unschedulable", "reasons": decision.reasons})
+            writer.scheduling(state.scheduling, decision="Unschedulable", reasons=decision.reasons)
             writer.phase(Phase.PENDING, "Unschedulable", message)
             writer.condition(ConditionType.SCHEDULED, False, "Unschedulable", message)
             if previous != message:
@@ -513,6 +547,7 @@ class AIJobReconciler:
                 "specDigest": submission_digest(spec),
                 "excludedNodes": list(state.excluded_nodes),
                 "excludedOwners": list(state.excluded_owners),
+                "envSetupFailures": list(state.scheduling.get("envSetupFailures") or []),
                 "reasons": {},
             },
         )
@@ -578,7 +613,7 @@ class AIJobReconciler:
             # lost (a crash, or a resume that arrived first), or by hand. Run it again, uncounted.
             await self._interrupted(key, state, writer, outcome, "RayJobStopped", "its Ray job was stopped")
             return
-        refused = next((info for info in known if info.error_type == SUPERVISOR_START_FAILURE), None)
+        refused = next((info for info in known if _spec_refused_by_ray(info)), None)
         if refused is not None:
             # As a submission Ray refuses outright: sending the same again cannot help.
             await self._stop_copies(state)
@@ -648,6 +683,7 @@ class AIJobReconciler:
         writer: _StatusWriter,
         outcome: Outcome,
     ) -> None:
+        self._settle_env_failures(state, [info], writer, outcome)
         if info.state is RayJobState.SUCCEEDED:
             if logs is None:
                 # Ray says it succeeded; only its log (and the result line in it) left with the node.
@@ -703,6 +739,8 @@ class AIJobReconciler:
     ) -> None:
         if state.start_time is None:  # copies that started and ended between two passes
             writer.set(startTime=format_time(self.clock()))
+        env_charged = self._settle_env_failures(state, infos, writer, outcome)
+        outcome.reputation.extend((node, "failure") for node in sorted(env_charged))
         copies: list[CopyResult] = []
         results: dict[str, dict[str, Any]] = {}
         gone: list[str] = []  # copies whose log left with their node: no answer, and no failure
@@ -746,7 +784,7 @@ class AIJobReconciler:
         # A copy whose node left with its log did not fail: its node is charged for leaving. A copy
         # whose driver exited with its own non-zero code failed in the job's code, as an unreplicated
         # job's does (_attempt_failed): its volunteer is not charged.
-        own_errors = {state.copy_nodes(k)[0] for k, info in enumerate(infos) if _user_error(info)}
+        own_errors = {state.copy_nodes(k)[0] for k, info in enumerate(infos) if _user_error(info)} - env_charged
         outcome.reputation.extend(
             (node, "timeout" if node in gone else "failure") for node in verdict.failed if node not in own_errors
         )
@@ -789,10 +827,53 @@ class AIJobReconciler:
             assignedNodes=[],
             rayNodeIds=[],
             verificationReruns=reruns,
-            scheduling={**state.scheduling, "excludedNodes": excluded, "excludedOwners": excluded_owners},
         )
+        writer.scheduling(state.scheduling, excludedNodes=excluded, excludedOwners=excluded_owners)
         writer.phase(Phase.PENDING, "NoMajority", f"{message}; rerunning on fresh nodes of fresh owners")
         outcome.event("NoMajority", f"{message}; rerunning on fresh nodes of fresh owners", warning=True)
+
+    @staticmethod
+    def _forget_other_programs(spec: AIJobSpec, state: AIJobStatus, writer: _StatusWriter) -> AIJobStatus:
+        """Earlier answers, owners left out after a split vote, and runtime_env failures were
+        about the spec the previous attempt ran: after an edit they say nothing about this one
+        (answers of two programs must not be voted together)."""
+        recorded = state.scheduling.get("specDigest")
+        if not recorded or recorded == submission_digest(spec):
+            return state
+        if state.earlier_results:
+            writer.set(verification=None)
+        scheduling = {k: v for k, v in state.scheduling.items() if k not in ("excludedOwners", "envSetupFailures")}
+        writer.scheduling(scheduling)
+        return replace(state, earlier_results=(), excluded_owners=(), scheduling=scheduling)
+
+    def _settle_env_failures(
+        self, state: AIJobStatus, infos: Sequence[RayJobInfo], writer: _StatusWriter, outcome: Outcome
+    ) -> set[str]:
+        """A runtime_env that failed to set up is the spec's doing (a pip typo) until another node
+        sets up the same spec: then each node that failed it is charged a failure. Returns the
+        nodes of this attempt to charge now; the others are kept (by spec digest) for later."""
+        digest = state.scheduling.get("specDigest")
+        kept = [
+            entry
+            for entry in state.scheduling.get("envSetupFailures") or ()
+            if isinstance(entry, Mapping) and entry.get("digest") == digest and isinstance(entry.get("node"), str)
+        ]
+        failed = [
+            state.copy_nodes(k)[0] for k, info in enumerate(infos) if info.error_type == RUNTIME_ENV_SETUP_FAILURE
+        ]
+        set_up = {state.copy_nodes(k)[0] for k, info in enumerate(infos) if _env_set_up(info)}
+        if not failed and not (kept and set_up):
+            return set()
+        if set_up:
+            # Set up fine here: the earlier nodes that failed it are charged (not one that now
+            # set it up itself: its failure was passing), and so are this attempt's failing copies.
+            earlier = sorted({str(e["node"]) for e in kept} - set_up - set(state.assigned_nodes))
+            outcome.reputation.extend((node, "failure") for node in earlier)
+            writer.scheduling(state.scheduling, envSetupFailures=[])
+            return set(failed)
+        kept += [{"node": node, "digest": digest} for node in failed]
+        writer.scheduling(state.scheduling, envSetupFailures=kept[-MAX_ENV_FAILURES_KEPT:])
+        return set()
 
     async def _lost_nodes(self, state: AIJobStatus) -> list[str]:
         """Assigned nodes that Ray no longer has alive (checked against a fresh node list): by the
@@ -824,7 +905,8 @@ class AIJobReconciler:
         self.ledger.release(key)
         outcome.reputation.extend((node, "timeout") for node in lost)
         excluded = sorted({*state.excluded_nodes, *lost})
-        writer.set(assignedNodes=[], rayNodeIds=[], scheduling={**state.scheduling, "excludedNodes": excluded})
+        writer.set(assignedNodes=[], rayNodeIds=[])
+        writer.scheduling(state.scheduling, excludedNodes=excluded)
         message = f"attempt {state.attempts}: node(s) {', '.join(lost)} lost; failing over to other nodes"
         writer.phase(Phase.PENDING, "NodeLost", message)
         outcome.event("NodeLost", message, warning=True)
@@ -954,6 +1036,11 @@ class _StatusWriter:
     def set(self, **fields: Any) -> None:
         self._outcome.status.update(fields)
         self._outcome.status["observedGeneration"] = self._generation
+
+    def scheduling(self, base: Mapping[str, Any], **fields: Any) -> None:
+        """Sets fields of status.scheduling, on top of what this pass already set there."""
+        current = self._outcome.status.get("scheduling")
+        self.set(scheduling={**(current if isinstance(current, Mapping) else base), **fields})
 
     def phase(self, phase: Phase, reason: str, message: str) -> None:
         self.set(phase=phase.value, reason=reason, message=message[:4000])

@@ -138,7 +138,8 @@ async def test_a_runtime_env_ray_cannot_start_fails_the_job_at_once_and_blames_n
     ray.set_state(
         submission_id_for(UID, 1), RayJobState.FAILED,
         message="Failed to start supervisor actor koinon-x-1: 'runtime_env['pip'] must be of type str, list or dict'"
-        ". Full traceback:\nTraceback (most recent call last):\n  ...",
+        ". Full traceback:\nTraceback (most recent call last):\n  ...\n"
+        "TypeError: runtime_env['pip'] must be of type str, list or dict",
         error_type="JOB_SUPERVISOR_ACTOR_START_FAILURE",
     )  # fmt: skip
     outcome = await step(reconciler, body)

@@ -241,3 +241,47 @@ async def test_copies_of_one_attempt_never_run_different_programs() -> None:
     assert by_attempt["2"] == {"python v2.py"}
     assert body["status"]["failures"] == 0  # the edit is nobody's failure
     assert {copy_submission_id(UID, 1, 0), copy_submission_id(UID, 1, 1)} <= set(ray.stopped)
+
+
+FOUR_OWNERS = {"vn-a": "alice", "vn-b": "bob", "vn-c": "carol", "vn-d": "dave"}
+
+
+def _four_owner_volunteers(names: list[str]) -> dict[str, dict[str, Any]]:
+    return {n: {"spec": {"owner": FOUR_OWNERS[n]}, "status": {"phase": "Ready", "connected": True}} for n in names}
+
+
+async def test_after_an_edit_the_old_programs_answers_are_not_judged_with_the_new() -> None:
+    """A split vote's answers were kept for the next attempt even when an edit made it run another
+    program: honest copies of v2 were outvoted by v1's answers (NoMajority 2 vs 1 vs 1)."""
+    ray = FlakyCopiesRay(["vn-a", "vn-b"], {copy_submission_id(UID, 2, 1)})
+    clock = Clock()
+    rec, body = reconciler(ray, clock), replicated_job()
+    await run_copies(rec, ray, clock, body, {"vn-a": GOOD, "vn-b": FORGED}, _four_owner_volunteers(ray.present))
+    assert body["status"]["reason"] == "NoMajority"
+    ray.present = ["vn-a", "vn-b", "vn-c", "vn-d"]
+    v = _four_owner_volunteers(ray.present)
+    await step(rec, body, v)  # attempt 2 placed on carol and dave
+    clock.advance(40)
+    await step(rec, body, v)  # copy 0 submitted, copy 1 refused for now
+    assert body["status"]["attempts"] == 2 and body["status"]["phase"] == "Scheduled", body["status"]
+    body["spec"]["entrypoint"] = "python v2.py"  # v2 prints 43, honestly
+    body["metadata"]["generation"] = 2
+    v2 = "KOINON_RESULT 43\n"
+    for _ in range(8):
+        clock.advance(40)
+        await step(rec, body, v)
+        status = body["status"]
+        nodes = status.get("assignedNodes") or []
+        ids = [copy_submission_id_from(status.get("submissionId"), k) or "" for k in range(len(nodes))]
+        if status.get("attempts") == 3 and nodes and all(i in ray.jobs for i in ids):
+            break
+    assert body["status"]["attempts"] == 3, body["status"]
+    for sid in ids:
+        ray.logs_by_id[sid] = v2
+        ray.set_state(sid, RayJobState.SUCCEEDED)
+    outcome = await step(rec, body, v)
+    status = body["status"]
+    # Every copy of v2 agrees: the job should be Verified with 43, and nobody charged for a v1 answer.
+    assert (status["phase"], status.get("result", {}).get("value")) == ("Succeeded", "43"), (
+        status["reason"], status["message"], status.get("verification"), outcome.reputation,
+    )  # fmt: skip

@@ -1,0 +1,118 @@
+"""Failures around the driver that Ray reports by error type: a runtime_env that fails to set up is
+the spec's until another node sets up the same spec (then the nodes that failed it are charged),
+and nodes that failed it are tried last; a supervisor that failed to start for another reason than
+the spec (a GCS timeout) is retried, not a rejection."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from koinon_operator.ray_jobs import RayJobState
+from koinon_operator.reconciler import AIJobReconciler, copy_submission_id_from, submission_id_for
+
+from .fake_ray import UID, Clock, FakeRay, make_body, make_reconciler, step
+from .test_verification_rounds import GOOD, CopiesRay, reconciler, volunteers
+
+
+async def _submit_all(
+    rec: AIJobReconciler, ray: CopiesRay, clock: Clock, body: dict[str, Any], vols: dict[str, dict[str, Any]]
+) -> tuple[list[str], list[str]]:
+    for _ in range(10):
+        await step(rec, body, vols)
+        clock.advance(40)
+        status = body["status"]
+        nodes = status.get("assignedNodes") or []
+        ids = [copy_submission_id_from(status.get("submissionId"), k) or "" for k in range(len(nodes))]
+        if nodes and all(i in ray.jobs for i in ids):
+            return nodes, ids
+    raise AssertionError(body["status"])
+
+
+async def test_a_copy_whose_node_cannot_set_up_the_env_the_others_set_up_is_charged() -> None:
+    """Three copies, same runtime_env: two set it up and agree, the third's node fails the setup
+    (its runtime-env agent is the volunteer's own process; a liar can fail it at will). The env
+    was fine, so the node is at fault: it must be charged, as any other failed copy is."""
+    ray, clock = CopiesRay(["vn-a", "vn-c", "vn-d"]), Clock()
+    rec = reconciler(ray, clock)
+    vols = volunteers(ray.present)
+    body = make_body({"entrypoint": "python x.py", "verification": {"mode": "replicated", "quorum": 3}})
+    nodes, ids = await _submit_all(rec, ray, clock, body, vols)
+    assert len(nodes) == 3, body["status"]
+    bad = nodes[2]
+    for node, sid in zip(nodes, ids, strict=True):
+        if node == bad:
+            ray.set_state(sid, RayJobState.FAILED, message="runtime_env setup failed: ...",
+                          error_type="RUNTIME_ENV_SETUP_FAILURE")  # fmt: skip
+        else:
+            ray.logs_by_id[sid] = GOOD
+            ray.set_state(sid, RayJobState.SUCCEEDED)
+    outcome = await step(rec, body, vols)
+    assert body["status"]["reason"] == "Verified", body["status"]
+    assert (bad, "failure") in outcome.reputation, outcome.reputation
+
+
+async def test_a_node_that_fails_every_env_setup_is_tried_last_and_charged_once_another_sets_it_up() -> None:
+    """A node whose env setup always fails (broken network, or on purpose) was never charged and
+    never passed over: every retry landed on it again and the job failed while another node idled."""
+    ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
+    rec = reconciler(ray, clock)
+    vols = volunteers(ray.present)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 2})
+    used: list[str] = []
+    charged: list[tuple[str, str]] = []
+    for _ in range(3):
+        nodes, ids = await _submit_all(rec, ray, clock, body, vols)
+        used.append(nodes[0])
+        if nodes[0] == used[0]:
+            ray.set_state(ids[0], RayJobState.FAILED, message="runtime_env setup failed",
+                          error_type="RUNTIME_ENV_SETUP_FAILURE")  # fmt: skip
+        else:
+            ray.logs_by_id[ids[0]] = GOOD
+            ray.set_state(ids[0], RayJobState.SUCCEEDED)
+        charged += [e for e in (await step(rec, body, vols)).reputation if e[1] == "failure"]
+        clock.advance(40)
+        if body["status"]["phase"] in ("Succeeded", "Failed"):
+            break
+    assert body["status"]["phase"] == "Succeeded", (used, body["status"]["reason"], body["status"]["message"])
+    assert used[1] != used[0]  # the retry went elsewhere first
+    assert charged == [(used[0], "failure")]  # once the other node set the same spec up
+
+
+async def test_a_transient_supervisor_start_failure_is_not_a_permanent_rejection() -> None:
+    """Ray 2.60 job_manager.submit_job marks JOB_SUPERVISOR_ACTOR_START_FAILURE for any exception
+    while creating the supervisor: ray.get_actor's name check and the synchronous RegisterActor
+    of a detached actor both raise on a GCS timeout (not a ValueError). _monitor_job marks the same
+    type for "failed to get job supervisor" after a dashboard restart. Neither is the spec's doing,
+    yet the job is now Failed at once, backoffLimit unused."""
+    ray, clock = FakeRay(), Clock()
+    rec = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 3})
+    await step(rec, body)
+    await step(rec, body)
+    ray.set_state(
+        submission_id_for(UID, 1), RayJobState.FAILED,
+        message="Failed to start supervisor actor x: 'Failed to register actor: GCS timed out'. Full traceback:\n...",
+        error_type="JOB_SUPERVISOR_ACTOR_START_FAILURE",
+    )  # fmt: skip
+    await step(rec, body)
+    assert body["status"]["phase"] != "Failed", (body["status"]["reason"], body["status"]["message"])
+
+
+async def test_an_env_that_fails_everywhere_charges_nobody_and_a_one_node_fleet_still_ends() -> None:
+    """A pip typo fails on every node alike: no volunteer pays, and with one node the retries still
+    go to it (tried last is not left out), so the job ends with Ray's reason instead of Pending."""
+    ray, clock = CopiesRay(["vn-a"]), Clock()
+    rec = reconciler(ray, clock)
+    vols = volunteers(ray.present)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 1})
+    charged: list[tuple[str, str]] = []
+    for _ in range(2):
+        nodes, ids = await _submit_all(rec, ray, clock, body, vols)
+        assert nodes == ["vn-a"]
+        ray.set_state(ids[0], RayJobState.FAILED, message="runtime_env setup failed: no such package",
+                      error_type="RUNTIME_ENV_SETUP_FAILURE")  # fmt: skip
+        charged += (await step(rec, body, vols)).reputation
+        clock.advance(40)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "BackoffLimitExceeded")
+    assert "no such package" in body["status"]["message"]
+    assert charged == []
