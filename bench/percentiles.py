@@ -11,4 +11,5 @@ def percentile(samples: list[float], q: float) -> float:
     if not samples or not 0 < q <= 1:
         raise ValueError(f"percentile {q} of {len(samples)} samples")
     ordered = sorted(samples)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+    # Rounded first: 0.07 * 100 is 7.000000000000001 in floating point, whose ceiling is 8.
+    return ordered[max(0, math.ceil(round(q * len(ordered), 9)) - 1)]

@@ -188,10 +188,12 @@ def main(argv: list[str] | None = None) -> int:
             print("   by outcome:", m["work_gpu_hours_by_outcome"], "useful", m["useful_gpu_hours"])
             print("   vs random:", m.get("vs_random"))
         return 0
-    # A quick run is a smoke test: it never overwrites the published results.
+    # A quick run is a smoke test, and a run with another fleet, stream or seed, or without the
+    # throughput figure, is a trial: neither overwrites the published results.
+    trial = args.quick or args.no_throughput or any(v is not None for v in (args.seed, args.nodes, args.jobs))
     default_out = (
-        Path(tempfile.gettempdir()) / "koinon-bench-scheduler-quick.json"
-        if args.quick
+        Path(tempfile.gettempdir()) / f"koinon-bench-scheduler-{'quick' if args.quick else 'trial'}.json"
+        if trial
         else ROOT / "bench" / "results" / "scheduler.json"
     )
     out = args.out or default_out

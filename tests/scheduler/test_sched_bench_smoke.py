@@ -7,6 +7,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
+
 # `bench` is a folder at the repository root, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -46,3 +48,20 @@ def test_simulation_is_deterministic_for_a_seed() -> None:
     r1 = Simulation(params, RandomPlacer(seed=1), verify=False).run()
     r2 = Simulation(replace(params, seed=2), RandomPlacer(seed=2), verify=False).run()
     assert r1["executions"] != r2["executions"] or r1["completion_mean_s"] != r2["completion_mean_s"]
+
+
+def test_a_run_with_another_fleet_or_stream_does_not_replace_the_record(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`--nodes 150 --jobs 300 --no-throughput` (no --quick) overwrote scheduler.json and its plot,
+    which the README cites for 10,000 volunteers, 100,000 jobs and a placements/s figure."""
+    import bench.scheduler.__main__ as scheduler_bench
+
+    monkeypatch.setattr(scheduler_bench, "ROOT", tmp_path)
+    monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert main(["--nodes", "150", "--jobs", "300", "--parallel", "1", "--no-throughput"]) == 0
+    assert not (tmp_path / "bench" / "results" / "scheduler.json").exists()
+    assert (
+        json.loads((tmp_path / "tmp" / "koinon-bench-scheduler-trial.json").read_text())["simulation"]["nodes"] == 150
+    )
