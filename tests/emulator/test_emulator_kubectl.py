@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from .helpers import EmulatorThread, Kubectl, widget, widget_crd
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -200,3 +203,17 @@ def test_get_watch_prints_table_rows(kubectl: Kubectl, threaded_emulator: Emulat
     assert lines[0].split() == ["NAME", "COLOR", "SIZE", "PHASE", "READY", "AGE"]
     assert sum(line.startswith("NAME") for line in lines) == 1
     assert any(line.split()[:4] == ["k7", "green", "3", "Watched"] for line in lines)
+
+
+def test_kubectl_get_vn_says_which_volunteers_are_cordoned(kubectl: Kubectl, threaded_emulator: EmulatorThread) -> None:
+    """As `kubectl get nodes` says SchedulingDisabled: a cordoned Ready volunteer read just "Ready"."""
+    crd = yaml.safe_load((REPO / "manifests" / "crds" / "volunteernodes.koinon.dev.yaml").read_text())
+    threaded_emulator.call(lambda e: e.apply_crd(crd))
+    for name, cordoned in (("vn-open", False), ("vn-cordoned", True)):
+        node = {"apiVersion": "koinon.dev/v1alpha1", "kind": "VolunteerNode", "metadata": {"name": name},
+                "spec": {"owner": "alice", "cordoned": cordoned}}  # fmt: skip
+        kubectl.run("apply", "-f", "-", stdin=json.dumps(node))
+    lines = kubectl.run("get", "vn").stdout.splitlines()
+    start = lines[0].index("CORDONED")  # columns are aligned; empty cells (no status yet) are blank
+    cells = {line.split()[0]: line[start:].split()[0] for line in lines[1:]}
+    assert cells == {"vn-cordoned": "true", "vn-open": "false"}
