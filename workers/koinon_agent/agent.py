@@ -26,7 +26,7 @@ from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 from . import ca_discovery, health, ray_launch, state
 from . import gpus as gpu_inventory
 from .assignment_check import assignment_problem, port_allowed
-from .channel import open_channel, server_name
+from .channel import configured_ca, open_channel, server_name
 from .config import MAX_GRACE_SECONDS, VERSION, AgentConfig
 from .local_proxy import LocalProxy, Metadata, accept_connection
 from .ray_node import RayNode, RaySettings
@@ -172,11 +172,14 @@ class Agent:
         # state dir holds the credential and must not be listable by others.
         with contextlib.suppress(OSError):  # ensure_writable says why before a join needs it
             self.config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        health_writer = asyncio.ensure_future(self._write_health())
-        try:
-            await self._run()
-        finally:
-            health_writer.cancel()
+        # One agent per state dir: a second would present the same credential (each session
+        # replacing the other's) and start a second Ray node on the same address.
+        with state.exclusive(self.config.state_dir):
+            health_writer = asyncio.ensure_future(self._write_health())
+            try:
+                await self._run()
+            finally:
+                health_writer.cancel()
 
     async def _run(self) -> None:
         await self._trust_pinned_ca()
@@ -210,7 +213,7 @@ class Agent:
         delays = backoff_delays(self.config.backoff_initial_s, self.config.backoff_max_s)
         while True:
             try:
-                configured = self.config.ca_pem or (self.config.ca_file.read_bytes() if self.config.ca_file else b"")
+                configured = configured_ca(self.config)
                 if configured:
                     ca_discovery.check_pin(configured, pin)
                     return
@@ -599,7 +602,7 @@ class Agent:
             num_gpus=len(self.gpus),
             gpu_memory_mib=min((g.memory_mib for g in self.gpus), default=0),
             object_store_memory=self.config.object_store_memory,
-            gpu_devices=None if self.config.simulate_gpus is not None else tuple(g.device for g in self.gpus),
+            gpu_devices=None if self.config.simulate_gpus else tuple(g.device for g in self.gpus),
             state_dir=self.config.state_dir.absolute(),
         )
         delays = backoff_delays(1.0, 30.0)

@@ -19,11 +19,17 @@ def server_name(config: AgentConfig) -> str:
     return config.gateway.rpartition(":")[0].strip("[]")
 
 
+def configured_ca(config: AgentConfig) -> bytes:
+    """The CA to trust: --ca-file (or KOINON_CA_FILE) before KOINON_CA_CERT, so a PEM left in the
+    environment cannot override the file a volunteer names; empty when neither is set."""
+    return config.ca_file.read_bytes() if config.ca_file else config.ca_pem
+
+
 def open_channel(config: AgentConfig) -> grpc.aio.Channel:
     options: list[tuple[str, Any]] = list(GRPC_OPTIONS)
     if config.insecure:
         return grpc.aio.insecure_channel(config.gateway, options=options)
-    root = config.ca_pem or (config.ca_file.read_bytes() if config.ca_file else None)
+    root = configured_ca(config) or None
     options.append(("grpc.ssl_target_name_override", server_name(config)))
     return grpc.aio.secure_channel(
         config.gateway, grpc.ssl_channel_credentials(root_certificates=root), options=options

@@ -164,7 +164,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     ca_pem = (_env("KOINON_CA_CERT") or "").encode()
     config = AgentConfig(
         gateway=args.gateway,
-        token=args.token or "",
+        token=(args.token or "").strip(),
         ca_file=args.ca_file,
         ca_pem=ca_pem,
         ca_cert_hash=args.ca_cert_hash,

@@ -68,7 +68,14 @@ class AgentConfig:
             raise ValueError("gateway: required (--gateway or KOINON_GATEWAY)")
         if not self.gateway.startswith("unix:"):
             host, sep, port = self.gateway.rpartition(":")
-            if not sep or not host.strip("[]") or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
+            bare_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
+            if (
+                not sep
+                or bare_ipv6
+                or not host.strip("[]")
+                or not re.fullmatch(r"[0-9]{1,5}", port)
+                or not 0 < int(port) < 65536
+            ):
                 raise ValueError(f"gateway: expected host:port or unix:/path, got {self.gateway!r}")
         if self.ca_file is not None:
             try:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import secrets
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +33,38 @@ class StoredIdentity:
         return 0 < self.expires_at <= now
 
 
+LOCK_FILE = "agent.lock"
+
+
+@contextlib.contextmanager
+def exclusive(state_dir: Path) -> Iterator[None]:
+    """Holds the state dir's lock while the agent runs; StateError when another agent holds it.
+
+    A state dir that cannot be written is not refused here: ensure_writable says why, before a
+    join needs it (an identity already there may still be usable)."""
+    try:
+        # os.open's descriptors are not inherited: Ray's processes must not keep the lock held.
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        log.debug("%s: no lock (%s)", state_dir, exc.strerror)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            raise StateError(
+                f"{state_dir}: another koinon-agent (pid {holder}) is using this state dir; stop it, "
+                "or give this one its own --state-dir (KOINON_STATE_DIR)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
 def _path(state_dir: Path) -> Path:
     return state_dir / "identity.json"
 
@@ -43,12 +78,18 @@ def load(state_dir: Path, gateway: str, can_rejoin: bool = False) -> StoredIdent
     write) is set aside when the agent can join again (``can_rejoin``: it has a token), else refused
     with the path and what to do."""
     path = _path(state_dir)
-    for leftover in state_dir.glob(".identity-*.tmp"):  # a save cut short: it holds a credential
-        leftover.unlink(missing_ok=True)
-    if not path.exists():
-        return None
     try:
-        data = json.loads(path.read_text())
+        for leftover in state_dir.glob(".identity-*.tmp"):  # a save cut short: it holds a credential
+            leftover.unlink(missing_ok=True)
+        if not path.exists():
+            return None
+        text = path.read_text()
+    except OSError as exc:  # not corruption: permissions, a read-only or failing disk
+        raise StateError(
+            f"{path}: cannot read the stored identity ({exc.strerror}); fix its permissions or disk"
+        ) from exc
+    try:
+        data = json.loads(text)
         if not isinstance(data, dict):
             raise TypeError("not a JSON object")
         identity = StoredIdentity(**data)
@@ -59,7 +100,12 @@ def load(state_dir: Path, gateway: str, can_rejoin: bool = False) -> StoredIdent
                 f"{path}: unreadable stored identity ({exc}); restore it, or remove it and set a join token"
             ) from exc
         aside = path.with_name("identity.json.corrupt")
-        os.replace(path, aside)
+        try:
+            os.replace(path, aside)
+        except OSError as err:
+            raise StateError(
+                f"{path}: unreadable stored identity ({exc}) that cannot be set aside ({err.strerror}); remove it"
+            ) from err
         log.warning("%s: unreadable stored identity (%s); moved to %s, joining again", path, exc, aside.name)
         return None
     # An identity belongs to the gateway that issued it.

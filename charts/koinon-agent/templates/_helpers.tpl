@@ -99,6 +99,12 @@ names the values involved and what to do.
 {{- if and (eq $v.persistence.type "pvc") (eq $v.kind "DaemonSet") }}
 {{- fail "persistence.type: pvc needs kind: Deployment (one claim cannot serve every node); use hostPath with a DaemonSet" }}
 {{- end }}
+{{- $mount := trimSuffix "/" $v.persistence.mountPath }}
+{{- range $taken := list "/tmp" "/dev/shm" (include "koinon-agent.caMountPath" $) }}
+{{- if or (eq $mount $taken) (hasPrefix (printf "%s/" $taken) $mount) (hasPrefix (printf "%s/" $mount) $taken) }}
+{{- fail (printf "persistence.mountPath: %s overlaps %s, which the chart mounts already (Ray's temp dir, shared memory, the CA); use a path of its own such as /var/lib/koinon-agent" $v.persistence.mountPath $taken) }}
+{{- end }}
+{{- end }}
 {{- $needed := add (int $v.agent.drainGraceSeconds) 20 }}
 {{- if lt (int $v.terminationGracePeriodSeconds) (int $needed) }}
 {{- fail (printf "terminationGracePeriodSeconds: %d is too short; it must be at least agent.drainGraceSeconds + 20 = %d so that a stopping agent drains its Ray node and then stops it" (int $v.terminationGracePeriodSeconds) (int $needed)) }}
