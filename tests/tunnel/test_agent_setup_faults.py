@@ -77,7 +77,7 @@ def test_a_corrupt_identity_on_a_read_only_state_dir_is_one_line_not_a_traceback
             raise OSError(errno.EROFS, "Read-only file system", str(src))
         real_replace(src, dst)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(state.os, "replace", read_only_replace)
+    monkeypatch.setattr("os.replace", read_only_replace)
     argv = ["join", "--gateway", "127.0.0.1:1", "--insecure", "--no-ray", "--state-dir", str(state_dir),
             "--token", "abcdef.0123456789abcdef"]  # fmt: skip
     code = cli.main(argv)  # raised OSError out of main: a traceback and exit 1
@@ -144,10 +144,8 @@ def test_a_ca_file_flag_wins_over_the_ca_cert_variable(monkeypatch: pytest.Monke
     )
     config = cli.config_from_args(args)
     roots: list[bytes | None] = []
-    monkeypatch.setattr(
-        channel.grpc, "ssl_channel_credentials", lambda root_certificates=None: roots.append(root_certificates)
-    )
-    monkeypatch.setattr(channel.grpc.aio, "secure_channel", lambda *a, **k: None)
+    monkeypatch.setattr("grpc.ssl_channel_credentials", lambda root_certificates=None: roots.append(root_certificates))
+    monkeypatch.setattr("grpc.aio.secure_channel", lambda *a, **k: None)
     channel.open_channel(config)
     assert roots == [new]
 
