@@ -119,8 +119,14 @@ def _spec_refused_by_ray(info: RayJobInfo) -> bool:
     start it (a GCS timeout while the head is busy) are not the spec's, and are retried."""
     if info.error_type != SUPERVISOR_START_FAILURE:
         return False
-    lines = [line for line in info.message.splitlines() if line.strip()]
-    return bool(lines) and lines[-1].startswith(("TypeError:", "ValueError:"))
+    # The exception line is the first unindented line after the last "Traceback" header: a
+    # multi-line message (Ray's pip+conda ValueError) goes on below it.
+    lines = info.message.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if not starts:
+        return False
+    raised = next((line for line in lines[starts[-1] + 1 :] if line and not line[0].isspace()), "")
+    return raised.startswith(("TypeError:", "ValueError:"))
 
 
 def _env_set_up(info: RayJobInfo) -> bool:
@@ -712,8 +718,10 @@ class AIJobReconciler:
         infos: list[RayJobInfo],
         logs: Sequence[str | None],
     ) -> None:
-        """The attempt's Ray job(s) failed; the volunteers are blamed only when the drivers did not
-        fail on their own (a non-zero exit code is the job's own failure)."""
+        """The attempt's Ray job(s) failed; a copy's volunteers are blamed only when its driver did
+        not fail on its own (a non-zero exit code, or a runtime_env Ray could not start or set up,
+        is the job's: _settle_env_failures charges the latter once another node sets it up)."""
+        blamed = [node for k, info in enumerate(infos) if not _user_error(info) for node in state.copy_nodes(k)]
         await self._attempt_failed(
             key,
             spec,
@@ -723,7 +731,7 @@ class AIJobReconciler:
             "RayJobFailed",
             infos[0].message or infos[0].state.value,
             log_tail(logs[0] or "", 10),
-            user_error=all(_user_error(info) for info in infos),
+            blamed=blamed,
         )
 
     async def _conclude_verified(
@@ -973,11 +981,10 @@ class AIJobReconciler:
         reason: str,
         message: str,
         tail: str,
-        user_error: bool,
+        blamed: Sequence[str],
     ) -> None:
-        if not user_error:
-            # Only failures that are not the job's own (exit code) count against the volunteers.
-            outcome.reputation.extend((node, "failure") for node in state.assigned_nodes)
+        # Only failures that are not the job's own (exit code) count against the volunteers.
+        outcome.reputation.extend((node, "failure") for node in blamed)
         failures = state.failures + 1
         # The operator's words first, the job's log after them: spans keep only what comes before.
         failed = f"attempt {state.attempts} failed: {message}"

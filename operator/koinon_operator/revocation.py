@@ -67,8 +67,10 @@ def accepted_vouchers(aijob: Mapping[str, Any]) -> dict[str, NodeResult] | None:
         earlier = {str(r.get("node")): str(r.get("owner")) for r in verification.get("earlierResults") or ()}
         for node in verification["agreeing"]:
             vouchers[str(node)] = NodeResult(owners.get(node) or earlier.get(node) or str(node), digest)
-    else:  # one copy: a trusted node's verification was skipped
-        vouchers = {str(node): NodeResult(str(owner), digest) for node, owner in owners.items()}
+    else:  # one copy, a trusted node's verification skipped: its driver's node printed the result
+        driver = next(iter(status.get("assignedNodes") or ()), None)
+        if driver is not None:
+            vouchers = {str(driver): NodeResult(str(owners.get(driver) or driver), digest)}
     return vouchers or None
 
 
@@ -115,9 +117,13 @@ class ResultRechecker:
             listed = api.list_cluster_custom_object(GROUP, VERSION, AIJOB_PLURAL)
         marked = 0
         for aijob in cast(dict[str, Any], listed).get("items") or ():
-            message = revocation_message(aijob, caught)
-            if message is not None and self._mark(api, aijob, message):
-                marked += 1
+            meta = aijob.get("metadata") or {}
+            try:  # one job that cannot be marked (a malformed status, a 422) does not stop the rest
+                message = revocation_message(aijob, caught)
+                if message is not None and self._mark(api, aijob, message):
+                    marked += 1
+            except (ApiException, ValueError, TypeError, KeyError) as error:
+                logger.warning("AIJob %s/%s: result not rechecked: %r", meta.get("namespace"), meta.get("name"), error)
         return marked
 
     @staticmethod

@@ -102,3 +102,24 @@ async def test_the_rechecker_marks_only_the_jobs_a_caught_owner_alone_vouched_fo
     assert (revoked["status"], revoked["reason"]) == ("True", "VoucherCaught") and "mallory" in revoked["message"]
     assert conditions("skipped")["Complete"]["status"] == "True"  # the phase is left as it was
     assert "ResultRevoked" not in conditions("confirmed")
+
+
+def _skipped_two_replica_job() -> dict[str, Any]:
+    # One copy (trust skip), two replicas: the driver ran on mallory's m2, the second replica on
+    # honest's h1 (a verified job's replicas go to distinct owners). The result is the driver's log.
+    status: dict[str, Any] = {
+        "phase": "Succeeded", "assignedNodes": ["m2", "h1"],
+        "scheduling": {"owners": ["mallory", "honest"], "copies": 1, "replicas": 2},
+        "result": {"value": "42", "digest": "d42"},
+    }  # fmt: skip
+    return {"apiVersion": "koinon.dev/v1alpha1", "kind": "AIJob", "metadata": {"name": "j", "namespace": "default"},
+            "spec": {"entrypoint": "x", "replicas": 2, "verification": {"mode": "replicated", "quorum": 2}},
+            "status": status}  # fmt: skip
+
+
+def test_a_trust_skipped_copy_whose_driver_owner_was_caught_is_revoked() -> None:
+    """The verifier attributes a copy's answer to its driver node alone (copy_nodes(k)[0]: only it
+    is in agreeing/disagreeing and charged). For a skipped verification, every replica node is
+    counted as an independent voucher instead, so the honest second replica 'vouches' for the
+    liar's printed result and it is never revoked."""
+    assert revocation_message(_skipped_two_replica_job(), {"mallory"}) is not None

@@ -116,3 +116,33 @@ async def test_an_env_that_fails_everywhere_charges_nobody_and_a_one_node_fleet_
     assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "BackoffLimitExceeded")
     assert "no such package" in body["status"]["message"]
     assert charged == []
+
+
+async def test_one_env_setup_failure_is_charged_once() -> None:
+    """A copy that failed to set up the env, in an attempt another copy failed for the volunteer's
+    reasons, was charged at once (every assigned node was) and again once a later attempt set the
+    spec up elsewhere."""
+    ray, clock = CopiesRay(["vn-a", "vn-c", "vn-d"]), Clock()
+    rec = reconciler(ray, clock)
+    vols = volunteers(ray.present)
+    body = make_body(
+        {"entrypoint": "python x.py", "backoffLimit": 3, "verification": {"mode": "replicated", "quorum": 2}}
+    )
+    nodes, ids = await _submit_all(rec, ray, clock, body, vols)
+    assert len(nodes) == 2, body["status"]
+    env_node = nodes[0]
+    ray.set_state(
+        ids[0], RayJobState.FAILED, message="runtime_env setup failed", error_type="RUNTIME_ENV_SETUP_FAILURE"
+    )
+    ray.set_state(ids[1], RayJobState.FAILED, message="raylet died")  # the volunteer's failure, no exit code
+    charges = [e for e in (await step(rec, body, vols)).reputation if e == (env_node, "failure")]
+    assert body["status"]["reason"] == "BackOff", body["status"]
+    clock.advance(40)
+    nodes2, ids2 = await _submit_all(rec, ray, clock, body, vols)
+    assert env_node not in nodes2, nodes2  # tried last
+    for sid in ids2:
+        ray.logs_by_id[sid] = GOOD
+        ray.set_state(sid, RayJobState.SUCCEEDED)
+    charges += [e for e in (await step(rec, body, vols)).reputation if e == (env_node, "failure")]
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    assert len(charges) == 1, charges
