@@ -27,6 +27,8 @@ from .schema import admit
 from .selectors import ObjectFilter
 from .store import ObjectStore
 
+TOTAL_ANNOTATION_SIZE_LIMIT = 256 * 1024  # apimachinery's TotalAnnotationSizeLimitB
+
 JsonObj = dict[str, Any]
 
 INITIAL_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")
@@ -158,6 +160,16 @@ class ApiService:
             for key in metadata.get("annotations") or {}
             if (problem := qualified_name_problem(str(key)))
         ]
+        annotations = metadata.get("annotations") or {}
+        annotations_size = sum(len(str(key)) + len(str(value)) for key, value in annotations.items())
+        if annotations_size > TOTAL_ANNOTATION_SIZE_LIMIT:
+            # apimachinery's ValidateAnnotationsSize: keys and values together, per object.
+            label_causes.append(
+                FieldCause(
+                    "metadata.annotations",
+                    f"Too long: may not be more than {TOTAL_ANNOTATION_SIZE_LIMIT} bytes",
+                )
+            )
         if label_causes:
             raise errors.invalid(resource.group, resource.kind, metadata.get("name", ""), label_causes)
         return body

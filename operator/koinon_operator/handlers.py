@@ -30,9 +30,9 @@ logger = logging.getLogger(__name__)
 async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="koinon.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="koinon.dev", key="last-handled-configuration"
-    )
+    # No create/update handlers: kopf's diff-base (a second full copy of the spec in an annotation)
+    # serves nothing here, and counts against the API server's 256 KiB annotation cap.
+    settings.persistence.diffbase_storage = _NoDiffBase()
     # Only warnings from kopf itself become Kubernetes Events; our own transitions are posted
     # explicitly, so `kubectl describe` shows a clean history.
     settings.posting.level = logging.WARNING
@@ -50,6 +50,19 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.result_rechecker = asyncio.create_task(
         recheck_results_forever(ResultRechecker(CONFIG.namespace), CONFIG.uptime_sample_seconds)
     )
+
+
+class _NoDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """Every object looks unchanged since last handled: nothing is written, nothing diffed."""
+
+    def __init__(self) -> None:
+        super().__init__(prefix="koinon.dev", key="last-handled-configuration")
+
+    def fetch(self, *, body: kopf.Body) -> Any:
+        return self.build(body=body)
+
+    def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: Any) -> None:
+        pass
 
 
 @kopf.on.cleanup()

@@ -13,7 +13,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster or $KUBECONFIG)")
     parser.add_argument("--ray-dashboard", help="Ray dashboard URL (Job Submission API)")
     parser.add_argument("--poll-interval", type=float, help="seconds between reconciles of one AIJob")
-    parser.add_argument("--namespace", help="watch one namespace (default: all)")
+    parser.add_argument(
+        "--namespace", help="run the AIJobs of one namespace (default: all); still the pool's only operator"
+    )
     parser.add_argument(
         "--stop-grace",
         type=float,

@@ -124,3 +124,16 @@ async def test_a_whole_float_is_served_back_as_an_integer(
     assert spec["resources"]["gpus"] == 2 and isinstance(spec["resources"]["gpus"], int)
     assert isinstance(spec["replicas"], int) and spec["resources"]["cpus"] == 1.5
     parse_spec(spec)  # the operator takes it
+
+
+async def test_annotations_over_256_kib_are_refused(http: aiohttp.ClientSession) -> None:
+    """apimachinery's ValidateAnnotationsSize: keys and values together at most 256 KiB per object.
+    The emulator stored any size, so a writer that grows annotations (kopf's diff-base copy of a
+    large spec) passed here and was refused by a real cluster."""
+    body = {"metadata": {"name": "big", "annotations": {"a": "x" * (256 * 1024)}}, "data": {}}
+    response = await http.post(CONFIGMAPS, json=body)
+    status = await _json(response)
+    assert response.status == 422, status
+    assert "metadata.annotations" in status["message"]
+    body["metadata"]["annotations"] = {"a": "x" * (256 * 1024 - 1)}
+    assert (await http.post(CONFIGMAPS, json=body)).status == 201
