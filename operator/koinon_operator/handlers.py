@@ -14,6 +14,7 @@ from koinon_operator.api.constants import AIJOB_PLURAL, FINALIZER, GROUP, VERSIO
 from koinon_operator.config import OperatorConfig
 from koinon_operator.inventory import Allocation, RayNodeCache
 from koinon_operator.kube import delete_aijob
+from koinon_operator.leadership import LeaderElector, LeaseSettings
 from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
 from koinon_operator.reconciler import AIJobReconciler, allocation_of, ray_submissions_of
 from koinon_operator.reputation_book import ReputationBook, outcome_key, sample_uptime_forever
@@ -46,9 +47,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.reputation = ReputationBook()
     # A plain task, not a kopf timer: a timer puts kopf's finalizer on every VolunteerNode it
     # matches, and deleting a gateway-owned node must not wait for the operator.
-    memo.uptime_sampler = asyncio.create_task(sample_uptime_forever(memo.reputation, CONFIG.uptime_sample_seconds))
+    # Only the holder of the pool's Lease reconciles (leadership.py says why); the others wait.
+    memo.leader = LeaderElector(LeaseSettings.from_env())
+    memo.leader_election = asyncio.create_task(memo.leader.run_forever())
+    leading = lambda: memo.leader.is_leader  # noqa: E731
+    memo.uptime_sampler = asyncio.create_task(
+        sample_uptime_forever(memo.reputation, CONFIG.uptime_sample_seconds, leading)
+    )
     memo.result_rechecker = asyncio.create_task(
-        recheck_results_forever(ResultRechecker(CONFIG.namespace), CONFIG.uptime_sample_seconds)
+        recheck_results_forever(ResultRechecker(CONFIG.namespace), CONFIG.uptime_sample_seconds, leading)
     )
 
 
@@ -69,6 +76,8 @@ class _NoDiffBase(kopf.AnnotationsDiffBaseStorage):
 async def close(memo: kopf.Memo, **_: Any) -> None:
     memo.uptime_sampler.cancel()
     memo.result_rechecker.cancel()
+    memo.leader_election.cancel()
+    await memo.leader.release()
     await memo.ray.close()
     if memo.tracing is not None:
         memo.tracing.shutdown()  # flush spans still in the batch processor
@@ -102,7 +111,7 @@ async def reconcile_aijob(
     # kopf passes each index by its function's name.
     aijob_allocations: kopf.Index[str, Allocation] = kwargs["aijob_allocations"]
     volunteer_nodes: kopf.Index[str, dict[str, Any]] = kwargs["volunteer_nodes"]
-    if body.metadata.get("deletionTimestamp"):
+    if body.metadata.get("deletionTimestamp") or not memo.leader.is_leader:
         return
     # Keyed by the status this pass acted on, before the pass's own patch is applied.
     evidence_key = outcome_key(str(body.metadata.get("uid", "")), body.status)
@@ -152,6 +161,8 @@ def _connected_through_ray(body: kopf.Body, **_: Any) -> bool:
 # wait for the operator to be up.
 @kopf.timer(GROUP, VERSION, VOLUNTEER_PLURAL, interval=5.0, when=_connected_through_ray)
 async def sync_volunteer_from_ray(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, **_: Any) -> None:
+    if not memo.leader.is_leader:
+        return
     if managed_by_gateway(body):
         return  # annotated since the timer's last filter check; the gateway writes its status
     try:
@@ -166,6 +177,8 @@ async def sync_volunteer_from_ray(body: kopf.Body, patch: kopf.Patch, memo: kopf
 async def stop_ray_job(body: kopf.Body, memo: kopf.Memo, runtime: timedelta = timedelta(0), **_: Any) -> None:
     # ``runtime``: kopf's time since this handler first ran for this deletion, kept in the
     # object's annotations, so an operator restart does not start the grace period again.
+    if not memo.leader.is_leader:
+        raise kopf.TemporaryError("another operator holds the lease; it stops the Ray job", delay=5)
     try:
         if await memo.reconciler.stop(body):
             kopf.event(body, type="Normal", reason="Stopped", message="Ray job stopped before deletion")

@@ -40,10 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     # Checked before kopf starts: raised from its startup handler, kopf would retry every minute
     # and never reconcile, with the operator looking alive.
     from koinon_operator.config import OperatorConfig
+    from koinon_operator.leadership import LeaseSettings
     from koinon_operator.telemetry import exporter_settings_problem
 
     try:
         OperatorConfig.from_env()  # what the handlers will read at import
+        LeaseSettings.from_env()
     except ValueError as error:
         print(f"koinon-operator: {error}", file=sys.stderr)
         sys.exit(2)

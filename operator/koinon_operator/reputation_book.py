@@ -292,11 +292,16 @@ class ReputationBook:
         return 1 if outcome == "written" else 0
 
 
-async def sample_uptime_forever(book: ReputationBook, interval_s: float) -> None:
+async def sample_uptime_forever(
+    book: ReputationBook, interval_s: float, active: Callable[[], bool] = lambda: True
+) -> None:
     """The operator's uptime sampler: heartbeats reach the gateway, not the operator, so the
-    operator looks at what the gateway wrote (connected, phase) once per interval."""
+    operator looks at what the gateway wrote (connected, phase) once per interval, while
+    ``active`` (it leads)."""
     while True:
         await asyncio.sleep(interval_s)
+        if not active():
+            continue
         try:
             await book.sample_uptime(interval_s)
         except Exception:  # the API may be away for a while; the next look counts the gap (capped)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -150,11 +150,16 @@ class ResultRechecker:
         return True
 
 
-async def recheck_results_forever(rechecker: ResultRechecker, interval_s: float) -> None:
-    """The operator's loop: caught owners are found from VolunteerNode status, which any pass or
-    the gateway may change, and the jobs to mark may have finished long before."""
+async def recheck_results_forever(
+    rechecker: ResultRechecker, interval_s: float, active: Callable[[], bool] = lambda: True
+) -> None:
+    """The operator's loop (while ``active``: it leads): caught owners are found from VolunteerNode
+    status, which any pass or the gateway may change, and the jobs to mark may have finished long
+    before."""
     while True:
         await asyncio.sleep(interval_s)
+        if not active():
+            continue
         try:
             await rechecker.recheck(datetime.now(UTC).timestamp())
         except Exception:  # the API may be away for a while; the next look catches up

@@ -240,3 +240,27 @@ def test_a_runtime_env_ray_cannot_use_fails_the_job_once_with_rays_reason(
     assert ray_job["error_type"] == "JOB_SUPERVISOR_ACTOR_START_FAILURE", ray_job
     volunteers = json.loads(control_plane.kubectl("get", "vn", "-o", "json"))["items"]
     assert not [vn["metadata"]["name"] for vn in volunteers if vn["status"].get("jobs", {}).get("failed")]
+
+
+def test_two_operators_on_one_pool_take_turns(control_plane: ControlPlane, namespace: str) -> None:
+    """A second operator (a second replica, one per namespace, a partitioned old pod) placed jobs
+    on GPUs the first one held: only the Lease holder reconciles now, and the other takes over when
+    the holder stops."""
+    first = control_plane.start_operator(namespace, name="first")
+    second = control_plane.start_operator(namespace, name="second")
+    try:
+        control_plane.apply(aijob("once", namespace, sleeper(1), resources={"gpus": 1}))
+        done = control_plane.wait_phase("once", namespace, "Succeeded", timeout=90)
+        holders = [p for p in (first, second) if "now holds the Lease" in p.log_tail(20000)]
+        assert len(holders) == 1, [p.log_tail(2000) for p in (first, second)]
+        leader = holders[0]
+        follower = second if leader is first else first
+        leader.stop(grace_seconds=5)  # hands the Lease over
+        control_plane.apply(aijob("after", namespace, sleeper(1), resources={"gpus": 1}))
+        control_plane.wait_phase("after", namespace, "Succeeded", timeout=90)
+        assert "now holds the Lease" in follower.log_tail(20000)
+    finally:
+        first.stop(grace_seconds=5)
+        second.stop(grace_seconds=5)
+    assert done["status"]["attempts"] == 1
+    assert _reasons(control_plane, "once", namespace).count("Submitted") == 1

@@ -53,7 +53,7 @@ async def test_the_finalizer_holds_while_ray_is_unreachable_within_the_grace(eve
     tracer, _exporter = _tracer()
     ray.unreachable = True
     stop_ray_job: Any = handlers.stop_ray_job  # kopf's decorator types it as a handler spec
-    memo = SimpleNamespace(reconciler=reconciler, tracer=tracer, ray=ray)
+    memo = SimpleNamespace(reconciler=reconciler, tracer=tracer, ray=ray, leader=SimpleNamespace(is_leader=True))
     with pytest.raises(kopf.TemporaryError):
         await stop_ray_job(body=body, memo=memo, runtime=timedelta(seconds=59))
     assert events == []
@@ -72,7 +72,7 @@ async def test_past_the_grace_the_aijob_goes_with_a_warning_naming_its_ray_jobs(
     tracer, exporter = _tracer()
     ray.unreachable = True
     stop_ray_job: Any = handlers.stop_ray_job
-    memo = SimpleNamespace(reconciler=reconciler, tracer=tracer, ray=ray)
+    memo = SimpleNamespace(reconciler=reconciler, tracer=tracer, ray=ray, leader=SimpleNamespace(is_leader=True))
     await stop_ray_job(body=body, memo=memo, runtime=timedelta(seconds=60))  # returns: the finalizer goes
     assert [(e["type"], e["reason"]) for e in events] == [("Warning", "StopUnconfirmed")]
     assert submission_id_for(UID, 1) in events[0]["message"]

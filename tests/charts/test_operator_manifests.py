@@ -69,3 +69,19 @@ def test_pods_meet_pod_security_restricted(rendered: list[Manifest]) -> None:
             assert context["capabilities"] == {"drop": ["ALL"]}, where
             assert not context.get("privileged"), where
             assert "memory" in container["resources"]["limits"], where
+
+
+def test_the_operator_may_hold_only_its_own_lease(rendered: list[Manifest]) -> None:
+    """Leader election: the Lease in the operator's namespace (the Deployment tells it which),
+    through a namespaced Role, not cluster-wide."""
+    role = _find(rendered, "Role", "koinon-operator-leader-election")
+    assert role["metadata"]["namespace"] == "koinon-system"
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update", "patch"]}
+    ]
+    binding = _find(rendered, "RoleBinding", "koinon-operator-leader-election")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "koinon-operator", "namespace": "koinon-system"}]
+    deployment = _find(rendered, "Deployment", "koinon-operator")
+    env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"

@@ -1,0 +1,231 @@
+"""Leader election over a coordination.k8s.io Lease, as controller-runtime's managers do.
+
+The operator books GPUs from what its own AIJobs hold: a second operator on the same pool (a
+second replica, a node partition that leaves the old pod running, one operator per namespace) would
+place jobs on GPUs the first one holds. Only the holder of the Lease reconciles; the others watch
+and wait to take over when it stops renewing.
+
+``decide`` is the rule, a pure function of the Lease as read; ``LeaderElector`` does the I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, cast
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from koinon_operator.kube import load_config
+
+logger = logging.getLogger(__name__)
+
+LEASE_NAME = "koinon-operator"
+
+
+class Action(enum.Enum):
+    CREATE = "create"  # no Lease yet
+    RENEW = "renew"  # ours
+    TAKE_OVER = "take-over"  # released, or its holder stopped renewing
+    WAIT = "wait"  # another operator holds it
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    holder: str
+    renewed_at: float | None  # seconds since the epoch
+    duration_s: float
+
+
+def decide(lease: LeaseView | None, me: str, now: float) -> Action:
+    if lease is None:
+        return Action.CREATE
+    if lease.holder == me:
+        return Action.RENEW
+    if not lease.holder or lease.renewed_at is None or now > lease.renewed_at + lease.duration_s:
+        return Action.TAKE_OVER
+    return Action.WAIT
+
+
+@dataclass(frozen=True)
+class LeaseSettings:
+    namespace: str = "default"
+    name: str = LEASE_NAME
+    duration_s: float = 15.0
+    renew_s: float = 5.0
+
+    @classmethod
+    def from_env(cls) -> LeaseSettings:
+        # The operator's own namespace (the Deployment passes it by the downward API): every
+        # operator of one pool competes for the same Lease, whatever AIJob namespace it serves.
+        namespace = os.environ.get("KOINON_LEASE_NAMESPACE") or os.environ.get("POD_NAMESPACE") or "default"
+        raw = os.environ.get("KOINON_LEASE_DURATION") or str(cls.duration_s)
+        try:
+            duration = float(raw)
+        except ValueError:
+            raise ValueError(f"KOINON_LEASE_DURATION: must be a number of seconds, got {raw[:64]!r}") from None
+        if not (math.isfinite(duration) and duration > 0):
+            raise ValueError(f"KOINON_LEASE_DURATION: must be > 0 seconds, got {duration}")
+        return cls(namespace=namespace, duration_s=duration, renew_s=max(0.2, duration / 3))
+
+
+def default_identity() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class LeaderElector:
+    def __init__(
+        self,
+        settings: LeaseSettings,
+        identity: str | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.identity = identity or default_identity()
+        self._clock = clock
+        self._monotonic = monotonic
+        self._leader_until = 0.0  # monotonic: leader while before this (last renewal + duration)
+
+    @property
+    def is_leader(self) -> bool:
+        return self._monotonic() < self._leader_until
+
+    async def run_forever(self) -> None:
+        while True:
+            await self.step()
+            await asyncio.sleep(self.settings.renew_s)
+
+    async def step(self) -> bool:
+        """One look at the Lease: take or keep it when the rule says so. Returns is_leader."""
+        was_leader = self.is_leader
+        started = self._monotonic()
+        try:
+            held = await asyncio.to_thread(self._acquire_or_renew)
+        except Exception as error:  # the API server away: keep leading only until the lease runs out
+            logger.warning("leader election: cannot read or write the Lease: %r", error)
+            held = False
+        if held:
+            # Counted from before the write: another operator may take over duration_s after the
+            # renewTime it reads, and ours was stamped no earlier than `started`.
+            self._leader_until = started + self.settings.duration_s
+        elif self._leader_until and not self.is_leader:
+            self._leader_until = 0.0
+        if self.is_leader != was_leader:
+            logger.warning(
+                "leader election: %s %s the Lease %s/%s",
+                self.identity,
+                "now holds" if self.is_leader else "no longer holds",
+                self.settings.namespace,
+                self.settings.name,
+            )
+        return self.is_leader
+
+    async def release(self) -> None:
+        """On a clean stop: hand the Lease over at once instead of after duration_s."""
+        if not self.is_leader:
+            return
+        self._leader_until = 0.0
+        try:
+            await asyncio.to_thread(self._release)
+        except Exception as error:
+            logger.warning("leader election: could not release the Lease: %r", error)
+
+    # ---- I/O ----
+
+    def _api(self) -> client.CoordinationV1Api:
+        load_config()
+        return client.CoordinationV1Api()
+
+    def _acquire_or_renew(self) -> bool:
+        api = self._api()
+        namespace, name = self.settings.namespace, self.settings.name
+        try:
+            current = cast(Any, api.read_namespaced_lease(name, namespace))
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            current = None
+        action = decide(_view(current), self.identity, self._clock())
+        if action is Action.WAIT:
+            return False
+        now = _micro_time(self._clock())
+        if action is Action.CREATE:
+            body: dict[str, Any] = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": name, "namespace": namespace},
+                "spec": self._spec(now, acquired=now, transitions=0),
+            }
+            try:
+                api.create_namespaced_lease(namespace, cast(Any, body))  # the client takes dicts too
+            except ApiException as error:
+                if error.status == 409:  # another operator created it first
+                    return False
+                raise
+            return True
+        spec = current.spec
+        transitions = int(spec.lease_transitions or 0) + (1 if action is Action.TAKE_OVER else 0)
+        acquired = now if action is Action.TAKE_OVER else _micro_time_of(spec.acquire_time) or now
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {"name": name, "namespace": namespace, "resourceVersion": current.metadata.resource_version},
+            "spec": self._spec(now, acquired=acquired, transitions=transitions),
+        }
+        try:
+            api.replace_namespaced_lease(name, namespace, cast(Any, body))
+        except ApiException as error:
+            if error.status == 409:  # someone else wrote it since we read it: look again next time
+                return False
+            raise
+        return True
+
+    def _release(self) -> None:
+        api = self._api()
+        current = cast(Any, api.read_namespaced_lease(self.settings.name, self.settings.namespace))
+        if current.spec.holder_identity != self.identity:
+            return
+        spec = self._spec(_micro_time(self._clock()), _micro_time_of(current.spec.acquire_time), 0)
+        spec.update(holderIdentity="", leaseTransitions=int(current.spec.lease_transitions or 0))
+        body = {"metadata": {"resourceVersion": current.metadata.resource_version}, "spec": spec}
+        api.patch_namespaced_lease(self.settings.name, self.settings.namespace, body)
+
+    def _spec(self, renewed: str, acquired: str | None, transitions: int) -> dict[str, Any]:
+        return {
+            "holderIdentity": self.identity,
+            "leaseDurationSeconds": max(1, round(self.settings.duration_s)),
+            "acquireTime": acquired,
+            "renewTime": renewed,
+            "leaseTransitions": transitions,
+        }
+
+
+def _view(lease: Any) -> LeaseView | None:
+    if lease is None:
+        return None
+    spec = lease.spec
+    renewed = spec.renew_time
+    return LeaseView(
+        holder=spec.holder_identity or "",
+        renewed_at=renewed.timestamp() if isinstance(renewed, datetime) else None,
+        duration_s=float(spec.lease_duration_seconds or 0),
+    )
+
+
+def _micro_time(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _micro_time_of(value: Any) -> str | None:
+    return _micro_time(value.timestamp()) if isinstance(value, datetime) else None
