@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ray-dashboard", help="Ray dashboard URL (Job Submission API)")
     parser.add_argument("--poll-interval", type=float, help="seconds between reconciles of one AIJob")
     parser.add_argument(
-        "--namespace", help="run the AIJobs of one namespace (default: all); still the pool's only operator"
+        "--namespace", help="run the AIJobs of one namespace (default: all); one operator of a pool leads at a time"
     )
     parser.add_argument(
         "--stop-grace",
