@@ -11,6 +11,7 @@ import datetime as dt
 import errno
 import hashlib
 import ipaddress
+import logging
 import os
 import secrets
 import shutil
@@ -25,6 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 DEFAULT_SERVER_NAME = "koinon-gateway"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,14 @@ def bundle_problem(bundle: CABundle) -> str | None:
     try:
         cert = x509.load_pem_x509_certificate(bundle.cert_pem)
         key = serialization.load_pem_private_key(bundle.key_pem, password=None)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:  # TypeError: an encrypted key
         return f"ca.crt or ca.key unreadable: {error}"
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        return f"ca.key is a {type(key).__name__}, not an EC key (the gateway signs with ECDSA)"
+    if cert.not_valid_after_utc <= dt.datetime.now(dt.UTC):
+        return (
+            f"ca.crt expired at {cert.not_valid_after_utc.isoformat()}; replace the CA (agents must trust the new one)"
+        )
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
         return "ca.key is not the key of ca.crt"
@@ -146,6 +155,9 @@ def create_ca(common_name: str = "koinon-gateway-ca", days: int = 3650) -> CABun
     return CABundle(cert.public_bytes(serialization.Encoding.PEM), _key_pem(key), secrets.token_bytes(32))
 
 
+CA_EXPIRY_WARNING = dt.timedelta(days=365)
+
+
 async def load_or_create_ca(store: CAStore) -> CABundle:
     bundle = await store.load()
     if bundle is None:
@@ -154,10 +166,17 @@ async def load_or_create_ca(store: CAStore) -> CABundle:
         bundle = await store.load()
         if bundle is None:
             raise RuntimeError("CA store: saved a CA but cannot load it back")
+    problem = bundle_problem(bundle)
+    if problem is not None:
+        raise ValueError(f"CA store: {problem}")
+    expires = x509.load_pem_x509_certificate(bundle.cert_pem).not_valid_after_utc
+    if expires - dt.datetime.now(dt.UTC) < CA_EXPIRY_WARNING:
+        # Server certificates end with it: agents must be given a new CA before that day.
+        log.warning("the gateway's CA expires at %s; replace it and hand agents the new one", expires.isoformat())
     return bundle
 
 
-def issue_server_cert(bundle: CABundle, hostnames: list[str], days: int = 365) -> tuple[bytes, bytes]:
+def issue_server_cert(bundle: CABundle, hostnames: list[str], days: float = 365) -> tuple[bytes, bytes]:
     """Returns (cert chain PEM, key PEM) for the gateway's gRPC port, valid for ``hostnames``."""
     ca_cert = x509.load_pem_x509_certificate(bundle.cert_pem)
     ca_key = serialization.load_pem_private_key(bundle.key_pem, password=None)
@@ -177,7 +196,7 @@ def issue_server_cert(bundle: CABundle, hostnames: list[str], days: int = 365) -
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())

@@ -29,6 +29,7 @@ from .ray_check import GcsRayNodeChecker
 from .registry import InMemoryNodeRegistry, NodeDeletionSource, NodeRegistry, being_deleted, status_address
 from .routing import Router
 from .rpc import add_tunnel_service
+from .server_tls import RenewingServerCert
 from .service import TunnelService
 from .sessions import SessionTable
 from .tokens import ExpiredTokenCleaner, InMemoryTokenStore, TokenStore
@@ -81,6 +82,7 @@ class Gateway:
         self.ca_pem = b""
         self._ports = _Listeners()
         self._server: grpc.aio.Server | None = None
+        self._server_cert: RenewingServerCert | None = None
         self.service: TunnelService | None = None  # set by start()
         self._head_proxy: asyncio.Server | None = None
         self._admin: web.AppRunner | None = None
@@ -138,9 +140,11 @@ class Gateway:
         self._server = grpc.aio.server(options=GRPC_OPTIONS)
         add_tunnel_service(service, self._server)
         if self.config.tls:
-            chain, key = issue_server_cert(bundle, self.config.tls_hostnames)
-            credentials = grpc.ssl_server_credentials([(key, chain)])
-            port = self._server.add_secure_port(self.config.listen, credentials)
+            # issue_server_cert is looked up at each renewal, so a test can shorten its lifetime.
+            self._server_cert = RenewingServerCert(
+                bundle, self.config.tls_hostnames, issue=lambda b, names: issue_server_cert(b, names)
+            )
+            port = self._server.add_secure_port(self.config.listen, self._server_cert.credentials())
         else:
             port = self._server.add_insecure_port(self.config.listen)
         self._ports.grpc_port = port
