@@ -5,7 +5,6 @@ pinned kubectl/helm, the demo with a job that never reached Ray, a damaged state
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import subprocess
 import sys
@@ -160,13 +159,17 @@ def test_dev_status_does_not_call_a_dead_control_plane_running(tmp_path: Path) -
     (state / "cluster.json").write_text(info.to_json())
     done = _koinon(state, "dev", "status")
     assert done.returncode == 1 and "not running: kube-emulator" in done.stderr, done
-    # Its own process group, recorded as `up` records it: running.
+    # A process group that runs, recorded as `up` records it (its leader's pid, start time, boot).
     from koinon_dev.processes import boot_id, process_start_time
 
-    own = os.getpgrp()
-    started = process_start_time(own)
-    assert started is not None
-    alive = DevClusterInfo(**{**info.__dict__, "process_groups": {"kube-emulator": own},
-                              "start_times": {"kube-emulator": started}, "boot_id": boot_id()})  # fmt: skip
-    (state / "cluster.json").write_text(alive.to_json())
-    assert _koinon(state, "dev", "status").returncode == 0
+    leader = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        started = process_start_time(leader.pid)
+        assert started is not None
+        alive = DevClusterInfo(**{**info.__dict__, "process_groups": {"kube-emulator": leader.pid},
+                                  "start_times": {"kube-emulator": started}, "boot_id": boot_id()})  # fmt: skip
+        (state / "cluster.json").write_text(alive.to_json())
+        assert _koinon(state, "dev", "status").returncode == 0
+    finally:
+        leader.kill()
+        leader.wait()
