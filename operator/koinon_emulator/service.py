@@ -161,7 +161,7 @@ class ApiService:
             if (problem := qualified_name_problem(str(key)))
         ]
         annotations = metadata.get("annotations") or {}
-        annotations_size = sum(len(str(key)) + len(str(value)) for key, value in annotations.items())
+        annotations_size = sum(len(str(key).encode()) + len(str(value).encode()) for key, value in annotations.items())
         if annotations_size > TOTAL_ANNOTATION_SIZE_LIMIT:
             # apimachinery's ValidateAnnotationsSize: keys and values together, per object.
             label_causes.append(

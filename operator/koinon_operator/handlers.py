@@ -49,6 +49,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     # matches, and deleting a gateway-owned node must not wait for the operator.
     # Only the holder of the pool's Lease reconciles (leadership.py says why); the others wait.
     memo.leader = LeaderElector(LeaseSettings.from_env())
+    memo.leader.on_change = lambda leading: memo.reconciler.forget_memory()
     memo.leader_election = asyncio.create_task(memo.leader.run_forever())
     leading = lambda: memo.leader.is_leader  # noqa: E731
     memo.uptime_sampler = asyncio.create_task(
@@ -116,6 +117,8 @@ async def reconcile_aijob(
     # Keyed by the status this pass acted on, before the pass's own patch is applied.
     evidence_key = outcome_key(str(body.metadata.get("uid", "")), body.status)
     outcome = await memo.reconciler.reconcile(body, _first_values(aijob_allocations), _first_values(volunteer_nodes))
+    if not memo.leader.is_leader:
+        return  # the Lease ran out during the pass: another operator may have placed since
     for field_name, value in outcome.status.items():
         patch.status[field_name] = value
     for event in outcome.events:
@@ -178,6 +181,9 @@ async def stop_ray_job(body: kopf.Body, memo: kopf.Memo, runtime: timedelta = ti
     # ``runtime``: kopf's time since this handler first ran for this deletion, kept in the
     # object's annotations, so an operator restart does not start the grace period again.
     if not memo.leader.is_leader:
+        # Whatever this process booked for the job in an earlier term goes: the leader stops it.
+        meta = body.get("metadata") or {}
+        memo.reconciler.ledger.forget(f"{meta.get('namespace')}/{meta.get('name')}")
         raise kopf.TemporaryError("another operator holds the lease; it stops the Ray job", delay=5)
     try:
         if await memo.reconciler.stop(body):

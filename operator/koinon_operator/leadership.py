@@ -6,6 +6,9 @@ place jobs on GPUs the first one holds. Only the holder of the Lease reconciles;
 and wait to take over when it stops renewing.
 
 ``decide`` is the rule, a pure function of the Lease as read; ``LeaderElector`` does the I/O.
+As client-go's elector, a follower times the holder's lease from when it saw the Lease last change,
+on its own monotonic clock, never from the renewTime the holder stamped with its wall clock: the
+operators' clocks may disagree by more than a lease.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import logging
 import math
 import os
 import secrets
+import signal
 import socket
 import time
 from collections.abc import Callable
@@ -43,16 +47,17 @@ class Action(enum.Enum):
 @dataclass(frozen=True)
 class LeaseView:
     holder: str
-    renewed_at: float | None  # seconds since the epoch
+    record: str  # what changes at each renewal (holder and renewTime as written)
     duration_s: float
 
 
-def decide(lease: LeaseView | None, me: str, now: float) -> Action:
+def decide(lease: LeaseView | None, me: str, unchanged_for_s: float) -> Action:
+    """``unchanged_for_s``: how long this operator has seen the Lease's record stay the same."""
     if lease is None:
         return Action.CREATE
     if lease.holder == me:
         return Action.RENEW
-    if not lease.holder or lease.renewed_at is None or now > lease.renewed_at + lease.duration_s:
+    if not lease.holder or unchanged_for_s > lease.duration_s:
         return Action.TAKE_OVER
     return Action.WAIT
 
@@ -68,7 +73,7 @@ class LeaseSettings:
     def from_env(cls) -> LeaseSettings:
         # The operator's own namespace (the Deployment passes it by the downward API): every
         # operator of one pool competes for the same Lease, whatever AIJob namespace it serves.
-        namespace = os.environ.get("KOINON_LEASE_NAMESPACE") or os.environ.get("POD_NAMESPACE") or "default"
+        namespace = os.environ.get("KOINON_LEASE_NAMESPACE") or os.environ.get("POD_NAMESPACE") or _own_namespace()
         raw = os.environ.get("KOINON_LEASE_DURATION") or str(cls.duration_s)
         try:
             duration = float(raw)
@@ -77,6 +82,18 @@ class LeaseSettings:
         if not (math.isfinite(duration) and duration > 0):
             raise ValueError(f"KOINON_LEASE_DURATION: must be > 0 seconds, got {duration}")
         return cls(namespace=namespace, duration_s=duration, renew_s=max(0.2, duration / 3))
+
+
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def _own_namespace() -> str:
+    """In a pod without POD_NAMESPACE: its service account's namespace; elsewhere "default"."""
+    try:
+        with open(SERVICE_ACCOUNT_NAMESPACE) as handle:
+            return handle.read().strip() or "default"
+    except OSError:
+        return "default"
 
 
 def default_identity() -> str:
@@ -96,6 +113,9 @@ class LeaderElector:
         self._clock = clock
         self._monotonic = monotonic
         self._leader_until = 0.0  # monotonic: leader while before this (last renewal + duration)
+        self._seen: tuple[str, float] | None = None  # the Lease's record, and when it was first seen
+        # Called with True when this operator starts leading, False when it stops.
+        self.on_change: Callable[[bool], None] = lambda leading: None
 
     @property
     def is_leader(self) -> bool:
@@ -111,17 +131,32 @@ class LeaderElector:
         was_leader = self.is_leader
         started = self._monotonic()
         try:
-            held = await asyncio.to_thread(self._acquire_or_renew)
+            # Bounded: a request that never answers must not stop the election (and the
+            # leader must stop acting once its lease may have run out meanwhile).
+            held = await asyncio.wait_for(asyncio.to_thread(self._acquire_or_renew), timeout=self.settings.renew_s)
+        except TimeoutError:
+            logger.warning("leader election: the Lease request did not answer within %.1fs", self.settings.renew_s)
+            held = None
+        except ApiException as error:
+            if error.status == 403:
+                # Without the Role for its Lease the operator would never lead and look healthy.
+                logger.critical("leader election: not allowed to read or write the Lease (apply the RBAC); exiting")
+                os.kill(os.getpid(), signal.SIGTERM)
+            logger.warning("leader election: cannot read or write the Lease: %r", error)
+            held = None
         except Exception as error:  # the API server away: keep leading only until the lease runs out
             logger.warning("leader election: cannot read or write the Lease: %r", error)
-            held = False
+            held = None
         if held:
-            # Counted from before the write: another operator may take over duration_s after the
-            # renewTime it reads, and ours was stamped no earlier than `started`.
+            # Counted from before the write: a follower takes over duration_s after it saw this
+            # renewal, and it cannot have seen it before `started`.
             self._leader_until = started + self.settings.duration_s
+        elif held is False:
+            self._leader_until = 0.0  # the Lease says another operator holds it: stop at once
         elif self._leader_until and not self.is_leader:
             self._leader_until = 0.0
         if self.is_leader != was_leader:
+            self.on_change(self.is_leader)
             logger.warning(
                 "leader election: %s %s the Lease %s/%s",
                 self.identity,
@@ -143,6 +178,10 @@ class LeaderElector:
 
     # ---- I/O ----
 
+    @property
+    def _timeout(self) -> float:
+        return self.settings.renew_s
+
     def _api(self) -> client.CoordinationV1Api:
         load_config()
         return client.CoordinationV1Api()
@@ -151,12 +190,13 @@ class LeaderElector:
         api = self._api()
         namespace, name = self.settings.namespace, self.settings.name
         try:
-            current = cast(Any, api.read_namespaced_lease(name, namespace))
+            current = cast(Any, api.read_namespaced_lease(name, namespace, _request_timeout=self._timeout))
         except ApiException as error:
             if error.status != 404:
                 raise
             current = None
-        action = decide(_view(current), self.identity, self._clock())
+        view = _view(current)
+        action = decide(view, self.identity, self._unchanged_for(view))
         if action is Action.WAIT:
             return False
         now = _micro_time(self._clock())
@@ -168,7 +208,7 @@ class LeaderElector:
                 "spec": self._spec(now, acquired=now, transitions=0),
             }
             try:
-                api.create_namespaced_lease(namespace, cast(Any, body))  # the client takes dicts too
+                api.create_namespaced_lease(namespace, cast(Any, body), _request_timeout=self._timeout)  # dicts do
             except ApiException as error:
                 if error.status == 409:  # another operator created it first
                     return False
@@ -184,7 +224,7 @@ class LeaderElector:
             "spec": self._spec(now, acquired=acquired, transitions=transitions),
         }
         try:
-            api.replace_namespaced_lease(name, namespace, cast(Any, body))
+            api.replace_namespaced_lease(name, namespace, cast(Any, body), _request_timeout=self._timeout)
         except ApiException as error:
             if error.status == 409:  # someone else wrote it since we read it: look again next time
                 return False
@@ -193,18 +233,27 @@ class LeaderElector:
 
     def _release(self) -> None:
         api = self._api()
-        current = cast(Any, api.read_namespaced_lease(self.settings.name, self.settings.namespace))
+        current = cast(
+            Any, api.read_namespaced_lease(self.settings.name, self.settings.namespace, _request_timeout=self._timeout)
+        )
         if current.spec.holder_identity != self.identity:
             return
         spec = self._spec(_micro_time(self._clock()), _micro_time_of(current.spec.acquire_time), 0)
         spec.update(holderIdentity="", leaseTransitions=int(current.spec.lease_transitions or 0))
         body = {"metadata": {"resourceVersion": current.metadata.resource_version}, "spec": spec}
-        api.patch_namespaced_lease(self.settings.name, self.settings.namespace, body)
+        api.patch_namespaced_lease(self.settings.name, self.settings.namespace, body, _request_timeout=self._timeout)
+
+    def _unchanged_for(self, view: LeaseView | None) -> float:
+        now = self._monotonic()
+        record = view.record if view is not None else ""
+        if self._seen is None or self._seen[0] != record:
+            self._seen = (record, now)
+        return now - self._seen[1]
 
     def _spec(self, renewed: str, acquired: str | None, transitions: int) -> dict[str, Any]:
         return {
             "holderIdentity": self.identity,
-            "leaseDurationSeconds": max(1, round(self.settings.duration_s)),
+            "leaseDurationSeconds": max(1, math.ceil(self.settings.duration_s)),
             "acquireTime": acquired,
             "renewTime": renewed,
             "leaseTransitions": transitions,
@@ -215,10 +264,10 @@ def _view(lease: Any) -> LeaseView | None:
     if lease is None:
         return None
     spec = lease.spec
-    renewed = spec.renew_time
+    holder = spec.holder_identity or ""
     return LeaseView(
-        holder=spec.holder_identity or "",
-        renewed_at=renewed.timestamp() if isinstance(renewed, datetime) else None,
+        holder=holder,
+        record=f"{holder}|{spec.renew_time}|{lease.metadata.resource_version}",
         duration_s=float(spec.lease_duration_seconds or 0),
     )
 

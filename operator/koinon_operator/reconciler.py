@@ -215,6 +215,9 @@ class Ledger:
     def forget(self, key: str) -> None:
         self._local.pop(key, None)
 
+    def clear(self) -> None:
+        self._local.clear()
+
     def current(self, recorded: Mapping[str, Allocation], excluding: str | None = None) -> list[Allocation]:
         """What every job holds; ``excluding`` a job being placed, whose new placement replaces
         whatever it held (its own reservation must not make it look full to itself)."""
@@ -384,6 +387,17 @@ class AIJobReconciler:
         writer.condition(ConditionType.RAY_REACHABLE, False, "RayUnavailable", f"{error}; retrying in {delay:.0f}s")
         logger.warning("Ray unavailable while reconciling %s; retry in %.0fs: %s", key, delay, error)
         return outcome
+
+    def forget_memory(self) -> None:
+        """Drops what this process decided on its own (reservations the watch has not shown yet,
+        its own-write bookkeeping, backoffs, a placer's waiting list): on a change of leader, the
+        jobs' statuses are the record, and another operator may have changed them meanwhile."""
+        self.ledger.clear()
+        self._written_from.clear()
+        self.backoff = RayBackoff()
+        forget = getattr(self.placer, "forget_waiting", None)
+        if callable(forget):
+            forget()
 
     async def stop(self, body: Mapping[str, Any]) -> bool:
         """Stop the job's Ray job (on delete); True when there was one to stop. Waits for a pass

@@ -122,7 +122,7 @@ class ResultRechecker:
                 message = revocation_message(aijob, caught)
                 if message is not None and self._mark(api, aijob, message):
                     marked += 1
-            except (ApiException, ValueError, TypeError, KeyError) as error:
+            except (ApiException, ValueError, TypeError, KeyError, AttributeError) as error:
                 logger.warning("AIJob %s/%s: result not rechecked: %r", meta.get("namespace"), meta.get("name"), error)
         return marked
 

@@ -95,6 +95,9 @@ class ReputationPlacer:
         self._waiting_for_s = waiting_for_s
         self._waiting: dict[str, tuple[JobRequest, float]] = {}  # job key -> (request, last asked)
 
+    def forget_waiting(self) -> None:
+        self._waiting.clear()
+
     def place(self, request: PlacementRequest, nodes: Sequence[NodeCapacity]) -> PlacementDecision:
         now, asked = self._clock(), self._monotonic()
         job = to_job(request)

@@ -3,6 +3,7 @@ the Lease as read; the electors here compete through the emulator's coordination
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,7 +12,9 @@ from typing import Any
 import kopf
 import pytest
 from koinon_operator import handlers
+from koinon_operator.inventory import Allocation
 from koinon_operator.leadership import Action, LeaderElector, LeaseSettings, LeaseView, decide
+from koinon_operator.reconciler import Ledger
 
 from tests.emulator.helpers import EmulatorThread, emulator_for_kube_client
 
@@ -19,12 +22,11 @@ NOW = 1_800_000_000.0
 
 
 def test_the_rule() -> None:
-    assert decide(None, "me", NOW) is Action.CREATE
-    assert decide(LeaseView("me", NOW - 100, 15), "me", NOW) is Action.RENEW
-    assert decide(LeaseView("other", NOW - 5, 15), "me", NOW) is Action.WAIT
-    assert decide(LeaseView("other", NOW - 16, 15), "me", NOW) is Action.TAKE_OVER  # it stopped renewing
-    assert decide(LeaseView("", NOW, 15), "me", NOW) is Action.TAKE_OVER  # released
-    assert decide(LeaseView("other", None, 15), "me", NOW) is Action.TAKE_OVER
+    assert decide(None, "me", 0.0) is Action.CREATE
+    assert decide(LeaseView("me", "r", 15), "me", 100.0) is Action.RENEW
+    assert decide(LeaseView("other", "r", 15), "me", 5.0) is Action.WAIT
+    assert decide(LeaseView("other", "r", 15), "me", 16.0) is Action.TAKE_OVER  # seen unchanged too long
+    assert decide(LeaseView("", "r", 15), "me", 0.0) is Action.TAKE_OVER  # released
 
 
 def test_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,7 +94,9 @@ async def test_an_operator_that_does_not_lead_writes_nothing(monkeypatch: pytest
         def __getattr__(self, name: str) -> Any:
             raise AssertionError(f"a follower used the reconciler ({name})")
 
-    memo = SimpleNamespace(leader=follower, reconciler=Untouchable(), tracer=Untouchable(), reputation=Untouchable())
+    # Only its own bookings may go (the leader stops the job): nothing else of the reconciler.
+    reconciler = SimpleNamespace(ledger=Ledger())
+    memo = SimpleNamespace(leader=follower, reconciler=reconciler, tracer=Untouchable(), reputation=Untouchable())
     body = kopf.Body({"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": {}})
     patch = kopf.Patch()
     reconcile: Any = handlers.reconcile_aijob
@@ -102,3 +106,134 @@ async def test_an_operator_that_does_not_lead_writes_nothing(monkeypatch: pytest
     stop: Any = handlers.stop_ray_job
     with pytest.raises(kopf.TemporaryError, match="another operator"):
         await stop(body=body, memo=memo)
+
+
+class SkewedClock:
+    """One operator's clocks: a wall clock (possibly skewed) and a monotonic one."""
+
+    def __init__(self, skew: float = 0.0) -> None:
+        self.elapsed = 0.0
+        self.skew = skew
+
+    def wall(self) -> float:
+        return NOW + self.skew + self.elapsed
+
+    def mono(self) -> float:
+        return 100.0 + self.elapsed
+
+
+def _skewed_elector(name: str, clock: SkewedClock, duration: float = 15.0) -> LeaderElector:
+    settings = LeaseSettings(namespace="default", duration_s=duration, renew_s=duration / 3)
+    return LeaderElector(settings, identity=name, clock=clock.wall, monotonic=clock.mono)
+
+
+async def test_clock_skew_between_operators_never_gives_two_leaders(cluster: EmulatorThread) -> None:
+    """decide() compares the follower's wall clock with the renewTime the holder stamped with ITS
+    wall clock. Pods on different nodes can be skewed by seconds (client-go avoids this by timing
+    expiry from when the follower itself observed the record change). With 11 s of skew and the
+    default 15 s lease, the follower takes over while the holder still believes it leads."""
+    leader_clock, follower_clock = SkewedClock(), SkewedClock(skew=11.0)
+    leader, follower = _skewed_elector("leader", leader_clock), _skewed_elector("follower", follower_clock)
+    assert await leader.step()
+    for c in (leader_clock, follower_clock):
+        c.elapsed += 4.9  # just before the leader's next renewal (every 5 s)
+    await follower.step()
+    assert not (leader.is_leader and follower.is_leader), "two operators lead the same pool at once"
+
+
+async def test_a_holder_that_reads_another_holder_stops_leading_at_once(cluster: EmulatorThread) -> None:
+    """Once its own read shows the Lease held by someone else (it was partitioned, another took
+    over), the ex-holder kept is_leader until its own deadline: up to a lease more of reconciling
+    beside the new holder."""
+    clock = SkewedClock()
+    leader = _skewed_elector("leader", clock)
+    assert await leader.step()
+    taken = {"spec": {"holderIdentity": "follower"}}
+    cluster.call(lambda e: e.patch("coordination.k8s.io/v1", "Lease", "koinon-operator", taken, namespace="default"))
+    clock.elapsed += 1
+    assert leader.is_leader  # its own deadline has not passed
+    await leader.step()  # it reads: holderIdentity == "follower"
+    assert not leader.is_leader, "the Lease says another operator holds it, yet this one still leads"
+
+
+async def test_a_fractional_lease_duration_is_not_written_rounded_down(cluster: EmulatorThread) -> None:
+    """leaseDurationSeconds = round(2.5) = 2 (banker's rounding), while the holder believes it
+    leads for 2.5 s: others take over 0.5 s before the holder stops. Should be ceil()."""
+    clock = SkewedClock()
+    first, second = _skewed_elector("first", clock, duration=2.5), _skewed_elector("second", clock, duration=2.5)
+    assert await first.step()
+    clock.elapsed += 2.2
+    await second.step()
+    assert not (first.is_leader and second.is_leader), "two leaders with KOINON_LEASE_DURATION=2.5"
+
+
+async def test_a_follower_forgets_a_deleted_jobs_reservation() -> None:
+    """The Ledger's local reservations override the recorded allocations and are dropped only by
+    reconciler.stop() (the deletion handler) or a pass over the finished job. A follower's deletion
+    handler raises before stop(), so a job placed by this operator in an earlier term and deleted
+    while it follows stays reserved for ever: once it leads again, those GPUs look held."""
+    ledger = Ledger()
+    ledger.reserve("ns/j", Allocation(("n1",), 1, 1.0))  # placed in an earlier term as leader
+    reconciler = SimpleNamespace(ledger=ledger)
+    memo = SimpleNamespace(leader=SimpleNamespace(is_leader=False), reconciler=reconciler)
+    body = kopf.Body({"metadata": {"name": "j", "namespace": "ns", "uid": "u", "deletionTimestamp": "x"},
+                      "spec": {}, "status": {}})  # fmt: skip
+    stop: Any = handlers.stop_ray_job
+    with pytest.raises(kopf.TemporaryError):
+        await stop(body=body, memo=memo)
+    # The leader stopped the job and removed the finalizer: the AIJob is gone from the index.
+    memo.leader.is_leader = True  # this operator leads again later
+    assert ledger.current({}) == [], "a deleted job's GPUs stay booked in the ex-follower's ledger"
+
+
+async def test_a_hung_lease_request_does_not_stop_leader_election(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Lease calls run in a thread with no _request_timeout and step() is not bounded: one
+    API request that never answers (a stuck proxy, a half-open connection until keepalive gives
+    up) holds run_forever in step(); is_leader runs out and the operator never tries again."""
+    clock = SkewedClock()
+    elector = _skewed_elector("only", clock, duration=0.6)
+    calls = 0
+
+    def hung() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return True
+        import time
+
+        time.sleep(3)  # stands for a request that never answers
+        return True
+
+    monkeypatch.setattr(elector, "_acquire_or_renew", hung)
+    task = asyncio.create_task(elector.run_forever())
+    try:
+        await asyncio.sleep(1.0)
+    finally:
+        task.cancel()
+    assert calls >= 3, f"leader election looked at the Lease {calls} time(s) in 1 s with renew every 0.2 s"
+
+
+async def test_a_pass_that_outlives_the_lease_writes_nothing() -> None:
+    """is_leader is read once, before the pass; a pass waits on the placement lock and on Ray
+    (seconds) and then writes its placement (assignedNodes) even when the Lease passed to another
+    operator meanwhile, which placed from an index without it: two jobs on one GPU."""
+    from koinon_operator.reconciler import Outcome
+
+    leader = SimpleNamespace(is_leader=True)
+
+    class SlowReconciler:
+        async def reconcile(self, *_: Any) -> Outcome:
+            leader.is_leader = False  # the Lease ran out while this pass waited on Ray
+            return Outcome(status={"phase": "Scheduled", "assignedNodes": ["n1"]})
+
+    class Quiet:
+        def __getattr__(self, name: str) -> Any:
+            return lambda *a, **k: None
+
+    memo = SimpleNamespace(leader=leader, reconciler=SlowReconciler(), tracer=Quiet(), reputation=Quiet())
+    body = kopf.Body({"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": {}})
+    patch = kopf.Patch()
+    reconcile: Any = handlers.reconcile_aijob
+    await reconcile(body=body, patch=patch, memo=memo, namespace="ns", name="j",
+                    aijob_allocations={}, volunteer_nodes={})  # fmt: skip
+    assert not patch, f"a pass that no longer leads wrote {dict(patch)}"

@@ -123,3 +123,29 @@ def test_a_trust_skipped_copy_whose_driver_owner_was_caught_is_revoked() -> None
     counted as an independent voucher instead, so the honest second replica 'vouches' for the
     liar's printed result and it is never revoked."""
     assert revocation_message(_skipped_two_replica_job(), {"mallory"}) is not None
+
+
+def test_one_job_with_a_malformed_verification_does_not_stop_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """status.verification is x-kubernetes-preserve-unknown-fields: earlierResults [1] passes the
+    schema; accepted_vouchers calls r.get on it and raises AttributeError, which the per-job
+    handler (ApiException, ValueError, TypeError, KeyError) does not catch: the whole recheck
+    aborts and the next job, a caught owner's trusted skip, is never marked."""
+    bad = _verified_job("bad", ["h1", "h2"], ["honest", "honest2"], ["h1"])
+    bad["status"]["verification"]["earlierResults"] = [1]
+    skipped = _verified_job("skipped", ["m2"], ["mallory"], None)
+    for job in (bad, skipped):
+        job["metadata"]["resourceVersion"] = "1"
+    fleet = [_volunteer("m1", "mallory", 1), _volunteer("m2", "mallory"), _volunteer("h1", "honest")]
+    marked: list[str] = []
+
+    class Api:
+        def list_cluster_custom_object(self, group: str, version: str, plural: str) -> dict[str, Any]:
+            return {"items": fleet if plural == "volunteernodes" else [bad, skipped]}
+
+        def patch_namespaced_custom_object_status(self, *args: Any) -> None:
+            marked.append(args[4])
+
+    monkeypatch.setattr("koinon_operator.revocation.load_config", lambda: None)
+    monkeypatch.setattr("kubernetes.client.CustomObjectsApi", Api)
+    ResultRechecker()._recheck(NOW)
+    assert marked == ["skipped"]

@@ -58,8 +58,14 @@ def exclusive(state_dir: Path) -> Iterator[None]:
                 f"{state_dir}: another koinon-agent (pid {holder}) is using this state dir; stop it, "
                 "or give this one its own --state-dir (KOINON_STATE_DIR)"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:  # a filesystem without flock (some NFS, FUSE/CSI volumes)
+            log.warning(
+                "%s: cannot lock the state dir (%s); one agent per state dir is not enforced", state_dir, exc.strerror
+            )
+        else:
+            with contextlib.suppress(OSError):  # a full state volume must not stop the agent
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
         os.close(fd)
