@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--no-netns",
         action="store_true",
-        help="run volunteers as plain local processes even as root (their Ray traffic still uses the tunnel)",
+        help="run volunteers as plain local processes even as root (Ray's traffic still uses the tunnel; "
+        "job code is not confined)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     dev = commands.add_parser("dev", help="the local control plane").add_subparsers(dest="action", required=True)

@@ -387,6 +387,11 @@ class DevCluster:
                 raise RuntimeError(message)
             log.warning("%s; volunteers run as plain processes instead", message)
             return False
+        if not available:
+            log.warning(
+                "no network namespaces here (they need root): volunteers run as plain processes; Ray's "
+                "traffic still goes through the tunnel, but job code on them is not confined"
+            )
         return available
 
     def _start_agent(self, name: str, gpus: int, owner: str, extra_env: dict[str, str] | None = None) -> LocalAgent:

@@ -7,8 +7,9 @@ namespaces) is its only way out, as behind a home NAT that allows only outbound 
 Because every unix socket path crosses network namespaces, the agent also gets its own view of
 /tmp holding only that socket, the CA and its own directories (volunteer_sandbox): the head's Ray
 sockets and the other volunteers' credentials are not there.
-Without root, agents run as plain processes; their Ray traffic is still forced through the tunnel
-(Ray's gRPC goes to the agent's local proxy, which only knows the gateway).
+Without root, agents run as plain processes; Ray's own traffic is still forced through the tunnel
+(Ray's gRPC goes to the agent's local proxy, which only knows the gateway), but nothing confines the
+job code Ray runs there: a task can connect to the head or read local files like any process.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from koinon_dev.processes import ManagedProcess, deferred_signals, free_port_range, wait_until
+from koinon_dev.claims import claim
+from koinon_dev.processes import ManagedProcess, deferred_signals, wait_until
 from koinon_dev.ray_cluster import LocalRayHead
 
 PORT_BLOCK_SIZE = 40
@@ -95,8 +97,10 @@ class LocalGateway:
         ready = self.work_dir / "gateway.ready"
         # The volunteers' port blocks: in network namespaces they never meet the host's ports;
         # as plain processes they must be free on the host when the control plane starts.
-        low, _ = free_port_range(PORT_BLOCK_SIZE * 16, low=30000, high=32700, reserve=False)
-        octet = int.from_bytes(secrets.token_bytes(1), "big") % 200 + 20
+        # Claimed across the control planes of this host (claims.py): a bind probe alone would
+        # hand out ports another control plane's volunteers hold but do not bind yet.
+        taken = claim(self.work_dir, PORT_BLOCK_SIZE * 16, low=30000, high=32700)
+        low, octet = taken.port_low, taken.vip_octet
         argv = [
             _bin("koinon-gateway"),
             f"--listen=unix:{self.socket_dir()}/gw.sock",

@@ -91,7 +91,9 @@ def software_paths(under: Path = COVERED) -> list[Path]:
             spec = importlib.util.find_spec(name)
             locations = (spec.submodule_search_locations or []) if spec is not None else []
             paths.update(Path(location) for location in locations)
-    found = {path.resolve() for path in paths if path.is_dir()}
+    # Both the path as given (what the command line names: a .venv that is a symlink, say) and
+    # where it leads: exposing only the target left the given path missing in the sandbox.
+    found = {candidate for path in paths if path.is_dir() for candidate in (path.absolute(), path.resolve())}
     return sorted((path for path in found if path.is_relative_to(under)), key=lambda path: len(path.parts))
 
 
