@@ -20,7 +20,6 @@ class GatewayMetrics:
     # The most proxied connections one node has held at once since the start (to size
     # max_streams_per_node against what real nodes use).
     node_streams_peak: int = 0
-    bytes_from_agents: int = 0
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[None]:
@@ -34,19 +33,29 @@ class GatewayMetrics:
             self.connections_active -= 1
 
     def render(self, sessions_connected: int = 0) -> str:
-        lines = [
-            # Agents whose Control stream is registered now (what a fleet dashboard plots).
-            f"koinon_gateway_sessions_connected {sessions_connected}",
-            f"koinon_gateway_connections_opened_total {self.connections_opened}",
-            f"koinon_gateway_connections_active {self.connections_active}",
-            f"koinon_gateway_node_streams_peak {self.node_streams_peak}",
-        ]
-        for name, counter in (
-            ("joins", self.joins),
-            ("refused_dials", self.refused_dials),
-            ("refused_streams", self.refused_streams),
-            ("previous_nodes", self.previous_nodes),
+        """Prometheus text exposition (0.0.4): HELP and TYPE before each family."""
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str, samples: list[tuple[str, int]]) -> None:
+            lines.extend((f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"))
+            lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+        # Agents whose Control stream is registered now (what a fleet dashboard plots).
+        family("koinon_gateway_sessions_connected", "gauge", "Agents with a registered Control stream.",
+               [("", sessions_connected)])  # fmt: skip
+        family("koinon_gateway_connections_opened_total", "counter", "Proxied connections opened.",
+               [("", self.connections_opened)])  # fmt: skip
+        family("koinon_gateway_connections_active", "gauge", "Proxied connections open now.",
+               [("", self.connections_active)])  # fmt: skip
+        family("koinon_gateway_node_streams_peak", "gauge",
+               "Most Connect streams one node has held open at once since the start (silent and refused ones too).",
+               [("", self.node_streams_peak)])  # fmt: skip
+        for name, counter, help_text in (
+            ("joins", self.joins, "Join calls by outcome: ok or the refusal reason."),
+            ("refused_dials", self.refused_dials, "Dials through the tunnel refused, by reason."),
+            ("refused_streams", self.refused_streams, "Control and Connect streams refused or ended, by reason."),
+            ("previous_nodes", self.previous_nodes, "What a rejoin did with the node its expired credential named."),
         ):
-            for reason, count in sorted(counter.items()):
-                lines.append(f'koinon_gateway_{name}_total{{reason="{reason}"}} {count}')
+            samples = [(f'{{reason="{reason}"}}', count) for reason, count in sorted(counter.items())]
+            family(f"koinon_gateway_{name}_total", "counter", help_text, samples)
         return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .config import GatewayConfig
+from .log_limit import LimitedLog
 from .metrics import GatewayMetrics
 from .sessions import NodeSession, SessionTable
 from .tunnel_io import FrameChannel
@@ -57,11 +58,15 @@ class Router:
         self.metrics = metrics
         self.pending: dict[int, PendingConnection] = {}
         self._ids = itertools.count(1)
+        self._refusals = LimitedLog(log)
 
     def refuse(self, source: str, host: str, port: int, reason: str, message: str) -> DialRefused:
         self.metrics.refused_dials[reason] += 1
         # %r and a cut: the host is whatever a volunteer sent, and must not forge log lines.
-        log.warning("refused dial %s -> %r:%d: %s (%.300r)", source, host[:MAX_LOGGED_HOST], port, reason, message)
+        self._refusals.warning(
+            f"{source} {reason}",
+            "refused dial %s -> %r:%d: %s (%.300r)", source, host[:MAX_LOGGED_HOST], port, reason, message,
+        )  # fmt: skip
         return DialRefused(reason, message)
 
     def route(self, source: NodeSession | None, host: str, port: int) -> Route:

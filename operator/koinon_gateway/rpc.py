@@ -10,9 +10,12 @@ protobuf (de)serializers: the wire format is the same, Data payloads just skip t
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .frame_codec import decode_frame, encode_frame
@@ -24,6 +27,25 @@ EOF: Any = getattr(grpc.aio, "EOF")  # noqa: B009 - missing from grpc-stubs
 SERVICE = "koinon.tunnel.v1.Tunnel"
 CONNECT_METHOD = f"/{SERVICE}/Connect"
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass(frozen=True)
+class MalformedMessage:
+    """What the server's deserializer hands a handler for bytes that are not the message: the
+    handler counts and refuses it. Raised from the deserializer, the DecodeError ended the call
+    with UNKNOWN, uncounted, and an ERROR traceback in the log for each (no credential needed)."""
+
+    error: str
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as error:
+            return MalformedMessage(str(error)[:200])
+
+    return deserialize
 
 
 def tunnel_stub(channel: grpc.aio.Channel) -> Any:
@@ -42,12 +64,12 @@ def add_tunnel_service(servicer: Any, server: grpc.aio.Server) -> None:
     handlers = {
         "Join": grpc.unary_unary_rpc_method_handler(
             servicer.Join,
-            request_deserializer=pb.JoinRequest.FromString,
+            request_deserializer=_lenient(pb.JoinRequest.FromString),
             response_serializer=pb.JoinResponse.SerializeToString,
         ),
         "Control": grpc.stream_stream_rpc_method_handler(
             servicer.Control,
-            request_deserializer=pb.AgentMessage.FromString,
+            request_deserializer=_lenient(pb.AgentMessage.FromString),
             response_serializer=pb.GatewayMessage.SerializeToString,
         ),
         "Connect": grpc.stream_stream_rpc_method_handler(

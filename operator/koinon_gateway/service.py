@@ -21,11 +21,12 @@ from . import credentials
 from .addresses import AddressAllocator, AddressPoolExhausted, PortBlock
 from .config import GatewayConfig
 from .frame_codec import FrameDecodeError
+from .log_limit import LimitedLog
 from .metrics import GatewayMetrics
 from .ray_check import RayNodeChecker
 from .registry import NodeExists, NodeRegistry, being_deleted, status_address
 from .routing import DialRefused, Router
-from .rpc import EOF, Context
+from .rpc import EOF, Context, MalformedMessage
 from .sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT, NodeSession, SessionTable, gpus_reported
 from .status import never_connected_status
 from .stream_slots import StreamSlot, TooManyStreams
@@ -144,6 +145,7 @@ class TunnelService:
         # Join ids being handled now: a retry that overtakes its own first try (the agent's deadline
         # passed while the gateway was still recording the node) waits its turn instead of racing it.
         self._joins_in_flight: set[str] = set()
+        self._refusals = LimitedLog(log)  # anyone can make Join refuse: the log keeps a few per minute
         self._uses_being_given_back: set[str] = set()  # join ids whose cancelled try still holds a use
         self._background: set[asyncio.Future[None]] = set()  # held so they run to their end
         self._join_handlers: set[asyncio.Task[Any]] = set()  # Join calls being handled
@@ -168,6 +170,9 @@ class TunnelService:
     async def Join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:  # type: ignore[override]
         if self.sessions.closing:  # before the token is used: the agent joins the next gateway with it
             await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway shutting down; retry later")
+        if isinstance(request, MalformedMessage):
+            self.metrics.joins["malformed"] += 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "join refused: not a JoinRequest")
         try:
             validate_join(request)
         except ValueError as exc:
@@ -238,7 +243,7 @@ class TunnelService:
             return await work
         except TokenError as exc:
             self.metrics.joins[exc.reason] += 1
-            log.warning("join refused (%s): %s", exc.reason, exc)
+            self._refusals.warning(f"join {exc.reason}", "join refused (%s): %s", exc.reason, exc)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"join refused: {client_refusal(exc)}")
         except Exception as exc:  # the token store or registry (the Kubernetes API) failed; no use was counted
             self.metrics.joins["token-store-error"] += 1
@@ -515,6 +520,9 @@ class TunnelService:
         except TimeoutError:
             self.metrics.refused_streams["no-register"] += 1
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "control: no Register message in time")
+        if isinstance(first, MalformedMessage):
+            self.metrics.refused_streams["malformed-message"] += 1
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "control: not an AgentMessage")
         if not isinstance(first, pb.AgentMessage) or first.WhichOneof("msg") != "register":
             self.metrics.refused_streams["no-register"] += 1
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "control: first message must be Register")
@@ -547,6 +555,9 @@ class TunnelService:
             message = await context.read()
             if message is EOF:
                 return
+            if isinstance(message, MalformedMessage):
+                self.metrics.refused_streams["malformed-message"] += 1
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "control: not an AgentMessage")
             assert isinstance(message, pb.AgentMessage)
             kind = message.WhichOneof("msg")
             if kind == "heartbeat":
