@@ -107,7 +107,9 @@ def validate_join(request: pb.JoinRequest) -> None:
 # A caller without the secret learns only that the token was not accepted: told "unknown" apart
 # from "wrong secret", anyone reaching the port could list the token ids that exist. The
 # gateway's log and metrics keep the precise reason. Past the secret the reason is the holder's.
-UNRECOGNIZED_TOKEN = ("unknown", "invalid-secret")
+# A token Secret an admin broke ("invalid-token-data") is found before its secret is compared:
+# said as such, it too would tell anyone that the id exists.
+UNRECOGNIZED_TOKEN = ("unknown", "invalid-secret", "invalid-token-data")
 
 
 def client_refusal(exc: TokenError) -> str:

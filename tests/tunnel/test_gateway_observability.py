@@ -217,3 +217,16 @@ def test_the_log_keeps_a_few_refusals_of_each_kind_and_then_says_how_many_more(
     assert "refused dial from another node" in lines
     assert any("47 more" in line for line in lines), lines
     assert lines[-1] == "refused dial again"
+
+
+def test_a_broken_token_secret_is_not_confirmed_to_a_caller() -> None:
+    """A token Secret with malformed data is read before the secret is compared: the caller was
+    told "invalid-token-data: Secret bootstrap-token-<id> ...", which confirms that the id exists."""
+    from koinon_gateway.service import client_refusal
+    from koinon_gateway.tokens import TokenError
+
+    broken = client_refusal(
+        TokenError("invalid-token-data", "Secret bootstrap-token-abcdef: data.expiration: not RFC3339")
+    )
+    unknown = client_refusal(TokenError("unknown", "no token abcdef"))
+    assert broken == unknown and "abcdef" not in broken
