@@ -4,21 +4,27 @@ As plain processes, volunteers bind their Ray ports on the host. A bind probe on
 in use now: a running control plane's volunteers bind a few ports of each block (raylet, object
 manager) and none of the blocks kept for volunteers still to come, so a second control plane (the
 tests while a user's `make up` runs) could hand the same ports out again. Each control plane
-records what it took, under its work dir's name; a claim whose work dir is gone (`down` removes
-it) is over.
+records what it took, and then which process holds it (its gateway, which lives as long as it
+does); a claim whose holder is gone, or that no holder took within a few minutes, is over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import random
+import stat
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from koinon_dev.processes import free_port_range
+from koinon_dev.processes import ports_free, process_start_time
+
+# A claim not yet held by a process (the gateway starts right after the claim) lasts this long.
+UNHELD_CLAIM_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -32,43 +38,85 @@ def claims_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"koinon-dev-claims-{os.getuid()}"
 
 
-def claim(work_dir: Path, ports: int, low: int, high: int, octets: range = range(20, 220)) -> Claim:
-    """Takes a block of ``ports`` free ports between ``low`` and ``high`` and an octet that no
-    live control plane of this user holds, and records them for ``work_dir``."""
+def _own_directory() -> Path:
+    """The claims dir, created private; refused when it is not (another local user made it first,
+    or put a link there): its records decide what this user's control planes may take."""
     directory = claims_dir()
-    directory.mkdir(mode=0o700, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o700)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or stat.S_IMODE(info.st_mode) & 0o077:
+        raise RuntimeError(f"{directory} is not a private directory of this user; remove it and try again")
+    return directory
+
+
+def claim(work_dir: Path, ports: int, low: int, high: int, octets: range = range(20, 220)) -> Claim:
+    """Takes a slot of ``ports`` free ports between ``low`` and ``high`` (slots are aligned, so
+    as many control planes fit as slots) and an octet that no live control plane of this user
+    holds, and records them for ``work_dir``."""
+    directory = _own_directory()
     with open(directory / ".lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
-        held = _live_claims(directory, besides=f"{work_dir.name}.json")  # a claim again replaces ours
-        taken = [range(c.port_low, c.port_high + 1) for c in held]
-        for _ in range(200):
-            port_low, port_high = free_port_range(ports, low=low, high=high, reserve=False)
-            if not any(port_low <= r.stop - 1 and r.start <= port_high for r in taken):
-                break
-        else:
-            raise RuntimeError(f"no free block of {ports} ports between {low} and {high} that no control plane holds")
-        free_octets = [o for o in octets if o not in {c.vip_octet for c in held}]
+        held = _live_claims(directory, besides=_record_name(work_dir))  # a claim again replaces ours
+        taken = [range(c.port_low, c.port_high + 1) for _, c in held]
+        slots = list(range(low, high - ports + 1, ports))
+        random.shuffle(slots)
+        port_low = next(
+            (
+                start
+                for start in slots
+                if not any(start <= r.stop - 1 and r.start <= start + ports - 1 for r in taken)
+                and ports_free(start, ports)
+            ),
+            None,
+        )
+        if port_low is None:
+            holders = ", ".join(str(path) for path, _ in held) or "none"
+            raise RuntimeError(
+                f"no free block of {ports} ports between {low} and {high}; held by the control planes in: {holders}"
+            )
+        free_octets = [o for o in octets if o not in {c.vip_octet for _, c in held}]
         if not free_octets:
             raise RuntimeError("every virtual address range is held by a running control plane")
-        result = Claim(port_low, port_high, random.choice(free_octets))
-        record = {"work_dir": str(work_dir), **result.__dict__}
-        (directory / f"{work_dir.name}.json").write_text(json.dumps(record))
+        result = Claim(port_low, port_low + ports - 1, random.choice(free_octets))
+        record = {"work_dir": str(work_dir), "claimed_at": time.time(), **result.__dict__}
+        (directory / _record_name(work_dir)).write_text(json.dumps(record))
         return result
 
 
-def _live_claims(directory: Path, besides: str) -> list[Claim]:
+def hold(work_dir: Path, pid: int) -> None:
+    """Names the process that holds ``work_dir``'s claim: the claim lasts as long as it runs."""
+    directory = _own_directory()
+    with open(directory / ".lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = directory / _record_name(work_dir)
+        record = json.loads(path.read_text())
+        record.update(pid=pid, pid_start=process_start_time(pid))
+        path.write_text(json.dumps(record))
+
+
+def _record_name(work_dir: Path) -> str:
+    return f"{work_dir.name}.json"
+
+
+def _live_claims(directory: Path, besides: str) -> list[tuple[Path, Claim]]:
     held = []
     for path in directory.glob("*.json"):
         if path.name == besides:
             continue
         try:
             record = json.loads(path.read_text())
-            alive = Path(record["work_dir"]).is_dir()
             found = Claim(int(record["port_low"]), int(record["port_high"]), int(record["vip_octet"]))
+            if "pid" in record:
+                alive = (
+                    record["pid_start"] is not None and process_start_time(int(record["pid"])) == record["pid_start"]
+                )
+            else:
+                alive = Path(record["work_dir"]).is_dir() and time.time() - float(record["claimed_at"]) < UNHELD_CLAIM_S
         except (OSError, ValueError, KeyError, TypeError):
             alive = False
         if not alive:
             path.unlink(missing_ok=True)  # its control plane is down (or the record is unreadable)
             continue
-        held.append(found)
+        held.append((Path(record["work_dir"]), found))
     return held

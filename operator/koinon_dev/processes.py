@@ -181,6 +181,11 @@ def free_port_range(length: int, low: int = 20000, high: int = 30000, reserve: b
     raise RuntimeError(f"no free block of {length} ports between {low} and {high}")
 
 
+def ports_free(start: int, length: int) -> bool:
+    """Whether each port of ``start`` .. ``start + length - 1`` can be bound right now."""
+    return all(_port_free(port) for port in range(start, start + length))
+
+
 def _port_free(port: int, host: str = "0.0.0.0") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from koinon_dev.claims import claim
+from koinon_dev.claims import claim, hold
 from koinon_dev.processes import ManagedProcess, deferred_signals, wait_until
 from koinon_dev.ray_cluster import LocalRayHead
 
@@ -128,6 +128,7 @@ class LocalGateway:
             argv.append(f"--ray-auth-token-file={token_file}")
         self.process = ManagedProcess("gateway", argv, self.log_dir / "gateway.log")
         self.process.start()
+        hold(self.work_dir, self.process.pid)  # the claim lasts as long as the gateway runs
 
         def serving() -> bool:
             if self.process is not None and not self.process.alive():

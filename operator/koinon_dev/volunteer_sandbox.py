@@ -91,13 +91,30 @@ def software_paths(under: Path = COVERED) -> list[Path]:
             spec = importlib.util.find_spec(name)
             locations = (spec.submodule_search_locations or []) if spec is not None else []
             paths.update(Path(location) for location in locations)
-    # Both the path as given (what the command line names: a .venv that is a symlink, say) and
-    # where it leads: exposing only the target left the given path missing in the sandbox.
-    found = {candidate for path in paths if path.is_dir() for candidate in (path.absolute(), path.resolve())}
+    found = {path.resolve() for path in paths if path.is_dir()}
     return sorted((path for path in found if path.is_relative_to(under)), key=lambda path: len(path.parts))
 
 
-def isolate(expose: list[Path], hide: list[Path], read_only: Sequence[Path] = ()) -> None:
+def software_aliases(under: Path = COVERED) -> list[tuple[Path, Path]]:
+    """(the path as the command line names it, where it leads) for the Python environment and
+    PYTHONPATH entries reached through a symlink under /tmp (a .venv that is a link, say): the
+    sandbox recreates the link, so that path works there too. A second bind mount instead would
+    be a second name for the directory that ``--hide`` does not cover."""
+    named = [Path(sys.prefix), *(Path(e) for e in os.environ.get("PYTHONPATH", "").split(os.pathsep) if e)]
+    aliases = {}
+    for path in named:
+        given = path.absolute()
+        if given.is_relative_to(under) and given.is_dir() and given != given.resolve():
+            aliases[given] = given.resolve()
+    return sorted(aliases.items(), key=lambda item: len(item[0].parts))
+
+
+def isolate(
+    expose: list[Path],
+    hide: list[Path],
+    read_only: Sequence[Path] = (),
+    aliases: Sequence[tuple[Path, Path]] = (),
+) -> None:
     """Builds the view on a staging tmpfs, then moves it over /tmp in one step (a path exposed is
     bind-mounted while the original is still visible). The staging mount point is /dev/shm, which
     always exists and is covered afterwards anyway, so nothing is left on the host. ``read_only``
@@ -120,6 +137,12 @@ def isolate(expose: list[Path], hide: list[Path], read_only: Sequence[Path] = ()
         _mount("--bind", str(path), str(inside))
         if not writable:
             _mount("-o", "remount,bind,ro", str(inside))
+    for alias, target in aliases:
+        inside = STAGE / alias.relative_to(COVERED)
+        if inside.exists() or inside.is_symlink():
+            continue  # within something exposed already: the link came with it
+        inside.parent.mkdir(parents=True, exist_ok=True)
+        inside.symlink_to(target)  # resolves, inside the sandbox, to what is exposed (or hidden) there
     _mount("--rbind", str(STAGE), str(COVERED))
     if subprocess.run(["umount", "--lazy", str(STAGE)], capture_output=True).returncode != 0:
         raise SystemExit(f"volunteer sandbox: could not unmount the staging tmpfs at {STAGE}")
@@ -268,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     if not command:
         parser.error("no command given after --")
     read_only = [*software_paths(), *(p.resolve() for p in args.expose_ro)]
-    isolate([p.resolve() for p in args.expose], [p.resolve() for p in args.hide], read_only)
+    isolate([p.resolve() for p in args.expose], [p.resolve() for p in args.hide], read_only, software_aliases())
     _libc_call("unshare", CLONE_NEWPID)  # for the children: the next one forked is PID 1 there
     outside_alive, held_outside = os.pipe()
     sys.stdout.flush()

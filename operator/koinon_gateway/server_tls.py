@@ -22,6 +22,9 @@ from .pki import CABundle, issue_server_cert
 log = logging.getLogger(__name__)
 
 RENEW_AT_FRACTION = 2 / 3
+# How often the same trouble is logged again: fetch runs at every handshake.
+ALARM_EVERY = dt.timedelta(minutes=10)
+CA_EXPIRY_NOTICE = dt.timedelta(days=30)
 
 
 class RenewingServerCert:
@@ -34,6 +37,8 @@ class RenewingServerCert:
     ) -> None:
         self._bundle, self._hostnames, self._issue, self._clock = bundle, hostnames, issue, clock
         self._lock = threading.Lock()  # gRPC calls fetch from its own threads
+        self._ca_expires = x509.load_pem_x509_certificate(bundle.cert_pem).not_valid_after_utc
+        self._last_said: dict[str, dt.datetime] = {}
         self._config, self._renew_at = self._new_config()
 
     def credentials(self) -> grpc.ServerCredentials:
@@ -44,15 +49,34 @@ class RenewingServerCert:
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """gRPC's certificate-config fetcher: None keeps the current certificate."""
         with self._lock:
-            if self._clock() < self._renew_at:
+            now = self._clock()
+            if now >= self._ca_expires:
+                # Nothing signed by it verifies any more: every agent's handshake fails.
+                if self._due("ca-expired", now, ALARM_EVERY):
+                    log.error(
+                        "the gateway's CA expired at %s: every agent's handshake fails; replace the CA "
+                        "and give agents the new one", self._ca_expires.isoformat(),
+                    )  # fmt: skip
+                return None
+            if self._ca_expires - now < CA_EXPIRY_NOTICE and self._due("ca-expiring", now, dt.timedelta(days=1)):
+                log.warning("the gateway's CA expires at %s; replace it before then", self._ca_expires.isoformat())
+            if now < self._renew_at:
                 return None
             try:
                 self._config, self._renew_at = self._new_config()
             except Exception:  # keep serving the current one; try again at the next handshake
-                log.exception("could not renew the server certificate")
+                if self._due("renewal-failed", now, ALARM_EVERY):
+                    log.exception("could not renew the server certificate (said at most every 10 min)")
                 return None
             log.info("server certificate renewed; next renewal at %s", self._renew_at.isoformat())
             return self._config
+
+    def _due(self, what: str, now: dt.datetime, every: dt.timedelta) -> bool:
+        last = self._last_said.get(what)
+        if last is not None and now - last < every:
+            return False
+        self._last_said[what] = now
+        return True
 
     def _new_config(self) -> tuple[grpc.ServerCertificateConfiguration, dt.datetime]:
         chain, key = self._issue(self._bundle, self._hostnames)

@@ -116,9 +116,10 @@ async def reconcile_aijob(
         return
     # Keyed by the status this pass acted on, before the pass's own patch is applied.
     evidence_key = outcome_key(str(body.metadata.get("uid", "")), body.status)
+    term = memo.leader.term
     outcome = await memo.reconciler.reconcile(body, _first_values(aijob_allocations), _first_values(volunteer_nodes))
-    if not memo.leader.is_leader:
-        return  # the Lease ran out during the pass: another operator may have placed since
+    if not memo.leader.is_leader or memo.leader.term != term:
+        return  # the Lease ran out during the pass (even if regained): another operator may have placed since
     for field_name, value in outcome.status.items():
         patch.status[field_name] = value
     for event in outcome.events:

@@ -114,6 +114,9 @@ class LeaderElector:
         self._monotonic = monotonic
         self._leader_until = 0.0  # monotonic: leader while before this (last renewal + duration)
         self._seen: tuple[str, float] | None = None  # the Lease's record, and when it was first seen
+        # Bumped each time this operator starts leading: a pass that began in another term (even
+        # one this operator also led) must not write what it decided then.
+        self.term = 0
         # Called with True when this operator starts leading, False when it stops.
         self.on_change: Callable[[bool], None] = lambda leading: None
 
@@ -156,6 +159,8 @@ class LeaderElector:
         elif self._leader_until and not self.is_leader:
             self._leader_until = 0.0
         if self.is_leader != was_leader:
+            if self.is_leader:
+                self.term += 1
             self.on_change(self.is_leader)
             logger.warning(
                 "leader election: %s %s the Lease %s/%s",
@@ -226,9 +231,13 @@ class LeaderElector:
         try:
             api.replace_namespaced_lease(name, namespace, cast(Any, body), _request_timeout=self._timeout)
         except ApiException as error:
-            if error.status == 409:  # someone else wrote it since we read it: look again next time
-                return False
-            raise
+            if error.status != 409:
+                raise
+            # Written since we read it: by another operator, or by our own earlier renewal that
+            # timed out here but still landed. Ours: we hold it (a follower saw that write no
+            # earlier than this step began, so our deadline from `started` stays safe).
+            again = cast(Any, api.read_namespaced_lease(name, namespace, _request_timeout=self._timeout))
+            return bool(again.spec.holder_identity == self.identity)
         return True
 
     def _release(self) -> None:

@@ -390,10 +390,11 @@ class AIJobReconciler:
 
     def forget_memory(self) -> None:
         """Drops what this process decided on its own (reservations the watch has not shown yet,
-        its own-write bookkeeping, backoffs, a placer's waiting list): on a change of leader, the
+        backoffs, a placer's waiting list): on a change of leader, the
         jobs' statuses are the record, and another operator may have changed them meanwhile."""
         self.ledger.clear()
-        self._written_from.clear()
+        # _written_from stays: skipping a body this process's own write has superseded is safe in
+        # any term (another operator's write changes the resourceVersion, which ends the skip).
         self.backoff = RayBackoff()
         forget = getattr(self.placer, "forget_waiting", None)
         if callable(forget):

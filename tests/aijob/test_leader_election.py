@@ -4,6 +4,7 @@ the Lease as read; the electors here compete through the emulator's coordination
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,7 +15,7 @@ import pytest
 from koinon_operator import handlers
 from koinon_operator.inventory import Allocation
 from koinon_operator.leadership import Action, LeaderElector, LeaseSettings, LeaseView, decide
-from koinon_operator.reconciler import Ledger
+from koinon_operator.reconciler import Ledger, Outcome
 
 from tests.emulator.helpers import EmulatorThread, emulator_for_kube_client
 
@@ -219,7 +220,7 @@ async def test_a_pass_that_outlives_the_lease_writes_nothing() -> None:
     operator meanwhile, which placed from an index without it: two jobs on one GPU."""
     from koinon_operator.reconciler import Outcome
 
-    leader = SimpleNamespace(is_leader=True)
+    leader = SimpleNamespace(is_leader=True, term=1)
 
     class SlowReconciler:
         async def reconcile(self, *_: Any) -> Outcome:
@@ -237,3 +238,109 @@ async def test_a_pass_that_outlives_the_lease_writes_nothing() -> None:
     await reconcile(body=body, patch=patch, memo=memo, namespace="ns", name="j",
                     aijob_allocations={}, volunteer_nodes={})  # fmt: skip
     assert not patch, f"a pass that no longer leads wrote {dict(patch)}"
+
+
+async def test_a_pass_that_spans_a_lost_and_regained_term_writes_nothing(cluster: EmulatorThread) -> None:
+    """reconcile_aijob re-checks only ``is_leader`` after the pass. A pass that began in one term,
+    during which the Lease went to another operator (which placed jobs from an index without this
+    pass's placement) and came back, writes its stale placement in the new term: the new term's
+    forget_memory() already ran, so nothing else catches it. Two jobs on one GPU."""
+    clocks = Clocks()
+    me, other = _elector("me", clocks), _elector("other", clocks)
+    assert await me.step()
+
+    async def lose_and_regain() -> None:
+        # Partitioned for a lease: the other operator takes over, places, then stops cleanly.
+        await other.step()
+        clocks.advance(16)
+        assert not me.is_leader
+        assert await other.step()
+        await other.release()
+        assert await me.step()  # this operator leads again, in a new term
+
+    class SlowReconciler:
+        async def reconcile(self, *_: Any) -> Outcome:
+            await lose_and_regain()  # the pass waited on the placement lock / Ray meanwhile
+            return Outcome(status={"phase": "Scheduled", "assignedNodes": ["n1"]})
+
+        def forget_memory(self) -> None:
+            pass
+
+    class Quiet:
+        def __getattr__(self, name: str) -> Any:
+            return lambda *a, **k: None
+
+    memo = SimpleNamespace(leader=me, reconciler=SlowReconciler(), tracer=Quiet(), reputation=Quiet())
+    body = kopf.Body({"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": {}})
+    patch = kopf.Patch()
+    reconcile: Any = handlers.reconcile_aijob
+    await reconcile(body=body, patch=patch, memo=memo, namespace="ns", name="j",
+                    aijob_allocations={}, volunteer_nodes={})  # fmt: skip
+    assert not patch, f"a pass begun in an earlier term wrote {dict(patch)} in a later one"
+
+
+async def test_own_late_renewal_does_not_make_the_holder_step_down(cluster: EmulatorThread) -> None:
+    """step() bounds the Lease request with asyncio.wait_for(to_thread(...)), which does not stop
+    the thread: a renewal that timed out client-side still writes later. When it lands between
+    the next step's read and replace, that replace gets 409 and the holder stops leading at once
+    (on_change(False): the reconciler's memory is dropped, passes in flight write nothing) though
+    the Lease names it."""
+    settings = LeaseSettings(namespace="default", duration_s=6.0, renew_s=1.0)
+    me = LeaderElector(settings, identity="me")
+    assert await me.step()
+    real_api = me._api()
+    t2_read, t1_done = threading.Event(), threading.Event()
+    calls = {"read": 0, "replace": 0}
+
+    class SlowApi:
+        def read_namespaced_lease(self, *a: Any, **k: Any) -> Any:
+            calls["read"] += 1
+            result = real_api.read_namespaced_lease(*a, **k)
+            if calls["read"] == 2:
+                t2_read.set()
+            return result
+
+        def replace_namespaced_lease(self, *a: Any, **k: Any) -> Any:
+            calls["replace"] += 1
+            if calls["replace"] == 1:  # the slow renewal: answered after the step gave up on it
+                t2_read.wait(5)
+                try:
+                    return real_api.replace_namespaced_lease(*a, **k)
+                finally:
+                    t1_done.set()
+            t1_done.wait(5)
+            return real_api.replace_namespaced_lease(*a, **k)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real_api, name)
+
+    setattr(me, "_api", lambda: SlowApi())  # noqa: B010 - a stand-in for the API client
+    changes: list[bool] = []
+    me.on_change = changes.append
+    await me.step()  # times out after renew_s; the thread keeps going
+    assert me.is_leader
+    await me.step()
+    lease = cluster.call(lambda e: e.get("coordination.k8s.io/v1", "Lease", "koinon-operator", "default"))
+    assert lease["spec"]["holderIdentity"] == "me"
+    assert me.is_leader and changes == [], f"stepped down on its own late write: changes={changes}"
+
+
+async def test_a_leadership_flap_does_not_make_the_operator_act_on_a_body_it_knows_is_stale() -> None:
+    """forget_memory() (on_change, at every change of leader) also clears _written_from, the guard
+    that keeps a timer from acting again on the body its own last write was computed from (the watch
+    lags). Skipping such a body is always safe (another operator's write changes the
+    resourceVersion, which ends the skip anyway); clearing it makes the first pass of the new term
+    repeat the last pass of the old one: place again, count a failure again."""
+    import copy
+
+    from tests.aijob.fake_ray import VOLUNTEERS, Clock, FakeRay, make_body, make_reconciler
+
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py"})
+    body["metadata"]["resourceVersion"] = "10"
+    first = await reconciler.reconcile(copy.deepcopy(body), {}, VOLUNTEERS)
+    assert first.status["phase"] == "Scheduled"
+    reconciler.forget_memory()  # the Lease lapsed for a moment (a slow API server) and came back
+    again = await reconciler.reconcile(copy.deepcopy(body), {}, VOLUNTEERS)  # the watch still lags
+    assert (again.status, [e.reason for e in again.events]) == ({}, []), "the stale body was acted on again"

@@ -3,6 +3,9 @@ a bind probe alone handed out ports a running one's volunteers held but did not 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -45,3 +48,74 @@ def test_every_range_held_is_a_clear_error(tmp_path: Path) -> None:
     other.mkdir()
     with pytest.raises(RuntimeError, match="virtual address range"):
         claims.claim(other, 40, low=40100, high=40200, octets=range(20, 21))
+
+
+def _dead_pid() -> int:
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    return finished.pid
+
+
+def test_claims_of_control_planes_that_crashed_are_over(tmp_path: Path) -> None:
+    """A claim lasted as long as its work dir, which a crashed run (SIGKILL, OOM, a test's timeout)
+    keeps: after a few crashes every `up` failed. It lasts as long as its gateway now."""
+    for number in range(4):  # every slot of the range, each held by a gateway that is gone
+        crashed = tmp_path / f"koinon-crashed{number}"
+        crashed.mkdir()
+        claims.claim(crashed, 640, low=30000, high=32700)
+        claims.hold(crashed, _dead_pid())
+    fresh = tmp_path / "koinon-fresh"
+    fresh.mkdir()
+    claims.claim(fresh, 640, low=30000, high=32700)
+    assert [p.name for p in (tmp_path / "claims").glob("*.json")] == ["koinon-fresh.json"]
+
+
+def test_a_claim_held_by_a_running_process_stays_and_is_named_when_nothing_is_left(tmp_path: Path) -> None:
+    running = subprocess.Popen(["sleep", "30"])
+    try:
+        for number in range(4):
+            live = tmp_path / f"koinon-live{number}"
+            live.mkdir()
+            claims.claim(live, 640, low=30000, high=32700)
+            claims.hold(live, running.pid)
+        other = tmp_path / "koinon-other"
+        other.mkdir()
+        with pytest.raises(RuntimeError, match="koinon-live0"):
+            claims.claim(other, 640, low=30000, high=32700)
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_a_claim_no_gateway_took_ends_after_a_while(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    interrupted = tmp_path / "koinon-interrupted"
+    interrupted.mkdir()
+    claims.claim(interrupted, 40, low=40000, high=40400, octets=range(20, 21))
+    later = time.time() + claims.UNHELD_CLAIM_S + 1
+    monkeypatch.setattr("time.time", lambda: later)
+    fresh = tmp_path / "koinon-fresh"
+    fresh.mkdir()
+    assert claims.claim(fresh, 40, low=40000, high=40400, octets=range(20, 21)).vip_octet == 20
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_a_claims_dir_another_user_made_or_linked_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A predictable name in the shared /tmp: another user could make it first and plant records
+    that block every `up`, or link it to a directory whose *.json files `up` would then delete."""
+    target = tmp_path / "claims"
+    monkeypatch.setattr(claims, "claims_dir", lambda: target)
+    target.mkdir(mode=0o777)
+    target.chmod(0o777)
+    os.chown(target, 65534, 65534)
+    work = tmp_path / "koinon-victim"
+    work.mkdir()
+    with pytest.raises(RuntimeError, match="not a private directory"):
+        claims.claim(work, 40, low=40000, high=40100)
+    target.rmdir()
+    precious = tmp_path / "project"
+    precious.mkdir()
+    (precious / "settings.json").write_text("{}")
+    target.symlink_to(precious)
+    with pytest.raises(RuntimeError, match="not a private directory"):
+        claims.claim(work, 40, low=40000, high=40100)
+    assert (precious / "settings.json").exists()
