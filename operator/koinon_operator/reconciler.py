@@ -29,7 +29,7 @@ from koinon_operator.ray_jobs import (
     RayUnavailableError,
     Submission,
 )
-from koinon_operator.telemetry import LOG_TAIL_SEPARATOR, RESULT_SEPARATOR, traceparent
+from koinon_operator.telemetry import LOG_TAIL_SEPARATOR, RAY_QUOTED_LOGS, RESULT_SEPARATOR, traceparent
 from koinon_operator.verification import CopyResult, judge
 
 logger = logging.getLogger(__name__)
@@ -127,6 +127,17 @@ def _spec_refused_by_ray(info: RayJobInfo) -> bool:
         return False
     raised = next((line for line in lines[starts[-1] + 1 :] if line and not line[0].isspace()), "")
     return raised.startswith(("TypeError:", "ValueError:"))
+
+
+# What of Ray's failure message the status, conditions and Events carry: Ray quotes up to 20,000
+# characters of the driver's log after its reason, which pushed the operator's own words ("retrying
+# (1/2)", "backoffLimit reached") out of every length limit; the log tail follows them anyway.
+MAX_RAY_REASON = 1000
+
+
+def _ray_reason(message: str) -> str:
+    reason = message.split(RAY_QUOTED_LOGS, 1)[0]
+    return reason if len(reason) <= MAX_RAY_REASON else f"{reason[:MAX_RAY_REASON]}..."
 
 
 def _env_set_up(info: RayJobInfo) -> bool:
@@ -294,6 +305,17 @@ class AIJobReconciler:
         if current.get("phase"):
             # Every pass has looked at the latest spec, even one that changes nothing else.
             outcome.status.setdefault("observedGeneration", meta.get("generation"))
+            # The conditions too: kubectl wait ignores a condition whose observedGeneration is
+            # behind metadata.generation, so a finished job edited later (a TTL added, a manifest
+            # applied again) never met `--for=condition=Complete` again.
+            conditions = outcome.status.get("conditions", current.get("conditions")) or []
+            generation = meta.get("generation")
+            if generation is not None and any(
+                "observedGeneration" in c and c["observedGeneration"] != generation for c in conditions
+            ):
+                outcome.status["conditions"] = [
+                    {**c, "observedGeneration": generation} if "observedGeneration" in c else c for c in conditions
+                ]
         outcome.status = changed_fields(current, outcome.status)
         if outcome.status and version:
             self._written_from[key] = (str(version), self.monotonic())
@@ -744,7 +766,7 @@ class AIJobReconciler:
             writer,
             outcome,
             "RayJobFailed",
-            infos[0].message or infos[0].state.value,
+            _ray_reason(infos[0].message) or infos[0].state.value,
             log_tail(logs[0] or "", 10),
             blamed=blamed,
         )
@@ -1066,6 +1088,18 @@ class _StatusWriter:
 
     def phase(self, phase: Phase, reason: str, message: str) -> None:
         self.set(phase=phase.value, reason=reason, message=message[:4000])
+        # Conditions follow the phase: a Running (or Scheduled) left True after the job went back
+        # to Pending or was suspended made `kubectl wait --for=condition=Running` return at once.
+        if phase in (Phase.PENDING, Phase.SUSPENDED):
+            self._end(ConditionType.RUNNING, reason, message)
+            self._end(ConditionType.SCHEDULED, reason, message)
+        elif phase is Phase.SCHEDULED:
+            self._end(ConditionType.RUNNING, reason, message)
+
+    def _end(self, type_: str, reason: str, message: str) -> None:
+        """Sets ``type_`` False where it is True now (a condition never set stays absent)."""
+        if any(c.get("type") == type_ and c.get("status") == "True" for c in self._conditions):
+            self.condition(type_, False, reason, message)
 
     def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
         self._conditions = set_condition(

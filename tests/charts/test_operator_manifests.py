@@ -85,3 +85,15 @@ def test_the_operator_may_hold_only_its_own_lease(rendered: list[Manifest]) -> N
     env = {e["name"]: e for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+
+
+def test_namespace_users_get_aijobs_through_the_built_in_roles(rendered: list[Manifest]) -> None:
+    """Kueue and KubeRay aggregate their resources into edit/admin/view: without it a user with the
+    namespace's `edit` role could not `kubectl apply` an AIJob."""
+    editor = _find(rendered, "ClusterRole", "koinon-aijob-editor")
+    assert editor["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert {"create", "delete", "patch"} <= set(editor["rules"][0]["verbs"])
+    assert editor["rules"][0]["resources"] == ["aijobs"]
+    viewer = _find(rendered, "ClusterRole", "koinon-aijob-viewer")
+    assert viewer["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert all(set(rule["verbs"]) == {"get", "list", "watch"} for rule in viewer["rules"])
