@@ -56,7 +56,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         sample_uptime_forever(memo.reputation, CONFIG.uptime_sample_seconds, leading)
     )
     memo.result_rechecker = asyncio.create_task(
-        recheck_results_forever(ResultRechecker(CONFIG.namespace), CONFIG.uptime_sample_seconds, leading)
+        recheck_results_forever(ResultRechecker(CONFIG.namespace, memo.tracer), CONFIG.uptime_sample_seconds, leading)
     )
 
 
@@ -122,6 +122,12 @@ async def reconcile_aijob(
         return  # the Lease ran out during the pass (even if regained): another operator may have placed since
     for field_name, value in outcome.status.items():
         patch.status[field_name] = value
+    uid = str(body.metadata.get("uid", ""))
+    if outcome.delete:
+        # The TTL's "Deleted" is said once per job, not at every pass until the delete lands.
+        if uid in _ttl_announced:
+            outcome.events = [e for e in outcome.events if e.reason != "Deleted"]
+        _ttl_announced.add(uid)
     for event in outcome.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
     memo.tracer.record(body, outcome.status, [(e.type, e.reason, e.message) for e in outcome.events])
@@ -136,19 +142,20 @@ async def reconcile_aijob(
         # waiting for its own object's deletion would wait for ever. (The deletion handler may run
         # while a pass of this timer is still in flight: the reconciler serializes the two.)
         _deleting.add(f"{namespace}/{name}")
-        uid = str(body.metadata.get("uid", ""))
         task = asyncio.create_task(_delete_after_ttl(namespace or "default", name, uid))
         _background.add(task)
         task.add_done_callback(_background.discard)
 
 
 _deleting: set[str] = set()
+_ttl_announced: set[str] = set()  # uids whose TTL deletion was announced (dropped once deleted)
 _background: set[asyncio.Task[None]] = set()
 
 
 async def _delete_after_ttl(namespace: str, name: str, uid: str) -> None:
     try:
         await asyncio.wait_for(delete_aijob(namespace, name, uid), timeout=30)
+        _ttl_announced.discard(uid)
         logger.info("deleted AIJob %s/%s: ttlSecondsAfterFinished passed", namespace, name)
     except Exception as error:  # retried by the next timer pass
         logger.warning("could not delete AIJob %s/%s after its TTL: %r", namespace, name, error)
@@ -186,18 +193,25 @@ async def stop_ray_job(body: kopf.Body, memo: kopf.Memo, runtime: timedelta = ti
         meta = body.get("metadata") or {}
         memo.reconciler.ledger.forget(f"{meta.get('namespace')}/{meta.get('name')}")
         raise kopf.TemporaryError("another operator holds the lease; it stops the Ray job", delay=5)
+    term = memo.leader.term
+    posted: list[tuple[str, str, str]] = []  # for the trace too
     try:
         if await memo.reconciler.stop(body):
-            kopf.event(body, type="Normal", reason="Stopped", message="Ray job stopped before deletion")
+            posted.append(("Normal", "Stopped", "Ray job stopped before deletion"))
     except RayUnavailableError as error:
         if runtime.total_seconds() < CONFIG.stop_grace_seconds:
             # Keep the finalizer until Ray confirms: a deleted AIJob must not leave its job running.
             raise kopf.TemporaryError(f"cannot stop the Ray job yet: {error}", delay=5) from error
         message = abandoned_stop_message(body, CONFIG.stop_grace_seconds, error)
-        kopf.event(body, type="Warning", reason="StopUnconfirmed", message=message)
+        posted.append(("Warning", "StopUnconfirmed", message))
         meta = body.get("metadata") or {}
         logger.warning("AIJob %s/%s: %s", meta.get("namespace"), meta.get("name"), message)
-    memo.tracer.deleted(body)
+    for event_type, reason, message in posted:
+        kopf.event(body, type=event_type, reason=reason, message=message)
+    # The root span once: not from a handler whose lease ran out meanwhile (the new leader's
+    # deletion handler emits it).
+    if memo.leader.is_leader and memo.leader.term == term:
+        memo.tracer.deleted(body, posted)
 
 
 def abandoned_stop_message(body: kopf.Body, grace_seconds: float, error: Exception) -> str:

@@ -661,7 +661,9 @@ class AIJobReconciler:
             # As a submission Ray refuses outright: sending the same again cannot help.
             await self._stop_copies(state)
             why = refused.message.split(". Full traceback", 1)[0]
-            self._finish(key, writer, outcome, Phase.FAILED, "SubmitRejected", f"Ray could not start the job: {why}")
+            # Ray's words on a line of their own: they quote the runtime_env (a pip index URL
+            # with its token, say), which status shows the job's owners but traces leave out.
+            self._finish(key, writer, outcome, Phase.FAILED, "SubmitRejected", f"Ray could not start the job:\n{why}")
             return
         logs = [await self._driver_log(state, k, info, lost) for k, info in enumerate(known)]
         if any(

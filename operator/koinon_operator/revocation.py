@@ -26,6 +26,7 @@ from koinon_operator.kube import load_config
 from koinon_operator.scheduler import DEFAULT_CONFIG, ReputationConfig, decayed, from_status, recheck_accepted
 from koinon_operator.scheduler.config import VerificationConfig
 from koinon_operator.scheduler.verification import NodeResult
+from koinon_operator.telemetry import JobTracer
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +98,9 @@ def _already_revoked(aijob: Mapping[str, Any]) -> bool:
 class ResultRechecker:
     """Looks at the verified jobs once per call and marks those whose result no longer stands."""
 
-    def __init__(self, namespace: str | None = None) -> None:
+    def __init__(self, namespace: str | None = None, tracer: JobTracer | None = None) -> None:
         self._namespace = namespace
+        self._tracer = tracer  # the revocation goes into the job's trace too
 
     async def recheck(self, now: float) -> int:
         """Returns how many jobs were marked."""
@@ -122,6 +124,8 @@ class ResultRechecker:
                 message = revocation_message(aijob, caught)
                 if message is not None and self._mark(api, aijob, message):
                     marked += 1
+                    if self._tracer is not None:
+                        self._tracer.record(aijob, {}, [("Warning", "ResultRevoked", message)])
             except (ApiException, ValueError, TypeError, KeyError, AttributeError) as error:
                 logger.warning("AIJob %s/%s: result not rechecked: %r", meta.get("namespace"), meta.get("name"), error)
         return marked

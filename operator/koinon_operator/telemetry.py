@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+import importlib.metadata
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -165,11 +166,20 @@ def setup_tracing(service_name: str = "koinon-operator") -> TracerProvider | Non
     resource = Resource.create()  # OTEL_SERVICE_NAME, then service.name in OTEL_RESOURCE_ATTRIBUTES
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": service_name}))
+    if "service.version" not in resource.attributes:
+        resource = resource.merge(Resource({"service.version": _version()}))
     provider = TracerProvider(resource=resource, id_generator=JobIdGenerator())
     for exporter in exporters:
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("koinon")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _ns(moment: datetime | None) -> int | None:
@@ -193,8 +203,11 @@ class JobTracer:
         """``events`` are (type, reason, message) of the transitions this pass made."""
         if self._tracer is None or not events:
             return
-        status = {**(body.get("status") or {}), **status_written}
-        job = self._job(body, status)
+        before = body.get("status") or {}
+        status = {**before, **status_written}
+        # Named from the status the pass started from when the pass cleared them: the spans of a
+        # failed, lost or interrupted attempt must still say where it ran.
+        job = self._job(body, status, before)
         if job is None:
             return
         for event_type, reason, message in events:
@@ -205,9 +218,11 @@ class JobTracer:
             failed = finished_now == "Failed"
             self._finish(job, status, StatusCode.ERROR if failed else StatusCode.OK)
 
-    def deleted(self, body: Mapping[str, Any]) -> None:
+    def deleted(self, body: Mapping[str, Any], events: Sequence[tuple[str, str, str]] = ()) -> None:
         """A job deleted before it finished: its trace still gets its root span (and the Ray run's,
-        if it ran), ending at the deletion, or the transitions' parent would never arrive."""
+        if it ran), ending at the deletion, or the transitions' parent would never arrive.
+        ``events`` are the deletion's own (Stopped, or a StopUnconfirmed Warning: then the root
+        says ERROR, since the Ray job may still run)."""
         if self._tracer is None:
             return
         status = dict(body.get("status") or {})
@@ -218,10 +233,17 @@ class JobTracer:
             return
         deleted_at = (body.get("metadata") or {}).get("deletionTimestamp")
         status.update(completionTime=deleted_at or status.get("completionTime"), reason="Deleted")
+        for event_type, reason, message in events:
+            self._transition(job, status, event_type, reason, message)
         self._transition(job, status, "Normal", "Deleted", f"deleted while {status.get('phase') or 'Pending'}")
-        self._finish(job, status, StatusCode.UNSET)
+        warnings = [(reason, message) for event_type, reason, message in events if event_type == "Warning"]
+        if warnings:
+            status.update(reason=warnings[0][0], message=warnings[0][1])
+        self._finish(job, status, StatusCode.ERROR if warnings else StatusCode.UNSET)
 
-    def _job(self, body: Mapping[str, Any], status: Mapping[str, Any]) -> _TracedJob | None:
+    def _job(
+        self, body: Mapping[str, Any], status: Mapping[str, Any], before: Mapping[str, Any] | None = None
+    ) -> _TracedJob | None:
         trace_id_hex = status.get("traceId")
         if not trace_id_hex:
             return None
@@ -233,13 +255,22 @@ class JobTracer:
         parent = trace.set_span_in_context(
             NonRecordingSpan(SpanContext(trace_id, root_span, is_remote=True, trace_flags=TraceFlags(int(sampled))))
         )
+        placed = status if status.get("assignedNodes") or before is None else before
         attributes: dict[str, str | int] = {
             "koinon.aijob": f"{meta.get('namespace')}/{meta.get('name')}",
+            "koinon.aijob.name": str(meta.get("name")),
+            "k8s.namespace.name": str(meta.get("namespace")),
             "koinon.aijob.uid": str(meta.get("uid")),
             "koinon.attempt": int(status.get("attempts") or 0),
-            "koinon.nodes": ",".join(status.get("assignedNodes") or []),
-            "koinon.ray.submission_id": str(status.get("submissionId") or ""),
+            "koinon.nodes": ",".join(placed.get("assignedNodes") or []),
+            "koinon.owners": ",".join((placed.get("scheduling") or {}).get("owners") or []),
+            "koinon.ray.submission_id": str(status.get("submissionId") or placed.get("submissionId") or ""),
         }
+        verification = status.get("verification") or {}
+        if verification:
+            attributes["koinon.verification.copies"] = int(verification.get("copies") or 0)
+            attributes["koinon.verification.agreeing"] = ",".join(verification.get("agreeing") or [])
+            attributes["koinon.verification.disagreeing"] = ",".join(verification.get("disagreeing") or [])
         return _TracedJob(meta, attributes, parent, trace_id, root_span)
 
     def _transition(
@@ -266,8 +297,10 @@ class JobTracer:
             run.end(end_time=_ns(end))
         token = _forced_ids.set((job.trace_id, job.root_span))
         try:
+            # One name for every job's root (span names must stay low-cardinality for span metrics
+            # and breakdowns); the job is in its attributes.
             root = self._tracer.start_span(
-                f"aijob {job.attributes['koinon.aijob']}",
+                "aijob",
                 context=trace.set_span_in_context(trace.INVALID_SPAN),
                 kind=SpanKind.SERVER,
                 attributes={**job.attributes, "koinon.phase": str(status.get("phase")),
@@ -277,7 +310,8 @@ class JobTracer:
         finally:
             _forced_ids.reset(token)
         if outcome is not StatusCode.UNSET:
-            root.set_status(Status(outcome))
+            description = f"{status.get('reason')}: {operator_part(str(status.get('message') or ''))}"
+            root.set_status(Status(outcome, description[:200]) if outcome is StatusCode.ERROR else Status(outcome))
         root.end(end_time=_ns(end))
 
 
