@@ -28,7 +28,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     info = _cluster(args).up()
     print(f"\nLocal control plane is up. Use it with:\n  export KUBECONFIG={info.kubeconfig}")
     print("  kubectl apply -f examples/numeric-job.yaml && kubectl get aij -w")
-    print("Stop it with: koinon dev down")
+    state = "" if args.state_dir == ".koinon/dev" else f" --state-dir {args.state_dir}"
+    print(f"Stop it with: koinon{state} dev down")
     return 0
 
 

@@ -132,9 +132,15 @@ def _otlp_exporter(explicit: bool) -> SpanExporter | None:
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if not endpoint and not explicit:
         return None
-    protocol = (
-        os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc"
-    ).strip()
+    variable = next(
+        (
+            name
+            for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+            if os.environ.get(name)
+        ),
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    )
+    protocol = (os.environ.get(variable) or "grpc").strip()
     # Each exporter reads endpoint, headers and TLS settings from OTEL_* itself.
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -145,7 +151,7 @@ def _otlp_exporter(explicit: bool) -> SpanExporter | None:
 
         return HttpSpanExporter()
     # Failing loudly: an exporter of the wrong protocol would fail every export in the background.
-    raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL: {protocol!r} is not supported; use one of {OTLP_PROTOCOLS}")
+    raise ValueError(f"{variable}: {protocol!r} is not supported; use one of {OTLP_PROTOCOLS}")
 
 
 def exporter_settings_problem() -> str | None:
