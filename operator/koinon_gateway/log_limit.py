@@ -35,18 +35,15 @@ class LimitedLog:
 
     def warning(self, key: str, message: str, *args: object) -> None:
         now = self._clock()
+        self._summarize_ended(now)  # whatever kind they were: a flood that stopped is summed up too
         window = self._windows.get(key)
-        if window is None or now - window.started >= self._window_s:
-            if window is not None and window.suppressed:
-                self._logger.warning(
-                    "... and %d more like that (%s) in %.0fs, counted on /metrics", window.suppressed, key,
-                    now - window.started,
-                )  # fmt: skip
+        if window is None:
             window = _Window(now)
             self._windows[key] = window
-            self._windows.move_to_end(key)
             while len(self._windows) > MAX_KEYS:
-                self._windows.popitem(last=False)
+                evicted_key, evicted = self._windows.popitem(last=False)
+                self._summarize(evicted_key, evicted, now)
+        self._windows.move_to_end(key)
         if window.logged < self._per_window:
             window.logged += 1
             self._logger.warning(message, *args)
@@ -54,3 +51,15 @@ class LimitedLog:
                 self._logger.warning("further refusals like that (%s) are summarized for %.0fs", key, self._window_s)
         else:
             window.suppressed += 1
+
+    def _summarize_ended(self, now: float) -> None:
+        ended = [key for key, window in self._windows.items() if now - window.started >= self._window_s]
+        for key in ended:
+            self._summarize(key, self._windows.pop(key), now)
+
+    def _summarize(self, key: str, window: _Window, now: float) -> None:
+        if window.suppressed:
+            self._logger.warning(
+                "... and %d more like that (%s) in %.0fs, counted on /metrics", window.suppressed, key,
+                now - window.started,
+            )  # fmt: skip

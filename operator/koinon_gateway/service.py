@@ -122,6 +122,10 @@ def client_refusal(exc: TokenError) -> str:
 OUTSIDE_POOL = "address-outside-pool"
 
 
+class _MalformedControl(Exception):
+    """A Control message after Register that does not parse."""
+
+
 class TunnelService:
     def __init__(
         self,
@@ -498,6 +502,10 @@ class TunnelService:
             raise
         except grpc.aio.AioRpcError as exc:
             message = f"control stream failed: {exc.code().name}"
+        except _MalformedControl:
+            # Aborted from this, the handler's task: an abort in _control_loop's task left the call open.
+            message = "control stream ended: not an AgentMessage"
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "control: not an AgentMessage")
         except Exception as exc:  # a write the call refused, a session that ended itself
             message = f"control stream failed: {exc!r}"
             log.warning("node %s: %s", session.node_name, message)
@@ -559,7 +567,7 @@ class TunnelService:
                 return
             if isinstance(message, MalformedMessage):
                 self.metrics.refused_streams["malformed-message"] += 1
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "control: not an AgentMessage")
+                raise _MalformedControl(message.error)
             assert isinstance(message, pb.AgentMessage)
             kind = message.WhichOneof("msg")
             if kind == "heartbeat":
@@ -700,12 +708,17 @@ class TunnelService:
                 await self._serve_stream(source, first, channel, context, slot)
         except TooManyStreams as exc:
             self.metrics.refused_streams["too-many-streams"] += 1
-            log.warning("connect refused: %s", exc)
+            self._refusals.warning(f"{source.node_name} too-many-streams", "connect refused: %s", exc)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"connect: {exc}")
         except (ProtocolViolation, FrameDecodeError) as exc:
             # Only this stream ends; the node's other streams and its session carry on.
             self.metrics.refused_streams["protocol-violation"] += 1
-            log.warning("node %s: connect stream closed: %.300s", source.node_name, exc)
+            self._refusals.warning(
+                f"{source.node_name} protocol-violation",
+                "node %s: connect stream closed: %.300s",
+                source.node_name,
+                exc,
+            )
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"connect: {exc}"[:300])
         except asyncio.CancelledError:
             await self._abort_if_revoked(source.node_name, context)

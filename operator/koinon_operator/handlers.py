@@ -119,7 +119,10 @@ async def reconcile_aijob(
     term = memo.leader.term
     outcome = await memo.reconciler.reconcile(body, _first_values(aijob_allocations), _first_values(volunteer_nodes))
     if not memo.leader.is_leader or memo.leader.term != term:
-        return  # the Lease ran out during the pass (even if regained): another operator may have placed since
+        # The Lease ran out during the pass (even if regained): another operator may have placed
+        # since. Nothing is written, so nothing is awaited either.
+        memo.reconciler.discard_write(f"{namespace}/{name}")
+        return
     for field_name, value in outcome.status.items():
         patch.status[field_name] = value
     uid = str(body.metadata.get("uid", ""))

@@ -132,7 +132,7 @@ def _spec_refused_by_ray(info: RayJobInfo) -> bool:
 # What of Ray's failure message the status, conditions and Events carry: Ray quotes up to 20,000
 # characters of the driver's log after its reason, which pushed the operator's own words ("retrying
 # (1/2)", "backoffLimit reached") out of every length limit; the log tail follows them anyway.
-MAX_RAY_REASON = 1000
+MAX_RAY_REASON = 400  # with the operator's words and the log tail, an Event stays under kopf's 1 KiB cut
 
 
 def _ray_reason(message: str) -> str:
@@ -409,6 +409,11 @@ class AIJobReconciler:
         writer.condition(ConditionType.RAY_REACHABLE, False, "RayUnavailable", f"{error}; retrying in {delay:.0f}s")
         logger.warning("Ray unavailable while reconciling %s; retry in %.0fs: %s", key, delay, error)
         return outcome
+
+    def discard_write(self, key: str) -> None:
+        """The pass's outcome was not written (its lease ran out): nothing to wait for the watch
+        to show, so the next pass must not skip the body as superseded by it."""
+        self._written_from.pop(key, None)
 
     def forget_memory(self) -> None:
         """Drops what this process decided on its own (reservations the watch has not shown yet,

@@ -227,6 +227,9 @@ async def test_a_pass_that_outlives_the_lease_writes_nothing() -> None:
             leader.is_leader = False  # the Lease ran out while this pass waited on Ray
             return Outcome(status={"phase": "Scheduled", "assignedNodes": ["n1"]})
 
+        def discard_write(self, key: str) -> None:
+            pass
+
     class Quiet:
         def __getattr__(self, name: str) -> Any:
             return lambda *a, **k: None
@@ -264,6 +267,9 @@ async def test_a_pass_that_spans_a_lost_and_regained_term_writes_nothing(cluster
             return Outcome(status={"phase": "Scheduled", "assignedNodes": ["n1"]})
 
         def forget_memory(self) -> None:
+            pass
+
+        def discard_write(self, key: str) -> None:
             pass
 
     class Quiet:
