@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     info = _cluster(args).up()
     print(f"\nLocal control plane is up. Use it with:\n  export KUBECONFIG={info.kubeconfig}")
     print("  kubectl apply -f examples/numeric-job.yaml && kubectl get aij -w")
-    state = "" if args.state_dir == ".koinon/dev" else f" --state-dir {args.state_dir}"
+    state = "" if args.state_dir == ".koinon/dev" else f" --state-dir {shlex.quote(str(args.state_dir))}"
     print(f"Stop it with: koinon{state} dev down")
     return 0
 

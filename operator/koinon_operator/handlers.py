@@ -211,10 +211,11 @@ async def stop_ray_job(body: kopf.Body, memo: kopf.Memo, runtime: timedelta = ti
         logger.warning("AIJob %s/%s: %s", meta.get("namespace"), meta.get("name"), message)
     for event_type, reason, message in posted:
         kopf.event(body, type=event_type, reason=reason, message=message)
-    # The root span once: not from a handler whose lease ran out meanwhile (the new leader's
-    # deletion handler emits it).
-    if memo.leader.is_leader and memo.leader.term == term:
-        memo.tracer.deleted(body, posted)
+    if not memo.leader.is_leader or memo.leader.term != term:
+        # The root span once, from the leader: returning would count this handler as done and
+        # remove the finalizer, and the new leader's handler (which emits it) would never run.
+        raise kopf.TemporaryError("the lease ran out during the stop; the leader finishes the deletion", delay=5)
+    memo.tracer.deleted(body, posted)
 
 
 def abandoned_stop_message(body: kopf.Body, grace_seconds: float, error: Exception) -> str:

@@ -265,7 +265,9 @@ class JobTracer:
         attributes: dict[str, str | int] = {
             "koinon.aijob": f"{meta.get('namespace')}/{meta.get('name')}",
             "koinon.aijob.name": str(meta.get("name")),
-            "k8s.namespace.name": str(meta.get("namespace")),
+            # Not k8s.namespace.name: that is the operator pod's (resource), and backends that merge
+            # resource and span attributes would give one name two meanings.
+            "koinon.aijob.namespace": str(meta.get("namespace")),
             "koinon.aijob.uid": str(meta.get("uid")),
             "koinon.attempt": int(status.get("attempts") or 0),
             "koinon.nodes": ",".join(placed.get("assignedNodes") or []),

@@ -185,9 +185,13 @@ async def test_a_deletion_pass_that_lost_the_lease_emits_no_root_span(monkeypatc
     """reconcile_aijob re-checks the lease/term before record(); stop_ray_job does not before
     deleted(). The new leader's deletion handler (finalizer still there) emits the root span as
     well: two root spans with the same span id in one trace."""
-    exporter = await _deleted_running_job(monkeypatch, False, _LeaseLostDuringStop())
-    roots = [s for s in exporter.get_finished_spans() if s.name == "aijob"]
-    assert roots == [], "root span emitted by an operator that no longer holds the Lease"
+    emitted: list[Any] = []
+    monkeypatch.setattr(JobTracer, "deleted", lambda self, body, events=(): emitted.append(body))
+    # It keeps the finalizer instead (returning would let kopf remove it, and the new leader's
+    # handler, which emits the root, would never run): the new leader stops the job again.
+    with pytest.raises(kopf.TemporaryError, match="lease ran out"):
+        await _deleted_running_job(monkeypatch, False, _LeaseLostDuringStop())
+    assert emitted == [], "root span emitted by an operator that no longer holds the Lease"
 
 
 # 5 ------------------------------------------------------------------------------------------
@@ -253,9 +257,36 @@ def test_resource_names_the_operators_version(monkeypatch: pytest.MonkeyPatch) -
 async def test_root_span_name_is_low_cardinality_with_k8s_attributes() -> None:
     """OTel: span names are low-cardinality; 'aijob <ns>/<name>' makes one span name per job
     (Tempo's span metrics and Honeycomb's name breakdowns get a series per job), and the
-    namespace is not in k8s.namespace.name."""
+    namespace is in an attribute of its own."""
     tracer, exporter = _tracer()
     await _run_to_success_and_ttl(tracer)
     [root] = [s for s in exporter.get_finished_spans() if s.parent is None]
     assert "ns/j" not in root.name, root.name
-    assert dict(root.attributes or {}).get("k8s.namespace.name") == "ns", dict(root.attributes or {})
+    assert dict(root.attributes or {}).get("koinon.aijob.namespace") == "ns", dict(root.attributes or {})
+
+
+async def test_span_and_resource_do_not_give_k8s_namespace_name_two_meanings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """manifests/operator/deployment.yaml sets the resource attribute k8s.namespace.name to the
+    operator pod's namespace; JobTracer._job sets the span attribute k8s.namespace.name to the
+    AIJob's namespace. Backends that flatten resource and span attributes (Honeycomb, Datadog,
+    Elastic, Tempo's unscoped `.k8s.namespace.name`) then see one key with two values: a search
+    for the team's namespace, or for the operator's, returns the wrong spans."""
+    from opentelemetry.sdk.resources import Resource
+
+    # What the deployment's env expands to; setup_tracing builds its resource with Resource.create().
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "k8s.pod.name=op-0,k8s.namespace.name=koinon-system")
+    provider = TracerProvider(resource=Resource.create(), id_generator=JobIdGenerator())
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = JobTracer(provider)
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py"})
+    await _traced_step(reconciler, tracer, body)
+    await _traced_step(reconciler, tracer, body)
+    spans = exporter.get_finished_spans()
+    assert spans
+    span: Any = spans[0]
+    resource_ns = span.resource.attributes.get("k8s.namespace.name")
+    span_ns = (span.attributes or {}).get("k8s.namespace.name")
+    assert resource_ns is None or span_ns is None or resource_ns == span_ns, (resource_ns, span_ns)

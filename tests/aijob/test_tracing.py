@@ -47,6 +47,6 @@ def test_job_trace_reaches_an_otlp_backend(control_plane: ControlPlane, namespac
     assert all(s.parent_span_id == root.span_id for s in spans if s is not root)
     assert root.service_name == "koinon-operator-test"
     assert root.attributes["koinon.aijob"] == f"{namespace}/traced"
-    assert root.attributes["k8s.namespace.name"] == namespace and root.attributes["koinon.aijob.name"] == "traced"
+    assert root.attributes["koinon.aijob.namespace"] == namespace and root.attributes["koinon.aijob.name"] == "traced"
     assert root.start_ns <= min(s.start_ns for s in spans) and root.end_ns >= max(s.end_ns for s in spans) - 10**9
     assert root.status_code == 1  # STATUS_CODE_OK
