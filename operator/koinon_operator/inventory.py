@@ -77,6 +77,7 @@ def build_capacity(
                 gpus_total=gpus_total,
                 gpus_free=gpus_total - used_gpus.get(name, 0),
                 cpus_free=cpus_total - used_cpus.get(name, 0.0),
+                cpus_total=cpus_total,
                 gpu_memory_mib=gpu_memory,
                 gpu_models=tuple(str(g.get("model", "")) for g in spec.get("gpus") or []),
                 owner=str(spec.get("owner") or name),

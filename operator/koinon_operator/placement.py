@@ -34,6 +34,8 @@ class NodeCapacity:
     reputation: float = 0.5
     reputation_status: Mapping[str, Any] | None = None
     running_jobs: int = 0
+    cpus_total: float | None = None
+    """The node's CPUs when idle (Ray's total); None = unknown."""
 
 
 @dataclass(frozen=True)

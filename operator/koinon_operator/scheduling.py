@@ -115,13 +115,18 @@ class ReputationPlacer:
         if placement is not None:
             chosen = tuple(by_name[name] for name in placement.nodes)
             return PlacementDecision(nodes=chosen, total_nodes=len(nodes), copies=placement.copies)
-        if job.gpus_per_replica > 1 and self._fits_an_idle_fleet(job, snapshots, now):
+        if job.gpus_per_replica > 1 and self._fits_an_idle_fleet(job, snapshots, nodes, now):
             # Waiting for room that will come: it holds nodes for itself in later jobs' calls. One
             # that could not run even on an idle fleet (too few owners, say) would hold them for good.
             self._waiting[job.key] = (job, asked)
         mine = next((u for u in result.unschedulable if u.job_key == job.key), None)
         return PlacementDecision(reasons=dict(mine.reasons) if mine else {}, total_nodes=len(nodes))
 
-    def _fits_an_idle_fleet(self, job: JobRequest, snapshots: Sequence[NodeSnapshot], now: float) -> bool:
-        idle = [replace(n, free_gpus=len(n.gpus), cpus_free=IDLE_CPUS, running_jobs=0) for n in snapshots]
+    def _fits_an_idle_fleet(
+        self, job: JobRequest, snapshots: Sequence[NodeSnapshot], nodes: Sequence[NodeCapacity], now: float
+    ) -> bool:
+        # An idle node has all its CPUs (Ray's total; unknown: unlimited): a job that wants more
+        # than any node has can never run, and must not hold nodes for itself.
+        total = {n.name: IDLE_CPUS if n.cpus_total is None else max(0.0, n.cpus_total) for n in nodes}
+        idle = [replace(n, free_gpus=len(n.gpus), running_jobs=0, cpus_free=total[n.name]) for n in snapshots]
         return any(p.job_key == job.key for p in self._placer.place([job], idle, now).placements)

@@ -72,3 +72,23 @@ def test_a_hold_ends_on_the_monotonic_clock_whatever_the_wall_clock_does() -> No
     now[0] += WAITING_FOR_S + 1
     mono[0] += WAITING_FOR_S + 1
     assert placer.place(SMALL, NODES).placed
+
+
+def test_a_job_that_needs_more_cpus_than_any_node_has_holds_nothing() -> None:
+    """The idle-fleet check gave every node unlimited CPUs: a 2-GPU job asking 64 CPUs per replica
+    of 16-CPU volunteers (a typo) kept holding the best nodes, and younger jobs stayed Pending."""
+    nodes = [
+        NodeCapacity("n1", "10.0.0.1", "r1", gpus_total=8, gpus_free=8, cpus_free=16, owner="alice", cpus_total=16.0)
+    ]
+    now, mono = [1_800_000_000.0], [0.0]
+    placer = ReputationPlacer(clock=lambda: now[0], monotonic=lambda: mono[0])
+    impossible = PlacementRequest(
+        "ns/impossible", replicas=1, gpus_per_replica=2, cpus_per_replica=64, creation_index=1
+    )
+    for _ in range(5):  # it asks at every poll
+        assert not placer.place(impossible, nodes).placed
+        now[0] += 2
+        mono[0] += 2
+    small = PlacementRequest("ns/small", replicas=1, gpus_per_replica=1, cpus_per_replica=1, creation_index=2)
+    decision = placer.place(small, nodes)
+    assert decision.placed, decision.message

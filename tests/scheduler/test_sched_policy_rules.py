@@ -7,6 +7,7 @@ import math
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -252,3 +253,11 @@ def test_a_waiting_job_runs_only_on_a_trusted_primary_and_says_why_it_waits(flee
     else:
         (refused,) = result.unschedulable
         assert WAITING_FOR_TRUSTED not in refused.reasons
+
+
+@pytest.mark.parametrize("field", ["cpus_per_replica", "max_latency_ms"])
+def test_a_job_request_refuses_nan(field: str) -> None:
+    """`x < 0` let NaN through: a NaN CPU request was placed whatever the node's CPUs."""
+    fields: dict[str, Any] = {field: math.nan}
+    with pytest.raises(ValueError):
+        JobRequest("ns/j", **fields)

@@ -105,13 +105,13 @@ class JobRequest:
             raise ValueError(f"{self.key}: spec.resources.gpus must be >= 0, got {self.gpus_per_replica}")
         if self.gpu_memory_mib < 0:
             raise ValueError(f"{self.key}: spec.resources.gpuMemoryMiB must be >= 0, got {self.gpu_memory_mib}")
-        if self.cpus_per_replica < 0:
+        if not (math.isfinite(self.cpus_per_replica) and self.cpus_per_replica >= 0):  # NaN passed `< 0`
             raise ValueError(f"{self.key}: spec.resources.cpus must be >= 0, got {self.cpus_per_replica}")
         if not 0.0 <= self.min_reputation <= 1.0:
             raise ValueError(
                 f"{self.key}: spec.constraints.minReputation must be within 0..1, got {self.min_reputation}"
             )
-        if self.max_latency_ms is not None and self.max_latency_ms < 0:
+        if self.max_latency_ms is not None and not self.max_latency_ms >= 0:
             raise ValueError(f"{self.key}: spec.constraints.maxLatencyMs must be >= 0, got {self.max_latency_ms}")
         if self.pending_since is not None and not math.isfinite(self.pending_since):
             raise ValueError(f"{self.key}: pending_since must be a finite time, got {self.pending_since}")
