@@ -104,24 +104,38 @@ def _previous_owner_extra(reputation: Mapping[str, Any]) -> float:
     return float(value) if isinstance(value, int | float) and value > 0 else 0.0
 
 
-def owner_pooled_disagreements(
+def disagreements_by_node(
     volunteers: Iterable[Mapping[str, Any]], now: float, config: ReputationConfig
-) -> dict[str, float]:
-    """Pure: per VolunteerNode name, the disagreements of its owner's other nodes (aged to ``now``)
-    charged to it, as the scheduler's index pools them: a liar caught on one node weighs on its
-    siblings' scores. A node without an owner is its own owner."""
-    own: dict[str, tuple[str, float]] = {}
+) -> dict[str, tuple[str, float]]:
+    """Pure: per VolunteerNode name, (its owner, its disagreements aged to ``now``). A node without
+    an owner is its own owner; an unreadable status counts nothing (the scheduler says why)."""
+    found: dict[str, tuple[str, float]] = {}
     for item in volunteers:
         meta, spec = item.get("metadata") or {}, item.get("spec") or {}
         name = str(meta.get("name") or "")
         try:
             evidence = decayed(from_status((item.get("status") or {}).get("reputation")), now, config)
-        except ValueError:  # an unreadable status counts nothing here; the scheduler says why
+        except ValueError:
             evidence = ReputationEvidence()
-        own[name] = (str(spec.get("owner") or name), evidence.disagreements)
+        found[name] = (str(spec.get("owner") or name), evidence.disagreements)
+    return found
+
+
+def disagreements_by_owner(by_node: Mapping[str, tuple[str, float]]) -> dict[str, float]:
     totals: dict[str, float] = {}
-    for owner, disagreements in own.values():
+    for owner, disagreements in by_node.values():
         totals[owner] = totals.get(owner, 0.0) + disagreements
+    return totals
+
+
+def owner_pooled_disagreements(
+    volunteers: Iterable[Mapping[str, Any]], now: float, config: ReputationConfig
+) -> dict[str, float]:
+    """Pure: per VolunteerNode name, the disagreements of its owner's other nodes (aged to ``now``)
+    charged to it, as the scheduler's index pools them: a liar caught on one node weighs on its
+    siblings' scores."""
+    own = disagreements_by_node(volunteers, now, config)
+    totals = disagreements_by_owner(own)
     return {
         name: owner_extra_disagreements(ReputationEvidence(disagreements=dis), totals[owner], config)
         for name, (owner, dis) in own.items()

@@ -23,7 +23,8 @@ from koinon_operator.api.aijob import format_time
 from koinon_operator.api.conditions import set_condition
 from koinon_operator.api.constants import AIJOB_PLURAL, GROUP, VERSION, VOLUNTEER_PLURAL, ConditionType, Phase
 from koinon_operator.kube import load_config
-from koinon_operator.scheduler import DEFAULT_CONFIG, ReputationConfig, decayed, from_status, recheck_accepted
+from koinon_operator.reputation_book import disagreements_by_node, disagreements_by_owner
+from koinon_operator.scheduler import DEFAULT_CONFIG, ReputationConfig, recheck_accepted
 from koinon_operator.scheduler.config import VerificationConfig
 from koinon_operator.scheduler.verification import NodeResult
 from koinon_operator.telemetry import JobTracer
@@ -38,15 +39,7 @@ def caught_owners(
     verification: VerificationConfig = DEFAULT_CONFIG.verification,
 ) -> set[str]:
     """Pure: owners whose nodes' disagreements (aged to ``now``) add up past the tolerance."""
-    totals: dict[str, float] = {}
-    for item in volunteers:
-        name = str((item.get("metadata") or {}).get("name") or "")
-        owner = str((item.get("spec") or {}).get("owner") or name)
-        try:
-            evidence = decayed(from_status((item.get("status") or {}).get("reputation")), now, reputation)
-        except ValueError:
-            continue  # an unreadable status says nothing here; the placer reports it
-        totals[owner] = totals.get(owner, 0.0) + evidence.disagreements
+    totals = disagreements_by_owner(disagreements_by_node(volunteers, now, reputation))
     return {owner for owner, total in totals.items() if total > verification.owner_disagreement_tolerance}
 
 
