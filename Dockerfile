@@ -1,10 +1,13 @@
 # One image for the operator, the gateway, the Ray head and the volunteer agent (the manifests and the
 # Helm chart refer to it as koinon:0.1.0). Not built in this repository's CI: no container engine is
 # available there. Build: docker build -t koinon:0.1.0 .
+# tini: the agent's and the Ray head's containers run under it (their manifests say
+# `command: [tini, --, ...]`), so orphans that Ray's processes and users' job code leave behind are
+# reaped instead of piling up as zombies under PID 1.
 FROM python:3.11-slim
 
 RUN apt-get update \
- && apt-get install -y --no-install-recommends iproute2 procps \
+ && apt-get install -y --no-install-recommends iproute2 procps tini \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --uid 10001 --create-home --home-dir /home/koinon koinon
 
