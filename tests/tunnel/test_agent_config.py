@@ -9,6 +9,7 @@ import pytest
 from koinon_agent import cli
 from koinon_agent.agent import BackoffIterator
 from koinon_agent.config import ENV_VARS, VERSION, AgentConfig
+from koinon_gateway.pki import create_ca
 
 # One distinct, non-default value per variable the agent reads (KOINON_INSECURE is tested alone:
 # it cannot be combined with a CA).
@@ -17,7 +18,7 @@ ENV_VALUES = {
     "KOINON_TOKEN": "abcdef.0123456789abcdef",
     "KOINON_STATE_DIR": "/var/lib/koinon-agent",
     "KOINON_CA_FILE": "",  # a file holding a certificate, written by the test
-    "KOINON_CA_CERT": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    "KOINON_CA_CERT": create_ca().cert_pem.decode(),
     "KOINON_CA_CERT_HASH": "sha256:" + "ab" * 32,
     "KOINON_TLS_SERVER_NAME": "koinon-gateway",
     "KOINON_NODE_NAME": "alice-desktop",
@@ -205,6 +206,29 @@ def test_a_ca_file_without_a_certificate_is_refused(tmp_path: Path) -> None:
     garbage.write_text("this is not a certificate\n")
     with pytest.raises(ValueError, match=r"ca_file: .* holds no PEM certificate"):
         AgentConfig(gateway="gw:1", ca_file=garbage).validate()
+
+
+def _cut_short(pem: bytes) -> bytes:
+    # What a copy-paste that lost the middle of the certificate leaves.
+    lines = pem.decode().splitlines()
+    return ("\n".join(lines[:2] + lines[-1:]) + "\n").encode()
+
+
+def test_a_damaged_ca_is_refused_as_configuration(tmp_path: Path) -> None:
+    # Accepted before (the BEGIN line was there): gRPC then failed every handshake ("Could not load
+    # any root certificate") as UNAVAILABLE, and the agent retried for ever.
+    damaged = _cut_short(create_ca().cert_pem)
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(damaged)
+    with pytest.raises(ValueError, match=r"ca_file: .*ca\.crt: holds a damaged PEM certificate"):
+        AgentConfig(gateway="gw.example.org:7443", ca_file=ca).validate()
+    with pytest.raises(ValueError, match=r"ca_pem \(KOINON_CA_CERT\): holds a damaged PEM certificate"):
+        AgentConfig(gateway="gw.example.org:7443", ca_pem=damaged).validate()
+    # A bundle is fine when every certificate in it parses, and refused when one does not.
+    two = create_ca().cert_pem + create_ca().cert_pem
+    AgentConfig(gateway="gw.example.org:7443", ca_pem=two).validate()
+    with pytest.raises(ValueError, match="damaged"):
+        AgentConfig(gateway="gw.example.org:7443", ca_pem=create_ca().cert_pem + damaged).validate()
 
 
 @pytest.mark.parametrize("max_age", ["nan", "0", "-5", "inf"])

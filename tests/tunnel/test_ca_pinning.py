@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from pathlib import Path
 
@@ -94,3 +95,26 @@ async def test_a_ca_bundle_holding_the_pinned_ca_and_another_is_refused(tmp_path
         # The pinned CA alone is accepted.
         alone = await c.start_agent("beta", ca_pem=c.gateway.ca_pem, ca_cert_hash=pin)
         assert alone.identity is not None
+
+
+async def test_join_retries_with_the_wrong_ca_say_the_certificate_is_the_problem(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A wrong CA (or an IP address without tlsServerName) fails every handshake as UNAVAILABLE, the
+    # code a gateway that is down gives too: the retry line must carry gRPC's reason.
+    async with cluster(tmp_path) as c:
+        caplog.set_level(logging.WARNING, logger="koinon_agent")
+        task = asyncio.ensure_future(Agent(c.agent_config("alpha", ca_pem=create_ca().cert_pem)).run())
+        try:
+            for _ in range(100):
+                if any("join failed" in r.getMessage() for r in caplog.records):
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        retries = [r.getMessage() for r in caplog.records if "join failed" in r.getMessage()]
+        assert retries, caplog.text
+        line = retries[0].lower()
+        assert "unavailable" in line and "handshake failed" in line and "certificate" in line, retries[0]
+        assert c.registry.objects == {}

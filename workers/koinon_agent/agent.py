@@ -272,7 +272,9 @@ class Agent:
                 if exc.code() in FATAL_CODES:
                     raise _refusal(exc, "") from exc
                 delay = delays.next()
-                log.warning("join failed (%s); retrying in %.1fs", exc.code().name, delay)
+                # gRPC's details tell a TLS mistake (wrong CA, an IP without tlsServerName) from a
+                # gateway that is down; the code alone (UNAVAILABLE) is the same for both.
+                log.warning("join failed (%s: %s); retrying in %.1fs", exc.code().name, exc.details(), delay)
                 await self._sleep_or_drain(delay)
                 if self._drain.is_set():
                     raise DrainedBeforeJoining("drained before joining") from exc

@@ -8,6 +8,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cryptography import x509
+
 VERSION = "0.1.0"
 # DrainRequest.grace_seconds is a uint32.
 MAX_GRACE_SECONDS = 2**32 - 1
@@ -82,10 +84,13 @@ class AgentConfig:
                 ca_file_pem = self.ca_file.read_bytes()
             except OSError as exc:
                 raise ValueError(f"ca_file: {self.ca_file}: missing or not readable ({exc.strerror})") from exc
-            if PEM_CERTIFICATE not in ca_file_pem:
-                raise ValueError(f"ca_file: {self.ca_file}: holds no PEM certificate")
-        if self.ca_pem and PEM_CERTIFICATE not in self.ca_pem:
-            raise ValueError("ca_pem (KOINON_CA_CERT): not a PEM certificate")
+            problem = pem_certificates_problem(ca_file_pem)
+            if problem:
+                raise ValueError(f"ca_file: {self.ca_file}: {problem}")
+        if self.ca_pem:
+            problem = pem_certificates_problem(self.ca_pem)
+            if problem:
+                raise ValueError(f"ca_pem (KOINON_CA_CERT): {problem}")
         # NaN passes every comparison below (and later ones, e.g. outage > nan) unnoticed.
         for name in _FINITE_SECONDS:
             if not math.isfinite(getattr(self, name)):
@@ -133,6 +138,19 @@ class AgentConfig:
     @property
     def health_path(self) -> Path:
         return self.health_file or default_health_file(self.state_dir)
+
+
+def pem_certificates_problem(pem: bytes) -> str | None:
+    """Why `pem` is no usable CA bundle, None when every certificate in it parses. A damaged one (a
+    paste that lost lines) must be a configuration error: gRPC would only fail each TLS handshake,
+    which the agent cannot tell from a gateway that is down, and retry for ever."""
+    if PEM_CERTIFICATE not in pem:
+        return "holds no PEM certificate"
+    try:
+        x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        return f"holds a damaged PEM certificate, cut short or edited? ({exc})"
+    return None
 
 
 def default_health_file(state_dir: Path) -> Path:
