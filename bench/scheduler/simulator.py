@@ -278,6 +278,7 @@ class Simulation:
                 rtt_updated_at=node.rtt.updated_at if node.rtt else None,
                 reputation=node.evidence,
                 running_jobs=len(node.running),
+                cpus_total=node.v.cpus,
             )
         return node.snapshot
 

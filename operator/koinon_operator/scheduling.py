@@ -43,6 +43,7 @@ def to_snapshot(node: NodeCapacity) -> NodeSnapshot:
         rtt_updated_at=node.latency_updated_at,
         reputation=from_status(node.reputation_status),
         running_jobs=node.running_jobs,
+        cpus_total=node.cpus_total,
     )
 
 

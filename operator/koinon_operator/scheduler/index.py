@@ -47,6 +47,8 @@ class NodeIndex:
     busy_gpus: IntArray
     """GPUs in use (snapshot's plus this call's placements)."""
     cpus_free: FloatArray
+    cpus_total: FloatArray
+    """All the node's CPUs, idle or not; +inf when unknown."""
     gpu_node: IntArray
     """One entry per GPU of the fleet: the position of its node (with `gpu_memory`)."""
     gpu_memory: IntArray
@@ -245,6 +247,7 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
     cordoned = _column(ordered, "cordoned", np.bool_)
     busy_gpus = total - _column(ordered, "free_gpus", np.int64)
     cpus = _column(ordered, "cpus_free")
+    cpus_total = np.nan_to_num(_optional_floats(ordered, "cpus_total"), nan=np.inf)
     # Unknown (None, so NaN) or older than `stale`: NaN (comparisons with NaN are False).
     rtt = np.where(
         now - _optional_floats(ordered, "rtt_updated_at") <= stale, _optional_floats(ordered, "rtt_ms"), np.nan
@@ -292,6 +295,7 @@ def build_index(nodes: Sequence[NodeSnapshot], now: float, cfg: SchedulerConfig)
         total_gpus=total,
         busy_gpus=busy_gpus,
         cpus_free=cpus,
+        cpus_total=cpus_total,
         gpu_node=gpu_node,
         gpu_memory=gpu_memory,
         rtt_ms=rtt,
@@ -369,16 +373,27 @@ def dynamic_mask(index: NodeIndex, job: JobRequest, static: BoolArray) -> BoolAr
 
 def reserve_for(index: NodeIndex, job: JobRequest, static: BoolArray, nodes_needed: int) -> None:
     """Hold the `nodes_needed` nodes that are closest to fitting `job` (most fitting GPUs free) and
-    could hold it once drained, so later (smaller or younger) jobs do not keep them partly busy."""
+    could hold it once drained, so later (smaller or younger) jobs do not keep them partly busy.
+
+    One node per owner, as the job's copies and replicas need distinct owners; and nothing at all
+    when fewer owners than the job's replicas have nodes that could ever hold it (CPUs included):
+    such a job waits for nodes that are not there, and holding the others would only keep them from
+    work they can do. (Its verification copies may be skipped for trusted nodes, so fewer owners
+    than `nodes_needed` can still run it.)"""
     candidates = static & ~index.reserved & (index.fit_count(job.gpu_memory_mib) >= job.gpus_per_replica)
+    if job.cpus_per_replica > 0:
+        candidates &= index.cpus_total >= job.cpus_per_replica
     excluded = index.excluded_mask(job)
     if excluded is not None:
         candidates &= ~excluded
     positions = np.flatnonzero(candidates)
-    if not len(positions):
-        return
     free = index.available_fitting(job.gpu_memory_mib)[positions]
-    held = positions[np.argsort(-free, kind="stable")[:nodes_needed]]
+    by_room = positions[np.argsort(-free, kind="stable")]
+    # The first (roomiest) node of each owner, kept in that order.
+    _, first = np.unique(index.owner_code[by_room], return_index=True)
+    if len(first) < job.replicas:
+        return
+    held = by_room[np.sort(first)[:nodes_needed]]
     index.reserved[held] = True
     index.log_changes(held)
 

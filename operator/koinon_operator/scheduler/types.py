@@ -43,6 +43,9 @@ class NodeSnapshot:
     rtt_updated_at: float | None = None
     reputation: ReputationEvidence = FRESH
     running_jobs: int = 0
+    cpus_total: float | None = None
+    """All the node's CPUs (Ray's total), idle or not; None when unknown (taken as enough). Lets the
+    scheduler tell a job that waits for CPUs to free up from one no node could ever run."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -53,6 +56,8 @@ class NodeSnapshot:
             )
         if self.cpus_free < 0 or not math.isfinite(self.cpus_free):
             raise ValueError(f"NodeSnapshot {self.name}: cpus_free must be >= 0, got {self.cpus_free}")
+        if self.cpus_total is not None and not (math.isfinite(self.cpus_total) and self.cpus_total >= 0):
+            raise ValueError(f"NodeSnapshot {self.name}: cpus_total must be >= 0, got {self.cpus_total}")
         if self.rtt_ms is not None and (self.rtt_ms < 0 or not math.isfinite(self.rtt_ms)):
             raise ValueError(f"NodeSnapshot {self.name}: rtt_ms must be >= 0, got {self.rtt_ms}")
 
