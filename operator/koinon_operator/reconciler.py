@@ -11,7 +11,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +25,7 @@ from koinon_operator.ray_jobs import (
     RayJobInfo,
     RayJobsClient,
     RayJobState,
+    RayNodeInfo,
     RayRequestError,
     RayUnavailableError,
     Submission,
@@ -111,6 +112,31 @@ SUPERVISOR_START_FAILURE = "JOB_SUPERVISOR_ACTOR_START_FAILURE"
 # often the spec's doing, and an honest volunteer must not pay for a typo. Still retried (counted),
 # since a node's broken network gives the same error.
 RUNTIME_ENV_SETUP_FAILURE = "RUNTIME_ENV_SETUP_FAILURE"
+
+
+def ray_start_time(infos: Iterable[RayJobInfo | None]) -> datetime | None:
+    """When the attempt started by Ray's record: the earliest start_time of its copies (Ray stamps
+    it as it accepts a submission, whenever the operator looks), to the second as status keeps it.
+    None when Ray recorded none."""
+    starts = [info.start_time_ms for info in infos if info is not None and info.start_time_ms is not None]
+    if not starts:
+        return None
+    return datetime.fromtimestamp(min(starts) / 1000, UTC).replace(microsecond=0)
+
+
+def lost_nodes(state: AIJobStatus, nodes: Iterable[RayNodeInfo]) -> list[str]:
+    """The attempt's assigned nodes that Ray, by ``nodes``, no longer has alive: by the Ray node id
+    recorded at placement where there is one, since a restarted agent (or raylet) brings up a new
+    Ray node under the same name; by name otherwise."""
+    listed = list(nodes)
+    alive_names = {node_name(n) for n in listed if n.alive and not n.is_head}
+    alive_ids = {n.node_id for n in listed if n.alive}
+    recorded = dict(zip(state.assigned_nodes, state.ray_node_ids, strict=False))
+    return [
+        node
+        for node in state.assigned_nodes
+        if node not in alive_names or (recorded.get(node) and recorded[node] not in alive_ids)
+    ]
 
 
 def _spec_refused_by_ray(info: RayJobInfo) -> bool:
@@ -491,6 +517,14 @@ class AIJobReconciler:
             outcome.event("Resumed", "job resumed")
             phase = Phase.PENDING
 
+        if phase in (Phase.SCHEDULED, Phase.RUNNING) and state.submission_id and state.start_time is None:
+            # The run's start by Ray's record, before the deadline is judged: an operator that was
+            # down when the job started (or ran and ended) must not count it from when it looked.
+            started = ray_start_time([await self.ray.get(s) for s in ray_submissions_of(state)])
+            if started is not None:
+                writer.set(startTime=format_time(started))
+                state = replace(state, start_time=started)
+
         if (
             spec.active_deadline_seconds is not None
             and state.start_time is not None
@@ -640,13 +674,24 @@ class AIJobReconciler:
             return
         known = [info for info in infos if info is not None]
         if state.phase is not Phase.RUNNING and any(i.state is RayJobState.RUNNING for i in known):
-            if state.start_time is None:
+            if state.start_time is None:  # Ray recorded no start (_advance takes Ray's where it did)
                 writer.set(startTime=format_time(self.clock()))
             writer.phase(Phase.RUNNING, "Running", f"attempt {state.attempts} running on Ray")
             writer.condition(ConditionType.RUNNING, True, "Running", "running")
             outcome.event("Running", f"attempt {state.attempts} started on {', '.join(state.assigned_nodes)}")
             return
         if not all(info.state.terminal for info in known):
+            # A node lost while the attempt runs fails it over now, not once its Ray jobs end: with
+            # replicas > 1 the driver pins replica tasks to the other nodes, and with one of them
+            # gone it waits for ever while Ray keeps it RUNNING (a lost driver's node can leave it
+            # PENDING for ever too). The cached node list notices; a fresh one confirms, as when
+            # the attempt ends. No grace of our own: Ray marks a node dead only once its health
+            # checks have failed for a while, and a dead Ray node never comes back (a volunteer
+            # that rejoins does so as a new Ray node).
+            if lost_nodes(state, await self.nodes.get()):
+                lost = await self._lost_nodes(state)
+                if lost:
+                    await self._node_lost(key, spec, state, writer, outcome, lost)
             return
         lost = await self._lost_nodes(state)
         # A node lost after its job failed on its own (a non-zero exit) changes nothing: the job's
@@ -742,7 +787,7 @@ class AIJobReconciler:
             else:
                 result = extract_result(logs)
             writer.set(result=result)
-            if state.start_time is None:
+            if state.start_time is None:  # started and ended between two passes, Ray recorded no start
                 writer.set(startTime=format_time(self.clock()))
             outcome.reputation.extend((node, "success") for node in state.assigned_nodes)
             summary = f"{RESULT_SEPARATOR}{result['value'][:200]}" if "value" in result else ""
@@ -789,7 +834,7 @@ class AIJobReconciler:
         outcome: Outcome,
         lost: list[str],
     ) -> None:
-        if state.start_time is None:  # copies that started and ended between two passes
+        if state.start_time is None:  # copies that ran between two passes, Ray recorded no start
             writer.set(startTime=format_time(self.clock()))
         env_charged = self._settle_env_failures(state, infos, writer, outcome)
         outcome.reputation.extend((node, "failure") for node in sorted(env_charged))
@@ -928,19 +973,9 @@ class AIJobReconciler:
         return set()
 
     async def _lost_nodes(self, state: AIJobStatus) -> list[str]:
-        """Assigned nodes that Ray no longer has alive (checked against a fresh node list): by the
-        Ray node id recorded at placement where there is one, since a restarted agent (or raylet)
-        brings up a new Ray node under the same name; by name otherwise."""
+        """Assigned nodes that Ray no longer has alive (lost_nodes), by a fresh node list."""
         self.nodes.invalidate()
-        nodes = await self.nodes.get()
-        alive_names = {node_name(n) for n in nodes if n.alive and not n.is_head}
-        alive_ids = {n.node_id for n in nodes if n.alive}
-        recorded = dict(zip(state.assigned_nodes, state.ray_node_ids, strict=False))
-        return [
-            node
-            for node in state.assigned_nodes
-            if node not in alive_names or (recorded.get(node) and recorded[node] not in alive_ids)
-        ]
+        return lost_nodes(state, await self.nodes.get())
 
     async def _node_lost(
         self,

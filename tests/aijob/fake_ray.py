@@ -61,7 +61,11 @@ class FakeRay:
         message: str = "",
         error_type: str | None = None,
     ) -> None:
-        self.jobs[submission_id] = RayJobInfo(submission_id, state, message, None, 1, 1, exit_code, error_type)
+        # Ray's start_time is stamped once, when the job is submitted: a change of state keeps it
+        # (None from this fake's submit, so the operator's clock stands in for it).
+        previous = self.jobs.get(submission_id)
+        started = previous.start_time_ms if previous is not None else None
+        self.jobs[submission_id] = RayJobInfo(submission_id, state, message, None, started, 1, exit_code, error_type)
 
 
 class Clock:

@@ -1,7 +1,7 @@
 """How an attempt ended, when the operator looks only later (it was down, or a pass came late):
-the deadline is judged by when the job ended, a node is lost when its Ray node is (whatever name the
-replacement carries), a job's own failure stays its own, and a driver log that left with its node
-does not hold the job in Running.
+the deadline is judged by when the job ended, counted from when Ray started it, a node is lost when
+its Ray node is (whatever name the replacement carries, and while the job still runs), a job's own
+failure stays its own, and a driver log that left with its node does not hold the job in Running.
 
 Reconciler passes against a fake Ray Job API (tests/aijob/fake_ray.py)."""
 
@@ -82,6 +82,54 @@ async def test_a_job_still_running_past_its_deadline_is_stopped_and_fails() -> N
     await step(make_reconciler(ray, clock), body)
     assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "DeadlineExceeded")
     assert ray.stopped == [SUBMISSION]
+
+
+async def submitted(ray: FakeRay, clock: Clock, spec: dict[str, Any]) -> dict[str, Any]:
+    """A job whose Ray submission went out; the operator has not seen it run."""
+    reconciler = make_reconciler(ray, clock)
+    body = make_body(spec)
+    await step(reconciler, body)  # placed
+    await step(reconciler, body)  # submitted
+    assert body["status"]["phase"] == "Scheduled" and SUBMISSION in ray.jobs
+    return body
+
+
+async def test_the_deadline_counts_from_rays_start_when_the_operator_first_sees_the_job_late() -> None:
+    """The job started while the operator was down for an hour: startTime was the moment the
+    operator first saw it Running, and the job got another full activeDeadlineSeconds from then."""
+    ray, clock = ChangingRay(), Clock()
+    body = await submitted(ray, clock, {"entrypoint": "python x.py", "activeDeadlineSeconds": 60})
+    start_ms = int(clock.now.timestamp() * 1000)
+    ray.jobs[SUBMISSION] = ended(RayJobState.RUNNING, start_ms, None, None)
+    clock.advance(3600)
+    await step(make_reconciler(ray, clock), body)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "DeadlineExceeded"), body["status"]
+    assert body["status"]["startTime"] == "2026-01-01T00:00:10Z"  # Ray's start, not the operator's look
+    assert ray.stopped == [SUBMISSION]
+
+
+async def test_a_job_that_ran_past_its_deadline_unseen_fails_for_it() -> None:
+    """Ran 100 s of a 60 s deadline and ended while the operator was down, never seen Running: with
+    no startTime the deadline was not judged at all, and the job Succeeded (had the operator been
+    up, it would have been stopped at 60 s)."""
+    ray, clock = ChangingRay(), Clock()
+    body = await submitted(ray, clock, {"entrypoint": "python x.py", "activeDeadlineSeconds": 60})
+    start_ms = int(clock.now.timestamp() * 1000)
+    ray.jobs[SUBMISSION] = ended(RayJobState.SUCCEEDED, start_ms, start_ms + 100_000, 0)
+    clock.advance(300)
+    await step(make_reconciler(ray, clock), body)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "DeadlineExceeded"), body["status"]
+
+
+async def test_a_job_that_ran_within_its_deadline_unseen_succeeds_with_rays_start_time() -> None:
+    ray, clock = ChangingRay(), Clock()
+    body = await submitted(ray, clock, {"entrypoint": "python x.py", "activeDeadlineSeconds": 60})
+    start_ms = int(clock.now.timestamp() * 1000)
+    ray.jobs[SUBMISSION] = ended(RayJobState.SUCCEEDED, start_ms, start_ms + 20_000, 0)
+    clock.advance(300)
+    await step(make_reconciler(ray, clock), body)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Succeeded", "Completed"), body["status"]
+    assert body["status"]["startTime"] == "2026-01-01T00:00:10Z"
 
 
 async def test_a_volunteer_that_left_after_its_job_succeeded_does_not_hold_the_job_in_running() -> None:
@@ -227,3 +275,47 @@ async def test_a_copy_that_failed_on_its_own_is_not_charged_when_the_other_copys
     outcome = await step(reconciler, body, volunteers)
     assert outcome.reputation == [(nodes[0], "timeout")]
     assert (body["status"]["phase"], body["status"]["reason"]) == ("Pending", "NodeLost")
+
+
+async def test_a_multi_replica_job_whose_other_node_left_mid_run_fails_over() -> None:
+    """replicas=2: the driver on vn-a pins replica 1's tasks to vn-b (examples/koinon_examples/
+    placement.py). With vn-b's Ray node dead those tasks cannot run, the driver waits for ever and
+    Ray keeps the job RUNNING; lost nodes were looked for only once every Ray job had ended, so the
+    AIJob stayed Running for good, holding vn-a's GPU."""
+    volunteers = {
+        "vn-a": {"spec": {"owner": "alice"}, "status": {"phase": "Ready"}},
+        "vn-b": {"spec": {"owner": "bob"}, "status": {"phase": "Ready"}},
+    }
+    ray, clock = ChangingRay(node_list=list(TWO_NODES)), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python train.py", "replicas": 2})
+    await step(reconciler, body, volunteers)  # placed on vn-a and vn-b
+    await step(reconciler, body, volunteers)  # submitted
+    ray.set_state(SUBMISSION, RayJobState.RUNNING)
+    await step(reconciler, body, volunteers)
+    assert body["status"]["phase"] == "Running" and body["status"]["assignedNodes"] == ["vn-a", "vn-b"]
+    ray.node_list = [TWO_NODES[0], replace(TWO_NODES[1], alive=False)]  # vn-b's volunteer left
+    clock.advance(60)
+    outcome = await step(reconciler, body, volunteers)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Pending", "NodeLost"), body["status"]
+    assert ray.stopped == [SUBMISSION]
+    assert outcome.reputation == [("vn-b", "timeout")]
+    assert body["status"]["scheduling"]["excludedNodes"] == ["vn-b"]
+    assert body["status"]["failures"] == 0  # not the job's fault: uncounted
+
+
+async def test_a_running_job_whose_nodes_all_live_keeps_running() -> None:
+    volunteers = {
+        "vn-a": {"spec": {"owner": "alice"}, "status": {"phase": "Ready"}},
+        "vn-b": {"spec": {"owner": "bob"}, "status": {"phase": "Ready"}},
+    }
+    ray, clock = ChangingRay(node_list=list(TWO_NODES)), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python train.py", "replicas": 2})
+    await step(reconciler, body, volunteers)
+    await step(reconciler, body, volunteers)
+    ray.set_state(SUBMISSION, RayJobState.RUNNING)
+    for _ in range(3):
+        clock.advance(60)
+        await step(reconciler, body, volunteers)
+    assert body["status"]["phase"] == "Running" and ray.stopped == []
