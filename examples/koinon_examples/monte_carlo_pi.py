@@ -12,6 +12,7 @@ import numpy as np
 import ray
 
 from koinon_examples.placement import current_placement
+from koinon_examples.tracing import job_span
 
 
 @ray.remote
@@ -27,14 +28,15 @@ def main() -> None:
     args = parser.parse_args()
     ray.init()
     placement = current_placement()
-    futures = []
-    for task in range(args.tasks):
-        replica = task % max(1, len(placement.node_addresses))
-        options: dict[str, object] = {"num_gpus": 1 if placement.gpus_per_replica else 0, "num_cpus": 0.5}
-        if placement.node_addresses:
-            options["resources"] = placement.pin(replica)
-        futures.append(count_inside.options(**options).remote(task, args.samples))  # type: ignore[call-overload]
-    inside = sum(ray.get(futures))
+    with job_span("monte_carlo_pi.sample"):  # in the AIJob's trace, under its root span
+        futures = []
+        for task in range(args.tasks):
+            replica = task % max(1, len(placement.node_addresses))
+            options: dict[str, object] = {"num_gpus": 1 if placement.gpus_per_replica else 0, "num_cpus": 0.5}
+            if placement.node_addresses:
+                options["resources"] = placement.pin(replica)
+            futures.append(count_inside.options(**options).remote(task, args.samples))  # type: ignore[call-overload]
+        inside = sum(ray.get(futures))
     estimate = 4.0 * inside / (args.tasks * args.samples)
     driver_node = ray.get_runtime_context().get_node_id()
     where = ", ".join(placement.node_names) or "any node"

@@ -20,11 +20,14 @@ from koinon_operator.reconciler import AIJobReconciler, allocation_of, ray_submi
 from koinon_operator.reputation_book import ReputationBook, outcome_key, sample_uptime_forever
 from koinon_operator.revocation import ResultRechecker, recheck_results_forever
 from koinon_operator.scheduling import WAITING_FOR_S, ReputationPlacer
-from koinon_operator.telemetry import JobTracer, setup_tracing
+from koinon_operator.telemetry import JobTracer, setup_tracing, shutdown_tracing
 from koinon_operator.volunteers import managed_by_gateway, status_from_ray
 
 CONFIG = OperatorConfig.from_env()
 logger = logging.getLogger(__name__)
+# How long the cleanup waits for the last spans to reach the collector: a healthy one takes well
+# under a second, and the pod's 30 s grace period also covers the Lease release and kopf's exit.
+TRACING_SHUTDOWN_S = 5.0
 
 
 @kopf.on.startup()
@@ -80,8 +83,8 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
     memo.leader_election.cancel()
     await memo.leader.release()
     await memo.ray.close()
-    if memo.tracing is not None:
-        memo.tracing.shutdown()  # flush spans still in the batch processor
+    if memo.tracing is not None and not await shutdown_tracing(memo.tracing, TRACING_SHUTDOWN_S):
+        logger.warning("tracing: the collector took over %g s; spans not yet exported are dropped", TRACING_SHUTDOWN_S)
 
 
 @kopf.index(GROUP, VERSION, AIJOB_PLURAL)

@@ -16,7 +16,15 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
-from koinon_operator.api.aijob import AIJobSpec, AIJobStatus, SpecError, format_time, parse_spec, parse_time
+from koinon_operator.api.aijob import (
+    AIJobSpec,
+    AIJobStatus,
+    SpecError,
+    format_micro_time,
+    format_time,
+    parse_spec,
+    parse_time,
+)
 from koinon_operator.api.conditions import set_condition
 from koinon_operator.api.constants import SUBMISSION_PREFIX, ConditionType, Phase
 from koinon_operator.inventory import Allocation, RayNodeCache, build_capacity, node_name
@@ -116,12 +124,11 @@ RUNTIME_ENV_SETUP_FAILURE = "RUNTIME_ENV_SETUP_FAILURE"
 
 def ray_start_time(infos: Iterable[RayJobInfo | None]) -> datetime | None:
     """When the attempt started by Ray's record: the earliest start_time of its copies (Ray stamps
-    it as it accepts a submission, whenever the operator looks), to the second as status keeps it.
-    None when Ray recorded none."""
+    it as it accepts a submission, whenever the operator looks). None when Ray recorded none."""
     starts = [info.start_time_ms for info in infos if info is not None and info.start_time_ms is not None]
     if not starts:
         return None
-    return datetime.fromtimestamp(min(starts) / 1000, UTC).replace(microsecond=0)
+    return datetime.fromtimestamp(min(starts) / 1000, UTC)
 
 
 def lost_nodes(state: AIJobStatus, nodes: Iterable[RayNodeInfo]) -> list[str]:
@@ -522,7 +529,7 @@ class AIJobReconciler:
             # down when the job started (or ran and ended) must not count it from when it looked.
             started = ray_start_time([await self.ray.get(s) for s in ray_submissions_of(state)])
             if started is not None:
-                writer.set(startTime=format_time(started))
+                writer.set(startTime=format_micro_time(started))
                 state = replace(state, start_time=started)
 
         if (
@@ -675,7 +682,7 @@ class AIJobReconciler:
         known = [info for info in infos if info is not None]
         if state.phase is not Phase.RUNNING and any(i.state is RayJobState.RUNNING for i in known):
             if state.start_time is None:  # Ray recorded no start (_advance takes Ray's where it did)
-                writer.set(startTime=format_time(self.clock()))
+                writer.set(startTime=format_micro_time(self.clock()))
             writer.phase(Phase.RUNNING, "Running", f"attempt {state.attempts} running on Ray")
             writer.condition(ConditionType.RUNNING, True, "Running", "running")
             outcome.event("Running", f"attempt {state.attempts} started on {', '.join(state.assigned_nodes)}")
@@ -788,7 +795,7 @@ class AIJobReconciler:
                 result = extract_result(logs)
             writer.set(result=result)
             if state.start_time is None:  # started and ended between two passes, Ray recorded no start
-                writer.set(startTime=format_time(self.clock()))
+                writer.set(startTime=format_micro_time(self.clock()))
             outcome.reputation.extend((node, "success") for node in state.assigned_nodes)
             summary = f"{RESULT_SEPARATOR}{result['value'][:200]}" if "value" in result else ""
             self._finish(
@@ -835,7 +842,7 @@ class AIJobReconciler:
         lost: list[str],
     ) -> None:
         if state.start_time is None:  # copies that ran between two passes, Ray recorded no start
-            writer.set(startTime=format_time(self.clock()))
+            writer.set(startTime=format_micro_time(self.clock()))
         env_charged = self._settle_env_failures(state, infos, writer, outcome)
         outcome.reputation.extend((node, "failure") for node in sorted(env_charged))
         copies: list[CopyResult] = []
@@ -1088,7 +1095,7 @@ class AIJobReconciler:
         self, key: str, writer: _StatusWriter, outcome: Outcome, phase: Phase, reason: str, message: str
     ) -> None:
         self.ledger.release(key)
-        writer.set(completionTime=format_time(self.clock()))
+        writer.set(completionTime=format_micro_time(self.clock()))
         writer.phase(phase, reason, message)
         succeeded = phase is Phase.SUCCEEDED
         writer.condition(ConditionType.RUNNING, False, reason, message)

@@ -13,14 +13,19 @@ Configuration is the standard ``OTEL_*`` environment: ``OTEL_EXPORTER_OTLP_ENDPO
 ``OTEL_TRACES_SAMPLER`` work as usual (a job's spans follow its root span's sampling decision);
 ``OTEL_TRACES_EXPORTER=none`` turns it off, ``console`` prints spans, ``otlp`` named explicitly
 exports to the spec's default endpoint when none is given; ``OTEL_SDK_DISABLED=true`` turns it off.
+A malformed ``OTEL_EXPORTER_OTLP_(TRACES_)HEADERS`` is refused at start, its values never shown.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
 import importlib.metadata
 import os
+import re
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -141,6 +146,7 @@ def _otlp_exporter(explicit: bool) -> SpanExporter | None:
         "OTEL_EXPORTER_OTLP_PROTOCOL",
     )
     protocol = (os.environ.get(variable) or "grpc").strip()
+    _check_otlp_headers()
     # Each exporter reads endpoint, headers and TLS settings from OTEL_* itself.
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -152,6 +158,30 @@ def _otlp_exporter(explicit: bool) -> SpanExporter | None:
         return HttpSpanExporter()
     # Failing loudly: an exporter of the wrong protocol would fail every export in the background.
     raise ValueError(f"{variable}: {protocol!r} is not supported; use one of {OTLP_PROTOCOLS}")
+
+
+# An item of OTEL_EXPORTER_OTLP_(TRACES_)HEADERS as both OTLP exporters parse it
+# (opentelemetry.util.re.parse_env_headers, liberal=True): name=value, the value URL-encoded or
+# plain with spaces; items are separated by commas.
+_HEADER_NAME = r"[\x21\x23-\x27\x2a\x2b\x2d\x2e\x30-\x39\x41-\x5a\x5e-\x7a\x7c\x7e]+"
+_HEADER_VALUE = r"[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*"
+_HEADER_ITEM = re.compile(rf"[ \t]*{_HEADER_NAME}[ \t]*=[ \t]*{_HEADER_VALUE}[ \t]*")
+_HEADER_DELIMITER = re.compile(r"[ \t]*,[ \t]*")
+OTLP_HEADERS_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
+
+
+def _check_otlp_headers() -> None:
+    """Refuses an item the SDK would not parse, naming its variable and position only: the SDK
+    logs such an item whole (an API key with it) and then exports without that header, so every
+    batch fails with 401 in the background while the operator looks healthy."""
+    for variable in OTLP_HEADERS_VARIABLES:
+        items = _HEADER_DELIMITER.split(os.environ.get(variable, ""))
+        for number, item in enumerate(items, 1):
+            if item.strip() and _HEADER_ITEM.fullmatch(item.strip()) is None:
+                raise ValueError(
+                    f"{variable}: item {number} is not name=value (value not shown); write items as "
+                    'name=value separated by commas, without quotes, URL-encoding any , ; \\ or "'
+                )
 
 
 def exporter_settings_problem() -> str | None:
@@ -179,6 +209,20 @@ def setup_tracing(service_name: str = "koinon-operator") -> TracerProvider | Non
         provider.add_span_processor(BatchSpanProcessor(exporter))
     trace.set_tracer_provider(provider)
     return provider
+
+
+async def shutdown_tracing(provider: TracerProvider, timeout_s: float) -> bool:
+    """Flushes the spans still batched and stops the exporters, waiting at most ``timeout_s``
+    (True: done in time). With a collector that does not answer, ``provider.shutdown()`` blocks
+    30 s (the batch processor's join; its force_flush ignores any timeout), which on the event loop
+    holds up the whole cleanup and a rollout until SIGKILL. A daemon thread, not the loop's
+    executor: one still stuck does not keep the process, nor asyncio.run's exit, waiting."""
+    thread = threading.Thread(target=provider.shutdown, name="koinon-tracing-shutdown", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while thread.is_alive() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return not thread.is_alive()
 
 
 def _version() -> str:
@@ -216,13 +260,14 @@ class JobTracer:
         job = self._job(body, status, before)
         if job is None:
             return
-        for event_type, reason, message in events:
-            self._transition(job, status, event_type, reason, message)
+        # A list first: every transition gets its span, and a pass without events ends nothing here.
+        ends = [self._transition(job, status, event_type, reason, message) for event_type, reason, message in events]
+        last_end = max(ends, default=None)
         # The root span once, in the pass that finished the job (not again in the TTL deletion's).
         finished_now = status_written.get("phase")
         if finished_now in ("Succeeded", "Failed") and (body.get("status") or {}).get("phase") != finished_now:
             failed = finished_now == "Failed"
-            self._finish(job, status, StatusCode.ERROR if failed else StatusCode.OK)
+            self._finish(job, status, StatusCode.ERROR if failed else StatusCode.OK, last_end)
 
     def deleted(self, body: Mapping[str, Any], events: Sequence[tuple[str, str, str]] = ()) -> None:
         """A job deleted before it finished: its trace still gets its root span (and the Ray run's,
@@ -241,11 +286,13 @@ class JobTracer:
         status.update(completionTime=deleted_at or status.get("completionTime"), reason="Deleted")
         for event_type, reason, message in events:
             self._transition(job, status, event_type, reason, message)
-        self._transition(job, status, "Normal", "Deleted", f"deleted while {status.get('phase') or 'Pending'}")
+        last_end = self._transition(
+            job, status, "Normal", "Deleted", f"deleted while {status.get('phase') or 'Pending'}"
+        )
         warnings = [(reason, message) for event_type, reason, message in events if event_type == "Warning"]
         if warnings:
             status.update(reason=warnings[0][0], message=warnings[0][1])
-        self._finish(job, status, StatusCode.ERROR if warnings else StatusCode.UNSET)
+        self._finish(job, status, StatusCode.ERROR if warnings else StatusCode.UNSET, last_end)
 
     def _job(
         self, body: Mapping[str, Any], status: Mapping[str, Any], before: Mapping[str, Any] | None = None
@@ -283,7 +330,8 @@ class JobTracer:
 
     def _transition(
         self, job: _TracedJob, status: Mapping[str, Any], event_type: str, reason: str, message: str
-    ) -> None:
+    ) -> int:
+        """Emits the span and returns when it ended (ns), for the root span to cover it."""
         assert self._tracer is not None
         span = self._tracer.start_span(f"aijob.{reason}", context=job.parent, attributes=job.attributes)
         span.set_attribute("koinon.phase", str(status.get("phase")))
@@ -291,9 +339,17 @@ class JobTracer:
         span.set_attribute("koinon.message", message[:1000])
         if event_type == "Warning":
             span.set_status(Status(StatusCode.ERROR, message[:200]))
-        span.end()
+        end = time.time_ns()
+        span.end(end_time=end)
+        return end
 
-    def _finish(self, job: _TracedJob, status: Mapping[str, Any], outcome: StatusCode) -> None:
+    def _finish(
+        self, job: _TracedJob, status: Mapping[str, Any], outcome: StatusCode, last_child_end: int | None
+    ) -> None:
+        """``last_child_end``: when the last transition span of this pass ended. The root ends no
+        earlier: its recorded end (completionTime, or the deletion's timestamp in whole seconds)
+        comes before the spans of the pass that emits it, and backends flag children that outlive
+        their parent (and cut them off in the waterfall)."""
         assert self._tracer is not None
         start, end = parse_time(status.get("startTime")), parse_time(status.get("completionTime"))
         if start and end:
@@ -302,7 +358,8 @@ class JobTracer:
             )
             if outcome is StatusCode.ERROR:
                 run.set_status(Status(StatusCode.ERROR, str(status.get("reason"))))
-            run.end(end_time=_ns(end))
+            # A deletion in the second the run started has a whole-second timestamp before it.
+            run.end(end_time=_ns(max(start, end)))
         token = _forced_ids.set((job.trace_id, job.root_span))
         try:
             # One name for every job's root (span names must stay low-cardinality for span metrics
@@ -320,7 +377,8 @@ class JobTracer:
         if outcome is not StatusCode.UNSET:
             description = f"{status.get('reason')}: {operator_part(str(status.get('message') or ''))}"
             root.set_status(Status(outcome, description[:200]) if outcome is StatusCode.ERROR else Status(outcome))
-        root.end(end_time=_ns(end))
+        ends = [moment for moment in (_ns(end), last_child_end) if moment]
+        root.end(end_time=max(ends) if ends else None)
 
 
 @dataclass(frozen=True)

@@ -104,7 +104,7 @@ async def test_the_deadline_counts_from_rays_start_when_the_operator_first_sees_
     clock.advance(3600)
     await step(make_reconciler(ray, clock), body)
     assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "DeadlineExceeded"), body["status"]
-    assert body["status"]["startTime"] == "2026-01-01T00:00:10Z"  # Ray's start, not the operator's look
+    assert body["status"]["startTime"] == "2026-01-01T00:00:10.000000Z"  # Ray's start, not the operator's look
     assert ray.stopped == [SUBMISSION]
 
 
@@ -129,7 +129,7 @@ async def test_a_job_that_ran_within_its_deadline_unseen_succeeds_with_rays_star
     clock.advance(300)
     await step(make_reconciler(ray, clock), body)
     assert (body["status"]["phase"], body["status"]["reason"]) == ("Succeeded", "Completed"), body["status"]
-    assert body["status"]["startTime"] == "2026-01-01T00:00:10Z"
+    assert body["status"]["startTime"] == "2026-01-01T00:00:10.000000Z"
 
 
 async def test_a_volunteer_that_left_after_its_job_succeeded_does_not_hold_the_job_in_running() -> None:

@@ -1,6 +1,6 @@
 """The examples and `koinon demo` with what a user may hand them: a wrong example file, more
-volunteers than one, fewer texts than volunteers. No cluster is started (Ray's calls are stood in
-for where the embedding model would run)."""
+volunteers than one, fewer texts than volunteers; and their spans join the AIJob's trace. No
+cluster is started (Ray's calls are stood in for where the embedding model would run)."""
 
 from __future__ import annotations
 
@@ -83,3 +83,29 @@ def test_shards_are_consecutive_and_cover_every_text_once() -> None:
     for replicas in range(1, 10):
         shards = embed_texts.shard_texts(texts, replicas)
         assert len(shards) == replicas and [t for s in shards for t in s] == texts
+
+
+def test_the_examples_spans_join_the_aijobs_trace_from_traceparent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: "an instrumented job joins the trace". No SDK reads TRACEPARENT from the environment
+    by itself: without the example's own extraction its spans started traces of their own."""
+    from koinon_examples.tracing import job_span
+    from koinon_operator.telemetry import traceparent
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace_id = "8f6e8530892f46a5a4e3ba60e32a06d0"
+    monkeypatch.setenv("TRACEPARENT", traceparent(trace_id, sampled=True))  # as the operator sets it
+    with job_span("sample", tracer_provider=provider):
+        pass
+    monkeypatch.delenv("TRACEPARENT")
+    with job_span("alone", tracer_provider=provider):  # run by hand: a trace of its own
+        pass
+    joined, alone = exporter.get_finished_spans()
+    root_span_id = int(traceparent(trace_id, sampled=True).split("-")[2], 16)
+    assert joined.context.trace_id == int(trace_id, 16)
+    assert joined.parent is not None and joined.parent.span_id == root_span_id
+    assert alone.parent is None and alone.context.trace_id != int(trace_id, 16)

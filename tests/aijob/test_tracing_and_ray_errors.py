@@ -1,13 +1,18 @@
 """Tracing as SREs rely on it and Ray errors as namespace users see them: the Ray token never in a
 status or a log line, ratio sampling keeps its share of jobs, a deleted job's trace gets its root,
-OTEL_SDK_DISABLED and an explicit OTEL_TRACES_EXPORTER=otlp behave as the spec says, and the Ray
-job is not told its parent was recorded when the operator records nothing."""
+OTEL_SDK_DISABLED and an explicit OTEL_TRACES_EXPORTER=otlp behave as the spec says, the Ray
+job is not told its parent was recorded when the operator records nothing, and the operator's
+shutdown flushes the last spans without waiting long on a collector that does not answer."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from collections.abc import Sequence
 from types import SimpleNamespace
 from typing import Any
+from unittest.mock import AsyncMock, Mock
 
 import kopf
 import pytest
@@ -22,7 +27,8 @@ from koinon_operator.telemetry import (
     exporter_settings_problem,
     setup_tracing,
 )
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import ProxyTracerProvider
 
@@ -342,3 +348,67 @@ async def test_rays_reply_to_a_rejected_submission_stays_out_of_spans() -> None:
         await runner.cleanup()
     assert "sk-live-789" in str(caught.value)
     assert operator_part(str(caught.value)) == "Ray rejected submission (400):"
+
+
+class _HungCollector(SpanExporter):
+    """An OTLP export to a collector that accepts the connection and never answers."""
+
+    def __init__(self) -> None:
+        self.answer = threading.Event()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        self.answer.wait(60)
+        return SpanExportResult.FAILURE
+
+
+def _shutting_down(provider: TracerProvider) -> SimpleNamespace:
+    """The memo kopf's cleanup handler sees, with the operator's other parts stood in for."""
+    return SimpleNamespace(
+        uptime_sampler=Mock(), result_rechecker=Mock(), leader_election=Mock(),
+        leader=SimpleNamespace(release=AsyncMock()), ray=SimpleNamespace(close=AsyncMock()), tracing=provider,
+    )  # fmt: skip
+
+
+async def test_shutdown_with_a_hung_collector_neither_blocks_the_event_loop_nor_waits_30_s(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """provider.shutdown() ran on the event loop and waited 30 s for the batch processor's last
+    export: the rollout's SIGTERM turned into a SIGKILL, and nothing else ran meanwhile."""
+    from koinon_operator import handlers
+
+    monkeypatch.setattr(handlers, "TRACING_SHUTDOWN_S", 0.5, raising=False)
+    collector = _HungCollector()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(BatchSpanProcessor(collector))
+    provider.get_tracer("test").start_span("last").end()
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.05)
+
+    ticker = asyncio.create_task(tick())
+    close: Any = handlers.close  # kopf's decorator types it as a handler spec
+    started = time.monotonic()
+    try:
+        await close(memo=_shutting_down(provider))
+    finally:
+        took = time.monotonic() - started
+        collector.answer.set()
+        ticker.cancel()
+    assert took < 3, f"the cleanup waited {took:.1f} s on the collector"
+    assert ticks >= 5, "the event loop was blocked during the cleanup"
+
+
+async def test_shutdown_flushes_the_last_spans_to_a_collector_that_answers() -> None:
+    from koinon_operator import handlers
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=60_000))
+    provider.get_tracer("test").start_span("last").end()
+    close: Any = handlers.close
+    await close(memo=_shutting_down(provider))
+    assert [s.name for s in exporter.get_finished_spans()] == ["last"]

@@ -1,21 +1,33 @@
-"""Tracing rules that need no cluster: the root span once per job, sampling decided for the whole
-trace, the SRE's service.name kept, and OTLP over HTTP when asked for (to a real HTTP receiver)."""
+"""Tracing rules that need no cluster: the root span once per job and ending after its children,
+sampling decided for the whole trace, the SRE's service.name kept, OTLP over HTTP when asked for
+(to a real HTTP receiver), and malformed OTLP headers refused at start without showing the key."""
 
 from __future__ import annotations
 
 import copy
 import http.server
+import logging
 import os
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
+import kopf
 import pytest
 from koinon_operator.ray_jobs import RayJobState
 from koinon_operator.reconciler import AIJobReconciler, submission_id_for
-from koinon_operator.telemetry import JobIdGenerator, JobTracer, _exporters_from_env, setup_tracing, traceparent
+from koinon_operator.telemetry import (
+    JobIdGenerator,
+    JobTracer,
+    _exporters_from_env,
+    exporter_settings_problem,
+    setup_tracing,
+    traceparent,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -173,3 +185,164 @@ def test_the_operator_exits_at_once_naming_an_otlp_protocol_it_cannot_speak() ->
     )  # fmt: skip
     assert ran.returncode == 2, ran.stderr[-2000:]
     assert "koinon-operator: OTEL_EXPORTER_OTLP_PROTOCOL: 'http/json' is not supported" in ran.stderr
+
+
+HONEYCOMB_KEY = "hcaik_01hq0SECRETSECRETSECRET"
+
+
+@pytest.mark.parametrize("variable", ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        f"x-honeycomb-team: {HONEYCOMB_KEY}",  # ':' instead of '=' (the HTTP way of writing a header)
+        f'"x-honeycomb-team={HONEYCOMB_KEY}"',  # YAML quoting gone wrong: the quotes are in the item
+        f'x-honeycomb-team="{HONEYCOMB_KEY}"',  # ... or in the value
+    ],
+)
+def test_a_malformed_otlp_headers_item_is_refused_at_start_without_showing_the_api_key(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, variable: str, headers: str
+) -> None:
+    """The SDK logged the malformed item whole (the API key with it) and the operator then exported
+    without the header: every batch failed with 401 in the background."""
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://api.honeycomb.io:443")
+    monkeypatch.setenv(variable, f"x-honeycomb-dataset=koinon,{headers}")
+    caplog.set_level(logging.DEBUG)
+    problem = exporter_settings_problem()  # what main() runs before kopf starts
+    if problem is None:  # main() would go on to kopf, whose startup handler runs this
+        provider = setup_tracing()
+        if provider is not None:
+            provider.shutdown()
+    assert HONEYCOMB_KEY not in caplog.text, "the Honeycomb API key was written to the operator's log"
+    assert problem is not None and problem.startswith(f"{variable}: item 2 ")
+    assert HONEYCOMB_KEY not in problem and "honeycomb" not in problem
+    with pytest.raises(ValueError, match=f"{variable}: item 2 "):
+        setup_tracing()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        "x-honeycomb-team=hcaik_01",
+        "Authorization=Basic%20dXNlcjpwYXNz, x-scope-orgid = tenant-1",  # URL-encoded; spaces around
+        "Authorization=Bearer abc.def",  # a plain space in the value: the SDK takes it too
+        "api-key=YWJj==,",  # '=' in a base64 value; a trailing comma
+        "",
+    ],
+)
+def test_otlp_headers_the_sdk_parses_are_accepted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, headers: str
+) -> None:
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", headers)
+    caplog.set_level(logging.WARNING)
+    assert exporter_settings_problem() is None
+    assert "Header format invalid" not in caplog.text
+
+
+def test_the_operator_exits_2_on_a_malformed_otlp_headers_item(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from koinon_operator.main import main
+
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://api.honeycomb.io:443")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", f"x-honeycomb-team: {HONEYCOMB_KEY}")
+
+    def kopf_run(**_: Any) -> None:
+        raise AssertionError("kopf started with the API key left out of every export")
+
+    monkeypatch.setattr(kopf, "run", kopf_run)
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "koinon-operator: OTEL_EXPORTER_OTLP_HEADERS: item 1 is not name=value" in err
+    assert HONEYCOMB_KEY not in err
+
+
+def _children_ending_after(spans: Any) -> tuple[Any, list[tuple[str, float]]]:
+    """The root span, and its children that end after it (name, ms after)."""
+    root = next(s for s in spans if s.name == "aijob")
+    children = [s for s in spans if s.parent is not None and s.parent.span_id == root.context.span_id]
+    return root, [(s.name, (s.end_time - root.end_time) / 1e6) for s in children if s.end_time > root.end_time]
+
+
+async def _run_with_the_real_clock(tracer: JobTracer, ray: FakeRay, body: dict[str, Any], until: str) -> None:
+    """Passes on ``body`` up to phase ``until``, on the wall clock (as the operator's): the
+    transition spans end at the real now, as they do in the operator."""
+    clock = Clock()
+    reconciler = make_reconciler(ray, clock)
+    body["metadata"]["creationTimestamp"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ray_states = [None, None, RayJobState.RUNNING, RayJobState.SUCCEEDED]  # Accepted, Submitted, ...
+    for ray_state in ray_states:
+        if ray_state is not None:
+            ray.set_state(submission_id_for(UID, 1), ray_state, exit_code=0 if ray_state.terminal else None)
+        clock.now = datetime.now(UTC)
+        await _traced_step(reconciler, tracer, body)
+        if body["status"]["phase"] == until:
+            return
+
+
+async def test_the_root_span_does_not_end_before_the_spans_of_the_pass_that_finished_the_job() -> None:
+    """The root ended at completionTime, in whole seconds, while the transitions of that very pass
+    (aijob.Completed) ended at the nanosecond now: up to a second after their parent."""
+    tracer, exporter = _tracer(TracerProvider(id_generator=JobIdGenerator()))
+    body = make_body({"entrypoint": "python x.py"})
+    await _run_with_the_real_clock(tracer, FakeRay(), body, until="Succeeded")
+    assert body["status"]["phase"] == "Succeeded"
+    root, late = _children_ending_after(exporter.get_finished_spans())
+    assert not late, f"children ending after the root (ms after it): {late}"
+    assert root.context.trace_id == int(body["status"]["traceId"], 16)  # still the job's own ids
+
+
+async def test_a_deleted_jobs_root_span_does_not_end_before_its_stopped_and_deleted_spans(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The root ended at deletionTimestamp (whole seconds, set by the API server), before the
+    Stopped and Deleted spans the deletion handler emits afterwards."""
+    from koinon_operator import handlers
+
+    monkeypatch.setattr(kopf, "event", lambda *args, **kwargs: None)
+    tracer, exporter = _tracer(TracerProvider(id_generator=JobIdGenerator()))
+    ray, body = FakeRay(), make_body({"entrypoint": "python x.py"})
+    await _run_with_the_real_clock(tracer, ray, body, until="Running")
+    assert body["status"]["phase"] == "Running"
+    body["metadata"]["deletionTimestamp"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    memo = SimpleNamespace(
+        reconciler=make_reconciler(ray, Clock()), tracer=tracer, leader=SimpleNamespace(is_leader=True, term=1)
+    )
+    stop_ray_job: Any = handlers.stop_ray_job  # kopf's decorator types it as a handler spec
+    await stop_ray_job(body=body, memo=memo)
+    spans = exporter.get_finished_spans()
+    _, late = _children_ending_after(spans)
+    assert {"aijob.Stopped", "aijob.Deleted"} <= {s.name for s in spans}
+    assert not late, f"children ending after the root (ms after it): {late}"
+    run = next(s for s in spans if s.name == "ray.job")
+    assert run.start_time is not None and run.end_time is not None
+    assert run.start_time <= run.end_time, "the ray.job span ends before it starts"
+
+
+async def test_the_ray_job_span_keeps_the_sub_second_start_and_end_of_the_run() -> None:
+    """startTime and completionTime were written in whole seconds, cutting the ray.job span by up
+    to a second at either end."""
+    tracer, exporter = _tracer(TracerProvider(id_generator=JobIdGenerator()))
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py"})
+    await _traced_step(reconciler, tracer, body)  # Accepted + Scheduled
+    await _traced_step(reconciler, tracer, body)  # Submitted
+    ray.set_state(submission_id_for(UID, 1), RayJobState.RUNNING)
+    clock.now = clock.now.replace(microsecond=250_000)
+    started = clock.now
+    await _traced_step(reconciler, tracer, body)  # Running
+    ray.set_state(submission_id_for(UID, 1), RayJobState.SUCCEEDED, exit_code=0)
+    clock.advance(3.5)
+    await _traced_step(reconciler, tracer, body)  # Completed
+    assert body["status"]["phase"] == "Succeeded"
+    run = next(s for s in exporter.get_finished_spans() if s.name == "ray.job")
+    assert run.start_time is not None and run.end_time is not None
+    assert run.start_time / 1e9 == pytest.approx(started.timestamp(), abs=1e-6)
+    assert (run.end_time - run.start_time) / 1e9 == pytest.approx(3.5, abs=1e-5)

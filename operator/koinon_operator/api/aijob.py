@@ -162,6 +162,13 @@ def format_time(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def format_micro_time(moment: datetime) -> str:
+    """RFC 3339 with microseconds (Kubernetes' MicroTime layout, fixed width so the strings still
+    sort as times): startTime and completionTime bound the job's ``ray.job`` span, which whole
+    seconds would cut by up to a second at either end."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def _earlier_results(verification: object) -> tuple[tuple[str, str, str], ...]:
     """verification.earlierResults as (node, owner, digest); entries not of that shape are skipped
     (a hand-edited status must not stop the job)."""
