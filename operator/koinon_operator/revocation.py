@@ -3,7 +3,8 @@ whose accepted result only that owner vouched for (a trusted node's skipped veri
 quorum of caught owners) are marked ``ResultRevoked``.
 
 A finished job is not run again by itself: its result may already have been consumed, and phases
-do not go backwards. The condition (and a log line) tell the job's owners to re-create it. Owners
+do not go backwards. The condition, a Warning Event on the AIJob (what `kubectl describe` and
+event-based alerting show) and a log line tell the job's owners to re-create it. Owners
 are caught as the placer sees them: their nodes' decayed disagreements add up past the tolerance
 that also takes away their right to skip verification.
 """
@@ -110,12 +111,13 @@ class ResultRechecker:
             listed = api.list_namespaced_custom_object(GROUP, VERSION, self._namespace, AIJOB_PLURAL)
         else:
             listed = api.list_cluster_custom_object(GROUP, VERSION, AIJOB_PLURAL)
+        events = client.CoreV1Api()
         marked = 0
         for aijob in cast(dict[str, Any], listed).get("items") or ():
             meta = aijob.get("metadata") or {}
             try:  # one job that cannot be marked (a malformed status, a 422) does not stop the rest
                 message = revocation_message(aijob, caught)
-                if message is not None and self._mark(api, aijob, message):
+                if message is not None and self._mark(api, events, aijob, message):
                     marked += 1
                     if self._tracer is not None:
                         self._tracer.record(aijob, {}, [("Warning", "ResultRevoked", message)])
@@ -124,7 +126,7 @@ class ResultRechecker:
         return marked
 
     @staticmethod
-    def _mark(api: client.CustomObjectsApi, aijob: Mapping[str, Any], message: str) -> bool:
+    def _mark(api: client.CustomObjectsApi, events: client.CoreV1Api, aijob: Mapping[str, Any], message: str) -> bool:
         meta = aijob["metadata"]
         conditions = set_condition(
             (aijob.get("status") or {}).get("conditions") or (),
@@ -144,7 +146,37 @@ class ResultRechecker:
                 return False
             raise
         logger.warning("AIJob %s/%s: ResultRevoked: %s", meta["namespace"], meta["name"], message)
+        _post_event(events, aijob, message)
         return True
+
+
+def _post_event(events: client.CoreV1Api, aijob: Mapping[str, Any], message: str) -> None:
+    """A Warning Event on the AIJob, as kopf posts the reconciler's (core v1, by the operator's
+    name). Best effort: the condition is written and stays the record."""
+    meta = aijob["metadata"]
+    now = datetime.now(UTC)
+    event = client.CoreV1Event(
+        metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+        involved_object=client.V1ObjectReference(
+            api_version=f"{GROUP}/{VERSION}",
+            kind="AIJob",
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=meta.get("uid"),
+        ),
+        type="Warning",
+        reason="ResultRevoked",
+        message=message[:1024],
+        source=client.V1EventSource(component="koinon-operator"),
+        first_timestamp=now,
+        last_timestamp=now,
+        count=1,
+        reporting_component="koinon-operator",
+    )
+    try:
+        events.create_namespaced_event(meta["namespace"], event)
+    except Exception as error:  # best effort (an API error, the API away): logged, not raised
+        logger.warning("AIJob %s/%s: ResultRevoked event not posted: %s", meta["namespace"], meta["name"], error)
 
 
 async def recheck_results_forever(

@@ -102,6 +102,13 @@ async def test_the_rechecker_marks_only_the_jobs_a_caught_owner_alone_vouched_fo
     assert (revoked["status"], revoked["reason"]) == ("True", "VoucherCaught") and "mallory" in revoked["message"]
     assert conditions("skipped")["Complete"]["status"] == "True"  # the phase is left as it was
     assert "ResultRevoked" not in conditions("confirmed")
+    # A Warning Event on the job too, for `kubectl describe` and event-based alerts.
+    events = cluster.call(lambda e: e.list_objects("v1", "Event", namespace="default"))
+    revoked_events = [e for e in events if e["reason"] == "ResultRevoked"]
+    assert [(e["type"], e["involvedObject"]["kind"], e["involvedObject"]["name"]) for e in revoked_events] == [
+        ("Warning", "AIJob", "skipped")
+    ]
+    assert "mallory" in revoked_events[0]["message"]
 
 
 def _skipped_two_replica_job() -> dict[str, Any]:
@@ -145,7 +152,13 @@ def test_one_job_with_a_malformed_verification_does_not_stop_the_rest(monkeypatc
         def patch_namespaced_custom_object_status(self, *args: Any) -> None:
             marked.append(args[4])
 
+    class Events:
+        def create_namespaced_event(self, namespace: str, event: Any) -> None:
+            posted.append(event.involved_object.name)
+
+    posted: list[str] = []
     monkeypatch.setattr("koinon_operator.revocation.load_config", lambda: None)
     monkeypatch.setattr("kubernetes.client.CustomObjectsApi", Api)
+    monkeypatch.setattr("kubernetes.client.CoreV1Api", Events)
     ResultRechecker()._recheck(NOW)
-    assert marked == ["skipped"]
+    assert marked == ["skipped"] and posted == ["skipped"]
