@@ -3,6 +3,7 @@ capacity that AIJobs already hold."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -196,19 +197,31 @@ def _epoch(value: object) -> float | None:
 
 class RayNodeCache:
     """Ray's node list, fetched at most once per ``max_age_seconds`` (admission of hundreds of jobs
-    at once must not turn into hundreds of dashboard calls)."""
+    at once must not turn into hundreds of dashboard calls). Callers that find it stale at the same
+    moment (kopf's timers of many jobs fire together) share one fetch."""
 
     def __init__(self, ray: RayJobsClient, max_age_seconds: float = 1.0) -> None:
         self._ray = ray
         self._max_age = max_age_seconds
         self._fetched_at = float("-inf")
+        """When the list in hand was asked for (monotonic)."""
+        self._fresh_after = float("-inf")
+        """invalidate(): a list asked for before this moment will not do."""
         self._nodes: Sequence[RayNodeInfo] = ()
+        self._fetching = asyncio.Lock()
+
+    def _stale(self) -> bool:
+        return self._fetched_at < self._fresh_after or time.monotonic() - self._fetched_at > self._max_age
 
     async def get(self) -> Sequence[RayNodeInfo]:
-        if time.monotonic() - self._fetched_at > self._max_age:
-            self._nodes = await self._ray.nodes()
-            self._fetched_at = time.monotonic()
+        if self._stale():
+            async with self._fetching:
+                if self._stale():  # else another caller fetched it while this one waited
+                    asked_at = time.monotonic()
+                    self._nodes = await self._ray.nodes()
+                    self._fetched_at = asked_at
         return self._nodes
 
     def invalidate(self) -> None:
-        self._fetched_at = float("-inf")
+        """The next get() returns a list asked for after this call."""
+        self._fresh_after = time.monotonic()

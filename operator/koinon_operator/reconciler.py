@@ -694,9 +694,18 @@ class AIJobReconciler:
             # PENDING for ever too). The cached node list notices; a fresh one confirms, as when
             # the attempt ends. No grace of our own: Ray marks a node dead only once its health
             # checks have failed for a while, and a dead Ray node never comes back (a volunteer
-            # that rejoins does so as a new Ray node).
-            if lost_nodes(state, await self.nodes.get()):
-                lost = await self._lost_nodes(state)
+            # that rejoins does so as a new Ray node). Only nodes of copies still running count: a
+            # copy that ended is judged with the others once they end (its node may go home).
+            running = {
+                node
+                for k, info in enumerate(infos)
+                if info is not None and not info.state.terminal
+                for node in state.copy_nodes(k)
+            }
+            # Every pass of every running job looks: the cache (one fetch a second at most, shared
+            # by passes that find it stale together) keeps that off Ray's node API.
+            if running.intersection(lost_nodes(state, await self.nodes.get())):
+                lost = [node for node in await self._lost_nodes(state) if node in running]
                 if lost:
                     await self._node_lost(key, spec, state, writer, outcome, lost)
             return

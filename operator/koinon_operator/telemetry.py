@@ -174,8 +174,11 @@ def _check_otlp_headers() -> None:
     """Refuses an item the SDK would not parse, naming its variable and position only: the SDK
     logs such an item whole (an API key with it) and then exports without that header, so every
     batch fails with 401 in the background while the operator looks healthy."""
-    for variable in OTLP_HEADERS_VARIABLES:
-        items = _HEADER_DELIMITER.split(os.environ.get(variable, ""))
+    # Only the variable the exporter reads: the signal's own, else the generic one (a generic value
+    # meant for other signals or SDKs must not stop the operator when the traces one is set).
+    variable = next((v for v in OTLP_HEADERS_VARIABLES if os.environ.get(v)), None)
+    if variable is not None:
+        items = _HEADER_DELIMITER.split(os.environ[variable])
         for number, item in enumerate(items, 1):
             if item.strip() and _HEADER_ITEM.fullmatch(item.strip()) is None:
                 raise ValueError(

@@ -7,10 +7,12 @@ Reconciler passes against a fake Ray Job API (tests/aijob/fake_ray.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, replace
 from typing import Any
 
 from koinon_operator.inventory import RayNodeCache
+from koinon_operator.placement import FirstFitPlacer
 from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayNodeInfo, RayUnavailableError
 from koinon_operator.reconciler import AIJobReconciler, copy_submission_id, submission_id_for
 from koinon_operator.scheduling import ReputationPlacer
@@ -319,3 +321,94 @@ async def test_a_running_job_whose_nodes_all_live_keeps_running() -> None:
         clock.advance(60)
         await step(reconciler, body, volunteers)
     assert body["status"]["phase"] == "Running" and ray.stopped == []
+
+
+THREE_NODES = [
+    RayNodeInfo("r1", "127.0.20.1", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-a"}),
+    RayNodeInfo("r2", "127.0.20.2", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-b"}),
+    RayNodeInfo("r3", "127.0.20.3", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-c"}),
+]
+THREE_OWNERS = {
+    "vn-a": {"spec": {"owner": "alice"}, "status": {"phase": "Ready"}},
+    "vn-b": {"spec": {"owner": "bob"}, "status": {"phase": "Ready"}},
+    "vn-c": {"spec": {"owner": "carol"}, "status": {"phase": "Ready"}},
+}
+
+
+async def test_a_copy_whose_node_left_after_it_succeeded_does_not_fail_over_the_copies_still_running() -> None:
+    # Copy 0 succeeded, then its volunteer went home; copies 1 and 2 still run. The attempt waits
+    # for them and is judged: the finished copy's node is not "lost mid-job" (nor charged for it).
+    ray, clock = ChangingRay(node_list=list(THREE_NODES)), Clock()
+    fake: Any = ray
+    reconciler = AIJobReconciler(
+        ray=fake,
+        placer=ReputationPlacer(clock=lambda: clock.now.timestamp()),
+        nodes=RayNodeCache(fake, max_age_seconds=0.0),
+        clock=lambda: clock.now,
+        monotonic=lambda: clock.mono,
+    )
+    body = make_body({"entrypoint": "python x.py", "verification": {"mode": "replicated", "quorum": 3}})
+    for _ in range(5):
+        await step(reconciler, body, THREE_OWNERS)
+        clock.advance(40)
+    assert len(ray.jobs) == 3, body["status"]
+    ids = body["status"]["rayNodeIds"]
+    for k in range(3):
+        sub = copy_submission_id(UID, 1, k)
+        state = RayJobState.SUCCEEDED if k == 0 else RayJobState.RUNNING
+        ray.jobs[sub] = RayJobInfo(sub, state, "", ids[k], 1, 2 if k == 0 else None, 0 if k == 0 else None)
+    await step(reconciler, body, THREE_OWNERS)
+    first_node = body["status"]["assignedNodes"][0]
+    ray.node_list = [n if n.node_id != ids[0] else replace(n, alive=False) for n in THREE_NODES]
+    clock.advance(30)
+    outcome = await step(reconciler, body, THREE_OWNERS)
+    assert ray.stopped == [], body["status"]
+    assert (first_node, "timeout") not in outcome.reputation
+    for k in (1, 2):
+        sub = copy_submission_id(UID, 1, k)
+        ray.jobs[sub] = RayJobInfo(sub, RayJobState.SUCCEEDED, "", ids[k], 1, 3, 0)
+    clock.advance(30)
+    await step(reconciler, body, THREE_OWNERS)
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+
+
+@dataclass
+class CountingNodesRay(FakeRay):
+    node_calls: int = 0
+
+    async def nodes(self) -> list[RayNodeInfo]:
+        self.node_calls += 1
+        await asyncio.sleep(0.01)  # a real request takes a while
+        return NODES
+
+
+async def test_concurrent_passes_of_running_jobs_share_one_node_list_fetch() -> None:
+    # Every pass of a running job checks its nodes; kopf's timers of many jobs fire together, and
+    # each finding the cache stale must not send its own request to Ray's node API.
+    ray, clock = CountingNodesRay(), Clock()
+    fake: Any = ray
+    reconciler = AIJobReconciler(
+        ray=fake,
+        placer=FirstFitPlacer(),
+        nodes=RayNodeCache(fake),
+        clock=lambda: clock.now,
+        monotonic=lambda: clock.mono,
+    )
+    bodies: list[dict[str, Any]] = []
+    for i in range(100):
+        uid = f"00000000-0000-0000-0000-{i:012d}"
+        sub = submission_id_for(uid, 1)
+        bodies.append({
+            "metadata": {"name": f"j{i}", "namespace": "ns", "uid": uid, "generation": 1,
+                         "creationTimestamp": "2026-01-01T00:00:00Z", "resourceVersion": "1"},
+            "spec": {"entrypoint": "python x.py"},
+            "status": {"phase": "Running", "attempts": 1, "failures": 0, "submissionId": sub,
+                       "assignedNodes": ["vn-1"], "rayNodeIds": ["r1"], "startTime": "2026-01-01T00:00:01Z",
+                       "traceId": "0" * 32},
+        })  # fmt: skip
+        ray.jobs[sub] = RayJobInfo(sub, RayJobState.RUNNING, "", "r1", 1, None, None)
+    volunteers = {"vn-1": {"spec": {"owner": "alice"}, "status": {"phase": "Ready"}}}
+    outcomes = await asyncio.gather(*(step(reconciler, b, volunteers) for b in bodies))
+    assert ray.node_calls == 1
+    assert not any(o.events for o in outcomes)
+    assert all(b["status"]["phase"] == "Running" for b in bodies)

@@ -242,6 +242,23 @@ def test_otlp_headers_the_sdk_parses_are_accepted(
     assert "Header format invalid" not in caplog.text
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_a_generic_otlp_headers_value_the_exporter_does_not_read_is_not_checked(
+    monkeypatch: pytest.MonkeyPatch, protocol: str
+) -> None:
+    # The exporters take the traces variable when it is set, the generic one only otherwise: a
+    # generic value meant for other signals or SDKs must not stop the operator.
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "authorization=Bearer%20abc")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", 'x-scope="tenant a"')
+    assert exporter_settings_problem() is None
+    # Unset (or empty) traces headers: the generic value is the one read, and checked.
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "")
+    assert "OTEL_EXPORTER_OTLP_HEADERS: item 1" in (exporter_settings_problem() or "")
+
+
 def test_the_operator_exits_2_on_a_malformed_otlp_headers_item(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
