@@ -88,9 +88,11 @@ async def close(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.index(GROUP, VERSION, AIJOB_PLURAL)
-def aijob_allocations(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[str, Allocation] | None:
+def aijob_allocations(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[str, Allocation]:
     allocation = allocation_of(body)
-    return {f"{namespace}/{name}": allocation} if allocation is not None else None
+    # {} and not None for a job that holds nothing (finished, pending): kopf keeps an object's
+    # previous entry when its index function returns None, so a finished job's GPUs stayed booked.
+    return {f"{namespace}/{name}": allocation} if allocation is not None else {}
 
 
 @kopf.index(GROUP, VERSION, VOLUNTEER_PLURAL)

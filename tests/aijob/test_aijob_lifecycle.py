@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,19 @@ def test_job_runs_to_success_with_status_conditions_and_events(
     assert ray_job["driver_node_id"] == status["rayNodeIds"][0]
     table = control_plane.kubectl("get", "aij", "-n", namespace)
     assert re.search(r"pi\s+Succeeded\s+1\s+1\s+1", table), table
+
+
+def test_finished_jobs_give_their_gpus_back(control_plane: ControlPlane, namespace: str, operator: object) -> None:
+    # Each job takes every GPU of the largest volunteers; the second can run only once the first,
+    # finished, no longer counts against them (it used to stay booked in the operator's index).
+    nodes = json.loads(control_plane.kubectl("get", "volunteernodes", "-o", "json"))["items"]
+    ready = [n for n in nodes if (n.get("status") or {}).get("phase") == "Ready"]
+    most = max(len(n["spec"]["gpus"]) for n in ready)
+    largest = sum(1 for n in ready if len(n["spec"]["gpus"]) == most)
+    for name in ("first", "second", "third"):
+        control_plane.apply(aijob(name, namespace, PI_JOB, resources={"gpus": most}, replicas=largest))
+        done = control_plane.wait_phase(name, namespace, "Succeeded")
+        assert done["status"]["attempts"] == 1
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
+import kopf
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from koinon_operator import handlers
 from koinon_operator.api.aijob import AIJobStatus, SpecError, parse_spec
 from koinon_operator.api.conditions import set_condition
 from koinon_operator.api.constants import Phase
@@ -21,6 +24,8 @@ from koinon_operator.reconciler import (
     submission_id_for,
     trace_id_for,
 )
+from kopf._core.actions.execution import Outcome
+from kopf._core.engines.indexing import OperatorIndexer, OperatorIndexers
 
 
 @pytest.mark.parametrize(
@@ -215,3 +220,39 @@ def test_a_large_replicated_aijob_waits_for_a_trusted_volunteer_then_runs_anywhe
     )  # fmt: skip
     assert to_job(short).expected_duration_s == 600
     assert ReputationPlacer(clock=lambda: created + 60.0).place(short, capacity).placed
+
+
+def _indexed_allocations(phases: list[str]) -> dict[str, Any]:
+    """The operator's capacity index (kopf's own indexers) after one watch event per phase."""
+    indexers = OperatorIndexers()
+    indexers["aijob_allocations"] = OperatorIndexer()  # type: ignore[index]
+    for phase in phases:
+        body = kopf.Body(
+            {
+                "apiVersion": "koinon.dev/v1alpha1",
+                "kind": "AIJob",
+                "metadata": {"name": "j", "namespace": "default", "uid": "u1"},
+                "spec": {"entrypoint": "x", "resources": {"gpus": 2, "cpus": 1}},
+                "status": {
+                    "phase": phase,
+                    "assignedNodes": ["node-a"],
+                    "submissionId": "koinon-u1-1",
+                    "scheduling": {"gpusPerReplica": 2, "cpusPerReplica": 1},
+                },
+            }
+        )
+        index_function: Any = handlers.aijob_allocations  # kopf.index types it as kopf's callback
+        result = index_function(body=body, namespace="default", name="j")
+        indexers.replace(body, {"aijob_allocations": Outcome(final=True, result=result)})  # type: ignore[dict-item]
+    return handlers._first_values(indexers.indices["aijob_allocations"])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "phases", [["Running", "Failed"], ["Scheduled", "Running", "Succeeded"], ["Running", "Pending"]]
+)
+def test_a_job_that_stops_holding_nodes_leaves_the_capacity_index(phases: list[str]) -> None:
+    # kopf keeps an object's entry when its index function returns None: finished jobs' GPUs stayed
+    # booked, and a pool filled up for good while nothing ran.
+    assert set(_indexed_allocations(phases[:-1])) == {"default/j"}
+    assert _indexed_allocations(phases) == {}
+    assert Ledger().current(_indexed_allocations(phases)) == []
