@@ -809,6 +809,19 @@ class TunnelService:
             return
         if pending.accepted.done():  # the originator gave up waiting
             return
+        # This call's initial metadata goes out now, from its own handler. The originator's task
+        # writes to the stream next, and may be cancelled mid-write (its dialer hung up): grpc.aio
+        # then believes the metadata unsent (it notes it only once a write completes), the OK this
+        # handler ends with asks to send it again, grpc refuses that batch (too many operations),
+        # and the acceptor's call never ends: its agent holds the connection to its Ray port.
+        try:
+            await context.send_initial_metadata(())
+        except Exception as exc:  # the acceptor's call is gone already
+            if not pending.accepted.done():
+                pending.accepted.set_exception(DialRefused("unreachable", f"peer's accept stream failed: {exc!r}"))
+            return
+        if pending.accepted.done():  # the originator gave up meanwhile
+            return
         pending.accepted.set_result(channel)
         # The originator splices; keep this call open until it is done.
         violation = await pending.finished

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+from koinon_gateway import tunnel_io
 from koinon_gateway.rpc import EOF, tunnel_stub
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
@@ -231,3 +232,68 @@ async def test_a_malformed_frame_from_the_accepting_volunteer_ends_its_stream_wi
         assert c.gateway.metrics.refused_streams["protocol-violation"] == 1
         for call in (dial, control):
             call.cancel()
+
+
+async def test_the_acceptors_stream_ends_when_the_dialer_hangs_up_while_a_frame_to_it_is_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A -> gateway -> B. A hangs up (grpc.aio cancels the handler of A's stream, which splices)
+    just as the gateway writes the first frame to B's Accept stream: that write is cancelled while
+    grpc still sends it. B's stream must still end once the gateway is done with the connection.
+    It used to stay open for ever: grpc.aio took B's initial metadata for unsent (it notes it once
+    a write completes), the OK of B's handler asked to send it again, grpc refused that batch, and
+    B's agent held the call and its connection to the Ray port."""
+    from koinon_gateway import service
+
+    original = tunnel_io.splice_channels  # what service calls
+
+    class DialerHangsUpMidWrite:
+        """B's end: its first write cancels the dialer's handler, which cancels this write in turn
+        once it waits in grpc (the same loop turn, before grpc can have completed it)."""
+
+        def __init__(self, peer: tunnel_io.FrameChannel, handler: asyncio.Task[Any]) -> None:
+            self._peer, self._handler, self._hung_up = peer, handler, False
+
+        async def read_frame(self) -> Any:
+            return await self._peer.read_frame()
+
+        async def write_frame(self, frame: Any) -> None:
+            if not self._hung_up:
+                self._hung_up = True
+                self._handler.cancel()
+            await self._peer.write_frame(frame)
+
+        async def end_writing(self) -> None:
+            await self._peer.end_writing()
+
+    async def splice_while_the_dialer_hangs_up(a: tunnel_io.FrameChannel, b: tunnel_io.FrameChannel) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        await original(a, DialerHangsUpMidWrite(b, handler))
+
+    monkeypatch.setattr(service, "splice_channels", splice_while_the_dialer_hangs_up)
+    async with cluster(tmp_path, heartbeat_timeout_s=30.0) as c, channel_for(c) as channel:
+        a = await c.start_agent("alpha")
+        assert a.identity is not None
+        joined, control = await registered_mute_node(c, channel, "b")
+        dial = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.identity.credential}"),))
+        accept = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {joined.credential}"),))
+        try:
+            target = pb.Dial(host=joined.assignment.address, port=joined.assignment.ports.node_manager_port)
+            await dial.write(pb.Frame(dial=target))
+            opened = await next_open_connection(control)
+            await accept.write(pb.Frame(accept=pb.Accept(connection_id=opened.connection_id)))
+            await accept.write(pb.Frame(dial_result=pb.DialResult(ok=True)))
+            assert (await asyncio.wait_for(dial.read(), 5)).dial_result.ok  # type: ignore[union-attr]
+            await dial.write(b"x")  # a Data frame, forwarded to B: the write the hang-up cancels
+            received = []
+            try:
+                while (frame := await asyncio.wait_for(accept.read(), 5)) is not EOF:
+                    received.append(frame)
+            except TimeoutError:
+                raise AssertionError(f"B's Accept stream never ended (it received {received})") from None
+            assert await asyncio.wait_for(accept.code(), 5) == grpc.StatusCode.OK
+            assert c.gateway.router.pending == {}
+        finally:
+            for call in (dial, accept, control):
+                call.cancel()
