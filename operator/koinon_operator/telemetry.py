@@ -166,6 +166,9 @@ def _otlp_exporter(explicit: bool) -> SpanExporter | None:
 _HEADER_NAME = r"[\x21\x23-\x27\x2a\x2b\x2d\x2e\x30-\x39\x41-\x5a\x5e-\x7a\x7c\x7e]+"
 _HEADER_VALUE = r"[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*"
 _HEADER_ITEM = re.compile(rf"[ \t]*{_HEADER_NAME}[ \t]*=[ \t]*{_HEADER_VALUE}[ \t]*")
+# Quotes left in from YAML or a shell: the SDK would take them as part of the name or the value
+# and send a header the backend does not know (every export refused, nothing logged).
+_QUOTED = re.compile(r"""\s*['"]|.*=\s*'.*'\s*$""")
 _HEADER_DELIMITER = re.compile(r"[ \t]*,[ \t]*")
 OTLP_HEADERS_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
 
@@ -180,7 +183,7 @@ def _check_otlp_headers() -> None:
     if variable is not None:
         items = _HEADER_DELIMITER.split(os.environ[variable])
         for number, item in enumerate(items, 1):
-            if item.strip() and _HEADER_ITEM.fullmatch(item.strip()) is None:
+            if item.strip() and (_HEADER_ITEM.fullmatch(item.strip()) is None or _QUOTED.match(item)):
                 raise ValueError(
                     f"{variable}: item {number} is not name=value (value not shown); write items as "
                     'name=value separated by commas, without quotes, URL-encoding any , ; \\ or "'

@@ -197,6 +197,8 @@ HONEYCOMB_KEY = "hcaik_01hq0SECRETSECRETSECRET"
         f"x-honeycomb-team: {HONEYCOMB_KEY}",  # ':' instead of '=' (the HTTP way of writing a header)
         f'"x-honeycomb-team={HONEYCOMB_KEY}"',  # YAML quoting gone wrong: the quotes are in the item
         f'x-honeycomb-team="{HONEYCOMB_KEY}"',  # ... or in the value
+        f"'x-honeycomb-team={HONEYCOMB_KEY}'",  # single quotes: logged by no one, sent as a wrong header
+        f"x-honeycomb-team='{HONEYCOMB_KEY}'",
     ],
 )
 def test_a_malformed_otlp_headers_item_is_refused_at_start_without_showing_the_api_key(
