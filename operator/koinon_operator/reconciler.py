@@ -10,6 +10,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -216,8 +217,17 @@ def trace_id_for(uid: str) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:32]
 
 
+# Terminal escape sequences (colours, cursor moves: Ray's and many libraries' log output) and the
+# other control characters but tab and line breaks: kubectl, Events and tracing backends show them
+# as garbage.
+_TERMINAL_CONTROLS = re.compile(
+    r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
+)
+
+
 def log_tail(logs: str, lines: int = LOG_TAIL_LINES) -> str:
-    return "\n".join(logs.rstrip().splitlines()[-lines:])
+    """The last `lines` lines of a driver's log, as plain text (status and Events show it)."""
+    return "\n".join(_TERMINAL_CONTROLS.sub("", logs.rstrip()).splitlines()[-lines:])
 
 
 def extract_result(logs: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from koinon_operator.reconciler import (
     RayBackoff,
     allocation_of,
     extract_result,
+    log_tail,
     submission_id_for,
     trace_id_for,
 )
@@ -256,3 +257,9 @@ def test_a_job_that_stops_holding_nodes_leaves_the_capacity_index(phases: list[s
     assert set(_indexed_allocations(phases[:-1])) == {"default/j"}
     assert _indexed_allocations(phases) == {}
     assert Ledger().current(_indexed_allocations(phases)) == []
+
+
+def test_log_tails_are_plain_text() -> None:
+    # Ray colours its log prefixes: status, Events and spans showed the escape codes as garbage.
+    log = "\x1b[36m(pid=123)\x1b[0m loading\r\x1b[2Kstep 1\x1b]0;title\x07 done\nTraceback\x00:\n\tValueError\n"
+    assert log_tail(log) == "(pid=123) loading\nstep 1 done\nTraceback:\n\tValueError"

@@ -206,6 +206,15 @@ def test_replicas_need_distinct_owners() -> None:
     assert u.reasons == {"fit, but only 1 distinct owners for 2 replicas": 3}
 
 
+def test_too_few_owners_for_verification_copies_says_copies_not_replicas() -> None:
+    # One replica, quorum 3: what needs three owners is the job's verification copies.
+    nodes = [mk("n1", "alice"), mk("n2", "bob"), mk("n3", "bob")]
+    (u,) = schedule([JobRequest("ns/j", verification_quorum=3)], nodes, NOW).unschedulable
+    assert u.reasons == {"fit, but only 2 distinct owners for 3 verification copies": 3}
+    (u,) = schedule([JobRequest("ns/j", replicas=2, verification_quorum=2)], nodes, NOW).unschedulable
+    assert u.reasons == {"fit, but only 2 distinct owners for 4 nodes (2 verification copies of 2 replicas)": 3}
+
+
 def test_sybil_fresh_fleet_does_not_outrank_a_proven_node() -> None:
     fleet_nodes = [mk(f"sybil{i}", "mallory", rtt=5.0) for i in range(50)]
     proven = mk("proven", "alice", rtt=120.0, ev=PROVEN)

@@ -240,3 +240,13 @@ def test_health_max_age_must_be_finite_and_positive(
         cli.main(["health", "--health-file", str(tmp_path / "health.json"), "--max-age", max_age])
     assert exited.value.code == 2
     assert "--max-age: must be a finite number of seconds > 0" in capsys.readouterr().err
+
+
+def test_join_help_names_the_variable_of_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    # The chart and systemd units set variables, people read --help: each flag says its variable.
+    with pytest.raises(SystemExit):
+        cli.main(["join", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    env_only = {"KOINON_CA_CERT"}  # a PEM has no place on a command line
+    missing = [var for var in ENV_VARS if var not in env_only and f"[{var}" not in text]
+    assert not missing, f"flags whose help does not name their variable: {missing}"

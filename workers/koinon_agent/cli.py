@@ -36,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     join = sub.add_parser("join", help="join the platform and run a Ray worker node through the tunnel")
     join.add_argument("--gateway", default=_env("KOINON_GATEWAY"), help="host:port or unix:/path [KOINON_GATEWAY]")
     join.add_argument("--token", default=_env("KOINON_TOKEN", ""), help="join token [KOINON_TOKEN]")
-    join.add_argument("--state-dir", type=Path, default=_env("KOINON_STATE_DIR"), help="[KOINON_STATE_DIR]")
+    join.add_argument(
+        "--state-dir",
+        type=Path,
+        default=_env("KOINON_STATE_DIR"),
+        help="keeps the node's credential; one agent per dir (default ~/.koinon/agent) [KOINON_STATE_DIR]",
+    )
     join.add_argument("--ca-file", type=Path, default=_env("KOINON_CA_FILE"), help="gateway CA [KOINON_CA_FILE]")
     join.add_argument(
         "--ca-cert-hash",
@@ -49,11 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="plaintext gRPC (tests only) [KOINON_INSECURE=1]",
     )
-    join.add_argument("--tls-server-name", default=_env("KOINON_TLS_SERVER_NAME", ""))
-    join.add_argument("--node-name", default=_env("KOINON_NODE_NAME", os.uname().nodename))
-    join.add_argument("--region", default=_env("KOINON_REGION", ""))
     join.add_argument(
-        "--simulate-gpus", type=_number(int, "KOINON_SIMULATE_GPUS"), default=_env("KOINON_SIMULATE_GPUS")
+        "--tls-server-name",
+        default=_env("KOINON_TLS_SERVER_NAME", ""),
+        help="name the gateway's certificate must carry (default: the gateway host; koinon-gateway for unix "
+        "sockets) [KOINON_TLS_SERVER_NAME]",
+    )
+    join.add_argument(
+        "--node-name",
+        default=_env("KOINON_NODE_NAME", os.uname().nodename),
+        help="name hint for the VolunteerNode (default: the hostname) [KOINON_NODE_NAME]",
+    )
+    join.add_argument(
+        "--region", default=_env("KOINON_REGION", ""), help="region, unless the token fixes it [KOINON_REGION]"
+    )
+    join.add_argument(
+        "--simulate-gpus",
+        type=_number(int, "KOINON_SIMULATE_GPUS"),
+        default=_env("KOINON_SIMULATE_GPUS"),
+        help="declare N simulated GPUs instead of NVML detection; 0 hides real ones [KOINON_SIMULATE_GPUS]",
     )
     join.add_argument(
         "--simulate-gpu-memory",
@@ -61,14 +80,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("KOINON_SIMULATE_GPU_MEMORY", "16384"),
         help="MiB per simulated GPU [KOINON_SIMULATE_GPU_MEMORY]",
     )
-    join.add_argument("--num-cpus", type=_number(int, "KOINON_NUM_CPUS"), default=_env("KOINON_NUM_CPUS"))
+    join.add_argument(
+        "--num-cpus",
+        type=_number(int, "KOINON_NUM_CPUS"),
+        default=_env("KOINON_NUM_CPUS"),
+        help="CPUs lent to Ray (ray start --num-cpus; default: all) [KOINON_NUM_CPUS]",
+    )
     join.add_argument(
         "--object-store-memory",
         type=_number(int, "KOINON_OBJECT_STORE_MEMORY"),
         default=_env("KOINON_OBJECT_STORE_MEMORY"),
+        help="bytes of Ray's object store, at least 78643200 (default: Ray's choice) [KOINON_OBJECT_STORE_MEMORY]",
     )
-    join.add_argument("--ray-bin", default=_env("KOINON_RAY_BIN", _default_ray_bin()))
-    join.add_argument("--temp-dir", type=Path, default=_env("KOINON_TEMP_DIR"))
+    join.add_argument(
+        "--ray-bin",
+        default=_env("KOINON_RAY_BIN", _default_ray_bin()),
+        help="the ray executable, a path or a name on PATH (default: next to this Python) [KOINON_RAY_BIN]",
+    )
+    join.add_argument(
+        "--temp-dir",
+        type=Path,
+        default=_env("KOINON_TEMP_DIR"),
+        help="Ray's --temp-dir, one per node (default <state-dir>/ray) [KOINON_TEMP_DIR]",
+    )
     join.add_argument(
         "--health-file",
         type=Path,
@@ -94,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="port of the local CONNECT proxy on 127.0.0.1 [KOINON_PROXY_PORT]",
     )
     join.add_argument("--no-ray", action="store_true", help="tunnel only, do not start Ray (benchmarks)")
-    join.add_argument("-v", "--verbose", action="store_true")
+    join.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
     check = sub.add_parser(
         "health", help="exit 0 if the agent of this state dir is alive (and with --ready, in the pool)"
     )

@@ -398,9 +398,10 @@ def reserve_for(index: NodeIndex, job: JobRequest, static: BoolArray, nodes_need
     index.log_changes(held)
 
 
-def explain(index: NodeIndex, job: JobRequest, needed_owners: int, quarantine_below: float | None) -> dict[str, int]:
+def explain(index: NodeIndex, job: JobRequest, copies: int, quarantine_below: float | None) -> dict[str, int]:
     """Each node counted once, under the first filter it fails (Kubernetes style); nodes that pass
-    every filter are counted under a reason saying distinct owners ran short."""
+    every filter are counted under a reason saying distinct owners ran short (for `copies` copies
+    of the job's replicas)."""
     remaining = np.ones(index.size, dtype=bool)
     reasons: dict[str, int] = {}
 
@@ -438,8 +439,17 @@ def explain(index: NodeIndex, job: JobRequest, needed_owners: int, quarantine_be
     left = int(remaining.sum())
     if left:
         owners = len(set(index.owner_code[remaining].tolist()))
-        reasons[f"fit, but only {owners} distinct owners for {needed_owners} replicas"] = left
+        reasons[f"fit, but only {owners} distinct owners for {_owners_needed(job.replicas, copies)}"] = left
     return reasons
+
+
+def _owners_needed(replicas: int, copies: int) -> str:
+    """What needs distinct owners, in the user's words: replicas, verification copies, or both."""
+    if copies == 1:
+        return f"{replicas} replicas"
+    if replicas == 1:
+        return f"{copies} verification copies"
+    return f"{copies * replicas} nodes ({copies} verification copies of {replicas} replicas)"
 
 
 def reasons_message(reasons: dict[str, int], total: int) -> str:

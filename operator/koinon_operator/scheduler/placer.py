@@ -164,7 +164,7 @@ def _run(
             refuse(job, {WAITING_FOR_TRUSTED: untrusted_fit})
             continue
         if primary is None:
-            reasons = explain(index, job, job.replicas, quarantine)
+            reasons = explain(index, job, 1, quarantine)
             if shape is not None:
                 failed_shapes[shape] = reasons
             refuse(job, reasons)
@@ -191,7 +191,7 @@ def _run(
                 if extra is None:
                     extra = nodes_left.pick((copies - 1) * job.replicas, after=primary)
                 if extra is None:
-                    refuse(job, explain(index, job, copies * job.replicas, quarantine))
+                    refuse(job, explain(index, job, copies, quarantine))
                     if job.gpus_per_replica > 1:
                         reserve_for(index, job, static, copies * job.replicas)
                     continue
