@@ -99,6 +99,8 @@ class DevClusterInfo:
     start_times: dict[str, int] = field(default_factory=dict)
     boot_id: str | None = None
     complete: bool = True  # False while `up` is still starting things
+    gateway_metrics_url: str = ""
+    """The gateway's Prometheus /metrics (its admin port, on loopback)."""
 
     def ray_auth_token(self) -> str | None:
         if self.ray_auth_token_file is None or not self.ray_auth_token_file.exists():
@@ -123,6 +125,7 @@ class DevClusterInfo:
             "start_times": self.start_times,
             "boot_id": self.boot_id,
             "complete": self.complete,
+            "gateway_metrics_url": self.gateway_metrics_url,
         }
         return json.dumps(data, indent=2)
 
@@ -149,6 +152,7 @@ class DevClusterInfo:
             start_times={k: int(v) for k, v in (data.get("start_times") or {}).items()},
             boot_id=data.get("boot_id"),
             complete=bool(data.get("complete", True)),
+            gateway_metrics_url=str(data.get("gateway_metrics_url") or ""),
         )
 
 
@@ -325,7 +329,11 @@ class DevCluster:
         gateway.start()
         assert gateway.process is not None
         self._track(gateway.process)
-        say(f"- gateway for volunteers at {gateway.agent_target} (TLS, join tokens)")
+        self._state.gateway_metrics_url = f"{gateway.admin_url}/metrics"
+        say(
+            f"- gateway for volunteers at {gateway.agent_target} (TLS, join tokens), "
+            f"metrics at {self._state.gateway_metrics_url}"
+        )
         # TMPDIR inside the work dir: the dashboard's multiprocessing helpers put their listener
         # sockets there, and `down` removes it with the rest (in the host's /tmp they stayed).
         head_tmp = work_dir / "tmp"

@@ -146,6 +146,14 @@ def test_volunteers_joined_through_the_gateway_show_ready_with_latency_and_addre
     assert len(str(status["rayNodeId"])) == 56
     table = control_plane.kubectl("get", "vn")
     assert re.search(r"volunteer-1-\w+\s+owner-1\s+local\s+Ready", table), table
+    # The gateway's /metrics, where `dev up` says (and `dev status` records) it is, for SREs.
+    import urllib.request
+
+    url = control_plane.info.gateway_metrics_url
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics"), url
+    metrics = urllib.request.urlopen(url, timeout=10).read().decode()
+    connected = re.search(r"^koinon_gateway_sessions_connected (\d+)$", metrics, re.M)
+    assert connected is not None and int(connected.group(1)) >= 2, metrics[:1000]
 
 
 def test_ray_refuses_requests_without_the_cluster_token(control_plane: ControlPlane) -> None:
