@@ -27,6 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     # Handlers read their configuration from the environment at import time (kopf decorators are
     # module-level), so flags are turned into environment variables before the import.
     if args.kubeconfig:
+        # kopf would only say, in a traceback, that it ran out of credentials.
+        try:
+            with open(args.kubeconfig, "rb"):
+                pass
+        except OSError as error:
+            print(f"koinon-operator: --kubeconfig {args.kubeconfig}: {error.strerror}", file=sys.stderr)
+            sys.exit(2)
         os.environ["KUBECONFIG"] = args.kubeconfig
     if args.ray_dashboard:
         os.environ["KOINON_RAY_DASHBOARD"] = args.ray_dashboard

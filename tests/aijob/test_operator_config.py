@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from koinon_operator.config import OperatorConfig
@@ -45,6 +46,16 @@ def test_the_operator_exits_at_start_naming_a_bad_setting() -> None:
     )  # fmt: skip
     assert ran.returncode == 2, ran.stderr[-2000:]
     assert "koinon-operator: KOINON_POLL_INTERVAL (poll_interval_seconds): must be a finite number" in ran.stderr
+
+
+def test_a_kubeconfig_flag_naming_no_file_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-kubeconfig"
+    ran = subprocess.run(
+        [sys.executable, "-c", "from koinon_operator.main import main; main()", "--kubeconfig", str(missing)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ran.returncode == 2, ran.stderr[-2000:]
+    assert ran.stderr.strip() == f"koinon-operator: --kubeconfig {missing}: No such file or directory"
 
 
 async def test_a_job_failed_as_invalid_is_still_deleted_after_its_ttl() -> None:
