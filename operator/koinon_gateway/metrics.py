@@ -20,6 +20,9 @@ class GatewayMetrics:
     # The most proxied connections one node has held at once since the start (to size
     # max_streams_per_node against what real nodes use).
     node_streams_peak: int = 0
+    # Payload bytes of Data frames read from nodes' streams ("from_nodes") and written to them
+    # ("to_nodes"): a volunteer-to-volunteer byte counts once each way.
+    tunnel_bytes: Counter[str] = field(default_factory=Counter)
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[None]:
@@ -50,6 +53,9 @@ class GatewayMetrics:
         family("koinon_gateway_node_streams_peak", "gauge",
                "Most Connect streams one node has held open at once since the start (silent and refused ones too).",
                [("", self.node_streams_peak)])  # fmt: skip
+        family("koinon_gateway_tunnel_bytes_total", "counter",
+               "Payload bytes carried through the tunnel, by direction as seen from the nodes.",
+               [(f'{{direction="{d}"}}', self.tunnel_bytes[d]) for d in ("from_nodes", "to_nodes")])  # fmt: skip
         for name, counter, help_text in (
             ("joins", self.joins, "Join calls by outcome: ok or the refusal reason."),
             ("refused_dials", self.refused_dials, "Dials through the tunnel refused, by reason."),

@@ -33,6 +33,7 @@ from .stream_slots import StreamSlot, TooManyStreams
 from .tokens import JoinGrant, TokenError, TokenStore, parse_token
 from .tunnel_io import (
     STREAM_READER_LIMIT,
+    CountedFrameChannel,
     GrpcFrameChannel,
     PeerProtocolViolation,
     ProtocolViolation,
@@ -690,7 +691,7 @@ class TunnelService:
             self.metrics.refused_streams["no-session"] += 1
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "connect: node has no live Control stream")
         assert source is not None
-        channel = GrpcFrameChannel(context)
+        channel = CountedFrameChannel(context, self.metrics.tunnel_bytes, "from_nodes", "to_nodes")
         try:
             # Held from now, not from the first frame: a revocation ends this stream too, and
             # streams that stay silent count against the node's cap.

@@ -12,6 +12,7 @@ received message's payload is written to the socket as a view of it, without par
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from typing import Any, Protocol
 
@@ -85,6 +86,26 @@ class GrpcFrameChannel:
         done_writing = getattr(self._stream, "done_writing", None)
         if done_writing is not None:  # a client call; a server context has none
             await done_writing()
+
+
+class CountedFrameChannel(GrpcFrameChannel):
+    """A GrpcFrameChannel that adds the payload bytes of the Data frames it carries to ``counts``
+    (``received`` and ``sent``): what the gateway's /metrics reports as bytes from and to nodes."""
+
+    def __init__(self, stream: Any, counts: collections.Counter[str], received: str, sent: str) -> None:
+        super().__init__(stream)
+        self._counts, self._received, self._sent = counts, received, sent
+
+    async def read_frame(self) -> TunnelFrame | None:
+        frame = await super().read_frame()
+        if isinstance(frame, memoryview):
+            self._counts[self._received] += frame.nbytes
+        return frame
+
+    async def write_frame(self, frame: OutgoingFrame) -> None:
+        await self._stream.write(frame)
+        if not isinstance(frame, pb.Frame):
+            self._counts[self._sent] += memoryview(frame).nbytes
 
 
 async def tcp_to_channel(pipe: TcpPipe, channel: FrameChannel) -> None:

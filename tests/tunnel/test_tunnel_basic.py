@@ -57,6 +57,31 @@ async def test_dial_head_through_tunnel_with_large_payload(tmp_path: Path) -> No
         writer.close()
 
 
+async def test_metrics_count_the_bytes_carried_each_way(tmp_path: Path) -> None:
+    def carried() -> tuple[int, int]:
+        return c.gateway.metrics.tunnel_bytes["from_nodes"], c.gateway.metrics.tunnel_bytes["to_nodes"]
+
+    async with cluster(tmp_path) as c:
+        a = await c.start_agent("alpha")
+        b = await c.start_agent("beta")
+        payload = os.urandom(CHUNK_BYTES + 4321)
+        # Volunteer to head and back: the payload comes from a node, its echo goes to it.
+        status, reader, writer = await connect_via_proxy(a._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+        assert status == 200 and await echo_roundtrip(reader, writer, payload) == payload
+        writer.close()
+        assert carried() == (len(payload), len(payload))
+        # Volunteer to volunteer: each byte is read from one node and written to the other.
+        b_address, port = b.identity.address, b.assignment.ports.node_manager_port  # type: ignore[union-attr]
+        async with echo_server(b_address, port):
+            status, reader, writer = await connect_via_proxy(a._proxy.port, b_address, port)  # type: ignore[union-attr]
+            assert status == 200 and await echo_roundtrip(reader, writer, payload) == payload
+            writer.close()
+        assert carried() == (3 * len(payload), 3 * len(payload))
+        text = c.gateway.metrics.render()
+        assert f'koinon_gateway_tunnel_bytes_total{{direction="from_nodes"}} {3 * len(payload)}' in text
+        assert f'koinon_gateway_tunnel_bytes_total{{direction="to_nodes"}} {3 * len(payload)}' in text
+
+
 async def test_volunteer_to_volunteer_and_head_to_volunteer(tmp_path: Path) -> None:
     async with cluster(tmp_path) as c:
         a = await c.start_agent("alpha")
