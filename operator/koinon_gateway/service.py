@@ -30,7 +30,7 @@ from .rpc import EOF, Context, MalformedMessage
 from .sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT, NodeSession, SessionTable, gpus_reported
 from .status import never_connected_status
 from .stream_slots import StreamSlot, TooManyStreams
-from .tokens import JoinGrant, TokenError, TokenStore, parse_token
+from .tokens import JoinGrant, TokenError, TokenStore
 from .tunnel_io import (
     STREAM_READER_LIMIT,
     CountedFrameChannel,
@@ -265,8 +265,10 @@ class TunnelService:
         checked when that try counted its use."""
         if not request.join_id:
             return None
-        token_id, _ = parse_token(request.token)
-        nodes = await self.registry.list({JOIN_TOKEN_LABEL: token_id, JOIN_KEY_LABEL: join_key(request.join_id)})
+        # The token first: the port is open to anyone, and a list of VolunteerNodes for every
+        # made-up token would let unauthenticated callers load the API server at will.
+        grant = await self.tokens.authenticate(request.token)
+        nodes = await self.registry.list({JOIN_TOKEN_LABEL: grant.token_id, JOIN_KEY_LABEL: join_key(request.join_id)})
         for node in nodes:
             metadata = node.get("metadata") or {}
             name, address, status = metadata.get("name", ""), status_address(node), node.get("status") or {}
@@ -278,7 +280,6 @@ class TunnelService:
                 or self.allocator.holder(address) != name
             ):
                 continue
-            await self.tokens.authenticate(request.token)
             return name, address
         return None
 

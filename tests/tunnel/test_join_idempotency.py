@@ -265,3 +265,34 @@ async def test_a_join_given_up_while_its_node_is_being_created_leaves_no_node(tm
         assert c.registry.objects == {} and uses(c, token) == 0
         again = await join(c, token, join_id)
         assert isinstance(again, pb.JoinResponse) and list(c.registry.objects) == [again.assignment.node_name]
+
+
+class CountingRegistry(InMemoryNodeRegistry):
+    """Counts lists: with the Kubernetes registry each is a request to the API server."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lists = 0
+
+    async def list(self, labels: dict[str, str] | None = None) -> list[JSON]:
+        self.lists += 1
+        return await super().list(labels)
+
+
+async def test_a_join_without_a_genuine_token_costs_no_volunteernode_list(tmp_path: Path) -> None:
+    # The agent port is open to anyone: a Join with a made-up token (a known id, which logs show,
+    # or none at all) and a join id made the gateway list VolunteerNodes before the token was
+    # checked, so unauthenticated callers could load the API server at will.
+    registry = CountingRegistry()
+    async with cluster(tmp_path, registry=registry) as c, channel_for(c) as channel:
+        stub = tunnel_stub(channel)
+        at_start = registry.lists  # the gateway's own start (its address book)
+        known_id = c.tokens.add(owner="alice").split(".")[0]
+        for token in (f"{known_id}.aaaaaaaaaaaaaaaa", "zzzzzz.aaaaaaaaaaaaaaaa"):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Join(pb.JoinRequest(token=token, name_hint="x", join_id=secrets.token_hex(16)))
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert registry.lists == at_start
+        # A genuine token with a join id still looks for an earlier try of the same join.
+        joined = await stub.Join(pb.JoinRequest(token=c.tokens.add(), name_hint="y", join_id=secrets.token_hex(16)))
+        assert joined.assignment.node_name and registry.lists == at_start + 1
