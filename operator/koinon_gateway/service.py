@@ -54,6 +54,10 @@ GCS_DRAIN_RETRY_MAX_S = 5.0
 CONTROL_STREAMS_OPENING_MAX = 4
 # How long a new session waits for its "connected" status to land before telling the agent.
 REGISTER_STATUS_WAIT_S = 2.0
+# Joins worked on at once (each reads and writes the token store and the registry) and how many
+# more may wait their turn before a Join is refused as busy (the agent retries with backoff).
+MAX_JOINS_AT_ONCE = 32
+MAX_JOINS_WAITING = 4096
 _NAME_RE = re.compile(r"[^a-z0-9-]+")
 _JOIN_ID_RE = re.compile(r"[0-9a-f]{32}")
 JOIN_TOKEN_LABEL = "koinon.dev/join-token"
@@ -156,6 +160,11 @@ class TunnelService:
         self._uses_being_given_back: set[str] = set()  # join ids whose cancelled try still holds a use
         self._background: set[asyncio.Future[None]] = set()  # held so they run to their end
         self._join_handlers: set[asyncio.Task[Any]] = set()  # Join calls being handled
+        # Anyone can call Join, and each costs token-store and registry requests (the Kubernetes
+        # API): at most this many are worked on at once, the rest wait, up to a bounded queue.
+        self.joins_at_once = asyncio.Semaphore(MAX_JOINS_AT_ONCE)
+        self.max_joins_waiting = MAX_JOINS_WAITING
+        self._joins_waiting = 0
         # Control streams per node that have not registered yet: each holds a handler for up to the
         # first-frame timeout and costs an API read, so one credential must not open them freely.
         self._controls_opening: collections.Counter[str] = collections.Counter()
@@ -195,7 +204,18 @@ class TunnelService:
         assert task is not None
         self._join_handlers.add(task)
         try:
-            return await self._join(request, context)
+            if self._joins_waiting >= self.max_joins_waiting:
+                self.metrics.joins["busy"] += 1
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "join: the gateway is busy; retry later")
+            self._joins_waiting += 1
+            try:
+                await self.joins_at_once.acquire()
+            finally:
+                self._joins_waiting -= 1
+            try:
+                return await self._join(request, context)
+            finally:
+                self.joins_at_once.release()
         finally:
             self._join_handlers.discard(task)
             if join_id not in self._uses_being_given_back:

@@ -296,3 +296,40 @@ async def test_a_join_without_a_genuine_token_costs_no_volunteernode_list(tmp_pa
         # A genuine token with a join id still looks for an earlier try of the same join.
         joined = await stub.Join(pb.JoinRequest(token=c.tokens.add(), name_hint="y", join_id=secrets.token_hex(16)))
         assert joined.assignment.node_name and registry.lists == at_start + 1
+
+
+async def test_joins_are_worked_on_a_few_at_a_time_and_a_full_queue_is_refused_as_busy(tmp_path: Path) -> None:
+    # Anyone can call Join and each costs token-store and registry requests (the Kubernetes API):
+    # a flood must not turn into as many concurrent API requests.
+    async with cluster(tmp_path) as c, channel_for(c) as channel:
+        service = c.gateway.service
+        assert service is not None
+        service.joins_at_once, service.max_joins_waiting = asyncio.Semaphore(2), 1
+        inside, most_inside, release = 0, 0, asyncio.Event()
+        consume = c.tokens.consume
+
+        async def slow_consume(token: str) -> JoinGrant:
+            nonlocal inside, most_inside
+            inside += 1
+            most_inside = max(most_inside, inside)
+            try:
+                await release.wait()
+                return await consume(token)
+            finally:
+                inside -= 1
+
+        c.tokens.consume = slow_consume  # type: ignore[method-assign]
+        stub = tunnel_stub(channel)
+        joins = [
+            asyncio.ensure_future(stub.Join(pb.JoinRequest(token=c.tokens.add(), name_hint=f"n{i}"))) for i in range(3)
+        ]
+        while inside < 2:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # the third waits its turn
+        with pytest.raises(grpc.aio.AioRpcError) as busy:
+            await stub.Join(pb.JoinRequest(token=c.tokens.add(), name_hint="n4"), timeout=5)
+        release.set()  # before any assertion: a failed one must not leave the three joins waiting
+        assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert c.gateway.metrics.joins["busy"] == 1
+        joined = await asyncio.gather(*joins)
+        assert len({j.assignment.node_name for j in joined}) == 3 and most_inside == 2
