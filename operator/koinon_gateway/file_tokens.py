@@ -50,8 +50,8 @@ class FileTokenStore(InMemoryTokenStore):
         if saved.get("secret_sha256") == hash_secret(secret) and isinstance(count, int) and count > 0:
             self.tokens[token_id] = replace(self.tokens[token_id], usages_count=count)
 
-    async def consume(self, token: str) -> JoinGrant:
-        grant = await super().consume(token)
+    async def consume(self, token: str, join_key: str = "") -> JoinGrant:
+        grant = await super().consume(token, join_key)
         try:
             self._save()
         except OSError:

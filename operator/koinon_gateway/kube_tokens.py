@@ -11,9 +11,9 @@ import asyncio
 import datetime as dt
 import logging
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, TypeAlias
 
 from .kube_client import JSON, KubeApiError, KubeClient, b64, secret_path, unb64
 from .tokens import (
@@ -86,6 +86,22 @@ def token_from_secret(secret: JSON) -> JoinToken:
         owner=field("owner"),
         region=field("region"),
     )
+
+
+# Secret data field: the joins (service.join_key of their join ids) the latest uses were counted
+# for, comma-separated, so that a retry after an unanswered write is not counted twice.
+COUNTED_JOINS_FIELD = "counted-joins"
+COUNTED_JOINS_KEPT = 32
+CountedJoins: TypeAlias = list[str]  # (KubeTokenStore has a method named list)
+
+
+def counted_joins(data: Mapping[str, Any]) -> CountedJoins:
+    """The Secret data's counted joins; unreadable ones count as none (only a retry is affected)."""
+    try:
+        text = unb64(str(data[COUNTED_JOINS_FIELD])) if COUNTED_JOINS_FIELD in data else ""
+    except ValueError:
+        return []
+    return [key for key in text.split(",") if key]
 
 
 def token_secret(namespace: str, token: JoinToken) -> JSON:
@@ -226,18 +242,24 @@ class KubeTokenStore:
                 log.warning("token list skipped a Secret: %s", exc)
         return tokens
 
-    async def consume(self, token: str) -> JoinGrant:
+    async def consume(self, token: str, join_key: str = "") -> JoinGrant:
         token_id, secret = parse_token(token)
 
-        def one_more(stored: JoinToken) -> int:
-            check_token(stored, secret, dt.datetime.now(dt.UTC))
-            return stored.usages_count + 1
+        def one_more(stored: JoinToken, counted: CountedJoins) -> tuple[int, CountedJoins] | None:
+            now = dt.datetime.now(dt.UTC)
+            if join_key and join_key in counted:
+                # An earlier try of this join counted its use and the API's answer never came back
+                # (a timeout): the retry must not be refused for that use, nor count a second.
+                check_token(replace(stored, usages_count=stored.usages_count - 1), secret, now)
+                return None
+            check_token(stored, secret, now)
+            return stored.usages_count + 1, ([*counted, join_key][-COUNTED_JOINS_KEPT:] if join_key else counted)
 
         # A KubeApiError (not a TokenError) when the retries run out: the agent should retry later.
         stored = await self._change_count(token_id, one_more, "too many concurrent uses, try again")
         if stored is None:
             raise TokenError("unknown", f"token {token_id}: not found (never issued or deleted)")
-        return JoinGrant(token_id, stored.owner, stored.region)
+        return JoinGrant(token_id, stored.owner, stored.region, join_key)
 
     async def authenticate(self, token: str) -> JoinGrant:
         token_id, secret = parse_token(token)
@@ -249,27 +271,36 @@ class KubeTokenStore:
         return JoinGrant(token_id, stored.owner, stored.region)
 
     async def give_back(self, grant: JoinGrant) -> None:
-        def one_less(stored: JoinToken) -> int | None:
-            return stored.usages_count - 1 if stored.usages_count > 0 else None
+        def one_less(stored: JoinToken, counted: CountedJoins) -> tuple[int, CountedJoins] | None:
+            if stored.usages_count <= 0:
+                return None
+            return stored.usages_count - 1, [key for key in counted if key != grant.join_key]
 
         await self._change_count(grant.token_id, one_less, "could not give the use back")
 
     async def _change_count(
-        self, token_id: str, new_count: Callable[[JoinToken], int | None], when_stuck: str
+        self,
+        token_id: str,
+        change: Callable[[JoinToken, CountedJoins], tuple[int, CountedJoins] | None],
+        when_stuck: str,
     ) -> JoinToken | None:
-        """Sets the token's usage count to ``new_count(token)`` (None: leave it) with optimistic
-        concurrency; returns the token as read, or None when there is no such token."""
+        """Sets the token's usage count and the joins it was counted for to ``change(token,
+        counted joins)`` (None: leave them) with optimistic concurrency; returns the token as read,
+        or None when there is no such token."""
         path = secret_path(self.namespace, secret_name(token_id))
         for attempt in range(MAX_CONFLICT_RETRIES):
             stored_secret = await self.client.get_or_none(path)
             if stored_secret is None or stored_secret.get("type") != SECRET_TYPE:
                 return None
             stored = token_from_secret(stored_secret)
-            count = new_count(stored)
-            if count is None:
+            data = stored_secret.setdefault("data", {})
+            changed = change(stored, counted_joins(data))
+            if changed is None:
                 return stored
+            count, counted = changed
             # resourceVersion stays in the body: a concurrent writer makes this PUT fail with 409.
-            stored_secret.setdefault("data", {})["usages-count"] = b64(str(count))
+            data["usages-count"] = b64(str(count))
+            data[COUNTED_JOINS_FIELD] = b64(",".join(counted))
             try:
                 await self.client.replace(path, stored_secret)
             except KubeApiError as exc:

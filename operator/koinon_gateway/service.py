@@ -228,7 +228,9 @@ class TunnelService:
             self.metrics.joins["replayed"] += 1
             log.info("node %s joined again with the same join id (the first reply was lost)", node_name)
             return self._join_response(node_name, address)
-        consuming = asyncio.ensure_future(self.tokens.consume(request.token))
+        consuming = asyncio.ensure_future(
+            self.tokens.consume(request.token, join_key(request.join_id) if request.join_id else "")
+        )
         try:
             grant = await self._token_checked(asyncio.shield(consuming), context)
         except asyncio.CancelledError:

@@ -52,6 +52,8 @@ class JoinGrant:
     token_id: str
     owner: str
     region: str
+    join_key: str = ""
+    """The join the use was counted for ("" when none was named)."""
 
 
 def hash_secret(secret: str) -> str:
@@ -91,8 +93,9 @@ def check_token(stored: JoinToken, secret: str, now: dt.datetime) -> None:
 
 
 class TokenStore(Protocol):
-    async def consume(self, token: str) -> JoinGrant:
-        """Validates the token and counts one use atomically; raises TokenError when refused."""
+    async def consume(self, token: str, join_key: str = "") -> JoinGrant:
+        """Validates the token and counts one use atomically; raises TokenError when refused.
+        ``join_key`` names the join: a store whose write may land unanswered counts one join once."""
         ...
 
     async def give_back(self, grant: JoinGrant) -> None:
@@ -144,7 +147,8 @@ class InMemoryTokenStore:
         token_id, _ = parse_token(token)
         self.tokens[token_id] = replace(self.tokens[token_id], revoked=True)
 
-    async def consume(self, token: str) -> JoinGrant:
+    async def consume(self, token: str, join_key: str = "") -> JoinGrant:
+        # In memory a write is never left unanswered: join_key is only passed through.
         token_id, secret = parse_token(token)
         async with self._lock:
             stored = self.tokens.get(token_id)
@@ -152,7 +156,7 @@ class InMemoryTokenStore:
                 raise TokenError("unknown", f"token {token_id}: not found (never issued or deleted)")
             check_token(stored, secret, dt.datetime.now(dt.UTC))
             self.tokens[token_id] = replace(stored, usages_count=stored.usages_count + 1)
-        return JoinGrant(token_id, stored.owner, stored.region)
+        return JoinGrant(token_id, stored.owner, stored.region, join_key)
 
     async def authenticate(self, token: str) -> JoinGrant:
         token_id, secret = parse_token(token)

@@ -139,8 +139,8 @@ async def test_a_join_given_up_while_the_token_store_counts_the_use_gives_it_bac
         answer_late = asyncio.Event()
         answer_late.set()
 
-        async def consume(token: str) -> JoinGrant:
-            grant = await InMemoryTokenStore.consume(c.tokens, token)
+        async def consume(token: str, join_key: str = "") -> JoinGrant:
+            grant = await InMemoryTokenStore.consume(c.tokens, token, join_key)
             if answer_late.is_set():
                 await asyncio.sleep(1.5)
             return grant

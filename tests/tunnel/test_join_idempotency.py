@@ -218,8 +218,8 @@ async def test_a_gateway_that_stops_gives_back_the_use_of_a_join_cancelled_mid_c
     right after stop(), so the use must be back by then: the agent's retry goes to the next gateway."""
     real_consume = InMemoryTokenStore.consume
 
-    async def late_answer(self: InMemoryTokenStore, token: str) -> JoinGrant:
-        grant = await real_consume(self, token)
+    async def late_answer(self: InMemoryTokenStore, token: str, join_key: str = "") -> JoinGrant:
+        grant = await real_consume(self, token, join_key)
         await asyncio.sleep(1.5)
         return grant
 
@@ -308,13 +308,13 @@ async def test_joins_are_worked_on_a_few_at_a_time_and_a_full_queue_is_refused_a
         inside, most_inside, release = 0, 0, asyncio.Event()
         consume = c.tokens.consume
 
-        async def slow_consume(token: str) -> JoinGrant:
+        async def slow_consume(token: str, join_key: str = "") -> JoinGrant:
             nonlocal inside, most_inside
             inside += 1
             most_inside = max(most_inside, inside)
             try:
                 await release.wait()
-                return await consume(token)
+                return await consume(token, join_key)
             finally:
                 inside -= 1
 
@@ -323,7 +323,9 @@ async def test_joins_are_worked_on_a_few_at_a_time_and_a_full_queue_is_refused_a
         joins = [
             asyncio.ensure_future(stub.Join(pb.JoinRequest(token=c.tokens.add(), name_hint=f"n{i}"))) for i in range(3)
         ]
-        while inside < 2:
+        for _ in range(500):
+            if inside >= 2:
+                break
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)  # the third waits its turn
         with pytest.raises(grpc.aio.AioRpcError) as busy:

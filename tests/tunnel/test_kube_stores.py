@@ -875,3 +875,47 @@ async def test_gateway_process_with_kube_store(kube: Kube, tmp_path: Path) -> No
         out, _ = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, out.decode()
     assert b"0123456789abcdef" not in out
+
+
+async def test_a_token_use_whose_api_answer_was_lost_is_counted_once_for_its_join(kube: Kube) -> None:
+    # The Secret write that counts a use lands, but its answer never reaches the gateway (a
+    # timeout): the agent hears UNAVAILABLE and retries with the same join id. That retry was
+    # refused "usage-limit" (fatal to the agent): a one-use token spent with no node joined.
+    tokens = KubeTokenStore(kube.client, NAMESPACE)
+    real_replace, answers_to_lose = kube.client.replace, 1
+
+    async def replace_then_lose_the_answer(path: str, body: JSON) -> JSON:
+        nonlocal answers_to_lose
+        result = await real_replace(path, body)
+        if answers_to_lose and "/secrets/" in path:
+            answers_to_lose -= 1
+            raise TimeoutError("the API server's answer did not arrive in time")
+        return result
+
+    kube.client.replace = replace_then_lose_the_answer  # type: ignore[method-assign]
+    token = await tokens.create(owner="alice", usage_limit=1)
+    async with echo_server() as head_port:
+        gateway = Gateway(
+            gateway_config(head_port), tokens, KubeNodeRegistry(kube.client), KubeCAStore(kube.client, NAMESPACE)
+        )
+        await gateway.start()
+        try:
+            async with grpc.aio.secure_channel(
+                gateway.agent_target,
+                grpc.ssl_channel_credentials(gateway.ca_pem),
+                options=[("grpc.ssl_target_name_override", "koinon-gateway")],
+            ) as channel:
+                stub = tunnel_stub(channel)
+                request = pb.JoinRequest(token=token, name_hint="alpha", join_id="0123456789abcdef" * 2)
+                with pytest.raises(grpc.aio.AioRpcError) as lost:
+                    await stub.Join(request, timeout=10)
+                assert lost.value.code() == grpc.StatusCode.UNAVAILABLE  # the agent retries
+                again = await stub.Join(request, timeout=10)  # the agent's retry: same token, same join
+                assert again.assignment.node_name
+                assert decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "1"
+                # Another join with the spent token is still refused.
+                with pytest.raises(grpc.aio.AioRpcError) as spent:
+                    await stub.Join(pb.JoinRequest(token=token, name_hint="beta", join_id="f" * 32), timeout=10)
+                assert spent.value.code() == grpc.StatusCode.PERMISSION_DENIED and "usage" in str(spent.value.details())
+        finally:
+            await gateway.stop(0)
