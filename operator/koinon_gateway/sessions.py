@@ -242,7 +242,8 @@ class SessionTable:
             "connected": connected,
             "lastHeartbeat": session.last_heartbeat_at,
             "address": session.address,
-            "rayNodeId": session.ray_verified_id or None,
+            # Only the Ray node the agent runs now: not one it reported before a restart or stop.
+            "rayNodeId": (session.ray_verified_id if session.ray_node_id == session.ray_verified_id else "") or None,
             "gpus": gpus_to_status(session.gpus),
             "agentVersion": session.agent_version,
             "conditions": [condition.as_dict()],

@@ -50,6 +50,8 @@ class StatusWriter:
         self._unpaced = asyncio.Event()
         self._pending: dict[str, tuple[JSON, list[Callable[[], None]]]] = {}
         self._writers: dict[str, asyncio.Task[None]] = {}
+        # Set when news comes in for a node whose writer is pausing after a failure: try at once.
+        self._news: dict[str, asyncio.Event] = {}
         self.failed_writes = 0
 
     def submit(self, name: str, status: JSON, on_written: Callable[[], None] | None = None) -> None:
@@ -58,6 +60,8 @@ class StatusWriter:
         self._pending[name] = ({**queued, **status}, callbacks + ([on_written] if on_written else []))
         if name not in self._writers:
             self._writers[name] = asyncio.get_running_loop().create_task(self._write_until_done(name))
+        elif (news := self._news.get(name)) is not None:
+            news.set()
         if len(self._sent) > self._prune_at:
             self._forget_paces_older_than(time.monotonic() - self.window_s)
 
@@ -129,8 +133,13 @@ class StatusWriter:
                     log.exception("status write for %s failed; trying again in %.1fs", name, delay)
                     newer, later_callbacks = self._pending.get(name, ({}, []))
                     self._pending[name] = ({**status, **newer}, callbacks + later_callbacks)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, MAX_RETRY_DELAY_S)
+                    news = self._news[name] = asyncio.Event()
+                    try:
+                        await asyncio.wait_for(news.wait(), delay)
+                    except TimeoutError:
+                        delay = min(delay * 2, MAX_RETRY_DELAY_S)
+                    finally:
+                        self._news.pop(name, None)
                     continue
                 delay = self.retry_s
                 for callback in callbacks:

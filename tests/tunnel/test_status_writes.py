@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TypeVar, overload
 
 from koinon_gateway.addresses import PortBlock
@@ -286,3 +287,55 @@ async def test_a_stopping_gateway_writes_what_pacing_held_back_within_its_flush(
     await table.close_all(flush_timeout_s=5.0)
     assert asyncio.get_running_loop().time() - started < 2.0
     assert registry.objects["vn-a"]["status"]["connected"] is False
+
+
+class OutageRegistry(InMemoryNodeRegistry):
+    """Every status write fails while ``down`` (an API server that is away), then all land."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+        self.landed: list[tuple[float, JSON]] = []
+
+    async def patch_status(self, name: str, status: JSON) -> None:
+        if self.down:
+            raise RuntimeError("API server unreachable")
+        await super().patch_status(name, status)
+        self.landed.append((time.monotonic(), dict(status)))
+
+
+async def test_heartbeat_loss_after_an_api_outage_is_written_promptly() -> None:
+    # The writer's pause after a failed write doubles up to 60 s while the API is away; news
+    # handed over once it is back (a node whose heartbeats stopped) waited for the end of that
+    # pause: a node could stay Ready in the API for a minute, not the <= 10 s promised.
+    # (Scaled: a 0.2 s first pause instead of 5 s.)
+    registry = OutageRegistry()
+    table, _, session = make_table(registry)
+    table.config.status_retry_s = 0.2
+    table.writer.retry_s = 0.2
+    await registry.create("vn-a", {"owner": "alice"}, {})
+    table.attach(session)  # Ready, with the API away: the writer pauses 0.2, 0.4, 0.8, 1.6 s
+    await asyncio.sleep(1.5)
+    registry.down = False
+    await asyncio.sleep(0.05)
+    table.detach(session, "HeartbeatTimeout", "no heartbeat within the timeout")
+    handed_over = time.monotonic()
+    assert await table.flush(10)
+    landed_at, status = next((t, s) for t, s in registry.landed if s.get("connected") is False)
+    assert status["phase"] == "NotReady"
+    assert landed_at - handed_over < 2 * table.writer.retry_s
+
+
+async def test_a_stopped_ray_node_is_not_left_as_the_nodes_ray_node_id() -> None:
+    # Once confirmed, rayNodeId stayed whatever Ray did next: a NotReady node whose Ray stopped
+    # still named the dead Ray node (`kubectl get vn -o wide`, inventory's tie-break by it).
+    table, registry, session = make_table()
+    await registry.create("vn-a", {"owner": "alice"}, {})
+    table.attach(session)
+    await table.flush()
+    assert registry.objects["vn-a"]["status"]["rayNodeId"] == "n1"
+    session.record_heartbeat(pb.Heartbeat(ray_state="stopped", ray_node_id=""), 0, alpha=1.0)
+    table.write_status(session)
+    await table.flush()
+    status = registry.objects["vn-a"]["status"]
+    assert status["phase"] == "NotReady" and status.get("rayNodeId") is None
