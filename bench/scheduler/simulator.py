@@ -435,8 +435,9 @@ class Simulation:
     def _revoke(self, job: SimJob, action: Revoke, now: float) -> None:
         index = job.spec.index
         _, correct, _, _ = self.accepted.pop(index)
-        self.revoked += 1
-        self.revoked_wrong += not correct
+        if job.spec.measured:  # as every figure: the warm-up stream's jobs are not counted
+            self.revoked += 1
+            self.revoked_wrong += not correct
         job.done = False
         job.banned_owners |= {r.owner for r in job.vouchers.values()} & self.caught_owners
         job.results = {n: job.results[n] for n in action.keep}

@@ -306,3 +306,21 @@ def test_a_job_request_refuses_nan(field: str) -> None:
     fields: dict[str, Any] = {field: math.nan}
     with pytest.raises(ValueError):
         JobRequest("ns/j", **fields)
+
+
+def test_simulated_revocations_are_counted_for_measured_jobs_only() -> None:
+    # Like every figure of the simulation, over the measured jobs: the warm-up stream's revocations
+    # were counted too, so the warm run's "revoked" was not comparable with a cold start's.
+    params = replace(QUICK, nodes=300, jobs=1500, horizon_h=20.0)
+    sim = Simulation(params, KoinonPlacer(), verify=True)
+    revoked_measured: list[bool] = []
+    real_revoke = sim._revoke
+
+    def revoke(job: Any, action: Any, now: float) -> None:
+        revoked_measured.append(job.spec.measured)
+        real_revoke(job, action, now)
+
+    sim._revoke = revoke  # type: ignore[method-assign]
+    metrics = sim.run()
+    assert not all(revoked_measured), "no warm-up job was revoked: the run tests nothing"
+    assert metrics["revoked"] == sum(revoked_measured)
