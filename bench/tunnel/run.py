@@ -142,7 +142,7 @@ def bench_network(workdir: Path, quick: bool) -> dict[str, Any]:
                 ssh_forward(workdir / "ssh-aes", sink_port, SAME_CIPHER_AS_TUNNEL)
             )
             results["ssh_same_cipher"] = SAME_CIPHER_AS_TUNNEL
-        except (FileNotFoundError, RuntimeError, subprocess.CalledProcessError, StopIteration) as exc:
+        except (OSError, RuntimeError, subprocess.CalledProcessError, StopIteration) as exc:
             ssh_ports.clear()
             results["ssh_error"] = str(exc)
         relay_port = stack.enter_context(plain_relay.relay_pair(echo_port))

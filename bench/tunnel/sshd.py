@@ -49,7 +49,10 @@ def ssh_forward(workdir: Path, target_port: int, cipher: str | None = None) -> I
         f"AuthorizedKeysFile {workdir / 'authorized_keys'}\nPasswordAuthentication no\n"
         f"PidFile {workdir / 'sshd.pid'}\nStrictModes no\nUsePAM no\nAllowTcpForwarding yes\n"
     )
-    Path("/run/sshd").mkdir(exist_ok=True)
+    try:
+        Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    except OSError as exc:  # not root: the baseline is reported missing, the rest still runs
+        raise RuntimeError(f"sshd needs /run/sshd: {exc}") from exc
     daemon = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stderr=subprocess.DEVNULL)
     forward = None
     try:

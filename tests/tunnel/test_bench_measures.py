@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import struct
+from pathlib import Path
+from typing import Any
 
-from bench.tunnel import netbench, plain_relay
+import pytest
+
+from bench.tunnel import netbench, plain_relay, sshd
 from bench.tunnel.run import ray_figures
 
 
@@ -97,3 +102,24 @@ def test_plain_relays_carry_bytes_both_ways_and_the_half_close() -> None:
     finally:
         echo.close()
         sink.close()
+
+
+@pytest.mark.skipif(
+    shutil.which("ssh") is None or not Path(shutil.which("sshd") or "/usr/sbin/sshd").exists(),
+    reason="needs OpenSSH (make bench-deps)",
+)
+def test_an_ssh_baseline_that_cannot_start_is_an_error_the_tunnel_bench_reports(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Not root, no /run/sshd: a PermissionError escaped the handler that reports ssh_error, and
+    # the whole tunnel benchmark died with no figure at all.
+    real_mkdir = Path.mkdir
+
+    def mkdir(self: Path, *args: Any, **kwargs: Any) -> None:
+        if str(self) == "/run/sshd":
+            raise PermissionError(13, "Permission denied", "/run/sshd")
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    with pytest.raises(RuntimeError, match="sshd needs /run/sshd"), sshd.ssh_forward(tmp_path / "ssh", 9):
+        pass
