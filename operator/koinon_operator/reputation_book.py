@@ -181,12 +181,20 @@ def uptime_sample(
 # between tries); past that, a node still not back is down like any other.
 PLATFORM_REASONS = frozenset({"GatewayStopped", "GatewayRestarted"})
 PLATFORM_GRACE_S = 600.0
+# A Ready status whose lastHeartbeat is older than this was left by a gateway that stopped writing
+# (down, or crash-looping before it could mark its nodes): it refreshes a connected node's every
+# 30 s. Nobody knows whether such a node is up: no evidence, as during a gateway outage.
+SILENT_STATUS_S = 120.0
 
 
 def _platforms_doing(status: Mapping[str, Any], now: float) -> bool:
     """Whether the node is not up because of the platform (or has never been up): no evidence."""
     if status.get("phase") in (None, "Pending"):
         return True  # joined, never connected: nothing to say about its uptime yet
+    if status.get("phase") in ("Ready", "Draining"):
+        heard = _seconds_since_epoch(status.get("lastHeartbeat"))
+        if heard is not None and now - heard > SILENT_STATUS_S:
+            return True
     for condition in status.get("conditions") or ():
         if not isinstance(condition, Mapping) or condition.get("type") != "Ready":
             continue

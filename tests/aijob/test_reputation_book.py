@@ -268,3 +268,20 @@ def test_a_node_that_never_connected_has_no_uptime_evidence() -> None:
     after = uptime_sample({"phase": "Pending", **start}, NOW + 60, CONFIG, max_gap_s=120)
     assert after is not None
     assert (after["reputation"]["heartbeatsSeen"], after["reputation"]["heartbeatsMissed"]) == (0.0, 0.0)
+
+
+def test_a_ready_status_nobody_refreshed_for_minutes_earns_no_uptime() -> None:
+    # The gateway refreshes a connected node's lastHeartbeat every 30 s. One that is down (or
+    # crash-looping before it marks its nodes) leaves them Ready with an ever older heartbeat:
+    # they were credited with uptime hour after hour. Nobody knows: no evidence either way.
+    def heard(seconds_ago: float) -> dict[str, Any]:
+        when = datetime.fromtimestamp(NOW - seconds_ago, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return {"phase": "Ready", "connected": True, "lastHeartbeat": when}
+
+    start = uptime_sample(heard(3600), NOW - 60, CONFIG, max_gap_s=120)
+    assert start is not None
+    silent = uptime_sample({**heard(3600), **start}, NOW, CONFIG, max_gap_s=120)
+    assert silent is not None
+    assert (silent["reputation"]["heartbeatsSeen"], silent["reputation"]["heartbeatsMissed"]) == (0.0, 0.0)
+    fresh = uptime_sample({**heard(20), **start}, NOW, CONFIG, max_gap_s=120)
+    assert fresh is not None and fresh["reputation"]["heartbeatsSeen"] == pytest.approx(12.0, rel=1e-3)
