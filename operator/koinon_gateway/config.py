@@ -73,6 +73,9 @@ _POSITIVE_SECONDS = (
     "token_cleanup_grace_s",
 )
 MAX_CREDENTIAL_LIFETIME_S = 366 * 24 * 3600.0
+# How old a connected node's lastHeartbeat may get between refreshes: half the 120 s after which
+# the operator no longer trusts a Ready status (a heartbeat's news waits up to one interval more).
+MAX_STATUS_REFRESH_S = 60.0
 
 
 @dataclass
@@ -148,6 +151,14 @@ class GatewayConfig:
             raise ValueError("heartbeat_timeout_s: must be greater than heartbeat_interval_s")
         if self.credential_lifetime_s < 4 * self.heartbeat_interval_s:
             raise ValueError("credential_lifetime_s: must be at least 4 heartbeat intervals (renewals ride on pings)")
+        if self.status_write_interval_s + self.heartbeat_interval_s > MAX_STATUS_REFRESH_S:
+            # The operator takes a Ready status not refreshed for 120 s as left by a gateway that
+            # stopped (reputation_book.SILENT_STATUS_S): a slower refresh would cost healthy nodes
+            # their uptime evidence.
+            raise ValueError(
+                f"status_write_interval_s + heartbeat_interval_s: at most {MAX_STATUS_REFRESH_S:.0f} s, "
+                f"got {self.status_write_interval_s + self.heartbeat_interval_s:g}"
+            )
         if self.status_write_burst < 1:
             raise ValueError(f"status_write_burst: must be at least 1, got {self.status_write_burst}")
         if self.port_block_size - FIRST_WORKER > MAX_WORKER_PORTS:

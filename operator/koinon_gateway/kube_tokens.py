@@ -89,9 +89,13 @@ def token_from_secret(secret: JSON) -> JoinToken:
 
 
 # Secret data field: the joins (service.join_key of their join ids) the latest uses were counted
-# for, comma-separated, so that a retry after an unanswered write is not counted twice.
+# for, with when (`key@unix seconds`, comma-separated), so that the retry of a join whose counting
+# write landed unanswered is not counted twice. Only for a while (an agent retries within a
+# minute or two), and only for a join that made no node (the gateway asks for none otherwise):
+# an old key honoured for ever would let a spent token make nodes by resending a join id.
 COUNTED_JOINS_FIELD = "counted-joins"
 COUNTED_JOINS_KEPT = 32
+COUNTED_JOIN_RETRY_S = 15 * 60
 CountedJoins: TypeAlias = list[str]  # (KubeTokenStore has a method named list)
 
 
@@ -102,6 +106,19 @@ def counted_joins(data: Mapping[str, Any]) -> CountedJoins:
     except ValueError:
         return []
     return [key for key in text.split(",") if key]
+
+
+def _counted_since(counted: CountedJoins, key: str, now: float) -> bool:
+    """Whether ``key``'s use was counted less than COUNTED_JOIN_RETRY_S ago."""
+    for entry in counted:
+        name, _, when = entry.partition("@")
+        if name == key and when.isdigit() and now - int(when) < COUNTED_JOIN_RETRY_S:
+            return True
+    return False
+
+
+def _without(counted: CountedJoins, key: str) -> CountedJoins:
+    return [entry for entry in counted if entry.partition("@")[0] != key]
 
 
 def token_secret(namespace: str, token: JoinToken) -> JSON:
@@ -247,13 +264,16 @@ class KubeTokenStore:
 
         def one_more(stored: JoinToken, counted: CountedJoins) -> tuple[int, CountedJoins] | None:
             now = dt.datetime.now(dt.UTC)
-            if join_key and join_key in counted:
+            if join_key and _counted_since(counted, join_key, now.timestamp()):
                 # An earlier try of this join counted its use and the API's answer never came back
                 # (a timeout): the retry must not be refused for that use, nor count a second.
                 check_token(replace(stored, usages_count=stored.usages_count - 1), secret, now)
                 return None
             check_token(stored, secret, now)
-            return stored.usages_count + 1, ([*counted, join_key][-COUNTED_JOINS_KEPT:] if join_key else counted)
+            if join_key:
+                entry = f"{join_key}@{int(now.timestamp())}"
+                counted = [*_without(counted, join_key), entry][-COUNTED_JOINS_KEPT:]
+            return stored.usages_count + 1, counted
 
         # A KubeApiError (not a TokenError) when the retries run out: the agent should retry later.
         stored = await self._change_count(token_id, one_more, "too many concurrent uses, try again")
@@ -274,7 +294,7 @@ class KubeTokenStore:
         def one_less(stored: JoinToken, counted: CountedJoins) -> tuple[int, CountedJoins] | None:
             if stored.usages_count <= 0:
                 return None
-            return stored.usages_count - 1, [key for key in counted if key != grant.join_key]
+            return stored.usages_count - 1, _without(counted, grant.join_key)
 
         await self._change_count(grant.token_id, one_less, "could not give the use back")
 

@@ -222,15 +222,16 @@ class TunnelService:
                 self._joins_in_flight.discard(join_id)
 
     async def _join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:
-        earlier = await self._token_checked(self._earlier_join(request), context)
+        earlier, made_a_node = await self._token_checked(self._earlier_join(request), context)
         if earlier is not None:
             node_name, address = earlier
             self.metrics.joins["replayed"] += 1
             log.info("node %s joined again with the same join id (the first reply was lost)", node_name)
             return self._join_response(node_name, address)
-        consuming = asyncio.ensure_future(
-            self.tokens.consume(request.token, join_key(request.join_id) if request.join_id else "")
-        )
+        # A join that made no node yet may have had its use counted by a try whose answer was lost:
+        # the store counts it once (for a while). One that did make a node is over: a new use.
+        retry_of = join_key(request.join_id) if request.join_id and not made_a_node else ""
+        consuming = asyncio.ensure_future(self.tokens.consume(request.token, retry_of))
         try:
             grant = await self._token_checked(asyncio.shield(consuming), context)
         except asyncio.CancelledError:
@@ -280,13 +281,14 @@ class TunnelService:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "join: the token could not be checked now; retry")
         raise AssertionError("unreachable: abort raises")
 
-    async def _earlier_join(self, request: pb.JoinRequest) -> tuple[str, str] | None:
+    async def _earlier_join(self, request: pb.JoinRequest) -> tuple[tuple[str, str] | None, bool]:
         """The node and address an earlier try of this join recorded, when its reply never reached
         the agent: made with the same token and join id, never connected, and still holding its
         address. Its token must still be genuine and not revoked; expiry and usage limit were
-        checked when that try counted its use."""
+        checked when that try counted its use. Second: whether any node carries this join's key
+        (one that connected, or is being deleted, too)."""
         if not request.join_id:
-            return None
+            return None, False
         # The token first: the port is open to anyone, and a list of VolunteerNodes for every
         # made-up token would let unauthenticated callers load the API server at will.
         grant = await self.tokens.authenticate(request.token)
@@ -302,8 +304,8 @@ class TunnelService:
                 or self.allocator.holder(address) != name
             ):
                 continue
-            return name, address
-        return None
+            return (name, address), True
+        return None, bool(nodes)
 
     async def _record_node(self, request: pb.JoinRequest, grant: JoinGrant) -> tuple[str, str]:
         """Takes a free address and creates the VolunteerNode; undoes both if any step fails."""

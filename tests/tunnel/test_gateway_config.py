@@ -163,3 +163,15 @@ def test_a_bad_bootstrap_token_stops_the_gateway_with_a_message(
     err = capsys.readouterr().err
     assert err.startswith("koinon-gateway: --bootstrap-token: ") and message in err and "Traceback" not in err
     assert "0123456789abcdef" not in err
+
+
+def test_a_status_refresh_slower_than_the_operator_trusts_is_refused() -> None:
+    # The operator takes a Ready status whose lastHeartbeat is over 120 s old as left by a stopped
+    # gateway (no uptime evidence): a refresh every 300 s quietly cost healthy nodes theirs.
+    from koinon_operator.reputation_book import SILENT_STATUS_S
+
+    config = GatewayConfig(status_write_interval_s=300.0)
+    with pytest.raises(ValueError, match=r"^status_write_interval_s \+ heartbeat_interval_s: at most 60 s"):
+        config.validate()
+    GatewayConfig(status_write_interval_s=55.0, heartbeat_interval_s=5.0).validate()
+    assert SILENT_STATUS_S >= 2 * (55.0 + 5.0)

@@ -919,3 +919,45 @@ async def test_a_token_use_whose_api_answer_was_lost_is_counted_once_for_its_joi
                 assert spent.value.code() == grpc.StatusCode.PERMISSION_DENIED and "usage" in str(spent.value.details())
         finally:
             await gateway.stop(0)
+
+
+async def test_a_spent_token_makes_no_second_node_by_resending_a_finished_joins_id(kube: Kube) -> None:
+    # A use counted for a join is honoured once more only for a retry of a join that made no node:
+    # resending the join id of a join that got its node (and connected) must count a new use.
+    tokens = KubeTokenStore(kube.client, NAMESPACE)
+    token = await tokens.create(owner="alice", usage_limit=1)
+    async with echo_server() as head_port:
+        gateway = Gateway(
+            gateway_config(head_port), tokens, KubeNodeRegistry(kube.client), KubeCAStore(kube.client, NAMESPACE)
+        )
+        await gateway.start()
+        try:
+            async with grpc.aio.secure_channel(
+                gateway.agent_target,
+                grpc.ssl_channel_credentials(gateway.ca_pem),
+                options=[("grpc.ssl_target_name_override", "koinon-gateway")],
+            ) as channel:
+                stub = tunnel_stub(channel)
+                request = pb.JoinRequest(token=token, name_hint="alpha", join_id="0123456789abcdef" * 2)
+                name = (await stub.Join(request, timeout=10)).assignment.node_name
+                kube.emulator.patch(
+                    "koinon.dev/v1alpha1", "VolunteerNode", name,
+                    {"status": {"phase": "Ready", "lastHeartbeat": "2026-01-01T00:00:00Z"}},
+                    subresource="status",
+                )  # fmt: skip
+                with pytest.raises(grpc.aio.AioRpcError) as spent:
+                    await stub.Join(request, timeout=10)
+                assert spent.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "1"
+        finally:
+            await gateway.stop(0)
+
+
+def test_a_counted_join_is_honoured_for_its_retries_only_for_a_while() -> None:
+    from koinon_gateway.kube_tokens import COUNTED_JOIN_RETRY_S, _counted_since
+
+    counted = ["aaaa@1000", "bbbb@2000", "cccc"]
+    assert _counted_since(counted, "aaaa", 1000 + COUNTED_JOIN_RETRY_S - 1)
+    assert not _counted_since(counted, "aaaa", 1000 + COUNTED_JOIN_RETRY_S)
+    assert not _counted_since(counted, "cccc", 1000)  # no time (written before times were kept)
+    assert not _counted_since(counted, "dddd", 1000)
