@@ -139,12 +139,17 @@ async def reconcile_aijob(
     for event in outcome.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
     memo.tracer.record(body, outcome.status, [(e.type, e.reason, e.message) for e in outcome.events])
-    if outcome.reputation:
+    if outcome.reputation or outcome.work:
         try:
-            await memo.reputation.record(outcome.reputation, evidence_key)
+            await memo.reputation.record(outcome.reputation, evidence_key, outcome.work)
         except Exception as error:  # bookkeeping must not stall the job itself
             # An exception here would make kopf back off this job's timer for a minute.
-            logger.warning("could not record reputation evidence %s: %r", outcome.reputation, error)
+            logger.warning(
+                "could not record reputation evidence %s (work of %s): %r",
+                outcome.reputation,
+                sorted(outcome.work),
+                error,
+            )
     if outcome.delete and f"{namespace}/{name}" not in _deleting:
         # Not awaited here: kopf removes the finalizer only once this timer has stopped, so a timer
         # waiting for its own object's deletion would wait for ever. (The deletion handler may run

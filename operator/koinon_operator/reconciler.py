@@ -70,6 +70,9 @@ class Outcome:
     # (node, kind) evidence for the volunteers' reputation: success, failure, timeout,
     # agreement or disagreement.
     reputation: list[tuple[str, str]] = field(default_factory=list)
+    # Per node, the work its replicas did in the attempt that ended in this pass (whatever its
+    # outcome): the exposure behind its crash rate and its contributed GPU-seconds.
+    work: dict[str, NodeWork] = field(default_factory=dict)
 
     def event(self, reason: str, message: str, warning: bool = False) -> None:
         self.events.append(JobEvent("Warning" if warning else "Normal", reason, message))
@@ -130,6 +133,36 @@ def ray_start_time(infos: Iterable[RayJobInfo | None]) -> datetime | None:
     if not starts:
         return None
     return datetime.fromtimestamp(min(starts) / 1000, UTC)
+
+
+@dataclass(frozen=True)
+class NodeWork:
+    """Work one node did in one attempt: its replicas' Ray run time."""
+
+    hours: float
+    """Hours of execution, one copy's run time per replica the node held (the scheduler's
+    exposure: wall-clock hours per execution, as the simulator's ``record_work`` counts them)."""
+    gpu_seconds: float
+    """GPUs per replica times the same run time, in seconds."""
+
+
+def attempt_work(
+    copies: Iterable[tuple[Sequence[str], RayJobInfo | None]], gpus_per_replica: float, now_ms: float
+) -> dict[str, NodeWork]:
+    """Pure: per node, the work of an attempt's copies, each given as (its nodes, one per replica;
+    Ray's record of it). A copy runs from Ray's start_time to its end_time, or to ``now_ms`` when
+    Ray has recorded no end (stopped or lost in this very pass). A copy Ray never started (not
+    submitted, or no start recorded) did no work; a node that did none is left out."""
+    seconds: dict[str, float] = {}
+    for nodes, info in copies:
+        if info is None or info.start_time_ms is None:
+            continue
+        end_ms = info.end_time_ms if info.end_time_ms is not None else now_ms
+        run_s = max(0.0, (end_ms - info.start_time_ms) / 1000.0)
+        for node in nodes:
+            seconds[node] = seconds.get(node, 0.0) + run_s
+    gpus = max(0.0, float(gpus_per_replica))
+    return {node: NodeWork(s / 3600.0, gpus * s) for node, s in seconds.items() if s > 0}
 
 
 def lost_nodes(state: AIJobStatus, nodes: Iterable[RayNodeInfo]) -> list[str]:
@@ -417,6 +450,7 @@ class AIJobReconciler:
                 except RayUnavailableError as stop_error:
                     return self._ray_unavailable(key, writer, stop_error, outcome)
             self._finish(key, writer, outcome, Phase.FAILED, "InvalidSpec", str(error))
+            await self._record_work(key, body, state, outcome)
             return outcome
 
         if state.phase is None:
@@ -443,9 +477,35 @@ class AIJobReconciler:
         except RayUnavailableError as error:
             return self._ray_unavailable(key, writer, error, outcome)
         self.backoff.succeeded(key)
+        await self._record_work(key, body, state, outcome)
         if writer.has_condition_false(ConditionType.RAY_REACHABLE):
             writer.condition(ConditionType.RAY_REACHABLE, True, "RayAvailable", "Ray dashboard reachable")
         return outcome
+
+    async def _record_work(self, key: str, body: Mapping[str, Any], state: AIJobStatus, outcome: Outcome) -> None:
+        """When this pass ends the attempt ``state`` ran (succeeded, failed, stopped, its node
+        lost, suspended, past its deadline: it no longer holds its nodes), the work of its Ray
+        copies goes into ``outcome.work``. Ray is asked again after the pass, so copies this pass
+        stopped are counted up to now."""
+        if state.phase is None or not state.phase.holds_nodes or not state.submission_id:
+            return
+        written = outcome.status.get("phase")
+        try:
+            still_holds = written is None or Phase(written).holds_nodes
+        except ValueError:  # not a phase of ours: nothing this pass ended
+            still_holds = True
+        if still_holds:
+            return
+        try:
+            infos = [
+                await self.ray.get(submission_id) if submission_id else None
+                for submission_id in (copy_submission_id_from(state.submission_id, k) for k in range(state.copies))
+            ]
+        except RayUnavailableError as error:  # the job's own outcome is written all the same
+            logger.warning("%s: work of attempt %s not recorded, Ray unavailable: %s", key, state.attempts, error)
+            return
+        copies = [(state.copy_nodes(k), info) for k, info in enumerate(infos)]
+        outcome.work = attempt_work(copies, _gpus_per_replica(body, state), self.clock().timestamp() * 1000)
 
     def _ray_unavailable(self, key: str, writer: _StatusWriter, error: Exception, outcome: Outcome) -> Outcome:
         delay = self.backoff.failed(key, self.monotonic())
@@ -1217,6 +1277,16 @@ def _merge_diff(old: Any, new: Any) -> Any:
                 diff[key] = inner
         return diff
     return new
+
+
+def _gpus_per_replica(body: Mapping[str, Any], state: AIJobStatus) -> float:
+    """What the attempt was placed with (status.scheduling); the spec's when that is not recorded."""
+    gpus = state.scheduling.get("gpusPerReplica")
+    if not isinstance(gpus, int | float) or isinstance(gpus, bool):
+        spec = body.get("spec")
+        resources = spec.get("resources") if isinstance(spec, Mapping) else None
+        gpus = resources.get("gpus", 1) if isinstance(resources, Mapping) else 1
+    return float(gpus) if isinstance(gpus, int | float) and not isinstance(gpus, bool) and gpus >= 0 else 1.0
 
 
 def allocation_of(body: Mapping[str, Any]) -> Allocation | None:

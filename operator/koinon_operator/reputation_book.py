@@ -5,6 +5,8 @@ Evidence is written before kopf writes the job's own status. An operator that di
 runs the same reconcile pass again after its restart, so every piece of evidence carries a key
 (the job's uid, attempt and verification round, and the kind) and each node keeps the keys of its
 latest outcomes in ``status.reputation.recordedOutcomes``: a key already there is not counted twice.
+The work a node did in the attempt (hours of execution for its crash rate's exposure, and
+``status.contributedGpuSeconds``) is counted once too, under the same key with ``/work`` after it.
 Writes are conditional on the resourceVersion that was read, so a concurrent writer costs a retry,
 never a lost count.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -24,6 +27,7 @@ from kubernetes.client.exceptions import ApiException
 
 from koinon_operator.api.constants import GROUP, VERSION, VOLUNTEER_PLURAL
 from koinon_operator.kube import load_config
+from koinon_operator.reconciler import NodeWork
 from koinon_operator.scheduler import (
     DEFAULT_CONFIG,
     ReputationConfig,
@@ -36,6 +40,7 @@ from koinon_operator.scheduler import (
     record_heartbeats,
     record_success,
     record_timeout,
+    record_work,
     to_status,
 )
 from koinon_operator.scheduler.reputation import owner_extra_disagreements
@@ -63,6 +68,11 @@ CONFLICT_PAUSE_S = 0.01
 # Uptime evidence is counted in heartbeats of this length (the agent's interval), so that a node
 # seen up for a minute weighs the same whoever sampled it and how often.
 HEARTBEAT_UNIT_S = 5.0
+# An outcome's work is kept under its own entry (the outcome key and this): a node that did work
+# but was given no evidence (its copy was stopped, or failed on its own) still has it counted
+# once, and a replay that now sees evidence for it still counts that. Not "key:..." (entries
+# written before 2026-12-06 carried the kind so, and read as the outcome's evidence).
+WORK_KEY_SUFFIX = "/work"
 
 
 def outcome_key(uid: str, status: Mapping[str, Any]) -> str:
@@ -74,28 +84,65 @@ def outcome_key(uid: str, status: Mapping[str, Any]) -> str:
 
 
 def updated_status(
-    status: Mapping[str, Any], kind: str, now: float, config: ReputationConfig, key: str | None = None
+    status: Mapping[str, Any],
+    kind: str | None,
+    now: float,
+    config: ReputationConfig,
+    key: str | None = None,
+    work: NodeWork | None = None,
 ) -> dict[str, Any] | None:
-    """Pure: the status fields to write after one piece of evidence of ``kind``, or None when the
-    evidence named ``key`` is already counted in ``status``."""
+    """Pure: the status fields to write after one piece of evidence of ``kind`` (None: none) and
+    the ``work`` the node did in the same outcome (None: none), or None when both, as named by
+    ``key``, are already counted in ``status`` (or there is nothing to count).
+
+    The work adds its hours to the evidence's exposure (``reputation.exposureHours``, which decays
+    with the rest) and its GPU-seconds to ``contributedGpuSeconds`` (a running total, to 0.1 s)."""
     previous = status.get("reputation") or {}
     recorded = [str(k) for k in previous.get("recordedOutcomes") or ()]
     # One piece of evidence per node per outcome key, whatever its kind: a pass replayed after a
     # restart may see the attempt end otherwise (failed, then its node lost) and must not count
     # it twice. Entries written before 2026-12-06 carry the kind after the key.
     entry = key
-    if entry is not None and any(r == entry or r.startswith(f"{entry}:") for r in recorded):
+    new_evidence = kind is not None and not (
+        entry is not None and any(r == entry or r.startswith(f"{entry}:") for r in recorded)
+    )
+    work_entry = None if key is None else f"{key}{WORK_KEY_SUFFIX}"
+    new_work = (
+        work is not None
+        and (work.hours > 0 or work.gpu_seconds > 0)
+        and not (work_entry is not None and work_entry in recorded)
+    )
+    if not new_evidence and not new_work:
         return None
-    evidence = RECORDERS[kind](from_status(previous), now, config)
-    jobs = dict(status.get("jobs") or {})
-    counter = JOB_COUNTERS[kind]
-    jobs[counter] = int(jobs.get(counter) or 0) + 1
+    evidence = from_status(previous)
+    fields: dict[str, Any] = {}
+    if new_evidence and kind is not None:
+        evidence = RECORDERS[kind](evidence, now, config)
+        jobs = dict(status.get("jobs") or {})
+        counter = JOB_COUNTERS[kind]
+        jobs[counter] = int(jobs.get(counter) or 0) + 1
+        fields["jobs"] = jobs
+        if entry is not None:
+            recorded.append(entry)
+    if new_work and work is not None:
+        evidence = record_work(evidence, now, config, work.hours)
+        if not math.isfinite(work.gpu_seconds) or work.gpu_seconds < 0:
+            raise ValueError(f"GPU-seconds of work must be a finite number >= 0, got {work.gpu_seconds}")
+        fields["contributedGpuSeconds"] = round(_contributed(status) + work.gpu_seconds, 1)
+        if work_entry is not None:
+            recorded.append(work_entry)
     reputation = to_status(evidence, now, config, _previous_owner_extra(previous))
-    if entry is not None:
-        recorded.append(entry)
     if recorded:
         reputation["recordedOutcomes"] = recorded[-RECORDED_OUTCOMES_KEPT:]
-    return {"reputation": reputation, "jobs": jobs}
+    return {"reputation": reputation, **fields}
+
+
+def _contributed(status: Mapping[str, Any]) -> float:
+    """GPU-seconds counted so far; a value that is not a count (hand-edited) starts again at 0."""
+    value = status.get("contributedGpuSeconds")
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        return 0.0
+    return float(value)
 
 
 def _previous_owner_extra(reputation: Mapping[str, Any]) -> float:
@@ -219,40 +266,52 @@ class ReputationBook:
         self._clock = clock
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def record(self, evidence: Iterable[tuple[str, str]], key: str | None = None) -> None:
-        """Counts each (node, kind); with a ``key``, evidence already counted under it is skipped.
+    async def record(
+        self,
+        evidence: Iterable[tuple[str, str]],
+        key: str | None = None,
+        work: Mapping[str, NodeWork] | None = None,
+    ) -> None:
+        """Counts each (node, kind), and each node's ``work``, in one write per node where it has
+        both; with a ``key``, what is already counted under it is skipped.
 
         A node whose evidence cannot be counted (its status is unreadable, the write failed) does
         not cost the others theirs: each is tried, then the first failure is raised.
         """
+        left = dict(work or {})
+        entries: list[tuple[str, str | None, NodeWork | None]] = [
+            (node, kind, left.pop(node, None)) for node, kind in evidence
+        ]
+        entries += [(node, None, done) for node, done in left.items()]
         failures: list[Exception] = []
-        for node, kind in evidence:
+        for node, kind, done in entries:
             # One writer per node at a time in this process: read-modify-write of the evidence counts.
             async with self._locks.setdefault(node, asyncio.Lock()):
                 try:
-                    await asyncio.to_thread(self._apply, node, kind, key)
+                    await asyncio.to_thread(self._apply, node, kind, key, done)
                 except Exception as exc:
-                    logger.warning("evidence %s for %s not recorded: %r", kind, node, exc)
+                    logger.warning("evidence %s (work %s) for %s not recorded: %r", kind, done, node, exc)
                     failures.append(exc)
         if failures:
             raise failures[0]
 
-    def _apply(self, node: str, kind: str, key: str | None) -> None:
+    def _apply(self, node: str, kind: str | None, key: str | None, work: NodeWork | None = None) -> None:
         load_config()
         written: list[dict[str, Any]] = []
 
         def count(status: dict[str, Any]) -> dict[str, Any] | None:
-            fields = updated_status(status, kind, self._clock(), self._config, key)
+            fields = updated_status(status, kind, self._clock(), self._config, key, work)
             written[:] = [fields] if fields is not None else []
             return fields
 
         outcome = self._read_modify_write(node, count)
+        what = kind if work is None else f"{kind or 'work'} ({work.gpu_seconds:.1f} GPU-s)"
         if outcome == "unchanged":
-            logger.info("evidence %s:%s for %s already recorded; not counted again", key, kind, node)
+            logger.info("evidence %s:%s for %s already recorded; not counted again", key, what, node)
         elif outcome == "written":
-            logger.info("reputation of %s after %s: lowerBound=%s", node, kind, written[0]["reputation"]["lowerBound"])
+            logger.info("reputation of %s after %s: lowerBound=%s", node, what, written[0]["reputation"]["lowerBound"])
         elif outcome == "lost":
-            raise RuntimeError(f"evidence {kind} for {node} lost {CONFLICT_RETRIES} write races in a row")
+            raise RuntimeError(f"evidence {what} for {node} lost {CONFLICT_RETRIES} write races in a row")
         # "gone": a bare Ray worker without a VolunteerNode: nothing to record on
 
     @staticmethod

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from koinon_operator.reconciler import NodeWork
 from koinon_operator.reputation_book import (
     RECORDED_OUTCOMES_KEPT,
     ReputationBook,
@@ -87,6 +88,51 @@ async def test_replayed_pass_does_not_count_evidence_twice(cluster: EmulatorThre
     assert after_first["jobs"] == {"succeeded": 1}
     await book.record([("vn-a", "success")], "uid-2/1/0")
     assert _status(cluster)["jobs"] == {"succeeded": 2}
+
+
+def test_work_is_counted_once_per_key_with_or_without_evidence() -> None:
+    work = NodeWork(hours=0.5, gpu_seconds=3600.04)
+    first = updated_status({}, "success", NOW, CONFIG, "u1/1/0", work)
+    assert first is not None
+    assert first["contributedGpuSeconds"] == 3600.0  # to 0.1 s
+    assert first["reputation"]["exposureHours"] == pytest.approx(0.5)
+    assert first["reputation"]["recordedOutcomes"] == ["u1/1/0", "u1/1/0/work"]
+    assert updated_status(first, "success", NOW + 1, CONFIG, "u1/1/0", work) is None
+    # Work with no evidence (a copy stopped, or failed on its own) counts too, and once.
+    second = updated_status(first, None, NOW + 1, CONFIG, "u1/2/0", NodeWork(0.25, 900.0))
+    assert second is not None
+    assert "jobs" not in second  # no evidence, no job counted
+    assert second["contributedGpuSeconds"] == 4500.0
+    assert second["reputation"]["exposureHours"] == pytest.approx(0.75, rel=1e-3)
+    assert updated_status({**first, **second}, None, NOW + 2, CONFIG, "u1/2/0", NodeWork(0.25, 900.0)) is None
+    # A replay that now has evidence for the node counts the evidence, not the work again.
+    replay = updated_status({**first, **second}, "failure", NOW + 2, CONFIG, "u1/2/0", NodeWork(0.25, 900.0))
+    assert replay is not None
+    assert replay.get("contributedGpuSeconds") is None
+    assert replay["jobs"] == {"succeeded": 1, "failed": 1}
+    assert replay["reputation"]["exposureHours"] == pytest.approx(0.75, rel=1e-3)
+    assert updated_status({}, None, NOW, CONFIG, "u1/1/0") is None  # nothing to count
+
+
+async def test_replayed_pass_does_not_count_work_twice(cluster: EmulatorThread) -> None:
+    book = ReputationBook(clock=lambda: NOW)
+    outcome = {"vn-a": NodeWork(hours=2.0, gpu_seconds=14_400.0)}
+    await book.record([("vn-a", "success")], "uid-1/1/0", outcome)
+    after_first = _status(cluster)
+    assert after_first["contributedGpuSeconds"] == 14_400.0
+    assert after_first["reputation"]["exposureHours"] == pytest.approx(2.0)
+    assert after_first["jobs"] == {"succeeded": 1}
+    # The operator died before the job's status write; the restarted one replays the same pass.
+    await book.record([("vn-a", "success")], "uid-1/1/0", outcome)
+    assert _status(cluster) == after_first
+    # Another attempt's work, without evidence (its copy was stopped), adds up; replayed, it does not.
+    for _ in range(2):
+        await book.record([], "uid-1/2/0", {"vn-a": NodeWork(hours=0.5, gpu_seconds=1800.0)})
+    status = _status(cluster)
+    assert status["contributedGpuSeconds"] == 16_200.0
+    assert status["reputation"]["exposureHours"] == pytest.approx(2.5)
+    assert status["jobs"] == {"succeeded": 1}
+    assert status["reputation"]["recordedOutcomes"] == ["uid-1/1/0", "uid-1/1/0/work", "uid-1/2/0/work"]
 
 
 async def test_concurrent_writer_costs_a_retry_not_a_lost_count(cluster: EmulatorThread) -> None:
