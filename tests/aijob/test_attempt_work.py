@@ -66,33 +66,36 @@ async def _running(ray: FakeRay, clock: Clock, spec: dict[str, Any]) -> dict[str
     return body
 
 
-async def test_a_finished_jobs_outcome_carries_the_work_of_its_node() -> None:
+@pytest.mark.parametrize(
+    ("spec", "state", "ran_s", "exit_code", "phase", "evidence", "work"),
+    [
+        ({"resources": {"gpus": 1}}, RayJobState.SUCCEEDED, 1_800, 0, "Succeeded", [("vn-1", "success")],
+         NodeWork(0.5, 1_800.0)),
+        # No evidence is charged for the job's own exit code, but the node worked all the same.
+        ({"backoffLimit": 0}, RayJobState.FAILED, 60, 1, "Failed", [], NodeWork(60.0 / 3600, 60.0)),
+    ],
+)  # fmt: skip
+async def test_an_ended_jobs_outcome_carries_the_work_of_its_node(
+    spec: dict[str, Any],
+    state: RayJobState,
+    ran_s: int,
+    exit_code: int,
+    phase: str,
+    evidence: list[tuple[str, str]],
+    work: NodeWork,
+) -> None:
     ray, clock = FakeRay(), Clock()
-    body = await _running(ray, clock, {"entrypoint": "python x.py", "resources": {"gpus": 1}})
+    body = await _running(ray, clock, {"entrypoint": "python x.py", **spec})
     start_ms = ray.jobs[SUBMISSION].start_time_ms
     assert start_ms is not None
-    ray.jobs[SUBMISSION] = RayJobInfo(SUBMISSION, RayJobState.SUCCEEDED, "", "r1", start_ms, start_ms + 1_800_000, 0)
-    clock.advance(1_900)
+    ray.jobs[SUBMISSION] = RayJobInfo(SUBMISSION, state, "", "r1", start_ms, start_ms + ran_s * 1000, exit_code)
+    clock.advance(ran_s + 60)
     outcome = await step(make_reconciler(ray, clock), body)
-    assert body["status"]["phase"] == "Succeeded"
-    assert outcome.reputation == [("vn-1", "success")]
-    assert outcome.work == {"vn-1": NodeWork(0.5, 1_800.0)}
+    assert body["status"]["phase"] == phase
+    assert outcome.reputation == evidence
+    assert outcome.work == {"vn-1": work}
     # The finished job's later passes count nothing again.
     assert (await step(make_reconciler(ray, clock), body)).work == {}
-
-
-async def test_a_job_that_failed_on_its_own_still_credits_its_node_the_work() -> None:
-    """No evidence is charged for the job's own exit code, but the node worked all the same."""
-    ray, clock = FakeRay(), Clock()
-    body = await _running(ray, clock, {"entrypoint": "python x.py", "backoffLimit": 0})
-    start_ms = ray.jobs[SUBMISSION].start_time_ms
-    assert start_ms is not None
-    ray.jobs[SUBMISSION] = RayJobInfo(SUBMISSION, RayJobState.FAILED, "exit 1", "r1", start_ms, start_ms + 60_000, 1)
-    clock.advance(120)
-    outcome = await step(make_reconciler(ray, clock), body)
-    assert body["status"]["phase"] == "Failed"
-    assert outcome.reputation == []
-    assert outcome.work == {"vn-1": NodeWork(60.0 / 3600, 60.0)}
 
 
 @dataclass

@@ -11,6 +11,7 @@ import asyncio
 from dataclasses import dataclass, replace
 from typing import Any
 
+import pytest
 from koinon_operator.inventory import RayNodeCache
 from koinon_operator.placement import FirstFitPlacer
 from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayNodeInfo, RayUnavailableError
@@ -110,27 +111,22 @@ async def test_the_deadline_counts_from_rays_start_when_the_operator_first_sees_
     assert ray.stopped == [SUBMISSION]
 
 
-async def test_a_job_that_ran_past_its_deadline_unseen_fails_for_it() -> None:
-    """Ran 100 s of a 60 s deadline and ended while the operator was down, never seen Running: with
-    no startTime the deadline was not judged at all, and the job Succeeded (had the operator been
-    up, it would have been stopped at 60 s)."""
+@pytest.mark.parametrize(
+    ("ran_s", "phase", "reason"), [(100, "Failed", "DeadlineExceeded"), (20, "Succeeded", "Completed")]
+)
+async def test_a_job_that_ended_unseen_is_judged_by_its_deadline_from_rays_start(
+    ran_s: int, phase: str, reason: str
+) -> None:
+    """Ran 100 s (or 20 s) of a 60 s deadline and ended while the operator was down, never seen
+    Running: with no startTime the deadline was not judged at all, and the 100 s job Succeeded
+    (had the operator been up, it would have been stopped at 60 s). startTime is Ray's start."""
     ray, clock = ChangingRay(), Clock()
     body = await submitted(ray, clock, {"entrypoint": "python x.py", "activeDeadlineSeconds": 60})
     start_ms = int(clock.now.timestamp() * 1000)
-    ray.jobs[SUBMISSION] = ended(RayJobState.SUCCEEDED, start_ms, start_ms + 100_000, 0)
+    ray.jobs[SUBMISSION] = ended(RayJobState.SUCCEEDED, start_ms, start_ms + ran_s * 1000, 0)
     clock.advance(300)
     await step(make_reconciler(ray, clock), body)
-    assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "DeadlineExceeded"), body["status"]
-
-
-async def test_a_job_that_ran_within_its_deadline_unseen_succeeds_with_rays_start_time() -> None:
-    ray, clock = ChangingRay(), Clock()
-    body = await submitted(ray, clock, {"entrypoint": "python x.py", "activeDeadlineSeconds": 60})
-    start_ms = int(clock.now.timestamp() * 1000)
-    ray.jobs[SUBMISSION] = ended(RayJobState.SUCCEEDED, start_ms, start_ms + 20_000, 0)
-    clock.advance(300)
-    await step(make_reconciler(ray, clock), body)
-    assert (body["status"]["phase"], body["status"]["reason"]) == ("Succeeded", "Completed"), body["status"]
+    assert (body["status"]["phase"], body["status"]["reason"]) == (phase, reason), body["status"]
     assert body["status"]["startTime"] == "2026-01-01T00:00:10.000000Z"
 
 
@@ -279,26 +275,34 @@ async def test_a_copy_that_failed_on_its_own_is_not_charged_when_the_other_copys
     assert (body["status"]["phase"], body["status"]["reason"]) == ("Pending", "NodeLost")
 
 
+TWO_OWNERS = {
+    "vn-a": {"spec": {"owner": "alice"}, "status": {"phase": "Ready"}},
+    "vn-b": {"spec": {"owner": "bob"}, "status": {"phase": "Ready"}},
+}
+
+
+async def running_on_two_nodes() -> tuple[ChangingRay, Clock, AIJobReconciler, dict[str, Any]]:
+    """A replicas=2 job placed on vn-a and vn-b, submitted and Running."""
+    ray, clock = ChangingRay(node_list=list(TWO_NODES)), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python train.py", "replicas": 2})
+    await step(reconciler, body, TWO_OWNERS)  # placed on vn-a and vn-b
+    await step(reconciler, body, TWO_OWNERS)  # submitted
+    ray.set_state(SUBMISSION, RayJobState.RUNNING)
+    await step(reconciler, body, TWO_OWNERS)
+    assert body["status"]["phase"] == "Running" and body["status"]["assignedNodes"] == ["vn-a", "vn-b"]
+    return ray, clock, reconciler, body
+
+
 async def test_a_multi_replica_job_whose_other_node_left_mid_run_fails_over() -> None:
     """replicas=2: the driver on vn-a pins replica 1's tasks to vn-b (examples/koinon_examples/
     placement.py). With vn-b's Ray node dead those tasks cannot run, the driver waits for ever and
     Ray keeps the job RUNNING; lost nodes were looked for only once every Ray job had ended, so the
     AIJob stayed Running for good, holding vn-a's GPU."""
-    volunteers = {
-        "vn-a": {"spec": {"owner": "alice"}, "status": {"phase": "Ready"}},
-        "vn-b": {"spec": {"owner": "bob"}, "status": {"phase": "Ready"}},
-    }
-    ray, clock = ChangingRay(node_list=list(TWO_NODES)), Clock()
-    reconciler = make_reconciler(ray, clock)
-    body = make_body({"entrypoint": "python train.py", "replicas": 2})
-    await step(reconciler, body, volunteers)  # placed on vn-a and vn-b
-    await step(reconciler, body, volunteers)  # submitted
-    ray.set_state(SUBMISSION, RayJobState.RUNNING)
-    await step(reconciler, body, volunteers)
-    assert body["status"]["phase"] == "Running" and body["status"]["assignedNodes"] == ["vn-a", "vn-b"]
+    ray, clock, reconciler, body = await running_on_two_nodes()
     ray.node_list = [TWO_NODES[0], replace(TWO_NODES[1], alive=False)]  # vn-b's volunteer left
     clock.advance(60)
-    outcome = await step(reconciler, body, volunteers)
+    outcome = await step(reconciler, body, TWO_OWNERS)
     assert (body["status"]["phase"], body["status"]["reason"]) == ("Pending", "NodeLost"), body["status"]
     assert ray.stopped == [SUBMISSION]
     assert outcome.reputation == [("vn-b", "timeout")]
@@ -307,19 +311,10 @@ async def test_a_multi_replica_job_whose_other_node_left_mid_run_fails_over() ->
 
 
 async def test_a_running_job_whose_nodes_all_live_keeps_running() -> None:
-    volunteers = {
-        "vn-a": {"spec": {"owner": "alice"}, "status": {"phase": "Ready"}},
-        "vn-b": {"spec": {"owner": "bob"}, "status": {"phase": "Ready"}},
-    }
-    ray, clock = ChangingRay(node_list=list(TWO_NODES)), Clock()
-    reconciler = make_reconciler(ray, clock)
-    body = make_body({"entrypoint": "python train.py", "replicas": 2})
-    await step(reconciler, body, volunteers)
-    await step(reconciler, body, volunteers)
-    ray.set_state(SUBMISSION, RayJobState.RUNNING)
+    ray, clock, reconciler, body = await running_on_two_nodes()
     for _ in range(3):
         clock.advance(60)
-        await step(reconciler, body, volunteers)
+        await step(reconciler, body, TWO_OWNERS)
     assert body["status"]["phase"] == "Running" and ray.stopped == []
 
 

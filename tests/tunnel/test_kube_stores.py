@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -877,6 +878,25 @@ async def test_gateway_process_with_kube_store(kube: Kube, tmp_path: Path) -> No
     assert b"0123456789abcdef" not in out
 
 
+@contextlib.asynccontextmanager
+async def join_stub(kube: Kube, tokens: KubeTokenStore) -> AsyncIterator[Any]:
+    """A gateway on the emulator's API with ``tokens``, and a Tunnel stub connected to it."""
+    async with echo_server() as head_port:
+        gateway = Gateway(
+            gateway_config(head_port), tokens, KubeNodeRegistry(kube.client), KubeCAStore(kube.client, NAMESPACE)
+        )
+        await gateway.start()
+        try:
+            async with grpc.aio.secure_channel(
+                gateway.agent_target,
+                grpc.ssl_channel_credentials(gateway.ca_pem),
+                options=[("grpc.ssl_target_name_override", "koinon-gateway")],
+            ) as channel:
+                yield tunnel_stub(channel)
+        finally:
+            await gateway.stop(0)
+
+
 async def test_a_token_use_whose_api_answer_was_lost_is_counted_once_for_its_join(kube: Kube) -> None:
     # The Secret write that counts a use lands, but its answer never reaches the gateway (a
     # timeout): the agent hears UNAVAILABLE and retries with the same join id. That retry was
@@ -894,31 +914,18 @@ async def test_a_token_use_whose_api_answer_was_lost_is_counted_once_for_its_joi
 
     kube.client.replace = replace_then_lose_the_answer  # type: ignore[method-assign]
     token = await tokens.create(owner="alice", usage_limit=1)
-    async with echo_server() as head_port:
-        gateway = Gateway(
-            gateway_config(head_port), tokens, KubeNodeRegistry(kube.client), KubeCAStore(kube.client, NAMESPACE)
-        )
-        await gateway.start()
-        try:
-            async with grpc.aio.secure_channel(
-                gateway.agent_target,
-                grpc.ssl_channel_credentials(gateway.ca_pem),
-                options=[("grpc.ssl_target_name_override", "koinon-gateway")],
-            ) as channel:
-                stub = tunnel_stub(channel)
-                request = pb.JoinRequest(token=token, name_hint="alpha", join_id="0123456789abcdef" * 2)
-                with pytest.raises(grpc.aio.AioRpcError) as lost:
-                    await stub.Join(request, timeout=10)
-                assert lost.value.code() == grpc.StatusCode.UNAVAILABLE  # the agent retries
-                again = await stub.Join(request, timeout=10)  # the agent's retry: same token, same join
-                assert again.assignment.node_name
-                assert decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "1"
-                # Another join with the spent token is still refused.
-                with pytest.raises(grpc.aio.AioRpcError) as spent:
-                    await stub.Join(pb.JoinRequest(token=token, name_hint="beta", join_id="f" * 32), timeout=10)
-                assert spent.value.code() == grpc.StatusCode.PERMISSION_DENIED and "usage" in str(spent.value.details())
-        finally:
-            await gateway.stop(0)
+    async with join_stub(kube, tokens) as stub:
+        request = pb.JoinRequest(token=token, name_hint="alpha", join_id="0123456789abcdef" * 2)
+        with pytest.raises(grpc.aio.AioRpcError) as lost:
+            await stub.Join(request, timeout=10)
+        assert lost.value.code() == grpc.StatusCode.UNAVAILABLE  # the agent retries
+        again = await stub.Join(request, timeout=10)  # the agent's retry: same token, same join
+        assert again.assignment.node_name
+        assert decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "1"
+        # Another join with the spent token is still refused.
+        with pytest.raises(grpc.aio.AioRpcError) as spent:
+            await stub.Join(pb.JoinRequest(token=token, name_hint="beta", join_id="f" * 32), timeout=10)
+        assert spent.value.code() == grpc.StatusCode.PERMISSION_DENIED and "usage" in str(spent.value.details())
 
 
 async def test_a_spent_token_makes_no_second_node_by_resending_a_finished_joins_id(kube: Kube) -> None:
@@ -926,31 +933,18 @@ async def test_a_spent_token_makes_no_second_node_by_resending_a_finished_joins_
     # resending the join id of a join that got its node (and connected) must count a new use.
     tokens = KubeTokenStore(kube.client, NAMESPACE)
     token = await tokens.create(owner="alice", usage_limit=1)
-    async with echo_server() as head_port:
-        gateway = Gateway(
-            gateway_config(head_port), tokens, KubeNodeRegistry(kube.client), KubeCAStore(kube.client, NAMESPACE)
-        )
-        await gateway.start()
-        try:
-            async with grpc.aio.secure_channel(
-                gateway.agent_target,
-                grpc.ssl_channel_credentials(gateway.ca_pem),
-                options=[("grpc.ssl_target_name_override", "koinon-gateway")],
-            ) as channel:
-                stub = tunnel_stub(channel)
-                request = pb.JoinRequest(token=token, name_hint="alpha", join_id="0123456789abcdef" * 2)
-                name = (await stub.Join(request, timeout=10)).assignment.node_name
-                kube.emulator.patch(
-                    "koinon.dev/v1alpha1", "VolunteerNode", name,
-                    {"status": {"phase": "Ready", "lastHeartbeat": "2026-01-01T00:00:00Z"}},
-                    subresource="status",
-                )  # fmt: skip
-                with pytest.raises(grpc.aio.AioRpcError) as spent:
-                    await stub.Join(request, timeout=10)
-                assert spent.value.code() == grpc.StatusCode.PERMISSION_DENIED
-                assert decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "1"
-        finally:
-            await gateway.stop(0)
+    async with join_stub(kube, tokens) as stub:
+        request = pb.JoinRequest(token=token, name_hint="alpha", join_id="0123456789abcdef" * 2)
+        name = (await stub.Join(request, timeout=10)).assignment.node_name
+        kube.emulator.patch(
+            "koinon.dev/v1alpha1", "VolunteerNode", name,
+            {"status": {"phase": "Ready", "lastHeartbeat": "2026-01-01T00:00:00Z"}},
+            subresource="status",
+        )  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as spent:
+            await stub.Join(request, timeout=10)
+        assert spent.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "1"
 
 
 def test_a_counted_join_is_honoured_for_its_retries_only_for_a_while() -> None:
