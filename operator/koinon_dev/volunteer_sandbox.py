@@ -64,6 +64,8 @@ PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+# Forwarded signals the caller had ignored (main() notes them before installing its handlers).
+_IGNORED_BY_CALLER: set[int] = set()
 COVERED = Path("/tmp")
 STAGE = Path("/dev/shm")
 # Where the host's services keep their unix sockets (a database's, a container engine's, D-Bus):
@@ -245,7 +247,10 @@ def _exec_command(command: list[str]) -> None:
     and so does a blocked one."""
     drop_privileges()
     for signum in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS):
-        signal.signal(signum, signal.SIG_DFL)
+        # The forwarded ones carry this process tree's handlers by now: back to what the caller
+        # gave (ignored under nohup, say), the rest to their default.
+        ignored = signum in _IGNORED_BY_CALLER
+        signal.signal(signum, signal.SIG_IGN if ignored else signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     os.execvp(command[0], command)
 
@@ -286,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hide", action="append", type=Path, default=[], help="a directory to cover")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    # Before any handler of ours replaces them: what the caller ignores, the command ignores too.
+    _IGNORED_BY_CALLER.update(s for s in FORWARDED_SIGNALS if signal.getsignal(s) == signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)  # until the handlers are in place
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:

@@ -156,7 +156,7 @@ def test_configuration_mistakes_exit_2_naming_the_field(
 def test_a_pem_that_is_not_one_is_refused(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("KOINON_CA_CERT", "not a pem")
     assert cli.main(["join", "--gateway", "gw:1"]) == 2
-    assert "ca_pem (KOINON_CA_CERT): not a PEM certificate" in capsys.readouterr().err
+    assert "ca_pem (KOINON_CA_CERT): holds no PEM certificate" in capsys.readouterr().err
 
 
 def test_job_code_does_not_inherit_the_agents_token(monkeypatch: pytest.MonkeyPatch) -> None:

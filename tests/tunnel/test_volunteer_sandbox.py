@@ -395,3 +395,22 @@ def test_mount_points_with_escaped_names_or_covered_by_others_do_not_stop_the_sa
         for target in reversed(mounted):
             subprocess.run(["umount", str(target)], check=False)
         subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def test_signals_the_caller_ignores_stay_ignored_in_the_command() -> None:
+    # Under nohup (SIGHUP ignored) or a non-interactive shell's background job (SIGINT, SIGQUIT),
+    # the command ignores them too, as through a shell: the sandbox reset every forwarded signal.
+    hup_quit = (1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGQUIT - 1))
+    netns = f"ksbx-{secrets.token_hex(3)}"
+    create_netns(netns)
+    try:
+        completed = subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "koinon_dev.volunteer_sandbox",
+             "--", "grep", "-E", "^SigIgn", "/proc/self/status"],
+            capture_output=True, text=True, timeout=60,
+            preexec_fn=lambda: [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGHUP, signal.SIGQUIT)],
+        )  # fmt: skip
+        assert completed.returncode == 0, completed.stderr
+        assert signal_mask("SigIgn", completed.stdout) & hup_quit == hup_quit
+    finally:
+        delete_netns(netns)
