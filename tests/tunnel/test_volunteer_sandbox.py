@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from koinon_dev.tunnel_plane import create_netns, delete_netns, netns_available
@@ -291,41 +292,51 @@ def signal_mask(field: str, status: str) -> int:
     return int(next(line for line in status.splitlines() if line.startswith(f"{field}:")).split()[1], 16)
 
 
+def run_sandboxed(*command: str, **popen: Any) -> subprocess.CompletedProcess[str]:
+    """``command`` in the sandbox, in a network namespace of its own made for it."""
+    netns = f"ksbx-{secrets.token_hex(3)}"
+    create_netns(netns)
+    try:
+        return subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "koinon_dev.volunteer_sandbox", "--", *command],
+            capture_output=True, text=True, timeout=60, **popen,
+        )  # fmt: skip
+    finally:
+        delete_netns(netns)
+
+
 def test_the_command_starts_with_no_signal_ignored_or_blocked_by_the_sandbox() -> None:
     # Python ignores SIGPIPE and SIGXFSZ and the sandbox blocks signals while it starts; both would
     # pass through exec into the agent and Ray (a dead pipe would then fail writes instead of killing).
     # What the caller itself ignores passes through, as it would through a shell.
     python_only = (1 << (signal.SIGPIPE - 1)) | (1 << (signal.SIGXFSZ - 1))
     inherited = signal_mask("SigIgn", Path("/proc/self/status").read_text()) & ~python_only
-    netns = f"ksbx-{secrets.token_hex(3)}"
-    create_netns(netns)
-    try:
-        completed = subprocess.run(
-            ["ip", "netns", "exec", netns, sys.executable, "-m", "koinon_dev.volunteer_sandbox",
-             "--", "grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert completed.returncode == 0, completed.stderr
-        assert signal_mask("SigIgn", completed.stdout) == inherited
-        assert signal_mask("SigBlk", completed.stdout) == 0
-    finally:
-        delete_netns(netns)
+    completed = run_sandboxed("grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status")
+    assert completed.returncode == 0, completed.stderr
+    assert signal_mask("SigIgn", completed.stdout) == inherited
+    assert signal_mask("SigBlk", completed.stdout) == 0
+
+
+def test_signals_the_caller_ignores_stay_ignored_in_the_command() -> None:
+    # Under nohup (SIGHUP ignored) or a non-interactive shell's background job (SIGINT, SIGQUIT),
+    # the command ignores them too, as through a shell: the sandbox reset every forwarded signal.
+    hup_quit = (1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGQUIT - 1))
+    completed = run_sandboxed(
+        "grep",
+        "-E",
+        "^SigIgn",
+        "/proc/self/status",
+        preexec_fn=lambda: [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGHUP, signal.SIGQUIT)],
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert signal_mask("SigIgn", completed.stdout) & hup_quit == hup_quit
 
 
 def test_a_job_may_write_more_than_a_token_amount_to_tmp() -> None:
     # A job's Python tempfiles land in the sandbox's /tmp: 64 MiB (its former size) failed real work.
-    netns = f"ksbx-{secrets.token_hex(3)}"
-    create_netns(netns)
-    try:
-        completed = subprocess.run(
-            ["ip", "netns", "exec", netns, sys.executable, "-m", "koinon_dev.volunteer_sandbox",
-             "--", "sh", "-c", "head -c 200M /dev/zero > /tmp/big && stat -c %s /tmp/big"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert completed.returncode == 0, completed.stderr
-        assert completed.stdout.strip() == str(200 << 20)
-    finally:
-        delete_netns(netns)
+    completed = run_sandboxed("sh", "-c", "head -c 200M /dev/zero > /tmp/big && stat -c %s /tmp/big")
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip() == str(200 << 20)
 
 
 def test_code_under_tmp_on_the_python_path_stays_visible_and_read_only() -> None:
@@ -395,22 +406,3 @@ def test_mount_points_with_escaped_names_or_covered_by_others_do_not_stop_the_sa
         for target in reversed(mounted):
             subprocess.run(["umount", str(target)], check=False)
         subprocess.run(["rm", "-rf", str(base)], check=False)
-
-
-def test_signals_the_caller_ignores_stay_ignored_in_the_command() -> None:
-    # Under nohup (SIGHUP ignored) or a non-interactive shell's background job (SIGINT, SIGQUIT),
-    # the command ignores them too, as through a shell: the sandbox reset every forwarded signal.
-    hup_quit = (1 << (signal.SIGHUP - 1)) | (1 << (signal.SIGQUIT - 1))
-    netns = f"ksbx-{secrets.token_hex(3)}"
-    create_netns(netns)
-    try:
-        completed = subprocess.run(
-            ["ip", "netns", "exec", netns, sys.executable, "-m", "koinon_dev.volunteer_sandbox",
-             "--", "grep", "-E", "^SigIgn", "/proc/self/status"],
-            capture_output=True, text=True, timeout=60,
-            preexec_fn=lambda: [signal.signal(s, signal.SIG_IGN) for s in (signal.SIGHUP, signal.SIGQUIT)],
-        )  # fmt: skip
-        assert completed.returncode == 0, completed.stderr
-        assert signal_mask("SigIgn", completed.stdout) & hup_quit == hup_quit
-    finally:
-        delete_netns(netns)
