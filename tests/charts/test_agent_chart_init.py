@@ -67,7 +67,7 @@ def test_the_agent_containers_init_reaps_orphans_and_passes_sigterm_on(tools: To
     if shutil.which(init[0]) is None:
         pytest.skip(f"{init[0]} (the image's init) is not installed here")
     proc = subprocess.Popen(
-        ["unshare", "--pid", "--fork", "--mount-proc", *init, sys.executable, "-c", STAND_IN],
+        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", *init, sys.executable, "-c", STAND_IN],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -88,6 +88,6 @@ def test_the_agent_containers_init_reaps_orphans_and_passes_sigterm_on(tools: To
         out, err = proc.communicate(timeout=20)
         assert "drained on SIGTERM" in out, err
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # --kill-child: the namespace's PID 1 dies with unshare
             proc.send_signal(signal.SIGKILL)
             proc.wait()
