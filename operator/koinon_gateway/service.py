@@ -204,22 +204,28 @@ class TunnelService:
         assert task is not None
         self._join_handlers.add(task)
         try:
-            if self._joins_waiting >= self.max_joins_waiting:
-                self.metrics.joins["busy"] += 1
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "join: the gateway is busy; retry later")
-            self._joins_waiting += 1
-            try:
-                await self.joins_at_once.acquire()
-            finally:
-                self._joins_waiting -= 1
-            try:
+            async with self._join_turn(context):
                 return await self._join(request, context)
-            finally:
-                self.joins_at_once.release()
         finally:
             self._join_handlers.discard(task)
             if join_id not in self._uses_being_given_back:
                 self._joins_in_flight.discard(join_id)
+
+    @contextlib.asynccontextmanager
+    async def _join_turn(self, context: Context) -> AsyncIterator[None]:
+        """One of the joins worked on at once, after waiting its turn; busy when too many wait."""
+        if self._joins_waiting >= self.max_joins_waiting:
+            self.metrics.joins["busy"] += 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "join: the gateway is busy; retry later")
+        self._joins_waiting += 1
+        try:
+            await self.joins_at_once.acquire()
+        finally:
+            self._joins_waiting -= 1
+        try:
+            yield
+        finally:
+            self.joins_at_once.release()
 
     async def _join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:
         earlier, made_a_node = await self._token_checked(self._earlier_join(request), context)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import traceback
+from collections.abc import Sequence
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from koinon_operator.ray_jobs import RayJobState, RayUnavailableError
 from koinon_operator.reconciler import submission_id_for
 from koinon_operator.telemetry import JobIdGenerator, JobTracer, setup_tracing
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
@@ -72,19 +73,25 @@ async def test_a_runtime_env_ray_refuses_is_not_quoted_into_spans() -> None:
     assert leaking == [], f"spans carrying the runtime_env's token: {leaking}"
 
 
-# 2 ------------------------------------------------------------------------------------------
-async def test_a_failed_attempts_span_names_the_nodes_it_ran_on() -> None:
-    """The RayJobFailed span is built from the status *after* the pass, which clears assignedNodes:
-    koinon.nodes is empty on exactly the spans where an SRE asks 'which volunteer was it?'."""
+async def _spans_of_a_first_attempt_that_failed_on_its_own(backoff_limit: int) -> Sequence[ReadableSpan]:
+    """The spans of a job placed, submitted, and whose first attempt exited 1."""
     ray, clock = FakeRay(), Clock()
     reconciler = make_reconciler(ray, clock)
     tracer, exporter = _tracer()
-    body = make_body({"entrypoint": "python x.py", "backoffLimit": 2})
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": backoff_limit})
     await _traced_step(reconciler, tracer, body)
     await _traced_step(reconciler, tracer, body)
     ray.set_state(submission_id_for(UID, 1), RayJobState.FAILED, exit_code=1, message="exit code 1")
     await _traced_step(reconciler, tracer, body)
-    [failed] = [s for s in exporter.get_finished_spans() if s.name == "aijob.RayJobFailed"]
+    return exporter.get_finished_spans()
+
+
+# 2 ------------------------------------------------------------------------------------------
+async def test_a_failed_attempts_span_names_the_nodes_it_ran_on() -> None:
+    """The RayJobFailed span is built from the status *after* the pass, which clears assignedNodes:
+    koinon.nodes is empty on exactly the spans where an SRE asks 'which volunteer was it?'."""
+    spans = await _spans_of_a_first_attempt_that_failed_on_its_own(backoff_limit=2)
+    [failed] = [s for s in spans if s.name == "aijob.RayJobFailed"]
     attributes = dict(failed.attributes or {})
     assert attributes["koinon.attempt"] == 1
     assert attributes["koinon.nodes"] == "vn-1", attributes
@@ -196,15 +203,8 @@ async def test_a_deletion_pass_that_lost_the_lease_emits_no_root_span(monkeypatc
 
 # 5 ------------------------------------------------------------------------------------------
 async def test_a_failed_jobs_root_span_says_why() -> None:
-    ray, clock = FakeRay(), Clock()
-    reconciler = make_reconciler(ray, clock)
-    tracer, exporter = _tracer()
-    body = make_body({"entrypoint": "python x.py", "backoffLimit": 0})
-    await _traced_step(reconciler, tracer, body)
-    await _traced_step(reconciler, tracer, body)
-    ray.set_state(submission_id_for(UID, 1), RayJobState.FAILED, exit_code=1, message="exit code 1")
-    await _traced_step(reconciler, tracer, body)
-    [root] = [s for s in exporter.get_finished_spans() if s.name == "aijob"]
+    spans = await _spans_of_a_first_attempt_that_failed_on_its_own(backoff_limit=0)
+    [root] = [s for s in spans if s.name == "aijob"]
     assert root.status.status_code is StatusCode.ERROR
     assert root.status.description, "root span ERROR without a description (Jaeger/Tempo show a bare error)"
 
