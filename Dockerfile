@@ -1,6 +1,6 @@
 # One image for the operator, the gateway, the Ray head and the volunteer agent (the manifests and the
-# Helm chart refer to it as koinon:0.1.0). Not built in this repository's CI: no container engine is
-# available there. Build: docker build -t koinon:0.1.0 .
+# Helm chart refer to it as koinon:0.2.0). Not built in this repository's CI: no container engine is
+# available there. Build: docker build -t koinon:0.2.0 .
 # tini: the agent's and the Ray head's containers run under it (their manifests say
 # `command: [tini, --, ...]`), so orphans that Ray's processes and users' job code leave behind are
 # reaped instead of piling up as zombies under PID 1.

@@ -73,7 +73,7 @@ def test_default_render_is_one_recreate_deployment_without_service(tools: Tools)
     assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     container = agent_container(deployment)
     assert "ports" not in container  # dials out only
-    assert container["image"] == "koinon:0.1.0"
+    assert container["image"] == "koinon:0.2.0"
     assert container["command"] == ["tini", "--", "koinon-agent", "join"]
     for doc in docs:
         assert doc["metadata"]["namespace"] == "koinon-volunteer"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 # DrainRequest.grace_seconds is a uint32.
 MAX_GRACE_SECONDS = 2**32 - 1
 # Ray refuses a smaller object store (ray start exits, and the node would be restarted for ever).
