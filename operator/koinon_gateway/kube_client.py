@@ -14,7 +14,7 @@ import os
 import ssl
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -270,17 +270,18 @@ class KubeClient:
         content_type: str | None = None,
     ) -> JSON:
         data = None if body is None else json.dumps(body).encode()
-        async with self._http().request(
-            method,
-            self.config.server + path,
-            data=data,
-            params=params,
-            headers=self._headers(content_type or ("application/json" if data is not None else None)),
-            timeout=self._timeout,
-        ) as response:
-            payload = await response.read()
-            if response.status >= 300:
-                raise _error_from(response.status, payload)
+        with _no_request_headers_in_errors():
+            async with self._http().request(
+                method,
+                self.config.server + path,
+                data=data,
+                params=params,
+                headers=self._headers(content_type or ("application/json" if data is not None else None)),
+                timeout=self._timeout,
+            ) as response:
+                payload = await response.read()
+                if response.status >= 300:
+                    raise _error_from(response.status, payload)
         result = json.loads(payload) if payload else {}
         if not isinstance(result, dict):
             raise KubeApiError(response.status, "BadResponse", "expected a JSON object")
@@ -342,19 +343,33 @@ class KubeClient:
             "timeoutSeconds": str(timeout_s),
         }
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_s + 30)
-        async with self._http().get(
-            self.config.server + path, params=params, headers=self._headers(None), timeout=timeout
-        ) as response:
-            if response.status >= 300:
-                raise _error_from(response.status, await response.read())
-            async for line in response.content:
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                kind, obj = str(event.get("type", "")), event.get("object") or {}
-                if kind == "ERROR":
-                    raise KubeApiError(int(obj.get("code", 500)), str(obj.get("reason", "")), str(obj.get("message")))
-                yield WatchEvent(kind, obj)
+        with _no_request_headers_in_errors():
+            async with self._http().get(
+                self.config.server + path, params=params, headers=self._headers(None), timeout=timeout
+            ) as response:
+                if response.status >= 300:
+                    raise _error_from(response.status, await response.read())
+                async for line in response.content:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    kind, obj = str(event.get("type", "")), event.get("object") or {}
+                    if kind == "ERROR":
+                        raise KubeApiError(
+                            int(obj.get("code", 500)), str(obj.get("reason", "")), str(obj.get("message"))
+                        )
+                    yield WatchEvent(kind, obj)
+
+
+@contextlib.contextmanager
+def _no_request_headers_in_errors() -> Iterator[None]:
+    """A reply aiohttp cannot parse (a proxy answering garbage, a header cut short) raises
+    ClientResponseError, whose repr carries the request's headers, our bearer token among them;
+    callers log API errors with %r. It becomes a KubeApiError that carries no headers."""
+    try:
+        yield
+    except aiohttp.ClientResponseError as exc:
+        raise KubeApiError(exc.status or 502, "BadResponse", str(exc.message)[:200]) from None
 
 
 @contextlib.asynccontextmanager
