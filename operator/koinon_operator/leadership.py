@@ -51,10 +51,19 @@ class LeaseView:
     duration_s: float
 
 
-def decide(lease: LeaseView | None, me: str, unchanged_for_s: float) -> Action:
-    """``unchanged_for_s``: how long this operator has seen the Lease's record stay the same."""
+def decide(lease: LeaseView | None, me: str, unchanged_for_s: float, last_seen: LeaseView | None = None) -> Action:
+    """``unchanged_for_s``: how long this operator has seen the Lease's record stay the same (its
+    absence too); ``last_seen``: the last Lease it read, if any.
+
+    A Lease that disappears (`kubectl delete lease`, a namespace clean-up) is not free: its holder
+    may still be leading until its next renewal finds it gone. So a follower that saw another
+    operator hold it creates it only once it has been gone for that holder's lease duration; its
+    last holder re-creates it at once, and so does an operator that never saw one.
+    """
     if lease is None:
-        return Action.CREATE
+        if last_seen is None or last_seen.holder in ("", me) or unchanged_for_s > last_seen.duration_s:
+            return Action.CREATE
+        return Action.WAIT
     if lease.holder == me:
         return Action.RENEW
     if not lease.holder or unchanged_for_s > lease.duration_s:
@@ -114,6 +123,7 @@ class LeaderElector:
         self._monotonic = monotonic
         self._leader_until = 0.0  # monotonic: leader while before this (last renewal + duration)
         self._seen: tuple[str, float] | None = None  # the Lease's record, and when it was first seen
+        self._last_lease: LeaseView | None = None  # the last Lease read (kept while it is gone)
         # Bumped each time this operator starts leading: a pass that began in another term (even
         # one this operator also led) must not write what it decided then.
         self.term = 0
@@ -201,7 +211,9 @@ class LeaderElector:
                 raise
             current = None
         view = _view(current)
-        action = decide(view, self.identity, self._unchanged_for(view))
+        action = decide(view, self.identity, self._unchanged_for(view), self._last_lease)
+        if view is not None:
+            self._last_lease = view
         if action is Action.WAIT:
             return False
         now = _micro_time(self._clock())

@@ -28,6 +28,11 @@ def test_the_rule() -> None:
     assert decide(LeaseView("other", "r", 15), "me", 5.0) is Action.WAIT
     assert decide(LeaseView("other", "r", 15), "me", 16.0) is Action.TAKE_OVER  # seen unchanged too long
     assert decide(LeaseView("", "r", 15), "me", 0.0) is Action.TAKE_OVER  # released
+    # Gone (deleted): its holder may still be leading, so only it re-creates at once.
+    assert decide(None, "me", 0.0, last_seen=LeaseView("other", "r", 15)) is Action.WAIT
+    assert decide(None, "me", 16.0, last_seen=LeaseView("other", "r", 15)) is Action.CREATE
+    assert decide(None, "me", 0.0, last_seen=LeaseView("me", "r", 15)) is Action.CREATE
+    assert decide(None, "me", 0.0, last_seen=LeaseView("", "r", 15)) is Action.CREATE  # it was released
 
 
 def test_settings_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,6 +80,27 @@ async def test_one_leader_and_a_take_over_when_it_stops_renewing(cluster: Emulat
     lease = cluster.call(lambda e: e.get("coordination.k8s.io/v1", "Lease", "koinon-operator", "default"))
     assert lease["spec"]["holderIdentity"] == "second" and lease["spec"]["leaseTransitions"] == 1
     assert not await first.step()  # back from the dead: second holds it now
+
+
+async def test_a_deleted_lease_does_not_give_two_leaders(cluster: EmulatorThread) -> None:
+    """`kubectl delete lease koinon-operator` while the leader runs: the first follower to look used
+    to create it and lead at once, while the leader kept leading until its next renewal (up to
+    renew_s later): two operators placed jobs from two ledgers meanwhile."""
+    clocks = Clocks()
+    first, second = _elector("first", clocks), _elector("second", clocks)
+    assert await first.step() and not await second.step()
+    cluster.call(lambda e: e.delete("coordination.k8s.io/v1", "Lease", "koinon-operator", "default"))
+    clocks.advance(1)
+    assert not await second.step()
+    assert first.is_leader
+    assert await first.step()  # its holder re-creates it and goes on leading
+    assert not await second.step()
+    cluster.call(lambda e: e.delete("coordination.k8s.io/v1", "Lease", "koinon-operator", "default"))
+    clocks.advance(1)
+    assert not await second.step()  # gone again, and this time its holder is dead
+    clocks.advance(16)
+    assert not first.is_leader
+    assert await second.step()  # gone longer than a lease: the follower takes it
 
 
 async def test_a_clean_stop_hands_the_lease_over_at_once(cluster: EmulatorThread) -> None:
