@@ -473,6 +473,17 @@ class TunnelService:
                 grpc.StatusCode.PERMISSION_DENIED,
                 "register: node_name/address do not match the credential",
             )
+        # This call's initial metadata goes out now, from its own handler, before anything can end
+        # the session: every message to the agent is written by the session's writer task, and
+        # grpc.aio notes the metadata as sent only once a write completes. An end (revocation,
+        # reconnect, expiry) while the first write is in flight then left it asking to send the
+        # metadata again with the final status; grpc refused that batch and the agent's call stayed
+        # open. Here nothing holds this handler yet, so only the agent's hang-up can cancel it.
+        try:
+            await context.send_initial_metadata(())
+        except Exception as exc:  # the agent's call is gone already
+            log.info("node %s: control stream gone before it was registered: %r", identity.node_name, exc)
+            return
         # Again, now that Register is here: the node may have been deleted while the stream waited
         # for it, and its address given to a new node. From this check to attach() nothing awaits,
         # so no deletion can slip in between.
