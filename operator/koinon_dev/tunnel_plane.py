@@ -86,12 +86,10 @@ class LocalGateway:
         return directory
 
     def head_ports_spec(self) -> str:
-        """Ports of the head that volunteers may reach (besides its GCS): nothing else."""
+        """Ports of the head that volunteers may reach (besides its GCS): nothing else. Not its
+        dashboard agent: Ray dials a node's agent only from the head (see the gateway manifest)."""
         ports = self.head.ports
-        return (
-            f"{ports.node_manager},{ports.object_manager},{ports.dashboard_agent_grpc},"
-            f"{ports.min_worker}-{ports.max_worker}"
-        )
+        return f"{ports.node_manager},{ports.object_manager},{ports.min_worker}-{ports.max_worker}"
 
     def start(self) -> None:
         ready = self.work_dir / "gateway.ready"

@@ -98,8 +98,11 @@ def test_ray_head_runs_beside_the_gateway_behind_its_proxy(rendered: list[Manife
     assert env["RAY_AUTH_MODE"] == "token"
     assert "--node-ip-address=127.0.10.1" in head["command"] and "--num-cpus=0" in head["command"]
     gateway_ports = next(a for a in _gateway_args(rendered) if a.startswith("--head-ports=")).split("=", 1)[1]
-    for flag in ("--node-manager-port=6380", "--object-manager-port=6381", "--dashboard-agent-grpc-port=6382"):
-        assert flag.split("=")[1] in gateway_ports.split(",")
+    for flag in ("--node-manager-port=6380", "--object-manager-port=6381"):
+        assert flag in head["command"] and flag.split("=")[1] in gateway_ports.split(",")
+    # The head's dashboard agent serves the head alone (Ray dials a node's agent from the head only).
+    for flag in ("--dashboard-agent-grpc-port=6382", "--dashboard-agent-listen-port=6383"):
+        assert flag in head["command"] and flag.split("=")[1] not in gateway_ports.split(",")
     assert "--min-worker-port=10002" in head["command"] and "10002-10100" in gateway_ports
     dashboard = _find(rendered, "Service", "koinon-ray-head")["spec"]
     assert dashboard["selector"] == {"app.kubernetes.io/name": "koinon-gateway"}

@@ -130,9 +130,14 @@ class RayTunnelHarness:
         directory.mkdir(exist_ok=True)
         return str(directory / "gw.sock")
 
+    @property
+    def dashboard_agent_grpc_port(self) -> int:
+        return self.base + 3
+
     def head_ports_spec(self) -> str:
+        """Raylet, object manager, workers: as the manifest's --head-ports (not the dashboard agent)."""
         b = self.base
-        return f"{b + 1},{b + 2},{b + 3},{b + 10}-{b + 49}"
+        return f"{b + 1},{b + 2},{b + 10}-{b + 49}"
 
     def start_gateway(self) -> None:
         ready = self.workdir / "gateway.ready"
@@ -202,7 +207,7 @@ class RayTunnelHarness:
             f"--port={b}",
             f"--node-manager-port={b + 1}",
             f"--object-manager-port={b + 2}",
-            f"--dashboard-agent-grpc-port={b + 3}",
+            f"--dashboard-agent-grpc-port={self.dashboard_agent_grpc_port}",
             f"--dashboard-agent-listen-port={b + 4}",
             f"--metrics-export-port={b + 5}",
             f"--runtime-env-agent-port={b + 6}",

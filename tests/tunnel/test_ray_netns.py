@@ -6,12 +6,13 @@ import json
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import psutil
 import pytest
 
-from .ray_harness import VENV_BIN, RayTunnelHarness, netns_available
+from .ray_harness import VENV_BIN, RayTunnelHarness, Volunteer, netns_available
 
 pytestmark = [
     pytest.mark.slow,
@@ -108,6 +109,45 @@ print(json.dumps(dict(credential=credential, alive=alive, where=where, n=n, back
     assert (result["where"], result["n"], result["back"]) == (ip_a, 80_000_000, 40_000_000)
     assert (result["consumer"], result["total"]) == (ip_b, sum(range(10_000_000)))
     assert (result["actor_ip"], result["value"]) == (ip_b, 5)
+    # Ray asked the tunnel for nothing outside the ports it allows (--head-ports and peers' blocks).
+    metrics = gateway_metrics(harness).splitlines()
+    refused = [line for line in metrics if line.startswith("koinon_gateway_refused_dials")]
+    assert refused == [], refused
+
+
+def gateway_metrics(harness: RayTunnelHarness) -> str:
+    with urllib.request.urlopen(f"{harness.admin_url}/metrics", timeout=10) as response:
+        return str(response.read().decode())
+
+
+def connect_from(volunteer: Volunteer, proxy_port: int, host: str, port: int) -> str:
+    """The status line the volunteer's CONNECT proxy answers a CONNECT to host:port with, asked
+    from inside the volunteer's network namespace (as its Ray processes ask)."""
+    assert volunteer.netns is not None
+    request = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    code = (
+        "import socket\n"
+        f"s = socket.create_connection(('127.0.0.1', {proxy_port}), 10)\n"
+        f"s.sendall({request!r})\n"
+        "print(s.recv(200).split(b'\\r\\n')[0].decode())\n"
+    )
+    probe = subprocess.run(
+        ["ip", "netns", "exec", volunteer.netns, "python3", "-c", code], capture_output=True, text=True, timeout=30
+    )
+    assert probe.returncode == 0, probe.stderr
+    return probe.stdout.strip()
+
+
+def test_a_volunteer_cannot_reach_the_heads_dashboard_agent(harness: RayTunnelHarness) -> None:
+    """Ray dials a node's dashboard agent only from the head's dashboard (logs, profiling, the state
+    API): the head reaches a volunteer's, no volunteer needs the head's. So the tunnel refuses it."""
+    proxy_port = 18080  # the volunteer's namespace is its own: any port is free there
+    a = harness.start_volunteer("a", extra=[f"--proxy-port={proxy_port}"])
+    harness.wait_ready(a)
+    assert connect_from(a, proxy_port, harness.head_ip, harness.base + 1).startswith("HTTP/1.1 200")  # raylet
+    refused = connect_from(a, proxy_port, harness.head_ip, harness.dashboard_agent_grpc_port)
+    assert refused.startswith("HTTP/1.1 403"), refused
+    assert 'koinon_gateway_refused_dials_total{reason="forbidden-port"} 1' in gateway_metrics(harness).splitlines()
 
 
 def test_agent_sigkill_marks_node_not_ready_and_gateway_restart_recovers(harness: RayTunnelHarness) -> None:
