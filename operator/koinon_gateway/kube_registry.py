@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 CONNECTION_OWNER_ANNOTATION = "koinon.dev/connection-owner"
 HEARTBEAT_ONLY_FIELDS = frozenset({"lastHeartbeat"})
+WATCH_RETRY_S = 1.0
+WATCH_RETRY_MAX_S = 30.0
 
 
 def _terminating(node: JSON) -> bool:
@@ -133,6 +135,9 @@ class KubeNodeRegistry:
         known: dict[str, str] = {}  # name -> address, of nodes not being deleted
         reported: set[str] = set()  # nodes reported while their object still exists (terminating)
         resource_version = ""
+        # After a failure, wait longer each time (as client-go's reflector): an API server that
+        # fails every request must not get a LIST of every VolunteerNode each second from here.
+        retry_s = WATCH_RETRY_S
         while True:
             try:
                 if not resource_version:
@@ -158,6 +163,7 @@ class KubeNodeRegistry:
                     known = {name: status_address(item) for name, item in current.items() if name not in terminating}
                     reported = terminating
                 async for event in self.client.watch(self._path(), resource_version):
+                    retry_s = WATCH_RETRY_S  # the watch works again
                     metadata: dict[str, Any] = event.object.get("metadata") or {}
                     resource_version = str(metadata.get("resourceVersion") or resource_version)
                     name = str(metadata.get("name", ""))
@@ -174,12 +180,15 @@ class KubeNodeRegistry:
                             reported.add(name)
                         if first:
                             yield DeletedNode(name, status_address(event.object))
+                retry_s = WATCH_RETRY_S  # ended by the server's timeout: fine
             except KubeApiError as exc:
+                resource_version = ""
                 if not exc.gone:
-                    log.warning("VolunteerNode watch failed: %s; listing again", exc)
-                    await asyncio.sleep(1.0)
-                resource_version = ""
+                    log.warning("VolunteerNode watch failed: %s; listing again in %.0fs", exc, retry_s)
+                    await asyncio.sleep(retry_s)
+                    retry_s = min(retry_s * 2, WATCH_RETRY_MAX_S)
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-                log.warning("VolunteerNode watch interrupted: %r; listing again", exc)
+                log.warning("VolunteerNode watch interrupted: %r; listing again in %.0fs", exc, retry_s)
                 resource_version = ""
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(retry_s)
+                retry_s = min(retry_s * 2, WATCH_RETRY_MAX_S)

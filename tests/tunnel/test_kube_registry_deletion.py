@@ -245,3 +245,28 @@ async def test_a_node_created_and_deleted_while_the_watch_lists_is_reported(kube
     finally:
         watcher.cancel()
         await client.close()
+
+
+async def test_a_failing_api_server_is_asked_less_and_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An API server that fails every request got a LIST of every VolunteerNode each second, for
+    as long as it failed; the watch now backs off as client-go's reflector does (to 30 s)."""
+
+    class FailingClient:
+        async def list_all(self, path: str, label_selector: str | None = None) -> tuple[list[JSON], str]:
+            raise KubeApiError(503, "ServiceUnavailable", "etcd is away")
+
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def record(delay: float) -> None:
+        waits.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", record)
+    client: Any = FailingClient()
+    registry = KubeNodeRegistry(client)
+    watching = asyncio.create_task(_collect(registry, asyncio.Queue()))
+    while len(waits) < 8:
+        await real_sleep(0)
+    watching.cancel()
+    assert waits[:8] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
