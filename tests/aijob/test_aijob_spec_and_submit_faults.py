@@ -22,6 +22,8 @@ CRD = Path(__file__).resolve().parents[2] / "manifests" / "crds" / "aijobs.koino
         (["EPOCHS=3"], "spec.runtimeEnv.env_vars"),
         ({"EPOCHS": 3}, "spec.runtimeEnv.env_vars.EPOCHS"),  # YAML's unquoted number
         ({"A=B": "1"}, "spec.runtimeEnv.env_vars"),
+        ({"N" * 257: "1"}, "spec.runtimeEnv.env_vars"),
+        ({f"V{i}": "1" for i in range(257)}, "spec.runtimeEnv.env_vars"),
     ],
 )
 def test_env_vars_ray_would_refuse_are_refused_naming_the_field(env_vars: object, field: str) -> None:
@@ -88,7 +90,10 @@ def test_the_crd_declares_the_env_var_name_rule_for_real_api_servers() -> None:
     crd = yaml.safe_load(CRD.read_text())
     spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     (rule,) = spec["runtimeEnv"]["properties"]["env_vars"]["x-kubernetes-validations"]
-    assert rule["rule"] == "self.all(name, name != '' && !name.contains('='))"
+    assert rule["rule"] == "self.all(name, name != '' && size(name) <= 256 && !name.contains('='))"
+    # Bounded input: a real API server estimates a rule's cost over the largest map it may see when
+    # the CRD is applied, and refuses the CRD when that is over budget.
+    assert spec["runtimeEnv"]["properties"]["env_vars"]["maxProperties"] == 256
 
 
 async def test_a_submission_ray_refuses_fails_the_job_and_ray_counts_as_reachable() -> None:

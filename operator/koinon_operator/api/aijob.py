@@ -95,13 +95,24 @@ def _mapping(raw: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any]:
     return value
 
 
+# As the CRD's bounds (what a real API server checks at admission; the emulator runs no CEL).
+MAX_ENV_VARS = 256
+MAX_ENV_VAR_NAME = 256
+
+
 def _check_env_vars(runtime_env: Mapping[str, Any]) -> None:
     """Ray takes ``env_vars`` only as strings to strings, and refuses anything else when the job
     starts, where it looks like a node failure. Values are never quoted back: they may be secrets."""
     env_vars = _mapping(runtime_env, "env_vars", "spec.runtimeEnv")
+    if len(env_vars) > MAX_ENV_VARS:
+        raise SpecError("spec.runtimeEnv.env_vars", f"at most {MAX_ENV_VARS} variables, got {len(env_vars)}")
     for name, value in env_vars.items():
-        if not isinstance(name, str) or not name or "=" in name:
-            raise SpecError("spec.runtimeEnv.env_vars", f"a name must be non-empty and free of '=', got {name!r}")
+        if not isinstance(name, str) or not name or "=" in name or len(name) > MAX_ENV_VAR_NAME:
+            raise SpecError(
+                "spec.runtimeEnv.env_vars",
+                f"a name must be non-empty, at most {MAX_ENV_VAR_NAME} characters and free of '=', "
+                f"got {str(name)[:64]!r}",
+            )
         if not isinstance(value, str):
             raise SpecError(
                 f"spec.runtimeEnv.env_vars.{name}",
