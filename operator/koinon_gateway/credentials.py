@@ -1,11 +1,23 @@
 """Per-node credentials: an HMAC-signed statement binding one node name to one virtual address.
 
 Format: ``kn1.<base64url(json)>.<base64url(hmac-sha256)>``. It travels only inside TLS, in the
-``authorization`` metadata of every Control and Connect call. Deleting the VolunteerNode revokes it
-(the gateway checks the object exists on every registration). It expires (claim ``exp``) and the
-gateway renews it for the connected session. So a stolen copy, used before it expires, buys the thief
-the node for as long as it stays connected (and renewed), ending the real agent's session; the real
-agent's reconnect ends the thief's in turn. Deleting the VolunteerNode is what ends both for good.
+``authorization`` metadata of every Control and Connect call. It names the VolunteerNode object
+itself, not just its name (claim ``u``: the object's ``metadata.uid``): deleting the VolunteerNode
+revokes it (the gateway checks on every registration that the object exists and is the one the
+credential was issued for), and an object created again under the same name later (an admin
+re-applying it, a join that drew the same name) is another object with another uid, which no
+credential of the deleted one opens. It expires (claim ``exp``) and the gateway renews it for the
+connected session. So a stolen copy, used before it expires, buys the thief the node for as long
+as it stays connected (and renewed), ending the real agent's session; the real agent's reconnect
+ends the thief's in turn. Deleting the VolunteerNode is what ends both for good.
+
+Credentials issued before the uid claim existed carry none (``NodeIdentity.uid == ""``). The gateway
+takes them, name and address checked as before, until they expire rather than refuse them: refused,
+every connected agent would lose its session on the gateway's upgrade and join again, spending a
+token use (one-use tokens are spent already, so those agents would stop) and leaving its old node
+behind as a NotReady ghost (a credential still valid is never retired). Their window is bounded:
+the registration they are used for is answered with a renewal that carries the uid, and no
+uid-less credential is issued any more, so none is left once one credential lifetime has passed.
 """
 
 from __future__ import annotations
@@ -31,6 +43,14 @@ class NodeIdentity:
     address: str
     issued_at: int
     expires_at: int
+    # metadata.uid of the VolunteerNode it was issued for; "" in a credential issued before uids were
+    # bound (see the module docstring).
+    uid: str = ""
+
+    def names(self, uid: str) -> bool:
+        """Whether this credential was issued for the object with ``uid`` (one without a uid claim
+        only names the node by name, until it expires)."""
+        return not self.uid or self.uid == uid
 
 
 def _b64(data: bytes) -> str:
@@ -47,10 +67,16 @@ class IssuedCredential:
     expires_at: int  # Unix seconds
 
 
-def issue(key: bytes, node_name: str, address: str, lifetime_s: float, now: float | None = None) -> IssuedCredential:
+def issue(
+    key: bytes, node_name: str, address: str, lifetime_s: float, now: float | None = None, *, uid: str
+) -> IssuedCredential:
+    """A credential for the VolunteerNode ``node_name`` whose ``metadata.uid`` is ``uid``."""
+    if not uid:  # a credential without it would name whatever object holds the name later
+        raise ValueError("uid: the VolunteerNode's metadata.uid is required")
     issued_at = int(time.time() if now is None else now)
     expires_at = issued_at + max(1, int(lifetime_s))
-    body = _b64(json.dumps({"n": node_name, "a": address, "iat": issued_at, "exp": expires_at}).encode())
+    claims = {"n": node_name, "a": address, "u": uid, "iat": issued_at, "exp": expires_at}
+    body = _b64(json.dumps(claims).encode())
     signature = _b64(hmac.new(key, f"{PREFIX}.{body}".encode(), hashlib.sha256).digest())
     return IssuedCredential(f"{PREFIX}.{body}.{signature}", expires_at)
 
@@ -74,7 +100,9 @@ def verify(key: bytes, credential: str, now: float | None = None, check_expiry: 
         claims = json.loads(_unb64(parts[1]))
         if not isinstance(claims, dict) or not all(k in claims for k in ("n", "a", "iat", "exp")):
             raise CredentialError("credential: missing claims")
-        identity = NodeIdentity(str(claims["n"]), str(claims["a"]), int(claims["iat"]), int(claims["exp"]))
+        identity = NodeIdentity(
+            str(claims["n"]), str(claims["a"]), int(claims["iat"]), int(claims["exp"]), str(claims.get("u") or "")
+        )
     except (ValueError, TypeError, RecursionError, OverflowError) as exc:
         raise CredentialError("credential: undecodable") from exc
     if check_expiry and (time.time() if now is None else now) >= identity.expires_at:

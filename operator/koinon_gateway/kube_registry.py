@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from .kube_client import JSON, KubeApiError, KubeClient, custom_path
-from .registry import GROUP, KIND, PLURAL, VERSION, DeletedNode, NodeExists, status_address
+from .registry import GROUP, KIND, PLURAL, VERSION, DeletedNode, NodeExists, node_uid, status_address
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class KubeNodeRegistry:
     def _path(self, name: str | None = None, subresource: str | None = None) -> str:
         return custom_path(GROUP, VERSION, PLURAL, name, subresource=subresource)
 
-    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> None:
+    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> str:
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": KIND,
@@ -73,12 +73,16 @@ class KubeNodeRegistry:
             "spec": spec,
         }
         try:
-            await self.client.create(self._path(), body)
+            created = await self.client.create(self._path(), body)
         except KubeApiError as exc:
             if exc.conflict:
                 raise NodeExists(name) from exc
             raise
         self._seen.setdefault(name, "")
+        uid = node_uid(created)
+        if not uid:  # every API server sets one; without it no credential could name the object
+            raise KubeApiError(500, "InternalError", f"VolunteerNode {name} created without metadata.uid")
+        return uid
 
     async def get(self, name: str) -> JSON | None:
         return await self.client.get_or_none(self._path(name))

@@ -17,6 +17,7 @@ from typing import Any, TypeAlias
 
 from .kube_client import JSON, KubeApiError, KubeClient, b64, secret_path, unb64
 from .tokens import (
+    COUNTED_JOIN_RETRY_S,
     SECRET_PREFIX,
     SECRET_TYPE,
     JoinGrant,
@@ -95,7 +96,6 @@ def token_from_secret(secret: JSON) -> JoinToken:
 # an old key honoured for ever would let a spent token make nodes by resending a join id.
 COUNTED_JOINS_FIELD = "counted-joins"
 COUNTED_JOINS_KEPT = 32
-COUNTED_JOIN_RETRY_S = 15 * 60
 CountedJoins: TypeAlias = list[str]  # (KubeTokenStore has a method named list)
 
 
@@ -266,7 +266,9 @@ class KubeTokenStore:
             now = dt.datetime.now(dt.UTC)
             if join_key and _counted_since(counted, join_key, now.timestamp()):
                 # An earlier try of this join counted its use and the API's answer never came back
-                # (a timeout): the retry must not be refused for that use, nor count a second.
+                # (a timeout): the retry must not be refused for that use, nor count a second. Its
+                # expiry is checked again, though: this retry makes a node the first try did not,
+                # and after expiry (absolute, as a kubeadm bootstrap token's) a token makes none.
                 check_token(replace(stored, usages_count=stored.usages_count - 1), secret, now)
                 return None
             check_token(stored, secret, now)
@@ -288,7 +290,7 @@ class KubeTokenStore:
             raise TokenError("unknown", f"token {token_id}: not found (never issued or deleted)")
         stored = token_from_secret(stored_secret)
         check_genuine(stored, secret)
-        return JoinGrant(token_id, stored.owner, stored.region)
+        return JoinGrant(token_id, stored.owner, stored.region, expiration=stored.expiration)
 
     async def give_back(self, grant: JoinGrant) -> None:
         def one_less(stored: JoinToken, counted: CountedJoins) -> tuple[int, CountedJoins] | None:

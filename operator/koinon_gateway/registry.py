@@ -9,10 +9,13 @@ from __future__ import annotations
 import copy
 import json
 import os
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+from .status import rfc3339
 
 GROUP = "koinon.dev"
 VERSION = "v1alpha1"
@@ -27,8 +30,9 @@ class NodeExists(Exception):
 
 
 class NodeRegistry(Protocol):
-    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> None:
-        """Creates the VolunteerNode; raises NodeExists when the name is taken."""
+    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> str:
+        """Creates the VolunteerNode and returns its ``metadata.uid`` (what its credentials name);
+        raises NodeExists when the name is taken."""
         ...
 
     async def get(self, name: str) -> JSON | None: ...
@@ -65,6 +69,11 @@ def status_address(node: JSON) -> str:
     return str((node.get("status") or {}).get("address") or "")
 
 
+def node_uid(node: JSON) -> str:
+    """The object's ``metadata.uid``: new each time an object is created, also under an old name."""
+    return str((node.get("metadata") or {}).get("uid") or "")
+
+
 def being_deleted(node: JSON) -> bool:
     """A deletion was asked for (a finalizer may still hold the object): the node is revoked."""
     return bool((node.get("metadata") or {}).get("deletionTimestamp"))
@@ -87,16 +96,19 @@ class InMemoryNodeRegistry:
     objects: dict[str, JSON] = field(default_factory=dict)
     status_writes: int = 0
 
-    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> None:
+    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> str:
         if name in self.objects:
             raise NodeExists(name)
+        # As the API server does: a uid of its own for every object created, and when.
+        uid = str(uuid.uuid4())
         self.objects[name] = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": KIND,
-            "metadata": {"name": name, "labels": dict(labels)},
+            "metadata": {"name": name, "labels": dict(labels), "uid": uid, "creationTimestamp": rfc3339()},
             "spec": copy.deepcopy(spec),
             "status": {},
         }
+        return uid
 
     async def get(self, name: str) -> JSON | None:
         obj = self.objects.get(name)
@@ -127,15 +139,23 @@ class FileNodeRegistry(InMemoryNodeRegistry):
         self.path = path
         if path.exists():
             self.objects = json.loads(path.read_text())
+            # Written before objects had uids: each gets one now, kept, so that the credentials
+            # issued from now on name it across restarts.
+            missing = [obj for obj in self.objects.values() if not node_uid(obj)]
+            for obj in missing:
+                obj.setdefault("metadata", {})["uid"] = str(uuid.uuid4())
+            if missing:
+                self._save()
 
     def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.objects, indent=1))
         os.replace(tmp, self.path)
 
-    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> None:
-        await super().create(name, spec, labels)
+    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> str:
+        uid = await super().create(name, spec, labels)
         self._save()
+        return uid
 
     async def patch_status(self, name: str, status: JSON) -> None:
         await super().patch_status(name, status)

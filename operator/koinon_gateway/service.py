@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import datetime as dt
 import hashlib
 import itertools
 import logging
@@ -24,13 +25,13 @@ from .frame_codec import FrameDecodeError
 from .log_limit import LimitedLog
 from .metrics import GatewayMetrics
 from .ray_check import RayNodeChecker
-from .registry import NodeExists, NodeRegistry, being_deleted, status_address
+from .registry import JSON, NodeExists, NodeRegistry, being_deleted, node_uid, status_address
 from .routing import DialRefused, Router
 from .rpc import EOF, Context, MalformedMessage
 from .sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT, NodeSession, SessionTable, gpus_reported
 from .status import never_connected_status
 from .stream_slots import StreamSlot, TooManyStreams
-from .tokens import JoinGrant, TokenError, TokenStore
+from .tokens import COUNTED_JOIN_RETRY_S, JoinGrant, TokenError, TokenStore
 from .tunnel_io import (
     STREAM_READER_LIMIT,
     CountedFrameChannel,
@@ -74,6 +75,24 @@ def node_name_from_hint(hint: str) -> str:
 def join_key(join_id: str) -> str:
     """The label value that finds the node a join id created (40 hex digits fit a label's 63)."""
     return hashlib.sha256(join_id.encode()).hexdigest()[:40]
+
+
+def replay_in_time(grant: JoinGrant, node: JSON, now: dt.datetime) -> bool:
+    """Whether the reply of the join that made ``node``, lost on its way, may be handed out again.
+
+    Always while the token has not expired. After that (expiry is absolute, as a kubeadm bootstrap
+    token's) only for COUNTED_JOIN_RETRY_S after the node was made, as the token stores honour a
+    counted use: that try counted its use before the expiry, and its retry (seconds or minutes
+    later) gets the same node and a credential like the one lost, nothing the first try did not
+    grant. Later, the expired token would buy a fresh credential for a node nobody ever connected,
+    days or months on: refused, as it is for a node whose creation time is unknown."""
+    if grant.expiration is None or now < grant.expiration:
+        return True
+    try:
+        made_at = dt.datetime.fromisoformat(str((node.get("metadata") or {}).get("creationTimestamp")))
+    except ValueError:
+        return False
+    return made_at.tzinfo is not None and now - made_at < dt.timedelta(seconds=COUNTED_JOIN_RETRY_S)
 
 
 def port_block_message(ports: PortBlock) -> pb.PortBlock:
@@ -230,10 +249,10 @@ class TunnelService:
     async def _join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:
         earlier, made_a_node = await self._token_checked(self._earlier_join(request), context)
         if earlier is not None:
-            node_name, address = earlier
+            node_name, address, uid = earlier
             self.metrics.joins["replayed"] += 1
             log.info("node %s joined again with the same join id (the first reply was lost)", node_name)
-            return self._join_response(node_name, address)
+            return self._join_response(node_name, address, uid)
         # A join that made no node yet may have had its use counted by a try whose answer was lost:
         # the store counts it once (for a while). One that did make a node is over: a new use.
         retry_of = join_key(request.join_id) if request.join_id and not made_a_node else ""
@@ -247,7 +266,7 @@ class TunnelService:
             raise
         try:
             await self._retire_previous(request.previous_credential, grant.owner)
-            node_name, address = await self._record_node(request, grant)
+            node_name, address, uid = await self._record_node(request, grant)
         except asyncio.CancelledError:
             # The agent gave up waiting (its deadline) and will try again: that try must not be
             # refused for a use this one never delivered. Shielded: the task is being cancelled.
@@ -263,10 +282,10 @@ class TunnelService:
             await context.abort(code, message)
         self.metrics.joins["ok"] += 1
         log.info("node %s joined with token %s at %s", node_name, grant.token_id, address)
-        return self._join_response(node_name, address)
+        return self._join_response(node_name, address, uid)
 
-    def _join_response(self, node_name: str, address: str) -> pb.JoinResponse:
-        issued = self._issue_credential(node_name, address)
+    def _join_response(self, node_name: str, address: str, uid: str) -> pb.JoinResponse:
+        issued = self._issue_credential(node_name, address, uid)
         return pb.JoinResponse(
             credential=issued.token,
             assignment=self.assignment(node_name, address),
@@ -287,18 +306,20 @@ class TunnelService:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "join: the token could not be checked now; retry")
         raise AssertionError("unreachable: abort raises")
 
-    async def _earlier_join(self, request: pb.JoinRequest) -> tuple[tuple[str, str] | None, bool]:
-        """The node and address an earlier try of this join recorded, when its reply never reached
-        the agent: made with the same token and join id, never connected, and still holding its
-        address. Its token must still be genuine and not revoked; expiry and usage limit were
-        checked when that try counted its use. Second: whether any node carries this join's key
-        (one that connected, or is being deleted, too)."""
+    async def _earlier_join(self, request: pb.JoinRequest) -> tuple[tuple[str, str, str] | None, bool]:
+        """The node, address and uid an earlier try of this join recorded, when its reply never
+        reached the agent: made with the same token and join id, never connected, and still holding
+        its address. Its token must still be genuine and not revoked; the usage limit was checked
+        when that try counted its use, and so was expiry, which a retry may outlive only for a
+        while (``replay_in_time``). Second: whether any node carries this join's key (one that
+        connected, is being deleted, or came too late after the token's expiry, too)."""
         if not request.join_id:
             return None, False
         # The token first: the port is open to anyone, and a list of VolunteerNodes for every
         # made-up token would let unauthenticated callers load the API server at will.
         grant = await self.tokens.authenticate(request.token)
         nodes = await self.registry.list({JOIN_TOKEN_LABEL: grant.token_id, JOIN_KEY_LABEL: join_key(request.join_id)})
+        now = dt.datetime.now(dt.UTC)
         for node in nodes:
             metadata = node.get("metadata") or {}
             name, address, status = metadata.get("name", ""), status_address(node), node.get("status") or {}
@@ -308,13 +329,16 @@ class TunnelService:
                 or name in self.sessions.by_name
                 or not address
                 or self.allocator.holder(address) != name
+                # Too late: the join goes on as a new one, which the expired token is refused.
+                or not replay_in_time(grant, node, now)
             ):
                 continue
-            return (name, address), True
+            return (name, address, node_uid(node)), True
         return None, bool(nodes)
 
-    async def _record_node(self, request: pb.JoinRequest, grant: JoinGrant) -> tuple[str, str]:
-        """Takes a free address and creates the VolunteerNode; undoes both if any step fails."""
+    async def _record_node(self, request: pb.JoinRequest, grant: JoinGrant) -> tuple[str, str, str]:
+        """Takes a free address and creates the VolunteerNode; undoes both if any step fails.
+        Returns the node's name, address and uid."""
         node_name = node_name_from_hint(request.name_hint)
         address = self.allocator.allocate(node_name)
         spec: dict[str, Any] = {
@@ -328,7 +352,7 @@ class TunnelService:
             if request.join_id:
                 labels[JOIN_KEY_LABEL] = join_key(request.join_id)
             try:
-                await self.registry.create(node_name, spec, labels)
+                uid = await self.registry.create(node_name, spec, labels)
             except NodeExists:
                 raise  # another node's name: not ours to delete
             except BaseException:
@@ -344,7 +368,7 @@ class TunnelService:
                     log.warning("join: could not delete half-made node %s: %r", node_name, exc)
             self.allocator.release(address, node_name)
             raise
-        return node_name, address
+        return node_name, address, uid
 
     async def finish_background(self, timeout_s: float) -> None:
         """Waits (at most ``timeout_s`` in all) for the Join handlers the stopped server cancelled
@@ -406,7 +430,8 @@ class TunnelService:
             return
         try:
             node = await self.registry.get(old.node_name)
-            if node is None or status_address(node) != old.address:
+            # Another object under its name (created again since) is not the credential's to retire.
+            if node is None or status_address(node) != old.address or not old.names(node_uid(node)):
                 return
             if (node.get("spec") or {}).get("owner") != owner or old.node_name in self.sessions.by_name:
                 self.metrics.previous_nodes["kept"] += 1
@@ -424,11 +449,13 @@ class TunnelService:
             self.metrics.previous_nodes["retired"] += 1
             log.info("join: retired previous node %s (%s)", old.node_name, old.address)
 
-    def _issue_credential(self, node_name: str, address: str) -> credentials.IssuedCredential:
-        return credentials.issue(self.credential_key, node_name, address, self.config.credential_lifetime_s)
+    def _issue_credential(self, node_name: str, address: str, uid: str) -> credentials.IssuedCredential:
+        return credentials.issue(self.credential_key, node_name, address, self.config.credential_lifetime_s, uid=uid)
 
     def _renew_credential(self, session: NodeSession) -> None:
-        issued = self._issue_credential(session.node_name, session.address)
+        # Always with the uid of the object the session registered against: this is how a
+        # credential issued before uids were bound (accepted until it expires) is replaced.
+        issued = self._issue_credential(session.node_name, session.address, session.uid)
         session.send(
             pb.GatewayMessage(credential=pb.CredentialRenewal(credential=issued.token, expires_at=issued.expires_at))
         )
@@ -487,7 +514,7 @@ class TunnelService:
         # Again, now that Register is here: the node may have been deleted while the stream waited
         # for it, and its address given to a new node. From this check to attach() nothing awaits,
         # so no deletion can slip in between.
-        refusal = await self._still_entitled(identity)
+        refusal, uid = await self._still_entitled(identity)
         if refusal is not None:
             self.metrics.refused_streams[refusal] += 1
             log.warning("node %s (%s): register refused: %s", identity.node_name, identity.address, refusal)
@@ -502,6 +529,7 @@ class TunnelService:
         session = NodeSession(
             node_name=identity.node_name,
             address=identity.address,
+            uid=uid,
             ports=self.allocator.ports_for(identity.address),
             stream=context,
             handler_task=asyncio.current_task(),
@@ -565,7 +593,8 @@ class TunnelService:
 
     async def _read_register(self, identity: credentials.NodeIdentity, context: Context) -> pb.Register:
         node = await self.registry.get(identity.node_name)
-        if node is None or being_deleted(node):
+        # Another object under the credential's name (created again since) counts as deleted too.
+        if node is None or being_deleted(node) or not identity.names(node_uid(node)):
             self.metrics.refused_streams["node-deleted"] += 1
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {identity.node_name} no longer exists")
         try:
@@ -588,20 +617,27 @@ class TunnelService:
         if self.sessions.was_revoked(node_name):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {node_name} no longer exists")
 
-    async def _still_entitled(self, identity: credentials.NodeIdentity) -> str | None:
-        """None if the credential's node still exists and still holds its address, else why not."""
+    async def _still_entitled(self, identity: credentials.NodeIdentity) -> tuple[str | None, str]:
+        """(None, its uid) if the credential's node still exists, is the very object the credential
+        was issued for, and still holds its address, else (why not, "")."""
         node = await self.registry.get(identity.node_name)
         # Being deleted counts as deleted: after a gateway restart the deletion watch may not have
-        # reported it yet, and its address may already be another node's.
-        if node is None or being_deleted(node) or self.sessions.was_revoked(identity.node_name):
-            return "node-deleted"
+        # reported it yet, and its address may already be another node's. An object created again
+        # under the name since (another uid) is not the credential's node either.
+        if (
+            node is None
+            or being_deleted(node)
+            or not identity.names(node_uid(node))
+            or self.sessions.was_revoked(identity.node_name)
+        ):
+            return "node-deleted", ""
         if not self.allocator.contains(identity.address):
-            return OUTSIDE_POOL  # --vip-cidr changed since it joined: it must join again
+            return OUTSIDE_POOL, ""  # --vip-cidr changed since it joined: it must join again
         recorded = status_address(node)
         holder = self.allocator.holder(identity.address)
         if (recorded and recorded != identity.address) or holder not in (None, identity.node_name):
-            return "address-taken"
-        return None
+            return "address-taken", ""
+        return None, node_uid(node)
 
     async def _control_loop(self, session: NodeSession, context: Context) -> None:
         while True:
@@ -729,7 +765,8 @@ class TunnelService:
     ) -> None:
         identity = await self._identify(context)
         source = self.sessions.by_name.get(identity.node_name)
-        if source is None or source.address != identity.address:
+        # The session of an object created again under the credential's name is not its node's.
+        if source is None or source.address != identity.address or not identity.names(source.uid):
             self.metrics.refused_streams["no-session"] += 1
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "connect: node has no live Control stream")
         assert source is not None

@@ -49,6 +49,9 @@ class NodeSession:
     ports: PortBlock
     stream: Any  # grpc.aio server context of the Control call
     handler_task: asyncio.Task[Any] | None
+    # metadata.uid of the VolunteerNode this session was registered against: what its renewed
+    # credentials name, and what a Connect stream's credential must name too.
+    uid: str = ""
     agent_version: str = ""
     gpus: list[tuple[str, int]] = field(default_factory=list)
     last_seen: float = field(default_factory=time.monotonic)

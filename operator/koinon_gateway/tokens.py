@@ -23,6 +23,9 @@ TOKEN_RE = re.compile(r"^(?P<id>[a-z0-9]{6})\.(?P<secret>[a-z0-9]{16})$")
 SECRET_TYPE = "koinon.dev/join-token"
 SECRET_PREFIX = "koinon-join-token-"
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+# How long after a join counted its use a retry of it (same join id: its reply was lost) is still
+# taken as that join (an agent retries within a minute or two), in the token stores and the gateway.
+COUNTED_JOIN_RETRY_S = 15 * 60
 
 
 class TokenError(Exception):
@@ -54,6 +57,8 @@ class JoinGrant:
     region: str
     join_key: str = ""
     """The join the use was counted for ("" when none was named)."""
+    expiration: dt.datetime | None = None
+    """The token's, as read (None: it never expires)."""
 
 
 def hash_secret(secret: str) -> str:
@@ -164,7 +169,7 @@ class InMemoryTokenStore:
         if stored is None:
             raise TokenError("unknown", f"token {token_id}: not found (never issued or deleted)")
         check_genuine(stored, secret)
-        return JoinGrant(token_id, stored.owner, stored.region)
+        return JoinGrant(token_id, stored.owner, stored.region, expiration=stored.expiration)
 
     async def give_back(self, grant: JoinGrant) -> None:
         async with self._lock:

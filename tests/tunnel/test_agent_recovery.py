@@ -110,11 +110,11 @@ class SlowFirstCreate(InMemoryNodeRegistry):
         super().__init__()
         self.delay_s = delay_s
 
-    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> None:
+    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> str:
         if self.delay_s:
             delay, self.delay_s = self.delay_s, 0.0
             await asyncio.sleep(delay)
-        await super().create(name, spec, labels)
+        return await super().create(name, spec, labels)
 
 
 async def test_a_join_the_agent_gave_up_on_gives_the_tokens_use_back(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ def test_an_empty_credential_key_is_refused_not_signed_with(tmp_path: Path) -> N
     """A save cut short left credential.key empty; the gateway signed with the empty key, and anyone
     could make a credential for any node (here: checked with the empty key, it verifies)."""
     stored(tmp_path, credential_key=b"")
-    forged = credentials.issue(b"", "volunteer-abc123", "127.0.20.1", 3600).token
+    forged = credentials.issue(b"", "volunteer-abc123", "127.0.20.1", 3600, uid="u").token
     assert credentials.verify(b"", forged) is not None  # what signing with it allowed
     with pytest.raises(ValueError, match=r"credential\.key holds 0 bytes"):
         asyncio.run(FileCAStore(tmp_path).load())

@@ -1,4 +1,5 @@
-"""Node credentials: signed, bound to one node and address, and expiring; renewed while connected."""
+"""Node credentials: signed, bound to one node object (its uid) and address, and expiring; renewed
+while connected."""
 
 from __future__ import annotations
 
@@ -14,34 +15,64 @@ import grpc
 import pytest
 from koinon_agent import state
 from koinon_agent.agent import Agent, JoinRefused
-from koinon_gateway import credentials
+from koinon_gateway import credentials, service
+from koinon_gateway.registry import FileNodeRegistry, node_uid
+from koinon_gateway.rpc import tunnel_stub
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import cluster, connect_via_proxy, control_call, echo_roundtrip
+from .helpers import (
+    Cluster,
+    channel_for,
+    cluster,
+    connect_via_proxy,
+    control_call,
+    echo_roundtrip,
+    next_message,
+    registered_mute_node,
+)
 
 KEY = b"k" * 32
+UID = "4f1c2e9a-0b7d-4c3e-9a51-2d8f6b0c7e13"
+
+
+def signed(key: bytes, claims: dict[str, object]) -> str:
+    """A kn1 credential with exactly ``claims``, signed with ``key`` (as an older gateway made them)."""
+    body = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=")
+    signature = hmac.new(key, b"kn1." + body, hashlib.sha256).digest()
+    return f"kn1.{body.decode()}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
 
 
 def test_credential_round_trip_carries_identity_and_expiry() -> None:
-    issued = credentials.issue(KEY, "alpha-1", "127.0.20.1", lifetime_s=600, now=1_000_000)
+    issued = credentials.issue(KEY, "alpha-1", "127.0.20.1", lifetime_s=600, now=1_000_000, uid=UID)
     assert issued.expires_at == 1_000_600
     identity = credentials.verify(KEY, issued.token, now=1_000_599)
-    assert (identity.node_name, identity.address, identity.issued_at, identity.expires_at) == (
+    assert (identity.node_name, identity.address, identity.issued_at, identity.expires_at, identity.uid) == (
         "alpha-1",
         "127.0.20.1",
         1_000_000,
         1_000_600,
+        UID,
     )
+    assert identity.names(UID) and not identity.names("another-object-of-the-same-name")
+
+
+def test_a_credential_names_an_object_and_one_from_before_uids_only_a_name() -> None:
+    with pytest.raises(ValueError, match="uid"):  # one without would name any object of the name
+        credentials.issue(KEY, "alpha-1", "127.0.20.1", 600, uid="")
+    older = signed(KEY, {"n": "alpha-1", "a": "127.0.20.1", "iat": 1_000_000, "exp": 1_000_600})
+    identity = credentials.verify(KEY, older, now=1_000_001)
+    assert identity.uid == "" and identity.names(UID)  # taken until it expires, see credentials.py
 
 
 def test_expired_credential_is_refused_with_when_and_what_to_do() -> None:
-    issued = credentials.issue(KEY, "alpha-1", "127.0.20.1", lifetime_s=600, now=1_000_000)
+    issued = credentials.issue(KEY, "alpha-1", "127.0.20.1", lifetime_s=600, now=1_000_000, uid=UID)
     with pytest.raises(credentials.CredentialError, match=r"expired at 1970-01-12T13:56:40Z; join again"):
         credentials.verify(KEY, issued.token, now=1_000_600)
 
 
 def test_extending_the_expiry_breaks_the_signature() -> None:
-    prefix, body, signature = credentials.issue(KEY, "alpha-1", "127.0.20.1", 600, now=1_000_000).token.split(".")
+    issued = credentials.issue(KEY, "alpha-1", "127.0.20.1", 600, now=1_000_000, uid=UID)
+    prefix, body, signature = issued.token.split(".")
     claims = json.loads(base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)))
     claims["exp"] += 10**9
     longer = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
@@ -50,11 +81,8 @@ def test_extending_the_expiry_breaks_the_signature() -> None:
 
 
 def test_credential_without_expiry_is_refused() -> None:
-    body = base64.urlsafe_b64encode(json.dumps({"n": "a", "a": "127.0.20.1", "iat": 1}).encode()).rstrip(b"=")
-    signature = hmac.new(KEY, b"kn1." + body, hashlib.sha256).digest()
-    token = f"kn1.{body.decode()}.{base64.urlsafe_b64encode(signature).rstrip(b'=').decode()}"
     with pytest.raises(credentials.CredentialError, match="missing claims"):
-        credentials.verify(KEY, token)
+        credentials.verify(KEY, signed(KEY, {"n": "a", "a": "127.0.20.1", "iat": 1, "u": UID}))
 
 
 def test_an_unsigned_body_is_never_parsed() -> None:
@@ -67,7 +95,7 @@ def test_an_unsigned_body_is_never_parsed() -> None:
 
 @pytest.mark.parametrize("suffix", ["!!", "==", "A"])
 def test_a_signature_has_one_spelling(suffix: str) -> None:
-    issued = credentials.issue(KEY, "alpha-1", "127.0.20.1", 600, now=1_000_000).token
+    issued = credentials.issue(KEY, "alpha-1", "127.0.20.1", 600, now=1_000_000, uid=UID).token
     with pytest.raises(credentials.CredentialError, match="bad signature"):
         credentials.verify(KEY, issued + suffix, now=1_000_001)
 
@@ -109,6 +137,10 @@ async def test_connected_agent_keeps_working_past_its_first_credentials_lifetime
         assert agent.registrations == 1
         stored = state.load(c.agent_config("alpha").state_dir, c.gateway.agent_target)
         assert stored is not None and stored.expires_at >= agent.identity.expires_at - 1
+        # Every renewal names the VolunteerNode object, as the join's credential did.
+        assert c.gateway.service is not None
+        renewed = credentials.verify(c.gateway.service.credential_key, agent.identity.credential)
+        assert renewed.uid == c.registry.objects[first.node_name]["metadata"]["uid"]
 
 
 async def test_agent_with_expired_stored_credential_rejoins_with_token_or_says_why(tmp_path: Path) -> None:
@@ -167,3 +199,95 @@ async def test_rejoin_keeps_a_previous_node_that_is_connected_or_someone_elses(t
         await c.start_agent("other", token=other.token)
         assert copied.node_name in c.registry.objects
         assert c.gateway.metrics.previous_nodes == {"kept": 2}
+
+
+async def test_rejoin_retires_no_object_created_again_under_the_previous_nodes_name(tmp_path: Path) -> None:
+    """An expired credential names the object it was issued for: one made again under its name
+    since (same owner, same address) is someone's new node, not the volunteer's old one."""
+    async with cluster(tmp_path, credential_lifetime_s=2.0) as c:
+        first = await c.start_agent("alpha")
+        assert first.identity is not None
+        old = first.identity
+        first.request_drain()
+        await asyncio.wait_for(c.agents.pop()[1], 10)
+        deleted = c.registry.objects.pop(old.node_name)
+        await c.registry.create(old.node_name, deleted["spec"], deleted["metadata"]["labels"])
+        await c.registry.patch_status(old.node_name, {"address": old.address})
+        stored = state.load(c.agent_config("alpha").state_dir, c.gateway.agent_target)
+        assert stored is not None
+        await asyncio.sleep(max(0.0, stored.expires_at - time.time()) + 0.5)
+
+        again = await c.start_agent("alpha")  # same state dir: sends the expired credential along
+        assert again.identity is not None and again.identity.node_name != old.node_name
+        assert old.node_name in c.registry.objects and c.gateway.metrics.previous_nodes == {}
+
+
+async def wait_detached(c: Cluster, name: str) -> None:
+    for _ in range(100):
+        if name not in c.gateway.sessions.by_name:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{name}'s session did not end")
+
+
+async def test_a_node_created_again_under_a_deleted_nodes_name_takes_none_of_its_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deleting a VolunteerNode revoked its credentials only while no object had its name: one
+    created under it again (here a join that drew the same name; an admin re-applying the object
+    is another way) made every credential of the deleted node good again, a leaked one included:
+    it took over the new node's session and opened streams through it."""
+    monkeypatch.setattr(service, "node_name_from_hint", lambda hint: "vol-again")
+    async with cluster(tmp_path) as c, channel_for(c) as channel:
+        old, control = await registered_mute_node(c, channel)
+        name, address = old.assignment.node_name, old.assignment.address
+        control.cancel()
+        await wait_detached(c, name)
+        # Deleted, as its revocation does: the object goes and its address returns to the pool.
+        assert await c.registry.delete(name)
+        c.gateway.allocator.release(address, name)
+        new, control = await registered_mute_node(c, channel)
+        assert (new.assignment.node_name, new.assignment.address) == (name, address)
+
+        refused = await control_call(c, old.credential, pb.Register(node_name=name, address=address))
+        assert isinstance(refused, grpc.aio.AioRpcError), refused
+        assert refused.code() == grpc.StatusCode.PERMISSION_DENIED and "no longer exists" in (refused.details() or "")
+        assert c.gateway.metrics.refused_streams["node-deleted"] == 1
+        # Nor does it open streams through the new node's session, which goes on.
+        dial = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {old.credential}"),))
+        await dial.write(pb.Frame(dial=pb.Dial(host="127.0.0.1", port=c.head_port)))
+        with pytest.raises(grpc.aio.AioRpcError) as no_session:
+            await asyncio.wait_for(dial.read(), 5)
+        assert no_session.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert c.gateway.sessions.by_name[name].uid == c.registry.objects[name]["metadata"]["uid"]
+        control.cancel()
+
+
+async def test_a_credential_from_before_uids_is_taken_and_replaced_by_one_naming_the_object(tmp_path: Path) -> None:
+    """Refused, every agent would join again on the gateway's upgrade (credentials.py says why
+    not); taken, the registration it opens hands the agent one that names the object."""
+    async with cluster(tmp_path) as c, channel_for(c) as channel:
+        joined, control = await registered_mute_node(c, channel)
+        name, address = joined.assignment.node_name, joined.assignment.address
+        control.cancel()
+        await wait_detached(c, name)
+        assert c.gateway.service is not None
+        key = c.gateway.service.credential_key
+        older = signed(key, {"n": name, "a": address, "iat": int(time.time()), "exp": int(time.time()) + 600})
+        control = tunnel_stub(channel).Control(metadata=(("authorization", f"Bearer {older}"),))
+        await control.write(pb.AgentMessage(register=pb.Register(node_name=name, address=address)))
+        assert (await next_message(control)).WhichOneof("msg") == "registered"
+        renewal = await next_message(control)
+        assert renewal.WhichOneof("msg") == "credential"
+        uid = c.registry.objects[name]["metadata"]["uid"]
+        assert credentials.verify(key, renewal.credential.credential).uid == uid
+        control.cancel()
+
+
+async def test_file_registry_objects_from_before_uids_get_one_that_outlives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "volunteernodes.json"
+    path.write_text(json.dumps({"vn-a": {"metadata": {"name": "vn-a"}, "spec": {}, "status": {}}}))
+    uid = node_uid(await FileNodeRegistry(path).get("vn-a") or {})
+    assert uid and node_uid(await FileNodeRegistry(path).get("vn-a") or {}) == uid  # what its credentials name
+    created = await FileNodeRegistry(path).create("vn-b", {}, {})
+    assert node_uid(await FileNodeRegistry(path).get("vn-b") or {}) == created != uid

@@ -146,7 +146,8 @@ async def test_node_cannot_claim_another_nodes_identity_or_address(c: Cluster) -
         assert isinstance(result, grpc.aio.AioRpcError)
         assert result.code() == grpc.StatusCode.PERMISSION_DENIED
     # A credential forged with another key is not accepted at all.
-    forged = credentials.issue(b"\0" * 32, b.identity.node_name, b.identity.address, 3600).token
+    uid = c.registry.objects[b.identity.node_name]["metadata"]["uid"]
+    forged = credentials.issue(b"\0" * 32, b.identity.node_name, b.identity.address, 3600, uid=uid).token
     result = await control_call(c, forged, pb.Register(node_name=b.identity.node_name, address=b.identity.address))
     assert isinstance(result, grpc.aio.AioRpcError) and result.code() == grpc.StatusCode.UNAUTHENTICATED
     assert c.gateway.metrics.refused_streams["identity-mismatch"] == 2

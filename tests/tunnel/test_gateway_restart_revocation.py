@@ -171,6 +171,39 @@ async def test_a_node_held_by_a_finalizer_stays_refused_after_a_gateway_restart(
             await gw.stop(0)
 
 
+async def test_a_volunteernode_applied_again_after_its_deletion_takes_none_of_its_credentials(
+    kube: Kube,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Only the gateway's memory of revoked names (lost on restart) stood between a deleted node's
+    credential and an object an admin applied again under its name: the credential, a leaked copy
+    as well, registered again. The API server gives the new object a uid of its own."""
+    path = custom_path(GROUP, VERSION, PLURAL)
+    async with echo_server() as head_port:
+        config, tokens, ca_store = gateway_parts(kube, head_port)
+        gw = Gateway(config, tokens, KubeNodeRegistry(kube.client, 0.5), ca_store)
+        await gw.start()
+        try:
+            a = await _join(gw, tokens, "alpha")
+            assert await _register(gw, a) == "registered"
+            name = a.assignment.node_name
+            saved = await kube.client.get(custom_path(GROUP, VERSION, PLURAL, name))
+            await kube.client.delete(custom_path(GROUP, VERSION, PLURAL, name))
+            await _until(lambda: gw.sessions.was_revoked(name), "A revoked")
+        finally:
+            await gw.stop(0)
+
+        # Applied again from what was saved (name, labels, spec), then the gateway restarts.
+        metadata = {k: saved["metadata"][k] for k in ("name", "labels", "annotations") if k in saved["metadata"]}
+        await kube.client.create(path, {**{k: saved[k] for k in ("apiVersion", "kind", "spec")}, "metadata": metadata})
+        gw = Gateway(config, tokens, KubeNodeRegistry(kube.client, 0.5), ca_store)
+        await gw.start()
+        try:
+            assert "no longer exists" in await _register(gw, a)
+        finally:
+            await gw.stop(0)
+
+
 def test_an_address_another_node_holds_is_never_taken_over() -> None:
     from koinon_gateway.addresses import AddressAllocator, AddressTaken
 

@@ -5,6 +5,7 @@ one use of the token, a credential that works. Against a real gateway over TLS."
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import secrets
 import stat
 from dataclasses import replace
@@ -99,6 +100,38 @@ async def test_a_join_id_whose_node_has_had_a_session_is_a_new_join(tmp_path: Pa
         assert second.assignment.node_name != first.assignment.node_name and uses(c, two_uses) == 2
 
 
+def expire(c: Cluster, token: str) -> None:
+    token_id = token.split(".")[0]
+    expired = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    c.tokens.tokens[token_id] = replace(c.tokens.tokens[token_id], expiration=expired)
+
+
+async def test_an_expired_token_gets_a_lost_join_reply_again_only_shortly_after_that_join(tmp_path: Path) -> None:
+    """The retry of a join whose reply was lost passed over the token's expiry for as long as its
+    node never connected: days later the expired token still bought a fresh credential for it."""
+    async with cluster(tmp_path) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, pb.JoinResponse)
+        # Expired right after the join counted its use: the retry gets what that join made.
+        expire(c, token)
+        again = await join(c, token, join_id)
+        assert isinstance(again, pb.JoinResponse), again
+        assert again.assignment.node_name == first.assignment.node_name and await registers(c, again)
+
+        # The same, a day after the join (its node never connected): no node, no credential.
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, pb.JoinResponse)
+        day_ago = (dt.datetime.now(dt.UTC) - dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        c.registry.objects[first.assignment.node_name]["metadata"]["creationTimestamp"] = day_ago
+        expire(c, token)
+        late = await join(c, token, join_id)
+        assert isinstance(late, grpc.aio.AioRpcError), late
+        assert late.code() == grpc.StatusCode.PERMISSION_DENIED and "expired" in (late.details() or "")
+        assert len(c.registry.objects) == 2 and uses(c, token) == 1
+
+
 @pytest.mark.parametrize("case", ["other-token", "wrong-secret", "revoked", "no-join-id"])
 async def test_only_the_same_genuine_token_and_join_id_get_the_node_back(tmp_path: Path, case: str) -> None:
     async with cluster(tmp_path) as c:
@@ -136,9 +169,9 @@ async def test_a_malformed_join_id_is_refused_naming_the_field(tmp_path: Path) -
 
 
 class SlowCreate(InMemoryNodeRegistry):
-    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> None:
+    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> str:
         await asyncio.sleep(1.0)
-        await super().create(name, spec, labels)
+        return await super().create(name, spec, labels)
 
 
 async def test_a_retry_that_overtakes_its_first_try_is_asked_to_wait(tmp_path: Path) -> None:
@@ -161,12 +194,12 @@ async def test_the_agent_gets_its_node_back_when_the_join_reply_is_lost(
     real = TunnelService._join_response
     calls = 0
 
-    def lost_first_reply(self: TunnelService, node_name: str, address: str) -> pb.JoinResponse:
+    def lost_first_reply(self: TunnelService, node_name: str, address: str, uid: str) -> pb.JoinResponse:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("gateway lost before the reply left")
-        return real(self, node_name, address)
+        return real(self, node_name, address, uid)
 
     monkeypatch.setattr(TunnelService, "_join_response", lost_first_reply)
     async with cluster(tmp_path) as c:
@@ -246,11 +279,12 @@ class LateCreate(InMemoryNodeRegistry):
         super().__init__()
         self.late = True
 
-    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> None:
-        await super().create(name, spec, labels)
+    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> str:
+        uid = await super().create(name, spec, labels)
         if self.late:
             self.late = False
             await asyncio.sleep(2.0)
+        return uid
 
 
 async def test_a_join_given_up_while_its_node_is_being_created_leaves_no_node(tmp_path: Path) -> None:

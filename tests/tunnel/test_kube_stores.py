@@ -928,6 +928,34 @@ async def test_a_token_use_whose_api_answer_was_lost_is_counted_once_for_its_joi
         assert spent.value.code() == grpc.StatusCode.PERMISSION_DENIED and "usage" in str(spent.value.details())
 
 
+async def test_a_counted_join_whose_token_expired_before_its_retry_makes_no_node(kube: Kube) -> None:
+    # As above, but the token expires between the try whose answer was lost and the retry: expiry
+    # is absolute (a kubeadm bootstrap token's is), and the retry would make the node the first try
+    # did not. The use stays counted: the volunteer needs a new token either way.
+    tokens = KubeTokenStore(kube.client, NAMESPACE)
+    real_replace = kube.client.replace
+    token = await tokens.create(owner="alice", usage_limit=1)
+    secret = f"/api/v1/namespaces/{NAMESPACE}/secrets/{secret_name(token[:6])}"
+
+    async def replace_then_expire_and_lose_the_answer(path: str, body: JSON) -> JSON:
+        await real_replace(path, body)
+        kube.client.replace = real_replace  # type: ignore[method-assign]
+        await kube.client.merge_patch(secret, {"data": {"expiration": b64("2020-01-01T00:00:00Z")}})
+        raise TimeoutError("the API server's answer did not arrive in time")
+
+    kube.client.replace = replace_then_expire_and_lose_the_answer  # type: ignore[method-assign]
+    async with join_stub(kube, tokens) as stub:
+        request = pb.JoinRequest(token=token, name_hint="alpha", join_id="0123456789abcdef" * 2)
+        with pytest.raises(grpc.aio.AioRpcError) as lost:
+            await stub.Join(request, timeout=10)
+        assert lost.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.aio.AioRpcError) as expired:
+            await stub.Join(request, timeout=10)
+        assert expired.value.code() == grpc.StatusCode.PERMISSION_DENIED and "expired" in str(expired.value.details())
+    nodes, _ = await kube.client.list_all("/apis/koinon.dev/v1alpha1/volunteernodes")
+    assert nodes == [] and decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "1"
+
+
 async def test_a_spent_token_makes_no_second_node_by_resending_a_finished_joins_id(kube: Kube) -> None:
     # A use counted for a join is honoured once more only for a retry of a join that made no node:
     # resending the join id of a join that got its node (and connected) must count a new use.
@@ -948,7 +976,8 @@ async def test_a_spent_token_makes_no_second_node_by_resending_a_finished_joins_
 
 
 def test_a_counted_join_is_honoured_for_its_retries_only_for_a_while() -> None:
-    from koinon_gateway.kube_tokens import COUNTED_JOIN_RETRY_S, _counted_since
+    from koinon_gateway.kube_tokens import _counted_since
+    from koinon_gateway.tokens import COUNTED_JOIN_RETRY_S
 
     counted = ["aaaa@1000", "bbbb@2000", "cccc"]
     assert _counted_since(counted, "aaaa", 1000 + COUNTED_JOIN_RETRY_S - 1)
