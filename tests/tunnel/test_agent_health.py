@@ -51,6 +51,18 @@ def test_a_stale_report_means_a_stuck_agent(tmp_path: Path) -> None:
     assert not healthy and "31s ago" in why
 
 
+def test_a_report_from_the_future_is_not_fresh_for_ever(tmp_path: Path) -> None:
+    """A clock that was ahead when the report was written and has stepped back since (a board
+    without a real-time clock, corrected after boot) gave the report a negative age: it passed
+    the liveness probe however long the agent stayed stuck."""
+    report(tmp_path, 4600.0)
+    healthy, why = health.check(tmp_path / health.FILE_NAME, 30, need_ready=False, now=1000.0)
+    assert not healthy and "in the future" in why
+    assert (
+        health.check(tmp_path / health.FILE_NAME, 30, need_ready=False, now=4590.0)[0] is True
+    )  # a little skew is fine
+
+
 def test_missing_or_garbled_report_fails_saying_why(tmp_path: Path) -> None:
     assert health.check(tmp_path / health.FILE_NAME, 30, need_ready=False) == (
         False,

@@ -319,6 +319,47 @@ async def test_the_agent_does_not_write_ray_output_through_a_planted_symlink(tmp
     assert (state / "identity.json").read_text() == SECRET, "Ray's output was appended to identity.json"
 
 
+@pytest.mark.parametrize("plant", ["fifo", "fifo with a reader", "directory"])
+async def test_ray_starts_again_whatever_job_code_put_at_its_start_log(tmp_path: Path, plant: str) -> None:
+    """A FIFO at ray-start.log made the next start block in open(2) on the event loop (the whole agent
+    froze: no heartbeats, no health report, no SIGTERM); a directory there made every start fail.
+    The chart's temp dir outlives container restarts, so either lasted until the pod went."""
+    temp = tmp_path / "ray"
+    temp.mkdir()
+    log_path = temp / "ray-start.log"
+    reader = -1
+    if plant == "directory":
+        log_path.mkdir()
+    else:
+        os.mkfifo(log_path)
+        if plant == "fifo with a reader":
+            reader = os.open(log_path, os.O_RDONLY | os.O_NONBLOCK)
+    fake_ray = tmp_path / "ray-bin"
+    fake_ray.write_text("#!/bin/sh\necho 'Ray runtime started.'\n")
+    fake_ray.chmod(0o755)
+    settings = RaySettings(str(fake_ray), temp, "http://127.0.0.1:1", None, 0, 0, None)
+    node = RayNode(settings)
+    started = asyncio.create_task(asyncio.to_thread(asyncio.run, _start_and_wait(node)))
+    try:
+        # In a thread with a deadline: a start blocked in open(2) cannot be cancelled from its loop.
+        done, _ = await asyncio.wait({started}, timeout=20)
+        if not done and plant != "directory":  # frees the blocked open(2), so the thread can end
+            os.close(os.open(log_path, os.O_RDONLY | os.O_NONBLOCK))
+        assert done, "starting Ray blocked on what job code put at ray-start.log"
+        started.result()
+    finally:
+        if reader >= 0:
+            os.close(reader)
+    assert log_path.is_file() and not log_path.is_symlink()
+    assert b"Ray runtime started." in log_path.read_bytes()
+
+
+async def _start_and_wait(node: RayNode) -> None:
+    await node.start(pb.Assignment(address="127.0.20.1"))
+    assert node.process is not None
+    await node.process.wait()
+
+
 @needs_landlock
 def test_a_landlock_abi_1_kernel_runs_ray_unconfined_rather_than_break_renames(tmp_path: Path) -> None:
     """On ABI 1 (5.13-5.18) a ruleset refuses every rename or link across directories (EXDEV), in

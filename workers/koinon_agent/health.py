@@ -84,6 +84,11 @@ def check(
     if started_at is not None and report.written_at < started_at - 1.0:
         return False, f"{path}: health report of a previous container (written before this one started)"
     age = (time.time() if now is None else now) - report.written_at
+    if age < -max_age_s:
+        return (
+            False,
+            f"{path}: health report written {-age:.0f}s in the future (clock stepped back, or not the agent's)",
+        )
     if age > max_age_s:
         return False, f"agent stuck: last health report {age:.0f}s ago (more than {max_age_s:.0f}s)"
     summary = f"connected={report.connected} ray={report.ray_state} node={report.node_name or '-'}"

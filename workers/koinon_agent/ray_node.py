@@ -165,6 +165,36 @@ def _read_log_head(path: Path, since: float) -> bytes:
         os.close(fd)
 
 
+def _open_start_log(path: Path) -> int:
+    """A descriptor appending to ``ray start``'s log, a regular file whatever job code put there.
+
+    Job code can create names in Ray's temp dir. A symlink (to ../identity.json, say) is not
+    followed (O_NOFOLLOW); a FIFO must not block the event loop in open(2) (O_NONBLOCK: with no
+    reader open(2) fails ENXIO, with one it is seen by fstat); a directory is moved aside. Each is
+    replaced by a new file: a Ray restarted after it would otherwise never start again (the emptyDir
+    behind the chart's temp dir outlives container restarts).
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise
+        fd = -1
+    if fd >= 0 and stat.S_ISREG(os.fstat(fd).st_mode):
+        os.set_blocking(fd, True)
+        return fd
+    if fd >= 0:
+        os.close(fd)
+    if path.is_dir() and not path.is_symlink():
+        path.rename(path.with_name(f"{path.name}.moved-{time.time_ns()}"))
+    else:
+        path.unlink()
+    fd = os.open(path, flags | os.O_EXCL, 0o600)
+    os.set_blocking(fd, True)
+    return fd
+
+
 class RayNode:
     def __init__(self, settings: RaySettings) -> None:
         self.settings = settings
@@ -195,16 +225,7 @@ class RayNode:
         self._serving_node_id = ""
         self._raylet = None
         self._started_at = time.time() - 1.0  # file times are coarser than this clock on some filesystems
-        # O_NOFOLLOW: job code can create names in Ray's temp dir (a symlink to ../identity.json).
-        log_path = settings.temp_dir / "ray-start.log"
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            log_fd = os.open(log_path, flags, 0o600)
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
-            log_path.unlink()  # a symlink someone put there: not followed, replaced
-            log_fd = os.open(log_path, flags | os.O_EXCL, 0o600)
+        log_fd = _open_start_log(settings.temp_dir / "ray-start.log")
         log_file = os.fdopen(log_fd, "ab")
         try:
             # The launcher execs `ray start`: this process is Ray's, pid and process group alike.
