@@ -31,10 +31,25 @@ CONNECTION_OWNER_ANNOTATION = "koinon.dev/connection-owner"
 HEARTBEAT_ONLY_FIELDS = frozenset({"lastHeartbeat"})
 WATCH_RETRY_S = 1.0
 WATCH_RETRY_MAX_S = 30.0
+WATCH_HEALTHY_S = 60.0  # a watch that lasted this long resets the backoff (client-go: 2 min)
 
 
 def _terminating(node: JSON) -> bool:
     return bool((node.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def _after_watch(retry_s: float, watching_since: float | None) -> float:
+    """The wait before listing again: back to the first after a watch that served a while (a new
+    failure, not the same outage), else unchanged (a failing list counts as the same outage)."""
+    if watching_since is not None and time.monotonic() - watching_since >= WATCH_HEALTHY_S:
+        return WATCH_RETRY_S
+    return retry_s
+
+
+def _replaced(known_uid: str, node: JSON) -> bool:
+    """Whether ``node`` is another object than the one known under its name (created again)."""
+    uid = node_uid(node)
+    return bool(known_uid and uid and uid != known_uid)
 
 
 def _significant(status: JSON) -> str:
@@ -137,11 +152,15 @@ class KubeNodeRegistry:
         stay connected meanwhile. Each node is reported once per deletion.
         """
         known: dict[str, str] = {}  # name -> address, of nodes not being deleted
+        # name -> metadata.uid of those: an object deleted and created again under its name while
+        # the watch was down is another object, and the deleted one's session must still end.
+        known_uids: dict[str, str] = {}
         reported: set[str] = set()  # nodes reported while their object still exists (terminating)
         resource_version = ""
         # After a failure, wait longer each time (as client-go's reflector): an API server that
         # fails every request must not get a LIST of every VolunteerNode each second from here.
         retry_s = WATCH_RETRY_S
+        watching_since: float | None = None  # when the current watch began (None: none began)
         while True:
             try:
                 if not resource_version:
@@ -160,21 +179,32 @@ class KubeNodeRegistry:
                     for name in sorted(vanished.keys() - current.keys()):
                         self._seen.pop(name, None)
                         yield DeletedNode(name, vanished[name])
+                    for name in sorted(known.keys() & current.keys()):
+                        if _replaced(known_uids.get(name, ""), current[name]):
+                            self._last.pop(name, None)
+                            yield DeletedNode(name, known[name])
                     for name in sorted(terminating - reported):
                         self._last.pop(name, None)
                         self._seen.pop(name, None)
                         yield DeletedNode(name, status_address(current[name]))
                     known = {name: status_address(item) for name, item in current.items() if name not in terminating}
+                    known_uids = {name: node_uid(current[name]) for name in known}
                     reported = terminating
+                watching_since = time.monotonic()
                 async for event in self.client.watch(self._path(), resource_version):
                     retry_s = WATCH_RETRY_S  # the watch works again
                     metadata: dict[str, Any] = event.object.get("metadata") or {}
                     resource_version = str(metadata.get("resourceVersion") or resource_version)
                     name = str(metadata.get("name", ""))
                     if event.type in ("ADDED", "MODIFIED") and not _terminating(event.object):
+                        if name in known and _replaced(known_uids.get(name, ""), event.object):
+                            self._last.pop(name, None)
+                            yield DeletedNode(name, known[name])
                         known[name] = status_address(event.object)
+                        known_uids[name] = node_uid(event.object)
                     elif event.type in ("ADDED", "MODIFIED", "DELETED"):
                         known.pop(name, None)
+                        known_uids.pop(name, None)
                         self._last.pop(name, None)
                         self._seen.pop(name, None)
                         first = name not in reported
@@ -187,11 +217,15 @@ class KubeNodeRegistry:
                 retry_s = WATCH_RETRY_S  # ended by the server's timeout: fine
             except KubeApiError as exc:
                 resource_version = ""
+                retry_s = _after_watch(retry_s, watching_since)
+                watching_since = None
                 if not exc.gone:
                     log.warning("VolunteerNode watch failed: %s; listing again in %.0fs", exc, retry_s)
                     await asyncio.sleep(retry_s)
                     retry_s = min(retry_s * 2, WATCH_RETRY_MAX_S)
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+                retry_s = _after_watch(retry_s, watching_since)
+                watching_since = None
                 log.warning("VolunteerNode watch interrupted: %r; listing again in %.0fs", exc, retry_s)
                 resource_version = ""
                 await asyncio.sleep(retry_s)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -270,3 +271,79 @@ async def test_a_failing_api_server_is_asked_less_and_less_often(monkeypatch: py
         await real_sleep(0)
     watching.cancel()
     assert waits[:8] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+
+
+def _vn(name: str, uid: str, address: str) -> JSON:
+    return {"metadata": {"name": name, "uid": uid, "resourceVersion": "1"}, "status": {"address": address}}
+
+
+async def test_a_node_created_again_while_the_watch_was_down_counts_as_deleted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kubectl delete vn vn-a && kubectl apply -f vn-a.yaml` while the watch was down (an API
+    hiccup, 410 Gone, the backoff): the relist compared names only, so the deleted object's session
+    stayed connected and wrote its status into the new object."""
+    lists = [[_vn("vn-a", "uid-old", "127.0.20.1")], [_vn("vn-a", "uid-new", "")]]
+
+    class Client:
+        async def list_all(self, path: str, label_selector: str | None = None) -> tuple[list[JSON], str]:
+            return (lists.pop(0) if len(lists) > 1 else lists[0]), "10"
+
+        async def watch(self, path: str, resource_version: str, timeout_s: int = 300) -> AsyncIterator[WatchEvent]:
+            raise KubeApiError(503, "ServiceUnavailable", "API server restarting")
+            yield  # an async generator, as the client's
+
+        async def get_or_none(self, path: str) -> JSON | None:
+            return None
+
+    real_sleep = asyncio.sleep
+
+    async def no_wait(delay: float) -> None:
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", no_wait)
+    client: Any = Client()
+    reported: asyncio.Queue[DeletedNode] = asyncio.Queue()
+    watching = asyncio.create_task(_collect(KubeNodeRegistry(client), reported))
+    try:
+        assert await asyncio.wait_for(reported.get(), 5) == DeletedNode("vn-a", "127.0.20.1")
+        for _ in range(50):
+            await real_sleep(0)
+        assert reported.empty()  # the new object is not reported in turn
+    finally:
+        watching.cancel()
+
+
+async def test_the_backoff_starts_over_after_a_watch_that_served_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After an outage (backoff at 30 s), a watch that then served quietly for minutes and dropped
+    waited the stale 30 s before listing again: deletions went unnoticed meanwhile."""
+    lists = 0
+    offset = 0.0
+
+    class Client:
+        async def list_all(self, path: str, label_selector: str | None = None) -> tuple[list[JSON], str]:
+            nonlocal lists
+            lists += 1
+            if lists <= 6:
+                raise KubeApiError(503, "ServiceUnavailable", "etcd is away")
+            return [], "10"
+
+        async def watch(self, path: str, resource_version: str, timeout_s: int = 300) -> AsyncIterator[WatchEvent]:
+            nonlocal offset
+            offset += 240.0  # four quiet minutes of a working watch
+            raise OSError("connection reset by peer")
+            yield  # an async generator, as the client's
+
+    waits: list[float] = []
+    real_sleep, real_monotonic = asyncio.sleep, time.monotonic
+
+    async def record(delay: float) -> None:
+        waits.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", record)
+    monkeypatch.setattr(time, "monotonic", lambda: real_monotonic() + offset)
+    client: Any = Client()
+    watching = asyncio.create_task(_collect(KubeNodeRegistry(client), asyncio.Queue()))
+    while len(waits) < 8:
+        await real_sleep(0)
+    watching.cancel()
+    assert waits[:8] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 1.0, 1.0]
