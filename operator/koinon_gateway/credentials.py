@@ -12,7 +12,8 @@ as it stays connected (and renewed), ending the real agent's session; the real a
 ends the thief's in turn. Deleting the VolunteerNode is what ends both for good.
 
 Credentials issued before the uid claim existed carry none (``NodeIdentity.uid == ""``). The gateway
-takes them, name and address checked as before, until they expire rather than refuse them: refused,
+takes them, name and address checked as before (and only for an object created before they were
+issued: a later one is another object under the name), until they expire rather than refuse them: refused,
 every connected agent would lose its session on the gateway's upgrade and join again, spending a
 token use (one-use tokens are spent already, so those agents would stop) and leaving its old node
 behind as a NotReady ghost (a credential still valid is never retired). Their window is bounded:

@@ -95,6 +95,25 @@ def replay_in_time(grant: JoinGrant, node: JSON, now: dt.datetime) -> bool:
     return made_at.tzinfo is not None and now - made_at < dt.timedelta(seconds=COUNTED_JOIN_RETRY_S)
 
 
+# How much later than a uid-less credential's issue its object may have been created (by the API
+# server's clock, which may run ahead of the gateway's) and still be the object it was issued for.
+CLOCK_SLACK_S = 300
+
+
+def credential_names_node(identity: credentials.NodeIdentity, node: JSON) -> bool:
+    """Whether ``identity`` was issued for the object ``node`` (and not for an earlier object of
+    its name). By uid; a credential from before uids were bound, by time: an object created after
+    it was issued (past the clock slack) is a later one, created again under the name. Unknown
+    creation times (objects of an old file registry) give it the benefit of the doubt."""
+    if identity.uid:
+        return identity.uid == node_uid(node)
+    try:
+        created = dt.datetime.fromisoformat(str((node.get("metadata") or {}).get("creationTimestamp")))
+    except ValueError:
+        return True
+    return created.tzinfo is None or created.timestamp() <= identity.issued_at + CLOCK_SLACK_S
+
+
 def port_block_message(ports: PortBlock) -> pb.PortBlock:
     return pb.PortBlock(**ports.__dict__)
 
@@ -431,7 +450,7 @@ class TunnelService:
         try:
             node = await self.registry.get(old.node_name)
             # Another object under its name (created again since) is not the credential's to retire.
-            if node is None or status_address(node) != old.address or not old.names(node_uid(node)):
+            if node is None or status_address(node) != old.address or not credential_names_node(old, node):
                 return
             if (node.get("spec") or {}).get("owner") != owner or old.node_name in self.sessions.by_name:
                 self.metrics.previous_nodes["kept"] += 1
@@ -594,7 +613,7 @@ class TunnelService:
     async def _read_register(self, identity: credentials.NodeIdentity, context: Context) -> pb.Register:
         node = await self.registry.get(identity.node_name)
         # Another object under the credential's name (created again since) counts as deleted too.
-        if node is None or being_deleted(node) or not identity.names(node_uid(node)):
+        if node is None or being_deleted(node) or not credential_names_node(identity, node):
             self.metrics.refused_streams["node-deleted"] += 1
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {identity.node_name} no longer exists")
         try:
@@ -627,7 +646,7 @@ class TunnelService:
         if (
             node is None
             or being_deleted(node)
-            or not identity.names(node_uid(node))
+            or not credential_names_node(identity, node)
             or self.sessions.was_revoked(identity.node_name)
         ):
             return "node-deleted", ""

@@ -284,6 +284,27 @@ async def test_a_credential_from_before_uids_is_taken_and_replaced_by_one_naming
         control.cancel()
 
 
+async def test_a_credential_from_before_uids_opens_no_object_created_after_it(tmp_path: Path) -> None:
+    """An object deleted and applied again later under the same name, with its address: a leaked
+    uid-less credential opened it and was renewed into one naming the new object, for ever."""
+    async with cluster(tmp_path) as c, channel_for(c) as channel:
+        joined, control = await registered_mute_node(c, channel)
+        name, address = joined.assignment.node_name, joined.assignment.address
+        control.cancel()
+        await wait_detached(c, name)
+        assert c.gateway.service is not None
+        key = c.gateway.service.credential_key
+        issued = int(time.time()) - 3600  # by the gateway before its upgrade, an hour ago
+        older = signed(key, {"n": name, "a": address, "iat": issued, "exp": issued + 7 * 86400})
+        saved = c.registry.objects.pop(name)
+        c.gateway.allocator.release(address, name)
+        await c.registry.create(name, saved["spec"], saved["metadata"]["labels"])
+        await c.registry.patch_status(name, {"address": address})
+        refused = await control_call(c, older, pb.Register(node_name=name, address=address))
+        assert isinstance(refused, grpc.aio.AioRpcError)
+        assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
 async def test_file_registry_objects_from_before_uids_get_one_that_outlives_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "volunteernodes.json"
     path.write_text(json.dumps({"vn-a": {"metadata": {"name": "vn-a"}, "spec": {}, "status": {}}}))
