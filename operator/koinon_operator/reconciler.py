@@ -927,8 +927,12 @@ class AIJobReconciler:
         copies: list[CopyResult] = []
         results: dict[str, dict[str, Any]] = {}
         gone: list[str] = []  # copies whose log left with their node: no answer, and no failure
+        # A copy votes once, under its first (driver) node and that node's owner; every node of it
+        # computed its answer (any of them may have spoilt it), so each is judged by that answer.
+        computed_by = dict(state.earlier_copies)
         for k, (info, text) in enumerate(zip(infos, logs, strict=True)):
             node = state.copy_nodes(k)[0]
+            computed_by[node] = tuple((n, state.owner_of(n)) for n in state.copy_nodes(k))
             if text is None and info.state is RayJobState.SUCCEEDED:
                 gone.append(node)
             result = extract_result(text) if info.state is RayJobState.SUCCEEDED and text is not None else None
@@ -947,6 +951,17 @@ class AIJobReconciler:
             return
         earlier = [CopyResult(-1, node, owner, digest) for node, owner, digest in state.earlier_results]
         verdict = judge(copies, earlier)
+
+        def every_node(voters: Iterable[str]) -> list[str]:
+            return [n for voter in voters for n, _ in computed_by.get(voter, ((voter, ""),))]
+
+        def answer(c: CopyResult) -> dict[str, Any]:
+            entry: dict[str, Any] = {"node": c.node, "owner": c.owner, "digest": c.digest}
+            members = computed_by.get(c.node, ())
+            if len(members) > 1:  # judged with a later attempt: so are all its nodes
+                entry.update(nodes=[n for n, _ in members], owners=[o for _, o in members])
+            return entry
+
         # A result to report: this attempt's copy that agrees (with a majority there always is one:
         # the earlier attempts' answers alone had none, and cannot have gained one without it).
         accepted = next((results[node] for node in verdict.agreeing if node in results), None)
@@ -957,27 +972,30 @@ class AIJobReconciler:
             "agreeing": list(verdict.agreeing),
             "disagreeing": list(verdict.disagreeing),
             "failed": list(verdict.failed),
-            "earlierResults": [{"node": c.node, "owner": c.owner, "digest": c.digest} for c in earlier],
+            "earlierResults": [answer(c) for c in earlier],
         }
         if accepted is None:
-            verification["earlierResults"] = [
-                {"node": c.node, "owner": c.owner, "digest": c.digest} for c in answered_so_far
-            ]
+            verification["earlierResults"] = [answer(c) for c in answered_so_far]
         writer.set(verification=verification)
-        # A copy whose node left with its log did not fail: its node is charged for leaving. A copy
-        # whose driver exited with its own non-zero code failed in the job's code, as an unreplicated
-        # job's does (_attempt_failed): its volunteer is not charged.
-        own_errors = {state.copy_nodes(k)[0] for k, info in enumerate(infos) if _user_error(info)} - env_charged
-        outcome.reputation.extend(
-            (node, "timeout" if node in gone else "failure") for node in verdict.failed if node not in own_errors
-        )
+        # A copy whose node left with its log did not fail: that node is charged for leaving (the
+        # copy's other nodes did their part). A copy whose driver exited with its own non-zero code
+        # failed in the job's code, as an unreplicated job's does (_attempt_failed): its volunteers
+        # are not charged. Any other failed copy: each of its nodes, as _ray_jobs_failed blames them.
+        own_errors = {
+            node for k, info in enumerate(infos) if _user_error(info) for node in state.copy_nodes(k)
+        } - env_charged
+        for voter in verdict.failed:
+            if voter in gone:
+                outcome.reputation.append((voter, "timeout"))
+            else:
+                outcome.reputation.extend((node, "failure") for node in every_node([voter]) if node not in own_errors)
         if verdict.accepted and accepted is not None:
-            outcome.reputation.extend((node, "agreement") for node in verdict.agreeing)
-            outcome.reputation.extend((node, "disagreement") for node in verdict.disagreeing)
+            outcome.reputation.extend((node, "agreement") for node in every_node(verdict.agreeing))
+            outcome.reputation.extend((node, "disagreement") for node in every_node(verdict.disagreeing))
             if verdict.disagreeing:
                 outcome.event(
                     "ResultDisagreement",
-                    f"{', '.join(verdict.disagreeing)} returned a result the majority did not",
+                    f"{', '.join(every_node(verdict.disagreeing))} returned a result the majority did not",
                     warning=True,
                 )
             writer.set(result=accepted)

@@ -1,6 +1,8 @@
 """Retroactive invalidation (BOINC): once an owner is caught returning wrong results, verified jobs
 whose accepted result only that owner vouched for (a trusted node's skipped verification, or a
-quorum of caught owners) are marked ``ResultRevoked``.
+quorum of caught owners) are marked ``ResultRevoked``. Every node of a copy computed its answer (a
+copy of several replicas runs on several owners' nodes): a copy with a caught owner among them
+vouches for nothing.
 
 A finished job is not run again by itself: its result may already have been consumed, and phases
 do not go backwards. The condition, a Warning Event on the AIJob (what `kubectl describe` and
@@ -20,7 +22,7 @@ from typing import Any, cast
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from koinon_operator.api.aijob import format_time
+from koinon_operator.api.aijob import AIJobStatus, format_time
 from koinon_operator.api.conditions import set_condition
 from koinon_operator.api.constants import AIJOB_PLURAL, GROUP, VERSION, VOLUNTEER_PLURAL, ConditionType, Phase
 from koinon_operator.kube import load_config
@@ -44,38 +46,56 @@ def caught_owners(
     return {owner for owner, total in totals.items() if total > verification.owner_disagreement_tolerance}
 
 
-def accepted_vouchers(aijob: Mapping[str, Any]) -> dict[str, NodeResult] | None:
-    """Pure: node -> (owner, digest) of every node that returned a verified job's accepted result;
-    None for a job that is not a verified, succeeded one."""
+def accepted_copies(aijob: Mapping[str, Any]) -> list[dict[str, NodeResult]] | None:
+    """Pure: the copies that returned a verified job's accepted result, each as node -> (owner,
+    digest) of every node that computed it (a copy of several replicas ran on several nodes); None
+    for a job that is not a verified, succeeded one."""
     spec, status = aijob.get("spec") or {}, aijob.get("status") or {}
     if status.get("phase") != Phase.SUCCEEDED.value:
         return None
     if (spec.get("verification") or {}).get("mode") != "replicated":
         return None
     digest = str((status.get("result") or {}).get("digest") or "")
-    owners = dict(
-        zip(status.get("assignedNodes") or (), (status.get("scheduling") or {}).get("owners") or (), strict=False)
-    )
+    state = AIJobStatus.from_status(status)
+    # This attempt's copies by the node their vote was counted under (their first), then the
+    # earlier attempts' (verification.earlierResults).
+    members = {
+        nodes[0]: tuple((node, state.owner_of(node)) for node in nodes)
+        for nodes in (state.copy_nodes(k) for k in range(state.copies))
+        if nodes
+    }
     verification = status.get("verification") or {}
-    vouchers: dict[str, NodeResult] = {}
     if verification.get("agreeing"):
         earlier = {str(r.get("node")): str(r.get("owner")) for r in verification.get("earlierResults") or ()}
-        for node in verification["agreeing"]:
-            vouchers[str(node)] = NodeResult(owners.get(node) or earlier.get(node) or str(node), digest)
-    else:  # one copy, a trusted node's verification skipped: its driver's node printed the result
-        driver = next(iter(status.get("assignedNodes") or ()), None)
-        if driver is not None:
-            vouchers = {str(driver): NodeResult(str(owners.get(driver) or driver), digest)}
-    return vouchers or None
+        members.update(state.earlier_copies)
+        voters = [str(node) for node in verification["agreeing"]]
+        copies = [members.get(voter) or ((voter, earlier.get(voter) or voter),) for voter in voters]
+    else:  # one copy, a trusted node's verification skipped: its nodes computed the result
+        driver = next(iter(state.assigned_nodes), None)
+        copies = [] if driver is None else [members.get(driver) or ((driver, state.owner_of(driver)),)]
+    return [{node: NodeResult(owner, digest) for node, owner in copy} for copy in copies] or None
+
+
+def accepted_vouchers(aijob: Mapping[str, Any]) -> dict[str, NodeResult] | None:
+    """Pure: node -> (owner, digest) of every node that computed a verified job's accepted result
+    (each node of each agreeing copy); None for a job that is not a verified, succeeded one."""
+    copies = accepted_copies(aijob)
+    return None if copies is None else {node: result for copy in copies for node, result in copy.items()}
 
 
 def revocation_message(aijob: Mapping[str, Any], caught: set[str]) -> str | None:
     """Pure: why the job's accepted result no longer stands, or None while it does."""
-    vouchers = accepted_vouchers(aijob)
-    if vouchers is None or _already_revoked(aijob):
+    copies = accepted_copies(aijob)
+    if copies is None or _already_revoked(aijob):
         return None
+    vouchers = {node: result for copy in copies for node, result in copy.items()}
+    # Any node of a copy may have spoilt its answer (each is charged for a dissenting one): a copy
+    # with a caught owner among its nodes vouches for nothing, its other owners included. A job's
+    # nodes are of distinct owners, so striking them strikes no other copy's vote.
+    spoilt = [copy for copy in copies if any(result.owner in caught for result in copy.values())]
+    struck = caught | {result.owner for copy in spoilt for result in copy.values()}
     quorum = int(((aijob.get("spec") or {}).get("verification") or {}).get("quorum") or 3)
-    if recheck_accepted(vouchers, caught, quorum) is None:
+    if recheck_accepted(vouchers, struck, quorum) is None:
         return None
     named = sorted({result.owner for result in vouchers.values()} & caught)
     return (

@@ -3,7 +3,9 @@
 Copies of a verified job run as separate Ray jobs on nodes of distinct owners; each declares a
 result whose digest is compared. The majority digest of distinct owners is accepted; copies that
 disagree are penalised; with no majority the job reruns on fresh nodes of fresh owners, and the
-next attempt is judged together with the results of the earlier ones.
+next attempt is judged together with the results of the earlier ones. A copy votes once, under its
+first (driver) node and that node's owner (``CopyResult.node``), however many replicas it ran on; the
+reconciler gives the verdict on it to every one of its nodes.
 
 With no majority nobody is penalised yet: nothing tells the honest copy from the dishonest one, and
 charging both let any adversary (by lying or crashing on its own copy) cost every volunteer it was

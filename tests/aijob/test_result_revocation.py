@@ -125,10 +125,10 @@ def _skipped_two_replica_job() -> dict[str, Any]:
 
 
 def test_a_trust_skipped_copy_whose_driver_owner_was_caught_is_revoked() -> None:
-    """The verifier attributes a copy's answer to its driver node alone (copy_nodes(k)[0]: only it
-    is in agreeing/disagreeing and charged). For a skipped verification, every replica node is
-    counted as an independent voucher instead, so the honest second replica 'vouches' for the
-    liar's printed result and it is never revoked."""
+    """Every replica node of the copy computed the result and vouches for it, but not apart from its
+    copy: the honest second replica used to count as an independent voucher of the liar's printed
+    result, which was then never revoked. A copy with a caught owner among its nodes vouches for
+    nothing (tests/aijob/test_verified_copy_nodes.py)."""
     assert revocation_message(_skipped_two_replica_job(), {"mallory"}) is not None
 
 

@@ -194,6 +194,24 @@ def _earlier_results(verification: object) -> tuple[tuple[str, str, str], ...]:
     )
 
 
+def _earlier_copies(verification: object) -> dict[str, tuple[tuple[str, str], ...]]:
+    """(node, owner) of every node of each earlier copy of several replicas, by the node its vote
+    was counted under (verification.earlierResults[].nodes and .owners, that node first). Copies
+    of one node, and entries not of that shape, are left out: their voting node is the copy."""
+    entries = verification.get("earlierResults") if isinstance(verification, Mapping) else None
+    copies: dict[str, tuple[tuple[str, str], ...]] = {}
+    for entry in entries if isinstance(entries, list) else ():
+        if not isinstance(entry, Mapping):
+            continue
+        nodes, owners = entry.get("nodes"), entry.get("owners")
+        if not isinstance(nodes, list) or not isinstance(owners, list) or len(nodes) != len(owners) or not nodes:
+            continue
+        if not all(isinstance(x, str) and x for x in (*nodes, *owners)) or nodes[0] != entry.get("node"):
+            continue
+        copies[nodes[0]] = tuple(zip(nodes, owners, strict=True))
+    return copies
+
+
 @dataclass(frozen=True)
 class AIJobStatus:
     """The part of ``status`` the lifecycle decides from."""
@@ -220,6 +238,9 @@ class AIJobStatus:
     # (node, owner, digest) of the copies that answered in earlier attempts without a majority:
     # judged again with each later attempt (verification.earlierResults).
     earlier_results: tuple[tuple[str, str, str], ...] = ()
+    # Every (node, owner) of those earlier copies that ran on several nodes, by the node their vote
+    # was counted under: each of them is judged by the copy's answer.
+    earlier_copies: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
     scheduling: Mapping[str, Any] = field(default_factory=dict)
 
     def copy_nodes(self, copy: int) -> tuple[str, ...]:
@@ -252,11 +273,16 @@ class AIJobStatus:
             completion_time=parse_time(raw.get("completionTime")),
             trace_id=raw.get("traceId") or None,
             copies=int(scheduling.get("copies") or 1),
-            replicas_per_copy=int(scheduling.get("replicas") or max(1, len(raw.get("assignedNodes") or [1]))),
+            # Without scheduling.replicas (a status written by hand), the copies share the nodes.
+            replicas_per_copy=int(
+                scheduling.get("replicas")
+                or max(1, len(raw.get("assignedNodes") or [1]) // max(1, int(scheduling.get("copies") or 1)))
+            ),
             excluded_nodes=tuple(scheduling.get("excludedNodes") or ()),
             excluded_owners=tuple(scheduling.get("excludedOwners") or ()),
             owners=tuple(scheduling.get("owners") or ()),
             verification_reruns=int(raw.get("verificationReruns") or 0),
             earlier_results=_earlier_results(raw.get("verification")),
+            earlier_copies=_earlier_copies(raw.get("verification")),
             scheduling=dict(scheduling),
         )
