@@ -180,6 +180,22 @@ def lost_nodes(state: AIJobStatus, nodes: Iterable[RayNodeInfo]) -> list[str]:
     ]
 
 
+def driver_elsewhere(state: AIJobStatus, copy: int, info: RayJobInfo) -> str | None:
+    """The Ray node id recorded at placement for the copy's driver (its first node) when Ray says
+    the driver ran on another Ray node; None when they match or either is unknown.
+
+    The driver is pinned by its node's `node:<address>` resource, which each raylet declares for
+    itself: a driver that ran elsewhere was taken by another Ray node claiming that address (or
+    the copy's agent restarted as a new Ray node before it was submitted). Its log, read from the
+    node Ray names, is that node's answer, not the copy's owner's: one node could answer for two
+    owners and make a quorum alone."""
+    node = next(iter(state.copy_nodes(copy)), None)
+    recorded = dict(zip(state.assigned_nodes, state.ray_node_ids, strict=False)).get(node or "")
+    if not recorded or not info.driver_node_id or info.driver_node_id == recorded:
+        return None
+    return recorded
+
+
 def _spec_refused_by_ray(info: RayJobInfo) -> bool:
     """Ray could not create the job's supervisor because of what was submitted: its check of the
     runtime_env raised TypeError or ValueError (the traceback's last line). Other failures to
@@ -801,7 +817,13 @@ class AIJobReconciler:
             # with its token, say), which status shows the job's owners but traces leave out.
             self._finish(key, writer, outcome, Phase.FAILED, "SubmitRejected", f"Ray could not start the job:\n{why}")
             return
-        logs = [await self._driver_log(state, k, info, lost) for k, info in enumerate(known)]
+        single = state.copies == 1 and not state.earlier_results
+        # A copy whose driver ran on another Ray node than its own gives no answer (its log there
+        # is not read): see driver_elsewhere.
+        misplaced = frozenset(k for k, info in enumerate(known) if not single and driver_elsewhere(state, k, info))
+        logs = [
+            None if k in misplaced else await self._driver_log(state, k, info, lost) for k, info in enumerate(known)
+        ]
         if any(
             info.state is RayJobState.SUCCEEDED
             and text is not None
@@ -812,10 +834,10 @@ class AIJobReconciler:
             return  # Ray reports SUCCEEDED before the driver's log is flushed; look again next pass
         # A rerun after copies without a majority is judged with their answers, even when a trusted
         # node's skip left it one copy (that copy alone does not decide).
-        if state.copies == 1 and not state.earlier_results:
+        if single:
             await self._conclude_single(key, spec, state, known[0], logs[0], writer, outcome)
         else:
-            await self._conclude_verified(key, spec, state, known, logs, writer, outcome, lost)
+            await self._conclude_verified(key, spec, state, known, logs, writer, outcome, lost, misplaced)
 
     async def _driver_log(self, state: AIJobStatus, copy: int, info: RayJobInfo, lost: list[str]) -> str | None:
         """The copy's driver log; None when it left with its node.
@@ -892,20 +914,32 @@ class AIJobReconciler:
         outcome: Outcome,
         infos: list[RayJobInfo],
         logs: Sequence[str | None],
+        unblamed: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         """The attempt's Ray job(s) failed; a copy's volunteers are blamed only when its driver did
         not fail on its own (a non-zero exit code, or a runtime_env Ray could not start or set up,
-        is the job's: _settle_env_failures charges the latter once another node sets it up)."""
-        blamed = [node for k, info in enumerate(infos) if not _user_error(info) for node in state.copy_nodes(k)]
+        is the job's: _settle_env_failures charges the latter once another node sets it up) and
+        ran on the copy's own node (``unblamed``: the first nodes of copies whose driver did not)."""
+        blamed = [
+            node
+            for k, info in enumerate(infos)
+            if not _user_error(info) and state.copy_nodes(k)[0] not in unblamed
+            for node in state.copy_nodes(k)
+        ]
+        first = next((k for k, info in enumerate(infos) if state.copy_nodes(k)[0] not in unblamed), None)
+        if first is None:
+            reason, message = "DriverMisplaced", "Ray ran every copy's driver on another Ray node than its own"
+        else:
+            reason, message = "RayJobFailed", _ray_reason(infos[first].message) or infos[first].state.value
         await self._attempt_failed(
             key,
             spec,
             state,
             writer,
             outcome,
-            "RayJobFailed",
-            _ray_reason(infos[0].message) or infos[0].state.value,
-            log_tail(logs[0] or "", 10),
+            reason,
+            message,
+            log_tail(logs[first] or "", 10) if first is not None else "",
             blamed=blamed,
         )
 
@@ -919,7 +953,15 @@ class AIJobReconciler:
         writer: _StatusWriter,
         outcome: Outcome,
         lost: list[str],
+        misplaced: frozenset[int] = frozenset(),
     ) -> None:
+        """Judge the attempt's copies. A copy in ``misplaced`` (its driver ran on another Ray node
+        than its own) has failed with no answer, and nobody is charged for it: nothing shows that
+        the copy's node did anything wrong (another Ray node claiming its address took the driver,
+        or its agent restarted before the submission), and the node that ran the driver is known
+        only by a Ray node id whose volunteer label is that node's own claim, so charging either
+        would let an impostor cost an honest volunteer evidence. An attempt left without any
+        answer that way still counts against backoffLimit, so an impostor cannot hold it forever."""
         if state.start_time is None:  # copies that ran between two passes, Ray recorded no start
             writer.set(startTime=format_micro_time(self.clock()))
         env_charged = self._settle_env_failures(state, infos, writer, outcome)
@@ -927,15 +969,28 @@ class AIJobReconciler:
         copies: list[CopyResult] = []
         results: dict[str, dict[str, Any]] = {}
         gone: list[str] = []  # copies whose log left with their node: no answer, and no failure
+        elsewhere: set[str] = set()  # copies whose driver ran on another Ray node: no answer, no charge
         # A copy votes once, under its first (driver) node and that node's owner; every node of it
         # computed its answer (any of them may have spoilt it), so each is judged by that answer.
         computed_by = dict(state.earlier_copies)
         for k, (info, text) in enumerate(zip(infos, logs, strict=True)):
             node = state.copy_nodes(k)[0]
             computed_by[node] = tuple((n, state.owner_of(n)) for n in state.copy_nodes(k))
-            if text is None and info.state is RayJobState.SUCCEEDED:
+            if k in misplaced:
+                elsewhere.add(node)
+                logger.warning(
+                    "%s: copy %d is placed on %s (Ray node %s) but Ray ran its driver on Ray node %s; "
+                    "its answer is not counted",
+                    info.submission_id,
+                    k,
+                    node,
+                    driver_elsewhere(state, k, info),
+                    info.driver_node_id,
+                )
+            elif text is None and info.state is RayJobState.SUCCEEDED:
                 gone.append(node)
-            result = extract_result(text) if info.state is RayJobState.SUCCEEDED and text is not None else None
+            succeeded = info.state is RayJobState.SUCCEEDED and k not in misplaced
+            result = extract_result(text) if succeeded and text is not None else None
             if result is not None:
                 results[node] = result
             copies.append(CopyResult(k, node, state.owner_of(node), result["digest"] if result else None))
@@ -947,7 +1002,7 @@ class AIJobReconciler:
             return
         if not results:
             # No copy produced a result: the attempt failed as a whole (counted against backoffLimit).
-            await self._ray_jobs_failed(key, spec, state, writer, outcome, infos, logs)
+            await self._ray_jobs_failed(key, spec, state, writer, outcome, infos, logs, unblamed=elsewhere)
             return
         earlier = [CopyResult(-1, node, owner, digest) for node, owner, digest in state.earlier_results]
         verdict = judge(copies, earlier)
@@ -980,11 +1035,14 @@ class AIJobReconciler:
         # A copy whose node left with its log did not fail: that node is charged for leaving (the
         # copy's other nodes did their part). A copy whose driver exited with its own non-zero code
         # failed in the job's code, as an unreplicated job's does (_attempt_failed): its volunteers
-        # are not charged. Any other failed copy: each of its nodes, as _ray_jobs_failed blames them.
+        # are not charged. A copy whose driver ran elsewhere: nobody (see above). Any other failed
+        # copy: each of its nodes, as _ray_jobs_failed blames them.
         own_errors = {
             node for k, info in enumerate(infos) if _user_error(info) for node in state.copy_nodes(k)
         } - env_charged
         for voter in verdict.failed:
+            if voter in elsewhere:
+                continue
             if voter in gone:
                 outcome.reputation.append((voter, "timeout"))
             else:

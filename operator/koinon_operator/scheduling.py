@@ -10,6 +10,7 @@ call (only the job asked about is taken).
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -80,8 +81,22 @@ def _order(job: JobRequest) -> tuple[int, int, str]:
     return (-job.priority, job.creation_index, job.key)
 
 
+def with_seed_key(config: SchedulerConfig, seed_key: bytes | None) -> SchedulerConfig:
+    """`config` whose skip coin is keyed with `seed_key` (None: a random key)."""
+    key = secrets.token_bytes(32) if seed_key is None else seed_key
+    return replace(config, verification=replace(config.verification, seed_key=key))
+
+
 class ReputationPlacer:
-    """Operator ``Placer`` backed by the Koinon scheduling policy."""
+    """Operator ``Placer`` backed by the Koinon scheduling policy.
+
+    The skip coin of adaptive replication is keyed with `seed_key`, by default a random key of this
+    process, kept nowhere: a volunteer knows the job key and attempt it is hashed from (its driver's
+    env), so with a key it could learn it would tell when its copy is the only one. One key per
+    process suffices: the coin is drawn when an attempt is placed and its copies are recorded in the
+    AIJob's status then (a restarted operator, or a new leader, follows them and never draws again);
+    a job still waiting for nodes gets the same coin on every pass of this process, and a fresh one
+    only after a restart, before any node has seen it."""
 
     def __init__(
         self,
@@ -89,8 +104,9 @@ class ReputationPlacer:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         waiting_for_s: float = WAITING_FOR_S,
+        seed_key: bytes | None = None,
     ) -> None:
-        self._placer = KoinonPlacer(config)
+        self._placer = KoinonPlacer(with_seed_key(config, seed_key))
         self._clock = clock  # the scheduler's notion of now (wall time, as in VolunteerNode status)
         self._monotonic = monotonic  # how long ago a waiting job last asked: immune to clock steps
         self._waiting_for_s = waiting_for_s

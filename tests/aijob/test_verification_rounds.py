@@ -17,6 +17,9 @@ from .fake_ray import UID, Clock, FakeRay, make_body, step
 
 OWNERS = {"vn-a": "alice", "vn-b": "bob", "vn-b2": "bob", "vn-c": "carol", "vn-d": "dave"}
 GOOD, FORGED = "KOINON_RESULT 42\n", "KOINON_RESULT forged\n"
+# The skip coin's key (the operator draws a random one per process): fixed, so which jobs on
+# trusted nodes are spot-checked is the same on every run.
+SEED_KEY = b"koinon tests"
 
 
 def ray_node(index: int, name: str) -> RayNodeInfo:
@@ -44,11 +47,11 @@ def volunteers(names: list[str]) -> dict[str, dict[str, Any]]:
     return {n: {"spec": {"owner": OWNERS[n]}, "status": {"phase": "Ready", "connected": True}} for n in names}
 
 
-def reconciler(ray: CopiesRay, clock: Clock) -> AIJobReconciler:
+def reconciler(ray: CopiesRay, clock: Clock, seed_key: bytes = SEED_KEY) -> AIJobReconciler:
     fake: Any = ray
     return AIJobReconciler(
         ray=fake,
-        placer=ReputationPlacer(clock=lambda: clock.now.timestamp()),
+        placer=ReputationPlacer(clock=lambda: clock.now.timestamp(), seed_key=seed_key),
         nodes=RayNodeCache(fake, max_age_seconds=0.0),
         clock=lambda: clock.now,
         monotonic=lambda: clock.mono,

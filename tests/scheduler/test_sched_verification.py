@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import replace
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from koinon_operator.scheduler import (
@@ -128,3 +132,33 @@ def test_a_liar_loses_reputation_and_stops_receiving_replicated_work() -> None:
     assert wrong_accepted == 0
     assert lower_bound(evidence["liar"], now, RC) < 0.05
     assert min(lower_bound(evidence[f"h{i}"], now, RC) for i in range(8)) > lower_bound(evidence["liar"], now, RC)
+
+
+def _trusted_pair(now: float) -> list[NodeSnapshot]:
+    proven = ReputationEvidence(successes=50, agreements=50, consecutive_valid=50, last_updated=now)
+    return [_node("a", "alice", 20.0, proven, now), _node("b", "bob", 20.0, proven, now)]
+
+
+def _copies(key: bytes | None, count: int = 200) -> list[int]:
+    config = DEFAULT_CONFIG if key is None else replace(DEFAULT_CONFIG, verification=replace(VC, seed_key=key))
+    nodes = _trusted_pair(1000.0)
+    jobs = [JobRequest(f"ns/job-{i}", verification_quorum=2, attempt=1) for i in range(count)]
+    return [schedule([job], nodes, 1000.0, config).placements[0].copies for job in jobs]
+
+
+def test_the_skip_coin_is_keyed_and_the_unkeyed_coin_is_the_public_one() -> None:
+    """A node knows the job key and attempt; with `seed_key` the coin is a MAC of them it cannot
+    compute. Without one (simulations, tests) it is the plain hash it always was, so recorded
+    figures are reproduced; with one, still a pure function of the inputs."""
+    public = _copies(None)
+    assert public == [plan_replication(2, TrustRecord(50), stable_seed(f"ns/job-{i}", 1), VC) for i in range(200)]
+    assert stable_seed("ns/job", 1) == int.from_bytes(hashlib.blake2b(b"ns/job\x1f1", digest_size=8).digest(), "big")
+    keyed = _copies(b"operator secret")
+    assert keyed == _copies(b"operator secret") and keyed != public and keyed != _copies(b"another secret")
+    assert 0.8 < keyed.count(1) / len(keyed) < 0.97  # the same skip rate (0.9), other jobs skipped
+
+
+def test_the_seed_key_stays_out_of_the_config_repr_and_fits_blake2b() -> None:
+    assert "operator secret" not in repr(replace(DEFAULT_CONFIG, verification=replace(VC, seed_key=b"operator secret")))
+    with pytest.raises(ValueError, match="seed_key"):
+        replace(VC, seed_key=bytes(65))

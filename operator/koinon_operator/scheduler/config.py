@@ -77,6 +77,16 @@ class VerificationConfig:
     not: they are cheap to verify, and running them on fresh nodes is how those nodes earn trust."""
     max_copies: int = 7
     """Copies of one job after which the scheduler gives up finding a majority."""
+    seed_key: bytes = field(default=b"", repr=False)
+    """Secret key (at most 64 bytes) of the skip coin, a keyed hash of the job key and attempt. A
+    node sees both in its driver's env: with a key it knows, it would compute whether its copy is
+    the only one (and lie only then, never caught). Empty: the coin is public, fixed for
+    reproducible simulations and tests; the operator passes a random key of its own (kept out of
+    the repr, so a logged config does not show it)."""
+
+    def __post_init__(self) -> None:
+        if len(self.seed_key) > 64:  # BLAKE2b's key limit: fail at start, not at the first placement
+            raise ValueError(f"seed_key must be at most 64 bytes, got {len(self.seed_key)}")
 
 
 DEFAULT_GPU_SPEEDS: tuple[tuple[str, float], ...] = (

@@ -182,7 +182,9 @@ def _run(
             )
             copies = job.verification_quorum
             if skip_probability(record, cfg.verification) > 0.0:  # else the coin cannot matter
-                copies = plan_replication(copies, record, stable_seed(job.key, job.attempt), cfg.verification)
+                # Keyed: the node knows the job key and attempt (its driver's env), not the key.
+                seed = stable_seed(job.key, job.attempt, key=cfg.verification.seed_key)
+                copies = plan_replication(copies, record, seed, cfg.verification)
             if copies > 1:
                 extra = None
                 if cfg.verification.trusted_partner and not bool(index.trusted[primary].all()):

@@ -2,8 +2,11 @@
 
 Adaptive replication follows BOINC: a node becomes trusted after `trust_after_valid` validated
 results in a row (reset to 0 by a disagreement), then skips replication with probability
-1 - 1/(skip_ramp * n), capped so trusted nodes are still spot-checked. The coin is derived from the job key and attempt,
-so the decision is reproducible. A quorum counts distinct owners, never nodes.
+1 - 1/(skip_ramp * n), capped so trusted nodes are still spot-checked. The coin is a keyed hash of
+the job key and attempt (`VerificationConfig.seed_key`): reproducible for whoever holds the key, and
+unpredictable to a node, which sees the key and attempt in its driver's env but never the secret
+(with the coin public, a trusted node would lie exactly when it runs the only copy). A quorum counts
+distinct owners, never nodes.
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ from .config import ReputationConfig, VerificationConfig
 from .reputation import ReputationEvidence, record_agreement, record_disagreement
 
 
-def stable_seed(*parts: object) -> int:
-    """A 64-bit seed from the parts' text (stable across processes, unlike `hash`)."""
-    digest = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8).digest()
+def stable_seed(*parts: object, key: bytes = b"") -> int:
+    """A 64-bit seed from the parts' text (stable across processes, unlike `hash`).
+
+    With a `key` (at most 64 bytes) it is BLAKE2b's MAC of the parts: nobody without the key can
+    tell it from random. The empty key is plain BLAKE2b, the seed this function always gave."""
+    digest = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode(), digest_size=8, key=key).digest()
     return int.from_bytes(digest, "big")
 
 

@@ -1,0 +1,117 @@
+"""Whether a trusted volunteer's job is spot-checked (run again elsewhere) is a coin only the
+operator can compute: the volunteer sees the job key and attempt the coin is drawn from (its
+driver's KOINON_JOB and KOINON_ATTEMPT), and with the public, unsalted coin it had, a liar knew
+when its copy was the only one and lied only then, never caught.
+
+Reconciler passes against the fake Ray Job API and the real scheduler, as in
+tests/aijob/test_verification_rounds.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from koinon_operator.inventory import build_capacity
+from koinon_operator.placement import PlacementRequest
+from koinon_operator.reconciler import copy_submission_id_from
+from koinon_operator.scheduler import DEFAULT_CONFIG
+from koinon_operator.scheduler.verification import TrustRecord, skip_probability, stable_seed, unit_interval
+from koinon_operator.scheduling import ReputationPlacer
+
+from .fake_ray import Clock, make_body, step
+from .test_verification_rounds import SEED_KEY, CopiesRay, ray_node, reconciler, volunteers
+
+TRUSTED = {"consecutiveValid": 50, "successes": 50}
+SKIP = skip_probability(TrustRecord(consecutive_valid=50), DEFAULT_CONFIG.verification)
+
+
+def trusted_volunteers(names: list[str]) -> dict[str, dict[str, Any]]:
+    vols = volunteers(names)
+    for name in names:
+        vols[name]["status"]["reputation"] = dict(TRUSTED)
+    return vols
+
+
+def replicated(name: str) -> dict[str, Any]:
+    return make_body({"entrypoint": "python x.py", "verification": {"mode": "replicated", "quorum": 2}}, name=name)
+
+
+async def submit_all(rec: Any, ray: CopiesRay, clock: Clock, body: dict[str, Any], v: dict[str, Any]) -> list[str]:
+    """Passes until every copy of the attempt is submitted; their submission ids."""
+    for _ in range(10):
+        await step(rec, body, v)
+        clock.advance(40)
+        status = body["status"]
+        copies = int((status.get("scheduling") or {}).get("copies") or 1)
+        ids = [copy_submission_id_from(status.get("submissionId"), k) or "" for k in range(copies)]
+        if status.get("assignedNodes") and all(i in ray.jobs for i in ids):
+            return ids
+    raise AssertionError(body["status"])
+
+
+def public_coin_copies(job_key: str, attempt: int) -> int:
+    """What a volunteer computes from its driver's env with the coin it can know."""
+    return 1 if unit_interval(stable_seed(job_key, attempt)) < SKIP else 2
+
+
+async def test_a_trusted_node_cannot_tell_from_its_own_env_whether_it_is_spot_checked() -> None:
+    runs, predicted_right, checked = 24, 0, 0
+    for i in range(runs):
+        ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
+        rec, body = reconciler(ray, clock), replicated(f"job-{i}")
+        ids = await submit_all(rec, ray, clock, body, trusted_volunteers(ray.present))
+        env = next(s for s in ray.submissions if s.submission_id == ids[0]).runtime_env["env_vars"]
+        predicted_right += public_coin_copies(env["KOINON_JOB"], int(env["KOINON_ATTEMPT"])) == len(ids)
+        checked += len(ids) > 1
+    assert 0 < checked < runs  # trusted nodes skip, and are still spot-checked
+    assert predicted_right < runs, "every spot-check was predicted by the node from its own environment"
+
+
+def trusted_capacity() -> list[Any]:
+    names = ["vn-a", "vn-c"]
+    return build_capacity([ray_node(i, n) for i, n in enumerate(names)], trusted_volunteers(names), [])
+
+
+def copies_drawn(placer: ReputationPlacer, keys: list[str]) -> list[int]:
+    """The copies `placer` gives each job (attempt 1) on two trusted nodes of distinct owners."""
+    capacity, out = trusted_capacity(), []
+    for key in keys:
+        request = PlacementRequest(key, 1, 1, 1.0, distinct_owners=True, verification_quorum=2, attempt=1)
+        decision = placer.place(request, capacity)
+        assert decision.placed, decision.message
+        out.append(decision.copies)
+    return out
+
+
+JOBS = [f"ns/job-{i}" for i in range(200)]
+
+
+def test_the_operators_coin_is_a_secret_of_its_process() -> None:
+    """Each operator process keys the coin with a random key of its own: not the public coin, not
+    another process's; and a job asking again (one still waiting for nodes) gets the same coin."""
+    one, other = ReputationPlacer(), ReputationPlacer()
+    drawn = copies_drawn(one, JOBS)
+    assert 1 in drawn and 2 in drawn
+    assert copies_drawn(one, JOBS) == drawn  # the same jobs, placed again by the same process
+    assert drawn != [public_coin_copies(key, 1) for key in JOBS]
+    assert copies_drawn(other, JOBS) != drawn
+    # Reproducible for whoever holds the key.
+    assert copies_drawn(ReputationPlacer(seed_key=SEED_KEY), JOBS) == copies_drawn(
+        ReputationPlacer(seed_key=SEED_KEY), JOBS
+    )
+
+
+async def test_copies_recorded_at_placement_are_followed_after_a_restart() -> None:
+    """The coin is drawn once, at placement, and the copies are recorded in status: an operator
+    restarted (with a new random key) between placement and submission submits what was placed."""
+    ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
+    v = trusted_volunteers(ray.present)
+    restarted_key = b"after the restart"
+    before = copies_drawn(ReputationPlacer(seed_key=SEED_KEY), JOBS)
+    after = copies_drawn(ReputationPlacer(seed_key=restarted_key), JOBS)
+    # A job whose coin the restarted operator's key draws the other way.
+    name = next(key for key, b, a in zip(JOBS, before, after, strict=True) if b != a).split("/")[1]
+    body = replicated(name)
+    await step(reconciler(ray, clock), body, v)  # placed; nothing submitted yet
+    copies = body["status"]["scheduling"]["copies"]
+    ids = await submit_all(reconciler(ray, clock, seed_key=restarted_key), ray, clock, body, v)
+    assert len(ids) == copies and len(ray.submissions) == copies
