@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import socket
 import struct
 import threading
 import time
+from typing import NamedTuple
 
 BUF = 1 << 20
 
@@ -51,13 +53,25 @@ def start_echo() -> tuple[socket.socket, int]:
     return _serve(_echo)
 
 
-def open_via(host: str, port: int, proxy_port: int | None) -> socket.socket:
-    """Connects to host:port, through an HTTP CONNECT proxy on 127.0.0.1:proxy_port if given."""
-    if proxy_port is None:
+class Proxy(NamedTuple):
+    """An agent's local CONNECT proxy: its port on 127.0.0.1 and the secret it asks for."""
+
+    port: int
+    secret: str
+
+    def authorization(self) -> str:
+        return base64.b64encode(f"koinon:{self.secret}".encode()).decode()
+
+
+def open_via(host: str, port: int, proxy: Proxy | None) -> socket.socket:
+    """Connects to host:port, through an agent's CONNECT proxy if given."""
+    if proxy is None:
         sock = socket.create_connection((host, port))
     else:
-        sock = socket.create_connection(("127.0.0.1", proxy_port))
-        sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\n\r\n".encode())
+        sock = socket.create_connection(("127.0.0.1", proxy.port))
+        sock.sendall(
+            f"CONNECT {host}:{port} HTTP/1.1\r\nProxy-Authorization: Basic {proxy.authorization()}\r\n\r\n".encode()
+        )
         head = b""
         while b"\r\n\r\n" not in head:
             head += sock.recv(1)

@@ -53,7 +53,7 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def tunnel(workdir: Path, head_port: int, other_ports: tuple[int, ...] = ()) -> Any:
-    """Gateway (TLS, TCP) and one agent without Ray, as separate processes; yields the agent proxy port.
+    """Gateway (TLS, TCP) and one agent without Ray, as separate processes; yields the agent's proxy.
 
     The tunnel lets the volunteer reach head_port (as the GCS port) and other_ports on 127.0.0.1.
     """
@@ -86,7 +86,7 @@ def tunnel(workdir: Path, head_port: int, other_ports: tuple[int, ...] = ()) -> 
     try:
         wait_until(lambda: ready.exists() and len(ready.read_text().splitlines()) == 4, 30, "gateway")
         target, _, ca_path, _ = ready.read_text().splitlines()
-        proxy_port = _free_port()
+        proxy = netbench.Proxy(_free_port(), secrets.token_hex(16))
         agent = subprocess.Popen(
             [
                 PY,
@@ -98,22 +98,24 @@ def tunnel(workdir: Path, head_port: int, other_ports: tuple[int, ...] = ()) -> 
                 f"--ca-file={ca_path}",
                 f"--state-dir={workdir}/agent",
                 "--no-ray",
-                f"--proxy-port={proxy_port}",
+                f"--proxy-port={proxy.port}",
             ],
             stdout=subprocess.DEVNULL,
             stderr=open(workdir / "agent.log", "wb"),  # noqa: SIM115
             start_new_session=True,
+            # The bench dials through the agent's proxy itself: it picks the secret (never a flag).
+            env={**os.environ, "KOINON_PROXY_SECRET": proxy.secret},
         )
 
         def dial_ok() -> bool:
             try:
-                netbench.open_via("127.0.0.1", head_port, proxy_port).close()
+                netbench.open_via("127.0.0.1", head_port, proxy).close()
                 return True
             except (OSError, RuntimeError):
                 return False
 
         wait_until(dial_ok, 30, "agent tunnel")
-        yield proxy_port, gateway.pid, agent.pid
+        yield proxy, gateway.pid, agent.pid
     finally:
         for process in (agent, gateway):
             if process is not None:
@@ -132,7 +134,7 @@ def bench_network(workdir: Path, quick: bool) -> dict[str, Any]:
     rounds = 3
     results: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
-        proxy_port, _, _ = stack.enter_context(tunnel(workdir, sink_port, (echo_port,)))
+        proxy, _, _ = stack.enter_context(tunnel(workdir, sink_port, (echo_port,)))
         # `ssh -L` as it comes (the issue's baseline), and with the tunnel's own cipher.
         ssh_ports: dict[str, int] = {}
         try:
@@ -148,7 +150,7 @@ def bench_network(workdir: Path, quick: bool) -> dict[str, Any]:
         relay_port = stack.enter_context(plain_relay.relay_pair(echo_port))
         # Rounds take turns (direct, tunnel, ssh, direct, ...) so that every path sees the machine's
         # fast and slow moments alike; the best of each is kept, against noisy neighbours.
-        paths = {"direct_mbps": (sink_port, None), "tunnel_mbps": (sink_port, proxy_port)}
+        paths = {"direct_mbps": (sink_port, None), "tunnel_mbps": (sink_port, proxy)}
         paths.update({key: (port, None) for key, port in ssh_ports.items()})
         runs: dict[str, list[float]] = {key: [] for key in paths}
         for _ in range(rounds):
@@ -170,7 +172,7 @@ def bench_network(workdir: Path, quick: bool) -> dict[str, Any]:
         samples = netbench.interleaved_rtts_us(
             {
                 "direct": netbench.open_via("127.0.0.1", echo_port, None),
-                "tunnel": netbench.open_via("127.0.0.1", echo_port, proxy_port),
+                "tunnel": netbench.open_via("127.0.0.1", echo_port, proxy),
                 "relays": netbench.open_via("127.0.0.1", relay_port, None),
             },
             500 if quick else 3000,

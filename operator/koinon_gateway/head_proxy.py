@@ -23,7 +23,7 @@ class HeadProxy:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            host, port = await http_connect.read_connect_request(reader)
+            host, port, _ = await http_connect.read_connect_request(reader)
         except http_connect.BadConnectRequest as exc:
             with contextlib.suppress(ConnectionError):
                 http_connect.send(writer, http_connect.response(400, "Bad Request"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import NamedTuple
 
 MAX_HEADER_BYTES = 8192
 # The StreamReader limit for a CONNECT proxy's connections: readuntil() stops at it, and the reader
@@ -18,8 +19,15 @@ class BadConnectRequest(Exception):
     pass
 
 
-async def read_connect_request(reader: asyncio.StreamReader, timeout: float = 10.0) -> tuple[str, int]:
-    """Reads ``CONNECT host:port HTTP/1.1`` and its headers; returns (host, port)."""
+class ConnectRequest(NamedTuple):
+    host: str
+    port: int
+    # The value of each Proxy-Authorization header, in order (a client sends at most one).
+    proxy_authorization: tuple[str, ...] = ()
+
+
+async def read_connect_request(reader: asyncio.StreamReader, timeout: float = 10.0) -> ConnectRequest:
+    """Reads ``CONNECT host:port HTTP/1.1`` and its headers."""
     try:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError) as exc:
@@ -27,14 +35,19 @@ async def read_connect_request(reader: asyncio.StreamReader, timeout: float = 10
         raise BadConnectRequest("request: incomplete, too long or too slow") from exc
     if len(head) > MAX_HEADER_BYTES:
         raise BadConnectRequest("request: headers too long")
-    request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    request_line, *header_lines = head[:-4].decode("latin-1").split("\r\n")
     parts = request_line.split()
     if len(parts) != 3 or parts[0] != "CONNECT":
         raise BadConnectRequest(f"request line: expected 'CONNECT host:port HTTP/1.1', got {request_line!r}")
     host, sep, port_text = parts[1].rpartition(":")
     if not sep or _PORT_RE.fullmatch(port_text) is None or not 0 < int(port_text) < 65536:
         raise BadConnectRequest(f"target: expected host:port, got {parts[1]!r}")
-    return host.strip("[]"), int(port_text)
+    authorization = tuple(
+        value.strip()
+        for name, sep, value in (line.partition(":") for line in header_lines)
+        if sep and name.strip().lower() == "proxy-authorization"
+    )
+    return ConnectRequest(host.strip("[]"), int(port_text), authorization)
 
 
 # What a reason phrase may hold here: the agent passes on the gateway's refusal reasons, which it

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 from koinon_agent.agent import Agent
 from koinon_agent.config import AgentConfig
+from koinon_agent.local_proxy import LocalProxy
 from koinon_gateway.config import GatewayConfig
 from koinon_gateway.registry import InMemoryNodeRegistry
 from koinon_gateway.rpc import EOF, tunnel_stub
@@ -48,15 +49,23 @@ async def echo_server(
 
 
 async def connect_via_proxy(
-    proxy_port: int, host: str, port: int
+    proxy: int | LocalProxy | None, host: str, port: int
 ) -> tuple[int, asyncio.StreamReader, asyncio.StreamWriter]:
-    """Opens a CONNECT tunnel; returns (HTTP status, reader, writer)."""
+    """Opens a CONNECT tunnel through the gateway's head proxy (its port) or an agent's local proxy
+    (which asks for its credentials, as gRPC sends them); returns (HTTP status, reader, writer)."""
+    assert proxy is not None, "the agent has not started its proxy"
+    proxy_port, headers = (proxy, "") if isinstance(proxy, int) else (proxy.port, proxy_authorization(proxy))
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy_port, limit=4 << 20)
-    writer.write(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    writer.write(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n{headers}\r\n".encode())
     await writer.drain()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
     status = int(head.split()[1])
     return status, reader, writer
+
+
+def proxy_authorization(proxy: LocalProxy) -> str:
+    """The header line gRPC sends for the URL the agent hands Ray (grpc_proxy=http://user:pw@...)."""
+    return f"Proxy-Authorization: {proxy.authorization}\r\n"
 
 
 async def echo_roundtrip(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, payload: bytes) -> bytes:

@@ -32,6 +32,7 @@ ENV_VALUES = {
     "KOINON_HEALTH_FILE": "/tmp/koinon-agent/health.json",
     "KOINON_DRAIN_GRACE": "0",  # zero is a real choice (stop at once), not "unset"
     "KOINON_PROXY_PORT": "7999",
+    "KOINON_PROXY_SECRET": "bench-0123456789abcdef",
     "KOINON_RAY_RESTART_AFTER": "12.5",
 }
 EXPECTED: dict[str, object] = {
@@ -53,6 +54,7 @@ EXPECTED: dict[str, object] = {
     "health_file": Path("/tmp/koinon-agent/health.json"),
     "drain_grace_s": 0.0,
     "proxy_port": 7999,
+    "proxy_secret": "bench-0123456789abcdef",
     "ray_restart_after_s": 12.5,
 }
 
@@ -156,6 +158,16 @@ def test_out_of_range_values_are_refused_naming_the_field(
     assert field in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("secret", ["too-short", "has space in it here", "a:b@c/d?e#f%20xxxxxxxx", "x" * 257])
+def test_a_proxy_secret_that_does_not_fit_a_url_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], secret: str
+) -> None:
+    monkeypatch.setenv("KOINON_PROXY_SECRET", secret)
+    assert cli.main(["join", "--gateway", "gw:1"]) == 2
+    error = capsys.readouterr().err
+    assert "proxy_secret (KOINON_PROXY_SECRET)" in error and secret not in error
+
+
 def test_backoff_doubles_to_the_cap_with_jitter_in_the_upper_half() -> None:
     random.seed(7)
     backoff = BackoffIterator(0.5, 30.0)
@@ -247,6 +259,7 @@ def test_join_help_names_the_variable_of_every_flag(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         cli.main(["join", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    env_only = {"KOINON_CA_CERT"}  # a PEM has no place on a command line
+    env_only = {"KOINON_CA_CERT", "KOINON_PROXY_SECRET"}  # a PEM, a secret: no place on a command line
     missing = [var for var in ENV_VARS if var not in env_only and f"[{var}" not in text]
+    assert "KOINON_PROXY_SECRET (environment only)" in text
     assert not missing, f"flags whose help does not name their variable: {missing}"

@@ -54,7 +54,7 @@ async def test_a_credential_that_expired_during_an_outage_is_replaced_by_joining
         # One node, not a new one beside a NotReady ghost: the join retired the old one.
         assert list(c.registry.objects) == [agent.identity.node_name]
         assert c.registry.objects[agent.identity.node_name]["status"]["connected"] is True
-        assert state.load(agent.config.state_dir, listen) == agent.identity
+        assert state.load(agent.config.state_dir) == agent.identity
 
 
 async def test_a_renewed_credential_that_cannot_be_stored_is_kept_in_memory(

@@ -120,7 +120,7 @@ def test_an_identity_that_cannot_be_read_for_lack_of_permission_is_not_set_aside
 
     monkeypatch.setattr(Path, "read_text", denied)
     with pytest.raises(state.StateError, match=r"identity\.json"):
-        state.load(tmp_path, "gw:1", can_rejoin=True)
+        state.load(tmp_path, can_rejoin=True)
     assert (tmp_path / "identity.json").exists()
 
 

@@ -55,7 +55,7 @@ async def test_an_unreadable_identity_is_set_aside_when_a_token_can_join_again(c
     agent = await c.start_agent("alpha")
     assert agent.identity is not None and agent.identity.node_name in c.registry.objects
     assert (config.state_dir / "identity.json.corrupt").read_text() == garbage
-    assert state.load(config.state_dir, c.gateway.agent_target) == agent.identity
+    assert state.load(config.state_dir) == agent.identity
 
 
 async def test_an_unreadable_identity_without_a_token_names_the_file(c: Cluster, tmp_path: Path) -> None:
@@ -77,7 +77,7 @@ def test_the_identity_is_written_for_this_user_only_and_never_through_a_planted_
     path = state_dir / "identity.json"
     assert not path.is_symlink() and stat.S_IMODE(path.stat().st_mode) == 0o600
     assert not leak.exists()
-    assert state.load(state_dir, "gw:1") == identity
+    assert state.load(state_dir) == identity
     assert sorted(p.name for p in state_dir.iterdir()) == ["identity.json", "identity.tmp"]  # no leftovers
     fresh = tmp_path / "fresh" / "state"
     state.save(fresh, identity)
@@ -88,7 +88,7 @@ def test_a_save_cut_short_leaves_no_copy_of_the_credential_behind(tmp_path: Path
     identity = state.StoredIdentity("gw:1", "alpha-1", "127.0.20.1", "secret-credential", 123)
     state.save(tmp_path, identity)
     (tmp_path / ".identity-k2j3.tmp").write_text('{"credential": "secret-credential"}')  # killed mid-save
-    assert state.load(tmp_path, "gw:1") == identity
+    assert state.load(tmp_path) == identity
     assert sorted(p.name for p in tmp_path.iterdir()) == ["identity.json"]
 
 
@@ -162,10 +162,12 @@ def test_a_pem_that_is_not_one_is_refused(monkeypatch: pytest.MonkeyPatch, capsy
 def test_job_code_does_not_inherit_the_agents_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KOINON_TOKEN", "abcdef.0123456789abcdef")
     monkeypatch.setenv("KOINON_CA_CERT", "-----BEGIN CERTIFICATE-----")
-    settings = RaySettings("/opt/ray/bin/ray", Path("/tmp/ray"), "http://127.0.0.1:1", None, 0, 0, None)
+    monkeypatch.setenv("KOINON_PROXY_SECRET", "0123456789abcdef")
+    proxy_url = "http://koinon:0123456789abcdef@127.0.0.1:1"
+    settings = RaySettings("/opt/ray/bin/ray", Path("/tmp/ray"), proxy_url, None, 0, 0, None)
     env = ray_environment(settings, pb.Assignment(address="127.0.20.1", ray_auth_token="ray-secret"))
-    assert "KOINON_TOKEN" not in env and "KOINON_CA_CERT" not in env
-    assert env["RAY_AUTH_TOKEN"] == "ray-secret" and env["grpc_proxy"] == "http://127.0.0.1:1"
+    assert "KOINON_TOKEN" not in env and "KOINON_CA_CERT" not in env and "KOINON_PROXY_SECRET" not in env
+    assert env["RAY_AUTH_TOKEN"] == "ray-secret" and env["grpc_proxy"] == proxy_url
 
 
 def test_a_bare_ray_bin_puts_its_own_directory_first_on_rays_path(

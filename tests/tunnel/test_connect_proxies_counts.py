@@ -60,7 +60,7 @@ async def test_local_proxy_survives_clients_that_reset_mid_request(tmp_path: Pat
             await reset_mid_request(agent._proxy.port)
         await asyncio.sleep(0.3)
         assert seen() == []
-        status, reader, writer = await connect_via_proxy(agent._proxy.port, "127.0.0.1", c.head_port)
+        status, reader, writer = await connect_via_proxy(agent._proxy, "127.0.0.1", c.head_port)
         assert status == 200 and await echo_roundtrip(reader, writer, b"ok") == b"ok"
         writer.close()
 
@@ -76,12 +76,12 @@ async def test_a_dial_counts_as_opened_only_once_it_is(tmp_path: Path) -> None:
     async with cluster(tmp_path, head_ports=[dead]) as c:  # a Ray port of the head, nothing listening
         agent = await c.start_agent("alpha")
         assert agent._proxy is not None
-        status, _, writer = await connect_via_proxy(agent._proxy.port, "127.0.0.1", dead)
+        status, _, writer = await connect_via_proxy(agent._proxy, "127.0.0.1", dead)
         writer.close()
         assert status == 502
         assert c.gateway.metrics.refused_dials["unreachable"] == 1
         assert c.gateway.metrics.connections_opened == 0
-        status, reader, writer = await connect_via_proxy(agent._proxy.port, "127.0.0.1", c.head_port)
+        status, reader, writer = await connect_via_proxy(agent._proxy, "127.0.0.1", c.head_port)
         assert status == 200 and await echo_roundtrip(reader, writer, b"ok") == b"ok"
         writer.close()
         assert c.gateway.metrics.connections_opened == 1

@@ -86,7 +86,7 @@ async def test_what_is_sent_after_the_other_side_half_closed_all_arrives(tmp_pat
     async with cluster(tmp_path, tls=False, head_handler=greet_then_read_slowly) as c:
         agent = await c.start_agent("alpha")
         for _ in range(3):
-            status, reader, writer = await connect_via_proxy(agent._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+            status, reader, writer = await connect_via_proxy(agent._proxy, "127.0.0.1", c.head_port)
             assert status == 200
             assert await asyncio.wait_for(reader.read(), 10) == b"greeting"
             writer.write(payload)
@@ -107,7 +107,7 @@ async def test_a_reset_at_the_head_reaches_the_volunteer_as_a_reset(tmp_path: Pa
 
     async with cluster(tmp_path, tls=False, head_handler=answer_part_then_reset) as c:
         agent = await c.start_agent("alpha")
-        status, reader, writer = await connect_via_proxy(agent._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+        status, reader, writer = await connect_via_proxy(agent._proxy, "127.0.0.1", c.head_port)
         assert status == 200
         assert await asyncio.wait_for(reader.readexactly(16), 10) == b"partial-response"
         try:
@@ -137,7 +137,7 @@ async def test_a_malformed_frame_mid_stream_ends_only_that_stream(tmp_path: Path
             assert "malformed" in (await call.details())
         assert c.gateway.metrics.refused_streams["protocol-violation"] == 1
         # The node's session and its other connections carry on.
-        status, reader, writer = await connect_via_proxy(agent._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+        status, reader, writer = await connect_via_proxy(agent._proxy, "127.0.0.1", c.head_port)
         assert status == 200
         assert await echo_roundtrip(reader, writer, b"still here") == b"still here"
         writer.close()
@@ -182,7 +182,7 @@ async def test_a_head_client_that_resets_while_the_volunteer_accepts_is_no_error
                 await asyncio.sleep(1.0)
             assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
             # And the path still works.
-            status, reader, writer = await connect_via_proxy(agent._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+            status, reader, writer = await connect_via_proxy(agent._proxy, "127.0.0.1", c.head_port)
             assert status == 200 and await echo_roundtrip(reader, writer, b"still") == b"still"
             writer.close()
         finally:

@@ -130,12 +130,12 @@ async def test_connected_agent_keeps_working_past_its_first_credentials_lifetime
         # ...but the agent was renewed in time: new connections through its tunnel still open,
         # its session never dropped, and the renewed credential is what it keeps on disk.
         assert agent.identity.credential != first.credential and agent.identity.expires_at > first.expires_at
-        status, reader, writer = await connect_via_proxy(agent._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+        status, reader, writer = await connect_via_proxy(agent._proxy, "127.0.0.1", c.head_port)
         assert status == 200
         assert await echo_roundtrip(reader, writer, b"still here") == b"still here"
         writer.close()
         assert agent.registrations == 1
-        stored = state.load(c.agent_config("alpha").state_dir, c.gateway.agent_target)
+        stored = state.load(c.agent_config("alpha").state_dir)
         assert stored is not None and stored.expires_at >= agent.identity.expires_at - 1
         # Every renewal names the VolunteerNode object, as the join's credential did.
         assert c.gateway.service is not None
@@ -163,7 +163,7 @@ async def test_rejoin_after_expiry_retires_the_old_node_and_reuses_its_address(t
         old = first.identity
         first.request_drain()
         await asyncio.wait_for(c.agents.pop()[1], 10)
-        stored = state.load(c.agent_config("alpha").state_dir, c.gateway.agent_target)
+        stored = state.load(c.agent_config("alpha").state_dir)
         assert stored is not None
         await asyncio.sleep(max(0.0, stored.expires_at - time.time()) + 0.5)
 
@@ -213,7 +213,7 @@ async def test_rejoin_retires_no_object_created_again_under_the_previous_nodes_n
         deleted = c.registry.objects.pop(old.node_name)
         await c.registry.create(old.node_name, deleted["spec"], deleted["metadata"]["labels"])
         await c.registry.patch_status(old.node_name, {"address": old.address})
-        stored = state.load(c.agent_config("alpha").state_dir, c.gateway.agent_target)
+        stored = state.load(c.agent_config("alpha").state_dir)
         assert stored is not None
         await asyncio.sleep(max(0.0, stored.expires_at - time.time()) + 0.5)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from koinon_agent.local_proxy import LocalProxy
 from koinon_gateway import credentials
 from koinon_gateway.registry import JSON, InMemoryNodeRegistry
 from koinon_gateway.rpc import EOF, tunnel_stub
@@ -173,8 +174,8 @@ async def test_node_cannot_accept_a_connection_meant_for_another(c: Cluster) -> 
     assert target is c.gateway.sessions.by_name[b.identity.node_name]
 
 
-async def healthy(c: Cluster, proxy_port: int) -> bool:
-    status, reader, writer = await connect_via_proxy(proxy_port, "127.0.0.1", c.head_port)
+async def healthy(c: Cluster, proxy: LocalProxy | None) -> bool:
+    status, reader, writer = await connect_via_proxy(proxy, "127.0.0.1", c.head_port)
     try:
         return status == 200 and await echo_roundtrip(reader, writer, b"still serving") == b"still serving"
     finally:
@@ -203,7 +204,7 @@ async def test_oversized_and_malformed_frames_close_only_that_stream(c: Cluster)
             await asyncio.wait_for(bad.read(), 5)
         # Refused for what it is, not timed out (the first-frame timeout would also raise).
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert await healthy(c, a._proxy.port)
+    assert await healthy(c, a._proxy)
 
 
 async def test_silent_stream_is_closed_and_others_keep_working(c: Cluster) -> None:
@@ -215,7 +216,7 @@ async def test_silent_stream_is_closed_and_others_keep_working(c: Cluster) -> No
             await asyncio.wait_for(call.read(), 5)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert c.gateway.metrics.refused_streams["no-first-frame"] == 1
-    assert await healthy(c, a._proxy.port)
+    assert await healthy(c, a._proxy)
 
 
 async def test_heartbeat_loss_marks_node_not_ready(c: Cluster) -> None:
@@ -410,12 +411,12 @@ async def test_a_node_may_hold_only_so_many_connections(tmp_path: Path) -> None:
                 await asyncio.wait_for(extra.read(), 5)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert c.gateway.metrics.refused_streams["too-many-streams"] == 1
-            status, _, writer = await connect_via_proxy(a._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+            status, _, writer = await connect_via_proxy(a._proxy, "127.0.0.1", c.head_port)
             writer.close()
             assert status == 502  # its own proxy's connections count too, and get a clear answer
             calls.pop().cancel()
             await asyncio.sleep(0.2)
-            assert await healthy(c, a._proxy.port)  # type: ignore[union-attr]
+            assert await healthy(c, a._proxy)
             for call in calls:
                 call.cancel()
 
@@ -607,7 +608,7 @@ async def test_dials_to_a_node_do_not_use_up_that_nodes_own_connections(tmp_path
                     assert (await asyncio.wait_for(call.read(), 5)).dial_result.ok
                     calls.append(call)
                 assert c.gateway.sessions.streams.open(b.identity.node_name) == 3
-                status, reader, writer = await connect_via_proxy(b._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+                status, reader, writer = await connect_via_proxy(b._proxy, "127.0.0.1", c.head_port)
                 assert status == 200
                 assert await echo_roundtrip(reader, writer, b"B still reaches the head") == b"B still reaches the head"
                 writer.close()

@@ -15,7 +15,7 @@ from koinon_gateway.rpc import EOF, tunnel_stub
 from koinon_gateway.tunnel_io import CHUNK_BYTES, GrpcFrameChannel, ProtocolViolation
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import cluster
+from .helpers import cluster, proxy_authorization
 
 other_frames = st.one_of(
     st.builds(lambda h, p: pb.Frame(dial=pb.Dial(host=h, port=p)), st.text(max_size=30), st.integers(0, 2**32 - 1)),
@@ -212,7 +212,7 @@ async def test_pipelined_bytes_after_connect_reach_the_target(tmp_path: Path) ->
         agent = await c.start_agent("alpha")
         assert agent._proxy is not None
         reader, writer = await asyncio.open_connection("127.0.0.1", agent._proxy.port)
-        request = f"CONNECT 127.0.0.1:{c.head_port} HTTP/1.1\r\n\r\n".encode()
+        request = f"CONNECT 127.0.0.1:{c.head_port} HTTP/1.1\r\n{proxy_authorization(agent._proxy)}\r\n".encode()
         writer.write(request + b"early bytes")
         await writer.drain()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)

@@ -109,7 +109,7 @@ async def test_fuzzed_streams_never_disturb_other_nodes(tmp_path: Path) -> None:
         # The good node kept its session throughout and still moves data.
         assert good.identity is not None
         assert good.identity.node_name in c.gateway.sessions.by_name
-        status, reader, writer = await connect_via_proxy(good._proxy.port, "127.0.0.1", c.head_port)
+        status, reader, writer = await connect_via_proxy(good._proxy, "127.0.0.1", c.head_port)
         assert status == 200
         assert await echo_roundtrip(reader, writer, b"ok" * 1000) == b"ok" * 1000
         writer.close()
@@ -119,7 +119,7 @@ async def test_fuzzed_streams_never_disturb_other_nodes(tmp_path: Path) -> None:
         assert fuzzer._proxy is not None
         async with asyncio.timeout(15):
             while True:  # 502 until the agent's new Control stream is up
-                status, reader, writer = await connect_via_proxy(fuzzer._proxy.port, "127.0.0.1", c.head_port)
+                status, reader, writer = await connect_via_proxy(fuzzer._proxy, "127.0.0.1", c.head_port)
                 if status == 200:
                     break
                 writer.close()

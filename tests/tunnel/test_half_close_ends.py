@@ -104,7 +104,7 @@ async def test_volunteer_to_volunteer_request_then_half_close_gets_the_whole_ans
         server = await asyncio.start_server(answer_after_eof, b.identity.address, b.assignment.ports.node_manager_port)
         try:
             status, reader, writer = await connect_via_proxy(
-                a._proxy.port, b.identity.address, b.assignment.ports.node_manager_port
+                a._proxy, b.identity.address, b.assignment.ports.node_manager_port
             )
             assert status == 200
             writer.write(b"req")
@@ -129,7 +129,7 @@ async def test_one_volunteer_to_volunteer_connection_counts_as_one_active_connec
         port = b.assignment.ports.node_manager_port
         server = await asyncio.start_server(echo_handler, b.identity.address, port)
         try:
-            status, reader, writer = await connect_via_proxy(a._proxy.port, b.identity.address, port)
+            status, reader, writer = await connect_via_proxy(a._proxy, b.identity.address, port)
             assert status == 200 and await echo_roundtrip(reader, writer, b"x") == b"x"
             assert c.gateway.metrics.connections_opened == 1
             assert c.gateway.metrics.connections_active == 1
@@ -239,7 +239,7 @@ async def test_a_reset_at_the_dialers_socket_reaches_the_gateway_as_a_tcp_reset_
     async with cluster(tmp_path, tls=False, head_handler=idle_head) as c:
         a = await c.start_agent("alpha")
         assert a._proxy is not None
-        status, _, writer = await connect_via_proxy(a._proxy.port, "127.0.0.1", c.head_port)
+        status, _, writer = await connect_via_proxy(a._proxy, "127.0.0.1", c.head_port)
         assert status == 200
         writer.write(b"hello")
         await writer.drain()

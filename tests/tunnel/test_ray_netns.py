@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import signal
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 
@@ -109,6 +111,9 @@ print(json.dumps(dict(credential=credential, alive=alive, where=where, n=n, back
     assert (result["where"], result["n"], result["back"]) == (ip_a, 80_000_000, 40_000_000)
     assert (result["consumer"], result["total"]) == (ip_b, sum(range(10_000_000)))
     assert (result["actor_ip"], result["value"]) == (ip_b, 5)
+    # Ray's gRPC (C++ and Python) always sent the proxy's credentials: no local client was refused.
+    for volunteer in (a, b):
+        assert "local proxy: refused" not in volunteer.log_path.read_text()
     # Ray asked the tunnel for nothing outside the ports it allows (--head-ports and peers' blocks).
     metrics = gateway_metrics(harness).splitlines()
     refused = [line for line in metrics if line.startswith("koinon_gateway_refused_dials")]
@@ -120,14 +125,18 @@ def gateway_metrics(harness: RayTunnelHarness) -> str:
         return str(response.read().decode())
 
 
-def connect_from(volunteer: Volunteer, proxy_port: int, host: str, port: int) -> str:
-    """The status line the volunteer's CONNECT proxy answers a CONNECT to host:port with, asked
-    from inside the volunteer's network namespace (as its Ray processes ask)."""
+def connect_from(volunteer: Volunteer, proxy_url: str, host: str, port: int, credentials: bool = True) -> str:
+    """The status line the volunteer's CONNECT proxy (at proxy_url, with its credentials) answers a
+    CONNECT to host:port with, asked from inside the volunteer's network namespace (as its Ray
+    processes ask), with the credentials as gRPC sends them or (credentials=False) without."""
     assert volunteer.netns is not None
-    request = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
+    url = urllib.parse.urlsplit(proxy_url)
+    authorization = base64.b64encode(f"{url.username}:{url.password}".encode()).decode()
+    header = f"Proxy-Authorization: Basic {authorization}\r\n" if credentials else ""
+    request = f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n{header}\r\n".encode()
     code = (
         "import socket\n"
-        f"s = socket.create_connection(('127.0.0.1', {proxy_port}), 10)\n"
+        f"s = socket.create_connection(('127.0.0.1', {url.port}), 10)\n"
         f"s.sendall({request!r})\n"
         "print(s.recv(200).split(b'\\r\\n')[0].decode())\n"
     )
@@ -141,13 +150,33 @@ def connect_from(volunteer: Volunteer, proxy_port: int, host: str, port: int) ->
 def test_a_volunteer_cannot_reach_the_heads_dashboard_agent(harness: RayTunnelHarness) -> None:
     """Ray dials a node's dashboard agent only from the head's dashboard (logs, profiling, the state
     API): the head reaches a volunteer's, no volunteer needs the head's. So the tunnel refuses it."""
-    proxy_port = 18080  # the volunteer's namespace is its own: any port is free there
-    a = harness.start_volunteer("a", extra=[f"--proxy-port={proxy_port}"])
+    a = harness.start_volunteer("a")
     harness.wait_ready(a)
-    assert connect_from(a, proxy_port, harness.head_ip, harness.base + 1).startswith("HTTP/1.1 200")  # raylet
-    refused = connect_from(a, proxy_port, harness.head_ip, harness.dashboard_agent_grpc_port)
+    proxy_url = raylet_of(harness, "a").environ()["grpc_proxy"]  # as the agent handed it to Ray
+    assert connect_from(a, proxy_url, harness.head_ip, harness.base + 1).startswith("HTTP/1.1 200")  # raylet
+    refused = connect_from(a, proxy_url, harness.head_ip, harness.dashboard_agent_grpc_port)
     assert refused.startswith("HTTP/1.1 403"), refused
     assert 'koinon_gateway_refused_dials_total{reason="forbidden-port"} 1' in gateway_metrics(harness).splitlines()
+
+
+def test_only_ray_knows_the_volunteers_proxy_secret(harness: RayTunnelHarness) -> None:
+    """Every local user can reach the agent's proxy on 127.0.0.1: only a client that was handed its
+    URL (Ray, in its environment) dials into the cluster as the node. The secret is on no command
+    line (what `ps` shows every user), in no log of the agent and not in its health report."""
+    a = harness.start_volunteer("a")
+    harness.wait_ready(a)
+    proxy_url = raylet_of(harness, "a").environ()["grpc_proxy"]
+    secret = urllib.parse.urlsplit(proxy_url).password
+    assert secret and len(secret) >= 32
+    raylet_port = harness.base + 1
+    refused = connect_from(a, proxy_url, harness.head_ip, raylet_port, credentials=False)
+    assert refused == "HTTP/1.1 407 Proxy Authentication Required", refused
+    assert connect_from(a, proxy_url, harness.head_ip, raylet_port).startswith("HTTP/1.1 200")
+    for process in psutil.process_iter(["cmdline"]):
+        assert not any(secret in arg for arg in process.info["cmdline"] or []), process
+    assert secret not in a.log_path.read_text()
+    assert secret not in (a.state_dir / "health.json").read_text()
+    assert secret not in json.dumps(harness.nodes())
 
 
 def test_agent_sigkill_marks_node_not_ready_and_gateway_restart_recovers(harness: RayTunnelHarness) -> None:

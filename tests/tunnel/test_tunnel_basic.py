@@ -47,7 +47,7 @@ async def test_join_creates_node_and_status(tmp_path: Path) -> None:
 async def test_dial_head_through_tunnel_with_large_payload(tmp_path: Path) -> None:
     async with cluster(tmp_path) as c:
         agent = await c.start_agent("alpha")
-        status, reader, writer = await connect_via_proxy(agent._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+        status, reader, writer = await connect_via_proxy(agent._proxy, "127.0.0.1", c.head_port)
         assert status == 200
         payload = os.urandom(3 * CHUNK_BYTES + 12345)
         assert await echo_roundtrip(reader, writer, payload) == payload
@@ -66,14 +66,14 @@ async def test_metrics_count_the_bytes_carried_each_way(tmp_path: Path) -> None:
         b = await c.start_agent("beta")
         payload = os.urandom(CHUNK_BYTES + 4321)
         # Volunteer to head and back: the payload comes from a node, its echo goes to it.
-        status, reader, writer = await connect_via_proxy(a._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+        status, reader, writer = await connect_via_proxy(a._proxy, "127.0.0.1", c.head_port)
         assert status == 200 and await echo_roundtrip(reader, writer, payload) == payload
         writer.close()
         assert carried() == (len(payload), len(payload))
         # Volunteer to volunteer: each byte is read from one node and written to the other.
         b_address, port = b.identity.address, b.assignment.ports.node_manager_port  # type: ignore[union-attr]
         async with echo_server(b_address, port):
-            status, reader, writer = await connect_via_proxy(a._proxy.port, b_address, port)  # type: ignore[union-attr]
+            status, reader, writer = await connect_via_proxy(a._proxy, b_address, port)
             assert status == 200 and await echo_roundtrip(reader, writer, payload) == payload
             writer.close()
         assert carried() == (3 * len(payload), 3 * len(payload))
@@ -89,7 +89,7 @@ async def test_volunteer_to_volunteer_and_head_to_volunteer(tmp_path: Path) -> N
         b_address = b.identity.address  # type: ignore[union-attr]
         port = b.assignment.ports.node_manager_port  # type: ignore[union-attr]
         async with echo_server(b_address, port):
-            status, reader, writer = await connect_via_proxy(a._proxy.port, b_address, port)  # type: ignore[union-attr]
+            status, reader, writer = await connect_via_proxy(a._proxy, b_address, port)
             assert status == 200
             payload = os.urandom(2 * CHUNK_BYTES)
             assert await echo_roundtrip(reader, writer, payload) == payload
@@ -135,7 +135,7 @@ async def test_access_control_refuses_and_counts(tmp_path: Path, target: str, re
             "peer-dashboard-agent": (b.identity.address, b.assignment.ports.dashboard_agent_grpc_port),  # type: ignore[union-attr]
             "peer-metrics": (b.identity.address, b.assignment.ports.metrics_export_port),  # type: ignore[union-attr]
         }[target]
-        status, _, writer = await connect_via_proxy(a._proxy.port, host, port)  # type: ignore[union-attr]
+        status, _, writer = await connect_via_proxy(a._proxy, host, port)
         writer.close()
         assert status == 403
         assert c.gateway.metrics.refused_dials[reason] == 1
@@ -197,13 +197,13 @@ async def test_a_peer_that_never_accepts_is_refused_as_unreachable_and_counted(
                         return message.open_connection  # type: ignore[no-any-return]
 
             # It ignores the OpenConnection...
-            status, _, writer = await connect_via_proxy(a._proxy.port, mute.address, mute.ports.node_manager_port)
+            status, _, writer = await connect_via_proxy(a._proxy, mute.address, mute.ports.node_manager_port)
             writer.close()
             assert status == 502
             assert c.gateway.metrics.refused_dials["unreachable"] == 1
             await next_open_connection()
             # ...or opens the Accept stream and then never says whether it reached its port.
-            dial = asyncio.ensure_future(connect_via_proxy(a._proxy.port, mute.address, mute.ports.node_manager_port))
+            dial = asyncio.ensure_future(connect_via_proxy(a._proxy, mute.address, mute.ports.node_manager_port))
             opened = await next_open_connection()
             accept = tunnel_stub(channel).Connect(metadata=metadata)
             await accept.write(pb.Frame(accept=pb.Accept(connection_id=opened.connection_id)))
@@ -235,7 +235,7 @@ async def test_agent_without_ca_cannot_talk_to_tls_gateway(tmp_path: Path) -> No
 async def test_insecure_mode_works_when_configured(tmp_path: Path) -> None:
     async with cluster(tmp_path, tls=False) as c:
         agent = await c.start_agent("alpha")
-        status, reader, writer = await connect_via_proxy(agent._proxy.port, "127.0.0.1", c.head_port)  # type: ignore[union-attr]
+        status, reader, writer = await connect_via_proxy(agent._proxy, "127.0.0.1", c.head_port)
         assert status == 200
         assert await echo_roundtrip(reader, writer, b"x" * 1000) == b"x" * 1000
         writer.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import random
@@ -20,6 +21,8 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from koinon_gateway.rpc import EOF, tunnel_stub
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
@@ -108,6 +111,21 @@ class BackoffIterator:
         self.attempt = 0
 
 
+def trust_fingerprint(config: AgentConfig) -> str:
+    """How this agent trusts its gateway, comparable across runs: SHA-256 of the DER of the
+    configured (or discovered) CA certificates; "insecure" without TLS; "" for the system's trust
+    store, which tells one platform from another by nothing the agent keeps."""
+    if config.insecure:
+        return "insecure"
+    pem = configured_ca(config)
+    if not pem:
+        return ""
+    digest = hashlib.sha256()
+    for certificate in x509.load_pem_x509_certificates(pem):
+        digest.update(certificate.public_bytes(serialization.Encoding.DER))
+    return "sha256:" + digest.hexdigest()
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         config.validate()
@@ -139,6 +157,9 @@ class Agent:
         self._connected_at = 0.0  # when the current (or last) session registered
         self._identity_changed = False  # joined again at a new address: the Ray node must follow
         self._rejoined = False  # joined again and not registered since: a second refusal is final
+        # In use under the configured gateway address, kept on disk under another until the gateway
+        # takes it (_moved_identity).
+        self._identity_unsaved = False
         self._last_heartbeat_at = 0.0  # monotonic time of the last Heartbeat sent
 
     # ---- public ----
@@ -187,7 +208,9 @@ class Agent:
         self._data_channel = open_channel(self.config)
         try:
             # Before the join: a port that cannot be had must not cost a token use first.
-            self._proxy = LocalProxy(lambda: tunnel_stub(self._channel("data")), self._proxy_metadata)
+            self._proxy = LocalProxy(
+                lambda: tunnel_stub(self._channel("data")), self._proxy_metadata, secret=self.config.proxy_secret
+            )
             try:
                 await self._proxy.start(port=self.config.proxy_port)
             except OSError as exc:
@@ -238,7 +261,9 @@ class Agent:
         """The stored identity while it is good, else a new one from a join with the token.
         ``refused``: why the gateway no longer takes the stored credential (it expired during an
         outage, or the gateway's signing key changed), though its expiry may not say so."""
-        stored = state.load(self.config.state_dir, self.config.gateway, can_rejoin=bool(self.config.token))
+        stored = state.load(self.config.state_dir, can_rejoin=bool(self.config.token))
+        if stored is not None and stored.gateway != self.config.gateway:
+            stored = self._moved_identity(stored, refused)
         if stored is not None and not refused and not stored.expired(time.time()):
             log.info("reusing stored identity %s (%s)", stored.node_name, stored.address)
             return stored
@@ -288,11 +313,55 @@ class Agent:
             response.assignment.address,
             response.credential,
             response.credential_expires_at,
+            trust_fingerprint(self.config),
         )
         state.save(self.config.state_dir, identity)
+        self._identity_unsaved = False
         state.finish_join(self.config.state_dir)
         log.info("joined as %s with address %s", identity.node_name, identity.address)
         return identity
+
+    def _moved_identity(self, stored: state.StoredIdentity, refused: str) -> state.StoredIdentity | None:
+        """An identity stored under another gateway address than the configured one: the same
+        gateway under another name (a DNS rename, an IP instead of a name, localhost for 127.0.0.1)
+        or another gateway. Its credential is a bearer secret of the gateway that issued it, so it
+        is shown only to a gateway trusted as that one was (the same CA, see trust_fingerprint):
+        another platform never sees it. Then it is presented at the new address first: a gateway
+        takes only credentials signed with its own key, so one that takes it issued it, and the
+        node goes on as it was (no token use, no second VolunteerNode; it is stored under the new
+        address once registered). One that refuses it joins the agent with its token, naming the
+        credential as its previous node, which it retires only if it signed it itself. Dropping the
+        identity instead left the same gateway with a NotReady ghost holding an address; that is
+        still what happens under another CA (None: a fresh join, the credential not sent)."""
+        if not stored.trusted_ca or stored.trusted_ca != trust_fingerprint(self.config):
+            log.warning(
+                "the stored identity %s was kept for gateway %r, trusted otherwise than the configured "
+                "%r; not showing it its credential, joining afresh",
+                stored.node_name,
+                stored.gateway,
+                self.config.gateway,
+            )
+            return None
+        if not refused:
+            log.warning(
+                "the stored identity %s was kept for gateway %r, not the configured %r; "
+                "presenting its credential there (the gateway that issued it takes it)",
+                stored.node_name,
+                stored.gateway,
+                self.config.gateway,
+            )
+        self._identity_unsaved = True
+        return dataclasses.replace(stored, gateway=self.config.gateway)
+
+    def _keep_identity(self) -> None:
+        """Stores the identity under the address the gateway just took it at."""
+        assert self.identity is not None
+        try:
+            state.save(self.config.state_dir, self.identity)
+        except OSError as exc:  # still good in memory; the next renewal tries again
+            log.error("cannot store the identity in %s: %s", self.config.state_dir, exc)
+            return
+        self._identity_unsaved = False
 
     # ---- sessions ----
 
@@ -426,6 +495,8 @@ class Agent:
                 raise ConnectionError(f"refused the gateway's assignment: {problem}")
             self.assignment = first.registered.assignment
             self.registrations += 1
+            if self._identity_unsaved:
+                self._keep_identity()
             # The gateway writes at least every probe interval (every heartbeat interval if it
             # does not say): a stream silent for that plus the heartbeat timeout is lost.
             timeout = max(1.0, self.assignment.heartbeat_timeout_ms / 1000) + (

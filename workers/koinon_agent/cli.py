@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--proxy-port",
         type=_number(int, "KOINON_PROXY_PORT"),
         default=_env("KOINON_PROXY_PORT", "0"),
-        help="port of the local CONNECT proxy on 127.0.0.1 [KOINON_PROXY_PORT]",
+        help="port of the local CONNECT proxy on 127.0.0.1 [KOINON_PROXY_PORT]; its clients need its "
+        "secret, random per start, or KOINON_PROXY_SECRET (environment only)",
     )
     join.add_argument("--no-ray", action="store_true", help="tunnel only, do not start Ray (benchmarks)")
     join.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
@@ -215,6 +216,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         health_file=args.health_file,
         start_ray=not args.no_ray,
         proxy_port=args.proxy_port,
+        proxy_secret=_env("KOINON_PROXY_SECRET", "") or "",
         drain_grace_s=args.drain_grace,
         ray_restart_after_s=args.ray_restart_after,
     )

@@ -24,6 +24,8 @@ _FINITE_SECONDS = (
     "ray_start_timeout_s",
 )
 PEM_CERTIFICATE = b"-----BEGIN CERTIFICATE-----"
+# KOINON_PROXY_SECRET goes into the proxy URL's userinfo as it is: characters a URL keeps unescaped.
+PROXY_SECRET_RE = re.compile(r"[A-Za-z0-9._~-]{16,256}")
 
 
 def default_state_dir() -> Path:
@@ -56,6 +58,10 @@ class AgentConfig:
     health_file: Path | None = None
     start_ray: bool = True
     proxy_port: int = 0  # local CONNECT proxy for Ray's gRPC (0: any free port)
+    # The password the local proxy asks of its clients; empty: a new random one each start. Set
+    # only for tools that dial through the proxy themselves (the tunnel benchmark): by environment
+    # (KOINON_PROXY_SECRET), never a flag, since a command line is readable by every local user.
+    proxy_secret: str = ""
     drain_grace_s: float = 30.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
@@ -122,6 +128,9 @@ class AgentConfig:
             raise ValueError(f"drain_grace_s: must be within 0..{MAX_GRACE_SECONDS} seconds")
         if not 0 <= self.proxy_port < 65536:
             raise ValueError(f"proxy_port: must be a TCP port (0 for any free one), got {self.proxy_port}")
+        if self.proxy_secret and not PROXY_SECRET_RE.fullmatch(self.proxy_secret):
+            # Not the value: it is a secret.
+            raise ValueError("proxy_secret (KOINON_PROXY_SECRET): expected 16 to 256 of A-Z a-z 0-9 . _ ~ -")
         if self.ray_restart_after_s <= 0:
             raise ValueError("ray_restart_after_s: must be > 0 seconds")
         if self.ray_start_timeout_s <= 0:
@@ -179,4 +188,5 @@ ENV_VARS: dict[str, str] = {
     "KOINON_DRAIN_GRACE": "drain_grace_s",
     "KOINON_RAY_RESTART_AFTER": "ray_restart_after_s",
     "KOINON_PROXY_PORT": "proxy_port",
+    "KOINON_PROXY_SECRET": "proxy_secret",
 }

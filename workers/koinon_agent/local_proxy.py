@@ -9,8 +9,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import collections
 import contextlib
+import hmac
 import logging
+import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,20 +32,66 @@ log = logging.getLogger(__name__)
 
 Metadata = tuple[tuple[str, str], ...]
 
+# The proxy listens on 127.0.0.1, where every local user's processes can reach it; each connection
+# it takes dials into the cluster as this node. So a client must prove it was handed the proxy's
+# URL (Ray gets it in its environment, which /proc keeps to this user): gRPC sends the URL's
+# userinfo as ``Proxy-Authorization: Basic base64(user:password)``.
+PROXY_USER = "koinon"
+PROXY_AUTH_REQUIRED = (
+    b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+    b'Proxy-Authenticate: Basic realm="koinon"\r\n'
+    b"Content-Length: 0\r\n\r\n"
+)
+# Local connections served at once, counting those still sending their request: it bounds the
+# sockets a local process that floods the port can make the agent hold. Ray uses far fewer: the
+# gateway lets a node dial at most --max-streams-per-node (256 by default) at once, and a node of
+# test_ray_netns.py (tasks, actors, 80 MB objects between two volunteers) peaks at about 20.
+MAX_LOCAL_CONNECTIONS = 1024
+# Refusals of local clients are logged at most this often (a local flood must not flood the log).
+REFUSAL_LOG_INTERVAL_S = 60.0
+
+
+def new_secret() -> str:
+    return secrets.token_hex(16)
+
 
 class LocalProxy:
-    def __init__(self, stub_factory: Callable[[], Any], metadata: Callable[[], Metadata | None]) -> None:
+    def __init__(
+        self,
+        stub_factory: Callable[[], Any],
+        metadata: Callable[[], Metadata | None],
+        secret: str = "",
+        max_connections: int = MAX_LOCAL_CONNECTIONS,
+    ) -> None:
         """``metadata`` gives the node's credential for each new connection; None before the node
-        has one (such connections are answered 503)."""
+        has one (such connections are answered 503). ``secret``: the password clients must send
+        (default: a new random one)."""
         self._stub_factory = stub_factory
         self._metadata = metadata
+        self._secret = secret or new_secret()
+        self._expected = f"{PROXY_USER}:{self._secret}".encode()
+        self.max_connections = max_connections
         self._server: asyncio.Server | None = None
         self.port = 0
-        self.refused = 0
+        self.refused = 0  # dials the gateway refused
+        # Local clients turned away, by why (_refuse); never with what they sent as credentials.
+        self.refused_local: collections.Counter[str] = collections.Counter()
+        self.active = 0  # local connections being served
+        self._refusals_logged_at = -REFUSAL_LOG_INTERVAL_S
+
+    def __repr__(self) -> str:
+        return f"LocalProxy(127.0.0.1:{self.port})"  # never the secret
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """The proxy URL with its credentials, for Ray's environment only: never log it, nor put it
+        on a command line."""
+        return f"http://{PROXY_USER}:{self._secret}@127.0.0.1:{self.port}"
+
+    @property
+    def authorization(self) -> str:
+        """The Proxy-Authorization value a client sends (what gRPC makes of ``url``)."""
+        return "Basic " + base64.b64encode(self._expected).decode()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self._server = await asyncio.start_server(self._handle, host, port, limit=http_connect.REQUEST_READER_LIMIT)
@@ -49,13 +101,56 @@ class LocalProxy:
         if self._server is not None:
             self._server.close()
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _authorized(self, values: tuple[str, ...]) -> bool:
+        if len(values) != 1:
+            return False
+        scheme, _, token = values[0].partition(" ")
+        if scheme.lower() != "basic":
+            return False
         try:
-            host, port = await http_connect.read_connect_request(reader)
+            presented = base64.b64decode(token.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        return hmac.compare_digest(presented, self._expected)
+
+    def _refuse(self, why: str) -> None:
+        """Counts a local client turned away (``why``: bad-request, unauthorized, over-capacity)
+        and logs it, at most once per REFUSAL_LOG_INTERVAL_S: a local flood must not flood the log."""
+        self.refused_local[why] += 1
+        now = time.monotonic()
+        if now - self._refusals_logged_at >= REFUSAL_LOG_INTERVAL_S:
+            self._refusals_logged_at = now
+            counts = ", ".join(f"{count} {reason}" for reason, count in sorted(self.refused_local.items()))
+            log.warning("local proxy: refused a local client (%s); refused so far: %s", why, counts)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self.max_connections:
+            self._refuse("over-capacity")
+            with contextlib.suppress(Exception):
+                http_connect.send(writer, http_connect.response(503, "too-many-connections"))
+                writer.close()
+            return
+        self.active += 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self.active -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            host, port, authorization = await http_connect.read_connect_request(reader)
         except http_connect.BadConnectRequest as exc:
-            log.warning("local proxy: %s", exc)
+            log.debug("local proxy: %s", exc)
+            self._refuse("bad-request")
             with contextlib.suppress(Exception):
                 http_connect.send(writer, http_connect.response(400, "Bad Request"))
+                writer.close()
+            return
+        # Before anything else is said: a client without the credentials learns nothing of the node.
+        if not self._authorized(authorization):
+            self._refuse("unauthorized")
+            with contextlib.suppress(Exception):
+                http_connect.send(writer, PROXY_AUTH_REQUIRED)
                 writer.close()
             return
         metadata = self._metadata()

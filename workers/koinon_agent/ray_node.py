@@ -1,7 +1,8 @@
 """Starts and supervises the volunteer's Ray worker node (``ray start --block``).
 
 All of Ray's inter-node gRPC goes through the agent's local CONNECT proxy (DESIGN §2:
-RAY_grpc_enable_http_proxy=1 with grpc_proxy/no_grpc_proxy); the node advertises its virtual
+RAY_grpc_enable_http_proxy=1 with grpc_proxy/no_grpc_proxy; the URL carries the proxy's secret,
+which gRPC sends as Proxy-Authorization, and which only Ray's environment holds); the node advertises its virtual
 address and binds only the ports of its block. It starts through ray_launch.py, which keeps Ray and
 its jobs out of the agent's state dir and ties Ray's life to the agent's.
 """
@@ -19,7 +20,7 @@ import signal
 import stat
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -38,7 +39,8 @@ _REGISTERED = b"NodeManager server started"
 class RaySettings:
     ray_bin: str
     temp_dir: Path
-    proxy_url: str
+    # Holds the local proxy's secret (LocalProxy.url): for Ray's environment only, never a repr.
+    proxy_url: str = field(repr=False)
     num_cpus: int | None
     num_gpus: int
     gpu_memory_mib: int

@@ -28,6 +28,9 @@ class StoredIdentity:
     address: str
     credential: str
     expires_at: int = 0  # Unix seconds the gateway stops accepting the credential (0: not known)
+    # What the agent trusted as the gateway's CA when it joined (trust_fingerprint): its credential
+    # is shown to a gateway under another address only if that one is trusted the same way.
+    trusted_ca: str = ""
 
     def expired(self, now: float) -> bool:
         return 0 < self.expires_at <= now
@@ -79,10 +82,11 @@ def _pending_join_path(state_dir: Path) -> Path:
     return state_dir / "pending-join.json"
 
 
-def load(state_dir: Path, gateway: str, can_rejoin: bool = False) -> StoredIdentity | None:
-    """The stored identity for ``gateway``, or None. An unreadable one (a disk that lost the last
-    write) is set aside when the agent can join again (``can_rejoin``: it has a token), else refused
-    with the path and what to do."""
+def load(state_dir: Path, can_rejoin: bool = False) -> StoredIdentity | None:
+    """The stored identity, or None. Also one stored under another gateway address than the one
+    configured now: the caller decides what to do with it (Agent._ensure_identity). An unreadable
+    one (a disk that lost the last write) is set aside when the agent can join again
+    (``can_rejoin``: it has a token), else refused with the path and what to do."""
     path = _path(state_dir)
     try:
         for leftover in state_dir.glob(".identity-*.tmp"):  # a save cut short: it holds a credential
@@ -114,13 +118,12 @@ def load(state_dir: Path, gateway: str, can_rejoin: bool = False) -> StoredIdent
             ) from err
         log.warning("%s: unreadable stored identity (%s); moved to %s, joining again", path, exc, aside.name)
         return None
-    # An identity belongs to the gateway that issued it.
-    return identity if identity.gateway == gateway else None
+    return identity
 
 
 def _check_types(identity: StoredIdentity) -> None:
     """JSON that parses may still hold the wrong kinds of values (a hand edit, another version)."""
-    for name in ("gateway", "node_name", "address", "credential"):
+    for name in ("gateway", "node_name", "address", "credential", "trusted_ca"):
         if not isinstance(getattr(identity, name), str):
             raise TypeError(f"{name}: expected a string")
     if not isinstance(identity.expires_at, int) or isinstance(identity.expires_at, bool):

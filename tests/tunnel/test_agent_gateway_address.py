@@ -1,0 +1,115 @@
+"""An identity stored under another gateway address than the configured one (a DNS rename, an IP
+instead of a name, localhost for 127.0.0.1): neither dropped, leaving a NotReady ghost that holds
+an address, nor trusted blindly."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from koinon_agent import state
+from koinon_gateway import credentials
+
+from .helpers import cluster
+
+
+def under_another_name(target: str) -> str:
+    """The same gateway, reached under another name."""
+    host, _, port = target.rpartition(":")
+    assert host == "127.0.0.1", target
+    return f"localhost:{port}"
+
+
+async def test_the_same_gateway_under_another_name_takes_the_stored_identity(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with cluster(tmp_path, tls=False) as c:
+        first = await c.start_agent("alpha")
+        assert first.identity is not None
+        old = first.identity
+        first.request_drain(now=True)
+        await asyncio.wait_for(c.agents[-1][1], 15)
+        renamed = under_another_name(c.gateway.agent_target)
+        token = c.tokens.add(owner="alice", region="eu")
+        second = await c.start_agent("alpha", gateway=renamed, token=token)
+        assert second.identity is not None
+        # The same node goes on: no second VolunteerNode beside a ghost, no token use.
+        assert (second.identity.node_name, second.identity.address) == (old.node_name, old.address)
+        assert sorted(c.registry.objects) == [old.node_name]
+        assert c.registry.objects[old.node_name]["status"]["connected"] is True
+        assert c.tokens.tokens[token.partition(".")[0]].usages_count == 0
+        # Kept from now on under the address it is used at, once the gateway took it there.
+        stored = state.load(second.config.state_dir)
+        assert stored == second.identity and stored.gateway == renamed
+    assert f"the stored identity {old.node_name} was kept for gateway '{c.gateway.agent_target}'" in caplog.text
+
+
+async def test_an_expired_identity_under_another_name_retires_the_old_node(tmp_path: Path) -> None:
+    async with cluster(tmp_path, tls=False, credential_lifetime_s=2.0) as c:
+        first = await c.start_agent("alpha")
+        assert first.identity is not None
+        old = first.identity
+        first.request_drain(now=True)
+        await asyncio.wait_for(c.agents[-1][1], 15)
+        await asyncio.sleep(max(0.0, old.expires_at - time.time()) + 0.5)
+        second = await c.start_agent("alpha", gateway=under_another_name(c.gateway.agent_target))
+        assert second.identity is not None and second.identity.node_name != old.node_name
+        # Joined with the token naming the old node, which the gateway retired: no ghost.
+        assert sorted(c.registry.objects) == [second.identity.node_name]
+        assert c.gateway.metrics.previous_nodes == {"retired": 1}
+        assert second.identity.address == old.address
+
+
+async def test_another_gateway_refuses_the_credential_and_the_agent_joins_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A credential of another gateway opens nothing there and retires nothing: that gateway did
+    not sign it. The node of the first gateway stays there (it is that gateway's to remove)."""
+    caplog.set_level(logging.INFO)
+    async with cluster(tmp_path / "one", tls=False) as one, cluster(tmp_path / "two", tls=False) as two:
+        first = await one.start_agent("alpha")
+        assert first.identity is not None
+        old = first.identity
+        first.request_drain(now=True)
+        await asyncio.wait_for(one.agents[-1][1], 15)
+        token = two.tokens.add(owner="alice")
+        moved = await two.start_agent("alpha", state_dir=first.config.state_dir, token=token)
+        assert moved.identity is not None and moved.identity.gateway == two.gateway.agent_target
+        assert sorted(two.registry.objects) == [moved.identity.node_name]
+        assert two.gateway.metrics.previous_nodes == {}
+        assert "previous credential ignored" in caplog.text  # it was sent along, and not taken
+        assert old.node_name in one.registry.objects
+        assert state.load(first.config.state_dir) == moved.identity
+
+
+async def test_a_gateway_trusted_through_another_ca_never_sees_the_stored_credential(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The credential is a bearer secret of the gateway that issued it: a volunteer that reuses its
+    state dir to join another platform (another CA) must not hand that platform its old node."""
+    caplog.set_level(logging.INFO)
+    async with cluster(tmp_path / "one") as one, cluster(tmp_path / "two") as two:
+        first = await one.start_agent("alpha")
+        assert first.identity is not None and first.identity.trusted_ca.startswith("sha256:")
+        old = first.identity
+        first.request_drain(now=True)
+        await asyncio.wait_for(one.agents[-1][1], 15)
+        shown: list[str] = []
+        real_verify = credentials.verify
+
+        def spy(key: bytes, credential: str, *args: Any, **kwargs: Any) -> credentials.NodeIdentity:
+            shown.append(credential)
+            return real_verify(key, credential, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(credentials, "verify", spy)
+            token = two.tokens.add(owner="alice")
+            moved = await two.start_agent("alpha", state_dir=first.config.state_dir, token=token)
+        assert moved.identity is not None and moved.identity.node_name != old.node_name
+        assert old.credential not in shown, "the other platform's gateway was shown the old credential"
+        assert "trusted otherwise than the configured" in caplog.text
+        assert old.node_name in one.registry.objects  # that gateway's to remove
