@@ -12,7 +12,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -194,6 +194,27 @@ def driver_elsewhere(state: AIJobStatus, copy: int, info: RayJobInfo) -> str | N
     if not recorded or not info.driver_node_id or info.driver_node_id == recorded:
         return None
     return recorded
+
+
+@dataclass(frozen=True)
+class CopyAnswer:
+    """What one copy of an attempt answered, as its vote counts it (AIJobReconciler._answers)."""
+
+    log: str | None  # its driver's log; None when not read, or gone with its node
+    result: dict[str, Any] | None  # its declared result: only a copy that succeeded, with its log, on its own node
+    misplaced: bool = False  # Ray ran its driver on another Ray node than the copy's own: no answer
+
+    @property
+    def digest(self) -> str | None:
+        return self.result["digest"] if self.result is not None else None
+
+
+def copy_votes(state: AIJobStatus, answers: Sequence[CopyAnswer]) -> list[CopyResult]:
+    """The attempt's votes for judge: one per copy, under its first (driver) node and its owner."""
+    return [
+        CopyResult(k, state.copy_nodes(k)[0], state.owner_of(state.copy_nodes(k)[0]), answer.digest)
+        for k, answer in enumerate(answers)
+    ]
 
 
 def _spec_refused_by_ray(info: RayJobInfo) -> bool:
@@ -593,6 +614,18 @@ class AIJobReconciler:
         now = self.clock()
         phase = state.phase
         if spec.suspend:
+            # A suspend stops running work; it never throws away work that has ended (a Kubernetes
+            # Job that completed stays Complete): an attempt whose copies ended before the
+            # operator saw the suspend is concluded as it would be without it.
+            if (
+                phase in (Phase.SCHEDULED, Phase.RUNNING)
+                and state.submission_id
+                and await self._conclude_if_ended(key, uid, spec, state, writer, outcome)
+            ):
+                written = outcome.status.get("phase")
+                if written is None or Phase(written).finished:
+                    return  # concluded, or concluded once its logs can be read
+                # Concluded into another attempt (a retry, a rerun): that one is suspended.
             if phase is not None and phase.holds_nodes and state.submission_id:
                 await self._stop_copies(state)
             if phase is not Phase.SUSPENDED:
@@ -773,6 +806,8 @@ class AIJobReconciler:
             writer.condition(ConditionType.RUNNING, True, "Running", "running")
             outcome.event("Running", f"attempt {state.attempts} started on {', '.join(state.assigned_nodes)}")
             return
+        if await self._decide_early(key, spec, state, known, writer, outcome):
+            return
         if not all(info.state.terminal for info in known):
             # A node lost while the attempt runs fails it over now, not once its Ray jobs end: with
             # replicas > 1 the driver pins replica tasks to the other nodes, and with one of them
@@ -795,14 +830,94 @@ class AIJobReconciler:
                 if lost:
                     await self._node_lost(key, spec, state, writer, outcome, lost)
             return
+        await self._judge(key, spec, state, known, writer, outcome)
+
+    async def _conclude_if_ended(
+        self, key: str, uid: str, spec: AIJobSpec, state: AIJobStatus, writer: _StatusWriter, outcome: Outcome
+    ) -> bool:
+        """Concludes the attempt as _follow would if its work has ended in Ray: every copy ended
+        on its own (none stopped), or the copies that answered decide its vote. False, and nothing
+        done, while it still runs or has copies not submitted."""
+        infos = [await self.ray.get(copy_submission_id(uid, state.attempts, k)) for k in range(state.copies)]
+        known = [info for info in infos if info is not None]
+        if len(known) < len(infos):
+            return False
+        if all(info.state.terminal and info.state is not RayJobState.STOPPED for info in known):
+            await self._judge(key, spec, state, known, writer, outcome)
+            return True
+        return await self._decide_early(key, spec, state, known, writer, outcome)
+
+    async def _decide_early(
+        self,
+        key: str,
+        spec: AIJobSpec,
+        state: AIJobStatus,
+        infos: list[RayJobInfo],
+        writer: _StatusWriter,
+        outcome: Outcome,
+    ) -> bool:
+        """Concludes a verified attempt whose copies that answered (with the earlier attempts'
+        answers) already give a digest a majority the others cannot overturn, whatever they
+        return: the copies still running are stopped first (a copy that never ends would keep the
+        job Running and its nodes held for ever) and count as no answer, as do copies found
+        stopped. False, and nothing done, when the copies still to answer could change the vote;
+        True, and nothing done, while an answer's log may still be incomplete.
+
+        The answers are the conclusion's own (_answers): an answer it would reject (a driver that
+        ran on another Ray node) decides nothing here either. The copies are stopped before the
+        conclusion is written: an operator that dies between the two finds them stopped (or
+        stopping), decides the same again, and no copy runs on behind a finished job."""
+        waiting = frozenset(
+            k for k, info in enumerate(infos) if not info.state.terminal or info.state is RayJobState.STOPPED
+        )
+        if not waiting or len(waiting) == len(infos) or (state.copies == 1 and not state.earlier_results):
+            return False
+        succeeded = [k for k, info in enumerate(infos) if info.state is RayJobState.SUCCEEDED]
+        earlier_owners = {owner for _, owner, _ in state.earlier_results}
+        owners = {state.owner_of(state.copy_nodes(k)[0]) for k in range(len(infos))} | earlier_owners
+        if 2 * (len(succeeded) + len(earlier_owners)) <= len(owners):
+            return False  # too few answers for any majority (judge's), whatever they say: no log is read
+        answers = await self._answers(state, infos, lost_nodes(state, await self.nodes.get()), read=succeeded)
+        if answers is None:
+            return True  # an answer may not be in its log yet: look again next pass (seconds)
+        earlier = [CopyResult(-1, node, owner, digest) for node, owner, digest in state.earlier_results]
+        if not judge(copy_votes(state, answers), earlier).accepted:
+            return False
+        running = [k for k in sorted(waiting) if not infos[k].state.terminal]
+        for k in running:
+            await self.ray.stop(infos[k].submission_id)
+        if running:
+            nodes = ", ".join(node for k in running for node in state.copy_nodes(k))
+            outcome.event(
+                "CopiesStopped",
+                f"attempt {state.attempts}: the answers so far decide the vote; stopped the copies on {nodes}",
+            )
+        await self._judge(key, spec, state, infos, writer, outcome, unanswered=waiting, answers=answers)
+        return True
+
+    async def _judge(
+        self,
+        key: str,
+        spec: AIJobSpec,
+        state: AIJobStatus,
+        known: list[RayJobInfo],
+        writer: _StatusWriter,
+        outcome: Outcome,
+        unanswered: frozenset[int] = frozenset(),
+        answers: list[CopyAnswer] | None = None,
+    ) -> None:
+        """Concludes an attempt whose copies have ended, but for ``unanswered`` (copies stopped, or
+        found stopped, once the others decided the vote: no answer, and no evidence), with
+        ``answers`` when _decide_early has read them already."""
+        ended = [info for k, info in enumerate(known) if k not in unanswered]
         lost = await self._lost_nodes(state)
         # A node lost after its job failed on its own (a non-zero exit) changes nothing: the job's
         # failure stays the job's, not a reason to run it again uncounted.
-        if lost and any(info.state is not RayJobState.SUCCEEDED and not _exited_on_its_own(info) for info in known):
+        if lost and any(info.state is not RayJobState.SUCCEEDED and not _exited_on_its_own(info) for info in ended):
             await self._node_lost(key, spec, state, writer, outcome, lost)
             return
-        if any(info.state is RayJobState.STOPPED for info in known) and not any(
-            info.state is RayJobState.FAILED for info in known
+        if any(info.state is RayJobState.STOPPED for info in ended) and not any(
+            info.state is RayJobState.FAILED for info in ended
         ):
             # Stopped, not failed: by this operator for a suspend or an edit whose status write was
             # lost (a crash, or a resume that arrived first), or by hand. Run it again, uncounted.
@@ -817,27 +932,40 @@ class AIJobReconciler:
             # with its token, say), which status shows the job's owners but traces leave out.
             self._finish(key, writer, outcome, Phase.FAILED, "SubmitRejected", f"Ray could not start the job:\n{why}")
             return
-        single = state.copies == 1 and not state.earlier_results
-        # A copy whose driver ran on another Ray node than its own gives no answer (its log there
-        # is not read): see driver_elsewhere.
-        misplaced = frozenset(k for k, info in enumerate(known) if not single and driver_elsewhere(state, k, info))
-        logs = [
-            None if k in misplaced else await self._driver_log(state, k, info, lost) for k, info in enumerate(known)
-        ]
-        if any(
-            info.state is RayJobState.SUCCEEDED
-            and text is not None
-            and RESULT_MARKER not in text
-            and not self._logs_settled(info)
-            for info, text in zip(known, logs, strict=True)
-        ):
+        if answers is None:
+            read = [k for k in range(len(known)) if k not in unanswered]
+            answers = await self._answers(state, known, lost, read)
+        if answers is None:
             return  # Ray reports SUCCEEDED before the driver's log is flushed; look again next pass
         # A rerun after copies without a majority is judged with their answers, even when a trusted
         # node's skip left it one copy (that copy alone does not decide).
-        if single:
-            await self._conclude_single(key, spec, state, known[0], logs[0], writer, outcome)
+        if state.copies == 1 and not state.earlier_results:
+            await self._conclude_single(key, spec, state, known[0], answers[0].log, writer, outcome)
         else:
-            await self._conclude_verified(key, spec, state, known, logs, writer, outcome, lost, misplaced)
+            await self._conclude_verified(key, spec, state, known, answers, writer, outcome, unanswered)
+
+    async def _answers(
+        self, state: AIJobStatus, infos: Sequence[RayJobInfo], lost: list[str], read: Collection[int]
+    ) -> list[CopyAnswer] | None:
+        """Each copy's answer: the one place it is decided, for the conclusion and for an early
+        decision alike (an early decision that counted an answer the conclusion then rejects would
+        stop copies for a vote that is not taken). Only the logs of the copies in ``read`` are read.
+        A copy whose driver ran on another Ray node than its own gives no answer, and its log there
+        is not read: see driver_elsewhere (a single unverified copy is taken as Ray ran it). None
+        while a copy's result may not be in its log yet: Ray reports SUCCEEDED before the driver's
+        log is flushed (look again next pass, seconds)."""
+        single = state.copies == 1 and not state.earlier_results
+        answers: list[CopyAnswer] = []
+        for k, info in enumerate(infos):
+            if not single and driver_elsewhere(state, k, info):
+                answers.append(CopyAnswer(None, None, misplaced=True))
+                continue
+            text = await self._driver_log(state, k, info, lost) if k in read else None
+            succeeded = info.state is RayJobState.SUCCEEDED
+            if succeeded and text is not None and RESULT_MARKER not in text and not self._logs_settled(info):
+                return None
+            answers.append(CopyAnswer(text, extract_result(text) if succeeded and text is not None else None))
+        return answers
 
     async def _driver_log(self, state: AIJobStatus, copy: int, info: RayJobInfo, lost: list[str]) -> str | None:
         """The copy's driver log; None when it left with its node.
@@ -949,34 +1077,41 @@ class AIJobReconciler:
         spec: AIJobSpec,
         state: AIJobStatus,
         infos: list[RayJobInfo],
-        logs: list[str | None],
+        answers: list[CopyAnswer],
         writer: _StatusWriter,
         outcome: Outcome,
-        lost: list[str],
-        misplaced: frozenset[int] = frozenset(),
+        unanswered: frozenset[int] = frozenset(),
     ) -> None:
-        """Judge the attempt's copies. A copy in ``misplaced`` (its driver ran on another Ray node
-        than its own) has failed with no answer, and nobody is charged for it: nothing shows that
-        the copy's node did anything wrong (another Ray node claiming its address took the driver,
-        or its agent restarted before the submission), and the node that ran the driver is known
-        only by a Ray node id whose volunteer label is that node's own claim, so charging either
-        would let an impostor cost an honest volunteer evidence. An attempt left without any
-        answer that way still counts against backoffLimit, so an impostor cannot hold it forever."""
+        """Judge the attempt's copies. A copy whose driver ran on another Ray node than its own
+        (``CopyAnswer.misplaced``) has failed with no answer, and nobody is charged for it: nothing
+        shows that the copy's node did anything wrong (another Ray node claiming its address took
+        the driver, or its agent restarted before the submission), and the node that ran the driver
+        is known only by a Ray node id whose volunteer label is that node's own claim, so charging
+        either would let an impostor cost an honest volunteer evidence. An attempt left without any
+        answer that way still counts against backoffLimit, so an impostor cannot hold it forever.
+
+        A copy in ``unanswered`` was stopped (or found stopped) once the others decided the vote:
+        no answer, and no evidence either way (listed in verification.stopped). It did not fail,
+        and charging it a timeout would charge the slowest honest copy of every decided vote: a
+        slower GPU, punished for being one."""
         if state.start_time is None:  # copies that ran between two passes, Ray recorded no start
             writer.set(startTime=format_micro_time(self.clock()))
         env_charged = self._settle_env_failures(state, infos, writer, outcome)
         outcome.reputation.extend((node, "failure") for node in sorted(env_charged))
-        copies: list[CopyResult] = []
+        copies = copy_votes(state, answers)
         results: dict[str, dict[str, Any]] = {}
         gone: list[str] = []  # copies whose log left with their node: no answer, and no failure
         elsewhere: set[str] = set()  # copies whose driver ran on another Ray node: no answer, no charge
+        stopped: list[str] = []  # copies stopped once the vote was decided: no answer, no evidence
         # A copy votes once, under its first (driver) node and that node's owner; every node of it
         # computed its answer (any of them may have spoilt it), so each is judged by that answer.
         computed_by = dict(state.earlier_copies)
-        for k, (info, text) in enumerate(zip(infos, logs, strict=True)):
+        for k, (info, reply) in enumerate(zip(infos, answers, strict=True)):
             node = state.copy_nodes(k)[0]
             computed_by[node] = tuple((n, state.owner_of(n)) for n in state.copy_nodes(k))
-            if k in misplaced:
+            if k in unanswered:
+                stopped.append(node)
+            elif reply.misplaced:
                 elsewhere.add(node)
                 logger.warning(
                     "%s: copy %d is placed on %s (Ray node %s) but Ray ran its driver on Ray node %s; "
@@ -987,22 +1122,21 @@ class AIJobReconciler:
                     driver_elsewhere(state, k, info),
                     info.driver_node_id,
                 )
-            elif text is None and info.state is RayJobState.SUCCEEDED:
+            elif reply.log is None and info.state is RayJobState.SUCCEEDED:
                 gone.append(node)
-            succeeded = info.state is RayJobState.SUCCEEDED and k not in misplaced
-            result = extract_result(text) if succeeded and text is not None else None
-            if result is not None:
-                results[node] = result
-            copies.append(CopyResult(k, node, state.owner_of(node), result["digest"] if result else None))
+            if reply.result is not None:
+                results[node] = reply.result
         if not results and gone:
             # Nothing to judge, and not the job's fault: run it again, uncounted, as for a lost node.
             # Only the nodes that took their copy's log away: one whose copy exited on its own and
             # left only afterwards is no lost node (its copy's failure is the job's own).
             await self._node_lost(key, spec, state, writer, outcome, sorted(gone))
             return
+        logs = [reply.log for reply in answers]
         if not results:
             # No copy produced a result: the attempt failed as a whole (counted against backoffLimit).
-            await self._ray_jobs_failed(key, spec, state, writer, outcome, infos, logs, unblamed=elsewhere)
+            unblamed = elsewhere.union(stopped)
+            await self._ray_jobs_failed(key, spec, state, writer, outcome, infos, logs, unblamed=unblamed)
             return
         earlier = [CopyResult(-1, node, owner, digest) for node, owner, digest in state.earlier_results]
         verdict = judge(copies, earlier)
@@ -1026,22 +1160,25 @@ class AIJobReconciler:
             "digests": {c.node: c.digest for c in copies},
             "agreeing": list(verdict.agreeing),
             "disagreeing": list(verdict.disagreeing),
-            "failed": list(verdict.failed),
+            "failed": [node for node in verdict.failed if node not in stopped],
             "earlierResults": [answer(c) for c in earlier],
         }
+        if stopped:
+            verification["stopped"] = stopped
         if accepted is None:
             verification["earlierResults"] = [answer(c) for c in answered_so_far]
         writer.set(verification=verification)
         # A copy whose node left with its log did not fail: that node is charged for leaving (the
         # copy's other nodes did their part). A copy whose driver exited with its own non-zero code
         # failed in the job's code, as an unreplicated job's does (_attempt_failed): its volunteers
-        # are not charged. A copy whose driver ran elsewhere: nobody (see above). Any other failed
-        # copy: each of its nodes, as _ray_jobs_failed blames them.
+        # are not charged. A copy whose driver ran elsewhere, or that was stopped once the vote was
+        # decided: nobody (see above). Any other failed copy: each of its nodes, as
+        # _ray_jobs_failed blames them.
         own_errors = {
             node for k, info in enumerate(infos) if _user_error(info) for node in state.copy_nodes(k)
         } - env_charged
         for voter in verdict.failed:
-            if voter in elsewhere:
+            if voter in elsewhere or voter in stopped:
                 continue
             if voter in gone:
                 outcome.reputation.append((voter, "timeout"))
