@@ -617,9 +617,28 @@ class AIJobReconciler:
             # A suspend stops running work; it never throws away work that has ended (a Kubernetes
             # Job that completed stays Complete): an attempt whose copies ended before the
             # operator saw the suspend is concluded as it would be without it.
+            overran = (
+                phase in (Phase.SCHEDULED, Phase.RUNNING)
+                and spec.active_deadline_seconds is not None
+                and state.start_time is not None
+                and (now - state.start_time).total_seconds() > spec.active_deadline_seconds
+                and not await self._ended_within_deadline(uid, spec, state)
+            )
+            if overran and await self._attempt_ended(uid, state):
+                # Ended, but after its deadline: without the suspend it fails so, and so it does.
+                self._finish(
+                    key,
+                    writer,
+                    outcome,
+                    Phase.FAILED,
+                    "DeadlineExceeded",
+                    f"activeDeadlineSeconds={spec.active_deadline_seconds} exceeded",
+                )
+                return
             if (
                 phase in (Phase.SCHEDULED, Phase.RUNNING)
                 and state.submission_id
+                and not overran  # still running past its deadline: suspended, the deadline starts over
                 and await self._conclude_if_ended(key, uid, spec, state, writer, outcome)
             ):
                 written = outcome.status.get("phase")
@@ -910,7 +929,10 @@ class AIJobReconciler:
         found stopped, once the others decided the vote: no answer, and no evidence), with
         ``answers`` when _decide_early has read them already."""
         ended = [info for k, info in enumerate(known) if k not in unanswered]
-        lost = await self._lost_nodes(state)
+        # The nodes of copies stopped for a decided vote gave no answer to lose: one of them leaving
+        # must not send the decided vote back to a rerun of every copy.
+        stopped_nodes = {node for k in unanswered for node in state.copy_nodes(k)}
+        lost = [node for node in await self._lost_nodes(state) if node not in stopped_nodes]
         # A node lost after its job failed on its own (a non-zero exit) changes nothing: the job's
         # failure stays the job's, not a reason to run it again uncounted.
         if lost and any(info.state is not RayJobState.SUCCEEDED and not _exited_on_its_own(info) for info in ended):
@@ -986,6 +1008,14 @@ class AIJobReconciler:
                 raise
             logger.warning("driver log of %s is gone with its node; concluding without it", info.submission_id)
             return None
+
+    async def _attempt_ended(self, uid: str, state: AIJobStatus) -> bool:
+        """Every copy of the current attempt has ended in Ray (on its own or stopped)."""
+        for k in range(state.copies):
+            info = await self.ray.get(copy_submission_id(uid, state.attempts, k))
+            if info is None or not info.state.terminal:
+                return False
+        return True
 
     async def _ended_within_deadline(self, uid: str, spec: AIJobSpec, state: AIJobStatus) -> bool:
         """Every copy of the attempt ended, by Ray's record, before activeDeadlineSeconds ran out.

@@ -286,3 +286,35 @@ async def test_a_decided_vote_is_concluded_though_the_running_copys_node_left() 
     assert (status["phase"], status["reason"]) == ("Succeeded", "Verified"), status["message"]
     assert ray.stopped == [ids[2]] and status["verification"]["stopped"] == ["vn-d"]
     assert sorted(outcome.reputation) == [("vn-a", "agreement"), ("vn-c", "agreement")]
+
+
+async def test_a_decided_vote_stands_when_a_failed_copy_and_a_stopped_copys_departure_meet() -> None:
+    """The node of a copy stopped for a decided vote left, and another copy had crashed: the crash
+    was blamed on the departure, and the decided vote went back to a rerun of every copy."""
+    names = ["vn-a", "vn-c", "vn-d", "vn-e", "vn-f"]
+    clock = Clock()
+    ray = StampingRay(names, clock)
+    owners = {**OWNERS, "vn-e": "erin", "vn-f": "frank"}
+
+    def vols(present: list[str]) -> dict[str, Any]:
+        return {n: {"spec": {"owner": owners[n]}, "status": {"phase": "Ready", "connected": True}} for n in present}
+
+    rec, body = reconciler(ray, clock), replicated_job(quorum=5)
+    ids = await submit_all_with(rec, ray, clock, body, vols(names))
+    by_node = dict(zip(body["status"]["assignedNodes"], ids, strict=True))
+    assert sorted(by_node) == names
+    started(ray, clock, ids)
+    await step(rec, body, vols(names))
+    assert body["status"]["phase"] == "Running"
+    clock.advance(600)
+    for node in ("vn-a", "vn-c", "vn-d"):  # 3 of 5 owners agree: decided whatever the others say
+        ray.logs_by_id[by_node[node]] = GOOD
+        ray.set_state(by_node[node], RayJobState.SUCCEEDED, exit_code=0)
+    ray.set_state(by_node["vn-e"], RayJobState.FAILED, exit_code=None, message="raylet died")  # erin's copy crashed
+    ray.present = ["vn-a", "vn-c", "vn-d", "vn-e"]  # frank's node leaves while his copy runs (last: ids keep)
+    clock.advance(10)
+    outcome = await step(rec, body, vols(names))
+    status = body["status"]
+    assert by_node["vn-f"] in ray.stopped  # the decision stopped frank's copy, and keeps the vote
+    assert (status["phase"], status.get("reason")) == ("Succeeded", "Verified"), status.get("message")
+    assert ("vn-a", "agreement") in outcome.reputation

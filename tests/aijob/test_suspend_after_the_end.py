@@ -7,6 +7,7 @@ Reconciler passes against a fake Ray Job API (tests/aijob/fake_ray.py)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 from typing import Any
 
@@ -132,3 +133,38 @@ async def test_suspend_while_copies_run_stops_them_and_judges_nobody() -> None:
         await step(rec, body, volunteers(ray.present))
     assert body["status"]["attempts"] == 2 and len(ray.submissions) == 4
     assert "earlierResults" not in (body["status"].get("verification") or {})
+
+
+async def _ended_past_its_deadline() -> tuple[FakeRay, Clock, AIJobReconciler, dict[str, Any]]:
+    ray, clock = FakeRay(), Clock()
+    rec = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "activeDeadlineSeconds": 60})
+    await step(rec, body)  # placed
+    await step(rec, body)  # submitted
+    sid = submission_id_for(UID, 1)
+    ray.set_state(sid, RayJobState.RUNNING)
+    await step(rec, body)
+    assert body["status"]["phase"] == "Running" and body["status"].get("startTime")
+    clock.advance(300)  # the operator was down (or slow) meanwhile; the job overran by 4 minutes
+    ray.set_state(sid, RayJobState.SUCCEEDED, exit_code=0)
+    ray.jobs[sid] = replace(ray.jobs[sid], end_time_ms=int(clock.now.timestamp() * 1000))
+    clock.advance(30)
+    return ray, clock, rec, body
+
+
+async def test_a_suspend_concludes_an_attempt_that_ended_past_its_deadline_as_without_it() -> None:
+    """It ended after activeDeadlineSeconds: without the suspend it fails DeadlineExceeded; with
+    it, it was concluded first and Succeeded with the result of a run that overran."""
+    _, _, rec, body = await _ended_past_its_deadline()
+    plain = copy.deepcopy(body)
+    await step(rec, plain)
+    assert (plain["status"]["phase"], plain["status"]["reason"]) == ("Failed", "DeadlineExceeded")
+
+    _, _, rec2, body2 = await _ended_past_its_deadline()
+    body2["spec"]["suspend"] = True
+    body2["metadata"]["generation"] += 1
+    await step(rec2, body2)
+    assert (body2["status"]["phase"], body2["status"]["reason"]) == ("Failed", "DeadlineExceeded"), (
+        body2["status"]["phase"],
+        body2["status"]["reason"],
+    )
