@@ -207,3 +207,15 @@ def test_the_agent_process_sets_grpc_experiments_for_itself_only_when_unset() ->
     env["GRPC_EXPERIMENTS"] = "-some_experiment"
     ran = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert ran.stdout.strip() == "False"
+
+
+def test_an_identity_with_a_field_of_a_later_version_is_read(tmp_path: Path) -> None:
+    """After a rollback, an identity a later agent stored (with a field this one does not know)
+    was set aside as corrupt: a token use and a new VolunteerNode, or exit 2 without a token."""
+    state_dir = tmp_path / "agent"
+    state_dir.mkdir(mode=0o700)
+    state.save(state_dir, state.StoredIdentity("gw:443", "vn-a", "127.0.20.1", "cred", 2_000_000_000, "sha256:ab"))
+    path = state_dir / "identity.json"
+    path.write_text(path.read_text().rstrip().rstrip("}") + ', "added_later": 1}')
+    loaded = state.load(state_dir, can_rejoin=True)
+    assert loaded is not None and (loaded.credential, loaded.trusted_ca) == ("cred", "sha256:ab")

@@ -31,6 +31,12 @@ async def connect_status(port: int, headers: str, host: str, target_port: int) -
         writer.close()
 
 
+def _userinfo(url: str) -> str:
+    """``user:password`` of a proxy URL."""
+    parsed = urllib.parse.urlsplit(url)
+    return f"{parsed.username}:{parsed.password}"
+
+
 def basic(credentials: str) -> str:
     return f"Proxy-Authorization: Basic {base64.b64encode(credentials.encode()).decode()}\r\n"
 
@@ -134,16 +140,38 @@ async def test_the_proxy_serves_at_most_so_many_local_connections_at_once(tmp_pa
         agent = await c.start_agent("alpha")
         assert agent._proxy is not None
         agent._proxy.max_connections = 2
-        silent = [await asyncio.open_connection("127.0.0.1", agent._proxy.port) for _ in range(2)]
-        await asyncio.sleep(0.2)
-        # Refused at once, not after the 10 s a request may take.
-        head = await connect_status(agent._proxy.port, "", "127.0.0.1", c.head_port)
+        held = [await connect_via_proxy(agent._proxy, "127.0.0.1", c.head_port) for _ in range(2)]
+        assert [status for status, _, _ in held] == [200, 200]
+        head = await connect_status(agent._proxy.port, basic(_userinfo(agent._proxy.url)), "127.0.0.1", c.head_port)
         assert head.startswith(b"HTTP/1.1 503 too-many-connections"), head
         assert agent._proxy.refused_local == {"over-capacity": 1}
-        for _, writer in silent:
+        for _, _, writer in held:
             writer.close()
-        await asyncio.sleep(0.2)
+        for _ in range(50):
+            if agent._proxy.active == 0:
+                break
+            await asyncio.sleep(0.1)
         assert agent._proxy.active == 0
         status, reader, writer = await connect_via_proxy(agent._proxy, "127.0.0.1", c.head_port)
         assert status == 200 and await echo_roundtrip(reader, writer, b"ok") == b"ok"
         writer.close()
+
+
+async def test_strangers_that_never_send_a_request_cannot_lock_ray_out(tmp_path: Path) -> None:
+    """Idle sockets of another local user (no secret) filled the connection cap: every new
+    connection of Ray's was answered 503, and the node dropped out of the cluster."""
+    async with cluster(tmp_path) as c:
+        agent = await c.start_agent("alpha")
+        assert agent._proxy is not None
+        agent._proxy.max_connections = agent._proxy.max_unauthenticated = 4
+        squatters = [await asyncio.open_connection("127.0.0.1", agent._proxy.port) for _ in range(5)]
+        try:
+            # The fifth pushed the first out.
+            assert await asyncio.wait_for(squatters[0][0].read(), 5) == b""
+            status, reader, writer = await connect_via_proxy(agent._proxy, "127.0.0.1", c.head_port)
+            assert status == 200 and await echo_roundtrip(reader, writer, b"ok") == b"ok"
+            writer.close()
+            assert agent._proxy.refused_local["pushed-out"] >= 2  # by the fifth squatter, and by Ray
+        finally:
+            for _, squatter in squatters:
+                squatter.close()

@@ -47,6 +47,9 @@ PROXY_AUTH_REQUIRED = (
 # gateway lets a node dial at most --max-streams-per-node (256 by default) at once, and a node of
 # test_ray_netns.py (tasks, actors, 80 MB objects between two volunteers) peaks at about 20.
 MAX_LOCAL_CONNECTIONS = 1024
+# Connections still sending their request (not yet shown the secret) held at once; a newcomer
+# beyond this pushes out the oldest.
+MAX_UNAUTHENTICATED_CONNECTIONS = 64
 # Refusals of local clients are logged at most this often (a local flood must not flood the log).
 REFUSAL_LOG_INTERVAL_S = 60.0
 
@@ -76,7 +79,10 @@ class LocalProxy:
         self.refused = 0  # dials the gateway refused
         # Local clients turned away, by why (_refuse); never with what they sent as credentials.
         self.refused_local: collections.Counter[str] = collections.Counter()
-        self.active = 0  # local connections being served
+        self.active = 0  # authenticated local connections being served
+        self.max_unauthenticated = MAX_UNAUTHENTICATED_CONNECTIONS
+        # Connections still sending their request, oldest first (a dict keeps insertion order).
+        self._unauthenticated: dict[asyncio.StreamWriter, None] = {}
         self._refusals_logged_at = -REFUSAL_LOG_INTERVAL_S
 
     def __repr__(self) -> str:
@@ -124,6 +130,23 @@ class LocalProxy:
             log.warning("local proxy: refused a local client (%s); refused so far: %s", why, counts)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Until it has shown the secret a connection is a stranger's as much as Ray's: strangers
+        # must not fill the slots Ray needs. So those still sending their request have a pool of
+        # their own, where a newcomer pushes out the oldest (Ray's requests arrive within
+        # microseconds of connecting; an idle stranger's waits out the request timeout), and only
+        # authenticated connections count against max_connections.
+        if len(self._unauthenticated) >= self.max_unauthenticated:
+            oldest = next(iter(self._unauthenticated))
+            self._unauthenticated.pop(oldest)
+            self._refuse("pushed-out")
+            oldest.transport.abort()
+        self._unauthenticated[writer] = None
+        try:
+            request = await self._read_request(reader, writer)
+        finally:
+            self._unauthenticated.pop(writer, None)
+        if request is None:
+            return
         if self.active >= self.max_connections:
             self._refuse("over-capacity")
             with contextlib.suppress(Exception):
@@ -132,27 +155,36 @@ class LocalProxy:
             return
         self.active += 1
         try:
-            await self._serve(reader, writer)
+            await self._serve(request, reader, writer)
         finally:
             self.active -= 1
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _read_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> http_connect.ConnectRequest | None:
+        """The client's CONNECT request once it has shown the secret; None (answered) otherwise."""
         try:
-            host, port, authorization = await http_connect.read_connect_request(reader)
-        except http_connect.BadConnectRequest as exc:
+            request = await http_connect.read_connect_request(reader)
+        except (http_connect.BadConnectRequest, ConnectionError) as exc:
             log.debug("local proxy: %s", exc)
             self._refuse("bad-request")
             with contextlib.suppress(Exception):
                 http_connect.send(writer, http_connect.response(400, "Bad Request"))
                 writer.close()
-            return
+            return None
         # Before anything else is said: a client without the credentials learns nothing of the node.
-        if not self._authorized(authorization):
+        if not self._authorized(request.proxy_authorization):
             self._refuse("unauthorized")
             with contextlib.suppress(Exception):
                 http_connect.send(writer, PROXY_AUTH_REQUIRED)
                 writer.close()
-            return
+            return None
+        return request
+
+    async def _serve(
+        self, request: http_connect.ConnectRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        host, port = request.host, request.port
         metadata = self._metadata()
         if metadata is None:
             with contextlib.suppress(Exception):

@@ -172,7 +172,8 @@ def _open_start_log(path: Path) -> int:
 
     Job code can create names in Ray's temp dir. A symlink (to ../identity.json, say) is not
     followed (O_NOFOLLOW); a FIFO must not block the event loop in open(2) (O_NONBLOCK: with no
-    reader open(2) fails ENXIO, with one it is seen by fstat); a directory is moved aside. Each is
+    reader open(2) fails ENXIO, with one it is seen by fstat); a directory is moved aside; a file
+    made unwritable is replaced. Each is
     replaced by a new file: a Ray restarted after it would otherwise never start again (the emptyDir
     behind the chart's temp dir outlives container restarts).
     """
@@ -180,7 +181,8 @@ def _open_start_log(path: Path) -> int:
     try:
         fd = os.open(path, flags, 0o600)
     except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+        # EACCES/EPERM: a file job code made unwritable (chmod 000); the dir is the agent's to unlink in.
+        if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.EACCES, errno.EPERM):
             raise
         fd = -1
     if fd >= 0 and stat.S_ISREG(os.fstat(fd).st_mode):

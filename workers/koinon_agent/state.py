@@ -10,7 +10,7 @@ import os
 import secrets
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,10 @@ def load(state_dir: Path, can_rejoin: bool = False) -> StoredIdentity | None:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise TypeError("not a JSON object")
-        identity = StoredIdentity(**data)
+        # Fields this version does not know (a later agent's, after a rollback) are left out: the
+        # identity they came with is still this node's.
+        known = {field.name for field in fields(StoredIdentity)}
+        identity = StoredIdentity(**{name: value for name, value in data.items() if name in known})
         _check_types(identity)
     except (OSError, ValueError, TypeError) as exc:
         if not can_rejoin:
