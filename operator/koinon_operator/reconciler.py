@@ -613,6 +613,14 @@ class AIJobReconciler:
     ) -> None:
         now = self.clock()
         phase = state.phase
+        if phase in (Phase.SCHEDULED, Phase.RUNNING) and state.submission_id and state.start_time is None:
+            # The run's start by Ray's record, before the deadline is judged (a suspend's too): an operator that was
+            # down when the job started (or ran and ended) must not count it from when it looked.
+            started = ray_start_time([await self.ray.get(s) for s in ray_submissions_of(state)])
+            if started is not None:
+                writer.set(startTime=format_micro_time(started))
+                state = replace(state, start_time=started)
+
         if spec.suspend:
             # A suspend stops running work; it never throws away work that has ended (a Kubernetes
             # Job that completed stays Complete): an attempt whose copies ended before the
@@ -661,14 +669,6 @@ class AIJobReconciler:
             writer.phase(Phase.PENDING, "Resumed", "waiting for placement")
             outcome.event("Resumed", "job resumed")
             phase = Phase.PENDING
-
-        if phase in (Phase.SCHEDULED, Phase.RUNNING) and state.submission_id and state.start_time is None:
-            # The run's start by Ray's record, before the deadline is judged: an operator that was
-            # down when the job started (or ran and ended) must not count it from when it looked.
-            started = ray_start_time([await self.ray.get(s) for s in ray_submissions_of(state)])
-            if started is not None:
-                writer.set(startTime=format_micro_time(started))
-                state = replace(state, start_time=started)
 
         if (
             spec.active_deadline_seconds is not None
@@ -1010,10 +1010,11 @@ class AIJobReconciler:
             return None
 
     async def _attempt_ended(self, uid: str, state: AIJobStatus) -> bool:
-        """Every copy of the current attempt has ended in Ray (on its own or stopped)."""
+        """Every copy of the current attempt has ended in Ray on its own. A stopped one was stopped
+        by this operator (a suspend whose status write was lost, say): not an end of its own."""
         for k in range(state.copies):
             info = await self.ray.get(copy_submission_id(uid, state.attempts, k))
-            if info is None or not info.state.terminal:
+            if info is None or not info.state.terminal or info.state is RayJobState.STOPPED:
                 return False
         return True
 

@@ -168,3 +168,63 @@ async def test_a_suspend_concludes_an_attempt_that_ended_past_its_deadline_as_wi
         body2["status"]["phase"],
         body2["status"]["reason"],
     )
+
+
+async def test_a_suspend_whose_status_write_was_lost_is_not_turned_into_deadline_exceeded() -> None:
+    """A suspend first seen while the attempt runs past its deadline suspends it (the deadline
+    starts over). When that pass's status write is lost, the retry finds the copy STOPPED by the
+    suspend itself, past the deadline: it failed the job DeadlineExceeded."""
+    ray, clock = FakeRay(), Clock()
+    rec = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "activeDeadlineSeconds": 60})
+    await step(rec, body)  # placed
+    await step(rec, body)  # submitted
+    sid = submission_id_for(UID, 1)
+    ray.set_state(sid, RayJobState.RUNNING)
+    await step(rec, body)
+    assert body["status"]["phase"] == "Running"
+    clock.advance(70)  # past the deadline, still running; the suspend arrives before a pass saw it
+    body["spec"]["suspend"] = True
+    body["metadata"]["generation"] += 1
+    before = copy.deepcopy(body)
+    await step(rec, body)
+    assert body["status"]["phase"] == "Suspended" and sid in ray.stopped
+    # Ray records the stop's time as the job's end (the fake stamps 1 ms after the epoch).
+    ray.jobs[sid] = replace(ray.jobs[sid], end_time_ms=int(clock.now.timestamp() * 1000))
+    # The status write of that pass is lost: the API server still has the Running status.
+    body = before
+    rec.discard_write("ns/j")
+    clock.advance(5)
+    await step(rec, body)
+    assert (body["status"]["phase"], body["status"].get("reason")) == ("Suspended", "Suspended"), (
+        body["status"]["phase"],
+        body["status"].get("reason"),
+    )
+
+
+async def test_a_suspend_past_the_deadline_of_a_job_whose_start_ray_alone_recorded() -> None:
+    """Ended past its deadline while the operator was down (no startTime in status yet): without
+    the suspend the start is taken from Ray and it fails DeadlineExceeded; with it, it Succeeded."""
+    ray, clock = FakeRay(), Clock()
+    rec = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "activeDeadlineSeconds": 60})
+    await step(rec, body)  # placed
+    await step(rec, body)  # submitted: phase Scheduled, no startTime
+    sid = submission_id_for(UID, 1)
+    assert body["status"]["phase"] == "Scheduled" and not body["status"].get("startTime")
+    start_ms = int(clock.now.timestamp() * 1000)
+    ray.set_state(sid, RayJobState.SUCCEEDED, exit_code=0)
+    clock.advance(300)
+    ray.jobs[sid] = replace(ray.jobs[sid], start_time_ms=start_ms, end_time_ms=int(clock.now.timestamp() * 1000))
+    clock.advance(30)
+    plain = copy.deepcopy(body)
+    rec_plain = make_reconciler(ray, clock)
+    await step(rec_plain, plain)
+    assert (plain["status"]["phase"], plain["status"].get("reason")) == ("Failed", "DeadlineExceeded")
+    body["spec"]["suspend"] = True
+    body["metadata"]["generation"] += 1
+    await step(rec, body)
+    assert (body["status"]["phase"], body["status"].get("reason")) == ("Failed", "DeadlineExceeded"), (
+        body["status"]["phase"],
+        body["status"].get("reason"),
+    )

@@ -9,15 +9,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import socket
 import urllib.parse
 from pathlib import Path
 
 import grpc
 import pytest
+from koinon_agent import local_proxy
 from koinon_agent.ray_node import RaySettings, ray_environment
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import cluster, connect_via_proxy, echo_roundtrip
+from .helpers import cluster, connect_via_proxy, echo_roundtrip, proxy_authorization
 
 
 async def connect_status(port: int, headers: str, host: str, target_port: int) -> bytes:
@@ -164,14 +166,78 @@ async def test_strangers_that_never_send_a_request_cannot_lock_ray_out(tmp_path:
         agent = await c.start_agent("alpha")
         assert agent._proxy is not None
         agent._proxy.max_connections = agent._proxy.max_unauthenticated = 4
-        squatters = [await asyncio.open_connection("127.0.0.1", agent._proxy.port) for _ in range(5)]
+        squatters = [await asyncio.open_connection("127.0.0.1", agent._proxy.port) for _ in range(4)]
+        await asyncio.sleep(local_proxy.PUSH_OUT_AFTER_S + 0.1)  # each had its time to send a request
+        squatters.append(await asyncio.open_connection("127.0.0.1", agent._proxy.port))
         try:
             # The fifth pushed the first out.
             assert await asyncio.wait_for(squatters[0][0].read(), 5) == b""
             status, reader, writer = await connect_via_proxy(agent._proxy, "127.0.0.1", c.head_port)
             assert status == 200 and await echo_roundtrip(reader, writer, b"ok") == b"ok"
             writer.close()
-            assert agent._proxy.refused_local["pushed-out"] >= 2  # by the fifth squatter, and by Ray
+            assert agent._proxy.refused_local["pushed-out"] == 2  # by the fifth squatter, and by Ray
+            assert agent._proxy.refused_local["bad-request"] == 0  # each counted once
         finally:
             for _, squatter in squatters:
                 squatter.close()
+
+
+async def test_a_burst_of_rays_own_authenticated_connections_is_not_pushed_out(tmp_path: Path) -> None:
+    """More of Ray's connections than the pool holds (raylet and core workers starting together),
+    their CONNECTs already in the sockets when the proxy's loop gets to them: the last pushed out
+    the first before its request was read."""
+    async with cluster(tmp_path) as c:
+        agent = await c.start_agent("alpha")
+        proxy = agent._proxy
+        assert proxy is not None
+        request = (f"CONNECT 127.0.0.1:{c.head_port} HTTP/1.1\r\nHost: x\r\n{proxy_authorization(proxy)}\r\n").encode()
+        burst = proxy.max_unauthenticated + 1
+        socks = []
+        for _ in range(burst):  # the loop does not run meanwhile: all land in one accept batch
+            s = socket.create_connection(("127.0.0.1", proxy.port))
+            s.sendall(request)
+            s.setblocking(False)
+            socks.append(s)
+        statuses: list[int | str] = []
+        writers = []
+        for s in socks:
+            reader, writer = await asyncio.open_connection(sock=s)
+            writers.append(writer)
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
+                statuses.append(int(head.split()[1]))
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                statuses.append(repr(exc)[:40])
+        for writer in writers:
+            writer.close()
+        assert statuses == [200] * burst, (statuses[:3], dict(proxy.refused_local))
+
+
+async def test_a_burst_whose_requests_follow_the_connects_by_a_loop_turn(tmp_path: Path) -> None:
+    """The same burst, each CONNECT sent right after its connect() but after the proxy's loop has
+    accepted the lot."""
+    async with cluster(tmp_path) as c:
+        agent = await c.start_agent("alpha")
+        proxy = agent._proxy
+        assert proxy is not None
+        request = (f"CONNECT 127.0.0.1:{c.head_port} HTTP/1.1\r\nHost: x\r\n{proxy_authorization(proxy)}\r\n").encode()
+        burst = proxy.max_unauthenticated + 1
+        socks = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(burst)]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        for s in socks:
+            s.sendall(request)
+            s.setblocking(False)
+        statuses: list[int | str] = []
+        writers = []
+        for s in socks:
+            reader, writer = await asyncio.open_connection(sock=s)
+            writers.append(writer)
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 15)
+                statuses.append(int(head.split()[1]))
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                statuses.append(repr(exc)[:40])
+        for writer in writers:
+            writer.close()
+        assert statuses == [200] * burst, (statuses[:3], dict(proxy.refused_local))

@@ -48,8 +48,9 @@ PROXY_AUTH_REQUIRED = (
 # test_ray_netns.py (tasks, actors, 80 MB objects between two volunteers) peaks at about 20.
 MAX_LOCAL_CONNECTIONS = 1024
 # Connections still sending their request (not yet shown the secret) held at once; a newcomer
-# beyond this pushes out the oldest.
+# beyond this pushes out the oldest, once that one has had PUSH_OUT_AFTER_S to send it.
 MAX_UNAUTHENTICATED_CONNECTIONS = 64
+PUSH_OUT_AFTER_S = 1.0
 # Refusals of local clients are logged at most this often (a local flood must not flood the log).
 REFUSAL_LOG_INTERVAL_S = 60.0
 
@@ -81,8 +82,10 @@ class LocalProxy:
         self.refused_local: collections.Counter[str] = collections.Counter()
         self.active = 0  # authenticated local connections being served
         self.max_unauthenticated = MAX_UNAUTHENTICATED_CONNECTIONS
-        # Connections still sending their request, oldest first (a dict keeps insertion order).
-        self._unauthenticated: dict[asyncio.StreamWriter, None] = {}
+        # Connections still sending their request, oldest first (a dict keeps insertion order),
+        # with when each arrived (monotonic); and those pushed out whose handler has not ended yet.
+        self._unauthenticated: dict[asyncio.StreamWriter, float] = {}
+        self._pushed_out: set[asyncio.StreamWriter] = set()
         self._refusals_logged_at = -REFUSAL_LOG_INTERVAL_S
 
     def __repr__(self) -> str:
@@ -120,7 +123,8 @@ class LocalProxy:
         return hmac.compare_digest(presented, self._expected)
 
     def _refuse(self, why: str) -> None:
-        """Counts a local client turned away (``why``: bad-request, unauthorized, over-capacity)
+        """Counts a local client turned away (``why``: bad-request, unauthorized, over-capacity,
+        pushed-out)
         and logs it, at most once per REFUSAL_LOG_INTERVAL_S: a local flood must not flood the log."""
         self.refused_local[why] += 1
         now = time.monotonic()
@@ -132,19 +136,30 @@ class LocalProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # Until it has shown the secret a connection is a stranger's as much as Ray's: strangers
         # must not fill the slots Ray needs. So those still sending their request have a pool of
-        # their own, where a newcomer pushes out the oldest (Ray's requests arrive within
-        # microseconds of connecting; an idle stranger's waits out the request timeout), and only
-        # authenticated connections count against max_connections.
+        # their own, and only authenticated connections count against max_connections. In a full
+        # pool a newcomer pushes out the oldest once that one has had PUSH_OUT_AFTER_S to send its
+        # request (Ray's gRPC sends it right after connecting, an idle stranger waits out the
+        # request timeout); a burst of young connections (Ray's own, at start) is let in, up to
+        # four times the pool, so that none of Ray's is pushed out before it could be read.
         if len(self._unauthenticated) >= self.max_unauthenticated:
-            oldest = next(iter(self._unauthenticated))
-            self._unauthenticated.pop(oldest)
-            self._refuse("pushed-out")
-            oldest.transport.abort()
-        self._unauthenticated[writer] = None
+            oldest, since = next(iter(self._unauthenticated.items()))
+            if time.monotonic() - since >= PUSH_OUT_AFTER_S:
+                self._unauthenticated.pop(oldest)
+                self._pushed_out.add(oldest)
+                self._refuse("pushed-out")
+                oldest.transport.abort()
+            elif len(self._unauthenticated) >= 4 * self.max_unauthenticated:
+                self._refuse("over-capacity")
+                with contextlib.suppress(Exception):
+                    http_connect.send(writer, http_connect.response(503, "too-many-connections"))
+                    writer.close()
+                return
+        self._unauthenticated[writer] = time.monotonic()
         try:
             request = await self._read_request(reader, writer)
         finally:
             self._unauthenticated.pop(writer, None)
+            self._pushed_out.discard(writer)
         if request is None:
             return
         if self.active >= self.max_connections:
@@ -167,6 +182,8 @@ class LocalProxy:
             request = await http_connect.read_connect_request(reader)
         except (http_connect.BadConnectRequest, ConnectionError) as exc:
             log.debug("local proxy: %s", exc)
+            if writer in self._pushed_out:
+                return None  # counted as pushed out already
             self._refuse("bad-request")
             with contextlib.suppress(Exception):
                 http_connect.send(writer, http_connect.response(400, "Bad Request"))
