@@ -621,30 +621,23 @@ class AIJobReconciler:
                 writer.set(startTime=format_micro_time(started))
                 state = replace(state, start_time=started)
 
+        overran = (
+            spec.active_deadline_seconds is not None
+            and state.start_time is not None
+            and (now - state.start_time).total_seconds() > spec.active_deadline_seconds
+            and not await self._ended_within_deadline(uid, spec, state)
+        )
         if spec.suspend:
             # A suspend stops running work; it never throws away work that has ended (a Kubernetes
             # Job that completed stays Complete): an attempt whose copies ended before the
             # operator saw the suspend is concluded as it would be without it.
-            overran = (
-                phase in (Phase.SCHEDULED, Phase.RUNNING)
-                and spec.active_deadline_seconds is not None
-                and state.start_time is not None
-                and (now - state.start_time).total_seconds() > spec.active_deadline_seconds
-                and not await self._ended_within_deadline(uid, spec, state)
-            )
-            if overran and await self._attempt_ended(uid, state):
+            running = phase in (Phase.SCHEDULED, Phase.RUNNING)
+            if overran and running and await self._attempt_ended(uid, state):
                 # Ended, but after its deadline: without the suspend it fails so, and so it does.
-                self._finish(
-                    key,
-                    writer,
-                    outcome,
-                    Phase.FAILED,
-                    "DeadlineExceeded",
-                    f"activeDeadlineSeconds={spec.active_deadline_seconds} exceeded",
-                )
+                self._deadline_exceeded(key, spec, writer, outcome)
                 return
             if (
-                phase in (Phase.SCHEDULED, Phase.RUNNING)
+                running
                 and state.submission_id
                 and not overran  # still running past its deadline: suspended, the deadline starts over
                 and await self._conclude_if_ended(key, uid, spec, state, writer, outcome)
@@ -670,22 +663,10 @@ class AIJobReconciler:
             outcome.event("Resumed", "job resumed")
             phase = Phase.PENDING
 
-        if (
-            spec.active_deadline_seconds is not None
-            and state.start_time is not None
-            and (now - state.start_time).total_seconds() > spec.active_deadline_seconds
-            and not await self._ended_within_deadline(uid, spec, state)
-        ):
+        if overran:
             if state.submission_id:
                 await self._stop_copies(state)
-            self._finish(
-                key,
-                writer,
-                outcome,
-                Phase.FAILED,
-                "DeadlineExceeded",
-                f"activeDeadlineSeconds={spec.active_deadline_seconds} exceeded",
-            )
+            self._deadline_exceeded(key, spec, writer, outcome)
             return
 
         if phase is Phase.PENDING:
@@ -1008,6 +989,10 @@ class AIJobReconciler:
                 raise
             logger.warning("driver log of %s is gone with its node; concluding without it", info.submission_id)
             return None
+
+    def _deadline_exceeded(self, key: str, spec: AIJobSpec, writer: _StatusWriter, outcome: Outcome) -> None:
+        message = f"activeDeadlineSeconds={spec.active_deadline_seconds} exceeded"
+        self._finish(key, writer, outcome, Phase.FAILED, "DeadlineExceeded", message)
 
     async def _attempt_ended(self, uid: str, state: AIJobStatus) -> bool:
         """Every copy of the current attempt has ended in Ray on its own. A stopped one was stopped

@@ -4,7 +4,7 @@ the API server applies kopf's patch (a JSON merge patch), for reconciler tests w
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,6 +17,15 @@ from koinon_operator.reconciler import AIJobReconciler, Outcome
 UID = "8f6e8530-892f-46a5-a4e3-ba60e32a06d0"
 NODES = [RayNodeInfo("r1", "127.0.20.1", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-1"})]
 VOLUNTEERS: dict[str, dict[str, Any]] = {"vn-1": {"spec": {"owner": "alice"}, "status": {"phase": "Ready"}}}
+
+
+def stop_stamped(ray: FakeRay, submission_id: str, clock: Clock) -> None:
+    """``ray.stop`` as Ray does it: a job it stops ends then (its end time is the stop's)."""
+    ray.stopped.append(submission_id)
+    info = ray.jobs.get(submission_id)
+    if info is not None and not info.state.terminal:
+        end_ms = int(clock.now.timestamp() * 1000)
+        ray.jobs[submission_id] = replace(info, state=RayJobState.STOPPED, end_time_ms=end_ms)
 
 
 @dataclass

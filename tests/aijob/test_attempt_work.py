@@ -13,7 +13,7 @@ import pytest
 from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayNodeInfo
 from koinon_operator.reconciler import NodeWork, attempt_work, submission_id_for
 
-from .fake_ray import NODES, UID, Clock, FakeRay, make_body, make_reconciler, step
+from .fake_ray import NODES, UID, Clock, FakeRay, make_body, make_reconciler, step, stop_stamped
 
 SUBMISSION = submission_id_for(UID, 1)
 NOW_MS = 1_800_000_000_000.0
@@ -105,11 +105,7 @@ class StoppingRay(FakeRay):
     clock: Clock = field(default_factory=Clock)
 
     async def stop(self, submission_id: str) -> None:
-        self.stopped.append(submission_id)
-        info = self.jobs.get(submission_id)
-        if info is not None and not info.state.terminal:
-            end_ms = int(self.clock.now.timestamp() * 1000)
-            self.jobs[submission_id] = replace(info, state=RayJobState.STOPPED, end_time_ms=end_ms)
+        stop_stamped(self, submission_id, self.clock)
 
 
 async def test_a_suspended_job_credits_the_work_up_to_its_stop() -> None:

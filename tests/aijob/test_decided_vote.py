@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from .fake_ray import Clock, step
+from .fake_ray import Clock, step, stop_stamped
 from .test_driver_node_check import DriverNodeRay
 from .test_spot_check_coin import submit_all as submit_all_with
 from .test_verification_rounds import (
@@ -47,11 +47,7 @@ class StampingRay(CopiesRay):
         self.clock = clock
 
     async def stop(self, submission_id: str) -> None:
-        self.stopped.append(submission_id)
-        info = self.jobs.get(submission_id)
-        if info is not None and not info.state.terminal:
-            end_ms = int(self.clock.now.timestamp() * 1000)
-            self.jobs[submission_id] = replace(info, state=RayJobState.STOPPED, end_time_ms=end_ms)
+        stop_stamped(self, submission_id, self.clock)
 
 
 def started(ray: CopiesRay, clock: Clock, ids: list[str]) -> None:

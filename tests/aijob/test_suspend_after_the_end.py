@@ -135,7 +135,8 @@ async def test_suspend_while_copies_run_stops_them_and_judges_nobody() -> None:
     assert "earlierResults" not in (body["status"].get("verification") or {})
 
 
-async def _ended_past_its_deadline() -> tuple[FakeRay, Clock, AIJobReconciler, dict[str, Any]]:
+async def _running_with_a_deadline() -> tuple[FakeRay, Clock, AIJobReconciler, dict[str, Any], str]:
+    """A job with activeDeadlineSeconds=60 seen Running (its startTime in status)."""
     ray, clock = FakeRay(), Clock()
     rec = make_reconciler(ray, clock)
     body = make_body({"entrypoint": "python x.py", "activeDeadlineSeconds": 60})
@@ -145,6 +146,11 @@ async def _ended_past_its_deadline() -> tuple[FakeRay, Clock, AIJobReconciler, d
     ray.set_state(sid, RayJobState.RUNNING)
     await step(rec, body)
     assert body["status"]["phase"] == "Running" and body["status"].get("startTime")
+    return ray, clock, rec, body, sid
+
+
+async def _ended_past_its_deadline() -> tuple[FakeRay, Clock, AIJobReconciler, dict[str, Any]]:
+    ray, clock, rec, body, sid = await _running_with_a_deadline()
     clock.advance(300)  # the operator was down (or slow) meanwhile; the job overran by 4 minutes
     ray.set_state(sid, RayJobState.SUCCEEDED, exit_code=0)
     ray.jobs[sid] = replace(ray.jobs[sid], end_time_ms=int(clock.now.timestamp() * 1000))
@@ -174,15 +180,7 @@ async def test_a_suspend_whose_status_write_was_lost_is_not_turned_into_deadline
     """A suspend first seen while the attempt runs past its deadline suspends it (the deadline
     starts over). When that pass's status write is lost, the retry finds the copy STOPPED by the
     suspend itself, past the deadline: it failed the job DeadlineExceeded."""
-    ray, clock = FakeRay(), Clock()
-    rec = make_reconciler(ray, clock)
-    body = make_body({"entrypoint": "python x.py", "activeDeadlineSeconds": 60})
-    await step(rec, body)  # placed
-    await step(rec, body)  # submitted
-    sid = submission_id_for(UID, 1)
-    ray.set_state(sid, RayJobState.RUNNING)
-    await step(rec, body)
-    assert body["status"]["phase"] == "Running"
+    ray, clock, rec, body, sid = await _running_with_a_deadline()
     clock.advance(70)  # past the deadline, still running; the suspend arrives before a pass saw it
     body["spec"]["suspend"] = True
     body["metadata"]["generation"] += 1

@@ -156,13 +156,18 @@ async def test_agent_with_expired_stored_credential_rejoins_with_token_or_says_w
         assert agent.identity.node_name in c.registry.objects
 
 
+async def a_drained_agents_identity(c: Cluster) -> state.StoredIdentity:
+    """The identity of an agent "alpha" that joined, then drained and stopped."""
+    first = await c.start_agent("alpha")
+    assert first.identity is not None
+    first.request_drain()
+    await asyncio.wait_for(c.agents.pop()[1], 10)
+    return first.identity
+
+
 async def test_rejoin_after_expiry_retires_the_old_node_and_reuses_its_address(tmp_path: Path) -> None:
     async with cluster(tmp_path, credential_lifetime_s=2.0) as c:
-        first = await c.start_agent("alpha")
-        assert first.identity is not None
-        old = first.identity
-        first.request_drain()
-        await asyncio.wait_for(c.agents.pop()[1], 10)
+        old = await a_drained_agents_identity(c)
         stored = state.load(c.agent_config("alpha").state_dir)
         assert stored is not None
         await asyncio.sleep(max(0.0, stored.expires_at - time.time()) + 0.5)
@@ -205,11 +210,7 @@ async def test_rejoin_retires_no_object_created_again_under_the_previous_nodes_n
     """An expired credential names the object it was issued for: one made again under its name
     since (same owner, same address) is someone's new node, not the volunteer's old one."""
     async with cluster(tmp_path, credential_lifetime_s=2.0) as c:
-        first = await c.start_agent("alpha")
-        assert first.identity is not None
-        old = first.identity
-        first.request_drain()
-        await asyncio.wait_for(c.agents.pop()[1], 10)
+        old = await a_drained_agents_identity(c)
         deleted = c.registry.objects.pop(old.node_name)
         await c.registry.create(old.node_name, deleted["spec"], deleted["metadata"]["labels"])
         await c.registry.patch_status(old.node_name, {"address": old.address})
@@ -220,6 +221,17 @@ async def test_rejoin_retires_no_object_created_again_under_the_previous_nodes_n
         again = await c.start_agent("alpha")  # same state dir: sends the expired credential along
         assert again.identity is not None and again.identity.node_name != old.node_name
         assert old.node_name in c.registry.objects and c.gateway.metrics.previous_nodes == {}
+
+
+async def a_node_gone_quiet(c: Cluster, channel: grpc.aio.Channel) -> tuple[str, str, bytes]:
+    """A node that joined and registered, then hung up: its name, address, and the key the gateway
+    signs credentials with."""
+    joined, control = await registered_mute_node(c, channel)
+    name, address = joined.assignment.node_name, joined.assignment.address
+    control.cancel()
+    await wait_detached(c, name)
+    assert c.gateway.service is not None
+    return name, address, c.gateway.service.credential_key
 
 
 async def wait_detached(c: Cluster, name: str) -> None:
@@ -267,12 +279,7 @@ async def test_a_credential_from_before_uids_is_taken_and_replaced_by_one_naming
     """Refused, every agent would join again on the gateway's upgrade (credentials.py says why
     not); taken, the registration it opens hands the agent one that names the object."""
     async with cluster(tmp_path) as c, channel_for(c) as channel:
-        joined, control = await registered_mute_node(c, channel)
-        name, address = joined.assignment.node_name, joined.assignment.address
-        control.cancel()
-        await wait_detached(c, name)
-        assert c.gateway.service is not None
-        key = c.gateway.service.credential_key
+        name, address, key = await a_node_gone_quiet(c, channel)
         older = signed(key, {"n": name, "a": address, "iat": int(time.time()), "exp": int(time.time()) + 600})
         control = tunnel_stub(channel).Control(metadata=(("authorization", f"Bearer {older}"),))
         await control.write(pb.AgentMessage(register=pb.Register(node_name=name, address=address)))
@@ -288,12 +295,7 @@ async def test_a_credential_from_before_uids_opens_no_object_created_after_it(tm
     """An object deleted and applied again later under the same name, with its address: a leaked
     uid-less credential opened it and was renewed into one naming the new object, for ever."""
     async with cluster(tmp_path) as c, channel_for(c) as channel:
-        joined, control = await registered_mute_node(c, channel)
-        name, address = joined.assignment.node_name, joined.assignment.address
-        control.cancel()
-        await wait_detached(c, name)
-        assert c.gateway.service is not None
-        key = c.gateway.service.credential_key
+        name, address, key = await a_node_gone_quiet(c, channel)
         issued = int(time.time()) - 3600  # by the gateway before its upgrade, an hour ago
         older = signed(key, {"n": name, "a": address, "iat": issued, "exp": issued + 7 * 86400})
         saved = c.registry.objects.pop(name)

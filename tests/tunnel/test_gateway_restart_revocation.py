@@ -58,6 +58,23 @@ def _channel(gw: Gateway) -> grpc.aio.Channel:
     )
 
 
+async def _started_gateway(
+    cluster: Kube, head_port: int
+) -> tuple[Gateway, tuple[GatewayConfig, KubeTokenStore, KubeCAStore]]:
+    parts = gateway_parts(cluster, head_port)
+    config, tokens, ca_store = parts
+    gw = Gateway(config, tokens, KubeNodeRegistry(cluster.client, 0.5), ca_store)
+    await gw.start()
+    return gw, parts
+
+
+async def _registered(gw: Gateway, tokens: KubeTokenStore, hint: str) -> pb.JoinResponse:
+    """A node that joined and registered."""
+    joined = await _join(gw, tokens, hint)
+    assert await _register(gw, joined) == "registered"
+    return joined
+
+
 async def _join(gw: Gateway, tokens: KubeTokenStore, hint: str) -> pb.JoinResponse:
     async with _channel(gw) as channel:
         token = await tokens.create(owner=hint)
@@ -101,9 +118,7 @@ async def test_a_restart_does_not_give_a_finalizer_held_nodes_address_back_to_it
     tmp_path: Path,
 ) -> None:
     async with echo_server() as head_port:
-        config, tokens, ca_store = gateway_parts(kube, head_port)
-        gw = Gateway(config, tokens, KubeNodeRegistry(kube.client, 0.5), ca_store)
-        await gw.start()
+        gw, (config, tokens, ca_store) = await _started_gateway(kube, head_port)
         try:
             a = await _join(gw, tokens, "zzz")  # sorts after every other name
             a_name, x = a.assignment.node_name, a.assignment.address
@@ -145,12 +160,9 @@ async def test_a_node_held_by_a_finalizer_stays_refused_after_a_gateway_restart(
     back (slow with thousands of nodes), only the object's deletionTimestamp says the node is gone.
     Before 2026-12-06 Control checked only that the object existed, and the node registered again."""
     async with echo_server() as head_port:
-        config, tokens, ca_store = gateway_parts(kube, head_port)
-        gw = Gateway(config, tokens, KubeNodeRegistry(kube.client, 0.5), ca_store)
-        await gw.start()
+        gw, (config, tokens, ca_store) = await _started_gateway(kube, head_port)
         try:
-            a = await _join(gw, tokens, "alpha")
-            assert await _register(gw, a) == "registered"
+            a = await _registered(gw, tokens, "alpha")
             kube.emulator.patch(*VN, a.assignment.node_name, HOLD)
             await kube.client.delete(custom_path(GROUP, VERSION, PLURAL, a.assignment.node_name))
             await _until(lambda: gw.sessions.was_revoked(a.assignment.node_name), "A revoked")
@@ -180,12 +192,9 @@ async def test_a_volunteernode_applied_again_after_its_deletion_takes_none_of_it
     as well, registered again. The API server gives the new object a uid of its own."""
     path = custom_path(GROUP, VERSION, PLURAL)
     async with echo_server() as head_port:
-        config, tokens, ca_store = gateway_parts(kube, head_port)
-        gw = Gateway(config, tokens, KubeNodeRegistry(kube.client, 0.5), ca_store)
-        await gw.start()
+        gw, (config, tokens, ca_store) = await _started_gateway(kube, head_port)
         try:
-            a = await _join(gw, tokens, "alpha")
-            assert await _register(gw, a) == "registered"
+            a = await _registered(gw, tokens, "alpha")
             name = a.assignment.node_name
             saved = await kube.client.get(custom_path(GROUP, VERSION, PLURAL, name))
             await kube.client.delete(custom_path(GROUP, VERSION, PLURAL, name))
