@@ -209,6 +209,17 @@ class CopyAnswer:
         return self.result["digest"] if self.result is not None else None
 
 
+def earlier_votes(state: AIJobStatus) -> list[CopyResult]:
+    """The answers of earlier attempts without a majority, judged again with this one's."""
+    return [CopyResult(-1, node, owner, digest) for node, owner, digest in state.earlier_results]
+
+
+def _ended_on_their_own(infos: Iterable[RayJobInfo | None]) -> bool:
+    """Every copy ended in Ray by itself. A stopped one was stopped by this operator (a suspend
+    whose status write was lost, a decided vote): not an end of its own."""
+    return all(info is not None and info.state.terminal and info.state is not RayJobState.STOPPED for info in infos)
+
+
 def copy_votes(state: AIJobStatus, answers: Sequence[CopyAnswer]) -> list[CopyResult]:
     """The attempt's votes for judge: one per copy, under its first (driver) node and its owner."""
     return [
@@ -631,16 +642,19 @@ class AIJobReconciler:
             # A suspend stops running work; it never throws away work that has ended (a Kubernetes
             # Job that completed stays Complete): an attempt whose copies ended before the
             # operator saw the suspend is concluded as it would be without it.
-            running = phase in (Phase.SCHEDULED, Phase.RUNNING)
-            if overran and running and await self._attempt_ended(uid, state):
+            infos = (
+                await self._copies_in_ray(uid, state)
+                if phase in (Phase.SCHEDULED, Phase.RUNNING) and state.submission_id
+                else []
+            )
+            if overran and infos and _ended_on_their_own(infos):
                 # Ended, but after its deadline: without the suspend it fails so, and so it does.
                 self._deadline_exceeded(key, spec, writer, outcome)
                 return
             if (
-                running
-                and state.submission_id
+                infos
                 and not overran  # still running past its deadline: suspended, the deadline starts over
-                and await self._conclude_if_ended(key, uid, spec, state, writer, outcome)
+                and await self._conclude_if_ended(key, spec, state, infos, writer, outcome)
             ):
                 written = outcome.status.get("phase")
                 if written is None or Phase(written).finished:
@@ -833,16 +847,21 @@ class AIJobReconciler:
         await self._judge(key, spec, state, known, writer, outcome)
 
     async def _conclude_if_ended(
-        self, key: str, uid: str, spec: AIJobSpec, state: AIJobStatus, writer: _StatusWriter, outcome: Outcome
+        self,
+        key: str,
+        spec: AIJobSpec,
+        state: AIJobStatus,
+        infos: list[RayJobInfo | None],
+        writer: _StatusWriter,
+        outcome: Outcome,
     ) -> bool:
-        """Concludes the attempt as _follow would if its work has ended in Ray: every copy ended
-        on its own (none stopped), or the copies that answered decide its vote. False, and nothing
-        done, while it still runs or has copies not submitted."""
-        infos = [await self.ray.get(copy_submission_id(uid, state.attempts, k)) for k in range(state.copies)]
+        """Concludes the attempt as _follow would if its work has ended in Ray (``infos``: its
+        copies there): every copy ended on its own, or the copies that answered decide its vote.
+        False, and nothing done, while it still runs or has copies not submitted."""
         known = [info for info in infos if info is not None]
         if len(known) < len(infos):
             return False
-        if all(info.state.terminal and info.state is not RayJobState.STOPPED for info in known):
+        if _ended_on_their_own(known):
             await self._judge(key, spec, state, known, writer, outcome)
             return True
         return await self._decide_early(key, spec, state, known, writer, outcome)
@@ -880,7 +899,7 @@ class AIJobReconciler:
         answers = await self._answers(state, infos, lost_nodes(state, await self.nodes.get()), read=succeeded)
         if answers is None:
             return True  # an answer may not be in its log yet: look again next pass (seconds)
-        earlier = [CopyResult(-1, node, owner, digest) for node, owner, digest in state.earlier_results]
+        earlier = earlier_votes(state)
         if not judge(copy_votes(state, answers), earlier).accepted:
             return False
         running = [k for k in sorted(waiting) if not infos[k].state.terminal]
@@ -994,14 +1013,9 @@ class AIJobReconciler:
         message = f"activeDeadlineSeconds={spec.active_deadline_seconds} exceeded"
         self._finish(key, writer, outcome, Phase.FAILED, "DeadlineExceeded", message)
 
-    async def _attempt_ended(self, uid: str, state: AIJobStatus) -> bool:
-        """Every copy of the current attempt has ended in Ray on its own. A stopped one was stopped
-        by this operator (a suspend whose status write was lost, say): not an end of its own."""
-        for k in range(state.copies):
-            info = await self.ray.get(copy_submission_id(uid, state.attempts, k))
-            if info is None or not info.state.terminal or info.state is RayJobState.STOPPED:
-                return False
-        return True
+    async def _copies_in_ray(self, uid: str, state: AIJobStatus) -> list[RayJobInfo | None]:
+        """Ray's record of each copy of the current attempt (None: not submitted)."""
+        return [await self.ray.get(copy_submission_id(uid, state.attempts, k)) for k in range(state.copies)]
 
     async def _ended_within_deadline(self, uid: str, spec: AIJobSpec, state: AIJobStatus) -> bool:
         """Every copy of the attempt ended, by Ray's record, before activeDeadlineSeconds ran out.
@@ -1014,11 +1028,13 @@ class AIJobReconciler:
         if state.phase not in (Phase.SCHEDULED, Phase.RUNNING):
             return False
         deadline_ms = (state.start_time.timestamp() + spec.active_deadline_seconds) * 1000
-        for k in range(state.copies):
-            info = await self.ray.get(copy_submission_id(uid, state.attempts, k))
-            if info is None or not info.state.terminal or info.end_time_ms is None or info.end_time_ms > deadline_ms:
-                return False
-        return True
+        return all(
+            info is not None
+            and info.state.terminal
+            and info.end_time_ms is not None
+            and info.end_time_ms <= deadline_ms
+            for info in await self._copies_in_ray(uid, state)
+        )
 
     async def _conclude_single(
         self,
@@ -1154,7 +1170,7 @@ class AIJobReconciler:
             unblamed = elsewhere.union(stopped)
             await self._ray_jobs_failed(key, spec, state, writer, outcome, infos, logs, unblamed=unblamed)
             return
-        earlier = [CopyResult(-1, node, owner, digest) for node, owner, digest in state.earlier_results]
+        earlier = earlier_votes(state)
         verdict = judge(copies, earlier)
 
         def every_node(voters: Iterable[str]) -> list[str]:
