@@ -7,6 +7,7 @@ the status subresource, so writers never clobber fields they do not own (e.g. re
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import json
 import os
 import uuid
@@ -72,6 +73,16 @@ def status_address(node: JSON) -> str:
 def node_uid(node: JSON) -> str:
     """The object's ``metadata.uid``: new each time an object is created, also under an old name."""
     return str((node.get("metadata") or {}).get("uid") or "")
+
+
+def created_at(node: JSON) -> dt.datetime | None:
+    """When the API server made the object (``metadata.creationTimestamp``); None when unknown
+    (objects of a file registry from before it was kept, or a time without its zone)."""
+    try:
+        created = dt.datetime.fromisoformat(str((node.get("metadata") or {}).get("creationTimestamp")))
+    except ValueError:
+        return None
+    return created if created.tzinfo is not None else None
 
 
 def being_deleted(node: JSON) -> bool:

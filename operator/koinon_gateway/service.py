@@ -25,7 +25,7 @@ from .frame_codec import FrameDecodeError
 from .log_limit import LimitedLog
 from .metrics import GatewayMetrics
 from .ray_check import RayNodeChecker
-from .registry import JSON, NodeExists, NodeRegistry, being_deleted, node_uid, status_address
+from .registry import JSON, NodeExists, NodeRegistry, being_deleted, created_at, node_uid, status_address
 from .routing import DialRefused, Router
 from .rpc import EOF, Context, MalformedMessage
 from .sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT, NodeSession, SessionTable, gpus_reported
@@ -88,11 +88,8 @@ def replay_in_time(grant: JoinGrant, node: JSON, now: dt.datetime) -> bool:
     days or months on: refused, as it is for a node whose creation time is unknown."""
     if grant.expiration is None or now < grant.expiration:
         return True
-    try:
-        made_at = dt.datetime.fromisoformat(str((node.get("metadata") or {}).get("creationTimestamp")))
-    except ValueError:
-        return False
-    return made_at.tzinfo is not None and now - made_at < dt.timedelta(seconds=COUNTED_JOIN_RETRY_S)
+    made_at = created_at(node)
+    return made_at is not None and now - made_at < dt.timedelta(seconds=COUNTED_JOIN_RETRY_S)
 
 
 # How much later than a uid-less credential's issue its object may have been created (by the API
@@ -107,11 +104,8 @@ def credential_names_node(identity: credentials.NodeIdentity, node: JSON) -> boo
     creation times (objects of an old file registry) give it the benefit of the doubt."""
     if identity.uid:
         return identity.uid == node_uid(node)
-    try:
-        created = dt.datetime.fromisoformat(str((node.get("metadata") or {}).get("creationTimestamp")))
-    except ValueError:
-        return True
-    return created.tzinfo is None or created.timestamp() <= identity.issued_at + CLOCK_SLACK_S
+    created = created_at(node)
+    return created is None or created.timestamp() <= identity.issued_at + CLOCK_SLACK_S
 
 
 def port_block_message(ports: PortBlock) -> pb.PortBlock:

@@ -124,8 +124,9 @@ class LocalProxy:
 
     def _refuse(self, why: str) -> None:
         """Counts a local client turned away (``why``: bad-request, unauthorized, over-capacity,
-        pushed-out)
-        and logs it, at most once per REFUSAL_LOG_INTERVAL_S: a local flood must not flood the log."""
+        pushed-out) and logs it with the counts so far, at most once per REFUSAL_LOG_INTERVAL_S: a
+        local flood must not flood the log. (Not the gateway's LimitedLog: its summaries point to
+        /metrics, which the agent has not.)"""
         self.refused_local[why] += 1
         now = time.monotonic()
         if now - self._refusals_logged_at >= REFUSAL_LOG_INTERVAL_S:
