@@ -1137,10 +1137,9 @@ class AIJobReconciler:
         stopped: list[str] = []  # copies stopped once the vote was decided: no answer, no evidence
         # A copy votes once, under its first (driver) node and that node's owner; every node of it
         # computed its answer (any of them may have spoilt it), so each is judged by that answer.
-        computed_by = dict(state.earlier_copies)
+        computed_by = state.copies_by_voter()
         for k, (info, reply) in enumerate(zip(infos, answers, strict=True)):
             node = state.copy_nodes(k)[0]
-            computed_by[node] = tuple((n, state.owner_of(n)) for n in state.copy_nodes(k))
             if k in unanswered:
                 stopped.append(node)
             elif reply.misplaced:

@@ -57,17 +57,10 @@ def accepted_copies(aijob: Mapping[str, Any]) -> list[dict[str, NodeResult]] | N
         return None
     digest = str((status.get("result") or {}).get("digest") or "")
     state = AIJobStatus.from_status(status)
-    # This attempt's copies by the node their vote was counted under (their first), then the
-    # earlier attempts' (verification.earlierResults).
-    members = {
-        nodes[0]: tuple((node, state.owner_of(node)) for node in nodes)
-        for nodes in (state.copy_nodes(k) for k in range(state.copies))
-        if nodes
-    }
+    members = state.copies_by_voter()
     verification = status.get("verification") or {}
     if verification.get("agreeing"):
         earlier = {str(r.get("node")): str(r.get("owner")) for r in verification.get("earlierResults") or ()}
-        members.update(state.earlier_copies)
         voters = [str(node) for node in verification["agreeing"]]
         copies = [members.get(voter) or ((voter, earlier.get(voter) or voter),) for voter in voters]
     else:  # one copy, a trusted node's verification skipped: its nodes computed the result

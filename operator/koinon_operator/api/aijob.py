@@ -250,6 +250,16 @@ class AIJobStatus:
     def copy_addresses(self, copy: int) -> tuple[str, ...]:
         return self.node_addresses[copy * self.replicas_per_copy : (copy + 1) * self.replicas_per_copy]
 
+    def copies_by_voter(self) -> dict[str, tuple[tuple[str, str], ...]]:
+        """(node, owner) of every node of each copy, this attempt's and the earlier attempts'
+        (earlier_copies), by the node its vote is counted under (its first): each of them computed
+        the copy's answer."""
+        members = dict(self.earlier_copies)
+        for k in range(self.copies):
+            if nodes := self.copy_nodes(k):
+                members[nodes[0]] = tuple((node, self.owner_of(node)) for node in nodes)
+        return members
+
     def owner_of(self, node: str) -> str:
         for name, owner in zip(self.assigned_nodes, self.owners, strict=False):
             if name == node:
