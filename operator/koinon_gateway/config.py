@@ -71,6 +71,8 @@ _POSITIVE_SECONDS = (
     "credential_lifetime_s",
     "token_cleanup_interval_s",
     "token_cleanup_grace_s",
+    "unconnected_node_ttl_s",
+    "unconnected_node_sweep_s",
 )
 MAX_CREDENTIAL_LIFETIME_S = 366 * 24 * 3600.0
 # How old a connected node's lastHeartbeat may get between refreshes: half the 120 s after which
@@ -137,6 +139,11 @@ class GatewayConfig:
     # token_cleanup_interval_s.
     token_cleanup_interval_s: float = 600.0
     token_cleanup_grace_s: float = 3600.0
+    # A VolunteerNode whose agent never connected this long after its join is deleted (and its
+    # virtual address freed), looked for every unconnected_node_sweep_s: 24 h, as Kubernetes keeps
+    # a pending CSR (unconnected_nodes.py).
+    unconnected_node_ttl_s: float = 24 * 3600.0
+    unconnected_node_sweep_s: float = 600.0
 
     def validate(self) -> None:
         # NaN passes every comparison below unnoticed, and a negative interval only fails later, at

@@ -16,7 +16,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,11 +129,11 @@ class KubeNodeRegistry:
             self._seen[name] = str(status["address"])
         self.status_writes += 1
 
-    async def delete(self, name: str) -> bool:
+    async def delete(self, name: str, preconditions: Mapping[str, str] | None = None) -> bool:
         try:
-            await self.client.delete(self._path(name))
+            await self.client.delete(self._path(name), preconditions)
         except KubeApiError as exc:
-            if exc.not_found:
+            if exc.not_found or (preconditions and exc.conflict):  # gone, or no longer the object read
                 return False
             raise
         self._last.pop(name, None)

@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="proxied connections one volunteer may hold open at once; more are refused",
     )
+    p.add_argument(
+        "--unconnected-node-ttl",
+        type=_positive_seconds,
+        default=24 * 3600.0,
+        help="seconds after its join a VolunteerNode whose agent never connected is deleted (its address freed)",
+    )
     p.add_argument("--store", choices=["file", "memory", "kube"], default="file")
     p.add_argument("--kubeconfig", type=Path, help="(kube store) default: in-cluster, else $KUBECONFIG")
     p.add_argument(
@@ -124,6 +130,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         heartbeat_timeout_s=args.heartbeat_timeout,
         credential_lifetime_s=args.credential_lifetime,
         max_streams_per_node=args.max_streams_per_node,
+        unconnected_node_ttl_s=args.unconnected_node_ttl,
         namespace=args.namespace,
     )
 

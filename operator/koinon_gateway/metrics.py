@@ -15,6 +15,8 @@ class GatewayMetrics:
     refused_streams: Counter[str] = field(default_factory=Counter)  # auth/protocol failures
     # What a rejoin did with the node an expired credential named: "retired" or "kept".
     previous_nodes: Counter[str] = field(default_factory=Counter)
+    # VolunteerNodes deleted because their agent never connected (unconnected_nodes.py).
+    unconnected_nodes_deleted: int = 0
     connections_opened: int = 0
     connections_active: int = 0
     # The most proxied connections one node has held at once since the start (to size
@@ -56,6 +58,9 @@ class GatewayMetrics:
         family("koinon_gateway_tunnel_bytes_total", "counter",
                "Payload bytes carried through the tunnel, by direction as seen from the nodes.",
                [(f'{{direction="{d}"}}', self.tunnel_bytes[d]) for d in ("from_nodes", "to_nodes")])  # fmt: skip
+        family("koinon_gateway_unconnected_nodes_deleted_total", "counter",
+               "VolunteerNodes deleted because their agent never connected after joining.",
+               [("", self.unconnected_nodes_deleted)])  # fmt: skip
         for name, counter, help_text in (
             ("joins", self.joins, "Join calls by outcome: ok or the refusal reason."),
             ("refused_dials", self.refused_dials, "Dials through the tunnel refused, by reason."),

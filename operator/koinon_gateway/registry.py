@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -22,6 +22,8 @@ GROUP = "koinon.dev"
 VERSION = "v1alpha1"
 PLURAL = "volunteernodes"
 KIND = "VolunteerNode"
+# On every node a join makes (the token's id): a VolunteerNode made by hand does not carry it.
+JOIN_TOKEN_LABEL = "koinon.dev/join-token"
 
 JSON = dict[str, Any]
 
@@ -46,8 +48,9 @@ class NodeRegistry(Protocol):
         """Merge-patches ``status`` (JSON merge patch semantics: None deletes)."""
         ...
 
-    async def delete(self, name: str) -> bool:
-        """Deletes the VolunteerNode; False when it did not exist."""
+    async def delete(self, name: str, preconditions: Mapping[str, str] | None = None) -> bool:
+        """Deletes the VolunteerNode; False when it did not exist. With ``preconditions`` (``uid``,
+        ``resourceVersion``: the object as read), only that very object unchanged, else False."""
         ...
 
 
@@ -88,6 +91,13 @@ def created_at(node: JSON) -> dt.datetime | None:
 def being_deleted(node: JSON) -> bool:
     """A deletion was asked for (a finalizer may still hold the object): the node is revoked."""
     return bool((node.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def _meets(obj: JSON, preconditions: Mapping[str, str]) -> bool:
+    """As the API server checks DeleteOptions.preconditions (these objects carry no
+    resourceVersion: an empty one matches)."""
+    metadata = obj.get("metadata") or {}
+    return all(str(metadata.get(key) or "") == wanted for key, wanted in preconditions.items())
 
 
 def merge_patch(target: JSON, patch: JSON) -> JSON:
@@ -138,8 +148,12 @@ class InMemoryNodeRegistry:
         obj["status"] = merge_patch(obj.get("status") or {}, status)
         self.status_writes += 1
 
-    async def delete(self, name: str) -> bool:
-        return self.objects.pop(name, None) is not None
+    async def delete(self, name: str, preconditions: Mapping[str, str] | None = None) -> bool:
+        obj = self.objects.get(name)
+        if obj is None or not _meets(obj, preconditions or {}):
+            return False
+        del self.objects[name]
+        return True
 
 
 class FileNodeRegistry(InMemoryNodeRegistry):
@@ -172,7 +186,7 @@ class FileNodeRegistry(InMemoryNodeRegistry):
         await super().patch_status(name, status)
         self._save()
 
-    async def delete(self, name: str) -> bool:
-        deleted = await super().delete(name)
+    async def delete(self, name: str, preconditions: Mapping[str, str] | None = None) -> bool:
+        deleted = await super().delete(name, preconditions)
         self._save()
         return deleted

@@ -34,6 +34,7 @@ from .service import TunnelService
 from .sessions import SessionTable
 from .tokens import ExpiredTokenCleaner, InMemoryTokenStore, TokenStore
 from .tunnel_io import GRPC_OPTIONS
+from .unconnected_nodes import unconnected_too_long
 
 log = logging.getLogger(__name__)
 # How long a stopping gateway waits for work it owes the API (a token use to give back) after its
@@ -89,6 +90,7 @@ class Gateway:
         self._liveness: asyncio.Task[None] | None = None
         self._revoker: asyncio.Task[None] | None = None
         self._token_cleaner: asyncio.Task[None] | None = None
+        self._unconnected_cleaner: asyncio.Task[None] | None = None
 
     @property
     def agent_target(self) -> str:
@@ -160,6 +162,7 @@ class Gateway:
             self._revoker = asyncio.ensure_future(self._revoke_deleted(self.registry))
         if isinstance(self.tokens, ExpiredTokenCleaner):
             self._token_cleaner = asyncio.ensure_future(self._clean_tokens(self.tokens))
+        self._unconnected_cleaner = asyncio.ensure_future(self._clean_unconnected_nodes())
         log.info("gateway serving agents on %s, head proxy %s", self.agent_target, self.head_proxy_url)
         return self
 
@@ -218,8 +221,43 @@ class Gateway:
                 log.exception("deleting expired join tokens failed; trying again later")
             await asyncio.sleep(self.config.token_cleanup_interval_s)
 
+    async def _clean_unconnected_nodes(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.unconnected_node_sweep_s)
+            try:
+                await self.delete_unconnected_nodes()
+            except Exception:
+                log.exception("deleting VolunteerNodes that never connected failed; trying again later")
+
+    async def delete_unconnected_nodes(self) -> list[str]:
+        """Deletes the nodes that joined more than ``unconnected_node_ttl_s`` ago and whose agent
+        never connected, and frees their addresses; returns their names."""
+        found = unconnected_too_long(
+            await self.registry.list(),
+            dt.datetime.now(dt.UTC),
+            self.config.unconnected_node_ttl_s,
+            self.sessions.by_name,
+        )
+        deleted = []
+        for node in found:
+            if node.name in self.sessions.by_name:  # connected during an earlier delete's await
+                continue
+            # Only the object as listed: one that connected since (its status changed) or was
+            # created again under the name stays.
+            preconditions = {"uid": node.uid, "resourceVersion": node.resource_version}
+            if not await self.registry.delete(node.name, {k: v for k, v in preconditions.items() if v}):
+                continue
+            self.allocator.release(node.address, node.name)
+            self.metrics.unconnected_nodes_deleted += 1
+            deleted.append(node.name)
+            log.info(
+                "node %s joined at %s and its agent never connected; deleted, address %s freed",
+                node.name, node.created.isoformat(), node.address or "-",
+            )  # fmt: skip
+        return deleted
+
     async def stop(self, grace: float = 1.0) -> None:
-        for task in (self._liveness, self._revoker, self._token_cleaner):
+        for task in (self._liveness, self._revoker, self._token_cleaner, self._unconnected_cleaner):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):

@@ -25,7 +25,16 @@ from .frame_codec import FrameDecodeError
 from .log_limit import LimitedLog
 from .metrics import GatewayMetrics
 from .ray_check import RayNodeChecker
-from .registry import JSON, NodeExists, NodeRegistry, being_deleted, created_at, node_uid, status_address
+from .registry import (
+    JOIN_TOKEN_LABEL,
+    JSON,
+    NodeExists,
+    NodeRegistry,
+    being_deleted,
+    created_at,
+    node_uid,
+    status_address,
+)
 from .routing import DialRefused, Router
 from .rpc import EOF, Context, MalformedMessage
 from .sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT, NodeSession, SessionTable, gpus_reported
@@ -61,7 +70,6 @@ MAX_JOINS_AT_ONCE = 32
 MAX_JOINS_WAITING = 4096
 _NAME_RE = re.compile(r"[^a-z0-9-]+")
 _JOIN_ID_RE = re.compile(r"[0-9a-f]{32}")
-JOIN_TOKEN_LABEL = "koinon.dev/join-token"
 # A digest of the join id, not the id: whoever can list VolunteerNodes must not learn what, with a
 # leaked single-use token, would get them a credential for a node that never connected.
 JOIN_KEY_LABEL = "koinon.dev/join-key"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -105,9 +106,9 @@ async def test_file_store_restart_keeps_addresses_tokens_and_credentials(tmp_pat
 class SlowDeleteRegistry(InMemoryNodeRegistry):
     """Deleting takes a while, as an API call does."""
 
-    async def delete(self, name: str) -> bool:
+    async def delete(self, name: str, preconditions: Mapping[str, str] | None = None) -> bool:
         await asyncio.sleep(0.5)
-        return await super().delete(name)
+        return await super().delete(name, preconditions)
 
 
 async def test_retiring_a_previous_node_never_gives_a_live_nodes_address_to_another(tmp_path: Path) -> None:

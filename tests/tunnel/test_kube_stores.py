@@ -757,6 +757,64 @@ async def test_restarted_gateway_keeps_its_ca_and_nodes(kube: Kube) -> None:
     assert len(kube.emulator.list_objects("v1", "Secret", NAMESPACE)) == 2  # the CA and one token
 
 
+async def test_gateway_deletes_nodes_whose_agent_never_connected(kube: Kube) -> None:
+    # A join that is never followed by a connection would hold its VolunteerNode and virtual address
+    # for good; a node that connected once, and one made by hand, are not the cleaner's.
+    async with echo_server() as head_port:
+        config = gateway_config(head_port)
+        config.unconnected_node_ttl_s, config.unconnected_node_sweep_s = 1.5, 0.2
+        tokens, registry = KubeTokenStore(kube.client, NAMESPACE), KubeNodeRegistry(kube.client)
+        gateway = Gateway(config, tokens, registry, KubeCAStore(kube.client, NAMESPACE))
+        await gateway.start()
+        kgw = KubeGateway(gateway, tokens, registry)
+        try:
+            await registry.create("by-hand", {"owner": "carol"}, {})
+            async with kgw.channel() as channel:
+                stub = tunnel_stub(channel)
+                idle = await stub.Join(pb.JoinRequest(token=await tokens.create(owner="alice"), name_hint="idle"))
+                live = await stub.Join(pb.JoinRequest(token=await tokens.create(owner="bob"), name_hint="live"))
+                bearer = (("authorization", f"Bearer {live.credential}"),)
+                call = stub.Control(metadata=bearer)
+                register = pb.Register(node_name=live.assignment.node_name, address=live.assignment.address)
+                await call.write(pb.AgentMessage(register=register))
+                assert (await asyncio.wait_for(call.read(), 10)).HasField("registered")
+                call.cancel()  # connected once, gone now: NotReady, not deleted
+
+                idle_name, idle_address = idle.assignment.node_name, idle.assignment.address
+                assert await wait_until(lambda: gateway.allocator.holder(idle_address) is None, timeout=10)
+                assert await registry.get(idle_name) is None
+                await asyncio.sleep(config.unconnected_node_ttl_s + 5 * config.unconnected_node_sweep_s)
+                names = {n["metadata"]["name"] for n in await registry.list()}
+                assert names == {"by-hand", live.assignment.node_name}
+                assert gateway.allocator.holder(live.assignment.address) == live.assignment.node_name
+                assert gateway.metrics.unconnected_nodes_deleted == 1
+                assert "koinon_gateway_unconnected_nodes_deleted_total 1\n" in gateway.metrics.render()
+
+                # The deleted node's agent is refused, as for any deleted node.
+                late = stub.Control(metadata=(("authorization", f"Bearer {idle.credential}"),))
+                await late.write(pb.AgentMessage(register=pb.Register(node_name=idle_name, address=idle_address)))
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await asyncio.wait_for(late.read(), 10)
+                assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            await gateway.stop(0)
+
+
+async def test_a_node_delete_with_preconditions_spares_a_changed_or_new_object(kube: Kube) -> None:
+    registry = KubeNodeRegistry(kube.client)
+    uid = await registry.create("vn-a", {"owner": "alice"}, {})
+    listed = await registry.get("vn-a")
+    assert listed is not None
+    as_read = {"uid": uid, "resourceVersion": listed["metadata"]["resourceVersion"]}
+    await registry.patch_status("vn-a", {"phase": "Ready", "lastHeartbeat": "2026-12-06T00:00:00Z"})
+    assert await registry.delete("vn-a", as_read) is False  # it connected after the read
+    assert await registry.get("vn-a") is not None
+    assert await registry.delete("vn-a", {"uid": "another-object"}) is False
+    assert await registry.delete("vn-a", {"uid": uid}) is True
+    assert await registry.get("vn-a") is None
+    assert await registry.delete("vn-a", {"uid": uid}) is False
+
+
 async def test_volunteernodes_are_listed_by_label(kube: Kube) -> None:
     registry = KubeNodeRegistry(kube.client)
     await registry.create("vn-a", {"owner": "alice"}, {"koinon.dev/join-token": "aaaaaa", "koinon.dev/join-key": "1"})
