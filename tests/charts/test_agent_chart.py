@@ -372,3 +372,29 @@ def test_large_numbers_from_a_values_file_render_as_integers(tools: Tools, tmp_p
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert env["KOINON_SIMULATE_GPU_MEMORY"] == "81920000" and env["KOINON_DRAIN_GRACE"] == "2000000"
     assert "5000000" in pod["containers"][0]["livenessProbe"]["exec"]["command"]
+
+
+@pytest.mark.parametrize("persistence", ["pvc", "hostPath"])
+def test_a_kept_state_dir_renders_without_a_join_token(tools: Tools, persistence: str) -> None:
+    """Only the first join needs the token: a later `helm upgrade` of a joined volunteer, whose token
+    has expired or been revoked since, must not have to pass the dead token on."""
+    kind = "DaemonSet" if persistence == "hostPath" else "Deployment"
+    values: dict[str, str | None] = {"joinToken.value": None, "persistence.type": persistence, "kind": kind}
+    docs = render(tools, values)
+    assert not by_kind(docs, "Secret")
+    assert "KOINON_TOKEN" not in env_map(agent_container(one(docs, kind)))
+    result = tools.run(
+        tools.helm,
+        "install",
+        "vol",
+        str(CHART),
+        "--dry-run=client",
+        *[
+            arg
+            for key, value in {**values, "gateway.address": GATEWAY}.items()
+            if value
+            for arg in ("--set", f"{key}={value}")
+        ],
+    )
+    assert result.returncode == 0, result.stderr
+    assert "The first join needs a join token" in result.stdout.split("NOTES:", 1)[1]

@@ -65,6 +65,47 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "koinon-agent.caMountPath" -}}/etc/koinon/gateway-ca{{- end }}
 
 {{/*
+Bytes of a Kubernetes quantity ("2Gi", "512k", "1.5G", 1073741824), as an integer string.
+Argument: (list "<value's name>" <quantity>), the name for the message.
+*/}}
+{{- define "koinon-agent.bytes" -}}
+{{- $name := index . 0 }}
+{{- $quantity := index . 1 }}
+{{- if kindIs "string" $quantity }}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $quantity }}
+{{- $units := dict "" 1.0 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 }}
+{{- $suffix := trimPrefix $number $quantity }}
+{{- if or (not $number) (not (hasKey $units $suffix)) }}
+{{- fail (printf "%s: %q is not a size the chart reads: write a number with one of the suffixes k M G T P E Ki Mi Gi Ti Pi Ei, or none" $name $quantity) }}
+{{- end }}
+{{- mulf (float64 $number) (get $units $suffix) | floor | int64 }}
+{{- else }}
+{{- $quantity | int64 }}
+{{- end }}
+{{- end }}
+
+{{/*
+Bytes of Ray's object store the agent passes to `ray start --object-store-memory`; empty: Ray's
+choice. Ray's own default is 30 % of the container's free memory, which with the defaults (8Gi
+limit) is more than the 2Gi /dev/shm: Ray then puts the store on /tmp, the node's disk. So with a
+/dev/shm of its own the chart sizes the store itself: 80 % of shmSize (the rest for job code's own
+shared memory, e.g. PyTorch's DataLoader), and no more than Ray's 30 % of resources.limits.memory
+(the store's pages count against the container's memory).
+*/}}
+{{- define "koinon-agent.objectStoreMemory" -}}
+{{- if not (kindIs "invalid" .Values.agent.objectStoreMemory) }}
+{{- .Values.agent.objectStoreMemory | int64 }}
+{{- else if .Values.shmSize }}
+{{- $store := mulf (include "koinon-agent.bytes" (list "shmSize" .Values.shmSize) | float64) 0.8 }}
+{{- $limit := dig "limits" "memory" "" (.Values.resources | default dict) }}
+{{- if $limit }}
+{{- $store = minf $store (mulf (include "koinon-agent.bytes" (list "resources.limits.memory" $limit) | float64) 0.3) }}
+{{- end }}
+{{- $store | floor | int64 }}
+{{- end }}
+{{- end }}
+
+{{/*
 Rules that one value cannot express in values.schema.json: combinations of values. Each failure
 names the values involved and what to do.
 */}}
@@ -73,8 +114,8 @@ names the values involved and what to do.
 {{- if and $v.joinToken.value $v.joinToken.existingSecret }}
 {{- fail "joinToken: set joinToken.value or joinToken.existingSecret, not both" }}
 {{- end }}
-{{- if not (or $v.joinToken.value $v.joinToken.existingSecret) }}
-{{- fail "joinToken: set joinToken.value (the token from the platform team) or joinToken.existingSecret (a Secret holding it)" }}
+{{- if and (not (or $v.joinToken.value $v.joinToken.existingSecret)) (eq $v.persistence.type "emptyDir") }}
+{{- fail "joinToken: set joinToken.value (the token from the platform team) or joinToken.existingSecret (a Secret holding it); only with persistence.type pvc or hostPath, whose node credential outlives the pod, may a joined node go without" }}
 {{- end }}
 {{- if and $v.gateway.caCert $v.gateway.caSecretName }}
 {{- fail "gateway: set gateway.caCert or gateway.caSecretName, not both" }}
@@ -103,6 +144,16 @@ names the values involved and what to do.
 {{- range $taken := list "/tmp" "/dev/shm" (include "koinon-agent.caMountPath" $) }}
 {{- if or (eq $mount $taken) (hasPrefix (printf "%s/" $taken) $mount) (hasPrefix (printf "%s/" $mount) $taken) }}
 {{- fail (printf "persistence.mountPath: %s overlaps %s, which the chart mounts already (Ray's temp dir, shared memory, the CA); use a path of its own such as /var/lib/koinon-agent" $v.persistence.mountPath $taken) }}
+{{- end }}
+{{- end }}
+{{- if $v.shmSize }}
+{{- $shm := include "koinon-agent.bytes" (list "shmSize" $v.shmSize) | int64 }}
+{{- $store := include "koinon-agent.objectStoreMemory" $ | int64 }}
+{{- if gt $store $shm }}
+{{- fail (printf "agent.objectStoreMemory: %d bytes do not fit in shmSize: %s (%d bytes), the /dev/shm Ray keeps its object store in; Ray would put it on disk (/tmp), or above 10 GB refuse to start; raise shmSize or lower agent.objectStoreMemory" $store $v.shmSize $shm) }}
+{{- end }}
+{{- if lt $store 78643200 }}
+{{- fail (printf "shmSize: %s (with resources.limits.memory: %v) leaves Ray's object store %d bytes, less than its minimum of 78643200 (75 MiB); the chart gives it 80 %% of shmSize and at most 30 %% of resources.limits.memory: raise them or set agent.objectStoreMemory" $v.shmSize (dig "limits" "memory" "none" ($v.resources | default dict)) $store) }}
 {{- end }}
 {{- end }}
 {{- $needed := add (int $v.agent.drainGraceSeconds) 20 }}
