@@ -138,6 +138,8 @@ async def reconcile_aijob(
         _ttl_announced.add(uid)
     for event in outcome.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    # Nothing awaited since the pass: a deletion handler waiting for it in reconciler.stop resumes
+    # only once the tracer knows whether this pass emitted the job's root span (it must not again).
     memo.tracer.record(body, outcome.status, [(e.type, e.reason, e.message) for e in outcome.events])
     if outcome.reputation or outcome.work:
         try:
@@ -225,6 +227,8 @@ async def stop_ray_job(body: kopf.Body, memo: kopf.Memo, runtime: timedelta = ti
         # The root span once, from the leader: returning would count this handler as done and
         # remove the finalizer, and the new leader's handler (which emits it) would never run.
         raise kopf.TemporaryError("the lease ran out during the stop; the leader finishes the deletion", delay=5)
+    # Judged from the deletion's body, which may predate the pass that finished the job (stop()
+    # waited for it): the tracer then knows that pass emitted the root, and emits nothing more.
     memo.tracer.deleted(body, posted)
 
 

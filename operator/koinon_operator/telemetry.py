@@ -4,7 +4,8 @@ One trace per job, with ids derived from the object's uid (trace id and root spa
 it, see ``reconciler.trace_id_for``), so spans emitted by different operator processes over the
 job's life (restarts included) land in the same trace. Each transition the operator posts as an
 Event is also a span; when the job finishes, or is deleted before, the root span covering creation
-to completion (or deletion) and a span for the Ray run are emitted.
+to completion (or deletion) and a span for the Ray run are emitted, once per operator process (see
+``JobTracer``).
 
 Configuration is the standard ``OTEL_*`` environment: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) turns export on, over gRPC or, with
@@ -242,12 +243,24 @@ def _ns(moment: datetime | None) -> int | None:
     return int(moment.timestamp() * 1e9) if moment else None
 
 
+# How many jobs' root spans a JobTracer remembers having emitted (a trace id each): far more jobs
+# than finish or are deleted within STALE_BODY_GRACE_SECONDS, the longest a repeat comes after.
+ROOTS_REMEMBERED = 10_000
+
+
 class JobTracer:
-    """Turns a reconcile pass's transitions into spans of the job's trace."""
+    """Turns a reconcile pass's transitions into spans of the job's trace.
+
+    A job's root span (and its ``ray.job`` span) is emitted once per process, remembered by trace
+    id: a finishing pass repeated because its status write never landed, or a deletion handler
+    judging from a body older than the pass that finished the job (reconciler.stop waited for that
+    pass), must not emit a second span with the root's id. Another process (after a restart or a
+    change of leader) does not know: replaying a finishing pass whose write was lost emits it again."""
 
     def __init__(self, provider: TracerProvider | None) -> None:
         self._provider = provider
         self._tracer = provider.get_tracer("koinon.operator") if provider else None
+        self._roots_emitted: dict[int, None] = {}  # trace ids, oldest first
 
     @property
     def enabled(self) -> bool:
@@ -260,7 +273,10 @@ class JobTracer:
         if self._tracer is None or not events:
             return
         before = body.get("status") or {}
-        status = {**before, **status_written}
+        # The pass writes a JSON merge patch (reconciler.changed_fields): nested objects hold only
+        # what changed (a rerun's verification without its unchanged copies, a failover's
+        # scheduling without its owners), so it is applied as the API server applies it.
+        status = apply_merge_patch(before, status_written)
         # Named from the status the pass started from when the pass cleared them: the spans of a
         # failed, lost or interrupted attempt must still say where it ran.
         job = self._job(body, status, before)
@@ -269,9 +285,14 @@ class JobTracer:
         # A list first: every transition gets its span, and a pass without events ends nothing here.
         ends = [self._transition(job, status, event_type, reason, message) for event_type, reason, message in events]
         last_end = max(ends, default=None)
-        # The root span once, in the pass that finished the job (not again in the TTL deletion's).
+        # The root span once, in the pass that finished the job (not again in the TTL deletion's,
+        # nor in a repeat of the pass whose status write was lost).
         finished_now = status_written.get("phase")
-        if finished_now in ("Succeeded", "Failed") and (body.get("status") or {}).get("phase") != finished_now:
+        if (
+            finished_now in ("Succeeded", "Failed")
+            and before.get("phase") != finished_now
+            and not self._root_emitted(job)
+        ):
             failed = finished_now == "Failed"
             self._finish(job, status, StatusCode.ERROR if failed else StatusCode.OK, last_end)
 
@@ -286,7 +307,9 @@ class JobTracer:
         if status.get("phase") in ("Succeeded", "Failed"):
             return  # the finishing pass emitted the root
         job = self._job(body, status)
-        if job is None:
+        if job is None or self._root_emitted(job):
+            # Emitted already: by the pass that finished the job after kopf took this (deletion)
+            # body, which the deletion handler waited for; or by this handler's earlier try.
             return
         deleted_at = (body.get("metadata") or {}).get("deletionTimestamp")
         status.update(completionTime=deleted_at or status.get("completionTime"), reason="Deleted")
@@ -299,6 +322,9 @@ class JobTracer:
         if warnings:
             status.update(reason=warnings[0][0], message=warnings[0][1])
         self._finish(job, status, StatusCode.ERROR if warnings else StatusCode.UNSET, last_end)
+
+    def _root_emitted(self, job: _TracedJob) -> bool:
+        return job.trace_id in self._roots_emitted
 
     def _job(
         self, body: Mapping[str, Any], status: Mapping[str, Any], before: Mapping[str, Any] | None = None
@@ -332,6 +358,8 @@ class JobTracer:
             attributes["koinon.verification.copies"] = int(verification.get("copies") or 0)
             attributes["koinon.verification.agreeing"] = ",".join(verification.get("agreeing") or [])
             attributes["koinon.verification.disagreeing"] = ",".join(verification.get("disagreeing") or [])
+            # Copies stopped once the others had decided the vote: neither agreeing nor disagreeing.
+            attributes["koinon.verification.stopped"] = ",".join(verification.get("stopped") or [])
         return _TracedJob(meta, attributes, parent, trace_id, root_span)
 
     def _transition(
@@ -357,6 +385,9 @@ class JobTracer:
         comes before the spans of the pass that emits it, and backends flag children that outlive
         their parent (and cut them off in the waterfall)."""
         assert self._tracer is not None
+        self._roots_emitted[job.trace_id] = None
+        while len(self._roots_emitted) > ROOTS_REMEMBERED:
+            del self._roots_emitted[next(iter(self._roots_emitted))]
         start, end = parse_time(status.get("startTime")), parse_time(status.get("completionTime"))
         if start and end:
             run = self._tracer.start_span(
@@ -385,6 +416,21 @@ class JobTracer:
             root.set_status(Status(outcome, description[:200]) if outcome is StatusCode.ERROR else Status(outcome))
         ends = [moment for moment in (_ns(end), last_child_end) if moment]
         root.end(end_time=max(ends) if ends else None)
+
+
+def apply_merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """``patch``, a JSON merge patch (RFC 7386), applied to ``target``: objects merged key by key,
+    a null removes its key (in an object the patch adds, too), any other value replaces."""
+    merged = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping):
+            current = merged.get(key)
+            merged[key] = apply_merge_patch(current if isinstance(current, Mapping) else {}, value)
+        else:
+            merged[key] = value
+    return merged
 
 
 @dataclass(frozen=True)

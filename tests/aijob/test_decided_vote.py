@@ -210,7 +210,10 @@ async def test_the_trace_of_a_decided_vote_says_which_copy_was_stopped() -> None
     assert {"aijob.CopiesStopped", "aijob.Verified", "ray.job", "aijob"} <= set(spans), sorted(spans)
     stopped = dict(spans["aijob.CopiesStopped"].attributes or {})
     assert "vn-d" in str(stopped["koinon.message"]) and stopped["koinon.nodes"] == "vn-a,vn-c,vn-d"
-    assert dict(spans["aijob"].attributes or {})["koinon.verification.agreeing"] == "vn-a,vn-c"
+    root = dict(spans["aijob"].attributes or {})
+    assert root["koinon.verification.agreeing"] == "vn-a,vn-c"
+    assert root["koinon.verification.stopped"] == "vn-d", root  # neither agreeing nor failed
+    assert dict(spans["aijob.Verified"].attributes or {})["koinon.verification.stopped"] == "vn-d"
     assert spans["aijob"].status.is_ok
 
 

@@ -1,4 +1,5 @@
 """AIJob traces as SREs read them: no runtime_env secret in spans, failed attempts name their nodes,
+a verified rerun's spans its copies and a failover's its owners,
 one Deleted span per TTL deletion, a deletion that left Ray running says so, a failed root says
 why, revoked results reach the trace, the resource names the version, low-cardinality root names."""
 
@@ -95,6 +96,61 @@ async def test_a_failed_attempts_span_names_the_nodes_it_ran_on() -> None:
     attributes = dict(failed.attributes or {})
     assert attributes["koinon.attempt"] == 1
     assert attributes["koinon.nodes"] == "vn-1", attributes
+
+
+async def test_the_spans_concluding_a_verified_rerun_name_its_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rerun after NoMajority runs as many copies as the attempt before: verification.copies is
+    unchanged, so the pass's merge patch leaves it out of verification, and record() (merging the
+    patch shallowly) made aijob.Verified and the root span say koinon.verification.copies=0."""
+    from tests.aijob import test_verification_rounds as rounds
+
+    ray, clock = rounds.CopiesRay(["vn-a", "vn-b"]), Clock()
+    reconciler, body = rounds.reconciler(ray, clock), rounds.replicated_job()
+    tracer, exporter = _tracer()
+
+    async def traced(reconciler: Any, body: dict[str, Any], volunteers: Any = None) -> Any:
+        return await _traced_step(reconciler, tracer, body, volunteers)
+
+    monkeypatch.setattr(rounds, "step", traced)  # every pass of run_copies, traced
+    await rounds.run_copies(reconciler, ray, clock, body, {"vn-a": rounds.GOOD, "vn-b": rounds.FORGED})
+    assert body["status"]["reason"] == "NoMajority"
+    ray.present = ["vn-a", "vn-b", "vn-b2", "vn-c", "vn-d"]
+    answers: dict[str, str | None] = {"vn-c": rounds.GOOD, "vn-d": rounds.GOOD, "vn-b2": rounds.FORGED}
+    await rounds.run_copies(reconciler, ray, clock, body, answers)
+    assert body["status"]["reason"] == "Verified" and body["status"]["verification"]["copies"] == 2
+    spans = {s.name: dict(s.attributes or {}) for s in exporter.get_finished_spans()}
+    for name in ("aijob.Verified", "aijob"):
+        assert spans[name]["koinon.verification.copies"] == 2, (name, spans[name])
+        assert spans[name]["koinon.verification.agreeing"] == "vn-a,vn-c,vn-d", (name, spans[name])
+
+
+async def test_the_scheduled_span_of_a_failover_to_the_same_owner_names_the_owner() -> None:
+    """A failover (NodeLost) to another node of the same owner leaves scheduling.owners unchanged:
+    the pass's patch of scheduling (addresses, excludedNodes) has no owners, and record() (merging
+    the patch shallowly) made aijob.Scheduled of attempt 2 say koinon.owners=''."""
+    from tests.aijob.test_verification_rounds import CopiesRay, reconciler, volunteers
+
+    ray, clock = CopiesRay(["vn-b"]), Clock()
+    rec = reconciler(ray, clock)
+    tracer, exporter = _tracer()
+    body = make_body({"entrypoint": "python x.py"})
+    bobs = volunteers(["vn-b", "vn-b2"])
+    for _ in range(2):
+        await _traced_step(rec, tracer, body, bobs)
+    assert body["status"]["assignedNodes"] == ["vn-b"]
+    ray.set_state(submission_id_for(UID, 1), RayJobState.RUNNING)
+    ray.present = ["vn-a", "vn-b2"]  # vn-b leaves; bob's other node (another address) is there
+    for _ in range(5):
+        clock.advance(60)
+        await _traced_step(rec, tracer, body, bobs)
+        if body["status"].get("attempts") == 2:
+            break
+    assert body["status"]["attempts"] == 2 and body["status"]["assignedNodes"] == ["vn-b2"], body["status"]
+    scheduled = [dict(s.attributes or {}) for s in exporter.get_finished_spans() if s.name == "aijob.Scheduled"]
+    assert [(a["koinon.attempt"], a["koinon.nodes"], a["koinon.owners"]) for a in scheduled] == [
+        (1, "vn-b", "bob"),
+        (2, "vn-b2", "bob"),
+    ]
 
 
 # 3 ------------------------------------------------------------------------------------------

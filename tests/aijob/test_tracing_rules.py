@@ -1,9 +1,12 @@
-"""Tracing rules that need no cluster: the root span once per job and ending after its children,
-sampling decided for the whole trace, the SRE's service.name kept, OTLP over HTTP when asked for
-(to a real HTTP receiver), and malformed OTLP headers refused at start without showing the key."""
+"""Tracing rules that need no cluster: the root span once per job (a deletion racing the pass that
+finishes the job, or that pass repeated after its status write was lost, included) and ending
+after its children, the pass's status applied as the merge patch it is, sampling decided for the
+whole trace, the SRE's service.name kept, OTLP over HTTP when asked for (to a real HTTP receiver),
+and malformed OTLP headers refused at start without showing the key."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import http.server
 import logging
@@ -18,12 +21,14 @@ from typing import Any
 
 import kopf
 import pytest
+from koinon_emulator.patching import merge_patch
 from koinon_operator.ray_jobs import RayJobState
-from koinon_operator.reconciler import AIJobReconciler, submission_id_for
+from koinon_operator.reconciler import STALE_BODY_GRACE_SECONDS, AIJobReconciler, Outcome, submission_id_for
 from koinon_operator.telemetry import (
     JobIdGenerator,
     JobTracer,
     _exporters_from_env,
+    apply_merge_patch,
     exporter_settings_problem,
     setup_tracing,
     traceparent,
@@ -34,7 +39,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 
-from tests.aijob.fake_ray import UID, Clock, FakeRay, make_body, make_reconciler, step
+from tests.aijob.fake_ray import UID, VOLUNTEERS, Clock, FakeRay, make_body, make_reconciler, step
 
 
 def _tracer(provider: TracerProvider) -> tuple[JobTracer, InMemorySpanExporter]:
@@ -43,11 +48,17 @@ def _tracer(provider: TracerProvider) -> tuple[JobTracer, InMemorySpanExporter]:
     return JobTracer(provider), exporter
 
 
-async def _traced_step(reconciler: AIJobReconciler, tracer: JobTracer, body: dict[str, Any]) -> None:
+async def _traced_step(
+    reconciler: AIJobReconciler,
+    tracer: JobTracer,
+    body: dict[str, Any],
+    volunteers: dict[str, dict[str, Any]] | None = None,
+) -> Outcome:
     """What handlers.reconcile_aijob does: record(the body before the patch, the patch, the events)."""
     before = copy.deepcopy(body)
-    outcome = await step(reconciler, body)
+    outcome = await step(reconciler, body, volunteers)
     tracer.record(before, outcome.status, [(e.type, e.reason, e.message) for e in outcome.events])
+    return outcome
 
 
 async def _run_to_success_and_ttl(tracer: JobTracer) -> None:
@@ -75,6 +86,105 @@ async def test_the_ttl_deletion_does_not_emit_the_root_span_again() -> None:
     assert [s.name for s in spans].count("aijob") == 1
     assert [s.name for s in spans].count("ray.job") == 1
     assert "aijob.Deleted" in [s.name for s in spans]
+
+
+async def _running_job(tracer: JobTracer) -> tuple[AIJobReconciler, FakeRay, Clock, dict[str, Any]]:
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py"})
+    for _ in range(2):  # Accepted + Scheduled, Submitted
+        await _traced_step(reconciler, tracer, body)
+    ray.set_state(submission_id_for(UID, 1), RayJobState.RUNNING)
+    await _traced_step(reconciler, tracer, body)
+    assert body["status"]["phase"] == "Running"
+    return reconciler, ray, clock, body
+
+
+async def test_a_deletion_racing_the_pass_that_finishes_the_job_emits_one_root_span(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kopf hands the deletion handler the body of the deletion event, while a timer pass that began
+    before it is still concluding the job (reconciler.stop waits for it). That pass emits the root
+    (Succeeded, OK); the deletion handler, judging from its body (Running), emitted a second root
+    span with the same span id (reason Deleted)."""
+    from koinon_operator import handlers
+
+    monkeypatch.setattr(kopf, "event", lambda *args, **kwargs: None)
+    provider = TracerProvider(id_generator=JobIdGenerator())
+    tracer, exporter = _tracer(provider)
+    reconciler, ray, clock, body = await _running_job(tracer)
+    ray.set_state(submission_id_for(UID, 1), RayJobState.SUCCEEDED, exit_code=0)
+    reading_logs = asyncio.Event()
+    logs_read = ray.logs
+
+    async def slow_logs(*args: Any, **kwargs: Any) -> str:  # the finishing pass waits on Ray
+        await reading_logs.wait()
+        return await logs_read(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "logs", slow_logs)
+    leader = SimpleNamespace(is_leader=True, term=1)
+    quiet = SimpleNamespace(record=lambda *args, **kwargs: asyncio.sleep(0))
+    memo = SimpleNamespace(reconciler=reconciler, tracer=tracer, leader=leader, reputation=quiet, ray=ray)
+    clock.advance(10)
+    reconcile: Any = handlers.reconcile_aijob
+    patch = kopf.Patch()
+    raw: Any = copy.deepcopy(body)
+    timer_body = kopf.Body(raw)
+    timer = asyncio.create_task(reconcile(body=timer_body, patch=patch, memo=memo, namespace="ns", name="j",
+                                          aijob_allocations={}, volunteer_nodes={}))  # fmt: skip
+    await asyncio.sleep(0.05)
+    deleting = copy.deepcopy(body)  # kubectl delete: the deletion event's body, still Running
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:01:00Z"
+    stop_ray_job: Any = handlers.stop_ray_job
+    deletion = asyncio.create_task(stop_ray_job(body=deleting, memo=memo))
+    await asyncio.sleep(0.05)
+    assert not timer.done() and not deletion.done()  # the deletion waits for the pass
+    reading_logs.set()
+    await asyncio.gather(timer, deletion)
+    assert patch["status"]["phase"] == "Succeeded"
+    roots = [s for s in exporter.get_finished_spans() if s.name == "aijob"]
+    assert [(r.attributes or {}).get("koinon.reason") for r in roots] == ["Completed"], [
+        (dict(r.attributes or {}).get("koinon.reason"), r.status.status_code) for r in roots
+    ]
+    assert roots[0].status.is_ok
+
+
+async def test_a_finishing_pass_repeated_after_its_status_write_was_lost_emits_no_second_root_span() -> None:
+    """record() runs before kopf's status patch lands. When that write is lost (an API error), the
+    reconciler acts on the body again after STALE_BODY_GRACE_SECONDS and concludes the job again:
+    a second root span (and ray.job span) with the same ids reached the backend."""
+    provider = TracerProvider(id_generator=JobIdGenerator())
+    tracer, exporter = _tracer(provider)
+    reconciler, ray, clock, body = await _running_job(tracer)
+    body["metadata"]["resourceVersion"] = "7"
+    ray.set_state(submission_id_for(UID, 1), RayJobState.SUCCEEDED, exit_code=0)
+    concluded = 0
+    for _ in range(3):  # no pass's write lands: the body stays as it was
+        clock.advance(STALE_BODY_GRACE_SECONDS / 2 + 1)
+        outcome = await reconciler.reconcile(copy.deepcopy(body), {}, VOLUNTEERS)
+        tracer.record(body, outcome.status, [(e.type, e.reason, e.message) for e in outcome.events])
+        concluded += outcome.status.get("phase") == "Succeeded"
+    assert concluded == 2  # the first pass, and the one after the grace (not the one within it)
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert names.count("aijob") == 1 and names.count("ray.job") == 1, names
+
+
+def test_the_passs_status_is_applied_to_the_body_as_a_json_merge_patch() -> None:
+    """As the API server applies it (the emulator's merge_patch): nested objects key by key, null
+    deletes, also inside an object the patch adds."""
+    before = {"phase": "Running", "verification": {"copies": 2, "agreeing": ["a"]}, "submissionId": "s"}
+    patch: dict[str, Any] = {
+        "verification": {"agreeing": None, "stopped": ["d"]},
+        "scheduling": {"owners": ["bob"], "why": None},
+        "submissionId": None,
+    }
+    assert apply_merge_patch(before, patch) == merge_patch(before, patch)
+    assert apply_merge_patch(before, patch) == {
+        "phase": "Running",
+        "verification": {"copies": 2, "stopped": ["d"]},
+        "scheduling": {"owners": ["bob"]},
+    }
+    assert before["verification"] == {"copies": 2, "agreeing": ["a"]}  # not changed in place
 
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0])
