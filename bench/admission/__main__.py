@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import psutil
 import yaml
 from koinon_dev.cluster import DevCluster, DevClusterConfig, kubectl
+from koinon_gateway.kube_client import kube_client, load_kubeconfig
 
 from bench.percentiles import percentile
 
@@ -50,17 +50,14 @@ def decided(status: dict[str, Any]) -> bool:
     return phase not in (None, "Pending") or status.get("reason") == "Unschedulable"
 
 
-async def watch_jobs(api_url: str, namespace: str, count: int, created: dict[str, float],
+async def watch_jobs(kubeconfig: Path, namespace: str, count: int, created: dict[str, float],
                      first_status: dict[str, float], all_decided: asyncio.Event) -> None:  # fmt: skip
-    url = f"{api_url}/apis/koinon.dev/v1alpha1/namespaces/{namespace}/aijobs?watch=true"
+    path = f"/apis/koinon.dev/v1alpha1/namespaces/{namespace}/aijobs"
     decided_names: set[str] = set()
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
-    async with aiohttp.ClientSession(timeout=timeout) as session, session.get(url) as reply:
-        async for line in reply.content:
-            if not line.strip():
-                continue
-            event = json.loads(line)
-            obj = event.get("object", {})
+    # The API wants the kubeconfig's certificate and token (the emulator of `koinon dev up` does).
+    async with kube_client(load_kubeconfig(kubeconfig)) as client:
+        async for event in client.watch(path, "", timeout_s=3600):
+            obj = event.object
             name = obj.get("metadata", {}).get("name")
             if not name:
                 continue
@@ -103,7 +100,7 @@ async def run(count: int, timeout: float) -> dict[str, Any]:
         created: dict[str, float] = {}
         first_status: dict[str, float] = {}
         all_decided = asyncio.Event()
-        watcher = asyncio.create_task(watch_jobs(info.api_url, namespace, count, created, first_status, all_decided))
+        watcher = asyncio.create_task(watch_jobs(info.kubeconfig, namespace, count, created, first_status, all_decided))
         await asyncio.sleep(0.2)
         started = time.perf_counter()
         documents = job_documents(count, namespace)

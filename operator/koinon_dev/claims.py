@@ -16,7 +16,6 @@ import json
 import os
 import random
 import stat
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,9 @@ class Claim:
 
 
 def claims_dir() -> Path:
-    return Path(tempfile.gettempdir()) / f"koinon-dev-claims-{os.getuid()}"
+    # Always /tmp, as the work dirs: after $TMPDIR (which one shell sets and another does not), two
+    # control planes of the user kept their claims apart and took the same ports and addresses.
+    return Path("/tmp") / f"koinon-dev-claims-{os.getuid()}"
 
 
 def _own_directory() -> Path:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
 
-from koinon_dev.cluster import DevCluster, DevClusterConfig, DevClusterInfo, kubectl
+from koinon_dev.cluster import DevCluster, DevClusterConfig, DevClusterInfo, down_command, kubectl
 from koinon_dev.processes import TerminatedBySignal, signals_as_exceptions
+from koinon_dev.tunnel_plane import MAX_VOLUNTEERS
 
 
 def _cluster(args: argparse.Namespace) -> DevCluster:
@@ -29,8 +29,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     info = _cluster(args).up()
     print(f"\nLocal control plane is up. Use it with:\n  export KUBECONFIG={info.kubeconfig}")
     print("  kubectl apply -f examples/numeric-job.yaml && kubectl get aij -w")
-    state = "" if args.state_dir == ".koinon/dev" else f" --state-dir {shlex.quote(str(args.state_dir))}"
-    print(f"Stop it with: koinon{state} dev down")
+    print(f"Stop it with: {down_command(Path(args.state_dir))}")
     return 0
 
 
@@ -54,7 +53,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     if missing:
         # A crash, an OOM kill or a reboot: the record outlives the processes. Scripts must not read "up".
-        print(f"koinon: recorded but not running: {', '.join(missing)}; run `koinon dev down`", file=sys.stderr)
+        print(
+            f"koinon: recorded but not running: {', '.join(missing)}; run `{down_command(cluster.state_dir)}`",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -100,10 +102,24 @@ def _failed_command(error: subprocess.CalledProcessError) -> str:
     return f"`{command}` failed (exit status {error.returncode})" + (f": {stderr.strip()}" if stderr.strip() else "")
 
 
+def _volunteer_count(text: str) -> int:
+    """1 to MAX_VOLUNTEERS: the gateway claims that many port blocks, and a control plane without
+    volunteers runs no job."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= count <= MAX_VOLUNTEERS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_VOLUNTEERS}, got {count}")
+    return count
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="koinon", description=__doc__)
     parser.add_argument("--state-dir", default=".koinon/dev", help="where the local control plane keeps state")
-    parser.add_argument("--volunteers", type=int, default=2, help="local volunteer nodes to start")
+    parser.add_argument(
+        "--volunteers", type=_volunteer_count, default=2, help=f"local volunteer nodes to start (1 to {MAX_VOLUNTEERS})"
+    )
     parser.add_argument(
         "--no-netns",
         action="store_true",
@@ -131,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except subprocess.CalledProcessError as error:
         print(f"koinon: {_failed_command(error)}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as error:  # an unwritable --state-dir, a cluster.json that is a directory...
+        print(f"koinon: {error}", file=sys.stderr)
         sys.exit(1)
     except TerminatedBySignal as error:  # what was started is stopped by now
         print(f"koinon: {error}", file=sys.stderr)

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,9 +29,9 @@ from pathlib import Path
 
 from koinon_dev.binaries import ensure_binaries
 from koinon_dev.processes import (
-    TERMINATING_SIGNALS,
     ManagedProcess,
     boot_id,
+    cleanup_signals,
     deferred_signals,
     free_ports,
     kill_processes_using,
@@ -156,6 +157,13 @@ class DevClusterInfo:
         )
 
 
+def down_command(state_dir: Path) -> str:
+    """The command that stops the control plane recorded in ``state_dir``, as the user types it."""
+    if state_dir.resolve() == (Path.cwd() / ".koinon" / "dev").resolve():
+        return "koinon dev down"
+    return f"koinon --state-dir {shlex.quote(str(state_dir))} dev down"
+
+
 def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
@@ -242,7 +250,8 @@ class DevCluster:
         with self._exclusive(), signals_as_exceptions():
             if self.state_path.exists():
                 raise RuntimeError(
-                    f"a local control plane is already recorded in {self.state_path}; run `koinon dev down` first"
+                    f"a local control plane is already recorded in {self.state_path}; "
+                    f"run `{down_command(self.state_dir)}` first"
                 )
             self.log_dir.mkdir(parents=True, exist_ok=True)
             ensure_binaries()
@@ -296,7 +305,10 @@ class DevCluster:
         # One left by an earlier run would make the wait for the emulator's kubeconfig below pass at once.
         kubeconfig.unlink(missing_ok=True)
         (api_port,) = free_ports(1)
-        api_url = f"http://127.0.0.1:{api_port}"
+        # HTTPS, and only clients with the kubeconfig's token (drawn by the emulator at each start,
+        # 0600) are served: any local user reaches the port, and the API holds the gateway's CA key
+        # and AIJobs, which run as the user who ran `up`.
+        api_url = f"https://127.0.0.1:{api_port}"
         self._state.api_url = api_url
         emulator = ManagedProcess(
             "kube-emulator",
@@ -311,8 +323,13 @@ class DevCluster:
         )
         self._launch(emulator)
         say(f"- Kubernetes API emulator on {api_url}")
-        wait_until(lambda: _http_ok(f"{api_url}/version", emulator), 30, what="the Kubernetes API emulator")
-        wait_until(kubeconfig.exists, 10, what="the kubeconfig")
+
+        def serving() -> bool:
+            if not emulator.alive():
+                raise RuntimeError(f"{emulator.name} exited:\n{emulator.log_tail()}")
+            return kubeconfig.exists()  # written once it serves, with its certificate and token
+
+        wait_until(serving, 30, what="the Kubernetes API emulator")
         kubectl(kubeconfig, "apply", "-f", str(CRD_DIR))
         say("- CRDs applied: aijobs.koinon.dev, volunteernodes.koinon.dev")
 
@@ -454,57 +471,72 @@ class DevCluster:
     def down(self) -> list[str]:
         """Stop everything recorded in the state file, operator first, Ray head last; then remove
         what `up` left on disk. Returns the names of the process groups stopped."""
+        if not self.state_dir.exists() and self._state is None:
+            return []  # nothing was started there: no state dir (nor its lock) to make
         with self._exclusive():
             return self._teardown()
 
     def _teardown(self) -> list[str]:
         """The one cleanup, for `down` and for a failed or interrupted `up`: stop the recorded process
         groups, kill what escaped them, delete the network namespaces, remove the work dir and the
-        files `up` wrote. A SIGTERM/SIGHUP meanwhile takes effect once it is done."""
-        with deferred_signals(TERMINATING_SIGNALS):
-            state = self._state
-            if state is None and self.state_path.exists():
-                try:
-                    state = DevClusterInfo.load(self.state_path)
-                except StateFileDamagedError as error:
-                    # Kept aside, not left in place: `up` refuses while a state file exists, so
-                    # the user could neither stop nor start. What it recorded is not known here.
-                    aside = self.state_path.with_name(f"{STATE_FILE}.damaged-{int(time.time())}")
-                    os.replace(self.state_path, aside)
-                    print(
-                        f"koinon: {error}; moved to {aside}. Processes it recorded, if any, are not "
-                        "stopped: look for them with `ps` and `ip netns list` (kn-*)",
-                        file=sys.stderr,
-                    )
-            stopped = self._stop_recorded(state) if state is not None else []
-            # Started by this process but not recorded yet (the gateway while it starts): our children.
-            recorded = set(state.process_groups.values()) if state is not None else set()
-            for process in self._in_memory_processes():
-                if process.popen is not None and process.pid not in recorded:
-                    process.stop(grace_seconds=STOP_GRACE_SECONDS)
-                    stopped.append(process.name)
-            work_dir = state.work_dir if state is not None else None
-            ours = work_dir is not None and WORK_DIR_NAME.fullmatch(work_dir.name) is not None
-            if work_dir is not None and ours:
-                kill_processes_using(work_dir, env_marker=f"{RUN_ENV}={work_dir}")
-            deleted: set[str] = set()
-            for agent in self.agents:
-                agent.stop()  # its process is gone by now; this deletes its network namespace
-                deleted.update([agent.netns] if agent.netns else [])
-            for namespace in state.network_namespaces if state is not None else []:
-                if namespace not in deleted:
-                    delete_netns(namespace)
-            if work_dir is not None and ours:
-                shutil.rmtree(work_dir, ignore_errors=True)
-            for process in self._in_memory_processes():
-                if process.popen is not None:
-                    process.popen.poll()  # reap
-            for path in (self.state_dir / "ray-auth-token", self.state_dir / "kubeconfig", self.state_path):
-                path.unlink(missing_ok=True)
-            self._started.clear()
-            self.agents.clear()
-            self.head = self.gateway = None
-            self._state = None
+        files `up` wrote. A SIGTERM/SIGHUP or a Ctrl-C meanwhile takes effect once it is done (it
+        waits for components' grace periods: one Ctrl-C left all after them running); a second
+        Ctrl-C stops it at once, and the user is told how to finish."""
+        notice = (
+            "koinon: stopping the local control plane; wait for it to finish (Ctrl-C again leaves it partly stopped)"
+        )
+        with cleanup_signals(notice):
+            try:
+                return self._stop_everything()
+            except KeyboardInterrupt:
+                finish = down_command(self.state_dir)
+                print(f"koinon: the local control plane is only partly stopped; finish with: {finish}", file=sys.stderr)
+                raise
+
+    def _stop_everything(self) -> list[str]:
+        state = self._state
+        if state is None and self.state_path.exists():
+            try:
+                state = DevClusterInfo.load(self.state_path)
+            except StateFileDamagedError as error:
+                # Kept aside, not left in place: `up` refuses while a state file exists, so
+                # the user could neither stop nor start. What it recorded is not known here.
+                aside = self.state_path.with_name(f"{STATE_FILE}.damaged-{int(time.time())}")
+                os.replace(self.state_path, aside)
+                print(
+                    f"koinon: {error}; moved to {aside}. Processes it recorded, if any, are not "
+                    "stopped: look for them with `ps` and `ip netns list` (kn-*)",
+                    file=sys.stderr,
+                )
+        stopped = self._stop_recorded(state) if state is not None else []
+        # Started by this process but not recorded yet (the gateway while it starts): our children.
+        recorded = set(state.process_groups.values()) if state is not None else set()
+        for process in self._in_memory_processes():
+            if process.popen is not None and process.pid not in recorded:
+                process.stop(grace_seconds=STOP_GRACE_SECONDS)
+                stopped.append(process.name)
+        work_dir = state.work_dir if state is not None else None
+        ours = work_dir is not None and WORK_DIR_NAME.fullmatch(work_dir.name) is not None
+        if work_dir is not None and ours:
+            kill_processes_using(work_dir, env_marker=f"{RUN_ENV}={work_dir}")
+        deleted: set[str] = set()
+        for agent in self.agents:
+            agent.stop()  # its process is gone by now; this deletes its network namespace
+            deleted.update([agent.netns] if agent.netns else [])
+        for namespace in state.network_namespaces if state is not None else []:
+            if namespace not in deleted:
+                delete_netns(namespace)
+        if work_dir is not None and ours:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        for process in self._in_memory_processes():
+            if process.popen is not None:
+                process.popen.poll()  # reap
+        for path in (self.state_dir / "ray-auth-token", self.state_dir / "kubeconfig", self.state_path):
+            path.unlink(missing_ok=True)
+        self._started.clear()
+        self.agents.clear()
+        self.head = self.gateway = None
+        self._state = None
         return stopped
 
     def _in_memory_processes(self) -> list[ManagedProcess]:
@@ -557,16 +589,6 @@ class DevCluster:
         if not self.state_path.exists():
             raise RuntimeError(f"no local control plane is running (no {self.state_path}); start one: koinon dev up")
         return DevClusterInfo.load(self.state_path)
-
-
-def _http_ok(url: str, process: ManagedProcess) -> bool:
-    if not process.alive():
-        raise RuntimeError(f"{process.name} exited:\n{process.log_tail()}")
-    try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return bool(reply.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def _alive_workers(head: LocalRayHead) -> int:

@@ -12,6 +12,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -341,3 +342,32 @@ def deferred_signals(signums: Sequence[int] = (signal.SIGINT, *TERMINATING_SIGNA
         _restore(previous)
         for signum in dict.fromkeys(received):
             signal.raise_signal(signum)
+
+
+@contextlib.contextmanager
+def cleanup_signals(notice: str) -> Iterator[None]:
+    """For a cleanup that must not stop half-way: SIGTERM, SIGHUP and a first Ctrl-C are held back
+    until the block is done, then delivered (as ``deferred_signals`` does), and the first one prints
+    ``notice``. A second Ctrl-C raises KeyboardInterrupt in the block at once, for a user who will
+    not wait; what was held back is then dropped (that exception already ends the program)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def hold(signum: int, _frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in received:
+            raise KeyboardInterrupt
+        if not received:
+            print(notice, file=sys.stderr, flush=True)
+        received.append(signum)
+
+    previous = _install((signal.SIGINT, *TERMINATING_SIGNALS), hold)
+    try:
+        yield
+    except BaseException:
+        _restore(previous)
+        raise
+    _restore(previous)
+    for signum in dict.fromkeys(received):
+        signal.raise_signal(signum)

@@ -30,6 +30,9 @@ from koinon_dev.processes import ManagedProcess, deferred_signals, wait_until
 from koinon_dev.ray_cluster import LocalRayHead
 
 PORT_BLOCK_SIZE = 40
+# Volunteers of one control plane at once: the gateway claims this many port blocks (the N-th
+# volunteer gets the N-th block; beyond them lie other control planes' ports).
+MAX_VOLUNTEERS = 16
 
 
 def _bin(name: str) -> str:
@@ -97,7 +100,7 @@ class LocalGateway:
         # as plain processes they must be free on the host when the control plane starts.
         # Claimed across the control planes of this host (claims.py): a bind probe alone would
         # hand out ports another control plane's volunteers hold but do not bind yet.
-        taken = claim(self.work_dir, PORT_BLOCK_SIZE * 16, low=30000, high=32700)
+        taken = claim(self.work_dir, PORT_BLOCK_SIZE * MAX_VOLUNTEERS, low=30000, high=32700)
         low, octet = taken.port_low, taken.vip_octet
         argv = [
             _bin("koinon-gateway"),

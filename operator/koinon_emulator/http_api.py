@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import secrets
@@ -37,6 +38,9 @@ JsonObj = dict[str, Any]
 # Paginated lists whose later pages can still be read (kube-apiserver: until etcd compacts).
 LIST_SNAPSHOTS_KEPT = 64
 OPENAPI_V2_PROTOBUF = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
+# What kube-apiserver serves to anonymous clients by default (system:public-info-viewer): health
+# checks and the version, which tell nothing of the objects.
+PUBLIC_PATHS = ("version", "healthz", "livez", "readyz")
 logger = logging.getLogger(__name__)
 
 SERVICE_KEY: web.AppKey[ApiService] = web.AppKey("service", ApiService)
@@ -65,14 +69,16 @@ def _partial(obj: JsonObj) -> JsonObj:
 
 
 class ApiHandlers:
-    def __init__(self, service: ApiService, bookmark_interval_s: float) -> None:
+    def __init__(self, service: ApiService, bookmark_interval_s: float, token: str | None = None) -> None:
         self.service = service
         self.bookmark_interval_s = bookmark_interval_s
+        self._token = token.encode() if token is not None else None
         # Paginated lists still being read: snapshot id -> (resourceVersion, items).
         self._snapshots: OrderedDict[str, tuple[int, list[JsonObj]]] = OrderedDict()
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         try:
+            self._authenticate(request)
             return await self._dispatch(request)
         except ApiError as error:
             return _render_error(error)
@@ -82,6 +88,20 @@ class ApiHandlers:
         except Exception:
             logger.exception("emulator failure on %s %s", request.method, request.path_qs)
             return _render_error(ApiError(500, "InternalError", "an internal error occurred in the emulator"))
+
+    def _authenticate(self, request: web.Request) -> None:
+        """With a token, every request but an anonymous one for a public path must present it as
+        ``Authorization: Bearer <token>``; anything else is 401, as kube-apiserver answers."""
+        if self._token is None:
+            return
+        header = request.headers.get("Authorization")
+        if header is None and request.path.strip("/").split("/")[0] in PUBLIC_PATHS:
+            return
+        scheme, _, presented = (header or "").partition(" ")
+        # Compared in constant time: a client must not learn the token from response times.
+        valid = hmac.compare_digest(presented.strip().encode(errors="backslashreplace"), self._token)
+        if scheme.lower() != "bearer" or not valid:
+            raise ApiError(401, "Unauthorized", "Unauthorized")
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         parts = [p for p in request.path.split("/") if p]
@@ -326,9 +346,10 @@ class ApiHandlers:
         )
 
 
-def build_app(service: ApiService, bookmark_interval_s: float = 10.0) -> web.Application:
+def build_app(service: ApiService, bookmark_interval_s: float = 10.0, token: str | None = None) -> web.Application:
+    """The API; with ``token``, clients must present it as a bearer token (None: no authentication)."""
     app = web.Application(client_max_size=MAX_REQUEST_BODY_BYTES)
-    handlers = ApiHandlers(service, bookmark_interval_s)
+    handlers = ApiHandlers(service, bookmark_interval_s, token)
     app[SERVICE_KEY] = service
     app.router.add_route("*", "/{tail:.*}", handlers.dispatch)
     return app

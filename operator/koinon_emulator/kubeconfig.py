@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
@@ -10,13 +11,18 @@ import yaml
 CONTEXT_NAME = "koinon-local"
 
 
-def kubeconfig_document(server_url: str, namespace: str = "default") -> dict[str, object]:
-    # Plain HTTP and no credentials: the emulator implements no authentication (local use only).
+def kubeconfig_document(
+    server_url: str, namespace: str = "default", token: str | None = None, ca_pem: bytes | None = None
+) -> dict[str, object]:
+    """The credential is the emulator's bearer token and the CA its certificate, if it has them."""
+    cluster: dict[str, str] = {"server": server_url}
+    if ca_pem:
+        cluster["certificate-authority-data"] = base64.b64encode(ca_pem).decode()
     return {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": CONTEXT_NAME, "cluster": {"server": server_url}}],
-        "users": [{"name": CONTEXT_NAME, "user": {}}],
+        "clusters": [{"name": CONTEXT_NAME, "cluster": cluster}],
+        "users": [{"name": CONTEXT_NAME, "user": {"token": token} if token else {}}],
         "contexts": [
             {"name": CONTEXT_NAME, "context": {"cluster": CONTEXT_NAME, "user": CONTEXT_NAME, "namespace": namespace}}
         ],
@@ -25,10 +31,21 @@ def kubeconfig_document(server_url: str, namespace: str = "default") -> dict[str
     }
 
 
-def write_kubeconfig(path: str | os.PathLike[str], server_url: str, namespace: str = "default") -> Path:
+def write_kubeconfig(
+    path: str | os.PathLike[str],
+    server_url: str,
+    namespace: str = "default",
+    token: str | None = None,
+    ca_pem: bytes | None = None,
+) -> Path:
+    """Writes the kubeconfig readable by its owner only (0600): its token lets anyone act on the API."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    temporary.write_text(yaml.safe_dump(kubeconfig_document(server_url, namespace), sort_keys=False))
+    document = yaml.safe_dump(kubeconfig_document(server_url, namespace, token, ca_pem), sort_keys=False)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)  # one left by a killed writer may have other bits
+        out.write(document)
     temporary.replace(target)  # atomic: readers never see a half-written kubeconfig
     return target

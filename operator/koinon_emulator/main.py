@@ -5,31 +5,48 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import secrets
 import signal
 import sys
 
 from .kubeconfig import write_kubeconfig
 from .server import KubeEmulator
+from .tls import self_signed_cert
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="koinon-kube-emulator",
-        description="Koinon Kubernetes API emulator (in-memory, plain HTTP, no auth) for tests and local dev.",
+        description="Koinon Kubernetes API emulator (in-memory; HTTPS and a bearer token) for tests and local dev.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port to bind (default: any free port)")
     parser.add_argument("--kubeconfig", help="write a kubeconfig (context koinon-local) for the server here")
     parser.add_argument("--state-file", help="load objects from this file at start and save them at stop")
     parser.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING)")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="plain HTTP, and every client served without a credential (by default: HTTPS with a "
+        "self-signed certificate, and clients need the random token; --kubeconfig carries both)",
+    )
+    args = parser.parse_args(argv)
+    if not args.no_auth and not args.kubeconfig:
+        # The token is drawn at start and only the kubeconfig carries it: without one, no client could use it.
+        parser.error("give --kubeconfig (it carries the token clients need), or --no-auth")
+    return args
 
 
 async def serve(args: argparse.Namespace) -> None:
-    emulator = KubeEmulator(state_file=args.state_file)
+    # A new token every start, kept only in the kubeconfig (0600): any local user reaches the port,
+    # and the API holds Secrets (the gateway's CA key) and AIJobs that run as the user who started it.
+    # HTTPS because kubectl (client-go) sends a kubeconfig's credentials over TLS only.
+    token = None if args.no_auth else secrets.token_urlsafe(32)
+    tls = None if args.no_auth else self_signed_cert([args.host, "127.0.0.1", "localhost"])
+    emulator = KubeEmulator(state_file=args.state_file, token=token, tls=tls)
     url = await emulator.start(args.host, args.port)
     if args.kubeconfig:
-        write_kubeconfig(args.kubeconfig, url)
+        write_kubeconfig(args.kubeconfig, url, token=token, ca_pem=tls.cert_pem if tls else None)
     print(url, flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

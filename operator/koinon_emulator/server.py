@@ -14,25 +14,37 @@ from .persistence import load_state, save_state
 from .resources import CRD_RESOURCE, ResourceType
 from .selectors import build_filter
 from .service import ApiService, WriteOptions
+from .tls import ServingCert
 
 JsonObj = dict[str, Any]
 
 
 class KubeEmulator:
-    """A Kubernetes API emulator serving plain HTTP (no auth) for kubectl, kopf and clients.
+    """A Kubernetes API emulator for kubectl, kopf and clients.
 
-    ``start()`` returns the base URL. The in-process methods (``create``, ``get``, ``list``,
-    ``patch``, ``delete``) share the semantics of the HTTP API and emit the same watch events.
+    With ``token``, every client must present it as a bearer token (kubeconfig ``users[].user.token``)
+    and ``tls`` should be given too (HTTPS: kubectl sends no credential over plain HTTP); without
+    either, plain HTTP and no authentication (in-process tests). ``start()`` returns the base URL.
+    The in-process methods (``create``, ``get``, ``list``, ``patch``, ``delete``) share the
+    semantics of the HTTP API and emit the same watch events.
     """
 
     def __init__(
-        self, *, history_limit: int = 20_000, bookmark_interval_s: float = 10.0, state_file: str | Path | None = None
+        self,
+        *,
+        history_limit: int = 20_000,
+        bookmark_interval_s: float = 10.0,
+        state_file: str | Path | None = None,
+        token: str | None = None,
+        tls: ServingCert | None = None,
     ) -> None:
         from .store import ObjectStore
 
         self.service = ApiService(store=ObjectStore(history_limit=history_limit))
         self._bookmark_interval_s = bookmark_interval_s
         self._state_file = Path(state_file) if state_file else None
+        self._token = token
+        self._tls = tls
         self._runner: web.AppRunner | None = None
         self.url: str | None = None
         if self._state_file is not None:
@@ -41,18 +53,18 @@ class KubeEmulator:
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         if self._runner is not None:
             raise RuntimeError("the emulator is already started")
-        app = build_app(self.service, self._bookmark_interval_s)
+        app = build_app(self.service, self._bookmark_interval_s, self._token)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
         await runner.setup()
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        site = web.SockSite(runner, sock)
+        site = web.SockSite(runner, sock, ssl_context=self._tls.server_context() if self._tls else None)
         await site.start()
         self._runner = runner
         bound_port = sock.getsockname()[1]
         shown_host = f"[{host}]" if ":" in host else host
-        self.url = f"http://{shown_host}:{bound_port}"
+        self.url = f"{'https' if self._tls else 'http'}://{shown_host}:{bound_port}"
         return self.url
 
     async def stop(self) -> None:

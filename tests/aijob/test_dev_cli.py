@@ -1,21 +1,26 @@
 """The local control plane's entry points as a new user meets them: `make clean` with a cluster up,
-pinned kubectl/helm, the demo with a job that never reached Ray, a damaged state file, and
-`dev status` after the processes died."""
+pinned kubectl/helm, the demo with a job that never reached Ray, a damaged state file, `dev status`
+after the processes died, Ctrl-C during `dev down`, and arguments or state dirs it cannot use."""
 
 from __future__ import annotations
 
 import io
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from koinon_dev import binaries, demo
-from koinon_dev.cluster import DevClusterInfo
+from koinon_dev import binaries, cli, demo
+from koinon_dev.cluster import DevCluster, DevClusterInfo
+from koinon_dev.processes import boot_id, process_start_time
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -173,3 +178,115 @@ def test_dev_status_does_not_call_a_dead_control_plane_running(tmp_path: Path) -
     finally:
         leader.kill()
         leader.wait()
+
+
+@pytest.fixture
+def slow_component(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    """A state dir recording one component slow to stop (as a draining agent or a Ray head is): it
+    ignores SIGTERM, so `dev down` waits out its grace period (8 s) before killing it."""
+    state = tmp_path / "state dir"  # a space: the command printed to finish must quote it
+    state.mkdir()
+    slow = subprocess.Popen(["sh", "-c", 'trap "" TERM; sleep 60'], start_new_session=True)
+    try:
+        time.sleep(0.2)  # the trap is set
+        started = process_start_time(slow.pid)
+        assert started is not None
+        info = DevClusterInfo(
+            kubeconfig=state / "kubeconfig", api_url="https://127.0.0.1:1", ray_dashboard_url="http://127.0.10.1:1",
+            ray_address="127.0.10.1:1", process_groups={"ray-head": slow.pid}, log_dir=state / "logs",
+            start_times={"ray-head": started}, boot_id=boot_id(),
+        )  # fmt: skip
+        (state / "cluster.json").write_text(info.to_json())
+        yield state, slow
+    finally:
+        slow.kill()
+        slow.wait()
+
+
+def _down_interrupted(state: Path, interrupts: int) -> subprocess.CompletedProcess[str]:
+    down = subprocess.Popen(
+        [sys.executable, "-c", "from koinon_dev.cli import main; main()", "--state-dir", str(state), "dev", "down"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(2.0)  # inside the grace period of the recorded component
+    for _ in range(interrupts):
+        down.send_signal(signal.SIGINT)  # Ctrl-C
+        time.sleep(0.3)
+    stdout, stderr = down.communicate(timeout=30)
+    return subprocess.CompletedProcess(down.args, down.returncode, stdout, stderr)
+
+
+def test_ctrl_c_during_dev_down_is_held_until_everything_is_stopped(
+    slow_component: tuple[Path, subprocess.Popen[bytes]],
+) -> None:
+    """One Ctrl-C while `dev down` waited for a component aborted it with "koinon: interrupted":
+    the rest kept running (Ray nodes, network namespaces, /tmp/koinon-*) and the record said nothing."""
+    state, slow = slow_component
+    done = _down_interrupted(state, interrupts=1)
+    assert done.stderr.count("stopping the local control plane; wait") == 1, done.stderr
+    assert slow.wait(timeout=5) is not None  # killed after its grace period
+    assert not (state / "cluster.json").exists()
+    assert done.returncode == 130  # the Ctrl-C, delivered once all was stopped
+
+
+def test_a_second_ctrl_c_during_dev_down_says_how_to_finish(
+    slow_component: tuple[Path, subprocess.Popen[bytes]],
+) -> None:
+    state, slow = slow_component
+    done = _down_interrupted(state, interrupts=2)
+    assert done.returncode == 130
+    assert f"partly stopped; finish with: koinon --state-dir {shlex.quote(str(state))} dev down" in done.stderr
+    assert (state / "cluster.json").exists()  # what `dev down` needs to finish
+    assert slow.poll() is None
+    assert _koinon(state, "dev", "down").returncode == 0
+    assert slow.wait(timeout=5) is not None and not (state / "cluster.json").exists()
+
+
+@pytest.mark.parametrize("volunteers", ["17", "0", "-1", "two"])
+def test_volunteer_counts_the_port_claim_cannot_hold_are_refused_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], volunteers: str
+) -> None:
+    """The gateway claims 16 port blocks (tunnel_plane.MAX_VOLUNTEERS) and gives volunteer N the
+    N-th: a 17th volunteer's Ray ports lay in another control plane's slot. With 0, no job could
+    ever run (`make demo`-style runs waited out their whole timeout)."""
+    started: list[bool] = []
+
+    def start_all(self: DevCluster, say: object) -> None:
+        started.append(True)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(DevCluster, "_start_all", start_all)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--state-dir", str(tmp_path / "state"), "--volunteers", volunteers, "dev", "up"])
+    assert exited.value.code == 2 and not started
+    assert "--volunteers" in capsys.readouterr().err
+    assert not (tmp_path / "state").exists()
+
+
+def test_up_over_a_recorded_control_plane_names_its_state_dir_in_the_advice(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "cluster.json").write_text("{}")
+    done = _koinon(state, "dev", "up")
+    assert done.returncode == 1
+    assert f"run `koinon --state-dir {state} dev down` first" in done.stderr, done.stderr
+
+
+def test_down_where_no_control_plane_ever_was_creates_nothing(tmp_path: Path) -> None:
+    state = tmp_path / "typo" / "state"
+    done = _koinon(state, "dev", "down")
+    assert done.returncode == 0 and "nothing was running" in done.stdout
+    assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("case", ["state dir under a file", "cluster.json a directory"])
+def test_a_state_dir_that_cannot_be_used_is_a_one_line_error(tmp_path: Path, case: str) -> None:
+    if case == "state dir under a file":
+        (tmp_path / "file").write_text("")
+        state, command = tmp_path / "file" / "state", ("dev", "up")
+    else:
+        state, command = tmp_path / "state", ("dev", "down")
+        (state / "cluster.json").mkdir(parents=True)
+    done = _koinon(state, *command)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr

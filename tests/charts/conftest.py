@@ -19,7 +19,8 @@ def tools(tmp_path_factory: pytest.TempPathFactory) -> Tools:
 
 @pytest.fixture(scope="module")
 def emulator_kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A Kubernetes API emulator in its own process (as a developer would start it)."""
+    """A Kubernetes API emulator in its own process (as a developer would start it: HTTPS, and the
+    kubeconfig carries its certificate and token)."""
     kubeconfig = tmp_path_factory.mktemp("emulator") / "kubeconfig"
     command = [
         str(Path(sys.executable).parent / "koinon-kube-emulator"),
@@ -32,7 +33,7 @@ def emulator_kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pa
     try:
         assert process.stdout is not None
         url = process.stdout.readline().strip()  # printed once the kubeconfig is written and it serves
-        if not url.startswith("http://"):
+        if not url.startswith(("https://", "http://")):
             error = process.stderr.read() if process.stderr and process.poll() is not None else ""
             pytest.fail(f"koinon-kube-emulator did not start: {url!r} {error}")
         yield kubeconfig

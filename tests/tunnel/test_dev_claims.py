@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from koinon_dev import claims
+
+REAL_CLAIMS_DIR = claims.claims_dir  # the tests below keep their claims apart from the user's
 
 
 @pytest.fixture(autouse=True)
@@ -122,3 +125,17 @@ def test_a_claims_dir_another_user_made_or_linked_is_refused(tmp_path: Path, mon
     with pytest.raises(RuntimeError, match="not a private directory"):
         claims.claim(work, 40, low=40000, high=40100)
     assert (precious / "settings.json").exists()
+
+
+def test_every_control_plane_of_the_user_shares_one_claims_dir_whatever_its_tmpdir(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The claims dir followed $TMPDIR while work dirs are always /tmp/koinon-*: a `make up` from a
+    shell with TMPDIR set (libpam-tmpdir, a CI runner) and one without kept their claims apart,
+    and both took the same port block and address range."""
+    seen = set()
+    for tmpdir in ("/tmp", "/var/tmp", "/tmp/user/0"):
+        monkeypatch.setenv("TMPDIR", tmpdir)
+        monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads $TMPDIR again
+        seen.add(REAL_CLAIMS_DIR())
+    assert seen == {Path(f"/tmp/koinon-dev-claims-{os.getuid()}")}

@@ -1,20 +1,26 @@
 """`koinon dev up --no-netns`: volunteers as plain local processes, still reaching the head only
 through the tunnel. (As root the control plane puts each volunteer in a network namespace; this is
-the path every non-root user of `make demo` / `koinon dev up` takes.)"""
+the path every non-root user of `make demo` / `koinon dev up` takes.) And its Kubernetes API, which
+any local process reaches, serves only clients holding its kubeconfig."""
 
 from __future__ import annotations
 
 import json
 import os
+import ssl
+import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 from koinon_dev.cluster import DevCluster, DevClusterConfig, DevClusterInfo, kubectl
+from koinon_gateway.kube_client import load_kubeconfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -87,3 +93,23 @@ print(ray.get(where.options(resources={{"node:{address}": 0.01}}).remote()))
     assert remotes, "the volunteer's Ray processes hold no connections"
     assert {ip for ip, _ in remotes} <= {"127.0.0.1", address}, remotes
     assert head.address not in {ip for ip, _ in remotes}
+
+
+def test_the_api_serves_only_clients_with_the_kubeconfigs_token(
+    plain_cluster: tuple[DevCluster, DevClusterInfo],
+) -> None:
+    """It served anyone on 127.0.0.1: any local user could read the gateway's CA key (a Secret)
+    or create AIJobs, which the operator runs as the user who ran `up` (root, for namespaces)."""
+    _, info = plain_cluster
+    assert stat.S_IMODE(info.kubeconfig.stat().st_mode) == 0o600
+    config = load_kubeconfig(info.kubeconfig)
+    assert info.api_url.startswith("https://") and config.token and config.ca_pem
+    context = ssl.create_default_context(cadata=config.ca_pem.decode())
+    url = f"{info.api_url}/api/v1/namespaces/koinon-system/secrets"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(url, timeout=10, context=context)
+    assert refused.value.code == 401
+    # The gateway, with the same kubeconfig, stored its CA there (and the volunteer joined).
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {config.token}"})
+    with urllib.request.urlopen(request, timeout=10, context=context) as reply:
+        assert "koinon-gateway-ca" in {item["metadata"]["name"] for item in json.load(reply)["items"]}
