@@ -113,7 +113,8 @@ class GatewayConfig:
     status_retry_s: float = 5.0
     # API writes of one node's status, whatever asks for them (heartbeat news, new and ended
     # sessions, drains): at most status_write_burst per status_write_window_s; news beyond that
-    # waits, merged into the next write (StatusWriter).
+    # waits, merged into the next write (StatusWriter). A write taking the node out of Ready does
+    # not wait (NotReady within heartbeat_timeout_s) but counts: at most ~2x burst per window.
     status_write_burst: int = 10
     status_write_window_s: float = 10.0
     # A Connect stream must send its first frame within this time.

@@ -57,6 +57,11 @@ class KubeApiError(Exception):
     def gone(self) -> bool:
         return self.status == 410
 
+    @property
+    def invalid(self) -> bool:
+        """422: what kube-apiserver answers a JSON patch whose ``test`` op (or any op) does not apply."""
+        return self.status == 422
+
 
 @dataclass(frozen=True)
 class KubeConfig:
@@ -322,6 +327,10 @@ class KubeClient:
 
     async def merge_patch(self, path: str, patch: JSON) -> JSON:
         return await self.request("PATCH", path, patch, content_type=MERGE_PATCH)
+
+    async def json_patch(self, path: str, operations: list[JSON]) -> JSON:
+        """RFC 6902 operations, applied all or none: a ``test`` that fails answers 422."""
+        return await self.request("PATCH", path, operations, content_type=JSON_PATCH)
 
     async def delete(self, path: str, preconditions: Mapping[str, str] | None = None) -> JSON:
         """Deletes; with ``preconditions`` (uid, resourceVersion) only the very object that was read

@@ -1,8 +1,12 @@
 """VolunteerNode objects in the Kubernetes API (cluster scoped, ``koinon.dev/v1alpha1``).
 
 The gateway creates each node with ``koinon.dev/connection-owner: gateway`` so the operator leaves
-the connection fields to it, and writes status only through the ``/status`` subresource as JSON
-merge patches (fields it does not own, such as reputation, stay untouched).
+the connection fields to it, and writes status only through the ``/status`` subresource, field by
+field (fields it does not own, such as reputation, stay untouched). A write for a known object (its
+``metadata.uid``) is a JSON patch whose first op tests that uid: kube-apiserver applies the ops to
+the stored object and answers 422 when the test fails, so a node deleted and created again under
+its name never gets the old one's status. (A merge patch carrying ``metadata.uid`` would not do:
+the status subresource of a custom resource keeps the stored metadata and ignores the rest.)
 
 The gateway's sessions already write heartbeat news rarely (``SessionTable.write_status``); as a
 backstop, writes that differ from the last one in ``lastHeartbeat`` alone are coalesced per node to
@@ -23,7 +27,17 @@ from typing import Any
 import aiohttp
 
 from .kube_client import JSON, KubeApiError, KubeClient, custom_path
-from .registry import GROUP, KIND, PLURAL, VERSION, DeletedNode, NodeExists, node_uid, status_address
+from .registry import (
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    DeletedNode,
+    NodeExists,
+    merge_patch,
+    node_uid,
+    status_address,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +66,29 @@ def _replaced(known_uid: str, node: JSON) -> bool:
     return bool(known_uid and uid and uid != known_uid)
 
 
-def _significant(status: JSON) -> str:
-    return json.dumps({k: v for k, v in status.items() if k not in HEARTBEAT_ONLY_FIELDS}, sort_keys=True)
+def _significant(status: JSON, uid: str) -> str:
+    return json.dumps([uid, {k: v for k, v in status.items() if k not in HEARTBEAT_ONLY_FIELDS}], sort_keys=True)
+
+
+def _pointer(*keys: str) -> str:
+    return "".join("/" + key.replace("~", "~0").replace("/", "~1") for key in keys)
+
+
+def _uid_test(uid: str) -> JSON:
+    return {"op": "test", "path": "/metadata/uid", "value": uid}
+
+
+def _status_ops(status: JSON) -> list[JSON]:
+    """JSON patch ops writing each top-level field of ``status`` as a merge patch would, whole (the
+    gateway owns these fields). None removes the field: added first, so that the remove applies
+    whether or not the field is there."""
+    ops: list[JSON] = []
+    for key, value in status.items():
+        path = _pointer("status", key)
+        ops.append({"op": "add", "path": path, "value": value})
+        if value is None:
+            ops.append({"op": "remove", "path": path})
+    return ops
 
 
 @dataclass
@@ -110,17 +145,20 @@ class KubeNodeRegistry:
                 self._seen[str(item["metadata"]["name"])] = status_address(item)
         return items
 
-    async def patch_status(self, name: str, status: JSON) -> None:
-        significant = _significant(status)
+    async def patch_status(self, name: str, status: JSON, uid: str = "") -> None:
+        significant = _significant(status, uid)
         last = self._last.get(name)
         now = time.monotonic()
         if last is not None and last.significant == significant and now - last.at < self.heartbeat_write_interval_s:
             self.status_writes_skipped += 1
             return
         try:
-            await self.client.merge_patch(self._path(name, "status"), {"status": status})
-        except KubeApiError as exc:
-            if exc.not_found:
+            if uid:
+                await self._patch_status_of(name, status, uid)
+            else:
+                await self.client.merge_patch(self._path(name, "status"), {"status": status})
+        except (KubeApiError, KeyError) as exc:
+            if isinstance(exc, KeyError) or exc.not_found:
                 self._last.pop(name, None)
                 raise KeyError(f"VolunteerNode {name} not found") from exc
             raise
@@ -128,6 +166,33 @@ class KubeNodeRegistry:
         if status.get("address"):
             self._seen[name] = str(status["address"])
         self.status_writes += 1
+
+    async def _patch_status_of(self, name: str, status: JSON, uid: str) -> None:
+        """Writes ``status`` into the object ``uid`` only; KeyError when the name is another object's."""
+        path = self._path(name, "status")
+        try:
+            await self.client.json_patch(path, [_uid_test(uid), *_status_ops(status)])
+            return
+        except KubeApiError as exc:
+            if not exc.invalid:
+                raise
+        # Refused (422): another object holds the name, or this one has no status yet to add fields
+        # to (just created; the status subresource drops a status given at creation). The answer
+        # does not say which: the object does.
+        node = await self.client.get_or_none(self._path(name))
+        if node is None or node_uid(node) != uid:
+            raise KeyError(f"VolunteerNode {name} is another object now (not uid {uid})")
+        version = str((node.get("metadata") or {}).get("resourceVersion") or "")
+        # The whole status, as read and patched here: only if nobody changed the object meanwhile
+        # (else 422 again, and the writer tries again, by then finding a status or another object).
+        await self.client.json_patch(
+            path,
+            [
+                _uid_test(uid),
+                {"op": "test", "path": "/metadata/resourceVersion", "value": version},
+                {"op": "add", "path": "/status", "value": merge_patch(node.get("status") or {}, status)},
+            ],
+        )
 
     async def delete(self, name: str, preconditions: Mapping[str, str] | None = None) -> bool:
         try:
@@ -182,7 +247,7 @@ class KubeNodeRegistry:
                     for name in sorted(known.keys() & current.keys()):
                         if _replaced(known_uids.get(name, ""), current[name]):
                             self._last.pop(name, None)
-                            yield DeletedNode(name, known[name])
+                            yield DeletedNode(name, known[name], replaced=True)
                     for name in sorted(terminating - reported):
                         self._last.pop(name, None)
                         self._seen.pop(name, None)
@@ -199,7 +264,7 @@ class KubeNodeRegistry:
                     if event.type in ("ADDED", "MODIFIED") and not _terminating(event.object):
                         if name in known and _replaced(known_uids.get(name, ""), event.object):
                             self._last.pop(name, None)
-                            yield DeletedNode(name, known[name])
+                            yield DeletedNode(name, known[name], replaced=True)
                         known[name] = status_address(event.object)
                         known_uids[name] = node_uid(event.object)
                     elif event.type in ("ADDED", "MODIFIED", "DELETED"):

@@ -1,7 +1,8 @@
 """Where VolunteerNode objects live: a small interface with an in-memory implementation.
 
-The Kubernetes-backed implementation is in ``kube_registry.py``. Status is written as JSON merge patches to
-the status subresource, so writers never clobber fields they do not own (e.g. reputation).
+The Kubernetes-backed implementation is in ``kube_registry.py``. Status is written field by field (JSON merge
+patch semantics) to the status subresource, so writers never clobber fields they do not own (e.g. reputation),
+and, where the writer names the object's uid, only into that object, not one created again under its name.
 """
 
 from __future__ import annotations
@@ -44,8 +45,10 @@ class NodeRegistry(Protocol):
         """Every VolunteerNode, or those whose labels include all of ``labels``."""
         ...
 
-    async def patch_status(self, name: str, status: JSON) -> None:
-        """Merge-patches ``status`` (JSON merge patch semantics: None deletes)."""
+    async def patch_status(self, name: str, status: JSON, uid: str = "") -> None:
+        """Merge-patches ``status`` (JSON merge patch semantics: None deletes). With ``uid``, only
+        into that very object: KeyError when the name is free or another object's (created again
+        under it), as when the node is gone."""
         ...
 
     async def delete(self, name: str, preconditions: Mapping[str, str] | None = None) -> bool:
@@ -59,6 +62,9 @@ class DeletedNode:
     name: str
     # The virtual address in the node's last known status ("" when it never had one).
     address: str = ""
+    # Deleted and created again under its name (another uid) meanwhile: the name is in use again,
+    # by an object that nothing of the deleted one's (its session, its status writes) may touch.
+    replaced: bool = False
 
 
 @runtime_checkable
@@ -141,10 +147,12 @@ class InMemoryNodeRegistry:
             copy.deepcopy(o) for o in self.objects.values() if wanted <= (o["metadata"].get("labels") or {}).items()
         ]
 
-    async def patch_status(self, name: str, status: JSON) -> None:
+    async def patch_status(self, name: str, status: JSON, uid: str = "") -> None:
         obj = self.objects.get(name)
         if obj is None:
             raise KeyError(f"VolunteerNode {name} not found")
+        if uid and node_uid(obj) != uid:
+            raise KeyError(f"VolunteerNode {name} is another object now (uid {node_uid(obj)}, not {uid})")
         obj["status"] = merge_patch(obj.get("status") or {}, status)
         self.status_writes += 1
 
@@ -182,8 +190,8 @@ class FileNodeRegistry(InMemoryNodeRegistry):
         self._save()
         return uid
 
-    async def patch_status(self, name: str, status: JSON) -> None:
-        await super().patch_status(name, status)
+    async def patch_status(self, name: str, status: JSON, uid: str = "") -> None:
+        await super().patch_status(name, status, uid)
         self._save()
 
     async def delete(self, name: str, preconditions: Mapping[str, str] | None = None) -> bool:

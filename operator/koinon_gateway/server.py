@@ -204,7 +204,7 @@ class Gateway:
         while True:
             try:
                 async for node in source.deleted_nodes():
-                    if self.sessions.revoke(node.name):
+                    if self.sessions.revoke(node.name, replaced=node.replaced):
                         self.metrics.refused_streams["node-deleted-while-connected"] += 1
                     if self.allocator.release(node.address, node.name):
                         log.info("node %s deleted; address %s released", node.name, node.address)
@@ -240,7 +240,9 @@ class Gateway:
         )
         deleted = []
         for node in found:
-            if node.name in self.sessions.by_name:  # connected during an earlier delete's await
+            # Connected during an earlier delete's await, or its session's first status write (the
+            # one that says it connected) has not landed yet.
+            if node.name in self.sessions.by_name or self.sessions.writer.busy(node.name):
                 continue
             # Only the object as listed: one that connected since (its status changed) or was
             # created again under the name stays.

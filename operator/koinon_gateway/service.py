@@ -38,7 +38,7 @@ from .registry import (
 from .routing import DialRefused, Router
 from .rpc import EOF, Context, MalformedMessage
 from .sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT, NodeSession, SessionTable, gpus_reported
-from .status import never_connected_status
+from .status import never_connected_status, stored_ready_condition
 from .stream_slots import StreamSlot, TooManyStreams
 from .tokens import COUNTED_JOIN_RETRY_S, JoinGrant, TokenError, TokenStore
 from .tunnel_io import (
@@ -380,7 +380,7 @@ class TunnelService:
                 created = True  # the API may have applied it before failing or answering late
                 raise
             created = True
-            await self.registry.patch_status(node_name, never_connected_status(address))
+            await self.registry.patch_status(node_name, never_connected_status(address), uid=uid)
         except BaseException:  # a cancelled join (the agent hung up) must not leave a node either
             if created:
                 try:
@@ -535,7 +535,7 @@ class TunnelService:
         # Again, now that Register is here: the node may have been deleted while the stream waited
         # for it, and its address given to a new node. From this check to attach() nothing awaits,
         # so no deletion can slip in between.
-        refusal, uid = await self._still_entitled(identity)
+        refusal, node = await self._still_entitled(identity)
         if refusal is not None:
             self.metrics.refused_streams[refusal] += 1
             log.warning("node %s (%s): register refused: %s", identity.node_name, identity.address, refusal)
@@ -546,11 +546,12 @@ class TunnelService:
         if self.sessions.closing:  # checked with no await before attach(), as above
             self.metrics.refused_streams["gateway-stopping"] += 1
             await context.abort(grpc.StatusCode.UNAVAILABLE, "gateway shutting down; reconnect later")
+        assert node is not None  # entitled: the object was read
         self.allocator.reserve(identity.address, identity.node_name)
         session = NodeSession(
             node_name=identity.node_name,
             address=identity.address,
-            uid=uid,
+            uid=node_uid(node),
             ports=self.allocator.ports_for(identity.address),
             stream=context,
             handler_task=asyncio.current_task(),
@@ -558,7 +559,9 @@ class TunnelService:
             gpus=gpus_reported(register.gpus),
             self_heartbeats=register.self_heartbeats,
         )
-        self.sessions.attach(session)
+        # The object's Ready condition (the join's NeverConnected, or what an earlier gateway
+        # process wrote): a first session still not ready keeps the time it went not ready.
+        self.sessions.attach(session, stored_ready_condition(node.get("status") or {}))
         tasks: list[asyncio.Future[None]] = []
         reason, message = "Disconnected", "control stream ended"
         try:
@@ -638,9 +641,9 @@ class TunnelService:
         if self.sessions.was_revoked(node_name):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"node {node_name} no longer exists")
 
-    async def _still_entitled(self, identity: credentials.NodeIdentity) -> tuple[str | None, str]:
-        """(None, its uid) if the credential's node still exists, is the very object the credential
-        was issued for, and still holds its address, else (why not, "")."""
+    async def _still_entitled(self, identity: credentials.NodeIdentity) -> tuple[str | None, JSON | None]:
+        """(None, the object) if the credential's node still exists, is the very object the
+        credential was issued for, and still holds its address, else (why not, None)."""
         node = await self.registry.get(identity.node_name)
         # Being deleted counts as deleted: after a gateway restart the deletion watch may not have
         # reported it yet, and its address may already be another node's. An object created again
@@ -651,14 +654,14 @@ class TunnelService:
             or not credential_names_node(identity, node)
             or self.sessions.was_revoked(identity.node_name)
         ):
-            return "node-deleted", ""
+            return "node-deleted", None
         if not self.allocator.contains(identity.address):
-            return OUTSIDE_POOL, ""  # --vip-cidr changed since it joined: it must join again
+            return OUTSIDE_POOL, None  # --vip-cidr changed since it joined: it must join again
         recorded = status_address(node)
         holder = self.allocator.holder(identity.address)
         if (recorded and recorded != identity.address) or holder not in (None, identity.node_name):
-            return "address-taken", ""
-        return None, node_uid(node)
+            return "address-taken", None
+        return None, node
 
     async def _control_loop(self, session: NodeSession, context: Context) -> None:
         while True:

@@ -14,7 +14,7 @@ from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .addresses import PortBlock
 from .config import GatewayConfig
-from .registry import NodeRegistry
+from .registry import NodeRegistry, node_uid
 from .status import ReadyCondition, gpus_to_status, next_condition, rfc3339, stored_ready_condition
 from .status_writer import StatusWriter
 from .stream_slots import StreamSlots
@@ -166,8 +166,14 @@ class SessionTable:
     def get_by_address(self, address: str) -> NodeSession | None:
         return self.by_address.get(address)
 
-    def attach(self, session: NodeSession) -> None:
-        """Registers a session; an older session of the same node (a reconnect) is ended."""
+    def attach(self, session: NodeSession, stored: ReadyCondition | None = None) -> None:
+        """Registers a session; an older session of the same node (a reconnect) is ended.
+
+        ``stored``: the Ready condition the object carries, where this table remembers none (the
+        join's NeverConnected, written before any session): a first session still not ready keeps
+        its lastTransitionTime."""
+        if stored is not None:
+            self._conditions.setdefault(session.node_name, stored)
         old = self.by_name.get(session.node_name)
         self.by_name[session.node_name] = session
         self.by_address[session.address] = session
@@ -259,7 +265,7 @@ class SessionTable:
             }
         # Counted as written when handed over: the writer retries it (merged under anything newer)
         # until it lands, so heartbeats need not hand it over again.
-        self.writer.submit(session.node_name, status)
+        self.writer.submit(session.node_name, status, uid=session.uid)
         session.last_status_write = time.monotonic()
         session.written_key = self._key(session, connected, reason, message)
         session.written_rtt_ms = session.rtt_smoothed_ms
@@ -288,7 +294,9 @@ class SessionTable:
             )
             self._conditions[name] = condition
             patch = {"phase": "NotReady", "connected": False, "conditions": [condition.as_dict()]}
-            self.writer.submit(name, patch)  # a reconnect's Ready, handed over later, lands after it
+            # A reconnect's Ready, handed over later, lands after it. Only into the object read: one
+            # deleted and created again under the name since is not the one found Ready.
+            self.writer.submit(name, patch, uid=node_uid(node))
             disowned.append(name)
         if disowned:
             log.info("marking %d node(s) NotReady until they reconnect: %s", len(disowned), ", ".join(disowned))
@@ -297,12 +305,13 @@ class SessionTable:
     def was_revoked(self, node_name: str) -> bool:
         return node_name in self._revoked
 
-    def revoke(self, node_name: str) -> bool:
+    def revoke(self, node_name: str, replaced: bool = False) -> bool:
         """Ends the session of a node whose VolunteerNode is being deleted; True if it had one.
 
         The object may outlive this for a while (a finalizer holds it): its status then says
         NotReady, not the Ready of the session just ended. A write queued earlier is merged into
-        that last one; once the object is gone the writer stops by itself.
+        that last one; once the object is gone the writer stops by itself. ``replaced``: the object
+        is gone and another has its name already; nothing more is written for the gone one.
         """
         self._revoked[node_name] = None
         while len(self._revoked) > MAX_REMEMBERED_REVOCATIONS:
@@ -311,10 +320,18 @@ class SessionTable:
             stream.cancel()  # its proxied connections end with it
         session = self.by_name.pop(node_name, None)
         previous = self._conditions.pop(node_name, None)
-        if session is not None or self.writer.busy(node_name):
+        if replaced:
+            # What is queued or under way was for the gone object: the API refuses it (uid), and
+            # the writer need not keep trying.
+            self.writer.forget(node_name)
+        elif session is not None or self.writer.busy(node_name):
             condition = next_condition(previous, False, "Deleted", "VolunteerNode deleted; credential revoked")
             self.writer.submit(
-                node_name, {"phase": "NotReady", "connected": False, "conditions": [condition.as_dict()]}
+                node_name,
+                {"phase": "NotReady", "connected": False, "conditions": [condition.as_dict()]},
+                # The object the session (or the writes under way) belonged to, not one created
+                # again under its name since.
+                uid=session.uid if session is not None else self.writer.uid_of(node_name),
             )
         if session is None:
             return False

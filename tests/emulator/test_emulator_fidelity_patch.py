@@ -110,3 +110,32 @@ def test_strategic_merge_patch_list_directives() -> None:
     assert merged["args"] == ["--one"]
     replaced = strategic_merge_patch(spec, {"volumes": [{"$patch": "replace"}, {"name": "v3"}]})
     assert replaced["volumes"] == [{"name": "v3"}]
+
+
+async def test_a_uid_test_guards_a_status_patch_and_a_merge_patch_uid_does_not(
+    http: aiohttp.ClientSession, with_widgets: KubeEmulator
+) -> None:
+    """How a client writes the status of one object only (not one created again under its name):
+    kube-apiserver applies a JSON patch to the stored object, metadata included, so a failing
+    `test` of /metadata/uid on the status subresource answers 422 Invalid and changes nothing
+    (patch.go: the jsonpatch error becomes a 422). A merge patch carrying metadata.uid is no such
+    guard there: the status strategy of a custom resource copies the stored object and takes only
+    its status from the request (customresource/status_strategy.go PrepareForUpdate)."""
+    created = await _json(await http.post(NS_WIDGETS, json=widget("st")))
+    uid = created["metadata"]["uid"]
+    status = f"{NS_WIDGETS}/st/status"
+    ops: list[dict[str, Any]] = [
+        {"op": "test", "path": "/metadata/uid", "value": "another-uid"},
+        {"op": "add", "path": "/status", "value": {"phase": "Gone"}},
+    ]
+    refused = await http.patch(status, headers={"Content-Type": "application/json-patch+json"}, json=ops)
+    assert refused.status == 422, await refused.text()
+    assert (await _json(refused))["reason"] == "Invalid"
+    ops[0]["value"] = uid
+    accepted = await http.patch(status, headers={"Content-Type": "application/json-patch+json"}, json=ops)
+    assert accepted.status == 200, await accepted.text()
+    merge = {"metadata": {"uid": "another-uid"}, "status": {"phase": "Merged"}}
+    ignored = await http.patch(status, headers={"Content-Type": "application/merge-patch+json"}, json=merge)
+    assert ignored.status == 200, await ignored.text()
+    stored = await _json(ignored)
+    assert (stored["metadata"]["uid"], stored["status"]["phase"]) == (uid, "Merged")

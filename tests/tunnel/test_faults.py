@@ -101,11 +101,11 @@ class FailingRegistry(InMemoryNodeRegistry):
         super().__init__()
         self.failures_left = 1
 
-    async def patch_status(self, name: str, status: JSON) -> None:
+    async def patch_status(self, name: str, status: JSON, uid: str = "") -> None:
         if self.failures_left:
             self.failures_left -= 1
             raise RuntimeError("API server answered 500")
-        await super().patch_status(name, status)
+        await super().patch_status(name, status, uid)
 
 
 async def test_a_join_that_cannot_be_recorded_leaves_nothing_and_can_be_retried(tmp_path: Path) -> None:
@@ -459,10 +459,10 @@ class OutageRegistry(InMemoryNodeRegistry):
         self.outage = False
         self.back = asyncio.Event()
 
-    async def patch_status(self, name: str, status: JSON) -> None:
+    async def patch_status(self, name: str, status: JSON, uid: str = "") -> None:
         if self.outage:
             await self.back.wait()
-        await super().patch_status(name, status)
+        await super().patch_status(name, status, uid)
 
 
 async def test_a_gateway_stopping_during_an_api_outage_takes_no_new_sessions(tmp_path: Path) -> None:

@@ -139,6 +139,79 @@ async def test_deleting_a_volunteernode_held_by_a_finalizer_revokes_the_agent(
         task.cancel()
 
 
+async def test_status_of_a_deleted_node_is_not_written_into_an_object_recreated_under_its_name(
+    kube: Kube, kgw: KubeGateway, tmp_path: Path
+) -> None:
+    """`kubectl replace --force -f vn.yaml` (delete + create, new uid) while the agent is connected:
+    the gateway revoked the old session and then merge-patched its final "Deleted" NotReady (and
+    any heartbeat write in flight) by name, into the NEW object."""
+    config = AgentConfig(
+        gateway=kgw.gateway.agent_target,
+        token=await kgw.tokens.create(owner="alice"),
+        state_dir=tmp_path / "agent",
+        ca_pem=kgw.gateway.ca_pem,
+        name_hint="alpha",
+        start_ray=False,
+        simulate_gpus=1,
+        simulate_gpu_memory_mib=8192,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.5,
+    )
+    agent = Agent(config)
+    task = asyncio.ensure_future(agent.run())
+    try:
+        await asyncio.wait_for(agent.connected.wait(), 15)
+        assert agent.identity is not None
+        name = agent.identity.node_name
+        assert await kgw.gateway.sessions.flush()
+        old = kube.emulator.get(*VN, name)
+        assert old["status"]["connected"] is True
+        # delete + create, as kubectl replace --force does (no await in between)
+        kube.emulator.delete(*VN, name)
+        new = kube.emulator.create(
+            {"apiVersion": "koinon.dev/v1alpha1", "kind": "VolunteerNode",
+             "metadata": {"name": name}, "spec": dict(old["spec"])}
+        )  # fmt: skip
+        assert new["metadata"]["uid"] != old["metadata"]["uid"]
+        with pytest.raises(JoinRefused, match="no longer exists"):
+            await asyncio.wait_for(task, 15)
+        assert await kgw.gateway.sessions.flush()  # refused as for a gone node: no retrying for good
+        await asyncio.sleep(0.5)
+        stored = kube.emulator.get(*VN, name)
+        assert stored["metadata"]["uid"] == new["metadata"]["uid"]
+        assert not stored.get("status"), f"the new object got the old session's status: {stored.get('status')}"
+    finally:
+        task.cancel()
+
+
+async def test_status_writes_for_an_object_land_only_on_that_object(kube: Kube) -> None:
+    """The first write (the object has no status yet, so a JSON patch cannot add fields to it) and
+    the later ones land; a write naming a uid the name no longer has is refused as for a gone node,
+    and leaves the object under the name untouched."""
+    registry = KubeNodeRegistry(kube.client, heartbeat_write_interval_s=0)
+    uid = await registry.create("vn-a", {"owner": "alice"}, {})
+    kube.emulator.patch(*VN, "vn-a", {"status": {"reputation": {"score": 0.7}}}, subresource="status")
+    await registry.patch_status("vn-a", {"phase": "Ready", "connected": True, "rayNodeId": "n1"}, uid=uid)
+    await registry.patch_status("vn-a", {"phase": "NotReady", "rayNodeId": None}, uid=uid)
+    status = kube.emulator.get(*VN, "vn-a")["status"]
+    assert status == {"phase": "NotReady", "connected": True, "reputation": {"score": 0.7}}
+    kube.emulator.delete(*VN, "vn-a")
+    kube.emulator.create(
+        {
+            "apiVersion": "koinon.dev/v1alpha1",
+            "kind": "VolunteerNode",
+            "metadata": {"name": "vn-a"},
+            "spec": {"owner": "b"},
+        }
+    )
+    with pytest.raises(KeyError):
+        await registry.patch_status("vn-a", {"phase": "Ready", "connected": True}, uid=uid)
+    kube.emulator.patch(*VN, "vn-a", {"status": {"reputation": {"score": 1}}}, subresource="status")
+    with pytest.raises(KeyError):  # the new object has a status now: refused by the uid test alone
+        await registry.patch_status("vn-a", {"phase": "Ready", "connected": True}, uid=uid)
+    assert kube.emulator.get(*VN, "vn-a")["status"] == {"reputation": {"score": 1}}
+
+
 class GappyWatchClient(KubeClient):
     """A watch that goes quiet while ``stalled`` is set and, once ``released``, ends with 410 Gone:
     a watch resumed from a resourceVersion a restarted API server no longer has."""
@@ -304,7 +377,7 @@ async def test_a_node_created_again_while_the_watch_was_down_counts_as_deleted(m
     reported: asyncio.Queue[DeletedNode] = asyncio.Queue()
     watching = asyncio.create_task(_collect(KubeNodeRegistry(client), reported))
     try:
-        assert await asyncio.wait_for(reported.get(), 5) == DeletedNode("vn-a", "127.0.20.1")
+        assert await asyncio.wait_for(reported.get(), 5) == DeletedNode("vn-a", "127.0.20.1", replaced=True)
         for _ in range(50):
             await real_sleep(0)
         assert reported.empty()  # the new object is not reported in turn

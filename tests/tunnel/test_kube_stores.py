@@ -779,6 +779,8 @@ async def test_gateway_deletes_nodes_whose_agent_never_connected(kube: Kube) -> 
                 await call.write(pb.AgentMessage(register=register))
                 assert (await asyncio.wait_for(call.read(), 10)).HasField("registered")
                 call.cancel()  # connected once, gone now: NotReady, not deleted
+                live_name = live.assignment.node_name
+                assert await wait_until(lambda: _status_says(registry, live_name, connected=False), timeout=10)
 
                 idle_name, idle_address = idle.assignment.node_name, idle.assignment.address
                 assert await wait_until(lambda: gateway.allocator.holder(idle_address) is None, timeout=10)
@@ -792,12 +794,18 @@ async def test_gateway_deletes_nodes_whose_agent_never_connected(kube: Kube) -> 
 
                 # The deleted node's agent is refused, as for any deleted node.
                 late = stub.Control(metadata=(("authorization", f"Bearer {idle.credential}"),))
-                await late.write(pb.AgentMessage(register=pb.Register(node_name=idle_name, address=idle_address)))
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:  # refused before or after Register
+                    await late.write(pb.AgentMessage(register=pb.Register(node_name=idle_name, address=idle_address)))
                     await asyncio.wait_for(late.read(), 10)
                 assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
         finally:
             await gateway.stop(0)
+
+
+async def _status_says(registry: KubeNodeRegistry, name: str, **fields: Any) -> bool:
+    node = await registry.get(name)
+    status = (node or {}).get("status") or {}
+    return all(status.get(key) == value for key, value in fields.items())
 
 
 async def test_a_node_delete_with_preconditions_spares_a_changed_or_new_object(kube: Kube) -> None:

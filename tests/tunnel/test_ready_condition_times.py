@@ -94,3 +94,21 @@ async def test_a_joined_node_says_pending_until_its_agent_connects(tmp_path: Pat
         assert await registers(c, response)
         await c.gateway.sessions.flush()
         assert c.registry.objects[name]["status"]["phase"] in ("NotReady", "Ready")  # connected now
+
+
+async def test_first_connect_of_a_joined_node_keeps_the_not_ready_since_time(tmp_path: Path) -> None:
+    """Join writes Ready=False (NeverConnected). The agent's first Register, Ray not yet running,
+    wrote Ready=False again, yet with a new lastTransitionTime: the gateway seeded its condition
+    memory only at start-up, not from the object (nor from the join it wrote itself)."""
+    async with cluster(tmp_path) as c:
+        token = c.tokens.add(owner="alice", usage_limit=1)
+        response = await join(c, token, secrets.token_hex(16))
+        assert isinstance(response, pb.JoinResponse)
+        name = response.assignment.node_name
+        joined = _ready(c.registry, name)
+        assert joined["status"] == "False"
+        assert await registers(c, response)
+        await c.gateway.sessions.flush()
+        now = _ready(c.registry, name)
+        assert now["status"] == "False" and now["reason"] != "NeverConnected"  # connected, Ray not running
+        assert now["lastTransitionTime"] == joined["lastTransitionTime"]

@@ -23,12 +23,12 @@ class FlakyRegistry(InMemoryNodeRegistry):
         self.failures = failures
         self.failed = 0
 
-    async def patch_status(self, name: str, status: JSON) -> None:
+    async def patch_status(self, name: str, status: JSON, uid: str = "") -> None:
         if self.failures:
             self.failures -= 1
             self.failed += 1
             raise RuntimeError("API server answered 500")
-        await super().patch_status(name, status)
+        await super().patch_status(name, status, uid)
 
 
 class SlowRegistry(InMemoryNodeRegistry):
@@ -39,13 +39,13 @@ class SlowRegistry(InMemoryNodeRegistry):
         self.release = asyncio.Event()
         self.in_flight = 0
 
-    async def patch_status(self, name: str, status: JSON) -> None:
+    async def patch_status(self, name: str, status: JSON, uid: str = "") -> None:
         self.in_flight += 1
         try:
             await self.release.wait()
         finally:
             self.in_flight -= 1
-        await super().patch_status(name, status)
+        await super().patch_status(name, status, uid)
 
 
 def make_session(name: str = "vn-a", address: str = "127.0.20.1") -> NodeSession:
@@ -257,16 +257,132 @@ async def test_a_node_flipping_its_state_on_every_message_gets_a_bounded_number_
         )
         table.write_status(session)
         await asyncio.sleep(0)  # the writer's turn
-    assert registry.status_writes == burst
-    assert registry.objects["vn-a"]["status"]["phase"] == "Ready"  # the 10th write: index 9, running
+    # The budget, and the one write that takes the node out of the Ready the 10th write (index 9,
+    # running) showed: index 10 (stopped) goes out unpaced. Then the node shows NotReady and
+    # nothing more goes out before the window has passed.
+    assert registry.status_writes == burst + 1
+    assert registry.objects["vn-a"]["status"]["phase"] == "NotReady"
     # What came in over the budget is written once the window has passed, merged into one write:
     # the last news (index 199: running), nothing in between.
     assert await table.flush(timeout_s=5.0)
-    assert registry.status_writes == burst + 1 and registry.objects["vn-a"]["status"]["phase"] == "Ready"
+    assert registry.status_writes == burst + 2 and registry.objects["vn-a"]["status"]["phase"] == "Ready"
     session.record_heartbeat(pb.Heartbeat(ray_state="stopped", ray_node_id="n1"), now_ns=0, alpha=1.0)
     table.write_status(session)
     assert await table.flush(timeout_s=5.0)
-    assert registry.status_writes == burst + 2 and registry.objects["vn-a"]["status"]["phase"] == "NotReady"
+    assert registry.status_writes == burst + 3 and registry.objects["vn-a"]["status"]["phase"] == "NotReady"
+
+
+class LandingTimes(InMemoryNodeRegistry):
+    """Records when each status write landed (monotonic)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.landed: list[float] = []
+
+    async def patch_status(self, name: str, status: JSON, uid: str = "") -> None:
+        await super().patch_status(name, status, uid)
+        self.landed.append(time.monotonic())
+
+
+async def test_a_node_flapping_in_and_out_of_ready_costs_at_most_twice_the_budget_per_window() -> None:
+    """Leaving Ready is written unpaced; each such write follows a Ready that waited for its slot
+    (news merged into a Ready still waiting is not leaving anything the API shows), so a node that
+    flaps between Ready and NotReady as fast as it can gets at most 2 x burst (+1) writes per window."""
+    table, registry, session = make_table(LandingTimes())
+    window = table.writer.window_s = 0.3
+    burst = table.config.status_write_burst
+    await registry.create("vn-a", {}, {})
+    table.attach(session)
+    ends = time.monotonic() + 4 * window
+    running = True
+    while time.monotonic() < ends:
+        running = not running
+        state = "running" if running else "stopped"
+        session.record_heartbeat(pb.Heartbeat(ray_state=state, ray_node_id="n1"), now_ns=0, alpha=1.0)
+        table.write_status(session)
+        await asyncio.sleep(0.002)
+    assert await table.flush(timeout_s=5.0)
+    landed = registry.landed
+    busiest = max(sum(1 for t in landed if start <= t < start + window) for start in landed)
+    assert burst < busiest <= 2 * burst + 1, busiest
+    assert len(landed) <= (2 * burst + 1) * 5
+
+
+async def test_heartbeat_loss_goes_notready_within_the_timeout_after_a_few_reconnects() -> None:
+    """A volunteer on a flaky link reconnects a few times (each reconnect writes Ready), then its
+    machine dies. The NotReady of the heartbeat timeout was held back by the per-node write pacer
+    until the window freed a slot: the node stayed Ready up to status_write_window_s (10 s by
+    default) past heartbeat_timeout_s, and the scheduler kept placing work on a dead node."""
+    config = GatewayConfig(heartbeat_interval_s=0.1, heartbeat_timeout_s=0.5, status_retry_s=0.01)
+    assert (config.status_write_burst, config.status_write_window_s) == (10, 10.0)  # the defaults
+    registry = InMemoryNodeRegistry()
+    await registry.create("vn-a", {"owner": "alice"}, {})
+    table = SessionTable(config, registry)
+    session = make_session()
+    for _ in range(config.status_write_burst):  # reconnects: each new session writes Ready at once
+        session = make_session()
+        table.attach(session)
+        await table.flush()
+    assert registry.objects["vn-a"]["status"]["phase"] == "Ready"
+    session.last_seen = time.monotonic() - 10  # its agent is gone: heartbeats stopped
+    assert table.expire_stale() == ["vn-a"]
+    # Heartbeat timeout already passed; the NotReady must land now, not a window later.
+    assert await table.flush(timeout_s=2.0), "NotReady held back by the status write pacer"
+    assert registry.objects["vn-a"]["status"]["connected"] is False
+    await table.writer.close(0.1)
+
+
+async def test_news_that_takes_a_waiting_write_out_of_ready_goes_at_once() -> None:
+    """A Ready write waiting for its slot, then the heartbeat timeout: the merged write (now
+    NotReady) leaves the Ready the API still shows, and no longer waits for the window."""
+    table, registry, session = make_table()
+    table.writer.window_s = 600.0
+    await registry.create("vn-a", {}, {})
+    table.attach(session)
+    await table.flush()
+    for index in range(table.config.status_write_burst - 1):  # the budget, used up by Ready news
+        gpus = [pb.Gpu(model=f"g{index}")]
+        session.record_heartbeat(pb.Heartbeat(ray_state="running", ray_node_id="n1", gpus=gpus), 0, 1.0)
+        table.write_status(session)
+        await asyncio.sleep(0)
+    assert registry.status_writes == table.config.status_write_burst
+    assert registry.objects["vn-a"]["status"]["phase"] == "Ready"
+    session.record_heartbeat(pb.Heartbeat(ray_state="running", ray_node_id="n1", gpus=[pb.Gpu(model="x")]), 0, 1.0)
+    table.write_status(session)  # news that keeps it Ready: waits for a slot
+    await asyncio.sleep(0.05)
+    assert table.writer.busy("vn-a")
+    table.detach(session, "HeartbeatTimeout", "no heartbeat within the timeout")
+    assert await table.flush(timeout_s=2.0)
+    status = registry.objects["vn-a"]["status"]
+    assert (status["connected"], status["gpus"]) == (False, [{"model": "x", "memoryMiB": 0}])
+
+
+async def test_a_write_for_a_deleted_object_is_not_applied_to_one_created_again_under_its_name() -> None:
+    """Status writes carry the uid of the object their session registered against: after a delete
+    and create under the same name, the old session's last writes are refused (as for a node that
+    is gone), and the writer gives up on them."""
+    table, registry, session = make_table(SlowRegistry())
+    session.uid = await registry.create("vn-a", {}, {})
+    table.attach(session)  # its Ready write is on its way
+    await registry.delete("vn-a")
+    await registry.create("vn-a", {"owner": "bob"}, {})
+    table.revoke("vn-a")
+    registry.release.set()
+    assert await table.flush()
+    assert registry.objects["vn-a"]["status"] == {} and registry.status_writes == 0
+    assert not table.writer.busy("vn-a")
+
+
+async def test_a_node_replaced_under_its_name_gets_nothing_more_written_for_the_old_one() -> None:
+    """The deletion watch saw the object replaced (another uid under its name): what is queued for
+    the old one, retrying against a failing API or not, is dropped at once."""
+    table, registry, session = make_table(FlakyRegistry(failures=1000))
+    session.uid = await registry.create("vn-a", {}, {})
+    table.attach(session)
+    await asyncio.sleep(0.05)
+    assert table.writer.busy("vn-a")  # retrying
+    assert table.revoke("vn-a", replaced=True)
+    assert not table.writer.busy("vn-a")
 
 
 async def test_a_stopping_gateway_writes_what_pacing_held_back_within_its_flush() -> None:
@@ -297,10 +413,10 @@ class OutageRegistry(InMemoryNodeRegistry):
         self.down = True
         self.landed: list[tuple[float, JSON]] = []
 
-    async def patch_status(self, name: str, status: JSON) -> None:
+    async def patch_status(self, name: str, status: JSON, uid: str = "") -> None:
         if self.down:
             raise RuntimeError("API server unreachable")
-        await super().patch_status(name, status)
+        await super().patch_status(name, status, uid)
         self.landed.append((time.monotonic(), dict(status)))
 
 

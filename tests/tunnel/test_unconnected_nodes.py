@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Any
 
@@ -9,6 +10,7 @@ import pytest
 from koinon_gateway.config import GatewayConfig
 from koinon_gateway.main import build_parser, config_from_args
 from koinon_gateway.registry import JOIN_TOKEN_LABEL, InMemoryNodeRegistry
+from koinon_gateway.server import Gateway
 from koinon_gateway.unconnected_nodes import unconnected_too_long
 
 NOW = dt.datetime(2026, 12, 6, 12, 0, tzinfo=dt.UTC)
@@ -77,3 +79,31 @@ def test_the_ttl_is_a_flag_and_a_day_by_default() -> None:
     config = GatewayConfig(unconnected_node_ttl_s=float("nan"))
     with pytest.raises(ValueError, match="unconnected_node_ttl_s"):
         config.validate()
+
+
+class HeldWritesRegistry(InMemoryNodeRegistry):
+    """Status writes wait until released, as a slow API server's do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def patch_status(self, name: str, status: dict[str, Any], uid: str = "") -> None:
+        await self.release.wait()
+        await super().patch_status(name, status, uid)
+
+
+async def test_a_node_whose_first_session_write_is_under_way_is_spared() -> None:
+    # Its agent connected and left again before the write saying so landed: it did connect.
+    registry = HeldWritesRegistry()
+    gateway = Gateway(GatewayConfig(verify_ray_nodes=False), registry=registry)
+    for name in ("was-connected", "never-connected"):
+        await registry.create(name, {"owner": "alice"}, {JOIN_TOKEN_LABEL: "abcdef"})
+        registry.objects[name]["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    status = {"connected": False, "lastHeartbeat": "2026-01-01T00:00:05Z"}
+    gateway.sessions.writer.submit("was-connected", status, uid=registry.objects["was-connected"]["metadata"]["uid"])
+    assert await gateway.delete_unconnected_nodes() == ["never-connected"]
+    registry.release.set()
+    assert await gateway.sessions.writer.wait_written("was-connected", 5)
+    assert await gateway.delete_unconnected_nodes() == []
+    assert set(registry.objects) == {"was-connected"}
