@@ -407,6 +407,10 @@ class AIJobReconciler:
     # queued behind it must not start anything. Forgotten after STOPPED_KEPT_S, as nothing of the
     # job is left to run a pass by then; kept for ever, a long-lived operator grew by every job.
     _stopped: dict[str, float] = field(default_factory=dict)
+    # Uids of jobs a pass of this process finished (Succeeded or Failed), and when: a deletion
+    # handler that waited for that pass judges from an older body, which still says Running.
+    # Forgotten as _stopped is.
+    _finished: dict[str, float] = field(default_factory=dict)
 
     async def reconcile(
         self,
@@ -443,6 +447,8 @@ class AIJobReconciler:
         outcome.status = changed_fields(current, outcome.status)
         if outcome.status and version:
             self._written_from[key] = (str(version), self.monotonic())
+        if outcome.status.get("phase") in (Phase.SUCCEEDED, Phase.FAILED):
+            self._finished[str(meta.get("uid") or "")] = self.monotonic()
         return outcome
 
     def _behind_own_write(self, key: str, version: object) -> bool:
@@ -588,13 +594,20 @@ class AIJobReconciler:
         async with lock:
             # By uid: an AIJob created again under the same name is another job.
             now = self.monotonic()
-            for old in [uid for uid, when in self._stopped.items() if now - when > STOPPED_KEPT_S]:
-                del self._stopped[old]
-            self._stopped[str(meta.get("uid") or "")] = now
+            for memory in (self._stopped, self._finished):
+                for old in [uid for uid, when in memory.items() if now - when > STOPPED_KEPT_S]:
+                    del memory[old]
+            uid = str(meta.get("uid") or "")
+            self._stopped[uid] = now
             state = AIJobStatus.from_status(body.get("status"))
             self.ledger.forget(key)
             self._written_from.pop(key, None)
-            stopped = bool(state.submission_id and state.phase is not None and state.phase.holds_nodes)
+            # A pass of this process finished the job (the pass this waited for, maybe, which the
+            # body predates): that pass stopped what ran; there is nothing to stop or to report.
+            finished_here = self._finished.pop(uid, None) is not None
+            stopped = bool(
+                not finished_here and state.submission_id and state.phase is not None and state.phase.holds_nodes
+            )
             if stopped:
                 await self._stop_copies(state)
         if self._job_locks.get(key) is lock and not lock.locked():

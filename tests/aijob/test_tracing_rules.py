@@ -109,11 +109,20 @@ async def test_a_deletion_racing_the_pass_that_finishes_the_job_emits_one_root_s
     span with the same span id (reason Deleted)."""
     from koinon_operator import handlers
 
-    monkeypatch.setattr(kopf, "event", lambda *args, **kwargs: None)
+    posted: list[tuple[str, str]] = []
+    monkeypatch.setattr(kopf, "event", lambda body, type, reason, message: posted.append((type, reason)))
     provider = TracerProvider(id_generator=JobIdGenerator())
     tracer, exporter = _tracer(provider)
     reconciler, ray, clock, body = await _running_job(tracer)
     ray.set_state(submission_id_for(UID, 1), RayJobState.SUCCEEDED, exit_code=0)
+    stops: list[str] = []
+    stop_in_ray = ray.stop
+
+    async def recorded_stop(submission_id: str) -> Any:
+        stops.append(submission_id)
+        return await stop_in_ray(submission_id)
+
+    monkeypatch.setattr(ray, "stop", recorded_stop)
     reading_logs = asyncio.Event()
     logs_read = ray.logs
 
@@ -147,6 +156,9 @@ async def test_a_deletion_racing_the_pass_that_finishes_the_job_emits_one_root_s
         (dict(r.attributes or {}).get("koinon.reason"), r.status.status_code) for r in roots
     ]
     assert roots[0].status.is_ok
+    # Nor does the deletion stop or report stopping a job that the pass it waited for finished.
+    assert ("Normal", "Stopped") not in posted and ("Normal", "Completed") in posted, posted
+    assert stops == []
 
 
 async def test_a_finishing_pass_repeated_after_its_status_write_was_lost_emits_no_second_root_span() -> None:
