@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import os
+import pwd
 import random
 import stat
 import time
@@ -34,8 +35,14 @@ class Claim:
 
 
 def claims_dir() -> Path:
-    # Always /tmp, as the work dirs: after $TMPDIR (which one shell sets and another does not), two
-    # control planes of the user kept their claims apart and took the same ports and addresses.
+    """One place per user, whatever the environment: after $TMPDIR (which one shell sets and
+    another does not), two control planes of the user kept their claims apart and took the same
+    ports and addresses. In the user's home from the password database (not $HOME, which sudo may
+    keep), where no other user can create it first: a fixed name in /tmp, which anyone may take,
+    locked the user out until the next boot. /tmp only for a user whose home cannot be written."""
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    if os.access(home, os.W_OK | os.X_OK):
+        return home / ".cache" / "koinon" / "dev-claims"
     return Path("/tmp") / f"koinon-dev-claims-{os.getuid()}"
 
 
@@ -43,6 +50,7 @@ def _own_directory() -> Path:
     """The claims dir, created private; refused when it is not (another local user made it first,
     or put a link there): its records decide what this user's control planes may take."""
     directory = claims_dir()
+    directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):
         directory.mkdir(mode=0o700)
     info = os.lstat(directory)

@@ -362,7 +362,14 @@ def cleanup_signals(notice: str) -> Iterator[None]:
             print(notice, file=sys.stderr, flush=True)
         received.append(signum)
 
-    previous = _install((signal.SIGINT, *TERMINATING_SIGNALS), hold)
+    # An ignored SIGINT stays ignored (`koinon dev down &` in a script): held, its second one would
+    # abort the cleanup that the process was started not to be interrupted in.
+    held = (
+        TERMINATING_SIGNALS
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        else (signal.SIGINT, *TERMINATING_SIGNALS)
+    )
+    previous = _install(held, hold)
     try:
         yield
     except BaseException:

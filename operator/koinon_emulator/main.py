@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import os
 import secrets
 import signal
 import sys
+from pathlib import Path
 
 from .kubeconfig import write_kubeconfig
 from .server import KubeEmulator
-from .tls import self_signed_cert
+from .tls import ServingCert, self_signed_cert
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,21 +40,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def serving_credentials(host: str, state_file: str | None) -> tuple[str, ServingCert]:
+    """A new token and certificate; with a state file, the ones kept beside it (0600) from the last
+    start for the same host: as kube-apiserver keeps its certificate and credentials across a
+    restart, so the clients of an emulator restarted on its state go on being served."""
+    hosts = list(dict.fromkeys([host, "127.0.0.1", "localhost"]))
+    kept = Path(f"{state_file}.credentials.json") if state_file else None
+    if kept is not None and kept.exists():
+        saved = json.loads(kept.read_text())
+        if saved.get("hosts") == hosts:
+            return saved["token"], ServingCert(saved["cert"].encode(), saved["key"].encode())
+    token, tls = secrets.token_urlsafe(32), self_signed_cert(hosts)
+    if kept is not None:
+        document = {"hosts": hosts, "token": token, "cert": tls.cert_pem.decode(), "key": tls.key_pem.decode()}
+        temporary = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            os.fchmod(out.fileno(), 0o600)
+            out.write(json.dumps(document))
+        temporary.replace(kept)
+    return token, tls
+
+
 async def serve(args: argparse.Namespace) -> None:
-    # A new token every start, kept only in the kubeconfig (0600): any local user reaches the port,
-    # and the API holds Secrets (the gateway's CA key) and AIJobs that run as the user who started it.
-    # HTTPS because kubectl (client-go) sends a kubeconfig's credentials over TLS only.
-    token = None if args.no_auth else secrets.token_urlsafe(32)
-    tls = None if args.no_auth else self_signed_cert([args.host, "127.0.0.1", "localhost"])
+    # Before the URL is printed (what tells a supervisor it serves): a SIGTERM right after it must
+    # stop the emulator cleanly, saving its state, not kill it.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    # A token, kept only in the kubeconfig (0600): any local user reaches the port, and the API
+    # holds Secrets (the gateway's CA key) and AIJobs that run as the user who started it. HTTPS
+    # because kubectl (client-go) sends a kubeconfig's credentials over TLS only.
+    token, tls = (None, None) if args.no_auth else serving_credentials(args.host, args.state_file)
     emulator = KubeEmulator(state_file=args.state_file, token=token, tls=tls)
     url = await emulator.start(args.host, args.port)
     if args.kubeconfig:
         write_kubeconfig(args.kubeconfig, url, token=token, ca_pem=tls.cert_pem if tls else None)
     print(url, flush=True)
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stopping.set)
     try:
         await stopping.wait()
     finally:

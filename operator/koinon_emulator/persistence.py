@@ -22,7 +22,11 @@ def save_state(service: ApiService, path: Path) -> None:
     objects.sort(key=lambda obj: obj.get("kind") != CRD_RESOURCE.kind)
     state = {"resourceVersion": service.store.resource_version, "objects": objects}
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(state))
+    # Readable by its owner only: it holds the Secrets of the API (a gateway's CA key, join tokens).
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write(json.dumps(state))
     temporary.replace(path)
 
 

@@ -107,6 +107,10 @@ class KubeNodeRegistry:
     # Nodes this registry saw exist (listed, created or given an address here), name -> address: a
     # relist after a watch gap reports those that vanished, though the watch never saw them.
     _seen: dict[str, str] = field(default_factory=dict)
+    # Nodes this registry created and has not written status to: name -> (uid, resourceVersion) of
+    # the object as created, which has no status yet (a custom resource's status subresource drops
+    # one given at creation), so the first write adds it whole in one call (_first_status).
+    _created: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def _path(self, name: str | None = None, subresource: str | None = None) -> str:
         return custom_path(GROUP, VERSION, PLURAL, name, subresource=subresource)
@@ -132,6 +136,9 @@ class KubeNodeRegistry:
         uid = node_uid(created)
         if not uid:  # every API server sets one; without it no credential could name the object
             raise KubeApiError(500, "InternalError", f"VolunteerNode {name} created without metadata.uid")
+        version = str((created.get("metadata") or {}).get("resourceVersion") or "")
+        if version and not created.get("status"):
+            self._created[name] = (uid, version)
         return uid
 
     async def get(self, name: str) -> JSON | None:
@@ -170,6 +177,8 @@ class KubeNodeRegistry:
     async def _patch_status_of(self, name: str, status: JSON, uid: str) -> None:
         """Writes ``status`` into the object ``uid`` only; KeyError when the name is another object's."""
         path = self._path(name, "status")
+        if await self._first_status(name, status, uid):
+            return
         try:
             await self.client.json_patch(path, [_uid_test(uid), *_status_ops(status)])
             return
@@ -194,6 +203,28 @@ class KubeNodeRegistry:
             ],
         )
 
+    async def _first_status(self, name: str, status: JSON, uid: str) -> bool:
+        """The first status of a node this registry created, added whole in one call (a join's
+        write), if the object is still as created; False: write it the general way."""
+        created = self._created.pop(name, None)
+        if created is None or created[0] != uid:
+            return False
+        first = {key: value for key, value in status.items() if value is not None}
+        try:
+            await self.client.json_patch(
+                self._path(name, "status"),
+                [
+                    _uid_test(uid),
+                    {"op": "test", "path": "/metadata/resourceVersion", "value": created[1]},
+                    {"op": "add", "path": "/status", "value": first},
+                ],
+            )
+        except KubeApiError as exc:
+            if exc.invalid:  # changed since (another writer added status): the general way
+                return False
+            raise
+        return True
+
     async def delete(self, name: str, preconditions: Mapping[str, str] | None = None) -> bool:
         try:
             await self.client.delete(self._path(name), preconditions)
@@ -202,6 +233,7 @@ class KubeNodeRegistry:
                 return False
             raise
         self._last.pop(name, None)
+        self._created.pop(name, None)
         self._seen.pop(name, None)  # deleted by this gateway, which deals with its session itself
         return True
 

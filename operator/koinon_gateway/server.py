@@ -249,6 +249,9 @@ class Gateway:
             preconditions = {"uid": node.uid, "resourceVersion": node.resource_version}
             if not await self.registry.delete(node.name, {k: v for k, v in preconditions.items() if v}):
                 continue
+            # As for any deleted node (the file and memory stores report no deletions): forgets its
+            # Ready condition, and ends a session that attached since the list, if one did.
+            self.sessions.revoke(node.name)
             self.allocator.release(node.address, node.name)
             self.metrics.unconnected_nodes_deleted += 1
             deleted.append(node.name)

@@ -67,8 +67,12 @@ class _Pace:
     # What the writes that landed last said: connected, and Ready condition True.
     connected: bool = False
     ready: bool = False
+    # A leave-Ready write sent unpaced and not landed since: its retries (after a failure, woken
+    # by every news) wait for their slot like any other write.
+    unpaced_sent: bool = False
 
     def landed(self, status: JSON) -> None:
+        self.unpaced_sent = False
         if "connected" in status:
             self.connected = bool(status["connected"])
         condition = stored_ready_condition(status)
@@ -186,7 +190,12 @@ class StatusWriter:
         while len(sent) == sent.maxlen and not self._unpaced.is_set():
             # What comes in meanwhile merges into this write; once it takes the node out of Ready,
             # it goes at once (it still takes its place in the window).
-            if (queued := self._pending.get(name)) is not None and pace.leaves_ready(queued.status):
+            if (
+                not pace.unpaced_sent
+                and (queued := self._pending.get(name)) is not None
+                and pace.leaves_ready(queued.status)
+            ):
+                pace.unpaced_sent = True
                 break
             left = sent[0] + self.window_s - time.monotonic()
             if left <= 0:

@@ -242,6 +242,30 @@ def test_a_second_ctrl_c_during_dev_down_says_how_to_finish(
     assert slow.wait(timeout=5) is not None and not (state / "cluster.json").exists()
 
 
+CLEANUP_WITH_SIGINT_IGNORED = """
+import signal, sys
+from koinon_dev.processes import cleanup_signals
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a background job of a script inherits it
+try:
+    with cleanup_signals("notice"):
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        print("teardown finished")
+except KeyboardInterrupt:
+    print("teardown aborted by an ignored SIGINT")
+    sys.exit(1)
+"""
+
+
+def test_an_ignored_ctrl_c_stays_ignored_during_teardown() -> None:
+    """`koinon dev down &` in a script ignores SIGINT; the teardown's handler replaced that, and a
+    second Ctrl-C at the terminal aborted the teardown half-way."""
+    done = subprocess.run([sys.executable, "-c", CLEANUP_WITH_SIGINT_IGNORED], capture_output=True, text=True,
+                          timeout=30)  # fmt: skip
+    assert done.returncode == 0 and "teardown finished" in done.stdout, done.stdout + done.stderr
+    assert "notice" not in done.stderr
+
+
 @pytest.mark.parametrize("volunteers", ["17", "0", "-1", "two"])
 def test_volunteer_counts_the_port_claim_cannot_hold_are_refused_before_anything_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], volunteers: str

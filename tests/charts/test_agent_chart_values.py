@@ -79,6 +79,18 @@ def _pod(tools: Tools, values: dict[str, str | None] | None = None) -> Manifest:
     return pod
 
 
+# Forms Kubernetes accepts for a memory limit (its docs list 129e6 and 128974848000m beside 129M),
+# plus a sign and an upper-case exponent: the chart reads the limit for the object store's size,
+# and refused these, which rendered before it did.
+@pytest.mark.parametrize("limit", ["8e9", "1290e7", "8589934592000m", "8E9", "+8Gi"])
+def test_every_memory_limit_kubernetes_accepts_renders(tools: Tools, limit: str) -> None:
+    result = helm_template(tools, {"resources.limits.memory": limit})
+    assert result.returncode == 0, result.stderr
+    env = env_map(agent_container(one(parse_documents(result.stdout), "Deployment")))
+    # 80 % of the 2Gi /dev/shm: each limit's 30 % is more.
+    assert int(env["KOINON_OBJECT_STORE_MEMORY"]["value"]) == int(0.8 * 2 * 2**30)
+
+
 @pytest.mark.parametrize(
     "values",
     [

@@ -116,6 +116,26 @@ def test_cli_serves_only_clients_with_the_kubeconfigs_token(tmp_path: Path) -> N
         _stop(second)
 
 
+def test_clients_of_an_emulator_restarted_on_its_state_file_are_still_served(tmp_path: Path) -> None:
+    """Each start drew a new certificate and token: a client holding the kubeconfig it read before
+    a restart on the same state (a running gateway reads it once) failed for good, though
+    kube-apiserver keeps its serving certificate and credentials across restarts."""
+    state, kubeconfig = tmp_path / "state.json", tmp_path / "kubeconfig"
+    process, url = _start(tmp_path, "--state-file", str(state))
+    held = kubeconfig.read_text()
+    _stop(process)
+    process, url = _start(tmp_path, "--state-file", str(state), "--port", url.rsplit(":", 1)[1])
+    try:
+        assert kubeconfig.read_text() == held
+        (tmp_path / "held").write_text(held)
+        assert _call(tmp_path / "held", f"{url}/api/v1/namespaces", _token(tmp_path / "held"))[0] == 200
+    finally:
+        _stop(process)
+    # The state (Secrets) and what authenticates to it are for the owner's eyes only.
+    for private in (state, Path(f"{state}.credentials.json"), kubeconfig):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
+
+
 def test_cli_without_auth_serves_plain_http_to_anyone(tmp_path: Path) -> None:
     process, url = _start(tmp_path, "--no-auth")
     try:

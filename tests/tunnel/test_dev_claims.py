@@ -4,6 +4,7 @@ a bind probe alone handed out ports a running one's volunteers held but did not 
 from __future__ import annotations
 
 import os
+import pwd
 import subprocess
 import tempfile
 import time
@@ -138,4 +139,11 @@ def test_every_control_plane_of_the_user_shares_one_claims_dir_whatever_its_tmpd
         monkeypatch.setenv("TMPDIR", tmpdir)
         monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads $TMPDIR again
         seen.add(REAL_CLAIMS_DIR())
-    assert seen == {Path(f"/tmp/koinon-dev-claims-{os.getuid()}")}
+    assert seen == {Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "koinon" / "dev-claims"}
+
+
+def test_another_user_cannot_take_the_claims_dir_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fixed name in /tmp (sticky: only its maker removes it) let any local user make the
+    directory first and so refuse every `up` of the victim until the next boot."""
+    monkeypatch.setenv("HOME", "/tmp")  # not what decides: a user's home is theirs
+    assert REAL_CLAIMS_DIR().is_relative_to(pwd.getpwuid(os.getuid()).pw_dir)

@@ -212,6 +212,36 @@ async def test_status_writes_for_an_object_land_only_on_that_object(kube: Kube) 
     assert kube.emulator.get(*VN, "vn-a")["status"] == {"reputation": {"score": 1}}
 
 
+class CountingClient(KubeClient):
+    """Counts the requests sent to the API server."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.requests: list[str] = []
+
+    async def request(self, method: str, path: str, *args: Any, **kwargs: Any) -> Any:
+        self.requests.append(method)
+        return await super().request(method, path, *args, **kwargs)
+
+
+async def test_a_joins_first_status_write_is_one_api_call(kube: Kube) -> None:
+    """The object a join creates has no status yet, to which a JSON patch cannot add fields: the
+    first write was refused (422), read, and sent again, three calls on every join."""
+    client = CountingClient(load_kubeconfig(kube.kubeconfig))
+    try:
+        registry = KubeNodeRegistry(client, heartbeat_write_interval_s=0)
+        uid = await registry.create("vn-a", {"owner": "alice"}, {})
+        client.requests.clear()
+        await registry.patch_status("vn-a", {"phase": "Pending", "connected": False, "address": "127.0.20.2"}, uid=uid)
+        assert client.requests == ["PATCH"]
+        await registry.patch_status("vn-a", {"phase": "Ready", "connected": True}, uid=uid)
+        assert client.requests == ["PATCH", "PATCH"]
+        status = kube.emulator.get(*VN, "vn-a")["status"]
+        assert status == {"phase": "Ready", "connected": True, "address": "127.0.20.2"}
+    finally:
+        await client.close()
+
+
 class GappyWatchClient(KubeClient):
     """A watch that goes quiet while ``stalled`` is set and, once ``released``, ends with 410 Gone:
     a watch resumed from a resourceVersion a restarted API server no longer has."""

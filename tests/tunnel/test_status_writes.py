@@ -455,3 +455,45 @@ async def test_a_stopped_ray_node_is_not_left_as_the_nodes_ray_node_id() -> None
     await table.flush()
     status = registry.objects["vn-a"]["status"]
     assert status["phase"] == "NotReady" and status.get("rayNodeId") is None
+
+
+class CountingOutage(InMemoryNodeRegistry):
+    """Counts every status write tried; fails them all while ``down`` (API away / answering 429)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.tried = 0
+
+    async def patch_status(self, name: str, status: JSON, uid: str = "") -> None:
+        self.tried += 1
+        if self.down:
+            raise RuntimeError("API server answered 429 Too Many Requests")
+        await super().patch_status(name, status, uid)
+
+
+async def test_a_failing_leave_ready_write_is_not_retried_at_the_agents_message_rate() -> None:
+    """The leave-Ready exemption holds as long as the API still shows Ready, i.e. as long as the
+    NotReady write fails. Every news the agent sends wakes the failed writer at once (news ends
+    the back-off), and the exemption then skips the slot wait: an agent sending changing
+    heartbeats while the API is struggling gets one API write (and one logged traceback) per
+    message, where before this change the pacer held it to ``status_write_burst`` per window."""
+    config = GatewayConfig(status_retry_s=5.0)  # defaults: 10 writes per 10 s, 5 s back-off
+    registry = CountingOutage()
+    table = SessionTable(config, registry)
+    session = make_session()
+    session.uid = await registry.create("vn-a", {"owner": "mallory"}, {})
+    table.attach(session)  # Ready lands
+    assert await table.flush()
+    assert registry.objects["vn-a"]["status"]["phase"] == "Ready"
+    registry.down = True
+    registry.tried = 0
+    for index in range(200):  # the agent: Ray "stopped", a different GPU list each message
+        heartbeat = pb.Heartbeat(ray_state="stopped", ray_node_id="n1", gpus=[pb.Gpu(model=f"g{index}")])
+        session.record_heartbeat(heartbeat, now_ns=0, alpha=1.0)
+        table.write_status(session)
+        await asyncio.sleep(0.001)
+    tried = registry.tried
+    await table.writer.close(0.1)
+    # Before ad15b76: at most status_write_burst tries in this ~0.3 s (the window is 10 s).
+    assert tried <= config.status_write_burst + 1, f"{tried} API writes in ~0.3 s from one agent"

@@ -11,6 +11,7 @@ from koinon_gateway.config import GatewayConfig
 from koinon_gateway.main import build_parser, config_from_args
 from koinon_gateway.registry import JOIN_TOKEN_LABEL, InMemoryNodeRegistry
 from koinon_gateway.server import Gateway
+from koinon_gateway.status import never_connected_status
 from koinon_gateway.unconnected_nodes import unconnected_too_long
 
 NOW = dt.datetime(2026, 12, 6, 12, 0, tzinfo=dt.UTC)
@@ -100,9 +101,14 @@ async def test_a_node_whose_first_session_write_is_under_way_is_spared() -> None
     for name in ("was-connected", "never-connected"):
         await registry.create(name, {"owner": "alice"}, {JOIN_TOKEN_LABEL: "abcdef"})
         registry.objects[name]["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+        registry.objects[name]["status"] = never_connected_status("127.0.20.2")
+    # As a gateway starting finds them: their Ready conditions are remembered for their sessions.
+    gateway.sessions.disown_stale_connections(await registry.list())
     status = {"connected": False, "lastHeartbeat": "2026-01-01T00:00:05Z"}
     gateway.sessions.writer.submit("was-connected", status, uid=registry.objects["was-connected"]["metadata"]["uid"])
     assert await gateway.delete_unconnected_nodes() == ["never-connected"]
+    remembered = gateway.sessions._conditions  # what deleted nodes leave behind, for good
+    assert "never-connected" not in remembered and "was-connected" in remembered
     registry.release.set()
     assert await gateway.sessions.writer.wait_written("was-connected", 5)
     assert await gateway.delete_unconnected_nodes() == []
