@@ -203,9 +203,15 @@ def slow_component(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[byte
         slow.wait()
 
 
+INTERACTIVE_MAIN = (
+    "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); from koinon_dev.cli import main; main()"
+)
+
+
 def _down_interrupted(state: Path, interrupts: int) -> subprocess.CompletedProcess[str]:
     down = subprocess.Popen(
-        [sys.executable, "-c", "from koinon_dev.cli import main; main()", "--state-dir", str(state), "dev", "down"],
+        # Ctrl-C as at a terminal: a test run in the background (CI) hands SIGINT down ignored.
+        [sys.executable, "-c", INTERACTIVE_MAIN, "--state-dir", str(state), "dev", "down"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     time.sleep(2.0)  # inside the grace period of the recorded component

@@ -22,6 +22,16 @@ DIGEST_JOB = python_entrypoint(
     "print('KOINON_RESULT', value)"
 )
 
+# The same, with every honest copy answering 5 s after the liar's: the liar's wrong answer is
+# always in when the vote is decided. Otherwise two honest answers decide it first now and then (a
+# freshly joined liar's worker starts slowest), and the liar's copy is stopped unjudged.
+LIAR_ANSWERS_FIRST_JOB = python_entrypoint(
+    "import os, time, hashlib; corrupt = os.environ.get('KOINON_TEST_CORRUPT_RESULT'); "
+    "time.sleep(0 if corrupt else 5); value = hashlib.sha256(b'koinon').hexdigest()[:12]; "
+    "value = ('forged-' + value) if corrupt else value; "
+    "print('KOINON_RESULT', value)"
+)
+
 
 def _volunteers(control_plane: ControlPlane) -> dict[str, dict[str, Any]]:
     listed = json.loads(control_plane.kubectl("get", "vn", "-o", "json"))
@@ -39,7 +49,9 @@ def test_a_lying_volunteer_loses_reputation_and_stops_getting_verified_work(
                                         extra_env={"KOINON_TEST_CORRUPT_RESULT": "1"})  # fmt: skip
     liar = _node_named(control_plane, "liar")
     verified = {"mode": "replicated", "quorum": 3}
-    control_plane.apply(aijob("checked", namespace, DIGEST_JOB, resources={"gpus": 1}, verification=verified))
+    control_plane.apply(
+        aijob("checked", namespace, LIAR_ANSWERS_FIRST_JOB, resources={"gpus": 1}, verification=verified)
+    )
     done = control_plane.wait_phase("checked", namespace, "Succeeded", timeout=120)
     status = done["status"]
     assert status["reason"] == "Verified"
