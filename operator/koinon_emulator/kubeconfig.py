@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from .files import write_private
+
 CONTEXT_NAME = "koinon-local"
 
 
@@ -41,11 +43,5 @@ def write_kubeconfig(
     """Writes the kubeconfig readable by its owner only (0600): its token lets anyone act on the API."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    document = yaml.safe_dump(kubeconfig_document(server_url, namespace, token, ca_pem), sort_keys=False)
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        os.fchmod(out.fileno(), 0o600)  # one left by a killed writer may have other bits
-        out.write(document)
-    temporary.replace(target)  # atomic: readers never see a half-written kubeconfig
+    write_private(target, yaml.safe_dump(kubeconfig_document(server_url, namespace, token, ca_pem), sort_keys=False))
     return target

@@ -6,12 +6,12 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import secrets
 import signal
 import sys
 from pathlib import Path
 
+from .files import write_private
 from .kubeconfig import write_kubeconfig
 from .server import KubeEmulator
 from .tls import ServingCert, self_signed_cert
@@ -53,12 +53,7 @@ def serving_credentials(host: str, state_file: str | None) -> tuple[str, Serving
     token, tls = secrets.token_urlsafe(32), self_signed_cert(hosts)
     if kept is not None:
         document = {"hosts": hosts, "token": token, "cert": tls.cert_pem.decode(), "key": tls.key_pem.decode()}
-        temporary = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            os.fchmod(out.fileno(), 0o600)
-            out.write(json.dumps(document))
-        temporary.replace(kept)
+        write_private(kept, json.dumps(document))
     return token, tls
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
+from .files import write_private
 from .resources import CRD_RESOURCE
 from .service import ApiService
 
@@ -21,13 +21,8 @@ def save_state(service: ApiService, path: Path) -> None:
     # CRDs first, so that restoring registers their resources before their objects come back.
     objects.sort(key=lambda obj: obj.get("kind") != CRD_RESOURCE.kind)
     state = {"resourceVersion": service.store.resource_version, "objects": objects}
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # Readable by its owner only: it holds the Secrets of the API (a gateway's CA key, join tokens).
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        os.fchmod(out.fileno(), 0o600)
-        out.write(json.dumps(state))
-    temporary.replace(path)
+    write_private(path, json.dumps(state))
 
 
 def load_state(service: ApiService, path: Path) -> int:

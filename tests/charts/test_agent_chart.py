@@ -289,22 +289,16 @@ def test_pvc_persistence_creates_a_kept_claim(tools: Tools) -> None:
     assert state["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
 
 
-def test_notes_tell_how_to_check_the_node(tools: Tools) -> None:
-    result = tools.run(
-        tools.helm,
-        "install",
-        "vol",
-        str(CHART),
-        "--dry-run=client",
-        "--namespace",
-        "ns1",
-        "--set",
-        f"gateway.address={GATEWAY}",
-        "--set",
-        f"joinToken.value={TOKEN}",
-    )
+def install_notes(tools: Tools, values: dict[str, str]) -> str:
+    """The NOTES `helm install vol --namespace ns1` prints with ``values`` (a dry run)."""
+    settings = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+    result = tools.run(tools.helm, "install", "vol", str(CHART), "--dry-run=client", "--namespace", "ns1", *settings)
     assert result.returncode == 0, result.stderr
-    notes = result.stdout.split("NOTES:", 1)[1]
+    return result.stdout.split("NOTES:", 1)[1]
+
+
+def test_notes_tell_how_to_check_the_node(tools: Tools) -> None:
+    notes = install_notes(tools, {"gateway.address": GATEWAY, "joinToken.value": TOKEN})
     assert "kubectl --namespace ns1 logs -f deployment/vol-koinon-agent" in notes
     assert "kubectl get vn" in notes
     assert "emptyDir" in notes  # warns that the credential is not kept
@@ -383,18 +377,5 @@ def test_a_kept_state_dir_renders_without_a_join_token(tools: Tools, persistence
     docs = render(tools, values)
     assert not by_kind(docs, "Secret")
     assert "KOINON_TOKEN" not in env_map(agent_container(one(docs, kind)))
-    result = tools.run(
-        tools.helm,
-        "install",
-        "vol",
-        str(CHART),
-        "--dry-run=client",
-        *[
-            arg
-            for key, value in {**values, "gateway.address": GATEWAY}.items()
-            if value
-            for arg in ("--set", f"{key}={value}")
-        ],
-    )
-    assert result.returncode == 0, result.stderr
-    assert "The first join needs a join token" in result.stdout.split("NOTES:", 1)[1]
+    set_values = {key: value for key, value in values.items() if value}
+    assert "The first join needs a join token" in install_notes(tools, {**set_values, "gateway.address": GATEWAY})

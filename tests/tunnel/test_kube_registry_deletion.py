@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import yaml
 from koinon_agent.agent import Agent, JoinRefused
-from koinon_agent.config import AgentConfig
 from koinon_emulator.kubeconfig import write_kubeconfig
 from koinon_emulator.server import KubeEmulator
 from koinon_gateway.kube_ca import KubeCAStore
@@ -101,18 +100,7 @@ async def kgw(kube: Kube) -> AsyncIterator[KubeGateway]:
 async def test_deleting_a_volunteernode_held_by_a_finalizer_revokes_the_agent(
     kube: Kube, kgw: KubeGateway, tmp_path: Path
 ) -> None:
-    config = AgentConfig(
-        gateway=kgw.gateway.agent_target,
-        token=await kgw.tokens.create(owner="alice"),
-        state_dir=tmp_path / "agent",
-        ca_pem=kgw.gateway.ca_pem,
-        name_hint="alpha",
-        start_ray=False,
-        simulate_gpus=1,
-        simulate_gpu_memory_mib=8192,
-        backoff_initial_s=0.05,
-        backoff_max_s=0.5,
-    )
+    config = await kgw.agent_config(tmp_path / "agent")
     agent = Agent(config)
     task = asyncio.ensure_future(agent.run())
     try:
@@ -145,18 +133,7 @@ async def test_status_of_a_deleted_node_is_not_written_into_an_object_recreated_
     """`kubectl replace --force -f vn.yaml` (delete + create, new uid) while the agent is connected:
     the gateway revoked the old session and then merge-patched its final "Deleted" NotReady (and
     any heartbeat write in flight) by name, into the NEW object."""
-    config = AgentConfig(
-        gateway=kgw.gateway.agent_target,
-        token=await kgw.tokens.create(owner="alice"),
-        state_dir=tmp_path / "agent",
-        ca_pem=kgw.gateway.ca_pem,
-        name_hint="alpha",
-        start_ray=False,
-        simulate_gpus=1,
-        simulate_gpu_memory_mib=8192,
-        backoff_initial_s=0.05,
-        backoff_max_s=0.5,
-    )
+    config = await kgw.agent_config(tmp_path / "agent")
     agent = Agent(config)
     task = asyncio.ensure_future(agent.run())
     try:

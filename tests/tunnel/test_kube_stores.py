@@ -21,6 +21,7 @@ import grpc
 import pytest
 import yaml
 from koinon_agent.agent import Agent, JoinRefused
+from koinon_agent.config import AgentConfig
 from koinon_dev.binaries import ensure_binaries
 from koinon_emulator.kubeconfig import write_kubeconfig
 from koinon_emulator.server import KubeEmulator
@@ -484,6 +485,21 @@ class KubeGateway:
     tokens: KubeTokenStore
     registry: KubeNodeRegistry
 
+    async def agent_config(self, state_dir: Path) -> AgentConfig:
+        """An agent without Ray, joining this gateway with a new token of alice's."""
+        return AgentConfig(
+            gateway=self.gateway.agent_target,
+            token=await self.tokens.create(owner="alice"),
+            state_dir=state_dir,
+            ca_pem=self.gateway.ca_pem,
+            name_hint="alpha",
+            start_ray=False,
+            simulate_gpus=1,
+            simulate_gpu_memory_mib=8192,
+            backoff_initial_s=0.05,
+            backoff_max_s=0.5,
+        )
+
     def channel(self) -> grpc.aio.Channel:
         return grpc.aio.secure_channel(
             self.gateway.agent_target,
@@ -615,20 +631,7 @@ async def _phase_is(kube: Kube, name: str, phase: str) -> JSON | None:
 
 
 async def test_deleting_the_volunteernode_revokes_the_agent(kube: Kube, kgw: KubeGateway, tmp_path: Path) -> None:
-    from koinon_agent.config import AgentConfig
-
-    config = AgentConfig(
-        gateway=kgw.gateway.agent_target,
-        token=await kgw.tokens.create(owner="alice"),
-        state_dir=tmp_path / "agent",
-        ca_pem=kgw.gateway.ca_pem,
-        name_hint="alpha",
-        start_ray=False,
-        simulate_gpus=1,
-        simulate_gpu_memory_mib=8192,
-        backoff_initial_s=0.05,
-        backoff_max_s=0.5,
-    )
+    config = await kgw.agent_config(tmp_path / "agent")
     agent = Agent(config)
     task = asyncio.ensure_future(agent.run())
     try:
