@@ -16,6 +16,7 @@ import json
 import os
 import pwd
 import random
+import socket
 import stat
 import time
 from dataclasses import dataclass
@@ -35,15 +36,26 @@ class Claim:
 
 
 def claims_dir() -> Path:
-    """One place per user, whatever the environment: after $TMPDIR (which one shell sets and
-    another does not), two control planes of the user kept their claims apart and took the same
-    ports and addresses. In the user's home from the password database (not $HOME, which sudo may
-    keep), where no other user can create it first: a fixed name in /tmp, which anyone may take,
-    locked the user out until the next boot. /tmp only for a user whose home cannot be written."""
-    home = Path(pwd.getpwuid(os.getuid()).pw_dir)
-    if os.access(home, os.W_OK | os.X_OK):
-        return home / ".cache" / "koinon" / "dev-claims"
+    """One place per user and host, whatever the environment: after $TMPDIR (which one shell sets
+    and another does not), two control planes of the user kept their claims apart and took the
+    same ports and addresses. In the user's home from the password database (not $HOME, which sudo
+    may keep), where no other user can create it first: a fixed name in /tmp, which anyone may
+    take, locked the user out until the next boot. One directory per host, as ports, 127.x
+    addresses and the pids that hold them are the host's: a home shared by several hosts (NFS)
+    must not let one host judge another's claims dead. /tmp only where the home cannot take it."""
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "koinon" / "dev-claims"
+    if _can_create(home):
+        return home / socket.gethostname()
     return Path("/tmp") / f"koinon-dev-claims-{os.getuid()}"
+
+
+def _can_create(path: Path) -> bool:
+    """Whether this user can make ``path`` (or use it, if it exists): its nearest existing
+    ancestor is a directory the user may write in."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
 
 
 def _own_directory() -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import logging
 import secrets
@@ -11,10 +12,15 @@ import signal
 import sys
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
 from .files import write_private
 from .kubeconfig import write_kubeconfig
 from .server import KubeEmulator
 from .tls import ServingCert, self_signed_cert
+
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,14 +52,32 @@ def serving_credentials(host: str, state_file: str | None) -> tuple[str, Serving
     restart, so the clients of an emulator restarted on its state go on being served."""
     hosts = list(dict.fromkeys([host, "127.0.0.1", "localhost"]))
     kept = Path(f"{state_file}.credentials.json") if state_file else None
-    if kept is not None and kept.exists():
-        saved = json.loads(kept.read_text())
-        if saved.get("hosts") == hosts:
-            return saved["token"], ServingCert(saved["cert"].encode(), saved["key"].encode())
+    reused = _kept_credentials(kept, hosts) if kept is not None and kept.exists() else None
+    if reused is not None:
+        return reused
     token, tls = secrets.token_urlsafe(32), self_signed_cert(hosts)
     if kept is not None:
         document = {"hosts": hosts, "token": token, "cert": tls.cert_pem.decode(), "key": tls.key_pem.decode()}
         write_private(kept, json.dumps(document))
+    return token, tls
+
+
+def _kept_credentials(kept: Path, hosts: list[str]) -> tuple[str, ServingCert] | None:
+    """The token and certificate kept in ``kept`` if they are for ``hosts`` and the certificate
+    holds for at least another day; None otherwise (new ones are made): a damaged file (a crash
+    while it was written) must not stop every later start, nor an expired certificate every client."""
+    try:
+        saved = json.loads(kept.read_text())
+        token, tls = str(saved["token"]), ServingCert(saved["cert"].encode(), saved["key"].encode())
+        expires = x509.load_pem_x509_certificate(tls.cert_pem).not_valid_after_utc
+        serialization.load_pem_private_key(tls.key_pem, password=None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        logging.getLogger(__name__).warning(
+            "%s unreadable (%s); serving with new credentials", kept, type(exc).__name__
+        )
+        return None
+    if saved.get("hosts") != hosts or not token or expires - dt.datetime.now(dt.UTC) < dt.timedelta(days=1):
+        return None
     return token, tls
 
 

@@ -17,11 +17,13 @@ once, its end NotReady), and a hostile or broken agent that flips its state or r
 must not turn that into API writes at its message or reconnect rate; pacing per session let a
 reconnect loop buy two writes per reconnect.
 
-One kind of write is never held back: the one that takes a node out of Ready (``connected`` false,
-or its Ready condition True -> False, against what was last written). Held back, a dead node stayed
-Ready up to a window past the heartbeat timeout, and work kept being placed on it. It still counts
-toward the window, and it follows a write that showed the node Ready, which waited for its slot: a
-flapping agent costs at most about twice ``burst`` writes per window.
+One kind of write is not held back: the first try of one that takes a node out of Ready
+(``connected`` false, or its Ready condition True -> False, against what was last written). Held
+back, a dead node stayed Ready up to a window past the heartbeat timeout, and work kept being
+placed on it. It still counts toward the window, and it follows a write that showed the node
+Ready, which waited for its slot: a flapping agent costs at most about twice ``burst`` writes per
+window. Its retries, after the API failed it, wait for their slots as any write does: news wakes a
+failed writer at once, and an agent's every message must not become an API call during an outage.
 
 Each write names the object it is for (``metadata.uid``, where known) and lands only on that one: a
 VolunteerNode deleted and created again under its name (``kubectl replace --force``) must not get

@@ -91,6 +91,8 @@ def copy_submission_id(uid: str, attempt: int, copy: int) -> str:
 
 
 STOPPED_KEPT_S = 3600.0
+# Finished jobs remembered before the old ones are looked for (each pass that finishes one).
+FINISHED_KEPT = 1024
 
 
 def submission_digest(spec: AIJobSpec) -> str:
@@ -207,6 +209,15 @@ class CopyAnswer:
     @property
     def digest(self) -> str | None:
         return self.result["digest"] if self.result is not None else None
+
+
+@dataclass(frozen=True)
+class _FinishedHere:
+    """A job a pass of this process finished (AIJobReconciler._finished)."""
+
+    uid: str
+    submission: str  # the attempt it finished ("" when none was submitted)
+    at: float  # monotonic
 
 
 def earlier_votes(state: AIJobStatus) -> list[CopyResult]:
@@ -407,10 +418,11 @@ class AIJobReconciler:
     # queued behind it must not start anything. Forgotten after STOPPED_KEPT_S, as nothing of the
     # job is left to run a pass by then; kept for ever, a long-lived operator grew by every job.
     _stopped: dict[str, float] = field(default_factory=dict)
-    # Uids of jobs a pass of this process finished (Succeeded or Failed), and when: a deletion
-    # handler that waited for that pass judges from an older body, which still says Running.
-    # Forgotten as _stopped is.
-    _finished: dict[str, float] = field(default_factory=dict)
+    # Per job: a pass of this process finished it (Succeeded or Failed): its uid, the attempt's
+    # submission and when. A deletion handler that waited for that pass judges from an older body,
+    # which still says that attempt runs. Dropped when that write is discarded, and after
+    # STOPPED_KEPT_S.
+    _finished: dict[str, _FinishedHere] = field(default_factory=dict)
 
     async def reconcile(
         self,
@@ -448,7 +460,12 @@ class AIJobReconciler:
         if outcome.status and version:
             self._written_from[key] = (str(version), self.monotonic())
         if outcome.status.get("phase") in (Phase.SUCCEEDED, Phase.FAILED):
-            self._finished[str(meta.get("uid") or "")] = self.monotonic()
+            now = self.monotonic()
+            if len(self._finished) >= FINISHED_KEPT:  # jobs that finish and are never deleted
+                for old in [k for k, seen in self._finished.items() if now - seen.at > STOPPED_KEPT_S]:
+                    del self._finished[old]
+            submission = str(current.get("submissionId") or "")
+            self._finished[key] = _FinishedHere(str(meta.get("uid") or ""), submission, now)
         return outcome
 
     def _behind_own_write(self, key: str, version: object) -> bool:
@@ -571,6 +588,7 @@ class AIJobReconciler:
         """The pass's outcome was not written (its lease ran out): nothing to wait for the watch
         to show, so the next pass must not skip the body as superseded by it."""
         self._written_from.pop(key, None)
+        self._finished.pop(key, None)  # not finished as far as anyone knows: a later pass may run it
 
     def forget_memory(self) -> None:
         """Drops what this process decided on its own (reservations the watch has not shown yet,
@@ -580,6 +598,7 @@ class AIJobReconciler:
         # _written_from stays: skipping a body this process's own write has superseded is safe in
         # any term (another operator's write changes the resourceVersion, which ends the skip).
         self.backoff = RayBackoff()
+        self._finished.clear()  # another leader may have run the jobs again since
         forget = getattr(self.placer, "forget_waiting", None)
         if callable(forget):
             forget()
@@ -594,9 +613,8 @@ class AIJobReconciler:
         async with lock:
             # By uid: an AIJob created again under the same name is another job.
             now = self.monotonic()
-            for memory in (self._stopped, self._finished):
-                for old in [uid for uid, when in memory.items() if now - when > STOPPED_KEPT_S]:
-                    del memory[old]
+            for old in [uid for uid, when in self._stopped.items() if now - when > STOPPED_KEPT_S]:
+                del self._stopped[old]
             uid = str(meta.get("uid") or "")
             self._stopped[uid] = now
             state = AIJobStatus.from_status(body.get("status"))
@@ -604,7 +622,13 @@ class AIJobReconciler:
             self._written_from.pop(key, None)
             # A pass of this process finished the job (the pass this waited for, maybe, which the
             # body predates): that pass stopped what ran; there is nothing to stop or to report.
-            finished_here = self._finished.pop(uid, None) is not None
+            finished = self._finished.pop(key, None)
+            finished_here = (
+                finished is not None
+                and finished.uid == uid
+                and finished.submission == (state.submission_id or "")
+                and now - finished.at <= STOPPED_KEPT_S
+            )
             stopped = bool(
                 not finished_here and state.submission_id and state.phase is not None and state.phase.holds_nodes
             )

@@ -236,3 +236,44 @@ async def test_verified_copies_that_ran_between_two_passes_still_get_a_start_tim
     await step(rec, body, vols)
     assert body["status"]["phase"] == "Succeeded", body["status"]
     assert body["status"]["startTime"]
+
+
+async def test_a_deletion_stops_the_attempt_that_runs_after_a_finishing_pass_whose_write_was_discarded() -> None:
+    """The reconciler remembers the jobs its passes finished (a deletion racing that pass must not
+    stop them again): a finishing pass whose write was discarded (the Lease ran out) finished
+    nothing, and the attempt the job ran next must be stopped on deletion."""
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "activeDeadlineSeconds": 60})
+    for _ in range(2):  # Accepted; Scheduled and submitted
+        await step(reconciler, body)
+    ray.set_state(submission_id_for(UID, 1), RayJobState.RUNNING)
+    await step(reconciler, body)
+    assert body["status"]["phase"] == "Running"
+
+    clock.advance(61)
+    # The pass that fails it (DeadlineExceeded) runs, but the Lease ran out meanwhile: as
+    # handlers.reconcile_aijob does, nothing is written and the write is discarded.
+    lost = await reconciler.reconcile(copy.deepcopy(body), {}, VOLUNTEERS)
+    assert lost.status.get("phase") == "Failed"
+    reconciler.discard_write("ns/j")
+    assert body["status"]["phase"] == "Running"
+
+    # The owner raises the deadline; the job (still Running in the API) is run again.
+    body["spec"]["activeDeadlineSeconds"] = 3600
+    body["metadata"]["generation"] = 2
+    clock.advance(1)
+    for _ in range(6):
+        await step(reconciler, body)
+        clock.advance(1)
+        if body["status"].get("attempts") == 2 and body["status"].get("phase") == "Scheduled":
+            break
+    assert body["status"]["phase"] == "Scheduled" and body["status"]["attempts"] == 2, body["status"]
+    second = submission_id_for(UID, 2)
+    ray.set_state(second, RayJobState.RUNNING)
+    await step(reconciler, body)
+    assert body["status"]["phase"] == "Running"
+
+    ray.stopped.clear()
+    await reconciler.stop(copy.deepcopy(body))  # kubectl delete aijob j
+    assert second in ray.stopped, "the running attempt 2 was not stopped on deletion"

@@ -80,9 +80,9 @@ def _pod(tools: Tools, values: dict[str, str | None] | None = None) -> Manifest:
 
 
 # Forms Kubernetes accepts for a memory limit (its docs list 129e6 and 128974848000m beside 129M),
-# plus a sign and an upper-case exponent: the chart reads the limit for the object store's size,
-# and refused these, which rendered before it did.
-@pytest.mark.parametrize("limit", ["8e9", "1290e7", "8589934592000m", "8E9", "+8Gi"])
+# plus a sign, an upper-case exponent, a trailing point and more than int64 bytes (16Ei): the
+# chart reads the limit for the object store's size, and refused these, which rendered before.
+@pytest.mark.parametrize("limit", ["8e9", "1290e7", "8589934592000m", "8E9", "+8Gi", "8.Gi", "8000000000.", "16Ei"])
 def test_every_memory_limit_kubernetes_accepts_renders(tools: Tools, limit: str) -> None:
     result = helm_template(tools, {"resources.limits.memory": limit})
     assert result.returncode == 0, result.stderr

@@ -4,6 +4,7 @@ only clients with the kubeconfig's credential served."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
 import signal
 import ssl
@@ -17,7 +18,10 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
 from koinon_dev.binaries import ensure_binaries
+from koinon_emulator.main import serving_credentials
+from koinon_emulator.tls import self_signed_cert
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -144,3 +148,27 @@ def test_cli_without_auth_serves_plain_http_to_anyone(tmp_path: Path) -> None:
         assert yaml.safe_load((tmp_path / "kubeconfig").read_text())["users"][0]["user"] == {}
     finally:
         _stop(process)
+
+
+def test_an_expired_kept_certificate_is_not_served_again(tmp_path: Path) -> None:
+    """A certificate kept from a start a year ago (365 days) is reused as long as the host
+    matches: every client then fails with x509 'certificate has expired' and only deleting the
+    credentials file by hand helps."""
+    state = tmp_path / "state.json"
+    hosts = ["127.0.0.1", "localhost"]
+    old = self_signed_cert(hosts, days=0)  # expired now, as one made 365 days ago is
+    Path(f"{state}.credentials.json").write_text(
+        json.dumps({"hosts": hosts, "token": "t", "cert": old.cert_pem.decode(), "key": old.key_pem.decode()})
+    )
+    _, tls = serving_credentials("127.0.0.1", str(state))
+    cert = x509.load_pem_x509_certificate(tls.cert_pem)
+    assert cert.not_valid_after_utc > dt.datetime.now(dt.UTC), "an expired certificate is served"
+
+
+def test_an_unreadable_credentials_file_does_not_crash_the_start(tmp_path: Path) -> None:
+    """A truncated credentials file (disk full, a crash right after the rename without fsync)
+    stops every later start with a JSONDecodeError traceback."""
+    state = tmp_path / "state.json"
+    Path(f"{state}.credentials.json").write_text('{"hosts": ["127.0.0.1", "loc')
+    token, tls = serving_credentials("127.0.0.1", str(state))
+    assert token and tls.cert_pem

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import os
 import pwd
+import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from koinon_dev import claims
+from koinon_dev.processes import process_start_time
 
 REAL_CLAIMS_DIR = claims.claims_dir  # the tests below keep their claims apart from the user's
 
@@ -139,7 +142,7 @@ def test_every_control_plane_of_the_user_shares_one_claims_dir_whatever_its_tmpd
         monkeypatch.setenv("TMPDIR", tmpdir)
         monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads $TMPDIR again
         seen.add(REAL_CLAIMS_DIR())
-    assert seen == {Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "koinon" / "dev-claims"}
+    assert seen == {Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "koinon" / "dev-claims" / socket.gethostname()}
 
 
 def test_another_user_cannot_take_the_claims_dir_first(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,3 +150,38 @@ def test_another_user_cannot_take_the_claims_dir_first(monkeypatch: pytest.Monke
     directory first and so refuse every `up` of the victim until the next boot."""
     monkeypatch.setenv("HOME", "/tmp")  # not what decides: a user's home is theirs
     assert REAL_CLAIMS_DIR().is_relative_to(pwd.getpwuid(os.getuid()).pw_dir)
+
+
+def test_a_control_plane_on_another_host_sharing_the_home_does_not_erase_this_hosts_claims(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claims name this host's pids, ports and 127.x ranges; in a home shared by two hosts (NFS),
+    a control plane on the other host judged this host's holders dead and deleted their records,
+    and this host's next control plane took the range of the one still running."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: SimpleNamespace(pw_dir=str(home)))
+    monkeypatch.setattr(claims, "claims_dir", REAL_CLAIMS_DIR)
+    monkeypatch.setattr(socket, "gethostname", lambda: "host-a")
+    monkeypatch.setattr(claims, "ports_free", lambda start, count: True)
+    here = process_start_time
+    # Host A: a control plane is up, held by its gateway (this process, alive).
+    first = tmp_path / "koinon-a1"
+    first.mkdir()
+    claims.claim(first, 40, low=40000, high=40400, octets=range(20, 21))
+    claims.hold(first, os.getpid())
+    # Host B (same home): its process table has no such pid (or another process under it).
+    monkeypatch.setattr(socket, "gethostname", lambda: "host-b")
+    monkeypatch.setattr(claims, "process_start_time", lambda pid: None if pid == os.getpid() else here(pid))
+    other_host = tmp_path / "koinon-b1"
+    other_host.mkdir()
+    claims.claim(other_host, 40, low=40000, high=40400, octets=range(20, 21))
+    other_host.rmdir()  # B's work dir is in B's /tmp, which host A does not see
+    # Back on host A: the first control plane still runs; a second one must not take its range.
+    monkeypatch.setattr(socket, "gethostname", lambda: "host-a")
+    monkeypatch.setattr(claims, "process_start_time", here)
+    second = tmp_path / "koinon-a2"
+    second.mkdir()
+    # The only range is held by A's running control plane: refused, as on a home of its own.
+    with pytest.raises(RuntimeError, match="every virtual address range is held"):
+        claims.claim(second, 40, low=40000, high=40400, octets=range(20, 21))

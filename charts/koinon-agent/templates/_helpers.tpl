@@ -72,13 +72,15 @@ Argument: (list "<value's name>" <quantity>), the name for the message.
 {{- $name := index . 0 }}
 {{- $quantity := index . 1 }}
 {{- if kindIs "string" $quantity }}
-{{- $number := regexFind "^\\+?[0-9]*\\.?[0-9]+([eE][-+]?[0-9]+)?" $quantity }}
+{{- $number := regexFind "^\\+?([0-9]+\\.?[0-9]*|\\.[0-9]+)([eE][-+]?[0-9]+)?" $quantity }}
 {{- $units := dict "" 1.0 "m" 1e-3 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18 "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0 "Ei" 1152921504606846976.0 }}
 {{- $suffix := trimPrefix $number $quantity }}
 {{- if or (not $number) (not (hasKey $units $suffix)) }}
 {{- fail (printf "%s: %q is not a size the chart reads: write a number with one of the suffixes k M G T P E Ki Mi Gi Ti Pi Ei, or none" $name $quantity) }}
 {{- end }}
-{{- mulf (float64 (trimPrefix "+" $number)) (get $units $suffix) | floor | int64 }}
+{{- $bytes := mulf (float64 (trimPrefix "+" $number)) (get $units $suffix) | floor }}
+{{- /* At most 8 EiB: int64 wraps above (a negative size). No machine has that much. */}}
+{{- if ge $bytes 9.2e18 }}9200000000000000000{{ else }}{{ $bytes | int64 }}{{ end }}
 {{- else }}
 {{- $quantity | int64 }}
 {{- end }}
