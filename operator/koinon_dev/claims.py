@@ -16,13 +16,12 @@ import json
 import os
 import pwd
 import random
-import socket
 import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from koinon_dev.processes import ports_free, process_start_time
+from koinon_dev.processes import boot_id, ports_free, process_start_time
 
 # A claim not yet held by a process (the gateway starts right after the claim) lasts this long.
 UNHELD_CLAIM_S = 600.0
@@ -40,12 +39,14 @@ def claims_dir() -> Path:
     and another does not), two control planes of the user kept their claims apart and took the
     same ports and addresses. In the user's home from the password database (not $HOME, which sudo
     may keep), where no other user can create it first: a fixed name in /tmp, which anyone may
-    take, locked the user out until the next boot. One directory per host, as ports, 127.x
-    addresses and the pids that hold them are the host's: a home shared by several hosts (NFS)
-    must not let one host judge another's claims dead. /tmp only where the home cannot take it."""
+    take, locked the user out until the next boot. One directory per boot of the machine (its boot
+    id), as ports, 127.x addresses and the pids that hold them are the running machine's: a home
+    shared by several hosts (NFS) must not let one host judge another's claims dead, and a host
+    renamed while a control plane runs (DHCP) must still see that plane's claims. /tmp only where
+    the home cannot take it."""
     home = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "koinon" / "dev-claims"
     if _can_create(home):
-        return home / socket.gethostname()
+        return home / boot_id()
     return Path("/tmp") / f"koinon-dev-claims-{os.getuid()}"
 
 

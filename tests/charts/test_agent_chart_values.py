@@ -91,6 +91,15 @@ def test_every_memory_limit_kubernetes_accepts_renders(tools: Tools, limit: str)
     assert int(env["KOINON_OBJECT_STORE_MEMORY"]["value"]) == int(0.8 * 2 * 2**30)
 
 
+def test_a_memory_limit_written_as_a_number_above_int64_is_read_too(tools: Tools, tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text("resources:\n  limits:\n    memory: 1e19\n")  # a number, not text, in YAML
+    result = helm_template(tools, {}, extra=["-f", str(values)])
+    assert result.returncode == 0, result.stderr
+    env = env_map(agent_container(one(parse_documents(result.stdout), "Deployment")))
+    assert int(env["KOINON_OBJECT_STORE_MEMORY"]["value"]) == int(0.8 * 2 * 2**30)
+
+
 @pytest.mark.parametrize(
     "values",
     [

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 from koinon_dev import claims
-from koinon_dev.processes import process_start_time
+from koinon_dev.processes import boot_id, process_start_time
 
 REAL_CLAIMS_DIR = claims.claims_dir  # the tests below keep their claims apart from the user's
 
@@ -142,7 +142,7 @@ def test_every_control_plane_of_the_user_shares_one_claims_dir_whatever_its_tmpd
         monkeypatch.setenv("TMPDIR", tmpdir)
         monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads $TMPDIR again
         seen.add(REAL_CLAIMS_DIR())
-    assert seen == {Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "koinon" / "dev-claims" / socket.gethostname()}
+    assert seen == {Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "koinon" / "dev-claims" / boot_id()}
 
 
 def test_another_user_cannot_take_the_claims_dir_first(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -162,7 +162,7 @@ def test_a_control_plane_on_another_host_sharing_the_home_does_not_erase_this_ho
     home.mkdir()
     monkeypatch.setattr(pwd, "getpwuid", lambda uid: SimpleNamespace(pw_dir=str(home)))
     monkeypatch.setattr(claims, "claims_dir", REAL_CLAIMS_DIR)
-    monkeypatch.setattr(socket, "gethostname", lambda: "host-a")
+    monkeypatch.setattr(claims, "boot_id", lambda: "boot-of-host-a")
     monkeypatch.setattr(claims, "ports_free", lambda start, count: True)
     here = process_start_time
     # Host A: a control plane is up, held by its gateway (this process, alive).
@@ -171,17 +171,39 @@ def test_a_control_plane_on_another_host_sharing_the_home_does_not_erase_this_ho
     claims.claim(first, 40, low=40000, high=40400, octets=range(20, 21))
     claims.hold(first, os.getpid())
     # Host B (same home): its process table has no such pid (or another process under it).
-    monkeypatch.setattr(socket, "gethostname", lambda: "host-b")
+    monkeypatch.setattr(claims, "boot_id", lambda: "boot-of-host-b")
     monkeypatch.setattr(claims, "process_start_time", lambda pid: None if pid == os.getpid() else here(pid))
     other_host = tmp_path / "koinon-b1"
     other_host.mkdir()
     claims.claim(other_host, 40, low=40000, high=40400, octets=range(20, 21))
     other_host.rmdir()  # B's work dir is in B's /tmp, which host A does not see
     # Back on host A: the first control plane still runs; a second one must not take its range.
-    monkeypatch.setattr(socket, "gethostname", lambda: "host-a")
+    monkeypatch.setattr(claims, "boot_id", lambda: "boot-of-host-a")
     monkeypatch.setattr(claims, "process_start_time", here)
     second = tmp_path / "koinon-a2"
     second.mkdir()
     # The only range is held by A's running control plane: refused, as on a home of its own.
     with pytest.raises(RuntimeError, match="every virtual address range is held"):
         claims.claim(second, 40, low=40000, high=40400, octets=range(20, 21))
+
+
+def test_a_hostname_change_does_not_hand_out_a_live_claims_octet_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Claims were kept per hostname: a machine renamed while a control plane ran (DHCP,
+    hostnamectl) no longer saw that plane's claims and handed its range out again."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setattr(pwd, "getpwuid", lambda uid: SimpleNamespace(pw_dir=str(home)))
+    monkeypatch.setattr(claims, "claims_dir", REAL_CLAIMS_DIR)
+    monkeypatch.setattr(claims, "ports_free", lambda start, n: True)
+    first, second = tmp_path / "plane-a", tmp_path / "plane-b"
+    first.mkdir()
+    second.mkdir()
+    monkeypatch.setattr(socket, "gethostname", lambda: "laptop")
+    a = claims.claim(first, 10, 20000, 20100, octets=range(20, 21))
+    claims.hold(first, os.getpid())  # plane a runs on
+    monkeypatch.setattr(socket, "gethostname", lambda: "laptop.dhcp.example")  # same machine, renamed
+    with pytest.raises(RuntimeError, match="every virtual address range is held"):  # by plane a, running
+        claims.claim(second, 10, 20000, 20100, octets=range(20, 21))
+    assert a.vip_octet == 20

@@ -81,6 +81,7 @@ Argument: (list "<value's name>" <quantity>), the name for the message.
 {{- $bytes := mulf (float64 (trimPrefix "+" $number)) (get $units $suffix) | floor }}
 {{- /* At most 8 EiB: int64 wraps above (a negative size). No machine has that much. */}}
 {{- if ge $bytes 9.2e18 }}9200000000000000000{{ else }}{{ $bytes | int64 }}{{ end }}
+{{- else if ge (float64 $quantity) 9.2e18 }}9200000000000000000
 {{- else }}
 {{- $quantity | int64 }}
 {{- end }}
