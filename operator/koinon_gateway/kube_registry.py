@@ -192,16 +192,9 @@ class KubeNodeRegistry:
         if node is None or node_uid(node) != uid:
             raise KeyError(f"VolunteerNode {name} is another object now (not uid {uid})")
         version = str((node.get("metadata") or {}).get("resourceVersion") or "")
-        # The whole status, as read and patched here: only if nobody changed the object meanwhile
-        # (else 422 again, and the writer tries again, by then finding a status or another object).
-        await self.client.json_patch(
-            path,
-            [
-                _uid_test(uid),
-                {"op": "test", "path": "/metadata/resourceVersion", "value": version},
-                {"op": "add", "path": "/status", "value": merge_patch(node.get("status") or {}, status)},
-            ],
-        )
+        # As read and patched here: 422 again if anybody changed the object meanwhile, and the
+        # writer tries again, by then finding a status or another object.
+        await self._replace_status(name, uid, version, merge_patch(node.get("status") or {}, status))
 
     async def _first_status(self, name: str, status: JSON, uid: str) -> bool:
         """The first status of a node this registry created, added whole in one call (a join's
@@ -209,21 +202,24 @@ class KubeNodeRegistry:
         created = self._created.pop(name, None)
         if created is None or created[0] != uid:
             return False
-        first = {key: value for key, value in status.items() if value is not None}
         try:
-            await self.client.json_patch(
-                self._path(name, "status"),
-                [
-                    _uid_test(uid),
-                    {"op": "test", "path": "/metadata/resourceVersion", "value": created[1]},
-                    {"op": "add", "path": "/status", "value": first},
-                ],
-            )
+            await self._replace_status(name, uid, created[1], merge_patch({}, status))
         except KubeApiError as exc:
             if exc.invalid:  # changed since (another writer added status): the general way
                 return False
             raise
         return True
+
+    async def _replace_status(self, name: str, uid: str, version: str, whole: JSON) -> None:
+        """Sets the whole status of the object ``uid``, only as it was at ``version`` (422 else)."""
+        await self.client.json_patch(
+            self._path(name, "status"),
+            [
+                _uid_test(uid),
+                {"op": "test", "path": "/metadata/resourceVersion", "value": version},
+                {"op": "add", "path": "/status", "value": whole},
+            ],
+        )
 
     async def delete(self, name: str, preconditions: Mapping[str, str] | None = None) -> bool:
         try:
