@@ -40,7 +40,7 @@ from koinon_operator.ray_jobs import (
     Submission,
 )
 from koinon_operator.telemetry import LOG_TAIL_SEPARATOR, RAY_QUOTED_LOGS, RESULT_SEPARATOR, traceparent
-from koinon_operator.verification import CopyResult, judge
+from koinon_operator.verification import CopyResult, Verdict, judge
 
 logger = logging.getLogger(__name__)
 LOG_GONE = "its driver's log (and the result line in it) could not be read: the driver's node left the cluster"
@@ -281,6 +281,20 @@ def _env_failed_nodes(state: AIJobStatus, digest: str) -> frozenset[str]:
     )
 
 
+# Nodes blamed for a failed attempt of a job, kept in its status.scheduling.failedNodes (newest
+# last): bounded, as a job may retry up to backoffLimit=100 times.
+MAX_FAILED_NODES_KEPT = 16
+
+
+def _failed_nodes(state: AIJobStatus) -> list[str]:
+    """Nodes blamed for an earlier failed attempt of the job (status.scheduling.failedNodes), oldest
+    first; entries not of that shape are skipped (a hand-edited status must not stop the job)."""
+    entries = state.scheduling.get("failedNodes")
+    if not isinstance(entries, list):
+        return []
+    return list(dict.fromkeys(e for e in entries if isinstance(e, str) and e))
+
+
 def _user_error(info: RayJobInfo) -> bool:
     """The job's fault, not the volunteer's: the driver exited with its own non-zero code, or Ray
     could not start it with the job's runtime_env."""
@@ -288,6 +302,54 @@ def _user_error(info: RayJobInfo) -> bool:
         SUPERVISOR_START_FAILURE,
         RUNTIME_ENV_SETUP_FAILURE,
     )
+
+
+EARLIER_RESULT_NOT_KEPT = (
+    "the accepted answer is an earlier attempt's, whose result (but for its digest) this job's status does not keep"
+)
+
+
+def accepted_result(
+    verdict: Verdict, results: Mapping[str, Mapping[str, Any]], kept: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any] | None:
+    """The result to report for an accepted verdict (None: not accepted): the one of an agreeing
+    copy of this attempt, else the one kept with an agreeing earlier answer (kept_answers): a
+    majority can be made of earlier answers alone (judge counts their owners, not their failed
+    copies). Where none was kept (a status an older operator wrote), the accepted digest only."""
+    if verdict.accepted_digest is None:
+        return None
+    for node in verdict.agreeing:
+        if node in results:
+            return dict(results[node])
+    for node in verdict.agreeing:
+        result = kept.get(node)
+        if result is not None and result.get("digest") == verdict.accepted_digest:
+            return dict(result)
+    return {"digest": verdict.accepted_digest, "unavailable": EARLIER_RESULT_NOT_KEPT}
+
+
+def kept_answers(
+    entries: list[dict[str, Any]],
+    answered: Sequence[CopyResult],
+    results: Mapping[str, Mapping[str, Any]],
+    kept: Mapping[str, Mapping[str, Any]],
+) -> list[dict[str, Any]]:
+    """``entries`` (verification.earlierResults for ``answered``, in its order) with the result of
+    one answer of the digest a strict majority of ``answered``'s owners gave, if one did, kept on
+    its entry (``result``): only that digest can win a later vote without an agreeing copy of that
+    attempt (its earlier votes must then outnumber every other owner's, the earlier ones included),
+    and that vote must report it (accepted_result). One result, however many reruns add entries.
+    The result comes from this attempt's copies (``results``) or is the one kept before."""
+    leading = judge((), answered).accepted_digest
+    if leading is None:
+        return entries
+    for i, vote in enumerate(answered):
+        if vote.digest != leading:
+            continue
+        result = results.get(vote.node) or kept.get(vote.node)
+        if result is not None and result.get("digest") == leading:
+            return [*entries[:i], {**entries[i], "result": dict(result)}, *entries[i + 1 :]]
+    return entries
 
 
 def agreeing_earlier(agreeing: Sequence[str], this_attempt: Mapping[str, object]) -> str:
@@ -763,15 +825,22 @@ class AIJobReconciler:
         async with self.placement_lock:
             ray_nodes = await self.nodes.get()
             capacity = build_capacity(ray_nodes, volunteers, self.ledger.current(recorded_allocations, excluding=key))
-            # Nodes that failed to set up this spec's runtime_env are tried last: elsewhere first
-            # (a node that fails it on purpose must not take every retry), but not left out
-            # (on a one-node fleet the job must still end, with Ray's reason).
+            # Nodes that failed to set up this spec's runtime_env, and nodes blamed for a failed
+            # attempt, are tried last: elsewhere first (a broken node, or one that fails on
+            # purpose, must not take every retry; a good history kept it the scheduler's first
+            # choice), but not left out (on a one-node fleet the job must still end, with Ray's
+            # reason). Where the others are too few, the blamed nodes are taken back first: they
+            # were charged a failure, which ranks them lower already, while an env failure is
+            # charged nothing until another node sets the spec up.
             env_failed = _env_failed_nodes(state, submission_digest(spec)) - request.excluded_nodes
-            decision: PlacementDecision = self.placer.place(
-                replace(request, excluded_nodes=request.excluded_nodes | env_failed), capacity
-            )
-            if not decision.placed and env_failed:
-                decision = self.placer.place(request, capacity)
+            blamed = frozenset(_failed_nodes(state)) - request.excluded_nodes
+            # The last try leaves out only what must be: its reasons are the ones to report.
+            for tried_last in dict.fromkeys((env_failed | blamed, env_failed, frozenset[str]())):
+                decision: PlacementDecision = self.placer.place(
+                    replace(request, excluded_nodes=request.excluded_nodes | tried_last), capacity
+                )
+                if decision.placed:
+                    break
             if decision.placed:
                 chosen = tuple(node.name for node in decision.nodes)
                 self.ledger.reserve(key, Allocation(chosen, spec.resources.gpus, spec.resources.cpus))
@@ -807,6 +876,7 @@ class AIJobReconciler:
                 "excludedNodes": list(state.excluded_nodes),
                 "excludedOwners": list(state.excluded_owners),
                 "envSetupFailures": list(state.scheduling.get("envSetupFailures") or []),
+                "failedNodes": _failed_nodes(state),
                 "reasons": {},
             },
         )
@@ -1194,20 +1264,23 @@ class AIJobReconciler:
                 gone.append(node)
             if reply.result is not None:
                 results[node] = reply.result
-        if not results and gone:
+        earlier = earlier_votes(state)
+        verdict = judge(copies, earlier)
+        # The answers of earlier attempts alone can make a majority (their failed copies are no
+        # owners of this vote): such a verdict decides the attempt even when none of its copies
+        # answered (an early decision on it, _decide_early, may have stopped the copies left).
+        if not results and not verdict.accepted and gone:
             # Nothing to judge, and not the job's fault: run it again, uncounted, as for a lost node.
             # Only the nodes that took their copy's log away: one whose copy exited on its own and
             # left only afterwards is no lost node (its copy's failure is the job's own).
             await self._node_lost(key, spec, state, writer, outcome, sorted(gone))
             return
         logs = [reply.log for reply in answers]
-        if not results:
+        if not results and not verdict.accepted:
             # No copy produced a result: the attempt failed as a whole (counted against backoffLimit).
             unblamed = elsewhere.union(stopped)
             await self._ray_jobs_failed(key, spec, state, writer, outcome, infos, logs, unblamed=unblamed)
             return
-        earlier = earlier_votes(state)
-        verdict = judge(copies, earlier)
 
         def every_node(voters: Iterable[str]) -> list[str]:
             return [n for voter in voters for n, _ in computed_by.get(voter, ((voter, ""),))]
@@ -1219,9 +1292,7 @@ class AIJobReconciler:
                 entry.update(nodes=[n for n, _ in members], owners=[o for _, o in members])
             return entry
 
-        # A result to report: this attempt's copy that agrees (with a majority there always is one:
-        # the earlier attempts' answers alone had none, and cannot have gained one without it).
-        accepted = next((results[node] for node in verdict.agreeing if node in results), None)
+        accepted = accepted_result(verdict, results, state.earlier_answers)
         answered_so_far = [*earlier, *(c for c in copies if c.digest is not None)]
         verification: dict[str, Any] = {
             "copies": state.copies,
@@ -1234,7 +1305,9 @@ class AIJobReconciler:
         if stopped:
             verification["stopped"] = stopped
         if accepted is None:
-            verification["earlierResults"] = [answer(c) for c in answered_so_far]
+            verification["earlierResults"] = kept_answers(
+                [answer(c) for c in answered_so_far], answered_so_far, results, state.earlier_answers
+            )
         writer.set(verification=verification)
         # A copy whose node left with its log did not fail: that node is charged for leaving (the
         # copy's other nodes did their part). A copy whose driver exited with its own non-zero code
@@ -1252,7 +1325,7 @@ class AIJobReconciler:
                 outcome.reputation.append((voter, "timeout"))
             else:
                 outcome.reputation.extend((node, "failure") for node in every_node([voter]) if node not in own_errors)
-        if verdict.accepted and accepted is not None:
+        if accepted is not None:
             outcome.reputation.extend((node, "agreement") for node in every_node(verdict.agreeing))
             outcome.reputation.extend((node, "disagreement") for node in every_node(verdict.disagreeing))
             if verdict.disagreeing:
@@ -1262,6 +1335,10 @@ class AIJobReconciler:
                     warning=True,
                 )
             writer.set(result=accepted)
+            if "unavailable" in accepted:
+                outcome.event(
+                    "ResultUnavailable", f"attempt {state.attempts} verified; {accepted['unavailable']}", warning=True
+                )
             summary = f"{RESULT_SEPARATOR}{accepted['value'][:200]}" if "value" in accepted else ""
             self._finish(
                 key,
@@ -1308,7 +1385,7 @@ class AIJobReconciler:
             writer.set(verification=None)
         scheduling = {k: v for k, v in state.scheduling.items() if k not in ("excludedOwners", "envSetupFailures")}
         writer.scheduling(scheduling)
-        return replace(state, earlier_results=(), excluded_owners=(), scheduling=scheduling)
+        return replace(state, earlier_results=(), earlier_answers={}, excluded_owners=(), scheduling=scheduling)
 
     def _settle_env_failures(
         self, state: AIJobStatus, infos: Sequence[RayJobInfo], writer: _StatusWriter, outcome: Outcome
@@ -1448,6 +1525,10 @@ class AIJobReconciler:
             return
         self.ledger.release(key)
         writer.set(assignedNodes=[], rayNodeIds=[])
+        if blamed:
+            # Tried last on the retries (_place), kept in status so a restarted operator does too.
+            failed_nodes = [node for node in _failed_nodes(state) if node not in blamed] + list(dict.fromkeys(blamed))
+            writer.scheduling(state.scheduling, failedNodes=failed_nodes[-MAX_FAILED_NODES_KEPT:])
         writer.phase(Phase.PENDING, "BackOff", f"{failed}; retrying ({failures}/{spec.backoff_limit}){tail_part}")
         outcome.event(reason, f"{failed}; retry {failures}/{spec.backoff_limit}{tail_part}", warning=True)
 

@@ -1,7 +1,7 @@
 """Failures around the driver that Ray reports by error type: a runtime_env that fails to set up is
 the spec's until another node sets up the same spec (then the nodes that failed it are charged),
-and nodes that failed it are tried last; a supervisor that failed to start for another reason than
-the spec (a GCS timeout) is retried, not a rejection."""
+and nodes that failed it are tried last, as are nodes blamed for a failed attempt; a supervisor that
+failed to start for another reason than the spec (a GCS timeout) is retried, not a rejection."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any
 
 from koinon_operator.ray_jobs import RayJobState
 from koinon_operator.reconciler import AIJobReconciler, copy_submission_id_from, submission_id_for
+from koinon_operator.reputation_book import updated_status
+from koinon_operator.scheduler import DEFAULT_CONFIG
 
 from .fake_ray import UID, Clock, FakeRay, make_body, make_reconciler, step
 from .test_verification_rounds import GOOD, CopiesRay, reconciler, volunteers
@@ -146,3 +148,92 @@ async def test_one_env_setup_failure_is_charged_once() -> None:
     charges += [e for e in (await step(rec, body, vols)).reputation if e == (env_node, "failure")]
     assert body["status"]["phase"] == "Succeeded", body["status"]
     assert len(charges) == 1, charges
+
+
+# A long clean record: the scheduler ranks this node first for every placement.
+GOOD_HISTORY = {"successes": 40.0, "heartbeatsSeen": 500.0, "lastUpdated": "2026-01-01T00:00:00Z"}
+
+
+async def test_a_node_blamed_for_a_failed_attempt_is_tried_last_on_the_retry() -> None:
+    """A node whose Ray job failed for the volunteer's reasons (no exit code of the job's own) was
+    charged a failure but placed again: with a good history it stayed the scheduler's first choice,
+    took every retry and the job failed BackoffLimitExceeded while another node idled (the
+    scheduler's own on_job_failed keeps a broken machine from eating all attempts)."""
+    clock = Clock()
+    ray = CopiesRay(["vn-a", "vn-c"])
+    rec = reconciler(ray, clock)
+    vols = volunteers(ray.present)
+    vols["vn-a"]["status"]["reputation"] = dict(GOOD_HISTORY)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 2})
+    used: list[str] = []
+    for _ in range(3):
+        nodes, ids = await _submit_all(rec, ray, clock, body, vols)
+        used.append(nodes[0])
+        ray.set_state(ids[0], RayJobState.FAILED, message="raylet died")  # the node's fault, no exit code
+        outcome = await step(rec, body, vols)
+        # the operator's reputation book applies the evidence before the next pass
+        for node, kind in outcome.reputation:
+            fields = updated_status(
+                vols[node]["status"], kind, clock.now.timestamp(), DEFAULT_CONFIG.reputation, str(len(used))
+            )
+            vols[node]["status"].update(fields or {})
+        clock.advance(40)
+        if body["status"]["phase"] == "Failed":
+            break
+    assert used[:2] == ["vn-a", "vn-c"], (used, body["status"]["reason"])
+    # Both failed once: neither is left out, so the last retry still runs (on either).
+    assert len(used) == 3 and body["status"]["reason"] == "BackoffLimitExceeded", (used, body["status"])
+
+
+async def test_a_blamed_node_is_still_tried_last_after_an_operator_restart() -> None:
+    """Kept in status.scheduling.failedNodes: a new operator process (or leader) reads it there."""
+    clock = Clock()
+    ray = CopiesRay(["vn-a", "vn-c"])
+    vols = volunteers(ray.present)
+    vols["vn-a"]["status"]["reputation"] = dict(GOOD_HISTORY)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 2})
+    nodes, ids = await _submit_all(reconciler(ray, clock), ray, clock, body, vols)
+    assert nodes == ["vn-a"]
+    ray.set_state(ids[0], RayJobState.FAILED, message="raylet died")
+    await step(reconciler(ray, clock), body, vols)
+    assert body["status"]["reason"] == "BackOff" and body["status"]["scheduling"]["failedNodes"] == ["vn-a"]
+    clock.advance(40)
+    nodes, _ = await _submit_all(reconciler(ray, clock), ray, clock, body, vols)  # a restarted operator
+    assert nodes == ["vn-c"], body["status"]
+    # Placing the retry keeps the record for the retries after it.
+    assert body["status"]["scheduling"]["failedNodes"] == ["vn-a"]
+
+
+async def test_a_job_that_fails_on_its_own_does_not_pass_over_its_node() -> None:
+    """A non-zero exit code is the job's failure, not the node's: the node is neither charged nor
+    tried last (another node would fail the job's code alike)."""
+    clock = Clock()
+    ray = CopiesRay(["vn-a", "vn-c"])
+    rec = reconciler(ray, clock)
+    vols = volunteers(ray.present)
+    vols["vn-a"]["status"]["reputation"] = dict(GOOD_HISTORY)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 1})
+    for _ in range(2):
+        nodes, ids = await _submit_all(rec, ray, clock, body, vols)
+        assert nodes == ["vn-a"], body["status"]
+        ray.set_state(ids[0], RayJobState.FAILED, exit_code=1, message="exit 1")
+        await step(rec, body, vols)
+        clock.advance(40)
+    assert body["status"]["reason"] == "BackoffLimitExceeded"
+    assert not body["status"]["scheduling"].get("failedNodes")
+
+
+async def test_a_one_node_fleet_still_retries_on_its_blamed_node() -> None:
+    """Tried last, not left out: with no other node the retries run there, and the job ends."""
+    clock = Clock()
+    ray = CopiesRay(["vn-a"])
+    rec = reconciler(ray, clock)
+    vols = volunteers(ray.present)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 1})
+    for _ in range(2):
+        nodes, ids = await _submit_all(rec, ray, clock, body, vols)
+        assert nodes == ["vn-a"], body["status"]
+        ray.set_state(ids[0], RayJobState.FAILED, message="raylet died")
+        await step(rec, body, vols)
+        clock.advance(40)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "BackoffLimitExceeded")

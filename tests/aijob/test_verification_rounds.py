@@ -5,8 +5,10 @@ Reconciler passes against a fake Ray Job API (tests/aijob/fake_ray.py) and the r
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
+from koinon_operator.api.aijob import AIJobStatus
 from koinon_operator.inventory import RayNodeCache
 from koinon_operator.ray_jobs import RayJobState, RayNodeInfo, RayUnavailableError, Submission
 from koinon_operator.reconciler import AIJobReconciler, Outcome, copy_submission_id, copy_submission_id_from
@@ -288,3 +290,104 @@ async def test_after_an_edit_the_old_programs_answers_are_not_judged_with_the_ne
     assert (status["phase"], status.get("result", {}).get("value")) == ("Succeeded", "43"), (
         status["reason"], status["message"], status.get("verification"), outcome.reputation,
     )  # fmt: skip
+
+
+def test_judge_can_accept_an_answer_only_earlier_attempts_gave() -> None:
+    """Earlier failures are not owners of a later vote: alice and bob agreeing are 2 of the 3 owners
+    that answered once tom's rerun dissents, though no copy of tom's attempt agrees."""
+    earlier = [CopyResult(-1, "vn-a", "alice", "sha256:x"), CopyResult(-1, "vn-b", "bob", "sha256:x")]
+    verdict = judge([CopyResult(0, "vn-t", "tom", "sha256:y")], earlier)
+    assert verdict.accepted_digest == "sha256:x" and verdict.agreeing == ("vn-a", "vn-b")
+    assert verdict.disagreeing == ("vn-t",)
+
+
+# Four owners for a vote of quorum 4, and tom, trusted enough to be drawn alone for the rerun.
+TOM_OWNERS = {"vn-a": "alice", "vn-b": "bob", "vn-c": "carol", "vn-d": "dave", "vn-t": "tom"}
+
+
+def _tom_volunteers(names: list[str]) -> dict[str, dict[str, Any]]:
+    vols: dict[str, dict[str, Any]] = {
+        n: {"spec": {"owner": TOM_OWNERS[n]}, "status": {"phase": "Ready", "connected": True}} for n in names
+    }
+    if "vn-t" in vols:
+        vols["vn-t"]["status"]["reputation"] = {"consecutiveValid": 50, "successes": 50, "agreements": 50}
+    return vols
+
+
+async def _alice_and_bob_agree(ray: CopiesRay, clock: Clock) -> dict[str, Any]:
+    """Quorum 4: alice and bob answer 42, carol's and dave's copies fail (2 of 4 owners: no majority)."""
+    body = replicated_job(quorum=4)
+    first = {"vn-a": GOOD, "vn-b": GOOD, "vn-c": None, "vn-d": None}
+    await run_copies(reconciler(ray, clock), ray, clock, body, first, _tom_volunteers(ray.present))
+    assert body["status"]["reason"] == "NoMajority", body["status"]
+    return body
+
+
+async def _tom_alone(
+    ray: CopiesRay, clock: Clock, body: dict[str, Any], tom: str | None
+) -> tuple[dict[str, Any], Outcome]:
+    """The rerun goes to tom alone (a skip drawn for a trusted node), who answers ``tom`` (None: his
+    copy fails). Returns the job and the pass that judged tom's attempt."""
+    ray.present = [*ray.present, "vn-t"]
+    vols = _tom_volunteers(ray.present)
+    for k in range(50):  # a key of the skip coin that leaves tom's attempt one copy
+        placed = copy.deepcopy(body)
+        rec = reconciler(ray, clock, seed_key=f"key{k}".encode())
+        await step(rec, placed, vols)
+        if placed["status"].get("assignedNodes") == ["vn-t"]:
+            return placed, await run_copies(rec, ray, clock, placed, {"vn-t": tom}, vols)
+    raise AssertionError("no skip drawn")
+
+
+async def _alice_and_bob_then_tom_alone(tom: str | None) -> tuple[dict[str, Any], Outcome]:
+    ray, clock = CopiesRay(["vn-a", "vn-b", "vn-c", "vn-d"]), Clock()
+    return await _tom_alone(ray, clock, await _alice_and_bob_agree(ray, clock), tom)
+
+
+async def test_the_answer_a_majority_of_earlier_answers_gave_is_kept_with_its_result() -> None:
+    """What the job would report if a later vote accepts it, kept once (not for every answer:
+    earlierResults grows with every rerun)."""
+    body = await _alice_and_bob_agree(CopiesRay(["vn-a", "vn-b", "vn-c", "vn-d"]), Clock())
+    kept = [r for r in body["status"]["verification"]["earlierResults"] if "result" in r]
+    assert len(kept) == 1 and kept[0]["result"]["value"] == "42", body["status"]["verification"]
+    assert kept[0]["result"]["digest"] == kept[0]["digest"]
+    assert AIJobStatus.from_status(body["status"]).earlier_answers == {kept[0]["node"]: kept[0]["result"]}
+
+
+async def test_a_majority_of_earlier_answers_alone_decides_a_rerun_whose_copy_dissents() -> None:
+    """judge accepts alice's and bob's 42 (2 of the 3 owners that answered): the job used to run
+    again as "no majority ... (owners per answer: none)", tom's wrong answer uncharged, and end
+    NoMajority at the rerun limit though a majority existed."""
+    body, outcome = await _alice_and_bob_then_tom_alone(FORGED)
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Succeeded", "Verified"), (status["message"], outcome.reputation)
+    assert status["result"]["value"] == "42"
+    assert status["message"].startswith("attempt 2: 0/1 copies agree, with 2 earlier answers"), status["message"]
+    assert sorted(outcome.reputation) == [("vn-a", "agreement"), ("vn-b", "agreement"), ("vn-t", "disagreement")]
+    assert status["verification"]["agreeing"] == ["vn-a", "vn-b"]
+    assert status["verification"]["disagreeing"] == ["vn-t"]
+
+
+async def test_a_majority_of_earlier_answers_alone_decides_a_rerun_whose_copy_fails() -> None:
+    """The same vote with tom's copy failed: judge still accepts 42 (2 of 3 owners; a failed copy
+    is an owner that did not agree), but the attempt was counted a failure and run again."""
+    body, outcome = await _alice_and_bob_then_tom_alone(None)
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Succeeded", "Verified"), (status["message"], outcome.reputation)
+    assert status["result"]["value"] == "42"
+    assert sorted(outcome.reputation) == [("vn-a", "agreement"), ("vn-b", "agreement"), ("vn-t", "failure")]
+
+
+async def test_an_earlier_majority_without_its_result_kept_succeeds_with_the_result_unavailable() -> None:
+    """A status written before the result was kept (an older operator) names the accepted digest
+    only: the job succeeds with it, and says that its value is not at hand."""
+    ray, clock = CopiesRay(["vn-a", "vn-b", "vn-c", "vn-d"]), Clock()
+    body = await _alice_and_bob_agree(ray, clock)
+    for entry in body["status"]["verification"]["earlierResults"]:
+        entry.pop("result", None)
+    body, outcome = await _tom_alone(ray, clock, body, FORGED)
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Succeeded", "Verified"), status["message"]
+    assert "unavailable" in status["result"] and status["result"]["digest"].startswith("sha256:")
+    assert "ResultUnavailable" in [e.reason for e in outcome.events]
+    assert ("vn-t", "disagreement") in outcome.reputation

@@ -212,6 +212,34 @@ def _earlier_copies(verification: object) -> dict[str, tuple[tuple[str, str], ..
     return copies
 
 
+# What of a kept result (extract_result's) an earlier answer carries: its value and log tail are
+# bounded there already, and again here (a hand-edited status).
+MAX_KEPT_VALUE = 2048
+MAX_KEPT_LOG_TAIL = 4000
+
+
+def _earlier_answers(verification: object) -> dict[str, dict[str, Any]]:
+    """The result kept with an earlier answer (verification.earlierResults[].result), by its node:
+    what the job reports if a later vote accepts that answer with no copy of its own attempt
+    agreeing. Only a result whose digest is its entry's, with a string logTail (and value)."""
+    entries = verification.get("earlierResults") if isinstance(verification, Mapping) else None
+    kept: dict[str, dict[str, Any]] = {}
+    for entry in entries if isinstance(entries, list) else ():
+        if not isinstance(entry, Mapping) or not isinstance(entry.get("node"), str):
+            continue
+        result = entry.get("result")
+        if not isinstance(result, Mapping) or not entry.get("digest") or result.get("digest") != entry.get("digest"):
+            continue
+        tail, value = result.get("logTail"), result.get("value")
+        if not isinstance(tail, str) or (value is not None and not isinstance(value, str)):
+            continue
+        answer: dict[str, Any] = {"digest": result["digest"], "logTail": tail[-MAX_KEPT_LOG_TAIL:]}
+        if value is not None:
+            answer["value"] = value[:MAX_KEPT_VALUE]
+        kept[entry["node"]] = answer
+    return kept
+
+
 @dataclass(frozen=True)
 class AIJobStatus:
     """The part of ``status`` the lifecycle decides from."""
@@ -241,6 +269,10 @@ class AIJobStatus:
     # Every (node, owner) of those earlier copies that ran on several nodes, by the node their vote
     # was counted under: each of them is judged by the copy's answer.
     earlier_copies: Mapping[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)
+    # The result (digest, logTail, value) kept with an earlier answer, by its node: only with one
+    # answer of the digest a majority of the earlier answers gave (the one that can win a later
+    # vote without an agreeing copy of that attempt).
+    earlier_answers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     scheduling: Mapping[str, Any] = field(default_factory=dict)
 
     def copy_nodes(self, copy: int) -> tuple[str, ...]:
@@ -294,5 +326,6 @@ class AIJobStatus:
             verification_reruns=int(raw.get("verificationReruns") or 0),
             earlier_results=_earlier_results(raw.get("verification")),
             earlier_copies=_earlier_copies(raw.get("verification")),
+            earlier_answers=_earlier_answers(raw.get("verification")),
             scheduling=dict(scheduling),
         )
