@@ -20,6 +20,10 @@ class OperatorConfig:
     # namespace deletion must not hang for as long as the Ray head is gone (KubeRay's RayJob gives
     # up at once; a restarting head gets this long to come back).
     stop_grace_seconds: float = 120.0
+    # Unlabelled Ray nodes (no koinon.dev/node, so no VolunteerNode) take AIJobs only when set:
+    # anyone who can start a raylet could otherwise take work as an owner of its own that no
+    # evidence reaches. For development pools of bare `ray start` workers.
+    allow_bare_ray_workers: bool = False
 
     def __post_init__(self) -> None:
         # Refused here, at start: NaN made kopf's timer never fire again (each job reconciled once),
@@ -51,6 +55,7 @@ class OperatorConfig:
             namespace=os.environ.get("KOINON_NAMESPACE") or None,
             stop_grace_seconds=_seconds("KOINON_STOP_GRACE", cls.stop_grace_seconds),
             ray_auth_token=ray_auth_token_from_env(),
+            allow_bare_ray_workers=_flag("KOINON_ALLOW_BARE_RAY_WORKERS", cls.allow_bare_ray_workers),
         )
 
 
@@ -62,6 +67,19 @@ def _seconds(env: str, default: float) -> float:
         return float(raw)
     except ValueError:
         raise ValueError(f"{env}: must be a number of seconds, got {raw[:64]!r}") from None
+
+
+def _flag(env: str, default: bool) -> bool:
+    raw = os.environ.get(env)
+    if raw is None or not raw.strip():
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    # Refused rather than read as false: a misspelt opt-in must not look like it was honoured.
+    raise ValueError(f"{env}: must be true or false, got {raw[:64]!r}")
 
 
 def ray_auth_token_from_env() -> str | None:

@@ -46,7 +46,12 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.tracer = JobTracer(memo.tracing)
     memo.ray = RayJobsClient(CONFIG.ray_dashboard_url, auth_token=CONFIG.ray_auth_token)
     placer = ReputationPlacer(waiting_for_s=max(WAITING_FOR_S, 3 * CONFIG.poll_interval_seconds))
-    memo.reconciler = AIJobReconciler(ray=memo.ray, placer=placer, nodes=RayNodeCache(memo.ray))
+    memo.reconciler = AIJobReconciler(
+        ray=memo.ray,
+        placer=placer,
+        nodes=RayNodeCache(memo.ray),
+        allow_bare_ray_workers=CONFIG.allow_bare_ray_workers,
+    )
     memo.reputation = ReputationBook()
     # A plain task, not a kopf timer: a timer puts kopf's finalizer on every VolunteerNode it
     # matches, and deleting a gateway-owned node must not wait for the operator.

@@ -17,6 +17,10 @@ from koinon_operator.ray_jobs import RayJobsClient, RayNodeInfo
 from koinon_operator.scheduler import from_status
 
 NODE_NAME_LABEL = "koinon.dev/node"
+# The most GPUs one bare Ray worker is booked for: Ray's GPU count is what its own `ray start
+# --num-gpus` declared, and placement makes an object per GPU (millions stalled every pass, and more
+# could exhaust the operator's memory). The gateway admits no volunteer with more (MAX_GPUS).
+BARE_WORKER_MAX_GPUS = 64
 
 logger = logging.getLogger(__name__)
 
@@ -38,16 +42,22 @@ def build_capacity(
     ray_nodes: Iterable[RayNodeInfo],
     volunteers: Mapping[str, Mapping[str, Any]],
     allocations: Iterable[Allocation],
+    allow_bare: bool = False,
 ) -> list[NodeCapacity]:
     """Pure: free capacity per live, non-head Ray node, one per node name, and (not ready, with no
     capacity) each VolunteerNode without a live Ray node.
 
     ``volunteers`` maps a node name to its VolunteerNode object (spec/status, and ``deleting``
-    when it has a deletionTimestamp). An unlabelled Ray node (a bare Ray worker, in development)
-    is usable with neutral defaults. A labelled one is a volunteer's: without its VolunteerNode
-    (deleted, or not seen yet) or while that is being deleted it takes no new work, since its
-    cordon and reputation went with the object. A VolunteerNode whose status placement cannot
-    read (e.g. a negative latency) takes none either, and the reason is logged.
+    when it has a deletionTimestamp). A Ray node's ``koinon.dev/node`` label is its own claim (the
+    volunteer's `ray start` sets it), so it counts as that VolunteerNode's only at the address the
+    VolunteerNode's status names (the virtual address the gateway gave it, which the tunnel routes
+    by) and, where the status names one, as the Ray node id the gateway confirmed there. A labelled
+    node elsewhere, or one whose VolunteerNode has no address yet (just joined), is deleted, or is
+    being deleted, takes no new work (its cordon and reputation are that object's). An unlabelled
+    Ray node takes none either (it would be an owner of its own that no evidence could reach)
+    unless ``allow_bare`` (bare Ray workers, in development): then it is usable with neutral
+    defaults. A VolunteerNode whose status placement cannot read (e.g. a negative latency) takes
+    none, and the reason is logged.
     """
     used_gpus: dict[str, int] = {}
     used_cpus: dict[str, float] = {}
@@ -58,18 +68,24 @@ def build_capacity(
             used_cpus[name] = used_cpus.get(name, 0.0) + allocation.cpus_per_replica
             running[name] = running.get(name, 0) + 1
     capacity: list[NodeCapacity] = []
-    for name, node in _one_node_per_name(ray_nodes, volunteers).items():
+    for name, node in _one_node_per_name(ray_nodes, volunteers, allow_bare).items():
         labelled = NODE_NAME_LABEL in node.labels
-        volunteer = volunteers.get(name)
+        # A bare worker is nobody's VolunteerNode, even one named like its address.
+        volunteer = volunteers.get(name) if labelled else None
         spec = (volunteer or {}).get("spec") or {}
         status = (volunteer or {}).get("status") or {}
-        gpus_total = int(node.resources_total.get("GPU", 0))
+        # Ray's GPU count is the volunteer's own claim: booked no higher than the GPUs it joined with
+        # (spec.gpus, as the gateway accepted them).
+        gpu_cap = len(spec.get("gpus") or []) if labelled else BARE_WORKER_MAX_GPUS
+        gpus_total = _gpu_count(node.resources_total.get("GPU", 0), gpu_cap)
         cpus_total = float(node.resources_total.get("CPU", 0.0))
         gpu_memory = min((int(g.get("memoryMiB", 0)) for g in spec.get("gpus") or []), default=0)
         reputation = status.get("reputation") or {}
         latency = status.get("latency") or {}
         unreadable = unreadable_status(status)
         _report_unreadable(name, unreadable)
+        unproven = _unproven(node, volunteer) if labelled else ""
+        _report_unproven(name, unproven)
         capacity.append(
             NodeCapacity(
                 name=name,
@@ -84,10 +100,8 @@ def build_capacity(
                 owner=str(spec.get("owner") or name),
                 region=str(spec.get("region") or "unknown"),
                 # Only Ready takes new work: a Draining volunteer is leaving and a Pending one is not
-                # up yet. No phase (no status written yet) keeps the neutral default.
-                ready=status.get("phase", "Ready") == "Ready"
-                and not unreadable
-                and not (labelled and (volunteer is None or volunteer.get("deleting"))),
+                # up yet. No phase: a bare worker (no VolunteerNode), with the neutral default.
+                ready=status.get("phase", "Ready") == "Ready" and not unreadable and not unproven,
                 cordoned=bool(spec.get("cordoned", False)),
                 latency_ms=None if unreadable else latency.get("smoothedMs"),
                 latency_updated_at=None if unreadable else _epoch(latency.get("updatedAt")),
@@ -96,6 +110,9 @@ def build_capacity(
                 running_jobs=running.get(name, 0),
             )
         )
+    # Names come from labels, which volunteers choose: forget those Ray no longer lists.
+    for name in _reported_unproven.keys() - {node.name for node in capacity}:
+        del _reported_unproven[name]
     # VolunteerNodes with no live Ray node take no work, but their evidence still counts: an owner
     # caught lying on one node must not clear its other nodes' taint by taking that one offline.
     live = {node.name for node in capacity}
@@ -127,42 +144,110 @@ def build_capacity(
     return capacity
 
 
+def _unproven(node: RayNodeInfo, volunteer: Mapping[str, Any] | None) -> str:
+    """Why a labelled Ray node is not taken for its VolunteerNode ("" when it is)."""
+    if volunteer is None:
+        return "no such VolunteerNode (deleted, or not seen yet)"
+    if volunteer.get("deleting"):
+        return "being deleted"
+    status = volunteer.get("status") or {}
+    address = status.get("address") or ""
+    if not address:
+        return "no status.address yet"
+    if node.address != address:
+        # Its label names this VolunteerNode, but it runs at another address: another volunteer's
+        # machine (or a bare worker) posing as it.
+        return f"Ray node {node.node_id} claims it at {node.address}, not at its status.address {address}"
+    recorded = status.get("rayNodeId")
+    if recorded and node.node_id != recorded:
+        # GCS takes a raylet's word for its address too; the id is the one the gateway confirmed
+        # its own agent runs there (a restarted raylet waits for that, as its phase does).
+        return f"Ray node {node.node_id} is not its status.rayNodeId {recorded}"
+    return ""
+
+
+def _gpu_count(declared: float, cap: int) -> int:
+    """Ray's GPU total for a node, within 0..``cap`` (anything unreadable counts as none)."""
+    try:
+        value = float(declared)
+    except (TypeError, ValueError):
+        return 0
+    return int(min(value, cap)) if value >= 0 else 0  # NaN compares False: none
+
+
 def _one_node_per_name(
-    ray_nodes: Iterable[RayNodeInfo], volunteers: Mapping[str, Mapping[str, Any]]
+    ray_nodes: Iterable[RayNodeInfo], volunteers: Mapping[str, Mapping[str, Any]], allow_bare: bool
 ) -> dict[str, RayNodeInfo]:
-    """Live non-head nodes by name. Two alive under one name happen when a raylet restarted before
-    GCS marked its predecessor dead, or two bare workers share a host: the one the VolunteerNode
-    names (``status.rayNodeId``) wins, else the first listed."""
+    """Live non-head nodes by name, unlabelled ones only if ``allow_bare``. Two alive under one
+    name happen when a raylet restarted before GCS marked its predecessor dead, two bare workers
+    share a host, or a volunteer labels its node with another's name: the one the VolunteerNode
+    names (``status.rayNodeId``) wins, then one at its ``status.address``, then a labelled one,
+    else the first listed."""
     chosen: dict[str, RayNodeInfo] = {}
+    ranks: dict[str, tuple[bool, bool, bool]] = {}
+    bare_seen: set[str] = set()
     for node in ray_nodes:
         if node.is_head or not node.alive:
             continue
-        name = node_name(node)
-        earlier = chosen.get(name)
-        if earlier is None:
-            chosen[name] = node
+        labelled = NODE_NAME_LABEL in node.labels
+        if not labelled and not allow_bare:
+            bare_seen.add(node.node_id)
+            _report_bare(node)
             continue
-        recorded = ((volunteers.get(name) or {}).get("status") or {}).get("rayNodeId")
-        if node.node_id == recorded:
-            chosen[name] = node
-        logger.info("two live Ray nodes named %s (%s, %s): using %s", name, earlier.node_id, node.node_id,
-                    chosen[name].node_id)  # fmt: skip
+        name = node_name(node)
+        status = ((volunteers.get(name) or {}).get("status") or {}) if labelled else {}
+        rank = (
+            labelled and node.node_id == status.get("rayNodeId"),
+            labelled and node.address == status.get("address"),
+            labelled,
+        )
+        earlier = chosen.get(name)
+        if earlier is None or rank > ranks[name]:
+            chosen[name], ranks[name] = node, rank
+        if earlier is not None:
+            logger.info("two live Ray nodes named %s (%s, %s): using %s", name, earlier.node_id, node.node_id,
+                        chosen[name].node_id)  # fmt: skip
+    for gone in _reported_bare - bare_seen:  # only what Ray lists now: a churning raylet must not grow it
+        _reported_bare.discard(gone)
     return chosen
+
+
+# Unlabelled Ray nodes already logged as taking no work (by Ray node id).
+_reported_bare: set[str] = set()
+
+
+def _report_bare(node: RayNodeInfo) -> None:
+    if node.node_id not in _reported_bare:
+        _reported_bare.add(node.node_id)
+        logger.warning(
+            "Ray node %s at %s has no %s label: takes no work (a bare Ray worker; "
+            "KOINON_ALLOW_BARE_RAY_WORKERS=true lets such nodes take AIJobs, for development only)",
+            node.node_id, node.address, NODE_NAME_LABEL,
+        )  # fmt: skip
 
 
 # What was last logged per node name, so that every pending job's pass does not log it again.
 _reported_unreadable: dict[str, str] = {}
+_reported_unproven: dict[str, str] = {}
 
 
 def _report_unreadable(name: str, reason: str) -> None:
-    if _reported_unreadable.get(name, "") == reason:
+    _report(_reported_unreadable, name, reason, "status readable again")
+
+
+def _report_unproven(name: str, reason: str) -> None:
+    _report(_reported_unproven, name, reason, "its Ray node is the one its status names again")
+
+
+def _report(reported: dict[str, str], name: str, reason: str, cleared: str) -> None:
+    if reported.get(name, "") == reason:
         return
     if reason:
         logger.warning("VolunteerNode %s takes no new work: %s", name, reason)
-        _reported_unreadable[name] = reason
+        reported[name] = reason
     else:
-        logger.info("VolunteerNode %s: status readable again", name)
-        del _reported_unreadable[name]
+        logger.info("VolunteerNode %s: %s", name, cleared)
+        del reported[name]
 
 
 def unreadable_status(status: Mapping[str, Any]) -> str:

@@ -473,6 +473,7 @@ class AIJobReconciler:
     clock: Callable[[], datetime] = _utcnow
     monotonic: Callable[[], float] = time.monotonic
     placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    allow_bare_ray_workers: bool = False  # OperatorConfig's: unlabelled Ray nodes take AIJobs
     # Per job: the resourceVersion of the body the last status write was computed from, and when.
     _written_from: dict[str, tuple[str, float]] = field(default_factory=dict)
     _job_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
@@ -824,7 +825,12 @@ class AIJobReconciler:
         )
         async with self.placement_lock:
             ray_nodes = await self.nodes.get()
-            capacity = build_capacity(ray_nodes, volunteers, self.ledger.current(recorded_allocations, excluding=key))
+            capacity = build_capacity(
+                ray_nodes,
+                volunteers,
+                self.ledger.current(recorded_allocations, excluding=key),
+                allow_bare=self.allow_bare_ray_workers,
+            )
             # Nodes that failed to set up this spec's runtime_env, and nodes blamed for a failed
             # attempt, are tried last: elsewhere first (a broken node, or one that fails on
             # purpose, must not take every retry; a good history kept it the scheduler's first

@@ -27,6 +27,7 @@ from kubernetes.client.exceptions import ApiException
 
 from koinon_operator.api.constants import GROUP, VERSION, VOLUNTEER_PLURAL
 from koinon_operator.kube import load_config
+from koinon_operator.ray_jobs import describe_error
 from koinon_operator.reconciler import NodeWork
 from koinon_operator.scheduler import (
     DEFAULT_CONFIG,
@@ -352,8 +353,10 @@ class ReputationBook:
             async with self._locks.setdefault(node, asyncio.Lock()):
                 try:
                     written += await asyncio.to_thread(self._apply_uptime, node, 2 * interval_s, owner_extra)
-                except ValueError as exc:  # this node's status is unreadable; the others still count
-                    logger.warning("uptime of %s not recorded: %s", node, exc)
+                except Exception as exc:
+                    # One node's failure (a status it cannot read, a write the API refuses) costs that
+                    # node this look, not every node after it in the round.
+                    logger.warning("uptime of %s not recorded: %s", node, _brief(exc))
         return written
 
     @staticmethod
@@ -371,6 +374,14 @@ class ReputationBook:
         if outcome == "lost":
             logger.warning("uptime of %s not recorded: lost %d write races in a row", node, CONFLICT_RETRIES)
         return 1 if outcome == "written" else 0
+
+
+def _brief(error: Exception) -> str:
+    """An error for the log: an API error's status and reason only (its text carries the whole
+    response, headers and body), anything else as its plain text, never a repr."""
+    if isinstance(error, ApiException):
+        return f"ApiException {error.status} {error.reason}"
+    return describe_error(error)
 
 
 async def sample_uptime_forever(

@@ -4,6 +4,7 @@ the API server applies kopf's patch (a JSON merge patch), for reconciler tests w
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,8 +16,23 @@ from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayNodeInfo, RayRe
 from koinon_operator.reconciler import AIJobReconciler, Outcome
 
 UID = "8f6e8530-892f-46a5-a4e3-ba60e32a06d0"
+GPU = {"model": "NVIDIA L4", "memoryMiB": 24000}
+
+
+def volunteer(owner: str, address: str, gpus: int = 1, **status: Any) -> dict[str, Any]:
+    """A VolunteerNode as the gateway writes it: joined with ``gpus`` GPUs (spec.gpus, which bound
+    what its Ray node is booked for), Ready at the virtual ``address`` its Ray node must run at."""
+    return {"spec": {"owner": owner, "gpus": [GPU] * gpus}, "status": {"phase": "Ready", "address": address, **status}}
+
+
+def node_address(name: str) -> str:
+    """A fixed virtual address per node name, as the gateway gives each VolunteerNode one."""
+    digest = hashlib.sha256(name.encode()).digest()
+    return f"127.{digest[0]}.{digest[1]}.{digest[2] | 1}"
+
+
 NODES = [RayNodeInfo("r1", "127.0.20.1", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-1"})]
-VOLUNTEERS: dict[str, dict[str, Any]] = {"vn-1": {"spec": {"owner": "alice"}, "status": {"phase": "Ready"}}}
+VOLUNTEERS: dict[str, dict[str, Any]] = {"vn-1": volunteer("alice", "127.0.20.1")}
 
 
 def stop_stamped(ray: FakeRay, submission_id: str, clock: Clock) -> None:

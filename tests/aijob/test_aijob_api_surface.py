@@ -12,7 +12,7 @@ import yaml
 from koinon_operator.ray_jobs import RayJobState
 from koinon_operator.reconciler import submission_id_for
 
-from tests.aijob.fake_ray import UID, Clock, FakeRay, make_body, make_reconciler, step
+from tests.aijob.fake_ray import UID, Clock, FakeRay, make_body, make_reconciler, step, volunteer
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = yaml.safe_load((ROOT / "manifests" / "crds" / "aijobs.koinon.dev.yaml").read_text())
@@ -187,9 +187,7 @@ class _Driver:
         return got
 
     async def step(self) -> None:
-        out = await self.reconciler.reconcile(
-            self.body(), {}, {"vn-1": {"spec": {"owner": "a"}, "status": {"phase": "Ready"}}}
-        )
+        out = await self.reconciler.reconcile(self.body(), {}, {"vn-1": volunteer("a", "127.0.20.1")})
         if out.status:
             patch = json.dumps({"status": out.status})
             self.kubectl.run("patch", "aij", self.name, "--subresource=status", "--type=merge", "-p", patch)

@@ -9,10 +9,10 @@ import copy
 from koinon_emulator.patching import merge_patch
 from koinon_operator.reconciler import STALE_BODY_GRACE_SECONDS, changed_fields
 
-from tests.aijob.fake_ray import VOLUNTEERS, Clock, FakeRay, make_body, make_reconciler, step
+from tests.aijob.fake_ray import VOLUNTEERS, Clock, FakeRay, make_body, make_reconciler, step, volunteer
 
-READY = {"vn-1": {"spec": {"owner": "a"}, "status": {"phase": "Ready"}}}
-NOT_READY = {"vn-1": {"spec": {"owner": "a"}, "status": {"phase": "NotReady"}}}
+READY = {"vn-1": volunteer("a", "127.0.20.1")}
+NOT_READY = {"vn-1": volunteer("a", "127.0.20.1", phase="NotReady")}
 
 
 async def test_a_pass_on_a_body_from_before_its_own_placement_does_not_strand_the_job() -> None:

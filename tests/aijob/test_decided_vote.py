@@ -19,7 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from .fake_ray import Clock, step, stop_stamped
+from .fake_ray import Clock, node_address, step, stop_stamped, volunteer
 from .test_driver_node_check import DriverNodeRay
 from .test_spot_check_coin import submit_all as submit_all_with
 from .test_verification_rounds import (
@@ -145,7 +145,7 @@ async def test_earlier_answers_count_toward_an_early_decision() -> None:
     ray.present = ["vn-a", "vn-b", "vn-b2", "vn-c", "vn-d", "vn-e"]
     owners = {"vn-e": "erin"}
     vols = {**volunteers([n for n in ray.present if n != "vn-e"]),
-            "vn-e": {"spec": {"owner": owners["vn-e"]}, "status": {"phase": "Ready", "connected": True}}}  # fmt: skip
+            "vn-e": volunteer(owners["vn-e"], node_address("vn-e"), connected=True)}  # fmt: skip
     body["spec"]["verification"]["quorum"] = 3
     for _ in range(10):
         await step(rec, body, vols)
@@ -247,7 +247,7 @@ async def test_an_answer_the_conclusion_would_not_count_decides_nothing_early() 
     names = ["vn-a", "vn-c", "vn-d", "vn-e", "vn-f"]
     ray, clock = DriverNodeRay(names), Clock()
     owners = {**OWNERS, "vn-e": "erin", "vn-f": "frank"}
-    vols = {n: {"spec": {"owner": owners[n]}, "status": {"phase": "Ready", "connected": True}} for n in names}
+    vols = {n: volunteer(owners[n], node_address(n), connected=True) for n in names}
     rec, body = reconciler(ray, clock), replicated_job(quorum=5)
     ids = await submit_all_with(rec, ray, clock, body, vols)
     status = body["status"]
@@ -296,7 +296,7 @@ async def test_a_decided_vote_stands_when_a_failed_copy_and_a_stopped_copys_depa
     owners = {**OWNERS, "vn-e": "erin", "vn-f": "frank"}
 
     def vols(present: list[str]) -> dict[str, Any]:
-        return {n: {"spec": {"owner": owners[n]}, "status": {"phase": "Ready", "connected": True}} for n in present}
+        return {n: volunteer(owners[n], node_address(n), connected=True) for n in present}
 
     rec, body = reconciler(ray, clock), replicated_job(quorum=5)
     ids = await submit_all_with(rec, ray, clock, body, vols(names))

@@ -18,7 +18,7 @@ from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayNodeInfo, RayUn
 from koinon_operator.reconciler import AIJobReconciler, copy_submission_id, submission_id_for
 from koinon_operator.scheduling import ReputationPlacer
 
-from .fake_ray import NODES, UID, Clock, FakeRay, make_body, make_reconciler, step
+from .fake_ray import NODES, UID, VOLUNTEERS, Clock, FakeRay, make_body, make_reconciler, step, volunteer
 
 SUBMISSION = submission_id_for(UID, 1)
 
@@ -195,10 +195,7 @@ async def two_copies_submitted(
     backoff_limit: int = 3,
 ) -> tuple[ChangingRay, AIJobReconciler, dict[str, Any], dict[str, dict[str, Any]]]:
     """A replicated job (quorum 2) whose two copies, on vn-a and vn-b, are submitted."""
-    volunteers = {
-        "vn-a": {"spec": {"owner": "alice"}, "status": {"phase": "Ready"}},
-        "vn-b": {"spec": {"owner": "bob"}, "status": {"phase": "Ready"}},
-    }
+    volunteers = {"vn-a": volunteer("alice", "127.0.20.1"), "vn-b": volunteer("bob", "127.0.20.2")}
     ray, clock = ChangingRay(node_list=list(TWO_NODES)), Clock()
     fake: Any = ray
     reconciler = AIJobReconciler(
@@ -275,10 +272,7 @@ async def test_a_copy_that_failed_on_its_own_is_not_charged_when_the_other_copys
     assert (body["status"]["phase"], body["status"]["reason"]) == ("Pending", "NodeLost")
 
 
-TWO_OWNERS = {
-    "vn-a": {"spec": {"owner": "alice"}, "status": {"phase": "Ready"}},
-    "vn-b": {"spec": {"owner": "bob"}, "status": {"phase": "Ready"}},
-}
+TWO_OWNERS = {"vn-a": volunteer("alice", "127.0.20.1"), "vn-b": volunteer("bob", "127.0.20.2")}
 
 
 async def running_on_two_nodes() -> tuple[ChangingRay, Clock, AIJobReconciler, dict[str, Any]]:
@@ -324,9 +318,9 @@ THREE_NODES = [
     RayNodeInfo("r3", "127.0.20.3", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-c"}),
 ]
 THREE_OWNERS = {
-    "vn-a": {"spec": {"owner": "alice"}, "status": {"phase": "Ready"}},
-    "vn-b": {"spec": {"owner": "bob"}, "status": {"phase": "Ready"}},
-    "vn-c": {"spec": {"owner": "carol"}, "status": {"phase": "Ready"}},
+    "vn-a": volunteer("alice", "127.0.20.1"),
+    "vn-b": volunteer("bob", "127.0.20.2"),
+    "vn-c": volunteer("carol", "127.0.20.3"),
 }
 
 
@@ -402,7 +396,7 @@ async def test_concurrent_passes_of_running_jobs_share_one_node_list_fetch() -> 
                        "traceId": "0" * 32},
         })  # fmt: skip
         ray.jobs[sub] = RayJobInfo(sub, RayJobState.RUNNING, "", "r1", 1, None, None)
-    volunteers = {"vn-1": {"spec": {"owner": "alice"}, "status": {"phase": "Ready"}}}
+    volunteers = VOLUNTEERS
     outcomes = await asyncio.gather(*(step(reconciler, b, volunteers) for b in bodies))
     assert ray.node_calls == 1
     assert not any(o.events for o in outcomes)

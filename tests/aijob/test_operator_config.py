@@ -38,6 +38,16 @@ def test_the_defaults_and_usual_values_are_taken(monkeypatch: pytest.MonkeyPatch
     assert OperatorConfig().poll_interval_seconds > 0
 
 
+def test_bare_ray_workers_take_no_work_unless_the_operator_is_told_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert OperatorConfig.from_env().allow_bare_ray_workers is False
+    for value, allowed in (("true", True), ("1", True), ("False", False), ("0", False), ("", False)):
+        monkeypatch.setenv("KOINON_ALLOW_BARE_RAY_WORKERS", value)
+        assert OperatorConfig.from_env().allow_bare_ray_workers is allowed
+    monkeypatch.setenv("KOINON_ALLOW_BARE_RAY_WORKERS", "ture")  # a misspelt opt-in is not taken as "no"
+    with pytest.raises(ValueError, match=r"^KOINON_ALLOW_BARE_RAY_WORKERS"):
+        OperatorConfig.from_env()
+
+
 def test_the_operator_exits_at_start_naming_a_bad_setting() -> None:
     """`--poll-interval 0` used to be ignored (falsy), and a NaN taken."""
     ran = subprocess.run(

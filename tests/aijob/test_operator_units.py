@@ -28,6 +28,8 @@ from koinon_operator.reconciler import (
 from kopf._core.actions.execution import Outcome
 from kopf._core.engines.indexing import OperatorIndexer, OperatorIndexers
 
+from tests.aijob.fake_ray import volunteer
+
 
 @pytest.mark.parametrize(
     ("spec", "field"),
@@ -99,8 +101,9 @@ def test_capacity_subtracts_exactly_what_jobs_hold(gpus: list[int], held: list[t
         for i, g in enumerate(gpus)
     ]
     head = RayNodeInfo("head", "127.0.10.1", True, True, {"CPU": 0}, {})
+    volunteers = {f"n{i}": volunteer(f"o{i}", f"127.0.20.{i}", gpus=g) for i, g in enumerate(gpus)}
     allocations = [Allocation((f"n{i % len(gpus)}",), g, 0.5) for i, g in held]
-    capacity = {c.name: c for c in build_capacity([head, *ray_nodes], {}, allocations)}
+    capacity = {c.name: c for c in build_capacity([head, *ray_nodes], volunteers, allocations)}
     assert set(capacity) == {f"n{i}" for i in range(len(gpus))}  # the head is never a target
     for i, total in enumerate(gpus):
         used = sum(a.gpus_per_replica for a in allocations if a.nodes == (f"n{i}",))
@@ -184,9 +187,11 @@ def test_gpu_models_from_the_volunteer_spec_reach_the_scheduler_and_pick_the_fas
         for i, name in enumerate(("a-t4", "b-4090"))
     ]
     volunteers = {
-        "a-t4": {"spec": {"owner": "o1", "gpus": [{"model": "Tesla T4", "memoryMiB": 16384}]}},
-        "b-4090": {"spec": {"owner": "o2", "gpus": [{"model": "NVIDIA GeForce RTX 4090", "memoryMiB": 24576}]}},
-    }
+        "a-t4": {"spec": {"owner": "o1", "gpus": [{"model": "Tesla T4", "memoryMiB": 16384}]},
+                 "status": {"address": "127.0.20.0"}},
+        "b-4090": {"spec": {"owner": "o2", "gpus": [{"model": "NVIDIA GeForce RTX 4090", "memoryMiB": 24576}]},
+                   "status": {"address": "127.0.20.1"}},
+    }  # fmt: skip
     capacity = {c.name: c for c in build_capacity(ray_nodes, volunteers, [])}
     assert capacity["a-t4"].gpu_models == ("Tesla T4",)
     assert [g.model for g in to_snapshot(capacity["b-4090"]).gpus] == ["NVIDIA GeForce RTX 4090"]

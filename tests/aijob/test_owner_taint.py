@@ -17,10 +17,14 @@ from koinon_operator.scheduling import ReputationPlacer
 NOW = 1_800_000_000.0
 
 
+def address(name: str) -> str:
+    return f"10.0.0.{abs(hash(name)) % 200 + 1}"
+
+
 def ray_node(name: str) -> RayNodeInfo:
     return RayNodeInfo(
         node_id=f"id-{name}",
-        address=f"10.0.0.{abs(hash(name)) % 200 + 1}",
+        address=address(name),
         alive=True,
         is_head=False,
         resources_total={"GPU": 1.0, "CPU": 4.0},
@@ -28,10 +32,14 @@ def ray_node(name: str) -> RayNodeInfo:
     )
 
 
-def volunteer(owner: str, evidence: ReputationEvidence) -> dict[str, Any]:
+def volunteer(name: str, owner: str, evidence: ReputationEvidence) -> dict[str, Any]:
     return {
         "spec": {"owner": owner, "gpus": [{"model": "RTX 4090", "memoryMiB": 24576}]},
-        "status": {"phase": "Ready", "reputation": to_status(evidence, NOW, DEFAULT_CONFIG.reputation)},
+        "status": {
+            "phase": "Ready",
+            "address": address(name),
+            "reputation": to_status(evidence, NOW, DEFAULT_CONFIG.reputation),
+        },
     }
 
 
@@ -39,9 +47,9 @@ PROVEN = ReputationEvidence(successes=20, agreements=20, consecutive_valid=20, l
 CAUGHT = ReputationEvidence(successes=5, agreements=2, disagreements=3, consecutive_valid=0, last_updated=NOW)
 
 VOLUNTEERS = {
-    "evil-a": volunteer("mallory", CAUGHT),  # caught lying three times
-    "evil-b": volunteer("mallory", PROVEN),  # its sibling, same owner
-    "honest": volunteer("alice", ReputationEvidence(last_updated=NOW)),
+    "evil-a": volunteer("evil-a", "mallory", CAUGHT),  # caught lying three times
+    "evil-b": volunteer("evil-b", "mallory", PROVEN),  # its sibling, same owner
+    "honest": volunteer("honest", "alice", ReputationEvidence(last_updated=NOW)),
 }
 
 

@@ -1,18 +1,25 @@
 """Which Ray node stands for a volunteer when Ray lists more than one under its name (a raylet the
-agent restarted; Ray keeps dead nodes in its list), and a volunteer's Ray node that outlives its
-VolunteerNode."""
+agent restarted; Ray keeps dead nodes in its list), a volunteer's Ray node that outlives its
+VolunteerNode, and Ray nodes whose claims (the koinon.dev/node label, the GPU count: both set by the
+volunteer's own `ray start`) do not match what the gateway recorded: they take no work."""
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
+import pytest
 from koinon_operator.inventory import build_capacity
 from koinon_operator.placement import PlacementRequest
 from koinon_operator.ray_jobs import RayNodeInfo
 from koinon_operator.scheduling import ReputationPlacer
 from koinon_operator.volunteers import status_from_ray
 
+from .fake_ray import Clock, FakeRay, make_body, make_reconciler, step
+
 LABEL = {"koinon.dev/node": "vn-a"}
+GPU = {"model": "NVIDIA GeForce RTX 4090", "memoryMiB": 24000}
 SPEC = {"owner": "alice", "gpus": [{"model": "NVIDIA L4", "memoryMiB": 24000}]}
 OLD_DEAD = RayNodeInfo("old", "127.0.20.1", False, False, {"GPU": 1, "CPU": 4}, LABEL)
 NEW_ALIVE = RayNodeInfo("new", "127.0.20.1", True, False, {"GPU": 1, "CPU": 4}, LABEL)
@@ -35,28 +42,128 @@ def test_two_live_ray_nodes_under_one_name_give_one_candidate_the_one_its_volunt
     older = RayNodeInfo("older", "127.0.20.1", True, False, {"GPU": 1, "CPU": 4}, LABEL)
     ray_nodes = [older, NEW_ALIVE, RayNodeInfo("b", "127.0.20.2", True, False, {"GPU": 1}, {"koinon.dev/node": "vn-b"})]
     volunteers = {
-        "vn-a": {"spec": SPEC, "status": {"phase": "Ready", "rayNodeId": "new"}},
-        "vn-b": {"spec": {**SPEC, "owner": "bob"}, "status": {"phase": "Ready"}},
+        "vn-a": {"spec": SPEC, "status": {"phase": "Ready", "address": "127.0.20.1", "rayNodeId": "new"}},
+        "vn-b": {"spec": {**SPEC, "owner": "bob"}, "status": {"phase": "Ready", "address": "127.0.20.2"}},
     }
     capacity = build_capacity(ray_nodes, volunteers, [])
     assert sorted((c.name, c.ray_node_id) for c in capacity) == [("vn-a", "new"), ("vn-b", "b")]
     assert _placer().place(REQUEST, capacity).placed
-    # Two bare workers sharing a host (named by their address): the first listed.
+    # Two bare workers sharing a host (named by their address), where bare workers are let in: the
+    # first listed.
     bare = [RayNodeInfo(i, "127.0.30.1", True, False, {"GPU": 1, "CPU": 4}, {}) for i in ("w1", "w2")]
-    assert [(c.name, c.ray_node_id) for c in build_capacity(bare, {}, [])] == [("127.0.30.1", "w1")]
+    assert [(c.name, c.ray_node_id) for c in build_capacity(bare, {}, [], allow_bare=True)] == [("127.0.30.1", "w1")]
 
 
 def test_a_volunteers_ray_node_takes_no_work_once_its_volunteernode_is_deleted() -> None:
     ray_nodes = [NEW_ALIVE]
     quarantined: dict[str, Any] = {"phase": "Ready", "reputation": {"disagreements": 5.0, "lastUpdated": 1_000.0}}
-    volunteers: dict[str, Any] = {"vn-a": {"spec": {**SPEC, "cordoned": True}, "status": quarantined}}
+    volunteers: dict[str, Any] = {
+        "vn-a": {"spec": {**SPEC, "cordoned": True}, "status": {**quarantined, "address": "127.0.20.1"}}
+    }
     assert not _placer().place(REQUEST, build_capacity(ray_nodes, volunteers, [])).placed
     # Deleted (kopf's index drops it) while the Ray node lives on: its cordon and reputation went
     # with the object, so it must not come back as a fresh, neutral node.
     assert not _placer().place(REQUEST, build_capacity(ray_nodes, {}, [])).placed
     # Being deleted (deletionTimestamp; a finalizer holds it) counts the same.
-    deleting = {"vn-a": {"spec": SPEC, "status": {"phase": "Ready"}, "deleting": True}}
+    deleting = {"vn-a": {"spec": SPEC, "status": {"phase": "Ready", "address": "127.0.20.1"}, "deleting": True}}
     assert not build_capacity(ray_nodes, deleting, [])[0].ready
-    # A bare Ray worker (no label) is still usable with neutral defaults, for development.
+
+
+def test_a_bare_ray_worker_takes_work_only_where_the_operator_lets_bare_workers_in() -> None:
     bare = [RayNodeInfo("w1", "127.0.30.1", True, False, {"GPU": 1, "CPU": 4}, {})]
-    assert _placer().place(REQUEST, build_capacity(bare, {}, [])).placed
+    assert build_capacity(bare, {}, []) == []
+    # KOINON_ALLOW_BARE_RAY_WORKERS, for development: usable with neutral defaults.
+    [node] = build_capacity(bare, {}, [], allow_bare=True)
+    assert (node.name, node.owner, node.ready) == ("127.0.30.1", "127.0.30.1", True)
+    assert _placer().place(REQUEST, [node]).placed
+
+
+def test_an_unlabelled_ray_node_in_a_volunteer_pool_takes_no_work(caplog: pytest.LogCaptureFixture) -> None:
+    """Eve's machine (VolunteerNode vn-e) starts its raylet without the label: it was placed as an
+    owner of its own (its address), could vote beside alice as a second owner, and nothing it did
+    could be charged (evidence for it found no VolunteerNode)."""
+    nodes = [
+        RayNodeInfo("r1", "127.0.20.1", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-a"}),
+        RayNodeInfo("r2", "127.0.20.2", True, False, {"GPU": 1, "CPU": 4}, {}),
+    ]
+    vols = {
+        "vn-a": {"spec": {"owner": "alice", "gpus": [GPU]}, "status": {"phase": "Ready", "address": "127.0.20.1"}},
+        "vn-e": {"spec": {"owner": "eve", "gpus": [GPU]}, "status": {"phase": "Ready", "address": "127.0.20.2"}},
+    }
+    with caplog.at_level(logging.WARNING, logger="koinon_operator.inventory"):
+        capacity = build_capacity(nodes, vols, [])
+    assert {(c.name, c.owner, c.ready) for c in capacity} == {("vn-a", "alice", True), ("vn-e", "eve", False)}
+    assert "Ray node r2 at 127.0.20.2 has no koinon.dev/node label: takes no work" in caplog.text
+    verified = PlacementRequest("ns/j", 1, 1, 1.0, distinct_owners=True, verification_quorum=2)
+    assert not ReputationPlacer(seed_key=b"k").place(verified, capacity).placed  # alice alone is no quorum
+    assert [n.name for n in ReputationPlacer(seed_key=b"k").place(REQUEST, capacity).nodes] == ["vn-a"]
+
+
+def test_a_ray_node_labelled_with_another_volunteers_name_takes_no_work(caplog: pytest.LogCaptureFixture) -> None:
+    """The label is the volunteer's own claim: eve's raylet naming alice's VolunteerNode runs at eve's
+    virtual address, not at the one the gateway gave alice."""
+    vols = {
+        "vn-a": {"spec": SPEC, "status": {"phase": "Ready", "address": "127.0.20.1", "rayNodeId": "alice"}},
+        "vn-e": {"spec": {**SPEC, "owner": "eve"}, "status": {"phase": "Ready", "address": "127.0.20.2"}},
+    }
+    posing = RayNodeInfo("eve2", "127.0.20.2", True, False, {"GPU": 1, "CPU": 4}, LABEL)
+    alice = RayNodeInfo("alice", "127.0.20.1", True, False, {"GPU": 1, "CPU": 4}, LABEL)
+    with caplog.at_level(logging.WARNING, logger="koinon_operator.inventory"):
+        [vn_a, vn_e] = build_capacity([posing], vols, [])  # alice is offline
+    assert (vn_a.name, vn_a.ray_node_id, vn_a.ready, vn_e.ready) == ("vn-a", "eve2", False, False)
+    assert "VolunteerNode vn-a takes no new work: Ray node eve2 claims it at 127.0.20.2" in caplog.text
+    # Alice online: her node stands for vn-a, whichever Ray lists first.
+    for listed in ([posing, alice], [alice, posing]):
+        capacity = {c.name: c for c in build_capacity(listed, vols, [])}
+        assert (capacity["vn-a"].ray_node_id, capacity["vn-a"].ready) == ("alice", True)
+    # A raylet that registers at alice's address (GCS takes its word for it) is still not the one
+    # the gateway confirmed there.
+    at_her_address = RayNodeInfo("eve3", "127.0.20.1", True, False, {"GPU": 1, "CPU": 4}, LABEL)
+    assert not build_capacity([at_her_address], vols, [])[0].ready
+
+
+def test_a_volunteer_without_a_gateway_address_yet_takes_no_work() -> None:
+    ray_nodes = [NEW_ALIVE]
+    for status in ({}, {"phase": "Ready"}, {"phase": "Ready", "address": ""}):
+        assert not build_capacity(ray_nodes, {"vn-a": {"spec": SPEC, "status": status}}, [])[0].ready
+
+
+async def test_the_reconciler_places_on_bare_workers_only_when_told_to() -> None:
+    class BareRay(FakeRay):
+        async def nodes(self) -> list[RayNodeInfo]:
+            return [RayNodeInfo("w1", "127.0.30.1", True, False, {"GPU": 1, "CPU": 4}, {})]
+
+    for allowed, phase in ((False, "Pending"), (True, "Scheduled")):
+        reconciler = make_reconciler(BareRay(), Clock())
+        reconciler.allow_bare_ray_workers = allowed  # as handlers.py sets it from OperatorConfig
+        body = make_body({"entrypoint": "python x.py"})
+        await step(reconciler, body, {})
+        assert body["status"]["phase"] == phase, body["status"]
+
+
+def test_a_volunteer_is_booked_for_no_more_gpus_than_it_joined_with() -> None:
+    """Ray's GPU count is the volunteer's `ray start --num-gpus`: one declaring millions made every
+    placement pass build millions of GPU objects (seconds and hundreds of MiB a pass; an OOM at
+    1e8-1e9) and drew multi-GPU jobs it could not run."""
+    claimed = 2_000_000
+    nodes = [
+        RayNodeInfo("r1", "127.0.20.1", True, False, {"GPU": float(claimed), "CPU": 4}, {"koinon.dev/node": "vn-eve"}),
+        RayNodeInfo("r2", "127.0.20.2", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-bob"}),
+    ]
+    vols = {
+        "vn-eve": {"spec": {"owner": "eve", "gpus": [GPU]}, "status": {"phase": "Ready", "address": "127.0.20.1"}},
+        "vn-bob": {"spec": {"owner": "bob", "gpus": [GPU]}, "status": {"phase": "Ready", "address": "127.0.20.2"}},
+    }
+    started = time.monotonic()
+    capacity = build_capacity(nodes, vols, [])
+    ReputationPlacer().place(PlacementRequest("ns/j", 1, 1, 1.0), capacity)
+    took = time.monotonic() - started
+    eve = next(c for c in capacity if c.name == "vn-eve")
+    assert eve.gpus_total == 1 and took < 1.0, (eve.gpus_total, f"{took:.1f}s for one placement")
+    assert not ReputationPlacer().place(PlacementRequest("ns/j", 1, 2, 1.0), capacity).placed
+
+
+@pytest.mark.parametrize(("declared", "booked"), [(2_000_000.0, 64), (3.0, 3), (float("nan"), 0), (-2.0, 0)])
+def test_a_bare_workers_gpus_are_capped_and_nonsense_counts_as_none(declared: float, booked: int) -> None:
+    bare = [RayNodeInfo("w1", "127.0.30.1", True, False, {"GPU": declared, "CPU": 4}, {})]
+    assert build_capacity(bare, {}, [], allow_bare=True)[0].gpus_total == booked

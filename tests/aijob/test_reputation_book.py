@@ -3,6 +3,7 @@ and survives a concurrent status writer (the gateway's heartbeats) through condi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from koinon_operator.reputation_book import (
     uptime_sample,
 )
 from koinon_operator.scheduler import DEFAULT_CONFIG
+from kubernetes.client.exceptions import ApiException
 
 from tests.emulator.helpers import EmulatorThread, emulator_for_kube_client
 
@@ -220,6 +222,34 @@ async def test_the_sampler_records_uptime_on_each_volunteernode_once_per_look(cl
     reputation = _status(cluster)["reputation"]
     assert reputation["heartbeatsSeen"] == pytest.approx(12.0, rel=1e-3)
     assert reputation["uptimeSampledAt"] == NOW + 60
+
+
+async def test_one_node_whose_uptime_write_fails_does_not_cost_the_others_theirs(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only ValueError was caught per node: an API error on one (a status the schema refuses, a
+    timeout) ended the round, and every node after it lost its uptime evidence for that look."""
+    nodes = [{"metadata": {"name": n}, "spec": {"owner": n}, "status": {"phase": "Ready"}} for n in ("a", "b", "c")]
+    sampled: list[str] = []
+
+    def apply(self: Any, node: str, max_gap_s: float, owner_extra: float) -> int:
+        if node == "a":
+            error = ApiException(status=422, reason="Unprocessable Entity")
+            error.body = '{"message": "the whole response"}'
+            raise error
+        if node == "b":
+            raise ConnectionResetError("peer went away")
+        sampled.append(node)
+        return 1
+
+    monkeypatch.setattr(ReputationBook, "_volunteers", staticmethod(lambda: nodes))
+    monkeypatch.setattr(ReputationBook, "_apply_uptime", apply)
+    with caplog.at_level(logging.WARNING, logger="koinon_operator.reputation_book"):
+        assert await ReputationBook(clock=lambda: NOW).sample_uptime(60.0) == 1
+    assert sampled == ["c"]
+    assert "uptime of a not recorded: ApiException 422 Unprocessable Entity" in caplog.text
+    assert "uptime of b not recorded: ConnectionResetError: peer went away" in caplog.text
+    assert "the whole response" not in caplog.text  # the status and reason, not the reply
 
 
 def _volunteer(name: str, owner: str | None, disagreements: float = 0.0) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from koinon_operator.reconciler import AIJobReconciler, Outcome, copy_submission
 from koinon_operator.scheduling import ReputationPlacer
 from koinon_operator.verification import CopyResult, judge
 
-from .fake_ray import UID, Clock, FakeRay, make_body, step
+from .fake_ray import UID, Clock, FakeRay, make_body, node_address, step, volunteer
 
 OWNERS = {"vn-a": "alice", "vn-b": "bob", "vn-b2": "bob", "vn-c": "carol", "vn-d": "dave"}
 GOOD, FORGED = "KOINON_RESULT 42\n", "KOINON_RESULT forged\n"
@@ -25,9 +25,7 @@ SEED_KEY = b"koinon tests"
 
 
 def ray_node(index: int, name: str) -> RayNodeInfo:
-    return RayNodeInfo(
-        f"r{index}", f"127.0.20.{index + 1}", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": name}
-    )
+    return RayNodeInfo(f"r{index}", node_address(name), True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": name})
 
 
 class CopiesRay(FakeRay):
@@ -46,7 +44,7 @@ class CopiesRay(FakeRay):
 
 
 def volunteers(names: list[str]) -> dict[str, dict[str, Any]]:
-    return {n: {"spec": {"owner": OWNERS[n]}, "status": {"phase": "Ready", "connected": True}} for n in names}
+    return {n: volunteer(OWNERS[n], node_address(n), connected=True) for n in names}
 
 
 def reconciler(ray: CopiesRay, clock: Clock, seed_key: bytes = SEED_KEY) -> AIJobReconciler:
@@ -252,7 +250,7 @@ FOUR_OWNERS = {"vn-a": "alice", "vn-b": "bob", "vn-c": "carol", "vn-d": "dave"}
 
 
 def _four_owner_volunteers(names: list[str]) -> dict[str, dict[str, Any]]:
-    return {n: {"spec": {"owner": FOUR_OWNERS[n]}, "status": {"phase": "Ready", "connected": True}} for n in names}
+    return {n: volunteer(FOUR_OWNERS[n], node_address(n), connected=True) for n in names}
 
 
 async def test_after_an_edit_the_old_programs_answers_are_not_judged_with_the_new() -> None:
@@ -306,9 +304,7 @@ TOM_OWNERS = {"vn-a": "alice", "vn-b": "bob", "vn-c": "carol", "vn-d": "dave", "
 
 
 def _tom_volunteers(names: list[str]) -> dict[str, dict[str, Any]]:
-    vols: dict[str, dict[str, Any]] = {
-        n: {"spec": {"owner": TOM_OWNERS[n]}, "status": {"phase": "Ready", "connected": True}} for n in names
-    }
+    vols = {n: volunteer(TOM_OWNERS[n], node_address(n), connected=True) for n in names}
     if "vn-t" in vols:
         vols["vn-t"]["status"]["reputation"] = {"consecutiveValid": 50, "successes": 50, "agreements": 50}
     return vols

@@ -15,7 +15,7 @@ from koinon_operator.reconciler import copy_submission_id_from
 from koinon_operator.revocation import accepted_vouchers, revocation_message
 from koinon_operator.scheduler import NodeResult
 
-from .fake_ray import Clock, make_body, step
+from .fake_ray import Clock, make_body, node_address, step, volunteer
 from .test_verification_rounds import FORGED, GOOD, CopiesRay, reconciler
 
 OWNERS = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
@@ -23,7 +23,7 @@ OWNER_OF = {f"vn-{c}": owner for c, owner in zip("abcdefgh", OWNERS, strict=True
 
 
 def vols(names: list[str]) -> dict[str, dict[str, Any]]:
-    return {n: {"spec": {"owner": OWNER_OF[n]}, "status": {"phase": "Ready", "connected": True}} for n in names}
+    return {n: volunteer(OWNER_OF[n], node_address(n), connected=True) for n in names}
 
 
 def two_replica_job(quorum: int) -> dict[str, Any]:

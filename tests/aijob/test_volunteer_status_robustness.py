@@ -41,8 +41,8 @@ NOW = 1_800_000_000.0
 
 def _volunteers(bad_status: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {
-        "vn-good": {"spec": SPEC, "status": READY},
-        "vn-bad": {"spec": {**SPEC, "owner": "bob"}, "status": bad_status},
+        "vn-good": {"spec": SPEC, "status": {**READY, "address": "127.0.20.1"}},
+        "vn-bad": {"spec": {**SPEC, "owner": "bob"}, "status": {**bad_status, "address": "127.0.20.2"}},
     }
 
 
