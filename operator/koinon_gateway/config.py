@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .addresses import FIRST_WORKER, LOOPBACK_NETWORK, LOOPBACK_OWN_SERVICES, MAX_WORKER_PORTS
@@ -121,9 +122,10 @@ class GatewayConfig:
     first_frame_timeout_s: float = 10.0
     # A peer must answer OpenConnection within this time.
     accept_timeout_s: float = 10.0
-    # Connect streams (proxied connections) one node may hold open at once, counting both the ones
-    # it dialled and the ones it accepted. Each can buffer several MiB when its reader stalls, so
-    # this bounds what one volunteer can make the gateway hold.
+    # Connect streams one node may hold open at once, counted separately for the ones it dials
+    # (its proxied connections) and the ones not past their first frame yet; the ones it accepts
+    # count against neither, as the dialler paid for them (stream_slots.py). Each can buffer
+    # several MiB when its reader stalls, so this bounds what one volunteer can make the gateway hold.
     max_streams_per_node: int = 256
     rtt_smoothing_alpha: float = 0.2
     # Agents that heartbeat by themselves (Register.self_heartbeats) get a Ping, the RTT probe, every
@@ -199,11 +201,12 @@ class GatewayConfig:
         low, high = next((low, high) for low, high in self.head_port_ranges if low <= port <= high)
         return f"head_port_ranges: {low}-{high} includes {port},"
 
-    def _validate_own_ports_not_head_ports(self) -> None:
+    def _validate_own_ports_not_head_ports(self, bound_ports: Mapping[str, int] | None = None) -> None:
         """Volunteers may dial head_address at the head's Ray ports; the gateway's own listeners
         must not answer there. A listener answers at head_address when it binds to a wildcard
         address, to head_address itself, or to a host name (which may resolve to it; a head_address
-        given as a name is compared as text). Port 0 (a free port) cannot be checked here."""
+        given as a name is compared as text). Port 0 (a free port) is known only once bound:
+        ``bound_ports`` (by setting name) gives it, from Gateway.start (validate_bound_ports)."""
         for name, address in (
             ("listen", self.listen),
             ("admin_listen", self.admin_listen),
@@ -213,14 +216,25 @@ class GatewayConfig:
             if bound is None:
                 continue
             host, port = bound
+            chosen = ""
+            if port == 0 and bound_ports is not None:
+                port = bound_ports.get(name, 0)
+                chosen = f", given port {port} when bound"
             if port == 0 or not self.head_port_allowed(port):
                 continue
             if _answers_everywhere(host) or _same_address(host, self.head_address) or not _is_ip(host):
                 raise ValueError(
-                    f"{self._head_field_allowing(port)} the port of {name} ({address}), which also "
+                    f"{self._head_field_allowing(port)} the port of {name} ({address}{chosen}), which also "
                     f"answers at head_address {self.head_address}: volunteers could reach the gateway's "
                     f"own port through the tunnel; keep the head's Ray ports clear of the gateway's ports"
+                    + (f" (give {name} a fixed port outside them)" if chosen else "")
                 )
+
+    def validate_bound_ports(self, bound_ports: Mapping[str, int]) -> None:
+        """The check of validate() for the listeners bound to port 0, with the ports they got
+        (``{"listen": ..., "admin_listen": ..., "head_proxy_listen": ...}``): a free port the
+        system picks may well lie within head_port_ranges. ValueError if one does."""
+        self._validate_own_ports_not_head_ports(bound_ports)
 
     def _validate_vip_cidr(self) -> None:
         try:

@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-streams-per-node",
         type=int,
         default=256,
-        help="proxied connections one volunteer may hold open at once; more are refused",
+        help="proxied connections one volunteer may dial at once (ones it accepts do not count); more are refused",
     )
     p.add_argument(
         "--unconnected-node-ttl",

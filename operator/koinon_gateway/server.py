@@ -83,6 +83,7 @@ class Gateway:
         self.ca_pem = b""
         self._ports = _Listeners()
         self._server: grpc.aio.Server | None = None
+        self._server_started = False
         self._server_cert: RenewingServerCert | None = None
         self.service: TunnelService | None = None  # set by start()
         self._head_proxy: asyncio.Server | None = None
@@ -150,13 +151,29 @@ class Gateway:
         else:
             port = self._server.add_insecure_port(self.config.listen)
         self._ports.grpc_port = port
-        await self._server.start()
         host, head_port = split_host_port(self.config.head_proxy_listen)
         self._head_proxy = await asyncio.start_server(
             HeadProxy(self.router).handle, host, head_port, limit=http_connect.REQUEST_READER_LIMIT
         )
         self._ports.head_proxy_port = self._head_proxy.sockets[0].getsockname()[1]
         await self._start_admin()
+        try:
+            # A listener on port 0 got its port only now, and it may lie within the head's Ray
+            # ports: volunteers could then dial the gateway's own port through the tunnel.
+            self.config.validate_bound_ports(
+                {
+                    "listen": self._ports.grpc_port,
+                    "head_proxy_listen": self._ports.head_proxy_port,
+                    "admin_listen": self._ports.admin_port,
+                }
+            )
+        except ValueError:
+            await self.stop(grace=0)  # nothing was served yet: close what is bound
+            raise
+        # Agents are served last, once every port is known to be safe: no Connect stream can
+        # exist before the check above.
+        await self._server.start()
+        self._server_started = True
         self._liveness = asyncio.ensure_future(self._liveness_loop())
         if isinstance(self.registry, NodeDeletionSource):
             self._revoker = asyncio.ensure_future(self._revoke_deleted(self.registry))
@@ -271,6 +288,11 @@ class Gateway:
             self._head_proxy.close()
         await self.sessions.close_all()  # refuses new sessions from here on
         if self._server is not None:
+            if not self._server_started:
+                # Bound, never started (start() refused a port): grpc.aio releases the port only
+                # when a started server stops. It serves nothing meanwhile: sessions are closed
+                # above, so Join and Control refuse, and Connect needs a session.
+                await self._server.start()
             await self._server.stop(grace)
         if self.service is not None:
             await self.service.finish_background(BACKGROUND_FINISH_TIMEOUT_S)

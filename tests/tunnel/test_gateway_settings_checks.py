@@ -113,3 +113,28 @@ def test_a_port_block_agents_would_refuse_is_refused() -> None:
     with pytest.raises(ValueError, match=r"^port_block_size: at most 10008"):
         GatewayConfig(head_address=HEAD, vip_cidr="127.0.20.0/29", port_base=1024, port_block_size=10009).validate()
     GatewayConfig(head_address=HEAD, vip_cidr="127.0.20.0/29", port_base=1024, port_block_size=10008).validate()
+
+
+@pytest.mark.parametrize("setting", ["listen", "admin_listen", "head_proxy_listen"])
+async def test_a_free_port_picked_within_the_head_ports_stops_the_gateway_with_all_ports_closed(setting: str) -> None:
+    """validate() cannot check a port 0 listener; its bound port used to go unchecked, so with the
+    defaults (head_address 127.0.0.1, admin and head proxy on 127.0.0.1:0) and a wide
+    head_port_ranges, a volunteer dialled the gateway's admin port (/metrics) through the tunnel.
+    Here only ``setting`` answers at the head's address (the others bind 127.0.0.2)."""
+    elsewhere = "127.0.0.2:0"  # loopback, but not head_address: never reachable through the tunnel
+    config = GatewayConfig(
+        listen=elsewhere, admin_listen=elsewhere, head_proxy_listen=elsewhere, tls=False,
+        head_address="127.0.0.1", head_port_ranges=[(1024, 65535)], verify_ray_nodes=False,
+    )  # fmt: skip
+    setattr(config, setting, "127.0.0.1:0")
+    gateway = Gateway(config)  # validate() passes: the port is not known yet
+    message = rf"^head_port_ranges: 1024-65535 includes \d+, the port of {setting} \(127.0.0.1:0, given port \d+ when"
+    with pytest.raises(ValueError, match=message):
+        await gateway.start()
+    # Nothing stays open: every listener bound before the check is closed again.
+    ports = (gateway._ports.grpc_port, gateway._ports.admin_port, gateway._ports.head_proxy_port)
+    for port in ports:
+        for host in ("127.0.0.1", "127.0.0.2"):
+            with pytest.raises(OSError):
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
+                writer.close()
