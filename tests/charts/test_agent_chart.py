@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from koinon_agent import cli, health
+from koinon_agent import cli, health, state
 from koinon_agent.config import ENV_VARS
 from koinon_gateway.pki import create_ca
 
@@ -379,3 +380,30 @@ def test_a_kept_state_dir_renders_without_a_join_token(tools: Tools, persistence
     assert "KOINON_TOKEN" not in env_map(agent_container(one(docs, kind)))
     set_values = {key: value for key, value in values.items() if value}
     assert "The first join needs a join token" in install_notes(tools, {**set_values, "gateway.address": GATEWAY})
+
+
+@pytest.mark.parametrize("persistence", ["emptyDir", "pvc", "hostPath"])
+def test_the_agent_takes_the_state_dir_the_chart_mounts(tools: Tools, persistence: str) -> None:
+    """The agent refuses a state dir others can change (state.check_private). What the kubelet
+    makes of the chart's state volume, for the pod's securityContext as rendered, must pass:
+    an emptyDir is root's, 0777 (2777 and group fsGroup with one); a PVC's root is root's, made
+    g+rwx and setgid for fsGroup (2775 from ext4's 0755); a hostPath is made as values.yaml says
+    (`install -d -o 10001 -g 10001 -m 0700`; the kubelet applies no fsGroup to it). Every one is
+    a mount point, and fsGroup is among the agent's supplementary groups."""
+    kind = "DaemonSet" if persistence == "hostPath" else "Deployment"
+    pod = one(render(tools, {"persistence.type": persistence, "kind": kind}), kind)["spec"]["template"]["spec"]
+    context = pod["securityContext"]
+    uid, gid, fs_group = context["runAsUser"], context["runAsGroup"], context.get("fsGroup")
+    volume = next(v for v in pod["volumes"] if v["name"] == "state")
+    if "emptyDir" in volume:
+        layout = (0, fs_group or 0, 0o2777 if fs_group is not None else 0o777)
+    elif "persistentVolumeClaim" in volume:
+        layout = (0, fs_group or 0, 0o2775 if fs_group is not None else 0o755)
+    else:
+        assert volume["hostPath"]["path"] == "/var/lib/koinon-agent"
+        assert "install -d -o 10001 -g 10001 -m 0700 /var/lib/koinon-agent" in (CHART / "values.yaml").read_text()
+        layout = (10001, 10001, 0o700)
+    owner, group, mode = layout
+    info = os.stat_result((stat.S_IFDIR | mode, 1, 1, 2, owner, group, 4096, 0, 0, 0))
+    groups = {gid} | ({fs_group} if fs_group is not None else set())
+    assert state.not_private(info, uid, groups, lambda: True) == ""

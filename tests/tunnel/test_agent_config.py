@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -263,3 +264,26 @@ def test_join_help_names_the_variable_of_every_flag(capsys: pytest.CaptureFixtur
     missing = [var for var in ENV_VARS if var not in env_only and f"[{var}" not in text]
     assert "KOINON_PROXY_SECRET (environment only)" in text
     assert not missing, f"flags whose help does not name their variable: {missing}"
+
+
+def test_a_token_on_the_command_line_is_warned_of_without_showing_it(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A command line is readable by every local user (ps, /proc/<pid>/cmdline): --token is
+    warned of once, pointing to KOINON_TOKEN; the environment is not."""
+    token = "abcdef.0123456789abcdef"
+    caplog.set_level(logging.WARNING)
+    # Stops at the configuration (a CA file that is a directory): nothing is dialled.
+    assert cli.main(["join", "--gateway", "gw:1", "--ca-file", str(tmp_path), "--token", token]) == 2
+    warnings = [r.getMessage() for r in caplog.records if "--token" in r.getMessage()]
+    assert len(warnings) == 1 and "KOINON_TOKEN" in warnings[0]
+    assert token not in caplog.text and token not in "".join(capsys.readouterr())
+    caplog.clear()
+    monkeypatch.setenv("KOINON_TOKEN", token)
+    assert cli.main(["join", "--gateway", "gw:1", "--ca-file", str(tmp_path)]) == 2
+    assert "--token" not in caplog.text
+    assert cli.main(["join", "--gateway", "gw:1", "--ca-file", str(tmp_path), "--token", token]) == 2
+    assert "--token on the command line" in caplog.text  # the flag, whatever the environment holds

@@ -1,10 +1,12 @@
 """Faults a running agent must get over by itself, against a real gateway: a credential that
 expired during an outage, a renewal it cannot store, a Ray binary it cannot start, a proxy port it
-cannot have, a join that outlived its deadline, and a stop during CA discovery."""
+cannot have, a join that outlived its deadline, a stop during CA discovery, and a gateway that
+comes back after an outage (long, or while the machine slept) or with another assignment."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -13,13 +15,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
+from koinon_agent import agent as agent_module
 from koinon_agent import state
 from koinon_agent.agent import Agent, BackoffIterator
+from koinon_agent.ray_node import ray_assignment_changes
 from koinon_gateway.registry import JSON, InMemoryNodeRegistry
 from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
@@ -405,3 +410,172 @@ async def test_stopping_a_ray_node_whose_ray_start_exited_leaves_a_process_with_
     finally:
         unrelated.kill()
         unrelated.wait()
+
+
+def recording_ray(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in for `ray` that records each `ray start`'s arguments (a line in the returned
+    file) and then blocks as `ray start --block` does."""
+    # Made before Ray starts: confined Ray can create no entry in tmp_path, above the state dir.
+    (tmp_path / "records").mkdir()
+    starts = tmp_path / "records" / "starts"
+    fake_ray = tmp_path / "ray"
+    fake_ray.write_text(f'#!/bin/sh\necho "$@" >> {starts}\nexec sleep 600\n')
+    fake_ray.chmod(0o755)
+    return fake_ray, starts
+
+
+def ray_starts(starts: Path) -> list[str]:
+    return starts.read_text().splitlines() if starts.exists() else []
+
+
+class FreezableForwarder:
+    """A TCP hop between agent and gateway that can go silent (a partition: packets dropped, no
+    RST, sockets stay open) and come back."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.open = asyncio.Event()
+        self.open.set()
+        self.writers: list[asyncio.StreamWriter] = []
+        self.port = 0
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(Exception):
+            while data := await reader.read(65536):
+                await self.open.wait()  # silent: hold what was sent
+                writer.write(data)
+                await writer.drain()
+        with contextlib.suppress(Exception):
+            writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.open.wait()  # a new connection during the partition gets nowhere
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers += [writer, up_writer]
+        await asyncio.gather(self._pump(reader, up_writer), self._pump(up_reader, writer))
+
+    def partition(self) -> None:
+        self.open.clear()
+
+    def heal(self) -> None:
+        # The partition ends: connections that lived through it are dead (as NAT state would be).
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers.clear()
+        self.open.set()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[FreezableForwarder]:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        try:
+            yield self
+        finally:
+            server.close()
+
+
+async def test_an_outage_counts_from_the_gateways_last_message_not_from_when_its_loss_was_noticed(
+    tmp_path: Path,
+) -> None:
+    """--ray-restart-after promises a Ray restart after a gateway outage longer than N seconds.
+    Counted from when the agent noticed the loss (heartbeat timeout + probe interval after the
+    gateway's last word), a 6 s partition read as ~3 s, and Ray was kept though the outage was
+    longer than the threshold (4.5 s)."""
+    fake_ray, starts = recording_ray(tmp_path)
+    # The agent takes the stream for lost after heartbeat_timeout (3 s) + probe interval (0.6 s).
+    async with cluster(tmp_path, tls=False, heartbeat_timeout_s=3.0) as c:
+        gateway_port = int(c.gateway.agent_target.rpartition(":")[2])
+        async with FreezableForwarder(gateway_port).running() as hop:
+            agent = await c.start_agent(
+                "alpha", gateway=f"127.0.0.1:{hop.port}", start_ray=True, ray_bin=str(fake_ray),
+                ray_restart_after_s=4.5,
+            )  # fmt: skip
+            task = c.agents[-1][1]
+            await wait_until(lambda: len(ray_starts(starts)) == 1, 15, "ray never started")
+            registrations = agent.registrations
+            hop.partition()
+            await asyncio.sleep(6.0)
+            hop.heal()
+            await wait_until(lambda: agent.registrations > registrations or task.done(), 30, "agent did not come back")
+            assert not task.done(), f"agent exited: {task.exception()!r}"
+            await wait_until(
+                lambda: len(ray_starts(starts)) >= 2, 10, "Ray was not restarted after a 6 s outage (threshold 4.5 s)"
+            )
+
+
+async def test_a_machine_that_slept_through_an_outage_restarts_ray(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A laptop asleep for an hour: time.monotonic() stops while the machine is suspended, so the
+    outage read as the seconds it was awake and Ray was kept, though the head had long dropped
+    it. The outage clock (CLOCK_BOOTTIME) counts the sleep; here it jumps an hour meanwhile."""
+    fake_ray, starts = recording_ray(tmp_path)
+    slept = 0.0
+    real_clock = agent_module.outage_clock
+    monkeypatch.setattr(agent_module, "outage_clock", lambda: real_clock() + slept)
+    async with cluster(tmp_path, tls=False) as c:
+        agent = await c.start_agent("alpha", start_ray=True, ray_bin=str(fake_ray), ray_restart_after_s=60.0)
+        task = c.agents[-1][1]
+        await wait_until(lambda: len(ray_starts(starts)) == 1, 15, "ray never started")
+        registrations = agent.registrations
+        listen = c.gateway.agent_target
+        await c.gateway.stop(0)
+        slept = 3600.0
+        c.gateway = Gateway(replace(c.gateway.config, listen=listen), c.tokens, c.registry, c.gateway.ca_store)
+        await c.gateway.start()
+        await wait_until(lambda: agent.registrations > registrations or task.done(), 15, "agent did not come back")
+        assert not task.done(), f"agent exited: {task.exception()!r}"
+        await wait_until(lambda: len(ray_starts(starts)) >= 2, 10, "Ray was kept after an hour asleep")
+
+
+def test_the_outage_clock_counts_suspended_time_where_the_platform_has_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        assert abs(agent_module.outage_clock() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 1.0
+        monkeypatch.delattr(time, "CLOCK_BOOTTIME")
+    assert abs(agent_module.outage_clock() - time.monotonic()) < 1.0  # elsewhere: the monotonic clock
+
+
+async def test_a_reconnect_to_another_port_block_restarts_ray_however_short_the_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateway restarted with another --port-base (a port clash on its host, say) and the
+    agent was back within seconds: the gateway routes and allows only the new Ray port block, yet
+    the Ray node kept the ports it was started with while the agent reported it "running"."""
+    caplog.set_level(logging.INFO, logger="koinon_agent")
+    fake_ray, starts = recording_ray(tmp_path)
+    async with cluster(tmp_path, tls=False) as c:
+        agent = await c.start_agent("alpha", start_ray=True, ray_bin=str(fake_ray), ray_restart_after_s=60.0)
+        task = c.agents[-1][1]
+        await wait_until(lambda: len(ray_starts(starts)) == 1, 15, "ray never started")
+        assert agent.assignment is not None
+        old_port = agent.assignment.ports.node_manager_port
+        registrations = agent.registrations
+        listen = c.gateway.agent_target
+        await c.gateway.stop(0)
+        config = replace(c.gateway.config, listen=listen, port_base=c.gateway.config.port_base + 3000)
+        c.gateway = Gateway(config, c.tokens, c.registry, c.gateway.ca_store)
+        await c.gateway.start()
+        await wait_until(lambda: agent.registrations > registrations or task.done(), 15, "agent did not come back")
+        assert not task.done(), f"agent exited: {task.exception()!r}"
+        new_port = agent.assignment.ports.node_manager_port
+        assert new_port != old_port
+        await wait_until(
+            lambda: f"--node-manager-port={new_port}" in starts.read_text(),
+            10,
+            f"Ray still runs on the old block (node manager {old_port}); the gateway now serves {new_port}",
+        )
+        assert "the gateway's assignment changed (ports): restarting the Ray node" in caplog.text
+
+
+def test_what_ray_was_started_with_is_compared_by_name_never_by_value() -> None:
+    started = pb.Assignment(
+        node_name="vn-a", address="127.0.20.1", ray_address="10.0.0.1:6379", ray_auth_token="secret-1",
+        heartbeat_interval_ms=2000, ports=pb.PortBlock(node_manager_port=30000),
+    )  # fmt: skip
+    now = pb.Assignment()
+    now.CopyFrom(started)
+    now.heartbeat_interval_ms = 500  # not what Ray runs with
+    assert ray_assignment_changes(started, now) == []
+    now.ray_auth_token = "secret-2"
+    now.ray_address = "10.0.0.2:6379"
+    assert ray_assignment_changes(started, now) == ["ray_address", "ray_auth_token"]

@@ -48,11 +48,13 @@ class HostileGateway:
         self.controls = 0  # Control calls taken
         self.later_address = address  # what Registered names from the second Control call on
         self.end_after_register = False
+        self.heartbeat_interval_ms = 200
+        self.heartbeats = 0  # Heartbeats read on Control
 
     def assignment(self, address: str | None = None) -> pb.Assignment:
         return pb.Assignment(
             node_name="n1", address=address or self.address, ports=self.ports, ray_address="127.0.0.9:6379",
-            heartbeat_interval_ms=200, heartbeat_timeout_ms=5000,
+            heartbeat_interval_ms=self.heartbeat_interval_ms, heartbeat_timeout_ms=5000,
         )  # fmt: skip
 
     async def Join(self, request: pb.JoinRequest, context: Any) -> pb.JoinResponse:
@@ -68,8 +70,9 @@ class HostileGateway:
             return
         for message in self.opens:
             await context.write(message)
-        while await context.read() is not EOF:
-            pass
+        while (message := await context.read()) is not EOF:
+            if message.HasField("heartbeat"):
+                self.heartbeats += 1
 
     async def Connect(self, request_iterator: Any, context: Any) -> None:
         await context.read()  # Accept
@@ -267,3 +270,16 @@ async def test_a_real_gateway_asking_more_than_256_connections_of_one_node_is_se
         finally:
             server.close()
     assert sum(result.ok for _, result in results) == 300 and beta.refused_open_connections == 0
+
+
+async def test_a_heartbeat_interval_of_a_millisecond_is_not_taken(tmp_path: Path) -> None:
+    """Assignment.heartbeat_interval_ms had no floor: a gateway saying 1 ms had the agent send a
+    heartbeat every pass of its loop (hundreds a second); it is taken as 100 ms at least."""
+    gateway = HostileGateway()
+    gateway.heartbeat_interval_ms = 1
+    async with agent_of(tmp_path, gateway) as (agent, task):
+        await until(lambda: agent.connected.is_set() or task.done())
+        assert agent.connected.is_set()
+        before = gateway.heartbeats
+        await asyncio.sleep(1.0)
+        assert gateway.heartbeats - before <= 15, f"{gateway.heartbeats - before} heartbeats in 1 s"

@@ -1,4 +1,5 @@
-"""The agent's supervision of ``ray start``, with a stand-in that hangs instead of serving.
+"""The agent's supervision of ``ray start``, with a stand-in that hangs instead of serving (or
+fails, saying why on stderr).
 
 A Ray node that never gets to serve (no raylet, no node id) cannot be made from real Ray on
 demand, so ``--ray-bin`` points at a script that records each start and then sleeps; the agent,
@@ -8,12 +9,14 @@ gateway and tunnel are the real ones.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from pathlib import Path
 
 import psutil
 import pytest
+from koinon_agent.ray_node import START_LOG_TAIL_LINES, read_start_log_tail
 
 from .helpers import cluster
 
@@ -102,3 +105,48 @@ async def test_a_raylet_that_exits_gracefully_is_noticed_and_the_node_restarted(
             f"raylet gone for ~10 s, yet the agent still reports {agent._ray_state()} and never restarted Ray "
             f"({len(starts.read_text().split())} start(s))"
         )
+
+
+async def test_a_ray_start_that_fails_is_logged_with_the_end_of_its_output(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`ray start` exits 1 with its reason on stderr (a Ray version that does not match the
+    head's, say). The agent logged only "Ray node exited with 1; restarting", again and again: a
+    volunteer reading the agent's log (kubectl logs) learnt neither why nor where to look."""
+    fake_ray = tmp_path / "ray"
+    fake_ray.write_text(
+        "#!/bin/sh\nprintf 'RuntimeError: Version mismatch: head runs Ray 2.59.0\\033[2J\\n' >&2\nexit 1\n"
+    )
+    fake_ray.chmod(0o755)
+    caplog.set_level(logging.INFO, logger="koinon_agent")
+    async with cluster(tmp_path, tls=False) as c:
+        agent = await c.start_agent("alpha", start_ray=True, ray_bin=str(fake_ray))
+        deadline = asyncio.get_running_loop().time() + 15
+        while "Ray node exited" not in caplog.text:
+            assert asyncio.get_running_loop().time() < deadline, "the failed start was not noticed"
+            await asyncio.sleep(0.05)
+        line = next(r.getMessage() for r in caplog.records if "Ray node exited" in r.getMessage())
+        assert str(agent.config.ray_temp_dir.absolute() / "ray-start.log") in line, line
+        assert "RuntimeError: Version mismatch: head runs Ray 2.59.0?[2J" in line, line  # no escape reaches the log
+        assert "\x1b" not in line
+
+
+def test_the_start_log_excerpt_is_bounded_and_only_this_runs(tmp_path: Path) -> None:
+    """Job code can write Ray's temp dir: what is quoted from ray-start.log is bounded in bytes,
+    lines and characters, is this run's output only, and never read through a symlink."""
+    log = tmp_path / "ray-start.log"
+    log.write_text("an earlier run's line\n")
+    offset = log.stat().st_size
+    assert read_start_log_tail(log, offset) == []
+    with log.open("a") as out:
+        out.write("".join(f"line {i}\n" for i in range(10_000)) + "x" * 500 + "\n\x1b]0;title\x07last\n")
+    tail = read_start_log_tail(log, offset)
+    assert len(tail) == START_LOG_TAIL_LINES and tail[-1] == "?]0;title?last"
+    assert all(len(line) <= 300 for line in tail) and tail[-2] == "x" * 300
+    assert read_start_log_tail(log, 0)[-1] == "?]0;title?last"
+    secret = tmp_path / "identity.json"
+    secret.write_text("credential\n")
+    log.unlink()
+    log.symlink_to(secret)
+    assert read_start_log_tail(log) == []
+    assert read_start_log_tail(tmp_path / "missing.log") == []

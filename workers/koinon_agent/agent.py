@@ -32,7 +32,7 @@ from .assignment_check import assignment_problem, port_allowed
 from .channel import configured_ca, open_channel, server_name
 from .config import MAX_GRACE_SECONDS, VERSION, AgentConfig
 from .local_proxy import LocalProxy, Metadata, accept_connection
-from .ray_node import RayNode, RaySettings
+from .ray_node import RayNode, RaySettings, ray_assignment_changes
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,21 @@ def accepted_connections_limit() -> int:
 MAX_GATEWAY_TEXT = 256
 # How often a running Ray node's raylet process is checked (RayNode.raylet_alive).
 RAYLET_CHECK_INTERVAL_S = 1.0
+# The shortest heartbeat interval taken from the gateway: a broken or hostile gateway that says 1 ms
+# (or 0 after the default) would otherwise have the agent spin, sending a heartbeat every loop.
+MIN_HEARTBEAT_INTERVAL_S = 0.1
+
+
+def outage_clock() -> float:
+    """Seconds on a clock for measuring gateway outages (--ray-restart-after): CLOCK_BOOTTIME, which
+    also counts while the machine is suspended (a laptop asleep for hours was offline for hours,
+    and its Ray node long dropped by the head); time.monotonic() stops then on Linux. Monotonic where
+    CLOCK_BOOTTIME is missing (not Linux)."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    if boottime is not None:
+        with contextlib.suppress(OSError):
+            return time.clock_gettime(boottime)
+    return time.monotonic()
 
 
 class JoinRefused(Exception):
@@ -153,7 +168,11 @@ class Agent:
         self._accepted: set[asyncio.Task[None]] = set()
         self.refused_open_connections = 0  # asked for a port outside the block, or over the cap
         self.max_accepted_connections = accepted_connections_limit()
-        self._disconnected_at: float | None = None
+        self._disconnected_at: float | None = None  # monotonic: when the loss of the session was noticed
+        # outage_clock() time of the last message read from the gateway on a Control stream; an
+        # outage counts from there, not from when its loss was noticed (up to the heartbeat timeout
+        # plus the probe interval later). None: no session yet.
+        self._last_heard_at: float | None = None
         self._connected_at = 0.0  # when the current (or last) session registered
         self._identity_changed = False  # joined again at a new address: the Ray node must follow
         self._rejoined = False  # joined again and not registered since: a second refusal is final
@@ -493,6 +512,11 @@ class Agent:
             problem = assignment_problem(first.registered.assignment, self.identity.address)
             if problem is not None:
                 raise ConnectionError(f"refused the gateway's assignment: {problem}")
+            # The outage this registration ends: since the gateway's last word on an earlier session
+            # (a registration refused above ends none).
+            heard_now = outage_clock()
+            outage = heard_now - self._last_heard_at if self._last_heard_at is not None else 0.0
+            self._last_heard_at = heard_now
             self.assignment = first.registered.assignment
             self.registrations += 1
             if self._identity_unsaved:
@@ -502,8 +526,8 @@ class Agent:
             timeout = max(1.0, self.assignment.heartbeat_timeout_ms / 1000) + (
                 self.assignment.rtt_probe_interval_ms / 1000
             )
-            interval = (self.assignment.heartbeat_interval_ms or 2000) / 1000
-            await self._after_registration()
+            interval = max(MIN_HEARTBEAT_INTERVAL_S, (self.assignment.heartbeat_interval_ms or 2000) / 1000)
+            await self._after_registration(outage)
             self.connected.set()
             self._connected_at = time.monotonic()
             self._disconnected_at = None
@@ -526,6 +550,7 @@ class Agent:
                     message = reader.result()
                     if message is EOF:
                         return False
+                    self._last_heard_at = outage_clock()
                     await self._on_gateway_message(message, send)
             finally:
                 heartbeats.cancel()
@@ -641,18 +666,29 @@ class Agent:
 
     # ---- Ray ----
 
-    async def _after_registration(self) -> None:
+    async def _after_registration(self, outage: float) -> None:
+        """Starts Ray after the first registration; after a later one (``outage``: seconds since
+        the gateway's last message before it) replaces the Ray node when it no longer fits."""
         if not self.config.start_ray or self._drain.is_set():
             return  # a drain stops Ray; a session registered meanwhile must not restart it
         if self._ray_restart is not None and not self._ray_restart.done():
             return  # a replacement is under way (a reconnect during it changes nothing)
-        outage = time.monotonic() - self._disconnected_at if self._disconnected_at else 0.0
         moved, self._identity_changed = self._identity_changed, False
-        if self.ray is not None and (moved or outage > self.config.ray_restart_after_s):
-            log.info(
-                "%s: restarting the Ray node",
-                "new identity after joining again" if moved else f"outage of {outage:.0f}s",
-            )
+        why = ""
+        if self.ray is not None:
+            # A gateway that came back with another port block, head or Ray token (restarted with
+            # other settings), however soon: the gateway now routes and allows only the new one,
+            # so a node left on the old one is out of the cluster while reported running.
+            started_with, now = self.ray.started_with, self.assignment
+            changed = ray_assignment_changes(started_with, now) if started_with is not None and now is not None else []
+            if moved:
+                why = "new identity after joining again"
+            elif changed:
+                why = f"the gateway's assignment changed ({', '.join(changed)})"
+            elif outage > self.config.ray_restart_after_s:
+                why = f"outage of {outage:.0f}s"
+        if why:
+            log.info("%s: restarting the Ray node", why)
             # In the background: stopping Ray takes seconds, and the session must heartbeat
             # meanwhile, or the gateway takes the node for lost and the outage starts over.
             self._ray_restart = asyncio.ensure_future(self._restart_ray())
@@ -699,16 +735,30 @@ class Agent:
                 return
             if code == ray_launch.EXIT_CANNOT_CONFINE:
                 log.error(
-                    "Ray not started: it could not be confined away from %s (see %s); trying again",
+                    "Ray not started: it could not be confined away from %s (see %s); trying again%s",
                     self.config.state_dir,
-                    settings.temp_dir / "ray-start.log",
+                    self.ray.start_log,
+                    self._start_log_excerpt(self.ray),
                 )
             else:
-                log.warning("Ray node exited with %s; restarting", code)
+                # Its reason (a version that does not match the head's, a port taken) is in ray
+                # start's own output: quoted here, so that the agent's log (kubectl logs) shows it.
+                log.warning(
+                    "Ray node exited with %s; restarting (ray start's output: %s)%s",
+                    code,
+                    self.ray.start_log,
+                    self._start_log_excerpt(self.ray),
+                )
             await self.ray.stop()
             if time.monotonic() - started > 60:
                 delays.reset()
             await self._sleep_or_drain(delays.next())
+
+    @staticmethod
+    def _start_log_excerpt(ray: RayNode) -> str:
+        """The last lines of this run's ray-start.log, for a log line ("" when it wrote none)."""
+        lines = ray.start_log_tail()
+        return "; it ends: " + " | ".join(lines) if lines else ""
 
     @staticmethod
     async def _ray_run_ends(ray: RayNode) -> int | str:

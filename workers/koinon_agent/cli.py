@@ -10,7 +10,7 @@ import math
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from koinon_gateway import event_loop
@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     join = sub.add_parser("join", help="join the platform and run a Ray worker node through the tunnel")
     join.add_argument("--gateway", default=_env("KOINON_GATEWAY"), help="host:port or unix:/path [KOINON_GATEWAY]")
-    join.add_argument("--token", default=_env("KOINON_TOKEN", ""), help="join token [KOINON_TOKEN]")
+    join.add_argument(
+        "--token", action=_TokenOnCommandLine, default=_env("KOINON_TOKEN", ""), help="join token [KOINON_TOKEN]"
+    )
     join.add_argument(
         "--state-dir",
         type=Path,
@@ -148,6 +150,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--ready", action="store_true", help="also require the gateway connected and Ray serving")
     return parser
+
+
+class _TokenOnCommandLine(argparse.Action):
+    """Stores --token and notes that it came from the command line (token_on_command_line), which
+    every local user can read (ps, /proc/<pid>/cmdline), unlike the environment."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[object] | None,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.token_on_command_line = True
+
+
+def warn_of_token_on_command_line(args: argparse.Namespace) -> None:
+    """One warning line when the join token was given as --token (never the token itself)."""
+    if getattr(args, "token_on_command_line", False) and (args.token or "").strip():
+        logging.getLogger(__name__).warning(
+            "--token on the command line is visible to every local user (ps, /proc/<pid>/cmdline); "
+            "prefer the KOINON_TOKEN environment variable"
+        )
 
 
 def _number(kind: type[int] | type[float], env_var: str) -> Callable[[str], int | float]:
@@ -277,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     keep_process_private()
+    warn_of_token_on_command_line(args)
     try:
         config = config_from_args(args)
         event_loop.run(_run(config))

@@ -86,6 +86,17 @@ def ray_start_command(settings: RaySettings, assignment: pb.Assignment) -> list[
     return command
 
 
+# What of the gateway's Assignment a Ray node is started with (ray_start_command, ray_environment);
+# the rest (heartbeat timing) can change under a running node.
+RAY_ASSIGNMENT_FIELDS = ("node_name", "address", "ports", "ray_address", "ray_auth_token")
+
+
+def ray_assignment_changes(started_with: pb.Assignment, now: pb.Assignment) -> list[str]:
+    """The names (never the values: one is Ray's token) of what a Ray node was started with and
+    the gateway's current assignment holds otherwise; [] when the node still fits it."""
+    return [name for name in RAY_ASSIGNMENT_FIELDS if getattr(started_with, name) != getattr(now, name)]
+
+
 def _unusable_when_confined(path: str, settings: RaySettings) -> bool:
     """The state dir, what is in it but Ray's temp dir, and the dirs above it: what is created in
     those once Ray runs is covered by no confinement rule, so neither Ray nor its jobs could use it."""
@@ -167,6 +178,41 @@ def _read_log_head(path: Path, since: float) -> bytes:
         os.close(fd)
 
 
+# What of ray start's output the agent's log quotes when a start fails: its last lines, bounded.
+START_LOG_TAIL_BYTES = 2048
+START_LOG_TAIL_LINES = 5
+START_LOG_LINE_CHARS = 300
+
+
+def read_start_log_tail(path: Path, since_offset: int = 0) -> list[str]:
+    """The last few lines ``ray start`` wrote to ``path`` from ``since_offset`` on (this run's
+    output: the file is appended to across runs), for the agent's own log; [] when there are none
+    or it cannot be read. Job code can write in Ray's temp dir: the guards of _read_log_head (no
+    symlink followed, no FIFO waited on, a regular file only), at most START_LOG_TAIL_BYTES read,
+    and every character that is not printable (terminal escapes, a forged newline) shown as "?"."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return []
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return []
+        # A file smaller than the offset was replaced since the start: all of it is this run's.
+        first = since_offset if info.st_size >= since_offset else 0
+        start = max(first, info.st_size - START_LOG_TAIL_BYTES)
+        data = os.pread(fd, START_LOG_TAIL_BYTES, start)
+    except OSError:
+        return []
+    finally:
+        os.close(fd)
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if start > first:
+        lines = lines[1:]  # the byte bound cut the first one short
+    shown = ["".join(c if c.isprintable() else "?" for c in line.strip())[:START_LOG_LINE_CHARS] for line in lines]
+    return [line for line in shown if line][-START_LOG_TAIL_LINES:]
+
+
 def _open_start_log(path: Path) -> int:
     """A descriptor appending to ``ray start``'s log, a regular file whatever job code put there.
 
@@ -206,6 +252,18 @@ class RayNode:
         self._serving_node_id = ""
         self._raylet: psutil.Process | None = None  # the serving raylet's process, once found
         self._started_at = 0.0
+        # The assignment this node was last started with (a copy); see ray_assignment_changes.
+        self.started_with: pb.Assignment | None = None
+        self._start_log_offset = 0  # the size of ray-start.log when this run began writing to it
+
+    @property
+    def start_log(self) -> Path:
+        """Where ``ray start``'s stdout and stderr go (appended to, run after run)."""
+        return self.settings.temp_dir / "ray-start.log"
+
+    def start_log_tail(self) -> list[str]:
+        """The last lines this run of ``ray start`` wrote (read_start_log_tail)."""
+        return read_start_log_tail(self.start_log, self._start_log_offset)
 
     @property
     def running(self) -> bool:
@@ -213,6 +271,8 @@ class RayNode:
 
     async def start(self, assignment: pb.Assignment) -> None:
         settings = self.settings
+        self.started_with = pb.Assignment()
+        self.started_with.CopyFrom(assignment)
         settings.temp_dir.mkdir(parents=True, exist_ok=True)
         for place in scratch_dirs(settings).values():
             place.mkdir(mode=0o700, exist_ok=True)  # before Ray runs: made later, it could not use them
@@ -229,7 +289,8 @@ class RayNode:
         self._serving_node_id = ""
         self._raylet = None
         self._started_at = time.time() - 1.0  # file times are coarser than this clock on some filesystems
-        log_fd = _open_start_log(settings.temp_dir / "ray-start.log")
+        log_fd = _open_start_log(self.start_log)
+        self._start_log_offset = os.fstat(log_fd).st_size
         log_file = os.fdopen(log_fd, "ab")
         try:
             # The launcher execs `ray start`: this process is Ray's, pid and process group alike.

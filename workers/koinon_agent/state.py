@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
+import re
 import secrets
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -39,16 +42,93 @@ class StoredIdentity:
 LOCK_FILE = "agent.lock"
 
 
+def check_private(state_dir: Path) -> None:
+    """Refuses (StateError) a state dir that someone else can change: the node credential lives
+    there, and whoever can write the dir can plant names the agent then uses (agent.lock as a
+    symlink, an identity.json of theirs, Ray's temp dir) or remove the agent's. Like ssh's
+    StrictModes, checked on the dir itself:
+
+    * its owner must be the agent's user or root (root can do anything anyway; Kubernetes volumes,
+      emptyDir and PVCs alike, belong to root). A dir another user made first (a --state-dir under
+      /tmp) is theirs to change.
+    * group-writable only for a group the agent is in: its own, or a supplementary one such as the
+      pod's fsGroup (the chart's PVC and emptyDir are group 10001, g+w, setgid), whose members are
+      the pod's own processes.
+    * writable by others (or a group the agent is not in) only where it is a mount point without
+      the sticky bit: a volume, as root mounted it (Kubernetes mounts an emptyDir 0777, 2777 with
+      fsGroup). Another unprivileged user cannot mount anything in the agent's mount namespace;
+      a shared scratch space (/tmp, /dev/shm: sticky) is never taken.
+
+    A dir that cannot be looked at is not refused here: ensure_writable says why before a join."""
+    try:
+        info = os.stat(state_dir)
+    except OSError:
+        return
+    why = not_private(info, os.geteuid(), {os.getegid(), *os.getgroups()}, lambda: _is_mount_point(state_dir))
+    if why:
+        raise StateError(
+            f"state_dir {state_dir}: {why} (mode {stat.S_IMODE(info.st_mode):04o}); whoever can write "
+            "there can replace the node credential or files the agent opens; use a dir of the agent's "
+            "own user, not writable by others (e.g. chmod 0700), or another --state-dir"
+        )
+
+
+def not_private(info: os.stat_result, uid: int, gids: Collection[int], mount_point: Callable[[], bool]) -> str:
+    """Why a state dir with ``info`` is one others can change (check_private) for an agent running
+    as ``uid`` in groups ``gids``; "" when it is not. ``mount_point``: whether the dir is one."""
+    if not stat.S_ISDIR(info.st_mode):
+        return ""  # ensure_writable says why
+    if info.st_uid not in (uid, 0):
+        return f"owned by uid {info.st_uid}, not by this agent's user (uid {uid}) or root"
+    everyone = info.st_mode & stat.S_IWOTH
+    group = info.st_mode & stat.S_IWGRP and info.st_gid not in gids
+    if not (everyone or group):
+        return ""
+    if not info.st_mode & stat.S_ISVTX and mount_point():
+        return ""  # a volume, whose root is as root mounted it (an emptyDir: 0777)
+    return "writable by every user" if everyone else f"writable by group {info.st_gid}, which this agent is not in"
+
+
+def _is_mount_point(path: Path) -> bool:
+    """A mount point of this process's mount namespace (a bind mount of the same filesystem too)."""
+    if os.path.ismount(path):
+        return True
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
+            for line in mounts:
+                parts = line.split(" ")
+                # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
+                if len(parts) > 4 and _unescape_mountinfo(parts[4]) == target:
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def _unescape_mountinfo(text: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
+
+
 @contextlib.contextmanager
 def exclusive(state_dir: Path) -> Iterator[None]:
-    """Holds the state dir's lock while the agent runs; StateError when another agent holds it.
+    """Holds the state dir's lock while the agent runs; StateError when another agent holds it, or
+    when the state dir is one others can change (check_private).
 
     A state dir that cannot be written is not refused here: ensure_writable says why, before a
     join needs it (an identity already there may still be usable)."""
+    check_private(state_dir)
     try:
-        # os.open's descriptors are not inherited: Ray's processes must not keep the lock held.
-        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        # O_NOFOLLOW: a symlink planted in its place would have the pid written over (truncating)
+        # whatever it points at. O_CLOEXEC: Ray's processes must not keep the lock held (os.open's
+        # descriptors are not inherited anyway; said here for whoever changes this).
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StateError(
+                f"{state_dir / LOCK_FILE}: is a symlink; the agent made a plain file there, so someone "
+                "else put it in its place: remove it, and check who else can write the state dir"
+            ) from None
         log.debug("%s: no lock (%s)", state_dir, exc.strerror)
         yield
         return
