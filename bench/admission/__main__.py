@@ -27,6 +27,7 @@ from koinon_dev.cluster import DevCluster, DevClusterConfig, kubectl
 from koinon_gateway.kube_client import kube_client, load_kubeconfig
 
 from bench.percentiles import percentile
+from bench.provenance import provenance, utc_now
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "admission.json"
 DEFAULT_JOBS = 500
@@ -147,7 +148,9 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600)
     parser.add_argument("--out", type=Path, default=None, help="where to write the JSON")
     args = parser.parse_args()
+    started = utc_now()
     result = asyncio.run(run(args.jobs, args.timeout))
+    result["provenance"] = provenance(started)
     # Only the run the README cites (500 jobs) replaces the record; any other count is a trial.
     record = args.jobs == DEFAULT_JOBS
     out = args.out or (RESULTS if record else Path(tempfile.gettempdir()) / f"koinon-bench-admission-{args.jobs}.json")

@@ -23,6 +23,8 @@ from koinon_operator.scheduler import (
     SchedulerConfig,
 )
 
+from bench.provenance import provenance, utc_now
+
 from .params import FULL, QUICK, SimParams
 from .report import POLICIES, add_ratios, minutes, plot, write_json
 from .simulator import Simulation
@@ -197,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         else ROOT / "bench" / "results" / "scheduler.json"
     )
     out = args.out or default_out
-    started = time.perf_counter()
+    started, started_utc = time.perf_counter(), utc_now()
     payload = run(params, args.parallel, throughput=not args.no_throughput)
     payload["wall_s"] = time.perf_counter() - started
+    payload["provenance"] = provenance(started_utc)
     write_json(out, payload)
     if not args.quick or args.plot:
         plot_path = args.plot or out.with_suffix(".png")

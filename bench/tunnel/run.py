@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from bench.percentiles import percentile  # noqa: E402
+from bench.provenance import provenance, utc_now  # noqa: E402
 from bench.tunnel import ceiling, netbench, plain_relay  # noqa: E402
 from bench.tunnel.sshd import SAME_CIPHER_AS_TUNNEL, default_cipher, ssh_forward  # noqa: E402
 from tests.tunnel.ray_harness import RayTunnelHarness, kill_tree, netns_available, wait_until  # noqa: E402
@@ -514,6 +515,7 @@ def main() -> int:
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--out", type=Path, help="default: bench/results/tunnel.json for a full run, else /tmp")
     args = parser.parse_args()
+    started = utc_now()
     workdir = Path(tempfile.mkdtemp(prefix="kn-bench-", dir="/tmp"))
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
     skipped = [
@@ -546,6 +548,7 @@ def main() -> int:
     if skipped or missing:
         # Not a run of record: it never replaces bench/results/tunnel.json unless --out says so.
         results["partial"] = {"skipped": skipped, "missing": missing}
+    results["provenance"] = provenance(started)
     out = args.out or (REPO / "bench" / "results" / "tunnel.json" if not results.get("partial") else None)
     if out is None:
         out = Path(tempfile.gettempdir()) / "koinon-bench-tunnel-partial.json"
