@@ -72,3 +72,32 @@ def test_project_crd_registers_and_validates(path: Path) -> None:
                 WriteOptions(field_validation="Strict"),
             )
         assert rejected.value.code == 400 and 'unknown field "spec.notAField"' in rejected.value.message
+
+
+def test_a_volunteer_node_holds_no_more_gpus_than_the_gateway_admits() -> None:
+    # The operator books a node for at most len(spec.gpus) GPUs and makes an object per GPU: a
+    # hand-written VolunteerNode must be held to the gateway's bounds as its own joins are.
+    from koinon_gateway.sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT
+
+    crd = yaml.safe_load((CRD_DIR / "volunteernodes.koinon.dev.yaml").read_text())
+    version = crd["spec"]["versions"][0]
+    properties = version["schema"]["openAPIV3Schema"]["properties"]
+    for where in (properties["spec"]["properties"]["gpus"], properties["status"]["properties"]["gpus"]):
+        gpu = where["items"]["properties"]
+        assert (where["maxItems"], gpu["model"]["maxLength"], gpu["memoryMiB"]["maximum"]) == (
+            MAX_GPUS,
+            MAX_TEXT,
+            MAX_GPU_MEMORY_MIB,
+        )
+    service = ApiService()
+    service.create(
+        service.resolve("apiextensions.k8s.io", "v1", "customresourcedefinitions"), None, crd, WriteOptions()
+    )
+    resource = service.resolve(crd["spec"]["group"], version["name"], crd["spec"]["names"]["plural"])
+    spec = {**_sample(properties["spec"]), "gpus": [{"model": "A100", "memoryMiB": 81920}] * (MAX_GPUS + 1)}
+    body = {"apiVersion": resource.api_version, "kind": resource.kind, "metadata": {"name": "greedy"}, "spec": spec}
+    with pytest.raises(ApiError) as rejected:
+        service.create(resource, None, body, WriteOptions())
+    assert rejected.value.code == 422 and "spec.gpus" in rejected.value.message
+    spec["gpus"] = spec["gpus"][:MAX_GPUS]
+    service.create(resource, None, body, WriteOptions())
