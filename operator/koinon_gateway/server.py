@@ -293,6 +293,7 @@ class Gateway:
                 # when a started server stops. It serves nothing meanwhile: sessions are closed
                 # above, so Join and Control refuse, and Connect needs a session.
                 await self._server.start()
+                self._server_started = True  # a second stop() must not start it again
             await self._server.stop(grace)
         if self.service is not None:
             await self.service.finish_background(BACKGROUND_FINISH_TIMEOUT_S)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import re
 import stat
@@ -134,3 +135,36 @@ def test_a_mount_point_is_found_also_as_a_bind_mount_of_the_same_filesystem(tmp_
     assert state._is_mount_point(Path("/proc"))
     assert not state._is_mount_point(tmp_path)
     assert state._unescape_mountinfo(r"/var/lib/my\040state") == "/var/lib/my state"
+
+
+@pytest.mark.parametrize(
+    ("mode", "gid", "roots", "warned"),
+    [
+        (0o777, 0, ["/srv/koinon-agent"], True),  # a host dir made 0777 for a hostPath / docker -v
+        (0o777, 0, ["/var/lib/kubelet/pods/p/volumes/kubernetes.io~empty-dir/state"], False),
+        (0o2777, "own", ["/"], False),  # an emptyDir with fsGroup: setgid, a group of the agent's
+        (0o2775, "own", ["/"], False),  # not writable by every user at all
+    ],
+)
+def test_a_volume_every_host_user_can_write_is_taken_with_a_warning_unless_the_kubelet_made_it(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+    mode: int,
+    gid: int | str,
+    roots: list[str],
+    warned: bool,
+) -> None:
+    """A bind mount of a host dir every host user can write passes the mount-point rule (only root
+    mounts), yet any user of that host can plant an identity there: the agent says so. Not when
+    the kubelet's marks show (its fsGroup, or a source under a pod's volumes dir)."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    if os.geteuid() == 0:  # as another user the dir is of its own group, which is no mark without setgid
+        os.chown(state_dir, 0, os.getegid() if gid == "own" else int(gid))
+    state_dir.chmod(mode)
+    monkeypatch.setattr(state, "_mount_roots", lambda path: roots)
+    monkeypatch.setattr(os.path, "ismount", lambda path: True)
+    with caplog.at_level(logging.WARNING, logger="koinon_agent.state"):
+        state.check_private(state_dir)  # taken in every case
+    assert ("writable by every user of the machine" in caplog.text) is warned

@@ -138,3 +138,16 @@ async def test_a_free_port_picked_within_the_head_ports_stops_the_gateway_with_a
             with pytest.raises(OSError):
                 _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2)
                 writer.close()
+
+
+async def test_stop_after_a_start_refused_for_its_bound_port_is_a_no_op() -> None:
+    """start() stops a gateway whose free port landed in head_port_ranges itself; a caller's own
+    cleanup (try/finally: stop()) must not then fail, hiding why the start was refused."""
+    config = GatewayConfig(
+        listen="127.0.0.1:0", admin_listen="127.0.0.2:0", head_proxy_listen="127.0.0.2:0", tls=False,
+        head_address="127.0.0.1", head_port_ranges=[(1024, 65535)], verify_ray_nodes=False,
+    )  # fmt: skip
+    gateway = Gateway(config)
+    with pytest.raises(ValueError, match="given port"):
+        await gateway.start()
+    await gateway.stop(0)

@@ -64,13 +64,24 @@ def check_private(state_dir: Path) -> None:
         info = os.stat(state_dir)
     except OSError:
         return
-    why = not_private(info, os.geteuid(), {os.getegid(), *os.getgroups()}, lambda: _is_mount_point(state_dir))
+    groups = {os.getegid(), *os.getgroups()}
+    why = not_private(info, os.geteuid(), groups, lambda: _is_mount_point(state_dir))
     if why:
         raise StateError(
             f"state_dir {state_dir}: {why} (mode {stat.S_IMODE(info.st_mode):04o}); whoever can write "
             "there can replace the node credential or files the agent opens; use a dir of the agent's "
             "own user, not writable by others (e.g. chmod 0700), or another --state-dir"
         )
+    if info.st_mode & stat.S_IWOTH and not _made_by_kubelet(info, groups, state_dir):
+        # Taken (a mount point: a volume), but nothing shows the kubelet made it so: a host dir
+        # someone made 0777 for a hostPath or `docker run -v` (or a local-path PV, which the
+        # provisioner makes 0777), which every user of that host can write. Said, not refused:
+        # refusing would stop the volumes of common single-node setups (k3s's local-path).
+        log.warning(
+            "state_dir %s: writable by every user of the machine it lives on (mode %04o): any of them "
+            "could replace the node credential; make it owned by uid %d and mode 0700",
+            state_dir, stat.S_IMODE(info.st_mode), os.geteuid(),
+        )  # fmt: skip
 
 
 def not_private(info: os.stat_result, uid: int, gids: Collection[int], mount_point: Callable[[], bool]) -> str:
@@ -89,21 +100,32 @@ def not_private(info: os.stat_result, uid: int, gids: Collection[int], mount_poi
     return "writable by every user" if everyone else f"writable by group {info.st_gid}, which this agent is not in"
 
 
-def _is_mount_point(path: Path) -> bool:
-    """A mount point of this process's mount namespace (a bind mount of the same filesystem too)."""
-    if os.path.ismount(path):
+def _made_by_kubelet(info: os.stat_result, groups: Collection[int], path: Path) -> bool:
+    """Whether a world-writable volume root bears the kubelet's marks: its fsGroup (setgid, a group
+    of the agent's) or a mount whose source lies under a pod's volumes dir (kubernetes.io~...)."""
+    if info.st_mode & stat.S_ISGID and info.st_gid in groups:
         return True
+    return any("/volumes/kubernetes.io~" in root for root in _mount_roots(path))
+
+
+def _mount_roots(path: Path) -> list[str]:
+    """The source paths (mountinfo's field 4) of the mounts at ``path`` in this mount namespace."""
     target = os.path.realpath(path)
+    roots: list[str] = []
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
             for line in mounts:
                 parts = line.split(" ")
-                # Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
                 if len(parts) > 4 and _unescape_mountinfo(parts[4]) == target:
-                    return True
+                    roots.append(_unescape_mountinfo(parts[3]))
     except OSError:
         pass
-    return False
+    return roots
+
+
+def _is_mount_point(path: Path) -> bool:
+    """A mount point of this process's mount namespace (a bind mount of the same filesystem too)."""
+    return os.path.ismount(path) or bool(_mount_roots(path))
 
 
 def _unescape_mountinfo(text: str) -> str:
