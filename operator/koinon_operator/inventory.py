@@ -76,7 +76,9 @@ def build_capacity(
         status = (volunteer or {}).get("status") or {}
         # Ray's GPU count is the volunteer's own claim: booked no higher than the GPUs it joined with
         # (spec.gpus, as the gateway accepted them).
-        gpu_cap = len(spec.get("gpus") or []) if labelled else BARE_WORKER_MAX_GPUS
+        # The GPUs it joined with, or those its latest registration reported (status.gpus, the
+        # gateway's bounds too): a volunteer that added a GPU and restarted uses it.
+        gpu_cap = _listed_gpus(spec, status) if labelled else BARE_WORKER_MAX_GPUS
         gpus_total = _gpu_count(node.resources_total.get("GPU", 0), gpu_cap)
         cpus_total = float(node.resources_total.get("CPU", 0.0))
         gpu_memory = min((int(g.get("memoryMiB", 0)) for g in spec.get("gpus") or []), default=0)
@@ -164,6 +166,13 @@ def _unproven(node: RayNodeInfo, volunteer: Mapping[str, Any] | None) -> str:
         # its own agent runs there (a restarted raylet waits for that, as its phase does).
         return f"Ray node {node.node_id} is not its status.rayNodeId {recorded}"
     return ""
+
+
+def _listed_gpus(spec: Mapping[str, Any], status: Mapping[str, Any]) -> int:
+    """GPUs a VolunteerNode lists: the more of spec.gpus (its join) and status.gpus (its latest
+    registration), each a list the gateway bounded (MAX_GPUS)."""
+    lists = (spec.get("gpus"), status.get("gpus"))
+    return max((len(listed) for listed in lists if isinstance(listed, list)), default=0)
 
 
 def _gpu_count(declared: float, cap: int) -> int:

@@ -349,14 +349,22 @@ class ReputationBook:
         volunteers = await asyncio.to_thread(self._volunteers)
         pooled = owner_pooled_disagreements(volunteers, self._clock(), self._config)
         written = 0
+        api_failures_in_a_row = 0
         for node, owner_extra in pooled.items():
             async with self._locks.setdefault(node, asyncio.Lock()):
                 try:
                     written += await asyncio.to_thread(self._apply_uptime, node, 2 * interval_s, owner_extra)
+                    api_failures_in_a_row = 0
                 except Exception as exc:
-                    # One node's failure (a status it cannot read, a write the API refuses) costs that
-                    # node this look, not every node after it in the round.
+                    # One node's failure (a status it cannot read, a write the API refuses, a reset
+                    # connection) costs that node this look, not every node after it in the round.
                     logger.warning("uptime of %s not recorded: %s", node, _brief(exc))
+                    api_failures_in_a_row = 0 if _this_nodes_own(exc) else api_failures_in_a_row + 1
+                    if api_failures_in_a_row >= MAX_API_FAILURES_PER_ROUND:
+                        # The API itself is down or refusing the operator: every node left would
+                        # fail alike, a request and a log line each, once a minute.
+                        logger.warning("uptime round ended: %d API failures in a row", api_failures_in_a_row)
+                        break
         return written
 
     @staticmethod
@@ -374,6 +382,22 @@ class ReputationBook:
         if outcome == "lost":
             logger.warning("uptime of %s not recorded: lost %d write races in a row", node, CONFLICT_RETRIES)
         return 1 if outcome == "written" else 0
+
+
+# Failures of the API as a whole (not of one node's object) after which an uptime round stops.
+MAX_API_FAILURES_PER_ROUND = 3
+
+
+def _this_nodes_own(error: Exception) -> bool:
+    """Whether an uptime write's failure is about that node (its status unreadable, the API
+    refusing that object: 4xx but 401/403/429), not the API as a whole (unreachable, 5xx, the
+    operator's credentials or permissions, throttling)."""
+    if isinstance(error, ValueError):
+        return True
+    if isinstance(error, ApiException):
+        status = error.status or 0
+        return 400 <= status < 500 and status not in (401, 403, 429)
+    return False
 
 
 def _brief(error: Exception) -> str:

@@ -167,3 +167,21 @@ def test_a_volunteer_is_booked_for_no_more_gpus_than_it_joined_with() -> None:
 def test_a_bare_workers_gpus_are_capped_and_nonsense_counts_as_none(declared: float, booked: int) -> None:
     bare = [RayNodeInfo("w1", "127.0.30.1", True, False, {"GPU": declared, "CPU": 4}, {})]
     assert build_capacity(bare, {}, [], allow_bare=True)[0].gpus_total == booked
+
+
+def test_a_gpu_a_volunteer_added_and_registered_is_booked() -> None:
+    """spec.gpus is what the join said; a restarted agent registers the GPUs it finds now
+    (status.gpus), and Ray's count follows: a GPU added since was never booked."""
+    l4 = {"model": "NVIDIA L4", "memoryMiB": 24000}
+    node = RayNodeInfo("r1", "127.0.20.1", True, False, {"GPU": 2.0, "CPU": 8}, {"koinon.dev/node": "vn-a"})
+    vols = {
+        "vn-a": {
+            "spec": {"owner": "alice", "gpus": [l4]},
+            "status": {"phase": "Ready", "address": "127.0.20.1", "rayNodeId": "r1", "gpus": [l4, l4]},
+        }
+    }
+    [cap] = build_capacity([node], vols, [])
+    assert cap.ready and cap.gpus_total == 2
+    assert ReputationPlacer().place(PlacementRequest("ns/j", 1, 2, 1.0), [cap]).placed
+    vols["vn-a"]["status"]["gpus"] = [l4] * 3  # more listed than Ray has: Ray's count still bounds it
+    assert build_capacity([node], vols, [])[0].gpus_total == 2

@@ -361,3 +361,28 @@ def test_a_ready_status_nobody_refreshed_for_minutes_earns_no_uptime() -> None:
     assert (silent["reputation"]["heartbeatsSeen"], silent["reputation"]["heartbeatsMissed"]) == (0.0, 0.0)
     fresh = uptime_sample({**heard(20), **start}, NOW, CONFIG, max_gap_s=120)
     assert fresh is not None and fresh["reputation"]["heartbeatsSeen"] == pytest.approx(12.0, rel=1e-3)
+
+
+async def test_an_api_outage_ends_the_uptime_round_after_a_few_failures(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the API unreachable every node's write fails alike: a request and a warning for each
+    of 500 volunteers once a minute, for as long as the outage lasts."""
+    nodes = [
+        {"metadata": {"name": f"n{i}"}, "spec": {"owner": f"o{i}"}, "status": {"phase": "Ready"}} for i in range(500)
+    ]
+    tried: list[str] = []
+
+    def apply(self: Any, node: str, max_gap_s: float, owner_extra: float) -> int:
+        tried.append(node)
+        if node == "n1":  # one node's own refusal resets the count
+            raise ApiException(status=422, reason="Unprocessable Entity")
+        raise ConnectionRefusedError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(ReputationBook, "_volunteers", staticmethod(lambda: nodes))
+    monkeypatch.setattr(ReputationBook, "_apply_uptime", apply)
+    with caplog.at_level(logging.WARNING, logger="koinon_operator.reputation_book"):
+        assert await ReputationBook(clock=lambda: NOW).sample_uptime(60.0) == 0
+    assert tried == ["n0", "n1", "n2", "n3", "n4"]
+    assert "uptime round ended: 3 API failures in a row" in caplog.text
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 6
