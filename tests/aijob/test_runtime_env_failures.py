@@ -154,17 +154,22 @@ async def test_one_env_setup_failure_is_charged_once() -> None:
 GOOD_HISTORY = {"successes": 40.0, "heartbeatsSeen": 500.0, "lastUpdated": "2026-01-01T00:00:00Z"}
 
 
+def _vn_a_first(backoff_limit: int) -> tuple[Clock, CopiesRay, dict[str, dict[str, Any]], dict[str, Any]]:
+    """Nodes vn-a (with GOOD_HISTORY, the scheduler's first choice) and vn-c, and a job."""
+    clock = Clock()
+    ray = CopiesRay(["vn-a", "vn-c"])
+    vols = volunteers(ray.present)
+    vols["vn-a"]["status"]["reputation"] = dict(GOOD_HISTORY)
+    return clock, ray, vols, make_body({"entrypoint": "python x.py", "backoffLimit": backoff_limit})
+
+
 async def test_a_node_blamed_for_a_failed_attempt_is_tried_last_on_the_retry() -> None:
     """A node whose Ray job failed for the volunteer's reasons (no exit code of the job's own) was
     charged a failure but placed again: with a good history it stayed the scheduler's first choice,
     took every retry and the job failed BackoffLimitExceeded while another node idled (the
     scheduler's own on_job_failed keeps a broken machine from eating all attempts)."""
-    clock = Clock()
-    ray = CopiesRay(["vn-a", "vn-c"])
+    clock, ray, vols, body = _vn_a_first(backoff_limit=2)
     rec = reconciler(ray, clock)
-    vols = volunteers(ray.present)
-    vols["vn-a"]["status"]["reputation"] = dict(GOOD_HISTORY)
-    body = make_body({"entrypoint": "python x.py", "backoffLimit": 2})
     used: list[str] = []
     for _ in range(3):
         nodes, ids = await _submit_all(rec, ray, clock, body, vols)
@@ -187,11 +192,7 @@ async def test_a_node_blamed_for_a_failed_attempt_is_tried_last_on_the_retry() -
 
 async def test_a_blamed_node_is_still_tried_last_after_an_operator_restart() -> None:
     """Kept in status.scheduling.failedNodes: a new operator process (or leader) reads it there."""
-    clock = Clock()
-    ray = CopiesRay(["vn-a", "vn-c"])
-    vols = volunteers(ray.present)
-    vols["vn-a"]["status"]["reputation"] = dict(GOOD_HISTORY)
-    body = make_body({"entrypoint": "python x.py", "backoffLimit": 2})
+    clock, ray, vols, body = _vn_a_first(backoff_limit=2)
     nodes, ids = await _submit_all(reconciler(ray, clock), ray, clock, body, vols)
     assert nodes == ["vn-a"]
     ray.set_state(ids[0], RayJobState.FAILED, message="raylet died")
@@ -207,12 +208,8 @@ async def test_a_blamed_node_is_still_tried_last_after_an_operator_restart() -> 
 async def test_a_job_that_fails_on_its_own_does_not_pass_over_its_node() -> None:
     """A non-zero exit code is the job's failure, not the node's: the node is neither charged nor
     tried last (another node would fail the job's code alike)."""
-    clock = Clock()
-    ray = CopiesRay(["vn-a", "vn-c"])
+    clock, ray, vols, body = _vn_a_first(backoff_limit=1)
     rec = reconciler(ray, clock)
-    vols = volunteers(ray.present)
-    vols["vn-a"]["status"]["reputation"] = dict(GOOD_HISTORY)
-    body = make_body({"entrypoint": "python x.py", "backoffLimit": 1})
     for _ in range(2):
         nodes, ids = await _submit_all(rec, ray, clock, body, vols)
         assert nodes == ["vn-a"], body["status"]
