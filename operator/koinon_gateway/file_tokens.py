@@ -2,9 +2,11 @@
 
 With the file store, tokens come from ``--bootstrap-token`` and live in memory; without this, a
 token limited to N joins would allow N more after every restart. Each consume and give-back
-rewrites ``<state-dir>/join-token-usage.json`` (atomically) with each token's count, keyed by
-token id and the hash of its secret, so a token id reused with a new secret starts from zero.
-Only hashes are written, never a secret.
+rewrites ``<state-dir>/join-token-usage.json`` (atomically, and synced to disk before it counts)
+with each token's count, keyed by token id and the hash of its secret, so a token id reused with a
+new secret starts from zero, and with the joins its latest uses were counted for (digests of their
+join ids, with when), so that a join retried after a restart is counted once, as in the
+Kubernetes store. Only hashes are written, never a secret.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .tokens import InMemoryTokenStore, JoinGrant, hash_secret, parse_token
+from .tokens import COUNTED_JOINS_KEPT, InMemoryTokenStore, JoinGrant, hash_secret, parse_token
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,19 @@ class FileTokenStore(InMemoryTokenStore):
         token_id, secret = parse_token(token)
         saved = _read_usage(self.path).get(token_id, {})
         count = saved.get("usages")
-        if saved.get("secret_sha256") == hash_secret(secret) and isinstance(count, int) and count > 0:
+        if saved.get("secret_sha256") != hash_secret(secret):
+            return
+        if isinstance(count, int) and count > 0:
             self.tokens[token_id] = replace(self.tokens[token_id], usages_count=count)
+        counted = saved.get("counted_joins")
+        if isinstance(counted, dict):
+            readable = [
+                (float(when), str(key))
+                for key, when in counted.items()
+                if isinstance(when, int | float) and not isinstance(when, bool)
+            ]
+            # Oldest first, as the store keeps them (the file's keys are sorted by name).
+            self.counted_joins[token_id] = {key: when for when, key in sorted(readable)[-COUNTED_JOINS_KEPT:]}
 
     async def consume(self, token: str, join_key: str = "") -> JoinGrant:
         grant = await super().consume(token, join_key)
@@ -69,10 +82,29 @@ class FileTokenStore(InMemoryTokenStore):
         usage = _read_usage(self.path) if self.path.exists() else {}
         usage.update(
             {
-                token_id: {"secret_sha256": stored.secret_sha256, "usages": stored.usages_count}
+                token_id: {
+                    "secret_sha256": stored.secret_sha256,
+                    "usages": stored.usages_count,
+                    "counted_joins": self.counted_joins.get(token_id, {}),
+                }
                 for token_id, stored in self.tokens.items()
             }
         )
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(usage, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        _write_durably(self.path, json.dumps(usage, indent=1, sort_keys=True))
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Replaces ``path`` with ``text`` atomically and durably. The new file's data reaches the disk
+    before the rename and the rename before this returns: after a power loss a rename of unsynced
+    data can leave an empty file, read as no counts at all (a one-use token usable again)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

@@ -18,6 +18,7 @@ from typing import Any, TypeAlias
 from .kube_client import JSON, KubeApiError, KubeClient, b64, secret_path, unb64
 from .tokens import (
     COUNTED_JOIN_RETRY_S,
+    COUNTED_JOINS_KEPT,
     SECRET_PREFIX,
     SECRET_TYPE,
     JoinGrant,
@@ -95,7 +96,6 @@ def token_from_secret(secret: JSON) -> JoinToken:
 # minute or two), and only for a join that made no node (the gateway asks for none otherwise):
 # an old key honoured for ever would let a spent token make nodes by resending a join id.
 COUNTED_JOINS_FIELD = "counted-joins"
-COUNTED_JOINS_KEPT = 32
 CountedJoins: TypeAlias = list[str]  # (KubeTokenStore has a method named list)
 
 

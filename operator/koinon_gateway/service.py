@@ -73,6 +73,16 @@ _JOIN_ID_RE = re.compile(r"[0-9a-f]{32}")
 # A digest of the join id, not the id: whoever can list VolunteerNodes must not learn what, with a
 # leaked single-use token, would get them a credential for a node that never connected.
 JOIN_KEY_LABEL = "koinon.dev/join-key"
+# A node of a join whose address was never written was left by a gateway that died between
+# creating it and writing its status (a live one undoes it). Only this long after its creation is
+# it taken for that: a younger one may be another gateway replica's try, still writing the status
+# or undoing the node and giving its use back (the agent's 15 s deadline ends that try, and its undo
+# is a few API requests of at most 30 s each), so its retry is asked to come back.
+HALF_MADE_JOIN_S = 120
+
+
+class EarlierTryRunning(Exception):
+    """An earlier try of this join may still be under way (in another gateway replica)."""
 
 
 def node_name_from_hint(hint: str) -> str:
@@ -321,6 +331,9 @@ class TunnelService:
             self.metrics.joins[exc.reason] += 1
             self._refusals.warning(f"join {exc.reason}", "join refused (%s): %s", exc.reason, exc)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"join refused: {client_refusal(exc)}")
+        except EarlierTryRunning:
+            self.metrics.joins["join-in-progress"] += 1
+            await context.abort(grpc.StatusCode.ABORTED, "join: an earlier try of this join is still running; retry")
         except Exception as exc:  # the token store or registry (the Kubernetes API) failed; no use was counted
             self.metrics.joins["token-store-error"] += 1
             log.warning("join: token store failed: %r", exc)
@@ -333,7 +346,8 @@ class TunnelService:
         its address. Its token must still be genuine and not revoked; the usage limit was checked
         when that try counted its use, and so was expiry, which a retry may outlive only for a
         while (``replay_in_time``). Second: whether any node carries this join's key (one that
-        connected, is being deleted, or came too late after the token's expiry, too)."""
+        connected, is being deleted, or came too late after the token's expiry, too), leaving out
+        a half-made one (``_undo_half_made``) this call deleted."""
         if not request.join_id:
             return None, False
         # The token first: the port is open to anyone, and a list of VolunteerNodes for every
@@ -341,9 +355,18 @@ class TunnelService:
         grant = await self.tokens.authenticate(request.token)
         nodes = await self.registry.list({JOIN_TOKEN_LABEL: grant.token_id, JOIN_KEY_LABEL: join_key(request.join_id)})
         now = dt.datetime.now(dt.UTC)
+        made_a_node = False
         for node in nodes:
             metadata = node.get("metadata") or {}
             name, address, status = metadata.get("name", ""), status_address(node), node.get("status") or {}
+            if (
+                not address
+                and "lastHeartbeat" not in status
+                and name not in self.sessions.by_name
+                and await self._undo_half_made(node, now)
+            ):
+                continue  # gone: this join made no node, and the use its first try counted stands for it
+            made_a_node = True
             if (
                 metadata.get("deletionTimestamp")
                 or "lastHeartbeat" in status  # it had a session: that agent got its reply
@@ -355,7 +378,32 @@ class TunnelService:
             ):
                 continue
             return (name, address, node_uid(node)), True
-        return None, bool(nodes)
+        return None, made_a_node
+
+    async def _undo_half_made(self, node: JSON, now: dt.datetime) -> bool:
+        """Deletes ``node``, one of this join's that never got its address: the gateway that made it
+        died before writing its status, and the agent's retry (the join id is its secret) is here.
+        Its use was counted for this join, so the retry, as a join that made no node, is counted
+        no second time (the token stores honour that use for COUNTED_JOIN_RETRY_S). Left as a node
+        this join made (False) when older than that, the use no longer honoured, or of unknown age:
+        the retry is a new join, and the node goes with the unconnected-node cleanup. Raises
+        EarlierTryRunning when it may still be a live try's (younger than HALF_MADE_JOIN_S), or
+        when it changed since it was read (its status landed after all) or is already gone."""
+        made_at = created_at(node)
+        if made_at is None or (now - made_at).total_seconds() >= COUNTED_JOIN_RETRY_S:
+            return False
+        if (now - made_at).total_seconds() < HALF_MADE_JOIN_S:
+            raise EarlierTryRunning()
+        if being_deleted(node):
+            return True  # an earlier retry's delete, held by a finalizer: no node of this join's
+        metadata = node.get("metadata") or {}
+        name = str(metadata.get("name") or "")
+        # Only the object as read: one whose status was written meanwhile is a node after all.
+        preconditions = {key: str(metadata[key]) for key in ("uid", "resourceVersion") if metadata.get(key)}
+        if not await self.registry.delete(name, preconditions):
+            raise EarlierTryRunning()  # the next retry looks again
+        log.warning("join: deleted %s, left without an address by an earlier try of the same join", name)
+        return True
 
     async def _record_node(self, request: pb.JoinRequest, grant: JoinGrant) -> tuple[str, str, str]:
         """Takes a free address and creates the VolunteerNode; undoes both if any step fails.

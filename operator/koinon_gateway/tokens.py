@@ -26,6 +26,8 @@ _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 # How long after a join counted its use a retry of it (same join id: its reply was lost) is still
 # taken as that join (an agent retries within a minute or two), in the token stores and the gateway.
 COUNTED_JOIN_RETRY_S = 15 * 60
+# How many of a token's latest counted joins a store keeps for that.
+COUNTED_JOINS_KEPT = 32
 
 
 class TokenError(Exception):
@@ -100,7 +102,9 @@ def check_token(stored: JoinToken, secret: str, now: dt.datetime) -> None:
 class TokenStore(Protocol):
     async def consume(self, token: str, join_key: str = "") -> JoinGrant:
         """Validates the token and counts one use atomically; raises TokenError when refused.
-        ``join_key`` names the join: a store whose write may land unanswered counts one join once."""
+        ``join_key`` names the join: its use is counted once (for COUNTED_JOIN_RETRY_S), so that the
+        retry of a join that made no node (a write that landed unanswered, a gateway that died) is
+        not counted again. The gateway names it only for a join that made no node."""
         ...
 
     async def give_back(self, grant: JoinGrant) -> None:
@@ -127,6 +131,10 @@ class InMemoryTokenStore:
 
     tokens: dict[str, JoinToken] = field(default_factory=dict)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Per token id, the joins its latest uses were counted for (join key -> unix time), as the
+    # Kubernetes store keeps them: a retry of a join that made no node (its gateway died after
+    # counting, or left a node without an address) is not counted a second time, for a while.
+    counted_joins: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def add(
         self,
@@ -153,14 +161,26 @@ class InMemoryTokenStore:
         self.tokens[token_id] = replace(self.tokens[token_id], revoked=True)
 
     async def consume(self, token: str, join_key: str = "") -> JoinGrant:
-        # In memory a write is never left unanswered: join_key is only passed through.
         token_id, secret = parse_token(token)
         async with self._lock:
             stored = self.tokens.get(token_id)
             if stored is None:
                 raise TokenError("unknown", f"token {token_id}: not found (never issued or deleted)")
-            check_token(stored, secret, dt.datetime.now(dt.UTC))
+            now = dt.datetime.now(dt.UTC)
+            counted = self.counted_joins.setdefault(token_id, {})
+            when = counted.get(join_key) if join_key else None
+            if when is not None and now.timestamp() - when < COUNTED_JOIN_RETRY_S:
+                # This join's use is counted already: not refused for it, not counted again; its
+                # expiry is checked again (this retry makes a node, and expiry is absolute).
+                check_token(replace(stored, usages_count=stored.usages_count - 1), secret, now)
+                return JoinGrant(token_id, stored.owner, stored.region, join_key)
+            check_token(stored, secret, now)
             self.tokens[token_id] = replace(stored, usages_count=stored.usages_count + 1)
+            if join_key:
+                counted.pop(join_key, None)  # to the end: the oldest are dropped first
+                counted[join_key] = now.timestamp()
+                for old_key in list(counted)[:-COUNTED_JOINS_KEPT]:
+                    del counted[old_key]
         return JoinGrant(token_id, stored.owner, stored.region, join_key)
 
     async def authenticate(self, token: str) -> JoinGrant:
@@ -176,3 +196,4 @@ class InMemoryTokenStore:
             stored = self.tokens.get(grant.token_id)
             if stored is not None and stored.usages_count > 0:
                 self.tokens[grant.token_id] = replace(stored, usages_count=stored.usages_count - 1)
+                self.counted_joins.get(grant.token_id, {}).pop(grant.join_key, None)

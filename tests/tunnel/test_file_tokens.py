@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import stat
+import time
 from pathlib import Path
 
 import pytest
 from koinon_gateway.file_tokens import FileTokenStore
 from koinon_gateway.main import build_parser, stores_from_args
-from koinon_gateway.tokens import TokenError
+from koinon_gateway.tokens import COUNTED_JOIN_RETRY_S, TokenError
 
 TOKEN = "abcdef.0123456789abcdef"
 OTHER_SECRET = "abcdef.fedcba9876543210"
@@ -97,3 +100,60 @@ def test_a_count_survives_a_restart_that_left_its_token_out(tmp_path: Path) -> N
     with pytest.raises(TokenError) as refused:
         asyncio.run(restarted(path, limit=1).consume(TOKEN))
     assert refused.value.reason == "usage-limit"
+
+
+def test_a_join_retried_after_a_restart_is_counted_once_for_a_while(tmp_path: Path) -> None:
+    """The store ignored the join key: a join whose gateway died after counting its use (or left
+    its node without an address) was counted again on its retry, and a one-use token refused it."""
+    path = tmp_path / "usage.json"
+    asyncio.run(restarted(path, limit=1).consume(TOKEN, "join-a"))
+    grant = asyncio.run(restarted(path, limit=1).consume(TOKEN, "join-a"))  # the retry, after a restart
+    assert grant.join_key == "join-a" and json.loads(path.read_text())["abcdef"]["usages"] == 1
+    with pytest.raises(TokenError) as refused:  # another join is a new use
+        asyncio.run(restarted(path, limit=1).consume(TOKEN, "join-b"))
+    assert refused.value.reason == "usage-limit"
+    saved = json.loads(path.read_text())
+    saved["abcdef"]["counted_joins"]["join-a"] = time.time() - COUNTED_JOIN_RETRY_S - 1
+    path.write_text(json.dumps(saved))
+    with pytest.raises(TokenError) as late:  # honoured only for a while, as in the Kubernetes store
+        asyncio.run(restarted(path, limit=1).consume(TOKEN, "join-a"))
+    assert late.value.reason == "usage-limit"
+
+
+def test_a_given_back_use_is_no_longer_counted_for_its_join(tmp_path: Path) -> None:
+    path = tmp_path / "usage.json"
+
+    async def join_and_give_back() -> None:
+        store = restarted(path, limit=2)
+        await store.give_back(await store.consume(TOKEN, "join-a"))
+
+    asyncio.run(join_and_give_back())
+    saved = json.loads(path.read_text())["abcdef"]
+    assert (saved["usages"], saved["counted_joins"]) == (0, {})
+    asyncio.run(restarted(path, limit=2).consume(TOKEN, "join-a"))  # counted afresh
+    asyncio.run(restarted(path, limit=2).consume(TOKEN, "join-b"))
+    with pytest.raises(TokenError):
+        asyncio.run(restarted(path, limit=2).consume(TOKEN, "join-c"))
+
+
+def test_counts_are_synced_to_disk_before_and_after_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The temporary file was renamed over the counts unsynced: after a power loss the file could be
+    empty, read as no counts, and a one-use token was usable again."""
+    path = tmp_path / "usage.json"
+    store = restarted(path, limit=1)
+    steps: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        steps.append("sync directory" if stat.S_ISDIR(os.fstat(fd).st_mode) else "sync file")
+        real_fsync(fd)
+
+    def replace(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        steps.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    asyncio.run(store.consume(TOKEN))
+    assert steps == ["sync file", "rename", "sync directory"]
+    assert json.loads(path.read_text())["abcdef"]["usages"] == 1

@@ -15,11 +15,12 @@ import grpc
 import pytest
 from koinon_agent import state
 from koinon_agent.agent import Agent
-from koinon_gateway.registry import JSON, InMemoryNodeRegistry
+from koinon_gateway.registry import JOIN_TOKEN_LABEL, JSON, InMemoryNodeRegistry
 from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
-from koinon_gateway.service import JOIN_KEY_LABEL, TunnelService
-from koinon_gateway.tokens import InMemoryTokenStore, JoinGrant
+from koinon_gateway.service import HALF_MADE_JOIN_S, JOIN_KEY_LABEL, TunnelService, join_key
+from koinon_gateway.status import rfc3339
+from koinon_gateway.tokens import COUNTED_JOIN_RETRY_S, InMemoryTokenStore, JoinGrant
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .helpers import Cluster, channel_for, cluster, control_call
@@ -299,6 +300,69 @@ async def test_a_join_given_up_while_its_node_is_being_created_leaves_no_node(tm
         assert c.registry.objects == {} and uses(c, token) == 0
         again = await join(c, token, join_id)
         assert isinstance(again, pb.JoinResponse) and list(c.registry.objects) == [again.assignment.node_name]
+
+
+async def leave_half_made(c: Cluster, token: str, join_id: str, age_s: float) -> str:
+    """What a gateway that died between creating a join's node and writing its address leaves: the
+    use counted for that join, and a node with the join's labels and no address, ``age_s`` old."""
+    grant = await c.tokens.consume(token, join_key(join_id))
+    labels = {JOIN_TOKEN_LABEL: grant.token_id, JOIN_KEY_LABEL: join_key(join_id)}
+    await c.registry.create("vol-dead01", {"owner": grant.owner}, labels)
+    made = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=age_s)
+    c.registry.objects["vol-dead01"]["metadata"]["creationTimestamp"] = rfc3339(made)
+    return "vol-dead01"
+
+
+async def test_a_join_whose_gateway_died_before_writing_its_address_is_retried_on_its_counted_use(
+    tmp_path: Path,
+) -> None:
+    """The retry found the join's node without an address, could not hand it out, and counted a
+    new use: a one-use token refused its own join's retry ("usage-limit", fatal to the agent)."""
+    async with cluster(tmp_path) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        half_made = await leave_half_made(c, token, join_id, age_s=HALF_MADE_JOIN_S + 60)
+        # The token alone, without the agent's secret join id, reaches no node of that join.
+        other = await join(c, token, secrets.token_hex(16))
+        assert isinstance(other, grpc.aio.AioRpcError) and "usage-limit" in (other.details() or "")
+        assert list(c.registry.objects) == [half_made]
+        again = await join(c, token, join_id)
+        assert isinstance(again, pb.JoinResponse), again
+        assert list(c.registry.objects) == [again.assignment.node_name] != [half_made]
+        assert uses(c, token) == 1 and await registers(c, again)
+
+
+@pytest.mark.parametrize("age", ["young", "past-the-counted-use"])
+async def test_a_node_without_an_address_is_left_while_young_or_once_its_use_is_no_longer_honoured(
+    tmp_path: Path, age: str
+) -> None:
+    async with cluster(tmp_path) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        age_s = 5 if age == "young" else COUNTED_JOIN_RETRY_S + 60
+        half_made = await leave_half_made(c, token, join_id, age_s)
+        result = await join(c, token, join_id)
+        assert isinstance(result, grpc.aio.AioRpcError), result
+        if age == "young":
+            # Maybe another gateway replica's try, still writing the address or undoing the node.
+            assert result.code() == grpc.StatusCode.ABORTED  # the agent retries
+        else:  # a new join, as before: the node is the unconnected-node cleanup's
+            assert result.code() == grpc.StatusCode.PERMISSION_DENIED and "usage-limit" in (result.details() or "")
+        assert list(c.registry.objects) == [half_made] and uses(c, token) == 1
+
+
+class DeleteRefused(InMemoryNodeRegistry):
+    """The node changed between the list and the delete (preconditions not met)."""
+
+    async def delete(self, name: str, preconditions: object = None) -> bool:
+        return False
+
+
+async def test_a_node_without_an_address_that_changed_since_it_was_read_is_left(tmp_path: Path) -> None:
+    async with cluster(tmp_path, registry=DeleteRefused()) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        half_made = await leave_half_made(c, token, join_id, age_s=HALF_MADE_JOIN_S + 60)
+        result = await join(c, token, join_id)
+        assert isinstance(result, grpc.aio.AioRpcError) and result.code() == grpc.StatusCode.ABORTED
+        assert list(c.registry.objects) == [half_made] and uses(c, token) == 1
 
 
 class CountingRegistry(InMemoryNodeRegistry):

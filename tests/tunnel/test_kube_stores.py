@@ -25,16 +25,19 @@ from koinon_agent.config import AgentConfig
 from koinon_dev.binaries import ensure_binaries
 from koinon_emulator.kubeconfig import write_kubeconfig
 from koinon_emulator.server import KubeEmulator
+from koinon_gateway import service
 from koinon_gateway.config import GatewayConfig
 from koinon_gateway.kube_ca import CA_SECRET_NAME, KubeCAStore
 from koinon_gateway.kube_client import JSON, KubeApiError, KubeClient, b64, load_incluster_config, load_kubeconfig
 from koinon_gateway.kube_registry import KubeNodeRegistry
 from koinon_gateway.kube_tokens import KubeTokenStore, secret_name
 from koinon_gateway.pki import ca_cert_hash, load_or_create_ca
+from koinon_gateway.registry import JOIN_TOKEN_LABEL
 from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
+from koinon_gateway.service import JOIN_KEY_LABEL, join_key
 from koinon_gateway.token_cli import parse_ttl
-from koinon_gateway.tokens import TokenError, hash_secret
+from koinon_gateway.tokens import JoinGrant, TokenError, hash_secret
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .helpers import echo_server, random_port_base
@@ -881,6 +884,112 @@ async def test_a_join_whose_reply_was_lost_is_found_again_through_the_api(kube: 
     assert [n["metadata"]["name"] for n in nodes] == [lost.assignment.node_name]
     assert join_id not in json.dumps(nodes)  # only its digest is in the labels
     assert decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "1"
+
+
+class DiesAfterCreate(KubeNodeRegistry):
+    """The process dies right after the create landed: the status patch never happens, and
+    nothing the dying process would still do (delete the half-made node) reaches the API."""
+
+    async def patch_status(self, name: str, status: Any, uid: str = "") -> None:
+        await asyncio.Event().wait()  # never: the process is gone
+
+    async def delete(self, name: str, preconditions: Any = None) -> bool:
+        return False  # a dead process deletes nothing
+
+
+class DeadTokens(KubeTokenStore):
+    async def give_back(self, grant: JoinGrant) -> None:
+        return None  # a dead process gives nothing back
+
+
+async def test_a_join_retried_after_its_gateway_died_between_node_and_address_is_counted_once(
+    kube: Kube, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway died after creating the join's VolunteerNode and before writing its address:
+    the retry could not get that node back, was counted as a new join, and a one-use token refused
+    it "usage-limit" (fatal to the agent), the orphan kept for 24 h. Now the node, once old enough
+    not to be a live gateway's try, is deleted and the join goes on under the use it counted."""
+    token = await KubeTokenStore(kube.client, NAMESPACE).create(owner="alice", usage_limit=1)
+    join_id = "0123456789abcdef" * 2
+    request = pb.JoinRequest(token=token, name_hint="alpha", join_id=join_id)
+
+    async def join(gateway: Gateway, timeout: float) -> Any:
+        async with grpc.aio.secure_channel(
+            gateway.agent_target,
+            grpc.ssl_channel_credentials(gateway.ca_pem),
+            options=[("grpc.ssl_target_name_override", "koinon-gateway")],
+        ) as channel:
+            try:
+                return await tunnel_stub(channel).Join(request, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                return exc
+
+    def nodes() -> list[JSON]:
+        return kube.emulator.list_objects("koinon.dev/v1alpha1", "VolunteerNode")
+
+    async with echo_server() as head_port:
+        first = Gateway(
+            gateway_config(head_port),
+            DeadTokens(kube.client, NAMESPACE),
+            DiesAfterCreate(kube.client),
+            KubeCAStore(kube.client, NAMESPACE),
+        )
+        await first.start()
+        lost = await join(first, timeout=1.5)
+        assert isinstance(lost, grpc.aio.AioRpcError)  # the agent never heard back
+        await first.stop(0)
+        [half_made] = nodes()
+        assert "address" not in (half_made.get("status") or {})
+        assert decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "1"
+        second = Gateway(
+            gateway_config(head_port),
+            KubeTokenStore(kube.client, NAMESPACE),
+            KubeNodeRegistry(kube.client),
+            KubeCAStore(kube.client, NAMESPACE),
+        )
+        await second.start()
+        try:
+            # Just made: it may be another gateway replica's try, still under way. Asked to wait
+            # (the agent retries ABORTED), nothing deleted, nothing counted.
+            early = await join(second, timeout=10)
+            assert isinstance(early, grpc.aio.AioRpcError) and early.code() == grpc.StatusCode.ABORTED
+            assert [n["metadata"]["uid"] for n in nodes()] == [half_made["metadata"]["uid"]]
+            monkeypatch.setattr(service, "HALF_MADE_JOIN_S", 0)  # as if the agent came back minutes later
+            again = await join(second, timeout=10)  # the agent's retry, same join id
+        finally:
+            await second.stop(0)
+    assert isinstance(again, pb.JoinResponse), f"{again.code()}: {again.details()}"
+    [node] = nodes()
+    assert node["metadata"]["name"] == again.assignment.node_name
+    assert node["metadata"]["uid"] != half_made["metadata"]["uid"]
+    assert node["status"]["address"] == again.assignment.address
+    assert node["metadata"]["labels"][JOIN_KEY_LABEL] == join_key(join_id)
+    assert decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "1"
+
+
+async def test_deleting_a_tokens_nodes_by_its_label_takes_exactly_the_nodes_it_made(
+    kube: Kube, kgw: KubeGateway
+) -> None:
+    # README: revoking a token leaves the nodes it made; `kubectl delete vn -l
+    # koinon.dev/join-token=<id>` cuts them off, and only them.
+    token, other = await kgw.tokens.create(owner="alice", usage_limit=2), await kgw.tokens.create(owner="bob")
+    await kgw.registry.create("by-hand", {"owner": "carol"}, {})
+    async with kgw.channel() as channel:
+        stub = tunnel_stub(channel)
+        made = [await stub.Join(pb.JoinRequest(token=token, name_hint=f"a{i}"), timeout=10) for i in range(2)]
+        kept = await stub.Join(pb.JoinRequest(token=other, name_hint="b"), timeout=10)
+        await kgw.tokens.revoke(token[:6])
+        out = await kube.akubectl("delete", "vn", "-l", f"{JOIN_TOKEN_LABEL}={token[:6]}", "--wait=false")
+        assert all(j.assignment.node_name in out for j in made) and len(out.splitlines()) == 2
+        names = {n["metadata"]["name"] for n in kube.emulator.list_objects("koinon.dev/v1alpha1", "VolunteerNode")}
+        assert names == {"by-hand", kept.assignment.node_name}
+        for joined in made:  # their credentials are refused from now on
+            call = stub.Control(metadata=(("authorization", f"Bearer {joined.credential}"),))
+            register = pb.Register(node_name=joined.assignment.node_name, address=joined.assignment.address)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call.write(pb.AgentMessage(register=register))
+                await asyncio.wait_for(call.read(), 10)
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 # ---- configuration ----
