@@ -1,8 +1,15 @@
-"""The gateway's CA and credential-signing key in one Secret (``koinon-gateway-ca``).
+"""The gateway's CA and credential-signing key in one Secret (``koinon-gateway-ca``), and the CA's
+certificate alone, public, in a ConfigMap (``koinon-gateway-ca-cert``, key ``ca.crt``).
 
 Several gateway replicas may start at once: each creates the Secret only when absent, and a loser of
 that race (409 AlreadyExists) keeps what is stored; ``load_or_create_ca`` reads back after saving, so
 every replica serves the one CA that won.
+
+The ConfigMap is what ``koinon-gateway token ca-hash`` (and the hint after ``token create``) read,
+as kubeadm publishes its CA in the ``cluster-info`` ConfigMap: RBAC grants a Secret whole, so a
+caller allowed to read the CA Secret for its certificate could also read the CA's private key and
+the key that signs every node credential, forge any node's credential and pose as the gateway. The
+gateway writes the ConfigMap each time it loads its CA, so it always holds the CA being served.
 """
 
 from __future__ import annotations
@@ -11,14 +18,17 @@ import base64
 import logging
 from dataclasses import dataclass
 
-from .kube_client import JSON, KubeApiError, KubeClient, secret_path
-from .pki import CABundle, bundle_problem
+from .kube_client import JSON, KubeApiError, KubeClient, configmap_path, secret_path
+from .pki import CABundle, bundle_problem, ca_cert_hash
 
 log = logging.getLogger(__name__)
 
 CA_SECRET_NAME = "koinon-gateway-ca"
 CA_SECRET_TYPE = "kubernetes.io/tls"
 CREDENTIAL_KEY = "credential.key"
+CA_CERT_CONFIGMAP_NAME = "koinon-gateway-ca-cert"
+CA_CERT_KEY = "ca.crt"
+LABELS = {"app.kubernetes.io/part-of": "koinon", "app.kubernetes.io/component": "gateway"}
 
 
 def ca_secret(namespace: str, bundle: CABundle) -> JSON:
@@ -30,9 +40,19 @@ def ca_secret(namespace: str, bundle: CABundle) -> JSON:
         "metadata": {
             "name": CA_SECRET_NAME,
             "namespace": namespace,
-            "labels": {"app.kubernetes.io/part-of": "koinon", "app.kubernetes.io/component": "gateway"},
+            "labels": dict(LABELS),
         },
         "data": {key: base64.b64encode(value).decode() for key, value in data.items()},
+    }
+
+
+def ca_cert_configmap(namespace: str, cert_pem: bytes) -> JSON:
+    """The CA's certificate only: nothing in it is secret (agents receive it in every TLS handshake)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": CA_CERT_CONFIGMAP_NAME, "namespace": namespace, "labels": dict(LABELS)},
+        "data": {CA_CERT_KEY: cert_pem.decode("ascii")},
     }
 
 
@@ -57,8 +77,13 @@ class KubeCAStore:
     namespace: str
 
     async def load(self) -> CABundle | None:
+        """The stored CA (None: none yet); a usable one is also published in the ConfigMap."""
         secret = await self.client.get_or_none(secret_path(self.namespace, CA_SECRET_NAME))
-        return bundle_from_secret(secret) if secret is not None else None
+        if secret is None:
+            return None
+        bundle = bundle_from_secret(secret)  # refuses a broken CA before anything is published
+        await publish_ca_cert(self.client, self.namespace, bundle.cert_pem)
+        return bundle
 
     async def save(self, bundle: CABundle) -> None:
         """Creates the Secret; when another gateway created it first, keeps theirs (read it with ``load``)."""
@@ -69,3 +94,98 @@ class KubeCAStore:
             if not exc.conflict:
                 raise
             log.info("CA Secret %s/%s created concurrently; using the stored one", self.namespace, CA_SECRET_NAME)
+
+
+PUBLISH_ATTEMPTS = 5
+
+
+async def publish_ca_cert(client: KubeClient, namespace: str, cert_pem: bytes) -> None:
+    """Creates the ConfigMap, or brings it to ``cert_pem`` (one holding another certificate, left
+    by a CA since replaced or written by someone else, would have volunteers pin the wrong CA).
+
+    Best effort: a gateway whose Role predates the ConfigMap (an image upgraded without applying
+    manifests/gateway/rbac.yaml again) still serves; ``token ca-hash`` then falls back to the CA
+    Secret for those allowed to read it and says the certificate is not published.
+    """
+    path = configmap_path(namespace, CA_CERT_CONFIGMAP_NAME)
+    wanted = ca_cert_configmap(namespace, cert_pem)
+    try:
+        for _ in range(PUBLISH_ATTEMPTS):
+            current = await client.get_or_none(path)
+            if current is None:
+                try:
+                    await client.create(configmap_path(namespace), wanted)
+                except KubeApiError as exc:
+                    if exc.conflict:  # another replica created it meanwhile: compare with theirs
+                        continue
+                    raise
+                log.info("published the CA certificate in ConfigMap %s/%s", namespace, CA_CERT_CONFIGMAP_NAME)
+                return
+            if (current.get("data") or {}).get(CA_CERT_KEY) == wanted["data"][CA_CERT_KEY]:
+                return
+            # resourceVersion kept: a concurrent writer makes this PUT answer 409, and we look again.
+            replacement = {**current, "data": wanted["data"]}
+            try:
+                await client.replace(path, replacement)
+            except KubeApiError as exc:
+                if exc.conflict:
+                    continue
+                raise
+            log.warning(
+                "ConfigMap %s/%s held another certificate; it now holds the CA this gateway serves",
+                namespace,
+                CA_CERT_CONFIGMAP_NAME,
+            )
+            return
+        log.warning("ConfigMap %s/%s: kept changing; not published", namespace, CA_CERT_CONFIGMAP_NAME)
+    except KubeApiError as exc:
+        log.warning(
+            "cannot publish the CA certificate in ConfigMap %s/%s (%s): `koinon-gateway token ca-hash` "
+            "needs the CA Secret until it is; see manifests/gateway/rbac.yaml",
+            namespace,
+            CA_CERT_CONFIGMAP_NAME,
+            exc,
+        )
+
+
+NOT_PUBLISHED = (
+    f"the gateway has not published ConfigMap {CA_CERT_CONFIGMAP_NAME} yet (it does at each start: "
+    "restart it, with manifests/gateway/rbac.yaml applied)"
+)
+
+
+async def published_ca_hash(client: KubeClient, namespace: str) -> tuple[str, str] | None:
+    """The CA's hash volunteers pin (``sha256:<hex>``) and a note (empty unless it did not come from
+    the ConfigMap); None when there is no CA yet.
+
+    Read from the public ConfigMap, so the caller needs no access to the CA Secret. Only where the
+    ConfigMap is absent (a gateway that has not published it yet) is the Secret read instead, and
+    only its certificate used; a caller not allowed to read it (403) is told what is missing.
+    """
+    published = await client.get_or_none(configmap_path(namespace, CA_CERT_CONFIGMAP_NAME))
+    if published is not None:
+        where = f"ConfigMap {namespace}/{CA_CERT_CONFIGMAP_NAME}"
+        pem = (published.get("data") or {}).get(CA_CERT_KEY)
+        if not pem:
+            raise ValueError(f"{where}: data.{CA_CERT_KEY}: missing; restart the gateway to publish it again")
+        return _hash(str(pem).encode(), where), ""
+    try:
+        secret = await client.get_or_none(secret_path(namespace, CA_SECRET_NAME))
+    except KubeApiError as exc:
+        if exc.status == 403:
+            raise ValueError(f"namespace {namespace}: {NOT_PUBLISHED}") from exc
+        raise
+    if secret is None:
+        return None
+    where = f"Secret {namespace}/{CA_SECRET_NAME}"
+    crt = (secret.get("data") or {}).get("tls.crt")
+    if not crt:
+        raise ValueError(f"{where}: data.tls.crt: missing")
+    return _hash(base64.b64decode(crt), where), f"read from Secret {CA_SECRET_NAME}: {NOT_PUBLISHED}"
+
+
+def _hash(cert_pem: bytes, where: str) -> str:
+    try:
+        return ca_cert_hash(cert_pem)
+    except ValueError as exc:
+        raise ValueError(f"{where}: not a PEM certificate: {exc}") from exc

@@ -213,6 +213,11 @@ def secret_path(namespace: str, name: str | None = None) -> str:
     return f"{path}/{quote(name)}" if name else path
 
 
+def configmap_path(namespace: str, name: str | None = None) -> str:
+    path = f"/api/v1/namespaces/{quote(namespace)}/configmaps"
+    return f"{path}/{quote(name)}" if name else path
+
+
 def custom_path(
     group: str,
     version: str,

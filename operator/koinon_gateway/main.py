@@ -1,8 +1,9 @@
 """``koinon-gateway``: run the tunnel gateway next to the Ray head.
 
-Stores: ``--store kube`` keeps join tokens (Secrets), the CA (Secret ``koinon-gateway-ca``) and
-VolunteerNodes in the cluster (``--kubeconfig``, else in-cluster, else ``$KUBECONFIG``; Secrets in
-``--namespace``); ``--store file`` keeps nodes, the CA and join tokens' usage counts under ``--state-dir`` (local
+Stores: ``--store kube`` keeps join tokens (Secrets), the CA (Secret ``koinon-gateway-ca``, its
+certificate alone published in ConfigMap ``koinon-gateway-ca-cert``) and VolunteerNodes in the
+cluster (``--kubeconfig``, else in-cluster, else ``$KUBECONFIG``; Secrets in ``--namespace``);
+``--store file`` keeps nodes, the CA and join tokens' usage counts under ``--state-dir`` (local
 dev, tests);
 ``--store memory`` keeps nothing (benchmarks). With file/memory stores, join tokens come from
 ``--bootstrap-token``; with the kube store from ``koinon-gateway token create`` (see token_cli.py).

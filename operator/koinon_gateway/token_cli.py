@@ -1,6 +1,11 @@
 """``koinon-gateway token create|list|revoke|ca-hash``: join tokens kept as Secrets, and the CA hash
 agents can pin (``koinon-agent --ca-cert-hash``) instead of carrying the CA.
 
+The CA hash is read from the ConfigMap the gateway publishes (kube_ca.py), never from the CA
+Secret, which also holds the CA's private key and the credential-signing key: ``ca-hash`` and
+``create`` need no access to it (the Role ``koinon-gateway-token-issuer`` in
+manifests/gateway/token-roles.yaml grants just what they need).
+
 ``create`` prints ``<id>.<secret>`` once on stdout; only its SHA-256 is stored, and nothing logs it.
 """
 
@@ -15,10 +20,9 @@ from pathlib import Path
 
 import aiohttp
 
-from .kube_ca import KubeCAStore
+from .kube_ca import published_ca_hash
 from .kube_client import KubeApiError, KubeClient, KubeConfigError, kube_client, load_config
 from .kube_tokens import KubeTokenStore
-from .pki import ca_cert_hash
 from .tokens import TOKEN_RE, JoinToken, TokenError
 
 _DURATION_RE = re.compile(r"(\d+)([smhd])")
@@ -89,10 +93,13 @@ async def run(args: argparse.Namespace) -> int:
             )
             await print_ca_hint(client, namespace)
         elif args.command == "ca-hash":
-            bundle = await KubeCAStore(client, namespace).load()
-            if bundle is None:
+            published = await published_ca_hash(client, namespace)
+            if published is None:
                 raise ValueError(f"ca-hash: no gateway CA in namespace {namespace} yet (the gateway creates it)")
-            print(ca_cert_hash(bundle.cert_pem))
+            pin, note = published
+            if note:
+                print(f"({note})", file=sys.stderr)
+            print(pin)
         elif args.command == "list":
             print_table(await store.list())
         else:
@@ -115,15 +122,17 @@ def print_table(tokens: list[JoinToken]) -> None:
 
 
 async def print_ca_hint(client: KubeClient, namespace: str) -> None:
-    """Best effort, after the token exists: a caller allowed to create token Secrets but not to
-    read the CA's (403), or a broken CA Secret, must not turn a created token into a failure."""
+    """Best effort, after the token exists: a caller not allowed to read the published CA
+    certificate (403), or a broken one, must not turn a created token into a failure."""
     try:
-        bundle = await KubeCAStore(client, namespace).load()
-        pin = ca_cert_hash(bundle.cert_pem) if bundle is not None else ""
+        published = await published_ca_hash(client, namespace)
     except (ValueError, KubeApiError) as exc:
         print(f"(the gateway CA's hash could not be read: {exc}; see `koinon-gateway token ca-hash`)", file=sys.stderr)
         return
-    if pin:
+    if published is not None:
+        pin, note = published
+        if note:
+            print(f"({note})", file=sys.stderr)
         print(f"agents trust the gateway with: --ca-cert-hash {pin}", file=sys.stderr)
 
 

@@ -44,6 +44,7 @@ def test_gateway_objects_in_koinon_system(rendered: list[Manifest]) -> None:
         ("Deployment", "koinon-gateway"),
         ("NetworkPolicy", "koinon-gateway"),
         ("Role", "koinon-gateway"),
+        ("Role", "koinon-gateway-token-issuer"),
         ("RoleBinding", "koinon-gateway"),
         ("Service", "koinon-gateway"),
         ("Service", "koinon-gateway-internal"),
@@ -124,10 +125,18 @@ def test_probes_and_security(rendered: list[Manifest]) -> None:
 def test_rbac_is_least_privilege(rendered: list[Manifest]) -> None:
     # Each verb is one the gateway server calls (kube_tokens.py, kube_ca.py, kube_registry.py):
     # delete on Secrets is the expired-token cleaner, patch brings a changed --bootstrap-token's
-    # Secret to the flag's values (test_deploy_gateway_rbac.py records the calls).
+    # Secret to the flag's values (test_deploy_gateway_rbac.py records the calls). The ConfigMap
+    # that publishes the CA's certificate: created when absent, then read and updated by name only.
     role = _find(rendered, "Role", "koinon-gateway")
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "update", "patch", "delete"]}
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "update", "patch", "delete"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["koinon-gateway-ca-cert"],
+            "verbs": ["get", "update"],
+        },
     ]
     cluster_role = _find(rendered, "ClusterRole", "koinon-gateway")
     assert cluster_role["rules"] == [
@@ -144,6 +153,22 @@ def test_rbac_is_least_privilege(rendered: list[Manifest]) -> None:
             {"kind": "ServiceAccount", "name": "koinon-gateway", "namespace": "koinon-system"}
         ]
         assert binding["roleRef"]["name"] == "koinon-gateway"
+
+
+def test_token_issuers_get_no_secret_read(rendered: list[Manifest]) -> None:
+    """`koinon-gateway token create|ca-hash` users: the published CA certificate by name, and
+    Secret create (a join token), which returns no other Secret; nothing that reads a Secret
+    (get, list, watch, and update/patch, whose reply is the whole object), so not the CA Secret
+    with its private key and credential-signing key. Bound to no one (test_deploy_gateway_rbac.py
+    runs the commands under it)."""
+    role = _find(rendered, "Role", "koinon-gateway-token-issuer")
+    assert role["metadata"]["namespace"] == "koinon-system"
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["koinon-gateway-ca-cert"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    ]
+    bindings = [d for d in rendered if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    assert not [b for b in bindings if b["roleRef"]["name"] == "koinon-gateway-token-issuer"]
 
 
 def test_only_the_gateway_container_gets_the_service_account_token(rendered: list[Manifest]) -> None:

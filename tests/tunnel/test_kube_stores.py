@@ -27,7 +27,7 @@ from koinon_emulator.kubeconfig import write_kubeconfig
 from koinon_emulator.server import KubeEmulator
 from koinon_gateway import service
 from koinon_gateway.config import GatewayConfig
-from koinon_gateway.kube_ca import CA_SECRET_NAME, KubeCAStore
+from koinon_gateway.kube_ca import CA_CERT_CONFIGMAP_NAME, CA_SECRET_NAME, KubeCAStore
 from koinon_gateway.kube_client import JSON, KubeApiError, KubeClient, b64, load_incluster_config, load_kubeconfig
 from koinon_gateway.kube_registry import KubeNodeRegistry
 from koinon_gateway.kube_tokens import KubeTokenStore, secret_name
@@ -339,24 +339,18 @@ async def test_token_cli_prints_the_ca_hash_agents_pin(kube: Kube) -> None:
     assert out.strip().split(".")[1] not in err  # the secret is still printed once, on stdout only
 
 
-@pytest.mark.parametrize("broken", ["keys-missing", "certificate-not-pem"])
+@pytest.mark.parametrize("broken", ["secret-not-a-certificate", "published-certificate-not-pem"])
 async def test_token_cli_create_succeeds_when_only_the_ca_hint_cannot_be_read(kube: Kube, broken: str) -> None:
     """A created token is a success (exit 0, printed once) even if the CA hash printed after it
-    cannot be read; an empty owner is refused before anything is created."""
-    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": CA_SECRET_NAME, "namespace": NAMESPACE}}
-    if broken == "keys-missing":
-        data = {"tls.crt": base64.b64encode(b"x").decode()}
+    cannot be read (from the published ConfigMap, or the CA Secret where none is published); an
+    empty owner is refused before anything is created."""
+    not_pem = "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"
+    if broken == "secret-not-a-certificate":
+        secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": CA_SECRET_NAME, "namespace": NAMESPACE}}
+        kube.emulator.create({**secret, "type": "Opaque", "data": {"tls.crt": base64.b64encode(b"x").decode()}})
     else:
-        bundle = await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
-        kube.emulator.delete("v1", "Secret", CA_SECRET_NAME, NAMESPACE)
-        data = {
-            "tls.crt": base64.b64encode(
-                b"-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n"
-            ).decode(),
-            "tls.key": base64.b64encode(bundle.key_pem).decode(),
-            "credential.key": base64.b64encode(bundle.credential_key).decode(),
-        }
-    kube.emulator.create({**secret, "type": "Opaque", "data": data})
+        await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+        kube.emulator.patch("v1", "ConfigMap", CA_CERT_CONFIGMAP_NAME, {"data": {"ca.crt": not_pem}}, NAMESPACE)
 
     async def create(*args: str) -> tuple[int, str, str]:
         process = await asyncio.create_subprocess_exec(
@@ -1024,7 +1018,8 @@ async def test_api_errors_carry_the_status(kube: Kube) -> None:
 
 
 async def test_gateway_process_with_kube_store(kube: Kube, tmp_path: Path) -> None:
-    """``koinon-gateway --store kube`` as a process: CA Secret created, bootstrap token stored hashed."""
+    """``koinon-gateway --store kube`` as a process: CA Secret created and its certificate published,
+    bootstrap token stored hashed."""
     ready = tmp_path / "ready"
     bootstrap = "abcdef.0123456789abcdef"
     process = await asyncio.create_subprocess_exec(
@@ -1037,6 +1032,9 @@ async def test_gateway_process_with_kube_store(kube: Kube, tmp_path: Path) -> No
         await wait_until(lambda: ready.exists() and len(ready.read_text().splitlines()) == 4, timeout=30)
         ca_path = Path(ready.read_text().splitlines()[2])
         assert base64.b64decode(kube.secret(CA_SECRET_NAME)["data"]["tls.crt"]) == ca_path.read_bytes()
+        # ... and its certificate alone published for `token ca-hash` (test_kube_ca_cert.py).
+        published = kube.emulator.get("v1", "ConfigMap", CA_CERT_CONFIGMAP_NAME, NAMESPACE)
+        assert published["data"] == {"ca.crt": ca_path.read_text()}
         data = decoded(kube.secret(secret_name("abcdef")))
         assert data["token-secret-sha256"] == hash_secret("0123456789abcdef") and data["usage-limit"] == "1"
         # The bootstrap token joins: its VolunteerNode gets an owner (the CRD requires one).

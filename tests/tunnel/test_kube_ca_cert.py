@@ -1,0 +1,167 @@
+"""The gateway publishes its CA's certificate, and only that, in ConfigMap ``koinon-gateway-ca-cert``;
+``koinon-gateway token ca-hash`` and the hint after ``token create`` read it there.
+
+Before 2026-12-07 both read the Secret ``koinon-gateway-ca``, which also holds the CA's private key
+and the HMAC key that signs every node credential: whoever was given what these commands need (to
+hand volunteers ``--ca-cert-hash``) could forge any node's credential and pose as the gateway,
+since RBAC grants a Secret whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from koinon_gateway import token_cli
+from koinon_gateway.kube_ca import CA_CERT_CONFIGMAP_NAME, CA_SECRET_NAME, KubeCAStore, publish_ca_cert
+from koinon_gateway.kube_client import JSON, KubeApiError, KubeClient
+from koinon_gateway.kube_tokens import KubeTokenStore
+from koinon_gateway.pki import ca_cert_hash, create_ca, load_or_create_ca
+
+from . import test_kube_stores
+from .test_kube_stores import NAMESPACE, Kube
+
+kube = test_kube_stores.kube  # the fixture: the API emulator, a kubeconfig and a client for it
+
+
+def configmap(kube: Kube) -> JSON:
+    return kube.emulator.get("v1", "ConfigMap", CA_CERT_CONFIGMAP_NAME, NAMESPACE)
+
+
+@contextlib.contextmanager
+def forbidden(monkeypatch: pytest.MonkeyPatch, denied: Callable[[str, str], bool]) -> Iterator[list[str]]:
+    """Answers 403, as the API server does for a caller whose RBAC lacks it, every request for
+    which ``denied(method, path)`` holds; yields the paths refused."""
+    refused: list[str] = []
+    real = KubeClient.request
+
+    async def request(self: KubeClient, method: str, path: str, *args: Any, **kwargs: Any) -> JSON:
+        if denied(method, path):
+            refused.append(path)
+            raise KubeApiError(403, "Forbidden", f"{method} {path} is forbidden")
+        return await real(self, method, path, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(KubeClient, "request", request)
+        yield refused
+
+
+def cli(kube: Kube, *args: str) -> int:
+    # In this process (so the patches above apply), in a thread: the emulator serves from this loop.
+    return token_cli.main([f"--kubeconfig={kube.kubeconfig}", f"--namespace={NAMESPACE}", *args])
+
+
+def any_secret(method: str, path: str) -> bool:
+    return "/secrets" in path
+
+
+def issuer(method: str, path: str) -> bool:
+    """What the Role koinon-gateway-token-issuer refuses: any Secret request but a create."""
+    return "/secrets" in path and method != "POST"
+
+
+async def test_ca_hash_needs_no_access_to_the_ca_private_key(
+    kube: Kube, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The review's repro: ca-hash read the Secret with tls.key and credential.key. Now it reads
+    nothing with them, and works for a caller refused every Secret."""
+    bundle = await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+    read: list[tuple[str, list[str]]] = []
+    real_get = KubeClient.get_or_none
+
+    async def recording_get(self: KubeClient, path: str) -> Any:
+        result = await real_get(self, path)
+        if result is not None:
+            read.append((path, sorted((result.get("data") or {}).keys())))
+        return result
+
+    monkeypatch.setattr(KubeClient, "get_or_none", recording_get)
+    with forbidden(monkeypatch, any_secret) as refused:
+        assert await asyncio.to_thread(cli, kube, "ca-hash") == 0
+    assert capsys.readouterr().out.strip() == ca_cert_hash(bundle.cert_pem)
+    private = [(path, keys) for path, keys in read if "tls.key" in keys or "credential.key" in keys]
+    assert not private, f"ca-hash read the CA signing key and credential HMAC key: {private} ({CA_SECRET_NAME})"
+    assert not refused  # it did not even try
+
+
+async def test_token_create_prints_the_hint_for_a_caller_refused_the_ca_secret(
+    kube: Kube, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+    # What the Role koinon-gateway-token-issuer allows: create Secrets, read nothing of them.
+    with forbidden(monkeypatch, issuer) as refused:
+        assert await asyncio.to_thread(cli, kube, "create", "--owner=bob") == 0
+    out, err = capsys.readouterr()
+    assert f"agents trust the gateway with: --ca-cert-hash {ca_cert_hash(bundle.cert_pem)}" in err
+    assert out.strip().split(".")[1] not in err and not refused
+    assert [t.owner for t in await KubeTokenStore(kube.client, NAMESPACE).list()] == ["bob"]
+
+
+async def test_the_gateway_publishes_the_certificate_alone_and_keeps_it_current(kube: Kube) -> None:
+    stores = [KubeCAStore(kube.client, NAMESPACE) for _ in range(4)]
+    bundles = await asyncio.gather(*(load_or_create_ca(s) for s in stores))  # replicas starting at once
+    published = configmap(kube)
+    assert published["data"] == {"ca.crt": bundles[0].cert_pem.decode()}
+    assert "binaryData" not in published
+    assert published["metadata"]["labels"]["app.kubernetes.io/part-of"] == "koinon"
+    # Another certificate there (written by hand, or a CA since replaced) is brought back to the
+    # CA the gateway serves at its next start: volunteers must not be told to pin the wrong one.
+    other = create_ca()
+    edited = {"data": {"ca.crt": other.cert_pem.decode()}}
+    kube.emulator.patch("v1", "ConfigMap", CA_CERT_CONFIGMAP_NAME, edited, NAMESPACE)
+    await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+    assert configmap(kube)["data"] == {"ca.crt": bundles[0].cert_pem.decode()}
+    version = configmap(kube)["metadata"]["resourceVersion"]
+    await publish_ca_cert(kube.client, NAMESPACE, bundles[0].cert_pem)  # unchanged: no write
+    assert configmap(kube)["metadata"]["resourceVersion"] == version
+
+
+async def test_a_gateway_not_allowed_to_publish_still_serves_its_ca(
+    kube: Kube, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An image upgraded without applying the new RBAC: the gateway warns and starts."""
+    with (
+        forbidden(monkeypatch, lambda method, path: "/configmaps" in path),
+        caplog.at_level(logging.WARNING, logger="koinon_gateway.kube_ca"),
+    ):
+        bundle = await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+    assert bundle.cert_pem and "cannot publish the CA certificate" in caplog.text
+    assert not kube.emulator.list_objects("v1", "ConfigMap", NAMESPACE)
+
+
+async def test_ca_hash_falls_back_to_the_secret_only_until_the_gateway_publishes(
+    kube: Kube, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A gateway of an earlier version has not published the ConfigMap: a caller allowed to read
+    the CA Secret still gets the hash, told why it came from there; one who is not is told that
+    the gateway has not published it."""
+    bundle = await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+    kube.emulator.delete("v1", "ConfigMap", CA_CERT_CONFIGMAP_NAME, NAMESPACE)
+    assert await asyncio.to_thread(cli, kube, "ca-hash") == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == ca_cert_hash(bundle.cert_pem)
+    assert f"read from Secret {CA_SECRET_NAME}" in err and "has not published" in err
+    with forbidden(monkeypatch, issuer):
+        assert await asyncio.to_thread(cli, kube, "ca-hash") == 2
+        assert await asyncio.to_thread(cli, kube, "create", "--owner=bob") == 0  # the token is made anyway
+    out, err = capsys.readouterr()
+    assert "has not published ConfigMap koinon-gateway-ca-cert" in err and "could not be read" in err
+    assert out.count(".") == 1  # the token, printed once; no hash
+
+
+@pytest.mark.parametrize("broken", ["no-ca.crt", "not-pem"])
+async def test_a_broken_published_certificate_is_named(
+    kube: Kube, broken: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+    data: dict[str, str | None] = {"ca.crt": None} if broken == "no-ca.crt" else {"ca.crt": "not a certificate"}
+    kube.emulator.patch("v1", "ConfigMap", CA_CERT_CONFIGMAP_NAME, {"data": data}, NAMESPACE)
+    assert await asyncio.to_thread(cli, kube, "ca-hash") == 2
+    assert f"ConfigMap {NAMESPACE}/{CA_CERT_CONFIGMAP_NAME}" in capsys.readouterr().err
+    # The CA Secret itself is untouched and still served.
+    assert base64.b64decode(kube.emulator.get("v1", "Secret", CA_SECRET_NAME, NAMESPACE)["data"]["tls.key"])
