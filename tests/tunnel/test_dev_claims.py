@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import socket
 import subprocess
 import tempfile
@@ -22,6 +23,25 @@ REAL_CLAIMS_DIR = claims.claims_dir  # the tests below keep their claims apart f
 @pytest.fixture(autouse=True)
 def own_claims(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(claims, "claims_dir", lambda: tmp_path / "claims")
+    # The claims are what these tests are about, not the host's ports: any process beside them (a
+    # test's Ray) may hold an ephemeral port in a range, and a claim then failed on "no free block".
+    # test_a_block_whose_ports_are_taken_is_skipped stands in for the probe itself.
+    monkeypatch.setattr(claims, "ports_free", lambda start, count: True)
+
+
+def test_a_block_whose_ports_are_taken_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    probed: list[tuple[int, int]] = []
+
+    def ports_free(start: int, count: int) -> bool:
+        probed.append((start, count))
+        return start != 40000  # something else on the host holds a port of the first block
+
+    monkeypatch.setattr(claims, "ports_free", ports_free)
+    monkeypatch.setattr(random, "shuffle", lambda slots: None)  # blocks tried in order
+    work = tmp_path / "koinon-work"
+    work.mkdir()
+    claim = claims.claim(work, 40, low=40000, high=40200, octets=range(20, 21))
+    assert claim.port_low == 40040 and probed == [(40000, 40), (40040, 40)]
 
 
 def test_a_second_control_plane_takes_other_ports_and_addresses(tmp_path: Path) -> None:
@@ -48,9 +68,6 @@ def test_a_claim_ends_with_its_control_plane(tmp_path: Path) -> None:
 
 
 def test_every_range_held_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # The ports are not what this is about: any process of the host (a test's Ray beside it) may
-    # hold an ephemeral port in the range, and the error was then about ports.
-    monkeypatch.setattr(claims, "ports_free", lambda start, count: True)
     held = tmp_path / "koinon-held"
     held.mkdir()
     claims.claim(held, 40, low=40000, high=40100, octets=range(20, 21))
