@@ -766,12 +766,17 @@ class TunnelService:
             session.verifier = asyncio.ensure_future(self._verify_loop(session, self.ray_checker))
 
     async def _verify_loop(self, session: NodeSession, checker: RayNodeChecker) -> None:
+        failed = False
         while not session.closed and session.ray_node_id and session.ray_node_id != session.ray_verified_id:
             node_id = session.ray_node_id
             try:
                 address = await checker.address_of(node_id)
             except Exception as exc:  # GCS unreachable: keep the node NotReady and retry
-                log.warning("GCS lookup for %s failed: %r", session.node_name, exc)
+                # Once per node and outage, not every 0.25 s (the checker logs the outage itself).
+                log.log(
+                    logging.DEBUG if failed else logging.WARNING, "GCS lookup for %s failed: %r", session.node_name, exc
+                )
+                failed = True
                 address = None
             if session.closed:  # ended during the lookup: its NotReady must stay the last word
                 return

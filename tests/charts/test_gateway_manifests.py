@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -211,8 +213,8 @@ def test_network_policy_opens_the_services_ports_only(rendered: list[Manifest]) 
     assert policy["metadata"]["namespace"] == deployment["metadata"]["namespace"]
     spec = policy["spec"]
     assert spec["podSelector"] == {"matchLabels": deployment["spec"]["selector"]["matchLabels"]}
-    # Ingress only: egress (API server, DNS, Ray's own) stays open.
-    assert spec["policyTypes"] == ["Ingress"]
+    # Egress too: test_network_policy_limits_egress_to_dns_and_the_api_server.
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
     rules = {port: rule for rule in spec["ingress"] for _, port in _ports_of(rule)}
     assert all(len(rule["ports"]) == 1 and rule["ports"][0]["protocol"] == "TCP" for rule in spec["ingress"])
     assert sorted(rules) == sorted(container_ports.values())
@@ -246,6 +248,88 @@ def test_ray_head_ports_are_not_opened_to_other_pods(rendered: list[Manifest]) -
     opened = {port for rule in policy["ingress"] for _, port in _ports_of(rule)}
     assert opened == {7443, 7481, int(flags["dashboard-port"])}
     assert not opened & (ray_ports | {7480})
+
+
+METADATA_ADDRESSES = ("169.254.169.254", "fd00:ec2::254")  # cloud metadata (node credentials)
+
+
+def _allows(peer: Manifest, address: str) -> bool:
+    """Whether an egress peer's ipBlock takes in ``address`` (pod and namespace selectors match
+    pods only, never the metadata service)."""
+    if "ipBlock" not in peer:
+        return False
+    ip = ipaddress.ip_address(address)
+    block = peer["ipBlock"]
+    if ip not in ipaddress.ip_network(block["cidr"]):  # an address of the other family is not in it
+        return False
+    return not any(ip in ipaddress.ip_network(cidr) for cidr in block.get("except", []))
+
+
+def test_the_pod_running_the_ray_head_has_its_egress_limited(rendered: list[Manifest]) -> None:
+    """The head runs code any volunteer can place there (README: "run tasks ... on the head"); no
+    policy on that pod's egress would let such a task reach the cloud metadata service, every pod
+    and Service of the cluster, and the API server."""
+    deployment = _find(rendered, "Deployment", "koinon-gateway")
+    pod = deployment["spec"]["template"]
+    assert "ray-head" in {c["name"] for c in pod["spec"]["containers"]}  # volunteer-schedulable code runs here
+    labels = pod["metadata"]["labels"]
+    egress_policies = [
+        d
+        for d in rendered
+        if d["kind"] == "NetworkPolicy"
+        and d["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+        and "Egress" in d["spec"].get("policyTypes", [])
+    ]
+    assert egress_policies, "no NetworkPolicy limits the egress of the pod that runs the Ray head"
+
+
+def test_network_policy_limits_egress_to_dns_and_the_api_server(rendered: list[Manifest]) -> None:
+    egress = _find(rendered, "NetworkPolicy", "koinon-gateway")["spec"]["egress"]
+    for rule in egress:  # a rule without ports or peers would open every port or every address
+        assert rule.get("ports") and rule.get("to"), rule
+    dns, api = egress
+    assert sorted(_ports_of(dns)) == [("TCP", 53), ("UDP", 53)]
+    assert dns["to"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ]
+    # The API server, whose address static manifests do not know: any, less link-local.
+    assert sorted(_ports_of(api)) == [("TCP", 443), ("TCP", 6443)]
+    assert all(set(peer) == {"ipBlock"} for peer in api["to"])
+    for address in ("10.96.0.1", "172.18.0.2", "fd00:10:96::1"):  # Service and API server addresses
+        assert any(_allows(peer, address) for peer in api["to"]), address
+    for address in METADATA_ADDRESSES:
+        assert not any(_allows(peer, address) for rule in egress for peer in rule["to"]), address
+
+
+def test_the_pods_own_traffic_stays_on_loopback(rendered: list[Manifest]) -> None:
+    """What the egress policy leaves out, the pod must not need: the head reaches volunteers through
+    the gateway's proxy on loopback, at loopback virtual addresses; neither container exports
+    traces (OTEL_*) or uses a proxy elsewhere."""
+    pod = _find(rendered, "Deployment", "koinon-gateway")["spec"]["template"]["spec"]
+    head = next(c for c in pod["containers"] if c["name"] == "ray-head")
+    env = {e["name"]: e.get("value") for c in pod["containers"] for e in c.get("env", [])}
+    assert not [name for name in env if name.startswith("OTEL_")]
+    assert urllib.parse.urlsplit(env["grpc_proxy"] or "").hostname == "127.0.0.1"
+    assert not {"http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"} & set(env)
+    loopback = ipaddress.ip_network("127.0.0.0/8")
+    args = dict(a.removeprefix("--").split("=", 1) for a in _gateway_args(rendered) if "=" in a)
+    assert ipaddress.ip_network(args["vip-cidr"]).subnet_of(loopback)  # type: ignore[arg-type]
+    assert ipaddress.ip_address(args["head-address"]) in loopback
+    assert "--disable-usage-stats" in head["command"]
+
+
+def test_ray_tmp_is_bounded(rendered: list[Manifest]) -> None:
+    """A runaway on the head (a pinned task spilling objects or writing logs) evicts this pod rather
+    than filling the node's disk; a normal head's --temp-dir holds far less (about 2 MB once started)."""
+    pod = _find(rendered, "Deployment", "koinon-gateway")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["ray-tmp"]["emptyDir"] == {"sizeLimit": "10Gi"}
+    head = next(c for c in pod["containers"] if c["name"] == "ray-head")
+    assert "--temp-dir=/tmp/ray" in head["command"]
+    assert {"name": "ray-tmp", "mountPath": "/tmp"} in head["volumeMounts"]
 
 
 READ_ONLY_ROOT_SCRIPT = r"""

@@ -54,6 +54,10 @@ def test_operator_runs_cluster_wide(rendered: list[Manifest]) -> None:
 
 
 def test_pods_meet_pod_security_restricted(rendered: list[Manifest]) -> None:
+    # And the namespace enforces it: nothing less confined starts beside the gateway's keys.
+    labels = _find(rendered, "Namespace", "koinon-system")["metadata"]["labels"]
+    for mode in ("enforce", "audit", "warn"):
+        assert labels[f"pod-security.kubernetes.io/{mode}"] == "restricted", mode
     for name in ("koinon-gateway", "koinon-operator"):
         pod = _find(rendered, "Deployment", name)["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True, name

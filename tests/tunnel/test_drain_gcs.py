@@ -4,6 +4,7 @@ is exercised in test_ray_netns.py)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -24,11 +25,16 @@ class RecordingGcs:
     addresses: dict[str, str] = {}
     drains: list[tuple[str, str, float]] = []
     answers: list[tuple[bool, str] | Exception] = [(True, "")]
+    lookups = 0
+    lookup_error: Exception | None = None
 
     def __init__(self, gcs_address: str, auth_token: str = "") -> None:
         pass
 
     async def address_of(self, node_id: str) -> str | None:
+        RecordingGcs.lookups += 1
+        if RecordingGcs.lookup_error is not None:
+            raise RecordingGcs.lookup_error
         return self.addresses.get(node_id)
 
     async def drain(self, node_id: str, message: str, deadline_s: float) -> tuple[bool, str]:
@@ -78,6 +84,7 @@ async def _drain_twice(c: Cluster, grace_seconds: int, asks: int = 1, hold_s: fl
 def recording_gcs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gateway_server, "GcsRayNodeChecker", RecordingGcs)
     RecordingGcs.addresses, RecordingGcs.drains, RecordingGcs.answers = {}, [], [(True, "")]
+    RecordingGcs.lookups, RecordingGcs.lookup_error = 0, None
 
 
 async def test_drain_asks_gcs_once_with_the_grace_as_deadline(tmp_path: Path) -> None:
@@ -118,3 +125,33 @@ async def test_a_gcs_that_keeps_failing_is_not_asked_after_the_node_is_gone(tmp_
         await asyncio.sleep(3.5)  # past the next pauses (1 s, 2 s)
         assert len(RecordingGcs.drains) == 2  # none once the stream has closed
         assert c.registry.objects[name]["status"]["phase"] == "NotReady"
+
+
+async def test_a_gcs_lookup_that_keeps_failing_is_logged_once_per_node_until_it_answers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The gateway asks again every 0.25 s while the head is away (a restart of its container takes
+    # a minute): one warning per node, not four a second per node.
+    RecordingGcs.lookup_error = ConnectionError("WrongClusterID")
+    caplog.set_level(logging.WARNING, logger="koinon_gateway.service")
+    async with cluster(tmp_path, verify_ray_nodes=True) as c, channel_for(c) as channel:
+        joined = await tunnel_stub(channel).Join(pb.JoinRequest(token=c.tokens.add(), name_hint="x"), timeout=5)
+        name, address = joined.assignment.node_name, joined.assignment.address
+        call = tunnel_stub(channel).Control(metadata=(("authorization", f"Bearer {joined.credential}"),))
+        await call.write(pb.AgentMessage(register=pb.Register(node_name=name, address=address, self_heartbeats=True)))
+        assert (await call.read()).HasField("registered")
+        heartbeat = pb.AgentMessage(heartbeat=pb.Heartbeat(ray_node_id=RAY_NODE_ID, ray_state="running"))
+        deadline = time.monotonic() + 10
+        while RecordingGcs.lookups < 6:
+            assert time.monotonic() < deadline, RecordingGcs.lookups
+            await call.write(heartbeat)
+            await asyncio.sleep(0.1)
+        RecordingGcs.addresses[RAY_NODE_ID] = address
+        RecordingGcs.lookup_error = None  # GCS is back: the node is confirmed
+        while c.registry.objects[name]["status"].get("phase") != "Ready":
+            assert time.monotonic() < deadline, c.registry.objects[name]["status"]
+            await call.write(heartbeat)
+            await asyncio.sleep(0.1)
+        call.cancel()
+    failures = [r for r in caplog.records if "GCS lookup for" in r.getMessage() and r.levelno >= logging.WARNING]
+    assert len(failures) == 1, [r.getMessage() for r in failures]
