@@ -30,6 +30,9 @@ def normalize_builtin(group: str, plural: str, obj: JsonObj, old: JsonObj | None
     name = str((obj.get("metadata") or {}).get("name", ""))
     if group == "" and plural == "secrets":
         _normalize_secret(obj, old, name)
+        _check_immutable(obj, old, name, "Secret", ("data",))
+    elif group == "" and plural == "configmaps":
+        _check_immutable(obj, old, name, "ConfigMap", ("data", "binaryData"))
     elif group == "" and plural == "namespaces":
         status = obj.setdefault("status", {})
         if isinstance(status, dict):
@@ -79,6 +82,26 @@ def _normalize_secret(obj: JsonObj, old: JsonObj | None, name: str) -> None:
         causes.append(FieldCause("type", f"Invalid value: {obj['type']!r}: field is immutable"))
     if causes:
         raise errors.invalid("", "Secret", name, causes)
+
+
+def _check_immutable(obj: JsonObj, old: JsonObj | None, name: str, kind: str, fields: tuple[str, ...]) -> None:
+    """ValidateConfigMapUpdate / ValidateSecretUpdate: once ``immutable: true`` is set, neither it
+    nor the data may change (422); the object can only be deleted and created again."""
+    if old is None or old.get("immutable") is not True:
+        return
+    immutable = "field is immutable when `immutable` is set"
+    causes = (
+        [FieldCause("immutable", f"Forbidden: {immutable}", "FieldValueForbidden")]
+        if obj.get("immutable") is not True
+        else []
+    )
+    causes += [
+        FieldCause(key, f"Forbidden: {immutable}", "FieldValueForbidden")
+        for key in fields
+        if (obj.get(key) or {}) != (old.get(key) or {})
+    ]
+    if causes:
+        raise errors.invalid("", kind, name, causes)
 
 
 def _check_selector(obj: JsonObj, name: str, kind: str) -> None:

@@ -9,14 +9,22 @@ The ConfigMap is what ``koinon-gateway token ca-hash`` (and the hint after ``tok
 as kubeadm publishes its CA in the ``cluster-info`` ConfigMap: RBAC grants a Secret whole, so a
 caller allowed to read the CA Secret for its certificate could also read the CA's private key and
 the key that signs every node credential, forge any node's credential and pose as the gateway. The
-gateway writes the ConfigMap each time it loads its CA, so it always holds the CA being served.
+gateway writes the ConfigMap each time it loads its CA, so it always holds the CA being served; one
+it cannot update (planted ``immutable``) it deletes and creates again. The pin read there is only
+as trustworthy as write access to ConfigMaps in the gateway's namespace (as kubeadm's cluster-info
+rests on who may write kube-public); the gateway's next start rewrites it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from dataclasses import dataclass
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from .kube_client import JSON, KubeApiError, KubeClient, configmap_path, secret_path
 from .pki import CABundle, bundle_problem, ca_cert_hash
@@ -47,12 +55,16 @@ def ca_secret(namespace: str, bundle: CABundle) -> JSON:
 
 
 def ca_cert_configmap(namespace: str, cert_pem: bytes) -> JSON:
-    """The CA's certificate only: nothing in it is secret (agents receive it in every TLS handshake)."""
+    """The CA's certificate only: nothing in it is secret (agents receive it in every TLS handshake).
+
+    Written anew from the parsed certificate: a tls.crt may carry what the gateway serves fine but
+    is not plain PEM (a UTF-8 byte-order mark, the text ``openssl x509 -text`` puts around it)."""
+    pem = x509.load_pem_x509_certificate(cert_pem).public_bytes(serialization.Encoding.PEM)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": CA_CERT_CONFIGMAP_NAME, "namespace": namespace, "labels": dict(LABELS)},
-        "data": {CA_CERT_KEY: cert_pem.decode("ascii")},
+        "data": {CA_CERT_KEY: pem.decode("ascii")},
     }
 
 
@@ -97,19 +109,26 @@ class KubeCAStore:
 
 
 PUBLISH_ATTEMPTS = 5
+# What a request to the API server may fail with besides an answer (KubeApiError): its 30 s
+# timeout, a dropped or refused connection.
+_NO_ANSWER = (asyncio.TimeoutError, aiohttp.ClientError, OSError)
 
 
 async def publish_ca_cert(client: KubeClient, namespace: str, cert_pem: bytes) -> None:
     """Creates the ConfigMap, or brings it to ``cert_pem`` (one holding another certificate, left
     by a CA since replaced or written by someone else, would have volunteers pin the wrong CA).
+    One that cannot be updated (``immutable: true``, which anyone allowed to create ConfigMaps in
+    the namespace could have planted first, or an update refused as invalid, 422) is deleted, that
+    very object only (its uid and resourceVersion as preconditions), and created again.
 
     Best effort: a gateway whose Role predates the ConfigMap (an image upgraded without applying
-    manifests/gateway/rbac.yaml again) still serves; ``token ca-hash`` then falls back to the CA
-    Secret for those allowed to read it and says the certificate is not published.
+    manifests/gateway/rbac.yaml again), an API server that does not answer in time, or a
+    certificate that cannot be written out still serves; ``token ca-hash`` then falls back to the
+    CA Secret for those allowed to read it and says the certificate is not published.
     """
     path = configmap_path(namespace, CA_CERT_CONFIGMAP_NAME)
-    wanted = ca_cert_configmap(namespace, cert_pem)
     try:
+        wanted = ca_cert_configmap(namespace, cert_pem)
         for _ in range(PUBLISH_ATTEMPTS):
             current = await client.get_or_none(path)
             if current is None:
@@ -123,20 +142,24 @@ async def publish_ca_cert(client: KubeClient, namespace: str, cert_pem: bytes) -
                 return
             if (current.get("data") or {}).get(CA_CERT_KEY) == wanted["data"][CA_CERT_KEY]:
                 return
-            # resourceVersion kept: a concurrent writer makes this PUT answer 409, and we look again.
-            replacement = {**current, "data": wanted["data"]}
-            try:
-                await client.replace(path, replacement)
-            except KubeApiError as exc:
-                if exc.conflict:
-                    continue
-                raise
-            log.warning(
-                "ConfigMap %s/%s held another certificate; it now holds the CA this gateway serves",
-                namespace,
-                CA_CERT_CONFIGMAP_NAME,
-            )
-            return
+            if not current.get("immutable"):
+                # resourceVersion kept: a concurrent writer makes this PUT answer 409, and we look again.
+                replacement = {**current, "data": wanted["data"]}
+                try:
+                    await client.replace(path, replacement)
+                except KubeApiError as exc:
+                    if exc.conflict:
+                        continue
+                    if not exc.invalid:  # 422: not updatable as it is (made immutable meanwhile)
+                        raise
+                else:
+                    log.warning(
+                        "ConfigMap %s/%s held another certificate; it now holds the CA this gateway serves",
+                        namespace,
+                        CA_CERT_CONFIGMAP_NAME,
+                    )
+                    return
+            await _delete_to_recreate(client, path, current)
         log.warning("ConfigMap %s/%s: kept changing; not published", namespace, CA_CERT_CONFIGMAP_NAME)
     except KubeApiError as exc:
         log.warning(
@@ -146,6 +169,35 @@ async def publish_ca_cert(client: KubeClient, namespace: str, cert_pem: bytes) -
             CA_CERT_CONFIGMAP_NAME,
             exc,
         )
+    except (*_NO_ANSWER, ValueError) as exc:
+        # The error's type and text only: aiohttp's carry the URL, never the request's headers
+        # (kube_client turns the one that would, ClientResponseError, into a KubeApiError).
+        log.warning(
+            "cannot publish the CA certificate in ConfigMap %s/%s (%s: %s); serving anyway, it is "
+            "published at the next start",
+            namespace,
+            CA_CERT_CONFIGMAP_NAME,
+            type(exc).__name__,
+            exc,
+        )
+
+
+async def _delete_to_recreate(client: KubeClient, path: str, current: JSON) -> None:
+    """Deletes the ConfigMap as read, so that the next attempt creates it holding the served CA;
+    one changed or deleted meanwhile (409, 404) is left for that attempt to read again."""
+    metadata = current.get("metadata") or {}
+    preconditions = {key: str(metadata[key]) for key in ("uid", "resourceVersion") if metadata.get(key)}
+    try:
+        await client.delete(path, preconditions)
+    except KubeApiError as exc:
+        if not (exc.conflict or exc.not_found):
+            raise
+        return
+    log.warning(
+        "ConfigMap %s held another certificate and could not be updated (immutable, or the update was "
+        "refused as invalid); deleted to be created again with the CA this gateway serves",
+        path,
+    )
 
 
 NOT_PUBLISHED = (
@@ -159,29 +211,43 @@ async def published_ca_hash(client: KubeClient, namespace: str) -> tuple[str, st
     the ConfigMap); None when there is no CA yet.
 
     Read from the public ConfigMap, so the caller needs no access to the CA Secret. Only where the
-    ConfigMap is absent (a gateway that has not published it yet) is the Secret read instead, and
-    only its certificate used; a caller not allowed to read it (403) is told what is missing.
+    ConfigMap is absent (a gateway that has not published it yet) or the caller may not read it
+    (403: one granted the CA Secret alone, as before the ConfigMap) is the Secret read instead,
+    and only its certificate used; a caller refused that too is told what is missing.
     """
-    published = await client.get_or_none(configmap_path(namespace, CA_CERT_CONFIGMAP_NAME))
+    configmap = f"ConfigMap {namespace}/{CA_CERT_CONFIGMAP_NAME}"
+    refused: KubeApiError | None = None
+    try:
+        published = await client.get_or_none(configmap_path(namespace, CA_CERT_CONFIGMAP_NAME))
+    except KubeApiError as exc:
+        if exc.status != 403:
+            raise
+        refused, published = exc, None
     if published is not None:
-        where = f"ConfigMap {namespace}/{CA_CERT_CONFIGMAP_NAME}"
         pem = (published.get("data") or {}).get(CA_CERT_KEY)
         if not pem:
-            raise ValueError(f"{where}: data.{CA_CERT_KEY}: missing; restart the gateway to publish it again")
-        return _hash(str(pem).encode(), where), ""
+            raise ValueError(f"{configmap}: data.{CA_CERT_KEY}: missing; restart the gateway to publish it again")
+        return _hash(str(pem).encode(), configmap), ""
+    why = f"reading {configmap} was refused ({refused})" if refused is not None else NOT_PUBLISHED
     try:
         secret = await client.get_or_none(secret_path(namespace, CA_SECRET_NAME))
     except KubeApiError as exc:
-        if exc.status == 403:
-            raise ValueError(f"namespace {namespace}: {NOT_PUBLISHED}") from exc
-        raise
+        if exc.status != 403:
+            raise
+        if refused is not None:
+            raise ValueError(
+                f"namespace {namespace}: reading {configmap} was refused ({refused}), and so was "
+                f"Secret {CA_SECRET_NAME} ({exc}): ask for get on ConfigMap {CA_CERT_CONFIGMAP_NAME} "
+                "(Role koinon-gateway-token-issuer, manifests/gateway/token-roles.yaml)"
+            ) from exc
+        raise ValueError(f"namespace {namespace}: {NOT_PUBLISHED}") from exc
     if secret is None:
         return None
     where = f"Secret {namespace}/{CA_SECRET_NAME}"
     crt = (secret.get("data") or {}).get("tls.crt")
     if not crt:
         raise ValueError(f"{where}: data.tls.crt: missing")
-    return _hash(base64.b64decode(crt), where), f"read from Secret {CA_SECRET_NAME}: {NOT_PUBLISHED}"
+    return _hash(base64.b64decode(crt), where), f"read from Secret {CA_SECRET_NAME}: {why}"
 
 
 def _hash(cert_pem: bytes, where: str) -> str:

@@ -12,7 +12,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -74,15 +74,55 @@ _JOIN_ID_RE = re.compile(r"[0-9a-f]{32}")
 # leaked single-use token, would get them a credential for a node that never connected.
 JOIN_KEY_LABEL = "koinon.dev/join-key"
 # A node of a join whose address was never written was left by a gateway that died between
-# creating it and writing its status (a live one undoes it). Only this long after its creation is
-# it taken for that: a younger one may be another gateway replica's try, still writing the status
-# or undoing the node and giving its use back (the agent's 15 s deadline ends that try, and its undo
-# is a few API requests of at most 30 s each), so its retry is asked to come back.
+# creating it and writing its status (a live one undoes it). Only once this gateway has seen it so,
+# without an address, for this long (on its own monotonic clock) is it taken for that: a younger one
+# may be another gateway replica's try, still writing the status or undoing the node and giving its
+# use back (the agent's 15 s deadline ends that try, and its undo is a few API requests of at most
+# 30 s each), so its retry is asked to come back. Not measured from creationTimestamp: that is the
+# API server's clock, and a gateway host whose clock ran minutes ahead would take a live replica's
+# node for a dead gateway's, delete it, and (that replica giving its use back) let a one-use token
+# make two nodes.
 HALF_MADE_JOIN_S = 120
+# How many half-made nodes a gateway remembers having seen (HalfMadeSightings).
+HALF_MADE_SEEN_MAX = 4096
 
 
 class EarlierTryRunning(Exception):
     """An earlier try of this join may still be under way (in another gateway replica)."""
+
+
+class HalfMadeSightings:
+    """When this gateway first saw each half-made node (a join's node without an address), by
+    uid, on its own monotonic clock: a node seen so for HALF_MADE_JOIN_S is at least that old,
+    whatever the gateway's and the API server's wall clocks say.
+
+    Bounded, as only its own memory: a sighting is dropped COUNTED_JOIN_RETRY_S after it was made
+    (the node's use is no longer honoured by then, and the node is left to the unconnected-node
+    cleanup), and the oldest goes once HALF_MADE_SEEN_MAX are kept, so a token holder leaving
+    many half-made nodes cannot grow it. A node forgotten (also across a restart, or seen first by
+    another replica) is seen anew: its retry waits longer, never less."""
+
+    def __init__(self, limit: int = HALF_MADE_SEEN_MAX, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.clock = clock
+        self._first_seen: collections.OrderedDict[str, float] = collections.OrderedDict()  # oldest first
+
+    def __len__(self) -> int:
+        return len(self._first_seen)
+
+    def seen_for(self, key: str) -> float:
+        """Seconds since ``key`` was first seen half-made (0.0 when that is now)."""
+        now = self.clock()
+        while self._first_seen:
+            oldest, seen_at = next(iter(self._first_seen.items()))
+            if now - seen_at < COUNTED_JOIN_RETRY_S:
+                break
+            del self._first_seen[oldest]
+        if key not in self._first_seen:
+            while len(self._first_seen) >= self.limit:
+                self._first_seen.popitem(last=False)
+            self._first_seen[key] = now
+        return now - self._first_seen[key]
 
 
 def node_name_from_hint(hint: str) -> str:
@@ -218,6 +258,8 @@ class TunnelService:
         # Control streams per node that have not registered yet: each holds a handler for up to the
         # first-frame timeout and costs an API read, so one credential must not open them freely.
         self._controls_opening: collections.Counter[str] = collections.Counter()
+        # Half-made nodes this gateway has seen, and since when (``_undo_half_made``).
+        self.half_made = HalfMadeSightings()
 
     def assignment(self, node_name: str, address: str) -> pb.Assignment:
         return pb.Assignment(
@@ -386,18 +428,25 @@ class TunnelService:
         Its use was counted for this join, so the retry, as a join that made no node, is counted
         no second time (the token stores honour that use for COUNTED_JOIN_RETRY_S). Left as a node
         this join made (False) when older than that, the use no longer honoured, or of unknown age:
-        the retry is a new join, and the node goes with the unconnected-node cleanup. Raises
-        EarlierTryRunning when it may still be a live try's (younger than HALF_MADE_JOIN_S), or
-        when it changed since it was read (its status landed after all) or is already gone."""
+        the retry is a new join, and the node goes with the unconnected-node cleanup; that age is
+        read from creationTimestamp, the API server's clock against this host's (approximate when
+        they disagree). Raises EarlierTryRunning when it may still be a live try's: until this
+        gateway has seen it without an address for HALF_MADE_JOIN_S on its own monotonic clock
+        (never from creationTimestamp: a clock minutes ahead would take a live replica's node for
+        a dead gateway's), or when it changed since it was read (its status landed after all) or
+        is already gone."""
         made_at = created_at(node)
         if made_at is None or (now - made_at).total_seconds() >= COUNTED_JOIN_RETRY_S:
             return False
-        if (now - made_at).total_seconds() < HALF_MADE_JOIN_S:
-            raise EarlierTryRunning()
-        if being_deleted(node):
-            return True  # an earlier retry's delete, held by a finalizer: no node of this join's
         metadata = node.get("metadata") or {}
         name = str(metadata.get("name") or "")
+        sighting = node_uid(node) or f"name:{name}"  # uid-less: an old file registry's node
+        if self.half_made.seen_for(sighting) < HALF_MADE_JOIN_S:
+            raise EarlierTryRunning()
+        if being_deleted(node):
+            # An earlier retry's delete, held by a finalizer: no node of this join's. (Its sighting
+            # is kept, not dropped at the delete, so that this holds without a second wait.)
+            return True
         # Only the object as read: one whose status was written meanwhile is a node after all.
         preconditions = {key: str(metadata[key]) for key in ("uid", "resourceVersion") if metadata.get(key)}
         if not await self.registry.delete(name, preconditions):

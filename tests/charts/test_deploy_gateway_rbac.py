@@ -9,9 +9,10 @@ server does) and later restarts it with a different usage limit or owner for tha
 so in a real cluster that restart got 403 Forbidden and the gateway crash-looped.
 
 Each start also loads the CA and publishes its certificate in ConfigMap koinon-gateway-ca-cert
-(kube_ca.py), and the platform team's `koinon-gateway token create|ca-hash` must work under
-koinon-gateway-token-issuer (manifests/gateway/token-roles.yaml), which reads no Secret: rules are
-matched with their resourceNames, as RBAC matches them.
+(kube_ca.py; one planted immutable is deleted and created again), and the platform team's
+`koinon-gateway token create|ca-hash` must work under koinon-gateway-token-issuer
+(manifests/gateway/token-roles.yaml), which reads no Secret: rules are matched with their
+resourceNames, as RBAC matches them.
 """
 
 from __future__ import annotations
@@ -137,15 +138,19 @@ async def test_gateway_restarted_with_a_changed_bootstrap_token_stays_within_its
         def args(flag: str) -> argparse.Namespace:
             return build_parser().parse_args([*base, f"--kubeconfig={kubeconfig}", f"--bootstrap-token={flag}"])
 
-        # First start, then a restart where the platform team raised the token's usage limit; each
-        # start loads the CA (creates it first) and publishes its certificate, which the restart
-        # finds changed (by hand) and writes again.
-        for flag in (f"{TOKEN}:3", f"{TOKEN}:10"):
+        # First start, then restarts where the platform team raised the token's usage limit; each
+        # start loads the CA (creates it first) and publishes its certificate, which a restart
+        # finds changed (by hand) and writes again, and then changed and made immutable (planted),
+        # which it can only delete and create again.
+        planted = ({"data": {"ca.crt": "edited"}}, {"data": {"ca.crt": "planted"}, "immutable": True}, None)
+        for flag, edit in zip((f"{TOKEN}:3", f"{TOKEN}:10", f"{TOKEN}:11"), planted, strict=True):
             async with open_stores(args(flag)) as (_, _, ca_store):
                 await load_or_create_ca(ca_store)
-            cert = {"data": {"ca.crt": "edited"}}
-            emulator.patch("v1", "ConfigMap", CA_CERT_CONFIGMAP_NAME, cert, NAMESPACE)
+            if edit is not None:
+                emulator.patch("v1", "ConfigMap", CA_CERT_CONFIGMAP_NAME, edit, NAMESPACE)
+        assert not emulator.get("v1", "ConfigMap", CA_CERT_CONFIGMAP_NAME, NAMESPACE).get("immutable")
     assert ("", "configmaps", "update", CA_CERT_CONFIGMAP_NAME) in calls
+    assert ("", "configmaps", "delete", CA_CERT_CONFIGMAP_NAME) in calls
 
     denied = sorted({c for c in calls if not _allowed(gateway_rules, *c)})
     assert not denied, f"the gateway server makes API calls its Role/ClusterRole does not allow: {denied}"

@@ -128,7 +128,8 @@ def test_rbac_is_least_privilege(rendered: list[Manifest]) -> None:
     # Each verb is one the gateway server calls (kube_tokens.py, kube_ca.py, kube_registry.py):
     # delete on Secrets is the expired-token cleaner, patch brings a changed --bootstrap-token's
     # Secret to the flag's values (test_deploy_gateway_rbac.py records the calls). The ConfigMap
-    # that publishes the CA's certificate: created when absent, then read and updated by name only.
+    # that publishes the CA's certificate: created when absent, then read, updated, and deleted to
+    # be created again where it cannot be updated (planted immutable), by name only.
     role = _find(rendered, "Role", "koinon-gateway")
     assert role["rules"] == [
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "update", "patch", "delete"]},
@@ -137,7 +138,7 @@ def test_rbac_is_least_privilege(rendered: list[Manifest]) -> None:
             "apiGroups": [""],
             "resources": ["configmaps"],
             "resourceNames": ["koinon-gateway-ca-cert"],
-            "verbs": ["get", "update"],
+            "verbs": ["get", "update", "delete"],
         },
     ]
     cluster_role = _find(rendered, "ClusterRole", "koinon-gateway")

@@ -36,6 +36,26 @@ async def test_secret_type_is_immutable(http: aiohttp.ClientSession) -> None:
     assert response.status == 422, await response.text()
 
 
+async def test_an_immutable_configmap_or_secret_can_only_be_deleted_and_created_again(
+    http: aiohttp.ClientSession,
+) -> None:
+    """ValidateConfigMapUpdate / ValidateSecretUpdate: with `immutable: true` neither the data nor
+    the flag may change (422, "data: Forbidden: field is immutable when `immutable` is set"); a
+    delete still works. kube_ca.py relies on it (a planted immutable koinon-gateway-ca-cert); the
+    emulator let such an update through before 2026-12-07."""
+    configmaps = "/api/v1/namespaces/default/configmaps"
+    for collection, data in ((configmaps, {"a": "x"}), (SECRETS, {"a": "eA=="})):
+        body = {"metadata": {"name": "frozen"}, "immutable": True, "data": data}
+        assert (await http.post(collection, json=body)).status == 201
+        for patch in ({"data": {"a": None, "b": next(iter(data.values()))}}, {"immutable": False}):
+            response = await http.patch(f"{collection}/frozen", headers=MERGE, json=patch)
+            assert response.status == 422, await response.text()
+            assert "field is immutable when `immutable` is set" in (await _json(response))["message"]
+        labelled = await http.patch(f"{collection}/frozen", headers=MERGE, json={"metadata": {"labels": {"l": "v"}}})
+        assert labelled.status == 200, await labelled.text()  # metadata is not frozen
+        assert (await http.delete(f"{collection}/frozen")).status == 200
+
+
 async def test_secret_string_data_values_must_be_strings(http: aiohttp.ClientSession) -> None:
     """stringData is map[string]string: a number fails decoding with 400 BadRequest. Before 2026-12-06 the emulator
     str()-converts it (5 -> "NQ=="), hiding a writer that forgot to stringify a count."""

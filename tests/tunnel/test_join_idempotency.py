@@ -8,6 +8,9 @@ import asyncio
 import datetime as dt
 import secrets
 import stat
+import time
+import types
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,15 +18,16 @@ import grpc
 import pytest
 from koinon_agent import state
 from koinon_agent.agent import Agent
+from koinon_gateway import service as service_module
 from koinon_gateway.registry import JOIN_TOKEN_LABEL, JSON, InMemoryNodeRegistry
 from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
-from koinon_gateway.service import HALF_MADE_JOIN_S, JOIN_KEY_LABEL, TunnelService, join_key
+from koinon_gateway.service import HALF_MADE_JOIN_S, JOIN_KEY_LABEL, HalfMadeSightings, TunnelService, join_key
 from koinon_gateway.status import rfc3339
 from koinon_gateway.tokens import COUNTED_JOIN_RETRY_S, InMemoryTokenStore, JoinGrant
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import Cluster, channel_for, cluster, control_call
+from .helpers import Cluster, channel_for, cluster, control_call, random_port_base
 
 
 async def join(c: Cluster, token: str, join_id: str, timeout: float = 5) -> pb.JoinResponse | grpc.aio.AioRpcError:
@@ -313,6 +317,12 @@ async def leave_half_made(c: Cluster, token: str, join_id: str, age_s: float) ->
     return "vol-dead01"
 
 
+def later(c: Cluster, seconds: float) -> None:
+    """As if ``seconds`` had passed on the gateway's own monotonic clock."""
+    assert c.gateway.service is not None
+    c.gateway.service.half_made.clock = lambda: time.monotonic() + seconds
+
+
 async def test_a_join_whose_gateway_died_before_writing_its_address_is_retried_on_its_counted_use(
     tmp_path: Path,
 ) -> None:
@@ -325,6 +335,11 @@ async def test_a_join_whose_gateway_died_before_writing_its_address_is_retried_o
         other = await join(c, token, secrets.token_hex(16))
         assert isinstance(other, grpc.aio.AioRpcError) and "usage-limit" in (other.details() or "")
         assert list(c.registry.objects) == [half_made]
+        # Old by its creationTimestamp, but this gateway sees it without an address for the first
+        # time: it may be a live replica's try whose API server's clock runs behind; come back.
+        first_sight = await join(c, token, join_id)
+        assert isinstance(first_sight, grpc.aio.AioRpcError) and first_sight.code() == grpc.StatusCode.ABORTED
+        later(c, HALF_MADE_JOIN_S)  # the agent's retries went on for 2 minutes
         again = await join(c, token, join_id)
         assert isinstance(again, pb.JoinResponse), again
         assert list(c.registry.objects) == [again.assignment.node_name] != [half_made]
@@ -360,9 +375,96 @@ async def test_a_node_without_an_address_that_changed_since_it_was_read_is_left(
     async with cluster(tmp_path, registry=DeleteRefused()) as c:
         token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
         half_made = await leave_half_made(c, token, join_id, age_s=HALF_MADE_JOIN_S + 60)
-        result = await join(c, token, join_id)
-        assert isinstance(result, grpc.aio.AioRpcError) and result.code() == grpc.StatusCode.ABORTED
+        later(c, HALF_MADE_JOIN_S)
+        for _ in range(2):  # first seen, then seen for 2 minutes: the delete is refused both times
+            result = await join(c, token, join_id)
+            assert isinstance(result, grpc.aio.AioRpcError) and result.code() == grpc.StatusCode.ABORTED
         assert list(c.registry.objects) == [half_made] and uses(c, token) == 1
+
+
+class SlowUndo(InMemoryNodeRegistry):
+    """One gateway replica's view of the API: its status write never answers within the agent's
+    deadline, and the delete that undoes its node answers only once ``go`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+
+    async def patch_status(self, name: str, status: JSON, uid: str = "") -> None:
+        await asyncio.Event().wait()
+
+    async def delete(self, name: str, preconditions: Mapping[str, str] | None = None) -> bool:
+        await self.go.wait()
+        return await super().delete(name, preconditions)
+
+
+async def test_a_replica_whose_clock_runs_minutes_ahead_leaves_a_live_replicas_node_and_the_one_use_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The review's repro: the half-made node's age was this gateway's clock minus creationTimestamp
+    (the API server's). A replica whose host clock ran 3 minutes ahead took another replica's live,
+    1 s old node for a dead gateway's, deleted it and joined on its counted use; that replica's undo
+    then gave the use back, and a one-use token made a second node."""
+    slow = SlowUndo()
+    async with cluster(tmp_path, registry=slow) as c:  # replica A
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        gave_up = await join(c, token, join_id, timeout=1.0)
+        assert isinstance(gave_up, grpc.aio.AioRpcError) and gave_up.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        [(name, node)] = list(slow.objects.items())  # A is undoing its try; its delete is slow
+        assert "address" not in node["status"] and uses(c, token) == 1
+
+        class Ahead(dt.datetime):  # replica B's host clock: 3 minutes ahead of the API server's
+            @classmethod
+            def now(cls, tz: dt.tzinfo | None = None) -> dt.datetime:  # type: ignore[override]
+                return dt.datetime.now(tz) + dt.timedelta(minutes=3)
+
+        skewed = types.SimpleNamespace(datetime=Ahead, UTC=dt.UTC, timedelta=dt.timedelta)
+        monkeypatch.setattr(service_module, "dt", skewed)  # the gateway's module only, not the registry's
+        b = Gateway(
+            replace(c.gateway.config, listen="127.0.0.1:0", port_base=random_port_base()),
+            tokens=c.tokens,
+            registry=InMemoryNodeRegistry(objects=slow.objects),
+        )
+        await b.start()
+        try:
+            async with grpc.aio.secure_channel(
+                b.agent_target,
+                grpc.ssl_channel_credentials(b.ca_pem),
+                options=[("grpc.ssl_target_name_override", "koinon-gateway")],
+            ) as channel:
+                stub = tunnel_stub(channel)
+                request = pb.JoinRequest(token=token, name_hint="vol", join_id=join_id)
+                with pytest.raises(grpc.aio.AioRpcError) as aborted:  # the agent's retry lands on B
+                    await stub.Join(request, timeout=5)
+                assert aborted.value.code() == grpc.StatusCode.ABORTED
+                assert list(slow.objects) == [name] and uses(c, token) == 1
+                slow.go.set()  # A's undo goes on: it deletes its node and gives its use back
+                for _ in range(100):
+                    if not slow.objects and uses(c, token) == 0:
+                        break
+                    await asyncio.sleep(0.02)
+                assert not slow.objects and uses(c, token) == 0
+                retry = await stub.Join(request, timeout=5)  # the agent's next retry: a join anew
+                assert [n["metadata"]["name"] for n in slow.objects.values()] == [retry.assignment.node_name]
+                assert uses(c, token) == 1
+                with pytest.raises(grpc.aio.AioRpcError) as refused:  # the one use is spent
+                    await stub.Join(pb.JoinRequest(token=token, name_hint="vol", join_id=secrets.token_hex(16)))
+                assert "usage-limit" in (refused.value.details() or "")
+        finally:
+            await b.stop(0)
+
+
+def test_half_made_sightings_are_bounded_and_forgotten_once_the_counted_use_expires() -> None:
+    """Anyone with a token can leave half-made nodes: the gateway's memory of them stays bounded."""
+    now = 1000.0
+    sightings = HalfMadeSightings(limit=3, clock=lambda: now)
+    assert [sightings.seen_for(uid) for uid in ("a", "b", "c")] == [0.0, 0.0, 0.0]
+    now += 60
+    assert sightings.seen_for("a") == 60.0
+    assert sightings.seen_for("d") == 0.0 and len(sightings) == 3  # full: the oldest ("a") goes
+    assert sightings.seen_for("a") == 0.0  # seen anew: it waits longer, never less
+    now += COUNTED_JOIN_RETRY_S  # its use no longer honoured: every sighting is dropped
+    assert sightings.seen_for("e") == 0.0 and len(sightings) == 1
 
 
 class CountingRegistry(InMemoryNodeRegistry):

@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import aiohttp
 import pytest
 from koinon_gateway import token_cli
-from koinon_gateway.kube_ca import CA_CERT_CONFIGMAP_NAME, CA_SECRET_NAME, KubeCAStore, publish_ca_cert
+from koinon_gateway.kube_ca import CA_CERT_CONFIGMAP_NAME, CA_SECRET_NAME, KubeCAStore, ca_secret, publish_ca_cert
 from koinon_gateway.kube_client import JSON, KubeApiError, KubeClient
 from koinon_gateway.kube_tokens import KubeTokenStore
 from koinon_gateway.pki import ca_cert_hash, create_ca, load_or_create_ca
@@ -165,3 +167,110 @@ async def test_a_broken_published_certificate_is_named(
     assert f"ConfigMap {NAMESPACE}/{CA_CERT_CONFIGMAP_NAME}" in capsys.readouterr().err
     # The CA Secret itself is untouched and still served.
     assert base64.b64decode(kube.emulator.get("v1", "Secret", CA_SECRET_NAME, NAMESPACE)["data"]["tls.key"])
+
+
+async def test_a_configmap_planted_immutable_is_deleted_and_created_with_the_served_ca(
+    kube: Kube, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Anyone allowed to create ConfigMaps in koinon-system (not Secrets) could plant
+    koinon-gateway-ca-cert, immutable, holding their own CA: the update was refused (422), the
+    gateway only warned, and `token ca-hash` handed out the planted CA's pin from then on."""
+    planted = create_ca()
+    kube.emulator.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": CA_CERT_CONFIGMAP_NAME, "namespace": NAMESPACE},
+            "immutable": True,
+            "data": {"ca.crt": planted.cert_pem.decode()},
+        }
+    )
+    planted_uid = configmap(kube)["metadata"]["uid"]
+    bundle = await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+    published = configmap(kube)
+    assert published["metadata"]["uid"] != planted_uid and not published.get("immutable")
+    assert published["data"] == {"ca.crt": bundle.cert_pem.decode()}
+    assert await asyncio.to_thread(cli, kube, "ca-hash") == 0
+    assert capsys.readouterr().out.strip() == ca_cert_hash(bundle.cert_pem) != ca_cert_hash(planted.cert_pem)
+
+
+async def test_a_configmap_whose_update_is_refused_as_invalid_is_created_again(
+    kube: Kube, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Made immutable between the gateway's read and its update: the PUT answers 422."""
+    bundle = await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+    kube.emulator.patch("v1", "ConfigMap", CA_CERT_CONFIGMAP_NAME, {"data": {"ca.crt": "edited"}}, NAMESPACE)
+    edited_uid = configmap(kube)["metadata"]["uid"]
+    real = KubeClient.request
+
+    async def request(self: KubeClient, method: str, path: str, *args: Any, **kwargs: Any) -> JSON:
+        if method == "PUT" and "/configmaps/" in path:
+            raise KubeApiError(422, "Invalid", "data: Forbidden: field is immutable when `immutable` is set")
+        return await real(self, method, path, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(KubeClient, "request", request)
+        await publish_ca_cert(kube.client, NAMESPACE, bundle.cert_pem)
+    assert configmap(kube)["metadata"]["uid"] != edited_uid
+    assert configmap(kube)["data"] == {"ca.crt": bundle.cert_pem.decode()}
+
+
+@pytest.mark.parametrize(
+    "error",
+    [TimeoutError(), aiohttp.ClientConnectionError("connection dropped"), ConnectionResetError("reset")],
+    ids=["timeout", "client-error", "os-error"],
+)
+async def test_a_configmap_request_that_gets_no_answer_does_not_stop_the_gateway(
+    kube: Kube, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, error: BaseException
+) -> None:
+    """Publishing is best effort, yet only KubeApiError was caught: a ConfigMap request that timed
+    out (30 s) or whose connection dropped failed the CA's load, and with it the gateway's start."""
+    real = KubeClient.request
+
+    async def request(self: KubeClient, method: str, path: str, *args: Any, **kwargs: Any) -> JSON:
+        if "/configmaps" in path:
+            raise error
+        return await real(self, method, path, *args, **kwargs)
+
+    monkeypatch.setattr(KubeClient, "request", request)
+    with caplog.at_level(logging.WARNING, logger="koinon_gateway.kube_ca"):
+        bundle = await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+    assert bundle.cert_pem and "cannot publish the CA certificate" in caplog.text
+    assert type(error).__name__ in caplog.text and "Bearer" not in caplog.text
+
+
+async def test_a_ca_certificate_with_a_byte_order_mark_is_served_and_published_as_plain_pem(
+    kube: Kube, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tls.crt with a UTF-8 byte-order mark (or text around the PEM, as `openssl x509 -text`
+    writes), which the gateway served before the ConfigMap: publishing it raised UnicodeDecodeError
+    at every start."""
+    served = create_ca()
+    kube.emulator.create(ca_secret(NAMESPACE, dataclasses.replace(served, cert_pem=b"\xef\xbb\xbf" + served.cert_pem)))
+    bundle = await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+    assert ca_cert_hash(bundle.cert_pem) == ca_cert_hash(served.cert_pem)
+    assert configmap(kube)["data"] == {"ca.crt": served.cert_pem.decode()}
+    assert await asyncio.to_thread(cli, kube, "ca-hash") == 0
+    assert capsys.readouterr().out.strip() == ca_cert_hash(served.cert_pem)
+
+
+def configmaps_only(method: str, path: str) -> bool:
+    return "/configmaps" in path
+
+
+async def test_ca_hash_for_a_caller_refused_the_configmap_reads_the_secret_or_names_both_refusals(
+    kube: Kube, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before the ConfigMap, `token ca-hash` needed get on Secret koinon-gateway-ca; a caller granted
+    just that got 403 on the ConfigMap and no hash (the Secret was read on 404 only)."""
+    bundle = await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+    with forbidden(monkeypatch, configmaps_only):
+        assert await asyncio.to_thread(cli, kube, "ca-hash") == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == ca_cert_hash(bundle.cert_pem)
+    assert f"read from Secret {CA_SECRET_NAME}" in err and f"reading ConfigMap {NAMESPACE}/" in err
+    with forbidden(monkeypatch, lambda method, path: configmaps_only(method, path) or any_secret(method, path)):
+        assert await asyncio.to_thread(cli, kube, "ca-hash") == 2
+    out, err = capsys.readouterr()
+    assert not out and f"reading ConfigMap {NAMESPACE}/{CA_CERT_CONFIGMAP_NAME} was refused" in err
+    assert f"and so was Secret {CA_SECRET_NAME}" in err and "koinon-gateway-token-issuer" in err

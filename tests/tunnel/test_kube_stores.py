@@ -896,13 +896,12 @@ class DeadTokens(KubeTokenStore):
         return None  # a dead process gives nothing back
 
 
-async def test_a_join_retried_after_its_gateway_died_between_node_and_address_is_counted_once(
-    kube: Kube, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_join_retried_after_its_gateway_died_between_node_and_address_is_counted_once(kube: Kube) -> None:
     """The gateway died after creating the join's VolunteerNode and before writing its address:
     the retry could not get that node back, was counted as a new join, and a one-use token refused
-    it "usage-limit" (fatal to the agent), the orphan kept for 24 h. Now the node, once old enough
-    not to be a live gateway's try, is deleted and the join goes on under the use it counted."""
+    it "usage-limit" (fatal to the agent), the orphan kept for 24 h. Now the node, once this gateway
+    has seen it half-made long enough not to be a live gateway's try, is deleted and the join goes
+    on under the use it counted."""
     token = await KubeTokenStore(kube.client, NAMESPACE).create(owner="alice", usage_limit=1)
     join_id = "0123456789abcdef" * 2
     request = pb.JoinRequest(token=token, name_hint="alpha", join_id=join_id)
@@ -948,7 +947,10 @@ async def test_a_join_retried_after_its_gateway_died_between_node_and_address_is
             early = await join(second, timeout=10)
             assert isinstance(early, grpc.aio.AioRpcError) and early.code() == grpc.StatusCode.ABORTED
             assert [n["metadata"]["uid"] for n in nodes()] == [half_made["metadata"]["uid"]]
-            monkeypatch.setattr(service, "HALF_MADE_JOIN_S", 0)  # as if the agent came back minutes later
+            # The agent came back 2 minutes later, by this gateway's own clock (never the API
+            # server's creationTimestamp against it: the two clocks may run minutes apart).
+            assert second.service is not None
+            second.service.half_made.clock = lambda: time.monotonic() + service.HALF_MADE_JOIN_S
             again = await join(second, timeout=10)  # the agent's retry, same join id
         finally:
             await second.stop(0)
