@@ -9,7 +9,8 @@ The ConfigMap is what ``koinon-gateway token ca-hash`` (and the hint after ``tok
 as kubeadm publishes its CA in the ``cluster-info`` ConfigMap: RBAC grants a Secret whole, so a
 caller allowed to read the CA Secret for its certificate could also read the CA's private key and
 the key that signs every node credential, forge any node's credential and pose as the gateway. The
-gateway writes the ConfigMap each time it loads its CA, so it always holds the CA being served; one
+gateway writes the ConfigMap each time it loads its CA, so it holds the CA being served once a start
+has published it (best effort: a failure is logged, and the next start tries again); one
 it cannot update (planted ``immutable``) it deletes and creates again. The pin read there is only
 as trustworthy as write access to ConfigMaps in the gateway's namespace (as kubeadm's cluster-info
 rests on who may write kube-public); the gateway's next start rewrites it.

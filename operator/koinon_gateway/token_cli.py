@@ -1,10 +1,11 @@
 """``koinon-gateway token create|list|revoke|ca-hash``: join tokens kept as Secrets, and the CA hash
 agents can pin (``koinon-agent --ca-cert-hash``) instead of carrying the CA.
 
-The CA hash is read from the ConfigMap the gateway publishes (kube_ca.py), never from the CA
-Secret, which also holds the CA's private key and the credential-signing key: ``ca-hash`` and
-``create`` need no access to it (the Role ``koinon-gateway-token-issuer`` in
-manifests/gateway/token-roles.yaml grants just what they need).
+The CA hash is read from the ConfigMap the gateway publishes (kube_ca.py), not from the CA Secret,
+which also holds the CA's private key and the credential-signing key: ``ca-hash`` and ``create``
+need no access to it (the Role ``koinon-gateway-token-issuer`` in manifests/gateway/token-roles.yaml
+grants just what they need). Only where the ConfigMap is absent (not published yet) or refused
+(403) is the Secret's certificate read, for callers allowed to, and a note says so.
 
 ``create`` prints ``<id>.<secret>`` once on stdout; only its SHA-256 is stored, and nothing logs it.
 """

@@ -74,10 +74,9 @@ def build_capacity(
         volunteer = volunteers.get(name) if labelled else None
         spec = (volunteer or {}).get("spec") or {}
         status = (volunteer or {}).get("status") or {}
-        # Ray's GPU count is the volunteer's own claim: booked no higher than the GPUs it joined with
-        # (spec.gpus, as the gateway accepted them).
-        # The GPUs it joined with, or those its latest registration reported (status.gpus, the
-        # gateway's bounds too): a volunteer that added a GPU and restarted uses it.
+        # Ray's GPU count is the volunteer's own claim: booked no higher than the GPUs it joined with,
+        # or those its latest registration reported (status.gpus, the gateway's bounds too): a
+        # volunteer that added a GPU and restarted uses it.
         gpu_cap = _listed_gpus(spec, status) if labelled else BARE_WORKER_MAX_GPUS
         gpus_total = _gpu_count(node.resources_total.get("GPU", 0), gpu_cap)
         cpus_total = float(node.resources_total.get("CPU", 0.0))
