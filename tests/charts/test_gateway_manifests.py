@@ -297,7 +297,8 @@ def test_network_policy_limits_egress_to_dns_and_the_api_server(rendered: list[M
         }
     ]
     # The API server, whose address static manifests do not know: any, less link-local.
-    assert sorted(_ports_of(api)) == [("TCP", 443), ("TCP", 6443)]
+    # Where the API server listens: 443/6443 (kubeadm, k3s, clouds), 8443 (minikube), 16443 (MicroK8s).
+    assert sorted(_ports_of(api)) == [("TCP", 443), ("TCP", 6443), ("TCP", 8443), ("TCP", 16443)]
     assert all(set(peer) == {"ipBlock"} for peer in api["to"])
     for address in ("10.96.0.1", "172.18.0.2", "fd00:10:96::1"):  # Service and API server addresses
         assert any(_allows(peer, address) for peer in api["to"]), address
