@@ -125,9 +125,13 @@ async def publish_ca_cert(client: KubeClient, namespace: str, cert_pem: bytes) -
     Best effort: a gateway whose Role predates the ConfigMap (an image upgraded without applying
     manifests/gateway/rbac.yaml again), an API server that does not answer in time, or a
     certificate that cannot be written out still serves; ``token ca-hash`` then falls back to the
-    CA Secret for those allowed to read it and says the certificate is not published.
+    CA Secret for those allowed to read it and says the certificate is not published. Not where
+    the ConfigMap holds another CA's certificate (after a CA rotation) and cannot be brought to this
+    one but for want of the Role: ``ca-hash`` would print that pin with no note, so the start
+    fails (StalePin) and the restarted gateway tries again.
     """
     path = configmap_path(namespace, CA_CERT_CONFIGMAP_NAME)
+    stale = False  # seen holding another CA's certificate: volunteers would be given a wrong pin
     try:
         wanted = ca_cert_configmap(namespace, cert_pem)
         for _ in range(PUBLISH_ATTEMPTS):
@@ -143,6 +147,7 @@ async def publish_ca_cert(client: KubeClient, namespace: str, cert_pem: bytes) -
                 return
             if (current.get("data") or {}).get(CA_CERT_KEY) == wanted["data"][CA_CERT_KEY]:
                 return
+            stale = True
             if not current.get("immutable"):
                 # resourceVersion kept: a concurrent writer makes this PUT answer 409, and we look again.
                 replacement = {**current, "data": wanted["data"]}
@@ -162,25 +167,58 @@ async def publish_ca_cert(client: KubeClient, namespace: str, cert_pem: bytes) -
                     return
             await _delete_to_recreate(client, path, current)
         log.warning("ConfigMap %s/%s: kept changing; not published", namespace, CA_CERT_CONFIGMAP_NAME)
-    except KubeApiError as exc:
-        log.warning(
-            "cannot publish the CA certificate in ConfigMap %s/%s (%s): `koinon-gateway token ca-hash` "
-            "needs the CA Secret until it is; see manifests/gateway/rbac.yaml",
-            namespace,
-            CA_CERT_CONFIGMAP_NAME,
-            exc,
+        if stale:
+            raise StalePin(namespace)
+    except StalePin:
+        raise
+    except (KubeApiError, *_NO_ANSWER) as exc:
+        if stale and not (isinstance(exc, KubeApiError) and exc.status == 403):
+            # After a CA rotation the ConfigMap still names the old CA, and `token ca-hash` would
+            # print its pin with no note: the start fails, as it did before publishing was best
+            # effort, and the restarted gateway tries again. (403: a Role without the ConfigMap;
+            # the README says to apply manifests/gateway/rbac.yaml.)
+            raise StalePin(namespace) from exc
+        if isinstance(exc, KubeApiError):
+            _log_unpublished_refused(namespace, exc)
+        else:
+            _log_unpublished(namespace, exc)
+    except ValueError as exc:
+        _log_unpublished(namespace, exc)
+
+
+class StalePin(RuntimeError):
+    """The CA certificate ConfigMap holds another CA's certificate and could not be brought to the
+    one served."""
+
+    def __init__(self, namespace: str) -> None:
+        super().__init__(
+            f"ConfigMap {namespace}/{CA_CERT_CONFIGMAP_NAME} holds another CA's certificate and could not "
+            "be updated: `koinon-gateway token ca-hash` would give volunteers a pin of a CA this gateway "
+            "does not serve; not starting (the restart tries again)"
         )
-    except (*_NO_ANSWER, ValueError) as exc:
-        # The error's type and text only: aiohttp's carry the URL, never the request's headers
-        # (kube_client turns the one that would, ClientResponseError, into a KubeApiError).
-        log.warning(
-            "cannot publish the CA certificate in ConfigMap %s/%s (%s: %s); serving anyway, it is "
-            "published at the next start",
-            namespace,
-            CA_CERT_CONFIGMAP_NAME,
-            type(exc).__name__,
-            exc,
-        )
+
+
+def _log_unpublished_refused(namespace: str, exc: Exception) -> None:
+    log.warning(
+        "cannot publish the CA certificate in ConfigMap %s/%s (%s): `koinon-gateway token ca-hash` "
+        "needs the CA Secret until it is; see manifests/gateway/rbac.yaml",
+        namespace,
+        CA_CERT_CONFIGMAP_NAME,
+        exc,
+    )
+
+
+def _log_unpublished(namespace: str, exc: Exception) -> None:
+    # The error's type and text only: aiohttp's carry the URL, never the request's headers
+    # (kube_client turns the one that would, ClientResponseError, into a KubeApiError).
+    log.warning(
+        "cannot publish the CA certificate in ConfigMap %s/%s (%s: %s); serving anyway, it is "
+        "published at the next start",
+        namespace,
+        CA_CERT_CONFIGMAP_NAME,
+        type(exc).__name__,
+        exc,
+    )
 
 
 async def _delete_to_recreate(client: KubeClient, path: str, current: JSON) -> None:

@@ -17,7 +17,7 @@ from typing import Any, TypeAlias
 
 from .kube_client import JSON, KubeApiError, KubeClient, b64, secret_path, unb64
 from .tokens import (
-    COUNTED_JOIN_RETRY_S,
+    COUNTED_JOIN_HONOURED_S,
     COUNTED_JOINS_KEPT,
     SECRET_PREFIX,
     SECRET_TYPE,
@@ -109,10 +109,10 @@ def counted_joins(data: Mapping[str, Any]) -> CountedJoins:
 
 
 def _counted_since(counted: CountedJoins, key: str, now: float) -> bool:
-    """Whether ``key``'s use was counted less than COUNTED_JOIN_RETRY_S ago."""
+    """Whether ``key``'s use was counted less than COUNTED_JOIN_HONOURED_S ago."""
     for entry in counted:
         name, _, when = entry.partition("@")
-        if name == key and when.isdigit() and now - int(when) < COUNTED_JOIN_RETRY_S:
+        if name == key and when.isdigit() and now - int(when) < COUNTED_JOIN_HONOURED_S:
             return True
     return False
 

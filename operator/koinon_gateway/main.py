@@ -27,7 +27,7 @@ import aiohttp
 from . import event_loop, token_cli
 from .config import GatewayConfig
 from .file_tokens import FileTokenStore
-from .kube_ca import KubeCAStore
+from .kube_ca import KubeCAStore, StalePin
 from .kube_client import KubeApiError, KubeConfigError, kube_client, load_config
 from .kube_registry import KubeNodeRegistry
 from .kube_tokens import KubeTokenStore
@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (aiohttp.ClientError, TimeoutError) as exc:
         print(f"koinon-gateway: cannot reach the Kubernetes API: {exc}", file=sys.stderr)
+        return 1
+    except StalePin as exc:
+        print(f"koinon-gateway: {exc}", file=sys.stderr)
         return 1
     return 0
 

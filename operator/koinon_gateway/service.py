@@ -40,7 +40,7 @@ from .rpc import EOF, Context, MalformedMessage
 from .sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT, NodeSession, SessionTable, gpus_reported
 from .status import never_connected_status, stored_ready_condition
 from .stream_slots import StreamSlot, TooManyStreams
-from .tokens import COUNTED_JOIN_RETRY_S, JoinGrant, TokenError, TokenStore
+from .tokens import COUNTED_JOIN_RETRY_S, HALF_MADE_WAIT_S, JoinGrant, TokenError, TokenStore
 from .tunnel_io import (
     STREAM_READER_LIMIT,
     CountedFrameChannel,
@@ -82,7 +82,7 @@ JOIN_KEY_LABEL = "koinon.dev/join-key"
 # API server's clock, and a gateway host whose clock ran minutes ahead would take a live replica's
 # node for a dead gateway's, delete it, and (that replica giving its use back) let a one-use token
 # make two nodes.
-HALF_MADE_JOIN_S = 120
+HALF_MADE_JOIN_S = HALF_MADE_WAIT_S
 # How many half-made nodes a gateway remembers having seen (HalfMadeSightings).
 HALF_MADE_SEEN_MAX = 4096
 
@@ -110,14 +110,22 @@ class HalfMadeSightings:
     def __len__(self) -> int:
         return len(self._first_seen)
 
-    def seen_for(self, key: str) -> float:
-        """Seconds since ``key`` was first seen half-made (0.0 when that is now)."""
-        now = self.clock()
+    def seen_before(self, key: str) -> bool:
+        """Whether ``key`` was seen half-made already (and is still remembered)."""
+        self._prune(self.clock())
+        return key in self._first_seen
+
+    def _prune(self, now: float) -> None:
         while self._first_seen:
             oldest, seen_at = next(iter(self._first_seen.items()))
             if now - seen_at < COUNTED_JOIN_RETRY_S:
                 break
             del self._first_seen[oldest]
+
+    def seen_for(self, key: str) -> float:
+        """Seconds since ``key`` was first seen half-made (0.0 when that is now)."""
+        now = self.clock()
+        self._prune(now)
         if key not in self._first_seen:
             while len(self._first_seen) >= self.limit:
                 self._first_seen.popitem(last=False)
@@ -436,11 +444,15 @@ class TunnelService:
         a dead gateway's), or when it changed since it was read (its status landed after all) or
         is already gone."""
         made_at = created_at(node)
-        if made_at is None or (now - made_at).total_seconds() >= COUNTED_JOIN_RETRY_S:
-            return False
         metadata = node.get("metadata") or {}
         name = str(metadata.get("name") or "")
         sighting = node_uid(node) or f"name:{name}"  # uid-less: an old file registry's node
+        # The age is checked when the node is first seen only: one first seen near the end of the
+        # window waits its HALF_MADE_JOIN_S after it, which the stores honour (COUNTED_JOIN_HONOURED_S).
+        if not self.half_made.seen_before(sighting) and (
+            made_at is None or (now - made_at).total_seconds() >= COUNTED_JOIN_RETRY_S
+        ):
+            return False
         if self.half_made.seen_for(sighting) < HALF_MADE_JOIN_S:
             raise EarlierTryRunning()
         if being_deleted(node):

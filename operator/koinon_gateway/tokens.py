@@ -26,6 +26,12 @@ _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 # How long after a join counted its use a retry of it (same join id: its reply was lost) is still
 # taken as that join (an agent retries within a minute or two), in the token stores and the gateway.
 COUNTED_JOIN_RETRY_S = 15 * 60
+# How long a gateway waits, having first seen a join's node left without an address, before it
+# takes the node for a dead gateway's and deletes it (service.py, _undo_half_made); the stores
+# honour a counted join that much longer than COUNTED_JOIN_RETRY_S, so that a retry first seen
+# near the end of that window still joins on the use its first try counted.
+HALF_MADE_WAIT_S = 120
+COUNTED_JOIN_HONOURED_S = COUNTED_JOIN_RETRY_S + HALF_MADE_WAIT_S
 # How many of a token's latest counted joins a store keeps for that.
 COUNTED_JOINS_KEPT = 32
 
@@ -169,7 +175,7 @@ class InMemoryTokenStore:
             now = dt.datetime.now(dt.UTC)
             counted = self.counted_joins.setdefault(token_id, {})
             when = counted.get(join_key) if join_key else None
-            if when is not None and now.timestamp() - when < COUNTED_JOIN_RETRY_S:
+            if when is not None and now.timestamp() - when < COUNTED_JOIN_HONOURED_S:
                 # This join's use is counted already: not refused for it, not counted again; its
                 # expiry is checked again (this retry makes a node, and expiry is absolute).
                 check_token(replace(stored, usages_count=stored.usages_count - 1), secret, now)

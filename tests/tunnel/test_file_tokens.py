@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from koinon_gateway.file_tokens import FileTokenStore
 from koinon_gateway.main import build_parser, stores_from_args
-from koinon_gateway.tokens import COUNTED_JOIN_RETRY_S, TokenError
+from koinon_gateway.tokens import COUNTED_JOIN_HONOURED_S, TokenError
 
 TOKEN = "abcdef.0123456789abcdef"
 OTHER_SECRET = "abcdef.fedcba9876543210"
@@ -113,7 +113,7 @@ def test_a_join_retried_after_a_restart_is_counted_once_for_a_while(tmp_path: Pa
         asyncio.run(restarted(path, limit=1).consume(TOKEN, "join-b"))
     assert refused.value.reason == "usage-limit"
     saved = json.loads(path.read_text())
-    saved["abcdef"]["counted_joins"]["join-a"] = time.time() - COUNTED_JOIN_RETRY_S - 1
+    saved["abcdef"]["counted_joins"]["join-a"] = time.time() - COUNTED_JOIN_HONOURED_S - 1
     path.write_text(json.dumps(saved))
     with pytest.raises(TokenError) as late:  # honoured only for a while, as in the Kubernetes store
         asyncio.run(restarted(path, limit=1).consume(TOKEN, "join-a"))

@@ -535,3 +535,27 @@ async def test_joins_are_worked_on_a_few_at_a_time_and_a_full_queue_is_refused_a
         assert c.gateway.metrics.joins["busy"] == 1
         joined = await asyncio.gather(*joins)
         assert len({j.assignment.node_name for j in joined}) == 3 and most_inside == 2
+
+
+async def test_a_retry_first_seen_near_the_end_of_the_counted_window_still_joins(tmp_path: Path) -> None:
+    """The agent's retries first reach a gateway 14 minutes after its dead gateway made the node:
+    told to come back for 2 minutes, by then the node was older than COUNTED_JOIN_RETRY_S, and the
+    retry was taken for a new join that a one-use token refused (fatal to the agent)."""
+    async with cluster(tmp_path) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        age = COUNTED_JOIN_RETRY_S - 60
+        half_made = await leave_half_made(c, token, join_id, age_s=age)
+
+        def age_everything(seconds: float) -> None:
+            made = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)
+            c.registry.objects[half_made]["metadata"]["creationTimestamp"] = rfc3339(made)
+            c.tokens.counted_joins[token.split(".")[0]][join_key(join_id)] = made.timestamp()
+
+        age_everything(age)
+        first = await join(c, token, join_id)
+        assert isinstance(first, grpc.aio.AioRpcError) and first.code() == grpc.StatusCode.ABORTED
+        later(c, HALF_MADE_JOIN_S)  # the agent's retries went on for 2 minutes
+        age_everything(age + HALF_MADE_JOIN_S)
+        again = await join(c, token, join_id)
+        assert isinstance(again, pb.JoinResponse), f"{again.code()}: {again.details()}"
+        assert c.tokens.tokens[token.split(".")[0]].usages_count == 1

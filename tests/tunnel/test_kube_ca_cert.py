@@ -20,7 +20,14 @@ from typing import Any
 import aiohttp
 import pytest
 from koinon_gateway import token_cli
-from koinon_gateway.kube_ca import CA_CERT_CONFIGMAP_NAME, CA_SECRET_NAME, KubeCAStore, ca_secret, publish_ca_cert
+from koinon_gateway.kube_ca import (
+    CA_CERT_CONFIGMAP_NAME,
+    CA_SECRET_NAME,
+    KubeCAStore,
+    StalePin,
+    ca_secret,
+    publish_ca_cert,
+)
 from koinon_gateway.kube_client import JSON, KubeApiError, KubeClient
 from koinon_gateway.kube_tokens import KubeTokenStore
 from koinon_gateway.pki import ca_cert_hash, create_ca, load_or_create_ca
@@ -274,3 +281,30 @@ async def test_ca_hash_for_a_caller_refused_the_configmap_reads_the_secret_or_na
     out, err = capsys.readouterr()
     assert not out and f"reading ConfigMap {NAMESPACE}/{CA_CERT_CONFIGMAP_NAME} was refused" in err
     assert f"and so was Secret {CA_SECRET_NAME}" in err and "koinon-gateway-token-issuer" in err
+
+
+@pytest.mark.parametrize("error", [TimeoutError(), aiohttp.ClientConnectionError("reset")])
+async def test_a_gateway_that_cannot_replace_a_rotated_cas_certificate_does_not_start(
+    kube: Kube, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], error: Exception
+) -> None:
+    """A CA rotation (the Secret deleted, the gateway restarted) whose ConfigMap update got no
+    answer: the gateway served the new CA while `token ca-hash` printed the old one's pin, with no
+    note. The start fails instead (as before publishing was best effort), and the next one retries."""
+    old = await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+    kube.emulator.delete("v1", "Secret", CA_SECRET_NAME, NAMESPACE)  # rotate
+    real = KubeClient.request
+
+    async def request(self: KubeClient, method: str, path: str, *args: Any, **kwargs: Any) -> JSON:
+        if method == "PUT" and "/configmaps/" in path:
+            raise error
+        return await real(self, method, path, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(KubeClient, "request", request)
+        with pytest.raises(StalePin, match="another CA's certificate"):
+            await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+    new = await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))  # the restart, answered
+    assert ca_cert_hash(new.cert_pem) != ca_cert_hash(old.cert_pem)
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli, kube, "ca-hash") == 0
+    assert capsys.readouterr().out.strip() == ca_cert_hash(new.cert_pem)

@@ -1155,10 +1155,10 @@ async def test_a_spent_token_makes_no_second_node_by_resending_a_finished_joins_
 
 def test_a_counted_join_is_honoured_for_its_retries_only_for_a_while() -> None:
     from koinon_gateway.kube_tokens import _counted_since
-    from koinon_gateway.tokens import COUNTED_JOIN_RETRY_S
+    from koinon_gateway.tokens import COUNTED_JOIN_HONOURED_S
 
     counted = ["aaaa@1000", "bbbb@2000", "cccc"]
-    assert _counted_since(counted, "aaaa", 1000 + COUNTED_JOIN_RETRY_S - 1)
-    assert not _counted_since(counted, "aaaa", 1000 + COUNTED_JOIN_RETRY_S)
+    assert _counted_since(counted, "aaaa", 1000 + COUNTED_JOIN_HONOURED_S - 1)
+    assert not _counted_since(counted, "aaaa", 1000 + COUNTED_JOIN_HONOURED_S)
     assert not _counted_since(counted, "cccc", 1000)  # no time (written before times were kept)
     assert not _counted_since(counted, "dddd", 1000)
