@@ -165,9 +165,14 @@ async def cluster(
 
 
 def channel_for(c: Cluster) -> grpc.aio.Channel:
+    return gateway_channel(c.gateway)
+
+
+def gateway_channel(gateway: Gateway) -> grpc.aio.Channel:
+    """An agent's TLS channel to ``gateway``, trusting its CA."""
     return grpc.aio.secure_channel(
-        c.gateway.agent_target,
-        grpc.ssl_channel_credentials(c.gateway.ca_pem),
+        gateway.agent_target,
+        grpc.ssl_channel_credentials(gateway.ca_pem),
         options=[("grpc.ssl_target_name_override", "koinon-gateway")],
     )
 

@@ -25,7 +25,7 @@ from koinon_gateway.server import Gateway
 from koinon_gateway.tokens import InMemoryTokenStore
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import channel_for, cluster, control_call, random_port_base
+from .helpers import channel_for, cluster, control_call, gateway_channel, random_port_base
 
 
 def _ca(not_before: dt.datetime, not_after: dt.datetime, key: object | None = None, is_ca: bool = True) -> CABundle:
@@ -64,11 +64,7 @@ def _config(**overrides: object) -> GatewayConfig:
 
 
 async def _join_over_tls(gateway: Gateway, token: str) -> grpc.aio.AioRpcError | pb.JoinResponse:
-    async with grpc.aio.secure_channel(
-        gateway.agent_target,
-        grpc.ssl_channel_credentials(gateway.ca_pem),
-        options=[("grpc.ssl_target_name_override", "koinon-gateway")],
-    ) as channel:
+    async with gateway_channel(gateway) as channel:
         try:
             response: pb.JoinResponse = await tunnel_stub(channel).Join(
                 pb.JoinRequest(token=token, name_hint="x"), timeout=5

@@ -27,7 +27,7 @@ from koinon_gateway.status import rfc3339
 from koinon_gateway.tokens import COUNTED_JOIN_RETRY_S, InMemoryTokenStore, JoinGrant
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import Cluster, channel_for, cluster, control_call, random_port_base
+from .helpers import Cluster, channel_for, cluster, control_call, gateway_channel, random_port_base
 
 
 async def join(c: Cluster, token: str, join_id: str, timeout: float = 5) -> pb.JoinResponse | grpc.aio.AioRpcError:
@@ -427,11 +427,7 @@ async def test_a_replica_whose_clock_runs_minutes_ahead_leaves_a_live_replicas_n
         )
         await b.start()
         try:
-            async with grpc.aio.secure_channel(
-                b.agent_target,
-                grpc.ssl_channel_credentials(b.ca_pem),
-                options=[("grpc.ssl_target_name_override", "koinon-gateway")],
-            ) as channel:
+            async with gateway_channel(b) as channel:
                 stub = tunnel_stub(channel)
                 request = pb.JoinRequest(token=token, name_hint="vol", join_id=join_id)
                 with pytest.raises(grpc.aio.AioRpcError) as aborted:  # the agent's retry lands on B

@@ -32,15 +32,15 @@ from koinon_gateway.kube_client import JSON, KubeApiError, KubeClient, b64, load
 from koinon_gateway.kube_registry import KubeNodeRegistry
 from koinon_gateway.kube_tokens import KubeTokenStore, secret_name
 from koinon_gateway.pki import ca_cert_hash, load_or_create_ca
-from koinon_gateway.registry import JOIN_TOKEN_LABEL
+from koinon_gateway.registry import JOIN_TOKEN_LABEL, NodeRegistry
 from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
 from koinon_gateway.service import JOIN_KEY_LABEL, join_key
 from koinon_gateway.token_cli import parse_ttl
-from koinon_gateway.tokens import JoinGrant, TokenError, hash_secret
+from koinon_gateway.tokens import JoinGrant, TokenError, TokenStore, hash_secret
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import echo_server, random_port_base
+from .helpers import echo_server, gateway_channel, random_port_base
 
 REPO = Path(__file__).resolve().parents[2]
 NAMESPACE = "koinon-system"
@@ -521,6 +521,18 @@ def gateway_config(head_port: int) -> GatewayConfig:
     )
 
 
+def kube_gateway(
+    kube: Kube, head_port: int, tokens: TokenStore | None = None, registry: NodeRegistry | None = None
+) -> Gateway:
+    """A gateway process as deployed: every store on the Kubernetes API (the emulator's)."""
+    return Gateway(
+        gateway_config(head_port),
+        tokens or KubeTokenStore(kube.client, NAMESPACE),
+        registry or KubeNodeRegistry(kube.client),
+        KubeCAStore(kube.client, NAMESPACE),
+    )
+
+
 @pytest.fixture
 async def kgw(kube: Kube) -> AsyncIterator[KubeGateway]:
     async with echo_server() as head_port:
@@ -714,39 +726,21 @@ async def test_a_register_held_back_across_the_nodes_deletion_is_refused(kube: K
 
 async def test_restarted_gateway_keeps_its_ca_and_nodes(kube: Kube) -> None:
     async with echo_server() as head_port:
-        first = Gateway(
-            gateway_config(head_port),
-            KubeTokenStore(kube.client, NAMESPACE),
-            KubeNodeRegistry(kube.client),
-            KubeCAStore(kube.client, NAMESPACE),
-        )
+        first = kube_gateway(kube, head_port)
         await first.start()
         token = await KubeTokenStore(kube.client, NAMESPACE).create(owner="alice")
-        async with grpc.aio.secure_channel(
-            first.agent_target,
-            grpc.ssl_channel_credentials(first.ca_pem),
-            options=[("grpc.ssl_target_name_override", "koinon-gateway")],
-        ) as channel:
+        async with gateway_channel(first) as channel:
             joined = await tunnel_stub(channel).Join(pb.JoinRequest(token=token, name_hint="alpha"), timeout=10)
         await first.stop(0)
         # A new process: new store objects, state only in the API.
-        second = Gateway(
-            gateway_config(head_port),
-            KubeTokenStore(kube.client, NAMESPACE),
-            KubeNodeRegistry(kube.client),
-            KubeCAStore(kube.client, NAMESPACE),
-        )
+        second = kube_gateway(kube, head_port)
         await second.start()
         try:
             assert second.ca_pem == first.ca_pem
             # The address stays reserved for the node, and its old credential is still accepted.
             assert second.allocator.holder(joined.assignment.address) == joined.assignment.node_name
             assert second.allocator.allocate("another") != joined.assignment.address
-            async with grpc.aio.secure_channel(
-                second.agent_target,
-                grpc.ssl_channel_credentials(second.ca_pem),
-                options=[("grpc.ssl_target_name_override", "koinon-gateway")],
-            ) as channel:
+            async with gateway_channel(second) as channel:
                 call = tunnel_stub(channel).Control(metadata=(("authorization", f"Bearer {joined.credential}"),))
                 register = pb.Register(node_name=joined.assignment.node_name, address=joined.assignment.address)
                 await call.write(pb.AgentMessage(register=register))
@@ -841,30 +835,18 @@ async def test_a_join_whose_reply_was_lost_is_found_again_through_the_api(kube: 
     join_id = "0123456789abcdef" * 2
 
     async def join_once(gateway: Gateway, token: str) -> pb.JoinResponse:
-        async with grpc.aio.secure_channel(
-            gateway.agent_target,
-            grpc.ssl_channel_credentials(gateway.ca_pem),
-            options=[("grpc.ssl_target_name_override", "koinon-gateway")],
-        ) as channel:
+        async with gateway_channel(gateway) as channel:
             request = pb.JoinRequest(token=token, name_hint="alpha", join_id=join_id)
             response: pb.JoinResponse = await tunnel_stub(channel).Join(request, timeout=10)
             return response
 
-    def new_gateway(head_port: int) -> Gateway:
-        return Gateway(
-            gateway_config(head_port),
-            KubeTokenStore(kube.client, NAMESPACE),
-            KubeNodeRegistry(kube.client),
-            KubeCAStore(kube.client, NAMESPACE),
-        )
-
     async with echo_server() as head_port:
         token = await KubeTokenStore(kube.client, NAMESPACE).create(owner="alice", usage_limit=1)
-        first = new_gateway(head_port)
+        first = kube_gateway(kube, head_port)
         await first.start()
         lost = await join_once(first, token)
         await first.stop(0)
-        second = new_gateway(head_port)
+        second = kube_gateway(kube, head_port)
         await second.start()
         try:
             again = await join_once(second, token)
@@ -907,11 +889,7 @@ async def test_a_join_retried_after_its_gateway_died_between_node_and_address_is
     request = pb.JoinRequest(token=token, name_hint="alpha", join_id=join_id)
 
     async def join(gateway: Gateway, timeout: float) -> Any:
-        async with grpc.aio.secure_channel(
-            gateway.agent_target,
-            grpc.ssl_channel_credentials(gateway.ca_pem),
-            options=[("grpc.ssl_target_name_override", "koinon-gateway")],
-        ) as channel:
+        async with gateway_channel(gateway) as channel:
             try:
                 return await tunnel_stub(channel).Join(request, timeout=timeout)
             except grpc.aio.AioRpcError as exc:
@@ -921,12 +899,7 @@ async def test_a_join_retried_after_its_gateway_died_between_node_and_address_is
         return kube.emulator.list_objects("koinon.dev/v1alpha1", "VolunteerNode")
 
     async with echo_server() as head_port:
-        first = Gateway(
-            gateway_config(head_port),
-            DeadTokens(kube.client, NAMESPACE),
-            DiesAfterCreate(kube.client),
-            KubeCAStore(kube.client, NAMESPACE),
-        )
+        first = kube_gateway(kube, head_port, DeadTokens(kube.client, NAMESPACE), DiesAfterCreate(kube.client))
         await first.start()
         lost = await join(first, timeout=1.5)
         assert isinstance(lost, grpc.aio.AioRpcError)  # the agent never heard back
@@ -934,12 +907,7 @@ async def test_a_join_retried_after_its_gateway_died_between_node_and_address_is
         [half_made] = nodes()
         assert "address" not in (half_made.get("status") or {})
         assert decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "1"
-        second = Gateway(
-            gateway_config(head_port),
-            KubeTokenStore(kube.client, NAMESPACE),
-            KubeNodeRegistry(kube.client),
-            KubeCAStore(kube.client, NAMESPACE),
-        )
+        second = kube_gateway(kube, head_port)
         await second.start()
         try:
             # Just made: it may be another gateway replica's try, still under way. Asked to wait
@@ -1065,11 +1033,7 @@ async def join_stub(kube: Kube, tokens: KubeTokenStore) -> AsyncIterator[Any]:
         )
         await gateway.start()
         try:
-            async with grpc.aio.secure_channel(
-                gateway.agent_target,
-                grpc.ssl_channel_credentials(gateway.ca_pem),
-                options=[("grpc.ssl_target_name_override", "koinon-gateway")],
-            ) as channel:
+            async with gateway_channel(gateway) as channel:
                 yield tunnel_stub(channel)
         finally:
             await gateway.stop(0)
