@@ -127,8 +127,11 @@ async def publish_ca_cert(client: KubeClient, namespace: str, cert_pem: bytes) -
     certificate that cannot be written out still serves; ``token ca-hash`` then falls back to the
     CA Secret for those allowed to read it and says the certificate is not published. Not where
     the ConfigMap holds another CA's certificate (after a CA rotation) and cannot be brought to this
-    one but for want of the Role: ``ca-hash`` would print that pin with no note, so the start
-    fails (StalePin) and the restarted gateway tries again.
+    one because the API server did not answer or failed (5xx): ``ca-hash`` would print that pin
+    with no note, so the start fails (StalePin), as it would for the other stores, and the
+    restarted gateway tries again. A refusal a restart cannot cure (a Role without the ConfigMap,
+    an admission webhook, a planted ConfigMap a finalizer holds) is logged as an error instead:
+    the gateway serves, and that pin is wrong until someone fixes the ConfigMap.
     """
     path = configmap_path(namespace, CA_CERT_CONFIGMAP_NAME)
     stale = False  # seen holding another CA's certificate: volunteers would be given a wrong pin
@@ -154,7 +157,7 @@ async def publish_ca_cert(client: KubeClient, namespace: str, cert_pem: bytes) -
                 try:
                     await client.replace(path, replacement)
                 except KubeApiError as exc:
-                    if exc.conflict:
+                    if exc.conflict or exc.not_found:  # changed or deleted meanwhile: read again
                         continue
                     if not exc.invalid:  # 422: not updatable as it is (made immutable meanwhile)
                         raise
@@ -165,20 +168,25 @@ async def publish_ca_cert(client: KubeClient, namespace: str, cert_pem: bytes) -
                         CA_CERT_CONFIGMAP_NAME,
                     )
                     return
-            await _delete_to_recreate(client, path, current)
-        log.warning("ConfigMap %s/%s: kept changing; not published", namespace, CA_CERT_CONFIGMAP_NAME)
+            if await _delete_to_recreate(client, path, current):
+                stale = False  # gone: ca-hash falls back to the Secret, and says so
+        # What is there now decides (a delete a finalizer holds leaves the stale one in place).
+        current = await client.get_or_none(path)
+        stale = current is not None and (current.get("data") or {}).get(CA_CERT_KEY) != wanted["data"][CA_CERT_KEY]
         if stale:
-            raise StalePin(namespace)
-    except StalePin:
-        raise
+            _log_stale(namespace, "it kept changing, or something holds it")
+        else:
+            log.warning("ConfigMap %s/%s: kept changing; not published", namespace, CA_CERT_CONFIGMAP_NAME)
     except (KubeApiError, *_NO_ANSWER) as exc:
-        if stale and not (isinstance(exc, KubeApiError) and exc.status == 403):
+        curable = not isinstance(exc, KubeApiError) or exc.status >= 500
+        if stale and curable:
             # After a CA rotation the ConfigMap still names the old CA, and `token ca-hash` would
             # print its pin with no note: the start fails, as it did before publishing was best
-            # effort, and the restarted gateway tries again. (403: a Role without the ConfigMap;
-            # the README says to apply manifests/gateway/rbac.yaml.)
+            # effort, and the restarted gateway tries again.
             raise StalePin(namespace) from exc
-        if isinstance(exc, KubeApiError):
+        if stale:
+            _log_stale(namespace, str(exc))
+        elif isinstance(exc, KubeApiError):
             _log_unpublished_refused(namespace, exc)
         else:
             _log_unpublished(namespace, exc)
@@ -196,6 +204,17 @@ class StalePin(RuntimeError):
             "be updated: `koinon-gateway token ca-hash` would give volunteers a pin of a CA this gateway "
             "does not serve; not starting (the restart tries again)"
         )
+
+
+def _log_stale(namespace: str, why: str) -> None:
+    log.error(
+        "ConfigMap %s/%s holds another CA's certificate and could not be updated (%s): "
+        "`koinon-gateway token ca-hash` gives volunteers a pin this gateway does not serve until "
+        "it is fixed (delete the ConfigMap, and whatever holds it, and restart the gateway)",
+        namespace,
+        CA_CERT_CONFIGMAP_NAME,
+        why,
+    )
 
 
 def _log_unpublished_refused(namespace: str, exc: Exception) -> None:
@@ -221,9 +240,10 @@ def _log_unpublished(namespace: str, exc: Exception) -> None:
     )
 
 
-async def _delete_to_recreate(client: KubeClient, path: str, current: JSON) -> None:
-    """Deletes the ConfigMap as read, so that the next attempt creates it holding the served CA;
-    one changed or deleted meanwhile (409, 404) is left for that attempt to read again."""
+async def _delete_to_recreate(client: KubeClient, path: str, current: JSON) -> bool:
+    """Deletes the ConfigMap as read, so that the next attempt creates it holding the served CA
+    (True; one a finalizer holds is still there for that attempt to read); one changed or deleted
+    meanwhile (409, 404) is left for that attempt to read again (False)."""
     metadata = current.get("metadata") or {}
     preconditions = {key: str(metadata[key]) for key in ("uid", "resourceVersion") if metadata.get(key)}
     try:
@@ -231,12 +251,13 @@ async def _delete_to_recreate(client: KubeClient, path: str, current: JSON) -> N
     except KubeApiError as exc:
         if not (exc.conflict or exc.not_found):
             raise
-        return
+        return False
     log.warning(
         "ConfigMap %s held another certificate and could not be updated (immutable, or the update was "
         "refused as invalid); deleted to be created again with the CA this gateway serves",
         path,
     )
+    return True
 
 
 NOT_PUBLISHED = (

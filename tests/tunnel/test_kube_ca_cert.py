@@ -308,3 +308,75 @@ async def test_a_gateway_that_cannot_replace_a_rotated_cas_certificate_does_not_
     capsys.readouterr()
     assert await asyncio.to_thread(cli, kube, "ca-hash") == 0
     assert capsys.readouterr().out.strip() == ca_cert_hash(new.cert_pem)
+
+
+async def test_a_stale_configmap_deleted_between_read_and_update_is_created(
+    kube: Kube, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a rotation the ConfigMap holds the old CA; someone (kubectl delete, to fix it) deletes it
+    between the gateway's GET and its PUT: the PUT answers 404. The ConfigMap is merely absent: it
+    is created, and the start goes on."""
+    bundle = await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
+    kube.emulator.patch(
+        "v1", "ConfigMap", CA_CERT_CONFIGMAP_NAME, {"data": {"ca.crt": create_ca().cert_pem.decode()}}, NAMESPACE
+    )
+    real = KubeClient.request
+
+    async def request(self: KubeClient, method: str, path: str, *args: Any, **kwargs: Any) -> JSON:
+        if method == "PUT" and "/configmaps/" in path:
+            kube.emulator.delete("v1", "ConfigMap", CA_CERT_CONFIGMAP_NAME, NAMESPACE)
+        return await real(self, method, path, *args, **kwargs)
+
+    monkeypatch.setattr(KubeClient, "request", request)
+    await publish_ca_cert(kube.client, NAMESPACE, bundle.cert_pem)
+    assert configmap(kube)["data"] == {"ca.crt": bundle.cert_pem.decode()}
+
+
+async def test_a_failed_create_after_the_stale_configmaps_delete_does_not_fail_the_start(
+    kube: Kube, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A planted immutable ConfigMap is deleted; the create that follows answers 500 (or times out).
+    Nothing stale is left (ca-hash falls back to the Secret, with its note): the start goes on."""
+    bundle = create_ca()
+    kube.emulator.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": CA_CERT_CONFIGMAP_NAME, "namespace": NAMESPACE},
+            "immutable": True,
+            "data": {"ca.crt": create_ca().cert_pem.decode()},
+        }
+    )
+    real = KubeClient.request
+
+    async def request(self: KubeClient, method: str, path: str, *args: Any, **kwargs: Any) -> JSON:
+        if method == "POST" and path.endswith("/configmaps"):
+            raise KubeApiError(500, "InternalError", "etcdserver: request timed out")
+        return await real(self, method, path, *args, **kwargs)
+
+    monkeypatch.setattr(KubeClient, "request", request)
+    await publish_ca_cert(kube.client, NAMESPACE, bundle.cert_pem)
+    assert not kube.emulator.list_objects("v1", "ConfigMap", NAMESPACE)
+
+
+async def test_a_planted_configmap_a_finalizer_holds_does_not_keep_the_gateway_down(
+    kube: Kube, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone allowed to create ConfigMaps in koinon-system plants koinon-gateway-ca-cert immutable
+    with a finalizer: the gateway's delete only marks it, 5 attempts later StalePin, and every
+    restart did the same: the gateway (every volunteer's tunnel) never came back. It serves, with
+    an error saying the pin is wrong until someone fixes the ConfigMap."""
+    kube.emulator.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": CA_CERT_CONFIGMAP_NAME, "namespace": NAMESPACE, "finalizers": ["evil.example/hold"]},
+            "immutable": True,
+            "data": {"ca.crt": create_ca().cert_pem.decode()},
+        }
+    )
+    for _restart in range(3):
+        with caplog.at_level(logging.ERROR, logger="koinon_gateway.kube_ca"):
+            await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))  # serves
+        assert "gives volunteers a pin this gateway does not serve" in caplog.text
+        caplog.clear()
