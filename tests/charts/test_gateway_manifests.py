@@ -359,7 +359,6 @@ for probe in $PROBES; do
   python -c "$PROBE_CODE" "$probe"
 done
 ! grep -rli "read-only file system" /tmp/ray/session_latest/logs /tmp/head.log
-ray stop --force > /dev/null 2>&1
 """
 
 
@@ -374,7 +373,7 @@ PROBE_CODE = (
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare(1)")
 def test_the_ray_head_command_runs_on_a_read_only_root(rendered: list[Manifest]) -> None:
     """The manifest sets readOnlyRootFilesystem for the Ray head: its own command, run on a
-    read-only root with /tmp writable (in a mount and network namespace of its own), serves a job."""
+    read-only root with /tmp writable (in a mount, network and PID namespace of its own), serves a job."""
     pod = _find(rendered, "Deployment", "koinon-gateway")["spec"]["template"]["spec"]
     head = next(c for c in pod["containers"] if c["name"] == "ray-head")
     assert head["securityContext"]["readOnlyRootFilesystem"] is True
@@ -385,7 +384,11 @@ def test_the_ray_head_command_runs_on_a_read_only_root(rendered: list[Manifest])
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PROBES": " ".join(probes)}
     env["PROBE_CODE"] = PROBE_CODE
     result = subprocess.run(
-        ["unshare", "--mount", "--net", "bash", "-c", READ_ONLY_ROOT_SCRIPT, "head", str(REPO), *command],
+        # A PID namespace of its own too: the head's processes end with the script (the kernel kills
+        # them with its init), and nothing here can stop another Ray on the host. `ray stop` did:
+        # it finds Ray's processes by name, every one the host runs (a developer's `koinon dev up`).
+        ["unshare", "--mount", "--net", "--pid", "--fork", "--mount-proc", "bash", "-c", READ_ONLY_ROOT_SCRIPT,
+         "head", str(REPO), *command],
         capture_output=True, text=True, timeout=200, env=env, cwd="/",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
