@@ -42,6 +42,17 @@ def configmap(kube: Kube) -> JSON:
     return kube.emulator.get("v1", "ConfigMap", CA_CERT_CONFIGMAP_NAME, NAMESPACE)
 
 
+def plant_immutable(kube: Kube, cert_pem: str, finalizers: list[str] | None = None) -> None:
+    """koinon-gateway-ca-cert as someone allowed to create ConfigMaps (not Secrets) could make it
+    first: immutable, holding their own CA's certificate."""
+    metadata: JSON = {"name": CA_CERT_CONFIGMAP_NAME, "namespace": NAMESPACE}
+    if finalizers:
+        metadata["finalizers"] = finalizers
+    kube.emulator.create(
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "immutable": True, "data": {"ca.crt": cert_pem}}
+    )
+
+
 @contextlib.contextmanager
 def forbidden(monkeypatch: pytest.MonkeyPatch, denied: Callable[[str, str], bool]) -> Iterator[list[str]]:
     """Answers 403, as the API server does for a caller whose RBAC lacks it, every request for
@@ -183,15 +194,7 @@ async def test_a_configmap_planted_immutable_is_deleted_and_created_with_the_ser
     koinon-gateway-ca-cert, immutable, holding their own CA: the update was refused (422), the
     gateway only warned, and `token ca-hash` handed out the planted CA's pin from then on."""
     planted = create_ca()
-    kube.emulator.create(
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": CA_CERT_CONFIGMAP_NAME, "namespace": NAMESPACE},
-            "immutable": True,
-            "data": {"ca.crt": planted.cert_pem.decode()},
-        }
-    )
+    plant_immutable(kube, planted.cert_pem.decode())
     planted_uid = configmap(kube)["metadata"]["uid"]
     bundle = await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))
     published = configmap(kube)
@@ -338,15 +341,7 @@ async def test_a_failed_create_after_the_stale_configmaps_delete_does_not_fail_t
     """A planted immutable ConfigMap is deleted; the create that follows answers 500 (or times out).
     Nothing stale is left (ca-hash falls back to the Secret, with its note): the start goes on."""
     bundle = create_ca()
-    kube.emulator.create(
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": CA_CERT_CONFIGMAP_NAME, "namespace": NAMESPACE},
-            "immutable": True,
-            "data": {"ca.crt": create_ca().cert_pem.decode()},
-        }
-    )
+    plant_immutable(kube, create_ca().cert_pem.decode())
     real = KubeClient.request
 
     async def request(self: KubeClient, method: str, path: str, *args: Any, **kwargs: Any) -> JSON:
@@ -366,15 +361,7 @@ async def test_a_planted_configmap_a_finalizer_holds_does_not_keep_the_gateway_d
     with a finalizer: the gateway's delete only marks it, 5 attempts later StalePin, and every
     restart did the same: the gateway (every volunteer's tunnel) never came back. It serves, with
     an error saying the pin is wrong until someone fixes the ConfigMap."""
-    kube.emulator.create(
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": CA_CERT_CONFIGMAP_NAME, "namespace": NAMESPACE, "finalizers": ["evil.example/hold"]},
-            "immutable": True,
-            "data": {"ca.crt": create_ca().cert_pem.decode()},
-        }
-    )
+    plant_immutable(kube, create_ca().cert_pem.decode(), finalizers=["evil.example/hold"])
     for _restart in range(3):
         with caplog.at_level(logging.ERROR, logger="koinon_gateway.kube_ca"):
             await load_or_create_ca(KubeCAStore(kube.client, NAMESPACE))  # serves
