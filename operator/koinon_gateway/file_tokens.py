@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .durable_files import write_durably
 from .tokens import COUNTED_JOINS_KEPT, InMemoryTokenStore, JoinGrant, hash_secret, parse_token
 
 log = logging.getLogger(__name__)
@@ -90,21 +90,4 @@ class FileTokenStore(InMemoryTokenStore):
                 for token_id, stored in self.tokens.items()
             }
         )
-        _write_durably(self.path, json.dumps(usage, indent=1, sort_keys=True))
-
-
-def _write_durably(path: Path, text: str) -> None:
-    """Replaces ``path`` with ``text`` atomically and durably. The new file's data reaches the disk
-    before the rename and the rename before this returns: after a power loss a rename of unsynced
-    data can leave an empty file, read as no counts at all (a one-use token usable again)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+        write_durably(self.path, json.dumps(usage, indent=1, sort_keys=True))

@@ -10,13 +10,13 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import json
-import os
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from .durable_files import write_durably
 from .status import rfc3339
 
 GROUP = "koinon.dev"
@@ -181,9 +181,7 @@ class FileNodeRegistry(InMemoryNodeRegistry):
                 self._save()
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.objects, indent=1))
-        os.replace(tmp, self.path)
+        write_durably(self.path, json.dumps(self.objects, indent=1))
 
     async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> str:
         uid = await super().create(name, spec, labels)

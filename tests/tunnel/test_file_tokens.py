@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from koinon_gateway.file_tokens import FileTokenStore
 from koinon_gateway.main import build_parser, stores_from_args
+from koinon_gateway.registry import FileNodeRegistry
 from koinon_gateway.tokens import COUNTED_JOIN_HONOURED_S, TokenError
 
 TOKEN = "abcdef.0123456789abcdef"
@@ -136,11 +137,9 @@ def test_a_given_back_use_is_no_longer_counted_for_its_join(tmp_path: Path) -> N
         asyncio.run(restarted(path, limit=2).consume(TOKEN, "join-c"))
 
 
-def test_counts_are_synced_to_disk_before_and_after_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The temporary file was renamed over the counts unsynced: after a power loss the file could be
-    empty, read as no counts, and a one-use token was usable again."""
-    path = tmp_path / "usage.json"
-    store = restarted(path, limit=1)
+@pytest.fixture
+def disk_steps(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The syncs and renames made from here on, in order."""
     steps: list[str] = []
     real_fsync, real_replace = os.fsync, os.replace
 
@@ -154,6 +153,25 @@ def test_counts_are_synced_to_disk_before_and_after_the_rename(tmp_path: Path, m
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    return steps
+
+
+def test_counts_are_synced_to_disk_before_and_after_the_rename(tmp_path: Path, disk_steps: list[str]) -> None:
+    """The temporary file was renamed over the counts unsynced: after a power loss the file could be
+    empty, read as no counts, and a one-use token was usable again."""
+    path = tmp_path / "usage.json"
+    store = restarted(path, limit=1)
+    disk_steps.clear()
     asyncio.run(store.consume(TOKEN))
-    assert steps == ["sync file", "rename", "sync directory"]
+    assert disk_steps == ["sync file", "rename", "sync directory"]
     assert json.loads(path.read_text())["abcdef"]["usages"] == 1
+
+
+def test_volunteer_nodes_are_synced_to_disk_before_and_after_the_rename(tmp_path: Path, disk_steps: list[str]) -> None:
+    """The file node registry renamed its file unsynced too: after a power loss an empty file was
+    read as no VolunteerNodes, and their addresses handed out again."""
+    path = tmp_path / "nodes.json"
+    registry = FileNodeRegistry(path)
+    asyncio.run(registry.create("vn-a", {"owner": "alice"}, {}))
+    assert disk_steps == ["sync file", "rename", "sync directory"]
+    assert "vn-a" in json.loads(path.read_text())
