@@ -47,7 +47,6 @@ import ctypes
 import importlib.metadata
 import importlib.util
 import os
-import re
 import select
 import signal
 import subprocess
@@ -55,6 +54,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+
+from koinon_agent import mountinfo
 
 CLONE_NEWPID = 0x20000000
 PR_SET_PDEATHSIG = 1
@@ -171,20 +172,13 @@ def read_only_elsewhere() -> None:
     directories), /dev/shm and, with no host files in them, /dev, /proc, /sys and /run.
     """
     writable_trees = (COVERED, Path("/dev"), Path("/proc"), Path("/sys"), *HOST_SOCKET_DIRS)
-    mount_points = [
-        Path(_unescape_mountinfo(line.split()[4])) for line in Path("/proc/self/mountinfo").read_text().splitlines()
-    ]
+    mount_points = [Path(mount_point) for _, mount_point in mountinfo.mounts()]
     for mount_point in dict.fromkeys(mount_points):  # in mount order, each once
         if any(mount_point.is_relative_to(tree) for tree in writable_trees):
             continue
         if not os.path.ismount(mount_point):
             continue  # covered by a later mount: out of reach already
         _mount("-o", "remount,bind,ro", str(mount_point))
-
-
-def _unescape_mountinfo(field: str) -> str:
-    """mountinfo writes a space, tab, newline and backslash in a path as \\040, \\011, \\012, \\134."""
-    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match[1], 8)), field)
 
 
 def _libc_call(name: str, *args: int) -> None:

@@ -12,7 +12,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from koinon_agent import cli, state
+from koinon_agent import cli, mountinfo, state
 from koinon_agent.agent import Agent
 
 
@@ -134,7 +134,7 @@ def test_a_state_dir_is_refused_when_others_can_change_it_not_in_kubernetes_volu
 def test_a_mount_point_is_found_also_as_a_bind_mount_of_the_same_filesystem(tmp_path: Path) -> None:
     assert state._is_mount_point(Path("/proc"))
     assert not state._is_mount_point(tmp_path)
-    assert state._unescape_mountinfo(r"/var/lib/my\040state") == "/var/lib/my state"
+    assert mountinfo.unescape(r"/var/lib/my\040state") == "/var/lib/my state"
 
 
 @pytest.mark.parametrize(

@@ -8,13 +8,14 @@ import fcntl
 import json
 import logging
 import os
-import re
 import secrets
 import stat
 import tempfile
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from . import mountinfo
 
 log = logging.getLogger(__name__)
 
@@ -111,25 +112,15 @@ def _made_by_kubelet(info: os.stat_result, groups: Collection[int], path: Path) 
 def _mount_roots(path: Path) -> list[str]:
     """The source paths (mountinfo's field 4) of the mounts at ``path`` in this mount namespace."""
     target = os.path.realpath(path)
-    roots: list[str] = []
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as mounts:
-            for line in mounts:
-                parts = line.split(" ")
-                if len(parts) > 4 and _unescape_mountinfo(parts[4]) == target:
-                    roots.append(_unescape_mountinfo(parts[3]))
+        return [root for root, mount_point in mountinfo.mounts() if mount_point == target]
     except OSError:
-        pass
-    return roots
+        return []
 
 
 def _is_mount_point(path: Path) -> bool:
     """A mount point of this process's mount namespace (a bind mount of the same filesystem too)."""
     return os.path.ismount(path) or bool(_mount_roots(path))
-
-
-def _unescape_mountinfo(text: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), text)
 
 
 @contextlib.contextmanager
