@@ -3,8 +3,8 @@
 The operator hands the job its trace's root span in ``TRACEPARENT`` (W3C trace context), but no
 OpenTelemetry SDK, nor ``opentelemetry-instrument``, reads that variable from the environment: the
 job extracts it itself. Its spans are exported only where the job configures an SDK (e.g. run
-under ``opentelemetry-instrument`` with ``OTEL_EXPORTER_OTLP_ENDPOINT`` in its runtimeEnv);
-otherwise they cost nothing.
+under ``opentelemetry-instrument`` with ``OTEL_EXPORTER_OTLP_ENDPOINT`` in its runtimeEnv, never a
+credential: volunteers can read the runtimeEnv, see README "Tracing"); otherwise they cost nothing.
 """
 
 from __future__ import annotations

@@ -48,9 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     # and never reconcile, with the operator looking alive.
     from koinon_operator.config import OperatorConfig
     from koinon_operator.leadership import LeaseSettings
-    from koinon_operator.telemetry import exporter_settings_problem
 
     try:
+        # The OpenTelemetry SDK refuses a non-integer OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT on import.
+        from koinon_operator.telemetry import exporter_settings_problem
+
         OperatorConfig.from_env()  # what the handlers will read at import
         LeaseSettings.from_env()
     except ValueError as error:

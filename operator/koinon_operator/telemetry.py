@@ -13,8 +13,10 @@ Configuration is the standard ``OTEL_*`` environment: ``OTEL_EXPORTER_OTLP_ENDPO
 ``service.name`` in ``OTEL_RESOURCE_ATTRIBUTES`` (default ``koinon-operator``), ``OTEL_BSP_*`` and
 ``OTEL_TRACES_SAMPLER`` work as usual (a job's spans follow its root span's sampling decision);
 ``OTEL_TRACES_EXPORTER=none`` turns it off, ``console`` prints spans, ``otlp`` named explicitly
-exports to the spec's default endpoint when none is given; ``OTEL_SDK_DISABLED=true`` turns it off.
-A malformed ``OTEL_EXPORTER_OTLP_(TRACES_)HEADERS`` is refused at start, its values never shown.
+exports to the spec's default endpoint when none is given (an empty endpoint variable counts as
+unset); ``OTEL_SDK_DISABLED=true`` turns it off. A malformed ``OTEL_EXPORTER_OTLP_(TRACES_)HEADERS``
+is refused at start, its values never shown; so is any setting the SDK refuses while the pipeline
+is built (``exporter_settings_problem``).
 """
 
 from __future__ import annotations
@@ -104,6 +106,8 @@ def operator_part(message: str) -> str:
 
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 TRACES_EXPORTERS = ("otlp", "console", "none")
+# The spec's default OTLP/gRPC endpoint (a node-local agent or a collector sidecar).
+OTLP_GRPC_DEFAULT_ENDPOINT = "http://localhost:4317"
 
 
 def _sdk_disabled() -> bool:
@@ -135,6 +139,7 @@ def _exporters_from_env() -> list[SpanExporter]:
 
 
 def _otlp_exporter(explicit: bool) -> SpanExporter | None:
+    # An empty variable is unset (as for every OTEL_* variable the spec defines).
     endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     if not endpoint and not explicit:
         return None
@@ -148,14 +153,19 @@ def _otlp_exporter(explicit: bool) -> SpanExporter | None:
     )
     protocol = (os.environ.get(variable) or "grpc").strip()
     _check_otlp_headers()
-    # Each exporter reads endpoint, headers and TLS settings from OTEL_* itself.
+    # Each exporter reads headers, TLS settings and compression from OTEL_* itself.
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        return OTLPSpanExporter()
+        # The endpoint given, not read by the exporter: it takes an empty OTEL_EXPORTER_OTLP_ENDPOINT
+        # as set (its default only stands in for a missing one) and dials the empty target,
+        # exporting nothing, where "otlp named explicitly" promises the spec's default.
+        return OTLPSpanExporter(endpoint=endpoint or OTLP_GRPC_DEFAULT_ENDPOINT)
     if protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 
+        # The HTTP exporter takes empty variables as unset itself, and appends /v1/traces to the
+        # generic endpoint only (tests/aijob/test_tracing_settings.py holds it to both).
         return HttpSpanExporter()
     # Failing loudly: an exporter of the wrong protocol would fail every export in the background.
     raise ValueError(f"{variable}: {protocol!r} is not supported; use one of {OTLP_PROTOCOLS}")
@@ -191,30 +201,81 @@ def _check_otlp_headers() -> None:
                 )
 
 
-def exporter_settings_problem() -> str | None:
-    """What is wrong with the OTEL_* exporter settings (None: nothing), without keeping an exporter."""
+# The batch span processor's parameters, each with the OTEL_BSP_* variable it is read from: the
+# SDK's refusal names the parameter, the SRE wrote the variable.
+_BSP_VARIABLES = {
+    "max_queue_size": "OTEL_BSP_MAX_QUEUE_SIZE",
+    "schedule_delay_millis": "OTEL_BSP_SCHEDULE_DELAY",
+    "max_export_batch_size": "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+}
+
+
+def _batch_processor(exporter: SpanExporter) -> BatchSpanProcessor:
     try:
-        exporters = _exporters_from_env()
+        return BatchSpanProcessor(exporter)  # OTEL_BSP_*, read and judged by the SDK
     except ValueError as error:
-        return str(error)
-    for exporter in exporters:
-        exporter.shutdown()
+        named = [variable for parameter, variable in _BSP_VARIABLES.items() if parameter in str(error)]
+        settings = ", ".join(
+            f"{variable}={os.environ[variable]}" if os.environ.get(variable) else f"{variable} (unset)"
+            for variable in named or _BSP_VARIABLES.values()
+        )
+        raise ValueError(f"{settings}: refused by the batch span processor ({error})") from error
+
+
+def _build_tracing(service_name: str) -> TracerProvider | None:
+    """The pipeline the OTEL_* settings describe (each exporter behind a batch processor, in a
+    provider with its resource, sampler and span limits), not installed; None: tracing is off.
+    Both main()'s start check and kopf's startup handler build it here, so whatever the SDK
+    refuses stops the operator at start instead of failing the startup handler, which kopf retries
+    every minute while the operator reconciles nothing and looks alive."""
+    exporters = _exporters_from_env()
+    if not exporters:
+        return None
+    processors: list[BatchSpanProcessor] = []
+    try:
+        for exporter in exporters:
+            processors.append(_batch_processor(exporter))
+        resource = Resource.create()  # OTEL_SERVICE_NAME, then service.name in OTEL_RESOURCE_ATTRIBUTES
+        if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+            resource = resource.merge(Resource({"service.name": service_name}))
+        if "service.version" not in resource.attributes:
+            resource = resource.merge(Resource({"service.version": _version()}))
+        # The sampler (OTEL_TRACES_SAMPLER) and span limits (OTEL_SPAN_*) are read here.
+        provider = TracerProvider(resource=resource, id_generator=JobIdGenerator())
+    except BaseException:
+        # Refused halfway: stop the processors' threads and the exporters' channels built so far.
+        for processor in processors:
+            processor.shutdown()  # type: ignore[no-untyped-call]  # its exporter too
+        for exporter in exporters[len(processors) :]:
+            exporter.shutdown()
+        raise
+    for processor in processors:
+        provider.add_span_processor(processor)
+    return provider
+
+
+def exporter_settings_problem() -> str | None:
+    """What is wrong with the OTEL_* tracing settings (None: nothing): builds, from the same code,
+    the pipeline ``setup_tracing`` builds, and shuts it down."""
+    try:
+        provider = _build_tracing("koinon-operator")
+    except Exception as error:
+        # Any exception: the SDK's own refusals are not all ValueErrors (the gRPC exporter raises
+        # InvalidCompressionValueException), and each would otherwise come out of kopf's startup
+        # handler. Ours and the SDK's messages name their variable.
+        message = str(error)
+        return message if "OTEL_" in message else f"OTEL_* settings: {type(error).__name__}: {message}"
+    if provider is not None:
+        provider.shutdown()
     return None
 
 
 def setup_tracing(service_name: str = "koinon-operator") -> TracerProvider | None:
-    exporters = _exporters_from_env()
-    if not exporters:
-        return None
-    resource = Resource.create()  # OTEL_SERVICE_NAME, then service.name in OTEL_RESOURCE_ATTRIBUTES
-    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({"service.name": service_name}))
-    if "service.version" not in resource.attributes:
-        resource = resource.merge(Resource({"service.version": _version()}))
-    provider = TracerProvider(resource=resource, id_generator=JobIdGenerator())
-    for exporter in exporters:
-        provider.add_span_processor(BatchSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)
+    """Installs the pipeline the OTEL_* settings describe. Raises nothing for settings that
+    ``exporter_settings_problem`` (main()'s start check) passed: both build it in ``_build_tracing``."""
+    provider = _build_tracing(service_name)
+    if provider is not None:
+        trace.set_tracer_provider(provider)
     return provider
 
 
