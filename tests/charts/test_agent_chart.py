@@ -62,7 +62,7 @@ def test_lint_without_required_values_names_gateway_address(tools: Tools) -> Non
 
 def test_default_render_is_one_recreate_deployment_without_service(tools: Tools) -> None:
     docs = render(tools)
-    assert sorted(d["kind"] for d in docs) == ["Deployment", "Secret", "ServiceAccount"]
+    assert sorted(d["kind"] for d in docs) == ["Deployment", "NetworkPolicy", "Secret", "ServiceAccount"]
     deployment = one(docs, "Deployment")
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}

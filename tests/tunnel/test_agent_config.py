@@ -17,6 +17,7 @@ from koinon_gateway.pki import create_ca
 ENV_VALUES = {
     "KOINON_GATEWAY": "gateway.example:443",
     "KOINON_TOKEN": "abcdef.0123456789abcdef",
+    "KOINON_TOKEN_HINT": 'Secret "my-join" (key "token")',
     "KOINON_STATE_DIR": "/var/lib/koinon-agent",
     "KOINON_CA_FILE": "",  # a file holding a certificate, written by the test
     "KOINON_CA_CERT": create_ca().cert_pem.decode(),
@@ -39,6 +40,7 @@ ENV_VALUES = {
 EXPECTED: dict[str, object] = {
     "gateway": "gateway.example:443",
     "token": "abcdef.0123456789abcdef",
+    "token_hint": 'Secret "my-join" (key "token")',
     "state_dir": Path("/var/lib/koinon-agent"),
     "ca_file": None,  # the file the test wrote
     "ca_pem": ENV_VALUES["KOINON_CA_CERT"].encode(),
@@ -260,9 +262,11 @@ def test_join_help_names_the_variable_of_every_flag(capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         cli.main(["join", "--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    env_only = {"KOINON_CA_CERT", "KOINON_PROXY_SECRET"}  # a PEM, a secret: no place on a command line
+    # A PEM, a secret: no place on a command line; the token's hint is for the chart to set.
+    env_only = {"KOINON_CA_CERT", "KOINON_PROXY_SECRET", "KOINON_TOKEN_HINT"}
     missing = [var for var in ENV_VARS if var not in env_only and f"[{var}" not in text]
     assert "KOINON_PROXY_SECRET (environment only)" in text
+    assert "KOINON_TOKEN_HINT (environment only)" in text
     assert not missing, f"flags whose help does not name their variable: {missing}"
 
 

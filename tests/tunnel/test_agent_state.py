@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 from koinon_agent import cli, state
-from koinon_agent.agent import Agent, DrainedBeforeJoining
+from koinon_agent.agent import Agent, DrainedBeforeJoining, JoinRefused
+from koinon_agent.config import AgentConfig
 from koinon_agent.ray_node import RaySettings, ray_environment
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
@@ -219,3 +220,13 @@ def test_an_identity_with_a_field_of_a_later_version_is_read(tmp_path: Path) -> 
     path.write_text(path.read_text().rstrip().rstrip("}") + ', "added_later": 1}')
     loaded = state.load(state_dir, can_rejoin=True)
     assert loaded is not None and (loaded.credential, loaded.trusted_ca) == ("cred", "sha256:ab")
+
+
+async def test_an_expired_credential_without_a_token_names_where_the_token_was_to_come_from(tmp_path: Path) -> None:
+    """A joined node offline longer than its credential lives needs its token again; with the
+    chart's optional Secret reference a misspelt Secret leaves none, and KOINON_TOKEN_HINT says so."""
+    state.save(tmp_path, state.StoredIdentity("gw:1", "vn-a", "127.0.20.1", "cred", 123, "insecure"))
+    hint = 'Secret "koinon-jion" (key "token") in namespace v was not found or is empty'
+    agent = Agent(AgentConfig(gateway="gw:1", insecure=True, state_dir=tmp_path, token_hint=hint))
+    with pytest.raises(JoinRefused, match='join again with a new token; none came: Secret "koinon-jion"'):
+        await agent._ensure_identity()

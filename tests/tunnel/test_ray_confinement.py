@@ -509,3 +509,46 @@ def test_a_ray_temp_dir_holding_the_state_dir_is_refused_at_start(tmp_path: Path
         config.validate()
     AgentConfig(gateway="127.0.0.1:1", state_dir=tmp_path / "state", temp_dir=tmp_path / "state" / "ray").validate()
     AgentConfig(gateway="127.0.0.1:1", state_dir=tmp_path / "state", temp_dir=tmp_path / "ray").validate()
+
+
+@needs_landlock
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to drop to nobody")
+def test_confined_job_code_cannot_read_the_environment_of_the_containers_other_processes() -> None:
+    """In the chart's pod KOINON_TOKEN is in the environment of tini (PID 1) and of the exec probes,
+    which, unlike the agent, stay dumpable: a process of the same (non-root) user reads it from
+    /proc/<pid>/environ. A process Landlock confines may read the environment of no process outside
+    its domain (a ptrace check): job code confined as Ray is cannot (README: when that holds)."""
+    base = Path("/tmp") / f"review-environ-{uuid.uuid4().hex[:8]}"
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    token = "abcdef.0123456789abcdef"
+    # Stands for tini: started with the container's environment, the token in it.
+    holder = subprocess.Popen([*nobody, "env", f"KOINON_TOKEN={token}", "sleep", "60"])
+    try:
+        state = base / "state"
+        (state / "ray").mkdir(parents=True)
+        base.chmod(0o755)
+        for path in (state, state / "ray"):
+            os.chown(path, 65534, 65534)
+        read = (
+            "import sys, time\n"
+            "for _ in range(50):\n"
+            "    try:\n"
+            f"        data = open('/proc/{holder.pid}/environ', 'rb').read()\n"
+            "    except OSError as exc:\n"
+            "        print('denied', type(exc).__name__); break\n"
+            "    if b'KOINON_TOKEN' in data:\n"
+            "        print(data.decode(errors='replace')); break\n"
+            "    time.sleep(0.1)  # setpriv has not exec'd env yet\n"
+        )
+        unconfined = subprocess.run(
+            [*nobody, "/usr/bin/python3", "-c", read], capture_output=True, text=True, timeout=30
+        )
+        assert token in unconfined.stdout, unconfined  # without Landlock, job code reads it
+        confined = run_confined(
+            state, state / "ray", "/usr/bin/python3", "-c", read, user=nobody, launcher_copy=base / "ray_launch.py"
+        )
+        assert token not in confined and "denied PermissionError" in confined, confined
+    finally:
+        holder.kill()
+        holder.wait()
+        shutil.rmtree(base, ignore_errors=True)

@@ -276,6 +276,11 @@ class Agent:
 
     # ---- join ----
 
+    def _no_token(self) -> str:
+        """Where the missing token should have come from (the chart's Secret and key), as the tail
+        of a message; empty without KOINON_TOKEN_HINT."""
+        return f"; none came: {self.config.token_hint}" if self.config.token_hint else ""
+
     async def _ensure_identity(self, refused: str = "") -> state.StoredIdentity:
         """The stored identity while it is good, else a new one from a join with the token.
         ``refused``: why the gateway no longer takes the stored credential (it expired during an
@@ -291,10 +296,12 @@ class Agent:
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stored.expires_at))
             why = f"refused by the gateway ({refused})" if refused else f"expired at {when}"
             if not self.config.token:
-                raise JoinRefused(f"credential of {stored.node_name} {why}; join again with a new token")
+                raise JoinRefused(
+                    f"credential of {stored.node_name} {why}; join again with a new token{self._no_token()}"
+                )
             log.warning("credential of %s %s; joining again with the configured token", stored.node_name, why)
         if not self.config.token:
-            raise ValueError("token: required for the first join (--token or KOINON_TOKEN)")
+            raise ValueError(f"token: required for the first join (--token or KOINON_TOKEN){self._no_token()}")
         state.ensure_writable(self.config.state_dir)
         stub = tunnel_stub(self._channel("control"))
         delays = backoff_delays(self.config.backoff_initial_s, self.config.backoff_max_s)

@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     join = sub.add_parser("join", help="join the platform and run a Ray worker node through the tunnel")
     join.add_argument("--gateway", default=_env("KOINON_GATEWAY"), help="host:port or unix:/path [KOINON_GATEWAY]")
     join.add_argument(
-        "--token", action=_TokenOnCommandLine, default=_env("KOINON_TOKEN", ""), help="join token [KOINON_TOKEN]"
+        "--token",
+        action=_TokenOnCommandLine,
+        default=_env("KOINON_TOKEN", ""),
+        help="join token [KOINON_TOKEN]; KOINON_TOKEN_HINT (environment only) says where it should come from, "
+        "quoted when none came",
     )
     join.add_argument(
         "--state-dir",
@@ -226,6 +230,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     config = AgentConfig(
         gateway=args.gateway,
         token=(args.token or "").strip(),
+        token_hint=(_env("KOINON_TOKEN_HINT", "") or "").strip(),
         ca_file=args.ca_file,
         ca_pem=ca_pem,
         ca_cert_hash=args.ca_cert_hash,

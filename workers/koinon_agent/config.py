@@ -36,6 +36,11 @@ def default_state_dir() -> Path:
 class AgentConfig:
     gateway: str  # "host:port" or "unix:/path"
     token: str = ""  # needed only for the first join; later runs reuse the stored credential
+    # Where the token should have come from, said when none came (KOINON_TOKEN_HINT, environment
+    # only). The chart passes the token from a Secret with an optional secretKeyRef (a joined node
+    # starts without one), so a misspelt Secret name or key leaves KOINON_TOKEN unset without any
+    # error from Kubernetes: the hint names the Secret, key and chart values to check.
+    token_hint: str = ""
     state_dir: Path = field(default_factory=default_state_dir)
     ca_file: Path | None = None  # CA that signed the gateway's certificate
     ca_pem: bytes = b""  # same, inline (KOINON_CA_CERT)
@@ -170,6 +175,7 @@ def default_health_file(state_dir: Path) -> Path:
 ENV_VARS: dict[str, str] = {
     "KOINON_GATEWAY": "gateway",
     "KOINON_TOKEN": "token",
+    "KOINON_TOKEN_HINT": "token_hint",
     "KOINON_STATE_DIR": "state_dir",
     "KOINON_CA_FILE": "ca_file",
     "KOINON_CA_CERT": "ca_pem",

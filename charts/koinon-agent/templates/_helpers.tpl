@@ -62,7 +62,43 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .Values.joinToken.existingSecret }}{{ .Values.joinToken.existingSecretKey }}{{ else }}token{{ end }}
 {{- end }}
 
+{{/* Where KOINON_TOKEN comes from, and what to check when it is empty (KOINON_TOKEN_HINT). */}}
+{{- define "koinon-agent.tokenHint" -}}
+{{- $secret := printf "Secret %q (key %q) in namespace %s" (include "koinon-agent.tokenSecretName" .) (include "koinon-agent.tokenSecretKey" .) .Release.Namespace }}
+{{- if .Values.joinToken.existingSecret }}
+{{- printf "%s was not found or is empty; check joinToken.existingSecret and joinToken.existingSecretKey" $secret }}
+{{- else if .Values.joinToken.value }}
+{{- printf "%s, which the chart makes from joinToken.value, was not found or is empty" $secret }}
+{{- else }}
+{{- print "the release sets neither joinToken.value nor joinToken.existingSecret; set one (helm upgrade)" }}
+{{- end }}
+{{- end }}
+
 {{- define "koinon-agent.caMountPath" -}}/etc/koinon/gateway-ca{{- end }}
+
+{{/*
+The gateway's address as a NetworkPolicy CIDR when gateway.address's host is an IP literal
+("10.0.0.5:7443" → 10.0.0.5/32, "[fd00::5]:7443" → fd00::5/128); empty for a host name or a unix
+socket. The policy allows it whether or not it is private: the chart cannot tell, and with
+networkPolicy.allowExternalEgress false even a public one needs it.
+*/}}
+{{- define "koinon-agent.gatewayCIDR" -}}
+{{- $address := .Values.gateway.address }}
+{{- if not (hasPrefix "unix:" $address) }}
+{{- $host := regexReplaceAll ":[0-9]+$" $address "" }}
+{{- $octet := "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])" }}
+{{- if regexMatch (printf "^%s(\\.%s){3}$" $octet $octet) $host }}
+{{- printf "%s/32" $host }}
+{{- else if and (hasPrefix "[" $host) (hasSuffix "]" $host) }}
+{{- printf "%s/128" ($host | trimPrefix "[" | trimSuffix "]") }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The port of gateway.address ("host:port"; the schema requires one). */}}
+{{- define "koinon-agent.gatewayPort" -}}
+{{- regexFind "[0-9]+$" .Values.gateway.address }}
+{{- end }}
 
 {{/*
 Bytes of a Kubernetes quantity ("2Gi", "512k", "1.5G", 1073741824), as an integer string.
@@ -157,6 +193,21 @@ names the values involved and what to do.
 {{- end }}
 {{- if lt $store 78643200 }}
 {{- fail (printf "shmSize: %s (with resources.limits.memory: %v) leaves Ray's object store %d bytes, less than its minimum of 78643200 (75 MiB); the chart gives it 80 %% of shmSize and at most 30 %% of resources.limits.memory: raise them or set agent.objectStoreMemory" $v.shmSize (dig "limits" "memory" "none" ($v.resources | default dict)) $store) }}
+{{- end }}
+{{- end }}
+{{- if $v.tmpSizeLimit }}
+{{- if lt (include "koinon-agent.bytes" (list "tmpSizeLimit" $v.tmpSizeLimit) | int64) 1073741824 }}
+{{- fail (printf "tmpSizeLimit: %s is less than 1Gi; /tmp holds Ray's session logs, runtime_env installs and spilled objects, and the kubelet evicts the pod once they pass it; raise it, or set null for no limit" $v.tmpSizeLimit) }}
+{{- end }}
+{{- end }}
+{{- if and $v.networkPolicy.enabled (not $v.networkPolicy.allowExternalEgress) (not $v.networkPolicy.extraEgress) (not (hasPrefix "unix:" $v.gateway.address)) (not (include "koinon-agent.gatewayCIDR" $)) }}
+{{- fail (printf "networkPolicy.allowExternalEgress: false leaves the pod DNS, an IP-literal gateway.address and networkPolicy.extraEgress only, and gateway.address %s names a host: add its address to networkPolicy.extraEgress" $v.gateway.address) }}
+{{- end }}
+{{- range $i, $rule := $v.networkPolicy.extraEgress }}
+{{- range $rule.ports }}
+{{- if and .endPort (lt (int .endPort) (int .port)) }}
+{{- fail (printf "networkPolicy.extraEgress[%d].ports: endPort %d is below port %d" $i (int .endPort) (int .port)) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- $needed := add (int $v.agent.drainGraceSeconds) 20 }}
