@@ -126,6 +126,14 @@ SUPERVISOR_START_FAILURE = "JOB_SUPERVISOR_ACTOR_START_FAILURE"
 # often the spec's doing, and an honest volunteer must not pay for a typo. Still retried (counted),
 # since a node's broken network gives the same error.
 RUNTIME_ENV_SETUP_FAILURE = "RUNTIME_ENV_SETUP_FAILURE"
+# Ray's supervisor (on the driver's node) raised while starting the entrypoint: Popen refusing the
+# command (ValueError: a NUL byte, which parse_spec refuses first; the same on every node, so a
+# rejection: _spec_refused_by_ray) or failing on the node (OSError: no fork, no log file). Either way
+# the driver never ran: as for a runtime_env that failed to set up, the volunteer is charged only
+# once another node has started the same spec (_settle_env_failures).
+ENTRYPOINT_START_FAILURE = "JOB_ENTRYPOINT_COMMAND_START_ERROR"
+# What failed before the job's own code ran, on the driver's node, for reasons the spec may cause.
+DRIVER_NOT_STARTED = (RUNTIME_ENV_SETUP_FAILURE, ENTRYPOINT_START_FAILURE)
 
 
 def ray_start_time(infos: Iterable[RayJobInfo | None]) -> datetime | None:
@@ -240,19 +248,24 @@ def copy_votes(state: AIJobStatus, answers: Sequence[CopyAnswer]) -> list[CopyRe
 
 
 def _spec_refused_by_ray(info: RayJobInfo) -> bool:
-    """Ray could not create the job's supervisor because of what was submitted: its check of the
-    runtime_env raised TypeError or ValueError (the traceback's last line). Other failures to
-    start it (a GCS timeout while the head is busy) are not the spec's, and are retried."""
-    if info.error_type != SUPERVISOR_START_FAILURE:
+    """Ray could not create the job's supervisor, or its supervisor could not start the entrypoint,
+    because of what was submitted: its check of the runtime_env, or Popen's of the command line,
+    raised TypeError or ValueError (the traceback's last line). Other failures to start either (a
+    GCS timeout while the head is busy, a node that cannot fork) are not the spec's, and are retried."""
+    if info.error_type not in (SUPERVISOR_START_FAILURE, ENTRYPOINT_START_FAILURE):
         return False
-    # The exception line is the first unindented line after the last "Traceback" header: a
-    # multi-line message (Ray's pip+conda ValueError) goes on below it.
-    lines = info.message.splitlines()
+    return _raised(info.message).startswith(("TypeError:", "ValueError:"))
+
+
+def _raised(message: str) -> str:
+    """The exception line of the last traceback in Ray's message ("" without one): the first
+    unindented line after the last "Traceback" header; a multi-line message (Ray's pip+conda
+    ValueError) goes on below it."""
+    lines = message.splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
     if not starts:
-        return False
-    raised = next((line for line in lines[starts[-1] + 1 :] if line and not line[0].isspace()), "")
-    return raised.startswith(("TypeError:", "ValueError:"))
+        return ""
+    return next((line for line in lines[starts[-1] + 1 :] if line and not line[0].isspace()), "")
 
 
 # What of Ray's failure message the status, conditions and Events carry: Ray quotes up to 20,000
@@ -297,11 +310,8 @@ def _failed_nodes(state: AIJobStatus) -> list[str]:
 
 def _user_error(info: RayJobInfo) -> bool:
     """The job's fault, not the volunteer's: the driver exited with its own non-zero code, or Ray
-    could not start it with the job's runtime_env."""
-    return info.driver_exit_code not in (None, 0) or info.error_type in (
-        SUPERVISOR_START_FAILURE,
-        RUNTIME_ENV_SETUP_FAILURE,
-    )
+    could not start it with the job's runtime_env or entrypoint."""
+    return info.driver_exit_code not in (None, 0) or info.error_type in (SUPERVISOR_START_FAILURE, *DRIVER_NOT_STARTED)
 
 
 EARLIER_RESULT_NOT_KEPT = (
@@ -1063,6 +1073,9 @@ class AIJobReconciler:
             # As a submission Ray refuses outright: sending the same again cannot help.
             await self._stop_copies(state)
             why = refused.message.split(". Full traceback", 1)[0]
+            if refused.error_type == ENTRYPOINT_START_FAILURE:
+                # Ray's message is the bare traceback, through its own frames: its last line says it.
+                why = f"its entrypoint could not be run: {_raised(refused.message)}"
             # Ray's words on a line of their own: they quote the runtime_env (a pip index URL
             # with its token, say), which status shows the job's owners but traces leave out.
             self._finish(key, writer, outcome, Phase.FAILED, "SubmitRejected", f"Ray could not start the job:\n{why}")
@@ -1190,9 +1203,9 @@ class AIJobReconciler:
         unblamed: set[str] | frozenset[str] = frozenset(),
     ) -> None:
         """The attempt's Ray job(s) failed; a copy's volunteers are blamed only when its driver did
-        not fail on its own (a non-zero exit code, or a runtime_env Ray could not start or set up,
-        is the job's: _settle_env_failures charges the latter once another node sets it up) and
-        ran on the copy's own node (``unblamed``: the first nodes of copies whose driver did not)."""
+        not fail on its own (a non-zero exit code, or a runtime_env or entrypoint Ray could not
+        start or set up, is the job's: _settle_env_failures charges the latter once another node
+        sets it up) and ran on the copy's own node (``unblamed``: the first nodes of copies whose driver did not)."""
         blamed = [
             node
             for k, info in enumerate(infos)
@@ -1396,18 +1409,17 @@ class AIJobReconciler:
     def _settle_env_failures(
         self, state: AIJobStatus, infos: Sequence[RayJobInfo], writer: _StatusWriter, outcome: Outcome
     ) -> set[str]:
-        """A runtime_env that failed to set up is the spec's doing (a pip typo) until another node
-        sets up the same spec: then each node that failed it is charged a failure. Returns the
-        nodes of this attempt to charge now; the others are kept (by spec digest) for later."""
+        """A runtime_env that failed to set up, or a driver its node could not start, is the spec's
+        doing (a pip typo) until another node sets up and starts the same spec: then each node that
+        failed it is charged a failure. Returns the nodes of this attempt to charge now; the others
+        are kept (by spec digest) for later."""
         digest = state.scheduling.get("specDigest")
         kept = [
             entry
             for entry in state.scheduling.get("envSetupFailures") or ()
             if isinstance(entry, Mapping) and entry.get("digest") == digest and isinstance(entry.get("node"), str)
         ]
-        failed = [
-            state.copy_nodes(k)[0] for k, info in enumerate(infos) if info.error_type == RUNTIME_ENV_SETUP_FAILURE
-        ]
+        failed = [state.copy_nodes(k)[0] for k, info in enumerate(infos) if info.error_type in DRIVER_NOT_STARTED]
         set_up = {state.copy_nodes(k)[0] for k, info in enumerate(infos) if _env_set_up(info)}
         if not failed and not (kept and set_up):
             return set()

@@ -7,6 +7,7 @@ fails with the field named instead of a KeyError deep in a handler.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -100,6 +101,65 @@ MAX_ENV_VARS = 256
 MAX_ENV_VAR_NAME = 256
 
 
+# Ray 2.60's RuntimeEnv.known_fields (a test keeps them equal; the operator does not import ray). Ray
+# takes any other key as the name of a runtime_env plugin, and with none of that name installed it
+# only warns in the volunteer's setup log and runs the job without it: `envVars` (camelCase, as the
+# rest of the spec) gave a job no variables at all, silently.
+RAY_RUNTIME_ENV_FIELDS = frozenset(
+    {
+        "py_modules",
+        "py_executable",
+        "java_jars",
+        "working_dir",
+        "conda",
+        "pip",
+        "uv",
+        "container",
+        "excludes",
+        "env_vars",
+        "_ray_release",
+        "_ray_commit",
+        "_inject_current_ray",
+        "config",
+        "worker_process_setup_hook",
+        "_nsight",
+        "_rocprof_sys",
+        "image_uri",
+    }
+)
+# Ray 2.60's RuntimeEnvConfig.known_fields: Ray drops any other key of runtime_env.config with a
+# warning in the head's log only.
+RAY_RUNTIME_ENV_CONFIG_FIELDS = frozenset({"setup_timeout_seconds", "eager_install", "log_files"})
+
+
+def _did_you_mean(name: str, known: frozenset[str]) -> str:
+    """The known name closest to ``name``, compared without case, '_' or '-' (envVars, workingDir
+    are env_vars, working_dir); else the public names, so the user sees what there is."""
+    folded = {field.lower().replace("_", ""): field for field in known}
+    close = difflib.get_close_matches(name.lower().replace("_", "").replace("-", ""), folded, n=1)
+    if close:
+        return f"did you mean {folded[close[0]]}?"
+    return "known: " + ", ".join(sorted(field for field in known if not field.startswith("_")))
+
+
+def _check_runtime_env_fields(runtime_env: Mapping[str, Any]) -> None:
+    """Refuse a key Ray would ignore (see RAY_RUNTIME_ENV_FIELDS) rather than run the job without it."""
+    for name in runtime_env:
+        if name not in RAY_RUNTIME_ENV_FIELDS:
+            raise SpecError(
+                f"spec.runtimeEnv.{name}",
+                f"not a Ray runtime_env field ({_did_you_mean(str(name), RAY_RUNTIME_ENV_FIELDS)})",
+            )
+    config = runtime_env.get("config")
+    if isinstance(config, Mapping):  # any other type: Ray refuses it at submission (SubmitRejected)
+        for name in config:
+            if name not in RAY_RUNTIME_ENV_CONFIG_FIELDS:
+                raise SpecError(
+                    f"spec.runtimeEnv.config.{name}",
+                    f"not a Ray runtime_env config field ({_did_you_mean(str(name), RAY_RUNTIME_ENV_CONFIG_FIELDS)})",
+                )
+
+
 def _check_env_vars(runtime_env: Mapping[str, Any]) -> None:
     """Ray takes ``env_vars`` only as strings to strings, and refuses anything else when the job
     starts, where it looks like a node failure. Values are never quoted back: they may be secrets."""
@@ -118,12 +178,36 @@ def _check_env_vars(runtime_env: Mapping[str, Any]) -> None:
                 f"spec.runtimeEnv.env_vars.{name}",
                 f'must be a string, got {type(value).__name__} (quote it in YAML: "3", not 3)',
             )
+        # A process's environment is NUL-terminated strings, as its command line is. The name is
+        # quoted as repr (a NUL in a field path would reach status as is); the value never is.
+        if _unexecutable(name):
+            raise SpecError("spec.runtimeEnv.env_vars", f"a name {CANNOT_EXEC}, got {name[:64]!r}")
+        if _unexecutable(value):
+            raise SpecError(f"spec.runtimeEnv.env_vars.{name}", CANNOT_EXEC)
+
+
+# What no command line or environment of a process can carry (execve takes NUL-terminated UTF-8
+# bytes): Python's Popen raises ValueError on it, in Ray's job supervisor on the volunteer, after
+# the job was placed and submitted (JOB_ENTRYPOINT_COMMAND_START_ERROR).
+CANNOT_EXEC = "must not contain a NUL character or an unpaired surrogate (no process can be given one)"
+
+
+def _unexecutable(text: str) -> bool:
+    if "\x00" in text:
+        return True
+    try:
+        text.encode("utf-8")  # an unpaired surrogate (JSON "\ud800"): Popen cannot encode it
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def parse_spec(raw: Mapping[str, Any]) -> AIJobSpec:
     entrypoint = raw.get("entrypoint")
     if not isinstance(entrypoint, str) or not entrypoint.strip():
         raise SpecError("spec.entrypoint", "required: the command Ray runs as the job driver")
+    if _unexecutable(entrypoint):
+        raise SpecError("spec.entrypoint", CANNOT_EXEC)
     resources = _mapping(raw, "resources", "spec")
     constraints = _mapping(raw, "constraints", "spec")
     verification = _mapping(raw, "verification", "spec")
@@ -134,17 +218,27 @@ def parse_spec(raw: Mapping[str, Any]) -> AIJobSpec:
     if mode not in ("none", "replicated"):
         raise SpecError("spec.verification.mode", f'must be "none" or "replicated", got {mode!r}')
     runtime_env = _mapping(raw, "runtimeEnv", "spec")
+    _check_runtime_env_fields(runtime_env)
     _check_env_vars(runtime_env)
     suspend = raw.get("suspend", False)
     if not isinstance(suspend, bool):
         raise SpecError("spec.suspend", "must be a boolean")
+    gpus = _required_int(resources, "gpus", "spec.resources", 1, 0)
+    gpu_memory_mib = _required_int(resources, "gpuMemoryMiB", "spec.resources", 0, 0)
+    if gpus == 0 and gpu_memory_mib > 0:
+        # Placement checks the memory of the GPUs a replica takes: with none, it would be ignored.
+        raise SpecError(
+            "spec.resources.gpuMemoryMiB",
+            f"must be 0 when spec.resources.gpus is 0: it is the least memory of each GPU a replica "
+            f"takes, and a replica of no GPUs takes none (got {gpu_memory_mib})",
+        )
     return AIJobSpec(
         entrypoint=entrypoint,
         runtime_env=dict(runtime_env),
         replicas=_required_int(raw, "replicas", "spec", 1, 1),
         resources=Resources(
-            gpus=_required_int(resources, "gpus", "spec.resources", 1, 0),
-            gpu_memory_mib=_required_int(resources, "gpuMemoryMiB", "spec.resources", 0, 0),
+            gpus=gpus,
+            gpu_memory_mib=gpu_memory_mib,
             cpus=_number(resources, "cpus", "spec.resources", 1.0, 0.0, 1024.0),
         ),
         constraints=Constraints(

@@ -138,6 +138,9 @@ def _run(
         unschedulable.append(Unschedulable(job.key, reasons, reasons_message(reasons, index.size)))
 
     for job in _ordered(jobs):
+        # What the job needs distinct owners for: all its copies' nodes (64 replicas x quorum 9 need
+        # 576, not the 64 its first copy takes; a trusted node's skip of the others is a draw).
+        copies_needed = job.verification_quorum if verify else 1
         signature = (
             job.gpus_per_replica,
             job.gpu_memory_mib,
@@ -147,7 +150,7 @@ def _run(
         )
         shape = None
         if not job.excluded_nodes and not job.excluded_owners:
-            shape = (*signature, job.cpus_per_replica, job.replicas)
+            shape = (*signature, job.cpus_per_replica, job.replicas, copies_needed)
             failed = failed_shapes.get(shape)
             if failed is not None:
                 refuse(job, failed)
@@ -158,13 +161,17 @@ def _run(
         nodes_left = candidates(index, job, static, policy)
         waiting = verify and waits_for_trusted(job, now, cfg)
         primary = nodes_left.pick(job.replicas, trusted_only=waiting)
-        untrusted_fit = nodes_left.count() if primary is None and waiting else 0
+        # Waiting is for trust only where untrusted nodes could take the job now: else nothing
+        # fits, and the reasons below say why (not "not trusted yet", for 30 minutes).
+        untrusted_fit = 0
+        if primary is None and waiting and nodes_left.pick(job.replicas) is not None:
+            untrusted_fit = nodes_left.count()
         if untrusted_fit:
             # Untrusted nodes fit, but the job would run twice there: it waits (bounded).
             refuse(job, {WAITING_FOR_TRUSTED: untrusted_fit})
             continue
         if primary is None:
-            reasons = explain(index, job, 1, quarantine)
+            reasons = explain(index, job, copies_needed, quarantine)
             if shape is not None:
                 failed_shapes[shape] = reasons
             refuse(job, reasons)
