@@ -192,7 +192,10 @@ def operator_process(
     name: str = "operator",
     ray_auth_token_file: Path | None = None,
     extra_env: dict[str, str] | None = None,
+    tmp_dir: Path | None = None,
 ) -> ManagedProcess:
+    """The operator's process; ``tmp_dir`` (created, 0700) becomes its TMPDIR: the kubernetes
+    client writes a kubeconfig's CA there, and what a killed operator leaves goes with that dir."""
     argv = [
         _bin("koinon-operator"),
         f"--kubeconfig={kubeconfig}",
@@ -204,6 +207,9 @@ def operator_process(
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), **(extra_env or {})}
     if ray_auth_token_file is not None:
         env["RAY_AUTH_TOKEN_PATH"] = str(ray_auth_token_file)
+    if tmp_dir is not None:
+        tmp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        env["TMPDIR"] = str(tmp_dir)
     return ManagedProcess(name, argv, log_dir / f"{name}.log", env=env)
 
 
@@ -379,18 +385,23 @@ class DevCluster:
         )
 
         if self.config.start_operator:
-            operator = operator_process(
-                kubeconfig,
-                head.dashboard_url,
-                self.log_dir,
-                self.config.poll_interval_seconds,
-                ray_auth_token_file=token_file,
-                extra_env=self._env(),
-            )
-            self._launch(operator)
+            self._launch(self._operator(kubeconfig, head.dashboard_url, token_file))
             say("- koinon operator started")
         self._state.complete = True
         self._save()
+
+    def _operator(self, kubeconfig: Path, dashboard_url: str, token_file: Path) -> ManagedProcess:
+        # Its TMPDIR in the work dir, as the Ray head's: `down` removes what it leaves there (the
+        # kubernetes client's copy of the kubeconfig's CA, when the operator is killed).
+        return operator_process(
+            kubeconfig,
+            dashboard_url,
+            self.log_dir,
+            self.config.poll_interval_seconds,
+            ray_auth_token_file=token_file,
+            extra_env=self._env(),
+            tmp_dir=self._work_dir / "operator-tmp",
+        )
 
     def _network_namespaces(self) -> bool:
         wanted = self.config.network_namespaces

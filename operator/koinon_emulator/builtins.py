@@ -32,6 +32,7 @@ def normalize_builtin(group: str, plural: str, obj: JsonObj, old: JsonObj | None
         _normalize_secret(obj, old, name)
         _check_immutable(obj, old, name, "Secret", ("data",))
     elif group == "" and plural == "configmaps":
+        _check_configmap_data(obj)
         _check_immutable(obj, old, name, "ConfigMap", ("data", "binaryData"))
     elif group == "" and plural == "namespaces":
         status = obj.setdefault("status", {})
@@ -84,6 +85,27 @@ def _normalize_secret(obj: JsonObj, old: JsonObj | None, name: str) -> None:
         raise errors.invalid("", "Secret", name, causes)
 
 
+def _check_configmap_data(obj: JsonObj) -> None:
+    """data is map[string]string and binaryData map[string][]byte (base64): anything else fails
+    to decode in kube-apiserver, a 400 (stored as it came, a number then broke every reader)."""
+    for field, go_type in (("data", "string"), ("binaryData", "[]uint8")):
+        values = obj.get(field)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise errors.cannot_decode("ConfigMap", "v1", field, values, f"map[string]{go_type}")
+        for key, value in values.items():
+            if not isinstance(value, str):
+                raise errors.cannot_decode("ConfigMap", "v1", field, value, go_type)
+            if field == "binaryData":
+                try:
+                    base64.b64decode(value, validate=True)
+                except (ValueError, binascii.Error) as error:
+                    raise errors.bad_request(
+                        f'ConfigMap in version "v1" cannot be handled as a ConfigMap: binaryData[{key}]: {error}'
+                    ) from error
+
+
 def _check_immutable(obj: JsonObj, old: JsonObj | None, name: str, kind: str, fields: tuple[str, ...]) -> None:
     """ValidateConfigMapUpdate / ValidateSecretUpdate: once ``immutable: true`` is set, neither it
     nor the data may change (422); the object can only be deleted and created again."""
@@ -104,7 +126,40 @@ def _check_immutable(obj: JsonObj, old: JsonObj | None, name: str, kind: str, fi
         raise errors.invalid("", kind, name, causes)
 
 
+def _decoded(value: Any, kind: str, field: str, go_type: str, expected: type = dict) -> Any:
+    """``value`` if it is of the JSON type ``go_type`` decodes from (absent or null: empty);
+    else kube-apiserver's decoding error, a 400 (here it was an AttributeError, a 500)."""
+    if value is None:
+        return expected()
+    if not isinstance(value, expected):
+        raise errors.cannot_decode(kind, "v1", field, value, go_type)
+    return value
+
+
+def _check_workload_types(spec: Any, kind: str) -> None:
+    """The parts of a workload's spec _check_selector reads, of the types they decode into."""
+    spec = _decoded(spec, kind, "spec", f"v1.{kind}Spec")
+    selector = _decoded(spec.get("selector"), kind, "spec.selector", "v1.LabelSelector")
+    match_labels = _decoded(selector.get("matchLabels"), kind, "spec.selector.matchLabels", "map[string]string")
+    _decoded(
+        selector.get("matchExpressions"), kind, "spec.selector.matchExpressions", "[]v1.LabelSelectorRequirement", list
+    )
+    template = _decoded(spec.get("template"), kind, "spec.template", "v1.PodTemplateSpec")
+    template_meta = _decoded(template.get("metadata"), kind, "spec.template.metadata", "v1.ObjectMeta")
+    labels = _decoded(template_meta.get("labels"), kind, "spec.template.metadata.labels", "map[string]string")
+    for field, values in (("spec.selector.matchLabels", match_labels), ("spec.template.metadata.labels", labels)):
+        for value in values.values():
+            _decoded(value, kind, field, "string", str)
+    pod_spec = _decoded(template.get("spec"), kind, "spec.template.spec", "v1.PodSpec")
+    containers = _decoded(pod_spec.get("containers"), kind, "spec.template.spec.containers", "[]v1.Container", list)
+    for container in containers:
+        container = _decoded(container, kind, "spec.template.spec.containers", "v1.Container")
+        for field in ("name", "image"):
+            _decoded(container.get(field), kind, f"spec.template.spec.containers.{field}", "string", str)
+
+
 def _check_selector(obj: JsonObj, name: str, kind: str) -> None:
+    _check_workload_types(obj.get("spec"), kind)
     spec = obj.get("spec") or {}
     selector = (spec.get("selector") or {}).get("matchLabels") or {}
     labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}

@@ -104,6 +104,28 @@ def bad_request(message: str) -> ApiError:
     return ApiError(400, "BadRequest", message)
 
 
+def json_type(value: Any) -> str:
+    """The JSON type of ``value``, as Go's decoder names it in its errors."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object" if isinstance(value, dict) else "null"
+
+
+def cannot_decode(kind: str, version: str, field: str, value: Any, go_type: str) -> ApiError:
+    """kube-apiserver's answer to a body its Go types cannot hold (a string for a list, a number
+    for a string): the decoding fails, a 400 before any validation, naming the field."""
+    return bad_request(
+        f'{kind} in version "{version}" cannot be handled as a {kind}: json: cannot unmarshal '
+        f"{json_type(value)} into Go struct field {kind}.{field} of type {go_type}"
+    )
+
+
 def gone(message: str) -> ApiError:
     return ApiError(410, "Expired", message)
 

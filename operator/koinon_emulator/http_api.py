@@ -20,6 +20,7 @@ from .requests import (
     ResourcePath,
     decode_continue,
     delete_options,
+    delete_preconditions,
     encode_continue,
     json_body,
     object_filter,
@@ -185,13 +186,7 @@ class ApiHandlers:
         if method == "DELETE":
             body = await json_body(request) or {}
             options = delete_options(request, body)
-            obj = service.delete(
-                resource,
-                namespace,
-                path.name,
-                options,
-                body.get("preconditions") if isinstance(body, dict) else None,
-            )
+            obj = service.delete(resource, namespace, path.name, options, delete_preconditions(body))
             return _json(obj)
         raise errors.method_not_allowed(f"{method} is not supported")
 

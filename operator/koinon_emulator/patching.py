@@ -207,6 +207,10 @@ def json_patch(target: Any, operations: Any) -> Any:
         if not isinstance(operation, dict) or "op" not in operation or "path" not in operation:
             raise bad_request(f"json patch operation {number} must be an object with 'op' and 'path'")
         op, path = operation["op"], operation["path"]
+        if not isinstance(path, str):
+            # The operation decodes (its values are raw JSON); applying it fails to read the path
+            # as a string, and patch.go turns that into a 422 like the other failed operations.
+            raise unprocessable_patch(f"{op} operation failed to decode path")
         if op in ("add", "replace", "test") and "value" not in operation:
             raise bad_request(f"json patch operation {number} ({op}) needs a 'value'")
         if op == "add":

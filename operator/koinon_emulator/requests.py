@@ -88,6 +88,11 @@ def write_options(request: web.Request) -> WriteOptions:
 def delete_options(request: web.Request, body: Any) -> WriteOptions:
     """The query's write options, with DeleteOptions' ``dryRun`` from the body: client-go (``kubectl
     delete --dry-run=server``) sends it there, not in the query."""
+    if body is not None and not isinstance(body, dict):
+        raise errors.bad_request(
+            'DeleteOptions in version "v1" cannot be handled as a DeleteOptions: json: cannot unmarshal '
+            f"{errors.json_type(body)} into Go value of type v1.DeleteOptions"
+        )
     options = write_options(request)
     dry_run = body.get("dryRun") if isinstance(body, dict) else None
     if dry_run:
@@ -95,6 +100,21 @@ def delete_options(request: web.Request, body: Any) -> WriteOptions:
             raise errors.bad_request(f"dryRun values must be All, got {dry_run!r}")
         options = replace(options, dry_run=True)
     return options
+
+
+def delete_preconditions(body: Any) -> JsonObj | None:
+    """DeleteOptions.preconditions, of the type it decodes into ({uid, resourceVersion}, strings):
+    anything else is kube-apiserver's decoding error, a 400 (here it was an AttributeError, a 500)."""
+    preconditions = body.get("preconditions") if isinstance(body, dict) else None
+    if preconditions is None:
+        return None
+    if not isinstance(preconditions, dict):
+        raise errors.cannot_decode("DeleteOptions", "v1", "preconditions", preconditions, "v1.Preconditions")
+    for key in ("uid", "resourceVersion"):
+        value = preconditions.get(key)
+        if value is not None and not isinstance(value, str):
+            raise errors.cannot_decode("DeleteOptions", "v1", f"preconditions.{key}", value, "string")
+    return preconditions
 
 
 _ALWAYS_SELECTABLE = ("metadata.name", "metadata.namespace")

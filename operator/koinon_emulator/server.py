@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import socket
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,9 @@ class KubeEmulator:
     and ``tls`` should be given too (HTTPS: kubectl sends no credential over plain HTTP); without
     either, plain HTTP and no authentication (in-process tests). ``start()`` returns the base URL.
     The in-process methods (``create``, ``get``, ``list``, ``patch``, ``delete``) share the
-    semantics of the HTTP API and emit the same watch events.
+    semantics of the HTTP API and emit the same watch events. They return copies, as a client
+    gets: the store's own dicts (also held by watch history) edited by a caller would change the
+    server's object with no new resourceVersion and no event, and make its next patch a no-op.
     """
 
     def __init__(
@@ -96,22 +99,22 @@ class KubeEmulator:
         resource = self.resource_for(obj["apiVersion"], obj["kind"])
         namespace = obj.get("metadata", {}).get("namespace") or ("default" if resource.namespaced else None)
         options = WriteOptions(field_validation="Strict" if strict else "Warn")
-        return self.service.create(resource, namespace, obj, options).obj
+        return copy.deepcopy(self.service.create(resource, namespace, obj, options).obj)
 
     def apply_crd(self, crd: JsonObj) -> JsonObj:
         """Create a CRD (its resources are served at once); returns the stored CRD with status."""
-        return self.service.create(CRD_RESOURCE, None, crd).obj
+        return copy.deepcopy(self.service.create(CRD_RESOURCE, None, crd).obj)
 
     def get(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> JsonObj:
         resource = self.resource_for(api_version, kind)
-        return self.service.get(resource, namespace if resource.namespaced else None, name)
+        return copy.deepcopy(self.service.get(resource, namespace if resource.namespaced else None, name))
 
     def list_objects(
         self, api_version: str, kind: str, namespace: str | None = None, label_selector: str | None = None
     ) -> list[JsonObj]:
         resource = self.resource_for(api_version, kind)
         selection = build_filter(namespace, label_selector, None, lambda _: True)
-        return self.service.list_objects(resource, selection)[0]
+        return copy.deepcopy(self.service.list_objects(resource, selection)[0])
 
     def patch(
         self,
@@ -123,10 +126,11 @@ class KubeEmulator:
         subresource: str | None = None,
     ) -> JsonObj:
         resource = self.resource_for(api_version, kind)
-        return self.service.patch(
+        result = self.service.patch(
             resource, namespace if resource.namespaced else None, name, patch, MERGE_PATCH, subresource=subresource
-        ).obj
+        )
+        return copy.deepcopy(result.obj)
 
     def delete(self, api_version: str, kind: str, name: str, namespace: str | None = None) -> JsonObj:
         resource = self.resource_for(api_version, kind)
-        return self.service.delete(resource, namespace if resource.namespaced else None, name)
+        return copy.deepcopy(self.service.delete(resource, namespace if resource.namespaced else None, name))

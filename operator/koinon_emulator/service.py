@@ -59,6 +59,54 @@ OBJECT_META_FIELDS = frozenset(
     }
 )  # fmt: skip
 
+# What ObjectMeta's fields decode into: a body with another JSON type there is a decoding error (a
+# 400) in kube-apiserver, before any validation; here it was stored, or failed later as a 500.
+_META_STRINGS = (
+    "name", "generateName", "namespace", "selfLink", "uid", "resourceVersion", "creationTimestamp",
+    "deletionTimestamp",
+)  # fmt: skip
+_META_INTEGERS = ("generation", "deletionGracePeriodSeconds")
+_OWNER_REFERENCE_STRINGS = ("apiVersion", "kind", "name", "uid")
+_OWNER_REFERENCE_BOOLS = ("controller", "blockOwnerDeletion")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _meta_type_problem(metadata: JsonObj) -> tuple[str, Any, str] | None:
+    """The first field of ``metadata`` that ObjectMeta cannot hold: (path, value, Go type)."""
+    for key in _META_STRINGS:
+        if metadata.get(key) is not None and not isinstance(metadata[key], str):
+            return f"metadata.{key}", metadata[key], "v1.Time" if key.endswith("Timestamp") else "string"
+    for key in _META_INTEGERS:
+        if metadata.get(key) is not None and not _is_int(metadata[key]):
+            return f"metadata.{key}", metadata[key], "int64"
+    finalizers = metadata.get("finalizers")
+    if finalizers is not None:
+        if not isinstance(finalizers, list):
+            return "metadata.finalizers", finalizers, "[]string"
+        for item in finalizers:
+            if not isinstance(item, str):
+                return "metadata.finalizers", item, "string"
+    for key, item_type in (("ownerReferences", "v1.OwnerReference"), ("managedFields", "v1.ManagedFieldsEntry")):
+        items = metadata.get(key)
+        if items is None:
+            continue
+        if not isinstance(items, list):
+            return f"metadata.{key}", items, f"[]{item_type}"
+        for item in items:
+            if not isinstance(item, dict):
+                return f"metadata.{key}", item, item_type
+    for reference in metadata.get("ownerReferences") or ():
+        for key in _OWNER_REFERENCE_STRINGS:
+            if reference.get(key) is not None and not isinstance(reference[key], str):
+                return f"metadata.ownerReferences.{key}", reference[key], "string"
+        for key in _OWNER_REFERENCE_BOOLS:
+            if reference.get(key) is not None and not isinstance(reference[key], bool):
+                return f"metadata.ownerReferences.{key}", reference[key], "bool"
+    return None
+
 
 def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -139,6 +187,8 @@ class ApiService:
         metadata = body.get("metadata", {})
         if not isinstance(metadata, dict):
             raise errors.bad_request("metadata must be an object")
+        if wrong_type := _meta_type_problem(metadata):
+            raise errors.cannot_decode(resource.kind, resource.version, *wrong_type)
         for field_name in ("labels", "annotations"):
             values = metadata.get(field_name)
             if values is not None and not (
@@ -159,6 +209,12 @@ class ApiService:
             FieldCause("metadata.annotations", f"Invalid value: {key!r}: {problem}")
             for key in metadata.get("annotations") or {}
             if (problem := qualified_name_problem(str(key)))
+        ]
+        # apimachinery's ValidateFinalizers: each a qualified name, as label keys are.
+        label_causes += [
+            FieldCause("metadata.finalizers", f'Invalid value: "{finalizer}": {problem}')
+            for finalizer in metadata.get("finalizers") or ()
+            if (problem := qualified_name_problem(finalizer))
         ]
         annotations = metadata.get("annotations") or {}
         annotations_size = sum(len(str(key).encode()) + len(str(value).encode()) for key, value in annotations.items())

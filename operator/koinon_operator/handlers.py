@@ -13,7 +13,7 @@ from koinon_operator.api.aijob import AIJobStatus, format_time
 from koinon_operator.api.constants import AIJOB_PLURAL, FINALIZER, GROUP, VERSION, VOLUNTEER_PLURAL
 from koinon_operator.config import OperatorConfig
 from koinon_operator.inventory import Allocation, RayNodeCache
-from koinon_operator.kube import delete_aijob
+from koinon_operator.kube import delete_aijob, login
 from koinon_operator.leadership import LeaderElector, LeaseSettings
 from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
 from koinon_operator.reconciler import AIJobReconciler, allocation_of, ray_submissions_of
@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 # How long the cleanup waits for the last spans to reach the collector: a healthy one takes well
 # under a second, and the pod's 30 s grace period also covers the Lease release and kopf's exit.
 TRACING_SHUTDOWN_S = 5.0
+# kopf's own login through the kubernetes client, as errors-ignored as kopf's default one, but
+# serialised with the operator's other loads of the configuration (kube.py says why).
+kopf.on.login(errors=kopf.ErrorsMode.IGNORED)(login)
 
 
 @kopf.on.startup()

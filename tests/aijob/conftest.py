@@ -88,6 +88,8 @@ class ControlPlane:
             ray_auth_token_file=self.info.ray_auth_token_file,
             # A killed operator's Lease runs out in 3 s here, not 15: the next one takes over fast.
             extra_env={"KOINON_LEASE_DURATION": "3", **(extra_env or {})},
+            # In the control plane's work dir, as `koinon dev up`'s operator: removed by `down`.
+            tmp_dir=self.info.work_dir / f"tmp-{name}-{namespace}" if self.info.work_dir else None,
         )  # fmt: skip
         process.start()
         return process

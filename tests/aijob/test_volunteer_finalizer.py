@@ -64,7 +64,9 @@ async def test_gateway_owned_volunteernodes_get_no_operator_finalizer(
         kube.create({"apiVersion": VN[0], "kind": VN[1], "metadata": {"name": "vn-ray"},
                      "spec": {"owner": "carol"}})  # fmt: skip
 
-        operator = operator_process(kubeconfig, "http://127.0.0.1:9", tmp_path / "logs", poll_interval_seconds=0.5)
+        operator = operator_process(
+            kubeconfig, "http://127.0.0.1:9", tmp_path / "logs", poll_interval_seconds=0.5, tmp_dir=tmp_path / "tmp"
+        )
         operator.start()
         try:
             await _eventually(lambda: FINALIZER in _finalizers(kube, "vn-ray"))

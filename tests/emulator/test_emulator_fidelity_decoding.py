@@ -1,0 +1,232 @@
+"""Bodies kube-apiserver cannot decode into its Go types (400), finalizer names it refuses (422), and
+the in-process API handing out copies: where the emulator stored garbage, failed with a 500, or let a
+caller change its objects behind its back."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+import aiohttp
+import pytest
+from koinon_emulator import KubeEmulator
+
+from .helpers import GROUP, widget
+
+CONFIGMAPS = "/api/v1/namespaces/default/configmaps"
+DEPLOYMENTS = "/apis/apps/v1/namespaces/default/deployments"
+WIDGETS_NS = f"/apis/{GROUP}/v1/namespaces/default/widgets"
+JSON_PATCH = {"Content-Type": "application/json-patch+json"}
+MERGE = {"Content-Type": "application/merge-patch+json"}
+WIDGET = (f"{GROUP}/v1", "Widget")
+
+
+def _deployment(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "selector": {"matchLabels": {"app": "d"}},
+        "template": {
+            "metadata": {"labels": {"app": "d"}},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+        },
+    }
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d"}, "spec": {**base, **spec}}
+
+
+async def _status(response: aiohttp.ClientResponse) -> tuple[int, dict[str, Any]]:
+    async with response:
+        return response.status, await response.json()
+
+
+@pytest.mark.parametrize(
+    ("metadata", "field"),
+    [
+        ({"name": "f1", "finalizers": "koinon.dev/x"}, "metadata.finalizers"),
+        ({"name": "f2", "finalizers": [1]}, "metadata.finalizers"),
+        ({"name": "f3", "ownerReferences": "x"}, "metadata.ownerReferences"),
+        ({"name": "f4", "ownerReferences": [{"apiVersion": "v1", "kind": "K", "name": 5, "uid": "u"}]},
+         "metadata.ownerReferences.name"),
+        ({"name": 5}, "metadata.name"),
+        ({"generateName": ["x"]}, "metadata.generateName"),
+        ({"name": "f5", "generation": "1"}, "metadata.generation"),
+        ({"name": "f6", "managedFields": {}}, "metadata.managedFields"),
+    ],
+)  # fmt: skip
+async def test_object_meta_of_the_wrong_type_is_a_400_and_nothing_is_stored(
+    with_widgets: KubeEmulator, http: aiohttp.ClientSession, metadata: dict[str, Any], field: str
+) -> None:
+    body = {**widget("x"), "metadata": {**metadata, "namespace": "default"}}
+    status, answer = await _status(await http.post(WIDGETS_NS, json=body))
+    assert status == 400, answer
+    assert answer["reason"] == "BadRequest"
+    assert f"Widget.{field} of type" in answer["message"]
+    assert with_widgets.list_objects(*WIDGET, namespace="default") == []
+
+
+async def test_object_meta_of_the_wrong_type_in_a_patch_or_an_update_is_a_400(
+    with_widgets: KubeEmulator, http: aiohttp.ClientSession
+) -> None:
+    with_widgets.create(widget("w"))
+    before = with_widgets.get(*WIDGET, "w", "default")
+    status, _ = await _status(
+        await http.patch(f"{WIDGETS_NS}/w", headers=MERGE, json={"metadata": {"finalizers": "a/b"}})
+    )
+    assert status == 400
+    replaced = {**before, "metadata": {**before["metadata"], "ownerReferences": [1]}}
+    status, _ = await _status(await http.put(f"{WIDGETS_NS}/w", json=replaced))
+    assert status == 400
+    assert with_widgets.get(*WIDGET, "w", "default") == before
+
+
+@pytest.mark.parametrize("finalizer", ["Bad Finalizer!", "-x", "a/b/c", "UPPER.example/x"])
+async def test_finalizer_names_must_be_qualified_names(
+    with_widgets: KubeEmulator, http: aiohttp.ClientSession, finalizer: str
+) -> None:
+    """apimachinery's ValidateFinalizers: a 422 naming metadata.finalizers, on create and on patch."""
+    body = widget("w")
+    body["metadata"]["finalizers"] = ["test.koinon.dev/hold", finalizer]
+    status, answer = await _status(await http.post(WIDGETS_NS, json=body))
+    assert status == 422, answer
+    assert answer["reason"] == "Invalid"
+    assert [cause["field"] for cause in answer["details"]["causes"]] == ["metadata.finalizers"]
+    assert finalizer in answer["details"]["causes"][0]["message"]
+
+    with_widgets.create(widget("w"))
+    status, answer = await _status(
+        await http.patch(f"{WIDGETS_NS}/w", headers=MERGE, json={"metadata": {"finalizers": [finalizer]}})
+    )
+    assert status == 422, answer
+    assert "finalizers" not in with_widgets.get(*WIDGET, "w", "default")["metadata"]
+
+
+async def test_qualified_finalizer_names_are_taken(with_widgets: KubeEmulator, http: aiohttp.ClientSession) -> None:
+    body = widget("w")
+    body["metadata"]["finalizers"] = ["kopf.zalando.org/KopfFinalizerMarker", "foregroundDeletion", "a.b_c"]
+    status, answer = await _status(await http.post(WIDGETS_NS, json=body))
+    assert status == 201, answer
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"data": {"port": 8080}},
+        {"data": "x"},
+        {"data": {"ok": None}},
+        {"binaryData": {"b": 1}},
+        {"binaryData": {"b": "!"}},
+    ],
+)
+async def test_configmap_data_that_is_not_strings_is_a_400(
+    emulator: KubeEmulator, http: aiohttp.ClientSession, fields: dict[str, Any]
+) -> None:
+    status, answer = await _status(await http.post(CONFIGMAPS, json={"metadata": {"name": "c"}, **fields}))
+    assert status == 400, answer
+    assert answer["message"].startswith('ConfigMap in version "v1" cannot be handled as a ConfigMap')
+    assert emulator.list_objects("v1", "ConfigMap", namespace="default") == []
+
+
+async def test_configmap_data_of_strings_is_taken(http: aiohttp.ClientSession) -> None:
+    body = {"metadata": {"name": "c"}, "data": {"port": "8080"}, "binaryData": {"b": "AAE="}}
+    assert (await http.post(CONFIGMAPS, json=body)).status == 201
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"selector": "app=d"},
+        {"selector": {"matchLabels": ["app"]}},
+        {"selector": {"matchLabels": {"app": 1}}},
+        {"selector": {"matchLabels": {"app": "d"}, "matchExpressions": {}}},
+        {"template": "x"},
+        {"template": {"metadata": "x"}},
+        {"template": {"metadata": {"labels": {"app": "d"}}, "spec": {"containers": {"name": "c"}}}},
+        {"template": {"metadata": {"labels": {"app": "d"}}, "spec": {"containers": ["c"]}}},
+        {"template": {"metadata": {"labels": {"app": "d"}}, "spec": {"containers": [{"name": "c", "image": 5}]}}},
+    ],
+)
+async def test_a_deployment_whose_selector_or_template_has_the_wrong_type_is_a_400(
+    http: aiohttp.ClientSession, spec: dict[str, Any]
+) -> None:
+    status, answer = await _status(await http.post(DEPLOYMENTS, json=_deployment(**spec)))
+    assert status == 400, answer
+    assert answer["message"].startswith('Deployment in version "v1" cannot be handled as a Deployment')
+
+
+async def test_a_deployment_spec_that_is_not_an_object_is_a_400(http: aiohttp.ClientSession) -> None:
+    body = {**_deployment(), "spec": "x"}
+    status, answer = await _status(await http.post(DEPLOYMENTS, json=body))
+    assert status == 400, answer
+    assert (await http.post(DEPLOYMENTS, json=_deployment())).status == 201
+
+
+@pytest.mark.parametrize(
+    "options", [{"preconditions": "x"}, {"preconditions": {"uid": 5}}, {"preconditions": [1]}, ["x"], "x"]
+)
+async def test_delete_options_of_the_wrong_type_are_a_400_and_nothing_is_deleted(
+    emulator: KubeEmulator, http: aiohttp.ClientSession, options: Any
+) -> None:
+    assert (await http.post(CONFIGMAPS, json={"metadata": {"name": "c"}})).status == 201
+    status, answer = await _status(await http.request("DELETE", f"{CONFIGMAPS}/c", json=options))
+    assert status == 400, answer
+    assert answer["message"].startswith('DeleteOptions in version "v1" cannot be handled as a DeleteOptions')
+    assert emulator.get("v1", "ConfigMap", "c", "default")["metadata"]["name"] == "c"
+
+
+async def test_delete_preconditions_of_the_right_type_still_apply(
+    emulator: KubeEmulator, http: aiohttp.ClientSession
+) -> None:
+    assert (await http.post(CONFIGMAPS, json={"metadata": {"name": "c"}})).status == 201
+    stale = {"preconditions": {"uid": "someone-else"}}
+    assert (await http.request("DELETE", f"{CONFIGMAPS}/c", json=stale)).status == 409
+    uid = emulator.get("v1", "ConfigMap", "c", "default")["metadata"]["uid"]
+    assert (await http.request("DELETE", f"{CONFIGMAPS}/c", json={"preconditions": {"uid": uid}})).status == 200
+
+
+@pytest.mark.parametrize("path", [5, None, ["metadata"], {"p": 1}])
+async def test_a_json_patch_path_that_is_not_a_string_is_a_422(
+    with_widgets: KubeEmulator, http: aiohttp.ClientSession, path: Any
+) -> None:
+    """kube-apiserver decodes the operations as raw JSON; applying one fails to read its path as a
+    string, and patch.go answers that (like any failed operation) with a 422."""
+    with_widgets.create(widget("w"))
+    before = with_widgets.get(*WIDGET, "w", "default")
+    operations = [{"op": "add", "path": path, "value": 1}]
+    status, answer = await _status(await http.patch(f"{WIDGETS_NS}/w", headers=JSON_PATCH, json=operations))
+    assert status == 422, answer
+    assert answer["kind"] == "Status" and answer["reason"] == "Invalid"
+    assert "failed to decode path" in answer["message"]
+    assert with_widgets.get(*WIDGET, "w", "default") == before
+
+
+async def test_the_in_process_api_hands_out_copies(with_widgets: KubeEmulator, http: aiohttp.ClientSession) -> None:
+    """README: the in-process API has the HTTP API's semantics and watch events. It returned the
+    stored dicts: a caller's edit changed the server's object with no resourceVersion or event,
+    and its later patch to the same effect was then taken for a no-op."""
+    emulator = with_widgets
+    created = emulator.create(widget("w"))
+    pristine = copy.deepcopy(created)
+    created["spec"]["color"] = "green"
+    read = emulator.get(*WIDGET, "w", "default")
+    assert read == pristine
+    read["spec"]["color"] = "blue"
+    emulator.list_objects(*WIDGET, namespace="default")[0]["spec"]["color"] = "blue"
+    assert emulator.get(*WIDGET, "w", "default") == pristine
+
+    async with http.get(f"{WIDGETS_NS}?watch=true&resourceVersion={pristine['metadata']['resourceVersion']}") as watch:
+        patched = emulator.patch(*WIDGET, "w", {"spec": {"color": "blue"}}, "default")
+        assert patched["metadata"]["resourceVersion"] != pristine["metadata"]["resourceVersion"]
+        patched["spec"]["color"] = "mauve"
+        deleted = emulator.delete(*WIDGET, "w", "default")
+        deleted["spec"]["color"] = "mauve"
+        events = [await asyncio.wait_for(watch.content.readline(), 5) for _ in range(2)]
+    assert [b'"MODIFIED"' in events[0], b'"DELETED"' in events[1]] == [True, True]
+    assert all(b'"blue"' in event and b"mauve" not in event for event in events)
+
+
+async def test_apply_crd_hands_out_a_copy(emulator: KubeEmulator) -> None:
+    from .helpers import widget_crd
+
+    crd = emulator.apply_crd(widget_crd())
+    crd["spec"]["names"]["kind"] = "Gadget"
+    stored = emulator.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", f"widgets.{GROUP}")
+    assert stored["spec"]["names"]["kind"] == "Widget"
