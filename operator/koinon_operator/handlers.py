@@ -130,27 +130,32 @@ async def reconcile_aijob(
     # Keyed by the status this pass acted on, before the pass's own patch is applied.
     evidence_key = outcome_key(str(body.metadata.get("uid", "")), body.status)
     term = memo.leader.term
-    outcome = await memo.reconciler.reconcile(body, _first_values(aijob_allocations), _first_values(volunteer_nodes))
-    if not memo.leader.is_leader or memo.leader.term != term:
+
+    def leading_this_term() -> bool:
+        return bool(memo.leader.is_leader and memo.leader.term == term)
+
+    outcome = await memo.reconciler.reconcile(
+        body, _first_values(aijob_allocations), _first_values(volunteer_nodes), leading_this_term
+    )
+    if not leading_this_term():
         # The Lease ran out during the pass (even if regained): another operator may have placed
         # since. Nothing is written, so nothing is awaited either.
         memo.reconciler.discard_write(f"{namespace}/{name}")
         return
-    for field_name, value in outcome.status.items():
-        patch.status[field_name] = value
     uid = str(body.metadata.get("uid", ""))
-    if outcome.delete:
+    if outcome.delete and uid in _ttl_announced:
         # The TTL's "Deleted" is said once per job, not at every pass until the delete lands.
-        if uid in _ttl_announced:
-            outcome.events = [e for e in outcome.events if e.reason != "Deleted"]
-        _ttl_announced.add(uid)
-    for event in outcome.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        outcome.events = [e for e in outcome.events if e.reason != "Deleted"]
     # Nothing awaited since the pass: a deletion handler waiting for it in reconciler.stop resumes
     # only once the tracer knows whether this pass emitted the job's root span (it must not again).
+    # Recorded before the evidence below is awaited, so also for a pass whose status that wait
+    # then discards: as for a status write the API server loses (telemetry.JobTracer says so).
     memo.tracer.record(body, outcome.status, [(e.type, e.reason, e.message) for e in outcome.events])
     if outcome.reputation or outcome.work:
         try:
+            # Before the status is handed to kopf (which writes it after this returns), and
+            # idempotent (by evidence_key): a pass whose status is then discarded is replayed from
+            # the same status, by the new leader or by this one, and counts nothing twice.
             await memo.reputation.record(outcome.reputation, evidence_key, outcome.work)
         except Exception as error:  # bookkeeping must not stall the job itself
             # An exception here would make kopf back off this job's timer for a minute.
@@ -160,6 +165,20 @@ async def reconcile_aijob(
                 sorted(outcome.work),
                 error,
             )
+        if not leading_this_term():
+            # The Lease ran out while the VolunteerNodes were written (the API server slow or away
+            # from this pod: when renewals fail too). The new leader may have placed and submitted
+            # the next attempt meanwhile: this status (say Pending, no nodes) would make it place
+            # and submit yet another while that one runs.
+            memo.reconciler.discard_write(f"{namespace}/{name}")
+            return
+    # From here to the return nothing is awaited: the status kopf writes is this term's.
+    for field_name, value in outcome.status.items():
+        patch.status[field_name] = value
+    if outcome.delete:
+        _ttl_announced.add(uid)
+    for event in outcome.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
     if outcome.delete and f"{namespace}/{name}" not in _deleting:
         # Not awaited here: kopf removes the finalizer only once this timer has stopped, so a timer
         # waiting for its own object's deletion would wait for ever. (The deletion handler may run
@@ -211,6 +230,9 @@ async def sync_volunteer_from_ray(body: kopf.Body, patch: kopf.Patch, memo: kopf
 async def stop_ray_job(body: kopf.Body, memo: kopf.Memo, runtime: timedelta = timedelta(0), **_: Any) -> None:
     # ``runtime``: kopf's time since this handler first ran for this deletion, kept in the
     # object's annotations, so an operator restart does not start the grace period again.
+    # The job goes: whether its TTL deletion was announced need not be remembered (only this
+    # process's own TTL delete forgot it, and the set grew by every job deleted otherwise).
+    _ttl_announced.discard(str((body.get("metadata") or {}).get("uid") or ""))
     if not memo.leader.is_leader:
         # Whatever this process booked for the job in an earlier term goes: the leader stops it.
         meta = body.get("metadata") or {}

@@ -44,6 +44,15 @@ from koinon_operator.verification import CopyResult, Verdict, judge
 
 logger = logging.getLogger(__name__)
 LOG_GONE = "its driver's log (and the result line in it) could not be read: the driver's node left the cluster"
+# How long after a copy ended (by Ray's end time) a driver log that its node, still alive, does not
+# serve is waited for. After that the log is taken for gone, as with a node that left: retried for
+# ever, the job stayed Running (its nodes booked, its deadline met already) and a decided vote
+# undecided. The node's own dashboard agent serves the log, and a volunteer controls its node.
+LOG_UNSERVED_GIVE_UP_SECONDS = 300.0
+LOG_UNSERVED = (
+    "its driver's log (and the result line in it) could not be read: the driver's node did not serve it "
+    f"for {LOG_UNSERVED_GIVE_UP_SECONDS / 60:g} min after the job ended"
+)
 
 RESULT_MARKER = "KOINON_RESULT "
 LOG_TAIL_LINES = 20
@@ -51,6 +60,10 @@ LOG_SETTLE_SECONDS = 5.0
 # How long a body that predates this process's last status write is left alone (the watch is
 # behind); after that the write is taken for lost and the body acted on again.
 STALE_BODY_GRACE_SECONDS = 30.0
+
+
+class _LeaseLost(Exception):
+    """A pass that may no longer act on Ray (AIJobReconciler.reconcile's may_act) ends with it."""
 
 
 @dataclass(frozen=True)
@@ -213,6 +226,7 @@ class CopyAnswer:
     log: str | None  # its driver's log; None when not read, or gone with its node
     result: dict[str, Any] | None  # its declared result: only a copy that succeeded, with its log, on its own node
     misplaced: bool = False  # Ray ran its driver on another Ray node than the copy's own: no answer
+    gone: str = LOG_GONE  # why a log that was to be read is None (LOG_GONE or LOG_UNSERVED)
 
     @property
     def digest(self) -> str | None:
@@ -438,7 +452,19 @@ class Ledger:
 
     def current(self, recorded: Mapping[str, Allocation], excluding: str | None = None) -> list[Allocation]:
         """What every job holds; ``excluding`` a job being placed, whose new placement replaces
-        whatever it held (its own reservation must not make it look full to itself)."""
+        whatever it held (its own reservation must not make it look full to itself).
+
+        Local decisions the index (``recorded``) reflects are dropped here: from then on the job's
+        status is the record. Kept until its deletion handler ran, a reservation outlived a job
+        whose object went without that handler running here (its finalizer removed by hand), and
+        its GPUs stayed booked until this process restarted or lost the Lease."""
+        self._local = {
+            key: allocation
+            for key, allocation in self._local.items()
+            # A reservation stays until the index shows that very allocation; a release (None) only
+            # while the index still lists an allocation of the job for it to hide.
+            if (recorded.get(key) != allocation if allocation is not None else key in recorded)
+        }
         merged: dict[str, Allocation | None] = dict(recorded)
         merged.update(self._local)
         merged.pop(excluding, None)  # type: ignore[arg-type]
@@ -468,6 +494,10 @@ class RayBackoff:
         self._failures.pop(key, None)
         self._next_try.pop(key, None)
 
+    def forget(self, key: str) -> None:
+        """The job is gone (deleted): nothing of it is retried, and nothing of it is kept."""
+        self.succeeded(key)
+
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
@@ -496,13 +526,21 @@ class AIJobReconciler:
     # which still says that attempt runs. Dropped when that write is discarded, and after
     # STOPPED_KEPT_S.
     _finished: dict[str, _FinishedHere] = field(default_factory=dict)
+    # Per job with a pass in flight: whether that pass may still act on Ray (reconcile's may_act).
+    _may_act: dict[str, Callable[[], bool]] = field(default_factory=dict)
 
     async def reconcile(
         self,
         body: Mapping[str, Any],
         recorded_allocations: Mapping[str, Allocation],
         volunteers: Mapping[str, Mapping[str, Any]],
+        may_act: Callable[[], bool] = lambda: True,
     ) -> Outcome:
+        """One pass over ``body``. ``may_act``: whether this process still leads in the term the
+        pass began in; asked right before each Ray submission, and a pass that may no longer act
+        ends there and writes nothing (the caller's check after the pass discards its status, but
+        a submission cannot be taken back: the new leader may have let the job go meanwhile, its
+        deletion handler finding nothing to stop, and the late submission would run for nobody)."""
         meta = body.get("metadata") or {}
         key = f"{meta.get('namespace')}/{meta.get('name')}"
         version = meta.get("resourceVersion")
@@ -513,7 +551,14 @@ class AIJobReconciler:
         async with self._job_lock(key):
             if str(meta.get("uid") or "") in self._stopped:
                 return Outcome()  # deleted meanwhile: nothing more to start
-            outcome = await self._reconcile(body, recorded_allocations, volunteers)
+            self._may_act[key] = may_act
+            try:
+                outcome = await self._reconcile(body, recorded_allocations, volunteers)
+            except _LeaseLost as lost:
+                logger.warning("%s: %s; the pass ends without submitting or writing", key, lost)
+                return Outcome()
+            finally:
+                self._may_act.pop(key, None)
         current = body.get("status") or {}
         if current.get("phase"):
             # Every pass has looked at the latest spec, even one that changes nothing else.
@@ -592,7 +637,7 @@ class AIJobReconciler:
                 try:
                     await self._stop_copies(state)
                 except RayUnavailableError as stop_error:
-                    return self._ray_unavailable(key, writer, stop_error, outcome)
+                    return self._ray_unavailable(key, uid, writer, stop_error, outcome)
             self._finish(key, writer, outcome, Phase.FAILED, "InvalidSpec", str(error))
             await self._record_work(key, body, state, outcome)
             return outcome
@@ -610,7 +655,9 @@ class AIJobReconciler:
                 outcome.event("Deleted", f"ttlSecondsAfterFinished={spec.ttl_seconds_after_finished} passed")
             return outcome
 
-        if not self.backoff.ready(key, self.monotonic()):
+        # By uid, as _stopped: an AIJob created again under the same name is another job, and must
+        # not wait out the backoff of the one deleted while Ray was away.
+        if not self.backoff.ready(uid or key, self.monotonic()):
             return outcome
         try:
             creation = parse_time(meta.get("creationTimestamp"))
@@ -619,8 +666,8 @@ class AIJobReconciler:
                 key, uid, spec, state, writer, outcome, recorded_allocations, volunteers, creation_index
             )
         except RayUnavailableError as error:
-            return self._ray_unavailable(key, writer, error, outcome)
-        self.backoff.succeeded(key)
+            return self._ray_unavailable(key, uid, writer, error, outcome)
+        self.backoff.succeeded(uid or key)
         await self._record_work(key, body, state, outcome)
         if writer.has_condition_false(ConditionType.RAY_REACHABLE):
             writer.condition(ConditionType.RAY_REACHABLE, True, "RayAvailable", "Ray dashboard reachable")
@@ -651,8 +698,10 @@ class AIJobReconciler:
         copies = [(state.copy_nodes(k), info) for k, info in enumerate(infos)]
         outcome.work = attempt_work(copies, _gpus_per_replica(body, state), self.clock().timestamp() * 1000)
 
-    def _ray_unavailable(self, key: str, writer: _StatusWriter, error: Exception, outcome: Outcome) -> Outcome:
-        delay = self.backoff.failed(key, self.monotonic())
+    def _ray_unavailable(
+        self, key: str, uid: str, writer: _StatusWriter, error: Exception, outcome: Outcome
+    ) -> Outcome:
+        delay = self.backoff.failed(uid or key, self.monotonic())
         writer.condition(ConditionType.RAY_REACHABLE, False, "RayUnavailable", f"{error}; retrying in {delay:.0f}s")
         logger.warning("Ray unavailable while reconciling %s; retry in %.0fs: %s", key, delay, error)
         return outcome
@@ -690,6 +739,7 @@ class AIJobReconciler:
                 del self._stopped[old]
             uid = str(meta.get("uid") or "")
             self._stopped[uid] = now
+            self.backoff.forget(uid or key)
             state = AIJobStatus.from_status(body.get("status"))
             self.ledger.forget(key)
             self._written_from.pop(key, None)
@@ -1002,8 +1052,10 @@ class AIJobReconciler:
         answers) already give a digest a majority the others cannot overturn, whatever they
         return: the copies still running are stopped first (a copy that never ends would keep the
         job Running and its nodes held for ever) and count as no answer, as do copies found
-        stopped. False, and nothing done, when the copies still to answer could change the vote;
-        True, and nothing done, while an answer's log may still be incomplete.
+        stopped and copies that ended but whose log cannot be read yet (a node that withholds its
+        log gains nothing over one whose copy never ends). False, and nothing done, when the
+        copies still to answer could change the vote; True, and nothing done, while an answer's
+        log may still be incomplete.
 
         The answers are the conclusion's own (_answers): an answer it would reject (a driver that
         ran on another Ray node) decides nothing here either. The copies are stopped before the
@@ -1019,9 +1071,15 @@ class AIJobReconciler:
         owners = {state.owner_of(state.copy_nodes(k)[0]) for k in range(len(infos))} | earlier_owners
         if 2 * (len(succeeded) + len(earlier_owners)) <= len(owners):
             return False  # too few answers for any majority (judge's), whatever they say: no log is read
-        answers = await self._answers(state, infos, lost_nodes(state, await self.nodes.get()), read=succeeded)
+        # A copy whose log cannot be read yet counts as not answered yet, as one still running:
+        # it must not fail the pass (and so hold a vote the others decide) while it is retried.
+        unread: set[int] = set()
+        answers = await self._answers(
+            state, infos, lost_nodes(state, await self.nodes.get()), read=succeeded, unread=unread
+        )
         if answers is None:
             return True  # an answer may not be in its log yet: look again next pass (seconds)
+        waiting |= unread
         earlier = earlier_votes(state)
         if not judge(copy_votes(state, answers), earlier).accepted:
             return False
@@ -1049,8 +1107,8 @@ class AIJobReconciler:
         answers: list[CopyAnswer] | None = None,
     ) -> None:
         """Concludes an attempt whose copies have ended, but for ``unanswered`` (copies stopped, or
-        found stopped, once the others decided the vote: no answer, and no evidence), with
-        ``answers`` when _decide_early has read them already."""
+        found stopped, or whose log could not be read yet, once the others decided the vote: no
+        answer, and no evidence), with ``answers`` when _decide_early has read them already."""
         ended = [info for k, info in enumerate(known) if k not in unanswered]
         # The nodes of copies stopped for a decided vote gave no answer to lose: one of them leaving
         # must not send the decided vote back to a rerun of every copy.
@@ -1088,12 +1146,19 @@ class AIJobReconciler:
         # A rerun after copies without a majority is judged with their answers, even when a trusted
         # node's skip left it one copy (that copy alone does not decide).
         if state.copies == 1 and not state.earlier_results:
-            await self._conclude_single(key, spec, state, known[0], answers[0].log, writer, outcome)
+            await self._conclude_single(
+                key, spec, state, known[0], answers[0].log, writer, outcome, gone=answers[0].gone
+            )
         else:
             await self._conclude_verified(key, spec, state, known, answers, writer, outcome, unanswered)
 
     async def _answers(
-        self, state: AIJobStatus, infos: Sequence[RayJobInfo], lost: list[str], read: Collection[int]
+        self,
+        state: AIJobStatus,
+        infos: Sequence[RayJobInfo],
+        lost: list[str],
+        read: Collection[int],
+        unread: set[int] | None = None,
     ) -> list[CopyAnswer] | None:
         """Each copy's answer: the one place it is decided, for the conclusion and for an early
         decision alike (an early decision that counted an answer the conclusion then rejects would
@@ -1101,39 +1166,63 @@ class AIJobReconciler:
         A copy whose driver ran on another Ray node than its own gives no answer, and its log there
         is not read: see driver_elsewhere (a single unverified copy is taken as Ray ran it). None
         while a copy's result may not be in its log yet: Ray reports SUCCEEDED before the driver's
-        log is flushed (look again next pass, seconds)."""
+        log is flushed (look again next pass, seconds).
+
+        With ``unread``, a copy whose log cannot be read yet (RayUnavailableError) is added to it,
+        with no answer, instead of failing the pass."""
         single = state.copies == 1 and not state.earlier_results
         answers: list[CopyAnswer] = []
         for k, info in enumerate(infos):
             if not single and driver_elsewhere(state, k, info):
                 answers.append(CopyAnswer(None, None, misplaced=True))
                 continue
-            text = await self._driver_log(state, k, info, lost) if k in read else None
+            text: str | None = None
+            gone = LOG_GONE
+            if k in read:
+                try:
+                    text, gone = await self._driver_log(state, k, info, lost)
+                except RayUnavailableError:
+                    if unread is None:
+                        raise
+                    unread.add(k)
             succeeded = info.state is RayJobState.SUCCEEDED
             if succeeded and text is not None and RESULT_MARKER not in text and not self._logs_settled(info):
                 return None
-            answers.append(CopyAnswer(text, extract_result(text) if succeeded and text is not None else None))
+            answers.append(
+                CopyAnswer(text, extract_result(text) if succeeded and text is not None else None, gone=gone)
+            )
         return answers
 
-    async def _driver_log(self, state: AIJobStatus, copy: int, info: RayJobInfo, lost: list[str]) -> str | None:
-        """The copy's driver log; None when it left with its node.
+    async def _driver_log(
+        self, state: AIJobStatus, copy: int, info: RayJobInfo, lost: list[str]
+    ) -> tuple[str | None, str]:
+        """The copy's driver log, or None and why it is taken for gone (LOG_GONE, LOG_UNSERVED).
 
         The log lives on the driver's node, and Ray answers 500 for it once that node is gone: every
         pass used to back off and ask again, and the job stayed Running for good. A read that fails
-        while the driver's node lives is Ray being unavailable (raised: the pass is tried again).
+        while the driver's node lives is Ray being unavailable (raised: the pass is tried again),
+        until LOG_UNSERVED_GIVE_UP_SECONDS after the copy ended: then the log is taken for gone.
         """
         try:
-            return await self.ray.logs(info.submission_id, info.driver_node_id)
+            return await self.ray.logs(info.submission_id, info.driver_node_id), LOG_GONE
         except RayUnavailableError:
             if info.driver_node_id:
                 alive = {n.node_id for n in await self.nodes.get() if n.alive}
                 gone = info.driver_node_id not in alive
             else:
                 gone = any(node in lost for node in state.copy_nodes(copy))
-            if not gone:
+            if gone:
+                logger.warning("driver log of %s is gone with its node; concluding without it", info.submission_id)
+                return None, LOG_GONE
+            ended_ms = info.end_time_ms
+            if ended_ms is None or self.clock().timestamp() * 1000 - ended_ms < LOG_UNSERVED_GIVE_UP_SECONDS * 1000:
                 raise
-            logger.warning("driver log of %s is gone with its node; concluding without it", info.submission_id)
-            return None
+            logger.warning(
+                "driver log of %s not served by its node %.0f s after the job ended; concluding without it",
+                info.submission_id,
+                LOG_UNSERVED_GIVE_UP_SECONDS,
+            )
+            return None, LOG_UNSERVED
 
     def _deadline_exceeded(self, key: str, spec: AIJobSpec, writer: _StatusWriter, outcome: Outcome) -> None:
         message = f"activeDeadlineSeconds={spec.active_deadline_seconds} exceeded"
@@ -1171,13 +1260,15 @@ class AIJobReconciler:
         logs: str | None,
         writer: _StatusWriter,
         outcome: Outcome,
+        gone: str = LOG_GONE,
     ) -> None:
+        """``gone``: why ``logs`` is None (LOG_GONE, LOG_UNSERVED)."""
         self._settle_env_failures(state, [info], writer, outcome)
         if info.state is RayJobState.SUCCEEDED:
             if logs is None:
-                # Ray says it succeeded; only its log (and the result line in it) left with the node.
-                result: dict[str, Any] = {"unavailable": LOG_GONE}
-                outcome.event("ResultUnavailable", f"attempt {state.attempts} succeeded; {LOG_GONE}", warning=True)
+                # Ray says it succeeded; only its log (and the result line in it) could not be had.
+                result: dict[str, Any] = {"unavailable": gone}
+                outcome.event("ResultUnavailable", f"attempt {state.attempts} succeeded; {gone}", warning=True)
             else:
                 result = extract_result(logs)
             writer.set(result=result)
@@ -1248,10 +1339,10 @@ class AIJobReconciler:
         either would let an impostor cost an honest volunteer evidence. An attempt left without any
         answer that way still counts against backoffLimit, so an impostor cannot hold it forever.
 
-        A copy in ``unanswered`` was stopped (or found stopped) once the others decided the vote:
-        no answer, and no evidence either way (listed in verification.stopped). It did not fail,
-        and charging it a timeout would charge the slowest honest copy of every decided vote: a
-        slower GPU, punished for being one."""
+        A copy in ``unanswered`` was stopped (or found stopped, or its log could not be read yet)
+        once the others decided the vote: no answer, and no evidence either way (listed in
+        verification.stopped). It did not fail, and charging it a timeout would charge the slowest
+        honest copy of every decided vote: a slower GPU, punished for being one."""
         if state.start_time is None:  # copies that ran between two passes, Ray recorded no start
             writer.set(startTime=format_micro_time(self.clock()))
         env_charged = self._settle_env_failures(state, infos, writer, outcome)
@@ -1506,6 +1597,8 @@ class AIJobReconciler:
                 "koinon.dev/copy": str(copy),
             },
         )
+        if not self._may_act.get(key, lambda: True)():
+            raise _LeaseLost(f"no longer leading in the term this pass began in; {submission_id} not submitted")
         created = await self.ray.submit(submission)
         outcome.event(
             "Submitted" if created else "Adopted",

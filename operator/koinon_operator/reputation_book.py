@@ -66,6 +66,10 @@ RECORDED_OUTCOMES_KEPT = 64
 # second), before the evidence is reported lost: five quick tries lost it under a busy node.
 CONFLICT_RETRIES = 20
 CONFLICT_PAUSE_S = 0.01
+# Each read and write of a VolunteerNode gives up after this long (the client's default waits for
+# ever): an AIJob's pass writes its status only after its evidence is recorded, and one request
+# hung on a half-open connection held that job's pass (and a worker thread) for good.
+REQUEST_TIMEOUT_S = 10.0
 # Uptime evidence is counted in heartbeats of this length (the agent's interval), so that a node
 # seen up for a minute weighs the same whoever sampled it and how often.
 HEARTBEAT_UNIT_S = 5.0
@@ -325,7 +329,12 @@ class ReputationBook:
             if attempt:
                 time.sleep(random.uniform(0.5, 1.5) * CONFLICT_PAUSE_S * min(attempt, 10))  # a worker thread
             try:
-                current = cast(dict[str, Any], api.get_cluster_custom_object(GROUP, VERSION, VOLUNTEER_PLURAL, node))
+                current = cast(
+                    dict[str, Any],
+                    api.get_cluster_custom_object(
+                        GROUP, VERSION, VOLUNTEER_PLURAL, node, _request_timeout=REQUEST_TIMEOUT_S
+                    ),
+                )
             except ApiException as error:
                 if error.status == 404:
                     return "gone"
@@ -335,7 +344,9 @@ class ReputationBook:
                 return "unchanged"
             body = {"metadata": {"resourceVersion": current["metadata"]["resourceVersion"]}, "status": fields}
             try:
-                api.patch_cluster_custom_object_status(GROUP, VERSION, VOLUNTEER_PLURAL, node, body)
+                api.patch_cluster_custom_object_status(
+                    GROUP, VERSION, VOLUNTEER_PLURAL, node, body, _request_timeout=REQUEST_TIMEOUT_S
+                )
             except ApiException as error:
                 if error.status == 409:
                     continue
@@ -371,7 +382,10 @@ class ReputationBook:
     def _volunteers() -> list[dict[str, Any]]:
         load_config()
         listed = cast(
-            dict[str, Any], client.CustomObjectsApi().list_cluster_custom_object(GROUP, VERSION, VOLUNTEER_PLURAL)
+            dict[str, Any],
+            client.CustomObjectsApi().list_cluster_custom_object(
+                GROUP, VERSION, VOLUNTEER_PLURAL, _request_timeout=REQUEST_TIMEOUT_S
+            ),
         )
         return list(listed.get("items") or ())
 

@@ -419,7 +419,8 @@ class JobTracer:
             attributes["koinon.verification.copies"] = int(verification.get("copies") or 0)
             attributes["koinon.verification.agreeing"] = ",".join(verification.get("agreeing") or [])
             attributes["koinon.verification.disagreeing"] = ",".join(verification.get("disagreeing") or [])
-            # Copies stopped once the others had decided the vote: neither agreeing nor disagreeing.
+            # Copies stopped (or whose log could not be read) once the others had decided the vote:
+            # neither agreeing nor disagreeing.
             attributes["koinon.verification.stopped"] = ",".join(verification.get("stopped") or [])
         return _TracedJob(meta, attributes, parent, trace_id, root_span)
 

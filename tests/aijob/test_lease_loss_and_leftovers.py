@@ -1,0 +1,401 @@
+"""What a pass must not do once its Lease has run out, and what must not outlive a job: a stale
+status written after the reputation writes, a Ray submission after the new leader let the job go,
+a driver log whose node never serves it holding a job Running for ever, a booking kept for a job
+whose object went without its deletion handler, a backoff inherited by a job created again under
+the same name. Reconciler passes against a fake Ray Job API (tests/aijob/fake_ray.py)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import kopf
+import pytest
+from koinon_emulator.patching import merge_patch
+from koinon_operator import handlers, reputation_book
+from koinon_operator.inventory import Allocation
+from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayUnavailableError
+from koinon_operator.reconciler import (
+    LOG_UNSERVED,
+    LOG_UNSERVED_GIVE_UP_SECONDS,
+    Ledger,
+    Outcome,
+    allocation_of,
+    copy_submission_id_from,
+    submission_id_for,
+)
+
+from .fake_ray import UID, Clock, FakeRay, make_body, make_reconciler, node_address, step, volunteer
+from .test_decided_vote import StampingRay, answered, started, submit_all
+from .test_verification_rounds import GOOD, reconciler, replicated_job, volunteers
+
+
+class Quiet:
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
+async def _timer_pass(memo: Any, body: dict[str, Any], patch: kopf.Patch | None = None) -> kopf.Patch:
+    patch = patch if patch is not None else kopf.Patch()
+    reconcile: Any = handlers.reconcile_aijob
+    raw: Any = body
+    await reconcile(body=kopf.Body(raw), patch=patch, memo=memo, namespace="ns", name="j",
+                    aijob_allocations={}, volunteer_nodes={})  # fmt: skip
+    return patch
+
+
+# ---- 1. the status is handed to kopf only if the term still holds after the reputation writes
+
+
+async def test_a_lease_lost_while_reputation_is_recorded_writes_no_stale_status(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """reconcile_aijob checked the term right after the pass, then awaited the reputation writes
+    (a Kubernetes read-modify-write per node) and only then returned the patch kopf applies. A
+    Lease that ran out during those writes (the API server slow or away from this pod: when
+    renewals fail too) no longer stopped the stale status: the new leader may have placed and
+    submitted the next attempt meanwhile, and this patch put the job back to Pending with no
+    nodes, so the new leader placed and submitted yet another while the previous one ran."""
+    leader = SimpleNamespace(is_leader=True, term=1)
+    discarded: list[str] = []
+    posted: list[str] = []
+    monkeypatch.setattr(kopf, "event", lambda body, type, reason, message: posted.append(reason))
+
+    class Reconciler:
+        async def reconcile(self, *_: Any) -> Outcome:
+            outcome = Outcome(
+                status={"phase": "Pending", "reason": "BackOff", "assignedNodes": [], "failures": 1},
+                reputation=[("vn-1", "failure")],
+            )
+            outcome.event("RayJobFailed", "attempt 1 failed", warning=True)
+            return outcome
+
+        def discard_write(self, key: str) -> None:
+            discarded.append(key)
+
+    recorded: list[Any] = []
+
+    class SlowBook:
+        async def record(self, *args: Any) -> None:
+            recorded.append(args)
+            if len(recorded) == 1:
+                leader.is_leader = False  # the Lease ran out while the VolunteerNode writes hung
+
+    memo = SimpleNamespace(leader=leader, reconciler=Reconciler(), tracer=Quiet(), reputation=SlowBook())
+    body = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": {"phase": "Running"}}
+    patch = await _timer_pass(memo, body)
+    assert not patch, f"a pass whose lease ran out before its patch was applied still wrote {dict(patch)}"
+    assert discarded == ["ns/j"] and posted == []
+    # The evidence went first (idempotent by its key: the new leader's replay counts it once).
+    assert recorded == [([("vn-1", "failure")], "u/0/0", {})]
+
+    leader.is_leader = True  # still leading after the writes: the status is written, the event posted
+    patch = await _timer_pass(memo, body)
+    assert patch["status"]["phase"] == "Pending" and posted == ["RayJobFailed"]
+
+
+def test_the_reputation_read_modify_write_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VolunteerNode reads and writes ran with the client's default: no timeout. One request
+    hung on a half-open connection held the AIJob pass waiting on it (and a worker thread) for good."""
+    calls: list[tuple[str, Any]] = []
+
+    class Api:
+        def get_cluster_custom_object(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            calls.append(("get", kwargs.get("_request_timeout")))
+            return {"metadata": {"resourceVersion": "1"}, "status": {}}
+
+        def patch_cluster_custom_object_status(self, *args: Any, **kwargs: Any) -> None:
+            calls.append(("patch", kwargs.get("_request_timeout")))
+
+        def list_cluster_custom_object(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            calls.append(("list", kwargs.get("_request_timeout")))
+            return {"items": []}
+
+    monkeypatch.setattr("kubernetes.client.CustomObjectsApi", Api)
+    monkeypatch.setattr(reputation_book, "load_config", lambda: None)
+    book = reputation_book.ReputationBook()
+    book._apply("vn-1", "success", "u/0/0")
+    book._volunteers()
+    timeout = reputation_book.REQUEST_TIMEOUT_S
+    assert calls == [("get", timeout), ("patch", timeout), ("list", timeout)], calls
+    assert 0 < timeout <= 30
+
+
+# ---- 2. no Ray submission from a pass that outlived its term
+
+
+async def test_a_pass_that_outlives_its_lease_submits_nothing_to_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The term check after the pass discards a stale pass's status, but nothing stopped its Ray
+    submissions: a pass that began while leading and waited on Ray (each get or submit up to 10 s)
+    submitted after its Lease ran out. Meanwhile the new leader handled the AIJob's deletion: it
+    found nothing submitted to stop, and let the object go; the late submission ran for nobody."""
+    monkeypatch.setattr(kopf, "event", lambda *a, **k: None)
+    leader = SimpleNamespace(is_leader=True, term=1)
+    clock = Clock()
+    hand_over: list[Any] = []
+
+    @dataclass
+    class SlowRay(FakeRay):
+        async def get(self, submission_id: str) -> RayJobInfo | None:
+            found = await super().get(submission_id)
+            while hand_over:  # the lease runs out while this request waits; the new leader acts
+                await hand_over.pop()()
+            return found
+
+    ray = SlowRay()
+    old = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py"})
+    await step(old, body)
+    assert body["status"]["phase"] == "Scheduled"  # placed; the submission is the next pass's
+    new = make_reconciler(ray, clock)  # the other operator, which takes over
+
+    async def lease_lost_then_deleted_by_new_leader() -> None:
+        leader.is_leader = False
+        deleting = copy.deepcopy(body)
+        deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:01:00Z"
+        await new.stop(deleting)  # stops koinon-<uid>-1: not submitted yet, nothing runs
+
+    hand_over.append(lease_lost_then_deleted_by_new_leader)
+    memo = SimpleNamespace(leader=leader, reconciler=old, tracer=Quiet(), reputation=Quiet())
+    patch = await _timer_pass(memo, copy.deepcopy(body))
+    assert not patch
+    assert ray.submissions == [], "Ray runs a submission for an AIJob deleted (and stopped) by the new leader"
+
+    # The same pass in a term that still holds submits (and the next pass is not skipped).
+    leader.is_leader = True
+    await _timer_pass(memo, copy.deepcopy(body))
+    assert [s.submission_id for s in ray.submissions] == [submission_id_for(UID, 1)]
+
+
+async def test_a_pass_started_in_an_earlier_term_submits_nothing() -> None:
+    """Leading again, in a new term: a pass begun in the earlier one must not submit either (the
+    other operator led in between)."""
+    ray, clock = FakeRay(), Clock()
+    rec = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py"})
+    await step(rec, body)
+    term = [1]
+    started_in = term[0]
+
+    async def regained_meanwhile(submission_id: str) -> RayJobInfo | None:
+        term[0] += 1
+        return None
+
+    ray.get = regained_meanwhile  # type: ignore[method-assign]
+    outcome = await rec.reconcile(copy.deepcopy(body), {}, {}, lambda: term[0] == started_in)
+    assert outcome.status == {} and outcome.events == [] and ray.submissions == []
+
+
+# ---- 3. a driver log its live node never serves
+
+
+@dataclass
+class LogsNeverServed(FakeRay):
+    async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
+        raise RayUnavailableError("unexpected reply to job logs (500)")
+
+
+async def test_a_driver_log_its_live_node_never_serves_does_not_hold_the_job_running_for_ever() -> None:
+    """The job ended (SUCCEEDED, within activeDeadlineSeconds) but its driver's log cannot be read
+    while its node stays alive (the node's own agent answers errors, or hangs). Every pass raised
+    RayUnavailableError, retried for ever: the job stayed Running with RayReachable=False, its GPUs
+    booked, its deadline never applied, and the volunteer charged nothing."""
+    ray, clock = LogsNeverServed(), Clock()
+    rec = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "activeDeadlineSeconds": 60})
+    await step(rec, body)  # placed
+    await step(rec, body)  # submitted
+    sub = submission_id_for(UID, 1)
+    start_ms = int(clock.now.timestamp() * 1000)
+    ray.jobs[sub] = RayJobInfo(sub, RayJobState.RUNNING, "", "r1", start_ms, None, None)
+    await step(rec, body)
+    assert body["status"]["phase"] == "Running"
+    end_ms = start_ms + 10_000
+    ray.jobs[sub] = RayJobInfo(sub, RayJobState.SUCCEEDED, "", "r1", start_ms, end_ms, 0)
+    outcome = Outcome()
+    while clock.now.timestamp() * 1000 - end_ms < LOG_UNSERVED_GIVE_UP_SECONDS * 1000:
+        assert body["status"]["phase"] == "Running"  # a failing read is retried for a while
+        clock.advance(30)
+        outcome = await step(rec, body)
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Succeeded", "Completed"), status.get("message")
+    assert status["result"] == {"unavailable": LOG_UNSERVED}
+    assert "ResultUnavailable" in [e.reason for e in outcome.events]
+    assert outcome.reputation == [("vn-1", "success")]  # Ray says it succeeded, as with a node gone
+    assert allocation_of(body) is None  # its GPUs are free again
+
+
+async def test_one_copy_whose_log_is_never_served_does_not_hold_a_vote_the_others_decided() -> None:
+    """README: one copy that never ends does not keep a decided job Running. Alice's and carol's
+    copies agree; dave's copy ended too, but his (alive) node answers his log's read with errors:
+    every pass raised, Running for ever, no evidence on dave. Now his log is taken for gone a
+    bounded time after his copy ended: no answer, and charged as a node that took its log away."""
+    clock = Clock()
+
+    class DaveHidesHisLog(StampingRay):
+        async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
+            if submission_id == ids[2]:
+                raise RayUnavailableError("unexpected reply to job logs (500)")
+            return await super().logs(submission_id, driver_node_id, lines)
+
+    ray = DaveHidesHisLog(["vn-a", "vn-c", "vn-d"], clock)
+    rec = reconciler(ray, clock)
+    body = replicated_job(quorum=3)
+    ids = await submit_all(rec, ray, clock, body)
+    assert len(ids) == 3
+    started(ray, clock, ids)
+    await step(rec, body, volunteers(ray.present))
+    clock.advance(600)
+    for sid in ids:
+        answered(ray, clock, sid, GOOD)
+    clock.advance(LOG_UNSERVED_GIVE_UP_SECONDS / 2)
+    await step(rec, body, volunteers(ray.present))
+    assert body["status"]["phase"] == "Running"  # still read again: the failure may pass
+    clock.advance(LOG_UNSERVED_GIVE_UP_SECONDS / 2)
+    outcome = await step(rec, body, volunteers(ray.present))
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Succeeded", "Verified"), status.get("message")
+    assert sorted(outcome.reputation) == [("vn-a", "agreement"), ("vn-c", "agreement"), ("vn-d", "timeout")]
+
+
+def test_the_readme_names_the_time_a_log_is_waited_for() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert f"{LOG_UNSERVED_GIVE_UP_SECONDS / 60:g} min after the job ended" in " ".join(readme.split())
+
+
+FIVE_OWNERS = {"vn-a": "alice", "vn-b": "bob", "vn-c": "carol", "vn-d": "dave", "vn-e": "erin"}
+
+
+async def test_an_early_decision_counts_a_copy_whose_log_cannot_be_read_yet_as_not_answered() -> None:
+    """Quorum 5: alice, carol and dave agree (a majority nobody can overturn), erin's copy runs on,
+    and bob's copy ended but his log's read fails. The early decision read every succeeded copy's
+    log and one failing read failed the pass: the vote stayed undecided and erin's copy ran on.
+    Bob's copy now counts as not answered yet, as erin's: no answer, no evidence."""
+    clock = Clock()
+
+    class BobsLogFails(StampingRay):
+        async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
+            if submission_id == ids[1]:
+                raise RayUnavailableError("unexpected reply to job logs (500)")
+            return await super().logs(submission_id, driver_node_id, lines)
+
+    names = list(FIVE_OWNERS)
+    ray = BobsLogFails(names, clock)
+    vols = {n: volunteer(owner, node_address(n), connected=True) for n, owner in FIVE_OWNERS.items()}
+    rec = reconciler(ray, clock)
+    body = make_body(
+        {
+            "entrypoint": "python x.py",
+            "verification": {"mode": "replicated", "quorum": 5},
+            "expectedDurationSeconds": 60,
+        }
+    )
+    for _ in range(10):
+        await step(rec, body, vols)
+        clock.advance(40)
+        status = body["status"]
+        ids = [copy_submission_id_from(status.get("submissionId"), k) or "" for k in range(5)]
+        if status.get("assignedNodes") and all(i in ray.jobs for i in ids):
+            break
+    assert body["status"]["assignedNodes"] == names, body["status"]
+    started(ray, clock, ids)
+    await step(rec, body, vols)
+    clock.advance(600)
+    for k in (0, 1, 2, 3):  # alice, bob, carol, dave answer; erin's copy runs on
+        answered(ray, clock, ids[k], GOOD)
+    clock.advance(10)
+    outcome = await step(rec, body, vols)
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Succeeded", "Verified"), status.get("message")
+    assert ray.jobs[ids[4]].state is RayJobState.STOPPED  # erin's copy no longer runs
+    assert sorted(outcome.reputation) == [("vn-a", "agreement"), ("vn-c", "agreement"), ("vn-d", "agreement")]
+    assert status["verification"]["stopped"] == ["vn-b", "vn-e"] and status["verification"]["failed"] == []
+    assert not [c for c in status.get("conditions") or [] if c["type"] == "RayReachable" and c["status"] == "False"]
+
+
+# ---- 4. a booking kept for a job whose object went without its deletion handler
+
+
+async def test_a_job_gone_without_its_deletion_handler_does_not_book_its_gpus_for_ever() -> None:
+    """The Ledger kept what this process placed (Ledger._local) over the kopf index, and dropped it
+    only in the deletion handler or when a pass saw the job finished. A job whose object went
+    without that handler running here (its finalizer removed by hand, as admins do to unstick a
+    deletion) kept its GPUs booked until the operator restarted or lost the Lease, although the
+    index (what every AIJob's status says) no longer listed it."""
+    ray, clock = FakeRay(), Clock()
+    rec = make_reconciler(ray, clock)
+    first = make_body({"entrypoint": "python x.py"}, name="first", uid="u-first")
+    await step(rec, first)
+    assert first["status"]["phase"] == "Scheduled"  # holds vn-1's only GPU
+    held = allocation_of(first)
+    assert held is not None
+    second = make_body({"entrypoint": "python y.py"}, name="second", uid="u-second")
+
+    async def second_pass(index: dict[str, Allocation]) -> None:
+        clock.advance(60)
+        outcome = await rec.reconcile(copy.deepcopy(second), index, {"vn-1": volunteer("alice", "127.0.20.1")})
+        second["status"] = merge_patch(second.get("status") or {}, outcome.status)
+
+    await second_pass({"ns/first": held})  # the watch has shown first's placement
+    assert second["status"]["phase"] == "Pending"
+    # `kubectl patch aijob first --type=merge -p '{"metadata":{"finalizers":null}}'`, then deleted:
+    # gone from the index, and no deletion handler ran here.
+    await second_pass({})
+    assert second["status"]["phase"] == "Scheduled", second["status"]["message"]
+
+
+def test_the_ledger_keeps_its_own_decisions_until_the_index_shows_them() -> None:
+    ledger = Ledger()
+    mine, other = Allocation(("n1",), 1, 1.0), Allocation(("n2",), 1, 1.0)
+    ledger.reserve("ns/a", mine)
+    assert ledger.current({}) == [mine]  # placed here, not yet seen by the watch
+    assert ledger.current({"ns/a": other}) == [mine]  # the index still shows an older placement
+    assert ledger.current({"ns/a": mine}) == [mine]  # seen: the index is the record from now on
+    assert ledger.current({}) == []  # the object went (its finalizer removed by hand)
+    ledger.reserve("ns/a", mine)
+    ledger.release("ns/a")
+    assert ledger.current({"ns/a": mine}) == []  # released here; the index still shows it held
+    assert ledger.current({}) == []
+    assert ledger.current({"ns/a": mine}) == [mine]  # placed again by whoever leads: the index rules
+
+
+# ---- 5. nothing of a deleted job handed to a job created again under its name
+
+
+async def test_a_job_created_again_under_the_same_name_does_not_inherit_the_ray_backoff() -> None:
+    ray, clock = FakeRay(), Clock()
+    rec = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py"}, uid="u-old")
+    await step(rec, body)  # placed
+
+    async def unavailable(submission_id: str) -> RayJobInfo | None:
+        raise RayUnavailableError("connection refused")
+
+    real_get = ray.get
+    ray.get = unavailable  # type: ignore[method-assign]
+    await step(rec, body)  # Ray away: the job backs off
+    ray.get = real_get  # type: ignore[method-assign]
+    # Its finalizer removed by hand and deleted (no deletion handler ran here); created again.
+    again = make_body({"entrypoint": "python x.py"}, uid="u-new")
+    await step(rec, again)
+    assert again["status"]["phase"] == "Scheduled", again["status"]
+
+
+async def test_the_deletion_handler_forgets_the_jobs_ray_backoff_and_ttl_announcement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ray, clock = FakeRay(), Clock()
+    rec = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py"})
+    rec.backoff.failed(UID, clock.mono)
+    handlers._ttl_announced.add(UID)
+    memo = SimpleNamespace(leader=SimpleNamespace(is_leader=True, term=1), reconciler=rec, tracer=Quiet())
+    monkeypatch.setattr(kopf, "event", lambda *a, **k: None)
+    stop: Any = handlers.stop_ray_job
+    await stop(body=body, memo=memo)
+    assert rec.backoff.ready(UID, clock.mono) and not rec.backoff._failures
+    assert UID not in handlers._ttl_announced
