@@ -28,6 +28,7 @@ import aiohttp
 
 from .kube_client import JSON, KubeApiError, KubeClient, custom_path
 from .registry import (
+    CONNECTION_OWNER_ANNOTATION,
     GROUP,
     KIND,
     PLURAL,
@@ -41,7 +42,6 @@ from .registry import (
 
 log = logging.getLogger(__name__)
 
-CONNECTION_OWNER_ANNOTATION = "koinon.dev/connection-owner"
 HEARTBEAT_ONLY_FIELDS = frozenset({"lastHeartbeat"})
 WATCH_RETRY_S = 1.0
 WATCH_RETRY_MAX_S = 30.0
@@ -270,6 +270,8 @@ class KubeNodeRegistry:
                         if await self.client.get_or_none(self._path(name)) is None:
                             vanished[name] = self._seen.get(name, "")
                     for name in sorted(vanished.keys() - current.keys()):
+                        # As a DELETED event drops it: else each node gone during a gap stays here.
+                        self._last.pop(name, None)
                         self._seen.pop(name, None)
                         yield DeletedNode(name, vanished[name])
                     for name in sorted(known.keys() & current.keys()):

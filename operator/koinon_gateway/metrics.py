@@ -17,6 +17,9 @@ class GatewayMetrics:
     previous_nodes: Counter[str] = field(default_factory=Counter)
     # VolunteerNodes deleted because their agent never connected (unconnected_nodes.py).
     unconnected_nodes_deleted: int = 0
+    # Ray node ids agents reported as their own that GCS has at another address (never confirmed:
+    # any volunteer can list the others' ids), each once per node session and id.
+    ray_node_claims_refused: int = 0
     connections_opened: int = 0
     connections_active: int = 0
     # The most proxied connections one node has held at once since the start (to size
@@ -61,6 +64,9 @@ class GatewayMetrics:
         family("koinon_gateway_unconnected_nodes_deleted_total", "counter",
                "VolunteerNodes deleted because their agent never connected after joining.",
                [("", self.unconnected_nodes_deleted)])  # fmt: skip
+        family("koinon_gateway_ray_node_claims_refused_total", "counter",
+               "Ray node ids agents reported as their own that GCS has at another address (once per session and id).",
+               [("", self.ray_node_claims_refused)])  # fmt: skip
         for name, counter, help_text in (
             ("joins", self.joins, "Join calls by outcome: ok or the refusal reason."),
             ("refused_dials", self.refused_dials, "Dials through the tunnel refused, by reason."),

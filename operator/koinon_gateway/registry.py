@@ -25,6 +25,9 @@ PLURAL = "volunteernodes"
 KIND = "VolunteerNode"
 # On every node a join makes (the token's id): a VolunteerNode made by hand does not carry it.
 JOIN_TOKEN_LABEL = "koinon.dev/join-token"
+# On every node the Kubernetes registry makes (kube_registry.py), saying "gateway": the operator
+# then leaves the node's connection fields to the gateway (koinon_operator/volunteers.py).
+CONNECTION_OWNER_ANNOTATION = "koinon.dev/connection-owner"
 
 JSON = dict[str, Any]
 
@@ -92,6 +95,23 @@ def created_at(node: JSON) -> dt.datetime | None:
     except ValueError:
         return None
     return created if created.tzinfo is not None else None
+
+
+def made_by_join(node: JSON) -> bool:
+    """A join made it (it carries the token's id): not a node made by hand."""
+    return JOIN_TOKEN_LABEL in ((node.get("metadata") or {}).get("labels") or {})
+
+
+def connection_owned_by_gateway(node: JSON) -> bool:
+    """The gateway writes this node's connection fields (phase, connected, Ready condition).
+
+    The Kubernetes registry marks the nodes it makes with the annotation; the in-memory and file
+    registries set no annotations, but every node they hold that a session could have is one a join
+    made. Any other node's Ray worker joined Ray directly, and the operator writes those fields
+    from Ray's view: no gateway ever had a session there.
+    """
+    annotations = (node.get("metadata") or {}).get("annotations") or {}
+    return annotations.get(CONNECTION_OWNER_ANNOTATION) == "gateway" or made_by_join(node)
 
 
 def being_deleted(node: JSON) -> bool:

@@ -828,6 +828,9 @@ class TunnelService:
 
     async def _verify_loop(self, session: NodeSession, checker: RayNodeChecker) -> None:
         failed = False
+        # Ray node ids this node claimed that GCS has elsewhere: each is logged and counted once,
+        # not at every 0.25 s retry for as long as the session lasts (bounded by GCS's node list).
+        elsewhere: set[str] = set()
         while not session.closed and session.ray_node_id and session.ray_node_id != session.ray_verified_id:
             node_id = session.ray_node_id
             try:
@@ -846,8 +849,18 @@ class TunnelService:
                 self.sessions.write_status(session, force=True)
                 self._start_ray_drain(session)
                 return
-            if address is not None:
-                log.warning("node %s reports Ray node %.64r which GCS has at %s", session.node_name, node_id, address)
+            if address is not None and node_id not in elsewhere:
+                elsewhere.add(node_id)
+                self.metrics.ray_node_claims_refused += 1
+                # Bounded per node too: an agent switching among the other nodes' ids each
+                # heartbeat would get a line per switch.
+                self._refusals.warning(
+                    f"{session.node_name} ray-node-elsewhere",
+                    "node %s reports Ray node %.64r which GCS has at %s",
+                    session.node_name,
+                    node_id,
+                    address,
+                )
             await asyncio.sleep(0.25)
 
     async def _drain_ray_node(

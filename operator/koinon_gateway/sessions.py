@@ -14,7 +14,7 @@ from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .addresses import PortBlock
 from .config import GatewayConfig
-from .registry import NodeRegistry, node_uid
+from .registry import NodeRegistry, connection_owned_by_gateway, node_uid
 from .status import ReadyCondition, gpus_to_status, next_condition, rfc3339, stored_ready_condition
 from .status_writer import StatusWriter
 from .stream_slots import StreamSlots
@@ -277,6 +277,8 @@ class SessionTable:
         nodes would stay Ready until they reconnect, and a node that never comes back would stay
         Ready for good. One gateway replica owns all sessions (Recreate), so at start-up no node
         is connected to this one yet: each becomes Ready again when its agent re-registers.
+        Only the gateway's own nodes: one whose Ray worker joined Ray directly has its connection
+        fields written by the operator, and no gateway session ever held it.
         """
         disowned: list[str] = []
         for node in nodes:
@@ -287,7 +289,12 @@ class SessionTable:
                 # What the previous gateway wrote: a node still not ready when its agent comes
                 # back keeps the time it went NotReady.
                 self._conditions.setdefault(name, stored)
-            if not name or name in self.by_name or not (status.get("connected") or status.get("phase") == "Ready"):
+            if (
+                not name
+                or name in self.by_name
+                or not connection_owned_by_gateway(node)
+                or not (status.get("connected") or status.get("phase") == "Ready")
+            ):
                 continue
             condition = next_condition(
                 stored, False, "GatewayRestarted", "gateway restarted; waiting for the agent to reconnect"

@@ -12,7 +12,7 @@ import datetime as dt
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from .registry import JOIN_TOKEN_LABEL, JSON, being_deleted, created_at, node_uid, status_address
+from .registry import JSON, being_deleted, created_at, made_by_join, node_uid, status_address
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def unconnected_too_long(
             not name
             or name in connected
             # Made by hand, not by a join: not the gateway's to delete.
-            or JOIN_TOKEN_LABEL not in (metadata.get("labels") or {})
+            or not made_by_join(node)
             or being_deleted(node)
             or not never_connected(node)
             or created is None

@@ -178,3 +178,23 @@ async def test_reconnecting_in_a_loop_buys_no_status_writes_beyond_the_nodes_bud
         await asyncio.sleep(config.status_write_window_s)
         await c.gateway.sessions.flush()
         assert c.registry.objects[joined.assignment.node_name]["status"]["connected"] is False
+
+
+async def test_a_node_claiming_another_nodes_ray_id_is_logged_and_counted_once_per_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Such a claim is never confirmed (right), but every 0.25 s retry logged a WARNING for as
+    long as the session lasted: some 14,400 lines an hour per lying node, and nothing on /metrics."""
+    caplog.set_level(logging.WARNING, logger="koinon_gateway.service")
+    other_ray_id = "ef" * 28
+    async with node_with_fake_gcs(tmp_path, monkeypatch) as (c, _, control):
+        FakeGcs.known = {VICTIM_RAY_ID: VICTIM_ADDRESS, other_ray_id: "127.0.20.10"}
+        for seq, claimed in enumerate([VICTIM_RAY_ID, other_ray_id, VICTIM_RAY_ID, other_ray_id], start=1):
+            await control.write(
+                pb.AgentMessage(heartbeat=pb.Heartbeat(seq=seq, ray_node_id=claimed, ray_state="running"))
+            )
+            await asyncio.sleep(0.6)  # a few retries each
+        logged = [r.getMessage() for r in caplog.records if "which GCS has at" in r.getMessage()]
+        assert len(logged) == 2, logged  # one per id claimed, however often and long
+        assert c.gateway.metrics.ray_node_claims_refused == 2
+        assert "koinon_gateway_ray_node_claims_refused_total 2" in c.gateway.metrics.render()

@@ -265,6 +265,24 @@ async def test_nodes_deleted_while_the_watch_was_down_are_reported_after_the_rel
         await client.close()
 
 
+async def test_a_node_reported_gone_after_a_relist_leaves_no_last_write_behind(kube: Kube) -> None:
+    """A watch DELETED event drops the node's last-write record; the relist after a watch gap
+    dropped only its _seen entry, so every node deleted during a gap stayed in _last for good."""
+    registry = KubeNodeRegistry(kube.client)
+    deleted: asyncio.Queue[DeletedNode] = asyncio.Queue()
+    await registry.create("vn-gone", {"owner": "alice"}, {})
+    await registry.patch_status("vn-gone", {"phase": "NotReady", "address": "127.0.20.3"})
+    assert "vn-gone" in registry._last
+    await registry.list()  # what Gateway.start() does before it watches
+    kube.emulator.delete(*VN, "vn-gone")  # before the watch's first list: found gone by that list
+    watcher = asyncio.ensure_future(_collect(registry, deleted))
+    try:
+        assert await asyncio.wait_for(deleted.get(), 10) == DeletedNode("vn-gone", "127.0.20.3")
+        assert "vn-gone" not in registry._last and "vn-gone" not in registry._seen
+    finally:
+        watcher.cancel()
+
+
 class ListThenCreateClient(KubeClient):
     """Joins that land while the first list is under way: ``before_first_list`` runs once the
     registry has asked for the list but before the API takes it, ``during_first_list`` after the

@@ -6,9 +6,10 @@ import asyncio
 import time
 from typing import TypeVar, overload
 
+import pytest
 from koinon_gateway.addresses import PortBlock
 from koinon_gateway.config import GatewayConfig
-from koinon_gateway.registry import JSON, InMemoryNodeRegistry
+from koinon_gateway.registry import CONNECTION_OWNER_ANNOTATION, JOIN_TOKEN_LABEL, JSON, InMemoryNodeRegistry
 from koinon_gateway.sessions import NodeSession, SessionTable
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
@@ -497,3 +498,52 @@ async def test_a_failing_leave_ready_write_is_not_retried_at_the_agents_message_
     await table.writer.close(0.1)
     # Before ad15b76: at most status_write_burst tries in this ~0.3 s (the window is 10 s).
     assert tried <= config.status_write_burst + 1, f"{tried} API writes in ~0.3 s from one agent"
+
+
+# Ready as the operator writes it for a node whose Ray worker joined Ray directly (volunteers.py).
+OPERATOR_READY: JSON = {
+    "phase": "Ready",
+    "connected": True,
+    "address": "10.0.0.7",
+    "rayNodeId": "ab" * 28,
+    "conditions": [
+        {"type": "Ready", "status": "True", "reason": "RayNodeAlive", "message": "its Ray worker node is alive",
+         "lastTransitionTime": "2030-01-01T00:00:00Z"},
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("labels", "annotations"),
+    [
+        ({JOIN_TOKEN_LABEL: "abcdef"}, {}),  # the in-memory and file registries set no annotation
+        ({JOIN_TOKEN_LABEL: "abcdef"}, {CONNECTION_OWNER_ANNOTATION: "gateway"}),  # the Kubernetes registry
+        ({}, {CONNECTION_OWNER_ANNOTATION: "gateway"}),  # made by hand for the gateway to manage
+    ],
+)
+async def test_a_starting_gateway_disowns_only_the_nodes_whose_connection_it_owns(
+    labels: dict[str, str], annotations: dict[str, str]
+) -> None:
+    """A VolunteerNode whose Ray node joined Ray directly has its connection fields written by the
+    operator: every gateway restart flipped it to NotReady/GatewayRestarted, though no gateway
+    session ever held it (and the operator wrote it Ready again at its next pass)."""
+    registry = InMemoryNodeRegistry()
+    await registry.create("vn-joined", {"owner": "alice"}, labels)
+    registry.objects["vn-joined"]["metadata"]["annotations"] = annotations
+    await registry.create("vn-direct", {"owner": "bob"}, {})
+    await registry.create("vn-other-owner", {"owner": "bob"}, {})
+    registry.objects["vn-other-owner"]["metadata"]["annotations"] = {CONNECTION_OWNER_ANNOTATION: "operator"}
+    for name in registry.objects:
+        registry.objects[name]["status"] = dict(OPERATOR_READY)
+    table, _, _ = make_table(registry)
+    assert table.disown_stale_connections(await registry.list()) == ["vn-joined"]
+    await table.flush()
+    joined = registry.objects["vn-joined"]["status"]
+    assert (joined["phase"], joined["conditions"][0]["reason"]) == ("NotReady", "GatewayRestarted")
+    for name in ("vn-direct", "vn-other-owner"):
+        status = registry.objects[name]["status"]
+        assert (status["phase"], status["connected"], status["conditions"][0]["reason"]) == (
+            "Ready",
+            True,
+            "RayNodeAlive",
+        )
