@@ -5,15 +5,18 @@ Secret is missing (its reference is optional, so Kubernetes says nothing)."""
 from __future__ import annotations
 
 import ipaddress
+import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from koinon_agent import cli
 from koinon_agent.config import ENV_VARS
 
 from .helpers import (
     CHART,
     GATEWAY,
+    REPO,
     TOKEN,
     Manifest,
     Tools,
@@ -40,7 +43,8 @@ def policy_of(tools: Tools, values: dict[str, str | None] | None = None, *, extr
 
 def reachable(policy: Manifest, address: str, port: int, protocol: str = "TCP") -> bool:
     """Whether the policy's egress rules let the pod connect to address:port (NetworkPolicy
-    semantics: a rule without ports allows every port, one without peers every address)."""
+    semantics: a rule without ports allows every port, one without peers every address). Peers
+    that select pods by label (extraEgress `to`) match pods, not addresses: they are skipped."""
     ip = ipaddress.ip_address(address)
     for rule in policy["spec"].get("egress", []):
         ports = rule.get("ports")
@@ -52,7 +56,10 @@ def reachable(policy: Manifest, address: str, port: int, protocol: str = "TCP") 
         if not peers:
             return True
         for peer in peers:
-            assert set(peer) == {"ipBlock"}, peer  # the chart selects no pods or namespaces
+            if "ipBlock" not in peer:
+                assert set(peer) <= {"namespaceSelector", "podSelector"}, peer
+                continue
+            assert set(peer) == {"ipBlock"}, peer
             block = peer["ipBlock"]
             network = ipaddress.ip_network(block["cidr"])
             excepted = [ipaddress.ip_network(cidr) for cidr in block.get("except", [])]
@@ -63,7 +70,9 @@ def reachable(policy: Manifest, address: str, port: int, protocol: str = "TCP") 
 
 # What job code must not reach: the cloud metadata service (IPv4, and AWS's IPv6 one), a home
 # router, a LAN host, the cluster's DNS and other Services and pods, a Docker bridge, a CGNAT or
-# Tailscale peer, a private IPv6 network, an IPv6 link-local host.
+# Tailscale peer, a private IPv6 network, an IPv6 link-local host, and IPv4 hosts through NAT64
+# (IPv6-only clusters with DNS64, 464XLAT: 64:ff9b::c0a8:101 is 192.168.1.1, 64:ff9b::a9fe:a9fe
+# the metadata service, 64:ff9b:1::a00:14 10.0.0.20 through a local-use prefix).
 PRIVATE = [
     "169.254.169.254",
     "fd00:ec2::254",
@@ -75,6 +84,9 @@ PRIVATE = [
     "100.100.100.100",
     "fd12:3456::1",
     "fe80::1",
+    "64:ff9b::c0a8:101",
+    "64:ff9b::a9fe:a9fe",
+    "64:ff9b:1::a00:14",
 ]
 PUBLIC = ["1.1.1.1", "151.101.0.223", "2606:4700::1111"]  # e.g. a DNS resolver, pypi.org's CDN
 
@@ -119,14 +131,14 @@ def test_egress_is_dns_anywhere_and_public_addresses_only(tools: Tools) -> None:
         "100.64.0.0/10",
         "127.0.0.0/8",
     }
-    assert set(blocks["::/0"]) == {"fc00::/7", "fe80::/10"}
+    assert set(blocks["::/0"]) == {"fc00::/7", "fe80::/10", "64:ff9b::/96", "64:ff9b:1::/48"}
 
 
 @pytest.mark.parametrize(
     ("gateway", "address", "cidr"),
     [
         ("192.168.1.20:7443", "192.168.1.20", "192.168.1.20/32"),
-        ("10.43.17.5:443", "10.43.17.5", "10.43.17.5/32"),
+        ("10.0.0.20:443", "10.0.0.20", "10.0.0.20/32"),
         ("[fd00::5]:7443", "fd00::5", "fd00::5/128"),
     ],
 )
@@ -142,23 +154,28 @@ def test_a_gateway_given_by_a_private_ip_literal_is_allowed_that_port_only(
     assert any(peer["ipBlock"]["cidr"] == cidr for r in policy["spec"]["egress"] for peer in r.get("to", []))
 
 
+def _notes(tools: Tools, *args: str) -> str:
+    result = tools.run(tools.helm, "install", "vol", str(CHART), "--dry-run=client", *args)
+    assert result.returncode == 0, result.stderr
+    return " ".join(result.stdout.split("NOTES:", 1)[1].split())
+
+
+def test_the_notes_say_a_clusterip_gateway_needs_its_pods_selected(tools: Tools) -> None:
+    """An IP-literal gateway.address gets an ipBlock rule; if it is a Service's ClusterIP (10.43.17.5
+    on k3s) that rule lets nothing through on most plugins (kube-router, Calico, Cilium check the
+    pod address kube-proxy translated it to), so the NOTES say what works instead."""
+    notes = _notes(tools, "--set", "gateway.address=10.43.17.5:7443", "--set", f"joinToken.value={TOKEN}")
+    assert "10.43.17.5/32" in notes and "ClusterIP" in notes and "networkPolicy.extraEgress" in notes
+    assert "labels" in notes
+
+
 def test_a_gateway_given_by_name_gets_no_rule_of_its_own_and_the_notes_say_what_to_do(tools: Tools) -> None:
     policy = policy_of(tools)  # gateway.example.org: reached as a public address
     assert [r for r in policy["spec"]["egress"] if r.get("ports") and r.get("to")] == []
-    result = tools.run(
-        tools.helm,
-        "install",
-        "vol",
-        str(CHART),
-        "--dry-run=client",
-        "--set",
-        f"gateway.address={GATEWAY}",
-        "--set",
-        f"joinToken.value={TOKEN}",
-    )
-    assert result.returncode == 0, result.stderr
-    notes = " ".join(result.stdout.split("NOTES:", 1)[1].split())
+    notes = _notes(tools, "--set", f"gateway.address={GATEWAY}", "--set", f"joinToken.value={TOKEN}")
     assert "networkPolicy.extraEgress" in notes and GATEWAY in notes
+    # A gateway Service of this cluster: by its pods' labels, not the ClusterIP the name resolves to.
+    assert "ClusterIP" in notes and "labels" in notes
 
 
 def test_extra_egress_allows_private_destinations(tools: Tools, tmp_path: Path) -> None:
@@ -179,6 +196,44 @@ def test_extra_egress_allows_private_destinations(tools: Tools, tmp_path: Path) 
     assert not reachable(policy, "10.21.0.1", 3128)
     assert reachable(policy, "fd00:1::7", 30050, "UDP") and not reachable(policy, "fd00:1::7", 30101, "UDP")
     assert not reachable(policy, "169.254.169.254", 80)  # the rest stays closed
+
+
+# The README's example for a gateway in this cluster (the labels of manifests/gateway's pods).
+GATEWAY_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "koinon-system"}},
+    "podSelector": {"matchLabels": {"app.kubernetes.io/name": "koinon-gateway"}},
+}
+
+
+def test_extra_egress_selects_an_in_cluster_gateways_pods_by_label(tools: Tools, tmp_path: Path) -> None:
+    """A rule for a Service's ClusterIP does not let the pod reach it on most plugins (they check
+    egress after kube-proxy's DNAT, against the gateway pod's own address), so an in-cluster
+    gateway is allowed by NetworkPolicy peers: its namespace and pods, on the pod's port."""
+    gateway = yaml.safe_load((REPO / "manifests" / "gateway" / "deployment.yaml").read_text())
+    assert gateway["metadata"]["namespace"] == "koinon-system"
+    pod_labels = gateway["spec"]["template"]["metadata"]["labels"]
+    assert GATEWAY_PEER["podSelector"]["matchLabels"].items() <= pod_labels.items()
+    ports = {p["name"]: p["containerPort"] for p in gateway["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert ports["agents"] == 7443
+    readme = (CHART / "README.md").read_text()
+    assert "kubernetes.io/metadata.name: koinon-system" in readme and "app.kubernetes.io/name: koinon-gateway" in readme
+
+    values = tmp_path / "values.yaml"
+    values.write_text(
+        yaml.safe_dump({"networkPolicy": {"extraEgress": [{"to": [GATEWAY_PEER], "ports": [{"port": 7443}]}]}})
+    )
+    for allow_external in ("true", "false"):  # a gateway by name then needs no address rule at all
+        policy = policy_of(
+            tools,
+            {
+                "gateway.address": "koinon-gateway.koinon-system.svc:7443",
+                "networkPolicy.allowExternalEgress": allow_external,
+            },
+            extra=("-f", str(values)),
+        )
+        rules = [r for r in policy["spec"]["egress"] if r.get("to") == [GATEWAY_PEER]]
+        assert rules == [{"to": [GATEWAY_PEER], "ports": [{"protocol": "TCP", "port": 7443}]}]
+        assert not reachable(policy, "10.43.17.5", 7443)  # the ClusterIP itself is no rule
 
 
 def test_without_external_egress_only_dns_the_gateway_and_extra_egress_are_open(tools: Tools) -> None:
@@ -239,7 +294,24 @@ def test_a_disabled_network_policy_renders_nothing(tools: Tools) -> None:
             },
             "networkPolicy.extraEgress[0].ports: endPort 8000 is below port 9000",
         ),
-        ({"networkPolicy.extraEgress[0].cidr": "10.0.0.0/8", "networkPolicy.extraEgress[0].to": "x"}, "'to'"),
+        ({"networkPolicy.extraEgress[0].ports[0].port": "7443"}, "missing property 'to'"),  # nor to
+        ({"networkPolicy.extraEgress[0].to": "x"}, "/networkPolicy/extraEgress/0/to"),
+        ({"networkPolicy.extraEgress[0].to[0].ipBlock.cidr": "10.0.0.0/8"}, "/networkPolicy/extraEgress/0/to/0"),
+        ({"networkPolicy.extraEgress[0].to[0].podSelector.matchLabels": "x"}, "/to/0/podSelector/matchLabels"),
+        (
+            {
+                "networkPolicy.extraEgress[0].to[0].podSelector.matchExpressions[0].key": "app",
+                "networkPolicy.extraEgress[0].to[0].podSelector.matchExpressions[0].operator": "Is",
+            },
+            "/to/0/podSelector/matchExpressions/0/operator",
+        ),
+        (
+            {
+                "networkPolicy.extraEgress[0].cidr": "10.0.0.0/8",
+                "networkPolicy.extraEgress[0].to[0].podSelector.matchLabels.app": "gw",
+            },
+            "networkPolicy.extraEgress[0]: give cidr or to, not both",
+        ),
         ({"hostNetwork": "true"}, "hostNetwork"),  # the policy would not apply to the host's network
         ({"tmpSizeLimit": "20GB"}, "/tmpSizeLimit"),
         ({"tmpSizeLimit": "512Mi"}, "tmpSizeLimit: 512Mi is less than 1Gi"),
@@ -256,12 +328,60 @@ def test_bad_isolation_values_are_refused_naming_the_value(
     assert result.stdout == ""
 
 
-def test_a_values_file_without_the_network_policy_section_is_refused_naming_it(tools: Tools, tmp_path: Path) -> None:
+def test_a_values_file_that_empties_the_network_policy_section_gets_the_default_policy(
+    tools: Tools, tmp_path: Path
+) -> None:
+    """`networkPolicy:` with its keys commented out is null, which Helm drops (as it is missing
+    from a release of a chart before 0.2.1): the policy values.yaml describes, not none."""
     values = tmp_path / "values.yaml"
     values.write_text("networkPolicy:\n  # enabled: false\n")
-    result = helm_template(tools, extra=["-f", str(values)])
-    assert result.returncode != 0
-    assert "networkPolicy" in result.stderr and "nil pointer" not in result.stderr, result.stderr
+    assert policy_of(tools, extra=("-f", str(values)))["spec"] == policy_of(tools)["spec"]
+    # One key left out means its default too.
+    policy = policy_of(tools, {"networkPolicy.enabled": "null", "networkPolicy.allowExternalEgress": "null"})
+    assert policy["spec"] == policy_of(tools)["spec"]
+
+
+def _chart_of_a_release_from_0_2_0(tmp_path: Path) -> Path:
+    """This chart with the values a release installed from chart 0.2.0 has. `helm upgrade
+    --reuse-values` renders the new chart with the old release's coalesced values in place of its
+    values.yaml (Helm's upgrade action: chart.Values = the old values), so keys the new chart added
+    are missing, not defaulted. 0.2.0's values.yaml (commit bc1d9fe) was this one without
+    networkPolicy and tmpSizeLimit."""
+    chart = tmp_path / "koinon-agent"
+    shutil.copytree(CHART, chart)
+    old = yaml.safe_load((CHART / "values.yaml").read_text())
+    del old["networkPolicy"]
+    assert "tmpSizeLimit" not in old
+    (chart / "values.yaml").write_text(yaml.safe_dump(old))
+    return chart
+
+
+def test_helm_upgrade_reuse_values_from_chart_0_2_0_gets_the_policy_and_the_tmp_limit(
+    tools: Tools, tmp_path: Path
+) -> None:
+    """Failed with "missing property 'networkPolicy'" (the schema required it), and /tmp had no limit."""
+    chart = _chart_of_a_release_from_0_2_0(tmp_path)
+
+    def upgrade(*values: str) -> list[Manifest]:
+        base = ("--set", f"gateway.address={GATEWAY}", "--set", f"joinToken.value={TOKEN}")
+        result = tools.run(tools.helm, "template", "vol", str(chart), "--namespace", "koinon-volunteer", *base, *values)
+        assert result.returncode == 0, result.stderr
+        return parse_documents(result.stdout)
+
+    docs = upgrade()
+    assert one(docs, "NetworkPolicy")["spec"] == policy_of(tools)["spec"]
+    tmp = next(v for v in one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"] if v["name"] == "tmp")
+    assert tmp == {"name": "tmp", "emptyDir": {"sizeLimit": "20Gi"}}
+    # `--reuse-values --set networkPolicy....`: the keys not given keep their defaults.
+    docs = upgrade(
+        "--set", "networkPolicy.allowExternalEgress=false", "--set", "networkPolicy.extraEgress[0].cidr=203.0.113.9/32"
+    )
+    policy = one(docs, "NetworkPolicy")
+    assert reachable(policy, "203.0.113.9", 7443) and not reachable(policy, "1.1.1.1", 443)
+    assert not by_kind(upgrade("--set", "networkPolicy.enabled=false"), "NetworkPolicy")
+    for none in ("tmpSizeLimit=null", "tmpSizeLimit="):
+        volumes = one(upgrade("--set", none), "Deployment")["spec"]["template"]["spec"]["volumes"]
+        assert next(v for v in volumes if v["name"] == "tmp") == {"name": "tmp", "emptyDir": {}}
 
 
 def _tmp_volume(tools: Tools, values: dict[str, str | None] | None = None) -> Manifest:
@@ -272,13 +392,18 @@ def _tmp_volume(tools: Tools, values: dict[str, str | None] | None = None) -> Ma
     return volume
 
 
-def test_the_tmp_job_code_fills_is_bounded(tools: Tools) -> None:
+def test_the_tmp_job_code_fills_is_bounded(tools: Tools, tmp_path: Path) -> None:
     assert _tmp_volume(tools) == {"name": "tmp", "emptyDir": {"sizeLimit": "20Gi"}}
     assert _tmp_volume(tools, {"tmpSizeLimit": "50Gi"})["emptyDir"] == {"sizeLimit": "50Gi"}
     assert _tmp_volume(tools, {"tmpSizeLimit": "1.5Ti"})["emptyDir"] == {"sizeLimit": "1.5Ti"}
-    # No limit, when asked for: null or empty.
+    # No limit, when asked for: null or empty, with --set or in a values file.
     assert _tmp_volume(tools, {"tmpSizeLimit": "null"})["emptyDir"] == {}
     assert _tmp_volume(tools, {"tmpSizeLimit": ""})["emptyDir"] == {}
+    values = tmp_path / "values.yaml"
+    for written in ("null", '""', "~"):
+        values.write_text(f"tmpSizeLimit: {written}\n")
+        pod = one(render(tools, extra=("-f", str(values))), "Deployment")["spec"]["template"]["spec"]
+        assert next(v for v in pod["volumes"] if v["name"] == "tmp") == {"name": "tmp", "emptyDir": {}}, written
 
 
 def _join_with_the_rendered_environment(

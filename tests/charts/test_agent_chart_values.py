@@ -176,7 +176,7 @@ def test_sizes_take_the_suffixes_of_kubernetes_quantities(tools: Tools, key: str
         assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.parametrize("section", ["node", "probes", "serviceAccount", "networkPolicy"])
+@pytest.mark.parametrize("section", ["node", "probes", "serviceAccount"])
 def test_an_emptied_values_section_is_refused_naming_it(tools: Tools, tmp_path: Path, section: str) -> None:
     """values.yaml: "Every value is checked by values.schema.json ... refuse bad input with a message
     naming the value". A section whose keys are all commented out is YAML null, which failed deep

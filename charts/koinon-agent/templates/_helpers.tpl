@@ -95,6 +95,38 @@ networkPolicy.allowExternalEgress false even a public one needs it.
 {{- end }}
 {{- end }}
 
+{{/*
+networkPolicy with the defaults of values.yaml for what it lacks, as JSON (read it with fromJson).
+A release installed by a chart before 0.2.1 has no networkPolicy in its values at all, and `helm
+upgrade --reuse-values` renders this chart with those values instead of values.yaml; a section
+nulled in a values file (`networkPolicy:` with every key commented out) is dropped by Helm too.
+Both get the policy values.yaml describes, not none.
+*/}}
+{{- define "koinon-agent.networkPolicy" -}}
+{{- $given := .Values.networkPolicy | default dict }}
+{{- $np := dict "enabled" true "allowExternalEgress" true "extraEgress" (list) }}
+{{- range $key := list "enabled" "allowExternalEgress" "extraEgress" }}
+{{- if not (kindIs "invalid" (index $given $key)) }}
+{{- $_ := set $np $key (index $given $key) }}
+{{- end }}
+{{- end }}
+{{- $np | toJson }}
+{{- end }}
+
+{{/*
+sizeLimit of /tmp; empty: none. values.yaml leaves tmpSizeLimit unset so that Helm keeps an
+explicit null (it drops a null it can replace with a default of values.yaml), and a release
+installed by a chart before 0.2.1 (whose values, which `helm upgrade --reuse-values` renders this
+chart with, have no tmpSizeLimit) gets the limit too: unset means 20Gi, null or "" none.
+*/}}
+{{- define "koinon-agent.tmpSizeLimit" -}}
+{{- if hasKey .Values "tmpSizeLimit" }}
+{{- .Values.tmpSizeLimit | default "" }}
+{{- else }}
+{{- print "20Gi" }}
+{{- end }}
+{{- end }}
+
 {{/* The port of gateway.address ("host:port"; the schema requires one). */}}
 {{- define "koinon-agent.gatewayPort" -}}
 {{- regexFind "[0-9]+$" .Values.gateway.address }}
@@ -195,15 +227,19 @@ names the values involved and what to do.
 {{- fail (printf "shmSize: %s (with resources.limits.memory: %v) leaves Ray's object store %d bytes, less than its minimum of 78643200 (75 MiB); the chart gives it 80 %% of shmSize and at most 30 %% of resources.limits.memory: raise them or set agent.objectStoreMemory" $v.shmSize (dig "limits" "memory" "none" ($v.resources | default dict)) $store) }}
 {{- end }}
 {{- end }}
-{{- if $v.tmpSizeLimit }}
-{{- if lt (include "koinon-agent.bytes" (list "tmpSizeLimit" $v.tmpSizeLimit) | int64) 1073741824 }}
-{{- fail (printf "tmpSizeLimit: %s is less than 1Gi; /tmp holds Ray's session logs, runtime_env installs and spilled objects, and the kubelet evicts the pod once they pass it; raise it, or set null for no limit" $v.tmpSizeLimit) }}
+{{- with include "koinon-agent.tmpSizeLimit" $ }}
+{{- if lt (include "koinon-agent.bytes" (list "tmpSizeLimit" .) | int64) 1073741824 }}
+{{- fail (printf "tmpSizeLimit: %s is less than 1Gi; /tmp holds Ray's session logs, runtime_env installs and spilled objects, and the kubelet evicts the pod once they pass it; raise it, or set \"\" for no limit" .) }}
 {{- end }}
 {{- end }}
-{{- if and $v.networkPolicy.enabled (not $v.networkPolicy.allowExternalEgress) (not $v.networkPolicy.extraEgress) (not (hasPrefix "unix:" $v.gateway.address)) (not (include "koinon-agent.gatewayCIDR" $)) }}
-{{- fail (printf "networkPolicy.allowExternalEgress: false leaves the pod DNS, an IP-literal gateway.address and networkPolicy.extraEgress only, and gateway.address %s names a host: add its address to networkPolicy.extraEgress" $v.gateway.address) }}
+{{- $np := include "koinon-agent.networkPolicy" $ | fromJson }}
+{{- if and $np.enabled (not $np.allowExternalEgress) (not $np.extraEgress) (not (hasPrefix "unix:" $v.gateway.address)) (not (include "koinon-agent.gatewayCIDR" $)) }}
+{{- fail (printf "networkPolicy.allowExternalEgress: false leaves the pod DNS, an IP-literal gateway.address and networkPolicy.extraEgress only, and gateway.address %s names a host: add it to networkPolicy.extraEgress (its address as cidr, or for a gateway in this cluster its pods as to)" $v.gateway.address) }}
 {{- end }}
-{{- range $i, $rule := $v.networkPolicy.extraEgress }}
+{{- range $i, $rule := $np.extraEgress }}
+{{- if eq (len (pick $rule "cidr" "to")) 2 }}
+{{- fail (printf "networkPolicy.extraEgress[%d]: give cidr or to, not both (make two entries)" $i) }}
+{{- end }}
 {{- range $rule.ports }}
 {{- if and .endPort (lt (int .endPort) (int .port)) }}
 {{- fail (printf "networkPolicy.extraEgress[%d].ports: endPort %d is below port %d" $i (int .endPort) (int .port)) }}
