@@ -23,7 +23,7 @@ from koinon_operator.api.aijob import (
     SpecError,
     format_micro_time,
     format_time,
-    parse_spec,
+    parse_spec_ratcheting,
     parse_time,
 )
 from koinon_operator.api.conditions import set_condition
@@ -120,6 +120,11 @@ def submission_digest(spec: AIJobSpec) -> str:
     return hashlib.sha256(json.dumps(submitted, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# status.scheduling: the spec digest a Warning was given for, that the job runs with a spec the
+# operator's newer checks refuse (AIJobReconciler._ratchet).
+TOLERATED_SPEC = "toleratedSpecDigest"
+
+
 def copy_submission_id_from(submission_id: str | None, copy: int) -> str | None:
     if not submission_id:
         return None
@@ -139,11 +144,13 @@ SUPERVISOR_START_FAILURE = "JOB_SUPERVISOR_ACTOR_START_FAILURE"
 # often the spec's doing, and an honest volunteer must not pay for a typo. Still retried (counted),
 # since a node's broken network gives the same error.
 RUNTIME_ENV_SETUP_FAILURE = "RUNTIME_ENV_SETUP_FAILURE"
-# Ray's supervisor (on the driver's node) raised while starting the entrypoint: Popen refusing the
-# command (ValueError: a NUL byte, which parse_spec refuses first; the same on every node, so a
-# rejection: _spec_refused_by_ray) or failing on the node (OSError: no fork, no log file). Either way
-# the driver never ran: as for a runtime_env that failed to set up, the volunteer is charged only
-# once another node has started the same spec (_settle_env_failures).
+# Ray's supervisor (on the driver's node) raised in its run(): most often while starting the
+# entrypoint, Popen refusing the command (ValueError: a NUL byte, which parse_spec refuses first;
+# the same on every node, so a rejection: _spec_refused_by_ray) or failing on the node (OSError: no
+# fork, no log file). Ray reports any exception of run()'s try block so, though, also one raised
+# while it polled or stopped the driver or wrote its end (the driver may have run). Either way: as
+# for a runtime_env that failed to set up, the volunteer is charged only once another node has
+# started the same spec (_settle_env_failures).
 ENTRYPOINT_START_FAILURE = "JOB_ENTRYPOINT_COMMAND_START_ERROR"
 # What failed before the job's own code ran, on the driver's node, for reasons the spec may cause.
 DRIVER_NOT_STARTED = (RUNTIME_ENV_SETUP_FAILURE, ENTRYPOINT_START_FAILURE)
@@ -265,21 +272,52 @@ def _spec_refused_by_ray(info: RayJobInfo) -> bool:
     """Ray could not create the job's supervisor, or its supervisor could not start the entrypoint,
     because of what was submitted: its check of the runtime_env, or Popen's of the command line,
     raised TypeError or ValueError (the traceback's last line). Other failures to start either (a
-    GCS timeout while the head is busy, a node that cannot fork) are not the spec's, and are retried."""
-    if info.error_type not in (SUPERVISOR_START_FAILURE, ENTRYPOINT_START_FAILURE):
+    GCS timeout while the head is busy, a node that cannot fork) are not the spec's, and are retried;
+    so is a ValueError the supervisor raised anywhere but in Popen (_raised_by_popen)."""
+    if info.error_type == ENTRYPOINT_START_FAILURE:
+        if not _raised_by_popen(info.message):
+            return False
+    elif info.error_type != SUPERVISOR_START_FAILURE:
         return False
     return _raised(info.message).startswith(("TypeError:", "ValueError:"))
 
 
-def _raised(message: str) -> str:
-    """The exception line of the last traceback in Ray's message ("" without one): the first
-    unindented line after the last "Traceback" header; a multi-line message (Ray's pip+conda
-    ValueError) goes on below it."""
+# A frame of a Python traceback as traceback.format_exc() writes it.
+_TRACEBACK_FRAME = re.compile(r'^  File "(?P<file>[^"]*)", line \d+, in (?P<function>\S+)$')
+
+
+def _last_traceback(message: str) -> tuple[list[tuple[str, str]], str]:
+    """The (file, function) frames, outermost first, and the exception line of the last traceback
+    in Ray's message (([], "") without one): that line is the first unindented one after the last
+    "Traceback" header; a multi-line message (Ray's pip+conda ValueError) goes on below it."""
     lines = message.splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
     if not starts:
-        return ""
-    return next((line for line in lines[starts[-1] + 1 :] if line and not line[0].isspace()), "")
+        return [], ""
+    frames: list[tuple[str, str]] = []
+    for line in lines[starts[-1] + 1 :]:
+        if line and not line[0].isspace():
+            return frames, line
+        if found := _TRACEBACK_FRAME.match(line):
+            frames.append((found["file"], found["function"]))
+    return frames, ""
+
+
+def _raised(message: str) -> str:
+    """The exception line of the last traceback in Ray's message ("" without one)."""
+    return _last_traceback(message)[1]
+
+
+def _raised_by_popen(message: str) -> bool:
+    """Whether the last traceback was raised starting the entrypoint: in subprocess (Popen) called
+    from Ray 2.60's JobSupervisor._exec_entrypoint, every frame below that one in subprocess.py.
+    Ray reports any exception of JobSupervisor.run's try block as JOB_ENTRYPOINT_COMMAND_START_ERROR,
+    also one raised once the driver ran (polling it, stopping it, writing its end: a ValueError of
+    int(RAY_JOB_STOP_WAIT_TIME_S), say): that one says nothing of the spec."""
+    frames, _ = _last_traceback(message)
+    entry = max((i for i, (_, function) in enumerate(frames) if function == "_exec_entrypoint"), default=None)
+    below = frames[entry + 1 :] if entry is not None else []
+    return bool(below) and all(re.split(r"[/\\]", file)[-1] == "subprocess.py" for file, _ in below)
 
 
 # What of Ray's failure message the status, conditions and Events carry: Ray quotes up to 20,000
@@ -619,7 +657,7 @@ class AIJobReconciler:
         if state.phase is None and uid:
             writer.set(traceId=trace_id_for(uid))  # a job refused at once is traced too
         try:
-            spec = parse_spec(body.get("spec") or {})
+            spec, tolerated = self._ratchet(body.get("spec") or {}, state)
         except SpecError as error:
             if state.phase is not None and state.phase.finished:
                 # Still cleaned up after ttlSecondsAfterFinished (read on its own: the rest of the
@@ -667,11 +705,59 @@ class AIJobReconciler:
             )
         except RayUnavailableError as error:
             return self._ray_unavailable(key, uid, writer, error, outcome)
+        if tolerated is not None:
+            self._warn_tolerated(tolerated, spec, state, writer, outcome)
         self.backoff.succeeded(uid or key)
         await self._record_work(key, body, state, outcome)
         if writer.has_condition_false(ConditionType.RAY_REACHABLE):
             writer.condition(ConditionType.RAY_REACHABLE, True, "RayAvailable", "Ray dashboard reachable")
         return outcome
+
+    @staticmethod
+    def _ratchet(raw_spec: Mapping[str, Any], state: AIJobStatus) -> tuple[AIJobSpec, SpecError | None]:
+        """The spec, and a refusal of a ratcheted check (aijob.parse_spec_ratcheting) it is let
+        through with; raises SpecError for what the job cannot run with.
+
+        As Kubernetes' validation ratcheting: the newer refusals apply to a job never placed
+        (attempts 0: phase None, or Pending, Suspended before its first placement) and to an
+        edit of one that was, but not to a spec an earlier operator placed and that nobody has
+        edited since (its submitted digest, status.scheduling.specDigest, unchanged; a status of an
+        operator that recorded none counts as unedited). That job runs on, with a Warning Event
+        (_warn_tolerated): stopping it on an operator upgrade would kill work its owner was told
+        was accepted. An edit that leaves the refused value in place (or puts one there) is
+        checked as any invalid edit is: a job that holds nodes has its Ray copies stopped and
+        fails InvalidSpec. The running attempt would be unaffected by the edit, but its next
+        attempt would run the refused spec, and the owner who just edited it is the one to tell,
+        now, rather than at some retry hours later; the rule is the one the other checks follow."""
+        spec, refusal = parse_spec_ratcheting(raw_spec)
+        if refusal is None:
+            return spec, None
+        recorded = state.scheduling.get("specDigest")
+        placed_before = state.attempts > 0 or bool(state.submission_id)
+        if placed_before and (not recorded or recorded == submission_digest(spec)):
+            return spec, refusal
+        raise refusal
+
+    @staticmethod
+    def _warn_tolerated(
+        refusal: SpecError, spec: AIJobSpec, state: AIJobStatus, writer: _StatusWriter, outcome: Outcome
+    ) -> None:
+        """One Warning Event per spec (by digest) that _ratchet let through, naming the field;
+        status.scheduling keeps the digest it was given for, across passes and operator restarts."""
+        digest = submission_digest(spec)
+        written = outcome.status.get("scheduling")
+        scheduling = written if isinstance(written, Mapping) else state.scheduling
+        if scheduling.get(TOLERATED_SPEC) == digest:
+            return
+        if state.scheduling.get(TOLERATED_SPEC) != digest:
+            outcome.event(
+                "InvalidSpecTolerated",
+                f"{refusal}. This operator refuses such a spec for a new job; this one was placed before "
+                "it did and runs on as submitted. An edit of the spec must fix it.",
+                warning=True,
+            )
+        # Again where this pass rewrote status.scheduling whole (a new placement): or it warned again.
+        writer.scheduling(state.scheduling, **{TOLERATED_SPEC: digest})
 
     async def _record_work(self, key: str, body: Mapping[str, Any], state: AIJobStatus, outcome: Outcome) -> None:
         """When this pass ends the attempt ``state`` ran (succeeded, failed, stopped, its node

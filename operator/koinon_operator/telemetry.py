@@ -157,6 +157,8 @@ def _otlp_exporter(explicit: bool) -> SpanExporter | None:
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
+        _check_otlp_grpc_timeout()
+
         # The endpoint given, not read by the exporter: it takes an empty OTEL_EXPORTER_OTLP_ENDPOINT
         # as set (its default only stands in for a missing one) and dials the empty target,
         # exporting nothing, where "otlp named explicitly" promises the spec's default.
@@ -169,6 +171,23 @@ def _otlp_exporter(explicit: bool) -> SpanExporter | None:
         return HttpSpanExporter()
     # Failing loudly: an exporter of the wrong protocol would fail every export in the background.
     raise ValueError(f"{variable}: {protocol!r} is not supported; use one of {OTLP_PROTOCOLS}")
+
+
+def _check_otlp_grpc_timeout() -> None:
+    """The gRPC exporter reads its timeout with a bare float(): its ValueError ("could not convert
+    string to float: 'abc'") names no variable. The one it reads: the signal's own where set (even
+    empty), the generic one where that is unset or 0. (The HTTP exporter logs a bad one and takes
+    its default.)"""
+    for variable in ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT"):
+        value = os.environ.get(variable)
+        if value is None:
+            continue
+        try:
+            seconds = float(value)
+        except ValueError:
+            raise ValueError(f"{variable}: {value[:64]!r} is not a number of seconds") from None
+        if seconds:
+            return
 
 
 # An item of OTEL_EXPORTER_OTLP_(TRACES_)HEADERS as both OTLP exporters parse it
@@ -264,7 +283,12 @@ def exporter_settings_problem() -> str | None:
         # InvalidCompressionValueException), and each would otherwise come out of kopf's startup
         # handler. Ours and the SDK's messages name their variable.
         message = str(error)
-        return message if "OTEL_" in message else f"OTEL_* settings: {type(error).__name__}: {message}"
+        if "OTEL_" in message:
+            return message
+        # A refusal that names no variable: the OTEL_* ones set, by name only (a value may be a
+        # secret: OTEL_EXPORTER_OTLP_HEADERS carries API keys).
+        named = sorted(name for name, value in os.environ.items() if name.startswith("OTEL_") and value)
+        return f"OTEL_* settings ({', '.join(named) or 'none set'}): {type(error).__name__}: {message}"
     if provider is not None:
         provider.shutdown()
     return None

@@ -69,6 +69,14 @@ REFUSED = {
         {"OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "zstd"},
         "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
     ),
+    # The gRPC exporter's float(): "could not convert string to float: 'abc'", naming nothing.
+    "timeout": ({"OTEL_EXPORTER_OTLP_TIMEOUT": "abc"}, "OTEL_EXPORTER_OTLP_TIMEOUT"),
+    "traces-timeout": ({"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "abc"}, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"),
+    "empty-traces-timeout": ({"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": ""}, "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"),
+    "timeout-under-a-zero-traces-one": (
+        {"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "0", "OTEL_EXPORTER_OTLP_TIMEOUT": "abc"},
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+    ),
 }
 
 
@@ -140,7 +148,33 @@ CHECK_CASES = [
     {"OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"},
     {"OTEL_EXPORTER_OTLP_COMPRESSION": "gzip"},
     {"OTEL_RESOURCE_ATTRIBUTES": "not-a-pair"},
+    {"OTEL_EXPORTER_OTLP_TIMEOUT": "abc"},  # over HTTP: the SDK logs it and takes its default
+    {"OTEL_EXPORTER_OTLP_TRACES_TIMEOUT": "5", "OTEL_EXPORTER_OTLP_TIMEOUT": "abc"},  # not read
+    {"OTEL_EXPORTER_OTLP_TIMEOUT": "2.5"},
 ]
+
+
+def test_a_timeout_the_grpc_exporter_does_not_read_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://tempo:4317")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "5")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TIMEOUT", "abc")
+    assert exporter_settings_problem() is None
+
+
+def test_a_refusal_naming_no_variable_names_those_set_but_no_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever else the SDK may raise without naming its variable: the OTEL_* variables set are
+    the ones to look at; their values are left out (OTEL_EXPORTER_OTLP_HEADERS holds API keys)."""
+    from koinon_operator import telemetry
+
+    def refused(_: str) -> None:
+        raise ValueError("could not convert string to float: 'abc'")
+
+    monkeypatch.setattr(telemetry, "_build_tracing", refused)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=s3cr3t")
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "")  # empty: unset
+    problem = exporter_settings_problem()
+    assert problem is not None and problem.startswith("OTEL_* settings (OTEL_EXPORTER_OTLP_HEADERS): "), problem
+    assert "s3cr3t" not in problem
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])

@@ -273,6 +273,23 @@ def test_a_waiting_job_does_not_block_later_jobs_of_its_shape_from_untrusted_nod
     assert [u.job_key for u in result.unschedulable] == ["ns/new"]
 
 
+def test_a_job_waiting_for_trust_holds_no_untrusted_nodes_it_would_not_take() -> None:
+    """Its untrusted candidates too few for its replicas, it got the "nothing fits" reasons and,
+    as a multi-GPU job, reserve_for: it held untrusted nodes it does not take while it waits, and a
+    later 1-GPU job that fitted there was refused."""
+    waiting = replace(big("ns/big", NOW - 60.0), replicas=2)
+    small = JobRequest("ns/small", expected_duration_s=600.0, creation_index=1)
+    # Two untrusted 2-GPU nodes of two owners, one half busy: not room for big's two replicas.
+    nodes = [snap("a", gpus=2, free=2), snap("b", gpus=2, free=1)]
+    result = schedule([waiting, small], nodes, NOW)
+    assert [p.job_key for p in result.placements] == ["ns/small"], result.unschedulable
+    (refused,) = result.unschedulable
+    assert WAITING_FOR_TRUSTED not in refused.reasons  # it says why nothing fits, not "not trusted yet"
+    # Once its wait is over it takes untrusted nodes, and holds them again for itself.
+    waited = replace(waiting, pending_since=NOW - DEFAULT_CONFIG.verification.trusted_wait_s)
+    assert not schedule([waited, small], nodes, NOW).placements
+
+
 @pytest.mark.parametrize("since", [math.inf, math.nan])
 def test_bad_pending_since_is_refused(since: float) -> None:
     with pytest.raises(ValueError, match="pending_since"):

@@ -102,9 +102,9 @@ MAX_ENV_VAR_NAME = 256
 
 
 # Ray 2.60's RuntimeEnv.known_fields (a test keeps them equal; the operator does not import ray). Ray
-# takes any other key as the name of a runtime_env plugin, and with none of that name installed it
-# only warns in the volunteer's setup log and runs the job without it: `envVars` (camelCase, as the
-# rest of the spec) gave a job no variables at all, silently.
+# takes any other key (but RAY_RUNTIME_ENV_ALIASES) as the name of a runtime_env plugin, and with
+# none of that name installed it only warns in the volunteer's setup log and runs the job without
+# it: `envVars` (camelCase, as the rest of the spec) gave a job no variables at all, silently.
 RAY_RUNTIME_ENV_FIELDS = frozenset(
     {
         "py_modules",
@@ -127,9 +127,14 @@ RAY_RUNTIME_ENV_FIELDS = frozenset(
         "image_uri",
     }
 )
+# Keyword arguments of Ray 2.60's RuntimeEnv(**runtime_env) (how the head reads a submitted
+# runtime_env) that it stores under another name: `nsight` is the spelling Ray's docs use. A test
+# keeps these equal to the constructor's keyword arguments that are not known_fields.
+RAY_RUNTIME_ENV_ALIASES = {"nsight": "_nsight", "rocprof_sys": "_rocprof_sys"}
 # Ray 2.60's RuntimeEnvConfig.known_fields: Ray drops any other key of runtime_env.config with a
 # warning in the head's log only.
 RAY_RUNTIME_ENV_CONFIG_FIELDS = frozenset({"setup_timeout_seconds", "eager_install", "log_files"})
+RAY_RUNTIME_ENV_INPUT = RAY_RUNTIME_ENV_FIELDS | frozenset(RAY_RUNTIME_ENV_ALIASES)
 
 
 def _did_you_mean(name: str, known: frozenset[str]) -> str:
@@ -145,10 +150,10 @@ def _did_you_mean(name: str, known: frozenset[str]) -> str:
 def _check_runtime_env_fields(runtime_env: Mapping[str, Any]) -> None:
     """Refuse a key Ray would ignore (see RAY_RUNTIME_ENV_FIELDS) rather than run the job without it."""
     for name in runtime_env:
-        if name not in RAY_RUNTIME_ENV_FIELDS:
+        if name not in RAY_RUNTIME_ENV_INPUT:
             raise SpecError(
                 f"spec.runtimeEnv.{name}",
-                f"not a Ray runtime_env field ({_did_you_mean(str(name), RAY_RUNTIME_ENV_FIELDS)})",
+                f"not a Ray runtime_env field ({_did_you_mean(str(name), RAY_RUNTIME_ENV_INPUT)})",
             )
     config = runtime_env.get("config")
     if isinstance(config, Mapping):  # any other type: Ray refuses it at submission (SubmitRejected)
@@ -178,8 +183,12 @@ def _check_env_vars(runtime_env: Mapping[str, Any]) -> None:
                 f"spec.runtimeEnv.env_vars.{name}",
                 f'must be a string, got {type(value).__name__} (quote it in YAML: "3", not 3)',
             )
-        # A process's environment is NUL-terminated strings, as its command line is. The name is
-        # quoted as repr (a NUL in a field path would reach status as is); the value never is.
+
+
+def _check_env_vars_executable(env_vars: Mapping[str, str]) -> None:
+    """A process's environment is NUL-terminated strings, as its command line is. The name is
+    quoted as repr (a NUL in a field path would reach status as is); the value never is."""
+    for name, value in env_vars.items():
         if _unexecutable(name):
             raise SpecError("spec.runtimeEnv.env_vars", f"a name {CANNOT_EXEC}, got {name[:64]!r}")
         if _unexecutable(value):
@@ -203,11 +212,49 @@ def _unexecutable(text: str) -> bool:
 
 
 def parse_spec(raw: Mapping[str, Any]) -> AIJobSpec:
+    """The spec, or SpecError naming the first field this operator refuses (every check, the
+    ratcheted ones included: what a new job must pass)."""
+    spec, refusal = parse_spec_ratcheting(raw)
+    if refusal is not None:
+        raise refusal
+    return spec
+
+
+def parse_spec_ratcheting(raw: Mapping[str, Any]) -> tuple[AIJobSpec, SpecError | None]:
+    """The spec under the checks every operator version made (SpecError raised for those), and
+    the first refusal of a ratcheted check (None: it passes them all).
+
+    Ratcheted checks (Kubernetes' validation ratcheting): refusals added after earlier operators
+    accepted, placed and ran such specs (an unknown runtimeEnv key, a NUL, gpuMemoryMiB with no
+    GPUs). parse_spec runs on every pass, so without ratcheting an operator upgrade stopped and
+    failed running jobs nobody had edited. The reconciler applies them to a job not yet placed,
+    and to an edit of one that was (see AIJobReconciler._ratchet)."""
+    spec = _parse_spec(raw)
+    try:
+        _check_ratcheted(spec)
+    except SpecError as refusal:
+        return spec, refusal
+    return spec, None
+
+
+def _check_ratcheted(spec: AIJobSpec) -> None:
+    if _unexecutable(spec.entrypoint):
+        raise SpecError("spec.entrypoint", CANNOT_EXEC)
+    _check_runtime_env_fields(spec.runtime_env)
+    _check_env_vars_executable(_mapping(spec.runtime_env, "env_vars", "spec.runtimeEnv"))
+    if spec.resources.gpus == 0 and spec.resources.gpu_memory_mib > 0:
+        # Placement checks the memory of the GPUs a replica takes: with none, it would be ignored.
+        raise SpecError(
+            "spec.resources.gpuMemoryMiB",
+            f"must be 0 when spec.resources.gpus is 0: it is the least memory of each GPU a replica "
+            f"takes, and a replica of no GPUs takes none (got {spec.resources.gpu_memory_mib})",
+        )
+
+
+def _parse_spec(raw: Mapping[str, Any]) -> AIJobSpec:
     entrypoint = raw.get("entrypoint")
     if not isinstance(entrypoint, str) or not entrypoint.strip():
         raise SpecError("spec.entrypoint", "required: the command Ray runs as the job driver")
-    if _unexecutable(entrypoint):
-        raise SpecError("spec.entrypoint", CANNOT_EXEC)
     resources = _mapping(raw, "resources", "spec")
     constraints = _mapping(raw, "constraints", "spec")
     verification = _mapping(raw, "verification", "spec")
@@ -218,27 +265,17 @@ def parse_spec(raw: Mapping[str, Any]) -> AIJobSpec:
     if mode not in ("none", "replicated"):
         raise SpecError("spec.verification.mode", f'must be "none" or "replicated", got {mode!r}')
     runtime_env = _mapping(raw, "runtimeEnv", "spec")
-    _check_runtime_env_fields(runtime_env)
     _check_env_vars(runtime_env)
     suspend = raw.get("suspend", False)
     if not isinstance(suspend, bool):
         raise SpecError("spec.suspend", "must be a boolean")
-    gpus = _required_int(resources, "gpus", "spec.resources", 1, 0)
-    gpu_memory_mib = _required_int(resources, "gpuMemoryMiB", "spec.resources", 0, 0)
-    if gpus == 0 and gpu_memory_mib > 0:
-        # Placement checks the memory of the GPUs a replica takes: with none, it would be ignored.
-        raise SpecError(
-            "spec.resources.gpuMemoryMiB",
-            f"must be 0 when spec.resources.gpus is 0: it is the least memory of each GPU a replica "
-            f"takes, and a replica of no GPUs takes none (got {gpu_memory_mib})",
-        )
     return AIJobSpec(
         entrypoint=entrypoint,
         runtime_env=dict(runtime_env),
         replicas=_required_int(raw, "replicas", "spec", 1, 1),
         resources=Resources(
-            gpus=gpus,
-            gpu_memory_mib=gpu_memory_mib,
+            gpus=_required_int(resources, "gpus", "spec.resources", 1, 0),
+            gpu_memory_mib=_required_int(resources, "gpuMemoryMiB", "spec.resources", 0, 0),
             cpus=_number(resources, "cpus", "spec.resources", 1.0, 0.0, 1024.0),
         ),
         constraints=Constraints(

@@ -175,9 +175,11 @@ def _run(
             if shape is not None:
                 failed_shapes[shape] = reasons
             refuse(job, reasons)
-            if verify and job.gpus_per_replica > 1:
+            if verify and job.gpus_per_replica > 1 and not waiting:
                 # Koinon holds nodes for the oldest waiting multi-GPU job (no starvation of 8-GPU jobs
-                # by a stream of 1-GPU ones); naive baselines do not.
+                # by a stream of 1-GPU ones); naive baselines do not. Not while it waits for trusted
+                # nodes: reserve_for would hold untrusted ones it will not take before its wait ends,
+                # idle, refusing the small jobs that fit there meanwhile.
                 reserve_for(index, job, static, job.replicas * job.verification_quorum)
             continue
         copies = 1
