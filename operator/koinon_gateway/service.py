@@ -22,6 +22,7 @@ from . import credentials
 from .addresses import AddressAllocator, AddressPoolExhausted, PortBlock
 from .config import GatewayConfig
 from .frame_codec import FrameDecodeError
+from .limits import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT
 from .log_limit import LimitedLog
 from .metrics import GatewayMetrics
 from .ray_check import RayNodeChecker
@@ -37,7 +38,7 @@ from .registry import (
 )
 from .routing import DialRefused, Router
 from .rpc import EOF, Context, MalformedMessage
-from .sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT, NodeSession, SessionTable, gpus_reported
+from .sessions import NodeSession, SessionTable, gpus_reported
 from .status import never_connected_status, stored_ready_condition
 from .stream_slots import StreamSlot, TooManyStreams
 from .tokens import COUNTED_JOIN_RETRY_S, HALF_MADE_WAIT_S, JoinGrant, TokenError, TokenStore

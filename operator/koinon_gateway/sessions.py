@@ -14,6 +14,7 @@ from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .addresses import PortBlock
 from .config import GatewayConfig
+from .limits import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT
 from .registry import NodeRegistry, connection_owned_by_gateway, node_uid
 from .status import ReadyCondition, gpus_to_status, next_condition, rfc3339, stored_ready_condition
 from .status_writer import StatusWriter
@@ -22,10 +23,6 @@ from .stream_slots import StreamSlots
 log = logging.getLogger(__name__)
 
 MAX_REMEMBERED_REVOCATIONS = 10_000
-# What a node may report about itself (at Join, Register and in every heartbeat).
-MAX_GPUS = 64
-MAX_TEXT = 128
-MAX_GPU_MEMORY_MIB = 1 << 24
 RAY_STATES = frozenset({"starting", "running", "stopped", "restarting", "disabled"})
 # Pings whose answers are still awaited; an answer to an older one no longer measures anything.
 PINGS_REMEMBERED = 8

@@ -77,7 +77,7 @@ def test_project_crd_registers_and_validates(path: Path) -> None:
 def test_a_volunteer_node_holds_no_more_gpus_than_the_gateway_admits() -> None:
     # The operator books a node for at most len(spec.gpus) GPUs and makes an object per GPU: a
     # hand-written VolunteerNode must be held to the gateway's bounds as its own joins are.
-    from koinon_gateway.sessions import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT
+    from koinon_gateway.limits import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT
 
     crd = yaml.safe_load((CRD_DIR / "volunteernodes.koinon.dev.yaml").read_text())
     version = crd["spec"]["versions"][0]

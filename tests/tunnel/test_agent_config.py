@@ -161,6 +161,62 @@ def test_out_of_range_values_are_refused_naming_the_field(
     assert field in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("argv", "flag", "variable"),
+    [
+        # What the gateway takes in a JoinRequest (koinon_gateway.limits). These passed, then the
+        # join was refused (exit 3, "refused", as for a bad token), or building it raised a
+        # protobuf "Value out of range" naming nothing; 10**8 GPUs were 10**8 objects first; and
+        # with a stored identity, Register clamped to 64 GPUs while Ray ran with 65.
+        (["--simulate-gpus", "65"], "--simulate-gpus", "KOINON_SIMULATE_GPUS"),
+        (["--simulate-gpus", "100000000"], "--simulate-gpus", "KOINON_SIMULATE_GPUS"),
+        (["--simulate-gpus", "-1"], "--simulate-gpus", "KOINON_SIMULATE_GPUS"),
+        (
+            ["--simulate-gpus", "1", "--simulate-gpu-memory", str((1 << 24) + 1)],
+            "--simulate-gpu-memory",
+            "KOINON_SIMULATE_GPU_MEMORY",
+        ),
+        (
+            ["--simulate-gpus", "1", "--simulate-gpu-memory", str(1 << 64)],
+            "--simulate-gpu-memory",
+            "KOINON_SIMULATE_GPU_MEMORY",
+        ),
+        (["--simulate-gpus", "1", "--simulate-gpu-memory", "0"], "--simulate-gpu-memory", "KOINON_SIMULATE_GPU_MEMORY"),
+        (["--node-name", "n" * 129], "--node-name", "KOINON_NODE_NAME"),
+        (["--region", "r" * 129], "--region", "KOINON_REGION"),
+    ],
+)
+def test_values_the_gateway_refuses_are_bad_configuration(
+    capsys: pytest.CaptureFixture[str], argv: list[str], flag: str, variable: str
+) -> None:
+    assert cli.main(["join", "--gateway", "gw:1", *argv]) == 2
+    error = capsys.readouterr().err
+    assert flag in error and variable in error
+
+
+def test_the_gateways_largest_values_are_taken() -> None:
+    from koinon_gateway.limits import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT
+    from koinon_gateway.service import validate_join
+    from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+    config = config_from(
+        [
+            "--gateway", "gw:1",
+            "--simulate-gpus", str(MAX_GPUS),
+            "--simulate-gpu-memory", str(MAX_GPU_MEMORY_MIB),
+            "--node-name", "n" * MAX_TEXT,
+            "--region", "r" * MAX_TEXT,
+        ]
+    )  # fmt: skip
+    assert config.simulate_gpus is not None
+    gpu = pb.Gpu(model="Simulated GPU", memory_mib=config.simulate_gpu_memory_mib)
+    validate_join(
+        pb.JoinRequest(
+            name_hint=config.name_hint, region=config.region, gpus=[gpu] * config.simulate_gpus, agent_version=VERSION
+        )
+    )
+
+
 @pytest.mark.parametrize("secret", ["too-short", "has space in it here", "a:b@c/d?e#f%20xxxxxxxx", "x" * 257])
 def test_a_proxy_secret_that_does_not_fit_a_url_is_refused_without_showing_it(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], secret: str

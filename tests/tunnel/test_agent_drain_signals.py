@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +19,10 @@ from koinon_agent import cli, state
 from koinon_agent.agent import Agent, JoinRefused
 from koinon_agent.config import AgentConfig
 from koinon_gateway.rpc import Context, add_tunnel_service
+from koinon_gateway.server import Gateway
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import cluster, start_agent_process
+from .helpers import Cluster, cluster, connect_via_proxy, start_agent_process
 
 GRACE_S = 2.0
 
@@ -271,3 +273,79 @@ async def test_a_grace_beyond_what_the_drain_request_carries_still_drains(tmp_pa
         agent.request_drain(now=True)
         await asyncio.wait_for(task, 10)
         assert ray.stopped_at is not None
+
+
+async def _restart_gateway(c: Cluster, down_s: float) -> None:
+    """A gateway restart (a rolling update): down for ``down_s``, back at the same address."""
+    listen = c.gateway.agent_target
+    await c.gateway.stop(0)
+    await asyncio.sleep(down_s)
+    c.gateway = Gateway(replace(c.gateway.config, listen=listen), c.tokens, c.registry, c.gateway.ca_store)
+    await c.gateway.start()
+
+
+async def _registered(c: Cluster, name: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while name not in c.gateway.sessions.by_name and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return name in c.gateway.sessions.by_name
+
+
+@pytest.mark.parametrize("outage", ["during-drain", "before-drain"])
+async def test_a_drain_reconnects_when_the_gateway_comes_back(tmp_path: Path, outage: str) -> None:
+    """The draining Ray node reaches the cluster only through a Control session (the gateway
+    refuses Connect streams of a node without one). A draining agent that lost its session never
+    reconnected (and one drained during an outage tried once): the running tasks the grace is for
+    spent it cut off, and the gateway never learnt of the drain (NotReady, GCS not asked)."""
+    grace = 20.0
+    async with cluster(tmp_path, tls=False) as c:
+        agent = await c.start_agent("a", drain_grace_s=grace)
+        task = c.agents[-1][1]
+        agent.ray = BusyRay()  # type: ignore[assignment]
+        assert agent.identity is not None
+        name = agent.identity.node_name
+        if outage == "before-drain":  # SIGTERM while the gateway is down; it comes back later
+            listen = c.gateway.agent_target
+            await c.gateway.stop(0)
+            await asyncio.sleep(0.3)
+            asked = time.monotonic()
+            agent.request_drain()
+            await asyncio.sleep(1.5)  # reconnects that fail meanwhile
+            c.gateway = Gateway(replace(c.gateway.config, listen=listen), c.tokens, c.registry, c.gateway.ca_store)
+            await c.gateway.start()
+        else:
+            asked = time.monotonic()
+            agent.request_drain()
+            await asyncio.sleep(0.5)
+            await _restart_gateway(c, 0.5)
+        assert await _registered(c, name, 8), "the draining agent never reconnected"
+        assert not task.done()
+        # What the draining node's Ray does meanwhile: dial the head through the agent's proxy.
+        status, _, writer = await connect_via_proxy(agent._proxy, c.gateway.config.head_address, c.head_port)
+        writer.close()
+        assert status == 200, f"the draining node cannot reach the cluster (CONNECT answered {status})"
+        # The new session told the gateway of the drain, with the grace that is left, not a new one.
+        session = c.gateway.sessions.by_name[name]
+        for _ in range(50):
+            if session.draining:
+                break
+            await asyncio.sleep(0.1)
+        assert session.draining and session.drain_request is not None
+        assert session.drain_request[1] - time.time() <= grace - (time.monotonic() - asked) + 1.5
+        agent.request_drain(now=True)
+        await asyncio.wait_for(task, 15)
+
+
+async def test_a_draining_agent_stops_reconnecting_once_ray_stopped(tmp_path: Path) -> None:
+    """The gateway stays away: the agent retries until the grace is over, then exits on time."""
+    async with cluster(tmp_path, tls=False) as c:
+        agent = await c.start_agent("a", drain_grace_s=GRACE_S)
+        task = c.agents[-1][1]
+        ray = BusyRay()
+        agent.ray = ray  # type: ignore[assignment]
+        await c.gateway.stop(0)
+        asked = time.monotonic()
+        agent.request_drain()
+        await asyncio.wait_for(task, GRACE_S + 5)
+        assert ray.stopped_at is not None and ray.stopped_at - asked >= GRACE_S - 0.1
+        assert time.monotonic() - asked < GRACE_S + 1.5  # not held up by a backoff sleep

@@ -232,3 +232,47 @@ def test_the_report_is_not_written_through_a_planted_symlink(tmp_path: Path) -> 
     assert victim.read_text() == "credential"
     assert json.loads((report_dir / "health.json").read_text())["connected"] is True
     assert sorted(p.name for p in report_dir.iterdir()) == ["health.json", "health.tmp"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        # NaN fails every comparison: the report counted as fresh for ever. The chart's health file
+        # is in /tmp, which job code of the agent's user can write.
+        ({"written_at": float("nan")}, "written_at"),
+        ({"written_at": float("inf")}, "written_at"),
+        ({"written_at": 10**400}, "written_at"),  # past a float
+        ({"written_at": "1700000000"}, "written_at"),  # raised TypeError: the probe printed a traceback
+        ({"written_at": True}, "written_at"),
+        ({"written_at": None}, "written_at"),
+        ({"connected": "yes"}, "connected"),
+        ({"connected": 1}, "connected"),
+        ({"ray_state": ["running"]}, "ray_state"),
+        ({"node_name": 7}, "node_name"),
+        ({"extra": 1}, "extra"),
+    ],
+)
+def test_a_report_of_another_shape_is_unreadable_saying_why(
+    tmp_path: Path, fields: dict[str, object], reason: str
+) -> None:
+    data = {"written_at": time.time(), "connected": True, "ray_state": "running", "node_name": "a", **fields}
+    (tmp_path / health.FILE_NAME).write_text(json.dumps(data))
+    healthy, why = health.check(tmp_path / health.FILE_NAME, 30, need_ready=True, started_at=time.time() - 100)
+    assert not healthy and "unreadable health report" in why and reason in why, why
+    assert len(why) < len(str(tmp_path)) + 200  # what the file holds is cut short
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "null", "[" * 100_000])
+def test_a_report_that_is_no_object_is_unreadable(tmp_path: Path, text: str) -> None:
+    (tmp_path / health.FILE_NAME).write_text(text)
+    healthy, why = health.check(tmp_path / health.FILE_NAME, 30, need_ready=False)
+    assert not healthy and "unreadable health report" in why
+
+
+def test_the_health_command_says_why_a_report_is_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / health.FILE_NAME).write_text(json.dumps({"written_at": "soon", "connected": True, "ray_state": "x"}))
+    monkeypatch.setenv("KOINON_STATE_DIR", str(tmp_path))
+    assert cli.main(["health"]) == 1
+    assert "written_at: expected a finite number" in capsys.readouterr().err

@@ -194,3 +194,70 @@ def test_simulated_gpus_start_ray_whatever_cuda_visible_devices_says(monkeypatch
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a CPU-only host hiding every device
     settings = RaySettings("/opt/ray/bin/ray", Path("/tmp/ray"), "http://127.0.0.1:1", None, 2, 16384, None)
     assert "CUDA_VISIBLE_DEVICES" not in ray_environment(settings, pb.Assignment(address="127.0.20.1"))
+
+
+def test_a_gpu_name_that_is_not_utf8_keeps_the_gpu(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real binding decodes names with bytes.decode() (pynvml.convertStrBytes): a name NVML
+    gives that is not UTF-8 raised UnicodeDecodeError, which detect() let through: Agent() failed
+    and the CLI exited 2 ("bad configuration") with a codec message."""
+    bad = FakeGpu("unused", 1 << 34, "GPU-bad")
+    nvml = fake_nvml([bad, L4])
+
+    def name(gpu: FakeGpu) -> object:
+        if gpu is bad:
+            return b"NVIDIA \xff\xfe".decode()  # what convertStrBytes does with such bytes
+        return gpu.name
+
+    nvml.nvmlDeviceGetName = name  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    with caplog.at_level(logging.WARNING):
+        assert gpus.detect() == [
+            gpus.GpuInfo("NVIDIA \ufffd\ufffd", 16384, "GPU-bad"),
+            gpus.GpuInfo("NVIDIA L4", 23034, L4.uuid),
+        ]
+    assert "not UTF-8" in caplog.text
+
+
+def test_a_uuid_that_is_not_utf8_skips_that_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The UUID is what CUDA_VISIBLE_DEVICES names the GPU by: without it the GPU cannot be handed
+    to Ray, so it is skipped like a lost one (not the whole agent stopped)."""
+    bad = FakeGpu("NVIDIA L4", 1 << 34, "GPU-bad")
+    nvml = fake_nvml([bad, L4])
+
+    def uuid(gpu: FakeGpu) -> object:
+        return b"GPU-\xff".decode() if gpu is bad else gpu.uuid
+
+    nvml.nvmlDeviceGetUUID = uuid  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert [g.device for g in gpus.detect()] == [L4.uuid]
+
+
+def test_a_gpu_the_gateway_would_refuse_is_left_out(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateway takes 1..16 TiB per GPU (koinon_gateway.limits): one GPU reporting memory
+    outside that failed the whole join (exit 3, as for a bad token). A name past the gateway's
+    length is cut to it."""
+    from koinon_gateway.limits import MAX_GPU_MEMORY_MIB, MAX_TEXT
+
+    tiny = FakeGpu("tiny", 1 << 19, "GPU-tiny")  # half a MiB: 0 MiB
+    huge = FakeGpu("huge", (MAX_GPU_MEMORY_MIB + 1) << 20, "GPU-huge")
+    long = FakeGpu("N" * 300, 1 << 34, "GPU-long")
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([tiny, huge, L4, long]))
+    with caplog.at_level(logging.WARNING):
+        found = gpus.detect()
+    assert found == [gpus.GpuInfo("NVIDIA L4", 23034, L4.uuid), gpus.GpuInfo("N" * MAX_TEXT, 16384, "GPU-long")]
+    assert "leaving out GPU GPU-tiny" in caplog.text and "leaving out GPU GPU-huge" in caplog.text
+    # Left out after CUDA_VISIBLE_DEVICES chose: GPUs named after it are still offered.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
+    assert [g.device for g in gpus.detect()] == [L4.uuid]
+
+
+def test_no_more_gpus_than_the_gateway_takes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from koinon_gateway.limits import MAX_GPUS
+
+    many: list[FakeGpu | Exception] = [FakeGpu("NVIDIA L4", 1 << 34, f"GPU-{i:04d}") for i in range(MAX_GPUS + 3)]
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(many))
+    assert [g.device for g in gpus.detect()] == [f"GPU-{i:04d}" for i in range(MAX_GPUS)]

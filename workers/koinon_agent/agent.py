@@ -393,6 +393,7 @@ class Agent:
 
     async def _session_loop(self) -> None:
         delays = backoff_delays(self.config.backoff_initial_s, self.config.backoff_max_s)
+        drain_seen = False
         while True:
             registered_before = self.registrations
             refused = ""  # why the gateway no longer takes the credential, when a token can replace it
@@ -416,16 +417,34 @@ class Agent:
                 self._disconnected_at = time.monotonic()
             if refused:
                 await self._rejoin(refused)
-            if self._drain.is_set():
-                # The session only carried the news to the gateway; running tasks keep what is
-                # left of their grace without it.
+            if self._drain.is_set() and (refused or self._drain_done.is_set()):
+                # No session to be had: a refused credential is replaced only by a join, which a
+                # drain does not make. Running tasks keep what is left of their grace without it.
                 await self._drain_done.wait()
                 return
-            if self.registrations > registered_before and self._connected_for() > self.config.backoff_reset_after_s:
+            if self._drain.is_set() and not drain_seen:
+                # Reconnecting during a drain matters (see _wait_to_reconnect) and the grace runs
+                # out: retry soon rather than after the delay a long outage had grown to.
+                drain_seen = True
+                delays.reset()
+            elif self.registrations > registered_before and self._connected_for() > self.config.backoff_reset_after_s:
                 delays.reset()
             delay = delays.next()
             log.info("reconnecting in %.2fs", delay)
-            await self._sleep_or_drain(delay)
+            await self._wait_to_reconnect(delay)
+            if self._drain_done.is_set():
+                return
+
+    async def _wait_to_reconnect(self, delay: float) -> None:
+        """The backoff before the next session. It ends early on a drain request (so the gateway
+        hears of it), and during a drain once the drain is done. A draining agent keeps
+        reconnecting: its Ray node reaches the cluster only while a Control session is up (the
+        gateway refuses Connect streams of a node without one), so the running tasks the grace
+        is for could return nothing; and the gateway learns of the drain (Draining, GCS asked to
+        drain the node) from the DrainRequest the next session sends with the grace left."""
+        event = self._drain_done if self._drain.is_set() else self._drain
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), delay)
 
     def _connected_for(self) -> float:
         """How long the last session was up (until now, or until the loss was noticed)."""

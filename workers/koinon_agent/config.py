@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from koinon_gateway.limits import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT
 
 VERSION = "0.2.0"
 # DrainRequest.grace_seconds is a uint32.
@@ -113,8 +114,14 @@ class AgentConfig:
                 f"object_store_memory: must be at least {MIN_OBJECT_STORE_MEMORY} bytes (75 MiB, Ray's minimum), "
                 f"got {self.object_store_memory}"
             )
-        if self.simulate_gpus is not None and self.simulate_gpus < 0:
-            raise ValueError("simulate_gpus: must be >= 0")
+        # The gateway's limits (koinon_gateway.limits): beyond them the join is refused as if the
+        # token were bad (exit 3), or building the request fails on a uint64, and 10**8 simulated
+        # GPUs would be 10**8 objects before that.
+        if self.simulate_gpus is not None and not 0 <= self.simulate_gpus <= MAX_GPUS:
+            raise ValueError(
+                f"simulate_gpus (--simulate-gpus, KOINON_SIMULATE_GPUS): must be within 0..{MAX_GPUS}, "
+                f"got {self.simulate_gpus}"
+            )
         if self.temp_dir is not None:
             temp, state = os.path.realpath(self.temp_dir), os.path.realpath(self.state_dir)
             if temp == state or state.startswith(temp.rstrip("/") + "/"):
@@ -123,8 +130,17 @@ class AgentConfig:
                     f"temp_dir (KOINON_TEMP_DIR): {self.temp_dir} is the state dir or a dir above it; "
                     "Ray's jobs would reach the node credential"
                 )
-        if self.simulate_gpu_memory_mib <= 0:
-            raise ValueError("simulate_gpu_memory_mib: must be > 0")
+        if not 0 < self.simulate_gpu_memory_mib <= MAX_GPU_MEMORY_MIB:
+            raise ValueError(
+                "simulate_gpu_memory_mib (--simulate-gpu-memory, KOINON_SIMULATE_GPU_MEMORY): must be within "
+                f"1..{MAX_GPU_MEMORY_MIB} MiB, got {self.simulate_gpu_memory_mib}"
+            )
+        for name, flag, env in (
+            ("name_hint", "--node-name", "KOINON_NODE_NAME"),
+            ("region", "--region", "KOINON_REGION"),
+        ):
+            if len(getattr(self, name)) > MAX_TEXT:
+                raise ValueError(f"{name} ({flag}, {env}): at most {MAX_TEXT} characters (the gateway takes no more)")
         if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_initial_s/backoff_max_s: need 0 < initial <= max")
         if self.backoff_reset_after_s < 0:

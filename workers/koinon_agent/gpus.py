@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from koinon_gateway.limits import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT
+
 log = logging.getLogger(__name__)
 
 
@@ -32,10 +34,22 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _model(pynvml: Any, handle: object) -> str:
+    """The GPU's name as a model the gateway takes (1..MAX_TEXT characters). The binding decodes
+    NVML's bytes as UTF-8 and raises on others: the GPU is kept, its name read with U+FFFD for
+    what does not decode (a name is only shown and compared, never used to address the device)."""
+    try:
+        name = _text(pynvml.nvmlDeviceGetName(handle))
+    except UnicodeDecodeError as exc:
+        name = bytes(exc.object).decode(errors="replace")
+        log.warning("GPU name %r is not UTF-8; reporting it as %r", bytes(exc.object), name)
+    return name[:MAX_TEXT] or "NVIDIA GPU"
+
+
 def _describe(pynvml: Any, handle: object) -> GpuInfo:
     memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
     return GpuInfo(
-        _text(pynvml.nvmlDeviceGetName(handle)),
+        _model(pynvml, handle),
         int(memory.total) // (1 << 20),
         _text(pynvml.nvmlDeviceGetUUID(handle)),
     )
@@ -60,7 +74,7 @@ def _mig_instances(pynvml: Any, handle: object, index: int) -> list[GpuInfo]:
             continue
         try:
             found.append(_describe(pynvml, instance))
-        except pynvml.NVMLError as exc:
+        except (pynvml.NVMLError, UnicodeDecodeError) as exc:  # the latter: a UUID that is not UTF-8
             log.warning("skipping MIG instance %d of GPU %d: %s", slot, index, exc)
     return found
 
@@ -115,10 +129,34 @@ def detect() -> list[GpuInfo]:
                     found.extend((index, instance) for instance in _mig_instances(pynvml, handle, index))
                 else:
                     found.append((index, _describe(pynvml, handle)))
-            except pynvml.NVMLError as exc:
-                # A GPU that fell off the bus or is being reset: offer the others rather than none.
+            except (pynvml.NVMLError, UnicodeDecodeError) as exc:
+                # A GPU that fell off the bus or is being reset (or whose UUID, which names it to
+                # CUDA, does not decode): offer the others rather than none.
                 log.warning("skipping GPU %d: %s", index, exc)
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        return [gpu for _, gpu in found] if visible is None else _select_visible(found, visible)
+        chosen = [gpu for _, gpu in found] if visible is None else _select_visible(found, visible)
+        return _within_limits(chosen)
     finally:
         pynvml.nvmlShutdown()
+
+
+def _within_limits(found: list[GpuInfo]) -> list[GpuInfo]:
+    """The GPUs the gateway takes (koinon_gateway.limits): one it would refuse would fail the whole
+    join (or, at Register, be clamped while Ray is given another count), so it is left out here
+    and neither reported nor handed to Ray. After the CUDA_VISIBLE_DEVICES selection: a GPU left
+    out must not end the list the way an entry naming no device does."""
+    kept = []
+    for gpu in found:
+        if not 0 < gpu.memory_mib <= MAX_GPU_MEMORY_MIB:
+            log.warning(
+                "leaving out GPU %s (%s): NVML reports %d MiB, outside 1..%d",
+                gpu.device,
+                gpu.model,
+                gpu.memory_mib,
+                MAX_GPU_MEMORY_MIB,
+            )
+            continue
+        kept.append(gpu)
+    if len(kept) > MAX_GPUS:
+        log.warning("found %d GPUs; offering the first %d (the most a node may report)", len(kept), MAX_GPUS)
+    return kept[:MAX_GPUS]

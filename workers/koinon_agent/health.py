@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -64,6 +66,42 @@ def processes_started_at() -> float | None:
         return None
 
 
+def parse(data: object) -> HealthReport:
+    """The report in a health file's JSON; ValueError saying what is wrong with one of another
+    shape. The file may sit where job code of the agent's user can write (the chart's /tmp): a
+    written_at of NaN passed every age comparison (fresh for ever), one of another type raised."""
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    unknown = sorted(set(data) - {"written_at", "connected", "ray_state", "node_name"})
+    if unknown:
+        raise ValueError(f"unknown fields {_brief(unknown)}")
+    written_at = data.get("written_at")
+    seconds = math.nan
+    if isinstance(written_at, int | float) and not isinstance(written_at, bool):  # a bool is no time
+        with contextlib.suppress(OverflowError):  # an int past a float's range
+            seconds = float(written_at)
+    if not math.isfinite(seconds):
+        raise ValueError(f"written_at: expected a finite number of Unix seconds, got {_brief(written_at)}")
+    connected = data.get("connected")
+    if not isinstance(connected, bool):
+        raise ValueError(f"connected: expected true or false, got {_brief(connected)}")
+    ray_state, node_name = data.get("ray_state"), data.get("node_name", "")
+    if not isinstance(ray_state, str):
+        raise ValueError(f"ray_state: expected a string, got {_brief(ray_state)}")
+    if not isinstance(node_name, str):
+        raise ValueError(f"node_name: expected a string, got {_brief(node_name)}")
+    return HealthReport(seconds, connected, ray_state, node_name)
+
+
+def _brief(value: object) -> str:
+    """A value from the file, shown in a probe's one line: cut short (whoever wrote it chose its size)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more digits than Python converts to text
+        text = f"an int of over {sys.get_int_max_str_digits()} digits"
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
 def check(
     path: Path,
     max_age_s: float,
@@ -74,11 +112,10 @@ def check(
     """(healthy, a line saying why) for the agent that writes the report at ``path``. ``started_at``:
     when the caller's container started (processes_started_at()); an older report is not this agent's."""
     try:
-        data = json.loads(path.read_text())
-        report = HealthReport(**data)
+        report = parse(json.loads(path.read_text()))
     except FileNotFoundError:
         return False, f"{path}: no health report yet (agent not started, or another --state-dir/--health-file)"
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RecursionError, OSError) as exc:  # RecursionError: JSON nested too deep
         return False, f"{path}: unreadable health report ({exc})"
     # btime is whole seconds: allow one, so that the running agent's own report is never refused.
     if started_at is not None and report.written_at < started_at - 1.0:
