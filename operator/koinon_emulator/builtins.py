@@ -87,23 +87,33 @@ def _normalize_secret(obj: JsonObj, old: JsonObj | None, name: str) -> None:
 
 def _check_configmap_data(obj: JsonObj) -> None:
     """data is map[string]string and binaryData map[string][]byte (base64): anything else fails
-    to decode in kube-apiserver, a 400 (stored as it came, a number then broke every reader)."""
+    to decode in kube-apiserver, a 400 (stored as it came, a number then broke every reader).
+
+    As Go's decoder does, a null value is taken: into a string it decodes as "" (stored so), into
+    []byte as nil (kept null), which is what kubectl sends for `data: {KEY: }` and the Python client
+    for None; and base64 is decoded ignoring CR and LF (line-wrapped, as `base64` writes it),
+    stored as it is served back: unwrapped."""
     for field, go_type in (("data", "string"), ("binaryData", "[]uint8")):
         values = obj.get(field)
         if values is None:
             continue
         if not isinstance(values, dict):
             raise errors.cannot_decode("ConfigMap", "v1", field, values, f"map[string]{go_type}")
-        for key, value in values.items():
+        for key, value in list(values.items()):
+            if value is None:
+                if field == "data":
+                    values[key] = ""
+                continue
             if not isinstance(value, str):
                 raise errors.cannot_decode("ConfigMap", "v1", field, value, go_type)
             if field == "binaryData":
                 try:
-                    base64.b64decode(value, validate=True)
+                    decoded = base64.b64decode(value.replace("\r", "").replace("\n", ""), validate=True)
                 except (ValueError, binascii.Error) as error:
                     raise errors.bad_request(
                         f'ConfigMap in version "v1" cannot be handled as a ConfigMap: binaryData[{key}]: {error}'
                     ) from error
+                values[key] = base64.b64encode(decoded).decode()
 
 
 def _check_immutable(obj: JsonObj, old: JsonObj | None, name: str, kind: str, fields: tuple[str, ...]) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import kopf
+import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config import kube_config
@@ -19,51 +21,91 @@ from koinon_operator.api.constants import AIJOB_PLURAL, GROUP, VERSION
 # to a mkstemp file at each load, and removes at exit only the one file it remembers per content:
 # its bookkeeping is not thread-safe, so loads racing in worker threads (the Lease, the reputation
 # book, the result recheck) each left a file in $TMPDIR for good. Every load in this process goes
-# through this lock, kopf's login included (see login), and happens once per configuration source.
+# through this lock, kopf's login included (see login), and happens once per configuration source,
+# and again CONFIG_RELOAD_SECONDS after the last (sequential loads of the same content reuse the
+# client's one file for it).
 _config_lock = threading.Lock()
 _loaded_from: tuple[object, ...] | None = None
+_loaded_at = float("-inf")  # _monotonic() at that load
+_monotonic = time.monotonic
+# What a kubeconfig's user reads only at load, and no refresh hook reads again: an exec plugin's
+# token without expirationTimestamp (or its client certificate), an auth provider's. Loaded at
+# every call until 63fb486, which kept it for good: a token rotated behind the kubeconfig then got
+# 401s (the Lease's renewals too, so leadership lapsed). A tokenFile is part of the source itself
+# (_config_source): its rotation is picked up at the next load, not up to this long after it.
+CONFIG_RELOAD_SECONDS = 60.0
+
+
+def _token_files(kubeconfig: bytes, base: Path) -> tuple[tuple[str, bytes | None], ...]:
+    """The tokenFile of every user of a kubeconfig, with its content (None: unreadable). Resolved
+    as the client resolves it, against the kubeconfig's own directory. A file the client cannot
+    parse either names none."""
+    try:
+        parsed = yaml.safe_load(kubeconfig)
+    except yaml.YAMLError:
+        return ()
+    users = parsed.get("users") if isinstance(parsed, dict) else None
+    found: list[tuple[str, bytes | None]] = []
+    for entry in users if isinstance(users, list) else ():
+        user = entry.get("user") if isinstance(entry, dict) else None
+        token_file = user.get("tokenFile") if isinstance(user, dict) else None
+        if not isinstance(token_file, str) or not token_file:
+            continue
+        path = os.path.normpath(os.path.join(base, token_file))
+        try:
+            found.append((path, Path(path).read_bytes()))
+        except OSError:
+            found.append((path, None))
+    return tuple(found)
 
 
 def _config_source() -> tuple[object, ...]:
     """What a load would read: the in-cluster environment and the kubeconfig files, by content (a
     kubeconfig rewritten in place, or the client's default location pointed elsewhere as the tests
-    do, is loaded again)."""
+    do, is loaded again), with the token files their users name (a rotated token is loaded again:
+    the client reads it at load only)."""
     location = str(kube_config.KUBE_CONFIG_DEFAULT_LOCATION)
-    contents: list[bytes | None] = []
+    contents: list[object] = []
     for path in location.split(kube_config.ENV_KUBECONFIG_PATH_SEPARATOR):
+        file = Path(path).expanduser()
         try:
-            contents.append(Path(path).expanduser().read_bytes())
+            content = file.read_bytes()
         except OSError:
             contents.append(None)
+            continue
+        contents.append((content, _token_files(content, file.absolute().parent)))
     environ = (os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT"))
     return (*environ, location, tuple(contents))
 
 
 def load_config() -> None:
     """Points the kubernetes client's default configuration at the cluster: in-cluster, else the
-    kubeconfig. Thread-safe; loads again only when the source changed (tokens that expire are
-    refreshed by the hooks the client sets on the configuration, not by loading again)."""
-    global _loaded_from
+    kubeconfig. Thread-safe; loads again when the source changed, and CONFIG_RELOAD_SECONDS after
+    the last load (tokens with an expiry are refreshed by the hooks the client sets on the
+    configuration; one without is read at load only)."""
+    global _loaded_from, _loaded_at
     with _config_lock:
         source = _config_source()
-        if source == _loaded_from:
+        now = _monotonic()
+        if source == _loaded_from and now - _loaded_at < CONFIG_RELOAD_SECONDS:
             return
         try:
             config.load_incluster_config()  # type: ignore[no-untyped-call]
         except config.ConfigException:
             config.load_kube_config()  # type: ignore[no-untyped-call]
-        _loaded_from = source
+        _loaded_from, _loaded_at = source, now
 
 
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     """kopf's own login through the kubernetes client (what it uses when no login handler is
     registered), under the lock above: kopf logs in from a thread while the Lease's first step
     loads the configuration in another, and the two raced for the CA file like any two loads."""
-    global _loaded_from
+    global _loaded_from, _loaded_at
     with _config_lock:
         source = _config_source()
+        now = _monotonic()
         info = kopf.login_via_client(**kwargs)
-        _loaded_from = source  # the default configuration is now this source's
+        _loaded_from, _loaded_at = source, now  # the default configuration is now this source's
         return info
 
 

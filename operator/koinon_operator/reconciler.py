@@ -44,14 +44,21 @@ from koinon_operator.verification import CopyResult, Verdict, judge
 
 logger = logging.getLogger(__name__)
 LOG_GONE = "its driver's log (and the result line in it) could not be read: the driver's node left the cluster"
-# How long after a copy ended (by Ray's end time) a driver log that its node, still alive, does not
-# serve is waited for. After that the log is taken for gone, as with a node that left: retried for
-# ever, the job stayed Running (its nodes booked, its deadline met already) and a decided vote
-# undecided. The node's own dashboard agent serves the log, and a volunteer controls its node.
+# A driver log that its node, still alive, does not serve is read again until this long has passed
+# since this process's first failed read of it (by its own monotonic clock), and at least
+# LOG_UNSERVED_MIN_FAILURES reads have failed. After that the log is taken for gone, as with a node
+# that left: retried for ever, the job stayed Running (its nodes booked, its deadline met already)
+# and a decided vote undecided. The node's own dashboard agent serves the log, and a volunteer
+# controls its node. Not counted from Ray's end time: that is stamped by the job's supervisor on the
+# volunteer's own node (a clock behind by minutes made the first failed read final), and an
+# operator that was down while the job ended would give up on its first read, a blip included.
 LOG_UNSERVED_GIVE_UP_SECONDS = 300.0
+LOG_UNSERVED_MIN_FAILURES = 3
+# Submissions whose log reads are failing, remembered before stale ones are looked for.
+LOG_UNSERVED_KEPT = 1024
 LOG_UNSERVED = (
-    "its driver's log (and the result line in it) could not be read: the driver's node did not serve it "
-    f"for {LOG_UNSERVED_GIVE_UP_SECONDS / 60:g} min after the job ended"
+    "its driver's log (and the result line in it) could not be read: the driver's node, still alive, did not "
+    f"serve it for {LOG_UNSERVED_GIVE_UP_SECONDS / 60:g} min"
 )
 
 RESULT_MARKER = "KOINON_RESULT "
@@ -238,6 +245,15 @@ class CopyAnswer:
     @property
     def digest(self) -> str | None:
         return self.result["digest"] if self.result is not None else None
+
+
+@dataclass
+class _UnservedLog:
+    """Failed reads of one submission's driver log while its node lives (AIJobReconciler._unserved)."""
+
+    first: float  # monotonic: this process's first failed read of it
+    last: float  # monotonic: the latest
+    failures: int
 
 
 @dataclass(frozen=True)
@@ -566,6 +582,10 @@ class AIJobReconciler:
     _finished: dict[str, _FinishedHere] = field(default_factory=dict)
     # Per job with a pass in flight: whether that pass may still act on Ray (reconcile's may_act).
     _may_act: dict[str, Callable[[], bool]] = field(default_factory=dict)
+    # Per Ray submission: the failing reads of its driver log while its node lives (_driver_log).
+    # Dropped on a read that succeeds, when the job is stopped or finished, on a change of leader,
+    # and (beyond LOG_UNSERVED_KEPT) when stale.
+    _unserved: dict[str, _UnservedLog] = field(default_factory=dict)
 
     async def reconcile(
         self,
@@ -622,6 +642,7 @@ class AIJobReconciler:
                     del self._finished[old]
             submission = str(current.get("submissionId") or "")
             self._finished[key] = _FinishedHere(str(meta.get("uid") or ""), submission, now)
+            self._forget_unserved(str(meta.get("uid") or ""))
         return outcome
 
     def _behind_own_write(self, key: str, version: object) -> bool:
@@ -807,6 +828,9 @@ class AIJobReconciler:
         # any term (another operator's write changes the resourceVersion, which ends the skip).
         self.backoff = RayBackoff()
         self._finished.clear()  # another leader may have run the jobs again since
+        # A new term reads again before giving up: this process did not look meanwhile, and one
+        # failed read after the gap must not end a wait that began before it.
+        self._unserved.clear()
         forget = getattr(self.placer, "forget_waiting", None)
         if callable(forget):
             forget()
@@ -826,6 +850,7 @@ class AIJobReconciler:
             uid = str(meta.get("uid") or "")
             self._stopped[uid] = now
             self.backoff.forget(uid or key)
+            self._forget_unserved(uid)
             state = AIJobStatus.from_status(body.get("status"))
             self.ledger.forget(key)
             self._written_from.pop(key, None)
@@ -846,6 +871,14 @@ class AIJobReconciler:
         if self._job_locks.get(key) is lock and not lock.locked():
             del self._job_locks[key]
         return stopped
+
+    def _forget_unserved(self, uid: str) -> None:
+        """Drops the failing log reads of every submission of job ``uid`` (stopped, or finished)."""
+        if not uid:
+            return
+        prefix = f"{SUBMISSION_PREFIX}-{uid}-"  # as submission_id_for: its attempts and their copies
+        for submission_id in [s for s in self._unserved if s.startswith(prefix)]:
+            del self._unserved[submission_id]
 
     def _job_lock(self, key: str) -> asyncio.Lock:
         return self._job_locks.setdefault(key, asyncio.Lock())
@@ -1287,10 +1320,10 @@ class AIJobReconciler:
         The log lives on the driver's node, and Ray answers 500 for it once that node is gone: every
         pass used to back off and ask again, and the job stayed Running for good. A read that fails
         while the driver's node lives is Ray being unavailable (raised: the pass is tried again),
-        until LOG_UNSERVED_GIVE_UP_SECONDS after the copy ended: then the log is taken for gone.
+        until _log_unserved_long_enough: then the log is taken for gone.
         """
         try:
-            return await self.ray.logs(info.submission_id, info.driver_node_id), LOG_GONE
+            text = await self.ray.logs(info.submission_id, info.driver_node_id)
         except RayUnavailableError:
             if info.driver_node_id:
                 alive = {n.node_id for n in await self.nodes.get() if n.alive}
@@ -1298,17 +1331,42 @@ class AIJobReconciler:
             else:
                 gone = any(node in lost for node in state.copy_nodes(copy))
             if gone:
+                self._unserved.pop(info.submission_id, None)
                 logger.warning("driver log of %s is gone with its node; concluding without it", info.submission_id)
                 return None, LOG_GONE
-            ended_ms = info.end_time_ms
-            if ended_ms is None or self.clock().timestamp() * 1000 - ended_ms < LOG_UNSERVED_GIVE_UP_SECONDS * 1000:
+            if not self._log_unserved_long_enough(info.submission_id):
                 raise
             logger.warning(
-                "driver log of %s not served by its node %.0f s after the job ended; concluding without it",
+                "driver log of %s not served by its living node for %.0f s; concluding without it",
                 info.submission_id,
                 LOG_UNSERVED_GIVE_UP_SECONDS,
             )
             return None, LOG_UNSERVED
+        self._unserved.pop(info.submission_id, None)
+        return text, LOG_GONE
+
+    def _log_unserved_long_enough(self, submission_id: str) -> bool:
+        """Records a failed read of the submission's driver log (its node alive), and says whether
+        its reads have failed long enough to give up: LOG_UNSERVED_GIVE_UP_SECONDS since this
+        process's first failed read, and at least LOG_UNSERVED_MIN_FAILURES reads. Timed on this
+        process's monotonic clock only: Ray's end time comes from the volunteer's node (its clock
+        may be behind, or ahead by as much as the volunteer likes, which would hold the job for
+        ever), and an operator that first looks long after the end must still read again. A wait
+        whose last failure is older than the give-up time itself (nobody looked meanwhile) starts
+        again, so a single failed read after such a gap is never final either."""
+        now = self.monotonic()
+        entry = self._unserved.get(submission_id)
+        if entry is None or now - entry.last > LOG_UNSERVED_GIVE_UP_SECONDS:
+            if entry is None and len(self._unserved) >= LOG_UNSERVED_KEPT:
+                for old in [s for s, e in self._unserved.items() if now - e.last > LOG_UNSERVED_GIVE_UP_SECONDS]:
+                    del self._unserved[old]
+                while len(self._unserved) >= LOG_UNSERVED_KEPT:  # all live: the longest-quiet one waits anew
+                    del self._unserved[min(self._unserved, key=lambda s: self._unserved[s].last)]
+            self._unserved[submission_id] = _UnservedLog(now, now, 1)
+            return False
+        entry.last = now
+        entry.failures += 1
+        return entry.failures >= LOG_UNSERVED_MIN_FAILURES and now - entry.first >= LOG_UNSERVED_GIVE_UP_SECONDS
 
     def _deadline_exceeded(self, key: str, spec: AIJobSpec, writer: _StatusWriter, outcome: Outcome) -> None:
         message = f"activeDeadlineSeconds={spec.active_deadline_seconds} exceeded"
@@ -1360,7 +1418,24 @@ class AIJobReconciler:
             writer.set(result=result)
             if state.start_time is None:  # started and ended between two passes, Ray recorded no start
                 writer.set(startTime=format_micro_time(self.clock()))
-            outcome.reputation.extend((node, "success") for node in state.assigned_nodes)
+            if logs is None and gone == LOG_UNSERVED:
+                # Its node, alive, withheld the log (and the result in it) for the whole wait: no
+                # success to credit, the job's owner got nothing. Charged a timeout, as a
+                # verification copy is in the same case (_conclude_verified): otherwise a volunteer
+                # that withholds its logs would lose nothing on unreplicated jobs, and gain credit
+                # (and so skip replication sooner) for results nobody received. An honest node
+                # whose agent is broken that long pays what a verification copy's node pays (a
+                # timeout: nothing shows the job failed on it, so no failure). The copy's other
+                # nodes ran their part and Ray says it succeeded: credited as usual. A driver Ray
+                # ran on another Ray node than the one placed (driver_elsewhere) withheld that
+                # node's log, not the placed node's: the placed node is neither credited nor charged.
+                driver = state.copy_nodes(0)[0] if state.assigned_nodes else None
+                misplaced = driver_elsewhere(state, 0, info) is not None
+                outcome.reputation.extend((node, "success") for node in state.assigned_nodes if node != driver)
+                if driver is not None and not misplaced:
+                    outcome.reputation.append((driver, "timeout"))
+            else:
+                outcome.reputation.extend((node, "success") for node in state.assigned_nodes)
             summary = f"{RESULT_SEPARATOR}{result['value'][:200]}" if "value" in result else ""
             self._finish(
                 key, writer, outcome, Phase.SUCCEEDED, "Completed", f"attempt {state.attempts} succeeded{summary}"

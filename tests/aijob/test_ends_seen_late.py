@@ -155,13 +155,11 @@ async def test_logs_unreadable_while_the_driver_node_lives_are_tried_again() -> 
 
     ray, clock = FlakyLogs(), Clock()
     body = await running(ray, clock, {"entrypoint": "python x.py"})
-    now_ms = int(clock.now.timestamp() * 1000)
-    ray.jobs[SUBMISSION] = ended(RayJobState.SUCCEEDED, now_ms - 60_000, now_ms, 0)  # it just ended
-    clock.advance(30)
+    ray.set_state(SUBMISSION, RayJobState.SUCCEEDED, exit_code=0)  # Ray's end time: long past
     await step(make_reconciler(ray, clock), body)  # Ray counts as unavailable: the pass is tried again
     assert body["status"]["phase"] == "Running"
-    # Not for ever: LOG_UNSERVED_GIVE_UP_SECONDS after the end, the log is taken for gone
-    # (test_lease_loss_and_leftovers.py).
+    # Not for ever: LOG_UNSERVED_GIVE_UP_SECONDS after the operator's first failed read, the log
+    # is taken for gone (test_lease_loss_and_leftovers.py).
 
 
 async def test_an_agent_restart_under_the_same_name_is_a_lost_node_not_a_failure() -> None:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 from koinon_dev.cluster import DevCluster, DevClusterConfig
-from koinon_emulator.kubeconfig import write_kubeconfig
+from koinon_emulator.kubeconfig import CONTEXT_NAME, kubeconfig_document, write_kubeconfig
 from koinon_emulator.tls import self_signed_cert
 from koinon_operator import kube
 from kubernetes import client, config
@@ -112,3 +114,109 @@ def test_the_dev_planes_operator_keeps_its_temp_files_in_the_work_dir(tmp_path: 
     tmp = Path(operator.env["TMPDIR"])
     assert tmp.parent == work_dir
     assert tmp.is_dir() and (tmp.stat().st_mode & 0o777) == 0o700
+
+
+def _user_kubeconfig(path: Path, user: dict[str, object], ca_pem: bytes | None = None) -> Path:
+    document = kubeconfig_document("https://127.0.0.1:1" if ca_pem else "http://127.0.0.1:1", ca_pem=ca_pem)
+    document["users"] = [{"name": CONTEXT_NAME, "user": user}]
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+@pytest.fixture
+def fresh_load(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """load_config as on a fresh process, on a clock the test moves (a list of one: now)."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr(kube, "_loaded_from", None)
+    monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)
+    now = [1000.0]
+    monkeypatch.setattr(kube, "_monotonic", lambda: now[0])
+    return now
+
+
+def _bearer() -> str | None:
+    return client.Configuration.get_default_copy().get_api_key_with_prefix("BearerToken")
+
+
+def test_a_rotated_token_file_is_loaded_again_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_load: list[float]
+) -> None:
+    """A user whose token is a file (a projected service-account token, a Vault agent's sink): the
+    client reads it at load only, and no refresh hook reads it again. Loaded only when the
+    kubeconfig's bytes changed, the operator kept the old token for good (Lease renewals got 401s,
+    leadership lapsed)."""
+    token = tmp_path / "token"
+    token.write_text("first-token")
+    kubeconfig = _user_kubeconfig(tmp_path / "kubeconfig", {"tokenFile": "token"})  # relative to it
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    kube.load_config()
+    assert _bearer() == "Bearer first-token"
+    token.write_text("rotated-token")
+    kube.load_config()  # the next Lease renewal, a second later
+    assert _bearer() == "Bearer rotated-token"
+
+
+EXEC_PLUGIN = """
+import json, sys
+token = open(sys.argv[1]).read()
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential",
+                  "status": {"token": token}}))
+"""
+
+
+def test_an_exec_plugins_token_without_expiry_is_fetched_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_load: list[float]
+) -> None:
+    """An exec plugin that gives no expirationTimestamp: the client sets no refresh for its token,
+    which was fetched again at every load before loads were kept per source."""
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(EXEC_PLUGIN)
+    token = tmp_path / "token"
+    token.write_text("first-token")
+    exec_user: dict[str, object] = {
+        "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1beta1",
+            "command": sys.executable,
+            "args": [str(plugin), str(token)],
+            "interactiveMode": "Never",
+        }
+    }
+    kubeconfig = _user_kubeconfig(tmp_path / "kubeconfig", exec_user)
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    kube.load_config()
+    assert _bearer() == "Bearer first-token"
+    token.write_text("rotated-token")
+    kube.load_config()  # within CONFIG_RELOAD_SECONDS: not loaded again
+    assert _bearer() == "Bearer first-token"
+    fresh_load[0] += kube.CONFIG_RELOAD_SECONDS
+    kube.load_config()
+    assert _bearer() == "Bearer rotated-token"
+
+
+def test_loads_over_time_keep_one_ca_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_load: list[float]
+) -> None:
+    """Loading again every CONFIG_RELOAD_SECONDS writes no new copy of the CA: the client reuses its
+    file for the same content."""
+    host_tmp = tmp_path / "host-tmp"  # stands for /tmp
+    host_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(host_tmp))
+    kubeconfig = _user_kubeconfig(
+        tmp_path / "kubeconfig", {"token": "t"}, ca_pem=self_signed_cert(["127.0.0.1"]).cert_pem
+    )
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    loads: list[None] = []
+    original = config.load_kube_config
+
+    def counting_load() -> None:
+        loads.append(None)
+        original()  # type: ignore[no-untyped-call]
+
+    monkeypatch.setattr(config, "load_kube_config", counting_load)
+    for _ in range(10):
+        kube.load_config()
+        fresh_load[0] += kube.CONFIG_RELOAD_SECONDS
+    assert len(loads) == 10
+    left = list(host_tmp.iterdir())
+    assert len(left) == 1, left
+    assert client.Configuration.get_default_copy().ssl_ca_cert == str(left[0])

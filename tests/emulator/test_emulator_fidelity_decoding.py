@@ -111,9 +111,10 @@ async def test_qualified_finalizer_names_are_taken(with_widgets: KubeEmulator, h
     [
         {"data": {"port": 8080}},
         {"data": "x"},
-        {"data": {"ok": None}},
+        {"data": {"ok": 1}},
         {"binaryData": {"b": 1}},
         {"binaryData": {"b": "!"}},
+        {"binaryData": {"b": "AAE"}},  # Go's StdEncoding wants the padding
     ],
 )
 async def test_configmap_data_that_is_not_strings_is_a_400(
@@ -128,6 +129,32 @@ async def test_configmap_data_that_is_not_strings_is_a_400(
 async def test_configmap_data_of_strings_is_taken(http: aiohttp.ClientSession) -> None:
     body = {"metadata": {"name": "c"}, "data": {"port": "8080"}, "binaryData": {"b": "AAE="}}
     assert (await http.post(CONFIGMAPS, json=body)).status == 201
+
+
+async def test_a_null_configmap_value_is_taken_as_kube_apiserver_takes_it(
+    emulator: KubeEmulator, http: aiohttp.ClientSession
+) -> None:
+    """What `kubectl create -f` sends for the YAML `data: {EMPTY_VAR: }`, and the kubernetes Python
+    client for V1ConfigMap(data={"EMPTY_VAR": None}). Go decodes null into a string as "" and into
+    []byte as nil (served back as null); the emulator answered 400."""
+    body = {"metadata": {"name": "c"}, "data": {"EMPTY_VAR": None, "x": "1"}, "binaryData": {"b": None}}
+    status, answer = await _status(await http.post(CONFIGMAPS, json=body))
+    assert status == 201, answer
+    assert answer["data"] == {"EMPTY_VAR": "", "x": "1"}
+    assert answer["binaryData"] == {"b": None}
+    stored = emulator.get("v1", "ConfigMap", "c", namespace="default")
+    assert stored["data"] == {"EMPTY_VAR": "", "x": "1"}
+
+
+async def test_line_wrapped_binary_data_is_taken_as_kube_apiserver_takes_it(
+    emulator: KubeEmulator, http: aiohttp.ClientSession
+) -> None:
+    """Go decodes []byte with base64.StdEncoding, which skips CR and LF (`base64` wraps its output
+    at 76 characters); it serves the bytes back unwrapped. The emulator answered 400."""
+    body = {"metadata": {"name": "w"}, "binaryData": {"b": "AAEC\r\nAwQF\n"}}
+    status, answer = await _status(await http.post(CONFIGMAPS, json=body))
+    assert status == 201, answer
+    assert answer["binaryData"] == {"b": "AAECAwQF"}
 
 
 @pytest.mark.parametrize(
