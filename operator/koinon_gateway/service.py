@@ -38,7 +38,7 @@ from .registry import (
 )
 from .routing import DialRefused, Router
 from .rpc import EOF, Context, MalformedMessage
-from .sessions import NodeSession, SessionTable, gpus_reported
+from .sessions import MAX_RAY_IDS_ELSEWHERE, NodeSession, SessionTable, gpus_reported
 from .status import never_connected_status, stored_ready_condition
 from .stream_slots import StreamSlot, TooManyStreams
 from .tokens import COUNTED_JOIN_RETRY_S, HALF_MADE_WAIT_S, JoinGrant, TokenError, TokenStore
@@ -135,7 +135,9 @@ class HalfMadeSightings:
 
 
 def node_name_from_hint(hint: str) -> str:
-    base = _NAME_RE.sub("-", hint.lower()).strip("-")[:40] or "volunteer"
+    # Only a hint: a long one (a Kubernetes node name has up to 253 characters) is cut short, not
+    # refused; its first MAX_TEXT characters bound the work spent on it.
+    base = _NAME_RE.sub("-", hint[:MAX_TEXT].lower()).strip("-")[:40] or "volunteer"
     return f"{base}-{secrets.token_hex(3)}"
 
 
@@ -201,7 +203,10 @@ def validate_join(request: pb.JoinRequest) -> None:
             raise ValueError(f"gpus[{index}].model: required, at most {MAX_TEXT} characters")
         if not 0 < gpu.memory_mib <= MAX_GPU_MEMORY_MIB:
             raise ValueError(f"gpus[{index}].memory_mib: must be in 1..{MAX_GPU_MEMORY_MIB}")
-    for name in ("name_hint", "region", "agent_version"):
+    # Not name_hint: node_name_from_hint cuts it short (an older agent sends a Kubernetes node
+    # name, up to 253 characters, as it is). Bytes that are not UTF-8 never get here: a request
+    # holding them does not parse.
+    for name in ("region", "agent_version"):
         if len(getattr(request, name)) > MAX_TEXT:
             raise ValueError(f"{name}: at most {MAX_TEXT} characters")
     if request.join_id and not _JOIN_ID_RE.fullmatch(request.join_id):
@@ -829,9 +834,9 @@ class TunnelService:
 
     async def _verify_loop(self, session: NodeSession, checker: RayNodeChecker) -> None:
         failed = False
-        # Ray node ids this node claimed that GCS has elsewhere: each is logged and counted once,
-        # not at every 0.25 s retry for as long as the session lasts (bounded by GCS's node list).
-        elsewhere: set[str] = set()
+        # Ray node ids this node claimed that GCS has elsewhere: each is counted once a session
+        # (session.ray_ids_elsewhere), not at every 0.25 s retry for as long as the session lasts.
+        elsewhere = session.ray_ids_elsewhere
         while not session.closed and session.ray_node_id and session.ray_node_id != session.ray_verified_id:
             node_id = session.ray_node_id
             try:
@@ -850,7 +855,7 @@ class TunnelService:
                 self.sessions.write_status(session, force=True)
                 self._start_ray_drain(session)
                 return
-            if address is not None and node_id not in elsewhere:
+            if address is not None and node_id not in elsewhere and len(elsewhere) < MAX_RAY_IDS_ELSEWHERE:
                 elsewhere.add(node_id)
                 self.metrics.ray_node_claims_refused += 1
                 # Bounded per node too: an agent switching among the other nodes' ids each

@@ -28,6 +28,9 @@ RAY_STATES = frozenset({"starting", "running", "stopped", "restarting", "disable
 PINGS_REMEMBERED = 8
 # Gateway messages (pings, OpenConnection, credentials) waiting for an agent to read them.
 CONTROL_OUTBOX_LIMIT = 1024
+# Ray node ids a session claimed that GCS has at another address, each counted once: a hostile
+# agent switching among the other nodes' ids is counted at most this many times a session.
+MAX_RAY_IDS_ELSEWHERE = 64
 
 
 class SessionEnded(Exception):
@@ -61,6 +64,10 @@ class NodeSession:
     ray_state: str = "starting"
     # The Ray node id GCS confirmed alive at this node's address.
     ray_verified_id: str = ""
+    # Ids this node claimed that GCS has elsewhere (at most MAX_RAY_IDS_ELSEWHERE): each is counted
+    # once a session. Per session, not per verify loop: a heartbeat without an id ends the loop,
+    # and the next claim of the same id must not count again.
+    ray_ids_elsewhere: set[str] = field(default_factory=set)
     verifier: asyncio.Task[Any] | None = None
     ray_drainer: asyncio.Task[Any] | None = None  # held so the GCS drain request runs to its end
     draining: bool = False

@@ -355,7 +355,7 @@ def test_large_numbers_from_a_values_file_render_as_integers(tools: Tools, tmp_p
     # API server (terminationGracePeriodSeconds) nor the agent (its variables) would take.
     values = tmp_path / "big.yaml"
     values.write_text(
-        "gpus: {simulate: 1, simulatedMemoryMiB: 81920000}\n"
+        "gpus: {simulate: 1, simulatedMemoryMiB: 8192000}\n"
         "agent: {drainGraceSeconds: 2000000, rayRestartAfterSeconds: 3000000}\n"
         "terminationGracePeriodSeconds: 4000000\nprobes: {maxAgeSeconds: 5000000}\n"
     )
@@ -365,7 +365,7 @@ def test_large_numbers_from_a_values_file_render_as_integers(tools: Tools, tmp_p
     pod = one(parse_documents(result.stdout), "Deployment")["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] == 4000000
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
-    assert env["KOINON_SIMULATE_GPU_MEMORY"] == "81920000" and env["KOINON_DRAIN_GRACE"] == "2000000"
+    assert env["KOINON_SIMULATE_GPU_MEMORY"] == "8192000" and env["KOINON_DRAIN_GRACE"] == "2000000"
     assert "5000000" in pod["containers"][0]["livenessProbe"]["exec"]["command"]
 
 

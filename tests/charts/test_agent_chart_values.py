@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import ray._private.services as ray_services
 import ray._private.utils as ray_utils
 from koinon_agent import cli
 
-from .helpers import Manifest, Tools, agent_container, env_map, helm_template, one, parse_documents
+from .helpers import CHART, Manifest, Tools, agent_container, env_map, helm_template, one, parse_documents
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -200,3 +201,38 @@ def test_services_in_the_namespace_cannot_set_the_agents_variables(tools: Tools)
         cli.build_parser().parse_args(["join", "--proxy-port", "tcp://10.43.0.7:3128"])
     assert exit_info.value.code == 2
     assert pod["enableServiceLinks"] is False
+
+
+# What the agent refuses as bad configuration (exit 2, koinon_gateway.limits): the schema must
+# refuse it too, else `helm install` succeeds and the pod crash-loops.
+_AGENT_LIMITS = [
+    ("gpus.simulate", "64", "65"),
+    ("gpus.simulatedMemoryMiB", str(1 << 24), str((1 << 24) + 1)),
+    ("node.region", "r" * 128, "r" * 129),
+]
+
+
+@pytest.mark.parametrize(("key", "largest", "refused"), _AGENT_LIMITS)
+def test_the_chart_refuses_what_the_agent_refuses(tools: Tools, key: str, largest: str, refused: str) -> None:
+    result = helm_template(tools, {"gpus.simulate": "1", key: refused})
+    assert result.returncode != 0, f"{key}={refused[:20]}... renders; the agent exits 2 on it"
+    assert key.split(".")[-1] in result.stderr
+    result = helm_template(tools, {"gpus.simulate": "1", key: largest})
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_long_kubernetes_node_name_is_taken(tools: Tools) -> None:
+    """The agent cuts a long name hint short for its join; any legal node name is taken."""
+    name = ".".join(["n" * 63] * 4)[:253]
+    result = helm_template(tools, {"node.name": name})
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_schemas_limits_are_the_gateways() -> None:
+    from koinon_gateway.limits import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT
+
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]
+    gpus = schema["gpus"]["properties"]
+    assert gpus["simulate"]["maximum"] == MAX_GPUS
+    assert gpus["simulatedMemoryMiB"]["maximum"] == MAX_GPU_MEMORY_MIB
+    assert schema["node"]["properties"]["region"]["maxLength"] == MAX_TEXT

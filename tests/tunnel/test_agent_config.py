@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from pathlib import Path
 
 import pytest
 from koinon_agent import cli
-from koinon_agent.agent import BackoffIterator
+from koinon_agent.agent import Agent, BackoffIterator
 from koinon_agent.config import ENV_VARS, VERSION, AgentConfig
 from koinon_gateway.pki import create_ca
+
+from .helpers import cluster
 
 # One distinct, non-default value per variable the agent reads (KOINON_INSECURE is tested alone:
 # it cannot be combined with a CA).
@@ -182,7 +185,6 @@ def test_out_of_range_values_are_refused_naming_the_field(
             "KOINON_SIMULATE_GPU_MEMORY",
         ),
         (["--simulate-gpus", "1", "--simulate-gpu-memory", "0"], "--simulate-gpu-memory", "KOINON_SIMULATE_GPU_MEMORY"),
-        (["--node-name", "n" * 129], "--node-name", "KOINON_NODE_NAME"),
         (["--region", "r" * 129], "--region", "KOINON_REGION"),
     ],
 )
@@ -215,6 +217,45 @@ def test_the_gateways_largest_values_are_taken() -> None:
             name_hint=config.name_hint, region=config.region, gpus=[gpu] * config.simulate_gpus, agent_version=VERSION
         )
     )
+
+
+# A legal Kubernetes node name (a DNS subdomain, at most 253 characters): the chart sets
+# KOINON_NODE_NAME from spec.nodeName.
+LONG_NODE_NAME = ".".join(["worker-" + "x" * 40] * 4) + ".example.internal"  # 209 characters
+
+
+def test_a_long_node_name_is_a_hint_cut_short_for_the_join(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused as bad configuration (exit 2) before, on every start: an agent already joined on a
+    long-named node crash-looped, though the hint only serves a join."""
+    from koinon_gateway.limits import MAX_TEXT
+    from koinon_gateway.service import node_name_from_hint, validate_join
+    from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+    monkeypatch.setenv("KOINON_NODE_NAME", "n" * 253)
+    assert config_from(["--gateway", "gw:1"]).join_name_hint == "n" * MAX_TEXT
+    config = config_from(["--gateway", "gw:1", "--node-name", LONG_NODE_NAME])
+    assert config.name_hint == LONG_NODE_NAME and config.join_name_hint == LONG_NODE_NAME[:MAX_TEXT]
+    # The gateway takes a long hint from an agent that sends it whole (one from before the limits).
+    validate_join(pb.JoinRequest(name_hint=LONG_NODE_NAME))
+    assert node_name_from_hint(LONG_NODE_NAME).startswith("worker-" + "x" * 33 + "-")
+
+
+async def test_an_agent_already_joined_starts_on_a_node_with_a_long_kubernetes_name(tmp_path: Path) -> None:
+    async with cluster(tmp_path, tls=False) as c:
+        first = await c.start_agent("short")
+        assert first.identity is not None
+        first.request_drain()
+        await asyncio.wait_for(c.agents[-1][1], 10)
+        agent = Agent(c.agent_config("short", name_hint=LONG_NODE_NAME))  # raised ValueError (exit 2)
+        c.agents.append((agent, asyncio.ensure_future(agent.run())))
+        await asyncio.wait_for(agent.connected.wait(), 15)
+        assert agent.identity is not None and agent.identity.node_name == first.identity.node_name
+
+
+async def test_a_first_join_on_a_node_with_a_long_kubernetes_name(tmp_path: Path) -> None:
+    async with cluster(tmp_path, tls=False) as c:
+        agent = await c.start_agent(LONG_NODE_NAME)
+        assert agent.identity is not None and agent.identity.node_name.startswith("worker-")
 
 
 @pytest.mark.parametrize("secret", ["too-short", "has space in it here", "a:b@c/d?e#f%20xxxxxxxx", "x" * 257])

@@ -349,3 +349,68 @@ async def test_a_draining_agent_stops_reconnecting_once_ray_stopped(tmp_path: Pa
         await asyncio.wait_for(task, GRACE_S + 5)
         assert ray.stopped_at is not None and ray.stopped_at - asked >= GRACE_S - 0.1
         assert time.monotonic() - asked < GRACE_S + 1.5  # not held up by a backoff sleep
+
+
+@pytest.mark.parametrize("refusal", ["node-deleted", "credential-refused-without-token", "not-a-gateway"])
+async def test_a_draining_agent_refused_for_good_on_reconnect_still_drains_and_exits_0(
+    tmp_path: Path, refusal: str
+) -> None:
+    """The gateway comes back refusing the node for good (PERMISSION_DENIED: the node was deleted
+    meanwhile; UNAUTHENTICATED with no token to join again; UNIMPLEMENTED). Since the draining
+    agent reconnects, that refusal escaped run() (JoinRefused, exit 3) and Ray stopped at once;
+    the running tasks keep their grace and the drain ends as asked (exit 0)."""
+    grace = 4.0
+    async with cluster(tmp_path, tls=False) as c:
+        agent = await c.start_agent("a", drain_grace_s=grace)
+        task = c.agents[-1][1]
+        ray = BusyRay()
+        agent.ray = ray  # type: ignore[assignment]
+        assert agent.identity is not None
+        listen = c.gateway.agent_target
+        asked = time.monotonic()
+        agent.request_drain()
+        await asyncio.sleep(0.3)
+        await c.gateway.stop(0)
+        config = replace(c.gateway.config, listen=listen)
+        other: grpc.aio.Server | None = None
+        if refusal == "node-deleted":  # e.g. the platform retired the node meanwhile
+            await c.registry.delete(agent.identity.node_name)
+        elif refusal == "credential-refused-without-token":  # another --vip-cidr: the credential is refused
+            agent.config = replace(agent.config, token="")
+            config = replace(config, vip_cidr="127.0.21.0/28")
+        if refusal == "not-a-gateway":
+            other = grpc.aio.server()
+            other.add_insecure_port(listen)
+            await other.start()
+        else:
+            c.gateway = Gateway(config, c.tokens, c.registry, c.gateway.ca_store)
+            await c.gateway.start()
+        try:
+            await asyncio.wait([task], timeout=grace + 5)
+        finally:
+            if other is not None:
+                await other.stop(0)
+        assert task.done()
+        assert task.exception() is None, f"the drain ended with {task.exception()!r}"
+        assert ray.stopped_at is not None and ray.stopped_at - asked >= grace - 0.1
+
+
+async def test_a_draining_agent_whose_credential_is_refused_does_not_join_again(tmp_path: Path) -> None:
+    """README: no join during a drain. A Join would use the token, create a VolunteerNode and
+    retire the draining one."""
+    grace = 3.0
+    async with cluster(tmp_path, tls=False) as c:
+        agent = await c.start_agent("a", drain_grace_s=grace)
+        task = c.agents[-1][1]
+        agent.ray = BusyRay()  # type: ignore[assignment]
+        listen = c.gateway.agent_target
+        nodes_before = set(c.registry.objects)
+        agent.request_drain()
+        await asyncio.sleep(0.3)
+        await c.gateway.stop(0)
+        config = replace(c.gateway.config, listen=listen, vip_cidr="127.0.21.0/28")
+        c.gateway = Gateway(config, c.tokens, c.registry, c.gateway.ca_store)
+        await c.gateway.start()
+        await asyncio.wait_for(task, grace + 5)
+        assert set(c.registry.objects) == nodes_before
+        assert not c.gateway.metrics.joins, dict(c.gateway.metrics.joins)

@@ -198,3 +198,39 @@ async def test_a_node_claiming_another_nodes_ray_id_is_logged_and_counted_once_p
         assert len(logged) == 2, logged  # one per id claimed, however often and long
         assert c.gateway.metrics.ray_node_claims_refused == 2
         assert "koinon_gateway_ray_node_claims_refused_total 2" in c.gateway.metrics.render()
+
+
+async def test_a_claim_is_counted_once_per_session_and_id_even_when_the_id_comes_and_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A heartbeat without a Ray node id ends the verify loop; the ids counted were kept in that
+    loop, so the next claim of the same id counted again, each cycle: a counter without bound."""
+    async with node_with_fake_gcs(tmp_path, monkeypatch) as (c, _, control):
+        FakeGcs.known = {VICTIM_RAY_ID: VICTIM_ADDRESS}
+        seq = 0
+        for _ in range(4):
+            for claimed in (VICTIM_RAY_ID, ""):
+                seq += 1
+                await control.write(
+                    pb.AgentMessage(heartbeat=pb.Heartbeat(seq=seq, ray_node_id=claimed, ray_state="running"))
+                )
+                await asyncio.sleep(0.4)
+        assert c.gateway.metrics.ray_node_claims_refused == 1
+
+
+async def test_the_ids_a_session_is_counted_for_are_capped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ids are kept for the session's life: at most MAX_RAY_IDS_ELSEWHERE of them (a cluster
+    of thousands of nodes has as many ids to claim), and no count beyond."""
+    from koinon_gateway.sessions import MAX_RAY_IDS_ELSEWHERE
+
+    async with node_with_fake_gcs(tmp_path, monkeypatch) as (c, joined, control):
+        session = c.gateway.sessions.by_name[joined.assignment.node_name]
+        session.ray_ids_elsewhere.update(f"{i:056x}" for i in range(MAX_RAY_IDS_ELSEWHERE))
+        FakeGcs.known = {VICTIM_RAY_ID: VICTIM_ADDRESS}
+        await control.write(
+            pb.AgentMessage(heartbeat=pb.Heartbeat(seq=1, ray_node_id=VICTIM_RAY_ID, ray_state="running"))
+        )
+        await asyncio.sleep(0.6)
+        assert len(session.ray_ids_elsewhere) == MAX_RAY_IDS_ELSEWHERE
+        assert c.gateway.metrics.ray_node_claims_refused == 0
+        assert not session.ray_verified_id

@@ -305,9 +305,15 @@ class Agent:
         state.ensure_writable(self.config.state_dir)
         stub = tunnel_stub(self._channel("control"))
         delays = backoff_delays(self.config.backoff_initial_s, self.config.backoff_max_s)
+        if self.config.join_name_hint != self.config.name_hint:
+            log.info(
+                "node name hint cut to its first %d characters for the join (%d given)",
+                len(self.config.join_name_hint),
+                len(self.config.name_hint),
+            )
         request = pb.JoinRequest(
             token=self.config.token,
-            name_hint=self.config.name_hint,
+            name_hint=self.config.join_name_hint,
             region=self.config.region,
             gpus=self._pb_gpus(),
             agent_version=VERSION,
@@ -404,6 +410,13 @@ class Agent:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAUTHENTICATED and self.config.token and not self._rejoined:
                     refused = exc.details() or "credential refused"
+                elif exc.code() in FATAL_CODES and self._drain.is_set():
+                    # Reconnecting mid-drain is for the running tasks; a refusal for good (the
+                    # node deleted meanwhile, the credential refused without a token to join
+                    # again, another protocol) must not cut their grace short: they keep it, as
+                    # without a session, and the drain ends as asked (exit 0).
+                    refused = str(_refusal(exc, "gateway refused this node: "))
+                    log.warning("%s; no reconnecting during the drain, Ray keeps the grace left", refused)
                 elif exc.code() in FATAL_CODES:
                     raise _refusal(exc, "gateway refused this node: ") from exc
                 else:
@@ -415,11 +428,12 @@ class Agent:
             self.connected.clear()
             if self._disconnected_at is None:
                 self._disconnected_at = time.monotonic()
-            if refused:
+            if refused and not self._drain.is_set():
                 await self._rejoin(refused)
             if self._drain.is_set() and (refused or self._drain_done.is_set()):
                 # No session to be had: a refused credential is replaced only by a join, which a
-                # drain does not make. Running tasks keep what is left of their grace without it.
+                # drain does not make (not even begun: a Join sent and then cancelled could still
+                # be served). Running tasks keep what is left of their grace without it.
                 await self._drain_done.wait()
                 return
             if self._drain.is_set() and not drain_seen:

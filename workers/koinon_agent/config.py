@@ -135,12 +135,14 @@ class AgentConfig:
                 "simulate_gpu_memory_mib (--simulate-gpu-memory, KOINON_SIMULATE_GPU_MEMORY): must be within "
                 f"1..{MAX_GPU_MEMORY_MIB} MiB, got {self.simulate_gpu_memory_mib}"
             )
-        for name, flag, env in (
-            ("name_hint", "--node-name", "KOINON_NODE_NAME"),
-            ("region", "--region", "KOINON_REGION"),
-        ):
-            if len(getattr(self, name)) > MAX_TEXT:
-                raise ValueError(f"{name} ({flag}, {env}): at most {MAX_TEXT} characters (the gateway takes no more)")
+        # The region is stored as it is: one the gateway would refuse is a configuration error. The
+        # name hint is not checked: it is only a hint, cut short for a join (join_name_hint), and
+        # the chart sets it from spec.nodeName (up to 253 characters): refused, an agent already
+        # joined on a long-named node crash-looped though it would never join.
+        if len(self.region) > MAX_TEXT:
+            raise ValueError(
+                f"region (--region, KOINON_REGION): at most {MAX_TEXT} characters (the gateway takes no more)"
+            )
         if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_initial_s/backoff_max_s: need 0 < initial <= max")
         if self.backoff_reset_after_s < 0:
@@ -160,6 +162,12 @@ class AgentConfig:
             raise ValueError("insecure: cannot be combined with a CA or a CA hash")
         if self.ca_cert_hash and not re.fullmatch(r"sha256:[0-9a-f]{64}", self.ca_cert_hash):
             raise ValueError("ca_cert_hash: expected sha256:<64 lowercase hex digits>")
+
+    @property
+    def join_name_hint(self) -> str:
+        """The name hint as a JoinRequest carries it: at most MAX_TEXT characters, what the gateway
+        reads of it (it keeps fewer still for the node's name)."""
+        return self.name_hint[:MAX_TEXT]
 
     @property
     def ray_temp_dir(self) -> Path:
