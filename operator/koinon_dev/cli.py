@@ -33,9 +33,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_stopped(stopped: list[str]) -> None:
+    # Flushed: a SIGTERM held back during `down` is delivered right after, and may end the process.
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"), flush=True)
+
+
 def cmd_down(args: argparse.Namespace) -> int:
-    stopped = _cluster(args).down()
-    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    # Printed by `down` itself, before a Ctrl-C held back meanwhile ends the command ("interrupted").
+    _cluster(args).down(report=report_stopped)
     return 0
 
 
@@ -114,28 +119,51 @@ def _volunteer_count(text: str) -> int:
     return count
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="koinon", description=__doc__)
-    parser.add_argument("--state-dir", default=".koinon/dev", help="where the local control plane keeps state")
+def _add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--state-dir, --volunteers, --no-netns. Given to the top-level parser with their defaults,
+    and to every subcommand without (SUPPRESS: unset unless given there), so they are taken before
+    or after the subcommand (`koinon logs --state-dir DIR NAME`, as the README shows) and a
+    subcommand that does not name them leaves the value given before it in place."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--state-dir", default=default(".koinon/dev"), help="where the local control plane keeps state")
     parser.add_argument(
-        "--volunteers", type=_volunteer_count, default=2, help=f"local volunteer nodes to start (1 to {MAX_VOLUNTEERS})"
+        "--volunteers",
+        type=_volunteer_count,
+        default=default(2),
+        help=f"local volunteer nodes to start (1 to {MAX_VOLUNTEERS})",
     )
     parser.add_argument(
         "--no-netns",
         action="store_true",
+        default=default(False),
         help="run volunteers as plain local processes even as root (Ray's traffic still uses the tunnel; "
         "job code is not confined)",
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="koinon", description=__doc__)
+    _add_global_options(parser, defaults=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, defaults=False)
     commands = parser.add_subparsers(dest="command", required=True)
-    dev = commands.add_parser("dev", help="the local control plane").add_subparsers(dest="action", required=True)
-    dev.add_parser("up", help="start emulator, operator, Ray head and volunteers").set_defaults(func=cmd_up)
-    dev.add_parser("down", help="stop everything `up` started").set_defaults(func=cmd_down)
-    dev.add_parser("status", help="show the running control plane").set_defaults(func=cmd_status)
-    demo = commands.add_parser("demo", help="up, run an example AIJob end to end, down")
+    dev = commands.add_parser("dev", help="the local control plane", parents=[common]).add_subparsers(
+        dest="action", required=True
+    )
+    for action, func, text in (
+        ("up", cmd_up, "start emulator, operator, Ray head and volunteers"),
+        ("down", cmd_down, "stop everything `up` started"),
+        ("status", cmd_status, "show the running control plane"),
+    ):
+        dev.add_parser(action, help=text, parents=[common]).set_defaults(func=func)
+    demo = commands.add_parser("demo", help="up, run an example AIJob end to end, down", parents=[common])
     demo.add_argument("--example", default="examples/numeric-job.yaml")
     demo.add_argument("--timeout", type=float, default=150.0)
     demo.set_defaults(func=cmd_demo)
-    logs = commands.add_parser("logs", help="print the Ray logs of an AIJob")
+    logs = commands.add_parser("logs", help="print the Ray logs of an AIJob", parents=[common])
     logs.add_argument("name")
     logs.add_argument("-n", "--namespace", default="default")
     logs.set_defaults(func=cmd_logs)

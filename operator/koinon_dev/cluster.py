@@ -479,15 +479,19 @@ class DevCluster:
         stop_process_group(agent.process.pid, grace_seconds=0)
         kill_processes_using(self._work_dir / f"ray-{name}")
 
-    def down(self) -> list[str]:
+    def down(self, report: Callable[[list[str]], None] | None = None) -> list[str]:
         """Stop everything recorded in the state file, operator first, Ray head last; then remove
-        what `up` left on disk. Returns the names of the process groups stopped."""
+        what `up` left on disk. Returns the names of the process groups stopped, and gives them to
+        ``report`` first: a Ctrl-C or SIGTERM held back during the teardown is delivered as it
+        returns and ends the program, so a caller printing the list after `down` printed nothing."""
         if not self.state_dir.exists() and self._state is None:
+            if report is not None:
+                report([])
             return []  # nothing was started there: no state dir (nor its lock) to make
         with self._exclusive():
-            return self._teardown()
+            return self._teardown(report)
 
-    def _teardown(self) -> list[str]:
+    def _teardown(self, report: Callable[[list[str]], None] | None = None) -> list[str]:
         """The one cleanup, for `down` and for a failed or interrupted `up`: stop the recorded process
         groups, kill what escaped them, delete the network namespaces, remove the work dir and the
         files `up` wrote. A SIGTERM/SIGHUP or a Ctrl-C meanwhile takes effect once it is done (it
@@ -498,11 +502,14 @@ class DevCluster:
         )
         with cleanup_signals(notice):
             try:
-                return self._stop_everything()
+                stopped = self._stop_everything()
             except KeyboardInterrupt:
                 finish = down_command(self.state_dir)
                 print(f"koinon: the local control plane is only partly stopped; finish with: {finish}", file=sys.stderr)
                 raise
+            if report is not None:
+                report(stopped)  # inside the block: before a held signal is delivered
+            return stopped
 
     def _stop_everything(self) -> list[str]:
         state = self._state

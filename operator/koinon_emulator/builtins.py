@@ -1,16 +1,20 @@
 """Server-side behaviour of built-in kinds that clients rely on: what kube-apiserver does to them on
 every write (Secret.stringData, Namespace phase) and the checks of theirs that this project's
-manifests, charts and clients could fail (Secret data and types, a Deployment's selector)."""
+manifests, charts and clients could fail (Secret data and types, a Deployment's selector, a
+NetworkPolicy's ports, peers and CIDRs)."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
+import json
 import re
 from typing import Any
 
 from . import errors
 from .errors import FieldCause
+from .labels import label_problems, qualified_name_problem
 
 JsonObj = dict[str, Any]
 
@@ -41,6 +45,9 @@ def normalize_builtin(group: str, plural: str, obj: JsonObj, old: JsonObj | None
     elif group == "apps" and plural in ("deployments", "statefulsets", "daemonsets", "replicasets"):
         _check_selector(obj, name, kind={"deployments": "Deployment", "statefulsets": "StatefulSet",
                                          "daemonsets": "DaemonSet", "replicasets": "ReplicaSet"}[plural])  # fmt: skip
+    elif group == "networking.k8s.io" and plural == "networkpolicies":
+        _default_network_policy(obj)
+        _check_network_policy(obj, name)
 
 
 def _normalize_secret(obj: JsonObj, old: JsonObj | None, name: str) -> None:
@@ -193,3 +200,233 @@ def _check_selector(obj: JsonObj, name: str, kind: str) -> None:
                     causes.append(FieldCause(f"spec.template.spec.containers[{index}].{required}", "Required value"))
     if causes:
         raise errors.invalid("apps", kind, name, causes)
+
+
+# -- NetworkPolicy (networking.k8s.io/v1) ---------------------------------------------------------
+# Stored, never enforced (no pods run here), so the agent chart's and the gateway's policies apply;
+# validated as kube-apiserver's ValidateNetworkPolicy does, so one a cluster refuses fails here too.
+
+_NP = "NetworkPolicy"
+_PROTOCOLS = ("SCTP", "TCP", "UDP")
+_POLICY_TYPES = ("Egress", "Ingress")
+_PORT_NAME = re.compile(r"[-a-z0-9]+")
+_SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
+
+
+def _default_network_policy(obj: JsonObj) -> None:
+    """SetDefaults_NetworkPolicy(Port): podSelector is a plain struct (always serialized), a port
+    without protocol is TCP, and policyTypes left out is Ingress, plus Egress when egress rules
+    are given."""
+    spec = _decoded(obj.get("spec"), _NP, "spec", "v1.NetworkPolicySpec")
+    obj["spec"] = spec
+    if spec.get("podSelector") is None:
+        spec["podSelector"] = {}
+    for direction in ("ingress", "egress"):
+        rules = _decoded(
+            spec.get(direction), _NP, f"spec.{direction}", f"[]v1.NetworkPolicy{direction.title()}Rule", list
+        )
+        for rule in rules:
+            rule = _decoded(rule, _NP, f"spec.{direction}", f"v1.NetworkPolicy{direction.title()}Rule")
+            ports = _decoded(rule.get("ports"), _NP, f"spec.{direction}.ports", "[]v1.NetworkPolicyPort", list)
+            for port in ports:
+                port = _decoded(port, _NP, f"spec.{direction}.ports", "v1.NetworkPolicyPort")
+                if port.get("protocol") is None:
+                    port["protocol"] = "TCP"
+    if not spec.get("policyTypes"):
+        spec["policyTypes"] = ["Ingress", "Egress"] if spec.get("egress") else ["Ingress"]
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value)
+
+
+def _port_number_problem(value: int) -> str:
+    return "" if 1 <= value <= 65535 else "must be between 1 and 65535, inclusive"
+
+
+def _port_name_problems(name: str) -> list[str]:
+    """apimachinery's IsValidPortName (an IANA service name)."""
+    problems = []
+    if len(name) > 15:
+        problems.append("must be no more than 15 characters")
+    if not _PORT_NAME.fullmatch(name):
+        problems.append("must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)")
+    if not re.search("[a-z]", name):
+        problems.append("must contain at least one letter (a-z)")
+    if "--" in name:
+        problems.append("must not contain consecutive hyphens")
+    if name.startswith("-") or name.endswith("-"):
+        problems.append("must not begin or end with a hyphen")
+    return problems
+
+
+def _label_selector_causes(selector: Any, path: str) -> list[FieldCause]:
+    """ValidateLabelSelector: matchLabels as labels, and each expression's key and operator, with
+    values exactly when the operator is In or NotIn."""
+    selector = _decoded(selector, _NP, path, "v1.LabelSelector")
+    match_labels = _decoded(selector.get("matchLabels"), _NP, f"{path}.matchLabels", "map[string]string")
+    for value in match_labels.values():
+        _decoded(value, _NP, f"{path}.matchLabels", "string", str)
+    causes = [FieldCause(f"{path}.matchLabels", cause.message) for cause in label_problems(match_labels)]
+    expressions = _decoded(
+        selector.get("matchExpressions"), _NP, f"{path}.matchExpressions", "[]v1.LabelSelectorRequirement", list
+    )
+    for index, expression in enumerate(expressions):
+        at = f"{path}.matchExpressions[{index}]"
+        expression = _decoded(expression, _NP, f"{path}.matchExpressions", "v1.LabelSelectorRequirement")
+        key, operator = expression.get("key") or "", expression.get("operator") or ""
+        values = _decoded(expression.get("values"), _NP, f"{path}.matchExpressions.values", "[]string", list)
+        if problem := qualified_name_problem(str(key)):
+            causes.append(FieldCause(f"{at}.key", f"Invalid value: {_shown(key)}: {problem}"))
+        if operator in ("In", "NotIn") and not values:
+            causes.append(
+                FieldCause(
+                    f"{at}.values",
+                    "Required value: must be specified when `operator` is 'In' or 'NotIn'",
+                    "FieldValueRequired",
+                )
+            )
+        elif operator in ("Exists", "DoesNotExist") and values:
+            causes.append(
+                FieldCause(
+                    f"{at}.values",
+                    "Forbidden: may not be specified when `operator` is 'Exists' or 'DoesNotExist'",
+                    "FieldValueForbidden",
+                )
+            )
+        elif operator not in _SELECTOR_OPERATORS:
+            causes.append(
+                FieldCause(f"{at}.operator", f"Invalid value: {_shown(operator)}: not a valid selector operator")
+            )
+    return causes
+
+
+def _network(text: Any, path: str, causes: list[FieldCause]) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(str(text), strict=False)
+    except ValueError:
+        causes.append(
+            FieldCause(
+                path, f"Invalid value: {_shown(text)}: must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"
+            )
+        )
+        return None
+
+
+def _ip_block_causes(block: Any, path: str) -> list[FieldCause]:
+    """ValidateIPBlock: cidr required and a CIDR; each except a CIDR strictly inside it."""
+    block = _decoded(block, _NP, path, "v1.IPBlock")
+    cidr = _decoded(block.get("cidr"), _NP, f"{path}.cidr", "string", str)
+    if not cidr:
+        return [FieldCause(f"{path}.cidr", "Required value", "FieldValueRequired")]
+    causes: list[FieldCause] = []
+    outer = _network(cidr, f"{path}.cidr", causes)
+    for index, text in enumerate(_decoded(block.get("except"), _NP, f"{path}.except", "[]string", list)):
+        at = f"{path}.except[{index}]"
+        inner = _network(_decoded(text, _NP, f"{path}.except", "string", str), at, causes)
+        if outer is None or inner is None:
+            continue
+        # Go's IPNet.Contains of the except's address, and a longer prefix (so not equal).
+        if inner.version != outer.version or inner.network_address not in outer or inner.prefixlen <= outer.prefixlen:
+            causes.append(FieldCause(at, f"Invalid value: {_shown(text)}: must be a strict subset of `cidr`"))
+    return causes
+
+
+def _peer_causes(peer: Any, path: str) -> list[FieldCause]:
+    """ValidateNetworkPolicyPeer: at least one of podSelector, namespaceSelector, ipBlock, and
+    ipBlock alone."""
+    peer = _decoded(peer, _NP, path, "v1.NetworkPolicyPeer")
+    causes: list[FieldCause] = []
+    given = [key for key in ("podSelector", "namespaceSelector", "ipBlock") if peer.get(key) is not None]
+    for key in given:
+        if key == "ipBlock":
+            causes += _ip_block_causes(peer[key], f"{path}.ipBlock")
+        else:
+            causes += _label_selector_causes(peer[key], f"{path}.{key}")
+    if not given:
+        causes.append(FieldCause(path, "Required value: must specify a peer", "FieldValueRequired"))
+    elif len(given) > 1 and "ipBlock" in given:
+        causes.append(
+            FieldCause(path, "Forbidden: may not specify both ipBlock and another peer", "FieldValueForbidden")
+        )
+    return causes
+
+
+def _port_causes(port: JsonObj, path: str, go_path: str) -> list[FieldCause]:
+    """ValidateNetworkPolicyPort: the protocol, a port number or name, endPort only after a port
+    number and not below it."""
+    causes: list[FieldCause] = []
+    protocol = _decoded(port.get("protocol"), _NP, f"{go_path}.protocol", "v1.Protocol", str)
+    if protocol not in _PROTOCOLS:
+        supported = ", ".join(_shown(p) for p in _PROTOCOLS)
+        causes.append(
+            FieldCause(
+                f"{path}.protocol",
+                f"Unsupported value: {_shown(protocol)}: supported values: {supported}",
+                "FieldValueNotSupported",
+            )
+        )
+    number, end = port.get("port"), port.get("endPort")
+    if number is not None and (isinstance(number, bool) or not isinstance(number, int | str)):
+        raise errors.cannot_decode(_NP, "v1", f"{go_path}.port", number, "intstr.IntOrString")
+    if end is not None and (isinstance(end, bool) or not isinstance(end, int)):
+        raise errors.cannot_decode(_NP, "v1", f"{go_path}.endPort", end, "int32")
+    if isinstance(number, int):
+        if problem := _port_number_problem(number):
+            causes.append(FieldCause(f"{path}.port", f"Invalid value: {number}: {problem}"))
+        if end is not None:
+            if end < number:
+                causes.append(
+                    FieldCause(f"{path}.endPort", f"Invalid value: {number}: must be greater than or equal to `port`")
+                )
+            if problem := _port_number_problem(end):
+                causes.append(FieldCause(f"{path}.endPort", f"Invalid value: {end}: {problem}"))
+    elif isinstance(number, str):
+        if end is not None:
+            causes.append(
+                FieldCause(f"{path}.endPort", f"Invalid value: {end}: may not be specified when `port` is non-numeric")
+            )
+        causes += [
+            FieldCause(f"{path}.port", f"Invalid value: {_shown(number)}: {problem}")
+            for problem in _port_name_problems(number)
+        ]
+    elif end is not None:
+        causes.append(
+            FieldCause(f"{path}.endPort", f"Invalid value: {end}: may not be specified when `port` is not specified")
+        )
+    return causes
+
+
+def _check_network_policy(obj: JsonObj, name: str) -> None:
+    """ValidateNetworkPolicySpec (after defaulting, so the spec and its lists are of their types)."""
+    spec = obj["spec"]
+    causes = _label_selector_causes(spec["podSelector"], "spec.podSelector")
+    for direction, peers in (("ingress", "from"), ("egress", "to")):
+        for index, rule in enumerate(spec.get(direction) or ()):
+            for port_index, port in enumerate(rule.get("ports") or ()):
+                causes += _port_causes(
+                    port, f"spec.{direction}[{index}].ports[{port_index}]", f"spec.{direction}.ports"
+                )
+            listed = _decoded(rule.get(peers), _NP, f"spec.{direction}.{peers}", "[]v1.NetworkPolicyPeer", list)
+            for peer_index, peer in enumerate(listed):
+                causes += _peer_causes(peer, f"spec.{direction}[{index}].{peers}[{peer_index}]")
+    policy_types = _decoded(spec.get("policyTypes"), _NP, "spec.policyTypes", "[]v1.PolicyType", list)
+    if len(policy_types) > len(_POLICY_TYPES):
+        causes.append(
+            FieldCause(
+                "spec.policyTypes", f"Invalid value: {_shown(policy_types)}: may not specify more than two policyTypes"
+            )
+        )
+    else:
+        supported = ", ".join(_shown(t) for t in _POLICY_TYPES)
+        causes += [
+            FieldCause(
+                f"spec.policyTypes[{index}]",
+                f"Unsupported value: {_shown(value)}: supported values: {supported}",
+                "FieldValueNotSupported",
+            )
+            for index, value in enumerate(policy_types)
+            if value not in _POLICY_TYPES
+        ]
+    if causes:
+        raise errors.invalid("networking.k8s.io", _NP, name, causes)

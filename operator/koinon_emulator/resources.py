@@ -107,6 +107,9 @@ BUILTIN_RESOURCES: tuple[ResourceType, ...] = (
     ResourceType("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True),
     ResourceType("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", False),
     ResourceType("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", False),
+    # Stored and validated, not enforced (no pods run here), as RBAC objects are stored, not enforced:
+    # the agent chart renders one by default, so `helm template | kubectl apply -f -` needs the kind.
+    ResourceType("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True, short_names=("netpol",)),
 )
 
 CRD_RESOURCE = BUILTIN_RESOURCES[8]

@@ -70,8 +70,10 @@ CONFLICT_PAUSE_S = 0.01
 # ever): an AIJob's pass writes its status only after its evidence is recorded, and one request
 # hung on a half-open connection held that job's pass (and a worker thread) for good.
 REQUEST_TIMEOUT_S = 10.0
-# Uptime evidence is counted in heartbeats of this length (the agent's interval), so that a node
-# seen up for a minute weighs the same whoever sampled it and how often.
+# Uptime evidence is counted in units of this length ("heartbeats" seen or missed), so that a node
+# seen up for a minute weighs the same whoever sampled it and how often. A fixed unit, not the
+# agents' heartbeat interval (2 s, the gateway's heartbeat_interval_s): changing that interval must
+# not change how much an hour of uptime weighs against job outcomes.
 HEARTBEAT_UNIT_S = 5.0
 # An outcome's work is kept under its own entry (the outcome key and this): a node that did work
 # but was given no evidence (its copy was stopped, or failed on its own) still has it counted

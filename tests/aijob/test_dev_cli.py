@@ -4,6 +4,7 @@ after the processes died, Ctrl-C during `dev down`, and arguments or state dirs 
 
 from __future__ import annotations
 
+import argparse
 import io
 import shlex
 import shutil
@@ -13,7 +14,7 @@ import sys
 import tarfile
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -233,6 +234,10 @@ def test_ctrl_c_during_dev_down_is_held_until_everything_is_stopped(
     assert slow.wait(timeout=5) is not None  # killed after its grace period
     assert not (state / "cluster.json").exists()
     assert done.returncode == 130  # the Ctrl-C, delivered once all was stopped
+    # What was stopped is said before "interrupted": the held Ctrl-C, delivered as `down` returned,
+    # ended the command before it printed its list, so a user could not tell all had stopped.
+    assert done.stdout.splitlines() == ["stopped: ray-head"], done.stdout
+    assert done.stderr.rstrip().endswith("koinon: interrupted"), done.stderr
 
 
 def test_a_second_ctrl_c_during_dev_down_says_how_to_finish(
@@ -320,3 +325,70 @@ def test_a_state_dir_that_cannot_be_used_is_a_one_line_error(tmp_path: Path, cas
     done = _koinon(state, *command)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+GLOBAL_OPTIONS = ["--state-dir", "/elsewhere", "--volunteers", "3", "--no-netns"]
+
+
+def _recorder(seen: list[argparse.Namespace]) -> Callable[[argparse.Namespace], int]:
+    """A subcommand that only records the arguments it was given."""
+
+    def record(args: argparse.Namespace) -> int:
+        seen.append(args)
+        return 0
+
+    return record
+
+
+@pytest.mark.parametrize(
+    ("argv", "func"),
+    [
+        (["logs", "--state-dir", "/elsewhere", "--volunteers", "3", "--no-netns", "-n", "team-a", "train"], "cmd_logs"),
+        (["logs", "-n", "team-a", "train", *GLOBAL_OPTIONS], "cmd_logs"),
+        ([*GLOBAL_OPTIONS, "logs", "-n", "team-a", "train"], "cmd_logs"),
+        (["dev", "down", *GLOBAL_OPTIONS], "cmd_down"),
+        (["dev", *GLOBAL_OPTIONS, "status"], "cmd_status"),
+        (["demo", *GLOBAL_OPTIONS], "cmd_demo"),
+    ],
+)
+def test_global_options_are_taken_before_or_after_the_subcommand(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], func: str
+) -> None:
+    """README.md: "`koinon logs` reads `./.koinon/dev` ... or give `--state-dir`": read as
+    `koinon logs --state-dir DIR NAME`, argparse refused it (global options only before the
+    subcommand: "unrecognized arguments")."""
+    seen: list[argparse.Namespace] = []
+    monkeypatch.setattr(cli, func, _recorder(seen))
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 0
+    [args] = seen
+    assert (args.state_dir, args.volunteers, args.no_netns) == ("/elsewhere", 3, True)
+    if func == "cmd_logs":
+        assert (args.namespace, args.name) == ("team-a", "train")
+
+
+def test_a_subcommand_without_the_global_options_keeps_those_given_before_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The subcommands' copies of the options have no defaults of their own, which would overwrite
+    the value given before the subcommand."""
+    seen: list[argparse.Namespace] = []
+    monkeypatch.setattr(cli, "cmd_up", _recorder(seen))
+    for argv, expected in (
+        ([*GLOBAL_OPTIONS, "dev", "up"], ("/elsewhere", 3, True)),
+        (["--state-dir", "/first", "dev", "up", "--state-dir", "/last"], ("/last", 2, False)),
+        (["dev", "up"], (".koinon/dev", 2, False)),
+    ):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        args = seen.pop()
+        assert (args.state_dir, args.volunteers, args.no_netns) == expected, argv
+
+
+def test_logs_with_state_dir_after_the_subcommand_reads_that_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["logs", "--state-dir", str(tmp_path / "dev"), "monte-carlo-pi"])
+    err = capsys.readouterr().err
+    # No control plane there: the command says so (exit 1) rather than refusing the option (2).
+    assert exited.value.code == 1 and str(tmp_path / "dev") in err, err

@@ -1,9 +1,9 @@
 """Rendered chart and manifests/ applied with the real kubectl to the Kubernetes API emulator.
 
 The emulator takes no protobuf bodies, so `helm install` cannot talk to it: `helm template |
-kubectl apply -f -` is used instead. It serves Deployments but not DaemonSets, PVCs or
-NetworkPolicies, so the DaemonSet kind, persistence.type=pvc and the NetworkPolicies (the
-gateway's, the agent chart's) are covered by the rendering tests only.
+kubectl apply -f -` is used instead. It serves Deployments and NetworkPolicies (stored, not
+enforced) but not DaemonSets or PVCs, so the DaemonSet kind and persistence.type=pvc are covered
+by the rendering tests only, and what the NetworkPolicies allow by theirs.
 """
 
 from __future__ import annotations
@@ -27,11 +27,16 @@ def kubectl(tools: Tools, kubeconfig: Path, *args: str, stdin: str | None = None
 
 def test_manifests_apply_and_read_back(tools: Tools, emulator_kubeconfig: Path) -> None:
     documents = parse_documents(kubectl(tools, emulator_kubeconfig, "kustomize", str(MANIFESTS)))
-    assert [d["metadata"]["name"] for d in documents if d["kind"] == "NetworkPolicy"] == ["koinon-gateway"]
-    rendered = yaml.safe_dump_all([d for d in documents if d["kind"] != "NetworkPolicy"])
+    [policy] = [d for d in documents if d["kind"] == "NetworkPolicy"]
+    rendered = yaml.safe_dump_all(documents)
     out = kubectl(tools, emulator_kubeconfig, "apply", "-f", "-", stdin=rendered)
     assert "deployment.apps/koinon-gateway created" in out
     assert "service/koinon-gateway created" in out
+    assert "networkpolicy.networking.k8s.io/koinon-gateway created" in out
+    stored = json.loads(
+        kubectl(tools, emulator_kubeconfig, "get", "netpol", "koinon-gateway", "-n", "koinon-system", "-o", "json")
+    )
+    assert stored["spec"] == policy["spec"]
     deployment = json.loads(
         kubectl(tools, emulator_kubeconfig, "get", "deployment", "koinon-gateway", "-n", "koinon-system", "-o", "json")
     )
@@ -58,6 +63,7 @@ def test_manifests_apply_and_read_back(tools: Tools, emulator_kubeconfig: Path) 
     # Applying again changes nothing.
     again = kubectl(tools, emulator_kubeconfig, "apply", "-f", "-", stdin=rendered)
     assert "deployment.apps/koinon-gateway unchanged" in again
+    assert "networkpolicy.networking.k8s.io/koinon-gateway unchanged" in again
 
 
 def test_chart_applies_and_reads_back(tools: Tools, emulator_kubeconfig: Path) -> None:
@@ -72,10 +78,15 @@ def test_chart_applies_and_reads_back(tools: Tools, emulator_kubeconfig: Path) -
     result = helm_template(tools, {"gpus.simulate": "1", "node.region": "eu-west"}, namespace="volunteer")
     assert result.returncode == 0, result.stderr
     documents = parse_documents(result.stdout)
-    assert [d["metadata"]["name"] for d in documents if d["kind"] == "NetworkPolicy"] == ["vol-koinon-agent"]
-    rendered = yaml.safe_dump_all([d for d in documents if d["kind"] != "NetworkPolicy"])
-    out = kubectl(tools, emulator_kubeconfig, "apply", "-f", "-", stdin=rendered)
+    [policy] = [d for d in documents if d["kind"] == "NetworkPolicy"]
+    out = kubectl(tools, emulator_kubeconfig, "apply", "-f", "-", stdin=result.stdout)
     assert "deployment.apps/vol-koinon-agent created" in out
+    assert "networkpolicy.networking.k8s.io/vol-koinon-agent created" in out
+    stored = json.loads(
+        kubectl(tools, emulator_kubeconfig, "get", "netpol", "vol-koinon-agent", "-n", "volunteer", "-o", "json")
+    )
+    assert stored["spec"]["egress"] == policy["spec"]["egress"]
+    assert stored["spec"]["policyTypes"] == ["Ingress", "Egress"]
     deployment = json.loads(
         kubectl(tools, emulator_kubeconfig, "get", "deployment", "vol-koinon-agent", "-n", "volunteer", "-o", "json")
     )
