@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -34,6 +35,12 @@ _monotonic = time.monotonic
 # 401s (the Lease's renewals too, so leadership lapsed). A tokenFile is part of the source itself
 # (_config_source): its rotation is picked up at the next load, not up to this long after it.
 CONFIG_RELOAD_SECONDS = 60.0
+# The client's temp files that the configuration stopped referencing at the last load. An exec
+# plugin that mints a client certificate at each run made every reload write two more files (cert
+# and key: new content, new files), kept until exit. They are removed one load later, not at once:
+# an API client built from the previous configuration (in another thread, before this load) may
+# still open a connection that reads them.
+_superseded: set[str] = set()
 
 
 def _token_files(kubeconfig: bytes, base: Path) -> tuple[tuple[str, bytes | None], ...]:
@@ -94,6 +101,7 @@ def load_config() -> None:
         except config.ConfigException:
             config.load_kube_config()  # type: ignore[no-untyped-call]
         _loaded_from, _loaded_at = source, now
+        _drop_superseded_temp_files()
 
 
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
@@ -106,7 +114,24 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
         now = _monotonic()
         info = kopf.login_via_client(**kwargs)
         _loaded_from, _loaded_at = source, now  # the default configuration is now this source's
+        _drop_superseded_temp_files()
         return info
+
+
+def _drop_superseded_temp_files() -> None:
+    """Removes the client's temp files that neither this load's configuration nor the previous
+    one references (see _superseded). Called under _config_lock, right after a load."""
+    global _superseded
+    current = client.Configuration.get_default_copy()
+    referenced = {current.ssl_ca_cert, current.cert_file, current.key_file}
+    files: dict[str, str] = kube_config._temp_files  # by content; rebound by the client at exit
+    unreferenced = {key: path for key, path in files.items() if path not in referenced}
+    for key, path in unreferenced.items():
+        if path in _superseded:
+            del files[key]
+            with contextlib.suppress(OSError):  # gone already: nothing left to leak
+                os.remove(path)
+    _superseded = {path for path in unreferenced.values() if path not in _superseded}
 
 
 async def delete_aijob(namespace: str, name: str, uid: str) -> None:

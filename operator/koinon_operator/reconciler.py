@@ -54,8 +54,15 @@ LOG_GONE = "its driver's log (and the result line in it) could not be read: the 
 # operator that was down while the job ended would give up on its first read, a blip included.
 LOG_UNSERVED_GIVE_UP_SECONDS = 300.0
 LOG_UNSERVED_MIN_FAILURES = 3
-# Submissions whose log reads are failing, remembered before stale ones are looked for.
+# Submissions whose log reads are failing, remembered before stale ones are looked for: those
+# whose last failed read is LOG_UNSERVED_STALE_SECONDS old. A job's timer pass reads again every
+# poll interval, so only jobs gone without their deletion handler (a finalizer removed by hand)
+# leave entries that old. Live entries are never dropped: a dropped one starts its wait again, and
+# with more failing logs than kept, read in turn, the one dropped would always be the next read,
+# and none would ever be given up on. (The table is bounded by the jobs themselves: entries go
+# when their job finishes or is stopped, on a read that succeeds, and on a change of leader.)
 LOG_UNSERVED_KEPT = 1024
+LOG_UNSERVED_STALE_SECONDS = 24 * 3600.0
 LOG_UNSERVED = (
     "its driver's log (and the result line in it) could not be read: the driver's node, still alive, did not "
     f"serve it for {LOG_UNSERVED_GIVE_UP_SECONDS / 60:g} min"
@@ -63,6 +70,10 @@ LOG_UNSERVED = (
 
 RESULT_MARKER = "KOINON_RESULT "
 LOG_TAIL_LINES = 20
+# Ray reports SUCCEEDED before the driver's log is flushed: a served log without a result line is
+# read again until this long after the first pass of this process that found it so (its own
+# monotonic clock: Ray's end time is stamped on the volunteer's node, and one far ahead held the
+# job Running for ever). The result line is optional: after the wait, the log is taken as it is.
 LOG_SETTLE_SECONDS = 5.0
 # How long a body that predates this process's last status write is left alone (the watch is
 # behind); after that the write is taken for lost and the body acted on again.
@@ -584,8 +595,11 @@ class AIJobReconciler:
     _may_act: dict[str, Callable[[], bool]] = field(default_factory=dict)
     # Per Ray submission: the failing reads of its driver log while its node lives (_driver_log).
     # Dropped on a read that succeeds, when the job is stopped or finished, on a change of leader,
-    # and (beyond LOG_UNSERVED_KEPT) when stale.
+    # and (beyond LOG_UNSERVED_KEPT) when not read for LOG_UNSERVED_STALE_SECONDS.
     _unserved: dict[str, _UnservedLog] = field(default_factory=dict)
+    # Per Ray submission: when (monotonic) a pass first found it SUCCEEDED with its log served but
+    # no result line in it yet (_logs_settled). Dropped as _unserved is.
+    _settling: dict[str, float] = field(default_factory=dict)
 
     async def reconcile(
         self,
@@ -642,7 +656,7 @@ class AIJobReconciler:
                     del self._finished[old]
             submission = str(current.get("submissionId") or "")
             self._finished[key] = _FinishedHere(str(meta.get("uid") or ""), submission, now)
-            self._forget_unserved(str(meta.get("uid") or ""))
+            self._forget_log_waits(str(meta.get("uid") or ""))
         return outcome
 
     def _behind_own_write(self, key: str, version: object) -> bool:
@@ -831,6 +845,7 @@ class AIJobReconciler:
         # A new term reads again before giving up: this process did not look meanwhile, and one
         # failed read after the gap must not end a wait that began before it.
         self._unserved.clear()
+        self._settling.clear()
         forget = getattr(self.placer, "forget_waiting", None)
         if callable(forget):
             forget()
@@ -850,7 +865,7 @@ class AIJobReconciler:
             uid = str(meta.get("uid") or "")
             self._stopped[uid] = now
             self.backoff.forget(uid or key)
-            self._forget_unserved(uid)
+            self._forget_log_waits(uid)
             state = AIJobStatus.from_status(body.get("status"))
             self.ledger.forget(key)
             self._written_from.pop(key, None)
@@ -872,13 +887,16 @@ class AIJobReconciler:
             del self._job_locks[key]
         return stopped
 
-    def _forget_unserved(self, uid: str) -> None:
-        """Drops the failing log reads of every submission of job ``uid`` (stopped, or finished)."""
+    def _forget_log_waits(self, uid: str) -> None:
+        """Drops the failing log reads and settle waits of every submission of job ``uid`` (stopped,
+        or finished)."""
         if not uid:
             return
         prefix = f"{SUBMISSION_PREFIX}-{uid}-"  # as submission_id_for: its attempts and their copies
         for submission_id in [s for s in self._unserved if s.startswith(prefix)]:
             del self._unserved[submission_id]
+        for submission_id in [s for s in self._settling if s.startswith(prefix)]:
+            del self._settling[submission_id]
 
     def _job_lock(self, key: str) -> asyncio.Lock:
         return self._job_locks.setdefault(key, asyncio.Lock())
@@ -1351,17 +1369,16 @@ class AIJobReconciler:
         process's first failed read, and at least LOG_UNSERVED_MIN_FAILURES reads. Timed on this
         process's monotonic clock only: Ray's end time comes from the volunteer's node (its clock
         may be behind, or ahead by as much as the volunteer likes, which would hold the job for
-        ever), and an operator that first looks long after the end must still read again. A wait
-        whose last failure is older than the give-up time itself (nobody looked meanwhile) starts
-        again, so a single failed read after such a gap is never final either."""
+        ever), and an operator that first looks long after the end must still read again: its
+        first read after a restart or a change of leader starts the wait (both clear this memory).
+        No other gap between reads restarts it: the reads are as far apart as the poll interval,
+        which may be longer than the wait itself, and a restarted wait then never ended."""
         now = self.monotonic()
         entry = self._unserved.get(submission_id)
-        if entry is None or now - entry.last > LOG_UNSERVED_GIVE_UP_SECONDS:
-            if entry is None and len(self._unserved) >= LOG_UNSERVED_KEPT:
-                for old in [s for s, e in self._unserved.items() if now - e.last > LOG_UNSERVED_GIVE_UP_SECONDS]:
+        if entry is None:
+            if len(self._unserved) >= LOG_UNSERVED_KEPT:
+                for old in [s for s, e in self._unserved.items() if now - e.last > LOG_UNSERVED_STALE_SECONDS]:
                     del self._unserved[old]
-                while len(self._unserved) >= LOG_UNSERVED_KEPT:  # all live: the longest-quiet one waits anew
-                    del self._unserved[min(self._unserved, key=lambda s: self._unserved[s].last)]
             self._unserved[submission_id] = _UnservedLog(now, now, 1)
             return False
         entry.last = now
@@ -1418,13 +1435,17 @@ class AIJobReconciler:
             writer.set(result=result)
             if state.start_time is None:  # started and ended between two passes, Ray recorded no start
                 writer.set(startTime=format_micro_time(self.clock()))
-            if logs is None and gone == LOG_UNSERVED:
-                # Its node, alive, withheld the log (and the result in it) for the whole wait: no
-                # success to credit, the job's owner got nothing. Charged a timeout, as a
-                # verification copy is in the same case (_conclude_verified): otherwise a volunteer
+            if logs is None:
+                # Its driver's node did not deliver the log (and the result in it): withheld while
+                # alive for the whole wait (LOG_UNSERVED), or taken away by leaving the cluster
+                # (LOG_GONE). Either way no success to credit, the job's owner got nothing. Charged
+                # a timeout in both cases, as a verification copy's node is (_conclude_verified
+                # charges its `gone` copies a timeout whichever the reason): otherwise a volunteer
                 # that withholds its logs would lose nothing on unreplicated jobs, and gain credit
-                # (and so skip replication sooner) for results nobody received. An honest node
-                # whose agent is broken that long pays what a verification copy's node pays (a
+                # (and so skip replication sooner) for results nobody received; and charging only
+                # the one that stays would just teach it to disconnect instead (its agent restarts
+                # as a new Ray node). An honest node whose agent is broken that long, or that left
+                # before the operator read its log, pays what a verification copy's node pays (a
                 # timeout: nothing shows the job failed on it, so no failure). The copy's other
                 # nodes ran their part and Ray says it succeeded: credited as usual. A driver Ray
                 # ran on another Ray node than the one placed (driver_elsewhere) withheld that
@@ -1816,9 +1837,16 @@ class AIJobReconciler:
         outcome.event(reason, message, warning=not succeeded)
 
     def _logs_settled(self, info: RayJobInfo) -> bool:
-        if info.end_time_ms is None:
-            return True
-        return self.clock().timestamp() * 1000 - info.end_time_ms >= LOG_SETTLE_SECONDS * 1000
+        """Whether a SUCCEEDED submission's log, served without a result line, is taken as final:
+        LOG_SETTLE_SECONDS after the first pass of this process that found it so."""
+        now = self.monotonic()
+        first = self._settling.get(info.submission_id)
+        if first is None:
+            if len(self._settling) >= LOG_UNSERVED_KEPT:  # bounded as _unserved is (live ones kept)
+                for old in [s for s, t in self._settling.items() if now - t > LOG_UNSERVED_STALE_SECONDS]:
+                    del self._settling[old]
+            self._settling[info.submission_id] = first = now
+        return now - first >= LOG_SETTLE_SECONDS
 
     @staticmethod
     def _ttl_expired(spec: AIJobSpec, state: AIJobStatus, now: datetime) -> bool:

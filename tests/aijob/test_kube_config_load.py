@@ -128,6 +128,7 @@ def fresh_load(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """load_config as on a fresh process, on a clock the test moves (a list of one: now)."""
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setattr(kube, "_loaded_from", None)
+    monkeypatch.setattr(kube, "_superseded", set())
     monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)
     now = [1000.0]
     monkeypatch.setattr(kube, "_monotonic", lambda: now[0])
@@ -220,3 +221,48 @@ def test_loads_over_time_keep_one_ca_file(
     left = list(host_tmp.iterdir())
     assert len(left) == 1, left
     assert client.Configuration.get_default_copy().ssl_ca_cert == str(left[0])
+
+
+EXEC_CERT_PLUGIN = """
+import base64, json, os
+cert = "-----BEGIN CERTIFICATE-----\\n" + base64.b64encode(os.urandom(600)).decode() + "\\n-----END CERTIFICATE-----\\n"
+key = "-----BEGIN PRIVATE KEY-----\\n" + base64.b64encode(os.urandom(100)).decode() + "\\n-----END PRIVATE KEY-----\\n"
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential",
+                  "status": {"clientCertificateData": cert, "clientKeyData": key}}))
+"""
+
+
+def test_an_exec_plugin_minting_client_certificates_leaves_a_bounded_number_of_temp_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_load: list[float]
+) -> None:
+    """An exec plugin that answers a fresh client certificate each time it runs: every reload
+    (CONFIG_RELOAD_SECONDS) wrote two more temp files (cert, key), kept by the client until exit.
+    Those of the configuration before the last stay one load longer (a client built from it in
+    another thread may still connect with them)."""
+    host_tmp = tmp_path / "host-tmp"  # stands for /tmp
+    host_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(host_tmp))
+    monkeypatch.setattr(kube_config, "_temp_files", {})
+    plugin = tmp_path / "plugin.py"
+    plugin.write_text(EXEC_CERT_PLUGIN)
+    user: dict[str, object] = {
+        "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1beta1",
+            "command": sys.executable,
+            "args": [str(plugin)],
+            "interactiveMode": "Never",
+        }
+    }
+    kubeconfig = _user_kubeconfig(tmp_path / "kubeconfig", user, ca_pem=self_signed_cert(["127.0.0.1"]).cert_pem)
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    previous: set[str | None] = set()
+    for _ in range(10):  # 10 minutes of Lease steps
+        kube.load_config()
+        fresh_load[0] += kube.CONFIG_RELOAD_SECONDS
+        current = client.Configuration.get_default_copy()
+        in_use = {current.ssl_ca_cert, current.cert_file, current.key_file}
+        left: set[str | None] = {str(p) for p in host_tmp.iterdir()}
+        assert in_use <= left and previous <= left  # the last two configurations' files are kept
+        assert len(left) <= 5, f"{len(left)} temp files: CA, and cert and key of the last two loads"
+        previous = in_use
+    assert len(set(kube_config._temp_files.values())) == len(left)

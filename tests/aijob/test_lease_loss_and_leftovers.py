@@ -7,7 +7,7 @@ the same name. Reconciler passes against a fake Ray Job API (tests/aijob/fake_ra
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,8 +16,9 @@ import pytest
 from koinon_emulator.patching import merge_patch
 from koinon_operator import handlers, reputation_book
 from koinon_operator.inventory import Allocation
-from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayUnavailableError
+from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayNodeInfo, RayUnavailableError
 from koinon_operator.reconciler import (
+    LOG_GONE,
     LOG_UNSERVED,
     LOG_UNSERVED_GIVE_UP_SECONDS,
     Ledger,
@@ -27,7 +28,7 @@ from koinon_operator.reconciler import (
     submission_id_for,
 )
 
-from .fake_ray import UID, Clock, FakeRay, make_body, make_reconciler, node_address, step, volunteer
+from .fake_ray import NODES, UID, Clock, FakeRay, make_body, make_reconciler, node_address, step, volunteer
 from .test_decided_vote import StampingRay, answered, started, submit_all
 from .test_verification_rounds import GOOD, reconciler, replicated_job, volunteers
 
@@ -264,6 +265,70 @@ async def test_a_multi_replica_job_whose_driver_node_withholds_its_log_charges_t
     assert outcome.reputation == [("vn-b", "success"), ("vn-a", "timeout")]
 
 
+class LeavesAfterItsJobEnded(FakeRay):
+    """The driver's node takes its log away by leaving the cluster (its agent restarted: a new Ray
+    node) right after its job ended, instead of withholding it while alive."""
+
+    left = False
+
+    async def nodes(self) -> list[RayNodeInfo]:
+        return [replace(NODES[0], alive=not self.left)]
+
+    async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
+        raise RayUnavailableError("unexpected reply to job logs (500)")
+
+
+async def test_a_single_copys_node_that_leaves_with_its_log_is_charged_as_one_that_withholds_it() -> None:
+    """Withholding the log while alive was charged a timeout, but leaving the cluster (LOG_GONE)
+    right after the end was credited a success for a result nobody got: a volunteer withholding a
+    result had only to disconnect. Charged a timeout as a verification copy's node is."""
+    ray, clock = LeavesAfterItsJobEnded(), Clock()
+    rec, body = await _ended_single(ray, clock, {"entrypoint": "python x.py"})
+    ray.left = True
+    clock.advance(30)
+    outcome, waited = await _until_concluded(rec, body, clock)
+    assert waited < 60  # no wait: its node is gone
+    assert body["status"]["result"] == {"unavailable": LOG_GONE}
+    assert "ResultUnavailable" in [e.reason for e in outcome.events]
+    assert outcome.reputation == [("vn-1", "timeout")]
+
+
+async def test_a_multi_replica_job_whose_driver_node_leaves_with_its_log_charges_that_node_only() -> None:
+    from .test_ends_seen_late import SUBMISSION, TWO_NODES, TWO_OWNERS, running_on_two_nodes
+
+    ray, clock, rec, body = await running_on_two_nodes()
+
+    async def never_served(submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
+        raise RayUnavailableError("unexpected reply to job logs (500)")
+
+    ray.logs = never_served  # type: ignore[method-assign]
+    ray.set_state(SUBMISSION, RayJobState.SUCCEEDED, exit_code=0)
+    ray.node_list = [replace(TWO_NODES[0], alive=False), TWO_NODES[1]]  # vn-a left after the end
+    outcome, _ = await _until_concluded(rec, body, clock, TWO_OWNERS)
+    assert body["status"]["result"] == {"unavailable": LOG_GONE}
+    assert outcome.reputation == [("vn-b", "success"), ("vn-a", "timeout")]
+
+
+async def test_a_log_without_a_result_line_settles_on_the_operators_clock() -> None:
+    """A served log without a KOINON_RESULT line (it is optional) was waited for until the
+    operator's clock was LOG_SETTLE_SECONDS past Ray's end time, which the volunteer's node stamps:
+    a clock far ahead held the job Running for ever. Now LOG_SETTLE_SECONDS after the first pass
+    that found it so, whatever Ray's end time says."""
+    from koinon_operator.reconciler import LOG_SETTLE_SECONDS
+
+    for end_offset_ms in (3_600_000, -3_600_000):  # the volunteer's clock an hour ahead, or behind
+        ray, clock = FakeRay(logs_text="training done\n"), Clock()
+        rec, body = await _ended_single(ray, clock, {"entrypoint": "python x.py"}, end_offset_ms=end_offset_ms)
+        clock.advance(1)
+        await step(rec, body)
+        assert body["status"]["phase"] == "Running"  # the result line may not be flushed yet
+        clock.advance(LOG_SETTLE_SECONDS)
+        outcome = await step(rec, body)
+        assert body["status"]["phase"] == "Succeeded", end_offset_ms
+        assert outcome.reputation == [("vn-1", "success")]
+        assert not rec._settling  # nothing kept of a finished job
+
+
 class OneLogFailure(FakeRay):
     failures = 1
 
@@ -309,8 +374,8 @@ async def test_a_volunteer_clock_far_ahead_does_not_hold_the_job() -> None:
     assert body["status"]["result"] == {"unavailable": LOG_UNSERVED}
 
 
-async def test_the_wait_starts_again_after_a_gap_and_a_good_read_ends_it() -> None:
-    """Failed reads recorded before a gap longer than the wait itself (nobody looked meanwhile)
+async def test_the_wait_starts_again_after_a_change_of_leader_and_a_good_read_ends_it() -> None:
+    """Failed reads recorded before a failover (another operator looked meanwhile, or nobody did)
     do not make one failed read after it final; a read that succeeds forgets the failures."""
     failing = [True]
 
@@ -327,7 +392,8 @@ async def test_the_wait_starts_again_after_a_gap_and_a_good_read_ends_it() -> No
         clock.advance(50)
         await step(rec, body)
         assert body["status"]["phase"] == "Running"
-    clock.advance(LOG_UNSERVED_GIVE_UP_SECONDS + 1)  # the operator was away (a failover, say)
+    clock.advance(LOG_UNSERVED_GIVE_UP_SECONDS + 1)  # the operator was away: a failover
+    rec.forget_memory()  # what a change of leader does (handlers: leader.on_change)
     await step(rec, body)
     assert body["status"]["phase"] == "Running"  # one failed read after the gap: read again
     failing[0] = False
@@ -336,20 +402,60 @@ async def test_the_wait_starts_again_after_a_gap_and_a_good_read_ends_it() -> No
     assert body["status"]["result"].get("value") == "42", body["status"].get("result")
 
 
+async def test_passes_further_apart_than_the_wait_still_give_up_on_an_unserved_log() -> None:
+    """KOINON_POLL_INTERVAL takes any number of seconds: with passes 6 min apart, every failed read
+    found the one before it older than the wait and started the wait again (meant for an operator
+    that first looks long after the end: a restart or a new leader, which clear this memory), so
+    the job was held Running for ever."""
+    ray, clock = LogsNeverServed(), Clock()
+    rec, body = await _ended_single(ray, clock, {"entrypoint": "python x.py"})
+    passes = 0
+    while body["status"]["phase"] == "Running" and passes < 10:  # an hour of passes, 6 min apart
+        clock.advance(360)
+        await step(rec, body)
+        passes += 1
+    assert body["status"]["result"] == {"unavailable": LOG_UNSERVED}, rec._unserved
+    assert passes == 3  # the third failed read, 12 min after the first
+
+
 def test_failing_log_reads_kept_are_bounded_and_dropped_when_the_job_goes() -> None:
     from koinon_operator import reconciler as module
 
     clock = Clock()
     rec = make_reconciler(FakeRay(), clock)
+    # More failing logs than kept, all of live jobs (read again meanwhile): none is dropped.
     for k in range(module.LOG_UNSERVED_KEPT + 10):
         assert not rec._log_unserved_long_enough(submission_id_for(f"u{k}", 1))
-    assert len(rec._unserved) == module.LOG_UNSERVED_KEPT
+    assert len(rec._unserved) == module.LOG_UNSERVED_KEPT + 10
+    # Entries no pass read for LOG_UNSERVED_STALE_SECONDS (their job went without its deletion
+    # handler) go once the table is full.
+    clock.mono += module.LOG_UNSERVED_STALE_SECONDS + 1
     rec._log_unserved_long_enough(submission_id_for(UID, 1))
+    assert list(rec._unserved) == [submission_id_for(UID, 1)]
     rec._log_unserved_long_enough(f"{submission_id_for(UID, 2)}-copy1")
-    rec._forget_unserved(UID)
+    rec._forget_log_waits(UID)
     assert not any(UID in s for s in rec._unserved)
+    rec._log_unserved_long_enough(submission_id_for(UID, 3))
     rec.forget_memory()
     assert not rec._unserved
+
+
+def test_more_failing_logs_than_kept_read_in_turn_are_each_given_up_on() -> None:
+    """LOG_UNSERVED_KEPT + 1 submissions whose logs all fail, each read once per 10 s round: each
+    new entry evicted the longest-quiet one, which in turn is the next read, so none ever reached
+    3 failures: every one of those jobs stayed Running."""
+    from koinon_operator import reconciler as module
+
+    clock = Clock()
+    rec = make_reconciler(FakeRay(), clock)
+    subs = [submission_id_for(f"u{k}", 1) for k in range(module.LOG_UNSERVED_KEPT + 1)]
+    given_up: set[str] = set()
+    for _ in range(int(LOG_UNSERVED_GIVE_UP_SECONDS / 10) + 3):  # the wait, and 3 rounds more
+        for sub in subs:
+            if rec._log_unserved_long_enough(sub):
+                given_up.add(sub)
+            clock.mono += 10 / len(subs)
+    assert given_up == set(subs)
 
 
 async def test_a_stopped_job_s_failing_reads_are_forgotten() -> None:

@@ -290,6 +290,22 @@ def test_a_job_waiting_for_trust_holds_no_untrusted_nodes_it_would_not_take() ->
     assert not schedule([waited, small], nodes, NOW).placements
 
 
+def test_a_job_waiting_for_trust_holds_the_trusted_node_it_waits_for() -> None:
+    """Holding nothing while it waited, the trusted node it waits for went to each later small job
+    as it drained: it waited out its whole wait and then ran twice on untrusted nodes."""
+    waiting = big("ns/big", NOW - 60.0)
+    small = JobRequest("ns/small", expected_duration_s=600.0, creation_index=1)
+    # Nothing fits big now (both half busy): the trusted node is held, the small job goes elsewhere.
+    nodes = [snap("proven", gpus=2, free=1, ev=TRUSTED), snap("fresh", gpus=2, free=1)]
+    result = schedule([waiting, small], nodes, NOW)
+    assert {p.job_key: p.nodes for p in result.placements} == {"ns/small": ("fresh",)}
+    # Untrusted room for big now (it waits, "not trusted yet"): the half-busy trusted node is held too.
+    nodes = [snap("proven", gpus=2, free=1, ev=TRUSTED), snap("fresh", gpus=2, free=2)]
+    result = schedule([waiting, small], nodes, NOW)
+    assert {p.job_key: p.nodes for p in result.placements} == {"ns/small": ("fresh",)}
+    assert next(u for u in result.unschedulable if u.job_key == "ns/big").reasons == {WAITING_FOR_TRUSTED: 1}
+
+
 @pytest.mark.parametrize("since", [math.inf, math.nan])
 def test_bad_pending_since_is_refused(since: float) -> None:
     with pytest.raises(ValueError, match="pending_since"):

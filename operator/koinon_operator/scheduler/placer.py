@@ -106,6 +106,16 @@ def waits_for_trusted(job: JobRequest, now: float, cfg: SchedulerConfig) -> bool
     return job.replicas * max(job.gpus_per_replica, 1) * expected_hours(job, cfg) >= vc.trusted_wait_gpu_hours
 
 
+def _hold_trusted_for(index: NodeIndex, job: JobRequest, static: BoolArray) -> None:
+    """Hold, for a multi-GPU job waiting for trusted nodes, the trusted nodes closest to fitting its
+    replicas, so that smaller jobs do not keep taking the nodes it waits for as they drain (it would
+    then wait out its whole `trusted_wait_s` and run twice on untrusted ones). Only trusted ones:
+    it takes no untrusted node before its wait ends, so holding those would idle them and refuse
+    the small jobs that fit there meanwhile. Only its replicas' worth: on trusted nodes its
+    verification copy is usually skipped, and one that is not may go to any node."""
+    reserve_for(index, job, static & index.trusted, job.replicas)
+
+
 def _ordered(jobs: Sequence[JobRequest]) -> list[JobRequest]:
     ordered = sorted(jobs, key=lambda j: (-j.priority, j.creation_index, j.key))
     for a, b in itertools.pairwise(ordered):
@@ -169,18 +179,21 @@ def _run(
         if untrusted_fit:
             # Untrusted nodes fit, but the job would run twice there: it waits (bounded).
             refuse(job, {WAITING_FOR_TRUSTED: untrusted_fit})
+            if job.gpus_per_replica > 1:
+                _hold_trusted_for(index, job, static)
             continue
         if primary is None:
             reasons = explain(index, job, copies_needed, quarantine)
             if shape is not None:
                 failed_shapes[shape] = reasons
             refuse(job, reasons)
-            if verify and job.gpus_per_replica > 1 and not waiting:
+            if verify and job.gpus_per_replica > 1:
                 # Koinon holds nodes for the oldest waiting multi-GPU job (no starvation of 8-GPU jobs
-                # by a stream of 1-GPU ones); naive baselines do not. Not while it waits for trusted
-                # nodes: reserve_for would hold untrusted ones it will not take before its wait ends,
-                # idle, refusing the small jobs that fit there meanwhile.
-                reserve_for(index, job, static, job.replicas * job.verification_quorum)
+                # by a stream of 1-GPU ones); naive baselines do not.
+                if waiting:
+                    _hold_trusted_for(index, job, static)
+                else:
+                    reserve_for(index, job, static, job.replicas * job.verification_quorum)
             continue
         copies = 1
         chosen = primary
