@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from koinon_dev.binaries import ensure_binaries
+from koinon_dev.cli import fetch_job_logs, report_stopped
 from koinon_dev.cluster import DevCluster, kubectl
 
 TERMINAL_PHASES = ("Succeeded", "Failed")
@@ -63,8 +64,6 @@ def run_demo(cluster: DevCluster, example: Path, timeout: float = 150.0) -> int:
         watcher.terminate()
         watcher.wait(timeout=5)
         watcher = None
-        from koinon_dev.cli import fetch_job_logs
-
         _banner(f"koinon logs {name}")
         try:
             print(fetch_job_logs(info, name, namespace).rstrip())
@@ -81,8 +80,9 @@ def run_demo(cluster: DevCluster, example: Path, timeout: float = 150.0) -> int:
         if watcher is not None:
             watcher.kill()
         _banner("stopping the local control plane")
-        stopped = cluster.down()
-        print("stopped: " + ", ".join(stopped))
+        # Printed by `down` itself, as `koinon dev down` does: a Ctrl-C or SIGTERM held back during
+        # the teardown ends the demo as `down` returns, and a print after it was lost.
+        cluster.down(report=report_stopped)
 
 
 def _show_events(kubeconfig: Path, name: str, namespace: str) -> None:

@@ -225,11 +225,13 @@ def _default_network_policy(obj: JsonObj) -> None:
         rules = _decoded(
             spec.get(direction), _NP, f"spec.{direction}", f"[]v1.NetworkPolicy{direction.title()}Rule", list
         )
-        for rule in rules:
-            rule = _decoded(rule, _NP, f"spec.{direction}", f"v1.NetworkPolicy{direction.title()}Rule")
+        # Each item written back: a null one is the zero rule or port kube-apiserver decodes and
+        # stores ({}, its port then defaulted to TCP), and validation reads the stored items.
+        for index, rule in enumerate(rules):
+            rule = rules[index] = _decoded(rule, _NP, f"spec.{direction}", f"v1.NetworkPolicy{direction.title()}Rule")
             ports = _decoded(rule.get("ports"), _NP, f"spec.{direction}.ports", "[]v1.NetworkPolicyPort", list)
-            for port in ports:
-                port = _decoded(port, _NP, f"spec.{direction}.ports", "v1.NetworkPolicyPort")
+            for port_index, port in enumerate(ports):
+                port = ports[port_index] = _decoded(port, _NP, f"spec.{direction}.ports", "v1.NetworkPolicyPort")
                 if port.get("protocol") is None:
                     port["protocol"] = "TCP"
     if not spec.get("policyTypes"):
@@ -301,16 +303,35 @@ def _label_selector_causes(selector: Any, path: str) -> list[FieldCause]:
     return causes
 
 
-def _network(text: Any, path: str, causes: list[FieldCause]) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
-    try:
-        return ipaddress.ip_network(str(text), strict=False)
-    except ValueError:
-        causes.append(
-            FieldCause(
-                path, f"Invalid value: {_shown(text)}: must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"
-            )
+def _without_leading_zeros(address: str) -> str:
+    """``address`` with its IPv4 octets' leading zeros dropped (a whole address, or the dotted tail
+    of an IPv6 one): Go's parser before 1.17, which netutils.ParseIPSloppy keeps, reads them as
+    decimal, while Python's ipaddress refuses them. (Stripped, not int(): a run of zeros of any
+    length is one octet to Go.)"""
+    head, colon, tail = address.rpartition(":")
+    octets = tail.split(".")
+    if len(octets) != 4 or not all(octet.isascii() and octet.isdigit() for octet in octets):
+        return address
+    return head + colon + ".".join(octet.lstrip("0") or "0" for octet in octets)
+
+
+def _network(text: str, path: str, causes: list[FieldCause]) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """netutils.ParseCIDRSloppy, which IsValidCIDRForLegacyField uses while the StrictIPCIDRValidation
+    gate is off (its default): ADDRESS/PREFIXLEN with the length in decimal digits (ip_network alone
+    also took a bare address and a netmask), no IPv6 zone, leading zeros allowed, host bits too."""
+    address, slash, length = text.partition("/")
+    if slash and length.isascii() and length.isdigit() and "%" not in address:
+        try:
+            length = length.lstrip("0") or "0"
+            return ipaddress.ip_network(f"{_without_leading_zeros(address)}/{length}", strict=False)
+        except ValueError:
+            pass
+    causes.append(
+        FieldCause(
+            path, f"Invalid value: {_shown(text)}: must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"
         )
-        return None
+    )
+    return None
 
 
 def _ip_block_causes(block: Any, path: str) -> list[FieldCause]:

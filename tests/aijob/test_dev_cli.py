@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import shlex
 import shutil
 import signal
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 from koinon_dev import binaries, cli, demo
-from koinon_dev.cluster import DevCluster, DevClusterInfo
+from koinon_dev.cluster import DevCluster, DevClusterConfig, DevClusterInfo
 from koinon_dev.processes import boot_id, process_start_time
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,8 +120,10 @@ def test_the_demo_shows_the_events_of_a_job_that_never_reached_ray(
         def up(self) -> DevClusterInfo:
             return self.info
 
-        def down(self) -> list[str]:
+        def down(self, report: Callable[[list[str]], None] | None = None) -> list[str]:
             self.downs += 1
+            if report is not None:
+                report([])
             return []
 
     monkeypatch.setattr(demo, "kubectl", fake_kubectl)
@@ -136,6 +139,38 @@ def test_the_demo_shows_the_events_of_a_job_that_never_reached_ray(
     out = capsys.readouterr().out
     assert "InvalidSpec" in out and "no Ray logs" in out
     assert cluster.downs == 1
+    assert "stopped: nothing was running" in out
+
+
+def test_the_demo_says_what_it_stopped_before_a_held_ctrl_c(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`koinon demo` (make demo) printed "stopped: ..." after `down` returned, where a Ctrl-C held
+    back during the teardown is delivered: the line was lost, as it was for `koinon dev down`."""
+    info = DevClusterInfo(tmp_path / "kubeconfig", "", "", "", {}, tmp_path)
+
+    def stop_everything(self: DevCluster) -> list[str]:
+        os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C while the teardown runs: held
+        return ["ray-head"]
+
+    def failing_kubectl(*args: object, **kwargs: object) -> str:
+        raise RuntimeError("apply failed")
+
+    monkeypatch.setattr(DevCluster, "up", lambda self, progress=True: info)
+    monkeypatch.setattr(DevCluster, "_stop_everything", stop_everything)
+    monkeypatch.setattr(demo, "kubectl", failing_kubectl)
+    example = tmp_path / "job.yaml"
+    example.write_text("kind: AIJob\nmetadata: {name: x}\n")
+    (tmp_path / "state").mkdir()
+    cluster = DevCluster(DevClusterConfig(state_dir=tmp_path / "state"))
+    # Ctrl-C as at a terminal: a test run in the background (CI) hands SIGINT down ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            demo.run_demo(cluster, example)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert "stopped: ray-head" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("content", ["{}", "", '{"kubeconfig": "k"}', "[]"])

@@ -136,3 +136,58 @@ async def test_valid_policies_of_every_shape_are_stored(http: aiohttp.ClientSess
     response = await http.post(POLICIES, json=policy("ok", **spec))
     assert response.status == 201, await response.text()
     assert (await _json(await http.get(f"{POLICIES}/ok")))["spec"] == policy("ok", **spec)["spec"]
+
+
+async def test_null_rules_and_ports_are_stored_as_empty_ones(http: aiohttp.ClientSession) -> None:
+    """A null item of a rule or port list (YAML `ingress:\\n  -`) decodes in kube-apiserver as the
+    zero rule (allow all) or the zero port (protocol defaulted to TCP); here it was a 500."""
+    spec = {"ingress": [None], "egress": [{"ports": [None, {"port": 53}]}]}
+    response = await http.post(POLICIES, json=policy("nulls", **spec))
+    assert response.status == 201, await response.text()
+    stored = (await _json(await http.get(f"{POLICIES}/nulls")))["spec"]
+    assert stored["ingress"] == [{}]
+    assert stored["egress"] == [{"ports": [{"protocol": "TCP"}, {"port": 53, "protocol": "TCP"}]}]
+
+
+@pytest.mark.parametrize(
+    "cidr",
+    [
+        "10.0.0.1",  # a bare address: Go's ParseCIDR wants ADDRESS/PREFIXLEN
+        "2001:db8::1",
+        "10.0.0.0/255.0.0.0",  # a netmask is not a prefix length
+        "10.0.0.0/",
+        "10.0.0.0/+8",
+        "10.0.0.0/33",
+        "fe80::%eth0/64",  # a zone is not part of a CIDR
+    ],
+)
+async def test_what_is_not_a_cidr_is_refused(http: aiohttp.ClientSession, cidr: str) -> None:
+    """IsValidCIDRForLegacyField (netutils.ParseCIDRSloppy): Python's ip_network took these."""
+    for block in ({"cidr": cidr}, {"cidr": "0.0.0.0/0", "except": [cidr]}):
+        response = await http.post(POLICIES, json=policy("bare", egress=[{"to": [{"ipBlock": block}]}]))
+        assert response.status == 422, (block, await response.text())
+
+
+@pytest.mark.parametrize(
+    ("cidr", "inside", "outside"),
+    [
+        # Leading zeros read as decimal, as Go's pre-1.17 parser did (Python's ipaddress refuses them).
+        ("010.000.0.0/08", "010.1.0.0/16", "11.0.0.0/16"),
+        ("10.1.2.3/8", "10.1.0.0/16", "11.0.0.0/16"),  # host bits set: the network is 10.0.0.0/8
+        ("::ffff:010.0.0.0/104", "::ffff:10.1.0.0/112", "::ffff:11.0.0.0/112"),
+        ("2001:DB8::/32", "2001:db8:1::/48", "2001:db9::/48"),
+    ],
+)
+async def test_cidrs_the_api_server_takes_are_stored(
+    http: aiohttp.ClientSession, cidr: str, inside: str, outside: str
+) -> None:
+    """ParseCIDRSloppy's leniencies (the StrictIPCIDRValidation gate is off by default): stored as
+    given, and each except checked against the network the CIDR denotes."""
+    block = {"cidr": cidr, "except": [inside]}
+    response = await http.post(POLICIES, json=policy("sloppy", egress=[{"to": [{"ipBlock": block}]}]))
+    assert response.status == 201, await response.text()
+    stored = (await _json(await http.get(f"{POLICIES}/sloppy")))["spec"]["egress"][0]["to"][0]["ipBlock"]
+    assert stored == block
+    refused = {"cidr": cidr, "except": [outside]}
+    response = await http.post(POLICIES, json=policy("outside", egress=[{"to": [{"ipBlock": refused}]}]))
+    assert response.status == 422, await response.text()
