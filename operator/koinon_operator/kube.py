@@ -35,12 +35,17 @@ _monotonic = time.monotonic
 # 401s (the Lease's renewals too, so leadership lapsed). A tokenFile is part of the source itself
 # (_config_source): its rotation is picked up at the next load, not up to this long after it.
 CONFIG_RELOAD_SECONDS = 60.0
-# The client's temp files that the configuration stopped referencing at the last load. An exec
-# plugin that mints a client certificate at each run made every reload write two more files (cert
-# and key: new content, new files), kept until exit. They are removed one load later, not at once:
-# an API client built from the previous configuration (in another thread, before this load) may
-# still open a connection that reads them.
-_superseded: set[str] = set()
+# The client's temp files no longer referenced by the default configuration, and since when (by
+# _monotonic(): the load that superseded them). An exec plugin that mints a client certificate at
+# each run made every reload write two more files (cert and key: new content, new files), kept
+# until exit. They are removed once superseded for SUPERSEDED_TEMP_FILE_SECONDS, not at once nor
+# one load later: an API client built from an earlier configuration (in another thread) reads its
+# cert_file and key_file again for every new connection urllib3 opens, and one such client may
+# live for minutes (the reputation book's read-modify-write: up to 20 tries of two requests with
+# 10 s timeouts, each retry after a timeout a new connection) while the Lease reloads every
+# CONFIG_RELOAD_SECONDS. kopf reads its login's files once, into its SSL context.
+SUPERSEDED_TEMP_FILE_SECONDS = 600.0
+_superseded: dict[str, float] = {}
 
 
 def _token_files(kubeconfig: bytes, base: Path) -> tuple[tuple[str, bytes | None], ...]:
@@ -119,19 +124,26 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 def _drop_superseded_temp_files() -> None:
-    """Removes the client's temp files that neither this load's configuration nor the previous
-    one references (see _superseded). Called under _config_lock, right after a load."""
-    global _superseded
+    """Removes the client's temp files that no configuration loaded in the last
+    SUPERSEDED_TEMP_FILE_SECONDS references (see _superseded). Called under _config_lock, right
+    after a load."""
+    now = _monotonic()
     current = client.Configuration.get_default_copy()
     referenced = {current.ssl_ca_cert, current.cert_file, current.key_file}
     files: dict[str, str] = kube_config._temp_files  # by content; rebound by the client at exit
-    unreferenced = {key: path for key, path in files.items() if path not in referenced}
-    for key, path in unreferenced.items():
-        if path in _superseded:
+    for key, path in list(files.items()):
+        if path in referenced:
+            _superseded.pop(path, None)  # the same content loaded again: in use once more
+            continue
+        since = _superseded.setdefault(path, now)
+        if now - since >= SUPERSEDED_TEMP_FILE_SECONDS:
             del files[key]
+            del _superseded[path]
             with contextlib.suppress(OSError):  # gone already: nothing left to leak
                 os.remove(path)
-    _superseded = {path for path in unreferenced.values() if path not in _superseded}
+    kept = set(files.values())
+    for path in [p for p in _superseded if p not in kept]:  # the client's own exit cleanup, say
+        del _superseded[path]
 
 
 async def delete_aijob(namespace: str, name: str, uid: str) -> None:

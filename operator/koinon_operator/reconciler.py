@@ -259,6 +259,28 @@ class CopyAnswer:
 
 
 @dataclass
+class _SettlingLog:
+    """A SUCCEEDED submission's log, served without a result line (AIJobReconciler._settling)."""
+
+    first: float  # monotonic: the first pass of this process that found it so
+    text: str  # as last served: what the operator has, should its node leave before it settles
+    read_at: float  # monotonic: when ``text`` was served (settled when LOG_SETTLE_SECONDS after first)
+
+
+@dataclass(frozen=True)
+class _LogRead:
+    """One read of a copy's driver log (AIJobReconciler._driver_log)."""
+
+    text: str | None  # None: not had, for ``why``
+    # Why ``text`` is None: LOG_GONE only when the driver's own node was seen gone (by its Ray node
+    # id, or by the copy's first node, where Ray ran the driver, when Ray recorded none), else
+    # LOG_UNSERVED.
+    why: str = LOG_GONE
+    # ``text`` is the log as served before its node left: it can grow no more, no settle wait.
+    final: bool = False
+
+
+@dataclass
 class _UnservedLog:
     """Failed reads of one submission's driver log while its node lives (AIJobReconciler._unserved)."""
 
@@ -598,8 +620,8 @@ class AIJobReconciler:
     # and (beyond LOG_UNSERVED_KEPT) when not read for LOG_UNSERVED_STALE_SECONDS.
     _unserved: dict[str, _UnservedLog] = field(default_factory=dict)
     # Per Ray submission: when (monotonic) a pass first found it SUCCEEDED with its log served but
-    # no result line in it yet (_logs_settled). Dropped as _unserved is.
-    _settling: dict[str, float] = field(default_factory=dict)
+    # no result line in it yet, and that log as last served (_logs_settled). Dropped as _unserved is.
+    _settling: dict[str, _SettlingLog] = field(default_factory=dict)
 
     async def reconcile(
         self,
@@ -1309,49 +1331,71 @@ class AIJobReconciler:
         with no answer, instead of failing the pass."""
         single = state.copies == 1 and not state.earlier_results
         answers: list[CopyAnswer] = []
+        settling = False
         for k, info in enumerate(infos):
             if not single and driver_elsewhere(state, k, info):
                 answers.append(CopyAnswer(None, None, misplaced=True))
                 continue
-            text: str | None = None
-            gone = LOG_GONE
+            got = _LogRead(None)
             if k in read:
                 try:
-                    text, gone = await self._driver_log(state, k, info, lost)
+                    got = await self._driver_log(state, k, info, lost)
                 except RayUnavailableError:
                     if unread is None:
                         raise
                     unread.add(k)
+            text = got.text
             succeeded = info.state is RayJobState.SUCCEEDED
-            if succeeded and text is not None and RESULT_MARKER not in text and not self._logs_settled(info):
-                return None
+            # Every such copy's settle clock starts on this pass (none is left for a later one: the
+            # waits of copies that ended together would add up, one after another).
+            if succeeded and text is not None and RESULT_MARKER not in text and not got.final:
+                settling = not self._logs_settled(info, text) or settling
             answers.append(
-                CopyAnswer(text, extract_result(text) if succeeded and text is not None else None, gone=gone)
+                CopyAnswer(text, extract_result(text) if succeeded and text is not None else None, gone=got.why)
             )
-        return answers
+        return None if settling else answers
 
-    async def _driver_log(
-        self, state: AIJobStatus, copy: int, info: RayJobInfo, lost: list[str]
-    ) -> tuple[str | None, str]:
+    async def _driver_log(self, state: AIJobStatus, copy: int, info: RayJobInfo, lost: list[str]) -> _LogRead:
         """The copy's driver log, or None and why it is taken for gone (LOG_GONE, LOG_UNSERVED).
 
         The log lives on the driver's node, and Ray answers 500 for it once that node is gone: every
         pass used to back off and ask again, and the job stayed Running for good. A read that fails
         while the driver's node lives is Ray being unavailable (raised: the pass is tried again),
         until _log_unserved_long_enough: then the log is taken for gone.
+
+        Only the driver's own node leaving takes its log away: Ray pins the driver to the copy's
+        first node (submit: entrypoint_resources), so where Ray recorded no driver node that node
+        stands for it. Another of the copy's nodes leaving (a replica's, after the job succeeded)
+        made one failed read LOG_GONE, and the living driver's node was charged for it.
+
+        A log already served without a result line (_settling) is not lost with a failed read: if
+        its node then left (an honest agent's drain stops Ray within a second of its last task),
+        or once it has settled, that text is the log (delivered, ``final`` when the node left); a
+        verified copy's only once settled.
         """
         try:
             text = await self.ray.logs(info.submission_id, info.driver_node_id)
         except RayUnavailableError:
             if info.driver_node_id:
                 alive = {n.node_id for n in await self.nodes.get() if n.alive}
-                gone = info.driver_node_id not in alive
+                driver_left = info.driver_node_id not in alive
             else:
-                gone = any(node in lost for node in state.copy_nodes(copy))
-            if gone:
+                driver_left = next(iter(state.copy_nodes(copy)), None) in lost
+            served = self._settling.get(info.submission_id)
+            # Settled: served again once LOG_SETTLE_SECONDS had passed, still without a result line.
+            settled = served is not None and served.read_at - served.first >= LOG_SETTLE_SECONDS
+            # Unsettled text may still miss the driver's last lines. A single copy's result is
+            # only reported, so it is that; a verified copy's would be voted on (the digest covers
+            # the whole log) and an honest drain charged a disagreement: it is no answer then.
+            single = state.copies == 1 and not state.earlier_results
+            waited = served is not None and self.monotonic() - served.first >= LOG_SETTLE_SECONDS
+            if served is not None and (settled or (single and (driver_left or waited))):
+                self._unserved.pop(info.submission_id, None)
+                return _LogRead(served.text, final=driver_left)
+            if driver_left:
                 self._unserved.pop(info.submission_id, None)
                 logger.warning("driver log of %s is gone with its node; concluding without it", info.submission_id)
-                return None, LOG_GONE
+                return _LogRead(None, LOG_GONE)
             if not self._log_unserved_long_enough(info.submission_id):
                 raise
             logger.warning(
@@ -1359,9 +1403,9 @@ class AIJobReconciler:
                 info.submission_id,
                 LOG_UNSERVED_GIVE_UP_SECONDS,
             )
-            return None, LOG_UNSERVED
+            return _LogRead(None, LOG_UNSERVED)
         self._unserved.pop(info.submission_id, None)
-        return text, LOG_GONE
+        return _LogRead(text)
 
     def _log_unserved_long_enough(self, submission_id: str) -> bool:
         """Records a failed read of the submission's driver log (its node alive), and says whether
@@ -1436,24 +1480,28 @@ class AIJobReconciler:
             if state.start_time is None:  # started and ended between two passes, Ray recorded no start
                 writer.set(startTime=format_micro_time(self.clock()))
             if logs is None:
-                # Its driver's node did not deliver the log (and the result in it): withheld while
-                # alive for the whole wait (LOG_UNSERVED), or taken away by leaving the cluster
-                # (LOG_GONE). Either way no success to credit, the job's owner got nothing. Charged
-                # a timeout in both cases, as a verification copy's node is (_conclude_verified
-                # charges its `gone` copies a timeout whichever the reason): otherwise a volunteer
-                # that withholds its logs would lose nothing on unreplicated jobs, and gain credit
-                # (and so skip replication sooner) for results nobody received; and charging only
-                # the one that stays would just teach it to disconnect instead (its agent restarts
-                # as a new Ray node). An honest node whose agent is broken that long, or that left
-                # before the operator read its log, pays what a verification copy's node pays (a
-                # timeout: nothing shows the job failed on it, so no failure). The copy's other
-                # nodes ran their part and Ray says it succeeded: credited as usual. A driver Ray
-                # ran on another Ray node than the one placed (driver_elsewhere) withheld that
-                # node's log, not the placed node's: the placed node is neither credited nor charged.
+                # Its driver's node did not deliver the log (and the result in it): no success to
+                # credit it, the job's owner got nothing. Withheld while alive for the whole wait
+                # (LOG_UNSERVED): charged a timeout, as a verification copy's node is
+                # (_conclude_verified): otherwise a volunteer that withholds its logs would lose
+                # nothing on unreplicated jobs, and gain credit (and so skip replication sooner)
+                # for results nobody received. An honest node whose agent is broken that long pays
+                # what a verification copy's node pays (a timeout: nothing shows the job failed on
+                # it, so no failure). Taken away by its node leaving the cluster (LOG_GONE: the
+                # driver's own node, _driver_log): neither credited nor charged, no evidence either
+                # way. An honest agent's drain stops Ray within a second of its last task ending,
+                # which can beat the operator's poll (charging that was charging honest volunteers
+                # for going home), and a withholder that leaves gains nothing (no success). A
+                # verification copy's node that leaves with its log is still charged a timeout
+                # (_conclude_verified): there the missing answer costs the vote, as a node lost
+                # mid-attempt does. The copy's other nodes ran their part and Ray says it
+                # succeeded: credited as usual. A driver Ray ran on another Ray node than the one
+                # placed (driver_elsewhere) withheld that node's log, not the placed node's: the
+                # placed node is neither credited nor charged.
                 driver = state.copy_nodes(0)[0] if state.assigned_nodes else None
                 misplaced = driver_elsewhere(state, 0, info) is not None
                 outcome.reputation.extend((node, "success") for node in state.assigned_nodes if node != driver)
-                if driver is not None and not misplaced:
+                if driver is not None and not misplaced and gone == LOG_UNSERVED:
                     outcome.reputation.append((driver, "timeout"))
             else:
                 outcome.reputation.extend((node, "success") for node in state.assigned_nodes)
@@ -1836,17 +1884,19 @@ class AIJobReconciler:
         writer.condition(ConditionType.COMPLETE if succeeded else ConditionType.FAILED, True, reason, message)
         outcome.event(reason, message, warning=not succeeded)
 
-    def _logs_settled(self, info: RayJobInfo) -> bool:
-        """Whether a SUCCEEDED submission's log, served without a result line, is taken as final:
-        LOG_SETTLE_SECONDS after the first pass of this process that found it so."""
+    def _logs_settled(self, info: RayJobInfo, text: str) -> bool:
+        """Whether a SUCCEEDED submission's log, served as ``text`` without a result line, is taken
+        as final: LOG_SETTLE_SECONDS after the first pass of this process that found it so. The
+        text is kept meanwhile: should the node leave before then, it is what was delivered."""
         now = self.monotonic()
-        first = self._settling.get(info.submission_id)
-        if first is None:
+        entry = self._settling.get(info.submission_id)
+        if entry is None:
             if len(self._settling) >= LOG_UNSERVED_KEPT:  # bounded as _unserved is (live ones kept)
-                for old in [s for s, t in self._settling.items() if now - t > LOG_UNSERVED_STALE_SECONDS]:
+                for old in [s for s, e in self._settling.items() if now - e.first > LOG_UNSERVED_STALE_SECONDS]:
                     del self._settling[old]
-            self._settling[info.submission_id] = first = now
-        return now - first >= LOG_SETTLE_SECONDS
+            self._settling[info.submission_id] = entry = _SettlingLog(now, text, now)
+        entry.text, entry.read_at = text, now
+        return now - entry.first >= LOG_SETTLE_SECONDS
 
     @staticmethod
     def _ttl_expired(spec: AIJobSpec, state: AIJobStatus, now: datetime) -> bool:

@@ -128,7 +128,7 @@ def fresh_load(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """load_config as on a fresh process, on a clock the test moves (a list of one: now)."""
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setattr(kube, "_loaded_from", None)
-    monkeypatch.setattr(kube, "_superseded", set())
+    monkeypatch.setattr(kube, "_superseded", {})
     monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)
     now = [1000.0]
     monkeypatch.setattr(kube, "_monotonic", lambda: now[0])
@@ -232,14 +232,10 @@ print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": 
 """
 
 
-def test_an_exec_plugin_minting_client_certificates_leaves_a_bounded_number_of_temp_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_load: list[float]
-) -> None:
-    """An exec plugin that answers a fresh client certificate each time it runs: every reload
-    (CONFIG_RELOAD_SECONDS) wrote two more temp files (cert, key), kept by the client until exit.
-    Those of the configuration before the last stay one load longer (a client built from it in
-    another thread may still connect with them)."""
-    host_tmp = tmp_path / "host-tmp"  # stands for /tmp
+def _exec_cert_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A kubeconfig whose user is an exec plugin answering a fresh client certificate each time it
+    runs, loaded with its temp files in the returned folder (it stands for /tmp)."""
+    host_tmp = tmp_path / "host-tmp"
     host_tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(host_tmp))
     monkeypatch.setattr(kube_config, "_temp_files", {})
@@ -255,14 +251,50 @@ def test_an_exec_plugin_minting_client_certificates_leaves_a_bounded_number_of_t
     }
     kubeconfig = _user_kubeconfig(tmp_path / "kubeconfig", user, ca_pem=self_signed_cert(["127.0.0.1"]).cert_pem)
     monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    return host_tmp
+
+
+def test_an_exec_plugin_minting_client_certificates_leaves_a_bounded_number_of_temp_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_load: list[float]
+) -> None:
+    """Every reload (CONFIG_RELOAD_SECONDS) wrote two more temp files (cert, key), kept by the
+    client until exit. Those a configuration stopped referencing go SUPERSEDED_TEMP_FILE_SECONDS
+    later (a client built from it in another thread may still connect with them meanwhile)."""
+    host_tmp = _exec_cert_plugin(tmp_path, monkeypatch)
+    superseded: list[tuple[float, set[str | None]]] = []  # (when, the files that load replaced)
     previous: set[str | None] = set()
-    for _ in range(10):  # 10 minutes of Lease steps
+    loads = int(3 * kube.SUPERSEDED_TEMP_FILE_SECONDS / kube.CONFIG_RELOAD_SECONDS)  # 30 min of Lease steps
+    for _ in range(loads):
         kube.load_config()
-        fresh_load[0] += kube.CONFIG_RELOAD_SECONDS
         current = client.Configuration.get_default_copy()
         in_use = {current.ssl_ca_cert, current.cert_file, current.key_file}
+        superseded.append((fresh_load[0], previous - in_use))
         left: set[str | None] = {str(p) for p in host_tmp.iterdir()}
-        assert in_use <= left and previous <= left  # the last two configurations' files are kept
-        assert len(left) <= 5, f"{len(left)} temp files: CA, and cert and key of the last two loads"
+        assert in_use <= left
+        for when, files in superseded:
+            recent = fresh_load[0] - when < kube.SUPERSEDED_TEMP_FILE_SECONDS
+            assert files <= left if recent else not files & left, (fresh_load[0] - when, files & left)
+        bound = 1 + 2 * (kube.SUPERSEDED_TEMP_FILE_SECONDS / kube.CONFIG_RELOAD_SECONDS + 1)
+        assert len(left) <= bound, f"{len(left)} temp files"
         previous = in_use
+        fresh_load[0] += kube.CONFIG_RELOAD_SECONDS
     assert len(set(kube_config._temp_files.values())) == len(left)
+    assert set(kube._superseded) <= left
+
+
+def test_a_client_built_before_two_reloads_keeps_its_certificate_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_load: list[float]
+) -> None:
+    """A worker thread's API client built just before a reload, still connecting a minute later
+    (the reputation book's read-modify-write: up to 20 tries of two requests with 10 s timeouts,
+    each retry after a timeout a new connection, which urllib3 makes by reading cert_file and
+    key_file again). Its files were removed one load later: two Lease reloads meanwhile, and its
+    next connection failed for a missing certificate."""
+    _exec_cert_plugin(tmp_path, monkeypatch)
+    kube.load_config()
+    fresh_load[0] += kube.CONFIG_RELOAD_SECONDS - 1
+    cfg = client.CustomObjectsApi().api_client.configuration  # built just before the next reload
+    for _ in range(2):  # the Lease's steps in another thread reload twice meanwhile (61 s later)
+        fresh_load[0] += kube.CONFIG_RELOAD_SECONDS
+        kube.load_config()
+    assert os.path.exists(cfg.cert_file) and os.path.exists(cfg.key_file)

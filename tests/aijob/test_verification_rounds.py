@@ -387,3 +387,64 @@ async def test_an_earlier_majority_without_its_result_kept_succeeds_with_the_res
     assert "unavailable" in status["result"] and status["result"]["digest"].startswith("sha256:")
     assert "ResultUnavailable" in [e.reason for e in outcome.events]
     assert ("vn-t", "disagreement") in outcome.reputation
+
+
+async def test_result_less_copies_that_ended_together_settle_together() -> None:
+    """Three copies, all SUCCEEDED at once, each log served without a KOINON_RESULT line (it is
+    optional: the digest covers the whole log). Each copy's settle clock started only once the
+    copies before it had settled (_answers stopped at the first unsettled one): the waits ran one
+    after another, LOG_SETTLE_SECONDS and a poll per copy."""
+    from koinon_operator.reconciler import LOG_SETTLE_SECONDS
+
+    names = ["vn-a", "vn-c", "vn-d"]
+    ray, clock = CopiesRay(names), Clock()
+    rec = reconciler(ray, clock)
+    body = replicated_job(quorum=3)
+    await run_copies(rec, ray, clock, body, {n: "training done, loss 0.1\n" for n in names})
+    waited, vols = 0.0, volunteers(names)
+    while body["status"]["phase"] not in ("Succeeded", "Failed") and waited < 120:
+        clock.advance(2)  # the operator's poll interval
+        waited += 2
+        await step(rec, body, vols)
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    assert waited <= LOG_SETTLE_SECONDS + 2, f"concluded {waited:.0f} s after the copies ended"
+
+
+class LeavesAfterAPartialLog(CopiesRay):
+    """The copy whose log is set to start with "leaver:" serves its log once, before the driver's
+    last line is flushed, and its node then leaves (an agent's drain stops Ray within a second of
+    its last task)."""
+
+    partial_served = False
+
+    async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
+        if not self.logs_by_id.get(submission_id, "").startswith("leaver:"):
+            return await super().logs(submission_id, driver_node_id, lines)
+        if self.partial_served:
+            raise RayUnavailableError("job logs: 500 (its node is gone)")
+        self.partial_served = True
+        return "training\n"  # its log so far: "training done", as the others', not flushed yet
+
+
+async def test_a_verified_copy_whose_node_left_before_its_log_settled_is_no_dissenter() -> None:
+    """A result-less log (the digest covers the whole log) read on the first pass that found the
+    copy SUCCEEDED may still miss the driver's last lines; LOG_SETTLE_SECONDS later it is read
+    again. A node that left in between (an honest drain) has only that early text to show: taken
+    as its answer, it disagreed with the others and its honest owner was charged a disagreement.
+    Unsettled, it is no answer: the copy counts as gone."""
+    names = ["vn-a", "vn-c", "vn-d"]
+    ray, clock = LeavesAfterAPartialLog(names), Clock()
+    rec = reconciler(ray, clock)
+    body = replicated_job(quorum=3)
+    answers: dict[str, str | None] = {n: "training\ntraining done\n" for n in names}
+    answers["vn-d"] = "leaver:training\ntraining done\n"
+    await run_copies(rec, ray, clock, body, answers)
+    vols = volunteers(names)
+    ray.present = ["vn-a", "vn-c"]  # vn-d's node left after serving its early log
+    waited, reputation = 0.0, []
+    while body["status"]["phase"] not in ("Succeeded", "Failed") and waited < 60:
+        clock.advance(2)
+        waited += 2
+        reputation += (await step(rec, body, vols)).reputation
+    assert ray.partial_served
+    assert ("vn-d", "disagreement") not in reputation, reputation
