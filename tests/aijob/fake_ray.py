@@ -13,7 +13,7 @@ from koinon_emulator.patching import merge_patch
 from koinon_operator.inventory import RayNodeCache
 from koinon_operator.placement import FirstFitPlacer
 from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayNodeInfo, RayRequestError, Submission
-from koinon_operator.reconciler import AIJobReconciler, Outcome
+from koinon_operator.reconciler import AIJobReconciler, Outcome, submission_id_for
 
 UID = "8f6e8530-892f-46a5-a4e3-ba60e32a06d0"
 GPU = {"model": "NVIDIA L4", "memoryMiB": 24000}
@@ -136,3 +136,19 @@ async def step(
     if outcome.status:
         body["status"] = merge_patch(body.get("status") or {}, outcome.status)
     return outcome
+
+
+async def failed_to_start(message: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """A single-copy job (backoffLimit 2) whose first attempt Ray ends with
+    JOB_ENTRYPOINT_COMMAND_START_ERROR and ``message`` (the driver could not be started); the job's
+    body and the reputation evidence of the pass that sees it."""
+    ray, clock = FakeRay(), Clock()
+    rec = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 2})
+    await step(rec, body)
+    await step(rec, body)  # submitted
+    ray.set_state(
+        submission_id_for(UID, 1), RayJobState.FAILED, message=message, error_type="JOB_ENTRYPOINT_COMMAND_START_ERROR"
+    )
+    clock.advance(30)
+    return body, (await step(rec, body)).reputation

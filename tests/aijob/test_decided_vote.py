@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from koinon_operator.ray_jobs import RayJobState
-from koinon_operator.reconciler import AIJobReconciler, NodeWork, copy_submission_id_from
+from koinon_operator.reconciler import AIJobReconciler, NodeWork
 from koinon_operator.telemetry import JobIdGenerator, JobTracer
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -34,9 +34,16 @@ from .test_verification_rounds import (
 )
 
 
-async def submit_all(rec: AIJobReconciler, ray: CopiesRay, clock: Clock, body: dict[str, Any]) -> list[str]:
-    """Passes until every copy of the attempt is submitted; their submission ids."""
-    return await submit_all_with(rec, ray, clock, body, volunteers(ray.present))
+async def submit_all(
+    rec: AIJobReconciler,
+    ray: CopiesRay,
+    clock: Clock,
+    body: dict[str, Any],
+    vols: dict[str, dict[str, Any]] | None = None,
+) -> list[str]:
+    """Passes until every copy of the attempt is submitted, with ``vols`` (by default the
+    VolunteerNodes of the nodes present); their submission ids."""
+    return await submit_all_with(rec, ray, clock, body, volunteers(ray.present) if vols is None else vols)
 
 
 class StampingRay(CopiesRay):
@@ -147,13 +154,7 @@ async def test_earlier_answers_count_toward_an_early_decision() -> None:
     vols = {**volunteers([n for n in ray.present if n != "vn-e"]),
             "vn-e": volunteer(owners["vn-e"], node_address("vn-e"), connected=True)}  # fmt: skip
     body["spec"]["verification"]["quorum"] = 3
-    for _ in range(10):
-        await step(rec, body, vols)
-        clock.advance(40)
-        status = body["status"]
-        ids = [copy_submission_id_from(status.get("submissionId"), k) or "" for k in range(3)]
-        if status.get("assignedNodes") and all(i in ray.jobs for i in ids):
-            break
+    ids = await submit_all(rec, ray, clock, body, vols)
     assert sorted(body["status"]["assignedNodes"]) == ["vn-c", "vn-d", "vn-e"]
     started(ray, clock, ids)
     await step(rec, body, vols)

@@ -53,6 +53,19 @@ def _kubeconfig(path: Path, server: str) -> Path:
     return write_kubeconfig(path, server, token="t", ca_pem=self_signed_cert(["127.0.0.1"]).cert_pem)
 
 
+def _counted_loads(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """The client's kubeconfig loads from now on: one entry for each."""
+    loads: list[None] = []
+    original = config.load_kube_config
+
+    def counting_load() -> None:
+        loads.append(None)
+        original()  # type: ignore[no-untyped-call]
+
+    monkeypatch.setattr(config, "load_kube_config", counting_load)
+    return loads
+
+
 def test_concurrent_loads_and_kopfs_login_leave_no_temp_file(tmp_path: Path) -> None:
     """The client writes certificate-authority-data to a mkstemp file in $TMPDIR and removes at
     exit only the one file it remembers per content: loads racing in threads each wrote one, and
@@ -75,14 +88,7 @@ def test_the_configuration_is_loaded_once_and_again_when_the_kubeconfig_changes(
     monkeypatch.setattr(kube, "_loaded_from", None)
     # The default configuration, restored afterwards for the tests after this one.
     monkeypatch.setattr(client.Configuration, "_default", client.Configuration._default)
-    loads: list[None] = []
-    original = config.load_kube_config
-
-    def counting_load() -> None:
-        loads.append(None)
-        original()  # type: ignore[no-untyped-call]
-
-    monkeypatch.setattr(config, "load_kube_config", counting_load)
+    loads = _counted_loads(monkeypatch)
     first = _kubeconfig(tmp_path / "first", "https://127.0.0.1:1")
     monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(first))
     for _ in range(3):
@@ -121,6 +127,18 @@ def _user_kubeconfig(path: Path, user: dict[str, object], ca_pem: bytes | None =
     document["users"] = [{"name": CONTEXT_NAME, "user": user}]
     path.write_text(yaml.safe_dump(document))
     return path
+
+
+def _exec_user(plugin: Path, *args: Path) -> dict[str, object]:
+    """A kubeconfig user whose credentials come from running the Python script ``plugin``."""
+    return {
+        "exec": {
+            "apiVersion": "client.authentication.k8s.io/v1beta1",
+            "command": sys.executable,
+            "args": [str(plugin), *map(str, args)],
+            "interactiveMode": "Never",
+        }
+    }
 
 
 @pytest.fixture
@@ -174,15 +192,7 @@ def test_an_exec_plugins_token_without_expiry_is_fetched_again(
     plugin.write_text(EXEC_PLUGIN)
     token = tmp_path / "token"
     token.write_text("first-token")
-    exec_user: dict[str, object] = {
-        "exec": {
-            "apiVersion": "client.authentication.k8s.io/v1beta1",
-            "command": sys.executable,
-            "args": [str(plugin), str(token)],
-            "interactiveMode": "Never",
-        }
-    }
-    kubeconfig = _user_kubeconfig(tmp_path / "kubeconfig", exec_user)
+    kubeconfig = _user_kubeconfig(tmp_path / "kubeconfig", _exec_user(plugin, token))
     monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
     kube.load_config()
     assert _bearer() == "Bearer first-token"
@@ -206,14 +216,7 @@ def test_loads_over_time_keep_one_ca_file(
         tmp_path / "kubeconfig", {"token": "t"}, ca_pem=self_signed_cert(["127.0.0.1"]).cert_pem
     )
     monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
-    loads: list[None] = []
-    original = config.load_kube_config
-
-    def counting_load() -> None:
-        loads.append(None)
-        original()  # type: ignore[no-untyped-call]
-
-    monkeypatch.setattr(config, "load_kube_config", counting_load)
+    loads = _counted_loads(monkeypatch)
     for _ in range(10):
         kube.load_config()
         fresh_load[0] += kube.CONFIG_RELOAD_SECONDS
@@ -241,15 +244,9 @@ def _exec_cert_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(kube_config, "_temp_files", {})
     plugin = tmp_path / "plugin.py"
     plugin.write_text(EXEC_CERT_PLUGIN)
-    user: dict[str, object] = {
-        "exec": {
-            "apiVersion": "client.authentication.k8s.io/v1beta1",
-            "command": sys.executable,
-            "args": [str(plugin)],
-            "interactiveMode": "Never",
-        }
-    }
-    kubeconfig = _user_kubeconfig(tmp_path / "kubeconfig", user, ca_pem=self_signed_cert(["127.0.0.1"]).cert_pem)
+    kubeconfig = _user_kubeconfig(
+        tmp_path / "kubeconfig", _exec_user(plugin), ca_pem=self_signed_cert(["127.0.0.1"]).cert_pem
+    )
     monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
     return host_tmp
 

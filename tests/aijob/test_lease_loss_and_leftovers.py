@@ -24,7 +24,6 @@ from koinon_operator.reconciler import (
     Ledger,
     Outcome,
     allocation_of,
-    copy_submission_id_from,
     submission_id_for,
 )
 
@@ -508,29 +507,52 @@ async def test_a_stopped_job_s_failing_reads_are_forgotten() -> None:
     assert not rec._unserved
 
 
+class CopyLogFails(StampingRay):
+    """Ray whose reads of the copies' logs in ``failing`` (set once they are submitted) fail, as a
+    live node answering its log's read with errors; with ``once``, only the first read of each
+    fails (a blip, served on the next try)."""
+
+    def __init__(
+        self, present: list[str], clock: Clock, error: str = "unexpected reply to job logs (500)", once: bool = False
+    ) -> None:
+        super().__init__(present, clock)
+        self.failing: set[str] = set()
+        self.error = error
+        self.once = once
+
+    async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
+        if submission_id in self.failing:
+            if self.once:
+                self.failing.discard(submission_id)
+            raise RayUnavailableError(self.error)
+        return await super().logs(submission_id, driver_node_id, lines)
+
+
+async def _all_answered(ray: CopyLogFails, clock: Clock) -> tuple[Any, dict[str, Any], list[str]]:
+    """Quorum 3 on the nodes of ``ray`` (alice, carol and dave), whose reads of dave's log fail as
+    ``ray`` fails them: every copy ran 10 minutes and answered GOOD. The reconciler, the job's
+    body and the copies' submission ids."""
+    rec = reconciler(ray, clock)
+    body = replicated_job(quorum=3)
+    ids = await submit_all(rec, ray, clock, body)
+    ray.failing = {ids[-1]}  # dave's
+    started(ray, clock, ids)
+    await step(rec, body, volunteers(ray.present))
+    clock.advance(600)
+    for sid in ids:
+        answered(ray, clock, sid, GOOD)
+    return rec, body, ids
+
+
 async def test_one_copy_whose_log_is_never_served_does_not_hold_a_vote_the_others_decided() -> None:
     """README: one copy that never ends does not keep a decided job Running. Alice's and carol's
     copies agree; dave's copy ended too, but his (alive) node answers his log's read with errors:
     every pass raised, Running for ever, no evidence on dave. Now his log is taken for gone a
     bounded time after the first failed read: no answer, and charged as a node that took its log away."""
     clock = Clock()
-
-    class DaveHidesHisLog(StampingRay):
-        async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
-            if submission_id == ids[2]:
-                raise RayUnavailableError("unexpected reply to job logs (500)")
-            return await super().logs(submission_id, driver_node_id, lines)
-
-    ray = DaveHidesHisLog(["vn-a", "vn-c", "vn-d"], clock)
-    rec = reconciler(ray, clock)
-    body = replicated_job(quorum=3)
-    ids = await submit_all(rec, ray, clock, body)
+    ray = CopyLogFails(["vn-a", "vn-c", "vn-d"], clock)
+    rec, body, ids = await _all_answered(ray, clock)
     assert len(ids) == 3
-    started(ray, clock, ids)
-    await step(rec, body, volunteers(ray.present))
-    clock.advance(600)
-    for sid in ids:
-        answered(ray, clock, sid, GOOD)
     clock.advance(LOG_UNSERVED_GIVE_UP_SECONDS)
     await step(rec, body, volunteers(ray.present))
     assert body["status"]["phase"] == "Running"  # still read again: the failure may pass
@@ -547,24 +569,8 @@ async def test_an_honest_copy_s_one_failed_read_long_after_the_end_is_read_again
     once (his tunnel reconnecting). He was charged a timeout and his answer dropped, where the
     retry a few seconds later reads it."""
     clock = Clock()
-    blips: list[str] = []
-
-    class DaveBlips(StampingRay):
-        async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
-            if submission_id == ids[2] and not blips:
-                blips.append(submission_id)
-                raise RayUnavailableError("timed out reading job logs")
-            return await super().logs(submission_id, driver_node_id, lines)
-
-    ray = DaveBlips(["vn-a", "vn-c", "vn-d"], clock)
-    rec = reconciler(ray, clock)
-    body = replicated_job(quorum=3)
-    ids = await submit_all(rec, ray, clock, body)
-    started(ray, clock, ids)
-    await step(rec, body, volunteers(ray.present))
-    clock.advance(600)
-    for sid in ids:
-        answered(ray, clock, sid, GOOD)
+    ray = CopyLogFails(["vn-a", "vn-c", "vn-d"], clock, error="timed out reading job logs", once=True)
+    rec, body, _ = await _all_answered(ray, clock)
     clock.advance(LOG_UNSERVED_GIVE_UP_SECONDS + 60)
     await step(rec, body, volunteers(ray.present))
     assert body["status"]["phase"] == "Running"
@@ -593,15 +599,8 @@ async def test_an_early_decision_counts_a_copy_whose_log_cannot_be_read_yet_as_n
     log and one failing read failed the pass: the vote stayed undecided and erin's copy ran on.
     Bob's copy now counts as not answered yet, as erin's: no answer, no evidence."""
     clock = Clock()
-
-    class BobsLogFails(StampingRay):
-        async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
-            if submission_id == ids[1]:
-                raise RayUnavailableError("unexpected reply to job logs (500)")
-            return await super().logs(submission_id, driver_node_id, lines)
-
     names = list(FIVE_OWNERS)
-    ray = BobsLogFails(names, clock)
+    ray = CopyLogFails(names, clock)
     vols = {n: volunteer(owner, node_address(n), connected=True) for n, owner in FIVE_OWNERS.items()}
     rec = reconciler(ray, clock)
     body = make_body(
@@ -611,14 +610,9 @@ async def test_an_early_decision_counts_a_copy_whose_log_cannot_be_read_yet_as_n
             "expectedDurationSeconds": 60,
         }
     )
-    for _ in range(10):
-        await step(rec, body, vols)
-        clock.advance(40)
-        status = body["status"]
-        ids = [copy_submission_id_from(status.get("submissionId"), k) or "" for k in range(5)]
-        if status.get("assignedNodes") and all(i in ray.jobs for i in ids):
-            break
+    ids = await submit_all(rec, ray, clock, body, vols)
     assert body["status"]["assignedNodes"] == names, body["status"]
+    ray.failing = {ids[1]}  # bob's
     started(ray, clock, ids)
     await step(rec, body, vols)
     clock.advance(600)

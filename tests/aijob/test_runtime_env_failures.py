@@ -53,9 +53,12 @@ async def test_a_copy_whose_node_cannot_set_up_the_env_the_others_set_up_is_char
     assert (bad, "failure") in outcome.reputation, outcome.reputation
 
 
-async def test_a_node_that_fails_every_env_setup_is_tried_last_and_charged_once_another_sets_it_up() -> None:
-    """A node whose env setup always fails (broken network, or on purpose) was never charged and
-    never passed over: every retry landed on it again and the job failed while another node idled."""
+async def first_node_always_fails(
+    error_type: str, message: str
+) -> tuple[dict[str, Any], list[str], list[tuple[str, str]]]:
+    """A single-copy job (backoffLimit 2) on two nodes: every attempt on the node of the first one
+    ends FAILED with ``error_type`` and ``message``, an attempt on the other node succeeds. The
+    job's body, the node of each attempt, and the failures charged."""
     ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
     rec = reconciler(ray, clock)
     vols = volunteers(ray.present)
@@ -66,8 +69,7 @@ async def test_a_node_that_fails_every_env_setup_is_tried_last_and_charged_once_
         nodes, ids = await _submit_all(rec, ray, clock, body, vols)
         used.append(nodes[0])
         if nodes[0] == used[0]:
-            ray.set_state(ids[0], RayJobState.FAILED, message="runtime_env setup failed",
-                          error_type="RUNTIME_ENV_SETUP_FAILURE")  # fmt: skip
+            ray.set_state(ids[0], RayJobState.FAILED, message=message, error_type=error_type)
         else:
             ray.logs_by_id[ids[0]] = GOOD
             ray.set_state(ids[0], RayJobState.SUCCEEDED)
@@ -75,6 +77,13 @@ async def test_a_node_that_fails_every_env_setup_is_tried_last_and_charged_once_
         clock.advance(40)
         if body["status"]["phase"] in ("Succeeded", "Failed"):
             break
+    return body, used, charged
+
+
+async def test_a_node_that_fails_every_env_setup_is_tried_last_and_charged_once_another_sets_it_up() -> None:
+    """A node whose env setup always fails (broken network, or on purpose) was never charged and
+    never passed over: every retry landed on it again and the job failed while another node idled."""
+    body, used, charged = await first_node_always_fails("RUNTIME_ENV_SETUP_FAILURE", "runtime_env setup failed")
     assert body["status"]["phase"] == "Succeeded", (used, body["status"]["reason"], body["status"]["message"])
     assert used[1] != used[0]  # the retry went elsewhere first
     assert charged == [(used[0], "failure")]  # once the other node set the same spec up

@@ -16,12 +16,11 @@ import yaml
 from koinon_emulator.schema import admit
 from koinon_operator.api import aijob
 from koinon_operator.api.aijob import SpecError, parse_spec
-from koinon_operator.ray_jobs import RayJobState
-from koinon_operator.reconciler import submission_id_for
 from koinon_operator.scheduler import Gpu, JobRequest, NodeSnapshot, ReputationEvidence, schedule
 
-from tests.aijob.fake_ray import UID, Clock, FakeRay, make_body, make_reconciler, step
-from tests.aijob.test_verification_rounds import GOOD, CopiesRay, reconciler, volunteers
+from tests.aijob.fake_ray import Clock, FakeRay, failed_to_start, make_body, make_reconciler, step
+from tests.aijob.test_runtime_env_failures import first_node_always_fails
+from tests.aijob.test_verification_rounds import CopiesRay, reconciler, volunteers
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "manifests" / "crds" / "aijobs.koinon.dev.yaml"
@@ -180,19 +179,6 @@ def test_a_nul_in_an_env_var_is_refused_without_quoting_the_value() -> None:
     assert "\x00" not in str(error), str(error)  # quoted as 'TO\x00KEN', not as the character
 
 
-async def _failed_to_start(message: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-    ray, clock = FakeRay(), Clock()
-    rec = make_reconciler(ray, clock)
-    body = make_body({"entrypoint": "python x.py", "backoffLimit": 2})
-    await step(rec, body)
-    await step(rec, body)  # submitted
-    ray.set_state(
-        submission_id_for(UID, 1), RayJobState.FAILED, message=message, error_type="JOB_ENTRYPOINT_COMMAND_START_ERROR"
-    )
-    clock.advance(30)
-    return body, (await step(rec, body)).reputation
-
-
 def _traceback(exception_line: str) -> str:
     # Ray's message for this error type is traceback.format_exc() in JobSupervisor.run; raised
     # starting the entrypoint, it goes through _exec_entrypoint into subprocess.Popen.
@@ -216,7 +202,7 @@ def _traceback(exception_line: str) -> str:
 async def test_an_entrypoint_ray_refused_to_run_fails_the_job_at_once_and_charges_nobody() -> None:
     """Popen's ValueError (the NUL byte of a spec the operator took before it refused them) is the
     same on every node: rejected as a runtime_env Ray refuses is, not retried on volunteers."""
-    body, reputation = await _failed_to_start(_traceback("ValueError: embedded null byte"))
+    body, reputation = await failed_to_start(_traceback("ValueError: embedded null byte"))
     status = body["status"]
     assert (status["phase"], status["reason"]) == ("Failed", "SubmitRejected"), status
     assert status["message"].endswith("its entrypoint could not be run: ValueError: embedded null byte")
@@ -224,9 +210,7 @@ async def test_an_entrypoint_ray_refused_to_run_fails_the_job_at_once_and_charge
 
 
 async def test_a_driver_its_node_could_not_start_is_retried_and_not_charged_at_once() -> None:
-    body, reputation = await _failed_to_start(
-        _traceback("BlockingIOError: [Errno 11] Resource temporarily unavailable")
-    )
+    body, reputation = await failed_to_start(_traceback("BlockingIOError: [Errno 11] Resource temporarily unavailable"))
     assert (body["status"]["phase"], body["status"]["reason"]) == ("Pending", "BackOff"), body["status"]
     assert body["status"]["failures"] == 1
     assert ("vn-1", "failure") not in reputation, reputation
@@ -235,30 +219,9 @@ async def test_a_driver_its_node_could_not_start_is_retried_and_not_charged_at_o
 async def test_a_node_that_cannot_start_a_driver_another_starts_is_tried_last_and_charged_once() -> None:
     """As a runtime_env that fails to set up: the volunteer pays once another node has started the
     same spec, not before (on a fleet where every node fails it, the spec is at fault)."""
-    ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
-    rec = reconciler(ray, clock)
-    vols = volunteers(ray.present)
-    body = make_body({"entrypoint": "python x.py", "backoffLimit": 2})
-    used: list[str] = []
-    charged: list[tuple[str, str]] = []
-    for _ in range(6):
-        outcome = await step(rec, body, vols)
-        charged += [e for e in outcome.reputation if e[1] == "failure"]
-        clock.advance(40)
-        status = body["status"]
-        sid = status.get("submissionId")
-        if status["phase"] in ("Succeeded", "Failed"):
-            break
-        if not sid or sid not in ray.jobs or ray.jobs[sid].state.terminal:
-            continue
-        node = status["assignedNodes"][0]
-        used.append(node)
-        if node == used[0]:
-            ray.set_state(sid, RayJobState.FAILED, message=_traceback("OSError: [Errno 28] No space left on device"),
-                          error_type="JOB_ENTRYPOINT_COMMAND_START_ERROR")  # fmt: skip
-        else:
-            ray.logs_by_id[sid] = GOOD
-            ray.set_state(sid, RayJobState.SUCCEEDED)
+    body, used, charged = await first_node_always_fails(
+        "JOB_ENTRYPOINT_COMMAND_START_ERROR", _traceback("OSError: [Errno 28] No space left on device")
+    )
     assert body["status"]["phase"] == "Succeeded", (used, body["status"])
     assert len(used) == 2 and used[1] != used[0], used
     assert charged == [(used[0], "failure")], charged

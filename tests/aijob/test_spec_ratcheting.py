@@ -24,7 +24,7 @@ from koinon_operator.api.aijob import AIJobSpec, SpecError
 from koinon_operator.ray_jobs import RayJobState
 from koinon_operator.reconciler import AIJobReconciler, submission_id_for
 
-from tests.aijob.fake_ray import UID, Clock, FakeRay, make_body, make_reconciler, step
+from tests.aijob.fake_ray import UID, Clock, FakeRay, failed_to_start, make_body, make_reconciler, step
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA = yaml.safe_load((ROOT / "manifests/crds/aijobs.koinon.dev.yaml").read_text())["spec"]["versions"][0]["schema"][
@@ -240,23 +240,10 @@ class _Supervisor:
             return traceback.format_exc()
 
 
-async def _ended_with(message: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-    ray, clock = FakeRay(), Clock()
-    rec = make_reconciler(ray, clock)
-    body = make_body({"entrypoint": "python x.py", "backoffLimit": 2})
-    await step(rec, body)
-    await step(rec, body)  # submitted
-    ray.set_state(
-        submission_id_for(UID, 1), RayJobState.FAILED, message=message, error_type="JOB_ENTRYPOINT_COMMAND_START_ERROR"
-    )
-    clock.advance(30)
-    return body, (await step(rec, body)).reputation
-
-
 async def test_popen_refusing_the_entrypoint_is_a_rejection(tmp_path: Path) -> None:
     message = _Supervisor("python\x00 x.py").run(str(tmp_path / "log"))
     assert "in _exec_entrypoint" in message and message.rstrip().endswith("ValueError: embedded null byte"), message
-    body, reputation = await _ended_with(message)
+    body, reputation = await failed_to_start(message)
     assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "SubmitRejected"), body["status"]
     assert not [e for e in reputation if e[1] == "failure"], reputation
 
@@ -268,7 +255,7 @@ async def test_a_value_error_once_the_driver_ran_is_not_the_specs(tmp_path: Path
     message = _Supervisor("true").run(str(tmp_path / "log"), stop_wait="abc")
     assert message.rstrip().endswith("ValueError: invalid literal for int() with base 10: 'abc'"), message
     assert "_exec_entrypoint" not in message
-    body, reputation = await _ended_with(message)
+    body, reputation = await failed_to_start(message)
     assert (body["status"]["phase"], body["status"]["reason"]) == ("Pending", "BackOff"), body["status"]
     assert body["status"]["failures"] == 1
     assert not [e for e in reputation if e[1] == "failure"], reputation

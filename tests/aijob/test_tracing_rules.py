@@ -220,23 +220,23 @@ def test_the_ray_job_gets_the_roots_sampling_decision(monkeypatch: pytest.Monkey
     assert traceparent(trace_id).endswith("-00")
 
 
+def resource_attributes() -> dict[str, Any]:
+    """The resource attributes of the provider setup_tracing() builds from the environment."""
+    provider = setup_tracing()
+    assert provider is not None
+    try:
+        return dict(provider.resource.attributes)
+    finally:
+        provider.shutdown()
+
+
 def test_service_name_from_otel_resource_attributes_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=sre-operator,deployment.environment=prod")
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
-    provider = setup_tracing()
-    assert provider is not None
-    try:
-        assert provider.resource.attributes["service.name"] == "sre-operator"
-    finally:
-        provider.shutdown()
+    assert resource_attributes()["service.name"] == "sre-operator"
     monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES")
-    provider = setup_tracing()
-    assert provider is not None
-    try:
-        assert provider.resource.attributes["service.name"] == "koinon-operator"
-    finally:
-        provider.shutdown()
+    assert resource_attributes()["service.name"] == "koinon-operator"
 
 
 @pytest.fixture
@@ -383,23 +383,30 @@ def test_a_generic_otlp_headers_value_the_exporter_does_not_read_is_not_checked(
     assert "OTEL_EXPORTER_OTLP_HEADERS: item 1" in (exporter_settings_problem() or "")
 
 
-def test_the_operator_exits_2_on_a_malformed_otlp_headers_item(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
+def main_exits_2_before_kopf(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], if_kopf_started: str
+) -> str:
+    """The operator's main() with the OTEL_* settings of the environment: it must exit 2 before
+    kopf starts (``if_kopf_started`` says what would go wrong otherwise); what it wrote to stderr."""
     from koinon_operator.main import main
 
-    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://api.honeycomb.io:443")
-    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", f"x-honeycomb-team: {HONEYCOMB_KEY}")
-
     def kopf_run(**_: Any) -> None:
-        raise AssertionError("kopf started with the API key left out of every export")
+        raise AssertionError(if_kopf_started)
 
     monkeypatch.setattr(kopf, "run", kopf_run)
     with pytest.raises(SystemExit) as exited:
         main([])
     assert exited.value.code == 2
-    err = capsys.readouterr().err
+    return capsys.readouterr().err
+
+
+def test_the_operator_exits_2_on_a_malformed_otlp_headers_item(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://api.honeycomb.io:443")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", f"x-honeycomb-team: {HONEYCOMB_KEY}")
+    err = main_exits_2_before_kopf(monkeypatch, capsys, "kopf started with the API key left out of every export")
     assert "koinon-operator: OTEL_EXPORTER_OTLP_HEADERS: item 1 is not name=value" in err
     assert HONEYCOMB_KEY not in err
 

@@ -13,11 +13,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import kopf
 import pytest
 import yaml
 from koinon_operator.telemetry import exporter_settings_problem, setup_tracing
 from opentelemetry.sdk.trace import TracerProvider
+
+from tests.aijob.test_tracing_rules import main_exits_2_before_kopf, resource_attributes
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,6 +33,17 @@ def _no_otel_settings(monkeypatch: pytest.MonkeyPatch) -> None:
 def _exporter(provider: TracerProvider) -> Any:
     processors: Any = provider._active_span_processor._span_processors
     return processors[0]._batch_processor._exporter
+
+
+def _exporter_endpoint() -> str:
+    """The endpoint of the exporter setup_tracing() builds from the environment."""
+    provider = setup_tracing()
+    assert provider is not None
+    try:
+        endpoint: str = _exporter(provider)._endpoint
+        return endpoint
+    finally:
+        provider.shutdown()
 
 
 def _manifest_env() -> list[dict[str, Any]]:
@@ -87,20 +99,12 @@ def test_settings_the_sdk_refuses_stop_the_operator_at_start_naming_the_variable
     """They passed main()'s check (which built the exporters only, and caught only ValueError),
     then setup_tracing() raised in kopf's startup handler: kopf retried every 60 s and the operator
     reconciled nothing while looking alive (or, for the compression, main() died with a traceback)."""
-    from koinon_operator.main import main
-
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://tempo:4317")
     for name, value in settings.items():
         monkeypatch.setenv(name, value)
-
-    def kopf_run(**_: Any) -> None:
-        raise AssertionError("kopf started: its startup handler's setup_tracing() would raise every minute")
-
-    monkeypatch.setattr(kopf, "run", kopf_run)
-    with pytest.raises(SystemExit) as exited:
-        main([])
-    assert exited.value.code == 2
-    err = capsys.readouterr().err
+    err = main_exits_2_before_kopf(
+        monkeypatch, capsys, "kopf started: its startup handler's setup_tracing() would raise every minute"
+    )
     assert err.startswith("koinon-operator: ") and err.count("\n") == 1, err
     assert variable in err, err
 
@@ -210,12 +214,7 @@ def test_an_empty_endpoint_variable_is_unset_for_an_explicit_otlp_exporter(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "otlp")
     assert exporter_settings_problem() is None
-    provider = setup_tracing()
-    assert provider is not None
-    try:
-        assert _exporter(provider)._endpoint == default
-    finally:
-        provider.shutdown()
+    assert _exporter_endpoint() == default
 
 
 @pytest.mark.parametrize(
@@ -227,12 +226,7 @@ def test_an_empty_traces_endpoint_leaves_the_generic_one(
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://tempo:4317")
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
-    provider = setup_tracing()
-    assert provider is not None
-    try:
-        assert _exporter(provider)._endpoint == expected
-    finally:
-        provider.shutdown()
+    assert _exporter_endpoint() == expected
 
 
 def test_an_empty_endpoint_without_otlp_named_still_exports_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -260,19 +254,9 @@ def test_the_manifests_service_name_is_the_default_and_an_sres_resource_attribut
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
-    provider = setup_tracing()
-    assert provider is not None
-    try:
-        attributes = provider.resource.attributes
-        assert attributes["service.name"] == "koinon-operator"
-        assert attributes["k8s.pod.name"] == POD["metadata.name"]
-    finally:
-        provider.shutdown()
+    attributes = resource_attributes()
+    assert attributes["service.name"] == "koinon-operator"
+    assert attributes["k8s.pod.name"] == POD["metadata.name"]
     # The SRE adds service.name to the manifest's OTEL_RESOURCE_ATTRIBUTES.
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", f"service.name=koinon-prod,{env['OTEL_RESOURCE_ATTRIBUTES']}")
-    provider = setup_tracing()
-    assert provider is not None
-    try:
-        assert provider.resource.attributes["service.name"] == "koinon-prod"
-    finally:
-        provider.shutdown()
+    assert resource_attributes()["service.name"] == "koinon-prod"

@@ -76,6 +76,13 @@ def parse_documents(text: str) -> list[Manifest]:
     return [doc for doc in yaml.safe_load_all(text) if doc]
 
 
+def render(tools: Tools, values: dict[str, str | None] | None = None, *, extra: Sequence[str] = ()) -> list[Manifest]:
+    """The chart's manifests for ``values`` (see helm_template), which helm must render."""
+    result = helm_template(tools, values, extra=extra)
+    assert result.returncode == 0, result.stderr
+    return parse_documents(result.stdout)
+
+
 def by_kind(documents: list[Manifest], kind: str) -> list[Manifest]:
     return [doc for doc in documents if doc["kind"] == kind]
 
@@ -95,3 +102,12 @@ def agent_container(workload: Manifest) -> Manifest:
 
 def env_map(container: Manifest) -> dict[str, Manifest]:
     return {entry["name"]: entry for entry in container.get("env", [])}
+
+
+def assert_refused(tools: Tools, values: dict[str, str | None], expected: str) -> None:
+    """helm refuses to render the chart with ``values`` (see helm_template), saying ``expected``,
+    and renders nothing."""
+    result = helm_template(tools, values)
+    assert result.returncode != 0, f"accepted bad values {values}"
+    assert expected in result.stderr, result.stderr
+    assert result.stdout == ""
