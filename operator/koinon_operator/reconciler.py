@@ -1353,6 +1353,13 @@ class AIJobReconciler:
             answers.append(
                 CopyAnswer(text, extract_result(text) if succeeded and text is not None else None, gone=got.why)
             )
+        if settling:
+            # The pass waits for other copies' logs to settle; a whole answer read meanwhile (its
+            # result line in it) is kept, so that its node leaving before the next pass (an honest
+            # drain) does not lose it: _driver_log serves it then.
+            for info, answer in zip(infos, answers, strict=True):
+                if answer.log is not None and RESULT_MARKER in answer.log and info.state is RayJobState.SUCCEEDED:
+                    self._keep_served(info, answer.log)
         return None if settling else answers
 
     async def _driver_log(self, state: AIJobStatus, copy: int, info: RayJobInfo, lost: list[str]) -> _LogRead:
@@ -1368,10 +1375,10 @@ class AIJobReconciler:
         stands for it. Another of the copy's nodes leaving (a replica's, after the job succeeded)
         made one failed read LOG_GONE, and the living driver's node was charged for it.
 
-        A log already served without a result line (_settling) is not lost with a failed read: if
-        its node then left (an honest agent's drain stops Ray within a second of its last task),
-        or once it has settled, that text is the log (delivered, ``final`` when the node left); a
-        verified copy's only once settled.
+        A whole log already served (_settling: with its result line, on a pass that waited for
+        others, or settled without one) is not lost with a failed read: that text is the log
+        (delivered, ``final`` when the node left, as an honest agent's drain stops Ray within a
+        second of its last task). Text served before it settled is not (see below).
         """
         try:
             text = await self.ray.logs(info.submission_id, info.driver_node_id)
@@ -1382,14 +1389,16 @@ class AIJobReconciler:
             else:
                 driver_left = next(iter(state.copy_nodes(copy)), None) in lost
             served = self._settling.get(info.submission_id)
-            # Settled: served again once LOG_SETTLE_SECONDS had passed, still without a result line.
-            settled = served is not None and served.read_at - served.first >= LOG_SETTLE_SECONDS
-            # Unsettled text may still miss the driver's last lines. A single copy's result is
-            # only reported, so it is that; a verified copy's would be voted on (the digest covers
-            # the whole log) and an honest drain charged a disagreement: it is no answer then.
-            single = state.copies == 1 and not state.earlier_results
-            waited = served is not None and self.monotonic() - served.first >= LOG_SETTLE_SECONDS
-            if served is not None and (settled or (single and (driver_left or waited))):
+            # Whole: its result line in it, or served again once LOG_SETTLE_SECONDS had passed
+            # still without one. Text served before it settled may miss the driver's last lines
+            # (Ray reports SUCCEEDED before the log is flushed): a verified copy's would be voted on
+            # (the digest covers the whole log) and an honest drain charged a disagreement, a
+            # single copy's reported as a result without the value its job printed last. It is no
+            # log then: gone with its node (charged to no one), or read again while the node lives.
+            whole = served is not None and (
+                RESULT_MARKER in served.text or served.read_at - served.first >= LOG_SETTLE_SECONDS
+            )
+            if served is not None and whole:
                 self._unserved.pop(info.submission_id, None)
                 return _LogRead(served.text, final=driver_left)
             if driver_left:
@@ -1883,6 +1892,15 @@ class AIJobReconciler:
         writer.condition(ConditionType.RUNNING, False, reason, message)
         writer.condition(ConditionType.COMPLETE if succeeded else ConditionType.FAILED, True, reason, message)
         outcome.event(reason, message, warning=not succeeded)
+
+    def _keep_served(self, info: RayJobInfo, text: str) -> None:
+        """Keeps a whole log (its result line in it) served on a pass that waits for others."""
+        now = self.monotonic()
+        entry = self._settling.get(info.submission_id)
+        if entry is None:
+            self._logs_settled(info, text)  # makes the entry, bounded
+        else:
+            entry.text, entry.read_at = text, now
 
     def _logs_settled(self, info: RayJobInfo, text: str) -> bool:
         """Whether a SUCCEEDED submission's log, served as ``text`` without a result line, is taken

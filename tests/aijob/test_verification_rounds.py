@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import pytest
 from koinon_operator.api.aijob import AIJobStatus
 from koinon_operator.inventory import RayNodeCache
 from koinon_operator.ray_jobs import RayJobState, RayNodeInfo, RayUnavailableError, Submission
@@ -448,3 +449,47 @@ async def test_a_verified_copy_whose_node_left_before_its_log_settled_is_no_diss
         reputation += (await step(rec, body, vols)).reputation
     assert ray.partial_served
     assert ("vn-d", "disagreement") not in reputation, reputation
+
+
+class OneFlushesLateOneLeaves(CopiesRay):
+    """vn-a's log ("late:") is first served before its result line is flushed; vn-d's ("leaver:")
+    is served whole, result line and all, once: then its node leaves (an honest drain)."""
+
+    late_served = False
+    leaver_served = False
+
+    async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
+        text = self.logs_by_id.get(submission_id, "")
+        if text.startswith("late:") and not self.late_served:
+            self.late_served = True
+            return "late:training\n"
+        if text.startswith("leaver:"):
+            if self.leaver_served:
+                raise RayUnavailableError("job logs: 500 (its node is gone)")
+            self.leaver_served = True
+        return await super().logs(submission_id, driver_node_id, lines)
+
+
+@pytest.mark.parametrize("quorum", [2, 3])
+async def test_a_whole_answer_read_while_another_copy_settles_is_kept_when_its_node_leaves(quorum: int) -> None:
+    """vn-d's whole log (its KOINON_RESULT line in it) was served on the pass that found every
+    copy SUCCEEDED, but vn-a's had no result line yet, so the pass waited for it to settle. vn-d's
+    node then drained and left: its delivered answer was dropped (LOG_GONE) and the honest
+    volunteer charged a timeout; with 2 copies there was no majority and the job ran again."""
+    names = ["vn-a", "vn-d"] if quorum == 2 else ["vn-a", "vn-c", "vn-d"]
+    ray, clock = OneFlushesLateOneLeaves(names), Clock()
+    rec = reconciler(ray, clock)
+    body = replicated_job(quorum=quorum)
+    answers: dict[str, str | None] = {n: "other:training\n" + GOOD for n in names}
+    answers["vn-a"], answers["vn-d"] = "late:training\n" + GOOD, "leaver:training\n" + GOOD
+    reputation = list((await run_copies(rec, ray, clock, body, answers)).reputation)
+    assert ray.late_served and ray.leaver_served
+    ray.present = [n for n in names if n != "vn-d"]  # vn-d's node left after serving its whole log
+    vols, waited = volunteers(names), 0.0
+    while body["status"]["phase"] not in ("Succeeded", "Failed") and waited < 60:
+        clock.advance(2)
+        waited += 2
+        reputation += (await step(rec, body, vols)).reputation
+    assert body["status"]["phase"] == "Succeeded", body["status"]
+    assert body["status"]["attempts"] == 1
+    assert ("vn-d", "timeout") not in reputation, reputation
