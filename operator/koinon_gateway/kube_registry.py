@@ -228,10 +228,16 @@ class KubeNodeRegistry:
             if exc.not_found or (preconditions and exc.conflict):  # gone, or no longer the object read
                 return False
             raise
-        self._last.pop(name, None)
-        self._created.pop(name, None)
-        self._seen.pop(name, None)  # deleted by this gateway, which deals with its session itself
+        self._forget(name)  # deleted by this gateway, which deals with its session itself
         return True
+
+    def _forget(self, name: str) -> None:
+        """Drops what this registry keeps of a node that is gone (deleted, or being deleted)."""
+        self._last.pop(name, None)
+        self._seen.pop(name, None)
+        # Created here and gone before its first status write (deleted by someone else): kept for
+        # the life of the process otherwise.
+        self._created.pop(name, None)
 
     async def deleted_nodes(self) -> AsyncIterator[DeletedNode]:
         """VolunteerNodes as they are deleted, for as long as the caller iterates.
@@ -271,16 +277,14 @@ class KubeNodeRegistry:
                             vanished[name] = self._seen.get(name, "")
                     for name in sorted(vanished.keys() - current.keys()):
                         # As a DELETED event drops it: else each node gone during a gap stays here.
-                        self._last.pop(name, None)
-                        self._seen.pop(name, None)
+                        self._forget(name)
                         yield DeletedNode(name, vanished[name])
                     for name in sorted(known.keys() & current.keys()):
                         if _replaced(known_uids.get(name, ""), current[name]):
                             self._last.pop(name, None)
                             yield DeletedNode(name, known[name], replaced=True)
                     for name in sorted(terminating - reported):
-                        self._last.pop(name, None)
-                        self._seen.pop(name, None)
+                        self._forget(name)
                         yield DeletedNode(name, status_address(current[name]))
                     known = {name: status_address(item) for name, item in current.items() if name not in terminating}
                     known_uids = {name: node_uid(current[name]) for name in known}
@@ -300,8 +304,7 @@ class KubeNodeRegistry:
                     elif event.type in ("ADDED", "MODIFIED", "DELETED"):
                         known.pop(name, None)
                         known_uids.pop(name, None)
-                        self._last.pop(name, None)
-                        self._seen.pop(name, None)
+                        self._forget(name)
                         first = name not in reported
                         if event.type == "DELETED":
                             reported.discard(name)

@@ -234,5 +234,6 @@ def test_the_schemas_limits_are_the_gateways() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())["properties"]
     gpus = schema["gpus"]["properties"]
     assert gpus["simulate"]["maximum"] == MAX_GPUS
+    assert gpus["count"]["maximum"] == MAX_GPUS  # the agent offers no more (the rest left out)
     assert gpus["simulatedMemoryMiB"]["maximum"] == MAX_GPU_MEMORY_MIB
     assert schema["node"]["properties"]["region"]["maxLength"] == MAX_TEXT

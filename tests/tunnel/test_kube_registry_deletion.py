@@ -283,6 +283,27 @@ async def test_a_node_reported_gone_after_a_relist_leaves_no_last_write_behind(k
         watcher.cancel()
 
 
+async def test_a_node_created_here_and_deleted_before_its_first_status_leaves_nothing_behind(kube: Kube) -> None:
+    """A node this registry created keeps its (uid, resourceVersion) for a one-call first status
+    write; deleted by someone else before that write (a join cancelled, an admin), the entry stayed
+    for the life of the process, on the watch's and on the relist's paths alike."""
+    registry = KubeNodeRegistry(kube.client)
+    deleted: asyncio.Queue[DeletedNode] = asyncio.Queue()
+    await registry.create("vn-watched", {"owner": "alice"}, {})
+    await registry.create("vn-relisted", {"owner": "bob"}, {})
+    assert {"vn-watched", "vn-relisted"} <= registry._created.keys()
+    await registry.list()
+    kube.emulator.delete(*VN, "vn-relisted")  # before the watch's first list: found gone by that list
+    watcher = asyncio.ensure_future(_collect(registry, deleted))
+    try:
+        assert (await asyncio.wait_for(deleted.get(), 10)).name == "vn-relisted"
+        kube.emulator.delete(*VN, "vn-watched")  # seen by the watch
+        assert (await asyncio.wait_for(deleted.get(), 10)).name == "vn-watched"
+        assert not registry._created and not registry._last and not registry._seen
+    finally:
+        watcher.cancel()
+
+
 class ListThenCreateClient(KubeClient):
     """Joins that land while the first list is under way: ``before_first_list`` runs once the
     registry has asked for the list but before the API takes it, ``during_first_list`` after the
