@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from koinon_operator.api.aijob import (
     AIJobSpec,
@@ -287,6 +287,18 @@ class _UnservedLog:
     first: float  # monotonic: this process's first failed read of it
     last: float  # monotonic: the latest
     failures: int
+
+
+_Entry = TypeVar("_Entry")
+
+
+def _drop_stale(table: dict[str, _Entry], now: float, since: Callable[[_Entry], float]) -> None:
+    """Bounds a per-submission table before it takes another entry: once LOG_UNSERVED_KEPT are
+    held, those untouched for LOG_UNSERVED_STALE_SECONDS go (live ones stay: evicting those made
+    the longest-quiet, i.e. the next read, wait anew for ever)."""
+    if len(table) >= LOG_UNSERVED_KEPT:
+        for key in [k for k, entry in table.items() if now - since(entry) > LOG_UNSERVED_STALE_SECONDS]:
+            del table[key]
 
 
 @dataclass(frozen=True)
@@ -1429,9 +1441,7 @@ class AIJobReconciler:
         now = self.monotonic()
         entry = self._unserved.get(submission_id)
         if entry is None:
-            if len(self._unserved) >= LOG_UNSERVED_KEPT:
-                for old in [s for s, e in self._unserved.items() if now - e.last > LOG_UNSERVED_STALE_SECONDS]:
-                    del self._unserved[old]
+            _drop_stale(self._unserved, now, lambda e: e.last)
             self._unserved[submission_id] = _UnservedLog(now, now, 1)
             return False
         entry.last = now
@@ -1893,28 +1903,21 @@ class AIJobReconciler:
         writer.condition(ConditionType.COMPLETE if succeeded else ConditionType.FAILED, True, reason, message)
         outcome.event(reason, message, warning=not succeeded)
 
-    def _keep_served(self, info: RayJobInfo, text: str) -> None:
-        """Keeps a whole log (its result line in it) served on a pass that waits for others."""
-        now = self.monotonic()
-        entry = self._settling.get(info.submission_id)
-        if entry is None:
-            self._logs_settled(info, text)  # makes the entry, bounded
-        else:
-            entry.text, entry.read_at = text, now
-
     def _logs_settled(self, info: RayJobInfo, text: str) -> bool:
         """Whether a SUCCEEDED submission's log, served as ``text`` without a result line, is taken
         as final: LOG_SETTLE_SECONDS after the first pass of this process that found it so. The
         text is kept meanwhile: should the node leave before then, it is what was delivered."""
+        return self.monotonic() - self._keep_served(info, text).first >= LOG_SETTLE_SECONDS
+
+    def _keep_served(self, info: RayJobInfo, text: str) -> _SettlingLog:
+        """Keeps ``text`` as the submission's log as last served (_settling), bounded as _unserved is."""
         now = self.monotonic()
         entry = self._settling.get(info.submission_id)
         if entry is None:
-            if len(self._settling) >= LOG_UNSERVED_KEPT:  # bounded as _unserved is (live ones kept)
-                for old in [s for s, e in self._settling.items() if now - e.first > LOG_UNSERVED_STALE_SECONDS]:
-                    del self._settling[old]
+            _drop_stale(self._settling, now, lambda e: e.first)
             self._settling[info.submission_id] = entry = _SettlingLog(now, text, now)
         entry.text, entry.read_at = text, now
-        return now - entry.first >= LOG_SETTLE_SECONDS
+        return entry
 
     @staticmethod
     def _ttl_expired(spec: AIJobSpec, state: AIJobStatus, now: datetime) -> bool:
