@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 from pathlib import Path
 
@@ -388,3 +389,25 @@ def test_a_token_on_the_command_line_is_warned_of_without_showing_it(
     assert "--token" not in caplog.text
     assert cli.main(["join", "--gateway", "gw:1", "--ca-file", str(tmp_path), "--token", token]) == 2
     assert "--token on the command line" in caplog.text  # the flag, whatever the environment holds
+
+
+def test_bytes_that_are_not_utf8_in_the_name_hint_are_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The join failed with "'utf-8' codec can't encode character '\\udcff'" (exit 2, naming nothing):
+    os.environ keeps undecodable bytes as lone surrogates, which a protobuf string refuses."""
+    from koinon_gateway.service import node_name_from_hint, validate_join
+    from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+    monkeypatch.setenv("KOINON_NODE_NAME", os.fsdecode(b"gpu-\xffbox"))
+    hint = config_from(["--gateway", "gw:1"]).join_name_hint
+    assert hint == "gpu-?box"
+    request = pb.JoinRequest(name_hint=hint)
+    validate_join(pb.JoinRequest.FromString(request.SerializeToString()))
+    assert node_name_from_hint(hint).startswith("gpu-")
+
+
+def test_a_region_that_is_not_utf8_is_bad_configuration(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KOINON_REGION", os.fsdecode(b"eu-\xff"))
+    assert cli.main(["join", "--gateway", "gw:1"]) == 2
+    assert "KOINON_REGION): not valid UTF-8" in capsys.readouterr().err

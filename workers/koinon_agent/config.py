@@ -143,6 +143,10 @@ class AgentConfig:
             raise ValueError(
                 f"region (--region, KOINON_REGION): at most {MAX_TEXT} characters (the gateway takes no more)"
             )
+        if not _encodes_as_utf8(self.region):
+            # Bytes that are not UTF-8 (os.environ/argv keep them as lone surrogates) cannot go into
+            # a protobuf string: the join failed later with the codec's own words.
+            raise ValueError("region (--region, KOINON_REGION): not valid UTF-8")
         if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_initial_s/backoff_max_s: need 0 < initial <= max")
         if self.backoff_reset_after_s < 0:
@@ -167,7 +171,9 @@ class AgentConfig:
     def join_name_hint(self) -> str:
         """The name hint as a JoinRequest carries it: at most MAX_TEXT characters, what the gateway
         reads of it (it keeps fewer still for the node's name)."""
-        return self.name_hint[:MAX_TEXT]
+        # Undecodable bytes in the hint (from a non-UTF-8 hostname or variable) become "?": a
+        # protobuf string must be UTF-8, and the gateway keeps only DNS-safe characters anyway.
+        return self.name_hint.encode("utf-8", "replace").decode("utf-8")[:MAX_TEXT]
 
     @property
     def ray_temp_dir(self) -> Path:
@@ -220,3 +226,11 @@ ENV_VARS: dict[str, str] = {
     "KOINON_PROXY_PORT": "proxy_port",
     "KOINON_PROXY_SECRET": "proxy_secret",
 }
+
+
+def _encodes_as_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
