@@ -54,25 +54,34 @@ def _normalize_secret(obj: JsonObj, old: JsonObj | None, name: str) -> None:
     data = obj.get("data") or {}
     if not isinstance(data, dict):
         raise errors.bad_request("Secret.data must be a map of keys to base64 strings")
-    for key, value in data.items():
+    for key, value in list(data.items()):
         # map[string][]byte: decoded from base64 while the request is read (a 400 when it is not).
+        # As ConfigMap binaryData: base64 with CR/LF in it (wrapped, as `base64` writes it) is
+        # taken and stored unwrapped. A null value decodes to empty bytes, which kube-apiserver
+        # serves back as "" (etcd's protobuf returns empty bytes, not nil): kubectl sends one for
+        # `data: {KEY: }`, the Python client for data={KEY: None}.
+        if value is None:
+            data[key] = ""
+            continue
         try:
             if not isinstance(value, str):
                 raise ValueError(f"expected a string, got {type(value).__name__}")
-            base64.b64decode(value, validate=True)
+            decoded = base64.b64decode(value.replace("\r", "").replace("\n", ""), validate=True)
         except (ValueError, binascii.Error) as error:
             raise errors.bad_request(
                 f'Secret in version "v1" cannot be handled as a Secret: data[{key}]: {error}'
             ) from error
+        data[key] = base64.b64encode(decoded).decode()
     string_data = obj.pop("stringData", None)
     if string_data is not None:
-        if not isinstance(string_data, dict) or not all(isinstance(v, str) for v in string_data.values()):
+        # map[string]string: a null value decodes as "".
+        if not isinstance(string_data, dict) or not all(v is None or isinstance(v, str) for v in string_data.values()):
             raise errors.bad_request(
                 'Secret in version "v1" cannot be handled as a Secret: stringData values must be strings'
             )
         data = dict(data)
         for key, value in string_data.items():
-            data[key] = base64.b64encode(value.encode()).decode()
+            data[key] = base64.b64encode((value or "").encode()).decode()
         obj["data"] = data
     obj.setdefault("type", "Opaque")
     key_help = "a valid config key must consist of alphanumeric characters, '-', '_' or '.'"

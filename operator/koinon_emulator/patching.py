@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from .errors import ApiError, bad_request, unprocessable_patch
+from .errors import ApiError, bad_request, json_type, unprocessable_patch
 
 JsonObj = dict[str, Any]
 
@@ -198,28 +198,71 @@ def _add(doc: Any, path: str, value: Any, replace: bool) -> Any:
     return doc
 
 
-def json_patch(target: Any, operations: Any) -> Any:
-    """Apply RFC 6902 operations to a deep copy of ``target``; a failed ``test`` raises 422."""
+def _decode_operations(operations: Any, field_validation: str) -> list[JsonObj]:
+    """The operations as kube-apiserver's patch.go reads them. Under fieldValidation Warn (its
+    default) or Strict it first decodes the whole patch into []jsonPatchOp{Op, Path, From string;
+    Value any}: an item that is not an object, or an op, path or from that is neither a string nor
+    null, is a 400 there, before any operation applies. Under Ignore evanphx/json-patch reads them as
+    raw JSON and the operation fails later (a 422). A null item decodes as an empty operation."""
     if not isinstance(operations, list):
         raise bad_request("json patch must be a list of operations")
+    decoded: list[JsonObj] = []
+    for operation in operations:
+        if operation is not None and not isinstance(operation, dict):
+            raise bad_request(
+                f"error decoding patch: json: cannot unmarshal {json_type(operation)} into Go value of type "
+                "handlers.jsonPatchOp"
+            )
+        operation = operation or {}
+        if field_validation != "Ignore":
+            for key in ("op", "path", "from"):
+                value = operation.get(key)
+                if value is not None and not isinstance(value, str):
+                    raise bad_request(
+                        f"error decoding patch: json: cannot unmarshal {json_type(value)} into Go struct field "
+                        f"jsonPatchOp.{key} of type string"
+                    )
+        decoded.append(operation)
+    return decoded
+
+
+def _operation_field(operation: JsonObj, kind: str, key: str) -> str:
+    """evanphx/json-patch's Operation.Path()/From() as its ops wrap their errors: a field absent or
+    null is "missing value", one that is not a string fails to decode; either fails the op (422)."""
+    value = operation.get(key)
+    if isinstance(value, str):
+        return value
+    if key == "path" and kind in ("add", "remove", "copy"):
+        reason = "missing value"  # these wrap ErrMissing, whatever the cause
+    elif value is None:
+        reason = f"operation{',' if key == 'from' else ''} missing {key} field: missing value"
+    else:
+        reason = f"json: cannot unmarshal {json_type(value)} into Go value of type string"
+    raise unprocessable_patch(f"{kind} operation failed to decode {key}: {reason}")
+
+
+def json_patch(target: Any, operations: Any, field_validation: str = "Warn") -> Any:
+    """Apply RFC 6902 operations to a deep copy of ``target`` as kube-apiserver does: a patch that
+    does not decode is a 400 (see _decode_operations), an operation that fails (a failed ``test``,
+    an unknown or absent ``op``, an absent ``path``) a 422."""
     doc = copy.deepcopy(target)
-    for number, operation in enumerate(operations):
-        if not isinstance(operation, dict) or "op" not in operation or "path" not in operation:
-            raise bad_request(f"json patch operation {number} must be an object with 'op' and 'path'")
-        op, path = operation["op"], operation["path"]
-        if not isinstance(path, str):
-            # The operation decodes (its values are raw JSON); applying it fails to read the path
-            # as a string, and patch.go turns that into a 422 like the other failed operations.
-            raise unprocessable_patch(f"{op} operation failed to decode path")
-        if op in ("add", "replace", "test") and "value" not in operation:
-            raise bad_request(f"json patch operation {number} ({op}) needs a 'value'")
-        if op == "add":
+    for number, operation in enumerate(_decode_operations(operations, field_validation)):
+        op = operation.get("op")
+        kind = op if isinstance(op, str) else "unknown"  # evanphx's Operation.Kind()
+        if kind not in ("add", "replace", "test", "remove", "move", "copy"):
+            raise unprocessable_patch(f"Unexpected kind: {kind}")
+        # move and copy read their "from" before their "path", as evanphx/json-patch does.
+        source = _operation_field(operation, kind, "from") if kind in ("move", "copy") else ""
+        path = _operation_field(operation, kind, "path")
+        if kind in ("add", "replace", "test") and "value" not in operation:
+            raise bad_request(f"json patch operation {number} ({kind}) needs a 'value'")
+        if kind == "add":
             doc = _add(doc, path, copy.deepcopy(operation["value"]), replace=False)
-        elif op == "replace":
+        elif kind == "replace":
             doc = _add(doc, path, copy.deepcopy(operation["value"]), replace=True)
-        elif op == "remove":
+        elif kind == "remove":
             _remove(doc, path)
-        elif op == "test":
+        elif kind == "test":
             try:
                 actual = _get(doc, path)
             except ApiError:
@@ -229,14 +272,9 @@ def json_patch(target: Any, operations: Any) -> Any:
                     f"the server rejected our request due to an error in our "
                     f"request: testing value {path} failed: test failed"
                 )
-        elif op in ("move", "copy"):
-            source = operation.get("from")
-            if not isinstance(source, str):
-                raise bad_request(f"json patch operation {number} ({op}) needs 'from'")
-            value = _remove(doc, source) if op == "move" else copy.deepcopy(_get(doc, source))
-            doc = _add(doc, path, value, replace=False)
         else:
-            raise bad_request(f"unknown json patch operation {op!r}")
+            value = _remove(doc, source) if kind == "move" else copy.deepcopy(_get(doc, source))
+            doc = _add(doc, path, value, replace=False)
     return doc
 
 
@@ -246,9 +284,9 @@ STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 APPLY_PATCH = "application/apply-patch+yaml"
 
 
-def apply_patch(target: JsonObj, patch: Any, content_type: str) -> Any:
+def apply_patch(target: JsonObj, patch: Any, content_type: str, field_validation: str = "Warn") -> Any:
     if content_type == JSON_PATCH:
-        return json_patch(target, patch)
+        return json_patch(target, patch, field_validation)
     if not isinstance(patch, dict):
         raise bad_request("a merge patch must be a JSON object")
     if content_type == MERGE_PATCH:

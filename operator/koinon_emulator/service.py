@@ -82,6 +82,16 @@ def _meta_type_problem(metadata: JsonObj) -> tuple[str, Any, str] | None:
     for key in _META_INTEGERS:
         if metadata.get(key) is not None and not _is_int(metadata[key]):
             return f"metadata.{key}", metadata[key], "int64"
+    for key in ("labels", "annotations"):
+        values = metadata.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            return f"metadata.{key}", values, "map[string]string"
+        for value in values.values():
+            # null decodes (into ""): ApiService._check_type stores it so.
+            if value is not None and not isinstance(value, str):
+                return f"metadata.{key}", value, "string"
     finalizers = metadata.get("finalizers")
     if finalizers is not None:
         if not isinstance(finalizers, list):
@@ -169,9 +179,11 @@ class ApiService:
     # -- shared checks -------------------------------------------------------------------------
 
     def _check_type(self, resource: ResourceType, body: Any) -> JsonObj:
+        """A copy of ``body``, as kube-apiserver decodes it, once its type and metadata pass."""
         if not isinstance(body, dict):
             raise errors.bad_request("the request body must be a JSON object")
-        api_version, kind = body.get("apiVersion"), body.get("kind")
+        obj: JsonObj = copy.deepcopy(body)
+        api_version, kind = obj.get("apiVersion"), obj.get("kind")
         if api_version and api_version != resource.api_version:
             # Another served version of the same CRD is fine: versions share one schema-less conversion.
             other = self._same_resource_version(resource, api_version)
@@ -184,26 +196,19 @@ class ApiService:
             raise errors.bad_request(
                 f"the kind in the data ({kind}) does not match the expected kind ({resource.kind})"
             )
-        metadata = body.get("metadata", {})
+        metadata = obj.get("metadata", {})
         if not isinstance(metadata, dict):
             raise errors.bad_request("metadata must be an object")
         if wrong_type := _meta_type_problem(metadata):
+            # A type ObjectMeta cannot hold, labels and annotations included (a list, a number, a
+            # non-string value): a decoding error, 400, before validation (the 422s below).
             raise errors.cannot_decode(resource.kind, resource.version, *wrong_type)
         for field_name in ("labels", "annotations"):
-            values = metadata.get(field_name)
-            if values is not None and not (
-                isinstance(values, dict) and all(isinstance(v, str) for v in values.values())
-            ):
-                raise errors.invalid(
-                    resource.group,
-                    resource.kind,
-                    metadata.get("name", ""),
-                    [
-                        FieldCause(
-                            f"metadata.{field_name}", "Invalid value: must be a map of string keys to string values"
-                        )
-                    ],
-                )
+            # Go decodes a null map value into a string as "": kubectl sends one for `labels: {KEY: }`.
+            values = metadata.get(field_name) or {}
+            for key, value in values.items():
+                if value is None:
+                    values[key] = ""
         label_causes = label_problems(metadata.get("labels") or {})
         label_causes += [
             FieldCause("metadata.annotations", f"Invalid value: {key!r}: {problem}")
@@ -228,7 +233,7 @@ class ApiService:
             )
         if label_causes:
             raise errors.invalid(resource.group, resource.kind, metadata.get("name", ""), label_causes)
-        return body
+        return obj
 
     def _same_resource_version(self, resource: ResourceType, api_version: str) -> ResourceType | None:
         group, _, version = api_version.rpartition("/")
@@ -305,7 +310,7 @@ class ApiService:
     def create(
         self, resource: ResourceType, namespace: str | None, body: Any, options: WriteOptions = WriteOptions()
     ) -> WriteResult:
-        obj = copy.deepcopy(self._check_type(resource, body))
+        obj = self._check_type(resource, body)
         if resource.crd_name and self._crd_terminating(resource.crd_name):
             raise errors.method_not_allowed("create not allowed while custom resource definition is terminating")
         obj["apiVersion"], obj["kind"] = resource.api_version, resource.kind
@@ -380,7 +385,7 @@ class ApiService:
         old = self.store.get(resource.storage_key, namespace or "", name)
         if old is None:
             raise errors.not_found(resource.group, resource.plural, name)
-        candidate = copy.deepcopy(self._check_type(resource, body))
+        candidate = self._check_type(resource, body)
         metadata = candidate.setdefault("metadata", {})
         if metadata.get("name", name) != name:
             raise errors.bad_request(
@@ -416,7 +421,7 @@ class ApiService:
         old = self.store.get(resource.storage_key, namespace or "", name)
         if old is None:
             raise errors.not_found(resource.group, resource.plural, name)
-        candidate = apply_patch(self.as_version(resource, old), patch, content_type)
+        candidate = apply_patch(self.as_version(resource, old), patch, content_type, options.field_validation)
         return self.update(resource, namespace, name, candidate, options, subresource, require_version=False)
 
     def _merge_write(

@@ -209,20 +209,170 @@ async def test_delete_preconditions_of_the_right_type_still_apply(
     assert (await http.request("DELETE", f"{CONFIGMAPS}/c", json={"preconditions": {"uid": uid}})).status == 200
 
 
-@pytest.mark.parametrize("path", [5, None, ["metadata"], {"p": 1}])
-async def test_a_json_patch_path_that_is_not_a_string_is_a_422(
+@pytest.mark.parametrize(
+    ("metadata", "field"),
+    [
+        ({"labels": ["app"]}, "metadata.labels"),
+        ({"labels": 5}, "metadata.labels"),
+        ({"labels": "app=x"}, "metadata.labels"),
+        ({"labels": {"app": 1}}, "metadata.labels"),
+        ({"labels": {"app": True}}, "metadata.labels"),
+        ({"annotations": ["a"]}, "metadata.annotations"),
+        ({"annotations": {"a": {"b": "c"}}}, "metadata.annotations"),
+        ({"annotations": {"a": 1.5}}, "metadata.annotations"),
+    ],
+)  # fmt: skip
+async def test_labels_or_annotations_of_the_wrong_type_are_a_400_as_other_object_meta(
+    with_widgets: KubeEmulator, http: aiohttp.ClientSession, metadata: dict[str, Any], field: str
+) -> None:
+    """ObjectMeta.labels and .annotations are map[string]string: a list, a number or a non-string
+    value fails to decode in kube-apiserver (400 BadRequest, "cannot unmarshal ... of type ..."),
+    on create, update and patch, for built-in kinds and custom resources alike. The emulator
+    answered 422 Invalid, which clients take for a validation failure of a decoded object."""
+    status, answer = await _status(await http.post(CONFIGMAPS, json={"metadata": {"name": "c", **metadata}}))
+    assert status == 400, answer
+    assert answer["reason"] == "BadRequest"
+    assert answer["message"].startswith('ConfigMap in version "v1" cannot be handled as a ConfigMap')
+    assert f"ConfigMap.{field} of type" in answer["message"]
+    assert with_widgets.list_objects("v1", "ConfigMap", namespace="default") == []
+
+    body = {**widget("x"), "metadata": {"name": "x", "namespace": "default", **metadata}}
+    status, answer = await _status(await http.post(WIDGETS_NS, json=body))
+    assert status == 400, answer
+    assert f"Widget.{field} of type" in answer["message"]
+
+    with_widgets.create(widget("w"))
+    before = with_widgets.get(*WIDGET, "w", "default")
+    status, _ = await _status(await http.patch(f"{WIDGETS_NS}/w", headers=MERGE, json={"metadata": metadata}))
+    assert status == 400
+    replaced = {**before, "metadata": {**before["metadata"], **metadata}}
+    status, _ = await _status(await http.put(f"{WIDGETS_NS}/w", json=replaced))
+    assert status == 400
+    assert with_widgets.get(*WIDGET, "w", "default") == before
+
+
+async def test_labels_and_annotations_that_decode_but_fail_validation_stay_a_422(
+    with_widgets: KubeEmulator, http: aiohttp.ClientSession
+) -> None:
+    """A label key or value of the wrong syntax decodes (it is a string) and fails ValidateObjectMeta:
+    422 Invalid naming metadata.labels, as before."""
+    for metadata in ({"labels": {"bad key!": "x"}}, {"labels": {"app": "-x-"}}, {"annotations": {"a/b/c": "x"}}):
+        body = {"metadata": {"name": "c", **metadata}}
+        status, answer = await _status(await http.post(CONFIGMAPS, json=body))
+        assert status == 422, answer
+        assert answer["reason"] == "Invalid"
+
+
+async def test_a_null_label_or_annotation_value_is_taken_as_kube_apiserver_takes_it(
+    with_widgets: KubeEmulator, http: aiohttp.ClientSession
+) -> None:
+    """Go decodes null into a map[string]string value as "": kube-apiserver stores the label (or
+    annotation) with an empty value, and the caller's body is left as it was."""
+    metadata = {"name": "c", "labels": {"app": None}, "annotations": {"note": None}}
+    body = {"metadata": metadata}
+    status, answer = await _status(await http.post(CONFIGMAPS, json=body))
+    assert status == 201, answer
+    assert answer["metadata"]["labels"] == {"app": ""}
+    assert answer["metadata"]["annotations"] == {"note": ""}
+    created = with_widgets.create({**widget("w"), "metadata": {**widget("w")["metadata"], "labels": {"app": None}}})
+    assert created["metadata"]["labels"] == {"app": ""}
+    in_process: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "d", "labels": {"app": None}},
+    }
+    assert with_widgets.create(in_process)["metadata"]["labels"] == {"app": ""}
+    assert in_process["metadata"]["labels"] == {"app": None}  # the caller's dict is not changed
+
+
+@pytest.mark.parametrize(
+    ("operation", "field"),
+    [
+        ({"op": "add", "path": 5, "value": 1}, "path"),
+        ({"op": "add", "path": ["metadata"], "value": 1}, "path"),
+        ({"op": "add", "path": {"p": 1}, "value": 1}, "path"),
+        ({"op": 1, "path": "/spec/size", "value": 1}, "op"),
+        ({"op": "copy", "from": 5, "path": "/spec/x"}, "from"),
+    ],
+)
+@pytest.mark.parametrize("validation", ["", "?fieldValidation=Warn", "?fieldValidation=Strict"])
+async def test_a_json_patch_op_path_or_from_that_is_not_a_string_is_a_400(
+    with_widgets: KubeEmulator, http: aiohttp.ClientSession, operation: dict[str, Any], field: str, validation: str
+) -> None:
+    """Under fieldValidation Warn (the default) or Strict, patch.go's applyJSPatch first decodes the
+    whole patch into []jsonPatchOp{Op, Path, From string; Value any}: a number there is a 400
+    "error decoding patch", before any operation applies. The emulator answered 422."""
+    with_widgets.create(widget("w"))
+    before = with_widgets.get(*WIDGET, "w", "default")
+    operations = [{"op": "test", "path": "/spec/size", "value": "no"}, operation]  # the test op would fail: 422
+    url = f"{WIDGETS_NS}/w{validation}"
+    status, answer = await _status(await http.patch(url, headers=JSON_PATCH, json=operations))
+    assert status == 400, answer
+    assert answer["kind"] == "Status" and answer["reason"] == "BadRequest"
+    assert answer["message"].startswith("error decoding patch: json: cannot unmarshal")
+    assert f"jsonPatchOp.{field} of type string" in answer["message"]
+    assert with_widgets.get(*WIDGET, "w", "default") == before
+
+
+@pytest.mark.parametrize("path", [5, ["metadata"], {"p": 1}])
+async def test_under_field_validation_ignore_a_json_patch_path_that_is_not_a_string_is_a_422(
     with_widgets: KubeEmulator, http: aiohttp.ClientSession, path: Any
 ) -> None:
-    """kube-apiserver decodes the operations as raw JSON; applying one fails to read its path as a
-    string, and patch.go answers that (like any failed operation) with a 422."""
+    """fieldValidation=Ignore skips that decoding: the operations are raw JSON to evanphx/json-patch,
+    applying one fails to read its path as a string, and patch.go answers that (like any failed
+    operation) with a 422."""
     with_widgets.create(widget("w"))
     before = with_widgets.get(*WIDGET, "w", "default")
     operations = [{"op": "add", "path": path, "value": 1}]
-    status, answer = await _status(await http.patch(f"{WIDGETS_NS}/w", headers=JSON_PATCH, json=operations))
+    url = f"{WIDGETS_NS}/w?fieldValidation=Ignore"
+    status, answer = await _status(await http.patch(url, headers=JSON_PATCH, json=operations))
     assert status == 422, answer
     assert answer["kind"] == "Status" and answer["reason"] == "Invalid"
-    assert "failed to decode path" in answer["message"]
+    assert "add operation failed to decode path" in answer["message"]
     assert with_widgets.get(*WIDGET, "w", "default") == before
+
+
+@pytest.mark.parametrize(
+    ("operation", "message"),
+    [
+        ({"op": "add", "value": 1}, "add operation failed to decode path: missing value"),
+        ({"op": "add", "path": None, "value": 1}, "add operation failed to decode path: missing value"),
+        ({"op": "remove"}, "remove operation failed to decode path: missing value"),
+        ({"op": "replace", "value": 1}, "replace operation failed to decode path: operation missing path field"),
+        ({"op": "test", "value": 1}, "test operation failed to decode path: operation missing path field"),
+        ({"op": "move", "from": "/spec/color"}, "move operation failed to decode path: operation missing path field"),
+        ({"op": "copy", "path": "/spec/x"}, "copy operation failed to decode from: operation, missing from field"),
+        ({"path": "/spec/size", "value": 1}, "Unexpected kind: unknown"),
+        ({"op": None, "path": "/spec/size", "value": 1}, "Unexpected kind: unknown"),
+        ({"op": "frob", "path": "/spec/size", "value": 1}, "Unexpected kind: frob"),
+        (None, "Unexpected kind: unknown"),
+    ],
+)
+@pytest.mark.parametrize("validation", ["", "?fieldValidation=Ignore"])
+async def test_a_json_patch_operation_without_op_or_path_is_a_422(
+    with_widgets: KubeEmulator, http: aiohttp.ClientSession, operation: Any, message: str, validation: str
+) -> None:
+    """An absent (or null) op, path or from decodes (into "" or a nil raw message); evanphx/json-patch
+    then fails the operation ("Unexpected kind", "failed to decode path: missing value") and
+    patch.go answers every failed operation with a 422, whatever fieldValidation says. The
+    emulator answered 400 for these."""
+    with_widgets.create(widget("w"))
+    before = with_widgets.get(*WIDGET, "w", "default")
+    url = f"{WIDGETS_NS}/w{validation}"
+    status, answer = await _status(await http.patch(url, headers=JSON_PATCH, json=[operation]))
+    assert status == 422, answer
+    assert answer["kind"] == "Status" and answer["reason"] == "Invalid"
+    assert message in answer["message"]
+    assert with_widgets.get(*WIDGET, "w", "default") == before
+
+
+async def test_a_json_patch_item_that_is_not_an_object_is_still_a_400(
+    with_widgets: KubeEmulator, http: aiohttp.ClientSession
+) -> None:
+    with_widgets.create(widget("w"))
+    for operations in (["x"], [1], {"op": "add"}):
+        status, answer = await _status(await http.patch(f"{WIDGETS_NS}/w", headers=JSON_PATCH, json=operations))
+        assert status == 400, answer
 
 
 async def test_the_in_process_api_hands_out_copies(with_widgets: KubeEmulator, http: aiohttp.ClientSession) -> None:

@@ -63,6 +63,35 @@ async def test_secret_string_data_values_must_be_strings(http: aiohttp.ClientSes
     assert response.status == 400, await response.text()
 
 
+async def test_null_secret_values_are_taken_as_kube_apiserver_takes_them(
+    http: aiohttp.ClientSession, emulator: KubeEmulator
+) -> None:
+    """What kubectl sends for `data: {KEY: }` and the Python client for data={"KEY": None}: Go
+    decodes null into []byte as empty bytes (data) and into a string as "" (stringData), and
+    kube-apiserver serves the key back as "" (etcd gives empty bytes back). The emulator answered
+    400 for both."""
+    body = {"metadata": {"name": "n"}, "data": {"empty": None, "a": "eA=="}, "stringData": {"s": None}}
+    response = await http.post(SECRETS, json=body)
+    assert response.status == 201, await response.text()
+    assert (await _json(response))["data"] == {"empty": "", "a": "eA==", "s": ""}
+    assert emulator.get("v1", "Secret", "n", "default")["data"] == {"empty": "", "a": "eA==", "s": ""}
+
+
+async def test_line_wrapped_secret_data_is_taken_as_kube_apiserver_takes_it(
+    http: aiohttp.ClientSession, emulator: KubeEmulator
+) -> None:
+    """encoding/json decodes []byte with base64.StdEncoding, which skips CR and LF: the wrapped
+    output of `base64` (76 columns) or of `openssl base64` (64) is taken and served back unwrapped.
+    The emulator answered 400; a wrapped value that is not base64 is still one."""
+    body = {"metadata": {"name": "w"}, "data": {"tls.crt": "AAEC\r\nAwQF\n", "b": "eA\n=="}}
+    response = await http.post(SECRETS, json=body)
+    assert response.status == 201, await response.text()
+    assert (await _json(response))["data"] == {"tls.crt": "AAECAwQF", "b": "eA=="}
+    assert emulator.get("v1", "Secret", "w", "default")["data"]["tls.crt"] == "AAECAwQF"
+    response = await http.post(SECRETS, json={"metadata": {"name": "x"}, "data": {"b": "AA\nE"}})
+    assert response.status == 400, await response.text()
+
+
 async def test_put_with_another_uid_is_a_conflict(http: aiohttp.ClientSession, with_widgets: KubeEmulator) -> None:
     """An update whose metadata.uid differs from the stored object's fails the UID precondition:
     409 Conflict (`Precondition failed: UID in precondition: ..., UID in object meta: ...`). The

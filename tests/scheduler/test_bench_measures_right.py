@@ -3,7 +3,10 @@ percentile helper picks the nearest rank exactly."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ import pytest
 # `bench` is a folder at the repository root, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from koinon_dev.cluster import DevClusterConfig, DevClusterInfo
 from koinon_operator.ray_jobs import RayNodeInfo, RayUnavailableError
 
 from bench.admission import __main__ as admission
@@ -50,6 +54,57 @@ def test_an_admission_run_of_another_size_does_not_replace_the_record(
     monkeypatch.setattr(sys, "argv", ["bench.admission"])
     admission.main()
     assert record.exists()
+
+
+class FakeCluster:
+    """Stands in for DevCluster: writes what `up` leaves in the state dir (logs, the lock) and, as
+    the real `down`, removes only the files it names, not the directory."""
+
+    fail_up = False
+    downs = 0
+
+    def __init__(self, config: DevClusterConfig) -> None:
+        self.state_dir = config.state_dir
+        (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        (self.state_dir / "logs" / "operator.log").write_text("started\n")
+        (self.state_dir / "dev.lock").write_text("1\n")
+
+    def up(self, progress: bool = True) -> DevClusterInfo:
+        if FakeCluster.fail_up:
+            raise RuntimeError("the Ray head did not start")
+        (self.state_dir / "kubeconfig").write_text("{}")
+        return DevClusterInfo(
+            kubeconfig=self.state_dir / "kubeconfig", api_url="", ray_dashboard_url="", ray_address="",
+            process_groups={"operator": os.getpid()}, log_dir=self.state_dir / "logs",
+        )  # fmt: skip
+
+    def down(self) -> list[str]:
+        FakeCluster.downs += 1
+        (self.state_dir / "kubeconfig").unlink(missing_ok=True)
+        return []
+
+
+@pytest.mark.parametrize("fail_up", [True, False])
+def test_an_admission_run_leaves_no_state_dir_behind_even_when_it_fails(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fail_up: bool
+) -> None:
+    """Each run made a koinon-bench-admission-* state dir in /tmp (its components' logs, the lock:
+    ~36 KiB) and left it there; a run that failed, in `up` or midway, too. Results are not in it."""
+
+    def kubectl_fails(*args: object, **kwargs: object) -> str:
+        raise RuntimeError("kubectl apply failed")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(admission, "DevCluster", FakeCluster)
+    monkeypatch.setattr(admission, "kubectl", kubectl_fails)
+    monkeypatch.setattr(FakeCluster, "fail_up", fail_up)
+    monkeypatch.setattr(FakeCluster, "downs", 0)
+    kept = tmp_path / "koinon-bench-admission-5.json"  # a trial's results, where main() writes them
+    kept.write_text("{}")
+    with pytest.raises(RuntimeError):
+        asyncio.run(admission.run(5, timeout=1))
+    assert FakeCluster.downs == (0 if fail_up else 1)  # a failed `up` stops what it started itself
+    assert list(tmp_path.iterdir()) == [kept]
 
 
 def test_nearest_rank_is_not_thrown_off_by_float_rounding() -> None:
