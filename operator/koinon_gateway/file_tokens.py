@@ -72,6 +72,20 @@ class FileTokenStore(InMemoryTokenStore):
             raise
         return grant
 
+    async def node_made(self, grant: JoinGrant) -> None:
+        counted = self.counted_joins.get(grant.token_id, {})
+        when = counted.get(grant.join_key)
+        if when is None:
+            return  # nothing to forget: no write (a replayed join asks again)
+        await super().node_made(grant)
+        try:
+            self._save()
+        except OSError:
+            # Still in the file, it would be honoured again after a restart: kept here too, so
+            # that the gateway's retry of this (the join answered "retry") writes it again.
+            counted[grant.join_key] = when
+            raise
+
     async def give_back(self, grant: JoinGrant) -> None:
         await super().give_back(grant)
         self._save()

@@ -42,14 +42,22 @@ def secret_name(token_id: str) -> str:
 
 
 def parse_rfc3339(text: str) -> dt.datetime:
+    """The time, in UTC. One that UTC cannot hold (9999-12-31T23:59:59-05:00 is in year 10000
+    there) is taken as the latest (or earliest) time it can: converting it later, to print it or
+    compare it, would raise OverflowError, and both are centuries away from any clock reading."""
     parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     if parsed.tzinfo is None:
         raise ValueError("no time zone")
-    return parsed
+    try:
+        return parsed.astimezone(dt.UTC)
+    except OverflowError:
+        return (dt.datetime.max if parsed.year == dt.MAXYEAR else dt.datetime.min).replace(tzinfo=dt.UTC)
 
 
 def token_from_secret(secret: JSON) -> JoinToken:
-    """Decodes the Secret; malformed data is refused with a reason naming the field."""
+    """Decodes the Secret; malformed data is refused with a reason naming the field. An empty
+    owner is not refused here (``add_plain`` gives an older gateway's owner-less Secret the flag's
+    owner) but when the token is used (``check_owner``)."""
     data: dict[str, Any] = secret.get("data") or {}
     name = (secret.get("metadata") or {}).get("name", "?")
 
@@ -90,11 +98,24 @@ def token_from_secret(secret: JSON) -> JoinToken:
     )
 
 
+def check_owner(stored: JoinToken) -> None:
+    """Refuses, as broken token data, a token without an owner: the node it makes would be
+    refused by the VolunteerNode CRD (spec.owner, minLength 1), each join given its use back and
+    answered "retry" for ever, whereas broken data is refused for good and said so in the log."""
+    if not stored.owner:
+        raise TokenError(
+            "invalid-token-data",
+            f"Secret {secret_name(stored.token_id)}: data.owner: missing or empty (every VolunteerNode has an owner)",
+        )
+
+
 # Secret data field: the joins (service.join_key of their join ids) the latest uses were counted
 # for, with when (`key@unix seconds`, comma-separated), so that the retry of a join whose counting
 # write landed unanswered is not counted twice. Only for a while (an agent retries within a
-# minute or two), and only for a join that made no node (the gateway asks for none otherwise):
-# an old key honoured for ever would let a spent token make nodes by resending a join id.
+# minute or two), and only for a join that made no node (the gateway asks for none otherwise, and
+# drops the key once the join's node is recorded, before its reply goes out: a node deleted later
+# must not leave its use honoured for the id): an old key honoured for ever would let a spent
+# token make nodes by resending a join id.
 COUNTED_JOINS_FIELD = "counted-joins"
 CountedJoins: TypeAlias = list[str]  # (KubeTokenStore has a method named list)
 
@@ -231,7 +252,9 @@ class KubeTokenStore:
             except TokenError as exc:
                 log.warning("token cleanup skipped a Secret: %s", exc)
                 continue
-            if token.expiration is None or token.expiration + grace > now:
+            # Not expiration + grace: past 9999-12-31 (an expiration of that day, meaning "never")
+            # that raises OverflowError, and one such token stopped the cleanup of all the others.
+            if token.expiration is None or token.expiration > now - grace:
                 continue
             metadata = item.get("metadata") or {}
             # Only the Secret as read: one a person extended meanwhile stays (409 Conflict).
@@ -263,6 +286,7 @@ class KubeTokenStore:
         token_id, secret = parse_token(token)
 
         def one_more(stored: JoinToken, counted: CountedJoins) -> tuple[int, CountedJoins] | None:
+            check_owner(stored)  # before the secret, as other broken data (service.UNRECOGNIZED_TOKEN)
             now = dt.datetime.now(dt.UTC)
             if join_key and _counted_since(counted, join_key, now.timestamp()):
                 # An earlier try of this join counted its use and the API's answer never came back
@@ -291,6 +315,15 @@ class KubeTokenStore:
         stored = token_from_secret(stored_secret)
         check_genuine(stored, secret)
         return JoinGrant(token_id, stored.owner, stored.region, expiration=stored.expiration)
+
+    async def node_made(self, grant: JoinGrant) -> None:
+        def forget_join(stored: JoinToken, counted: CountedJoins) -> tuple[int, CountedJoins] | None:
+            remaining = _without(counted, grant.join_key)
+            if not grant.join_key or remaining == counted:
+                return None  # not among the counted (a replay whose first try forgot it): no write
+            return stored.usages_count, remaining
+
+        await self._change_count(grant.token_id, forget_join, "could not record that the join made its node")
 
     async def give_back(self, grant: JoinGrant) -> None:
         def one_less(stored: JoinToken, counted: CountedJoins) -> tuple[int, CountedJoins] | None:

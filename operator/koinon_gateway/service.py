@@ -13,6 +13,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
@@ -341,7 +342,9 @@ class TunnelService:
             log.info("node %s joined again with the same join id (the first reply was lost)", node_name)
             return self._join_response(node_name, address, uid)
         # A join that made no node yet may have had its use counted by a try whose answer was lost:
-        # the store counts it once (for a while). One that did make a node is over: a new use.
+        # the store counts it once (for a while). One that did make a node is over: a new use. (One
+        # whose node was deleted since looks like one that made none here; the store forgot its
+        # use when the node was made, below, so it counts a new use too.)
         retry_of = join_key(request.join_id) if request.join_id and not made_a_node else ""
         consuming = asyncio.ensure_future(self.tokens.consume(request.token, retry_of))
         try:
@@ -367,6 +370,18 @@ class TunnelService:
             log.warning("join failed after token %s was accepted (%s): %r", grant.token_id, reason, exc)
             await self._give_back(grant)
             await context.abort(code, message)
+        if grant.join_key:
+            # The use this join's id had counted stops being honoured before the reply goes out:
+            # the node is made, and once it is deleted (an admin cutting the volunteer off)
+            # resending the id must count a new use, which a spent token is refused. A gateway
+            # that dies first sent no reply: the retry finds the node and forgets the use then
+            # (_earlier_join), or finds it gone and makes the only node that is handed out.
+            try:
+                await self.tokens.node_made(grant)
+            except Exception as exc:  # not answered, the node kept: the retry gets it (replayed)
+                self.metrics.joins["token-store-error"] += 1
+                log.warning("join: node %s made, its token %s could not record it: %r", node_name, grant.token_id, exc)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "join: the token could not be updated now; retry")
         self.metrics.joins["ok"] += 1
         log.info("node %s joined with token %s at %s", node_name, grant.token_id, address)
         return self._join_response(node_name, address, uid)
@@ -433,6 +448,10 @@ class TunnelService:
                 or not replay_in_time(grant, node, now)
             ):
                 continue
+            # The first try forgot the use it counted before replying, unless it died (or the store
+            # failed) in between: forgotten now, before this reply, so that deleting the node later
+            # leaves the use spent. A no-op (no write) when already forgotten.
+            await self.tokens.node_made(replace(grant, join_key=join_key(request.join_id)))
             return (name, address, node_uid(node)), True
         return None, made_a_node
 

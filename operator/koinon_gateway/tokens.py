@@ -5,7 +5,8 @@ Kubernetes Secret of type ``koinon.dev/join-token`` named ``koinon-join-token-<t
 ``token-id``, ``token-secret-sha256`` (only a hash of the secret is kept), ``expiration`` (RFC3339,
 optional), ``usage-limit`` (optional), ``usages-count``, ``revoked`` ("true" to revoke; deleting the
 Secret revokes too, except a ``--bootstrap-token``'s, which the next gateway start creates again
-while the flag is given: revoke that one with ``revoked``), ``owner`` and ``region`` (copied to the VolunteerNode spec).
+while the flag is given: revoke that one with ``revoked``), ``owner`` and ``region`` (copied to the VolunteerNode spec;
+``owner`` is required: a token without one is refused as broken data).
 """
 
 from __future__ import annotations
@@ -113,6 +114,13 @@ class TokenStore(Protocol):
         not counted again. The gateway names it only for a join that made no node."""
         ...
 
+    async def node_made(self, grant: JoinGrant) -> None:
+        """The join ``grant`` counted its use for has made its node (recorded with its address;
+        the gateway calls this before the reply goes out): that use is no longer honoured for the
+        join's id, so a later join with it (the node deleted, say) counts a use of its own.
+        Changes no count; does nothing when the join is not (or no longer) among the counted."""
+        ...
+
     async def give_back(self, grant: JoinGrant) -> None:
         """Uncounts the use ``grant`` took: the join failed after the token was accepted (no free
         address, the node could not be recorded), and a retry must not find a limit-1 token spent."""
@@ -139,7 +147,8 @@ class InMemoryTokenStore:
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # Per token id, the joins its latest uses were counted for (join key -> unix time), as the
     # Kubernetes store keeps them: a retry of a join that made no node (its gateway died after
-    # counting, or left a node without an address) is not counted a second time, for a while.
+    # counting, or left a node without an address) is not counted a second time, for a while. A
+    # join leaves it once its node is made (node_made).
     counted_joins: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def add(
@@ -196,6 +205,10 @@ class InMemoryTokenStore:
             raise TokenError("unknown", f"token {token_id}: not found (never issued or deleted)")
         check_genuine(stored, secret)
         return JoinGrant(token_id, stored.owner, stored.region, expiration=stored.expiration)
+
+    async def node_made(self, grant: JoinGrant) -> None:
+        async with self._lock:
+            self.counted_joins.get(grant.token_id, {}).pop(grant.join_key, None)
 
     async def give_back(self, grant: JoinGrant) -> None:
         async with self._lock:

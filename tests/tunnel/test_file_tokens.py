@@ -137,6 +137,37 @@ def test_a_given_back_use_is_no_longer_counted_for_its_join(tmp_path: Path) -> N
         asyncio.run(restarted(path, limit=2).consume(TOKEN, "join-c"))
 
 
+def test_a_join_that_made_its_node_is_no_longer_honoured_for_its_id_also_after_a_restart(tmp_path: Path) -> None:
+    """Its node deleted (the volunteer cut off), a spent one-use token resending the join's id made
+    a new node: the store still honoured the use counted for it. Forgotten once the node is made."""
+    path = tmp_path / "usage.json"
+
+    async def join_and_make_the_node() -> None:
+        store = restarted(path, limit=1)
+        await store.node_made(await store.consume(TOKEN, "join-a"))
+
+    asyncio.run(join_and_make_the_node())
+    saved = json.loads(path.read_text())["abcdef"]
+    assert (saved["usages"], saved["counted_joins"]) == (1, {})
+    with pytest.raises(TokenError) as refused:
+        asyncio.run(restarted(path, limit=1).consume(TOKEN, "join-a"))
+    assert refused.value.reason == "usage-limit"
+
+
+def test_a_made_node_that_cannot_be_saved_leaves_its_join_honoured_to_be_saved_again(tmp_path: Path) -> None:
+    path = tmp_path / "usage.json"
+    store = restarted(path, limit=1)
+    grant = asyncio.run(store.consume(TOKEN, "join-a"))
+    path.unlink()
+    path.mkdir()  # os.replace onto a directory fails
+    with pytest.raises(OSError):
+        asyncio.run(store.node_made(grant))
+    assert list(store.counted_joins["abcdef"]) == ["join-a"]  # as the file still says
+    path.rmdir()
+    asyncio.run(store.node_made(grant))  # the retry's (a replayed join)
+    assert json.loads(path.read_text())["abcdef"]["counted_joins"] == {}
+
+
 @pytest.fixture
 def disk_steps(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """The syncs and renames made from here on, in order."""

@@ -555,3 +555,55 @@ async def test_a_retry_first_seen_near_the_end_of_the_counted_window_still_joins
         again = await join(c, token, join_id)
         assert isinstance(again, pb.JoinResponse), f"{again.code()}: {again.details()}"
         assert c.tokens.tokens[token.split(".")[0]].usages_count == 1
+
+
+async def test_a_spent_one_use_token_makes_no_second_node_by_resending_the_join_id_of_a_deleted_node(
+    tmp_path: Path,
+) -> None:
+    """An admin cuts a volunteer off by deleting its node (`kubectl delete vn -l
+    koinon.dev/join-token=<id>`); the volunteer resends its first join's id with the spent one-use
+    token. The gateway found no node of that join and the store still honoured the use it had
+    counted for the id (17 minutes): a second node without a use. Now that use is forgotten once
+    the node is made, and the resent id is a new join, refused "usage-limit"."""
+    async with cluster(tmp_path) as c:
+        token, join_id = c.tokens.add(owner="mallory", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, pb.JoinResponse)
+        assert await registers(c, first)
+        assert uses(c, token) == 1 and c.tokens.counted_joins[token.split(".")[0]] == {}
+        assert await c.registry.delete(first.assignment.node_name)
+        again = await join(c, token, join_id)
+        assert isinstance(again, grpc.aio.AioRpcError), f"a second node: {again.assignment.node_name}"
+        assert again.code() == grpc.StatusCode.PERMISSION_DENIED and "usage-limit" in (again.details() or "")
+        assert c.registry.objects == {} and uses(c, token) == 1
+
+
+async def test_a_join_whose_made_node_the_store_could_not_record_is_answered_retry_and_replayed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As if the gateway died between recording the node and forgetting the join's counted use:
+    no reply goes out, the node stays, and the retry gets it back (replayed), forgetting the use
+    then, before its reply; so the node deleted afterwards leaves the one-use token spent."""
+    async with cluster(tmp_path) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        token_id = token.split(".")[0]
+        real_node_made, failures = InMemoryTokenStore.node_made, [OSError("the store is unreachable")]
+
+        async def node_made_failing_once(grant: JoinGrant) -> None:
+            if failures:
+                raise failures.pop()
+            await real_node_made(c.tokens, grant)
+
+        monkeypatch.setattr(c.tokens, "node_made", node_made_failing_once)
+        lost = await join(c, token, join_id)
+        assert isinstance(lost, grpc.aio.AioRpcError) and lost.code() == grpc.StatusCode.UNAVAILABLE
+        [made] = c.registry.objects
+        assert list(c.tokens.counted_joins[token_id]) == [join_key(join_id)]  # still honoured
+        again = await join(c, token, join_id)
+        assert isinstance(again, pb.JoinResponse), again
+        assert again.assignment.node_name == made and c.gateway.metrics.joins["replayed"] == 1
+        assert c.tokens.counted_joins[token_id] == {} and uses(c, token) == 1
+        assert await c.registry.delete(made)
+        spent = await join(c, token, join_id)
+        assert isinstance(spent, grpc.aio.AioRpcError) and "usage-limit" in (spent.details() or "")
+        assert c.registry.objects == {}

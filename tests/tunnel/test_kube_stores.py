@@ -36,7 +36,7 @@ from koinon_gateway.registry import JOIN_TOKEN_LABEL, NodeRegistry
 from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
 from koinon_gateway.service import JOIN_KEY_LABEL, join_key
-from koinon_gateway.token_cli import parse_ttl
+from koinon_gateway.token_cli import parse_ttl, print_table
 from koinon_gateway.tokens import JoinGrant, TokenError, TokenStore, hash_secret
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
@@ -278,6 +278,61 @@ async def test_expired_tokens_are_deleted_after_a_grace_period_and_no_others(kub
     assert await store.delete_expired(dt.timedelta(0)) == [just_expired[:6]]
 
 
+async def test_a_far_future_expiry_does_not_stop_the_cleanup_of_other_tokens(kube: Kube) -> None:
+    """expiration + grace past 9999-12-31 raised OverflowError: the whole pass stopped, every 10
+    minutes, and no expired token was deleted again."""
+    store = KubeTokenStore(kube.client, NAMESPACE)
+    forever, west, expired = [await store.create(owner="alice", ttl=dt.timedelta(hours=1)) for _ in range(3)]
+    for token, value in (
+        (forever, "9999-12-31T23:59:59Z"),
+        (west, "9999-12-31T23:59:59-05:00"),  # in year 10000 in UTC
+        (expired, "2020-01-01T00:00:00Z"),
+    ):
+        path = f"/api/v1/namespaces/{NAMESPACE}/secrets/{secret_name(token[:6])}"
+        await kube.client.merge_patch(path, {"data": {"expiration": b64(value)}})
+    assert (await store.consume(forever)).owner == "alice" and (await store.consume(west)).owner == "alice"
+    assert await store.delete_expired(dt.timedelta(hours=1)) == [expired[:6]]
+
+
+async def test_token_list_prints_a_far_future_expiry_west_of_utc(
+    kube: Kube, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`koinon-gateway token list` converted each expiry to UTC to print it: OverflowError."""
+    store = KubeTokenStore(kube.client, NAMESPACE)
+    token = await store.create(owner="alice")
+    path = f"/api/v1/namespaces/{NAMESPACE}/secrets/{secret_name(token[:6])}"
+    await kube.client.merge_patch(path, {"data": {"expiration": b64("9999-12-31T23:59:59-05:00")}})
+    print_table(await store.list())
+    assert f"{token[:6]}  alice  0/-   9999-12-31T23:59:59Z  false" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("owner", ["empty", "missing"])
+async def test_a_token_secret_without_an_owner_is_refused_as_broken_not_retried_for_ever(
+    kube: Kube, owner: str
+) -> None:
+    """A Secret made by hand without data.owner was accepted: each join then failed the CRD's
+    spec.owner minLength (422), its use was given back, and it was answered UNAVAILABLE "retry"
+    for ever. Refused for good now, as other broken token data, the reason in the gateway's log."""
+    tokens = KubeTokenStore(kube.client, NAMESPACE)
+    token = await tokens.create(owner="alice")
+    if owner == "empty":
+        kube.emulator.patch("v1", "Secret", secret_name(token[:6]), {"data": {"owner": b64("")}}, NAMESPACE)
+    else:
+        secret = kube.secret(secret_name(token[:6]))
+        del secret["data"]["owner"]
+        await kube.client.replace(f"/api/v1/namespaces/{NAMESPACE}/secrets/{secret_name(token[:6])}", secret)
+    with pytest.raises(TokenError) as broken:
+        await tokens.consume(token)
+    assert broken.value.reason == "invalid-token-data" and "data.owner" in str(broken.value)
+    async with join_stub(kube, tokens) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Join(pb.JoinRequest(token=token, name_hint="alpha"), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED, refused.value.details()
+        assert "invalid-token" in str(refused.value.details())
+    nodes, _ = await kube.client.list_all("/apis/koinon.dev/v1alpha1/volunteernodes")
+    assert nodes == [] and decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "0"
+
+
 async def test_gateway_deletes_expired_token_secrets_by_itself(kube: Kube) -> None:
     store = KubeTokenStore(kube.client, NAMESPACE)
     token = await store.create(owner="alice", ttl=dt.timedelta(hours=1))
@@ -379,10 +434,15 @@ async def test_a_bootstrap_token_stored_before_owners_is_given_the_flags_owner_a
     store = KubeTokenStore(kube.client, NAMESPACE)
     token = "abcdef.0123456789abcdef"
     await store.add_plain(token)  # as an older gateway stored it: no owner, no limit
-    await store.consume(token)
+    kube.emulator.patch("v1", "Secret", secret_name("abcdef"), {"data": {"usages-count": b64("1")}}, NAMESPACE)
+    with pytest.raises(TokenError) as ownerless:  # its node would fail the CRD: refused as broken
+        await store.consume(token)
+    assert ownerless.value.reason == "invalid-token-data"
     await store.add_plain(token, usage_limit=3, owner="bootstrap")
     data = decoded(kube.secret(secret_name("abcdef")))
     assert (data["owner"], data["usage-limit"], data["usages-count"]) == ("bootstrap", "3", "1")
+    assert (await store.consume(token)).owner == "bootstrap"
+    assert decoded(kube.secret(secret_name("abcdef")))["usages-count"] == "2"
     await store.add_plain("abcdef.ffffffffffffffff", usage_limit=9, owner="mallory")  # same id, other secret
     data = decoded(kube.secret(secret_name("abcdef")))
     assert (data["owner"], data["usage-limit"]) == ("bootstrap", "3")
@@ -1115,6 +1175,30 @@ async def test_a_spent_token_makes_no_second_node_by_resending_a_finished_joins_
             await stub.Join(request, timeout=10)
         assert spent.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "1"
+
+
+async def test_a_spent_token_makes_no_node_by_resending_the_join_id_of_a_node_an_admin_deleted(kube: Kube) -> None:
+    """As above, but the admin deletes the node as the README says (`kubectl delete vn -l
+    koinon.dev/join-token=<id>`) before the join id is resent: with no node of the join left, the
+    gateway asked the Secret to honour the use counted for the id (17 minutes), and it did. The
+    key is dropped from the Secret once the node is made."""
+    tokens = KubeTokenStore(kube.client, NAMESPACE)
+    token = await tokens.create(owner="mallory", usage_limit=1)
+    async with join_stub(kube, tokens) as stub:
+        request = pb.JoinRequest(token=token, name_hint="alpha", join_id="0123456789abcdef" * 2)
+        first = (await stub.Join(request, timeout=10)).assignment.node_name
+        assert decoded(kube.secret(secret_name(token[:6])))["counted-joins"] == ""
+        kube.emulator.patch(
+            "koinon.dev/v1alpha1", "VolunteerNode", first,
+            {"status": {"phase": "Ready", "lastHeartbeat": "2026-01-01T00:00:00Z"}},
+            subresource="status",
+        )  # fmt: skip
+        await kube.akubectl("delete", "vn", "-l", f"koinon.dev/join-token={token[:6]}")
+        with pytest.raises(grpc.aio.AioRpcError) as spent:
+            await stub.Join(request, timeout=10)
+        assert spent.value.code() == grpc.StatusCode.PERMISSION_DENIED and "usage-limit" in str(spent.value.details())
+    nodes, _ = await kube.client.list_all("/apis/koinon.dev/v1alpha1/volunteernodes")
+    assert nodes == [] and decoded(kube.secret(secret_name(token[:6])))["usages-count"] == "1"
 
 
 def test_a_counted_join_is_honoured_for_its_retries_only_for_a_while() -> None:
