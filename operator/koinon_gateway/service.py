@@ -1046,22 +1046,35 @@ class TunnelService:
             self.metrics.refused_streams[exc.reason] += 1
             await channel.write_frame(pb.Frame(close=pb.Close(reason=exc.reason)))
             return
+        timed_out = False
         try:
             result = await asyncio.wait_for(channel.read_frame(), self.config.accept_timeout_s)
         except TimeoutError:
-            result = None
+            result, timed_out = None, True
+        except BaseException as exc:
+            # Bytes that are not a frame (Connect's handler counts the violation and ends this
+            # stream), the call failing, or this handler cancelled (a revocation): the originator
+            # is refused now, not after accept_timeout_s with a timeout that says nothing.
+            if not pending.accepted.done():
+                pending.accepted.set_exception(DialRefused("unreachable", f"peer's accept stream failed: {exc!r}"))
+            raise
         if not isinstance(result, pb.Frame) or result.WhichOneof("msg") != "dial_result" or not result.dial_result.ok:
-            if result is None:
+            if timed_out:
                 why = "no DialResult in time"
+            elif result is None:
+                why = "its accept stream ended before its DialResult"
             elif isinstance(result, pb.Frame) and result.HasField("dial_result"):
                 why = result.dial_result.reason
             else:
                 why = "bad-accept"
             if not pending.accepted.done():  # done: the originator gave up (open_to_node cancelled it)
                 pending.accepted.set_exception(DialRefused("unreachable", f"peer could not connect locally: {why}"))
-            if result is None:  # a read still waits inside grpc: only an abort ends this call now
+            if result is None:
                 self.metrics.refused_streams["no-dial-result"] += 1
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "accept: no DialResult in time")
+                if timed_out:  # a read still waits inside grpc: only an abort ends this call now
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "accept: no DialResult in time")
+                # The agent half-closed without answering: it broke the Accept protocol.
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "accept: stream ended before its DialResult")
             return
         if pending.accepted.done():  # the originator gave up waiting
             return

@@ -4,9 +4,12 @@
 bytes object, the reader's bytearray, a slice of it and a bytes of the slice). ``TcpPipe`` is a
 ``BufferedProtocol``: the event loop receives straight into a chunk buffer owned by the pipe, and
 ``read()`` returns ``memoryview`` slices of it. A view is valid until the next ``read()``: a full
-buffer is replaced by a spare one, and goes back to the spares once everything in it was read and
-the consumer came back for more (reusing buffers spares the allocator and the page faults of a
-fresh megabyte per read).
+buffer is replaced by another, and goes back to a free list shared by the process's pipes once
+everything in it was read and the consumer came back for more (reusing buffers spares the
+allocator and the page faults of a fresh megabyte per read). A consumer that comes back for more
+and finds nothing unread gives the pipe's current buffer back too: an idle connection holds no
+buffer (Ray keeps its gRPC connections open for a node's whole life, most of them idle), and the
+next data lands in one taken from the free list.
 
 Connections are opened and CONNECT requests parsed with asyncio streams; ``TcpPipe.take_over``
 then swaps the transport's protocol and keeps whatever the ``StreamReader`` had already buffered.
@@ -27,9 +30,30 @@ from typing import cast
 MIN_READ_BYTES = 64 << 10
 # Stop reading the socket while this much received data waits for the consumer.
 PAUSE_READING_BYTES = 4 << 20
-SPARE_BUFFERS = 2
+# Free buffers kept for reuse, per buffer size, by all the pipes of this process together (the rest
+# are freed): enough for a few connections in bulk transfer, a bound on what idle ones cost.
+FREE_BUFFER_BYTES = 8 << 20
 # After a clean close, how long a peer may take to read what is still buffered for it.
 CLOSE_FLUSH_TIMEOUT_S = 30.0
+
+
+_free_buffers: dict[int, list[bytearray]] = {}
+
+
+def _take_buffer(size: int) -> bytearray:
+    with contextlib.suppress(KeyError, IndexError):
+        return _free_buffers[size].pop()
+    return bytearray(size)
+
+
+def _give_back_buffer(buffer: bytearray) -> None:
+    """Keeps ``buffer`` for another read, unless FREE_BUFFER_BYTES of its size are kept already.
+    Nobody may still use it: no view of it is handed out and valid, none is in a backlog."""
+    if not buffer:  # the empty placeholder of a pipe that holds none
+        return
+    free = _free_buffers.setdefault(len(buffer), [])
+    if (len(free) + 1) * len(buffer) <= FREE_BUFFER_BYTES:
+        free.append(buffer)
 
 
 class TcpPipe(asyncio.BufferedProtocol):
@@ -45,7 +69,6 @@ class TcpPipe(asyncio.BufferedProtocol):
         self._backlog: collections.deque[tuple[bytearray | None, memoryview]] = collections.deque()
         self._unread = 0
         self._lent: bytearray | None = None  # buffer of the view the consumer holds
-        self._spares: list[bytearray] = []
         self._eof = False
         self._lost = False
         self._error: BaseException | None = None
@@ -87,15 +110,11 @@ class TcpPipe(asyncio.BufferedProtocol):
             if self._taken < self._filled:
                 self._backlog.append((full, self._view[self._taken : self._filled]))
             elif full is not self._lent:
-                self._recycle(full)
-            self._buffer = self._spares.pop() if self._spares else bytearray(self._buffer_bytes)
+                _give_back_buffer(full)
+            self._buffer = _take_buffer(self._buffer_bytes)
             self._view = memoryview(self._buffer)
             self._filled = self._taken = 0
         return self._view[self._filled :]
-
-    def _recycle(self, buffer: bytearray) -> None:
-        if len(buffer) == self._buffer_bytes and len(self._spares) < SPARE_BUFFERS:
-            self._spares.append(buffer)
 
     def buffer_updated(self, nbytes: int) -> None:
         self._filled += nbytes
@@ -137,7 +156,15 @@ class TcpPipe(asyncio.BufferedProtocol):
         read(); None at EOF."""
         lent, self._lent = self._lent, None
         if lent is not None and lent is not self._buffer and all(entry[0] is not lent for entry in self._backlog):
-            self._recycle(lent)  # full, all of it read, and the consumer is done with it
+            _give_back_buffer(lent)  # full, all of it read, and the consumer is done with it
+        if not self._unread and self._buffer:
+            # All of the current buffer was read (nothing waits in a backlog either) and the
+            # consumer is done with its views: an idle pipe keeps no buffer. In bulk transfer the
+            # next read takes the same buffer straight back, and starts at its beginning.
+            _give_back_buffer(self._buffer)
+            self._buffer = bytearray(0)
+            self._view = memoryview(self._buffer)
+            self._filled = self._taken = 0
         while not self._unread:
             if self._error is not None:
                 raise self._error

@@ -234,6 +234,76 @@ async def test_a_malformed_frame_from_the_accepting_volunteer_ends_its_stream_wi
             call.cancel()
 
 
+async def accept_without_answering(c: Any, channel: grpc.aio.Channel) -> tuple[Any, Any, Any, pb.JoinResponse]:
+    """Agent alpha dials mute node B, whose Accept stream is opened (raw bytes in and out) but has
+    sent no DialResult yet: (alpha's dial call, B's Control call, B's Accept call, B's join)."""
+    a = await c.start_agent("alpha")
+    assert a.identity is not None
+    joined, control = await registered_mute_node(c, channel, "b")
+    dial = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.identity.credential}"),))
+    target = pb.Dial(host=joined.assignment.address, port=joined.assignment.ports.node_manager_port)
+    await dial.write(pb.Frame(dial=target))
+    opened = await next_open_connection(control)
+    raw = channel.stream_stream("/koinon.tunnel.v1.Tunnel/Connect", None, None)
+    accept: Any = raw(metadata=(("authorization", f"Bearer {joined.credential}"),))  # type: ignore[call-arg]
+    await accept.write(pb.Frame(accept=pb.Accept(connection_id=opened.connection_id)).SerializeToString())
+    return dial, control, accept, joined
+
+
+async def refusal_within(dial: Any, seconds: float) -> pb.DialResult:
+    """The dialer's DialResult, which must be a refusal that comes within ``seconds``."""
+    started = asyncio.get_running_loop().time()
+    result = await asyncio.wait_for(dial.read(), 15)
+    waited = asyncio.get_running_loop().time() - started
+    assert not result.dial_result.ok, result
+    assert waited < seconds, f"the dialer waited {waited:.1f} s (accept_timeout_s) for a refusal known at once"
+    return result.dial_result  # type: ignore[no-any-return]
+
+
+async def test_bytes_that_are_no_frame_instead_of_the_dial_result_refuse_the_dialer_at_once(tmp_path: Path) -> None:
+    """B's Accept stream sends bytes that do not decode where its DialResult belongs: its stream
+    ends as a protocol violation, and A's dial is refused now, as for a DialResult(ok=False). The
+    decode error escaped the wait for the DialResult and left the dialer waiting accept_timeout_s
+    for a "did not accept: TimeoutError()"."""
+    async with cluster(tmp_path, heartbeat_timeout_s=30.0, accept_timeout_s=8.0) as c, channel_for(c) as channel:
+        dial, control, accept, _ = await accept_without_answering(c, channel)
+        await accept.write(b"\xff\xff\xff\xff\x0f")  # not a DialResult, not a Frame at all
+        assert await asyncio.wait_for(accept.code(), 5) == grpc.StatusCode.INVALID_ARGUMENT
+        refused = await refusal_within(dial, 2.0)
+        assert refused.reason == "unreachable" and "FrameDecodeError" in refused.message
+        assert c.gateway.metrics.refused_streams["protocol-violation"] == 1
+        for call in (dial, control):
+            call.cancel()
+
+
+async def test_an_accept_stream_that_ends_before_its_dial_result_is_told_so(tmp_path: Path) -> None:
+    """B half-closes its Accept stream without a DialResult: A is refused at once, and B's stream
+    ends saying what happened (it was ended as DEADLINE_EXCEEDED "no DialResult in time")."""
+    async with cluster(tmp_path, heartbeat_timeout_s=30.0, accept_timeout_s=8.0) as c, channel_for(c) as channel:
+        dial, control, accept, _ = await accept_without_answering(c, channel)
+        await accept.done_writing()
+        refused = await refusal_within(dial, 2.0)
+        assert "ended before its DialResult" in refused.message
+        assert await asyncio.wait_for(accept.code(), 5) == grpc.StatusCode.INVALID_ARGUMENT
+        assert "ended before its DialResult" in (await accept.details() or "")
+        assert c.gateway.metrics.refused_streams["no-dial-result"] == 1
+        for call in (dial, control):
+            call.cancel()
+
+
+async def test_revoking_a_node_whose_accept_stream_waits_refuses_the_dialer_at_once(tmp_path: Path) -> None:
+    """B is revoked (its VolunteerNode deleted) while its Accept stream has not answered yet: the
+    stream's handler is cancelled, and A's dial is refused now, not after accept_timeout_s."""
+    async with cluster(tmp_path, heartbeat_timeout_s=30.0, accept_timeout_s=8.0) as c, channel_for(c) as channel:
+        dial, control, accept, joined = await accept_without_answering(c, channel)
+        await asyncio.sleep(0.2)  # the gateway has claimed the connection and waits for the DialResult
+        assert c.gateway.sessions.revoke(joined.assignment.node_name)
+        await refusal_within(dial, 2.0)
+        assert await asyncio.wait_for(accept.code(), 5) == grpc.StatusCode.PERMISSION_DENIED
+        for call in (dial, control):
+            call.cancel()
+
+
 async def test_the_acceptors_stream_ends_when_the_dialer_hangs_up_while_a_frame_to_it_is_in_flight(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -283,3 +283,53 @@ async def test_a_heartbeat_interval_of_a_millisecond_is_not_taken(tmp_path: Path
         before = gateway.heartbeats
         await asyncio.sleep(1.0)
         assert gateway.heartbeats - before <= 15, f"{gateway.heartbeats - before} heartbeats in 1 s"
+
+
+async def test_a_control_message_that_does_not_decode_makes_the_agent_reconnect(tmp_path: Path) -> None:
+    """After Registered the gateway sends bytes that are no GatewayMessage. grpc.aio's client logs
+    the failed deserialization and hands out None: the agent takes it for a broken stream and
+    reconnects with backoff. It died of AttributeError (None.WhichOneof), which under Helm is a
+    CrashLoopBackOff."""
+    from koinon_gateway.rpc import SERVICE
+
+    gateway = HostileGateway()
+
+    async def control(request_iterator: Any, context: Any) -> None:
+        await context.read()  # Register
+        gateway.controls += 1
+        await context.write(pb.GatewayMessage(registered=pb.Registered(assignment=gateway.assignment())))
+        await context.write(b"\xff\xff\xff\xff\x0f")  # a varint that never ends: no message at all
+        await asyncio.sleep(3600)
+
+    handlers = {
+        "Join": grpc.unary_unary_rpc_method_handler(
+            gateway.Join,
+            request_deserializer=pb.JoinRequest.FromString,
+            response_serializer=pb.JoinResponse.SerializeToString,
+        ),
+        "Control": grpc.stream_stream_rpc_method_handler(
+            control,
+            request_deserializer=pb.AgentMessage.FromString,
+            # Raw bytes go out as they are: what a broken or hostile gateway can put on the wire.
+            response_serializer=lambda m: m if isinstance(m, bytes) else m.SerializeToString(),
+        ),
+    }
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    config = AgentConfig(
+        gateway=f"127.0.0.1:{port}", token="abcdef.0123456789abcdef", state_dir=tmp_path / "state",
+        insecure=True, start_ray=False, simulate_gpus=0, backoff_initial_s=0.05, backoff_max_s=0.5,
+    )  # fmt: skip
+    agent = Agent(config)
+    task = asyncio.ensure_future(agent.run())
+    try:
+        await until(lambda: gateway.controls >= 2 or task.done(), 5)
+        assert not task.done(), f"the agent died: {task.exception()!r}"
+        assert gateway.controls >= 2  # it registered again on a new Control stream
+    finally:
+        agent.request_drain(now=True)
+        with contextlib.suppress(BaseException):
+            await asyncio.wait_for(task, 10)
+        await server.stop(0)

@@ -8,6 +8,7 @@ import os
 import random
 import socket
 import struct
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -71,6 +72,85 @@ async def test_views_stay_intact_until_the_next_read_while_data_keeps_arriving()
         writer.write_eof()
         await writer.drain()
     assert bytes(received) == data
+
+
+async def test_views_stay_intact_while_other_pipes_reuse_the_same_buffers() -> None:
+    """Buffers go back to a free list shared by all pipes (a full one once read, the current one
+    whenever the consumer catches up) and another pipe takes them: a view must still hold its own
+    connection's bytes until its consumer's next read()."""
+    count, size = 4, 8 << 20
+    payloads = [bytes([i]) + random.Random(i).randbytes(size - 1) for i in range(count)]
+    received: list[bytes] = []
+
+    async def consume(pipe: TcpPipe) -> None:
+        rng = random.Random()
+        got = bytearray()
+        expected = b""
+        while (view := await pipe.read()) is not None:
+            expected = expected or payloads[view[0]]  # the first byte says which connection it is
+            if rng.random() < 0.3:
+                await asyncio.sleep(0.001)  # the others read, give buffers back and take them
+            assert view == expected[len(got) : len(got) + len(view)], "a view changed before the next read()"
+            got.extend(view)
+        received.append(bytes(got))
+        pipe.close()
+
+    async def send(port: int, data: bytes) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        rng = random.Random(data[0])
+        offset = 0
+        while offset < len(data):
+            size = rng.choice([100, 70_000, 1 << 20])
+            writer.write(data[offset : offset + size])
+            offset += size
+            await writer.drain()
+            if rng.random() < 0.1:
+                await asyncio.sleep(0.002)  # let the consumer catch up: it gives its buffer back
+        writer.write_eof()
+        await writer.drain()
+
+    async with pipe_server(consume) as port:
+        await asyncio.gather(*(send(port, data) for data in payloads))
+    assert sorted(received) == sorted(payloads)
+
+
+async def test_idle_pipes_hold_no_receive_buffer() -> None:
+    """Ray keeps its gRPC connections open for a node's whole life, mostly idle; each is a pipe at
+    the gateway and another at the agent. A pipe whose consumer has read everything and waits for
+    more gives its 1 MiB buffer back: idle connections must not hold a megabyte each."""
+    count = 32
+    waiting: list[TcpPipe] = []
+    all_waiting = asyncio.Event()
+
+    async def consume(pipe: TcpPipe) -> None:
+        view = await pipe.read()
+        assert view is not None and bytes(view) == b"x" * 100
+        pipe.write(b"ok")
+        waiting.append(pipe)
+        if len(waiting) == count:
+            all_waiting.set()
+        assert await pipe.read() is None  # idle, until the client goes
+        pipe.close()
+
+    tracemalloc.start()
+    try:
+        async with pipe_server(consume) as port:
+            writers = []
+            before, _ = tracemalloc.get_traced_memory()
+            for _ in range(count):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"x" * 100)
+                assert await asyncio.wait_for(reader.readexactly(2), 5) == b"ok"
+                writers.append(writer)
+            await asyncio.wait_for(all_waiting.wait(), 5)
+            await asyncio.sleep(0.05)
+            held = tracemalloc.get_traced_memory()[0] - before
+            for writer in writers:
+                writer.close()
+    finally:
+        tracemalloc.stop()
+    # The free list may keep a buffer or two (FREE_BUFFER_BYTES); not one per connection.
+    assert held < 4 << 20, f"{count} idle pipes hold {held >> 10} KiB"
 
 
 async def test_slow_consumer_pauses_reading_and_resumes() -> None:

@@ -590,6 +590,10 @@ class Agent:
                     message = reader.result()
                     if message is EOF:
                         return False
+                    if message is None:
+                        # grpc.aio's client logs a message that does not decode and hands out None:
+                        # a broken stream (or gateway) like any other, so reconnect with backoff.
+                        raise ConnectionError("gateway sent a malformed message")
                     self._last_heard_at = outage_clock()
                     await self._on_gateway_message(message, send)
             finally:
