@@ -77,10 +77,14 @@ def build_capacity(
         # Ray's GPU count is the volunteer's own claim: booked no higher than the GPUs it joined with,
         # or those its latest registration reported (status.gpus, the gateway's bounds too): a
         # volunteer that added a GPU and restarted uses it.
-        gpu_cap = _listed_gpus(spec, status) if labelled else BARE_WORKER_MAX_GPUS
+        listed = _listed_gpus(spec, status) if labelled else []
+        gpu_cap = len(listed) if labelled else BARE_WORKER_MAX_GPUS
         gpus_total = _gpu_count(node.resources_total.get("GPU", 0), gpu_cap)
         cpus_total = float(node.resources_total.get("CPU", 0.0))
-        gpu_memory = min((int(g.get("memoryMiB", 0)) for g in spec.get("gpus") or []), default=0)
+        # Placement gives every GPU this memory: the least of those the cap counted (which of them
+        # Ray's count stands for is unknown), so a smaller GPU added or swapped in is never booked
+        # with the join's bigger memory (its job would run out of memory, charged to the job).
+        gpu_memory = min((memory for _, memory in listed), default=0)
         reputation = status.get("reputation") or {}
         latency = status.get("latency") or {}
         unreadable = unreadable_status(status)
@@ -97,7 +101,7 @@ def build_capacity(
                 cpus_free=cpus_total - used_cpus.get(name, 0.0),
                 cpus_total=cpus_total,
                 gpu_memory_mib=gpu_memory,
-                gpu_models=tuple(str(g.get("model", "")) for g in spec.get("gpus") or []),
+                gpu_models=tuple(model for model, _ in listed),
                 owner=str(spec.get("owner") or name),
                 region=str(spec.get("region") or "unknown"),
                 # Only Ready takes new work: a Draining volunteer is leaving and a Pending one is not
@@ -167,11 +171,28 @@ def _unproven(node: RayNodeInfo, volunteer: Mapping[str, Any] | None) -> str:
     return ""
 
 
-def _listed_gpus(spec: Mapping[str, Any], status: Mapping[str, Any]) -> int:
-    """GPUs a VolunteerNode lists: the more of spec.gpus (its join) and status.gpus (its latest
-    registration), each a list the gateway bounded (MAX_GPUS)."""
-    lists = (spec.get("gpus"), status.get("gpus"))
-    return max((len(listed) for listed in lists if isinstance(listed, list)), default=0)
+def _listed_gpus(spec: Mapping[str, Any], status: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """(model, memoryMiB) of the GPUs a VolunteerNode lists, as many as the longer of spec.gpus (its
+    join) and status.gpus (its latest registration), each a list the gateway bounded (MAX_GPUS):
+    those of status.gpus, which says what the node has now, then those of spec.gpus beyond its
+    length (a registration listing fewer does not lower the count below the join's)."""
+    joined, latest = (_gpus_of(listed) for listed in (spec.get("gpus"), status.get("gpus")))
+    return latest + joined[len(latest) :]
+
+
+def _gpus_of(listed: object) -> list[tuple[str, int]]:
+    """(model, memoryMiB) of each entry of a `gpus` list. An entry without a readable memoryMiB
+    (status.gpus does not require one; junk written before the CRD checked) counts as a GPU of no
+    known memory (0): jobs that ask for GPU memory go elsewhere, and placement does not fail."""
+    if not isinstance(listed, list):
+        return []
+    gpus = []
+    for entry in listed:
+        gpu = entry if isinstance(entry, Mapping) else {}
+        memory = gpu.get("memoryMiB", 0)
+        readable = isinstance(memory, int | float) and not isinstance(memory, bool) and 0 <= memory < math.inf
+        gpus.append((str(gpu.get("model", "")), int(memory) if readable else 0))
+    return gpus
 
 
 def _gpu_count(declared: float, cap: int) -> int:

@@ -23,8 +23,10 @@ class NodeCapacity:
     gpus_free: int
     cpus_free: float
     gpu_memory_mib: int = 0
+    """The least memory of the node's listed GPUs: placement takes every GPU to have it."""
     gpu_models: tuple[str, ...] = ()
-    """`spec.gpus[].model` as the agent reported them (NVML names); speed ranks nodes by them."""
+    """The listed GPUs' models as the agent reported them (NVML names; `status.gpus`, its latest
+    registration, then `spec.gpus` beyond it); speed ranks nodes by them."""
     owner: str = ""
     region: str = "unknown"
     ready: bool = True
@@ -58,6 +60,8 @@ class PlacementRequest:
     """When this attempt started waiting (Unix seconds); None = unknown."""
     expected_duration_s: float | None = None
     """`spec.expectedDurationSeconds`; None = unknown."""
+    uid: str = ""
+    """The AIJob's `metadata.uid` ("" = unknown): the spot-check coin's input, with the attempt."""
 
 
 @dataclass(frozen=True)

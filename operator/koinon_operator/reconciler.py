@@ -1053,6 +1053,7 @@ class AIJobReconciler:
             # (a large replicated job may wait a bounded time for a trusted node); failovers do not wait.
             pending_since=float(creation_index) if state.attempts == 0 and creation_index else None,
             expected_duration_s=spec.expected_duration_seconds,
+            uid=uid,  # the spot-check coin's input: a job re-created under this name draws afresh
         )
         async with self.placement_lock:
             ray_nodes = await self.nodes.get()

@@ -65,6 +65,7 @@ def to_job(request: PlacementRequest) -> JobRequest:
         creation_index=request.creation_index,
         pending_since=request.pending_since,
         expected_duration_s=request.expected_duration_s,
+        uid=request.uid,
     )
 
 
@@ -91,12 +92,13 @@ class ReputationPlacer:
     """Operator ``Placer`` backed by the Koinon scheduling policy.
 
     The skip coin of adaptive replication is keyed with `seed_key`, by default a random key of this
-    process, kept nowhere: a volunteer knows the job key and attempt it is hashed from (its driver's
-    env), so with a key it could learn it would tell when its copy is the only one. One key per
-    process suffices: the coin is drawn when an attempt is placed and its copies are recorded in the
-    AIJob's status then (a restarted operator, or a new leader, follows them and never draws again);
-    a job still waiting for nodes gets the same coin on every pass of this process, and a fresh one
-    only after a restart, before any node has seen it."""
+    process, kept nowhere: a volunteer can learn the job's uid and attempt it is hashed from (its
+    Ray submission id, its driver's env), so with a key it could learn it would tell when its copy
+    is the only one. The uid, not the name: an AIJob re-created under the same name draws afresh.
+    One key per process suffices: the coin is drawn when an attempt is placed and its copies are
+    recorded in the AIJob's status then (a restarted operator, or a new leader, follows them and
+    never draws again); a job still waiting for nodes gets the same coin on every pass of this
+    process, and a fresh one only after a restart, before any node has seen it."""
 
     def __init__(
         self,

@@ -185,3 +185,67 @@ def test_a_gpu_a_volunteer_added_and_registered_is_booked() -> None:
     assert ReputationPlacer().place(PlacementRequest("ns/j", 1, 2, 1.0), [cap]).placed
     vols["vn-a"]["status"]["gpus"] = [l4] * 3  # more listed than Ray has: Ray's count still bounds it
     assert build_capacity([node], vols, [])[0].gpus_total == 2
+
+
+RTX_4090 = {"model": "NVIDIA GeForce RTX 4090", "memoryMiB": 24576}
+RTX_3060 = {"model": "NVIDIA GeForce RTX 3060", "memoryMiB": 8192}
+A100 = {"model": "NVIDIA A100", "memoryMiB": 81920}
+T4 = {"model": "Tesla T4", "memoryMiB": 15360}
+
+
+def _capacity(gpus: int, joined: list[dict[str, Any]], registered: list[dict[str, Any]]) -> Any:
+    """vn-a's capacity: Ray declares ``gpus``; it joined with ``joined`` and last registered ``registered``."""
+    node = RayNodeInfo("r1", "127.0.20.1", True, False, {"GPU": gpus, "CPU": 8}, LABEL)
+    status = {"phase": "Ready", "address": "127.0.20.1", "rayNodeId": "r1", "gpus": registered}
+    [cap] = build_capacity([node], {"vn-a": {"spec": {"owner": "alice", "gpus": joined}, "status": status}}, [])
+    assert cap.ready
+    return cap
+
+
+def test_an_added_smaller_gpu_is_not_taken_for_the_bigger_one_it_joined_with() -> None:
+    """Review repro: joined with a 24 GB GPU, later added an 8 GB one and restarted its agent. It is
+    booked for both GPUs (status.gpus counts), but placement gives every GPU one memory, which was
+    the join's: a job wanting 2 GPUs of 16 GB each was placed there and its second GPU ran out of
+    memory (an exit code of the job's, charged to nobody). Each GPU now has the least listed."""
+    cap = _capacity(2, [RTX_4090], [RTX_4090, RTX_3060])
+    assert (cap.gpus_total, cap.gpu_memory_mib) == (2, 8192)
+    assert cap.gpu_models == ("NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 3060")
+    request = PlacementRequest("ns/j", 1, 2, 1.0, gpu_memory_mib=16000)
+    decision = _placer().place(request, [cap])
+    assert not decision.placed, f"placed on {[n.name for n in decision.nodes]}: its 8 GB GPU will OOM"
+    assert _placer().place(PlacementRequest("ns/j", 1, 2, 1.0, gpu_memory_mib=8000), [cap]).placed
+
+
+def test_a_swapped_in_gpu_is_booked_with_its_own_memory() -> None:
+    """Review repro: the A100 it joined with was replaced by a T4 (status.gpus, the latest
+    registration): a 40 GB job was placed on a node whose only GPU has 15 GB. A GPU swapped for a
+    bigger one is booked as the bigger one, as a fresh join would be."""
+    cap = _capacity(1, [A100], [T4])
+    assert (cap.gpus_total, cap.gpu_memory_mib, cap.gpu_models) == (1, 15360, ("Tesla T4",))
+    request = PlacementRequest("ns/j", 1, 1, 1.0, gpu_memory_mib=40000)
+    assert not _placer().place(request, [cap]).placed, "a 40 GB job placed on a node whose only GPU now has 15 GB"
+    assert _capacity(1, [T4], [A100]).gpu_memory_mib == 81920
+
+
+def test_a_registration_listing_fewer_gpus_keeps_the_joins_count_with_the_least_memory() -> None:
+    """The count stays the more of the two lists (a registration listing fewer does not lower it:
+    Ray's own count does), so the GPUs beyond the registration's are the join's, and the memory is
+    the least of all those counted."""
+    cap = _capacity(2, [A100, A100], [T4])
+    assert (cap.gpus_total, cap.gpu_memory_mib) == (2, 15360)
+    assert cap.gpu_models == ("Tesla T4", "NVIDIA A100")
+    same = _capacity(1, [A100], [A100])  # the usual case: the registration lists what the join did
+    assert (same.gpus_total, same.gpu_memory_mib, same.gpu_models) == (1, 81920, ("NVIDIA A100",))
+    unregistered = _capacity(1, [A100], [])
+    assert (unregistered.gpus_total, unregistered.gpu_memory_mib) == (1, 81920)
+
+
+@pytest.mark.parametrize("entry", [None, "T4", {"model": "T4"}, {"model": "T4", "memoryMiB": "lots"}])
+def test_an_unreadable_registered_gpu_counts_with_no_known_memory(entry: object) -> None:
+    """status.gpus entries are read for their memory now: one without a readable memoryMiB (the CRD
+    does not require it there; junk written before the CRD checked) counts as a GPU of unknown
+    memory, so only jobs that ask for no GPU memory go there, and no entry stops placement."""
+    cap = _capacity(2, [A100], [A100, entry])  # type: ignore[list-item]
+    assert (cap.gpus_total, cap.gpu_memory_mib) == (2, 0)
+    assert not _placer().place(PlacementRequest("ns/j", 1, 1, 1.0, gpu_memory_mib=1024), [cap]).placed
+    assert _placer().place(PlacementRequest("ns/j", 1, 1, 1.0), [cap]).placed

@@ -1,7 +1,8 @@
 """Whether a trusted volunteer's job is spot-checked (run again elsewhere) is a coin only the
-operator can compute: the volunteer sees the job key and attempt the coin is drawn from (its
-driver's KOINON_JOB and KOINON_ATTEMPT), and with the public, unsalted coin it had, a liar knew
-when its copy was the only one and lied only then, never caught.
+operator can compute: the volunteer can learn the AIJob's uid and attempt the coin is drawn from
+(its Ray submission id, its driver's KOINON_ATTEMPT), and with the public, unsalted coin it had, a
+liar knew when its copy was the only one and lied only then, never caught. The coin is drawn from
+the uid, not the name: an AIJob re-created under the same name draws afresh.
 
 Reconciler passes against the fake Ray Job API and the real scheduler, as in
 tests/aijob/test_verification_rounds.py."""
@@ -31,8 +32,14 @@ def trusted_volunteers(names: list[str]) -> dict[str, dict[str, Any]]:
     return vols
 
 
-def replicated(name: str) -> dict[str, Any]:
-    return make_body({"entrypoint": "python x.py", "verification": {"mode": "replicated", "quorum": 2}}, name=name)
+def uid_of(name: str) -> str:
+    """The uid the tests give the AIJob ``name`` (each its own, as the API server would)."""
+    return f"uid-{name}"
+
+
+def replicated(name: str, uid: str | None = None) -> dict[str, Any]:
+    spec = {"entrypoint": "python x.py", "verification": {"mode": "replicated", "quorum": 2}}
+    return make_body(spec, name=name, uid=uid_of(name) if uid is None else uid)
 
 
 async def submit_all(rec: Any, ray: CopiesRay, clock: Clock, body: dict[str, Any], v: dict[str, Any]) -> list[str]:
@@ -48,9 +55,9 @@ async def submit_all(rec: Any, ray: CopiesRay, clock: Clock, body: dict[str, Any
     raise AssertionError(body["status"])
 
 
-def public_coin_copies(job_key: str, attempt: int) -> int:
-    """What a volunteer computes from its driver's env with the coin it can know."""
-    return 1 if unit_interval(stable_seed(job_key, attempt)) < SKIP else 2
+def public_coin_copies(uid: str, attempt: int) -> int:
+    """What a volunteer computes from the uid and attempt it can learn, with the coin it can know."""
+    return 1 if unit_interval(stable_seed(uid, attempt)) < SKIP else 2
 
 
 async def test_a_trusted_node_cannot_tell_from_its_own_env_whether_it_is_spot_checked() -> None:
@@ -60,7 +67,8 @@ async def test_a_trusted_node_cannot_tell_from_its_own_env_whether_it_is_spot_ch
         rec, body = reconciler(ray, clock), replicated(f"job-{i}")
         ids = await submit_all(rec, ray, clock, body, trusted_volunteers(ray.present))
         env = next(s for s in ray.submissions if s.submission_id == ids[0]).runtime_env["env_vars"]
-        predicted_right += public_coin_copies(env["KOINON_JOB"], int(env["KOINON_ATTEMPT"])) == len(ids)
+        uid = body["metadata"]["uid"]  # in the submission id, for the volunteer to read
+        predicted_right += public_coin_copies(uid, int(env["KOINON_ATTEMPT"])) == len(ids)
         checked += len(ids) > 1
     assert 0 < checked < runs  # trusted nodes skip, and are still spot-checked
     assert predicted_right < runs, "every spot-check was predicted by the node from its own environment"
@@ -71,11 +79,13 @@ def trusted_capacity() -> list[Any]:
     return build_capacity([ray_node(i, n) for i, n in enumerate(names)], trusted_volunteers(names), [])
 
 
-def copies_drawn(placer: ReputationPlacer, keys: list[str]) -> list[int]:
-    """The copies `placer` gives each job (attempt 1) on two trusted nodes of distinct owners."""
+def copies_drawn(placer: ReputationPlacer, keys: list[str], uids: list[str] | None = None) -> list[int]:
+    """The copies `placer` gives each job (attempt 1) on two trusted nodes of distinct owners; each
+    job's uid is `uid_of` its name unless ``uids`` are given."""
     capacity, out = trusted_capacity(), []
-    for key in keys:
-        request = PlacementRequest(key, 1, 1, 1.0, distinct_owners=True, verification_quorum=2, attempt=1)
+    for k, key in enumerate(keys):
+        uid = uid_of(key.split("/")[1]) if uids is None else uids[k]
+        request = PlacementRequest(key, 1, 1, 1.0, distinct_owners=True, verification_quorum=2, attempt=1, uid=uid)
         decision = placer.place(request, capacity)
         assert decision.placed, decision.message
         out.append(decision.copies)
@@ -92,7 +102,7 @@ def test_the_operators_coin_is_a_secret_of_its_process() -> None:
     drawn = copies_drawn(one, JOBS)
     assert 1 in drawn and 2 in drawn
     assert copies_drawn(one, JOBS) == drawn  # the same jobs, placed again by the same process
-    assert drawn != [public_coin_copies(key, 1) for key in JOBS]
+    assert drawn != [public_coin_copies(uid_of(key.split("/")[1]), 1) for key in JOBS]
     assert copies_drawn(other, JOBS) != drawn
     # Reproducible for whoever holds the key.
     assert copies_drawn(ReputationPlacer(seed_key=SEED_KEY), JOBS) == copies_drawn(
@@ -115,3 +125,31 @@ async def test_copies_recorded_at_placement_are_followed_after_a_restart() -> No
     copies = body["status"]["scheduling"]["copies"]
     ids = await submit_all(reconciler(ray, clock, seed_key=restarted_key), ray, clock, body, v)
     assert len(ids) == copies and len(ray.submissions) == copies
+
+
+def test_a_job_recreated_under_the_same_name_is_still_spot_checked() -> None:
+    """Review repro: the coin was drawn from namespace/name and attempt, so every re-creation of a
+    job under one name (a nightly job, the README's "re-create it to run it again" after
+    ResultRevoked) drew its predecessor's coin for the life of the process: one that skipped
+    verification once skipped it every time. Drawn from the uid, about 1 in 10 is checked."""
+    placer = ReputationPlacer(seed_key=SEED_KEY)
+    runs = 100
+    uids = [f"uid-nightly-{run}" for run in range(runs)]  # each re-creation a new object, attempt 1
+    drawn = copies_drawn(placer, ["team-a/nightly"] * runs, uids)
+    checked = sum(c > 1 for c in drawn)
+    assert 0 < checked < runs, f"{checked}/{runs} re-created runs were spot-checked: the coin never changes"
+    # One object asking again (still waiting for nodes) keeps its coin.
+    assert copies_drawn(placer, ["team-a/nightly"] * runs, uids) == drawn
+
+
+async def test_the_operator_draws_a_fresh_coin_for_a_job_recreated_under_the_same_name() -> None:
+    """The reconciler hands the AIJob's uid to placement: one operator process (one key) placing
+    the same-named AIJob re-created again and again spot-checks some runs and skips others."""
+    ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
+    v = trusted_volunteers(ray.present)
+    drawn = []
+    for run in range(60):
+        body = replicated("nightly", uid=f"uid-nightly-{run}")
+        await step(reconciler(ray, clock), body, v)  # the same key as one process: placed, not submitted
+        drawn.append(body["status"]["scheduling"]["copies"])
+    assert 1 in drawn and 2 in drawn, drawn

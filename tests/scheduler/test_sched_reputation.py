@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from koinon_operator.scheduler import (
     DEFAULT_CONFIG,
     FRESH,
+    ReputationConfig,
     ReputationEvidence,
     decayed,
     from_status,
@@ -69,6 +71,31 @@ def test_disagreement_costs_far_more_than_a_failure() -> None:
     after_lie = lower_bound(record_disagreement(proven, NOW, RC), NOW, RC)
     assert after_lie < after_failure - 0.1
     assert record_disagreement(ReputationEvidence(consecutive_valid=12), NOW, RC).consecutive_valid == 0
+
+
+def _quarantined_until(
+    disagreements: int, record: Callable[[ReputationEvidence, float, ReputationConfig], ReputationEvidence]
+) -> int:
+    """How many results of ``record`` (record_success or record_agreement) lift a node with
+    ``disagreements`` out of quarantine (beta mean >= `quarantine_below`)."""
+    ev = FRESH
+    for _ in range(disagreements):
+        ev = record_disagreement(ev, NOW, RC)
+    for n in range(100):
+        if score(ev, NOW, RC) >= DEFAULT_CONFIG.scoring.quarantine_below:
+            return n
+        ev = record(ev, NOW, RC)
+    raise AssertionError("never left quarantine")
+
+
+def test_quarantine_thresholds_are_those_the_config_states() -> None:
+    """`ScoringConfig.quarantine_below`'s docstring: one disagreement keeps a node quarantined until
+    3 unchecked successes or 2 agreements, two until 6 successes or 3 agreements (the review found
+    it said "two before ~8": (r + 1) / (r + 22) < 0.25 holds for r < 6)."""
+    assert _quarantined_until(1, record_success) == 3
+    assert _quarantined_until(1, record_agreement) == 2
+    assert _quarantined_until(2, record_success) == 6
+    assert _quarantined_until(2, record_agreement) == 3
 
 
 @settings(max_examples=50, deadline=None)

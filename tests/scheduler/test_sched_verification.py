@@ -158,6 +158,22 @@ def test_the_skip_coin_is_keyed_and_the_unkeyed_coin_is_the_public_one() -> None
     assert 0.8 < keyed.count(1) / len(keyed) < 0.97  # the same skip rate (0.9), other jobs skipped
 
 
+def test_the_coin_is_drawn_from_the_uid_so_a_recreated_job_draws_afresh() -> None:
+    """An AIJob re-created under the same name (same key, same attempt 1) is another object: the
+    coin is drawn from its uid, so the re-creations are spot-checked about 1 time in 10 rather
+    than all or never. Without a uid (the simulator) the key stands for it, as before."""
+    config = replace(DEFAULT_CONFIG, verification=replace(VC, seed_key=b"operator secret"))
+    nodes = _trusted_pair(1000.0)
+    jobs = [JobRequest("ns/nightly", verification_quorum=2, attempt=1, uid=f"uid-{i}") for i in range(200)]
+    drawn = [schedule([job], nodes, 1000.0, config).placements[0].copies for job in jobs]
+    assert 0.8 < drawn.count(1) / len(drawn) < 0.97
+    public = [schedule([job], nodes, 1000.0).placements[0].copies for job in jobs]
+    assert public == [plan_replication(2, TrustRecord(50), stable_seed(f"uid-{i}", 1), VC) for i in range(200)]
+    unnamed = JobRequest("ns/nightly", verification_quorum=2, attempt=1)
+    expected = plan_replication(2, TrustRecord(50), stable_seed("ns/nightly", 1), VC)
+    assert schedule([unnamed], nodes, 1000.0).placements[0].copies == expected
+
+
 def test_the_seed_key_stays_out_of_the_config_repr_and_fits_blake2b() -> None:
     assert "operator secret" not in repr(replace(DEFAULT_CONFIG, verification=replace(VC, seed_key=b"operator secret")))
     with pytest.raises(ValueError, match="seed_key"):

@@ -158,8 +158,10 @@ class ScoringConfig:
     preferred nor avoided (all nodes equal when the operator knows no models)."""
     quarantine_below: float = 0.25
     """Koinon places nothing on a node whose (owner-adjusted) beta mean is below this. A fresh node
-    scores 0.5; one disagreement before ~3 good results (or two before ~8) drops a node below it, so a
-    caught liar stops receiving work until its evidence decays (half-life) back toward the prior."""
+    scores 0.5; with the default weights (a disagreement counts 10, an agreement 2: it is a success
+    too) one disagreement keeps a node below it until 3 unchecked successes or 2 agreements, two
+    until 6 successes or 3 agreements, so a caught liar stops receiving work until its evidence
+    decays (half-life) back toward the prior."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -204,8 +204,11 @@ def _run(
             )
             copies = job.verification_quorum
             if skip_probability(record, cfg.verification) > 0.0:  # else the coin cannot matter
-                # Keyed: the node knows the job key and attempt (its driver's env), not the key.
-                seed = stable_seed(job.key, job.attempt, key=cfg.verification.seed_key)
+                # Keyed: the node can learn the uid and attempt (its submission id, env), not the key.
+                # The uid, not the name: a job re-created under the same name must draw afresh
+                # (by name, one that skipped verification once would skip it every time). Without
+                # a uid (the simulator, whose keys are unique) the key stands for it.
+                seed = stable_seed(job.uid or job.key, job.attempt, key=cfg.verification.seed_key)
                 copies = plan_replication(copies, record, seed, cfg.verification)
             if copies > 1:
                 extra = None

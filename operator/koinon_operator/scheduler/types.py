@@ -94,6 +94,10 @@ class JobRequest:
     pending_since: float | None = None
     """When this attempt started waiting for placement (same clock as `now`); None = unknown. Lets a
     large job that would need a verification copy wait a bounded time for a trusted node."""
+    uid: str = ""
+    """The AIJob's `metadata.uid`; "" = unknown, the key stands for it. The spot-check coin is drawn
+    from it and the attempt: an AIJob re-created under the same name (a nightly job, a rerun after
+    ResultRevoked) is another object, and must not draw the coin its predecessor drew."""
 
     def __post_init__(self) -> None:
         if not self.key:

@@ -3,10 +3,10 @@
 Adaptive replication follows BOINC: a node becomes trusted after `trust_after_valid` validated
 results in a row (reset to 0 by a disagreement), then skips replication with probability
 1 - 1/(skip_ramp * n), capped so trusted nodes are still spot-checked. The coin is a keyed hash of
-the job key and attempt (`VerificationConfig.seed_key`): reproducible for whoever holds the key, and
-unpredictable to a node, which sees the key and attempt in its driver's env but never the secret
-(with the coin public, a trusted node would lie exactly when it runs the only copy). A quorum counts
-distinct owners, never nodes.
+the job's uid (its key where none is given) and attempt (`VerificationConfig.seed_key`): reproducible
+for whoever holds the key, and unpredictable to a node, which can learn the uid and attempt (its Ray
+submission id, its driver's env) but never the secret (with the coin public, a trusted node would lie
+exactly when it runs the only copy). A quorum counts distinct owners, never nodes.
 """
 
 from __future__ import annotations
