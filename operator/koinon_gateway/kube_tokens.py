@@ -359,6 +359,11 @@ class KubeTokenStore:
             try:
                 await self.client.replace(path, stored_secret)
             except KubeApiError as exc:
+                if exc.not_found:
+                    # Deleted since the read (deleting the Secret revokes the token): as if it had
+                    # never been found. A node_made then has nothing left to forget, and its join
+                    # must not be answered "retry" for a token its retry would find gone.
+                    return None
                 if not exc.conflict:
                     raise
                 self.conflicts += 1

@@ -1210,3 +1210,29 @@ def test_a_counted_join_is_honoured_for_its_retries_only_for_a_while() -> None:
     assert not _counted_since(counted, "aaaa", 1000 + COUNTED_JOIN_HONOURED_S)
     assert not _counted_since(counted, "cccc", 1000)  # no time (written before times were kept)
     assert not _counted_since(counted, "dddd", 1000)
+
+
+async def test_a_token_secret_deleted_while_its_join_forgets_the_counted_use_leaves_no_orphan(kube: Kube) -> None:
+    """Deleting the token Secret revokes it for new joins. A join that had counted its use and
+    recorded its node finishes: node_made's write answered 404 (the Secret gone between its read
+    and its write) means nothing is left to forget. It was answered "retry", which the agent's
+    retry was refused for good, and the node held its address until the unconnected-node TTL."""
+    from koinon_gateway.kube_client import secret_path
+
+    tokens = KubeTokenStore(kube.client, NAMESPACE)
+    token = await tokens.create(owner="alice", usage_limit=1)
+    path = secret_path(NAMESPACE, secret_name(token[:6]))
+    real_replace, puts = kube.client.replace, []
+
+    async def replace(target: str, body: JSON) -> JSON:
+        if target == path:
+            puts.append(target)
+            if len(puts) == 2:  # node_made's write: the admin deletes the Secret just before it
+                await kube.client.delete(path)
+        return await real_replace(target, body)
+
+    kube.client.replace = replace  # type: ignore[method-assign,assignment]
+    request = pb.JoinRequest(token=token, name_hint="alpha", join_id="0123456789abcdef" * 2)
+    async with join_stub(kube, tokens) as stub:
+        joined = await stub.Join(request, timeout=10)
+    assert len(puts) == 2 and joined.assignment.node_name.startswith("alpha-")
