@@ -16,6 +16,7 @@ import asyncio
 import json
 import shutil
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -24,7 +25,7 @@ from typing import Any
 
 import psutil
 import yaml
-from koinon_dev.cluster import DevCluster, DevClusterConfig, kubectl
+from koinon_dev.cluster import STATE_FILE, DevCluster, DevClusterConfig, kubectl
 from koinon_gateway.kube_client import kube_client, load_kubeconfig
 
 from bench.percentiles import percentile
@@ -86,14 +87,30 @@ def sample_rss(pid: int, stop: threading.Event, peak: list[float]) -> None:
 
 
 async def run(count: int, timeout: float) -> dict[str, Any]:
-    # The control plane's state dir holds only its components' logs and lock once `down` is done
-    # (the results are written elsewhere, by main): removed whatever happens, a failed `up` too,
-    # where each run left ~36 KiB in the temp dir.
+    # The control plane's state dir (~36 KiB a run: logs, lock; the results are written elsewhere,
+    # by main) is removed once the control plane is stopped cleanly, a failed `up` too: it stops
+    # what it started itself. Otherwise it is kept, with the logs of the failed run: the
+    # `koinon --state-dir DIR dev down` that an unfinished `down` prints reads its state file.
     state_dir = Path(tempfile.mkdtemp(prefix="koinon-bench-admission-"))
     try:
         return await _measure(state_dir, count, timeout)
     finally:
-        shutil.rmtree(state_dir, ignore_errors=True)
+        if stopped_cleanly(state_dir):
+            shutil.rmtree(state_dir, ignore_errors=True)
+        else:
+            print(
+                f"bench-admission: the local control plane was not stopped cleanly; its state and logs "
+                f"are kept in {state_dir}",
+                file=sys.stderr,
+            )
+
+
+def stopped_cleanly(state_dir: Path) -> bool:
+    """Whether nothing the control plane in ``state_dir`` recorded can still run. DevCluster's
+    teardown (its `down`, and a failed `up`'s own) deletes the state file last, once all it
+    recorded is stopped: a second Ctrl-C or an error during it leaves the file, and a damaged one
+    is moved aside as cluster.json.damaged-*, its processes not stopped."""
+    return not (state_dir / STATE_FILE).exists() and not any(state_dir.glob(f"{STATE_FILE}.damaged-*"))
 
 
 async def _measure(state_dir: Path, count: int, timeout: float) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def normalize_builtin(group: str, plural: str, obj: JsonObj, old: JsonObj | None
 def _normalize_secret(obj: JsonObj, old: JsonObj | None, name: str) -> None:
     data = obj.get("data") or {}
     if not isinstance(data, dict):
-        raise errors.bad_request("Secret.data must be a map of keys to base64 strings")
+        raise errors.cannot_decode("Secret", "v1", "data", data, "map[string][]uint8")
     for key, value in list(data.items()):
         # map[string][]byte: decoded from base64 while the request is read (a 400 when it is not).
         # As ConfigMap binaryData: base64 with CR/LF in it (wrapped, as `base64` writes it) is
@@ -68,17 +68,13 @@ def _normalize_secret(obj: JsonObj, old: JsonObj | None, name: str) -> None:
                 raise ValueError(f"expected a string, got {type(value).__name__}")
             decoded = base64.b64decode(value.replace("\r", "").replace("\n", ""), validate=True)
         except (ValueError, binascii.Error) as error:
-            raise errors.bad_request(
-                f'Secret in version "v1" cannot be handled as a Secret: data[{key}]: {error}'
-            ) from error
+            raise errors.DecodeError("Secret", "v1", f"data[{key}]: {error}") from error
         data[key] = base64.b64encode(decoded).decode()
     string_data = obj.pop("stringData", None)
     if string_data is not None:
         # map[string]string: a null value decodes as "".
         if not isinstance(string_data, dict) or not all(v is None or isinstance(v, str) for v in string_data.values()):
-            raise errors.bad_request(
-                'Secret in version "v1" cannot be handled as a Secret: stringData values must be strings'
-            )
+            raise errors.DecodeError("Secret", "v1", "stringData values must be strings")
         data = dict(data)
         for key, value in string_data.items():
             data[key] = base64.b64encode((value or "").encode()).decode()
@@ -126,9 +122,7 @@ def _check_configmap_data(obj: JsonObj) -> None:
                 try:
                     decoded = base64.b64decode(value.replace("\r", "").replace("\n", ""), validate=True)
                 except (ValueError, binascii.Error) as error:
-                    raise errors.bad_request(
-                        f'ConfigMap in version "v1" cannot be handled as a ConfigMap: binaryData[{key}]: {error}'
-                    ) from error
+                    raise errors.DecodeError("ConfigMap", "v1", f"binaryData[{key}]: {error}") from error
                 values[key] = base64.b64encode(decoded).decode()
 
 

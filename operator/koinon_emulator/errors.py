@@ -6,6 +6,7 @@ messages and to decide on retries, so the shapes and wording follow kube-apiserv
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,13 +118,47 @@ def json_type(value: Any) -> str:
     return "object" if isinstance(value, dict) else "null"
 
 
-def cannot_decode(kind: str, version: str, field: str, value: Any, go_type: str) -> ApiError:
+class DecodeError(ApiError):
+    """A body kube-apiserver's decoder cannot turn into its Go type: a 400 on create and update,
+    ``Kind in version "v1" cannot be handled as a Kind: DETAIL``. A patch whose *result* does not
+    decode is answered differently (see ``patch_invalid``), quoting only ``detail``."""
+
+    def __init__(self, kind: str, version: str, detail: str) -> None:
+        super().__init__(400, "BadRequest", f'{kind} in version "{version}" cannot be handled as a {kind}: {detail}')
+        self.detail = detail
+
+
+def cannot_decode(kind: str, version: str, field: str, value: Any, go_type: str) -> DecodeError:
     """kube-apiserver's answer to a body its Go types cannot hold (a string for a list, a number
     for a string): the decoding fails, a 400 before any validation, naming the field."""
-    return bad_request(
-        f'{kind} in version "{version}" cannot be handled as a {kind}: json: cannot unmarshal '
-        f"{json_type(value)} into Go struct field {kind}.{field} of type {go_type}"
+    return DecodeError(
+        kind,
+        version,
+        f"json: cannot unmarshal {json_type(value)} into Go struct field {kind}.{field} of type {go_type}",
     )
+
+
+def go_format(value: Any) -> str:
+    """``value`` as Go's ``fmt.Sprintf("%+v", ...)`` prints what kjson decoded: maps with sorted keys."""
+    if isinstance(value, dict):
+        return "map[" + " ".join(f"{key}:{go_format(value[key])}" for key in sorted(value)) + "]"
+    if isinstance(value, list):
+        return "[" + " ".join(go_format(item) for item in value) + "]"
+    if value is None:
+        return "<nil>"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def patch_invalid(patched: str, detail: str) -> ApiError:
+    """patch.go's answer when the patched object does not decode (or, under fieldValidation=Strict,
+    decodes with unknown fields): not the 400 a POST or PUT body gets, but
+    ``errors.NewInvalid(schema.GroupKind{}, "", field.Invalid(field.NewPath("patch"), patched, err))``,
+    a 422 Invalid with no kind or name. ``patched`` is the patched object's JSON (merge and JSON
+    patch) or the patch as Go prints it (strategic merge patch)."""
+    cause = FieldCause("patch", f"Invalid value: {json.dumps(patched, ensure_ascii=False)}: {detail}")
+    return ApiError(422, "Invalid", f' "" is invalid: {cause.render()}', {"causes": [cause.as_json()]})
 
 
 def gone(message: str) -> ApiError:

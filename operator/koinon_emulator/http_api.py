@@ -205,11 +205,16 @@ class ApiHandlers:
             # for them (kubectl patch needs --type=merge or --type=json).
             raise errors.unsupported_media_type(content_type, custom_resource=True)
         assert path.name is not None
+        patch = await json_body(request)
+        if patch is None and not await request.read():
+            # No body is not the JSON `null` (a JSON patch of no operations: a no-op): kube-apiserver
+            # cannot decode it, whatever the patch type.
+            raise errors.bad_request("error decoding patch: unexpected end of JSON input")
         result = self.service.patch(
             resource,
             namespace,
             path.name,
-            await json_body(request),
+            patch,
             content_type,
             write_options(request),
             path.subresource,

@@ -203,7 +203,10 @@ def _decode_operations(operations: Any, field_validation: str) -> list[JsonObj]:
     default) or Strict it first decodes the whole patch into []jsonPatchOp{Op, Path, From string;
     Value any}: an item that is not an object, or an op, path or from that is neither a string nor
     null, is a 400 there, before any operation applies. Under Ignore evanphx/json-patch reads them as
-    raw JSON and the operation fails later (a 422). A null item decodes as an empty operation."""
+    raw JSON and the operation fails later (a 422). A null item decodes as an empty operation, and
+    a null patch as no operations (a no-op, 200)."""
+    if operations is None:
+        return []
     if not isinstance(operations, list):
         raise bad_request("json patch must be a list of operations")
     decoded: list[JsonObj] = []
@@ -241,12 +244,33 @@ def _operation_field(operation: JsonObj, kind: str, key: str) -> str:
     raise unprocessable_patch(f"{kind} operation failed to decode {key}: {reason}")
 
 
+# jsonPatchOp's fields: patch.go decodes the operations into it with kjson.UnmarshalStrict.
+_OPERATION_FIELDS = frozenset({"op", "path", "from", "value"})
+
+
+def unknown_operation_fields(operations: Any) -> list[str]:
+    """The strict decoding errors of patch.go's jsonPatchOp decoding (under fieldValidation Warn and
+    Strict), as it words them: ``json patch unknown field "[0].valeu"``. (A duplicate field, the
+    other strict error, is gone once the body is parsed here.)"""
+    if not isinstance(operations, list):
+        return []
+    return [
+        f'json patch unknown field "[{number}].{key}"'
+        for number, operation in enumerate(operations)
+        if isinstance(operation, dict)
+        for key in operation
+        if key not in _OPERATION_FIELDS
+    ]
+
+
 def json_patch(target: Any, operations: Any, field_validation: str = "Warn") -> Any:
     """Apply RFC 6902 operations to a deep copy of ``target`` as kube-apiserver does: a patch that
     does not decode is a 400 (see _decode_operations), an operation that fails (a failed ``test``,
-    an unknown or absent ``op``, an absent ``path``) a 422."""
+    an unknown or absent ``op``, an absent ``path``) a 422. An ``add``, ``replace`` or ``test``
+    without a ``value`` takes null, as evanphx/json-patch v4 does (Operation.value() is a nil node,
+    which marshals as null): a label added so decodes as ""."""
     doc = copy.deepcopy(target)
-    for number, operation in enumerate(_decode_operations(operations, field_validation)):
+    for operation in _decode_operations(operations, field_validation):
         op = operation.get("op")
         kind = op if isinstance(op, str) else "unknown"  # evanphx's Operation.Kind()
         if kind not in ("add", "replace", "test", "remove", "move", "copy"):
@@ -254,12 +278,11 @@ def json_patch(target: Any, operations: Any, field_validation: str = "Warn") -> 
         # move and copy read their "from" before their "path", as evanphx/json-patch does.
         source = _operation_field(operation, kind, "from") if kind in ("move", "copy") else ""
         path = _operation_field(operation, kind, "path")
-        if kind in ("add", "replace", "test") and "value" not in operation:
-            raise bad_request(f"json patch operation {number} ({kind}) needs a 'value'")
+        value = operation.get("value")
         if kind == "add":
-            doc = _add(doc, path, copy.deepcopy(operation["value"]), replace=False)
+            doc = _add(doc, path, copy.deepcopy(value), replace=False)
         elif kind == "replace":
-            doc = _add(doc, path, copy.deepcopy(operation["value"]), replace=True)
+            doc = _add(doc, path, copy.deepcopy(value), replace=True)
         elif kind == "remove":
             _remove(doc, path)
         elif kind == "test":
@@ -267,14 +290,14 @@ def json_patch(target: Any, operations: Any, field_validation: str = "Warn") -> 
                 actual = _get(doc, path)
             except ApiError:
                 actual = None
-            if actual != operation["value"]:
+            if actual != value:
                 raise unprocessable_patch(
                     f"the server rejected our request due to an error in our "
                     f"request: testing value {path} failed: test failed"
                 )
         else:
-            value = _remove(doc, source) if kind == "move" else copy.deepcopy(_get(doc, source))
-            doc = _add(doc, path, value, replace=False)
+            moved = _remove(doc, source) if kind == "move" else copy.deepcopy(_get(doc, source))
+            doc = _add(doc, path, moved, replace=False)
     return doc
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import copy
 import datetime
+import json
 import re
 import secrets
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +23,7 @@ from .builtins import normalize_builtin
 from .crds import check_crd, crd_resource_types, crd_status
 from .errors import ApiError, FieldCause
 from .labels import label_problems, qualified_name_problem
-from .patching import apply_patch
+from .patching import JSON_PATCH, STRATEGIC_MERGE_PATCH, apply_patch, unknown_operation_fields
 from .resources import CRD_RESOURCE, NAMESPACE_RESOURCE, ResourceRegistry, ResourceType
 from .schema import admit
 from .selectors import ObjectFilter
@@ -118,6 +120,11 @@ def _meta_type_problem(metadata: JsonObj) -> tuple[str, Any, str] | None:
     return None
 
 
+def _compact(obj: Any) -> str:
+    """``obj`` as Go's json.Marshal writes it: no spaces."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
 def now_rfc3339() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -198,7 +205,7 @@ class ApiService:
             )
         metadata = obj.get("metadata", {})
         if not isinstance(metadata, dict):
-            raise errors.bad_request("metadata must be an object")
+            raise errors.cannot_decode(resource.kind, resource.version, "metadata", metadata, "v1.ObjectMeta")
         if wrong_type := _meta_type_problem(metadata):
             # A type ObjectMeta cannot hold, labels and annotations included (a list, a number, a
             # non-string value): a decoding error, 400, before validation (the 422s below).
@@ -277,9 +284,16 @@ class ApiService:
             )
 
     def _admit(
-        self, resource: ResourceType, obj: JsonObj, options: WriteOptions, only: str | None = None
+        self,
+        resource: ResourceType,
+        obj: JsonObj,
+        options: WriteOptions,
+        only: str | None = None,
+        patch_strict_errors: Sequence[str] = (),
     ) -> tuple[JsonObj, list[str]]:
-        """Schema pruning/defaulting/validation; returns the admitted object and warnings."""
+        """Schema pruning/defaulting/validation; returns the admitted object and warnings.
+        ``patch_strict_errors``: what strict decoding found in a JSON patch's operations, reported
+        (or refused, under Strict) first, together with the object's unknown fields, as patch.go does."""
         name = obj.get("metadata", {}).get("name", "")
         if resource == CRD_RESOURCE and only is None and (causes := check_crd(obj)):
             raise errors.invalid(resource.group, resource.kind, name, causes)
@@ -291,16 +305,16 @@ class ApiService:
                 del metadata[unknown]
                 result.unknown_fields.append(f"metadata.{unknown}")
         warnings: list[str] = []
-        if result.unknown_fields:
+        strict_errors = [*patch_strict_errors, *(f'unknown field "{path}"' for path in result.unknown_fields)]
+        if strict_errors:
             if options.field_validation == "Strict":
-                # kube-apiserver's strict decoding error: a 400, naming every unknown field.
-                unknown = ", ".join(f'unknown field "{path}"' for path in result.unknown_fields)
-                raise errors.bad_request(
-                    f'{resource.kind} in version "{resource.version}" cannot be handled as a {resource.kind}: '
-                    f"strict decoding error: {unknown}"
+                # kube-apiserver's strict decoding error: a 400 naming every unknown field (for a
+                # patch, a 422: ApiService.patch).
+                raise errors.DecodeError(
+                    resource.kind, resource.version, f"strict decoding error: {', '.join(strict_errors)}"
                 )
             if options.field_validation != "Ignore":
-                warnings = [f'unknown field "{path}"' for path in result.unknown_fields]
+                warnings = strict_errors
         if result.causes:
             raise errors.invalid(resource.group, resource.kind, name, result.causes)
         return result.obj, warnings
@@ -382,6 +396,19 @@ class ApiService:
         subresource: str | None = None,
         require_version: bool = True,
     ) -> WriteResult:
+        return self._update(resource, namespace, name, body, options, subresource, require_version)
+
+    def _update(
+        self,
+        resource: ResourceType,
+        namespace: str | None,
+        name: str,
+        body: Any,
+        options: WriteOptions,
+        subresource: str | None,
+        require_version: bool,
+        patch_strict_errors: Sequence[str] = (),
+    ) -> WriteResult:
         old = self.store.get(resource.storage_key, namespace or "", name)
         if old is None:
             raise errors.not_found(resource.group, resource.plural, name)
@@ -405,7 +432,7 @@ class ApiService:
             )
         if given_version and given_version != old["metadata"]["resourceVersion"]:
             raise errors.conflict(resource.group, resource.plural, name)
-        new, warnings = self._merge_write(resource, old, candidate, options, subresource)
+        new, warnings = self._merge_write(resource, old, candidate, options, subresource, patch_strict_errors)
         return self._commit(resource, old, new, options, warnings)
 
     def patch(
@@ -422,10 +449,40 @@ class ApiService:
         if old is None:
             raise errors.not_found(resource.group, resource.plural, name)
         candidate = apply_patch(self.as_version(resource, old), patch, content_type, options.field_validation)
-        return self.update(resource, namespace, name, candidate, options, subresource, require_version=False)
+        # Decoded strictly (under Warn and Strict only), a JSON patch's operations may hold unknown
+        # fields: warned about, or refused under Strict, with the patched object's own.
+        strict_errors = (
+            unknown_operation_fields(patch)
+            if content_type == JSON_PATCH and options.field_validation != "Ignore"
+            else []
+        )
+        try:
+            return self._update(
+                resource,
+                namespace,
+                name,
+                candidate,
+                options,
+                subresource,
+                require_version=False,
+                patch_strict_errors=strict_errors,
+            )
+        except errors.DecodeError as error:
+            # patch.go decodes the patched object itself: what does not decode (a label that is a
+            # number, finalizers that are a string, a Secret value that is not base64, an unknown
+            # field under Strict) is a 422 Invalid on the field "patch", not the 400 a POST or PUT
+            # body gets. kopf and the gateway branch on that 422.
+            patched = errors.go_format(patch) if content_type == STRATEGIC_MERGE_PATCH else _compact(candidate)
+            raise errors.patch_invalid(patched, error.detail) from error
 
     def _merge_write(
-        self, resource: ResourceType, old: JsonObj, candidate: JsonObj, options: WriteOptions, subresource: str | None
+        self,
+        resource: ResourceType,
+        old: JsonObj,
+        candidate: JsonObj,
+        options: WriteOptions,
+        subresource: str | None,
+        patch_strict_errors: Sequence[str] = (),
     ) -> tuple[JsonObj, list[str]]:
         if subresource == "status":
             if not resource.status_subresource:
@@ -435,7 +492,7 @@ class ApiService:
                 new["status"] = candidate["status"]
             else:
                 new.pop("status", None)
-            new, warnings = self._admit(resource, new, options, only="status")
+            new, warnings = self._admit(resource, new, options, only="status", patch_strict_errors=patch_strict_errors)
             return new, warnings
         new = candidate
         new["apiVersion"], new["kind"] = resource.api_version, resource.kind
@@ -485,7 +542,7 @@ class ApiService:
             else:
                 new.pop("status", None)
         normalize_builtin(resource.group, resource.plural, new, old)
-        new, warnings = self._admit(resource, new, options)
+        new, warnings = self._admit(resource, new, options, patch_strict_errors=patch_strict_errors)
         if resource == CRD_RESOURCE:
             new["status"] = crd_status(new, old.get("status"), now_rfc3339())
         if _content(new, resource.status_subresource) != _content(old, resource.status_subresource):

@@ -14,7 +14,7 @@ import pytest
 # `bench` is a folder at the repository root, not an installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from koinon_dev.cluster import DevClusterConfig, DevClusterInfo
+from koinon_dev.cluster import STATE_FILE, DevClusterConfig, DevClusterInfo, down_command
 from koinon_operator.ray_jobs import RayNodeInfo, RayUnavailableError
 
 from bench.admission import __main__ as admission
@@ -57,8 +57,9 @@ def test_an_admission_run_of_another_size_does_not_replace_the_record(
 
 
 class FakeCluster:
-    """Stands in for DevCluster: writes what `up` leaves in the state dir (logs, the lock) and, as
-    the real `down`, removes only the files it names, not the directory."""
+    """Stands in for DevCluster: writes what `up` leaves in the state dir (logs, the lock, the state
+    file recording what it started) and, as the real `down` (and a failed `up`'s own teardown),
+    removes only the files it names, the state file last, not the directory."""
 
     fail_up = False
     downs = 0
@@ -70,7 +71,9 @@ class FakeCluster:
         (self.state_dir / "dev.lock").write_text("1\n")
 
     def up(self, progress: bool = True) -> DevClusterInfo:
+        (self.state_dir / STATE_FILE).write_text('{"process_groups": {}}')
         if FakeCluster.fail_up:
+            (self.state_dir / STATE_FILE).unlink()  # its teardown completed
             raise RuntimeError("the Ray head did not start")
         (self.state_dir / "kubeconfig").write_text("{}")
         return DevClusterInfo(
@@ -81,6 +84,7 @@ class FakeCluster:
     def down(self) -> list[str]:
         FakeCluster.downs += 1
         (self.state_dir / "kubeconfig").unlink(missing_ok=True)
+        (self.state_dir / STATE_FILE).unlink(missing_ok=True)
         return []
 
 
@@ -105,6 +109,48 @@ def test_an_admission_run_leaves_no_state_dir_behind_even_when_it_fails(
         asyncio.run(admission.run(5, timeout=1))
     assert FakeCluster.downs == (0 if fail_up else 1)  # a failed `up` stops what it started itself
     assert list(tmp_path.iterdir()) == [kept]
+
+
+class PartlyStoppedCluster(FakeCluster):
+    """As DevCluster when a second Ctrl-C lands during `down` (cluster.py _teardown): the state file,
+    which records the process groups still running, is left in place, the user is told to finish
+    with `koinon --state-dir DIR dev down`, and KeyboardInterrupt propagates."""
+
+    def down(self) -> list[str]:
+        print(f"koinon: the local control plane is only partly stopped; finish with: {down_command(self.state_dir)}")
+        raise KeyboardInterrupt
+
+
+class DamagedStateCluster(FakeCluster):
+    """As DevCluster's `down` when the state file does not parse: moved aside, its processes (if
+    any) not stopped, and `down` returns normally."""
+
+    def down(self) -> list[str]:
+        (self.state_dir / STATE_FILE).replace(self.state_dir / f"{STATE_FILE}.damaged-1")
+        return []
+
+
+@pytest.mark.parametrize("cluster", [PartlyStoppedCluster, DamagedStateCluster])
+def test_a_control_plane_not_stopped_cleanly_keeps_its_state_dir(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str], cluster: type[FakeCluster]
+) -> None:
+    """The state dir was removed whatever happened: after a second Ctrl-C during `down` the printed
+    `koinon --state-dir ... dev down` found no state file and what still ran was left running; the
+    logs of the failed run went too. It is kept, and said where, unless the stop was clean."""
+
+    def kubectl_fails(*args: object, **kwargs: object) -> str:
+        raise RuntimeError("kubectl apply failed")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(admission, "DevCluster", cluster)
+    monkeypatch.setattr(admission, "kubectl", kubectl_fails)
+    monkeypatch.setattr(FakeCluster, "fail_up", False)
+    with pytest.raises((KeyboardInterrupt, RuntimeError)):
+        asyncio.run(admission.run(5, timeout=1))
+    [state_dir] = tmp_path.glob("koinon-bench-admission-*")
+    assert (state_dir / "logs" / "operator.log").exists()
+    assert list(state_dir.glob(f"{STATE_FILE}*")), "what the finish command (or the user) needs to stop the rest"
+    assert f"kept in {state_dir}" in capsys.readouterr().err
 
 
 def test_nearest_rank_is_not_thrown_off_by_float_rounding() -> None:
