@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import secrets
 from bisect import bisect_right
 from collections import OrderedDict
@@ -48,6 +49,9 @@ SERVICE_KEY: web.AppKey[ApiService] = web.AppKey("service", ApiService)
 BOOKMARK_KEY: web.AppKey[float] = web.AppKey("bookmark_interval", float)
 
 
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _json(body: JsonObj, status: int = 200, warnings: list[str] | None = None) -> web.Response:
     response = web.Response(
         body=json.dumps(body, separators=(",", ":"), allow_nan=False).encode(),
@@ -55,8 +59,11 @@ def _json(body: JsonObj, status: int = 200, warnings: list[str] | None = None) -
         content_type="application/json",
     )
     for warning in warnings or ():
-        # RFC 7234 warn-text is a quoted-string: escape quotes, as kube-apiserver does.
-        text = warning.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+        # RFC 7234 warn-text is a quoted-string: escape quotes, as kube-apiserver does. Other
+        # control characters (a client's field name may hold any) become spaces: a header with
+        # one is refused by aiohttp after the write it reports was made, and the client saw a
+        # dropped connection for a change that happened.
+        text = _CONTROL_CHARACTERS.sub(" ", warning.replace("\\", "\\\\").replace('"', '\\"'))
         response.headers.add("Warning", f'299 - "{text}"')
     return response
 

@@ -171,6 +171,11 @@ def _unproven(node: RayNodeInfo, volunteer: Mapping[str, Any] | None) -> str:
     return ""
 
 
+# The most memory a GPU may report (koinon_gateway.limits.MAX_GPU_MEMORY_MIB, 16 TiB; the operator
+# does not import the gateway): more is read as unknown (0).
+GPU_MEMORY_MIB_MAX = 1 << 24
+
+
 def _listed_gpus(spec: Mapping[str, Any], status: Mapping[str, Any]) -> list[tuple[str, int]]:
     """(model, memoryMiB) of the GPUs a VolunteerNode lists, as many as the longer of spec.gpus (its
     join) and status.gpus (its latest registration), each a list the gateway bounded (MAX_GPUS):
@@ -190,7 +195,10 @@ def _gpus_of(listed: object) -> list[tuple[str, int]]:
     for entry in listed:
         gpu = entry if isinstance(entry, Mapping) else {}
         memory = gpu.get("memoryMiB", 0)
-        readable = isinstance(memory, int | float) and not isinstance(memory, bool) and 0 <= memory < math.inf
+        # Beyond the gateway's bound (the CRD's integer type keeps it within int64 anyway) it
+        # would overflow the scheduler's int64 arrays, and stop placement for every job.
+        number = isinstance(memory, int | float) and not isinstance(memory, bool)
+        readable = number and 0 <= memory <= GPU_MEMORY_MIB_MAX
         gpus.append((str(gpu.get("model", "")), int(memory) if readable else 0))
     return gpus
 

@@ -249,3 +249,16 @@ def test_an_unreadable_registered_gpu_counts_with_no_known_memory(entry: object)
     assert (cap.gpus_total, cap.gpu_memory_mib) == (2, 0)
     assert not _placer().place(PlacementRequest("ns/j", 1, 1, 1.0, gpu_memory_mib=1024), [cap]).placed
     assert _placer().place(PlacementRequest("ns/j", 1, 1, 1.0), [cap]).placed
+
+
+@pytest.mark.parametrize("memory", [1e300, 2**63, (1 << 24) + 1])
+def test_gpu_memory_beyond_the_gateways_bound_is_read_as_unknown(memory: float) -> None:
+    """A status.gpus memoryMiB no gateway writes (an admin's hand edit) overflowed the scheduler's
+    int64 arrays, which stopped placement for every job, not only that node's."""
+    from koinon_operator.inventory import GPU_MEMORY_MIB_MAX, build_capacity
+
+    ray = [RayNodeInfo("r1", "10.0.0.1", True, False, {"GPU": 1, "CPU": 8}, {"koinon.dev/node": "vn-a"})]
+    status = {"phase": "Ready", "connected": True, "address": "10.0.0.1", "gpus": [{"model": "X", "memoryMiB": memory}]}
+    volunteers = {"vn-a": {"spec": {"owner": "alice", "gpus": [{"model": "X", "memoryMiB": 1024}]}, "status": status}}
+    [capacity] = build_capacity(ray, volunteers, [])
+    assert capacity.gpu_memory_mib == 0 and GPU_MEMORY_MIB_MAX == 1 << 24

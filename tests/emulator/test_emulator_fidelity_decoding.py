@@ -554,3 +554,29 @@ async def test_apply_crd_hands_out_a_copy(emulator: KubeEmulator) -> None:
     crd["spec"]["names"]["kind"] = "Gadget"
     stored = emulator.get("apiextensions.k8s.io/v1", "CustomResourceDefinition", f"widgets.{GROUP}")
     assert stored["spec"]["names"]["kind"] == "Widget"
+
+
+@pytest.mark.parametrize("key", ["x\ry", "x\x00y", "x\x7fy", "x\ny"])
+async def test_a_warning_naming_a_field_with_a_control_character_is_still_answered(
+    emulator: KubeEmulator, http: aiohttp.ClientSession, key: str
+) -> None:
+    """The Warning header for an unknown JSON patch operation field carried the key as sent;
+    aiohttp refused the header after the change was stored, and the client saw a dropped
+    connection for a write that happened (kube-apiserver answers 200)."""
+    emulator.create({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "default"}})
+    operations = [{"op": "add", "path": "/data", "value": {"a": "1"}, key: 1}]
+    async with http.patch("/api/v1/namespaces/default/configmaps/c", json=operations, headers=JSON_PATCH) as response:
+        assert response.status == 200, await response.text()
+        assert response.headers.getall("Warning") == ['299 - "json patch unknown field \\"[0].x y\\""']
+    assert emulator.get("v1", "ConfigMap", "c", namespace="default")["data"] == {"a": "1"}
+
+
+async def test_a_pruned_field_with_a_control_character_is_still_answered(
+    with_widgets: KubeEmulator, http: aiohttp.ClientSession
+) -> None:
+    with_widgets.create(widget("w"))
+    merge = {"Content-Type": "application/merge-patch+json"}
+    async with http.patch(
+        f"/apis/{GROUP}/v1/namespaces/default/widgets/w", json={"spec": {"x\ry": 1}}, headers=merge
+    ) as response:
+        assert response.status == 200, await response.text()

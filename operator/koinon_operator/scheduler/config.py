@@ -78,11 +78,11 @@ class VerificationConfig:
     max_copies: int = 7
     """Copies of one job after which the scheduler gives up finding a majority."""
     seed_key: bytes = field(default=b"", repr=False)
-    """Secret key (at most 64 bytes) of the skip coin, a keyed hash of the job key and attempt. A
-    node sees both in its driver's env: with a key it knows, it would compute whether its copy is
-    the only one (and lie only then, never caught). Empty: the coin is public, fixed for
-    reproducible simulations and tests; the operator passes a random key of its own (kept out of
-    the repr, so a logged config does not show it)."""
+    """Secret key (at most 64 bytes) of the skip coin, a keyed hash of the job's uid (its key when
+    it has none) and attempt. A node can learn both (its submission id, its driver's env): with a
+    key it knows, it would compute whether its copy is the only one (and lie only then, never
+    caught). Empty: the coin is public, fixed for reproducible simulations and tests; the operator
+    passes a random key of its own (kept out of the repr, so a logged config does not show it)."""
 
     def __post_init__(self) -> None:
         if len(self.seed_key) > 64:  # BLAKE2b's key limit: fail at start, not at the first placement
