@@ -268,7 +268,8 @@ def json_patch(target: Any, operations: Any, field_validation: str = "Warn") -> 
     does not decode is a 400 (see _decode_operations), an operation that fails (a failed ``test``,
     an unknown or absent ``op``, an absent ``path``) a 422. An ``add``, ``replace`` or ``test``
     without a ``value`` takes null, as evanphx/json-patch v4 does (Operation.value() is a nil node,
-    which marshals as null): a label added so decodes as ""."""
+    which marshals as null): a label added so decodes as "". (A ``test`` without one on an absent or
+    null path makes evanphx dereference nil, a 500 in kube-apiserver; here it passes.)"""
     doc = copy.deepcopy(target)
     for operation in _decode_operations(operations, field_validation):
         op = operation.get("op")
