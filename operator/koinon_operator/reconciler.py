@@ -39,7 +39,13 @@ from koinon_operator.ray_jobs import (
     RayUnavailableError,
     Submission,
 )
-from koinon_operator.telemetry import LOG_TAIL_SEPARATOR, RAY_QUOTED_LOGS, RESULT_SEPARATOR, traceparent
+from koinon_operator.telemetry import (
+    LOG_TAIL_SEPARATOR,
+    RAY_QUOTED_LOGS,
+    RESULT_SEPARATOR,
+    trace_id_for,
+    traceparent,
+)
 from koinon_operator.verification import CopyResult, Verdict, judge
 
 logger = logging.getLogger(__name__)
@@ -485,13 +491,6 @@ def _exited_on_its_own(info: RayJobInfo) -> bool:
     """The driver exited with a code of its own (> 0), not killed by a signal (< 0): a node that
     shuts down kills its driver, and that failure is the node's leaving, not the job's."""
     return info.driver_exit_code is not None and info.driver_exit_code > 0
-
-
-def trace_id_for(uid: str) -> str:
-    """The job's OpenTelemetry trace id (32 hex digits), derived from its uid so it survives restarts."""
-    # Hashed, never the uid as it is: a UUID's variant bits pin the low 64 bits that trace-id ratio
-    # samplers read to a quarter of their range, so a 10 % ratio kept no job and 80 % every job.
-    return hashlib.sha256(uid.encode()).hexdigest()[:32]
 
 
 # Terminal escape sequences (colours, cursor moves: Ray's and many libraries' log output) and the

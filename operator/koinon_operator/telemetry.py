@@ -1,9 +1,9 @@
 """OpenTelemetry traces of every AIJob, exported over OTLP to the SREs' own backend.
 
 One trace per job, with ids derived from the object's uid (trace id and root span id are hashes of
-it, see ``reconciler.trace_id_for``), so spans emitted by different operator processes over the
-job's life (restarts included) land in the same trace. Each transition the operator posts as an
-Event is also a span; when the job finishes, or is deleted before, the root span covering creation
+it, see ``trace_id_for``), so spans emitted by different operator processes over the job's life
+(restarts included) land in the same trace. Each transition the operator posts as an Event is also
+a span; when the job finishes, or is deleted before, the root span covering creation
 to completion (or deletion) and a span for the Ray run are emitted, once per operator process (see
 ``JobTracer``).
 
@@ -15,8 +15,9 @@ Configuration is the standard ``OTEL_*`` environment: ``OTEL_EXPORTER_OTLP_ENDPO
 ``OTEL_TRACES_EXPORTER=none`` turns it off, ``console`` prints spans, ``otlp`` named explicitly
 exports to the spec's default endpoint when none is given (an empty endpoint variable counts as
 unset); ``OTEL_SDK_DISABLED=true`` turns it off. A malformed ``OTEL_EXPORTER_OTLP_(TRACES_)HEADERS``
-is refused at start, its values never shown; so is any setting the SDK refuses while the pipeline
-is built (``exporter_settings_problem``).
+item, or a header the exporter could not send once URL-decoded, is refused at start, its values
+never shown; so is any setting the SDK refuses while the pipeline is built
+(``exporter_settings_problem``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import Decision
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.util.re import parse_env_headers
 
 from koinon_operator.api.aijob import parse_time
 
@@ -60,6 +62,13 @@ class JobIdGenerator(IdGenerator):
     def generate_trace_id(self) -> int:
         forced = _forced_ids.get()
         return forced[0] if forced else self._random.generate_trace_id()
+
+
+def trace_id_for(uid: str) -> str:
+    """The job's OpenTelemetry trace id (32 hex digits), derived from its uid so it survives restarts."""
+    # Hashed, never the uid as it is: a UUID's variant bits pin the low 64 bits that trace-id ratio
+    # samplers read to a quarter of their range, so a 10 % ratio kept no job and 80 % every job.
+    return hashlib.sha256(uid.encode()).hexdigest()[:32]
 
 
 def job_trace_ids(trace_id_hex: str) -> tuple[int, int]:
@@ -152,7 +161,7 @@ def _otlp_exporter(explicit: bool) -> SpanExporter | None:
         "OTEL_EXPORTER_OTLP_PROTOCOL",
     )
     protocol = (os.environ.get(variable) or "grpc").strip()
-    _check_otlp_headers()
+    _check_otlp_headers(grpc=protocol == "grpc")
     # Each exporter reads headers, TLS settings and compression from OTEL_* itself.
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
@@ -201,23 +210,68 @@ _HEADER_ITEM = re.compile(rf"[ \t]*{_HEADER_NAME}[ \t]*=[ \t]*{_HEADER_VALUE}[ \
 _QUOTED = re.compile(r"""\s*['"]|.*=\s*'.*'\s*$""")
 _HEADER_DELIMITER = re.compile(r"[ \t]*,[ \t]*")
 OTLP_HEADERS_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
+# What each transport can send, judged on the header as the SDK hands it over: name and value
+# URL-decoded (as UTF-8), the name lowercased. Anything else fails every export in the background.
+# HTTP (requests, then http.client, which encodes Latin-1): the name a token; the value tab, space,
+# printable ASCII or Latin-1 letters, no control character (a CR or LF makes requests refuse the
+# header, and the SDK log the refusal with the value, the API key, at ERROR at every batch).
+_HTTP_HEADER_NAME = re.compile(_HEADER_NAME)
+_HTTP_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\xa0-\xff]*")
+# gRPC metadata (validate_metadata.cc): keys of lowercase letters, digits, "-", "_" and "."; values
+# of printable ASCII. A "-bin" key wants bytes, and the SDK passes text (TypeError at every export).
+_GRPC_KEY = re.compile(r"[0-9a-z_.-]+")
+_GRPC_VALUE = re.compile(r"[\x20-\x7e]*")
 
 
-def _check_otlp_headers() -> None:
+def _check_otlp_headers(grpc: bool) -> None:
     """Refuses an item the SDK would not parse, naming its variable and position only: the SDK
     logs such an item whole (an API key with it) and then exports without that header, so every
-    batch fails with 401 in the background while the operator looks healthy."""
+    batch fails with 401 in the background while the operator looks healthy. Refuses too a header
+    the exporter (over gRPC when ``grpc``, else HTTP) cannot send once the SDK has URL-decoded it,
+    naming its variable, position and name, never its value."""
     # Only the variable the exporter reads: the signal's own, else the generic one (a generic value
     # meant for other signals or SDKs must not stop the operator when the traces one is set).
     variable = next((v for v in OTLP_HEADERS_VARIABLES if os.environ.get(v)), None)
-    if variable is not None:
-        items = _HEADER_DELIMITER.split(os.environ[variable])
-        for number, item in enumerate(items, 1):
-            if item.strip() and (_HEADER_ITEM.fullmatch(item.strip()) is None or _QUOTED.match(item)):
-                raise ValueError(
-                    f"{variable}: item {number} is not name=value (value not shown); write items as "
-                    'name=value separated by commas, without quotes, URL-encoding any , ; \\ or "'
-                )
+    if variable is None:
+        return
+    items = _HEADER_DELIMITER.split(os.environ[variable])
+    for number, item in enumerate(items, 1):
+        if not item.strip():
+            continue
+        if _HEADER_ITEM.fullmatch(item.strip()) is None or _QUOTED.match(item):
+            raise ValueError(
+                f"{variable}: item {number} is not name=value (value not shown); write items as "
+                'name=value separated by commas, without quotes, URL-encoding any , ; \\ or "'
+            )
+        # Decoded by the SDK's own parser, as both exporters do: an item whose value has a space in
+        # it is taken as written, any other URL-decoded (so "%0A" in the text is a line break).
+        # It logs nothing here: the item passed the check above, which is its liberal pattern.
+        written_name = item.split("=", 1)[0].strip()  # a token (checked above): no secret in it
+        for name, value in parse_env_headers(item, liberal=True).items():
+            problem = _grpc_header_problem(name, value) if grpc else _http_header_problem(name, value)
+            if problem is not None:
+                raise ValueError(f"{variable}: item {number} ({written_name}): {problem}; value not shown")
+
+
+def _http_header_problem(name: str, value: str) -> str | None:
+    if _HTTP_HEADER_NAME.fullmatch(name) is None:
+        return "its URL-decoded name is not an HTTP header name"
+    if _HTTP_HEADER_VALUE.fullmatch(value) is None:
+        if any(ord(character) > 0xFF for character in value):
+            # Also a %XX that is not UTF-8: the SDK decodes it to U+FFFD.
+            return "its URL-decoded value holds a character beyond Latin-1, which HTTP headers cannot carry"
+        return "its URL-decoded value holds a control character (a line break, say)"
+    return None
+
+
+def _grpc_header_problem(name: str, value: str) -> str | None:
+    if _GRPC_KEY.fullmatch(name) is None:
+        return "its URL-decoded name is not a gRPC metadata key (lowercase letters, digits, - _ .)"
+    if name.endswith("-bin"):
+        return "a -bin (binary) gRPC metadata key, which the exporter cannot send"
+    if _GRPC_VALUE.fullmatch(value) is None:
+        return "its URL-decoded value holds a character gRPC metadata cannot carry (printable ASCII only)"
+    return None
 
 
 # The batch span processor's parameters, each with the OTEL_BSP_* variable it is read from: the
@@ -340,12 +394,19 @@ class JobTracer:
     id: a finishing pass repeated because its status write never landed, or a deletion handler
     judging from a body older than the pass that finished the job (reconciler.stop waited for that
     pass), must not emit a second span with the root's id. Another process (after a restart or a
-    change of leader) does not know: replaying a finishing pass whose write was lost emits it again."""
+    change of leader) does not know: replaying a finishing pass whose write was lost emits it again.
+
+    A job's first pass gives it its trace id (``status.traceId``); a deletion whose body predates
+    that pass's status write still finds the trace (and the status that pass left) here, if a pass
+    of this process emitted spans into it."""
 
     def __init__(self, provider: TracerProvider | None) -> None:
         self._provider = provider
         self._tracer = provider.get_tracer("koinon.operator") if provider else None
         self._roots_emitted: dict[int, None] = {}  # trace ids, oldest first
+        # Trace id -> the status left by this process's pass that emitted the job's first spans,
+        # until a body shows status.traceId (its write landed) or the root is emitted; oldest first.
+        self._first_passes: dict[int, Mapping[str, Any]] = {}
 
     @property
     def enabled(self) -> bool:
@@ -369,6 +430,15 @@ class JobTracer:
             return
         # A list first: every transition gets its span, and a pass without events ends nothing here.
         ends = [self._transition(job, status, event_type, reason, message) for event_type, reason, message in events]
+        if before.get("traceId"):
+            # The first pass's write landed: a deletion's body (taken later) carries the trace id.
+            self._first_passes.pop(job.trace_id, None)
+        else:
+            # The pass that set status.traceId: a deletion whose body kopf took before that write
+            # landed must still end this trace with its root (see deleted()).
+            self._first_passes[job.trace_id] = status
+            while len(self._first_passes) > ROOTS_REMEMBERED:
+                del self._first_passes[next(iter(self._first_passes))]
         last_end = max(ends, default=None)
         # The root span once, in the pass that finished the job (not again in the TTL deletion's,
         # nor in a repeat of the pass whose status write was lost).
@@ -389,6 +459,17 @@ class JobTracer:
         if self._tracer is None:
             return
         status = dict(body.get("status") or {})
+        if not status.get("traceId"):
+            # The deletion's body predates the first pass's status write: kopf took it while that
+            # pass ran (reconciler.stop waited for it), and that pass's spans name as their parent
+            # the root of the trace derived from the uid. The root is emitted with the status that
+            # pass left. A job no pass of this process emitted spans for gets no trace at all
+            # rather than a lone root that no status.traceId ever pointed to.
+            uid = str((body.get("metadata") or {}).get("uid") or "")
+            first_pass = self._first_passes.get(job_trace_ids(trace_id_for(uid))[0]) if uid else None
+            if first_pass is None:
+                return
+            status = dict(first_pass)
         if status.get("phase") in ("Succeeded", "Failed"):
             return  # the finishing pass emitted the root
         job = self._job(body, status)
@@ -471,6 +552,7 @@ class JobTracer:
         comes before the spans of the pass that emits it, and backends flag children that outlive
         their parent (and cut them off in the waterfall)."""
         assert self._tracer is not None
+        self._first_passes.pop(job.trace_id, None)
         self._roots_emitted[job.trace_id] = None
         while len(self._roots_emitted) > ROOTS_REMEMBERED:
             del self._roots_emitted[next(iter(self._roots_emitted))]

@@ -23,8 +23,8 @@ from koinon_operator.reconciler import (
     extract_result,
     log_tail,
     submission_id_for,
-    trace_id_for,
 )
+from koinon_operator.telemetry import trace_id_for
 from kopf._core.actions.execution import Outcome
 from kopf._core.engines.indexing import OperatorIndexer, OperatorIndexers
 

@@ -177,8 +177,7 @@ def test_ratio_sampling_keeps_about_that_share_of_jobs(ratio: float) -> None:
     import random
     import uuid
 
-    from koinon_operator.reconciler import trace_id_for
-    from koinon_operator.telemetry import root_sampled
+    from koinon_operator.telemetry import root_sampled, trace_id_for
     from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 
     provider = TracerProvider(sampler=ParentBasedTraceIdRatio(ratio))

@@ -1,8 +1,10 @@
 """Tracing rules that need no cluster: the root span once per job (a deletion racing the pass that
-finishes the job, or that pass repeated after its status write was lost, included) and ending
-after its children, the pass's status applied as the merge patch it is, sampling decided for the
-whole trace, the SRE's service.name kept, OTLP over HTTP when asked for (to a real HTTP receiver),
-and malformed OTLP headers refused at start without showing the key."""
+finishes the job, or that pass repeated after its status write was lost, included; a deletion
+racing the job's first pass emits it too) and ending after its children, the pass's status applied
+as the merge patch it is, sampling decided for the whole trace, the Ray job's TRACEPARENT naming the
+exported root, the SRE's service.name kept, OTLP over HTTP when asked for (to a real HTTP receiver),
+and malformed OTLP headers, or ones the exporter could not send once URL-decoded, refused at start
+without showing the key."""
 
 from __future__ import annotations
 
@@ -161,6 +163,88 @@ async def test_a_deletion_racing_the_pass_that_finishes_the_job_emits_one_root_s
     assert stops == []
 
 
+async def _deleted_during_its_first_pass(
+    monkeypatch: pytest.MonkeyPatch, tracer: JobTracer, retried_deletion: bool = False
+) -> kopf.Patch:
+    """kubectl apply, then kubectl delete while the job's first timer pass is in flight (Ray slow
+    to list its nodes): kopf hands the deletion handler the deletion event's body, taken before that
+    pass's status write, so without status.traceId. The handler waits for the pass in
+    reconciler.stop, then tells the tracer. Returns the first pass's status patch."""
+    from koinon_operator import handlers
+
+    monkeypatch.setattr(kopf, "event", lambda *args, **kwargs: None)
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py"})
+    listing = asyncio.Event()
+    nodes = ray.nodes
+
+    async def slow_nodes() -> Any:
+        await listing.wait()
+        return await nodes()
+
+    monkeypatch.setattr(ray, "nodes", slow_nodes)
+    leader = SimpleNamespace(is_leader=True, term=1)
+    quiet = SimpleNamespace(record=lambda *args, **kwargs: asyncio.sleep(0))
+    memo = SimpleNamespace(reconciler=reconciler, tracer=tracer, leader=leader, reputation=quiet, ray=ray)
+    patch = kopf.Patch()
+    reconcile: Any = handlers.reconcile_aijob
+    volunteers = {name: [node] for name, node in VOLUNTEERS.items()}
+    raw: Any = copy.deepcopy(body)
+    timer = asyncio.create_task(reconcile(body=kopf.Body(raw), patch=patch, memo=memo, namespace="ns",
+                                          name="j", aijob_allocations={}, volunteer_nodes=volunteers))  # fmt: skip
+    await asyncio.sleep(0.05)
+    deleting = copy.deepcopy(body)  # the deletion event's body: no status yet
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:01Z"
+    stop_ray_job: Any = handlers.stop_ray_job
+    deletion = asyncio.create_task(stop_ray_job(body=deleting, memo=memo))
+    await asyncio.sleep(0.05)
+    assert not timer.done() and not deletion.done()  # the deletion waits for the pass
+    listing.set()
+    await asyncio.gather(timer, deletion)
+    if retried_deletion:  # kopf runs the handler again (this process's leftover, or a retry)
+        await stop_ray_job(body=deleting, memo=memo)
+    return patch
+
+
+@pytest.mark.parametrize("retried_deletion", [False, True])
+async def test_a_deletion_racing_the_jobs_first_pass_still_gives_its_spans_their_root(
+    monkeypatch: pytest.MonkeyPatch, retried_deletion: bool
+) -> None:
+    """The first pass emits aijob.Accepted and aijob.Scheduled under the root span id derived from
+    the uid; the deletion handler, judging from a body without status.traceId, emitted no root:
+    the trace's spans pointed at a parent that never came. The root comes once, with the phase
+    that pass left."""
+    provider = TracerProvider(id_generator=JobIdGenerator())
+    tracer, exporter = _tracer(provider)
+    patch = await _deleted_during_its_first_pass(monkeypatch, tracer, retried_deletion)
+    trace_id = patch["status"]["traceId"]
+    assert trace_id
+
+    spans = exporter.get_finished_spans()
+    names = [s.name for s in spans]
+    assert "aijob.Scheduled" in names and "aijob.Deleted" in names, names
+    ids = {s.context.span_id for s in spans}
+    orphans = [s.name for s in spans if s.parent is not None and s.parent.span_id not in ids]
+    assert orphans == [], f"spans whose parent (the job's root) is never emitted: {orphans} (all: {names})"
+    roots = [s for s in spans if s.name == "aijob"]
+    assert len(roots) == 1, names
+    assert roots[0].context.trace_id == int(trace_id, 16)
+    attributes = dict(roots[0].attributes or {})
+    assert (attributes["koinon.reason"], attributes["koinon.phase"]) == ("Deleted", patch["status"]["phase"])
+
+
+async def test_a_job_deleted_before_any_pass_emitted_its_spans_gets_no_trace() -> None:
+    """No pass gave it a status.traceId nor emitted a span: a lone root (and its aijob.Deleted)
+    would be a trace no status ever pointed to, for a job that never ran; none is emitted."""
+    provider = TracerProvider(id_generator=JobIdGenerator())
+    tracer, exporter = _tracer(provider)
+    body = make_body({"entrypoint": "python x.py"})
+    body["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:01Z"
+    tracer.deleted(body, [("Normal", "Stopped", "Ray job stopped before deletion")])
+    assert exporter.get_finished_spans() == ()
+
+
 async def test_a_finishing_pass_repeated_after_its_status_write_was_lost_emits_no_second_root_span() -> None:
     """record() runs before kopf's status patch lands. When that write is lost (an API error), the
     reconciler acts on the body again after STALE_BODY_GRACE_SECONDS and concludes the job again:
@@ -218,6 +302,33 @@ def test_the_ray_job_gets_the_roots_sampling_decision(monkeypatch: pytest.Monkey
     dropping = TracerProvider(sampler=ParentBasedTraceIdRatio(0.0))
     monkeypatch.setattr("opentelemetry.trace.get_tracer_provider", lambda: dropping)
     assert traceparent(trace_id).endswith("-00")
+
+
+async def test_the_ray_jobs_traceparent_names_the_exported_root_span(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: TRACEPARENT, passed to the Ray job, makes the job's own spans children of the AIJob's
+    root span. It must name the trace of status.traceId and the span id the root span is exported
+    with (and say sampled, as the root is): a wrong id there leaves every span of the job an orphan
+    or in another trace, while everything the operator exports looks right."""
+    provider = TracerProvider(id_generator=JobIdGenerator())
+    monkeypatch.setattr("opentelemetry.trace.get_tracer_provider", lambda: provider)  # the installed one
+    tracer, exporter = _tracer(provider)
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py"})
+    await _traced_step(reconciler, tracer, body)  # Accepted + Scheduled
+    await _traced_step(reconciler, tracer, body)  # Submitted
+    ray.set_state(submission_id_for(UID, 1), RayJobState.SUCCEEDED, exit_code=0)
+    clock.advance(10)
+    await _traced_step(reconciler, tracer, body)  # Completed: the root span
+    assert body["status"]["phase"] == "Succeeded"
+
+    [submission] = ray.submissions
+    version, trace_id, parent_id, flags = submission.runtime_env["env_vars"]["TRACEPARENT"].split("-")
+    [root] = [s for s in exporter.get_finished_spans() if s.name == "aijob"]
+    assert root.context is not None and root.parent is None
+    assert (version, flags) == ("00", "01")
+    assert trace_id == body["status"]["traceId"] == f"{root.context.trace_id:032x}"
+    assert parent_id == f"{root.context.span_id:016x}"
 
 
 def resource_attributes() -> dict[str, Any]:
@@ -383,6 +494,84 @@ def test_a_generic_otlp_headers_value_the_exporter_does_not_read_is_not_checked(
     assert "OTEL_EXPORTER_OTLP_HEADERS: item 1" in (exporter_settings_problem() or "")
 
 
+def test_a_headers_value_that_decodes_to_a_line_break_is_refused_at_start_not_logged_at_every_export(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    otlp_http_receiver: tuple[str, list[ExportTraceServiceRequest]],
+) -> None:
+    """The start check read the item as written, while the SDK URL-decodes the value: a "%0A" (a
+    wrapped base64 credential URL-encoded whole) passed, then requests refused the header at every
+    export over OTLP/HTTP, the SDK logged the refusal at ERROR with the value (the API key) every
+    batch, and no span was delivered."""
+    endpoint, received = otlp_http_receiver
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", f"x-honeycomb-team={HONEYCOMB_KEY[:8]}%0A{HONEYCOMB_KEY[8:]}")
+    caplog.set_level(logging.INFO)
+    problem = exporter_settings_problem()
+    if problem is None:  # main() would go on, and kopf's startup handler install it: what then
+        provider = setup_tracing()
+        assert provider is not None
+        provider.get_tracer("test").start_span("s").end()
+        provider.shutdown()
+    assert HONEYCOMB_KEY[8:] not in caplog.text, "the API key was written to the operator's log"
+    assert problem is not None, f"passed the start check; spans delivered: {len(received)}"
+    assert problem.startswith("OTEL_EXPORTER_OTLP_HEADERS: item 1 (x-honeycomb-team): ")
+    assert HONEYCOMB_KEY[:8] not in problem and HONEYCOMB_KEY[8:] not in problem
+
+
+@pytest.mark.parametrize(
+    ("protocol", "item"),
+    [
+        ("http/protobuf", "x-honeycomb-team=hcaik%0D%0A01"),  # CR LF: requests refuses, the SDK logs it
+        ("http/protobuf", "x-honeycomb-team=hcaik%0001"),  # a NUL reaches the backend as it is
+        ("http/protobuf", "x-honeycomb-team=hcaik%E2%82%AC01"),  # beyond Latin-1: every batch fails
+        ("http/protobuf", "x-honeycomb-team=hcaik%FF01"),  # not UTF-8: decoded to U+FFFD, as above
+        ("http/protobuf", "x-honeycomb%3Ateam=hcaik01"),  # a name that decodes to no header name
+        ("grpc", "x-honeycomb-team=hcaik%0A01"),  # "Illegal header value": every export INTERNAL
+        ("grpc", "x-honeycomb-team=hcaik%0901"),  # a tab: HTTP takes it, gRPC metadata does not
+        ("grpc", "x-honeycomb-team=hcaik%C3%A901"),  # Latin-1 but not ASCII: the same
+        ("grpc", "x-honeycomb-team!=hcaik01"),  # "Illegal header key"
+        ("grpc", "x-honeycomb-team-bin=hcaik01"),  # binary metadata wants bytes: TypeError each time
+    ],
+)
+@pytest.mark.parametrize("variable", ["OTEL_EXPORTER_OTLP_HEADERS", "OTEL_EXPORTER_OTLP_TRACES_HEADERS"])
+def test_a_header_the_exporter_cannot_send_once_url_decoded_is_refused_at_start_naming_it(
+    monkeypatch: pytest.MonkeyPatch, protocol: str, item: str, variable: str
+) -> None:
+    """Judged on the header as the SDK hands it to the transport (URL-decoded): before, each passed
+    the start check and every export then failed in the background."""
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    monkeypatch.setenv(variable, f"x-honeycomb-dataset=koinon, {item}")
+    problem = exporter_settings_problem()
+    name = item.split("=", 1)[0]
+    assert problem is not None and problem.startswith(f"{variable}: item 2 ({name}): "), problem
+    assert "hcaik" not in problem
+
+
+@pytest.mark.parametrize(
+    ("protocol", "headers"),
+    [
+        ("http/protobuf", "x-scope-orgid=caf%C3%A9"),  # Latin-1 once decoded: http.client sends it
+        ("http/protobuf", "authorization=Basic%09abc"),  # a tab is part of an HTTP field value
+        ("http/protobuf", "authorization=Bearer abc%0A"),  # a space in it: taken as written, not decoded
+        ("grpc", "authorization=Bearer%20abc, x-honeycomb-team=hcaik%3D%3D"),
+        ("grpc", "X-Scope-OrgID=tenant-1"),  # lowercased by the SDK
+    ],
+)
+def test_headers_the_exporter_sends_once_url_decoded_are_accepted(
+    monkeypatch: pytest.MonkeyPatch, protocol: str, headers: str
+) -> None:
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", headers)
+    assert exporter_settings_problem() is None
+
+
 def main_exits_2_before_kopf(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], if_kopf_started: str
 ) -> str:
@@ -409,6 +598,18 @@ def test_the_operator_exits_2_on_a_malformed_otlp_headers_item(
     err = main_exits_2_before_kopf(monkeypatch, capsys, "kopf started with the API key left out of every export")
     assert "koinon-operator: OTEL_EXPORTER_OTLP_HEADERS: item 1 is not name=value" in err
     assert HONEYCOMB_KEY not in err
+
+
+def test_the_operator_exits_2_naming_a_header_it_could_not_send(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "https://api.honeycomb.io:443")
+    wrapped = f"{HONEYCOMB_KEY[:8]}%0A{HONEYCOMB_KEY[8:]}"
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_HEADERS", f"x-honeycomb-team={wrapped}")
+    err = main_exits_2_before_kopf(monkeypatch, capsys, "kopf started with a header no export can send")
+    assert "koinon-operator: OTEL_EXPORTER_OTLP_TRACES_HEADERS: item 1 (x-honeycomb-team): " in err
+    assert HONEYCOMB_KEY[:8] not in err and HONEYCOMB_KEY[8:] not in err
 
 
 def _children_ending_after(spans: Any) -> tuple[Any, list[tuple[str, float]]]:
