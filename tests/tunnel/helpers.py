@@ -234,3 +234,28 @@ async def start_agent_process(
         env=env,
         stderr=stderr,
     )
+
+
+def as_non_root(uid: int, work: Callable[[], None]) -> str:
+    """Runs ``work`` in a forked child that dropped root (as the agent runs); its error or ""."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read)
+        message = b""
+        try:
+            if os.geteuid() == 0:
+                os.setgid(uid)
+                os.setuid(uid)
+            work()
+        except BaseException as exc:
+            message = repr(exc).encode() or b"error"
+        os.write(write, message)
+        os._exit(0)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 4096):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode()

@@ -10,6 +10,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from koinon_agent import cli, health
 from koinon_agent.agent import Agent
 from koinon_agent.config import AgentConfig
 
-from .helpers import cluster
+from .helpers import as_non_root, cluster
 
 
 def report(tmp_path: Path, written_at: float, connected: bool = True, ray_state: str = "running") -> None:
@@ -276,3 +277,100 @@ def test_the_health_command_says_why_a_report_is_unreadable(
     monkeypatch.setenv("KOINON_STATE_DIR", str(tmp_path))
     assert cli.main(["health"]) == 1
     assert "written_at: expected a finite number" in capsys.readouterr().err
+
+
+async def test_a_file_planted_at_the_health_reports_dir_does_not_fail_liveness_for_good(tmp_path: Path) -> None:
+    """The chart: KOINON_HEALTH_FILE=/tmp/koinon-agent/health.json, in an emptyDir that outlives
+    container restarts and that job code (the agent's user) can write. A file in the dir's place
+    failed every write of the agent's, and of every restarted container's: liveness failed, and the
+    kubelet restarted the container every ~40 s for ever, killing the Ray node's tasks each time."""
+    health_dir = tmp_path / "pod-tmp" / "koinon-agent"
+    health_dir.parent.mkdir()
+    health_dir.write_text("planted by job code\n")  # what `rm -rf /tmp/koinon-agent; touch ...` leaves
+    health_file = health_dir / "health.json"
+    async with cluster(tmp_path) as c:
+        agent = await c.start_agent("alpha", health_file=health_file)  # a new container's agent
+        assert agent.connected.is_set()
+        deadline = time.monotonic() + health.WRITE_INTERVAL_S + 3
+        while not (healthy := health.check(health_file, 30, need_ready=False))[0]:
+            assert time.monotonic() < deadline, f"liveness fails for a working, connected agent: {healthy[1]}"
+            await asyncio.sleep(0.2)
+        assert health_dir.is_dir() and not health_dir.is_symlink()
+
+
+@pytest.mark.parametrize(
+    "plant", ["file", "fifo", "symlink to the state dir", "dangling symlink", "dir at the report's name"]
+)
+def test_what_job_code_plants_at_the_reports_dir_is_replaced_never_written_through(tmp_path: Path, plant: str) -> None:
+    """Whatever job code leaves where the report goes is replaced by the agent's own dir (or, at the
+    report's own name, moved aside), so the next report is written; a symlink there is removed, not
+    followed: nothing is written in, or removed from, the state dir it leads to."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "identity.json").write_text("credential")
+    health_dir = tmp_path / "pod-tmp" / "koinon-agent"
+    health_dir.parent.mkdir()
+    if plant == "file":
+        health_dir.write_text("planted")
+    elif plant == "fifo":
+        os.mkfifo(health_dir)
+    elif plant == "symlink to the state dir":
+        health_dir.symlink_to(state)
+    elif plant == "dangling symlink":
+        health_dir.symlink_to(tmp_path / "nowhere")
+    else:
+        (health_dir / "health.json" / "sub").mkdir(parents=True)
+    health_file = health_dir / "health.json"
+    health.write(health_file, health.HealthReport(time.time(), True, "running"))
+    assert health.check(health_file, 30, need_ready=False)[0]
+    assert health_dir.is_dir() and not health_dir.is_symlink()
+    assert sorted(os.listdir(state)) == ["identity.json"] and (state / "identity.json").read_text() == "credential"
+    if plant == "dir at the report's name":
+        assert [p.name for p in health_dir.glob("health.json.moved-*/sub")] == ["sub"]  # moved aside, kept
+
+
+@pytest.mark.parametrize("mode", [0o000, 0o500], ids=["000", "500"])
+def test_a_reports_dir_made_unusable_by_job_code_is_taken_back(mode: int) -> None:
+    """Job code of the agent's user can chmod the dir: 000 (the agent cannot even open it) or 500
+    (cannot create the next report in it). Run as a user root's permissions do not override, in a
+    dir it can reach (pytest's tmp_path is root's alone)."""
+    base = Path(tempfile.mkdtemp(prefix="koinon-health-dir-"))
+    try:
+        base.chmod(0o755)
+        uid = 65534 if os.geteuid() == 0 else os.geteuid()
+        pod_tmp = base / "pod-tmp"
+        pod_tmp.mkdir()
+        if os.geteuid() == 0:
+            os.chown(pod_tmp, uid, uid)
+        health_file = pod_tmp / "koinon-agent" / "health.json"
+
+        def plant_then_write() -> None:
+            health.write(health_file, health.HealthReport(time.time(), True, "running"))
+            health_file.parent.chmod(mode)  # what job code of the agent's own user can do
+            health.write(health_file, health.HealthReport(time.time(), False, "running"))
+            healthy, why = health.check(health_file, 30, need_ready=False)
+            assert healthy and "connected=False" in why, why
+
+        error = as_non_root(uid, plant_then_write)
+        assert error == "", f"the agent cannot write its report: {error}"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_state_dir_reached_through_a_symlink_is_used_as_it_is(tmp_path: Path) -> None:
+    """The default report, <state-dir>/health.json: the state dir is the operator's (job code cannot
+    write there) and may be a symlink on purpose; the agent writes through it, never replaces it.
+    Only that name is: a symlink planted elsewhere that leads to the state dir is still replaced."""
+    real = tmp_path / "disk" / "koinon"
+    real.mkdir(parents=True, mode=0o700)
+    (real / "identity.json").write_text("credential")
+    state = tmp_path / "state"
+    state.symlink_to(real)
+    health.write(state / health.FILE_NAME, health.HealthReport(time.time(), True, "running"), state_dir=state)
+    assert state.is_symlink() and (real / "identity.json").read_text() == "credential"
+    assert health.check(state / health.FILE_NAME, 30, need_ready=False)[0]
+    planted = tmp_path / "pod-tmp"
+    planted.symlink_to(real)
+    health.write(planted / health.FILE_NAME, health.HealthReport(time.time(), True, "running"), state_dir=state)
+    assert planted.is_dir() and not planted.is_symlink()
+    assert sorted(os.listdir(real)) == ["health.json", "identity.json"]

@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -23,7 +22,7 @@ from koinon_agent import ray_launch, ray_node
 from koinon_agent.ray_node import RayNode, RaySettings, ray_environment
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import cluster, start_agent_process
+from .helpers import as_non_root, cluster, start_agent_process
 
 needs_landlock = pytest.mark.skipif(ray_launch.landlock_abi() == 0, reason="this kernel has no Landlock")
 
@@ -362,31 +361,6 @@ async def _start_and_wait(node: RayNode) -> None:
     await node.process.wait()
 
 
-def _as_non_root(uid: int, work: Callable[[], None]) -> str:
-    """Runs ``work`` in a forked child that dropped root (as the agent runs); its error or ""."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(read)
-        message = b""
-        try:
-            if os.geteuid() == 0:
-                os.setgid(uid)
-                os.setuid(uid)
-            work()
-        except BaseException as exc:
-            message = repr(exc).encode() or b"error"
-        os.write(write, message)
-        os._exit(0)
-    os.close(write)
-    chunks = []
-    while chunk := os.read(read, 4096):
-        chunks.append(chunk)
-    os.close(read)
-    os.waitpid(pid, 0)
-    return b"".join(chunks).decode()
-
-
 def test_a_start_log_made_unwritable_is_replaced() -> None:
     """Job code (the agent's user, not root in the chart) can chmod 000 the log: open(2) failed
     EACCES on every start, and Ray never started again. Run as a user root's permissions do not
@@ -404,11 +378,13 @@ def test_a_start_log_made_unwritable_is_replaced() -> None:
         def plant_then_open() -> None:
             path.write_bytes(b"planted by job code")
             path.chmod(0o000)  # what job code of the agent's own user can do
-            fd = ray_node._open_start_log(path)
+            dir_fd = os.open(temp, os.O_RDONLY | os.O_DIRECTORY)
+            fd = ray_node._open_start_log(dir_fd, path.name)
+            os.close(dir_fd)
             os.write(fd, b"ray output")
             os.close(fd)
 
-        error = _as_non_root(uid, plant_then_open)
+        error = as_non_root(uid, plant_then_open)
         assert error == "", f"ray start cannot open its log: {error}"
         assert path.read_bytes() == b"ray output"
     finally:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -150,3 +152,79 @@ def test_the_start_log_excerpt_is_bounded_and_only_this_runs(tmp_path: Path) -> 
     log.symlink_to(secret)
     assert read_start_log_tail(log) == []
     assert read_start_log_tail(tmp_path / "missing.log") == []
+
+
+RECORDING_RAY = "#!/bin/sh\necho $$ >> {starts}\nexec sleep 600\n"
+
+
+@pytest.mark.parametrize(
+    "plant", ["a file at the temp dir", "a symlink from the temp dir to the state dir", "a file at Ray's TMPDIR"]
+)
+async def test_what_job_code_plants_at_rays_temp_dir_does_not_keep_ray_from_starting_for_good(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plant: str
+) -> None:
+    """The chart: KOINON_TEMP_DIR=/tmp/ray, in an emptyDir that outlives container restarts and
+    that job code (the agent's user, the same Landlock domain) can write. It moves /tmp/ray aside,
+    puts something in its place and kills its raylet. A file failed every later start before it
+    ran (mkdir: FileExistsError, retried for ever); a symlink to the state dir had every start
+    refused by the launcher (exit 78) and ray-start.log created in the state dir: the node stayed
+    connected and NotReady for good, liveness green, so nothing restarted it either."""
+    (tmp_path / "records").mkdir()  # made before Ray starts: confined Ray can create nothing in tmp_path
+    starts = tmp_path / "records" / "starts"
+    fake_ray = tmp_path / "ray-bin"
+    fake_ray.write_text(RECORDING_RAY.format(starts=starts))
+    fake_ray.chmod(0o755)
+    # Ray gets TMPDIR in its temp dir when the agent's own is above the state dir (scratch_dirs).
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    state = tmp_path / "agent-beta"  # the state dir the cluster's agent config gives "beta"
+    state.mkdir(mode=0o700)
+    temp_dir = tmp_path / "pod-tmp" / "ray"
+    temp_dir.parent.mkdir()
+    if plant == "a file at the temp dir":
+        temp_dir.write_text("planted by job code\n")
+    elif plant == "a symlink from the temp dir to the state dir":
+        temp_dir.symlink_to(state)
+    else:
+        temp_dir.mkdir()
+        (temp_dir / "tmpdir").write_text("planted by job code\n")
+    async with cluster(tmp_path, tls=False) as c:
+        agent = await c.start_agent("beta", start_ray=True, ray_bin=str(fake_ray), temp_dir=temp_dir)
+        assert agent.config.state_dir == state
+        deadline = time.monotonic() + 8  # the supervisor's first retries come after 1-2 s, 2-4 s
+        while not starts.exists():
+            assert time.monotonic() < deadline, f"Ray was never started again: {plant} blocks every start"
+            await asyncio.sleep(0.2)
+        assert temp_dir.is_dir() and not temp_dir.is_symlink() and (temp_dir / "tmpdir").is_dir()
+        assert "ray-start.log" not in os.listdir(state), "ray start's output went into the state dir"
+
+
+async def test_a_temp_dir_swapped_for_a_symlink_to_the_state_dir_while_ray_runs_is_taken_back(
+    tmp_path: Path,
+) -> None:
+    """Job code moves Ray's temp dir aside, puts a symlink to the state dir in its place and kills
+    its Ray. The launcher rightly refused to confine Ray to what that symlink reaches (exit 78),
+    on every restart for ever, and ray start's log was opened through it, in the state dir. The
+    symlink is removed, never followed, and the next start gets a real temp dir again."""
+    (tmp_path / "records").mkdir()  # made before Ray starts: confined Ray can create nothing in tmp_path
+    starts = tmp_path / "records" / "starts"
+    fake_ray = tmp_path / "ray-bin"
+    fake_ray.write_text(RECORDING_RAY.format(starts=starts))
+    fake_ray.chmod(0o755)
+    temp_dir = tmp_path / "pod-tmp" / "ray"
+    async with cluster(tmp_path, tls=False) as c:
+        agent = await c.start_agent("gamma", start_ray=True, ray_bin=str(fake_ray), temp_dir=temp_dir)
+        state = agent.config.state_dir
+        deadline = time.monotonic() + 10
+        while not starts.exists():
+            assert time.monotonic() < deadline, "Ray never started"
+            await asyncio.sleep(0.1)
+        before = set(os.listdir(state))
+        temp_dir.rename(temp_dir.with_name("ray.old"))
+        temp_dir.symlink_to(state)
+        os.kill(int(starts.read_text().split()[0]), signal.SIGKILL)
+        deadline = time.monotonic() + 10  # the supervisor's next tries come after 1-2 s, 2-4 s
+        while len(starts.read_text().split()) < 2:
+            assert time.monotonic() < deadline, "Ray was never started again after the temp dir became a symlink"
+            await asyncio.sleep(0.2)
+        assert temp_dir.is_dir() and not temp_dir.is_symlink()
+        assert set(os.listdir(state)) == before, "something was created in, or removed from, the state dir"

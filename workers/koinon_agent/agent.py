@@ -703,7 +703,7 @@ class Agent:
         """Rewrites the health file from the event loop, so that a stale one means a stuck loop."""
         while True:
             try:
-                health.write(self.config.health_path, self.health_report())
+                health.write(self.config.health_path, self.health_report(), state_dir=self.config.state_dir)
             except OSError as exc:
                 log.warning("cannot write the health report: %s", exc)
             await asyncio.sleep(health.WRITE_INTERVAL_S)

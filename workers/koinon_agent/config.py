@@ -123,7 +123,12 @@ class AgentConfig:
                 f"got {self.simulate_gpus}"
             )
         if self.temp_dir is not None:
-            temp, state = os.path.realpath(self.temp_dir), os.path.realpath(self.state_dir)
+            # The temp dir's own name is not followed: a symlink there is replaced by a real dir
+            # before Ray starts (own_dir), and job code can plant one in the chart's /tmp, which
+            # outlives container restarts: were that refused here, every new container would exit.
+            absolute = os.path.abspath(self.temp_dir)
+            temp = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
+            state = os.path.realpath(self.state_dir)
             if temp == state or state.startswith(temp.rstrip("/") + "/"):
                 # Ray and its jobs get full access to their temp dir: it would hold the credential.
                 raise ValueError(

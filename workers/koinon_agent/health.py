@@ -12,11 +12,13 @@ import contextlib
 import json
 import math
 import os
+import secrets
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from . import own_dir
 
 FILE_NAME = "health.json"
 WRITE_INTERVAL_S = 5.0
@@ -34,18 +36,43 @@ class HealthReport:
         return self.connected and self.ray_state in ("running", "disabled")
 
 
-def write(path: Path, report: HealthReport) -> None:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # A new file of a fresh name (O_EXCL), never a fixed one: in a dir Ray's job code can write (the
-    # chart's /tmp), a symlink planted at a fixed name would have the agent write through it.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def write(path: Path, report: HealthReport, state_dir: Path | None = None) -> None:
+    """Writes ``report`` to ``path``. Its dir may be one that job code can write (the chart's
+    /tmp): what it planted there must not fail every later write, and with it liveness, for good
+    (own_dir: a file or symlink in the dir's place is replaced). The agent's ``state_dir`` (the
+    default place) is the operator's, out of job code's reach, and may be a symlink on purpose:
+    used as it is. Compared by name, not by where it leads: a symlink planted elsewhere that leads
+    to the state dir is replaced like any other, never written through."""
+    if state_dir is not None and os.path.abspath(path.parent) == os.path.abspath(state_dir):
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        dir_fd = own_dir.open_own_dir(path.parent, 0o700)
+    try:
+        _write_in(dir_fd, path, report)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_in(dir_fd: int, path: Path, report: HealthReport) -> None:
+    # Everything relative to the dir's descriptor: a dir swapped for a symlink meanwhile is not
+    # written through. A new file of a fresh name (O_EXCL), never a fixed one: a symlink planted
+    # at a fixed name would have the agent write through it.
+    tmp = f".{path.name}.{secrets.token_hex(8)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
         with os.fdopen(fd, "w") as out:
             out.write(json.dumps(asdict(report)))
-        os.replace(tmp, path)  # a probe never reads half a file
+        try:
+            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # a probe never reads half a file
+        except IsADirectoryError:
+            # A dir planted at the report's name: every later write would fail. Moved aside (not
+            # removed: renaming never follows what is in it), then the report takes its place.
+            aside = f"{path.name}.moved-{time.time_ns()}"
+            os.rename(path.name, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
 
 

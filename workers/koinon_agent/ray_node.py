@@ -27,7 +27,7 @@ import psutil
 from koinon_gateway import event_loop
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from . import ray_launch
+from . import own_dir, ray_launch
 from .config import ENV_VARS
 
 log = logging.getLogger(__name__)
@@ -213,8 +213,10 @@ def read_start_log_tail(path: Path, since_offset: int = 0) -> list[str]:
     return [line for line in shown if line][-START_LOG_TAIL_LINES:]
 
 
-def _open_start_log(path: Path) -> int:
-    """A descriptor appending to ``ray start``'s log, a regular file whatever job code put there.
+def _open_start_log(dir_fd: int, name: str) -> int:
+    """A descriptor appending to ``ray start``'s log ``name`` in Ray's temp dir (``dir_fd``, in
+    which every name below is taken: a temp dir swapped for a symlink meanwhile is not followed),
+    a regular file whatever job code put there.
 
     Job code can create names in Ray's temp dir. A symlink (to ../identity.json, say) is not
     followed (O_NOFOLLOW); a FIFO must not block the event loop in open(2) (O_NONBLOCK: with no
@@ -225,7 +227,7 @@ def _open_start_log(path: Path) -> int:
     """
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        fd = os.open(path, flags, 0o600)
+        fd = os.open(name, flags, 0o600, dir_fd=dir_fd)
     except OSError as exc:
         # EACCES/EPERM: a file job code made unwritable (chmod 000); the dir is the agent's to unlink in.
         if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.EACCES, errno.EPERM):
@@ -236,11 +238,11 @@ def _open_start_log(path: Path) -> int:
         return fd
     if fd >= 0:
         os.close(fd)
-    if path.is_dir() and not path.is_symlink():
-        path.rename(path.with_name(f"{path.name}.moved-{time.time_ns()}"))
+    if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        os.rename(name, f"{name}.moved-{time.time_ns()}", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     else:
-        path.unlink()
-    fd = os.open(path, flags | os.O_EXCL, 0o600)
+        os.unlink(name, dir_fd=dir_fd)
+    fd = os.open(name, flags | os.O_EXCL, 0o600, dir_fd=dir_fd)
     os.set_blocking(fd, True)
     return fd
 
@@ -273,9 +275,21 @@ class RayNode:
         settings = self.settings
         self.started_with = pb.Assignment()
         self.started_with.CopyFrom(assignment)
-        settings.temp_dir.mkdir(parents=True, exist_ok=True)
+        # Job code can replace the temp dir (the chart's /tmp/ray) by a file or a symlink before it
+        # kills its raylet: a real dir of the agent's takes its place again, or no Ray would ever
+        # start again (that emptyDir outlives container restarts). Mode 0o777: the umask decides,
+        # as it did for the mkdir before.
+        temp_fd = own_dir.open_own_dir(settings.temp_dir, 0o777)
+        try:
+            await self._start(assignment, temp_fd)
+        finally:
+            os.close(temp_fd)
+
+    async def _start(self, assignment: pb.Assignment, temp_fd: int) -> None:
+        settings = self.settings
         for place in scratch_dirs(settings).values():
-            place.mkdir(mode=0o700, exist_ok=True)  # before Ray runs: made later, it could not use them
+            # Before Ray runs: made later, it could not use them. Job code can plant there too.
+            os.close(own_dir.open_own_dir_at(temp_fd, place.name, 0o700, place))
         env = ray_environment(settings, assignment)
         command = ray_start_command(settings, assignment)
         # Looked up here, as the launcher would: a missing binary is still an OSError of start().
@@ -289,7 +303,7 @@ class RayNode:
         self._serving_node_id = ""
         self._raylet = None
         self._started_at = time.time() - 1.0  # file times are coarser than this clock on some filesystems
-        log_fd = _open_start_log(self.start_log)
+        log_fd = _open_start_log(temp_fd, self.start_log.name)
         self._start_log_offset = os.fstat(log_fd).st_size
         log_file = os.fdopen(log_fd, "ab")
         try:
