@@ -412,12 +412,12 @@ class DevCluster:
             raise RuntimeError("network namespaces asked for, but `ip netns add` does not work here (needs root)")
         why_not = runs_without_privileges() if available else ""
         if why_not:
-            # The sandbox takes every capability from the volunteer; a checkout it then cannot
-            # read (in a 0750 home of another user) would leave every volunteer failing to start.
+            # The sandbox runs the volunteer as nobody, without capabilities; a checkout whose
+            # files nobody cannot read would leave every volunteer failing to start.
             message = (
                 f"the volunteer sandbox cannot run {sys.executable} without privileges ({why_not}); "
-                "put the checkout where root without capabilities can read it "
-                "(e.g. /opt, /srv, or chmod o+x its parents)"
+                "make the checkout and its Python environment readable by an unprivileged user "
+                "(nobody), e.g. chmod -R o+rX (the directories above them need not be)"
             )
             if wanted:
                 raise RuntimeError(message)

@@ -6,7 +6,8 @@ interface: it has no route anywhere, and the gateway's unix socket (a path, visi
 namespaces) is its only way out, as behind a home NAT that allows only outbound connections.
 Because every unix socket path crosses network namespaces, the agent also gets its own view of
 /tmp holding only that socket, the CA and its own directories (volunteer_sandbox): the head's Ray
-sockets and the other volunteers' credentials are not there.
+sockets and the other volunteers' credentials are not there. It runs there as nobody, without
+capabilities, with its own /dev and /proc and every host mount read-only.
 Without root, agents run as plain processes; Ray's own traffic is still forced through the tunnel
 (Ray's gRPC goes to the agent's local proxy, which only knows the gateway), but nothing confines the
 job code Ray runs there: a task can connect to the head or read local files like any process.
@@ -85,7 +86,8 @@ class LocalGateway:
         """The gateway's socket lives in a directory of its own: volunteers' sandboxes expose the
         directory (a restarted gateway makes a new socket file, which a bind of the file would miss)."""
         directory = self.work_dir / "gateway-socket"
-        directory.mkdir(mode=0o755, exist_ok=True)
+        directory.mkdir(exist_ok=True)
+        directory.chmod(0o755)  # whatever the umask: sandboxed volunteers (nobody) pass through it
         return directory
 
     def head_ports_spec(self) -> str:

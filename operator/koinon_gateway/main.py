@@ -197,6 +197,7 @@ async def serve_with(args: argparse.Namespace, tokens: TokenStore, registry: Nod
     if args.ready_file:
         ca_path = args.ready_file.with_suffix(".ca.pem")
         ca_path.write_bytes(gateway.ca_pem)
+        ca_path.chmod(0o644)  # a certificate, no secret: agents may run as another user (the dev plane's as nobody)
         args.ready_file.write_text(
             f"{gateway.agent_target}\n{gateway.head_proxy_url}\n{ca_path}\n{gateway.admin_url}\n"
         )

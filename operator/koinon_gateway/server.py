@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 from dataclasses import dataclass
 
 import grpc
@@ -150,6 +151,12 @@ class Gateway:
             port = self._server.add_secure_port(self.config.listen, self._server_cert.credentials())
         else:
             port = self._server.add_insecure_port(self.config.listen)
+        if self.config.listen.startswith("unix:"):
+            # Made with the umask (0755: only root may connect). Every local user may reach the
+            # gateway, as on its TCP port: join tokens and certificates are what it checks, and who
+            # reaches the path is its directory's business. Volunteers in the dev plane's sandbox
+            # connect as nobody.
+            os.chmod(self.config.listen.removeprefix("unix:"), 0o666)
         self._ports.grpc_port = port
         host, head_port = split_host_port(self.config.head_proxy_listen)
         self._head_proxy = await asyncio.start_server(

@@ -128,6 +128,7 @@ class RayTunnelHarness:
         """In a directory of its own, which volunteers' sandboxes expose (see start_volunteer)."""
         directory = self.workdir / "gateway-socket"
         directory.mkdir(exist_ok=True)
+        directory.chmod(0o755)  # sandboxed volunteers run as nobody
         return str(directory / "gw.sock")
 
     @property
@@ -285,10 +286,16 @@ class RayTunnelHarness:
             for directory in own:
                 directory.mkdir(mode=0o700, exist_ok=True)
             # The socket's directory, not the socket: a restarted gateway makes a new socket file.
-            exposed = [str(Path(self.gateway_socket).parent), *map(str, own)]
-            if self.tls:
-                exposed.append(str(self.ca_path))
-            sandbox = ["-m", "koinon_dev.volunteer_sandbox", *(f"--expose={path}" for path in exposed), "--"]
+            # Shared by every volunteer, read-only (as the dev plane exposes them); its own
+            # directories the sandbox makes its user's.
+            shared = [str(Path(self.gateway_socket).parent), *([str(self.ca_path)] if self.tls else [])]
+            sandbox = [
+                "-m",
+                "koinon_dev.volunteer_sandbox",
+                *(f"--expose-ro={path}" for path in shared),
+                *(f"--expose={path}" for path in own),
+                "--",
+            ]
             command = ["ip", "netns", "exec", ns, str(VENV_BIN / "python"), *sandbox, *command]
         log_path = self.workdir / f"agent-{name}.log"
         log = open(log_path, "ab")  # noqa: SIM115
