@@ -411,3 +411,19 @@ def test_a_region_that_is_not_utf8_is_bad_configuration(
     monkeypatch.setenv("KOINON_REGION", os.fsdecode(b"eu-\xff"))
     assert cli.main(["join", "--gateway", "gw:1"]) == 2
     assert "KOINON_REGION): not valid UTF-8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("temp", ["tmp/lnk/../lib/koinon-agent", "tmp/x/../ray"])
+def test_a_temp_dir_with_dotdot_is_refused_at_start(tmp_path: Path, temp: str) -> None:
+    """The check of the temp dir dropped "lnk/.." by name, while Ray and the launcher got the path
+    itself, which the kernel takes through the symlink: here to the state dir (every Ray start then
+    refused, exit 78, for ever). One path for both: a ".." is a configuration error, said at start."""
+    state = tmp_path / "var" / "lib" / "koinon-agent"
+    state.mkdir(parents=True)
+    (tmp_path / "tmp" / "x").mkdir(parents=True)
+    (tmp_path / "tmp" / "lnk").symlink_to(tmp_path / "var" / "lib")
+    assert os.path.realpath(tmp_path / "tmp/lnk/../lib/koinon-agent") == str(state)
+    config = AgentConfig(gateway="h:1", state_dir=state, temp_dir=tmp_path / temp)
+    with pytest.raises(ValueError, match=r"^temp_dir \(--temp-dir, KOINON_TEMP_DIR\): .* has a '\.\.' component"):
+        config.validate()
+    AgentConfig(gateway="h:1", state_dir=state, temp_dir=tmp_path / "tmp" / "." / "ray").validate()

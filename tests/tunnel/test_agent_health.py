@@ -374,3 +374,33 @@ def test_a_state_dir_reached_through_a_symlink_is_used_as_it_is(tmp_path: Path) 
     health.write(planted / health.FILE_NAME, health.HealthReport(time.time(), True, "running"), state_dir=state)
     assert planted.is_dir() and not planted.is_symlink()
     assert sorted(os.listdir(real)) == ["health.json", "identity.json"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a dir of another user")
+@pytest.mark.parametrize("mode", [0o1733, 0o730], ids=["1733", "730"])
+def test_a_writable_but_unlistable_operator_dir_still_takes_the_report(mode: int) -> None:
+    """An operator's dir the agent may create files in but not list (root's drop box, /run/koinon
+    1733, or 0730 with the agent in its group) is another user's, used as it is: it was taken for
+    job code's plant and refused, and every write, and with it liveness, failed for good."""
+    base = Path(tempfile.mkdtemp(prefix="koinon-health-drop-"))
+    try:
+        base.chmod(0o755)
+        drop = base / "run-koinon"
+        drop.mkdir()
+        if mode == 0o730:
+            os.chown(drop, 0, 65534)  # the agent's group may write in it
+        drop.chmod(mode)
+        health_file = drop / "health.json"
+
+        def write_twice() -> None:
+            health.write(health_file, health.HealthReport(time.time(), True, "running"))
+            health.write(health_file, health.HealthReport(time.time(), False, "running"))  # replaces its own
+
+        error = as_non_root(65534, write_twice)
+        assert error == "", f"the agent cannot write its report: {error}"
+        assert stat.S_IMODE(drop.stat().st_mode) == mode and drop.stat().st_uid == 0  # left as it was
+        healthy, why = health.check(health_file, 30, need_ready=False)
+        assert healthy and "connected=False" in why, why
+        assert [p.name for p in drop.iterdir()] == ["health.json"]
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -14,11 +14,12 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from koinon_agent import ray_launch, ray_node
+from koinon_agent import own_dir, ray_launch, ray_node
 from koinon_agent.ray_node import RayNode, RaySettings, ray_environment
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
@@ -63,10 +64,25 @@ attempt("read-usr", lambda: open(os.path.realpath(sys.executable), "rb").read(16
 DENIED = ("PermissionError", "OSError")  # EACCES, and EXDEV for a link out of the state dir
 
 
+@contextlib.contextmanager
+def temp_dir_fd(temp: Path) -> Iterator[int]:
+    """A descriptor of what ``temp`` leads to now, followed through symlinks and whatever it is:
+    the launcher grants by the descriptor it gets (the agent's, of the dir it checked) and must
+    refuse one that is not a dir it may grant, however the descriptor came to be."""
+    if not temp.is_symlink():
+        temp.mkdir(parents=True, exist_ok=True)
+    fd = os.open(temp, os.O_PATH | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def launch(tmp_path: Path, *command: str) -> subprocess.CompletedProcess[str]:
     state = tmp_path / "state"
-    argv = ray_launch.launcher_command(os.getpid(), command, state, state / "ray")
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    with temp_dir_fd(state / "ray") as fd:
+        argv = ray_launch.launcher_command(os.getpid(), command, state, fd)
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, pass_fds=(fd,))
 
 
 def make_state(tmp_path: Path) -> tuple[Path, Path]:
@@ -125,11 +141,18 @@ def test_without_landlock_ray_starts_unconfined_with_a_warning(tmp_path: Path) -
     unavailable = (
         "import sys, ray_launch\nray_launch.landlock_abi = lambda: 0\nsys.exit(ray_launch.main(sys.argv[1:]))\n"
     )
-    argv = ray_launch.launcher_command(os.getpid(), ["cat", str(state / "identity.json")], state, state / "ray")
-    argv[1:3] = ["-c", unavailable]  # the launcher itself, with Landlock taken away
-    result = subprocess.run(
-        argv, capture_output=True, text=True, timeout=60, check=False, cwd=Path(ray_launch.__file__).parent
-    )
+    with temp_dir_fd(state / "ray") as fd:
+        argv = ray_launch.launcher_command(os.getpid(), ["cat", str(state / "identity.json")], state, fd)
+        argv[1:3] = ["-c", unavailable]  # the launcher itself, with Landlock taken away
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=Path(ray_launch.__file__).parent,
+            pass_fds=(fd,),
+        )
     assert result.returncode == 0 and result.stdout == '{"credential": "secret"}'
     assert result.stderr.count("\n") == 1
     assert f"job code on this node can read the node credential in {state}" in result.stderr
@@ -219,16 +242,19 @@ READ = "import sys\ntry:\n print(open(sys.argv[1]).read())\nexcept OSError as ex
 def run_confined(
     state: Path, temp: Path, *command: str, user: list[str] | None = None, launcher_copy: Path | None = None
 ) -> str:
-    argv = ray_launch.launcher_command(os.getpid(), command, state, temp)
-    if user:
-        argv[0] = "/usr/bin/python3"  # the venv's interpreter lies in /root, which nobody cannot enter
-    if launcher_copy is not None:
-        # A checkout in a private dir (a CI clone in a 0700 mkdtemp) is not readable to nobody.
-        if not launcher_copy.exists():
-            shutil.copyfile(ray_launch.__file__, launcher_copy)
-            launcher_copy.chmod(0o644)
-        argv[2] = str(launcher_copy)
-    result = subprocess.run([*(user or []), *argv], capture_output=True, text=True, timeout=60, check=False)
+    with temp_dir_fd(temp) as fd:
+        argv = ray_launch.launcher_command(os.getpid(), command, state, fd)
+        if user:
+            argv[0] = "/usr/bin/python3"  # the venv's interpreter lies in /root, which nobody cannot enter
+        if launcher_copy is not None:
+            # A checkout in a private dir (a CI clone in a 0700 mkdtemp) is not readable to nobody.
+            if not launcher_copy.exists():
+                shutil.copyfile(ray_launch.__file__, launcher_copy)
+                launcher_copy.chmod(0o644)
+            argv[2] = str(launcher_copy)
+        result = subprocess.run(
+            [*(user or []), *argv], capture_output=True, text=True, timeout=60, check=False, pass_fds=(fd,)
+        )
     return result.stdout + result.stderr
 
 
@@ -260,6 +286,104 @@ def test_a_ray_temp_dir_above_the_state_dir_is_refused(tmp_path: Path) -> None:
     out = run_confined(state, tmp_path, sys.executable, "-c", READ, str(state / "identity.json"))
     assert SECRET not in out
     assert "not starting Ray" in out, out
+
+
+# Job code that outlived its Ray (setsid and a double fork escape stop()'s process group; tini only
+# reaps) flips the chart's /tmp/ray between a symlink to a directory and a symlink to the
+# credential, with atomic renames, while the agent starts the next Ray.
+FLIPPER = """
+import os, sys, time
+link, directory, credential, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+a, b = link + ".a", link + ".b"
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    os.symlink(directory, a); os.rename(a, link)
+    os.symlink(credential, b); os.rename(b, link)
+os.symlink(directory, a); os.rename(a, link)
+"""
+
+
+def chart_layout(tmp_path: Path) -> tuple[Path, Path]:
+    """The chart's state dir, /var/lib/koinon-agent, holding the credential; and its pod's /tmp."""
+    state = tmp_path / "var" / "lib" / "koinon-agent"
+    state.mkdir(parents=True)
+    (state / "identity.json").write_text(SECRET)
+    pod_tmp = tmp_path / "tmp"
+    pod_tmp.mkdir()
+    return state, pod_tmp
+
+
+@needs_landlock
+def test_a_temp_dir_flipped_during_the_launch_never_grants_the_credential(tmp_path: Path) -> None:
+    """The launcher made the temp dir by its path (makedirs), then opened that path again for its
+    rule: a symlink to a dir at the first look and to identity.json at the second got the credential
+    granted (read and write), found within a few dozen starts. Now it grants the descriptor it is
+    given, only a directory, and never looks the path up."""
+    state, pod_tmp = chart_layout(tmp_path)
+    credential = state / "identity.json"
+    old_ray = pod_tmp / "ray.old"  # the old Ray's temp dir, where the escaped job code lives
+    old_ray.mkdir()
+    temp = pod_tmp / "ray"
+    temp.symlink_to(old_ray)
+    with temp_dir_fd(old_ray) as fd:  # the flipper runs confined, as the old Ray's job code does
+        argv = ray_launch.launcher_command(
+            0, [sys.executable, "-c", FLIPPER, str(temp), str(old_ray), str(credential), "60"], state, fd
+        )
+        flipper = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, pass_fds=(fd,))
+    try:
+        for start in range(1, 101):
+            out = run_confined(state, temp, sys.executable, "-c", READ, str(credential))
+            assert SECRET not in out, f"job code on the new Ray read the credential after {start} starts"
+        assert flipper.poll() is None, "the flipper stopped early"
+    finally:
+        flipper.kill()
+        flipper.wait()
+
+
+@needs_landlock
+def test_the_launcher_grants_the_dir_the_agent_checked_not_what_its_path_leads_to_later(tmp_path: Path) -> None:
+    """The agent checks Ray's temp dir (own_dir) and hands the launcher that dir's descriptor. Job code
+    swapping the path for a symlink to the credential after that check gets nothing granted by it:
+    the grant is on the dir checked (still usable), and the launcher keeps no descriptor for Ray."""
+    state, pod_tmp = chart_layout(tmp_path)
+    credential = state / "identity.json"
+    temp = pod_tmp / "ray"
+    fd = own_dir.open_own_dir(temp, 0o777)
+    try:
+        os.rename(temp, pod_tmp / "ray.old")
+        temp.symlink_to(credential)
+        job = (
+            "import os, sys\n"
+            "try:\n print(open(sys.argv[1]).read())\nexcept OSError as exc:\n print('denied', exc)\n"
+            "open(os.path.join(sys.argv[2], 'written'), 'w').write('x')\n"
+            "print('descriptor', os.path.exists(f'/proc/self/fd/{sys.argv[3]}'))\n"
+        )
+        argv = ray_launch.launcher_command(
+            os.getpid(), [sys.executable, "-c", job, str(credential), str(pod_tmp / "ray.old"), str(fd)], state, fd
+        )
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, pass_fds=(fd,))
+    finally:
+        os.close(fd)
+    assert SECRET not in result.stdout and "denied" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 0 and (pod_tmp / "ray.old" / "written").read_text() == "x", result.stderr
+    assert "descriptor False" in result.stdout
+
+
+@needs_landlock
+def test_the_launcher_refuses_to_grant_anything_but_a_directory(tmp_path: Path) -> None:
+    """A file's rights were cut to read, write and truncate and granted: the credential, where its
+    path had been opened for the temp dir. Refused now, and Ray not started (exit 78)."""
+    state, _ = chart_layout(tmp_path)
+    credential = state / "identity.json"
+    fd = os.open(credential, os.O_PATH | os.O_CLOEXEC)
+    try:
+        argv = ray_launch.launcher_command(os.getpid(), [sys.executable, "-c", READ, str(credential)], state, fd)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False, pass_fds=(fd,))
+    finally:
+        os.close(fd)
+    assert SECRET not in result.stdout + result.stderr
+    assert result.returncode == ray_launch.EXIT_CANNOT_CONFINE, result.stdout + result.stderr
+    assert "not a directory" in result.stderr
 
 
 @needs_landlock
@@ -402,11 +526,11 @@ def test_a_landlock_abi_1_kernel_runs_ray_unconfined_rather_than_break_renames(t
     (work / "b").mkdir()
     (work / "a" / "f").write_text("x")
     script = (
-        "import sys\nsys.path.insert(0, sys.argv[1])\nimport ray_launch\n"
+        "import os, sys\nsys.path.insert(0, sys.argv[1])\nimport ray_launch\n"
         "ray_launch.landlock_abi = lambda: 1\n"
-        "try:\n ray_launch.confine(sys.argv[2], [sys.argv[3]])\n"
+        "try:\n ray_launch.confine(sys.argv[2], [os.open(sys.argv[3], os.O_RDONLY | os.O_DIRECTORY)])\n"
         "except ray_launch.KernelCannotConfine:\n print('unconfined')\n"
-        "import os\ntry:\n os.rename(sys.argv[4], sys.argv[5]); print('renamed')\n"
+        "try:\n os.rename(sys.argv[4], sys.argv[5]); print('renamed')\n"
         "except OSError as e: print('refused', e)\n"
     )
     result = subprocess.run(

@@ -123,9 +123,19 @@ class AgentConfig:
                 f"got {self.simulate_gpus}"
             )
         if self.temp_dir is not None:
+            if ".." in Path(self.temp_dir).parts:
+                # The check below and the dir the agent, the launcher and Ray use must be one: a
+                # ".." after a symlink ("/tmp/lnk/../lib/..." with /tmp/lnk -> /var/lib) is
+                # resolved by the kernel through the symlink, not by dropping "lnk/..".
+                raise ValueError(
+                    f"temp_dir (--temp-dir, KOINON_TEMP_DIR): {self.temp_dir} has a '..' component; "
+                    "give the dir's path without one"
+                )
             # The temp dir's own name is not followed: a symlink there is replaced by a real dir
             # before Ray starts (own_dir), and job code can plant one in the chart's /tmp, which
             # outlives container restarts: were that refused here, every new container would exit.
+            # Without "..", abspath (which drops "." and repeated "/" only) names what
+            # ray_temp_dir.absolute() does.
             absolute = os.path.abspath(self.temp_dir)
             temp = os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute))
             state = os.path.realpath(self.state_dir)

@@ -31,8 +31,11 @@ def open_own_dir(path: Path, mode: int) -> int:
     """A descriptor of ``path``, a real directory (opened without following a symlink at it),
     created with ``mode`` if missing; see open_own_dir_at. The dirs above it are the operator's
     (``/tmp``, ``$HOME``): created if missing, followed as they are."""
-    path = Path(os.path.abspath(path))
-    if path == path.parent:  # "/": no name in a parent to check
+    # Not abspath: it drops "a/.." by name, where the kernel (and Ray, given the same path) goes
+    # through a symlink at "a" first; the dir opened here must be the one the path names to them.
+    path = Path(path).absolute()
+    if path == path.parent or path.name == "..":
+        # "/", or "a/..": no name of its own in a parent to check; the operator's, as it is.
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     os.makedirs(path.parent, exist_ok=True)
     parent_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -52,8 +55,11 @@ def open_own_dir_at(parent_fd: int, name: str, mode: int, shown: Path) -> int:
     next to it: it may hold what someone wants back), and a directory of the agent's user that
     lost the owner's rwx gets it back (fchmod on the opened dir). Only what belongs to the agent's
     user is removed or moved: job code, which runs as that user, cannot have made anything else;
-    a directory of another user is used as it is. OSError when it cannot be made usable, or when
-    it is replaced again on every attempt.
+    a directory of another user is used as it is, even one the agent may write in but not list
+    (root's drop box, mode 1733): its descriptor is then an O_PATH one, which serves as the
+    ``dir_fd`` of every ``*at`` call (the dir's own permissions are checked by each) but cannot be
+    read or fchmodded. OSError when it cannot be made usable, or when it is replaced again on
+    every attempt.
     """
     for _ in range(_ATTEMPTS):
         try:
@@ -68,6 +74,10 @@ def open_own_dir_at(parent_fd: int, name: str, mode: int, shown: Path) -> int:
             # without the read bit, which the agent cannot list (an agent run as root never sees it).
             if exc.errno not in (errno.ELOOP, errno.ENOTDIR, errno.EACCES):
                 raise
+            if exc.errno == errno.EACCES:
+                fd = _open_others_dir(parent_fd, name)
+                if fd >= 0:
+                    return fd
             _move_away(parent_fd, name, shown)
             continue
         try:
@@ -81,6 +91,22 @@ def open_own_dir_at(parent_fd: int, name: str, mode: int, shown: Path) -> int:
             raise
         return fd
     raise OSError(errno.EAGAIN, "replaced by something else again and again; trying again later", str(shown))
+
+
+def _open_others_dir(parent_fd: int, name: str) -> int:
+    """An O_PATH descriptor of ``name`` when it is a directory of another user (the operator's,
+    which job code cannot have made), opened without following a symlink; -1 for anything else
+    (gone or replaced meanwhile too: the caller's next round looks again)."""
+    try:
+        fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+    except OSError:
+        return -1
+    info = os.fstat(fd)
+    # S_ISDIR as well: O_PATH with O_NOFOLLOW would open a symlink itself where O_DIRECTORY let it.
+    if stat.S_ISDIR(info.st_mode) and info.st_uid != os.geteuid():
+        return fd
+    os.close(fd)  # the agent's own (job code's doing: moved aside by the caller), or not a dir
+    return -1
 
 
 def _move_away(parent_fd: int, name: str, shown: Path) -> None:

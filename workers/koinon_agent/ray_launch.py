@@ -9,9 +9,14 @@ dir except the one leading to it, and beneath Ray's temp dir; the state dir is l
 
 The agent runs this file by path, with its own interpreter, between fork and ``ray start``::
 
-    python -I ray_launch.py --parent-pid PID --protect STATE_DIR --allow RAY_TEMP_DIR -- ray start ...
+    python -I ray_launch.py --parent-pid PID --protect STATE_DIR --allow-fd FD -- ray start ...
 
 so it uses the standard library only. Where Landlock is missing it warns and starts Ray anyway.
+
+FD is a descriptor, inherited from the agent, of Ray's temp dir as the agent checked it. The temp
+dir is granted by that descriptor, never by its path: job code that outlived its Ray can replace
+the path (the chart's /tmp/ray) at any moment, and a grant looked up by name could land on what
+the name leads to then (the credential, through a symlink swapped in between two lookups).
 """
 
 from __future__ import annotations
@@ -159,40 +164,65 @@ def _siblings(protected: str) -> Iterator[str]:
                 yield os.path.join(directory, name)
 
 
-def _add_rule(ruleset: int, path: str, rights: int, protected: str, beneath_ok: bool = False) -> None:
-    """Grants ``rights`` beneath ``path``, unless, followed through symlinks, it reaches the
-    protected dir or one of its parents (or, unless ``beneath_ok``, something in it)."""
+def _opened(fd: int) -> str:
+    """What ``fd`` was opened on (the kernel's path of it), not what any name leads to now."""
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def _landlock_add(ruleset: int, fd: int, rights: int) -> None:
+    attr = _PathBeneathAttr(rights, fd)
+    try:
+        _syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, _pointer(attr), 0)
+    except OSError as exc:
+        if exc.errno != errno.EBADFD:  # EBADFD: a filesystem Landlock takes no rules for (nsfs, ...)
+            raise
+
+
+def _add_rule(ruleset: int, path: str, rights: int, protected: str) -> None:
+    """Grants ``rights`` beneath ``path``, an entry beside the state dir or one of its parents,
+    unless, followed through symlinks, it reaches the protected dir, one of its parents or
+    something in it."""
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)  # one at a time: there may be thousands
     except OSError:
         return  # gone since it was listed, or a dangling symlink: nothing there to grant
     try:
         try:
-            target = os.readlink(f"/proc/self/fd/{fd}")  # what was opened, not what the name says now
+            target = _opened(fd)  # checked and granted alike by this descriptor
         except OSError:
             target = os.path.realpath(path)
-        if _within(protected, target):
-            if not beneath_ok:
-                return
-            raise Unconfined(f"{path} ({target}) contains the protected dir {protected}")
-        if _within(target, protected) and not beneath_ok:
+        if _within(protected, target) or _within(target, protected):
             return
         if not stat.S_ISDIR(os.fstat(fd).st_mode):
             rights &= FILE_RIGHTS
-        attr = _PathBeneathAttr(rights, fd)
-        try:
-            _syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_PATH_BENEATH, _pointer(attr), 0)
-        except OSError as exc:
-            if exc.errno != errno.EBADFD:  # EBADFD: a filesystem Landlock takes no rules for (nsfs, ...)
-                raise
+        _landlock_add(ruleset, fd, rights)
     finally:
         os.close(fd)
 
 
-def confine(protected: str, allowed: Sequence[str]) -> None:
+def _allow(ruleset: int, fd: int, rights: int, protected: str) -> None:
+    """Grants ``rights`` beneath the directory ``fd`` (the agent's descriptor of Ray's temp dir:
+    the very inode it checked, whatever its path leads to now). It may lie in the protected dir
+    (the default ``<state dir>/ray``). A dir that holds the protected dir is refused, and so is
+    anything but a directory: only a path swapped by job code leads to a file where a temp dir
+    should be, and that file may be the credential itself."""
+    info = os.fstat(fd)
+    if not stat.S_ISDIR(info.st_mode):
+        raise Unconfined(f"the allowed descriptor {fd} is not a directory")
+    try:
+        target = _opened(fd)
+    except OSError as exc:
+        # No /proc: nothing says where the dir lies, so nothing is granted on a guess.
+        raise Unconfined(f"cannot tell where the allowed descriptor {fd} lies ({exc.strerror})") from exc
+    if _within(protected, target):
+        raise Unconfined(f"{target} contains the protected dir {protected}")
+    _landlock_add(ruleset, fd, rights)
+
+
+def confine(protected: str, allowed: Sequence[int]) -> None:
     """Restricts this process and all it will start: no file access in ``protected`` except beneath
-    the ``allowed`` dirs (created if missing). Raises Unconfined, with nothing restricted, where that
-    cannot be done."""
+    the ``allowed`` dirs, given as descriptors (see _allow). Raises Unconfined, with nothing
+    restricted, where that cannot be done."""
     abi = landlock_abi()
     if abi == 0:
         raise KernelCannotConfine("this kernel has no Landlock (Linux 5.13 or later with Landlock among its LSMs)")
@@ -214,9 +244,8 @@ def confine(protected: str, allowed: Sequence[str]) -> None:
     try:
         for path in _siblings(protected):
             _add_rule(ruleset, path, rights, protected)
-        for path in allowed:
-            os.makedirs(path, exist_ok=True)
-            _add_rule(ruleset, path, rights, protected, beneath_ok=True)
+        for fd in allowed:
+            _allow(ruleset, fd, rights, protected)
         _prctl(PR_SET_NO_NEW_PRIVS, 1)  # landlock_restrict_self requires it of a process without CAP_SYS_ADMIN
         _syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0)
     except OSError as exc:
@@ -226,14 +255,16 @@ def confine(protected: str, allowed: Sequence[str]) -> None:
 
 
 def launcher_command(
-    parent_pid: int, command: Sequence[str], protected: Path | None = None, allowed: Path | None = None
+    parent_pid: int, command: Sequence[str], protected: Path | None = None, allowed_fd: int | None = None
 ) -> list[str]:
-    """The command line that runs ``command`` through this launcher."""
+    """The command line that runs ``command`` through this launcher. ``allowed_fd``: a descriptor
+    of the dir Ray and its jobs may use in ``protected`` (Ray's temp dir), which the launcher must
+    inherit (``pass_fds``)."""
     options = ["--parent-pid", str(parent_pid)]
     if protected is not None:
         options += ["--protect", str(protected)]
-    if allowed is not None:
-        options += ["--allow", str(allowed)]
+    if allowed_fd is not None:
+        options += ["--allow-fd", str(allowed_fd)]
     # -I: neither PYTHONPATH nor this file's directory (the agent's package) on sys.path.
     return [sys.executable, "-I", os.path.abspath(__file__), *options, "--", *command]
 
@@ -246,7 +277,13 @@ def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="ray_launch.py", usage="%(prog)s [options] -- COMMAND ...")
     parser.add_argument("--parent-pid", type=int, default=0, help="the agent: exit if it is no longer our parent")
     parser.add_argument("--protect", default="", help="the dir Ray and its jobs must not reach")
-    parser.add_argument("--allow", action="append", default=[], help="a dir in it they may (repeatable)")
+    parser.add_argument(
+        "--allow-fd",
+        type=int,
+        action="append",
+        default=[],
+        help="an inherited descriptor of a dir they may use, in it or not (repeatable)",
+    )
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     command = list(argv[split + 1 :])
@@ -261,7 +298,7 @@ def main(argv: Sequence[str]) -> int:
         return 1  # it died before the death signal was set: nothing would ever stop this Ray
     if args.protect:
         try:
-            confine(args.protect, args.allow)
+            confine(args.protect, args.allow_fd)
         except KernelCannotConfine as why:
             print(warning(args.protect, why), file=sys.stderr, flush=True)
         except Unconfined as why:
@@ -269,6 +306,9 @@ def main(argv: Sequence[str]) -> int:
             # state dir, or repoint Ray's temp dir), so Ray is not started unconfined.
             print(f"ray_launch.py: not starting Ray: cannot confine it ({why})", file=sys.stderr)
             return EXIT_CANNOT_CONFINE
+    for fd in args.allow_fd:
+        with contextlib.suppress(OSError):
+            os.close(fd)  # granted (or not) by now: Ray needs no descriptor of the agent's
     try:
         os.execvp(command[0], command)
     except OSError as exc:

@@ -299,7 +299,12 @@ class RayNode:
         command[0] = os.path.abspath(ray_path)
         if settings.state_dir is not None:
             _check_confinement(settings.state_dir)
-        command = ray_launch.launcher_command(os.getpid(), command, settings.state_dir, settings.temp_dir)
+        # The launcher grants Ray's temp dir by this descriptor, of the dir start() checked, never
+        # by its path: job code that outlived its Ray can swap the path (for a symlink to the
+        # credential) at any moment. A swap then only leaves Ray without its temp dir (it fails and
+        # is restarted, and the path is made a real dir again), never grants what the path leads to.
+        confined = settings.state_dir is not None
+        command = ray_launch.launcher_command(os.getpid(), command, settings.state_dir, temp_fd if confined else None)
         self._serving_node_id = ""
         self._raylet = None
         self._started_at = time.time() - 1.0  # file times are coarser than this clock on some filesystems
@@ -312,10 +317,12 @@ class RayNode:
                 *command,
                 env=env,
                 # Not a directory above the state dir: files a job makes there would be unusable.
+                # A path: one swapped meanwhile gives Ray a working dir it has no access to, no grant.
                 cwd=settings.temp_dir if _unusable_when_confined(os.getcwd(), settings) else None,
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # our own process group, so stop() reaches all of it
+                pass_fds=(temp_fd,) if confined else (),
             )
         finally:
             log_file.close()
