@@ -157,18 +157,19 @@ class TcpPipe(asyncio.BufferedProtocol):
         lent, self._lent = self._lent, None
         if lent is not None and lent is not self._buffer and all(entry[0] is not lent for entry in self._backlog):
             _give_back_buffer(lent)  # full, all of it read, and the consumer is done with it
-        if not self._unread and self._buffer:
+        if not self._unread:
             # All of the current buffer was read (nothing waits in a backlog either) and the
             # consumer is done with its views: an idle pipe keeps no buffer. In bulk transfer the
             # next read takes the same buffer straight back, and starts at its beginning.
-            _give_back_buffer(self._buffer)
-            self._buffer = bytearray(0)
-            self._view = memoryview(self._buffer)
-            self._filled = self._taken = 0
+            self._give_back_current()
         while not self._unread:
-            if self._error is not None:
-                raise self._error
-            if self._eof:
+            if self._error is not None or self._eof:
+                # The end came while the consumer waited, from a receive into a buffer taken for
+                # it: both loops call get_buffer() before the recv that finds EOF or the reset.
+                # Nothing in it is unread: back to the free list, not dropped with the pipe.
+                self._give_back_current()
+                if self._error is not None:
+                    raise self._error
                 return None
             self._read_waiter = self._loop.create_future()
             try:
@@ -186,6 +187,16 @@ class TcpPipe(asyncio.BufferedProtocol):
             if not self._lost:
                 self._transport.resume_reading()
         return view
+
+    def _give_back_current(self) -> None:
+        """Gives the current buffer back; only when nothing in it is unread and no view of it is
+        lent (no backlog entry can be in it: those are buffers retired by get_buffer)."""
+        if not self._buffer:  # holds none already
+            return
+        _give_back_buffer(self._buffer)
+        self._buffer = bytearray(0)
+        self._view = memoryview(self._buffer)
+        self._filled = self._taken = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         # uvloop raises RuntimeError writing to a transport that is gone, the stdlib loop drops the

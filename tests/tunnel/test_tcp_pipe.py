@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import pytest
-from koinon_gateway.tcp_pipe import PAUSE_READING_BYTES, TcpPipe
+from koinon_gateway import tcp_pipe
+from koinon_gateway.tcp_pipe import FREE_BUFFER_BYTES, PAUSE_READING_BYTES, TcpPipe
 from koinon_gateway.tunnel_io import splice_tcp
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
@@ -151,6 +152,122 @@ async def test_idle_pipes_hold_no_receive_buffer() -> None:
         tracemalloc.stop()
     # The free list may keep a buffer or two (FREE_BUFFER_BYTES); not one per connection.
     assert held < 4 << 20, f"{count} idle pipes hold {held >> 10} KiB"
+
+
+@pytest.mark.parametrize("end", ["half-close", "reset"])
+async def test_a_pipe_that_saw_its_end_holds_no_receive_buffer(end: str) -> None:
+    """Both loops take a buffer (get_buffer) for the receive that finds EOF or a reset. A consumer
+    that waits for more holds none (it gave it back), so it sees the end with a buffer taken just
+    for that: the buffer goes back to the free list, instead of being held by a half-closed
+    connection, or dropped with the pipe (each ended connection would cost the free list one)."""
+    waiting: asyncio.Future[TcpPipe] = asyncio.get_running_loop().create_future()
+    ended = asyncio.Event()
+
+    async def consume(pipe: TcpPipe) -> None:
+        waiting.set_result(pipe)
+        with contextlib.suppress(ConnectionResetError):
+            while await pipe.read() is not None:
+                pass
+        ended.set()
+        pipe.close()
+
+    async with pipe_server(consume) as port:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"x" * 100)
+        await writer.drain()
+        pipe = await asyncio.wait_for(waiting, 10)
+        async with asyncio.timeout(10):
+            while pipe._unread or pipe._read_waiter is None:  # all read, and waiting for more
+                await asyncio.sleep(0.01)
+        assert not pipe._buffer
+        if end == "reset":
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            writer.write_eof()
+        await asyncio.wait_for(ended.wait(), 10)
+        assert not pipe._buffer, "a pipe that saw its end still holds a receive buffer"
+        writer.close()
+
+
+async def test_views_stay_intact_while_other_pipes_end_and_reset() -> None:
+    """Many connections at once on a real loop (test_tcp_pipe_model.py drives the callbacks by
+    hand), taken over with their first bytes already read, sent in chunks of random sizes, ending
+    with a half-close, a close or a reset: every view keeps its bytes until its consumer's next
+    read(), every connection's bytes arrive in order (all of them, unless it reset), and the free
+    list all of them share never holds a buffer twice."""
+    count, buffer_bytes = 16, 100_000
+    rng = random.Random(7)
+    payloads = [rng.randbytes(rng.choice([0, 100, 70_000, 1 << 20, 3 << 20])) for _ in range(count)]
+    ends = [("half-close", "close", "reset")[conn % 3] for conn in range(count)]
+    results: dict[int, tuple[bytes, str]] = {}
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = struct.unpack("!I", await reader.readexactly(4))[0]
+        expected = payloads[conn]
+        pipe = TcpPipe.take_over(reader, writer, buffer_bytes)
+        pauses = random.Random(conn)
+        got = bytearray()
+        previous: tuple[memoryview, bytes] | None = None
+        how = "eof"
+        try:
+            while True:
+                if previous is not None:  # it may change from the next read() on, not before
+                    assert previous[0] == previous[1], f"connection {conn}: a view changed before the next read()"
+                if (view := await pipe.read()) is None:
+                    break
+                assert view == expected[len(got) : len(got) + len(view)], f"connection {conn}: wrong bytes"
+                got += view
+                previous = (view, bytes(view))
+                pause = pauses.random()
+                if pause < 0.05:
+                    await asyncio.sleep(0.002)  # a slow consumer: its backlog grows
+                elif pause < 0.4:
+                    await asyncio.sleep(0)  # the others take and give back buffers
+        except ConnectionResetError:
+            how = "reset"
+        results[conn] = (bytes(got), how)
+        pipe.close()
+
+    async def client(port: int, conn: int) -> None:
+        data, chunks = payloads[conn], random.Random(100 + conn)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(struct.pack("!I", conn) + data[:10])  # some of it lands in the StreamReader
+        cut = chunks.randrange(len(data) + 1) if ends[conn] == "reset" else len(data)
+        offset = min(10, cut)
+        while offset < cut:
+            size = min(cut - offset, chunks.choice([1, 4096, 65536, 200_000, 1 << 20]))
+            writer.write(data[offset : offset + size])
+            offset += size
+            await writer.drain()
+        if ends[conn] == "reset":
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return
+        if ends[conn] == "half-close":
+            writer.write_eof()
+            await asyncio.wait_for(reader.read(), 30)  # the server closes once it has read all
+        writer.close()
+        await writer.wait_closed()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        await asyncio.wait_for(asyncio.gather(*(client(port, conn) for conn in range(count))), 60)
+        async with asyncio.timeout(30):
+            while len(results) < count:
+                await asyncio.sleep(0.01)
+    finally:
+        server.close()
+    for conn, end in enumerate(ends):
+        got, how = results[conn]
+        if end == "reset":
+            assert payloads[conn].startswith(got), f"connection {conn}: not what was sent"
+        else:
+            assert (got, how) == (payloads[conn], "eof"), f"connection {conn} ({end}): {len(got)} bytes, {how}"
+    for size, free in tcp_pipe._free_buffers.items():
+        assert len({id(buffer) for buffer in free}) == len(free), "a buffer is twice in the free list"
+        assert len(free) * size <= FREE_BUFFER_BYTES
 
 
 async def test_slow_consumer_pauses_reading_and_resumes() -> None:
