@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from koinon_agent import own_dir, ray_launch, ray_node
+from koinon_agent import own_dir, ray_launch, ray_node, state
 from koinon_agent.ray_node import RayNode, RaySettings, ray_environment
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
@@ -651,4 +651,48 @@ def test_confined_job_code_cannot_read_the_environment_of_the_containers_other_p
     finally:
         holder.kill()
         holder.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+CHMOD_ZERO = (
+    "import os, sys\n"
+    "try:\n open(sys.argv[1]).read(); print('READ')\nexcept OSError as exc:\n print('read denied', exc.errno)\n"
+    "for target in sys.argv[1:]:\n os.chmod(target, 0)\nprint('chmodded')\n"
+)
+
+
+@needs_landlock
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to run as nobody")
+def test_confined_job_code_cannot_lock_the_agent_out_of_its_credential() -> None:
+    """Landlock has no right for chmod: job code (the agent's user) cannot read the credential but
+    could `chmod 0` it, and the state dir too where it is the agent's own. Every later start of the
+    agent then stopped on "cannot read the stored identity" (exit 2, a crash loop)."""
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    base = Path(tempfile.mkdtemp(prefix="koinon-chmod-"))
+    try:
+        base.chmod(0o755)
+        state_dir = base / "home" / ".koinon" / "agent"
+        state_dir.mkdir(parents=True)
+        temp = base / "tmp" / "ray"
+        temp.mkdir(parents=True)
+        identity = state_dir / "identity.json"
+        identity.write_text('{"gateway": "gw:1", "node_name": "n", "address": "10.0.0.1", "credential": "secret"}')
+        for path in (state_dir, identity, temp, temp.parent):
+            os.chown(path, 65534, 65534)
+        identity.chmod(0o600)
+        state_dir.chmod(0o700)
+        out = run_confined(
+            state_dir, temp, "/usr/bin/python3", "-c", CHMOD_ZERO, str(identity), str(state_dir),
+            user=nobody, launcher_copy=base / "ray_launch.py",
+        )  # fmt: skip
+        assert "read denied" in out and "READ" not in out and "chmodded" in out, out
+
+        def start_again() -> None:
+            with state.exclusive(state_dir):
+                stored = state.load(state_dir, can_rejoin=True)
+                assert stored is not None and stored.credential == "secret"
+
+        assert as_non_root(65534, start_again) == ""
+        assert (identity.stat().st_mode & 0o777, state_dir.stat().st_mode & 0o777) == (0o600, 0o700)
+    finally:
         shutil.rmtree(base, ignore_errors=True)
