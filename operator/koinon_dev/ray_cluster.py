@@ -12,8 +12,11 @@ import shutil
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from koinon_agent.config import ENV_VARS as AGENT_ENV_VARS
 
 from koinon_dev.processes import ManagedProcess, free_port_range, free_ports, wait_until
 
@@ -28,8 +31,44 @@ def ray_executable() -> str:
     return found
 
 
+# What the Ray head and the volunteer agents of the local control plane keep of the environment of
+# the shell that ran `up`: Ray passes it on to job code (a volunteer's agent passes its own on, as a
+# real volunteer's should), so the rest of a developer's shell (cloud keys, GITHUB_TOKEN, a real
+# cluster's KUBECONFIG, proxy credentials, OTEL headers) would be readable by any AIJob's code.
+RAY_SHELL_ENV_NAMES = frozenset(
+    {
+        "PATH", "LANG", "LANGUAGE", "TZ", "TERM",
+        # The sandbox sets HOME, USER and LOGNAME itself; the head and a plain volunteer need them.
+        "HOME", "USER", "LOGNAME", "TMPDIR",
+        "VIRTUAL_ENV", "LD_LIBRARY_PATH",  # the Python environment and the libraries it loads
+    }
+)  # fmt: skip
+RAY_SHELL_ENV_PREFIXES = (
+    "LC_",  # locale
+    "PYTHON",  # PYTHONPATH, PYTHONHOME and the like: what Python imports and how
+    "RAY_",  # Ray's tuning (tests set RAY_* for the whole control plane)
+    "KOINON_",  # the agent's own settings (it keeps them from its Ray: config.ENV_VARS)
+    "GRPC_",  # the agent's gRPC tuning (GRPC_EXPERIMENTS, GRPC_VERBOSITY, GRPC_TRACE)
+    "CUDA_", "NVIDIA_",  # real GPUs
+)  # fmt: skip
+# Ray's credentials are the control plane's to give (the assignment's token), not the shell's.
+RAY_SHELL_ENV_DENIED_PREFIXES = ("RAY_AUTH_",)
+
+
+def shell_environment_for_ray(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of ``environ`` the dev plane's Ray head and volunteer agents (and so job code) get."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if (name in RAY_SHELL_ENV_NAMES or name.startswith(RAY_SHELL_ENV_PREFIXES))
+        and not name.startswith(RAY_SHELL_ENV_DENIED_PREFIXES)
+    }
+
+
 def ray_environment(auth_token: str | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+    env = shell_environment_for_ray(os.environ)
+    for name in AGENT_ENV_VARS:  # an agent's settings (a join token among them) are no job's business
+        env.pop(name, None)
     if auth_token:
         # Ray token authentication: every node, driver and client must present this token.
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=auth_token)

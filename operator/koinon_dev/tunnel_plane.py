@@ -28,7 +28,7 @@ from pathlib import Path
 
 from koinon_dev.claims import claim, hold
 from koinon_dev.processes import ManagedProcess, deferred_signals, wait_until
-from koinon_dev.ray_cluster import LocalRayHead
+from koinon_dev.ray_cluster import LocalRayHead, shell_environment_for_ray
 
 PORT_BLOCK_SIZE = 40
 # Volunteers of one control plane at once: the gateway claims this many port blocks (the N-th
@@ -199,7 +199,7 @@ class LocalAgent:
             create_netns(self.netns)
             argv = ["ip", "netns", "exec", self.netns, *self._sandbox(), *argv]
         # The join token goes through the environment, not argv (argv is visible to every user).
-        env = {**os.environ, "KOINON_TOKEN": self.join_token, **self.extra_env}
+        env = {**shell_environment_for_ray(os.environ), "KOINON_TOKEN": self.join_token, **self.extra_env}
         self.process = ManagedProcess(f"agent-{self.name}", argv, self.log_dir / f"agent-{self.name}.log", env)
         self.process.start()
 

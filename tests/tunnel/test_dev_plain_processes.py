@@ -5,6 +5,7 @@ any local process reaches, serves only clients holding its kubeconfig."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import ssl
@@ -24,6 +25,8 @@ from koinon_gateway.kube_client import load_kubeconfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
+SHELL_SECRET = "AWS_SECRET_ACCESS_KEY"
+
 
 @pytest.fixture(scope="module")
 def plain_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevCluster, DevClusterInfo]]:
@@ -32,10 +35,13 @@ def plain_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[De
             state_dir=tmp_path_factory.mktemp("dev"), volunteers=1, start_operator=False, network_namespaces=False
         )
     )
+    # In the shell that ran `up`: none of the Ray processes job code runs in may see it.
+    os.environ[SHELL_SECRET] = "from-the-developers-shell"
     try:
         info = cluster.up(progress=False)
         yield cluster, info
     finally:
+        del os.environ[SHELL_SECRET]
         cluster.down()
 
 
@@ -113,3 +119,26 @@ def test_the_api_serves_only_clients_with_the_kubeconfigs_token(
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {config.token}"})
     with urllib.request.urlopen(request, timeout=10, context=context) as reply:
         assert "koinon-gateway-ca" in {item["metadata"]["name"] for item in json.load(reply)["items"]}
+
+
+def test_no_secret_of_the_shell_that_ran_up_reaches_the_volunteers_or_heads_ray(
+    plain_cluster: tuple[DevCluster, DevClusterInfo],
+) -> None:
+    """Each passed on its whole environment to Ray and so to any AIJob's code (tunnel_plane's
+    LocalAgent.start, ray_cluster's ray_environment)."""
+    cluster, _ = plain_cluster
+    agent, head, gateway = cluster.agents[0], cluster.head, cluster.gateway
+    assert agent.process is not None and head is not None and gateway is not None
+    temp_dirs = (str(Path(gateway.work_dir) / f"ray-{agent.name}"), str(head.temp_dir))
+    processes = {"agent": [psutil.Process(agent.process.pid)], **{d: [] for d in temp_dirs}}
+    for process in psutil.process_iter(["cmdline"]):
+        for temp_dir in temp_dirs:
+            if any(temp_dir in arg for arg in process.info["cmdline"] or []):
+                processes[temp_dir].append(process)
+    for group, members in processes.items():
+        environs = []
+        for process in members:
+            with contextlib.suppress(psutil.NoSuchProcess):  # a worker that ended meanwhile
+                environs.append((process.pid, process.environ()))
+        assert environs, f"no process of {group}"
+        assert not [pid for pid, environ in environs if SHELL_SECRET in environ], group
