@@ -696,3 +696,110 @@ def test_confined_job_code_cannot_lock_the_agent_out_of_its_credential() -> None
         assert (identity.stat().st_mode & 0o777, state_dir.stat().st_mode & 0o777) == (0o600, 0o700)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+CHMOD_TO = (
+    "import os, sys\n"
+    "try:\n open(sys.argv[1]).read(); print('READ')\nexcept OSError as exc:\n print('read denied', exc.errno)\n"
+    "for target, mode in zip(sys.argv[2::2], sys.argv[3::2]):\n os.chmod(target, int(mode, 8))\nprint('chmodded')\n"
+)
+NOBODY_IDS = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def _layout(base: Path) -> tuple[Path, Path, Path]:
+    base.chmod(0o755)
+    home = base / "home"
+    state_dir = home / ".koinon" / "agent"  # the default ~/.koinon/agent
+    state_dir.mkdir(parents=True)
+    temp = base / "tmp" / "ray"
+    temp.mkdir(parents=True)
+    identity = state_dir / "identity.json"
+    identity.write_text('{"gateway": "gw:1", "node_name": "n", "address": "10.0.0.1", "credential": "secret"}')
+    for path in (home, home / ".koinon", state_dir, identity, temp, temp.parent):
+        os.chown(path, 65534, 65534)
+    identity.chmod(0o600)
+    state_dir.chmod(0o700)
+    return state_dir, identity, temp
+
+
+def _start_again(state_dir: Path) -> str:
+    def start() -> None:
+        with state.exclusive(state_dir):
+            stored = state.load(state_dir, can_rejoin=True)
+            assert stored is not None and stored.credential == "secret"
+
+    return as_non_root(65534, start)
+
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to run as nobody"
+)
+
+
+@needs_landlock
+@needs_root
+@pytest.mark.parametrize("what", ["parent-0", "home-0", "state-dir-o+w"])
+def test_no_chmod_of_job_code_locks_the_agent_out(what: str) -> None:
+    """Dirs above the state dir that the agent's user owns (~, ~/.koinon), and the state dir made
+    writable by others, which check_private refuses: every later start stopped with exit 2."""
+    base = Path(tempfile.mkdtemp(prefix="koinon-review-"))
+    try:
+        state_dir, identity, temp = _layout(base)
+        target, mode = {
+            "parent-0": (state_dir.parent, "0"),  # ~/.koinon
+            "home-0": (state_dir.parent.parent, "0"),  # ~
+            "state-dir-o+w": (state_dir, "707"),
+        }[what]
+        out = run_confined(
+            state_dir, temp, "/usr/bin/python3", "-c", CHMOD_TO, str(identity), str(target), mode,
+            user=NOBODY_IDS, launcher_copy=base / "ray_launch.py",
+        )  # fmt: skip
+        assert "read denied" in out and "READ" not in out and "chmodded" in out, out
+        assert _start_again(state_dir) == ""
+    finally:
+        for path in (base / "home", base / "home" / ".koinon"):
+            path.chmod(0o755)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@needs_landlock
+@needs_root
+def test_job_code_cannot_make_the_credential_readable_by_other_users() -> None:
+    """identity.json is set back to 0600, as the agent writes it, when the agent starts."""
+    base = Path(tempfile.mkdtemp(prefix="koinon-review-"))
+    try:
+        state_dir, identity, temp = _layout(base)
+        (base / "home").chmod(0o755)
+        (base / "home" / ".koinon").chmod(0o755)
+        out = run_confined(
+            state_dir, temp, "/usr/bin/python3", "-c", CHMOD_TO, str(identity), str(state_dir), "711",
+            str(identity), "644", user=NOBODY_IDS, launcher_copy=base / "ray_launch.py",
+        )  # fmt: skip
+        assert "read denied" in out and "READ" not in out and "chmodded" in out, out
+        assert _start_again(state_dir) == ""
+        other = subprocess.run(
+            ["setpriv", "--reuid=65533", "--regid=65533", "--clear-groups", "cat", str(identity)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert "secret" not in other.stdout, "another user of the machine reads the node credential"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@needs_landlock
+@needs_root
+def test_no_chmod_of_job_code_locks_out_an_agent_whose_state_dir_is_given_as_a_symlink() -> None:
+    base = Path(tempfile.mkdtemp(prefix="koinon-review-"))
+    try:
+        state_dir, identity, temp = _layout(base)
+        link = base / "home" / "state-link"
+        link.symlink_to(state_dir)
+        os.chown(link, 65534, 65534, follow_symlinks=False)
+        out = run_confined(
+            state_dir, temp, "/usr/bin/python3", "-c", CHMOD_TO, str(identity), str(state_dir), "0",
+            user=NOBODY_IDS, launcher_copy=base / "ray_launch.py",
+        )  # fmt: skip
+        assert "chmodded" in out, out
+        assert _start_again(link) == ""  # the agent run with --state-dir <link>
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

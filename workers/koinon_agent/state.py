@@ -130,8 +130,8 @@ def exclusive(state_dir: Path) -> Iterator[None]:
 
     A state dir that cannot be written is not refused here: ensure_writable says why, before a
     join needs it (an identity already there may still be usable)."""
+    restore_state_dir_modes(state_dir)  # dirs of the agent's own that job code chmodded
     check_private(state_dir)
-    restore_owner_access(state_dir, stat.S_IRWXU)  # a dir of the agent's own that job code chmodded
     try:
         # O_NOFOLLOW: a symlink planted in its place would have the pid written over (truncating)
         # whatever it points at. O_CLOEXEC: Ray's processes must not keep the lock held (os.open's
@@ -168,28 +168,55 @@ def exclusive(state_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def restore_owner_access(path: Path, needed: int) -> None:
-    """Gives ``path`` back the owner's ``needed`` permission bits when this user owns it and lacks
-    them: Ray's job code runs as the agent's user, and Landlock, which keeps it from reading the
-    state dir, has no right for chmod, so a job could `chmod 0` the credential (or, in a state dir
-    of the agent's own, the dir itself) and keep every later start of the agent out of it. Never
-    follows a symlink at ``path``; leaves alone what another user owns, and anything missing."""
+def restore_mode(path: Path, mode_of: Callable[[int], int]) -> None:
+    """Sets ``path``'s permission bits to ``mode_of(current bits)`` when this user owns it and they
+    differ: Ray's job code runs as the agent's user, and Landlock, which keeps it from reading the
+    state dir, has no right for chmod, so a job could `chmod 0` the credential (or the dirs of the
+    agent's own that lead to it) and keep every later start of the agent out, or `chmod 0644` it
+    for every user of the machine to read. Never follows a symlink at ``path``; leaves alone what
+    another user owns, and anything missing."""
     try:
         fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return
     try:
         info = os.fstat(fd)
-        if stat.S_ISLNK(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & needed == needed:
+        current = stat.S_IMODE(info.st_mode)
+        wanted = mode_of(current)
+        if stat.S_ISLNK(info.st_mode) or info.st_uid != os.geteuid() or wanted == current:
             return
         # chmod through the descriptor's /proc link: the inode opened above, whatever the name leads
         # to now (fchmod takes no O_PATH descriptor).
-        os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(info.st_mode) | needed)
-        log.warning("%s had lost its owner's access (mode %04o); restored it", path, stat.S_IMODE(info.st_mode))
+        os.chmod(f"/proc/self/fd/{fd}", wanted)
+        log.warning("%s: mode %04o changed behind the agent's back; set back to %04o", path, current, wanted)
     except OSError as exc:
-        log.warning("%s: cannot restore its owner's access (%s)", path, exc.strerror)
+        log.warning("%s: cannot set its mode back (%s)", path, exc.strerror)
     finally:
         os.close(fd)
+
+
+def _private_file(current: int) -> int:
+    return 0o600  # as the agent writes them (_write_private_json)
+
+
+def _own_dir_mode(current: int) -> int:
+    # The owner's rwx back, and no write for others, which check_private would refuse for good (a
+    # group's write it takes for the agent's own groups, the only ones job code can chgrp to).
+    return (current | stat.S_IRWXU) & ~stat.S_IWOTH
+
+
+def restore_state_dir_modes(state_dir: Path) -> None:
+    """The state dir (as it resolves: a symlink to it is the operator's) and the dirs above it that
+    the agent's user owns (``~/.koinon``, ``~`` for the default) get their owner's access back, and
+    the state dir loses others' write (check_private would refuse it for good). Top down: a dir
+    above that lost its owner's search bit hides the ones below it until it has it back."""
+    resolved = Path(os.path.realpath(state_dir))  # a component it cannot reach is kept as written
+    for directory in (*reversed(resolved.parents), resolved):
+        restore_mode(directory, _own_dir_mode if directory == resolved else _searchable_dir_mode)
+
+
+def _searchable_dir_mode(current: int) -> int:
+    return current | stat.S_IRWXU
 
 
 def _path(state_dir: Path) -> Path:
@@ -206,7 +233,7 @@ def load(state_dir: Path, can_rejoin: bool = False) -> StoredIdentity | None:
     one (a disk that lost the last write) is set aside when the agent can join again
     (``can_rejoin``: it has a token), else refused with the path and what to do."""
     path = _path(state_dir)
-    restore_owner_access(path, stat.S_IRUSR | stat.S_IWUSR)
+    restore_mode(path, _private_file)
     try:
         for leftover in state_dir.glob(".identity-*.tmp"):  # a save cut short: it holds a credential
             leftover.unlink(missing_ok=True)
@@ -280,7 +307,7 @@ def pending_join_id(state_dir: Path, gateway: str) -> str:
     one, on disk before the first try is sent. Every retry, also after a restart, sends the same id,
     so a join whose reply was lost gets its node back instead of a second node and token use."""
     path = _pending_join_path(state_dir)
-    restore_owner_access(path, stat.S_IRUSR | stat.S_IWUSR)
+    restore_mode(path, _private_file)
     try:
         data = json.loads(path.read_text())
         if isinstance(data, dict) and data.get("gateway") == gateway and _is_join_id(data.get("join_id")):
