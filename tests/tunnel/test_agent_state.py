@@ -230,3 +230,21 @@ async def test_an_expired_credential_without_a_token_names_where_the_token_was_t
     agent = Agent(AgentConfig(gateway="gw:1", insecure=True, state_dir=tmp_path, token_hint=hint))
     with pytest.raises(JoinRefused, match='join again with a new token; none came: Secret "koinon-jion"'):
         await agent._ensure_identity()
+
+
+def test_setting_modes_back_leaves_shared_and_root_dirs_alone(tmp_path: Path) -> None:
+    """A root agent given a shared scratch dir (here as /tmp is: 1777) must not take others' write
+    from it, nor may an agent of its own user whose sticky dir it is."""
+    from koinon_agent import state as agent_state
+
+    from .helpers import as_non_root
+
+    shared = tmp_path / "scratch"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    agent_state.restore_state_dir_modes(shared)  # as root, whatever owns it
+    assert shared.stat().st_mode & 0o7777 == 0o1777
+    tmp_path.chmod(0o755)
+    os.chown(shared, 65534, 65534)
+    assert as_non_root(65534, lambda: agent_state.restore_state_dir_modes(shared)) == ""
+    assert shared.stat().st_mode & 0o7777 == 0o1777

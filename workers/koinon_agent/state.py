@@ -175,6 +175,10 @@ def restore_mode(path: Path, mode_of: Callable[[int], int]) -> None:
     agent's own that lead to it) and keep every later start of the agent out, or `chmod 0644` it
     for every user of the machine to read. Never follows a symlink at ``path``; leaves alone what
     another user owns, and anything missing."""
+    if os.geteuid() == 0:
+        # Root reads and writes whatever the modes say (and owns "/", /tmp, /home: a root agent
+        # given --state-dir /tmp would otherwise take others' write from it).
+        return
     try:
         fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -202,6 +206,8 @@ def _private_file(current: int) -> int:
 def _own_dir_mode(current: int) -> int:
     # The owner's rwx back, and no write for others, which check_private would refuse for good (a
     # group's write it takes for the agent's own groups, the only ones job code can chgrp to).
+    if current & stat.S_ISVTX:
+        return current  # a shared scratch dir (check_private refuses it as a state dir): not ours to change
     return (current | stat.S_IRWXU) & ~stat.S_IWOTH
 
 
