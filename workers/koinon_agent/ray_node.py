@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -160,6 +161,41 @@ def _check_confinement(state_dir: Path) -> None:
         log.warning("Landlock ABI 2 (Linux before 6.2): job code can truncate (not read) the node credential")
 
 
+class RayStartProcess:
+    """``ray start``, spawned by the standard library (vfork and exec, no Python in the child) in a
+    worker thread, not by the event loop: uvloop forks and runs Python's at-fork handlers in the
+    child, whose other threads (gRPC's) may hold locks at that moment, and a child stuck before its
+    exec kept the agent's event loop waiting for good (seen once: no heartbeat, no Ray, the node
+    NotReady). The part of asyncio.subprocess.Process the agent uses. The launcher's parent-death
+    signal follows the thread that spawned it: a thread of the loop's default executor, which
+    lives as long as the agent's loop."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._popen.poll()  # reaps it once it has exited, as the event loop's watcher did
+
+    def send_signal(self, signum: int) -> None:
+        if self._popen.poll() is not None:
+            raise ProcessLookupError(self._popen.pid)
+        self._popen.send_signal(signum)
+
+    async def wait(self) -> int:
+        # Polled: a thread blocked in waitpid() would outlive every wait_for() that gives up on it.
+        while (code := self._popen.poll()) is None:
+            await asyncio.sleep(_WAIT_POLL_S)
+        return code
+
+
+_WAIT_POLL_S = 0.05
+
+
 # Ray logs the node id and its registration within the first lines of raylet.out.
 _LOG_HEAD_BYTES = 4 << 20
 
@@ -250,7 +286,7 @@ def _open_start_log(dir_fd: int, name: str) -> int:
 class RayNode:
     def __init__(self, settings: RaySettings) -> None:
         self.settings = settings
-        self.process: asyncio.subprocess.Process | None = None
+        self.process: RayStartProcess | None = None
         self._serving_node_id = ""
         self._raylet: psutil.Process | None = None  # the serving raylet's process, once found
         self._started_at = 0.0
@@ -313,17 +349,19 @@ class RayNode:
         log_file = os.fdopen(log_fd, "ab")
         try:
             # The launcher execs `ray start`: this process is Ray's, pid and process group alike.
-            self.process = await asyncio.create_subprocess_exec(
-                *command,
+            popen = await asyncio.to_thread(
+                subprocess.Popen,
+                command,
                 env=env,
                 # Not a directory above the state dir: files a job makes there would be unusable.
                 # A path: one swapped meanwhile gives Ray a working dir it has no access to, no grant.
                 cwd=settings.temp_dir if _unusable_when_confined(os.getcwd(), settings) else None,
                 stdout=log_file,
-                stderr=asyncio.subprocess.STDOUT,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # our own process group, so stop() reaches all of it
                 pass_fds=(temp_fd,) if confined else (),
             )
+            self.process = RayStartProcess(popen)
         finally:
             log_file.close()
         log.info("ray start (pid %d) joining %s as %s", self.process.pid, assignment.ray_address, assignment.address)
