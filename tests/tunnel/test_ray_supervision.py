@@ -228,3 +228,48 @@ async def test_a_temp_dir_swapped_for_a_symlink_to_the_state_dir_while_ray_runs_
             await asyncio.sleep(0.2)
         assert temp_dir.is_dir() and not temp_dir.is_symlink()
         assert set(os.listdir(state)) == before, "something was created in, or removed from, the state dir"
+
+
+SPAWN_RECORDING_RAY = """#!/bin/sh
+echo $$ > {pidfile}
+exec sleep 30
+"""
+
+
+@pytest.mark.parametrize("delay", [0.001, 0.004])
+@pytest.mark.parametrize("confined", [False, True])
+async def test_a_start_cancelled_mid_spawn_leaves_no_ray_running(tmp_path: Path, confined: bool, delay: float) -> None:
+    """A drain or a new assignment that cancels start() while `ray start` is being spawned in its
+    worker thread: the thread goes on, and the Ray it started ran on untracked (stop() found no
+    process), holding the node's ports, or closed descriptors were handed to Popen."""
+    from koinon_agent.ray_node import RayNode, RaySettings
+    from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+    pidfile = tmp_path / "ray-tmp" / "fake-ray.pid"  # beneath the temp dir: writable when confined
+    fake_ray = tmp_path / "ray"
+    fake_ray.write_text(SPAWN_RECORDING_RAY.format(pidfile=pidfile))
+    fake_ray.chmod(0o755)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    node = RayNode(
+        RaySettings(
+            ray_bin=str(fake_ray), temp_dir=tmp_path / "ray-tmp", proxy_url="http://127.0.0.1:1",
+            num_cpus=1, num_gpus=0, gpu_memory_mib=0, object_store_memory=None,
+            state_dir=state if confined else None,
+        )
+    )  # fmt: skip
+    assignment = pb.Assignment(ray_address="127.0.0.1:6379", address="127.0.0.1", node_name="n")
+    task = asyncio.ensure_future(node.start(assignment))
+    await asyncio.sleep(0)  # start() runs up to its spawn in the worker thread
+    time.sleep(delay)  # the worker thread is inside Popen (a loop busy elsewhere for a moment)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await node.stop()  # what the agent's _stop_ray_node does next
+    await asyncio.sleep(1.5)
+    if pidfile.exists():
+        pid = int(pidfile.read_text())
+        alive = psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        if alive:
+            os.kill(pid, signal.SIGKILL)
+        assert not alive, f"ray start (pid {pid}) left running after start() was cancelled and stop() ran"

@@ -196,6 +196,38 @@ class RayStartProcess:
 _WAIT_POLL_S = 0.05
 
 
+def _spawn(
+    command: list[str], env: dict[str, str], cwd: Path | None, log_fd: int, keep_fd: int | None
+) -> subprocess.Popen[bytes]:
+    """``ray start`` through the launcher, in a worker thread; closes ``log_fd`` and ``keep_fd``
+    (copies made for it) once the child has them."""
+    try:
+        return subprocess.Popen(
+            command,
+            env=env,
+            cwd=cwd,
+            stdout=log_fd,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # our own process group, so stop() reaches all of it
+            pass_fds=(keep_fd,) if keep_fd is not None else (),
+        )
+    finally:
+        os.close(log_fd)
+        if keep_fd is not None:
+            os.close(keep_fd)
+
+
+def _stop_unwanted(spawn: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+    """Stops the ``ray start`` of a start() cancelled while it was being spawned."""
+    if spawn.cancelled() or spawn.exception() is not None:
+        return
+    popen = spawn.result()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        popen.wait(timeout=1)  # killed: reaped at once (else subprocess reaps it at its next spawn)
+
+
 # Ray logs the node id and its registration within the first lines of raylet.out.
 _LOG_HEAD_BYTES = 4 << 20
 
@@ -340,30 +372,41 @@ class RayNode:
         # credential) at any moment. A swap then only leaves Ray without its temp dir (it fails and
         # is restarted, and the path is made a real dir again), never grants what the path leads to.
         confined = settings.state_dir is not None
-        command = ray_launch.launcher_command(os.getpid(), command, settings.state_dir, temp_fd if confined else None)
         self._serving_node_id = ""
         self._raylet = None
         self._started_at = time.time() - 1.0  # file times are coarser than this clock on some filesystems
         log_fd = _open_start_log(temp_fd, self.start_log.name)
-        self._start_log_offset = os.fstat(log_fd).st_size
-        log_file = os.fdopen(log_fd, "ab")
         try:
-            # The launcher execs `ray start`: this process is Ray's, pid and process group alike.
-            popen = await asyncio.to_thread(
-                subprocess.Popen,
+            self._start_log_offset = os.fstat(log_fd).st_size
+            # The spawn's own copies of the descriptors (closed by it once Popen has them): a start()
+            # cancelled meanwhile closes its own while the worker thread may still be in Popen.
+            spawn_log_fd = os.dup(log_fd)
+            spawn_temp_fd = os.dup(temp_fd) if confined else None
+        finally:
+            os.close(log_fd)
+        command = ray_launch.launcher_command(os.getpid(), command, settings.state_dir, spawn_temp_fd)
+        spawn = asyncio.ensure_future(
+            asyncio.to_thread(
+                _spawn,
                 command,
-                env=env,
+                env,
                 # Not a directory above the state dir: files a job makes there would be unusable.
                 # A path: one swapped meanwhile gives Ray a working dir it has no access to, no grant.
-                cwd=settings.temp_dir if _unusable_when_confined(os.getcwd(), settings) else None,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # our own process group, so stop() reaches all of it
-                pass_fds=(temp_fd,) if confined else (),
+                settings.temp_dir if _unusable_when_confined(os.getcwd(), settings) else None,
+                spawn_log_fd,
+                spawn_temp_fd,
             )
-            self.process = RayStartProcess(popen)
-        finally:
-            log_file.close()
+        )
+        try:
+            # The launcher execs `ray start`: this process is Ray's, pid and process group alike.
+            popen = await asyncio.shield(spawn)
+        except asyncio.CancelledError:
+            # A thread cannot be cancelled: the spawn goes on, and what it starts is stopped once it
+            # is there (a drain or a new assignment that came meanwhile must not leave a Ray running
+            # that no one tracks, holding the node's ports).
+            spawn.add_done_callback(_stop_unwanted)
+            raise
+        self.process = RayStartProcess(popen)
         log.info("ray start (pid %d) joining %s as %s", self.process.pid, assignment.ray_address, assignment.address)
 
     def node_id(self) -> str:
