@@ -181,6 +181,10 @@ def test_probes_run_the_agents_own_health_check(tools: Tools, tmp_path: Path) ->
     health.write(report_file, health.HealthReport(time.time() - 60, connected=True, ray_state="running"))
     assert probe(liveness) == 1  # a stuck agent gets restarted
 
+    # probes.failureThreshold is both probes' (values.yaml and the chart README say so).
+    tuned = agent_container(one(render(tools, {"probes.failureThreshold": "7"}), "Deployment"))
+    assert (tuned["livenessProbe"]["failureThreshold"], tuned["readinessProbe"]["failureThreshold"]) == (7, 7)
+
     off = agent_container(one(render(tools, {"probes.enabled": "false"}), "Deployment"))
     assert "livenessProbe" not in off and "readinessProbe" not in off
 
