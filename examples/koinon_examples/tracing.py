@@ -23,11 +23,15 @@ def job_span(name: str, tracer_provider: TracerProvider | None = None) -> Iterat
     """A span named ``name`` under the AIJob's root span (a trace of its own without TRACEPARENT;
     nothing at all where OpenTelemetry is not installed in the job's environment)."""
     try:
-        from opentelemetry import propagate, trace
-    except ImportError:
+        from opentelemetry import trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    except Exception:  # not installed, or a setting of the volunteer's it cannot load: no span
         yield
         return
     carrier = {"traceparent": os.environ["TRACEPARENT"]} if os.environ.get("TRACEPARENT") else {}
     tracer = trace.get_tracer("koinon_examples", tracer_provider=tracer_provider)
-    with tracer.start_as_current_span(name, context=propagate.extract(carrier)):
+    # TRACEPARENT is W3C trace context by the operator's contract, whatever OTEL_PROPAGATORS the
+    # job's environment names (b3 or none would start a trace of its own; an xray that is not
+    # installed made importing opentelemetry.propagate raise, failing the job itself).
+    with tracer.start_as_current_span(name, context=TraceContextTextMapPropagator().extract(carrier)):
         yield

@@ -5,6 +5,7 @@ cluster is started (Ray's calls are stood in for where the embedding model would
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -109,3 +110,26 @@ def test_the_examples_spans_join_the_aijobs_trace_from_traceparent(monkeypatch: 
     assert joined.context.trace_id == int(trace_id, 16)
     assert joined.parent is not None and joined.parent.span_id == root_span_id
     assert alone.parent is None and alone.context.trace_id != int(trace_id, 16)
+
+
+@pytest.mark.parametrize("propagators", ["none", "b3multi", "xray"])
+def test_the_examples_spans_join_the_trace_whatever_propagators_the_volunteer_sets(propagators: str) -> None:
+    """TRACEPARENT is W3C trace context whatever OTEL_PROPAGATORS the job inherits: read through
+    the global propagator, none or b3multi split the job's span into a trace of its own, and an
+    xray that is not installed made the import raise, failing the job itself."""
+    code = (
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "from opentelemetry.sdk.trace.export import SimpleSpanProcessor\n"
+        "from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter\n"
+        "from koinon_examples.tracing import job_span\n"
+        "provider, exporter = TracerProvider(), InMemorySpanExporter()\n"
+        "provider.add_span_processor(SimpleSpanProcessor(exporter))\n"
+        "with job_span('work', tracer_provider=provider):\n"
+        "    pass\n"
+        "print(format(exporter.get_finished_spans()[0].context.trace_id, '032x'))\n"
+    )
+    trace_id = "8f6e8530892f46a5a4e3ba60e32a06d0"
+    env = {**os.environ, "OTEL_PROPAGATORS": propagators, "TRACEPARENT": f"00-{trace_id}-{'2' * 16}-01"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-800:]
+    assert done.stdout.strip() == trace_id
