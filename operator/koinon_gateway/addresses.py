@@ -91,6 +91,16 @@ class AddressAllocator:
         del self._holders[address]
         return True
 
+    def release_holder(self, holder: str) -> str | None:
+        """Frees the address ``holder`` holds, whatever its object records (a join whose undo
+        failed keeps the address its status write may have recorded, service._record_node);
+        returns it, or None when ``holder`` holds none. A scan of the pool: for deletions only."""
+        for address, current in self._holders.items():
+            if current == holder:
+                del self._holders[address]
+                return address
+        return None
+
     def holder(self, address: str) -> str | None:
         return self._holders.get(address)
 

@@ -76,6 +76,16 @@ _POSITIVE_SECONDS = (
     "unconnected_node_sweep_s",
 )
 MAX_CREDENTIAL_LIFETIME_S = 366 * 24 * 3600.0
+# Agents get the heartbeat timings in milliseconds, as proto uint32 fields (pb.Assignment): each
+# must fit, and be at least 1 (0 reads as "not set" to an agent, which then uses its default).
+MAX_UINT32 = 2**32 - 1
+
+
+def milliseconds(seconds: float) -> int:
+    """``seconds`` as an Assignment's *_ms field says it (TunnelService.assignment)."""
+    return int(seconds * 1000)
+
+
 # How old a connected node's lastHeartbeat may get between refreshes: half the 120 s after which
 # the operator no longer trusts a Ready status (a heartbeat's news waits up to one interval more).
 MAX_STATUS_REFRESH_S = 60.0
@@ -169,14 +179,13 @@ class GatewayConfig:
                 f"status_write_interval_s + heartbeat_interval_s: at most {MAX_STATUS_REFRESH_S:.0f} s, "
                 f"got {self.status_write_interval_s + self.heartbeat_interval_s:g}"
             )
+        self._validate_assignment_timings()
         if self.status_write_burst < 1:
             raise ValueError(f"status_write_burst: must be at least 1, got {self.status_write_burst}")
         if self.port_block_size - FIRST_WORKER > MAX_WORKER_PORTS:
             # What agents take as a Ray port block (koinon_agent.assignment_check): more is refused.
             most = FIRST_WORKER + MAX_WORKER_PORTS
             raise ValueError(f"port_block_size: at most {most}, got {self.port_block_size}")
-        if self.rtt_probe_every < 1:
-            raise ValueError("rtt_probe_every: must be at least 1")
         if self.max_streams_per_node < 1:
             raise ValueError("max_streams_per_node: must be at least 1")
         if not 0 < self.rtt_smoothing_alpha <= 1:
@@ -191,6 +200,23 @@ class GatewayConfig:
                 raise ValueError(f"head_port_ranges: bad range {low}-{high}")
         self._validate_own_ports_not_head_ports()
         self._validate_vip_cidr()
+
+    def _validate_assignment_timings(self) -> None:
+        """Each timing an Assignment carries fits its uint32 milliseconds field and is not 0:
+        a value past it failed every Join (after its node was made), one under 1 ms reached the
+        agent as "use your default"."""
+        if self.rtt_probe_every < 1:
+            raise ValueError("rtt_probe_every: must be at least 1")
+        for name, seconds in (
+            ("heartbeat_interval_s", self.heartbeat_interval_s),
+            ("heartbeat_timeout_s", self.heartbeat_timeout_s),
+            ("heartbeat_interval_s * rtt_probe_every", self.heartbeat_interval_s * self.rtt_probe_every),
+        ):
+            if not 1 <= milliseconds(seconds) <= MAX_UINT32:
+                raise ValueError(
+                    f"{name}: must be within 0.001-{MAX_UINT32 / 1000:.3f} s (agents get it in whole "
+                    f"milliseconds, a uint32 field), got {seconds:g}"
+                )
 
     def _head_field_allowing(self, port: int) -> str:
         """The start of an error message naming the head setting that opens ``port`` at head_address."""

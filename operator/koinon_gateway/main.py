@@ -25,7 +25,7 @@ from pathlib import Path
 import aiohttp
 
 from . import event_loop, token_cli
-from .config import GatewayConfig
+from .config import MAX_STATUS_REFRESH_S, GatewayConfig
 from .file_tokens import FileTokenStore
 from .kube_ca import KubeCAStore, StalePin
 from .kube_client import KubeApiError, KubeConfigError, kube_client, load_config
@@ -53,6 +53,21 @@ def _positive_seconds(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
+
+
+def _status_heartbeat_seconds(text: str) -> float:
+    """An argparse type: seconds > 0 and at most MAX_STATUS_REFRESH_S. The operator takes a Ready
+    status whose lastHeartbeat is over 120 s old as left by a stopped gateway
+    (reputation_book.SILENT_STATUS_S): this coalescing adds its wait to the sessions' refresh
+    (status_write_interval_s + heartbeat_interval_s, which validate() bounds by the same 60 s),
+    so that the two together stay within those 120 s."""
+    value = _positive_seconds(text)
+    if value > MAX_STATUS_REFRESH_S:
+        raise argparse.ArgumentTypeError(
+            f"at most {MAX_STATUS_REFRESH_S:.0f} s (the operator no longer trusts a Ready status whose "
+            f"lastHeartbeat is {2 * MAX_STATUS_REFRESH_S:.0f} s old), got {text!r}"
+        )
     return value
 
 
@@ -94,9 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kubeconfig", type=Path, help="(kube store) default: in-cluster, else $KUBECONFIG")
     p.add_argument(
         "--status-heartbeat-interval",
-        type=_positive_seconds,
+        type=_status_heartbeat_seconds,
         default=10.0,
-        help="(kube store) at most one status write per node per this many seconds that changes only lastHeartbeat",
+        help="(kube store) at most one status write per node per this many seconds that changes only "
+        f"lastHeartbeat; at most {MAX_STATUS_REFRESH_S:.0f}",
     )
     p.add_argument("--state-dir", type=Path, default=Path("/var/lib/koinon-gateway"))
     p.add_argument("--namespace", default="koinon-system", help="(kube store) namespace of the Secrets")

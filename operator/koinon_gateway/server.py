@@ -27,7 +27,7 @@ from .head_proxy import HeadProxy
 from .metrics import GatewayMetrics
 from .pki import CAStore, InMemoryCAStore, issue_server_cert, load_or_create_ca
 from .ray_check import GcsRayNodeChecker
-from .registry import InMemoryNodeRegistry, NodeDeletionSource, NodeRegistry, being_deleted, status_address
+from .registry import JSON, InMemoryNodeRegistry, NodeDeletionSource, NodeRegistry, being_deleted, status_address
 from .routing import Router
 from .rpc import add_tunnel_service
 from .server_tls import RenewingServerCert
@@ -55,6 +55,27 @@ def reachable_host_port(host: str, port: int) -> str:
     an IPv6 address in brackets (as URLs and gRPC targets want it)."""
     host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _timestamp(value: object) -> float:
+    """Seconds since the epoch of an RFC 3339 time; 0.0 when absent or unreadable."""
+    try:
+        when = dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        return 0.0
+    return when.timestamp() if when.tzinfo is not None else 0.0
+
+
+def connected(node: JSON) -> bool:
+    """Whether an agent ever registered as the node (every session writes lastHeartbeat)."""
+    return "lastHeartbeat" in (node.get("status") or {})
+
+
+def claim_order(node: JSON) -> tuple[bool, float, float]:
+    """Ranks the nodes recording one address, the rightful holder highest: one that has connected
+    (the newest heartbeat first), then the newest made (a retry's node, the one its agent got)."""
+    status, metadata = node.get("status") or {}, node.get("metadata") or {}
+    return connected(node), _timestamp(status.get("lastHeartbeat")), _timestamp(metadata.get("creationTimestamp"))
 
 
 @dataclass
@@ -115,7 +136,11 @@ class Gateway:
         bundle = await load_or_create_ca(self.ca_store)
         self.ca_pem = bundle.cert_pem
         nodes = await self.registry.list()
-        for node in nodes:
+        # Two nodes may record one address (a join whose undo failed left one behind, before that
+        # kept its address): the one that has connected keeps it, whatever order they are listed
+        # in, so that a live volunteer is not refused (address-taken) because of a ghost.
+        kept: dict[str, JSON] = {}  # address -> the node that holds it
+        for node in sorted(nodes, key=claim_order, reverse=True):
             address = status_address(node)
             name = node["metadata"]["name"]
             # A node being deleted (a finalizer holds the object) has given its address back: the
@@ -124,8 +149,18 @@ class Gateway:
                 continue
             try:
                 self.allocator.reserve(address, name)
-            except AddressTaken as exc:
-                log.error("VolunteerNode %s records address %s, already held: %s", name, address, exc)
+            except AddressTaken:
+                holder = kept[address]
+                log.error(
+                    "VolunteerNode %s records address %s, which VolunteerNode %s also records and keeps (%s): "
+                    "%s cannot register (address-taken); delete it%s",
+                    name, address, holder["metadata"]["name"],
+                    "connected more recently" if connected(node) else
+                    "it has connected" if connected(holder) else "made later, neither has connected",
+                    name, "" if connected(node) else ", or the unconnected-node sweep will once it is old enough",
+                )  # fmt: skip
+            else:
+                kept[address] = node
         self.sessions.disown_stale_connections(nodes)
         service = TunnelService(
             self.config,
@@ -230,8 +265,14 @@ class Gateway:
                 async for node in source.deleted_nodes():
                     if self.sessions.revoke(node.name, replaced=node.replaced):
                         self.metrics.refused_streams["node-deleted-while-connected"] += 1
-                    if self.allocator.release(node.address, node.name):
-                        log.info("node %s deleted; address %s released", node.name, node.address)
+                    freed = node.address if self.allocator.release(node.address, node.name) else None
+                    if not node.replaced:
+                        # One a failed join's undo left holds the address its status may not
+                        # record (service._record_node): freed by name. (A replaced one's name
+                        # is another object's now.)
+                        freed = self.allocator.release_holder(node.name) or freed
+                    if freed:
+                        log.info("node %s deleted; address %s released", node.name, freed)
             except Exception:
                 log.exception("watching VolunteerNode deletions failed; restarting the watch")
                 await asyncio.sleep(1.0)
@@ -276,13 +317,22 @@ class Gateway:
             # As for any deleted node (the file and memory stores report no deletions): forgets its
             # Ready condition, and ends a session that attached since the list, if one did.
             self.sessions.revoke(node.name)
-            self.allocator.release(node.address, node.name)
+            # Only what this node holds (by name: a failed join's undo may have left it holding an
+            # address its status does not record, service._record_node). Never the address it
+            # records when another node holds it: two recorded it, and the live one kept it (start).
+            freed = self.allocator.release_holder(node.name)
             self.metrics.unconnected_nodes_deleted += 1
             deleted.append(node.name)
-            log.info(
-                "node %s joined at %s and its agent never connected; deleted, address %s freed",
-                node.name, node.created.isoformat(), node.address or "-",
-            )  # fmt: skip
+            if node.address and freed != node.address:
+                log.info(
+                    "node %s joined at %s and its agent never connected; deleted (its address %s is %s's)",
+                    node.name, node.created.isoformat(), node.address, self.allocator.holder(node.address) or "free",
+                )  # fmt: skip
+            else:
+                log.info(
+                    "node %s joined at %s and its agent never connected; deleted, address %s freed",
+                    node.name, node.created.isoformat(), freed or "-",
+                )  # fmt: skip
         return deleted
 
     async def stop(self, grace: float = 1.0) -> None:

@@ -13,7 +13,7 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
@@ -21,7 +21,7 @@ from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from . import credentials
 from .addresses import AddressAllocator, AddressPoolExhausted, PortBlock
-from .config import GatewayConfig
+from .config import GatewayConfig, milliseconds
 from .frame_codec import FrameDecodeError
 from .limits import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT
 from .log_limit import LimitedLog
@@ -87,6 +87,16 @@ JOIN_KEY_LABEL = "koinon.dev/join-key"
 HALF_MADE_JOIN_S = HALF_MADE_WAIT_S
 # How many half-made nodes a gateway remembers having seen (HalfMadeSightings).
 HALF_MADE_SEEN_MAX = 4096
+
+
+@dataclass
+class LeftBehind:
+    """What a failed ``_record_node`` left: ``node_may_remain`` when its undo could not delete a
+    node whose status write (with the address) may have landed. The node keeps its address and
+    the join its counted use, so the agent's retry gets that node back as the join's (replayed);
+    the unconnected-node sweep deletes it if no retry comes."""
+
+    node_may_remain: bool = False
 
 
 class EarlierTryRunning(Exception):
@@ -283,9 +293,10 @@ class TunnelService:
             ports=port_block_message(self.allocator.ports_for(address)),
             ray_address=f"{self.config.head_address}:{self.config.head_gcs_port}",
             ray_auth_token=self.config.ray_auth_token,
-            heartbeat_interval_ms=int(self.config.heartbeat_interval_s * 1000),
-            heartbeat_timeout_ms=int(self.config.heartbeat_timeout_s * 1000),
-            rtt_probe_interval_ms=int(self.config.heartbeat_interval_s * self.config.rtt_probe_every * 1000),
+            # Within their uint32 fields and not 0: GatewayConfig.validate() checks these very values.
+            heartbeat_interval_ms=milliseconds(self.config.heartbeat_interval_s),
+            heartbeat_timeout_ms=milliseconds(self.config.heartbeat_timeout_s),
+            rtt_probe_interval_ms=milliseconds(self.config.heartbeat_interval_s * self.config.rtt_probe_every),
         )
 
     # ---- Join ----
@@ -354,21 +365,30 @@ class TunnelService:
             # answer is late): give it back once counted, or the retry finds a one-use token spent.
             self._give_back_when_counted(consuming, request.join_id)
             raise
+        left = LeftBehind()
+        # A node left behind with its address is one the retry (same join id) adopts as this
+        # join's (_earlier_join): the use stays counted for it, or a one-use token would make it
+        # and another node. Without a join id nothing can adopt it: the use goes back, and the node
+        # goes with the unconnected-node sweep.
+        keep_use = bool(request.join_id)
         try:
             await self._retire_previous(request.previous_credential, grant.owner)
-            node_name, address, uid = await self._record_node(request, grant)
+            node_name, address, uid = await self._record_node(request, grant, left)
         except asyncio.CancelledError:
             # The agent gave up waiting (its deadline) and will try again: that try must not be
             # refused for a use this one never delivered. Shielded: the task is being cancelled.
-            await asyncio.shield(self._give_back(grant))
+            if not (left.node_may_remain and keep_use):
+                await asyncio.shield(self._give_back(grant))
             raise
         except Exception as exc:
             # Nothing of the failed join stays behind: no node, no address, and the token's use is
-            # given back, so the retry the agent makes is not refused as "usage-limit".
+            # given back, so the retry the agent makes is not refused as "usage-limit". (Unless
+            # the node could not be deleted: see LeftBehind.)
             code, reason, message = join_failure(exc, self.allocator)
             self.metrics.joins[reason] += 1
             log.warning("join failed after token %s was accepted (%s): %r", grant.token_id, reason, exc)
-            await self._give_back(grant)
+            if not (left.node_may_remain and keep_use):
+                await self._give_back(grant)
             await context.abort(code, message)
         if grant.join_key:
             # The use this join's id had counted stops being honoured before the reply goes out:
@@ -488,12 +508,16 @@ class TunnelService:
         preconditions = {key: str(metadata[key]) for key in ("uid", "resourceVersion") if metadata.get(key)}
         if not await self.registry.delete(name, preconditions):
             raise EarlierTryRunning()  # the next retry looks again
+        # A try of this gateway whose undo failed kept the address its status write (never landed)
+        # may have recorded (_record_node): it goes back with the node.
+        self.allocator.release_holder(name)
         log.warning("join: deleted %s, left without an address by an earlier try of the same join", name)
         return True
 
-    async def _record_node(self, request: pb.JoinRequest, grant: JoinGrant) -> tuple[str, str, str]:
+    async def _record_node(self, request: pb.JoinRequest, grant: JoinGrant, left: LeftBehind) -> tuple[str, str, str]:
         """Takes a free address and creates the VolunteerNode; undoes both if any step fails.
-        Returns the node's name, address and uid."""
+        Returns the node's name, address and uid. A node the undo could not delete that may record
+        its address keeps it, as ``left`` then says."""
         node_name = node_name_from_hint(request.name_hint)
         address = self.allocator.allocate(node_name)
         spec: dict[str, Any] = {
@@ -501,7 +525,7 @@ class TunnelService:
             "region": grant.region or request.region,
             "gpus": [{"model": g.model, "memoryMiB": int(g.memory_mib)} for g in request.gpus],
         }
-        created = False
+        created = address_sent = False
         try:
             labels = {JOIN_TOKEN_LABEL: grant.token_id}
             if request.join_id:
@@ -513,15 +537,32 @@ class TunnelService:
             except BaseException:
                 created = True  # the API may have applied it before failing or answering late
                 raise
-            created = True
+            created = address_sent = True  # from here the object may record the address
             await self.registry.patch_status(node_name, never_connected_status(address), uid=uid)
         except BaseException:  # a cancelled join (the agent hung up) must not leave a node either
-            if created:
-                try:
-                    await self.registry.delete(node_name)
-                except Exception as exc:
-                    log.warning("join: could not delete half-made node %s: %r", node_name, exc)
-            self.allocator.release(address, node_name)
+            undone = not created
+            try:
+                if created:
+                    try:
+                        await self.registry.delete(node_name)  # False: gone already, as good
+                        undone = True
+                    except Exception as exc:
+                        log.warning("join: could not delete half-made node %s: %r", node_name, exc)
+            finally:  # also when the delete is cancelled (its outcome unknown too)
+                if undone or not address_sent:
+                    self.allocator.release(address, node_name)
+                else:
+                    # The status write may have landed unanswered: the node left behind then
+                    # records the address, so it stays that node's here. Freed, it would go to the
+                    # next join (the retry's new node, say), two VolunteerNodes would record it,
+                    # and after a restart one of them would be refused (address-taken). It is
+                    # freed with the node: the unconnected-node sweep, the deletion watch or a
+                    # retry that finds it without its address delete it (release_holder), and a
+                    # retry that finds it with it adopts it (_earlier_join).
+                    left.node_may_remain = True
+                    log.warning(
+                        "join: half-made node %s may record %s: the address stays reserved for it", node_name, address
+                    )
             raise
         return node_name, address, uid
 
@@ -951,6 +992,10 @@ class TunnelService:
             # Held from now, not from the first frame: a revocation ends this stream too, and
             # streams that stay silent count against the node's cap.
             with self.sessions.streams.slot(source.node_name) as slot:
+                # From now, as the limit counts it: the peak counts silent streams too, which a
+                # stream that never sends its first frame is.
+                open_now = self.sessions.streams.open(source.node_name)
+                self.metrics.node_streams_peak = max(self.metrics.node_streams_peak, open_now)
                 try:
                     first = await asyncio.wait_for(channel.read_frame(), self.config.first_frame_timeout_s)
                 except TimeoutError:
@@ -984,8 +1029,6 @@ class TunnelService:
         self, source: NodeSession, first: Any, channel: GrpcFrameChannel, context: Context, slot: StreamSlot
     ) -> None:
         kind = first.WhichOneof("msg") if isinstance(first, pb.Frame) else None
-        open_now = self.sessions.streams.open(source.node_name)
-        self.metrics.node_streams_peak = max(self.metrics.node_streams_peak, open_now)
         if kind == "dial":
             slot.dialing()
             await self._dial(source, first.dial, channel)

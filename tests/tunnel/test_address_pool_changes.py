@@ -2,22 +2,26 @@
 the address of a node whose credential could still register (two live nodes shared one address),
 a gateway restarted with a narrower --vip-cidr starts (it crash-looped), and a node left outside the
 new pool is refused with PERMISSION_DENIED, which makes its agent join again (it got UNKNOWN and
-retried for ever). Also: a file-store restart keeps addresses, token counts and credentials."""
+retried for ever). Also: a file-store restart keeps addresses, token counts and credentials, and of
+two nodes recording one address the one that connected keeps it across a restart."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
+import pytest
 from koinon_gateway.file_tokens import FileTokenStore
 from koinon_gateway.pki import FileCAStore
-from koinon_gateway.registry import FileNodeRegistry, InMemoryNodeRegistry
+from koinon_gateway.registry import JOIN_TOKEN_LABEL, FileNodeRegistry, InMemoryNodeRegistry
 from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
+from koinon_gateway.status import never_connected_status
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .helpers import Cluster, channel_for, cluster, control_call
@@ -160,3 +164,31 @@ async def test_an_agent_outside_a_narrowed_pool_joins_again_and_its_old_node_goe
         assert agent.identity is not None and agent.identity.address != before.address
         # Its previous node, which can never register again, was retired by the join.
         assert list(c.registry.objects) == [agent.identity.node_name]
+
+
+async def test_of_two_nodes_recording_one_address_the_connected_one_keeps_it_after_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Left by a join whose undo failed before that kept the address for its node: a node that never
+    connected records the address of a live one. Listed first, it was given the address at the
+    next start, and the live volunteer was refused (address-taken, fatal to its agent) until the
+    sweep deleted the other a day later, which then freed the address the live node still records."""
+    async with cluster(tmp_path) as c:
+        [live] = await _join_n(c, 1)
+        name, address = live.assignment.node_name, live.assignment.address
+        register = pb.Register(node_name=name, address=address)
+        assert isinstance(await control_call(c, live.credential, register), pb.GatewayMessage)
+        assert "lastHeartbeat" in c.registry.objects[name]["status"]
+        await c.registry.create("ghost", {"owner": "a"}, {JOIN_TOKEN_LABEL: "abcdef"})
+        ghost = c.registry.objects.pop("ghost")
+        ghost["status"] = never_connected_status(address)
+        ghost["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"  # older than the unconnected TTL
+        c.registry.objects = {"ghost": ghost, **c.registry.objects}  # listed first
+        with caplog.at_level(logging.ERROR, logger="koinon_gateway.server"):
+            await _restart_with_cidr(c, c.gateway.config.vip_cidr)
+        assert c.gateway.allocator.holder(address) == name
+        assert any("ghost" in r.getMessage() and "address-taken" in r.getMessage() for r in caplog.records)
+        result = await control_call(c, live.credential, register)
+        assert isinstance(result, pb.GatewayMessage) and result.WhichOneof("msg") == "registered", result
+        assert await c.gateway.delete_unconnected_nodes() == ["ghost"]
+        assert c.gateway.allocator.holder(address) == name

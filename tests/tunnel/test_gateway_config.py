@@ -4,8 +4,9 @@ and volunteers' virtual addresses must not include the head's address."""
 from __future__ import annotations
 
 import pytest
-from koinon_gateway.config import GatewayConfig
+from koinon_gateway.config import MAX_UINT32, GatewayConfig, milliseconds
 from koinon_gateway.main import BootstrapToken, build_parser, config_from_args, main, parse_bootstrap_token
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 HEAD = "127.0.10.1"
 
@@ -175,3 +176,33 @@ def test_a_status_refresh_slower_than_the_operator_trusts_is_refused() -> None:
         config.validate()
     GatewayConfig(status_write_interval_s=55.0, heartbeat_interval_s=5.0).validate()
     assert SILENT_STATUS_S >= 2 * (55.0 + 5.0)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # 58 days: finite and above the interval, but its milliseconds overflow a uint32.
+        ({"heartbeat_timeout_s": 5_000_000.0}, "heartbeat_timeout_s: must be within 0.001-4294967.295 s"),
+        ({"heartbeat_interval_s": 0.0005}, "heartbeat_interval_s: must be within 0.001-4294967.295 s"),
+        ({"rtt_probe_every": 10**9}, r"heartbeat_interval_s \* rtt_probe_every: must be within"),
+        ({"rtt_probe_every": 0}, "rtt_probe_every: must be at least 1"),
+    ],
+)
+def test_heartbeat_timings_agents_get_in_milliseconds_must_fit_their_fields(
+    overrides: dict[str, object], message: str
+) -> None:
+    """The Assignment carries them as uint32 milliseconds: past that every Join failed after its
+    node was made and its token use counted (ValueError building the reply, UNKNOWN to the agent),
+    and under 1 ms an agent read 0 as "not set" and used its own default."""
+    with pytest.raises(ValueError, match=rf"^{message}"):
+        GatewayConfig(**overrides).validate()  # type: ignore[arg-type]
+
+
+def test_the_largest_accepted_heartbeat_timings_fit_an_assignment() -> None:
+    config = GatewayConfig(heartbeat_timeout_s=MAX_UINT32 / 1000, rtt_probe_every=MAX_UINT32 // 2000)
+    config.validate()
+    pb.Assignment(
+        heartbeat_interval_ms=milliseconds(config.heartbeat_interval_s),
+        heartbeat_timeout_ms=milliseconds(config.heartbeat_timeout_s),
+        rtt_probe_interval_ms=milliseconds(config.heartbeat_interval_s * config.rtt_probe_every),
+    )

@@ -230,3 +230,23 @@ def test_a_broken_token_secret_is_not_confirmed_to_a_caller() -> None:
     )
     unknown = client_refusal(TokenError("unknown", "no token abcdef"))
     assert broken == unknown and "abcdef" not in broken
+
+
+async def test_the_node_streams_peak_counts_streams_that_never_send_their_first_frame(tmp_path: Path) -> None:
+    """As the README and the metric's help say, and as the limit counts them: it was updated only
+    once a stream's first frame came, so silent streams never showed."""
+    async with cluster(tmp_path, first_frame_timeout_s=5.0) as c:
+        async with channel_for(c) as channel:
+            response, control = await registered_mute_node(c, channel)
+            name = response.assignment.node_name
+            metadata = (("authorization", f"Bearer {response.credential}"),)
+            silent = [tunnel_stub(channel).Connect(metadata=metadata) for _ in range(5)]
+            for _ in range(100):
+                if c.gateway.sessions.streams.open(name) == 5:
+                    break
+                await asyncio.sleep(0.05)
+            held, peak = c.gateway.sessions.streams.open(name), c.gateway.metrics.node_streams_peak
+            for call in silent:
+                call.cancel()
+            control.cancel()
+        assert held == 5 and peak == held

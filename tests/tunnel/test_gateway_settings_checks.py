@@ -88,6 +88,17 @@ def test_status_heartbeat_interval_must_be_finite_and_positive(value: str, capsy
     assert "--status-heartbeat-interval: must be a finite number of seconds > 0" in capsys.readouterr().err
 
 
+def test_status_heartbeat_interval_is_bounded_as_the_status_refresh_is(capsys: pytest.CaptureFixture[str]) -> None:
+    """The operator takes a Ready status whose lastHeartbeat is over 120 s old as left by a stopped
+    gateway (reputation_book.SILENT_STATUS_S). validate() bounds the sessions' refresh for that;
+    this flag's coalescing, which adds its wait to it, was unbounded."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*BASE_FLAGS, "--status-heartbeat-interval", "600"])
+    assert "--status-heartbeat-interval: at most 60 s" in capsys.readouterr().err
+    args = build_parser().parse_args([*BASE_FLAGS, "--status-heartbeat-interval", "60"])
+    assert args.status_heartbeat_interval == 60.0
+
+
 def test_reported_addresses_of_ipv6_listeners_keep_their_brackets() -> None:
     gateway = Gateway(GatewayConfig(listen="[::1]:0", head_proxy_listen="[::]:0", admin_listen="[::1]:0"))
     gateway._ports.grpc_port, gateway._ports.head_proxy_port, gateway._ports.admin_port = 7443, 7480, 7481

@@ -607,3 +607,99 @@ async def test_a_join_whose_made_node_the_store_could_not_record_is_answered_ret
         spent = await join(c, token, join_id)
         assert isinstance(spent, grpc.aio.AioRpcError) and "usage-limit" in (spent.details() or "")
         assert c.registry.objects == {}
+
+
+class UndoFails(InMemoryNodeRegistry):
+    """An API server that restarts during a join: the join's first status write fails (applied
+    unanswered, a connection reset, when ``lands``; else not applied), and so does the undo's delete."""
+
+    def __init__(self, lands: bool) -> None:
+        super().__init__()
+        self.lands = lands
+        self.fail_status, self.fail_delete = True, True
+
+    async def patch_status(self, name: str, status: JSON, uid: str = "") -> None:
+        if self.fail_status:
+            self.fail_status = False
+            if self.lands:
+                await super().patch_status(name, status, uid)
+            raise ConnectionResetError("connection reset by peer")
+        await super().patch_status(name, status, uid)
+
+    async def delete(self, name: str, preconditions: Mapping[str, str] | None = None) -> bool:
+        if self.fail_delete:
+            self.fail_delete = False
+            raise ConnectionRefusedError("connection refused")
+        return await super().delete(name, preconditions)
+
+
+def holders(c: Cluster, address: str) -> list[str]:
+    """The VolunteerNodes that record ``address``."""
+    return sorted(name for name, node in c.registry.objects.items() if node["status"].get("address") == address)
+
+
+async def test_a_join_whose_undo_fails_keeps_the_address_for_its_node_and_the_retry_gets_that_node(
+    tmp_path: Path,
+) -> None:
+    """The undo released the address of a node it could not delete, which still recorded it: the
+    retry skipped that node (no longer the address's holder) and got the address again for a new
+    one. Two VolunteerNodes recorded it, and after a restart the live one was refused
+    (address-taken, fatal to the agent) for the 24 h until the other was swept."""
+    async with cluster(tmp_path, registry=UndoFails(lands=True)) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, grpc.aio.AioRpcError) and first.code() == grpc.StatusCode.UNAVAILABLE
+        [left] = c.registry.objects
+        address = c.registry.objects[left]["status"]["address"]
+        assert c.gateway.allocator.holder(address) == left and uses(c, token) == 1  # kept for that node
+        again = await join(c, token, join_id)
+        assert isinstance(again, pb.JoinResponse), again
+        assert (again.assignment.node_name, again.assignment.address) == (left, address)
+        assert c.gateway.metrics.joins["replayed"] == 1 and uses(c, token) == 1
+        assert holders(c, address) == [left] and await registers(c, again)
+        listen = c.gateway.agent_target
+        await c.gateway.stop(0)
+        c.gateway = Gateway(replace(c.gateway.config, listen=listen), c.tokens, c.registry, c.gateway.ca_store)
+        await c.gateway.start()
+        assert await registers(c, again)
+
+
+async def test_a_join_without_an_id_whose_undo_fails_gives_its_use_back_and_the_retry_another_address(
+    tmp_path: Path,
+) -> None:
+    """Nothing can adopt the node left behind (no join id finds it): the use goes back, and the
+    address stays that node's until it is swept, not handed out a second time."""
+    async with cluster(tmp_path, registry=UndoFails(lands=True)) as c:
+        token = c.tokens.add(owner="alice", usage_limit=1)
+        first = await join(c, token, "")
+        assert isinstance(first, grpc.aio.AioRpcError) and first.code() == grpc.StatusCode.UNAVAILABLE
+        [left] = c.registry.objects
+        address = c.registry.objects[left]["status"]["address"]
+        assert uses(c, token) == 0
+        again = await join(c, token, "")
+        assert isinstance(again, pb.JoinResponse), again
+        assert again.assignment.address != address and holders(c, address) == [left]
+        assert uses(c, token) == 1 and await registers(c, again)
+
+
+async def test_an_address_kept_for_a_node_the_undo_left_without_it_is_freed_when_the_retry_deletes_it(
+    tmp_path: Path,
+) -> None:
+    """The status write did not land after all: the node left behind records no address, and the
+    retry deletes it as any half-made node of its join; the address kept for it goes back too."""
+    async with cluster(tmp_path, registry=UndoFails(lands=False)) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, grpc.aio.AioRpcError) and first.code() == grpc.StatusCode.UNAVAILABLE
+        [left] = c.registry.objects
+        kept = "127.0.20.1"
+        assert c.gateway.allocator.holder(kept) == left and holders(c, kept) == []
+        waiting = await join(c, token, join_id)
+        assert isinstance(waiting, grpc.aio.AioRpcError) and waiting.code() == grpc.StatusCode.ABORTED
+        later(c, HALF_MADE_JOIN_S)
+        again = await join(c, token, join_id)
+        assert isinstance(again, pb.JoinResponse), again
+        assert list(c.registry.objects) == [again.assignment.node_name] != [left]
+        assert c.gateway.allocator.holder(kept) in (None, again.assignment.node_name)
+        assert again.assignment.address == kept  # the pool's first address, free again
+        assert uses(c, token) == 1 and await registers(c, again)

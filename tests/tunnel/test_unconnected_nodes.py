@@ -113,3 +113,20 @@ async def test_a_node_whose_first_session_write_is_under_way_is_spared() -> None
     assert await gateway.sessions.writer.wait_written("was-connected", 5)
     assert await gateway.delete_unconnected_nodes() == []
     assert set(registry.objects) == {"was-connected"}
+
+
+async def test_the_sweep_frees_what_a_node_holds_by_name_and_never_another_nodes_address() -> None:
+    """A join whose undo failed keeps an address for its node whose status may not record it: the
+    sweep frees that address with the node. An address a swept node records that another (live)
+    node holds stays that node's."""
+    registry = InMemoryNodeRegistry()
+    gateway = Gateway(GatewayConfig(verify_ray_nodes=False), registry=registry)
+    for name in ("left-without-address", "ghost"):
+        await registry.create(name, {"owner": "alice"}, {JOIN_TOKEN_LABEL: "abcdef"})
+        registry.objects[name]["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    kept = gateway.allocator.allocate("left-without-address")
+    registry.objects["ghost"]["status"] = never_connected_status("127.0.20.9")
+    gateway.allocator.reserve("127.0.20.9", "live")
+    assert sorted(await gateway.delete_unconnected_nodes()) == ["ghost", "left-without-address"]
+    assert gateway.allocator.holder(kept) is None
+    assert gateway.allocator.holder("127.0.20.9") == "live"
