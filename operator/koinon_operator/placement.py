@@ -94,7 +94,9 @@ def rejection_reason(request: PlacementRequest, node: NodeCapacity) -> str | Non
     if node.cordoned:
         return "cordoned"
     if node.name in request.excluded_nodes:
-        return "excluded after a failed attempt"
+        # The operator leaves out only the nodes of copies that gave no majority (lost and failed
+        # nodes are tried last, by leaving them out of an earlier try of the same placement).
+        return "excluded after an attempt without a majority"
     if node.owner in request.excluded_owners:
         return "owner excluded after an attempt without a majority"
     if node.gpus_free < request.gpus_per_replica:

@@ -414,7 +414,8 @@ def _env_failed_nodes(state: AIJobStatus, digest: str) -> frozenset[str]:
 
 
 # Nodes blamed for a failed attempt of a job, kept in its status.scheduling.failedNodes (newest
-# last): bounded, as a job may retry up to backoffLimit=100 times.
+# last), and nodes lost mid-attempt, in lostNodes: bounded, as a job may retry up to
+# backoffLimit=100 times, and fail over uncounted any number of times.
 MAX_FAILED_NODES_KEPT = 16
 
 
@@ -1014,6 +1015,20 @@ class AIJobReconciler:
             return
 
         if phase is Phase.PENDING:
+            if state.failures > spec.backoff_limit:
+                # backoffLimit lowered below the failures so far while the job waited to retry: a
+                # Kubernetes Job checks its limit on every sync, not only when a pod fails, and so
+                # does this. Nothing of the job runs while it is Pending; _finish releases its hold.
+                self._finish(
+                    key,
+                    writer,
+                    outcome,
+                    Phase.FAILED,
+                    "BackoffLimitExceeded",
+                    f"{state.failures} failed attempt(s), more than backoffLimit={spec.backoff_limit}; "
+                    "no further attempt",
+                )
+                return
             await self._place(key, uid, spec, state, writer, outcome, recorded_allocations, volunteers, creation_index)
             return
         if phase in (Phase.SCHEDULED, Phase.RUNNING) and state.submission_id:
@@ -1062,15 +1077,17 @@ class AIJobReconciler:
                 self.ledger.current(recorded_allocations, excluding=key),
                 allow_bare=self.allow_bare_ray_workers,
             )
-            # Nodes that failed to set up this spec's runtime_env, and nodes blamed for a failed
-            # attempt, are tried last: elsewhere first (a broken node, or one that fails on
-            # purpose, must not take every retry; a good history kept it the scheduler's first
-            # choice), but not left out (on a one-node fleet the job must still end, with Ray's
-            # reason). Where the others are too few, the blamed nodes are taken back first: they
-            # were charged a failure, which ranks them lower already, while an env failure is
-            # charged nothing until another node sets the spec up.
+            # Nodes that failed to set up this spec's runtime_env, nodes blamed for a failed
+            # attempt, and nodes lost mid-attempt are tried last: elsewhere first (a broken or
+            # flaky node, or one that fails on purpose, must not take every retry; a good history
+            # kept it the scheduler's first choice), but not left out (on a one-node fleet the job
+            # must still end, with Ray's reason; a volunteer whose agent restarted, or whose
+            # Wi-Fi dropped, comes back under its name and must run the job again). Where the
+            # others are too few, the blamed and lost nodes are taken back first: they were
+            # charged a failure or a timeout, which ranks them lower already, while an env failure
+            # is charged nothing until another node sets the spec up.
             env_failed = _env_failed_nodes(state, submission_digest(spec)) - request.excluded_nodes
-            blamed = frozenset(_failed_nodes(state)) - request.excluded_nodes
+            blamed = frozenset((*_failed_nodes(state), *state.lost_nodes)) - request.excluded_nodes
             # The last try leaves out only what must be: its reasons are the ones to report.
             for tried_last in dict.fromkeys((env_failed | blamed, env_failed, frozenset[str]())):
                 decision: PlacementDecision = self.placer.place(
@@ -1114,6 +1131,7 @@ class AIJobReconciler:
                 "excludedOwners": list(state.excluded_owners),
                 "envSetupFailures": list(state.scheduling.get("envSetupFailures") or []),
                 "failedNodes": _failed_nodes(state),
+                "lostNodes": list(state.lost_nodes),
                 "reasons": {},
             },
         )
@@ -1728,7 +1746,14 @@ class AIJobReconciler:
             rayNodeIds=[],
             verificationReruns=reruns,
         )
-        writer.scheduling(state.scheduling, excludedNodes=excluded, excludedOwners=excluded_owners)
+        # lostNodes too: a status of an earlier operator had them in excludedNodes, which
+        # AIJobStatus reads as lost only while verificationReruns is 0.
+        writer.scheduling(
+            state.scheduling,
+            excludedNodes=excluded,
+            excludedOwners=excluded_owners,
+            lostNodes=list(state.lost_nodes),
+        )
         writer.phase(Phase.PENDING, "NoMajority", f"{message}; rerunning on fresh nodes of fresh owners")
         outcome.event("NoMajority", f"{message}; rerunning on fresh nodes of fresh owners", warning=True)
 
@@ -1788,15 +1813,22 @@ class AIJobReconciler:
         outcome: Outcome,
         lost: list[str],
     ) -> None:
-        """A volunteer vanished mid-attempt: not the job's fault, so it fails over to other nodes
-        without counting against backoffLimit, and the lost node is excluded from this job."""
+        """A volunteer vanished mid-attempt: not the job's fault, so it fails over without
+        counting against backoffLimit, to other nodes first: the lost node is tried last
+        (lostNodes), not left out, since a volunteer whose agent restarted or whose connection
+        dropped comes back as the same VolunteerNode, and may be the only one that fits."""
         await self._stop_copies(state)
         self.ledger.release(key)
         outcome.reputation.extend((node, "timeout") for node in lost)
-        excluded = sorted({*state.excluded_nodes, *lost})
+        lost_nodes = [node for node in state.lost_nodes if node not in lost] + list(dict.fromkeys(lost))
         writer.set(assignedNodes=[], rayNodeIds=[])
-        writer.scheduling(state.scheduling, excludedNodes=excluded)
-        message = f"attempt {state.attempts}: node(s) {', '.join(lost)} lost; failing over to other nodes"
+        # excludedNodes too: an earlier operator's lost nodes there are read as lost (AIJobStatus).
+        writer.scheduling(
+            state.scheduling,
+            excludedNodes=list(state.excluded_nodes),
+            lostNodes=lost_nodes[-MAX_FAILED_NODES_KEPT:],
+        )
+        message = f"attempt {state.attempts}: node(s) {', '.join(lost)} lost; failing over, other nodes first"
         writer.phase(Phase.PENDING, "NodeLost", message)
         outcome.event("NodeLost", message, warning=True)
 

@@ -304,7 +304,7 @@ async def test_a_multi_replica_job_whose_other_node_left_mid_run_fails_over() ->
     assert (body["status"]["phase"], body["status"]["reason"]) == ("Pending", "NodeLost"), body["status"]
     assert ray.stopped == [SUBMISSION]
     assert outcome.reputation == [("vn-b", "timeout")]
-    assert body["status"]["scheduling"]["excludedNodes"] == ["vn-b"]
+    assert body["status"]["scheduling"]["lostNodes"] == ["vn-b"]  # tried last on the next attempt
     assert body["status"]["failures"] == 0  # not the job's fault: uncounted
 
 

@@ -101,7 +101,7 @@ def test_a_volunteer_lost_mid_job_fails_over_without_counting_a_failure(
     lost = control_plane.wait_for(
         "resilient", namespace, lambda o: o.get("status", {}).get("reason") == "NodeLost", timeout=120
     )
-    assert doomed in lost["status"]["scheduling"]["excludedNodes"]
+    assert doomed in lost["status"]["scheduling"]["lostNodes"]
     control_plane.cluster.add_volunteer("spare", gpus=4, owner="owner-spare")
     done = control_plane.wait_phase("resilient", namespace, "Succeeded", timeout=150)
     status = done["status"]

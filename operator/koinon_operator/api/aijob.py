@@ -8,7 +8,7 @@ fails with the field named instead of a KeyError deep in a handler.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -226,9 +226,10 @@ def parse_spec_ratcheting(raw: Mapping[str, Any]) -> tuple[AIJobSpec, SpecError 
 
     Ratcheted checks (Kubernetes' validation ratcheting): refusals added after earlier operators
     accepted, placed and ran such specs (an unknown runtimeEnv key, a NUL, gpuMemoryMiB with no
-    GPUs). parse_spec runs on every pass, so without ratcheting an operator upgrade stopped and
-    failed running jobs nobody had edited. The reconciler applies them to a job not yet placed,
-    and to an edit of one that was (see AIJobReconciler._ratchet)."""
+    GPUs, more or longer regions than MAX_REGIONS/MAX_REGION_CHARS). parse_spec runs on every pass, so
+    without ratcheting an operator upgrade stopped and failed running jobs nobody had edited. The
+    reconciler applies them to a job not yet placed, and to an edit of one that was (see
+    AIJobReconciler._ratchet)."""
     spec = _parse_spec(raw)
     try:
         _check_ratcheted(spec)
@@ -237,9 +238,28 @@ def parse_spec_ratcheting(raw: Mapping[str, Any]) -> tuple[AIJobSpec, SpecError 
     return spec, None
 
 
+# Bounds of spec.constraints.regions, far above any real list: placement reports a job's regions in
+# status, which must not grow with the spec. Checked here and not in the CRD, which adds no check an
+# existing object could fail (before Kubernetes 1.30 such an object can no longer be updated).
+MAX_REGIONS = 256
+MAX_REGION_CHARS = 253
+
+
+def _check_regions(regions: Sequence[str]) -> None:
+    if len(regions) > MAX_REGIONS:
+        raise SpecError("spec.constraints.regions", f"at most {MAX_REGIONS} regions, got {len(regions)}")
+    for index, region in enumerate(regions):
+        if len(region) > MAX_REGION_CHARS:
+            raise SpecError(
+                f"spec.constraints.regions[{index}]", f"at most {MAX_REGION_CHARS} characters, got {len(region)}"
+            )
+
+
 def _check_ratcheted(spec: AIJobSpec) -> None:
     if _unexecutable(spec.entrypoint):
         raise SpecError("spec.entrypoint", CANNOT_EXEC)
+    # Ratcheted: earlier operators placed a job with any number of regions; it runs on.
+    _check_regions(spec.constraints.regions)
     _check_runtime_env_fields(spec.runtime_env)
     _check_env_vars_executable(_mapping(spec.runtime_env, "env_vars", "spec.runtimeEnv"))
     if spec.resources.gpus == 0 and spec.resources.gpu_memory_mib > 0:
@@ -309,6 +329,14 @@ def format_micro_time(moment: datetime) -> str:
     sort as times): startTime and completionTime bound the job's ``ray.job`` span, which whole
     seconds would cut by up to a second at either end."""
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _node_names(value: object) -> tuple[str, ...]:
+    """A status list of node names, entries not of that shape skipped and repeats dropped (a
+    hand-edited status must not stop the job)."""
+    if not isinstance(value, (list, tuple)):
+        return ()
+    return tuple(dict.fromkeys(name for name in value if isinstance(name, str) and name))
 
 
 def _earlier_results(verification: object) -> tuple[tuple[str, str, str], ...]:
@@ -389,7 +417,11 @@ class AIJobStatus:
     trace_id: str | None = None
     copies: int = 1
     replicas_per_copy: int = 1
+    # Nodes left out of later attempts: those whose copies gave no majority (verificationReruns).
     excluded_nodes: tuple[str, ...] = ()
+    # Nodes lost mid-attempt (status.scheduling.lostNodes, oldest first): tried last on later
+    # attempts, never left out (a volunteer whose agent restarted is the same machine, back).
+    lost_nodes: tuple[str, ...] = ()
     # Owners left out of later attempts: those whose copies gave no majority.
     excluded_owners: tuple[str, ...] = ()
     owners: tuple[str, ...] = ()
@@ -434,6 +466,16 @@ class AIJobStatus:
         raw = raw or {}
         phase_value = raw.get("phase")
         scheduling = raw.get("scheduling") or {}
+        verification_reruns = int(raw.get("verificationReruns") or 0)
+        excluded_nodes = tuple(scheduling.get("excludedNodes") or ())
+        lost = _node_names(scheduling.get("lostNodes"))
+        if not verification_reruns:
+            # Operators before lostNodes put lost nodes in excludedNodes, where placement left
+            # them out for good (a job whose only volunteer reconnected waited for ever). Without
+            # a rerun for no majority, the only other writer of excludedNodes, every entry there
+            # is such a lost node: tried last from now on, as lostNodes are.
+            lost = tuple(dict.fromkeys((*_node_names(excluded_nodes), *lost)))
+            excluded_nodes = ()
         return cls(
             phase=Phase(str(phase_value)) if phase_value in Phase._value2member_map_ else None,
             attempts=int(raw.get("attempts") or 0),
@@ -451,10 +493,11 @@ class AIJobStatus:
                 scheduling.get("replicas")
                 or max(1, len(raw.get("assignedNodes") or [1]) // max(1, int(scheduling.get("copies") or 1)))
             ),
-            excluded_nodes=tuple(scheduling.get("excludedNodes") or ()),
+            excluded_nodes=excluded_nodes,
+            lost_nodes=lost,
             excluded_owners=tuple(scheduling.get("excludedOwners") or ()),
             owners=tuple(scheduling.get("owners") or ()),
-            verification_reruns=int(raw.get("verificationReruns") or 0),
+            verification_reruns=verification_reruns,
             earlier_results=_earlier_results(raw.get("verification")),
             earlier_copies=_earlier_copies(raw.get("verification")),
             earlier_answers=_earlier_answers(raw.get("verification")),

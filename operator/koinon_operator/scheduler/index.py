@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
@@ -417,7 +417,7 @@ def explain(index: NodeIndex, job: JobRequest, copies: int, quarantine_below: fl
     take("cordoned", index.cordoned)
     excluded = index.excluded_mask(job)
     if excluded is not None:
-        take("excluded (lost or failed earlier, or owner already holds a copy)", excluded)
+        take("excluded (after an earlier attempt, or owner already holds a copy)", excluded)
     if quarantine_below is not None:
         take(f"quarantined (reputation score below {quarantine_below:g})", index.mean_score < quarantine_below)
     take(f"too few GPUs (need {job.gpus_per_replica})", index.total_gpus < job.gpus_per_replica)
@@ -431,7 +431,7 @@ def explain(index: NodeIndex, job: JobRequest, copies: int, quarantine_below: fl
         take("latency unknown", np.isnan(index.rtt_ms))
         take(f"latency above {job.max_latency_ms:g} ms", index.rtt_ms > job.max_latency_ms)
     if job.regions:
-        take(f"region not in {sorted(job.regions)}", ~region_mask(index, job))
+        take(region_reason(job.regions), ~region_mask(index, job))
     take("GPUs in use", index.available_fitting(job.gpu_memory_mib) < job.gpus_per_replica)
     take("held for an earlier job that is waiting for room", index.reserved)
     if job.cpus_per_replica > 0:
@@ -441,6 +441,29 @@ def explain(index: NodeIndex, job: JobRequest, copies: int, quarantine_below: fl
         owners = len(set(index.owner_code[remaining].tolist()))
         reasons[f"fit, but only {owners} distinct owners for {_owners_needed(job.replicas, copies)}"] = left
     return reasons
+
+
+# A reason is a key of status.scheduling.reasons and a part of the job's message, Event and
+# condition: one built from the job's regions is cut to about this many characters, so that the
+# status does not grow with the spec (a long list made every status write of the job fail).
+MAX_REGIONS_REASON = 160
+REGIONS_SHOWN = 3
+REGION_SHOWN_CHARS = 32
+
+
+def region_reason(regions: Iterable[str]) -> str:
+    """`region not in [...]`, naming the job's regions while they are few and short; otherwise
+    how many, and the first few (sorted, each cut)."""
+    names = sorted(regions)
+    whole = f"region not in {names}"
+    if len(whole) <= MAX_REGIONS_REASON:
+        return whole
+    shown = [
+        name if len(name) <= REGION_SHOWN_CHARS else f"{name[: REGION_SHOWN_CHARS - 3]}..."
+        for name in names[:REGIONS_SHOWN]
+    ]
+    more = len(names) - len(shown)
+    return f"region not in the {len(names)} listed {shown}" + (f" and {more} more" if more else "")
 
 
 def _owners_needed(replicas: int, copies: int) -> str:
