@@ -62,6 +62,13 @@ class KubeApiError(Exception):
         """422: what kube-apiserver answers a JSON patch whose ``test`` op (or any op) does not apply."""
         return self.status == 422
 
+    @property
+    def refused(self) -> bool:
+        """A 4xx the API server answered: the request was not applied (a write is known not to
+        have landed). Not a 5xx (the server may have applied it before failing: a timeout, an etcd
+        error) nor an answer that could not be read (``BadResponse``, whatever code it names)."""
+        return 400 <= self.status < 500 and self.reason != "BadResponse"
+
 
 @dataclass(frozen=True)
 class KubeConfig:

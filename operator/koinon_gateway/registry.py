@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from .durable_files import write_durably
+from .kube_client import KubeApiError
 from .status import rfc3339
 
 GROUP = "koinon.dev"
@@ -76,6 +77,15 @@ class NodeDeletionSource(Protocol):
     frees their virtual addresses)."""
 
     def deleted_nodes(self) -> AsyncIterator[DeletedNode]: ...
+
+
+def write_refused(exc: BaseException) -> bool:
+    """Whether a failed ``patch_status`` is known not to have been applied: the object was gone or
+    another (KeyError, as the interface says) or the API server refused the write (a 4xx). Any
+    other failure leaves it unknown: a connection error, a timeout or a cancellation (the request
+    may have reached the server), a 5xx (it may have applied the write first), a file store's
+    failed save (applied in memory)."""
+    return isinstance(exc, KeyError) or (isinstance(exc, KubeApiError) and exc.refused)
 
 
 def status_address(node: JSON) -> str:

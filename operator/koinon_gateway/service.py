@@ -36,6 +36,7 @@ from .registry import (
     created_at,
     node_uid,
     status_address,
+    write_refused,
 )
 from .routing import DialRefused, Router
 from .rpc import EOF, Context, MalformedMessage
@@ -94,7 +95,8 @@ class LeftBehind:
     """What a failed ``_record_node`` left: ``node_may_remain`` when its undo could not delete a
     node whose status write (with the address) may have landed. The node keeps its address and
     the join its counted use, so the agent's retry gets that node back as the join's (replayed);
-    the unconnected-node sweep deletes it if no retry comes."""
+    a retry that finds it without its address (the write never landed) deletes it at once and
+    joins on that use (_earlier_join); the unconnected-node sweep deletes it if no retry comes."""
 
     node_may_remain: bool = False
 
@@ -346,25 +348,33 @@ class TunnelService:
             self.joins_at_once.release()
 
     async def _join(self, request: pb.JoinRequest, context: Context) -> pb.JoinResponse:
-        earlier, made_a_node = await self._token_checked(self._earlier_join(request), context)
+        earlier, made_a_node, kept_use = await self._token_checked(self._earlier_join(request), context)
         if earlier is not None:
             node_name, address, uid = earlier
             self.metrics.joins["replayed"] += 1
             log.info("node %s joined again with the same join id (the first reply was lost)", node_name)
             return self._join_response(node_name, address, uid)
-        # A join that made no node yet may have had its use counted by a try whose answer was lost:
-        # the store counts it once (for a while). One that did make a node is over: a new use. (One
-        # whose node was deleted since looks like one that made none here; the store forgot its
-        # use when the node was made, below, so it counts a new use too.)
-        retry_of = join_key(request.join_id) if request.join_id and not made_a_node else ""
-        consuming = asyncio.ensure_future(self.tokens.consume(request.token, retry_of))
-        try:
-            grant = await self._token_checked(asyncio.shield(consuming), context)
-        except asyncio.CancelledError:
-            # The agent gave up while the store was counting the use (an API write applied whose
-            # answer is late): give it back once counted, or the retry finds a one-use token spent.
-            self._give_back_when_counted(consuming, request.join_id)
-            raise
+        if kept_use is not None:
+            # The use a failed undo of this gateway kept counted for the node it left (LeftBehind),
+            # deleted now, stands for this retry's node: not counted again, however late the
+            # retry comes (the store honours a counted join for COUNTED_JOIN_HONOURED_S only, and
+            # a volunteer's laptop may sleep longer).
+            grant = kept_use
+        else:
+            # A join that made no node yet may have had its use counted by a try whose answer was
+            # lost: the store counts it once (for a while). One that did make a node is over: a new
+            # use. (One whose node was deleted since looks like one that made none here; the store
+            # forgot its use when the node was made, below, so it counts a new use too.)
+            retry_of = join_key(request.join_id) if request.join_id and not made_a_node else ""
+            consuming = asyncio.ensure_future(self.tokens.consume(request.token, retry_of))
+            try:
+                grant = await self._token_checked(asyncio.shield(consuming), context)
+            except asyncio.CancelledError:
+                # The agent gave up while the store was counting the use (an API write applied
+                # whose answer is late): give it back once counted, or the retry finds a one-use
+                # token spent.
+                self._give_back_when_counted(consuming, request.join_id)
+                raise
         left = LeftBehind()
         # A node left behind with its address is one the retry (same join id) adopts as this
         # join's (_earlier_join): the use stays counted for it, or a one-use token would make it
@@ -431,31 +441,35 @@ class TunnelService:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "join: the token could not be checked now; retry")
         raise AssertionError("unreachable: abort raises")
 
-    async def _earlier_join(self, request: pb.JoinRequest) -> tuple[tuple[str, str, str] | None, bool]:
+    async def _earlier_join(
+        self, request: pb.JoinRequest
+    ) -> tuple[tuple[str, str, str] | None, bool, JoinGrant | None]:
         """The node, address and uid an earlier try of this join recorded, when its reply never
         reached the agent: made with the same token and join id, never connected, and still holding
         its address. Its token must still be genuine and not revoked; the usage limit was checked
         when that try counted its use, and so was expiry, which a retry may outlive only for a
         while (``replay_in_time``). Second: whether any node carries this join's key (one that
         connected, is being deleted, or came too late after the token's expiry, too), leaving out
-        a half-made one (``_undo_half_made``) this call deleted."""
+        a half-made one (``_undo_half_made``) this call deleted. Third, when this join made no node
+        but one a failed undo of this gateway left (``LeftBehind``), deleted here: the grant of the
+        use that try kept counted, for the retry to make its node on."""
         if not request.join_id:
-            return None, False
+            return None, False, None
         # The token first: the port is open to anyone, and a list of VolunteerNodes for every
         # made-up token would let unauthenticated callers load the API server at will.
         grant = await self.tokens.authenticate(request.token)
         nodes = await self.registry.list({JOIN_TOKEN_LABEL: grant.token_id, JOIN_KEY_LABEL: join_key(request.join_id)})
         now = dt.datetime.now(dt.UTC)
-        made_a_node = False
+        made_a_node = use_kept = False
         for node in nodes:
             metadata = node.get("metadata") or {}
             name, address, status = metadata.get("name", ""), status_address(node), node.get("status") or {}
-            if (
-                not address
-                and "lastHeartbeat" not in status
-                and name not in self.sessions.by_name
-                and await self._undo_half_made(node, now)
-            ):
+            half_made = not address and "lastHeartbeat" not in status and name not in self.sessions.by_name
+            # Left by a failed undo of this gateway, which kept an address under its name that its
+            # status write never recorded (_record_node): that try is over, and kept its use.
+            left_here = half_made and self.allocator.held_by(name) is not None
+            if half_made and await self._undo_half_made(node, now, left_here):
+                use_kept = use_kept or left_here
                 continue  # gone: this join made no node, and the use its first try counted stands for it
             made_a_node = True
             if (
@@ -472,10 +486,15 @@ class TunnelService:
             # failed) in between: forgotten now, before this reply, so that deleting the node later
             # leaves the use spent. A no-op (no write) when already forgotten.
             await self.tokens.node_made(replace(grant, join_key=join_key(request.join_id)))
-            return (name, address, node_uid(node)), True
-        return None, made_a_node
+            return (name, address, node_uid(node)), True, None
+        if use_kept and not made_a_node:
+            # As the store checks a counted join's retry: expiry is absolute, and this makes a node.
+            if grant.expiration is not None and now >= grant.expiration:
+                raise TokenError("expired", f"token {grant.token_id}: expired at {grant.expiration.isoformat()}")
+            return None, False, replace(grant, join_key=join_key(request.join_id))
+        return None, made_a_node, None
 
-    async def _undo_half_made(self, node: JSON, now: dt.datetime) -> bool:
+    async def _undo_half_made(self, node: JSON, now: dt.datetime, left_here: bool = False) -> bool:
         """Deletes ``node``, one of this join's that never got its address: the gateway that made it
         died before writing its status, and the agent's retry (the join id is its secret) is here.
         Its use was counted for this join, so the retry, as a join that made no node, is counted
@@ -487,19 +506,21 @@ class TunnelService:
         gateway has seen it without an address for HALF_MADE_JOIN_S on its own monotonic clock
         (never from creationTimestamp: a clock minutes ahead would take a live replica's node for
         a dead gateway's), or when it changed since it was read (its status landed after all) or
-        is already gone."""
+        is already gone. One a failed undo of this gateway left (``left_here``) is no live try's
+        and its use is still counted (kept, not given back): deleted at once, whatever its age."""
         made_at = created_at(node)
         metadata = node.get("metadata") or {}
         name = str(metadata.get("name") or "")
         sighting = node_uid(node) or f"name:{name}"  # uid-less: an old file registry's node
         # The age is checked when the node is first seen only: one first seen near the end of the
         # window waits its HALF_MADE_JOIN_S after it, which the stores honour (COUNTED_JOIN_HONOURED_S).
-        if not self.half_made.seen_before(sighting) and (
-            made_at is None or (now - made_at).total_seconds() >= COUNTED_JOIN_RETRY_S
-        ):
-            return False
-        if self.half_made.seen_for(sighting) < HALF_MADE_JOIN_S:
-            raise EarlierTryRunning()
+        if not left_here:
+            if not self.half_made.seen_before(sighting) and (
+                made_at is None or (now - made_at).total_seconds() >= COUNTED_JOIN_RETRY_S
+            ):
+                return False
+            if self.half_made.seen_for(sighting) < HALF_MADE_JOIN_S:
+                raise EarlierTryRunning()
         if being_deleted(node):
             # An earlier retry's delete, held by a finalizer: no node of this join's. (Its sighting
             # is kept, not dropped at the delete, so that this holds without a second wait.)
@@ -526,6 +547,7 @@ class TunnelService:
             "gpus": [{"model": g.model, "memoryMiB": int(g.memory_mib)} for g in request.gpus],
         }
         created = address_sent = False
+        uid = ""
         try:
             labels = {JOIN_TOKEN_LABEL: grant.token_id}
             if request.join_id:
@@ -538,7 +560,14 @@ class TunnelService:
                 created = True  # the API may have applied it before failing or answering late
                 raise
             created = address_sent = True  # from here the object may record the address
-            await self.registry.patch_status(node_name, never_connected_status(address), uid=uid)
+            try:
+                await self.registry.patch_status(node_name, never_connected_status(address), uid=uid)
+            except Exception as exc:
+                # Refused outright (a 4xx; the object gone): the object records no address, so no
+                # retry can adopt it (_earlier_join), and an address and a use kept for it would
+                # be held for nobody (a late retry of a one-use token refused: usage-limit).
+                address_sent = not write_refused(exc)
+                raise
         except BaseException:  # a cancelled join (the agent hung up) must not leave a node either
             undone = not created
             try:
@@ -548,6 +577,10 @@ class TunnelService:
                         undone = True
                     except Exception as exc:
                         log.warning("join: could not delete half-made node %s: %r", node_name, exc)
+                        # The store may have dropped it before failing (the file store deletes in
+                        # memory, then fails to save): gone, nothing is left to keep the address
+                        # for, and the file and memory stores report no deletion that would free it.
+                        undone = address_sent and await self._gone(node_name, uid)
             finally:  # also when the delete is cancelled (its outcome unknown too)
                 if undone or not address_sent:
                     self.allocator.release(address, node_name)
@@ -565,6 +598,16 @@ class TunnelService:
                     )
             raise
         return node_name, address, uid
+
+    async def _gone(self, name: str, uid: str) -> bool:
+        """Whether the object ``uid`` (named ``name``) is known to exist no more: False when it
+        does, or when the registry cannot say now (it may remain)."""
+        try:
+            node = await self.registry.get(name)
+        except Exception as exc:
+            log.warning("join: could not check whether half-made node %s is gone: %r", name, exc)
+            return False
+        return node is None or (bool(uid) and node_uid(node) != uid)
 
     async def finish_background(self, timeout_s: float) -> None:
         """Waits (at most ``timeout_s`` in all) for the Join handlers the stopped server cancelled

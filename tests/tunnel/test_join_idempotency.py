@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import errno
 import secrets
 import stat
 import time
@@ -19,12 +20,13 @@ import pytest
 from koinon_agent import state
 from koinon_agent.agent import Agent
 from koinon_gateway import service as service_module
-from koinon_gateway.registry import JOIN_TOKEN_LABEL, JSON, InMemoryNodeRegistry
+from koinon_gateway.kube_client import KubeApiError
+from koinon_gateway.registry import JOIN_TOKEN_LABEL, JSON, FileNodeRegistry, InMemoryNodeRegistry, write_refused
 from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
 from koinon_gateway.service import HALF_MADE_JOIN_S, JOIN_KEY_LABEL, HalfMadeSightings, TunnelService, join_key
 from koinon_gateway.status import rfc3339
-from koinon_gateway.tokens import COUNTED_JOIN_RETRY_S, InMemoryTokenStore, JoinGrant
+from koinon_gateway.tokens import COUNTED_JOIN_HONOURED_S, COUNTED_JOIN_RETRY_S, InMemoryTokenStore, JoinGrant
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .helpers import Cluster, channel_for, cluster, control_call, gateway_channel, random_port_base
@@ -611,11 +613,12 @@ async def test_a_join_whose_made_node_the_store_could_not_record_is_answered_ret
 
 class UndoFails(InMemoryNodeRegistry):
     """An API server that restarts during a join: the join's first status write fails (applied
-    unanswered, a connection reset, when ``lands``; else not applied), and so does the undo's delete."""
+    unanswered, a connection reset, when ``lands``; else not applied, ``error`` if given: an answer
+    that says so), and so does the undo's delete."""
 
-    def __init__(self, lands: bool) -> None:
+    def __init__(self, lands: bool, error: Exception | None = None) -> None:
         super().__init__()
-        self.lands = lands
+        self.lands, self.error = lands, error
         self.fail_status, self.fail_delete = True, True
 
     async def patch_status(self, name: str, status: JSON, uid: str = "") -> None:
@@ -623,7 +626,7 @@ class UndoFails(InMemoryNodeRegistry):
             self.fail_status = False
             if self.lands:
                 await super().patch_status(name, status, uid)
-            raise ConnectionResetError("connection reset by peer")
+            raise self.error or ConnectionResetError("connection reset by peer")
         await super().patch_status(name, status, uid)
 
     async def delete(self, name: str, preconditions: Mapping[str, str] | None = None) -> bool:
@@ -682,24 +685,149 @@ async def test_a_join_without_an_id_whose_undo_fails_gives_its_use_back_and_the_
         assert uses(c, token) == 1 and await registers(c, again)
 
 
-async def test_an_address_kept_for_a_node_the_undo_left_without_it_is_freed_when_the_retry_deletes_it(
+def age(c: Cluster, node: str, token: str, join_id: str, seconds: float) -> None:
+    """As if the join that made ``node`` (and counted its use) had been ``seconds`` ago: the
+    volunteer's laptop slept, or its agent was started again much later."""
+    made = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=seconds)
+    c.registry.objects[node]["metadata"]["creationTimestamp"] = rfc3339(made)
+    counted = c.tokens.counted_joins.get(token.split(".")[0], {})
+    if join_key(join_id) in counted:
+        counted[join_key(join_id)] -= seconds
+
+
+async def test_a_node_the_undo_left_without_its_address_is_deleted_at_once_by_the_retry_on_its_kept_use(
     tmp_path: Path,
 ) -> None:
-    """The status write did not land after all: the node left behind records no address, and the
-    retry deletes it as any half-made node of its join; the address kept for it goes back too."""
+    """The status write did not land after all: the node left behind records no address. Its try
+    is known to be over (this gateway kept an address for it), so the retry deletes it at once (no
+    wait for a live try) and makes its node on the use kept; the address kept goes back too."""
     async with cluster(tmp_path, registry=UndoFails(lands=False)) as c:
         token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
         first = await join(c, token, join_id)
         assert isinstance(first, grpc.aio.AioRpcError) and first.code() == grpc.StatusCode.UNAVAILABLE
         [left] = c.registry.objects
         kept = "127.0.20.1"
-        assert c.gateway.allocator.holder(kept) == left and holders(c, kept) == []
-        waiting = await join(c, token, join_id)
-        assert isinstance(waiting, grpc.aio.AioRpcError) and waiting.code() == grpc.StatusCode.ABORTED
-        later(c, HALF_MADE_JOIN_S)
+        assert c.gateway.allocator.holder(kept) == left and holders(c, kept) == [] and uses(c, token) == 1
         again = await join(c, token, join_id)
         assert isinstance(again, pb.JoinResponse), again
         assert list(c.registry.objects) == [again.assignment.node_name] != [left]
-        assert c.gateway.allocator.holder(kept) in (None, again.assignment.node_name)
         assert again.assignment.address == kept  # the pool's first address, free again
+        assert c.gateway.allocator.held_by(left) is None
+        assert uses(c, token) == 1 and await registers(c, again)
+
+
+async def test_a_late_retry_of_a_join_whose_kept_node_never_got_its_address_joins_on_the_kept_use(
+    tmp_path: Path,
+) -> None:
+    """The use was kept counted "for the retry to adopt the node", but a node without an address is
+    never adopted: a retry that came once the node was older than COUNTED_JOIN_RETRY_S (and the
+    store no longer honoured the counted join) counted a new use, and the one-use token refused its
+    own honest retry (usage-limit, fatal to the agent)."""
+    async with cluster(tmp_path, registry=UndoFails(lands=False)) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, grpc.aio.AioRpcError) and first.code() == grpc.StatusCode.UNAVAILABLE
+        [left] = c.registry.objects
+        assert "address" not in c.registry.objects[left]["status"] and uses(c, token) == 1
+        age(c, left, token, join_id, COUNTED_JOIN_HONOURED_S + 60)
+        again = await join(c, token, join_id)
+        assert isinstance(again, pb.JoinResponse), again
+        assert list(c.registry.objects) == [again.assignment.node_name] != [left]
+        assert uses(c, token) == 1 and await registers(c, again)
+        assert c.tokens.counted_joins[token.split(".")[0]] == {}  # the node is made: the id is spent
+
+
+async def test_an_expired_token_makes_no_node_on_the_use_a_failed_undo_kept(tmp_path: Path) -> None:
+    """The kept use stands for the retry's node as a counted use does in the store: not past expiry."""
+    async with cluster(tmp_path, registry=UndoFails(lands=False)) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, grpc.aio.AioRpcError) and first.code() == grpc.StatusCode.UNAVAILABLE
+        expire(c, token)
+        again = await join(c, token, join_id)
+        assert isinstance(again, grpc.aio.AioRpcError) and again.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "expired" in (again.details() or "") and c.registry.objects == {}
+
+
+@pytest.mark.parametrize(
+    "error",
+    [KubeApiError(403, "Forbidden", "no"), KubeApiError(429, "TooManyRequests", "later"), KeyError("gone")],
+    ids=["forbidden", "throttled", "gone"],
+)
+async def test_a_join_whose_address_write_was_refused_gives_back_address_and_use_though_its_undo_failed(
+    tmp_path: Path, error: Exception
+) -> None:
+    """A refused write (a 4xx: not applied) left the node without its address, so no retry could
+    adopt it; yet the use was kept counted for it, and a retry once the node was too old to be
+    taken for this join's (a restart, a long sleep) counted a new one: a one-use token refused its
+    own join (usage-limit, fatal to the agent)."""
+    async with cluster(tmp_path, registry=UndoFails(lands=False, error=error)) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, grpc.aio.AioRpcError) and first.code() == grpc.StatusCode.UNAVAILABLE
+        [left] = c.registry.objects
+        assert c.gateway.allocator.held_by(left) is None and uses(c, token) == 0
+        age(c, left, token, join_id, COUNTED_JOIN_RETRY_S + 60)
+        again = await join(c, token, join_id)
+        assert isinstance(again, pb.JoinResponse), again
+        assert again.assignment.address == "127.0.20.1"  # the pool's first address: never kept
+        assert uses(c, token) == 1 and await registers(c, again)
+
+
+@pytest.mark.parametrize(
+    ("error", "refused"),
+    [
+        (KubeApiError(403, "Forbidden", ""), True),
+        (KubeApiError(422, "Invalid", ""), True),
+        (KeyError("gone"), True),
+        (KubeApiError(500, "InternalError", ""), False),  # may have been applied first
+        (KubeApiError(504, "Timeout", ""), False),
+        (KubeApiError(400, "BadResponse", "garbled reply"), False),  # could not be read
+        (ConnectionResetError(), False),
+        (TimeoutError(), False),
+        (asyncio.CancelledError(), False),
+        (OSError(errno.ENOSPC, "No space left on device"), False),  # the file store: applied in memory
+    ],
+)
+def test_only_a_write_the_store_refused_is_known_not_to_have_landed(error: BaseException, refused: bool) -> None:
+    assert write_refused(error) is refused
+
+
+class DiskFullDuringJoin(FileNodeRegistry):
+    """The file store's disk fills up just after a join created its node: the status write and the
+    undo's delete each apply in memory and then fail to save (ENOSPC). Space comes back after."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.full_for, self.fills = 0, True
+
+    async def create(self, name: str, spec: JSON, labels: dict[str, str]) -> str:
+        uid = await super().create(name, spec, labels)
+        if self.fills:
+            self.fills, self.full_for = False, 2  # the next two saves (status write, delete) fail
+        return uid
+
+    def _save(self) -> None:
+        if self.full_for:
+            self.full_for -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        super()._save()
+
+
+async def test_a_node_the_file_store_dropped_though_its_delete_failed_keeps_no_address(tmp_path: Path) -> None:
+    """The undo's delete removed the node (in memory; only the save failed), but as it raised, the
+    join kept the address "for that node": no such node exists to sweep, the file store reports no
+    deletions, and the retry finds no node of its join. The address was held by nobody until the
+    gateway restarted."""
+    registry = DiskFullDuringJoin(tmp_path / "nodes.json")
+    async with cluster(tmp_path, registry=registry) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, grpc.aio.AioRpcError) and first.code() == grpc.StatusCode.UNAVAILABLE
+        assert registry.objects == {} and uses(c, token) == 0  # gone: nothing kept for it
+        again = await join(c, token, join_id)
+        assert isinstance(again, pb.JoinResponse), again
+        assert again.assignment.address == "127.0.20.1"  # the pool's first address, not held for a ghost
+        held = {a: c.gateway.allocator.holder(a) for a in (f"127.0.20.{i}" for i in range(1, 15))}
+        assert {a: h for a, h in held.items() if h is not None} == {"127.0.20.1": again.assignment.node_name}
         assert uses(c, token) == 1 and await registers(c, again)
