@@ -144,6 +144,18 @@ def submission_digest(spec: AIJobSpec) -> str:
     return hashlib.sha256(json.dumps(submitted, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# status.scheduling: a digest of what the ratcheted checks (aijob.parse_spec_ratcheting) read that
+# submission_digest leaves out, recorded at placement, so that _ratchet tells an edit of it (e.g. a
+# running job edited to more regions than the operator takes) from the spec an earlier operator
+# placed. Its own field: widening submission_digest would read as an edit of every job placed before.
+PLACED_REGIONS = "regionsDigest"
+
+
+def regions_digest(spec: AIJobSpec) -> str:
+    """spec.constraints.regions, the one field a ratcheted check reads outside submission_digest."""
+    return hashlib.sha256(json.dumps(list(spec.constraints.regions)).encode()).hexdigest()[:16]
+
+
 # status.scheduling: the spec digest a Warning was given for, that the job runs with a spec the
 # operator's newer checks refuse (AIJobReconciler._ratchet).
 TOLERATED_SPEC = "toleratedSpecDigest"
@@ -790,8 +802,11 @@ class AIJobReconciler:
         As Kubernetes' validation ratcheting: the newer refusals apply to a job never placed
         (attempts 0: phase None, or Pending, Suspended before its first placement) and to an
         edit of one that was, but not to a spec an earlier operator placed and that nobody has
-        edited since (its submitted digest, status.scheduling.specDigest, unchanged; a status of an
-        operator that recorded none counts as unedited). That job runs on, with a Warning Event
+        edited since (its submitted digest, status.scheduling.specDigest, unchanged, and so its
+        regions, status.scheduling.regionsDigest, which a ratcheted check reads and
+        submission_digest leaves out; a digest the placing operator did not record counts as
+        unchanged: its regions can be told edited only from this operator's first placement on).
+        That job runs on, with a Warning Event
         (_warn_tolerated): stopping it on an operator upgrade would kill work its owner was told
         was accepted. An edit that leaves the refused value in place (or puts one there) is
         checked as any invalid edit is: a job that holds nodes has its Ray copies stopped and
@@ -802,8 +817,12 @@ class AIJobReconciler:
         if refusal is None:
             return spec, None
         recorded = state.scheduling.get("specDigest")
+        recorded_regions = state.scheduling.get(PLACED_REGIONS)
         placed_before = state.attempts > 0 or bool(state.submission_id)
-        if placed_before and (not recorded or recorded == submission_digest(spec)):
+        unedited = (not recorded or recorded == submission_digest(spec)) and (
+            not recorded_regions or recorded_regions == regions_digest(spec)
+        )
+        if placed_before and unedited:
             return spec, refusal
         raise refusal
 
@@ -1127,6 +1146,7 @@ class AIJobReconciler:
                 "gpusPerReplica": spec.resources.gpus,
                 "cpusPerReplica": spec.resources.cpus,
                 "specDigest": submission_digest(spec),
+                PLACED_REGIONS: regions_digest(spec),
                 "excludedNodes": list(state.excluded_nodes),
                 "excludedOwners": list(state.excluded_owners),
                 "envSetupFailures": list(state.scheduling.get("envSetupFailures") or []),
