@@ -102,8 +102,8 @@ class AddressAllocator:
         return None
 
     def held_by(self, holder: str) -> str | None:
-        """The address ``holder`` holds, or None. A scan of the pool: for the rare node that records
-        no address (service._earlier_join), not for every join."""
+        """The address ``holder`` holds, or None. A scan of the pool: for checks and diagnostics
+        (which node a failed join's undo left holding an address), not for every join."""
         return next((address for address, current in self._holders.items() if current == holder), None)
 
     def holder(self, address: str) -> str | None:

@@ -88,17 +88,83 @@ JOIN_KEY_LABEL = "koinon.dev/join-key"
 HALF_MADE_JOIN_S = HALF_MADE_WAIT_S
 # How many half-made nodes a gateway remembers having seen (HalfMadeSightings).
 HALF_MADE_SEEN_MAX = 4096
+# How many joins' kept uses a gateway remembers (KeptUses).
+KEPT_USES_MAX = HALF_MADE_SEEN_MAX
 
 
 @dataclass
 class LeftBehind:
     """What a failed ``_record_node`` left: ``node_may_remain`` when its undo could not delete a
     node whose status write (with the address) may have landed. The node keeps its address and
-    the join its counted use, so the agent's retry gets that node back as the join's (replayed);
-    a retry that finds it without its address (the write never landed) deletes it at once and
-    joins on that use (_earlier_join); the unconnected-node sweep deletes it if no retry comes."""
+    the join its counted use (KeptUses), so the agent's retry gets that node back as the join's
+    (replayed); a retry that finds it without its address (the write never landed), or finds it
+    gone or being deleted after all (the undo's delete landed unanswered), makes its node on that
+    use (_earlier_join); the unconnected-node sweep deletes it if no retry comes."""
 
     node_may_remain: bool = False
+    node_name: str = ""
+    uid: str = ""
+
+
+@dataclass(frozen=True)
+class KeptUse:
+    """The use a join's failed try kept counted for the node its undo could not delete (LeftBehind)."""
+
+    grant: JoinGrant
+    node_name: str
+    uid: str
+
+    def names(self, node: JSON) -> bool:
+        """Whether ``node`` is the very object that try left (by uid; by name for a uid-less one)."""
+        metadata = node.get("metadata") or {}
+        if self.uid and node_uid(node):
+            return node_uid(node) == self.uid
+        return str(metadata.get("name") or "") == self.node_name
+
+
+class KeptUses:
+    """The uses this gateway's failed joins kept counted (LeftBehind), by token id and join key,
+    until the join's retry makes or adopts its node on one (_earlier_join). The node left behind
+    may be gone or being deleted by then (an undo's delete that landed unanswered, which nothing
+    here could tell), or be left without its address: the use is remembered here, not read from
+    the node, so that the retry is not counted a second use, which a one-use token refuses
+    (usage-limit, fatal to the agent), however late it comes.
+
+    Only this process's memory (lost at a restart: a retry then counts a new use), bounded as
+    HalfMadeSightings is: a kept use goes after ``ttl_s`` (the unconnected-node TTL, when the node
+    left behind is swept as one whose agent never came), and the oldest once ``limit`` are kept."""
+
+    def __init__(self, ttl_s: float, limit: int = KEPT_USES_MAX, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl_s = ttl_s
+        self.limit = limit
+        self.clock = clock
+        self._kept: collections.OrderedDict[tuple[str, str], tuple[KeptUse, float]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def _prune(self, now: float) -> None:
+        while self._kept:
+            oldest, (_, kept_at) = next(iter(self._kept.items()))
+            if now - kept_at < self.ttl_s:
+                break
+            del self._kept[oldest]
+
+    def keep(self, token_id: str, key: str, kept: KeptUse) -> None:
+        now = self.clock()
+        self._prune(now)
+        self._kept.pop((token_id, key), None)  # to the end: the oldest go first
+        while len(self._kept) >= self.limit:
+            self._kept.popitem(last=False)
+        self._kept[(token_id, key)] = (kept, now)
+
+    def get(self, token_id: str, key: str) -> KeptUse | None:
+        self._prune(self.clock())
+        found = self._kept.get((token_id, key))
+        return found[0] if found is not None else None
+
+    def drop(self, token_id: str, key: str) -> None:
+        self._kept.pop((token_id, key), None)
 
 
 class EarlierTryRunning(Exception):
@@ -287,6 +353,8 @@ class TunnelService:
         self._controls_opening: collections.Counter[str] = collections.Counter()
         # Half-made nodes this gateway has seen, and since when (``_undo_half_made``).
         self.half_made = HalfMadeSightings()
+        # Uses failed joins kept counted for the nodes their undo left (``_earlier_join``).
+        self.kept_uses = KeptUses(config.unconnected_node_ttl_s)
 
     def assignment(self, node_name: str, address: str) -> pb.Assignment:
         return pb.Assignment(
@@ -356,9 +424,10 @@ class TunnelService:
             return self._join_response(node_name, address, uid)
         if kept_use is not None:
             # The use a failed undo of this gateway kept counted for the node it left (LeftBehind),
-            # deleted now, stands for this retry's node: not counted again, however late the
-            # retry comes (the store honours a counted join for COUNTED_JOIN_HONOURED_S only, and
-            # a volunteer's laptop may sleep longer).
+            # which no retry can adopt, stands for this retry's node: not counted again, however
+            # late the retry comes (the store honours a counted join for COUNTED_JOIN_HONOURED_S
+            # only, and a volunteer's laptop may sleep longer). Should this try fail too, it is
+            # given back, or kept again for the node this try leaves.
             grant = kept_use
         else:
             # A join that made no node yet may have had its use counted by a try whose answer was
@@ -376,18 +445,13 @@ class TunnelService:
                 self._give_back_when_counted(consuming, request.join_id)
                 raise
         left = LeftBehind()
-        # A node left behind with its address is one the retry (same join id) adopts as this
-        # join's (_earlier_join): the use stays counted for it, or a one-use token would make it
-        # and another node. Without a join id nothing can adopt it: the use goes back, and the node
-        # goes with the unconnected-node sweep.
-        keep_use = bool(request.join_id)
         try:
             await self._retire_previous(request.previous_credential, grant.owner)
             node_name, address, uid = await self._record_node(request, grant, left)
         except asyncio.CancelledError:
             # The agent gave up waiting (its deadline) and will try again: that try must not be
             # refused for a use this one never delivered. Shielded: the task is being cancelled.
-            if not (left.node_may_remain and keep_use):
+            if not self._keep_use(request, grant, left):
                 await asyncio.shield(self._give_back(grant))
             raise
         except Exception as exc:
@@ -397,7 +461,7 @@ class TunnelService:
             code, reason, message = join_failure(exc, self.allocator)
             self.metrics.joins[reason] += 1
             log.warning("join failed after token %s was accepted (%s): %r", grant.token_id, reason, exc)
-            if not (left.node_may_remain and keep_use):
+            if not self._keep_use(request, grant, left):
                 await self._give_back(grant)
             await context.abort(code, message)
         if grant.join_key:
@@ -415,6 +479,17 @@ class TunnelService:
         self.metrics.joins["ok"] += 1
         log.info("node %s joined with token %s at %s", node_name, grant.token_id, address)
         return self._join_response(node_name, address, uid)
+
+    def _keep_use(self, request: pb.JoinRequest, grant: JoinGrant, left: LeftBehind) -> bool:
+        """Whether the failed join's use stays counted, for the node ``left`` behind: the retry
+        (same join id) adopts that node as this join's, or makes its node on this use where it
+        cannot (_earlier_join); given back, a one-use token would make that node and another.
+        Without a join id no retry can take it over: the use goes back (False), and the node goes
+        with the unconnected-node sweep."""
+        if not (left.node_may_remain and request.join_id):
+            return False
+        self.kept_uses.keep(grant.token_id, join_key(request.join_id), KeptUse(grant, left.node_name, left.uid))
+        return True
 
     def _join_response(self, node_name: str, address: str, uid: str) -> pb.JoinResponse:
         issued = self._issue_credential(node_name, address, uid)
@@ -450,9 +525,10 @@ class TunnelService:
         when that try counted its use, and so was expiry, which a retry may outlive only for a
         while (``replay_in_time``). Second: whether any node carries this join's key (one that
         connected, is being deleted, or came too late after the token's expiry, too), leaving out
-        a half-made one (``_undo_half_made``) this call deleted. Third, when this join made no node
-        but one a failed undo of this gateway left (``LeftBehind``), deleted here: the grant of the
-        use that try kept counted, for the retry to make its node on."""
+        a half-made one (``_undo_half_made``) this call deleted. Third, when a failed try of this
+        join kept its use counted here (``KeptUses``) and no node of the join can be adopted or has
+        connected (the one that try left is gone, being deleted, or without its address and
+        deleted here): the grant of that use, for the retry to make its node on."""
         if not request.join_id:
             return None, False, None
         # The token first: the port is open to anyone, and a list of VolunteerNodes for every
@@ -460,18 +536,22 @@ class TunnelService:
         grant = await self.tokens.authenticate(request.token)
         nodes = await self.registry.list({JOIN_TOKEN_LABEL: grant.token_id, JOIN_KEY_LABEL: join_key(request.join_id)})
         now = dt.datetime.now(dt.UTC)
-        made_a_node = use_kept = False
+        key = join_key(request.join_id)
+        kept = self.kept_uses.get(grant.token_id, key)
+        made_a_node = connected = False
         for node in nodes:
             metadata = node.get("metadata") or {}
             name, address, status = metadata.get("name", ""), status_address(node), node.get("status") or {}
-            half_made = not address and "lastHeartbeat" not in status and name not in self.sessions.by_name
-            # Left by a failed undo of this gateway, which kept an address under its name that its
-            # status write never recorded (_record_node): that try is over, and kept its use.
-            left_here = half_made and self.allocator.held_by(name) is not None
+            never_connected = "lastHeartbeat" not in status and name not in self.sessions.by_name
+            half_made = not address and never_connected
+            # Left by a failed undo of this gateway, which kept its use for this very object and an
+            # address under its name that its status write never recorded (_record_node): that try
+            # is over. Not any half-made node of the join: another replica's live try may own it.
+            left_here = half_made and kept is not None and kept.names(node)
             if half_made and await self._undo_half_made(node, now, left_here):
-                use_kept = use_kept or left_here
                 continue  # gone: this join made no node, and the use its first try counted stands for it
             made_a_node = True
+            connected = connected or not never_connected  # its agent got the reply: the join is over
             if (
                 metadata.get("deletionTimestamp")
                 or "lastHeartbeat" in status  # it had a session: that agent got its reply
@@ -485,14 +565,26 @@ class TunnelService:
             # The first try forgot the use it counted before replying, unless it died (or the store
             # failed) in between: forgotten now, before this reply, so that deleting the node later
             # leaves the use spent. A no-op (no write) when already forgotten.
-            await self.tokens.node_made(replace(grant, join_key=join_key(request.join_id)))
+            await self.tokens.node_made(replace(grant, join_key=key))
+            self.kept_uses.drop(grant.token_id, key)  # a use kept for this node is the node's now
             return (name, address, node_uid(node)), True, None
-        if use_kept and not made_a_node:
-            # As the store checks a counted join's retry: expiry is absolute, and this makes a node.
-            if grant.expiration is not None and now >= grant.expiration:
-                raise TokenError("expired", f"token {grant.token_id}: expired at {grant.expiration.isoformat()}")
-            return None, False, replace(grant, join_key=join_key(request.join_id))
-        return None, made_a_node, None
+        if kept is None:
+            return None, made_a_node, None
+        # No await from here: the kept use is taken (or dropped) at once, and a cancelled retry
+        # leaves it for the next.
+        self.kept_uses.drop(grant.token_id, key)
+        if connected:
+            return None, made_a_node, None  # the join is over: a new join, as without a kept use
+        # As the store checks a counted join's retry: expiry is absolute, and this makes a node.
+        if grant.expiration is not None and now >= grant.expiration:
+            raise TokenError("expired", f"token {grant.token_id}: expired at {grant.expiration.isoformat()}")
+        # The node the use was kept for can never be this join's: gone (the undo's delete landed
+        # unanswered; the file and memory stores report no deletion that would free its address),
+        # being deleted (which gives its address back, as the deletion watch does), deleted here
+        # just now (freed already), or recording an address another node holds. Whatever address
+        # it holds here goes back with it.
+        self.allocator.release_holder(kept.node_name)
+        return None, False, kept.grant
 
     async def _undo_half_made(self, node: JSON, now: dt.datetime, left_here: bool = False) -> bool:
         """Deletes ``node``, one of this join's that never got its address: the gateway that made it
@@ -592,7 +684,7 @@ class TunnelService:
                     # freed with the node: the unconnected-node sweep, the deletion watch or a
                     # retry that finds it without its address delete it (release_holder), and a
                     # retry that finds it with it adopts it (_earlier_join).
-                    left.node_may_remain = True
+                    left.node_may_remain, left.node_name, left.uid = True, node_name, uid
                     log.warning(
                         "join: half-made node %s may record %s: the address stays reserved for it", node_name, address
                     )
@@ -600,14 +692,17 @@ class TunnelService:
         return node_name, address, uid
 
     async def _gone(self, name: str, uid: str) -> bool:
-        """Whether the object ``uid`` (named ``name``) is known to exist no more: False when it
-        does, or when the registry cannot say now (it may remain)."""
+        """Whether the object ``uid`` (named ``name``) is known to exist no more, or to be on its
+        way out: being deleted (the undo's delete landed unanswered, and a finalizer holds it), it
+        is no node a retry can adopt (_earlier_join), so neither its address (the deletion watch
+        frees a terminating node's too) nor its use is kept for it: the retry counts its own.
+        False when it remains, or when the registry cannot say now (it may remain)."""
         try:
             node = await self.registry.get(name)
         except Exception as exc:
             log.warning("join: could not check whether half-made node %s is gone: %r", name, exc)
             return False
-        return node is None or (bool(uid) and node_uid(node) != uid)
+        return node is None or (bool(uid) and node_uid(node) != uid) or being_deleted(node)
 
     async def finish_background(self, timeout_s: float) -> None:
         """Waits (at most ``timeout_s`` in all) for the Join handlers the stopped server cancelled

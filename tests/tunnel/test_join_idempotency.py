@@ -24,7 +24,15 @@ from koinon_gateway.kube_client import KubeApiError
 from koinon_gateway.registry import JOIN_TOKEN_LABEL, JSON, FileNodeRegistry, InMemoryNodeRegistry, write_refused
 from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
-from koinon_gateway.service import HALF_MADE_JOIN_S, JOIN_KEY_LABEL, HalfMadeSightings, TunnelService, join_key
+from koinon_gateway.service import (
+    HALF_MADE_JOIN_S,
+    JOIN_KEY_LABEL,
+    HalfMadeSightings,
+    KeptUse,
+    KeptUses,
+    TunnelService,
+    join_key,
+)
 from koinon_gateway.status import rfc3339
 from koinon_gateway.tokens import COUNTED_JOIN_HONOURED_S, COUNTED_JOIN_RETRY_S, InMemoryTokenStore, JoinGrant
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
@@ -831,3 +839,165 @@ async def test_a_node_the_file_store_dropped_though_its_delete_failed_keeps_no_a
         held = {a: c.gateway.allocator.holder(a) for a in (f"127.0.20.{i}" for i in range(1, 15))}
         assert {a: h for a, h in held.items() if h is not None} == {"127.0.20.1": again.assignment.node_name}
         assert uses(c, token) == 1 and await registers(c, again)
+
+
+class UndoDeleteLandsUnanswered(InMemoryNodeRegistry):
+    """An API server restarting during a join: the status write fails unanswered (not applied),
+    the undo's delete is applied but its answer is lost (a connection reset), and the get that
+    checks whether the node is gone fails too (the server is still down)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_status = self.fail_delete = self.fail_get = True
+
+    async def patch_status(self, name: str, status: JSON, uid: str = "") -> None:
+        if self.fail_status:
+            self.fail_status = False
+            raise ConnectionResetError("connection reset by peer")
+        await super().patch_status(name, status, uid)
+
+    async def delete(self, name: str, preconditions: Mapping[str, str] | None = None) -> bool:
+        deleted = await super().delete(name, preconditions)
+        if self.fail_delete:
+            self.fail_delete = False
+            raise ConnectionResetError("connection reset by peer")  # applied, answer lost
+        return deleted
+
+    async def get(self, name: str) -> JSON | None:
+        if self.fail_get:
+            self.fail_get = False
+            raise ConnectionRefusedError("connection refused")
+        return await super().get(name)
+
+
+def kept_uses(c: Cluster) -> int:
+    assert c.gateway.service is not None
+    return len(c.gateway.service.kept_uses)
+
+
+async def test_a_late_retry_of_a_join_whose_undo_deleted_its_node_unanswered_joins_on_the_kept_use(
+    tmp_path: Path,
+) -> None:
+    """Nothing could tell the undo's delete had landed: the use was kept "for the node left
+    behind", but there was none, so no retry could ever find it to join on that use. A retry once
+    the store no longer honoured the counted join (a laptop that slept) counted a second use: the
+    one-use token refused its own honest join (usage-limit, fatal to the agent)."""
+    async with cluster(tmp_path, registry=UndoDeleteLandsUnanswered()) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, grpc.aio.AioRpcError) and first.code() == grpc.StatusCode.UNAVAILABLE
+        assert c.registry.objects == {} and uses(c, token) == 1 and kept_uses(c) == 1
+        counted = c.tokens.counted_joins[token.split(".")[0]]
+        for key in counted:  # the store's honour of the counted join has run out
+            counted[key] -= COUNTED_JOIN_HONOURED_S + 60
+        again = await join(c, token, join_id)
+        assert isinstance(again, pb.JoinResponse), again
+        assert uses(c, token) == 1 and await registers(c, again) and kept_uses(c) == 0
+        # The address kept for the node that was gone already goes back: the first of the pool.
+        assert again.assignment.address == "127.0.20.1"
+        assert c.tokens.counted_joins[token.split(".")[0]] == {}  # the node is made: the id is spent
+
+
+class UndoHeldByFinalizer(InMemoryNodeRegistry):
+    """The status write lands unanswered; the undo's delete is accepted (the object gets its
+    deletionTimestamp, another controller's finalizer holds it) but its answer is lost; the get
+    that checks whether the node is gone fails too when ``get_fails``."""
+
+    def __init__(self, get_fails: bool = False) -> None:
+        super().__init__()
+        self.fail_status = self.fail_delete = True
+        self.fail_get = get_fails
+
+    async def patch_status(self, name: str, status: JSON, uid: str = "") -> None:
+        await super().patch_status(name, status, uid)
+        if self.fail_status:
+            self.fail_status = False
+            raise ConnectionResetError("connection reset by peer")  # applied, answer lost
+
+    async def delete(self, name: str, preconditions: Mapping[str, str] | None = None) -> bool:
+        obj = self.objects.get(name)
+        if obj is None:
+            return False
+        obj["metadata"]["deletionTimestamp"] = rfc3339(dt.datetime.now(dt.UTC))
+        obj["metadata"]["finalizers"] = ["example.com/audit"]
+        if self.fail_delete:
+            self.fail_delete = False
+            raise ConnectionResetError("connection reset by peer")  # applied, answer lost
+        return True
+
+    async def get(self, name: str) -> JSON | None:
+        if self.fail_get:
+            self.fail_get = False
+            raise ConnectionRefusedError("connection refused")
+        return await super().get(name)
+
+
+async def test_a_join_whose_undo_a_finalizer_holds_gives_its_use_back_and_the_retry_joins_at_once(
+    tmp_path: Path,
+) -> None:
+    """A node being deleted was taken for one that remains: the use was kept "for the retry to adopt
+    the node", but a node being deleted is never adopted, so the retry counted a new use and a
+    one-use token refused its own join at once (usage-limit)."""
+    async with cluster(tmp_path, registry=UndoHeldByFinalizer()) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, grpc.aio.AioRpcError) and first.code() == grpc.StatusCode.UNAVAILABLE
+        [left] = c.registry.objects
+        assert c.registry.objects[left]["metadata"].get("deletionTimestamp")
+        # Undone as far as this gateway goes: its address and use go back, as a deletion would.
+        assert c.gateway.allocator.held_by(left) is None and uses(c, token) == 0 and kept_uses(c) == 0
+        again = await join(c, token, join_id)
+        assert isinstance(again, pb.JoinResponse), again
+        assert again.assignment.node_name != left and uses(c, token) == 1 and await registers(c, again)
+
+
+async def test_a_retry_joins_on_the_kept_use_when_the_node_it_was_kept_for_is_being_deleted(tmp_path: Path) -> None:
+    """The undo could not tell its delete had landed (the get failed too): the use is kept, and the
+    retry, finding the node only being deleted (never to be adopted), makes its node on it."""
+    async with cluster(tmp_path, registry=UndoHeldByFinalizer(get_fails=True)) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, grpc.aio.AioRpcError) and first.code() == grpc.StatusCode.UNAVAILABLE
+        [left] = c.registry.objects
+        assert c.gateway.allocator.held_by(left) is not None and uses(c, token) == 1 and kept_uses(c) == 1
+        age(c, left, token, join_id, COUNTED_JOIN_HONOURED_S + 60)
+        again = await join(c, token, join_id)
+        assert isinstance(again, pb.JoinResponse), again
+        assert again.assignment.node_name != left and uses(c, token) == 1 and await registers(c, again)
+        # Being deleted, it gave its address back (as the deletion watch frees a terminating node's).
+        assert c.gateway.allocator.held_by(left) is None and kept_uses(c) == 0
+
+
+async def test_a_kept_use_is_dropped_once_its_node_is_adopted_or_the_join_has_connected(tmp_path: Path) -> None:
+    """A kept use stands only for a join no node of which can be adopted and none connected: the
+    node adopted, or one that connected (another replica adopted it, say), spends the join's id."""
+    async with cluster(tmp_path, registry=UndoFails(lands=True)) as c:
+        token, join_id = c.tokens.add(owner="alice", usage_limit=1), secrets.token_hex(16)
+        first = await join(c, token, join_id)
+        assert isinstance(first, grpc.aio.AioRpcError) and kept_uses(c) == 1
+        again = await join(c, token, join_id)
+        assert isinstance(again, pb.JoinResponse) and c.gateway.metrics.joins["replayed"] == 1
+        assert kept_uses(c) == 0 and await registers(c, again)
+        assert c.gateway.service is not None
+        grant = JoinGrant(token.split(".")[0], "alice", "", join_key(join_id))
+        c.gateway.service.kept_uses.keep(grant.token_id, join_key(join_id), KeptUse(grant, "vol-ghost", "no-such-uid"))
+        spent = await join(c, token, join_id)
+        assert isinstance(spent, grpc.aio.AioRpcError) and "usage-limit" in (spent.details() or "")
+        assert kept_uses(c) == 0 and list(c.registry.objects) == [again.assignment.node_name]
+
+
+def test_kept_uses_are_bounded_and_forgotten_after_the_unconnected_node_ttl() -> None:
+    """Each kept use is a failed join's: the gateway's memory of them stays bounded, and one goes
+    when the node it was kept for would be swept as never connected."""
+    now = 1000.0
+    kept = KeptUses(ttl_s=3600.0, limit=2, clock=lambda: now)
+    use = KeptUse(JoinGrant("tok", "alice", ""), "vol-1", "uid-1")
+    kept.keep("tok", "a", use)
+    kept.keep("tok", "b", use)
+    now += 60
+    kept.keep("tok", "c", use)  # full: the oldest ("a") goes
+    assert kept.get("tok", "a") is None and kept.get("tok", "b") == use and len(kept) == 2
+    kept.drop("tok", "b")
+    assert kept.get("tok", "b") is None and len(kept) == 1
+    now += 3600
+    assert kept.get("tok", "c") is None and len(kept) == 0
