@@ -1318,21 +1318,38 @@ class AIJobReconciler:
         """Concludes an attempt whose copies have ended, but for ``unanswered`` (copies stopped, or
         found stopped, or whose log could not be read yet, once the others decided the vote: no
         answer, and no evidence), with ``answers`` when _decide_early has read them already."""
-        ended = [info for k, info in enumerate(known) if k not in unanswered]
-        # The nodes of copies stopped for a decided vote gave no answer to lose: one of them leaving
-        # must not send the decided vote back to a rerun of every copy.
-        stopped_nodes = {node for k in unanswered for node in state.copy_nodes(k)}
+        # A copy found stopped (by this operator for a suspend or an edit whose status write was
+        # lost: a crash, or a resume that arrived first; or by hand) gave no answer, as one stopped
+        # for a decided vote: it did not fail, and no evidence says its node did anything wrong.
+        # Any volunteer can stop any copy through the head's Job API, so charging the stopped
+        # copies would let one charge honest nodes (stop theirs, exit its own with a code of the
+        # job's own, which is not charged).
+        stopped = unanswered | frozenset(k for k, info in enumerate(known) if info.state is RayJobState.STOPPED)
+        ended = {k: info for k, info in enumerate(known) if k not in stopped}
+        # The nodes of stopped copies gave no answer to lose: one of them leaving must not send a
+        # decided vote back to a rerun of every copy, nor be charged for going home.
+        stopped_nodes = {node for k in stopped for node in state.copy_nodes(k)}
         lost = [node for node in await self._lost_nodes(state) if node not in stopped_nodes]
-        # A node lost after its job failed on its own (a non-zero exit) changes nothing: the job's
-        # failure stays the job's, not a reason to run it again uncounted.
-        if lost and any(info.state is not RayJobState.SUCCEEDED and not _exited_on_its_own(info) for info in ended):
-            await self._node_lost(key, spec, state, writer, outcome, lost)
+        # A node counts as lost only for a copy of its own that failed, and not with an exit code of
+        # the job's own (a node lost after its job failed on its own changes nothing: the failure
+        # stays the job's). A node that left after its copy succeeded went home, as it may: that
+        # copy is judged with the others, and so is a failure on a node that is still there.
+        failed_lost = [
+            node
+            for k, info in ended.items()
+            if info.state is RayJobState.FAILED and not _exited_on_its_own(info)
+            for node in state.copy_nodes(k)
+            if node in lost
+        ]
+        if failed_lost:
+            await self._node_lost(key, spec, state, writer, outcome, list(dict.fromkeys(failed_lost)))
             return
-        if any(info.state is RayJobState.STOPPED for info in ended) and not any(
-            info.state is RayJobState.FAILED for info in ended
-        ):
-            # Stopped, not failed: by this operator for a suspend or an edit whose status write was
-            # lost (a crash, or a resume that arrived first), or by hand. Run it again, uncounted.
+        if stopped - unanswered and not any(info.state is RayJobState.FAILED for info in ended.values()):
+            # Stopped, and nothing failed: run it again, uncounted (the answers, if any, do not
+            # decide the vote: _decide_early took those). With a copy that failed, the attempt is
+            # judged on the copies that were not stopped: a failure of the job's own counts against
+            # backoffLimit as it would without the stops (else a volunteer that stops the others
+            # and exits its own copy could hold the job for ever), and one of a volunteer's is charged.
             await self._interrupted(key, state, writer, outcome, "RayJobStopped", "its Ray job was stopped")
             return
         refused = next((info for info in known if _spec_refused_by_ray(info)), None)
@@ -1348,7 +1365,7 @@ class AIJobReconciler:
             self._finish(key, writer, outcome, Phase.FAILED, "SubmitRejected", f"Ray could not start the job:\n{why}")
             return
         if answers is None:
-            read = [k for k in range(len(known)) if k not in unanswered]
+            read = [k for k in range(len(known)) if k not in stopped]
             answers = await self._answers(state, known, lost, read)
         if answers is None:
             return  # Ray reports SUCCEEDED before the driver's log is flushed; look again next pass
@@ -1359,7 +1376,7 @@ class AIJobReconciler:
                 key, spec, state, known[0], answers[0].log, writer, outcome, gone=answers[0].gone
             )
         else:
-            await self._conclude_verified(key, spec, state, known, answers, writer, outcome, unanswered)
+            await self._conclude_verified(key, spec, state, known, answers, writer, outcome, stopped)
 
     async def _answers(
         self,
@@ -1583,7 +1600,8 @@ class AIJobReconciler:
         """The attempt's Ray job(s) failed; a copy's volunteers are blamed only when its driver did
         not fail on its own (a non-zero exit code, or a runtime_env or entrypoint Ray could not
         start or set up, is the job's: _settle_env_failures charges the latter once another node
-        sets it up) and ran on the copy's own node (``unblamed``: the first nodes of copies whose driver did not)."""
+        sets it up) and ran on the copy's own node (``unblamed``: the first nodes of copies whose driver did not,
+        and of copies stopped, which did not fail: _judge)."""
         blamed = [
             node
             for k, info in enumerate(infos)
@@ -1592,7 +1610,9 @@ class AIJobReconciler:
         ]
         first = next((k for k, info in enumerate(infos) if state.copy_nodes(k)[0] not in unblamed), None)
         if first is None:
-            reason, message = "DriverMisplaced", "Ray ran every copy's driver on another Ray node than its own"
+            stops = any(info.state is RayJobState.STOPPED for info in infos)
+            drivers = "the driver of every copy not stopped" if stops else "every copy's driver"
+            reason, message = "DriverMisplaced", f"Ray ran {drivers} on another Ray node than its own"
         else:
             reason, message = "RayJobFailed", _ray_reason(infos[first].message) or infos[first].state.value
         await self._attempt_failed(
@@ -1626,10 +1646,11 @@ class AIJobReconciler:
         either would let an impostor cost an honest volunteer evidence. An attempt left without any
         answer that way still counts against backoffLimit, so an impostor cannot hold it forever.
 
-        A copy in ``unanswered`` was stopped (or found stopped, or its log could not be read yet)
-        once the others decided the vote: no answer, and no evidence either way (listed in
-        verification.stopped). It did not fail, and charging it a timeout would charge the slowest
-        honest copy of every decided vote: a slower GPU, punished for being one."""
+        A copy in ``unanswered`` was stopped (or its log could not be read yet) once the others
+        decided the vote, or was found stopped: no answer, and no evidence either way (listed in
+        verification.stopped). It did not fail: charging it a timeout would charge the slowest
+        honest copy of every decided vote (a slower GPU, punished for being one), and charging one
+        found stopped would charge whichever copies another volunteer stopped through the Job API."""
         if state.start_time is None:  # copies that ran between two passes, Ray recorded no start
             writer.set(startTime=format_micro_time(self.clock()))
         env_charged = self._settle_env_failures(state, infos, writer, outcome)
@@ -1638,7 +1659,7 @@ class AIJobReconciler:
         results: dict[str, dict[str, Any]] = {}
         gone: list[str] = []  # copies whose log left with their node: no answer, and no failure
         elsewhere: set[str] = set()  # copies whose driver ran on another Ray node: no answer, no charge
-        stopped: list[str] = []  # copies stopped once the vote was decided: no answer, no evidence
+        stopped: list[str] = []  # copies stopped (for a decided vote, or found so): no answer, no evidence
         # A copy votes once, under its first (driver) node and that node's owner; every node of it
         # computed its answer (any of them may have spoilt it), so each is judged by that answer.
         computed_by = state.copies_by_voter()

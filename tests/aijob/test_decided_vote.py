@@ -27,6 +27,8 @@ from .test_verification_rounds import (
     GOOD,
     OWNERS,
     CopiesRay,
+    LeavingRay,
+    copies_ending,
     reconciler,
     replicated_job,
     run_copies,
@@ -318,3 +320,34 @@ async def test_a_decided_vote_stands_when_a_failed_copy_and_a_stopped_copys_depa
     assert by_node["vn-f"] in ray.stopped  # the decision stopped frank's copy, and keeps the vote
     assert (status["phase"], status.get("reason")) == ("Succeeded", "Verified"), status.get("message")
     assert ("vn-a", "agreement") in outcome.reputation
+
+
+async def test_a_node_that_left_after_its_copy_answered_does_not_undo_a_decided_vote() -> None:
+    """alice's and carol's copies agree (2 of 3 owners: decided) and dave's failed without an exit
+    code of the job's own; then alice's agent drained, as a node whose copy has ended may (its
+    answer already had). Her node was taken for lost mid-attempt because some copy had failed: the
+    decided vote was thrown away for a rerun of every copy, alice charged a timeout, and dave's
+    failure, on a node still there, charged to nobody."""
+    ray, clock = LeavingRay(["vn-a", "vn-c", "vn-d"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job(quorum=3)
+    await copies_ending(rec, ray, clock, body, {"vn-a": "good", "vn-c": "good", "vn-d": "crashed"})
+    ray.gone = {"vn-a"}
+    outcome = await step(rec, body, volunteers(ray.present))
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Succeeded", "Verified"), status["message"]
+    assert sorted(outcome.reputation) == [("vn-a", "agreement"), ("vn-c", "agreement"), ("vn-d", "failure")]
+
+
+async def test_a_copy_that_failed_as_its_node_left_still_sends_the_attempt_back() -> None:
+    """The failure is the loss's when the failed copy is the lost node's: that node is charged a
+    timeout (not a failure), and the attempt fails over uncounted; alice, whose copy answered and
+    whose node is still there, is charged nothing."""
+    ray, clock = LeavingRay(["vn-a", "vn-c", "vn-d"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job(quorum=3)
+    await copies_ending(rec, ray, clock, body, {"vn-a": "good", "vn-c": "crashed", "vn-d": "crashed"})
+    ray.gone = {"vn-a", "vn-d"}  # vn-a went home after answering; vn-d's copy failed as it left
+    outcome = await step(rec, body, volunteers(ray.present))
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Pending", "NodeLost"), status["message"]
+    assert outcome.reputation == [("vn-d", "timeout")]
+    assert status["scheduling"]["lostNodes"] == ["vn-d"]

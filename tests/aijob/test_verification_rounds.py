@@ -493,3 +493,113 @@ async def test_a_whole_answer_read_while_another_copy_settles_is_kept_when_its_n
     assert body["status"]["phase"] == "Succeeded", body["status"]
     assert body["status"]["attempts"] == 1
     assert ("vn-d", "timeout") not in reputation, reputation
+
+
+class LeavingRay(CopiesRay):
+    """Ray whose volunteers in ``gone`` have left (the others keep their Ray node ids)."""
+
+    def __init__(self, present: list[str]) -> None:
+        super().__init__(present)
+        self.gone: set[str] = set()
+
+    async def nodes(self) -> list[RayNodeInfo]:
+        return [ray_node(i, name) for i, name in enumerate(self.present) if name not in self.gone]
+
+
+async def copies_ending(
+    rec: AIJobReconciler, ray: CopiesRay, clock: Clock, body: dict[str, Any], ends: dict[str, str]
+) -> None:
+    """Passes until the attempt's copies are submitted, then each copy ends as ``ends`` says for its
+    node: "good" (answers GOOD), "stopped" (by someone through the head's Job API: any volunteer
+    can), "own" (its driver exited 1: the job's own failure) or "crashed" (failed without an exit
+    code of its own: its volunteer's)."""
+    vols = volunteers(ray.present)
+    for _ in range(10):
+        await step(rec, body, vols)
+        clock.advance(40)
+        status = body["status"]
+        nodes = status.get("assignedNodes") or []
+        ids = [copy_submission_id_from(status.get("submissionId"), k) or "" for k in range(len(nodes))]
+        if nodes and all(i in ray.jobs for i in ids):
+            break
+    else:
+        raise AssertionError(f"copies never submitted: {body['status']}")
+    for node, submission in zip(nodes, ids, strict=True):
+        end = ends[node]
+        if end == "good":
+            ray.logs_by_id[submission] = GOOD
+            ray.set_state(submission, RayJobState.SUCCEEDED, exit_code=0)
+        elif end == "stopped":
+            ray.set_state(submission, RayJobState.STOPPED)
+        elif end == "own":
+            ray.set_state(submission, RayJobState.FAILED, exit_code=1, message="exit 1")
+        else:
+            ray.set_state(submission, RayJobState.FAILED, message="raylet died")
+
+
+async def test_copies_another_volunteer_stopped_are_not_charged_for_its_own_exit() -> None:
+    """dave stops alice's and carol's copies (`ray job stop` through the head) and exits his own
+    with code 1, which is the job's failure and charged to nobody. The stopped copies gave no
+    answer and did not fail: alice and carol were charged a failure each and put in failedNodes.
+    The attempt still counts against backoffLimit, for the failure of the job's own it had (else
+    dave could hold the job for ever)."""
+    ray, clock = CopiesRay(["vn-a", "vn-c", "vn-d"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job(quorum=3)
+    await copies_ending(rec, ray, clock, body, {"vn-a": "stopped", "vn-c": "stopped", "vn-d": "own"})
+    outcome = await step(rec, body, volunteers(ray.present))
+    status = body["status"]
+    assert outcome.reputation == [], (outcome.reputation, status.get("message"))
+    assert (status["phase"], status["reason"], status["failures"]) == ("Pending", "BackOff", 1), status["message"]
+    assert not status["scheduling"].get("failedNodes")
+
+
+async def test_a_volunteer_that_stops_the_other_copies_is_still_charged_for_its_own_failure() -> None:
+    """As above, but dave's copy failed without an exit code of the job's own: that failure is his,
+    and stopping the others does not make the attempt an uncounted interruption that hides it."""
+    ray, clock = CopiesRay(["vn-a", "vn-c", "vn-d"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job(quorum=3)
+    await copies_ending(rec, ray, clock, body, {"vn-a": "stopped", "vn-c": "stopped", "vn-d": "crashed"})
+    outcome = await step(rec, body, volunteers(ray.present))
+    status = body["status"]
+    assert outcome.reputation == [("vn-d", "failure")], (outcome.reputation, status.get("message"))
+    assert (status["reason"], status["failures"]) == ("BackOff", 1), status["message"]
+    assert status["scheduling"]["failedNodes"] == ["vn-d"]
+
+
+async def test_a_stopped_copy_is_no_answer_of_a_vote_without_majority() -> None:
+    """alice's copy was stopped, carol's answered, dave's exited 1: alice was charged a failure. She
+    gave no answer; carol's alone is no majority of three owners, so the attempt reruns on fresh
+    owners with carol's answer kept, and nobody is charged."""
+    ray, clock = CopiesRay(["vn-a", "vn-c", "vn-d"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job(quorum=3)
+    await copies_ending(rec, ray, clock, body, {"vn-a": "stopped", "vn-c": "good", "vn-d": "own"})
+    outcome = await step(rec, body, volunteers(ray.present))
+    status = body["status"]
+    assert outcome.reputation == [], (outcome.reputation, status.get("message"))
+    assert (status["reason"], status["verificationReruns"]) == ("NoMajority", 1), status["message"]
+    assert status["verification"]["stopped"] == ["vn-a"] and status["verification"]["failed"] == ["vn-d"]
+    assert [r["node"] for r in status["verification"]["earlierResults"]] == ["vn-c"]
+
+
+async def test_copies_stopped_with_nothing_failed_and_no_decided_vote_run_again_uncounted() -> None:
+    ray, clock = CopiesRay(["vn-a", "vn-c", "vn-d"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job(quorum=3)
+    await copies_ending(rec, ray, clock, body, {"vn-a": "stopped", "vn-c": "good", "vn-d": "stopped"})
+    outcome = await step(rec, body, volunteers(ray.present))
+    status = body["status"]
+    assert outcome.reputation == []
+    assert (status["phase"], status["reason"]) == ("Pending", "RayJobStopped"), status["message"]
+    assert not status.get("failures") and not status.get("verificationReruns")
+
+
+async def test_a_stopped_copys_node_that_went_home_is_not_charged_for_leaving() -> None:
+    """alice's copy was stopped and her node then left, as a node whose copy has ended may; dave's
+    copy exited 1. Her node counted as lost mid-attempt: charged a timeout, the attempt sent back."""
+    ray, clock = LeavingRay(["vn-a", "vn-c", "vn-d"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job(quorum=3)
+    await copies_ending(rec, ray, clock, body, {"vn-a": "stopped", "vn-c": "good", "vn-d": "own"})
+    ray.gone = {"vn-a"}
+    outcome = await step(rec, body, volunteers(ray.present))
+    status = body["status"]
+    assert outcome.reputation == [], (outcome.reputation, status.get("message"))
+    assert status["reason"] == "NoMajority", status["message"]
