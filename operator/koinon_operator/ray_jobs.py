@@ -42,6 +42,22 @@ class RayJobState(StrEnum):
 
 
 @dataclass(frozen=True)
+class SubmittedAs:
+    """What Ray records a job was submitted with, as its Job API reports it back: what the
+    operator compares with what it submits under that id before taking the job as its own (any
+    holder of the cluster's Ray token can submit under any id). Values as Ray's JSON has them."""
+
+    entrypoint: str
+    runtime_env: Any  # a dict when submitted with one; None without
+    metadata: Any
+    # None where Ray does not report them: Ray 2.60's job status reply leaves these out.
+    entrypoint_resources: Any = None
+    entrypoint_num_cpus: Any = None
+    entrypoint_num_gpus: Any = None
+    entrypoint_memory: Any = None
+
+
+@dataclass(frozen=True)
 class RayJobInfo:
     submission_id: str
     state: RayJobState
@@ -53,6 +69,8 @@ class RayJobInfo:
     # Ray's JobErrorType for a job that failed around its driver (RUNTIME_ENV_SETUP_FAILURE,
     # JOB_SUPERVISOR_ACTOR_START_FAILURE, ...); None when the driver ran, or Ray did not say.
     error_type: str | None = None
+    # What the job was submitted with; None when Ray's reply did not say (no entrypoint in it).
+    submitted: SubmittedAs | None = None
 
 
 @dataclass(frozen=True)
@@ -137,7 +155,9 @@ class RayJobsClient:
             return True
         text = str(body)
         if "already exists" in text:
-            # The deterministic id makes a second submit (after a restart) a no-op adoption.
+            # Someone submitted under this id first: this operator (a restarted one, or a reply
+            # lost), or anyone else with the cluster's Ray token. The reconciler takes it as the
+            # attempt's only if Ray's record of it matches what it submits (reconciler.foreign_submission).
             return False
         # Ray's reply on a line of its own: it may quote the runtime_env (the job's env vars), which
         # Events and status may show the job's owners but spans (the first line) must not carry.
@@ -162,6 +182,7 @@ class RayJobsClient:
                 end_time_ms=_optional_int(body.get("end_time")),
                 driver_exit_code=_optional_int(body.get("driver_exit_code")),
                 error_type=_optional_str(body.get("error_type")),
+                submitted=_submitted_as(body),
             )
 
     async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
@@ -221,6 +242,22 @@ def _malformed_reply(what: str, body: object) -> Iterator[None]:
         yield
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise RayUnavailableError(f"malformed reply to {what}: {error!r}: {str(body)[-300:]}") from error
+
+
+def _submitted_as(body: Mapping[str, Any]) -> SubmittedAs | None:
+    """The submission fields of a job status reply, as Ray gives them (compared, never trusted)."""
+    entrypoint = body.get("entrypoint")
+    if not isinstance(entrypoint, str):
+        return None
+    return SubmittedAs(
+        entrypoint=entrypoint,
+        runtime_env=body.get("runtime_env"),
+        metadata=body.get("metadata"),
+        entrypoint_resources=body.get("entrypoint_resources"),
+        entrypoint_num_cpus=body.get("entrypoint_num_cpus"),
+        entrypoint_num_gpus=body.get("entrypoint_num_gpus"),
+        entrypoint_memory=body.get("entrypoint_memory"),
+    )
 
 
 def _optional_int(value: object) -> int | None:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -115,15 +116,30 @@ class Outcome:
         self.events.append(JobEvent("Warning" if warning else "Normal", reason, message))
 
 
-def submission_id_for(uid: str, attempt: int) -> str:
-    """Deterministic: the same object and attempt always map to the same Ray submission, so an
-    operator that restarts between submitting and recording the submission adopts, never repeats."""
-    return f"{SUBMISSION_PREFIX}-{uid}-{attempt}"
+def new_submission_nonce() -> str:
+    """The random part of a new attempt's submission ids (64 bits: not to be guessed)."""
+    return secrets.token_hex(8)
 
 
-def copy_submission_id(uid: str, attempt: int, copy: int) -> str:
+def submission_id_for(uid: str, attempt: int, nonce: str = "") -> str:
+    """The Ray submission id of an attempt, ``koinon-<uid>-<attempt>-<nonce>``.
+
+    The nonce is drawn when the attempt is placed and recorded with it (status.submissionId, in the
+    write that places it); every submission is made from that record once it is read back
+    (AIJobReconciler._follow), so a restarted operator computes the same ids and adopts what it
+    submitted, never submits it twice. Random, because anyone with the cluster's Ray token (every
+    volunteer: README, "What a volunteer can still do") can submit under any id it can name, and
+    the uid and the attempt number are no secret (the head's job list shows them): an id known
+    before the operator submits could be taken first by a job of the volunteer's own, whose log
+    would then be read as the attempt's answer (foreign_submission is the second guard). Without
+    a nonce: the ids of attempts an earlier operator placed (``koinon-<uid>-<attempt>``)."""
+    base = f"{SUBMISSION_PREFIX}-{uid}-{attempt}"
+    return f"{base}-{nonce}" if nonce else base
+
+
+def copy_submission_id(uid: str, attempt: int, copy: int, nonce: str = "") -> str:
     """Verification copy ``copy`` of an attempt; copy 0 is the attempt's own submission."""
-    base = submission_id_for(uid, attempt)
+    base = submission_id_for(uid, attempt, nonce)
     return base if copy == 0 else f"{base}-copy{copy}"
 
 
@@ -171,6 +187,78 @@ def ray_submissions_of(state: AIJobStatus) -> list[str]:
     """The Ray submissions of the job's current attempt: its own and its verification copies'."""
     found = (copy_submission_id_from(state.submission_id, copy) for copy in range(state.copies))
     return [submission_id for submission_id in found if submission_id]
+
+
+def submission_of(key: str, spec: AIJobSpec, state: AIJobStatus, copy: int) -> Submission:
+    """What the operator submits to Ray for copy ``copy`` of the attempt ``state`` records (its
+    ids, nodes and addresses), running ``spec``."""
+    namespace, name = key.split("/", 1)
+    nodes, addresses = state.copy_nodes(copy), state.copy_addresses(copy)
+    env_vars = dict(spec.runtime_env.get("env_vars") or {})
+    env_vars.update(
+        KOINON_JOB=key,
+        KOINON_ATTEMPT=str(state.attempts),
+        KOINON_COPY=str(copy),
+        KOINON_REPLICAS=str(spec.replicas),
+        KOINON_GPUS_PER_REPLICA=str(spec.resources.gpus),
+        KOINON_NODE_NAMES=",".join(nodes),
+        KOINON_NODE_ADDRESSES=",".join(addresses),
+    )
+    if state.trace_id:
+        # W3C trace context: an instrumented job's own spans join the job's trace.
+        env_vars["TRACEPARENT"] = traceparent(state.trace_id)
+    runtime_env = dict(spec.runtime_env)
+    runtime_env["env_vars"] = env_vars
+    return Submission(
+        submission_id=copy_submission_id_from(state.submission_id, copy) or "",
+        entrypoint=spec.entrypoint,
+        runtime_env=runtime_env,
+        # The driver runs on the copy's first volunteer, never on the head (which has no CPUs
+        # for user work); the tiny amount of the node's own resource only pins it there.
+        entrypoint_resources={f"node:{addresses[0]}": 0.001} if addresses else {},
+        metadata={
+            "koinon.dev/aijob": f"{namespace}/{name}",
+            "koinon.dev/attempt": str(state.attempts),
+            "koinon.dev/copy": str(copy),
+        },
+    )
+
+
+def _canonical(value: object) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def foreign_submission(expected: Submission, info: RayJobInfo, whole: bool = True) -> str | None:
+    """What Ray's record of a job found under one of the attempt's submission ids has other than
+    what this operator submits under that id (``expected``): the names of the fields that differ,
+    or None when none does (or Ray's reply did not say what the job was submitted with).
+
+    Anyone with the cluster's Ray token can submit under an id once it has seen it (a copy's id
+    is listed by the head as soon as the attempt's first copy is submitted; a job that ended can
+    be deleted and its id submitted again): a job that differs is no answer of the attempt's. One
+    that does not runs what the operator would have run; where its driver ran is driver_elsewhere's
+    to check (Ray 2.60 reports no entrypoint resources, the driver's pin: they, and the entrypoint's
+    CPUs, GPUs and memory, are compared only where Ray reports them). With ``whole`` False (the spec
+    was edited after the attempt was placed, so what the operator would submit now is not what it
+    submitted then) only what comes from status is compared: the metadata (and the pin)."""
+    submitted = info.submitted
+    if submitted is None:
+        return None
+    differs: list[str] = []
+    if whole and submitted.entrypoint != expected.entrypoint:
+        differs.append("entrypoint")
+    if whole and _canonical(submitted.runtime_env or {}) != _canonical(expected.runtime_env):
+        differs.append("runtime_env")
+    if _canonical(submitted.metadata or {}) != _canonical(expected.metadata):
+        differs.append("metadata")
+    reported_pin = submitted.entrypoint_resources
+    if reported_pin is not None and _canonical(reported_pin) != _canonical(expected.entrypoint_resources):
+        differs.append("entrypoint_resources")
+    # Never set by the operator (Ray records 0): any other value reserves what the job did not ask for.
+    for name in ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory"):
+        if getattr(submitted, name) not in (None, 0):
+            differs.append(name)
+    return ", ".join(differs) or None
 
 
 # Ray could not start the driver with what was submitted (runtime_env of the wrong shape, a local
@@ -625,6 +713,8 @@ class AIJobReconciler:
     monotonic: Callable[[], float] = time.monotonic
     placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     allow_bare_ray_workers: bool = False  # OperatorConfig's: unlabelled Ray nodes take AIJobs
+    # Draws the random part of each new attempt's submission ids (submission_id_for).
+    submission_nonce: Callable[[], str] = new_submission_nonce
     # Per job: the resourceVersion of the body the last status write was computed from, and when.
     _written_from: dict[str, tuple[str, float]] = field(default_factory=dict)
     _job_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
@@ -789,7 +879,7 @@ class AIJobReconciler:
         if tolerated is not None:
             self._warn_tolerated(tolerated, spec, state, writer, outcome)
         self.backoff.succeeded(uid or key)
-        await self._record_work(key, body, state, outcome)
+        await self._record_work(key, body, state, outcome, spec)
         if writer.has_condition_false(ConditionType.RAY_REACHABLE):
             writer.condition(ConditionType.RAY_REACHABLE, True, "RayAvailable", "Ray dashboard reachable")
         return outcome
@@ -847,7 +937,9 @@ class AIJobReconciler:
         # Again where this pass rewrote status.scheduling whole (a new placement): or it warned again.
         writer.scheduling(state.scheduling, **{TOLERATED_SPEC: digest})
 
-    async def _record_work(self, key: str, body: Mapping[str, Any], state: AIJobStatus, outcome: Outcome) -> None:
+    async def _record_work(
+        self, key: str, body: Mapping[str, Any], state: AIJobStatus, outcome: Outcome, spec: AIJobSpec | None = None
+    ) -> None:
         """When this pass ends the attempt ``state`` ran (succeeded, failed, stopped, its node
         lost, suspended, past its deadline: it no longer holds its nodes), the work of its Ray
         copies goes into ``outcome.work``. Ray is asked again after the pass, so copies this pass
@@ -862,10 +954,12 @@ class AIJobReconciler:
         if still_holds:
             return
         try:
-            infos = [
-                await self.ray.get(submission_id) if submission_id else None
-                for submission_id in (copy_submission_id_from(state.submission_id, k) for k in range(state.copies))
-            ]
+            # A job someone else submitted under an id of the attempt's did no work of its nodes.
+            infos = (
+                await self._copies_in_ray(key, spec, state)
+                if spec is not None
+                else [await self.ray.get(submission_id) for submission_id in ray_submissions_of(state)]
+            )
         except RayUnavailableError as error:  # the job's own outcome is written all the same
             logger.warning("%s: work of attempt %s not recorded, Ray unavailable: %s", key, state.attempts, error)
             return
@@ -977,7 +1071,7 @@ class AIJobReconciler:
         if phase in (Phase.SCHEDULED, Phase.RUNNING) and state.submission_id and state.start_time is None:
             # The run's start by Ray's record, before the deadline is judged (a suspend's too): an operator that was
             # down when the job started (or ran and ended) must not count it from when it looked.
-            started = ray_start_time([await self.ray.get(s) for s in ray_submissions_of(state)])
+            started = ray_start_time(await self._copies_in_ray(key, spec, state))
             if started is not None:
                 writer.set(startTime=format_micro_time(started))
                 state = replace(state, start_time=started)
@@ -986,14 +1080,14 @@ class AIJobReconciler:
             spec.active_deadline_seconds is not None
             and state.start_time is not None
             and (now - state.start_time).total_seconds() > spec.active_deadline_seconds
-            and not await self._ended_within_deadline(uid, spec, state)
+            and not await self._ended_within_deadline(key, spec, state)
         )
         if spec.suspend:
             # A suspend stops running work; it never throws away work that has ended (a Kubernetes
             # Job that completed stays Complete): an attempt whose copies ended before the
             # operator saw the suspend is concluded as it would be without it.
             infos = (
-                await self._copies_in_ray(uid, state)
+                await self._copies_in_ray(key, spec, state)
                 if phase in (Phase.SCHEDULED, Phase.RUNNING) and state.submission_id
                 else []
             )
@@ -1051,7 +1145,7 @@ class AIJobReconciler:
             await self._place(key, uid, spec, state, writer, outcome, recorded_allocations, volunteers, creation_index)
             return
         if phase in (Phase.SCHEDULED, Phase.RUNNING) and state.submission_id:
-            await self._follow(key, uid, spec, state, writer, outcome)
+            await self._follow(key, spec, state, writer, outcome)
 
     async def _place(
         self,
@@ -1131,7 +1225,9 @@ class AIJobReconciler:
         copies = decision.copies
         writer.set(
             attempts=attempt,
-            submissionId=submission_id_for(uid, attempt),
+            # With a nonce drawn now: nothing is submitted under it before this write is read back
+            # (_follow), and a restarted operator reads the same ids from it.
+            submissionId=submission_id_for(uid, attempt, self.submission_nonce()),
             assignedNodes=names,
             rayNodeIds=[node.ray_node_id for node in decision.nodes],
             scheduling={
@@ -1163,10 +1259,13 @@ class AIJobReconciler:
         outcome.event("Scheduled", f"attempt {attempt}: {decision.message}{verification}")
 
     async def _follow(
-        self, key: str, uid: str, spec: AIJobSpec, state: AIJobStatus, writer: _StatusWriter, outcome: Outcome
+        self, key: str, spec: AIJobSpec, state: AIJobStatus, writer: _StatusWriter, outcome: Outcome
     ) -> None:
-        submissions = [copy_submission_id(uid, state.attempts, k) for k in range(state.copies)]
-        infos = [await self.ray.get(submission_id) for submission_id in submissions]
+        infos = [await self.ray.get(submission_id) for submission_id in ray_submissions_of(state)]
+        foreign = self._foreign_copies(key, spec, state, infos)
+        if foreign:
+            await self._submission_conflict(key, state, writer, outcome, infos, foreign)
+            return
         missing = [k for k, info in enumerate(infos) if info is None]
         if missing:
             recorded_digest = state.scheduling.get("specDigest")
@@ -1181,7 +1280,7 @@ class AIJobReconciler:
             if state.phase is Phase.SCHEDULED:
                 for k in missing:
                     try:
-                        await self._submit(key, uid, spec, state, k, outcome)
+                        await self._submit(key, spec, state, k, outcome)
                     except RayRequestError as error:
                         # Ray answered and refused this very request (e.g. a runtime_env it cannot
                         # use): sending it again cannot help, and Ray is not down.
@@ -1372,6 +1471,19 @@ class AIJobReconciler:
         # A rerun after copies without a majority is judged with their answers, even when a trusted
         # node's skip left it one copy (that copy alone does not decide).
         if state.copies == 1 and not state.earlier_results:
+            if answers[0].misplaced:
+                # No answer, and nobody charged, as for a verification copy (_conclude_verified):
+                # the attempt fails (DriverMisplaced, counted, so an impostor cannot hold it for ever).
+                logger.warning(
+                    "%s: placed on %s (Ray node %s) but Ray ran its driver on Ray node %s; its answer is not taken",
+                    known[0].submission_id,
+                    state.copy_nodes(0)[0],
+                    driver_elsewhere(state, 0, known[0]),
+                    known[0].driver_node_id,
+                )
+                unblamed = {state.copy_nodes(0)[0]}
+                await self._ray_jobs_failed(key, spec, state, writer, outcome, known, [None], unblamed=unblamed)
+                return
             await self._conclude_single(
                 key, spec, state, known[0], answers[0].log, writer, outcome, gone=answers[0].gone
             )
@@ -1390,17 +1502,17 @@ class AIJobReconciler:
         decision alike (an early decision that counted an answer the conclusion then rejects would
         stop copies for a vote that is not taken). Only the logs of the copies in ``read`` are read.
         A copy whose driver ran on another Ray node than its own gives no answer, and its log there
-        is not read: see driver_elsewhere (a single unverified copy is taken as Ray ran it). None
+        is not read: see driver_elsewhere (a single copy too: an unverified job's answer is its
+        log, and the node that ran the driver claimed another node's place to give it). None
         while a copy's result may not be in its log yet: Ray reports SUCCEEDED before the driver's
         log is flushed (look again next pass, seconds).
 
         With ``unread``, a copy whose log cannot be read yet (RayUnavailableError) is added to it,
         with no answer, instead of failing the pass."""
-        single = state.copies == 1 and not state.earlier_results
         answers: list[CopyAnswer] = []
         settling = False
         for k, info in enumerate(infos):
-            if not single and driver_elsewhere(state, k, info):
+            if driver_elsewhere(state, k, info):
                 answers.append(CopyAnswer(None, None, misplaced=True))
                 continue
             got = _LogRead(None)
@@ -1507,11 +1619,71 @@ class AIJobReconciler:
         message = f"activeDeadlineSeconds={spec.active_deadline_seconds} exceeded"
         self._finish(key, writer, outcome, Phase.FAILED, "DeadlineExceeded", message)
 
-    async def _copies_in_ray(self, uid: str, state: AIJobStatus) -> list[RayJobInfo | None]:
-        """Ray's record of each copy of the current attempt (None: not submitted)."""
-        return [await self.ray.get(copy_submission_id(uid, state.attempts, k)) for k in range(state.copies)]
+    async def _copies_in_ray(self, key: str, spec: AIJobSpec, state: AIJobStatus) -> list[RayJobInfo | None]:
+        """Ray's record of each copy of the current attempt (None: not submitted, or a job this
+        operator did not submit found under its id, which is no part of the attempt's work)."""
+        infos = [await self.ray.get(submission_id) for submission_id in ray_submissions_of(state)]
+        foreign = self._foreign_copies(key, spec, state, infos)
+        return [None if k in foreign else info for k, info in enumerate(infos)]
 
-    async def _ended_within_deadline(self, uid: str, spec: AIJobSpec, state: AIJobStatus) -> bool:
+    def _foreign_copies(
+        self, key: str, spec: AIJobSpec, state: AIJobStatus, infos: Sequence[RayJobInfo | None]
+    ) -> dict[int, str]:
+        """Per copy found in Ray (``infos``) that this operator did not submit (foreign_submission):
+        what differs. What it submitted is rebuilt from ``spec`` while the spec is the one the
+        attempt was placed with (status.scheduling.specDigest; one the placing operator did not
+        record counts as unchanged, as in _ratchet: an edit then costs at worst a rerun,
+        uncounted); after an edit (which applies from the next attempt), only what status gives
+        is compared."""
+        recorded = state.scheduling.get("specDigest")
+        whole = not recorded or recorded == submission_digest(spec)
+        found: dict[int, str] = {}
+        for k, info in enumerate(infos):
+            if info is None or info.submitted is None:  # not in Ray, or Ray did not say: nothing to compare
+                continue
+            why = foreign_submission(submission_of(key, spec, state, k), info, whole)
+            if why is not None:
+                found[k] = why
+        return found
+
+    async def _submission_conflict(
+        self,
+        key: str,
+        state: AIJobStatus,
+        writer: _StatusWriter,
+        outcome: Outcome,
+        infos: Sequence[RayJobInfo | None],
+        foreign: Mapping[int, str],
+    ) -> None:
+        """Ray holds, under an id of the attempt's, a job this operator did not submit: someone
+        with the cluster's Ray token submitted it first. It is not adopted: its log is no answer,
+        and its end no evidence about any node (nothing tells which volunteer made it, and the
+        copy's own node may have done nothing wrong). The attempt is placed again, uncounted and
+        blaming nobody, as one whose Ray job vanished is; its next placement draws a new nonce,
+        so its ids are new ones, unknown until submitted. The job found is stopped along with the
+        attempt's own copies."""
+        for k, why in sorted(foreign.items()):
+            info = infos[k]
+            logger.warning(
+                "%s: Ray job %s (copy %d of attempt %d) was not submitted by this operator (%s differ); "
+                "not adopted, the attempt is placed again",
+                key,
+                info.submission_id if info is not None else "?",
+                k,
+                state.attempts,
+                why,
+            )
+        ids = ", ".join(info.submission_id for k, info in enumerate(infos) if k in foreign and info is not None)
+        await self._interrupted(
+            key,
+            state,
+            writer,
+            outcome,
+            "SubmissionConflict",
+            f"Ray job {ids} was submitted by someone else under the attempt's id (not adopted)",
+        )
+
+    async def _ended_within_deadline(self, key: str, spec: AIJobSpec, state: AIJobStatus) -> bool:
         """Every copy of the attempt ended, by Ray's record, before activeDeadlineSeconds ran out.
 
         The deadline is judged by when the job ended, not by when the operator looks: a job that
@@ -1527,7 +1699,7 @@ class AIJobReconciler:
             and info.state.terminal
             and info.end_time_ms is not None
             and info.end_time_ms <= deadline_ms
-            for info in await self._copies_in_ray(uid, state)
+            for info in await self._copies_in_ray(key, spec, state)
         )
 
     async def _conclude_single(
@@ -1569,13 +1741,11 @@ class AIJobReconciler:
                 # verification copy's node that leaves with its log is still charged a timeout
                 # (_conclude_verified): there the missing answer costs the vote, as a node lost
                 # mid-attempt does. The copy's other nodes ran their part and Ray says it
-                # succeeded: credited as usual. A driver Ray ran on another Ray node than the one
-                # placed (driver_elsewhere) withheld that node's log, not the placed node's: the
-                # placed node is neither credited nor charged.
+                # succeeded: credited as usual. (A driver Ray ran on another Ray node than the one
+                # placed gives no answer at all, and does not come here: _judge.)
                 driver = state.copy_nodes(0)[0] if state.assigned_nodes else None
-                misplaced = driver_elsewhere(state, 0, info) is not None
                 outcome.reputation.extend((node, "success") for node in state.assigned_nodes if node != driver)
-                if driver is not None and not misplaced and gone == LOG_UNSERVED:
+                if driver is not None and gone == LOG_UNSERVED:
                     outcome.reputation.append((driver, "timeout"))
             else:
                 outcome.reputation.extend((node, "success") for node in state.assigned_nodes)
@@ -1885,45 +2055,17 @@ class AIJobReconciler:
         writer.phase(Phase.PENDING, reason, message)
         outcome.event(reason, message, warning=True)
 
-    async def _submit(
-        self, key: str, uid: str, spec: AIJobSpec, state: AIJobStatus, copy: int, outcome: Outcome
-    ) -> None:
-        namespace, name = key.split("/", 1)
-        submission_id = copy_submission_id(uid, state.attempts, copy)
-        nodes, addresses = state.copy_nodes(copy), state.copy_addresses(copy)
-        env_vars = dict(spec.runtime_env.get("env_vars") or {})
-        env_vars.update(
-            KOINON_JOB=key,
-            KOINON_ATTEMPT=str(state.attempts),
-            KOINON_COPY=str(copy),
-            KOINON_REPLICAS=str(spec.replicas),
-            KOINON_GPUS_PER_REPLICA=str(spec.resources.gpus),
-            KOINON_NODE_NAMES=",".join(nodes),
-            KOINON_NODE_ADDRESSES=",".join(addresses),
-        )
-        if state.trace_id:
-            # W3C trace context: an instrumented job's own spans join the job's trace.
-            env_vars["TRACEPARENT"] = traceparent(state.trace_id)
-        runtime_env = dict(spec.runtime_env)
-        runtime_env["env_vars"] = env_vars
-        submission = Submission(
-            submission_id=submission_id,
-            entrypoint=spec.entrypoint,
-            runtime_env=runtime_env,
-            # The driver runs on the copy's first volunteer, never on the head (which has no CPUs
-            # for user work); the tiny amount of the node's own resource only pins it there.
-            entrypoint_resources={f"node:{addresses[0]}": 0.001} if addresses else {},
-            metadata={
-                "koinon.dev/aijob": f"{namespace}/{name}",
-                "koinon.dev/attempt": str(state.attempts),
-                "koinon.dev/copy": str(copy),
-            },
-        )
+    async def _submit(self, key: str, spec: AIJobSpec, state: AIJobStatus, copy: int, outcome: Outcome) -> None:
+        # Under the ids recorded at placement (a nonce's among them), read back from status.
+        submission = submission_of(key, spec, state, copy)
+        submission_id = submission.submission_id
         if not self._may_act.get(key, lambda: True)():
             raise _LeaseLost(f"no longer leading in the term this pass began in; {submission_id} not submitted")
         created = await self.ray.submit(submission)
         outcome.event(
             "Submitted" if created else "Adopted",
+            # One that already existed is checked against this submission on the next pass, as
+            # every copy found in Ray is (_foreign_copies), before anything of it is read.
             f"Ray submission {submission_id}" + ("" if created else " already existed"),
         )
 

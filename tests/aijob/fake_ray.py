@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,7 +14,7 @@ from typing import Any
 from koinon_emulator.patching import merge_patch
 from koinon_operator.inventory import RayNodeCache
 from koinon_operator.placement import FirstFitPlacer
-from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayNodeInfo, RayRequestError, Submission
+from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayNodeInfo, RayRequestError, Submission, SubmittedAs
 from koinon_operator.reconciler import AIJobReconciler, Outcome, submission_id_for
 
 UID = "8f6e8530-892f-46a5-a4e3-ba60e32a06d0"
@@ -33,6 +35,17 @@ def node_address(name: str) -> str:
 
 NODES = [RayNodeInfo("r1", "127.0.20.1", True, False, {"GPU": 1, "CPU": 4}, {"koinon.dev/node": "vn-1"})]
 VOLUNTEERS: dict[str, dict[str, Any]] = {"vn-1": volunteer("alice", "127.0.20.1")}
+
+
+def submitted_as(submission: Submission) -> SubmittedAs:
+    """Ray's record of what ``submission`` was submitted with, as Ray 2.60's Job API reports it
+    back: a JSON round trip of its entrypoint, runtime_env and metadata (its entrypoint resources
+    are left out of the reply)."""
+    return SubmittedAs(
+        entrypoint=submission.entrypoint,
+        runtime_env=json.loads(json.dumps(dict(submission.runtime_env))),
+        metadata=dict(submission.metadata),
+    )
 
 
 def stop_stamped(ray: FakeRay, submission_id: str, clock: Clock) -> None:
@@ -61,8 +74,9 @@ class FakeRay:
         self.submissions.append(submission)
         if submission.submission_id in self.jobs:
             return False
+        submitted = submitted_as(submission)  # what Ray reports back it was submitted with
         self.jobs[submission.submission_id] = RayJobInfo(
-            submission.submission_id, RayJobState.PENDING, "", None, None, None, None
+            submission.submission_id, RayJobState.PENDING, "", None, None, None, None, submitted=submitted
         )
         return True
 
@@ -90,7 +104,10 @@ class FakeRay:
         # (None from this fake's submit, so the operator's clock stands in for it).
         previous = self.jobs.get(submission_id)
         started = previous.start_time_ms if previous is not None else None
-        self.jobs[submission_id] = RayJobInfo(submission_id, state, message, None, started, 1, exit_code, error_type)
+        submitted = previous.submitted if previous is not None else None  # what it was submitted with
+        self.jobs[submission_id] = RayJobInfo(
+            submission_id, state, message, None, started, 1, exit_code, error_type, submitted
+        )
 
 
 class Clock:
@@ -103,7 +120,14 @@ class Clock:
         self.mono += seconds
 
 
-def make_reconciler(ray: FakeRay, clock: Clock) -> AIJobReconciler:
+def no_nonce() -> str:
+    """A reconciler's ``submission_nonce`` for tests that name an attempt's Ray submissions by
+    ``submission_id_for(UID, attempt)``: the ids of attempts placed by an operator before nonces
+    (which this one still follows). The drawn nonce has tests of its own (test_submission_ids)."""
+    return ""
+
+
+def make_reconciler(ray: FakeRay, clock: Clock, nonce: Callable[[], str] = no_nonce) -> AIJobReconciler:
     fake: Any = ray
     return AIJobReconciler(
         ray=fake,
@@ -111,6 +135,7 @@ def make_reconciler(ray: FakeRay, clock: Clock) -> AIJobReconciler:
         nodes=RayNodeCache(fake, max_age_seconds=0.0),
         clock=lambda: clock.now,
         monotonic=lambda: clock.mono,
+        submission_nonce=nonce,
     )
 
 

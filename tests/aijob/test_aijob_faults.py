@@ -6,10 +6,13 @@ import asyncio
 import json
 import time
 import urllib.request
+from dataclasses import replace
 from urllib.parse import urlparse
 
 import pytest
-from koinon_operator.ray_jobs import RayJobsClient, Submission
+from koinon_operator.api.aijob import AIJobStatus, parse_spec
+from koinon_operator.ray_jobs import RayJobsClient
+from koinon_operator.reconciler import foreign_submission, submission_of
 
 from tests.aijob.conftest import ControlPlane, aijob, python_entrypoint
 from tests.aijob.tcp_forwarder import TcpForwarder
@@ -47,17 +50,19 @@ def test_operator_killed_while_job_runs_adopts_it_on_restart(control_plane: Cont
         second.stop(grace_seconds=5)
     uid = done["metadata"]["uid"]
     assert done["status"]["attempts"] == 1
-    assert _submissions_of(control_plane, uid) == [f"koinon-{uid}-1"]
+    assert _submissions_of(control_plane, uid) == [done["status"]["submissionId"]]
+    assert done["status"]["submissionId"].startswith(f"koinon-{uid}-1-")  # the attempt's nonce after it
     assert _reasons(control_plane, "long", namespace).count("Submitted") == 1
 
 
 def test_crash_between_submit_and_status_write_is_adopted_not_resubmitted(
     control_plane: ControlPlane, namespace: str
 ) -> None:
-    # The operator's state after placing the job; then Ray received the submission but the
-    # operator died before recording it.
+    # The operator's state after placing the job (an earlier operator's: an id without a nonce);
+    # then Ray received the submission but the operator died before recording it.
     control_plane.apply(aijob("adopt", namespace, sleeper(1), resources={"gpus": 1}))
-    uid = control_plane.get("adopt", namespace)["metadata"]["uid"]
+    created = control_plane.get("adopt", namespace)
+    uid = created["metadata"]["uid"]
     submission_id = f"koinon-{uid}-1"
     volunteer = json.loads(control_plane.kubectl("get", "vn", "-o", "json"))["items"][0]
     node, address = volunteer["metadata"]["name"], volunteer["status"]["address"]
@@ -71,12 +76,18 @@ def test_crash_between_submit_and_status_write_is_adopted_not_resubmitted(
     )  # fmt: skip
 
     async def submit_directly() -> None:
+        # What that operator submitted: exactly what this one would (it takes no other job as the
+        # attempt's: README, "What a volunteer can still do"), checked against Ray's own record.
+        submission = submission_of(
+            f"{namespace}/adopt", parse_spec(created["spec"]), AIJobStatus.from_status(status), 0
+        )
+        assert submission.submission_id == submission_id
         ray = RayJobsClient(control_plane.info.ray_dashboard_url, auth_token=control_plane.info.ray_auth_token())
         try:
-            assert await ray.submit(
-                Submission(submission_id, sleeper(1), {"env_vars": {"KOINON_ATTEMPT": "1"}},
-                           {f"node:{address}": 0.001}, {})
-            )  # fmt: skip
+            assert await ray.submit(submission)
+            recorded = await ray.get(submission_id)
+            assert recorded is not None and recorded.submitted is not None
+            assert foreign_submission(submission, recorded) is None  # Ray reports it back as submitted
         finally:
             await ray.close()
 
@@ -89,6 +100,48 @@ def test_crash_between_submit_and_status_write_is_adopted_not_resubmitted(
     assert done["status"]["attempts"] == 1
     assert _submissions_of(control_plane, uid) == [submission_id]
     assert "Submitted" not in _reasons(control_plane, "adopt", namespace)  # it found the job, never resubmitted
+
+
+def test_a_job_someone_else_submitted_under_the_attempts_id_is_not_taken_as_its_answer(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    """Anyone with the cluster's Ray token can submit under an id it knows (an earlier operator's
+    ids carry no nonce): a job of its own there, pinned to the placed node, with another
+    entrypoint, is not adopted; the attempt is placed again, uncounted, under a new id."""
+    control_plane.apply(aijob("taken", namespace, sleeper(1), resources={"gpus": 1}))
+    created = control_plane.get("taken", namespace)
+    uid = created["metadata"]["uid"]
+    submission_id = f"koinon-{uid}-1"
+    volunteer = json.loads(control_plane.kubectl("get", "vn", "-o", "json"))["items"][0]
+    node, address = volunteer["metadata"]["name"], volunteer["status"]["address"]
+    status = {
+        "phase": "Scheduled", "attempts": 1, "failures": 0, "submissionId": submission_id,
+        "assignedNodes": [node], "scheduling": {"addresses": [address], "decision": "Placed"},
+    }  # fmt: skip
+    control_plane.kubectl(
+        "patch", "aijob", "taken", "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": status}),
+    )  # fmt: skip
+
+    async def submit_forged() -> None:
+        honest = submission_of(f"{namespace}/taken", parse_spec(created["spec"]), AIJobStatus.from_status(status), 0)
+        forged = replace(honest, entrypoint=python_entrypoint("print('KOINON_RESULT forged')"))
+        ray = RayJobsClient(control_plane.info.ray_dashboard_url, auth_token=control_plane.info.ray_auth_token())
+        try:
+            assert await ray.submit(forged)
+        finally:
+            await ray.close()
+
+    asyncio.run(submit_forged())
+    operator = control_plane.start_operator(namespace)
+    try:
+        done = control_plane.wait_phase("taken", namespace, "Succeeded", timeout=90)
+    finally:
+        operator.stop(grace_seconds=5)
+    assert done["status"]["result"]["value"] == "slept", done["status"]["result"]
+    assert (done["status"]["attempts"], done["status"]["failures"]) == (2, 0)
+    assert done["status"]["submissionId"].startswith(f"koinon-{uid}-2-")
+    assert "SubmissionConflict" in _reasons(control_plane, "taken", namespace)
 
 
 def test_ray_dashboard_outage_backs_off_without_phase_flapping(control_plane: ControlPlane, namespace: str) -> None:

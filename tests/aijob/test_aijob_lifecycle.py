@@ -27,7 +27,8 @@ def test_job_runs_to_success_with_status_conditions_and_events(
     done = control_plane.wait_phase("pi", namespace, "Succeeded")
     status = done["status"]
     assert status["attempts"] == 1
-    assert status["submissionId"] == f"koinon-{done['metadata']['uid']}-1"
+    # The attempt's id, with the nonce drawn when it was placed (not to be guessed before it is submitted).
+    assert re.fullmatch(rf"koinon-{done['metadata']['uid']}-1-[0-9a-f]{{16}}", status["submissionId"])
     assert status["assignedNodes"][0].startswith(("volunteer-1-", "volunteer-2-"))
     assert '"pi": 3.1' in status["result"].get("value", ""), status["result"]
     assert status["result"]["digest"].startswith("sha256:")
@@ -117,7 +118,7 @@ def test_failing_job_is_retried_up_to_backoff_limit_then_failed_with_log_tail(
     assert "marker-7731" in status["message"]
     uid = failed["metadata"]["uid"]
     submissions = sorted(j["submission_id"] for j in control_plane.ray_jobs() if uid in (j["submission_id"] or ""))
-    assert submissions == [f"koinon-{uid}-1", f"koinon-{uid}-2"]
+    assert [re.sub(r"-[0-9a-f]{16}$", "", s) for s in submissions] == [f"koinon-{uid}-1", f"koinon-{uid}-2"]
     reasons = _reasons(control_plane.events("boom", namespace))
     assert reasons.count("RayJobFailed") == 1 and "BackoffLimitExceeded" in reasons
 

@@ -18,7 +18,7 @@ from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayNodeInfo, RayUn
 from koinon_operator.reconciler import AIJobReconciler, copy_submission_id, submission_id_for
 from koinon_operator.scheduling import ReputationPlacer
 
-from .fake_ray import NODES, UID, VOLUNTEERS, Clock, FakeRay, make_body, make_reconciler, step, volunteer
+from .fake_ray import NODES, UID, VOLUNTEERS, Clock, FakeRay, make_body, make_reconciler, no_nonce, step, volunteer
 
 SUBMISSION = submission_id_for(UID, 1)
 
@@ -208,6 +208,7 @@ async def two_copies_submitted(
         nodes=RayNodeCache(fake, max_age_seconds=0.0),
         clock=lambda: clock.now,
         monotonic=lambda: clock.mono,
+        submission_nonce=no_nonce,
     )
     spec = {"entrypoint": "python x.py", "backoffLimit": backoff_limit}
     body = make_body({**spec, "verification": {"mode": "replicated", "quorum": 2}})
@@ -339,6 +340,7 @@ async def test_a_copy_whose_node_left_after_it_succeeded_does_not_fail_over_the_
         nodes=RayNodeCache(fake, max_age_seconds=0.0),
         clock=lambda: clock.now,
         monotonic=lambda: clock.mono,
+        submission_nonce=no_nonce,
     )
     body = make_body({"entrypoint": "python x.py", "verification": {"mode": "replicated", "quorum": 3}})
     for _ in range(5):
@@ -386,6 +388,7 @@ async def test_concurrent_passes_of_running_jobs_share_one_node_list_fetch() -> 
         nodes=RayNodeCache(fake),
         clock=lambda: clock.now,
         monotonic=lambda: clock.mono,
+        submission_nonce=no_nonce,
     )
     bodies: list[dict[str, Any]] = []
     for i in range(100):

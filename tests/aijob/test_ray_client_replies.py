@@ -5,14 +5,15 @@ of the handler. Against a local HTTP server."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
 from aiohttp import web
 from koinon_operator.inventory import RayNodeCache
 from koinon_operator.placement import FirstFitPlacer
-from koinon_operator.ray_jobs import RayJobsClient, RayJobState, RayUnavailableError
-from koinon_operator.reconciler import AIJobReconciler, submission_id_for
+from koinon_operator.ray_jobs import RayJobsClient, RayJobState, RayUnavailableError, Submission
+from koinon_operator.reconciler import AIJobReconciler, foreign_submission, submission_id_for
 
 from tests.aijob.fake_ray import UID, VOLUNTEERS, make_body
 
@@ -136,3 +137,32 @@ async def test_rays_error_type_is_read(ray_api: tuple[str, dict[str, Any]]) -> N
     finally:
         await client.close()
     assert info is not None and info.error_type == "RUNTIME_ENV_SETUP_FAILURE"
+
+
+async def test_what_a_job_was_submitted_with_is_read_back_for_the_operator_to_compare(
+    ray_api: tuple[str, dict[str, Any]],
+) -> None:
+    """The fields of Ray 2.60's job status reply that say what the job was submitted with: the
+    reconciler takes a job found under one of its ids only if they match (foreign_submission)."""
+    url, replies = ray_api
+    submission = Submission(
+        "koinon-x-1-00ff", "python x.py", {"env_vars": {"KOINON_COPY": "0"}}, {"node:127.0.0.9": 0.001},
+        {"koinon.dev/aijob": "ns/j", "koinon.dev/attempt": "1", "koinon.dev/copy": "0"},
+    )  # fmt: skip
+    replies["/api/jobs/koinon-x-1-00ff"] = {  # Ray 2.60's reply leaves the entrypoint's resources out
+        "status": "RUNNING", "entrypoint": submission.entrypoint, "runtime_env": dict(submission.runtime_env),
+        "metadata": dict(submission.metadata),
+    }  # fmt: skip
+    replies["/api/jobs/koinon-x-2"] = {"status": "RUNNING"}  # a reply that does not say
+    client = RayJobsClient(url)
+    try:
+        info = await client.get("koinon-x-1-00ff")
+        unsaid = await client.get("koinon-x-2")
+    finally:
+        await client.close()
+    assert info is not None and info.submitted is not None
+    assert info.submitted.entrypoint == "python x.py" and info.submitted.metadata == submission.metadata
+    assert info.submitted.entrypoint_resources is None
+    assert foreign_submission(submission, info) is None
+    assert foreign_submission(replace(submission, entrypoint="python forge.py"), info) == "entrypoint"
+    assert unsaid is not None and unsaid.submitted is None

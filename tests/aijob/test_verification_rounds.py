@@ -6,6 +6,7 @@ Reconciler passes against a fake Ray Job API (tests/aijob/fake_ray.py) and the r
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from koinon_operator.reconciler import AIJobReconciler, Outcome, copy_submission
 from koinon_operator.scheduling import ReputationPlacer
 from koinon_operator.verification import CopyResult, judge
 
-from .fake_ray import UID, Clock, FakeRay, make_body, node_address, step, volunteer
+from .fake_ray import UID, Clock, FakeRay, make_body, no_nonce, node_address, step, volunteer
 
 OWNERS = {"vn-a": "alice", "vn-b": "bob", "vn-b2": "bob", "vn-c": "carol", "vn-d": "dave"}
 GOOD, FORGED = "KOINON_RESULT 42\n", "KOINON_RESULT forged\n"
@@ -48,7 +49,9 @@ def volunteers(names: list[str]) -> dict[str, dict[str, Any]]:
     return {n: volunteer(OWNERS[n], node_address(n), connected=True) for n in names}
 
 
-def reconciler(ray: CopiesRay, clock: Clock, seed_key: bytes = SEED_KEY) -> AIJobReconciler:
+def reconciler(
+    ray: CopiesRay, clock: Clock, seed_key: bytes = SEED_KEY, nonce: Callable[[], str] = no_nonce
+) -> AIJobReconciler:
     fake: Any = ray
     return AIJobReconciler(
         ray=fake,
@@ -56,6 +59,7 @@ def reconciler(ray: CopiesRay, clock: Clock, seed_key: bytes = SEED_KEY) -> AIJo
         nodes=RayNodeCache(fake, max_age_seconds=0.0),
         clock=lambda: clock.now,
         monotonic=lambda: clock.mono,
+        submission_nonce=nonce,
     )
 
 

@@ -1,0 +1,286 @@
+"""An attempt's Ray submissions are the operator's own: their ids carry a nonce drawn at placement
+(not to be guessed before the operator submits), a job found under one of them that differs from
+what the operator submits there is not adopted, and a driver that ran on another Ray node than its
+copy's gives no answer, a single copy's included. Anyone with the cluster's Ray token (every
+volunteer: README, "What a volunteer can still do") can submit to the head's Job API under any id.
+
+Reconciler passes against a fake Ray Job API (tests/aijob/fake_ray.py)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import replace
+from typing import Any
+
+from koinon_operator.api.aijob import AIJobStatus, parse_spec
+from koinon_operator.inventory import RayNodeCache
+from koinon_operator.ray_jobs import RayJobInfo, RayJobState, SubmittedAs
+from koinon_operator.reconciler import (
+    AIJobReconciler,
+    copy_submission_id_from,
+    foreign_submission,
+    new_submission_nonce,
+    submission_of,
+)
+from koinon_operator.scheduling import ReputationPlacer
+
+from .fake_ray import UID, Clock, make_body, step, submitted_as
+from .test_verification_rounds import (
+    FORGED,
+    SEED_KEY,
+    CopiesRay,
+    reconciler,
+    replicated_job,
+    volunteers,
+    with_trusted,
+)
+
+NONCED = re.compile(rf"koinon-{UID}-(\d+)-([0-9a-f]{{16}})")
+
+
+def operator_reconciler(ray: CopiesRay, clock: Clock) -> AIJobReconciler:
+    """As the operator builds it (handlers.py): each attempt's nonce drawn at random."""
+    fake: Any = ray
+    return AIJobReconciler(
+        ray=fake,
+        placer=ReputationPlacer(clock=lambda: clock.now.timestamp(), seed_key=SEED_KEY),
+        nodes=RayNodeCache(fake, max_age_seconds=0.0),
+        clock=lambda: clock.now,
+        monotonic=lambda: clock.mono,
+    )
+
+
+def attempt_ids(status: dict[str, Any]) -> list[str]:
+    ids = [copy_submission_id_from(status.get("submissionId"), k) for k in range(status["scheduling"]["copies"])]
+    return [i for i in ids if i]
+
+
+async def until_submitted(
+    rec: AIJobReconciler, ray: CopiesRay, clock: Clock, body: dict[str, Any], attempt: int = 1
+) -> list[str]:
+    """Passes until every copy of attempt ``attempt`` is in Ray; their ids."""
+    vols = volunteers(ray.present)
+    for _ in range(10):
+        await step(rec, body, vols)
+        clock.advance(40)
+        status = body["status"]
+        placed = status.get("submissionId") and status.get("attempts") == attempt
+        if placed and all(i in ray.jobs for i in attempt_ids(status)):
+            return attempt_ids(status)
+    raise AssertionError(body["status"])
+
+
+async def test_a_submission_made_under_the_next_attempts_predictable_id_is_not_adopted_as_its_answer() -> None:
+    """The reviewer's case: attempt 2 of a replicated job on trusted nodes skips its copy (one
+    submission). A volunteer submitted its own job, printing a forged result, under
+    koinon-<uid>-2 before attempt 2 was submitted, pinned to the node attempt 2 is placed on (its
+    driver there: no check of the driver's node catches it). That job was adopted ('already
+    existed') and its log taken as the answer: Succeeded with the forged value, the honest node
+    credited. Now attempt 2's id carries a nonce nobody could know before the operator submits."""
+    ray, clock = CopiesRay(["vn-c", "vn-d"]), Clock()
+    rec, body = operator_reconciler(ray, clock), replicated_job(quorum=2)
+    vols = with_trusted(ray.present, ("vn-c", "vn-d"))
+    for _ in range(10):  # attempt 1 runs, and is stopped (any interruption): placed again
+        await step(rec, body, vols)
+        clock.advance(40)
+        if body["status"].get("submissionId") in ray.jobs:
+            break
+    for submission in attempt_ids(body["status"]):
+        ray.set_state(submission, RayJobState.STOPPED)
+    await step(rec, body, vols)
+    assert body["status"]["phase"] == "Pending", body["status"]
+    await step(rec, body, vols)  # attempt 2 placed: the skip was drawn for it
+    status = body["status"]
+    assert (status["phase"], status["attempts"], status["scheduling"]["copies"]) == ("Scheduled", 2, 1), status
+    forged_id = f"koinon-{UID}-2"
+    driver = status["rayNodeIds"][0]
+    ray.jobs[forged_id] = RayJobInfo(forged_id, RayJobState.SUCCEEDED, "", driver, 1, 2, 0)
+    ray.logs_by_id[forged_id] = FORGED
+    for _ in range(6):
+        outcome = await step(rec, body, vols)
+        clock.advance(40)
+        if body["status"]["phase"] in ("Succeeded", "Failed"):
+            break
+        if body["status"]["phase"] == "Scheduled" and body["status"]["submissionId"] in ray.jobs:
+            ray.set_state(body["status"]["submissionId"], RayJobState.SUCCEEDED, exit_code=0)
+    status = body["status"]
+    assert status["result"]["value"] == "42", (status["phase"], status["reason"], status["result"])
+    assert NONCED.fullmatch(status["submissionId"]), status["submissionId"]
+    assert forged_id not in [s.submission_id for s in ray.submissions]
+    assert ("vn-c", "success") in outcome.reputation or ("vn-d", "success") in outcome.reputation
+
+
+async def test_each_attempt_and_all_its_copies_share_one_nonce_drawn_at_its_placement() -> None:
+    ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
+    rec, body = operator_reconciler(ray, clock), replicated_job(quorum=2)
+    first = await until_submitted(rec, ray, clock, body)
+    match = NONCED.fullmatch(first[0])
+    assert match is not None and match.group(1) == "1", first
+    assert first[1:] == [f"{first[0]}-copy1"]
+    for submission in first:
+        ray.set_state(submission, RayJobState.STOPPED)  # stopped by hand: placed again, uncounted
+    second = await until_submitted(rec, ray, clock, body, attempt=2)
+    again = NONCED.fullmatch(second[0])
+    assert again is not None and again.group(1) == "2" and again.group(2) != match.group(2), second
+    assert body["status"].get("failures", 0) == 0
+
+
+async def test_a_restarted_operator_submits_and_adopts_under_the_ids_the_placing_write_recorded() -> None:
+    """Nothing is submitted before the write that places the attempt (and draws its nonce) is
+    read back; an operator that restarts after it, or after submitting without a later write,
+    computes the same ids from status: each copy is submitted once."""
+    ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
+    body = replicated_job(quorum=2)
+    vols = volunteers(ray.present)
+    lost = await operator_reconciler(ray, clock).reconcile(copy.deepcopy(body), {}, vols)
+    assert lost.status["phase"] == "Scheduled" and not ray.submissions  # its write is lost: a crash
+    await step(operator_reconciler(ray, clock), body, vols)  # placed again, by a restarted operator
+    assert body["status"]["phase"] == "Scheduled" and not ray.submissions
+    recorded = attempt_ids(body["status"])
+    assert recorded[0] != lost.status["submissionId"]
+    submitting = operator_reconciler(ray, clock)  # restarted again: submits what status names
+    await submitting.reconcile(copy.deepcopy(body), {}, vols)  # its outcome is lost too
+    assert [s.submission_id for s in ray.submissions] == recorded
+    for _ in range(3):  # and again: it finds them all, submits nothing
+        await step(operator_reconciler(ray, clock), body, vols)
+        clock.advance(10)
+    assert [s.submission_id for s in ray.submissions] == recorded
+    for submission in recorded:
+        ray.set_state(submission, RayJobState.SUCCEEDED, exit_code=0)
+    await step(operator_reconciler(ray, clock), body, vols)
+    assert (body["status"]["phase"], body["status"]["attempts"]) == ("Succeeded", 1), body["status"]
+
+
+async def test_an_attempt_an_earlier_operator_placed_keeps_its_ids_after_the_upgrade() -> None:
+    """A status without a nonce (koinon-<uid>-<attempt>) is followed under those ids: its Ray
+    job, submitted by the earlier operator, is adopted, neither submitted again nor lost."""
+    ray, clock = CopiesRay(["vn-a"]), Clock()
+    body = make_body({"entrypoint": "python x.py"})
+    earlier = reconciler(ray, clock)  # no nonce: as operators before nonces placed
+    await until_submitted(earlier, ray, clock, body)
+    assert body["status"]["submissionId"] == f"koinon-{UID}-1"
+    upgraded = operator_reconciler(ray, clock)
+    await step(upgraded, body, volunteers(ray.present))
+    ray.set_state(f"koinon-{UID}-1", RayJobState.SUCCEEDED, exit_code=0)
+    await step(upgraded, body, volunteers(ray.present))
+    status = body["status"]
+    assert (status["phase"], status["attempts"], status["result"]["value"]) == ("Succeeded", 1, "42"), status
+    assert [s.submission_id for s in ray.submissions] == [f"koinon-{UID}-1"]
+
+
+def _forged_in_place(ray: CopiesRay, body: dict[str, Any], entrypoint: str) -> str:
+    """Someone else's job under the attempt's (known) id: what the operator submits there, but
+    for ``entrypoint``; pinned to, and run on, the copy's own node; it succeeded, printing FORGED."""
+    status = AIJobStatus.from_status(body["status"])
+    honest = submission_of("ns/j", parse_spec(body["spec"]), status, 0)
+    forged = replace(honest, entrypoint=entrypoint)
+    ray.jobs[forged.submission_id] = RayJobInfo(
+        forged.submission_id, RayJobState.SUCCEEDED, "", status.ray_node_ids[0], 1, 2, 0, None, submitted_as(forged)
+    )
+    ray.logs_by_id[forged.submission_id] = FORGED
+    return forged.submission_id
+
+
+async def test_a_job_someone_else_submitted_under_a_known_id_is_stopped_and_the_attempt_placed_again_uncounted() -> (
+    None
+):
+    """An attempt an earlier operator placed has a predictable id (so does a copy's once the
+    attempt's first copy is listed by the head). A job under it with another entrypoint, pinned to
+    the placed node and run there, is no answer of the attempt's: not adopted, nobody charged or
+    credited, stopped, and the attempt placed again (uncounted) under a new, nonced id."""
+    ray, clock = CopiesRay(["vn-a"]), Clock()
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 0})
+    vols = volunteers(ray.present)
+    await step(reconciler(ray, clock), body, vols)  # an earlier operator placed it...
+    assert body["status"]["phase"] == "Scheduled" and not ray.submissions, body["status"]
+    forged_id = _forged_in_place(ray, body, "python -c 'print(\"KOINON_RESULT forged\")'")  # ...and died
+    upgraded = operator_reconciler(ray, clock)
+    outcome = await step(upgraded, body, vols)
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Pending", "SubmissionConflict"), status
+    assert outcome.reputation == [] and status.get("failures", 0) == 0
+    assert forged_id in ray.stopped
+    assert "result" not in status or status["result"] is None
+    assert forged_id not in [s.submission_id for s in ray.submissions]
+    submitted = await until_submitted(upgraded, ray, clock, body, attempt=2)
+    assert NONCED.fullmatch(submitted[0]) and body["status"]["attempts"] == 2
+    ray.set_state(submitted[0], RayJobState.SUCCEEDED, exit_code=0)
+    outcome = await step(upgraded, body, vols)
+    assert (body["status"]["phase"], body["status"]["result"]["value"]) == ("Succeeded", "42"), body["status"]
+    assert outcome.reputation == [("vn-a", "success")]
+
+
+async def test_a_copy_submitted_by_someone_else_is_no_answer_of_a_verified_attempt() -> None:
+    """A verification copy's id is listed by the head as soon as the attempt's first copy is
+    submitted: a job under it, pinned to the copy's node with another entrypoint, would have been
+    that node's answer (its driver ran where it was placed)."""
+    ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
+    rec, body = operator_reconciler(ray, clock), replicated_job(quorum=2)
+    ids = await until_submitted(rec, ray, clock, body)
+    status = AIJobStatus.from_status(body["status"])
+    honest = submission_of("ns/j", parse_spec(body["spec"]), status, 1)
+    taken = replace(honest, entrypoint="python forge.py")
+    ray.jobs[ids[1]] = replace(ray.jobs[ids[1]], submitted=submitted_as(taken))  # deleted, submitted again
+    for submission in ids:
+        ray.set_state(submission, RayJobState.SUCCEEDED, exit_code=0)
+    outcome = await step(rec, body, volunteers(ray.present))
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Pending", "SubmissionConflict"), body["status"]
+    assert outcome.reputation == []
+
+
+async def test_a_single_copy_whose_driver_ran_on_another_ray_node_gives_no_answer() -> None:
+    """A job whose only copy's driver ran on another Ray node than the one placed (another node
+    claiming its address, or a job someone else submitted where Ray reports no submission) was
+    taken as the job's answer, its log read from that node, and the placed node credited a
+    success. As a verification copy: no answer, nobody charged or credited, the attempt fails
+    (DriverMisplaced, counted, so an impostor cannot hold the job for ever)."""
+    ray, clock = CopiesRay(["vn-a"]), Clock()
+    rec, body = reconciler(ray, clock), make_body({"entrypoint": "python x.py", "backoffLimit": 0})
+    [submission] = await until_submitted(rec, ray, clock, body)
+    ray.jobs[submission] = RayJobInfo(submission, RayJobState.SUCCEEDED, "", "r-elsewhere", 1, 2, 0)
+    ray.logs_by_id[submission] = FORGED
+    outcome = await step(rec, body, volunteers(ray.present))
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "BackoffLimitExceeded"), status
+    assert "DriverMisplaced" in [e.reason for e in outcome.events] or "another Ray node" in status["message"]
+    assert outcome.reputation == []
+    assert (status.get("result") or {}).get("value") != "forged"
+
+
+async def test_an_edit_while_the_attempt_runs_does_not_make_its_own_copies_foreign() -> None:
+    """What the operator would submit now is not what it submitted before an edit (applied from
+    the next attempt): only what status gives is compared then."""
+    ray, clock = CopiesRay(["vn-a"]), Clock()
+    rec, body = operator_reconciler(ray, clock), make_body({"entrypoint": "python x.py"})
+    [submission] = await until_submitted(rec, ray, clock, body)
+    body["spec"]["entrypoint"] = "python y.py"
+    body["metadata"]["generation"] = 2
+    ray.set_state(submission, RayJobState.SUCCEEDED, exit_code=0)
+    await step(rec, body, volunteers(ray.present))
+    status = body["status"]
+    assert (status["phase"], status["attempts"], status["result"]["value"]) == ("Succeeded", 1, "42"), status
+
+
+def test_what_differs_from_the_operators_submission_is_named() -> None:
+    body = make_body({"entrypoint": "python x.py"})
+    body["status"] = {
+        "attempts": 1, "submissionId": f"koinon-{UID}-1-{new_submission_nonce()}", "assignedNodes": ["vn-a"],
+        "traceId": "0" * 31 + "1", "scheduling": {"addresses": ["127.0.0.9"], "copies": 1},
+    }  # fmt: skip
+    ours = submission_of("ns/j", parse_spec(body["spec"]), AIJobStatus.from_status(body["status"]), 0)
+    found = RayJobInfo(ours.submission_id, RayJobState.RUNNING, "", None, 1, None, None)
+    assert foreign_submission(ours, found) is None  # Ray did not say: nothing to compare
+    assert foreign_submission(ours, replace(found, submitted=submitted_as(ours))) is None
+    other = replace(ours, entrypoint="python z.py", metadata={**ours.metadata, "koinon.dev/copy": "1"})
+    assert foreign_submission(ours, replace(found, submitted=submitted_as(other))) == "entrypoint, metadata"
+    # After an edit only what status gives is compared (metadata, the driver's pin, what it reserves).
+    assert foreign_submission(ours, replace(found, submitted=submitted_as(other)), whole=False) == "metadata"
+    # Ray 2.60 does not report the entrypoint's resources (the driver's pin): compared where reported.
+    reported = replace(submitted_as(ours), entrypoint_resources=dict(ours.entrypoint_resources), entrypoint_num_gpus=0)
+    assert foreign_submission(ours, replace(found, submitted=reported)) is None
+    greedy = replace(reported, entrypoint_num_gpus=1, entrypoint_resources={"node:10.0.0.1": 0.001})
+    assert foreign_submission(ours, replace(found, submitted=greedy), whole=False) == (
+        "entrypoint_resources, entrypoint_num_gpus"
+    )
+    assert SubmittedAs("x", None, None).entrypoint_resources is None
