@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .addresses import FIRST_WORKER, LOOPBACK_NETWORK, LOOPBACK_OWN_SERVICES, MAX_WORKER_PORTS
+from .tcp_pipe import SMALL_BUFFER_BYTES
 
 # Bind hosts that accept connections to any local address, the head's included.
 WILDCARD_HOSTS = frozenset({"", "*"})
@@ -86,6 +87,26 @@ def milliseconds(seconds: float) -> int:
     return int(seconds * 1000)
 
 
+# The memory limit of the gateway's container as shipped (manifests/gateway/deployment.yaml) and
+# the share of it one volunteer's stalled connections may take at most (see
+# max_buffered_bytes_per_node): the rest is the gateway's own (123 MB idle, 250-400 MB after
+# carrying many GiB of Ray objects, README "Memory of the data path") and every other node's.
+SHIPPED_MEMORY_LIMIT_BYTES = 1 << 30
+ONE_NODE_MEMORY_SHARE = 1 / 3
+# Bytes a pipe may hold past its node's budget: the two small buffers (64 KiB each) it holds once a
+# full-size one no longer fits, the one it reads into and the one its consumer still has a view of.
+PAST_BUDGET_BYTES_PER_STREAM = 2 * SMALL_BUFFER_BYTES
+MIN_BUFFERED_BYTES_PER_NODE = 1 << 20  # one full-size receive buffer (tunnel_io.CHUNK_BYTES)
+
+
+def one_node_memory_bound(max_streams_per_node: int, max_buffered_bytes_per_node: int) -> int:
+    """The most memory one node's connections can make the gateway hold for data it does not read:
+    the receive buffers of its pipes (the budget, plus two small buffers per stream past it), and
+    as much again in grpc, which holds at most one message a stream, a copy of a view of one of
+    those buffers (the one tunnel_io.tcp_to_channel is writing while the node does not read)."""
+    return 2 * (max_buffered_bytes_per_node + max_streams_per_node * PAST_BUDGET_BYTES_PER_STREAM)
+
+
 # How old a connected node's lastHeartbeat may get between refreshes: half the 120 s after which
 # the operator no longer trusts a Ready status (a heartbeat's news waits up to one interval more).
 MAX_STATUS_REFRESH_S = 60.0
@@ -134,9 +155,19 @@ class GatewayConfig:
     accept_timeout_s: float = 10.0
     # Connect streams one node may hold open at once, counted separately for the ones it dials
     # (its proxied connections) and the ones not past their first frame yet; the ones it accepts
-    # count against neither, as the dialler paid for them (stream_slots.py). Each can buffer
-    # several MiB when its reader stalls, so this bounds what one volunteer can make the gateway hold.
+    # count against neither, as the dialler paid for them (stream_slots.py). Together with
+    # max_buffered_bytes_per_node, this bounds what one volunteer can make the gateway hold.
     max_streams_per_node: int = 256
+    # Receive buffers the gateway may hold for one node's TCP connections together (head-side
+    # sockets of its dials and the head's connections to it, tcp_pipe.ReadBudget): data read from
+    # the head that the node is not reading from its Connect streams. A connection alone stops at
+    # 4 MiB unread (tcp_pipe.PAUSE_READING_BYTES, ~6 MiB of buffers), so a few bulk transfers never
+    # feel this; once the node's pipes hold it all, each goes on in 64 KiB buffers, one read at a
+    # time. Worst case for one node (one_node_memory_bound): 2 x (128 MiB + 256 streams x 128 KiB)
+    # = 320 MiB, under ONE_NODE_MEMORY_SHARE of the shipped 1Gi limit (the head's own connections
+    # to the node, which Ray opens a few of, add 128 KiB each); without it 256 stalled streams held
+    # 256 x 4-6 MiB, over 1 GiB, and the gateway was OOM-killed with every node's session.
+    max_buffered_bytes_per_node: int = 128 << 20
     rtt_smoothing_alpha: float = 0.2
     # Agents that heartbeat by themselves (Register.self_heartbeats) get a Ping, the RTT probe, every
     # this many heartbeat intervals; others get one every interval.
@@ -188,6 +219,11 @@ class GatewayConfig:
             raise ValueError(f"port_block_size: at most {most}, got {self.port_block_size}")
         if self.max_streams_per_node < 1:
             raise ValueError("max_streams_per_node: must be at least 1")
+        if self.max_buffered_bytes_per_node < MIN_BUFFERED_BYTES_PER_NODE:
+            raise ValueError(
+                f"max_buffered_bytes_per_node: at least {MIN_BUFFERED_BYTES_PER_NODE} (one receive buffer), "
+                f"got {self.max_buffered_bytes_per_node}"
+            )
         if not 0 < self.rtt_smoothing_alpha <= 1:
             raise ValueError("rtt_smoothing_alpha: must be in (0, 1]")
         if not 0 < self.head_gcs_port < 65536:

@@ -46,7 +46,8 @@ class HeadProxy:
             with self.router.metrics.connection():
                 http_connect.send(writer, http_connect.ESTABLISHED)
                 await writer.drain()
-                await splice_tcp(reader, writer, channel)
+                # Data from the head that the node does not read is held against its budget.
+                await splice_tcp(reader, writer, channel, self.router.sessions.read_budget(route.node.node_name))
         except ConnectionError:
             pass
         except ProtocolViolation as exc:  # the volunteer got a Close saying so; its session carries on

@@ -25,7 +25,7 @@ from pathlib import Path
 import aiohttp
 
 from . import event_loop, token_cli
-from .config import MAX_STATUS_REFRESH_S, GatewayConfig
+from .config import MAX_STATUS_REFRESH_S, MIN_BUFFERED_BYTES_PER_NODE, GatewayConfig
 from .file_tokens import FileTokenStore
 from .kube_ca import KubeCAStore, StalePin
 from .kube_client import KubeApiError, KubeConfigError, kube_client, load_config
@@ -53,6 +53,19 @@ def _positive_seconds(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
+
+
+def _buffered_bytes(text: str) -> int:
+    """An argparse type: a whole number of bytes, at least one receive buffer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of bytes, got {text!r}") from None
+    if value < MIN_BUFFERED_BYTES_PER_NODE:
+        raise argparse.ArgumentTypeError(
+            f"at least {MIN_BUFFERED_BYTES_PER_NODE} bytes (one receive buffer), got {text!r}"
+        )
     return value
 
 
@@ -98,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=256,
         help="proxied connections one volunteer may dial at once (ones it accepts do not count); more are refused",
+    )
+    p.add_argument(
+        "--max-buffered-bytes-per-node",
+        type=_buffered_bytes,
+        default=GatewayConfig.max_buffered_bytes_per_node,
+        help="bytes of receive buffers the gateway may hold for one volunteer's connections together "
+        "(data from the head it does not read); one node can make the gateway hold at most about "
+        "2 x (this + 128 KiB per stream), see GatewayConfig.max_buffered_bytes_per_node",
     )
     p.add_argument(
         "--unconnected-node-ttl",
@@ -147,6 +168,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         heartbeat_timeout_s=args.heartbeat_timeout,
         credential_lifetime_s=args.credential_lifetime,
         max_streams_per_node=args.max_streams_per_node,
+        max_buffered_bytes_per_node=args.max_buffered_bytes_per_node,
         unconnected_node_ttl_s=args.unconnected_node_ttl,
         namespace=args.namespace,
     )

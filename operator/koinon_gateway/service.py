@@ -43,15 +43,17 @@ from .rpc import EOF, Context, MalformedMessage
 from .sessions import MAX_RAY_IDS_ELSEWHERE, NodeSession, SessionTable, gpus_reported
 from .status import never_connected_status, stored_ready_condition
 from .stream_slots import StreamSlot, TooManyStreams
+from .tcp_pipe import TcpPipe
 from .tokens import COUNTED_JOIN_RETRY_S, HALF_MADE_WAIT_S, JoinGrant, TokenError, TokenStore
 from .tunnel_io import (
+    CHUNK_BYTES,
     STREAM_READER_LIMIT,
     CountedFrameChannel,
     GrpcFrameChannel,
     PeerProtocolViolation,
     ProtocolViolation,
     splice_channels,
-    splice_tcp,
+    splice_pipe,
 )
 
 log = logging.getLogger(__name__)
@@ -1197,8 +1199,22 @@ class TunnelService:
                 )
                 return
             with self.metrics.connection():  # counted once open, as the head proxy counts
-                await channel.write_frame(pb.Frame(dial_result=pb.DialResult(ok=True)))
-                await splice_tcp(reader, writer, channel)
+                # Taken over at once: what the head sends while the DialResult is on its way lands
+                # in the pipe's buffers, held against the node's budget, not in the StreamReader
+                # (which buffered up to 8 MiB a connection, on every stream of a node at once).
+                budget = self.sessions.read_budget(source.node_name)
+                pipe = TcpPipe.take_over(reader, writer, CHUNK_BYTES, budget)
+                try:
+                    await channel.write_frame(pb.Frame(dial_result=pb.DialResult(ok=True)))
+                except BaseException:
+                    # The stream failed or this handler was cancelled (a revocation, the node's
+                    # call gone) before the splice: nothing else would end the head connection
+                    # (the node never learnt of it) or give back what its pipe holds.
+                    with contextlib.suppress(Exception):
+                        pipe.abort()
+                    pipe.release()
+                    raise
+                await splice_pipe(pipe, channel)
             return
         assert route.node is not None
         try:

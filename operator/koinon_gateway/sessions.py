@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from .registry import NodeRegistry, connection_owned_by_gateway, node_uid
 from .status import ReadyCondition, gpus_to_status, next_condition, rfc3339, stored_ready_condition
 from .status_writer import StatusWriter
 from .stream_slots import StreamSlots
+from .tcp_pipe import ReadBudget
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +167,18 @@ class SessionTable:
         self._revoked: OrderedDict[str, None] = OrderedDict()
         # Connect streams open per node (their handler tasks): capped per node, ended with it.
         self.streams = StreamSlots(config.max_streams_per_node)
+        # Receive buffers of each node's TCP connections, together, by node name as the stream cap
+        # counts (a reconnecting node's old streams share with its new ones); an entry lives while
+        # a pipe holds it.
+        self._read_budgets: weakref.WeakValueDictionary[str, ReadBudget] = weakref.WeakValueDictionary()
         self.closing = False  # the gateway is shutting down: no new sessions
+
+    def read_budget(self, node_name: str) -> ReadBudget:
+        """What the gateway may buffer for ``node_name``'s connections (max_buffered_bytes_per_node)."""
+        budget = self._read_budgets.get(node_name)
+        if budget is None:
+            budget = self._read_budgets[node_name] = ReadBudget(self.config.max_buffered_bytes_per_node)
+        return budget
 
     def get_by_address(self, address: str) -> NodeSession | None:
         return self.by_address.get(address)

@@ -14,6 +14,14 @@ next data lands in one taken from the free list.
 Connections are opened and CONNECT requests parsed with asyncio streams; ``TcpPipe.take_over``
 then swaps the transport's protocol and keeps whatever the ``StreamReader`` had already buffered.
 Writes go straight to the transport, with the same pause/resume flow control streams use.
+
+The pipes of one node's connections may share a ``ReadBudget``: the receive buffers they hold
+together (unread data, the buffer a read lands in, the one whose view the consumer holds). A pipe
+takes a full-size buffer only while one fits in the budget; past it, a pipe with unread data stops
+reading instead of taking another buffer, and one that has none takes a small one (so a pipe whose
+consumer reads always makes progress). One bulk connection holds a few MiB and never feels the
+budget; a node whose many connections all stall cannot make the gateway hold more than the budget
+plus two small buffers per connection (see GatewayConfig.max_buffered_bytes_per_node).
 """
 
 from __future__ import annotations
@@ -30,6 +38,8 @@ from typing import cast
 MIN_READ_BYTES = 64 << 10
 # Stop reading the socket while this much received data waits for the consumer.
 PAUSE_READING_BYTES = 4 << 20
+# The buffers a pipe takes once a full-size one no longer fits in its ReadBudget: one read each.
+SMALL_BUFFER_BYTES = MIN_READ_BYTES
 # Free buffers kept for reuse, per buffer size, by all the pipes of this process together (the rest
 # are freed): enough for a few connections in bulk transfer, a bound on what idle ones cost.
 FREE_BUFFER_BYTES = 8 << 20
@@ -56,8 +66,25 @@ def _give_back_buffer(buffer: bytearray) -> None:
         free.append(buffer)
 
 
+class ReadBudget:
+    """Bytes of receive buffers that the pipes sharing it (one node's connections) may hold.
+
+    Only full-size buffers are checked against ``limit_bytes``; the small ones a pipe takes past it
+    (at most two a pipe: the one it reads into and the one whose view its consumer holds) are
+    counted but not refused, so ``held_bytes`` stays under ``limit_bytes`` plus
+    ``2 * SMALL_BUFFER_BYTES`` per pipe.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.held_bytes = 0
+
+    def fits(self, nbytes: int) -> bool:
+        return self.held_bytes + nbytes <= self.limit_bytes
+
+
 class TcpPipe(asyncio.BufferedProtocol):
-    def __init__(self, transport: asyncio.Transport, buffer_bytes: int) -> None:
+    def __init__(self, transport: asyncio.Transport, buffer_bytes: int, budget: ReadBudget | None = None) -> None:
         self._transport = transport
         self._loop = asyncio.get_running_loop()
         self._buffer_bytes = buffer_bytes
@@ -76,12 +103,22 @@ class TcpPipe(asyncio.BufferedProtocol):
         self._read_waiter: asyncio.Future[None] | None = None
         self._writing_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
+        self._budget = budget
+        # Bytes of the buffers this pipe holds (current, backlog, lent), as charged to the budget.
+        self._held = 0
 
     @classmethod
-    def take_over(cls, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, buffer_bytes: int) -> TcpPipe:
-        """Makes a pipe the protocol of the streams' transport; the streams must not be used again."""
+    def take_over(
+        cls,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        buffer_bytes: int,
+        budget: ReadBudget | None = None,
+    ) -> TcpPipe:
+        """Makes a pipe the protocol of the streams' transport; the streams must not be used again.
+        Its buffers are charged to ``budget`` until ``release()``."""
         transport = cast(asyncio.Transport, writer.transport)
-        pipe = cls(transport, buffer_bytes)
+        pipe = cls(transport, buffer_bytes, budget)
         # asyncio has no public accessor for what a StreamReader holds; these two attributes have
         # been its state since Python 3.4. Nothing runs between reading them and swapping the
         # protocol, so no byte and no EOF can slip past.
@@ -91,6 +128,7 @@ class TcpPipe(asyncio.BufferedProtocol):
             for start in range(0, len(leftover), buffer_bytes):  # no view larger than a buffer
                 pipe._backlog.append((None, leftover[start : start + buffer_bytes]))
             pipe._unread = len(leftover)
+            pipe._charge(len(leftover))  # freed view by view as it is read
             held.clear()
         pipe._eof = bool(getattr(reader, "_eof"))  # noqa: B009
         if transport.is_closing():
@@ -102,6 +140,25 @@ class TcpPipe(asyncio.BufferedProtocol):
             transport.resume_reading()  # the StreamReader may have paused it
         return pipe
 
+    # ---- budget ----
+
+    def _charge(self, nbytes: int) -> None:
+        self._held += nbytes
+        if self._budget is not None:
+            self._budget.held_bytes += nbytes
+
+    def _short_of_room(self) -> bool:
+        """A full-size buffer no longer fits in the budget: the node's other pipes hold it."""
+        return self._budget is not None and not self._budget.fits(self._buffer_bytes)
+
+    def release(self) -> None:
+        """The connection is over: what this pipe still holds no longer counts against its budget
+        (the buffers go with the pipe). Idempotent."""
+        if self._budget is not None:
+            self._budget.held_bytes -= self._held
+            self._budget = None
+        self._held = 0
+
     # ---- protocol callbacks ----
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -111,7 +168,10 @@ class TcpPipe(asyncio.BufferedProtocol):
                 self._backlog.append((full, self._view[self._taken : self._filled]))
             elif full is not self._lent:
                 _give_back_buffer(full)
-            self._buffer = _take_buffer(self._buffer_bytes)
+                self._charge(-len(full))
+            size = min(self._buffer_bytes, SMALL_BUFFER_BYTES) if self._short_of_room() else self._buffer_bytes
+            self._buffer = _take_buffer(size)
+            self._charge(size)
             self._view = memoryview(self._buffer)
             self._filled = self._taken = 0
         return self._view[self._filled :]
@@ -119,7 +179,12 @@ class TcpPipe(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self._filled += nbytes
         self._unread += nbytes
-        if self._unread > PAUSE_READING_BYTES and not self._reading_paused:
+        # Past the budget, a pipe whose next read needs another buffer waits for its consumer
+        # instead (its unread data is there for it): reading resumes once all of it was read.
+        needs_buffer = len(self._view) - self._filled < MIN_READ_BYTES
+        if not self._reading_paused and (
+            self._unread > PAUSE_READING_BYTES or (needs_buffer and self._short_of_room())
+        ):
             self._reading_paused = True
             self._transport.pause_reading()
         self._wake_reader()
@@ -157,6 +222,7 @@ class TcpPipe(asyncio.BufferedProtocol):
         lent, self._lent = self._lent, None
         if lent is not None and lent is not self._buffer and all(entry[0] is not lent for entry in self._backlog):
             _give_back_buffer(lent)  # full, all of it read, and the consumer is done with it
+            self._charge(-len(lent))
         if not self._unread:
             # All of the current buffer was read (nothing waits in a backlog either) and the
             # consumer is done with its views: an idle pipe keeps no buffer. In bulk transfer the
@@ -178,11 +244,17 @@ class TcpPipe(asyncio.BufferedProtocol):
                 self._read_waiter = None
         if self._backlog:
             self._lent, view = self._backlog.popleft()
+            if self._lent is None:  # what a StreamReader held: no buffer of ours, no longer held
+                self._charge(-len(view))
         else:
             self._lent, view = self._buffer, self._view[self._taken : self._filled]
             self._taken = self._filled
         self._unread -= len(view)
-        if self._reading_paused and self._unread <= PAUSE_READING_BYTES // 2:
+        if (
+            self._reading_paused
+            and self._unread <= PAUSE_READING_BYTES // 2
+            and (not self._unread or not self._short_of_room())
+        ):
             self._reading_paused = False
             if not self._lost:
                 self._transport.resume_reading()
@@ -194,6 +266,7 @@ class TcpPipe(asyncio.BufferedProtocol):
         if not self._buffer:  # holds none already
             return
         _give_back_buffer(self._buffer)
+        self._charge(-len(self._buffer))
         self._buffer = bytearray(0)
         self._view = memoryview(self._buffer)
         self._filled = self._taken = 0

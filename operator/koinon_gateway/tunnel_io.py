@@ -20,7 +20,7 @@ from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .frame_codec import FrameDecodeError, OutgoingFrame, TunnelFrame
 from .rpc import EOF
-from .tcp_pipe import CLOSE_FLUSH_TIMEOUT_S, TcpPipe
+from .tcp_pipe import CLOSE_FLUSH_TIMEOUT_S, ReadBudget, TcpPipe
 
 # Message size is the first lever of throughput through grpc (DESIGN §4): read up to 1 MiB at once.
 CHUNK_BYTES = 1 << 20
@@ -160,7 +160,12 @@ class PeerProtocolViolation(Exception):
 CLOSE_NOTICE_TIMEOUT_S = 1.0
 
 
-async def splice_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, channel: FrameChannel) -> bool:
+async def splice_tcp(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    channel: FrameChannel,
+    budget: ReadBudget | None = None,
+) -> bool:
     """Run both directions until each has finished (half-closes) or one side aborts; True when the
     connection ended cleanly (both directions half-closed), False when it was aborted.
 
@@ -170,8 +175,15 @@ async def splice_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     (after the connection is reset) so that the caller can end the stream with an error.
 
     The connection's transport is taken over (see tcp_pipe); the streams must not be used again.
+    Its receive buffers count against ``budget`` (the gateway's, of the node at the tunnel end)
+    until it ends.
     """
-    pipe = TcpPipe.take_over(reader, writer, CHUNK_BYTES)
+    return await splice_pipe(TcpPipe.take_over(reader, writer, CHUNK_BYTES, budget), channel)
+
+
+async def splice_pipe(pipe: TcpPipe, channel: FrameChannel) -> bool:
+    """splice_tcp with a connection taken over already (``TcpPipe.take_over(..., CHUNK_BYTES)``);
+    the pipe is closed or reset, and released, when it returns."""
     half_closed = asyncio.Event()
     upstream = asyncio.ensure_future(tcp_to_channel(pipe, channel))
     downstream = asyncio.ensure_future(channel_to_tcp(channel, pipe, half_closed))
@@ -206,6 +218,8 @@ async def splice_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
             # After an abort nobody will read what is still buffered: reset at once, or a peer
             # that stopped reading would keep the socket and its buffer for ever.
             pipe.close() if clean else pipe.abort()
+        # Nothing reads it any more (close() and abort() stop the socket's reads too).
+        pipe.release()
         if notice:
             # Only once upstream is gone (a grpc stream takes one write at a time), and before the
             # read is cancelled: grpc.aio cancels a client call whose read is cancelled, and the

@@ -12,7 +12,11 @@ with different buffer sizes at once. After every step it checks:
   the buffer of the view its consumer holds;
 - every view handed out keeps its bytes until that consumer's next read();
 - every connection's bytes arrive complete and in order (all that was received before a reset
-  too), and a pipe whose consumer has seen its end holds no buffer.
+  too), and a pipe whose consumer has seen its end holds no buffer;
+- where the pipes share a ReadBudget (one node's connections): each pipe's charge is exactly the
+  buffers it holds, the budget's is their sum, and it never exceeds the budget by more than two
+  small buffers a pipe (plus what StreamReaders held before the take-over). That all pipes still
+  finish shows that one whose consumer reads makes progress however full the budget is.
 
 The loop's side does what asyncio's transports do: get_buffer may come without a buffer_updated
 (recv_into found nothing), nothing is received while reading is paused or after EOF, a reset may
@@ -30,7 +34,7 @@ from typing import cast
 
 import pytest
 from koinon_gateway import tcp_pipe
-from koinon_gateway.tcp_pipe import TcpPipe
+from koinon_gateway.tcp_pipe import SMALL_BUFFER_BYTES, ReadBudget, TcpPipe
 
 PIPES = 6
 STREAM_BYTES = (0, 10, 5000, 300_000, 3 << 20)
@@ -92,6 +96,21 @@ def check_buffers(connections: list[Connection]) -> None:
             assert id(buffer) not in free, f"pipe {n}: a buffer it still holds is in the free list"
 
 
+def charged_bytes(pipe: TcpPipe) -> int:
+    """What a pipe holds: its buffers, each once, and what is left of a StreamReader's bytes."""
+    buffers = {id(buffer): len(buffer) for buffer in held_buffers(pipe)}
+    leftover = sum(len(view) for buffer, view in pipe._backlog if buffer is None)
+    return sum(buffers.values()) + leftover
+
+
+def check_budget(budget: ReadBudget, connections: list[Connection], leftovers: int) -> None:
+    for n, connection in enumerate(connections):
+        assert connection.pipe._held == charged_bytes(connection.pipe), f"pipe {n}: charged wrongly"
+    assert budget.held_bytes == sum(connection.pipe._held for connection in connections)
+    past = sum(2 * min(connection.pipe._buffer_bytes, SMALL_BUFFER_BYTES) for connection in connections)
+    assert budget.held_bytes <= budget.limit_bytes + leftovers + past, "the pipes hold more than their budget"
+
+
 def check_lent_view(n: int, connection: Connection) -> None:
     if connection.lent is not None:
         view, copy = connection.lent
@@ -142,15 +161,17 @@ async def consume(n: int, connection: Connection, buffer_bytes: int) -> None:
     connection.lent = (view, bytes(view))
 
 
-async def run_model(seed: int, buffer_bytes: int) -> None:
+async def run_model(seed: int, buffer_bytes: int, budget: ReadBudget | None = None) -> None:
     rng = random.Random(seed)
     connections: list[Connection] = []
+    leftovers = 0
     for _ in range(PIPES):
         transport = FakeTransport()
         size = rng.choice((buffer_bytes, 1 << 20))  # pipes of two buffer sizes share the free list
         data = rng.randbytes(rng.choice(STREAM_BYTES))
         if rng.random() < 0.5:
-            connections.append(Connection(TcpPipe(cast(asyncio.Transport, transport), size), transport, data))
+            pipe = TcpPipe(cast(asyncio.Transport, transport), size, budget)
+            connections.append(Connection(pipe, transport, data))
             continue
         # Taken over from a StreamReader that holds some of the bytes (its backlog then starts
         # with views of a copy of them, no pool buffer), and maybe the EOF after them.
@@ -161,7 +182,8 @@ async def run_model(seed: int, buffer_bytes: int) -> None:
         if eof:
             reader.feed_eof()
         writer = cast(asyncio.StreamWriter, FakeWriter(transport))
-        pipe = TcpPipe.take_over(reader, writer, size)
+        pipe = TcpPipe.take_over(reader, writer, size, budget)
+        leftovers += min(leftover, len(data))
         connections.append(Connection(pipe, transport, data, sent=min(leftover, len(data)), ended=eof))
     sizes = [connection.pipe._buffer_bytes for connection in connections]
     for _ in range(200_000):
@@ -190,6 +212,8 @@ async def run_model(seed: int, buffer_bytes: int) -> None:
             for m, other in enumerate(connections):
                 check_lent_view(m, other)
         check_buffers(connections)
+        if budget is not None:
+            check_budget(budget, connections, leftovers)
     else:
         pytest.fail("the pipes did not finish")
 
@@ -205,3 +229,18 @@ async def test_random_interleavings_never_share_a_buffer(
     monkeypatch.setattr(tcp_pipe, "FREE_BUFFER_BYTES", 3 << 20)
     monkeypatch.setattr(tcp_pipe, "_free_buffers", {})  # this test's own: none from other tests
     await run_model(seed, buffer_bytes)
+
+
+@pytest.mark.parametrize("buffer_bytes", [1 << 20, 100_000, 1000])
+@pytest.mark.parametrize("seed", range(12))
+async def test_random_interleavings_keep_to_a_shared_budget(
+    seed: int, buffer_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same, the pipes sharing a budget smaller than what they would hold without it: full-size
+    buffers stop fitting, pipes pause past it and go on with small buffers."""
+    monkeypatch.setattr(tcp_pipe, "PAUSE_READING_BYTES", 512 << 10)
+    monkeypatch.setattr(tcp_pipe, "FREE_BUFFER_BYTES", 3 << 20)
+    monkeypatch.setattr(tcp_pipe, "_free_buffers", {})
+    budget = ReadBudget(3 << 19)  # 1.5 MiB for 6 pipes of up to 3 MiB each
+    await run_model(seed, buffer_bytes, budget)
+    assert budget.held_bytes == 0, "pipes that saw their end still charge the budget"

@@ -1,0 +1,223 @@
+"""What one volunteer can make the gateway buffer, and the head connections its dials leave behind.
+
+A volunteer that dials the head's Ray ports on all its allowed streams, has the head send on each
+(it holds the Ray token: Ray answers what it asks for) and never reads its Connect streams used to
+make each of the gateway's head-side pipes fill to 4-5 MiB: 256 streams were 1.0-1.25 GiB, past the
+gateway container's 1Gi limit, and the OOM kill ended every node's session. The pipes of one node
+now share max_buffered_bytes_per_node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import weakref
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from koinon_gateway import tcp_pipe
+from koinon_gateway.config import (
+    MIN_BUFFERED_BYTES_PER_NODE,
+    ONE_NODE_MEMORY_SHARE,
+    SHIPPED_MEMORY_LIMIT_BYTES,
+    GatewayConfig,
+    one_node_memory_bound,
+)
+from koinon_gateway.frame_codec import OutgoingFrame
+from koinon_gateway.main import build_parser, config_from_args
+from koinon_gateway.tunnel_io import CountedFrameChannel
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+
+from .helpers import Cluster, cluster, registered_mute_node
+
+REPO = Path(__file__).resolve().parents[2]
+F = pb.Frame
+STREAMS = 16
+BUDGET = 8 << 20  # 16 stalled streams held ~80 MiB before
+STUFF_BYTES = 64 << 20
+
+
+def buffers_held(pipe: tcp_pipe.TcpPipe) -> int:
+    """Bytes of the receive buffers a pipe holds (each once), and of what its StreamReader held."""
+    held = [pipe._buffer, pipe._lent, *(buffer for buffer, _ in pipe._backlog)]
+    distinct = {id(buffer): len(buffer) for buffer in held if buffer}
+    return sum(distinct.values()) + sum(len(view) for buffer, view in pipe._backlog if buffer is None)
+
+
+STUFFING = asyncio.Event()
+
+
+async def head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The head: while STUFFING is set, sends STUFF_BYTES on each new connection at once (an object,
+    a large GCS answer that the node asked for; at once, so that some arrive before the DialResult
+    has reached the node); then, and on other connections, echoes."""
+    try:
+        if STUFFING.is_set():
+            chunk = b"x" * (1 << 20)
+            for _ in range(STUFF_BYTES // len(chunk)):
+                writer.write(chunk)
+                await writer.drain()
+        while data := await reader.read(1 << 20):
+            writer.write(data)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+
+
+def connect_call(channel: grpc.aio.Channel, credential: str) -> Any:
+    raw = channel.stream_stream("/koinon.tunnel.v1.Tunnel/Connect", None, None)
+    return raw(metadata=(("authorization", f"Bearer {credential}"),))  # type: ignore[call-arg]
+
+
+async def dial_head(c: Cluster, channel: grpc.aio.Channel, credential: str) -> Any:
+    call = connect_call(channel, credential)
+    await call.write(F(dial=pb.Dial(host="127.0.0.1", port=c.head_port)).SerializeToString())
+    assert F.FromString(await asyncio.wait_for(call.read(), 5)).dial_result.ok
+    return call
+
+
+async def read_data(call: Any, nbytes: int) -> bytes:
+    got = bytearray()
+    while len(got) < nbytes:
+        frame = F.FromString(await asyncio.wait_for(call.read(), 10))
+        assert frame.WhichOneof("msg") == "data", frame
+        got += frame.data.payload
+    return bytes(got)
+
+
+async def echo_through(c: Cluster, channel: grpc.aio.Channel, credential: str, payload: bytes) -> None:
+    call = await dial_head(c, channel, credential)
+
+    async def send() -> None:
+        for start in range(0, len(payload), 1 << 20):  # a grpc message carries at most 1 MiB of data
+            await call.write(F(data=pb.Data(payload=payload[start : start + (1 << 20)])).SerializeToString())
+
+    _, echoed = await asyncio.gather(send(), read_data(call, len(payload)))
+    assert echoed == payload
+    call.cancel()
+
+
+async def test_a_node_that_stops_reading_its_head_streams_holds_no_more_than_its_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scaled down (16 streams, an 8 MiB budget): what the gateway's pipes hold for the node stays
+    within the budget plus two small buffers a stream, where it used to be 4-5 MiB a stream. The
+    node's new streams still work, another node's are not slowed, and the stalled streams still
+    deliver once read."""
+    pipes: weakref.WeakSet[tcp_pipe.TcpPipe] = weakref.WeakSet()
+    original_init = tcp_pipe.TcpPipe.__init__
+
+    def tracking_init(self: tcp_pipe.TcpPipe, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        pipes.add(self)
+
+    monkeypatch.setattr(tcp_pipe.TcpPipe, "__init__", tracking_init)
+    STUFFING.clear()
+    settings: dict[str, Any] = {"heartbeat_timeout_s": 30.0, "max_buffered_bytes_per_node": BUDGET}
+    async with (
+        cluster(tmp_path, tls=False, head_handler=head, **settings) as c,
+        grpc.aio.insecure_channel(c.gateway.agent_target) as channel,
+    ):
+        greedy, greedy_control = await registered_mute_node(c, channel, "greedy")
+        other, other_control = await registered_mute_node(c, channel, "other")
+        STUFFING.set()
+        stalled = await asyncio.gather(*(dial_head(c, channel, greedy.credential) for _ in range(STREAMS)))
+        # Until every pipe has stopped reading: the head then waits on all of them.
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if len(pipes) == STREAMS and all(pipe._reading_paused for pipe in pipes):
+                break
+        held = sum(buffers_held(pipe) for pipe in pipes)
+        bound = BUDGET + STREAMS * 2 * tcp_pipe.SMALL_BUFFER_BYTES
+        assert held <= bound, (
+            f"the gateway holds {held / 2**20:.1f} MiB for one node's {STREAMS} stalled streams "
+            f"({held / STREAMS / 2**20:.1f} MiB each), over its {BUDGET / 2**20:.0f} MiB budget"
+        )
+        budget = c.gateway.sessions.read_budget(greedy.assignment.node_name)
+        assert budget.held_bytes == held, "the budget's count is not what the pipes hold"
+
+        # The node itself goes on, in small buffers, and another node at full size.
+        STUFFING.clear()
+        await echo_through(c, channel, greedy.credential, b"y" * (1 << 20))
+        await echo_through(c, channel, other.credential, b"z" * (8 << 20))
+        # A stalled stream whose reader comes back gets its data.
+        assert (await read_data(stalled[0], 8 << 20))[: 8 << 20] == b"x" * (8 << 20)
+
+        for call in stalled:
+            call.cancel()
+        for _ in range(100):  # the splices end and give back what they held
+            if not budget.held_bytes:
+                break
+            await asyncio.sleep(0.05)
+        assert budget.held_bytes == 0
+        greedy_control.cancel()
+        other_control.cancel()
+
+
+def deployment_memory_limit() -> int:
+    text = (REPO / "manifests/gateway/deployment.yaml").read_text()
+    gateway = text.split("name: gateway", 1)[1]
+    match = re.search(r"limits:\s*\n\s*memory:\s*(\d+)Gi", gateway)
+    assert match, "no memory limit found for the gateway container"
+    return int(match.group(1)) << 30
+
+
+def test_the_defaults_keep_one_node_under_its_share_of_the_shipped_memory_limit() -> None:
+    assert deployment_memory_limit() == SHIPPED_MEMORY_LIMIT_BYTES
+    defaults = GatewayConfig()
+    bound = one_node_memory_bound(defaults.max_streams_per_node, defaults.max_buffered_bytes_per_node)
+    assert bound <= ONE_NODE_MEMORY_SHARE * SHIPPED_MEMORY_LIMIT_BYTES, f"{bound / 2**20:.0f} MiB"
+    # The CLI's defaults are the same.
+    args = build_parser().parse_args(["--head-address", "127.0.0.1"])
+    assert config_from_args(args).max_buffered_bytes_per_node == defaults.max_buffered_bytes_per_node
+
+
+def test_the_buffer_budget_is_validated(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match=r"^max_buffered_bytes_per_node: at least"):
+        GatewayConfig(max_buffered_bytes_per_node=MIN_BUFFERED_BYTES_PER_NODE - 1).validate()
+    GatewayConfig(max_buffered_bytes_per_node=MIN_BUFFERED_BYTES_PER_NODE).validate()
+    for value in ("1000", "lots", "-5"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--head-address", "127.0.0.1", "--max-buffered-bytes-per-node", value])
+        assert "--max-buffered-bytes-per-node" in capsys.readouterr().err
+    args = build_parser().parse_args(["--head-address", "127.0.0.1", "--max-buffered-bytes-per-node", str(64 << 20)])
+    assert config_from_args(args).max_buffered_bytes_per_node == 64 << 20
+
+
+async def test_a_head_connection_is_closed_when_the_dial_fails_before_its_splice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The head connection is open, the DialResult cannot be written (the stream failed): nothing
+    will splice it, and the head must see it closed, not keep a connection nobody uses. (The same
+    guard closes it when the handler is cancelled there.)"""
+    closed = asyncio.Event()
+
+    async def head_until_closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # EOF, or the reset of a connection the gateway gave up
+        closed.set()
+        writer.close()
+
+    original_write = CountedFrameChannel.write_frame
+
+    async def failing_write(self: CountedFrameChannel, frame: OutgoingFrame) -> None:
+        if isinstance(frame, pb.Frame) and frame.HasField("dial_result") and frame.dial_result.ok:
+            raise RuntimeError("the stream is gone")
+        await original_write(self, frame)
+
+    monkeypatch.setattr(CountedFrameChannel, "write_frame", failing_write)
+    async with (
+        cluster(tmp_path, tls=False, head_handler=head_until_closed, heartbeat_timeout_s=30.0) as c,
+        grpc.aio.insecure_channel(c.gateway.agent_target) as channel,
+    ):
+        joined, control = await registered_mute_node(c, channel)
+        call = connect_call(channel, joined.credential)
+        await call.write(F(dial=pb.Dial(host="127.0.0.1", port=c.head_port)).SerializeToString())
+        await asyncio.wait_for(closed.wait(), 5)
+        call.cancel()
+        control.cancel()
