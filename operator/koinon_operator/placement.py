@@ -54,6 +54,8 @@ class PlacementRequest:
     excluded_nodes: frozenset[str] = frozenset()
     excluded_owners: frozenset[str] = frozenset()
     verification_quorum: int = 1
+    least_copies: int = 1
+    """Copies the attempt runs at least, whatever the spot-check coin says (JobRequest.least_copies)."""
     attempt: int = 0
     creation_index: int = 0
     pending_since: float | None = None

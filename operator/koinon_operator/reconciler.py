@@ -528,6 +528,19 @@ def _failed_nodes(state: AIJobStatus) -> list[str]:
     return list(dict.fromkeys(e for e in entries if isinstance(e, str) and e))
 
 
+# status.scheduling: the most verification copies any attempt of the job was placed with, carried
+# from placement to placement; later attempts run at least as many (_place). Absent in statuses
+# written before it: those draw the spot-check coin for each attempt, as they did.
+CHECKED_COPIES = "checkedCopies"
+
+
+def _checked_copies(state: AIJobStatus) -> int:
+    """status.scheduling.checkedCopies: 1 where absent, or not a positive whole number (a
+    hand-edited status must not stop the job)."""
+    value = state.scheduling.get(CHECKED_COPIES)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+
+
 def _user_error(info: RayJobInfo) -> bool:
     """The job's fault, not the volunteer's: the driver exited with its own non-zero code, or Ray
     could not start it with the job's runtime_env or entrypoint."""
@@ -1161,6 +1174,7 @@ class AIJobReconciler:
     ) -> None:
         verified = spec.verification.mode == "replicated"
         state = self._forget_other_programs(spec, state, writer)
+        checked = _checked_copies(state)
         request = PlacementRequest(
             job_key=key,
             replicas=spec.replicas,
@@ -1174,6 +1188,13 @@ class AIJobReconciler:
             excluded_nodes=frozenset(state.excluded_nodes),
             excluded_owners=frozenset(state.excluded_owners),
             verification_quorum=spec.verification.quorum if verified else 1,
+            # Once an attempt was checked, every later one is (the coin is not drawn again): any
+            # volunteer sees in the head's job list that its job has a check copy and can stop it,
+            # which ends the attempt uncounted; a fresh coin for the next attempt would let a
+            # trusted liar stop checks until the skip came up. Not while answers of earlier
+            # attempts are kept: each later attempt is judged with them, so even one copy does not
+            # decide alone (the check that drew them is still in the vote).
+            least_copies=1 if state.earlier_results else checked,
             attempt=state.attempts + 1,
             creation_index=creation_index,
             # creation_index is creationTimestamp in seconds: the first attempt has waited since then
@@ -1235,6 +1256,9 @@ class AIJobReconciler:
                 "addresses": [node.address for node in decision.nodes],
                 "owners": [node.owner for node in decision.nodes],
                 "copies": copies,
+                # The most copies any attempt of this job ran: every later one runs at least as
+                # many (see least_copies above). Kept across attempts and operator restarts.
+                CHECKED_COPIES: max(checked, copies),
                 "replicas": spec.replicas,
                 # What the attempt holds and runs, whatever the spec says later: the operator's
                 # ledger is rebuilt from these after a restart, and copies not yet submitted are
@@ -1423,23 +1447,27 @@ class AIJobReconciler:
         # Any volunteer can stop any copy through the head's Job API, so charging the stopped
         # copies would let one charge honest nodes (stop theirs, exit its own with a code of the
         # job's own, which is not charged).
-        stopped = unanswered | frozenset(k for k, info in enumerate(known) if info.state is RayJobState.STOPPED)
+        found_stopped = frozenset(k for k, info in enumerate(known) if info.state is RayJobState.STOPPED)
+        stopped = unanswered | found_stopped
         ended = {k: info for k, info in enumerate(known) if k not in stopped}
-        # The nodes of stopped copies gave no answer to lose: one of them leaving must not send a
-        # decided vote back to a rerun of every copy, nor be charged for going home.
-        stopped_nodes = {node for k in stopped for node in state.copy_nodes(k)}
-        lost = [node for node in await self._lost_nodes(state) if node not in stopped_nodes]
+        # The nodes of copies stopped for a decided vote gave no answer to lose: one of them leaving
+        # must not send the decided vote back to a rerun of every copy, nor be charged for going home.
+        decided_nodes = {node for k in unanswered for node in state.copy_nodes(k)}
+        lost = [node for node in await self._lost_nodes(state) if node not in decided_nodes]
         # A node counts as lost only for a copy of its own that failed, and not with an exit code of
         # the job's own (a node lost after its job failed on its own changes nothing: the failure
-        # stays the job's). A node that left after its copy succeeded went home, as it may: that
-        # copy is judged with the others, and so is a failure on a node that is still there.
+        # stays the job's), or that was found stopped: its node left before that copy answered,
+        # and this operator stops every copy of an attempt whose node it finds lost (_node_lost),
+        # so a pass replayed after that pass's status write was lost finds exactly this. A node that
+        # left after its copy succeeded went home, as it may: that copy is judged with the others,
+        # and so are a failure and a stop on a node that is still there.
         failed_lost = [
             node
             for k, info in ended.items()
             if info.state is RayJobState.FAILED and not _exited_on_its_own(info)
             for node in state.copy_nodes(k)
             if node in lost
-        ]
+        ] + [node for k in sorted(found_stopped - unanswered) for node in state.copy_nodes(k) if node in lost]
         if failed_lost:
             await self._node_lost(key, spec, state, writer, outcome, list(dict.fromkeys(failed_lost)))
             return

@@ -59,6 +59,7 @@ def to_job(request: PlacementRequest) -> JobRequest:
         max_latency_ms=request.max_latency_ms,
         regions=frozenset(request.regions),
         verification_quorum=request.verification_quorum,
+        least_copies=request.least_copies,
         excluded_nodes=request.excluded_nodes,
         excluded_owners=request.excluded_owners,
         attempt=request.attempt,

@@ -13,13 +13,14 @@ from typing import Any
 
 from koinon_operator.inventory import build_capacity
 from koinon_operator.placement import PlacementRequest
+from koinon_operator.ray_jobs import RayJobState
 from koinon_operator.reconciler import copy_submission_id_from
 from koinon_operator.scheduler import DEFAULT_CONFIG
 from koinon_operator.scheduler.verification import TrustRecord, skip_probability, stable_seed, unit_interval
 from koinon_operator.scheduling import ReputationPlacer
 
 from .fake_ray import Clock, make_body, step
-from .test_verification_rounds import SEED_KEY, CopiesRay, ray_node, reconciler, volunteers
+from .test_verification_rounds import FORGED, SEED_KEY, CopiesRay, ray_node, reconciler, volunteers
 
 TRUSTED = {"consecutiveValid": 50, "successes": 50}
 SKIP = skip_probability(TrustRecord(consecutive_valid=50), DEFAULT_CONFIG.verification)
@@ -153,3 +154,52 @@ async def test_the_operator_draws_a_fresh_coin_for_a_job_recreated_under_the_sam
         await step(reconciler(ray, clock), body, v)  # the same key as one process: placed, not submitted
         drawn.append(body["status"]["scheduling"]["copies"])
     assert 1 in drawn and 2 in drawn, drawn
+
+
+async def test_a_trusted_liar_cannot_reroll_its_spot_check_by_stopping_the_check_copy() -> None:
+    """Review repro (dver1): vn-a is trusted and lies. Whenever its job is spot-checked (a second
+    copy, which it sees in the head's job list) it stops that copy through the Job API: nothing
+    failed, so the attempt ran again uncounted, blaming nobody, and the next attempt drew the coin
+    afresh; soon the skip came up and its forged answer, alone, was the job's result, never
+    charged. Once an attempt is checked, every later attempt of the job is too, whatever operator
+    process (each with its own coin) places it: the job is held (uncounted reruns, denial of service
+    only), never accepted unchecked."""
+    ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
+    vols = trusted_volunteers(ray.present)
+    checked_jobs = 0
+    for i in range(60):
+        body = replicated(f"job-{i}")
+        checked_at = None
+        for attempt in range(8):
+            rec = reconciler(ray, clock, seed_key=SEED_KEY + bytes([attempt]))  # an operator restart
+            ids = await submit_all(rec, ray, clock, body, vols)
+            status = body["status"]
+            nodes = status["assignedNodes"]
+            if len(ids) > 1 and checked_at is None:
+                checked_at = status["attempts"]
+            if checked_at is not None:
+                assert len(ids) == 2, f"job-{i}: checked at attempt {checked_at}, attempt {status['attempts']} not"
+            for node, sub in zip(nodes, ids, strict=True):
+                if node == "vn-a":  # its own copy answers (forged)
+                    ray.logs_by_id[sub] = FORGED
+                    ray.set_state(sub, RayJobState.SUCCEEDED, exit_code=0)
+                elif len(ids) > 1:
+                    await ray.stop(sub)  # `ray job stop` through the head, by vn-a
+                else:
+                    ray.set_state(sub, RayJobState.SUCCEEDED, exit_code=0)
+            await step(rec, body, vols)
+            if body["status"].get("phase") in ("Succeeded", "Failed"):
+                break
+        status = body["status"]
+        if checked_at is not None:
+            checked_jobs += 1
+            assert status["phase"] == "Pending", (
+                f"job-{i}: spot-checked at attempt {checked_at}, the liar stopped the check copy, and the "
+                f"job ended {status['phase']}/{status.get('reason')} at attempt {status['attempts']}: "
+                f"{status.get('result')}"
+            )
+            assert status["reason"] == "RayJobStopped" and not status.get("failures")
+            assert status["scheduling"]["checkedCopies"] == 2  # recorded at placement, for later attempts
+            if checked_jobs == 3:
+                return
+    raise AssertionError(f"only {checked_jobs} job(s) spot-checked: the test did not exercise the path")

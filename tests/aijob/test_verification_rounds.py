@@ -596,14 +596,63 @@ async def test_copies_stopped_with_nothing_failed_and_no_decided_vote_run_again_
     assert not status.get("failures") and not status.get("verificationReruns")
 
 
-async def test_a_stopped_copys_node_that_went_home_is_not_charged_for_leaving() -> None:
-    """alice's copy was stopped and her node then left, as a node whose copy has ended may; dave's
-    copy exited 1. Her node counted as lost mid-attempt: charged a timeout, the attempt sent back."""
+async def test_a_stopped_copys_node_that_left_before_the_pass_counts_as_lost() -> None:
+    """alice's copy was found stopped and her node gone; carol's copy answered, dave's exited 1.
+    That is what a pass replayed after _node_lost stopped the copies of alice's lost node (and its
+    status write was lost) finds, and nothing tells the two apart: her node counts as lost (a
+    timeout, tried last), the attempt fails over uncounted, as that pass concluded. (Her copy gave
+    no answer: had someone else stopped it, her node left within the seconds before the pass.)"""
     ray, clock = LeavingRay(["vn-a", "vn-c", "vn-d"]), Clock()
     rec, body = reconciler(ray, clock), replicated_job(quorum=3)
     await copies_ending(rec, ray, clock, body, {"vn-a": "stopped", "vn-c": "good", "vn-d": "own"})
     ray.gone = {"vn-a"}
     outcome = await step(rec, body, volunteers(ray.present))
     status = body["status"]
+    assert outcome.reputation == [("vn-a", "timeout")], (outcome.reputation, status.get("message"))
+    assert (status["phase"], status["reason"]) == ("Pending", "NodeLost"), status["message"]
+    assert not status.get("failures") and not status.get("verificationReruns")
+    assert status["scheduling"]["lostNodes"] == ["vn-a"]
+
+
+async def test_a_stopped_copys_node_still_there_is_not_charged() -> None:
+    """As above with alice's node still there: her copy is no answer and no evidence, carol's
+    answer alone is no majority of three owners, and nobody is charged."""
+    ray, clock = LeavingRay(["vn-a", "vn-c", "vn-d"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job(quorum=3)
+    await copies_ending(rec, ray, clock, body, {"vn-a": "stopped", "vn-c": "good", "vn-d": "own"})
+    outcome = await step(rec, body, volunteers(ray.present))
+    status = body["status"]
     assert outcome.reputation == [], (outcome.reputation, status.get("message"))
     assert status["reason"] == "NoMajority", status["message"]
+
+
+async def test_a_lost_node_is_still_lost_when_the_pass_that_stopped_its_attempt_is_replayed() -> None:
+    """Review repro (dver1): vn-d leaves while its copy runs: the pass finds it lost mid-attempt,
+    _node_lost stops the attempt's copies and writes NodeLost (vn-d charged a timeout, put in
+    lostNodes). That status write is lost (the operator crashed, or lost its lease, right after the
+    stops). The replayed pass found every copy stopped and took a stopped copy's node for never
+    lost: RayJobStopped, vn-d neither charged nor tried last. It concludes NodeLost again."""
+    ray, clock = LeavingRay(["vn-a", "vn-c", "vn-d"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job(quorum=3)
+    vols = volunteers(ray.present)
+    ids: list[str] = []
+    for _ in range(10):
+        await step(rec, body, vols)
+        clock.advance(40)
+        status = body["status"]
+        nodes = status.get("assignedNodes") or []
+        ids = [copy_submission_id_from(status.get("submissionId"), k) or "" for k in range(len(nodes))]
+        if nodes and all(i in ray.jobs for i in ids):
+            break
+    for sub in ids:
+        ray.set_state(sub, RayJobState.RUNNING)
+    await step(rec, body, vols)  # Running
+    ray.gone = {"vn-d"}
+    lost_pass = await rec.reconcile(copy.deepcopy(body), {}, vols)  # its status write is lost
+    assert lost_pass.status.get("reason") == "NodeLost" and ("vn-d", "timeout") in lost_pass.reputation
+    assert all(ray.jobs[s].state is RayJobState.STOPPED for s in ids)
+    replay = await step(rec, body, vols)
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Pending", "NodeLost"), (status["reason"], replay.reputation)
+    assert replay.reputation == lost_pass.reputation  # the same evidence: recorded once (outcome key)
+    assert status["scheduling"]["lostNodes"] == ["vn-d"]

@@ -178,3 +178,19 @@ def test_the_seed_key_stays_out_of_the_config_repr_and_fits_blake2b() -> None:
     assert "operator secret" not in repr(replace(DEFAULT_CONFIG, verification=replace(VC, seed_key=b"operator secret")))
     with pytest.raises(ValueError, match="seed_key"):
         replace(VC, seed_key=bytes(65))
+
+
+def test_an_attempt_after_a_checked_one_is_checked_whatever_the_coin() -> None:
+    """least_copies (an earlier attempt of the job drew a check): no coin is drawn below it, so a
+    node that stops its check copy (the attempt ends uncounted) cannot redraw the skip."""
+    now = 1000.0
+    trusted = ReputationEvidence(successes=50.0, consecutive_valid=50, last_updated=now)
+    nodes = [_node(n, f"owner-{n}", 20.0, trusted, now) for n in ("a", "b", "c")]
+    jobs = [JobRequest(f"ns/job-{i}", verification_quorum=2, attempt=2) for i in range(60)]
+    drawn = [schedule([job], nodes, now).placements[0].copies for job in jobs]
+    assert 1 in drawn and 2 in drawn  # trusted nodes: the coin decides
+    kept = [schedule([replace(job, least_copies=2)], nodes, now).placements[0].copies for job in jobs]
+    assert kept == [2] * len(jobs)
+    # Never more than the quorum, and a floor of 1 is the coin's own draw.
+    assert [schedule([replace(job, least_copies=5)], nodes, now).placements[0].copies for job in jobs] == kept
+    assert [schedule([replace(job, least_copies=1)], nodes, now).placements[0].copies for job in jobs] == drawn

@@ -203,13 +203,15 @@ def _run(
                 owner_disagreements=max(float(index.owner_disagreements[i]) for i in primary),
             )
             copies = job.verification_quorum
-            if skip_probability(record, cfg.verification) > 0.0:  # else the coin cannot matter
+            # An earlier attempt's check stands: no coin is drawn below it (JobRequest.least_copies).
+            least = min(job.least_copies, copies)
+            if least < copies and skip_probability(record, cfg.verification) > 0.0:  # else the coin cannot matter
                 # Keyed: the node can learn the uid and attempt (its submission id, env), not the key.
                 # The uid, not the name: a job re-created under the same name must draw afresh
                 # (by name, one that skipped verification once would skip it every time). Without
                 # a uid (the simulator, whose keys are unique) the key stands for it.
                 seed = stable_seed(job.uid or job.key, job.attempt, key=cfg.verification.seed_key)
-                copies = plan_replication(copies, record, seed, cfg.verification)
+                copies = max(plan_replication(copies, record, seed, cfg.verification), least)
             if copies > 1:
                 extra = None
                 if cfg.verification.trusted_partner and not bool(index.trusted[primary].all()):

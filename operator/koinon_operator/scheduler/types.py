@@ -80,6 +80,11 @@ class JobRequest:
     """Empty means any region."""
     verification_quorum: int = 1
     """1 = no verification; N >= 2 = `verification.mode: replicated` with quorum N."""
+    least_copies: int = 1
+    """Copies this attempt runs at least (up to the quorum), whatever the spot-check coin says: an
+    earlier attempt of the job drew that many. A node that sees its job checked (the head's job list
+    shows the other copy) and stops the check copy ends the attempt without failing; were the coin
+    drawn afresh for the next attempt, a trusted liar would stop checks until a skip was drawn."""
     excluded_nodes: frozenset[str] = frozenset()
     """Nodes lost or failed on earlier attempts."""
     excluded_owners: frozenset[str] = frozenset()
@@ -126,6 +131,8 @@ class JobRequest:
             raise ValueError(f"{self.key}: pending_since must be a finite time, got {self.pending_since}")
         if self.verification_quorum < 1:
             raise ValueError(f"{self.key}: spec.verification.quorum must be >= 1, got {self.verification_quorum}")
+        if self.least_copies < 1:
+            raise ValueError(f"{self.key}: least_copies must be >= 1, got {self.least_copies}")
 
 
 @dataclass(frozen=True, slots=True)
