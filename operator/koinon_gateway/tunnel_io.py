@@ -213,7 +213,17 @@ async def splice_pipe(pipe: TcpPipe, channel: FrameChannel) -> bool:
     finally:
         upstream.cancel()
         peer_done.cancel()
-        await asyncio.gather(upstream, peer_done, return_exceptions=True)
+        try:
+            await asyncio.gather(upstream, peer_done, return_exceptions=True)
+        except asyncio.CancelledError:
+            # Cancelled again while cleaning up (a revocation and the node's call going away at
+            # once): the rest of this would be skipped, leaving the socket open and its buffers
+            # charged to the node's budget for as long as the peer keeps the connection.
+            with contextlib.suppress(Exception):
+                pipe.abort()
+            pipe.release()
+            downstream.cancel()
+            raise
         with contextlib.suppress(Exception):
             # After an abort nobody will read what is still buffered: reset at once, or a peer
             # that stopped reading would keep the socket and its buffer for ever.

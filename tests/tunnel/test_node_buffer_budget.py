@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 import pytest
-from koinon_gateway import tcp_pipe
+from koinon_gateway import tcp_pipe, tunnel_io
 from koinon_gateway.config import (
     MIN_BUFFERED_BYTES_PER_NODE,
     ONE_NODE_MEMORY_SHARE,
@@ -221,3 +221,52 @@ async def test_a_head_connection_is_closed_when_the_dial_fails_before_its_splice
         await asyncio.wait_for(closed.wait(), 5)
         call.cancel()
         control.cancel()
+
+
+class StalledChannel:
+    """A Connect stream whose node reads nothing and sends nothing."""
+
+    async def read_frame(self) -> Any:
+        await asyncio.Event().wait()
+
+    async def write_frame(self, frame: Any) -> None:
+        await asyncio.Event().wait()
+
+    async def end_writing(self) -> None:
+        pass
+
+
+async def test_a_splice_cancelled_again_while_it_cleans_up_still_resets_and_releases() -> None:
+    """A revocation and the node's call going away cancel the handler twice: the second cancel
+    landed in splice_pipe's cleanup, which then skipped the reset and the release, leaving the
+    head socket open and its buffers charged to the node's budget for good."""
+    closed = asyncio.Event()
+
+    async def sender(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"x" * (3 << 20))
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the gateway side resets (or closes) the connection
+        closed.set()
+        writer.close()
+
+    server = await asyncio.start_server(sender, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    budget = tcp_pipe.ReadBudget(128 << 20)
+    pipe = tcp_pipe.TcpPipe.take_over(reader, writer, tunnel_io.CHUNK_BYTES, budget)
+    task = asyncio.ensure_future(tunnel_io.splice_pipe(pipe, StalledChannel()))  # type: ignore[arg-type]
+    try:
+        for _ in range(100):
+            if budget.held_bytes:
+                break
+            await asyncio.sleep(0.01)
+        assert budget.held_bytes > 0
+        task.cancel()
+        await asyncio.sleep(0)  # the splice is in its cleanup, waiting for its reader
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert budget.held_bytes == 0, f"{budget.held_bytes} bytes stay charged to the node's budget"
+        await asyncio.wait_for(closed.wait(), 5)  # the head's socket was reset
+    finally:
+        pipe.abort()
+        server.close()
