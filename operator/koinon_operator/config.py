@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 import os
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# KOINON_SUBMISSION_KEY's least length: as hard to guess as the key the operator makes (32 bytes).
+MIN_SUBMISSION_KEY_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -24,6 +27,10 @@ class OperatorConfig:
     # anyone who can start a raylet could otherwise take work as an owner of its own that no
     # evidence reaches. For development pools of bare `ray start` workers.
     allow_bare_ray_workers: bool = False
+    # The key of each attempt's submission ids (reconciler.keyed_submission_nonce), given instead
+    # of the Secret the operator keeps it in (kube.get_or_create_submission_key): for development
+    # and tests. Every operator of one pool must be given the same, for good (KOINON_SUBMISSION_KEY).
+    submission_key: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         # Refused here, at start: NaN made kopf's timer never fire again (each job reconciled once),
@@ -38,6 +45,12 @@ class OperatorConfig:
             raise ValueError(
                 f"KOINON_STOP_GRACE (stop_grace_seconds): must be a finite number of seconds >= 0, "
                 f"got {self.stop_grace_seconds}"
+            )
+        if self.submission_key is not None and len(self.submission_key.encode()) < MIN_SUBMISSION_KEY_BYTES:
+            # A short key could be guessed, and with it every attempt's submission ids.
+            raise ValueError(
+                f"KOINON_SUBMISSION_KEY: must be at least {MIN_SUBMISSION_KEY_BYTES} characters "
+                "(e.g. `openssl rand -hex 32`), or unset to keep the key in a Secret"
             )
         url = urllib.parse.urlsplit(self.ray_dashboard_url)
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -56,6 +69,7 @@ class OperatorConfig:
             stop_grace_seconds=_seconds("KOINON_STOP_GRACE", cls.stop_grace_seconds),
             ray_auth_token=ray_auth_token_from_env(),
             allow_bare_ray_workers=_flag("KOINON_ALLOW_BARE_RAY_WORKERS", cls.allow_bare_ray_workers),
+            submission_key=os.environ.get("KOINON_SUBMISSION_KEY") or None,
         )
 
 

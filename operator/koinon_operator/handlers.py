@@ -13,10 +13,10 @@ from koinon_operator.api.aijob import AIJobStatus, format_time
 from koinon_operator.api.constants import AIJOB_PLURAL, FINALIZER, GROUP, VERSION, VOLUNTEER_PLURAL
 from koinon_operator.config import OperatorConfig
 from koinon_operator.inventory import Allocation, RayNodeCache
-from koinon_operator.kube import delete_aijob, login
+from koinon_operator.kube import SUBMISSION_KEY_SECRET, delete_aijob, get_or_create_submission_key, login
 from koinon_operator.leadership import LeaderElector, LeaseSettings
 from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
-from koinon_operator.reconciler import AIJobReconciler, allocation_of, ray_submissions_of
+from koinon_operator.reconciler import AIJobReconciler, allocation_of, keyed_submission_nonce, ray_submissions_of
 from koinon_operator.reputation_book import ReputationBook, outcome_key, sample_uptime_forever
 from koinon_operator.revocation import ResultRechecker, recheck_results_forever
 from koinon_operator.scheduling import WAITING_FOR_S, ReputationPlacer
@@ -45,6 +45,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    # First: a start that must be tried again (the API server not answering) has started nothing.
+    lease = LeaseSettings.from_env()
+    submission_key = await _submission_key(lease.namespace)
     memo.tracing = setup_tracing()
     memo.tracer = JobTracer(memo.tracing)
     memo.ray = RayJobsClient(CONFIG.ray_dashboard_url, auth_token=CONFIG.ray_auth_token)
@@ -54,12 +57,13 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         placer=placer,
         nodes=RayNodeCache(memo.ray),
         allow_bare_ray_workers=CONFIG.allow_bare_ray_workers,
+        submission_nonce=keyed_submission_nonce(submission_key),
     )
     memo.reputation = ReputationBook()
     # A plain task, not a kopf timer: a timer puts kopf's finalizer on every VolunteerNode it
     # matches, and deleting a gateway-owned node must not wait for the operator.
     # Only the holder of the pool's Lease reconciles (leadership.py says why); the others wait.
-    memo.leader = LeaderElector(LeaseSettings.from_env())
+    memo.leader = LeaderElector(lease)
     memo.leader.on_change = lambda leading: memo.reconciler.forget_memory()
     memo.leader_election = asyncio.create_task(memo.leader.run_forever())
     leading = lambda: memo.leader.is_leader  # noqa: E731
@@ -69,6 +73,18 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.result_rechecker = asyncio.create_task(
         recheck_results_forever(ResultRechecker(CONFIG.namespace, memo.tracer), CONFIG.uptime_sample_seconds, leading)
     )
+
+
+async def _submission_key(namespace: str) -> bytes:
+    """The key of the attempts' submission ids: KOINON_SUBMISSION_KEY where given, else the
+    Secret in the operator's namespace (the Lease's: every replica that may lead uses it), made
+    at the first start. Kept across restarts: an attempt is placed under the same ids whichever
+    operator places it (reconciler.keyed_submission_nonce says why that matters)."""
+    if CONFIG.submission_key is not None:
+        return CONFIG.submission_key.encode()
+    key = await asyncio.to_thread(get_or_create_submission_key, namespace)
+    logger.info("submission ids keyed by Secret %s/%s", namespace, SUBMISSION_KEY_SECRET)
+    return key
 
 
 class _NoDiffBase(kopf.AnnotationsDiffBaseStorage):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -161,3 +163,71 @@ async def delete_aijob(namespace: str, name: str, uid: str) -> None:
                 raise
 
     await asyncio.to_thread(call)
+
+
+# The key of each attempt's submission ids (reconciler.keyed_submission_nonce), in the operator's
+# own namespace: where every operator of one pool competes for the Lease (leadership.py), so every
+# replica that may lead reads the same key, and a restarted one the key its predecessor used.
+SUBMISSION_KEY_SECRET = "koinon-operator-submission-key"
+SUBMISSION_KEY_FIELD = "key"
+SUBMISSION_KEY_BYTES = 32
+# Statuses the API server answers with that no retry of the start can cure (the Role missing, the
+# namespace gone): the operator exits (kopf.PermanentError) rather than wait looking alive.
+_REFUSED = (400, 401, 403, 404, 422)
+
+
+def _stored_submission_key(secret: Any, namespace: str) -> bytes:
+    data = getattr(secret, "data", None) or {}
+    raw = data.get(SUBMISSION_KEY_FIELD)
+    try:
+        key = base64.b64decode(raw, validate=True) if isinstance(raw, str) else b""
+    except ValueError:
+        key = b""
+    if len(key) < SUBMISSION_KEY_BYTES:
+        # Refused rather than replaced: someone wrote it (the operator makes a whole key), and a
+        # short key could be guessed, and every attempt's ids with it; the operator may not update
+        # Secrets, and whoever can should see why it stopped.
+        raise kopf.PermanentError(
+            f"Secret {namespace}/{SUBMISSION_KEY_SECRET}: data.{SUBMISSION_KEY_FIELD}: must hold at least "
+            f"{SUBMISSION_KEY_BYTES} bytes (base64); fix or delete the Secret"
+        )
+    return key
+
+
+def get_or_create_submission_key(namespace: str) -> bytes:
+    """The key in Secret koinon-operator-submission-key of ``namespace``, created (32 random bytes)
+    when there is none. Replicas starting together may both create it: the one that loses (409)
+    reads the winner's, so all use one key. Blocking (the kubernetes client): run in a thread."""
+    load_config()
+    api = client.CoreV1Api()
+    for _ in range(3):  # read, or create; a create that lost the race reads again
+        try:
+            return _stored_submission_key(api.read_namespaced_secret(SUBMISSION_KEY_SECRET, namespace), namespace)
+        except ApiException as error:
+            if error.status != 404:
+                raise _start_error(error, "read", namespace) from error
+        value = base64.b64encode(secrets.token_bytes(SUBMISSION_KEY_BYTES)).decode()
+        body = client.V1Secret(
+            metadata=client.V1ObjectMeta(
+                name=SUBMISSION_KEY_SECRET,
+                namespace=namespace,
+                labels={"app.kubernetes.io/name": "koinon-operator", "app.kubernetes.io/part-of": "koinon"},
+            ),
+            type="Opaque",
+            data={SUBMISSION_KEY_FIELD: value},
+        )
+        try:
+            api.create_namespaced_secret(namespace, body)
+        except ApiException as error:
+            if error.status != 409:
+                raise _start_error(error, "create", namespace) from error
+            continue  # another replica created it first: use theirs
+        return base64.b64decode(value)
+    raise kopf.TemporaryError(f"Secret {namespace}/{SUBMISSION_KEY_SECRET}: created and deleted again meanwhile")
+
+
+def _start_error(error: ApiException, verb: str, namespace: str) -> Exception:
+    message = f"cannot {verb} Secret {namespace}/{SUBMISSION_KEY_SECRET} ({error.status} {error.reason})"
+    if error.status in _REFUSED:
+        return kopf.PermanentError(f"{message}: see manifests/operator/rbac.yaml")
+    return kopf.TemporaryError(message, delay=10)

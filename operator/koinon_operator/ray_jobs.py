@@ -190,7 +190,10 @@ class RayJobsClient:
 
         The driver runs on a volunteer, and its log file lives there; the job API on the head only
         has the head's part, so with a known driver node the file is read through Ray's state API,
-        which fetches it from that node.
+        which fetches it from that node, and only so: a reply other than 200 is RayUnavailableError.
+        The head's /api/jobs/<id>/logs, asked only without a driver node, reads it from the agent
+        address the job's record names, and that record lives in GCS, where any holder of the
+        cluster's Ray token can rewrite it (the reconciler never asks it for a copy it placed).
         """
         if driver_node_id:
             path = f"/api/v0/logs/file?node_id={driver_node_id}&filename=job-driver-{submission_id}.log&lines={lines}"
@@ -199,9 +202,13 @@ class RayJobsClient:
                 async with session.get(f"{self._base}{path}") as reply:
                     if reply.status == 200:
                         return await reply.text(errors="replace")
+                    status = reply.status
             except (TimeoutError, aiohttp.ClientError, OSError) as error:
                 reason = describe_error(error)
                 raise RayUnavailableError(f"cannot read driver log of {submission_id}: {reason}") from error
+            raise RayUnavailableError(
+                f"driver log of {submission_id} not served by Ray node {driver_node_id} ({status})"
+            )
         status, body = await self._request("GET", f"/api/jobs/{submission_id}/logs")
         if status == 404:
             return ""

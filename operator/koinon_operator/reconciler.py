@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import json
 import logging
 import re
@@ -116,23 +117,37 @@ class Outcome:
         self.events.append(JobEvent("Warning" if warning else "Normal", reason, message))
 
 
-def new_submission_nonce() -> str:
-    """The random part of a new attempt's submission ids (64 bits: not to be guessed)."""
-    return secrets.token_hex(8)
+def keyed_submission_nonce(key: bytes) -> Callable[[str, int], str]:
+    """The nonce of each attempt's submission ids (submission_id_for): an HMAC-SHA256 of the job's
+    uid and the attempt number under ``key`` (64 bits of it, hex).
+
+    Unguessable without the key, as a random nonce is; but the same for the same attempt, whoever
+    places it. A pass acting on a body older than the write that placed the attempt (a new leader
+    whose watch is behind, or this process past STALE_BODY_GRACE_SECONDS with its watch stalled)
+    places the same attempt again: under the same ids it adopts the Ray job the first placement
+    submitted, where a nonce drawn at random per placement named a second job, submitted while the
+    first ran on referenced by nothing (never stopped, its nodes free in the ledger). The key is
+    the operator's Secret (handlers.configure: shared by every replica, kept across restarts)."""
+
+    def nonce(uid: str, attempt: int) -> str:
+        return hmac.new(key, f"{uid}|{attempt}".encode(), hashlib.sha256).hexdigest()[:16]
+
+    return nonce
 
 
 def submission_id_for(uid: str, attempt: int, nonce: str = "") -> str:
     """The Ray submission id of an attempt, ``koinon-<uid>-<attempt>-<nonce>``.
 
-    The nonce is drawn when the attempt is placed and recorded with it (status.submissionId, in the
+    The nonce (keyed_submission_nonce) is recorded with the attempt (status.submissionId, in the
     write that places it); every submission is made from that record once it is read back
     (AIJobReconciler._follow), so a restarted operator computes the same ids and adopts what it
-    submitted, never submits it twice. Random, because anyone with the cluster's Ray token (every
+    submitted, never submits it twice. Keyed, because anyone with the cluster's Ray token (every
     volunteer: README, "What a volunteer can still do") can submit under any id it can name, and
     the uid and the attempt number are no secret (the head's job list shows them): an id known
     before the operator submits could be taken first by a job of the volunteer's own, whose log
     would then be read as the attempt's answer (foreign_submission is the second guard). Without
-    a nonce: the ids of attempts an earlier operator placed (``koinon-<uid>-<attempt>``)."""
+    a nonce: the ids of attempts an earlier operator placed (``koinon-<uid>-<attempt>``); with a
+    random one: those placed by an operator that drew it so. Both are read from status, as any is."""
     base = f"{SUBMISSION_PREFIX}-{uid}-{attempt}"
     return f"{base}-{nonce}" if nonce else base
 
@@ -228,7 +243,38 @@ def _canonical(value: object) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def foreign_submission(expected: Submission, info: RayJobInfo, whole: bool = True) -> str | None:
+# status.scheduling: per copy, submitted_digest of what the operator submits for it, recorded by
+# the write that places the attempt: what a job found under the copy's id is compared with
+# (foreign_submission), whatever the spec says by then.
+PLACED_SUBMISSIONS = "submissionDigests"
+
+
+def submitted_digest(entrypoint: str, runtime_env: object, metadata: object) -> str:
+    """A digest of what Ray's job record echoes back of a submission: its entrypoint, its whole
+    runtime_env (the spec's, with the KOINON_* env vars and TRACEPARENT the operator adds) and its
+    metadata. Ray's record of a job submitted without a runtime_env or metadata says None: as {}."""
+    record = {"entrypoint": entrypoint, "runtime_env": runtime_env or {}, "metadata": metadata or {}}
+    return hashlib.sha256(_canonical(record).encode()).hexdigest()[:32]
+
+
+def digest_of(submission: Submission) -> str:
+    return submitted_digest(submission.entrypoint, submission.runtime_env, submission.metadata)
+
+
+def placed_submissions(state: AIJobStatus) -> list[str] | None:
+    """The per-copy digests the placing write recorded (PLACED_SUBMISSIONS); None where it
+    recorded none that fits the attempt (an operator before them placed it)."""
+    digests = state.scheduling.get(PLACED_SUBMISSIONS)
+    if not isinstance(digests, list) or len(digests) != state.copies:
+        return None
+    if not all(isinstance(digest, str) and digest for digest in digests):
+        return None
+    return [str(digest) for digest in digests]
+
+
+def foreign_submission(
+    expected: Submission, info: RayJobInfo, whole: bool = True, placed: str | None = None
+) -> str | None:
     """What Ray's record of a job found under one of the attempt's submission ids has other than
     what this operator submits under that id (``expected``): the names of the fields that differ,
     or None when none does (or Ray's reply did not say what the job was submitted with).
@@ -238,19 +284,28 @@ def foreign_submission(expected: Submission, info: RayJobInfo, whole: bool = Tru
     be deleted and its id submitted again): a job that differs is no answer of the attempt's. One
     that does not runs what the operator would have run; where its driver ran is driver_elsewhere's
     to check (Ray 2.60 reports no entrypoint resources, the driver's pin: they, and the entrypoint's
-    CPUs, GPUs and memory, are compared only where Ray reports them). With ``whole`` False (the spec
-    was edited after the attempt was placed, so what the operator would submit now is not what it
-    submitted then) only what comes from status is compared: the metadata (and the pin)."""
+    CPUs, GPUs and memory, are compared only where Ray reports them).
+
+    ``placed``: the digest the placing write recorded for this copy (PLACED_SUBMISSIONS): Ray's
+    entrypoint, runtime_env and metadata are compared with it, not with ``expected``'s, which is
+    built from the spec as it is now. Without one (an attempt placed by an operator before them)
+    they are compared with ``expected``'s, and with ``whole`` False (the spec was edited after the
+    attempt was placed, so what the operator would submit now is not what it submitted then) only
+    what comes from status is: the metadata (and the pin)."""
     submitted = info.submitted
     if submitted is None:
         return None
     differs: list[str] = []
-    if whole and submitted.entrypoint != expected.entrypoint:
-        differs.append("entrypoint")
-    if whole and _canonical(submitted.runtime_env or {}) != _canonical(expected.runtime_env):
-        differs.append("runtime_env")
-    if _canonical(submitted.metadata or {}) != _canonical(expected.metadata):
-        differs.append("metadata")
+    if placed is not None:
+        if submitted_digest(submitted.entrypoint, submitted.runtime_env, submitted.metadata) != placed:
+            differs.append(f"entrypoint, runtime_env or metadata ({PLACED_SUBMISSIONS})")
+    else:
+        if whole and submitted.entrypoint != expected.entrypoint:
+            differs.append("entrypoint")
+        if whole and _canonical(submitted.runtime_env or {}) != _canonical(expected.runtime_env):
+            differs.append("runtime_env")
+        if _canonical(submitted.metadata or {}) != _canonical(expected.metadata):
+            differs.append("metadata")
     reported_pin = submitted.entrypoint_resources
     if reported_pin is not None and _canonical(reported_pin) != _canonical(expected.entrypoint_resources):
         differs.append("entrypoint_resources")
@@ -334,20 +389,39 @@ def lost_nodes(state: AIJobStatus, nodes: Iterable[RayNodeInfo]) -> list[str]:
     ]
 
 
+def placed_ray_node(state: AIJobStatus, copy: int) -> str | None:
+    """The Ray node id recorded at placement (status.rayNodeIds) for the copy's driver, its first
+    node; None where none was (an attempt placed before they were recorded)."""
+    node = next(iter(state.copy_nodes(copy)), None)
+    return dict(zip(state.assigned_nodes, state.ray_node_ids, strict=False)).get(node or "") or None
+
+
 def driver_elsewhere(state: AIJobStatus, copy: int, info: RayJobInfo) -> str | None:
     """The Ray node id recorded at placement for the copy's driver (its first node) when Ray says
-    the driver ran on another Ray node; None when they match or either is unknown.
+    the driver ran on another Ray node, or that it ran but names no node; None when they match,
+    when none was recorded, or when no driver ran.
 
     The driver is pinned by its node's `node:<address>` resource, which each raylet declares for
     itself: a driver that ran elsewhere was taken by another Ray node claiming that address (or
     the copy's agent restarted as a new Ray node before it was submitted). Its log, read from the
     node Ray names, is that node's answer, not the copy's owner's: one node could answer for two
-    owners and make a quorum alone."""
-    node = next(iter(state.copy_nodes(copy)), None)
-    recorded = dict(zip(state.assigned_nodes, state.ray_node_ids, strict=False)).get(node or "")
-    if not recorded or not info.driver_node_id or info.driver_node_id == recorded:
+    owners and make a quorum alone.
+
+    Ray's supervisor records the driver's node as it marks the job RUNNING, before it starts the
+    entrypoint (Ray 2.60 JobSupervisor.run), so the record of every job whose driver ran (one that
+    SUCCEEDED, or any with a driver exit code) names it; only a job that failed before its driver
+    started (its runtime_env not set up, its supervisor not started: Ray's job manager records
+    those) or was stopped while PENDING names none, and neither gives an answer. A record that says
+    the driver ran and names no node was not written so: it lives in GCS, where any holder of the
+    cluster's Ray token can write it, and Ray would serve its log from whatever agent address it
+    names (RayJobsClient.logs)."""
+    recorded = placed_ray_node(state, copy)
+    if not recorded:
         return None
-    return recorded
+    if info.driver_node_id:
+        return None if info.driver_node_id == recorded else recorded
+    ran = info.state is RayJobState.SUCCEEDED or info.driver_exit_code is not None
+    return recorded if ran else None
 
 
 @dataclass(frozen=True)
@@ -726,8 +800,12 @@ class AIJobReconciler:
     monotonic: Callable[[], float] = time.monotonic
     placement_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     allow_bare_ray_workers: bool = False  # OperatorConfig's: unlabelled Ray nodes take AIJobs
-    # Draws the random part of each new attempt's submission ids (submission_id_for).
-    submission_nonce: Callable[[], str] = new_submission_nonce
+    # The nonce of each attempt's submission ids, from (uid, attempt): keyed_submission_nonce. The
+    # operator keys it with its Secret (handlers.configure); this default, a key of this object's
+    # own, would name other ids after a restart (tests that need ids of their own pass one).
+    submission_nonce: Callable[[str, int], str] = field(
+        default_factory=lambda: keyed_submission_nonce(secrets.token_bytes(32))
+    )
     # Per job: the resourceVersion of the body the last status write was computed from, and when.
     _written_from: dict[str, tuple[str, float]] = field(default_factory=dict)
     _job_locks: dict[str, asyncio.Lock] = field(default_factory=dict)
@@ -1246,9 +1324,10 @@ class AIJobReconciler:
         copies = decision.copies
         writer.set(
             attempts=attempt,
-            # With a nonce drawn now: nothing is submitted under it before this write is read back
-            # (_follow), and a restarted operator reads the same ids from it.
-            submissionId=submission_id_for(uid, attempt, self.submission_nonce()),
+            # Nothing is submitted under these ids before this write is read back (_follow), and a
+            # restarted operator reads the same ids from it. A pass that places this attempt again
+            # from an older body names the same ids (keyed_submission_nonce), and adopts.
+            submissionId=submission_id_for(uid, attempt, self.submission_nonce(uid, attempt)),
             assignedNodes=names,
             rayNodeIds=[node.ray_node_id for node in decision.nodes],
             scheduling={
@@ -1274,6 +1353,13 @@ class AIJobReconciler:
                 "lostNodes": list(state.lost_nodes),
                 "reasons": {},
             },
+        )
+        # What each copy will be submitted with, as Ray's record of it will say: a job found under
+        # a copy's id is compared with this (_foreign_copies), never with a spec edited later.
+        placed = AIJobStatus.from_status(writer.merged())
+        writer.scheduling(
+            state.scheduling,
+            **{PLACED_SUBMISSIONS: [digest_of(submission_of(key, spec, placed, k)) for k in range(copies)]},
         )
         verification = f", {copies} verification copies" if copies > 1 else ""
         if verified and copies == 1:
@@ -1507,7 +1593,7 @@ class AIJobReconciler:
                     known[0].submission_id,
                     state.copy_nodes(0)[0],
                     driver_elsewhere(state, 0, known[0]),
-                    known[0].driver_node_id,
+                    known[0].driver_node_id or "(none named)",
                 )
                 unblamed = {state.copy_nodes(0)[0]}
                 await self._ray_jobs_failed(key, spec, state, writer, outcome, known, [None], unblamed=unblamed)
@@ -1588,7 +1674,14 @@ class AIJobReconciler:
         second of its last task). Text served before it settled is not (see below).
         """
         try:
-            text = await self.ray.logs(info.submission_id, info.driver_node_id)
+            if info.driver_node_id or not placed_ray_node(state, copy):
+                text = await self.ray.logs(info.submission_id, info.driver_node_id)
+            else:
+                # A copy placed on a known Ray node whose record names no driver node: no driver
+                # ran (driver_elsewhere takes one that says it did), and no log is read. The head
+                # would serve one from whatever agent address the record names (RayJobsClient.logs);
+                # for a job whose driver never started it serves none.
+                text = ""
         except RayUnavailableError:
             if info.driver_node_id:
                 alive = {n.node_id for n in await self.nodes.get() if n.alive}
@@ -1658,18 +1751,23 @@ class AIJobReconciler:
         self, key: str, spec: AIJobSpec, state: AIJobStatus, infos: Sequence[RayJobInfo | None]
     ) -> dict[int, str]:
         """Per copy found in Ray (``infos``) that this operator did not submit (foreign_submission):
-        what differs. What it submitted is rebuilt from ``spec`` while the spec is the one the
-        attempt was placed with (status.scheduling.specDigest; one the placing operator did not
-        record counts as unchanged, as in _ratchet: an edit then costs at worst a rerun,
-        uncounted); after an edit (which applies from the next attempt), only what status gives
-        is compared."""
+        what differs. What it submitted is what the placing write recorded a digest of
+        (PLACED_SUBMISSIONS), whatever the spec says now: after an edit mid-attempt (which applies
+        from the next attempt) a job under the attempt's id with any entrypoint was taken for the
+        operator's own when only the metadata was compared. An attempt placed by an operator
+        before those digests: rebuilt from ``spec`` while the spec is the one the attempt was
+        placed with (status.scheduling.specDigest; one the placing operator did not record counts
+        as unchanged, as in _ratchet: an edit then costs at worst a rerun, uncounted); after an
+        edit, only what status gives is compared."""
         recorded = state.scheduling.get("specDigest")
         whole = not recorded or recorded == submission_digest(spec)
+        placed = placed_submissions(state)
         found: dict[int, str] = {}
         for k, info in enumerate(infos):
             if info is None or info.submitted is None:  # not in Ray, or Ray did not say: nothing to compare
                 continue
-            why = foreign_submission(submission_of(key, spec, state, k), info, whole)
+            digest = placed[k] if placed is not None else None
+            why = foreign_submission(submission_of(key, spec, state, k), info, whole, placed=digest)
             if why is not None:
                 found[k] = why
         return found
@@ -1687,9 +1785,9 @@ class AIJobReconciler:
         with the cluster's Ray token submitted it first. It is not adopted: its log is no answer,
         and its end no evidence about any node (nothing tells which volunteer made it, and the
         copy's own node may have done nothing wrong). The attempt is placed again, uncounted and
-        blaming nobody, as one whose Ray job vanished is; its next placement draws a new nonce,
-        so its ids are new ones, unknown until submitted. The job found is stopped along with the
-        attempt's own copies."""
+        blaming nobody, as one whose Ray job vanished is; its next placement is another attempt,
+        whose nonce (keyed_submission_nonce) makes its ids new ones, unknown until submitted. The
+        job found is stopped along with the attempt's own copies."""
         for k, why in sorted(foreign.items()):
             info = infos[k]
             logger.warning(
@@ -1874,7 +1972,7 @@ class AIJobReconciler:
                     k,
                     node,
                     driver_elsewhere(state, k, info),
-                    info.driver_node_id,
+                    info.driver_node_id or "(none named)",
                 )
             elif reply.log is None and info.state is RayJobState.SUCCEEDED:
                 gone.append(node)
@@ -2216,6 +2314,11 @@ class _StatusWriter:
             generation=self._generation,
         )
         self.set(conditions=self._conditions)
+
+    def merged(self) -> dict[str, Any]:
+        """The status as it will read once this pass's patch is applied: the fields it sets
+        replace the current ones (each is set whole, scheduling included)."""
+        return {**self._current, **self._outcome.status}
 
     def has_condition_false(self, type_: str) -> bool:
         return any(c.get("type") == type_ and c.get("status") == "False" for c in self._conditions)

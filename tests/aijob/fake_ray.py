@@ -64,6 +64,9 @@ class FakeRay:
     stopped: list[str] = field(default_factory=list)
     logs_text: str = "KOINON_RESULT 42\n"
     reject_submit: str | None = None  # a RayRequestError message
+    # Per submission: the Ray node its driver is pinned to (its entrypoint resource's address), as
+    # listed when it was submitted; Ray's record names it once the driver runs (set_state).
+    driver_nodes: dict[str, str] = field(default_factory=dict)
 
     async def nodes(self) -> list[RayNodeInfo]:
         return NODES
@@ -75,6 +78,10 @@ class FakeRay:
         if submission.submission_id in self.jobs:
             return False
         submitted = submitted_as(submission)  # what Ray reports back it was submitted with
+        pinned = {key.removeprefix("node:") for key in submission.entrypoint_resources if key.startswith("node:")}
+        for node in await self.nodes():
+            if node.address in pinned and node.alive:
+                self.driver_nodes[submission.submission_id] = node.node_id
         self.jobs[submission.submission_id] = RayJobInfo(
             submission.submission_id, RayJobState.PENDING, "", None, None, None, None, submitted=submitted
         )
@@ -105,8 +112,14 @@ class FakeRay:
         previous = self.jobs.get(submission_id)
         started = previous.start_time_ms if previous is not None else None
         submitted = previous.submitted if previous is not None else None  # what it was submitted with
+        # Ray's supervisor records the driver's node as the driver starts (RUNNING), and keeps it:
+        # every job whose driver ran (SUCCEEDED, an exit code) names it; one that failed before
+        # (its runtime_env not set up) or was stopped while PENDING names none.
+        driver = previous.driver_node_id if previous is not None else None
+        if state is RayJobState.RUNNING or state is RayJobState.SUCCEEDED or exit_code is not None:
+            driver = driver or self.driver_nodes.get(submission_id)
         self.jobs[submission_id] = RayJobInfo(
-            submission_id, state, message, None, started, 1, exit_code, error_type, submitted
+            submission_id, state, message, driver, started, 1, exit_code, error_type, submitted
         )
 
 
@@ -120,14 +133,14 @@ class Clock:
         self.mono += seconds
 
 
-def no_nonce() -> str:
+def no_nonce(uid: str, attempt: int) -> str:
     """A reconciler's ``submission_nonce`` for tests that name an attempt's Ray submissions by
     ``submission_id_for(UID, attempt)``: the ids of attempts placed by an operator before nonces
-    (which this one still follows). The drawn nonce has tests of its own (test_submission_ids)."""
+    (which this one still follows). The keyed nonce has tests of its own (test_submission_ids)."""
     return ""
 
 
-def make_reconciler(ray: FakeRay, clock: Clock, nonce: Callable[[], str] = no_nonce) -> AIJobReconciler:
+def make_reconciler(ray: FakeRay, clock: Clock, nonce: Callable[[str, int], str] = no_nonce) -> AIJobReconciler:
     fake: Any = ray
     return AIJobReconciler(
         ray=fake,

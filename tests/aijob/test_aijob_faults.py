@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import pytest
 from koinon_operator.api.aijob import AIJobStatus, parse_spec
 from koinon_operator.ray_jobs import RayJobsClient
-from koinon_operator.reconciler import foreign_submission, submission_of
+from koinon_operator.reconciler import digest_of, foreign_submission, submission_of
 
 from tests.aijob.conftest import ControlPlane, aijob, python_entrypoint
 from tests.aijob.tcp_forwarder import TcpForwarder
@@ -88,6 +88,8 @@ def test_crash_between_submit_and_status_write_is_adopted_not_resubmitted(
             recorded = await ray.get(submission_id)
             assert recorded is not None and recorded.submitted is not None
             assert foreign_submission(submission, recorded) is None  # Ray reports it back as submitted
+            # and so with the digest a placing write records of it (status.scheduling.submissionDigests)
+            assert foreign_submission(submission, recorded, placed=digest_of(submission)) is None
         finally:
             await ray.close()
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+from koinon_operator.kube import SUBMISSION_KEY_SECRET
+from koinon_operator.reconciler import keyed_submission_nonce
 
 from tests.aijob.conftest import ControlPlane, aijob, python_entrypoint
 
@@ -27,8 +30,16 @@ def test_job_runs_to_success_with_status_conditions_and_events(
     done = control_plane.wait_phase("pi", namespace, "Succeeded")
     status = done["status"]
     assert status["attempts"] == 1
-    # The attempt's id, with the nonce drawn when it was placed (not to be guessed before it is submitted).
-    assert re.fullmatch(rf"koinon-{done['metadata']['uid']}-1-[0-9a-f]{{16}}", status["submissionId"])
+    # The attempt's id, with its nonce keyed by the Secret the operator made at its start (the
+    # Lease's namespace: default, outside a pod), not to be guessed before it is submitted.
+    uid = done["metadata"]["uid"]
+    secret = json.loads(control_plane.kubectl("get", "secret", SUBMISSION_KEY_SECRET, "-n", "default", "-o", "json"))
+    key = base64.b64decode(secret["data"]["key"])
+    assert len(key) == 32
+    assert status["submissionId"] == f"koinon-{uid}-1-{keyed_submission_nonce(key)(uid, 1)}"
+    # What it submitted, as Ray echoes it back, matched the digest the placing write recorded.
+    assert len(status["scheduling"]["submissionDigests"]) == 1
+    assert "SubmissionConflict" not in _reasons(control_plane.events("pi", namespace))
     assert status["assignedNodes"][0].startswith(("volunteer-1-", "volunteer-2-"))
     assert '"pi": 3.1' in status["result"].get("value", ""), status["result"]
     assert status["result"]["digest"].startswith("sha256:")

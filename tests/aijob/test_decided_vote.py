@@ -63,13 +63,22 @@ def started(ray: CopiesRay, clock: Clock, ids: list[str]) -> None:
     """Ray's start time for each copy (the fake's submit records none): their work is counted."""
     start_ms = int(clock.now.timestamp() * 1000)
     for sid in ids:
-        ray.jobs[sid] = replace(ray.jobs[sid], state=RayJobState.RUNNING, start_time_ms=start_ms, end_time_ms=None)
+        # Ray names the driver's node as it starts it (the node the copy's driver is pinned to).
+        driver = ray.driver_nodes.get(sid)
+        ray.jobs[sid] = replace(
+            ray.jobs[sid], state=RayJobState.RUNNING, start_time_ms=start_ms, end_time_ms=None, driver_node_id=driver
+        )
 
 
 def answered(ray: CopiesRay, clock: Clock, sid: str, log: str) -> None:
     ray.logs_by_id[sid] = log
+    driver = ray.jobs[sid].driver_node_id or ray.driver_nodes.get(sid)  # named by a record whose driver ran
     ray.jobs[sid] = replace(
-        ray.jobs[sid], state=RayJobState.SUCCEEDED, end_time_ms=int(clock.now.timestamp() * 1000), driver_exit_code=0
+        ray.jobs[sid],
+        state=RayJobState.SUCCEEDED,
+        end_time_ms=int(clock.now.timestamp() * 1000),
+        driver_exit_code=0,
+        driver_node_id=driver,
     )
 
 

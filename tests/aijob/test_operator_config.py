@@ -38,6 +38,22 @@ def test_the_defaults_and_usual_values_are_taken(monkeypatch: pytest.MonkeyPatch
     assert OperatorConfig().poll_interval_seconds > 0
 
 
+def test_a_submission_key_given_instead_of_the_secret_must_be_long_and_is_never_shown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """KOINON_SUBMISSION_KEY (development, tests): a short one could be guessed, and every
+    attempt's Ray submission ids with it."""
+    monkeypatch.setenv("KOINON_SUBMISSION_KEY", "dev")
+    with pytest.raises(ValueError, match=r"^KOINON_SUBMISSION_KEY"):
+        OperatorConfig.from_env()
+    key = "k" * 64
+    monkeypatch.setenv("KOINON_SUBMISSION_KEY", key)
+    config = OperatorConfig.from_env()
+    assert config.submission_key == key and key not in repr(config)
+    monkeypatch.delenv("KOINON_SUBMISSION_KEY")
+    assert OperatorConfig.from_env().submission_key is None  # the Secret, then
+
+
 def test_bare_ray_workers_take_no_work_unless_the_operator_is_told_so(monkeypatch: pytest.MonkeyPatch) -> None:
     assert OperatorConfig.from_env().allow_bare_ray_workers is False
     for value, allowed in (("true", True), ("1", True), ("False", False), ("0", False), ("", False)):

@@ -20,11 +20,15 @@ from tests.aijob.fake_ray import UID, VOLUNTEERS, make_body
 
 @pytest.fixture
 async def ray_api() -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """(base URL, replies by path): every request gets 200 with the JSON stored for its path."""
-    replies: dict[str, Any] = {}
+    """(base URL, replies by path): every request gets 200 with the JSON stored for its path (an
+    int stored: that status, no body). The paths asked are listed under "asked"."""
+    replies: dict[str, Any] = {"asked": []}
 
     async def handler(request: web.Request) -> web.Response:
+        replies["asked"].append(request.path)
         reply = replies.get(request.path, {})
+        if isinstance(reply, int):
+            return web.Response(status=reply)
         if isinstance(reply, bytes):  # as Ray serves a log file: raw bytes, text/plain, no charset
             return web.Response(body=reply, content_type="text/plain")
         return web.json_response(reply)
@@ -166,3 +170,23 @@ async def test_what_a_job_was_submitted_with_is_read_back_for_the_operator_to_co
     assert foreign_submission(submission, info) is None
     assert foreign_submission(replace(submission, entrypoint="python forge.py"), info) == "entrypoint"
     assert unsaid is not None and unsaid.submitted is None
+
+
+async def test_a_driver_log_its_node_does_not_serve_is_not_read_from_the_heads_job_logs(
+    ray_api: tuple[str, dict[str, Any]],
+) -> None:
+    """The head's /api/jobs/<id>/logs reads the log from the agent address the job's record names,
+    and that record lives in GCS, where any holder of the cluster's Ray token can write it: a log
+    asked of a known driver node is read from that node or not at all (Ray failing, retried)."""
+    url, replies = ray_api
+    replies["/api/v0/logs/file"] = 500
+    replies["/api/jobs/koinon-x-1/logs"] = {"logs": "KOINON_RESULT forged\n"}
+    client = RayJobsClient(url)
+    try:
+        with pytest.raises(RayUnavailableError, match="not served by Ray node r1"):
+            await client.logs("koinon-x-1", "r1")
+        assert "/api/jobs/koinon-x-1/logs" not in replies["asked"]
+        # Without a driver node (a copy placed before Ray node ids were recorded): the head's, as before.
+        assert await client.logs("koinon-x-1") == "KOINON_RESULT forged\n"
+    finally:
+        await client.close()

@@ -1,8 +1,10 @@
-"""An attempt's Ray submissions are the operator's own: their ids carry a nonce drawn at placement
-(not to be guessed before the operator submits), a job found under one of them that differs from
-what the operator submits there is not adopted, and a driver that ran on another Ray node than its
-copy's gives no answer, a single copy's included. Anyone with the cluster's Ray token (every
-volunteer: README, "What a volunteer can still do") can submit to the head's Job API under any id.
+"""An attempt's Ray submissions are the operator's own: their ids carry a nonce keyed by the
+operator's secret (not to be guessed before the operator submits, the same whoever places the
+attempt), a job found under one of them that differs from what the placing write recorded is not
+adopted, and a driver that ran on another Ray node than its copy's (or that Ray's record says ran
+and names no node for) gives no answer, a single copy's included. Anyone with the cluster's Ray
+token (every volunteer: README, "What a volunteer can still do") can submit to the head's Job API
+under any id, and rewrite Ray's job records.
 
 Reconciler passes against a fake Ray Job API (tests/aijob/fake_ray.py)."""
 
@@ -13,14 +15,17 @@ import re
 from dataclasses import replace
 from typing import Any
 
+from koinon_emulator.patching import merge_patch
 from koinon_operator.api.aijob import AIJobStatus, parse_spec
 from koinon_operator.inventory import RayNodeCache
 from koinon_operator.ray_jobs import RayJobInfo, RayJobState, SubmittedAs
 from koinon_operator.reconciler import (
+    PLACED_SUBMISSIONS,
     AIJobReconciler,
     copy_submission_id_from,
+    digest_of,
     foreign_submission,
-    new_submission_nonce,
+    keyed_submission_nonce,
     submission_of,
 )
 from koinon_operator.scheduling import ReputationPlacer
@@ -39,8 +44,13 @@ from .test_verification_rounds import (
 NONCED = re.compile(rf"koinon-{UID}-(\d+)-([0-9a-f]{{16}})")
 
 
+# The operator's key (its Secret, handlers.configure): the same for every operator process of a test.
+KEY = bytes(range(32))
+NONCE_1 = keyed_submission_nonce(KEY)(UID, 1)
+
+
 def operator_reconciler(ray: CopiesRay, clock: Clock) -> AIJobReconciler:
-    """As the operator builds it (handlers.py): each attempt's nonce drawn at random."""
+    """As the operator builds it (handlers.py): each attempt's nonce keyed by the operator's key."""
     fake: Any = ray
     return AIJobReconciler(
         ray=fake,
@@ -48,6 +58,7 @@ def operator_reconciler(ray: CopiesRay, clock: Clock) -> AIJobReconciler:
         nodes=RayNodeCache(fake, max_age_seconds=0.0),
         clock=lambda: clock.now,
         monotonic=lambda: clock.mono,
+        submission_nonce=keyed_submission_nonce(KEY),
     )
 
 
@@ -111,7 +122,7 @@ async def test_a_submission_made_under_the_next_attempts_predictable_id_is_not_a
     assert ("vn-c", "success") in outcome.reputation or ("vn-d", "success") in outcome.reputation
 
 
-async def test_each_attempt_and_all_its_copies_share_one_nonce_drawn_at_its_placement() -> None:
+async def test_each_attempt_and_all_its_copies_share_one_nonce_keyed_by_its_uid_and_number() -> None:
     ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
     rec, body = operator_reconciler(ray, clock), replicated_job(quorum=2)
     first = await until_submitted(rec, ray, clock, body)
@@ -124,12 +135,19 @@ async def test_each_attempt_and_all_its_copies_share_one_nonce_drawn_at_its_plac
     again = NONCED.fullmatch(second[0])
     assert again is not None and again.group(1) == "2" and again.group(2) != match.group(2), second
     assert body["status"].get("failures", 0) == 0
+    assert (match.group(2), again.group(2)) == (
+        keyed_submission_nonce(KEY)(UID, 1),
+        keyed_submission_nonce(KEY)(UID, 2),
+    )
+    # Another key (another pool's operator, or a guess) names other ids.
+    assert keyed_submission_nonce(bytes(32))(UID, 1) != match.group(2)
 
 
 async def test_a_restarted_operator_submits_and_adopts_under_the_ids_the_placing_write_recorded() -> None:
-    """Nothing is submitted before the write that places the attempt (and draws its nonce) is
-    read back; an operator that restarts after it, or after submitting without a later write,
-    computes the same ids from status: each copy is submitted once."""
+    """Nothing is submitted before the write that places the attempt is read back; an operator
+    that restarts after it, or after submitting without a later write, computes the same ids from
+    status: each copy is submitted once. One that places it again (the first write lost) names
+    the same ids."""
     ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
     body = replicated_job(quorum=2)
     vols = volunteers(ray.present)
@@ -138,7 +156,7 @@ async def test_a_restarted_operator_submits_and_adopts_under_the_ids_the_placing
     await step(operator_reconciler(ray, clock), body, vols)  # placed again, by a restarted operator
     assert body["status"]["phase"] == "Scheduled" and not ray.submissions
     recorded = attempt_ids(body["status"])
-    assert recorded[0] != lost.status["submissionId"]
+    assert recorded[0] == lost.status["submissionId"]
     submitting = operator_reconciler(ray, clock)  # restarted again: submits what status names
     await submitting.reconcile(copy.deepcopy(body), {}, vols)  # its outcome is lost too
     assert [s.submission_id for s in ray.submissions] == recorded
@@ -265,7 +283,7 @@ async def test_an_edit_while_the_attempt_runs_does_not_make_its_own_copies_forei
 def test_what_differs_from_the_operators_submission_is_named() -> None:
     body = make_body({"entrypoint": "python x.py"})
     body["status"] = {
-        "attempts": 1, "submissionId": f"koinon-{UID}-1-{new_submission_nonce()}", "assignedNodes": ["vn-a"],
+        "attempts": 1, "submissionId": f"koinon-{UID}-1-{NONCE_1}", "assignedNodes": ["vn-a"],
         "traceId": "0" * 31 + "1", "scheduling": {"addresses": ["127.0.0.9"], "copies": 1},
     }  # fmt: skip
     ours = submission_of("ns/j", parse_spec(body["spec"]), AIJobStatus.from_status(body["status"]), 0)
@@ -284,3 +302,200 @@ def test_what_differs_from_the_operators_submission_is_named() -> None:
         "entrypoint_resources, entrypoint_num_gpus"
     )
     assert SubmittedAs("x", None, None).entrypoint_resources is None
+
+
+async def test_a_pass_on_a_body_older_than_the_placing_write_adopts_the_attempts_job_instead_of_running_it_twice() -> (
+    None
+):
+    """Operator 1 places attempt 1, reads its write back and submits it. Operator 2 (a new leader
+    whose watch still holds the Pending body, or operator 1 itself past STALE_BODY_GRACE_SECONDS
+    with its watch stalled) acts on that older body: it places attempt 1 again, and its write
+    lands over the first. With a nonce drawn at random per placement that named another Ray job,
+    submitted while the first ran on, referenced by nothing (never stopped, its nodes free in the
+    ledger); keyed by (uid, attempt), both placements name the same ids, and the second adopts."""
+    ray, clock = CopiesRay(["vn-a"]), Clock()
+    body = make_body({"entrypoint": "python x.py"})
+    vols = volunteers(ray.present)
+    first = operator_reconciler(ray, clock)
+    stale = copy.deepcopy(body)  # as the other pass sees it: before the placing write
+    await step(first, body, vols)  # accepted and placed
+    await step(first, body, vols)  # submitted
+    assert len(ray.submissions) == 1
+    second = operator_reconciler(ray, clock)  # another process, the same key (the operator's Secret)
+    late = await second.reconcile(copy.deepcopy(stale), {}, vols)
+    assert late.status["phase"] == "Scheduled", late.status
+    body["status"] = merge_patch(body["status"], late.status)
+    await step(second, body, vols)
+    running = {s.submission_id for s in ray.submissions} - set(ray.stopped)
+    assert running == {body["status"]["submissionId"]}, (running, body["status"]["submissionId"])
+    ray.set_state(body["status"]["submissionId"], RayJobState.SUCCEEDED, exit_code=0)
+    await step(second, body, vols)
+    status = body["status"]
+    assert (status["phase"], status["attempts"], status["result"]["value"]) == ("Succeeded", 1, "42"), status
+
+
+async def test_a_late_pass_that_places_the_attempt_on_other_nodes_stops_the_first_placements_job() -> None:
+    """The same late pass, where the first node has gone from its view: it places attempt 1 on
+    another node, under the same ids. The job the first placement submitted there is not what the
+    second records (other nodes in its env): stopped, and the attempt placed again, uncounted;
+    never two running."""
+    ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
+    body = make_body({"entrypoint": "python x.py"})
+    first = operator_reconciler(ray, clock)
+    stale = copy.deepcopy(body)
+    [submitted] = await until_submitted(first, ray, clock, body)
+    placed_on = body["status"]["assignedNodes"]
+    ray.present = [n for n in ("vn-a", "vn-c") if n not in placed_on]  # as the late pass sees Ray
+    second = operator_reconciler(ray, clock)
+    late = await second.reconcile(copy.deepcopy(stale), {}, volunteers(ray.present))
+    assert late.status["assignedNodes"] != placed_on and late.status["submissionId"] == submitted, late.status
+    body["status"] = merge_patch(body["status"], late.status)
+    await step(second, body, volunteers(ray.present))
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Pending", "SubmissionConflict"), status
+    assert submitted in ray.stopped and status.get("failures", 0) == 0
+    again = await until_submitted(second, ray, clock, body, attempt=2)
+    running = {s.submission_id for s in ray.submissions} - set(ray.stopped)
+    assert running == set(again), running
+
+
+async def test_after_a_spec_edit_a_job_with_another_entrypoint_under_the_attempts_id_is_not_adopted() -> None:
+    """The owner edits a running job's entrypoint (applies from the next attempt). A volunteer that
+    saw the attempt's id listed deletes the ended honest job and submits under its id a job of its
+    own: any entrypoint, the (predictable) metadata, pinned to the copy's own node (its address is
+    in the listed job's runtime_env), so its driver runs there. Compared only by its metadata once
+    the spec was edited, its log was taken as the answer and the honest node credited; it is
+    compared with what the placing write recorded (status.scheduling.submissionDigests)."""
+    ray, clock = CopiesRay(["vn-a"]), Clock()
+    rec, body = operator_reconciler(ray, clock), make_body({"entrypoint": "python x.py"})
+    [submission] = await until_submitted(rec, ray, clock, body)
+    assert len(body["status"]["scheduling"][PLACED_SUBMISSIONS]) == 1
+    body["spec"]["entrypoint"] = "python y.py"  # the owner's edit, mid-attempt
+    body["metadata"]["generation"] = 2
+    status = AIJobStatus.from_status(body["status"])
+    honest = submission_of("ns/j", parse_spec({"entrypoint": "python x.py"}), status, 0)
+    forged = replace(honest, entrypoint="python -c 'print(\"KOINON_RESULT forged\")'")
+    # deleted and submitted again under the same id; Ray ran it on the copy's own node
+    ray.jobs[submission] = RayJobInfo(
+        submission, RayJobState.SUCCEEDED, "", status.ray_node_ids[0], 1, 2, 0, None, submitted_as(forged)
+    )
+    ray.logs_by_id[submission] = FORGED
+    outcome = await step(rec, body, volunteers(ray.present))
+    status_after = body["status"]
+    assert (status_after["phase"], status_after["reason"]) == ("Pending", "SubmissionConflict"), status_after
+    assert (status_after.get("result") or {}).get("value") != "forged"
+    assert outcome.reputation == [] and submission in ray.stopped
+
+
+def test_the_digests_recorded_at_placement_are_what_ray_echoes_of_the_operators_own_submissions() -> None:
+    """What Ray reports back of a submission (a JSON round trip of its entrypoint, runtime_env with
+    the KOINON_* variables and TRACEPARENT, and metadata) has the digest recorded for it."""
+    body = make_body({"entrypoint": "python x.py", "runtimeEnv": {"env_vars": {"A": "1"}, "pip": ["numpy"]}})
+    body["status"] = {
+        "attempts": 1, "submissionId": f"koinon-{UID}-1-{NONCE_1}", "assignedNodes": ["vn-a"],
+        "traceId": "0" * 31 + "1", "scheduling": {"addresses": ["127.0.0.9"], "copies": 1},
+    }  # fmt: skip
+    ours = submission_of("ns/j", parse_spec(body["spec"]), AIJobStatus.from_status(body["status"]), 0)
+    assert "TRACEPARENT" in ours.runtime_env["env_vars"] and "KOINON_NODE_ADDRESSES" in ours.runtime_env["env_vars"]
+    found = RayJobInfo(ours.submission_id, RayJobState.SUCCEEDED, "", "r0", 1, 2, 0, None, submitted_as(ours))
+    assert foreign_submission(ours, found, placed=digest_of(ours)) is None
+    for changed in (
+        replace(ours, entrypoint="python z.py"),
+        replace(
+            ours, runtime_env={**ours.runtime_env, "env_vars": {**ours.runtime_env["env_vars"], "TRACEPARENT": "x"}}
+        ),
+        replace(ours, metadata={**ours.metadata, "koinon.dev/copy": "1"}),
+    ):
+        other = replace(found, submitted=submitted_as(changed))
+        assert foreign_submission(ours, other, placed=digest_of(ours)) is not None, changed
+        # Whatever the spec says now (``whole`` False: edited): the recorded digest decides.
+        assert foreign_submission(ours, other, whole=False, placed=digest_of(ours)) is not None, changed
+
+
+async def test_an_attempt_placed_without_submission_digests_is_compared_with_its_unedited_spec() -> None:
+    """A status from an operator before submissionDigests: a job under the attempt's id is compared
+    with what the spec, unedited, gives (the rule before them)."""
+    ray, clock = CopiesRay(["vn-a"]), Clock()
+    rec, body = operator_reconciler(ray, clock), make_body({"entrypoint": "python x.py"})
+    await until_submitted(rec, ray, clock, body)
+    del body["status"]["scheduling"][PLACED_SUBMISSIONS]
+    forged_id = _forged_in_place(ray, body, "python forge.py")
+    await step(rec, body, volunteers(ray.present))
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Pending", "SubmissionConflict"), body["status"]
+    assert forged_id in ray.stopped
+
+
+async def test_an_attempt_placed_with_a_random_nonce_is_followed_under_the_id_its_status_records() -> None:
+    """Attempts placed by the operator that drew each nonce at random keep their ids: every id is
+    read from status, whatever made it."""
+    ray, clock = CopiesRay(["vn-a"]), Clock()
+    body = make_body({"entrypoint": "python x.py"})
+    drawn = "0123456789abcdef"
+    earlier = reconciler(ray, clock, nonce=lambda uid, attempt: drawn)
+    [submission] = await until_submitted(earlier, ray, clock, body)
+    assert submission == f"koinon-{UID}-1-{drawn}"
+    upgraded = operator_reconciler(ray, clock)
+    await step(upgraded, body, volunteers(ray.present))
+    ray.set_state(submission, RayJobState.SUCCEEDED, exit_code=0)
+    await step(upgraded, body, volunteers(ray.present))
+    status = body["status"]
+    assert (status["phase"], status["attempts"], status["result"]["value"]) == ("Succeeded", 1, "42"), status
+    assert [s.submission_id for s in ray.submissions] == [submission]
+
+
+async def test_a_succeeded_copy_whose_ray_record_names_no_driver_node_gives_no_answer() -> None:
+    """Ray names the driver's node in the record of every job whose driver ran (Ray 2.60
+    JobSupervisor.run, before it starts the driver); the record lives in GCS KV, which any Ray-token
+    holder can write. A job under the attempt's id with what the operator submits there, whose
+    record says SUCCEEDED and names no driver node, passed the check of where its driver ran, and
+    its log was read through the head's /api/jobs/<id>/logs, which Ray serves from the agent
+    address the record names: taken as the answer, and the placed node credited."""
+    ray, clock = LogsSeenRay(["vn-a"]), Clock()
+    rec = operator_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 0})
+    [submission] = await until_submitted(rec, ray, clock, body)
+    same = ray.jobs[submission].submitted
+    ray.jobs[submission] = RayJobInfo(submission, RayJobState.SUCCEEDED, "", None, 1, 2, 0, None, same)
+    ray.logs_by_id[submission] = FORGED
+    outcome = await step(rec, body, volunteers(ray.present))
+    status = body["status"]
+    assert (status.get("result") or {}).get("value") != "forged", (status, outcome.reputation)
+    assert (status["phase"], status["reason"]) == ("Failed", "BackoffLimitExceeded"), status
+    assert "DriverMisplaced" in status["message"] or "another Ray node" in status["message"], status["message"]
+    assert outcome.reputation == []
+    assert ray.read == []  # its log was not asked for, anywhere
+
+
+async def test_a_placed_copy_that_failed_before_its_driver_started_is_judged_without_asking_the_head_for_its_log() -> (
+    None
+):
+    """A job whose runtime_env could not be set up never had a driver: Ray's record names no driver
+    node, honestly. It is still an env failure of the spec's (not a misplaced driver), and no log
+    is read for it (the head would serve one from whatever agent address the record names)."""
+    ray, clock = LogsSeenRay(["vn-a"]), Clock()
+    rec = operator_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 0})
+    [submission] = await until_submitted(rec, ray, clock, body)
+    ray.set_state(
+        submission, RayJobState.FAILED, message="runtime_env setup failed: no such package",
+        error_type="RUNTIME_ENV_SETUP_FAILURE",
+    )  # fmt: skip
+    assert ray.jobs[submission].driver_node_id is None
+    outcome = await step(rec, body, volunteers(ray.present))
+    status = body["status"]
+    assert status["phase"] == "Failed" and "DriverMisplaced" not in status["message"], status
+    assert "runtime_env setup failed" in status["message"], status["message"]
+    assert outcome.reputation == []  # an env failure is charged only once another node sets it up
+    assert ray.read == []
+
+
+class LogsSeenRay(CopiesRay):
+    """Ray that records each driver log read: (submission, driver node asked for)."""
+
+    def __init__(self, present: list[str]) -> None:
+        super().__init__(present)
+        self.read: list[tuple[str, str | None]] = []
+
+    async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
+        self.read.append((submission_id, driver_node_id))
+        return await super().logs(submission_id, driver_node_id, lines)

@@ -221,7 +221,8 @@ async def test_a_failed_jobs_output_stays_out_of_its_spans() -> None:
     body = make_body({"entrypoint": "python x.py", "backoffLimit": 0})
     await _traced_step(reconciler, tracer, body)
     await _traced_step(reconciler, tracer, body)
-    ray.set_state(submission_id_for(UID, 1), RayJobState.FAILED, message="exit code 1")
+    # Its driver ran and exited 1 (Ray names the driver's node then: the log is read from there).
+    ray.set_state(submission_id_for(UID, 1), RayJobState.FAILED, exit_code=1, message="exit code 1")
     await _traced_step(reconciler, tracer, body)
     assert body["status"]["phase"] == "Failed", body["status"]
     assert "sk-live-123" in str(body["status"])  # still there for the job's owners

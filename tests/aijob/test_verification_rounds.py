@@ -50,7 +50,7 @@ def volunteers(names: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def reconciler(
-    ray: CopiesRay, clock: Clock, seed_key: bytes = SEED_KEY, nonce: Callable[[], str] = no_nonce
+    ray: CopiesRay, clock: Clock, seed_key: bytes = SEED_KEY, nonce: Callable[[str, int], str] = no_nonce
 ) -> AIJobReconciler:
     fake: Any = ray
     return AIJobReconciler(
