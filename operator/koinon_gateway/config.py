@@ -99,12 +99,16 @@ PAST_BUDGET_BYTES_PER_STREAM = 2 * SMALL_BUFFER_BYTES
 MIN_BUFFERED_BYTES_PER_NODE = 1 << 20  # one full-size receive buffer (tunnel_io.CHUNK_BYTES)
 
 
-def one_node_memory_bound(max_streams_per_node: int, max_buffered_bytes_per_node: int) -> int:
+def one_node_memory_bound(
+    max_streams_per_node: int, max_head_connections_per_node: int, max_buffered_bytes_per_node: int
+) -> int:
     """The most memory one node's connections can make the gateway hold for data it does not read:
-    the receive buffers of its pipes (the budget, plus two small buffers per stream past it), and
-    as much again in grpc, which holds at most one message a stream, a copy of a view of one of
-    those buffers (the one tunnel_io.tcp_to_channel is writing while the node does not read)."""
-    return 2 * (max_buffered_bytes_per_node + max_streams_per_node * PAST_BUDGET_BYTES_PER_STREAM)
+    the receive buffers of its pipes (the budget, plus two small buffers per connection past it:
+    the ones it dials, and the ones the head opens to it through the head proxy), and as much
+    again in grpc, which holds at most one message a stream, a copy of a view of one of those
+    buffers (the one tunnel_io.tcp_to_channel is writing while the node does not read)."""
+    connections = max_streams_per_node + max_head_connections_per_node
+    return 2 * (max_buffered_bytes_per_node + connections * PAST_BUDGET_BYTES_PER_STREAM)
 
 
 # How old a connected node's lastHeartbeat may get between refreshes: half the 120 s after which
@@ -156,17 +160,28 @@ class GatewayConfig:
     # Connect streams one node may hold open at once, counted separately for the ones it dials
     # (its proxied connections) and the ones not past their first frame yet; the ones it accepts
     # count against neither, as the dialler paid for them (stream_slots.py). Together with
-    # max_buffered_bytes_per_node, this bounds what one volunteer can make the gateway hold.
+    # max_head_connections_per_node and max_buffered_bytes_per_node, this bounds what one volunteer
+    # can make the gateway hold.
     max_streams_per_node: int = 256
+    # Connections the head may hold open (or be opening) to one node at once through the head
+    # proxy; more CONNECTs are answered 503 and counted (refused_dials "too-many-head-connections").
+    # Each holds a pipe against the node's budget like one the node dials, and anything on the head
+    # may open them (a volunteer's task pinned there included): without a cap, thousands to one
+    # node that never reads held past the 1Gi limit. Ray's own head opens about one per port of the
+    # node it talks to (raylet, object manager, dashboard agent, metrics, workers of actors GCS made
+    # there): 5 in test_ray_netns.py, and a default block of 40 has 36 ports the head may reach.
+    # koinon_gateway_head_connections_peak shows what nodes use; raising this raises the bound below.
+    max_head_connections_per_node: int = 64
     # Receive buffers the gateway may hold for one node's TCP connections together (head-side
     # sockets of its dials and the head's connections to it, tcp_pipe.ReadBudget): data read from
     # the head that the node is not reading from its Connect streams. A connection alone stops at
     # 4 MiB unread (tcp_pipe.PAUSE_READING_BYTES, ~6 MiB of buffers), so a few bulk transfers never
     # feel this; once the node's pipes hold it all, each goes on in 64 KiB buffers, one read at a
-    # time. Worst case for one node (one_node_memory_bound): 2 x (128 MiB + 256 streams x 128 KiB)
-    # = 320 MiB, under ONE_NODE_MEMORY_SHARE of the shipped 1Gi limit (the head's own connections
-    # to the node, which Ray opens a few of, add 128 KiB each); without it 256 stalled streams held
-    # 256 x 4-6 MiB, over 1 GiB, and the gateway was OOM-killed with every node's session.
+    # time. Worst case for one node (one_node_memory_bound): the 128 MiB budget, two 64 KiB buffers
+    # more past it for each of its connections (at most 256 it dials + 64 the head opens), and
+    # grpc's copy of as much: 2 x (128 MiB + 320 x 128 KiB) = 336 MiB, under ONE_NODE_MEMORY_SHARE
+    # of the shipped 1Gi limit. Without it 256 stalled streams held 256 x 4-6 MiB, over 1 GiB, and
+    # the gateway was OOM-killed with every node's session.
     max_buffered_bytes_per_node: int = 128 << 20
     rtt_smoothing_alpha: float = 0.2
     # Agents that heartbeat by themselves (Register.self_heartbeats) get a Ping, the RTT probe, every
@@ -219,6 +234,8 @@ class GatewayConfig:
             raise ValueError(f"port_block_size: at most {most}, got {self.port_block_size}")
         if self.max_streams_per_node < 1:
             raise ValueError("max_streams_per_node: must be at least 1")
+        if self.max_head_connections_per_node < 1:
+            raise ValueError("max_head_connections_per_node: must be at least 1")
         if self.max_buffered_bytes_per_node < MIN_BUFFERED_BYTES_PER_NODE:
             raise ValueError(
                 f"max_buffered_bytes_per_node: at least {MIN_BUFFERED_BYTES_PER_NODE} (one receive buffer), "

@@ -113,12 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="proxied connections one volunteer may dial at once (ones it accepts do not count); more are refused",
     )
     p.add_argument(
+        "--max-head-connections-per-node",
+        type=int,
+        default=GatewayConfig.max_head_connections_per_node,
+        help="connections the head may hold open to one volunteer at once through the head proxy; "
+        "more CONNECTs are answered 503",
+    )
+    p.add_argument(
         "--max-buffered-bytes-per-node",
         type=_buffered_bytes,
         default=GatewayConfig.max_buffered_bytes_per_node,
         help="bytes of receive buffers the gateway may hold for one volunteer's connections together "
         "(data from the head it does not read); one node can make the gateway hold at most about "
-        "2 x (this + 128 KiB per stream), see GatewayConfig.max_buffered_bytes_per_node",
+        "2 x (this + 128 KiB per connection it dials or the head opens to it), see "
+        "GatewayConfig.max_buffered_bytes_per_node",
     )
     p.add_argument(
         "--unconnected-node-ttl",
@@ -168,6 +176,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         heartbeat_timeout_s=args.heartbeat_timeout,
         credential_lifetime_s=args.credential_lifetime,
         max_streams_per_node=args.max_streams_per_node,
+        max_head_connections_per_node=args.max_head_connections_per_node,
         max_buffered_bytes_per_node=args.max_buffered_bytes_per_node,
         unconnected_node_ttl_s=args.unconnected_node_ttl,
         namespace=args.namespace,

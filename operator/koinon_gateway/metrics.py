@@ -25,6 +25,9 @@ class GatewayMetrics:
     # The most proxied connections one node has held at once since the start (to size
     # max_streams_per_node against what real nodes use).
     node_streams_peak: int = 0
+    # The most connections the head has held open (or been opening) to one node at once through the
+    # head proxy since the start (to size max_head_connections_per_node).
+    head_connections_peak: int = 0
     # Payload bytes of Data frames read from nodes' streams ("from_nodes") and written to them
     # ("to_nodes"): a volunteer-to-volunteer byte counts once each way.
     tunnel_bytes: Counter[str] = field(default_factory=Counter)
@@ -58,6 +61,9 @@ class GatewayMetrics:
         family("koinon_gateway_node_streams_peak", "gauge",
                "Most Connect streams one node has held open at once since the start (silent and refused ones too).",
                [("", self.node_streams_peak)])  # fmt: skip
+        family("koinon_gateway_head_connections_peak", "gauge",
+               "Most connections the head has held open to one node at once since the start (opening ones too).",
+               [("", self.head_connections_peak)])  # fmt: skip
         family("koinon_gateway_tunnel_bytes_total", "counter",
                "Payload bytes carried through the tunnel, by direction as seen from the nodes.",
                [(f'{{direction="{d}"}}', self.tunnel_bytes[d]) for d in ("from_nodes", "to_nodes")])  # fmt: skip

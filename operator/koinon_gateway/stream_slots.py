@@ -8,9 +8,10 @@ of a node that no longer exists). Two kinds count against ``max_streams_per_node
   number of silent streams (each for the first-frame timeout) and keep opening more;
 * streams that dial: the connections a node makes.
 
-A stream that accepts a connection counts against neither: it answers another node's (or the
-head's) dial, which that side paid for. Were it charged to the acceptor, one volunteer could spend
-its own allowance dialling another and leave that one unable to reach the head.
+A stream that accepts a connection counts against neither: it answers another node's dial, which
+that side paid for, or the head's, which counts against max_head_connections_per_node of the node
+it reaches (head_proxy.py). Were it charged to the acceptor, one volunteer could spend its own
+allowance dialling another and leave that one unable to reach the head.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What one volunteer can make the gateway buffer, and the head connections its dials leave behind.
+"""What one volunteer can make the gateway buffer, the head connections its dials leave behind, and
+the connections the head may open to it.
 
 A volunteer that dials the head's Ray ports on all its allowed streams, has the head send on each
 (it holds the Ray token: Ray answers what it asks for) and never reads its Connect streams used to
@@ -22,6 +23,7 @@ from koinon_gateway import tcp_pipe, tunnel_io
 from koinon_gateway.config import (
     MIN_BUFFERED_BYTES_PER_NODE,
     ONE_NODE_MEMORY_SHARE,
+    PAST_BUDGET_BYTES_PER_STREAM,
     SHIPPED_MEMORY_LIMIT_BYTES,
     GatewayConfig,
     one_node_memory_bound,
@@ -31,7 +33,7 @@ from koinon_gateway.main import build_parser, config_from_args
 from koinon_gateway.tunnel_io import CountedFrameChannel
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import Cluster, cluster, registered_mute_node
+from .helpers import Cluster, cluster, connect_via_proxy, next_open_connection, registered_mute_node
 
 REPO = Path(__file__).resolve().parents[2]
 F = pb.Frame
@@ -168,13 +170,100 @@ def deployment_memory_limit() -> int:
 
 
 def test_the_defaults_keep_one_node_under_its_share_of_the_shipped_memory_limit() -> None:
+    """The connections it dials and the ones the head opens to it count alike (README.md and
+    workers/koinon_agent/README.md state this sum)."""
     assert deployment_memory_limit() == SHIPPED_MEMORY_LIMIT_BYTES
     defaults = GatewayConfig()
-    bound = one_node_memory_bound(defaults.max_streams_per_node, defaults.max_buffered_bytes_per_node)
+    bound = one_node_memory_bound(
+        defaults.max_streams_per_node, defaults.max_head_connections_per_node, defaults.max_buffered_bytes_per_node
+    )
+    assert bound == 2 * ((128 << 20) + (256 + 64) * (128 << 10)) == 336 << 20
     assert bound <= ONE_NODE_MEMORY_SHARE * SHIPPED_MEMORY_LIMIT_BYTES, f"{bound / 2**20:.0f} MiB"
     # The CLI's defaults are the same.
-    args = build_parser().parse_args(["--head-address", "127.0.0.1"])
-    assert config_from_args(args).max_buffered_bytes_per_node == defaults.max_buffered_bytes_per_node
+    config = config_from_args(build_parser().parse_args(["--head-address", "127.0.0.1"]))
+    assert config.max_buffered_bytes_per_node == defaults.max_buffered_bytes_per_node
+    assert config.max_head_connections_per_node == defaults.max_head_connections_per_node
+    assert config.max_streams_per_node == defaults.max_streams_per_node
+
+
+def test_the_head_connection_cap_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"^max_head_connections_per_node: must be at least 1"):
+        GatewayConfig(max_head_connections_per_node=0).validate()
+    args = build_parser().parse_args(["--head-address", "127.0.0.1", "--max-head-connections-per-node", "8"])
+    assert config_from_args(args).max_head_connections_per_node == 8
+
+
+HEAD_CAP = 64  # GatewayConfig.max_head_connections_per_node by default
+
+
+async def test_the_head_opens_at_most_its_cap_of_connections_to_a_node_that_never_reads(tmp_path: Path) -> None:
+    """The head proxy asks for no credentials: anything on the head may CONNECT through it, a
+    volunteer's task pinned there included (README "What a volunteer can still do"). Each
+    connection to a node holds a pipe against that node's budget, and two small buffers past it:
+    uncounted, ~3,000 to a node whose agent accepts and never reads held past the gateway's 1Gi
+    limit. Scaled down (a 1 MiB budget): the head holds at most HEAD_CAP connections to one node;
+    the next CONNECT is answered 503 and counted, what the pipes hold stays within what
+    one_node_memory_bound counts for them, and once they end the head may connect again."""
+    budget_bytes = MIN_BUFFERED_BYTES_PER_NODE
+    # accept_timeout_s: a CONNECT that is not refused waits this long for an Accept, then gets 502.
+    settings: dict[str, Any] = {
+        "heartbeat_timeout_s": 30.0, "max_buffered_bytes_per_node": budget_bytes, "accept_timeout_s": 2.0,
+    }  # fmt: skip
+    async with (
+        cluster(tmp_path, tls=False, **settings) as c,
+        grpc.aio.insecure_channel(c.gateway.agent_target) as channel,
+    ):
+        greedy, control = await registered_mute_node(c, channel, "greedy")
+        proxy_port = int(c.gateway.head_proxy_url.rsplit(":", 1)[1])
+        address, port = greedy.assignment.address, greedy.assignment.ports.node_manager_port
+
+        async def head_connection() -> tuple[Any, asyncio.StreamWriter]:
+            """A CONNECT to the node, which accepts it (and then reads nothing)."""
+            dialing = asyncio.ensure_future(connect_via_proxy(proxy_port, address, port))
+            opened = await asyncio.wait_for(next_open_connection(control), 5)
+            accept = connect_call(channel, greedy.credential)
+            await accept.write(F(accept=pb.Accept(connection_id=opened.connection_id)).SerializeToString())
+            await accept.write(F(dial_result=pb.DialResult(ok=True)).SerializeToString())
+            status, _reader, writer = await dialing
+            assert status == 200
+            return accept, writer
+
+        opened = [await head_connection() for _ in range(HEAD_CAP)]
+        status, _, refused = await asyncio.wait_for(connect_via_proxy(proxy_port, address, port), 5)
+        refused.close()
+        assert status == 503, f"connection {HEAD_CAP + 1} of the head to one node was answered {status}, not refused"
+        assert c.gateway.metrics.refused_dials["too-many-head-connections"] == 1
+        assert c.gateway.metrics.head_connections_peak == HEAD_CAP
+
+        async def stuff(writer: asyncio.StreamWriter) -> None:
+            for _ in range(2):
+                writer.write(b"x" * (1 << 20))
+                await writer.drain()
+
+        stuffing = [asyncio.ensure_future(stuff(writer)) for _, writer in opened]
+        budget = c.gateway.sessions.read_budget(greedy.assignment.node_name)
+        bound = budget_bytes + HEAD_CAP * PAST_BUDGET_BYTES_PER_STREAM
+        held = 0
+        for _ in range(50):  # until the pipes have filled about what they may (or 5 s)
+            await asyncio.sleep(0.1)
+            held = max(held, budget.held_bytes)
+            if held >= bound - PAST_BUDGET_BYTES_PER_STREAM:
+                break
+        assert budget_bytes < held <= bound, f"{HEAD_CAP} head connections hold {held} bytes, bound {bound}"
+
+        for task in stuffing:
+            task.cancel()
+        for accept, writer in opened:
+            accept.cancel()
+            writer.close()
+        for _ in range(100):  # the splices end and give back their places
+            if not c.gateway.metrics.connections_active:
+                break
+            await asyncio.sleep(0.05)
+        again, _writer = await head_connection()
+        again.cancel()
+        _writer.close()
+        control.cancel()
 
 
 def test_the_buffer_budget_is_validated(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import psutil
 import pytest
+from koinon_gateway.config import GatewayConfig
 
 from .ray_harness import VENV_BIN, RayTunnelHarness, Volunteer, netns_available
 
@@ -121,6 +122,13 @@ print(json.dumps(dict(credential=credential, alive=alive, where=where, n=n, back
         line for line in metrics if line.startswith("koinon_gateway_refused_dials") and "unreachable" not in line
     ]
     assert refused == [], refused
+    # Ray's head opens a few connections to a node (5 here, with an actor on B): far below the
+    # gateway's default cap on them (max_head_connections_per_node, 64), which bounds what anything
+    # on the head can make the gateway hold for one node.
+    head_peak = next(
+        int(line.split()[1]) for line in metrics if line.startswith("koinon_gateway_head_connections_peak ")
+    )
+    assert 0 < head_peak <= GatewayConfig.max_head_connections_per_node // 4, head_peak
 
 
 def gateway_metrics(harness: RayTunnelHarness) -> str:

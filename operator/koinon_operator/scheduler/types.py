@@ -86,7 +86,11 @@ class JobRequest:
     shows the other copy) and stops the check copy ends the attempt without failing; were the coin
     drawn afresh for the next attempt, a trusted liar would stop checks until a skip was drawn."""
     excluded_nodes: frozenset[str] = frozenset()
-    """Nodes lost or failed on earlier attempts."""
+    """Nodes this placement leaves out. The operator passes the nodes of copies that gave no
+    majority (status.scheduling.excludedNodes), and adds the nodes it tries last (failed, lost, or
+    that failed the spec's runtime_env) only to a first try that places the job elsewhere
+    (reconciler); lost and failed nodes are left out for good only in the simulator
+    (bench/scheduler, scheduler/rescheduling.py)."""
     excluded_owners: frozenset[str] = frozenset()
     """Owners that already hold a copy of this job (a fresh copy must come from someone else)."""
     priority: int = 0
