@@ -19,7 +19,7 @@ from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
 from koinon_operator.reconciler import AIJobReconciler, allocation_of, keyed_submission_nonce, ray_submissions_of
 from koinon_operator.reputation_book import ReputationBook, outcome_key, sample_uptime_forever
 from koinon_operator.revocation import ResultRechecker, recheck_results_forever
-from koinon_operator.scheduling import WAITING_FOR_S, ReputationPlacer
+from koinon_operator.scheduling import WAITING_FOR_S, ReputationPlacer, spot_check_key
 from koinon_operator.telemetry import JobTracer, setup_tracing, shutdown_tracing
 from koinon_operator.volunteers import managed_by_gateway, status_from_ray
 
@@ -51,10 +51,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.tracing = setup_tracing()
     memo.tracer = JobTracer(memo.tracing)
     memo.ray = RayJobsClient(CONFIG.ray_dashboard_url, auth_token=CONFIG.ray_auth_token)
-    placer = ReputationPlacer(waiting_for_s=max(WAITING_FOR_S, 3 * CONFIG.poll_interval_seconds))
     memo.reconciler = AIJobReconciler(
         ray=memo.ray,
-        placer=placer,
+        placer=operator_placer(submission_key),
         nodes=RayNodeCache(memo.ray),
         allow_bare_ray_workers=CONFIG.allow_bare_ray_workers,
         submission_nonce=keyed_submission_nonce(submission_key),
@@ -72,6 +71,15 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
     memo.result_rechecker = asyncio.create_task(
         recheck_results_forever(ResultRechecker(CONFIG.namespace, memo.tracer), CONFIG.uptime_sample_seconds, leading)
+    )
+
+
+def operator_placer(submission_key: bytes) -> ReputationPlacer:
+    """The operator's placer: its spot-check coin keyed from the submission key (spot_check_key),
+    so every replica and restart of the operator draws the same copies for an attempt."""
+    return ReputationPlacer(
+        waiting_for_s=max(WAITING_FOR_S, 3 * CONFIG.poll_interval_seconds),
+        seed_key=spot_check_key(submission_key),
     )
 
 

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from koinon_operator.api.aijob import (
+    MAX_QUORUM,
     AIJobSpec,
     AIJobStatus,
     SpecError,
@@ -608,6 +609,22 @@ def _failed_nodes(state: AIJobStatus) -> list[str]:
 CHECKED_COPIES = "checkedCopies"
 
 
+# How far apart (Ray's end times) the copies of an attempt found stopped may have ended for the
+# node of one that has left to count as lost (_judge): _node_lost stops them all in one pass; a
+# volunteer that stopped another's copy, ran its own on until that node went home, then stopped its
+# own, left them hours apart. Generous: a retried pass, or Ray's own wait before it kills a driver.
+STOPPED_TOGETHER_MS = 300_000
+
+
+def _stopped_together(infos: Sequence[RayJobInfo]) -> bool:
+    """Every copy was found stopped, each within STOPPED_TOGETHER_MS of the others (where Ray's
+    records name no end time, that is taken as so: Ray stamps every job it ends)."""
+    if not infos or any(info.state is not RayJobState.STOPPED for info in infos):
+        return False
+    ends = [info.end_time_ms for info in infos if info.end_time_ms is not None]
+    return not ends or max(ends) - min(ends) <= STOPPED_TOGETHER_MS
+
+
 def _checked_copies(state: AIJobStatus) -> int:
     """status.scheduling.checkedCopies: 1 where absent, or not a positive whole number (a
     hand-edited status must not stop the job)."""
@@ -827,6 +844,9 @@ class AIJobReconciler:
     # Per Ray submission: when (monotonic) a pass first found it SUCCEEDED with its log served but
     # no result line in it yet, and that log as last served (_logs_settled). Dropped as _unserved is.
     _settling: dict[str, _SettlingLog] = field(default_factory=dict)
+    # Per job: the attempt (its submission id and recorded copies) this process last looked for
+    # stray copies of in Ray (_stop_strays). Dropped on delete and on a change of leader.
+    _swept: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     async def reconcile(
         self,
@@ -1084,6 +1104,7 @@ class AIJobReconciler:
         # failed read after the gap must not end a wait that began before it.
         self._unserved.clear()
         self._settling.clear()
+        self._swept.clear()  # another leader may have placed attempts again meanwhile
         forget = getattr(self.placer, "forget_waiting", None)
         if callable(forget):
             forget()
@@ -1107,6 +1128,7 @@ class AIJobReconciler:
             state = AIJobStatus.from_status(body.get("status"))
             self.ledger.forget(key)
             self._written_from.pop(key, None)
+            self._swept.pop(key, None)
             # A pass of this process finished the job (the pass this waited for, maybe, which the
             # body predates): that pass stopped what ran; there is nothing to stop or to report.
             finished = self._finished.pop(key, None)
@@ -1322,6 +1344,14 @@ class AIJobReconciler:
         attempt = state.attempts + 1
         names = [node.name for node in decision.nodes]
         copies = decision.copies
+        # The most copies any attempt of this job ran: every later one runs at least as many (see
+        # least_copies above). Kept across attempts and operator restarts, and never lowered: the
+        # write is a merge patch against the body this pass read, so the field is sent only where
+        # this placement raises it. One placing from a body older than the placing write (a new
+        # leader whose watch is behind) that reads none and draws 1 leaves the 2 that write recorded.
+        checked_copies = (
+            {CHECKED_COPIES: max(checked, copies)} if CHECKED_COPIES in state.scheduling or copies > 1 else {}
+        )
         writer.set(
             attempts=attempt,
             # Nothing is submitted under these ids before this write is read back (_follow), and a
@@ -1335,9 +1365,7 @@ class AIJobReconciler:
                 "addresses": [node.address for node in decision.nodes],
                 "owners": [node.owner for node in decision.nodes],
                 "copies": copies,
-                # The most copies any attempt of this job ran: every later one runs at least as
-                # many (see least_copies above). Kept across attempts and operator restarts.
-                CHECKED_COPIES: max(checked, copies),
+                **checked_copies,
                 "replicas": spec.replicas,
                 # What the attempt holds and runs, whatever the spec says later: the operator's
                 # ledger is rebuilt from these after a restart, and copies not yet submitted are
@@ -1371,6 +1399,8 @@ class AIJobReconciler:
     async def _follow(
         self, key: str, spec: AIJobSpec, state: AIJobStatus, writer: _StatusWriter, outcome: Outcome
     ) -> None:
+        if state.phase is Phase.SCHEDULED:
+            await self._stop_strays(key, spec, state)
         infos = [await self.ray.get(submission_id) for submission_id in ray_submissions_of(state)]
         foreign = self._foreign_copies(key, spec, state, infos)
         if foreign:
@@ -1436,6 +1466,46 @@ class AIJobReconciler:
                     await self._node_lost(key, spec, state, writer, outcome, lost)
             return
         await self._judge(key, spec, state, known, writer, outcome)
+
+    async def _stop_strays(self, key: str, spec: AIJobSpec, state: AIJobStatus) -> None:
+        """Stops the Ray jobs found running under this attempt's copy ids beyond the copies its
+        status records (``<id>-copy<k>``, k up to the most copies any attempt runs).
+
+        A pass acting on a body older than the write that placed the attempt (a new leader whose
+        watch is behind) places it again under the same ids (keyed_submission_nonce), and may
+        draw fewer copies than that write (another trust record behind the coin, or an operator
+        whose coin was keyed apart): its write then names fewer copies, while the first placement's
+        extra copies may already run. Referenced by no status, they would never be stopped, and
+        their nodes would be free in the ledger. Looked for while the attempt is Scheduled (where
+        every placement leaves it, before Ray runs it), once per attempt and recorded copies in
+        this process: a few reads of Ray per attempt, not per pass."""
+        base = state.submission_id
+        if not base or self._swept.get(key) == (base, state.copies):
+            return
+        if spec.verification.mode != "replicated" and state.copies == 1 and _checked_copies(state) == 1:
+            # Never placed with copies: an unverified job (a placement of a replicated spec left
+            # checkedCopies above 1 in the status, which no placement lowers).
+            return
+        most = max(MAX_QUORUM, spec.verification.quorum)
+        for k in range(max(1, state.copies), most):
+            submission_id = copy_submission_id_from(base, k)
+            if submission_id is None:
+                continue
+            info = await self.ray.get(submission_id)
+            if info is None or info.state.terminal:
+                continue
+            logger.warning(
+                "%s: Ray job %s (%s) is copy %d of attempt %d, which its status places with %d "
+                "(placed again from an older body?); stopping it",
+                key,
+                submission_id,
+                info.state.value,
+                k,
+                state.attempts,
+                state.copies,
+            )
+            await self.ray.stop(submission_id)
+        self._swept[key] = (base, state.copies)
 
     async def _conclude_if_ended(
         self,
@@ -1542,18 +1612,22 @@ class AIJobReconciler:
         lost = [node for node in await self._lost_nodes(state) if node not in decided_nodes]
         # A node counts as lost only for a copy of its own that failed, and not with an exit code of
         # the job's own (a node lost after its job failed on its own changes nothing: the failure
-        # stays the job's), or that was found stopped: its node left before that copy answered,
-        # and this operator stops every copy of an attempt whose node it finds lost (_node_lost),
-        # so a pass replayed after that pass's status write was lost finds exactly this. A node that
-        # left after its copy succeeded went home, as it may: that copy is judged with the others,
-        # and so are a failure and a stop on a node that is still there.
+        # stays the job's), or that was found stopped along with every other copy of the attempt,
+        # all at about the same time: this operator stops every copy of an attempt whose node it
+        # finds lost (_node_lost), so a pass replayed after that pass's status write was lost finds
+        # exactly this. Not a stopped copy beside one that ran on (or that was stopped much later):
+        # any volunteer can stop another's copy and keep its own running until that node goes home,
+        # as a node whose copy ended may (hours later, routine), which would have it charged a
+        # timeout. A node that left after its copy succeeded went home too: that copy is judged
+        # with the others, and so are a failure and a stop on a node that is still there.
+        all_stopped = not unanswered and _stopped_together(known)
         failed_lost = [
             node
             for k, info in ended.items()
             if info.state is RayJobState.FAILED and not _exited_on_its_own(info)
             for node in state.copy_nodes(k)
             if node in lost
-        ] + [node for k in sorted(found_stopped - unanswered) for node in state.copy_nodes(k) if node in lost]
+        ] + [node for k in sorted(found_stopped) if all_stopped for node in state.copy_nodes(k) if node in lost]
         if failed_lost:
             await self._node_lost(key, spec, state, writer, outcome, list(dict.fromkeys(failed_lost)))
             return

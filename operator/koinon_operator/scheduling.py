@@ -10,6 +10,8 @@ call (only the job asked about is taken).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -83,6 +85,17 @@ def _order(job: JobRequest) -> tuple[int, int, str]:
     return (-job.priority, job.creation_index, job.key)
 
 
+def spot_check_key(submission_key: bytes) -> bytes:
+    """The spot-check coin's key, derived from the operator's submission key (its Secret: every
+    replica and restart reads the same, handlers.configure), so every operator that places an
+    attempt of a job draws the same coin for it. A pass acting on a body older than the write that
+    placed the attempt places it again (reconciler.keyed_submission_nonce): with a coin of its own
+    it could draw fewer copies than the first placement submitted, dropping the check. A key of its
+    own, not the submission key itself: submission ids show HMACs of ``uid|attempt`` under that
+    one, and this input, without a ``|``, is none of them."""
+    return hmac.new(submission_key, b"spot-check-coin", hashlib.sha256).digest()
+
+
 def with_seed_key(config: SchedulerConfig, seed_key: bytes | None) -> SchedulerConfig:
     """`config` whose skip coin is keyed with `seed_key` (None: a random key)."""
     key = secrets.token_bytes(32) if seed_key is None else seed_key
@@ -92,14 +105,16 @@ def with_seed_key(config: SchedulerConfig, seed_key: bytes | None) -> SchedulerC
 class ReputationPlacer:
     """Operator ``Placer`` backed by the Koinon scheduling policy.
 
-    The skip coin of adaptive replication is keyed with `seed_key`, by default a random key of this
-    process, kept nowhere: a volunteer can learn the job's uid and attempt it is hashed from (its
-    Ray submission id, its driver's env), so with a key it could learn it would tell when its copy
-    is the only one. The uid, not the name: an AIJob re-created under the same name draws afresh.
-    One key per process suffices: the coin is drawn when an attempt is placed and its copies are
-    recorded in the AIJob's status then (a restarted operator, or a new leader, follows them and
-    never draws again); a job still waiting for nodes gets the same coin on every pass of this
-    process, and a fresh one only after a restart, before any node has seen it."""
+    The skip coin of adaptive replication is keyed with `seed_key`, secret: a volunteer can learn
+    the job's uid and attempt it is hashed from (its Ray submission id, its driver's env), so with
+    the key it could learn it would tell when its copy is the only one. The uid, not the name: an
+    AIJob re-created under the same name draws afresh. The operator passes spot_check_key of its
+    Secret (handlers.configure): every replica, before and after a restart, draws the same coin
+    for an attempt, so one that places an attempt again from a body older than the placing write
+    (a new leader whose watch is behind) draws the copies the first placement submitted. Without
+    one (tests, the simulator) a random key of this process, kept nowhere: the coin is drawn when an
+    attempt is placed and its copies are recorded in the AIJob's status then (a restarted operator
+    follows them and never draws again), but an attempt placed twice could draw twice."""
 
     def __init__(
         self,

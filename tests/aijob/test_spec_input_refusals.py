@@ -318,3 +318,9 @@ async def test_kubectl_explain_names_exactly_the_env_vars_the_operator_replaces(
     described = " ".join(SPEC_SCHEMA["runtimeEnv"]["description"].split())
     assert "KOINON_*" not in described, described
     assert set(re.findall(r"\b(KOINON_[A-Z_]+|TRACEPARENT)\b", described)) == set_by_operator, described
+
+
+def test_the_most_verification_copies_the_operator_looks_for_is_the_crds_quorum_maximum() -> None:
+    """reconciler._stop_strays looks for an attempt's copies in Ray up to aijob.MAX_QUORUM: the
+    API server refuses a quorum above the CRD's maximum, so no attempt runs more copies."""
+    assert SPEC_SCHEMA["verification"]["properties"]["quorum"]["maximum"] == aijob.MAX_QUORUM

@@ -96,9 +96,10 @@ def copies_drawn(placer: ReputationPlacer, keys: list[str], uids: list[str] | No
 JOBS = [f"ns/job-{i}" for i in range(200)]
 
 
-def test_the_operators_coin_is_a_secret_of_its_process() -> None:
-    """Each operator process keys the coin with a random key of its own: not the public coin, not
-    another process's; and a job asking again (one still waiting for nodes) gets the same coin."""
+def test_a_placer_given_no_key_keys_its_coin_with_a_secret_of_its_process() -> None:
+    """A placer given no key (the operator gives it one derived from its Secret: test_submission_ids)
+    keys the coin with a random key of its own: not the public coin, not another process's; and a
+    job asking again (one still waiting for nodes) gets the same coin."""
     one, other = ReputationPlacer(), ReputationPlacer()
     drawn = copies_drawn(one, JOBS)
     assert 1 in drawn and 2 in drawn
@@ -113,7 +114,8 @@ def test_the_operators_coin_is_a_secret_of_its_process() -> None:
 
 async def test_copies_recorded_at_placement_are_followed_after_a_restart() -> None:
     """The coin is drawn once, at placement, and the copies are recorded in status: an operator
-    restarted (with a new random key) between placement and submission submits what was placed."""
+    restarted (with another key: one from before the coin's key was derived from the Secret)
+    between placement and submission submits what was placed."""
     ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
     v = trusted_volunteers(ray.present)
     restarted_key = b"after the restart"

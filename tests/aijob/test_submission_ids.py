@@ -11,26 +11,31 @@ Reconciler passes against a fake Ray Job API (tests/aijob/fake_ray.py)."""
 from __future__ import annotations
 
 import copy
+import logging
 import re
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from koinon_emulator.patching import merge_patch
-from koinon_operator.api.aijob import AIJobStatus, parse_spec
+from koinon_operator import handlers
+from koinon_operator.api.aijob import MAX_QUORUM, AIJobStatus, parse_spec
 from koinon_operator.inventory import RayNodeCache
 from koinon_operator.ray_jobs import RayJobInfo, RayJobState, SubmittedAs
 from koinon_operator.reconciler import (
     PLACED_SUBMISSIONS,
     AIJobReconciler,
+    Outcome,
     copy_submission_id_from,
     digest_of,
     foreign_submission,
     keyed_submission_nonce,
     submission_of,
 )
-from koinon_operator.scheduling import ReputationPlacer
+from koinon_operator.scheduling import ReputationPlacer, spot_check_key
 
 from .fake_ray import UID, Clock, make_body, step, submitted_as
+from .test_spot_check_coin import JOBS, copies_drawn, replicated, trusted_volunteers
 from .test_verification_rounds import (
     FORGED,
     SEED_KEY,
@@ -499,3 +504,135 @@ class LogsSeenRay(CopiesRay):
     async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
         self.read.append((submission_id, driver_node_id))
         return await super().logs(submission_id, driver_node_id, lines)
+
+
+def keyed_reconciler(ray: CopiesRay, clock: Clock, placer: ReputationPlacer) -> AIJobReconciler:
+    """An operator process with the shared submission key, placing with ``placer``."""
+    fake: Any = ray
+    return AIJobReconciler(
+        ray=fake,
+        placer=placer,
+        nodes=RayNodeCache(fake, max_age_seconds=0.0),
+        clock=lambda: clock.now,
+        monotonic=lambda: clock.mono,
+        submission_nonce=keyed_submission_nonce(KEY),
+    )
+
+
+async def placed_twice(
+    first: AIJobReconciler, second: AIJobReconciler, ray: CopiesRay, clock: Clock, body: dict[str, Any]
+) -> tuple[list[str], Outcome]:
+    """``first`` places and submits the attempt of ``body`` (its copies then run); ``second``, a new
+    leader whose watch is behind, acts on the body from before the placing write. The ids
+    ``first`` submitted, and the late pass (its write not applied)."""
+    vols = trusted_volunteers(ray.present)
+    stale = copy.deepcopy(body)
+    for _ in range(10):
+        if not (body.get("status") or {}).get("assignedNodes"):
+            stale = copy.deepcopy(body)  # the last body before the placing write
+        await step(first, body, vols)
+        clock.advance(40)
+        status = body["status"]
+        ids = attempt_ids(status) if status.get("assignedNodes") else []
+        if ids and all(x in ray.jobs for x in ids):
+            break
+    else:
+        raise AssertionError(body["status"])
+    for x in ids:
+        ray.set_state(x, RayJobState.RUNNING)
+    return ids, await second.reconcile(stale, {}, vols)
+
+
+def test_every_operator_process_draws_the_same_spot_check_coin_from_the_shared_key() -> None:
+    """handlers.configure keys the coin from the submission key (its Secret): every replica, and
+    every restart, draws the same copies for an attempt; another key (another pool's, or a guess)
+    draws otherwise, and so does the coin a volunteer can compute (test_spot_check_coin)."""
+    drawn = copies_drawn(handlers.operator_placer(KEY), JOBS)
+    assert 1 in drawn and 2 in drawn  # trusted nodes: the coin decides
+    assert copies_drawn(handlers.operator_placer(KEY), JOBS) == drawn
+    assert copies_drawn(handlers.operator_placer(bytes(32)), JOBS) != drawn
+    assert spot_check_key(KEY) != KEY and len(spot_check_key(KEY)) == 32  # BLAKE2b takes up to 64
+
+
+async def test_a_new_leader_on_a_body_older_than_the_placing_write_places_the_copies_that_write_placed() -> None:
+    """Review repro (dsub2): the coin was keyed with a random key per operator process, so a new
+    leader placing an attempt again from a body older than the placing write could draw one copy
+    where two were submitted, dropping the attempt's check. Keyed from the shared key, both
+    placements draw the same, spot-checked or not."""
+    drawn = []
+    for i in range(24):
+        ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
+        # Two operator processes, each with its placer as handlers.configure builds it.
+        first = keyed_reconciler(ray, clock, handlers.operator_placer(KEY))
+        second = keyed_reconciler(ray, clock, handlers.operator_placer(KEY))
+        ids, late = await placed_twice(first, second, ray, clock, replicated(f"job-{i}"))
+        assert late.status["submissionId"] == ids[0]
+        assert late.status["scheduling"]["copies"] == len(ids), (i, late.status["scheduling"], ids)
+        drawn.append(len(ids))
+    assert 1 in drawn and 2 in drawn, drawn
+
+
+async def test_a_placement_again_with_fewer_copies_stops_those_left_over_and_keeps_checked_copies(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Review repro (dsub2): a late placement can still draw fewer copies than the placing write
+    (another trust record behind the coin; here, an operator whose coin is keyed apart). Its write
+    named copy 0 only: copy 0 was adopted, `-copy1` ran on referenced by no status (never
+    stopped, its node free in the ledger), and checkedCopies went back to 1, so later attempts
+    could skip the check. The pass that follows the attempt stops `-copy1`; checkedCopies stays 2."""
+    found = 0
+    for i in range(40):
+        ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
+        first = keyed_reconciler(ray, clock, ReputationPlacer(seed_key=SEED_KEY))
+        second = keyed_reconciler(ray, clock, ReputationPlacer(seed_key=SEED_KEY + b"-other-process"))
+        body = replicated(f"job-{i}")
+        ids, late = await placed_twice(first, second, ray, clock, body)
+        if len(ids) != 2 or late.status["scheduling"]["copies"] != 1:
+            continue
+        found += 1
+        assert "checkedCopies" not in late.status["scheduling"], late.status["scheduling"]  # nothing to raise
+        body["status"] = merge_patch(body["status"], late.status)
+        assert body["status"]["scheduling"]["checkedCopies"] == 2
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="koinon_operator.reconciler"):
+            for _ in range(3):
+                clock.advance(40)
+                await step(second, body, trusted_volunteers(ray.present))
+        status = body["status"]
+        assert attempt_ids(status) == ids[:1] and status["phase"] == "Running", status
+        assert ray.jobs[ids[1]].state is RayJobState.STOPPED and ray.stopped == [ids[1]], ray.stopped
+        assert any(ids[1] in r.getMessage() and "stopping it" in r.getMessage() for r in caplog.records)
+        assert status["scheduling"]["checkedCopies"] == 2  # the next attempt is checked
+        if found == 3:
+            return
+    raise AssertionError(f"only {found} job(s) drew 2 then 1: the test did not exercise the path")
+
+
+async def test_copies_left_over_are_looked_for_once_per_attempt_not_every_pass() -> None:
+    """The look for copies beyond those status records costs reads of Ray: made on the pass that
+    follows the attempt once placed (phase Scheduled), not again while it runs."""
+    ray, clock = GetsCountedRay(["vn-a", "vn-c"]), Clock()
+    rec, body = operator_reconciler(ray, clock), replicated_job(quorum=2)
+    ids = await until_submitted(rec, ray, clock, body)
+    beyond = {f"{ids[0]}-copy{k}" for k in range(2, MAX_QUORUM)}
+    assert beyond <= set(ray.asked), ray.asked
+    assert all(ray.asked.count(x) == 1 for x in beyond)
+    for x in ids:
+        ray.set_state(x, RayJobState.RUNNING)
+    ray.asked.clear()
+    for _ in range(3):
+        clock.advance(40)
+        await step(rec, body, volunteers(ray.present))
+    assert body["status"]["phase"] == "Running" and set(ray.asked) == set(ids), ray.asked
+
+
+class GetsCountedRay(CopiesRay):
+    """Ray that records the submission ids asked about."""
+
+    def __init__(self, present: list[str]) -> None:
+        super().__init__(present)
+        self.asked: list[str] = []
+
+    async def get(self, submission_id: str) -> RayJobInfo | None:
+        self.asked.append(submission_id)
+        return await super().get(submission_id)

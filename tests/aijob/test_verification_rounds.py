@@ -17,11 +17,11 @@ from koinon_operator.reconciler import AIJobReconciler, Outcome, copy_submission
 from koinon_operator.scheduling import ReputationPlacer
 from koinon_operator.verification import CopyResult, judge
 
-from .fake_ray import UID, Clock, FakeRay, make_body, no_nonce, node_address, step, volunteer
+from .fake_ray import UID, Clock, FakeRay, make_body, no_nonce, node_address, step, stop_stamped, volunteer
 
 OWNERS = {"vn-a": "alice", "vn-b": "bob", "vn-b2": "bob", "vn-c": "carol", "vn-d": "dave"}
 GOOD, FORGED = "KOINON_RESULT 42\n", "KOINON_RESULT forged\n"
-# The skip coin's key (the operator draws a random one per process): fixed, so which jobs on
+# The skip coin's key (the operator derives one from its Secret): fixed, so which jobs on
 # trusted nodes are spot-checked is the same on every run.
 SEED_KEY = b"koinon tests"
 
@@ -596,22 +596,73 @@ async def test_copies_stopped_with_nothing_failed_and_no_decided_vote_run_again_
     assert not status.get("failures") and not status.get("verificationReruns")
 
 
-async def test_a_stopped_copys_node_that_left_before_the_pass_counts_as_lost() -> None:
-    """alice's copy was found stopped and her node gone; carol's copy answered, dave's exited 1.
-    That is what a pass replayed after _node_lost stopped the copies of alice's lost node (and its
-    status write was lost) finds, and nothing tells the two apart: her node counts as lost (a
-    timeout, tried last), the attempt fails over uncounted, as that pass concluded. (Her copy gave
-    no answer: had someone else stopped it, her node left within the seconds before the pass.)"""
+async def test_a_stopped_copys_node_that_went_home_is_not_charged_for_leaving() -> None:
+    """alice's copy was stopped (by anyone: any volunteer can, through the head's Job API) and her
+    node then left, as a node whose copy has ended may; carol's copy answered, dave's exited 1.
+    Her node must not count as lost: charged a timeout, the attempt sent back."""
     ray, clock = LeavingRay(["vn-a", "vn-c", "vn-d"]), Clock()
     rec, body = reconciler(ray, clock), replicated_job(quorum=3)
     await copies_ending(rec, ray, clock, body, {"vn-a": "stopped", "vn-c": "good", "vn-d": "own"})
     ray.gone = {"vn-a"}
     outcome = await step(rec, body, volunteers(ray.present))
     status = body["status"]
-    assert outcome.reputation == [("vn-a", "timeout")], (outcome.reputation, status.get("message"))
-    assert (status["phase"], status["reason"]) == ("Pending", "NodeLost"), status["message"]
-    assert not status.get("failures") and not status.get("verificationReruns")
-    assert status["scheduling"]["lostNodes"] == ["vn-a"]
+    assert outcome.reputation == [], (outcome.reputation, status.get("message"))
+    assert status["reason"] == "NoMajority", status["message"]
+    assert not status["scheduling"].get("lostNodes")
+
+
+async def running_copies(
+    rec: AIJobReconciler, ray: CopiesRay, clock: Clock, body: dict[str, Any], vols: dict[str, dict[str, Any]]
+) -> dict[str, str]:
+    """Passes until every copy of the attempt is submitted and running; its node -> its id."""
+    for _ in range(10):
+        await step(rec, body, vols)
+        clock.advance(40)
+        status = body["status"]
+        nodes = status.get("assignedNodes") or []
+        ids = [copy_submission_id_from(status.get("submissionId"), k) or "" for k in range(len(nodes))]
+        if nodes and all(i in ray.jobs for i in ids):
+            break
+    else:
+        raise AssertionError(f"copies never submitted: {body['status']}")
+    for sub in ids:
+        ray.set_state(sub, RayJobState.RUNNING)
+    await step(rec, body, vols)
+    assert body["status"]["phase"] == "Running", body["status"]
+    return dict(zip(nodes, ids, strict=True))
+
+
+@pytest.mark.parametrize("own_copy", ["answers", "stopped an hour later"])
+async def test_a_volunteer_that_stops_anothers_copy_cannot_have_it_charged_once_it_goes_home(own_copy: str) -> None:
+    """Review repro (dsub2): carol stops alice's copy of their spot-checked job through the head's
+    Job API and keeps her own running. An hour later alice, whose copy ended long ago, goes home
+    (or her agent restarts as a new Ray node); then carol's copy ends, answering, or stopped by
+    carol too. A copy found stopped on a node gone counted that node lost, whatever ran beside it:
+    alice was charged a timeout and put in lostNodes. Only an attempt whose copies were all found
+    stopped together (as _node_lost leaves one) counts it so."""
+    ray, clock = LeavingRay(["vn-a", "vn-c"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job(quorum=2)
+    vols = volunteers(ray.present)
+    by_node = await running_copies(rec, ray, clock, body, vols)
+    stop_stamped(ray, by_node["vn-a"], clock)  # carol: `ray job stop` on alice's copy
+    for _ in range(5):  # carol's copy runs on for an hour; alice is still there
+        clock.advance(720)
+        out = await step(rec, body, vols)
+        assert out.reputation == [] and body["status"]["phase"] == "Running", body["status"]
+    ray.gone = {"vn-a"}  # alice goes home: her copy ended an hour ago
+    clock.advance(60)
+    await step(rec, body, vols)
+    assert body["status"]["phase"] == "Running", body["status"]
+    if own_copy == "answers":
+        ray.logs_by_id[by_node["vn-c"]] = GOOD
+        ray.set_state(by_node["vn-c"], RayJobState.SUCCEEDED, exit_code=0)
+    else:
+        stop_stamped(ray, by_node["vn-c"], clock)
+    outcome = await step(rec, body, vols)
+    status = body["status"]
+    assert outcome.reputation == [], (outcome.reputation, status.get("reason"), status.get("message"))
+    assert not status["scheduling"].get("lostNodes"), status["scheduling"]
+    assert (status["phase"], status["reason"]) == ("Pending", "RayJobStopped"), status["message"]
 
 
 async def test_a_stopped_copys_node_still_there_is_not_charged() -> None:

@@ -39,6 +39,11 @@ class Constraints:
     regions: tuple[str, ...] = ()
 
 
+# The CRD's maximum for spec.verification.quorum (the API server refuses more): no attempt runs more
+# verification copies (reconciler._stop_strays looks for copy ids up to it).
+MAX_QUORUM = 9
+
+
 @dataclass(frozen=True)
 class Verification:
     mode: str = "none"
