@@ -1399,8 +1399,9 @@ class AIJobReconciler:
     async def _follow(
         self, key: str, spec: AIJobSpec, state: AIJobStatus, writer: _StatusWriter, outcome: Outcome
     ) -> None:
-        if state.phase is Phase.SCHEDULED:
-            await self._stop_strays(key, spec, state)
+        # Whatever the phase: a pass on an older body (Running) may land on a late placement's
+        # Scheduled write before any pass here acted on it (memoised: once per attempt).
+        await self._stop_strays(key, spec, state)
         infos = [await self.ray.get(submission_id) for submission_id in ray_submissions_of(state)]
         foreign = self._foreign_copies(key, spec, state, infos)
         if foreign:
@@ -1476,9 +1477,10 @@ class AIJobReconciler:
         draw fewer copies than that write (another trust record behind the coin, or an operator
         whose coin was keyed apart): its write then names fewer copies, while the first placement's
         extra copies may already run. Referenced by no status, they would never be stopped, and
-        their nodes would be free in the ledger. Looked for while the attempt is Scheduled (where
-        every placement leaves it, before Ray runs it), once per attempt and recorded copies in
-        this process: a few reads of Ray per attempt, not per pass."""
+        their nodes would be free in the ledger. Looked for on the first pass that follows the
+        attempt, Scheduled or Running (a pass on an older, Running body may write Running over the
+        late placement before any pass here saw it Scheduled), once per attempt and recorded copies
+        in this process: a few reads of Ray per attempt, not per pass."""
         base = state.submission_id
         if not base or self._swept.get(key) == (base, state.copies):
             return

@@ -636,3 +636,33 @@ class GetsCountedRay(CopiesRay):
     async def get(self, submission_id: str) -> RayJobInfo | None:
         self.asked.append(submission_id)
         return await super().get(submission_id)
+
+
+async def test_a_copy_left_over_is_stopped_though_the_late_placements_scheduled_body_was_never_acted_on() -> None:
+    """Passes act on the latest body the watch delivered: a pass on the first placement's body
+    (watch behind) writes Running over the late placement's Scheduled write, so no pass here ever
+    sees that attempt Scheduled. The sweep for left-over copies ran only on Scheduled bodies and
+    never ran: the first placement's second copy ran on, referenced by no status."""
+    for i in range(40):
+        ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
+        first = keyed_reconciler(ray, clock, ReputationPlacer(seed_key=SEED_KEY))
+        second = keyed_reconciler(ray, clock, ReputationPlacer(seed_key=SEED_KEY + b"-other-process"))
+        body = replicated(f"job-{i}")
+        ids, late = await placed_twice(first, second, ray, clock, body)
+        if len(ids) != 2 or late.status["scheduling"]["copies"] != 1:
+            continue
+        first_body = copy.deepcopy(body)  # the first placement: Scheduled, 2 copies running in Ray
+        assert first_body["status"]["phase"] == "Scheduled", first_body["status"]
+        server = merge_patch(body["status"], late.status)  # the late placement lands: 1 copy
+        volunteers_now = trusted_volunteers(ray.present)
+        behind = await second.reconcile(copy.deepcopy(first_body), {}, volunteers_now)
+        server = merge_patch(server, behind.status)
+        assert server["phase"] == "Running" and server["scheduling"]["copies"] == 1, server
+        body["status"] = server  # the watch catches up; the Scheduled body was never acted on
+        for _ in range(5):
+            clock.advance(40)
+            await step(second, body, volunteers_now)
+        assert attempt_ids(body["status"]) == ids[:1]
+        assert ray.jobs[ids[1]].state is RayJobState.STOPPED, (ids[1], ray.jobs[ids[1]].state)
+        return
+    raise AssertionError("no job drew 2 copies and then 1")
