@@ -1661,6 +1661,13 @@ class AIJobReconciler:
         # A rerun after copies without a majority is judged with their answers, even when a trusted
         # node's skip left it one copy (that copy alone does not decide).
         if state.copies == 1 and not state.earlier_results:
+            if answers[0].misplaced and state.copy_nodes(0)[0] in lost:
+                # Its Ray node is gone: most likely the volunteer's agent restarted (a new Ray node,
+                # same name and address, where the pinned driver then ran) before a pass saw the
+                # copy running. A lost node, as it would be mid-run: failed over uncounted (the
+                # answer is not taken: that Ray node was never confirmed as this volunteer's).
+                await self._node_lost(key, spec, state, writer, outcome, [state.copy_nodes(0)[0]])
+                return
             if answers[0].misplaced:
                 # No answer, and nobody charged, as for a verification copy (_conclude_verified):
                 # the attempt fails (DriverMisplaced, counted, so an impostor cannot hold it for ever).

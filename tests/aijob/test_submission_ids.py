@@ -21,7 +21,7 @@ from koinon_emulator.patching import merge_patch
 from koinon_operator import handlers
 from koinon_operator.api.aijob import MAX_QUORUM, AIJobStatus, parse_spec
 from koinon_operator.inventory import RayNodeCache
-from koinon_operator.ray_jobs import RayJobInfo, RayJobState, SubmittedAs
+from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayNodeInfo, SubmittedAs
 from koinon_operator.reconciler import (
     PLACED_SUBMISSIONS,
     AIJobReconciler,
@@ -34,10 +34,11 @@ from koinon_operator.reconciler import (
 )
 from koinon_operator.scheduling import ReputationPlacer, spot_check_key
 
-from .fake_ray import UID, Clock, make_body, step, submitted_as
+from .fake_ray import UID, Clock, make_body, node_address, step, submitted_as
 from .test_spot_check_coin import JOBS, copies_drawn, replicated, trusted_volunteers
 from .test_verification_rounds import (
     FORGED,
+    GOOD,
     SEED_KEY,
     CopiesRay,
     reconciler,
@@ -666,3 +667,32 @@ async def test_a_copy_left_over_is_stopped_though_the_late_placements_scheduled_
         assert ray.jobs[ids[1]].state is RayJobState.STOPPED, (ids[1], ray.jobs[ids[1]].state)
         return
     raise AssertionError("no job drew 2 copies and then 1")
+
+
+class RestartedAgentRay(CopiesRay):
+    """vn-a's agent restarted: the same volunteer (name, address) back as a new Ray node."""
+
+    restarted = False
+
+    async def nodes(self) -> list[RayNodeInfo]:
+        if not self.restarted:
+            return await super().nodes()
+        labels = {"koinon.dev/node": "vn-a"}
+        return [RayNodeInfo("r-new", node_address("vn-a"), True, False, {"GPU": 1, "CPU": 4}, labels)]
+
+
+async def test_a_single_copy_that_ran_on_its_volunteers_restarted_ray_node_fails_over_uncounted() -> None:
+    """The driver is pinned to the volunteer's address; after its agent restarted (before a pass
+    saw the copy running) Ray ran it there on a new Ray node id. Taken for a misplaced driver, the
+    job failed as DriverMisplaced, counted (with backoffLimit 0: Failed), for an honest restart."""
+    ray, clock = RestartedAgentRay(["vn-a"]), Clock()
+    rec, body = reconciler(ray, clock), make_body({"entrypoint": "python x.py", "backoffLimit": 0})
+    [submission] = await until_submitted(rec, ray, clock, body)
+    ray.restarted = True
+    ray.jobs[submission] = RayJobInfo(submission, RayJobState.SUCCEEDED, "", "r-new", 1, 2, 0)
+    ray.logs_by_id[submission] = GOOD
+    outcome = await step(rec, body, volunteers(ray.present))
+    status = body["status"]
+    assert (status["phase"], status["reason"], status.get("failures", 0)) == ("Pending", "NodeLost", 0), status
+    assert status["scheduling"]["lostNodes"] == ["vn-a"]
+    assert "result" not in status and ("vn-a", "success") not in outcome.reputation
