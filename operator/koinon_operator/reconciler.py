@@ -1164,6 +1164,17 @@ class AIJobReconciler:
     async def _stop_copies(self, state: AIJobStatus) -> None:
         for submission_id in ray_submissions_of(state):
             await self.ray.stop(submission_id)
+        # And copies beyond those its status records (a placement again from an older body that
+        # drew fewer: _stop_strays), which a suspend, a delete, a deadline or an invalid edit may
+        # come before any pass swept for: once the attempt is left, nothing would stop them.
+        base = state.submission_id
+        if base and (state.copies > 1 or _checked_copies(state) > 1):
+            for k in range(max(1, state.copies), MAX_QUORUM):
+                stray = copy_submission_id_from(base, k)
+                info = await self.ray.get(stray) if stray is not None else None
+                if stray is not None and info is not None and not info.state.terminal:
+                    logger.warning("stopping Ray job %s, a copy beyond the %d its attempt records", stray, state.copies)
+                    await self.ray.stop(stray)
 
     # ----------------------------------------------------------------- internals
 
@@ -2179,8 +2190,8 @@ class AIJobReconciler:
 
     @staticmethod
     def _forget_other_programs(spec: AIJobSpec, state: AIJobStatus, writer: _StatusWriter) -> AIJobStatus:
-        """Earlier answers, owners left out after a split vote, and runtime_env failures were
-        about the spec the previous attempt ran: after an edit they say nothing about this one
+        """Earlier answers, nodes and owners left out after a split vote, and runtime_env failures
+        were about the spec the previous attempt ran: after an edit they say nothing about this one
         (answers of two programs must not be voted together)."""
         recorded = state.scheduling.get("specDigest")
         if not recorded or recorded == submission_digest(spec):
@@ -2188,8 +2199,21 @@ class AIJobReconciler:
         if state.earlier_results:
             writer.set(verification=None)
         scheduling = {k: v for k, v in state.scheduling.items() if k not in ("excludedOwners", "envSetupFailures")}
+        # The nodes of the old program's split vote are no longer left out either: tried last,
+        # as lost nodes are (kept out, on a fleet of only them the edited job waited for ever).
+        lost = tuple(dict.fromkeys((*state.lost_nodes, *state.excluded_nodes)))[-MAX_FAILED_NODES_KEPT:]
+        if state.excluded_nodes:
+            scheduling.update(excludedNodes=[], lostNodes=list(lost))
         writer.scheduling(scheduling)
-        return replace(state, earlier_results=(), earlier_answers={}, excluded_owners=(), scheduling=scheduling)
+        return replace(
+            state,
+            earlier_results=(),
+            earlier_answers={},
+            excluded_owners=(),
+            excluded_nodes=(),
+            lost_nodes=lost,
+            scheduling=scheduling,
+        )
 
     def _settle_env_failures(
         self, state: AIJobStatus, infos: Sequence[RayJobInfo], writer: _StatusWriter, outcome: Outcome

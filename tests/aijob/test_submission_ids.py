@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -696,3 +697,41 @@ async def test_a_single_copy_that_ran_on_its_volunteers_restarted_ray_node_fails
     assert (status["phase"], status["reason"], status.get("failures", 0)) == ("Pending", "NodeLost", 0), status
     assert status["scheduling"]["lostNodes"] == ["vn-a"]
     assert "result" not in status and ("vn-a", "success") not in outcome.reputation
+
+
+Landed = tuple[Any, Clock, Any, dict[str, Any], list[str]]
+
+
+async def late_placement_landed(edit: Callable[[dict[str, Any]], None]) -> Landed:
+    """The first placement ran 2 copies; a late pass on an older body placed the attempt again
+    with 1, and its write landed; then ``edit`` (before any pass swept for left-over copies)."""
+    for i in range(40):
+        ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
+        first = keyed_reconciler(ray, clock, ReputationPlacer(seed_key=SEED_KEY))
+        second = keyed_reconciler(ray, clock, ReputationPlacer(seed_key=SEED_KEY + b"-other-process"))
+        body = replicated(f"job-{i}")
+        ids, late = await placed_twice(first, second, ray, clock, body)
+        if len(ids) != 2 or late.status["scheduling"]["copies"] != 1:
+            continue
+        body["status"] = merge_patch(body["status"], late.status)
+        edit(body)
+        return ray, clock, second, body, ids
+    raise AssertionError("no job drew 2 copies and then 1")
+
+
+async def test_a_suspend_before_any_sweep_stops_the_copy_a_late_placement_left_over() -> None:
+    def suspend(body: dict[str, Any]) -> None:
+        body["spec"]["suspend"] = True
+
+    ray, clock, second, body, ids = await late_placement_landed(suspend)
+    for _ in range(3):
+        clock.advance(40)
+        await step(second, body, trusted_volunteers(ray.present))
+    assert body["status"]["phase"] == "Suspended", body["status"]
+    assert [ray.jobs[i].state for i in ids] == [RayJobState.STOPPED, RayJobState.STOPPED]
+
+
+async def test_a_delete_before_any_sweep_stops_the_copy_a_late_placement_left_over() -> None:
+    ray, _, second, body, ids = await late_placement_landed(lambda body: None)
+    assert await second.stop(copy.deepcopy(body))
+    assert [ray.jobs[i].state for i in ids] == [RayJobState.STOPPED, RayJobState.STOPPED]

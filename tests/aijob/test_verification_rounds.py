@@ -707,3 +707,21 @@ async def test_a_lost_node_is_still_lost_when_the_pass_that_stopped_its_attempt_
     assert (status["phase"], status["reason"]) == ("Pending", "NodeLost"), (status["reason"], replay.reputation)
     assert replay.reputation == lost_pass.reputation  # the same evidence: recorded once (outcome key)
     assert status["scheduling"]["lostNodes"] == ["vn-d"]
+
+
+async def test_after_a_spec_edit_the_nodes_of_the_old_programs_split_vote_are_tried_again() -> None:
+    """A spec edit forgot the old program's answers and excluded owners but kept its split vote's
+    nodes left out: on a fleet of only those nodes the fixed job waited Unschedulable for ever."""
+    ray, clock = CopiesRay(["vn-a", "vn-b"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job(quorum=2)
+    body["spec"]["backoffLimit"] = 5
+    await run_copies(rec, ray, clock, body, {"vn-a": GOOD, "vn-b": FORGED})
+    assert body["status"]["reason"] == "NoMajority", body["status"]
+    body["spec"]["entrypoint"] = "python fixed.py"
+    body["metadata"]["generation"] = body["metadata"].get("generation", 1) + 1
+    for _ in range(3):
+        clock.advance(40)
+        await step(rec, body, volunteers(ray.present))
+    status = body["status"]
+    assert not status["scheduling"].get("excludedOwners") and not status["scheduling"].get("excludedNodes")
+    assert status["phase"] in ("Scheduled", "Running"), (status["phase"], status.get("message"))
