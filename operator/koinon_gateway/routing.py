@@ -49,6 +49,11 @@ class PendingConnection:
     # protocol, what it did (its own handler then ends it with an error).
     finished: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     claimed: bool = False  # one Accept stream answers it; accept streams are not counted, so not more
+    # The head proxy's task that opened it and splices it: cancelled when the accepting stream is
+    # ended first (its node revoked), which the splice would otherwise wait on for as long as that
+    # node's agent liked, holding the head's socket. (A dialling node's own stream is its own to
+    # end, counted against it, and is told of a vanished peer by its splice.)
+    originator: asyncio.Task[object] | None = None
 
 
 class Router:
@@ -96,6 +101,8 @@ class Router:
         """Asks ``target``'s agent to open an Accept stream; returns (connection id, its channel)."""
         connection_id = next(self._ids)
         pending = PendingConnection(target.node_name, asyncio.get_running_loop().create_future())
+        if source == "head":
+            pending.originator = asyncio.current_task()
         self.pending[connection_id] = pending
         try:
             target.send(

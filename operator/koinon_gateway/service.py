@@ -1290,6 +1290,16 @@ class TunnelService:
             return
         pending.accepted.set_result(channel)
         # The originator splices; keep this call open until it is done.
-        violation = await pending.finished
+        try:
+            # Shielded: a cancelled wait would cancel the future, which the originator reads.
+            violation = await asyncio.shield(pending.finished)
+        except asyncio.CancelledError:
+            # This stream is being ended first (its node revoked or deleted, the gateway stopping):
+            # the originator's splice still writes to it, and would hold its connection (the
+            # head's socket, its slot of the node's head connections, its buffers) for as long as
+            # the node's agent kept the call open without reading.
+            if not pending.finished.done() and pending.originator is not None:
+                pending.originator.cancel()
+            raise
         if violation:
             raise ProtocolViolation(violation)  # Connect's handler counts it and ends this stream

@@ -210,6 +210,14 @@ async def splice_pipe(pipe: TcpPipe, channel: FrameChannel) -> bool:
                 ended: set[asyncio.Future[Any]] = {task for task in (upstream, downstream) if task.done()}
                 notice = "protocol-violation" if violation is not None else _tcp_failure(ended, upstream, downstream)
                 break
+    except asyncio.CancelledError:
+        # Ended from outside (the stream's node revoked, the gateway stopping): reset the
+        # connection now, not once upstream's write gives up (it may wait on a stream whose peer
+        # reads nothing), and stop counting its buffers against the node.
+        with contextlib.suppress(Exception):
+            pipe.abort()
+        pipe.release()
+        raise
     finally:
         upstream.cancel()
         peer_done.cancel()

@@ -359,3 +359,48 @@ async def test_a_splice_cancelled_again_while_it_cleans_up_still_resets_and_rele
     finally:
         pipe.abort()
         server.close()
+
+
+async def test_revoking_a_node_ends_the_heads_connections_to_it_that_it_stopped_reading(tmp_path: Path) -> None:
+    """Deleting a VolunteerNode revoked its own streams, but the head proxy's splice of a
+    connection the node had accepted waited on the node's Accept call, which its agent kept open
+    without reading: the head's socket, its slot of the node's head connections and its buffers
+    stayed for as long as the agent liked."""
+    settings: dict[str, Any] = {"heartbeat_timeout_s": 30.0, "max_buffered_bytes_per_node": MIN_BUFFERED_BYTES_PER_NODE}
+    async with (
+        cluster(tmp_path, tls=False, **settings) as c,
+        grpc.aio.insecure_channel(c.gateway.agent_target) as channel,
+    ):
+        greedy, control = await registered_mute_node(c, channel, "greedy")
+        name = greedy.assignment.node_name
+        proxy_port = int(c.gateway.head_proxy_url.rsplit(":", 1)[1])
+        address, port = greedy.assignment.address, greedy.assignment.ports.node_manager_port
+        dialing = asyncio.ensure_future(connect_via_proxy(proxy_port, address, port))
+        opened = await asyncio.wait_for(next_open_connection(control), 5)
+        accept = connect_call(channel, greedy.credential)
+        await accept.write(F(accept=pb.Accept(connection_id=opened.connection_id)).SerializeToString())
+        await accept.write(F(dial_result=pb.DialResult(ok=True)).SerializeToString())
+        status, reader, writer = await dialing
+        assert status == 200
+        writer.write(b"x" * (4 << 20))  # the node reads none of it
+        budget = c.gateway.sessions.read_budget(name)
+        for _ in range(100):
+            if budget.held_bytes:
+                break
+            await asyncio.sleep(0.05)
+        assert budget.held_bytes > 0 and c.gateway.metrics.connections_active == 1
+        try:
+            c.gateway.sessions.revoke(name)
+            # The head's socket is ended (reset or closed), and nothing stays held for the node.
+            with contextlib.suppress(ConnectionError):
+                while await asyncio.wait_for(reader.read(1 << 16), 5):
+                    pass
+            for _ in range(100):
+                if not c.gateway.metrics.connections_active and not budget.held_bytes:
+                    break
+                await asyncio.sleep(0.05)
+            assert (c.gateway.metrics.connections_active, budget.held_bytes) == (0, 0)
+        finally:
+            writer.close()
+            accept.cancel()
+            control.cancel()
