@@ -95,11 +95,10 @@ class AddressAllocator:
         """Frees the address ``holder`` holds, whatever its object records (a join whose undo
         failed keeps the address its status write may have recorded, service._record_node);
         returns it, or None when ``holder`` holds none. A scan of the pool: for deletions only."""
-        for address, current in self._holders.items():
-            if current == holder:
-                del self._holders[address]
-                return address
-        return None
+        address = self.held_by(holder)
+        if address is not None:
+            del self._holders[address]
+        return address
 
     def held_by(self, holder: str) -> str | None:
         """The address ``holder`` holds, or None. A scan of the pool: for checks and diagnostics

@@ -1167,14 +1167,27 @@ class AIJobReconciler:
         # And copies beyond those its status records (a placement again from an older body that
         # drew fewer: _stop_strays), which a suspend, a delete, a deadline or an invalid edit may
         # come before any pass swept for: once the attempt is left, nothing would stop them.
-        base = state.submission_id
-        if base and (state.copies > 1 or _checked_copies(state) > 1):
-            for k in range(max(1, state.copies), MAX_QUORUM):
-                stray = copy_submission_id_from(base, k)
-                info = await self.ray.get(stray) if stray is not None else None
-                if stray is not None and info is not None and not info.state.terminal:
-                    logger.warning("stopping Ray job %s, a copy beyond the %d its attempt records", stray, state.copies)
-                    await self.ray.stop(stray)
+        if state.submission_id and (state.copies > 1 or _checked_copies(state) > 1):
+            await self._stop_copies_beyond_recorded(state, MAX_QUORUM)
+
+    async def _stop_copies_beyond_recorded(self, state: AIJobStatus, most: int) -> None:
+        """Stops the Ray jobs found running under the attempt's copy ids beyond the copies its
+        status records (``<id>-copy<k>``, k below ``most``)."""
+        for k in range(max(1, state.copies), most):
+            submission_id = copy_submission_id_from(state.submission_id, k)
+            info = await self.ray.get(submission_id) if submission_id is not None else None
+            if submission_id is None or info is None or info.state.terminal:
+                continue
+            logger.warning(
+                "Ray job %s (%s) is copy %d of attempt %d, which its status places with %d "
+                "(placed again from an older body?); stopping it",
+                submission_id,
+                info.state.value,
+                k,
+                state.attempts,
+                state.copies,
+            )
+            await self.ray.stop(submission_id)
 
     # ----------------------------------------------------------------- internals
 
@@ -1499,25 +1512,7 @@ class AIJobReconciler:
             # Never placed with copies: an unverified job (a placement of a replicated spec left
             # checkedCopies above 1 in the status, which no placement lowers).
             return
-        most = max(MAX_QUORUM, spec.verification.quorum)
-        for k in range(max(1, state.copies), most):
-            submission_id = copy_submission_id_from(base, k)
-            if submission_id is None:
-                continue
-            info = await self.ray.get(submission_id)
-            if info is None or info.state.terminal:
-                continue
-            logger.warning(
-                "%s: Ray job %s (%s) is copy %d of attempt %d, which its status places with %d "
-                "(placed again from an older body?); stopping it",
-                key,
-                submission_id,
-                info.state.value,
-                k,
-                state.attempts,
-                state.copies,
-            )
-            await self.ray.stop(submission_id)
+        await self._stop_copies_beyond_recorded(state, max(MAX_QUORUM, spec.verification.quorum))
         self._swept[key] = (base, state.copies)
 
     async def _conclude_if_ended(
