@@ -41,6 +41,7 @@ from koinon_operator.ray_jobs import (
     RayRequestError,
     RayUnavailableError,
     Submission,
+    SubmittedAs,
 )
 from koinon_operator.telemetry import (
     LOG_TAIL_SEPARATOR,
@@ -253,13 +254,50 @@ PLACED_SUBMISSIONS = "submissionDigests"
 def submitted_digest(entrypoint: str, runtime_env: object, metadata: object) -> str:
     """A digest of what Ray's job record echoes back of a submission: its entrypoint, its whole
     runtime_env (the spec's, with the KOINON_* env vars and TRACEPARENT the operator adds) and its
-    metadata. Ray's record of a job submitted without a runtime_env or metadata says None: as {}."""
+    metadata. Ray's record of a job submitted without a runtime_env or metadata says None: as {}.
+    TRACEPARENT's trace-flags are in it as the placing process set them: matches_placed compares
+    with each value they can have."""
     record = {"entrypoint": entrypoint, "runtime_env": runtime_env or {}, "metadata": metadata or {}}
     return hashlib.sha256(_canonical(record).encode()).hexdigest()[:32]
 
 
 def digest_of(submission: Submission) -> str:
     return submitted_digest(submission.entrypoint, submission.runtime_env, submission.metadata)
+
+
+# A W3C traceparent as telemetry.traceparent writes it: version, trace id, parent id, trace-flags.
+_TRACEPARENT = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_TRACE_FLAGS = ("00", "01")  # what telemetry.traceparent sets: not sampled, sampled
+
+
+def with_trace_flags(runtime_env: object, flags: str) -> object:
+    """``runtime_env`` with its TRACEPARENT's trace-flags set to ``flags`` (unchanged where it has
+    none of telemetry.traceparent's form). Those flags are the sampling decision of the operator
+    process that built the submission (telemetry.root_sampled: its tracer provider and sampler),
+    which a rollout or a new leader configured otherwise changes between the pass that places an
+    attempt (and records its digests) and the one that submits or follows it: they take no part in
+    telling the operator's own submission (foreign_submission); the trace and parent ids do."""
+    if not isinstance(runtime_env, Mapping):
+        return runtime_env
+    env_vars = runtime_env.get("env_vars")
+    if not isinstance(env_vars, Mapping):
+        return runtime_env
+    value = env_vars.get("TRACEPARENT")
+    if not isinstance(value, str) or not _TRACEPARENT.fullmatch(value):
+        return runtime_env
+    return {**runtime_env, "env_vars": {**env_vars, "TRACEPARENT": value[:-2] + flags}}
+
+
+def matches_placed(submitted: SubmittedAs, placed: str) -> bool:
+    """Whether Ray's record ``submitted`` is what the placing write recorded digest ``placed`` of,
+    whatever the trace-flags of either (with_trace_flags). The digest keeps its formula, the placing
+    process's flags in it: statuses already written carry it, and an operator of the previous
+    version, leading again during a rollout, reads those this one writes."""
+    return any(
+        submitted_digest(submitted.entrypoint, with_trace_flags(submitted.runtime_env, flags), submitted.metadata)
+        == placed
+        for flags in _TRACE_FLAGS
+    )
 
 
 def placed_submissions(state: AIJobStatus) -> list[str] | None:
@@ -292,18 +330,22 @@ def foreign_submission(
     built from the spec as it is now. Without one (an attempt placed by an operator before them)
     they are compared with ``expected``'s, and with ``whole`` False (the spec was edited after the
     attempt was placed, so what the operator would submit now is not what it submitted then) only
-    what comes from status is: the metadata (and the pin)."""
+    what comes from status is: the metadata (and the pin). Either way TRACEPARENT's trace-flags
+    take no part (with_trace_flags): they are the sampling decision of whichever operator process
+    built the submission, not of the job."""
     submitted = info.submitted
     if submitted is None:
         return None
     differs: list[str] = []
     if placed is not None:
-        if submitted_digest(submitted.entrypoint, submitted.runtime_env, submitted.metadata) != placed:
+        if not matches_placed(submitted, placed):
             differs.append(f"entrypoint, runtime_env or metadata ({PLACED_SUBMISSIONS})")
     else:
         if whole and submitted.entrypoint != expected.entrypoint:
             differs.append("entrypoint")
-        if whole and _canonical(submitted.runtime_env or {}) != _canonical(expected.runtime_env):
+        # Whatever either's trace-flags (with_trace_flags): this process's tracing is not the submitter's.
+        ours = _canonical(with_trace_flags(expected.runtime_env, _TRACE_FLAGS[0]))
+        if whole and _canonical(with_trace_flags(submitted.runtime_env or {}, _TRACE_FLAGS[0])) != ours:
             differs.append("runtime_env")
         if _canonical(submitted.metadata or {}) != _canonical(expected.metadata):
             differs.append("metadata")
