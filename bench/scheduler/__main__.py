@@ -49,8 +49,9 @@ VARIANTS: dict[str, tuple[bool, bool]] = {
     "koinon_without_revocation": (True, False),
 }
 """Extra Koinon runs reported beside the five policies, not tuned to the targets: (verify, revoke).
-Without verification separates placement from the cost of verification; without revocation shows
-what retroactive invalidation buys and costs."""
+Without verification separates placement from the cost of verification. Without revocation: as the
+operator, the simulator only flags a revoked result (ResultRevoked) and reruns nothing, so this run
+places and accepts exactly what Koinon's does; only its flags (revoked, standing_correct_rate) differ."""
 
 
 def tuned_config(spec: str) -> SchedulerConfig:
@@ -135,22 +136,40 @@ def run(params: SimParams, parallel: int, throughput: bool) -> dict[str, Any]:
         out["placements_per_s"] = None
     out["simulation"] = params.to_json()
     out["definitions"] = {
-        "correct_rate": "accepted results whose digest is the true one / accepted results",
-        "completion": "submit -> accepted result, including queueing, failovers and verification copies",
+        "correct_rate": "accepted results whose digest is the true one / accepted results, each as it was "
+        "accepted (results revoked later included: nothing reruns them)",
+        "standing_correct_rate": "of the results that stand at the end (accepted, not revoked), the share correct",
+        "failed": "jobs that failed for good, as the operator fails them: failed_backoff_limit (more failed "
+        "attempts than spec.backoffLimit, 2) and failed_no_majority (more verification reruns than backoffLimit); "
+        "counted in unfinished, with no completion time",
+        "unfinished": "jobs without an accepted result: failed for good, or not done when the simulation stopped",
+        "completion": "submit -> accepted result, including queueing, failovers and verification copies; "
+        "completion_p* over accepted results only; completion_p95_all_jobs_s over every job, an unfinished one "
+        "counted as slower than all (null when more than 5 % are unfinished)",
         "work_units": "reference GPU-hours: an hour on a GPU of relative speed s (RTX 4090 = 1.0) counts s",
         "wasted_gpu_hours": "work executed - work of one accepted execution per accepted job "
         "(lost to crashes/churn, rejected by a quorum, or redundant beyond one copy)",
         "replication_overhead": "work of executions that ran to the end (verification copies, rejected results, "
-        "reruns of revoked results) / work of one accepted execution per accepted job; one copy per job = 1.0",
-        "crash_loss_overhead": "work lost to crashes and to nodes leaving mid-job / the same useful work",
+        "copies stopped once a vote was decided) / work of one accepted execution per accepted job; one copy per "
+        "job = 1.0",
+        "crash_loss_overhead": "work lost to crashes and to nodes leaving mid-job (with the other copies of the "
+        "attempt that the operator stops then, and their answers already in, which it throws away) / the same "
+        "useful work",
+        "failover": "as the operator: a node lost mid-attempt stops every copy, throws away the answers in, and "
+        "places the whole attempt again, uncounted, the node tried last; a failed copy of a verified attempt is an "
+        "owner without an answer: the attempt is judged once every copy has ended (operator's judge), and without "
+        "a majority a whole quorum reruns on nodes and owners that took no part, judged with the earlier answers; "
+        "a failed single copy is a failed attempt, the node tried last",
         "executed_vs_useful": "all work executed / useful work (replication and crash loss together)",
         "warmup": "figures cover the measured jobs only; a warm-up stream of the same rate and mix runs "
         "for simulation.warmup_h hours before them (a platform with a history); cold_start: the same without it",
         "baselines": "one copy per job, first result accepted, no verification; same hard filters",
         "koinon": "jobs ask for verification.mode=replicated quorum 2; adaptive replication (BOINC rule), "
         "trusted partner for untrusted primaries, retroactive invalidation of results vouched for only by "
-        "an owner later caught lying (the job reruns; its final accepted result counts)",
-        "revoked": "accepted results revoked after their owner was caught; revoked_wrong: of them, wrong ones",
+        "an owner later caught lying (flagged ResultRevoked, as the operator does: nothing reruns the job, "
+        "its user must resubmit it)",
+        "revoked": "accepted results revoked after their owner was caught (jobs whose user must resubmit); "
+        "revoked_wrong: of them, wrong ones",
         "completion_floor_p95_s": "p95 of compute time alone on the fastest GPU model (no queue, latency or crash)",
         "steady_state": "the same figures for jobs submitted in the second half of the measured window",
         "placements_per_s": "schedule() on a batch of 500 pending jobs against 10,000 snapshots, "
@@ -184,7 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         for name, m in explore(params, args.parallel, args.only.split(",")).items():
             print(f"== {name}")
-            for key in ("correct_rate", "completion_p95_s", "completion_mean_s", "replication_overhead", "revoked"):
+            for key in (
+                "correct_rate",
+                "standing_correct_rate",
+                "completion_p95_s",
+                "completion_p95_all_jobs_s",
+                "completion_mean_s",
+                "replication_overhead",
+                "revoked",
+                "failed",
+            ):
                 print(f"   {key}: {m[key]}")
             print("   steady:", m["steady_state"])
             print("   by outcome:", m["work_gpu_hours_by_outcome"], "useful", m["useful_gpu_hours"])
@@ -214,9 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     for name, m in {**payload["policies"], **payload["variants"]}.items():
         print(
-            f"{name:16s} correct {100 * m['correct_rate']:7.3f}%  p95 {minutes(m['completion_p95_s']):7.1f} min  "
+            f"{name:16s} correct {100 * m['correct_rate']:7.3f}% (standing {100 * m['standing_correct_rate']:7.3f}%)  "
+            f"p95 {minutes(m['completion_p95_s']):7.1f} min  "
             f"mean {minutes(m['completion_mean_s']):6.1f} min  wasted {m['wasted_gpu_hours']:9.0f} GPU-h  "
-            f"overhead {m['replication_overhead']:5.2f}  unfinished {m['unfinished']}  revoked {m['revoked']}  "
+            f"overhead {m['replication_overhead']:5.2f}  unfinished {m['unfinished']} (failed {m['failed']})  "
+            f"revoked {m['revoked']}  "
             f"({m['wall_s']:.0f} s)"
         )
     print(f"placements/s: {payload['placements_per_s']}; wrote {out} in {payload['wall_s']:.0f} s")

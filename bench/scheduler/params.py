@@ -51,6 +51,9 @@ class SimParams:
     rtt_probe_every_s: float = 240.0
     lost_detection_s: float = 30.0
     heartbeat_s: float = 60.0
+    backoff_limit: int = 2
+    """Every simulated AIJob's `spec.backoffLimit` (the AIJob default): failed attempts, and
+    verified attempts without a majority, each counted against it; one more fails the job."""
     max_batch: int = 2000
 
     def to_json(self) -> dict[str, Any]:

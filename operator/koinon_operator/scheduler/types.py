@@ -89,8 +89,8 @@ class JobRequest:
     """Nodes this placement leaves out. The operator passes the nodes of copies that gave no
     majority (status.scheduling.excludedNodes), and adds the nodes it tries last (failed, lost, or
     that failed the spec's runtime_env) only to a first try that places the job elsewhere
-    (reconciler); lost and failed nodes are left out for good only in the simulator
-    (bench/scheduler, scheduler/rescheduling.py)."""
+    (reconciler; the simulator, bench/scheduler, likewise); lost and failed nodes are left out for good
+    only by scheduler/rescheduling.py's rules."""
     excluded_owners: frozenset[str] = frozenset()
     """Owners that already hold a copy of this job (a fresh copy must come from someone else)."""
     priority: int = 0
