@@ -4,7 +4,8 @@ person can see why a node has its score and the scheduler reads it back on the n
 Evidence is written before kopf writes the job's own status. An operator that dies between the two
 runs the same reconcile pass again after its restart, so every piece of evidence carries a key
 (the job's uid, attempt and verification round, and the kind) and each node keeps the keys of its
-latest outcomes in ``status.reputation.recordedOutcomes``: a key already there is not counted twice.
+outcomes of the last hour (and its latest 32 whatever their age), with the second each was recorded,
+in ``status.reputation.recordedOutcomes``: a key already there is not counted twice.
 The work a node did in the attempt (hours of execution for its crash rate's exposure, and
 ``status.contributedGpuSeconds``) is counted once too, under the same key with ``/work`` after it.
 Writes are conditional on the resourceVersion that was read, so a concurrent writer costs a retry,
@@ -58,9 +59,19 @@ RECORDERS: Mapping[str, Recorder] = {
 }
 JOB_COUNTERS = {"success": "succeeded", "agreement": "succeeded", "failure": "failed", "timeout": "failed",
                 "disagreement": "disagreed"}  # fmt: skip
-# A replayed pass repeats evidence within seconds of the original, so a short memory per node is
-# enough; it is bounded so that status stays small on a node that has run thousands of jobs.
+# Which outcome keys a node remembers. A replayed pass repeats evidence as soon as the restarted
+# operator runs it again: seconds after the original, or minutes when its pod is rescheduled, and a
+# busy node (8 GPUs, one-minute jobs: 16 entries a minute, evidence and work) records many outcomes
+# in between, so a count alone (64 entries, 32 outcomes) forgot the key after four minutes. Each
+# entry carries the second it was recorded ("key@seconds"): every entry of the last hour is kept,
+# and the latest RECORDED_OUTCOMES_KEPT whatever their age, up to RECORDED_OUTCOMES_CAP entries
+# (about 60 bytes each, some 120 KiB, far under etcd's 1.5 MiB object limit; the CRD's maxItems
+# for status.reputation.recordedOutcomes is the same number). The cap holds an hour of 17 outcomes
+# a minute. Older entries go at the node's next outcome or uptime sample (once a minute), so a node
+# that was busy and is now quiet is back to its latest 64 entries an hour later.
 RECORDED_OUTCOMES_KEPT = 64
+RECORDED_OUTCOMES_WINDOW_S = 3600.0
+RECORDED_OUTCOMES_CAP = 2048
 # Conditional writes that lose a race are retried this many times, after a growing jittered pause
 # (the other writers, the gateway's status and other passes, write a node at most about once a
 # second), before the evidence is reported lost: five quick tries lost it under a busy node.
@@ -106,21 +117,23 @@ def updated_status(
     with the rest) and its GPU-seconds to ``contributedGpuSeconds`` (a running total, to 0.1 s)."""
     previous = status.get("reputation") or {}
     recorded = [str(k) for k in previous.get("recordedOutcomes") or ()]
+    keys = {_recorded_key(r)[0] for r in recorded}
     # One piece of evidence per node per outcome key, whatever its kind: a pass replayed after a
     # restart may see the attempt end otherwise (failed, then its node lost) and must not count
     # it twice. Entries written before 2026-12-06 carry the kind after the key.
     entry = key
     new_evidence = kind is not None and not (
-        entry is not None and any(r == entry or r.startswith(f"{entry}:") for r in recorded)
+        entry is not None and (entry in keys or any(k.startswith(f"{entry}:") for k in keys))
     )
     work_entry = None if key is None else f"{key}{WORK_KEY_SUFFIX}"
     new_work = (
         work is not None
         and (work.hours > 0 or work.gpu_seconds > 0)
-        and not (work_entry is not None and work_entry in recorded)
+        and not (work_entry is not None and work_entry in keys)
     )
     if not new_evidence and not new_work:
         return None
+    stamp = f"@{math.floor(now)}"  # when: kept for an hour (RECORDED_OUTCOMES_WINDOW_S)
     evidence = from_status(previous)
     fields: dict[str, Any] = {}
     if new_evidence and kind is not None:
@@ -130,18 +143,39 @@ def updated_status(
         jobs[counter] = int(jobs.get(counter) or 0) + 1
         fields["jobs"] = jobs
         if entry is not None:
-            recorded.append(entry)
+            recorded.append(entry + stamp)
     if new_work and work is not None:
         evidence = record_work(evidence, now, config, work.hours)
         if not math.isfinite(work.gpu_seconds) or work.gpu_seconds < 0:
             raise ValueError(f"GPU-seconds of work must be a finite number >= 0, got {work.gpu_seconds}")
         fields["contributedGpuSeconds"] = round(_contributed(status) + work.gpu_seconds, 1)
         if work_entry is not None:
-            recorded.append(work_entry)
+            recorded.append(work_entry + stamp)
     reputation = to_status(evidence, now, config, _previous_owner_extra(previous))
     if recorded:
-        reputation["recordedOutcomes"] = recorded[-RECORDED_OUTCOMES_KEPT:]
+        reputation["recordedOutcomes"] = _still_remembered(recorded, now)
     return {"reputation": reputation, **fields}
+
+
+def _recorded_key(entry: str) -> tuple[str, float | None]:
+    """An entry of ``recordedOutcomes`` as (its outcome key, when it was recorded). Entries written
+    before 2026-12-07 carry no time (None): they are kept only while among the latest."""
+    key, at_sign, seconds = entry.rpartition("@")
+    if at_sign and seconds.isdigit():
+        return key, float(seconds)
+    return entry, None
+
+
+def _still_remembered(recorded: list[str], now: float) -> list[str]:
+    """The entries to keep, oldest first: those of the last RECORDED_OUTCOMES_WINDOW_S and the latest
+    RECORDED_OUTCOMES_KEPT, at most the latest RECORDED_OUTCOMES_CAP of them. A time ahead of
+    ``now`` (another operator's clock) is recent."""
+    since = now - RECORDED_OUTCOMES_WINDOW_S
+    latest = len(recorded) - RECORDED_OUTCOMES_KEPT
+    kept = [
+        r for i, r in enumerate(recorded) if i >= latest or ((at := _recorded_key(r)[1]) is not None and at >= since)
+    ]
+    return kept[-RECORDED_OUTCOMES_CAP:]
 
 
 def _contributed(status: Mapping[str, Any]) -> float:
@@ -224,8 +258,8 @@ def uptime_sample(
         evidence = record_heartbeats(evidence, now, config, heartbeats if up else 0.0, 0.0 if up else heartbeats)
     extra = _previous_owner_extra(previous) if owner_extra is None else owner_extra
     reputation = to_status(evidence, now, config, extra)
-    if previous.get("recordedOutcomes"):
-        reputation["recordedOutcomes"] = previous["recordedOutcomes"]
+    if recorded := [str(k) for k in previous.get("recordedOutcomes") or ()]:
+        reputation["recordedOutcomes"] = _still_remembered(recorded, now)
     reputation["uptimeSampledAt"] = now
     return {"reputation": reputation}
 

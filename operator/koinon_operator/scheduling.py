@@ -20,6 +20,7 @@ from dataclasses import replace
 from koinon_operator.placement import NodeCapacity, PlacementDecision, PlacementRequest
 from koinon_operator.scheduler import (
     DEFAULT_CONFIG,
+    MAX_EXPECTED_DURATION_S,
     Gpu,
     JobRequest,
     KoinonPlacer,
@@ -67,7 +68,11 @@ def to_job(request: PlacementRequest) -> JobRequest:
         attempt=request.attempt,
         creation_index=request.creation_index,
         pending_since=request.pending_since,
-        expected_duration_s=request.expected_duration_s,
+        # kube-apiserver holds spec.expectedDurationSeconds to int64, under the scheduler's bound;
+        # clamped all the same, so that no spec the operator is handed makes placement raise.
+        expected_duration_s=(
+            None if request.expected_duration_s is None else min(request.expected_duration_s, MAX_EXPECTED_DURATION_S)
+        ),
         uid=request.uid,
     )
 

@@ -13,7 +13,9 @@ import pytest
 import yaml
 from koinon_operator.reconciler import NodeWork
 from koinon_operator.reputation_book import (
+    RECORDED_OUTCOMES_CAP,
     RECORDED_OUTCOMES_KEPT,
+    RECORDED_OUTCOMES_WINDOW_S,
     ReputationBook,
     outcome_key,
     owner_pooled_disagreements,
@@ -28,6 +30,7 @@ from tests.emulator.helpers import EmulatorThread, emulator_for_kube_client
 CRD = Path(__file__).resolve().parents[2] / "manifests" / "crds" / "volunteernodes.koinon.dev.yaml"
 API = "koinon.dev/v1alpha1"
 NOW = 1_800_000_000.0
+AT = "@1800000000"  # the second an entry recorded at NOW carries
 CONFIG = DEFAULT_CONFIG.reputation
 
 
@@ -41,14 +44,15 @@ def test_same_key_is_counted_once_and_other_keys_still_count() -> None:
     first = updated_status({}, "success", NOW, CONFIG, "u1/1/0")
     assert first is not None
     assert first["jobs"] == {"succeeded": 1}
-    assert first["reputation"]["recordedOutcomes"] == ["u1/1/0"]
+    assert first["reputation"]["recordedOutcomes"] == [f"u1/1/0{AT}"]
     assert updated_status(first, "success", NOW + 1, CONFIG, "u1/1/0") is None
     # Another kind under the same key is not new evidence: a pass replayed after a restart may see
     # the attempt end otherwise (its Ray job failed, then its node was lost) and must not count twice.
     assert updated_status(first, "timeout", NOW + 1, CONFIG, "u1/1/0") is None
-    # Entries written before the kind left the key still count as recorded.
-    legacy = {"reputation": {**first["reputation"], "recordedOutcomes": ["u1/1/0:failure"]}}
-    assert updated_status(legacy, "timeout", NOW + 1, CONFIG, "u1/1/0") is None
+    # Entries written before the kind left the key, or before entries carried a time, still count.
+    for old in ("u1/1/0:failure", "u1/1/0"):
+        legacy = {"reputation": {**first["reputation"], "recordedOutcomes": [old]}}
+        assert updated_status(legacy, "timeout", NOW + 1, CONFIG, "u1/1/0") is None
     # Another attempt is new evidence.
     second = updated_status(first, "success", NOW + 1, CONFIG, "u1/2/0")
     assert second is not None
@@ -58,14 +62,66 @@ def test_same_key_is_counted_once_and_other_keys_still_count() -> None:
 
 def test_recorded_keys_are_bounded_and_keep_the_newest() -> None:
     status: dict[str, Any] = {}
-    for attempt in range(RECORDED_OUTCOMES_KEPT + 10):
+    many = RECORDED_OUTCOMES_CAP + 10
+    for attempt in range(many):  # all within the hour: only the cap bounds them
         fields = updated_status(status, "failure", NOW + attempt, CONFIG, f"u/{attempt}/0")
         assert fields is not None
         status = fields
     kept = status["reputation"]["recordedOutcomes"]
+    assert len(kept) == RECORDED_OUTCOMES_CAP
+    assert kept[-1] == f"u/{many - 1}/0@{int(NOW) + many - 1}"
+    assert status["jobs"] == {"failed": many}
+    # Past the hour only the latest entries stay, whatever their age.
+    later = NOW + many + RECORDED_OUTCOMES_WINDOW_S
+    fields = updated_status(status, "failure", later, CONFIG, "u/last/0")
+    assert fields is not None
+    kept = fields["reputation"]["recordedOutcomes"]
     assert len(kept) == RECORDED_OUTCOMES_KEPT
-    assert kept[-1] == f"u/{RECORDED_OUTCOMES_KEPT + 9}/0"
-    assert status["jobs"] == {"failed": RECORDED_OUTCOMES_KEPT + 10}
+    assert kept[-2:] == [f"u/{many - 1}/0@{int(NOW) + many - 1}", f"u/last/0@{int(later)}"]
+
+
+def _apply(status: dict[str, Any], kind: str, key: str, now: float) -> dict[str, Any]:
+    fields = updated_status(status, kind, now, CONFIG, key, NodeWork(hours=0.02, gpu_seconds=72.0))
+    return status if fields is None else {**status, **fields}
+
+
+def test_a_replay_within_the_hour_counts_nothing_on_a_busy_node() -> None:
+    """Remembering 64 entries (32 outcomes, each with its work) forgot a failure after a busy node
+    had finished 32 other jobs (an 8-GPU node with one-minute jobs: four minutes, a rescheduled
+    operator pod's restart), and its replay counted it again."""
+    status = _apply({}, "failure", "uid-x/1/0", NOW)
+    # 8 GPUs of one-minute jobs for almost an hour: 16 entries a minute, 944 in all.
+    for i in range(59 * 8):
+        status = _apply(status, "success", f"uid-{i}/1/0", NOW + 60 + 7.5 * i)
+    before = dict(status)
+    replayed = NOW + RECORDED_OUTCOMES_WINDOW_S - 1
+    assert updated_status(status, "failure", replayed, CONFIG, "uid-x/1/0", NodeWork(0.02, 72.0)) is None
+    assert _apply(status, "failure", "uid-x/1/0", replayed) == before
+    assert status["jobs"] == {"failed": 1, "succeeded": 59 * 8}
+
+
+def test_the_kept_outcomes_fit_the_crd_bound() -> None:
+    schema = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    recorded = schema["properties"]["status"]["properties"]["reputation"]["properties"]["recordedOutcomes"]
+    assert recorded["maxItems"] == RECORDED_OUTCOMES_CAP
+    # A full list stays small: far under etcd's 1.5 MiB per object.
+    entry = f"{'0' * 8}-0000-0000-0000-{'0' * 12}/99/9/work@{int(NOW)}"
+    assert len(str([entry] * RECORDED_OUTCOMES_CAP)) < 200_000
+
+
+def test_an_uptime_sample_forgets_outcomes_older_than_the_hour_beyond_the_latest() -> None:
+    status: dict[str, Any] = {"phase": "Ready"}
+    for i in range(RECORDED_OUTCOMES_KEPT + 5):  # evidence only: one entry each
+        fields = updated_status(status, "success", NOW + i, CONFIG, f"uid-{i}/1/0")
+        assert fields is not None
+        status.update(fields)
+    assert len(status["reputation"]["recordedOutcomes"]) == RECORDED_OUTCOMES_KEPT + 5
+    within = uptime_sample(status, NOW + RECORDED_OUTCOMES_WINDOW_S, CONFIG, max_gap_s=120)
+    assert within is not None
+    assert within["reputation"]["recordedOutcomes"] == status["reputation"]["recordedOutcomes"]
+    after = uptime_sample(status, NOW + RECORDED_OUTCOMES_WINDOW_S + 100, CONFIG, max_gap_s=120)
+    assert after is not None
+    assert after["reputation"]["recordedOutcomes"] == status["reputation"]["recordedOutcomes"][-RECORDED_OUTCOMES_KEPT:]
 
 
 @pytest.fixture
@@ -98,7 +154,7 @@ def test_work_is_counted_once_per_key_with_or_without_evidence() -> None:
     assert first is not None
     assert first["contributedGpuSeconds"] == 3600.0  # to 0.1 s
     assert first["reputation"]["exposureHours"] == pytest.approx(0.5)
-    assert first["reputation"]["recordedOutcomes"] == ["u1/1/0", "u1/1/0/work"]
+    assert first["reputation"]["recordedOutcomes"] == [f"u1/1/0{AT}", f"u1/1/0/work{AT}"]
     assert updated_status(first, "success", NOW + 1, CONFIG, "u1/1/0", work) is None
     # Work with no evidence (a copy stopped, or failed on its own) counts too, and once.
     second = updated_status(first, None, NOW + 1, CONFIG, "u1/2/0", NodeWork(0.25, 900.0))
@@ -134,7 +190,7 @@ async def test_replayed_pass_does_not_count_work_twice(cluster: EmulatorThread) 
     assert status["contributedGpuSeconds"] == 16_200.0
     assert status["reputation"]["exposureHours"] == pytest.approx(2.5)
     assert status["jobs"] == {"succeeded": 1}
-    assert status["reputation"]["recordedOutcomes"] == ["uid-1/1/0", "uid-1/1/0/work", "uid-1/2/0/work"]
+    assert status["reputation"]["recordedOutcomes"] == [f"uid-1/1/0{AT}", f"uid-1/1/0/work{AT}", f"uid-1/2/0/work{AT}"]
 
 
 async def test_concurrent_writer_costs_a_retry_not_a_lost_count(cluster: EmulatorThread) -> None:
@@ -158,7 +214,7 @@ async def test_concurrent_writer_costs_a_retry_not_a_lost_count(cluster: Emulato
     assert status["jobs"] == {"failed": 1, "succeeded": 1}
     assert status["reputation"]["failures"] == pytest.approx(1.0)
     assert status["reputation"]["successes"] == pytest.approx(1.0)
-    assert status["reputation"]["recordedOutcomes"] == ["uid-2/1/0", "uid-1/1/0"]
+    assert status["reputation"]["recordedOutcomes"] == [f"uid-2/1/0{AT}", f"uid-1/1/0{AT}"]
 
 
 async def test_evidence_for_a_node_without_volunteernode_is_dropped(cluster: EmulatorThread) -> None:
@@ -206,7 +262,7 @@ def test_an_uptime_sample_keeps_the_outcome_keys_and_the_evidence() -> None:
     status["phase"] = "Ready"
     after = uptime_sample(status, NOW + 1, CONFIG, max_gap_s=120)
     assert after is not None
-    assert after["reputation"]["recordedOutcomes"] == ["u1/1/0"]
+    assert after["reputation"]["recordedOutcomes"] == [f"u1/1/0{AT}"]
     assert after["reputation"]["successes"] == pytest.approx(1.0, rel=1e-3)
 
 

@@ -9,8 +9,10 @@ from dataclasses import replace
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from koinon_operator.placement import PlacementRequest
 from koinon_operator.scheduler import (
     DEFAULT_CONFIG,
+    MAX_EXPECTED_DURATION_S,
     Gpu,
     JobRequest,
     KoinonPlacer,
@@ -26,6 +28,7 @@ from koinon_operator.scheduler import (
     schedule,
 )
 from koinon_operator.scheduler.reputation import score
+from koinon_operator.scheduling import to_job
 
 NOW = 10_000.0
 REGIONS = ("eu", "us", "ap")
@@ -261,6 +264,19 @@ def test_duplicate_names_and_keys_are_refused() -> None:
 def test_bad_job_names_the_field(kwargs: dict[str, float], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         JobRequest("ns/bad", **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("duration", [2**63 - 1, 10**30])
+def test_the_longest_duration_the_operator_passes_places_and_blocks_nothing(duration: int) -> None:
+    # An AIJob's spec.expectedDurationSeconds is an int64 in kube-apiserver; the operator clamps
+    # anything longer (10**30: a spec it was handed without one) to the scheduler's bound.
+    longest = to_job(PlacementRequest("ns/a", 1, 1, 0.0, expected_duration_s=duration, creation_index=0))
+    assert longest.expected_duration_s is not None and longest.expected_duration_s <= MAX_EXPECTED_DURATION_S
+    ordinary = JobRequest("ns/b", expected_duration_s=600.0, creation_index=1)
+    nodes = [mk(f"n{i}", f"o{i}") for i in range(4)]
+    result = schedule([longest, ordinary], nodes, NOW)
+    assert {p.job_key for p in result.placements} == {"ns/a", "ns/b"}
+    assert result.unschedulable == ()
 
 
 def test_no_nodes_at_all_leaves_every_job_unschedulable() -> None:

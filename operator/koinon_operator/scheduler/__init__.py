@@ -33,7 +33,7 @@ from .reputation import (
     uptime,
 )
 from .rescheduling import Action, FailJob, Ignore, JobAttemptState, Reschedule, on_job_failed, on_node_lost
-from .types import Gpu, JobRequest, NodeSnapshot, Placement, SchedulingResult, Unschedulable
+from .types import MAX_EXPECTED_DURATION_S, Gpu, JobRequest, NodeSnapshot, Placement, SchedulingResult, Unschedulable
 from .verification import (
     Accepted,
     NodeResult,
@@ -51,6 +51,7 @@ from .verification import (
 __all__ = [
     "DEFAULT_CONFIG",
     "FRESH",
+    "MAX_EXPECTED_DURATION_S",
     "Accepted",
     "Action",
     "FailJob",

@@ -12,6 +12,14 @@ from dataclasses import dataclass, field
 
 from .reputation import FRESH, ReputationEvidence
 
+# The longest expected duration a JobRequest takes (about 3e12 years). Scoring squares the hours (a
+# crash's expected loss), so past ~1e150 s the values left the finite range, and from ~1e155 s every
+# node's value fell below the "left out" mark: the job was refused as if no owners were left, and
+# so was every ordinary job of its shape in the same call. Above the largest integer an AIJob's
+# `spec.expectedDurationSeconds` can hold (int64, 9.2e18 s), so no valid AIJob is refused by it
+# (the operator clamps to it besides, scheduling.to_job).
+MAX_EXPECTED_DURATION_S = 1e20
+
 
 @dataclass(frozen=True, slots=True)
 class Gpu:
@@ -111,11 +119,12 @@ class JobRequest:
     def __post_init__(self) -> None:
         if not self.key:
             raise ValueError("JobRequest.key must not be empty")
-        if self.expected_duration_s is not None and not (
-            math.isfinite(self.expected_duration_s) and self.expected_duration_s > 0
-        ):
+        # One comparison also refuses NaN and inf, and takes an int of any size (math.isfinite raised
+        # OverflowError for one beyond float).
+        if self.expected_duration_s is not None and not 0 < self.expected_duration_s <= MAX_EXPECTED_DURATION_S:
             raise ValueError(
-                f"{self.key}: expected duration must be a finite number of seconds > 0, got {self.expected_duration_s}"
+                f"{self.key}: expected duration (spec.expectedDurationSeconds) must be a number of seconds"
+                f" > 0 and <= {MAX_EXPECTED_DURATION_S:g}, got {self.expected_duration_s}"
             )
         if self.replicas < 1:
             raise ValueError(f"{self.key}: spec.replicas must be >= 1, got {self.replicas}")
