@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 import pytest
-from koinon_agent import cli
+from koinon_agent import channel, cli
 from koinon_agent.agent import Agent, BackoffIterator
 from koinon_agent.config import ENV_VARS, VERSION, AgentConfig
 from koinon_gateway.pki import create_ca
@@ -298,6 +298,32 @@ def test_backoff_keeps_working_after_days_of_retries() -> None:
     backoff = BackoffIterator(0.5, 30.0)
     delays = [backoff.next() for _ in range(10_000)]
     assert all(15.0 <= d <= 30.0 for d in delays[10:])
+
+
+@pytest.mark.parametrize("insecure", [False, True])
+def test_channels_redial_the_gateway_on_the_agents_schedule(monkeypatch: pytest.MonkeyPatch, insecure: bool) -> None:
+    """A channel waiting out gRPC's reconnect backoff fails the agent's calls without dialling, so
+    its backoff, not the agent's, said when a volunteer was back: gRPC's default grows to 120 s.
+    gRPC draws each delay from [0.8, 1.2] times its backoff; set to 0.75 times the agent's, every
+    delay lies in the upper half of the agent's ceiling, as the agent's own do."""
+    opened: list[dict[str, int]] = []
+    monkeypatch.setattr("grpc.aio.insecure_channel", lambda target, options: opened.append(dict(options)))
+    monkeypatch.setattr("grpc.aio.secure_channel", lambda target, credentials, options: opened.append(dict(options)))
+    channel.open_channel(AgentConfig(gateway="gw.example.org:7443", insecure=insecure))  # 0.5 s to 30 s
+    (options,) = opened
+    initial, maximum = options["grpc.initial_reconnect_backoff_ms"], options["grpc.max_reconnect_backoff_ms"]
+    assert (initial, maximum) == (375, 22_500)
+    for backoff_ms, ceiling_ms in ((initial, 500), (maximum, 30_000)):
+        assert ceiling_ms / 2 <= 0.8 * backoff_ms and 1.2 * backoff_ms <= ceiling_ms
+    # The least time one connection attempt is given (20 s by default), despite its name.
+    assert "grpc.min_reconnect_backoff_ms" not in options
+    assert options["grpc.max_receive_message_length"]  # the shared options are still there
+
+
+async def test_a_backoff_too_long_for_grpc_is_capped_not_refused() -> None:
+    config = AgentConfig(gateway="127.0.0.1:9", insecure=True, backoff_initial_s=1e6, backoff_max_s=1e9)
+    assert dict(channel.reconnect_backoff_options(config))["grpc.max_reconnect_backoff_ms"] == 2**31 - 1  # a C int
+    await channel.open_channel(config).close(None)  # gRPC takes it
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

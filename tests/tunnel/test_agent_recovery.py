@@ -31,7 +31,7 @@ from koinon_gateway.server import Gateway
 from koinon_gateway.tokens import InMemoryTokenStore, JoinGrant
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import channel_for, cluster, control_call
+from .helpers import channel_for, cluster, connect_via_proxy, control_call
 
 
 async def wait_until(condition: object, within_s: float, what: str) -> None:
@@ -579,3 +579,43 @@ def test_what_ray_was_started_with_is_compared_by_name_never_by_value() -> None:
     now.ray_auth_token = "secret-2"
     now.ray_address = "10.0.0.2:6379"
     assert ray_assignment_changes(started, now) == ["ray_address", "ray_auth_token"]
+
+
+# Long enough for gRPC's default channel backoff (1 s, x1.6, +-20 %, up to 120 s) to have grown to
+# ~10 s: its sixth connection attempt falls 13-19 s after the loss and its seventh 21-32 s, so
+# without the agent's own schedule on its channels the first one to reach the gateway comes at least
+# 2 s (median ~7 s) after it is back. The helpers' agent backs off 0.05-0.5 s.
+LONG_OUTAGE_S = 19.0
+
+
+async def test_after_a_long_outage_the_agent_is_back_within_its_own_backoff(tmp_path: Path) -> None:
+    """The agent kept its channels through the outage, and a channel in gRPC's reconnect backoff
+    fails every call at once without dialling: the agent's retries did nothing, and it came back
+    only when gRPC's own backoff (up to 120 s) let the channel dial again, the Ray node NotReady
+    meanwhile and the outage clock of --ray-restart-after running on. Both channels, Control and
+    the data path Ray's connections take, now redial on the agent's schedule. With TLS, as the
+    volunteers run."""
+    async with cluster(tmp_path) as c:
+        agent = await c.start_agent("alpha")
+        task = c.agents[-1][1]
+        registrations = agent.registrations
+        listen = c.gateway.agent_target
+        await c.gateway.stop(0)
+        await asyncio.sleep(LONG_OUTAGE_S)
+        c.gateway = Gateway(replace(c.gateway.config, listen=listen), c.tokens, c.registry, c.gateway.ca_store)
+        await c.gateway.start()
+        back_at = time.monotonic()
+        await wait_until(lambda: agent.registrations > registrations or task.done(), 30, "agent did not come back")
+        assert not task.done(), f"agent exited: {task.exception()!r}"
+        took = time.monotonic() - back_at
+        assert took < 3, f"the agent registered again {took:.1f}s after the gateway was back (its backoff: <= 0.5 s)"
+
+        async def head_reachable() -> bool:
+            status, _, writer = await connect_via_proxy(agent._proxy, "127.0.0.1", c.head_port)
+            writer.close()
+            return status == 200
+
+        while not await head_reachable():
+            took = time.monotonic() - back_at
+            assert took < 3, f"Ray's connections failed {took:.1f}s after the gateway was back"
+            await asyncio.sleep(0.1)
