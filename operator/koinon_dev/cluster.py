@@ -43,7 +43,7 @@ from koinon_dev.processes import (
 )
 from koinon_dev.ray_cluster import LocalRayHead
 from koinon_dev.tunnel_plane import LocalAgent, LocalGateway, delete_netns, netns_available
-from koinon_dev.volunteer_sandbox import runs_without_privileges
+from koinon_dev.volunteer_sandbox import processes_of_their_own, runs_without_privileges
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,7 @@ class DevCluster:
         self.gateway: LocalGateway | None = None
         self.agents: list[LocalAgent] = []
         self._use_netns = False
+        self._own_processes = False
         self._agents_started = 0
         self._work_dir = Path("/tmp")
         self._state: DevClusterInfo | None = None  # what this process started, as recorded
@@ -371,6 +372,7 @@ class DevCluster:
         self._save()
         say(f"- Ray head (no CPUs for user work) at {head.gcs_address}, dashboard {head.dashboard_url}")
         self._use_netns = self._network_namespaces()
+        self._own_processes = not self._use_netns and self._processes_of_their_own()
         for index in range(self.config.volunteers):
             self._start_agent(f"volunteer-{index + 1}", self.config.gpus_per_volunteer, f"owner-{index + 1}")
         try:
@@ -430,6 +432,16 @@ class DevCluster:
             )
         return available
 
+    def _processes_of_their_own(self) -> bool:
+        why_not = processes_of_their_own()
+        if why_not:
+            log.warning(
+                "volunteers cannot have processes of their own here (%s): a job's Ray driver on a "
+                "volunteer may attach to the Ray head's raylet, and run there",
+                why_not,
+            )
+        return not why_not
+
     def _start_agent(self, name: str, gpus: int, owner: str, extra_env: dict[str, str] | None = None) -> LocalAgent:
         assert self.gateway is not None and self._state is not None
         self._agents_started += 1
@@ -438,7 +450,7 @@ class DevCluster:
             name=name, gateway=self.gateway, join_token=self.gateway.create_join_token(owner),
             log_dir=self.log_dir, gpus=gpus,
             gpu_memory_mib=self.config.gpu_memory_mib, cpus=self.config.cpus_per_volunteer,
-            netns=netns, extra_env={**self._env(), **(extra_env or {})},
+            netns=netns, own_processes=self._own_processes, extra_env={**self._env(), **(extra_env or {})},
             hide=(self.state_dir,),  # the Ray token, kubeconfig and the other components' logs
         )  # fmt: skip
         with deferred_signals():

@@ -41,13 +41,17 @@ RAY_SHELL_ENV_NAMES = frozenset(
         # The sandbox sets HOME, USER and LOGNAME itself; the head and a plain volunteer need them.
         "HOME", "USER", "LOGNAME", "TMPDIR",
         "VIRTUAL_ENV", "LD_LIBRARY_PATH",  # the Python environment and the libraries it loads
+        # Of KOINON_*, only the agent's own settings, by name: not a prefix, which passed on
+        # KOINON_SUBMISSION_KEY (the operator's, which `up` gives the operator alone) and would pass
+        # whatever secret a component reads next. The agent keeps them from its Ray
+        # (ray_node.ray_environment drops config.ENV_VARS); the head's ray_environment drops them.
+        *AGENT_ENV_VARS,
     }
 )  # fmt: skip
 RAY_SHELL_ENV_PREFIXES = (
     "LC_",  # locale
     "PYTHON",  # PYTHONPATH, PYTHONHOME and the like: what Python imports and how
     "RAY_",  # Ray's tuning (tests set RAY_* for the whole control plane)
-    "KOINON_",  # the agent's own settings (it keeps them from its Ray: config.ENV_VARS)
     "GRPC_",  # the agent's gRPC tuning (GRPC_EXPERIMENTS, GRPC_VERBOSITY, GRPC_TRACE)
     "CUDA_", "NVIDIA_",  # real GPUs
 )  # fmt: skip

@@ -11,6 +11,10 @@ capabilities, with its own /dev and /proc and every host mount read-only.
 Without root, agents run as plain processes; Ray's own traffic is still forced through the tunnel
 (Ray's gRPC goes to the agent's local proxy, which only knows the gateway), but nothing confines the
 job code Ray runs there: a task can connect to the head or read local files like any process.
+Where the host allows it (volunteer_sandbox.processes_of_their_own), such a volunteer still gets
+its own processes (``volunteer_sandbox --processes-only``): a Ray driver picks its node among the
+raylets whose processes it sees, the head's first, so a job's driver on a plain volunteer attached
+to the head's raylet (and ran there, and so did the tasks that raylet could take).
 """
 
 from __future__ import annotations
@@ -173,6 +177,9 @@ class LocalAgent:
     gpu_memory_mib: int = 16384
     cpus: int = 2
     netns: str | None = None
+    # Without a network namespace: its own PID namespace and /proc all the same (see the module's
+    # docstring), so that a job's driver finds this volunteer's raylet, not the head's.
+    own_processes: bool = False
     # Directories outside /tmp a volunteer in a namespace must not see (the control plane's state).
     hide: tuple[Path, ...] = ()
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -198,6 +205,8 @@ class LocalAgent:
         if self.netns:
             create_netns(self.netns)
             argv = ["ip", "netns", "exec", self.netns, *self._sandbox(), *argv]
+        elif self.own_processes:
+            argv = [sys.executable, "-m", "koinon_dev.volunteer_sandbox", "--processes-only", "--", *argv]
         # The join token goes through the environment, not argv (argv is visible to every user).
         env = {**shell_environment_for_ray(os.environ), "KOINON_TOKEN": self.join_token, **self.extra_env}
         self.process = ManagedProcess(f"agent-{self.name}", argv, self.log_dir / f"agent-{self.name}.log", env)

@@ -42,6 +42,15 @@ namespace's init) reaps orphans, passes signals on to the command and exits with
 kernel then kills whatever is left inside (Ray's helpers with it). The init dies with this
 process, so SIGKILL here still kills the volunteer, as it would kill a plain agent.
 
+``--processes-only`` (for a volunteer that runs as a plain process, without a network namespace:
+not root, or ``--no-netns``) keeps only the second part: its own PID and IPC namespaces and
+``/proc``, in a mount namespace of its own (made through a user namespace mapping the caller's uid
+and gid to themselves when not root: no privilege beyond the caller's, and none left once the
+command is exec'd), with /tmp, /dev, the user and the working directory as they were. Ray's
+driver then finds only its own volunteer's raylet, as a volunteer on a machine of its own would.
+``processes_of_their_own()`` says whether this works here (unprivileged user namespaces can be
+turned off).
+
 Each signal reaches the command once: the init starts a session of its own, so a signal sent to
 this process's group (a supervisor's killpg, Ctrl-C at a terminal) reaches only this process, which
 passes it on (the agent reads a second SIGTERM as "stop now"). Signals stay blocked from the start
@@ -72,6 +81,8 @@ from koinon_agent import mountinfo
 CLONE_NEWNS = 0x00020000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWUSER = 0x10000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x4000, 0x40000
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
@@ -339,6 +350,43 @@ def _libc_call(name: str, *args: int) -> None:
         raise SystemExit(f"volunteer sandbox: {name} failed: {os.strerror(errno)}")
 
 
+def _sys_mount(source: str, target: str, fstype: str | None, flags: int) -> None:
+    """mount(2) itself: mount(8) refuses a caller whose uid is not 0, as in a user namespace that
+    maps the caller's own uid (it has the capability there, not the uid)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fs = fstype.encode() if fstype is not None else None
+    if libc.mount(source.encode(), target.encode(), fs, ctypes.c_ulong(flags), None) != 0:
+        raise SystemExit(f"volunteer sandbox: mounting {target} failed: {os.strerror(ctypes.get_errno())}")
+
+
+def own_mount_namespace() -> None:
+    """A mount namespace of its own, its mounts private to it (the /proc mounted later must not
+    reach the host's). Without root, through a user namespace in which the caller's uid and gid
+    map to themselves: the process has capabilities over that namespace only, and the command
+    exec'd later, not uid 0 there, keeps none."""
+    if os.geteuid() == 0:
+        _libc_call("unshare", CLONE_NEWNS)
+    else:
+        uid, gid = os.geteuid(), os.getegid()
+        _libc_call("unshare", CLONE_NEWUSER | CLONE_NEWNS)
+        Path("/proc/self/setgroups").write_text("deny")  # required before an unprivileged gid_map
+        Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1\n")
+        Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1\n")
+    _sys_mount("none", "/", None, MS_REC | MS_PRIVATE)
+
+
+def processes_of_their_own() -> str:
+    """ "" when ``--processes-only`` works here, else why not (a kernel or AppArmor policy that
+    denies unprivileged user namespaces, a container whose /proc is partly masked)."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "koinon_dev.volunteer_sandbox", "--processes-only", "--", sys.executable, "-c", ""],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return "" if completed.returncode == 0 else (completed.stderr.strip().splitlines() or ["failed"])[-1]
+
+
 def _exit_code(status: int) -> int:
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell reports it
@@ -407,13 +455,14 @@ def drop_privileges(uid: int = VOLUNTEER_UID, gid: int = VOLUNTEER_GID) -> None:
     _libc_call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # no setuid or file capabilities either
 
 
-def _exec_command(command: list[str]) -> None:
-    """Becomes the command, without privileges (drop_privileges), with the signal state a shell
-    would give it: Python ignores SIGPIPE and SIGXFSZ, an ignored signal stays ignored across exec,
-    and so does a blocked one."""
-    drop_privileges()
-    # root's HOME is not the volunteer's user's to read or write; USER and LOGNAME say who it is.
-    os.environ.update(HOME=VOLUNTEER_HOME, USER=_user_name(), LOGNAME=_user_name())
+def _exec_command(command: list[str], confined: bool = True) -> None:
+    """Becomes the command, without privileges (drop_privileges) when ``confined``, with the signal
+    state a shell would give it: Python ignores SIGPIPE and SIGXFSZ, an ignored signal stays
+    ignored across exec, and so does a blocked one."""
+    if confined:
+        drop_privileges()
+        # root's HOME is not the volunteer's user's to read or write; USER and LOGNAME say who it is.
+        os.environ.update(HOME=VOLUNTEER_HOME, USER=_user_name(), LOGNAME=_user_name())
     for signum in (signal.SIGPIPE, signal.SIGXFSZ, *FORWARDED_SIGNALS):
         # The forwarded ones carry this process tree's handlers by now: back to what the caller
         # gave (ignored under nohup, say), the rest to their default.
@@ -430,7 +479,7 @@ def _user_name() -> str:
         return str(VOLUNTEER_UID)
 
 
-def _run_init(command: list[str], outside_alive: int) -> None:
+def _run_init(command: list[str], outside_alive: int, confined: bool = True) -> None:
     """PID 1 of the new namespace: starts the command, reaps every orphan, exits with the command.
 
     ``outside_alive`` is the read end of a pipe whose write end only the outside process holds:
@@ -441,12 +490,15 @@ def _run_init(command: list[str], outside_alive: int) -> None:
         os._exit(1)  # the outside process died before the line above took effect
     os.close(outside_alive)
     try:
-        _mount_proc()
+        if confined:
+            _mount_proc()
+        else:  # the new namespace's processes only; mount(2): mount(8) wants uid 0 (_sys_mount)
+            _sys_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         os.setsid()  # out of the outside process's group: group signals reach the command via it only
         sys.stdout.flush()
         child = os.fork()
         if child == 0:
-            _exec_command(command)
+            _exec_command(command, confined)
         _forward_signals_to(child)
         while True:
             pid, status = os.wait()
@@ -464,6 +516,7 @@ def main(argv: list[str] | None = None) -> None:
         "--expose-ro", action="append", type=Path, default=[], help="a path under /tmp to keep, read-only"
     )
     parser.add_argument("--hide", action="append", type=Path, default=[], help="a directory to cover")
+    parser.add_argument("--processes-only", action="store_true", help="only its own PID and IPC namespaces and /proc")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     # Before any handler of ours replaces them: what the caller ignores, the command ignores too.
@@ -472,22 +525,26 @@ def main(argv: list[str] | None = None) -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given after --")
-    read_only = [*software_paths(), *(p.resolve() for p in args.expose_ro)]
-    isolate(
-        [p.resolve() for p in args.expose],
-        [p.resolve() for p in args.hide],
-        read_only,
-        software_aliases(),
-        software_out_of_reach(),
-    )
-    # Out of the caller's working directory before anything runs inside: mounting over /tmp does
-    # not move it, so a volunteer started from a checkout under /tmp would still reach the hidden
-    # state dir there (.koinon/dev) through its cwd or /proc/<pid>/cwd. What was relative to it
-    # (the program's path, PYTHONPATH) is made absolute first.
-    if os.sep in command[0]:
-        command[0] = os.path.abspath(command[0])
-    os.environ.update(absolute_pythonpath())
-    os.chdir("/")
+    confined = not args.processes_only
+    if confined:
+        read_only = [*software_paths(), *(p.resolve() for p in args.expose_ro)]
+        isolate(
+            [p.resolve() for p in args.expose],
+            [p.resolve() for p in args.hide],
+            read_only,
+            software_aliases(),
+            software_out_of_reach(),
+        )
+        # Out of the caller's working directory before anything runs inside: mounting over /tmp
+        # does not move it, so a volunteer started from a checkout under /tmp would still reach the
+        # hidden state dir there (.koinon/dev) through its cwd or /proc/<pid>/cwd. What was relative
+        # to it (the program's path, PYTHONPATH) is made absolute first.
+        if os.sep in command[0]:
+            command[0] = os.path.abspath(command[0])
+        os.environ.update(absolute_pythonpath())
+        os.chdir("/")
+    else:
+        own_mount_namespace()
     # PID: for the children (the next one forked is PID 1 there). IPC: System V objects and POSIX
     # message queues are per IPC namespace, not per network or mount namespace: the host's (and
     # other volunteers') would be reachable, and volunteers share a uid.
@@ -497,7 +554,7 @@ def main(argv: list[str] | None = None) -> None:
     init = os.fork()
     if init == 0:
         os.close(held_outside)
-        _run_init(command, outside_alive)
+        _run_init(command, outside_alive, confined)
     os.close(outside_alive)
     _forward_signals_to(init)
     while True:

@@ -19,6 +19,9 @@ SECRETS = {
     "https_proxy": "http://user:password@proxy:3128",
     "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=secret",
     "RAY_AUTH_TOKEN": "a-real-clusters-ray-token",
+    # The operator's: `up` gives the operator the shell's whole environment, Ray none of this.
+    "KOINON_SUBMISSION_KEY": "k" * 40,
+    "KOINON_SOME_FUTURE_SECRET": "s" * 40,
 }
 NEEDED = {
     "PATH": "/usr/bin:/bin",
@@ -70,3 +73,14 @@ def test_the_ray_head_gets_none_of_the_shells_secrets(monkeypatch: pytest.Monkey
     assert not (set(SECRETS) - {"RAY_AUTH_TOKEN"}) & set(env), env
     assert "KOINON_TOKEN" not in env
     assert env["RAY_AUTH_TOKEN"] == "dev-token"  # the control plane's, not the shell's
+
+
+def test_the_operators_submission_key_does_not_reach_the_volunteers_ray() -> None:
+    """The agent passes what it gets on to its Ray (less its own settings): every job could read
+    the key that makes the operator's attempt ids unguessable."""
+    assert "KOINON_SUBMISSION_KEY" not in shell_environment_for_ray({"KOINON_SUBMISSION_KEY": "k" * 40, "PATH": "/bin"})
+
+
+def test_the_operators_submission_key_does_not_reach_the_heads_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KOINON_SUBMISSION_KEY", "k" * 40)
+    assert "KOINON_SUBMISSION_KEY" not in ray_environment("token")

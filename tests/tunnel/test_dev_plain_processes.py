@@ -1,7 +1,8 @@
 """`koinon dev up --no-netns`: volunteers as plain local processes, still reaching the head only
 through the tunnel. (As root the control plane puts each volunteer in a network namespace; this is
-the path every non-root user of `make demo` / `koinon dev up` takes.) And its Kubernetes API, which
-any local process reaches, serves only clients holding its kubeconfig."""
+the path every non-root user of `make demo` / `koinon dev up` takes.) An AIJob's driver and tasks
+run on the volunteer, never on the head. And its Kubernetes API, which any local process reaches,
+serves only clients holding its kubeconfig."""
 
 from __future__ import annotations
 
@@ -20,29 +21,75 @@ from pathlib import Path
 
 import psutil
 import pytest
+from koinon_dev.cli import fetch_job_logs
 from koinon_dev.cluster import DevCluster, DevClusterConfig, DevClusterInfo, kubectl
 from koinon_gateway.kube_client import load_kubeconfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 SHELL_SECRET = "AWS_SECRET_ACCESS_KEY"
+# The operator's own secret, documented "for development": `up` gives it to the operator only.
+SUBMISSION_KEY = "KOINON_SUBMISSION_KEY"
+
+# Where an AIJob's driver runs, and whether job code sees the operator's key. (Not where a task
+# that needs no CPU runs: Ray places it on the head, which has no GPUs, in every mode: its
+# scheduler keeps work that needs no GPU off GPU nodes, and nothing keeps it off a head.)
+PROBE = """
+apiVersion: koinon.dev/v1alpha1
+kind: AIJob
+metadata: {name: probe, namespace: default}
+spec:
+  entrypoint: >-
+    python -c "import ray;
+    ray.init();
+    print('DRIVER_NODE', ray.get_runtime_context().get_node_id());
+    print('DRIVER_NODE_IP', ray.util.get_node_ip_address());
+    import os;
+    print('DRIVER_SEES_KEY', os.environ.get('KOINON_SUBMISSION_KEY') is not None);
+    print('KOINON_RESULT ok')"
+  replicas: 1
+  resources: {gpus: 1}
+  backoffLimit: 0
+"""
 
 
 @pytest.fixture(scope="module")
 def plain_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DevCluster, DevClusterInfo]]:
     cluster = DevCluster(
-        DevClusterConfig(
-            state_dir=tmp_path_factory.mktemp("dev"), volunteers=1, start_operator=False, network_namespaces=False
-        )
+        DevClusterConfig(state_dir=tmp_path_factory.mktemp("dev"), volunteers=1, network_namespaces=False)
     )
-    # In the shell that ran `up`: none of the Ray processes job code runs in may see it.
-    os.environ[SHELL_SECRET] = "from-the-developers-shell"
+    # In the shell that ran `up`: none of the Ray processes job code runs in may see them.
+    shell = {SHELL_SECRET: "from-the-developers-shell", SUBMISSION_KEY: "k" * 40}
+    before = {name: os.environ.get(name) for name in shell}
+    os.environ.update(shell)
     try:
         info = cluster.up(progress=False)
         yield cluster, info
     finally:
-        del os.environ[SHELL_SECRET]
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         cluster.down()
+
+
+@pytest.fixture(scope="module")
+def probe(plain_cluster: tuple[DevCluster, DevClusterInfo]) -> tuple[dict[str, str], str, str]:
+    """What the PROBE job printed, the Ray node the operator recorded for it, and its log."""
+    _, info = plain_cluster
+    kubectl(info.kubeconfig, "apply", "-f", "-", input_text=PROBE)
+    deadline = time.monotonic() + 120
+    while True:
+        job = json.loads(kubectl(info.kubeconfig, "get", "aij", "probe", "-o", "json"))
+        if job.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+            break
+        assert time.monotonic() < deadline, job.get("status")
+        time.sleep(0.5)
+    log = fetch_job_logs(info, "probe", "default")
+    assert job["status"]["phase"] == "Succeeded", (job["status"], log)
+    fields = dict(line.split()[:2] for line in log.splitlines() if line.startswith("DRIVER_"))
+    return fields, job["status"]["rayNodeIds"][0], log
 
 
 def volunteer_connections(temp_dir: str) -> list[tuple[str, int]]:
@@ -142,3 +189,22 @@ def test_no_secret_of_the_shell_that_ran_up_reaches_the_volunteers_or_heads_ray(
                 environs.append((process.pid, process.environ()))
         assert environs, f"no process of {group}"
         assert not [pid for pid, environ in environs if SHELL_SECRET in environ], group
+
+
+def test_a_jobs_driver_runs_on_its_volunteer_not_on_the_head(
+    plain_cluster: tuple[DevCluster, DevClusterInfo], probe: tuple[dict[str, str], str, str]
+) -> None:
+    """A driver picks its Ray node among the raylets whose processes it sees, the head's first
+    (Ray's get_node_to_connect_for_driver; ray.init() has no setting for it but an argument): a
+    plain volunteer saw the head's, and the driver attached there, a worker of the head."""
+    cluster, _ = plain_cluster
+    fields, volunteer_node, log = probe
+    assert cluster.head is not None and cluster.agents[0].own_processes
+    assert fields["DRIVER_NODE"] == volunteer_node, log
+    assert fields["DRIVER_NODE_IP"] != cluster.head.address, log
+
+
+def test_job_code_does_not_see_the_operators_submission_key(probe: tuple[dict[str, str], str, str]) -> None:
+    """With it, job code could name the submission ids of attempts the operator has yet to make."""
+    fields, _, log = probe
+    assert fields["DRIVER_SEES_KEY"] == "False", log
