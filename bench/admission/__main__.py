@@ -7,6 +7,10 @@ Measured (real emulator, real kopf operator process, real Ray head and volunteer
 - first_status_p50_ms / p99: per job, from the watch event that shows its creation to the first
   watch event that carries a status phase written by the operator;
 - operator_peak_rss_mb: peak resident memory of the operator process, sampled every 50 ms.
+
+A run is a figure only if the fleet placed a job on each of its GPUs (volunteer_gpus, from the
+control plane's config): with its volunteers not Ready, every job is Unschedulable at once, which
+is "decided" fast and would be no measure of the operator.
 """
 
 from __future__ import annotations
@@ -76,6 +80,21 @@ async def watch_jobs(kubeconfig: Path, namespace: str, count: int, created: dict
                 return
 
 
+# Phases of a job that was placed on a volunteer (a Failed one may never have been: not counted).
+PLACED_PHASES = ("Scheduled", "Running", "Succeeded")
+
+
+def check_fleet_placed(phases: dict[str, int], count: int, gpus: int) -> None:
+    """Raises unless the run placed a job on every GPU (each job asks for one). At least, not
+    exactly: a job that already finished frees its GPU, which a later pass may give to another."""
+    placed = sum(phases.get(phase, 0) for phase in PLACED_PHASES)
+    if placed < min(count, gpus):
+        raise RuntimeError(
+            f"{placed} of {count} jobs placed on a fleet of {gpus} GPUs (phases at the end: {phases}); "
+            "the volunteers were not all Ready: no figure"
+        )
+
+
 def sample_rss(pid: int, stop: threading.Event, peak: list[float]) -> None:
     process = psutil.Process(pid)
     while not stop.is_set():
@@ -114,7 +133,9 @@ def stopped_cleanly(state_dir: Path) -> bool:
 
 
 async def _measure(state_dir: Path, count: int, timeout: float) -> dict[str, Any]:
-    cluster = DevCluster(DevClusterConfig(state_dir=state_dir, poll_interval_seconds=2.0))
+    config = DevClusterConfig(state_dir=state_dir, poll_interval_seconds=2.0)
+    gpus = config.volunteers * config.gpus_per_volunteer
+    cluster = DevCluster(config)
     info = cluster.up(progress=False)  # a failed `up` stops what it started itself
     try:
         namespace = "bench"
@@ -151,6 +172,7 @@ async def _measure(state_dir: Path, count: int, timeout: float) -> dict[str, Any
             unreachable = [c for c in status.get("conditions") or () if c.get("type") == "RayReachable"]
             if any(c.get("status") == "False" for c in unreachable):
                 raise RuntimeError(f"{item['metadata']['name']}: Ray unreachable during the run; no figure")
+        check_fleet_placed(phases, count, gpus)
         return {
             "jobs": count,
             "seconds_to_all_decided": round(elapsed, 2),
@@ -161,7 +183,7 @@ async def _measure(state_dir: Path, count: int, timeout: float) -> dict[str, Any
             "kubectl_apply_seconds": round(applied, 2),
             "phases_at_end": phases,
             "reasons_at_end": reasons,
-            "volunteer_gpus": 4,
+            "volunteer_gpus": gpus,
             "note": "first-status latency runs from the watch event of the create to the first event with "
             "a phase; kubectl apply creates the jobs one by one, so early jobs are decided while later "
             "ones are still being created",

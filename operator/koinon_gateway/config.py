@@ -191,7 +191,7 @@ class GatewayConfig:
     # has passed, so only a node offline for longer than this must join again.
     credential_lifetime_s: float = 7 * 24 * 3600.0
     # Ready requires the reported Ray node to be ALIVE in GCS at the node's address (off only in
-    # tunnel-level tests that run no Ray head).
+    # tunnel-level tests and the 1,000-agent benchmark, which run no Ray head: --no-verify-ray-nodes).
     verify_ray_nodes: bool = True
     namespace: str = "koinon-system"
     # Token Secrets (kube store) that expired more than token_cleanup_grace_s ago are deleted every

@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-listen", default="127.0.0.1:7481")
     p.add_argument("--insecure", action="store_true", help="no TLS (tests only)")
     p.add_argument("--tls-hostname", action="append", default=["localhost", "127.0.0.1"])
+    p.add_argument(
+        "--no-verify-ray-nodes",
+        action="store_true",
+        help="(tests and benchmarks only) trust the Ray node id each agent reports instead of confirming "
+        "it in GCS: any agent could then claim Ready",
+    )
     p.add_argument("--head-address", required=True)
     p.add_argument("--head-gcs-port", type=int, default=6379)
     p.add_argument("--head-ports", default="", help="other Ray ports of the head, e.g. 6380,6381,10002-10100")
@@ -98,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vip-cidr", default="127.0.20.0/22")
     p.add_argument("--port-base", type=int, default=20000)
     p.add_argument("--port-block-size", type=int, default=40)
-    p.add_argument("--heartbeat-interval", type=float, default=2.0)
-    p.add_argument("--heartbeat-timeout", type=float, default=8.0)
+    # GatewayConfig's defaults, which bench/tunnel/run.py measures as the deployed heartbeat.
+    p.add_argument("--heartbeat-interval", type=float, default=GatewayConfig.heartbeat_interval_s)
+    p.add_argument("--heartbeat-timeout", type=float, default=GatewayConfig.heartbeat_timeout_s)
     p.add_argument(
         "--credential-lifetime",
         type=float,
@@ -179,6 +186,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_head_connections_per_node=args.max_head_connections_per_node,
         max_buffered_bytes_per_node=args.max_buffered_bytes_per_node,
         unconnected_node_ttl_s=args.unconnected_node_ttl,
+        verify_ray_nodes=not args.no_verify_ray_nodes,
         namespace=args.namespace,
     )
 

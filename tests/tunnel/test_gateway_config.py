@@ -206,3 +206,15 @@ def test_the_largest_accepted_heartbeat_timings_fit_an_assignment() -> None:
         heartbeat_timeout_ms=milliseconds(config.heartbeat_timeout_s),
         rtt_probe_interval_ms=milliseconds(config.heartbeat_interval_s * config.rtt_probe_every),
     )
+
+
+def test_ray_nodes_are_verified_unless_a_test_or_benchmark_says_not() -> None:
+    base = ["--head-address=10.0.0.1"]
+    deployed = config_from_args(build_parser().parse_args(base))
+    assert deployed.verify_ray_nodes
+    # The heartbeat the gateway runs with unflagged is GatewayConfig's (what the bench measures as deployed).
+    assert (deployed.heartbeat_interval_s, deployed.heartbeat_timeout_s) == (
+        GatewayConfig.heartbeat_interval_s,
+        GatewayConfig.heartbeat_timeout_s,
+    )
+    assert not config_from_args(build_parser().parse_args([*base, "--no-verify-ray-nodes"])).verify_ray_nodes
