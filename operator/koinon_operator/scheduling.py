@@ -26,14 +26,35 @@ from koinon_operator.scheduler import (
     KoinonPlacer,
     NodeSnapshot,
     SchedulerConfig,
+    ScoringConfig,
     from_status,
 )
+from koinon_operator.scheduler.speed import gpu_speed
 
 
-def to_snapshot(node: NodeCapacity) -> NodeSnapshot:
-    # Ray's GPU count is what can be placed; models come from the VolunteerNode (unknown: neutral speed).
-    models = node.gpu_models if len(node.gpu_models) == node.gpus_total else ("unknown",) * node.gpus_total
-    gpus = tuple(Gpu(model, node.gpu_memory_mib) for model in models)
+def gpu_models(node: NodeCapacity, scoring: ScoringConfig = DEFAULT_CONFIG.scoring) -> tuple[str, ...]:
+    """The model of each GPU the node is booked for (``gpus_total``, Ray's count, what can be placed),
+    from those its VolunteerNode lists (``gpu_models``, as inventory.build_capacity counts them).
+
+    As many listed as booked: each GPU its own. More listed (Ray counts fewer, e.g. a volunteer that
+    joined with two GPUs and now registers one): which of them Ray's GPUs are is unknown, so each is
+    taken to be the slowest listed, by `scoring`'s speed table, as its memory is the least listed;
+    a swapped-in slower GPU is never scored as the faster one it joined with. A model the table
+    lacks counts at ``unknown_gpu_speed``, the speed it has when the counts match (a node is as fast
+    as its slowest GPU), so the node is never scored faster than all it lists would make it.
+    Fewer listed (a bare Ray worker lists none; build_capacity books a volunteer for no more than it
+    lists): "unknown", the neutral speed, as no model can be matched to the GPUs beyond the list."""
+    listed, count = node.gpu_models, max(node.gpus_total, 0)  # a hand-built negative count: no GPUs
+    if len(listed) == count:
+        return listed
+    if len(listed) > count:
+        slowest = min(listed, key=lambda model: gpu_speed(model, scoring.gpu_speeds, scoring.unknown_gpu_speed))
+        return (slowest,) * count
+    return ("unknown",) * count
+
+
+def to_snapshot(node: NodeCapacity, scoring: ScoringConfig = DEFAULT_CONFIG.scoring) -> NodeSnapshot:
+    gpus = tuple(Gpu(model, node.gpu_memory_mib) for model in gpu_models(node, scoring))
     return NodeSnapshot(
         name=node.name,
         owner=node.owner or node.name,
@@ -130,6 +151,7 @@ class ReputationPlacer:
         seed_key: bytes | None = None,
     ) -> None:
         self._placer = KoinonPlacer(with_seed_key(config, seed_key))
+        self._scoring = config.scoring  # its speed table reads the models of a node listing more GPUs than Ray
         self._clock = clock  # the scheduler's notion of now (wall time, as in VolunteerNode status)
         self._monotonic = monotonic  # how long ago a waiting job last asked: immune to clock steps
         self._waiting_for_s = waiting_for_s
@@ -146,7 +168,7 @@ class ReputationPlacer:
         if not nodes:
             return PlacementDecision(total_nodes=0)
         by_name = {node.name: node for node in nodes}
-        snapshots = [to_snapshot(n) for n in nodes]
+        snapshots = [to_snapshot(n, self._scoring) for n in nodes]
         # Only waiting multi-GPU jobs placed before this one (the scheduler's order) can hold nodes
         # for themselves or take room from it: the batch stays small however many jobs wait.
         ahead = [w for w, _ in self._waiting.values() if w.gpus_per_replica > 1 and _order(w) < _order(job)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import kopf
@@ -199,7 +200,8 @@ def test_gpu_models_from_the_volunteer_spec_reach_the_scheduler_and_pick_the_fas
         PlacementRequest("ns/j", 1, 1, 1.0), list(capacity.values())
     )
     assert [n.name for n in decision.nodes] == ["b-4090"]
-    # Ray reports more GPUs than the spec lists: the models cannot be matched, so none is assumed.
+    # Ray reports more GPUs than the spec lists (build_capacity books a volunteer for no more than it
+    # lists, so a bare worker's case): the models cannot be matched, so none is assumed.
     mismatched = NodeCapacity("c", "127.0.20.9", "id9", 2, 2, 4.0, gpu_models=("Tesla T4",))
     assert [g.model for g in to_snapshot(mismatched).gpus] == ["unknown", "unknown"]
 
@@ -226,6 +228,37 @@ def test_a_large_replicated_aijob_waits_for_a_trusted_volunteer_then_runs_anywhe
     )  # fmt: skip
     assert to_job(short).expected_duration_s == 600
     assert ReputationPlacer(clock=lambda: created + 60.0).place(short, capacity).placed
+
+
+def test_a_cpu_only_replicated_aijob_counts_one_gpu_per_replica_for_the_trusted_wait() -> None:
+    """Review (README, AIJob: "a replicated job of 1 GPU-hour or more ... waits up to 30 min for a
+    trusted volunteer"): a job with `resources.gpus: 0` waited too, as size counts at least 1 GPU
+    per replica (doubling a long CPU-only job costs as much as a 1-GPU one). The README and the
+    CRD's description now say how size is counted; this pins that behaviour."""
+    from koinon_operator.scheduler.placer import WAITING_FOR_TRUSTED
+    from koinon_operator.scheduling import ReputationPlacer
+
+    root = Path(__file__).resolve().parents[2]
+    readme = " ".join((root / "README.md").read_text().split())
+    times = "\N{MULTIPLICATION SIGN}"  # as the README writes it
+    size = f"(GPUs per replica, at least 1, {times} replicas {times} expected hours, so a CPU-only job counts too"
+    assert f"A replicated job of 1 GPU-hour or more {size}" in readme
+    crd = " ".join((root / "manifests/crds/aijobs.koinon.dev.yaml").read_text().split())
+    assert "GPUs per replica (at least 1, so CPU-only jobs count too) x replicas x expected hours" in crd
+
+    capacity = [NodeCapacity(f"v{i}", f"127.0.21.{i}", f"id{i}", 1, 1, 16.0, owner=f"o{i}") for i in range(3)]
+    now = 1_000_000.0
+
+    def cpu_only(hours: float) -> PlacementRequest:
+        return PlacementRequest(
+            "ns/cpu-only", 1, 0, 1.0, distinct_owners=True, verification_quorum=3,
+            pending_since=now - 60, expected_duration_s=int(hours * 3600), uid="u1",
+        )  # fmt: skip
+
+    waiting = ReputationPlacer(clock=lambda: now).place(cpu_only(2.0), capacity)  # 1 x 1 x 2 h
+    assert not waiting.placed and waiting.reasons == {WAITING_FOR_TRUSTED: 3}
+    assert ReputationPlacer(clock=lambda: now).place(cpu_only(0.5), capacity).placed  # 0.5 "GPU-hour"
+    assert ReputationPlacer(clock=lambda: now + 1_800.0).place(cpu_only(2.0), capacity).placed  # waited 30 min
 
 
 def _indexed_allocations(phases: list[str]) -> dict[str, Any]:

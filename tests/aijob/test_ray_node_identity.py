@@ -13,7 +13,8 @@ import pytest
 from koinon_operator.inventory import build_capacity
 from koinon_operator.placement import PlacementRequest
 from koinon_operator.ray_jobs import RayNodeInfo
-from koinon_operator.scheduling import ReputationPlacer
+from koinon_operator.scheduler import ScoringConfig
+from koinon_operator.scheduling import ReputationPlacer, to_snapshot
 from koinon_operator.volunteers import status_from_ray
 
 from .fake_ray import Clock, FakeRay, make_body, make_reconciler, step
@@ -191,6 +192,9 @@ RTX_4090 = {"model": "NVIDIA GeForce RTX 4090", "memoryMiB": 24576}
 RTX_3060 = {"model": "NVIDIA GeForce RTX 3060", "memoryMiB": 8192}
 A100 = {"model": "NVIDIA A100", "memoryMiB": 81920}
 T4 = {"model": "Tesla T4", "memoryMiB": 15360}
+RTX_3090 = {"model": "NVIDIA GeForce RTX 3090", "memoryMiB": 24576}
+H100 = {"model": "NVIDIA H100", "memoryMiB": 81920}
+MYSTERY = {"model": "Mystery GPU 9000", "memoryMiB": 24576}  # in no speed table: unknown_gpu_speed
 
 
 def _capacity(gpus: int, joined: list[dict[str, Any]], registered: list[dict[str, Any]]) -> Any:
@@ -262,3 +266,37 @@ def test_gpu_memory_beyond_the_gateways_bound_is_read_as_unknown(memory: float) 
     volunteers = {"vn-a": {"spec": {"owner": "alice", "gpus": [{"model": "X", "memoryMiB": 1024}]}, "status": status}}
     [capacity] = build_capacity(ray, volunteers, [])
     assert capacity.gpu_memory_mib == 0 and GPU_MEMORY_MIB_MAX == 1 << 24
+
+
+def _models(cap: Any, scoring: ScoringConfig | None = None) -> list[str]:
+    """The model of each GPU the scheduler sees on ``cap`` (what its speed is read from)."""
+    return [g.model for g in (to_snapshot(cap) if scoring is None else to_snapshot(cap, scoring)).gpus]
+
+
+def test_a_swapped_in_slower_gpu_is_scored_as_the_slowest_listed() -> None:
+    """Review repro (README, Scheduling: each GPU has the least memory listed, "models likewise"):
+    joined with two RTX 4090s, now registers one T4 and Ray counts 1. It was booked with the T4's
+    memory but, the lists (2) not matching Ray's count (1), every model became "unknown", neutral
+    speed 1.0 = an RTX 4090: an 8 h job went to it rather than to a real RTX 3090 (0.65)."""
+    swapped = _capacity(1, [RTX_4090, RTX_4090], [T4])
+    assert (swapped.gpus_total, swapped.gpu_memory_mib) == (1, 15360)
+    assert _models(swapped) == ["Tesla T4"]
+    node = RayNodeInfo("r2", "127.0.20.2", True, False, {"GPU": 1, "CPU": 8}, {"koinon.dev/node": "vn-b"})
+    status = {"phase": "Ready", "address": "127.0.20.2", "rayNodeId": "r2", "gpus": [RTX_3090]}
+    [real] = build_capacity([node], {"vn-b": {"spec": {"owner": "bob", "gpus": [RTX_3090]}, "status": status}}, [])
+    long_job = PlacementRequest("ns/j", 1, 1, 1.0, expected_duration_s=8 * 3600)
+    assert [n.name for n in _placer().place(long_job, [swapped, real]).nodes] == ["vn-b"]
+
+
+def test_a_model_the_speed_table_lacks_counts_at_its_neutral_speed_among_those_listed() -> None:
+    """Where Ray counts fewer GPUs than are listed, the slowest listed is read by the placer's own
+    speed table, a model it lacks at ``unknown_gpu_speed`` (1.0), as when the counts match: the
+    node is never scored faster than all it lists would make it, nor penalised for an unknown."""
+    assert _models(_capacity(1, [H100, H100], [MYSTERY])) == ["Mystery GPU 9000"]  # 1.0 < H100's 2.0
+    assert _models(_capacity(1, [T4, T4], [MYSTERY])) == ["Tesla T4"]  # T4's 0.2 < 1.0
+    assert _models(_capacity(2, [T4, T4], [MYSTERY])) == ["Mystery GPU 9000", "Tesla T4"]  # counts match
+    # Another table (the placer's config): there the T4 is the fast one.
+    fast_t4 = ScoringConfig(gpu_speeds=(("T4", 3.0), ("RTX 4090", 1.0)))
+    assert _models(_capacity(1, [T4, RTX_4090], []), fast_t4) == ["NVIDIA GeForce RTX 4090"]
+    slow_unknown = ScoringConfig(unknown_gpu_speed=0.1)
+    assert _models(_capacity(1, [T4, MYSTERY], []), slow_unknown) == ["Mystery GPU 9000"]

@@ -73,8 +73,10 @@ class VerificationConfig:
     one it usually runs once: for a big job a bounded wait is cheaper than doubling it. After the
     wait it goes to any node. 0 = never wait."""
     trusted_wait_gpu_hours: float = 1.0
-    """Size (GPUs x replicas x expected duration) from which a replicated job waits. Small jobs do
-    not: they are cheap to verify, and running them on fresh nodes is how those nodes earn trust."""
+    """Size (GPUs per replica, at least 1, x replicas x expected duration) from which a replicated job
+    waits: a CPU-only job counts as 1 GPU per replica, as in the score's job size (doubling it costs
+    too). Small jobs do not: they are cheap to verify, and running them on fresh nodes is how those
+    nodes earn trust."""
     max_copies: int = 7
     """Copies of one job after which the scheduler gives up finding a majority."""
     seed_key: bytes = field(default=b"", repr=False)
