@@ -58,7 +58,10 @@ def decide(lease: LeaseView | None, me: str, unchanged_for_s: float, last_seen: 
     A Lease that disappears (`kubectl delete lease`, a namespace clean-up) is not free: its holder
     may still be leading until its next renewal finds it gone. So a follower that saw another
     operator hold it creates it only once it has been gone for that holder's lease duration; its
-    last holder re-creates it at once, and so does an operator that never saw one.
+    last holder re-creates it at once, and so does an operator that never saw one: a replica started
+    after the deletion then leads beside the old holder until that one's next renewal (as with
+    client-go; README, Limits, says what bounds it), which is kept rather than making every start
+    that finds no Lease (every fresh install) wait a lease duration.
     """
     if lease is None:
         if last_seen is None or last_seen.holder in ("", me) or unchanged_for_s > last_seen.duration_s:

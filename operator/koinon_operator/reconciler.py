@@ -889,6 +889,11 @@ class AIJobReconciler:
     # Per job: the attempt (its submission id and recorded copies) this process last looked for
     # stray copies of in Ray (_stop_strays). Dropped on delete and on a change of leader.
     _swept: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # Per Pending job: the attempt (its submission id and recorded copies) whose copies this process
+    # stopped (or found ended) before placing the next one (_stop_left_attempt), so that a job left Pending
+    # (Unschedulable) does not ask Ray to stop them again at every pass. Dropped once the job is
+    # seen in another phase, on delete and on a change of leader.
+    _left_stopped: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     async def reconcile(
         self,
@@ -1147,6 +1152,7 @@ class AIJobReconciler:
         self._unserved.clear()
         self._settling.clear()
         self._swept.clear()  # another leader may have placed attempts again meanwhile
+        self._left_stopped.clear()  # and written their statuses
         forget = getattr(self.placer, "forget_waiting", None)
         if callable(forget):
             forget()
@@ -1171,6 +1177,7 @@ class AIJobReconciler:
             self.ledger.forget(key)
             self._written_from.pop(key, None)
             self._swept.pop(key, None)
+            self._left_stopped.pop(key, None)
             # A pass of this process finished the job (the pass this waited for, maybe, which the
             # body predates): that pass stopped what ran; there is nothing to stop or to report.
             finished = self._finished.pop(key, None)
@@ -1247,6 +1254,10 @@ class AIJobReconciler:
     ) -> None:
         now = self.clock()
         phase = state.phase
+        if phase is not Phase.PENDING:
+            # Whatever it stopped may have been submitted again since (a write placing that very
+            # attempt landed late): a later Pending naming it stops it again.
+            self._left_stopped.pop(key, None)
         if phase in (Phase.SCHEDULED, Phase.RUNNING) and state.submission_id and state.start_time is None:
             # The run's start by Ray's record, before the deadline is judged (a suspend's too): an operator that was
             # down when the job started (or ran and ended) must not count it from when it looked.
@@ -1338,6 +1349,7 @@ class AIJobReconciler:
         volunteers: Mapping[str, Mapping[str, Any]],
         creation_index: int,
     ) -> None:
+        await self._stop_left_attempt(key, uid, state)
         verified = spec.verification.mode == "replicated"
         state = self._forget_other_programs(spec, state, writer)
         checked = _checked_copies(state)
@@ -1462,6 +1474,44 @@ class AIJobReconciler:
         writer.condition(ConditionType.SCHEDULED, True, "Placed", decision.message)
         outcome.event("Scheduled", f"attempt {attempt}: {decision.message}{verification}")
 
+    async def _stop_left_attempt(self, key: str, uid: str, state: AIJobStatus) -> None:
+        """Stops the copies of the attempt a Pending job's status still names (status.submissionId)
+        before the next attempt is placed: one attempt of a job runs at a time.
+
+        Every path that makes a job Pending stops or finds ended what its attempt ran, so this
+        normally finds nothing running (one read of Ray per copy, once per attempt left). But the
+        status kopf writes is a merge patch without a resourceVersion, retried for up to a minute:
+        a pass of an old leader, cut off from the API server, that judged attempt N failed can land
+        after the new leader placed and submitted attempt N+1, and turn the job Pending again over
+        it (naming N+1: the write touches neither attempts nor submissionId). Placed over, N+1
+        would run on for nobody: no status names it, nothing would ever stop it, and its GPUs would
+        be free in the ledger. Raises RayUnavailableError when Ray cannot be read or asked to stop
+        one: the next attempt is then not placed (the pass backs off, as any pass Ray fails), and a
+        later pass stops again. Never the attempt about to be placed: a write placing it that lands
+        late names it, and placing it again adopts its copies (its ids are the same:
+        keyed_submission_nonce)."""
+        if not state.submission_id or self._left_stopped.get(key) == (state.submission_id, state.copies):
+            return
+        attempt = state.attempts + 1
+        if state.submission_id == submission_id_for(uid, attempt, self.submission_nonce(uid, attempt)):
+            return
+        for submission_id in ray_submissions_of(state):
+            info = await self.ray.get(submission_id)
+            if info is not None and not info.state.terminal:
+                logger.warning(
+                    "%s: Ray job %s (%s) of attempt %d still runs while the job's status is Pending "
+                    "(a late status write?); stopping it before attempt %d is placed",
+                    key,
+                    submission_id,
+                    info.state.value,
+                    state.attempts,
+                    attempt,
+                )
+                await self.ray.stop(submission_id)
+        if state.copies > 1 or _checked_copies(state) > 1:  # and copies beyond those recorded, as _stop_copies
+            await self._stop_copies_beyond_recorded(state, MAX_QUORUM)
+        self._left_stopped[key] = (state.submission_id, state.copies)
+
     async def _follow(
         self, key: str, spec: AIJobSpec, state: AIJobStatus, writer: _StatusWriter, outcome: Outcome
     ) -> None:
@@ -1485,6 +1535,27 @@ class AIJobReconciler:
                 )
                 return
             if state.phase is Phase.SCHEDULED:
+                if len(missing) == len(infos):
+                    # Nothing of the attempt in Ray: not yet submitted, or forgotten by a restarted
+                    # head. A restarted head is a new Ray cluster, where every volunteer rejoins as
+                    # a new Ray node: submitted now, the driver would run on the new one (pinned by
+                    # address), the next pass would find the recorded node gone and charge its
+                    # volunteer a timeout (NodeLost) for the head's restart, and its answer would
+                    # not count (driver_elsewhere). So, as for a running attempt Ray forgot: placed
+                    # again, uncounted, blaming nobody; so too for a node lost before anything ran
+                    # there (its volunteer loses nothing that ran).
+                    gone = lost_nodes(state, await self.nodes.get()) and await self._lost_nodes(state)
+                    if gone:
+                        await self._interrupted(
+                            key,
+                            state,
+                            writer,
+                            outcome,
+                            "PlacedNodeGone",
+                            f"node(s) {', '.join(gone)} left Ray before the attempt ran there "
+                            "(head restarted, or the volunteer's agent rejoined as a new Ray node)",
+                        )
+                        return
                 for k in missing:
                     try:
                         await self._submit(key, spec, state, k, outcome)

@@ -79,6 +79,52 @@ async def test_a_ray_head_restart_neither_fails_a_running_job_nor_blames_its_vol
     assert body["status"].get("failures", 0) == 0
 
 
+async def test_a_ray_head_restart_blames_no_volunteer_of_a_job_placed_but_not_yet_running() -> None:
+    """As above, but the head restarts between the write that places the attempt and the pass that
+    sees it running. A restarted head is a new Ray cluster: vn-1's agent rejoins it as a new Ray
+    node (same name and address, new id). The operator submitted the attempt again into it (its
+    driver ran on the new node, by address), then found the recorded node gone and charged vn-1 a
+    timeout (NodeLost) for the head's restart. Now it is placed again, uncounted, on the new node."""
+    ray, clock = NodesRay(), Clock()
+    rec = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 3})
+    await step(rec, body)  # Scheduled, attempt 1, on vn-1's Ray node r1
+    assert body["status"]["phase"] == "Scheduled" and body["status"]["rayNodeIds"] == ["r1"]
+    await step(rec, body)  # submitted
+    ray.jobs.clear()
+    ray.node_list = [replace(NODES[0], node_id="r1b")]
+    clock.advance(10)
+    blamed: list[str] = []
+    reasons: list[str] = []
+    for _ in range(5):
+        outcome = await step(rec, body)
+        blamed += [kind for node, kind in outcome.reputation if kind != "success"]
+        reasons += [event.reason for event in outcome.events]
+        for sid, info in list(ray.jobs.items()):
+            if not info.state.terminal:
+                ray.set_state(sid, RayJobState.RUNNING)
+        clock.advance(5)
+    assert blamed == [], f"charged {blamed} for the head's restart; status {body['status'].get('reason')}"
+    assert reasons[0] == "PlacedNodeGone" and "NodeLost" not in reasons
+    assert submission_id_for(UID, 1) not in ray.jobs  # not submitted into the new cluster
+    status = body["status"]
+    assert (status["phase"], status["attempts"], status["rayNodeIds"]) == ("Running", 2, ["r1b"])
+    assert status.get("failures", 0) == 0
+
+
+async def test_a_node_gone_before_its_attempt_was_submitted_is_placed_again_blaming_nobody() -> None:
+    """The volunteer's agent left Ray between the placement and the submission: nothing ran there,
+    so nobody is charged; the attempt goes elsewhere (here: nowhere, the job waits)."""
+    ray, clock = NodesRay(), Clock()
+    rec = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 3})
+    await step(rec, body)
+    ray.node_list = [replace(NODES[0], alive=False)]
+    outcome = await step(rec, body)
+    assert outcome.reputation == [] and not ray.jobs
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Pending", "PlacedNodeGone")
+
+
 async def test_a_ray_job_that_failed_still_counts() -> None:
     ray, clock = FakeRay(), Clock()
     body = await _running(ray, clock, {"entrypoint": "python x.py", "backoffLimit": 0})

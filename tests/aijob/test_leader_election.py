@@ -103,6 +103,26 @@ async def test_a_deleted_lease_does_not_give_two_leaders(cluster: EmulatorThread
     assert await second.step()  # gone longer than a lease: the follower takes it
 
 
+async def test_a_replica_started_after_the_lease_was_deleted_leads_until_the_holders_next_renewal(
+    cluster: EmulatorThread,
+) -> None:
+    """What README (Limits) says of a deleted Lease and an operator that never saw it (a replica
+    started after the deletion, as at a fresh install): it creates the Lease and leads at once, as
+    client-go's elector does; the old holder leads on until its next renewal finds the Lease taken,
+    then stops at once. Two leaders meanwhile, for up to a renewal interval (waiting a lease
+    duration whenever no Lease exists would hold every fresh install back as long)."""
+    clocks = Clocks()
+    first = _elector("first", clocks)
+    assert await first.step()
+    cluster.call(lambda e: e.delete("coordination.k8s.io/v1", "Lease", "koinon-operator", "default"))
+    clocks.advance(1)
+    started = _elector("started-after", clocks)
+    assert await started.step() and first.is_leader  # two leaders, until:
+    clocks.advance(4)
+    assert not await first.step()  # its next renewal
+    assert await started.step()
+
+
 async def test_a_clean_stop_hands_the_lease_over_at_once(cluster: EmulatorThread) -> None:
     clocks = Clocks()
     first, second = _elector("first", clocks), _elector("second", clocks)

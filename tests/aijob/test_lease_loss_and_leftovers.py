@@ -2,12 +2,13 @@
 status written after the reputation writes, a Ray submission after the new leader let the job go,
 a driver log whose node never serves it holding a job Running for ever, a booking kept for a job
 whose object went without its deletion handler, a backoff inherited by a job created again under
-the same name. Reconciler passes against a fake Ray Job API (tests/aijob/fake_ray.py)."""
+the same name, an attempt left running by the old leader's status write landing late. Reconciler
+passes against a fake Ray Job API (tests/aijob/fake_ray.py)."""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,10 +25,22 @@ from koinon_operator.reconciler import (
     Ledger,
     Outcome,
     allocation_of,
+    keyed_submission_nonce,
     submission_id_for,
 )
 
-from .fake_ray import NODES, UID, Clock, FakeRay, make_body, make_reconciler, node_address, step, volunteer
+from .fake_ray import (
+    NODES,
+    UID,
+    VOLUNTEERS,
+    Clock,
+    FakeRay,
+    make_body,
+    make_reconciler,
+    node_address,
+    step,
+    volunteer,
+)
 from .test_decided_vote import StampingRay, answered, started, submit_all
 from .test_verification_rounds import GOOD, reconciler, replicated_job, volunteers
 
@@ -715,3 +728,150 @@ async def test_the_deletion_handler_forgets_the_jobs_ray_backoff_and_ttl_announc
     await stop(body=body, memo=memo)
     assert rec.backoff.ready(UID, clock.mono) and not rec.backoff._failures
     assert UID not in handlers._ttl_announced
+
+
+# ---- a status write of the old leader that lands late (kopf's merge patch, no resourceVersion)
+
+
+async def _running_attempt(rec: Any, ray: FakeRay, clock: Clock, body: dict[str, Any], attempt: int) -> None:
+    """Places and submits the next attempt (``attempt``), then has Ray run it."""
+    await step(rec, body)  # placed
+    await step(rec, body)  # submitted
+    assert body["status"]["attempts"] == attempt
+    ray.set_state(submission_id_for(UID, attempt), RayJobState.RUNNING)
+    await step(rec, body)
+    assert body["status"]["phase"] == "Running"
+
+
+async def test_a_late_pending_write_of_the_old_leader_stops_the_attempt_it_names_before_the_next() -> None:
+    """The handler checks its term before handing the status to kopf, which writes it as a merge
+    patch without a resourceVersion and retries it for up to a minute. An old leader cut off from
+    the API server judged attempt 1 failed (Pending); its patch landed after the new leader had
+    placed and submitted attempt 2, and turned the job Pending over it. The new leader placed
+    attempt 3; attempt 2 ran on, named by no status field: even the deletion handler left it."""
+    ray, clock = FakeRay(), Clock()
+    new_leader = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 3})
+    await _running_attempt(new_leader, ray, clock, body, 1)
+    ray.set_state(submission_id_for(UID, 1), RayJobState.FAILED, exit_code=1, message="exit 1")
+    clock.advance(5)
+    # The old leader's last pass, still in its term: attempt 1 failed -> Pending. Its patch stalls.
+    stale = (await make_reconciler(ray, clock).reconcile(copy.deepcopy(body), {}, VOLUNTEERS)).status
+    assert stale["phase"] == "Pending" and "submissionId" not in stale and "attempts" not in stale
+    await step(new_leader, body)  # the same Pending, by the new leader
+    clock.advance(5)
+    await _running_attempt(new_leader, ray, clock, body, 2)
+
+    body["status"] = merge_patch(body["status"], stale)  # the old leader's patch lands now
+    assert body["status"]["phase"] == "Pending" and body["status"]["attempts"] == 2
+    clock.advance(5)
+    await step(new_leader, body)
+    # Attempt 2 stopped before attempt 3 was even placed: one attempt runs at a time.
+    assert ray.jobs[submission_id_for(UID, 2)].state is RayJobState.STOPPED
+    assert body["status"]["phase"] == "Scheduled" and body["status"]["attempts"] == 3
+    await step(new_leader, body)  # attempt 3 submitted
+    running = sorted(sid for sid, info in ray.jobs.items() if not info.state.terminal)
+    assert running == [submission_id_for(UID, 3)]
+    deleting = copy.deepcopy(body)
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:10:00Z"
+    await new_leader.stop(deleting)
+    assert not [sid for sid, info in ray.jobs.items() if not info.state.terminal]
+
+
+async def test_the_next_attempt_is_placed_only_once_the_one_the_status_names_is_stopped() -> None:
+    """Ray unavailable for the stop: the next attempt is not placed (the previous one may still
+    run); the pass backs off, and a later one stops it and places. The ordinary retry reads each
+    copy of the attempt left once (it has ended: nothing to stop), not at every pass of a job left
+    Pending."""
+
+    @dataclass
+    class StopFailsRay(FakeRay):
+        stop_fails: bool = False
+        reads: list[str] = field(default_factory=list)
+
+        async def get(self, submission_id: str) -> RayJobInfo | None:
+            self.reads.append(submission_id)
+            return await super().get(submission_id)
+
+        async def stop(self, submission_id: str) -> None:
+            if self.stop_fails:
+                raise RayUnavailableError("connection refused")
+            await super().stop(submission_id)
+
+    ray, clock = StopFailsRay(), Clock()
+    rec = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 3})
+    await _running_attempt(rec, ray, clock, body, 1)
+    # Pending over attempt 1 while it runs (a late write, as above).
+    body["status"] = merge_patch(body["status"], {"phase": "Pending", "reason": "BackOff", "assignedNodes": []})
+    ray.stop_fails = True
+    clock.advance(5)
+    await step(rec, body)
+    assert body["status"]["phase"] == "Pending" and body["status"]["attempts"] == 1
+    assert ray.jobs[submission_id_for(UID, 1)].state is RayJobState.RUNNING
+    assert submission_id_for(UID, 2) not in ray.jobs
+    ray.stop_fails = False
+    clock.advance(5)  # past the Ray backoff
+    await step(rec, body)
+    assert ray.jobs[submission_id_for(UID, 1)].state is RayJobState.STOPPED
+    assert body["status"]["phase"] == "Scheduled" and body["status"]["attempts"] == 2
+    assert ray.stopped == [submission_id_for(UID, 1)]
+
+    # The ordinary path: attempt 2 fails, and the job waits (no node free) for its retry.
+    await step(rec, body)
+    ray.set_state(submission_id_for(UID, 2), RayJobState.FAILED, exit_code=1, message="exit 1")
+    clock.advance(5)
+    await step(rec, body)
+    assert body["status"]["reason"] == "BackOff"
+    ray.reads.clear()
+    for _ in range(3):
+        clock.advance(5)
+        await step(rec, body, volunteers={})
+        assert body["status"]["reason"] == "Unschedulable"
+    clock.advance(5)
+    await step(rec, body)
+    assert body["status"]["phase"] == "Scheduled" and body["status"]["attempts"] == 3
+    assert ray.reads == [submission_id_for(UID, 2)] and ray.stopped == [submission_id_for(UID, 1)]
+
+
+async def test_a_late_write_placing_an_earlier_attempt_leaves_the_running_one_adopted() -> None:
+    """A stale write can also be a placement (attempts and submissionId of attempt 2, the new
+    leader being at attempt 3 by then). The job follows attempt 2 again (Ray's record of it: it
+    failed), and its next placement is attempt 3 under the same ids (keyed by the shared key):
+    the running attempt 3 is adopted, never stopped nor run twice."""
+    ray, clock = FakeRay(), Clock()
+    nonce = keyed_submission_nonce(b"k" * 32)
+    new_leader = make_reconciler(ray, clock, nonce)
+
+    def sid(attempt: int) -> str:
+        return submission_id_for(UID, attempt, nonce(UID, attempt))
+
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 5})
+    await step(new_leader, body)
+    await step(new_leader, body)
+    ray.set_state(sid(1), RayJobState.FAILED, exit_code=1, message="exit 1")
+    clock.advance(5)
+    await step(new_leader, body)
+    assert body["status"]["phase"] == "Pending"
+    clock.advance(5)
+    stale = (await make_reconciler(ray, clock, nonce).reconcile(copy.deepcopy(body), {}, VOLUNTEERS)).status
+    assert (stale["phase"], stale["attempts"], stale["submissionId"]) == ("Scheduled", 2, sid(2))
+    await step(new_leader, body)
+    await step(new_leader, body)
+    ray.set_state(sid(2), RayJobState.FAILED, exit_code=1, message="exit 1")
+    clock.advance(5)
+    await step(new_leader, body)
+    clock.advance(5)
+    await step(new_leader, body)
+    await step(new_leader, body)
+    ray.set_state(sid(3), RayJobState.RUNNING)
+    await step(new_leader, body)
+    assert (body["status"]["phase"], body["status"]["attempts"]) == ("Running", 3)
+
+    body["status"] = merge_patch(body["status"], stale)
+    for _ in range(4):
+        clock.advance(5)
+        await step(new_leader, body)
+    assert (body["status"]["phase"], body["status"]["submissionId"]) == ("Running", sid(3))
+    assert [s for s, info in ray.jobs.items() if not info.state.terminal] == [sid(3)]
+    assert sid(3) not in ray.stopped and sid(4) not in ray.jobs
