@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
 from .errors import FieldCause
 from .resources import ResourceType
+from .schema import re2_pattern
 
 JsonObj = dict[str, Any]
 
@@ -75,6 +77,37 @@ def check_crd(crd: JsonObj) -> list[FieldCause]:
                     "FieldValueRequired",
                 )
             )
+            continue
+        causes += _pattern_problems(schema, f"spec.versions[{index}].schema.openAPIV3Schema")
+    return causes
+
+
+def _pattern_problems(schema: Any, path: str) -> list[FieldCause]:
+    """kube-apiserver compiles every ``pattern`` of a CRD's schema with Go's regexp (RE2) and refuses
+    the CRD when one does not compile: lookarounds and backreferences, which Python's re would take
+    (and then match with), are a 422 there."""
+    if not isinstance(schema, dict):
+        return []
+    causes: list[FieldCause] = []
+    pattern = schema.get("pattern")
+    if isinstance(pattern, str):
+        try:
+            re2_pattern(pattern)
+        except ValueError as error:  # Perl syntax that Python's re takes and RE2 refuses
+            causes.append(
+                FieldCause(
+                    f"{path}.pattern",
+                    f"Invalid value: {json.dumps(pattern)}: must be a valid regular expression, but isn't: {error}",
+                )
+            )
+    for key in ("properties", "patternProperties", "definitions"):
+        for name, sub in (schema.get(key) or {}).items() if isinstance(schema.get(key), dict) else ():
+            causes += _pattern_problems(sub, f"{path}.{key}[{name}]")
+    for key in ("items", "additionalProperties", "not"):
+        causes += _pattern_problems(schema.get(key), f"{path}.{key}")
+    for key in ("allOf", "anyOf", "oneOf"):
+        for number, sub in enumerate(schema.get(key) or ()) if isinstance(schema.get(key), list) else ():
+            causes += _pattern_problems(sub, f"{path}.{key}[{number}]")
     return causes
 
 

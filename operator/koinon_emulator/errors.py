@@ -54,6 +54,8 @@ class ApiError(Exception):
             "reason": self.reason,
             "code": self.code,
         }
+        if not self.reason:
+            del body["reason"]  # StatusReasonUnknown: omitted (omitempty), as kube-apiserver writes it
         if self.details is not None:
             body["details"] = self.details
         return body
@@ -126,6 +128,20 @@ class DecodeError(ApiError):
     def __init__(self, kind: str, version: str, detail: str) -> None:
         super().__init__(400, "BadRequest", f'{kind} in version "{version}" cannot be handled as a {kind}: {detail}')
         self.detail = detail
+
+
+def type_meta_error(key: str, value: Any) -> DecodeError:
+    """An ``apiVersion`` or ``kind`` that is not a string: kube-apiserver's json serializer reads them
+    into TypeMeta's strings before it knows the kind (its Interpret), so the 400 quotes only that
+    error; a patch whose result holds one is a 422 on "patch", as for other decoding errors."""
+    detail = (
+        f"couldn't get version/kind; json parse error: json: cannot unmarshal {json_type(value)} "
+        f"into Go struct field .{key} of type string"
+    )
+    error = DecodeError("", "", detail)
+    error.message = detail
+    error.args = (detail,)
+    return error
 
 
 def cannot_decode(kind: str, version: str, field: str, value: Any, go_type: str) -> DecodeError:

@@ -26,6 +26,7 @@ from .requests import (
     json_body,
     object_filter,
     parse_resource_path,
+    parse_uint,
     partial_metadata_request,
     query_int,
     table_request,
@@ -314,10 +315,11 @@ class ApiHandlers:
         if initial or version in ("", "0"):
             since = None
         else:
-            try:
-                since = int(version)
-            except ValueError as error:
-                raise errors.bad_request(f"invalid resourceVersion {version!r}") from error
+            # The storage's ParseResourceVersion (strconv.ParseUint, 64 bits): a sign ("-5") or
+            # anything else that is not one is a 400 there, never a too-old version's 410.
+            since = parse_uint(version, 2**64 - 1)
+            if since is None:
+                raise errors.bad_request(f"invalid resourceVersion {version[:64]!r}")
         timeout = float(query_int(request, "timeoutSeconds", 0) or DEFAULT_TIMEOUT_S)
         accept = request.headers.get("Accept", "")
         watch = WatchRequest(

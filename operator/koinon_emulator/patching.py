@@ -10,11 +10,19 @@ there. kubectl apply and helm upgrade send such patches for Deployments and Daem
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 from .errors import ApiError, bad_request, json_type, unprocessable_patch
 
 JsonObj = dict[str, Any]
+
+# kube-apiserver's bounds on a JSON patch (patch.go): at most this many operations (more: 413), and
+# evanphx/json-patch's AccumulatedCopySizeLimit, set from JSONPatchMaxCopyBytes (3 MiB): the JSON
+# size of everything `copy` operations duplicate, summed over the patch (more: 422). Without the
+# latter, copying a subtree into itself N times makes a 2^N-sized object from a tiny request.
+MAX_JSON_PATCH_OPERATIONS = 10_000
+JSON_PATCH_MAX_COPY_BYTES = 3 * 1024 * 1024
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -271,7 +279,16 @@ def json_patch(target: Any, operations: Any, field_validation: str = "Warn") -> 
     which marshals as null): a label added so decodes as "". (A ``test`` without one on an absent or
     null path makes evanphx dereference nil, a 500 in kube-apiserver; here it passes.)"""
     doc = copy.deepcopy(target)
-    for operation in _decode_operations(operations, field_validation):
+    decoded = _decode_operations(operations, field_validation)
+    if len(decoded) > MAX_JSON_PATCH_OPERATIONS:
+        raise ApiError(
+            413,
+            "RequestEntityTooLarge",
+            f"Request entity too large: The allowed maximum operations in a JSON patch is "
+            f"{MAX_JSON_PATCH_OPERATIONS}, got {len(decoded)}",
+        )
+    copied_bytes = 0
+    for operation in decoded:
         op = operation.get("op")
         kind = op if isinstance(op, str) else "unknown"  # evanphx's Operation.Kind()
         if kind not in ("add", "replace", "test", "remove", "move", "copy"):
@@ -296,9 +313,18 @@ def json_patch(target: Any, operations: Any, field_validation: str = "Warn") -> 
                     f"the server rejected our request due to an error in our "
                     f"request: testing value {path} failed: test failed"
                 )
+        elif kind == "move":
+            doc = _add(doc, path, _remove(doc, source), replace=False)
         else:
-            moved = _remove(doc, source) if kind == "move" else copy.deepcopy(_get(doc, source))
-            doc = _add(doc, path, moved, replace=False)
+            original = _get(doc, source)
+            # Measured (as the JSON evanphx marshals) before anything is duplicated.
+            copied_bytes += len(json.dumps(original, separators=(",", ":"), ensure_ascii=False).encode())
+            if copied_bytes > JSON_PATCH_MAX_COPY_BYTES:
+                raise unprocessable_patch(
+                    f"Unable to complete the copy, the accumulated size increase of copy is {copied_bytes}, "
+                    f"exceeding the limit {JSON_PATCH_MAX_COPY_BYTES}"
+                )
+            doc = _add(doc, path, copy.deepcopy(original), replace=False)
     return doc
 
 

@@ -213,9 +213,22 @@ def query_int(request: web.Request, name: str, default: int) -> int:
     text = request.query.get(name, "")
     if not text:
         return default
+    value = parse_uint(text, 2**63 - 1)  # kube-apiserver parses these as int64 (strconv.ParseInt)
+    if value is None:
+        raise errors.bad_request(f"{name}: expected a non-negative integer, got {text[:64]!r}")
+    return value
+
+
+def parse_uint(text: str, maximum: int) -> int | None:
+    """``text`` as Go's strconv parses an unsigned decimal up to ``maximum``, or None: digits only
+    (no sign, space or "_", which int() would take), and the range checked on the digits before
+    int() runs: it refuses strings of more than 4300 digits with a ValueError (a 500 here before)."""
     if not (text.isascii() and text.isdigit()):
-        raise errors.bad_request(f"{name}: expected a non-negative integer, got {text!r}")
-    return int(text)
+        return None
+    digits = text.lstrip("0") or "0"
+    if len(digits) > len(str(maximum)) or int(digits) > maximum:
+        return None
+    return int(digits)
 
 
 # kube-apiserver's limit on a request body (its MaxRequestBodyBytes): larger writes get a 413.

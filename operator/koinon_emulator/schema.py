@@ -148,24 +148,102 @@ _TYPE_CHECKS = {
 }
 
 
-_DATE_TIME = re.compile(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:?\d\d)?")
+# kube-openapi's strfmt (RFC 3339 as kube-apiserver checks `format: date` and `date-time`): a date is
+# exactly YYYY-MM-DD (Go's time.Parse("2006-01-02"): a real day); a date-time is lowercased and split
+# on "t", the part before the first "t" a date, the part after it a time with seconds and a
+# mandatory offset WITH a colon ("z" or +hh:mm). So a space separator, no offset or "+0100" fail
+# there, as they fail here. ("." is any character there too, and parts after a second "t" are not
+# looked at: quirks kept so that the emulator takes exactly what a cluster takes.)
+_DATE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
+_TIME = re.compile(r"([0-9]{2}):([0-9]{2}):([0-9]{2})(.[0-9]+)?(z|([+-][0-9]{2}:[0-9]{2}))")
+
+
+def is_date(value: str) -> bool:
+    """strfmt.IsDate: time.Parse("2006-01-02", value)."""
+    if (match := _DATE.fullmatch(value)) is None:
+        return False
+    try:
+        datetime.date(*(int(part) for part in match.groups()))
+    except ValueError:
+        return False
+    return True
+
+
+def is_date_time(value: str) -> bool:
+    """strfmt.IsDateTime, as kube-openapi writes it."""
+    parts = value.lower().split("t")
+    if len(value) < 4 or len(parts) < 2 or not is_date(parts[0]):
+        return False
+    # Go's `$` is the end of the text (fullmatch), not "or before a final newline" like Python's.
+    if (match := _TIME.fullmatch(parts[1])) is None:
+        return False
+    hour, minute, second = match.group(1, 2, 3)
+    return hour <= "23" and minute <= "59" and second <= "59"
+
+
+# What Go's RE2 refuses where Python's re takes it (lookarounds, atomic groups, backreferences,
+# comments): kube-apiserver refuses a CRD whose pattern does not compile (must be RE2 syntax).
+_PERL_ONLY = ("(?=", "(?!", "(?<=", "(?<!", "(?>", "(?P=", "(?#")
+_MULTILINE_FLAG = re.compile(r"\(\?[imsU-]*m[imsU-]*[:)]")
+
+
+def re2_pattern(pattern: str) -> str:
+    r"""A CRD ``pattern`` (Go RE2 syntax, as kube-apiserver matches it) rewritten for Python's re.
+
+    Without the ``m`` flag, RE2's ``$`` matches only at the end of the text; Python's also matches
+    before a final newline, so "ABC\n" would pass '^[A-Z]{3}$' here and be a 422 on a cluster:
+    ``$`` outside a character class becomes ``\Z`` (and RE2's ``\z`` too). Raises ValueError, with
+    RE2's wording, for syntax RE2 does not have.
+    """
+    multiline = _MULTILINE_FLAG.search(pattern) is not None  # then `$` means the same in both
+    out: list[str] = []
+    index, in_class = 0, False
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\" and index + 1 < len(pattern):
+            escaped = pattern[index + 1]
+            # A lone \1..\9 is a backreference to Python; RE2 has none (it reads \12 as octal).
+            if escaped in "123456789" and not in_class and not pattern[index + 2 : index + 3].isdigit():
+                raise ValueError(f"error parsing regexp: invalid escape sequence: `\\{escaped}`")
+            out.append("\\Z" if escaped == "z" and not in_class else pattern[index : index + 2])
+            index += 2
+            continue
+        if in_class:
+            if char == "]":
+                in_class = False
+        elif char == "[":
+            in_class = True
+            out.append(char)
+            index += 1
+            # A "]" first in a class (after an optional "^") is a literal one, in both syntaxes.
+            if pattern.startswith("^", index):
+                out.append("^")
+                index += 1
+            if pattern.startswith("]", index):
+                out.append("]")
+                index += 1
+            continue
+        elif char == "(" and (construct := next((c for c in _PERL_ONLY if pattern.startswith(c, index)), None)):
+            raise ValueError(f"error parsing regexp: invalid or unsupported Perl syntax: `{construct}`")
+        elif char == "$" and not multiline:
+            char = "\\Z"
+        out.append(char)
+        index += 1
+    return "".join(out)
 
 
 @lru_cache(maxsize=512)
 def _compiled(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern)
+    return re.compile(re2_pattern(pattern))
 
 
 def _format_ok(fmt: str, value: str) -> bool:
     try:
         if fmt == "date-time":
-            # RFC 3339 as kube-openapi's strfmt takes it: a full date and time (offset optional);
-            # fromisoformat alone would also take "2024-05-01" or "2024-05-01T10".
-            if _DATE_TIME.fullmatch(value) is None:
-                return False
-            datetime.datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
-        elif fmt == "date":
-            datetime.date.fromisoformat(value)
+            return is_date_time(value)
+        if fmt == "date":
+            # Not date.fromisoformat: since Python 3.11 it also takes "20240501" and "2024-W18-3".
+            return is_date(value)
         elif fmt == "uuid":
             uuid.UUID(value)
         elif fmt == "int32":

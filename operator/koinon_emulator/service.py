@@ -191,6 +191,10 @@ class ApiService:
             raise errors.bad_request("the request body must be a JSON object")
         obj: JsonObj = copy.deepcopy(body)
         api_version, kind = obj.get("apiVersion"), obj.get("kind")
+        for key, value in (("apiVersion", api_version), ("kind", kind)):
+            if value is not None and not isinstance(value, str):
+                # Decoded into TypeMeta's strings first there: a 400 (here it was a 500).
+                raise errors.type_meta_error(key, value)
         if api_version and api_version != resource.api_version:
             # Another served version of the same CRD is fine: versions share one schema-less conversion.
             other = self._same_resource_version(resource, api_version)
@@ -580,7 +584,8 @@ class ApiService:
         preconditions = preconditions or {}
         for key in ("uid", "resourceVersion"):
             wanted = preconditions.get(key)
-            if wanted and wanted != old["metadata"].get(key):
+            # Preconditions are *string there: "" is set, and compared (a 409), as kube-apiserver does.
+            if wanted is not None and wanted != old["metadata"].get(key):
                 raise ApiError(
                     409,
                     "Conflict",

@@ -9,12 +9,13 @@ history entry, so request handling does not slow down as history grows.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import gone
+from .errors import ApiError, gone
 from .resources import StorageKey
 from .selectors import ObjectFilter
 
@@ -23,13 +24,21 @@ ObjectKey = tuple[str, str]  # (namespace or "", name)
 
 ADDED, MODIFIED, DELETED = "ADDED", "MODIFIED", "DELETED"
 
+# etcd's default --max-request-bytes (1.5 MiB): kube-apiserver's writes of a bigger object fail in
+# etcd, whatever their request's size (only request bodies are bounded, at 3 MiB, before that). The
+# object is measured here as compact JSON, as custom resources are stored (built-in kinds are stored
+# as protobuf, somewhat smaller, and etcd counts its key and transaction too: the limit is approximate).
+MAX_STORED_OBJECT_BYTES = 1536 * 1024
+
 
 @dataclass(frozen=True)
 class StoredEvent:
     resource_version: int
     type: str
     obj: JsonObj
-    old: JsonObj | None  # the previous state for MODIFIED, so watchers see selector transitions
+    # The previous stored state for MODIFIED and DELETED, so watchers see selector transitions (and
+    # a deletion of what they selected).
+    old: JsonObj | None
 
 
 # What a watcher's queue carries: (type, object), or None when the server closes the stream.
@@ -43,6 +52,13 @@ class Watcher:
     queue: asyncio.Queue[WatchItem] = field(default_factory=asyncio.Queue)
 
     def offer(self, event: StoredEvent) -> None:
+        if event.type == DELETED:
+            # kube-apiserver's cacher decides a DELETED event on the object as it was stored: an
+            # update that removed the last finalizer and changed a label deleted an object its
+            # watchers selected, though the final state in the event no longer matches.
+            if self.selection.matches(event.old if event.old is not None else event.obj):
+                self.queue.put_nowait((DELETED, event.obj))
+            return
         now = self.selection.matches(event.obj)
         if event.type != MODIFIED:
             if now:
@@ -111,6 +127,10 @@ class ObjectStore:
 
     def put(self, key: StorageKey, obj: JsonObj, old: JsonObj | None) -> JsonObj:
         """Store ``obj`` (created or replacing ``old``) under a fresh resourceVersion and notify."""
+        if len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_STORED_OBJECT_BYTES:
+            # kube-apiserver passes etcd's error on as it is (kubernetes/kubernetes#112152, #74600): a
+            # 500 with no reason, "etcdserver: request is too large". Nothing is stored.
+            raise ApiError(500, "", "etcdserver: request is too large")
         version = self._next_version()
         obj["metadata"]["resourceVersion"] = str(version)
         self._objects.setdefault(key, {})[object_key(obj)] = obj
@@ -121,13 +141,13 @@ class ObjectStore:
         """Delete an object; the DELETED event carries ``last_state`` when given (an update that
         removed the last finalizer), else the stored state."""
         bucket = self._objects.get(key, {})
-        current = bucket.pop((namespace, name), None)
-        if current is None:
+        stored = bucket.pop((namespace, name), None)
+        if stored is None:
             return None
-        current = last_state if last_state is not None else current
+        current = last_state if last_state is not None else stored
         version = self._next_version()
         final = {**current, "metadata": {**current["metadata"], "resourceVersion": str(version)}}
-        self._emit(key, StoredEvent(version, DELETED, final, None))
+        self._emit(key, StoredEvent(version, DELETED, final, stored))
         return final
 
     def _emit(self, key: StorageKey, event: StoredEvent) -> None:

@@ -580,3 +580,22 @@ async def test_a_pruned_field_with_a_control_character_is_still_answered(
         f"/apis/{GROUP}/v1/namespaces/default/widgets/w", json={"spec": {"x\ry": 1}}, headers=merge
     ) as response:
         assert response.status == 200, await response.text()
+
+
+@pytest.mark.parametrize("key", ["apiVersion", "kind"])
+@pytest.mark.parametrize("value", [True, 1, ["v1"], {"a": 1}])
+async def test_a_type_meta_field_that_is_not_a_string_is_400(http: aiohttp.ClientSession, key: str, value: Any) -> None:
+    """kube-apiserver reads apiVersion and kind into TypeMeta's strings before anything else: another
+    JSON type is a 400 ("json: cannot unmarshal bool into Go struct field .apiVersion of type
+    string"). Before 2026-12-07 a non-string apiVersion was a 500 here (an AttributeError)."""
+    response = await http.post(CONFIGMAPS, json={key: value, "metadata": {"name": "x"}})
+    assert response.status == 400, (response.status, await response.text())
+    assert f"Go struct field .{key} of type string" in (await response.json())["message"]
+
+
+async def test_a_patch_that_makes_api_version_not_a_string_is_422(http: aiohttp.ClientSession) -> None:
+    """As for other patched objects that do not decode (patch.go): a 422 Invalid on "patch"."""
+    assert (await http.post(CONFIGMAPS, json={"metadata": {"name": "tm"}})).status == 201
+    response = await http.patch(f"{CONFIGMAPS}/tm", json={"apiVersion": 1}, headers=MERGE)
+    assert response.status == 422, (response.status, await response.text())
+    assert (await response.json())["details"]["causes"][0]["field"] == "patch"

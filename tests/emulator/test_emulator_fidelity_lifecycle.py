@@ -20,6 +20,7 @@ pytestmark = pytest.mark.timeout(120)
 
 NS_WIDGETS = f"{WIDGETS}/namespaces/default/widgets"
 MERGE = {"Content-Type": "application/merge-patch+json"}
+CONFIGMAPS = "/api/v1/namespaces/default/configmaps"
 
 
 async def _json(response: aiohttp.ClientResponse) -> Any:
@@ -124,3 +125,15 @@ async def test_crd_deletion_without_finalized_objects_is_immediate(
     assert (await http.delete(crd_url)).status == 200
     assert (await http.get(crd_url)).status == 404
     assert (await http.get(f"{NS_WIDGETS}/plain")).status == 404
+
+
+@pytest.mark.parametrize("key", ["uid", "resourceVersion"])
+async def test_an_empty_delete_precondition_is_a_conflict(http: aiohttp.ClientSession, key: str) -> None:
+    """DeleteOptions.preconditions' fields are *string: "" is set, and storage.Preconditions.Check
+    compares it (409 "Precondition failed: ..."). Before 2026-12-07 the emulator ignored it and
+    deleted the object."""
+    assert (await http.post(CONFIGMAPS, json={"metadata": {"name": "pre"}})).status == 201
+    response = await http.delete(f"{CONFIGMAPS}/pre", json={"preconditions": {key: ""}})
+    assert response.status == 409, response.status
+    assert (await http.get(f"{CONFIGMAPS}/pre")).status == 200
+    assert (await http.delete(f"{CONFIGMAPS}/pre", json={"preconditions": {key: None}})).status == 200

@@ -16,6 +16,7 @@ from .helpers import widget
 NS_WIDGETS = "/apis/test.koinon.dev/v1/namespaces/default/widgets"
 SMP = {"Content-Type": "application/strategic-merge-patch+json"}
 DEPLOYMENTS = "/apis/apps/v1/namespaces/default/deployments"
+JSON_PATCH = {"Content-Type": "application/json-patch+json"}
 
 
 async def _json(response: aiohttp.ClientResponse) -> Any:
@@ -139,3 +140,30 @@ async def test_a_uid_test_guards_a_status_patch_and_a_merge_patch_uid_does_not(
     assert ignored.status == 200, await ignored.text()
     stored = await _json(ignored)
     assert (stored["metadata"]["uid"], stored["status"]["phase"]) == (uid, "Merged")
+
+
+async def test_json_patch_copies_are_bounded(http: aiohttp.ClientSession, with_widgets: KubeEmulator) -> None:
+    """kube-apiserver sets evanphx/json-patch's AccumulatedCopySizeLimit (JSONPatchMaxCopyBytes, 3 MiB):
+    a patch whose copies duplicate more than that is a 422. Before 2026-12-07 the emulator copied
+    without a bound: each copy of a subtree into itself doubles it, so 12 operations in a 782-byte
+    request made a 4 MiB object, and some 30 would exhaust its memory on its one event loop. (13 here:
+    8 MiB of copies.)"""
+    assert (await http.post(NS_WIDGETS, json=widget("amp", extra={"a": "x" * 1024}))).status == 201
+    ops = [{"op": "copy", "from": "/spec/extra", "path": f"/spec/extra/k{i}"} for i in range(13)]
+    response = await http.patch(f"{NS_WIDGETS}/amp", json=ops, headers=JSON_PATCH)
+    assert response.status == 422, response.status
+    assert "the accumulated size increase of copy is" in (await response.json())["message"]
+    stored = await (await http.get(f"{NS_WIDGETS}/amp")).json()
+    assert list(stored["spec"]["extra"]) == ["a"]  # nothing applied
+    small = [{"op": "copy", "from": "/spec/extra", "path": f"/spec/extra/k{i}"} for i in range(3)]
+    assert (await http.patch(f"{NS_WIDGETS}/amp", json=small, headers=JSON_PATCH)).status == 200
+
+
+async def test_json_patch_operations_are_bounded(http: aiohttp.ClientSession, with_widgets: KubeEmulator) -> None:
+    """patch.go: more than 10,000 operations in one JSON patch is a 413 RequestEntityTooLarge."""
+    assert (await http.post(NS_WIDGETS, json=widget("many"))).status == 201
+    ops = [{"op": "test", "path": "/spec/color", "value": "red"}] * 10_001
+    response = await http.patch(f"{NS_WIDGETS}/many", json=ops, headers=JSON_PATCH)
+    assert response.status == 413, response.status
+    assert "The allowed maximum operations in a JSON patch is 10000, got 10001" in (await response.json())["message"]
+    assert (await http.patch(f"{NS_WIDGETS}/many", json=ops[:10_000], headers=JSON_PATCH)).status == 200

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 CONFIGMAPS = "/api/v1/namespaces/default/configmaps"
 NS_WIDGETS = "/apis/test.koinon.dev/v1/namespaces/default/widgets"
+MERGE = {"Content-Type": "application/merge-patch+json"}
 
 
 async def _json(response: aiohttp.ClientResponse) -> Any:
@@ -157,3 +158,43 @@ async def test_a_patch_that_grows_annotations_over_the_limit_is_refused(http: ai
         f"{CONFIGMAPS}/grow", json=patch, headers={"Content-Type": "application/merge-patch+json"}
     )
     assert response.status == 422, await _json(response)
+
+
+async def test_an_object_cannot_grow_past_etcds_limit(http: aiohttp.ClientSession) -> None:
+    """etcd refuses a write over its --max-request-bytes (1.5 MiB by default), and kube-apiserver
+    passes its error on as a 500 "etcdserver: request is too large" (kubernetes/kubernetes#112152).
+    Before 2026-12-07 only request bodies were bounded (3 MiB): successive merge patches grew one
+    object without limit (6.3 MB in review), and a component appending to a status passed its tests
+    here and failed on a cluster."""
+    assert (await http.post(CONFIGMAPS, json={"metadata": {"name": "grow"}})).status == 201
+    codes = []
+    for i in range(3):
+        patch = {"data": {f"m{i}": "y" * (700 * 1024)}}
+        response = await http.patch(f"{CONFIGMAPS}/grow", data=json.dumps(patch), headers=MERGE)
+        codes.append(response.status)
+    assert codes == [200, 200, 500], codes
+    body = await response.json()
+    assert body["message"] == "etcdserver: request is too large" and "reason" not in body
+    stored = await (await http.get(f"{CONFIGMAPS}/grow")).json()
+    assert sorted(stored["data"]) == ["m0", "m1"]  # the refused write stored nothing
+    big = {"metadata": {"name": "big"}, "data": {"v": "z" * (2 * 1024 * 1024)}}
+    assert (await http.post(CONFIGMAPS, json=big)).status == 500
+    # A dry run never reaches etcd, there or here.
+    assert (await http.post(f"{CONFIGMAPS}?dryRun=All", json=big)).status == 201
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=" + "9" * 5000,  # int() refuses more than 4300 digits: it was a 500
+        "watch=true&timeoutSeconds=" + "9" * 5000,
+        "limit=9223372036854775808",  # beyond int64, where kube-apiserver's ParseInt stops
+        "watch=true&timeoutSeconds=1&resourceVersion=-5",  # ParseUint: a 400, not a too-old version's 410
+        "watch=true&timeoutSeconds=1&resourceVersion=%2B5",
+        "watch=true&timeoutSeconds=1&resourceVersion=" + "9" * 5000,
+    ],
+)
+async def test_out_of_range_integer_query_parameters_are_400(http: aiohttp.ClientSession, query: str) -> None:
+    response = await http.get(f"{CONFIGMAPS}?{query}")
+    assert response.status == 400, (response.status, (await response.text())[:200])
+    assert (await http.get(f"{CONFIGMAPS}?limit=9223372036854775807")).status == 200

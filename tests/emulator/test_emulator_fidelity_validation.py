@@ -6,14 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+import pytest
 from koinon_emulator import KubeEmulator
 
-from .helpers import widget
+from .helpers import widget, widget_crd
 
 NS_WIDGETS = "/apis/test.koinon.dev/v1/namespaces/default/widgets"
 SECRETS = "/api/v1/namespaces/default/secrets"
 CONFIGMAPS = "/api/v1/namespaces/default/configmaps"
 DEPLOYMENTS = "/apis/apps/v1/namespaces/default/deployments"
+CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 
 
 async def _json(response: aiohttp.ClientResponse) -> Any:
@@ -130,3 +132,82 @@ async def test_deployment_selector_must_match_template(http: aiohttp.ClientSessi
     }
     response = await http.post(DEPLOYMENTS, json=deployment)
     assert response.status == 422, await response.text()
+
+
+def _crd_with_times() -> dict[str, Any]:
+    crd = widget_crd()
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    spec["when"] = {"type": "string", "format": "date-time"}
+    spec["day"] = {"type": "string", "format": "date"}
+    return crd
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2024-05-01T10:00:00",  # naive datetime.isoformat(): no offset
+        "2024-05-01T10:00:00.123456",  # the same with microseconds
+        "2024-05-01 10:00:00Z",  # a space separator
+        "2024-05-01T10:00:00+0100",  # an offset without its colon
+        "2024-05-01T10:00Z",  # no seconds
+        "2024-02-30T10:00:00Z",  # no such day
+        "2024-05-01T24:00:00Z",
+        "2024-05-01T10:00:00Z\n",  # Go's `$` is the end of the text
+    ],
+)
+async def test_date_time_takes_rfc3339_only(http: aiohttp.ClientSession, emulator: KubeEmulator, value: str) -> None:
+    """kube-apiserver checks `format: date-time` with kube-openapi's strfmt.IsDateTime: a date, "T" or
+    "t", HH:MM:SS, an optional fraction, then "Z"/"z" or +hh:mm with its colon. Before 2026-12-07 the
+    emulator also took the values above (a naive isoformat(), a space, "+0100"): a component writing
+    one passed its tests and got a 422 from a cluster."""
+    emulator.apply_crd(_crd_with_times())
+    response = await http.post(NS_WIDGETS, json=widget("d", when=value))
+    assert response.status == 422, (value, response.status)
+    cause = (await response.json())["details"]["causes"][0]
+    assert cause["field"] == "spec.when" and "must be of type date-time" in cause["message"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["2024-05-01T10:00:00Z", "2024-05-01t10:00:00z", "2024-05-01T10:00:00.123456Z", "2024-05-01T10:00:00-07:30"],
+)
+async def test_date_time_takes_what_a_cluster_takes(
+    http: aiohttp.ClientSession, emulator: KubeEmulator, value: str
+) -> None:
+    emulator.apply_crd(_crd_with_times())
+    assert (await http.post(NS_WIDGETS, json=widget("d", when=value))).status == 201, value
+
+
+@pytest.mark.parametrize("value", ["20240501", "2024-W18-3", "2024-5-1", "2023-02-29"])
+async def test_date_is_yyyy_mm_dd_only(http: aiohttp.ClientSession, emulator: KubeEmulator, value: str) -> None:
+    """strfmt.IsDate is Go's time.Parse("2006-01-02"); Python 3.11's date.fromisoformat, used before,
+    also took the ISO 8601 basic and week forms."""
+    emulator.apply_crd(_crd_with_times())
+    assert (await http.post(NS_WIDGETS, json=widget("d", day=value))).status == 422, value
+    assert (await http.post(NS_WIDGETS, json=widget("e", day="2024-02-29"))).status == 201
+
+
+async def test_pattern_dollar_is_the_end_of_the_text(http: aiohttp.ClientSession, with_widgets: KubeEmulator) -> None:
+    """CRD patterns are RE2 there: `$` does not match before a trailing newline, as Python's does. The
+    Widget's spec.code is '^[A-Z]{3}$': "ABC\\n" (a value read from a file without strip()) passed here
+    and was a 422 on a cluster."""
+    response = await http.post(NS_WIDGETS, json=widget("nl", code="ABC\n"))
+    assert response.status == 422, response.status
+    assert (await response.json())["details"]["causes"][0]["field"] == "spec.code"
+    assert (await http.post(NS_WIDGETS, json=widget("ok", code="ABC"))).status == 201
+
+
+@pytest.mark.parametrize("pattern", ["^(?=A)[A-Z]+$", "^(a)\\1$", "^(?!x)"])
+async def test_a_crd_pattern_re2_cannot_compile_is_refused(http: aiohttp.ClientSession, pattern: str) -> None:
+    """kube-apiserver compiles every CRD pattern with Go's regexp: lookarounds and backreferences
+    refuse the CRD (422); Python's re would have taken them and matched with them."""
+    crd = widget_crd()
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["code"] = {
+        "type": "string",
+        "pattern": pattern,
+    }
+    response = await http.post(CRDS, json=crd)
+    assert response.status == 422, response.status
+    cause = (await response.json())["details"]["causes"][0]
+    assert cause["field"].endswith("properties[spec].properties[code].pattern")
+    assert "must be a valid regular expression" in cause["message"]

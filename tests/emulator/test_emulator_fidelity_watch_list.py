@@ -91,3 +91,31 @@ async def test_watch_from_before_a_restart_is_410_or_replayed(tmp_path: Path) ->
     events = [json.loads(line) for line in body.splitlines()]
     told = [e for e in events if e["type"] == "MODIFIED" or (e["type"] == "ERROR" and e["object"]["code"] == 410)]
     assert told, f"the watch from {since} neither replayed the change nor answered 410: {events}"
+
+
+async def test_a_selector_watch_sees_a_deletion_whose_last_update_changed_the_label(
+    http: aiohttp.ClientSession,
+) -> None:
+    """kube-apiserver's cacher decides a DELETED event on the object as it was stored: a watcher whose
+    labelSelector matched it hears of the deletion. Before 2026-12-07 the emulator filtered on the
+    final state: a patch that removed the last finalizer and changed the label deleted the object,
+    and a `tier=gold` watcher never heard of it (its cache kept a ghost forever)."""
+    body = {"metadata": {"name": "fin", "labels": {"tier": "gold"}, "finalizers": ["x.io/hold"]}}
+    assert (await http.post(CONFIGMAPS, json=body)).status == 201
+    assert (await http.delete(f"{CONFIGMAPS}/fin")).status == 200
+    marked = await _json(await http.get(f"{CONFIGMAPS}/fin"))
+    since = marked["metadata"]["resourceVersion"]
+    params = {"watch": "true", "resourceVersion": since, "labelSelector": "tier=gold", "timeoutSeconds": "2"}
+    async with http.get(CONFIGMAPS, params=params) as stream:
+        patch = {"metadata": {"finalizers": None, "labels": {"tier": "silver"}}}
+        assert (await http.patch(f"{CONFIGMAPS}/fin", data=json.dumps(patch), headers=MERGE)).status == 200
+        assert (await http.get(f"{CONFIGMAPS}/fin")).status == 404  # really deleted
+        events = []
+        async with asyncio.timeout(5):
+            while line := await stream.content.readline():
+                events.append(json.loads(line))
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("DELETED", "fin")]
+    # A watcher that never selected it (silver) hears nothing, as there.
+    params = {"watch": "true", "resourceVersion": since, "labelSelector": "tier=silver", "timeoutSeconds": "1"}
+    async with http.get(CONFIGMAPS, params=params) as stream:
+        assert [json.loads(line)["type"] async for line in stream.content] == []
