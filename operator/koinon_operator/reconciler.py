@@ -998,13 +998,16 @@ class AIJobReconciler:
                         outcome.delete = True
                         outcome.event("Deleted", f"ttlSecondsAfterFinished={ttl} passed")
                 return outcome
-            if state.phase is not None and state.phase.holds_nodes and state.submission_id:
-                # Edited into a spec this operator cannot act on while it runs: stop what it
-                # started, or its Ray job would run on and its capacity stay held.
-                try:
+            try:
+                if state.phase is not None and state.phase.holds_nodes and state.submission_id:
+                    # Edited into a spec this operator cannot act on while it runs: stop what it
+                    # started, or its Ray job would run on and its capacity stay held.
                     await self._stop_copies(state)
-                except RayUnavailableError as stop_error:
-                    return self._ray_unavailable(key, uid, writer, stop_error, outcome)
+                elif state.phase is Phase.PENDING:
+                    # Failed now, the attempt a late write left running would never be stopped.
+                    await self._stop_left_attempt(key, uid, state)
+            except RayUnavailableError as stop_error:
+                return self._ray_unavailable(key, uid, writer, stop_error, outcome)
             self._finish(key, writer, outcome, Phase.FAILED, "InvalidSpec", str(error))
             await self._record_work(key, body, state, outcome)
             return outcome
@@ -1177,7 +1180,6 @@ class AIJobReconciler:
             self.ledger.forget(key)
             self._written_from.pop(key, None)
             self._swept.pop(key, None)
-            self._left_stopped.pop(key, None)
             # A pass of this process finished the job (the pass this waited for, maybe, which the
             # body predates): that pass stopped what ran; there is nothing to stop or to report.
             finished = self._finished.pop(key, None)
@@ -1190,8 +1192,16 @@ class AIJobReconciler:
             stopped = bool(
                 not finished_here and state.submission_id and state.phase is not None and state.phase.holds_nodes
             )
-            if stopped:
-                await self._stop_copies(state)
+            try:
+                if stopped:
+                    await self._stop_copies(state)
+                elif not finished_here and state.phase is Phase.PENDING:
+                    # A Pending job holds no nodes, but a late status write may have left the attempt
+                    # its status names running (_stop_left_attempt); deleted, nothing would stop it.
+                    # RayUnavailableError reaches the deletion handler, which keeps the finalizer.
+                    stopped = await self._stop_left_attempt(key, uid, state)
+            finally:
+                self._left_stopped.pop(key, None)  # after it: one this process found ended is not read again
         if self._job_locks.get(key) is lock and not lock.locked():
             del self._job_locks[key]
         return stopped
@@ -1219,9 +1229,10 @@ class AIJobReconciler:
         if state.submission_id and (state.copies > 1 or _checked_copies(state) > 1):
             await self._stop_copies_beyond_recorded(state, MAX_QUORUM)
 
-    async def _stop_copies_beyond_recorded(self, state: AIJobStatus, most: int) -> None:
+    async def _stop_copies_beyond_recorded(self, state: AIJobStatus, most: int) -> bool:
         """Stops the Ray jobs found running under the attempt's copy ids beyond the copies its
-        status records (``<id>-copy<k>``, k below ``most``)."""
+        status records (``<id>-copy<k>``, k below ``most``); True when it stopped one."""
+        stopped = False
         for k in range(max(1, state.copies), most):
             submission_id = copy_submission_id_from(state.submission_id, k)
             info = await self.ray.get(submission_id) if submission_id is not None else None
@@ -1237,6 +1248,8 @@ class AIJobReconciler:
                 state.copies,
             )
             await self.ray.stop(submission_id)
+            stopped = True
+        return stopped
 
     # ----------------------------------------------------------------- internals
 
@@ -1254,7 +1267,12 @@ class AIJobReconciler:
     ) -> None:
         now = self.clock()
         phase = state.phase
-        if phase is not Phase.PENDING:
+        if phase is Phase.PENDING:
+            # Before anything else a Pending job may come to (a suspend writes submissionId away, a
+            # backoffLimit lowered or a deadline finishes it), not only before a placement: past
+            # those, no status would name the attempt a late write left running.
+            await self._stop_left_attempt(key, uid, state)
+        else:
             # Whatever it stopped may have been submitted again since (a write placing that very
             # attempt landed late): a later Pending naming it stops it again.
             self._left_stopped.pop(key, None)
@@ -1349,7 +1367,7 @@ class AIJobReconciler:
         volunteers: Mapping[str, Mapping[str, Any]],
         creation_index: int,
     ) -> None:
-        await self._stop_left_attempt(key, uid, state)
+        # The attempt a Pending job's status names was stopped at the start of the pass (_advance).
         verified = spec.verification.mode == "replicated"
         state = self._forget_other_programs(spec, state, writer)
         checked = _checked_copies(state)
@@ -1474,9 +1492,10 @@ class AIJobReconciler:
         writer.condition(ConditionType.SCHEDULED, True, "Placed", decision.message)
         outcome.event("Scheduled", f"attempt {attempt}: {decision.message}{verification}")
 
-    async def _stop_left_attempt(self, key: str, uid: str, state: AIJobStatus) -> None:
+    async def _stop_left_attempt(self, key: str, uid: str, state: AIJobStatus) -> bool:
         """Stops the copies of the attempt a Pending job's status still names (status.submissionId)
-        before the next attempt is placed: one attempt of a job runs at a time.
+        before the job goes on (the next attempt placed, a suspend, a failure, a delete): one
+        attempt of a job runs at a time. True when it asked Ray to stop one.
 
         Every path that makes a job Pending stops or finds ended what its attempt ran, so this
         normally finds nothing running (one read of Ray per copy, once per attempt left). But the
@@ -1491,10 +1510,11 @@ class AIJobReconciler:
         late names it, and placing it again adopts its copies (its ids are the same:
         keyed_submission_nonce)."""
         if not state.submission_id or self._left_stopped.get(key) == (state.submission_id, state.copies):
-            return
+            return False
         attempt = state.attempts + 1
         if state.submission_id == submission_id_for(uid, attempt, self.submission_nonce(uid, attempt)):
-            return
+            return False
+        stopped = False
         for submission_id in ray_submissions_of(state):
             info = await self.ray.get(submission_id)
             if info is not None and not info.state.terminal:
@@ -1508,9 +1528,11 @@ class AIJobReconciler:
                     attempt,
                 )
                 await self.ray.stop(submission_id)
+                stopped = True
         if state.copies > 1 or _checked_copies(state) > 1:  # and copies beyond those recorded, as _stop_copies
-            await self._stop_copies_beyond_recorded(state, MAX_QUORUM)
+            stopped = await self._stop_copies_beyond_recorded(state, MAX_QUORUM) or stopped
         self._left_stopped[key] = (state.submission_id, state.copies)
+        return stopped
 
     async def _follow(
         self, key: str, spec: AIJobSpec, state: AIJobStatus, writer: _StatusWriter, outcome: Outcome

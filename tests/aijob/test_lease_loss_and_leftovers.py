@@ -875,3 +875,103 @@ async def test_a_late_write_placing_an_earlier_attempt_leaves_the_running_one_ad
     assert (body["status"]["phase"], body["status"]["submissionId"]) == ("Running", sid(3))
     assert [s for s, info in ray.jobs.items() if not info.state.terminal] == [sid(3)]
     assert sid(3) not in ray.stopped and sid(4) not in ray.jobs
+
+
+async def _late_pending_over_attempt_2() -> tuple[FakeRay, Clock, Any, dict[str, Any]]:
+    """The late write of the test above: the job Pending over a running attempt 2, whose id its
+    status still names, before the new leader's next pass."""
+    ray, clock = FakeRay(), Clock()
+    new_leader = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 3})
+    await _running_attempt(new_leader, ray, clock, body, 1)
+    ray.set_state(submission_id_for(UID, 1), RayJobState.FAILED, exit_code=1, message="exit 1")
+    clock.advance(5)
+    stale = (await make_reconciler(ray, clock).reconcile(copy.deepcopy(body), {}, VOLUNTEERS)).status
+    assert stale["phase"] == "Pending"
+    await step(new_leader, body)
+    clock.advance(5)
+    await _running_attempt(new_leader, ray, clock, body, 2)
+    body["status"] = merge_patch(body["status"], stale)
+    assert body["status"]["phase"] == "Pending" and body["status"]["attempts"] == 2
+    clock.advance(5)
+    return ray, clock, new_leader, body
+
+
+def _running(ray: FakeRay) -> list[str]:
+    return sorted(sid for sid, info in ray.jobs.items() if not info.state.terminal)
+
+
+async def test_a_suspend_right_after_the_late_write_still_stops_the_attempt_it_names() -> None:
+    """The stop of the attempt left ran only before a placement: a suspend first (a Pending job
+    holds no nodes, so nothing was stopped) wrote submissionId away, and on resume attempt 3 ran
+    beside attempt 2, which no status named any more."""
+    ray, clock, rec, body = await _late_pending_over_attempt_2()
+    body["spec"]["suspend"] = True
+    await step(rec, body)
+    assert body["status"]["phase"] == "Suspended"
+    assert _running(ray) == []
+    body["spec"]["suspend"] = False
+    for _ in range(3):
+        clock.advance(5)
+        await step(rec, body)
+    assert body["status"]["attempts"] == 3
+    assert _running(ray) == [submission_id_for(UID, 3)], f"running: {_running(ray)}"
+
+
+async def test_a_delete_right_after_the_late_write_stops_the_attempt_it_names() -> None:
+    ray, _clock, rec, body = await _late_pending_over_attempt_2()
+    deleting = copy.deepcopy(body)
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:10:00Z"
+    assert await rec.stop(deleting)  # reported as a stop (the handler's "Stopped" event)
+    assert _running(ray) == [], f"still running after the delete: {_running(ray)}"
+
+
+async def test_a_delete_of_a_pending_job_keeps_its_finalizer_while_ray_cannot_stop_the_attempt_it_names() -> None:
+    """As every other delete: RayUnavailableError reaches the deletion handler, which keeps the
+    finalizer and retries (within the stop grace)."""
+    ray, _clock, rec, body = await _late_pending_over_attempt_2()
+    deleting = copy.deepcopy(body)
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:10:00Z"
+
+    async def refused(submission_id: str) -> RayJobInfo | None:
+        raise RayUnavailableError("connection refused")
+
+    get = ray.get
+    ray.get = refused  # type: ignore[method-assign]
+    with pytest.raises(RayUnavailableError):
+        await rec.stop(deleting)
+    ray.get = get  # type: ignore[method-assign]
+    assert await rec.stop(deleting)
+    assert _running(ray) == []
+
+
+async def test_a_delete_of_a_pending_job_whose_attempt_ended_reports_no_stop() -> None:
+    ray, clock = FakeRay(), Clock()
+    rec = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "backoffLimit": 3})
+    await _running_attempt(rec, ray, clock, body, 1)
+    ray.set_state(submission_id_for(UID, 1), RayJobState.FAILED, exit_code=1, message="exit 1")
+    clock.advance(5)
+    await step(rec, body)
+    assert body["status"]["phase"] == "Pending" and body["status"]["submissionId"]
+    deleting = copy.deepcopy(body)
+    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:10:00Z"
+    assert not await rec.stop(deleting)
+    assert ray.stopped == []
+
+
+async def test_a_backoff_limit_lowered_right_after_the_late_write_stops_the_attempt_it_names() -> None:
+    ray, _clock, rec, body = await _late_pending_over_attempt_2()
+    body["spec"]["backoffLimit"] = 0
+    await step(rec, body)
+    assert body["status"]["phase"] == "Failed"
+    assert _running(ray) == [], f"still running behind a Failed job: {_running(ray)}"
+
+
+async def test_an_invalid_edit_right_after_the_late_write_stops_the_attempt_it_names() -> None:
+    ray, _clock, rec, body = await _late_pending_over_attempt_2()
+    body["spec"]["resources"] = {"cpus": 2000}
+    body["metadata"]["generation"] = 2
+    await step(rec, body)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "InvalidSpec")
+    assert _running(ray) == [], f"still running behind a Failed job: {_running(ray)}"
