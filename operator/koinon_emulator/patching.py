@@ -318,7 +318,9 @@ def json_patch(target: Any, operations: Any, field_validation: str = "Warn") -> 
         else:
             original = _get(doc, source)
             # Measured (as the JSON evanphx marshals) before anything is duplicated.
-            copied_bytes += len(json.dumps(original, separators=(",", ":"), ensure_ascii=False).encode())
+            copied_bytes += len(
+                json.dumps(original, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+            )
             if copied_bytes > JSON_PATCH_MAX_COPY_BYTES:
                 raise unprocessable_patch(
                     f"Unable to complete the copy, the accumulated size increase of copy is {copied_bytes}, "

@@ -234,7 +234,9 @@ def re2_pattern(pattern: str) -> str:
 
 @lru_cache(maxsize=512)
 def _compiled(pattern: str) -> re.Pattern[str]:
-    return re.compile(re2_pattern(pattern))
+    # re.ASCII: RE2's \d, \s and \w are ASCII-only (Python's would take Arabic digits, and count a
+    # no-break space as whitespace, refusing `\S` values a cluster stores).
+    return re.compile(re2_pattern(pattern), re.ASCII)
 
 
 def _format_ok(fmt: str, value: str) -> bool:

@@ -127,7 +127,10 @@ class ObjectStore:
 
     def put(self, key: StorageKey, obj: JsonObj, old: JsonObj | None) -> JsonObj:
         """Store ``obj`` (created or replacing ``old``) under a fresh resourceVersion and notify."""
-        if len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()) > MAX_STORED_OBJECT_BYTES:
+        if (
+            len(json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass"))
+            > MAX_STORED_OBJECT_BYTES
+        ):
             # kube-apiserver passes etcd's error on as it is (kubernetes/kubernetes#112152, #74600): a
             # 500 with no reason, "etcdserver: request is too large". Nothing is stored.
             raise ApiError(500, "", "etcdserver: request is too large")
