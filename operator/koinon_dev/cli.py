@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,18 @@ def _failed_command(error: subprocess.CalledProcessError) -> str:
     return f"`{command}` failed (exit status {error.returncode})" + (f": {stderr.strip()}" if stderr.strip() else "")
 
 
+def _timeout_seconds(text: str) -> float:
+    """A finite number of seconds > 0, refused before anything starts: NaN, 0 or a negative one
+    timed out at once after a whole control plane came up, and inf waited for ever."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return value
+
+
 def _volunteer_count(text: str) -> int:
     """1 to MAX_VOLUNTEERS: the gateway claims that many port blocks, and a control plane without
     volunteers runs no job."""
@@ -161,7 +174,9 @@ def main(argv: list[str] | None = None) -> None:
         dev.add_parser(action, help=text, parents=[common]).set_defaults(func=func)
     demo = commands.add_parser("demo", help="up, run an example AIJob end to end, down", parents=[common])
     demo.add_argument("--example", default="examples/numeric-job.yaml")
-    demo.add_argument("--timeout", type=float, default=150.0)
+    demo.add_argument(
+        "--timeout", type=_timeout_seconds, default=150.0, help="seconds to wait for the job (finite, > 0)"
+    )
     demo.set_defaults(func=cmd_demo)
     logs = commands.add_parser("logs", help="print the Ray logs of an AIJob", parents=[common])
     logs.add_argument("name")

@@ -41,8 +41,23 @@ def _port_ranges(text: str) -> list[tuple[int, int]]:
     ranges = []
     for part in filter(None, text.split(",")):
         low, _, high = part.partition("-")
-        ranges.append((int(low), int(high or low)))
+        try:
+            ranges.append((int(low), int(high or low)))
+        except ValueError:
+            # int()'s own message names neither the flag nor the part: say which, of some twenty flags
+            raise ValueError(f"--head-ports: {part!r} is not a port or a range LOW-HIGH") from None
     return ranges
+
+
+def _ray_auth_token(path: Path | None) -> str:
+    """The head's Ray token from --ray-auth-token-file ("" without one); a file that cannot be read
+    is a one-line error naming the flag, not a traceback."""
+    if path is None:
+        return ""
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--ray-auth-token-file {path}: cannot read it: {exc}") from None
 
 
 BOOTSTRAP_OWNER = "bootstrap"
@@ -175,7 +190,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         head_address=args.head_address,
         head_gcs_port=args.head_gcs_port,
         head_port_ranges=ranges,
-        ray_auth_token=args.ray_auth_token_file.read_text().strip() if args.ray_auth_token_file else "",
+        ray_auth_token=_ray_auth_token(args.ray_auth_token_file),
         vip_cidr=args.vip_cidr,
         port_base=args.port_base,
         port_block_size=args.port_block_size,
