@@ -1223,11 +1223,17 @@ class AIJobReconciler:
     async def _stop_copies(self, state: AIJobStatus) -> None:
         for submission_id in ray_submissions_of(state):
             await self.ray.stop(submission_id)
-        # And copies beyond those its status records (a placement again from an older body that
-        # drew fewer: _stop_strays), which a suspend, a delete, a deadline or an invalid edit may
-        # come before any pass swept for: once the attempt is left, nothing would stop them.
+        await self._stop_strays_of_left_attempt(state)
+
+    async def _stop_strays_of_left_attempt(self, state: AIJobStatus) -> bool:
+        """Stops copies beyond those the status records (a placement again from an older body that
+        drew fewer: _stop_strays), which a suspend, a delete, a deadline, an invalid edit or the next
+        attempt may come before any pass swept for: once the attempt is left, nothing would stop
+        them. Only an attempt that drew, or must keep, more than one copy can have them. True when
+        it stopped one."""
         if state.submission_id and (state.copies > 1 or _checked_copies(state) > 1):
-            await self._stop_copies_beyond_recorded(state, MAX_QUORUM)
+            return await self._stop_copies_beyond_recorded(state, MAX_QUORUM)
+        return False
 
     async def _stop_copies_beyond_recorded(self, state: AIJobStatus, most: int) -> bool:
         """Stops the Ray jobs found running under the attempt's copy ids beyond the copies its
@@ -1529,8 +1535,7 @@ class AIJobReconciler:
                 )
                 await self.ray.stop(submission_id)
                 stopped = True
-        if state.copies > 1 or _checked_copies(state) > 1:  # and copies beyond those recorded, as _stop_copies
-            stopped = await self._stop_copies_beyond_recorded(state, MAX_QUORUM) or stopped
+        stopped = await self._stop_strays_of_left_attempt(state) or stopped
         self._left_stopped[key] = (state.submission_id, state.copies)
         return stopped
 

@@ -8,12 +8,16 @@ from pathlib import Path
 
 import aiohttp
 import yaml
+from koinon_emulator import KubeEmulator
+
+from .helpers import widget, widget_crd
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGMAPS = "/api/v1/namespaces/default/configmaps"
 CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
 JSON = {"Content-Type": "application/json"}
 JSONPATCH = {"Content-Type": "application/json-patch+json"}
+NS_WIDGETS = "/apis/test.koinon.dev/v1/namespaces/default/widgets"
 
 
 async def test_a_lone_surrogate_escape_is_not_a_500(http: aiohttp.ClientSession) -> None:
@@ -56,38 +60,16 @@ async def test_the_aijob_entrypoint_pattern_matches_as_re2_does(http: aiohttp.Cl
         assert response.status == 201, (name, await response.text())
 
 
-async def test_a_digit_pattern_refuses_non_ascii_digits_as_re2_does(http: aiohttp.ClientSession) -> None:
+async def test_a_digit_pattern_refuses_non_ascii_digits_as_re2_does(
+    http: aiohttp.ClientSession, emulator: KubeEmulator
+) -> None:
     """RE2's \\d is [0-9]: "١٢٣" (Arabic-Indic digits) fails '^\\d+$' on a cluster (422); Python's \\d
-    takes any Unicode digit, so the emulator stores it."""
-    crd = {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": "digits.re2.koinon.dev"},
-        "spec": {
-            "group": "re2.koinon.dev",
-            "scope": "Namespaced",
-            "names": {"plural": "digits", "singular": "digit", "kind": "Digit"},
-            "versions": [
-                {
-                    "name": "v1",
-                    "served": True,
-                    "storage": True,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "properties": {
-                                "spec": {
-                                    "type": "object",
-                                    "properties": {"code": {"type": "string", "pattern": "^\\d+$"}},
-                                }
-                            },
-                        }
-                    },
-                }
-            ],
-        },
+    takes any Unicode digit, so the emulator stored it."""
+    crd = widget_crd()
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["code"] = {
+        "type": "string",
+        "pattern": "^\\d+$",
     }
-    assert (await http.post(CRDS, json=crd)).status == 201
-    obj = {"apiVersion": "re2.koinon.dev/v1", "kind": "Digit", "metadata": {"name": "d"}, "spec": {"code": "١٢٣"}}
-    response = await http.post("/apis/re2.koinon.dev/v1/namespaces/default/digits", json=obj)
+    emulator.apply_crd(crd)
+    response = await http.post(NS_WIDGETS, json=widget("d", code="١٢٣"))
     assert response.status == 422, await response.text()
