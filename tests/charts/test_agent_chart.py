@@ -209,6 +209,23 @@ def test_token_only_through_secret_key_ref(tools: Tools) -> None:
     assert not by_kind(docs, "ConfigMap")
 
 
+def test_token_from_a_file_is_trimmed_and_a_bad_one_never_echoed(tools: Tools, tmp_path: Path) -> None:
+    """`--set-file joinToken.value=token.txt` keeps the token out of shell history; the file ends
+    in a newline, which the agent and the gateway drop, so the chart drops it too. A value that is
+    not a token is refused without printing it (a schema pattern's error would, whole)."""
+    token_file = tmp_path / "token.txt"
+    token_file.write_text(TOKEN + "\n")
+    args = ("template", "vol", str(CHART), "--set", f"gateway.address={GATEWAY}")
+    result = tools.run(tools.helm, *args, "--set-file", f"joinToken.value={token_file}")
+    assert result.returncode == 0, result.stderr
+    secret = one(parse_documents(result.stdout), "Secret")
+    assert base64.b64decode(secret["data"]["token"]).decode() == TOKEN
+    near_miss = TOKEN[:-1] + "G"  # one uppercase letter: a typo of a real token
+    refused = tools.run(tools.helm, *args, "--set", f"joinToken.value={near_miss}")
+    assert refused.returncode != 0 and "joinToken.value: not a join token" in refused.stderr
+    assert near_miss.split(".")[1] not in refused.stderr
+
+
 def test_existing_token_secret_is_referenced_not_created(tools: Tools) -> None:
     docs = render(
         tools, {"joinToken.value": None, "joinToken.existingSecret": "my-join", "joinToken.existingSecretKey": "jt"}
@@ -313,7 +330,7 @@ def test_notes_tell_how_to_check_the_node(tools: Tools) -> None:
         ({"gateway.address": "gw.example.org:0"}, "/gateway/address"),
         ({"gpus.count": "-1"}, "/gpus/count"),
         ({"gpus.simulate": "-2"}, "/gpus/simulate"),
-        ({"joinToken.value": "not-a-token"}, "/joinToken/value"),
+        ({"joinToken.value": "not-a-token"}, "joinToken.value: not a join token"),
         ({"kind": "StatefulSet"}, "/kind"),
         ({"securityContext.privileged": "true"}, "/securityContext/privileged"),
         ({"podSecurityContext.runAsNonRoot": "false"}, "/podSecurityContext/runAsNonRoot"),

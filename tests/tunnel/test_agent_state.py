@@ -248,3 +248,21 @@ def test_setting_modes_back_leaves_shared_and_root_dirs_alone(tmp_path: Path) ->
     os.chown(shared, 65534, 65534)
     assert as_non_root(65534, lambda: agent_state.restore_state_dir_modes(shared)) == ""
     assert shared.stat().st_mode & 0o7777 == 0o1777
+
+
+@pytest.mark.parametrize("trusted_ca", ["sha256:ab", ""])
+async def test_a_credential_issued_over_tls_is_never_sent_in_plaintext(tmp_path: Path, trusted_ca: str) -> None:
+    """The same gateway address, the agent switched to --insecure: the stored credential (issued
+    under a CA, or the system's trust store) would cross the network readable by anyone on the way.
+    The agent joins afresh instead: here, without a token, it refuses to go on."""
+    state.save(tmp_path, state.StoredIdentity("gw:1", "vn-a", "127.0.20.1", "cred", 2_000_000_000, trusted_ca))
+    agent = Agent(AgentConfig(gateway="gw:1", insecure=True, state_dir=tmp_path))
+    with pytest.raises(ValueError, match="token: required for the first join"):
+        await agent._ensure_identity()
+
+
+async def test_a_credential_issued_in_plaintext_is_reused_in_plaintext(tmp_path: Path) -> None:
+    stored = state.StoredIdentity("gw:1", "vn-a", "127.0.20.1", "cred", 2_000_000_000, "insecure")
+    state.save(tmp_path, stored)
+    agent = Agent(AgentConfig(gateway="gw:1", insecure=True, state_dir=tmp_path))
+    assert await agent._ensure_identity() == stored

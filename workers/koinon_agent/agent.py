@@ -288,6 +288,16 @@ class Agent:
         stored = state.load(self.config.state_dir, can_rejoin=bool(self.config.token))
         if stored is not None and stored.gateway != self.config.gateway:
             stored = self._moved_identity(stored, refused)
+        elif stored is not None and self.config.insecure and stored.trusted_ca != "insecure":
+            # Issued over TLS, now to be sent in plaintext (--insecure at the same address): anyone
+            # on the path would read a bearer credential of the node. Joining afresh sends only the
+            # token the volunteer configured for plaintext; the old node is left to expire.
+            log.warning(
+                "the stored identity %s was issued over TLS; not sending its credential without TLS "
+                "(--insecure), joining afresh",
+                stored.node_name,
+            )
+            stored = None
         if stored is not None and not refused and not stored.expired(time.time()):
             log.info("reusing stored identity %s (%s)", stored.node_name, stored.address)
             return stored

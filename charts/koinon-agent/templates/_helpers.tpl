@@ -182,6 +182,12 @@ names the values involved and what to do.
 */}}
 {{- define "koinon-agent.validate" -}}
 {{- $v := .Values }}
+{{- /* The token's format is checked here, not by a schema pattern: helm prints a value that fails
+a pattern in full, and this one is a secret. Surrounding whitespace is dropped (a file passed with
+--set-file ends in a newline), as the agent and the gateway drop it. */}}
+{{- if and $v.joinToken.value (not (regexMatch "^[a-z0-9]{6}[.][a-z0-9]{16}$" (trim $v.joinToken.value))) }}
+{{- fail "joinToken.value: not a join token (expected six lowercase letters or digits, a dot, then sixteen, as `koinon-gateway token create` prints; the value is not shown here, it is a secret)" }}
+{{- end }}
 {{- if and $v.joinToken.value $v.joinToken.existingSecret }}
 {{- fail "joinToken: set joinToken.value or joinToken.existingSecret, not both" }}
 {{- end }}
