@@ -23,6 +23,11 @@ class OperatorConfig:
     # namespace deletion must not hang for as long as the Ray head is gone (KubeRay's RayJob gives
     # up at once; a restarting head gets this long to come back).
     stop_grace_seconds: float = 120.0
+    # How often the leader looks for Ray jobs whose AIJob is gone without its finalizer having
+    # stopped them (orphans.py), and how old such a job must be before it is stopped: the worst
+    # case is the later of the two after its submission, one interval after the AIJob went.
+    orphan_sweep_seconds: float = 30.0
+    orphan_grace_seconds: float = 60.0
     # Unlabelled Ray nodes (no koinon.dev/node, so no VolunteerNode) take AIJobs only when set:
     # anyone who can start a raylet could otherwise take work as an owner of its own that no
     # evidence reaches. For development pools of bare `ray start` workers.
@@ -38,6 +43,7 @@ class OperatorConfig:
         for name, env, value in (
             ("poll_interval_seconds", "KOINON_POLL_INTERVAL", self.poll_interval_seconds),
             ("uptime_sample_seconds", "KOINON_UPTIME_SAMPLE_INTERVAL", self.uptime_sample_seconds),
+            ("orphan_sweep_seconds", "KOINON_ORPHAN_SWEEP_INTERVAL", self.orphan_sweep_seconds),
         ):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{env} ({name}): must be a finite number of seconds > 0, got {value}")
@@ -45,6 +51,11 @@ class OperatorConfig:
             raise ValueError(
                 f"KOINON_STOP_GRACE (stop_grace_seconds): must be a finite number of seconds >= 0, "
                 f"got {self.stop_grace_seconds}"
+            )
+        if not (math.isfinite(self.orphan_grace_seconds) and self.orphan_grace_seconds >= 0):
+            raise ValueError(
+                f"KOINON_ORPHAN_GRACE (orphan_grace_seconds): must be a finite number of seconds >= 0, "
+                f"got {self.orphan_grace_seconds}"
             )
         if self.submission_key is not None and len(self.submission_key.encode()) < MIN_SUBMISSION_KEY_BYTES:
             # A short key could be guessed, and with it every attempt's submission ids.
@@ -67,6 +78,8 @@ class OperatorConfig:
             uptime_sample_seconds=_seconds("KOINON_UPTIME_SAMPLE_INTERVAL", cls.uptime_sample_seconds),
             namespace=os.environ.get("KOINON_NAMESPACE") or None,
             stop_grace_seconds=_seconds("KOINON_STOP_GRACE", cls.stop_grace_seconds),
+            orphan_sweep_seconds=_seconds("KOINON_ORPHAN_SWEEP_INTERVAL", cls.orphan_sweep_seconds),
+            orphan_grace_seconds=_seconds("KOINON_ORPHAN_GRACE", cls.orphan_grace_seconds),
             ray_auth_token=ray_auth_token_from_env(),
             allow_bare_ray_workers=_flag("KOINON_ALLOW_BARE_RAY_WORKERS", cls.allow_bare_ray_workers),
             submission_key=os.environ.get("KOINON_SUBMISSION_KEY") or None,

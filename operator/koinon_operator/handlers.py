@@ -13,8 +13,15 @@ from koinon_operator.api.aijob import AIJobStatus, format_time
 from koinon_operator.api.constants import AIJOB_PLURAL, FINALIZER, GROUP, VERSION, VOLUNTEER_PLURAL
 from koinon_operator.config import OperatorConfig
 from koinon_operator.inventory import Allocation, RayNodeCache
-from koinon_operator.kube import SUBMISSION_KEY_SECRET, delete_aijob, get_or_create_submission_key, login
+from koinon_operator.kube import (
+    SUBMISSION_KEY_SECRET,
+    delete_aijob,
+    get_or_create_submission_key,
+    list_aijob_uids,
+    login,
+)
 from koinon_operator.leadership import LeaderElector, LeaseSettings
+from koinon_operator.orphans import OrphanSweeper, sweep_orphans_forever
 from koinon_operator.ray_jobs import RayJobsClient, RayUnavailableError
 from koinon_operator.reconciler import AIJobReconciler, allocation_of, keyed_submission_nonce, ray_submissions_of
 from koinon_operator.reputation_book import ReputationBook, outcome_key, sample_uptime_forever
@@ -51,12 +58,22 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     memo.tracing = setup_tracing()
     memo.tracer = JobTracer(memo.tracing)
     memo.ray = RayJobsClient(CONFIG.ray_dashboard_url, auth_token=CONFIG.ray_auth_token)
+    nonce = keyed_submission_nonce(submission_key)
     memo.reconciler = AIJobReconciler(
         ray=memo.ray,
         placer=operator_placer(submission_key),
         nodes=RayNodeCache(memo.ray),
         allow_bare_ray_workers=CONFIG.allow_bare_ray_workers,
-        submission_nonce=keyed_submission_nonce(submission_key),
+        submission_nonce=nonce,
+    )
+    # Stops the Ray jobs of AIJobs gone without their finalizer (orphans.py): kopf has no handler
+    # for an object already gone, and the scheduler no longer counts what such a job holds.
+    memo.orphans = OrphanSweeper(
+        ray=memo.ray,
+        list_aijob_uids=lambda: list_aijob_uids(CONFIG.namespace),
+        nonce=nonce,
+        namespace=CONFIG.namespace,
+        grace_s=CONFIG.orphan_grace_seconds,
     )
     memo.reputation = ReputationBook()
     # A plain task, not a kopf timer: a timer puts kopf's finalizer on every VolunteerNode it
@@ -71,6 +88,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     )
     memo.result_rechecker = asyncio.create_task(
         recheck_results_forever(ResultRechecker(CONFIG.namespace, memo.tracer), CONFIG.uptime_sample_seconds, leading)
+    )
+    memo.orphan_sweep = asyncio.create_task(
+        sweep_orphans_forever(memo.orphans, CONFIG.orphan_sweep_seconds, leading, lambda: memo.leader.term)
     )
 
 
@@ -112,6 +132,7 @@ class _NoDiffBase(kopf.AnnotationsDiffBaseStorage):
 async def close(memo: kopf.Memo, **_: Any) -> None:
     memo.uptime_sampler.cancel()
     memo.result_rechecker.cancel()
+    memo.orphan_sweep.cancel()
     memo.leader_election.cancel()
     await memo.leader.release()
     await memo.ray.close()

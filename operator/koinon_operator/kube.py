@@ -165,6 +165,49 @@ async def delete_aijob(namespace: str, name: str, uid: str) -> None:
     await asyncio.to_thread(call)
 
 
+# Page size of list_aijob_uids: kube-apiserver's own default cap for a paged LIST is 500 too.
+AIJOB_LIST_PAGE = 500
+
+
+class IncompleteListError(RuntimeError):
+    """A LIST of AIJobs that cannot be taken as every AIJob there is."""
+
+
+async def list_aijob_uids(namespace: str | None) -> set[str]:
+    """The uids of every AIJob that exists now, in ``namespace`` (None: all namespaces), each
+    object's deletion pending or not. A fresh LIST from the API server, not kopf's watch cache:
+    what the orphan sweep (orphans.py) stops a Ray job on must not lag behind the cluster. The
+    pages of one LIST are one snapshot (kube-apiserver's continue tokens pin its resourceVersion);
+    any error (a 410 for an expired token included) is raised, never a partial answer."""
+
+    def call() -> set[str]:
+        load_config()
+        api = client.CustomObjectsApi()
+        uids: set[str] = set()
+        token: str | None = None
+        while True:
+            paging: dict[str, Any] = {"limit": AIJOB_LIST_PAGE}
+            if token:
+                paging["_continue"] = token
+            if namespace:
+                listed = api.list_namespaced_custom_object(GROUP, VERSION, namespace, AIJOB_PLURAL, **paging)
+            else:
+                listed = api.list_cluster_custom_object(GROUP, VERSION, AIJOB_PLURAL, **paging)
+            if not isinstance(listed, dict) or not isinstance(items := listed.get("items"), list):
+                raise IncompleteListError(f"AIJob list without items: {str(listed)[:200]}")
+            for item in items:
+                uid = ((item or {}).get("metadata") or {}).get("uid") if isinstance(item, dict) else None
+                if not isinstance(uid, str) or not uid:
+                    # One object that cannot be named may be the owner of any Ray job.
+                    raise IncompleteListError("an AIJob in the list has no metadata.uid")
+                uids.add(uid)
+            token = (listed.get("metadata") or {}).get("continue") or None
+            if not token:
+                return uids
+
+    return await asyncio.to_thread(call)
+
+
 # The key of each attempt's submission ids (reconciler.keyed_submission_nonce), in the operator's
 # own namespace: where every operator of one pool competes for the Lease (leadership.py), so every
 # replica that may lead reads the same key, and a restarted one the key its predecessor used.

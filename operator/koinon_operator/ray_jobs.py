@@ -173,17 +173,25 @@ class RayJobsClient:
             raise RayUnavailableError(f"unexpected reply to job status ({status}): {str(body)[-300:]}")
         # A reply of another shape (a proxy's, another Ray version's) is Ray failing, not a crash.
         with _malformed_reply("job status", body):
-            return RayJobInfo(
-                submission_id=submission_id,
-                state=RayJobState(body["status"]),
-                message=str(body.get("message") or ""),
-                driver_node_id=_optional_str(body.get("driver_node_id")),
-                start_time_ms=_optional_int(body.get("start_time")),
-                end_time_ms=_optional_int(body.get("end_time")),
-                driver_exit_code=_optional_int(body.get("driver_exit_code")),
-                error_type=_optional_str(body.get("error_type")),
-                submitted=_submitted_as(body),
-            )
+            return _job_info(submission_id, body)
+
+    async def list_jobs(self) -> list[RayJobInfo]:
+        """Every job Ray knows that has a submission id (drivers started by hand have none). A
+        reply that is no list is Ray failing (RayUnavailableError); a row that cannot be read is
+        left out, so one odd job (another Ray version's status) does not hide the others."""
+        status, body = await self._request("GET", "/api/jobs/")
+        if status != 200 or not isinstance(body, list):
+            raise RayUnavailableError(f"unexpected reply to job list ({status}): {str(body)[-300:]}")
+        jobs: list[RayJobInfo] = []
+        for row in body:
+            submission_id = row.get("submission_id") if isinstance(row, dict) else None
+            if not isinstance(submission_id, str):
+                continue
+            try:
+                jobs.append(_job_info(submission_id, row))
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
+        return jobs
 
     async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:
         """The job driver's output.
@@ -239,6 +247,21 @@ class RayJobsClient:
                 )
                 for row in rows
             ]
+
+
+def _job_info(submission_id: str, body: Mapping[str, Any]) -> RayJobInfo:
+    """A job's record as Ray's Job API gives it (its status reply, or a row of its list)."""
+    return RayJobInfo(
+        submission_id=submission_id,
+        state=RayJobState(body["status"]),
+        message=str(body.get("message") or ""),
+        driver_node_id=_optional_str(body.get("driver_node_id")),
+        start_time_ms=_optional_int(body.get("start_time")),
+        end_time_ms=_optional_int(body.get("end_time")),
+        driver_exit_code=_optional_int(body.get("driver_exit_code")),
+        error_type=_optional_str(body.get("error_type")),
+        submitted=_submitted_as(body),
+    )
 
 
 @contextlib.contextmanager

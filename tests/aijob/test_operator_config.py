@@ -14,7 +14,9 @@ from koinon_operator.config import OperatorConfig
 from .fake_ray import Clock, FakeRay, make_body, make_reconciler, step
 
 
-@pytest.mark.parametrize("variable", ["KOINON_POLL_INTERVAL", "KOINON_UPTIME_SAMPLE_INTERVAL"])
+@pytest.mark.parametrize(
+    "variable", ["KOINON_POLL_INTERVAL", "KOINON_UPTIME_SAMPLE_INTERVAL", "KOINON_ORPHAN_SWEEP_INTERVAL"]
+)
 @pytest.mark.parametrize("value", ["nan", "-1", "0", "inf", "soon"])
 def test_an_interval_that_is_no_positive_finite_number_is_refused(
     monkeypatch: pytest.MonkeyPatch, variable: str, value: str
@@ -22,6 +24,17 @@ def test_an_interval_that_is_no_positive_finite_number_is_refused(
     monkeypatch.setenv(variable, value)
     with pytest.raises(ValueError, match=f"^{variable}"):
         OperatorConfig.from_env()
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "soon"])
+def test_an_orphan_grace_that_is_no_finite_number_of_seconds_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    monkeypatch.setenv("KOINON_ORPHAN_GRACE", value)
+    with pytest.raises(ValueError, match=r"^KOINON_ORPHAN_GRACE"):
+        OperatorConfig.from_env()
+    monkeypatch.setenv("KOINON_ORPHAN_GRACE", "0")
+    assert OperatorConfig.from_env().orphan_grace_seconds == 0
 
 
 @pytest.mark.parametrize("url", ["127.0.0.1:8265", "http//x", "ftp://ray:8265", "http://"])
