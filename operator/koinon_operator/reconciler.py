@@ -998,17 +998,27 @@ class AIJobReconciler:
                         outcome.delete = True
                         outcome.event("Deleted", f"ttlSecondsAfterFinished={ttl} passed")
                 return outcome
+            reached_ray = False
             try:
                 if state.phase is not None and state.phase.holds_nodes and state.submission_id:
                     # Edited into a spec this operator cannot act on while it runs: stop what it
                     # started, or its Ray job would run on and its capacity stay held.
                     await self._stop_copies(state)
+                    reached_ray = True
                 elif state.phase is Phase.PENDING:
                     # Failed now, the attempt a late write left running would never be stopped.
+                    left_before = self._left_stopped.get(key)
                     await self._stop_left_attempt(key, uid, state)
+                    # It records the attempt once it has read (and stopped) its copies in Ray, and
+                    # returns before asking Ray anything when there is nothing to look at.
+                    reached_ray = self._left_stopped.get(key) != left_before
             except RayUnavailableError as stop_error:
                 return self._ray_unavailable(key, uid, writer, stop_error, outcome)
             self._finish(key, writer, outcome, Phase.FAILED, "InvalidSpec", str(error))
+            if reached_ray:
+                # Finished, the job is never reconciled with Ray again: a RayReachable=False of an
+                # outage before this pass, which did reach Ray, would otherwise stay for good.
+                self._ray_reached(writer)
             await self._record_work(key, body, state, outcome)
             return outcome
 
@@ -1041,9 +1051,14 @@ class AIJobReconciler:
             self._warn_tolerated(tolerated, spec, state, writer, outcome)
         self.backoff.succeeded(uid or key)
         await self._record_work(key, body, state, outcome, spec)
+        self._ray_reached(writer)
+        return outcome
+
+    @staticmethod
+    def _ray_reached(writer: _StatusWriter) -> None:
+        """RayReachable back to True after an outage, once a pass got through its Ray calls."""
         if writer.has_condition_false(ConditionType.RAY_REACHABLE):
             writer.condition(ConditionType.RAY_REACHABLE, True, "RayAvailable", "Ray dashboard reachable")
-        return outcome
 
     @staticmethod
     def _ratchet(raw_spec: Mapping[str, Any], state: AIJobStatus) -> tuple[AIJobSpec, SpecError | None]:
@@ -1354,6 +1369,20 @@ class AIJobReconciler:
                     "BackoffLimitExceeded",
                     f"{state.failures} failed attempt(s), more than backoffLimit={spec.backoff_limit}; "
                     "no further attempt",
+                )
+                return
+            if state.verification_reruns > spec.backoff_limit:
+                # The same for the reruns after copies without a majority, which backoffLimit also
+                # bounds (_conclude_verified): lowered below them while the job waits to rerun, another
+                # whole replicated attempt (quorum x replicas volunteers) must not be placed.
+                self._finish(
+                    key,
+                    writer,
+                    outcome,
+                    Phase.FAILED,
+                    "NoMajority",
+                    f"{state.verification_reruns} rerun(s) after copies without a majority, more than "
+                    f"backoffLimit={spec.backoff_limit}; no further attempt",
                 )
                 return
             await self._place(key, uid, spec, state, writer, outcome, recorded_allocations, volunteers, creation_index)
@@ -2539,6 +2568,10 @@ class _StatusWriter:
             self._end(ConditionType.SCHEDULED, reason, message)
         elif phase is Phase.SCHEDULED:
             self._end(ConditionType.RUNNING, reason, message)
+        if phase is not Phase.SUSPENDED:
+            # And a Suspended left True after the job left that phase (failed on an invalid edit
+            # while suspended: _reconcile) made `kubectl wait --for=condition=Suspended` return.
+            self._end(ConditionType.SUSPENDED, reason, message)
 
     def _end(self, type_: str, reason: str, message: str) -> None:
         """Sets ``type_`` False where it is True now (a condition never set stays absent)."""

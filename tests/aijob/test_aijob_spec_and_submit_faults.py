@@ -1,14 +1,16 @@
 """Specs Ray would refuse are refused first, naming the field; a submission Ray refuses fails the
-job instead of looping as an outage; a running job edited into an invalid spec is stopped."""
+job instead of looping as an outage; a running job edited into an invalid spec is stopped, and its
+conditions follow the Failed phase."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from koinon_operator.api.aijob import SpecError, parse_spec
-from koinon_operator.ray_jobs import RayJobState
+from koinon_operator.ray_jobs import RayJobState, RayUnavailableError
 from koinon_operator.reconciler import submission_id_for
 
 from tests.aijob.fake_ray import UID, Clock, FakeRay, make_body, make_reconciler, step
@@ -129,6 +131,60 @@ async def test_a_running_job_edited_into_an_invalid_spec_is_stopped_and_releases
     assert sid in ray.stopped and ray.jobs[sid].state is RayJobState.STOPPED
     assert reconciler.ledger.current({}) == []
     assert await step(reconciler, body) is not None and body["status"]["reason"] == "InvalidSpec"
+
+
+def _conditions(body: dict[str, Any]) -> dict[str, str]:
+    return {c["type"]: c["status"] for c in body["status"].get("conditions") or []}
+
+
+async def test_a_suspended_job_that_fails_on_an_invalid_edit_is_no_longer_suspended() -> None:
+    """README: the conditions follow the phase. A Failed job kept Suspended=True, so
+    `kubectl wait --for=condition=Suspended` (or a Kueue-like controller) took it as suspended."""
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py", "suspend": True})
+    await step(reconciler, body)
+    assert body["status"]["phase"] == "Suspended" and _conditions(body)["Suspended"] == "True"
+    body["spec"]["resources"] = {"cpus": 2000}
+    body["metadata"]["generation"] = 2
+    await step(reconciler, body)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "InvalidSpec")
+    assert _conditions(body)["Suspended"] == "False", body["status"]["conditions"]
+    assert _conditions(body)["Failed"] == "True"
+
+
+class _StopFails(FakeRay):
+    down = False
+
+    async def stop(self, submission_id: str) -> None:
+        if self.down:
+            raise RayUnavailableError("connection refused")
+        await super().stop(submission_id)
+
+
+async def test_ray_reachable_is_set_back_when_an_invalid_edit_fails_a_job_after_an_outage() -> None:
+    """The pass that fails the job stops its Ray job: Ray answered. A finished job is never
+    reconciled with Ray again, so a RayReachable=False of the outage before stayed for good."""
+    ray, clock = _StopFails(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py"})
+    await step(reconciler, body)
+    await step(reconciler, body)
+    sid = submission_id_for(UID, 1)
+    ray.set_state(sid, RayJobState.RUNNING)
+    await step(reconciler, body)
+    assert body["status"]["phase"] == "Running"
+    body["spec"]["resources"] = {"cpus": 2000}
+    body["metadata"]["generation"] = 2
+    ray.down = True
+    await step(reconciler, body)
+    assert body["status"]["phase"] == "Running" and _conditions(body)["RayReachable"] == "False"
+    ray.down = False
+    clock.advance(60)
+    await step(reconciler, body)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "InvalidSpec")
+    assert sid in ray.stopped
+    assert _conditions(body)["RayReachable"] == "True", body["status"]["conditions"]
 
 
 async def test_a_runtime_env_ray_cannot_start_fails_the_job_at_once_and_blames_no_volunteer() -> None:

@@ -364,7 +364,7 @@ class _HungCollector(SpanExporter):
 def _shutting_down(provider: TracerProvider) -> SimpleNamespace:
     """The memo kopf's cleanup handler sees, with the operator's other parts stood in for."""
     return SimpleNamespace(
-        uptime_sampler=Mock(), result_rechecker=Mock(), leader_election=Mock(),
+        uptime_sampler=Mock(), result_rechecker=Mock(), orphan_sweep=Mock(), leader_election=Mock(),
         leader=SimpleNamespace(release=AsyncMock()), ray=SimpleNamespace(close=AsyncMock()), tracing=provider,
     )  # fmt: skip
 

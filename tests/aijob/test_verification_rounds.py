@@ -725,3 +725,38 @@ async def test_after_a_spec_edit_the_nodes_of_the_old_programs_split_vote_are_tr
     status = body["status"]
     assert not status["scheduling"].get("excludedOwners") and not status["scheduling"].get("excludedNodes")
     assert status["phase"] in ("Scheduled", "Running"), (status["phase"], status.get("message"))
+
+
+async def test_lowering_backoff_limit_below_the_reruns_so_far_fails_a_waiting_replicated_job_at_once() -> None:
+    """CRD: backoffLimit also bounds the reruns after copies without a majority. Lowered below
+    status.failures while the job waits, it failed at once; below status.verificationReruns,
+    another whole replicated attempt (quorum x replicas volunteers) was placed instead."""
+    ray, clock = CopiesRay(["vn-a", "vn-b"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job(quorum=2)
+    await run_copies(rec, ray, clock, body, {"vn-a": GOOD, "vn-b": FORGED})
+    status = body["status"]
+    assert (status["phase"], status["reason"], status["verificationReruns"]) == ("Pending", "NoMajority", 1)
+    ray.present = ["vn-a", "vn-b", "vn-c", "vn-d"]  # fresh owners for a rerun
+    body["spec"]["backoffLimit"] = 0
+    body["metadata"]["generation"] = body["metadata"].get("generation", 1) + 1
+    for _ in range(3):
+        clock.advance(40)
+        await step(rec, body, volunteers(ray.present))
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Failed", "NoMajority"), status
+    assert "backoffLimit=0" in status["message"] and status["completionTime"]
+    assert status["attempts"] == 1 and len(ray.jobs) == 2  # no rerun was placed
+
+
+async def test_lowering_backoff_limit_to_the_reruns_so_far_leaves_the_last_rerun() -> None:
+    ray, clock = CopiesRay(["vn-a", "vn-b"]), Clock()
+    rec, body = reconciler(ray, clock), replicated_job(quorum=2)
+    await run_copies(rec, ray, clock, body, {"vn-a": GOOD, "vn-b": FORGED})
+    ray.present = ["vn-a", "vn-b", "vn-c", "vn-d"]
+    body["spec"]["backoffLimit"] = 1
+    body["metadata"]["generation"] = body["metadata"].get("generation", 1) + 1
+    for _ in range(3):
+        clock.advance(40)
+        await step(rec, body, volunteers(ray.present))
+    status = body["status"]
+    assert status["attempts"] == 2 and status["phase"] in ("Scheduled", "Running"), status
