@@ -25,8 +25,9 @@ class OperatorConfig:
     stop_grace_seconds: float = 120.0
     # How often the leader looks for Ray jobs whose AIJob is gone without its finalizer having
     # stopped them (orphans.py), and how old such a job must be before it is stopped: the worst
-    # case is the later of the two after its submission, one interval after the AIJob went.
-    orphan_sweep_seconds: float = 30.0
+    # case is the later of the two after its submission, one interval after the AIJob went. Each
+    # sweep reads Ray's record of every job since its head started (Ray's Job API has no filter).
+    orphan_sweep_seconds: float = 60.0
     orphan_grace_seconds: float = 60.0
     # Unlabelled Ray nodes (no koinon.dev/node, so no VolunteerNode) take AIJobs only when set:
     # anyone who can start a raylet could otherwise take work as an owner of its own that no

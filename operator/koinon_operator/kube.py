@@ -167,6 +167,7 @@ async def delete_aijob(namespace: str, name: str, uid: str) -> None:
 
 # Page size of list_aijob_uids: kube-apiserver's own default cap for a paged LIST is 500 too.
 AIJOB_LIST_PAGE = 500
+AIJOB_LIST_TIMEOUT_S = 30.0  # per page
 
 
 class IncompleteListError(RuntimeError):
@@ -186,7 +187,9 @@ async def list_aijob_uids(namespace: str | None) -> set[str]:
         uids: set[str] = set()
         token: str | None = None
         while True:
-            paging: dict[str, Any] = {"limit": AIJOB_LIST_PAGE}
+            # A timeout of its own: keepalive is off in the client, so an API server that took the
+            # request and never answers (its node gone mid-request) would hold the sweep for good.
+            paging: dict[str, Any] = {"limit": AIJOB_LIST_PAGE, "_request_timeout": AIJOB_LIST_TIMEOUT_S}
             if token:
                 paging["_continue"] = token
             if namespace:

@@ -48,7 +48,7 @@ AIJOB_METADATA = "koinon.dev/aijob"
 
 
 class SweptRay(Protocol):
-    async def list_jobs(self) -> list[RayJobInfo]: ...
+    async def list_unfinished_jobs(self) -> list[RayJobInfo]: ...
 
     async def stop(self, submission_id: str) -> None: ...
 
@@ -105,7 +105,7 @@ class OrphanSweeper:
     async def sweep(self, leading: Callable[[], bool] = lambda: True) -> list[str]:
         """One sweep; returns the submission ids it stopped. Raises RayUnavailableError when Ray
         cannot be asked, and whatever the AIJob LIST raised: nothing is stopped then."""
-        candidates = self.candidates(await self.ray.list_jobs())
+        candidates = self.candidates(await self.ray.list_unfinished_jobs())
         if not candidates:
             return []  # no LIST while nothing could be an orphan (most sweeps of an idle pool)
         existing = await self.list_aijob_uids()  # after Ray's list: see the module's docstring

@@ -41,6 +41,11 @@ class RayJobState(StrEnum):
         return self in (RayJobState.STOPPED, RayJobState.SUCCEEDED, RayJobState.FAILED)
 
 
+_UNFINISHED = frozenset({RayJobState.PENDING.value, RayJobState.RUNNING.value})
+# Timeout of a list of every job Ray recorded (RayJobsClient.list_unfinished_jobs).
+LIST_TIMEOUT_S = 60.0
+
+
 @dataclass(frozen=True)
 class SubmittedAs:
     """What Ray records a job was submitted with, as its Job API reports it back: what the
@@ -119,10 +124,13 @@ class RayJobsClient:
         if self._session is not None:
             await self._session.close()
 
-    async def _request(self, method: str, path: str, payload: Mapping[str, Any] | None = None) -> tuple[int, Any]:
+    async def _request(
+        self, method: str, path: str, payload: Mapping[str, Any] | None = None, timeout_s: float | None = None
+    ) -> tuple[int, Any]:
         session = await self._client()
+        timeout = aiohttp.ClientTimeout(total=timeout_s) if timeout_s is not None else self._timeout
         try:
-            async with session.request(method, f"{self._base}{path}", json=payload) as reply:
+            async with session.request(method, f"{self._base}{path}", json=payload, timeout=timeout) as reply:
                 text = await reply.text(errors="replace")
                 body: Any
                 if reply.status in (401, 403):
@@ -175,17 +183,22 @@ class RayJobsClient:
         with _malformed_reply("job status", body):
             return _job_info(submission_id, body)
 
-    async def list_jobs(self) -> list[RayJobInfo]:
-        """Every job Ray knows that has a submission id (drivers started by hand have none). A
-        reply that is no list is Ray failing (RayUnavailableError); a row that cannot be read is
-        left out, so one odd job (another Ray version's status) does not hide the others."""
-        status, body = await self._request("GET", "/api/jobs/")
+    async def list_unfinished_jobs(self) -> list[RayJobInfo]:
+        """Every job Ray has not finished (PENDING or RUNNING) that has a submission id (drivers
+        started by hand have none). A reply that is no list is Ray failing (RayUnavailableError); a
+        row that cannot be read is left out, so one odd job (another Ray version's status) does not
+        hide the others.
+
+        Ray's Job API has no filter: the reply holds every job Ray has recorded since its head
+        started (about 1 KB each, runtime_env included), so it gets a longer timeout than one
+        job's calls, and finished rows are dropped before anything is built from them."""
+        status, body = await self._request("GET", "/api/jobs/", timeout_s=LIST_TIMEOUT_S)
         if status != 200 or not isinstance(body, list):
             raise RayUnavailableError(f"unexpected reply to job list ({status}): {str(body)[-300:]}")
         jobs: list[RayJobInfo] = []
         for row in body:
             submission_id = row.get("submission_id") if isinstance(row, dict) else None
-            if not isinstance(submission_id, str):
+            if not isinstance(submission_id, str) or row.get("status") not in _UNFINISHED:
                 continue
             try:
                 jobs.append(_job_info(submission_id, row))

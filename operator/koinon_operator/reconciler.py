@@ -998,27 +998,20 @@ class AIJobReconciler:
                         outcome.delete = True
                         outcome.event("Deleted", f"ttlSecondsAfterFinished={ttl} passed")
                 return outcome
-            reached_ray = False
             try:
                 if state.phase is not None and state.phase.holds_nodes and state.submission_id:
                     # Edited into a spec this operator cannot act on while it runs: stop what it
                     # started, or its Ray job would run on and its capacity stay held.
                     await self._stop_copies(state)
-                    reached_ray = True
                 elif state.phase is Phase.PENDING:
                     # Failed now, the attempt a late write left running would never be stopped.
-                    left_before = self._left_stopped.get(key)
                     await self._stop_left_attempt(key, uid, state)
-                    # It records the attempt once it has read (and stopped) its copies in Ray, and
-                    # returns before asking Ray anything when there is nothing to look at.
-                    reached_ray = self._left_stopped.get(key) != left_before
             except RayUnavailableError as stop_error:
                 return self._ray_unavailable(key, uid, writer, stop_error, outcome)
             self._finish(key, writer, outcome, Phase.FAILED, "InvalidSpec", str(error))
-            if reached_ray:
-                # Finished, the job is never reconciled with Ray again: a RayReachable=False of an
-                # outage before this pass, which did reach Ray, would otherwise stay for good.
-                self._ray_reached(writer)
+            # As at the end of every other pass that met no Ray error: finished, the job is never
+            # reconciled with Ray again, and a RayReachable=False of an earlier outage would stay.
+            self._ray_reached(writer)
             await self._record_work(key, body, state, outcome)
             return outcome
 

@@ -90,7 +90,7 @@ class FakeRay:
     async def get(self, submission_id: str) -> RayJobInfo | None:
         return self.jobs.get(submission_id)
 
-    async def list_jobs(self) -> list[RayJobInfo]:
+    async def list_unfinished_jobs(self) -> list[RayJobInfo]:
         return list(self.jobs.values())
 
     async def logs(self, submission_id: str, driver_node_id: str | None = None, lines: int = 2000) -> str:

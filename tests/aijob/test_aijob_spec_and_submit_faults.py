@@ -225,3 +225,32 @@ async def test_a_runtime_env_that_fails_to_set_up_is_retried_without_charging_th
     outcome = await step(reconciler, body)
     assert ("vn-1", "failure") not in outcome.reputation
     assert body["status"]["failures"] == 1 and body["status"]["phase"] == "Pending"
+
+
+class _NodesDown(FakeRay):
+    down = False
+
+    async def nodes(self) -> Any:
+        if self.down:
+            raise RayUnavailableError("connection refused")
+        return await super().nodes()
+
+
+async def test_ray_reachable_is_set_back_when_an_invalid_edit_fails_a_job_never_placed() -> None:
+    """A Pending job that met a Ray outage while being placed, then edited into an invalid spec
+    once Ray is back: its pass asks Ray nothing, and like every other pass without a Ray error it
+    sets RayReachable back (finished, the job is never reconciled with Ray again)."""
+    ray, clock = _NodesDown(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body = make_body({"entrypoint": "python x.py"})
+    ray.down = True
+    await step(reconciler, body)
+    await step(reconciler, body)  # placement cannot list Ray's nodes
+    assert body["status"]["phase"] == "Pending" and _conditions(body)["RayReachable"] == "False"
+    ray.down = False
+    body["spec"]["resources"] = {"cpus": 2000}
+    body["metadata"]["generation"] = 2
+    clock.advance(60)
+    await step(reconciler, body)
+    assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "InvalidSpec")
+    assert _conditions(body)["RayReachable"] == "True", body["status"]["conditions"]

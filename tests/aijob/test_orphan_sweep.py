@@ -118,12 +118,12 @@ async def test_nothing_is_stopped_on_a_failed_list_and_ray_is_listed_before_the_
     assert ray.stopped == ["<listed>", orphan]
 
 
-def replace_list(ray: FakeRay, list_jobs: Callable[[], Any]) -> Any:
+def replace_list(ray: FakeRay, list_unfinished_jobs: Callable[[], Any]) -> Any:
     class Listing:
         stop = ray.stop
 
     listing: Any = Listing()
-    listing.list_jobs = list_jobs
+    listing.list_unfinished_jobs = list_unfinished_jobs
     return listing
 
 

@@ -68,24 +68,26 @@ async def test_job_status_of_another_shape_is_ray_failing(ray_api: tuple[str, di
 async def test_the_job_list_skips_rows_it_cannot_read_and_a_reply_of_another_shape_is_ray_failing(
     ray_api: tuple[str, dict[str, Any]],
 ) -> None:
-    """The orphan sweep's list: one odd row (a driver started by hand has no submission id, another
-    Ray version's status) does not hide the others; a reply that is no list is Ray failing."""
+    """The orphan sweep's list: unfinished jobs only; one odd row (a driver started by hand has no
+    submission id, another Ray version's status) does not hide the others; a reply that is no list
+    is Ray failing."""
     url, replies = ray_api
     client = RayJobsClient(url)
     try:
         replies["/api/jobs/"] = [
             {"submission_id": None, "status": "RUNNING"},
             {"submission_id": "koinon-x-1", "status": "QUEUED"},
+            {"submission_id": "koinon-z-1", "status": "SUCCEEDED", "start_time": 1.0e12, "entrypoint": "e"},
             "garbage",
             {"submission_id": "koinon-y-1", "status": "RUNNING", "start_time": 1.0e12, "entrypoint": "e",
              "metadata": {"koinon.dev/aijob": "ns/y"}},
         ]  # fmt: skip
-        (job,) = await client.list_jobs()
+        (job,) = await client.list_unfinished_jobs()
         assert (job.submission_id, job.state, job.start_time_ms) == ("koinon-y-1", RayJobState.RUNNING, 10**12)
         assert job.submitted is not None and job.submitted.metadata == {"koinon.dev/aijob": "ns/y"}
         replies["/api/jobs/"] = {"jobs": []}
         with pytest.raises(RayUnavailableError, match="job list"):
-            await client.list_jobs()
+            await client.list_unfinished_jobs()
     finally:
         await client.close()
 
