@@ -92,7 +92,11 @@ def test_a_volunteer_lost_mid_job_fails_over_without_counting_a_failure(
     # Only volunteers with 4 GPUs fit this job: first the one that will die, later a spare.
     control_plane.cluster.add_volunteer("doomed", gpus=4, owner="owner-doomed")
     doomed = _node_named(control_plane, "doomed")
-    sleeper = python_entrypoint("import time; time.sleep(30); print('KOINON_RESULT survived')")
+    # Long enough for the first attempt to be running when its node dies; the attempt that fails
+    # over has nothing to wait for (30 s more of suite time).
+    sleeper = python_entrypoint(
+        "import os, time; time.sleep(30 if os.environ['KOINON_ATTEMPT'] == '1' else 0); print('KOINON_RESULT survived')"
+    )
     control_plane.apply(aijob("resilient", namespace, sleeper, resources={"gpus": 3}, backoffLimit=0))
     running = control_plane.wait_phase("resilient", namespace, "Running", timeout=90)
     assert running["status"]["assignedNodes"] == [doomed]
