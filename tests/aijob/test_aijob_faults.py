@@ -55,6 +55,37 @@ def test_operator_killed_while_job_runs_adopts_it_on_restart(control_plane: Cont
     assert _reasons(control_plane, "long", namespace).count("Submitted") == 1
 
 
+def test_the_ray_job_of_an_aijob_gone_without_its_finalizer_is_stopped(
+    control_plane: ControlPlane, namespace: str
+) -> None:
+    """The operator down, an admin strips the finalizer and the AIJob goes at once: the next
+    operator's orphan sweep stops its Ray job (real Ray), and a job whose AIJob exists runs to the
+    end beside sweeps every 0.5 s."""
+    first = control_plane.start_operator(namespace, name="first")
+    try:
+        control_plane.apply(aijob("gone", namespace, sleeper(300), resources={"gpus": 1}))
+        running = control_plane.wait_phase("gone", namespace, "Running", timeout=60)
+    finally:
+        first.stop(grace_seconds=0)
+    orphan = running["status"]["submissionId"]
+    unhooked = json.dumps({"metadata": {"finalizers": None}})
+    control_plane.kubectl("patch", "aijob", "gone", "-n", namespace, "--type=merge", "-p", unhooked)
+    control_plane.kubectl("delete", "aijob", "gone", "-n", namespace)
+    sweeping = {"KOINON_ORPHAN_SWEEP_INTERVAL": "0.5", "KOINON_ORPHAN_GRACE": "1"}
+    second = control_plane.start_operator(namespace, name="second", extra_env=sweeping)
+    try:
+        deadline = time.monotonic() + 60
+        while control_plane.ray_job(orphan)["status"] != "STOPPED":
+            assert time.monotonic() < deadline, f"{orphan} still {control_plane.ray_job(orphan)['status']}"
+            time.sleep(0.5)
+        control_plane.apply(aijob("kept", namespace, sleeper(4), resources={"gpus": 1}))
+        done = control_plane.wait_phase("kept", namespace, "Succeeded", timeout=90)
+        assert done["status"]["attempts"] == 1
+    finally:
+        second.stop(grace_seconds=5)
+    assert "no longer exists" in second.log_tail(20000)
+
+
 def test_crash_between_submit_and_status_write_is_adopted_not_resubmitted(
     control_plane: ControlPlane, namespace: str
 ) -> None:

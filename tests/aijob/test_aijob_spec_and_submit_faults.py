@@ -114,9 +114,8 @@ async def test_a_submission_ray_refuses_fails_the_job_and_ray_counts_as_reachabl
     assert status["completionTime"]
 
 
-async def test_a_running_job_edited_into_an_invalid_spec_is_stopped_and_releases_its_nodes() -> None:
-    ray, clock = FakeRay(), Clock()
-    reconciler = make_reconciler(ray, clock)
+async def _running(reconciler: Any, ray: FakeRay) -> tuple[dict[str, Any], str]:
+    """A job placed, submitted and Running (attempt 1), and its submission id."""
     body = make_body({"entrypoint": "python x.py"})
     await step(reconciler, body)  # Scheduled
     await step(reconciler, body)  # submitted
@@ -124,6 +123,13 @@ async def test_a_running_job_edited_into_an_invalid_spec_is_stopped_and_releases
     ray.set_state(sid, RayJobState.RUNNING)
     await step(reconciler, body)
     assert body["status"]["phase"] == "Running"
+    return body, sid
+
+
+async def test_a_running_job_edited_into_an_invalid_spec_is_stopped_and_releases_its_nodes() -> None:
+    ray, clock = FakeRay(), Clock()
+    reconciler = make_reconciler(ray, clock)
+    body, sid = await _running(reconciler, ray)
     body["spec"]["resources"] = {"cpus": 2000}
     body["metadata"]["generation"] = 2
     await step(reconciler, body)
@@ -167,13 +173,7 @@ async def test_ray_reachable_is_set_back_when_an_invalid_edit_fails_a_job_after_
     reconciled with Ray again, so a RayReachable=False of the outage before stayed for good."""
     ray, clock = _StopFails(), Clock()
     reconciler = make_reconciler(ray, clock)
-    body = make_body({"entrypoint": "python x.py"})
-    await step(reconciler, body)
-    await step(reconciler, body)
-    sid = submission_id_for(UID, 1)
-    ray.set_state(sid, RayJobState.RUNNING)
-    await step(reconciler, body)
-    assert body["status"]["phase"] == "Running"
+    body, sid = await _running(reconciler, ray)
     body["spec"]["resources"] = {"cpus": 2000}
     body["metadata"]["generation"] = 2
     ray.down = True

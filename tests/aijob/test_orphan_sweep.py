@@ -6,28 +6,23 @@ still exists, one of another namespace or pool, one too young, or on a list that
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from koinon_dev.cluster import operator_process
-from koinon_emulator.kubeconfig import write_kubeconfig
-from koinon_emulator.server import KubeEmulator
 from koinon_operator import kube
-from koinon_operator.api.constants import FINALIZER
 from koinon_operator.orphans import OrphanSweeper, owner_uid, sweep_orphans_forever
 from koinon_operator.ray_jobs import RayJobState, RayUnavailableError
 from koinon_operator.reconciler import copy_submission_id, keyed_submission_nonce, submission_id_for
 
 from tests.aijob.fake_ray import UID, Clock, FakeRay, make_body, make_reconciler, step
-from tests.aijob.fake_ray_http import API, FakeRayHTTP, fake_ray_http, volunteer
 from tests.emulator.helpers import EmulatorThread, emulator_for_kube_client
 
 REPO = Path(__file__).resolve().parents[2]
+API = "koinon.dev/v1alpha1"
 KEY = b"k" * 40
 NONCE = keyed_submission_nonce(KEY)
 OTHER = "0d6d2c9e-1111-4c2b-9a7e-5a4f1c0e7b21"
@@ -189,83 +184,3 @@ async def test_the_aijob_list_is_every_page_of_the_namespace_or_of_all(
         uids[namespace].add(create(job)["metadata"]["uid"])
     assert await kube.list_aijob_uids("a") == uids["a"]
     assert await kube.list_aijob_uids(None) == uids["a"] | uids["b"]
-
-
-async def _eventually(probe: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := probe()):
-        assert time.monotonic() < deadline, f"condition not reached in time: {what}"
-        await asyncio.sleep(0.2)
-    return value
-
-
-@pytest.fixture
-async def emulator(tmp_path: Path) -> AsyncIterator[tuple[KubeEmulator, Path]]:
-    emulator = KubeEmulator()
-    url = await emulator.start()
-    for path in sorted((REPO / "manifests" / "crds").glob("*.yaml")):
-        emulator.apply_crd(yaml.safe_load(path.read_text()))
-    try:
-        yield emulator, write_kubeconfig(tmp_path / "kubeconfig", url)
-    finally:
-        await emulator.stop()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-async def test_a_jobs_ray_job_is_stopped_after_its_aijob_went_without_the_finalizer(
-    emulator: tuple[KubeEmulator, Path], tmp_path: Path
-) -> None:
-    """The reported case: the operator down, the finalizer stripped, the AIJob deleted. The next
-    operator stops the Ray job within a sweep, and leaves the job of an AIJob that exists running."""
-    kube_api, kubeconfig = emulator
-
-    def status(name: str) -> dict[str, Any]:
-        return dict(kube_api.get(API, "AIJob", name, "default").get("status") or {})
-
-    def submitted(name: str) -> str | None:
-        submission_id = status(name).get("submissionId")
-        return submission_id if submission_id in ray.jobs else None
-
-    def aijob(name: str) -> dict[str, Any]:
-        return {"apiVersion": API, "kind": "AIJob", "metadata": {"name": name, "namespace": "default"},
-                "spec": {"entrypoint": "python x.py"}}  # fmt: skip
-
-    def start(ray: FakeRayHTTP, tag: str) -> Any:
-        operator = operator_process(
-            kubeconfig, ray.url, tmp_path / "logs", poll_interval_seconds=0.5, name=tag, tmp_dir=tmp_path / tag,
-            extra_env={"KOINON_SUBMISSION_KEY": KEY.decode(), "KOINON_LEASE_DURATION": "3",
-                       "KOINON_ORPHAN_SWEEP_INTERVAL": "0.5", "KOINON_ORPHAN_GRACE": "1"},
-        )  # fmt: skip
-        operator.start()
-        return operator
-
-    async with fake_ray_http() as ray:
-        node, node_status = volunteer()
-        kube_api.create(node)
-        kube_api.patch(API, "VolunteerNode", "vn-1", node_status, subresource="status")
-        operator = start(ray, "op1")
-        try:
-            kube_api.create(aijob("a"))
-            orphan = await _eventually(lambda: submitted("a"), "a submitted")
-            ray.set(orphan, "RUNNING")
-            await _eventually(lambda: status("a").get("phase") == "Running", "a running")
-        finally:
-            await asyncio.to_thread(operator.stop, 5)
-        # The operator is down; an admin strips the finalizer and the AIJob goes at once.
-        assert FINALIZER in kube_api.get(API, "AIJob", "a", "default")["metadata"]["finalizers"]
-        kube_api.patch(API, "AIJob", "a", {"metadata": {"finalizers": None}}, "default")
-        kube_api.delete(API, "AIJob", "a", "default")
-        operator = start(ray, "op2")
-        try:
-            await _eventually(lambda: ray.jobs[orphan]["status"] == "STOPPED", f"{orphan} stopped")
-            kube_api.create(aijob("b"))
-            alive = await _eventually(lambda: submitted("b"), "b submitted")
-            ray.set(alive, "RUNNING")
-            await _eventually(lambda: status("b").get("phase") == "Running", "b running")
-            await asyncio.sleep(3)  # sweeps of a 0.5 s interval, the job past its 1 s grace
-            assert ray.jobs[alive]["status"] == "RUNNING" and alive not in ray.stops
-            assert "no longer exists" in operator.log_tail(20000)
-        finally:
-            await asyncio.to_thread(operator.stop, 5)
-            print(f"--- operator log tail ---\n{operator.log_tail(3000)}")

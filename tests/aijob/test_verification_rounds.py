@@ -727,36 +727,33 @@ async def test_after_a_spec_edit_the_nodes_of_the_old_programs_split_vote_are_tr
     assert status["phase"] in ("Scheduled", "Running"), (status["phase"], status.get("message"))
 
 
-async def test_lowering_backoff_limit_below_the_reruns_so_far_fails_a_waiting_replicated_job_at_once() -> None:
-    """CRD: backoffLimit also bounds the reruns after copies without a majority. Lowered below
-    status.failures while the job waits, it failed at once; below status.verificationReruns,
-    another whole replicated attempt (quorum x replicas volunteers) was placed instead."""
+async def _split_vote_then_backoff_limit(limit: int) -> tuple[dict[str, Any], CopiesRay]:
+    """A replicated job whose copies split (one rerun so far), its backoffLimit then set to
+    ``limit`` while it waits, with fresh owners for a rerun; its status three passes later."""
     ray, clock = CopiesRay(["vn-a", "vn-b"]), Clock()
     rec, body = reconciler(ray, clock), replicated_job(quorum=2)
     await run_copies(rec, ray, clock, body, {"vn-a": GOOD, "vn-b": FORGED})
     status = body["status"]
     assert (status["phase"], status["reason"], status["verificationReruns"]) == ("Pending", "NoMajority", 1)
-    ray.present = ["vn-a", "vn-b", "vn-c", "vn-d"]  # fresh owners for a rerun
-    body["spec"]["backoffLimit"] = 0
+    ray.present = ["vn-a", "vn-b", "vn-c", "vn-d"]
+    body["spec"]["backoffLimit"] = limit
     body["metadata"]["generation"] = body["metadata"].get("generation", 1) + 1
     for _ in range(3):
         clock.advance(40)
         await step(rec, body, volunteers(ray.present))
-    status = body["status"]
+    return body["status"], ray
+
+
+async def test_lowering_backoff_limit_below_the_reruns_so_far_fails_a_waiting_replicated_job_at_once() -> None:
+    """CRD: backoffLimit also bounds the reruns after copies without a majority. Lowered below
+    status.failures while the job waits, it failed at once; below status.verificationReruns,
+    another whole replicated attempt (quorum x replicas volunteers) was placed instead."""
+    status, ray = await _split_vote_then_backoff_limit(0)
     assert (status["phase"], status["reason"]) == ("Failed", "NoMajority"), status
     assert "backoffLimit=0" in status["message"] and status["completionTime"]
     assert status["attempts"] == 1 and len(ray.jobs) == 2  # no rerun was placed
 
 
 async def test_lowering_backoff_limit_to_the_reruns_so_far_leaves_the_last_rerun() -> None:
-    ray, clock = CopiesRay(["vn-a", "vn-b"]), Clock()
-    rec, body = reconciler(ray, clock), replicated_job(quorum=2)
-    await run_copies(rec, ray, clock, body, {"vn-a": GOOD, "vn-b": FORGED})
-    ray.present = ["vn-a", "vn-b", "vn-c", "vn-d"]
-    body["spec"]["backoffLimit"] = 1
-    body["metadata"]["generation"] = body["metadata"].get("generation", 1) + 1
-    for _ in range(3):
-        clock.advance(40)
-        await step(rec, body, volunteers(ray.present))
-    status = body["status"]
+    status, _ = await _split_vote_then_backoff_limit(1)
     assert status["attempts"] == 2 and status["phase"] in ("Scheduled", "Running"), status

@@ -170,7 +170,7 @@ async def test_a_gateway_without_the_tunnel_protocol_is_fatal_on_join(tmp_path: 
 
 async def test_a_gateway_without_the_tunnel_protocol_is_fatal_on_control(tmp_path: Path) -> None:
     async with NoTunnelService() as target:
-        state.save(tmp_path, state.StoredIdentity(target, "alpha-000001", "127.0.20.1", "credential"))
+        state.save(tmp_path, state.StoredIdentity(target, "alpha-000001", "127.0.20.1", "cred", trusted_ca="insecure"))
         agent = Agent(_config(target, tmp_path, ""))
         with pytest.raises(JoinRefused, match=r"does not serve koinon\.tunnel\.v1"):
             await asyncio.wait_for(agent.run(), 10)
@@ -222,7 +222,7 @@ async def test_a_drain_does_not_wait_for_the_registration_timeout(tmp_path: Path
     await server.start()
     try:
         target = f"127.0.0.1:{port}"
-        state.save(tmp_path, state.StoredIdentity(target, "alpha-000001", "127.0.20.1", "credential"))
+        state.save(tmp_path, state.StoredIdentity(target, "alpha-000001", "127.0.20.1", "cred", trusted_ca="insecure"))
         agent = Agent(_config(target, tmp_path, ""))
         task = asyncio.ensure_future(agent.run())
         await asyncio.wait_for(servicer.registers.wait(), 10)

@@ -55,7 +55,7 @@ async def test_agent_reconnects_when_the_gateway_ends_the_call_under_a_write(tmp
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     target = f"127.0.0.1:{port}"
-    state.save(tmp_path, state.StoredIdentity(target, "alpha-000001", "127.0.20.1", "credential"))
+    state.save(tmp_path, state.StoredIdentity(target, "alpha-000001", "127.0.20.1", "cred", trusted_ca="insecure"))
     config = AgentConfig(
         gateway=target,
         token="",
