@@ -28,7 +28,7 @@ down: venv
 ## The whole suite: lint, types, then every test (tests/tunnel/test_proto_regen.py checks that
 ## regenerating the protocol code gives no diff).
 test: venv lint typecheck
-	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/pytest -q -n 2 --dist loadgroup
 
 lint: venv
 	$(BIN)/ruff check .
