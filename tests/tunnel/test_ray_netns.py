@@ -240,10 +240,12 @@ def runs_on(harness: RayTunnelHarness, ip: str) -> tuple[str, list[str]]:
     out = harness.run_driver(f"""
 @ray.remote
 def where(): return ray.util.get_node_ip_address()
-print(json.dumps([ray.get(where.options(resources={{'node:{ip}': 0.01}}).remote()),
-                  [n['NodeID'] for n in ray.nodes() if n['Alive']]]))
+print("RUNS_ON", json.dumps([ray.get(where.options(resources={{'node:{ip}': 0.01}}).remote()),
+                             [n['NodeID'] for n in ray.nodes() if n['Alive']]]), flush=True)
 """)
-    where, alive = json.loads(out.strip().splitlines()[-1])
+    # Marked: Ray may print its own lines (worker logs, warnings) to the driver's stdout after ours.
+    (line,) = [line for line in out.splitlines() if line.startswith("RUNS_ON ")]
+    where, alive = json.loads(line.removeprefix("RUNS_ON "))
     return where, alive
 
 
