@@ -148,7 +148,9 @@ async def cluster(
             port_base=random_port_base(),
             port_block_size=16,
             heartbeat_interval_s=0.2,
-            heartbeat_timeout_s=1.0,
+            # 2 s: with 1 s, an event loop held up a second on a busy 2-core host (CI beside Ray
+            # tests) ended sessions mid-test; a test that times a loss overrides it or scales by it.
+            heartbeat_timeout_s=2.0,
             status_write_interval_s=0.2,
             verify_ray_nodes=False,  # no Ray head in tunnel-level tests
         )
