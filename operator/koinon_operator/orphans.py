@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from koinon_operator.api.constants import SUBMISSION_PREFIX
+from koinon_operator.api.constants import AIJOB_METADATA_KEY, SUBMISSION_PREFIX
 from koinon_operator.ray_jobs import RayJobInfo, RayUnavailableError, describe_error
 
 logger = logging.getLogger(__name__)
@@ -43,8 +43,6 @@ logger = logging.getLogger(__name__)
 _KEYED_ID = re.compile(
     rf"^{re.escape(SUBMISSION_PREFIX)}-(?P<uid>.+)-(?P<attempt>[0-9]+)-(?P<nonce>[0-9a-f]{{16}})(?:-copy[0-9]+)?$"
 )
-# The Ray metadata the operator submits with (reconciler.submission_of): "<namespace>/<name>".
-AIJOB_METADATA = "koinon.dev/aijob"
 
 
 class SweptRay(Protocol):
@@ -63,13 +61,18 @@ def owner_uid(submission_id: str, nonce: Callable[[str, int], str]) -> str | Non
     return uid if hmac.compare_digest(nonce(uid, attempt), found["nonce"]) else None
 
 
+def aijob_of(job: RayJobInfo) -> str | None:
+    """The "<namespace>/<name>" the job's Ray metadata names (reconciler.submission_of); None
+    when it names none."""
+    metadata = job.submitted.metadata if job.submitted is not None else None
+    value = metadata.get(AIJOB_METADATA_KEY) if isinstance(metadata, dict) else None
+    return value if isinstance(value, str) and "/" in value else None
+
+
 def aijob_namespace(job: RayJobInfo) -> str | None:
     """The namespace the job's Ray metadata names; None when it names none."""
-    metadata = job.submitted.metadata if job.submitted is not None else None
-    value = metadata.get(AIJOB_METADATA) if isinstance(metadata, dict) else None
-    if not isinstance(value, str) or "/" not in value:
-        return None
-    return value.split("/", 1)[0]
+    owner = aijob_of(job)
+    return owner.split("/", 1)[0] if owner is not None else None
 
 
 @dataclass
@@ -117,7 +120,7 @@ class OrphanSweeper:
                 break  # the Lease ran out: the new leader sweeps from its own lists
             await self.ray.stop(job.submission_id)
             stopped.append(job.submission_id)
-            owner = (job.submitted.metadata or {}).get(AIJOB_METADATA) if job.submitted is not None else None
+            owner = aijob_of(job)
             logger.warning(
                 "stopped Ray job %s: its AIJob %s (uid %s) no longer exists (deleted without its finalizer)",
                 job.submission_id,

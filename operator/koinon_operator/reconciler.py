@@ -30,7 +30,7 @@ from koinon_operator.api.aijob import (
     parse_time,
 )
 from koinon_operator.api.conditions import set_condition
-from koinon_operator.api.constants import SUBMISSION_PREFIX, ConditionType, Phase
+from koinon_operator.api.constants import AIJOB_METADATA_KEY, SUBMISSION_PREFIX, ConditionType, Phase
 from koinon_operator.inventory import Allocation, RayNodeCache, build_capacity, node_name
 from koinon_operator.placement import PlacementDecision, PlacementRequest, Placer
 from koinon_operator.ray_jobs import (
@@ -234,7 +234,7 @@ def submission_of(key: str, spec: AIJobSpec, state: AIJobStatus, copy: int) -> S
         # for user work); the tiny amount of the node's own resource only pins it there.
         entrypoint_resources={f"node:{addresses[0]}": 0.001} if addresses else {},
         metadata={
-            "koinon.dev/aijob": f"{namespace}/{name}",
+            AIJOB_METADATA_KEY: f"{namespace}/{name}",
             "koinon.dev/attempt": str(state.attempts),
             "koinon.dev/copy": str(copy),
         },

@@ -11,6 +11,8 @@ AIJOB_PLURAL = "aijobs"
 VOLUNTEER_PLURAL = "volunteernodes"
 FINALIZER = "koinon.dev/ray-job-cleanup"
 SUBMISSION_PREFIX = "koinon"
+# Ray metadata key of every submission: "<namespace>/<name>" of its AIJob (the orphan sweep reads it).
+AIJOB_METADATA_KEY = "koinon.dev/aijob"
 
 
 class Phase(StrEnum):
