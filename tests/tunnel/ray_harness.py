@@ -49,12 +49,21 @@ def kill_tree(pid: int, sig: int = signal.SIGKILL) -> None:
                 proc.send_signal(sig)
 
 
+def head_port_range() -> tuple[int, int]:
+    """Where head port blocks come from: outside the kernel's ephemeral range (Ray's own outgoing
+    connections take ephemeral source ports, and one landing in the block before Ray bound that port
+    made the head fail to start now and then), and outside the ranges the dev plane draws from on the
+    wildcard address (10000-20000 single ports, 20000-30000 worker blocks: a dev plane running at the
+    same time took a head's port once). Above the ephemeral range where there is room, else below."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    return (high + 1, 65535) if high <= 65000 else (2000, min(low, 10000))
+
+
 def free_port_block(host: str, size: int) -> int:
-    # Below the kernel's ephemeral range (32768-60999 here): Ray's own outgoing connections from the
-    # head's address take ephemeral source ports, and one landing in the block before Ray binds that
-    # port made the head fail to start now and then. Volunteers' blocks use 20000-28000 on other IPs.
+    # Volunteers' blocks use 20000-28000 on other IPs.
+    first, last = head_port_range()
     for _ in range(200):
-        base = random.randrange(10000, 19000 - size)
+        base = random.randrange(first, last - size)
         try:
             for port in range(base, base + size):
                 with socket.socket() as s:
@@ -86,6 +95,14 @@ class Volunteer:
     def identity(self) -> dict[str, str]:
         path = self.state_dir / "identity.json"
         return json.loads(path.read_text()) if path.exists() else {}
+
+
+def marked_line(output: str, marker: str) -> str:
+    """The rest of the one line of a driver's output that starts with `marker`: Ray prints lines of its
+    own (warnings, autoscaler notices) before and after what a test's driver prints."""
+    found = [line.removeprefix(marker) for line in output.splitlines() if line.startswith(marker)]
+    assert len(found) == 1, f"expected one line starting {marker!r} in the driver's output:\n{output}"
+    return found[0]
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -337,13 +354,13 @@ class RayTunnelHarness:
         code = (
             "import json, ray._raylet\n"
             f"gcs = ray._raylet.GcsClient(address='{self.head_ip}:{self.gcs_port}')\n"
-            "print(json.dumps({str(k): int(v) for k, v in gcs.get_draining_nodes(timeout=10).items()}))\n"
+            "print('DRAINING', json.dumps({str(k): int(v) for k, v in gcs.get_draining_nodes(timeout=10).items()}))\n"
         )
         result = subprocess.run(
             [str(VENV_BIN / "python"), "-c", code], env=self.ray_env(), capture_output=True, text=True, timeout=60
         )
         assert result.returncode == 0, result.stderr[-3000:]
-        draining: dict[str, int] = json.loads(result.stdout.strip().splitlines()[-1])
+        draining: dict[str, int] = json.loads(marked_line(result.stdout, "DRAINING "))
         return draining
 
     def driver_prelude(self) -> str:

@@ -25,6 +25,8 @@ from koinon_dev.cli import fetch_job_logs
 from koinon_dev.cluster import DevCluster, DevClusterConfig, DevClusterInfo, kubectl
 from koinon_gateway.kube_client import load_kubeconfig
 
+from .ray_harness import marked_line
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 SHELL_SECRET = "AWS_SECRET_ACCESS_KEY"
@@ -134,11 +136,11 @@ import ray
 ray.init(address={info.ray_address!r}, logging_level="ERROR")
 @ray.remote
 def where(): return ray.util.get_node_ip_address()
-print(ray.get(where.options(resources={{"node:{address}": 0.01}}).remote()))
+print("RAN_ON", ray.get(where.options(resources={{"node:{address}": 0.01}}).remote()))
 """
     ran = subprocess.run([sys.executable, "-c", driver], env=env, capture_output=True, text=True, timeout=120)
     assert ran.returncode == 0, ran.stderr[-3000:]
-    assert ran.stdout.strip().splitlines()[-1] == address
+    assert marked_line(ran.stdout, "RAN_ON ") == address
 
     # Every connection the volunteer's Ray processes hold goes to loopback services on 127.0.0.1 (the
     # agent's CONNECT proxy among them) or to the volunteer's own address: none to the head.

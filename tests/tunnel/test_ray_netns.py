@@ -15,7 +15,7 @@ import psutil
 import pytest
 from koinon_gateway.config import GatewayConfig
 
-from .ray_harness import VENV_BIN, RayTunnelHarness, Volunteer, netns_available
+from .ray_harness import VENV_BIN, RayTunnelHarness, Volunteer, marked_line, netns_available
 
 pytestmark = [
     pytest.mark.slow,
@@ -100,10 +100,10 @@ made = produce.options(**on(A)).remote()
 consumer_ip, total = ray.get(consume.options(**on(B)).remote(made))
 counter = Counter.options(**on(B)).remote()
 ray.get(counter.add.remote(2)); actor_ip, value = ray.get(counter.add.remote(3))
-print(json.dumps(dict(credential=credential, alive=alive, where=where, n=n, back=int(back.sum()), consumer=consumer_ip,
-                      total=total, actor_ip=actor_ip, value=value)))
+print('RESULT', json.dumps(dict(credential=credential, alive=alive, where=where, n=n, back=int(back.sum()),
+                                consumer=consumer_ip, total=total, actor_ip=actor_ip, value=value)))
 """)
-    result = json.loads(out.strip().splitlines()[-1])
+    result = json.loads(marked_line(out, "RESULT "))
     # Job code on a volunteer runs as its agent's user, yet cannot read the node's credential.
     assert (a.state_dir / "identity.json").exists()
     assert result["credential"] == "denied"
@@ -207,9 +207,9 @@ def test_agent_sigkill_marks_node_not_ready_and_gateway_restart_recovers(harness
     out = harness.run_driver(f"""
 @ray.remote
 def where(): return ray.util.get_node_ip_address()
-print(ray.get(where.options(resources={{'node:{node_a["status"]["address"]}': 0.01}}).remote()))
+print("RAN_ON", ray.get(where.options(resources={{'node:{node_a["status"]["address"]}': 0.01}}).remote()))
 """)
-    assert out.strip().splitlines()[-1] == node_a["status"]["address"]
+    assert marked_line(out, "RAN_ON ") == node_a["status"]["address"]
 
     # Agent killed with SIGKILL: NotReady within the heartbeat timeout.
     harness.wait_ready(b, timeout=90)
@@ -244,8 +244,7 @@ print("RUNS_ON", json.dumps([ray.get(where.options(resources={{'node:{ip}': 0.01
                              [n['NodeID'] for n in ray.nodes() if n['Alive']]]), flush=True)
 """)
     # Marked: Ray may print its own lines (worker logs, warnings) to the driver's stdout after ours.
-    (line,) = [line for line in out.splitlines() if line.startswith("RUNS_ON ")]
-    where, alive = json.loads(line.removeprefix("RUNS_ON "))
+    where, alive = json.loads(marked_line(out, "RUNS_ON "))
     return where, alive
 
 
