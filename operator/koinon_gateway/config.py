@@ -75,6 +75,7 @@ _POSITIVE_SECONDS = (
     "token_cleanup_grace_s",
     "unconnected_node_ttl_s",
     "unconnected_node_sweep_s",
+    "ray_recheck_interval_s",
 )
 MAX_CREDENTIAL_LIFETIME_S = 366 * 24 * 3600.0
 # Agents get the heartbeat timings in milliseconds, as proto uint32 fields (pb.Assignment): each
@@ -193,6 +194,10 @@ class GatewayConfig:
     # Ready requires the reported Ray node to be ALIVE in GCS at the node's address (off only in
     # tunnel-level tests and the 1,000-agent benchmark, which run no Ray head: --no-verify-ray-nodes).
     verify_ray_nodes: bool = True
+    # ...and to stay ALIVE there: every confirmed Ray node is looked up again this often, in one
+    # sweep (one read of GCS's node table for all nodes: cheap at 1,000 nodes), so a Ray node that
+    # died while its agent still reports it running does not leave its node Ready.
+    ray_recheck_interval_s: float = 5.0
     namespace: str = "koinon-system"
     # Token Secrets (kube store) that expired more than token_cleanup_grace_s ago are deleted every
     # token_cleanup_interval_s.

@@ -114,6 +114,7 @@ class Gateway:
         self._revoker: asyncio.Task[None] | None = None
         self._token_cleaner: asyncio.Task[None] | None = None
         self._unconnected_cleaner: asyncio.Task[None] | None = None
+        self._ray_rechecker: asyncio.Task[None] | None = None
 
     @property
     def agent_target(self) -> str:
@@ -222,6 +223,8 @@ class Gateway:
         if isinstance(self.tokens, ExpiredTokenCleaner):
             self._token_cleaner = asyncio.ensure_future(self._clean_tokens(self.tokens))
         self._unconnected_cleaner = asyncio.ensure_future(self._clean_unconnected_nodes())
+        if service.ray_checker is not None:
+            self._ray_rechecker = asyncio.ensure_future(self._recheck_ray_nodes(service))
         log.info("gateway serving agents on %s, head proxy %s", self.agent_target, self.head_proxy_url)
         return self
 
@@ -254,6 +257,15 @@ class Gateway:
                 self.sessions.expire_stale()
             except Exception:
                 log.exception("liveness check failed")
+
+    async def _recheck_ray_nodes(self, service: TunnelService) -> None:
+        # Ready requires the Ray node to be ALIVE in GCS at the node's address, not only once.
+        while True:
+            await asyncio.sleep(self.config.ray_recheck_interval_s)
+            try:
+                await service.recheck_ray_nodes()
+            except Exception:
+                log.exception("rechecking Ray nodes in GCS failed; trying again later")
 
     async def _revoke_deleted(self, source: NodeDeletionSource) -> None:
         # Deleting the VolunteerNode revokes the node: its live session ends now, and its next
@@ -336,7 +348,13 @@ class Gateway:
         return deleted
 
     async def stop(self, grace: float = 1.0) -> None:
-        for task in (self._liveness, self._revoker, self._token_cleaner, self._unconnected_cleaner):
+        for task in (
+            self._liveness,
+            self._revoker,
+            self._token_cleaner,
+            self._unconnected_cleaner,
+            self._ray_rechecker,
+        ):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):

@@ -1051,7 +1051,7 @@ class TunnelService:
             if session.closed:  # ended during the lookup: its NotReady must stay the last word
                 return
             if address == session.address:
-                session.ray_verified_id = node_id
+                session.ray_verified_id, session.ray_lost_id = node_id, ""
                 self.sessions.write_status(session, force=True)
                 self._start_ray_drain(session)
                 return
@@ -1068,6 +1068,44 @@ class TunnelService:
                     address,
                 )
             await asyncio.sleep(0.25)
+
+    async def recheck_ray_nodes(self) -> list[str]:
+        """Looks up every node's confirmed Ray node in GCS again; a node whose Ray node GCS no longer
+        has ALIVE at its address loses the confirmation (NotReady, no rayNodeId: its agent may go on
+        reporting a dead id as running) until the verify loop confirms a live one. Returns their
+        names. The checker reads GCS's node table once for the whole sweep (it caches it briefly).
+
+        A GCS that does not answer changes nothing: its outage (the ray-head container restarting)
+        must not take every node out of Ready; the sweep stops and the next one asks again."""
+        checker = self.ray_checker
+        if checker is None:
+            return []
+        lost: list[str] = []
+        for session in list(self.sessions.by_name.values()):
+            node_id = session.ray_verified_id
+            # Only the id status names (rayNodeId): an older one the agent no longer reports is
+            # not written, and its new one is the verify loop's.
+            if session.closed or not node_id or session.ray_node_id != node_id:
+                continue
+            try:
+                address = await checker.address_of(node_id)
+            except Exception as exc:  # the checker logs the outage, once
+                log.debug("rechecking Ray nodes in GCS failed: %r", exc)
+                return lost
+            if session.closed or session.ray_verified_id != node_id or address == session.address:
+                continue
+            log.info(
+                "node %s: GCS no longer has Ray node %s alive at %s (%s); NotReady until it does",
+                session.node_name,
+                node_id,
+                session.address,
+                f"alive at {address}" if address else "not alive",
+            )
+            session.ray_verified_id, session.ray_lost_id = "", node_id
+            self.sessions.write_status(session, force=True)
+            self._verify_ray_node(session)  # confirmed again once GCS has it alive here again
+            lost.append(session.node_name)
+        return lost
 
     async def _drain_ray_node(
         self, checker: RayNodeChecker, session: NodeSession, ray_node_id: str, reason: str, deadline: float

@@ -64,8 +64,12 @@ class NodeSession:
     rtt_updated_at: str = ""
     ray_node_id: str = ""
     ray_state: str = "starting"
-    # The Ray node id GCS confirmed alive at this node's address.
+    # The Ray node id GCS confirmed alive at this node's address (and still had there at the last
+    # recheck, TunnelService.recheck_ray_nodes).
     ray_verified_id: str = ""
+    # A confirmed id that GCS later no longer had alive at this address: the Ready condition's
+    # reason says so (RayNodeNotAlive) while the agent still reports it.
+    ray_lost_id: str = ""
     # Ids this node claimed that GCS has elsewhere (at most MAX_RAY_IDS_ELSEWHERE): each is counted
     # once a session. Per session, not per verify loop: a heartbeat without an id ends the loop,
     # and the next claim of the same id must not count again.
@@ -241,6 +245,8 @@ class SessionTable:
         if session.draining:
             return "Draining", "agent is draining"
         if session.ray_state == "running":
+            if session.ray_node_id and session.ray_node_id == session.ray_lost_id:
+                return "RayNodeNotAlive", "Ray node no longer alive in GCS at this address"
             return "RayNodeUnconfirmed", "Ray node not (yet) alive in GCS at this address"
         return "RayNotRunning", f"Ray node {session.ray_state}"
 

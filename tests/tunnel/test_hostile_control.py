@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -29,11 +30,16 @@ class FakeGcs:
 
     drained: list[str] = []
     known: dict[str, str] = {}  # Ray node id -> address
+    down = False  # GCS does not answer
+    lookups = 0
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         pass
 
     async def address_of(self, node_id: str) -> str | None:
+        FakeGcs.lookups += 1
+        if FakeGcs.down:
+            raise ConnectionError("GCS unreachable")
         return FakeGcs.known.get(node_id)
 
     async def drain(self, node_id: str, message: str, deadline_s: float) -> tuple[bool, str]:
@@ -43,13 +49,13 @@ class FakeGcs:
 
 @asynccontextmanager
 async def node_with_fake_gcs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recheck_s: float = 5.0
 ) -> AsyncIterator[tuple[Cluster, pb.JoinResponse, grpc.aio.StreamStreamCall]]:  # type: ignore[type-arg]
     """A registered node of a gateway that checks Ray node ids against FakeGcs."""
     monkeypatch.setattr(server, "GcsRayNodeChecker", FakeGcs)
-    FakeGcs.drained, FakeGcs.known = [], {}
+    FakeGcs.drained, FakeGcs.known, FakeGcs.down, FakeGcs.lookups = [], {}, False, 0
     async with (
-        cluster(tmp_path, verify_ray_nodes=True, heartbeat_timeout_s=30.0) as c,
+        cluster(tmp_path, verify_ray_nodes=True, heartbeat_timeout_s=30.0, ray_recheck_interval_s=recheck_s) as c,
         channel_for(c) as channel,
         registered(c, channel) as (joined, control),
     ):
@@ -234,3 +240,79 @@ async def test_the_ids_a_session_is_counted_for_are_capped(tmp_path: Path, monke
         assert len(session.ray_ids_elsewhere) == MAX_RAY_IDS_ELSEWHERE
         assert c.gateway.metrics.ray_node_claims_refused == 0
         assert not session.ray_verified_id
+
+
+async def heartbeat_until(
+    c: Cluster,
+    control: grpc.aio.StreamStreamCall,  # type: ignore[type-arg]
+    name: str,
+    phase: str,
+    seconds: float,
+) -> dict[str, Any]:
+    """Heartbeats (Ray node OWN_RAY_ID running) until the node's status says ``phase`` or
+    ``seconds`` pass; returns the status last read."""
+    deadline = time.monotonic() + seconds
+    seq = 0
+    while True:
+        seq += 1
+        beat = pb.Heartbeat(seq=seq, ray_node_id=OWN_RAY_ID, ray_state="running")
+        await control.write(pb.AgentMessage(heartbeat=beat))
+        await asyncio.sleep(0.1)
+        # No flush: the writer's budget may hold a write back for its window (10 s).
+        status: dict[str, Any] = (await c.registry.get(name) or {}).get("status", {})
+        if status.get("phase") == phase or time.monotonic() > deadline:
+            return status
+
+
+async def test_a_ray_node_gcs_no_longer_has_alive_is_not_ready_with_reason_ray_node_not_alive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GCS was asked once per Ray node id: a node whose Ray node died (or left GCS) while its agent
+    kept reporting the id as running stayed Ready with a dead rayNodeId for the whole session, and
+    earned uptime for it. It is NotReady until GCS has a live Ray node of its at its address again."""
+    async with node_with_fake_gcs(tmp_path, monkeypatch, recheck_s=0.3) as (c, joined, control):
+        name = joined.assignment.node_name
+        FakeGcs.known = {OWN_RAY_ID: joined.assignment.address}
+        status = await heartbeat_until(c, control, name, "Ready", 5.0)
+        assert (status["phase"], status["rayNodeId"]) == ("Ready", OWN_RAY_ID)
+        FakeGcs.known = {}  # the Ray node is gone from GCS; the agent still says it runs
+        status = await heartbeat_until(c, control, name, "NotReady", 5.0)
+        assert status["phase"] == "NotReady"
+        assert status.get("rayNodeId") is None
+        assert status["conditions"][0]["reason"] == "RayNodeNotAlive"
+        # Alive at another node's address is not alive at its own.
+        FakeGcs.known = {OWN_RAY_ID: VICTIM_ADDRESS}
+        await asyncio.sleep(1.0)
+        assert (await c.registry.get(name) or {})["status"]["phase"] == "NotReady"
+        FakeGcs.known = {OWN_RAY_ID: joined.assignment.address}  # back, as GCS lists it
+        status = await heartbeat_until(c, control, name, "Ready", 5.0)
+        assert (status["phase"], status["rayNodeId"]) == ("Ready", OWN_RAY_ID)
+
+
+async def test_a_gcs_that_does_not_answer_leaves_confirmed_nodes_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An outage of GCS (the ray-head container restarting) must not take every node out of Ready:
+    the last verdict stands until GCS answers."""
+    async with node_with_fake_gcs(tmp_path, monkeypatch, recheck_s=0.2) as (c, joined, control):
+        name = joined.assignment.node_name
+        FakeGcs.known = {OWN_RAY_ID: joined.assignment.address}
+        assert (await heartbeat_until(c, control, name, "Ready", 5.0))["phase"] == "Ready"
+        FakeGcs.down, asked = True, FakeGcs.lookups
+        status = await heartbeat_until(c, control, name, "NotReady", 1.5)
+        assert FakeGcs.lookups > asked  # it was asked again, and did not answer
+        assert (status["phase"], status["rayNodeId"]) == ("Ready", OWN_RAY_ID)
+
+
+async def test_confirmed_ray_nodes_are_checked_in_one_sweep_not_one_lookup_per_heartbeat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cheap at a thousand nodes: a confirmed node is looked up once per ray_recheck_interval_s
+    (one cached read of GCS's node table serves the whole sweep), however often it heartbeats."""
+    async with node_with_fake_gcs(tmp_path, monkeypatch, recheck_s=1.0) as (c, joined, control):
+        name = joined.assignment.node_name
+        FakeGcs.known = {OWN_RAY_ID: joined.assignment.address}
+        assert (await heartbeat_until(c, control, name, "Ready", 5.0))["phase"] == "Ready"
+        asked, started = FakeGcs.lookups, time.monotonic()
+        await heartbeat_until(c, control, name, "never", 2.5)  # some 20 heartbeats
+        assert FakeGcs.lookups - asked <= (time.monotonic() - started) / 1.0 + 1
