@@ -7,6 +7,8 @@ import os
 import urllib.parse
 from dataclasses import dataclass, field
 
+from koinon_operator.ray_jobs import redact_url
+
 # KOINON_SUBMISSION_KEY's least length: as hard to guess as the key the operator makes (32 bytes).
 MIN_SUBMISSION_KEY_BYTES = 32
 
@@ -68,7 +70,14 @@ class OperatorConfig:
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(
                 f"KOINON_RAY_DASHBOARD (--ray-dashboard): must be an http(s) URL with a host, "
-                f"got {self.ray_dashboard_url!r}"
+                f"got {redact_url(self.ray_dashboard_url)!r}"  # printed at start: no password in it
+            )
+        if self.ray_auth_token and (url.username is not None or url.password is not None):
+            # Both are one Authorization header: aiohttp refuses every request that has both.
+            raise ValueError(
+                "KOINON_RAY_DASHBOARD (--ray-dashboard): a user name or password in the URL (Basic "
+                "auth) cannot be combined with Ray token authentication (RAY_AUTH_TOKEN or "
+                f"RAY_AUTH_TOKEN_PATH), got {redact_url(self.ray_dashboard_url)!r}"
             )
 
     @classmethod

@@ -98,6 +98,24 @@ class Submission:
 
 
 _BEARER = re.compile(r"(?i)(bearer\s+)[^\s'\",)]+")
+# A URL's userinfo ("user:password@" before the host), found without parsing the URL: after "//",
+# or any "/" or the start, so that a configured address that is no URL (user:pw@ray:8265,
+# http:/user:pw@ray, refused at start) is shown redacted too. Greedy up to the last "@" before the
+# next "/", as urllib.parse.urlsplit splits the netloc.
+_USERINFO = re.compile(r"(^|/)([^/?#\s'\"]*)@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of every URL's userinfo shown as ``***`` (a user name alone, which
+    may be the credential itself, too). KOINON_RAY_DASHBOARD may be ``http://user:password@host``
+    (aiohttp sends that as Basic auth, for a dashboard behind an authenticating proxy); each
+    message that names the dashboard reaches status conditions, Events, logs and spans."""
+
+    def redacted(match: re.Match[str]) -> str:
+        user, colon, _ = match.group(2).partition(":")
+        return f"{match.group(1)}{user}:***@" if colon else f"{match.group(1)}***@"
+
+    return _USERINFO.sub(redacted, text)
 
 
 def describe_error(error: BaseException) -> str:
@@ -109,7 +127,9 @@ def describe_error(error: BaseException) -> str:
 
 class RayJobsClient:
     def __init__(self, dashboard_url: str, timeout_seconds: float = 10.0, auth_token: str | None = None) -> None:
-        self._base = dashboard_url.rstrip("/")
+        self._base = dashboard_url.rstrip("/")  # its userinfo, if any, is sent as Basic auth
+        # What messages name: the URL without its password (they reach status, Events and spans).
+        self._shown = redact_url(self._base)
         self._timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self._session: aiohttp.ClientSession | None = None
         # Ray token authentication: the dashboard wants "Authorization: Bearer <token>".
@@ -135,7 +155,7 @@ class RayJobsClient:
                 body: Any
                 if reply.status in (401, 403):
                     raise RayAuthError(
-                        f"Ray at {self._base} refused the operator's credentials ({reply.status}); "
+                        f"Ray at {self._shown} refused the operator's credentials ({reply.status}); "
                         "set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token"
                     )
                 try:
@@ -144,7 +164,7 @@ class RayJobsClient:
                     body = text
                 return reply.status, body
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
-            raise RayUnavailableError(f"Ray dashboard at {self._base} unreachable: {describe_error(error)}") from error
+            raise RayUnavailableError(f"Ray dashboard at {self._shown} unreachable: {describe_error(error)}") from error
 
     async def submit(self, submission: Submission) -> bool:
         """Submit; True if this call created the job, False if that id already existed."""

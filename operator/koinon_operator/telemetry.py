@@ -5,7 +5,7 @@ it, see ``trace_id_for``), so spans emitted by different operator processes over
 (restarts included) land in the same trace. Each transition the operator posts as an Event is also
 a span; when the job finishes, or is deleted before, the root span covering creation
 to completion (or deletion) and a span for the Ray run are emitted, once per operator process (see
-``JobTracer``).
+``JobTracer``). A run that a suspension ends gets its span with the suspension.
 
 Configuration is the standard ``OTEL_*`` environment: ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) turns export on, over gRPC or, with
@@ -407,6 +407,9 @@ class JobTracer:
         # Trace id -> the status left by this process's pass that emitted the job's first spans,
         # until a body shows status.traceId (its write landed) or the root is emitted; oldest first.
         self._first_passes: dict[int, Mapping[str, Any]] = {}
+        # (trace id, the run's startTime) of the runs ended by a suspension whose ray.job span this
+        # process emitted (_suspended_run); oldest first.
+        self._runs_emitted: dict[tuple[int, datetime], None] = {}
 
     @property
     def enabled(self) -> bool:
@@ -440,6 +443,8 @@ class JobTracer:
             while len(self._first_passes) > ROOTS_REMEMBERED:
                 del self._first_passes[next(iter(self._first_passes))]
         last_end = max(ends, default=None)
+        if status_written.get("phase") == "Suspended" and before.get("phase") != "Suspended":
+            self._suspended_run(job, before, status)
         # The root span once, in the pass that finished the job (not again in the TTL deletion's,
         # nor in a repeat of the pass whose status write was lost).
         finished_now = status_written.get("phase")
@@ -488,6 +493,42 @@ class JobTracer:
         if warnings:
             status.update(reason=warnings[0][0], message=warnings[0][1])
         self._finish(job, status, StatusCode.ERROR if warnings else StatusCode.UNSET, last_end)
+
+    def _suspended_run(self, job: _TracedJob, before: Mapping[str, Any], status: Mapping[str, Any]) -> None:
+        """The ``ray.job`` span of a run that a suspension ended (its Ray job stopped), emitted with
+        the Suspended transition: the suspension clears status.startTime (a resumed run's deadline
+        counts from its own start), so the span ``_finish`` emits covers only the last run, and a job
+        deleted while suspended would have none. Emitted in the pass that wrote the phase, as its
+        ``aijob.Suspended`` span is: a later process (a restart, a new leader) sees the job
+        Suspended already and emits nothing; this one emits it once per run (``_runs_emitted``),
+        even when that pass is repeated after its status write was lost."""
+        assert self._tracer is not None
+        start = parse_time(before.get("startTime"))  # None: the run never started on Ray
+        if start is None or (job.trace_id, start) in self._runs_emitted:
+            return
+        self._runs_emitted[(job.trace_id, start)] = None
+        while len(self._runs_emitted) > ROOTS_REMEMBERED:
+            del self._runs_emitted[next(iter(self._runs_emitted))]
+        # When the operator suspended it, by the clock that wrote startTime (whole seconds).
+        suspended = next(
+            (c.get("lastTransitionTime") for c in status.get("conditions") or [] if c.get("type") == "Suspended"),
+            None,
+        )
+        end = parse_time(suspended) or datetime.now(start.tzinfo)
+        self._ray_run(job, start, end, "Suspended")
+
+    def _ray_run(self, job: _TracedJob, start: datetime, end: datetime, phase: str, error: str | None = None) -> None:
+        """One run of the job on Ray: ``phase`` is the job's when the run ended (Suspended, or the
+        phase it finished or was deleted in); ``error``, the reason of a run that failed."""
+        assert self._tracer is not None
+        run = self._tracer.start_span(
+            "ray.job", context=job.parent, kind=SpanKind.CLIENT, attributes=job.attributes, start_time=_ns(start)
+        )
+        run.set_attribute("koinon.phase", phase)
+        if error is not None:
+            run.set_status(Status(StatusCode.ERROR, error))
+        # A deletion (or suspension) in the second the run started has a whole-second timestamp before it.
+        run.end(end_time=_ns(max(start, end)))
 
     def _root_emitted(self, job: _TracedJob) -> bool:
         return job.trace_id in self._roots_emitted
@@ -557,14 +598,9 @@ class JobTracer:
         while len(self._roots_emitted) > ROOTS_REMEMBERED:
             del self._roots_emitted[next(iter(self._roots_emitted))]
         start, end = parse_time(status.get("startTime")), parse_time(status.get("completionTime"))
-        if start and end:
-            run = self._tracer.start_span(
-                "ray.job", context=job.parent, kind=SpanKind.CLIENT, attributes=job.attributes, start_time=_ns(start)
-            )
-            if outcome is StatusCode.ERROR:
-                run.set_status(Status(StatusCode.ERROR, str(status.get("reason"))))
-            # A deletion in the second the run started has a whole-second timestamp before it.
-            run.end(end_time=_ns(max(start, end)))
+        if start and end:  # no startTime: the job never ran, or its last run ended in a suspension
+            error = str(status.get("reason")) if outcome is StatusCode.ERROR else None
+            self._ray_run(job, start, end, str(status.get("phase")), error)
         token = _forced_ids.set((job.trace_id, job.root_span))
         try:
             # One name for every job's root (span names must stay low-cardinality for span metrics

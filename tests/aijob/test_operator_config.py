@@ -44,6 +44,29 @@ def test_a_dashboard_url_without_http_and_a_host_is_refused(monkeypatch: pytest.
         OperatorConfig.from_env()
 
 
+@pytest.mark.parametrize(
+    "url", ["koinon:pr0xy-s3cret@ray:8265", "http//koinon:pr0xy-s3cret@ray", "ftp://koinon:pr0xy-s3cret@ray"]
+)
+def test_a_refused_dashboard_url_is_shown_without_its_password(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """The refusal is printed at start (the pod's log): the userinfo's password stays out of it."""
+    monkeypatch.setenv("KOINON_RAY_DASHBOARD", url)
+    with pytest.raises(ValueError, match=r"^KOINON_RAY_DASHBOARD") as refused:
+        OperatorConfig.from_env()
+    assert "pr0xy-s3cret" not in str(refused.value) and "koinon:***@" in str(refused.value)
+
+
+def test_a_dashboard_url_with_a_password_and_a_ray_token_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both are an Authorization header: aiohttp refused every request to Ray that had both, so
+    every pass failed; at start the operator says which two settings clash."""
+    monkeypatch.setenv("KOINON_RAY_DASHBOARD", "http://koinon:pr0xy-s3cret@ray:8265")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "ray-t0ken")
+    with pytest.raises(ValueError, match=r"^KOINON_RAY_DASHBOARD.*RAY_AUTH_TOKEN") as refused:
+        OperatorConfig.from_env()
+    assert "pr0xy-s3cret" not in str(refused.value) and "ray-t0ken" not in str(refused.value)
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    assert OperatorConfig.from_env().ray_dashboard_url == "http://koinon:pr0xy-s3cret@ray:8265"
+
+
 def test_the_defaults_and_usual_values_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KOINON_RAY_DASHBOARD", "https://ray-head.koinon-system:8265")
     monkeypatch.setenv("KOINON_POLL_INTERVAL", "0.5")

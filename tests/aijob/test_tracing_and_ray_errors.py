@@ -10,12 +10,14 @@ import asyncio
 import threading
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 from unittest.mock import AsyncMock, Mock
 
 import kopf
 import pytest
+from aiohttp import web
 from koinon_operator.inventory import RayNodeCache
 from koinon_operator.placement import FirstFitPlacer
 from koinon_operator.ray_jobs import RayJobsClient, RayJobState, RayUnavailableError
@@ -89,6 +91,82 @@ async def test_ray_auth_token_does_not_reach_the_aijob_status() -> None:
 
 def _tracer() -> tuple[JobTracer, InMemorySpanExporter]:
     return tracer_with(TracerProvider(id_generator=JobIdGenerator()))
+
+
+# KOINON_RAY_DASHBOARD=http://koinon:PASSWORD@host: aiohttp sends the userinfo as Basic auth (a
+# dashboard behind an authenticating proxy).
+PASSWORD = "pr0xy-s3cret"
+
+
+async def test_a_basic_auth_dashboard_url_works() -> None:
+    """So the configuration whose password must stay out of messages is a real one."""
+    seen: list[str] = []
+
+    async def jobs(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return web.json_response([])
+
+    app = web.Application()
+    app.router.add_get("/api/jobs/", jobs)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    client = RayJobsClient(f"http://koinon:{PASSWORD}@127.0.0.1:{port}")
+    try:
+        assert await client.list_unfinished_jobs() == []
+    finally:
+        await client.close()
+        await runner.cleanup()
+    assert seen and seen[0].startswith("Basic "), seen
+
+
+async def test_the_dashboard_urls_password_stays_out_of_ray_errors_status_and_spans(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Ray outage's error named the dashboard URL whole, its password with it: in the
+    RayReachable condition and the StopUnconfirmed Event every reader of the namespace sees, the
+    operator's log, and the StopUnconfirmed span (and the root's status) in the trace backend."""
+    from koinon_operator import handlers
+
+    posted: list[str] = []
+    monkeypatch.setattr(kopf, "event", lambda body, type, reason, message: posted.append(message))
+    ray = RayJobsClient(f"http://koinon:{PASSWORD}@127.0.0.1:1", timeout_seconds=2)
+    clock = Clock()
+    reconciler = AIJobReconciler(
+        ray=ray, placer=FirstFitPlacer(), nodes=RayNodeCache(ray, max_age_seconds=0.0),
+        clock=lambda: clock.now, monotonic=lambda: clock.mono,
+    )  # fmt: skip
+    tracer, exporter = _tracer()
+    body = make_body({"entrypoint": "python x.py"})
+    try:
+        with pytest.raises(RayUnavailableError) as caught:
+            await ray.get("koinon-x-1")
+        await _traced_step(reconciler, tracer, body)  # Accepted, then placement asks Ray for its nodes
+        body["status"].update(phase="Running", submissionId="koinon-x-1", attempts=1)
+        body["metadata"]["deletionTimestamp"] = "2026-01-01T00:05:00Z"
+        memo = SimpleNamespace(reconciler=reconciler, tracer=tracer, leader=SimpleNamespace(is_leader=True, term=1))
+        stop_ray_job: Any = handlers.stop_ray_job  # kopf's decorator types it as a handler spec
+        past_grace = timedelta(seconds=handlers.CONFIG.stop_grace_seconds + 1)  # StopUnconfirmed
+        await stop_ray_job(body=body, memo=memo, runtime=past_grace)
+    finally:
+        await ray.close()
+    assert "koinon:***@127.0.0.1:1" in str(caught.value)
+    ray_reachable = [c for c in body["status"].get("conditions") or [] if c["type"] == "RayReachable"]
+    assert ray_reachable and "127.0.0.1:1" in ray_reachable[0]["message"], body["status"]
+    assert PASSWORD not in str(body["status"])
+    assert any("StopUnconfirmed" in m or "without stopping" in m for m in posted), posted
+    assert not [m for m in posted if PASSWORD in m], posted
+    assert "koinon:***@" in caplog.text and PASSWORD not in caplog.text
+
+    def text(span: ReadableSpan) -> str:
+        return f"{span.name} {dict(span.attributes or {})} {span.status.description}"
+
+    spans = exporter.get_finished_spans()
+    assert "aijob.StopUnconfirmed" in [s.name for s in spans]
+    leaking = [s.name for s in spans if PASSWORD in text(s)]
+    assert leaking == [], f"spans carrying the dashboard URL's password: {leaking}"
 
 
 async def test_deleting_a_running_job_still_emits_its_root_span(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 import kopf
 import pytest
 from koinon_emulator.patching import merge_patch
+from koinon_operator.api.aijob import parse_time
 from koinon_operator.ray_jobs import RayJobState
 from koinon_operator.reconciler import STALE_BODY_GRACE_SECONDS, AIJobReconciler, Outcome, submission_id_for
 from koinon_operator.telemetry import (
@@ -40,6 +41,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+from opentelemetry.trace import StatusCode
 
 from tests.aijob.fake_ray import UID, VOLUNTEERS, Clock, FakeRay, make_body, make_reconciler, step
 
@@ -695,3 +697,105 @@ async def test_the_ray_job_span_keeps_the_sub_second_start_and_end_of_the_run() 
     assert run.start_time is not None and run.end_time is not None
     assert run.start_time / 1e9 == pytest.approx(started.timestamp(), abs=1e-6)
     assert (run.end_time - run.start_time) / 1e9 == pytest.approx(3.5, abs=1e-5)
+
+
+async def _suspend(reconciler: AIJobReconciler, tracer: JobTracer, body: dict[str, Any], generation: int) -> None:
+    """kubectl patch aijob j -p '{"spec":{"suspend":true}}', then the pass that suspends it."""
+    body["spec"]["suspend"] = True
+    body["metadata"]["generation"] = generation
+    await _traced_step(reconciler, tracer, body)
+    assert body["status"]["phase"] == "Suspended" and not body["status"].get("startTime")
+
+
+async def test_a_run_ended_by_a_suspension_keeps_its_ray_job_span() -> None:
+    """The job ran on Ray, was suspended (its Ray job stopped) and deleted while suspended: the
+    trace said it ran (aijob.Running) but had no ray.job span, since the suspension clears
+    status.startTime and the span was only emitted from startTime to completionTime."""
+    tracer, exporter = _tracer(TracerProvider(id_generator=JobIdGenerator()))
+    reconciler, _, clock, body = await _running_job(tracer)
+    started = parse_time(body["status"]["startTime"])
+    assert started is not None
+    clock.advance(600)  # ten minutes of GPU time on the volunteer
+    await _suspend(reconciler, tracer, body, generation=2)
+    deleted = copy.deepcopy(body)
+    deleted["metadata"]["deletionTimestamp"] = "2026-01-01T01:00:00Z"
+    tracer.deleted(deleted, [])
+    spans = exporter.get_finished_spans()
+    names = [s.name for s in spans]
+    assert "aijob.Running" in names and "aijob" in names, names
+    runs = [s for s in spans if s.name == "ray.job"]
+    assert len(runs) == 1, f"the 10-minute Ray run has no span of its own: {names}"
+    run = runs[0]
+    assert run.start_time is not None and run.end_time is not None
+    assert run.start_time / 1e9 == pytest.approx(started.timestamp(), abs=1e-6)
+    assert (run.end_time - run.start_time) / 1e9 == pytest.approx(600, abs=1)  # suspended in whole seconds
+    assert dict(run.attributes or {})["koinon.phase"] == "Suspended"
+    assert dict(run.attributes or {})["koinon.ray.submission_id"] == submission_id_for(UID, 1)
+    assert run.status.status_code is StatusCode.UNSET  # a suspension is no failure
+
+
+async def test_a_suspended_resumed_and_completed_job_has_a_ray_job_span_for_each_run() -> None:
+    """The span emitted at completion covered only the resumed run (startTime is the resumed
+    run's): the first run, ended by the suspension, had none."""
+    tracer, exporter = _tracer(TracerProvider(id_generator=JobIdGenerator()))
+    reconciler, ray, clock, body = await _running_job(tracer)
+    clock.advance(600)
+    await _suspend(reconciler, tracer, body, generation=2)
+    clock.advance(3600)  # an hour suspended: in neither run
+    body["spec"]["suspend"] = False
+    body["metadata"]["generation"] = 3
+    await _traced_step(reconciler, tracer, body)  # Resumed (and placed again)
+    while body["status"]["phase"] != "Running":
+        for submission in list(ray.jobs):
+            if ray.jobs[submission].state is RayJobState.PENDING:
+                ray.set_state(submission, RayJobState.RUNNING)
+        await _traced_step(reconciler, tracer, body)
+    resumed = parse_time(body["status"]["startTime"])
+    assert resumed is not None
+    clock.advance(120)
+    ray.set_state(body["status"]["submissionId"], RayJobState.SUCCEEDED, exit_code=0)
+    await _traced_step(reconciler, tracer, body)  # Completed
+    assert body["status"]["phase"] == "Succeeded"
+    spans = exporter.get_finished_spans()
+    runs = sorted((s for s in spans if s.name == "ray.job"), key=lambda s: s.start_time or 0)
+    assert [dict(s.attributes or {})["koinon.phase"] for s in runs] == ["Suspended", "Succeeded"], runs
+    durations = [((s.end_time or 0) - (s.start_time or 0)) / 1e9 for s in runs]
+    assert durations == [pytest.approx(600, abs=1), pytest.approx(120, abs=1e-5)]
+    assert (runs[1].start_time or 0) / 1e9 == pytest.approx(resumed.timestamp(), abs=1e-6)
+    assert [s.name for s in spans].count("aijob") == 1
+
+
+async def test_a_suspending_pass_repeated_after_its_status_write_was_lost_emits_one_ray_job_span() -> None:
+    """As for the finishing pass: the suspension's ray.job span comes once per process, however
+    often the pass is repeated from the body its lost write left (Running, startTime set)."""
+    tracer, exporter = _tracer(TracerProvider(id_generator=JobIdGenerator()))
+    reconciler, _, clock, body = await _running_job(tracer)
+    body["metadata"]["resourceVersion"] = "7"
+    body["spec"]["suspend"] = True
+    body["metadata"]["generation"] = 2
+    suspended = 0
+    for _ in range(3):  # no pass's write lands: the body stays as it was
+        clock.advance(STALE_BODY_GRACE_SECONDS / 2 + 1)
+        outcome = await reconciler.reconcile(copy.deepcopy(body), {}, VOLUNTEERS)
+        tracer.record(body, outcome.status, [(e.type, e.reason, e.message) for e in outcome.events])
+        suspended += outcome.status.get("phase") == "Suspended"
+    assert suspended >= 2
+    names = [s.name for s in exporter.get_finished_spans()]
+    assert names.count("ray.job") == 1, names
+
+
+async def test_an_operator_restarted_after_the_suspension_emits_no_second_ray_job_span() -> None:
+    """The suspending process emitted the run's span; the next one (a restart, a new leader) finds
+    the job Suspended, startTime cleared, and its deletion emits the root alone."""
+    before_restart, exported_before = _tracer(TracerProvider(id_generator=JobIdGenerator()))
+    reconciler, _, clock, body = await _running_job(before_restart)
+    clock.advance(600)
+    await _suspend(reconciler, before_restart, body, generation=2)
+    after_restart, exported_after = _tracer(TracerProvider(id_generator=JobIdGenerator()))
+    await _traced_step(make_reconciler(FakeRay(), clock), after_restart, body)  # still suspended: no event
+    body["metadata"]["deletionTimestamp"] = "2026-01-01T01:00:00Z"
+    after_restart.deleted(body, [])
+    names = [s.name for s in exported_before.get_finished_spans()] + [
+        s.name for s in exported_after.get_finished_spans()
+    ]
+    assert names.count("ray.job") == 1 and names.count("aijob") == 1, names
