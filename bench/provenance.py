@@ -29,9 +29,12 @@ def provenance(started_utc: str) -> dict[str, Any]:
     None outside a git checkout; ``dirty``: files differed from that commit (then the commit alone
     does not name the code that ran)."""
     status = _git("status", "--porcelain", "--untracked-files=no")
+    # Python files no commit holds (and .gitignore does not name) count too: a run may import a
+    # module not yet added. Other untracked files (a .venv symlink, notes) name no code that ran.
+    untracked_code = _git("ls-files", "--others", "--exclude-standard", "--", "*.py")
     return {
         "commit": _git("rev-parse", "HEAD"),
-        "dirty": None if status is None else bool(status),
+        "dirty": None if status is None or untracked_code is None else bool(status or untracked_code),
         "started_utc": started_utc,
         "finished_utc": utc_now(),
         # Every *_mb / *_mib figure these benchmarks write is in MiB (2**20 bytes) since 2026-12-06;

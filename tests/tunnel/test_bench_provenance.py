@@ -32,6 +32,21 @@ def test_provenance_names_the_commit_and_whether_the_tree_had_changes(
     assert provenance.provenance("2026-12-07T00:00:00+00:00")["dirty"] is True
 
 
+def test_provenance_is_dirty_when_the_run_imported_a_python_file_no_commit_holds(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "code.py").write_text("import helper\n")
+    _git(tmp_path, "add", "code.py")
+    _git(tmp_path, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "one")
+    (tmp_path / "notes.txt").write_text("not code\n")  # an untracked file that is no code stays clean
+    (tmp_path / ".venv").symlink_to(tmp_path / "elsewhere")
+    monkeypatch.setattr(provenance, "REPO", tmp_path)
+    assert provenance.provenance(provenance.utc_now())["dirty"] is False
+    (tmp_path / "helper.py").write_text("FAST = True\n")  # not added: the commit alone misses it
+    assert provenance.provenance(provenance.utc_now())["dirty"] is True
+
+
 def test_provenance_outside_a_checkout_says_it_does_not_know(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(provenance, "REPO", tmp_path)
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
