@@ -144,12 +144,20 @@ class NodeSession:
 
     @property
     def ready(self) -> bool:
-        return (
-            not self.draining
-            and self.ray_state == "running"
-            and bool(self.ray_node_id)
-            and self.ray_node_id == self.ray_verified_id
-        )
+        return not self.draining and self.ray_state == "running" and self.ray_confirmed
+
+    @property
+    def ray_confirmed(self) -> bool:
+        """The Ray node the agent runs now is the one GCS has (still) alive at its address."""
+        return bool(self.ray_node_id) and self.ray_node_id == self.ray_verified_id
+
+    @property
+    def draining_served(self) -> bool:
+        """Draining, as a serving node's way out: its running work finishes on a Ray node GCS has
+        alive here. A drain with no such Ray node (never confirmed, or lost since) is NotReady: it
+        serves nothing, and must earn no uptime for as long as its agent heartbeats (a drain's grace
+        may be a day)."""
+        return self.draining and self.ray_confirmed
 
 
 class SessionTable:
@@ -242,7 +250,7 @@ class SessionTable:
     def _connected_reason(session: NodeSession) -> tuple[str, str]:
         if session.ready:
             return "Connected", "control stream up, Ray node running"
-        if session.draining:
+        if session.draining_served:
             return "Draining", "agent is draining"
         if session.ray_state == "running":
             if session.ray_node_id and session.ray_node_id == session.ray_lost_id:
@@ -268,7 +276,7 @@ class SessionTable:
         ready = connected and session.ready
         condition = next_condition(self._conditions.get(session.node_name), ready, reason, message)
         self._conditions[session.node_name] = condition
-        phase = "Ready" if ready else ("Draining" if session.draining and connected else "NotReady")
+        phase = "Ready" if ready else ("Draining" if session.draining_served and connected else "NotReady")
         status: dict[str, Any] = {
             "phase": phase,
             "connected": connected,

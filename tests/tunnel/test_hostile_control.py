@@ -16,6 +16,8 @@ import grpc
 import pytest
 from koinon_gateway import server
 from koinon_gateway.rpc import tunnel_stub
+from koinon_operator.reputation_book import uptime_sample
+from koinon_operator.scheduler.config import ReputationConfig
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .helpers import Cluster, channel_for, cluster, control_call, next_message, registered_mute_node
@@ -316,3 +318,41 @@ async def test_confirmed_ray_nodes_are_checked_in_one_sweep_not_one_lookup_per_h
         asked, started = FakeGcs.lookups, time.monotonic()
         await heartbeat_until(c, control, name, "never", 2.5)  # some 20 heartbeats
         assert FakeGcs.lookups - asked <= (time.monotonic() - started) / 1.0 + 1
+
+
+async def test_a_draining_node_whose_ray_node_gcs_lost_is_not_ready_and_earns_no_uptime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Draining counts as up for reputation: an agent that asked for a day's drain and kept
+    heartbeating with its Ray node gone would earn uptime all that time."""
+    async with node_with_fake_gcs(tmp_path, monkeypatch, recheck_s=0.3) as (c, joined, control):
+        name = joined.assignment.node_name
+        FakeGcs.known = {OWN_RAY_ID: joined.assignment.address}
+        assert (await heartbeat_until(c, control, name, "Ready", 5.0))["phase"] == "Ready"
+        await control.write(pb.AgentMessage(drain=pb.DrainRequest(reason="bye", grace_seconds=86400)))
+        assert (await heartbeat_until(c, control, name, "Draining", 5.0))["phase"] == "Draining"
+        FakeGcs.known = {}  # its Ray node is gone from GCS; the agent keeps its session and heartbeats
+        status = await heartbeat_until(c, control, name, "NotReady", 5.0)
+        assert status["phase"] == "NotReady" and status.get("rayNodeId") is None, status
+        assert status["conditions"][0]["reason"] == "RayNodeNotAlive"
+        now = time.time()
+        sampled = {**status, "reputation": {"uptimeSampledAt": now - 60}}
+
+        def uptime(sample: dict[str, Any]) -> float:
+            reputation = uptime_sample(sample, now, ReputationConfig(), max_gap_s=600)
+            assert reputation is not None
+            return float(reputation["reputation"]["uptime"])
+
+        # The minute since the last sample counts as down; the same minute Draining counted as up.
+        assert uptime(sampled) < 0.5 < uptime({**sampled, "phase": "Draining"})
+
+
+async def test_a_drain_before_any_ray_node_was_confirmed_is_not_ready(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with node_with_fake_gcs(tmp_path, monkeypatch) as (c, joined, control):
+        name = joined.assignment.node_name
+        FakeGcs.known = {}  # the id it reports is alive nowhere
+        await control.write(pb.AgentMessage(drain=pb.DrainRequest(reason="bye", grace_seconds=86400)))
+        status = await heartbeat_until(c, control, name, "never", 2.0)
+        assert status["phase"] == "NotReady", status
