@@ -72,6 +72,19 @@ class OperatorConfig:
                 f"KOINON_RAY_DASHBOARD (--ray-dashboard): must be an http(s) URL with a host, "
                 f"got {redact_url(self.ray_dashboard_url)!r}"  # printed at start: no password in it
             )
+        try:
+            port_ok = url.port is None or url.port > 0
+        except ValueError:  # "http://user:pa#ss@ray:8265" splits as host "user", port "pa"
+            port_ok = False
+        if "@" in url.path + url.query + url.fragment or ("@" in self.ray_dashboard_url and not port_ok):
+            # A password with '#', '?' or '/' not percent-encoded: the URL splits inside the userinfo,
+            # so no redaction can find the password: it is not shown at all.
+            raise ValueError(
+                "KOINON_RAY_DASHBOARD (--ray-dashboard): not a valid URL (not shown: it may hold a "
+                "password); a user name or password in it must be percent-encoded ('#', '?', '/')"
+            )
+        if not port_ok:
+            raise ValueError(f"KOINON_RAY_DASHBOARD (--ray-dashboard): bad port in {self.ray_dashboard_url!r}")
         if self.ray_auth_token and (url.username is not None or url.password is not None):
             # Both are one Authorization header: aiohttp refuses every request that has both.
             raise ValueError(

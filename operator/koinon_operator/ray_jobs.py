@@ -164,7 +164,9 @@ class RayJobsClient:
                     body = text
                 return reply.status, body
         except (TimeoutError, aiohttp.ClientError, OSError) as error:
-            raise RayUnavailableError(f"Ray dashboard at {self._shown} unreachable: {describe_error(error)}") from error
+            # aiohttp's errors may quote the URL (an InvalidUrlClientError quotes it whole).
+            reason = redact_url(describe_error(error))
+            raise RayUnavailableError(f"Ray dashboard at {self._shown} unreachable: {reason}") from error
 
     async def submit(self, submission: Submission) -> bool:
         """Submit; True if this call created the job, False if that id already existed."""

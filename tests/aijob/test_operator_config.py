@@ -55,6 +55,25 @@ def test_a_refused_dashboard_url_is_shown_without_its_password(monkeypatch: pyte
     assert "pr0xy-s3cret" not in str(refused.value) and "koinon:***@" in str(refused.value)
 
 
+@pytest.mark.parametrize("password", ["abc#def", "abc?def", "abc/def"])
+def test_a_dashboard_url_whose_password_is_not_percent_encoded_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch, password: str
+) -> None:
+    """'#', '?' or '/' in a password split the URL inside its userinfo (host "koinon", port "abc"):
+    it passed the check, no redaction found the password, and aiohttp's InvalidUrl error quoted it
+    whole into every job's RayReachable condition."""
+    monkeypatch.setenv("KOINON_RAY_DASHBOARD", f"http://koinon:{password}@ray:8265")
+    with pytest.raises(ValueError, match=r"^KOINON_RAY_DASHBOARD.*percent-encoded") as refused:
+        OperatorConfig.from_env()
+    assert "abc" not in str(refused.value) and "def" not in str(refused.value)
+
+
+def test_a_dashboard_url_with_a_bad_port_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KOINON_RAY_DASHBOARD", "http://ray:eighty")
+    with pytest.raises(ValueError, match=r"^KOINON_RAY_DASHBOARD.*http://ray:eighty"):
+        OperatorConfig.from_env()
+
+
 def test_a_dashboard_url_with_a_password_and_a_ray_token_is_refused_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
     """Both are an Authorization header: aiohttp refused every request to Ray that had both, so
     every pass failed; at start the operator says which two settings clash."""
