@@ -41,7 +41,7 @@ from koinon_dev.processes import (
     stop_process_groups,
     wait_until,
 )
-from koinon_dev.ray_cluster import LocalRayHead
+from koinon_dev.ray_cluster import HeadCannotTakeJobsError, LocalRayHead
 from koinon_dev.tunnel_plane import LocalAgent, LocalGateway, delete_netns, netns_available
 from koinon_dev.volunteer_sandbox import processes_of_their_own, runs_without_privileges
 
@@ -62,6 +62,9 @@ STOP_GRACE_SECONDS = 8.0
 # Ray to stop; killed sooner, its Ray node is left to the sweep.
 AGENT_STOP_GRACE_SECONDS = 5.0 + 15.0
 AGENT_PREFIX = "agent-"  # LocalAgent's process names
+# Starts of the Ray head, each on freshly chosen agent ports, before `up` gives up on a head whose
+# dashboard agent cannot serve HTTP (its port taken after it was chosen: see _start_head).
+HEAD_START_TRIES = 3
 
 
 @dataclass(frozen=True)
@@ -363,11 +366,8 @@ class DevCluster:
         head_tmp = work_dir / "tmp"
         head_tmp.mkdir(mode=0o700, exist_ok=True)
         head.extra_env = {**gateway.head_environment(), **self._env(), "TMPDIR": str(head_tmp)}
-        with deferred_signals():
-            head.start()
-            assert head.process is not None
-            self._track(head.process)
-        head.wait_ready()
+        self._start_head(head, say)
+        # Only now: a restarted head has other ports than the first start's.
         self._state.ray_dashboard_url, self._state.ray_address = head.dashboard_url, head.gcs_address
         self._save()
         say(f"- Ray head (no CPUs for user work) at {head.gcs_address}, dashboard {head.dashboard_url}")
@@ -391,6 +391,36 @@ class DevCluster:
             say("- koinon operator started")
         self._state.complete = True
         self._save()
+
+    def _start_head(self, head: LocalRayHead, say: Callable[[str], None]) -> None:
+        """Start the Ray head and wait until it takes jobs, starting it again on other ports when its
+        dashboard agent cannot serve HTTP. Its ports are probed free long before Ray binds them,
+        and another control plane or a test's Ray may take one meanwhile: Ray then keeps that agent
+        running without its HTTP server, and the head refuses every job for ever, while its
+        dashboard answers as if all were well."""
+        for attempt in range(1, HEAD_START_TRIES + 1):
+            with deferred_signals():
+                head.start()
+                assert head.process is not None
+                self._track(head.process)  # replaces the last start's record
+            try:
+                head.wait_ready()
+                return
+            except HeadCannotTakeJobsError as error:
+                if attempt == HEAD_START_TRIES:
+                    raise RuntimeError(
+                        f"the Ray head could not take jobs after {attempt} starts on different ports: {error}"
+                    ) from None
+                port = f"{head.address}:{head.ports.dashboard_agent_listen}"
+                say(f"- the Ray head's dashboard agent could not serve on {port}; starting the head on other ports")
+                log.info("starting the Ray head again: %s", error)
+            stopped = head.process
+            assert stopped is not None
+            head.stop()
+            # Ray's processes that outlived their group (as `down` does, for this start's dir only).
+            kill_processes_using(head.temp_dir)
+            self._started.remove(stopped)  # stopped: `down` must not signal its pid again
+            head.move_agent_ports(self._work_dir / f"head-{attempt + 1}")
 
     def _operator(self, kubeconfig: Path, dashboard_url: str, token_file: Path) -> ManagedProcess:
         # Its TMPDIR in the work dir, as the Ray head's: `down` removes what it leaves there (the

@@ -7,10 +7,12 @@ Every port is chosen explicitly: Ray's defaults (GCS 6379, dashboard agent 52365
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,6 +23,13 @@ from koinon_agent.config import ENV_VARS as AGENT_ENV_VARS
 from koinon_dev.processes import ManagedProcess, free_port_range, free_ports, wait_until
 
 _WORKER_PORTS = 40
+# What Ray's dashboard agent logs when its HTTP server cannot bind (it stays alive without it): seen,
+# `up` need not wait out AGENT_TIMEOUT_SECONDS. Only a shortcut: a Ray that words it otherwise is
+# still caught by that timeout.
+_AGENT_HTTP_DISABLED = "the HTTP service will be disabled"
+# After the dashboard answers, how long the head's dashboard agent may take to register; it
+# normally has by then (it binds within 5 tries over ~3 s, then registers at once).
+AGENT_TIMEOUT_SECONDS = 30.0
 
 
 def ray_executable() -> str:
@@ -117,6 +126,11 @@ class NodePorts:
         ]
 
 
+class HeadCannotTakeJobsError(RuntimeError):
+    """The head's dashboard answers, but its dashboard agent does not serve HTTP: the dashboard
+    submits every job through that agent, so it refuses each ("No available agent to submit job")."""
+
+
 @dataclass
 class LocalRayHead:
     """Ray head with ``--num-cpus=0``: GCS and dashboard (Job Submission API) only, no user work."""
@@ -159,10 +173,14 @@ class LocalRayHead:
         )
         self.process.start()
 
-    def wait_ready(self, timeout: float = 90.0) -> None:
+    def wait_ready(self, timeout: float = 90.0, agent_timeout: float = AGENT_TIMEOUT_SECONDS) -> None:
+        """Wait until the head takes jobs: its dashboard answers and its dashboard agent serves HTTP.
+
+        Raises HeadCannotTakeJobsError when the agent does not (its HTTP port was taken between
+        the probe that chose it and Ray's bind, by another control plane or a test's Ray)."""
+
         def dashboard_answers() -> bool:
-            if self.process is not None and not self.process.alive():
-                raise RuntimeError(f"Ray head exited:\n{self.process.log_tail()}")
+            self._check_alive()
             try:
                 request = urllib.request.Request(f"{self.dashboard_url}/api/version", headers=self.auth_headers())
                 with urllib.request.urlopen(request, timeout=2) as reply:
@@ -171,6 +189,74 @@ class LocalRayHead:
                 return False
 
         wait_until(dashboard_answers, timeout, interval=0.3, what="the Ray dashboard")
+
+        def agent_serves() -> bool:
+            self._check_alive()
+            if _AGENT_HTTP_DISABLED in self.agent_log_tail():
+                raise self._cannot_take_jobs("its HTTP server could not start")
+            return self.agent_registered()
+
+        try:
+            wait_until(agent_serves, agent_timeout, interval=0.3, what="the head's dashboard agent")
+        except TimeoutError as error:
+            raise self._cannot_take_jobs(f"it did not register ({error})") from None
+
+    def agent_registered(self) -> bool:
+        """Whether the head's dashboard agent has registered its HTTP server with the GCS.
+
+        The dashboard's job module submits a job through the agent whose address it finds in the
+        GCS (internal KV, DASHBOARD_AGENT_ADDR_NODE_ID_PREFIX:<head node>); without that entry it
+        answers every job "No available agent to submit job". Ray's agent writes it, with its twin
+        DASHBOARD_AGENT_ADDR_IP_PREFIX:<node ip>, only once its HTTP server listens. The state API's
+        log listing by node IP looks the node up by that twin (404 without it), then asks that
+        agent: a 200 means the head's agent is registered and answers."""
+        query = urllib.parse.urlencode({"node_ip": self.address, "glob": "dashboard_agent.log", "timeout": 5})
+        request = urllib.request.Request(f"{self.dashboard_url}/api/v0/logs?{query}", headers=self.auth_headers())
+        try:
+            with urllib.request.urlopen(request, timeout=10) as reply:
+                return bool(reply.status == 200)
+        except (urllib.error.URLError, OSError):  # HTTPError (404: not registered yet) among them
+            return False
+
+    @property
+    def agent_log(self) -> Path:
+        return self.temp_dir / "session_latest" / "logs" / "dashboard_agent.log"
+
+    def agent_log_tail(self, max_bytes: int = 3000) -> str:
+        try:
+            data = self.agent_log.read_bytes()
+        except OSError:
+            return ""
+        return data[-max_bytes:].decode(errors="replace")
+
+    def move_agent_ports(self, temp_dir: Path) -> None:
+        """Fresh ports for what a Ray node's agents bind, and a fresh temp dir, for the next start.
+
+        The GCS, node manager, object manager and worker ports stay: the gateway, started first,
+        routes volunteers to them (LocalGateway.head_ports_spec), and the head's own processes,
+        stopped, released them. The temp dir is new so that nothing of the last start (its
+        dashboard_agent.log above all) is taken for the next one's."""
+        agent_grpc, agent_http, metrics, runtime_env = free_ports(4)
+        self.ports = dataclasses.replace(
+            self.ports,
+            dashboard_agent_grpc=agent_grpc,
+            dashboard_agent_listen=agent_http,
+            metrics_export=metrics,
+            runtime_env_agent=runtime_env,
+        )
+        self.temp_dir = temp_dir
+
+    def _check_alive(self) -> None:
+        if self.process is not None and not self.process.alive():
+            raise RuntimeError(f"Ray head exited:\n{self.process.log_tail()}")
+
+    def _cannot_take_jobs(self, why: str) -> HeadCannotTakeJobsError:
+        return HeadCannotTakeJobsError(
+            f"the Ray head's dashboard agent does not serve HTTP on "
+            f"{self.address}:{self.ports.dashboard_agent_listen}: {why}, so the head refuses every job "
+            f"(the port may have been taken after it was chosen). The end of {self.agent_log}:\n"
+            f"{self.agent_log_tail()}"
+        )
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
