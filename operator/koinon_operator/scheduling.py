@@ -6,16 +6,21 @@ operator places one AIJob per call (each job's own reconcile pass) where the sim
 pending job in one; so that a waiting multi-GPU job's hold on the nodes closest to fitting it lasts
 as there, the waiting multi-GPU jobs placed before the one asked about are placed again in the same
 call (only the job asked about is taken).
+
+Each call converts the whole fleet; the conversion of a node whose capacity equals what it was in the
+previous call is kept from that call (``_Converted``): the operator asks once per AIJob, against
+thousands of volunteers of which few changed in between.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from koinon_operator.placement import NodeCapacity, PlacementDecision, PlacementRequest
 from koinon_operator.scheduler import (
@@ -128,6 +133,35 @@ def with_seed_key(config: SchedulerConfig, seed_key: bytes | None) -> SchedulerC
     return replace(config, verification=replace(config.verification, seed_key=key))
 
 
+@dataclass(slots=True)
+class _Converted:
+    """One node's conversion, kept for the next call while its capacity stays equal.
+
+    `to_snapshot` reads nothing but the capacity (and the placer's fixed scoring config), and a
+    snapshot holds no time-dependent value: reputation decay and RTT staleness are computed from
+    each call's ``now`` when the scheduler indexes the snapshots. So a node whose capacity equals
+    `capacity` converts to `snapshot`, whenever it is asked. Equal as Python compares values: a
+    number given as another type of the same value (1, 1.0) makes the same index columns; a status
+    count given as a bool (True == 1), which `to_snapshot` refuses, could be served the snapshot of
+    the number it equals. The operator never passes such a status (inventory.unreadable_status
+    drops it before placement)."""
+
+    capacity: NodeCapacity
+    """The capacity converted, its reputation status copied: a status dict changed in place after
+    the call must not compare equal to the copy of what was converted."""
+    snapshot: NodeSnapshot
+    idle: NodeSnapshot | None = None
+    """The node as if idle (`_fits_an_idle_fleet`), made when first needed."""
+
+
+def _converted(node: NodeCapacity, scoring: ScoringConfig) -> _Converted:
+    snapshot = to_snapshot(node, scoring)  # first: a status it refuses is never kept
+    status = node.reputation_status
+    # Deep: a nested part (the evidence) changed in place must not compare equal either.
+    kept = node if status is None else replace(node, reputation_status=copy.deepcopy(dict(status)))
+    return _Converted(kept, snapshot)
+
+
 class ReputationPlacer:
     """Operator ``Placer`` backed by the Koinon scheduling policy.
 
@@ -156,6 +190,8 @@ class ReputationPlacer:
         self._monotonic = monotonic  # how long ago a waiting job last asked: immune to clock steps
         self._waiting_for_s = waiting_for_s
         self._waiting: dict[str, tuple[JobRequest, float]] = {}  # job key -> (request, last asked)
+        # Node name -> its conversion in the last call (only the nodes of that call: bounded by the fleet).
+        self._converted: dict[str, _Converted] = {}
 
     def forget_waiting(self) -> None:
         self._waiting.clear()
@@ -168,7 +204,8 @@ class ReputationPlacer:
         if not nodes:
             return PlacementDecision(total_nodes=0)
         by_name = {node.name: node for node in nodes}
-        snapshots = [to_snapshot(n, self._scoring) for n in nodes]
+        converted = self._convert(nodes)
+        snapshots = [c.snapshot for c in converted]
         # Only waiting multi-GPU jobs placed before this one (the scheduler's order) can hold nodes
         # for themselves or take room from it: the batch stays small however many jobs wait.
         ahead = [w for w, _ in self._waiting.values() if w.gpus_per_replica > 1 and _order(w) < _order(job)]
@@ -177,18 +214,35 @@ class ReputationPlacer:
         if placement is not None:
             chosen = tuple(by_name[name] for name in placement.nodes)
             return PlacementDecision(nodes=chosen, total_nodes=len(nodes), copies=placement.copies)
-        if job.gpus_per_replica > 1 and self._fits_an_idle_fleet(job, snapshots, nodes, now):
+        if job.gpus_per_replica > 1 and self._fits_an_idle_fleet(job, converted, now):
             # Waiting for room that will come: it holds nodes for itself in later jobs' calls. One
             # that could not run even on an idle fleet (too few owners, say) would hold them for good.
             self._waiting[job.key] = (job, asked)
         mine = next((u for u in result.unschedulable if u.job_key == job.key), None)
         return PlacementDecision(reasons=dict(mine.reasons) if mine else {}, total_nodes=len(nodes))
 
-    def _fits_an_idle_fleet(
-        self, job: JobRequest, snapshots: Sequence[NodeSnapshot], nodes: Sequence[NodeCapacity], now: float
-    ) -> bool:
-        # An idle node has all its CPUs (Ray's total; unknown: unlimited): a job that wants more
-        # than any node has can never run, and must not hold nodes for itself.
-        total = {n.name: IDLE_CPUS if n.cpus_total is None else max(0.0, n.cpus_total) for n in nodes}
-        idle = [replace(n, free_gpus=len(n.gpus), running_jobs=0, cpus_free=total[n.name]) for n in snapshots]
+    def _convert(self, nodes: Sequence[NodeCapacity]) -> list[_Converted]:
+        """Each node's conversion, in order: the last call's where its capacity is equal (as the
+        operator builds them afresh each call, an equal one is another object), else a new one."""
+        previous, current, out = self._converted, {}, []
+        for node in nodes:
+            entry = previous.get(node.name)
+            if entry is None or entry.capacity != node:
+                entry = _converted(node, self._scoring)
+            current[node.name] = entry
+            out.append(entry)
+        self._converted = current
+        return out
+
+    def _fits_an_idle_fleet(self, job: JobRequest, converted: Sequence[_Converted], now: float) -> bool:
+        idle = []
+        for entry in converted:
+            if entry.idle is None:
+                # An idle node has all its CPUs (Ray's total; unknown: unlimited): a job that wants
+                # more than any node has can never run, and must not hold nodes for itself.
+                cpus = entry.capacity.cpus_total
+                total = IDLE_CPUS if cpus is None else max(0.0, cpus)
+                snapshot = entry.snapshot
+                entry.idle = replace(snapshot, free_gpus=len(snapshot.gpus), running_jobs=0, cpus_free=total)
+            idle.append(entry.idle)
         return any(p.job_key == job.key for p in self._placer.place([job], idle, now).placements)
