@@ -108,6 +108,7 @@ L4 = FakeGpu("NVIDIA L4", 24_152_899_584, "GPU-11111111-2222-3333-4444-555555555
 @pytest.fixture(autouse=True)
 def no_visible_devices_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
 
 
 def test_each_gpu_with_its_model_memory_in_mib_and_uuid(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,8 +156,105 @@ def test_only_the_gpus_cuda_visible_devices_names_are_offered(
     """NVML lists every GPU of the host; a volunteer who shares only some of them says so in
     CUDA_VISIBLE_DEVICES, and offering the others made `ray start` refuse to run at all."""
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([RTX, A100]))
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # CUDA's indices are NVML's (two models here)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert [gpu.device for gpu in gpus.detect()] == [gpu.uuid for gpu in offered]
+
+
+# NVML lists GPUs in PCI bus order; CUDA numbers them fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID.
+# On a box with a small card in the first slot (driving the display) and a big one in the second,
+# CUDA's device 1 (what the volunteer's own programs use with CUDA_VISIBLE_DEVICES=1) is the small one.
+SLOW_IN_SLOT_0 = FakeGpu(b"NVIDIA GeForce GTX 1050", 2_147_483_648, "GPU-aaaaaaaa-0000-0000-0000-000000000000")
+FAST_IN_SLOT_1 = FakeGpu(b"NVIDIA GeForce RTX 4090", 25_757_220_864, "GPU-bbbbbbbb-0000-0000-0000-000000000000")
+
+
+@pytest.mark.parametrize("visible", ["1", "0", "1,0", f"{SLOW_IN_SLOT_0.uuid},1"])
+@pytest.mark.parametrize("order", [None, "FASTEST_FIRST", "pci_bus_id"])
+def test_a_device_index_on_gpus_cuda_may_number_otherwise_is_refused(
+    monkeypatch: pytest.MonkeyPatch, visible: str, order: str | None
+) -> None:
+    """CUDA_VISIBLE_DEVICES=1 without CUDA_DEVICE_ORDER=PCI_BUS_ID was taken as NVML index 1 (the
+    RTX 4090), and Ray pinned to it by UUID: job code got the GPU the volunteer meant to keep
+    (CUDA's device 1 here is the GTX 1050), and the wrong model and memory were reported. CUDA's
+    speed order is not guessed: the agent refuses to start, saying how to name the GPU."""
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([SLOW_IN_SLOT_0, FAST_IN_SLOT_1]))
+    if order is not None:  # read as fastest first: only PCI_BUS_ID as spelt is taken for PCI order
+        monkeypatch.setenv("CUDA_DEVICE_ORDER", order)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES") as refused:
+        gpus.detect()
+    message = str(refused.value)
+    assert "CUDA_DEVICE_ORDER=PCI_BUS_ID" in message and "UUID" in message and "nvidia-smi -L" in message
+
+
+@pytest.mark.parametrize(
+    ("visible", "offered"),
+    [
+        (SLOW_IN_SLOT_0.uuid, [SLOW_IN_SLOT_0]),
+        ("GPU-bbbbbbbb", [FAST_IN_SLOT_1]),
+        ("", []),
+        ("-1", []),  # the usual way to hide every GPU
+        ("GPU-ffffffff,1", []),  # CUDA reads nothing after an entry that names no device
+    ],
+)
+def test_uuids_on_mixed_gpus_need_no_device_order(
+    monkeypatch: pytest.MonkeyPatch, visible: str, offered: list[FakeGpu]
+) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([SLOW_IN_SLOT_0, FAST_IN_SLOT_1]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert [gpu.device for gpu in gpus.detect()] == [gpu.uuid for gpu in offered]
+
+
+def test_with_pci_bus_id_order_a_device_index_is_the_nvml_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([SLOW_IN_SLOT_0, FAST_IN_SLOT_1]))
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert gpus.detect() == [gpus.GpuInfo("NVIDIA GeForce RTX 4090", 24564, FAST_IN_SLOT_1.uuid)]
+
+
+@pytest.mark.parametrize("order", [None, "FASTEST_FIRST"])
+def test_on_identical_gpus_a_device_index_is_the_nvml_index(monkeypatch: pytest.MonkeyPatch, order: str | None) -> None:
+    """Same model and memory: CUDA's speed order cannot tell them apart and keeps NVML's (PCI) order.
+    A single GPU is index 0 in any order."""
+    other = FakeGpu(L4.name, L4.memory, "GPU-22222222-2222-3333-4444-555555555555")
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([L4, other]))
+    if order is not None:
+        monkeypatch.setenv("CUDA_DEVICE_ORDER", order)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    assert [gpu.device for gpu in gpus.detect()] == [other.uuid, L4.uuid]
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([RTX]))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert [gpu.device for gpu in gpus.detect()] == [RTX.uuid]
+
+
+def test_a_device_index_is_refused_when_a_gpu_nvml_cannot_describe_may_differ(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lost GPU, or one in MIG mode (known only by its instances), may be another model: with
+    them in the list the GPUs cannot be shown identical, so CUDA's order is unknown."""
+    other = FakeGpu(L4.name, L4.memory, "GPU-22222222-2222-3333-4444-555555555555")
+    mig = FakeGpu("NVIDIA A100-SXM4-80GB", 0, "GPU-mig-card", mig=[], memory_error="Insufficient Permissions")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    hosts: list[list[FakeGpu | Exception]] = [[L4, FakeNVMLError("GPU is lost"), other], [L4, mig]]
+    for devices in hosts:
+        monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(devices))
+        with pytest.raises(ValueError, match="CUDA_DEVICE_ORDER"):
+            gpus.detect()
+
+
+def test_the_agent_exits_2_on_a_device_index_it_cannot_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused at start, as bad configuration: offering no GPUs instead would keep a volunteer who
+    meant to lend one unaware, and offering one lends a GPU they may have meant to keep."""
+    from koinon_agent import cli
+
+    nvml = fake_nvml([SLOW_IN_SLOT_0, FAST_IN_SLOT_1])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert cli.main(["join", "--gateway", "gw:1", "--insecure", "--state-dir", str(tmp_path / "state")]) == 2
+    assert "koinon-agent: CUDA_VISIBLE_DEVICES: entry '1'" in capsys.readouterr().err
+    assert nvml.calls == ["init", "shutdown"]  # type: ignore[attr-defined]
 
 
 def test_a_gpu_in_mig_mode_offers_its_instances(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -251,6 +349,7 @@ def test_a_gpu_the_gateway_would_refuse_is_left_out(
     assert found == [gpus.GpuInfo("NVIDIA L4", 23034, L4.uuid), gpus.GpuInfo("N" * MAX_TEXT, 16384, "GPU-long")]
     assert "leaving out GPU GPU-tiny" in caplog.text and "leaving out GPU GPU-huge" in caplog.text
     # Left out after CUDA_VISIBLE_DEVICES chose: GPUs named after it are still offered.
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
     assert [g.device for g in gpus.detect()] == [L4.uuid]
 

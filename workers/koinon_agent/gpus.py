@@ -79,16 +79,44 @@ def _mig_instances(pynvml: Any, handle: object, index: int) -> list[GpuInfo]:
     return found
 
 
-def _select_visible(found: list[tuple[int, GpuInfo]], visible: str) -> list[GpuInfo]:
+def _indices_are_nvml_indices(found: list[tuple[int, GpuInfo]], count: int) -> bool:
+    """Whether CUDA numbers this host's GPUs as NVML does (PCI bus order), so that a device index in
+    CUDA_VISIBLE_DEVICES is an NVML index.
+
+    CUDA numbers devices fastest first unless CUDA_DEVICE_ORDER=PCI_BUS_ID, by a heuristic of its
+    own that is not guessed here: that order is taken to be NVML's only when one card is listed or
+    all are the same model with the same memory (which that heuristic cannot tell apart). A card
+    NVML could not describe (lost) or in MIG mode (whose whole card is not in `found`) may differ
+    from the others, so then the order is unknown.
+    """
+    if os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID" or count <= 1:
+        return True
+    cards = [gpu for _, gpu in found if not gpu.device.startswith("MIG-")]
+    return len(cards) == count and len({(gpu.model, gpu.memory_mib) for gpu in cards}) == 1
+
+
+def _select_visible(found: list[tuple[int, GpuInfo]], visible: str, by_nvml_index: bool) -> list[GpuInfo]:
     """The devices CUDA_VISIBLE_DEVICES names, in its order: NVML indices or (prefixes of) UUIDs.
 
     As CUDA does, the list ends at the first entry that names no device. NVML lists every device
     whatever that variable says, so without this a volunteer sharing one of two GPUs offered both
     (and Ray refused to start with more GPUs than the variable lists).
+
+    Raises ValueError for a device index CUDA reads when not `by_nvml_index` (_indices_are_nvml_indices):
+    taking it as an NVML index lent (and pinned Ray to, by UUID) a GPU other than the one the
+    volunteer's own CUDA programs see under that index, e.g. the one they meant to keep.
     """
     chosen: list[GpuInfo] = []
     for entry in (part.strip() for part in visible.split(",")):
         if entry.isdigit():
+            if not by_nvml_index:
+                raise ValueError(
+                    f"CUDA_VISIBLE_DEVICES: entry {entry!r} is a device index, and CUDA numbers this host's"
+                    " GPUs fastest first (CUDA_DEVICE_ORDER is not PCI_BUS_ID) while they are not all the"
+                    " same model and memory (or NVML cannot describe each one whole), so which GPU it means"
+                    " cannot be told; name GPUs by UUID (`nvidia-smi -L` lists them) or set"
+                    " CUDA_DEVICE_ORDER=PCI_BUS_ID (indices are then nvidia-smi's)"
+                )
             matches = [gpu for index, gpu in found if index == int(entry) and not gpu.device.startswith("MIG-")]
         else:
             matches = [gpu for _, gpu in found if entry and gpu.device.startswith(entry)]
@@ -104,7 +132,11 @@ def _select_visible(found: list[tuple[int, GpuInfo]], visible: str) -> list[GpuI
 
 
 def detect() -> list[GpuInfo]:
-    """GPUs this volunteer's jobs may use; [] when NVML or the driver is missing (a CPU-only volunteer)."""
+    """GPUs this volunteer's jobs may use; [] when NVML or the driver is missing (a CPU-only volunteer).
+
+    Raises ValueError when CUDA_VISIBLE_DEVICES names a GPU by an index whose GPU cannot be told
+    (_select_visible): the agent then exits 2 with that message rather than lend a GPU the
+    volunteer may not have meant to."""
     try:
         import pynvml
     except ImportError:
@@ -134,7 +166,10 @@ def detect() -> list[GpuInfo]:
                 # CUDA, does not decode): offer the others rather than none.
                 log.warning("skipping GPU %d: %s", index, exc)
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        chosen = [gpu for _, gpu in found] if visible is None else _select_visible(found, visible)
+        if visible is None:
+            chosen = [gpu for _, gpu in found]
+        else:
+            chosen = _select_visible(found, visible, _indices_are_nvml_indices(found, count))
         return _within_limits(chosen)
     finally:
         pynvml.nvmlShutdown()
