@@ -193,6 +193,11 @@ def regions_digest(spec: AIJobSpec) -> str:
 # operator's newer checks refuse (AIJobReconciler._ratchet).
 TOLERATED_SPEC = "toleratedSpecDigest"
 
+# status.scheduling: the spec digest a SpecChangeDeferred Event was given for, that an edit of the
+# running attempt's program or resources waits for a next attempt (AIJobReconciler._defer_edit).
+# Dropped with the rest of status.scheduling when the next attempt is placed (it runs the edit).
+DEFERRED_SPEC = "deferredSpecDigest"
+
 
 def copy_submission_id_from(submission_id: str | None, copy: int) -> str | None:
     if not submission_id:
@@ -1042,6 +1047,7 @@ class AIJobReconciler:
             return self._ray_unavailable(key, uid, writer, error, outcome)
         if tolerated is not None:
             self._warn_tolerated(tolerated, spec, state, writer, outcome)
+        self._defer_edit(spec, state, writer, outcome)
         self.backoff.succeeded(uid or key)
         await self._record_work(key, body, state, outcome, spec)
         self._ray_reached(writer)
@@ -1105,6 +1111,42 @@ class AIJobReconciler:
             )
         # Again where this pass rewrote status.scheduling whole (a new placement): or it warned again.
         writer.scheduling(state.scheduling, **{TOLERATED_SPEC: digest})
+
+    @staticmethod
+    def _defer_edit(spec: AIJobSpec, state: AIJobStatus, writer: _StatusWriter, outcome: Outcome) -> None:
+        """One Normal Event per edited spec (by digest) that the running attempt does not run: an
+        edit of what it was submitted with (status.scheduling.specDigest) applies from the next
+        attempt, and there is none if this one succeeds. observedGeneration moves on at once (every
+        pass looks at the latest spec), so without this a `kubectl apply` said "configured" and
+        nothing told that the result to come is of the spec before it. status.scheduling keeps the
+        digest it was given for, across passes and operator restarts (as _warn_tolerated)."""
+        if state.phase is None or not state.phase.holds_nodes or not state.submission_id:
+            return
+        if "attempts" in outcome.status:
+            return  # this pass placed a new attempt: it runs the spec as edited
+        written = outcome.status.get("phase")
+        if written is not None and (written not in Phase._value2member_map_ or not Phase(written).holds_nodes):
+            return  # the attempt ended in this pass (a success says which spec it ran: _ran_spec_note)
+        placed = state.scheduling.get("specDigest")
+        digest = submission_digest(spec)
+        if not placed or placed == digest:
+            return  # unedited, an edit the attempt is unaffected by, or one an older operator placed
+        current = outcome.status.get("scheduling")
+        scheduling = current if isinstance(current, Mapping) else state.scheduling
+        if scheduling.get(DEFERRED_SPEC) == digest:
+            return
+        ran = (
+            f"generation {state.attempt_generation}'s spec"
+            if state.attempt_generation is not None
+            else "the spec it was placed with"
+        )
+        outcome.event(
+            "SpecChangeDeferred",
+            f"generation {writer.generation} changes entrypoint, runtimeEnv, replicas or resources; running "
+            f"attempt {state.attempts} keeps {ran}, and the change applies from the next attempt, if "
+            "there is one (none if this one succeeds)",
+        )
+        writer.scheduling(state.scheduling, **{DEFERRED_SPEC: digest})
 
     async def _record_work(
         self, key: str, body: Mapping[str, Any], state: AIJobStatus, outcome: Outcome, spec: AIJobSpec | None = None
@@ -1478,6 +1520,9 @@ class AIJobReconciler:
         )
         writer.set(
             attempts=attempt,
+            # Which spec this attempt runs, whatever the spec says later (observedGeneration moves
+            # on with every edit): a finished job shows which generation produced its result.
+            attemptGeneration=writer.generation,
             # Nothing is submitted under these ids before this write is read back (_follow), and a
             # restarted operator reads the same ids from it. A pass that places this attempt again
             # from an older body names the same ids (keyed_submission_nonce), and adopts.
@@ -2127,8 +2172,9 @@ class AIJobReconciler:
             else:
                 outcome.reputation.extend((node, "success") for node in state.assigned_nodes)
             summary = f"{RESULT_SEPARATOR}{result['value'][:200]}" if "value" in result else ""
+            ran = _ran_spec_note(spec, state, writer.generation)
             self._finish(
-                key, writer, outcome, Phase.SUCCEEDED, "Completed", f"attempt {state.attempts} succeeded{summary}"
+                key, writer, outcome, Phase.SUCCEEDED, "Completed", f"attempt {state.attempts} succeeded{ran}{summary}"
             )
             return
         await self._ray_jobs_failed(key, spec, state, writer, outcome, [info], [logs])
@@ -2305,6 +2351,7 @@ class AIJobReconciler:
                     "ResultUnavailable", f"attempt {state.attempts} verified; {accepted['unavailable']}", warning=True
                 )
             summary = f"{RESULT_SEPARATOR}{accepted['value'][:200]}" if "value" in accepted else ""
+            ran = _ran_spec_note(spec, state, writer.generation)
             self._finish(
                 key,
                 writer,
@@ -2312,7 +2359,7 @@ class AIJobReconciler:
                 Phase.SUCCEEDED,
                 "Verified",
                 f"attempt {state.attempts}: {sum(n in results for n in verdict.agreeing)}/{state.copies} copies "
-                f"agree{agreeing_earlier(verdict.agreeing, results)}{summary}",
+                f"agree{agreeing_earlier(verdict.agreeing, results)}{ran}{summary}",
             )
             return
         # No majority: nobody is charged for a disagreement yet (verification.py says why).
@@ -2543,6 +2590,11 @@ class _StatusWriter:
         self._now = now
         self._conditions: list[dict[str, Any]] = [dict(c) for c in current.get("conditions") or []]
 
+    @property
+    def generation(self) -> int | None:
+        """metadata.generation of the body this pass read."""
+        return self._generation
+
     def set(self, **fields: Any) -> None:
         self._outcome.status.update(fields)
         self._outcome.status["observedGeneration"] = self._generation
@@ -2594,6 +2646,21 @@ class _StatusWriter:
     def previous_message(self) -> str | None:
         value = self._current.get("message")
         return str(value) if value is not None else None
+
+
+def _ran_spec_note(spec: AIJobSpec, state: AIJobStatus, generation: int | None) -> str:
+    """For the message of a success (before the job's result, which ends it): that the attempt ran
+    a spec edited since (its entrypoint, runtimeEnv, replicas or resources: status.scheduling.
+    specDigest), whose edit, deferred to a next attempt (_defer_edit), will now never run.
+    Empty where it ran the spec as it is, or where the placing operator recorded no digest."""
+    placed = state.scheduling.get("specDigest")
+    if not placed or placed == submission_digest(spec):
+        return ""
+    ran = f"generation {state.attempt_generation}'s spec" if state.attempt_generation is not None else "its placed spec"
+    return (
+        f" with {ran}: the entrypoint, runtimeEnv, replicas or resources as edited up to generation "
+        f"{generation} never ran"
+    )
 
 
 def changed_fields(current: Mapping[str, Any], wanted: Mapping[str, Any]) -> dict[str, Any]:

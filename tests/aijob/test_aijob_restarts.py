@@ -1,15 +1,19 @@
 """A crash or restart never double-counts or fails a job that did nothing wrong: an attempt the
 operator stopped itself (its status write lost), a Ray head that forgot a running job, a pass
-replayed after a crash that concludes otherwise, and a deletion racing a submission."""
+replayed after a crash that concludes otherwise, and a deletion racing a submission. And an edit
+of a running job, which its running attempt does not run, is said once, also across a restart."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+import yaml
 from koinon_emulator.patching import merge_patch
+from koinon_emulator.schema import admit
 from koinon_operator.ray_jobs import RayJobState, RayNodeInfo, Submission
 from koinon_operator.reconciler import allocation_of, submission_id_for
 from koinon_operator.reputation_book import outcome_key, updated_status
@@ -323,3 +327,122 @@ async def test_a_deletion_stops_the_attempt_that_runs_after_a_finishing_pass_who
     ray.stopped.clear()
     await reconciler.stop(copy.deepcopy(body))  # kubectl delete aijob j
     assert second in ray.stopped, "the running attempt 2 was not stopped on deletion"
+
+
+def _edit(body: dict[str, Any], **spec: Any) -> None:
+    """An edit of the spec, as `kubectl apply` makes it: metadata.generation goes up."""
+    body["spec"].update(spec)
+    body["metadata"]["generation"] += 1
+
+
+async def _passes(reconciler: Any, body: dict[str, Any], clock: Clock, count: int) -> list[tuple[str, str]]:
+    events: list[tuple[str, str]] = []
+    for _ in range(count):
+        clock.advance(6)
+        events += [(e.reason, e.message) for e in (await step(reconciler, body)).events]
+    return events
+
+
+async def test_an_edit_that_a_succeeding_attempt_never_ran_is_said_once_and_in_the_success() -> None:
+    """A Kubernetes Job refuses an edit of its pod template; an AIJob takes an edit of its
+    entrypoint while it runs, for its next attempt (README). observedGeneration follows the edit at
+    once, so when the running attempt then succeeded (no next attempt) nothing told that its result
+    came from the spec before the edit: `kubectl apply` said "configured", then Succeeded."""
+    ray, clock = FakeRay(), Clock()
+    body = await _running(ray, clock, {"entrypoint": "python train.py --lr 0.1"})
+    assert body["status"]["attemptGeneration"] == 1
+    reconciler = make_reconciler(ray, clock)
+    _edit(body, entrypoint="python train.py --lr 0.001")  # the owner's fix: generation 2
+    events = await _passes(reconciler, body, clock, 5)
+    # A restarted operator (a new process: nothing of the old one's memory) says it no more.
+    events += await _passes(make_reconciler(ray, clock), body, clock, 3)
+    deferred = [message for reason, message in events if reason == "SpecChangeDeferred"]
+    assert deferred == [
+        "generation 2 changes entrypoint, runtimeEnv, replicas or resources; running attempt 1 keeps "
+        "generation 1's spec, and the change applies from the next attempt, if there is one (none if "
+        "this one succeeds)"
+    ], events
+    status = body["status"]
+    assert (status["phase"], status["observedGeneration"], status["attemptGeneration"]) == ("Running", 2, 1)
+
+    _edit(body, ttlSecondsAfterFinished=3600)  # generation 3: nothing the attempt runs with
+    assert not [e for e in await _passes(reconciler, body, clock, 2) if e[0] == "SpecChangeDeferred"]
+    _edit(body, entrypoint="python train.py --lr 0.01")  # generation 4: another program again
+    events = await _passes(reconciler, body, clock, 3)
+    assert [reason for reason, _ in events] == ["SpecChangeDeferred"], events
+    assert "generation 4 changes" in events[0][1] and "keeps generation 1's spec" in events[0][1]
+
+    ray.logs_text = "KOINON_RESULT 0.42\n"
+    ray.set_state(submission_id_for(UID, 1), RayJobState.SUCCEEDED, exit_code=0)
+    events = await _passes(reconciler, body, clock, 3)
+    status = body["status"]
+    assert (status["phase"], status["observedGeneration"], status["attemptGeneration"]) == ("Succeeded", 4, 1)
+    said = (
+        "attempt 1 succeeded with generation 1's spec: the entrypoint, runtimeEnv, replicas or resources as "
+        "edited up to generation 4 never ran; result: 0.42"
+    )
+    assert status["message"] == said
+    complete = next(c for c in status["conditions"] if c["type"] == "Complete")
+    assert (complete["status"], complete["message"]) == ("True", said)
+    assert [(reason, message) for reason, message in events] == [("Completed", said)]
+    # The CRD keeps the field (a structural schema prunes what it does not declare).
+    crd = yaml.safe_load((Path(__file__).parents[2] / "manifests" / "crds" / "aijobs.koinon.dev.yaml").read_text())
+    admitted = admit({"status": status}, crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"], only="status")
+    assert admitted.obj["status"]["attemptGeneration"] == 1 and not admitted.unknown_fields
+
+
+async def test_an_edit_the_running_attempt_is_unaffected_by_is_not_said() -> None:
+    """backoffLimit, a TTL, a deadline: the running attempt follows them, nothing is deferred."""
+    ray, clock = FakeRay(), Clock()
+    body = await _running(ray, clock, {"entrypoint": "python x.py"})
+    reconciler = make_reconciler(ray, clock)
+    _edit(body, backoffLimit=5, ttlSecondsAfterFinished=60)
+    events = await _passes(reconciler, body, clock, 2)
+    ray.set_state(submission_id_for(UID, 1), RayJobState.SUCCEEDED, exit_code=0)
+    events += await _passes(reconciler, body, clock, 2)
+    assert [reason for reason, _ in events] == ["Completed"], events
+    assert body["status"]["message"] == "attempt 1 succeeded; result: 42"
+    assert (body["status"]["observedGeneration"], body["status"]["attemptGeneration"]) == (2, 1)
+
+
+async def test_a_deferred_edit_runs_from_the_next_attempt_and_its_success_is_plain() -> None:
+    ray, clock = FakeRay(), Clock()
+    body = await _running(ray, clock, {"entrypoint": "python x.py", "backoffLimit": 1})
+    reconciler = make_reconciler(ray, clock)
+    _edit(body, entrypoint="python y.py")
+    events = await _passes(reconciler, body, clock, 1)
+    assert [reason for reason, _ in events] == ["SpecChangeDeferred"]
+    ray.set_state(submission_id_for(UID, 1), RayJobState.FAILED, exit_code=1, message="boom")
+    events = await _passes(reconciler, body, clock, 4)  # BackOff, placed again, submitted
+    second = submission_id_for(UID, 2)
+    assert [s.entrypoint for s in ray.submissions if s.submission_id == second] == ["python y.py"]
+    status = body["status"]
+    assert (status["attempts"], status["attemptGeneration"]) == (2, 2), status
+    assert "deferredSpecDigest" not in status["scheduling"]
+    ray.set_state(second, RayJobState.SUCCEEDED, exit_code=0)
+    events += await _passes(reconciler, body, clock, 2)
+    assert "SpecChangeDeferred" not in [reason for reason, _ in events], events
+    assert body["status"]["message"] == "attempt 2 succeeded; result: 42"
+
+
+async def test_a_verified_success_of_a_spec_edited_since_names_the_generation_it_ran() -> None:
+    ray = CopiesRay(["vn-a", "vn-b", "vn-c"])
+    clock = Clock()
+    rec = verified_reconciler(ray, clock)
+    vols = volunteers(ray.present)
+    body = make_body({"entrypoint": "python x.py", "verification": {"mode": "replicated", "quorum": 3}})
+    await step(rec, body, vols)  # placed
+    clock.advance(40)
+    await step(rec, body, vols)  # submitted, every copy
+    _edit(body, entrypoint="python y.py")
+    clock.advance(40)
+    events = [(e.reason, e.message) for e in (await step(rec, body, vols)).events]
+    assert [reason for reason, _ in events] == ["SpecChangeDeferred"], events
+    for submission in ray.submissions:
+        ray.set_state(submission.submission_id, RayJobState.SUCCEEDED, exit_code=0)
+    clock.advance(40)
+    await step(rec, body, vols)
+    status = body["status"]
+    assert (status["phase"], status["reason"]) == ("Succeeded", "Verified"), status
+    assert status["message"].startswith("attempt 1: 3/3 copies agree with generation 1's spec: "), status["message"]
+    assert "as edited up to generation 2 never ran" in status["message"]

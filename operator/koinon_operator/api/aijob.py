@@ -344,6 +344,11 @@ def _node_names(value: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(name for name in value if isinstance(name, str) and name))
 
 
+def _whole_number(value: object) -> int | None:
+    """A status integer, or None where it is absent or not one (a hand-edited status)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _earlier_results(verification: object) -> tuple[tuple[str, str, str], ...]:
     """verification.earlierResults as (node, owner, digest); entries not of that shape are skipped
     (a hand-edited status must not stop the job)."""
@@ -442,6 +447,9 @@ class AIJobStatus:
     # vote without an agreeing copy of that attempt).
     earlier_answers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     scheduling: Mapping[str, Any] = field(default_factory=dict)
+    # The metadata.generation whose spec the current (or, once finished, the last) attempt was
+    # placed with (status.attemptGeneration); None for an attempt an older operator placed.
+    attempt_generation: int | None = None
 
     def copy_nodes(self, copy: int) -> tuple[str, ...]:
         """Nodes of verification copy ``copy`` (assignedNodes holds the copies one after another)."""
@@ -507,4 +515,5 @@ class AIJobStatus:
             earlier_copies=_earlier_copies(raw.get("verification")),
             earlier_answers=_earlier_answers(raw.get("verification")),
             scheduling=dict(scheduling),
+            attempt_generation=_whole_number(raw.get("attemptGeneration")),
         )
