@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from koinon_agent import state
+from koinon_agent.agent import Agent, JoinRefused
 from koinon_gateway import credentials
 
 from .helpers import cluster
@@ -113,3 +114,61 @@ async def test_a_gateway_trusted_through_another_ca_never_sees_the_stored_creden
         assert old.credential not in shown, "the other platform's gateway was shown the old credential"
         assert "trusted otherwise than the configured" in caplog.text
         assert old.node_name in one.registry.objects  # that gateway's to remove
+
+
+async def test_another_platform_at_the_same_address_never_sees_the_stored_credential(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As above, but the other platform is reached at the same host:port (a `kubectl port-forward`
+    to localhost:7443 for each, a DNS name moved to another operator): the address says nothing,
+    the configured CA does. Neither as the session's credential nor as the Join's previous one."""
+    caplog.set_level(logging.INFO)
+    async with cluster(tmp_path / "one") as one:
+        first = await one.start_agent("alpha")
+        assert first.identity is not None and first.identity.trusted_ca.startswith("sha256:")
+        old = first.identity
+        first.request_drain(now=True)
+        await asyncio.wait_for(one.agents[-1][1], 15)
+        address = one.gateway.agent_target
+        await one.gateway.stop(0)
+        async with cluster(tmp_path / "two", listen=address) as two:
+            assert two.gateway.agent_target == address and two.gateway.ca_pem != one.gateway.ca_pem
+            shown: list[str] = []
+            real_verify = credentials.verify
+
+            def spy(key: bytes, credential: str, *args: Any, **kwargs: Any) -> credentials.NodeIdentity:
+                shown.append(credential)
+                return real_verify(key, credential, *args, **kwargs)
+
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(credentials, "verify", spy)
+                token = two.tokens.add(owner="alice")
+                moved = await two.start_agent("alpha", state_dir=first.config.state_dir, token=token)
+            assert moved.identity is not None and moved.identity.credential != old.credential
+            assert old.credential not in shown, "the other platform's gateway was shown the old credential"
+            assert f"the stored identity {old.node_name} was issued under another CA" in caplog.text
+            assert old.credential not in caplog.text
+            assert state.load(first.config.state_dir) == moved.identity
+
+
+async def test_without_a_token_an_identity_of_another_ca_stops_the_agent_saying_why(tmp_path: Path) -> None:
+    async with cluster(tmp_path) as c:
+        config = c.agent_config("alpha", token="")
+        stored = state.StoredIdentity(c.gateway.agent_target, "vn-a", "127.0.20.1", "cred", 2_000_000_000, "sha256:ab")
+        state.save(config.state_dir, stored)
+        expected = r"vn-a was issued under another CA .*\(CA sha256:ab then, CA sha256:[0-9a-f]{64} now\).* join again "
+        with pytest.raises(
+            JoinRefused, match=expected + "with a token, or configure the CA the identity was issued under"
+        ):
+            await asyncio.wait_for(Agent(config).run(), 10)
+        assert c.registry.objects == {}
+
+
+async def test_an_identity_from_before_trust_was_recorded_is_reused_at_the_same_address(tmp_path: Path) -> None:
+    """An identity.json from an agent that did not record its trust (trusted_ca "") tells one CA
+    from another by nothing: at the address it was issued for it is reused, as before."""
+    async with cluster(tmp_path) as c:
+        config = c.agent_config("alpha", token="")
+        legacy = state.StoredIdentity(c.gateway.agent_target, "vn-a", "127.0.20.1", "cred", 2_000_000_000, "")
+        state.save(config.state_dir, legacy)
+        assert await Agent(config)._ensure_identity() == legacy

@@ -24,7 +24,7 @@ import pytest
 from koinon_agent import agent as agent_module
 from koinon_agent import state
 from koinon_agent.agent import Agent, BackoffIterator
-from koinon_agent.ray_node import ray_assignment_changes
+from koinon_agent.ray_node import RayNode, ray_assignment_changes
 from koinon_gateway.registry import JSON, InMemoryNodeRegistry
 from koinon_gateway.rpc import tunnel_stub
 from koinon_gateway.server import Gateway
@@ -80,6 +80,51 @@ async def test_a_renewed_credential_that_cannot_be_stored_is_kept_in_memory(
         assert not task.done(), f"agent exited: {task.exception()!r}"
         assert agent.connected.is_set()
         assert "cannot store the renewed credential" in caplog.text
+
+
+async def test_a_joined_identity_that_cannot_be_stored_is_kept_in_memory_and_stored_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The disk fills between the check before the join and the save after it: the node joined
+    (a token use, a VolunteerNode), so the agent goes on with the credential in memory, as after a
+    renewal it cannot store, and stores it once it can (here, at its registration)."""
+    real_save = state.save
+    failures: list[state.StoredIdentity] = []
+
+    def full_once(state_dir: Path, identity: state.StoredIdentity) -> None:
+        if not failures:
+            failures.append(identity)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(state_dir, identity)
+
+    monkeypatch.setattr(state, "save", full_once)
+    async with cluster(tmp_path) as c:
+        agent = await c.start_agent("alpha")
+        assert agent.identity is not None and failures == [agent.identity]
+        assert "cannot store the identity" in caplog.text
+        assert state.load(agent.config.state_dir) == agent.identity
+        assert not (agent.config.state_dir / "pending-join.json").exists()  # the join is finished once stored
+
+
+async def test_an_unexpected_error_starting_ray_is_logged_and_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not only an OSError: whatever ray start's preparation raises must not end the supervisor
+    silently, leaving the node without Ray until the next reconnect."""
+    starts: list[pb.Assignment] = []
+
+    class UnstartableRay(RayNode):
+        async def start(self, assignment: pb.Assignment) -> None:
+            starts.append(assignment)
+            raise ValueError("embedded null byte")
+
+    monkeypatch.setattr(agent_module, "RayNode", UnstartableRay)
+    async with cluster(tmp_path) as c:
+        agent = await c.start_agent("alpha", start_ray=True)
+        await wait_until(lambda: len(starts) >= 2, 10, "not tried again")
+        supervisor = agent._ray_supervisor
+        assert supervisor is not None and not supervisor.done()
+        assert "cannot start the Ray node (ValueError: embedded null byte)" in caplog.text
 
 
 async def test_a_ray_node_that_cannot_be_started_is_reported_and_tried_again(

@@ -232,6 +232,29 @@ async def test_an_expired_credential_without_a_token_names_where_the_token_was_t
         await agent._ensure_identity()
 
 
+@pytest.mark.parametrize("expires_at", [2**62, 2**63 - 1, -(2**62)])
+async def test_a_refused_credential_with_an_expiry_no_calendar_holds_is_still_reported(
+    tmp_path: Path, expires_at: int
+) -> None:
+    """A hostile or broken gateway can renew the credential with any int64 expiry; refused later,
+    the agent must still say why rather than fail formatting a date."""
+    state.save(tmp_path, state.StoredIdentity("gw:1", "vn-a", "127.0.20.1", "cred", expires_at, "insecure"))
+    agent = Agent(AgentConfig(gateway="gw:1", insecure=True, state_dir=tmp_path))
+    with pytest.raises(JoinRefused, match=r"credential of vn-a refused by the gateway \(key changed\); join again"):
+        await agent._ensure_identity("key changed")
+
+
+async def test_joining_again_names_the_identity_in_use_when_the_disk_holds_an_older_one(tmp_path: Path) -> None:
+    """A credential the disk could not take (a full disk after a join or a renewal) is the one in
+    use: refused, it is the node the agent names (and, with a token, the Join's previous one)."""
+    state.save(tmp_path, state.StoredIdentity("gw:1", "vn-old", "127.0.20.1", "cred-old", 2_000_000_000, "insecure"))
+    agent = Agent(AgentConfig(gateway="gw:1", insecure=True, state_dir=tmp_path))
+    agent.identity = state.StoredIdentity("gw:1", "vn-new", "127.0.20.2", "cred-new", 2_000_000_000, "insecure")
+    agent._identity_unsaved = True
+    with pytest.raises(JoinRefused, match="credential of vn-new refused by the gateway"):
+        await agent._ensure_identity("key changed")
+
+
 def test_setting_modes_back_leaves_shared_and_root_dirs_alone(tmp_path: Path) -> None:
     """A root agent given a shared scratch dir (here as /tmp is: 1777) must not take others' write
     from it, nor may an agent of its own user whose sticky dir it is."""

@@ -50,3 +50,14 @@ def test_a_later_assignment_must_keep_the_nodes_address() -> None:
     assert assignment_problem(assignment) is None
     assert assignment_problem(assignment, stored_address="127.0.20.2") is None
     assert "not this node's" in (assignment_problem(assignment, stored_address="127.0.20.1") or "")
+
+
+@pytest.mark.parametrize("field", ["node_name", "ray_address", "ray_auth_token"])
+def test_values_that_no_process_can_be_given_are_refused_without_quoting_them(field: str) -> None:
+    """ray start takes these as arguments and environment: a NUL in one makes starting it fail
+    (ValueError) however often it is tried, so the assignment is refused, naming the field only
+    (one is Ray's token)."""
+    assignment = pb.Assignment(address="127.0.20.2", ports=BLOCK, node_name="vn-a", ray_address="10.0.0.1:6379")
+    setattr(assignment, field, "secret\x00value")
+    problem = assignment_problem(assignment) or ""
+    assert field in problem and "secret" not in problem

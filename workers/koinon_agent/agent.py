@@ -80,6 +80,15 @@ def outage_clock() -> float:
     return time.monotonic()
 
 
+def utc_time(seconds: int) -> str:
+    """``seconds`` (Unix time) as an ISO 8601 UTC time for a message; as a number where no calendar
+    holds it (an expiry a broken or hostile gateway renewed to, say, 2**62)."""
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds} (Unix time)"
+
+
 class JoinRefused(Exception):
     """The gateway refused the token or the stored credential; retrying cannot help."""
 
@@ -141,6 +150,13 @@ def trust_fingerprint(config: AgentConfig) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+def trust_words(fingerprint: str) -> str:
+    """A trust_fingerprint for a message."""
+    if fingerprint == "insecure":
+        return "no TLS (--insecure)"
+    return f"CA {fingerprint}" if fingerprint else "the system's trust store"
+
+
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         config.validate()
@@ -176,9 +192,13 @@ class Agent:
         self._connected_at = 0.0  # when the current (or last) session registered
         self._identity_changed = False  # joined again at a new address: the Ray node must follow
         self._rejoined = False  # joined again and not registered since: a second refusal is final
-        # In use under the configured gateway address, kept on disk under another until the gateway
-        # takes it (_moved_identity).
+        # In use, and not on disk as it is: kept there under another gateway address until the
+        # gateway takes it (_moved_identity), or not stored at all (a full disk after a join or a
+        # renewal). _keep_identity tries again at each registration.
         self._identity_unsaved = False
+        # A join whose credential is not on disk yet: its id stays pending (state.pending_join_id)
+        # until it is, so that a restart meanwhile gets the node this join made back, not a second.
+        self._join_unstored = False
         self._last_heartbeat_at = 0.0  # monotonic time of the last Heartbeat sent
 
     # ---- public ----
@@ -285,7 +305,12 @@ class Agent:
         """The stored identity while it is good, else a new one from a join with the token.
         ``refused``: why the gateway no longer takes the stored credential (it expired during an
         outage, or the gateway's signing key changed), though its expiry may not say so."""
-        stored = state.load(self.config.state_dir, can_rejoin=bool(self.config.token))
+        if self.identity is not None and self._identity_unsaved:
+            # Joining again (_rejoin) with an identity the disk does not hold yet: the one in memory
+            # is the node the gateway just refused, the one to name as the previous node.
+            stored: state.StoredIdentity | None = self.identity
+        else:
+            stored = state.load(self.config.state_dir, can_rejoin=bool(self.config.token))
         if stored is not None and stored.gateway != self.config.gateway:
             stored = self._moved_identity(stored, refused)
         elif stored is not None and self.config.insecure and stored.trusted_ca != "insecure":
@@ -298,13 +323,16 @@ class Agent:
                 stored.node_name,
             )
             stored = None
+        elif stored is not None and stored.trusted_ca and stored.trusted_ca != trust_fingerprint(self.config):
+            # The same address, trusted through another CA: perhaps another platform there now.
+            self._refuse_identity_of_another_ca(stored)
+            stored = None
         if stored is not None and not refused and not stored.expired(time.time()):
             log.info("reusing stored identity %s (%s)", stored.node_name, stored.address)
             return stored
         if stored is not None:
             # Offline for longer than a credential lives: only a join token gets back in.
-            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stored.expires_at))
-            why = f"refused by the gateway ({refused})" if refused else f"expired at {when}"
+            why = f"refused by the gateway ({refused})" if refused else f"expired at {utc_time(stored.expires_at)}"
             if not self.config.token:
                 raise JoinRefused(
                     f"credential of {stored.node_name} {why}; join again with a new token{self._no_token()}"
@@ -357,10 +385,11 @@ class Agent:
             response.credential_expires_at,
             trust_fingerprint(self.config),
         )
-        state.save(self.config.state_dir, identity)
-        self._identity_unsaved = False
-        state.finish_join(self.config.state_dir)
         log.info("joined as %s with address %s", identity.node_name, identity.address)
+        # The join is done (a token use, a VolunteerNode): a credential the disk cannot take now (it
+        # filled since ensure_writable) is kept in memory, as a renewal's is, and stored later.
+        self._identity_unsaved = self._join_unstored = True
+        self._keep_identity(identity)
         return identity
 
     def _moved_identity(self, stored: state.StoredIdentity, refused: str) -> state.StoredIdentity | None:
@@ -395,15 +424,46 @@ class Agent:
         self._identity_unsaved = True
         return dataclasses.replace(stored, gateway=self.config.gateway)
 
-    def _keep_identity(self) -> None:
-        """Stores the identity under the address the gateway just took it at."""
-        assert self.identity is not None
+    def _refuse_identity_of_another_ca(self, stored: state.StoredIdentity) -> None:
+        """An identity stored for the configured gateway address, issued while the gateway was
+        trusted otherwise than it is now (another CA, or none: --insecure then, TLS now): the
+        address may now lead to another platform (a `kubectl port-forward` to localhost:7443, a
+        DNS name moved to another operator), which must not see the credential, not even as the
+        Join's previous one. With a token the agent joins afresh (the old node, if the gateway is
+        the same one under a new CA, is left to expire); without one it cannot go on
+        (JoinRefused)."""
+        if not self.config.token:
+            raise JoinRefused(
+                f"the stored identity {stored.node_name} was issued under another CA than the configured "
+                f"one ({trust_words(stored.trusted_ca)} then, {trust_words(trust_fingerprint(self.config))} "
+                "now); its credential is not shown to a gateway trusted otherwise: join again with a token"
+                f"{self._no_token()}, or configure the CA the identity was issued under"
+            )
+        log.warning(
+            "the stored identity %s was issued under another CA than the configured one; not showing "
+            "this gateway its credential, joining afresh with the configured token",
+            stored.node_name,
+        )
+
+    def _keep_identity(self, identity: state.StoredIdentity | None = None) -> None:
+        """Stores the identity (the joined or renewed one, or the one the gateway just took at a
+        new address); one the disk does not take stays in memory, _identity_unsaved, and each
+        registration and renewal tries again."""
+        identity = identity if identity is not None else self.identity
+        assert identity is not None
         try:
-            state.save(self.config.state_dir, self.identity)
-        except OSError as exc:  # still good in memory; the next renewal tries again
-            log.error("cannot store the identity in %s: %s", self.config.state_dir, exc)
+            state.save(self.config.state_dir, identity)
+        except OSError as exc:  # still good in memory
+            log.error("cannot store the identity in %s (trying again later): %s", self.config.state_dir, exc)
             return
+        self._saved()
+
+    def _saved(self) -> None:
+        """The identity in use is on disk now: so is a join's credential, and the join is done."""
         self._identity_unsaved = False
+        if self._join_unstored:
+            self._join_unstored = False
+            state.finish_join(self.config.state_dir)
 
     # ---- sessions ----
 
@@ -665,7 +725,9 @@ class Agent:
             state.save(self.config.state_dir, self.identity)
         except OSError as exc:  # a full disk: keep the new credential in memory; the next renewal tries again
             log.error("cannot store the renewed credential in %s: %s", self.config.state_dir, exc)
+            self._identity_unsaved = True  # and so does the next registration
             return
+        self._saved()
         log.debug("credential renewed; valid until %d", renewal.expires_at)
 
     def _ray_state(self) -> tuple[str, str]:
@@ -774,9 +836,16 @@ class Agent:
             started = time.monotonic()
             try:
                 await self.ray.start(self.assignment)
-            except OSError as exc:  # no ray binary, no file descriptors, a full disk: try again later
+            except Exception as exc:  # no ray binary, no file descriptors, a full disk: try again later
+                # Anything else too: a supervisor that ended here left the node without Ray until
+                # the next reconnect, saying nothing. Not an OSError: logged with its traceback.
                 delay = delays.next()
-                log.error("cannot start the Ray node (%s); trying again in %.0fs", exc, delay)
+                log.error(
+                    "cannot start the Ray node (%s); trying again in %.0fs",
+                    exc if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}",
+                    delay,
+                    exc_info=not isinstance(exc, OSError),
+                )
                 await self.ray.stop()
                 await self._sleep_or_drain(delay)
                 continue

@@ -5,6 +5,7 @@ node, a port there. A compromised or buggy gateway must not turn that into a way
 volunteer's machine: the address must be a virtual one on the loopback network (127/8, where the
 Ray node binds it), never 127.0.0.1 (where the volunteer's own services listen), a LAN or metadata
 address or a host name; and connections go only to the ports of the node's own Ray port block.
+What `ray start` is given of it must be something a process can be given at all.
 """
 
 from __future__ import annotations
@@ -50,10 +51,27 @@ def ports_problem(ports: pb.PortBlock) -> str | None:
     return None
 
 
+# What of the assignment `ray start` takes as arguments or environment (ray_node.ray_start_command,
+# ray_environment).
+PROCESS_FIELDS = ("node_name", "ray_address", "ray_auth_token")
+
+
+def process_values_problem(assignment: pb.Assignment) -> str | None:
+    """Why ``assignment`` cannot be handed to ``ray start`` (None: it can). A NUL character fits
+    no argument or environment variable: starting Ray would fail (ValueError) on every try. The
+    field is named, its value never quoted (one is Ray's token)."""
+    for name in PROCESS_FIELDS:
+        if "\x00" in getattr(assignment, name):
+            return f"{name} holds a NUL character, which no process argument or environment variable can"
+    return None
+
+
 def assignment_problem(assignment: pb.Assignment, stored_address: str | None = None) -> str | None:
     """Why the agent must not act on ``assignment`` (None: it may). ``stored_address``: the address
     this node joined with; a later assignment must keep it."""
-    problem = address_problem(assignment.address) or ports_problem(assignment.ports)
+    problem = (
+        address_problem(assignment.address) or ports_problem(assignment.ports) or process_values_problem(assignment)
+    )
     if problem is None and stored_address is not None and assignment.address != stored_address:
         problem = f"address {assignment.address} is not this node's ({stored_address})"
     return problem
