@@ -7,6 +7,28 @@ import logging
 import os
 import sys
 
+# kube-apiserver's limit on the nesting of a JSON request body: what it stores, and then serves to
+# every LIST and watch. spec.runtimeEnv is x-kubernetes-preserve-unknown-fields, so anyone who may
+# create an AIJob can store one nested that deep (parse_spec refuses such a job; kopf must decode it
+# first).
+KUBE_API_MAX_NESTING = 10000
+# Python's json decodes (and encodes, compares, prints) one level per recursion, and copy.deepcopy,
+# which kopf runs on every object it processes (its diff base), takes two frames per level; the
+# rest is for the stack they run under. With Python's default of 1000, kopf's watch failed on a
+# runtimeEnv about 1000 levels deep and the operator exited, at every restart: no AIJob of any
+# namespace was served, and the log named none. The C stack holds these walks: json's and
+# equality's take about 200 bytes of it per level (deepcopy's Python frames none), 2 MiB for 10000
+# levels, and the main thread (kopf decodes in it) and every thread Python starts (the kubernetes
+# client's LISTs, in asyncio.to_thread) have 8 MiB under Linux's default `ulimit -s`. The cost: a
+# recursion bug that goes through C at each level (map, sorted's key) now overflows that stack, a
+# crash, before it reaches the limit; one on Python frames alone still raises RecursionError.
+RECURSION_LIMIT = 3 * KUBE_API_MAX_NESTING
+
+
+def raise_recursion_limit() -> None:
+    """Lets the process decode and copy any object kube-apiserver stores (RECURSION_LIMIT)."""
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), RECURSION_LIMIT))
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="koinon-operator", description=__doc__)
@@ -63,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"koinon-operator: {problem}", file=sys.stderr)
         sys.exit(2)
 
+    # Before kopf's first request: it decodes every AIJob it lists and watches, whole.
+    raise_recursion_limit()
     import kopf
 
     from koinon_operator import handlers

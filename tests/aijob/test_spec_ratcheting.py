@@ -1,12 +1,14 @@
 """Refusals added to parse_spec after operators had accepted such specs (a runtimeEnv key Ray does
-not know, a NUL, gpuMemoryMiB with no GPUs) ratchet, as Kubernetes' validation does: parse_spec runs
-on every pass, and an operator upgrade stopped and failed (InvalidSpec) jobs the previous operator
-had placed and that nobody had edited. They still apply to a job never placed and to an edit.
+not know, a runtimeEnv nested too deep, a NUL, gpuMemoryMiB with no GPUs) ratchet, as Kubernetes'
+validation does: parse_spec runs on every pass, and an operator upgrade stopped and failed
+(InvalidSpec) jobs the previous operator had placed and that nobody had edited. They still apply to
+a job never placed and to an edit.
 Also: which JOB_ENTRYPOINT_COMMAND_START_ERROR is the spec's (SubmitRejected) by Ray's own traceback,
 and the CRD declares no rule that would lock existing objects before Kubernetes 1.30."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import traceback
@@ -40,6 +42,11 @@ TOLERATED: dict[str, tuple[dict[str, Any], str]] = {
     "gpu-memory-without-gpus": (
         {"entrypoint": "python train.py", "resources": {"gpus": 0, "gpuMemoryMiB": 16000, "cpus": 1}},
         "spec.resources.gpuMemoryMiB",
+    ),
+    # Ray ignores a runtime_env field it does not know (an earlier operator's job ran), at any depth.
+    "runtime-env-nested-too-deep": (
+        {"entrypoint": "python train.py", "runtimeEnv": {"my_plugin": json.loads("[" * 33 + "]" * 33)}},
+        "spec.runtimeEnv",
     ),
     "nul-in-env-var": (
         {"entrypoint": "python train.py", "runtimeEnv": {"env_vars": {"TOKEN": "a\x00b"}}},

@@ -8,7 +8,7 @@ fails with the field named instead of a KeyError deep in a handler.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -170,6 +170,44 @@ def _check_runtime_env_fields(runtime_env: Mapping[str, Any]) -> None:
                 )
 
 
+# Objects and arrays within one another in spec.runtimeEnv, itself counted (`{env_vars: {A: "1"}}`
+# is 2). Ray's runtime_env fields are strings, lists of strings and shallow objects: its deepest,
+# a conda environment (`conda: {dependencies: [{pip: [...]}]}`), is 5. The CRD keeps runtimeEnv as
+# written (x-kubernetes-preserve-unknown-fields), so kube-apiserver stores it up to 10000 levels
+# deep. Nothing the operator does with the spec before this check walks runtimeEnv below its
+# first level, and after a refusal only the ratchet's digest of a placed job's spec does (json.dumps,
+# as deep as main.RECURSION_LIMIT lets kopf decode). Ratcheted, as the refusal of a field Ray does
+# not know: Ray ignored such a field (and so any depth in it) for earlier operators' jobs.
+MAX_RUNTIME_ENV_DEPTH = 32
+
+
+def _nesting_depth(value: object) -> int:
+    """How many objects and arrays ``value`` holds within one another (0 for a scalar). Walked with
+    a list, not by recursion: the value may be nested past Python's recursion limit."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, Mapping):
+            children: Iterable[object] = node.values()
+        elif isinstance(node, list | tuple):
+            children = node
+        else:
+            continue
+        deepest = max(deepest, depth)
+        pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _check_runtime_env_depth(runtime_env: Mapping[str, Any]) -> None:
+    depth = _nesting_depth(runtime_env)
+    if depth > MAX_RUNTIME_ENV_DEPTH:
+        raise SpecError(
+            "spec.runtimeEnv",
+            f"nested {depth} levels deep (objects and arrays within one another), at most "
+            f"{MAX_RUNTIME_ENV_DEPTH}: no Ray runtime_env field takes more than a few",
+        )
+
+
 def _check_env_vars(runtime_env: Mapping[str, Any]) -> None:
     """Ray takes ``env_vars`` only as strings to strings, and refuses anything else when the job
     starts, where it looks like a node failure. Values are never quoted back: they may be secrets."""
@@ -230,8 +268,9 @@ def parse_spec_ratcheting(raw: Mapping[str, Any]) -> tuple[AIJobSpec, SpecError 
     the first refusal of a ratcheted check (None: it passes them all).
 
     Ratcheted checks (Kubernetes' validation ratcheting): refusals added after earlier operators
-    accepted, placed and ran such specs (an unknown runtimeEnv key, a NUL, gpuMemoryMiB with no
-    GPUs, more or longer regions than MAX_REGIONS/MAX_REGION_CHARS). parse_spec runs on every pass, so
+    accepted, placed and ran such specs (an unknown runtimeEnv key, a runtimeEnv nested deeper than
+    MAX_RUNTIME_ENV_DEPTH, a NUL, gpuMemoryMiB with no GPUs, more or longer regions than
+    MAX_REGIONS/MAX_REGION_CHARS). parse_spec runs on every pass, so
     without ratcheting an operator upgrade stopped and failed running jobs nobody had edited. The
     reconciler applies them to a job not yet placed, and to an edit of one that was (see
     AIJobReconciler._ratchet)."""
@@ -265,6 +304,7 @@ def _check_ratcheted(spec: AIJobSpec) -> None:
         raise SpecError("spec.entrypoint", CANNOT_EXEC)
     # Ratcheted: earlier operators placed a job with any number of regions; it runs on.
     _check_regions(spec.constraints.regions)
+    _check_runtime_env_depth(spec.runtime_env)
     _check_runtime_env_fields(spec.runtime_env)
     _check_env_vars_executable(_mapping(spec.runtime_env, "env_vars", "spec.runtimeEnv"))
     if spec.resources.gpus == 0 and spec.resources.gpu_memory_mib > 0:
