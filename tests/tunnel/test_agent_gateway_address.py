@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 from koinon_agent import state
-from koinon_agent.agent import Agent, JoinRefused
+from koinon_agent.agent import LEGACY_TRUST, SYSTEM_TRUST, Agent, JoinRefused, trust_fingerprint
+from koinon_agent.config import AgentConfig
 from koinon_gateway import credentials
+from koinon_gateway.pki import create_ca
 
 from .helpers import cluster
 
@@ -172,3 +174,54 @@ async def test_an_identity_from_before_trust_was_recorded_is_reused_at_the_same_
         legacy = state.StoredIdentity(c.gateway.agent_target, "vn-a", "127.0.20.1", "cred", 2_000_000_000, "")
         state.save(config.state_dir, legacy)
         assert await Agent(config)._ensure_identity() == legacy
+
+
+PRIVATE_CA = create_ca().cert_pem
+
+
+def config_trusting(state_dir: Path, trust: str, gateway: str = "gw.example.org:443") -> AgentConfig:
+    """An agent without a token for ``gateway``, trusting it through ``trust``: "system" (no CA
+    configured: the system's trust store) or "private" (a CA of its own, as a platform has)."""
+    ca_pem = PRIVATE_CA if trust == "private" else b""
+    return AgentConfig(gateway=gateway, state_dir=state_dir, simulate_gpus=0, ca_pem=ca_pem)
+
+
+async def test_an_identity_joined_through_the_system_trust_store_is_not_shown_to_a_gateway_of_another_ca(
+    tmp_path: Path,
+) -> None:
+    """Joined with the system's trust store (no --ca-file, a publicly trusted gateway certificate),
+    the identity records that, not "" as an identity from before trust was recorded: the DNS name
+    moved to another operator, whose gateway the config now trusts through a private CA, is not
+    shown the credential (README: only to a gateway trusted as the one that issued it was)."""
+    recorded = trust_fingerprint(config_trusting(tmp_path, "system"))
+    assert recorded == SYSTEM_TRUST != LEGACY_TRUST
+    stored = state.StoredIdentity("gw.example.org:443", "vn-a", "127.0.20.1", "cred", 2_000_000_000, recorded)
+    state.save(tmp_path, stored)
+    with pytest.raises(JoinRefused, match=r"another CA .*\(the system's trust store then, CA sha256:"):
+        await Agent(config_trusting(tmp_path, "private"))._ensure_identity()
+    assert await Agent(config_trusting(tmp_path, "system"))._ensure_identity() == stored
+
+
+@pytest.mark.parametrize("recorded", [SYSTEM_TRUST, LEGACY_TRUST])
+async def test_an_identity_of_the_system_trust_store_or_of_unrecorded_trust_is_not_shown_at_another_address(
+    tmp_path: Path, recorded: str
+) -> None:
+    """The system's trust store takes any publicly trusted certificate for the address it is
+    given, and an older agent's identity says nothing of its trust: neither tells that a gateway
+    at another address is the one that issued the credential. Here no token: the agent stops."""
+    stored = state.StoredIdentity("gw.example.org:443", "vn-a", "127.0.20.1", "cred", 2_000_000_000, recorded)
+    state.save(tmp_path, stored)
+    moved = config_trusting(tmp_path, "system", gateway="gw.example.net:443")
+    with pytest.raises(ValueError, match="token: required for the first join"):
+        await Agent(moved)._ensure_identity()
+
+
+async def test_an_identity_from_before_trust_was_recorded_is_reused_at_the_same_address_under_any_trust(
+    tmp_path: Path,
+) -> None:
+    """trusted_ca "" (an agent from before trust was recorded, which also stored it for the system's
+    trust store) is reused at its own address whatever the config trusts now, as it always was."""
+    legacy = state.StoredIdentity("gw.example.org:443", "vn-a", "127.0.20.1", "cred", 2_000_000_000, LEGACY_TRUST)
+    state.save(tmp_path, legacy)
+    for trust in ("system", "private"):
+        assert await Agent(config_trusting(tmp_path, trust))._ensure_identity() == legacy

@@ -23,7 +23,7 @@ import grpc
 import pytest
 from koinon_agent import agent as agent_module
 from koinon_agent import state
-from koinon_agent.agent import Agent, BackoffIterator
+from koinon_agent.agent import Agent, BackoffIterator, DrainedBeforeJoining
 from koinon_agent.ray_node import RayNode, ray_assignment_changes
 from koinon_gateway.registry import JSON, InMemoryNodeRegistry
 from koinon_gateway.rpc import tunnel_stub
@@ -82,28 +82,78 @@ async def test_a_renewed_credential_that_cannot_be_stored_is_kept_in_memory(
         assert "cannot store the renewed credential" in caplog.text
 
 
-async def test_a_joined_identity_that_cannot_be_stored_is_kept_in_memory_and_stored_later(
+class FullDisk:
+    """state.save, failing with ENOSPC while ``full``; the identities it was asked to store."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.full = True
+        self.tried: list[state.StoredIdentity] = []
+        self.real_save = state.save
+        monkeypatch.setattr(state, "save", self)
+
+    def __call__(self, state_dir: Path, identity: state.StoredIdentity) -> None:
+        self.tried.append(identity)
+        if self.full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.real_save(state_dir, identity)
+
+
+async def test_a_joined_identity_the_disk_cannot_take_opens_no_session_until_it_is_stored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The disk fills between the check before the join and the save after it: the node joined
-    (a token use, a VolunteerNode), so the agent goes on with the credential in memory, as after a
-    renewal it cannot store, and stores it once it can (here, at its registration)."""
-    real_save = state.save
-    failures: list[state.StoredIdentity] = []
-
-    def full_once(state_dir: Path, identity: state.StoredIdentity) -> None:
-        if not failures:
-            failures.append(identity)
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(state_dir, identity)
-
-    monkeypatch.setattr(state, "save", full_once)
+    (a token use, a VolunteerNode), and the gateway gives it back to a retry of the same join only
+    while it never had a session. So the agent opens none, saying why, and tries the save again
+    until the disk takes it; then it connects and the join is finished."""
+    disk = FullDisk(monkeypatch)
     async with cluster(tmp_path) as c:
-        agent = await c.start_agent("alpha")
-        assert agent.identity is not None and failures == [agent.identity]
-        assert "cannot store the identity" in caplog.text
-        assert state.load(agent.config.state_dir) == agent.identity
+        agent = Agent(c.agent_config("alpha"))
+        task = asyncio.ensure_future(agent.run())
+        c.agents.append((agent, task))
+        await wait_until(lambda: len(disk.tried) >= 3 or task.done(), 10, "the save was not tried again")
+        assert not task.done(), f"agent exited: {task.exception()!r}"
+        assert not agent.connected.is_set() and c.gateway.sessions.by_name == {}
+        assert len(c.registry.objects) == 1
+        assert "not connecting until it is stored there" in caplog.text
+        joined = disk.tried[0]
+        assert joined.credential not in caplog.text
+        assert (agent.config.state_dir / "pending-join.json").exists()
+        disk.full = False
+        await wait_until(lambda: agent.connected.is_set() or task.done(), 10, "did not connect once stored")
+        assert agent.identity == joined and state.load(agent.config.state_dir) == joined
         assert not (agent.config.state_dir / "pending-join.json").exists()  # the join is finished once stored
+        assert not agent._identity_unsaved
+
+
+@pytest.mark.parametrize("ended", ["killed", "drained"])
+async def test_a_restart_while_the_joined_credential_is_unstored_gets_the_same_node_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ended: str
+) -> None:
+    """The agent is stopped (evicted, OOM-killed, rebooted: killed; or SIGTERM: drained) before the
+    disk took its joined credential. Restarted once there is room, it sends the pending join id
+    again and gets the same node back, even with a one-use token (what the chart and the dev plane
+    create): no refusal (exit 3), no second VolunteerNode beside a NotReady ghost."""
+    disk = FullDisk(monkeypatch)
+    async with cluster(tmp_path) as c:
+        token = c.tokens.add(owner="alice", region="eu", usage_limit=1)
+        first = Agent(c.agent_config("alpha", token=token))
+        task = asyncio.ensure_future(first.run())
+        await wait_until(lambda: len(disk.tried) >= 2 or task.done(), 10, "the save was not tried again")
+        joined = disk.tried[0]
+        if ended == "killed":
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        else:
+            first.request_drain()
+            with pytest.raises(DrainedBeforeJoining):
+                await asyncio.wait_for(task, 10)
+        assert (first.config.state_dir / "pending-join.json").exists()
+        disk.full = False
+        second = await c.start_agent("alpha", token=token)
+        assert second.identity is not None
+        assert (second.identity.node_name, second.identity.address) == (joined.node_name, joined.address)
+        assert list(c.registry.objects) == [joined.node_name], "a second VolunteerNode was made"
+        assert state.load(second.config.state_dir) == second.identity
 
 
 async def test_an_unexpected_error_starting_ray_is_logged_and_tried_again(

@@ -273,10 +273,11 @@ def test_setting_modes_back_leaves_shared_and_root_dirs_alone(tmp_path: Path) ->
     assert shared.stat().st_mode & 0o7777 == 0o1777
 
 
-@pytest.mark.parametrize("trusted_ca", ["sha256:ab", ""])
+@pytest.mark.parametrize("trusted_ca", ["sha256:ab", "system", ""])
 async def test_a_credential_issued_over_tls_is_never_sent_in_plaintext(tmp_path: Path, trusted_ca: str) -> None:
     """The same gateway address, the agent switched to --insecure: the stored credential (issued
-    under a CA, or the system's trust store) would cross the network readable by anyone on the way.
+    under a CA, or the system's trust store, or by an agent that did not record which) would cross
+    the network readable by anyone on the way.
     The agent joins afresh instead: here, without a token, it refuses to go on."""
     state.save(tmp_path, state.StoredIdentity("gw:1", "vn-a", "127.0.20.1", "cred", 2_000_000_000, trusted_ca))
     agent = Agent(AgentConfig(gateway="gw:1", insecure=True, state_dir=tmp_path))

@@ -135,15 +135,22 @@ class BackoffIterator:
         self.attempt = 0
 
 
+# trust_fingerprint of the system's trust store. Not "": that marks an identity stored before trust
+# was recorded (LEGACY_TRUST), which says nothing of how its gateway was trusted.
+SYSTEM_TRUST = "system"
+LEGACY_TRUST = ""
+
+
 def trust_fingerprint(config: AgentConfig) -> str:
     """How this agent trusts its gateway, comparable across runs: SHA-256 of the DER of the
-    configured (or discovered) CA certificates; "insecure" without TLS; "" for the system's trust
-    store, which tells one platform from another by nothing the agent keeps."""
+    configured (or discovered) CA certificates; "insecure" without TLS; SYSTEM_TRUST for the
+    system's trust store, which tells one platform from another by nothing but the name the
+    gateway's certificate is for (the address): never enough for an identity at another address."""
     if config.insecure:
         return "insecure"
     pem = configured_ca(config)
     if not pem:
-        return ""
+        return SYSTEM_TRUST
     digest = hashlib.sha256()
     for certificate in x509.load_pem_x509_certificates(pem):
         digest.update(certificate.public_bytes(serialization.Encoding.DER))
@@ -154,7 +161,9 @@ def trust_words(fingerprint: str) -> str:
     """A trust_fingerprint for a message."""
     if fingerprint == "insecure":
         return "no TLS (--insecure)"
-    return f"CA {fingerprint}" if fingerprint else "the system's trust store"
+    if fingerprint == SYSTEM_TRUST:
+        return "the system's trust store"
+    return f"CA {fingerprint}" if fingerprint != LEGACY_TRUST else "trust not recorded (an older agent's identity)"
 
 
 class Agent:
@@ -193,12 +202,10 @@ class Agent:
         self._identity_changed = False  # joined again at a new address: the Ray node must follow
         self._rejoined = False  # joined again and not registered since: a second refusal is final
         # In use, and not on disk as it is: kept there under another gateway address until the
-        # gateway takes it (_moved_identity), or not stored at all (a full disk after a join or a
-        # renewal). _keep_identity tries again at each registration.
+        # gateway takes it (_moved_identity), or not stored at all (a renewal the disk could not
+        # take). _keep_identity tries again at each registration. Never a join's credential: no
+        # session is opened before that is on disk (_store_joined).
         self._identity_unsaved = False
-        # A join whose credential is not on disk yet: its id stays pending (state.pending_join_id)
-        # until it is, so that a restart meanwhile gets the node this join made back, not a second.
-        self._join_unstored = False
         self._last_heartbeat_at = 0.0  # monotonic time of the last Heartbeat sent
 
     # ---- public ----
@@ -306,8 +313,9 @@ class Agent:
         ``refused``: why the gateway no longer takes the stored credential (it expired during an
         outage, or the gateway's signing key changed), though its expiry may not say so."""
         if self.identity is not None and self._identity_unsaved:
-            # Joining again (_rejoin) with an identity the disk does not hold yet: the one in memory
-            # is the node the gateway just refused, the one to name as the previous node.
+            # Joining again (_rejoin) with an identity the disk does not hold yet (a renewal it could
+            # not take, or one kept under another address): the one in memory is the node the
+            # gateway just refused, the one to name as the previous node.
             stored: state.StoredIdentity | None = self.identity
         else:
             stored = state.load(self.config.state_dir, can_rejoin=bool(self.config.token))
@@ -323,8 +331,17 @@ class Agent:
                 stored.node_name,
             )
             stored = None
-        elif stored is not None and stored.trusted_ca and stored.trusted_ca != trust_fingerprint(self.config):
-            # The same address, trusted through another CA: perhaps another platform there now.
+        elif (
+            stored is not None
+            and stored.trusted_ca != LEGACY_TRUST
+            and stored.trusted_ca != trust_fingerprint(self.config)
+        ):
+            # The same address, trusted through another CA (or the system's trust store then, a CA
+            # now, or the reverse): perhaps another platform there now. An identity from before
+            # trust was recorded tells nothing either way and is reused here, as it always was;
+            # so is one an agent from before SYSTEM_TRUST joined through the system's trust store
+            # (it stored "" too). Accepted: that agent reused it at this address before the upgrade
+            # as well, and its next join records SYSTEM_TRUST.
             self._refuse_identity_of_another_ca(stored)
             stored = None
         if stored is not None and not refused and not stored.expired(time.time()):
@@ -386,11 +403,37 @@ class Agent:
             trust_fingerprint(self.config),
         )
         log.info("joined as %s with address %s", identity.node_name, identity.address)
-        # The join is done (a token use, a VolunteerNode): a credential the disk cannot take now (it
-        # filled since ensure_writable) is kept in memory, as a renewal's is, and stored later.
-        self._identity_unsaved = self._join_unstored = True
-        self._keep_identity(identity)
+        await self._store_joined(identity)
+        self._identity_unsaved = False
+        state.finish_join(self.config.state_dir)
         return identity
+
+    async def _store_joined(self, identity: state.StoredIdentity) -> None:
+        """Stores a joined identity, trying again (with backoff) until the disk takes it, before
+        any session: the gateway gives a join's node back to a retry of the same join id only while
+        that node never had a session, so one opened with the credential in memory alone would
+        leave an agent restarted before the disk had room (eviction, OOM, reboot) to join anew:
+        refused with a one-use token, a second VolunteerNode and a NotReady ghost with another.
+        Stopped meanwhile (DrainedBeforeJoining), the join id stays pending: the next start gets
+        the same node back."""
+        delays = backoff_delays(self.config.backoff_initial_s, self.config.backoff_max_s)
+        while True:
+            try:
+                state.save(self.config.state_dir, identity)
+                return
+            except OSError as exc:
+                delay = delays.next()
+                log.error(
+                    "joined as %s but cannot store its identity in %s (%s); not connecting until it is "
+                    "stored there, trying again in %.1fs",
+                    identity.node_name,
+                    self.config.state_dir,
+                    exc.strerror or exc,
+                    delay,
+                )
+                await self._sleep_or_drain(delay)
+                if self._drain.is_set():
+                    raise DrainedBeforeJoining("drained before the joined identity was stored") from exc
 
     def _moved_identity(self, stored: state.StoredIdentity, refused: str) -> state.StoredIdentity | None:
         """An identity stored under another gateway address than the configured one: the same
@@ -404,7 +447,9 @@ class Agent:
         credential as its previous node, which it retires only if it signed it itself. Dropping the
         identity instead left the same gateway with a NotReady ghost holding an address; that is
         still what happens under another CA (None: a fresh join, the credential not sent)."""
-        if not stored.trusted_ca or stored.trusted_ca != trust_fingerprint(self.config):
+        # Not one from before trust was recorded, nor one trusted through the system's store, which
+        # any publicly trusted certificate for the other address would pass: another platform.
+        if stored.trusted_ca in (LEGACY_TRUST, SYSTEM_TRUST) or stored.trusted_ca != trust_fingerprint(self.config):
             log.warning(
                 "the stored identity %s was kept for gateway %r, trusted otherwise than the configured "
                 "%r; not showing it its credential, joining afresh",
@@ -445,25 +490,18 @@ class Agent:
             stored.node_name,
         )
 
-    def _keep_identity(self, identity: state.StoredIdentity | None = None) -> None:
-        """Stores the identity (the joined or renewed one, or the one the gateway just took at a
-        new address); one the disk does not take stays in memory, _identity_unsaved, and each
-        registration and renewal tries again."""
-        identity = identity if identity is not None else self.identity
-        assert identity is not None
+    def _keep_identity(self) -> None:
+        """Stores the identity in use (a renewed one, or the one the gateway just took at a new
+        address); one the disk does not take stays in memory, _identity_unsaved, and each
+        registration and renewal tries again. Its node has had sessions, and what the disk still
+        holds is good until it expires."""
+        assert self.identity is not None
         try:
-            state.save(self.config.state_dir, identity)
+            state.save(self.config.state_dir, self.identity)
         except OSError as exc:  # still good in memory
             log.error("cannot store the identity in %s (trying again later): %s", self.config.state_dir, exc)
             return
-        self._saved()
-
-    def _saved(self) -> None:
-        """The identity in use is on disk now: so is a join's credential, and the join is done."""
         self._identity_unsaved = False
-        if self._join_unstored:
-            self._join_unstored = False
-            state.finish_join(self.config.state_dir)
 
     # ---- sessions ----
 
@@ -727,7 +765,7 @@ class Agent:
             log.error("cannot store the renewed credential in %s: %s", self.config.state_dir, exc)
             self._identity_unsaved = True  # and so does the next registration
             return
-        self._saved()
+        self._identity_unsaved = False
         log.debug("credential renewed; valid until %d", renewal.expires_at)
 
     def _ray_state(self) -> tuple[str, str]:

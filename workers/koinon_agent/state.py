@@ -32,8 +32,10 @@ class StoredIdentity:
     address: str
     credential: str
     expires_at: int = 0  # Unix seconds the gateway stops accepting the credential (0: not known)
-    # What the agent trusted as the gateway's CA when it joined (trust_fingerprint): its credential
-    # is shown to a gateway under another address only if that one is trusted the same way.
+    # What the agent trusted as the gateway's CA when it joined (agent.trust_fingerprint: a CA's
+    # hash, "system" or "insecure"): its credential is shown only to a gateway trusted the same way,
+    # and at another address never through the system's trust store. "": stored before trust was
+    # recorded (so also by an older agent that used the system's trust store).
     trusted_ca: str = ""
 
     def expired(self, now: float) -> bool:
