@@ -159,8 +159,9 @@ class GatewayConfig:
     # A peer must answer OpenConnection within this time.
     accept_timeout_s: float = 10.0
     # Connect streams one node may hold open at once, counted separately for the ones it dials
-    # (its proxied connections) and the ones not past their first frame yet; the ones it accepts
-    # count against neither, as the dialler paid for them (stream_slots.py). Together with
+    # (its proxied connections) and the ones not past their first frame yet; the ones that accept a
+    # pending connection count against neither once they claim it, as the dialler paid for them
+    # (an Accept that claims nothing is refused while still counted: stream_slots.py). Together with
     # max_head_connections_per_node and max_buffered_bytes_per_node, this bounds what one volunteer
     # can make the gateway hold.
     max_streams_per_node: int = 256

@@ -1211,13 +1211,17 @@ class TunnelService:
             slot.dialing()
             await self._dial(source, first.dial, channel)
         elif kind == "accept":
-            slot.accepting()
-            await self._accept(source, first.accept, channel, context)
+            await self._accept(source, first.accept, channel, context, slot)
         else:
             self.metrics.refused_streams["bad-first-frame"] += 1
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "connect: first frame must be Dial or Accept")
 
     async def _dial(self, source: NodeSession, dial: pb.Dial, channel: GrpcFrameChannel) -> None:
+        # The stream counts among the node's connections until it ends, refused or not: a refusal
+        # is a DialResult frame, which waits for as long as the node keeps its stream's window
+        # shut. No time limit would help: grpc sends the status only after the frames before it,
+        # and has no way to reset a stream from here, so a limit would just stop counting a
+        # stream that grpc goes on holding.
         try:
             route = self.router.route(source, dial.host, dial.port)
         except DialRefused as exc:
@@ -1273,14 +1277,18 @@ class TunnelService:
             self.router.finish(connection_id, peer_violation)
 
     async def _accept(
-        self, source: NodeSession, accept: pb.Accept, channel: GrpcFrameChannel, context: Context
+        self, source: NodeSession, accept: pb.Accept, channel: GrpcFrameChannel, context: Context, slot: StreamSlot
     ) -> None:
         try:
             pending = self.router.claim(source.node_name, accept.connection_id)
         except DialRefused as exc:
+            # Refused while the stream still counts as opening, and by the call's status: a Close
+            # frame is flow-controlled, and a node that never opened the stream's window kept it
+            # (handler, call, buffers) for ever, on a stream no cap counted.
             self.metrics.refused_streams[exc.reason] += 1
-            await channel.write_frame(pb.Frame(close=pb.Close(reason=exc.reason)))
-            return
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"accept refused ({exc.reason}): {exc}"[:300])
+        # Counted no more from here: one stream per pending connection, which its dialler pays for.
+        slot.accepting()
         timed_out = False
         try:
             result = await asyncio.wait_for(channel.read_frame(), self.config.accept_timeout_s)
@@ -1301,9 +1309,14 @@ class TunnelService:
             elif isinstance(result, pb.Frame) and result.HasField("dial_result"):
                 why = result.dial_result.reason
             else:
-                why = "bad-accept"
+                kind = result.WhichOneof("msg") if isinstance(result, pb.Frame) else "data"
+                why = f"accept: {kind!r} frame where its DialResult belongs"
             if not pending.accepted.done():  # done: the originator gave up (open_to_node cancelled it)
                 pending.accepted.set_exception(DialRefused("unreachable", f"peer could not connect locally: {why}"))
+            if result is not None and not (isinstance(result, pb.Frame) and result.HasField("dial_result")):
+                # It broke the Accept protocol: Connect's handler counts it and ends this stream
+                # with an error (the dialler's refusal is booked by open_to_node, as before).
+                raise ProtocolViolation(why)
             if result is None:
                 self.metrics.refused_streams["no-dial-result"] += 1
                 if timed_out:  # a read still waits inside grpc: only an abort ends this call now

@@ -8,10 +8,13 @@ of a node that no longer exists). Two kinds count against ``max_streams_per_node
   number of silent streams (each for the first-frame timeout) and keep opening more;
 * streams that dial: the connections a node makes.
 
-A stream that accepts a connection counts against neither: it answers another node's dial, which
-that side paid for, or the head's, which counts against max_head_connections_per_node of the node
-it reaches (head_proxy.py). Were it charged to the acceptor, one volunteer could spend its own
-allowance dialling another and leave that one unable to reach the head.
+A stream that accepts a connection counts against neither once it has claimed it: it answers
+another node's dial, which that side paid for, or the head's, which counts against
+max_head_connections_per_node of the node it reaches (head_proxy.py). Were it charged to the
+acceptor, one volunteer could spend its own allowance dialling another and leave that one unable to
+reach the head. Until its claim succeeds it is opening like any other: an Accept that claims
+nothing (an unknown id, one claimed already, another node's) is refused while still counted, or a
+node could hold any number of uncounted streams by naming ids that do not exist.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ class StreamSlot:
         self._slots._move(self._node_name, self._task, "opening", "dialing")
 
     def accepting(self) -> None:
-        """The stream answers a dial that its originator paid for."""
+        """The stream has claimed a pending connection, which its originator paid for (one
+        stream per connection: a claim is made once)."""
         self._slots._move(self._node_name, self._task, "opening", None)
 
 

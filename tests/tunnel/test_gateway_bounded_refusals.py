@@ -1,5 +1,7 @@
 """A malformed Control message after Register ends its call with INVALID_ARGUMENT and one bounded
-line; malformed Connect frames cannot flood the log; a flood that stops is still summed up."""
+line; malformed Connect frames cannot flood the log; a flood that stops is still summed up.
+Connect streams the gateway refuses end, and stay counted against the node until they do, even
+when the node never opens their flow-control window; a broken Accept is a counted violation."""
 
 from __future__ import annotations
 
@@ -15,7 +17,15 @@ from koinon_gateway.log_limit import LimitedLog
 from koinon_gateway.rpc import EOF, SERVICE, tunnel_stub
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import channel_for, cluster, registered_mute_node
+from .helpers import Cluster, channel_for, cluster, next_open_connection, registered_mute_node
+from .raw_h2 import RawH2
+
+CONNECT = f"/{SERVICE}/Connect"
+
+
+def insecure(c: Cluster) -> grpc.aio.Channel:
+    """A plaintext channel (the raw HTTP/2 client speaks no TLS, so these clusters have none)."""
+    return grpc.aio.insecure_channel(c.gateway.agent_target)
 
 
 async def test_malformed_control_message_after_register_ends_with_invalid_argument(
@@ -83,3 +93,86 @@ def test_suppressed_refusals_are_reported_even_when_the_flood_stops(caplog: pyte
     now[0] = 3600.0
     limited.warning("join unknown", "a refusal of another kind, an hour later")
     assert any("47 more" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+async def test_accept_streams_for_no_pending_connection_end_even_when_never_read(tmp_path: Path) -> None:
+    """Accept streams for no pending connection, from a client that never opens its streams'
+    window (grpc's own client always does): the refusal must not be a frame that waits for that
+    window. Each was uncounted from its first frame and held for ever (its handler, call and
+    buffers: a way to the gateway's memory limit, and every node's session with it)."""
+    streams = 40
+    async with cluster(tmp_path, tls=False, max_streams_per_node=4) as c, insecure(c) as channel:
+        response, control = await registered_mute_node(c, channel)
+        host, port = c.gateway.agent_target.rsplit(":", 1)
+        raw = await RawH2.connect(host, int(port), stream_window=0)
+        accept = pb.Frame(accept=pb.Accept(connection_id=987654)).SerializeToString()
+        metadata = {"authorization": f"Bearer {response.credential}"}
+        try:
+            opened = {raw.open_call(CONNECT, c.gateway.agent_target, metadata, accept) for _ in range(streams)}
+            await raw.writer.drain()
+            deadline = asyncio.get_running_loop().time() + 5
+            while raw.ended != opened and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            held = c.gateway.sessions.streams.open(response.assignment.node_name)
+            ended = len(raw.ended & opened)
+        finally:
+            await raw.close()
+            control.cancel()
+        refused = c.gateway.metrics.refused_streams
+        # All refused: as unknown, or (while max_streams_per_node were still opening) as too many.
+        assert refused["unknown-connection"] + refused["too-many-streams"] == streams, dict(refused)
+        assert (held, ended) == (0, streams), f"{held} streams still held, {ended} of {streams} ended"
+
+
+async def test_dial_refusals_a_node_never_reads_stay_counted_against_it(tmp_path: Path) -> None:
+    """A refused Dial is answered with a DialResult frame, which waits for as long as the node
+    keeps its stream's window shut (grpc sends no status past it, nor resets the stream): the
+    stream must count among the node's connections all that time, so such a node holds only
+    max_streams_per_node of them."""
+    cap = 4
+    async with cluster(tmp_path, tls=False, max_streams_per_node=cap) as c, insecure(c) as channel:
+        response, control = await registered_mute_node(c, channel)
+        host, port = c.gateway.agent_target.rsplit(":", 1)
+        raw = await RawH2.connect(host, int(port), stream_window=0)
+        dial = pb.Frame(dial=pb.Dial(host="127.0.20.15", port=1)).SerializeToString()  # no such node
+        metadata = {"authorization": f"Bearer {response.credential}"}
+        try:
+            for _ in range(2 * cap):
+                raw.open_call(CONNECT, c.gateway.agent_target, metadata, dial)
+                await raw.writer.drain()
+                await asyncio.sleep(0.1)  # one at a time: the first ones are dialling by the next
+            held = c.gateway.sessions.streams.open(response.assignment.node_name)
+        finally:
+            await raw.close()
+            control.cancel()
+        assert held == cap, f"{held} streams held, cap {cap}"
+        assert c.gateway.metrics.refused_dials["unreachable"] == cap
+        assert c.gateway.metrics.refused_streams["too-many-streams"] == cap
+
+
+async def test_an_accept_stream_answering_with_data_instead_of_a_dial_result_is_a_counted_violation(
+    tmp_path: Path,
+) -> None:
+    """The accepting node breaks the Accept protocol (a Data frame where its DialResult belongs):
+    its stream ends with INVALID_ARGUMENT and counts as a protocol violation, and the dialler is
+    refused as before."""
+    async with cluster(tmp_path, tls=False, heartbeat_timeout_s=600.0) as c, insecure(c) as channel:
+        b, b_control = await registered_mute_node(c, channel, "peer")
+        a, a_control = await registered_mute_node(c, channel, "dialler")
+        dial = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.credential}"),))
+        accept = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {b.credential}"),))
+        try:
+            target = pb.Dial(host=b.assignment.address, port=b.assignment.ports.node_manager_port)
+            await dial.write(pb.Frame(dial=target))
+            opened = await next_open_connection(b_control)
+            await accept.write(pb.Frame(accept=pb.Accept(connection_id=opened.connection_id)))
+            await accept.write(pb.Frame(data=pb.Data(payload=b"not a dial result")))
+            result = await asyncio.wait_for(dial.read(), 5)
+            code = await asyncio.wait_for(accept.code(), 5)
+        finally:
+            for call in (dial, accept, a_control, b_control):
+                call.cancel()
+        assert result.dial_result.reason == "unreachable" and not result.dial_result.ok
+        assert c.gateway.metrics.refused_dials["unreachable"] == 1
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert c.gateway.metrics.refused_streams["protocol-violation"] == 1, dict(c.gateway.metrics.refused_streams)
