@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from .addresses import FIRST_WORKER, LOOPBACK_NETWORK, LOOPBACK_OWN_SERVICES, MAX_WORKER_PORTS
 from .tcp_pipe import SMALL_BUFFER_BYTES
+from .tunnel_io import MAX_MESSAGE_BYTES, RECEIVE_WINDOW_BYTES
 
 # Bind hosts that accept connections to any local address, the head's included.
 WILDCARD_HOSTS = frozenset({"", "*"})
@@ -98,18 +99,39 @@ ONE_NODE_MEMORY_SHARE = 1 / 3
 # full-size one no longer fits, the one it reads into and the one its consumer still has a view of.
 PAST_BUDGET_BYTES_PER_STREAM = 2 * SMALL_BUFFER_BYTES
 MIN_BUFFERED_BYTES_PER_NODE = 1 << 20  # one full-size receive buffer (tunnel_io.CHUNK_BYTES)
+# What the gateway may hold for one direction of a connection whose data it reads from a node's
+# Connect stream while the other end (a peer node, or the head) does not take it: grpc's receive
+# window of that stream (fixed, tunnel_io.RECEIVE_WINDOW_BYTES) and the one message the splice is
+# forwarding, held about four times while its write waits (the received message, the frame
+# serialized from it, grpc's copy of that, allocator slack). Measured with a 64 KiB window: 3.7-3.9
+# MiB a stream (test_node_buffer_budget.py's peer that never reads). This direction has no budget
+# shared by the node's connections: what it holds grows with the number of connections.
+FROM_NODE_BYTES_PER_STREAM = RECEIVE_WINDOW_BYTES + 4 * MAX_MESSAGE_BYTES
+
+
+def one_node_buffered_bound(
+    max_streams_per_node: int, max_head_connections_per_node: int, max_buffered_bytes_per_node: int
+) -> int:
+    """The most memory one node's connections can make the gateway hold for data sent to the node
+    that it does not read: the receive buffers of its pipes (the budget, plus two small buffers per
+    connection past it: the ones it dials, and the ones the head opens to it through the head
+    proxy), and as much again in grpc, which holds at most one message a stream, a copy of a view of
+    one of those buffers (the one tunnel_io.tcp_to_channel is writing while the node does not
+    read)."""
+    connections = max_streams_per_node + max_head_connections_per_node
+    return 2 * (max_buffered_bytes_per_node + connections * PAST_BUDGET_BYTES_PER_STREAM)
 
 
 def one_node_memory_bound(
     max_streams_per_node: int, max_head_connections_per_node: int, max_buffered_bytes_per_node: int
 ) -> int:
-    """The most memory one node's connections can make the gateway hold for data it does not read:
-    the receive buffers of its pipes (the budget, plus two small buffers per connection past it:
-    the ones it dials, and the ones the head opens to it through the head proxy), and as much
-    again in grpc, which holds at most one message a stream, a copy of a view of one of those
-    buffers (the one tunnel_io.tcp_to_channel is writing while the node does not read)."""
+    """The most memory one node's connections can make the gateway hold, in both directions: what is
+    sent to it and it does not read (one_node_buffered_bound), and what it sends that the other end
+    does not read: FROM_NODE_BYTES_PER_STREAM for each direction of each of its connections (both
+    directions of one it dials can be a node's, when it dials another node of its volunteer)."""
     connections = max_streams_per_node + max_head_connections_per_node
-    return 2 * (max_buffered_bytes_per_node + connections * PAST_BUDGET_BYTES_PER_STREAM)
+    buffered = one_node_buffered_bound(max_streams_per_node, max_head_connections_per_node, max_buffered_bytes_per_node)
+    return buffered + 2 * connections * FROM_NODE_BYTES_PER_STREAM
 
 
 # How old a connected node's lastHeartbeat may get between refreshes: half the 120 s after which
@@ -183,7 +205,8 @@ class GatewayConfig:
     # more past it for each of its connections (at most 256 it dials + 64 the head opens), and
     # grpc's copy of as much: 2 x (128 MiB + 320 x 128 KiB) = 336 MiB, under ONE_NODE_MEMORY_SHARE
     # of the shipped 1Gi limit. Without it 256 stalled streams held 256 x 4-6 MiB, over 1 GiB, and
-    # the gateway was OOM-killed with every node's session.
+    # the gateway was OOM-killed with every node's session. This covers data sent to the node only;
+    # what it sends is bounded per stream (FROM_NODE_BYTES_PER_STREAM, one_node_memory_bound).
     max_buffered_bytes_per_node: int = 128 << 20
     rtt_smoothing_alpha: float = 0.2
     # Agents that heartbeat by themselves (Register.self_heartbeats) get a Ping, the RTT probe, every

@@ -27,12 +27,19 @@ CHUNK_BYTES = 1 << 20
 # gRPC message limit on both sides: a full chunk plus framing, with room to spare.
 MAX_MESSAGE_BYTES = CHUNK_BYTES + (64 << 10)
 STREAM_READER_LIMIT = 4 * CHUNK_BYTES
+# HTTP/2 receive window of each stream, fixed: what grpc core accepts on a stream that nobody reads
+# (the splice stops reading while the other end does not take data). A read in progress still
+# opens the window for the whole message it waits for, so messages larger than this flow.
+# With BDP probing on, grpc grew the windows of streams whose data waited, without bound: a node
+# sending to a peer that never reads made the gateway hold 1-2 GiB on 16 streams.
+RECEIVE_WINDOW_BYTES = CHUNK_BYTES
 
 GRPC_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    # Large flow-control windows let one stream fill a fat pipe.
-    ("grpc.http2.lookahead_bytes", 4 * CHUNK_BYTES),
+    ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
+    # No BDP probing: it would raise the windows past RECEIVE_WINDOW_BYTES (see above).
+    ("grpc.http2.bdp_probe", 0),
     # HTTP/2 DATA frames of up to a whole chunk instead of 16 KiB: fewer frames per message.
     ("grpc.http2.max_frame_size", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 20_000),

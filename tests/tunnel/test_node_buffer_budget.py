@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import re
+import struct
+import sys
 import weakref
 from pathlib import Path
 from typing import Any
@@ -21,11 +24,13 @@ import grpc
 import pytest
 from koinon_gateway import tcp_pipe, tunnel_io
 from koinon_gateway.config import (
+    FROM_NODE_BYTES_PER_STREAM,
     MIN_BUFFERED_BYTES_PER_NODE,
     ONE_NODE_MEMORY_SHARE,
     PAST_BUDGET_BYTES_PER_STREAM,
     SHIPPED_MEMORY_LIMIT_BYTES,
     GatewayConfig,
+    one_node_buffered_bound,
     one_node_memory_bound,
 )
 from koinon_gateway.frame_codec import OutgoingFrame
@@ -34,6 +39,7 @@ from koinon_gateway.tunnel_io import CountedFrameChannel
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .helpers import Cluster, cluster, connect_via_proxy, next_open_connection, registered_mute_node
+from .raw_h2 import DATA, RawH2, frame
 
 REPO = Path(__file__).resolve().parents[2]
 F = pb.Frame
@@ -174,11 +180,19 @@ def test_the_defaults_keep_one_node_under_its_share_of_the_shipped_memory_limit(
     workers/koinon_agent/README.md state this sum)."""
     assert deployment_memory_limit() == SHIPPED_MEMORY_LIMIT_BYTES
     defaults = GatewayConfig()
-    bound = one_node_memory_bound(
-        defaults.max_streams_per_node, defaults.max_head_connections_per_node, defaults.max_buffered_bytes_per_node
+    limits = (
+        defaults.max_streams_per_node,
+        defaults.max_head_connections_per_node,
+        defaults.max_buffered_bytes_per_node,
     )
-    assert bound == 2 * ((128 << 20) + (256 + 64) * (128 << 10)) == 336 << 20
-    assert bound <= ONE_NODE_MEMORY_SHARE * SHIPPED_MEMORY_LIMIT_BYTES, f"{bound / 2**20:.0f} MiB"
+    buffered = one_node_buffered_bound(*limits)
+    assert buffered == 2 * ((128 << 20) + (256 + 64) * (128 << 10)) == 336 << 20
+    assert buffered <= ONE_NODE_MEMORY_SHARE * SHIPPED_MEMORY_LIMIT_BYTES, f"{buffered / 2**20:.0f} MiB"
+    # What a node sends and the other end does not read has no shared budget: per direction of
+    # each connection, a 1 MiB receive window and four copies of a 1,088 KiB message (the READMEs
+    # state this sum, far past the shipped limit).
+    assert FROM_NODE_BYTES_PER_STREAM == (1 << 20) + 4 * (1088 << 10) == 5376 << 10
+    assert one_node_memory_bound(*limits) == buffered + 2 * 320 * (5376 << 10) == 3696 << 20
     # The CLI's defaults are the same.
     config = config_from_args(build_parser().parse_args(["--head-address", "127.0.0.1"]))
     assert config.max_buffered_bytes_per_node == defaults.max_buffered_bytes_per_node
@@ -405,3 +419,88 @@ async def test_revoking_a_node_ends_the_heads_connections_to_it_that_it_stopped_
             writer.close()
             accept.cancel()
             control.cancel()
+
+
+# A node that sends as fast as it can on each of its streams, to a peer that never reads.
+FLOODER = r"""
+import asyncio, sys, grpc
+from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
+F = pb.Frame
+target, cred, host, port, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+async def main():
+    async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 2 << 20)]) as ch:
+        connect = ch.stream_stream("/koinon.tunnel.v1.Tunnel/Connect", None, None)
+        calls = []
+        for _ in range(n):
+            call = connect(metadata=(("authorization", f"Bearer {cred}"),))
+            await call.write(F(dial=pb.Dial(host=host, port=port)).SerializeToString())
+            assert F.FromString(await asyncio.wait_for(call.read(), 10)).dial_result.ok
+            calls.append(call)
+        chunk = F(data=pb.Data(payload=b"x" * (1 << 20))).SerializeToString()
+        async def pump(call):
+            while True:
+                await call.write(chunk)
+        await asyncio.gather(*(pump(c) for c in calls))
+asyncio.run(main())
+"""
+
+
+def rss_mib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
+
+
+async def test_a_node_sending_to_a_peer_that_never_reads_holds_no_more_than_its_memory_bound(tmp_path: Path) -> None:
+    """Node A dials node B (a second node of the same volunteer) on a Ray port; B's agent accepts and
+    never opens its HTTP/2 stream window (a hand-written client: grpc's own always does). A sends
+    1 MiB frames as fast as it can on 16 streams. Nothing of this passes through a TcpPipe: what
+    bounds it is grpc's fixed receive window per stream (tunnel_io.RECEIVE_WINDOW_BYTES) and the one
+    message each splice holds. With BDP probing grpc grew those windows, and the gateway grew by
+    1-2 GiB (reviewer's repro, 3 of 3 runs), against a bound of 22 MiB."""
+    streams = 16
+    settings: dict[str, Any] = {
+        "heartbeat_timeout_s": 600.0,
+        "max_streams_per_node": streams,
+        "max_head_connections_per_node": 1,  # the bound counts them; this test opens none
+        "max_buffered_bytes_per_node": MIN_BUFFERED_BYTES_PER_NODE,
+    }
+    async with (
+        cluster(tmp_path, tls=False, **settings) as c,
+        grpc.aio.insecure_channel(c.gateway.agent_target) as channel,
+    ):
+        config = c.gateway.config
+        limits = (config.max_streams_per_node, config.max_head_connections_per_node, config.max_buffered_bytes_per_node)
+        # One direction of each stream is flooded here: its share of one_node_memory_bound.
+        bound_mib = streams * FROM_NODE_BYTES_PER_STREAM >> 20
+        assert bound_mib < one_node_memory_bound(*limits) >> 20
+        b, b_control = await registered_mute_node(c, channel, "peer")
+        a, a_control = await registered_mute_node(c, channel, "dialler")
+        host, port = c.gateway.agent_target.rsplit(":", 1)
+        raw = await RawH2.connect(host, int(port), stream_window=0)
+        before = rss_mib()
+        flooder = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", FLOODER, c.gateway.agent_target, a.credential, b.assignment.address,
+            str(b.assignment.ports.node_manager_port), str(streams), env=os.environ,
+        )  # fmt: skip
+        peak = 0
+        try:
+            ok = F(dial_result=pb.DialResult(ok=True)).SerializeToString()
+            for _ in range(streams):
+                opened = await next_open_connection(b_control)
+                accept = F(accept=pb.Accept(connection_id=opened.connection_id)).SerializeToString()
+                credential = {"authorization": f"Bearer {b.credential}"}
+                stream = raw.open_call("/koinon.tunnel.v1.Tunnel/Connect", c.gateway.agent_target, credential, accept)
+                raw.writer.write(frame(DATA, 0, stream, b"\x00" + struct.pack(">I", len(ok)) + ok))
+                await raw.writer.drain()
+            for _ in range(40):  # 8 s of flooding; BDP-grown windows were past 1 GiB by then
+                await asyncio.sleep(0.2)
+                peak = max(peak, rss_mib() - before)
+        finally:
+            flooder.kill()
+            await flooder.wait()
+            await raw.close()
+            a_control.cancel()
+            b_control.cancel()
+    # The margin: the allocator's arenas and grpc's threads, which grow with any traffic. Measured
+    # 78-82 MiB with the fix, 120 MiB to 5 GiB without.
+    assert peak <= bound_mib + 32, f"gateway grew {peak} MiB for one node's {streams} streams (bound {bound_mib} MiB)"
