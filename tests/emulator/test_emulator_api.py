@@ -65,6 +65,34 @@ async def test_generate_name_and_unknown_namespace(http: aiohttp.ClientSession) 
     assert (await _json(orphan))["message"] == 'namespaces "ghost" not found'
 
 
+async def test_a_status_merge_patch_naming_a_stale_resource_version_conflicts(
+    http: aiohttp.ClientSession, with_widgets: KubeEmulator
+) -> None:
+    """kube-apiserver takes metadata.resourceVersion in a merge patch as a precondition on the
+    status subresource too (the update is checked against the stored version before the status
+    strategy keeps the rest of the object): the operator's status writes rely on it (409, nothing
+    written, when the object changed since the version the patch names)."""
+    created = await _json(await http.post(NS_WIDGETS, json=widget("w9")))
+    read = created["metadata"]["resourceVersion"]
+    status_url = f"{NS_WIDGETS}/w9/status"
+    first = await http.patch(
+        status_url, headers=MERGE, json={"metadata": {"resourceVersion": read}, "status": {"phase": "A"}}
+    )
+    assert first.status == 200, await first.text()
+    written = await _json(first)
+    assert written["status"]["phase"] == "A" and written["metadata"]["resourceVersion"] != read
+    late = await http.patch(
+        status_url, headers=MERGE, json={"metadata": {"resourceVersion": read}, "status": {"phase": "B"}}
+    )
+    assert late.status == 409
+    refused = await _json(late)
+    assert (refused["reason"], refused["code"]) == ("Conflict", 409)
+    assert "the object has been modified" in refused["message"]
+    stored = await _json(await http.get(f"{NS_WIDGETS}/w9"))
+    assert stored["status"]["phase"] == "A"
+    assert stored["metadata"]["resourceVersion"] == written["metadata"]["resourceVersion"]
+
+
 async def test_resource_versions_increase_and_stale_writes_conflict(
     http: aiohttp.ClientSession, with_widgets: KubeEmulator
 ) -> None:
