@@ -19,7 +19,6 @@ from koinon_operator.kube import (
     get_or_create_submission_key,
     list_aijob_uids,
     login,
-    write_aijob_status,
 )
 from koinon_operator.leadership import LeaderElector, LeaseSettings
 from koinon_operator.orphans import OrphanSweeper, sweep_orphans_forever
@@ -162,6 +161,7 @@ def _first_values(index: kopf.Index[str, Any]) -> dict[str, Any]:
 @kopf.timer(GROUP, VERSION, AIJOB_PLURAL, interval=CONFIG.poll_interval_seconds)
 async def reconcile_aijob(
     body: kopf.Body,
+    patch: kopf.Patch,
     memo: kopf.Memo,
     namespace: str | None,
     name: str,
@@ -174,9 +174,6 @@ async def reconcile_aijob(
         return
     # Keyed by the status this pass acted on, before the pass's own patch is applied.
     evidence_key = outcome_key(str(body.metadata.get("uid", "")), body.status)
-    # The version of the body this pass reads (kopf swaps a newer one in when its watch delivers
-    # one, even mid-pass): the pass's status is written only over this very version.
-    version = body.metadata.get("resourceVersion")
     term = memo.leader.term
 
     def leading_this_term() -> bool:
@@ -201,7 +198,7 @@ async def reconcile_aijob(
     memo.tracer.record(body, outcome.status, [(e.type, e.reason, e.message) for e in outcome.events])
     if outcome.reputation or outcome.work:
         try:
-            # Before the status is written (below), and
+            # Before the status is handed to kopf (which writes it after this returns), and
             # idempotent (by evidence_key): a pass whose status is then discarded is replayed from
             # the same status, by the new leader or by this one, and counts nothing twice.
             await memo.reputation.record(outcome.reputation, evidence_key, outcome.work)
@@ -220,25 +217,9 @@ async def reconcile_aijob(
             # and submit yet another while that one runs.
             memo.reconciler.discard_write(f"{namespace}/{name}")
             return
-    if outcome.status:
-        # Conditional on the version this pass read (write_aijob_status says why kopf does not
-        # write it): a write of this process that comes late (its Lease lost meanwhile: the new
-        # leader may have judged, placed, suspended since) or any other stale one is refused, and
-        # the next pass acts on the newer body. A refusal is normal (a spec edit or another write
-        # between read and write): nothing to warn about, and no events of a pass not written.
-        try:
-            written = await write_status(
-                namespace or "default", name, str(version) if version else None, outcome.status
-            )
-        except Exception as error:  # the next pass writes again; whether this one landed is unknown
-            logger.warning("AIJob %s/%s: status write failed: %r", namespace, name, error)
-            return
-        if not written:
-            logger.debug(
-                "AIJob %s/%s changed since version %s: this pass's status is dropped", namespace, name, version
-            )
-            memo.reconciler.discard_write(f"{namespace}/{name}")
-            return
+    # From here to the return nothing is awaited: the status kopf writes is this term's.
+    for field_name, value in outcome.status.items():
+        patch.status[field_name] = value
     if outcome.delete:
         _ttl_announced.add(uid)
     for event in outcome.events:
@@ -253,8 +234,6 @@ async def reconcile_aijob(
         task.add_done_callback(_background.discard)
 
 
-# The pass's status write (a module global: tests put an API server of their own in its place).
-write_status = write_aijob_status
 _deleting: set[str] = set()
 _ttl_announced: set[str] = set()  # uids whose TTL deletion was announced (dropped once deleted)
 _background: set[asyncio.Task[None]] = set()

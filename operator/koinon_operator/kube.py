@@ -165,67 +165,6 @@ async def delete_aijob(namespace: str, name: str, uid: str) -> None:
     await asyncio.to_thread(call)
 
 
-# One try of a pass's status write: a write that got no answer in time is not retried (the next
-# pass writes again, from the body it reads then), and one that lands later still cannot undo
-# anything: it is conditional (write_aijob_status).
-STATUS_WRITE_TIMEOUT_S = 10.0
-
-
-async def write_aijob_status(namespace: str, name: str, resource_version: str | None, status: dict[str, Any]) -> bool:
-    """Merge-patches ``status`` into the status of AIJob ``namespace/name`` if the object is still
-    at ``resource_version``: the version of the body the status was computed from. A merge patch
-    naming metadata.resourceVersion is a precondition to kube-apiserver (409 Conflict when the
-    object changed since), on the status subresource too. False when nothing was written: the
-    object changed since that body was read (another write landed first: the caller recomputes
-    from the new body at its next pass), or is gone. Other errors are raised (whether the write
-    landed is then unknown).
-
-    Why not kopf's patch: kopf sends the status as a merge patch of its own, without any
-    resourceVersion (a metadata field in kopf's patch goes to the main resource, in another
-    request), and retries it for about a minute; a pass of an operator that lost its Lease could
-    land after the new leader moved on and turn the job back to what it was then (judge an
-    attempt twice, resume a job whose attempt runs, fail one whose next attempt runs)."""
-
-    def call() -> bool:
-        load_config()
-        api = _status_api()
-        patch: dict[str, Any] = {"status": status}
-        if resource_version:
-            patch["metadata"] = {"resourceVersion": resource_version}
-        try:
-            api.patch_namespaced_custom_object_status(
-                GROUP,
-                VERSION,
-                namespace,
-                AIJOB_PLURAL,
-                name,
-                patch,
-                _content_type="application/merge-patch+json",
-                _request_timeout=STATUS_WRITE_TIMEOUT_S,
-            )
-        except ApiException as error:
-            if error.status in (404, 409):  # gone, or changed since the body was read
-                return False
-            raise
-        return True
-
-    return await asyncio.to_thread(call)
-
-
-_status_client: tuple[float, client.CustomObjectsApi] | None = None
-
-
-def _status_api() -> client.CustomObjectsApi:
-    """One client for every pass's status write, made again when load_config loaded anew: a client
-    made per call opened a new connection (a TLS handshake) per write, hundreds a pass at
-    admission. Its connection pool is thread-safe (writes run in worker threads)."""
-    global _status_client
-    with _config_lock:
-        if _status_client is None or _status_client[0] != _loaded_at:
-            _status_client = (_loaded_at, client.CustomObjectsApi(client.ApiClient()))
-        return _status_client[1]
-
-
 # Page size of list_aijob_uids: kube-apiserver's own default cap for a paged LIST is 500 too.
 AIJOB_LIST_PAGE = 500
 AIJOB_LIST_TIMEOUT_S = 30.0  # per page

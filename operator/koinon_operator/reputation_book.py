@@ -1,7 +1,7 @@
 """Writes each outcome's evidence into the volunteers' ``status.reputation`` (and job counters), so a
 person can see why a node has its score and the scheduler reads it back on the next placement.
 
-Evidence is written before the job's own status is. An operator that dies between the two
+Evidence is written before kopf writes the job's own status. An operator that dies between the two
 runs the same reconcile pass again after its restart, so every piece of evidence carries a key
 (the job's uid, attempt and verification round, and the kind) and each node keeps the keys of its
 outcomes of the last hour (and its latest 32 whatever their age), with the second each was recorded,

@@ -172,38 +172,11 @@ def make_body(spec: dict[str, Any], name: str = "j", namespace: str = "ns", uid:
 async def step(
     reconciler: AIJobReconciler, body: dict[str, Any], volunteers: dict[str, dict[str, Any]] | None = None
 ) -> Outcome:
-    """One pass on ``body``; its status patch is merged into ``body`` as the API server would (and,
-    where ``body`` has a resourceVersion, under a new one: land_status)."""
-    read = copy.deepcopy(body)
-    outcome = await reconciler.reconcile(read, {}, VOLUNTEERS if volunteers is None else volunteers)
+    """One pass on ``body``; its status patch is merged into ``body`` as the API server would."""
+    outcome = await reconciler.reconcile(copy.deepcopy(body), {}, VOLUNTEERS if volunteers is None else volunteers)
     if outcome.status:
-        assert land_status(body, outcome.status, read["metadata"].get("resourceVersion"))
+        body["status"] = merge_patch(body.get("status") or {}, outcome.status)
     return outcome
-
-
-class StatusWrites(list[dict[str, Any]]):
-    """Stands in for handlers.write_status (monkeypatched in): an API server that takes every status
-    write a pass makes, each recorded (the status merge patch) in order."""
-
-    async def __call__(self, namespace: str, name: str, resource_version: str | None, status: dict[str, Any]) -> bool:
-        self.append(status)
-        return True
-
-
-def land_status(body: dict[str, Any], status: dict[str, Any], read_version: str | None) -> bool:
-    """The API server's answer to the operator's status write (handlers.reconcile_aijob through
-    kube.write_aijob_status): a merge patch conditional on the resourceVersion of the body the pass
-    read. Applied, under a new resourceVersion, while ``body`` is still at that version; refused
-    (409 Conflict: False, nothing changes) once anything else was written since, as a write an old
-    leader computed before the new leader's writes is when it lands late."""
-    meta = body["metadata"]
-    current = meta.get("resourceVersion")
-    if read_version is not None and current != read_version:
-        return False
-    body["status"] = merge_patch(body.get("status") or {}, status)
-    if current is not None:
-        meta["resourceVersion"] = str(int(current) + 1)
-    return True
 
 
 async def failed_to_start(message: str) -> tuple[dict[str, Any], list[tuple[str, str]]]:

@@ -17,7 +17,6 @@ from koinon_operator.inventory import Allocation
 from koinon_operator.leadership import Action, LeaderElector, LeaseSettings, LeaseView, decide
 from koinon_operator.reconciler import Ledger, Outcome
 
-from tests.aijob.fake_ray import StatusWrites
 from tests.emulator.helpers import EmulatorThread, emulator_for_kube_client
 
 NOW = 1_800_000_000.0
@@ -146,13 +145,11 @@ async def test_an_operator_that_does_not_lead_writes_nothing(monkeypatch: pytest
     reconciler = SimpleNamespace(ledger=Ledger())
     memo = SimpleNamespace(leader=follower, reconciler=reconciler, tracer=Untouchable(), reputation=Untouchable())
     body = kopf.Body({"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": {}})
-    writes = StatusWrites()
+    patch = kopf.Patch()
     reconcile: Any = handlers.reconcile_aijob
-    with pytest.MonkeyPatch.context() as patching:
-        patching.setattr(handlers, "write_status", writes)
-        await reconcile(body=body, patch=kopf.Patch(), memo=memo, namespace="ns", name="j",
-                        aijob_allocations={}, volunteer_nodes={})  # fmt: skip
-    assert not writes
+    await reconcile(body=body, patch=patch, memo=memo, namespace="ns", name="j",
+                    aijob_allocations={}, volunteer_nodes={})  # fmt: skip
+    assert not patch
     stop: Any = handlers.stop_ray_job
     with pytest.raises(kopf.TemporaryError, match="another operator"):
         await stop(body=body, memo=memo)
@@ -285,13 +282,11 @@ async def test_a_pass_that_outlives_the_lease_writes_nothing() -> None:
 
     memo = SimpleNamespace(leader=leader, reconciler=SlowReconciler(), tracer=Quiet(), reputation=Quiet())
     body = kopf.Body({"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": {}})
-    writes = StatusWrites()
+    patch = kopf.Patch()
     reconcile: Any = handlers.reconcile_aijob
-    with pytest.MonkeyPatch.context() as patching:
-        patching.setattr(handlers, "write_status", writes)
-        await reconcile(body=body, patch=kopf.Patch(), memo=memo, namespace="ns", name="j",
-                        aijob_allocations={}, volunteer_nodes={})  # fmt: skip
-    assert not writes, f"a pass that no longer leads wrote {writes}"
+    await reconcile(body=body, patch=patch, memo=memo, namespace="ns", name="j",
+                    aijob_allocations={}, volunteer_nodes={})  # fmt: skip
+    assert not patch, f"a pass that no longer leads wrote {dict(patch)}"
 
 
 async def test_a_pass_that_spans_a_lost_and_regained_term_writes_nothing(cluster: EmulatorThread) -> None:
@@ -329,13 +324,11 @@ async def test_a_pass_that_spans_a_lost_and_regained_term_writes_nothing(cluster
 
     memo = SimpleNamespace(leader=me, reconciler=SlowReconciler(), tracer=Quiet(), reputation=Quiet())
     body = kopf.Body({"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": {}})
-    writes = StatusWrites()
+    patch = kopf.Patch()
     reconcile: Any = handlers.reconcile_aijob
-    with pytest.MonkeyPatch.context() as patching:
-        patching.setattr(handlers, "write_status", writes)
-        await reconcile(body=body, patch=kopf.Patch(), memo=memo, namespace="ns", name="j",
-                        aijob_allocations={}, volunteer_nodes={})  # fmt: skip
-    assert not writes, f"a pass begun in an earlier term wrote {writes} in a later one"
+    await reconcile(body=body, patch=patch, memo=memo, namespace="ns", name="j",
+                    aijob_allocations={}, volunteer_nodes={})  # fmt: skip
+    assert not patch, f"a pass begun in an earlier term wrote {dict(patch)} in a later one"
 
 
 async def test_own_late_renewal_does_not_make_the_holder_step_down(cluster: EmulatorThread) -> None:

@@ -35,8 +35,6 @@ from .fake_ray import (
     VOLUNTEERS,
     Clock,
     FakeRay,
-    StatusWrites,
-    land_status,
     make_body,
     make_reconciler,
     node_address,
@@ -52,14 +50,16 @@ class Quiet:
         return lambda *a, **k: None
 
 
-async def _timer_pass(memo: Any, body: dict[str, Any]) -> None:
+async def _timer_pass(memo: Any, body: dict[str, Any], patch: kopf.Patch | None = None) -> kopf.Patch:
+    patch = patch if patch is not None else kopf.Patch()
     reconcile: Any = handlers.reconcile_aijob
     raw: Any = body
-    await reconcile(body=kopf.Body(raw), patch=kopf.Patch(), memo=memo, namespace="ns", name="j",
+    await reconcile(body=kopf.Body(raw), patch=patch, memo=memo, namespace="ns", name="j",
                     aijob_allocations={}, volunteer_nodes={})  # fmt: skip
+    return patch
 
 
-# ---- 1. the status is written only if the term still holds after the reputation writes
+# ---- 1. the status is handed to kopf only if the term still holds after the reputation writes
 
 
 async def test_a_lease_lost_while_reputation_is_recorded_writes_no_stale_status(
@@ -75,8 +75,6 @@ async def test_a_lease_lost_while_reputation_is_recorded_writes_no_stale_status(
     discarded: list[str] = []
     posted: list[str] = []
     monkeypatch.setattr(kopf, "event", lambda body, type, reason, message: posted.append(reason))
-    writes = StatusWrites()
-    monkeypatch.setattr(handlers, "write_status", writes)
 
     class Reconciler:
         async def reconcile(self, *_: Any) -> Outcome:
@@ -100,15 +98,15 @@ async def test_a_lease_lost_while_reputation_is_recorded_writes_no_stale_status(
 
     memo = SimpleNamespace(leader=leader, reconciler=Reconciler(), tracer=Quiet(), reputation=SlowBook())
     body = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": {"phase": "Running"}}
-    await _timer_pass(memo, body)
-    assert not writes, f"a pass whose lease ran out before its status was written still wrote {writes}"
+    patch = await _timer_pass(memo, body)
+    assert not patch, f"a pass whose lease ran out before its patch was applied still wrote {dict(patch)}"
     assert discarded == ["ns/j"] and posted == []
     # The evidence went first (idempotent by its key: the new leader's replay counts it once).
     assert recorded == [([("vn-1", "failure")], "u/0/0", {})]
 
     leader.is_leader = True  # still leading after the writes: the status is written, the event posted
-    await _timer_pass(memo, body)
-    assert [w["phase"] for w in writes] == ["Pending"] and posted == ["RayJobFailed"]
+    patch = await _timer_pass(memo, body)
+    assert patch["status"]["phase"] == "Pending" and posted == ["RayJobFailed"]
 
 
 def test_the_reputation_read_modify_write_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,10 +172,8 @@ async def test_a_pass_that_outlives_its_lease_submits_nothing_to_ray(monkeypatch
 
     hand_over.append(lease_lost_then_deleted_by_new_leader)
     memo = SimpleNamespace(leader=leader, reconciler=old, tracer=Quiet(), reputation=Quiet())
-    writes = StatusWrites()
-    monkeypatch.setattr(handlers, "write_status", writes)
-    await _timer_pass(memo, copy.deepcopy(body))
-    assert not writes
+    patch = await _timer_pass(memo, copy.deepcopy(body))
+    assert not patch
     assert ray.submissions == [], "Ray runs a submission for an AIJob deleted (and stopped) by the new leader"
 
     # The same pass in a term that still holds submits (and the next pass is not skipped).
@@ -735,9 +731,6 @@ async def test_the_deletion_handler_forgets_the_jobs_ray_backoff_and_ttl_announc
 
 
 # ---- a status write of the old leader that lands late (kopf's merge patch, no resourceVersion)
-#
-# Such a write is now refused (conditional on the version its pass read: the section at the end);
-# a job turned Pending over a running attempt is still handled, as these show, whatever set it so.
 
 
 async def _running_attempt(rec: Any, ray: FakeRay, clock: Clock, body: dict[str, Any], attempt: int) -> None:
@@ -982,179 +975,3 @@ async def test_an_invalid_edit_right_after_the_late_write_stops_the_attempt_it_n
     await step(rec, body)
     assert (body["status"]["phase"], body["status"]["reason"]) == ("Failed", "InvalidSpec")
     assert _running(ray) == [], f"still running behind a Failed job: {_running(ray)}"
-
-
-# ---- the old leader's status write lands only over the body its pass read (review: late writes)
-#
-# kopf wrote the pass's status as a merge patch without a resourceVersion, retried for about a
-# minute: an old leader's write could land after the new leader had moved on, and any phase it
-# carried (not only Pending, above) set the job back. The handler now writes it itself, conditional
-# on the resourceVersion the pass read (kube.write_aijob_status): land_status models the API
-# server's answer. The old leader is a second reconciler whose write lands after the new leader's.
-
-
-def _versioned(spec: dict[str, Any]) -> dict[str, Any]:
-    body = make_body(spec)
-    body["metadata"]["resourceVersion"] = "1"
-    return body
-
-
-def _edited(body: dict[str, Any], **spec: Any) -> dict[str, Any]:
-    """``body`` after an edit of its spec: a new generation, under a new resourceVersion."""
-    edited = copy.deepcopy(body)
-    edited["spec"].update(spec)
-    meta = edited["metadata"]
-    meta["generation"] += 1
-    meta["resourceVersion"] = str(int(meta["resourceVersion"]) + 1)
-    return edited
-
-
-async def _old_leaders_pass(ray: FakeRay, clock: Clock, read: dict[str, Any], nonce: Any = None) -> dict[str, Any]:
-    old = make_reconciler(ray, clock) if nonce is None else make_reconciler(ray, clock, nonce)
-    return (await old.reconcile(copy.deepcopy(read), {}, VOLUNTEERS)).status
-
-
-async def test_a_late_running_write_after_the_attempt_was_judged_failed_is_refused() -> None:
-    """The old leader saw attempt 1 RUNNING and computed Running; attempt 1 then failed and the new
-    leader judged it (failures 1, Pending). The Running write, landed, made the job Running over
-    attempt 1 with no nodes: IndexError at every pass, the job Running for ever."""
-    ray, clock = FakeRay(), Clock()
-    new_leader = make_reconciler(ray, clock)
-    body = _versioned({"entrypoint": "python x.py", "backoffLimit": 1})
-    await step(new_leader, body)  # placed
-    await step(new_leader, body)  # submitted
-    ray.set_state(submission_id_for(UID, 1), RayJobState.RUNNING)
-    clock.advance(5)
-    read = copy.deepcopy(body)
-    stale = await _old_leaders_pass(ray, clock, read)
-    assert stale["phase"] == "Running"
-    ray.set_state(submission_id_for(UID, 1), RayJobState.FAILED, exit_code=1, message="exit 1")
-    clock.advance(5)
-    await step(new_leader, body)
-    assert (body["status"]["phase"], body["status"]["failures"]) == ("Pending", 1)
-    assert not land_status(body, stale, read["metadata"]["resourceVersion"])  # lands now: refused
-    clock.advance(5)
-    await step(new_leader, body)
-    assert body["status"]["failures"] == 1, body["status"]
-    assert (body["status"]["phase"], body["status"]["attempts"]) == ("Scheduled", 2)
-
-
-async def test_a_late_suspended_write_is_refused_and_one_attempt_runs() -> None:
-    """suspend true, then false again while the old leader's write stalled: it had stopped attempt 1
-    and computed Suspended (no submission); the new leader, seeing only the resumed spec, ran
-    attempt 2. The Suspended write, landed, resumed the job into attempt 3 beside attempt 2."""
-    ray, clock = FakeRay(), Clock()
-    new_leader = make_reconciler(ray, clock)
-    body = _versioned({"entrypoint": "python x.py", "backoffLimit": 3})
-    await _running_attempt(new_leader, ray, clock, body, 1)
-    suspended = _edited(body, suspend=True)
-    stale = await _old_leaders_pass(ray, clock, suspended)
-    assert stale["phase"] == "Suspended" and stale["submissionId"] is None
-    resumed = _edited(suspended, suspend=False)
-    body.update(spec=resumed["spec"], metadata=resumed["metadata"])  # the new leader never saw the suspend
-    for _ in range(4):
-        clock.advance(5)
-        await step(new_leader, body)
-    ray.set_state(submission_id_for(UID, 2), RayJobState.RUNNING)
-    clock.advance(5)
-    await step(new_leader, body)
-    assert (body["status"]["phase"], body["status"]["attempts"]) == ("Running", 2)
-    assert not land_status(body, stale, suspended["metadata"]["resourceVersion"])
-    for _ in range(3):
-        clock.advance(5)
-        await step(new_leader, body)
-    assert _running(ray) == [submission_id_for(UID, 2)] and body["status"]["attempts"] == 2
-
-
-async def test_a_late_failed_write_is_refused_and_the_running_attempt_stays_followed() -> None:
-    """An invalid edit reverted at once: the old leader stopped attempt 1 and computed
-    Failed/InvalidSpec; the new leader saw the fixed spec and ran attempt 2. The Failed write,
-    landed, finished the job over attempt 2, which ran on for nobody (even past its deletion)."""
-    ray, clock = FakeRay(), Clock()
-    new_leader = make_reconciler(ray, clock)
-    body = _versioned({"entrypoint": "python x.py", "backoffLimit": 3})
-    await _running_attempt(new_leader, ray, clock, body, 1)
-    edited = _edited(body, resources={"cpus": 2000})
-    stale = await _old_leaders_pass(ray, clock, edited)
-    assert (stale["phase"], stale["reason"]) == ("Failed", "InvalidSpec")
-    body["metadata"] = _edited(edited)["metadata"]  # reverted: the spec as it was, generation 3
-    for _ in range(3):
-        clock.advance(5)
-        await step(new_leader, body)
-    ray.set_state(submission_id_for(UID, 2), RayJobState.RUNNING)
-    await step(new_leader, body)
-    assert (body["status"]["phase"], body["status"]["attempts"]) == ("Running", 2)
-    assert not land_status(body, stale, edited["metadata"]["resourceVersion"])
-    for _ in range(3):
-        clock.advance(5)
-        await step(new_leader, body)
-    assert body["status"]["phase"] == "Running"
-    deleting = copy.deepcopy(body)
-    deleting["metadata"]["deletionTimestamp"] = "2026-01-01T00:10:00Z"
-    await new_leader.stop(deleting)
-    assert _running(ray) == []
-
-
-async def test_a_late_placement_write_is_refused_and_no_failure_is_charged_twice() -> None:
-    """The late placement of attempt 2 (the new leader at attempt 3 by then), landed, had the job
-    follow attempt 2 again and judge its FAILED record a second time: three failures charged for
-    two, and at backoffLimit 2 the job Failed while attempt 3 ran on."""
-    ray, clock = FakeRay(), Clock()
-    nonce = keyed_submission_nonce(b"k" * 32)
-    new_leader = make_reconciler(ray, clock, nonce)
-
-    def sid(attempt: int) -> str:
-        return submission_id_for(UID, attempt, nonce(UID, attempt))
-
-    body = _versioned({"entrypoint": "python x.py", "backoffLimit": 2})
-    await step(new_leader, body)
-    await step(new_leader, body)
-    ray.set_state(sid(1), RayJobState.FAILED, exit_code=1, message="exit 1")
-    clock.advance(5)
-    await step(new_leader, body)
-    clock.advance(5)
-    read = copy.deepcopy(body)
-    stale = await _old_leaders_pass(ray, clock, read, nonce)
-    assert (stale["phase"], stale["attempts"]) == ("Scheduled", 2)
-    await step(new_leader, body)
-    await step(new_leader, body)
-    ray.set_state(sid(2), RayJobState.FAILED, exit_code=1, message="exit 1")
-    clock.advance(5)
-    await step(new_leader, body)
-    clock.advance(5)
-    await step(new_leader, body)
-    await step(new_leader, body)
-    ray.set_state(sid(3), RayJobState.RUNNING)
-    await step(new_leader, body)
-    assert (body["status"]["phase"], body["status"]["attempts"], body["status"]["failures"]) == ("Running", 3, 2)
-    assert not land_status(body, stale, read["metadata"]["resourceVersion"])
-    for _ in range(4):
-        clock.advance(5)
-        await step(new_leader, body)
-    assert (body["status"]["phase"], body["status"]["failures"]) == ("Running", 2), body["status"]["message"]
-    assert _running(ray) == [sid(3)]
-
-
-async def test_a_late_placement_write_of_a_verified_attempt_is_refused_and_its_evidence_counts_once() -> None:
-    """The placement write of a verified attempt, landed after that attempt was judged
-    (NoMajority): the attempt was judged again under another outcome key (verificationReruns one
-    higher), so the crashed copy's node was charged twice, and the job a second rerun."""
-    from koinon_operator.reputation_book import outcome_key
-
-    from .test_verification_rounds import CopiesRay, run_copies
-
-    ray, clock = CopiesRay(["vn-a", "vn-c"]), Clock()
-    rec, body = reconciler(ray, clock), replicated_job()
-    body["metadata"]["resourceVersion"] = "1"
-    vols = volunteers(ray.present)
-    read = copy.deepcopy(body)
-    placed = await step(rec, body, vols)  # the placing write (an old leader computed the same one)
-    assert body["status"]["phase"] == "Scheduled"
-    first = await run_copies(rec, ray, clock, body, {"vn-a": "KOINON_RESULT 42\n", "vn-c": None})
-    assert body["status"]["reason"] == "NoMajority" and first.reputation == [("vn-c", "failure")]
-    reruns, key = body["status"].get("verificationReruns"), outcome_key(UID, body["status"])
-    assert not land_status(body, placed.status, read["metadata"]["resourceVersion"])  # lands late
-    clock.advance(5)
-    second = await step(rec, body, vols)
-    assert second.reputation == [] and body["status"].get("verificationReruns") == reruns
-    assert outcome_key(UID, body["status"]) == key

@@ -43,7 +43,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 from opentelemetry.trace import StatusCode
 
-from tests.aijob.fake_ray import UID, VOLUNTEERS, Clock, FakeRay, StatusWrites, make_body, make_reconciler, step
+from tests.aijob.fake_ray import UID, VOLUNTEERS, Clock, FakeRay, make_body, make_reconciler, step
 
 
 def _tracer(provider: TracerProvider) -> tuple[JobTracer, InMemorySpanExporter]:
@@ -138,8 +138,6 @@ async def test_a_deletion_racing_the_pass_that_finishes_the_job_emits_one_root_s
     leader = SimpleNamespace(is_leader=True, term=1)
     quiet = SimpleNamespace(record=lambda *args, **kwargs: asyncio.sleep(0))
     memo = SimpleNamespace(reconciler=reconciler, tracer=tracer, leader=leader, reputation=quiet, ray=ray)
-    writes = StatusWrites()
-    monkeypatch.setattr(handlers, "write_status", writes)
     clock.advance(10)
     reconcile: Any = handlers.reconcile_aijob
     patch = kopf.Patch()
@@ -156,7 +154,7 @@ async def test_a_deletion_racing_the_pass_that_finishes_the_job_emits_one_root_s
     assert not timer.done() and not deletion.done()  # the deletion waits for the pass
     reading_logs.set()
     await asyncio.gather(timer, deletion)
-    assert [w["phase"] for w in writes] == ["Succeeded"]
+    assert patch["status"]["phase"] == "Succeeded"
     roots = [s for s in exporter.get_finished_spans() if s.name == "aijob"]
     assert [(r.attributes or {}).get("koinon.reason") for r in roots] == ["Completed"], [
         (dict(r.attributes or {}).get("koinon.reason"), r.status.status_code) for r in roots
@@ -169,11 +167,11 @@ async def test_a_deletion_racing_the_pass_that_finishes_the_job_emits_one_root_s
 
 async def _deleted_during_its_first_pass(
     monkeypatch: pytest.MonkeyPatch, tracer: JobTracer, retried_deletion: bool = False
-) -> dict[str, Any]:
+) -> kopf.Patch:
     """kubectl apply, then kubectl delete while the job's first timer pass is in flight (Ray slow
     to list its nodes): kopf hands the deletion handler the deletion event's body, taken before that
     pass's status write, so without status.traceId. The handler waits for the pass in
-    reconciler.stop, then tells the tracer. Returns the first pass's status write."""
+    reconciler.stop, then tells the tracer. Returns the first pass's status patch."""
     from koinon_operator import handlers
 
     monkeypatch.setattr(kopf, "event", lambda *args, **kwargs: None)
@@ -192,8 +190,6 @@ async def _deleted_during_its_first_pass(
     quiet = SimpleNamespace(record=lambda *args, **kwargs: asyncio.sleep(0))
     memo = SimpleNamespace(reconciler=reconciler, tracer=tracer, leader=leader, reputation=quiet, ray=ray)
     patch = kopf.Patch()
-    writes = StatusWrites()
-    monkeypatch.setattr(handlers, "write_status", writes)
     reconcile: Any = handlers.reconcile_aijob
     volunteers = {name: [node] for name, node in VOLUNTEERS.items()}
     raw: Any = copy.deepcopy(body)
@@ -210,8 +206,7 @@ async def _deleted_during_its_first_pass(
     await asyncio.gather(timer, deletion)
     if retried_deletion:  # kopf runs the handler again (this process's leftover, or a retry)
         await stop_ray_job(body=deleting, memo=memo)
-    [written] = writes
-    return written
+    return patch
 
 
 @pytest.mark.parametrize("retried_deletion", [False, True])
@@ -224,8 +219,8 @@ async def test_a_deletion_racing_the_jobs_first_pass_still_gives_its_spans_their
     that pass left."""
     provider = TracerProvider(id_generator=JobIdGenerator())
     tracer, exporter = _tracer(provider)
-    written = await _deleted_during_its_first_pass(monkeypatch, tracer, retried_deletion)
-    trace_id = written["traceId"]
+    patch = await _deleted_during_its_first_pass(monkeypatch, tracer, retried_deletion)
+    trace_id = patch["status"]["traceId"]
     assert trace_id
 
     spans = exporter.get_finished_spans()
@@ -238,7 +233,7 @@ async def test_a_deletion_racing_the_jobs_first_pass_still_gives_its_spans_their
     assert len(roots) == 1, names
     assert roots[0].context.trace_id == int(trace_id, 16)
     attributes = dict(roots[0].attributes or {})
-    assert (attributes["koinon.reason"], attributes["koinon.phase"]) == ("Deleted", written["phase"])
+    assert (attributes["koinon.reason"], attributes["koinon.phase"]) == ("Deleted", patch["status"]["phase"])
 
 
 async def test_a_job_deleted_before_any_pass_emitted_its_spans_gets_no_trace() -> None:
