@@ -5,8 +5,10 @@ an address, nor trusted blindly."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,21 @@ def under_another_name(target: str) -> str:
     host, _, port = target.rpartition(":")
     assert host == "127.0.0.1", target
     return f"localhost:{port}"
+
+
+@contextlib.contextmanager
+def credentials_shown() -> Iterator[list[str]]:
+    """The credentials every gateway in this process is shown (credentials.verify), in order."""
+    shown: list[str] = []
+    real_verify = credentials.verify
+
+    def spy(key: bytes, credential: str, *args: Any, **kwargs: Any) -> credentials.NodeIdentity:
+        shown.append(credential)
+        return real_verify(key, credential, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(credentials, "verify", spy)
+        yield shown
 
 
 async def test_the_same_gateway_under_another_name_takes_the_stored_identity(
@@ -101,15 +118,7 @@ async def test_a_gateway_trusted_through_another_ca_never_sees_the_stored_creden
         old = first.identity
         first.request_drain(now=True)
         await asyncio.wait_for(one.agents[-1][1], 15)
-        shown: list[str] = []
-        real_verify = credentials.verify
-
-        def spy(key: bytes, credential: str, *args: Any, **kwargs: Any) -> credentials.NodeIdentity:
-            shown.append(credential)
-            return real_verify(key, credential, *args, **kwargs)
-
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(credentials, "verify", spy)
+        with credentials_shown() as shown:
             token = two.tokens.add(owner="alice")
             moved = await two.start_agent("alpha", state_dir=first.config.state_dir, token=token)
         assert moved.identity is not None and moved.identity.node_name != old.node_name
@@ -135,15 +144,7 @@ async def test_another_platform_at_the_same_address_never_sees_the_stored_creden
         await one.gateway.stop(0)
         async with cluster(tmp_path / "two", listen=address) as two:
             assert two.gateway.agent_target == address and two.gateway.ca_pem != one.gateway.ca_pem
-            shown: list[str] = []
-            real_verify = credentials.verify
-
-            def spy(key: bytes, credential: str, *args: Any, **kwargs: Any) -> credentials.NodeIdentity:
-                shown.append(credential)
-                return real_verify(key, credential, *args, **kwargs)
-
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(credentials, "verify", spy)
+            with credentials_shown() as shown:
                 token = two.tokens.add(owner="alice")
                 moved = await two.start_agent("alpha", state_dir=first.config.state_dir, token=token)
             assert moved.identity is not None and moved.identity.credential != old.credential
