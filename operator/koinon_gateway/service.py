@@ -12,7 +12,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
@@ -1168,8 +1168,9 @@ class TunnelService:
         channel = CountedFrameChannel(context, self.metrics.tunnel_bytes, "from_nodes", "to_nodes")
         try:
             # Held from now, not from the first frame: a revocation ends this stream too, and
-            # streams that stay silent count against the node's cap.
-            with self.sessions.streams.slot(source.node_name) as slot:
+            # streams that stay silent count against the node's cap. Held until grpc ends the call
+            # if a write is left pending in it (_held_while_pending).
+            with self.sessions.streams.slot(source.node_name) as slot, _held_while_pending(channel, context, slot):
                 # From now, as the limit counts it: the peak counts silent streams too, which a
                 # stream that never sends its first frame is.
                 open_now = self.sessions.streams.open(source.node_name)
@@ -1287,7 +1288,9 @@ class TunnelService:
             # (handler, call, buffers) for ever, on a stream no cap counted.
             self.metrics.refused_streams[exc.reason] += 1
             await context.abort(grpc.StatusCode.NOT_FOUND, f"accept refused ({exc.reason}): {exc}"[:300])
-        # Counted no more from here: one stream per pending connection, which its dialler pays for.
+        # Counted no more from here: one stream per pending connection, which its dialler pays for
+        # (until the connection is over: a write to it then left pending counts again,
+        # _held_while_pending).
         slot.accepting()
         timed_out = False
         try:
@@ -1354,3 +1357,22 @@ class TunnelService:
             raise
         if violation:
             raise ProtocolViolation(violation)  # Connect's handler counts it and ends this stream
+
+
+@contextlib.contextmanager
+def _held_while_pending(channel: CountedFrameChannel, context: Context, slot: StreamSlot) -> Iterator[None]:
+    """Keeps a Connect stream's slot past its handler while grpc holds the call for a write left
+    pending in it (``CountedFrameChannel.write_held``: its writer, another stream's splice or the
+    head proxy, was cancelled half-way). grpc sends the call's status (the handler's OK, or an
+    abort's) only after that write, so the call lived on, holding its handler's state and buffers,
+    for as long as the node kept its window shut; an accepted stream no longer counted against
+    anyone by then. Released once grpc has ended the call: the done callback runs when the task
+    that sends the status is over (sent, or failed with the call), or when a revocation cancels it.
+    """
+    try:
+        yield
+    finally:
+        if channel.write_held:
+            slot.held()
+            # grpc-stubs declares the callback a class of its own; grpc takes any callable.
+            context.add_done_callback(lambda _context: slot.release())  # type: ignore[arg-type]

@@ -96,12 +96,22 @@ class GrpcFrameChannel:
 
 
 class CountedFrameChannel(GrpcFrameChannel):
-    """A GrpcFrameChannel that adds the payload bytes of the Data frames it carries to ``counts``
-    (``received`` and ``sent``): what the gateway's /metrics reports as bytes from and to nodes."""
+    """The gateway's end of a Connect stream (a server context): a GrpcFrameChannel that adds the
+    payload bytes of the Data frames it carries to ``counts`` (``received`` and ``sent``), what the
+    gateway's /metrics reports as bytes from and to nodes, and that notes a write left in grpc.
+
+    A write whose writer is cancelled half-way (the other stream of a splice or the head connection
+    went away, a Close notice timed out) stays pending inside grpc, which sends the call's status
+    only after it: the call lives on for as long as the node keeps its window shut, whatever the
+    handler does. ``write_held`` says so, for Connect's handler to keep the stream counted against
+    its node until grpc ends the call. Only noted: a task per write to await it cost every write
+    a few loop turns, on the path the tunnel's round trip is measured on.
+    """
 
     def __init__(self, stream: Any, counts: collections.Counter[str], received: str, sent: str) -> None:
         super().__init__(stream)
         self._counts, self._received, self._sent = counts, received, sent
+        self.write_held = False
 
     async def read_frame(self) -> TunnelFrame | None:
         frame = await super().read_frame()
@@ -110,7 +120,13 @@ class CountedFrameChannel(GrpcFrameChannel):
         return frame
 
     async def write_frame(self, frame: OutgoingFrame) -> None:
-        await self._stream.write(frame)
+        try:
+            await self._stream.write(frame)
+        except asyncio.CancelledError:
+            # Its batch was started already (the write's only suspension is its completion), and
+            # cancelling the wait does not withdraw it from grpc.
+            self.write_held = True
+            raise
         if not isinstance(frame, pb.Frame):
             self._counts[self._sent] += memoryview(frame).nbytes
 

@@ -1,13 +1,16 @@
 """A malformed Control message after Register ends its call with INVALID_ARGUMENT and one bounded
 line; malformed Connect frames cannot flood the log; a flood that stops is still summed up.
 Connect streams the gateway refuses end, and stay counted against the node until they do, even
-when the node never opens their flow-control window; a broken Accept is a counted violation."""
+when the node never opens their flow-control window; a broken Accept is a counted violation; an
+Accept stream whose dialler hung up while a write to it waited stays counted until it ends."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +20,8 @@ from koinon_gateway.log_limit import LimitedLog
 from koinon_gateway.rpc import EOF, SERVICE, tunnel_stub
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
-from .helpers import Cluster, channel_for, cluster, next_open_connection, registered_mute_node
-from .raw_h2 import RawH2
+from .helpers import Cluster, channel_for, cluster, connect_via_proxy, next_open_connection, registered_mute_node
+from .raw_h2 import DATA, RST_STREAM, RawH2, frame
 
 CONNECT = f"/{SERVICE}/Connect"
 
@@ -176,3 +179,119 @@ async def test_an_accept_stream_answering_with_data_instead_of_a_dial_result_is_
         assert c.gateway.metrics.refused_dials["unreachable"] == 1
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         assert c.gateway.metrics.refused_streams["protocol-violation"] == 1, dict(c.gateway.metrics.refused_streams)
+
+
+WINDOW_UPDATE = 0x8
+
+
+def grpc_message(message: pb.Frame) -> bytes:
+    body = message.SerializeToString()
+    return b"\x00" + struct.pack(">I", len(body)) + body
+
+
+async def test_accepted_streams_a_node_never_reads_stay_counted_after_their_dialler_hangs_up(tmp_path: Path) -> None:
+    """Node B claims connections its own volunteer's node A dials and never opens its Accept
+    streams' window; A sends one Data frame (it waits on that window) and hangs up. grpc sends no
+    status behind a pending write, so each such call is held for as long as B likes: it must stay
+    counted against B (its further streams refused), not against nobody (it was: any number of
+    them, a way to the gateway's memory limit)."""
+    cap, rounds = 4, 12
+    overrides: dict[str, Any] = {"max_streams_per_node": cap, "heartbeat_timeout_s": 600.0, "accept_timeout_s": 2.0}
+    async with cluster(tmp_path, tls=False, **overrides) as c, insecure(c) as channel:
+        b, b_control = await registered_mute_node(c, channel, "peer")
+        a, a_control = await registered_mute_node(c, channel, "dialler")
+        host, port = c.gateway.agent_target.rsplit(":", 1)
+        raw = await RawH2.connect(host, int(port), stream_window=0)
+        b_meta = {"authorization": f"Bearer {b.credential}"}
+        accepted, connected = set(), 0
+        try:
+            for _ in range(rounds):
+                dial = tunnel_stub(channel).Connect(metadata=(("authorization", f"Bearer {a.credential}"),))
+                target = pb.Dial(host=b.assignment.address, port=b.assignment.ports.node_manager_port)
+                await dial.write(pb.Frame(dial=target))
+                opened = await asyncio.wait_for(next_open_connection(b_control), 5)
+                accept = pb.Frame(accept=pb.Accept(connection_id=opened.connection_id)).SerializeToString()
+                stream = raw.open_call(CONNECT, c.gateway.agent_target, b_meta, accept)
+                raw.writer.write(frame(DATA, 0, stream, grpc_message(pb.Frame(dial_result=pb.DialResult(ok=True)))))
+                await raw.writer.drain()
+                accepted.add(stream)
+                result = await asyncio.wait_for(dial.read(), 5)
+                if result.dial_result.ok:  # refused once B's streams are all held (too many)
+                    connected += 1
+                    await dial.write(pb.Frame(data=pb.Data(payload=b"x" * 1000)))
+                    await asyncio.sleep(0.2)
+                dial.cancel()  # the dialler hangs up
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1)
+            streams = c.gateway.sessions.streams
+            counted = streams.counted(b.assignment.node_name, "opening")
+            held = sorted(accepted - raw.ended)
+            dialler_streams = streams.open(a.assignment.node_name)
+            # Released once grpc ends the call, however it ends: B reads at last (the write is
+            # done, then the status goes out), or resets the stream.
+            raw.writer.write(frame(WINDOW_UPDATE, 0, held[0], struct.pack(">I", 1 << 16)))
+            raw.writer.write(frame(RST_STREAM, 0, held[1], struct.pack(">I", 8)))  # CANCEL
+            await raw.writer.drain()
+            for _ in range(50):
+                if held[0] in raw.ended and streams.counted(b.assignment.node_name, "opening") == len(held) - 2:
+                    break
+                await asyncio.sleep(0.1)
+            after_two = streams.counted(b.assignment.node_name, "opening"), held[0] in raw.ended
+        finally:
+            await raw.close()  # ends the rest
+            for call in (a_control, b_control):
+                call.cancel()
+        assert connected == cap, f"{connected} of {rounds} connections made (cap {cap})"
+        # Every Accept stream either ended or still counts against its node, bounded by the cap.
+        assert len(held) <= counted <= cap, f"{len(held)} accepted streams never ended, {counted} counted (cap {cap})"
+        assert c.gateway.metrics.refused_streams["too-many-streams"] == rounds - cap
+        assert dialler_streams == 0  # the dialler's own allowance is not spent by B's
+        assert after_two == (len(held) - 2, True), after_two
+        for _ in range(50):  # no slot outlives its call
+            if not streams.open(b.assignment.node_name):
+                break
+            await asyncio.sleep(0.1)
+        assert streams.open(b.assignment.node_name) == streams.counted(b.assignment.node_name, "opening") == 0
+
+
+async def test_head_connections_to_a_node_that_never_reads_stay_counted_after_the_head_resets_them(
+    tmp_path: Path,
+) -> None:
+    """The same through the head proxy: the head resets its connection, the proxy's Close notice
+    to the node waits on the Accept stream's shut window and is given up after a second; the head's
+    connection no longer counts, and the Accept stream, which grpc holds until that write is done,
+    counts against its node instead."""
+    cap, rounds = 2, 4
+    overrides: dict[str, Any] = {"max_streams_per_node": cap, "heartbeat_timeout_s": 600.0, "accept_timeout_s": 2.0}
+    async with cluster(tmp_path, tls=False, **overrides) as c, insecure(c) as channel:
+        b, b_control = await registered_mute_node(c, channel, "peer")
+        proxy_port = int(c.gateway.head_proxy_url.rsplit(":", 1)[1])
+        host, port = c.gateway.agent_target.rsplit(":", 1)
+        raw = await RawH2.connect(host, int(port), stream_window=0)
+        b_meta = {"authorization": f"Bearer {b.credential}"}
+        accepted, statuses = set(), []
+        try:
+            for _ in range(rounds):
+                target = (b.assignment.address, b.assignment.ports.node_manager_port)
+                dialing = asyncio.ensure_future(connect_via_proxy(proxy_port, *target))
+                opened = await asyncio.wait_for(next_open_connection(b_control), 5)
+                accept = pb.Frame(accept=pb.Accept(connection_id=opened.connection_id)).SerializeToString()
+                stream = raw.open_call(CONNECT, c.gateway.agent_target, b_meta, accept)
+                raw.writer.write(frame(DATA, 0, stream, grpc_message(pb.Frame(dial_result=pb.DialResult(ok=True)))))
+                await raw.writer.drain()
+                accepted.add(stream)
+                status, _, writer = await asyncio.wait_for(dialing, 5)
+                statuses.append(status)
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()  # a reset (no lingering): the proxy sends the node a Close
+                await asyncio.sleep(1.5)  # the Close notice is given up after 1 s
+            counted = c.gateway.sessions.streams.counted(b.assignment.node_name, "opening")
+            not_ended = len(accepted - raw.ended)
+            connections = c.gateway.metrics.connections_active
+        finally:
+            await raw.close()
+            b_control.cancel()
+        assert statuses == [200] * cap + [502] * (rounds - cap), statuses
+        assert not_ended <= counted <= cap, f"{not_ended} accepted streams never ended, {counted} counted (cap {cap})"
+        assert connections == 0  # the head proxy holds none of them any more
