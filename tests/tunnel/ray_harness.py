@@ -349,6 +349,27 @@ class RayTunnelHarness:
             ) from None
         return result
 
+    def alive_ray_nodes(self) -> set[str]:
+        """The Ray node ids GCS holds ALIVE, as GCS itself records them."""
+        code = (
+            "import json, ray._raylet\n"
+            f"gcs = ray._raylet.GcsClient(address='{self.head_ip}:{self.gcs_port}')\n"
+            "infos = gcs.get_all_node_info(timeout=10)\n"
+            "print('ALIVE', json.dumps([k.hex() for k, info in infos.items() if info.state == 0]))\n"
+        )
+        result = subprocess.run(
+            [str(VENV_BIN / "python"), "-c", code], env=self.ray_env(), capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return set(json.loads(marked_line(result.stdout, "ALIVE ")))
+
+    def wait_retired(self, ray_node_id: str, timeout: float = 90) -> None:
+        """Until GCS no longer holds ``ray_node_id`` ALIVE (its health check retires a Ray node that
+        died). A Ray node restarted at the same address and ports shares its node:<ip> resource with
+        the old one until then, and a task placed on that address in between once waited past the
+        driver's 180 s (the old node's lease requests reach the new raylet at the same port)."""
+        wait_until(lambda: ray_node_id not in self.alive_ray_nodes(), timeout, f"GCS to retire {ray_node_id}")
+
     def draining_nodes(self) -> dict[str, int]:
         """The nodes GCS is draining (Ray node id -> deadline, Unix ms), as GCS itself records them."""
         code = (
