@@ -293,9 +293,7 @@ class Agent:
             except ca_discovery.GatewayUnreachable as exc:
                 delay = delays.next()
                 log.warning("%s; retrying in %.1fs", exc, delay)
-                await self._sleep_or_drain(delay)
-                if self._drain.is_set():
-                    raise DrainedBeforeJoining("drained before joining") from exc
+                await self._pause_joining(delay, "drained before joining", exc)
             except ca_discovery.CADiscoveryError as exc:
                 raise JoinRefused(str(exc)) from exc
         log.info("trusting the gateway's CA %s", pin)
@@ -387,9 +385,7 @@ class Agent:
                 # gRPC's details tell a TLS mistake (wrong CA, an IP without tlsServerName) from a
                 # gateway that is down; the code alone (UNAVAILABLE) is the same for both.
                 log.warning("join failed (%s: %s); retrying in %.1fs", exc.code().name, exc.details(), delay)
-                await self._sleep_or_drain(delay)
-                if self._drain.is_set():
-                    raise DrainedBeforeJoining("drained before joining") from exc
+                await self._pause_joining(delay, "drained before joining", exc)
         problem = assignment_problem(response.assignment)
         if problem is not None:
             # Nothing is stored: the gateway's answer names a place this agent will not serve.
@@ -431,9 +427,14 @@ class Agent:
                     exc.strerror or exc,
                     delay,
                 )
-                await self._sleep_or_drain(delay)
-                if self._drain.is_set():
-                    raise DrainedBeforeJoining("drained before the joined identity was stored") from exc
+                await self._pause_joining(delay, "drained before the joined identity was stored", exc)
+
+    async def _pause_joining(self, delay: float, why: str, cause: BaseException) -> None:
+        """Waits ``delay`` before a step of joining is tried again; DrainedBeforeJoining (``why``)
+        when the agent is drained meanwhile."""
+        await self._sleep_or_drain(delay)
+        if self._drain.is_set():
+            raise DrainedBeforeJoining(why) from cause
 
     def _moved_identity(self, stored: state.StoredIdentity, refused: str) -> state.StoredIdentity | None:
         """An identity stored under another gateway address than the configured one: the same
