@@ -27,6 +27,7 @@ from koinon_operator.reconciler import AIJobReconciler, allocation_of, keyed_sub
 from koinon_operator.reputation_book import ReputationBook, outcome_key, sample_uptime_forever
 from koinon_operator.revocation import ResultRechecker, recheck_results_forever
 from koinon_operator.scheduling import WAITING_FOR_S, ReputationPlacer, spot_check_key
+from koinon_operator.status_write import ConditionalStatusWrite, StatusRead
 from koinon_operator.telemetry import JobTracer, setup_tracing, shutdown_tracing
 from koinon_operator.volunteers import managed_by_gateway, status_from_ray
 
@@ -158,7 +159,16 @@ def _first_values(index: kopf.Index[str, Any]) -> dict[str, Any]:
     return {key: next(iter(values)) for key, values in index.items() if values}
 
 
-@kopf.timer(GROUP, VERSION, AIJOB_PLURAL, interval=CONFIG.poll_interval_seconds)
+def _finalizer_on(body: kopf.Body, **_: Any) -> bool:
+    return FINALIZER in (body.metadata.get("finalizers") or ())
+
+
+# Passes run once kopf's finalizer (for stop_ray_job) is on the job. kopf spawns a timer while it
+# puts the finalizer on a new job; the first pass's status write (status_write: only over the
+# resourceVersion kopf's watch last delivered) then raced kopf's finalizer patch and lost in most
+# cases under load (413 of 500 jobs in bench-admission), each job's first status a timer interval
+# late. kopf re-adds a finalizer someone removed, and spawns the timer again.
+@kopf.timer(GROUP, VERSION, AIJOB_PLURAL, interval=CONFIG.poll_interval_seconds, when=_finalizer_on)
 async def reconcile_aijob(
     body: kopf.Body,
     patch: kopf.Patch,
@@ -174,6 +184,7 @@ async def reconcile_aijob(
         return
     # Keyed by the status this pass acted on, before the pass's own patch is applied.
     evidence_key = outcome_key(str(body.metadata.get("uid", "")), body.status)
+    read = StatusRead.of(body)  # now: kopf updates the body in place as its watch delivers versions
     term = memo.leader.term
 
     def leading_this_term() -> bool:
@@ -198,7 +209,8 @@ async def reconcile_aijob(
     memo.tracer.record(body, outcome.status, [(e.type, e.reason, e.message) for e in outcome.events])
     if outcome.reputation or outcome.work:
         try:
-            # Before the status is handed to kopf (which writes it after this returns), and
+            # Before the status is handed to kopf (which writes it after this returns, if still
+            # over the status read: status_write), and
             # idempotent (by evidence_key): a pass whose status is then discarded is replayed from
             # the same status, by the new leader or by this one, and counts nothing twice.
             await memo.reputation.record(outcome.reputation, evidence_key, outcome.work)
@@ -217,13 +229,26 @@ async def reconcile_aijob(
             # and submit yet another while that one runs.
             memo.reconciler.discard_write(f"{namespace}/{name}")
             return
-    # From here to the return nothing is awaited: the status kopf writes is this term's.
-    for field_name, value in outcome.status.items():
-        patch.status[field_name] = value
+    # From here to the return nothing is awaited: the status kopf writes is this term's. kopf
+    # writes it after the return, and retries for about a minute: only over the status this pass
+    # read (status_write says why), with the pass's Events, which are posted only if it is written.
+    key = f"{namespace}/{name}"
+    events = [(e.type, e.reason, e.message) for e in outcome.events]
+
+    def post_events() -> None:
+        for event_type, reason, message in events:
+            kopf.event(body, type=event_type, reason=reason, message=message)
+
+    def dropped() -> None:
+        logger.debug("AIJob %s changed since its pass read it: the pass's status is dropped", key)
+        memo.reconciler.discard_write(key)
+
+    if outcome.status:
+        patch.fns.append(ConditionalStatusWrite(read, outcome.status, on_written=post_events, on_dropped=dropped))
+    else:
+        post_events()
     if outcome.delete:
         _ttl_announced.add(uid)
-    for event in outcome.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
     if outcome.delete and f"{namespace}/{name}" not in _deleting:
         # Not awaited here: kopf removes the finalizer only once this timer has stopped, so a timer
         # waiting for its own object's deletion would wait for ever. (The deletion handler may run

@@ -1571,17 +1571,17 @@ class AIJobReconciler:
         attempt of a job runs at a time. True when it asked Ray to stop one.
 
         Every path that makes a job Pending stops or finds ended what its attempt ran, so this
-        normally finds nothing running (one read of Ray per copy, once per attempt left). But the
-        status kopf writes is a merge patch without a resourceVersion, retried for up to a minute:
-        a pass of an old leader, cut off from the API server, that judged attempt N failed can land
-        after the new leader placed and submitted attempt N+1, and turn the job Pending again over
-        it (naming N+1: the write touches neither attempts nor submissionId). Placed over, N+1
-        would run on for nobody: no status names it, nothing would ever stop it, and its GPUs would
-        be free in the ledger. Raises RayUnavailableError when Ray cannot be read or asked to stop
-        one: the next attempt is then not placed (the pass backs off, as any pass Ray fails), and a
-        later pass stops again. Never the attempt about to be placed: a write placing it that lands
-        late names it, and placing it again adopts its copies (its ids are the same:
-        keyed_submission_nonce)."""
+        normally finds nothing running (one read of Ray per copy, once per attempt left). A status
+        written without a precondition (kopf's merge patch, as operators before status_write sent
+        it, retried for up to a minute) could land late: a pass of an old leader that judged
+        attempt N failed, after the new leader placed and submitted attempt N+1, turned the job
+        Pending again over it (naming N+1: the write touches neither attempts nor submissionId).
+        Placed over, N+1 would run on for nobody: no status names it, nothing would ever stop it,
+        and its GPUs would be free in the ledger; so it is still looked for. Raises
+        RayUnavailableError when Ray cannot be read or asked to stop one: the next attempt is then
+        not placed (the pass backs off, as any pass Ray fails), and a later pass stops again.
+        Never the attempt about to be placed: a write placing it that lands late names it, and
+        placing it again adopts its copies (its ids are the same: keyed_submission_nonce)."""
         if not state.submission_id or self._left_stopped.get(key) == (state.submission_id, state.copies):
             return False
         attempt = state.attempts + 1

@@ -44,6 +44,7 @@ from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 from opentelemetry.trace import StatusCode
 
 from tests.aijob.fake_ray import UID, VOLUNTEERS, Clock, FakeRay, make_body, make_reconciler, step
+from tests.aijob.kopf_patch import written_status
 
 
 def _tracer(provider: TracerProvider) -> tuple[JobTracer, InMemorySpanExporter]:
@@ -154,7 +155,7 @@ async def test_a_deletion_racing_the_pass_that_finishes_the_job_emits_one_root_s
     assert not timer.done() and not deletion.done()  # the deletion waits for the pass
     reading_logs.set()
     await asyncio.gather(timer, deletion)
-    assert patch["status"]["phase"] == "Succeeded"
+    assert (written_status(patch, body) or {}).get("phase") == "Succeeded"
     roots = [s for s in exporter.get_finished_spans() if s.name == "aijob"]
     assert [(r.attributes or {}).get("koinon.reason") for r in roots] == ["Completed"], [
         (dict(r.attributes or {}).get("koinon.reason"), r.status.status_code) for r in roots
@@ -167,7 +168,7 @@ async def test_a_deletion_racing_the_pass_that_finishes_the_job_emits_one_root_s
 
 async def _deleted_during_its_first_pass(
     monkeypatch: pytest.MonkeyPatch, tracer: JobTracer, retried_deletion: bool = False
-) -> kopf.Patch:
+) -> dict[str, Any]:
     """kubectl apply, then kubectl delete while the job's first timer pass is in flight (Ray slow
     to list its nodes): kopf hands the deletion handler the deletion event's body, taken before that
     pass's status write, so without status.traceId. The handler waits for the pass in
@@ -206,7 +207,7 @@ async def _deleted_during_its_first_pass(
     await asyncio.gather(timer, deletion)
     if retried_deletion:  # kopf runs the handler again (this process's leftover, or a retry)
         await stop_ray_job(body=deleting, memo=memo)
-    return patch
+    return written_status(patch, body) or {}
 
 
 @pytest.mark.parametrize("retried_deletion", [False, True])
@@ -219,8 +220,8 @@ async def test_a_deletion_racing_the_jobs_first_pass_still_gives_its_spans_their
     that pass left."""
     provider = TracerProvider(id_generator=JobIdGenerator())
     tracer, exporter = _tracer(provider)
-    patch = await _deleted_during_its_first_pass(monkeypatch, tracer, retried_deletion)
-    trace_id = patch["status"]["traceId"]
+    status = await _deleted_during_its_first_pass(monkeypatch, tracer, retried_deletion)
+    trace_id = status["traceId"]
     assert trace_id
 
     spans = exporter.get_finished_spans()
@@ -233,7 +234,7 @@ async def test_a_deletion_racing_the_jobs_first_pass_still_gives_its_spans_their
     assert len(roots) == 1, names
     assert roots[0].context.trace_id == int(trace_id, 16)
     attributes = dict(roots[0].attributes or {})
-    assert (attributes["koinon.reason"], attributes["koinon.phase"]) == ("Deleted", patch["status"]["phase"])
+    assert (attributes["koinon.reason"], attributes["koinon.phase"]) == ("Deleted", status["phase"])
 
 
 async def test_a_job_deleted_before_any_pass_emitted_its_spans_gets_no_trace() -> None:
