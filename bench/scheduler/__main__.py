@@ -181,7 +181,7 @@ def run(params: SimParams, parallel: int, throughput: bool) -> dict[str, Any]:
         "including building the per-call index; best of 5 (the shared machine's speed varies by up to 2x). "
         "The decision function's rate, not the operator's: the operator asks for one job per call",
         "operator_placements_per_s": "ReputationPlacer.place called one AIJob at a time against 10,000 "
-        "NodeCapacity built afresh for each call by inventory.build_capacity, as reconciler._place calls it "
+        "NodeCapacity built for each call by inventory.build_capacity, as reconciler._place calls it "
         "(conversion to snapshots, the whole index per call, the idle-fleet check of an unplaced multi-GPU job), "
         "each placement held before the next call; 100 calls, one pass, place() alone timed. "
         "throughput.operator.with_capacity_per_s counts the capacity build too (both run under the operator's "

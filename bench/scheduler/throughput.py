@@ -172,9 +172,11 @@ def request_of(job: JobRequest) -> PlacementRequest:
 
 def measure_operator(nodes: int = 10_000, calls: int = 100, seed: int = 7) -> dict[str, Any]:
     """Placements per second the way the operator places: reconciler._place, for each pending
-    AIJob in turn, builds the fleet's capacity afresh (inventory.build_capacity: Ray's nodes, the
-    VolunteerNodes, the allocations held) and asks one `ReputationPlacer.place` for that one job,
-    which converts the capacity to snapshots and indexes the whole fleet; a multi-GPU job it
+    AIJob in turn, builds the fleet's capacity (inventory.build_capacity: Ray's nodes, the
+    VolunteerNodes, the allocations held; a node's entry is derived again only where its inputs
+    or what is held there changed since the last call, as in the operator) and asks one
+    `ReputationPlacer.place` for that one job, which converts the capacity to snapshots and
+    indexes the whole fleet; a multi-GPU job it
     cannot place costs one more placement on the fleet as if idle. Each placement is held (as
     the ledger does) before the next job's call. Both parts are timed, separately: `placements_per_s`
     counts `place` alone, `with_capacity_per_s` the capacity build too (both run under the

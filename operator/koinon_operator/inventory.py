@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import marshal
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -58,6 +59,11 @@ def build_capacity(
     unless ``allow_bare`` (bare Ray workers, in development): then it is usable with neutral
     defaults. A VolunteerNode whose status placement cannot read (e.g. a negative latency) takes
     none, and the reason is logged.
+
+    The operator calls this once per pending AIJob, against thousands of volunteers of which few
+    changed in between: what a node's entry takes from its Ray node and VolunteerNode alone (the
+    status checked, the GPUs listed, times parsed) is kept for the next call while those stay the
+    same, and the entry itself while what the allocations hold there stays the same too (``_Kept``).
     """
     used_gpus: dict[str, int] = {}
     used_cpus: dict[str, float] = {}
@@ -67,70 +73,182 @@ def build_capacity(
             used_gpus[name] = used_gpus.get(name, 0) + allocation.gpus_per_replica
             used_cpus[name] = used_cpus.get(name, 0.0) + allocation.cpus_per_replica
             running[name] = running.get(name, 0) + 1
+    global _kept_live, _kept_offline
+    previous, kept = _kept_live, {}
     capacity: list[NodeCapacity] = []
     for name, node in _one_node_per_name(ray_nodes, volunteers, allow_bare).items():
-        labelled = NODE_NAME_LABEL in node.labels
         # A bare worker is nobody's VolunteerNode, even one named like its address.
-        volunteer = volunteers.get(name) if labelled else None
-        spec = (volunteer or {}).get("spec") or {}
-        status = (volunteer or {}).get("status") or {}
-        # Ray's GPU count is the volunteer's own claim: booked no higher than the GPUs it joined with,
-        # or those its latest registration reported (status.gpus, the gateway's bounds too): a
-        # volunteer that added a GPU and restarted uses it.
-        listed = _listed_gpus(spec, status) if labelled else []
-        gpu_cap = len(listed) if labelled else BARE_WORKER_MAX_GPUS
-        gpus_total = _gpu_count(node.resources_total.get("GPU", 0), gpu_cap)
-        cpus_total = float(node.resources_total.get("CPU", 0.0))
-        # Placement gives every GPU this memory: the least of those the cap counted (which of them
-        # Ray's count stands for is unknown), so a smaller GPU added or swapped in is never booked
-        # with the join's bigger memory (its job would run out of memory, charged to the job).
-        gpu_memory = min((memory for _, memory in listed), default=0)
-        reputation = status.get("reputation") or {}
-        latency = status.get("latency") or {}
-        unreadable = unreadable_status(status)
-        _report_unreadable(name, unreadable)
-        unproven = _unproven(node, volunteer) if labelled else ""
-        _report_unproven(name, unproven)
+        volunteer = volunteers.get(name) if NODE_NAME_LABEL in node.labels else None
+        key = _key(node, volunteer)
+        entry = previous.get(name)
+        if entry is None or key is None or entry.key != key:
+            entry = _Kept.live(name, node, volunteer, key)
+        kept[name] = entry
+        # Each call, as before the entries were kept: a reason logged and then forgotten (the node
+        # gone from Ray in between) is logged again. The test first: _report's own, without a call.
+        if _reported_unreadable.get(name, "") != entry.unreadable:
+            _report_unreadable(name, entry.unreadable)
+        if _reported_unproven.get(name, "") != entry.unproven:
+            _report_unproven(name, entry.unproven)
         capacity.append(
-            NodeCapacity(
-                name=name,
-                address=node.address,
-                ray_node_id=node.node_id,
-                gpus_total=gpus_total,
-                gpus_free=gpus_total - used_gpus.get(name, 0),
-                cpus_free=cpus_total - used_cpus.get(name, 0.0),
-                cpus_total=cpus_total,
-                gpu_memory_mib=gpu_memory,
-                gpu_models=tuple(model for model, _ in listed),
-                owner=str(spec.get("owner") or name),
-                region=str(spec.get("region") or "unknown"),
-                # Only Ready takes new work: a Draining volunteer is leaving and a Pending one is not
-                # up yet. No phase: a bare worker (no VolunteerNode), with the neutral default.
-                ready=status.get("phase", "Ready") == "Ready" and not unreadable and not unproven,
-                cordoned=bool(spec.get("cordoned", False)),
-                latency_ms=None if unreadable else latency.get("smoothedMs"),
-                latency_updated_at=None if unreadable else _epoch(latency.get("updatedAt")),
-                reputation=0.0 if unreadable else float(reputation.get("lowerBound", 0.5)),
-                reputation_status=None if unreadable else reputation or None,
-                running_jobs=running.get(name, 0),
+            entry.capacity(
+                name, node, volunteer, used_gpus.get(name, 0), used_cpus.get(name, 0.0), running.get(name, 0)
             )
         )
+    _kept_live = kept  # only this call's nodes: bounded by the fleet
+    live = kept.keys()  # the names of the nodes above
     # Names come from labels, which volunteers choose: forget those Ray no longer lists.
-    for name in _reported_unproven.keys() - {node.name for node in capacity}:
+    for name in _reported_unproven.keys() - live:
         del _reported_unproven[name]
     # VolunteerNodes with no live Ray node take no work, but their evidence still counts: an owner
     # caught lying on one node must not clear its other nodes' taint by taking that one offline.
-    live = {node.name for node in capacity}
-    for name, volunteer in sorted(volunteers.items()):
-        if name in live:
-            continue
-        spec = volunteer.get("spec") or {}
-        status = volunteer.get("status") or {}
-        unreadable = unreadable_status(status)
-        _report_unreadable(name, unreadable)
+    previous, kept = _kept_offline, {}
+    for name in sorted(name for name in volunteers if name not in live):  # names are unique: by name
+        volunteer = volunteers[name]
+        key = _key(None, volunteer)
+        entry = previous.get(name)
+        if entry is None or key is None or entry.key != key:
+            entry = _Kept.offline(name, volunteer, key)
+        kept[name] = entry
+        if _reported_unreadable.get(name, "") != entry.unreadable:
+            _report_unreadable(name, entry.unreadable)
+        capacity.append(entry.capacity(name, None, volunteer, 0, 0.0, 0))
+    _kept_offline = kept
+    return capacity
+
+
+def _key(node: RayNodeInfo | None, volunteer: Mapping[str, Any] | None) -> bytes | None:
+    """All an entry is derived from, as bytes (``_Kept`` says why), None where marshal cannot write
+    it: the Ray node's fields (it is alive and no head, or it would not be here; none for a
+    VolunteerNode without one) and the VolunteerNode object."""
+    # Any: the Mappings are dicts from the Kubernetes and Ray clients; marshal refuses anything else.
+    inputs: tuple[Any, ...] = (
+        (volunteer,) if node is None else (node.node_id, node.address, node.resources_total, node.labels, volunteer)
+    )
+    try:
+        return marshal.dumps(inputs, 2)
+    except ValueError:
+        return None
+
+
+class _Kept:
+    """One node's entry as derived from its inputs, kept while they stay the same: while ``key``,
+    the inputs marshalled, is the same bytes.
+
+    Bytes, not the objects compared: ``True == 1 == 1.0`` and the checks here tell them apart (a
+    bool latency is unreadable; an owner 1 is "1", 1.0 is "1.0"), while marshal writes each type
+    apart, and, in format 2 (no references between objects), the same bytes for the same content
+    whichever objects hold it. The inputs are marshalled every call, so a value changed in place
+    is seen as one in a new object is; nothing of theirs is kept but those bytes. What marshal
+    cannot write (a subclass of dict or str, say; no client of the Kubernetes or Ray API makes
+    one) gets no key, and is derived again every call."""
+
+    __slots__ = (
+        "cordoned",
+        "cpus_total",
+        "gpu_memory_mib",
+        "gpu_models",
+        "gpus_total",
+        "key",
+        "last",
+        "latency_ms",
+        "latency_updated_at",
+        "owner",
+        "ready",
+        "region",
+        "reputation",
+        "unproven",
+        "unreadable",
+    )
+
+    def __init__(self, key: bytes | None) -> None:
+        self.key = key
+        self.gpus_total = 0
+        self.cpus_total = 0.0
+        self.gpu_memory_mib = 0
+        self.gpu_models: tuple[str, ...] = ()
+        self.owner = ""
+        self.region = "unknown"
+        self.ready = False
+        self.cordoned = False
+        self.latency_ms: float | None = None
+        self.latency_updated_at: float | None = None
+        self.reputation = 0.0
+        self.unreadable = ""
+        self.unproven = ""
+        self.last: NodeCapacity | None = None
+        """The capacity returned last, returned again while nothing in it changed (it is frozen)."""
+
+    @classmethod
+    def live(cls, name: str, node: RayNodeInfo, volunteer: Mapping[str, Any] | None, key: bytes | None) -> _Kept:
+        kept = cls(key)
+        labelled = NODE_NAME_LABEL in node.labels
+        spec = (volunteer or {}).get("spec") or {}
+        status = (volunteer or {}).get("status") or {}
+        # Ray's GPU count is the volunteer's own claim: booked no higher than the GPUs it joined
+        # with, or those its latest registration reported (status.gpus, the gateway's bounds too):
+        # a volunteer that added a GPU and restarted uses it.
+        listed = _listed_gpus(spec, status) if labelled else []
+        gpu_cap = len(listed) if labelled else BARE_WORKER_MAX_GPUS
+        kept.gpus_total = _gpu_count(node.resources_total.get("GPU", 0), gpu_cap)
+        kept.cpus_total = float(node.resources_total.get("CPU", 0.0))
+        # Placement gives every GPU this memory: the least of those the cap counted (which of them
+        # Ray's count stands for is unknown), so a smaller GPU added or swapped in is never booked
+        # with the join's bigger memory (its job would run out of memory, charged to the job).
+        kept.gpu_memory_mib = min((memory for _, memory in listed), default=0)
+        kept.gpu_models = tuple(model for model, _ in listed)
+        kept._from_volunteer(name, spec, status)
+        kept.unproven = _unproven(node, volunteer) if labelled else ""
+        latency = status.get("latency") or {}
+        # Only Ready takes new work: a Draining volunteer is leaving and a Pending one is not up
+        # yet. No phase: a bare worker (no VolunteerNode), with the neutral default.
+        kept.ready = status.get("phase", "Ready") == "Ready" and not kept.unreadable and not kept.unproven
+        kept.latency_ms = None if kept.unreadable else latency.get("smoothedMs")
+        kept.latency_updated_at = None if kept.unreadable else _epoch(latency.get("updatedAt"))
+        return kept
+
+    @classmethod
+    def offline(cls, name: str, volunteer: Mapping[str, Any], key: bytes | None) -> _Kept:
+        kept = cls(key)
+        kept._from_volunteer(name, volunteer.get("spec") or {}, volunteer.get("status") or {})
+        return kept
+
+    def _from_volunteer(self, name: str, spec: Mapping[str, Any], status: Mapping[str, Any]) -> None:
+        self.owner = str(spec.get("owner") or name)
+        self.region = str(spec.get("region") or "unknown")
+        self.cordoned = bool(spec.get("cordoned", False))
+        self.unreadable = unreadable_status(status)
         reputation = status.get("reputation") or {}
-        capacity.append(
-            NodeCapacity(
+        self.reputation = 0.0 if self.unreadable else float(reputation.get("lowerBound", 0.5))
+
+    def capacity(
+        self,
+        name: str,
+        node: RayNodeInfo | None,
+        volunteer: Mapping[str, Any] | None,
+        used_gpus: int,
+        used_cpus: float,
+        running: int,
+    ) -> NodeCapacity:
+        """The node's capacity with this much held there (no node: the VolunteerNode's alone)."""
+        # The VolunteerNode's own status.reputation, read every call: the object handed out is the
+        # one the caller passed (as before entries were kept), never one from an earlier call.
+        status = (volunteer or {}).get("status") or {}
+        reputation_status = None if self.unreadable else status.get("reputation") or None
+        gpus_free = self.gpus_total - used_gpus
+        cpus_free = self.cpus_total - used_cpus
+        last = self.last
+        if (
+            last is not None
+            and last.reputation_status is reputation_status
+            and last.gpus_free == gpus_free
+            and type(last.gpus_free) is type(gpus_free)  # an allocation's GPUs given as a float
+            and last.cpus_free == cpus_free
+            and last.running_jobs == running
+        ):
+            return last
+        if node is None:
+            self.last = NodeCapacity(
                 name=name,
                 address="",
                 ray_node_id="",
@@ -138,15 +256,41 @@ def build_capacity(
                 gpus_free=0,
                 cpus_free=0.0,
                 gpu_memory_mib=0,
-                owner=str(spec.get("owner") or name),
-                region=str(spec.get("region") or "unknown"),
+                owner=self.owner,
+                region=self.region,
                 ready=False,
-                cordoned=bool(spec.get("cordoned", False)),
-                reputation=0.0 if unreadable else float(reputation.get("lowerBound", 0.5)),
-                reputation_status=None if unreadable else reputation or None,
+                cordoned=self.cordoned,
+                reputation=self.reputation,
+                reputation_status=reputation_status,
             )
-        )
-    return capacity
+        else:
+            self.last = NodeCapacity(
+                name=name,
+                address=node.address,
+                ray_node_id=node.node_id,
+                gpus_total=self.gpus_total,
+                gpus_free=gpus_free,
+                cpus_free=cpus_free,
+                cpus_total=self.cpus_total,
+                gpu_memory_mib=self.gpu_memory_mib,
+                gpu_models=self.gpu_models,
+                owner=self.owner,
+                region=self.region,
+                ready=self.ready,
+                cordoned=self.cordoned,
+                latency_ms=self.latency_ms,
+                latency_updated_at=self.latency_updated_at,
+                reputation=self.reputation,
+                reputation_status=reputation_status,
+                running_jobs=running,
+            )
+        return self.last
+
+
+# Node name -> its entry in the last call (only the nodes of that call: bounded by the fleet), for
+# the live Ray nodes and for the VolunteerNodes without one.
+_kept_live: dict[str, _Kept] = {}
+_kept_offline: dict[str, _Kept] = {}
 
 
 def _unproven(node: RayNodeInfo, volunteer: Mapping[str, Any] | None) -> str:
@@ -221,32 +365,37 @@ def _one_node_per_name(
     names (``status.rayNodeId``) wins, then one at its ``status.address``, then a labelled one,
     else the first listed."""
     chosen: dict[str, RayNodeInfo] = {}
-    ranks: dict[str, tuple[bool, bool, bool]] = {}
     bare_seen: set[str] = set()
     for node in ray_nodes:
         if node.is_head or not node.alive:
             continue
-        labelled = NODE_NAME_LABEL in node.labels
-        if not labelled and not allow_bare:
+        if NODE_NAME_LABEL not in node.labels and not allow_bare:
             bare_seen.add(node.node_id)
             _report_bare(node)
             continue
         name = node_name(node)
-        status = ((volunteers.get(name) or {}).get("status") or {}) if labelled else {}
-        rank = (
-            labelled and node.node_id == status.get("rayNodeId"),
-            labelled and node.address == status.get("address"),
-            labelled,
-        )
         earlier = chosen.get(name)
-        if earlier is None or rank > ranks[name]:
-            chosen[name], ranks[name] = node, rank
-        if earlier is not None:
-            logger.info("two live Ray nodes named %s (%s, %s): using %s", name, earlier.node_id, node.node_id,
-                        chosen[name].node_id)  # fmt: skip
+        if earlier is None:
+            chosen[name] = node  # ranked only against another of its name: most names have one node
+            continue
+        if _rank(node, name, volunteers) > _rank(earlier, name, volunteers):
+            chosen[name] = node
+        logger.info("two live Ray nodes named %s (%s, %s): using %s", name, earlier.node_id, node.node_id,
+                    chosen[name].node_id)  # fmt: skip
     for gone in _reported_bare - bare_seen:  # only what Ray lists now: a churning raylet must not grow it
         _reported_bare.discard(gone)
     return chosen
+
+
+def _rank(node: RayNodeInfo, name: str, volunteers: Mapping[str, Mapping[str, Any]]) -> tuple[bool, bool, bool]:
+    """Which of two live Ray nodes named `name` counts (_one_node_per_name): the greater."""
+    labelled = NODE_NAME_LABEL in node.labels
+    status = ((volunteers.get(name) or {}).get("status") or {}) if labelled else {}
+    return (
+        labelled and node.node_id == status.get("rayNodeId"),
+        labelled and node.address == status.get("address"),
+        labelled,
+    )
 
 
 # Unlabelled Ray nodes already logged as taking no work (by Ray node id).

@@ -222,8 +222,10 @@ class ReputationPlacer:
         return PlacementDecision(reasons=dict(mine.reasons) if mine else {}, total_nodes=len(nodes))
 
     def _convert(self, nodes: Sequence[NodeCapacity]) -> list[_Converted]:
-        """Each node's conversion, in order: the last call's where its capacity is equal (as the
-        operator builds them afresh each call, an equal one is another object), else a new one."""
+        """Each node's conversion, in order: the last call's where its capacity is equal (compared by
+        value: inventory.build_capacity hands out the last call's object for a node whose capacity
+        did not change and a new one for each that did, but any caller may build them afresh), else
+        a new one."""
         previous, current, out = self._converted, {}, []
         for node in nodes:
             entry = previous.get(node.name)

@@ -54,10 +54,12 @@ def test_the_operator_figure_places_one_job_per_call_with_the_real_placer(monkey
     assert all(request.replicas == 1 for request, _, _ in calls)
     for (_, nodes, _), fleet in zip(calls, built, strict=True):
         assert nodes is fleet and len(nodes) == 300 and all(isinstance(n, NodeCapacity) for n in nodes)
-    # Fresh objects every call, as the operator's build_capacity makes them: a placer that kept
-    # anything by object identity would be measured faster than it runs in the operator.
-    seen = [id(node) for _, nodes, _ in calls for node in nodes]
-    assert len(set(seen)) == len(seen)
+    # The operator's own build_capacity every call, so that nothing is reused here that the operator
+    # would not reuse: it hands out the same object for a node that did not change since the last
+    # call (inventory._Kept), and a new one for each node whose capacity changed.
+    for (_, one, decision), (_, next_one, _) in itertools.pairwise(calls):
+        taken, by_name = {node.name for node in decision.nodes}, {node.name: node for node in one}
+        assert all(by_name[node.name] is not node for node in next_one if node.name in taken)
     # Each placement is held before the next call (the ledger): its nodes have fewer GPUs free.
     for (request, _, decision), (_, later, _) in itertools.pairwise(calls):
         if decision.placed:
