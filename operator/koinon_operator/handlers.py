@@ -159,16 +159,42 @@ def _first_values(index: kopf.Index[str, Any]) -> dict[str, Any]:
     return {key: next(iter(values)) for key, values in index.items() if values}
 
 
-def _finalizer_on(body: kopf.Body, **_: Any) -> bool:
+# Pass bodies waiting for kopf's finalizer, by uid (_finalizer_shown).
+_finalizer_waits: dict[str, asyncio.Event] = {}
+
+
+@kopf.on.event(GROUP, VERSION, AIJOB_PLURAL)
+async def _wake_passes_waiting_for_the_finalizer(body: kopf.Body, **_: Any) -> None:
+    # kopf has put this event's body in the timer's place before it calls this.
+    if FINALIZER in (body.metadata.get("finalizers") or ()):
+        waiting = _finalizer_waits.pop(str(body.metadata.get("uid", "")), None)
+        if waiting is not None:
+            waiting.set()
+
+
+async def _finalizer_shown(body: kopf.Body, timeout: float) -> bool:
+    """Whether kopf's finalizer (for stop_ray_job) is on the job, waiting up to ``timeout`` for the
+    watch to show it. kopf starts a new job's timer while it puts the finalizer on: a first pass
+    that did not wait had its status (written only over the resourceVersion kopf's watch last
+    delivered: status_write) refused in most cases under load, 413 of 500 jobs in bench-admission,
+    each job's first status a timer interval late. Waited for here rather than by a filter on the
+    timer: kopf does not start a filtered timer again when its finalizer, removed (`kubectl
+    replace`) during a pass, is back before that pass ends."""
+    if FINALIZER in (body.metadata.get("finalizers") or ()):
+        return True
+    uid = str(body.metadata.get("uid", ""))
+    waiting = _finalizer_waits.setdefault(uid, asyncio.Event())
+    try:
+        await asyncio.wait_for(waiting.wait(), timeout)
+    except TimeoutError:
+        return False
+    finally:
+        if _finalizer_waits.get(uid) is waiting:
+            del _finalizer_waits[uid]
     return FINALIZER in (body.metadata.get("finalizers") or ())
 
 
-# Passes run once kopf's finalizer (for stop_ray_job) is on the job. kopf spawns a timer while it
-# puts the finalizer on a new job; the first pass's status write (status_write: only over the
-# resourceVersion kopf's watch last delivered) then raced kopf's finalizer patch and lost in most
-# cases under load (413 of 500 jobs in bench-admission), each job's first status a timer interval
-# late. kopf re-adds a finalizer someone removed, and spawns the timer again.
-@kopf.timer(GROUP, VERSION, AIJOB_PLURAL, interval=CONFIG.poll_interval_seconds, when=_finalizer_on)
+@kopf.timer(GROUP, VERSION, AIJOB_PLURAL, interval=CONFIG.poll_interval_seconds)
 async def reconcile_aijob(
     body: kopf.Body,
     patch: kopf.Patch,
@@ -180,6 +206,10 @@ async def reconcile_aijob(
     # kopf passes each index by its function's name.
     aijob_allocations: kopf.Index[str, Allocation] = kwargs["aijob_allocations"]
     volunteer_nodes: kopf.Index[str, dict[str, Any]] = kwargs["volunteer_nodes"]
+    if body.metadata.get("deletionTimestamp") or not memo.leader.is_leader:
+        return
+    if not await _finalizer_shown(body, CONFIG.poll_interval_seconds):
+        return  # the next tick looks again
     if body.metadata.get("deletionTimestamp") or not memo.leader.is_leader:
         return
     # Keyed by the status this pass acted on, before the pass's own patch is applied.

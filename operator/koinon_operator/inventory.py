@@ -121,7 +121,9 @@ def _key(node: RayNodeInfo | None, volunteer: Mapping[str, Any] | None) -> bytes
     """All an entry is derived from, as bytes (``_Kept`` says why), None where marshal cannot write
     it: the Ray node's fields (it is alive and no head, or it would not be here; none for a
     VolunteerNode without one) and the VolunteerNode object."""
-    # Any: the Mappings are dicts from the Kubernetes and Ray clients; marshal refuses anything else.
+    # Any: the Mappings are dicts of JSON values from the Kubernetes and Ray clients. marshal refuses
+    # most other types, but not all: a numpy scalar is written as its raw bytes, like another of
+    # the same bytes, so such values must not be passed here.
     inputs: tuple[Any, ...] = (
         (volunteer,) if node is None else (node.node_id, node.address, node.resources_total, node.labels, volunteer)
     )
@@ -141,7 +143,8 @@ class _Kept:
     whichever objects hold it. The inputs are marshalled every call, so a value changed in place
     is seen as one in a new object is; nothing of theirs is kept but those bytes. What marshal
     cannot write (a subclass of dict or str, say; no client of the Kubernetes or Ray API makes
-    one) gets no key, and is derived again every call."""
+    one) gets no key, and is derived again every call. Only for JSON values: marshal writes some
+    other types (numpy scalars, bytes) as raw bytes, alike across types (``_key``)."""
 
     __slots__ = (
         "cordoned",

@@ -12,8 +12,8 @@ last delivered, turns the difference into a JSON patch led by a ``test`` of that
 resourceVersion (``kopf._cogs.clients.patching.patch_obj``), and sends that: it lands only over that
 very version, retried or not, and is refused (422) otherwise. The function itself changes nothing
 unless that body still has the status and generation the pass read: a change of metadata alone (a
-label) that the watch delivered in between does not cost the pass its write. (kopf's finalizer on a
-new job did, in most cases, until passes waited for it: handlers.reconcile_aijob's filter.)
+label, a delete) that the watch delivered in between does not cost the pass its write. (kopf's
+finalizer on a new job did, in most cases, until passes waited for it: handlers._finalizer_shown.)
 
 What is not covered: Events of a pass are posted when its status is handed to the API server, so a
 write refused there (the watch behind the server: rare, as the watch delivers a new version within
@@ -64,8 +64,12 @@ class ConditionalStatusWrite:
             return
         self.decided = True
         current = body.get("status") or {}
-        generation = body.get("metadata", {}).get("generation")
-        if current != self.read.status or generation != self.read.generation:
+        meta = body.get("metadata", {})
+        # A delete bumps the generation of an object with finalizers, and kopf runs the deletion
+        # handler only once the pass in flight has ended: its status (Completed, say) is still
+        # the job's last word, with its Events (an edit of a job being deleted starts nothing).
+        edited = meta.get("generation") != self.read.generation and not meta.get("deletionTimestamp")
+        if current != self.read.status or edited:
             self.on_dropped()
             return
         body["status"] = apply_merge_patch(current, self.status)

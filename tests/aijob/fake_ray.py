@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from koinon_emulator.patching import merge_patch
+from koinon_operator.api.constants import FINALIZER
 from koinon_operator.inventory import RayNodeCache
 from koinon_operator.placement import FirstFitPlacer
 from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayNodeInfo, RayRequestError, Submission, SubmittedAs
@@ -163,6 +164,7 @@ def make_body(spec: dict[str, Any], name: str = "j", namespace: str = "ns", uid:
             "uid": uid,
             "generation": 1,
             "creationTimestamp": "2026-01-01T00:00:00Z",
+            "finalizers": [FINALIZER],  # kopf's: a timer's passes wait for it (handlers._finalizer_shown)
         },
         "spec": spec,
         "status": {},

@@ -13,6 +13,7 @@ from typing import Any
 import kopf
 import pytest
 from koinon_operator import handlers
+from koinon_operator.api.constants import FINALIZER
 from koinon_operator.inventory import Allocation
 from koinon_operator.leadership import Action, LeaderElector, LeaseSettings, LeaseView, decide
 from koinon_operator.reconciler import Ledger, Outcome
@@ -20,6 +21,7 @@ from koinon_operator.reconciler import Ledger, Outcome
 from tests.emulator.helpers import EmulatorThread, emulator_for_kube_client
 
 NOW = 1_800_000_000.0
+_META: Any = {"name": "j", "namespace": "ns", "uid": "u", "finalizers": [FINALIZER]}  # as kopf leaves a job
 
 
 def test_the_rule() -> None:
@@ -144,7 +146,7 @@ async def test_an_operator_that_does_not_lead_writes_nothing(monkeypatch: pytest
     # Only its own bookings may go (the leader stops the job): nothing else of the reconciler.
     reconciler = SimpleNamespace(ledger=Ledger())
     memo = SimpleNamespace(leader=follower, reconciler=reconciler, tracer=Untouchable(), reputation=Untouchable())
-    body = kopf.Body({"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": {}})
+    body = kopf.Body({"metadata": _META, "spec": {}, "status": {}})
     patch = kopf.Patch()
     reconcile: Any = handlers.reconcile_aijob
     await reconcile(body=body, patch=patch, memo=memo, namespace="ns", name="j",
@@ -281,7 +283,7 @@ async def test_a_pass_that_outlives_the_lease_writes_nothing() -> None:
             return lambda *a, **k: None
 
     memo = SimpleNamespace(leader=leader, reconciler=SlowReconciler(), tracer=Quiet(), reputation=Quiet())
-    body = kopf.Body({"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": {}})
+    body = kopf.Body({"metadata": _META, "spec": {}, "status": {}})
     patch = kopf.Patch()
     reconcile: Any = handlers.reconcile_aijob
     await reconcile(body=body, patch=patch, memo=memo, namespace="ns", name="j",
@@ -323,7 +325,7 @@ async def test_a_pass_that_spans_a_lost_and_regained_term_writes_nothing(cluster
             return lambda *a, **k: None
 
     memo = SimpleNamespace(leader=me, reconciler=SlowReconciler(), tracer=Quiet(), reputation=Quiet())
-    body = kopf.Body({"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": {}})
+    body = kopf.Body({"metadata": _META, "spec": {}, "status": {}})
     patch = kopf.Patch()
     reconcile: Any = handlers.reconcile_aijob
     await reconcile(body=body, patch=patch, memo=memo, namespace="ns", name="j",

@@ -16,6 +16,7 @@ import kopf
 import pytest
 from koinon_emulator.patching import merge_patch
 from koinon_operator import handlers, reputation_book
+from koinon_operator.api.constants import FINALIZER
 from koinon_operator.inventory import Allocation
 from koinon_operator.ray_jobs import RayJobInfo, RayJobState, RayNodeInfo, RayUnavailableError
 from koinon_operator.reconciler import (
@@ -98,7 +99,8 @@ async def test_a_lease_lost_while_reputation_is_recorded_writes_no_stale_status(
                 leader.is_leader = False  # the Lease ran out while the VolunteerNode writes hung
 
     memo = SimpleNamespace(leader=leader, reconciler=Reconciler(), tracer=Quiet(), reputation=SlowBook())
-    body = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": {"phase": "Running"}}
+    meta = {"name": "j", "namespace": "ns", "uid": "u", "finalizers": [FINALIZER]}
+    body = {"metadata": meta, "spec": {}, "status": {"phase": "Running"}}
     patch = await _timer_pass(memo, body)
     assert not patch, f"a pass whose lease ran out before its patch was applied still wrote {dict(patch)}"
     assert discarded == ["ns/j"] and posted == []

@@ -800,3 +800,79 @@ async def test_an_operator_restarted_after_the_suspension_emits_no_second_ray_jo
         s.name for s in exported_after.get_finished_spans()
     ]
     assert names.count("ray.job") == 1 and names.count("aijob") == 1, names
+
+
+def _kopf_delivers_deletion(raw: dict[str, Any]) -> None:
+    """kopf's watch delivers `kubectl delete` of a job with a finalizer: kopf puts the new body in
+    the timer's place (in place) before it runs the deletion handler, and the API server has
+    bumped metadata.generation with the deletionTimestamp (as the emulator does)."""
+    newer = copy.deepcopy(raw)
+    newer["metadata"]["deletionTimestamp"] = "2026-01-01T00:01:00Z"
+    newer["metadata"]["generation"] = int(newer["metadata"].get("generation") or 1) + 1
+    newer["metadata"]["resourceVersion"] = str(int(newer["metadata"].get("resourceVersion") or 10) + 1)
+    raw.clear()
+    raw.update(newer)
+
+
+@pytest.mark.parametrize("reputation_awaited", [True, False])
+async def test_a_job_deleted_while_its_finishing_pass_runs_gets_that_pass_written(
+    monkeypatch: pytest.MonkeyPatch, reputation_awaited: bool
+) -> None:
+    """Review of the conditional status write: the delete's new generation made the finishing
+    pass's write look stale, so it was dropped with its Completed Event; and, its drop forgetting
+    that the job had finished, the deletion handler stopped the finished Ray job and said so."""
+    from koinon_operator import handlers  # imported late, as the tests above: it reads its config
+
+    posted: list[tuple[str, str]] = []
+    monkeypatch.setattr(kopf, "event", lambda body, type, reason, message: posted.append((type, reason)))
+    tracer, _ = _tracer(TracerProvider(id_generator=JobIdGenerator()))
+    reconciler, ray, clock, body = await _running_job(tracer)
+    body["metadata"].setdefault("resourceVersion", "10")
+    ray.set_state(submission_id_for(UID, 1), RayJobState.SUCCEEDED, exit_code=0)
+    stops: list[str] = []
+    stop_in_ray = ray.stop
+
+    async def recorded_stop(submission_id: str) -> Any:
+        stops.append(submission_id)
+        return await stop_in_ray(submission_id)
+
+    monkeypatch.setattr(ray, "stop", recorded_stop)
+    reading_logs = asyncio.Event()
+    logs_read = ray.logs
+
+    async def slow_logs(*args: Any, **kwargs: Any) -> str:  # the finishing pass waits on Ray
+        await reading_logs.wait()
+        return await logs_read(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "logs", slow_logs)
+
+    async def record(*args: Any, **kwargs: Any) -> None:
+        if reputation_awaited:
+            await asyncio.sleep(0)
+
+    memo = SimpleNamespace(reconciler=reconciler, tracer=tracer, leader=SimpleNamespace(is_leader=True, term=1),
+                           reputation=SimpleNamespace(record=record), ray=ray)  # fmt: skip
+    clock.advance(10)
+    raw: Any = copy.deepcopy(body)
+    live = kopf.Body(raw)  # the timer's body, and the deletion handler's
+    patch = kopf.Patch(body=live)
+    reconcile: Any = handlers.reconcile_aijob
+    stop_ray_job: Any = handlers.stop_ray_job
+
+    async def timer_iteration() -> dict[str, Any] | None:
+        # kopf's timer: the handler, then at once its patch's functions applied to the live body.
+        await reconcile(body=live, patch=patch, memo=memo, namespace="ns", name="j",
+                        aijob_allocations={}, volunteer_nodes={})  # fmt: skip
+        return written_status(patch, live)
+
+    timer = asyncio.create_task(timer_iteration())
+    await asyncio.sleep(0.05)
+    _kopf_delivers_deletion(raw)
+    deletion = asyncio.create_task(stop_ray_job(body=live, memo=memo))
+    await asyncio.sleep(0.05)
+    assert not timer.done() and not deletion.done()  # the deletion waits for the pass
+    reading_logs.set()
+    written, _ = await asyncio.gather(timer, deletion)
+    assert (written or {}).get("phase") == "Succeeded"
+    assert ("Normal", "Stopped") not in posted and stops == [], (posted, stops)
+    assert ("Normal", "Completed") in posted, posted
