@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -161,15 +162,33 @@ def _first_values(index: kopf.Index[str, Any]) -> dict[str, Any]:
 
 # Pass bodies waiting for kopf's finalizer, by uid (_finalizer_shown).
 _finalizer_waits: dict[str, asyncio.Event] = {}
+# Uids of AIJobs whose deletion the watch delivered, with the (monotonic) second it did (_not_gone).
+_gone: dict[str, float] = {}
+GONE_KEPT_S = 600.0  # the filter needs one only in the cycle of its DELETED event: far more
 
 
 @kopf.on.event(GROUP, VERSION, AIJOB_PLURAL)
-async def _wake_passes_waiting_for_the_finalizer(body: kopf.Body, **_: Any) -> None:
-    # kopf has put this event's body in the timer's place before it calls this.
-    if FINALIZER in (body.metadata.get("finalizers") or ()):
-        waiting = _finalizer_waits.pop(str(body.metadata.get("uid", "")), None)
+async def _wake_passes_waiting_for_the_finalizer(body: kopf.Body, type: str | None, **_: Any) -> None:
+    # kopf has put this event's body in the timer's place before it calls this, and matches the
+    # timer's filter after.
+    uid = str(body.metadata.get("uid", ""))
+    if type == "DELETED":
+        now = time.monotonic()
+        for old in [gone for gone, at in _gone.items() if now - at > GONE_KEPT_S]:
+            del _gone[old]
+        _gone[uid] = now
+    if FINALIZER in (body.metadata.get("finalizers") or ()) or type == "DELETED":
+        waiting = _finalizer_waits.pop(uid, None)
         if waiting is not None:
             waiting.set()
+
+
+def _not_gone(body: kopf.Body, **_: Any) -> bool:
+    """The timer's filter. kopf stops a job's timer when it sees the job's deletionTimestamp; a job
+    deleted before kopf's finalizer was on it goes at once, with none (kube-apiserver removes an
+    object without finalizers), and kopf forgets it without stopping its timer, which would tick
+    (waiting for a finalizer that never comes) until the operator exits (review)."""
+    return str(body.metadata.get("uid", "")) not in _gone
 
 
 async def _finalizer_shown(body: kopf.Body, timeout: float) -> bool:
@@ -194,7 +213,7 @@ async def _finalizer_shown(body: kopf.Body, timeout: float) -> bool:
     return FINALIZER in (body.metadata.get("finalizers") or ())
 
 
-@kopf.timer(GROUP, VERSION, AIJOB_PLURAL, interval=CONFIG.poll_interval_seconds)
+@kopf.timer(GROUP, VERSION, AIJOB_PLURAL, interval=CONFIG.poll_interval_seconds, when=_not_gone)
 async def reconcile_aijob(
     body: kopf.Body,
     patch: kopf.Patch,

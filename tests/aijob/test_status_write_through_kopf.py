@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -190,76 +190,142 @@ async def test_a_pass_over_an_older_spec_is_not_written(cluster: EmulatorThread,
     assert posted == [] and stale.discarded == ["default/j"]
 
 
-async def test_passes_wait_for_kopfs_finalizer_and_go_on_when_it_is_removed_during_one() -> None:
-    """Real kopf against the emulator, with the handlers' finalizer wait and its watch-event
-    wake-up. kopf starts a new job's timer while it puts its finalizer on: a first pass that did
-    not wait had its write tested against the version before the finalizer, refused in most cases
-    under load (bench-admission: 413 of 500 jobs, each first status a timer interval late). Each
-    pass here sees the finalizer, the first within a second of the create. A timer filter did the
-    same but ended the job's passes for good when the finalizer was removed (`kubectl replace`)
-    during a pass and kopf put it back before the pass ended (review): here they go on."""
-    cluster = EmulatorThread()
-    cluster.start()
+TimerPass = Callable[[kopf.Body, kopf.Patch, str], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def _kopf_operator(cluster: EmulatorThread, timer_pass: TimerPass) -> AsyncIterator[None]:
+    """Real kopf in this process against the emulator: the handlers' watch-event wake-up, and a
+    timer registered as reconcile_aijob is (its filter), every 0.5 s, running ``timer_pass``."""
+    registry = kopf.OperatorRegistry()
+    [real] = [h for h in kopf.get_default_registry()._spawning.get_all_handlers() if h.id == "reconcile_aijob"]
+
+    @kopf.on.startup(registry=registry)
+    async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        settings.persistence.finalizer = FINALIZER
+        settings.posting.enabled = False
+
+    @kopf.on.login(registry=registry)
+    async def login(**_: Any) -> kopf.ConnectionInfo:
+        return kopf.ConnectionInfo(server=cluster.url, insecure=True)
+
+    kopf.on.event(GROUP, VERSION, AIJOB_PLURAL, registry=registry)(handlers._wake_passes_waiting_for_the_finalizer)
+    when: Any = real.when
+
+    @kopf.timer(GROUP, VERSION, AIJOB_PLURAL, interval=0.5, when=when, registry=registry)
+    async def reconcile(body: kopf.Body, patch: kopf.Patch, name: str, **_: Any) -> None:
+        await timer_pass(body, patch, name)
+
+    @kopf.on.delete(GROUP, VERSION, AIJOB_PLURAL, registry=registry)
+    async def stop_ray_job(**_: Any) -> None:
+        pass
+
+    stop = asyncio.Event()
+    operator = asyncio.create_task(kopf.operator(registry=registry, clusterwide=True, standalone=True,
+                                                 stop_flag=stop))  # fmt: skip
     try:
-        cluster.call(lambda e: e.apply_crd(yaml.safe_load(CRD.read_text())))
-        registry = kopf.OperatorRegistry()
-        passes: list[tuple[float, bool]] = []
-        slow, in_slow_pass = asyncio.Event(), asyncio.Event()
-        loop = asyncio.get_running_loop()
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(operator, 15)
 
-        @kopf.on.startup(registry=registry)
-        async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-            settings.persistence.finalizer = FINALIZER
-            settings.posting.enabled = False
 
-        @kopf.on.login(registry=registry)
-        async def login(**_: Any) -> kopf.ConnectionInfo:
-            return kopf.ConnectionInfo(server=cluster.url, insecure=True)
+@pytest.fixture
+def bare_cluster() -> Iterator[EmulatorThread]:
+    server = EmulatorThread()
+    server.start()
+    try:
+        server.call(lambda e: e.apply_crd(yaml.safe_load(CRD.read_text())))
+        yield server
+    finally:
+        server.stop()
 
-        kopf.on.event(GROUP, VERSION, AIJOB_PLURAL, registry=registry)(handlers._wake_passes_waiting_for_the_finalizer)
 
-        @kopf.timer(GROUP, VERSION, AIJOB_PLURAL, interval=0.5, registry=registry)
-        async def reconcile(body: kopf.Body, **_: Any) -> None:  # as reconcile_aijob begins
-            if not await handlers._finalizer_shown(body, 2.0):
-                return
-            passes.append((loop.time(), FINALIZER in (body.metadata.get("finalizers") or ())))
-            if slow.is_set():
-                slow.clear()
-                in_slow_pass.set()
-                await asyncio.sleep(2)  # Ray slow to answer: the pass is in flight
+def _job(name: str) -> dict[str, Any]:
+    return {"apiVersion": API_VERSION, "kind": "AIJob", "metadata": {"name": name, "namespace": "default"},
+            "spec": {"entrypoint": "python x.py"}}  # fmt: skip
 
-        @kopf.on.delete(GROUP, VERSION, AIJOB_PLURAL, registry=registry)
-        async def stop_ray_job(**_: Any) -> None:
+
+async def test_passes_wait_for_kopfs_finalizer_and_go_on_when_it_is_removed_during_one(
+    bare_cluster: EmulatorThread,
+) -> None:
+    """kopf starts a new job's timer while it puts its finalizer on: a first pass that did not
+    wait had its write tested against the version before the finalizer, refused in most cases
+    under load (bench-admission: 413 of 500 jobs, each first status a timer interval late). Here
+    the first pass comes within a second of the create, woken by the watch event. A timer filter
+    on the finalizer did the same but ended the job's passes for good when the finalizer was
+    removed (`kubectl replace`) during a pass and kopf put it back before the pass ended
+    (review): here they go on."""
+    loop = asyncio.get_running_loop()
+    passes: list[float] = []
+    slow, in_slow_pass = asyncio.Event(), asyncio.Event()
+
+    async def timer_pass(body: kopf.Body, patch: kopf.Patch, name: str) -> None:  # as reconcile_aijob begins
+        if not await handlers._finalizer_shown(body, 2.0):
+            return
+        passes.append(loop.time())
+        if slow.is_set():
+            slow.clear()
+            in_slow_pass.set()
+            await asyncio.sleep(2)  # Ray slow to answer: the pass is in flight
+
+    async with _kopf_operator(bare_cluster, timer_pass):
+        created = loop.time()
+        bare_cluster.call(lambda e: e.create(_job("j")))
+        for _ in range(100):
+            if len(passes) >= 2:
+                break
+            await asyncio.sleep(0.1)
+        assert len(passes) >= 2, "the timer never ran"
+        assert passes[0] - created < 1.0, f"first pass {passes[0] - created:.2f} s after the create"
+        slow.set()
+        await asyncio.wait_for(in_slow_pass.wait(), 5)
+        no_finalizer = {"metadata": {"finalizers": None}}
+        bare_cluster.call(lambda e: e.patch(API_VERSION, "AIJob", "j", no_finalizer, namespace="default"))
+        await asyncio.sleep(5)  # the slow pass ends after 2 s; then a pass every 0.5 s
+        stored = bare_cluster.call(lambda e: e.get(API_VERSION, "AIJob", "j", "default"))
+        assert FINALIZER in stored["metadata"].get("finalizers", []), "kopf did not put its finalizer back"
+        recent = [at for at in passes if at > loop.time() - 2]
+        assert recent, f"no pass in the last 2 s: the job's timer is gone ({len(passes)} passes in all)"
+        assert not handlers._finalizer_waits
+
+
+async def test_a_job_deleted_before_kopfs_finalizer_was_on_it_leaves_no_timer(bare_cluster: EmulatorThread) -> None:
+    """Deleted before kopf's finalizer landed, a job goes at once, without a deletionTimestamp,
+    and kopf forgets it without stopping its timer: that timer waited for a finalizer that never
+    came, every tick until the operator exited (review). The watch's DELETED event now stops it."""
+    ticks: list[str] = []
+    reconciled: list[str] = []
+
+    class Reconciler:
+        async def reconcile(self, body: Any, *_: Any) -> Outcome:
+            reconciled.append(body["metadata"]["name"])
+            return Outcome()
+
+        def discard_write(self, key: str) -> None:
             pass
 
-        stop = asyncio.Event()
-        operator = asyncio.create_task(kopf.operator(registry=registry, clusterwide=True, standalone=True,
-                                                     stop_flag=stop))  # fmt: skip
-        try:
-            created = loop.time()
-            cluster.call(lambda e: e.create({"apiVersion": API_VERSION, "kind": "AIJob",
-                                             "metadata": {"name": "j", "namespace": "default"},
-                                             "spec": {"entrypoint": "python x.py"}}))  # fmt: skip
-            for _ in range(100):
-                if len(passes) >= 2:
-                    break
-                await asyncio.sleep(0.1)
-            assert len(passes) >= 2, "the timer never ran"
-            assert passes[0][0] - created < 1.0, f"first pass {passes[0][0] - created:.2f} s after the create"
-            slow.set()
-            await asyncio.wait_for(in_slow_pass.wait(), 5)
-            no_finalizer = {"metadata": {"finalizers": None}}
-            cluster.call(lambda e: e.patch(API_VERSION, "AIJob", "j", no_finalizer, namespace="default"))
-            await asyncio.sleep(5)  # the slow pass ends after 2 s; then a pass every 0.5 s
-            stored = cluster.call(lambda e: e.get(API_VERSION, "AIJob", "j", "default"))
-            assert FINALIZER in stored["metadata"].get("finalizers", []), "kopf did not put its finalizer back"
-            recent = [at for at, _ in passes if at > loop.time() - 2]
-            assert recent, f"no pass in the last 2 s: the job's timer is gone ({len(passes)} passes in all)"
-            assert all(seen for _, seen in passes), "a pass ran without kopf's finalizer on the job"
-            assert not handlers._finalizer_waits
-        finally:
-            stop.set()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(operator, 15)
-    finally:
-        cluster.stop()
+    memo = SimpleNamespace(leader=SimpleNamespace(is_leader=True, term=1), reconciler=Reconciler(),
+                           tracer=_Quiet(), reputation=_Quiet())  # fmt: skip
+    reconcile_aijob: Any = handlers.reconcile_aijob
+
+    async def timer_pass(body: kopf.Body, patch: kopf.Patch, name: str) -> None:
+        ticks.append(name)
+        await reconcile_aijob(body=body, patch=patch, memo=memo, namespace="default", name=name,
+                              aijob_allocations={}, volunteer_nodes={})  # fmt: skip
+
+    def create_and_delete(e: Any) -> None:
+        e.create(_job("gone"))
+        e.delete(API_VERSION, "AIJob", "gone", "default")
+
+    async with _kopf_operator(bare_cluster, timer_pass):
+        await asyncio.sleep(1.0)  # watching
+        bare_cluster.call(create_and_delete)
+        bare_cluster.call(lambda e: e.create(_job("live")))
+        await asyncio.sleep(3)
+        before = ticks.count("gone")
+        await asyncio.sleep(3)
+        assert ticks.count("gone") == before, f"the deleted job's timer still ticks ({ticks.count('gone')})"
+        assert "live" in reconciled and "gone" not in reconciled
+        assert not handlers._finalizer_waits
