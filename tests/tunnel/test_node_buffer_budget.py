@@ -189,10 +189,10 @@ def test_the_defaults_keep_one_node_under_its_share_of_the_shipped_memory_limit(
     assert buffered == 2 * ((128 << 20) + (256 + 64) * (128 << 10)) == 336 << 20
     assert buffered <= ONE_NODE_MEMORY_SHARE * SHIPPED_MEMORY_LIMIT_BYTES, f"{buffered / 2**20:.0f} MiB"
     # What a node sends and the other end does not read has no shared budget: per direction of
-    # each connection, a 1 MiB receive window and four copies of a 1,088 KiB message (the READMEs
+    # each connection, a 4 MiB receive window and four copies of a 1,088 KiB message (the READMEs
     # state this sum, far past the shipped limit).
-    assert FROM_NODE_BYTES_PER_STREAM == (1 << 20) + 4 * (1088 << 10) == 5376 << 10
-    assert one_node_memory_bound(*limits) == buffered + 2 * 320 * (5376 << 10) == 3696 << 20
+    assert FROM_NODE_BYTES_PER_STREAM == (4 << 20) + 4 * (1088 << 10) == 8448 << 10
+    assert one_node_memory_bound(*limits) == buffered + 2 * 320 * (8448 << 10) == 5616 << 20
     # The CLI's defaults are the same.
     config = config_from_args(build_parser().parse_args(["--head-address", "127.0.0.1"]))
     assert config.max_buffered_bytes_per_node == defaults.max_buffered_bytes_per_node
@@ -502,5 +502,5 @@ async def test_a_node_sending_to_a_peer_that_never_reads_holds_no_more_than_its_
             a_control.cancel()
             b_control.cancel()
     # The margin: the allocator's arenas and grpc's threads, which grow with any traffic. Measured
-    # 78-82 MiB with the fix, 120 MiB to 5 GiB without.
+    # 116-119 MiB with 4 MiB windows (78-82 MiB with 1 MiB ones), 120 MiB to 5 GiB with BDP probing.
     assert peak <= bound_mib + 32, f"gateway grew {peak} MiB for one node's {streams} streams (bound {bound_mib} MiB)"
