@@ -34,17 +34,12 @@ AIJOBS = references.Resource(GROUP, VERSION, AIJOB_PLURAL, kind="AIJob", subreso
 
 
 @pytest.fixture
-def cluster() -> Iterator[EmulatorThread]:
-    server = EmulatorThread()
-    server.start()
-    try:
-        server.call(lambda e: e.apply_crd(yaml.safe_load(CRD.read_text())))
-        server.call(lambda e: e.create({"apiVersion": API_VERSION, "kind": "AIJob",
-                                        "metadata": {"name": "j", "namespace": "default", "finalizers": [FINALIZER]},
-                                        "spec": {"entrypoint": "python x.py"}}))  # fmt: skip
-        yield server
-    finally:
-        server.stop()
+def cluster(bare_cluster: EmulatorThread) -> EmulatorThread:
+    """The emulator with job j, kopf's finalizer on it (as passes see a job)."""
+    job = _job("j")
+    job["metadata"]["finalizers"] = [FINALIZER]
+    bare_cluster.call(lambda e: e.create(job))
+    return bare_cluster
 
 
 @pytest.fixture

@@ -120,22 +120,7 @@ async def test_a_deletion_racing_the_pass_that_finishes_the_job_emits_one_root_s
     tracer, exporter = _tracer(provider)
     reconciler, ray, clock, body = await _running_job(tracer)
     ray.set_state(submission_id_for(UID, 1), RayJobState.SUCCEEDED, exit_code=0)
-    stops: list[str] = []
-    stop_in_ray = ray.stop
-
-    async def recorded_stop(submission_id: str) -> Any:
-        stops.append(submission_id)
-        return await stop_in_ray(submission_id)
-
-    monkeypatch.setattr(ray, "stop", recorded_stop)
-    reading_logs = asyncio.Event()
-    logs_read = ray.logs
-
-    async def slow_logs(*args: Any, **kwargs: Any) -> str:  # the finishing pass waits on Ray
-        await reading_logs.wait()
-        return await logs_read(*args, **kwargs)
-
-    monkeypatch.setattr(ray, "logs", slow_logs)
+    stops, reading_logs = _stops_recorded_and_logs_held(monkeypatch, ray)
     leader = SimpleNamespace(is_leader=True, term=1)
     quiet = SimpleNamespace(record=lambda *args, **kwargs: asyncio.sleep(0))
     memo = SimpleNamespace(reconciler=reconciler, tracer=tracer, leader=leader, reputation=quiet, ray=ray)
@@ -829,22 +814,7 @@ async def test_a_job_deleted_while_its_finishing_pass_runs_gets_that_pass_writte
     reconciler, ray, clock, body = await _running_job(tracer)
     body["metadata"].setdefault("resourceVersion", "10")
     ray.set_state(submission_id_for(UID, 1), RayJobState.SUCCEEDED, exit_code=0)
-    stops: list[str] = []
-    stop_in_ray = ray.stop
-
-    async def recorded_stop(submission_id: str) -> Any:
-        stops.append(submission_id)
-        return await stop_in_ray(submission_id)
-
-    monkeypatch.setattr(ray, "stop", recorded_stop)
-    reading_logs = asyncio.Event()
-    logs_read = ray.logs
-
-    async def slow_logs(*args: Any, **kwargs: Any) -> str:  # the finishing pass waits on Ray
-        await reading_logs.wait()
-        return await logs_read(*args, **kwargs)
-
-    monkeypatch.setattr(ray, "logs", slow_logs)
+    stops, reading_logs = _stops_recorded_and_logs_held(monkeypatch, ray)
 
     async def record(*args: Any, **kwargs: Any) -> None:
         if reputation_awaited:
@@ -876,3 +846,25 @@ async def test_a_job_deleted_while_its_finishing_pass_runs_gets_that_pass_writte
     assert (written or {}).get("phase") == "Succeeded"
     assert ("Normal", "Stopped") not in posted and stops == [], (posted, stops)
     assert ("Normal", "Completed") in posted, posted
+
+
+def _stops_recorded_and_logs_held(monkeypatch: pytest.MonkeyPatch, ray: FakeRay) -> tuple[list[str], asyncio.Event]:
+    """The Ray jobs stopped, and an event that holds a pass reading logs (the finishing pass waits
+    on Ray) until it is set."""
+    stops: list[str] = []
+    stop_in_ray = ray.stop
+
+    async def recorded_stop(submission_id: str) -> Any:
+        stops.append(submission_id)
+        return await stop_in_ray(submission_id)
+
+    monkeypatch.setattr(ray, "stop", recorded_stop)
+    reading_logs = asyncio.Event()
+    logs_read = ray.logs
+
+    async def slow_logs(*args: Any, **kwargs: Any) -> str:
+        await reading_logs.wait()
+        return await logs_read(*args, **kwargs)
+
+    monkeypatch.setattr(ray, "logs", slow_logs)
+    return stops, reading_logs
