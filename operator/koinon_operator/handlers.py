@@ -287,6 +287,8 @@ async def reconcile_aijob(
     def post_events() -> None:
         for event_type, reason, message in events:
             kopf.event(body, type=event_type, reason=reason, message=message)
+        if outcome.delete:  # its "Deleted" said: not again (a dropped pass's is said by the next)
+            _ttl_announced.add(uid)
 
     def dropped() -> None:
         logger.debug("AIJob %s changed since its pass read it: the pass's status is dropped", key)
@@ -296,8 +298,6 @@ async def reconcile_aijob(
         patch.fns.append(ConditionalStatusWrite(read, outcome.status, on_written=post_events, on_dropped=dropped))
     else:
         post_events()
-    if outcome.delete:
-        _ttl_announced.add(uid)
     if outcome.delete and f"{namespace}/{name}" not in _deleting:
         # Not awaited here: kopf removes the finalizer only once this timer has stopped, so a timer
         # waiting for its own object's deletion would wait for ever. (The deletion handler may run

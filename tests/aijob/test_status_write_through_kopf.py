@@ -25,6 +25,7 @@ from koinon_operator.reconciler import Outcome
 from kopf._cogs.clients import auth, patching
 from kopf._cogs.structs import credentials, references
 
+from tests.aijob.kopf_patch import written_status
 from tests.emulator.helpers import EmulatorThread
 
 CRD = Path(__file__).resolve().parents[2] / "manifests" / "crds" / "aijobs.koinon.dev.yaml"
@@ -324,3 +325,38 @@ async def test_a_job_deleted_before_kopfs_finalizer_was_on_it_leaves_no_timer(ba
         assert ticks.count("gone") == before, f"the deleted job's timer still ticks ({ticks.count('gone')})"
         assert "live" in reconciled and "gone" not in reconciled
         assert not handlers._finalizer_waits
+
+
+async def test_a_ttl_pass_whose_write_is_dropped_leaves_its_deleted_event_to_the_next(
+    monkeypatch: pytest.MonkeyPatch, posted: list[str]
+) -> None:
+    """The TTL's "Deleted" is said once per job: the first pass that says it marks the job. A pass
+    whose write was dropped (the job's status changed meanwhile) posted nothing, yet marked it
+    (review), so no pass said it at all."""
+
+    async def no_delete(*_: Any) -> None:
+        return None
+
+    monkeypatch.setattr(handlers, "delete_aijob", no_delete)
+
+    class TtlReconciler(_Reconciler):
+        async def reconcile(self, *_: Any) -> Outcome:
+            outcome = Outcome(status={"observedGeneration": 2}, delete=True)
+            outcome.event("Deleted", "ttlSecondsAfterFinished passed")
+            return outcome
+
+    uid = "ttl-uid"
+    read: Any = {"metadata": {"name": "j", "namespace": "default", "uid": uid, "generation": 2,
+                              "finalizers": [FINALIZER]}, "status": {"phase": "Succeeded"}}  # fmt: skip
+    changed: Any = {**read, "status": {"phase": "Succeeded", "conditions": []}}
+    try:
+        dropped = await _pass(TtlReconciler({"phase": "Succeeded"}), kopf.Body(read))
+        for fn in dropped.fns:
+            fn(changed)
+        assert posted == [] and uid not in handlers._ttl_announced
+        written = await _pass(TtlReconciler({"phase": "Succeeded"}), kopf.Body(changed))
+        assert (written_status(written, changed) or {}).get("observedGeneration") == 2
+        assert posted == ["ttlSecondsAfterFinished passed"] and uid in handlers._ttl_announced
+    finally:
+        handlers._ttl_announced.discard(uid)
+        await asyncio.gather(*handlers._background)
