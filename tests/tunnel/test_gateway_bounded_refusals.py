@@ -189,6 +189,16 @@ def grpc_message(message: pb.Frame) -> bytes:
     return b"\x00" + struct.pack(">I", len(body)) + body
 
 
+async def accept_and_answer_ok(raw: RawH2, c: Cluster, metadata: dict[str, str], opened: pb.OpenConnection) -> int:
+    """Node B's side of ``opened`` on a hand-written HTTP/2 connection (one that never opens its
+    stream windows): an Accept stream that answers DialResult ok. Its stream id."""
+    accept = pb.Frame(accept=pb.Accept(connection_id=opened.connection_id)).SerializeToString()
+    stream = raw.open_call(CONNECT, c.gateway.agent_target, metadata, accept)
+    raw.writer.write(frame(DATA, 0, stream, grpc_message(pb.Frame(dial_result=pb.DialResult(ok=True)))))
+    await raw.writer.drain()
+    return stream
+
+
 async def test_accepted_streams_a_node_never_reads_stay_counted_after_their_dialler_hangs_up(tmp_path: Path) -> None:
     """Node B claims connections its own volunteer's node A dials and never opens its Accept
     streams' window; A sends one Data frame (it waits on that window) and hangs up. grpc sends no
@@ -210,10 +220,7 @@ async def test_accepted_streams_a_node_never_reads_stay_counted_after_their_dial
                 target = pb.Dial(host=b.assignment.address, port=b.assignment.ports.node_manager_port)
                 await dial.write(pb.Frame(dial=target))
                 opened = await asyncio.wait_for(next_open_connection(b_control), 5)
-                accept = pb.Frame(accept=pb.Accept(connection_id=opened.connection_id)).SerializeToString()
-                stream = raw.open_call(CONNECT, c.gateway.agent_target, b_meta, accept)
-                raw.writer.write(frame(DATA, 0, stream, grpc_message(pb.Frame(dial_result=pb.DialResult(ok=True)))))
-                await raw.writer.drain()
+                stream = await accept_and_answer_ok(raw, c, b_meta, opened)
                 accepted.add(stream)
                 result = await asyncio.wait_for(dial.read(), 5)
                 if result.dial_result.ok:  # refused once B's streams are all held (too many)
@@ -275,10 +282,7 @@ async def test_head_connections_to_a_node_that_never_reads_stay_counted_after_th
                 target = (b.assignment.address, b.assignment.ports.node_manager_port)
                 dialing = asyncio.ensure_future(connect_via_proxy(proxy_port, *target))
                 opened = await asyncio.wait_for(next_open_connection(b_control), 5)
-                accept = pb.Frame(accept=pb.Accept(connection_id=opened.connection_id)).SerializeToString()
-                stream = raw.open_call(CONNECT, c.gateway.agent_target, b_meta, accept)
-                raw.writer.write(frame(DATA, 0, stream, grpc_message(pb.Frame(dial_result=pb.DialResult(ok=True)))))
-                await raw.writer.drain()
+                stream = await accept_and_answer_ok(raw, c, b_meta, opened)
                 accepted.add(stream)
                 status, _, writer = await asyncio.wait_for(dialing, 5)
                 statuses.append(status)
