@@ -65,9 +65,10 @@ class ConditionalStatusWrite:
         self.decided = True
         current = body.get("status") or {}
         meta = body.get("metadata", {})
-        # A delete bumps the generation of an object with finalizers, and kopf runs the deletion
-        # handler only once the pass in flight has ended: its status (Completed, say) is still
-        # the job's last word, with its Events (an edit of a job being deleted starts nothing).
+        # A delete bumps the generation of an object with finalizers, and the deletion handler
+        # waits for the pass in flight (reconciler.stop, on the job's lock): its status
+        # (Completed, say) is still the job's last word, with its Events (an edit of a job being
+        # deleted starts nothing).
         edited = meta.get("generation") != self.read.generation and not meta.get("deletionTimestamp")
         if current != self.read.status or edited:
             self.on_dropped()
