@@ -104,9 +104,13 @@ MIN_BUFFERED_BYTES_PER_NODE = 1 << 20  # one full-size receive buffer (tunnel_io
 # window of that stream (fixed, tunnel_io.RECEIVE_WINDOW_BYTES) and the one message the splice is
 # forwarding, held about four times while its write waits (the received message, the frame
 # serialized from it, grpc's copy of that, allocator slack). Measured with a 64 KiB window: 3.7-3.9
-# MiB a stream (test_node_buffer_budget.py's peer that never reads). This direction has no budget
-# shared by the node's connections: what it holds grows with the number of connections.
+# MiB a stream (test_node_buffer_budget.py's peer that never reads). How many of a node's
+# connections may hold that at once: GatewayConfig.max_stalled_bytes_per_node (send_stalls.py).
 FROM_NODE_BYTES_PER_STREAM = RECEIVE_WINDOW_BYTES + 4 * MAX_MESSAGE_BYTES
+# What the gateway holds for each byte of its writes to a node that the node has not read
+# (unread_writes.py): the message as grpc holds it, and the bytes it was made from, as above.
+# Measured 3.6 MiB for each 1 MiB message left in grpc (test_node_buffer_budget.py, 28 such).
+UNREAD_WRITE_HOLD_FACTOR = 4
 
 
 def one_node_buffered_bound(
@@ -123,15 +127,24 @@ def one_node_buffered_bound(
 
 
 def one_node_memory_bound(
-    max_streams_per_node: int, max_head_connections_per_node: int, max_buffered_bytes_per_node: int
+    max_streams_per_node: int,
+    max_head_connections_per_node: int,
+    max_buffered_bytes_per_node: int,
+    max_unread_write_bytes_per_node: int,
+    max_stalled_bytes_per_node: int,
 ) -> int:
     """The most memory one node's connections can make the gateway hold, in both directions: what is
-    sent to it and it does not read (one_node_buffered_bound), and what it sends that the other end
-    does not read: FROM_NODE_BYTES_PER_STREAM for each direction of each of its connections (both
-    directions of one it dials can be a node's, when it dials another node of its volunteer)."""
-    connections = max_streams_per_node + max_head_connections_per_node
+    sent to it and it does not read (one_node_buffered_bound, and the writes to it that grpc holds
+    until it reads them, ``max_unread_write_bytes_per_node`` times UNREAD_WRITE_HOLD_FACTOR: those
+    of connections that ended meanwhile too, which grpc keeps), and what it sends that the other
+    end does not take: FROM_NODE_BYTES_PER_STREAM for each of its stalled connections, as many as
+    fit in ``max_stalled_bytes_per_node`` (send_stalls.py ends the rest). Not in it: what more
+    stalls take in the STALL_AFTER_S + SWEEP_INTERVAL_S (0.15 s) before a sweep ends them, at most
+    that long of the gateway's whole ingress (about 1 GB/s at its fastest here, README)."""
     buffered = one_node_buffered_bound(max_streams_per_node, max_head_connections_per_node, max_buffered_bytes_per_node)
-    return buffered + 2 * connections * FROM_NODE_BYTES_PER_STREAM
+    unread = max_unread_write_bytes_per_node * UNREAD_WRITE_HOLD_FACTOR
+    stalled = max_stalled_bytes_per_node // FROM_NODE_BYTES_PER_STREAM
+    return buffered + unread + stalled * FROM_NODE_BYTES_PER_STREAM
 
 
 # How old a connected node's lastHeartbeat may get between refreshes: half the 120 s after which
@@ -205,9 +218,27 @@ class GatewayConfig:
     # more past it for each of its connections (at most 256 it dials + 64 the head opens), and
     # grpc's copy of as much: 2 x (128 MiB + 320 x 128 KiB) = 336 MiB, under ONE_NODE_MEMORY_SHARE
     # of the shipped 1Gi limit. Without it 256 stalled streams held 256 x 4-6 MiB, over 1 GiB, and
-    # the gateway was OOM-killed with every node's session. This covers data sent to the node only;
-    # what it sends is bounded per stream (FROM_NODE_BYTES_PER_STREAM, one_node_memory_bound).
+    # the gateway was OOM-killed with every node's session. This covers data sent to the node only,
+    # as do the next limit; what it sends, the one after.
     max_buffered_bytes_per_node: int = 128 << 20
+    # Payload bytes of the gateway's writes to one node's streams that the node has not read yet,
+    # together (unread_writes.py): more wait before they reach grpc. grpc cannot take back a write
+    # whose writer gave up (its connection ended), so without this the node could leave one in grpc
+    # on every connection it accepted (each a second node of its volunteer dialled, say), ~3.6 MiB
+    # each, for as long as it reads none of them. 16 MiB is 16 whole messages in flight at once;
+    # one connection has at most one.
+    max_unread_write_bytes_per_node: int = 16 << 20
+    # What one node's connections may hold of data it sends that their other end (the head, a peer
+    # node) does not take: grpc's receive window and the message being forwarded, up to
+    # FROM_NODE_BYTES_PER_STREAM (8.25 MiB) on each connection whose forwarding write has waited
+    # send_stalls.STALL_AFTER_S. The connections stalled past it are ended, the latest to stall
+    # first (send_stalls.py; refused_streams "send-stalled"). 96 MiB lets 11 stall at once; a
+    # transfer to a peer that reads stalls for moments only. Without it a node whose connections
+    # all stalled made the gateway hold 320 x 8.25 MiB, 2.6 GiB. With the defaults one node can
+    # make the gateway hold at most 336 + 4 x 16 + 11 x 8.25 = 491 MiB (one_node_memory_bound),
+    # under half the shipped 1Gi limit, and for the moments before a sweep ends a stall, what
+    # reaches it meanwhile.
+    max_stalled_bytes_per_node: int = 96 << 20
     rtt_smoothing_alpha: float = 0.2
     # Agents that heartbeat by themselves (Register.self_heartbeats) get a Ping, the RTT probe, every
     # this many heartbeat intervals; others get one every interval.
@@ -269,6 +300,13 @@ class GatewayConfig:
             raise ValueError(
                 f"max_buffered_bytes_per_node: at least {MIN_BUFFERED_BYTES_PER_NODE} (one receive buffer), "
                 f"got {self.max_buffered_bytes_per_node}"
+            )
+        if self.max_unread_write_bytes_per_node < 1:
+            raise ValueError("max_unread_write_bytes_per_node: must be at least 1")
+        if self.max_stalled_bytes_per_node < FROM_NODE_BYTES_PER_STREAM:
+            raise ValueError(
+                f"max_stalled_bytes_per_node: at least {FROM_NODE_BYTES_PER_STREAM} (one stalled connection), "
+                f"got {self.max_stalled_bytes_per_node}"
             )
         if not 0 < self.rtt_smoothing_alpha <= 1:
             raise ValueError("rtt_smoothing_alpha: must be in (0, 1]")

@@ -25,7 +25,7 @@ from pathlib import Path
 import aiohttp
 
 from . import event_loop, token_cli
-from .config import MAX_STATUS_REFRESH_S, MIN_BUFFERED_BYTES_PER_NODE, GatewayConfig
+from .config import FROM_NODE_BYTES_PER_STREAM, MAX_STATUS_REFRESH_S, MIN_BUFFERED_BYTES_PER_NODE, GatewayConfig
 from .file_tokens import FileTokenStore
 from .kube_ca import KubeCAStore, StalePin
 from .kube_client import KubeApiError, KubeConfigError, kube_client, load_config
@@ -33,6 +33,7 @@ from .kube_registry import KubeNodeRegistry
 from .kube_tokens import KubeTokenStore
 from .pki import CAStore, FileCAStore, InMemoryCAStore
 from .registry import FileNodeRegistry, InMemoryNodeRegistry, NodeRegistry
+from .send_stalls import STALL_AFTER_S
 from .server import Gateway
 from .tokens import InMemoryTokenStore, TokenError, TokenStore, parse_token
 
@@ -80,6 +81,30 @@ def _buffered_bytes(text: str) -> int:
     if value < MIN_BUFFERED_BYTES_PER_NODE:
         raise argparse.ArgumentTypeError(
             f"at least {MIN_BUFFERED_BYTES_PER_NODE} bytes (one receive buffer), got {text!r}"
+        )
+    return value
+
+
+def _positive_bytes(text: str) -> int:
+    """An argparse type: a whole number of bytes, at least one."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of bytes, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 byte, got {text!r}")
+    return value
+
+
+def _stalled_bytes(text: str) -> int:
+    """An argparse type: a whole number of bytes, at least what one stalled connection holds."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number of bytes, got {text!r}") from None
+    if value < FROM_NODE_BYTES_PER_STREAM:
+        raise argparse.ArgumentTypeError(
+            f"at least {FROM_NODE_BYTES_PER_STREAM} bytes (one stalled connection), got {text!r}"
         )
     return value
 
@@ -151,6 +176,21 @@ def build_parser() -> argparse.ArgumentParser:
         "GatewayConfig.max_buffered_bytes_per_node",
     )
     p.add_argument(
+        "--max-unread-write-bytes-per-node",
+        type=_positive_bytes,
+        default=GatewayConfig.max_unread_write_bytes_per_node,
+        help="payload bytes of the gateway's writes to one volunteer that it has not read yet, together; "
+        "more wait, see GatewayConfig.max_unread_write_bytes_per_node",
+    )
+    p.add_argument(
+        "--max-stalled-bytes-per-node",
+        type=_stalled_bytes,
+        default=GatewayConfig.max_stalled_bytes_per_node,
+        help="bytes one volunteer's connections may hold of data it sends that the other end does not take, "
+        f"counted as {FROM_NODE_BYTES_PER_STREAM} for each connection whose forwarding has waited "
+        f"{STALL_AFTER_S:g} s; connections stalled past it are ended, see GatewayConfig.max_stalled_bytes_per_node",
+    )
+    p.add_argument(
         "--unconnected-node-ttl",
         type=_positive_seconds,
         default=24 * 3600.0,
@@ -200,6 +240,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_streams_per_node=args.max_streams_per_node,
         max_head_connections_per_node=args.max_head_connections_per_node,
         max_buffered_bytes_per_node=args.max_buffered_bytes_per_node,
+        max_unread_write_bytes_per_node=args.max_unread_write_bytes_per_node,
+        max_stalled_bytes_per_node=args.max_stalled_bytes_per_node,
         unconnected_node_ttl_s=args.unconnected_node_ttl,
         verify_ray_nodes=not args.no_verify_ray_nodes,
         namespace=args.namespace,

@@ -24,17 +24,19 @@ from . import http_connect
 from .addresses import AddressAllocator, AddressTaken
 from .config import GatewayConfig
 from .head_proxy import HeadProxy
+from .log_limit import LimitedLog
 from .metrics import GatewayMetrics
 from .pki import CAStore, InMemoryCAStore, issue_server_cert, load_or_create_ca
 from .ray_check import GcsRayNodeChecker
 from .registry import JSON, InMemoryNodeRegistry, NodeDeletionSource, NodeRegistry, being_deleted, status_address
 from .routing import Router
 from .rpc import add_tunnel_service
+from .send_stalls import SWEEP_INTERVAL_S
 from .server_tls import RenewingServerCert
 from .service import TunnelService
 from .sessions import SessionTable
 from .tokens import ExpiredTokenCleaner, InMemoryTokenStore, TokenStore
-from .tunnel_io import GRPC_OPTIONS
+from .tunnel_io import GRPC_OPTIONS, SEND_STALLED
 from .unconnected_nodes import unconnected_too_long
 
 log = logging.getLogger(__name__)
@@ -111,6 +113,8 @@ class Gateway:
         self._head_proxy: asyncio.Server | None = None
         self._admin: web.AppRunner | None = None
         self._liveness: asyncio.Task[None] | None = None
+        self._stall_sweeper: asyncio.Task[None] | None = None
+        self._stall_log = LimitedLog(log)  # a node can stall connections many times a second
         self._revoker: asyncio.Task[None] | None = None
         self._token_cleaner: asyncio.Task[None] | None = None
         self._unconnected_cleaner: asyncio.Task[None] | None = None
@@ -218,6 +222,7 @@ class Gateway:
         await self._server.start()
         self._server_started = True
         self._liveness = asyncio.ensure_future(self._liveness_loop())
+        self._stall_sweeper = asyncio.ensure_future(self._sweep_send_stalls())
         if isinstance(self.registry, NodeDeletionSource):
             self._revoker = asyncio.ensure_future(self._revoke_deleted(self.registry))
         if isinstance(self.tokens, ExpiredTokenCleaner):
@@ -257,6 +262,23 @@ class Gateway:
                 self.sessions.expire_stale()
             except Exception:
                 log.exception("liveness check failed")
+
+    async def _sweep_send_stalls(self) -> None:
+        # Ends the connections of nodes with more stalled than they may hold (send_stalls.py).
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                for node_name, count in self.sessions.send_stalls.sweep().items():
+                    self.metrics.refused_streams[SEND_STALLED] += count
+                    self._stall_log.warning(
+                        f"{node_name} {SEND_STALLED}",
+                        "node %s: %d connection(s) ended: more of its connections held data the other end "
+                        "did not take than max_stalled_bytes_per_node allows",
+                        node_name,
+                        count,
+                    )
+            except Exception:
+                log.exception("sweeping stalled connections failed")
 
     async def _recheck_ray_nodes(self, service: TunnelService) -> None:
         # Ready requires the Ray node to be ALIVE in GCS at the node's address, not only once.
@@ -350,6 +372,7 @@ class Gateway:
     async def stop(self, grace: float = 1.0) -> None:
         for task in (
             self._liveness,
+            self._stall_sweeper,
             self._revoker,
             self._token_cleaner,
             self._unconnected_cleaner,

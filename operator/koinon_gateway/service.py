@@ -1165,7 +1165,14 @@ class TunnelService:
             self.metrics.refused_streams["no-session"] += 1
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "connect: node has no live Control stream")
         assert source is not None
-        channel = CountedFrameChannel(context, self.metrics.tunnel_bytes, "from_nodes", "to_nodes")
+        channel = CountedFrameChannel(
+            context,
+            self.metrics.tunnel_bytes,
+            "from_nodes",
+            "to_nodes",
+            self.sessions.send_stalls.of(source.node_name),
+            self.sessions.unread_writes(source.node_name),
+        )
         try:
             # Held from now, not from the first frame: a revocation ends this stream too, and
             # streams that stay silent count against the node's cap. Held until grpc ends the call

@@ -14,13 +14,15 @@ from typing import Any
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .addresses import PortBlock
-from .config import GatewayConfig
+from .config import FROM_NODE_BYTES_PER_STREAM, GatewayConfig
 from .limits import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT
 from .registry import NodeRegistry, connection_owned_by_gateway, node_uid
+from .send_stalls import StallSweeper
 from .status import ReadyCondition, gpus_to_status, next_condition, rfc3339, stored_ready_condition
 from .status_writer import StatusWriter
 from .stream_slots import StreamSlots
 from .tcp_pipe import ReadBudget
+from .unread_writes import UnreadWrites
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +185,11 @@ class SessionTable:
         # counts (a reconnecting node's old streams share with its new ones); an entry lives while
         # a pipe holds it.
         self._read_budgets: weakref.WeakValueDictionary[str, ReadBudget] = weakref.WeakValueDictionary()
+        # What each node sends that the other end does not take: how many of its connections may
+        # stall at once, by node name as above (swept by the gateway, Gateway._sweep_send_stalls).
+        self.send_stalls = StallSweeper(config.max_stalled_bytes_per_node // FROM_NODE_BYTES_PER_STREAM)
+        # The gateway's writes to each node's streams that it has not read, by node name as above.
+        self._unread_writes: weakref.WeakValueDictionary[str, UnreadWrites] = weakref.WeakValueDictionary()
         self.closing = False  # the gateway is shutting down: no new sessions
 
     def read_budget(self, node_name: str) -> ReadBudget:
@@ -190,6 +197,13 @@ class SessionTable:
         budget = self._read_budgets.get(node_name)
         if budget is None:
             budget = self._read_budgets[node_name] = ReadBudget(self.config.max_buffered_bytes_per_node)
+        return budget
+
+    def unread_writes(self, node_name: str) -> UnreadWrites:
+        """What the gateway's writes to ``node_name``'s streams may hold unread (max_unread_write_bytes_per_node)."""
+        budget = self._unread_writes.get(node_name)
+        if budget is None:
+            budget = self._unread_writes[node_name] = UnreadWrites(self.config.max_unread_write_bytes_per_node)
         return budget
 
     def get_by_address(self, address: str) -> NodeSession | None:

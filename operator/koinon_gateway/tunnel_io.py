@@ -20,7 +20,9 @@ from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .frame_codec import FrameDecodeError, OutgoingFrame, TunnelFrame
 from .rpc import EOF
+from .send_stalls import SendStalls, StallWatch
 from .tcp_pipe import CLOSE_FLUSH_TIMEOUT_S, ReadBudget, TcpPipe
+from .unread_writes import UnreadWrites
 
 # Message size is the first lever of throughput through grpc (DESIGN §4): read up to 1 MiB at once.
 CHUNK_BYTES = 1 << 20
@@ -76,6 +78,10 @@ class GrpcFrameChannel:
     ``rpc.add_tunnel_service`` register it).
     """
 
+    # The gateway's stalls of the node at this end (what it sends and the other end does not take):
+    # only the gateway's streams have one (CountedFrameChannel).
+    send_stalls: SendStalls | None = None
+
     def __init__(self, stream: Any) -> None:
         self._stream = stream
 
@@ -108,12 +114,27 @@ class CountedFrameChannel(GrpcFrameChannel):
     handler does. ``write_held`` says so, for Connect's handler to keep the stream counted against
     its node until grpc ends the call. Only noted: a task per write to await it cost every write
     a few loop turns, on the path the tunnel's round trip is measured on.
+
+    ``send_stalls`` are the stalls of the stream's node (send_stalls.py): the splices that forward
+    what it sends watch their writes against them. ``unread_writes``, its node's budget of writes
+    not read yet (unread_writes.py): a Data frame's write waits for room in it before it reaches
+    grpc, and one left in grpc stays counted until grpc ends the call.
     """
 
-    def __init__(self, stream: Any, counts: collections.Counter[str], received: str, sent: str) -> None:
+    def __init__(
+        self,
+        stream: Any,
+        counts: collections.Counter[str],
+        received: str,
+        sent: str,
+        send_stalls: SendStalls | None = None,
+        unread_writes: UnreadWrites | None = None,
+    ) -> None:
         super().__init__(stream)
         self._counts, self._received, self._sent = counts, received, sent
         self.write_held = False
+        self.send_stalls = send_stalls
+        self._unread_writes = unread_writes
 
     async def read_frame(self) -> TunnelFrame | None:
         frame = await super().read_frame()
@@ -122,15 +143,35 @@ class CountedFrameChannel(GrpcFrameChannel):
         return frame
 
     async def write_frame(self, frame: OutgoingFrame) -> None:
+        budget = self._unread_writes
+        if isinstance(frame, pb.Frame) or budget is None:  # control frames: a few bytes each
+            try:
+                await self._stream.write(frame)
+            except asyncio.CancelledError:
+                # Its batch was started already (the write's only suspension is its completion),
+                # and cancelling the wait does not withdraw it from grpc.
+                self.write_held = True
+                raise
+            if not isinstance(frame, pb.Frame):
+                self._counts[self._sent] += memoryview(frame).nbytes
+            return
+        nbytes = memoryview(frame).nbytes
+        if not budget.take(nbytes):
+            await budget.wait_to_take(nbytes)  # cancelled here, nothing reached grpc
         try:
             await self._stream.write(frame)
         except asyncio.CancelledError:
-            # Its batch was started already (the write's only suspension is its completion), and
-            # cancelling the wait does not withdraw it from grpc.
-            self.write_held = True
+            self.write_held = True  # as above; counted until grpc ends the call
+            if self._stream.done():
+                budget.give_back(nbytes)
+            else:
+                self._stream.add_done_callback(lambda _context: budget.give_back(nbytes))
             raise
-        if not isinstance(frame, pb.Frame):
-            self._counts[self._sent] += memoryview(frame).nbytes
+        except BaseException:
+            budget.give_back(nbytes)
+            raise
+        budget.give_back(nbytes)
+        self._counts[self._sent] += nbytes
 
 
 async def tcp_to_channel(pipe: TcpPipe, channel: FrameChannel) -> None:
@@ -142,12 +183,15 @@ async def tcp_to_channel(pipe: TcpPipe, channel: FrameChannel) -> None:
         await channel.write_frame(chunk)
 
 
-async def channel_to_tcp(channel: FrameChannel, pipe: TcpPipe, half_closed: asyncio.Event) -> str:
+async def channel_to_tcp(
+    channel: FrameChannel, pipe: TcpPipe, half_closed: asyncio.Event, watch: StallWatch | None = None
+) -> str:
     """Copy Data frames to the socket; returns why the peer ended ("close:<reason>", "eof").
 
     A ``CloseWrite`` half-closes the socket and sets ``half_closed``; reading goes on, so that a
     peer that then aborts or vanishes (Close, end of stream) still ends the connection instead of
-    leaving it held until the socket's side sends something.
+    leaving it held until the socket's side sends something. ``watch`` (the gateway's) is told
+    while a write waits for the socket to drain.
     """
     while True:
         frame = await channel.read_frame()
@@ -161,7 +205,14 @@ async def channel_to_tcp(channel: FrameChannel, pipe: TcpPipe, half_closed: asyn
             # the socket is gone); skipping it when all was sent saves a coroutine round per
             # message and keeps the same backpressure and error reporting.
             if pipe.write_buffer_size > 0 or pipe.lost:
-                await pipe.drain()
+                if watch is None:
+                    await pipe.drain()
+                else:
+                    watch.waiting()
+                    try:
+                        await pipe.drain()
+                    finally:  # a drain that fails is no stall for the sweep to find
+                        watch.done()
             continue
         kind = frame.WhichOneof("msg")
         if kind == "close_write" and not half_closed.is_set():
@@ -183,6 +234,17 @@ class PeerProtocolViolation(Exception):
 
 # How long a side that aborts waits to tell the other side why (a Close frame) before giving up.
 CLOSE_NOTICE_TIMEOUT_S = 1.0
+# The Close reason of a connection the gateway ended because the node that sent on it stalled
+# past its share (send_stalls.py).
+SEND_STALLED = "send-stalled"
+# How long that node is given to take the notice: what grpc holds for its stream goes only after.
+STALL_NOTICE_TIMEOUT_S = 0.1
+
+
+def _watch_of(channel: FrameChannel) -> StallWatch | None:
+    """A watch of the node's stalls at ``channel``'s end, for the direction that forwards what it sends."""
+    stalls: SendStalls | None = getattr(channel, "send_stalls", None)
+    return None if stalls is None else stalls.watch()
 
 
 async def splice_tcp(
@@ -210,8 +272,11 @@ async def splice_pipe(pipe: TcpPipe, channel: FrameChannel) -> bool:
     """splice_tcp with a connection taken over already (``TcpPipe.take_over(..., CHUNK_BYTES)``);
     the pipe is closed or reset, and released, when it returns."""
     half_closed = asyncio.Event()
+    watch = _watch_of(channel)
     upstream = asyncio.ensure_future(tcp_to_channel(pipe, channel))
-    downstream = asyncio.ensure_future(channel_to_tcp(channel, pipe, half_closed))
+    downstream = asyncio.ensure_future(channel_to_tcp(channel, pipe, half_closed, watch))
+    if watch is not None:
+        watch.task = downstream
     peer_done = asyncio.ensure_future(half_closed.wait())
     pending: set[asyncio.Future[Any]] = {upstream, downstream, peer_done}
     clean = False
@@ -233,7 +298,12 @@ async def splice_pipe(pipe: TcpPipe, channel: FrameChannel) -> bool:
             if downstream.done() or (upstream.done() and _aborted(upstream)):
                 violation = _protocol_violation(downstream)
                 ended: set[asyncio.Future[Any]] = {task for task in (upstream, downstream) if task.done()}
-                notice = "protocol-violation" if violation is not None else _tcp_failure(ended, upstream, downstream)
+                if watch is not None and watch.tripped:
+                    notice = SEND_STALLED
+                elif violation is not None:
+                    notice = "protocol-violation"
+                else:
+                    notice = _tcp_failure(ended, upstream, downstream)
                 break
     except asyncio.CancelledError:
         # Ended from outside (the stream's node revoked, the gateway stopping): reset the
@@ -244,6 +314,8 @@ async def splice_pipe(pipe: TcpPipe, channel: FrameChannel) -> bool:
         pipe.release()
         raise
     finally:
+        if watch is not None:
+            watch.close()
         upstream.cancel()
         peer_done.cancel()
         try:
@@ -267,7 +339,9 @@ async def splice_pipe(pipe: TcpPipe, channel: FrameChannel) -> bool:
             # Only once upstream is gone (a grpc stream takes one write at a time), and before the
             # read is cancelled: grpc.aio cancels a client call whose read is cancelled, and the
             # Close would never leave.
-            await _send_close(channel, notice)
+            await _send_close(
+                channel, notice, STALL_NOTICE_TIMEOUT_S if notice == SEND_STALLED else CLOSE_NOTICE_TIMEOUT_S
+            )
         downstream.cancel()
         await asyncio.gather(downstream, return_exceptions=True)
     if violation is not None:
@@ -320,9 +394,9 @@ def _tcp_failure(done: set[asyncio.Future[Any]], upstream: asyncio.Future[Any], 
     return ""
 
 
-async def _send_close(channel: FrameChannel, reason: str) -> None:
+async def _send_close(channel: FrameChannel, reason: str, timeout: float = CLOSE_NOTICE_TIMEOUT_S) -> None:
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(channel.write_frame(pb.Frame(close=pb.Close(reason=reason))), CLOSE_NOTICE_TIMEOUT_S)
+        await asyncio.wait_for(channel.write_frame(pb.Frame(close=pb.Close(reason=reason))), timeout)
 
 
 async def splice_channels(a: FrameChannel, b: FrameChannel) -> None:
@@ -333,15 +407,25 @@ async def splice_channels(a: FrameChannel, b: FrameChannel) -> None:
     that each stream's own handler can end it with an error instead of OK.
     """
 
-    async def forward(src: FrameChannel, dst: FrameChannel, half_closed: asyncio.Event) -> str:
+    async def forward(
+        src: FrameChannel, dst: FrameChannel, half_closed: asyncio.Event, watch: StallWatch | None
+    ) -> str:
         """Copy ``src``'s frames to ``dst`` until ``src`` ends ("eof") or aborts ("close"); after its
-        CloseWrite (``half_closed``) ``src`` is still read, to learn when it vanishes."""
+        CloseWrite (``half_closed``) ``src`` is still read, to learn when it vanishes. ``watch``,
+        the stalls of ``src``'s node, is told while a Data frame's write to ``dst`` waits."""
         while True:
             frame = await src.read_frame()
             if frame is None:
                 return "eof"
             if isinstance(frame, memoryview) and not half_closed.is_set():
-                await dst.write_frame(frame)
+                if watch is None:
+                    await dst.write_frame(frame)
+                else:
+                    watch.waiting()
+                    try:
+                        await dst.write_frame(frame)
+                    finally:
+                        watch.done()
                 continue
             kind = "data" if isinstance(frame, memoryview) else frame.WhichOneof("msg")
             if kind == "close_write" and not half_closed.is_set():
@@ -354,8 +438,12 @@ async def splice_channels(a: FrameChannel, b: FrameChannel) -> None:
             raise ProtocolViolation(f"unexpected frame {kind!r} during data transfer")
 
     a_half_closed, b_half_closed = asyncio.Event(), asyncio.Event()
-    ab = asyncio.ensure_future(forward(a, b, a_half_closed))
-    ba = asyncio.ensure_future(forward(b, a, b_half_closed))
+    a_watch, b_watch = _watch_of(a), _watch_of(b)
+    ab = asyncio.ensure_future(forward(a, b, a_half_closed, a_watch))
+    ba = asyncio.ensure_future(forward(b, a, b_half_closed, b_watch))
+    for watch, task in ((a_watch, ab), (b_watch, ba)):
+        if watch is not None:
+            watch.task = task
     both_half_closed = asyncio.ensure_future(asyncio.gather(a_half_closed.wait(), b_half_closed.wait()))
     try:
         pending: set[asyncio.Future[Any]] = {ab, ba, both_half_closed}
@@ -379,9 +467,19 @@ async def splice_channels(a: FrameChannel, b: FrameChannel) -> None:
             # Each agent half-closes its call once it has both CloseWrites; the streams end then.
             await asyncio.wait({ab, ba}, timeout=CLOSE_FLUSH_TIMEOUT_S)
     finally:
+        for watch in (a_watch, b_watch):
+            if watch is not None:
+                watch.close()
         for future in (ab, ba, both_half_closed):
             future.cancel()
         await asyncio.gather(ab, ba, both_half_closed, return_exceptions=True)
+    # A node whose stalls were past its share is told why its connection ends, briefly: until this
+    # returns, its stream and all grpc holds for it stay (it may not read either). The other end is
+    # not told: it takes no data, and a Close would wait behind what it has not read; its stream
+    # ends with its handler.
+    for watch, src in ((a_watch, a), (b_watch, b)):
+        if watch is not None and watch.tripped:
+            await _send_close(src, SEND_STALLED, STALL_NOTICE_TIMEOUT_S)
     # Tell both ends which of them broke the protocol (only now: one write at a time per stream).
     violations = [(_protocol_violation(task), src, dst) for task, src, dst in ((ab, a, b), (ba, b, a))]
     for violation, src, dst in violations:

@@ -226,9 +226,9 @@ async def test_a_reset_at_the_dialers_socket_reaches_the_gateway_as_a_tcp_reset_
     ends: list[str] = []
     original = tunnel_io.channel_to_tcp
 
-    async def recording(channel, pipe, half_closed):  # type: ignore[no-untyped-def]
+    async def recording(channel, pipe, half_closed, watch=None):  # type: ignore[no-untyped-def]
         try:
-            result = await original(channel, pipe, half_closed)
+            result = await original(channel, pipe, half_closed, watch)
         except BaseException as exc:
             ends.append(f"raised {type(exc).__name__}")
             raise

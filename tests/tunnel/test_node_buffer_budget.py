@@ -17,6 +17,7 @@ import re
 import struct
 import sys
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,16 @@ from koinon_gateway.config import (
     ONE_NODE_MEMORY_SHARE,
     PAST_BUDGET_BYTES_PER_STREAM,
     SHIPPED_MEMORY_LIMIT_BYTES,
+    UNREAD_WRITE_HOLD_FACTOR,
     GatewayConfig,
     one_node_buffered_bound,
     one_node_memory_bound,
 )
 from koinon_gateway.frame_codec import OutgoingFrame
 from koinon_gateway.main import build_parser, config_from_args
+from koinon_gateway.send_stalls import SendStalls
 from koinon_gateway.tunnel_io import CountedFrameChannel
+from koinon_gateway.unread_writes import UnreadWrites
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .helpers import Cluster, cluster, connect_via_proxy, next_open_connection, registered_mute_node
@@ -188,14 +192,21 @@ def test_the_defaults_keep_one_node_under_its_share_of_the_shipped_memory_limit(
     buffered = one_node_buffered_bound(*limits)
     assert buffered == 2 * ((128 << 20) + (256 + 64) * (128 << 10)) == 336 << 20
     assert buffered <= ONE_NODE_MEMORY_SHARE * SHIPPED_MEMORY_LIMIT_BYTES, f"{buffered / 2**20:.0f} MiB"
-    # What a node sends and the other end does not read has no shared budget: per direction of
-    # each connection, a 4 MiB receive window and four copies of a 1,088 KiB message (the READMEs
-    # state this sum, far past the shipped limit).
+    # The writes to it that grpc holds until it reads them: 16 MiB of messages, each held four
+    # times. What it sends and the other end does not take: per stalled connection, a 4 MiB
+    # receive window and four copies of a 1,088 KiB message; 11 of them fit in the 96 MiB the
+    # node's stalls may hold (the READMEs state this sum). It was 2 x 320 of them, 5.5 GiB, before.
     assert FROM_NODE_BYTES_PER_STREAM == (4 << 20) + 4 * (1088 << 10) == 8448 << 10
-    assert one_node_memory_bound(*limits) == buffered + 2 * 320 * (8448 << 10) == 5616 << 20
+    whole = one_node_memory_bound(
+        *limits, defaults.max_unread_write_bytes_per_node, defaults.max_stalled_bytes_per_node
+    )
+    assert whole == buffered + 4 * (16 << 20) + 11 * (8448 << 10) == (490 << 20) + (768 << 10)
+    assert whole <= SHIPPED_MEMORY_LIMIT_BYTES / 2, f"{whole / 2**20:.0f} MiB"
     # The CLI's defaults are the same.
     config = config_from_args(build_parser().parse_args(["--head-address", "127.0.0.1"]))
     assert config.max_buffered_bytes_per_node == defaults.max_buffered_bytes_per_node
+    assert config.max_unread_write_bytes_per_node == defaults.max_unread_write_bytes_per_node
+    assert config.max_stalled_bytes_per_node == defaults.max_stalled_bytes_per_node
     assert config.max_head_connections_per_node == defaults.max_head_connections_per_node
     assert config.max_streams_per_node == defaults.max_streams_per_node
 
@@ -421,12 +432,14 @@ async def test_revoking_a_node_ends_the_heads_connections_to_it_that_it_stopped_
             control.cancel()
 
 
-# A node that sends as fast as it can on each of its streams, to a peer that never reads.
+# A node that sends as fast as it can on each of its streams, to a peer that never reads; stream i
+# starts sending i x stagger seconds after the first. A stream the gateway ends stops its pump.
 FLOODER = r"""
 import asyncio, sys, grpc
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 F = pb.Frame
 target, cred, host, port, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+stagger = float(sys.argv[6])
 async def main():
     async with grpc.aio.insecure_channel(target, options=[("grpc.max_send_message_length", 2 << 20)]) as ch:
         connect = ch.stream_stream("/koinon.tunnel.v1.Tunnel/Connect", None, None)
@@ -437,10 +450,14 @@ async def main():
             assert F.FromString(await asyncio.wait_for(call.read(), 10)).dial_result.ok
             calls.append(call)
         chunk = F(data=pb.Data(payload=b"x" * (1 << 20))).SerializeToString()
-        async def pump(call):
-            while True:
-                await call.write(chunk)
-        await asyncio.gather(*(pump(c) for c in calls))
+        async def pump(i, call):
+            await asyncio.sleep(i * stagger)
+            try:
+                while True:
+                    await call.write(chunk)
+            except Exception:
+                return
+        await asyncio.gather(*(pump(i, c) for i, c in enumerate(calls)))
 asyncio.run(main())
 """
 
@@ -450,19 +467,71 @@ def rss_mib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") >> 20
 
 
+@dataclass
+class Flood:
+    peak_mib: int  # how far the gateway's process (this one) grew at most
+    unread_to_peer: UnreadWrites  # B's budget of unread writes (B's streams all ended by now)
+    dialler_stalls: SendStalls  # A's stalls (A's streams all ended by now)
+
+
+async def flood_a_peer_that_never_reads(
+    c: Cluster, channel: grpc.aio.Channel, streams: int, stagger_s: float, flood_s: float
+) -> Flood:
+    """Node A dials node B (a second node of the same volunteer) on a Ray port on ``streams``
+    streams; B's agent accepts and never opens its HTTP/2 stream window (a hand-written client:
+    grpc's own always does). A sends 1 MiB frames as fast as it can on each, stream i from
+    i x ``stagger_s`` on, for ``flood_s`` in all; then B and A go away."""
+    b, b_control = await registered_mute_node(c, channel, "peer")
+    a, a_control = await registered_mute_node(c, channel, "dialler")
+    host, port = c.gateway.agent_target.rsplit(":", 1)
+    raw = await RawH2.connect(host, int(port), stream_window=0)
+    before = rss_mib()
+    flooder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", FLOODER, c.gateway.agent_target, a.credential, b.assignment.address,
+        str(b.assignment.ports.node_manager_port), str(streams), str(stagger_s), env=os.environ,
+    )  # fmt: skip
+    peak = 0
+    try:
+        ok = F(dial_result=pb.DialResult(ok=True)).SerializeToString()
+        for _ in range(streams):
+            opened = await next_open_connection(b_control)
+            accept = F(accept=pb.Accept(connection_id=opened.connection_id)).SerializeToString()
+            credential = {"authorization": f"Bearer {b.credential}"}
+            stream = raw.open_call("/koinon.tunnel.v1.Tunnel/Connect", c.gateway.agent_target, credential, accept)
+            raw.writer.write(frame(DATA, 0, stream, b"\x00" + struct.pack(">I", len(ok)) + ok))
+            await raw.writer.drain()
+        # Kept from while the nodes have streams (only those keep them otherwise).
+        unread_to_peer = c.gateway.sessions.unread_writes(b.assignment.node_name)
+        dialler_stalls = c.gateway.sessions.send_stalls.of(a.assignment.node_name)
+        for _ in range(round(flood_s / 0.2)):
+            await asyncio.sleep(0.2)
+            peak = max(peak, rss_mib() - before)
+    finally:
+        flooder.kill()
+        await flooder.wait()
+        await raw.close()
+        a_control.cancel()
+        b_control.cancel()
+    return Flood(peak, unread_to_peer, dialler_stalls)
+
+
+FLOOD_SETTINGS: dict[str, Any] = {
+    "heartbeat_timeout_s": 600.0,
+    "max_head_connections_per_node": 1,  # the bound counts them; these tests open none
+    "max_buffered_bytes_per_node": MIN_BUFFERED_BYTES_PER_NODE,
+}
+
+
 async def test_a_node_sending_to_a_peer_that_never_reads_holds_no_more_than_its_memory_bound(tmp_path: Path) -> None:
-    """Node A dials node B (a second node of the same volunteer) on a Ray port; B's agent accepts and
-    never opens its HTTP/2 stream window (a hand-written client: grpc's own always does). A sends
-    1 MiB frames as fast as it can on 16 streams. Nothing of this passes through a TcpPipe: what
-    bounds it is grpc's fixed receive window per stream (tunnel_io.RECEIVE_WINDOW_BYTES) and the one
-    message each splice holds. With BDP probing grpc grew those windows, and the gateway grew by
-    1-2 GiB (reviewer's repro, 3 of 3 runs), against a bound of 22 MiB."""
+    """A floods 16 streams at once, all of which its stalls may hold. Nothing of this passes through
+    a TcpPipe: what bounds it is grpc's fixed receive window per stream
+    (tunnel_io.RECEIVE_WINDOW_BYTES) and the one message each splice holds. With BDP probing grpc
+    grew those windows, and the gateway grew by 1-2 GiB (reviewer's repro, 3 of 3 runs)."""
     streams = 16
-    settings: dict[str, Any] = {
-        "heartbeat_timeout_s": 600.0,
+    settings = {
+        **FLOOD_SETTINGS,
         "max_streams_per_node": streams,
-        "max_head_connections_per_node": 1,  # the bound counts them; this test opens none
-        "max_buffered_bytes_per_node": MIN_BUFFERED_BYTES_PER_NODE,
+        "max_stalled_bytes_per_node": streams * FROM_NODE_BYTES_PER_STREAM,
     }
     async with (
         cluster(tmp_path, tls=False, **settings) as c,
@@ -472,35 +541,55 @@ async def test_a_node_sending_to_a_peer_that_never_reads_holds_no_more_than_its_
         limits = (config.max_streams_per_node, config.max_head_connections_per_node, config.max_buffered_bytes_per_node)
         # One direction of each stream is flooded here: its share of one_node_memory_bound.
         bound_mib = streams * FROM_NODE_BYTES_PER_STREAM >> 20
-        assert bound_mib < one_node_memory_bound(*limits) >> 20
-        b, b_control = await registered_mute_node(c, channel, "peer")
-        a, a_control = await registered_mute_node(c, channel, "dialler")
-        host, port = c.gateway.agent_target.rsplit(":", 1)
-        raw = await RawH2.connect(host, int(port), stream_window=0)
-        before = rss_mib()
-        flooder = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", FLOODER, c.gateway.agent_target, a.credential, b.assignment.address,
-            str(b.assignment.ports.node_manager_port), str(streams), env=os.environ,
-        )  # fmt: skip
-        peak = 0
-        try:
-            ok = F(dial_result=pb.DialResult(ok=True)).SerializeToString()
-            for _ in range(streams):
-                opened = await next_open_connection(b_control)
-                accept = F(accept=pb.Accept(connection_id=opened.connection_id)).SerializeToString()
-                credential = {"authorization": f"Bearer {b.credential}"}
-                stream = raw.open_call("/koinon.tunnel.v1.Tunnel/Connect", c.gateway.agent_target, credential, accept)
-                raw.writer.write(frame(DATA, 0, stream, b"\x00" + struct.pack(">I", len(ok)) + ok))
-                await raw.writer.drain()
-            for _ in range(40):  # 8 s of flooding; BDP-grown windows were past 1 GiB by then
-                await asyncio.sleep(0.2)
-                peak = max(peak, rss_mib() - before)
-        finally:
-            flooder.kill()
-            await flooder.wait()
-            await raw.close()
-            a_control.cancel()
-            b_control.cancel()
+        bound = one_node_memory_bound(
+            *limits, config.max_unread_write_bytes_per_node, config.max_stalled_bytes_per_node
+        )
+        assert bound_mib < bound >> 20
+        # 8 s of flooding; BDP-grown windows were past 1 GiB by then.
+        flood = await flood_a_peer_that_never_reads(c, channel, streams, stagger_s=0.0, flood_s=8.0)
+        peak = flood.peak_mib
+        assert c.gateway.metrics.refused_streams["send-stalled"] == 0  # all 16 fit
     # The margin: the allocator's arenas and grpc's threads, which grow with any traffic. Measured
     # 116-119 MiB with 4 MiB windows (78-82 MiB with 1 MiB ones), 120 MiB to 5 GiB with BDP probing.
     assert peak <= bound_mib + 32, f"gateway grew {peak} MiB for one node's {streams} streams (bound {bound_mib} MiB)"
+
+
+async def test_a_node_whose_connections_stall_past_its_share_has_the_later_ones_ended(tmp_path: Path) -> None:
+    """A floods 32 streams to B, which never reads, one more every 0.25 s. B's unread writes may hold
+    4 MiB: the first four streams leave a message each in grpc, B's to keep; the writes of the rest
+    wait before grpc, and A's streams stall. A's stalls may hold 4 streams' worth: each stream past
+    the fourth is ended once its write has waited send_stalls.STALL_AFTER_S, and grpc lets go of what
+    it held. The gateway grows by what those limits allow: 57-67 MiB measured, where it grew by
+    267-276 MiB with a share that holds all 32 streams (none ended), and by up to 147 MiB while each
+    stream ended left its message in a garbage cycle (send_stalls.StallWatch.close). It goes on
+    serving every other node, and once B has gone, its unread writes are all given back."""
+    streams, share, unread = 32, 4, 4 << 20
+    settings = {
+        **FLOOD_SETTINGS,
+        "max_streams_per_node": streams + 1,
+        "max_unread_write_bytes_per_node": unread,
+        "max_stalled_bytes_per_node": share * FROM_NODE_BYTES_PER_STREAM,
+    }
+    async with (
+        cluster(tmp_path, tls=False, **settings) as c,
+        grpc.aio.insecure_channel(c.gateway.agent_target) as channel,
+    ):
+        flood = await flood_a_peer_that_never_reads(c, channel, streams, stagger_s=0.25, flood_s=10.0)
+        ended = c.gateway.metrics.refused_streams["send-stalled"]
+        assert ended == streams - share, f"{ended} streams ended for stalling"
+        assert flood.dialler_stalls.ended == streams - share
+        # Still serving: another node's connection to the head carries data both ways.
+        other, other_control = await registered_mute_node(c, channel, "other")
+        try:
+            await echo_through(c, channel, other.credential, os.urandom(4 << 20))
+        finally:
+            other_control.cancel()
+        # B's writes left in grpc are given back as its calls end (B reset them all).
+        for _ in range(100):
+            if not flood.unread_to_peer.held_bytes:
+                break
+            await asyncio.sleep(0.05)
+        assert flood.unread_to_peer.held_bytes == 0
+    bound_mib = (share * FROM_NODE_BYTES_PER_STREAM + UNREAD_WRITE_HOLD_FACTOR * unread) >> 20
+    # The margin as in the test above.
+    assert flood.peak_mib <= bound_mib + 32, f"gateway grew {flood.peak_mib} MiB (bound {bound_mib} MiB)"

@@ -1,0 +1,119 @@
+"""How many of one node's connections may hold data it sent that their other end does not take.
+
+The gateway reads a node's Connect stream only as fast as the other end (the head's socket, a
+peer node's stream) takes what it forwards. While that write waits, grpc goes on accepting the
+node's data into the stream's receive window (tunnel_io.RECEIVE_WINDOW_BYTES, fixed), so a stalled
+direction holds up to ``config.FROM_NODE_BYTES_PER_STREAM``. grpc has no budget across streams and
+the gateway cannot shrink a window, so a node whose connections all stalled (a second node of its
+volunteer that never reads, a head process it flooded until it stopped reading) made the gateway
+hold that on every stream: 2.6 GiB with the default limits, a direction. Ending a stream is what
+makes grpc let go of it.
+
+A forwarding direction is *stalled* once its write to the other end has waited ``STALL_AFTER_S``.
+A node may have ``max_stalled`` of them at once (``GatewayConfig.max_stalled_bytes_per_node`` over
+the bytes one holds); a sweep every ``SWEEP_INTERVAL_S`` ends the connections of the ones past it,
+the latest to stall first, so the node's older transfers keep going. A transfer to a peer that
+reads, however slowly, waits for moments only; one node needs more than that many connections stalled at once
+before any is ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import weakref
+from typing import Any
+
+# A write to the other end that has waited this long is a stall: long enough that the event loop's
+# own turns (a few ms under load) and a busy peer's pauses do not count, short enough that a flood
+# does not get far past the budget before the sweep sees it (at the gateway's ~1 GB/s at most).
+STALL_AFTER_S = 0.1
+SWEEP_INTERVAL_S = 0.05
+
+
+class StallWatch:
+    """One forwarding direction of one connection: the data a node sends, on its way to the other end.
+
+    ``waiting()`` before the write to the other end, ``done()`` after it; ``close()`` when the
+    direction ends (the splice does, as it ends). ``trip()`` (the sweep's) cancels ``task``, the
+    coroutine forwarding, and marks the watch ``tripped`` so that the splice ends the connection
+    saying why.
+    """
+
+    __slots__ = ("__weakref__", "_stalls", "task", "tripped")
+
+    def __init__(self, stalls: SendStalls) -> None:
+        self._stalls = stalls
+        self.task: asyncio.Future[Any] | None = None
+        self.tripped = False
+
+    def waiting(self) -> None:
+        self._stalls._waiting[self] = time.monotonic()
+
+    def done(self) -> None:
+        self._stalls._waiting.pop(self, None)
+
+    def close(self) -> None:
+        self.done()
+        # The forwarding coroutine's frame holds this watch: a task kept here, once it is done,
+        # made a cycle (task, its CancelledError, the traceback, that frame) that held the ~1 MiB
+        # message in its frame until a full garbage collection; a flood left one per stall.
+        self.task = None
+
+    def trip(self) -> None:
+        self.tripped = True
+        task, self.task = self.task, None  # as in close()
+        if task is not None:
+            task.cancel()
+
+
+class SendStalls:
+    """One node's forwarding directions whose write to the other end waits, since when (oldest first:
+    a direction leaves the table when its write completes and comes back at its next one)."""
+
+    def __init__(self, max_stalled: int) -> None:
+        self.max_stalled = max_stalled
+        self._waiting: dict[StallWatch, float] = {}
+        self.ended = 0  # connections ended for stalling past max_stalled
+
+    def watch(self) -> StallWatch:
+        return StallWatch(self)
+
+    def stalled(self, now: float) -> int:
+        return sum(1 for since in self._waiting.values() if now - since >= STALL_AFTER_S)
+
+    def sweep(self, now: float) -> int:
+        """Trips the directions stalled past ``max_stalled``, the latest stalls first; how many."""
+        if len(self._waiting) <= self.max_stalled:
+            return 0
+        stalled = [watch for watch, since in self._waiting.items() if now - since >= STALL_AFTER_S]
+        excess = stalled[self.max_stalled :]
+        for watch in excess:
+            del self._waiting[watch]
+            watch.trip()
+        self.ended += len(excess)
+        return len(excess)
+
+
+class StallSweeper:
+    """The nodes' SendStalls, by node name (an entry lives while a connection holds it), swept together."""
+
+    def __init__(self, max_stalled: int) -> None:
+        self.max_stalled = max_stalled
+        self._by_node: weakref.WeakValueDictionary[str, SendStalls] = weakref.WeakValueDictionary()
+
+    def of(self, node_name: str) -> SendStalls:
+        stalls = self._by_node.get(node_name)
+        if stalls is None:
+            stalls = self._by_node[node_name] = SendStalls(self.max_stalled)
+        return stalls
+
+    def sweep(self, now: float | None = None) -> dict[str, int]:
+        """Sweeps every node's stalls; the nodes that had connections ended, and how many."""
+        now = time.monotonic() if now is None else now
+        ended: dict[str, int] = {}
+        for name, stalls in list(self._by_node.items()):
+            count = stalls.sweep(now)
+            if count:
+                ended[name] = count
+        return ended

@@ -1,0 +1,169 @@
+"""The bookkeeping behind what one node may make the gateway hold for data that is not taken:
+send_stalls (its connections stalled at once) and unread_writes (the gateway's writes to it that it
+has not read). The flood tests in test_node_buffer_budget.py run them against real grpc."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any
+
+import pytest
+from koinon_gateway.config import FROM_NODE_BYTES_PER_STREAM, GatewayConfig
+from koinon_gateway.main import build_parser, config_from_args
+from koinon_gateway.send_stalls import STALL_AFTER_S, SendStalls, StallSweeper
+from koinon_gateway.tunnel_io import CountedFrameChannel
+from koinon_gateway.unread_writes import UnreadWrites
+
+T0 = 1000.0
+
+
+async def parked() -> None:
+    await asyncio.Event().wait()
+
+
+async def test_only_writes_that_waited_long_enough_are_stalls_and_the_latest_past_the_share_are_tripped() -> None:
+    stalls = SendStalls(max_stalled=2)
+    tasks = [asyncio.ensure_future(parked()) for _ in range(5)]
+    watches = []
+    for i, task in enumerate(tasks):
+        watch = stalls.watch()
+        watch.task = task
+        watch.waiting()
+        stalls._waiting[watch] = T0 + i * 0.01  # started waiting in this order
+        watches.append(watch)
+    # Five writes waiting, none long enough yet: nothing is a stall.
+    assert stalls.stalled(T0 + 0.04 + STALL_AFTER_S / 2) == 0
+    assert stalls.sweep(T0 + 0.04 + STALL_AFTER_S / 2) == 0
+    # The first one completes; the other four have now waited long enough: two past the share.
+    watches[0].done()
+    now = T0 + 0.04 + STALL_AFTER_S
+    assert stalls.stalled(now) == 4
+    assert stalls.sweep(now) == 2
+    await asyncio.sleep(0)
+    assert [w.tripped for w in watches] == [False, False, False, True, True]
+    assert [t.cancelled() for t in tasks] == [False, False, False, True, True]
+    # A tripped watch lets go of its task: the coroutine's frame holds the watch, and the task its
+    # CancelledError (whose traceback holds that frame): a cycle that kept the message in hand.
+    assert [w.task is None for w in watches] == [False, False, False, True, True]
+    assert stalls.ended == 2 and stalls.stalled(now) == 2
+    # Within the share, a sweep ends nothing more.
+    assert stalls.sweep(now + 10) == 0
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_write_that_completes_leaves_no_stall_behind() -> None:
+    stalls = SendStalls(max_stalled=0)
+    watch = stalls.watch()
+    watch.waiting()
+    watch.done()
+    watch.close()  # the splice's end: a no-op now
+    assert stalls.sweep(T0 + 3600) == 0 and not watch.tripped
+
+
+def test_the_sweeper_keeps_one_table_per_node_while_it_is_used_and_reports_the_ends_by_node() -> None:
+    sweeper = StallSweeper(max_stalled=0)
+    a = sweeper.of("a")
+    assert sweeper.of("a") is a and sweeper.of("b") is not a
+    watch = a.watch()
+    watch.waiting()
+    a._waiting[watch] = T0
+    assert sweeper.sweep(T0 + STALL_AFTER_S) == {"a": 1}
+    assert watch.tripped  # no task to cancel: only marked
+    del a, watch  # a watch holds its table
+    assert sweeper.of("a").ended == 0  # a fresh table once nothing held the old one
+
+
+async def test_unread_writes_count_what_fits_and_let_a_waiter_in_when_bytes_come_back() -> None:
+    budget = UnreadWrites(limit_bytes=10)
+    assert budget.take(25)  # the first write always fits, whatever its size
+    assert not budget.take(1)
+    budget.give_back(25)
+    assert budget.take(6) and budget.take(4) and not budget.take(1)
+    waiter = asyncio.ensure_future(budget.wait_to_take(5))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    budget.give_back(4)  # 6 held: 5 more do not fit yet
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    budget.give_back(6)
+    await asyncio.wait_for(waiter, 1)
+    assert budget.held_bytes == 5
+
+
+async def test_a_writer_cancelled_while_waiting_for_room_takes_nothing() -> None:
+    budget = UnreadWrites(limit_bytes=10)
+    assert budget.take(10)
+    waiter = asyncio.ensure_future(budget.wait_to_take(5))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    await asyncio.gather(waiter, return_exceptions=True)
+    budget.give_back(10)
+    assert budget.held_bytes == 0 and not budget._waiters
+
+
+class FakeContext:
+    """A grpc.aio server context with one write pending until ``sent`` is set, as the gateway uses
+    it; stands in for a node that does not read (test_node_buffer_budget.py does it with grpc)."""
+
+    def __init__(self) -> None:
+        self.sent = asyncio.Event()
+        self.callbacks: list[Any] = []
+        self.finished = False
+
+    async def write(self, message: Any) -> None:
+        await self.sent.wait()
+
+    def done(self) -> bool:
+        return self.finished
+
+    def add_done_callback(self, callback: Any) -> None:
+        self.callbacks.append(callback)
+
+    def finish(self) -> None:
+        self.finished = True
+        for callback in self.callbacks:
+            callback(self)
+
+
+async def test_a_write_left_in_grpc_stays_counted_until_its_call_ends() -> None:
+    budget = UnreadWrites(limit_bytes=1 << 20)
+    context = FakeContext()
+    channel = CountedFrameChannel(context, collections.Counter(), "from", "to", unread_writes=budget)
+    writer = asyncio.ensure_future(channel.write_frame(b"x" * 1000))
+    await asyncio.sleep(0)
+    assert budget.held_bytes == 1000
+    writer.cancel()  # its writer gave up: grpc still holds the message
+    await asyncio.gather(writer, return_exceptions=True)
+    assert channel.write_held and budget.held_bytes == 1000
+    context.finish()
+    assert budget.held_bytes == 0
+
+
+async def test_a_write_that_completes_gives_its_bytes_back_and_counts_as_sent() -> None:
+    budget = UnreadWrites(limit_bytes=1 << 20)
+    context = FakeContext()
+    counts: collections.Counter[str] = collections.Counter()
+    channel = CountedFrameChannel(context, counts, "from", "to", unread_writes=budget)
+    context.sent.set()
+    await channel.write_frame(memoryview(b"y" * 300))
+    assert budget.held_bytes == 0 and counts["to"] == 300 and not channel.write_held
+
+
+def test_the_budgets_are_validated() -> None:
+    with pytest.raises(ValueError, match=r"^max_stalled_bytes_per_node: at least 8650752"):
+        GatewayConfig(max_stalled_bytes_per_node=FROM_NODE_BYTES_PER_STREAM - 1).validate()
+    with pytest.raises(ValueError, match=r"^max_unread_write_bytes_per_node: must be at least 1"):
+        GatewayConfig(max_unread_write_bytes_per_node=0).validate()
+    for flag, value in (("--max-stalled-bytes-per-node", "1000"), ("--max-unread-write-bytes-per-node", "0")):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--head-address", "127.0.0.1", flag, value])
+    args = build_parser().parse_args(
+        ["--head-address", "127.0.0.1", "--max-stalled-bytes-per-node", str(2 * FROM_NODE_BYTES_PER_STREAM),
+         "--max-unread-write-bytes-per-node", "4096"]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert config.max_stalled_bytes_per_node == 2 * FROM_NODE_BYTES_PER_STREAM
+    assert config.max_unread_write_bytes_per_node == 4096
