@@ -136,15 +136,21 @@ def one_node_memory_bound(
     """The most memory one node's connections can make the gateway hold, in both directions: what is
     sent to it and it does not read (one_node_buffered_bound, and the writes to it that grpc holds
     until it reads them, ``max_unread_write_bytes_per_node`` times UNREAD_WRITE_HOLD_FACTOR: those
-    of connections that ended meanwhile too, which grpc keeps), and what it sends that the other
-    end does not take: FROM_NODE_BYTES_PER_STREAM for each of its stalled connections, as many as
-    fit in ``max_stalled_bytes_per_node`` (send_stalls.py ends the rest). Not in it: what more
-    stalls take in the STALL_AFTER_S + SWEEP_INTERVAL_S (0.15 s) before a sweep ends them, at most
-    that long of the gateway's whole ingress (about 1 GB/s at its fastest here, README)."""
+    of connections that ended meanwhile too, which grpc keeps), and what it sends that nobody takes:
+    FROM_NODE_BYTES_PER_STREAM for each of its stalled connections, as many as fit in
+    ``max_stalled_bytes_per_node`` (send_stalls.py ends the rest), and a receive window
+    (RECEIVE_WINDOW_BYTES) on each stream the gateway is not reading at all: a dial whose DialResult
+    the node has not read or that waits for a peer to accept, a stream whose connection ended while
+    a write to the node was left in grpc (a stalled one whose Close the node does not read among
+    them: grpc sends the status after that write, and no one reads the stream meanwhile). Those are
+    capped only by the node's streams that dial or count as opening (held ones do), two
+    ``max_streams_per_node``. Not in it: what more stalls take in the STALL_AFTER_S +
+    SWEEP_INTERVAL_S (1.05 s) before a sweep ends them, at most that long of the node's uplink."""
     buffered = one_node_buffered_bound(max_streams_per_node, max_head_connections_per_node, max_buffered_bytes_per_node)
     unread = max_unread_write_bytes_per_node * UNREAD_WRITE_HOLD_FACTOR
     stalled = max_stalled_bytes_per_node // FROM_NODE_BYTES_PER_STREAM
-    return buffered + unread + stalled * FROM_NODE_BYTES_PER_STREAM
+    not_read = 2 * max_streams_per_node * RECEIVE_WINDOW_BYTES
+    return buffered + unread + stalled * FROM_NODE_BYTES_PER_STREAM + not_read
 
 
 # How old a connected node's lastHeartbeat may get between refreshes: half the 120 s after which
@@ -231,13 +237,14 @@ class GatewayConfig:
     # What one node's connections may hold of data it sends that their other end (the head, a peer
     # node) does not take: grpc's receive window and the message being forwarded, up to
     # FROM_NODE_BYTES_PER_STREAM (8.25 MiB) on each connection whose forwarding write has waited
-    # send_stalls.STALL_AFTER_S. The connections stalled past it are ended, the latest to stall
-    # first (send_stalls.py; refused_streams "send-stalled"). 96 MiB lets 11 stall at once; a
-    # transfer to a peer that reads stalls for moments only. Without it a node whose connections
-    # all stalled made the gateway hold 320 x 8.25 MiB, 2.6 GiB. With the defaults one node can
-    # make the gateway hold at most 336 + 4 x 16 + 11 x 8.25 = 491 MiB (one_node_memory_bound),
-    # under half the shipped 1Gi limit, and for the moments before a sweep ends a stall, what
-    # reaches it meanwhile.
+    # send_stalls.STALL_AFTER_S. The connections stalled past it are ended, the longest waiting
+    # first (send_stalls.py; refused_streams "send-stalled"). 96 MiB lets 11 stall at once; a bulk
+    # transfer to a peer reading a few MiB/s never stalls. Without it a node whose connections
+    # all stalled while the gateway forwarded made it hold 320 x 8.25 MiB, 2.6 GiB. What is still
+    # not bounded together: a 4 MiB window on each stream the gateway does not read at all (before
+    # its splice, or after one that left a write in grpc), up to 2 x 256 of them: with the
+    # defaults one node can make the gateway hold at most 336 + 4 x 16 + 11 x 8.25 + 512 x 4 MiB
+    # = 2.5 GiB (one_node_memory_bound), where it was 5.5 GiB; past the 1Gi limit still.
     max_stalled_bytes_per_node: int = 96 << 20
     rtt_smoothing_alpha: float = 0.2
     # Agents that heartbeat by themselves (Register.self_heartbeats) get a Ping, the RTT probe, every

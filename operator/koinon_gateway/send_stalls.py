@@ -12,9 +12,11 @@ makes grpc let go of it.
 A forwarding direction is *stalled* once its write to the other end has waited ``STALL_AFTER_S``.
 A node may have ``max_stalled`` of them at once (``GatewayConfig.max_stalled_bytes_per_node`` over
 the bytes one holds); a sweep every ``SWEEP_INTERVAL_S`` ends the connections of the ones past it,
-the latest to stall first, so the node's older transfers keep going. A transfer to a peer that
-reads, however slowly, waits for moments only; one node needs more than that many connections stalled at once
-before any is ended.
+the one that has waited longest first: a connection whose writes complete, however slowly, starts
+waiting anew after each, so one that never moves again goes before it. A bulk transfer to a peer
+that reads a few MiB/s never stalls; one to a slower reader holds a full window as a stuck one does
+and may count as one (grpc refreshes a stream's window by halves, and streams share their
+connection's: a 2.5 MiB/s reader of three streams saw a write wait past 0.5 s).
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ import weakref
 from typing import Any
 
 # A write to the other end that has waited this long is a stall: long enough that the event loop's
-# own turns (a few ms under load) and a busy peer's pauses do not count, short enough that a flood
-# does not get far past the budget before the sweep sees it (at the gateway's ~1 GB/s at most).
-STALL_AFTER_S = 0.1
+# turns, a busy peer's pauses and a slow reader (a home downlink) do not count, short enough that a
+# flood gets little past the budget before the sweep sees it: what reaches the gateway meanwhile,
+# ~1 s of a volunteer's uplink (~120 MB at 1 Gbit/s).
+STALL_AFTER_S = 1.0
 SWEEP_INTERVAL_S = 0.05
 
 
@@ -83,11 +86,11 @@ class SendStalls:
         return sum(1 for since in self._waiting.values() if now - since >= STALL_AFTER_S)
 
     def sweep(self, now: float) -> int:
-        """Trips the directions stalled past ``max_stalled``, the latest stalls first; how many."""
+        """Trips the directions stalled past ``max_stalled``, the longest waiting first; how many."""
         if len(self._waiting) <= self.max_stalled:
             return 0
         stalled = [watch for watch, since in self._waiting.items() if now - since >= STALL_AFTER_S]
-        excess = stalled[self.max_stalled :]
+        excess = stalled[: max(0, len(stalled) - self.max_stalled)]
         for watch in excess:
             del self._waiting[watch]
             watch.trip()

@@ -135,6 +135,19 @@ class CountedFrameChannel(GrpcFrameChannel):
         self.write_held = False
         self.send_stalls = send_stalls
         self._unread_writes = unread_writes
+        # Bytes of writes whose writer gave up while grpc holds them; given back when the call ends,
+        # which is when grpc.aio runs its done callbacks (the RPC's task ends: its status sent, or
+        # the call cancelled). context.done() says only that a status was queued.
+        self._given_up_bytes = 0
+        self._call_ended = False
+        if unread_writes is not None:
+            stream.add_done_callback(self._on_call_end)
+
+    def _on_call_end(self, _context: Any) -> None:
+        self._call_ended = True
+        if self._unread_writes is not None and self._given_up_bytes:
+            self._unread_writes.give_back(self._given_up_bytes)
+        self._given_up_bytes = 0
 
     async def read_frame(self) -> TunnelFrame | None:
         frame = await super().read_frame()
@@ -162,10 +175,10 @@ class CountedFrameChannel(GrpcFrameChannel):
             await self._stream.write(frame)
         except asyncio.CancelledError:
             self.write_held = True  # as above; counted until grpc ends the call
-            if self._stream.done():
+            if self._call_ended:
                 budget.give_back(nbytes)
             else:
-                self._stream.add_done_callback(lambda _context: budget.give_back(nbytes))
+                self._given_up_bytes += nbytes
             raise
         except BaseException:
             budget.give_back(nbytes)

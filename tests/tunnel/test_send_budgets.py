@@ -22,7 +22,9 @@ async def parked() -> None:
     await asyncio.Event().wait()
 
 
-async def test_only_writes_that_waited_long_enough_are_stalls_and_the_latest_past_the_share_are_tripped() -> None:
+async def test_only_writes_that_waited_long_enough_are_stalls_and_the_longest_waiting_past_the_share_are_tripped() -> (
+    None
+):
     stalls = SendStalls(max_stalled=2)
     tasks = [asyncio.ensure_future(parked()) for _ in range(5)]
     watches = []
@@ -41,17 +43,33 @@ async def test_only_writes_that_waited_long_enough_are_stalls_and_the_latest_pas
     assert stalls.stalled(now) == 4
     assert stalls.sweep(now) == 2
     await asyncio.sleep(0)
-    assert [w.tripped for w in watches] == [False, False, False, True, True]
-    assert [t.cancelled() for t in tasks] == [False, False, False, True, True]
+    assert [w.tripped for w in watches] == [False, True, True, False, False]
+    assert [t.cancelled() for t in tasks] == [False, True, True, False, False]
     # A tripped watch lets go of its task: the coroutine's frame holds the watch, and the task its
     # CancelledError (whose traceback holds that frame): a cycle that kept the message in hand.
-    assert [w.task is None for w in watches] == [False, False, False, True, True]
+    assert [w.task is None for w in watches] == [False, True, True, False, False]
     assert stalls.ended == 2 and stalls.stalled(now) == 2
     # Within the share, a sweep ends nothing more.
     assert stalls.sweep(now + 10) == 0
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_a_connection_whose_writes_complete_outlasts_one_that_never_moves() -> None:
+    """A slow reader's connection waits anew after each write completes; a stuck one's wait goes on:
+    the stuck one is ended first, whichever stalled first (the reviewer's case)."""
+    stalls = SendStalls(max_stalled=1)
+    moving, stuck = stalls.watch(), stalls.watch()
+    moving.waiting()
+    stalls._waiting[moving] = T0 - 5  # stalled first
+    stuck.waiting()
+    stalls._waiting[stuck] = T0
+    moving.done()  # its write completes at T0 + 0.3, and its next one waits
+    moving.waiting()
+    stalls._waiting[moving] = T0 + 0.3
+    assert stalls.sweep(T0 + 0.3 + STALL_AFTER_S) == 1
+    assert stuck.tripped and not moving.tripped
 
 
 async def test_a_write_that_completes_leaves_no_stall_behind() -> None:
@@ -106,24 +124,25 @@ async def test_a_writer_cancelled_while_waiting_for_room_takes_nothing() -> None
 
 class FakeContext:
     """A grpc.aio server context with one write pending until ``sent`` is set, as the gateway uses
-    it; stands in for a node that does not read (test_node_buffer_budget.py does it with grpc)."""
+    it; stands in for a node that does not read (test_node_buffer_budget.py does it with grpc). As
+    grpc.aio's: ``done()`` says a status was queued (it may still wait behind a held write), and the
+    done callbacks run once, when the RPC's task ends (``end``)."""
 
     def __init__(self) -> None:
         self.sent = asyncio.Event()
         self.callbacks: list[Any] = []
-        self.finished = False
+        self.status_queued = False
 
     async def write(self, message: Any) -> None:
         await self.sent.wait()
 
     def done(self) -> bool:
-        return self.finished
+        return self.status_queued
 
     def add_done_callback(self, callback: Any) -> None:
         self.callbacks.append(callback)
 
-    def finish(self) -> None:
-        self.finished = True
+    def end(self) -> None:
         for callback in self.callbacks:
             callback(self)
 
@@ -135,10 +154,25 @@ async def test_a_write_left_in_grpc_stays_counted_until_its_call_ends() -> None:
     writer = asyncio.ensure_future(channel.write_frame(b"x" * 1000))
     await asyncio.sleep(0)
     assert budget.held_bytes == 1000
+    context.status_queued = True  # the handler returned: its status waits behind the write
     writer.cancel()  # its writer gave up: grpc still holds the message
     await asyncio.gather(writer, return_exceptions=True)
     assert channel.write_held and budget.held_bytes == 1000
-    context.finish()
+    context.end()
+    assert budget.held_bytes == 0
+
+
+async def test_a_write_given_up_after_its_call_ended_is_given_back_at_once() -> None:
+    """The call was cancelled by its client (the RPC's task ended, no status) before the writer's
+    cancellation reached the write: nothing would give its bytes back later."""
+    budget = UnreadWrites(limit_bytes=1 << 20)
+    context = FakeContext()
+    channel = CountedFrameChannel(context, collections.Counter(), "from", "to", unread_writes=budget)
+    writer = asyncio.ensure_future(channel.write_frame(b"x" * 1000))
+    await asyncio.sleep(0)
+    context.end()
+    writer.cancel()
+    await asyncio.gather(writer, return_exceptions=True)
     assert budget.held_bytes == 0
 
 
@@ -149,6 +183,7 @@ async def test_a_write_that_completes_gives_its_bytes_back_and_counts_as_sent() 
     channel = CountedFrameChannel(context, counts, "from", "to", unread_writes=budget)
     context.sent.set()
     await channel.write_frame(memoryview(b"y" * 300))
+    context.end()  # nothing was given up: nothing more to give back
     assert budget.held_bytes == 0 and counts["to"] == 300 and not channel.write_held
 
 
