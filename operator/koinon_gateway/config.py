@@ -144,12 +144,14 @@ def one_node_memory_bound(
     a write to the node was left in grpc (a stalled one whose Close the node does not read among
     them: grpc sends the status after that write, and no one reads the stream meanwhile). Those are
     capped only by the node's streams that dial or count as opening (held ones do), two
-    ``max_streams_per_node``. Not in it: what more stalls take in the STALL_AFTER_S +
+    ``max_streams_per_node``, and the accepted ones that become held past that cap: the head's
+    connections to it, ``max_head_connections_per_node`` (another node of its volunteer that dials
+    it adds its own dialling cap: not in this node's figure). Not in it: what more stalls take in the STALL_AFTER_S +
     SWEEP_INTERVAL_S (1.05 s) before a sweep ends them, at most that long of the node's uplink."""
     buffered = one_node_buffered_bound(max_streams_per_node, max_head_connections_per_node, max_buffered_bytes_per_node)
     unread = max_unread_write_bytes_per_node * UNREAD_WRITE_HOLD_FACTOR
     stalled = max_stalled_bytes_per_node // FROM_NODE_BYTES_PER_STREAM
-    not_read = 2 * max_streams_per_node * RECEIVE_WINDOW_BYTES
+    not_read = (2 * max_streams_per_node + max_head_connections_per_node) * RECEIVE_WINDOW_BYTES
     return buffered + unread + stalled * FROM_NODE_BYTES_PER_STREAM + not_read
 
 
@@ -242,9 +244,9 @@ class GatewayConfig:
     # transfer to a peer reading a few MiB/s never stalls. Without it a node whose connections
     # all stalled while the gateway forwarded made it hold 320 x 8.25 MiB, 2.6 GiB. What is still
     # not bounded together: a 4 MiB window on each stream the gateway does not read at all (before
-    # its splice, or after one that left a write in grpc), up to 2 x 256 of them: with the
-    # defaults one node can make the gateway hold at most 336 + 4 x 16 + 11 x 8.25 + 512 x 4 MiB
-    # = 2.5 GiB (one_node_memory_bound), where it was 5.5 GiB; past the 1Gi limit still.
+    # its splice, or after one that left a write in grpc), up to 2 x 256 + 64 of them: with the
+    # defaults one node can make the gateway hold at most 336 + 4 x 16 + 11 x 8.25 + 576 x 4 MiB
+    # = 2.7 GiB (one_node_memory_bound), where the old bound said 5.5 GiB; past the 1Gi limit still.
     max_stalled_bytes_per_node: int = 96 << 20
     rtt_smoothing_alpha: float = 0.2
     # Agents that heartbeat by themselves (Register.self_heartbeats) get a Ping, the RTT probe, every

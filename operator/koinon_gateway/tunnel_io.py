@@ -118,7 +118,8 @@ class CountedFrameChannel(GrpcFrameChannel):
     ``send_stalls`` are the stalls of the stream's node (send_stalls.py): the splices that forward
     what it sends watch their writes against them. ``unread_writes``, its node's budget of writes
     not read yet (unread_writes.py): a Data frame's write waits for room in it before it reaches
-    grpc, and one left in grpc stays counted until grpc ends the call.
+    grpc, and one left in grpc stays counted until grpc ends the call. Built in the RPC's own task
+    (Connect's handler), which ends with the call.
     """
 
     def __init__(
@@ -135,19 +136,12 @@ class CountedFrameChannel(GrpcFrameChannel):
         self.write_held = False
         self.send_stalls = send_stalls
         self._unread_writes = unread_writes
-        # Bytes of writes whose writer gave up while grpc holds them; given back when the call ends,
-        # which is when grpc.aio runs its done callbacks (the RPC's task ends: its status sent, or
-        # the call cancelled). context.done() says only that a status was queued.
-        self._given_up_bytes = 0
-        self._call_ended = False
-        if unread_writes is not None:
-            stream.add_done_callback(self._on_call_end)
-
-    def _on_call_end(self, _context: Any) -> None:
-        self._call_ended = True
-        if self._unread_writes is not None and self._given_up_bytes:
-            self._unread_writes.give_back(self._given_up_bytes)
-        self._given_up_bytes = 0
+        # The RPC's task (grpc.aio runs the handler in it; it ends once the call's status is sent or
+        # the call is cancelled): a write whose writer gave up is given back when it ends, which is
+        # when grpc lets go of the write. Not the context's done callbacks: registering one on every
+        # call made a cycle through grpc.aio's RPC state that only the cyclic collector frees, and
+        # context.done() says only that a status was queued.
+        self._rpc_task = asyncio.current_task()
 
     async def read_frame(self) -> TunnelFrame | None:
         frame = await super().read_frame()
@@ -175,10 +169,10 @@ class CountedFrameChannel(GrpcFrameChannel):
             await self._stream.write(frame)
         except asyncio.CancelledError:
             self.write_held = True  # as above; counted until grpc ends the call
-            if self._call_ended:
+            if self._rpc_task is None:
                 budget.give_back(nbytes)
-            else:
-                self._given_up_bytes += nbytes
+            else:  # asyncio runs it soon if the task has ended already
+                self._rpc_task.add_done_callback(lambda _task: budget.give_back(nbytes))
             raise
         except BaseException:
             budget.give_back(nbytes)

@@ -47,9 +47,11 @@ async def test_a_credential_that_expired_during_an_outage_is_replaced_by_joining
         agent = await c.start_agent("alpha")
         task = c.agents[-1][1]
         assert agent.identity is not None
-        before = agent.identity
         listen = c.gateway.agent_target
         await c.gateway.stop(0)
+        # Read once the gateway is gone: a renewal (due after half the 2 s) that landed between a
+        # read before and the stop left the agent a credential 2 s younger than the outage allowed for.
+        before = agent.identity
         await asyncio.sleep(max(0.0, before.expires_at - time.time()) + 0.5)  # the outage outlives it
         c.gateway = Gateway(replace(c.gateway.config, listen=listen), c.tokens, c.registry, c.gateway.ca_store)
         await c.gateway.start()

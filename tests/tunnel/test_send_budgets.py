@@ -124,67 +124,84 @@ async def test_a_writer_cancelled_while_waiting_for_room_takes_nothing() -> None
 
 class FakeContext:
     """A grpc.aio server context with one write pending until ``sent`` is set, as the gateway uses
-    it; stands in for a node that does not read (test_node_buffer_budget.py does it with grpc). As
-    grpc.aio's: ``done()`` says a status was queued (it may still wait behind a held write), and the
-    done callbacks run once, when the RPC's task ends (``end``)."""
+    it; stands in for a node that does not read (test_node_buffer_budget.py does it with grpc)."""
 
     def __init__(self) -> None:
         self.sent = asyncio.Event()
-        self.callbacks: list[Any] = []
-        self.status_queued = False
 
     async def write(self, message: Any) -> None:
         await self.sent.wait()
 
-    def done(self) -> bool:
-        return self.status_queued
 
-    def add_done_callback(self, callback: Any) -> None:
-        self.callbacks.append(callback)
+class FakeRpc:
+    """The RPC's task, as grpc.aio runs Connect's handler in it: the channel is built there, and the
+    task ends with the call (``end``)."""
 
-    def end(self) -> None:
-        for callback in self.callbacks:
-            callback(self)
+    def __init__(self, budget: UnreadWrites, counts: collections.Counter[str] | None = None) -> None:
+        self.context = FakeContext()
+        self._over = asyncio.Event()
+        built: asyncio.Future[CountedFrameChannel] = asyncio.get_running_loop().create_future()
+
+        async def handler() -> None:
+            built.set_result(
+                CountedFrameChannel(
+                    self.context,
+                    collections.Counter() if counts is None else counts,
+                    "from",
+                    "to",
+                    unread_writes=budget,
+                )
+            )
+            await self._over.wait()
+
+        self.task = asyncio.ensure_future(handler())
+        self.built = built
+
+    async def end(self) -> None:
+        self._over.set()
+        await self.task
+        await asyncio.sleep(0)  # the task's done callbacks run on the next turn
 
 
 async def test_a_write_left_in_grpc_stays_counted_until_its_call_ends() -> None:
     budget = UnreadWrites(limit_bytes=1 << 20)
-    context = FakeContext()
-    channel = CountedFrameChannel(context, collections.Counter(), "from", "to", unread_writes=budget)
+    rpc = FakeRpc(budget)
+    channel = await rpc.built
     writer = asyncio.ensure_future(channel.write_frame(b"x" * 1000))
     await asyncio.sleep(0)
     assert budget.held_bytes == 1000
-    context.status_queued = True  # the handler returned: its status waits behind the write
-    writer.cancel()  # its writer gave up: grpc still holds the message
+    writer.cancel()  # its writer gave up: grpc still holds the message, its status queued behind it
     await asyncio.gather(writer, return_exceptions=True)
     assert channel.write_held and budget.held_bytes == 1000
-    context.end()
+    await rpc.end()
     assert budget.held_bytes == 0
 
 
 async def test_a_write_given_up_after_its_call_ended_is_given_back_at_once() -> None:
-    """The call was cancelled by its client (the RPC's task ended, no status) before the writer's
-    cancellation reached the write: nothing would give its bytes back later."""
+    """The call was cancelled by its client (the RPC's task ended) before the writer's cancellation
+    reached the write: nothing would give its bytes back later."""
     budget = UnreadWrites(limit_bytes=1 << 20)
-    context = FakeContext()
-    channel = CountedFrameChannel(context, collections.Counter(), "from", "to", unread_writes=budget)
+    rpc = FakeRpc(budget)
+    channel = await rpc.built
     writer = asyncio.ensure_future(channel.write_frame(b"x" * 1000))
     await asyncio.sleep(0)
-    context.end()
+    await rpc.end()
     writer.cancel()
     await asyncio.gather(writer, return_exceptions=True)
+    await asyncio.sleep(0)
     assert budget.held_bytes == 0
 
 
 async def test_a_write_that_completes_gives_its_bytes_back_and_counts_as_sent() -> None:
     budget = UnreadWrites(limit_bytes=1 << 20)
-    context = FakeContext()
     counts: collections.Counter[str] = collections.Counter()
-    channel = CountedFrameChannel(context, counts, "from", "to", unread_writes=budget)
-    context.sent.set()
+    rpc = FakeRpc(budget, counts)
+    channel = await rpc.built
+    rpc.context.sent.set()
     await channel.write_frame(memoryview(b"y" * 300))
-    context.end()  # nothing was given up: nothing more to give back
     assert budget.held_bytes == 0 and counts["to"] == 300 and not channel.write_held
+    await rpc.end()
+    assert budget.held_bytes == 0
 
 
 def test_the_budgets_are_validated() -> None:
