@@ -305,18 +305,13 @@ class GatewayConfig:
             raise ValueError("max_streams_per_node: must be at least 1")
         if self.max_head_connections_per_node < 1:
             raise ValueError("max_head_connections_per_node: must be at least 1")
-        if self.max_buffered_bytes_per_node < MIN_BUFFERED_BYTES_PER_NODE:
-            raise ValueError(
-                f"max_buffered_bytes_per_node: at least {MIN_BUFFERED_BYTES_PER_NODE} (one receive buffer), "
-                f"got {self.max_buffered_bytes_per_node}"
-            )
-        if self.max_unread_write_bytes_per_node < 1:
-            raise ValueError("max_unread_write_bytes_per_node: must be at least 1")
-        if self.max_stalled_bytes_per_node < FROM_NODE_BYTES_PER_STREAM:
-            raise ValueError(
-                f"max_stalled_bytes_per_node: at least {FROM_NODE_BYTES_PER_STREAM} (one stalled connection), "
-                f"got {self.max_stalled_bytes_per_node}"
-            )
+        for name, minimum, why in (
+            ("max_buffered_bytes_per_node", MIN_BUFFERED_BYTES_PER_NODE, "one receive buffer"),
+            ("max_unread_write_bytes_per_node", 1, "a byte"),
+            ("max_stalled_bytes_per_node", FROM_NODE_BYTES_PER_STREAM, "one stalled connection"),
+        ):
+            if getattr(self, name) < minimum:
+                raise ValueError(f"{name}: at least {minimum} ({why}), got {getattr(self, name)}")
         if not 0 < self.rtt_smoothing_alpha <= 1:
             raise ValueError("rtt_smoothing_alpha: must be in (0, 1]")
         if not 0 < self.head_gcs_port < 65536:

@@ -17,7 +17,7 @@ import logging
 import math
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,41 +72,19 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
-def _buffered_bytes(text: str) -> int:
-    """An argparse type: a whole number of bytes, at least one receive buffer."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of bytes, got {text!r}") from None
-    if value < MIN_BUFFERED_BYTES_PER_NODE:
-        raise argparse.ArgumentTypeError(
-            f"at least {MIN_BUFFERED_BYTES_PER_NODE} bytes (one receive buffer), got {text!r}"
-        )
-    return value
+def _bytes_at_least(minimum: int, why: str) -> Callable[[str], int]:
+    """An argparse type: a whole number of bytes, at least ``minimum`` (``why`` says what that is)."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number of bytes, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"at least {minimum} bytes ({why}), got {text!r}")
+        return value
 
-def _positive_bytes(text: str) -> int:
-    """An argparse type: a whole number of bytes, at least one."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of bytes, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"at least 1 byte, got {text!r}")
-    return value
-
-
-def _stalled_bytes(text: str) -> int:
-    """An argparse type: a whole number of bytes, at least what one stalled connection holds."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number of bytes, got {text!r}") from None
-    if value < FROM_NODE_BYTES_PER_STREAM:
-        raise argparse.ArgumentTypeError(
-            f"at least {FROM_NODE_BYTES_PER_STREAM} bytes (one stalled connection), got {text!r}"
-        )
-    return value
+    return parse
 
 
 def _status_heartbeat_seconds(text: str) -> float:
@@ -168,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-buffered-bytes-per-node",
-        type=_buffered_bytes,
+        type=_bytes_at_least(MIN_BUFFERED_BYTES_PER_NODE, "one receive buffer"),
         default=GatewayConfig.max_buffered_bytes_per_node,
         help="bytes of receive buffers the gateway may hold for one volunteer's connections together "
         "(data from the head it does not read); one node can make the gateway hold at most about "
@@ -177,14 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-unread-write-bytes-per-node",
-        type=_positive_bytes,
+        type=_bytes_at_least(1, "a byte"),
         default=GatewayConfig.max_unread_write_bytes_per_node,
         help="payload bytes of the gateway's writes to one volunteer that it has not read yet, together; "
         "more wait, see GatewayConfig.max_unread_write_bytes_per_node",
     )
     p.add_argument(
         "--max-stalled-bytes-per-node",
-        type=_stalled_bytes,
+        type=_bytes_at_least(FROM_NODE_BYTES_PER_STREAM, "one stalled connection"),
         default=GatewayConfig.max_stalled_bytes_per_node,
         help="bytes one volunteer's connections may hold of data it sends that the other end does not take, "
         f"counted as {FROM_NODE_BYTES_PER_STREAM} for each connection whose forwarding has waited "

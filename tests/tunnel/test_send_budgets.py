@@ -207,7 +207,7 @@ async def test_a_write_that_completes_gives_its_bytes_back_and_counts_as_sent() 
 def test_the_budgets_are_validated() -> None:
     with pytest.raises(ValueError, match=r"^max_stalled_bytes_per_node: at least 8650752"):
         GatewayConfig(max_stalled_bytes_per_node=FROM_NODE_BYTES_PER_STREAM - 1).validate()
-    with pytest.raises(ValueError, match=r"^max_unread_write_bytes_per_node: must be at least 1"):
+    with pytest.raises(ValueError, match=r"^max_unread_write_bytes_per_node: at least 1 \(a byte\), got 0"):
         GatewayConfig(max_unread_write_bytes_per_node=0).validate()
     for flag, value in (("--max-stalled-bytes-per-node", "1000"), ("--max-unread-write-bytes-per-node", "0")):
         with pytest.raises(SystemExit):
