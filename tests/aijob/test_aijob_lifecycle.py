@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,11 +61,25 @@ def test_job_runs_to_success_with_status_conditions_and_events(
     assert re.search(r"pi\s+Succeeded\s+1\s+1\s+1", table), table
 
 
+def ready_volunteer_nodes(control_plane: ControlPlane, timeout: float = 30) -> list[dict[str, Any]]:
+    """The VolunteerNodes once every volunteer the control plane runs shows Ready: `up` returns when
+    their Ray nodes are alive, and the gateway writes Ready a moment later (a test that ran first in
+    its module on a fresh control plane found none Ready)."""
+    expected = len(control_plane.cluster.agents)
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = json.loads(control_plane.kubectl("get", "volunteernodes", "-o", "json"))["items"]
+        ready = [n for n in nodes if (n.get("status") or {}).get("phase") == "Ready"]
+        if len(ready) >= expected or time.monotonic() > deadline:
+            assert len(ready) >= expected, f"{len(ready)} of {expected} volunteers Ready after {timeout:.0f}s"
+            return ready
+        time.sleep(0.5)
+
+
 def test_finished_jobs_give_their_gpus_back(control_plane: ControlPlane, namespace: str, operator: object) -> None:
     # Each job takes every GPU of the largest volunteers; the second can run only once the first,
     # finished, no longer counts against them (it used to stay booked in the operator's index).
-    nodes = json.loads(control_plane.kubectl("get", "volunteernodes", "-o", "json"))["items"]
-    ready = [n for n in nodes if (n.get("status") or {}).get("phase") == "Ready"]
+    ready = ready_volunteer_nodes(control_plane)
     most = max(len(n["spec"]["gpus"]) for n in ready)
     largest = sum(1 for n in ready if len(n["spec"]["gpus"]) == most)
     for name in ("first", "second"):
