@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-import weakref
 from typing import Any
+
+from .by_node import ByNode
 
 # A write to the other end that has waited this long is a stall: long enough that the event loop's
 # turns, a busy peer's pauses and a slow reader (a home downlink) do not count, short enough that a
@@ -43,7 +44,7 @@ class StallWatch:
     saying why.
     """
 
-    __slots__ = ("__weakref__", "_stalls", "task", "tripped")
+    __slots__ = ("_stalls", "task", "tripped")
 
     def __init__(self, stalls: SendStalls) -> None:
         self._stalls = stalls
@@ -99,23 +100,17 @@ class SendStalls:
 
 
 class StallSweeper:
-    """The nodes' SendStalls, by node name (an entry lives while a connection holds it), swept together."""
+    """The nodes' SendStalls, by node name (by_node.py), swept together."""
 
     def __init__(self, max_stalled: int) -> None:
-        self.max_stalled = max_stalled
-        self._by_node: weakref.WeakValueDictionary[str, SendStalls] = weakref.WeakValueDictionary()
-
-    def of(self, node_name: str) -> SendStalls:
-        stalls = self._by_node.get(node_name)
-        if stalls is None:
-            stalls = self._by_node[node_name] = SendStalls(self.max_stalled)
-        return stalls
+        self._by_node = ByNode(lambda: SendStalls(max_stalled))
+        self.of = self._by_node.of
 
     def sweep(self, now: float | None = None) -> dict[str, int]:
         """Sweeps every node's stalls; the nodes that had connections ended, and how many."""
         now = time.monotonic() if now is None else now
         ended: dict[str, int] = {}
-        for name, stalls in list(self._by_node.items()):
+        for name, stalls in self._by_node.items():
             count = stalls.sweep(now)
             if count:
                 ended[name] = count

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from typing import Any
 from koinon_proto.tunnel.v1 import tunnel_pb2 as pb
 
 from .addresses import PortBlock
+from .by_node import ByNode
 from .config import FROM_NODE_BYTES_PER_STREAM, GatewayConfig
 from .limits import MAX_GPU_MEMORY_MIB, MAX_GPUS, MAX_TEXT
 from .registry import NodeRegistry, connection_owned_by_gateway, node_uid
@@ -181,30 +181,23 @@ class SessionTable:
         self._revoked: OrderedDict[str, None] = OrderedDict()
         # Connect streams open per node (their handler tasks): capped per node, ended with it.
         self.streams = StreamSlots(config.max_streams_per_node)
-        # Receive buffers of each node's TCP connections, together, by node name as the stream cap
-        # counts (a reconnecting node's old streams share with its new ones); an entry lives while
-        # a pipe holds it.
-        self._read_budgets: weakref.WeakValueDictionary[str, ReadBudget] = weakref.WeakValueDictionary()
-        # What each node sends that the other end does not take: how many of its connections may
-        # stall at once, by node name as above (swept by the gateway, Gateway._sweep_send_stalls).
+        # Per node name as the stream cap counts (by_node.py): the receive buffers of each node's
+        # TCP connections together (max_buffered_bytes_per_node), ...
+        self._read_budgets = ByNode(lambda: ReadBudget(config.max_buffered_bytes_per_node))
+        # ... how many of its connections may stall at once sending what the other end does not take
+        # (swept by the gateway, Gateway._sweep_send_stalls), ...
         self.send_stalls = StallSweeper(config.max_stalled_bytes_per_node // FROM_NODE_BYTES_PER_STREAM)
-        # The gateway's writes to each node's streams that it has not read, by node name as above.
-        self._unread_writes: weakref.WeakValueDictionary[str, UnreadWrites] = weakref.WeakValueDictionary()
+        # ... and the gateway's writes to its streams that it has not read.
+        self._unread_writes = ByNode(lambda: UnreadWrites(config.max_unread_write_bytes_per_node))
         self.closing = False  # the gateway is shutting down: no new sessions
 
     def read_budget(self, node_name: str) -> ReadBudget:
         """What the gateway may buffer for ``node_name``'s connections (max_buffered_bytes_per_node)."""
-        budget = self._read_budgets.get(node_name)
-        if budget is None:
-            budget = self._read_budgets[node_name] = ReadBudget(self.config.max_buffered_bytes_per_node)
-        return budget
+        return self._read_budgets.of(node_name)
 
     def unread_writes(self, node_name: str) -> UnreadWrites:
         """What the gateway's writes to ``node_name``'s streams may hold unread (max_unread_write_bytes_per_node)."""
-        budget = self._unread_writes.get(node_name)
-        if budget is None:
-            budget = self._unread_writes[node_name] = UnreadWrites(self.config.max_unread_write_bytes_per_node)
-        return budget
+        return self._unread_writes.of(node_name)
 
     def get_by_address(self, address: str) -> NodeSession | None:
         return self.by_address.get(address)
